@@ -1,0 +1,2 @@
+//! `ferrofast demo` and `ferrofast bench`.
+fn main() {}

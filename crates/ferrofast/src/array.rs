@@ -1,0 +1,760 @@
+//! `Array`: an n-dimensional, strided, reference-counted view of typed data on one device.
+
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::Device;
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Calls a generic expression with `$t` set to the Rust type of a runtime [`DType`].
+macro_rules! dispatch_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::Bool => {
+                type $t = bool;
+                $body
+            }
+            DType::U8 => {
+                type $t = u8;
+                $body
+            }
+            DType::U32 => {
+                type $t = u32;
+                $body
+            }
+            DType::I32 => {
+                type $t = i32;
+                $body
+            }
+            DType::I64 => {
+                type $t = i64;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F64 => {
+                type $t = f64;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use dispatch_dtype;
+
+/// Host storage: one typed vector per dtype, so every access is safe and aligned.
+#[derive(Debug)]
+#[doc(hidden)]
+pub enum CpuData {
+    Bool(Vec<bool>),
+    U8(Vec<u8>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+/// Runs `$body` with `$v` bound to the typed vector inside a [`CpuData`].
+macro_rules! with_cpu_data {
+    ($data:expr, $v:ident => $body:expr) => {
+        match $data {
+            CpuData::Bool($v) => $body,
+            CpuData::U8($v) => $body,
+            CpuData::U32($v) => $body,
+            CpuData::I32($v) => $body,
+            CpuData::I64($v) => $body,
+            CpuData::F16($v) => $body,
+            CpuData::BF16($v) => $body,
+            CpuData::F32($v) => $body,
+            CpuData::F64($v) => $body,
+        }
+    };
+}
+
+impl CpuData {
+    fn dtype(&self) -> DType {
+        match self {
+            CpuData::Bool(_) => DType::Bool,
+            CpuData::U8(_) => DType::U8,
+            CpuData::U32(_) => DType::U32,
+            CpuData::I32(_) => DType::I32,
+            CpuData::I64(_) => DType::I64,
+            CpuData::F16(_) => DType::F16,
+            CpuData::BF16(_) => DType::BF16,
+            CpuData::F32(_) => DType::F32,
+            CpuData::F64(_) => DType::F64,
+        }
+    }
+
+    fn len(&self) -> usize {
+        with_cpu_data!(self, v => v.len())
+    }
+
+    /// A vector of `n` copies of `value` converted to `dtype`.
+    fn filled(dtype: DType, n: usize, value: f64) -> CpuData {
+        fn fill<T: Element>(n: usize, value: f64) -> CpuData {
+            T::wrap(vec![T::from_f64(value); n])
+        }
+        dispatch_dtype!(dtype, T => fill::<T>(n, value))
+    }
+}
+
+
+/// Where an array's elements live.
+#[derive(Debug)]
+pub(crate) enum Storage {
+    Cpu(CpuData),
+}
+
+/// An n-dimensional array: shape, strides (in elements, may be negative or zero), offset
+/// (in elements) and dtype over a reference-counted buffer on one [`Device`].
+///
+/// Arrays are immutable values. Views ([`slice`](Array::slice),
+/// [`transpose`](Array::transpose), [`swapaxes`](Array::swapaxes),
+/// [`broadcast_to`](Array::broadcast_to), [`reshape`](Array::reshape) of contiguous data)
+/// share the buffer: cloning an `Array` or taking a view never copies elements.
+/// [`contiguous`](Array::contiguous) copies only when the layout is not row-major already.
+#[derive(Clone, Debug)]
+pub struct Array {
+    shape: Vec<usize>,
+    strides: Vec<isize>,
+    offset: usize,
+    dtype: DType,
+    storage: Arc<Storage>,
+}
+
+/// Row-major strides for `shape`.
+pub(crate) fn row_major_strides(shape: &[usize]) -> Vec<isize> {
+    let mut strides = vec![0isize; shape.len()];
+    let mut acc = 1isize;
+    for (s, &d) in strides.iter_mut().zip(shape).rev() {
+        *s = acc;
+        acc *= d.max(1) as isize;
+    }
+    strides
+}
+
+/// Formats a shape the way MLX's messages do: `(2,3,4)`.
+pub fn fmt_shape(shape: &[usize]) -> String {
+    let inner: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    format!("({})", inner.join(","))
+}
+
+/// MLX's `broadcast_shapes`: numpy rules, aligned from the right.
+///
+/// # Errors
+/// `Error::Shape` with MLX's text when two dimensions differ and neither is 1.
+pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+    let n = a.len().max(b.len());
+    let mut out = vec![0; n];
+    for i in 0..n {
+        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        out[i] = if da == db || db == 1 {
+            da
+        } else if da == 1 {
+            db
+        } else {
+            return Err(Error::Shape(format!(
+                "[broadcast_shapes] Shapes {} and {} cannot be broadcast.",
+                fmt_shape(a),
+                fmt_shape(b)
+            )));
+        };
+    }
+    Ok(out)
+}
+
+fn checked_size(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::Shape(format!("shape {} overflows usize", fmt_shape(shape))))
+}
+
+/// Normalises a possibly negative axis against `ndim`.
+pub(crate) fn normalize_axis(axis: isize, ndim: usize) -> Result<usize> {
+    let n = ndim as isize;
+    let a = if axis < 0 { axis + n } else { axis };
+    if a < 0 || a >= n {
+        return Err(Error::invalid(format!(
+            "axis {axis} is out of bounds for array with {ndim} dimensions."
+        )));
+    }
+    Ok(a as usize)
+}
+
+/// A counter-based generator: element `i` of seed `s` is a pure function of `(s, i)`, so
+/// arrays fill in parallel and come out identical on every machine.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn unit_uniform(seed: u64, i: u64) -> f64 {
+    let bits = splitmix64(splitmix64(seed) ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    // 53 random bits, in (0, 1): never exactly 0 so `ln` below is finite.
+    ((bits >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
+}
+
+fn standard_normal(seed: u64, i: u64) -> f64 {
+    // Box-Muller on two independent uniforms drawn for this element.
+    let u1 = unit_uniform(seed, 2 * i);
+    let u2 = unit_uniform(seed, 2 * i + 1);
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+fn generate<T: Element>(n: usize, f: impl Fn(u64) -> f64 + Sync) -> CpuData {
+    let mut v = vec![T::from_f64(0.0); n];
+    v.par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| {
+        let base = (c << 14) as u64;
+        for (j, x) in chunk.iter_mut().enumerate() {
+            *x = T::from_f64(f(base + j as u64));
+        }
+    });
+    T::wrap(v)
+}
+
+impl Array {
+    // ----- construction -------------------------------------------------------------------
+
+    fn from_storage(storage: Storage, shape: &[usize]) -> Array {
+        let dtype = match &storage {
+            Storage::Cpu(d) => d.dtype(),
+        };
+        Array {
+            shape: shape.to_vec(),
+            strides: row_major_strides(shape),
+            offset: 0,
+            dtype,
+            storage: Arc::new(storage),
+        }
+    }
+
+    /// Wraps host data produced by a kernel; `data.len()` must equal the shape's size.
+    pub(crate) fn from_cpu_data(data: CpuData, shape: &[usize]) -> Result<Array> {
+        let size = checked_size(shape)?;
+        if data.len() != size {
+            return Err(Error::Shape(format!(
+                "cannot make an array of shape {} from {} elements",
+                fmt_shape(shape),
+                data.len()
+            )));
+        }
+        Ok(Array::from_storage(Storage::Cpu(data), shape))
+    }
+
+    /// Takes ownership of `data` as a row-major array of `shape` on the CPU (no copy).
+    ///
+    /// # Errors
+    /// `Error::Shape` if `data.len()` is not the product of `shape`.
+    pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize]) -> Result<Array> {
+        Array::from_cpu_data(T::wrap(data), shape)
+    }
+
+    /// Copies `data` into a row-major array of `shape` on the CPU.
+    ///
+    /// # Errors
+    /// `Error::Shape` if `data.len()` is not the product of `shape`.
+    pub fn from_slice<T: Element>(data: &[T], shape: &[usize]) -> Result<Array> {
+        Array::from_vec(data.to_vec(), shape)
+    }
+
+    /// A 0-dimensional array holding `value`, on the CPU.
+    pub fn scalar<T: Element>(value: T) -> Array {
+        Array::from_storage(Storage::Cpu(T::wrap(vec![value])), &[])
+    }
+
+    /// An array of `shape` filled with `value` converted to `dtype` (as a C cast would).
+    ///
+    /// # Errors
+    /// `Error::Shape` on size overflow; device errors if `device` is unavailable.
+    pub fn full(shape: &[usize], value: f64, dtype: DType, device: &Device) -> Result<Array> {
+        let n = checked_size(shape)?;
+        Array::from_cpu_data(CpuData::filled(dtype, n, value), shape)?.to_device(device)
+    }
+
+    /// An array of zeros.
+    ///
+    /// # Errors
+    /// As [`Array::full`].
+    pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Array> {
+        Array::full(shape, 0.0, dtype, device)
+    }
+
+    /// An array of ones.
+    ///
+    /// # Errors
+    /// As [`Array::full`].
+    pub fn ones(shape: &[usize], dtype: DType, device: &Device) -> Result<Array> {
+        Array::full(shape, 1.0, dtype, device)
+    }
+
+    /// Standard normal samples, deterministic in `seed` (the same seed gives the same array on
+    /// every machine and thread count). Values are drawn in f64 and rounded to `dtype`.
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` for a non-floating dtype; as [`Array::full`] otherwise.
+    pub fn randn(shape: &[usize], dtype: DType, seed: u64, device: &Device) -> Result<Array> {
+        if !dtype.is_floating() {
+            return Err(Error::invalid(format!(
+                "[randn] Can only generate floating point values but got {dtype}."
+            )));
+        }
+        let n = checked_size(shape)?;
+        let data = dispatch_dtype!(dtype, T => generate::<T>(n, |i| standard_normal(seed, i)));
+        Array::from_cpu_data(data, shape)?.to_device(device)
+    }
+
+    /// Uniform samples in `[low, high)`, deterministic in `seed`, drawn in f64 and converted
+    /// to `dtype` (integers truncate toward zero).
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` if `!(low <= high)`; as [`Array::full`] otherwise.
+    pub fn uniform(
+        shape: &[usize],
+        low: f64,
+        high: f64,
+        dtype: DType,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Array> {
+        if !(low <= high) {
+            return Err(Error::invalid(format!(
+                "[uniform] low ({low}) must not exceed high ({high})."
+            )));
+        }
+        let n = checked_size(shape)?;
+        let data = dispatch_dtype!(dtype, T => generate::<T>(n, |i| {
+            low + (high - low) * unit_uniform(seed, i)
+        }));
+        Array::from_cpu_data(data, shape)?.to_device(device)
+    }
+
+    // ----- accessors ----------------------------------------------------------------------
+
+    /// The dimensions.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Strides in elements, one per dimension (zero for broadcast axes, negative for
+    /// reversed slices).
+    pub fn strides(&self) -> &[isize] {
+        &self.strides
+    }
+
+    /// Offset of the first element into the underlying buffer, in elements.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Number of dimensions.
+    pub fn ndim(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// Number of elements.
+    pub fn size(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes the logical elements occupy (`size * dtype.size()`).
+    pub fn nbytes(&self) -> usize {
+        self.size() * self.dtype.size()
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Where the data lives.
+    pub fn device(&self) -> Device {
+        match &*self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+
+    /// Dimension `axis` (negative counts from the end).
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` if the axis is out of range.
+    pub fn dim(&self, axis: isize) -> Result<usize> {
+        Ok(self.shape[normalize_axis(axis, self.ndim())?])
+    }
+
+    /// True if the elements are laid out row-major with no gaps from `offset` on (strides of
+    /// size-1 axes are ignored).
+    pub fn is_contiguous(&self) -> bool {
+        let mut expected = 1isize;
+        for (&d, &s) in self.shape.iter().zip(&self.strides).rev() {
+            if d == 1 {
+                continue;
+            }
+            if s != expected {
+                return false;
+            }
+            expected *= d as isize;
+        }
+        true
+    }
+
+    /// True if both arrays view the same buffer.
+    pub fn shares_buffer_with(&self, other: &Array) -> bool {
+        Arc::ptr_eq(&self.storage, &other.storage)
+    }
+
+    /// The whole host buffer as `&[T]` (kernels index it with `offset` and `strides`).
+    pub(crate) fn cpu_buffer<T: Element>(&self) -> Result<&[T]> {
+        match &*self.storage {
+            Storage::Cpu(d) => T::slice(d).ok_or(Error::DTypeMismatch {
+                expected: self.dtype,
+                got: T::DTYPE,
+            }),
+        }
+    }
+
+    /// Host view of the logical elements if they are row-major contiguous.
+    pub(crate) fn contiguous_slice<T: Element>(&self) -> Result<Option<&[T]>> {
+        let buf = self.cpu_buffer::<T>()?;
+        if self.is_contiguous() {
+            Ok(Some(&buf[self.offset..self.offset + self.size()]))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Buffer offset of the element at a multi-index.
+    pub(crate) fn offset_of(&self, index: &[usize]) -> usize {
+        let mut off = self.offset as isize;
+        for (&i, &s) in index.iter().zip(&self.strides) {
+            off += i as isize * s;
+        }
+        off as usize
+    }
+
+    // ----- reading back -------------------------------------------------------------------
+
+    /// Copies the elements out in row-major order of the shape.
+    ///
+    /// # Errors
+    /// `Error::DTypeMismatch` unless `T` is exactly the array's dtype.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        let host = self.to_device(&Device::Cpu)?;
+        let buf = host.cpu_buffer::<T>()?;
+        if let Some(s) = host.contiguous_slice::<T>()? {
+            return Ok(s.to_vec());
+        }
+        let mut out = Vec::with_capacity(host.size());
+        host.for_each_offset(|o| out.push(buf[o]));
+        Ok(out)
+    }
+
+    /// The elements converted to f64, in row-major order (any dtype).
+    ///
+    /// # Errors
+    /// Device errors only.
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
+        dispatch_dtype!(self.dtype, T => Ok(self.to_vec::<T>()?.into_iter().map(|x| x.to_f64()).collect()))
+    }
+
+    /// Calls `f` with the buffer offset of every element, in row-major order.
+    pub(crate) fn for_each_offset(&self, mut f: impl FnMut(usize)) {
+        let n = self.ndim();
+        if self.size() == 0 {
+            return;
+        }
+        if n == 0 {
+            f(self.offset);
+            return;
+        }
+        let inner = self.shape[n - 1];
+        let inner_stride = self.strides[n - 1];
+        let mut idx = vec![0usize; n - 1];
+        let mut base = self.offset as isize;
+        loop {
+            let mut o = base;
+            for _ in 0..inner {
+                f(o as usize);
+                o += inner_stride;
+            }
+            // Odometer over the outer axes.
+            let mut ax = n - 1;
+            loop {
+                if ax == 0 {
+                    return;
+                }
+                ax -= 1;
+                idx[ax] += 1;
+                base += self.strides[ax];
+                if idx[ax] < self.shape[ax] {
+                    break;
+                }
+                base -= self.strides[ax] * self.shape[ax] as isize;
+                idx[ax] = 0;
+            }
+        }
+    }
+
+    // ----- conversion ---------------------------------------------------------------------
+
+    /// A copy converted to `dtype` (floats round to nearest; float to integer truncates
+    /// toward zero and saturates; integer to integer wraps; to bool is `!= 0`). Returns a
+    /// cheap clone if the dtype already matches.
+    ///
+    /// # Errors
+    /// Device errors only.
+    pub fn astype(&self, dtype: DType) -> Result<Array> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
+        fn convert<S: Element, D: Element>(a: &Array) -> Result<CpuData> {
+            let src = a.to_vec::<S>()?;
+            let int_path = !S::DTYPE.is_floating() && !D::DTYPE.is_floating();
+            let out: Vec<D> = if int_path {
+                src.par_iter().map(|&x| D::from_i64(x.to_i64())).collect()
+            } else {
+                src.par_iter().map(|&x| D::from_f64(x.to_f64())).collect()
+            };
+            Ok(D::wrap(out))
+        }
+        let data = dispatch_dtype!(self.dtype, S => dispatch_dtype!(dtype, D => convert::<S, D>(self)?));
+        let device = self.device();
+        Array::from_cpu_data(data, &self.shape)?.to_device(&device)
+    }
+
+    /// A copy (or clone) on `device`.
+    ///
+    /// # Errors
+    /// `Error::CudaUnavailable` if the device cannot be reached.
+    pub fn to_device(&self, device: &Device) -> Result<Array> {
+        match (device, &*self.storage) {
+            (Device::Cpu, Storage::Cpu(_)) => Ok(self.clone()),
+            (Device::Cuda(i), _) => Err(Error::CudaUnavailable(format!(
+                "cuda:{i} requested but this build of ferrofast has no CUDA back end \
+                 (build with the `cuda` feature)"
+            ))),
+        }
+    }
+
+    /// A row-major contiguous array with the same elements: `self` if already contiguous,
+    /// else a copy.
+    ///
+    /// # Errors
+    /// Device errors only.
+    pub fn contiguous(&self) -> Result<Array> {
+        if self.is_contiguous() {
+            return Ok(self.clone());
+        }
+        let data = dispatch_dtype!(self.dtype, T => T::wrap(self.to_vec::<T>()?));
+        Array::from_cpu_data(data, &self.shape)
+    }
+
+    // ----- views --------------------------------------------------------------------------
+
+    fn view(&self, shape: Vec<usize>, strides: Vec<isize>, offset: usize) -> Array {
+        Array {
+            shape,
+            strides,
+            offset,
+            dtype: self.dtype,
+            storage: Arc::clone(&self.storage),
+        }
+    }
+
+    /// The same elements with a new shape of equal size: a view when the array is
+    /// contiguous, otherwise a contiguous copy reshaped.
+    ///
+    /// # Errors
+    /// `Error::Shape` if the sizes differ.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Array> {
+        if checked_size(shape)? != self.size() {
+            return Err(Error::Shape(format!(
+                "[reshape] Cannot reshape array of size {} into shape {}.",
+                self.size(),
+                fmt_shape(shape)
+            )));
+        }
+        let c = self.contiguous()?;
+        Ok(c.view(shape.to_vec(), row_major_strides(shape), c.offset))
+    }
+
+    /// Permutes the axes: output axis `i` is input axis `axes[i]` (negative axes count from
+    /// the end). A view.
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` unless `axes` is a permutation of `0..ndim`.
+    pub fn transpose(&self, axes: &[isize]) -> Result<Array> {
+        let n = self.ndim();
+        if axes.len() != n {
+            return Err(Error::invalid(format!(
+                "[transpose] Received {} axes for array with {} dimensions.",
+                axes.len(),
+                n
+            )));
+        }
+        let mut seen = vec![false; n];
+        let mut shape = Vec::with_capacity(n);
+        let mut strides = Vec::with_capacity(n);
+        for &a in axes {
+            let a = normalize_axis(a, n)?;
+            if seen[a] {
+                return Err(Error::invalid("[transpose] Repeat axes not allowed."));
+            }
+            seen[a] = true;
+            shape.push(self.shape[a]);
+            strides.push(self.strides[a]);
+        }
+        Ok(self.view(shape, strides, self.offset))
+    }
+
+    /// Swaps two axes (negative axes count from the end). A view.
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` if an axis is out of range.
+    pub fn swapaxes(&self, a: isize, b: isize) -> Result<Array> {
+        let n = self.ndim();
+        let (a, b) = (normalize_axis(a, n)?, normalize_axis(b, n)?);
+        let mut shape = self.shape.clone();
+        let mut strides = self.strides.clone();
+        shape.swap(a, b);
+        strides.swap(a, b);
+        Ok(self.view(shape, strides, self.offset))
+    }
+
+    /// Python-style slicing `a[start0:stop0:step0, start1:stop1:step1, ...]`, one entry per
+    /// leading axis (missing trailing axes are taken whole). Negative `start`/`stop` count
+    /// from the end and out-of-range values clamp, exactly as Python's `slice.indices`;
+    /// `step` may be negative. A view.
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` if the lists differ in length, exceed `ndim`, or a step is 0.
+    pub fn slice(&self, starts: &[isize], stops: &[isize], steps: &[isize]) -> Result<Array> {
+        if starts.len() != stops.len() || starts.len() != steps.len() {
+            return Err(Error::invalid(
+                "[slice] starts, stops and steps must have the same length.",
+            ));
+        }
+        if starts.len() > self.ndim() {
+            return Err(Error::invalid(format!(
+                "[slice] Too many indices ({}) for array with {} dimensions.",
+                starts.len(),
+                self.ndim()
+            )));
+        }
+        let mut shape = self.shape.clone();
+        let mut strides = self.strides.clone();
+        let mut offset = self.offset as isize;
+        for ax in 0..starts.len() {
+            let (start, len) = slice_indices(starts[ax], stops[ax], steps[ax], self.shape[ax])?;
+            if len > 0 {
+                offset += start * self.strides[ax];
+            }
+            shape[ax] = len;
+            strides[ax] = self.strides[ax] * steps[ax];
+        }
+        // An empty result may leave `offset` anywhere; keep it inside the buffer.
+        let offset = if shape.contains(&0) {
+            self.offset
+        } else {
+            offset as usize
+        };
+        Ok(self.view(shape, strides, offset))
+    }
+
+    /// Broadcasts to `shape` (numpy rules, new axes on the left, size-1 axes stretched with
+    /// stride 0). A view.
+    ///
+    /// # Errors
+    /// `Error::Shape` with MLX's `[broadcast_shapes]` text if the shapes are incompatible.
+    pub fn broadcast_to(&self, shape: &[usize]) -> Result<Array> {
+        let bshape = broadcast_shapes(&self.shape, shape)?;
+        if bshape != shape {
+            return Err(Error::Shape(format!(
+                "[broadcast_shapes] Shapes {} and {} cannot be broadcast.",
+                fmt_shape(&self.shape),
+                fmt_shape(shape)
+            )));
+        }
+        let pad = shape.len() - self.ndim();
+        let mut strides = vec![0isize; shape.len()];
+        for i in 0..self.ndim() {
+            strides[pad + i] = if self.shape[i] == 1 && shape[pad + i] != 1 {
+                0
+            } else {
+                self.strides[i]
+            };
+        }
+        Ok(self.view(shape.to_vec(), strides, self.offset))
+    }
+}
+
+/// Python's `slice(start, stop, step).indices(n)`: returns (first index, element count).
+fn slice_indices(start: isize, stop: isize, step: isize, n: usize) -> Result<(isize, usize)> {
+    if step == 0 {
+        return Err(Error::invalid("[slice] slice step cannot be zero."));
+    }
+    let n = n as isize;
+    let clamp = |v: isize, lo: isize, hi: isize| v.max(lo).min(hi);
+    let (lo, hi) = if step > 0 { (0, n) } else { (-1, n - 1) };
+    let norm = |v: isize| if v < 0 { clamp(v + n, lo, hi) } else { clamp(v, lo, hi) };
+    let (s, e) = (norm(start), norm(stop));
+    let len = if step > 0 {
+        if e > s {
+            (e - s + step - 1) / step
+        } else {
+            0
+        }
+    } else if s > e {
+        (s - e + (-step) - 1) / (-step)
+    } else {
+        0
+    };
+    Ok((s, len as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slice_indices_match_python() {
+        // list(range(10))[2:8:3] == [2, 5]
+        assert_eq!(slice_indices(2, 8, 3, 10).unwrap(), (2, 2));
+        // [::-1]
+        assert_eq!(slice_indices(-1, -11, -1, 10).unwrap(), (9, 10));
+        // [-3:]
+        assert_eq!(slice_indices(-3, 10, 1, 10).unwrap(), (7, 3));
+        // [5:2] empty
+        assert_eq!(slice_indices(5, 2, 1, 10).unwrap().1, 0);
+        assert!(slice_indices(0, 1, 0, 10).is_err());
+    }
+
+    #[test]
+    fn random_is_deterministic_and_not_constant() {
+        let a = Array::randn(&[1000], DType::F32, 7, &Device::Cpu).unwrap();
+        let b = Array::randn(&[1000], DType::F32, 7, &Device::Cpu).unwrap();
+        let (va, vb) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+        assert_eq!(va, vb);
+        let mean: f32 = va.iter().sum::<f32>() / 1000.0;
+        let var: f32 = va.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / 1000.0;
+        assert!(mean.abs() < 0.15, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.2, "var {var}");
+    }
+}

@@ -1,0 +1,11 @@
+//! Plain float64 implementations of every op, following the spec's definitions: the oracle
+//! the tests compare against. Slow on purpose; clarity over speed. Each function takes the
+//! same arguments as its `fast` counterpart and returns an `F64` array of the output shape.
+
+mod norm;
+mod rope;
+mod sdpa;
+
+pub use norm::*;
+pub use rope::*;
+pub use sdpa::*;

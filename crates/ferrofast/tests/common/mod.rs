@@ -1,0 +1,69 @@
+//! Helpers shared by the integration tests: seeded random inputs, tolerances per dtype and
+//! closeness checks against the float64 oracle.
+#![allow(dead_code)]
+
+use ferrofast::{Array, DType, Device};
+
+/// Per-dtype `(atol, rtol)` used when an op's test has no sharper requirement.
+pub fn default_tol(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F64 => (1e-10, 1e-10),
+        DType::F32 => (1e-5, 1e-5),
+        DType::F16 => (1e-3, 1e-3),
+        DType::BF16 => (1e-2, 1e-2),
+        _ => (0.0, 0.0),
+    }
+}
+
+/// Seeded normal input; the seed is part of every failure message through `check_close`.
+pub fn randn(shape: &[usize], dtype: DType, seed: u64) -> Array {
+    Array::randn(shape, dtype, seed, &Device::Cpu).expect("randn")
+}
+
+/// Seeded uniform input in `[lo, hi)`.
+pub fn uniform(shape: &[usize], lo: f64, hi: f64, dtype: DType, seed: u64) -> Array {
+    Array::uniform(shape, lo, hi, dtype, seed, &Device::Cpu).expect("uniform")
+}
+
+/// Asserts `|out - ref| <= atol + rtol * |ref|` elementwise, same shape, no NaN unless the
+/// reference is NaN at that position. `what` names the case (include the seed).
+pub fn check_close(out: &Array, reference: &Array, atol: f64, rtol: f64, what: &str) {
+    assert_eq!(out.shape(), reference.shape(), "{what}: shape mismatch");
+    let o = out.to_f64_vec().expect("read output");
+    let r = reference.to_f64_vec().expect("read reference");
+    let mut worst = (0.0f64, 0usize);
+    for (i, (&a, &b)) in o.iter().zip(&r).enumerate() {
+        if b.is_nan() {
+            assert!(a.is_nan(), "{what}: element {i} is {a}, reference NaN");
+            continue;
+        }
+        if b.is_infinite() {
+            assert_eq!(a, b, "{what}: element {i} is {a}, reference {b}");
+            continue;
+        }
+        assert!(!a.is_nan(), "{what}: element {i} is NaN, reference {b}");
+        let excess = (a - b).abs() - (atol + rtol * b.abs());
+        if excess > worst.0 {
+            worst = (excess, i);
+        }
+    }
+    if worst.0 > 0.0 {
+        let i = worst.1;
+        panic!(
+            "{what}: element {i} = {} but reference = {} (atol {atol}, rtol {rtol}, shape {:?})",
+            o[i],
+            r[i],
+            out.shape()
+        );
+    }
+}
+
+/// Maximum absolute difference between two arrays of the same shape.
+pub fn max_abs_diff(a: &Array, b: &Array) -> f64 {
+    let x = a.to_f64_vec().expect("read");
+    let y = b.to_f64_vec().expect("read");
+    x.iter()
+        .zip(&y)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f64::max)
+}
