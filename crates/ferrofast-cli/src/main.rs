@@ -1,2 +1,315 @@
-//! `ferrofast demo` and `ferrofast bench`.
-fn main() {}
+//! `ferrofast demo` runs every op once on random data and checks it against the float64
+//! oracle; `ferrofast bench` sweeps sizes and reports median times against ceilings it
+//! measures in the same run.
+
+mod cases;
+mod measure;
+
+use cases::{Bound, Case};
+use ferrofast::{DType, Device};
+use measure::{Ceilings, Timing};
+use std::process::ExitCode;
+
+const USAGE: &str = "usage:
+  ferrofast demo  [--device cpu|cuda[:N]]
+  ferrofast bench [--device cpu|cuda[:N]] [--json FILE] [--quick] [--big]
+
+demo   runs rms_norm, layer_norm, rope and scaled_dot_product_attention once on random data
+       and prints time, throughput and the max error against the float64 oracle.
+bench  measures this machine's copy bandwidth and f32 GEMM rate, then times each op over a
+       sweep of shapes (median of repeated runs) and prints the fraction of the ceiling.
+       --quick runs fewer shapes; --big adds the T=16384 attention memory check;
+       --json FILE writes every result.";
+
+struct Options {
+    command: String,
+    device: Device,
+    json: Option<String>,
+    quick: bool,
+    big: bool,
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("unknown device '{s}' (expected cpu, cuda or cuda:N)")),
+    }
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut args = std::env::args().skip(1);
+    let command = args.next().ok_or_else(|| USAGE.to_string())?;
+    if command != "demo" && command != "bench" {
+        return Err(USAGE.to_string());
+    }
+    let mut opts = Options {
+        command,
+        device: Device::Cpu,
+        json: None,
+        quick: false,
+        big: false,
+    };
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--device" => {
+                let v = args.next().ok_or("--device needs a value")?;
+                opts.device = parse_device(&v)?;
+            }
+            "--json" => opts.json = Some(args.next().ok_or("--json needs a file name")?),
+            "--quick" => opts.quick = true,
+            "--big" => opts.big = true,
+            "-h" | "--help" => return Err(USAGE.to_string()),
+            other => return Err(format!("unknown argument '{other}'\n{USAGE}")),
+        }
+    }
+    Ok(opts)
+}
+
+fn main() -> ExitCode {
+    let opts = match parse_args() {
+        Ok(o) => o,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = if opts.command == "demo" {
+        demo(&opts)
+    } else {
+        bench(&opts)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo_cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        v.push(Case::RmsNorm {
+            rows: 1024,
+            dim: 4096,
+            dtype,
+        });
+        v.push(Case::LayerNorm {
+            rows: 1024,
+            dim: 4096,
+            dtype,
+        });
+        v.push(Case::Rope {
+            shape: [1, 32, 512, 128],
+            dtype,
+        });
+        v.push(Case::Sdpa {
+            batch: 1,
+            q_heads: 8,
+            kv_heads: 2,
+            q_len: 256,
+            kv_len: 256,
+            head_dim: 64,
+            dtype,
+            causal: true,
+        });
+        v.push(Case::Sdpa {
+            batch: 1,
+            q_heads: 8,
+            kv_heads: 2,
+            q_len: 1,
+            kv_len: 2048,
+            head_dim: 128,
+            dtype,
+            causal: false,
+        });
+    }
+    v
+}
+
+fn demo(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
+    println!(
+        "ferrofast demo on {} ({} threads)\n",
+        opts.device,
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<12} {:<28} {:<9} {:>10} {:>14} {:>11}",
+        "op", "shape", "dtype", "time", "throughput", "max error"
+    );
+    for case in demo_cases() {
+        let inputs = case.inputs(&opts.device, 42)?;
+        let t = measure::time_case(&case, &inputs, 3, 0.2)?;
+        let out = case.run(&inputs)?;
+        let reference = case.reference(&inputs)?;
+        let err = measure::max_abs_error(&out, &reference)?;
+        println!(
+            "{:<12} {:<28} {:<9} {:>10} {:>14} {:>11.3e}",
+            case.op(),
+            case.shape(),
+            case.dtype().name(),
+            measure::fmt_time(t.median),
+            throughput(&case, &t),
+            err
+        );
+    }
+    Ok(())
+}
+
+fn throughput(case: &Case, t: &Timing) -> String {
+    match case.bound() {
+        Bound::Memory => format!("{:.1} GB/s", case.bytes() / t.median / 1e9),
+        Bound::Compute => format!("{:.1} GFLOP/s", case.flops() / t.median / 1e9),
+    }
+}
+
+fn bench_cases(quick: bool) -> Vec<Case> {
+    let mut v = Vec::new();
+    let norm_shapes: &[(usize, usize)] = if quick {
+        &[(4096, 4096)]
+    } else {
+        &[(4096, 4096), (16384, 1024), (1024, 16384), (65536, 128)]
+    };
+    for &dtype in &[DType::F32, DType::BF16] {
+        for &(rows, dim) in norm_shapes {
+            v.push(Case::RmsNorm { rows, dim, dtype });
+        }
+        for &(rows, dim) in norm_shapes {
+            v.push(Case::LayerNorm { rows, dim, dtype });
+        }
+        v.push(Case::Rope {
+            shape: [1, 32, 2048, 128],
+            dtype,
+        });
+        if !quick {
+            v.push(Case::Rope {
+                shape: [4, 8, 1024, 64],
+                dtype,
+            });
+        }
+    }
+    for &dtype in &[DType::F32, DType::BF16] {
+        for causal in [false, true] {
+            v.push(Case::Sdpa {
+                batch: 1,
+                q_heads: 16,
+                kv_heads: 16,
+                q_len: 1024,
+                kv_len: 1024,
+                head_dim: 128,
+                dtype,
+                causal,
+            });
+        }
+    }
+    if !quick {
+        v.push(Case::Sdpa {
+            batch: 1,
+            q_heads: 16,
+            kv_heads: 16,
+            q_len: 1024,
+            kv_len: 1024,
+            head_dim: 64,
+            dtype: DType::F32,
+            causal: false,
+        });
+    }
+    for &dtype in &[DType::F32, DType::BF16] {
+        v.push(Case::Sdpa {
+            batch: 1,
+            q_heads: 32,
+            kv_heads: 8,
+            q_len: 1,
+            kv_len: 8192,
+            head_dim: 128,
+            dtype,
+            causal: false,
+        });
+    }
+    v
+}
+
+fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
+    let threads = rayon::current_num_threads();
+    println!("ferrofast bench on {} ({threads} threads)", opts.device);
+    let ceilings = Ceilings::measure(threads);
+    println!(
+        "ceilings measured now: copy {:.1} GB/s (read+write, {} threads); f32 GEMM {:.1} GFLOP/s ({} threads), {:.1} GFLOP/s (1 thread)\n",
+        ceilings.copy_gbs, threads, ceilings.gemm_gflops, threads, ceilings.gemm_gflops_1t
+    );
+    println!(
+        "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9}",
+        "op", "shape", "dtype", "thr", "median", "throughput", "ceiling"
+    );
+    let mut records = Vec::new();
+    for case in bench_cases(opts.quick) {
+        let inputs = case.inputs(&opts.device, 7)?;
+        let thread_counts: Vec<usize> = if case.bound() == Bound::Compute && threads > 1 {
+            vec![1, threads]
+        } else {
+            vec![threads]
+        };
+        for &n in &thread_counts {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build()?;
+            let t = pool.install(|| measure::time_case(&case, &inputs, 5, 1.0))?;
+            let (value, unit, fraction) = match case.bound() {
+                Bound::Memory => {
+                    let gbs = case.bytes() / t.median / 1e9;
+                    (gbs, "GB/s", gbs / ceilings.copy_gbs)
+                }
+                Bound::Compute => {
+                    let gf = case.flops() / t.median / 1e9;
+                    let peak = if n == 1 {
+                        ceilings.gemm_gflops_1t
+                    } else {
+                        ceilings.gemm_gflops
+                    };
+                    (gf, "GFLOP/s", gf / peak)
+                }
+            };
+            println!(
+                "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>8.0}%",
+                case.op(),
+                case.shape(),
+                case.dtype().name(),
+                n,
+                measure::fmt_time(t.median),
+                format!("{value:.1} {unit}"),
+                100.0 * fraction
+            );
+            records.push(measure::Record {
+                op: case.op().to_string(),
+                shape: case.shape(),
+                dtype: case.dtype().name().to_string(),
+                threads: n,
+                median_s: t.median,
+                min_s: t.min,
+                reps: t.reps,
+                value,
+                unit: unit.to_string(),
+                fraction_of_ceiling: fraction,
+            });
+        }
+    }
+    if opts.big {
+        let mem = measure::sdpa_memory_check(&opts.device)?;
+        println!(
+            "\nsdpa B1 H8 T16384 D128 f32 causal: {:.2} s, peak memory beyond inputs and output {:.0} MiB",
+            mem.seconds, mem.extra_mib
+        );
+    }
+    if let Some(path) = &opts.json {
+        std::fs::write(
+            path,
+            measure::to_json(&opts.device, threads, &ceilings, &records),
+        )?;
+        println!("\nwrote {path}");
+    }
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! The op cases the demo and the benchmark run: inputs, the call, its cost model and its
+//! oracle.
+
+use ferrofast::fast::{self, Mask, RopeOffset};
+use ferrofast::{reference, Array, DType, Device, Result};
+
+/// One op on one shape and dtype.
+#[derive(Clone, Debug)]
+pub enum Case {
+    RmsNorm {
+        rows: usize,
+        dim: usize,
+        dtype: DType,
+    },
+    LayerNorm {
+        rows: usize,
+        dim: usize,
+        dtype: DType,
+    },
+    Rope {
+        shape: [usize; 4],
+        dtype: DType,
+    },
+    Sdpa {
+        batch: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        q_len: usize,
+        kv_len: usize,
+        head_dim: usize,
+        dtype: DType,
+        causal: bool,
+    },
+}
+
+/// Inputs made once per case, reused across timed repetitions.
+pub struct Inputs {
+    arrays: Vec<Array>,
+}
+
+/// Whether a case is limited by memory traffic or by arithmetic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bound {
+    Memory,
+    Compute,
+}
+
+impl Case {
+    /// Short op name.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Case::RmsNorm { .. } => "rms_norm",
+            Case::LayerNorm { .. } => "layer_norm",
+            Case::Rope { .. } => "rope",
+            Case::Sdpa {
+                q_len, causal: c, ..
+            } => match (*q_len <= 8, *c) {
+                (true, _) => "sdpa_decode",
+                (false, true) => "sdpa_causal",
+                (false, false) => "sdpa",
+            },
+        }
+    }
+
+    /// Human-readable shape.
+    pub fn shape(&self) -> String {
+        match self {
+            Case::RmsNorm { rows, dim, .. } | Case::LayerNorm { rows, dim, .. } => {
+                format!("[{rows},{dim}]")
+            }
+            Case::Rope { shape, .. } => format!("{shape:?}").replace(' ', ""),
+            Case::Sdpa {
+                batch,
+                q_heads,
+                kv_heads,
+                q_len,
+                kv_len,
+                head_dim,
+                ..
+            } => format!("B{batch} H{q_heads}/{kv_heads} T{q_len}x{kv_len} D{head_dim}"),
+        }
+    }
+
+    /// Element type of the inputs.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Case::RmsNorm { dtype, .. }
+            | Case::LayerNorm { dtype, .. }
+            | Case::Rope { dtype, .. }
+            | Case::Sdpa { dtype, .. } => *dtype,
+        }
+    }
+
+    /// What limits the op.
+    pub fn bound(&self) -> Bound {
+        match self {
+            Case::Sdpa { q_len, .. } if *q_len > 8 => Bound::Compute,
+            _ => Bound::Memory,
+        }
+    }
+
+    /// Bytes that must move: every input read once and the output written once. For decode
+    /// attention, the K and V bytes (what the target counts).
+    pub fn bytes(&self) -> f64 {
+        let es = self.dtype().size() as f64;
+        match self {
+            Case::RmsNorm { rows, dim, .. } | Case::LayerNorm { rows, dim, .. } => {
+                2.0 * (*rows * *dim) as f64 * es
+            }
+            Case::Rope { shape, .. } => 2.0 * shape.iter().product::<usize>() as f64 * es,
+            Case::Sdpa {
+                batch,
+                kv_heads,
+                kv_len,
+                head_dim,
+                ..
+            } => 2.0 * (*batch * *kv_heads * *kv_len * *head_dim) as f64 * es,
+        }
+    }
+
+    /// Floating-point operations (attention: 4·B·H·T_q·T_kv·D, halved for causal square).
+    pub fn flops(&self) -> f64 {
+        match self {
+            Case::Sdpa {
+                batch,
+                q_heads,
+                q_len,
+                kv_len,
+                head_dim,
+                causal,
+                ..
+            } => {
+                let full = 4.0 * (*batch * *q_heads * *q_len * *kv_len * *head_dim) as f64;
+                if *causal && q_len == kv_len {
+                    full / 2.0
+                } else {
+                    full
+                }
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Random inputs on `device` (seeded; never zeros).
+    pub fn inputs(&self, device: &Device, seed: u64) -> Result<Inputs> {
+        let dt = self.dtype();
+        let arrays = match self {
+            Case::RmsNorm { rows, dim, .. } => vec![
+                Array::randn(&[*rows, *dim], dt, seed, device)?,
+                Array::uniform(&[*dim], 0.5, 1.5, dt, seed + 1, device)?,
+            ],
+            Case::LayerNorm { rows, dim, .. } => vec![
+                Array::randn(&[*rows, *dim], dt, seed, device)?,
+                Array::uniform(&[*dim], 0.5, 1.5, dt, seed + 1, device)?,
+                Array::randn(&[*dim], dt, seed + 2, device)?,
+            ],
+            Case::Rope { shape, .. } => vec![Array::randn(shape, dt, seed, device)?],
+            Case::Sdpa {
+                batch,
+                q_heads,
+                kv_heads,
+                q_len,
+                kv_len,
+                head_dim,
+                ..
+            } => vec![
+                Array::randn(&[*batch, *q_heads, *q_len, *head_dim], dt, seed, device)?,
+                Array::randn(&[*batch, *kv_heads, *kv_len, *head_dim], dt, seed + 1, device)?,
+                Array::randn(&[*batch, *kv_heads, *kv_len, *head_dim], dt, seed + 2, device)?,
+            ],
+        };
+        Ok(Inputs { arrays })
+    }
+
+    /// Runs the op once.
+    pub fn run(&self, inputs: &Inputs) -> Result<Array> {
+        let a = &inputs.arrays;
+        match self {
+            Case::RmsNorm { .. } => fast::rms_norm(&a[0], Some(&a[1]), 1e-5),
+            Case::LayerNorm { .. } => fast::layer_norm(&a[0], Some(&a[1]), Some(&a[2]), 1e-5),
+            Case::Rope { shape, .. } => fast::rope(
+                &a[0],
+                shape[3] as i32,
+                false,
+                Some(10000.0),
+                1.0,
+                RopeOffset::Int(7),
+                None,
+            ),
+            Case::Sdpa {
+                head_dim, causal, ..
+            } => fast::scaled_dot_product_attention(
+                &a[0],
+                &a[1],
+                &a[2],
+                1.0 / (*head_dim as f32).sqrt(),
+                if *causal { Mask::Causal } else { Mask::None },
+                None,
+            ),
+        }
+    }
+
+    /// The float64 oracle on the same inputs (brought to the CPU).
+    pub fn reference(&self, inputs: &Inputs) -> Result<Array> {
+        let a: Vec<Array> = inputs
+            .arrays
+            .iter()
+            .map(|x| x.to_device(&Device::Cpu))
+            .collect::<Result<_>>()?;
+        match self {
+            Case::RmsNorm { .. } => reference::rms_norm(&a[0], Some(&a[1]), 1e-5),
+            Case::LayerNorm { .. } => reference::layer_norm(&a[0], Some(&a[1]), Some(&a[2]), 1e-5),
+            Case::Rope { shape, .. } => reference::rope(
+                &a[0],
+                shape[3] as i32,
+                false,
+                Some(10000.0),
+                1.0,
+                RopeOffset::Int(7),
+                None,
+            ),
+            Case::Sdpa {
+                head_dim, causal, ..
+            } => reference::scaled_dot_product_attention(
+                &a[0],
+                &a[1],
+                &a[2],
+                1.0 / (*head_dim as f32).sqrt(),
+                if *causal { Mask::Causal } else { Mask::None },
+                None,
+            ),
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Timing, machine ceilings measured in the same run, and result records.
+
+use crate::cases::{Case, Inputs};
+use ferrofast::fast::{self, Mask};
+use ferrofast::{Array, DType, Device, Result};
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// Summary of repeated runs of one case.
+pub struct Timing {
+    pub median: f64,
+    pub min: f64,
+    pub reps: usize,
+}
+
+/// Times `case` after one warm-up run: at least `min_reps` runs and at least `min_seconds`
+/// in total (capped at 200 runs); reports the median.
+pub fn time_case(
+    case: &Case,
+    inputs: &Inputs,
+    min_reps: usize,
+    min_seconds: f64,
+) -> Result<Timing> {
+    case.run(inputs)?;
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < min_reps
+        || (start.elapsed().as_secs_f64() < min_seconds && times.len() < 200)
+    {
+        let t0 = Instant::now();
+        let out = case.run(inputs)?;
+        times.push(t0.elapsed().as_secs_f64());
+        drop(out);
+    }
+    Ok(summarize(times))
+}
+
+fn summarize(mut times: Vec<f64>) -> Timing {
+    times.sort_by(f64::total_cmp);
+    Timing {
+        median: times[times.len() / 2],
+        min: times[0],
+        reps: times.len(),
+    }
+}
+
+/// "12.3 ms" style.
+pub fn fmt_time(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.2} s")
+    } else if s >= 1e-3 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{:.1} us", s * 1e6)
+    }
+}
+
+/// Largest |out - reference| over all elements (NaN counts as infinite).
+pub fn max_abs_error(out: &Array, reference: &Array) -> Result<f64> {
+    let o = out.to_f64_vec()?;
+    let r = reference.to_f64_vec()?;
+    Ok(o.iter()
+        .zip(&r)
+        .map(|(a, b)| {
+            let d = (a - b).abs();
+            if d.is_nan() {
+                f64::INFINITY
+            } else {
+                d
+            }
+        })
+        .fold(0.0, f64::max))
+}
+
+/// The machine's limits, measured in this run.
+pub struct Ceilings {
+    /// Copy bandwidth in GB/s counting bytes read plus bytes written.
+    pub copy_gbs: f64,
+    /// f32 GEMM rate through the `gemm` crate with all threads.
+    pub gemm_gflops: f64,
+    /// The same with one thread.
+    pub gemm_gflops_1t: f64,
+}
+
+impl Ceilings {
+    /// Copies 256 MiB of f32 (best of 10, all threads) and times a 2048^3 f32 GEMM.
+    pub fn measure(threads: usize) -> Ceilings {
+        Ceilings {
+            copy_gbs: copy_bandwidth(),
+            gemm_gflops: gemm_rate(threads),
+            gemm_gflops_1t: gemm_rate(1),
+        }
+    }
+}
+
+fn copy_bandwidth() -> f64 {
+    let n = 64 << 20;
+    let src: Vec<f32> = (0..n).map(|i| (i % 1013) as f32 * 0.5 + 1.0).collect();
+    let mut dst = vec![0.0f32; n];
+    let chunk = 1 << 16;
+    let mut best = f64::INFINITY;
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    2.0 * (n * 4) as f64 / best / 1e9
+}
+
+fn gemm_rate(threads: usize) -> f64 {
+    let n = 2048;
+    let a: Vec<f32> = (0..n * n).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
+    let mut c = vec![0.0f32; n * n];
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        // SAFETY: a, b and c are n*n row-major buffers that outlive the call; c is not aliased.
+        unsafe {
+            gemm::gemm(
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&c);
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+/// Result of the long-sequence attention memory check.
+pub struct MemoryCheck {
+    pub seconds: f64,
+    pub extra_mib: f64,
+}
+
+fn status_kib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// Runs causal attention with B=1, H=8, T=16384, D=128 (f32) and reports the peak resident
+/// memory above what the inputs and the output need. No T x T matrix may exist.
+pub fn sdpa_memory_check(device: &Device) -> Result<MemoryCheck> {
+    let shape = [1, 8, 16384, 128];
+    let q = Array::randn(&shape, DType::F32, 1, device)?;
+    let k = Array::randn(&shape, DType::F32, 2, device)?;
+    let v = Array::randn(&shape, DType::F32, 3, device)?;
+    let before = status_kib("VmRSS:");
+    let t0 = Instant::now();
+    let out = fast::scaled_dot_product_attention(&q, &k, &v, 0.088, Mask::Causal, None)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let peak = status_kib("VmHWM:");
+    let out_mib = out.nbytes() as f64 / (1 << 20) as f64;
+    Ok(MemoryCheck {
+        seconds,
+        extra_mib: (peak - before) / 1024.0 - out_mib,
+    })
+}
+
+/// One benchmark result, as written to JSON.
+pub struct Record {
+    pub op: String,
+    pub shape: String,
+    pub dtype: String,
+    pub threads: usize,
+    pub median_s: f64,
+    pub min_s: f64,
+    pub reps: usize,
+    pub value: f64,
+    pub unit: String,
+    pub fraction_of_ceiling: f64,
+}
+
+fn json_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Serialises the run as JSON (machine, ceilings, one object per result).
+pub fn to_json(device: &Device, threads: usize, c: &Ceilings, records: &[Record]) -> String {
+    let rows: Vec<String> = records
+        .iter()
+        .map(|r| {
+            format!(
+                "    {{\"op\": {}, \"shape\": {}, \"dtype\": {}, \"threads\": {}, \"median_s\": {:e}, \"min_s\": {:e}, \"reps\": {}, \"value\": {:.3}, \"unit\": {}, \"fraction_of_ceiling\": {:.4}}}",
+                json_str(&r.op),
+                json_str(&r.shape),
+                json_str(&r.dtype),
+                r.threads,
+                r.median_s,
+                r.min_s,
+                r.reps,
+                r.value,
+                json_str(&r.unit),
+                r.fraction_of_ceiling
+            )
+        })
+        .collect();
+    format!(
+        "{{\n  \"device\": {},\n  \"threads\": {},\n  \"copy_gbs\": {:.3},\n  \"gemm_f32_gflops\": {:.3},\n  \"gemm_f32_gflops_1_thread\": {:.3},\n  \"results\": [\n{}\n  ]\n}}\n",
+        json_str(&device.to_string()),
+        threads,
+        c.copy_gbs,
+        c.gemm_gflops,
+        c.gemm_gflops_1t,
+        rows.join(",\n")
+    )
+}
