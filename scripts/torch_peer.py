@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Times PyTorch on the shapes of a `ferrofast bench --json` run and prints ours over theirs.
+
+Usage (on the GPU machine, in the same call as the bench):
+    ferrofast bench --device cuda --json ours.json
+    python3 scripts/torch_peer.py ours.json [--out peer.json]
+
+PyTorch ops: torch.nn.functional.rms_norm, layer_norm, scaled_dot_product_attention (its
+best backend), and a rotary reference (half-split, written with tensor ops as model code
+does, plus its torch.compile'd form). Times are CUDA-event medians from
+triton.testing.do_bench on fresh random inputs (never zeros). A ratio below 1 means
+ferrofast is faster.
+"""
+import json
+import re
+import sys
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from triton.testing import do_bench
+except ImportError:  # fall back to CUDA events by hand
+    do_bench = None
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def median_ms(fn):
+    if do_bench is not None:
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(50):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def rope_half_split(x, offset, base=10000.0):
+    d = x.shape[-1]
+    half = d // 2
+    inv = torch.exp(-torch.arange(half, device=x.device, dtype=torch.float32) * (torch.log(torch.tensor(base)) / half))
+    pos = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32) + offset
+    theta = pos[:, None] * inv[None, :]
+    cos, sin = torch.cos(theta).to(x.dtype), torch.sin(theta).to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def peer_fns(op, shape, dtype):
+    """Returns [(name, fn)] of PyTorch versions of one bench row."""
+    dt = DTYPES[dtype]
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    if op in ("rms_norm", "layer_norm"):
+        rows, dim = (int(v) for v in re.findall(r"\d+", shape))
+        x = torch.randn(rows, dim, device=dev, dtype=dt, generator=g)
+        w = torch.rand(dim, device=dev, dtype=dt, generator=g) + 0.5
+        b = torch.randn(dim, device=dev, dtype=dt, generator=g)
+        if op == "rms_norm":
+            f = lambda: F.rms_norm(x, (dim,), w, 1e-5)
+        else:
+            f = lambda: F.layer_norm(x, (dim,), w, b, 1e-5)
+        return [("eager", f), ("compiled", torch.compile(f))]
+    if op == "rope":
+        dims = [int(v) for v in re.findall(r"\d+", shape)]
+        x = torch.randn(*dims, device=dev, dtype=dt, generator=g)
+        f = lambda: rope_half_split(x, 7)
+        return [("eager", f), ("compiled", torch.compile(f))]
+    if op.startswith("sdpa"):
+        m = re.match(r"B(\d+) H(\d+)/(\d+) T(\d+)x(\d+) D(\d+)", shape)
+        b, hq, hkv, tq, tkv, d = (int(v) for v in m.groups())
+        q = torch.randn(b, hq, tq, d, device=dev, dtype=dt, generator=g)
+        k = torch.randn(b, hkv, tkv, d, device=dev, dtype=dt, generator=g)
+        v = torch.randn(b, hkv, tkv, d, device=dev, dtype=dt, generator=g)
+        causal = op == "sdpa_causal"
+        gqa = hq != hkv
+        f = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        return [("sdpa", f)]
+    return []
+
+
+def main():
+    if len(sys.argv) < 2:
+        print(__doc__)
+        return 2
+    ours = json.load(open(sys.argv[1]))
+    out_path = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+    print(f"peer: torch {torch.__version__} on {torch.cuda.get_device_name()}")
+    print(f"{'op':<12} {'shape':<28} {'dtype':<9} {'ours':>10} {'torch':>10} {'variant':>9} {'ours/torch':>10}")
+    rows = []
+    for r in ours["results"]:
+        for name, fn in peer_fns(r["op"], r["shape"], r["dtype"]):
+            t = median_ms(fn) * 1e-3
+            ratio = r["median_s"] / t
+            rows.append({**r, "peer": f"torch {name}", "peer_median_s": t, "ours_over_peer": ratio})
+            print(f"{r['op']:<12} {r['shape']:<28} {r['dtype']:<9} {r['median_s']*1e3:>8.3f}ms {t*1e3:>8.3f}ms {name:>9} {ratio:>10.2f}")
+    if out_path:
+        json.dump({"ours": ours, "rows": rows}, open(out_path, "w"), indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
