@@ -14,7 +14,6 @@
 use crate::array::Array;
 use crate::fast::{RopeFreqs, RopeOffsets, RopePlan};
 use crate::{DType, Element, Error, Float, Result};
-use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -219,23 +218,10 @@ trait RopeElem: Element {
 
     /// `n` zeros, allocated zeroed so untouched pages cost nothing until the kernel writes.
     fn zeroed(n: usize) -> Vec<Self>;
-
-    /// Rotates the first `cos.len()` pairs of `x` into `o` (`x.len() == o.len() == 2 *
-    /// cos.len()`). `scratch` holds at least `2 * x.len()` f32 for types that convert in bulk.
-    #[inline(always)]
-    fn rotate(
-        x: &[Self],
-        o: &mut [Self],
-        cos: &[Self::C],
-        sin: &[Self::C],
-        traditional: bool,
-        _scratch: &mut [f32],
-    ) {
-        rotate_pairs(x, o, cos, sin, traditional);
-    }
 }
 
-/// The rotation loop, with the element conversions inlined so it vectorises.
+/// Rotates the first `cos.len()` pairs of `x` into `o` (`x.len() == o.len() == 2 *
+/// cos.len()`), with the element conversions inlined so that the loop vectorises.
 #[inline(always)]
 fn rotate_pairs<T: RopeElem>(x: &[T], o: &mut [T], cos: &[T::C], sin: &[T::C], traditional: bool) {
     if traditional {
@@ -321,32 +307,59 @@ impl RopeElem for f16 {
     type C = f32;
     #[inline(always)]
     fn load(self) -> f32 {
-        Float::to_f32(self)
+        f16_to_f32(self.to_bits())
     }
     #[inline(always)]
     fn store(v: f32) -> f16 {
-        f16::from_f32(v)
+        f16::from_bits(f32_to_f16(v))
     }
     fn zeroed(n: usize) -> Vec<f16> {
         vec![0u16; n].reinterpret_into()
     }
-    /// f16 conversions are a call per element in `half` but vectorised (F16C) for slices, so
-    /// convert the row to f32, rotate in f32, and convert back.
-    #[inline(always)]
-    fn rotate(
-        x: &[f16],
-        o: &mut [f16],
-        cos: &[f32],
-        sin: &[f32],
-        traditional: bool,
-        scratch: &mut [f32],
-    ) {
-        let (xs, rest) = scratch.split_at_mut(x.len());
-        let ys = &mut rest[..x.len()];
-        x.convert_to_f32_slice(xs);
-        rotate_pairs::<f32>(xs, ys, cos, sin, traditional);
-        o.convert_from_f32_slice(ys);
-    }
+}
+
+/// IEEE half bits to f32, exact, without branches (`half` converts one element per call,
+/// which keeps the rotation loop scalar). NaN stays NaN (its payload is not canonicalised).
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let h = u32::from(h);
+    let sign = (h & 0x8000) << 16;
+    let magnitude = h & 0x7FFF;
+    // Shifting puts the exponent and mantissa in f32 position; multiplying by 2^112 rebiases
+    // the exponent (15 -> 127) and normalises subnormals exactly.
+    let scaled = (f32::from_bits(magnitude << 13) * f32::from_bits(0x7780_0000)).to_bits();
+    let bits = if magnitude >= 0x7C00 {
+        scaled | 0x7F80_0000
+    } else {
+        scaled
+    };
+    f32::from_bits(bits | sign)
+}
+
+/// f32 to IEEE half bits, rounding to nearest even, without branches: the same results as
+/// `f16::from_f32` (overflow to infinity, gradual underflow; NaN becomes a quiet NaN).
+#[inline(always)]
+fn f32_to_f16(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let sign = (bits >> 16) & 0x8000;
+    let a = bits & 0x7FFF_FFFF;
+    // |v| >= 65536 (or inf/NaN); 65520..65536 round up to infinity in the normal path.
+    let huge = if a > 0x7F80_0000 { 0x7E00 } else { 0x7C00 };
+    // Results below 2^-14 are subnormal: adding 0.5 makes the FPU round at 2^-24, the
+    // subnormal step, and the low mantissa bits are then the half's bits.
+    let half_bits = 0x3F00_0000u32;
+    let subnormal = (f32::from_bits(a) + f32::from_bits(half_bits)).to_bits() - half_bits;
+    // Normal results: rebias the exponent (127 -> 15), round to nearest even at bit 13.
+    let odd = (a >> 13) & 1;
+    let normal = a.wrapping_sub(112 << 23).wrapping_add(0xFFF + odd) >> 13;
+    let h = if a >= 0x4780_0000 {
+        huge
+    } else if a < 0x3880_0000 {
+        subnormal
+    } else {
+        normal
+    };
+    (h | sign) as u16
 }
 
 /// The input seen as `(B, heads, T, D)` over its buffer.
@@ -480,8 +493,16 @@ fn rope_into<T: RopeElem>(a: &Array, plan: &RopePlan, out: &mut [T]) -> Result<(
         }
     }
 
-    let isa = Isa::detect();
-    let run = |g: Group<'_, T>| run_group(g, src, &lay, plan, block, &inv, max_abs_inv, isa);
+    let kernel = Kernel {
+        src,
+        lay: &lay,
+        plan,
+        block,
+        inv: &inv,
+        max_abs_inv,
+        isa: Isa::detect(),
+    };
+    let run = |g: Group<'_, T>| kernel.run_group(g);
     if size < PARALLEL_MIN_ELEMS {
         groups.into_iter().for_each(run);
     } else {
@@ -490,72 +511,61 @@ fn rope_into<T: RopeElem>(a: &Array, plan: &RopePlan, out: &mut [T]) -> Result<(
     Ok(())
 }
 
-/// Fills the group's cos/sin table, then rotates each of its rows.
-#[allow(clippy::too_many_arguments)]
-fn run_group<T: RopeElem>(
-    g: Group<'_, T>,
-    src: &[T],
-    lay: &Layout,
-    plan: &RopePlan,
+/// Everything a group needs besides its own rows.
+struct Kernel<'a, T: RopeElem> {
+    src: &'a [T],
+    lay: &'a Layout,
+    plan: &'a RopePlan,
+    /// Positions per block.
     block: usize,
-    inv: &[T::C],
+    inv: &'a [T::C],
     max_abs_inv: T::C,
     isa: Isa,
-) {
-    let dim = lay.dim;
-    let t0 = g.block * block;
-    let count = g.rows.first().map_or(0, |(_, p)| p.len() / dim);
-    let mut table = vec![T::C::default(); count * plan.dims];
-    let table_spec = TableSpec {
-        t0,
-        offset: plan.offsets.get(g.batch),
-        scale: plan.scale,
-        inv,
-        max_abs_inv,
-    };
-    let piece_spec = PieceSpec {
-        seq_stride: lay.seq_stride,
-        dim_stride: lay.dim_stride,
-        dim,
-        dims: plan.dims,
-        traditional: plan.traditional,
-    };
-    let mut scratch = vec![0f32; 2 * plan.dims];
-    let mut gathered = vec![T::from_f64(0.0); if lay.dim_stride == 1 { 0 } else { dim }];
-    match isa {
-        Isa::Baseline => {
-            fill_table(&mut table, &table_spec);
-            for (r, piece) in g.rows {
-                let first = lay.row_base(r) + t0 as isize * lay.seq_stride;
-                rotate_piece(
-                    src,
-                    first,
-                    piece,
-                    &table,
-                    &piece_spec,
-                    &mut scratch,
-                    &mut gathered,
-                );
+}
+
+impl<T: RopeElem> Kernel<'_, T> {
+    /// Fills the group's cos/sin table, then rotates each of its rows.
+    fn run_group(&self, g: Group<'_, T>) {
+        let (lay, plan) = (self.lay, self.plan);
+        let t0 = g.block * self.block;
+        let count = g.rows.first().map_or(0, |(_, p)| p.len() / lay.dim);
+        let mut table = vec![T::C::default(); count * plan.dims];
+        let table_spec = TableSpec {
+            t0,
+            offset: plan.offsets.get(g.batch),
+            scale: plan.scale,
+            inv: self.inv,
+            max_abs_inv: self.max_abs_inv,
+        };
+        let spec = PieceSpec {
+            seq_stride: lay.seq_stride,
+            dim_stride: lay.dim_stride,
+            dim: lay.dim,
+            dims: plan.dims,
+            traditional: plan.traditional,
+        };
+        let gathered_len = if lay.dim_stride == 1 { 0 } else { lay.dim };
+        let mut gathered = vec![T::from_f64(0.0); gathered_len];
+        let src = self.src;
+        match self.isa {
+            Isa::Baseline => {
+                fill_table(&mut table, &table_spec);
+                for (r, out) in g.rows {
+                    let first = lay.row_base(r) + t0 as isize * lay.seq_stride;
+                    rotate_piece(src, first, out, &table, &spec, &mut gathered);
+                }
             }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` is only made by `Isa::detect` after it checked that this
+            // CPU supports AVX2, the one requirement of these functions.
+            Isa::Avx2 => unsafe {
+                fill_table_avx2(&mut table, &table_spec);
+                for (r, out) in g.rows {
+                    let first = lay.row_base(r) + t0 as isize * lay.seq_stride;
+                    rotate_piece_avx2(src, first, out, &table, &spec, &mut gathered);
+                }
+            },
         }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only made by `Isa::detect` after it checked that this CPU
-        // supports AVX2, the one requirement of these functions.
-        Isa::Avx2 => unsafe {
-            fill_table_avx2(&mut table, &table_spec);
-            for (r, piece) in g.rows {
-                let first = lay.row_base(r) + t0 as isize * lay.seq_stride;
-                rotate_piece_avx2(
-                    src,
-                    first,
-                    piece,
-                    &table,
-                    &piece_spec,
-                    &mut scratch,
-                    &mut gathered,
-                );
-            }
-        },
     }
 }
 
@@ -635,7 +645,6 @@ fn rotate_piece_impl<T: RopeElem>(
     out: &mut [T],
     table: &[T::C],
     spec: &PieceSpec,
-    scratch: &mut [f32],
     gathered: &mut [T],
 ) {
     let (dim, dims) = (spec.dim, spec.dims);
@@ -655,7 +664,7 @@ fn rotate_piece_impl<T: RopeElem>(
         };
         let (cos, sin) = tab.split_at(dims / 2);
         let (o_rot, o_tail) = o.split_at_mut(dims);
-        T::rotate(&x[..dims], o_rot, cos, sin, spec.traditional, scratch);
+        rotate_pairs(&x[..dims], o_rot, cos, sin, spec.traditional);
         o_tail.copy_from_slice(&x[dims..]);
     }
 }
@@ -667,10 +676,9 @@ fn rotate_piece<T: RopeElem>(
     out: &mut [T],
     table: &[T::C],
     spec: &PieceSpec,
-    scratch: &mut [f32],
     gathered: &mut [T],
 ) {
-    rotate_piece_impl(src, first, out, table, spec, scratch, gathered);
+    rotate_piece_impl(src, first, out, table, spec, gathered);
 }
 
 /// # Safety
@@ -683,10 +691,9 @@ unsafe fn rotate_piece_avx2<T: RopeElem>(
     out: &mut [T],
     table: &[T::C],
     spec: &PieceSpec,
-    scratch: &mut [f32],
     gathered: &mut [T],
 ) {
-    rotate_piece_impl(src, first, out, table, spec, scratch, gathered);
+    rotate_piece_impl(src, first, out, table, spec, gathered);
 }
 
 #[cfg(test)]
@@ -784,8 +791,55 @@ mod tests {
         }
     }
 
-    /// Kernel time into an already-touched output buffer (no page faults), next to the copy
-    /// bandwidth of this machine measured in the same run. A benchmark: run with
+    #[test]
+    fn f16_conversions_match_half() {
+        for h in 0..=u16::MAX {
+            let want = f16::from_bits(h).to_f32();
+            let got = f16_to_f32(h);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{h:#06x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{h:#06x}");
+            }
+        }
+        let mut values: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            65504.0,
+            65519.99,
+            65520.0,
+            65536.0,
+            1e-8,
+            2.98e-8,
+            2.99e-8,
+            6.1e-5,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+        ];
+        // Every f16 value and the midpoints between neighbours (the ties).
+        for h in 0..0x7C00u16 {
+            let (a, b) = (f16_to_f32(h), f16_to_f32(h + 1));
+            values.extend([a, -a, (a + b) / 2.0, -(a + b) / 2.0]);
+        }
+        values.extend((0..u32::MAX / 7919).map(|i| f32::from_bits(i * 7919)));
+        for v in values {
+            let want = f16::from_f32(v);
+            let got = f32_to_f16(v);
+            if v.is_nan() {
+                assert!(f16::from_bits(got).is_nan());
+            } else {
+                assert_eq!(got, want.to_bits(), "{v:e}");
+            }
+        }
+    }
+
+    /// Kernel time into an already-touched output buffer (no page faults), on the whole pool
+    /// and on one thread, next to the copy bandwidth measured in the same run (best of
+    /// several copies taken around each measurement, so a busy machine shows in both).
+    /// A benchmark, not a test: run with
     /// `cargo test --release -p ferrofast --lib bench_rope_kernel -- --ignored --nocapture`.
     #[test]
     #[ignore]
@@ -799,17 +853,25 @@ mod tests {
                 })
                 .fold(f64::MAX, f64::min)
         }
+        fn run<T: RopeElem>(x: &Array, plan: &RopePlan, iters: usize) -> f64 {
+            let mut out = vec![T::from_f64(0.0); x.size()];
+            best(iters, || rope_into(x, plan, &mut out).unwrap())
+        }
         let n = 64 << 20;
         let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
         let mut dst = vec![1.0f32; n];
-        let copy_s = best(10, || {
-            dst.par_chunks_mut(1 << 16)
-                .zip(src.par_chunks(1 << 16))
-                .for_each(|(d, s)| d.copy_from_slice(s))
-        });
-        let copy_gbs = (8 * n) as f64 / copy_s / 1e9;
-        println!("copy 256 MiB f32 (read+write): {copy_gbs:.1} GB/s");
-        drop((src, dst));
+        let mut copy_gbs = |iters| {
+            let s = best(iters, || {
+                dst.par_chunks_mut(1 << 16)
+                    .zip(src.par_chunks(1 << 16))
+                    .for_each(|(d, s)| d.copy_from_slice(s))
+            });
+            (8 * n) as f64 / s / 1e9
+        };
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         let shape = [1usize, 32, 2048, 128];
         for traditional in [false, true] {
             for dtype in [DType::F32, DType::BF16, DType::F16] {
@@ -824,27 +886,22 @@ mod tests {
                     None,
                 )
                 .unwrap();
-                let bytes = 2.0 * x.nbytes() as f64;
-                let t = match dtype {
-                    DType::F32 => {
-                        let mut out = vec![0f32; x.size()];
-                        best(20, || rope_into(&x, &plan, &mut out).unwrap())
-                    }
-                    DType::BF16 => {
-                        let mut out = vec![bf16::ZERO; x.size()];
-                        best(20, || rope_into(&x, &plan, &mut out).unwrap())
-                    }
-                    _ => {
-                        let mut out = vec![f16::ZERO; x.size()];
-                        best(20, || rope_into(&x, &plan, &mut out).unwrap())
-                    }
+                let time = |iters| match dtype {
+                    DType::F32 => run::<f32>(&x, &plan, iters),
+                    DType::BF16 => run::<bf16>(&x, &plan, iters),
+                    _ => run::<f16>(&x, &plan, iters),
                 };
-                let gbs = bytes / t / 1e9;
+                let copy_before = copy_gbs(5);
+                let t = time(20);
+                let t1 = one.install(|| time(5));
+                let copy = copy_before.max(copy_gbs(5));
+                let bytes = 2.0 * x.nbytes() as f64;
+                let (gbs, gbs1) = (bytes / t / 1e9, bytes / t1 / 1e9);
                 println!(
                     "rope kernel {dtype} {shape:?} traditional={traditional}: {:.3} ms, \
-                     {gbs:.1} GB/s, {:.0}% of copy",
+                     {gbs:.1} GB/s = {:.0}% of copy ({copy:.1} GB/s); one thread {gbs1:.1} GB/s",
                     t * 1e3,
-                    100.0 * gbs / copy_gbs
+                    100.0 * gbs / copy
                 );
             }
         }
