@@ -1,1 +1,895 @@
-//! (to be written)
+//! CPU kernel for `scaled_dot_product_attention`: flash-style blocked attention.
+//!
+//! Work is split into tasks of (batch, kv head, chunk of queries[, key range]). A task
+//! stacks the query rows of all `R = N_q / N_kv` query heads that share its kv head, so each
+//! key/value tile it loads serves all of them. Per tile of keys it computes the scores
+//! `S = Q K^T` (through `gemm`, or through plain dot products when the task has only a few
+//! rows, as in decoding), masks them, updates an online softmax (running max, running sum,
+//! rescaled accumulator) and adds `P V` to the accumulator. Nothing of size `T_q x T_kv` is
+//! ever allocated: per task there is a `Q` tile, an accumulator, one score tile and, when the
+//! inputs are not f32 with unit last stride, a key and a value tile widened to f32.
+//!
+//! When there are too few tasks for the threads (decoding with few kv heads), the keys are
+//! split into ranges computed in parallel, each giving a partial (max, sum, accumulator),
+//! and the partials are merged.
+//!
+//! Inputs of f16/bf16/f32 compute in f32; f64 inputs compute in f64 through the same code.
+
+use crate::array::Array;
+use crate::dtype::{DType, Element, Float};
+use crate::error::{Error, Result};
+use crate::fast::Checked;
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::ops::{Add, Mul, Sub};
+
+/// Query rows per score tile in the `gemm` path.
+const BQ: usize = 64;
+/// Keys per tile.
+const BK: usize = 128;
+/// Query rows a task aims for: enough to amortise loading each key/value tile.
+const TASK_ROWS: usize = 256;
+/// Tasks with at most this many rows use dot products instead of `gemm`.
+const SMALL_ROWS: usize = 8;
+
+/// The type scores, softmax and accumulator are computed in: f32, or f64 for f64 inputs.
+trait Acc:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Default
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INF: Self;
+    fn from_f32(x: f32) -> Self;
+    fn exp(self) -> Self;
+    /// `a * b + c`, fused when `FMA` (only instantiated `true` where the CPU has FMA).
+    fn fma<const FMA: bool>(a: Self, b: Self, c: Self) -> Self;
+    /// Replaces every `x` by `exp(x - m)` and returns their sum. `m` is at least every `x`
+    /// (or NaN), so the arguments are `<= 0`.
+    fn exp_sub_sum<const FMA: bool>(xs: &mut [Self], m: Self) -> Self;
+}
+
+impl Acc for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+    const NEG_INF: f32 = f32::NEG_INFINITY;
+    #[inline(always)]
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
+    #[inline(always)]
+    fn exp(self) -> f32 {
+        f32::exp(self)
+    }
+    #[inline(always)]
+    fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+        if FMA {
+            a.mul_add(b, c)
+        } else {
+            a * b + c
+        }
+    }
+    #[inline(always)]
+    fn exp_sub_sum<const FMA: bool>(xs: &mut [f32], m: f32) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let mut chunks = xs.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for l in 0..8 {
+                let y = exp_nonpositive::<FMA>(c[l] - m);
+                c[l] = y;
+                acc[l] += y;
+            }
+        }
+        let mut sum = 0.0f32;
+        for x in chunks.into_remainder() {
+            *x = exp_nonpositive::<FMA>(*x - m);
+            sum += *x;
+        }
+        acc.iter().sum::<f32>() + sum
+    }
+}
+
+impl Acc for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+    const NEG_INF: f64 = f64::NEG_INFINITY;
+    #[inline(always)]
+    fn from_f32(x: f32) -> f64 {
+        f64::from(x)
+    }
+    #[inline(always)]
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn fma<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
+        if FMA {
+            a.mul_add(b, c)
+        } else {
+            a * b + c
+        }
+    }
+    #[inline(always)]
+    fn exp_sub_sum<const FMA: bool>(xs: &mut [f64], m: f64) -> f64 {
+        let mut sum = 0.0f64;
+        for x in xs {
+            *x = (*x - m).exp();
+            sum += *x;
+        }
+        sum
+    }
+}
+
+/// `exp(x)` for `x <= 0` (or NaN, which it returns), vectorisable: relative error below
+/// 2e-7 (Cody-Waite reduction by ln 2, degree-7 Taylor polynomial on |r| <= ln(2)/2, whose
+/// truncation error is 6e-9), results below 2^-126 flushed to 0. Inside attention these are
+/// softmax weights relative to a row maximum of weight 1, so the flush changes nothing
+/// visible.
+#[inline(always)]
+fn exp_nonpositive<const FMA: bool>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n * LN2_HI is exact for |n| < 2^15.
+    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const LOW: f32 = -87.0;
+    let xc = if x < LOW { LOW } else { x };
+    let z = f32::fma::<FMA>(xc, LOG2E, ROUND);
+    let n = z - ROUND;
+    let r = f32::fma::<FMA>(n, -LN2_LO, f32::fma::<FMA>(n, -LN2_HI, xc));
+    let mut p = 1.0 / 5040.0;
+    p = f32::fma::<FMA>(p, r, 1.0 / 720.0);
+    p = f32::fma::<FMA>(p, r, 1.0 / 120.0);
+    p = f32::fma::<FMA>(p, r, 1.0 / 24.0);
+    p = f32::fma::<FMA>(p, r, 1.0 / 6.0);
+    p = f32::fma::<FMA>(p, r, 0.5);
+    p = f32::fma::<FMA>(p, r, 1.0);
+    p = f32::fma::<FMA>(p, r, 1.0);
+    // n in [-126, 0] sits in z's mantissa as 0x40_0000 + n; build 2^n from it.
+    let n_int = (z.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let two_n = f32::from_bits((n_int.wrapping_add(127) << 23) as u32);
+    if x < LOW {
+        0.0
+    } else {
+        p * two_n
+    }
+}
+
+/// An input element type and how it widens to its compute type.
+trait Elem: Float {
+    type A: Acc;
+    fn widen(self) -> Self::A;
+    fn narrow(a: Self::A) -> Self;
+    /// Widens `src` into `dst` (same length).
+    #[inline(always)]
+    fn widen_slice(src: &[Self], dst: &mut [Self::A]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.widen();
+        }
+    }
+    /// The buffer itself when the element type is already the compute type.
+    fn as_acc(_buf: &[Self]) -> Option<&[Self::A]> {
+        None
+    }
+}
+
+impl Elem for f32 {
+    type A = f32;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(a: f32) -> f32 {
+        a
+    }
+    fn as_acc(buf: &[f32]) -> Option<&[f32]> {
+        Some(buf)
+    }
+}
+
+impl Elem for f64 {
+    type A = f64;
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(a: f64) -> f64 {
+        a
+    }
+    fn as_acc(buf: &[f64]) -> Option<&[f64]> {
+        Some(buf)
+    }
+}
+
+impl Elem for f16 {
+    type A = f32;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        Float::to_f32(self)
+    }
+    #[inline(always)]
+    fn narrow(a: f32) -> f16 {
+        f16::from_f32(a)
+    }
+    #[inline(always)]
+    fn widen_slice(src: &[f16], dst: &mut [f32]) {
+        // `half` converts slices with F16C when the CPU has it.
+        src.convert_to_f32_slice(dst);
+    }
+}
+
+impl Elem for bf16 {
+    type A = f32;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        Float::to_f32(self)
+    }
+    #[inline(always)]
+    fn narrow(a: f32) -> bf16 {
+        bf16::from_f32(a)
+    }
+}
+
+/// A rank-4 strided view of a host buffer.
+#[derive(Clone, Copy)]
+struct View<'a, T> {
+    buf: &'a [T],
+    offset: isize,
+    strides: [isize; 4],
+}
+
+impl<'a, T: Element> View<'a, T> {
+    fn new(a: &'a Array) -> Result<Self> {
+        let s = a.strides();
+        Ok(View {
+            buf: a.cpu_buffer::<T>()?,
+            offset: a.offset() as isize,
+            strides: [s[0], s[1], s[2], s[3]],
+        })
+    }
+
+    /// Buffer position of element `[b, h, t, 0]`.
+    #[inline(always)]
+    fn pos(&self, b: usize, h: usize, t: usize) -> isize {
+        self.offset
+            + b as isize * self.strides[0]
+            + h as isize * self.strides[1]
+            + t as isize * self.strides[2]
+    }
+}
+
+impl<T: Elem> View<'_, T> {
+    /// Widens row `[b, h, t, ..dst.len()]` into `dst`.
+    #[inline(always)]
+    fn load_row(&self, b: usize, h: usize, t: usize, dst: &mut [T::A]) {
+        let start = self.pos(b, h, t);
+        let step = self.strides[3];
+        if step == 1 || dst.len() <= 1 {
+            let s = start as usize;
+            T::widen_slice(&self.buf[s..s + dst.len()], dst);
+        } else {
+            for (c, x) in dst.iter_mut().enumerate() {
+                *x = self.buf[(start + c as isize * step) as usize].widen();
+            }
+        }
+    }
+}
+
+/// `n` rows of `len` compute-type values: row `j` is `data[start + j * stride..][..len]`.
+struct Rows<'s, A> {
+    data: &'s [A],
+    start: usize,
+    stride: usize,
+}
+
+impl<A> Rows<'_, A> {
+    #[inline(always)]
+    fn row(&self, j: usize, len: usize) -> &[A] {
+        &self.data[self.start + j * self.stride..][..len]
+    }
+}
+
+/// Rows `t0..t0 + n` of head `(b, h)`, `len` values each: borrowed from the input when it
+/// is already of the compute type with unit last stride, otherwise widened into `scratch`.
+#[inline(always)]
+fn tile_rows<'s, T: Elem>(
+    view: View<'s, T>,
+    b: usize,
+    h: usize,
+    t0: usize,
+    n: usize,
+    len: usize,
+    scratch: &'s mut Vec<T::A>,
+) -> Rows<'s, T::A> {
+    if let Some(buf) = T::as_acc(view.buf) {
+        let start = view.pos(b, h, t0);
+        let stride = view.strides[2];
+        let borrowable = (view.strides[3] == 1 || len <= 1)
+            && stride > 0
+            && start >= 0
+            && start as usize + (n - 1) * stride as usize + len <= buf.len();
+        if borrowable {
+            return Rows {
+                data: buf,
+                start: start as usize,
+                stride: stride as usize,
+            };
+        }
+    }
+    scratch.clear();
+    scratch.resize(n * len, T::A::ZERO);
+    for (j, row) in scratch.chunks_exact_mut(len.max(1)).enumerate().take(n) {
+        view.load_row(b, h, t0 + j, &mut row[..len]);
+    }
+    Rows {
+        data: scratch,
+        start: 0,
+        stride: len,
+    }
+}
+
+/// The array mask, already broadcast to `[B, N_q, T_q, T_kv]` (stride-0 views included).
+enum MaskView<'a, T> {
+    Bool(View<'a, bool>),
+    Additive(View<'a, T>),
+}
+
+impl<T: Elem> MaskView<'_, T> {
+    /// Applies the mask of row `[b, h, t, k0..k0 + s.len()]` to the scores `s`: a `false`
+    /// bool entry sets the score to -inf, an additive entry is added.
+    #[inline(always)]
+    fn apply(&self, b: usize, h: usize, t: usize, k0: usize, s: &mut [T::A]) {
+        match self {
+            MaskView::Bool(v) => {
+                let step = v.strides[3];
+                let base = v.pos(b, h, t) + k0 as isize * step;
+                if step == 0 {
+                    if !v.buf[base as usize] {
+                        s.fill(T::A::NEG_INF);
+                    }
+                } else if step == 1 {
+                    let m = &v.buf[base as usize..][..s.len()];
+                    for (x, &keep) in s.iter_mut().zip(m) {
+                        if !keep {
+                            *x = T::A::NEG_INF;
+                        }
+                    }
+                } else {
+                    for (j, x) in s.iter_mut().enumerate() {
+                        if !v.buf[(base + j as isize * step) as usize] {
+                            *x = T::A::NEG_INF;
+                        }
+                    }
+                }
+            }
+            MaskView::Additive(v) => {
+                let step = v.strides[3];
+                let base = v.pos(b, h, t) + k0 as isize * step;
+                if step == 0 {
+                    let add = v.buf[base as usize].widen();
+                    for x in s.iter_mut() {
+                        *x = *x + add;
+                    }
+                } else if step == 1 {
+                    let m = &v.buf[base as usize..][..s.len()];
+                    for (x, &a) in s.iter_mut().zip(m) {
+                        *x = *x + a.widen();
+                    }
+                } else {
+                    for (j, x) in s.iter_mut().enumerate() {
+                        *x = *x + v.buf[(base + j as isize * step) as usize].widen();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[m x n] = (accumulate ? dst : 0) + lhs[m x k] * rhs[k x n]` through `gemm`, single
+/// threaded (we are inside a rayon task). Each operand is `(slice, base, row stride, column
+/// stride)` with non-negative strides; `dst` is row-major with row stride `dst_rs`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn matmul<A: Acc>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [A],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: (&[A], usize, usize, usize),
+    rhs: (&[A], usize, usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, (_, base, rs, cs): (&[A], usize, usize, usize)| {
+        base + (rows - 1) * rs + (cols - 1) * cs
+    };
+    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm dst out of range");
+    if k > 0 {
+        assert!(last(m, k, lhs) < lhs.0.len(), "gemm lhs out of range");
+        assert!(last(k, n, rhs) < rhs.0.len(), "gemm rhs out of range");
+    } else if !accumulate {
+        for row in dst.chunks_mut(dst_rs.max(1)).take(m) {
+            row[..n].fill(A::ZERO);
+        }
+        return;
+    } else {
+        return;
+    }
+    // SAFETY: the asserts above show that every element gemm reads (lhs, rhs) or writes
+    // (dst, row-major m x n with row stride dst_rs) lies inside its slice; dst is borrowed
+    // mutably and cannot alias the shared lhs/rhs borrows. A is f32 or f64, both supported.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.0.as_ptr().add(lhs.1),
+            lhs.3 as isize,
+            lhs.2 as isize,
+            rhs.0.as_ptr().add(rhs.1),
+            rhs.3 as isize,
+            rhs.2 as isize,
+            A::ONE,
+            A::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `sum(a[i] * b[i])` with 16 independent lanes so it vectorises.
+#[inline(always)]
+fn dot<A: Acc, const FMA: bool>(a: &[A], b: &[A]) -> A {
+    let mut acc = [A::ZERO; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..16 {
+            acc[l] = A::fma::<FMA>(x[l], y[l], acc[l]);
+        }
+    }
+    for (l, (&x, &y)) in ar.iter().zip(br).enumerate() {
+        acc[l] = A::fma::<FMA>(x, y, acc[l]);
+    }
+    let mut half = [A::ZERO; 8];
+    for l in 0..8 {
+        half[l] = acc[l] + acc[l + 8];
+    }
+    (half[0] + half[4]) + (half[1] + half[5]) + ((half[2] + half[6]) + (half[3] + half[7]))
+}
+
+/// Online softmax step for one row of scores `s` (masked entries are -inf): updates the
+/// running max `m` and sum `l`, rescales the accumulator row, and leaves the unnormalised
+/// probabilities in `s`.
+#[inline(always)]
+fn softmax_step<A: Acc, const FMA: bool>(s: &mut [A], m: &mut A, l: &mut A, acc: &mut [A]) {
+    let mut mx = [A::NEG_INF; 8];
+    let mut chunks = s.chunks_exact(8);
+    for c in &mut chunks {
+        for lane in 0..8 {
+            if c[lane] > mx[lane] {
+                mx[lane] = c[lane];
+            }
+        }
+    }
+    let mut block_max = A::NEG_INF;
+    for &x in mx.iter().chain(chunks.remainder()) {
+        if x > block_max {
+            block_max = x;
+        }
+    }
+    let new_max = if block_max > *m { block_max } else { *m };
+    if new_max == A::NEG_INF {
+        // Nothing visible in this row yet: no weight, no change.
+        s.fill(A::ZERO);
+        return;
+    }
+    let sum = A::exp_sub_sum::<FMA>(s, new_max);
+    if new_max != *m {
+        let alpha = (*m - new_max).exp();
+        *l = *l * alpha;
+        for x in acc.iter_mut() {
+            *x = *x * alpha;
+        }
+        *m = new_max;
+    }
+    *l = *l + sum;
+}
+
+/// Running softmax state of a task's rows: max, sum and unnormalised output, row-major.
+struct State<A> {
+    m: Vec<A>,
+    l: Vec<A>,
+    acc: Vec<A>,
+}
+
+/// Everything a task needs, shared by all tasks.
+struct Ctx<'a, T: Elem> {
+    q: View<'a, T>,
+    k: View<'a, T>,
+    v: View<'a, T>,
+    mask: Option<MaskView<'a, T>>,
+    sinks: Option<Vec<T::A>>,
+    causal: bool,
+    scale: T::A,
+    nkv: usize,
+    /// Query heads per kv head.
+    r: usize,
+    tq: usize,
+    tkv: usize,
+    d: usize,
+    dv: usize,
+    /// Queries per task, and chunks per head.
+    qc: usize,
+    nqc: usize,
+    fma: bool,
+}
+
+impl<T: Elem> Ctx<'_, T> {
+    /// (batch, kv head, first query, end query) of group chunk `gc`.
+    fn chunk(&self, gc: usize) -> (usize, usize, usize, usize) {
+        let c = gc % self.nqc;
+        let bg = gc / self.nqc;
+        let q0 = c * self.qc;
+        (
+            bg / self.nkv,
+            bg % self.nkv,
+            q0,
+            (q0 + self.qc).min(self.tq),
+        )
+    }
+
+    /// Attention of group chunk `gc` over keys `k_lo..k_hi`; `with_sink` seeds each row with
+    /// its head's sink logit (exactly one key range of a row does).
+    fn attend(&self, gc: usize, k_lo: usize, k_hi: usize, with_sink: bool) -> State<T::A> {
+        #[cfg(target_arch = "x86_64")]
+        if self.fma {
+            // SAFETY: `fma` is set only when the CPU reports AVX2 and FMA.
+            return unsafe { self.attend_avx2(gc, k_lo, k_hi, with_sink) };
+        }
+        // aarch64 always has fused multiply-add.
+        if cfg!(target_arch = "aarch64") {
+            return self.attend_impl::<true>(gc, k_lo, k_hi, with_sink);
+        }
+        self.attend_impl::<false>(gc, k_lo, k_hi, with_sink)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_avx2(
+        &self,
+        gc: usize,
+        k_lo: usize,
+        k_hi: usize,
+        with_sink: bool,
+    ) -> State<T::A> {
+        self.attend_impl::<true>(gc, k_lo, k_hi, with_sink)
+    }
+
+    #[inline(always)]
+    fn attend_impl<const FMA: bool>(
+        &self,
+        gc: usize,
+        k_lo: usize,
+        k_hi: usize,
+        with_sink: bool,
+    ) -> State<T::A> {
+        let (b, g, q0, q1) = self.chunk(gc);
+        let (d, dv, nqr) = (self.d, self.dv, q1 - q0);
+        let rows = self.r * nqr;
+        // Row `r * nqr + i` is query `q0 + i` of query head `g * R + r`.
+        let head_of = |row: usize| g * self.r + row / nqr;
+        let query_of = |row: usize| q0 + row % nqr;
+
+        let mut qt = vec![T::A::ZERO; rows * d];
+        for (row, dst) in qt.chunks_exact_mut(d.max(1)).enumerate().take(rows) {
+            let dst = &mut dst[..d];
+            self.q.load_row(b, head_of(row), query_of(row), dst);
+            for x in dst.iter_mut() {
+                *x = *x * self.scale;
+            }
+        }
+        let mut m = vec![T::A::NEG_INF; rows];
+        let mut l = vec![T::A::ZERO; rows];
+        if let (true, Some(sinks)) = (with_sink, &self.sinks) {
+            for row in 0..rows {
+                m[row] = sinks[head_of(row)];
+                l[row] = T::A::ONE;
+            }
+        }
+        let mut acc = vec![T::A::ZERO; rows * dv];
+
+        // Query t sees key j iff j <= t + off.
+        let off = self.tkv as isize - self.tq as isize;
+        let k_hi = if self.causal {
+            k_hi.min((q1 as isize - 1 + off + 1).max(0) as usize)
+        } else {
+            k_hi
+        };
+        let small = rows <= SMALL_ROWS;
+        let bq = if small { rows } else { BQ };
+        let mut s = vec![T::A::ZERO; bq.min(rows) * BK];
+        let (mut kscratch, mut vscratch) = (Vec::new(), Vec::new());
+
+        let mut k0 = k_lo;
+        while k0 < k_hi {
+            let nk = BK.min(k_hi - k0);
+            let kr = tile_rows(self.k, b, g, k0, nk, d, &mut kscratch);
+            let vr = tile_rows(self.v, b, g, k0, nk, dv, &mut vscratch);
+            let mut row0 = 0;
+            while row0 < rows {
+                let nr = bq.min(rows - row0);
+                let (tmin, tmax) = if nr >= nqr || row0 % nqr + nr > nqr {
+                    (q0, q1 - 1)
+                } else {
+                    (query_of(row0), query_of(row0 + nr - 1))
+                };
+                if self.causal && k0 as isize > tmax as isize + off {
+                    row0 += nr;
+                    continue;
+                }
+                let sb = &mut s[..nr * nk];
+                if small {
+                    for j in 0..nk {
+                        let kj = kr.row(j, d);
+                        for rr in 0..nr {
+                            sb[rr * nk + j] = dot::<T::A, FMA>(&qt[(row0 + rr) * d..][..d], kj);
+                        }
+                    }
+                } else {
+                    matmul(
+                        nr,
+                        nk,
+                        d,
+                        sb,
+                        nk,
+                        false,
+                        (&qt, row0 * d, d, 1),
+                        (kr.data, kr.start, 1, kr.stride),
+                    );
+                }
+                let partial_causal = self.causal && (k0 + nk - 1) as isize > tmin as isize + off;
+                for rr in 0..nr {
+                    let row = row0 + rr;
+                    let t = query_of(row);
+                    let srow = &mut sb[rr * nk..][..nk];
+                    if let Some(mask) = &self.mask {
+                        mask.apply(b, head_of(row), t, k0, srow);
+                    }
+                    if partial_causal {
+                        let first_hidden = (t as isize + off + 1 - k0 as isize).max(0) as usize;
+                        if first_hidden < nk {
+                            srow[first_hidden..].fill(T::A::NEG_INF);
+                        }
+                    }
+                    softmax_step::<T::A, FMA>(
+                        srow,
+                        &mut m[row],
+                        &mut l[row],
+                        &mut acc[row * dv..][..dv],
+                    );
+                }
+                if small {
+                    for j in 0..nk {
+                        let vj = vr.row(j, dv);
+                        for rr in 0..nr {
+                            let p = sb[rr * nk + j];
+                            if p != T::A::ZERO {
+                                let arow = &mut acc[(row0 + rr) * dv..][..dv];
+                                for (a, &x) in arow.iter_mut().zip(vj) {
+                                    *a = T::A::fma::<FMA>(p, x, *a);
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    matmul(
+                        nr,
+                        dv,
+                        nk,
+                        &mut acc[row0 * dv..],
+                        dv,
+                        true,
+                        (sb, 0, nk, 1),
+                        (vr.data, vr.start, vr.stride, 1),
+                    );
+                }
+                row0 += nr;
+            }
+            k0 += nk;
+        }
+        State { m, l, acc }
+    }
+
+    /// Writes `acc / l` of each row into the output pieces (one per query head of the group).
+    fn finish(&self, st: &State<T::A>, pieces: &mut [&mut [T]]) {
+        let dv = self.dv;
+        let nqr = st.m.len() / self.r;
+        for (r, piece) in pieces.iter_mut().enumerate() {
+            for i in 0..nqr {
+                let row = r * nqr + i;
+                let l = st.l[row];
+                let inv = if l == T::A::ZERO {
+                    T::A::ZERO
+                } else {
+                    T::A::ONE / l
+                };
+                let src = &st.acc[row * dv..][..dv];
+                for (o, &a) in piece[i * dv..][..dv].iter_mut().zip(src) {
+                    *o = T::narrow(a * inv);
+                }
+            }
+        }
+    }
+
+    /// Merges the partial states of one group chunk's key ranges and writes the output.
+    fn merge(&self, parts: &[State<T::A>], pieces: &mut [&mut [T]]) {
+        let dv = self.dv;
+        let rows = parts[0].m.len();
+        let mut merged = State {
+            m: vec![T::A::NEG_INF; rows],
+            l: vec![T::A::ZERO; rows],
+            acc: vec![T::A::ZERO; rows * dv],
+        };
+        for row in 0..rows {
+            let mut mx = T::A::NEG_INF;
+            for p in parts {
+                if p.m[row] > mx {
+                    mx = p.m[row];
+                }
+            }
+            if mx == T::A::NEG_INF {
+                continue;
+            }
+            let out = &mut merged.acc[row * dv..][..dv];
+            let mut l = T::A::ZERO;
+            for p in parts.iter().filter(|p| p.m[row] != T::A::NEG_INF) {
+                let w = (p.m[row] - mx).exp();
+                l = l + p.l[row] * w;
+                for (o, &a) in out.iter_mut().zip(&p.acc[row * dv..][..dv]) {
+                    *o = *o + a * w;
+                }
+            }
+            merged.l[row] = l;
+        }
+        self.finish(&merged, pieces);
+    }
+}
+
+fn has_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Runs attention on validated CPU inputs (see `fast::scaled_dot_product_attention` for the
+/// contract). Returns a new row-major `[B, N_q, T_q, D_v]` array of the output dtype.
+pub(crate) fn scaled_dot_product_attention(c: &Checked, scale: f32) -> Result<Array> {
+    match c.dtype {
+        DType::F16 => run::<f16>(c, scale),
+        DType::BF16 => run::<bf16>(c, scale),
+        DType::F32 => run::<f32>(c, scale),
+        DType::F64 => run::<f64>(c, scale),
+        other => Err(Error::invalid(format!(
+            "[scaled_dot_product_attention] Received unsupported type {other}."
+        ))),
+    }
+}
+
+fn run<T: Elem>(c: &Checked, scale: f32) -> Result<Array> {
+    let [bn, nq, tq, dv] = c.out_shape;
+    let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
+    let mut out = vec![T::default(); bn * nq * tq * dv];
+    if out.is_empty() || tkv == 0 {
+        // No key at all: every row is empty, and empty rows are 0.
+        return Array::from_vec(out, &c.out_shape);
+    }
+    let mask = match &c.mask {
+        None => None,
+        Some(m) if m.dtype() == DType::Bool => Some(MaskView::Bool(View::new(m)?)),
+        Some(m) => Some(MaskView::Additive(View::new(m)?)),
+    };
+    let sinks = match &c.sinks {
+        None => None,
+        Some(s) => Some(s.to_vec::<T>()?.into_iter().map(T::widen).collect()),
+    };
+    let r = nq / nkv;
+    let threads = rayon::current_num_threads().max(1);
+    let groups = bn * nkv;
+    // Queries per task: whole query blocks of one head, about TASK_ROWS rows per task, fewer
+    // if that leaves threads idle; short query sequences go whole.
+    let mut qc = if tq <= BQ {
+        tq
+    } else {
+        BQ * (TASK_ROWS / (r * BQ)).max(1)
+    };
+    if groups * tq.div_ceil(qc) < 2 * threads && qc > BQ {
+        qc = BQ;
+    }
+    let nqc = tq.div_ceil(qc);
+    let chunks = groups * nqc;
+    // Split the keys when there are fewer tasks than threads can use (decoding with few kv
+    // heads): ranges of whole key tiles, at least two tiles each.
+    let mut split_len = tkv;
+    if threads > 1 && chunks < 2 * threads {
+        let want = (4 * threads).div_ceil(chunks);
+        let max_splits = tkv.div_ceil(2 * BK).max(1);
+        let nsplit = want.min(max_splits);
+        split_len = tkv.div_ceil(nsplit).div_ceil(BK) * BK;
+    }
+    let nsplit = tkv.div_ceil(split_len);
+
+    let ctx = Ctx {
+        q: View::new(&c.q)?,
+        k: View::new(&c.k)?,
+        v: View::new(&c.v)?,
+        mask,
+        sinks,
+        causal: c.causal,
+        scale: T::A::from_f32(scale),
+        nkv,
+        r,
+        tq,
+        tkv,
+        d,
+        dv,
+        qc,
+        nqc,
+        fma: has_fma(),
+    };
+
+    // The output pieces each chunk writes: for each of its R query heads, its queries.
+    let mut pieces: Vec<Vec<&mut [T]>> = (0..chunks).map(|_| Vec::with_capacity(r)).collect();
+    for (bh, head) in out.chunks_mut(tq * dv).enumerate() {
+        let (b, h) = (bh / nq, bh % nq);
+        for (ci, piece) in head.chunks_mut(qc * dv).enumerate() {
+            pieces[(b * nkv + h / r) * nqc + ci].push(piece);
+        }
+    }
+    if nsplit == 1 {
+        pieces
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(gc, mut p)| ctx.finish(&ctx.attend(gc, 0, tkv, true), &mut p));
+    } else {
+        let parts: Vec<State<T::A>> = (0..chunks * nsplit)
+            .into_par_iter()
+            .map(|t| {
+                let (gc, sp) = (t / nsplit, t % nsplit);
+                let lo = sp * split_len;
+                ctx.attend(gc, lo, (lo + split_len).min(tkv), sp == 0)
+            })
+            .collect();
+        pieces
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(gc, mut p)| ctx.merge(&parts[gc * nsplit..][..nsplit], &mut p));
+    }
+    Array::from_vec(out, &c.out_shape)
+}
