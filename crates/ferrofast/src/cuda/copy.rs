@@ -202,9 +202,10 @@ mod tests {
     #[test]
     fn collapse_merges_contiguous_axes() {
         assert_eq!(collapse(&[2, 3, 4], &[12, 4, 1]), (vec![24], vec![1]));
+        assert_eq!(collapse(&[2, 3, 4], &[1, 8, 2]), (vec![2, 12], vec![1, 2]));
         assert_eq!(
-            collapse(&[2, 3, 4], &[1, 8, 2]),
-            (vec![2, 3, 4], vec![1, 8, 2])
+            collapse(&[2, 3, 4], &[1, 9, 2]),
+            (vec![2, 3, 4], vec![1, 9, 2])
         );
         assert_eq!(collapse(&[2, 1, 4], &[4, 99, 1]), (vec![8], vec![1]));
         assert_eq!(collapse(&[1, 1], &[5, 7]), (vec![], vec![]));
