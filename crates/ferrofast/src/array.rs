@@ -85,7 +85,7 @@ macro_rules! with_cpu_data {
 }
 
 impl CpuData {
-    fn dtype(&self) -> DType {
+    pub(crate) fn dtype(&self) -> DType {
         match self {
             CpuData::Bool(_) => DType::Bool,
             CpuData::U8(_) => DType::U8,
@@ -112,11 +112,13 @@ impl CpuData {
     }
 }
 
-
 /// Where an array's elements live.
 #[derive(Debug)]
 pub(crate) enum Storage {
     Cpu(CpuData),
+    /// A device buffer, its device and the stream that produced it.
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::memory::CudaBuffer),
 }
 
 /// An n-dimensional array: shape, strides (in elements, may be negative or zero), offset
@@ -161,8 +163,16 @@ pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     let n = a.len().max(b.len());
     let mut out = vec![0; n];
     for i in 0..n {
-        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        let da = if i + a.len() >= n {
+            a[i + a.len() - n]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= n {
+            b[i + b.len() - n]
+        } else {
+            1
+        };
         out[i] = if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -221,12 +231,14 @@ fn standard_normal(seed: u64, i: u64) -> f64 {
 
 fn generate<T: Element>(n: usize, f: impl Fn(u64) -> f64 + Sync) -> CpuData {
     let mut v = vec![T::from_f64(0.0); n];
-    v.par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| {
-        let base = (c << 14) as u64;
-        for (j, x) in chunk.iter_mut().enumerate() {
-            *x = T::from_f64(f(base + j as u64));
-        }
-    });
+    v.par_chunks_mut(1 << 14)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let base = (c << 14) as u64;
+            for (j, x) in chunk.iter_mut().enumerate() {
+                *x = T::from_f64(f(base + j as u64));
+            }
+        });
     T::wrap(v)
 }
 
@@ -236,6 +248,8 @@ impl Array {
     fn from_storage(storage: Storage, shape: &[usize]) -> Array {
         let dtype = match &storage {
             Storage::Cpu(d) => d.dtype(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.dtype(),
         };
         Array {
             shape: shape.to_vec(),
@@ -388,6 +402,8 @@ impl Array {
     pub fn device(&self) -> Device {
         match &*self.storage {
             Storage::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Device::Cuda(b.device().ordinal()),
         }
     }
 
@@ -427,6 +443,64 @@ impl Array {
                 expected: self.dtype,
                 got: T::DTYPE,
             }),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Err(Error::Device(format!(
+                "the array is on cuda:{}; a CPU kernel needs it on the CPU \
+                 (to_device(&Device::Cpu))",
+                b.device().ordinal()
+            ))),
+        }
+    }
+
+    /// The device buffer of a GPU array (`None` on the CPU).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_buffer(&self) -> Option<&crate::cuda::memory::CudaBuffer> {
+        match &*self.storage {
+            Storage::Cuda(b) => Some(b),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    /// Wraps a device buffer produced by a kernel as a row-major array of `shape`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn from_cuda_buffer(
+        buffer: crate::cuda::memory::CudaBuffer,
+        shape: &[usize],
+    ) -> Result<Array> {
+        let size = checked_size(shape)?;
+        if buffer.len() != size {
+            return Err(Error::Shape(format!(
+                "cannot make an array of shape {} from {} elements",
+                fmt_shape(shape),
+                buffer.len()
+            )));
+        }
+        Ok(Array::from_storage(Storage::Cuda(buffer), shape))
+    }
+
+    /// The stream that produced this GPU array (ops on it run there); `None` on the CPU.
+    #[cfg(feature = "cuda")]
+    pub fn stream(&self) -> Option<crate::cuda::Stream> {
+        self.cuda_buffer().map(|b| b.stream().clone())
+    }
+
+    /// A row-major copy of the array on `stream`'s device, produced on `stream`, so ops
+    /// that take it run there. Work already queued elsewhere that produces `self` is waited
+    /// for on the GPU, not on the host.
+    ///
+    /// # Errors
+    /// Device and driver errors; `Error::Unsupported` for GPU views of more than 8
+    /// non-mergeable dimensions.
+    #[cfg(feature = "cuda")]
+    pub fn to_stream(&self, stream: &crate::cuda::Stream) -> Result<Array> {
+        match self.cuda_buffer() {
+            Some(b) if b.device().ordinal() == stream.ordinal() => {
+                crate::cuda::copy::copy_cast(self, self.dtype, Some(stream))
+            }
+            _ => {
+                let host = self.to_device(&Device::Cpu)?.contiguous()?;
+                crate::cuda::memory::upload(&host, stream)
+            }
         }
     }
 
@@ -524,6 +598,10 @@ impl Array {
         if dtype == self.dtype {
             return Ok(self.clone());
         }
+        #[cfg(feature = "cuda")]
+        if self.cuda_buffer().is_some() {
+            return crate::cuda::copy::copy_cast(self, dtype, None);
+        }
         fn convert<S: Element, D: Element>(a: &Array) -> Result<CpuData> {
             let src = a.to_vec::<S>()?;
             let int_path = !S::DTYPE.is_floating() && !D::DTYPE.is_floating();
@@ -534,18 +612,33 @@ impl Array {
             };
             Ok(D::wrap(out))
         }
-        let data = dispatch_dtype!(self.dtype, S => dispatch_dtype!(dtype, D => convert::<S, D>(self)?));
+        let data =
+            dispatch_dtype!(self.dtype, S => dispatch_dtype!(dtype, D => convert::<S, D>(self)?));
         let device = self.device();
         Array::from_cpu_data(data, &self.shape)?.to_device(&device)
     }
 
-    /// A copy (or clone) on `device`.
+    /// The array on `device`: a cheap clone if it is already there, otherwise a row-major
+    /// copy (host to GPU uploads on the device's default stream; GPU to host waits for the
+    /// work producing the array).
     ///
     /// # Errors
-    /// `Error::CudaUnavailable` if the device cannot be reached.
+    /// `Error::CudaUnavailable` without a CUDA driver or device (or in a build without the
+    /// `cuda` feature), `Error::Device` for a missing ordinal, driver errors.
     pub fn to_device(&self, device: &Device) -> Result<Array> {
         match (device, &*self.storage) {
             (Device::Cpu, Storage::Cpu(_)) => Ok(self.clone()),
+            #[cfg(feature = "cuda")]
+            (Device::Cpu, Storage::Cuda(_)) => crate::cuda::memory::download(self),
+            #[cfg(feature = "cuda")]
+            (Device::Cuda(i), Storage::Cuda(b)) if b.device().ordinal() == *i => Ok(self.clone()),
+            #[cfg(feature = "cuda")]
+            (Device::Cuda(_), _) => {
+                let host = self.to_device(&Device::Cpu)?.contiguous()?;
+                let stream = crate::cuda::Stream::default_for(device)?;
+                crate::cuda::memory::upload(&host, &stream)
+            }
+            #[cfg(not(feature = "cuda"))]
             (Device::Cuda(i), _) => Err(Error::CudaUnavailable(format!(
                 "cuda:{i} requested but this build of ferrofast has no CUDA back end \
                  (build with the `cuda` feature)"
@@ -561,6 +654,10 @@ impl Array {
     pub fn contiguous(&self) -> Result<Array> {
         if self.is_contiguous() {
             return Ok(self.clone());
+        }
+        #[cfg(feature = "cuda")]
+        if self.cuda_buffer().is_some() {
+            return crate::cuda::copy::copy_cast(self, self.dtype, None);
         }
         let data = dispatch_dtype!(self.dtype, T => T::wrap(self.to_vec::<T>()?));
         Array::from_cpu_data(data, &self.shape)
@@ -713,7 +810,13 @@ fn slice_indices(start: isize, stop: isize, step: isize, n: usize) -> Result<(is
     let n = n as isize;
     let clamp = |v: isize, lo: isize, hi: isize| v.max(lo).min(hi);
     let (lo, hi) = if step > 0 { (0, n) } else { (-1, n - 1) };
-    let norm = |v: isize| if v < 0 { clamp(v + n, lo, hi) } else { clamp(v, lo, hi) };
+    let norm = |v: isize| {
+        if v < 0 {
+            clamp(v + n, lo, hi)
+        } else {
+            clamp(v, lo, hi)
+        }
+    };
     let (s, e) = (norm(start), norm(stop));
     let len = if step > 0 {
         if e > s {

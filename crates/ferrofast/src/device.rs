@@ -1,5 +1,8 @@
 //! Devices: where an array's data lives and where ops on it run.
 
+#[cfg(not(feature = "cuda"))]
+use crate::error::Error;
+use crate::error::Result;
 use std::fmt;
 
 /// A compute device. [`Device::Cpu`] always exists; CUDA devices exist when the crate is
@@ -22,6 +25,72 @@ impl Device {
     /// True for [`Device::Cpu`].
     pub fn is_cpu(&self) -> bool {
         matches!(self, Device::Cpu)
+    }
+
+    /// True for [`Device::Cuda`].
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+
+    /// The CUDA device with `ordinal`, after checking it exists (its context is created
+    /// here, once per process).
+    ///
+    /// # Errors
+    /// `Error::CudaUnavailable` when the crate was built without the `cuda` feature, the
+    /// driver library cannot be loaded (the message lists where it was looked for) or there
+    /// is no GPU; `Error::Device` when `ordinal` is not below the device count; driver errors
+    /// while creating the context.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        #[cfg(feature = "cuda")]
+        {
+            crate::cuda::runtime::device(ordinal)?;
+            Ok(Device::Cuda(ordinal))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(Error::CudaUnavailable(format!(
+                "cuda:{ordinal} requested but this build of ferrofast has no CUDA back end \
+                 (build with the `cuda` feature)"
+            )))
+        }
+    }
+
+    /// Number of usable CUDA devices: 0 without the `cuda` feature, a driver or a GPU.
+    pub fn cuda_device_count() -> usize {
+        #[cfg(feature = "cuda")]
+        {
+            crate::cuda::runtime::device_count().unwrap_or(0)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            0
+        }
+    }
+
+    /// Blocks until all work queued on the device (every stream) has finished. A no-op for
+    /// the CPU, whose work is synchronous.
+    ///
+    /// # Errors
+    /// The error of failed asynchronous GPU work; as [`Device::cuda`] for a CUDA device that
+    /// cannot be reached.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => crate::cuda::runtime::synchronize_device(*i),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(i) => Device::cuda(*i).map(|_| ()),
+        }
+    }
+
+    /// The device's default stream, where uploads and ops go unless another
+    /// [`Stream`](crate::Stream) is named.
+    ///
+    /// # Errors
+    /// `Error::Device` for the CPU; as [`Device::cuda`] otherwise.
+    #[cfg(feature = "cuda")]
+    pub fn default_stream(&self) -> Result<crate::Stream> {
+        crate::Stream::default_for(self)
     }
 }
 

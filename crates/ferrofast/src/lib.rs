@@ -18,6 +18,8 @@
 
 pub mod array;
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod device;
 pub mod dtype;
 mod error;
@@ -25,6 +27,8 @@ pub mod fast;
 pub mod reference;
 
 pub use array::Array;
+#[cfg(feature = "cuda")]
+pub use cuda::Stream;
 pub use device::Device;
 pub use dtype::{promote_types, result_type, DType, Element, Float};
 pub use error::{Error, Result};

@@ -1,0 +1,560 @@
+//! Run-time compilation of the built-in `.cu` kernels: NVRTC straight to CUBIN for the
+//! device's exact architecture (never PTX: a newer NVRTC writes PTX an older driver rejects),
+//! one module per kernel instantiation, cached in memory per device and on disk.
+//!
+//! Kernels are templates; a launcher names the instantiation it wants with an NVRTC name
+//! expression (`rms_norm_rows<ff_f16, 2, true>`), and NVRTC reports the mangled name to load.
+//!
+//! Disk cache: one file per (NVRTC version, architecture, options, name expressions, source
+//! hash) in `FERROFAST_CACHE_DIR`, else `$XDG_CACHE_HOME/ferrofast`, else
+//! `~/.cache/ferrofast`. Each file repeats its full key and carries a checksum; a missing,
+//! corrupt or unwritable cache only costs a compile.
+
+use super::runtime::{driver_error, guarded, nvrtc_loaded, CudaDevice};
+use crate::error::{Error, Result};
+use cudarc::driver::CudaFunction;
+use cudarc::nvrtc::sys as nvrtc;
+use cudarc::nvrtc::Ptx;
+use std::ffi::{c_char, CStr, CString};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// A built-in kernel source file.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KernelFile {
+    /// File name, for messages and NVRTC's program name.
+    pub(crate) name: &'static str,
+    /// CUDA C++ source.
+    pub(crate) source: &'static str,
+}
+
+/// `kernels/copy.cu`: strided copy with dtype conversion.
+pub(crate) const COPY_CU: KernelFile = KernelFile {
+    name: "copy.cu",
+    source: include_str!("kernels/copy.cu"),
+};
+
+/// `kernels/norm.cu`: RMS norm and layer norm forward.
+pub(crate) const NORM_CU: KernelFile = KernelFile {
+    name: "norm.cu",
+    source: include_str!("kernels/norm.cu"),
+};
+
+/// The in-memory header every kernel file includes.
+const PRELUDE_NAME: &str = "ferrofast_prelude.cuh";
+const PRELUDE: &str = include_str!("kernels/prelude.cuh");
+
+/// Bumped when the cache file layout or the compile options change meaning.
+const CACHE_FORMAT: &[u8; 8] = b"FFCUBIN1";
+
+/// A compiled module image and the mangled names of its requested instantiations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Cubin {
+    image: Vec<u8>,
+    lowered: Vec<String>,
+}
+
+/// NVRTC's version `(major, minor)`.
+///
+/// # Errors
+/// `Error::CudaUnavailable` when libnvrtc cannot be loaded (the message lists where it was
+/// looked for).
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    static VERSION: OnceLock<Result<(i32, i32)>> = OnceLock::new();
+    VERSION
+        .get_or_init(|| {
+            nvrtc_loaded()?;
+            guarded("querying the NVRTC version", || {
+                let (mut major, mut minor) = (0, 0);
+                // SAFETY: plain out-parameters.
+                unsafe { nvrtc::nvrtcVersion(&mut major, &mut minor) }
+                    .result()
+                    .map_err(|e| Error::Compile(format!("nvrtcVersion failed: {e:?}")))?;
+                Ok((major, minor))
+            })
+        })
+        .clone()
+}
+
+fn options_for(arch: &str, extra: &[String]) -> Vec<String> {
+    let mut opts = vec![
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+        // Accurate division and square root: the norms' results are compared against f32
+        // references at 1e-6.
+        "--prec-div=true".to_string(),
+        "--prec-sqrt=true".to_string(),
+    ];
+    opts.extend(extra.iter().cloned());
+    opts
+}
+
+/// Destroys an NVRTC program when dropped.
+struct Program(nvrtc::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: the program was created by nvrtcCreateProgram and is destroyed only here.
+        // A failure leaks the program's memory and nothing else.
+        let _ = unsafe { nvrtc::nvrtcDestroyProgram(&mut self.0) };
+    }
+}
+
+fn c_string(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::Compile(format!("NUL byte in NVRTC input {s:?}")))
+}
+
+/// Compiles `file` for `arch` (e.g. `sm_90`), instantiating each name expression.
+///
+/// # Errors
+/// `Error::CudaUnavailable` without libnvrtc; `Error::Compile` with NVRTC's log when the
+/// source does not compile.
+pub(crate) fn compile(
+    file: &KernelFile,
+    names: &[String],
+    extra_options: &[String],
+    arch: &str,
+) -> Result<Cubin> {
+    nvrtc_loaded()?;
+    let options = options_for(arch, extra_options);
+    guarded("running NVRTC", || {
+        compile_loaded(file, names, &options, arch)
+    })
+}
+
+fn nvrtc_err(what: &str, file: &KernelFile, e: cudarc::nvrtc::result::NvrtcError) -> Error {
+    Error::Compile(format!("{what} for {} failed: {e:?}", file.name))
+}
+
+fn compile_loaded(
+    file: &KernelFile,
+    names: &[String],
+    options: &[String],
+    arch: &str,
+) -> Result<Cubin> {
+    let source = c_string(file.source)?;
+    let program_name = c_string(file.name)?;
+    let header_source = c_string(PRELUDE)?;
+    let header_name = c_string(PRELUDE_NAME)?;
+    let headers = [header_source.as_ptr()];
+    let header_names = [header_name.as_ptr()];
+    let mut raw: nvrtc::nvrtcProgram = std::ptr::null_mut();
+    // SAFETY: all strings are NUL-terminated and outlive the program (dropped at the end of
+    // this function, after `prog`).
+    unsafe {
+        nvrtc::nvrtcCreateProgram(
+            &mut raw,
+            source.as_ptr(),
+            program_name.as_ptr(),
+            1,
+            headers.as_ptr(),
+            header_names.as_ptr(),
+        )
+    }
+    .result()
+    .map_err(|e| nvrtc_err("nvrtcCreateProgram", file, e))?;
+    let prog = Program(raw);
+
+    let c_names = names
+        .iter()
+        .map(|n| c_string(n))
+        .collect::<Result<Vec<_>>>()?;
+    for n in &c_names {
+        // SAFETY: valid program and NUL-terminated expression.
+        unsafe { nvrtc::nvrtcAddNameExpression(prog.0, n.as_ptr()) }
+            .result()
+            .map_err(|e| nvrtc_err("nvrtcAddNameExpression", file, e))?;
+    }
+    let c_options = options
+        .iter()
+        .map(|o| c_string(o))
+        .collect::<Result<Vec<_>>>()?;
+    let option_ptrs: Vec<*const c_char> = c_options.iter().map(|o| o.as_ptr()).collect();
+    // SAFETY: valid program; option pointers live until the call returns.
+    let compiled = unsafe {
+        nvrtc::nvrtcCompileProgram(prog.0, option_ptrs.len() as i32, option_ptrs.as_ptr())
+    }
+    .result();
+    if let Err(e) = compiled {
+        let log = program_log(&prog).unwrap_or_default();
+        return Err(Error::Compile(format!(
+            "NVRTC could not compile {} for {arch} ({e:?}) with options [{}]:\n{}",
+            file.name,
+            options.join(" "),
+            log.trim_end()
+        )));
+    }
+
+    let mut lowered = Vec::with_capacity(names.len());
+    for (n, c) in names.iter().zip(&c_names) {
+        let mut ptr: *const c_char = std::ptr::null();
+        // SAFETY: the expression was added before compiling; NVRTC owns the returned string
+        // until the program is destroyed, and it is copied out at once.
+        unsafe { nvrtc::nvrtcGetLoweredName(prog.0, c.as_ptr(), &mut ptr) }
+            .result()
+            .map_err(|e| nvrtc_err(&format!("nvrtcGetLoweredName({n})"), file, e))?;
+        if ptr.is_null() {
+            return Err(Error::Compile(format!(
+                "NVRTC returned no lowered name for {n} in {}",
+                file.name
+            )));
+        }
+        // SAFETY: non-null, NUL-terminated, owned by the live program.
+        lowered.push(
+            unsafe { CStr::from_ptr(ptr) }
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
+
+    let mut size = 0usize;
+    // SAFETY: valid compiled program; plain out-parameter.
+    unsafe { nvrtc::nvrtcGetCUBINSize(prog.0, &mut size) }
+        .result()
+        .map_err(|e| nvrtc_err("nvrtcGetCUBINSize", file, e))?;
+    if size == 0 {
+        return Err(Error::Compile(format!(
+            "NVRTC produced no CUBIN for {} ({arch}); the architecture must be a real one \
+             such as sm_90, not compute_90",
+            file.name
+        )));
+    }
+    let mut image = vec![0u8; size];
+    // SAFETY: `image` has exactly the size NVRTC reported.
+    unsafe { nvrtc::nvrtcGetCUBIN(prog.0, image.as_mut_ptr().cast::<c_char>()) }
+        .result()
+        .map_err(|e| nvrtc_err("nvrtcGetCUBIN", file, e))?;
+    Ok(Cubin { image, lowered })
+}
+
+fn program_log(prog: &Program) -> Option<String> {
+    let mut size = 0usize;
+    // SAFETY: valid program; plain out-parameter.
+    unsafe { nvrtc::nvrtcGetProgramLogSize(prog.0, &mut size) }
+        .result()
+        .ok()?;
+    let mut log = vec![0u8; size.max(1)];
+    // SAFETY: `log` has the size NVRTC reported.
+    unsafe { nvrtc::nvrtcGetProgramLog(prog.0, log.as_mut_ptr().cast::<c_char>()) }
+        .result()
+        .ok()?;
+    let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+    Some(String::from_utf8_lossy(&log[..end]).into_owned())
+}
+
+// ----- caches -------------------------------------------------------------------------------
+
+/// 128-bit FNV-1a: a stable hash (unlike std's hasher, not tied to the Rust version), so
+/// cache keys stay valid across builds.
+fn fnv1a128(parts: &[&[u8]]) -> u128 {
+    let mut h: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    for part in parts {
+        for &b in *part {
+            h ^= b as u128;
+            h = h.wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
+        }
+        // Separate parts so ("ab", "c") and ("a", "bc") differ.
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
+    }
+    h
+}
+
+/// Everything the compiled image depends on.
+fn cache_key(file: &KernelFile, names: &[String], options: &[String], nvrtc: (i32, i32)) -> String {
+    let source_hash = fnv1a128(&[PRELUDE.as_bytes(), file.source.as_bytes()]);
+    format!(
+        "nvrtc {}.{} | {} | {} | {} | {source_hash:032x}",
+        nvrtc.0,
+        nvrtc.1,
+        options.join(" "),
+        names.join("; "),
+        file.name
+    )
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("FERROFAST_CACHE_DIR") {
+        return (!dir.is_empty()).then(|| PathBuf::from(dir));
+    }
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(xdg).join("ferrofast"));
+    }
+    std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map(|home| PathBuf::from(home).join(".cache").join("ferrofast"))
+}
+
+fn cache_path(key: &str) -> Option<PathBuf> {
+    let h = fnv1a128(&[key.as_bytes()]);
+    cache_dir().map(|d| d.join(format!("{h:032x}.cubin")))
+}
+
+fn push_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Cache file: magic, key, lowered names, image, then a checksum of all that.
+fn encode(key: &str, cubin: &Cubin) -> Vec<u8> {
+    let mut out = Vec::with_capacity(cubin.image.len() + key.len() + 256);
+    out.extend_from_slice(CACHE_FORMAT);
+    push_bytes(&mut out, key.as_bytes());
+    out.extend_from_slice(&(cubin.lowered.len() as u64).to_le_bytes());
+    for name in &cubin.lowered {
+        push_bytes(&mut out, name.as_bytes());
+    }
+    push_bytes(&mut out, &cubin.image);
+    let sum = fnv1a128(&[&out]);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out
+}
+
+/// Reads length-prefixed fields back; any inconsistency gives `None`.
+struct Reader<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.data.len() < n {
+            return None;
+        }
+        let (head, tail) = self.data.split_at(n);
+        self.data = tail;
+        Some(head)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        self.take(n)
+    }
+}
+
+fn decode(data: &[u8], key: &str) -> Option<Cubin> {
+    let body_len = data.len().checked_sub(16)?;
+    let (body, sum) = data.split_at(body_len);
+    if fnv1a128(&[body]).to_le_bytes() != sum {
+        return None;
+    }
+    let mut r = Reader { data: body };
+    if r.take(CACHE_FORMAT.len())? != CACHE_FORMAT || r.bytes()? != key.as_bytes() {
+        return None;
+    }
+    let count = usize::try_from(r.u64()?).ok()?;
+    if count > 4096 {
+        return None;
+    }
+    let mut lowered = Vec::with_capacity(count);
+    for _ in 0..count {
+        lowered.push(String::from_utf8(r.bytes()?.to_vec()).ok()?);
+    }
+    let image = r.bytes()?.to_vec();
+    (r.data.is_empty() && !image.is_empty()).then_some(Cubin { image, lowered })
+}
+
+fn read_disk_cache(key: &str) -> Option<Cubin> {
+    let data = std::fs::read(cache_path(key)?).ok()?;
+    decode(&data, key)
+}
+
+/// Best effort: a cache that cannot be written is skipped silently.
+fn write_disk_cache(key: &str, cubin: &Cubin) {
+    let Some(path) = cache_path(key) else {
+        return;
+    };
+    let Some(dir) = path.parent() else {
+        return;
+    };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    // Write a private temporary file and rename it into place, so a concurrent reader never
+    // sees a half-written file.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let tmp = dir.join(format!(
+        ".{}.{}.{nonce}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    if std::fs::write(&tmp, encode(key, cubin)).is_ok() && std::fs::rename(&tmp, &path).is_ok() {
+        return;
+    }
+    let _ = std::fs::remove_file(&tmp);
+}
+
+/// The kernel `name_expr` (an instantiation of a template in `file`) loaded on `device`,
+/// compiled on first use.
+///
+/// # Errors
+/// `Error::CudaUnavailable` without libnvrtc, `Error::Compile` with NVRTC's log, driver
+/// errors when the module cannot be loaded.
+pub(crate) fn function(
+    device: &CudaDevice,
+    file: &KernelFile,
+    name_expr: &str,
+    extra_options: &[String],
+) -> Result<CudaFunction> {
+    let arch = device.arch();
+    let options = options_for(&arch, extra_options);
+    let names = [name_expr.to_string()];
+    let key = cache_key(file, &names, &options, nvrtc_version()?);
+    let mut functions = device
+        .functions
+        .lock()
+        .map_err(|_| Error::Cuda("the kernel cache was poisoned by a panic".into()))?;
+    if let Some(f) = functions.get(&key) {
+        return Ok(f.clone());
+    }
+    let cached = read_disk_cache(&key);
+    let from_disk = cached.is_some();
+    let cubin = match cached {
+        Some(c) => c,
+        None => {
+            let c = compile(file, &names, extra_options, &arch)?;
+            write_disk_cache(&key, &c);
+            c
+        }
+    };
+    let loaded = load(device, file, &cubin);
+    let f = match loaded {
+        Ok(f) => f,
+        // A cached image the driver rejects (written by a broken build, say) is replaced by
+        // a fresh compile.
+        Err(_) if from_disk => {
+            let c = compile(file, &names, extra_options, &arch)?;
+            write_disk_cache(&key, &c);
+            load(device, file, &c)?
+        }
+        Err(e) => return Err(e),
+    };
+    functions.insert(key, f.clone());
+    Ok(f)
+}
+
+fn load(device: &CudaDevice, file: &KernelFile, cubin: &Cubin) -> Result<CudaFunction> {
+    let name = cubin
+        .lowered
+        .first()
+        .ok_or_else(|| Error::Compile(format!("no kernel name for {}", file.name)))?;
+    guarded("loading a CUDA module", || {
+        let module = device
+            .context()
+            .load_module(Ptx::from_binary(cubin.image.clone()))
+            .map_err(|e| driver_error(&format!("loading the {} kernels", file.name), e))?;
+        module
+            .load_function(name)
+            .map_err(|e| driver_error(&format!("finding kernel {name} in {}", file.name), e))
+    })
+}
+
+// ----- compile checks -----------------------------------------------------------------------
+
+/// The outcome of compiling one built-in kernel file with all its variants.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelCheck {
+    /// The `.cu` file.
+    pub file: &'static str,
+    /// The architecture it was compiled for.
+    pub arch: String,
+    /// Number of template instantiations compiled.
+    pub variants: usize,
+    /// Size of the resulting CUBIN.
+    pub cubin_bytes: usize,
+    /// Wall-clock time NVRTC took.
+    pub compile_seconds: f64,
+}
+
+/// Compiles every built-in CUDA kernel, every variant the launchers can ask for, to CUBIN
+/// for `arch` (`"sm_80"`, `"sm_90"`, ...). Needs libnvrtc but no GPU: CI runs it to prove the
+/// kernels compile. Bypasses the caches.
+///
+/// # Errors
+/// `Error::CudaUnavailable` without libnvrtc; `Error::Compile` with NVRTC's log for the
+/// first file that fails.
+pub fn check_builtin_kernels(arch: &str) -> Result<Vec<KernelCheck>> {
+    let files = [
+        (COPY_CU, super::copy::all_variants()),
+        (NORM_CU, super::norm::all_variants()),
+    ];
+    // One NVRTC program per file, compiled side by side (NVRTC is thread-safe across
+    // programs).
+    let results: Vec<Result<KernelCheck>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = files
+            .iter()
+            .map(|(file, variants)| scope.spawn(move || check_file(file, variants, arch)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Compile("a compile thread panicked".into())))
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+fn check_file(file: &KernelFile, variants: &[String], arch: &str) -> Result<KernelCheck> {
+    let started = std::time::Instant::now();
+    let cubin = compile(file, variants, &[], arch)?;
+    let compile_seconds = started.elapsed().as_secs_f64();
+    if let Some(i) = cubin.lowered.iter().position(|n| n.is_empty()) {
+        return Err(Error::Compile(format!(
+            "{}: no lowered name for {}",
+            file.name, variants[i]
+        )));
+    }
+    Ok(KernelCheck {
+        file: file.name,
+        arch: arch.to_string(),
+        variants: variants.len(),
+        cubin_bytes: cubin.image.len(),
+        compile_seconds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_files_round_trip_and_reject_damage() {
+        let cubin = Cubin {
+            image: vec![1, 2, 3, 4, 5],
+            lowered: vec!["_Z3fooi".into(), "_Z3barv".into()],
+        };
+        let data = encode("key", &cubin);
+        assert_eq!(decode(&data, "key"), Some(cubin));
+        assert_eq!(decode(&data, "other key"), None);
+        for i in [0, 9, data.len() / 2, data.len() - 1] {
+            let mut bad = data.clone();
+            bad[i] ^= 0x40;
+            assert_eq!(decode(&bad, "key"), None, "flipped byte {i}");
+        }
+        assert_eq!(decode(&data[..data.len() - 3], "key"), None);
+        assert_eq!(decode(&[], "key"), None);
+    }
+
+    #[test]
+    fn cache_keys_depend_on_every_input() {
+        let names = vec!["k<ff_f32>".to_string()];
+        let opts = vec!["--gpu-architecture=sm_90".to_string()];
+        let base = cache_key(&NORM_CU, &names, &opts, (13, 0));
+        assert_ne!(base, cache_key(&COPY_CU, &names, &opts, (13, 0)));
+        assert_ne!(base, cache_key(&NORM_CU, &names, &opts, (13, 1)));
+        let opts80 = vec!["--gpu-architecture=sm_80".to_string()];
+        assert_ne!(base, cache_key(&NORM_CU, &names, &opts80, (13, 0)));
+        let names2 = vec!["k<ff_f16>".to_string()];
+        assert_ne!(base, cache_key(&NORM_CU, &names2, &opts, (13, 0)));
+    }
+}

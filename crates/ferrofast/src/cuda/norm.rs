@@ -1,0 +1,465 @@
+//! Launchers for `kernels/norm.cu`: RMS norm and layer norm forward over the last axis.
+//!
+//! The front end (`fast::rms_norm` / `fast::layer_norm`) validates arguments, computes the
+//! output dtype and casts x, weight and bias to it; these launchers take the cast arrays on
+//! one CUDA device and pick a kernel variant:
+//! - rows of up to 4096 * N_READS elements (N_READS = 16 / element size: 16384 f32, 32768
+//!   f16/bf16): one block per row with the row held in registers (`*_rows`), 1, 2 or 4
+//!   chunks of N_READS elements per thread;
+//! - longer rows: `*_looped`, 1024 threads looping over the row;
+//! - 16-byte vector accesses when every row, the weight and the bias are 16-byte aligned
+//!   with unit stride and D % N_READS == 0; scalar accesses otherwise (odd D, offsets).
+
+use super::copy::{collapse, type_tag};
+use super::jit::{self, NORM_CU};
+use super::memory::CudaBuffer;
+use super::runtime::{driver_error, guarded, Stream};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::Array;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Threads per block of the looped variants.
+const LOOPED_BLOCK: u32 = 1024;
+
+/// Most threads a one-row-per-block launch uses; rows needing more are looped.
+const ROWS_MAX_THREADS: usize = 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Rms,
+    Layer,
+}
+
+impl Kind {
+    fn op(self) -> &'static str {
+        match self {
+            Kind::Rms => "rms_norm",
+            Kind::Layer => "layer_norm",
+        }
+    }
+}
+
+/// Which kernel instantiation serves a row length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    /// One block of `threads` per row, `chunks` register chunks per thread.
+    Rows { chunks: usize, threads: u32 },
+    /// One block of LOOPED_BLOCK threads per row, looping.
+    Looped,
+}
+
+/// Elements one thread loads with a 16-byte vector.
+fn n_reads(dtype: DType) -> usize {
+    16 / dtype.size()
+}
+
+fn plan(d: usize, dtype: DType) -> Plan {
+    let threads_needed = d.div_ceil(n_reads(dtype)).max(1);
+    let chunks = if threads_needed <= 256 {
+        1
+    } else if threads_needed <= 512 {
+        2
+    } else if threads_needed <= 4 * ROWS_MAX_THREADS {
+        4
+    } else {
+        return Plan::Looped;
+    };
+    let threads = threads_needed.div_ceil(chunks).div_ceil(32) * 32;
+    Plan::Rows {
+        chunks,
+        threads: threads as u32,
+    }
+}
+
+fn variant(kind: Kind, dtype: DType, plan: Plan, aligned: bool) -> String {
+    match plan {
+        Plan::Rows { chunks, .. } => format!(
+            "{}_rows<{}, {chunks}, {aligned}>",
+            kind.op(),
+            type_tag(dtype)
+        ),
+        Plan::Looped => format!("{}_looped<{}, {aligned}>", kind.op(), type_tag(dtype)),
+    }
+}
+
+/// Every instantiation of `norm.cu` a launch can ask for.
+pub(crate) fn all_variants() -> Vec<String> {
+    let mut out = Vec::new();
+    for kind in [Kind::Rms, Kind::Layer] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for aligned in [true, false] {
+                for chunks in [1, 2, 4] {
+                    out.push(variant(
+                        kind,
+                        dtype,
+                        Plan::Rows { chunks, threads: 0 },
+                        aligned,
+                    ));
+                }
+                out.push(variant(kind, dtype, Plan::Looped, aligned));
+            }
+        }
+    }
+    out
+}
+
+/// RMS norm over the last axis of `x` on its CUDA device, on the stream that produced `x`:
+/// the CUDA kernel behind `fast::rms_norm`, without the front end's validation and casts.
+///
+/// `x` and `w` must already have dtype `out_dtype` (f32, f16 or bf16) and live on the same
+/// CUDA device; `w` is 1-D with `x.shape[-1]` elements (any stride). The output is a new
+/// row-major array of `x`'s shape: `y = round(x * rsqrt(mean(x^2) + eps)) * w`, with f32
+/// accumulation and the weight multiply in `out_dtype`, as MLX.
+///
+/// # Errors
+/// `Error::Unsupported` for other dtypes (f64 stays on the CPU); `Error::Device` for
+/// arrays on the CPU or on different devices; `Error::InvalidArgument` for mismatched
+/// dtypes or shapes; compile and driver errors.
+pub fn rms_norm(x: &Array, w: Option<&Array>, eps: f32, out_dtype: DType) -> Result<Array> {
+    norm(Kind::Rms, x, w, None, eps, out_dtype, None)
+}
+
+/// [`rms_norm`] on a given stream (MLX's `stream=` argument).
+///
+/// # Errors
+/// As [`rms_norm`]; `Error::Device` if the stream is on another device.
+pub fn rms_norm_on(
+    stream: &Stream,
+    x: &Array,
+    w: Option<&Array>,
+    eps: f32,
+    out_dtype: DType,
+) -> Result<Array> {
+    norm(Kind::Rms, x, w, None, eps, out_dtype, Some(stream))
+}
+
+/// Layer norm over the last axis of `x` on its CUDA device, on the stream that produced
+/// `x` (the CUDA kernel behind `fast::layer_norm`, without the front end's validation and
+/// casts): `y = round((x - mean) * rsqrt(var + eps)) * w + b` with f32 statistics (two-pass
+/// variance) and the weight multiply and bias add each rounded to `out_dtype`, as MLX.
+/// Requirements on `x`, `w` and `b` as in [`rms_norm`].
+///
+/// # Errors
+/// As [`rms_norm`].
+pub fn layer_norm(
+    x: &Array,
+    w: Option<&Array>,
+    b: Option<&Array>,
+    eps: f32,
+    out_dtype: DType,
+) -> Result<Array> {
+    norm(Kind::Layer, x, w, b, eps, out_dtype, None)
+}
+
+/// [`layer_norm`] on a given stream (MLX's `stream=` argument).
+///
+/// # Errors
+/// As [`rms_norm_on`].
+pub fn layer_norm_on(
+    stream: &Stream,
+    x: &Array,
+    w: Option<&Array>,
+    b: Option<&Array>,
+    eps: f32,
+    out_dtype: DType,
+) -> Result<Array> {
+    norm(Kind::Layer, x, w, b, eps, out_dtype, Some(stream))
+}
+
+/// A 1-D parameter (weight or bias) as the kernel sees it.
+struct Param<'a> {
+    buffer: &'a CudaBuffer,
+    offset: i64,
+    stride: i64,
+}
+
+fn param<'a>(
+    kind: Kind,
+    name: &str,
+    p: Option<&'a Array>,
+    d: usize,
+    out_dtype: DType,
+    ordinal: usize,
+) -> Result<Option<Param<'a>>> {
+    let Some(p) = p else {
+        return Ok(None);
+    };
+    if p.dtype() != out_dtype {
+        return Err(Error::invalid(format!(
+            "[{}] {name} must be cast to the output dtype {out_dtype} before the CUDA kernel \
+             (got {})",
+            kind.op(),
+            p.dtype()
+        )));
+    }
+    if p.ndim() != 1 || p.size() != d {
+        return Err(Error::invalid(format!(
+            "[{}] {name} must be 1-D with {d} elements but has shape {}",
+            kind.op(),
+            crate::array::fmt_shape(p.shape())
+        )));
+    }
+    let buffer = p.cuda_buffer().ok_or_else(|| {
+        Error::Device(format!(
+            "[{}] x is on cuda:{ordinal} but {name} is on {}",
+            kind.op(),
+            p.device()
+        ))
+    })?;
+    if buffer.device().ordinal() != ordinal {
+        return Err(Error::Device(format!(
+            "[{}] x is on cuda:{ordinal} but {name} is on cuda:{}",
+            kind.op(),
+            buffer.device().ordinal()
+        )));
+    }
+    Ok(Some(Param {
+        buffer,
+        offset: p.offset() as i64,
+        stride: p.strides()[0] as i64,
+    }))
+}
+
+/// The row stride of `x` if its rows can be addressed as `offset + r * stride` with unit
+/// stride along the last axis.
+fn row_stride(x: &Array) -> Option<i64> {
+    let nd = x.ndim();
+    let d = x.shape()[nd - 1];
+    if d > 1 && x.strides()[nd - 1] != 1 {
+        return None;
+    }
+    let (shape, strides) = collapse(&x.shape()[..nd - 1], &x.strides()[..nd - 1]);
+    match shape.len() {
+        0 => Some(d as i64),
+        1 => Some(strides[0] as i64),
+        _ => None,
+    }
+}
+
+fn norm(
+    kind: Kind,
+    x: &Array,
+    w: Option<&Array>,
+    b: Option<&Array>,
+    eps: f32,
+    out_dtype: DType,
+    stream: Option<&Stream>,
+) -> Result<Array> {
+    if !matches!(out_dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(Error::Unsupported(format!(
+            "[{}] the CUDA kernels take float32, float16 and bfloat16, not {out_dtype}",
+            kind.op()
+        )));
+    }
+    if x.dtype() != out_dtype {
+        return Err(Error::invalid(format!(
+            "[{}] x must be cast to the output dtype {out_dtype} before the CUDA kernel (got {})",
+            kind.op(),
+            x.dtype()
+        )));
+    }
+    if x.ndim() == 0 {
+        return Err(Error::invalid(format!(
+            "[{}] Input must have at least 1 dimension but got input with 0 dimensions.",
+            kind.op()
+        )));
+    }
+    let src = x.cuda_buffer().ok_or_else(|| {
+        Error::Device(format!(
+            "[{}] the CUDA launcher got an array on {}",
+            kind.op(),
+            x.device()
+        ))
+    })?;
+    let device = src.device();
+    let ordinal = device.ordinal();
+    let stream = stream.unwrap_or(src.stream());
+    if stream.ordinal() != ordinal {
+        return Err(Error::Device(format!(
+            "[{}] x is on cuda:{ordinal} but the stream is on cuda:{}",
+            kind.op(),
+            stream.ordinal()
+        )));
+    }
+    let d = x.shape()[x.ndim() - 1];
+    let wp = param(kind, "weight", w, d, out_dtype, ordinal)?;
+    let bp = param(kind, "bias", b, d, out_dtype, ordinal)?;
+    let n = x.size();
+    if n == 0 {
+        let out = CudaBuffer::alloc(device, stream, out_dtype, 0)?;
+        return Array::from_cuda_buffer(out, x.shape());
+    }
+    let d_i32 = i32::try_from(d).map_err(|_| {
+        Error::Unsupported(format!(
+            "[{}] rows of {d} elements exceed the CUDA kernels' 2^31 limit",
+            kind.op()
+        ))
+    })?;
+
+    // Rows must be addressable by one stride with a unit last stride; copy otherwise.
+    let contiguous_copy;
+    let (x, rs) = match row_stride(x) {
+        Some(rs) => (x, rs),
+        None => {
+            contiguous_copy = super::copy::copy_cast(x, out_dtype, Some(stream))?;
+            (&contiguous_copy, d as i64)
+        }
+    };
+    let src = x
+        .cuda_buffer()
+        .ok_or_else(|| Error::Device("contiguous copy left the GPU".into()))?;
+    let n_rows = (n / d) as i64;
+
+    let size = out_dtype.size();
+    let reads = n_reads(out_dtype);
+    let param_aligned = |p: &Option<Param>| {
+        p.as_ref()
+            .is_none_or(|p| p.stride == 1 && p.buffer.is_aligned(p.offset as usize, 16))
+    };
+    let aligned = d % reads == 0
+        && src.is_aligned(x.offset(), 16)
+        && (rs * size as i64).rem_euclid(16) == 0
+        && param_aligned(&wp)
+        && param_aligned(&bp);
+    let plan = plan(d, out_dtype);
+    let threads = match plan {
+        Plan::Rows { threads, .. } => threads,
+        Plan::Looped => LOOPED_BLOCK,
+    };
+    let func = jit::function(
+        device,
+        &NORM_CU,
+        &variant(kind, out_dtype, plan, aligned),
+        &[],
+    )?;
+
+    let mut out = CudaBuffer::alloc(device, stream, out_dtype, n)?;
+    let blocks = n_rows.min(i32::MAX as i64) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let null: u64 = 0;
+    let zero: i64 = 0;
+    let x_offset = x.offset() as i64;
+    let cu = stream.cuda();
+    let mut builder = cu.launch_builder(&func);
+    builder.arg(src.slice()).arg(&x_offset).arg(&rs);
+    for p in [&wp, &bp]
+        .into_iter()
+        .take(if kind == Kind::Rms { 1 } else { 2 })
+    {
+        match p {
+            Some(p) => builder.arg(p.buffer.slice()).arg(&p.offset).arg(&p.stride),
+            None => builder.arg(&null).arg(&zero).arg(&zero),
+        };
+    }
+    builder
+        .arg(out.slice_mut())
+        .arg(&n_rows)
+        .arg(&d_i32)
+        .arg(&eps);
+    let what = format!("launching {}", variant(kind, out_dtype, plan, aligned));
+    // SAFETY: the arguments match the kernel's parameters in order and type. Rows are read
+    // at x_offset + r * rs + [0, d) for r < n_rows, which is inside x's view; weight and bias
+    // at offset + i * stride for i < d, inside their views; the output holds n_rows * d
+    // elements. Vector accesses are used only when the alignment checks above hold.
+    guarded(&what, || {
+        unsafe { builder.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| driver_error(&what, e))
+    })?;
+    Array::from_cuda_buffer(out, x.shape())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_cover_rows_and_switch_to_looped() {
+        assert_eq!(
+            plan(1, DType::F32),
+            Plan::Rows {
+                chunks: 1,
+                threads: 32
+            }
+        );
+        assert_eq!(
+            plan(4096, DType::F32),
+            Plan::Rows {
+                chunks: 4,
+                threads: 256
+            }
+        );
+        assert_eq!(
+            plan(4099, DType::F32),
+            Plan::Rows {
+                chunks: 4,
+                threads: 288
+            }
+        );
+        assert_eq!(
+            plan(1024, DType::F32),
+            Plan::Rows {
+                chunks: 1,
+                threads: 256
+            }
+        );
+        assert_eq!(
+            plan(2048, DType::F32),
+            Plan::Rows {
+                chunks: 2,
+                threads: 256
+            }
+        );
+        assert_eq!(
+            plan(8192, DType::BF16),
+            Plan::Rows {
+                chunks: 4,
+                threads: 256
+            }
+        );
+        assert_eq!(
+            plan(16384, DType::F32),
+            Plan::Rows {
+                chunks: 4,
+                threads: 1024
+            }
+        );
+        assert_eq!(plan(16385, DType::F32), Plan::Looped);
+        assert_eq!(
+            plan(32768, DType::F16),
+            Plan::Rows {
+                chunks: 4,
+                threads: 1024
+            }
+        );
+        assert_eq!(plan(32769, DType::F16), Plan::Looped);
+        for d in [1usize, 7, 31, 33, 100, 1000, 4099, 9999, 16384] {
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                if let Plan::Rows { chunks, threads } = plan(d, dt) {
+                    assert!(chunks * threads as usize * n_reads(dt) >= d, "d {d} {dt}");
+                    assert!(threads as usize <= ROWS_MAX_THREADS && threads % 32 == 0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_plan_has_a_compiled_variant() {
+        let all = all_variants();
+        for d in [1usize, 33, 600, 3000, 20000, 70000] {
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                for kind in [Kind::Rms, Kind::Layer] {
+                    for aligned in [true, false] {
+                        let v = variant(kind, dt, plan(d, dt), aligned);
+                        assert!(all.contains(&v), "{v} missing");
+                    }
+                }
+            }
+        }
+    }
+}

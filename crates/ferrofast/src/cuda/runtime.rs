@@ -1,0 +1,518 @@
+//! Loading the CUDA libraries, devices (one context each) and streams.
+//!
+//! cudarc panics when `libcuda` or `libnvrtc` cannot be loaded, and when a symbol is missing.
+//! Every entry point here therefore probes for the library first, looking where cudarc looks
+//! (the dynamic loader's path) and then in the usual install folders, and runs the first
+//! calls into a library under `catch_unwind`. A missing library becomes
+//! [`Error::CudaUnavailable`] naming what was searched; driver failures become
+//! [`Error::OutOfMemory`], [`Error::Device`] or [`Error::Cuda`].
+
+use crate::error::{Error, Result};
+use crate::Device;
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, DriverError};
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+// ----- library probing ----------------------------------------------------------------------
+
+/// A shared library cudarc loads by name, and where else to look for it.
+struct LibrarySpec {
+    /// What the library is, for messages.
+    what: &'static str,
+    /// The base name cudarc searches for (`cuda` -> `libcuda.so`, `libcuda.so.1`, ...).
+    cudarc_name: &'static str,
+    /// Environment variable naming the library file explicitly.
+    env_var: &'static str,
+    /// File names tried in the extra folders, most wanted first. Each one's soname is among
+    /// cudarc's candidates, so once loaded here cudarc's own load finds it.
+    file_names: &'static [&'static str],
+    /// Prefixes of libraries that the library loads by name at run time, to be loaded first
+    /// from the folder it was found in.
+    companions: &'static [&'static str],
+    /// Extra folders to search.
+    folders: fn() -> Vec<PathBuf>,
+    /// True when cudarc can load the library from the loader's path.
+    cudarc_present: fn() -> bool,
+}
+
+const DRIVER_LIB: LibrarySpec = LibrarySpec {
+    what: "the CUDA driver library (libcuda)",
+    cudarc_name: "cuda",
+    env_var: "FERROFAST_LIBCUDA",
+    file_names: &["libcuda.so.1", "libcuda.so"],
+    companions: &[],
+    folders: driver_folders,
+    // SAFETY: only tries to dlopen candidate names and closes them again.
+    cudarc_present: || unsafe { cudarc::driver::sys::is_culib_present() },
+};
+
+const NVRTC_LIB: LibrarySpec = LibrarySpec {
+    what: "the NVRTC runtime compiler library (libnvrtc)",
+    cudarc_name: "nvrtc",
+    env_var: "FERROFAST_LIBNVRTC",
+    file_names: &["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"],
+    // libnvrtc dlopens its builtins library by soname; outside the loader's path it is found
+    // only if it is already loaded.
+    companions: &["libnvrtc-builtins.so."],
+    folders: nvrtc_folders,
+    // SAFETY: as above.
+    cudarc_present: || unsafe { cudarc::nvrtc::sys::is_culib_present() },
+};
+
+fn driver_folders() -> Vec<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+        "/usr/local/nvidia/lib64",
+        "/usr/local/nvidia/lib",
+        "/usr/lib/wsl/lib",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect()
+}
+
+fn nvrtc_folders() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for var in [
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "CUDA_ROOT",
+        "CUDA_TOOLKIT_ROOT_DIR",
+    ] {
+        if let Some(root) = std::env::var_os(var) {
+            let root = PathBuf::from(root);
+            out.push(root.join("lib64"));
+            out.push(root.join("lib"));
+            out.push(root.join("targets/x86_64-linux/lib"));
+        }
+    }
+    out.push(PathBuf::from("/usr/local/cuda/lib64"));
+    out.push(PathBuf::from("/usr/local/cuda/targets/x86_64-linux/lib"));
+    out.push(PathBuf::from("/opt/cuda/lib64"));
+    // The pip wheels: `nvidia-cuda-nvrtc` 13.x puts the library in nvidia/cu13/lib, the 12.x
+    // wheels in nvidia/cuda_nvrtc/lib.
+    for site in python_site_folders() {
+        out.push(site.join("nvidia/cu13/lib"));
+        out.push(site.join("nvidia/cuda_nvrtc/lib"));
+    }
+    out
+}
+
+/// Python `site-packages` / `dist-packages` folders of the active virtual environment, the
+/// user and the system, found by listing `lib/python3*` folders (no Python is run).
+fn python_site_folders() -> Vec<PathBuf> {
+    let mut prefixes: Vec<PathBuf> = Vec::new();
+    if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
+        prefixes.push(PathBuf::from(venv));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        prefixes.push(PathBuf::from(home).join(".local"));
+    }
+    prefixes.push(PathBuf::from("/usr/local"));
+    prefixes.push(PathBuf::from("/usr"));
+    let mut out = Vec::new();
+    for prefix in prefixes {
+        let lib = prefix.join("lib");
+        let Ok(entries) = std::fs::read_dir(&lib) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with("python3") {
+                out.push(entry.path().join("site-packages"));
+                out.push(entry.path().join("dist-packages"));
+            }
+        }
+    }
+    out
+}
+
+/// Libraries this module opened from an explicit path. Kept open for the life of the process
+/// so cudarc's later load by soname finds them.
+static OPENED: Mutex<Vec<libloading::Library>> = Mutex::new(Vec::new());
+
+fn open_path(path: &Path) -> bool {
+    // SAFETY: loading a CUDA library runs its initialisers, which have no preconditions.
+    match unsafe { libloading::Library::new(path) } {
+        Ok(lib) => {
+            if let Ok(mut opened) = OPENED.lock() {
+                opened.push(lib);
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Opens the libraries in `folder` whose names start with one of `prefixes` (skipping the
+/// `.alt` variants some wheels ship beside them).
+fn open_companions(folder: &Path, prefixes: &[&str]) {
+    if prefixes.is_empty() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if prefixes.iter().any(|p| name.starts_with(p)) && !name.contains(".alt.") {
+            open_path(&entry.path());
+        }
+    }
+}
+
+/// Makes `spec`'s library loadable by cudarc, or says what was searched.
+fn probe(spec: &LibrarySpec) -> std::result::Result<(), String> {
+    let present = spec.cudarc_present;
+    let explicit = std::env::var_os(spec.env_var);
+    if let Some(path) = &explicit {
+        if open_path(Path::new(path)) && present() {
+            return Ok(());
+        }
+    }
+    if present() {
+        return Ok(());
+    }
+    let folders = (spec.folders)();
+    for folder in &folders {
+        for name in spec.file_names {
+            let path = folder.join(name);
+            if path.exists() {
+                open_companions(folder, spec.companions);
+                if open_path(&path) && present() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    let names = cudarc::get_lib_name_candidates(spec.cudarc_name);
+    let searched: Vec<String> = folders
+        .iter()
+        .filter(|f| f.is_dir())
+        .map(|f| f.display().to_string())
+        .collect();
+    let explicit_note = match explicit {
+        Some(p) => format!(
+            "; {}={} could not be loaded",
+            spec.env_var,
+            p.to_string_lossy()
+        ),
+        None => String::new(),
+    };
+    Err(format!(
+        "{} was not found: tried {} on the dynamic loader's path (LD_LIBRARY_PATH={}), then {} \
+         in {}{}. Install the CUDA driver / toolkit, add the folder holding the library to \
+         LD_LIBRARY_PATH, or set {} to the library file.",
+        spec.what,
+        names.join(", "),
+        std::env::var("LD_LIBRARY_PATH").unwrap_or_default(),
+        spec.file_names.join(", "),
+        if searched.is_empty() {
+            "no existing install folders".to_string()
+        } else {
+            searched.join(", ")
+        },
+        explicit_note,
+        spec.env_var,
+    ))
+}
+
+/// Runs `f`, turning a panic inside cudarc (a missing symbol, say) into an error.
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(Error::CudaUnavailable(format!("{what}: {msg}")))
+        }
+    }
+}
+
+/// Checks once that libnvrtc can be loaded.
+pub(crate) fn nvrtc_loaded() -> Result<()> {
+    static NVRTC: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    NVRTC
+        .get_or_init(|| probe(&NVRTC_LIB))
+        .clone()
+        .map_err(Error::CudaUnavailable)
+}
+
+/// Loads libcuda, initialises the driver and counts devices, once.
+fn driver() -> Result<usize> {
+    static DRIVER: OnceLock<Result<usize>> = OnceLock::new();
+    DRIVER
+        .get_or_init(|| {
+            probe(&DRIVER_LIB).map_err(Error::CudaUnavailable)?;
+            guarded("initialising the CUDA driver", || {
+                cudarc::driver::result::init().map_err(|e| match e.0 {
+                    sys::CUresult::CUDA_ERROR_NO_DEVICE => Error::CudaUnavailable(
+                        "the CUDA driver is installed but found no CUDA device".to_string(),
+                    ),
+                    _ => driver_error("cuInit", e),
+                })?;
+                let n = cudarc::driver::result::device::get_count()
+                    .map_err(|e| driver_error("cuDeviceGetCount", e))?;
+                Ok(n.max(0) as usize)
+            })
+        })
+        .clone()
+}
+
+/// Turns a driver error into the crate's error, naming the call that failed.
+pub(crate) fn driver_error(what: &str, e: DriverError) -> Error {
+    let name = e
+        .error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("CUresult {}", e.0 as u32));
+    let text = e
+        .error_string()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match e.0 {
+        sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+            Error::OutOfMemory(format!("{what}: the GPU is out of memory ({name}: {text})"))
+        }
+        sys::CUresult::CUDA_ERROR_INVALID_DEVICE | sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+            Error::Device(format!("{what}: {name}: {text}"))
+        }
+        _ => Error::Cuda(format!("{what}: {name}: {text}")),
+    }
+}
+
+/// Number of CUDA devices, or the reason there are none to use.
+pub(crate) fn device_count() -> Result<usize> {
+    driver()
+}
+
+// ----- devices ------------------------------------------------------------------------------
+
+/// One CUDA device: its (primary) context, default stream, properties and loaded kernels.
+pub(crate) struct CudaDevice {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    default_stream: Stream,
+    compute_capability: (i32, i32),
+    sm_count: u32,
+    /// Kernels loaded into this context, by cache key (see `jit`).
+    pub(crate) functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CudaDevice(cuda:{}, sm_{}{})",
+            self.ordinal, self.compute_capability.0, self.compute_capability.1
+        )
+    }
+}
+
+impl CudaDevice {
+    /// The device ordinal.
+    pub(crate) fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The context (shared by all of ferrofast's work on this device).
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream ops run on unless told otherwise.
+    pub(crate) fn default_stream(&self) -> &Stream {
+        &self.default_stream
+    }
+
+    /// NVRTC's name for this device's exact architecture, e.g. `sm_90`.
+    pub(crate) fn arch(&self) -> String {
+        format!(
+            "sm_{}{}",
+            self.compute_capability.0, self.compute_capability.1
+        )
+    }
+
+    /// Number of streaming multiprocessors.
+    pub(crate) fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// Reports an error the driver recorded asynchronously (in a destructor, say).
+    pub(crate) fn check_recorded_error(&self) -> Result<()> {
+        self.ctx
+            .check_err()
+            .map_err(|e| driver_error("an earlier asynchronous CUDA operation", e))
+    }
+}
+
+/// The device for `ordinal`, creating its context on first use.
+///
+/// # Errors
+/// `CudaUnavailable` without a driver or device, `Device` for an ordinal that does not
+/// exist, driver errors while creating the context.
+pub(crate) fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
+    static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+    let count = driver()?;
+    if ordinal >= count {
+        return Err(Error::Device(format!(
+            "cuda:{ordinal} does not exist: {count} CUDA device(s) found"
+        )));
+    }
+    let devices = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut devices = devices
+        .lock()
+        .map_err(|_| Error::Cuda("the CUDA device table was poisoned by a panic".into()))?;
+    if let Some(d) = devices.get(&ordinal) {
+        return Ok(Arc::clone(d));
+    }
+    let dev = guarded("creating a CUDA context", || {
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| driver_error(&format!("creating the context of cuda:{ordinal}"), e))?;
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(|e| driver_error("reading the compute capability", e))?;
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| driver_error("reading the multiprocessor count", e))?;
+        let default_stream = Stream {
+            ordinal,
+            inner: ctx.default_stream(),
+        };
+        Ok(Arc::new(CudaDevice {
+            ordinal,
+            ctx,
+            default_stream,
+            compute_capability,
+            sm_count: sm_count.max(1) as u32,
+            functions: Mutex::new(HashMap::new()),
+        }))
+    })?;
+    devices.insert(ordinal, Arc::clone(&dev));
+    Ok(dev)
+}
+
+/// The CUDA device behind `device`, or an error for the CPU.
+pub(crate) fn cuda_device(device: &Device) -> Result<Arc<CudaDevice>> {
+    match device {
+        Device::Cuda(i) => self::device(*i),
+        Device::Cpu => Err(Error::Device(
+            "expected a CUDA device but got the CPU".to_string(),
+        )),
+    }
+}
+
+// ----- streams ------------------------------------------------------------------------------
+
+/// A queue of GPU work on one CUDA device. Work on one stream runs in order; work on
+/// different streams may overlap.
+///
+/// Every array on a GPU remembers the stream that produced it, and ops on it run on that
+/// stream. Reading an array produced on one stream from another is ordered correctly: the
+/// reader waits for the writer (cudarc records an event per buffer once a device has more
+/// than its default stream). [`Device::default_stream`] is where uploads and ops go unless a
+/// stream is named; [`Stream::new`] makes another.
+///
+/// Cloning a `Stream` gives another handle to the same stream; the stream is destroyed when
+/// the last handle and the last array produced on it are gone.
+#[derive(Clone)]
+pub struct Stream {
+    ordinal: usize,
+    inner: Arc<CudaStream>,
+}
+
+impl Stream {
+    /// Creates a new stream on a CUDA device. It does not synchronise with the device's
+    /// default stream except where arrays pass between them.
+    ///
+    /// # Errors
+    /// `Error::Device` for the CPU or a missing device; `Error::CudaUnavailable` without a
+    /// driver; driver errors.
+    pub fn new(device: &Device) -> Result<Stream> {
+        let dev = cuda_device(device)?;
+        let inner = guarded("creating a CUDA stream", || {
+            dev.context()
+                .new_stream()
+                .map_err(|e| driver_error("creating a CUDA stream", e))
+        })?;
+        Ok(Stream {
+            ordinal: dev.ordinal(),
+            inner,
+        })
+    }
+
+    /// The device's default stream (the one [`Array::to_device`](crate::Array::to_device)
+    /// uploads on).
+    ///
+    /// # Errors
+    /// As [`Stream::new`].
+    pub fn default_for(device: &Device) -> Result<Stream> {
+        Ok(cuda_device(device)?.default_stream().clone())
+    }
+
+    /// The device this stream belongs to.
+    pub fn device(&self) -> Device {
+        Device::Cuda(self.ordinal)
+    }
+
+    /// Blocks until all work queued on this stream has finished.
+    ///
+    /// # Errors
+    /// The error of any failed asynchronous work on the stream (a kernel fault, say).
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner
+            .synchronize()
+            .map_err(|e| driver_error("synchronising a CUDA stream", e))?;
+        self.inner
+            .context()
+            .check_err()
+            .map_err(|e| driver_error("an earlier asynchronous CUDA operation", e))
+    }
+
+    /// The device ordinal.
+    pub(crate) fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The cudarc stream.
+    pub(crate) fn cuda(&self) -> &Arc<CudaStream> {
+        &self.inner
+    }
+}
+
+impl PartialEq for Stream {
+    fn eq(&self, other: &Stream) -> bool {
+        self.ordinal == other.ordinal && self.inner.cu_stream() == other.inner.cu_stream()
+    }
+}
+
+impl Eq for Stream {}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Stream(cuda:{}, {:p})",
+            self.ordinal,
+            self.inner.cu_stream()
+        )
+    }
+}
+
+/// Waits for all work on a CUDA device.
+pub(crate) fn synchronize_device(ordinal: usize) -> Result<()> {
+    let dev = device(ordinal)?;
+    dev.context()
+        .synchronize()
+        .map_err(|e| driver_error(&format!("synchronising cuda:{ordinal}"), e))?;
+    dev.check_recorded_error()
+}
