@@ -6,7 +6,7 @@ mod cases;
 mod measure;
 
 use cases::{Bound, Case};
-use ferrofast::{DType, Device};
+use ferrofast::{DType, Device, Error};
 use measure::{Ceilings, Timing};
 use std::process::ExitCode;
 
@@ -145,7 +145,13 @@ fn demo(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
     );
     for case in demo_cases() {
         let inputs = case.inputs(&opts.device, 42)?;
-        let t = measure::time_case(&case, &inputs, 3, 0.2)?;
+        let t = match measure::time_case(&case, &inputs, &opts.device, 3, 0.2) {
+            Err(Error::Unsupported(why)) => {
+                println!("{:<12} {:<28} {:<9} not run: {why}", case.op(), case.shape(), case.dtype().name());
+                continue;
+            }
+            other => other?,
+        };
         let out = case.run(&inputs)?;
         let reference = case.reference(&inputs)?;
         let err = measure::max_abs_error(&out, &reference)?;
@@ -238,7 +244,7 @@ fn bench_cases(quick: bool) -> Vec<Case> {
 fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
     let threads = rayon::current_num_threads();
     println!("ferrofast bench on {} ({threads} threads)", opts.device);
-    let ceilings = Ceilings::measure(threads);
+    let ceilings = Ceilings::measure(&opts.device, threads)?;
     println!(
         "ceilings measured now: copy {:.1} GB/s (read+write, {} threads); f32 GEMM {:.1} GFLOP/s ({} threads), {:.1} GFLOP/s (1 thread)\n",
         ceilings.copy_gbs, threads, ceilings.gemm_gflops, threads, ceilings.gemm_gflops_1t
@@ -250,14 +256,23 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
     let mut records = Vec::new();
     for case in bench_cases(opts.quick) {
         let inputs = case.inputs(&opts.device, 7)?;
-        let thread_counts: Vec<usize> = if case.bound() == Bound::Compute && threads > 1 {
-            vec![1, threads]
-        } else {
-            vec![threads]
-        };
+        // Compute-bound CPU cases also run on one thread: the second core of this kind of
+        // machine adds far less than a second core's worth.
+        let thread_counts: Vec<usize> =
+            if case.bound() == Bound::Compute && threads > 1 && opts.device.is_cpu() {
+                vec![1, threads]
+            } else {
+                vec![threads]
+            };
         for &n in &thread_counts {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build()?;
-            let t = pool.install(|| measure::time_case(&case, &inputs, 5, 1.0))?;
+            let t = match pool.install(|| measure::time_case(&case, &inputs, &opts.device, 5, 1.0)) {
+                Err(Error::Unsupported(why)) => {
+                    println!("{:<12} {:<28} {:<9} not run: {why}", case.op(), case.shape(), case.dtype().name());
+                    continue;
+                }
+                other => other?,
+            };
             let (value, unit, fraction) = match case.bound() {
                 Bound::Memory => {
                     let gbs = case.bytes() / t.median / 1e9;
@@ -265,10 +280,11 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 Bound::Compute => {
                     let gf = case.flops() / t.median / 1e9;
-                    let peak = if n == 1 {
-                        ceilings.gemm_gflops_1t
-                    } else {
-                        ceilings.gemm_gflops
+                    // The GEMM ceiling is the host's; a GPU case has no fraction to print.
+                    let peak = match (opts.device.is_cpu(), n) {
+                        (false, _) => f64::NAN,
+                        (true, 1) => ceilings.gemm_gflops_1t,
+                        (true, _) => ceilings.gemm_gflops,
                     };
                     (gf, "GFLOP/s", gf / peak)
                 }

@@ -15,13 +15,18 @@ pub struct Timing {
 
 /// Times `case` after one warm-up run: at least `min_reps` runs and at least `min_seconds`
 /// in total (capped at 200 runs); reports the median.
+///
+/// GPU work is asynchronous: every run is followed by a device synchronisation inside the
+/// timed region, so each sample is the op's full latency including one launch.
 pub fn time_case(
     case: &Case,
     inputs: &Inputs,
+    device: &Device,
     min_reps: usize,
     min_seconds: f64,
 ) -> Result<Timing> {
     case.run(inputs)?;
+    device.synchronize()?;
     let mut times = Vec::new();
     let start = Instant::now();
     while times.len() < min_reps
@@ -29,6 +34,7 @@ pub fn time_case(
     {
         let t0 = Instant::now();
         let out = case.run(inputs)?;
+        device.synchronize()?;
         times.push(t0.elapsed().as_secs_f64());
         drop(out);
     }
@@ -83,13 +89,18 @@ pub struct Ceilings {
 }
 
 impl Ceilings {
-    /// Copies 256 MiB of f32 (best of 10, all threads) and times a 2048^3 f32 GEMM.
-    pub fn measure(threads: usize) -> Ceilings {
-        Ceilings {
-            copy_gbs: copy_bandwidth(),
+    /// Copies 256 MiB of f32 (best of 10; on the host with all threads, on a GPU device to
+    /// device) and times a 2048^3 f32 GEMM on the host.
+    pub fn measure(device: &Device, threads: usize) -> Result<Ceilings> {
+        let copy_gbs = match device {
+            Device::Cpu => copy_bandwidth(),
+            Device::Cuda(_) => device_copy_bandwidth(device)?,
+        };
+        Ok(Ceilings {
+            copy_gbs,
             gemm_gflops: gemm_rate(threads),
             gemm_gflops_1t: gemm_rate(1),
-        }
+        })
     }
 }
 
@@ -108,6 +119,21 @@ fn copy_bandwidth() -> f64 {
     }
     std::hint::black_box(&dst);
     2.0 * (n * 4) as f64 / best / 1e9
+}
+
+fn device_copy_bandwidth(device: &Device) -> Result<f64> {
+    let n = 64 << 20;
+    let src = Array::randn(&[n], DType::F32, 11, device)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..10 {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        let copy = src.copy()?;
+        device.synchronize()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+        drop(copy);
+    }
+    Ok(2.0 * (n * 4) as f64 / best / 1e9)
 }
 
 fn gemm_rate(threads: usize) -> f64 {
