@@ -489,8 +489,7 @@ impl Array {
     /// for on the GPU, not on the host.
     ///
     /// # Errors
-    /// Device and driver errors; `Error::Unsupported` for GPU views of more than 8
-    /// non-mergeable dimensions.
+    /// Device and driver errors.
     #[cfg(feature = "cuda")]
     pub fn to_stream(&self, stream: &crate::cuda::Stream) -> Result<Array> {
         match self.cuda_buffer() {
@@ -673,6 +672,13 @@ impl Array {
             dtype: self.dtype,
             storage: Arc::clone(&self.storage),
         }
+    }
+
+    /// A view of the same buffer with any layout; the caller guarantees every element it
+    /// addresses lies inside the buffer.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn with_layout(&self, shape: &[usize], strides: &[isize], offset: usize) -> Array {
+        self.view(shape.to_vec(), strides.to_vec(), offset)
     }
 
     /// The same elements with a new shape of equal size: a view when the array is

@@ -290,12 +290,16 @@ fn norm(
         let out = CudaBuffer::alloc(device, stream, out_dtype, 0)?;
         return Array::from_cuda_buffer(out, x.shape());
     }
-    let d_i32 = i32::try_from(d).map_err(|_| {
-        Error::Unsupported(format!(
-            "[{}] rows of {d} elements exceed the CUDA kernels' 2^31 limit",
-            kind.op()
-        ))
-    })?;
+    // Element indices are 32-bit in the kernels, with room for one more block of loads.
+    let d_i32 = i32::try_from(d)
+        .ok()
+        .filter(|&v| v <= i32::MAX - (1 << 16))
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "[{}] rows of {d} elements exceed the CUDA kernels' limit of 2^31 - 2^16",
+                kind.op()
+            ))
+        })?;
 
     // Rows must be addressable by one stride with a unit last stride; copy otherwise.
     let contiguous_copy;
