@@ -273,27 +273,33 @@ fn casts_match_the_cpu_for_every_dtype_pair() {
     let Some(gpu) = gpu() else { return };
     let specials = Array::from_vec(special_values(), &[special_values().len()]).unwrap();
     let mixed = sample(&[3, 41], DType::F64, 13);
-    for src in DType::ALL {
-        // The same source on both devices; contiguous, then a strided view of it.
-        let inputs = [
-            specials.astype(src).unwrap(),
-            mixed.astype(src).unwrap(),
-            sample(&[3, 41], src, 14)
-                .transpose(&[1, 0])
-                .unwrap()
-                .slice(&[40], &[0], &[-3])
-                .unwrap(),
-        ];
-        for (k, host) in inputs.iter().enumerate() {
-            let dev = host.to_device(&gpu).unwrap();
-            for dst in DType::ALL {
-                let got = dev.astype(dst).unwrap();
-                assert_eq!(got.device(), gpu);
-                let want = host.astype(dst).unwrap();
-                assert_same(&got, &want, &format!("input {k}: {src} -> {dst}"));
-            }
+    // One thread per source dtype: each pair is a separate kernel to compile.
+    std::thread::scope(|scope| {
+        for src in DType::ALL {
+            let (specials, mixed, gpu) = (&specials, &mixed, &gpu);
+            scope.spawn(move || {
+                // The same source on both devices; contiguous, then a strided view of it.
+                let inputs = [
+                    specials.astype(src).unwrap(),
+                    mixed.astype(src).unwrap(),
+                    sample(&[3, 41], src, 14)
+                        .transpose(&[1, 0])
+                        .unwrap()
+                        .slice(&[40], &[0], &[-3])
+                        .unwrap(),
+                ];
+                for (k, host) in inputs.iter().enumerate() {
+                    let dev = host.to_device(gpu).unwrap();
+                    for dst in DType::ALL {
+                        let got = dev.astype(dst).unwrap();
+                        assert_eq!(got.device(), *gpu);
+                        let want = host.astype(dst).unwrap();
+                        assert_same(&got, &want, &format!("input {k}: {src} -> {dst}"));
+                    }
+                }
+            });
         }
-    }
+    });
 }
 
 #[test]

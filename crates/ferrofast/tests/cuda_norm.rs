@@ -181,11 +181,21 @@ fn rows_for(d: usize) -> usize {
     (1usize << 20).div_ceil(d).clamp(3, 300)
 }
 
+/// Runs `body` for each dtype on its own thread: every dtype needs its own kernels compiled.
+fn per_dtype(body: impl Fn(DType) + Sync) {
+    std::thread::scope(|scope| {
+        for dtype in DTYPES {
+            let body = &body;
+            scope.spawn(move || body(dtype));
+        }
+    });
+}
+
 #[test]
 fn rms_norm_over_dtypes_sizes_and_weights() {
     let Some(gpu) = gpu() else { return };
-    let mut seed = 1000;
-    for dtype in DTYPES {
+    per_dtype(|dtype| {
+        let mut seed = 1000 + 100 * dtype.size() as u64 + (dtype == DType::BF16) as u64 * 50;
         for d in [
             1usize, 31, 32, 33, 127, 4096, 4099, 8192, 8200, 16384, 16385, 40000, 65537,
         ] {
@@ -199,14 +209,14 @@ fn rms_norm_over_dtypes_sizes_and_weights() {
                 check(Kind::Rms, &gpu, &x, w, None, 1e-5, &what, None);
             }
         }
-    }
+    });
 }
 
 #[test]
 fn layer_norm_over_dtypes_sizes_weights_and_biases() {
     let Some(gpu) = gpu() else { return };
-    let mut seed = 2000;
-    for dtype in DTYPES {
+    per_dtype(|dtype| {
+        let mut seed = 2000 + 100 * dtype.size() as u64 + (dtype == DType::BF16) as u64 * 50;
         for d in [1usize, 31, 33, 128, 4099, 8192, 16385, 40000] {
             for (with_w, with_b) in [(true, true), (true, false), (false, true), (false, false)] {
                 seed += 1;
@@ -223,7 +233,7 @@ fn layer_norm_over_dtypes_sizes_weights_and_biases() {
                 check(Kind::Layer, &gpu, &x, w, b, 1e-5, &what, None);
             }
         }
-    }
+    });
 }
 
 #[test]
@@ -346,6 +356,9 @@ fn strided_and_offset_inputs() {
     }
 }
 
+/// Takes a length-`d` view of a length-`2d` parameter.
+type ParamView = fn(&Array, usize) -> Array;
+
 #[test]
 fn strided_weights_and_biases() {
     let Some(gpu) = gpu() else { return };
@@ -355,7 +368,7 @@ fn strided_weights_and_biases() {
         let w2 = common::randn(&[2 * d], dtype, 5002);
         let b2 = common::randn(&[2 * d], dtype, 5003);
         let dx = x.to_device(&gpu).unwrap();
-        let views: [(&str, fn(&Array, usize) -> Array); 3] = [
+        let views: [(&str, ParamView); 3] = [
             ("stride 2", |a, d| {
                 a.slice(&[0], &[2 * d as isize], &[2]).unwrap()
             }),
