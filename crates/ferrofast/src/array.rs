@@ -416,8 +416,11 @@ impl Array {
     }
 
     /// True if the elements are laid out row-major with no gaps from `offset` on (strides of
-    /// size-1 axes are ignored).
+    /// size-1 axes are ignored; an empty array is contiguous).
     pub fn is_contiguous(&self) -> bool {
+        if self.size() == 0 {
+            return true;
+        }
         let mut expected = 1isize;
         for (&d, &s) in self.shape.iter().zip(&self.strides).rev() {
             if d == 1 {

@@ -24,11 +24,12 @@ fn gpu() -> Option<Device> {
     }
 }
 
+/// Rounds to `dtype` the way the kernel (and MLX) does: through f32.
 fn round_to(dtype: DType, v: f64) -> f64 {
     match dtype {
         DType::F32 => v as f32 as f64,
-        DType::F16 => f16::from_f64(v).to_f64(),
-        DType::BF16 => bf16::from_f64(v).to_f64(),
+        DType::F16 => f16::from_f32(v as f32).to_f64(),
+        DType::BF16 => bf16::from_f32(v as f32).to_f64(),
         _ => v,
     }
 }
