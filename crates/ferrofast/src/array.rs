@@ -416,8 +416,11 @@ impl Array {
     }
 
     /// True if the elements are laid out row-major with no gaps from `offset` on (strides of
-    /// size-1 axes are ignored).
+    /// size-1 axes are ignored; an empty array is contiguous).
     pub fn is_contiguous(&self) -> bool {
+        if self.size() == 0 {
+            return true;
+        }
         let mut expected = 1isize;
         for (&d, &s) in self.shape.iter().zip(&self.strides).rev() {
             if d == 1 {
@@ -489,8 +492,7 @@ impl Array {
     /// for on the GPU, not on the host.
     ///
     /// # Errors
-    /// Device and driver errors; `Error::Unsupported` for GPU views of more than 8
-    /// non-mergeable dimensions.
+    /// Device and driver errors.
     #[cfg(feature = "cuda")]
     pub fn to_stream(&self, stream: &crate::cuda::Stream) -> Result<Array> {
         match self.cuda_buffer() {
@@ -673,6 +675,13 @@ impl Array {
             dtype: self.dtype,
             storage: Arc::clone(&self.storage),
         }
+    }
+
+    /// A view of the same buffer with any layout; the caller guarantees every element it
+    /// addresses lies inside the buffer.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn with_layout(&self, shape: &[usize], strides: &[isize], offset: usize) -> Array {
+        self.view(shape.to_vec(), strides.to_vec(), offset)
     }
 
     /// The same elements with a new shape of equal size: a view when the array is

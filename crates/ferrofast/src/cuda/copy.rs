@@ -89,9 +89,11 @@ pub(crate) fn collapse(shape: &[usize], strides: &[isize]) -> (Vec<usize>, Vec<i
 /// A row-major copy of `a` (a GPU array) converted to `dtype`, produced on `stream` (the
 /// array's own stream when `None`). Conversion follows the host `astype` rules.
 ///
+/// Views with more than 8 dimensions left after merging contiguous axes are gathered on the
+/// host instead.
+///
 /// # Errors
-/// `Error::Device` if `a` is not on the stream's device; `Error::Unsupported` for views that
-/// need more than 8 dimensions after merging; compile and driver errors.
+/// `Error::Device` if `a` is not on the stream's device; compile and driver errors.
 pub(crate) fn copy_cast(a: &Array, dtype: DType, stream: Option<&Stream>) -> Result<Array> {
     let src = a
         .cuda_buffer()
@@ -122,11 +124,23 @@ pub(crate) fn copy_cast(a: &Array, dtype: DType, stream: Option<&Stream>) -> Res
                 cu.memcpy_dtod(&view, out.slice_mut())
                     .map_err(|e| driver_error("copying on the GPU", e))
             })?;
+        } else if shape.len() > MAX_DIMS {
+            return copy_cast_via_host(a, src, dtype, stream);
         } else {
             launch_copy(a, src, &shape, &strides, &mut out, stream)?;
         }
     }
     Array::from_cuda_buffer(out, a.shape())
+}
+
+/// The rare view with more than 8 non-mergeable dimensions: gather and convert on the host.
+fn copy_cast_via_host(a: &Array, src: &CudaBuffer, dtype: DType, stream: &Stream) -> Result<Array> {
+    let whole = Array::from_cpu_data(src.download(0, src.len())?, &[src.len()])?;
+    let host = whole
+        .with_layout(a.shape(), a.strides(), a.offset())
+        .astype(dtype)?
+        .contiguous()?;
+    super::memory::upload(&host, stream)
 }
 
 fn launch_copy(
@@ -137,13 +151,6 @@ fn launch_copy(
     out: &mut CudaBuffer,
     stream: &Stream,
 ) -> Result<()> {
-    if shape.len() > MAX_DIMS {
-        return Err(Error::Unsupported(format!(
-            "copying a GPU view with {} non-mergeable dimensions (at most {MAX_DIMS}); \
-             copy it to the CPU first",
-            shape.len()
-        )));
-    }
     let n = a.size();
     let mut layout = CopyLayout {
         shape: [1; MAX_DIMS],
@@ -155,19 +162,21 @@ fn launch_copy(
         layout.strides[i] = s as i64;
         reach += (d as u128 - 1) * s.unsigned_abs() as u128;
     }
-    // 32-bit index arithmetic when every partial offset fits.
-    let wide = n > i32::MAX as usize || reach > i32::MAX as u128;
     let device = src.device();
+    let blocks = (n as u64)
+        .div_ceil(BLOCK as u64)
+        .min(device.sm_count() as u64 * 16)
+        .max(1) as u32;
+    // 32-bit index arithmetic when every partial offset fits and the grid-stride loop's
+    // index cannot overflow on its last step.
+    let last_index = n as u128 + blocks as u128 * BLOCK as u128;
+    let wide = last_index > i32::MAX as u128 || reach > i32::MAX as u128;
     let func = jit::function(
         device,
         &COPY_CU,
         &variant(a.dtype(), out.dtype(), wide),
         &[],
     )?;
-    let blocks = (n as u64)
-        .div_ceil(BLOCK as u64)
-        .min(device.sm_count() as u64 * 16)
-        .max(1) as u32;
     let cfg = LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (BLOCK, 1, 1),

@@ -408,13 +408,13 @@ pub(crate) fn function(
     let options = options_for(&arch, extra_options);
     let names = [name_expr.to_string()];
     let key = cache_key(file, &names, &options, nvrtc_version()?);
-    let mut functions = device
-        .functions
-        .lock()
-        .map_err(|_| Error::Cuda("the kernel cache was poisoned by a panic".into()))?;
-    if let Some(f) = functions.get(&key) {
+    let lock_error = || Error::Cuda("the kernel cache was poisoned by a panic".into());
+    if let Some(f) = device.functions.lock().map_err(|_| lock_error())?.get(&key) {
         return Ok(f.clone());
     }
+    // Compile without holding the lock, so threads needing different kernels compile in
+    // parallel; two threads racing for the same kernel both compile, and the first to finish
+    // wins.
     let cached = read_disk_cache(&key);
     let from_disk = cached.is_some();
     let cubin = match cached {
@@ -425,8 +425,7 @@ pub(crate) fn function(
             c
         }
     };
-    let loaded = load(device, file, &cubin);
-    let f = match loaded {
+    let f = match load(device, file, &cubin) {
         Ok(f) => f,
         // A cached image the driver rejects (written by a broken build, say) is replaced by
         // a fresh compile.
@@ -437,8 +436,8 @@ pub(crate) fn function(
         }
         Err(e) => return Err(e),
     };
-    functions.insert(key, f.clone());
-    Ok(f)
+    let mut functions = device.functions.lock().map_err(|_| lock_error())?;
+    Ok(functions.entry(key).or_insert(f).clone())
 }
 
 fn load(device: &CudaDevice, file: &KernelFile, cubin: &Cubin) -> Result<CudaFunction> {

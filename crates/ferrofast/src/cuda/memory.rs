@@ -193,6 +193,10 @@ impl CudaBuffer {
 pub(crate) fn upload(host: &Array, stream: &Stream) -> Result<Array> {
     let device = runtime::device(stream.ordinal())?;
     let host = host.contiguous()?;
+    if host.size() == 0 {
+        let buf = CudaBuffer::alloc(&device, stream, host.dtype(), 0)?;
+        return Array::from_cuda_buffer(buf, host.shape());
+    }
     let buf = dispatch_dtype!(host.dtype(), T => {
         let elements = host.contiguous_slice::<T>()?.ok_or_else(|| {
             Error::Device("upload expects an array on the CPU".to_string())

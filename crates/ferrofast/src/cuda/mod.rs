@@ -1,9 +1,10 @@
-//! The CUDA back end (feature `cuda`): driver and NVRTC loading, contexts and streams ([`runtime`]), run-time
-//! compilation of the `.cu` kernels to CUBIN with in-memory and on-disk caches ([`jit`]),
-//! device buffers behind [`Array`](crate::Array) ([`memory`]), and one launcher per op.
+//! The CUDA back end (feature `cuda`): driver and NVRTC loading, contexts and streams
+//! (`runtime`), run-time compilation of the `.cu` kernels to CUBIN with in-memory and on-disk
+//! caches (`jit`), device buffers behind [`Array`](crate::Array) (`memory`), and one launcher
+//! per op.
 //!
 //! Nothing here links against CUDA: cudarc loads `libcuda` and `libnvrtc` at run time, after
-//! [`runtime`] has checked they exist (cudarc panics on a missing library), so the crate
+//! `runtime` has checked they exist (cudarc panics on a missing library), so the crate
 //! builds and its CPU paths work on machines without CUDA.
 //!
 //! Public here: [`Stream`], the norm kernels with an explicit stream ([`rms_norm_on`],

@@ -290,12 +290,16 @@ fn norm(
         let out = CudaBuffer::alloc(device, stream, out_dtype, 0)?;
         return Array::from_cuda_buffer(out, x.shape());
     }
-    let d_i32 = i32::try_from(d).map_err(|_| {
-        Error::Unsupported(format!(
-            "[{}] rows of {d} elements exceed the CUDA kernels' 2^31 limit",
-            kind.op()
-        ))
-    })?;
+    // Element indices are 32-bit in the kernels, with room for one more block of loads.
+    let d_i32 = i32::try_from(d)
+        .ok()
+        .filter(|&v| v <= i32::MAX - (1 << 16))
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "[{}] rows of {d} elements exceed the CUDA kernels' limit of 2^31 - 2^16",
+                kind.op()
+            ))
+        })?;
 
     // Rows must be addressable by one stride with a unit last stride; copy otherwise.
     let contiguous_copy;
@@ -322,17 +326,34 @@ fn norm(
         && (rs * size as i64).rem_euclid(16) == 0
         && param_aligned(&wp)
         && param_aligned(&bp);
-    let plan = plan(d, out_dtype);
-    let threads = match plan {
-        Plan::Rows { threads, .. } => threads,
-        Plan::Looped => LOOPED_BLOCK,
-    };
-    let func = jit::function(
+    let mut plan = plan(d, out_dtype);
+    let mut func = jit::function(
         device,
         &NORM_CU,
         &variant(kind, out_dtype, plan, aligned),
         &[],
     )?;
+    let max_threads = func
+        .max_threads_per_block()
+        .map_err(|e| driver_error("reading a kernel's thread limit", e))?
+        .max(32) as u32;
+    // The kernels are compiled for 1024-thread blocks; should a device still allow fewer,
+    // rows that need more threads go to the looped kernel, and it uses what is allowed.
+    if let Plan::Rows { threads, .. } = plan {
+        if threads > max_threads {
+            plan = Plan::Looped;
+            func = jit::function(
+                device,
+                &NORM_CU,
+                &variant(kind, out_dtype, plan, aligned),
+                &[],
+            )?;
+        }
+    }
+    let threads = match plan {
+        Plan::Rows { threads, .. } => threads,
+        Plan::Looped => LOOPED_BLOCK.min(max_threads / 32 * 32),
+    };
 
     let mut out = CudaBuffer::alloc(device, stream, out_dtype, n)?;
     let blocks = n_rows.min(i32::MAX as i64) as u32;

@@ -192,7 +192,9 @@ fn probe(spec: &LibrarySpec) -> std::result::Result<(), String> {
             }
         }
     }
-    let names = cudarc::get_lib_name_candidates(spec.cudarc_name);
+    let mut names = cudarc::get_lib_name_candidates(spec.cudarc_name);
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
     let searched: Vec<String> = folders
         .iter()
         .filter(|f| f.is_dir())

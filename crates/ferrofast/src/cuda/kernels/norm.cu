@@ -14,6 +14,9 @@
 //     N_READS = 16 / sizeof(T) consecutive elements in registers: one pass over x.
 //   *_looped<T, ALIGNED>: rows too long for registers; the block loops over the row (a second
 //     and third read mostly hit L2).
+// Every kernel is declared launchable with 1024 threads, so the compiler keeps registers
+// within what a full block may use (spilling rather than failing the launch).
+//
 // ALIGNED: every row start, the weight and bias are 16-byte aligned, their strides are 1 and
 // D % N_READS == 0, so all loads and stores are 16-byte vectors. Otherwise scalar accesses
 // with bounds checks handle odd D and unaligned rows.
@@ -120,7 +123,7 @@ __device__ __forceinline__ void ff_finish_chunk(const float (&normalized)[ff_nor
 // ----- RMS norm -----------------------------------------------------------------------------
 
 template <typename T, int N_CHUNKS, bool ALIGNED>
-__global__ void rms_norm_rows(const typename T::storage* __restrict__ x,
+__global__ void __launch_bounds__(1024) rms_norm_rows(const typename T::storage* __restrict__ x,
                               ff_i64_t x_offset,
                               ff_i64_t x_row_stride,
                               const typename T::storage* __restrict__ w,
@@ -168,7 +171,7 @@ __global__ void rms_norm_rows(const typename T::storage* __restrict__ x,
 }
 
 template <typename T, bool ALIGNED>
-__global__ void rms_norm_looped(const typename T::storage* __restrict__ x,
+__global__ void __launch_bounds__(1024) rms_norm_looped(const typename T::storage* __restrict__ x,
                                 ff_i64_t x_offset,
                                 ff_i64_t x_row_stride,
                                 const typename T::storage* __restrict__ w,
@@ -214,7 +217,7 @@ __global__ void rms_norm_looped(const typename T::storage* __restrict__ x,
 // ----- layer norm ---------------------------------------------------------------------------
 
 template <typename T, int N_CHUNKS, bool ALIGNED>
-__global__ void layer_norm_rows(const typename T::storage* __restrict__ x,
+__global__ void __launch_bounds__(1024) layer_norm_rows(const typename T::storage* __restrict__ x,
                                 ff_i64_t x_offset,
                                 ff_i64_t x_row_stride,
                                 const typename T::storage* __restrict__ w,
@@ -279,7 +282,7 @@ __global__ void layer_norm_rows(const typename T::storage* __restrict__ x,
 }
 
 template <typename T, bool ALIGNED>
-__global__ void layer_norm_looped(const typename T::storage* __restrict__ x,
+__global__ void __launch_bounds__(1024) layer_norm_looped(const typename T::storage* __restrict__ x,
                                   ff_i64_t x_offset,
                                   ff_i64_t x_row_stride,
                                   const typename T::storage* __restrict__ w,

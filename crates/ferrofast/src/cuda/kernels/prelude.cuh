@@ -41,23 +41,12 @@ __device__ __forceinline__ ff_u16_t ff_f32_to_bf16(float f) {
     return (ff_u16_t)(u >> 16);
 }
 
-// f64 -> f32 rounded toward zero with the lost bits folded into the last bit ("round to
-// odd"). Rounding that result to f16 or bf16 then equals rounding the f64 directly, since f32
-// has at least 2p + 2 bits for both 16-bit formats; a plain f64 -> f32 -> f16 chain would
-// round twice.
-__device__ __forceinline__ float ff_f64_to_f32_odd(double d) {
-    float f;
-    asm("cvt.rz.f32.f64 %0, %1;" : "=f"(f) : "d"(d));
-    if ((double)f != d && d == d) {
-        f = __uint_as_float(__float_as_uint(f) | 1u);
-    }
-    return f;
-}
-
 // ----- element types ------------------------------------------------------------------------
 // One tag per DType: `storage` is the bit layout in memory; to_f64 / from_f64 / to_i64 /
-// from_i64 implement the host's `astype` rules (floats round to nearest even; float -> int
-// truncates toward zero and saturates, NaN -> 0; int -> int wraps; -> bool is `!= 0`).
+// from_i64 implement `astype` (floats round to nearest even; float -> int truncates toward
+// zero and saturates, NaN -> 0; int -> int wraps; -> bool is `!= 0`). As in MLX, a value
+// becomes f16 or bf16 through f32: f64 -> f32 -> f16 rounds twice, exactly like MLX's
+// `static_cast<float16_t>(double)`.
 
 struct ff_bool {
     typedef ff_u8_t storage;
@@ -129,7 +118,7 @@ struct ff_f16 {
     __device__ static storage from_f32(float v) { return ff_f32_to_f16(v); }
     __device__ static double to_f64(storage v) { return (double)ff_f16_to_f32(v); }
     __device__ static ff_i64_t to_i64(storage v) { return ff_i64::from_f64(to_f64(v)); }
-    __device__ static storage from_f64(double v) { return ff_f32_to_f16(ff_f64_to_f32_odd(v)); }
+    __device__ static storage from_f64(double v) { return ff_f32_to_f16((float)v); }
     __device__ static storage from_i64(ff_i64_t v) { return from_f64((double)v); }
 };
 
@@ -140,7 +129,7 @@ struct ff_bf16 {
     __device__ static storage from_f32(float v) { return ff_f32_to_bf16(v); }
     __device__ static double to_f64(storage v) { return (double)ff_bf16_to_f32(v); }
     __device__ static ff_i64_t to_i64(storage v) { return ff_i64::from_f64(to_f64(v)); }
-    __device__ static storage from_f64(double v) { return ff_f32_to_bf16(ff_f64_to_f32_odd(v)); }
+    __device__ static storage from_f64(double v) { return ff_f32_to_bf16((float)v); }
     __device__ static storage from_i64(ff_i64_t v) { return from_f64((double)v); }
 };
 
