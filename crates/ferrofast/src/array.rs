@@ -348,7 +348,7 @@ impl Array {
         seed: u64,
         device: &Device,
     ) -> Result<Array> {
-        if !(low <= high) {
+        if low.is_nan() || high.is_nan() || low > high {
             return Err(Error::invalid(format!(
                 "[uniform] low ({low}) must not exceed high ({high})."
             )));
@@ -516,15 +516,6 @@ impl Array {
         }
     }
 
-    /// Buffer offset of the element at a multi-index.
-    pub(crate) fn offset_of(&self, index: &[usize]) -> usize {
-        let mut off = self.offset as isize;
-        for (&i, &s) in index.iter().zip(&self.strides) {
-            off += i as isize * s;
-        }
-        off as usize
-    }
-
     // ----- reading back -------------------------------------------------------------------
 
     /// Copies the elements out in row-major order of the shape.
@@ -657,6 +648,20 @@ impl Array {
         if self.is_contiguous() {
             return Ok(self.clone());
         }
+        #[cfg(feature = "cuda")]
+        if self.cuda_buffer().is_some() {
+            return crate::cuda::copy::copy_cast(self, self.dtype, None);
+        }
+        let data = dispatch_dtype!(self.dtype, T => T::wrap(self.to_vec::<T>()?));
+        Array::from_cpu_data(data, &self.shape)
+    }
+
+    /// A new row-major buffer with the same elements, on the same device, always copied
+    /// (unlike [`contiguous`](Array::contiguous), which returns `self` when it can).
+    ///
+    /// # Errors
+    /// Device errors only.
+    pub fn copy(&self) -> Result<Array> {
         #[cfg(feature = "cuda")]
         if self.cuda_buffer().is_some() {
             return crate::cuda::copy::copy_cast(self, self.dtype, None);

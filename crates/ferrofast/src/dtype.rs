@@ -227,8 +227,10 @@ macro_rules! float_element {
 }
 float_element!(f32, F32, |x: f32| x as f64, |v: f64| v as f32);
 float_element!(f64, F64, |x: f64| x, |v: f64| v);
-float_element!(f16, F16, |x: f16| x.to_f64(), f16::from_f64);
-float_element!(bf16, BF16, |x: bf16| x.to_f64(), bf16::from_f64);
+// Narrowing to a 16-bit float goes through f32, as MLX (and the GPU copy kernel) does: exact
+// for f32 sources, and independent of how `half` rounds from f64.
+float_element!(f16, F16, |x: f16| x.to_f64(), |v: f64| f16::from_f32(v as f32));
+float_element!(bf16, BF16, |x: bf16| x.to_f64(), |v: f64| bf16::from_f32(v as f32));
 
 impl sealed::Sealed for bool {}
 impl Element for bool {
