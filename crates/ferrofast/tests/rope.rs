@@ -543,6 +543,41 @@ fn pass_through_tail_is_bit_identical() {
     }
 }
 
+/// NaNs of either sign in rotated features make their pair NaN and nothing else.
+#[test]
+fn nans_propagate_through_their_pair() {
+    for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+        let mut vals = randn(&[2, 2, 3, 16], DType::F64, 36).to_f64_vec().unwrap();
+        vals[5] = f64::NAN;
+        vals[40] = -f64::NAN;
+        let x = Array::from_vec(vals, &[2, 2, 3, 16])
+            .unwrap()
+            .astype(dtype)
+            .unwrap();
+        for traditional in [false, true] {
+            let out = check(
+                &x,
+                16,
+                traditional,
+                Some(10000.0),
+                1.0,
+                1.into(),
+                None,
+                1.0,
+                3.0,
+                &format!("NaN {dtype} trad {traditional}"),
+            );
+            let nans = out
+                .to_f64_vec()
+                .unwrap()
+                .iter()
+                .filter(|v| v.is_nan())
+                .count();
+            assert_eq!(nans, 4, "{dtype} trad {traditional}: two pairs are NaN");
+        }
+    }
+}
+
 #[test]
 fn non_contiguous_inputs_are_read_in_place() {
     let base = randn(&[3, 4, 10, 40], DType::F32, 22);

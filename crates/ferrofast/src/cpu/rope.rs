@@ -294,7 +294,8 @@ impl RopeElem for bf16 {
     #[inline(always)]
     fn store(v: f32) -> bf16 {
         let bits = v.to_bits();
-        let rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+        // Wrapping: NaNs with a set sign overflow here, and take the other branch.
+        let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
         let quiet_nan = (bits >> 16) | 0x40;
         bf16::from_bits(if v.is_nan() { quiet_nan } else { rounded } as u16)
     }
@@ -773,6 +774,11 @@ mod tests {
             f32::NEG_INFINITY,
             f32::MAX,
             1e-40,
+            // NaNs, including those whose rounding addition overflows.
+            f32::from_bits(0xFFFF_FFFF),
+            f32::from_bits(0xFFC0_0001),
+            f32::from_bits(0x7FFF_FFFF),
+            f32::from_bits(0x7F80_0001),
         ];
         let mut bits = 0x0000_0001u32;
         let mut values: Vec<f32> = specials.to_vec();
