@@ -413,6 +413,22 @@ fn test_rope_with_large_offset() {
     assert!(d <= 1e-1, "bf16 vs f32 differ by {d}");
 }
 
+/// MLX skips this one in CI (256 MiB of input); run with `--ignored`.
+#[test]
+#[ignore]
+fn test_rope_large_input() {
+    let x = randn(&[8, 8192, 32, 32], DType::F32, 37)
+        .swapaxes(1, 2)
+        .unwrap();
+    for traditional in [false, true] {
+        let out = fast::rope(&x, 32, traditional, Some(10000.0), 1.0, 0.into(), None).unwrap();
+        let expect =
+            reference::rope(&x, 32, traditional, Some(10000.0), 1.0, 0.into(), None).unwrap();
+        let d = max_abs_diff(&out, &expect);
+        assert!(d <= 5e-3, "large input trad {traditional}: {d}");
+    }
+}
+
 // ----- sizes, dtypes, layouts ----------------------------------------------------------------
 
 #[test]
