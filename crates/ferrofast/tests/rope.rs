@@ -413,6 +413,22 @@ fn test_rope_with_large_offset() {
     assert!(d <= 1e-1, "bf16 vs f32 differ by {d}");
 }
 
+/// MLX skips this one in CI (256 MiB of input); run with `--ignored`.
+#[test]
+#[ignore]
+fn test_rope_large_input() {
+    let x = randn(&[8, 8192, 32, 32], DType::F32, 37)
+        .swapaxes(1, 2)
+        .unwrap();
+    for traditional in [false, true] {
+        let out = fast::rope(&x, 32, traditional, Some(10000.0), 1.0, 0.into(), None).unwrap();
+        let expect =
+            reference::rope(&x, 32, traditional, Some(10000.0), 1.0, 0.into(), None).unwrap();
+        let d = max_abs_diff(&out, &expect);
+        assert!(d <= 5e-3, "large input trad {traditional}: {d}");
+    }
+}
+
 // ----- sizes, dtypes, layouts ----------------------------------------------------------------
 
 #[test]
@@ -539,6 +555,41 @@ fn pass_through_tail_is_bit_identical() {
                 rtol,
                 &format!("{dtype} rotated part"),
             );
+        }
+    }
+}
+
+/// NaNs of either sign in rotated features make their pair NaN and nothing else.
+#[test]
+fn nans_propagate_through_their_pair() {
+    for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+        let mut vals = randn(&[2, 2, 3, 16], DType::F64, 36).to_f64_vec().unwrap();
+        vals[5] = f64::NAN;
+        vals[40] = -f64::NAN;
+        let x = Array::from_vec(vals, &[2, 2, 3, 16])
+            .unwrap()
+            .astype(dtype)
+            .unwrap();
+        for traditional in [false, true] {
+            let out = check(
+                &x,
+                16,
+                traditional,
+                Some(10000.0),
+                1.0,
+                1.into(),
+                None,
+                1.0,
+                3.0,
+                &format!("NaN {dtype} trad {traditional}"),
+            );
+            let nans = out
+                .to_f64_vec()
+                .unwrap()
+                .iter()
+                .filter(|v| v.is_nan())
+                .count();
+            assert_eq!(nans, 4, "{dtype} trad {traditional}: two pairs are NaN");
         }
     }
 }

@@ -294,7 +294,8 @@ impl RopeElem for bf16 {
     #[inline(always)]
     fn store(v: f32) -> bf16 {
         let bits = v.to_bits();
-        let rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+        // Wrapping: NaNs with a set sign overflow here, and take the other branch.
+        let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
         let quiet_nan = (bits >> 16) | 0x40;
         bf16::from_bits(if v.is_nan() { quiet_nan } else { rounded } as u16)
     }
@@ -773,6 +774,11 @@ mod tests {
             f32::NEG_INFINITY,
             f32::MAX,
             1e-40,
+            // NaNs, including those whose rounding addition overflows.
+            f32::from_bits(0xFFFF_FFFF),
+            f32::from_bits(0xFFC0_0001),
+            f32::from_bits(0x7FFF_FFFF),
+            f32::from_bits(0x7F80_0001),
         ];
         let mut bits = 0x0000_0001u32;
         let mut values: Vec<f32> = specials.to_vec();
@@ -872,38 +878,57 @@ mod tests {
             .num_threads(1)
             .build()
             .unwrap();
-        let shape = [1usize, 32, 2048, 128];
+        // (label, dtype, input, traditional, per-batch offsets)
+        let f32_main = Array::randn(&[1, 32, 2048, 128], DType::F32, 1, &Device::Cpu).unwrap();
+        let mut cases: Vec<(String, DType, Array, bool, bool)> = Vec::new();
         for traditional in [false, true] {
             for dtype in [DType::F32, DType::BF16, DType::F16] {
-                let x = Array::randn(&shape, dtype, 1, &Device::Cpu).unwrap();
-                let plan = rope_plan(
-                    &x,
-                    128,
-                    traditional,
-                    Some(10000.0),
-                    1.0,
-                    RopeOffset::Int(7),
-                    None,
-                )
-                .unwrap();
-                let time = |iters| match dtype {
-                    DType::F32 => run::<f32>(&x, &plan, iters),
-                    DType::BF16 => run::<bf16>(&x, &plan, iters),
-                    _ => run::<f16>(&x, &plan, iters),
-                };
-                let copy_before = copy_gbs(5);
-                let t = time(20);
-                let t1 = one.install(|| time(5));
-                let copy = copy_before.max(copy_gbs(5));
-                let bytes = 2.0 * x.nbytes() as f64;
-                let (gbs, gbs1) = (bytes / t / 1e9, bytes / t1 / 1e9);
-                println!(
-                    "rope kernel {dtype} {shape:?} traditional={traditional}: {:.3} ms, \
-                     {gbs:.1} GB/s = {:.0}% of copy ({copy:.1} GB/s); one thread {gbs1:.1} GB/s",
-                    t * 1e3,
-                    100.0 * gbs / copy
-                );
+                let x = f32_main.astype(dtype).unwrap();
+                cases.push(("[1,32,2048,128]".into(), dtype, x, traditional, false));
             }
+        }
+        let bthd = Array::randn(&[1, 2048, 32, 128], DType::BF16, 2, &Device::Cpu).unwrap();
+        let label = "[1,2048,32,128].swapaxes(1,2)".to_string();
+        cases.push((
+            label,
+            DType::BF16,
+            bthd.swapaxes(1, 2).unwrap(),
+            false,
+            false,
+        ));
+        let batch = Array::randn(&[4, 8, 2048, 128], DType::BF16, 3, &Device::Cpu).unwrap();
+        cases.push((
+            "[4,8,2048,128] per-batch".into(),
+            DType::BF16,
+            batch,
+            false,
+            true,
+        ));
+        let offsets = Array::from_slice(&[7i32, 100, 3000, 5], &[4]).unwrap();
+        for (label, dtype, x, traditional, per_batch) in &cases {
+            let offset = if *per_batch {
+                RopeOffset::Array(&offsets)
+            } else {
+                RopeOffset::Int(7)
+            };
+            let plan = rope_plan(x, 128, *traditional, Some(10000.0), 1.0, offset, None).unwrap();
+            let time = |iters| match dtype {
+                DType::F32 => run::<f32>(x, &plan, iters),
+                DType::BF16 => run::<bf16>(x, &plan, iters),
+                _ => run::<f16>(x, &plan, iters),
+            };
+            let copy_before = copy_gbs(5);
+            let t = time(20);
+            let t1 = one.install(|| time(5));
+            let copy = copy_before.max(copy_gbs(5));
+            let bytes = 2.0 * x.nbytes() as f64;
+            let (gbs, gbs1) = (bytes / t / 1e9, bytes / t1 / 1e9);
+            println!(
+                "rope kernel {dtype} {label} traditional={traditional}: {:.3} ms, \
+                 {gbs:.1} GB/s = {:.0}% of copy ({copy:.1} GB/s); one thread {gbs1:.1} GB/s",
+                t * 1e3,
+                100.0 * gbs / copy
+            );
         }
     }
 }
