@@ -34,6 +34,10 @@ const TASK_ROWS: usize = 256;
 const SMALL_ROWS: usize = 8;
 
 /// The type scores, softmax and accumulator are computed in: f32, or f64 for f64 inputs.
+///
+/// The vector helpers take `const FMA: bool`. `FMA = true` is instantiated only inside
+/// `Ctx::attend_avx2` (x86_64, entered after AVX2 and FMA were detected) and on aarch64
+/// (which always has FMA); on x86_64 the f32 helpers then use AVX2 intrinsics.
 trait Acc:
     Copy
     + Send
@@ -51,11 +55,65 @@ trait Acc:
     const NEG_INF: Self;
     fn from_f32(x: f32) -> Self;
     fn exp(self) -> Self;
-    /// `a * b + c`, fused when `FMA` (only instantiated `true` where the CPU has FMA).
+    /// `a * b + c`, fused when `FMA`.
     fn fma<const FMA: bool>(a: Self, b: Self, c: Self) -> Self;
+
+    /// `sum(a[i] * b[i])`.
+    #[inline(always)]
+    fn dot<const FMA: bool>(a: &[Self], b: &[Self]) -> Self {
+        let mut acc = [Self::ZERO; 4];
+        let (ac, bc) = (a.chunks_exact(4), b.chunks_exact(4));
+        let mut tail = Self::ZERO;
+        for (&x, &y) in ac.remainder().iter().zip(bc.remainder()) {
+            tail = Self::fma::<FMA>(x, y, tail);
+        }
+        for (x, y) in ac.zip(bc) {
+            for l in 0..4 {
+                acc[l] = Self::fma::<FMA>(x[l], y[l], acc[l]);
+            }
+        }
+        (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+    }
+
+    /// `y += a * x`.
+    #[inline(always)]
+    fn axpy<const FMA: bool>(y: &mut [Self], a: Self, x: &[Self]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = Self::fma::<FMA>(a, x, *y);
+        }
+    }
+
+    /// `y *= a`.
+    #[inline(always)]
+    fn scale<const FMA: bool>(y: &mut [Self], a: Self) {
+        for y in y.iter_mut() {
+            *y = *y * a;
+        }
+    }
+
+    /// The largest element, ignoring NaN; -inf for an empty or all-NaN slice.
+    #[inline(always)]
+    fn max_of<const FMA: bool>(xs: &[Self]) -> Self {
+        let mut m = Self::NEG_INF;
+        for &x in xs {
+            if x > m {
+                m = x;
+            }
+        }
+        m
+    }
+
     /// Replaces every `x` by `exp(x - m)` and returns their sum. `m` is at least every `x`
     /// (or NaN), so the arguments are `<= 0`.
-    fn exp_sub_sum<const FMA: bool>(xs: &mut [Self], m: Self) -> Self;
+    #[inline(always)]
+    fn exp_sub_sum<const FMA: bool>(xs: &mut [Self], m: Self) -> Self {
+        let mut sum = Self::ZERO;
+        for x in xs {
+            *x = (*x - m).exp();
+            sum = sum + *x;
+        }
+        sum
+    }
 }
 
 impl Acc for f32 {
@@ -79,22 +137,96 @@ impl Acc for f32 {
         }
     }
     #[inline(always)]
-    fn exp_sub_sum<const FMA: bool>(xs: &mut [f32], m: f32) -> f32 {
+    fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // SAFETY: see the trait: FMA on x86_64 means AVX2 and FMA were detected.
+            return unsafe { avx2::dot(a, b) };
+        }
         let mut acc = [0.0f32; 8];
-        let mut chunks = xs.chunks_exact_mut(8);
-        for c in &mut chunks {
+        let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+        let mut tail = 0.0;
+        for (&x, &y) in ac.remainder().iter().zip(bc.remainder()) {
+            tail = f32::fma::<FMA>(x, y, tail);
+        }
+        for (x, y) in ac.zip(bc) {
             for l in 0..8 {
-                let y = exp_nonpositive::<FMA>(c[l] - m);
-                c[l] = y;
-                acc[l] += y;
+                acc[l] = f32::fma::<FMA>(x[l], y[l], acc[l]);
             }
         }
-        let mut sum = 0.0f32;
-        for x in chunks.into_remainder() {
-            *x = exp_nonpositive::<FMA>(*x - m);
-            sum += *x;
+        acc.iter().sum::<f32>() + tail
+    }
+    #[inline(always)]
+    fn axpy<const FMA: bool>(y: &mut [f32], a: f32, x: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // SAFETY: see the trait.
+            return unsafe { avx2::axpy(y, a, x) };
         }
-        acc.iter().sum::<f32>() + sum
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = f32::fma::<FMA>(a, x, *y);
+        }
+    }
+    #[inline(always)]
+    fn scale<const FMA: bool>(y: &mut [f32], a: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // SAFETY: see the trait.
+            return unsafe { avx2::scale(y, a) };
+        }
+        for y in y.iter_mut() {
+            *y *= a;
+        }
+    }
+    #[inline(always)]
+    fn max_of<const FMA: bool>(xs: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // SAFETY: see the trait.
+            return unsafe { avx2::max(xs) };
+        }
+        let mut mx = [f32::NEG_INFINITY; 8];
+        let chunks = xs.chunks_exact(8);
+        let mut m = f32::NEG_INFINITY;
+        for &x in chunks.remainder() {
+            if x > m {
+                m = x;
+            }
+        }
+        for c in chunks {
+            for l in 0..8 {
+                if c[l] > mx[l] {
+                    mx[l] = c[l];
+                }
+            }
+        }
+        for x in mx {
+            if x > m {
+                m = x;
+            }
+        }
+        m
+    }
+    #[inline(always)]
+    fn exp_sub_sum<const FMA: bool>(xs: &mut [f32], m: f32) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // SAFETY: see the trait.
+            return unsafe { avx2::exp_sub_sum(xs, m) };
+        }
+        // Two simple loops vectorise where one fused loop does not.
+        for x in xs.iter_mut() {
+            *x = exp_nonpositive::<FMA>(*x - m);
+        }
+        let mut acc = [0.0f32; 8];
+        let chunks = xs.chunks_exact(8);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for l in 0..8 {
+                acc[l] += c[l];
+            }
+        }
+        acc.iter().sum::<f32>() + tail
     }
 }
 
@@ -118,50 +250,199 @@ impl Acc for f64 {
             a * b + c
         }
     }
-    #[inline(always)]
-    fn exp_sub_sum<const FMA: bool>(xs: &mut [f64], m: f64) -> f64 {
-        let mut sum = 0.0f64;
-        for x in xs {
-            *x = (*x - m).exp();
-            sum += *x;
-        }
-        sum
-    }
 }
 
-/// `exp(x)` for `x <= 0` (or NaN, which it returns), vectorisable: relative error below
-/// 2e-7 (Cody-Waite reduction by ln 2, degree-7 Taylor polynomial on |r| <= ln(2)/2, whose
-/// truncation error is 6e-9), results below 2^-126 flushed to 0. Inside attention these are
-/// softmax weights relative to a row maximum of weight 1, so the flush changes nothing
-/// visible.
+// exp(x) for x <= 0: Cody-Waite reduction x = n ln2 + r with |r| <= ln(2)/2 (ln 2 split so
+// that n * LN2_HI is exact), exp(r) by its degree-7 Taylor polynomial (truncation error
+// 6e-9), 2^n built in the exponent bits. Relative error below 2e-7. Arguments below -87
+// give 0 (exp(-87) is 1.6e-38, nothing next to a row maximum of weight 1).
+const EXP_LOG2E: f32 = std::f32::consts::LOG2_E;
+const EXP_LN2_HI: f32 = 355.0 / 512.0;
+const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+/// 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+const EXP_ROUND: f32 = 12_582_912.0;
+const EXP_LOW: f32 = -87.0;
+const EXP_POLY: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
+/// `exp(x)` for `x <= 0`, or NaN (returned as NaN); see the constants above.
 #[inline(always)]
 fn exp_nonpositive<const FMA: bool>(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that n * LN2_HI is exact for |n| < 2^15.
-    const LN2_HI: f32 = 0.693_359_375;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    const LOW: f32 = -87.0;
-    let xc = if x < LOW { LOW } else { x };
-    let z = f32::fma::<FMA>(xc, LOG2E, ROUND);
-    let n = z - ROUND;
-    let r = f32::fma::<FMA>(n, -LN2_LO, f32::fma::<FMA>(n, -LN2_HI, xc));
-    let mut p = 1.0 / 5040.0;
-    p = f32::fma::<FMA>(p, r, 1.0 / 720.0);
-    p = f32::fma::<FMA>(p, r, 1.0 / 120.0);
-    p = f32::fma::<FMA>(p, r, 1.0 / 24.0);
-    p = f32::fma::<FMA>(p, r, 1.0 / 6.0);
-    p = f32::fma::<FMA>(p, r, 0.5);
-    p = f32::fma::<FMA>(p, r, 1.0);
-    p = f32::fma::<FMA>(p, r, 1.0);
+    let xc = if x < EXP_LOW { EXP_LOW } else { x };
+    let z = f32::fma::<FMA>(xc, EXP_LOG2E, EXP_ROUND);
+    let n = z - EXP_ROUND;
+    let r = f32::fma::<FMA>(n, -EXP_LN2_LO, f32::fma::<FMA>(n, -EXP_LN2_HI, xc));
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = f32::fma::<FMA>(p, r, c);
+    }
     // n in [-126, 0] sits in z's mantissa as 0x40_0000 + n; build 2^n from it.
     let n_int = (z.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let two_n = f32::from_bits((n_int.wrapping_add(127) << 23) as u32);
-    if x < LOW {
+    if x < EXP_LOW {
         0.0
     } else {
         p * two_n
+    }
+}
+
+/// AVX2 + FMA versions of the f32 helpers. Callers must have detected both features.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{exp_nonpositive, EXP_LN2_HI, EXP_LN2_LO, EXP_LOG2E, EXP_LOW, EXP_POLY, EXP_ROUND};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY (all loads): i + 8 <= n <= both lengths.
+        while i + 32 <= n {
+            for (u, a) in acc.iter_mut().enumerate() {
+                let o = i + 8 * u;
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *a);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
+            i += 8;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut total = hsum(v);
+        while i < n {
+            total = a[i].mul_add(b[i], total);
+            i += 1;
+        }
+        total
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+        let va = _mm256_set1_ps(a);
+        let mut i = 0;
+        // SAFETY: i + 8 <= n <= both lengths.
+        while i + 8 <= n {
+            let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+            _mm256_storeu_ps(py.add(i), r);
+            i += 8;
+        }
+        while i < n {
+            y[i] = a.mul_add(x[i], y[i]);
+            i += 1;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scale(y: &mut [f32], a: f32) {
+        let n = y.len();
+        let py = y.as_mut_ptr();
+        let va = _mm256_set1_ps(a);
+        let mut i = 0;
+        // SAFETY: i + 8 <= n.
+        while i + 8 <= n {
+            _mm256_storeu_ps(py.add(i), _mm256_mul_ps(va, _mm256_loadu_ps(py.add(i))));
+            i += 8;
+        }
+        while i < n {
+            y[i] *= a;
+            i += 1;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn max(xs: &[f32]) -> f32 {
+        let n = xs.len();
+        let p = xs.as_ptr();
+        let mut acc = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        // SAFETY: i + 8 <= n. `max_ps(x, acc)` returns acc when x is NaN: NaN is ignored.
+        while i + 8 <= n {
+            acc = _mm256_max_ps(_mm256_loadu_ps(p.add(i)), acc);
+            i += 8;
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let mut m = f32::NEG_INFINITY;
+        for &x in lanes.iter().chain(&xs[i..]) {
+            if x > m {
+                m = x;
+            }
+        }
+        m
+    }
+
+    /// exp of 8 lanes, each `<= 0` or NaN (kept NaN); as `exp_nonpositive`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let low = _mm256_set1_ps(EXP_LOW);
+        let too_small = _mm256_cmp_ps::<_CMP_LT_OQ>(x, low);
+        let xc = _mm256_blendv_ps(x, low, too_small);
+        let round = _mm256_set1_ps(EXP_ROUND);
+        let z = _mm256_fmadd_ps(xc, _mm256_set1_ps(EXP_LOG2E), round);
+        let n = _mm256_sub_ps(z, round);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), xc);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let n_int = _mm256_sub_epi32(_mm256_castps_si256(z), _mm256_set1_epi32(0x4B40_0000));
+        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(n_int, _mm256_set1_epi32(127)));
+        _mm256_andnot_ps(too_small, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_sub_sum(xs: &mut [f32], m: f32) -> f32 {
+        let n = xs.len();
+        let p = xs.as_mut_ptr();
+        let vm = _mm256_set1_ps(m);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY: i + 8 <= n.
+        while i + 8 <= n {
+            let y = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
+            _mm256_storeu_ps(p.add(i), y);
+            acc = _mm256_add_ps(acc, y);
+            i += 8;
+        }
+        let mut total = hsum(acc);
+        while i < n {
+            xs[i] = exp_nonpositive::<true>(xs[i] - m);
+            total += xs[i];
+            i += 1;
+        }
+        total
     }
 }
 
@@ -458,47 +739,12 @@ fn matmul<A: Acc>(
     }
 }
 
-/// `sum(a[i] * b[i])` with 16 independent lanes so it vectorises.
-#[inline(always)]
-fn dot<A: Acc, const FMA: bool>(a: &[A], b: &[A]) -> A {
-    let mut acc = [A::ZERO; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for l in 0..16 {
-            acc[l] = A::fma::<FMA>(x[l], y[l], acc[l]);
-        }
-    }
-    for (l, (&x, &y)) in ar.iter().zip(br).enumerate() {
-        acc[l] = A::fma::<FMA>(x, y, acc[l]);
-    }
-    let mut half = [A::ZERO; 8];
-    for l in 0..8 {
-        half[l] = acc[l] + acc[l + 8];
-    }
-    (half[0] + half[4]) + (half[1] + half[5]) + ((half[2] + half[6]) + (half[3] + half[7]))
-}
-
 /// Online softmax step for one row of scores `s` (masked entries are -inf): updates the
 /// running max `m` and sum `l`, rescales the accumulator row, and leaves the unnormalised
 /// probabilities in `s`.
 #[inline(always)]
 fn softmax_step<A: Acc, const FMA: bool>(s: &mut [A], m: &mut A, l: &mut A, acc: &mut [A]) {
-    let mut mx = [A::NEG_INF; 8];
-    let mut chunks = s.chunks_exact(8);
-    for c in &mut chunks {
-        for lane in 0..8 {
-            if c[lane] > mx[lane] {
-                mx[lane] = c[lane];
-            }
-        }
-    }
-    let mut block_max = A::NEG_INF;
-    for &x in mx.iter().chain(chunks.remainder()) {
-        if x > block_max {
-            block_max = x;
-        }
-    }
+    let block_max = A::max_of::<FMA>(s);
     let new_max = if block_max > *m { block_max } else { *m };
     if new_max == A::NEG_INF {
         // Nothing visible in this row yet: no weight, no change.
@@ -509,9 +755,7 @@ fn softmax_step<A: Acc, const FMA: bool>(s: &mut [A], m: &mut A, l: &mut A, acc:
     if new_max != *m {
         let alpha = (*m - new_max).exp();
         *l = *l * alpha;
-        for x in acc.iter_mut() {
-            *x = *x * alpha;
-        }
+        A::scale::<FMA>(acc, alpha);
         *m = new_max;
     }
     *l = *l + sum;
@@ -654,7 +898,7 @@ impl<T: Elem> Ctx<'_, T> {
                     for j in 0..nk {
                         let kj = kr.row(j, d);
                         for rr in 0..nr {
-                            sb[rr * nk + j] = dot::<T::A, FMA>(&qt[(row0 + rr) * d..][..d], kj);
+                            sb[rr * nk + j] = T::A::dot::<FMA>(&qt[(row0 + rr) * d..][..d], kj);
                         }
                     }
                 } else {
@@ -696,10 +940,7 @@ impl<T: Elem> Ctx<'_, T> {
                         for rr in 0..nr {
                             let p = sb[rr * nk + j];
                             if p != T::A::ZERO {
-                                let arow = &mut acc[(row0 + rr) * dv..][..dv];
-                                for (a, &x) in arow.iter_mut().zip(vj) {
-                                    *a = T::A::fma::<FMA>(p, x, *a);
-                                }
+                                T::A::axpy::<FMA>(&mut acc[(row0 + rr) * dv..][..dv], p, vj);
                             }
                         }
                     }
