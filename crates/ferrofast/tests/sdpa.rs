@@ -759,7 +759,8 @@ fn zero_length_keys_and_empty_shapes() {
     check(&qd, &kd, &v1, 1.0, Mask::Causal, None, "D = 0");
 }
 
-/// More threads than tasks: keys split into ranges whose partial results are merged.
+/// More threads than tasks: keys split into ranges whose partial results are merged. (The
+/// shapes are big enough, over 2^22 multiply-adds, not to be run on the calling thread.)
 #[test]
 fn split_keys_across_threads() {
     let pool = rayon::ThreadPoolBuilder::new()
@@ -767,14 +768,12 @@ fn split_keys_across_threads() {
         .build()
         .unwrap();
     pool.install(|| {
-        for (i, &(nq, nkv, tq, tkv)) in [
-            (8usize, 1usize, 1usize, 3000usize),
-            (4, 2, 3, 700),
+        let shapes = [
+            (8usize, 1usize, 1usize, 5000usize),
+            (4, 2, 3, 3000),
             (2, 1, 130, 1500),
-        ]
-        .iter()
-        .enumerate()
-        {
+        ];
+        for (i, &(nq, nkv, tq, tkv)) in shapes.iter().enumerate() {
             let seed = 4000 + i as u64 * 4;
             let q = randn(&[1, nq, tq, 64], DType::F32, seed);
             let k = randn(&[1, nkv, tkv, 64], DType::F32, seed + 1);
@@ -1119,21 +1118,46 @@ proptest! {
 
 // ----- benchmarks (run with --ignored --nocapture in release) -------------------------------------
 
-fn best_of<F: FnMut()>(n: usize, mut f: F) -> f64 {
+/// Process CPU time (all threads), from /proc (10 ms ticks).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|x| x.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Best wall time of `n` runs, and the mean CPU time per run (all threads): on a busy
+/// machine the CPU time per thread is the steadier measure.
+fn best_of<F: FnMut()>(n: usize, mut f: F) -> (f64, f64) {
     let mut best = f64::INFINITY;
+    let cpu0 = cpu_seconds();
     for _ in 0..n {
         let t = std::time::Instant::now();
         f();
         best = best.min(t.elapsed().as_secs_f64());
     }
-    best
+    (best, (cpu_seconds() - cpu0) / n as f64)
 }
 
 #[test]
 #[ignore = "benchmark"]
 fn bench_prefill() {
     let threads = rayon::current_num_threads();
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
+    // SDPA_BENCH_DTYPES=float32,bfloat16 picks dtypes (default: all three).
+    let pick = std::env::var("SDPA_BENCH_DTYPES").unwrap_or_default();
+    let dtypes = [DType::F32, DType::BF16, DType::F16];
+    for dtype in dtypes
+        .into_iter()
+        .filter(|d| pick.is_empty() || pick.contains(d.name()))
+    {
         for transposed in [false, true] {
             let (b, h, t, d) = (1usize, 16usize, 1024usize, 128usize);
             let q = input(b, h, t, d, transposed, dtype, 1);
@@ -1142,15 +1166,16 @@ fn bench_prefill() {
             let scale = 1.0 / (d as f32).sqrt();
             for causal in [false, true] {
                 let mask = if causal { Mask::Causal } else { Mask::None };
-                let secs = best_of(5, || {
+                let (secs, cpu) = best_of(10, || {
                     sdpa(&q, &k, &v, scale, mask, None).unwrap();
                 });
                 let flops = 4.0 * (b * h * t * t * d) as f64 / if causal { 2.0 } else { 1.0 };
                 println!(
                     "prefill {dtype} B{b} H{h} T{t} D{d} transposed={transposed} causal={causal} \
-                     threads={threads}: {:.2} ms, {:.1} GFLOP/s",
+                     threads={threads}: {:.2} ms, {:.1} GFLOP/s ({:.1} GFLOP per CPU second)",
                     secs * 1e3,
-                    flops / secs / 1e9
+                    flops / secs / 1e9,
+                    flops / cpu / 1e9
                 );
             }
         }
@@ -1165,7 +1190,7 @@ fn bench_decode() {
     let n = 64usize << 20;
     let src = vec![1.0f32; n];
     let mut dst = vec![0.0f32; n];
-    let copy = best_of(10, || {
+    let (copy, _) = best_of(10, || {
         dst.par_chunks_mut(1 << 16)
             .zip(src.par_chunks(1 << 16))
             .for_each(|(d, s)| d.copy_from_slice(s));
@@ -1177,7 +1202,7 @@ fn bench_decode() {
         let q = randn(&[1, nq, 1, d], dtype, 1);
         let k = randn(&[1, nkv, tkv, d], dtype, 2);
         let v = randn(&[1, nkv, tkv, d], dtype, 3);
-        let secs = best_of(20, || {
+        let (secs, _) = best_of(20, || {
             sdpa(&q, &k, &v, 0.088, Mask::None, None).unwrap();
         });
         let bytes = (k.nbytes() + v.nbytes()) as f64;

@@ -24,14 +24,18 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::{Add, Mul, Sub};
 
-/// Query rows per score tile in the `gemm` path.
+/// Query block: tasks cover whole blocks of one head's queries.
 const BQ: usize = 64;
+/// Most rows per `gemm` call (one call serves the rows of several query heads and blocks).
+const MAX_TILE_ROWS: usize = 256;
 /// Keys per tile.
 const BK: usize = 128;
 /// Query rows a task aims for: enough to amortise loading each key/value tile.
 const TASK_ROWS: usize = 256;
 /// Tasks with at most this many rows use dot products instead of `gemm`.
 const SMALL_ROWS: usize = 8;
+/// Below this many multiply-adds a call runs on the calling thread (about 100 us of work).
+const SEQUENTIAL_WORK: usize = 1 << 22;
 
 /// The type scores, softmax and accumulator are computed in: f32, or f64 for f64 inputs.
 ///
@@ -609,9 +613,11 @@ fn tile_rows<'s, T: Elem>(
             };
         }
     }
-    scratch.clear();
-    scratch.resize(n * len, T::A::ZERO);
-    for (j, row) in scratch.chunks_exact_mut(len.max(1)).enumerate().take(n) {
+    // Grow only: every value read back is written below first.
+    if scratch.len() < n * len {
+        scratch.resize(n * len, T::A::ZERO);
+    }
+    for (j, row) in scratch[..n * len].chunks_exact_mut(len.max(1)).enumerate() {
         view.load_row(b, h, t0 + j, &mut row[..len]);
     }
     Rows {
@@ -872,91 +878,107 @@ impl<T: Elem> Ctx<'_, T> {
             k_hi
         };
         let small = rows <= SMALL_ROWS;
-        let bq = if small { rows } else { BQ };
-        let mut s = vec![T::A::ZERO; bq.min(rows) * BK];
+        let max_rows = if small { rows } else { MAX_TILE_ROWS };
+        let mut s = vec![T::A::ZERO; max_rows.min(rows) * BK];
         let (mut kscratch, mut vscratch) = (Vec::new(), Vec::new());
+        let mut segments: Vec<(usize, usize)> = Vec::with_capacity(self.r);
 
         let mut k0 = k_lo;
         while k0 < k_hi {
             let nk = BK.min(k_hi - k0);
+            // The rows this key tile reaches: all of them, or under a causal mask the queries
+            // of each head from the first one that sees key k0 (adjacent ranges merged).
+            segments.clear();
+            let first = if self.causal {
+                (k0 as isize - off - q0 as isize).max(0) as usize
+            } else {
+                0
+            };
+            for r in 0..self.r {
+                if first < nqr {
+                    let (lo, hi) = (r * nqr + first, (r + 1) * nqr);
+                    match segments.last_mut() {
+                        Some(last) if last.1 == lo => last.1 = hi,
+                        _ => segments.push((lo, hi)),
+                    }
+                }
+            }
+            if segments.is_empty() {
+                k0 += nk;
+                continue;
+            }
             let kr = tile_rows(self.k, b, g, k0, nk, d, &mut kscratch);
             let vr = tile_rows(self.v, b, g, k0, nk, dv, &mut vscratch);
-            let mut row0 = 0;
-            while row0 < rows {
-                let nr = bq.min(rows - row0);
-                let (tmin, tmax) = if nr >= nqr || row0 % nqr + nr > nqr {
-                    (q0, q1 - 1)
-                } else {
-                    (query_of(row0), query_of(row0 + nr - 1))
-                };
-                if self.causal && k0 as isize > tmax as isize + off {
-                    row0 += nr;
-                    continue;
-                }
-                let sb = &mut s[..nr * nk];
-                if small {
-                    for j in 0..nk {
-                        let kj = kr.row(j, d);
-                        for rr in 0..nr {
-                            sb[rr * nk + j] = T::A::dot::<FMA>(&qt[(row0 + rr) * d..][..d], kj);
-                        }
-                    }
-                } else {
-                    matmul(
-                        nr,
-                        nk,
-                        d,
-                        sb,
-                        nk,
-                        false,
-                        (&qt, row0 * d, d, 1),
-                        (kr.data, kr.start, 1, kr.stride),
-                    );
-                }
-                let partial_causal = self.causal && (k0 + nk - 1) as isize > tmin as isize + off;
-                for rr in 0..nr {
-                    let row = row0 + rr;
-                    let t = query_of(row);
-                    let srow = &mut sb[rr * nk..][..nk];
-                    if let Some(mask) = &self.mask {
-                        mask.apply(b, head_of(row), t, k0, srow);
-                    }
-                    if partial_causal {
-                        let first_hidden = (t as isize + off + 1 - k0 as isize).max(0) as usize;
-                        if first_hidden < nk {
-                            srow[first_hidden..].fill(T::A::NEG_INF);
-                        }
-                    }
-                    softmax_step::<T::A, FMA>(
-                        srow,
-                        &mut m[row],
-                        &mut l[row],
-                        &mut acc[row * dv..][..dv],
-                    );
-                }
-                if small {
-                    for j in 0..nk {
-                        let vj = vr.row(j, dv);
-                        for rr in 0..nr {
-                            let p = sb[rr * nk + j];
-                            if p != T::A::ZERO {
-                                T::A::axpy::<FMA>(&mut acc[(row0 + rr) * dv..][..dv], p, vj);
+            for &(lo, hi) in &segments {
+                let mut row0 = lo;
+                while row0 < hi {
+                    let nr = max_rows.min(hi - row0);
+                    let sb = &mut s[..nr * nk];
+                    if small {
+                        for j in 0..nk {
+                            let kj = kr.row(j, d);
+                            for rr in 0..nr {
+                                let qrow = &qt[(row0 + rr) * d..][..d];
+                                sb[rr * nk + j] = T::A::dot::<FMA>(qrow, kj);
                             }
                         }
+                    } else {
+                        matmul(
+                            nr,
+                            nk,
+                            d,
+                            sb,
+                            nk,
+                            false,
+                            (&qt, row0 * d, d, 1),
+                            (kr.data, kr.start, 1, kr.stride),
+                        );
                     }
-                } else {
-                    matmul(
-                        nr,
-                        dv,
-                        nk,
-                        &mut acc[row0 * dv..],
-                        dv,
-                        true,
-                        (sb, 0, nk, 1),
-                        (vr.data, vr.start, vr.stride, 1),
-                    );
+                    for rr in 0..nr {
+                        let row = row0 + rr;
+                        let t = query_of(row);
+                        let srow = &mut sb[rr * nk..][..nk];
+                        if let Some(mask) = &self.mask {
+                            mask.apply(b, head_of(row), t, k0, srow);
+                        }
+                        if self.causal {
+                            let first_hidden = (t as isize + off + 1 - k0 as isize).max(0) as usize;
+                            if first_hidden < nk {
+                                srow[first_hidden..].fill(T::A::NEG_INF);
+                            }
+                        }
+                        softmax_step::<T::A, FMA>(
+                            srow,
+                            &mut m[row],
+                            &mut l[row],
+                            &mut acc[row * dv..][..dv],
+                        );
+                    }
+                    if small {
+                        for j in 0..nk {
+                            let vj = vr.row(j, dv);
+                            for rr in 0..nr {
+                                let p = sb[rr * nk + j];
+                                if p != T::A::ZERO {
+                                    let arow = &mut acc[(row0 + rr) * dv..][..dv];
+                                    T::A::axpy::<FMA>(arow, p, vj);
+                                }
+                            }
+                        }
+                    } else {
+                        matmul(
+                            nr,
+                            dv,
+                            nk,
+                            &mut acc[row0 * dv..],
+                            dv,
+                            true,
+                            (sb, 0, nk, 1),
+                            (vr.data, vr.start, vr.stride, 1),
+                        );
+                    }
+                    row0 += nr;
                 }
-                row0 += nr;
             }
             k0 += nk;
         }
@@ -1113,7 +1135,13 @@ fn run<T: Elem>(c: &Checked, scale: f32) -> Result<Array> {
             pieces[(b * nkv + h / r) * nqc + ci].push(piece);
         }
     }
-    if nsplit == 1 {
+    // Multiply-adds of the whole call: small calls stay on the calling thread.
+    let work = (bn * nq * tq * tkv).saturating_mul(d + dv);
+    if work < SEQUENTIAL_WORK {
+        for (gc, mut p) in pieces.into_iter().enumerate() {
+            ctx.finish(&ctx.attend(gc, 0, tkv, true), &mut p);
+        }
+    } else if nsplit == 1 {
         pieces
             .into_par_iter()
             .enumerate()
