@@ -544,15 +544,6 @@ impl<'a, T: Element> View<'a, T> {
             strides: [s[0], s[1], s[2], s[3]],
         })
     }
-
-    /// Buffer position of element `[b, h, t, 0]`.
-    #[inline(always)]
-    fn pos(&self, b: usize, h: usize, t: usize) -> isize {
-        self.offset
-            + b as isize * self.strides[0]
-            + h as isize * self.strides[1]
-            + t as isize * self.strides[2]
-    }
 }
 
 impl<T: Elem> View<'_, T> {
@@ -569,6 +560,35 @@ impl<T: Elem> View<'_, T> {
                 *x = self.buf[(start + c as isize * step) as usize].widen();
             }
         }
+    }
+}
+
+impl<T> View<'_, T> {
+    /// Buffer position of element `[b, h, t, 0]`.
+    #[inline(always)]
+    fn pos(&self, b: usize, h: usize, t: usize) -> isize {
+        self.offset
+            + b as isize * self.strides[0]
+            + h as isize * self.strides[1]
+            + t as isize * self.strides[2]
+    }
+
+    /// Hints the CPU to fetch row `[b, h, t, ..len]` into cache (nothing if `t >= end` or
+    /// the row is not contiguous).
+    #[inline(always)]
+    fn prefetch_row(&self, b: usize, h: usize, t: usize, len: usize, end: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if t < end && self.strides[3] == 1 {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let start = self.buf.as_ptr().wrapping_offset(self.pos(b, h, t)) as *const i8;
+            let bytes = len * std::mem::size_of::<T>();
+            for line in (0..bytes).step_by(64) {
+                // SAFETY: a prefetch is only a hint; it never faults, whatever the address.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line)) };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (b, h, t, len, end);
     }
 }
 
@@ -819,9 +839,11 @@ impl<T: Elem> Ctx<'_, T> {
             return unsafe { self.attend_avx2(gc, k_lo, k_hi, with_sink) };
         }
         // aarch64 always has fused multiply-add.
-        if cfg!(target_arch = "aarch64") {
+        #[cfg(target_arch = "aarch64")]
+        {
             return self.attend_impl::<true>(gc, k_lo, k_hi, with_sink);
         }
+        #[allow(unreachable_code)]
         self.attend_impl::<false>(gc, k_lo, k_hi, with_sink)
     }
 
@@ -916,6 +938,9 @@ impl<T: Elem> Ctx<'_, T> {
                     let sb = &mut s[..nr * nk];
                     if small {
                         for j in 0..nk {
+                            // Streaming decode: ask for the next tile's rows while this one
+                            // computes, so memory and arithmetic overlap.
+                            self.k.prefetch_row(b, g, k0 + BK + j, d, self.tkv);
                             let kj = kr.row(j, d);
                             for rr in 0..nr {
                                 let qrow = &qt[(row0 + rr) * d..][..d];
@@ -956,6 +981,7 @@ impl<T: Elem> Ctx<'_, T> {
                     }
                     if small {
                         for j in 0..nk {
+                            self.v.prefetch_row(b, g, k0 + BK + j, dv, self.tkv);
                             let vj = vr.row(j, dv);
                             for rr in 0..nr {
                                 let p = sb[rr * nk + j];
