@@ -138,6 +138,7 @@ enum Kind {
     Causal,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_kind(
     q: &Array,
     k: &Array,
