@@ -1188,3 +1188,40 @@ fn run<T: Elem>(c: &Checked, scale: f32) -> Result<Array> {
     }
     Array::from_vec(out, &c.out_shape)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Arguments from -90 to 0 (and the special values), through both the scalar and the
+    /// AVX2 path, against f64's exp.
+    #[test]
+    fn fast_exp_relative_error() {
+        let mut xs: Vec<f32> = (0..200_000).map(|i| -90.0 * i as f32 / 200_000.0).collect();
+        xs.extend([0.0, -0.0, -1e-30, -86.99, -87.0, -87.01, f32::NEG_INFINITY]);
+        let check = |got: f32, x: f32| {
+            let want = f64::from(x).exp();
+            if x < EXP_LOW {
+                assert_eq!(got, 0.0, "exp({x})");
+            } else {
+                let rel = ((f64::from(got) - want) / want).abs();
+                assert!(rel < 2e-7, "exp({x}) = {got}, want {want}, rel {rel}");
+            }
+        };
+        for &x in &xs {
+            check(exp_nonpositive::<false>(x), x);
+        }
+        assert!(exp_nonpositive::<false>(f32::NAN).is_nan());
+        #[cfg(target_arch = "x86_64")]
+        if has_fma() {
+            let mut ys = xs.clone();
+            ys.push(f32::NAN);
+            // SAFETY: AVX2 and FMA were just detected.
+            let sum = unsafe { avx2::exp_sub_sum(&mut ys, 0.0) };
+            assert!(sum.is_nan() && ys[ys.len() - 1].is_nan());
+            for (&y, &x) in ys.iter().zip(&xs) {
+                check(y, x);
+            }
+        }
+    }
+}
