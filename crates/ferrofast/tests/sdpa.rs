@@ -1273,6 +1273,47 @@ fn bench_decode() {
     }
 }
 
+#[test]
+#[ignore = "benchmark"]
+fn bench_shapes() {
+    let threads = rayon::current_num_threads();
+    // (B, N_q, N_kv, T_q, T_kv, D, causal)
+    let shapes = [
+        (
+            1usize, 32usize, 8usize, 1024usize, 1024usize, 128usize, true,
+        ),
+        (1, 32, 8, 4, 4096, 128, false),
+        (1, 32, 8, 8, 4096, 128, false),
+        (8, 32, 8, 1, 2048, 128, false),
+        (1, 32, 1, 1, 8192, 128, false),
+        (1, 8, 8, 512, 512, 64, true),
+    ];
+    // SDPA_BENCH_SHAPE=i runs only shape i.
+    let only: Option<usize> = std::env::var("SDPA_BENCH_SHAPE")
+        .ok()
+        .and_then(|x| x.parse().ok());
+    for (i, &(b, nq, nkv, tq, tkv, d, causal)) in shapes.iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
+        let q = randn(&[b, nq, tq, d], DType::F32, 1);
+        let k = randn(&[b, nkv, tkv, d], DType::F32, 2);
+        let v = randn(&[b, nkv, tkv, d], DType::F32, 3);
+        let mask = if causal { Mask::Causal } else { Mask::None };
+        let (secs, _) = best_of(10, || {
+            sdpa(&q, &k, &v, 0.088, mask, None).unwrap();
+        });
+        let flops = 4.0 * (b * nq * tq * tkv * d) as f64 / if causal { 2.0 } else { 1.0 };
+        let gbs = (k.nbytes() + v.nbytes()) as f64 / secs / 1e9;
+        println!(
+            "B{b} Nq{nq} Nkv{nkv} Tq{tq} Tkv{tkv} D{d} causal={causal} threads={threads}: \
+             {:.3} ms, {:.1} GFLOP/s, {gbs:.1} GB/s of K+V",
+            secs * 1e3,
+            flops / secs / 1e9
+        );
+    }
+}
+
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -28,8 +28,10 @@ use std::ops::{Add, Mul, Sub};
 const BQ: usize = 64;
 /// Most rows per `gemm` call (one call serves the rows of several query heads and blocks).
 const MAX_TILE_ROWS: usize = 256;
-/// Keys per tile.
+/// Keys per tile (for tasks of `MAX_TILE_ROWS` rows or of at most `SMALL_ROWS` rows).
 const BK: usize = 128;
+/// Most keys per tile (tasks of few rows take longer tiles).
+const MAX_BK: usize = 1024;
 /// Query rows a task aims for: enough to amortise loading each key/value tile.
 const TASK_ROWS: usize = 256;
 /// Tasks with at most this many rows use dot products instead of `gemm`.
@@ -901,13 +903,20 @@ impl<T: Elem> Ctx<'_, T> {
         };
         let small = rows <= SMALL_ROWS;
         let max_rows = if small { rows } else { MAX_TILE_ROWS };
-        let mut s = vec![T::A::ZERO; max_rows.min(rows) * BK];
+        // Keys per tile: BK for full tasks; longer for tasks of fewer rows, so that each `gemm`
+        // call keeps a worthwhile size next to its fixed cost.
+        let bk = if small {
+            BK
+        } else {
+            (BK * MAX_TILE_ROWS / rows.min(MAX_TILE_ROWS)).min(MAX_BK)
+        };
+        let mut s = vec![T::A::ZERO; max_rows.min(rows) * bk];
         let (mut kscratch, mut vscratch) = (Vec::new(), Vec::new());
         let mut segments: Vec<(usize, usize)> = Vec::with_capacity(self.r);
 
         let mut k0 = k_lo;
         while k0 < k_hi {
-            let nk = BK.min(k_hi - k0);
+            let nk = bk.min(k_hi - k0);
             // The rows this key tile reaches: all of them, or under a causal mask the queries
             // of each head from the first one that sees key k0 (adjacent ranges merged).
             segments.clear();
@@ -931,6 +940,14 @@ impl<T: Elem> Ctx<'_, T> {
             }
             let kr = tile_rows(self.k, b, g, k0, nk, d, &mut kscratch);
             let vr = tile_rows(self.v, b, g, k0, nk, dv, &mut vscratch);
+            if !small {
+                // `gemm` reads the tiles in an order the hardware prefetcher does not follow
+                // well; fetch the next tile while this one computes.
+                for j in k0 + bk..(k0 + 2 * bk).min(k_hi) {
+                    self.k.prefetch_row(b, g, j, d, self.tkv);
+                    self.v.prefetch_row(b, g, j, dv, self.tkv);
+                }
+            }
             for &(lo, hi) in &segments {
                 let mut row0 = lo;
                 while row0 < hi {
@@ -940,7 +957,7 @@ impl<T: Elem> Ctx<'_, T> {
                         for j in 0..nk {
                             // Streaming decode: ask for the next tile's rows while this one
                             // computes, so memory and arithmetic overlap.
-                            self.k.prefetch_row(b, g, k0 + BK + j, d, self.tkv);
+                            self.k.prefetch_row(b, g, k0 + bk + j, d, self.tkv);
                             let kj = kr.row(j, d);
                             for rr in 0..nr {
                                 let qrow = &qt[(row0 + rr) * d..][..d];
@@ -981,7 +998,7 @@ impl<T: Elem> Ctx<'_, T> {
                     }
                     if small {
                         for j in 0..nk {
-                            self.v.prefetch_row(b, g, k0 + BK + j, dv, self.tkv);
+                            self.v.prefetch_row(b, g, k0 + bk + j, dv, self.tkv);
                             let vj = vr.row(j, dv);
                             for rr in 0..nr {
                                 let p = sb[rr * nk + j];
