@@ -257,6 +257,18 @@ pub(crate) fn check(
 /// `Error::Shape` with MLX's `broadcast_to` texts when the mask does not broadcast to
 /// `[B, N_q, T_q, T_kv]`. `Error::Unsupported` for inputs on a CUDA device (no CUDA kernel
 /// yet).
+///
+/// ```
+/// use ferrofast::{fast, Array, DType, Device};
+///
+/// // Eight query heads over two key/value heads, causal.
+/// let q = Array::randn(&[1, 8, 16, 64], DType::F32, 0, &Device::Cpu)?;
+/// let k = Array::randn(&[1, 2, 16, 64], DType::F32, 1, &Device::Cpu)?;
+/// let v = Array::randn(&[1, 2, 16, 64], DType::F32, 2, &Device::Cpu)?;
+/// let out = fast::scaled_dot_product_attention(&q, &k, &v, 0.125, fast::Mask::Causal, None)?;
+/// assert_eq!(out.shape(), &[1, 8, 16, 64]);
+/// # Ok::<(), ferrofast::Error>(())
+/// ```
 pub fn scaled_dot_product_attention(
     q: &Array,
     k: &Array,
