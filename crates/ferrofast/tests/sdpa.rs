@@ -10,10 +10,9 @@ use ferrofast::reference::scaled_dot_product_attention as sdpa_ref;
 use ferrofast::{Array, DType, Error};
 use proptest::prelude::*;
 
-/// `(atol, rtol)` for outputs of `dtype` against the f64 oracle: the rounding of the output
-/// to `dtype` plus f32 arithmetic. (MLX's own tests compare against a reference computed in
-/// the same low precision; against f64 the output rounding alone is up to 2^-11 relative
-/// for f16 and 2^-8 for bf16.)
+/// `(atol, rtol)` for outputs of `dtype` against the f64 oracle, for unit-scale (normal)
+/// inputs: the rounding of the output to `dtype` (up to 2^-11 relative for f16, 2^-8 for
+/// bf16) plus f32 arithmetic.
 fn tol(dtype: DType) -> (f64, f64) {
     match dtype {
         DType::F64 => (1e-12, 1e-12),
@@ -23,7 +22,37 @@ fn tol(dtype: DType) -> (f64, f64) {
     }
 }
 
-/// Runs the kernel and the oracle and compares them with the tolerance of the output dtype.
+/// MLX's tolerances for `test_sdpa` (`|out - ref| <= atol + atol * |ref|`: f32 2e-5, f16
+/// 3e-4, bf16 5e-3), which hold for its small inputs (`mlx_inputs`).
+fn mlx_tol(dtype: DType) -> (f64, f64) {
+    let atol = match dtype {
+        DType::F32 => 2e-5,
+        DType::F16 => 3e-4,
+        _ => 5e-3,
+    };
+    (atol, atol)
+}
+
+/// Runs the kernel and the oracle and compares them with `tolerance(output dtype)`.
+#[allow(clippy::too_many_arguments)]
+fn check_with(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    scale: f32,
+    mask: Mask<'_>,
+    sinks: Option<&Array>,
+    tolerance: fn(DType) -> (f64, f64),
+    what: &str,
+) -> Array {
+    let out = sdpa(q, k, v, scale, mask, sinks).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let reference = sdpa_ref(q, k, v, scale, mask, sinks).expect("oracle");
+    let (atol, rtol) = tolerance(out.dtype());
+    check_close(&out, &reference, atol, rtol, what);
+    out
+}
+
+/// [`check_with`] at the tolerance of [`tol`].
 fn check(
     q: &Array,
     k: &Array,
@@ -33,11 +62,7 @@ fn check(
     sinks: Option<&Array>,
     what: &str,
 ) -> Array {
-    let out = sdpa(q, k, v, scale, mask, sinks).unwrap_or_else(|e| panic!("{what}: {e}"));
-    let reference = sdpa_ref(q, k, v, scale, mask, sinks).expect("oracle");
-    let (atol, rtol) = tol(out.dtype());
-    check_close(&out, &reference, atol, rtol, what);
-    out
+    check_with(q, k, v, scale, mask, sinks, tol, what)
 }
 
 /// A `[B, H, T, D]` input: row-major, or `[B, T, H, D]` memory seen through `swapaxes(1, 2)`.
@@ -113,6 +138,7 @@ enum Kind {
     Causal,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_kind(
     q: &Array,
     k: &Array,
@@ -120,20 +146,21 @@ fn run_kind(
     scale: f32,
     kind: Kind,
     seed: u64,
+    tolerance: fn(DType) -> (f64, f64),
     what: &str,
 ) -> Array {
     let (b, qh, ql) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     let kl = k.shape()[2];
     match kind {
-        Kind::None => check(q, k, v, scale, Mask::None, None, what),
-        Kind::Causal => check(q, k, v, scale, Mask::Causal, None, what),
+        Kind::None => check_with(q, k, v, scale, Mask::None, None, tolerance, what),
+        Kind::Causal => check_with(q, k, v, scale, Mask::Causal, None, tolerance, what),
         Kind::Additive => {
             let m = uniform(&[b, qh, ql, kl], 0.0, 0.5, q.dtype(), seed);
-            check(q, k, v, scale, Mask::Array(&m), None, what)
+            check_with(q, k, v, scale, Mask::Array(&m), None, tolerance, what)
         }
         Kind::Bool => {
             let m = bool_mask(&[b, qh, ql, kl], 0.5, seed);
-            check(q, k, v, scale, Mask::Array(&m), None, what)
+            check_with(q, k, v, scale, Mask::Array(&m), None, tolerance, what)
         }
     }
 }
@@ -176,7 +203,7 @@ fn mlx_shapes_64_and_128() {
                 "shape {:?} {kind:?} {dtype} transposed={transposed} seed {seed}",
                 (b, ql, kl, d, qh, kh)
             );
-            let out = run_kind(&q, &k, &v, scale, kind, seed + 3, &what);
+            let out = run_kind(&q, &k, &v, scale, kind, seed + 3, mlx_tol, &what);
             assert_eq!(out.shape(), &[b, qh, ql, d]);
             assert_eq!(out.dtype(), dtype);
         }
@@ -203,7 +230,7 @@ fn mlx_single_query_many_key_lengths() {
                 let seed = 5000 + n * 11 + i as u64;
                 let (q, k, v, scale) = mlx_inputs(1, 1, kl, 128, 8, kh, transposed, dtype, seed);
                 let what = format!("qL 1 kL {kl} kH {kh} {kind:?} {dtype} seed {seed}");
-                run_kind(&q, &k, &v, scale, kind, seed + 5, &what);
+                run_kind(&q, &k, &v, scale, kind, seed + 5, mlx_tol, &what);
             }
             n += 1;
         }
@@ -675,6 +702,7 @@ fn odd_sequence_lengths() {
                 0.2,
                 kind,
                 seed + 3,
+                tol,
                 &format!("tq {tq} tkv {tkv} {kind:?}"),
             );
         }
@@ -691,7 +719,7 @@ fn dtypes_including_f64_and_mixed() {
             let v = randn(&[2, 3, 90, 40], dtype, seed + 2);
             for kind in [Kind::None, Kind::Causal, Kind::Bool, Kind::Additive] {
                 let what = format!("{dtype} tq {tq} {kind:?}");
-                let out = run_kind(&q, &k, &v, 0.15, kind, seed + 3, &what);
+                let out = run_kind(&q, &k, &v, 0.15, kind, seed + 3, tol, &what);
                 assert_eq!(out.dtype(), dtype);
             }
         }
@@ -759,7 +787,8 @@ fn zero_length_keys_and_empty_shapes() {
     check(&qd, &kd, &v1, 1.0, Mask::Causal, None, "D = 0");
 }
 
-/// More threads than tasks: keys split into ranges whose partial results are merged.
+/// More threads than tasks: keys split into ranges whose partial results are merged. (The
+/// shapes are big enough, over 2^22 multiply-adds, not to be run on the calling thread.)
 #[test]
 fn split_keys_across_threads() {
     let pool = rayon::ThreadPoolBuilder::new()
@@ -767,14 +796,12 @@ fn split_keys_across_threads() {
         .build()
         .unwrap();
     pool.install(|| {
-        for (i, &(nq, nkv, tq, tkv)) in [
-            (8usize, 1usize, 1usize, 3000usize),
-            (4, 2, 3, 700),
+        let shapes = [
+            (8usize, 1usize, 1usize, 5000usize),
+            (4, 2, 3, 3000),
             (2, 1, 130, 1500),
-        ]
-        .iter()
-        .enumerate()
-        {
+        ];
+        for (i, &(nq, nkv, tq, tkv)) in shapes.iter().enumerate() {
             let seed = 4000 + i as u64 * 4;
             let q = randn(&[1, nq, tq, 64], DType::F32, seed);
             let k = randn(&[1, nkv, tkv, 64], DType::F32, seed + 1);
@@ -788,6 +815,7 @@ fn split_keys_across_threads() {
                     0.125,
                     kind,
                     seed,
+                    tol,
                     &format!("split {i} {kind:?}"),
                 );
             }
@@ -1117,23 +1145,75 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Few queries over long keys on more threads than tasks: the split-key path (shapes of
+    /// at least 2^22 multiply-adds, so that the call is not kept on the calling thread).
+    #[test]
+    fn split_keys_match_oracle(
+        r in 4usize..9,
+        tq in 2usize..4,
+        tkv in 2048usize..4096,
+        mask in 0u8..3,
+        sinks in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        pool.install(|| {
+            let q = randn(&[1, r, tq, 128], DType::F32, seed);
+            let k = layout(1, 1, tkv, 128, (seed % 3) as u8, DType::F32, seed ^ 1);
+            let v = randn(&[1, 1, tkv, 128], DType::F32, seed ^ 2);
+            let m = bool_mask(&[r, tq, tkv], 0.8, seed ^ 3);
+            let mask = [Mask::None, Mask::Causal, Mask::Array(&m)][mask as usize];
+            let s = sinks.then(|| randn(&[r], DType::F32, seed ^ 4));
+            check(&q, &k, &v, 0.125, mask, s.as_ref(), &format!("r {r} tq {tq} tkv {tkv} seed {seed}"));
+        });
+    }
+}
+
 // ----- benchmarks (run with --ignored --nocapture in release) -------------------------------------
 
-fn best_of<F: FnMut()>(n: usize, mut f: F) -> f64 {
+/// Process CPU time (all threads), from /proc (10 ms ticks).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|x| x.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Best wall time of `n` runs, and the mean CPU time per run (all threads): on a busy
+/// machine the CPU time per thread is the steadier measure.
+fn best_of<F: FnMut()>(n: usize, mut f: F) -> (f64, f64) {
     let mut best = f64::INFINITY;
+    let cpu0 = cpu_seconds();
     for _ in 0..n {
         let t = std::time::Instant::now();
         f();
         best = best.min(t.elapsed().as_secs_f64());
     }
-    best
+    (best, (cpu_seconds() - cpu0) / n as f64)
 }
 
 #[test]
 #[ignore = "benchmark"]
 fn bench_prefill() {
     let threads = rayon::current_num_threads();
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
+    // SDPA_BENCH_DTYPES=float32,bfloat16 picks dtypes (default: all three).
+    let pick = std::env::var("SDPA_BENCH_DTYPES").unwrap_or_default();
+    let dtypes = [DType::F32, DType::BF16, DType::F16];
+    for dtype in dtypes
+        .into_iter()
+        .filter(|d| pick.is_empty() || pick.contains(d.name()))
+    {
         for transposed in [false, true] {
             let (b, h, t, d) = (1usize, 16usize, 1024usize, 128usize);
             let q = input(b, h, t, d, transposed, dtype, 1);
@@ -1142,15 +1222,16 @@ fn bench_prefill() {
             let scale = 1.0 / (d as f32).sqrt();
             for causal in [false, true] {
                 let mask = if causal { Mask::Causal } else { Mask::None };
-                let secs = best_of(5, || {
+                let (secs, cpu) = best_of(10, || {
                     sdpa(&q, &k, &v, scale, mask, None).unwrap();
                 });
                 let flops = 4.0 * (b * h * t * t * d) as f64 / if causal { 2.0 } else { 1.0 };
                 println!(
                     "prefill {dtype} B{b} H{h} T{t} D{d} transposed={transposed} causal={causal} \
-                     threads={threads}: {:.2} ms, {:.1} GFLOP/s",
+                     threads={threads}: {:.2} ms, {:.1} GFLOP/s ({:.1} GFLOP per CPU second)",
                     secs * 1e3,
-                    flops / secs / 1e9
+                    flops / secs / 1e9,
+                    flops / cpu / 1e9
                 );
             }
         }
@@ -1165,7 +1246,7 @@ fn bench_decode() {
     let n = 64usize << 20;
     let src = vec![1.0f32; n];
     let mut dst = vec![0.0f32; n];
-    let copy = best_of(10, || {
+    let (copy, _) = best_of(10, || {
         dst.par_chunks_mut(1 << 16)
             .zip(src.par_chunks(1 << 16))
             .for_each(|(d, s)| d.copy_from_slice(s));
@@ -1177,16 +1258,58 @@ fn bench_decode() {
         let q = randn(&[1, nq, 1, d], dtype, 1);
         let k = randn(&[1, nkv, tkv, d], dtype, 2);
         let v = randn(&[1, nkv, tkv, d], dtype, 3);
-        let secs = best_of(20, || {
+        let (secs, cpu) = best_of(40, || {
             sdpa(&q, &k, &v, 0.088, Mask::None, None).unwrap();
         });
         let bytes = (k.nbytes() + v.nbytes()) as f64;
         let gbs = bytes / secs / 1e9;
         println!(
             "decode {dtype} Nq{nq} Nkv{nkv} Tkv{tkv} D{d} threads={threads}: {:.3} ms, {gbs:.1} GB/s \
-             of K+V = {:.0}% of copy",
+             of K+V = {:.0}% of copy ({:.3} CPU ms per call)",
             secs * 1e3,
-            100.0 * gbs / copy_gbs
+            100.0 * gbs / copy_gbs,
+            cpu * 1e3
+        );
+    }
+}
+
+#[test]
+#[ignore = "benchmark"]
+fn bench_shapes() {
+    let threads = rayon::current_num_threads();
+    // (B, N_q, N_kv, T_q, T_kv, D, causal)
+    let shapes = [
+        (
+            1usize, 32usize, 8usize, 1024usize, 1024usize, 128usize, true,
+        ),
+        (1, 32, 8, 4, 4096, 128, false),
+        (1, 32, 8, 8, 4096, 128, false),
+        (8, 32, 8, 1, 2048, 128, false),
+        (1, 32, 1, 1, 8192, 128, false),
+        (1, 8, 8, 512, 512, 64, true),
+    ];
+    // SDPA_BENCH_SHAPE=i runs only shape i.
+    let only: Option<usize> = std::env::var("SDPA_BENCH_SHAPE")
+        .ok()
+        .and_then(|x| x.parse().ok());
+    for (i, &(b, nq, nkv, tq, tkv, d, causal)) in shapes.iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
+        let q = randn(&[b, nq, tq, d], DType::F32, 1);
+        let k = randn(&[b, nkv, tkv, d], DType::F32, 2);
+        let v = randn(&[b, nkv, tkv, d], DType::F32, 3);
+        let mask = if causal { Mask::Causal } else { Mask::None };
+        let (secs, _) = best_of(10, || {
+            sdpa(&q, &k, &v, 0.088, mask, None).unwrap();
+        });
+        let flops = 4.0 * (b * nq * tq * tkv * d) as f64 / if causal { 2.0 } else { 1.0 };
+        let gbs = (k.nbytes() + v.nbytes()) as f64 / secs / 1e9;
+        println!(
+            "B{b} Nq{nq} Nkv{nkv} Tq{tq} Tkv{tkv} D{d} causal={causal} threads={threads}: \
+             {:.3} ms, {:.1} GFLOP/s, {gbs:.1} GB/s of K+V",
+            secs * 1e3,
+            flops / secs / 1e9
         );
     }
 }
@@ -1205,7 +1328,12 @@ fn peak_rss_kib() -> u64 {
 #[test]
 #[ignore = "benchmark"]
 fn bench_long_sequence_memory() {
-    let (h, t, d) = (8usize, 16384usize, 128usize);
+    // SDPA_BENCH_T overrides the sequence length (default 16384).
+    let t = std::env::var("SDPA_BENCH_T")
+        .ok()
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(16384usize);
+    let (h, d) = (8usize, 128usize);
     let q = randn(&[1, h, t, d], DType::F32, 1);
     let k = randn(&[1, h, t, d], DType::F32, 2);
     let v = randn(&[1, h, t, d], DType::F32, 3);

@@ -24,16 +24,26 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::{Add, Mul, Sub};
 
-/// Query rows per score tile in the `gemm` path.
+/// Query block: tasks cover whole blocks of one head's queries.
 const BQ: usize = 64;
-/// Keys per tile.
+/// Most rows per `gemm` call (one call serves the rows of several query heads and blocks).
+const MAX_TILE_ROWS: usize = 256;
+/// Keys per tile (for tasks of `MAX_TILE_ROWS` rows or of at most `SMALL_ROWS` rows).
 const BK: usize = 128;
+/// Most keys per tile (tasks of few rows take longer tiles).
+const MAX_BK: usize = 1024;
 /// Query rows a task aims for: enough to amortise loading each key/value tile.
 const TASK_ROWS: usize = 256;
 /// Tasks with at most this many rows use dot products instead of `gemm`.
 const SMALL_ROWS: usize = 8;
+/// Below this many multiply-adds a call runs on the calling thread (about 100 us of work).
+const SEQUENTIAL_WORK: usize = 1 << 22;
 
 /// The type scores, softmax and accumulator are computed in: f32, or f64 for f64 inputs.
+///
+/// The vector helpers take `const FMA: bool`. `FMA = true` is instantiated only inside
+/// `Ctx::attend_avx2` (x86_64, entered after AVX2 and FMA were detected) and on aarch64
+/// (which always has FMA); on x86_64 the f32 helpers then use AVX2 intrinsics.
 trait Acc:
     Copy
     + Send
@@ -51,11 +61,65 @@ trait Acc:
     const NEG_INF: Self;
     fn from_f32(x: f32) -> Self;
     fn exp(self) -> Self;
-    /// `a * b + c`, fused when `FMA` (only instantiated `true` where the CPU has FMA).
+    /// `a * b + c`, fused when `FMA`.
     fn fma<const FMA: bool>(a: Self, b: Self, c: Self) -> Self;
+
+    /// `sum(a[i] * b[i])`.
+    #[inline(always)]
+    fn dot<const FMA: bool>(a: &[Self], b: &[Self]) -> Self {
+        let mut acc = [Self::ZERO; 4];
+        let (ac, bc) = (a.chunks_exact(4), b.chunks_exact(4));
+        let mut tail = Self::ZERO;
+        for (&x, &y) in ac.remainder().iter().zip(bc.remainder()) {
+            tail = Self::fma::<FMA>(x, y, tail);
+        }
+        for (x, y) in ac.zip(bc) {
+            for l in 0..4 {
+                acc[l] = Self::fma::<FMA>(x[l], y[l], acc[l]);
+            }
+        }
+        (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+    }
+
+    /// `y += a * x`.
+    #[inline(always)]
+    fn axpy<const FMA: bool>(y: &mut [Self], a: Self, x: &[Self]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = Self::fma::<FMA>(a, x, *y);
+        }
+    }
+
+    /// `y *= a`.
+    #[inline(always)]
+    fn scale<const FMA: bool>(y: &mut [Self], a: Self) {
+        for y in y.iter_mut() {
+            *y = *y * a;
+        }
+    }
+
+    /// The largest element, ignoring NaN; -inf for an empty or all-NaN slice.
+    #[inline(always)]
+    fn max_of<const FMA: bool>(xs: &[Self]) -> Self {
+        let mut m = Self::NEG_INF;
+        for &x in xs {
+            if x > m {
+                m = x;
+            }
+        }
+        m
+    }
+
     /// Replaces every `x` by `exp(x - m)` and returns their sum. `m` is at least every `x`
     /// (or NaN), so the arguments are `<= 0`.
-    fn exp_sub_sum<const FMA: bool>(xs: &mut [Self], m: Self) -> Self;
+    #[inline(always)]
+    fn exp_sub_sum<const FMA: bool>(xs: &mut [Self], m: Self) -> Self {
+        let mut sum = Self::ZERO;
+        for x in xs {
+            *x = (*x - m).exp();
+            sum = sum + *x;
+        }
+        sum
+    }
 }
 
 impl Acc for f32 {
@@ -79,22 +143,96 @@ impl Acc for f32 {
         }
     }
     #[inline(always)]
-    fn exp_sub_sum<const FMA: bool>(xs: &mut [f32], m: f32) -> f32 {
+    fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // SAFETY: see the trait: FMA on x86_64 means AVX2 and FMA were detected.
+            return unsafe { avx2::dot(a, b) };
+        }
         let mut acc = [0.0f32; 8];
-        let mut chunks = xs.chunks_exact_mut(8);
-        for c in &mut chunks {
+        let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+        let mut tail = 0.0;
+        for (&x, &y) in ac.remainder().iter().zip(bc.remainder()) {
+            tail = f32::fma::<FMA>(x, y, tail);
+        }
+        for (x, y) in ac.zip(bc) {
             for l in 0..8 {
-                let y = exp_nonpositive::<FMA>(c[l] - m);
-                c[l] = y;
-                acc[l] += y;
+                acc[l] = f32::fma::<FMA>(x[l], y[l], acc[l]);
             }
         }
-        let mut sum = 0.0f32;
-        for x in chunks.into_remainder() {
-            *x = exp_nonpositive::<FMA>(*x - m);
-            sum += *x;
+        acc.iter().sum::<f32>() + tail
+    }
+    #[inline(always)]
+    fn axpy<const FMA: bool>(y: &mut [f32], a: f32, x: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // SAFETY: see the trait.
+            return unsafe { avx2::axpy(y, a, x) };
         }
-        acc.iter().sum::<f32>() + sum
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = f32::fma::<FMA>(a, x, *y);
+        }
+    }
+    #[inline(always)]
+    fn scale<const FMA: bool>(y: &mut [f32], a: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // SAFETY: see the trait.
+            return unsafe { avx2::scale(y, a) };
+        }
+        for y in y.iter_mut() {
+            *y *= a;
+        }
+    }
+    #[inline(always)]
+    fn max_of<const FMA: bool>(xs: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // SAFETY: see the trait.
+            return unsafe { avx2::max(xs) };
+        }
+        let mut mx = [f32::NEG_INFINITY; 8];
+        let chunks = xs.chunks_exact(8);
+        let mut m = f32::NEG_INFINITY;
+        for &x in chunks.remainder() {
+            if x > m {
+                m = x;
+            }
+        }
+        for c in chunks {
+            for l in 0..8 {
+                if c[l] > mx[l] {
+                    mx[l] = c[l];
+                }
+            }
+        }
+        for x in mx {
+            if x > m {
+                m = x;
+            }
+        }
+        m
+    }
+    #[inline(always)]
+    fn exp_sub_sum<const FMA: bool>(xs: &mut [f32], m: f32) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // SAFETY: see the trait.
+            return unsafe { avx2::exp_sub_sum(xs, m) };
+        }
+        // Two simple loops vectorise where one fused loop does not.
+        for x in xs.iter_mut() {
+            *x = exp_nonpositive::<FMA>(*x - m);
+        }
+        let mut acc = [0.0f32; 8];
+        let chunks = xs.chunks_exact(8);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for l in 0..8 {
+                acc[l] += c[l];
+            }
+        }
+        acc.iter().sum::<f32>() + tail
     }
 }
 
@@ -118,50 +256,199 @@ impl Acc for f64 {
             a * b + c
         }
     }
-    #[inline(always)]
-    fn exp_sub_sum<const FMA: bool>(xs: &mut [f64], m: f64) -> f64 {
-        let mut sum = 0.0f64;
-        for x in xs {
-            *x = (*x - m).exp();
-            sum += *x;
-        }
-        sum
-    }
 }
 
-/// `exp(x)` for `x <= 0` (or NaN, which it returns), vectorisable: relative error below
-/// 2e-7 (Cody-Waite reduction by ln 2, degree-7 Taylor polynomial on |r| <= ln(2)/2, whose
-/// truncation error is 6e-9), results below 2^-126 flushed to 0. Inside attention these are
-/// softmax weights relative to a row maximum of weight 1, so the flush changes nothing
-/// visible.
+// exp(x) for x <= 0: Cody-Waite reduction x = n ln2 + r with |r| <= ln(2)/2 (ln 2 split so
+// that n * LN2_HI is exact), exp(r) by its degree-7 Taylor polynomial (truncation error
+// 6e-9), 2^n built in the exponent bits. Relative error below 2e-7. Arguments below -87
+// give 0 (exp(-87) is 1.6e-38, nothing next to a row maximum of weight 1).
+const EXP_LOG2E: f32 = std::f32::consts::LOG2_E;
+const EXP_LN2_HI: f32 = 355.0 / 512.0;
+const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+/// 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+const EXP_ROUND: f32 = 12_582_912.0;
+const EXP_LOW: f32 = -87.0;
+const EXP_POLY: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
+/// `exp(x)` for `x <= 0`, or NaN (returned as NaN); see the constants above.
 #[inline(always)]
 fn exp_nonpositive<const FMA: bool>(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that n * LN2_HI is exact for |n| < 2^15.
-    const LN2_HI: f32 = 0.693_359_375;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    const LOW: f32 = -87.0;
-    let xc = if x < LOW { LOW } else { x };
-    let z = f32::fma::<FMA>(xc, LOG2E, ROUND);
-    let n = z - ROUND;
-    let r = f32::fma::<FMA>(n, -LN2_LO, f32::fma::<FMA>(n, -LN2_HI, xc));
-    let mut p = 1.0 / 5040.0;
-    p = f32::fma::<FMA>(p, r, 1.0 / 720.0);
-    p = f32::fma::<FMA>(p, r, 1.0 / 120.0);
-    p = f32::fma::<FMA>(p, r, 1.0 / 24.0);
-    p = f32::fma::<FMA>(p, r, 1.0 / 6.0);
-    p = f32::fma::<FMA>(p, r, 0.5);
-    p = f32::fma::<FMA>(p, r, 1.0);
-    p = f32::fma::<FMA>(p, r, 1.0);
+    let xc = if x < EXP_LOW { EXP_LOW } else { x };
+    let z = f32::fma::<FMA>(xc, EXP_LOG2E, EXP_ROUND);
+    let n = z - EXP_ROUND;
+    let r = f32::fma::<FMA>(n, -EXP_LN2_LO, f32::fma::<FMA>(n, -EXP_LN2_HI, xc));
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = f32::fma::<FMA>(p, r, c);
+    }
     // n in [-126, 0] sits in z's mantissa as 0x40_0000 + n; build 2^n from it.
     let n_int = (z.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let two_n = f32::from_bits((n_int.wrapping_add(127) << 23) as u32);
-    if x < LOW {
+    if x < EXP_LOW {
         0.0
     } else {
         p * two_n
+    }
+}
+
+/// AVX2 + FMA versions of the f32 helpers. Callers must have detected both features.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{exp_nonpositive, EXP_LN2_HI, EXP_LN2_LO, EXP_LOG2E, EXP_LOW, EXP_POLY, EXP_ROUND};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY (all loads): i + 8 <= n <= both lengths.
+        while i + 32 <= n {
+            for (u, a) in acc.iter_mut().enumerate() {
+                let o = i + 8 * u;
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *a);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
+            i += 8;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut total = hsum(v);
+        while i < n {
+            total = a[i].mul_add(b[i], total);
+            i += 1;
+        }
+        total
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+        let va = _mm256_set1_ps(a);
+        let mut i = 0;
+        // SAFETY: i + 8 <= n <= both lengths.
+        while i + 8 <= n {
+            let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+            _mm256_storeu_ps(py.add(i), r);
+            i += 8;
+        }
+        while i < n {
+            y[i] = a.mul_add(x[i], y[i]);
+            i += 1;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scale(y: &mut [f32], a: f32) {
+        let n = y.len();
+        let py = y.as_mut_ptr();
+        let va = _mm256_set1_ps(a);
+        let mut i = 0;
+        // SAFETY: i + 8 <= n.
+        while i + 8 <= n {
+            _mm256_storeu_ps(py.add(i), _mm256_mul_ps(va, _mm256_loadu_ps(py.add(i))));
+            i += 8;
+        }
+        while i < n {
+            y[i] *= a;
+            i += 1;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn max(xs: &[f32]) -> f32 {
+        let n = xs.len();
+        let p = xs.as_ptr();
+        let mut acc = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        // SAFETY: i + 8 <= n. `max_ps(x, acc)` returns acc when x is NaN: NaN is ignored.
+        while i + 8 <= n {
+            acc = _mm256_max_ps(_mm256_loadu_ps(p.add(i)), acc);
+            i += 8;
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let mut m = f32::NEG_INFINITY;
+        for &x in lanes.iter().chain(&xs[i..]) {
+            if x > m {
+                m = x;
+            }
+        }
+        m
+    }
+
+    /// exp of 8 lanes, each `<= 0` or NaN (kept NaN); as `exp_nonpositive`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let low = _mm256_set1_ps(EXP_LOW);
+        let too_small = _mm256_cmp_ps::<_CMP_LT_OQ>(x, low);
+        let xc = _mm256_blendv_ps(x, low, too_small);
+        let round = _mm256_set1_ps(EXP_ROUND);
+        let z = _mm256_fmadd_ps(xc, _mm256_set1_ps(EXP_LOG2E), round);
+        let n = _mm256_sub_ps(z, round);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), xc);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let n_int = _mm256_sub_epi32(_mm256_castps_si256(z), _mm256_set1_epi32(0x4B40_0000));
+        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(n_int, _mm256_set1_epi32(127)));
+        _mm256_andnot_ps(too_small, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_sub_sum(xs: &mut [f32], m: f32) -> f32 {
+        let n = xs.len();
+        let p = xs.as_mut_ptr();
+        let vm = _mm256_set1_ps(m);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY: i + 8 <= n.
+        while i + 8 <= n {
+            let y = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
+            _mm256_storeu_ps(p.add(i), y);
+            acc = _mm256_add_ps(acc, y);
+            i += 8;
+        }
+        let mut total = hsum(acc);
+        while i < n {
+            xs[i] = exp_nonpositive::<true>(xs[i] - m);
+            total += xs[i];
+            i += 1;
+        }
+        total
     }
 }
 
@@ -259,15 +546,6 @@ impl<'a, T: Element> View<'a, T> {
             strides: [s[0], s[1], s[2], s[3]],
         })
     }
-
-    /// Buffer position of element `[b, h, t, 0]`.
-    #[inline(always)]
-    fn pos(&self, b: usize, h: usize, t: usize) -> isize {
-        self.offset
-            + b as isize * self.strides[0]
-            + h as isize * self.strides[1]
-            + t as isize * self.strides[2]
-    }
 }
 
 impl<T: Elem> View<'_, T> {
@@ -284,6 +562,35 @@ impl<T: Elem> View<'_, T> {
                 *x = self.buf[(start + c as isize * step) as usize].widen();
             }
         }
+    }
+}
+
+impl<T> View<'_, T> {
+    /// Buffer position of element `[b, h, t, 0]`.
+    #[inline(always)]
+    fn pos(&self, b: usize, h: usize, t: usize) -> isize {
+        self.offset
+            + b as isize * self.strides[0]
+            + h as isize * self.strides[1]
+            + t as isize * self.strides[2]
+    }
+
+    /// Hints the CPU to fetch row `[b, h, t, ..len]` into cache (nothing if `t >= end` or
+    /// the row is not contiguous).
+    #[inline(always)]
+    fn prefetch_row(&self, b: usize, h: usize, t: usize, len: usize, end: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if t < end && self.strides[3] == 1 {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let start = self.buf.as_ptr().wrapping_offset(self.pos(b, h, t)) as *const i8;
+            let bytes = len * std::mem::size_of::<T>();
+            for line in (0..bytes).step_by(64) {
+                // SAFETY: a prefetch is only a hint; it never faults, whatever the address.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line)) };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (b, h, t, len, end);
     }
 }
 
@@ -328,9 +635,11 @@ fn tile_rows<'s, T: Elem>(
             };
         }
     }
-    scratch.clear();
-    scratch.resize(n * len, T::A::ZERO);
-    for (j, row) in scratch.chunks_exact_mut(len.max(1)).enumerate().take(n) {
+    // Grow only: every value read back is written below first.
+    if scratch.len() < n * len {
+        scratch.resize(n * len, T::A::ZERO);
+    }
+    for (j, row) in scratch[..n * len].chunks_exact_mut(len.max(1)).enumerate() {
         view.load_row(b, h, t0 + j, &mut row[..len]);
     }
     Rows {
@@ -458,47 +767,12 @@ fn matmul<A: Acc>(
     }
 }
 
-/// `sum(a[i] * b[i])` with 16 independent lanes so it vectorises.
-#[inline(always)]
-fn dot<A: Acc, const FMA: bool>(a: &[A], b: &[A]) -> A {
-    let mut acc = [A::ZERO; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for l in 0..16 {
-            acc[l] = A::fma::<FMA>(x[l], y[l], acc[l]);
-        }
-    }
-    for (l, (&x, &y)) in ar.iter().zip(br).enumerate() {
-        acc[l] = A::fma::<FMA>(x, y, acc[l]);
-    }
-    let mut half = [A::ZERO; 8];
-    for l in 0..8 {
-        half[l] = acc[l] + acc[l + 8];
-    }
-    (half[0] + half[4]) + (half[1] + half[5]) + ((half[2] + half[6]) + (half[3] + half[7]))
-}
-
 /// Online softmax step for one row of scores `s` (masked entries are -inf): updates the
 /// running max `m` and sum `l`, rescales the accumulator row, and leaves the unnormalised
 /// probabilities in `s`.
 #[inline(always)]
 fn softmax_step<A: Acc, const FMA: bool>(s: &mut [A], m: &mut A, l: &mut A, acc: &mut [A]) {
-    let mut mx = [A::NEG_INF; 8];
-    let mut chunks = s.chunks_exact(8);
-    for c in &mut chunks {
-        for lane in 0..8 {
-            if c[lane] > mx[lane] {
-                mx[lane] = c[lane];
-            }
-        }
-    }
-    let mut block_max = A::NEG_INF;
-    for &x in mx.iter().chain(chunks.remainder()) {
-        if x > block_max {
-            block_max = x;
-        }
-    }
+    let block_max = A::max_of::<FMA>(s);
     let new_max = if block_max > *m { block_max } else { *m };
     if new_max == A::NEG_INF {
         // Nothing visible in this row yet: no weight, no change.
@@ -509,9 +783,7 @@ fn softmax_step<A: Acc, const FMA: bool>(s: &mut [A], m: &mut A, l: &mut A, acc:
     if new_max != *m {
         let alpha = (*m - new_max).exp();
         *l = *l * alpha;
-        for x in acc.iter_mut() {
-            *x = *x * alpha;
-        }
+        A::scale::<FMA>(acc, alpha);
         *m = new_max;
     }
     *l = *l + sum;
@@ -569,9 +841,11 @@ impl<T: Elem> Ctx<'_, T> {
             return unsafe { self.attend_avx2(gc, k_lo, k_hi, with_sink) };
         }
         // aarch64 always has fused multiply-add.
-        if cfg!(target_arch = "aarch64") {
+        #[cfg(target_arch = "aarch64")]
+        {
             return self.attend_impl::<true>(gc, k_lo, k_hi, with_sink);
         }
+        #[allow(unreachable_code)]
         self.attend_impl::<false>(gc, k_lo, k_hi, with_sink)
     }
 
@@ -628,94 +902,126 @@ impl<T: Elem> Ctx<'_, T> {
             k_hi
         };
         let small = rows <= SMALL_ROWS;
-        let bq = if small { rows } else { BQ };
-        let mut s = vec![T::A::ZERO; bq.min(rows) * BK];
+        let max_rows = if small { rows } else { MAX_TILE_ROWS };
+        // Keys per tile: BK for full tasks; longer for tasks of fewer rows, so that each `gemm`
+        // call keeps a worthwhile size next to its fixed cost.
+        let bk = if small {
+            BK
+        } else {
+            (BK * MAX_TILE_ROWS / rows.min(MAX_TILE_ROWS)).min(MAX_BK)
+        };
+        let mut s = vec![T::A::ZERO; max_rows.min(rows) * bk];
         let (mut kscratch, mut vscratch) = (Vec::new(), Vec::new());
+        let mut segments: Vec<(usize, usize)> = Vec::with_capacity(self.r);
 
         let mut k0 = k_lo;
         while k0 < k_hi {
-            let nk = BK.min(k_hi - k0);
+            let nk = bk.min(k_hi - k0);
+            // The rows this key tile reaches: all of them, or under a causal mask the queries
+            // of each head from the first one that sees key k0 (adjacent ranges merged).
+            segments.clear();
+            let first = if self.causal {
+                (k0 as isize - off - q0 as isize).max(0) as usize
+            } else {
+                0
+            };
+            for r in 0..self.r {
+                if first < nqr {
+                    let (lo, hi) = (r * nqr + first, (r + 1) * nqr);
+                    match segments.last_mut() {
+                        Some(last) if last.1 == lo => last.1 = hi,
+                        _ => segments.push((lo, hi)),
+                    }
+                }
+            }
+            if segments.is_empty() {
+                k0 += nk;
+                continue;
+            }
             let kr = tile_rows(self.k, b, g, k0, nk, d, &mut kscratch);
             let vr = tile_rows(self.v, b, g, k0, nk, dv, &mut vscratch);
-            let mut row0 = 0;
-            while row0 < rows {
-                let nr = bq.min(rows - row0);
-                let (tmin, tmax) = if nr >= nqr || row0 % nqr + nr > nqr {
-                    (q0, q1 - 1)
-                } else {
-                    (query_of(row0), query_of(row0 + nr - 1))
-                };
-                if self.causal && k0 as isize > tmax as isize + off {
-                    row0 += nr;
-                    continue;
+            if !small {
+                // `gemm` reads the tiles in an order the hardware prefetcher does not follow
+                // well; fetch the next tile while this one computes.
+                for j in k0 + bk..(k0 + 2 * bk).min(k_hi) {
+                    self.k.prefetch_row(b, g, j, d, self.tkv);
+                    self.v.prefetch_row(b, g, j, dv, self.tkv);
                 }
-                let sb = &mut s[..nr * nk];
-                if small {
-                    for j in 0..nk {
-                        let kj = kr.row(j, d);
-                        for rr in 0..nr {
-                            sb[rr * nk + j] = dot::<T::A, FMA>(&qt[(row0 + rr) * d..][..d], kj);
+            }
+            for &(lo, hi) in &segments {
+                let mut row0 = lo;
+                while row0 < hi {
+                    let nr = max_rows.min(hi - row0);
+                    let sb = &mut s[..nr * nk];
+                    if small {
+                        for j in 0..nk {
+                            // Streaming decode: ask for the next tile's rows while this one
+                            // computes, so memory and arithmetic overlap.
+                            self.k.prefetch_row(b, g, k0 + bk + j, d, self.tkv);
+                            let kj = kr.row(j, d);
+                            for rr in 0..nr {
+                                let qrow = &qt[(row0 + rr) * d..][..d];
+                                sb[rr * nk + j] = T::A::dot::<FMA>(qrow, kj);
+                            }
                         }
+                    } else {
+                        matmul(
+                            nr,
+                            nk,
+                            d,
+                            sb,
+                            nk,
+                            false,
+                            (&qt, row0 * d, d, 1),
+                            (kr.data, kr.start, 1, kr.stride),
+                        );
                     }
-                } else {
-                    matmul(
-                        nr,
-                        nk,
-                        d,
-                        sb,
-                        nk,
-                        false,
-                        (&qt, row0 * d, d, 1),
-                        (kr.data, kr.start, 1, kr.stride),
-                    );
-                }
-                let partial_causal = self.causal && (k0 + nk - 1) as isize > tmin as isize + off;
-                for rr in 0..nr {
-                    let row = row0 + rr;
-                    let t = query_of(row);
-                    let srow = &mut sb[rr * nk..][..nk];
-                    if let Some(mask) = &self.mask {
-                        mask.apply(b, head_of(row), t, k0, srow);
-                    }
-                    if partial_causal {
-                        let first_hidden = (t as isize + off + 1 - k0 as isize).max(0) as usize;
-                        if first_hidden < nk {
-                            srow[first_hidden..].fill(T::A::NEG_INF);
+                    for rr in 0..nr {
+                        let row = row0 + rr;
+                        let t = query_of(row);
+                        let srow = &mut sb[rr * nk..][..nk];
+                        if let Some(mask) = &self.mask {
+                            mask.apply(b, head_of(row), t, k0, srow);
                         }
+                        if self.causal {
+                            let first_hidden = (t as isize + off + 1 - k0 as isize).max(0) as usize;
+                            if first_hidden < nk {
+                                srow[first_hidden..].fill(T::A::NEG_INF);
+                            }
+                        }
+                        softmax_step::<T::A, FMA>(
+                            srow,
+                            &mut m[row],
+                            &mut l[row],
+                            &mut acc[row * dv..][..dv],
+                        );
                     }
-                    softmax_step::<T::A, FMA>(
-                        srow,
-                        &mut m[row],
-                        &mut l[row],
-                        &mut acc[row * dv..][..dv],
-                    );
-                }
-                if small {
-                    for j in 0..nk {
-                        let vj = vr.row(j, dv);
-                        for rr in 0..nr {
-                            let p = sb[rr * nk + j];
-                            if p != T::A::ZERO {
-                                let arow = &mut acc[(row0 + rr) * dv..][..dv];
-                                for (a, &x) in arow.iter_mut().zip(vj) {
-                                    *a = T::A::fma::<FMA>(p, x, *a);
+                    if small {
+                        for j in 0..nk {
+                            self.v.prefetch_row(b, g, k0 + bk + j, dv, self.tkv);
+                            let vj = vr.row(j, dv);
+                            for rr in 0..nr {
+                                let p = sb[rr * nk + j];
+                                if p != T::A::ZERO {
+                                    let arow = &mut acc[(row0 + rr) * dv..][..dv];
+                                    T::A::axpy::<FMA>(arow, p, vj);
                                 }
                             }
                         }
+                    } else {
+                        matmul(
+                            nr,
+                            dv,
+                            nk,
+                            &mut acc[row0 * dv..],
+                            dv,
+                            true,
+                            (sb, 0, nk, 1),
+                            (vr.data, vr.start, vr.stride, 1),
+                        );
                     }
-                } else {
-                    matmul(
-                        nr,
-                        dv,
-                        nk,
-                        &mut acc[row0 * dv..],
-                        dv,
-                        true,
-                        (sb, 0, nk, 1),
-                        (vr.data, vr.start, vr.stride, 1),
-                    );
+                    row0 += nr;
                 }
-                row0 += nr;
             }
             k0 += nk;
         }
@@ -872,7 +1178,13 @@ fn run<T: Elem>(c: &Checked, scale: f32) -> Result<Array> {
             pieces[(b * nkv + h / r) * nqc + ci].push(piece);
         }
     }
-    if nsplit == 1 {
+    // Multiply-adds of the whole call: small calls stay on the calling thread.
+    let work = (bn * nq * tq * tkv).saturating_mul(d + dv);
+    if work < SEQUENTIAL_WORK {
+        for (gc, mut p) in pieces.into_iter().enumerate() {
+            ctx.finish(&ctx.attend(gc, 0, tkv, true), &mut p);
+        }
+    } else if nsplit == 1 {
         pieces
             .into_par_iter()
             .enumerate()
@@ -892,4 +1204,41 @@ fn run<T: Elem>(c: &Checked, scale: f32) -> Result<Array> {
             .for_each(|(gc, mut p)| ctx.merge(&parts[gc * nsplit..][..nsplit], &mut p));
     }
     Array::from_vec(out, &c.out_shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Arguments from -90 to 0 (and the special values), through both the scalar and the
+    /// AVX2 path, against f64's exp.
+    #[test]
+    fn fast_exp_relative_error() {
+        let mut xs: Vec<f32> = (0..200_000).map(|i| -90.0 * i as f32 / 200_000.0).collect();
+        xs.extend([0.0, -0.0, -1e-30, -86.99, -87.0, -87.01, f32::NEG_INFINITY]);
+        let check = |got: f32, x: f32| {
+            let want = f64::from(x).exp();
+            if x < EXP_LOW {
+                assert_eq!(got, 0.0, "exp({x})");
+            } else {
+                let rel = ((f64::from(got) - want) / want).abs();
+                assert!(rel < 2e-7, "exp({x}) = {got}, want {want}, rel {rel}");
+            }
+        };
+        for &x in &xs {
+            check(exp_nonpositive::<false>(x), x);
+        }
+        assert!(exp_nonpositive::<false>(f32::NAN).is_nan());
+        #[cfg(target_arch = "x86_64")]
+        if has_fma() {
+            let mut ys = xs.clone();
+            ys.push(f32::NAN);
+            // SAFETY: AVX2 and FMA were just detected.
+            let sum = unsafe { avx2::exp_sub_sum(&mut ys, 0.0) };
+            assert!(sum.is_nan() && ys[ys.len() - 1].is_nan());
+            for (&y, &x) in ys.iter().zip(&xs) {
+                check(y, x);
+            }
+        }
+    }
 }

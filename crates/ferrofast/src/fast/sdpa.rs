@@ -8,7 +8,7 @@
 use crate::array::{broadcast_shapes, fmt_shape};
 use crate::dtype::{promote_types, DType};
 use crate::error::{Error, Result};
-use crate::{Array, Device};
+use crate::Array;
 
 const OP: &str = "[scaled_dot_product_attention]";
 
@@ -76,28 +76,28 @@ fn cast(a: &Array, dtype: DType) -> Result<Array> {
     }
 }
 
-/// MLX's `broadcast_to` for the mask, with both of its messages.
-fn broadcast_mask(mask: &Array, target: &[usize]) -> Result<Array> {
-    let shape = broadcast_shapes(mask.shape(), target)?;
+/// MLX's `broadcast_to` check for the mask, with both of its messages.
+fn check_mask_broadcast(mask: &[usize], target: &[usize]) -> Result<()> {
+    let shape = broadcast_shapes(mask, target)?;
     if shape != target {
         return Err(Error::Shape(format!(
             "Cannot broadcast array of shape {} into shape {}.",
-            fmt_shape(mask.shape()),
+            fmt_shape(mask),
             fmt_shape(target)
         )));
     }
-    mask.broadcast_to(target)
+    Ok(())
 }
 
-/// Validates the arguments in the order MLX does (`mlx/fast.cpp`), with MLX's messages, then
-/// casts q, k, v (and an additive mask and the sinks) to the output dtype.
-pub(crate) fn check(
+/// Validates the arguments in the order MLX does (`mlx/fast.cpp`), with MLX's messages,
+/// looking only at shapes and dtypes. Returns the output dtype.
+pub(crate) fn validate(
     q: &Array,
     k: &Array,
     v: &Array,
     mask: Mask<'_>,
     sinks: Option<&Array>,
-) -> Result<Checked> {
+) -> Result<DType> {
     for t in [q, k, v] {
         if t.ndim() != 4 {
             return Err(Error::invalid(format!(
@@ -151,41 +151,27 @@ pub(crate) fn check(
             "{OP} Received unsupported type {dtype}."
         )));
     }
-    let target = [qs[0], qs[1], qs[2], ks[2]];
-    let (causal, mask) = match mask {
-        Mask::None => (false, None),
-        Mask::Causal => (true, None),
-        Mask::Array(m) => {
-            if promote_types(m.dtype(), dtype) != dtype {
-                return Err(Error::invalid(format!(
-                    "{OP} Mask type must promote to output type {dtype}."
-                )));
-            }
-            let m = if m.dtype() == DType::Bool {
-                m.clone()
-            } else {
-                cast(m, dtype)?
-            };
-            (false, Some(broadcast_mask(&m, &target)?))
+    if let Mask::Array(m) = mask {
+        if promote_types(m.dtype(), dtype) != dtype {
+            return Err(Error::invalid(format!(
+                "{OP} Mask type must promote to output type {dtype}."
+            )));
         }
-    };
-    let sinks = match sinks {
-        None => None,
-        Some(s) => {
-            if promote_types(s.dtype(), dtype) != dtype {
-                return Err(Error::invalid(format!(
-                    "{OP} Type of sinks must promote to output type {dtype}."
-                )));
-            }
-            if s.ndim() != 1 || s.shape()[0] != qs[1] {
-                return Err(Error::invalid(format!(
-                    "{OP} Received invalid shape for sinks {}.",
-                    fmt_shape(s.shape())
-                )));
-            }
-            Some(cast(s, dtype)?)
+        check_mask_broadcast(m.shape(), &[qs[0], qs[1], qs[2], ks[2]])?;
+    }
+    if let Some(s) = sinks {
+        if promote_types(s.dtype(), dtype) != dtype {
+            return Err(Error::invalid(format!(
+                "{OP} Type of sinks must promote to output type {dtype}."
+            )));
         }
-    };
+        if s.ndim() != 1 || s.shape()[0] != qs[1] {
+            return Err(Error::invalid(format!(
+                "{OP} Received invalid shape for sinks {}.",
+                fmt_shape(s.shape())
+            )));
+        }
+    }
     // MLX reports this one from inside its matmul; we say plainly what is wrong.
     if ks[2] != vs[2] {
         return Err(Error::invalid(format!(
@@ -195,6 +181,31 @@ pub(crate) fn check(
             fmt_shape(vs)
         )));
     }
+    Ok(dtype)
+}
+
+/// [`validate`]s the arguments, then casts q, k, v (and an additive mask and the sinks) to
+/// the output dtype, as MLX does, and broadcasts the mask (a view).
+pub(crate) fn check(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    mask: Mask<'_>,
+    sinks: Option<&Array>,
+) -> Result<Checked> {
+    let dtype = validate(q, k, v, mask, sinks)?;
+    let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
+    let (causal, mask) = match mask {
+        Mask::None => (false, None),
+        Mask::Causal => (true, None),
+        Mask::Array(m) if m.dtype() == DType::Bool => {
+            (false, Some(m.broadcast_to(&[qs[0], qs[1], qs[2], ks[2]])?))
+        }
+        Mask::Array(m) => (
+            false,
+            Some(cast(m, dtype)?.broadcast_to(&[qs[0], qs[1], qs[2], ks[2]])?),
+        ),
+    };
     Ok(Checked {
         dtype,
         q: cast(q, dtype)?,
@@ -202,7 +213,7 @@ pub(crate) fn check(
         v: cast(v, dtype)?,
         causal,
         mask,
-        sinks,
+        sinks: sinks.map(|s| cast(s, dtype)).transpose()?,
         out_shape: [qs[0], qs[1], qs[2], vs[3]],
     })
 }
@@ -246,6 +257,18 @@ pub(crate) fn check(
 /// `Error::Shape` with MLX's `broadcast_to` texts when the mask does not broadcast to
 /// `[B, N_q, T_q, T_kv]`. `Error::Unsupported` for inputs on a CUDA device (no CUDA kernel
 /// yet).
+///
+/// ```
+/// use ferrofast::{fast, Array, DType, Device};
+///
+/// // Eight query heads over two key/value heads, causal.
+/// let q = Array::randn(&[1, 8, 16, 64], DType::F32, 0, &Device::Cpu)?;
+/// let k = Array::randn(&[1, 2, 16, 64], DType::F32, 1, &Device::Cpu)?;
+/// let v = Array::randn(&[1, 2, 16, 64], DType::F32, 2, &Device::Cpu)?;
+/// let out = fast::scaled_dot_product_attention(&q, &k, &v, 0.125, fast::Mask::Causal, None)?;
+/// assert_eq!(out.shape(), &[1, 8, 16, 64]);
+/// # Ok::<(), ferrofast::Error>(())
+/// ```
 pub fn scaled_dot_product_attention(
     q: &Array,
     k: &Array,
@@ -254,16 +277,17 @@ pub fn scaled_dot_product_attention(
     mask: Mask<'_>,
     sinks: Option<&Array>,
 ) -> Result<Array> {
-    let checked = check(q, k, v, mask, sinks)?;
+    validate(q, k, v, mask, sinks)?;
     let mut devices = vec![q.device(), k.device(), v.device()];
-    devices.extend(checked.mask.as_ref().map(Array::device));
-    devices.extend(checked.sinks.as_ref().map(Array::device));
+    if let Mask::Array(m) = mask {
+        devices.push(m.device());
+    }
+    devices.extend(sinks.map(Array::device));
     if let Some(d) = devices.iter().find(|d| !d.is_cpu()) {
         return Err(Error::Unsupported(format!(
             "{OP} inputs on {d}: scaled_dot_product_attention has no CUDA kernel yet; move the \
              inputs to the CPU with to_device(&Device::Cpu)."
         )));
     }
-    debug_assert!(devices.iter().all(|d| *d == Device::Cpu));
-    crate::cpu::sdpa::scaled_dot_product_attention(&checked, scale)
+    crate::cpu::sdpa::scaled_dot_product_attention(&check(q, k, v, mask, sinks)?, scale)
 }
