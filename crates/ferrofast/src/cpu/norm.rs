@@ -198,9 +198,11 @@ impl<C: Acc> Job<'_, C> {
         self.rows_into_generic(loader, first, y, scratch);
     }
 
+    /// # Safety
+    /// The CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn rows_into_avx2<T: NormFloat<C = C>, L: LoadRow<T>>(
+    unsafe fn rows_into_avx2<T: NormFloat<C = C>, L: LoadRow<T>>(
         &self,
         loader: &L,
         first: usize,
@@ -473,14 +475,14 @@ impl Acc for f64 {
 #[inline(always)]
 fn lane_sum<E: Copy, C: Acc>(row: &[E], f: impl Fn(E) -> C) -> C {
     let mut acc = [C::ZERO; LANES];
-    let (chunks, tail) = row.as_chunks::<LANES>();
-    for chunk in chunks {
-        for j in 0..LANES {
-            acc[j] = acc[j] + f(chunk[j]);
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = *a + f(v);
         }
     }
     let mut rest = C::ZERO;
-    for &v in tail {
+    for &v in chunks.remainder() {
         rest = rest + f(v);
     }
     // A plain fold: a pairwise tree here makes LLVM vectorise the main loop 2-wide.
