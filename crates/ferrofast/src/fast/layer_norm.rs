@@ -80,9 +80,17 @@ pub fn layer_norm(
     }
     match device {
         Device::Cpu => cpu::norm::layer_norm(x, weight, bias, eps, out),
-        Device::Cuda(i) => Err(Error::Unsupported(format!(
-            "[layer_norm] the CUDA back end does not run layer_norm yet (inputs on cuda:{i}); \
-             move them to the CPU with to_device(&Device::Cpu)."
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            // The kernels read inputs already in the output dtype (MLX's front end casts too).
+            let x = x.astype(out)?;
+            let w = weight.map(|w| w.astype(out)).transpose()?;
+            let b = bias.map(|b| b.astype(out)).transpose()?;
+            crate::cuda::layer_norm(&x, w.as_ref(), b.as_ref(), eps, out)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(i) => Err(Error::CudaUnavailable(format!(
+            "[layer_norm] inputs are on cuda:{i} but this build has no CUDA back end"
         ))),
     }
 }

@@ -68,9 +68,16 @@ pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
     }
     match device {
         Device::Cpu => cpu::norm::rms_norm(x, weight, eps, out),
-        Device::Cuda(i) => Err(Error::Unsupported(format!(
-            "[rms_norm] the CUDA back end does not run rms_norm yet (inputs on cuda:{i}); \
-             move them to the CPU with to_device(&Device::Cpu)."
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            // The kernels read inputs already in the output dtype (MLX's front end casts too).
+            let x = x.astype(out)?;
+            let w = weight.map(|w| w.astype(out)).transpose()?;
+            crate::cuda::rms_norm(&x, w.as_ref(), eps, out)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(i) => Err(Error::CudaUnavailable(format!(
+            "[rms_norm] inputs are on cuda:{i} but this build has no CUDA back end"
         ))),
     }
 }
