@@ -40,6 +40,12 @@ pub(crate) const NORM_CU: KernelFile = KernelFile {
     source: include_str!("kernels/norm.cu"),
 };
 
+/// `kernels/rope.cu`: rotary positional embedding forward.
+pub(crate) const ROPE_CU: KernelFile = KernelFile {
+    name: "rope.cu",
+    source: include_str!("kernels/rope.cu"),
+};
+
 /// The in-memory header every kernel file includes.
 const PRELUDE_NAME: &str = "ferrofast_prelude.cuh";
 const PRELUDE: &str = include_str!("kernels/prelude.cuh");
@@ -484,6 +490,7 @@ pub fn check_builtin_kernels(arch: &str) -> Result<Vec<KernelCheck>> {
     let files = [
         (COPY_CU, super::copy::all_variants()),
         (NORM_CU, super::norm::all_variants()),
+        (ROPE_CU, super::rope::all_variants()),
     ];
     // One NVRTC program per file, compiled side by side (NVRTC is thread-safe across
     // programs).

@@ -1,0 +1,344 @@
+//! Launcher for `kernels/rope.cu`: rotary positional embedding forward.
+//!
+//! The front end (`fast::rope`) validates the call and reads the offsets and `freqs` on the
+//! host; [`rope`] takes those values and a GPU input. Inputs whose heads axes (all axes
+//! between the batch axis and the last two) merge into one stride and whose last axis has
+//! unit stride are read in place (row-contiguous inputs, `[B, T, H, D]` memory viewed as
+//! `[B, H, T, D]`, sliced positions, broadcast batches); other views are first copied to
+//! row-major on the GPU. Per-batch offsets and `freqs` travel as small device buffers.
+
+use super::copy::{collapse, type_tag};
+use super::jit::{self, ROPE_CU};
+use super::memory::CudaBuffer;
+use super::runtime::{driver_error, guarded, Stream};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::Array;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Threads per block.
+const BLOCK: u32 = 256;
+
+/// Heads one work item serves (`FF_ROPE_HEADS` in `rope.cu`).
+const HEADS_PER_ITEM: usize = 4;
+
+/// Where the rotation frequencies of [`rope`] come from.
+#[derive(Clone, Copy, Debug)]
+pub enum RopeFreqs<'a> {
+    /// `inv_freq_i = exp2(-(i / (dims/2)) * log2(base))`, computed in f32.
+    Base(f32),
+    /// Periods, one per rotated pair (`dims / 2` values): `inv_freq_i = 1 / periods[i]` in
+    /// f32 (MLX rounds `freqs` to f32 before inverting them).
+    Periods(&'a [f32]),
+}
+
+/// The position offsets of [`rope`], as the front end read them (MLX's int32 casts already
+/// applied).
+#[derive(Clone, Copy, Debug)]
+pub enum RopeOffsets<'a> {
+    /// One offset for every batch example.
+    Scalar(i64),
+    /// One offset per batch example (`x.shape[0]` values).
+    PerBatch(&'a [i64]),
+}
+
+fn variant(dtype: DType, traditional: bool, wide: bool) -> String {
+    format!(
+        "rope<{}, {traditional}, {}>",
+        type_tag(dtype),
+        if wide { "long long" } else { "int" }
+    )
+}
+
+/// Every instantiation of `rope.cu` a launch can ask for.
+pub(crate) fn all_variants() -> Vec<String> {
+    let mut out = Vec::new();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for traditional in [false, true] {
+            for wide in [false, true] {
+                out.push(variant(dtype, traditional, wide));
+            }
+        }
+    }
+    out
+}
+
+/// Rotary positional embedding of `x` on its CUDA device, on the stream that produced `x`:
+/// the CUDA kernel behind `fast::rope`, without the front end's validation.
+///
+/// `x` (f32, f16 or bf16, at least 3-D) is read as `(B, heads..., T, D)`. For pair
+/// `i < dims / 2` at position `t` of batch example `b`, `theta = (scale * (t + offset_b)) *
+/// inv_freq_i` (see [`RopeFreqs`]); the pair `(x[2i], x[2i+1])` when `traditional`, else
+/// `(x[i], x[i + dims/2])`, becomes `(x1 cos - x2 sin, x1 sin + x2 cos)`, all in f32 with
+/// one rounding to the dtype. Features `dims..D` are copied bit for bit. The output is a new
+/// row-major array of `x`'s shape and dtype.
+///
+/// # Errors
+/// `Error::Unsupported` for f64 (it stays on the CPU) and for sizes past the kernel's 32-bit
+/// limits (`T`, `D` or the head count above 2^31 - 1); `Error::InvalidArgument` for other
+/// dtypes, fewer than 3 dimensions, `dims` odd, zero or larger than `D`, `freqs` without
+/// `dims / 2` values or per-batch offsets without `B` values; `Error::Device` for an input
+/// on the CPU; compile and driver errors.
+pub fn rope(
+    x: &Array,
+    dims: usize,
+    traditional: bool,
+    freqs: RopeFreqs<'_>,
+    scale: f32,
+    offsets: RopeOffsets<'_>,
+) -> Result<Array> {
+    launch(x, dims, traditional, freqs, scale, offsets, None)
+}
+
+/// [`rope`] on a given stream (MLX's `stream=` argument).
+///
+/// # Errors
+/// As [`rope`]; `Error::Device` if the stream is on another device.
+pub fn rope_on(
+    stream: &Stream,
+    x: &Array,
+    dims: usize,
+    traditional: bool,
+    freqs: RopeFreqs<'_>,
+    scale: f32,
+    offsets: RopeOffsets<'_>,
+) -> Result<Array> {
+    launch(x, dims, traditional, freqs, scale, offsets, Some(stream))
+}
+
+/// `(stride_b, stride_h, stride_t)` if `x` can be read in place: unit stride along the last
+/// axis and the heads axes merging into one stride.
+fn layout(x: &Array) -> Option<(i64, i64, i64)> {
+    let nd = x.ndim();
+    let (shape, strides) = (x.shape(), x.strides());
+    if strides[nd - 1] != 1 {
+        return None;
+    }
+    let (heads, head_strides) = collapse(&shape[1..nd - 2], &strides[1..nd - 2]);
+    let stride_h = match heads.len() {
+        0 => 0,
+        1 => head_strides[0] as i64,
+        _ => return None,
+    };
+    Some((strides[0] as i64, stride_h, strides[nd - 2] as i64))
+}
+
+fn to_i32(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        Error::Unsupported(format!(
+            "[rope] {what} of {v} exceeds the CUDA kernel's limit of 2^31 - 1"
+        ))
+    })
+}
+
+fn launch(
+    x: &Array,
+    dims: usize,
+    traditional: bool,
+    freqs: RopeFreqs<'_>,
+    scale: f32,
+    offsets: RopeOffsets<'_>,
+    stream: Option<&Stream>,
+) -> Result<Array> {
+    let dtype = x.dtype();
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => {}
+        DType::F64 => {
+            return Err(Error::Unsupported(
+                "[rope] the CUDA kernel takes float32, float16 and bfloat16, not float64; \
+                 compute float64 on the CPU"
+                    .into(),
+            ))
+        }
+        other => {
+            return Err(Error::invalid(format!(
+                "[rope] Input must be a floating type but got {other}."
+            )))
+        }
+    }
+    let nd = x.ndim();
+    if nd < 3 {
+        return Err(Error::invalid(format!(
+            "[rope] Input must have at least 3 dimensions but got input with {nd} dimensions."
+        )));
+    }
+    let shape = x.shape();
+    let (batch, seq, d) = (shape[0], shape[nd - 2], shape[nd - 1]);
+    let n_heads: usize = shape[1..nd - 2].iter().product();
+    if dims == 0 || dims % 2 != 0 || dims > d {
+        return Err(Error::invalid(format!(
+            "[rope] dims must be positive, even and at most the input's last dimension ({d}) \
+             but got {dims}."
+        )));
+    }
+    let half = dims / 2;
+    if let RopeFreqs::Periods(p) = freqs {
+        if p.len() != half {
+            return Err(Error::invalid(format!(
+                "[rope] freqs must be one dimensional with size {half} but has {} values.",
+                p.len()
+            )));
+        }
+    }
+    if let RopeOffsets::PerBatch(o) = offsets {
+        if o.len() != batch {
+            return Err(Error::invalid(format!(
+                "[rope] per-batch offsets must have {batch} values but have {}.",
+                o.len()
+            )));
+        }
+    }
+    let src = x.cuda_buffer().ok_or_else(|| {
+        Error::Device(format!(
+            "[rope] the CUDA launcher got an array on {}",
+            x.device()
+        ))
+    })?;
+    let device = src.device();
+    let ordinal = device.ordinal();
+    let stream = stream.unwrap_or(src.stream());
+    if stream.ordinal() != ordinal {
+        return Err(Error::Device(format!(
+            "[rope] x is on cuda:{ordinal} but the stream is on cuda:{}",
+            stream.ordinal()
+        )));
+    }
+    let n = x.size();
+    if n == 0 {
+        let out = CudaBuffer::alloc(device, stream, dtype, 0)?;
+        return Array::from_cuda_buffer(out, shape);
+    }
+    let seq_i32 = to_i32(seq, "a sequence length")?;
+    let d_i32 = to_i32(d, "a feature dimension")?;
+    let heads_i32 = to_i32(n_heads, "a head count")?;
+    let half_i32 = half as i32;
+    let pass = d - dims;
+    let cols = half.max(pass);
+
+    // In place when the heads merge into one stride; a row-major GPU copy otherwise.
+    let contiguous_copy;
+    let (x, (stride_b, stride_h, stride_s)) = match layout(x) {
+        Some(l) => (x, l),
+        None => {
+            contiguous_copy = super::copy::copy_cast(x, dtype, Some(stream))?;
+            let l = ((n_heads * seq * d) as i64, (seq * d) as i64, d as i64);
+            (&contiguous_copy, l)
+        }
+    };
+    let src = x
+        .cuda_buffer()
+        .ok_or_else(|| Error::Device("contiguous copy left the GPU".into()))?;
+
+    let period_buf = match freqs {
+        RopeFreqs::Periods(p) => Some(CudaBuffer::upload(device, stream, p)?),
+        RopeFreqs::Base(_) => None,
+    };
+    let log2_base = match freqs {
+        RopeFreqs::Base(b) => b.log2(),
+        RopeFreqs::Periods(_) => 0.0,
+    };
+    let (offset_buf, offset) = match offsets {
+        RopeOffsets::Scalar(v) => (None, v),
+        RopeOffsets::PerBatch(o) => (Some(CudaBuffer::upload(device, stream, o)?), 0),
+    };
+
+    let groups = n_heads.div_ceil(HEADS_PER_ITEM);
+    let n_items = (batch as u128) * (groups as u128) * (seq as u128) * (cols as u128);
+    let blocks = n_items
+        .div_ceil(BLOCK as u128)
+        .min(device.sm_count() as u128 * 16)
+        .max(1) as u32;
+    // 32-bit item indices when the grid-stride loop's last step cannot overflow them.
+    let wide = n_items + blocks as u128 * BLOCK as u128 > i32::MAX as u128;
+    let n_items = i64::try_from(n_items).map_err(|_| {
+        Error::Unsupported(format!(
+            "[rope] {n_items} work items exceed the CUDA kernel's 64-bit index"
+        ))
+    })?;
+    let name = variant(dtype, traditional, wide);
+    let func = jit::function(device, &ROPE_CU, &name, &[])?;
+
+    let mut out = CudaBuffer::alloc(device, stream, dtype, n)?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let null: u64 = 0;
+    let x_offset = x.offset() as i64;
+    let cols_i32 = cols as i32;
+    let pass_i32 = pass as i32;
+    let cu = stream.cuda();
+    let mut builder = cu.launch_builder(&func);
+    builder
+        .arg(src.slice())
+        .arg(&x_offset)
+        .arg(&stride_b)
+        .arg(&stride_h)
+        .arg(&stride_s)
+        .arg(out.slice_mut())
+        .arg(&n_items)
+        .arg(&heads_i32)
+        .arg(&seq_i32)
+        .arg(&cols_i32)
+        .arg(&half_i32)
+        .arg(&pass_i32)
+        .arg(&d_i32);
+    match &period_buf {
+        Some(p) => builder.arg(p.slice()),
+        None => builder.arg(&null),
+    };
+    builder.arg(&log2_base).arg(&scale);
+    match &offset_buf {
+        Some(o) => builder.arg(o.slice()),
+        None => builder.arg(&null),
+    };
+    builder.arg(&offset);
+    let what = format!("launching {name}");
+    // SAFETY: the arguments match the kernel's parameters in order and type. Item (b, group,
+    // s, c) reads x at x_offset + b * stride_b + h * stride_h + s * stride_s + j for b < B,
+    // h < H, s < T, j < D, all inside x's view (the strides are x's own, or those of the
+    // row-major copy); periods[c] for c < dims / 2 and offsets[b] for b < B are inside their
+    // uploads (lengths checked above); the output holds B * H * T * D elements, and every
+    // index written is below that.
+    guarded(&what, || {
+        unsafe { builder.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| driver_error(&what, e))
+    })?;
+    Array::from_cuda_buffer(out, shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Device;
+
+    fn zeros(shape: &[usize]) -> Array {
+        Array::zeros(shape, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn layouts_read_in_place_or_copied() {
+        // Row-contiguous 3-D, 4-D and 5-D (the heads merge).
+        assert_eq!(layout(&zeros(&[2, 5, 8])), Some((40, 0, 8)));
+        assert_eq!(layout(&zeros(&[2, 3, 5, 8])), Some((120, 40, 8)));
+        assert_eq!(layout(&zeros(&[2, 3, 4, 5, 8])), Some((480, 40, 8)));
+        // [B, T, H, D] memory viewed as [B, H, T, D].
+        let t = zeros(&[2, 5, 3, 8]).transpose(&[0, 2, 1, 3]).unwrap();
+        assert_eq!(layout(&t), Some((120, 8, 24)));
+        // Heads that do not merge, and a strided last axis: copied.
+        let t = zeros(&[2, 3, 4, 5, 8]).transpose(&[0, 2, 1, 3, 4]).unwrap();
+        assert_eq!(layout(&t), None);
+        let t = zeros(&[2, 3, 5, 8]).transpose(&[0, 1, 3, 2]).unwrap();
+        assert_eq!(layout(&t), None);
+    }
+
+    #[test]
+    fn every_launch_has_a_compiled_variant() {
+        let all = all_variants();
+        assert_eq!(all.len(), 12);
+        assert!(all.contains(&variant(DType::BF16, true, true)));
+        assert!(all.contains(&"rope<ff_f16, false, int>".to_string()));
+    }
+}
