@@ -165,8 +165,18 @@ impl Case {
                 ..
             } => vec![
                 Array::randn(&[*batch, *q_heads, *q_len, *head_dim], dt, seed, device)?,
-                Array::randn(&[*batch, *kv_heads, *kv_len, *head_dim], dt, seed + 1, device)?,
-                Array::randn(&[*batch, *kv_heads, *kv_len, *head_dim], dt, seed + 2, device)?,
+                Array::randn(
+                    &[*batch, *kv_heads, *kv_len, *head_dim],
+                    dt,
+                    seed + 1,
+                    device,
+                )?,
+                Array::randn(
+                    &[*batch, *kv_heads, *kv_len, *head_dim],
+                    dt,
+                    seed + 2,
+                    device,
+                )?,
             ],
         };
         Ok(Inputs { arrays })

@@ -147,7 +147,12 @@ fn demo(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         let inputs = case.inputs(&opts.device, 42)?;
         let t = match measure::time_case(&case, &inputs, &opts.device, 3, 0.2) {
             Err(Error::Unsupported(why)) => {
-                println!("{:<12} {:<28} {:<9} not run: {why}", case.op(), case.shape(), case.dtype().name());
+                println!(
+                    "{:<12} {:<28} {:<9} not run: {why}",
+                    case.op(),
+                    case.shape(),
+                    case.dtype().name()
+                );
                 continue;
             }
             other => other?,
@@ -266,9 +271,15 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             };
         for &n in &thread_counts {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build()?;
-            let t = match pool.install(|| measure::time_case(&case, &inputs, &opts.device, 5, 1.0)) {
+            let t = match pool.install(|| measure::time_case(&case, &inputs, &opts.device, 5, 1.0))
+            {
                 Err(Error::Unsupported(why)) => {
-                    println!("{:<12} {:<28} {:<9} not run: {why}", case.op(), case.shape(), case.dtype().name());
+                    println!(
+                        "{:<12} {:<28} {:<9} not run: {why}",
+                        case.op(),
+                        case.shape(),
+                        case.dtype().name()
+                    );
                     continue;
                 }
                 other => other?,

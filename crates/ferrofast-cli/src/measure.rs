@@ -138,8 +138,12 @@ fn device_copy_bandwidth(device: &Device) -> Result<f64> {
 
 fn gemm_rate(threads: usize) -> f64 {
     let n = 2048;
-    let a: Vec<f32> = (0..n * n).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
-    let b: Vec<f32> = (0..n * n).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
+    let a: Vec<f32> = (0..n * n)
+        .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+        .collect();
+    let b: Vec<f32> = (0..n * n)
+        .map(|i| ((i % 89) as f32 - 44.0) / 89.0)
+        .collect();
     let mut c = vec![0.0f32; n * n];
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)

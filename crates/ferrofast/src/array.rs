@@ -121,6 +121,81 @@ pub(crate) enum Storage {
     Cuda(crate::cuda::memory::CudaBuffer),
 }
 
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if let Storage::Cpu(data) = self {
+            host_pool::give(std::mem::replace(data, CpuData::U8(Vec::new())));
+        }
+    }
+}
+
+/// Host buffers recycled between arrays, as MLX's and PyTorch's allocators do: a fresh
+/// multi-megabyte buffer costs a page fault per 4 KiB on first touch, more than a
+/// memory-bound kernel spends reading and writing it. A dropped array's buffer of at least
+/// [`host_pool::MIN_BYTES`] is kept (up to [`host_pool::MAX_BYTES`] in all) and handed to the
+/// next kernel output of the same dtype and length.
+pub(crate) mod host_pool {
+    use super::CpuData;
+    use crate::dtype::Element;
+    use std::sync::Mutex;
+
+    /// Smaller buffers are cheap to allocate and not kept.
+    pub(crate) const MIN_BYTES: usize = 1 << 20;
+    /// At most this many bytes are kept in all.
+    pub(crate) const MAX_BYTES: usize = 1 << 30;
+
+    struct Pool {
+        buffers: Vec<CpuData>,
+        bytes: usize,
+    }
+
+    static POOL: Mutex<Pool> = Mutex::new(Pool {
+        buffers: Vec::new(),
+        bytes: 0,
+    });
+
+    fn bytes_of(d: &CpuData) -> usize {
+        d.len() * d.dtype().size()
+    }
+
+    /// Keeps `data` for reuse if it is large and the pool has room; drops it otherwise.
+    pub(crate) fn give(data: CpuData) {
+        let bytes = bytes_of(&data);
+        if bytes < MIN_BYTES {
+            return;
+        }
+        if let Ok(mut pool) = POOL.lock() {
+            if pool.bytes + bytes <= MAX_BYTES {
+                pool.bytes += bytes;
+                pool.buffers.push(data);
+            }
+        }
+    }
+
+    /// Frees every kept buffer.
+    pub(crate) fn clear() {
+        if let Ok(mut pool) = POOL.lock() {
+            pool.buffers.clear();
+            pool.bytes = 0;
+        }
+    }
+
+    /// A buffer of exactly `n` elements whose contents are unspecified (the caller writes
+    /// every element), or `None` when none is pooled.
+    pub(crate) fn take<T: Element>(n: usize) -> Option<Vec<T>> {
+        let mut pool = POOL.lock().ok()?;
+        let i = pool
+            .buffers
+            .iter()
+            .rposition(|d| d.dtype() == T::DTYPE && d.len() == n)?;
+        let data = pool.buffers.swap_remove(i);
+        pool.bytes -= bytes_of(&data);
+        drop(pool);
+        let mut data = data;
+        T::take_vec(&mut data)
+    }
+}
+
 /// An n-dimensional array: shape, strides (in elements, may be negative or zero), offset
 /// (in elements) and dtype over a reference-counted buffer on one [`Device`].
 ///
@@ -153,6 +228,12 @@ pub(crate) fn row_major_strides(shape: &[usize]) -> Vec<isize> {
 pub fn fmt_shape(shape: &[usize]) -> String {
     let inner: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     format!("({})", inner.join(","))
+}
+
+/// Frees the host buffers ferrofast keeps for reuse after arrays are dropped (at most 1 GiB;
+/// see the module docs of the crate). Later ops allocate afresh.
+pub fn clear_host_cache() {
+    host_pool::clear();
 }
 
 /// MLX's `broadcast_shapes`: numpy rules, aligned from the right.

@@ -160,6 +160,8 @@ pub trait Element: Copy + Send + Sync + PartialEq + fmt::Debug + 'static + seale
     fn slice(data: &crate::array::CpuData) -> Option<&[Self]>;
     #[doc(hidden)]
     fn wrap(v: Vec<Self>) -> crate::array::CpuData;
+    #[doc(hidden)]
+    fn take_vec(data: &mut crate::array::CpuData) -> Option<Vec<Self>>;
 }
 
 macro_rules! int_element {
@@ -187,6 +189,12 @@ macro_rules! int_element {
             }
             fn wrap(v: Vec<Self>) -> crate::array::CpuData {
                 crate::array::CpuData::$dt(v)
+            }
+            fn take_vec(data: &mut crate::array::CpuData) -> Option<Vec<Self>> {
+                match data {
+                    crate::array::CpuData::$dt(v) => Some(std::mem::take(v)),
+                    _ => None,
+                }
             }
         }
     };
@@ -222,6 +230,12 @@ macro_rules! float_element {
             fn wrap(v: Vec<Self>) -> crate::array::CpuData {
                 crate::array::CpuData::$dt(v)
             }
+            fn take_vec(data: &mut crate::array::CpuData) -> Option<Vec<Self>> {
+                match data {
+                    crate::array::CpuData::$dt(v) => Some(std::mem::take(v)),
+                    _ => None,
+                }
+            }
         }
     };
 }
@@ -229,8 +243,12 @@ float_element!(f32, F32, |x: f32| x as f64, |v: f64| v as f32);
 float_element!(f64, F64, |x: f64| x, |v: f64| v);
 // Narrowing to a 16-bit float goes through f32, as MLX (and the GPU copy kernel) does: exact
 // for f32 sources, and independent of how `half` rounds from f64.
-float_element!(f16, F16, |x: f16| x.to_f64(), |v: f64| f16::from_f32(v as f32));
-float_element!(bf16, BF16, |x: bf16| x.to_f64(), |v: f64| bf16::from_f32(v as f32));
+float_element!(f16, F16, |x: f16| x.to_f64(), |v: f64| f16::from_f32(
+    v as f32
+));
+float_element!(bf16, BF16, |x: bf16| x.to_f64(), |v: f64| bf16::from_f32(
+    v as f32
+));
 
 impl sealed::Sealed for bool {}
 impl Element for bool {
@@ -259,6 +277,12 @@ impl Element for bool {
     }
     fn wrap(v: Vec<Self>) -> crate::array::CpuData {
         crate::array::CpuData::Bool(v)
+    }
+    fn take_vec(data: &mut crate::array::CpuData) -> Option<Vec<Self>> {
+        match data {
+            crate::array::CpuData::Bool(v) => Some(std::mem::take(v)),
+            _ => None,
+        }
     }
 }
 

@@ -112,3 +112,52 @@ fn norm_errors_are_the_same_on_the_gpu() {
         Err(ferrofast::Error::Device(_))
     ));
 }
+
+#[test]
+fn rope_dispatches_to_the_gpu() {
+    use ferrofast::fast::RopeOffset;
+    let Some(dev) = gpu() else { return };
+    for (seed, dtype) in [DType::F32, DType::F16, DType::BF16]
+        .into_iter()
+        .enumerate()
+    {
+        let seed = 300 + seed as u64;
+        // [B,T,H,D] memory seen as [B,H,T,D], per-batch offsets, dims < D.
+        let x = common::randn(&[3, 17, 4, 64], dtype, seed)
+            .swapaxes(1, 2)
+            .unwrap();
+        let offs = Array::from_slice(&[0i32, 5, -3], &[3]).unwrap();
+        let g = x.to_device(&dev).unwrap();
+        for traditional in [false, true] {
+            let y = fast::rope(
+                &g,
+                48,
+                traditional,
+                Some(10000.0),
+                1.0,
+                RopeOffset::Array(&offs),
+                None,
+            )
+            .unwrap();
+            assert_eq!(y.device(), dev);
+            let r = reference::rope(
+                &x,
+                48,
+                traditional,
+                Some(10000.0),
+                1.0,
+                RopeOffset::Array(&offs),
+                None,
+            )
+            .unwrap();
+            let (atol, rtol) = tol(dtype);
+            check_close(
+                &y,
+                &r,
+                atol,
+                rtol,
+                &format!("rope {dtype} traditional {traditional} seed {seed}"),
+            );
+        }
+    }
+}

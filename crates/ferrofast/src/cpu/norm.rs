@@ -86,7 +86,9 @@ fn norm_typed<T: NormFloat>(
     bias: Option<&Array>,
     eps: f32,
 ) -> Result<Array> {
-    let mut y = T::alloc_output(x.size());
+    // Every element is written below, so a recycled buffer's old contents never show.
+    let mut y =
+        crate::array::host_pool::take::<T>(x.size()).unwrap_or_else(|| T::alloc_output(x.size()));
     norm_into(kind, x, weight, bias, eps, &mut y)?;
     Array::from_cpu_data(T::wrap(y), x.shape())
 }

@@ -428,7 +428,10 @@ struct Group<'o, T> {
 }
 
 fn rope_typed<T: RopeElem>(a: &Array, plan: &RopePlan) -> Result<Array> {
-    let mut out = T::zeroed(a.size());
+    // Every element (pass-through features included) is written below, so a recycled
+    // buffer's old contents never show.
+    let mut out =
+        crate::array::host_pool::take::<T>(a.size()).unwrap_or_else(|| T::zeroed(a.size()));
     rope_into(a, plan, &mut out)?;
     Array::from_vec(out, a.shape())
 }

@@ -92,7 +92,7 @@ impl Default for RopeOptions<'_> {
 /// dimensions or is not floating; an offset array has more than one dimension, a size other
 /// than 1 or `B`, or a non-integer dtype; `dims` is not positive, odd, or larger than `D`;
 /// `freqs` is not 1-D of size `dims / 2`; both or neither of `base` and `freqs` are given.
-/// `Error::Unsupported` for inputs on a CUDA device (no CUDA kernel is wired in yet).
+/// `Error::Unsupported` for f64 inputs on a CUDA device.
 pub fn rope(
     a: &Array,
     dims: i32,
@@ -105,11 +105,31 @@ pub fn rope(
     let plan = rope_plan(a, dims, traditional, base, scale, offset, freqs)?;
     match a.device() {
         Device::Cpu => crate::cpu::rope::rope(a, &plan),
-        Device::Cuda(i) => Err(Error::Unsupported(format!(
-            "[rope] no CUDA kernel is available for inputs on cuda:{i} in this build; \
-             move the input to the CPU"
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => rope_cuda(a, &plan),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(i) => Err(Error::CudaUnavailable(format!(
+            "[rope] the input is on cuda:{i} but this build has no CUDA back end"
         ))),
     }
+}
+
+/// Runs a validated plan on the GPU (f32, f16, bf16; f64 is `Error::Unsupported`).
+#[cfg(feature = "cuda")]
+fn rope_cuda(a: &Array, plan: &RopePlan) -> Result<Array> {
+    let periods: Vec<f32>;
+    let freqs = match &plan.freqs {
+        RopeFreqs::Base(b) => crate::cuda::RopeFreqs::Base(*b),
+        RopeFreqs::Periods(p) => {
+            periods = p.iter().map(|&v| v as f32).collect();
+            crate::cuda::RopeFreqs::Periods(&periods)
+        }
+    };
+    let offsets = match &plan.offsets {
+        RopeOffsets::Scalar(v) => crate::cuda::RopeOffsets::Scalar(*v),
+        RopeOffsets::PerBatch(v) => crate::cuda::RopeOffsets::PerBatch(v),
+    };
+    crate::cuda::rope(a, plan.dims, plan.traditional, freqs, plan.scale, offsets)
 }
 
 /// [`rope`] with its optional arguments gathered in a [`RopeOptions`].
