@@ -14,9 +14,9 @@
 use crate::array::Array;
 use crate::fast::{RopeFreqs, RopeOffsets, RopePlan};
 use crate::{DType, Element, Error, Float, Result};
-use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::ops::{Add, Mul, Sub};
 
 /// Cos/sin pairs per group table: 2048 pairs of f32 cos and sin are 16 KiB, half of L1.
@@ -215,15 +215,19 @@ trait RopeElem: Element {
 
     /// Rounds from the arithmetic type (to nearest even).
     fn store(v: Self::C) -> Self;
-
-    /// `n` zeros, allocated zeroed so untouched pages cost nothing until the kernel writes.
-    fn zeroed(n: usize) -> Vec<Self>;
 }
 
 /// Rotates the first `cos.len()` pairs of `x` into `o` (`x.len() == o.len() == 2 *
 /// cos.len()`), with the element conversions inlined so that the loop vectorises.
 #[inline(always)]
-fn rotate_pairs<T: RopeElem>(x: &[T], o: &mut [T], cos: &[T::C], sin: &[T::C], traditional: bool) {
+fn rotate_pairs<T: RopeElem>(
+    x: &[T],
+    o: &mut [MaybeUninit<T>],
+    cos: &[T::C],
+    sin: &[T::C],
+    traditional: bool,
+) {
+    debug_assert!(x.len() == o.len() && x.len() == 2 * cos.len() && sin.len() == cos.len());
     if traditional {
         for (((xp, op), &c), &s) in x
             .chunks_exact(2)
@@ -232,8 +236,8 @@ fn rotate_pairs<T: RopeElem>(x: &[T], o: &mut [T], cos: &[T::C], sin: &[T::C], t
             .zip(sin)
         {
             let (a, b) = (xp[0].load(), xp[1].load());
-            op[0] = T::store(a * c - b * s);
-            op[1] = T::store(a * s + b * c);
+            op[0] = MaybeUninit::new(T::store(a * c - b * s));
+            op[1] = MaybeUninit::new(T::store(a * s + b * c));
         }
     } else {
         let half = cos.len();
@@ -247,8 +251,8 @@ fn rotate_pairs<T: RopeElem>(x: &[T], o: &mut [T], cos: &[T::C], sin: &[T::C], t
             .zip(sin)
         {
             let (a, b) = (p.load(), q.load());
-            *u = T::store(a * c - b * s);
-            *v = T::store(a * s + b * c);
+            *u = MaybeUninit::new(T::store(a * c - b * s));
+            *v = MaybeUninit::new(T::store(a * s + b * c));
         }
     }
 }
@@ -263,9 +267,6 @@ impl RopeElem for f32 {
     fn store(v: f32) -> f32 {
         v
     }
-    fn zeroed(n: usize) -> Vec<f32> {
-        vec![0.0; n]
-    }
 }
 
 impl RopeElem for f64 {
@@ -277,9 +278,6 @@ impl RopeElem for f64 {
     #[inline(always)]
     fn store(v: f64) -> f64 {
         v
-    }
-    fn zeroed(n: usize) -> Vec<f64> {
-        vec![0.0; n]
     }
 }
 
@@ -299,9 +297,6 @@ impl RopeElem for bf16 {
         let quiet_nan = (bits >> 16) | 0x40;
         bf16::from_bits(if v.is_nan() { quiet_nan } else { rounded } as u16)
     }
-    fn zeroed(n: usize) -> Vec<bf16> {
-        vec![0u16; n].reinterpret_into()
-    }
 }
 
 impl RopeElem for f16 {
@@ -313,9 +308,6 @@ impl RopeElem for f16 {
     #[inline(always)]
     fn store(v: f32) -> f16 {
         f16::from_bits(f32_to_f16(v))
-    }
-    fn zeroed(n: usize) -> Vec<f16> {
-        vec![0u16; n].reinterpret_into()
     }
 }
 
@@ -424,17 +416,25 @@ fn view_fits(a: &Array, len: usize) -> bool {
 struct Group<'o, T> {
     batch: usize,
     block: usize,
-    rows: Vec<(usize, &'o mut [T])>,
+    rows: Vec<(usize, &'o mut [MaybeUninit<T>])>,
 }
 
 fn rope_typed<T: RopeElem>(a: &Array, plan: &RopePlan) -> Result<Array> {
-    let mut out = T::zeroed(a.size());
-    rope_into(a, plan, &mut out)?;
+    let n = a.size();
+    // Uninitialised, not zeroed: a zeroed allocation is a memset (an extra pass over the
+    // output on one thread) whenever the allocator recycles memory.
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    rope_into(a, plan, &mut out.spare_capacity_mut()[..n])?;
+    // SAFETY: `rope_into` succeeded, and on success it has written all `n` elements: every
+    // output row lies in exactly one group piece, and every row of a piece is written in
+    // full (rotated features by `rotate_pairs`, the rest by the tail copy).
+    unsafe { out.set_len(n) };
     Array::from_vec(out, a.shape())
 }
 
-/// Writes `rope(a)` into `out` (row-major, `a.size()` elements).
-fn rope_into<T: RopeElem>(a: &Array, plan: &RopePlan, out: &mut [T]) -> Result<()> {
+/// Writes `rope(a)` into `out` (row-major, `a.size()` elements); on success every element
+/// of `out` has been written.
+fn rope_into<T: RopeElem>(a: &Array, plan: &RopePlan, out: &mut [MaybeUninit<T>]) -> Result<()> {
     let size = a.size();
     if out.len() != size {
         return Err(Error::Shape(format!(
@@ -494,6 +494,14 @@ fn rope_into<T: RopeElem>(a: &Array, plan: &RopePlan, out: &mut [T]) -> Result<(
         }
     }
 
+    debug_assert_eq!(
+        groups
+            .iter()
+            .flat_map(|g| &g.rows)
+            .map(|(_, p)| p.len())
+            .sum::<usize>(),
+        size
+    );
     let kernel = Kernel {
         src,
         lay: &lay,
@@ -643,12 +651,13 @@ struct PieceSpec {
 fn rotate_piece_impl<T: RopeElem>(
     src: &[T],
     first: isize,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     table: &[T::C],
     spec: &PieceSpec,
     gathered: &mut [T],
 ) {
     let (dim, dims) = (spec.dim, spec.dims);
+    debug_assert!(out.len() % dim == 0 && table.len() / dims == out.len() / dim);
     for ((j, o), tab) in out
         .chunks_exact_mut(dim)
         .enumerate()
@@ -666,7 +675,9 @@ fn rotate_piece_impl<T: RopeElem>(
         let (cos, sin) = tab.split_at(dims / 2);
         let (o_rot, o_tail) = o.split_at_mut(dims);
         rotate_pairs(&x[..dims], o_rot, cos, sin, spec.traditional);
-        o_tail.copy_from_slice(&x[dims..]);
+        for (o, &v) in o_tail.iter_mut().zip(&x[dims..]) {
+            *o = MaybeUninit::new(v);
+        }
     }
 }
 
@@ -674,7 +685,7 @@ fn rotate_piece_impl<T: RopeElem>(
 fn rotate_piece<T: RopeElem>(
     src: &[T],
     first: isize,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     table: &[T::C],
     spec: &PieceSpec,
     gathered: &mut [T],
@@ -689,7 +700,7 @@ fn rotate_piece<T: RopeElem>(
 unsafe fn rotate_piece_avx2<T: RopeElem>(
     src: &[T],
     first: isize,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     table: &[T::C],
     spec: &PieceSpec,
     gathered: &mut [T],
@@ -860,7 +871,7 @@ mod tests {
                 .fold(f64::MAX, f64::min)
         }
         fn run<T: RopeElem>(x: &Array, plan: &RopePlan, iters: usize) -> f64 {
-            let mut out = vec![T::from_f64(0.0); x.size()];
+            let mut out = vec![MaybeUninit::new(T::from_f64(0.0)); x.size()];
             best(iters, || rope_into(x, plan, &mut out).unwrap())
         }
         let n = 64 << 20;
