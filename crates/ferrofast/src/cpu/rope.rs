@@ -4,8 +4,9 @@
 //! first and the last two flattened into heads). Work is cut into groups of rows that share a
 //! block of positions: each group fills a small cos/sin table for its positions once (it stays
 //! in L1) and then rotates every row of the group against it, so the inner loop is a handful
-//! of multiplies per element that the compiler vectorises. Groups run on the rayon pool;
-//! small inputs stay on the calling thread.
+//! of multiplies per element that the compiler vectorises (the table fill and the rotation
+//! are compiled twice, for the build's baseline and for AVX2, picked at run time). Groups run
+//! on the rayon pool; small inputs stay on the calling thread.
 //!
 //! Precision is that of MLX's fused GPU kernels: for f32/f16/bf16 the inverse frequencies,
 //! the angle `(scale * pos) * inv_freq`, its cos/sin and the rotation are f32, and each output
@@ -424,7 +425,7 @@ fn rope_typed<T: RopeElem>(a: &Array, plan: &RopePlan) -> Result<Array> {
     // Uninitialised, not zeroed: a zeroed allocation is a memset (an extra pass over the
     // output on one thread) whenever the allocator recycles memory.
     let mut out: Vec<T> = Vec::with_capacity(n);
-    rope_into(a, plan, &mut out.spare_capacity_mut()[..n])?;
+    rope_into(a, plan, &mut out.spare_capacity_mut()[..n], Isa::detect())?;
     // SAFETY: `rope_into` succeeded, and on success it has written all `n` elements: every
     // output row lies in exactly one group piece, and every row of a piece is written in
     // full (rotated features by `rotate_pairs`, the rest by the tail copy).
@@ -432,9 +433,14 @@ fn rope_typed<T: RopeElem>(a: &Array, plan: &RopePlan) -> Result<Array> {
     Array::from_vec(out, a.shape())
 }
 
-/// Writes `rope(a)` into `out` (row-major, `a.size()` elements); on success every element
-/// of `out` has been written.
-fn rope_into<T: RopeElem>(a: &Array, plan: &RopePlan, out: &mut [MaybeUninit<T>]) -> Result<()> {
+/// Writes `rope(a)` into `out` (row-major, `a.size()` elements) with the kernels compiled for
+/// `isa`; on success every element of `out` has been written.
+fn rope_into<T: RopeElem>(
+    a: &Array,
+    plan: &RopePlan,
+    out: &mut [MaybeUninit<T>],
+    isa: Isa,
+) -> Result<()> {
     let size = a.size();
     if out.len() != size {
         return Err(Error::Shape(format!(
@@ -509,7 +515,7 @@ fn rope_into<T: RopeElem>(a: &Array, plan: &RopePlan, out: &mut [MaybeUninit<T>]
         block,
         inv: &inv,
         max_abs_inv,
-        isa: Isa::detect(),
+        isa,
     };
     let run = |g: Group<'_, T>| kernel.run_group(g);
     if size < PARALLEL_MIN_ELEMS {
@@ -853,6 +859,49 @@ mod tests {
         }
     }
 
+    /// Every instruction-set variant gives bit-identical results (no contraction into FMAs,
+    /// same operations in the same order).
+    #[test]
+    fn isa_variants_agree_bit_for_bit() {
+        fn outputs<T: RopeElem>(x: &Array, plan: &RopePlan) -> Vec<Vec<u64>> {
+            let mut isas = vec![Isa::Baseline];
+            if !matches!(Isa::detect(), Isa::Baseline) {
+                isas.push(Isa::detect());
+            }
+            isas.into_iter()
+                .map(|isa| {
+                    let mut out = vec![MaybeUninit::new(T::from_f64(-7.0)); x.size()];
+                    rope_into(x, plan, &mut out, isa).unwrap();
+                    out.iter()
+                        // SAFETY: every element was initialised by `vec!` and rewritten.
+                        .map(|v| unsafe { v.assume_init() }.to_f64().to_bits())
+                        .collect()
+                })
+                .collect()
+        }
+        let offsets = Array::from_slice(&[3i32, -40, 1 << 20], &[3]).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+            let x = Array::randn(&[3, 5, 70, 40], dtype, 9, &Device::Cpu).unwrap();
+            let x = x.swapaxes(1, 2).unwrap();
+            for traditional in [false, true] {
+                for offset in [RopeOffset::Int(11), RopeOffset::Array(&offsets)] {
+                    let plan =
+                        rope_plan(&x, 36, traditional, Some(500.0), 0.7, offset, None).unwrap();
+                    let outs = match dtype {
+                        DType::F32 => outputs::<f32>(&x, &plan),
+                        DType::BF16 => outputs::<bf16>(&x, &plan),
+                        DType::F16 => outputs::<f16>(&x, &plan),
+                        _ => outputs::<f64>(&x, &plan),
+                    };
+                    assert!(
+                        outs.windows(2).all(|w| w[0] == w[1]),
+                        "{dtype} {traditional}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Kernel time into an already-touched output buffer (no page faults), on the whole pool
     /// and on one thread, next to the copy bandwidth measured in the same run (best of
     /// several copies taken around each measurement, so a busy machine shows in both).
@@ -872,7 +921,9 @@ mod tests {
         }
         fn run<T: RopeElem>(x: &Array, plan: &RopePlan, iters: usize) -> f64 {
             let mut out = vec![MaybeUninit::new(T::from_f64(0.0)); x.size()];
-            best(iters, || rope_into(x, plan, &mut out).unwrap())
+            best(iters, || {
+                rope_into(x, plan, &mut out, Isa::detect()).unwrap()
+            })
         }
         let n = 64 << 20;
         let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
