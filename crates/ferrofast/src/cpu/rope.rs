@@ -4,8 +4,9 @@
 //! first and the last two flattened into heads). Work is cut into groups of rows that share a
 //! block of positions: each group fills a small cos/sin table for its positions once (it stays
 //! in L1) and then rotates every row of the group against it, so the inner loop is a handful
-//! of multiplies per element that the compiler vectorises. Groups run on the rayon pool;
-//! small inputs stay on the calling thread.
+//! of multiplies per element that the compiler vectorises (the table fill and the rotation
+//! are compiled twice, for the build's baseline and for AVX2, picked at run time). Groups run
+//! on the rayon pool; small inputs stay on the calling thread.
 //!
 //! Precision is that of MLX's fused GPU kernels: for f32/f16/bf16 the inverse frequencies,
 //! the angle `(scale * pos) * inv_freq`, its cos/sin and the rotation are f32, and each output
@@ -14,9 +15,9 @@
 use crate::array::Array;
 use crate::fast::{RopeFreqs, RopeOffsets, RopePlan};
 use crate::{DType, Element, Error, Float, Result};
-use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::ops::{Add, Mul, Sub};
 
 /// Cos/sin pairs per group table: 2048 pairs of f32 cos and sin are 16 KiB, half of L1.
@@ -215,15 +216,19 @@ trait RopeElem: Element {
 
     /// Rounds from the arithmetic type (to nearest even).
     fn store(v: Self::C) -> Self;
-
-    /// `n` zeros, allocated zeroed so untouched pages cost nothing until the kernel writes.
-    fn zeroed(n: usize) -> Vec<Self>;
 }
 
 /// Rotates the first `cos.len()` pairs of `x` into `o` (`x.len() == o.len() == 2 *
 /// cos.len()`), with the element conversions inlined so that the loop vectorises.
 #[inline(always)]
-fn rotate_pairs<T: RopeElem>(x: &[T], o: &mut [T], cos: &[T::C], sin: &[T::C], traditional: bool) {
+fn rotate_pairs<T: RopeElem>(
+    x: &[T],
+    o: &mut [MaybeUninit<T>],
+    cos: &[T::C],
+    sin: &[T::C],
+    traditional: bool,
+) {
+    debug_assert!(x.len() == o.len() && x.len() == 2 * cos.len() && sin.len() == cos.len());
     if traditional {
         for (((xp, op), &c), &s) in x
             .chunks_exact(2)
@@ -232,8 +237,8 @@ fn rotate_pairs<T: RopeElem>(x: &[T], o: &mut [T], cos: &[T::C], sin: &[T::C], t
             .zip(sin)
         {
             let (a, b) = (xp[0].load(), xp[1].load());
-            op[0] = T::store(a * c - b * s);
-            op[1] = T::store(a * s + b * c);
+            op[0] = MaybeUninit::new(T::store(a * c - b * s));
+            op[1] = MaybeUninit::new(T::store(a * s + b * c));
         }
     } else {
         let half = cos.len();
@@ -247,8 +252,8 @@ fn rotate_pairs<T: RopeElem>(x: &[T], o: &mut [T], cos: &[T::C], sin: &[T::C], t
             .zip(sin)
         {
             let (a, b) = (p.load(), q.load());
-            *u = T::store(a * c - b * s);
-            *v = T::store(a * s + b * c);
+            *u = MaybeUninit::new(T::store(a * c - b * s));
+            *v = MaybeUninit::new(T::store(a * s + b * c));
         }
     }
 }
@@ -263,9 +268,6 @@ impl RopeElem for f32 {
     fn store(v: f32) -> f32 {
         v
     }
-    fn zeroed(n: usize) -> Vec<f32> {
-        vec![0.0; n]
-    }
 }
 
 impl RopeElem for f64 {
@@ -277,9 +279,6 @@ impl RopeElem for f64 {
     #[inline(always)]
     fn store(v: f64) -> f64 {
         v
-    }
-    fn zeroed(n: usize) -> Vec<f64> {
-        vec![0.0; n]
     }
 }
 
@@ -299,9 +298,6 @@ impl RopeElem for bf16 {
         let quiet_nan = (bits >> 16) | 0x40;
         bf16::from_bits(if v.is_nan() { quiet_nan } else { rounded } as u16)
     }
-    fn zeroed(n: usize) -> Vec<bf16> {
-        vec![0u16; n].reinterpret_into()
-    }
 }
 
 impl RopeElem for f16 {
@@ -313,9 +309,6 @@ impl RopeElem for f16 {
     #[inline(always)]
     fn store(v: f32) -> f16 {
         f16::from_bits(f32_to_f16(v))
-    }
-    fn zeroed(n: usize) -> Vec<f16> {
-        vec![0u16; n].reinterpret_into()
     }
 }
 
@@ -424,20 +417,32 @@ fn view_fits(a: &Array, len: usize) -> bool {
 struct Group<'o, T> {
     batch: usize,
     block: usize,
-    rows: Vec<(usize, &'o mut [T])>,
+    rows: Vec<(usize, &'o mut [MaybeUninit<T>])>,
 }
 
 fn rope_typed<T: RopeElem>(a: &Array, plan: &RopePlan) -> Result<Array> {
-    // Every element (pass-through features included) is written below, so a recycled
-    // buffer's old contents never show.
-    let mut out =
-        crate::array::host_pool::take::<T>(a.size()).unwrap_or_else(|| T::zeroed(a.size()));
-    rope_into(a, plan, &mut out)?;
+    let n = a.size();
+    // A recycled buffer (see `host_pool`) or fresh uninitialised memory, never zeroed: a
+    // zeroed allocation is a memset, an extra pass over the output on one thread.
+    let mut out: Vec<T> = crate::array::host_pool::take::<T>(n).unwrap_or_default();
+    out.clear();
+    out.reserve_exact(n);
+    rope_into(a, plan, &mut out.spare_capacity_mut()[..n], Isa::detect())?;
+    // SAFETY: `rope_into` succeeded, and on success it has written all `n` elements: every
+    // output row lies in exactly one group piece, and every row of a piece is written in
+    // full (rotated features by `rotate_pairs`, the rest by the tail copy).
+    unsafe { out.set_len(n) };
     Array::from_vec(out, a.shape())
 }
 
-/// Writes `rope(a)` into `out` (row-major, `a.size()` elements).
-fn rope_into<T: RopeElem>(a: &Array, plan: &RopePlan, out: &mut [T]) -> Result<()> {
+/// Writes `rope(a)` into `out` (row-major, `a.size()` elements) with the kernels compiled for
+/// `isa`; on success every element of `out` has been written.
+fn rope_into<T: RopeElem>(
+    a: &Array,
+    plan: &RopePlan,
+    out: &mut [MaybeUninit<T>],
+    isa: Isa,
+) -> Result<()> {
     let size = a.size();
     if out.len() != size {
         return Err(Error::Shape(format!(
@@ -497,6 +502,14 @@ fn rope_into<T: RopeElem>(a: &Array, plan: &RopePlan, out: &mut [T]) -> Result<(
         }
     }
 
+    debug_assert_eq!(
+        groups
+            .iter()
+            .flat_map(|g| &g.rows)
+            .map(|(_, p)| p.len())
+            .sum::<usize>(),
+        size
+    );
     let kernel = Kernel {
         src,
         lay: &lay,
@@ -504,7 +517,7 @@ fn rope_into<T: RopeElem>(a: &Array, plan: &RopePlan, out: &mut [T]) -> Result<(
         block,
         inv: &inv,
         max_abs_inv,
-        isa: Isa::detect(),
+        isa,
     };
     let run = |g: Group<'_, T>| kernel.run_group(g);
     if size < PARALLEL_MIN_ELEMS {
@@ -646,12 +659,13 @@ struct PieceSpec {
 fn rotate_piece_impl<T: RopeElem>(
     src: &[T],
     first: isize,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     table: &[T::C],
     spec: &PieceSpec,
     gathered: &mut [T],
 ) {
     let (dim, dims) = (spec.dim, spec.dims);
+    debug_assert!(out.len() % dim == 0 && table.len() / dims == out.len() / dim);
     for ((j, o), tab) in out
         .chunks_exact_mut(dim)
         .enumerate()
@@ -669,7 +683,9 @@ fn rotate_piece_impl<T: RopeElem>(
         let (cos, sin) = tab.split_at(dims / 2);
         let (o_rot, o_tail) = o.split_at_mut(dims);
         rotate_pairs(&x[..dims], o_rot, cos, sin, spec.traditional);
-        o_tail.copy_from_slice(&x[dims..]);
+        for (o, &v) in o_tail.iter_mut().zip(&x[dims..]) {
+            *o = MaybeUninit::new(v);
+        }
     }
 }
 
@@ -677,7 +693,7 @@ fn rotate_piece_impl<T: RopeElem>(
 fn rotate_piece<T: RopeElem>(
     src: &[T],
     first: isize,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     table: &[T::C],
     spec: &PieceSpec,
     gathered: &mut [T],
@@ -692,7 +708,7 @@ fn rotate_piece<T: RopeElem>(
 unsafe fn rotate_piece_avx2<T: RopeElem>(
     src: &[T],
     first: isize,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     table: &[T::C],
     spec: &PieceSpec,
     gathered: &mut [T],
@@ -845,6 +861,49 @@ mod tests {
         }
     }
 
+    /// Every instruction-set variant gives bit-identical results (no contraction into FMAs,
+    /// same operations in the same order).
+    #[test]
+    fn isa_variants_agree_bit_for_bit() {
+        fn outputs<T: RopeElem>(x: &Array, plan: &RopePlan) -> Vec<Vec<u64>> {
+            let mut isas = vec![Isa::Baseline];
+            if !matches!(Isa::detect(), Isa::Baseline) {
+                isas.push(Isa::detect());
+            }
+            isas.into_iter()
+                .map(|isa| {
+                    let mut out = vec![MaybeUninit::new(T::from_f64(-7.0)); x.size()];
+                    rope_into(x, plan, &mut out, isa).unwrap();
+                    out.iter()
+                        // SAFETY: every element was initialised by `vec!` and rewritten.
+                        .map(|v| unsafe { v.assume_init() }.to_f64().to_bits())
+                        .collect()
+                })
+                .collect()
+        }
+        let offsets = Array::from_slice(&[3i32, -40, 1 << 20], &[3]).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+            let x = Array::randn(&[3, 5, 70, 40], dtype, 9, &Device::Cpu).unwrap();
+            let x = x.swapaxes(1, 2).unwrap();
+            for traditional in [false, true] {
+                for offset in [RopeOffset::Int(11), RopeOffset::Array(&offsets)] {
+                    let plan =
+                        rope_plan(&x, 36, traditional, Some(500.0), 0.7, offset, None).unwrap();
+                    let outs = match dtype {
+                        DType::F32 => outputs::<f32>(&x, &plan),
+                        DType::BF16 => outputs::<bf16>(&x, &plan),
+                        DType::F16 => outputs::<f16>(&x, &plan),
+                        _ => outputs::<f64>(&x, &plan),
+                    };
+                    assert!(
+                        outs.windows(2).all(|w| w[0] == w[1]),
+                        "{dtype} {traditional}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Kernel time into an already-touched output buffer (no page faults), on the whole pool
     /// and on one thread, next to the copy bandwidth measured in the same run (best of
     /// several copies taken around each measurement, so a busy machine shows in both).
@@ -863,8 +922,10 @@ mod tests {
                 .fold(f64::MAX, f64::min)
         }
         fn run<T: RopeElem>(x: &Array, plan: &RopePlan, iters: usize) -> f64 {
-            let mut out = vec![T::from_f64(0.0); x.size()];
-            best(iters, || rope_into(x, plan, &mut out).unwrap())
+            let mut out = vec![MaybeUninit::new(T::from_f64(0.0)); x.size()];
+            best(iters, || {
+                rope_into(x, plan, &mut out, Isa::detect()).unwrap()
+            })
         }
         let n = 64 << 20;
         let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
