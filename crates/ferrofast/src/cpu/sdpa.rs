@@ -3,17 +3,25 @@
 //! Work is split into tasks of (batch, kv head, chunk of queries[, key range]). A task
 //! stacks the query rows of all `R = N_q / N_kv` query heads that share its kv head, so each
 //! key/value tile it loads serves all of them. Per tile of keys it computes the scores
-//! `S = Q K^T` (through `gemm`, or through plain dot products when the task has only a few
-//! rows, as in decoding), masks them, updates an online softmax (running max, running sum,
-//! rescaled accumulator) and adds `P V` to the accumulator. Nothing of size `T_q x T_kv` is
-//! ever allocated: per task there is a `Q` tile, an accumulator, one score tile and, when the
-//! inputs are not f32 with unit last stride, a key and a value tile widened to f32.
+//! `S = Q K^T`, masks them, updates an online softmax (running max, running sum, rescaled
+//! accumulator) and adds `P V` to the accumulator. Tasks of many rows (prefill) do both
+//! products through `gemm`, one call per tile over every row the tile reaches (under a
+//! causal mask, tiles above the diagonal are skipped and only rows crossing it are masked
+//! element by element). Tasks of at most `SMALL_ROWS` rows (decoding, a few queries) use
+//! register-blocked AVX2 dot products and axpys instead, and prefetch the next tile while
+//! computing one, so that streaming K and V from memory overlaps the arithmetic.
+//!
+//! Nothing of size `T_q x T_kv` is ever allocated: per task there is a `Q` tile (scaled), an
+//! accumulator, one score tile and, when the inputs are not of the compute type with unit
+//! last stride, a key and a value tile widened to it. Strided inputs are read in place.
 //!
 //! When there are too few tasks for the threads (decoding with few kv heads), the keys are
 //! split into ranges computed in parallel, each giving a partial (max, sum, accumulator),
 //! and the partials are merged.
 //!
-//! Inputs of f16/bf16/f32 compute in f32; f64 inputs compute in f64 through the same code.
+//! Inputs of f16/bf16/f32 compute in f32 (softmax weights through a polynomial `exp` with
+//! relative error below 2e-7); f64 inputs compute in f64 through the same code, with the
+//! standard `exp`.
 
 use crate::array::Array;
 use crate::dtype::{DType, Element, Float};
@@ -34,8 +42,9 @@ const BK: usize = 128;
 const MAX_BK: usize = 1024;
 /// Query rows a task aims for: enough to amortise loading each key/value tile.
 const TASK_ROWS: usize = 256;
-/// Tasks with at most this many rows use dot products instead of `gemm`.
-const SMALL_ROWS: usize = 8;
+/// Tasks with at most this many rows (decoding) use register-blocked dot products and
+/// axpys instead of `gemm`.
+const SMALL_ROWS: usize = 32;
 /// Below this many multiply-adds a call runs on the calling thread (about 100 us of work).
 const SEQUENTIAL_WORK: usize = 1 << 22;
 
@@ -107,6 +116,53 @@ trait Acc:
             }
         }
         m
+    }
+
+    /// Scores of the `nr` query rows of `q` (row stride `d`) against keys `0..nk`:
+    /// `s[r * nk + j] = q[r] · keys[j]`. `prefetch(j)` is called once per key, before it is
+    /// read.
+    #[inline(always)]
+    fn scores_rows<const FMA: bool>(
+        q: &[Self],
+        d: usize,
+        nr: usize,
+        keys: &Rows<'_, Self>,
+        nk: usize,
+        s: &mut [Self],
+        prefetch: impl Fn(usize),
+    ) {
+        for j in 0..nk {
+            prefetch(j);
+            let kj = keys.row(j, d);
+            for r in 0..nr {
+                s[r * nk + j] = Self::dot::<FMA>(&q[r * d..][..d], kj);
+            }
+        }
+    }
+
+    /// `acc[r] += sum_j p[r * nk + j] * vals[j]` for the `nr` rows of `acc` (row stride
+    /// `dv`). `prefetch(j)` is called once per value row, before it is read.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn accumulate_rows<const FMA: bool>(
+        p: &[Self],
+        nk: usize,
+        nr: usize,
+        vals: &Rows<'_, Self>,
+        dv: usize,
+        acc: &mut [Self],
+        prefetch: impl Fn(usize),
+    ) {
+        for j in 0..nk {
+            prefetch(j);
+            let vj = vals.row(j, dv);
+            for r in 0..nr {
+                let pr = p[r * nk + j];
+                if pr != Self::ZERO {
+                    Self::axpy::<FMA>(&mut acc[r * dv..][..dv], pr, vj);
+                }
+            }
+        }
     }
 
     /// Replaces every `x` by `exp(x - m)` and returns their sum. `m` is at least every `x`
@@ -214,6 +270,100 @@ impl Acc for f32 {
         m
     }
     #[inline(always)]
+    fn scores_rows<const FMA: bool>(
+        q: &[f32],
+        d: usize,
+        nr: usize,
+        keys: &Rows<'_, f32>,
+        nk: usize,
+        s: &mut [f32],
+        prefetch: impl Fn(usize),
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // Groups of up to 8 rows: each key is loaded once per group and every row keeps
+            // its accumulator in a register.
+            for g0 in (0..nr).step_by(8) {
+                let (q, s) = (&q[g0 * d..], &mut s[g0 * nk..]);
+                let first = |j: usize| {
+                    if g0 == 0 {
+                        prefetch(j)
+                    }
+                };
+                // SAFETY (all arms): see the trait: FMA on x86_64 means AVX2 and FMA.
+                unsafe {
+                    match nr - g0 {
+                        1 => avx2::scores_n::<1>(q, d, keys, nk, s, &first),
+                        2 => avx2::scores_n::<2>(q, d, keys, nk, s, &first),
+                        3 => avx2::scores_n::<3>(q, d, keys, nk, s, &first),
+                        4 => avx2::scores_n::<4>(q, d, keys, nk, s, &first),
+                        5 => avx2::scores_n::<5>(q, d, keys, nk, s, &first),
+                        6 => avx2::scores_n::<6>(q, d, keys, nk, s, &first),
+                        7 => avx2::scores_n::<7>(q, d, keys, nk, s, &first),
+                        _ => avx2::scores_n::<8>(q, d, keys, nk, s, &first),
+                    }
+                }
+            }
+            return;
+        }
+        for j in 0..nk {
+            prefetch(j);
+            let kj = keys.row(j, d);
+            for r in 0..nr {
+                s[r * nk + j] = f32::dot::<FMA>(&q[r * d..][..d], kj);
+            }
+        }
+    }
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn accumulate_rows<const FMA: bool>(
+        p: &[f32],
+        nk: usize,
+        nr: usize,
+        vals: &Rows<'_, f32>,
+        dv: usize,
+        acc: &mut [f32],
+        prefetch: impl Fn(usize),
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // Groups of up to 8 rows, 8 output columns at a time held in registers across
+            // all keys of the tile.
+            for g0 in (0..nr).step_by(8) {
+                let (p, acc) = (&p[g0 * nk..], &mut acc[g0 * dv..]);
+                let first = |j: usize| {
+                    if g0 == 0 {
+                        prefetch(j)
+                    }
+                };
+                // SAFETY (all arms): see the trait.
+                unsafe {
+                    match nr - g0 {
+                        1 => avx2::accumulate_n::<1>(p, nk, vals, dv, acc, &first),
+                        2 => avx2::accumulate_n::<2>(p, nk, vals, dv, acc, &first),
+                        3 => avx2::accumulate_n::<3>(p, nk, vals, dv, acc, &first),
+                        4 => avx2::accumulate_n::<4>(p, nk, vals, dv, acc, &first),
+                        5 => avx2::accumulate_n::<5>(p, nk, vals, dv, acc, &first),
+                        6 => avx2::accumulate_n::<6>(p, nk, vals, dv, acc, &first),
+                        7 => avx2::accumulate_n::<7>(p, nk, vals, dv, acc, &first),
+                        _ => avx2::accumulate_n::<8>(p, nk, vals, dv, acc, &first),
+                    }
+                }
+            }
+            return;
+        }
+        for j in 0..nk {
+            prefetch(j);
+            let vj = vals.row(j, dv);
+            for r in 0..nr {
+                let pr = p[r * nk + j];
+                if pr != 0.0 {
+                    f32::axpy::<FMA>(&mut acc[r * dv..][..dv], pr, vj);
+                }
+            }
+        }
+    }
+    #[inline(always)]
     fn exp_sub_sum<const FMA: bool>(xs: &mut [f32], m: f32) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if FMA {
@@ -303,7 +453,9 @@ fn exp_nonpositive<const FMA: bool>(x: f32) -> f32 {
 /// AVX2 + FMA versions of the f32 helpers. Callers must have detected both features.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{exp_nonpositive, EXP_LN2_HI, EXP_LN2_LO, EXP_LOG2E, EXP_LOW, EXP_POLY, EXP_ROUND};
+    use super::{
+        exp_nonpositive, Rows, EXP_LN2_HI, EXP_LN2_LO, EXP_LOG2E, EXP_LOW, EXP_POLY, EXP_ROUND,
+    };
     use std::arch::x86_64::*;
 
     #[inline]
@@ -404,6 +556,102 @@ mod avx2 {
             }
         }
         m
+    }
+
+    /// Base pointer of `rows` after checking that rows `0..n` of `len` values lie inside
+    /// its data.
+    #[inline]
+    fn rows_base(rows: &Rows<'_, f32>, n: usize, len: usize) -> *const f32 {
+        assert!(n == 0 || rows.start + (n - 1) * rows.stride + len <= rows.data.len());
+        rows.data[rows.start..].as_ptr()
+    }
+
+    /// `s[r * nk + j] = q[r] · keys[j]` for `N` rows of `q` (row stride `d`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores_n<const N: usize>(
+        q: &[f32],
+        d: usize,
+        keys: &Rows<'_, f32>,
+        nk: usize,
+        s: &mut [f32],
+        prefetch: &impl Fn(usize),
+    ) {
+        assert!(q.len() >= N * d && s.len() >= (N - 1) * nk + nk);
+        let kbase = rows_base(keys, nk, d);
+        let qp = q.as_ptr();
+        for j in 0..nk {
+            prefetch(j);
+            // SAFETY (all loads): c + 8 <= d, row j < nk and r < N were checked above.
+            let kp = kbase.add(j * keys.stride);
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut c = 0;
+            while c + 8 <= d {
+                let kv = _mm256_loadu_ps(kp.add(c));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(r * d + c)), kv, *a);
+                }
+                c += 8;
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let mut t = hsum(*a);
+                for cc in c..d {
+                    t = q[r * d + cc].mul_add(*kp.add(cc), t);
+                }
+                s[r * nk + j] = t;
+            }
+        }
+    }
+
+    /// `acc[r] += sum_j p[r * nk + j] * vals[j]` for `N` rows of `acc` (row stride `dv`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn accumulate_n<const N: usize>(
+        p: &[f32],
+        nk: usize,
+        vals: &Rows<'_, f32>,
+        dv: usize,
+        acc: &mut [f32],
+        prefetch: &impl Fn(usize),
+    ) {
+        assert!(p.len() >= (N - 1) * nk + nk && acc.len() >= N * dv);
+        let vbase = rows_base(vals, nk, dv);
+        let (pp, ap) = (p.as_ptr(), acc.as_mut_ptr());
+        let mut c = 0;
+        // SAFETY (all accesses): c + 8 <= dv, j < nk and r < N were checked above.
+        while c + 8 <= dv {
+            let mut a = [_mm256_setzero_ps(); N];
+            for (r, x) in a.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(ap.add(r * dv + c));
+            }
+            for j in 0..nk {
+                if c == 0 {
+                    prefetch(j);
+                }
+                let vv = _mm256_loadu_ps(vbase.add(j * vals.stride + c));
+                for (r, x) in a.iter_mut().enumerate() {
+                    *x = _mm256_fmadd_ps(_mm256_set1_ps(*pp.add(r * nk + j)), vv, *x);
+                }
+            }
+            for (r, x) in a.iter().enumerate() {
+                _mm256_storeu_ps(ap.add(r * dv + c), *x);
+            }
+            c += 8;
+        }
+        if c < dv {
+            for j in 0..nk {
+                if c == 0 {
+                    prefetch(j);
+                }
+                let v = vbase.add(j * vals.stride);
+                for r in 0..N {
+                    let pr = p[r * nk + j];
+                    for cc in c..dv {
+                        acc[r * dv + cc] = pr.mul_add(*v.add(cc), acc[r * dv + cc]);
+                    }
+                }
+            }
+        }
     }
 
     /// exp of 8 lanes, each `<= 0` or NaN (kept NaN); as `exp_nonpositive`.
@@ -954,16 +1202,11 @@ impl<T: Elem> Ctx<'_, T> {
                     let nr = max_rows.min(hi - row0);
                     let sb = &mut s[..nr * nk];
                     if small {
-                        for j in 0..nk {
-                            // Streaming decode: ask for the next tile's rows while this one
-                            // computes, so memory and arithmetic overlap.
-                            self.k.prefetch_row(b, g, k0 + bk + j, d, self.tkv);
-                            let kj = kr.row(j, d);
-                            for rr in 0..nr {
-                                let qrow = &qt[(row0 + rr) * d..][..d];
-                                sb[rr * nk + j] = T::A::dot::<FMA>(qrow, kj);
-                            }
-                        }
+                        // Streaming decode: ask for the next tile's rows while this one
+                        // computes, so memory and arithmetic overlap.
+                        T::A::scores_rows::<FMA>(&qt[row0 * d..], d, nr, &kr, nk, sb, |j| {
+                            self.k.prefetch_row(b, g, k0 + bk + j, d, self.tkv)
+                        });
                     } else {
                         matmul(
                             nr,
@@ -997,17 +1240,10 @@ impl<T: Elem> Ctx<'_, T> {
                         );
                     }
                     if small {
-                        for j in 0..nk {
-                            self.v.prefetch_row(b, g, k0 + bk + j, dv, self.tkv);
-                            let vj = vr.row(j, dv);
-                            for rr in 0..nr {
-                                let p = sb[rr * nk + j];
-                                if p != T::A::ZERO {
-                                    let arow = &mut acc[(row0 + rr) * dv..][..dv];
-                                    T::A::axpy::<FMA>(arow, p, vj);
-                                }
-                            }
-                        }
+                        let arows = &mut acc[row0 * dv..][..nr * dv];
+                        T::A::accumulate_rows::<FMA>(sb, nk, nr, &vr, dv, arows, |j| {
+                            self.v.prefetch_row(b, g, k0 + bk + j, dv, self.tkv)
+                        });
                     } else {
                         matmul(
                             nr,
