@@ -13,11 +13,13 @@ pub struct Timing {
     pub reps: usize,
 }
 
-/// Times `case` after one warm-up run: at least `min_reps` runs and at least `min_seconds`
-/// in total (capped at 200 runs); reports the median.
+/// Times `case` after one warm-up run: at least `min_reps` samples and at least
+/// `min_seconds` in total (capped at 200 samples); reports the median sample.
 ///
-/// GPU work is asynchronous: every run is followed by a device synchronisation inside the
-/// timed region, so each sample is the op's full latency including one launch.
+/// On the CPU a sample is one call. GPU work is asynchronous: a sample there is a batch of
+/// back-to-back calls followed by one device synchronisation, divided by the batch size, so
+/// it measures the time each call adds to the stream (launch overhead included when the
+/// host is slower than the GPU) rather than one synchronisation round trip per call.
 pub fn time_case(
     case: &Case,
     inputs: &Inputs,
@@ -25,6 +27,7 @@ pub fn time_case(
     min_reps: usize,
     min_seconds: f64,
 ) -> Result<Timing> {
+    let batch = if device.is_cpu() { 1 } else { GPU_BATCH };
     case.run(inputs)?;
     device.synchronize()?;
     let mut times = Vec::new();
@@ -33,13 +36,17 @@ pub fn time_case(
         || (start.elapsed().as_secs_f64() < min_seconds && times.len() < 200)
     {
         let t0 = Instant::now();
-        let out = case.run(inputs)?;
+        for _ in 0..batch {
+            drop(case.run(inputs)?);
+        }
         device.synchronize()?;
-        times.push(t0.elapsed().as_secs_f64());
-        drop(out);
+        times.push(t0.elapsed().as_secs_f64() / batch as f64);
     }
     Ok(summarize(times))
 }
+
+/// Calls per timed sample on a GPU.
+const GPU_BATCH: usize = 20;
 
 fn summarize(mut times: Vec<f64>) -> Timing {
     times.sort_by(f64::total_cmp);
@@ -124,14 +131,16 @@ fn copy_bandwidth() -> f64 {
 fn device_copy_bandwidth(device: &Device) -> Result<f64> {
     let n = 64 << 20;
     let src = Array::randn(&[n], DType::F32, 11, device)?;
+    drop(src.copy()?);
     let mut best = f64::INFINITY;
     for _ in 0..10 {
         device.synchronize()?;
         let t0 = Instant::now();
-        let copy = src.copy()?;
+        for _ in 0..GPU_BATCH {
+            drop(src.copy()?);
+        }
         device.synchronize()?;
-        best = best.min(t0.elapsed().as_secs_f64());
-        drop(copy);
+        best = best.min(t0.elapsed().as_secs_f64() / GPU_BATCH as f64);
     }
     Ok(2.0 * (n * 4) as f64 / best / 1e9)
 }
