@@ -1287,6 +1287,7 @@ fn bench_shapes() {
         (8, 32, 8, 1, 2048, 128, false),
         (1, 32, 1, 1, 8192, 128, false),
         (1, 8, 8, 512, 512, 64, true),
+        (1, 64, 8, 1, 8192, 128, false),
     ];
     // SDPA_BENCH_SHAPE=i runs only shape i.
     let only: Option<usize> = std::env::var("SDPA_BENCH_SHAPE")
