@@ -33,3 +33,8 @@ pub use device::Device;
 pub use dtype::{promote_types, result_type, DType, Element, Float};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+
+/// The README's usage example, compiled and run as a doctest.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
