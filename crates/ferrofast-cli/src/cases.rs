@@ -33,6 +33,34 @@ pub enum Case {
     },
 }
 
+type RmsNormFn = fn(&Array, Option<&Array>, f32) -> Result<Array>;
+type LayerNormFn = fn(&Array, Option<&Array>, Option<&Array>, f32) -> Result<Array>;
+type RopeFn =
+    fn(&Array, i32, bool, Option<f32>, f32, RopeOffset<'_>, Option<&Array>) -> Result<Array>;
+type SdpaFn = fn(&Array, &Array, &Array, f32, Mask<'_>, Option<&Array>) -> Result<Array>;
+
+/// One implementation of the ops: the library's `fast` functions or the float64 oracle.
+struct Ops {
+    rms_norm: RmsNormFn,
+    layer_norm: LayerNormFn,
+    rope: RopeFn,
+    sdpa: SdpaFn,
+}
+
+const FAST: Ops = Ops {
+    rms_norm: fast::rms_norm,
+    layer_norm: fast::layer_norm,
+    rope: fast::rope,
+    sdpa: fast::scaled_dot_product_attention,
+};
+
+const REFERENCE: Ops = Ops {
+    rms_norm: reference::rms_norm,
+    layer_norm: reference::layer_norm,
+    rope: reference::rope,
+    sdpa: reference::scaled_dot_product_attention,
+};
+
 /// Inputs made once per case, reused across timed repetitions.
 pub struct Inputs {
     arrays: Vec<Array>,
@@ -184,30 +212,7 @@ impl Case {
 
     /// Runs the op once.
     pub fn run(&self, inputs: &Inputs) -> Result<Array> {
-        let a = &inputs.arrays;
-        match self {
-            Case::RmsNorm { .. } => fast::rms_norm(&a[0], Some(&a[1]), 1e-5),
-            Case::LayerNorm { .. } => fast::layer_norm(&a[0], Some(&a[1]), Some(&a[2]), 1e-5),
-            Case::Rope { shape, .. } => fast::rope(
-                &a[0],
-                shape[3] as i32,
-                false,
-                Some(10000.0),
-                1.0,
-                RopeOffset::Int(7),
-                None,
-            ),
-            Case::Sdpa {
-                head_dim, causal, ..
-            } => fast::scaled_dot_product_attention(
-                &a[0],
-                &a[1],
-                &a[2],
-                1.0 / (*head_dim as f32).sqrt(),
-                if *causal { Mask::Causal } else { Mask::None },
-                None,
-            ),
-        }
+        self.call(&FAST, &inputs.arrays)
     }
 
     /// The float64 oracle on the same inputs (brought to the CPU).
@@ -217,10 +222,15 @@ impl Case {
             .iter()
             .map(|x| x.to_device(&Device::Cpu))
             .collect::<Result<_>>()?;
+        self.call(&REFERENCE, &a)
+    }
+
+    /// The case's call, made through one implementation of the ops.
+    fn call(&self, ops: &Ops, a: &[Array]) -> Result<Array> {
         match self {
-            Case::RmsNorm { .. } => reference::rms_norm(&a[0], Some(&a[1]), 1e-5),
-            Case::LayerNorm { .. } => reference::layer_norm(&a[0], Some(&a[1]), Some(&a[2]), 1e-5),
-            Case::Rope { shape, .. } => reference::rope(
+            Case::RmsNorm { .. } => (ops.rms_norm)(&a[0], Some(&a[1]), 1e-5),
+            Case::LayerNorm { .. } => (ops.layer_norm)(&a[0], Some(&a[1]), Some(&a[2]), 1e-5),
+            Case::Rope { shape, .. } => (ops.rope)(
                 &a[0],
                 shape[3] as i32,
                 false,
@@ -231,7 +241,7 @@ impl Case {
             ),
             Case::Sdpa {
                 head_dim, causal, ..
-            } => reference::scaled_dot_product_attention(
+            } => (ops.sdpa)(
                 &a[0],
                 &a[1],
                 &a[2],
