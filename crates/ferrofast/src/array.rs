@@ -122,6 +122,8 @@ pub(crate) enum Storage {
 }
 
 impl Drop for Storage {
+    // Without the `cuda` feature the pattern below is irrefutable.
+    #[allow(irrefutable_let_patterns)]
     fn drop(&mut self) {
         if let Storage::Cpu(data) = self {
             host_pool::give(std::mem::replace(data, CpuData::U8(Vec::new())));
