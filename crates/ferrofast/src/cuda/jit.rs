@@ -410,14 +410,28 @@ pub(crate) fn function(
     name_expr: &str,
     extra_options: &[String],
 ) -> Result<CudaFunction> {
+    // In memory a kernel is identified by file, instantiation and options alone: the sources
+    // are compiled into this binary and the device fixes the architecture. Hashing the source
+    // (needed only for the disk cache) costs tens of microseconds, too much for every launch.
+    let memo_key = format!(
+        "{} | {} | {}",
+        file.name,
+        name_expr,
+        extra_options.join(" ")
+    );
+    let lock_error = || Error::Cuda("the kernel cache was poisoned by a panic".into());
+    if let Some(f) = device
+        .functions
+        .lock()
+        .map_err(|_| lock_error())?
+        .get(&memo_key)
+    {
+        return Ok(f.clone());
+    }
     let arch = device.arch();
     let options = options_for(&arch, extra_options);
     let names = [name_expr.to_string()];
     let key = cache_key(file, &names, &options, nvrtc_version()?);
-    let lock_error = || Error::Cuda("the kernel cache was poisoned by a panic".into());
-    if let Some(f) = device.functions.lock().map_err(|_| lock_error())?.get(&key) {
-        return Ok(f.clone());
-    }
     // Compile without holding the lock, so threads needing different kernels compile in
     // parallel; two threads racing for the same kernel both compile, and the first to finish
     // wins.
@@ -443,7 +457,7 @@ pub(crate) fn function(
         Err(e) => return Err(e),
     };
     let mut functions = device.functions.lock().map_err(|_| lock_error())?;
-    Ok(functions.entry(key).or_insert(f).clone())
+    Ok(functions.entry(memo_key).or_insert(f).clone())
 }
 
 fn load(device: &CudaDevice, file: &KernelFile, cubin: &Cubin) -> Result<CudaFunction> {
