@@ -5,23 +5,12 @@
 
 mod common;
 
+use common::gpu;
+
 use ferrofast::{bf16, f16, Array, DType, Device, Error, Stream};
 
 /// The first GPU, with output poisoning on (unwritten elements read as NaN / 0xFF), or
 /// `None` (after printing why) when there is none.
-fn gpu() -> Option<Device> {
-    match Device::cuda(0) {
-        Ok(d) => {
-            ferrofast::cuda::poison_gpu_buffers(true);
-            Some(d)
-        }
-        Err(e) => {
-            println!("skipping: no CUDA device ({e})");
-            None
-        }
-    }
-}
-
 /// Bitwise-meaningful comparison: equal values, NaN where the reference has NaN.
 fn assert_same(got: &Array, want: &Array, what: &str) {
     assert_eq!(got.shape(), want.shape(), "{what}: shape");

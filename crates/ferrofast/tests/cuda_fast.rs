@@ -5,21 +5,10 @@
 
 mod common;
 
+use common::gpu;
+
 use common::check_close;
 use ferrofast::{fast, reference, Array, DType, Device};
-
-fn gpu() -> Option<Device> {
-    match Device::cuda(0) {
-        Ok(d) => {
-            ferrofast::cuda::poison_gpu_buffers(true);
-            Some(d)
-        }
-        Err(e) => {
-            println!("skipping: no CUDA device ({e})");
-            None
-        }
-    }
-}
 
 fn tol(dtype: DType) -> (f64, f64) {
     match dtype {

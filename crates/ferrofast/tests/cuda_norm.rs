@@ -6,23 +6,12 @@
 
 mod common;
 
+use common::gpu;
+
 use ferrofast::cuda::{layer_norm, layer_norm_on, rms_norm, rms_norm_on};
 use ferrofast::{bf16, f16, Array, DType, Device, Error, Stream};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
-
-fn gpu() -> Option<Device> {
-    match Device::cuda(0) {
-        Ok(d) => {
-            ferrofast::cuda::poison_gpu_buffers(true);
-            Some(d)
-        }
-        Err(e) => {
-            println!("skipping: no CUDA device ({e})");
-            None
-        }
-    }
-}
 
 /// Rounds to `dtype` the way the kernel (and MLX) does: through f32.
 fn round_to(dtype: DType, v: f64) -> f64 {

@@ -7,24 +7,13 @@
 
 mod common;
 
+use common::gpu;
+
 use ferrofast::cuda::{rope, rope_on, RopeFreqs, RopeOffsets};
 use ferrofast::fast::RopeOffset;
 use ferrofast::{reference, Array, DType, Device, Error, Stream};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
-
-fn gpu() -> Option<Device> {
-    match Device::cuda(0) {
-        Ok(d) => {
-            ferrofast::cuda::poison_gpu_buffers(true);
-            Some(d)
-        }
-        Err(e) => {
-            println!("skipping: no CUDA device ({e})");
-            None
-        }
-    }
-}
 
 /// The frequency source of a case, as host values.
 #[derive(Clone, Debug)]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{check_close, randn, uniform};
+use common::{check_close, randn, random_view, uniform};
 use ferrofast::{bf16, f16, fast, reference, Array, DType, Device, Error, Float};
 use proptest::prelude::*;
 
@@ -455,38 +455,6 @@ fn check_exact_rounding_f32() {
             );
         }
     }
-}
-
-/// A random view of a random array: a permutation of the axes and a stepped (possibly
-/// reversed) slice, so rows can have any stride.
-fn random_view(base: &Array, perm_seed: u64, steps: &[isize]) -> Array {
-    let n = base.ndim();
-    let mut axes: Vec<isize> = (0..n as isize).collect();
-    let mut s = perm_seed;
-    for i in (1..n).rev() {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        axes.swap(i, (s >> 33) as usize % (i + 1));
-    }
-    let t = base.transpose(&axes).unwrap();
-    let steps = &steps[..n];
-    let starts: Vec<isize> = steps
-        .iter()
-        .map(|&st| if st > 0 { 0 } else { -1 })
-        .collect();
-    let stops: Vec<isize> = steps
-        .iter()
-        .zip(t.shape())
-        .map(|(&st, &len)| {
-            if st > 0 {
-                len as isize
-            } else {
-                -(len as isize) - 1
-            }
-        })
-        .collect();
-    t.slice(&starts, &stops, steps).unwrap()
 }
 
 proptest! {

@@ -67,3 +67,51 @@ pub fn max_abs_diff(a: &Array, b: &Array) -> f64 {
         .map(|(p, q)| (p - q).abs())
         .fold(0.0, f64::max)
 }
+
+/// A random view of a random array: a permutation of the axes and a stepped (possibly
+/// reversed) slice, so rows can have any stride.
+pub fn random_view(base: &Array, perm_seed: u64, steps: &[isize]) -> Array {
+    let n = base.ndim();
+    let mut axes: Vec<isize> = (0..n as isize).collect();
+    let mut s = perm_seed;
+    for i in (1..n).rev() {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        axes.swap(i, (s >> 33) as usize % (i + 1));
+    }
+    let t = base.transpose(&axes).unwrap();
+    let steps = &steps[..n];
+    let starts: Vec<isize> = steps
+        .iter()
+        .map(|&st| if st > 0 { 0 } else { -1 })
+        .collect();
+    let stops: Vec<isize> = steps
+        .iter()
+        .zip(t.shape())
+        .map(|(&st, &len)| {
+            if st > 0 {
+                len as isize
+            } else {
+                -(len as isize) - 1
+            }
+        })
+        .collect();
+    t.slice(&starts, &stops, steps).unwrap()
+}
+
+/// The first CUDA device with new GPU buffers poisoned (NaN bytes), so elements a kernel
+/// skips fail the checks; `None`, after printing why, when there is none.
+#[cfg(feature = "cuda")]
+pub fn gpu() -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => {
+            ferrofast::cuda::poison_gpu_buffers(true);
+            Some(d)
+        }
+        Err(e) => {
+            println!("skipping: no CUDA device ({e})");
+            None
+        }
+    }
+}
