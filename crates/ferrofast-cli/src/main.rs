@@ -180,6 +180,22 @@ fn throughput(case: &Case, t: &Timing) -> String {
     }
 }
 
+/// The GPU speed targets' own shapes (bf16 norms over `[16384, 4096]` and rows of 1024,
+/// rope over `[4, 32, 4096, 128]`): too large to be worth timing on a CPU.
+fn gpu_target_cases() -> Vec<Case> {
+    let dtype = DType::BF16;
+    let mut v = Vec::new();
+    for (rows, dim) in [(16384, 4096), (65536, 1024)] {
+        v.push(Case::RmsNorm { rows, dim, dtype });
+        v.push(Case::LayerNorm { rows, dim, dtype });
+    }
+    v.push(Case::Rope {
+        shape: [4, 32, 4096, 128],
+        dtype,
+    });
+    v
+}
+
 fn bench_cases(quick: bool) -> Vec<Case> {
     let mut v = Vec::new();
     let norm_shapes: &[(usize, usize)] = if quick {
@@ -259,7 +275,11 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         "op", "shape", "dtype", "thr", "median", "throughput", "ceiling"
     );
     let mut records = Vec::new();
-    for case in bench_cases(opts.quick) {
+    let mut cases = bench_cases(opts.quick);
+    if !opts.device.is_cpu() && !opts.quick {
+        cases.extend(gpu_target_cases());
+    }
+    for case in cases {
         let inputs = case.inputs(&opts.device, 7)?;
         // Compute-bound CPU cases also run on one thread: the second core of this kind of
         // machine adds far less than a second core's worth.

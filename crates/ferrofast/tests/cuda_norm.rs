@@ -187,7 +187,8 @@ fn rms_norm_over_dtypes_sizes_and_weights() {
     per_dtype(|dtype| {
         let mut seed = 1000 + 100 * dtype.size() as u64 + (dtype == DType::BF16) as u64 * 50;
         for d in [
-            1usize, 31, 32, 33, 127, 4096, 4099, 8192, 8200, 16384, 16385, 40000, 65537,
+            1usize, 8, 31, 32, 33, 127, 128, 256, 1000, 1024, 2048, 2049, 3000, 4096, 4099, 8192,
+            8200, 16384, 16385, 40000, 65537,
         ] {
             for with_w in [true, false] {
                 seed += 1;
@@ -207,7 +208,9 @@ fn layer_norm_over_dtypes_sizes_weights_and_biases() {
     let Some(gpu) = gpu() else { return };
     per_dtype(|dtype| {
         let mut seed = 2000 + 100 * dtype.size() as u64 + (dtype == DType::BF16) as u64 * 50;
-        for d in [1usize, 31, 33, 128, 4099, 8192, 16385, 40000] {
+        for d in [
+            1usize, 8, 31, 33, 128, 1024, 2048, 3000, 4096, 4099, 8192, 16385, 40000,
+        ] {
             for (with_w, with_b) in [(true, true), (true, false), (false, true), (false, false)] {
                 seed += 1;
                 let rows = rows_for(d);

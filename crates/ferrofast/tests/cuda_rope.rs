@@ -391,6 +391,17 @@ fn strided_views_in_place_and_copied() {
                 },
                 "sliced",
             );
+            // Windows starting one and two features in: narrower vectors, then scalars.
+            for start in [1isize, 2] {
+                run(
+                    &[2, 3, 5, 67],
+                    &|a| {
+                        a.slice(&[0, 0, 0, start], &[2, 3, 5, start + 64], &[1, 1, 1, 1])
+                            .unwrap()
+                    },
+                    "window at an odd offset",
+                );
+            }
             // Broadcast batch (batch stride 0).
             run(
                 &[1, 3, 10, 64],

@@ -3,7 +3,10 @@
 //! The front end (`fast::rms_norm` / `fast::layer_norm`) validates arguments, computes the
 //! output dtype and casts x, weight and bias to it; these launchers take the cast arrays on
 //! one CUDA device and pick a kernel variant:
-//! - rows of up to 4096 * N_READS elements (N_READS = 16 / element size: 16384 f32, 32768
+//! - rows of up to 256 * N_READS elements (2048 f16/bf16, 1024 f32): a group of 4-32 lanes
+//!   of a warp per row, several rows per 256-thread block, the row held in registers in its
+//!   storage type and reduced with shuffles alone (`*_group`);
+//! - longer rows of up to 4096 * N_READS elements (N_READS = 16 / element size: 16384 f32, 32768
 //!   f16/bf16): one block per row with the row held in registers (`*_rows`), 1, 2 or 4
 //!   chunks of N_READS elements per thread;
 //! - longer rows: `*_looped`, 1024 threads looping over the row;
@@ -43,19 +46,58 @@ impl Kind {
 /// Which kernel instantiation serves a row length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Plan {
+    /// `g` lanes per row, `GROUP_BLOCK / g` rows per block, `chunks` register chunks per
+    /// lane (`*_group`).
+    Group { g: usize, chunks: usize },
     /// One block of `threads` per row, `chunks` register chunks per thread.
     Rows { chunks: usize, threads: u32 },
     /// One block of LOOPED_BLOCK threads per row, looping.
     Looped,
 }
 
+/// Threads per block of the `*_group` kernels (`FF_GROUP_BLOCK` in norm.cu).
+const GROUP_BLOCK: usize = 256;
+
+/// Register chunks per lane the `*_group` kernels are instantiated with (lanes per row 32).
+const GROUP_CHUNKS: [usize; 5] = [1, 2, 4, 8, 16];
+
 /// Elements one thread loads with a 16-byte vector.
 fn n_reads(dtype: DType) -> usize {
     16 / dtype.size()
 }
 
+/// Most register chunks per lane a `*_group` plan may use: 8, or the value of the
+/// environment variable `FERROFAST_NORM_GROUP_CHUNKS` (1, 2, 4, 8 or 16) read once, a tuning
+/// knob; rows needing more go to the one-block-per-row kernels. On an H200, bf16 rows of 4096
+/// ran at 66% of copy with 16 chunks a lane (low occupancy) and 93% one block per row.
+fn group_max_chunks() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("FERROFAST_NORM_GROUP_CHUNKS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|v| GROUP_CHUNKS.contains(v))
+            .unwrap_or(8)
+    })
+}
+
 fn plan(d: usize, dtype: DType) -> Plan {
     let threads_needed = d.div_ceil(n_reads(dtype)).max(1);
+    // Rows of up to 256 vectors (2048 bf16 / f16, 1024 f32): a group of lanes per row, with
+    // at most 8 chunks (32 registers of data) per lane.
+    if threads_needed <= 32 {
+        return Plan::Group {
+            g: threads_needed.next_power_of_two().max(4),
+            chunks: 1,
+        };
+    }
+    if let Some(&chunks) = GROUP_CHUNKS
+        .iter()
+        .take_while(|&&c| c <= group_max_chunks())
+        .find(|&&c| c * 32 >= threads_needed)
+    {
+        return Plan::Group { g: 32, chunks };
+    }
     let chunks = if threads_needed <= 256 {
         1
     } else if threads_needed <= 512 {
@@ -74,6 +116,11 @@ fn plan(d: usize, dtype: DType) -> Plan {
 
 fn variant(kind: Kind, dtype: DType, plan: Plan, aligned: bool) -> String {
     match plan {
+        Plan::Group { g, chunks } => format!(
+            "{}_group<{}, {g}, {chunks}, {aligned}>",
+            kind.op(),
+            type_tag(dtype)
+        ),
         Plan::Rows { chunks, .. } => format!(
             "{}_rows<{}, {chunks}, {aligned}>",
             kind.op(),
@@ -98,6 +145,12 @@ pub(crate) fn all_variants() -> Vec<String> {
                     ));
                 }
                 out.push(variant(kind, dtype, Plan::Looped, aligned));
+                for g in [4, 8, 16] {
+                    out.push(variant(kind, dtype, Plan::Group { g, chunks: 1 }, aligned));
+                }
+                for chunks in GROUP_CHUNKS {
+                    out.push(variant(kind, dtype, Plan::Group { g: 32, chunks }, aligned));
+                }
             }
         }
     }
@@ -350,13 +403,26 @@ fn norm(
             )?;
         }
     }
-    let threads = match plan {
-        Plan::Rows { threads, .. } => threads,
-        Plan::Looped => LOOPED_BLOCK.min(max_threads / 32 * 32),
+    let (threads, blocks) = match plan {
+        Plan::Group { g, .. } => {
+            let rows_per_block = (GROUP_BLOCK / g) as i64;
+            let blocks = (n_rows + rows_per_block - 1) / rows_per_block;
+            let blocks = u32::try_from(blocks).map_err(|_| {
+                Error::Unsupported(format!(
+                    "[{}] {n_rows} rows exceed the CUDA grid's limit",
+                    kind.op()
+                ))
+            })?;
+            (GROUP_BLOCK as u32, blocks)
+        }
+        Plan::Rows { threads, .. } => (threads, n_rows.min(i32::MAX as i64) as u32),
+        Plan::Looped => (
+            LOOPED_BLOCK.min(max_threads / 32 * 32),
+            n_rows.min(i32::MAX as i64) as u32,
+        ),
     };
 
     let mut out = CudaBuffer::alloc(device, stream, out_dtype, n)?;
-    let blocks = n_rows.min(i32::MAX as i64) as u32;
     let cfg = LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (threads, 1, 1),
@@ -401,11 +467,31 @@ mod tests {
 
     #[test]
     fn plans_cover_rows_and_switch_to_looped() {
+        assert_eq!(plan(1, DType::F32), Plan::Group { g: 4, chunks: 1 });
+        assert_eq!(plan(128, DType::BF16), Plan::Group { g: 16, chunks: 1 });
+        assert_eq!(plan(128, DType::F32), Plan::Group { g: 32, chunks: 1 });
+        assert_eq!(plan(1024, DType::BF16), Plan::Group { g: 32, chunks: 4 });
+        assert_eq!(plan(1024, DType::F32), Plan::Group { g: 32, chunks: 8 });
+        assert_eq!(plan(2048, DType::BF16), Plan::Group { g: 32, chunks: 8 });
         assert_eq!(
-            plan(1, DType::F32),
+            plan(2048, DType::F32),
             Plan::Rows {
-                chunks: 1,
-                threads: 32
+                chunks: 2,
+                threads: 256
+            }
+        );
+        assert_eq!(
+            plan(4096, DType::BF16),
+            Plan::Rows {
+                chunks: 2,
+                threads: 256
+            }
+        );
+        assert_eq!(
+            plan(2049, DType::F32),
+            Plan::Rows {
+                chunks: 4,
+                threads: 160
             }
         );
         assert_eq!(
@@ -420,20 +506,6 @@ mod tests {
             Plan::Rows {
                 chunks: 4,
                 threads: 288
-            }
-        );
-        assert_eq!(
-            plan(1024, DType::F32),
-            Plan::Rows {
-                chunks: 1,
-                threads: 256
-            }
-        );
-        assert_eq!(
-            plan(2048, DType::F32),
-            Plan::Rows {
-                chunks: 2,
-                threads: 256
             }
         );
         assert_eq!(
@@ -459,11 +531,18 @@ mod tests {
             }
         );
         assert_eq!(plan(32769, DType::F16), Plan::Looped);
-        for d in [1usize, 7, 31, 33, 100, 1000, 4099, 9999, 16384] {
+        for d in [1usize, 7, 31, 33, 100, 1000, 2049, 4099, 9999, 16384] {
             for dt in [DType::F32, DType::F16, DType::BF16] {
-                if let Plan::Rows { chunks, threads } = plan(d, dt) {
-                    assert!(chunks * threads as usize * n_reads(dt) >= d, "d {d} {dt}");
-                    assert!(threads as usize <= ROWS_MAX_THREADS && threads % 32 == 0);
+                match plan(d, dt) {
+                    Plan::Rows { chunks, threads } => {
+                        assert!(chunks * threads as usize * n_reads(dt) >= d, "d {d} {dt}");
+                        assert!(threads as usize <= ROWS_MAX_THREADS && threads % 32 == 0);
+                    }
+                    Plan::Group { g, chunks } => {
+                        assert!(g * chunks * n_reads(dt) >= d, "d {d} {dt}");
+                        assert!(GROUP_BLOCK % g == 0 && g <= 32);
+                    }
+                    Plan::Looped => {}
                 }
             }
         }
@@ -472,7 +551,9 @@ mod tests {
     #[test]
     fn every_plan_has_a_compiled_variant() {
         let all = all_variants();
-        for d in [1usize, 33, 600, 3000, 20000, 70000] {
+        for d in [
+            1usize, 5, 17, 33, 100, 128, 600, 1024, 3000, 4096, 20000, 70000,
+        ] {
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 for kind in [Kind::Rms, Kind::Layer] {
                     for aligned in [true, false] {

@@ -42,12 +42,29 @@ pub enum RopeOffsets<'a> {
     PerBatch(&'a [i64]),
 }
 
-fn variant(dtype: DType, traditional: bool, wide: bool) -> String {
+fn variant(dtype: DType, traditional: bool, wide: bool, v: usize) -> String {
     format!(
-        "rope<{}, {traditional}, {}>",
+        "rope<{}, {traditional}, {}, {v}>",
         type_tag(dtype),
         if wide { "long long" } else { "int" }
     )
+}
+
+/// Elements one vector access of a work item moves: `v` pairs' halves, or `2 v` interleaved
+/// pair elements in traditional mode.
+fn chunk_elems(traditional: bool, v: usize) -> usize {
+    if traditional {
+        2 * v
+    } else {
+        v
+    }
+}
+
+/// The column counts a work item may cover for a dtype: vectors of at most 16 bytes.
+fn widths(dtype: DType, traditional: bool) -> impl Iterator<Item = usize> {
+    [8usize, 4, 2, 1]
+        .into_iter()
+        .filter(move |&v| chunk_elems(traditional, v) * dtype.size() <= 16)
 }
 
 /// Every instantiation of `rope.cu` a launch can ask for.
@@ -56,7 +73,9 @@ pub(crate) fn all_variants() -> Vec<String> {
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for traditional in [false, true] {
             for wide in [false, true] {
-                out.push(variant(dtype, traditional, wide));
+                for v in widths(dtype, traditional) {
+                    out.push(variant(dtype, traditional, wide, v));
+                }
             }
         }
     }
@@ -242,6 +261,27 @@ fn launch(
         RopeOffsets::PerBatch(o) => (Some(CudaBuffer::upload(device, stream, o)?), 0),
     };
 
+    // The widest vectors every access can use aligned: the half, the pass-through part, the
+    // row length, the strides, the offset and the buffer must all be multiples of the chunk.
+    let x_offset_elems = x.offset();
+    // V = 1 needs nothing (a traditional pair is then read element by element).
+    let v = widths(dtype, traditional)
+        .find(|&v| {
+            let k = chunk_elems(traditional, v);
+            if v == 1 {
+                return true;
+            }
+            half % v == 0
+                && pass % v == 0
+                && d % k == 0
+                && [stride_b, stride_h, stride_s]
+                    .iter()
+                    .all(|s| s.rem_euclid(k as i64) == 0)
+                && x_offset_elems % k == 0
+                && src.is_aligned(x_offset_elems, k * dtype.size())
+        })
+        .unwrap_or(1);
+    let cols = cols / v;
     let groups = n_heads.div_ceil(HEADS_PER_ITEM);
     let n_items = (batch as u128) * (groups as u128) * (seq as u128) * (cols as u128);
     let blocks = n_items
@@ -255,7 +295,7 @@ fn launch(
             "[rope] {n_items} work items exceed the CUDA kernel's 64-bit index"
         ))
     })?;
-    let name = variant(dtype, traditional, wide);
+    let name = variant(dtype, traditional, wide, v);
     let func = jit::function(device, &ROPE_CU, &name, &[])?;
 
     let mut out = CudaBuffer::alloc(device, stream, dtype, n)?;
@@ -337,8 +377,11 @@ mod tests {
     #[test]
     fn every_launch_has_a_compiled_variant() {
         let all = all_variants();
-        assert_eq!(all.len(), 12);
-        assert!(all.contains(&variant(DType::BF16, true, true)));
-        assert!(all.contains(&"rope<ff_f16, false, int>".to_string()));
+        // f32: 3 + 2 widths, 16-bit types: 4 + 3; times two index types.
+        assert_eq!(all.len(), 2 * (5 + 7 + 7));
+        assert!(all.contains(&variant(DType::BF16, true, true, 4)));
+        assert!(all.contains(&"rope<ff_f16, false, int, 8>".to_string()));
+        assert!(all.contains(&"rope<ff_f32, true, int, 2>".to_string()));
+        assert!(!all.contains(&"rope<ff_f32, true, int, 4>".to_string()));
     }
 }

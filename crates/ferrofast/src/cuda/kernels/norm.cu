@@ -28,6 +28,64 @@ struct ff_norm {
     static const int N = 16 / sizeof(S);
 };
 
+// Mean and centred sum of squares of a set of values, merged pairwise (Chan et al.): the
+// variance of the union without a second pass over the data.
+struct ff_moments {
+    float n;
+    float mean;
+    float m2;
+};
+
+__device__ __forceinline__ ff_moments ff_merge(ff_moments a, ff_moments b) {
+    const float n = a.n + b.n;
+    if (n == 0.0f) {
+        return a;
+    }
+    const float delta = b.mean - a.mean;
+    // A fast division: it only weights the correction term, and an IEEE division at each of
+    // the ten merge steps cost more than the row's arithmetic.
+    const float fb = __fdividef(b.n, n);
+    ff_moments r;
+    r.n = n;
+    r.mean = a.mean + delta * fb;
+    r.m2 = a.m2 + b.m2 + delta * delta * a.n * fb;
+    return r;
+}
+
+__device__ __forceinline__ ff_moments ff_warp_moments(ff_moments m) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        ff_moments o;
+        o.n = __shfl_xor_sync(0xffffffffu, m.n, offset);
+        o.mean = __shfl_xor_sync(0xffffffffu, m.mean, offset);
+        o.m2 = __shfl_xor_sync(0xffffffffu, m.m2, offset);
+        m = ff_merge(m, o);
+    }
+    return m;
+}
+
+// The moments of the whole block, returned to every thread, with one block-wide exchange
+// (`scratch` holds 3 * 32 floats; the block synchronises twice, so it may be reused).
+__device__ __forceinline__ ff_moments ff_block_moments(ff_moments m, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int n_warps = (blockDim.x + 31) >> 5;
+    m = ff_warp_moments(m);
+    if (lane == 0) {
+        scratch[warp] = m.n;
+        scratch[32 + warp] = m.mean;
+        scratch[64 + warp] = m.m2;
+    }
+    __syncthreads();
+    ff_moments t;
+    t.n = lane < n_warps ? scratch[lane] : 0.0f;
+    t.mean = lane < n_warps ? scratch[32 + lane] : 0.0f;
+    t.m2 = lane < n_warps ? scratch[64 + lane] : 0.0f;
+    t = ff_warp_moments(t);
+    __syncthreads();
+    return t;
+}
+
 // Loads elements [base, base + N) of a row as f32; elements at or past D read as 0.
 template <typename T, bool ALIGNED>
 __device__ __forceinline__ void ff_load(const typename T::storage* __restrict__ p,
@@ -232,36 +290,46 @@ __global__ void __launch_bounds__(1024) layer_norm_rows(const typename T::storag
                                 float eps) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
-    __shared__ float scratch[32];
+    __shared__ float scratch[96];
     const S* wp = w != nullptr ? w + w_offset : nullptr;
     const S* bp = b != nullptr ? b + b_offset : nullptr;
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const S* xr = x + x_offset + row * x_row_stride;
         float v[N_CHUNKS][N];
-        float s = 0.0f;
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
             const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
             ff_load<T, ALIGNED>(xr, 1, base, D, v[c]);
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                s += v[c][k];
-            }
         }
-        const float mean = ff_block_sum(s, scratch) / (float)D;
-        // Second pass over the registers: the centred sum of squares (MLX's two-pass
-        // variance), skipping the zero padding past D.
-        float s2 = 0.0f;
+        // Each thread's own two-pass moments over its registers, then one merge across the
+        // block (the zero padding past D is not counted).
+        float cnt = 0.0f;
+        float s = 0.0f;
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
             const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                const float d = v[c][k] - mean;
-                s2 += base + k < D ? d * d : 0.0f;
+                s += v[c][k];
+                cnt += base + k < D ? 1.0f : 0.0f;
             }
         }
-        const float var = ff_block_sum(s2, scratch) / (float)D;
+        ff_moments m;
+        m.n = cnt;
+        m.mean = cnt > 0.0f ? __fdividef(s, cnt) : 0.0f;
+        m.m2 = 0.0f;
+#pragma unroll
+        for (int c = 0; c < N_CHUNKS; ++c) {
+            const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                const float d = v[c][k] - m.mean;
+                m.m2 += base + k < D ? d * d : 0.0f;
+            }
+        }
+        m = ff_block_moments(m, scratch);
+        const float mean = m.mean;
+        const float var = m.m2 / (float)D;
         const float inv = 1.0f / sqrtf(var + eps);
         S* orow = out + row * (ff_i64_t)D;
 #pragma unroll
@@ -336,6 +404,242 @@ __global__ void __launch_bounds__(1024) layer_norm_looped(const typename T::stor
             S o[N];
             ff_finish_chunk<T, ALIGNED>(v, wp, w_stride, bp, b_stride, base, D, o);
             ff_store<T, ALIGNED>(orow, base, D, o);
+        }
+    }
+}
+
+// ----- several rows per block ---------------------------------------------------------------
+//
+// *_group<T, G, CH, ALIGNED>: G consecutive lanes of a warp (G in {4, 8, 16, 32}) own one row
+// and reduce with shuffles only; a block of FF_GROUP_BLOCK threads handles
+// FF_GROUP_BLOCK / G rows. Each lane keeps CH chunks of N_READS elements in registers in
+// their storage type (16 bytes a chunk, whatever T), so a row of up to G * CH * N_READS
+// elements is read once and written once with every load of a lane in flight together.
+// Short rows (D = 128) no longer leave most of a block idle, and there is no __syncthreads.
+
+#define FF_GROUP_BLOCK 256
+
+// A 16-byte load through the read-only path (x, weight and bias are never written by the
+// kernel).
+__device__ __forceinline__ ff_vec16 ff_ld_nc16(const void* p) {
+    ff_vec16 v;
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
+                 : "l"(p));
+    return v;
+}
+
+// Sum over the G lanes of a group. Every lane of the warp calls this (rows past the end
+// take part with zeros), so the full mask is always valid.
+template <int G>
+__device__ __forceinline__ float ff_group_sum(float v) {
+#pragma unroll
+    for (int offset = G / 2; offset > 0; offset >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
+// Loads chunk c of a lane: elements [base, base + N) of the row, zeros past D or for a row
+// past the end (valid == false).
+template <typename T, bool ALIGNED>
+__device__ __forceinline__ void ff_group_load(const typename T::storage* __restrict__ xr,
+                                              int base,
+                                              int D,
+                                              bool valid,
+                                              ff_pack<typename T::storage, ff_norm<T>::N>& pk) {
+    typedef typename T::storage S;
+    const int N = ff_norm<T>::N;
+    if constexpr (ALIGNED) {
+        if (valid && base < D) {
+            pk.vec = ff_ld_nc16(xr + base);
+        } else {
+            pk.vec.w[0] = 0u;
+            pk.vec.w[1] = 0u;
+            pk.vec.w[2] = 0u;
+            pk.vec.w[3] = 0u;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            pk.elem[k] = (valid && base + k < D) ? xr[base + k] : T::from_f32(0.0f);
+        }
+    }
+}
+
+// Writes chunk c of a lane: the normalised values n, rounded to T, times the weight and plus
+// the bias (each rounded to T, as MLX), stored with one 16-byte store when ALIGNED.
+template <typename T, bool ALIGNED>
+__device__ __forceinline__ void ff_group_store(typename T::storage* __restrict__ orow,
+                                               const typename T::storage* __restrict__ w,
+                                               ff_i64_t w_stride,
+                                               const typename T::storage* __restrict__ b,
+                                               ff_i64_t b_stride,
+                                               int base,
+                                               int D,
+                                               const float (&n)[ff_norm<T>::N]) {
+    typedef typename T::storage S;
+    const int N = ff_norm<T>::N;
+    ff_pack<S, N> wp;
+    ff_pack<S, N> bp;
+    if constexpr (ALIGNED) {
+        if (w != nullptr) {
+            wp.vec = ff_ld_nc16(w + base);
+        }
+        if (b != nullptr) {
+            bp.vec = ff_ld_nc16(b + base);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const bool in = base + k < D;
+            wp.elem[k] = (w != nullptr && in) ? w[(ff_i64_t)(base + k) * w_stride]
+                                              : T::from_f32(0.0f);
+            bp.elem[k] = (b != nullptr && in) ? b[(ff_i64_t)(base + k) * b_stride]
+                                              : T::from_f32(0.0f);
+        }
+    }
+    ff_pack<S, N> o;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        S y = T::from_f32(n[k]);
+        if (w != nullptr) {
+            y = T::from_f32(T::to_f32(y) * T::to_f32(wp.elem[k]));
+        }
+        if (b != nullptr) {
+            y = T::from_f32(T::to_f32(y) + T::to_f32(bp.elem[k]));
+        }
+        o.elem[k] = y;
+    }
+    if constexpr (ALIGNED) {
+        *reinterpret_cast<ff_vec16*>(orow + base) = o.vec;
+    } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            if (base + k < D) {
+                orow[base + k] = o.elem[k];
+            }
+        }
+    }
+}
+
+template <typename T, int G, int CH, bool ALIGNED>
+__global__ void __launch_bounds__(FF_GROUP_BLOCK) rms_norm_group(
+    const typename T::storage* __restrict__ x,
+    ff_i64_t x_offset,
+    ff_i64_t x_row_stride,
+    const typename T::storage* __restrict__ w,
+    ff_i64_t w_offset,
+    ff_i64_t w_stride,
+    typename T::storage* __restrict__ out,
+    ff_i64_t n_rows,
+    int D,
+    float eps) {
+    typedef typename T::storage S;
+    const int N = ff_norm<T>::N;
+    const int lane = (int)threadIdx.x % G;
+    const ff_i64_t row = (ff_i64_t)blockIdx.x * (FF_GROUP_BLOCK / G) + threadIdx.x / G;
+    const bool valid = row < n_rows;
+    const S* xr = x + x_offset + (valid ? row : 0) * x_row_stride;
+    ff_pack<S, N> raw[CH];
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        ff_group_load<T, ALIGNED>(xr, (c * G + lane) * N, D, valid, raw[c]);
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const float v = T::to_f32(raw[c].elem[k]);
+            ss += v * v;
+        }
+    }
+    ss = ff_group_sum<G>(ss);
+    if (!valid) {
+        return;
+    }
+    const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+    const S* wp = w != nullptr ? w + w_offset : nullptr;
+    S* orow = out + row * (ff_i64_t)D;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        const int base = (c * G + lane) * N;
+        if (base < D) {
+            float n[N];
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                n[k] = T::to_f32(raw[c].elem[k]) * inv;
+            }
+            ff_group_store<T, ALIGNED>(orow, wp, w_stride, nullptr, 0, base, D, n);
+        }
+    }
+}
+
+template <typename T, int G, int CH, bool ALIGNED>
+__global__ void __launch_bounds__(FF_GROUP_BLOCK) layer_norm_group(
+    const typename T::storage* __restrict__ x,
+    ff_i64_t x_offset,
+    ff_i64_t x_row_stride,
+    const typename T::storage* __restrict__ w,
+    ff_i64_t w_offset,
+    ff_i64_t w_stride,
+    const typename T::storage* __restrict__ b,
+    ff_i64_t b_offset,
+    ff_i64_t b_stride,
+    typename T::storage* __restrict__ out,
+    ff_i64_t n_rows,
+    int D,
+    float eps) {
+    typedef typename T::storage S;
+    const int N = ff_norm<T>::N;
+    const int lane = (int)threadIdx.x % G;
+    const ff_i64_t row = (ff_i64_t)blockIdx.x * (FF_GROUP_BLOCK / G) + threadIdx.x / G;
+    const bool valid = row < n_rows;
+    const S* xr = x + x_offset + (valid ? row : 0) * x_row_stride;
+    ff_pack<S, N> raw[CH];
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        ff_group_load<T, ALIGNED>(xr, (c * G + lane) * N, D, valid, raw[c]);
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            s += T::to_f32(raw[c].elem[k]);
+        }
+    }
+    const float mean = ff_group_sum<G>(s) / (float)D;
+    // MLX's two-pass variance, from the registers; the zero padding past D is skipped.
+    float s2 = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        const int base = (c * G + lane) * N;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const float d = T::to_f32(raw[c].elem[k]) - mean;
+            s2 += base + k < D ? d * d : 0.0f;
+        }
+    }
+    const float var = ff_group_sum<G>(s2) / (float)D;
+    if (!valid) {
+        return;
+    }
+    const float inv = 1.0f / sqrtf(var + eps);
+    const S* wp = w != nullptr ? w + w_offset : nullptr;
+    const S* bp = b != nullptr ? b + b_offset : nullptr;
+    S* orow = out + row * (ff_i64_t)D;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        const int base = (c * G + lane) * N;
+        if (base < D) {
+            float n[N];
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                n[k] = (T::to_f32(raw[c].elem[k]) - mean) * inv;
+            }
+            ff_group_store<T, ALIGNED>(orow, wp, w_stride, bp, b_stride, base, D, n);
         }
     }
 }
