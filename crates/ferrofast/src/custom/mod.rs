@@ -14,7 +14,7 @@ mod precompiled;
 
 pub use cuda_kernel::{CudaKernel, GeneratedKernel};
 #[cfg(feature = "cuda")]
-pub use precompiled::{compile_to_cubin, CompiledCubin};
+pub use precompiled::{compile_to_cubin, cuda_architecture, CompiledCubin};
 pub use precompiled::{precompiled_cuda_kernel, ScalarArg};
 
 use crate::error::{Error, Result};

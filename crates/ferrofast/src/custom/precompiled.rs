@@ -198,3 +198,13 @@ pub fn compile_to_cubin(
         symbol: compiled.symbol,
     })
 }
+
+/// NVRTC's name for the exact architecture of a CUDA device (`"sm_90"` for an H100), the
+/// `arch` to give [`compile_to_cubin`] for an image that device loads.
+///
+/// # Errors
+/// `Error::Device` for the CPU; as [`Device::cuda`](crate::Device::cuda) otherwise.
+#[cfg(feature = "cuda")]
+pub fn cuda_architecture(device: &crate::Device) -> Result<String> {
+    Ok(crate::cuda::runtime::cuda_device(device)?.arch())
+}

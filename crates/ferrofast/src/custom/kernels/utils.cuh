@@ -7,8 +7,12 @@
 #ifndef FERROFAST_CUSTOM_UTILS_CUH
 #define FERROFAST_CUSTOM_UTILS_CUH
 
+#include <cuda/std/cstdint>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+
+// Metal's and MLX's kernels say `uint`; NVRTC has no system headers that define it.
+typedef unsigned int uint;
 
 namespace mlx::core::cu {
 
@@ -36,43 +40,45 @@ using Shape = FixedArray<int32_t, MAX_NDIM>;
 using Strides = FixedArray<int64_t, MAX_NDIM>;
 
 // The memory offset of row-major element `elem` of an array with `shape` and `strides`
-// (innermost dimension last).
-template <typename IdxT = int64_t>
-__host__ __device__ IdxT elem_to_loc(IdxT elem, const int32_t* shape, const int64_t* strides,
+// (innermost dimension last). The offset is computed in IdxT (signed 64-bit by default, so
+// negative strides work whatever integer type `elem` has).
+template <typename IdxT = int64_t, typename E>
+__host__ __device__ IdxT elem_to_loc(E elem, const int32_t* shape, const int64_t* strides,
                                      int ndim) {
     IdxT loc = 0;
-    for (int i = ndim - 1; i >= 0 && elem > 0; --i) {
-        loc += (elem % shape[i]) * IdxT(strides[i]);
-        elem /= shape[i];
+    IdxT rest = IdxT(elem);
+    for (int i = ndim - 1; i >= 0 && rest > 0; --i) {
+        loc += (rest % IdxT(shape[i])) * IdxT(strides[i]);
+        rest /= IdxT(shape[i]);
     }
     return loc;
 }
 
 // elem_to_loc with the number of dimensions known at compile time.
-template <int NDIM, typename IdxT = int64_t>
-__host__ __device__ IdxT elem_to_loc_nd(IdxT elem, const int32_t* shape,
-                                        const int64_t* strides) {
+template <int NDIM, typename IdxT = int64_t, typename E>
+__host__ __device__ IdxT elem_to_loc_nd(E elem, const int32_t* shape, const int64_t* strides) {
     IdxT loc = 0;
+    IdxT rest = IdxT(elem);
 #pragma unroll
     for (int i = NDIM - 1; i >= 0; --i) {
-        loc += (elem % shape[i]) * IdxT(strides[i]);
-        elem /= shape[i];
+        loc += (rest % IdxT(shape[i])) * IdxT(strides[i]);
+        rest /= IdxT(shape[i]);
     }
     return loc;
 }
 
 // The same for two arrays sharing one shape: returns the offset into `a` and sets `b_loc`.
-template <typename IdxT = int64_t>
-__host__ __device__ IdxT elem_to_loc_2(IdxT elem, const int32_t* shape,
-                                       const int64_t* a_strides, const int64_t* b_strides,
-                                       int ndim, IdxT& b_loc) {
+template <typename IdxT = int64_t, typename E>
+__host__ __device__ IdxT elem_to_loc_2(E elem, const int32_t* shape, const int64_t* a_strides,
+                                       const int64_t* b_strides, int ndim, IdxT& b_loc) {
     IdxT a_loc = 0;
+    IdxT rest = IdxT(elem);
     b_loc = 0;
     for (int i = ndim - 1; i >= 0; --i) {
-        IdxT pos = elem % shape[i];
+        IdxT pos = rest % IdxT(shape[i]);
         a_loc += pos * IdxT(a_strides[i]);
         b_loc += pos * IdxT(b_strides[i]);
-        elem /= shape[i];
+        rest /= IdxT(shape[i]);
     }
     return a_loc;
 }
