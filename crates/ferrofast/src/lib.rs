@@ -20,6 +20,7 @@ pub mod array;
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod custom;
 mod device;
 pub mod dtype;
 mod error;

@@ -128,8 +128,8 @@ pub(crate) fn compile(
     })
 }
 
-fn nvrtc_err(what: &str, file: &KernelFile, e: cudarc::nvrtc::result::NvrtcError) -> Error {
-    Error::Compile(format!("{what} for {} failed: {e:?}", file.name))
+fn nvrtc_err(what: &str, program: &str, e: cudarc::nvrtc::result::NvrtcError) -> Error {
+    Error::Compile(format!("{what} for {program} failed: {e:?}"))
 }
 
 fn compile_loaded(
@@ -138,27 +138,77 @@ fn compile_loaded(
     options: &[String],
     arch: &str,
 ) -> Result<Cubin> {
-    let source = c_string(file.source)?;
-    let program_name = c_string(file.name)?;
-    let header_source = c_string(PRELUDE)?;
-    let header_name = c_string(PRELUDE_NAME)?;
-    let headers = [header_source.as_ptr()];
-    let header_names = [header_name.as_ptr()];
+    compile_program(
+        file.name,
+        file.source,
+        &[(PRELUDE_NAME, PRELUDE)],
+        names,
+        options,
+        arch,
+    )
+    .map_err(|e| match e {
+        CompileFailure::Log(log) => Error::Compile(format!(
+            "NVRTC could not compile {} for {arch} with options [{}]:\n{}",
+            file.name,
+            options.join(" "),
+            log.trim_end()
+        )),
+        CompileFailure::Other(e) => e,
+    })
+}
+
+/// Why [`compile_program`] failed: the source itself (NVRTC's log), or anything else.
+pub(crate) enum CompileFailure {
+    /// NVRTC rejected the source; its log.
+    Log(String),
+    /// Any other failure, already an error.
+    Other(Error),
+}
+
+impl From<Error> for CompileFailure {
+    fn from(e: Error) -> Self {
+        CompileFailure::Other(e)
+    }
+}
+
+/// Compiles one program to CUBIN: `source` named `program` for messages, with in-memory
+/// `headers` as `(include name, contents)`, instantiating each name expression. The
+/// caller has checked that libnvrtc is loaded and passes the full option list.
+fn compile_program(
+    program: &str,
+    source: &str,
+    headers: &[(&str, &str)],
+    names: &[String],
+    options: &[String],
+    arch: &str,
+) -> std::result::Result<Cubin, CompileFailure> {
+    let source_c = c_string(source)?;
+    let program_name = c_string(program)?;
+    let header_sources = headers
+        .iter()
+        .map(|(_, text)| c_string(text))
+        .collect::<Result<Vec<_>>>()?;
+    let header_names = headers
+        .iter()
+        .map(|(name, _)| c_string(name))
+        .collect::<Result<Vec<_>>>()?;
+    let header_ptrs: Vec<*const c_char> = header_sources.iter().map(|h| h.as_ptr()).collect();
+    let header_name_ptrs: Vec<*const c_char> = header_names.iter().map(|h| h.as_ptr()).collect();
     let mut raw: nvrtc::nvrtcProgram = std::ptr::null_mut();
     // SAFETY: all strings are NUL-terminated and outlive the program (dropped at the end of
-    // this function, after `prog`).
+    // this function, after `prog`); the header arrays hold `headers.len()` entries each.
     unsafe {
         nvrtc::nvrtcCreateProgram(
             &mut raw,
-            source.as_ptr(),
+            source_c.as_ptr(),
             program_name.as_ptr(),
-            1,
-            headers.as_ptr(),
-            header_names.as_ptr(),
+            headers.len() as i32,
+            header_ptrs.as_ptr(),
+            header_name_ptrs.as_ptr(),
         )
     }
     .result()
-    .map_err(|e| nvrtc_err("nvrtcCreateProgram", file, e))?;
+    .map_err(|e| nvrtc_err("nvrtcCreateProgram", program, e))?;
     let prog = Program(raw);
 
     let c_names = names
@@ -169,7 +219,7 @@ fn compile_loaded(
         // SAFETY: valid program and NUL-terminated expression.
         unsafe { nvrtc::nvrtcAddNameExpression(prog.0, n.as_ptr()) }
             .result()
-            .map_err(|e| nvrtc_err("nvrtcAddNameExpression", file, e))?;
+            .map_err(|e| nvrtc_err("nvrtcAddNameExpression", program, e))?;
     }
     let c_options = options
         .iter()
@@ -183,12 +233,12 @@ fn compile_loaded(
     .result();
     if let Err(e) = compiled {
         let log = program_log(&prog).unwrap_or_default();
-        return Err(Error::Compile(format!(
-            "NVRTC could not compile {} for {arch} ({e:?}) with options [{}]:\n{}",
-            file.name,
-            options.join(" "),
-            log.trim_end()
-        )));
+        let log = if log.trim().is_empty() {
+            format!("{e:?}")
+        } else {
+            log
+        };
+        return Err(CompileFailure::Log(log));
     }
 
     let mut lowered = Vec::with_capacity(names.len());
@@ -198,12 +248,12 @@ fn compile_loaded(
         // until the program is destroyed, and it is copied out at once.
         unsafe { nvrtc::nvrtcGetLoweredName(prog.0, c.as_ptr(), &mut ptr) }
             .result()
-            .map_err(|e| nvrtc_err(&format!("nvrtcGetLoweredName({n})"), file, e))?;
+            .map_err(|e| nvrtc_err(&format!("nvrtcGetLoweredName({n})"), program, e))?;
         if ptr.is_null() {
             return Err(Error::Compile(format!(
-                "NVRTC returned no lowered name for {n} in {}",
-                file.name
-            )));
+                "NVRTC returned no lowered name for {n} in {program}"
+            ))
+            .into());
         }
         // SAFETY: non-null, NUL-terminated, owned by the live program.
         lowered.push(
@@ -217,19 +267,19 @@ fn compile_loaded(
     // SAFETY: valid compiled program; plain out-parameter.
     unsafe { nvrtc::nvrtcGetCUBINSize(prog.0, &mut size) }
         .result()
-        .map_err(|e| nvrtc_err("nvrtcGetCUBINSize", file, e))?;
+        .map_err(|e| nvrtc_err("nvrtcGetCUBINSize", program, e))?;
     if size == 0 {
         return Err(Error::Compile(format!(
-            "NVRTC produced no CUBIN for {} ({arch}); the architecture must be a real one \
-             such as sm_90, not compute_90",
-            file.name
-        )));
+            "NVRTC produced no CUBIN for {program} ({arch}); the architecture must be a real \
+             one such as sm_90, not compute_90"
+        ))
+        .into());
     }
     let mut image = vec![0u8; size];
     // SAFETY: `image` has exactly the size NVRTC reported.
     unsafe { nvrtc::nvrtcGetCUBIN(prog.0, image.as_mut_ptr().cast::<c_char>()) }
         .result()
-        .map_err(|e| nvrtc_err("nvrtcGetCUBIN", file, e))?;
+        .map_err(|e| nvrtc_err("nvrtcGetCUBIN", program, e))?;
     Ok(Cubin { image, lowered })
 }
 
@@ -474,6 +524,216 @@ fn load(device: &CudaDevice, file: &KernelFile, cubin: &Cubin) -> Result<CudaFun
             .load_function(name)
             .map_err(|e| driver_error(&format!("finding kernel {name} in {}", file.name), e))
     })
+}
+
+// ----- programs given at run time (custom kernels) -------------------------------------------
+
+/// A CUDA program given at run time (a custom kernel's generated source): compiled through
+/// the same NVRTC -> CUBIN path and caches as the built-in kernels.
+///
+/// In memory it is identified by a hash of its source and headers with its name expression
+/// and options, so two programs whose kernels share a name never collide; on disk by that
+/// and the architecture and NVRTC version.
+pub(crate) struct SourceProgram<'a> {
+    /// Program name, for NVRTC's messages (e.g. `custom_kernel_foo.cu`).
+    pub(crate) name: &'a str,
+    /// The complete CUDA C++ source.
+    pub(crate) source: &'a str,
+    /// In-memory headers as `(include name, contents)`.
+    pub(crate) headers: &'a [(&'a str, &'a str)],
+    /// The NVRTC name expression of the one kernel to load, e.g.
+    /// `mlx::core::cu::custom_kernel_foo`.
+    pub(crate) name_expr: &'a str,
+    /// Options beyond the architecture and `-std=c++17` (include folders, math modes).
+    pub(crate) options: &'a [String],
+    /// The start of the error message when NVRTC rejects the source; its log follows.
+    pub(crate) failure: &'a str,
+}
+
+impl SourceProgram<'_> {
+    fn source_hash(&self) -> u128 {
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * self.headers.len() + 1);
+        for (name, text) in self.headers {
+            parts.push(name.as_bytes());
+            parts.push(text.as_bytes());
+        }
+        parts.push(self.source.as_bytes());
+        fnv1a128(&parts)
+    }
+}
+
+/// A kernel compiled to CUBIN by [`compile_source`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CompiledSource {
+    /// The CUBIN image.
+    pub(crate) image: Vec<u8>,
+    /// The kernel's mangled (lowered) name in the image.
+    pub(crate) symbol: String,
+}
+
+/// Compiles `program` for `arch` without loading it (no GPU needed), bypassing the caches.
+///
+/// # Errors
+/// `Error::CudaUnavailable` without libnvrtc; `Error::Compile` starting with
+/// `program.failure` and carrying NVRTC's log when the source does not compile.
+pub(crate) fn compile_source(program: &SourceProgram, arch: &str) -> Result<CompiledSource> {
+    let cubin = compile_source_cubin(program, arch)?;
+    let symbol = cubin
+        .lowered
+        .first()
+        .cloned()
+        .ok_or_else(|| Error::Compile(format!("no kernel name for {}", program.name)))?;
+    Ok(CompiledSource {
+        image: cubin.image,
+        symbol,
+    })
+}
+
+fn compile_source_cubin(program: &SourceProgram, arch: &str) -> Result<Cubin> {
+    nvrtc_loaded()?;
+    let options = options_for(arch, program.options);
+    let names = [program.name_expr.to_string()];
+    guarded("running NVRTC", || {
+        compile_program(
+            program.name,
+            program.source,
+            program.headers,
+            &names,
+            &options,
+            arch,
+        )
+        .map_err(|e| match e {
+            CompileFailure::Log(log) => {
+                Error::Compile(format!("{}: {}", program.failure, log.trim_end()))
+            }
+            CompileFailure::Other(e) => e,
+        })
+    })
+}
+
+/// The kernel of `program` loaded on `device` for architecture `arch`, compiled on first
+/// use (or read from the disk cache).
+///
+/// # Errors
+/// As [`compile_source`]; driver errors when the module cannot be loaded.
+pub(crate) fn source_function(
+    device: &CudaDevice,
+    program: &SourceProgram,
+    arch: &str,
+) -> Result<CudaFunction> {
+    let hash = program.source_hash();
+    let memo_key = format!(
+        "source | {} | {} | {arch} | {hash:032x}",
+        program.name_expr,
+        program.options.join(" ")
+    );
+    let lock_error = || Error::Cuda("the kernel cache was poisoned by a panic".into());
+    if let Some(f) = device
+        .functions
+        .lock()
+        .map_err(|_| lock_error())?
+        .get(&memo_key)
+    {
+        return Ok(f.clone());
+    }
+    let options = options_for(arch, program.options);
+    let version = nvrtc_version()?;
+    let key = format!(
+        "nvrtc {}.{} | {} | {} | {} | {hash:032x}",
+        version.0,
+        version.1,
+        options.join(" "),
+        program.name_expr,
+        program.name
+    );
+    let cached = read_disk_cache(&key);
+    let from_disk = cached.is_some();
+    let cubin = match cached {
+        Some(c) => c,
+        None => {
+            let c = compile_source_cubin(program, arch)?;
+            write_disk_cache(&key, &c);
+            c
+        }
+    };
+    let f = match load_image(device, program.name, &cubin) {
+        Ok(f) => f,
+        Err(_) if from_disk => {
+            let c = compile_source_cubin(program, arch)?;
+            write_disk_cache(&key, &c);
+            load_image(device, program.name, &c)?
+        }
+        Err(e) => return Err(e),
+    };
+    let mut functions = device.functions.lock().map_err(|_| lock_error())?;
+    Ok(functions.entry(memo_key).or_insert(f).clone())
+}
+
+fn load_image(device: &CudaDevice, what: &str, cubin: &Cubin) -> Result<CudaFunction> {
+    let name = cubin
+        .lowered
+        .first()
+        .ok_or_else(|| Error::Compile(format!("no kernel name for {what}")))?;
+    guarded("loading a CUDA module", || {
+        let module = device
+            .context()
+            .load_module(Ptx::from_binary(cubin.image.clone()))
+            .map_err(|e| driver_error(&format!("loading the module of {what}"), e))?;
+        module
+            .load_function(name)
+            .map_err(|e| driver_error(&format!("finding kernel {name} in {what}"), e))
+    })
+}
+
+/// The kernel `symbol` of a precompiled module image (`image`: PTX text, CUBIN or fatbin)
+/// loaded on `device`; modules are cached in memory by symbol and a hash of the image.
+///
+/// # Errors
+/// `Error::InvalidArgument` when the symbol contains a NUL byte; driver errors (naming
+/// `what`) when the driver rejects the image or finds no such symbol.
+pub(crate) fn binary_function(
+    device: &CudaDevice,
+    what: &str,
+    symbol: &str,
+    image: &[u8],
+) -> Result<CudaFunction> {
+    if symbol.contains('\0') {
+        return Err(Error::invalid(format!(
+            "[{what}] The kernel name must not contain a NUL byte."
+        )));
+    }
+    let memo_key = format!("binary | {symbol} | {:032x}", fnv1a128(&[image]));
+    let lock_error = || Error::Cuda("the kernel cache was poisoned by a panic".into());
+    if let Some(f) = device
+        .functions
+        .lock()
+        .map_err(|_| lock_error())?
+        .get(&memo_key)
+    {
+        return Ok(f.clone());
+    }
+    let mut data = image.to_vec();
+    // CUBIN (ELF) and fatbin images carry their size; PTX is text the driver reads up to a
+    // NUL byte, which Python's `bytes` (and a Rust `&[u8]`) need not end with.
+    let is_elf = data.starts_with(b"\x7fELF");
+    let is_fatbin = data.starts_with(&[0x50, 0xed, 0x55, 0xba]);
+    if !is_elf && !is_fatbin && data.last() != Some(&0) {
+        data.push(0);
+    }
+    let f = guarded("loading a CUDA module", || {
+        let module = device
+            .context()
+            .load_module(Ptx::from_binary(data))
+            .map_err(|e| driver_error(&format!("[{what}] loading the compiled module"), e))?;
+        module.load_function(symbol).map_err(|e| {
+            driver_error(
+                &format!("[{what}] finding kernel `{symbol}` in the compiled module"),
+                e,
+            )
+        })
+    })?;
+    let mut functions = device.functions.lock().map_err(|_| lock_error())?;
+    Ok(functions.entry(memo_key).or_insert(f).clone())
 }
 
 // ----- compile checks -----------------------------------------------------------------------

@@ -106,7 +106,7 @@ fn nvrtc_folders() -> Vec<PathBuf> {
 
 /// Python `site-packages` / `dist-packages` folders of the active virtual environment, the
 /// user and the system, found by listing `lib/python3*` folders (no Python is run).
-fn python_site_folders() -> Vec<PathBuf> {
+pub(crate) fn python_site_folders() -> Vec<PathBuf> {
     let mut prefixes: Vec<PathBuf> = Vec::new();
     if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
         prefixes.push(PathBuf::from(venv));

@@ -10,3 +10,5 @@ pub use layer_norm::*;
 pub use rms_norm::*;
 pub use rope::*;
 pub use sdpa::*;
+
+pub use crate::custom::*;
