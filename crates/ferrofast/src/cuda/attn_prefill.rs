@@ -152,14 +152,20 @@ fn to_i32(v: usize) -> Option<i32> {
 pub(crate) fn prefill(c: &Checked, scale: f32, stream: &Stream) -> Result<Option<Array>> {
     let (d, dv) = (c.k.shape()[3], c.out_shape[3]);
     match tiles_for(d, dv) {
-        Some(tiles) => prefill_with(c, scale, stream, tiles),
+        Some(tiles) => prefill_with(c, scale, stream, tiles, &[]),
         None => Ok(None),
     }
 }
 
 /// [`prefill`] with the given tile shape (any shape whose accumulators and shared memory
-/// fit; the table picks the tested ones).
-fn prefill_with(c: &Checked, scale: f32, stream: &Stream, tiles: Tiles) -> Result<Option<Array>> {
+/// fit; the table picks the tested ones) and extra NVRTC options.
+fn prefill_with(
+    c: &Checked,
+    scale: f32,
+    stream: &Stream,
+    tiles: Tiles,
+    options: &[String],
+) -> Result<Option<Array>> {
     let dtype = c.dtype;
     if !matches!(dtype, DType::F16 | DType::BF16) {
         return Ok(None);
@@ -217,7 +223,7 @@ fn prefill_with(c: &Checked, scale: f32, stream: &Stream, tiles: Tiles) -> Resul
     };
 
     let name = variant(dtype, d, dv, tiles, mask_kind);
-    let func = jit::function(&device, &ATTN_PREFILL_CU, &name, &[])?;
+    let func = jit::function(&device, &ATTN_PREFILL_CU, &name, options)?;
     let smem = shared_bytes(d, dv, tiles, dtype.size());
     guarded("setting the attention kernel's shared memory size", || {
         func.set_attribute(
@@ -327,12 +333,13 @@ mod tests {
         };
         let stream = Stream::default_for(&dev).unwrap();
         let (b, h, t, d) = (4, 32, 4096, 128);
+        let table = Tiles { slabs: 2, warps: 4, keys: 64 };
+        let always = vec!["-DFF_ATTN_RESCALE_ALWAYS".to_string()];
         let candidates = [
-            Tiles { slabs: 2, warps: 4, keys: 64 },
-            Tiles { slabs: 2, warps: 4, keys: 32 },
-            Tiles { slabs: 1, warps: 8, keys: 64 },
-            Tiles { slabs: 1, warps: 4, keys: 64 },
-            Tiles { slabs: 2, warps: 8, keys: 32 },
+            (table, vec![]),
+            (table, always.clone()),
+            (Tiles { slabs: 2, warps: 4, keys: 32 }, vec![]),
+            (Tiles { slabs: 2, warps: 4, keys: 32 }, always),
         ];
         for dtype in [DType::BF16, DType::F16] {
             let q = Array::randn(&[b, h, t, d], dtype, 1, &dev).unwrap();
@@ -341,10 +348,14 @@ mod tests {
             for causal in [false, true] {
                 let mask = if causal { Mask::Causal } else { Mask::None };
                 let c = check(&q, &k, &v, mask, None).unwrap();
-                let base = prefill_with(&c, 0.0884, &stream, candidates[0]).unwrap().unwrap();
+                let base = prefill_with(&c, 0.0884, &stream, table, &[]).unwrap().unwrap();
                 let base = base.to_f64_vec().unwrap();
-                for tiles in candidates {
-                    let run = || prefill_with(&c, 0.0884, &stream, tiles).unwrap().unwrap();
+                for (tiles, options) in &candidates {
+                    let run = || {
+                        prefill_with(&c, 0.0884, &stream, *tiles, options)
+                            .unwrap()
+                            .unwrap()
+                    };
                     let out = run().to_f64_vec().unwrap();
                     let diff = out
                         .iter()
@@ -364,7 +375,7 @@ mod tests {
                     let med = times[times.len() / 2];
                     let flops = 4.0 * (b * h * t * t * d) as f64 / if causal { 2.0 } else { 1.0 };
                     println!(
-                        "{dtype} causal {causal} {tiles:?}: {:.3} ms {:.1} TFLOP/s (max diff {diff:.2e})",
+                        "{dtype} causal {causal} {tiles:?} {options:?}: {:.3} ms {:.1} TFLOP/s (max diff {diff:.2e})",
                         med * 1e3,
                         flops / med / 1e12
                     );

@@ -21,7 +21,8 @@
 // 16-byte chunks). Rows past T_q / T_kv are zero-filled by cp.async (source size 0), so no
 // garbage (possibly NaN) enters the products; their scores are masked below.
 //
-// Scores are kept in base-2 units: x = s * scale * log2(e) (+ mask * log2(e)), p = 2^(x - m).
+// Scores are kept in base-2 units: x = s * scale * log2(e) (+ mask * log2(e)), p = 2^(x - m)
+// (one FFMA and one ex2 per score where no mask applies).
 // A row whose every score so far is -inf uses 0 as its reference, so no inf - inf appears;
 // a row that saw no key ends with sum 0 and outputs 0. A sink enters as the initial running
 // max (sink * log2(e)) with initial sum 1 (counted on one of the row's four lanes).
@@ -281,41 +282,52 @@ __device__ __forceinline__ void ff_attn_mask(float (&s)[MS][BN / 8][4], float sc
 }
 
 // Online softmax step: new running max per row, rescale of o and the partial sums, and
-// s <- 2^(s - max). `m` and `l` hold per row (index 2 * ms + hf) the running max (same on the
-// row's four lanes) and this lane's partial sum.
+// s <- 2^(s * mul - max). `m` and `l` hold per row (index 2 * ms + hf) the running max in
+// base-2 units (same on the row's four lanes) and this lane's partial sum. `mul` is 1 when
+// s is already in base-2 units (the masking path) or scale * log2(e) > 0 for raw scores:
+// then the max is taken on the raw scores and the scaling folds into the exponent's FFMA.
 template <int DV, int MS, int BN>
 __device__ __forceinline__ void ff_attn_softmax(float (&s)[MS][BN / 8][4],
                                                 float (&o)[MS][DV / 8][4], float (&m)[2 * MS],
-                                                float (&l)[2 * MS]) {
+                                                float (&l)[2 * MS], float mul) {
 #pragma unroll
     for (int ms = 0; ms < MS; ++ms) {
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
             const int r = 2 * ms + hf;
-            float mx = m[r];
+            float mx = FF_ATTN_NEG_INF;
 #pragma unroll
             for (int nb = 0; nb < BN / 8; ++nb) {
                 mx = fmaxf(mx, fmaxf(s[ms][nb][2 * hf], s[ms][nb][2 * hf + 1]));
             }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(m[r], mx * mul);
             const float ref = mx == FF_ATTN_NEG_INF ? 0.0f : mx;
             const float alpha = ff_exp2(m[r] - ref);
             m[r] = mx;
             float sum = 0.0f;
 #pragma unroll
             for (int nb = 0; nb < BN / 8; ++nb) {
-                const float p0 = ff_exp2(s[ms][nb][2 * hf] - ref);
-                const float p1 = ff_exp2(s[ms][nb][2 * hf + 1] - ref);
+                const float p0 = ff_exp2(fmaf(s[ms][nb][2 * hf], mul, -ref));
+                const float p1 = ff_exp2(fmaf(s[ms][nb][2 * hf + 1], mul, -ref));
                 s[ms][nb][2 * hf] = p0;
                 s[ms][nb][2 * hf + 1] = p1;
                 sum += p0 + p1;
             }
             l[r] = l[r] * alpha + sum;
+            // Once the maxima settle most tiles leave every row's max unchanged: the warp
+            // then skips the rescale (a uniform branch).
+#ifdef FF_ATTN_RESCALE_ALWAYS
+            if (true) {
+#else
+            if (__any_sync(0xffffffffu, alpha != 1.0f)) {
+#endif
 #pragma unroll
-            for (int db = 0; db < DV / 8; ++db) {
-                o[ms][db][2 * hf] *= alpha;
-                o[ms][db][2 * hf + 1] *= alpha;
+                for (int db = 0; db < DV / 8; ++db) {
+                    o[ms][db][2 * hf] *= alpha;
+                    o[ms][db][2 * hf + 1] *= alpha;
+                }
             }
         }
     }
@@ -431,24 +443,17 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
         ff_attn_scores<T, D, MS, BN, QS, KS>(s, q_rows, k_smem + (ff_u32_t)(buf * BN * KS * 2),
                                              lane);
 
+        // Tiles crossing the end of the keys or the causal diagonal, array masks, and a
+        // scale <= 0 take the element-wise path (scores scaled there); the others leave the
+        // raw scores to the softmax, which folds the scale into its exponent.
         const bool edge = n0 + BN > Tkv || (causal && n0 + BN - 1 > m0 + diag);
-        if (MASK != 0 || edge) {
+        const bool masked = MASK != 0 || edge || !(scale_log2 > 0.0f);
+        if (masked) {
             const void* mrow = MASK != 0 ? (const void*)mask_bh : nullptr;
             ff_attn_mask<T, MS, BN, MASK>(s, scale_log2, row0, n0 + 2 * (lane & 3), Tq, Tkv,
                                           causal != 0, diag, mrow, m_sq, m_sk);
-        } else {
-#pragma unroll
-            for (int ms = 0; ms < MS; ++ms) {
-#pragma unroll
-                for (int nb = 0; nb < BN / 8; ++nb) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        s[ms][nb][e] *= scale_log2;
-                    }
-                }
-            }
         }
-        ff_attn_softmax<DV, MS, BN>(s, o, m_run, l_run);
+        ff_attn_softmax<DV, MS, BN>(s, o, m_run, l_run, masked ? 1.0f : scale_log2);
 
         ff_cp_async_wait<1>();
         __syncthreads();
