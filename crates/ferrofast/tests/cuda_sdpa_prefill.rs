@@ -21,7 +21,14 @@ fn tol(dtype: DType) -> (f64, f64) {
 }
 
 const HALF: [DType; 2] = [DType::F16, DType::BF16];
-const HEAD_DIMS: [(usize, usize); 6] = [(64, 64), (80, 80), (96, 96), (128, 128), (192, 128), (256, 256)];
+const HEAD_DIMS: [(usize, usize); 6] = [
+    (64, 64),
+    (80, 80),
+    (96, 96),
+    (128, 128),
+    (192, 128),
+    (256, 256),
+];
 
 /// The same array on the CPU (for the oracle) and on `dev`.
 struct Pair {
@@ -84,7 +91,9 @@ fn check(
 
 /// A bool mask of `shape` keeping each entry with probability `p_true`.
 fn bool_mask(shape: &[usize], p_true: f64, seed: u64) -> Array {
-    let u = uniform(shape, 0.0, 1.0, DType::F32, seed).to_f64_vec().unwrap();
+    let u = uniform(shape, 0.0, 1.0, DType::F32, seed)
+        .to_f64_vec()
+        .unwrap();
     let keep: Vec<bool> = u.iter().map(|&x| x < p_true).collect();
     Array::from_vec(keep, shape).unwrap()
 }
@@ -141,9 +150,8 @@ fn ragged_lengths_causal_and_not() {
                     let q = input(&dev, 1, 2, tq, d, false, dtype, seed);
                     let k = input(&dev, 1, 2, tkv, d, false, dtype, seed + 1);
                     let v = input(&dev, 1, 2, tkv, dv, false, dtype, seed + 2);
-                    let what = format!(
-                        "{dtype} Tq {tq} Tkv {tkv} D {d} causal {is_causal} seed {seed}"
-                    );
+                    let what =
+                        format!("{dtype} Tq {tq} Tkv {tkv} D {d} causal {is_causal} seed {seed}");
                     let mask = is_causal.then_some((&c, true));
                     check(&q, &k, &v, 0.125, mask, None, &what);
                 }
@@ -165,7 +173,15 @@ fn grouped_and_multi_query_heads() {
                 let k = input(&dev, 2, nkv, 131, 128, false, dtype, seed + 1);
                 let v = input(&dev, 2, nkv, 131, 128, false, dtype, seed + 2);
                 let what = format!("{dtype} heads {nq}/{nkv} causal {is_causal} seed {seed}");
-                check(&q, &k, &v, 0.09, is_causal.then_some((&c, true)), None, &what);
+                check(
+                    &q,
+                    &k,
+                    &v,
+                    0.09,
+                    is_causal.then_some((&c, true)),
+                    None,
+                    &what,
+                );
             }
         }
     }
@@ -255,7 +271,10 @@ fn fully_masked_rows_are_zero() {
         }
         let bool_m = pair(Array::from_vec(keep, &[tq, tkv]).unwrap(), &dev);
         let add_m = pair(
-            Array::from_vec(add, &[tq, tkv]).unwrap().astype(dtype).unwrap(),
+            Array::from_vec(add, &[tq, tkv])
+                .unwrap()
+                .astype(dtype)
+                .unwrap(),
             &dev,
         );
         for (m, name) in [(&bool_m, "bool"), (&add_m, "additive")] {
@@ -270,16 +289,35 @@ fn fully_masked_rows_are_zero() {
                     );
                 }
             }
-            check(&q, &k, &v, 0.125, Some((m, false)), None, &format!("{dtype} {name}"));
+            check(
+                &q,
+                &k,
+                &v,
+                0.125,
+                Some((m, false)),
+                None,
+                &format!("{dtype} {name}"),
+            );
         }
         // Causal with more queries than keys: the first T_q - T_kv rows see no key.
         let c = causal(&dev);
         let k2 = input(&dev, b, nq, 25, d, false, dtype, 6);
         let v2 = input(&dev, b, nq, 25, d, false, dtype, 7);
-        check(&q, &k2, &v2, 0.125, Some((&c, true)), None, &format!("{dtype} causal Tq>Tkv"));
+        check(
+            &q,
+            &k2,
+            &v2,
+            0.125,
+            Some((&c, true)),
+            None,
+            &format!("{dtype} causal Tq>Tkv"),
+        );
         let out = sdpa(&q.gpu, &k2.gpu, &v2.gpu, 0.125, Mask::Causal, None).unwrap();
         let vals = out.to_f64_vec().unwrap();
-        assert!(vals[..(tq - 25) * d].iter().all(|&x| x == 0.0), "{dtype} causal zeros");
+        assert!(
+            vals[..(tq - 25) * d].iter().all(|&x| x == 0.0),
+            "{dtype} causal zeros"
+        );
     }
 }
 
@@ -296,12 +334,23 @@ fn strided_and_unaligned_views() {
             let k = input(&dev, 2, 2, 90, 128, true, dtype, seed + 1);
             let v = input(&dev, 2, 2, 90, 128, true, dtype, seed + 2);
             let what = format!("{dtype} transposed causal {is_causal} seed {seed}");
-            check(&q, &k, &v, 0.1, is_causal.then_some((&c, true)), None, &what);
+            check(
+                &q,
+                &k,
+                &v,
+                0.1,
+                is_causal.then_some((&c, true)),
+                None,
+                &what,
+            );
 
             // Rows 67 elements apart (not 16-byte aligned): copied first. A sliced
             // sequence (offset rows) and a reversed head axis.
             let base = pair(randn(&[1, 3, 50, 67], dtype, seed + 3), &dev);
-            let sl = |a: &Array| a.slice(&[0, 0, 0, 0], &[1, 3, 50, 64], &[1, 1, 1, 1]).unwrap();
+            let sl = |a: &Array| {
+                a.slice(&[0, 0, 0, 0], &[1, 3, 50, 64], &[1, 1, 1, 1])
+                    .unwrap()
+            };
             let q2 = Pair {
                 cpu: sl(&base.cpu),
                 gpu: sl(&base.gpu),
@@ -317,7 +366,15 @@ fn strided_and_unaligned_views() {
             };
             let v2 = input(&dev, 1, 3, 72, 64, true, dtype, seed + 5);
             let what = format!("{dtype} sliced/reversed causal {is_causal} seed {seed}");
-            check(&q2, &k2, &v2, 0.125, is_causal.then_some((&c, true)), None, &what);
+            check(
+                &q2,
+                &k2,
+                &v2,
+                0.125,
+                is_causal.then_some((&c, true)),
+                None,
+                &what,
+            );
         }
     }
 }
@@ -332,7 +389,15 @@ fn more_blocks_than_multiprocessors() {
         let k = input(&dev, 2, 4, 600, 128, true, dtype, seed + 1);
         let v = input(&dev, 2, 4, 600, 128, true, dtype, seed + 2);
         let what = format!("{dtype} 160 blocks causal {is_causal} seed {seed}");
-        check(&q, &k, &v, 0.0884, is_causal.then_some((&c, true)), None, &what);
+        check(
+            &q,
+            &k,
+            &v,
+            0.0884,
+            is_causal.then_some((&c, true)),
+            None,
+            &what,
+        );
     }
 }
 

@@ -36,12 +36,54 @@ struct Tiles {
 /// (16 * slabs rows of `D_v` outputs plus `keys` scores) fit in 255 registers without
 /// spilling and two blocks share a multiprocessor (about 100 KB of shared memory each).
 const HEAD_DIMS: [((usize, usize), Tiles); 6] = [
-    ((64, 64), Tiles { slabs: 2, warps: 4, keys: 64 }),
-    ((80, 80), Tiles { slabs: 2, warps: 4, keys: 64 }),
-    ((96, 96), Tiles { slabs: 2, warps: 4, keys: 64 }),
-    ((128, 128), Tiles { slabs: 2, warps: 4, keys: 64 }),
-    ((192, 128), Tiles { slabs: 2, warps: 4, keys: 32 }),
-    ((256, 256), Tiles { slabs: 1, warps: 4, keys: 32 }),
+    (
+        (64, 64),
+        Tiles {
+            slabs: 2,
+            warps: 4,
+            keys: 64,
+        },
+    ),
+    (
+        (80, 80),
+        Tiles {
+            slabs: 2,
+            warps: 4,
+            keys: 64,
+        },
+    ),
+    (
+        (96, 96),
+        Tiles {
+            slabs: 2,
+            warps: 4,
+            keys: 64,
+        },
+    ),
+    (
+        (128, 128),
+        Tiles {
+            slabs: 2,
+            warps: 4,
+            keys: 64,
+        },
+    ),
+    (
+        (192, 128),
+        Tiles {
+            slabs: 2,
+            warps: 4,
+            keys: 32,
+        },
+    ),
+    (
+        (256, 256),
+        Tiles {
+            slabs: 1,
+            warps: 4,
+            keys: 32,
+        },
+    ),
 ];
 
 /// Mask handling compiled into an instantiation (`MASK` in the kernel).
@@ -100,12 +142,8 @@ fn in_place(a: &Array) -> Option<[i64; 4]> {
     let s = a.strides();
     let buf = a.cuda_buffer()?;
     let aligned = |v: isize| v % 8 == 0;
-    (s[3] == 1
-        && aligned(s[0])
-        && aligned(s[1])
-        && aligned(s[2])
-        && buf.is_aligned(a.offset(), 16))
-    .then(|| [a.offset() as i64, s[0] as i64, s[1] as i64, s[2] as i64])
+    (s[3] == 1 && aligned(s[0]) && aligned(s[1]) && aligned(s[2]) && buf.is_aligned(a.offset(), 16))
+        .then(|| [a.offset() as i64, s[0] as i64, s[1] as i64, s[2] as i64])
 }
 
 /// q, k or v as the kernel reads it: in place, or a row-major copy on `stream`.
@@ -152,20 +190,14 @@ fn to_i32(v: usize) -> Option<i32> {
 pub(crate) fn prefill(c: &Checked, scale: f32, stream: &Stream) -> Result<Option<Array>> {
     let (d, dv) = (c.k.shape()[3], c.out_shape[3]);
     match tiles_for(d, dv) {
-        Some(tiles) => prefill_with(c, scale, stream, tiles, &[]),
+        Some(tiles) => prefill_with(c, scale, stream, tiles),
         None => Ok(None),
     }
 }
 
 /// [`prefill`] with the given tile shape (any shape whose accumulators and shared memory
-/// fit; the table picks the tested ones) and extra NVRTC options.
-fn prefill_with(
-    c: &Checked,
-    scale: f32,
-    stream: &Stream,
-    tiles: Tiles,
-    options: &[String],
-) -> Result<Option<Array>> {
+/// fit; the table holds the measured choices).
+fn prefill_with(c: &Checked, scale: f32, stream: &Stream, tiles: Tiles) -> Result<Option<Array>> {
     let dtype = c.dtype;
     if !matches!(dtype, DType::F16 | DType::BF16) {
         return Ok(None);
@@ -223,7 +255,7 @@ fn prefill_with(
     };
 
     let name = variant(dtype, d, dv, tiles, mask_kind);
-    let func = jit::function(&device, &ATTN_PREFILL_CU, &name, options)?;
+    let func = jit::function(&device, &ATTN_PREFILL_CU, &name, &[])?;
     let smem = shared_bytes(d, dv, tiles, dtype.size());
     guarded("setting the attention kernel's shared memory size", || {
         func.set_attribute(
@@ -333,13 +365,24 @@ mod tests {
         };
         let stream = Stream::default_for(&dev).unwrap();
         let (b, h, t, d) = (4, 32, 4096, 128);
-        let table = Tiles { slabs: 2, warps: 4, keys: 64 };
-        let always = vec!["-DFF_ATTN_RESCALE_ALWAYS".to_string()];
+        let table = tiles_for(d, d).unwrap();
         let candidates = [
-            (table, vec![]),
-            (table, always.clone()),
-            (Tiles { slabs: 2, warps: 4, keys: 32 }, vec![]),
-            (Tiles { slabs: 2, warps: 4, keys: 32 }, always),
+            table,
+            Tiles {
+                slabs: 2,
+                warps: 4,
+                keys: 32,
+            },
+            Tiles {
+                slabs: 1,
+                warps: 8,
+                keys: 64,
+            },
+            Tiles {
+                slabs: 1,
+                warps: 4,
+                keys: 64,
+            },
         ];
         for dtype in [DType::BF16, DType::F16] {
             let q = Array::randn(&[b, h, t, d], dtype, 1, &dev).unwrap();
@@ -348,14 +391,10 @@ mod tests {
             for causal in [false, true] {
                 let mask = if causal { Mask::Causal } else { Mask::None };
                 let c = check(&q, &k, &v, mask, None).unwrap();
-                let base = prefill_with(&c, 0.0884, &stream, table, &[]).unwrap().unwrap();
+                let base = prefill_with(&c, 0.0884, &stream, table).unwrap().unwrap();
                 let base = base.to_f64_vec().unwrap();
-                for (tiles, options) in &candidates {
-                    let run = || {
-                        prefill_with(&c, 0.0884, &stream, *tiles, options)
-                            .unwrap()
-                            .unwrap()
-                    };
+                for tiles in candidates {
+                    let run = || prefill_with(&c, 0.0884, &stream, tiles).unwrap().unwrap();
                     let out = run().to_f64_vec().unwrap();
                     let diff = out
                         .iter()
@@ -375,7 +414,7 @@ mod tests {
                     let med = times[times.len() / 2];
                     let flops = 4.0 * (b * h * t * t * d) as f64 / if causal { 2.0 } else { 1.0 };
                     println!(
-                        "{dtype} causal {causal} {tiles:?} {options:?}: {:.3} ms {:.1} TFLOP/s (max diff {diff:.2e})",
+                        "{dtype} causal {causal} {tiles:?}: {:.3} ms {:.1} TFLOP/s (max diff {diff:.2e})",
                         med * 1e3,
                         flops / med / 1e12
                     );

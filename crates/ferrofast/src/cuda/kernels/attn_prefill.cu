@@ -316,18 +316,10 @@ __device__ __forceinline__ void ff_attn_softmax(float (&s)[MS][BN / 8][4],
                 sum += p0 + p1;
             }
             l[r] = l[r] * alpha + sum;
-            // Once the maxima settle most tiles leave every row's max unchanged: the warp
-            // then skips the rescale (a uniform branch).
-#ifdef FF_ATTN_RESCALE_ALWAYS
-            if (true) {
-#else
-            if (__any_sync(0xffffffffu, alpha != 1.0f)) {
-#endif
 #pragma unroll
-                for (int db = 0; db < DV / 8; ++db) {
-                    o[ms][db][2 * hf] *= alpha;
-                    o[ms][db][2 * hf + 1] *= alpha;
-                }
+            for (int db = 0; db < DV / 8; ++db) {
+                o[ms][db][2 * hf] *= alpha;
+                o[ms][db][2 * hf + 1] *= alpha;
             }
         }
     }
