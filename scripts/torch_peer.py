@@ -6,7 +6,8 @@ Usage (on the GPU machine, in the same call as the bench):
     python3 scripts/torch_peer.py ours.json [--out peer.json]
 
 PyTorch ops: torch.nn.functional.rms_norm, layer_norm, scaled_dot_product_attention (its
-best backend), and a rotary reference (half-split, written with tensor ops as model code
+default choice of backend, then forced to FlashAttention-2 and to cuDNN with
+torch.nn.attention.sdpa_kernel, one row each), and a rotary reference (half-split, written with tensor ops as model code
 does, plus its torch.compile'd form). Times are CUDA-event medians from
 triton.testing.do_bench on fresh random inputs (never zeros). A ratio below 1 means
 ferrofast is faster.
@@ -82,8 +83,19 @@ def peer_fns(op, shape, dtype):
         v = torch.randn(b, hkv, tkv, d, device=dev, dtype=dt, generator=g)
         causal = op == "sdpa_causal"
         gqa = hq != hkv
-        f = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-        return [("sdpa", f)]
+        plain = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        fns = [("sdpa", plain)]
+        # One row per named backend as well: FlashAttention-2 and cuDNN.
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:
+            return fns
+        for name, backend in (("flash2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def f(backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+            fns.append((name, f))
+        return fns
     return []
 
 
@@ -98,10 +110,17 @@ def main():
     rows = []
     for r in ours["results"]:
         for name, fn in peer_fns(r["op"], r["shape"], r["dtype"]):
-            t = median_ms(fn) * 1e-3
+            try:
+                t = median_ms(fn) * 1e-3
+            except RuntimeError as e:  # a backend that does not take this shape or dtype
+                print(f"{r['op']:<12} {r['shape']:<28} {r['dtype']:<9} torch {name}: not run ({str(e).splitlines()[0][:60]})")
+                continue
             ratio = r["median_s"] / t
             rows.append({**r, "peer": f"torch {name}", "peer_median_s": t, "ours_over_peer": ratio})
-            print(f"{r['op']:<12} {r['shape']:<28} {r['dtype']:<9} {r['median_s']*1e3:>8.3f}ms {t*1e3:>8.3f}ms {name:>9} {ratio:>10.2f}")
+            extra = ""
+            if r.get("unit") == "TFLOP/s":
+                extra = f"  ours {r['value']:.1f} TFLOP/s, torch {r['value'] * ratio:.1f} TFLOP/s"
+            print(f"{r['op']:<12} {r['shape']:<28} {r['dtype']:<9} {r['median_s']*1e3:>8.3f}ms {t*1e3:>8.3f}ms {name:>9} {ratio:>10.2f}{extra}")
     if out_path:
         json.dump({"ours": ours, "rows": rows}, open(out_path, "w"), indent=1)
     return 0

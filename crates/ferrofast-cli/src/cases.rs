@@ -33,6 +33,24 @@ pub enum Case {
     },
 }
 
+/// Attention prefill on the tensor cores, timed only on a GPU (far too slow for the CPU):
+/// B=4, H=32, T=4096, D=128 in bf16, without a mask and causal.
+pub fn gpu_prefill_cases() -> Vec<Case> {
+    [false, true]
+        .into_iter()
+        .map(|causal| Case::Sdpa {
+            batch: 4,
+            q_heads: 32,
+            kv_heads: 32,
+            q_len: 4096,
+            kv_len: 4096,
+            head_dim: 128,
+            dtype: DType::BF16,
+            causal,
+        })
+        .collect()
+}
+
 type RmsNormFn = fn(&Array, Option<&Array>, f32) -> Result<Array>;
 type LayerNormFn = fn(&Array, Option<&Array>, Option<&Array>, f32) -> Result<Array>;
 type RopeFn =

@@ -276,8 +276,11 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
     );
     let mut records = Vec::new();
     let mut cases = bench_cases(opts.quick);
-    if !opts.device.is_cpu() && !opts.quick {
-        cases.extend(gpu_target_cases());
+    if !opts.device.is_cpu() {
+        cases.extend(cases::gpu_prefill_cases());
+        if !opts.quick {
+            cases.extend(gpu_target_cases());
+        }
     }
     for case in cases {
         let inputs = case.inputs(&opts.device, 7)?;
@@ -309,13 +312,16 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
                     let gbs = case.bytes() / t.median / 1e9;
                     (gbs, "GB/s", gbs / ceilings.copy_gbs)
                 }
+                // The GEMM ceiling is the host's; a GPU case has no fraction to print (GPU
+                // rates in TFLOP/s).
+                Bound::Compute if !opts.device.is_cpu() => {
+                    (case.flops() / t.median / 1e12, "TFLOP/s", f64::NAN)
+                }
                 Bound::Compute => {
                     let gf = case.flops() / t.median / 1e9;
-                    // The GEMM ceiling is the host's; a GPU case has no fraction to print.
-                    let peak = match (opts.device.is_cpu(), n) {
-                        (false, _) => f64::NAN,
-                        (true, 1) => ceilings.gemm_gflops_1t,
-                        (true, _) => ceilings.gemm_gflops,
+                    let peak = match n {
+                        1 => ceilings.gemm_gflops_1t,
+                        _ => ceilings.gemm_gflops,
                     };
                     (gf, "GFLOP/s", gf / peak)
                 }

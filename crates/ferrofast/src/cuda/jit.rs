@@ -28,6 +28,12 @@ pub(crate) struct KernelFile {
     pub(crate) source: &'static str,
 }
 
+/// `kernels/attn_prefill.cu`: flash-attention forward on the tensor cores (`mma.sync`).
+pub(crate) const ATTN_PREFILL_CU: KernelFile = KernelFile {
+    name: "attn_prefill.cu",
+    source: include_str!("kernels/attn_prefill.cu"),
+};
+
 /// `kernels/copy.cu`: strided copy with dtype conversion.
 pub(crate) const COPY_CU: KernelFile = KernelFile {
     name: "copy.cu",
@@ -762,6 +768,7 @@ pub struct KernelCheck {
 /// first file that fails.
 pub fn check_builtin_kernels(arch: &str) -> Result<Vec<KernelCheck>> {
     let files = [
+        (ATTN_PREFILL_CU, super::attn_prefill::all_variants()),
         (COPY_CU, super::copy::all_variants()),
         (NORM_CU, super::norm::all_variants()),
         (ROPE_CU, super::rope::all_variants()),

@@ -14,6 +14,7 @@
 //! ([`poison_gpu_buffers`]). Most users only need [`Device::cuda`](crate::Device::cuda) and
 //! the ops in [`fast`](crate::fast), which dispatch here for GPU arrays.
 
+pub(crate) mod attn_prefill;
 pub(crate) mod copy;
 pub(crate) mod jit;
 pub(crate) mod memory;

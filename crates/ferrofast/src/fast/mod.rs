@@ -4,7 +4,7 @@
 mod layer_norm;
 mod rms_norm;
 mod rope;
-mod sdpa;
+pub(crate) mod sdpa;
 
 pub use layer_norm::*;
 pub use rms_norm::*;

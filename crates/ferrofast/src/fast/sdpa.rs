@@ -255,8 +255,9 @@ pub(crate) fn check(
 /// non-floating result type; an additive mask or sinks whose dtype does not promote to the
 /// output dtype; sinks not of shape `(N_q,)`; k and v with different sequence lengths.
 /// `Error::Shape` with MLX's `broadcast_to` texts when the mask does not broadcast to
-/// `[B, N_q, T_q, T_kv]`. `Error::Unsupported` for inputs on a CUDA device (no CUDA kernel
-/// yet).
+/// `[B, N_q, T_q, T_kv]`. On a CUDA device: `Error::Unsupported` for cases no CUDA kernel
+/// covers yet (float32 / float64, other head dims), `Error::Device` when the inputs are on
+/// different devices.
 ///
 /// ```
 /// use ferrofast::{fast, Array, DType, Device};
@@ -284,8 +285,16 @@ pub fn scaled_dot_product_attention(
     }
     devices.extend(sinks.map(Array::device));
     if let Some(d) = devices.iter().find(|d| !d.is_cpu()) {
+        #[cfg(feature = "cuda")]
+        if let Some(stream) = q.stream() {
+            let c = check(q, k, v, mask, sinks)?;
+            if let Some(out) = crate::cuda::attn_prefill::prefill(&c, scale, &stream)? {
+                return Ok(out);
+            }
+        }
         return Err(Error::Unsupported(format!(
-            "{OP} inputs on {d}: scaled_dot_product_attention has no CUDA kernel yet; move the \
+            "{OP} inputs on {d}: no CUDA kernel covers this case (the tensor-core kernel takes \
+             float16 / bfloat16 with head dims 64, 80, 96, 128, 256 or (192, 128)); move the \
              inputs to the CPU with to_device(&Device::Cpu)."
         )));
     }

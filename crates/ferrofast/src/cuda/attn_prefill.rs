@@ -1,0 +1,425 @@
+//! Launcher for `kernels/attn_prefill.cu`: flash-attention forward on the tensor cores
+//! (`mma.sync`, sm_80 and later) for many queries per head.
+//!
+//! Covered: f16 and bf16; `(D, D_v)` in {(64, 64), (80, 80), (96, 96), (128, 128),
+//! (192, 128), (256, 256)}; grouped-query heads; no mask, causal (lower-right aligned), bool
+//! and additive array masks (read in place through the strides of their broadcast view);
+//! sinks; any `T_q`, `T_kv`. q, k and v are read in place when their last axis is contiguous
+//! and every row starts 16 bytes aligned (`[B, T, H, D]` memory seen as `[B, H, T, D]`, for
+//! one); other layouts are first copied to row-major on the GPU.
+//!
+//! Not covered (the caller takes another kernel): float32 and float64 inputs (f32 would need
+//! tf32 or split-bf16 tiles to keep its accuracy; it goes to the general kernel), other head
+//! dims, and sizes past the kernel's 32-bit indices or the grid's limits.
+
+use super::copy::{copy_cast, type_tag};
+use super::jit::{self, ATTN_PREFILL_CU};
+use super::memory::CudaBuffer;
+use super::runtime::{driver_error, guarded, Stream};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::fast::sdpa::Checked;
+use crate::Array;
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Tile shape of one instantiation: `slabs` groups of 16 query rows per warp, `warps` warps
+/// per block (so `16 * slabs * warps` query rows per block) and `keys` keys per tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tiles {
+    slabs: usize,
+    warps: usize,
+    keys: usize,
+}
+
+/// `(D, D_v)` pairs with a kernel, and their tiles. Chosen so the accumulators of a warp
+/// (16 * slabs rows of `D_v` outputs plus `keys` scores) fit in 255 registers without
+/// spilling and two blocks share a multiprocessor (about 100 KB of shared memory each).
+const HEAD_DIMS: [((usize, usize), Tiles); 6] = [
+    (
+        (64, 64),
+        Tiles {
+            slabs: 2,
+            warps: 4,
+            keys: 64,
+        },
+    ),
+    (
+        (80, 80),
+        Tiles {
+            slabs: 2,
+            warps: 4,
+            keys: 64,
+        },
+    ),
+    (
+        (96, 96),
+        Tiles {
+            slabs: 2,
+            warps: 4,
+            keys: 64,
+        },
+    ),
+    (
+        (128, 128),
+        Tiles {
+            slabs: 2,
+            warps: 4,
+            keys: 64,
+        },
+    ),
+    (
+        (192, 128),
+        Tiles {
+            slabs: 2,
+            warps: 4,
+            keys: 32,
+        },
+    ),
+    (
+        (256, 256),
+        Tiles {
+            slabs: 1,
+            warps: 4,
+            keys: 32,
+        },
+    ),
+];
+
+/// Mask handling compiled into an instantiation (`MASK` in the kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MaskKind {
+    /// No array mask (causal or not).
+    None = 0,
+    /// A bool array: keep where true.
+    Bool = 1,
+    /// An additive array of the input dtype.
+    Additive = 2,
+}
+
+fn tiles_for(d: usize, dv: usize) -> Option<Tiles> {
+    HEAD_DIMS
+        .iter()
+        .find(|(dims, _)| *dims == (d, dv))
+        .map(|&(_, t)| t)
+}
+
+fn variant(dtype: DType, d: usize, dv: usize, t: Tiles, mask: MaskKind) -> String {
+    format!(
+        "attn_prefill<{}, {d}, {dv}, {}, {}, {}, {}>",
+        type_tag(dtype),
+        t.slabs,
+        t.warps,
+        t.keys,
+        mask as i32
+    )
+}
+
+/// Every instantiation of `attn_prefill.cu` a launch can ask for.
+pub(crate) fn all_variants() -> Vec<String> {
+    let mut out = Vec::new();
+    for dtype in [DType::F16, DType::BF16] {
+        for &((d, dv), t) in &HEAD_DIMS {
+            for mask in [MaskKind::None, MaskKind::Bool, MaskKind::Additive] {
+                out.push(variant(dtype, d, dv, t, mask));
+            }
+        }
+    }
+    out
+}
+
+/// Bytes of shared memory a block of `t` uses: the Q tile and two K and two V tiles, rows
+/// padded by 8 elements.
+fn shared_bytes(d: usize, dv: usize, t: Tiles, elem: usize) -> usize {
+    let rows_q = 16 * t.slabs * t.warps;
+    (rows_q * (d + 8) + 2 * t.keys * (d + 8) + 2 * t.keys * (dv + 8)) * elem
+}
+
+/// `(offset, stride_b, stride_h, stride_t)` of a `[B, H, T, D]` view the kernel can read in
+/// place: unit stride along D and 16-byte aligned rows (strides and offset multiples of 8
+/// elements of 2 bytes, on a 16-byte aligned allocation).
+fn in_place(a: &Array) -> Option<[i64; 4]> {
+    let s = a.strides();
+    let buf = a.cuda_buffer()?;
+    let aligned = |v: isize| v % 8 == 0;
+    (s[3] == 1 && aligned(s[0]) && aligned(s[1]) && aligned(s[2]) && buf.is_aligned(a.offset(), 16))
+        .then(|| [a.offset() as i64, s[0] as i64, s[1] as i64, s[2] as i64])
+}
+
+/// q, k or v as the kernel reads it: in place, or a row-major copy on `stream`.
+fn readable(a: &Array, stream: &Stream) -> Result<(Array, [i64; 4])> {
+    if let Some(l) = in_place(a) {
+        return Ok((a.clone(), l));
+    }
+    let c = copy_cast(a, a.dtype(), Some(stream))?;
+    let l = in_place(&c).ok_or_else(|| {
+        Error::Cuda("a row-major copy of an attention input is not 16-byte aligned".into())
+    })?;
+    Ok((c, l))
+}
+
+fn on_device<'a>(a: &'a Array, ordinal: usize, what: &str) -> Result<&'a CudaBuffer> {
+    match a.cuda_buffer() {
+        Some(b) if b.device().ordinal() == ordinal => Ok(b),
+        _ => Err(Error::Device(format!(
+            "[scaled_dot_product_attention] {what} is on {} but the stream is on cuda:{ordinal}; \
+             move every input to one device",
+            a.device()
+        ))),
+    }
+}
+
+fn to_i32(v: usize) -> Option<i32> {
+    i32::try_from(v).ok()
+}
+
+/// Flash-attention forward of checked arguments `c` on `stream`: `softmax(scale * q k^T +
+/// mask) v` per batch and query head, f32 softmax and accumulation, one rounding to the
+/// output dtype. Fully masked rows (no visible key) are 0; a sink adds its weight to the
+/// softmax's denominator only.
+///
+/// Returns `Ok(None)` when this kernel does not cover the case (dtype other than f16/bf16,
+/// `(D, D_v)` not listed in the module docs, `T_q`, `T_kv` or `N_q` past `i32`, `N_q` or
+/// `B` above 65535 or a query-tile count past the grid's limit); the caller then uses a
+/// general kernel. Otherwise `Ok(Some(out))`, a new row-major array of shape `c.out_shape`
+/// and dtype `c.dtype` on the stream's device, produced on `stream`.
+///
+/// # Errors
+/// `Error::Device` when an input lives on another device than `stream`; compile and driver
+/// errors.
+pub(crate) fn prefill(c: &Checked, scale: f32, stream: &Stream) -> Result<Option<Array>> {
+    let (d, dv) = (c.k.shape()[3], c.out_shape[3]);
+    match tiles_for(d, dv) {
+        Some(tiles) => prefill_with(c, scale, stream, tiles),
+        None => Ok(None),
+    }
+}
+
+/// [`prefill`] with the given tile shape (any shape whose accumulators and shared memory
+/// fit; the table holds the measured choices).
+fn prefill_with(c: &Checked, scale: f32, stream: &Stream, tiles: Tiles) -> Result<Option<Array>> {
+    let dtype = c.dtype;
+    if !matches!(dtype, DType::F16 | DType::BF16) {
+        return Ok(None);
+    }
+    let [batch, n_q, t_q, dv] = c.out_shape;
+    let (n_kv, t_kv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
+    let rows = 16 * tiles.slabs * tiles.warps;
+    let m_tiles = t_q.div_ceil(rows);
+    let (Some(tq), Some(tkv), Some(nq)) = (to_i32(t_q), to_i32(t_kv), to_i32(n_q)) else {
+        return Ok(None);
+    };
+    if n_q > 65535 || batch > 65535 || m_tiles > i32::MAX as usize {
+        return Ok(None);
+    }
+
+    let ordinal = stream.ordinal();
+    let device = on_device(&c.q, ordinal, "q")?.device().clone();
+    on_device(&c.k, ordinal, "k")?;
+    on_device(&c.v, ordinal, "v")?;
+    let n_out = batch * n_q * t_q * dv;
+    if n_out == 0 {
+        let out = CudaBuffer::alloc(&device, stream, dtype, 0)?;
+        return Ok(Some(Array::from_cuda_buffer(out, &c.out_shape)?));
+    }
+
+    let (q, ql) = readable(&c.q, stream)?;
+    let (k, kl) = readable(&c.k, stream)?;
+    let (v, vl) = readable(&c.v, stream)?;
+    let (mask_kind, mask_layout) = match &c.mask {
+        None => (MaskKind::None, [0i64; 5]),
+        Some(m) => {
+            on_device(m, ordinal, "the mask")?;
+            let s = m.strides();
+            let kind = if m.dtype() == DType::Bool {
+                MaskKind::Bool
+            } else {
+                MaskKind::Additive
+            };
+            let l = [
+                m.offset() as i64,
+                s[0] as i64,
+                s[1] as i64,
+                s[2] as i64,
+                s[3] as i64,
+            ];
+            (kind, l)
+        }
+    };
+    let sinks_layout = match &c.sinks {
+        None => [0i64; 2],
+        Some(s) => {
+            on_device(s, ordinal, "the sinks")?;
+            [s.offset() as i64, s.strides()[0] as i64]
+        }
+    };
+
+    let name = variant(dtype, d, dv, tiles, mask_kind);
+    let func = jit::function(&device, &ATTN_PREFILL_CU, &name, &[])?;
+    let smem = shared_bytes(d, dv, tiles, dtype.size());
+    guarded("setting the attention kernel's shared memory size", || {
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| driver_error(&format!("allowing {smem} bytes of shared memory"), e))
+    })?;
+
+    let mut out = CudaBuffer::alloc(&device, stream, dtype, n_out)?;
+    let cfg = LaunchConfig {
+        grid_dim: (m_tiles as u32, n_q as u32, batch as u32),
+        block_dim: ((32 * tiles.warps) as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let group = to_i32(n_q / n_kv).unwrap_or(i32::MAX);
+    let causal = i32::from(c.causal);
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let null: u64 = 0;
+    let (qb, kb, vb) = (
+        on_device(&q, ordinal, "q")?,
+        on_device(&k, ordinal, "k")?,
+        on_device(&v, ordinal, "v")?,
+    );
+    let cu = stream.cuda();
+    let mut builder = cu.launch_builder(&func);
+    builder.arg(qb.slice());
+    for x in &ql {
+        builder.arg(x);
+    }
+    builder.arg(kb.slice());
+    for x in &kl {
+        builder.arg(x);
+    }
+    builder.arg(vb.slice());
+    for x in &vl {
+        builder.arg(x);
+    }
+    builder.arg(out.slice_mut());
+    match &c.mask {
+        Some(m) => builder.arg(on_device(m, ordinal, "the mask")?.slice()),
+        None => builder.arg(&null),
+    };
+    for x in &mask_layout {
+        builder.arg(x);
+    }
+    match &c.sinks {
+        Some(s) => builder.arg(on_device(s, ordinal, "the sinks")?.slice()),
+        None => builder.arg(&null),
+    };
+    for x in &sinks_layout {
+        builder.arg(x);
+    }
+    builder
+        .arg(&nq)
+        .arg(&group)
+        .arg(&tq)
+        .arg(&tkv)
+        .arg(&causal)
+        .arg(&scale_log2);
+    let what = format!("launching {name}");
+    // SAFETY: the arguments match the kernel's parameters in order and type. Block (x, h, b)
+    // reads q rows m0..m0+BM (below T_q) of head h, and k / v rows below T_kv of head
+    // h / group (< N_kv, as N_q = group * N_kv), each through the view's own offset and
+    // strides (checked 16-byte aligned with a contiguous last axis, so every 16-byte
+    // cp.async stays inside the row); rows past the end are zero-filled without a read. The
+    // mask is read at (b, h, i, j) with i < T_q, j < T_kv through its broadcast view's
+    // strides, the sinks at h < N_q. The output holds B * N_q * T_q * D_v elements and
+    // block (x, h, b) writes rows below T_q of (b, h) only. Shared memory: the kernel uses
+    // exactly `smem` bytes, allowed above.
+    guarded(&what, || {
+        unsafe { builder.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| driver_error(&what, e))
+    })?;
+    Ok(Some(Array::from_cuda_buffer(out, &c.out_shape)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_head_dim_pair_has_variants_and_fits_two_blocks_per_sm() {
+        let all = all_variants();
+        assert_eq!(all.len(), 2 * HEAD_DIMS.len() * 3);
+        assert!(all.contains(&"attn_prefill<ff_bf16, 128, 128, 2, 4, 64, 0>".to_string()));
+        for &((d, dv), t) in &HEAD_DIMS {
+            assert!(shared_bytes(d, dv, t, 2) <= 113 * 1024, "({d}, {dv})");
+            assert_eq!(tiles_for(d, dv), Some(t));
+        }
+        assert_eq!(tiles_for(128, 64), None);
+        assert_eq!(tiles_for(72, 72), None);
+    }
+
+    /// Times tile shapes for D = 128 against each other on a GPU (prints TFLOP/s and the
+    /// largest difference from the table's choice): `cargo test --release --lib --
+    /// --ignored tile_shapes`.
+    #[test]
+    #[ignore]
+    fn tile_shapes_d128() {
+        use crate::fast::{check, Mask};
+        use crate::Device;
+        let Ok(dev) = Device::cuda(0) else {
+            println!("skipping: no CUDA device");
+            return;
+        };
+        let stream = Stream::default_for(&dev).unwrap();
+        let (b, h, t, d) = (4, 32, 4096, 128);
+        let table = tiles_for(d, d).unwrap();
+        let candidates = [
+            table,
+            Tiles {
+                slabs: 2,
+                warps: 4,
+                keys: 32,
+            },
+            Tiles {
+                slabs: 1,
+                warps: 8,
+                keys: 64,
+            },
+            Tiles {
+                slabs: 1,
+                warps: 4,
+                keys: 64,
+            },
+        ];
+        for dtype in [DType::BF16, DType::F16] {
+            let q = Array::randn(&[b, h, t, d], dtype, 1, &dev).unwrap();
+            let k = Array::randn(&[b, h, t, d], dtype, 2, &dev).unwrap();
+            let v = Array::randn(&[b, h, t, d], dtype, 3, &dev).unwrap();
+            for causal in [false, true] {
+                let mask = if causal { Mask::Causal } else { Mask::None };
+                let c = check(&q, &k, &v, mask, None).unwrap();
+                let base = prefill_with(&c, 0.0884, &stream, table).unwrap().unwrap();
+                let base = base.to_f64_vec().unwrap();
+                for tiles in candidates {
+                    let run = || prefill_with(&c, 0.0884, &stream, tiles).unwrap().unwrap();
+                    let out = run().to_f64_vec().unwrap();
+                    let diff = out
+                        .iter()
+                        .zip(&base)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0.0, f64::max);
+                    let mut times = Vec::new();
+                    for _ in 0..10 {
+                        let t0 = std::time::Instant::now();
+                        for _ in 0..5 {
+                            drop(run());
+                        }
+                        stream.synchronize().unwrap();
+                        times.push(t0.elapsed().as_secs_f64() / 5.0);
+                    }
+                    times.sort_by(f64::total_cmp);
+                    let med = times[times.len() / 2];
+                    let flops = 4.0 * (b * h * t * t * d) as f64 / if causal { 2.0 } else { 1.0 };
+                    println!(
+                        "{dtype} causal {causal} {tiles:?}: {:.3} ms {:.1} TFLOP/s (max diff {diff:.2e})",
+                        med * 1e3,
+                        flops / med / 1e12
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,483 @@
+// Flash-attention forward ("prefill": many queries) on the tensor cores with mma.sync
+// (m16n8k16, sm_80 and later), for f16 and bf16 inputs (T is ff_f16 or ff_bf16).
+//
+//   out[b, h, i, :] = sum_j softmax_j(scale * q[b,h,i,:] . k[b,g,j,:] + mask) v[b,g,j,:]
+//
+// with g = h / group (grouped-query heads), online softmax in f32 and f32 accumulation.
+//
+// Work split: one block per (query tile of BM = 16 * MS * NW rows, query head, batch).
+// Each of the NW warps owns 16 * MS consecutive query rows (MS slabs of 16) and all BN keys
+// of the current key tile, so the softmax of a row never leaves its warp (4 lanes share a
+// row; they combine with two shuffles). Per key tile the warp computes S = Q K^T into
+// registers (A fragments of Q and B fragments of K come from shared memory through
+// ldmatrix), applies the mask, updates the running max / sum, turns S into P (f16 / bf16)
+// in registers and accumulates O += P V (V fragments through ldmatrix.trans).
+//
+// Memory: the Q tile and two buffers each of K and V live in shared memory; K and V tiles
+// arrive by cp.async (16 bytes per thread and instruction), the next tile's K load issued
+// while this tile's S is computed and the next V while P V runs. Rows are padded by 8
+// elements (16 bytes), which makes the 8 rows of every ldmatrix land in distinct banks for
+// every head dim used here (D + 8 = 72, 88, 104, 136, 200, 264 elements: an odd number of
+// 16-byte chunks). Rows past T_q / T_kv are zero-filled by cp.async (source size 0), so no
+// garbage (possibly NaN) enters the products; their scores are masked below.
+//
+// Scores are kept in base-2 units: x = s * scale * log2(e) (+ mask * log2(e)), p = 2^(x - m)
+// (one FFMA and one ex2 per score where no mask applies).
+// A row whose every score so far is -inf uses 0 as its reference, so no inf - inf appears;
+// a row that saw no key ends with sum 0 and outputs 0. A sink enters as the initial running
+// max (sink * log2(e)) with initial sum 1 (counted on one of the row's four lanes).
+//
+// Masks (template MASK): 0 none; 1 bool array (keep where != 0); 2 additive array (of T).
+// Array masks are read through four strides (a broadcast view: strides may be 0). Causal
+// masking (lower-right aligned, key j visible to query i iff j <= i + T_kv - T_q) is a
+// run-time flag: key tiles wholly past the diagonal are never loaded or computed, and only
+// tiles crossing the diagonal or the end of the keys take the element-wise masking path.
+//
+// Query tiles are visited last-first (blockIdx.x counts down), so with a causal mask the
+// longest tiles start first and the short ones fill the tail of the grid.
+//
+// The per-tile steps (load K/V, S = Q K^T, softmax, O += P V) are separate functions so a
+// Hopper version (wgmma from shared memory, TMA loads, producer / consumer warps) can
+// replace the inner loop while keeping the masking, softmax and epilogue.
+#include "ferrofast_prelude.cuh"
+
+#define FF_ATTN_LOG2E 1.4426950408889634f
+#define FF_ATTN_NEG_INF __int_as_float(0xff800000)
+
+// ----- PTX wrappers -------------------------------------------------------------------------
+
+__device__ __forceinline__ ff_u32_t ff_smem_u32(const void* p) {
+    ff_u32_t a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global -> shared; `src_bytes` 0 zero-fills the destination without reading.
+__device__ __forceinline__ void ff_cp_async16(ff_u32_t dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void ff_cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void ff_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ff_ldmatrix_x4(ff_u32_t (&r)[4], ff_u32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ff_ldmatrix_x4_trans(ff_u32_t (&r)[4], ff_u32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ float ff_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The tensor-core instruction and the f32 -> 16-bit pair conversion per input type.
+template <typename T>
+struct ff_attn_mma;
+
+template <>
+struct ff_attn_mma<ff_bf16> {
+    __device__ static __forceinline__ void mma(float (&d)[4], const ff_u32_t (&a)[4], ff_u32_t b0,
+                                               ff_u32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    // lo in the low half, hi in the high half, each rounded to nearest even.
+    __device__ static __forceinline__ ff_u32_t pack(float lo, float hi) {
+        ff_u32_t r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+
+template <>
+struct ff_attn_mma<ff_f16> {
+    __device__ static __forceinline__ void mma(float (&d)[4], const ff_u32_t (&a)[4], ff_u32_t b0,
+                                               ff_u32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ static __forceinline__ ff_u32_t pack(float lo, float hi) {
+        ff_u32_t r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+
+// ----- tile loads ---------------------------------------------------------------------------
+
+// Issues cp.async for a ROWS x COLS tile (COLS a multiple of 8) whose row r starts at
+// g + r * g_stride, into shared memory rows of STRIDE elements. Rows >= rows_valid are
+// zero-filled (their source address is clamped to row 0, which exists, and never read).
+// When the block's threads cover whole rows (NT a multiple of COLS / 8), each thread keeps
+// one column and steps a single pointer down the rows: the compiler then has no per-chunk
+// 64-bit addresses to hoist out of the key loop (they cost registers the MMAs need).
+template <typename S, int ROWS, int COLS, int STRIDE, int NT>
+__device__ __forceinline__ void ff_load_tile(S* smem, const S* g, ff_i64_t g_stride,
+                                             int rows_valid, int tid) {
+    constexpr int CH = COLS / 8;
+    constexpr int TOTAL = ROWS * CH;
+    const ff_u32_t base = ff_smem_u32(smem);
+    if (NT % CH == 0 && TOTAL % NT == 0) {
+        constexpr int STEP = NT / CH;
+        const int r0 = tid / CH;
+        const int col = (tid % CH) * 8;
+        const S* src = g + (ff_i64_t)r0 * g_stride + col;
+        const ff_i64_t step = (ff_i64_t)STEP * g_stride;
+        const ff_u32_t dst = base + (ff_u32_t)((r0 * STRIDE + col) * 2);
+#pragma unroll
+        for (int i = 0; i < TOTAL / NT; ++i) {
+            const bool ok = r0 + i * STEP < rows_valid;
+            ff_cp_async16(dst + (ff_u32_t)(i * STEP * STRIDE * 2), ok ? src : g, ok ? 16 : 0);
+            src += step;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < (TOTAL + NT - 1) / NT; ++i) {
+            const int c = tid + i * NT;
+            if (TOTAL % NT == 0 || c < TOTAL) {
+                const int r = c / CH;
+                const int col = (c % CH) * 8;
+                const bool ok = r < rows_valid;
+                const S* src = g + (ok ? (ff_i64_t)r * g_stride : (ff_i64_t)0) + col;
+                ff_cp_async16(base + (ff_u32_t)((r * STRIDE + col) * 2), src, ok ? 16 : 0);
+            }
+        }
+    }
+}
+
+// ----- per-tile math ------------------------------------------------------------------------
+
+// s[ms][nb][e] += Q (this warp's MS slabs of 16 rows) times K^T for one tile of BN keys.
+// Accumulator layout (mma C fragment): e = 0, 1 -> row lane/4, key nb*8 + 2*(lane%4) + e;
+// e = 2, 3 -> row lane/4 + 8, same keys.
+template <typename T, int D, int MS, int BN, int QS, int KS>
+__device__ __forceinline__ void ff_attn_scores(float (&s)[MS][BN / 8][4], ff_u32_t q_rows,
+                                               ff_u32_t k_tile, int lane) {
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[ms][nb][e] = 0.0f;
+            }
+        }
+    }
+    // ldmatrix lane addresses: A (Q) row lane%16, column half lane/16; B (K) key row
+    // (lane%8) + 8 * (lane/16), column half (lane/8)%2.
+    const ff_u32_t a_addr = q_rows + (ff_u32_t)(((lane & 15) * QS + (lane >> 4) * 8) * 2);
+    const ff_u32_t b_addr =
+        k_tile + (ff_u32_t)((((lane & 7) + ((lane >> 4) << 3)) * KS + ((lane >> 3) & 1) * 8) * 2);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        ff_u32_t a[MS][4];
+#pragma unroll
+        for (int ms = 0; ms < MS; ++ms) {
+            ff_ldmatrix_x4(a[ms], a_addr + (ff_u32_t)((ms * 16 * QS + kk * 16) * 2));
+        }
+#pragma unroll
+        for (int nn = 0; nn < BN / 16; ++nn) {
+            ff_u32_t b[4];
+            ff_ldmatrix_x4(b, b_addr + (ff_u32_t)((nn * 16 * KS + kk * 16) * 2));
+#pragma unroll
+            for (int ms = 0; ms < MS; ++ms) {
+                ff_attn_mma<T>::mma(s[ms][2 * nn], a[ms], b[0], b[1]);
+                ff_attn_mma<T>::mma(s[ms][2 * nn + 1], a[ms], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// o[ms][db][e] += P V for one tile of BN keys; P is s (already exponentiated) rounded to T.
+template <typename T, int DV, int MS, int BN, int VS>
+__device__ __forceinline__ void ff_attn_pv(float (&o)[MS][DV / 8][4],
+                                           const float (&s)[MS][BN / 8][4], ff_u32_t v_tile,
+                                           int lane) {
+    // ldmatrix.trans lane addresses: key row (lane%8) + 8 * ((lane/8)%2), column half lane/16.
+    const ff_u32_t b_addr =
+        v_tile + (ff_u32_t)((((lane & 7) + (((lane >> 3) & 1) << 3)) * VS + (lane >> 4) * 8) * 2);
+#pragma unroll
+    for (int kb = 0; kb < BN / 16; ++kb) {
+        ff_u32_t p[MS][4];
+#pragma unroll
+        for (int ms = 0; ms < MS; ++ms) {
+            p[ms][0] = ff_attn_mma<T>::pack(s[ms][2 * kb][0], s[ms][2 * kb][1]);
+            p[ms][1] = ff_attn_mma<T>::pack(s[ms][2 * kb][2], s[ms][2 * kb][3]);
+            p[ms][2] = ff_attn_mma<T>::pack(s[ms][2 * kb + 1][0], s[ms][2 * kb + 1][1]);
+            p[ms][3] = ff_attn_mma<T>::pack(s[ms][2 * kb + 1][2], s[ms][2 * kb + 1][3]);
+        }
+#pragma unroll
+        for (int dd = 0; dd < DV / 16; ++dd) {
+            ff_u32_t b[4];
+            ff_ldmatrix_x4_trans(b, b_addr + (ff_u32_t)((kb * 16 * VS + dd * 16) * 2));
+#pragma unroll
+            for (int ms = 0; ms < MS; ++ms) {
+                ff_attn_mma<T>::mma(o[ms][2 * dd], p[ms], b[0], b[1]);
+                ff_attn_mma<T>::mma(o[ms][2 * dd + 1], p[ms], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// Scores to base-2 units, with every mask applied: bounds (key < T_kv), causality, and the
+// array mask. `row0` is the query index of this lane's first row (row lane/4 of slab 0),
+// `col0` the key index of its first column.
+template <typename T, int MS, int BN, int MASK>
+__device__ __forceinline__ void ff_attn_mask(float (&s)[MS][BN / 8][4], float scale_log2,
+                                             int row0, int col0, int Tq, int Tkv, bool causal,
+                                             int diag, const void* mask_ptr, ff_i64_t m_sq,
+                                             ff_i64_t m_sk) {
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int row = row0 + ms * 16 + hf * 8;
+            const bool row_ok = row < Tq;
+            // Columns col0 + c with c <= limit are inside the keys and the causal band.
+            const int limit = (causal ? min(Tkv - 1, row + diag) : Tkv - 1) - col0;
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = col0 + nb * 8 + e;
+                    float x = s[ms][nb][2 * hf + e] * scale_log2;
+                    bool keep = nb * 8 + e <= limit;
+                    if (MASK != 0 && keep && row_ok) {
+                        const ff_i64_t at = (ff_i64_t)row * m_sq + (ff_i64_t)col * m_sk;
+                        if (MASK == 1) {
+                            keep = ((const ff_u8_t*)mask_ptr)[at] != 0;
+                        } else {
+                            const float m = T::to_f32(((const typename T::storage*)mask_ptr)[at]);
+                            // Finite values are clamped so that 2^x stays finite in f32 (a
+                            // row of finfo.min entries stays a uniform average); -inf drops
+                            // the key.
+                            x += m == FF_ATTN_NEG_INF ? m : fmaxf(m, -2.0e38f) * FF_ATTN_LOG2E;
+                        }
+                    }
+                    s[ms][nb][2 * hf + e] = keep ? x : FF_ATTN_NEG_INF;
+                }
+            }
+        }
+    }
+}
+
+// Online softmax step: new running max per row, rescale of o and the partial sums, and
+// s <- 2^(s * mul - max). `m` and `l` hold per row (index 2 * ms + hf) the running max in
+// base-2 units (same on the row's four lanes) and this lane's partial sum. `mul` is 1 when
+// s is already in base-2 units (the masking path) or scale * log2(e) > 0 for raw scores:
+// then the max is taken on the raw scores and the scaling folds into the exponent's FFMA.
+template <int DV, int MS, int BN>
+__device__ __forceinline__ void ff_attn_softmax(float (&s)[MS][BN / 8][4],
+                                                float (&o)[MS][DV / 8][4], float (&m)[2 * MS],
+                                                float (&l)[2 * MS], float mul) {
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int r = 2 * ms + hf;
+            float mx = FF_ATTN_NEG_INF;
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb) {
+                mx = fmaxf(mx, fmaxf(s[ms][nb][2 * hf], s[ms][nb][2 * hf + 1]));
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(m[r], mx * mul);
+            const float ref = mx == FF_ATTN_NEG_INF ? 0.0f : mx;
+            const float alpha = ff_exp2(m[r] - ref);
+            m[r] = mx;
+            float sum = 0.0f;
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb) {
+                const float p0 = ff_exp2(fmaf(s[ms][nb][2 * hf], mul, -ref));
+                const float p1 = ff_exp2(fmaf(s[ms][nb][2 * hf + 1], mul, -ref));
+                s[ms][nb][2 * hf] = p0;
+                s[ms][nb][2 * hf + 1] = p1;
+                sum += p0 + p1;
+            }
+            l[r] = l[r] * alpha + sum;
+#pragma unroll
+            for (int db = 0; db < DV / 8; ++db) {
+                o[ms][db][2 * hf] *= alpha;
+                o[ms][db][2 * hf + 1] *= alpha;
+            }
+        }
+    }
+}
+
+// ----- the kernel ---------------------------------------------------------------------------
+
+// Strides and offsets are in elements. q, k, v: last axis contiguous, every row start
+// 16-byte aligned (the launcher copies inputs that are not). out: row-major
+// [B, N_q, T_q, DV]. mask: element (b, h, i, j) at mask_ptr[m_off + b*m_sb + h*m_sh + i*m_sq
+// + j*m_sk] (u8 for MASK 1, T for MASK 2; unused for MASK 0). sinks: null, or element h at
+// sinks[s_off + h * s_st] (T).
+template <typename T, int D, int DV, int MS, int NW, int BN, int MASK>
+__global__ void __launch_bounds__(NW * 32) attn_prefill(
+    const typename T::storage* __restrict__ q, ff_i64_t q_off, ff_i64_t q_sb, ff_i64_t q_sh,
+    ff_i64_t q_st, const typename T::storage* __restrict__ k, ff_i64_t k_off, ff_i64_t k_sb,
+    ff_i64_t k_sh, ff_i64_t k_st, const typename T::storage* __restrict__ v, ff_i64_t v_off,
+    ff_i64_t v_sb, ff_i64_t v_sh, ff_i64_t v_st, typename T::storage* __restrict__ out,
+    const void* __restrict__ mask, ff_i64_t m_off, ff_i64_t m_sb, ff_i64_t m_sh, ff_i64_t m_sq,
+    ff_i64_t m_sk, const typename T::storage* __restrict__ sinks, ff_i64_t s_off, ff_i64_t s_st,
+    int n_heads, int group, int Tq, int Tkv, int causal, float scale_log2) {
+    typedef typename T::storage S;
+    constexpr int BM = 16 * MS * NW;
+    constexpr int NT = NW * 32;
+    constexpr int QS = D + 8;
+    constexpr int KS = D + 8;
+    constexpr int VS = DV + 8;
+    static_assert(D % 16 == 0 && DV % 16 == 0 && BN % 16 == 0, "tile shapes");
+
+    extern __shared__ __align__(16) unsigned char ff_attn_smem[];
+    S* sq = (S*)ff_attn_smem;
+    S* sk = sq + BM * QS;
+    S* sv = sk + 2 * BN * KS;
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int m_tile = (int)(gridDim.x - 1 - blockIdx.x);
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    const int m0 = m_tile * BM;
+    const int diag = Tkv - Tq;
+
+    const S* qb = q + q_off + (ff_i64_t)b * q_sb + (ff_i64_t)h * q_sh + (ff_i64_t)m0 * q_st;
+    const int kvh = h / group;
+    const S* kb = k + k_off + (ff_i64_t)b * k_sb + (ff_i64_t)kvh * k_sh;
+    const S* vb = v + v_off + (ff_i64_t)b * v_sb + (ff_i64_t)kvh * v_sh;
+
+    // Keys this tile needs: all, or (causal) up to the diagonal of its last real row.
+    const int rows_here = min(BM, Tq - m0);
+    int n_end = Tkv;
+    if (causal) {
+        n_end = min(Tkv, m0 + rows_here + diag);
+    }
+    const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+
+    float o[MS][DV / 8][4];
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int db = 0; db < DV / 8; ++db) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                o[ms][db][e] = 0.0f;
+            }
+        }
+    }
+    float m_run[2 * MS];
+    float l_run[2 * MS];
+    {
+        const float sink =
+            sinks != nullptr ? T::to_f32(sinks[s_off + (ff_i64_t)h * s_st]) * FF_ATTN_LOG2E
+                             : FF_ATTN_NEG_INF;
+#pragma unroll
+        for (int r = 0; r < 2 * MS; ++r) {
+            m_run[r] = sink;
+            l_run[r] = (sinks != nullptr && (lane & 3) == 0) ? 1.0f : 0.0f;
+        }
+    }
+
+    const int wrow = warp * 16 * MS;
+    const ff_u32_t q_rows = ff_smem_u32(sq + wrow * QS);
+    const ff_u32_t k_smem = ff_smem_u32(sk);
+    const ff_u32_t v_smem = ff_smem_u32(sv);
+    const int row0 = m0 + wrow + (lane >> 2);
+    const char* mask_bh = nullptr;
+    if (MASK != 0) {
+        const ff_i64_t base = m_off + (ff_i64_t)b * m_sb + (ff_i64_t)h * m_sh;
+        mask_bh = (const char*)mask + base * (MASK == 1 ? 1 : (ff_i64_t)sizeof(S));
+    }
+
+    if (n_tiles > 0) {
+        ff_load_tile<S, BM, D, QS, NT>(sq, qb, q_st, rows_here, tid);
+        ff_load_tile<S, BN, D, KS, NT>(sk, kb, k_st, min(BN, Tkv), tid);
+        ff_cp_async_commit();
+        ff_load_tile<S, BN, DV, VS, NT>(sv, vb, v_st, min(BN, Tkv), tid);
+        ff_cp_async_commit();
+    }
+
+    for (int j = 0; j < n_tiles; ++j) {
+        const int n0 = j * BN;
+        const int buf = j & 1;
+        const bool more = j + 1 < n_tiles;
+        ff_cp_async_wait<1>();
+        __syncthreads();
+        if (more) {
+            ff_load_tile<S, BN, D, KS, NT>(sk + (buf ^ 1) * BN * KS, kb + (ff_i64_t)(n0 + BN) * k_st,
+                                           k_st, min(BN, Tkv - n0 - BN), tid);
+        }
+        ff_cp_async_commit();
+
+        float s[MS][BN / 8][4];
+        ff_attn_scores<T, D, MS, BN, QS, KS>(s, q_rows, k_smem + (ff_u32_t)(buf * BN * KS * 2),
+                                             lane);
+
+        // Tiles crossing the end of the keys or the causal diagonal, array masks, and a
+        // scale <= 0 take the element-wise path (scores scaled there); the others leave the
+        // raw scores to the softmax, which folds the scale into its exponent.
+        const bool edge = n0 + BN > Tkv || (causal && n0 + BN - 1 > m0 + diag);
+        const bool masked = MASK != 0 || edge || !(scale_log2 > 0.0f);
+        if (masked) {
+            const void* mrow = MASK != 0 ? (const void*)mask_bh : nullptr;
+            ff_attn_mask<T, MS, BN, MASK>(s, scale_log2, row0, n0 + 2 * (lane & 3), Tq, Tkv,
+                                          causal != 0, diag, mrow, m_sq, m_sk);
+        }
+        ff_attn_softmax<DV, MS, BN>(s, o, m_run, l_run, masked ? 1.0f : scale_log2);
+
+        ff_cp_async_wait<1>();
+        __syncthreads();
+        if (more) {
+            ff_load_tile<S, BN, DV, VS, NT>(sv + (buf ^ 1) * BN * VS, vb + (ff_i64_t)(n0 + BN) * v_st,
+                                            v_st, min(BN, Tkv - n0 - BN), tid);
+        }
+        ff_cp_async_commit();
+
+        ff_attn_pv<T, DV, MS, BN, VS>(o, s, v_smem + (ff_u32_t)(buf * BN * VS * 2), lane);
+    }
+    ff_cp_async_wait<0>();
+
+    // Epilogue: full row sums, normalise, round, store (4 bytes per lane and column pair).
+    S* ob = out + (((ff_i64_t)b * n_heads + h) * Tq) * DV;
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float sum = l_run[2 * ms + hf];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+            const int row = row0 + ms * 16 + hf * 8;
+            if (row < Tq) {
+                ff_u32_t* orow = (ff_u32_t*)(ob + (ff_i64_t)row * DV) + (lane & 3);
+#pragma unroll
+                for (int db = 0; db < DV / 8; ++db) {
+                    orow[db * 4] = ff_attn_mma<T>::pack(o[ms][db][2 * hf] * inv,
+                                                       o[ms][db][2 * hf + 1] * inv);
+                }
+            }
+        }
+    }
+}
