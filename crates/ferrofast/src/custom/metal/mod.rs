@@ -287,6 +287,8 @@ impl MetalKernel {
     /// `[metal_kernel] Must specify at least one output.` without outputs; an
     /// `Error::InvalidArgument` when `name` or an input or output name is not a C++
     /// identifier, or a name repeats.
+    // MLX's factory takes these eight arguments in this order.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: &str,
         input_names: &[&str],

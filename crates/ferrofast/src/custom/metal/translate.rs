@@ -75,8 +75,13 @@ fn unsupported_ident(name: &str) -> Option<&'static str> {
     if name.starts_with("texture") || name.starts_with("depth2d") || name.starts_with("depthcube") {
         return Some(TEXTURES);
     }
-    if name.starts_with("simdgroup_") && name != "simdgroup_barrier" {
-        return Some(MATRIX);
+    if let Some(rest) = name.strip_prefix("simdgroup_") {
+        if rest.contains("matrix")
+            || rest.ends_with("8x8")
+            || matches!(rest, "load" | "store" | "multiply" | "multiply_accumulate")
+        {
+            return Some(MATRIX);
+        }
     }
     if name.starts_with("packed_") {
         return Some("packed vector types are not supported; index a scalar pointer instead");
@@ -651,10 +656,10 @@ mod tests {
     #[test]
     fn swizzles() {
         let out =
-            tr("float4 v; float2 a = v.xy; v.zw = a; v.zw += a; float r = v.r + v.a; p->bgr;");
-        assert!(out.contains("a = v.template ff_swz<0, 1>();"), "{out}");
-        assert!(out.contains("v.template ff_swz_ref<2, 3>() = a;"), "{out}");
-        assert!(out.contains("v.template ff_swz_ref<2, 3>() += a;"), "{out}");
+            tr("float4 v; float2 t = v.xy; v.zw = t; v.zw += t; float s = v.r + v.a; p->bgr;");
+        assert!(out.contains("t = v.template ff_swz<0, 1>();"), "{out}");
+        assert!(out.contains("v.template ff_swz_ref<2, 3>() = t;"), "{out}");
+        assert!(out.contains("v.template ff_swz_ref<2, 3>() += t;"), "{out}");
         assert!(out.contains("v.x + v.w"), "{out}");
         assert!(out.contains("p->template ff_swz<2, 1, 0>()"), "{out}");
     }
@@ -721,5 +726,8 @@ mod tests {
             tr("simdgroup_barrier(mem_flags::mem_none);"),
             "simdgroup_barrier(mem_flags::mem_none);"
         );
+        let attrs = "uint simdgroup_index_in_threadgroup; uint simdgroups_per_threadgroup;";
+        assert_eq!(tr(attrs), attrs);
+        assert_eq!(err("simdgroup_load(m, p);").construct, "simdgroup_load");
     }
 }
