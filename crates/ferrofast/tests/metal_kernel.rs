@@ -150,7 +150,12 @@ const ARGS_SOURCE: &str = "
             ";
 
 fn case_args(a: &Array, b: &Array, c: &Array) -> Case {
-    let k = kernel("arg_test", &["a", "b", "c", "d"], &["out1", "out2"], ARGS_SOURCE);
+    let k = kernel(
+        "arg_test",
+        &["a", "b", "c", "d"],
+        &["out1", "out2"],
+        ARGS_SOURCE,
+    );
     Case::new("args", k, [6, 1, 1], [2, 1, 1])
         .input(a)
         .input(b)
@@ -181,7 +186,11 @@ fn case_strides(a: &Array, contig: bool) -> Case {
         if contig { "myexpTrue" } else { "myexpFalse" },
         &["inp"],
         &["out"],
-        if contig { CONTIG_SOURCE } else { STRIDED_SOURCE },
+        if contig {
+            CONTIG_SOURCE
+        } else {
+            STRIDED_SOURCE
+        },
         "",
         contig,
         false,
@@ -189,7 +198,11 @@ fn case_strides(a: &Array, contig: bool) -> Case {
     )
     .unwrap();
     Case::new(
-        if contig { "strides contiguous" } else { "strides elem_to_loc" },
+        if contig {
+            "strides contiguous"
+        } else {
+            "strides elem_to_loc"
+        },
         k,
         [a.size(), 1, 1],
         [256, 1, 1],
@@ -305,7 +318,11 @@ fn case_doc_exp(a: &Array, strided: bool) -> Case {
         if strided { "myexp_strided" } else { "myexp" },
         &["inp"],
         &["out"],
-        if strided { DOC_EXP_STRIDED_SOURCE } else { DOC_EXP_SOURCE },
+        if strided {
+            DOC_EXP_STRIDED_SOURCE
+        } else {
+            DOC_EXP_SOURCE
+        },
         "",
         !strided,
         false,
@@ -313,7 +330,11 @@ fn case_doc_exp(a: &Array, strided: bool) -> Case {
     )
     .unwrap();
     Case::new(
-        if strided { "doc exp strided" } else { "doc exp" },
+        if strided {
+            "doc exp strided"
+        } else {
+            "doc exp"
+        },
         k,
         [a.size(), 1, 1],
         [256, 1, 1],
@@ -673,10 +694,34 @@ fn grid_sample_grad_ref(x: &Array, g: &Array, cot: &Array) -> (Vec<f64>, Vec<f64
             let (x0, y0) = (ix.floor() as i64, iy.floor() as i64);
             let (x1, y1) = (x0 + 1, y0 + 1);
             let corners = [
-                (y0, x0, (x1 as f64 - ix) * (y1 as f64 - iy), -(y1 as f64 - iy), -(x1 as f64 - ix)),
-                (y0, x1, (ix - x0 as f64) * (y1 as f64 - iy), y1 as f64 - iy, -(ix - x0 as f64)),
-                (y1, x0, (x1 as f64 - ix) * (iy - y0 as f64), -(iy - y0 as f64), x1 as f64 - ix),
-                (y1, x1, (ix - x0 as f64) * (iy - y0 as f64), iy - y0 as f64, ix - x0 as f64),
+                (
+                    y0,
+                    x0,
+                    (x1 as f64 - ix) * (y1 as f64 - iy),
+                    -(y1 as f64 - iy),
+                    -(x1 as f64 - ix),
+                ),
+                (
+                    y0,
+                    x1,
+                    (ix - x0 as f64) * (y1 as f64 - iy),
+                    y1 as f64 - iy,
+                    -(ix - x0 as f64),
+                ),
+                (
+                    y1,
+                    x0,
+                    (x1 as f64 - ix) * (iy - y0 as f64),
+                    -(iy - y0 as f64),
+                    x1 as f64 - ix,
+                ),
+                (
+                    y1,
+                    x1,
+                    (ix - x0 as f64) * (iy - y0 as f64),
+                    iy - y0 as f64,
+                    ix - x0 as f64,
+                ),
             ];
             let (mut gix, mut giy) = (0.0, 0.0);
             for ch in 0..c {
@@ -727,11 +772,18 @@ fn strided_input() -> Array {
     v
 }
 
-fn grid_sample_inputs() -> (Array, Array, Array) {
+/// `x`, a grid for the forward kernel, a grid for the backward kernel and a cotangent.
+///
+/// The guide's forward kernel reads all four corners before masking those outside the
+/// image (Metal tolerates the out-of-bounds read, CUDA faults), so its sampling points stay
+/// where every corner is inside (`|g| < 1 - 1/W`). The backward kernel checks before it
+/// reads, so its grid also samples outside the image, exercising the zero padding.
+fn grid_sample_inputs() -> (Array, Array, Array, Array) {
     let x = randn(&[2, 8, 10, 5], DType::F32, 21);
-    let g = uniform(&[2, 6, 7, 2], -1.1, 1.1, DType::F32, 22);
+    let g = uniform(&[2, 6, 7, 2], -0.85, 0.85, DType::F32, 22);
+    let g_wide = uniform(&[2, 6, 7, 2], -1.2, 1.2, DType::F32, 24);
     let cot = randn(&[2, 6, 7, 5], DType::F32, 23);
-    (x, g, cot)
+    (x, g, g_wide, cot)
 }
 
 /// Every test kernel with inputs, for the compile check.
@@ -741,7 +793,7 @@ fn all_cases() -> Vec<Case> {
     let strided = strided_input();
     let f16 = randn(&[4, 16], DType::F16, 3);
     let f16_view = f16.slice(&[0, 0], &[4, 16], &[2, 1]).unwrap();
-    let (x, g, cot) = grid_sample_inputs();
+    let (x, g, g_wide, cot) = grid_sample_inputs();
     let a32 = randn(&[32], DType::F32, 4);
     let vec_in = randn(&[64 * 4], DType::F32, 5);
     let u = Array::from_vec((0..40u32).collect::<Vec<_>>(), &[40]).unwrap();
@@ -767,7 +819,7 @@ fn all_cases() -> Vec<Case> {
         case_doc_exp(&f16, false),
         case_doc_exp(&f16_view, true),
         case_grid_sample(&x, &g),
-        case_grid_sample_grad(&x, &g, &cot),
+        case_grid_sample_grad(&x, &g_wide, &cot),
         case_dispatch(&u, [37, 1, 1], [8, 1, 1]),
         case_reduce(&a32, 32),
         case_simd(&a32, 32),
@@ -838,11 +890,7 @@ fn untranslatable_constructs_are_errors_with_their_line() {
             "`simdgroup_float8x8`",
             "line 1 of the source",
         ),
-        (
-            "\n\nsampler s;",
-            "`sampler`",
-            "line 3 of the source",
-        ),
+        ("\n\nsampler s;", "`sampler`", "line 3 of the source"),
     ] {
         let k = kernel("bad", &["inp"], &["out"], source);
         let call = KernelCall::new([8, 1, 1], [8, 1, 1])
@@ -936,7 +984,13 @@ fn mlx_custom_kernel_tests() {
     // A transposed view through elem_to_loc.
     let t = randn(&[6, 5], DType::F32, 9).transpose(&[1, 0]).unwrap();
     let out = case_strides(&t, false).run(&dev);
-    check_close(&out[0], &exp_ref(&t, 32.0), 1e-5, 1e-5, "strides, transposed");
+    check_close(
+        &out[0],
+        &exp_ref(&t, 32.0),
+        1e-5,
+        1e-5,
+        "strides, transposed",
+    );
 
     let out = case_helper(&a22).run(&dev);
     check_close(&out[0], &exp_ref(&a22, 1.0), 1e-6, 1e-6, "helper");
@@ -1016,7 +1070,11 @@ fn one_kernel_with_f16_and_f32_inputs() {
     let a = Array::full(&[32], 1.5, DType::F16, &Device::Cpu).unwrap();
     let b = Array::full(&[32], 2.5, DType::F32, &Device::Cpu).unwrap();
     let (oa, ob) = (run(&a), run(&b));
-    let sum: Vec<f32> = f32s(&oa).iter().zip(f32s(&ob)).map(|(x, y)| x + y).collect();
+    let sum: Vec<f32> = f32s(&oa)
+        .iter()
+        .zip(f32s(&ob))
+        .map(|(x, y)| x + y)
+        .collect();
     assert_eq!(sum, vec![8.0; 32]);
     let r = randn(&[32], DType::F16, 13);
     let out = run(&r);
@@ -1035,17 +1093,19 @@ fn guide_examples_exp_and_grid_sample() {
     let out = case_doc_exp(&view, true).run(&dev);
     check_close(&out[0], &exp_ref(&view, 1.0), 1e-3, 1e-3, "doc exp strided");
 
-    let (x, g, cot) = grid_sample_inputs();
+    let (x, g, g_wide, cot) = grid_sample_inputs();
     let out = case_grid_sample(&x, &g).run(&dev);
     let expect = Array::from_vec(grid_sample_ref(&x, &g), out[0].shape()).unwrap();
     check_close(&out[0], &expect, 1e-4, 1e-4, "grid_sample");
 
-    let out = case_grid_sample_grad(&x, &g, &cot).run(&dev);
-    let (xg, gg) = grid_sample_grad_ref(&x, &g, &cot);
-    let xg = Array::from_vec(xg, x.shape()).unwrap();
-    let gg = Array::from_vec(gg, g.shape()).unwrap();
-    check_close(&out[0], &xg, 1e-4, 1e-4, "grid_sample x_grad");
-    check_close(&out[1], &gg, 1e-3, 1e-4, "grid_sample grid_grad");
+    for grid in [&g, &g_wide] {
+        let out = case_grid_sample_grad(&x, grid, &cot).run(&dev);
+        let (xg, gg) = grid_sample_grad_ref(&x, grid, &cot);
+        let xg = Array::from_vec(xg, x.shape()).unwrap();
+        let gg = Array::from_vec(gg, grid.shape()).unwrap();
+        check_close(&out[0], &xg, 1e-4, 1e-4, "grid_sample x_grad");
+        check_close(&out[1], &gg, 1e-3, 1e-4, "grid_sample grid_grad");
+    }
 }
 
 #[test]
@@ -1058,13 +1118,16 @@ fn grids_that_are_not_multiples_of_the_threadgroup() {
         ([100, 1, 1], [1024, 1, 1]),
     ] {
         let n: usize = grid.iter().product();
-        let input = Array::from_vec((0..n as u32).map(|v| v * 7 + 3).collect::<Vec<_>>(), &[n])
-            .unwrap();
+        let input =
+            Array::from_vec((0..n as u32).map(|v| v * 7 + 3).collect::<Vec<_>>(), &[n]).unwrap();
         let out = case_dispatch(&input, grid, tg).run(&dev);
         let info = out[0].to_vec::<u32>().unwrap();
         let count = out[1].to_vec::<u32>().unwrap();
         let tgc: Vec<usize> = (0..3).map(|a| tg[a].min(grid[a])).collect();
-        assert_eq!(count[0] as usize, n, "{grid:?} {tg:?}: threads that ran the body");
+        assert_eq!(
+            count[0] as usize, n,
+            "{grid:?} {tg:?}: threads that ran the body"
+        );
         assert_eq!(count[1] as usize, tgc[0], "{grid:?} {tg:?}: dispatch size");
         for z in 0..grid[2] {
             for y in 0..grid[1] {
@@ -1082,7 +1145,8 @@ fn grids_that_are_not_multiples_of_the_threadgroup() {
                         group[0] * 10000 + group[1] * 100 + group[2],
                         (i * 7 + 3) * 2 + 1,
                     ];
-                    let got: Vec<usize> = info[4 * i..4 * i + 4].iter().map(|&v| v as usize).collect();
+                    let got: Vec<usize> =
+                        info[4 * i..4 * i + 4].iter().map(|&v| v as usize).collect();
                     assert_eq!(got, expect, "{grid:?} {tg:?} thread {p:?}");
                 }
             }
@@ -1099,7 +1163,13 @@ fn reduction_with_threadgroup_memory_barriers_and_simd_sum() {
         let v = f64s(&a);
         let expect: Vec<f64> = v.chunks(tg).map(|c| c.iter().sum()).collect();
         let expect = Array::from_vec(expect, &[n.div_ceil(tg)]).unwrap();
-        check_close(&out[0], &expect, 1e-4, 1e-5, &format!("reduce n={n} tg={tg}"));
+        check_close(
+            &out[0],
+            &expect,
+            1e-4,
+            1e-5,
+            &format!("reduce n={n} tg={tg}"),
+        );
     }
 }
 
@@ -1121,8 +1191,16 @@ fn simd_group_functions() {
         let exc: f32 = lanes[..lane].iter().sum();
         let max = lanes.iter().cloned().fold(f32::MIN, f32::max);
         let got = &out[6 * i..6 * i + 6];
-        assert!((got[0] - inc).abs() <= 1e-4, "thread {i}: inclusive {} vs {inc}", got[0]);
-        assert!((got[1] - exc).abs() <= 1e-4, "thread {i}: exclusive {} vs {exc}", got[1]);
+        assert!(
+            (got[0] - inc).abs() <= 1e-4,
+            "thread {i}: inclusive {} vs {inc}",
+            got[0]
+        );
+        assert!(
+            (got[1] - exc).abs() <= 1e-4,
+            "thread {i}: exclusive {} vs {exc}",
+            got[1]
+        );
         assert_eq!(got[2], max, "thread {i}: max");
         assert_eq!(got[3], lanes[0], "thread {i}: broadcast");
         if (lane ^ 1) < lanes.len() {
@@ -1156,7 +1234,10 @@ fn vectors_swizzles_half_and_math() {
         let e4 = (y * 0.5).exp() + x + 1.0 / (x.abs() + 1.0).sqrt();
         let got = &out[5 * i..5 * i + 5];
         let close = |g: f32, e: f32, tol: f32, what: &str| {
-            assert!((g - e).abs() <= tol * (1.0 + e.abs()), "thread {i} {what}: {g} vs {e}");
+            assert!(
+                (g - e).abs() <= tol * (1.0 + e.abs()),
+                "thread {i} {what}: {g} vs {e}"
+            );
         };
         close(got[0], e0, 1e-5, "dot/length");
         close(got[1], e1, 1e-5, "clamp/mix/fract");

@@ -609,7 +609,7 @@ impl MetalKernel {
         if self.uses_barriers {
             // Threads past the grid, and threads done with the body, keep meeting the
             // barriers of the others until the whole block is here.
-            s.push_str("    while (__syncthreads_or(0)) {\n    }\n");
+            s.push_str("    while (ff_barrier_or(false)) {\n    }\n");
         }
         s.push_str("}\n");
         s

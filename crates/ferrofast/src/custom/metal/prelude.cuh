@@ -859,6 +859,19 @@ __forceinline__ uint ff_thread_index() {
 __forceinline__ uint ff_lane() { return ff_thread_index() & 31u; }
 __forceinline__ uint ff_warp_mask() { return ff_warp_masks[ff_thread_index() >> 5]; }
 
+// The block barrier with an OR reduction, in its non-aligned form: threads of one warp may
+// reach it from different places (`__syncthreads_or` is the aligned form, which requires the
+// whole warp at the same instruction and hangs otherwise).
+__forceinline__ bool ff_barrier_or(bool pred) {
+    unsigned r;
+    asm volatile("{\n\t.reg .pred p, q;\n\tsetp.ne.u32 p, %1, 0;\n\t"
+                 "barrier.red.or.pred q, 0, p;\n\tselp.u32 %0, 1, 0, q;\n\t}"
+                 : "=r"(r)
+                 : "r"((unsigned)pred)
+                 : "memory");
+    return r != 0;
+}
+
 // A barrier reduction rather than a plain barrier: threads past the grid (and threads whose
 // body has returned) wait in the entry kernel in a loop of the same barrier with predicate
 // false, until every thread of the block is there. So barriers work in partial threadgroups.
@@ -866,7 +879,7 @@ __forceinline__ void threadgroup_barrier(mem_flags flags = mem_flags::mem_none) 
     if (ff_has(flags, mem_flags::mem_device)) {
         __threadfence();
     }
-    (void)__syncthreads_or(1);
+    (void)ff_barrier_or(true);
 }
 __forceinline__ void simdgroup_barrier(mem_flags flags = mem_flags::mem_none) {
     if (ff_has(flags, mem_flags::mem_device)) {
