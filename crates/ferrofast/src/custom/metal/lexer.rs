@@ -112,10 +112,12 @@ pub(crate) fn tokenize(src: &str, first_line: usize) -> Vec<Token<'_>> {
                     && matches!(bytes.get(i + 1), Some(b'+') | Some(b'-'))
                 {
                     i += 2;
-                } else if d.is_ascii_alphanumeric() || d == b'.' || d == b'_' {
-                    i += 1;
-                } else if d == b'\'' && bytes.get(i + 1).is_some_and(|x| x.is_ascii_alphanumeric())
+                } else if d.is_ascii_alphanumeric()
+                    || d == b'.'
+                    || d == b'_'
+                    || (d == b'\'' && bytes.get(i + 1).is_some_and(|x| x.is_ascii_alphanumeric()))
                 {
+                    // Digits, suffixes and C++14 digit separators (`1'000`).
                     i += 1;
                 } else {
                     break;

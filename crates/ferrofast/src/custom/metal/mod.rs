@@ -27,6 +27,7 @@ const PRELUDE_NAME: &str = "ferrofast_metal.cuh";
 
 /// The Metal compatibility header: Metal's types, math, SIMD-group functions, atomics and
 /// MLX's Metal utilities, in CUDA C++.
+#[cfg(feature = "cuda")]
 const PRELUDE: &str = include_str!("prelude.cuh");
 
 /// Inputs with fewer elements than this are passed in Metal's `constant` address space.
@@ -102,6 +103,7 @@ impl MathMode {
         Ok(mode)
     }
 
+    #[cfg(feature = "cuda")]
     fn nvrtc_options(self) -> Vec<String> {
         let opts: &[&str] = match self {
             MathMode::Safe => &[],
@@ -615,6 +617,7 @@ impl MetalKernel {
         s
     }
 
+    #[cfg(feature = "cuda")]
     fn nvrtc_options(&self) -> Vec<String> {
         let mut opts = vec!["--device-as-default-execution-space".to_string()];
         opts.extend(self.math_mode.nvrtc_options());
