@@ -10,9 +10,11 @@
 mod cuda_kernel;
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;
+mod metal;
 mod precompiled;
 
 pub use cuda_kernel::{CudaKernel, GeneratedKernel};
+pub use metal::{GeneratedMetalKernel, MathMode, MetalKernel};
 #[cfg(feature = "cuda")]
 pub use precompiled::{compile_to_cubin, cuda_architecture, CompiledCubin};
 pub use precompiled::{precompiled_cuda_kernel, ScalarArg};
