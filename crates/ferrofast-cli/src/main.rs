@@ -180,7 +180,7 @@ fn throughput(case: &Case, t: &Timing) -> String {
     }
 }
 
-fn bench_cases(quick: bool) -> Vec<Case> {
+fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
     let mut v = Vec::new();
     let norm_shapes: &[(usize, usize)] = if quick {
         &[(4096, 4096)]
@@ -243,6 +243,20 @@ fn bench_cases(quick: bool) -> Vec<Case> {
             causal: false,
         });
     }
+    if gpu {
+        // The decode target: a 1 GiB bf16 KV cache, counted as K + V bytes against
+        // the copy bandwidth.
+        v.push(Case::Sdpa {
+            batch: 8,
+            q_heads: 32,
+            kv_heads: 8,
+            q_len: 1,
+            kv_len: 32768,
+            head_dim: 128,
+            dtype: DType::BF16,
+            causal: false,
+        });
+    }
     v
 }
 
@@ -259,7 +273,7 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         "op", "shape", "dtype", "thr", "median", "throughput", "ceiling"
     );
     let mut records = Vec::new();
-    for case in bench_cases(opts.quick) {
+    for case in bench_cases(opts.quick, !opts.device.is_cpu()) {
         let inputs = case.inputs(&opts.device, 7)?;
         // Compute-bound CPU cases also run on one thread: the second core of this kind of
         // machine adds far less than a second core's worth.
