@@ -196,7 +196,7 @@ fn gpu_target_cases() -> Vec<Case> {
     v
 }
 
-fn bench_cases(quick: bool) -> Vec<Case> {
+fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
     let mut v = Vec::new();
     let norm_shapes: &[(usize, usize)] = if quick {
         &[(4096, 4096)]
@@ -259,6 +259,20 @@ fn bench_cases(quick: bool) -> Vec<Case> {
             causal: false,
         });
     }
+    if gpu {
+        // The decode target: a 1 GiB bf16 KV cache, counted as K + V bytes against
+        // the copy bandwidth.
+        v.push(Case::Sdpa {
+            batch: 8,
+            q_heads: 32,
+            kv_heads: 8,
+            q_len: 1,
+            kv_len: 32768,
+            head_dim: 128,
+            dtype: DType::BF16,
+            causal: false,
+        });
+    }
     v
 }
 
@@ -275,7 +289,7 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         "op", "shape", "dtype", "thr", "median", "throughput", "ceiling"
     );
     let mut records = Vec::new();
-    let mut cases = bench_cases(opts.quick);
+    let mut cases = bench_cases(opts.quick, !opts.device.is_cpu());
     if !opts.device.is_cpu() {
         cases.extend(cases::gpu_prefill_cases());
         if !opts.quick {

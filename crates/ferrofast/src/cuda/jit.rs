@@ -52,6 +52,18 @@ pub(crate) const ROPE_CU: KernelFile = KernelFile {
     source: include_str!("kernels/rope.cu"),
 };
 
+/// `kernels/attn_decode.cu`: attention decode (split-KV) and its combine kernel.
+pub(crate) const ATTN_DECODE_CU: KernelFile = KernelFile {
+    name: "attn_decode.cu",
+    source: include_str!("kernels/attn_decode.cu"),
+};
+
+/// `kernels/attn_general.cu`: attention for any shape, head dims and strides.
+pub(crate) const ATTN_GENERAL_CU: KernelFile = KernelFile {
+    name: "attn_general.cu",
+    source: include_str!("kernels/attn_general.cu"),
+};
+
 /// The in-memory header every kernel file includes.
 const PRELUDE_NAME: &str = "ferrofast_prelude.cuh";
 const PRELUDE: &str = include_str!("kernels/prelude.cuh");
@@ -772,6 +784,8 @@ pub fn check_builtin_kernels(arch: &str) -> Result<Vec<KernelCheck>> {
         (COPY_CU, super::copy::all_variants()),
         (NORM_CU, super::norm::all_variants()),
         (ROPE_CU, super::rope::all_variants()),
+        (ATTN_DECODE_CU, super::sdpa::decode_variants()),
+        (ATTN_GENERAL_CU, super::sdpa::general_variants()),
     ];
     // One NVRTC program per file, compiled side by side (NVRTC is thread-safe across
     // programs).

@@ -341,7 +341,7 @@ mod tests {
         assert_eq!(d.blocks, [1, 2, 1]);
         let d = dispatch("t", [1000, 1, 1], [256, 1, 1]).unwrap();
         assert_eq!(d.blocks, [4, 1, 1]);
-        assert!(dispatch("t", [0, 1, 1], [32, 1, 1]).unwrap().is_empty());
+        assert_eq!(dispatch("t", [0, 1, 1], [32, 1, 1]).unwrap().blocks[0], 0);
         assert!(dispatch("t", [8, 1, 1], [0, 1, 1]).is_err());
         assert!(dispatch("t", [4096, 1, 1], [2048, 1, 1]).is_err());
         assert!(dispatch("t", [1, 1, 128], [1, 1, 128]).is_err());

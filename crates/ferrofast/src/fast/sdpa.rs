@@ -244,9 +244,12 @@ pub(crate) fn check(
 ///   This matches MLX's GPU vector kernels; MLX's CPU fallback instead gives the mean of `v`
 ///   for bool and causal masks and NaN for an all `-inf` additive row.
 /// - `T_kv == 0` gives zeros of the output shape.
+/// - Inputs on a CUDA device run there (f32, f16, bf16), on the stream that produced `q`;
+///   k, v, the mask and the sinks may come from other streams of the same device.
 /// - Any strides are read in place (for example `[B, T, H, D]` memory viewed as
 ///   `[B, H, T, D]` with `swapaxes(1, 2)`); inputs of another dtype than the output are cast
-///   first, as MLX does.
+///   first, as MLX does. (On a GPU, the decode kernel copies k or v first when their feature
+///   axis is strided or their rows are not 16-byte aligned.)
 ///
 /// # Errors
 /// `Error::InvalidArgument` with MLX's messages (prefix `[scaled_dot_product_attention] `):
@@ -255,9 +258,8 @@ pub(crate) fn check(
 /// non-floating result type; an additive mask or sinks whose dtype does not promote to the
 /// output dtype; sinks not of shape `(N_q,)`; k and v with different sequence lengths.
 /// `Error::Shape` with MLX's `broadcast_to` texts when the mask does not broadcast to
-/// `[B, N_q, T_q, T_kv]`. On a CUDA device: `Error::Unsupported` for cases no CUDA kernel
-/// covers yet (float32 / float64, other head dims), `Error::Device` when the inputs are on
-/// different devices.
+/// `[B, N_q, T_q, T_kv]`. `Error::Device` for inputs on different devices;
+/// `Error::Unsupported` for a float64 result on a CUDA device.
 ///
 /// ```
 /// use ferrofast::{fast, Array, DType, Device};
@@ -278,25 +280,45 @@ pub fn scaled_dot_product_attention(
     mask: Mask<'_>,
     sinks: Option<&Array>,
 ) -> Result<Array> {
-    validate(q, k, v, mask, sinks)?;
-    let mut devices = vec![q.device(), k.device(), v.device()];
+    let dtype = validate(q, k, v, mask, sinks)?;
+    let mut inputs = vec![("q", q), ("k", k), ("v", v)];
     if let Mask::Array(m) = mask {
-        devices.push(m.device());
+        inputs.push(("the mask", m));
     }
-    devices.extend(sinks.map(Array::device));
-    if let Some(d) = devices.iter().find(|d| !d.is_cpu()) {
-        #[cfg(feature = "cuda")]
-        if let Some(stream) = q.stream() {
-            let c = check(q, k, v, mask, sinks)?;
-            if let Some(out) = crate::cuda::attn_prefill::prefill(&c, scale, &stream)? {
-                return Ok(out);
-            }
-        }
-        return Err(Error::Unsupported(format!(
-            "{OP} inputs on {d}: no CUDA kernel covers this case (the tensor-core kernel takes \
-             float16 / bfloat16 with head dims 64, 80, 96, 128, 256 or (192, 128)); move the \
-             inputs to the CPU with to_device(&Device::Cpu)."
+    if let Some(s) = sinks {
+        inputs.push(("sinks", s));
+    }
+    let device = q.device();
+    if let Some((name, a)) = inputs.iter().find(|(_, a)| a.device() != device) {
+        return Err(Error::Device(format!(
+            "{OP} q is on {device} but {name} is on {}; move every input to one device.",
+            a.device()
         )));
     }
-    crate::cpu::sdpa::scaled_dot_product_attention(&check(q, k, v, mask, sinks)?, scale)
+    match device {
+        crate::Device::Cpu => {
+            crate::cpu::sdpa::scaled_dot_product_attention(&check(q, k, v, mask, sinks)?, scale)
+        }
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda(_) => {
+            if dtype == DType::F64 {
+                return Err(Error::Unsupported(format!(
+                    "{OP} the CUDA kernels take float32, float16 and bfloat16, not float64; \
+                     compute float64 on the CPU."
+                )));
+            }
+            let c = check(q, k, v, mask, sinks)?;
+            let stream =
+                c.q.stream()
+                    .ok_or_else(|| Error::Device(format!("{OP} q left the GPU")))?;
+            crate::cuda::sdpa::scaled_dot_product_attention(&c, scale, &stream)
+        }
+        #[cfg(not(feature = "cuda"))]
+        crate::Device::Cuda(i) => {
+            let _ = dtype;
+            Err(Error::CudaUnavailable(format!(
+                "{OP} inputs are on cuda:{i} but this build has no CUDA back end"
+            )))
+        }
+    }
 }

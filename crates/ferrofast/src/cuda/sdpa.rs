@@ -1,0 +1,762 @@
+//! CUDA `scaled_dot_product_attention`: the dispatcher and the launchers of
+//! `kernels/attn_decode.cu` and `kernels/attn_general.cu`.
+//!
+//! The front end (`fast::scaled_dot_product_attention`) validates the call and casts q, k, v,
+//! an additive mask and the sinks to the output dtype ([`Checked`]); the dispatcher picks a
+//! kernel:
+//! - **decode** (`T_q <= 8`, `D` and `D_v` multiples of 8 and at most 256): 16-byte loads of
+//!   K and V, the query heads of a GQA group and all query positions sharing one read of each
+//!   key/value row, split-KV with a combine kernel when the (batch, kv head) pairs alone would
+//!   not fill the GPU. K and V must have unit stride along the features and 16-byte aligned
+//!   rows; other layouts are first copied to row-major on the GPU. q, the mask and the sinks
+//!   are read through their strides.
+//! - **prefill** (`kernels/attn_prefill.cu`, `super::attn_prefill`): flash attention on the
+//!   tensor cores (`mma.sync`) for f16 / bf16 with `(D, D_v)` in (64, 64), (80, 80), (96, 96),
+//!   (128, 128), (256, 256) and (192, 128), every mask kind and sinks;
+//! - **general** (everything else: any `T_q`, any `D` and `D_v`, any strides, the feature axis
+//!   included): a flash-style SIMT kernel with key/value tiles in shared memory and an online
+//!   softmax; nothing of size `T_q x T_kv` is stored and nothing is copied.
+//!
+//! Every mask kind (none, lower-right causal, bool, additive with any strides, stride 0
+//! included) and sinks run on both. A row with no visible key and no sink is 0 (the CPU's
+//! rule); `T_kv == 0` gives zeros.
+
+use super::copy::type_tag;
+use super::jit::{self, ATTN_DECODE_CU, ATTN_GENERAL_CU};
+use super::memory::CudaBuffer;
+use super::runtime::{self, driver_error, guarded, Stream};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::fast::{Checked, Mask};
+use crate::Array;
+use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+
+const OP: &str = "[scaled_dot_product_attention]";
+
+/// Longest query sequence the decode kernel takes.
+const DECODE_MAX_TQ: usize = 8;
+/// Widest head (max of `D`, `D_v`) the decode kernel takes.
+const DECODE_MAX_WIDTH: usize = 256;
+/// Threads per block of both decode kernels (`FF_DECODE_THREADS`).
+const DECODE_THREADS: u32 = 128;
+/// Most splits the combine kernel merges (`FF_DECODE_MAX_SPLITS`).
+const MAX_SPLITS: usize = 256;
+/// Fewest keys a split is given (shorter ranges cost more in the combine than they gain).
+const MIN_SPLIT_KEYS: usize = 256;
+/// Split lengths are multiples of this.
+const SPLIT_ALIGN: usize = 64;
+/// Waves of decode blocks aimed for when splitting the keys.
+const TARGET_WAVES: u64 = 2;
+
+/// Threads, query rows and output features per block of the general kernel.
+const GENERAL_THREADS: u32 = 128;
+const GENERAL_BQ: usize = 32;
+const GENERAL_DVC: usize = 128;
+
+/// `FF_MASK_*` in the kernels.
+const MASK_NONE: i32 = 0;
+const MASK_BOOL: i32 = 1;
+const MASK_ADD: i32 = 2;
+
+/// `ff_decode_params` in `attn_decode.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct DecodeParams {
+    q_off: i64,
+    q_sb: i64,
+    q_sh: i64,
+    q_st: i64,
+    q_sd: i64,
+    k_off: i64,
+    k_sb: i64,
+    k_sh: i64,
+    k_st: i64,
+    v_off: i64,
+    v_sb: i64,
+    v_sh: i64,
+    v_st: i64,
+    m_off: i64,
+    m_sb: i64,
+    m_sh: i64,
+    m_st: i64,
+    m_sk: i64,
+    s_off: i64,
+    s_stride: i64,
+    mask_kind: i32,
+    causal: i32,
+    has_sinks: i32,
+    n_kv: i32,
+    group: i32,
+    t_q: i32,
+    t_kv: i32,
+    d: i32,
+    d_v: i32,
+    n_chunks: i32,
+    n_splits: i32,
+    split_len: i32,
+    scale_log2: f32,
+}
+
+// SAFETY: plain old data with the C layout of `ff_decode_params`.
+unsafe impl DeviceRepr for DecodeParams {}
+
+/// `ff_general_params` in `attn_general.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GeneralParams {
+    q_off: i64,
+    q_sb: i64,
+    q_sh: i64,
+    q_st: i64,
+    q_sd: i64,
+    k_off: i64,
+    k_sb: i64,
+    k_sh: i64,
+    k_st: i64,
+    k_sd: i64,
+    v_off: i64,
+    v_sb: i64,
+    v_sh: i64,
+    v_st: i64,
+    v_sd: i64,
+    m_off: i64,
+    m_sb: i64,
+    m_sh: i64,
+    m_st: i64,
+    m_sk: i64,
+    s_off: i64,
+    s_stride: i64,
+    mask_kind: i32,
+    causal: i32,
+    has_sinks: i32,
+    n_kv: i32,
+    group: i32,
+    t_q: i32,
+    t_kv: i32,
+    d: i32,
+    d_v: i32,
+    n_row_chunks: i32,
+    n_dv_chunks: i32,
+    scale_log2: f32,
+}
+
+// SAFETY: plain old data with the C layout of `ff_general_params`.
+unsafe impl DeviceRepr for GeneralParams {}
+
+/// How the decode kernel covers a head: `LPK` lanes per key row, `VPL` 16-byte vectors per
+/// lane, so rows of up to `LPK * VPL * 16 / size` features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Lanes {
+    lpk: usize,
+    vpl: usize,
+}
+
+/// The lane layout for heads of `width = max(D, D_v)` features of `dtype`.
+fn decode_lanes(dtype: DType, width: usize) -> Option<Lanes> {
+    let per_vec = 16 / dtype.size();
+    let vectors = width.div_ceil(per_vec);
+    match vectors {
+        0 => None,
+        1..=8 if per_vec == 8 => Some(Lanes { lpk: 8, vpl: 1 }),
+        1..=16 => Some(Lanes { lpk: 16, vpl: 1 }),
+        17..=32 => Some(Lanes { lpk: 32, vpl: 1 }),
+        33..=64 => Some(Lanes { lpk: 32, vpl: 2 }),
+        _ => None,
+    }
+}
+
+/// The lane layouts a dtype can ask for.
+fn lane_layouts(dtype: DType) -> Vec<Lanes> {
+    [64, 128, 256]
+        .iter()
+        .filter_map(|&w| decode_lanes(dtype, w))
+        .collect()
+}
+
+/// Query rows per decode block (`R`) for `rows` = GQA group times `T_q`: 1, 4 or 8 (larger
+/// groups take several blocks per key range). Three sizes keep the compiled variants few;
+/// a block with spare rows only does spare arithmetic, not extra memory traffic.
+fn rows_per_block(rows: usize) -> usize {
+    match rows {
+        0 | 1 => 1,
+        2..=4 => 4,
+        _ => 8,
+    }
+}
+
+const ROW_BLOCKS: [usize; 3] = [1, 4, 8];
+
+fn decode_variant(dtype: DType, lanes: Lanes, rows: usize) -> String {
+    format!(
+        "attn_decode<{}, {}, {}, {rows}>",
+        type_tag(dtype),
+        lanes.lpk,
+        lanes.vpl
+    )
+}
+
+fn combine_variant(dtype: DType) -> String {
+    format!("attn_decode_combine<{}>", type_tag(dtype))
+}
+
+fn general_variant(dtype: DType) -> String {
+    format!("attn_general<{}>", type_tag(dtype))
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// Every instantiation of `attn_decode.cu` a launch can ask for.
+pub(crate) fn decode_variants() -> Vec<String> {
+    let mut out = Vec::new();
+    for dtype in DTYPES {
+        for lanes in lane_layouts(dtype) {
+            for rows in ROW_BLOCKS {
+                out.push(decode_variant(dtype, lanes, rows));
+            }
+        }
+        out.push(combine_variant(dtype));
+    }
+    out
+}
+
+/// Every instantiation of `attn_general.cu` a launch can ask for.
+pub(crate) fn general_variants() -> Vec<String> {
+    DTYPES.iter().map(|&d| general_variant(d)).collect()
+}
+
+/// The number of key ranges and their length for `t_kv` keys when `base_blocks` blocks
+/// serve one range each and `resident` blocks fit on the GPU at once.
+fn split_plan(t_kv: usize, base_blocks: u64, resident: u64) -> (usize, usize) {
+    let target = TARGET_WAVES * resident.max(1);
+    let wanted = if base_blocks >= target {
+        1
+    } else {
+        target.div_ceil(base_blocks.max(1)) as usize
+    };
+    let splits = wanted
+        .min(t_kv.div_ceil(MIN_SPLIT_KEYS))
+        .clamp(1, MAX_SPLITS);
+    let len = t_kv
+        .div_ceil(splits)
+        .div_ceil(SPLIT_ALIGN)
+        .max(1)
+        .saturating_mul(SPLIT_ALIGN);
+    (t_kv.div_ceil(len).max(1), len)
+}
+
+/// `v` as an `i32` kernel argument.
+fn to_i32(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        Error::Unsupported(format!(
+            "{OP} {what} of {v} exceeds the CUDA kernels' limit of 2^31 - 1"
+        ))
+    })
+}
+
+/// The device buffer of `a`, which must be on CUDA device `ordinal`.
+fn buffer<'a>(a: &'a Array, name: &str, ordinal: usize) -> Result<&'a CudaBuffer> {
+    let buf = a.cuda_buffer().ok_or_else(|| {
+        Error::Device(format!(
+            "{OP} the stream is on cuda:{ordinal} but {name} is on {}; move every input to \
+             one CUDA device",
+            a.device()
+        ))
+    })?;
+    if buf.device().ordinal() != ordinal {
+        return Err(Error::Device(format!(
+            "{OP} the stream is on cuda:{ordinal} but {name} is on cuda:{}; move every input \
+             to one CUDA device",
+            buf.device().ordinal()
+        )));
+    }
+    Ok(buf)
+}
+
+/// Strides of a 4-D view as `i64`, with the stride of every size-1 axis set to 0 (such
+/// strides are arbitrary and never used).
+fn strides4(a: &Array) -> [i64; 4] {
+    let mut s = [0i64; 4];
+    for (i, (&d, &st)) in a.shape().iter().zip(a.strides()).enumerate().take(4) {
+        s[i] = if d == 1 { 0 } else { st as i64 };
+    }
+    s
+}
+
+/// The mask operand: its kind, buffer and layout.
+struct MaskArg<'a> {
+    kind: i32,
+    buffer: Option<&'a CudaBuffer>,
+    offset: i64,
+    strides: [i64; 4],
+}
+
+fn mask_arg<'a>(c: &'a Checked, ordinal: usize) -> Result<MaskArg<'a>> {
+    match &c.mask {
+        None => Ok(MaskArg {
+            kind: MASK_NONE,
+            buffer: None,
+            offset: 0,
+            strides: [0; 4],
+        }),
+        Some(m) => Ok(MaskArg {
+            kind: if m.dtype() == DType::Bool {
+                MASK_BOOL
+            } else {
+                MASK_ADD
+            },
+            buffer: Some(buffer(m, "the mask", ordinal)?),
+            offset: m.offset() as i64,
+            strides: strides4(m),
+        }),
+    }
+}
+
+/// The sinks operand: buffer, offset and stride.
+fn sinks_arg(c: &Checked, ordinal: usize) -> Result<Option<(&CudaBuffer, i64, i64)>> {
+    c.sinks
+        .as_ref()
+        .map(|s| {
+            Ok((
+                buffer(s, "sinks", ordinal)?,
+                s.offset() as i64,
+                s.strides()[0] as i64,
+            ))
+        })
+        .transpose()
+}
+
+/// Runs `scaled_dot_product_attention` on CUDA for arguments the front end has checked:
+/// the kernel behind `fast::scaled_dot_product_attention` for GPU inputs. Work is queued on
+/// `stream`; the output is a new row-major `[B, N_q, T_q, D_v]` array produced there.
+///
+/// # Errors
+/// `Error::Unsupported` for dtypes other than f32, f16 and bf16 and for sizes past the
+/// kernels' 32-bit limits; `Error::Device` for an input not on the stream's device; compile
+/// and driver errors.
+pub(crate) fn scaled_dot_product_attention(
+    c: &Checked,
+    scale: f32,
+    stream: &Stream,
+) -> Result<Array> {
+    let dtype = c.dtype;
+    if !DTYPES.contains(&dtype) {
+        return Err(Error::Unsupported(format!(
+            "{OP} the CUDA kernels take float32, float16 and bfloat16, not {dtype}; compute \
+             {dtype} on the CPU"
+        )));
+    }
+    let ordinal = stream.ordinal();
+    for (a, name) in [(&c.q, "q"), (&c.k, "k"), (&c.v, "v")] {
+        buffer(a, name, ordinal)?;
+    }
+    mask_arg(c, ordinal)?;
+    sinks_arg(c, ordinal)?;
+    let device = runtime::device(ordinal)?;
+    let [b, nq, tq, dv] = c.out_shape;
+    let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
+    let n = b * nq * tq * dv;
+    if n == 0 {
+        let out = CudaBuffer::alloc(&device, stream, dtype, 0)?;
+        return Array::from_cuda_buffer(out, &c.out_shape);
+    }
+    for (v, what) in [
+        (tkv, "a key sequence length"),
+        (d, "a head dimension"),
+        (dv, "a value head dimension"),
+        (nkv, "a kv head count"),
+        ((nq / nkv) * tq, "a GQA group times the query length"),
+    ] {
+        to_i32(v, what)?;
+    }
+    if tq <= DECODE_MAX_TQ {
+        if let Some(lanes) = decode_lanes(dtype, d.max(dv))
+            .filter(|_| d % 8 == 0 && dv % 8 == 0 && d.max(dv) <= DECODE_MAX_WIDTH)
+        {
+            return decode(c, scale, stream, lanes);
+        }
+    }
+    // The tensor-core prefill kernel (f16 / bf16, its head dims), then the general kernel for
+    // the shapes it does not take.
+    if let Some(out) = super::attn_prefill::prefill(c, scale, stream)? {
+        return Ok(out);
+    }
+    general(c, scale, stream)
+}
+
+/// Whether `a` (`[B, H, T, F]`) can be read by the decode kernel in place: unit feature
+/// stride and 16-byte aligned rows.
+fn decode_readable(a: &Array, buf: &CudaBuffer) -> bool {
+    let size = a.dtype().size() as i64;
+    let s = strides4(a);
+    (a.shape()[3] <= 1 || a.strides()[3] == 1)
+        && buf.is_aligned(a.offset(), 16)
+        && s[..3].iter().all(|&x| (x * size).rem_euclid(16) == 0)
+}
+
+/// K or V as the decode kernel reads it: in place, or a row-major copy on `stream`.
+fn decode_operand(a: &Array, stream: &Stream) -> Result<Array> {
+    let buf = a
+        .cuda_buffer()
+        .ok_or_else(|| Error::Device(format!("{OP} k and v must be on the GPU")))?;
+    if decode_readable(a, buf) {
+        Ok(a.clone())
+    } else {
+        super::copy::copy_cast(a, a.dtype(), Some(stream))
+    }
+}
+
+fn launch(
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<(), cudarc::driver::DriverError>,
+) -> Result<()> {
+    guarded(what, || f().map_err(|e| driver_error(what, e)))
+}
+
+/// Blocks of `name` that fit on the whole GPU at once, asked of the driver once per device
+/// and kernel.
+fn resident_blocks(
+    device: &runtime::CudaDevice,
+    name: &str,
+    func: &CudaFunction,
+    threads: u32,
+) -> Result<u64> {
+    type Memo = std::sync::Mutex<std::collections::HashMap<(usize, String), u64>>;
+    static MEMO: std::sync::OnceLock<Memo> = std::sync::OnceLock::new();
+    let memo = MEMO.get_or_init(Default::default);
+    let key = (device.ordinal(), name.to_string());
+    if let Some(&n) = memo.lock().ok().and_then(|m| m.get(&key).copied()).as_ref() {
+        return Ok(n);
+    }
+    let per_sm = guarded("reading a kernel's occupancy", || {
+        // The query needs the device's context current on this thread (a rayon worker, say).
+        device
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_error("binding the CUDA context", e))?;
+        func.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+            .map_err(|e| driver_error("reading a kernel's occupancy", e))
+    })?;
+    let n = u64::from(per_sm.max(1)) * u64::from(device.sm_count());
+    if let Ok(mut m) = memo.lock() {
+        m.insert(key, n);
+    }
+    Ok(n)
+}
+
+fn decode(c: &Checked, scale: f32, stream: &Stream, lanes: Lanes) -> Result<Array> {
+    let dtype = c.dtype;
+    let ordinal = stream.ordinal();
+    let device = runtime::device(ordinal)?;
+    let [b, nq, tq, dv] = c.out_shape;
+    let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
+    let group = nq / nkv;
+    let rows = group * tq;
+    let r = rows_per_block(rows);
+    let n_chunks = rows.div_ceil(r);
+
+    let k = decode_operand(&c.k, stream)?;
+    let v = decode_operand(&c.v, stream)?;
+    let (qb, kb, vb) = (
+        buffer(&c.q, "q", ordinal)?,
+        buffer(&k, "k", ordinal)?,
+        buffer(&v, "v", ordinal)?,
+    );
+    let mask = mask_arg(c, ordinal)?;
+    let sinks = sinks_arg(c, ordinal)?;
+
+    let name = decode_variant(dtype, lanes, r);
+    let func = jit::function(&device, &ATTN_DECODE_CU, &name, &[])?;
+    let base_blocks = (b * nkv * n_chunks) as u64;
+    let resident = resident_blocks(&device, &name, &func, DECODE_THREADS)?;
+    let (n_splits, split_len) = split_plan(tkv, base_blocks, resident);
+    let blocks = base_blocks * n_splits as u64;
+    let blocks = u32::try_from(blocks)
+        .ok()
+        .filter(|&x| x <= i32::MAX as u32)
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{OP} {blocks} decode blocks exceed the CUDA grid limit"
+            ))
+        })?;
+
+    let (qs, ks, vs) = (c.q.strides(), strides4(&k), strides4(&v));
+    let qs4 = strides4(&c.q);
+    let params = DecodeParams {
+        q_off: c.q.offset() as i64,
+        q_sb: qs4[0],
+        q_sh: qs4[1],
+        q_st: qs4[2],
+        q_sd: qs[3] as i64,
+        k_off: k.offset() as i64,
+        k_sb: ks[0],
+        k_sh: ks[1],
+        k_st: ks[2],
+        v_off: v.offset() as i64,
+        v_sb: vs[0],
+        v_sh: vs[1],
+        v_st: vs[2],
+        m_off: mask.offset,
+        m_sb: mask.strides[0],
+        m_sh: mask.strides[1],
+        m_st: mask.strides[2],
+        m_sk: mask.strides[3],
+        s_off: sinks.map_or(0, |s| s.1),
+        s_stride: sinks.map_or(0, |s| s.2),
+        mask_kind: mask.kind,
+        causal: i32::from(c.causal),
+        has_sinks: i32::from(sinks.is_some()),
+        n_kv: nkv as i32,
+        group: group as i32,
+        t_q: tq as i32,
+        t_kv: tkv as i32,
+        d: d as i32,
+        d_v: dv as i32,
+        n_chunks: n_chunks as i32,
+        n_splits: n_splits as i32,
+        split_len: to_i32(split_len, "a split length")?,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+    };
+
+    let n_out = b * nq * tq * dv;
+    let mut out = CudaBuffer::alloc(&device, stream, dtype, n_out)?;
+    // f32 workspaces for the partial accumulators (slots x D_v) and (max, sum) per slot.
+    let slots = b * nq * tq * n_splits;
+    let mut workspace = if n_splits > 1 {
+        Some((
+            CudaBuffer::alloc(&device, stream, DType::F32, slots * dv)?,
+            CudaBuffer::alloc(&device, stream, DType::F32, slots * 2)?,
+        ))
+    } else {
+        None
+    };
+    let null: u64 = 0;
+    let cu = stream.cuda();
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (DECODE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    {
+        let mut builder = cu.launch_builder(&func);
+        builder.arg(qb.slice()).arg(kb.slice()).arg(vb.slice());
+        match mask.buffer {
+            Some(m) => builder.arg(m.slice()),
+            None => builder.arg(&null),
+        };
+        match sinks {
+            Some((s, _, _)) => builder.arg(s.slice()),
+            None => builder.arg(&null),
+        };
+        builder.arg(out.slice_mut());
+        match &mut workspace {
+            Some((acc, ml)) => builder.arg(acc.slice_mut()).arg(ml.slice_mut()),
+            None => builder.arg(&null).arg(&null),
+        };
+        builder.arg(&params);
+        let what = format!("launching {}", decode_variant(dtype, lanes, r));
+        // SAFETY: the arguments match attn_decode's parameters in order and type. Block
+        // (chunk, split, b, kv head) reads q rows (b, h, t) for the h and t of its rows, at
+        // the strides of q's view; key and value rows j < T_kv of (b, kv head), D and D_v
+        // elements each, at unit stride from 16-byte aligned starts (decode_operand made
+        // sure); mask entries (b, h, t, j) and sinks[h] inside their views. It writes output
+        // rows below B * N_q * T_q (D_v elements each) or, with splits, workspace slots below
+        // B * N_q * T_q * n_splits, the sizes allocated above.
+        launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
+    }
+    if let Some((acc, ml)) = &workspace {
+        let name = combine_variant(dtype);
+        let combine = jit::function(&device, &ATTN_DECODE_CU, &name, &[])?;
+        let rows_out = u32::try_from(b * nq * tq).map_err(|_| {
+            Error::Unsupported(format!("{OP} too many output rows for the combine kernel"))
+        })?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows_out, 1, 1),
+            block_dim: (DECODE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = cu.launch_builder(&combine);
+        builder.arg(acc.slice()).arg(ml.slice());
+        match sinks {
+            Some((s, _, _)) => builder.arg(s.slice()),
+            None => builder.arg(&null),
+        };
+        builder.arg(out.slice_mut()).arg(&params);
+        let what = format!("launching {name}");
+        // SAFETY: the arguments match attn_decode_combine's parameters. Block `row` reads
+        // the n_splits workspace slots of its output row (written by the launch above on the
+        // same stream), sinks[h], and writes D_v elements of output row `row` < B * N_q * T_q.
+        launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
+    }
+    Array::from_cuda_buffer(out, &c.out_shape)
+}
+
+fn general(c: &Checked, scale: f32, stream: &Stream) -> Result<Array> {
+    let dtype = c.dtype;
+    let ordinal = stream.ordinal();
+    let device = runtime::device(ordinal)?;
+    let [b, nq, tq, dv] = c.out_shape;
+    let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
+    let group = nq / nkv;
+    let n_row_chunks = (group * tq).div_ceil(GENERAL_BQ);
+    let n_dv_chunks = dv.div_ceil(GENERAL_DVC);
+    let blocks = (b as u64) * (nkv as u64) * (n_row_chunks as u64) * (n_dv_chunks as u64);
+    let blocks = u32::try_from(blocks)
+        .ok()
+        .filter(|&x| x <= i32::MAX as u32)
+        .ok_or_else(|| {
+            Error::Unsupported(format!("{OP} {blocks} blocks exceed the CUDA grid limit"))
+        })?;
+    let (qb, kb, vb) = (
+        buffer(&c.q, "q", ordinal)?,
+        buffer(&c.k, "k", ordinal)?,
+        buffer(&c.v, "v", ordinal)?,
+    );
+    let mask = mask_arg(c, ordinal)?;
+    let sinks = sinks_arg(c, ordinal)?;
+    let (qs, ks, vs) = (strides4(&c.q), strides4(&c.k), strides4(&c.v));
+    let params = GeneralParams {
+        q_off: c.q.offset() as i64,
+        q_sb: qs[0],
+        q_sh: qs[1],
+        q_st: qs[2],
+        q_sd: qs[3],
+        k_off: c.k.offset() as i64,
+        k_sb: ks[0],
+        k_sh: ks[1],
+        k_st: ks[2],
+        k_sd: ks[3],
+        v_off: c.v.offset() as i64,
+        v_sb: vs[0],
+        v_sh: vs[1],
+        v_st: vs[2],
+        v_sd: vs[3],
+        m_off: mask.offset,
+        m_sb: mask.strides[0],
+        m_sh: mask.strides[1],
+        m_st: mask.strides[2],
+        m_sk: mask.strides[3],
+        s_off: sinks.map_or(0, |s| s.1),
+        s_stride: sinks.map_or(0, |s| s.2),
+        mask_kind: mask.kind,
+        causal: i32::from(c.causal),
+        has_sinks: i32::from(sinks.is_some()),
+        n_kv: nkv as i32,
+        group: group as i32,
+        t_q: tq as i32,
+        t_kv: tkv as i32,
+        d: d as i32,
+        d_v: dv as i32,
+        n_row_chunks: to_i32(n_row_chunks, "a row block count")?,
+        n_dv_chunks: n_dv_chunks as i32,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+    };
+    let name = general_variant(dtype);
+    let func = jit::function(&device, &ATTN_GENERAL_CU, &name, &[])?;
+    let mut out = CudaBuffer::alloc(&device, stream, dtype, b * nq * tq * dv)?;
+    let null: u64 = 0;
+    let cu = stream.cuda();
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (GENERAL_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut builder = cu.launch_builder(&func);
+    builder.arg(qb.slice()).arg(kb.slice()).arg(vb.slice());
+    match mask.buffer {
+        Some(m) => builder.arg(m.slice()),
+        None => builder.arg(&null),
+    };
+    match sinks {
+        Some((s, _, _)) => builder.arg(s.slice()),
+        None => builder.arg(&null),
+    };
+    builder.arg(out.slice_mut()).arg(&params);
+    let what = format!("launching {name}");
+    // SAFETY: the arguments match attn_general's parameters in order and type. Every element
+    // read is q[b, h, t, i], k[b, g, j, i], v[b, g, j, c] or mask[b, h, t, j] with indices
+    // below the views' shapes, at the views' own offsets and strides, or sinks[h] with
+    // h < N_q; every element written is below B * N_q * T_q * D_v, the output's size.
+    launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
+    Array::from_cuda_buffer(out, &c.out_shape)
+}
+
+/// The public CUDA entry: validates and casts like the front end, then runs on `stream`
+/// (the stream that produced q when `None`).
+pub(crate) fn run_checked(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    scale: f32,
+    mask: Mask<'_>,
+    sinks: Option<&Array>,
+    stream: Option<&Stream>,
+) -> Result<Array> {
+    let c = crate::fast::check(q, k, v, mask, sinks)?;
+    let stream = match stream {
+        Some(s) => s.clone(),
+        None => c.q.stream().ok_or_else(|| {
+            Error::Device(format!(
+                "{OP} the CUDA kernels need q on a CUDA device, not on {}",
+                q.device()
+            ))
+        })?,
+    };
+    scaled_dot_product_attention(&c, scale, &stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_layouts_cover_the_head() {
+        for dtype in DTYPES {
+            let per_vec = 16 / dtype.size();
+            for w in (8..=256).step_by(8) {
+                let l = decode_lanes(dtype, w).unwrap();
+                assert!(l.lpk * l.vpl * per_vec >= w, "{dtype} {w}");
+                assert!(lane_layouts(dtype).contains(&l), "{dtype} {w} {l:?}");
+            }
+            assert_eq!(decode_lanes(dtype, 0), None);
+        }
+        assert_eq!(decode_lanes(DType::F32, 257), None);
+        assert_eq!(
+            decode_lanes(DType::BF16, 128),
+            Some(Lanes { lpk: 16, vpl: 1 })
+        );
+    }
+
+    #[test]
+    fn splits_fill_the_gpu_and_cover_the_keys() {
+        // The issue's decode shape: 64 (batch, kv head) pairs on 132 SMs.
+        let (n, len) = split_plan(32768, 64, 132 * 4);
+        assert!(n * 64 >= 2 * 132 * 4, "{n}");
+        assert!(n * len >= 32768 && (n - 1) * len < 32768);
+        assert_eq!(len % SPLIT_ALIGN, 0);
+        for tkv in [0usize, 1, 255, 256, 257, 1000, 4096, 100_000, 1 << 22] {
+            for base in [1u64, 7, 64, 5000] {
+                let (n, len) = split_plan(tkv, base, 528);
+                assert!((1..=MAX_SPLITS).contains(&n), "{tkv} {base}");
+                assert!(n * len >= tkv, "{tkv} {base}");
+                assert!(n == 1 || (n - 1) * len < tkv, "{tkv} {base}: empty split");
+            }
+        }
+        assert_eq!(split_plan(100_000, 5000, 528).0, 1);
+    }
+
+    #[test]
+    fn every_plan_has_a_compiled_variant() {
+        let all = decode_variants();
+        for dtype in DTYPES {
+            for w in [8usize, 64, 72, 128, 136, 200, 256] {
+                let lanes = decode_lanes(dtype, w).unwrap();
+                for rows in 1..40 {
+                    let v = decode_variant(dtype, lanes, rows_per_block(rows));
+                    assert!(all.contains(&v), "{v}");
+                }
+            }
+            assert!(all.contains(&combine_variant(dtype)));
+            assert!(general_variants().contains(&general_variant(dtype)));
+        }
+    }
+}
