@@ -13,13 +13,17 @@ use std::process::ExitCode;
 const USAGE: &str = "usage:
   ferrofast demo  [--device cpu|cuda[:N]]
   ferrofast bench [--device cpu|cuda[:N]] [--json FILE] [--quick] [--big]
+  ferrofast first-call [--device cpu|cuda[:N]]
 
 demo   runs rms_norm, layer_norm, rope and scaled_dot_product_attention once on random data
        and prints time, throughput and the max error against the float64 oracle.
 bench  measures this machine's copy bandwidth and f32 GEMM rate, then times each op over a
        sweep of shapes (median of repeated runs) and prints the fraction of the ceiling.
        --quick runs fewer shapes; --big adds the T=16384 attention memory check;
-       --json FILE writes every result.";
+       --json FILE writes every result.
+first-call  times the first call of each op a Llama layer needs (bf16 rms_norm, rope,
+       causal GQA prefill attention, decode attention), kernel compilation or cache loading
+       included; run it twice with one FERROFAST_CACHE_DIR to see a cold and a warm cache.";
 
 struct Options {
     command: String,
@@ -44,7 +48,7 @@ fn parse_device(s: &str) -> Result<Device, String> {
 fn parse_args() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
     let command = args.next().ok_or_else(|| USAGE.to_string())?;
-    if command != "demo" && command != "bench" {
+    if command != "demo" && command != "bench" && command != "first-call" {
         return Err(USAGE.to_string());
     }
     let mut opts = Options {
@@ -78,10 +82,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = if opts.command == "demo" {
-        demo(&opts)
-    } else {
-        bench(&opts)
+    let result = match opts.command.as_str() {
+        "demo" => demo(&opts),
+        "first-call" => first_call(&opts),
+        _ => bench(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,6 +94,73 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The ops of one Llama layer (bf16, 32 query heads over 8 kv heads, head dim 128), each
+/// timed from the call to its completion on the device, first call only: on a GPU this is
+/// the kernels' compilation (or disk-cache load) plus one run.
+fn first_call(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
+    let dtype = DType::BF16;
+    let cases = [
+        Case::RmsNorm {
+            rows: 128,
+            dim: 4096,
+            dtype,
+        },
+        Case::Rope {
+            shape: [1, 32, 128, 128],
+            dtype,
+        },
+        Case::Rope {
+            shape: [1, 8, 128, 128],
+            dtype,
+        },
+        Case::Sdpa {
+            batch: 1,
+            q_heads: 32,
+            kv_heads: 8,
+            q_len: 128,
+            kv_len: 128,
+            head_dim: 128,
+            dtype,
+            causal: true,
+        },
+        Case::Sdpa {
+            batch: 1,
+            q_heads: 32,
+            kv_heads: 8,
+            q_len: 1,
+            kv_len: 4096,
+            head_dim: 128,
+            dtype,
+            causal: false,
+        },
+    ];
+    // Inputs first (this also starts the device), so only the ops are timed.
+    let mut prepared = Vec::new();
+    for case in cases {
+        let inputs = case.inputs(&opts.device, 3)?;
+        prepared.push((case, inputs));
+    }
+    opts.device.synchronize()?;
+    println!("first calls on {}", opts.device);
+    let mut total = 0.0;
+    for (case, inputs) in &prepared {
+        let start = std::time::Instant::now();
+        let out = case.run(inputs)?;
+        out.device().synchronize()?;
+        let secs = start.elapsed().as_secs_f64();
+        total += secs;
+        println!(
+            "{:<12} {:<28} {:<9} {:>10}",
+            case.op(),
+            case.shape(),
+            case.dtype().name(),
+            measure::fmt_time(secs)
+        );
+    }
+    println!("total {}", measure::fmt_time(total));
+    Ok(())
 }
 
 fn demo_cases() -> Vec<Case> {

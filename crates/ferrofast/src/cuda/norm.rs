@@ -81,6 +81,20 @@ fn group_max_chunks() -> usize {
     })
 }
 
+/// Fewest register chunks per thread a one-block-per-row plan uses: 1, or the value of the
+/// environment variable `FERROFAST_NORM_ROWS_CHUNKS` (1, 2 or 4) read once, a tuning knob
+/// (more chunks: fewer threads per row, more rows resident per SM).
+fn rows_min_chunks() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("FERROFAST_NORM_ROWS_CHUNKS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|v| [1, 2, 4].contains(v))
+            .unwrap_or(1)
+    })
+}
+
 fn plan(d: usize, dtype: DType) -> Plan {
     let threads_needed = d.div_ceil(n_reads(dtype)).max(1);
     // Rows of up to 256 vectors (2048 bf16 / f16, 1024 f32): a group of lanes per row, with
@@ -107,6 +121,7 @@ fn plan(d: usize, dtype: DType) -> Plan {
     } else {
         return Plan::Looped;
     };
+    let chunks = chunks.max(rows_min_chunks());
     let threads = threads_needed.div_ceil(chunks).div_ceil(32) * 32;
     Plan::Rows {
         chunks,

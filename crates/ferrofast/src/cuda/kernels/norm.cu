@@ -28,64 +28,6 @@ struct ff_norm {
     static const int N = 16 / sizeof(S);
 };
 
-// Mean and centred sum of squares of a set of values, merged pairwise (Chan et al.): the
-// variance of the union without a second pass over the data.
-struct ff_moments {
-    float n;
-    float mean;
-    float m2;
-};
-
-__device__ __forceinline__ ff_moments ff_merge(ff_moments a, ff_moments b) {
-    const float n = a.n + b.n;
-    if (n == 0.0f) {
-        return a;
-    }
-    const float delta = b.mean - a.mean;
-    // A fast division: it only weights the correction term, and an IEEE division at each of
-    // the ten merge steps cost more than the row's arithmetic.
-    const float fb = __fdividef(b.n, n);
-    ff_moments r;
-    r.n = n;
-    r.mean = a.mean + delta * fb;
-    r.m2 = a.m2 + b.m2 + delta * delta * a.n * fb;
-    return r;
-}
-
-__device__ __forceinline__ ff_moments ff_warp_moments(ff_moments m) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        ff_moments o;
-        o.n = __shfl_xor_sync(0xffffffffu, m.n, offset);
-        o.mean = __shfl_xor_sync(0xffffffffu, m.mean, offset);
-        o.m2 = __shfl_xor_sync(0xffffffffu, m.m2, offset);
-        m = ff_merge(m, o);
-    }
-    return m;
-}
-
-// The moments of the whole block, returned to every thread, with one block-wide exchange
-// (`scratch` holds 3 * 32 floats; the block synchronises twice, so it may be reused).
-__device__ __forceinline__ ff_moments ff_block_moments(ff_moments m, float* scratch) {
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int n_warps = (blockDim.x + 31) >> 5;
-    m = ff_warp_moments(m);
-    if (lane == 0) {
-        scratch[warp] = m.n;
-        scratch[32 + warp] = m.mean;
-        scratch[64 + warp] = m.m2;
-    }
-    __syncthreads();
-    ff_moments t;
-    t.n = lane < n_warps ? scratch[lane] : 0.0f;
-    t.mean = lane < n_warps ? scratch[32 + lane] : 0.0f;
-    t.m2 = lane < n_warps ? scratch[64 + lane] : 0.0f;
-    t = ff_warp_moments(t);
-    __syncthreads();
-    return t;
-}
-
 // Loads elements [base, base + N) of a row as f32; elements at or past D read as 0.
 template <typename T, bool ALIGNED>
 __device__ __forceinline__ void ff_load(const typename T::storage* __restrict__ p,
@@ -290,46 +232,36 @@ __global__ void __launch_bounds__(1024) layer_norm_rows(const typename T::storag
                                 float eps) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
-    __shared__ float scratch[96];
+    __shared__ float scratch[32];
     const S* wp = w != nullptr ? w + w_offset : nullptr;
     const S* bp = b != nullptr ? b + b_offset : nullptr;
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const S* xr = x + x_offset + row * x_row_stride;
         float v[N_CHUNKS][N];
-#pragma unroll
-        for (int c = 0; c < N_CHUNKS; ++c) {
-            const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
-            ff_load<T, ALIGNED>(xr, 1, base, D, v[c]);
-        }
-        // Each thread's own two-pass moments over its registers, then one merge across the
-        // block (the zero padding past D is not counted).
-        float cnt = 0.0f;
         float s = 0.0f;
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
             const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+            ff_load<T, ALIGNED>(xr, 1, base, D, v[c]);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
                 s += v[c][k];
-                cnt += base + k < D ? 1.0f : 0.0f;
             }
         }
-        ff_moments m;
-        m.n = cnt;
-        m.mean = cnt > 0.0f ? __fdividef(s, cnt) : 0.0f;
-        m.m2 = 0.0f;
+        const float mean = ff_block_sum(s, scratch) / (float)D;
+        // Second pass over the registers: the centred sum of squares (MLX's two-pass
+        // variance), skipping the zero padding past D.
+        float s2 = 0.0f;
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
             const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                const float d = v[c][k] - m.mean;
-                m.m2 += base + k < D ? d * d : 0.0f;
+                const float d = v[c][k] - mean;
+                s2 += base + k < D ? d * d : 0.0f;
             }
         }
-        m = ff_block_moments(m, scratch);
-        const float mean = m.mean;
-        const float var = m.m2 / (float)D;
+        const float var = ff_block_sum(s2, scratch) / (float)D;
         const float inv = 1.0f / sqrtf(var + eps);
         S* orow = out + row * (ff_i64_t)D;
 #pragma unroll
