@@ -12,12 +12,13 @@
 //! tf32 or split-bf16 tiles to keep its accuracy; it goes to the general kernel), other head
 //! dims, and sizes past the kernel's 32-bit indices or the grid's limits.
 
-use super::copy::{copy_cast, type_tag};
+use super::copy::type_tag;
 use super::jit::{self, ATTN_PREFILL_CU};
 use super::memory::CudaBuffer;
 use super::runtime::{driver_error, guarded, Stream};
+use super::sdpa::{buffer, mask_arg, sinks_arg, strides4, vector_operand, MASK_BOOL, MASK_NONE};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::fast::sdpa::Checked;
 use crate::Array;
 use cudarc::driver::sys::CUfunction_attribute;
@@ -135,38 +136,11 @@ fn shared_bytes(d: usize, dv: usize, t: Tiles, elem: usize) -> usize {
     (rows_q * (d + 8) + 2 * t.keys * (d + 8) + 2 * t.keys * (dv + 8)) * elem
 }
 
-/// `(offset, stride_b, stride_h, stride_t)` of a `[B, H, T, D]` view the kernel can read in
-/// place: unit stride along D and 16-byte aligned rows (strides and offset multiples of 8
-/// elements of 2 bytes, on a 16-byte aligned allocation).
-fn in_place(a: &Array) -> Option<[i64; 4]> {
-    let s = a.strides();
-    let buf = a.cuda_buffer()?;
-    let aligned = |v: isize| v % 8 == 0;
-    (s[3] == 1 && aligned(s[0]) && aligned(s[1]) && aligned(s[2]) && buf.is_aligned(a.offset(), 16))
-        .then(|| [a.offset() as i64, s[0] as i64, s[1] as i64, s[2] as i64])
-}
-
-/// q, k or v as the kernel reads it: in place, or a row-major copy on `stream`.
-fn readable(a: &Array, stream: &Stream) -> Result<(Array, [i64; 4])> {
-    if let Some(l) = in_place(a) {
-        return Ok((a.clone(), l));
-    }
-    let c = copy_cast(a, a.dtype(), Some(stream))?;
-    let l = in_place(&c).ok_or_else(|| {
-        Error::Cuda("a row-major copy of an attention input is not 16-byte aligned".into())
-    })?;
-    Ok((c, l))
-}
-
-fn on_device<'a>(a: &'a Array, ordinal: usize, what: &str) -> Result<&'a CudaBuffer> {
-    match a.cuda_buffer() {
-        Some(b) if b.device().ordinal() == ordinal => Ok(b),
-        _ => Err(Error::Device(format!(
-            "[scaled_dot_product_attention] {what} is on {} but the stream is on cuda:{ordinal}; \
-             move every input to one device",
-            a.device()
-        ))),
-    }
+/// `(offset, stride_b, stride_h, stride_t)` of a `[B, H, T, D]` operand made readable by
+/// `vector_operand` (size-1 axes get stride 0).
+fn layout(a: &Array) -> [i64; 4] {
+    let s = strides4(a);
+    [a.offset() as i64, s[0], s[1], s[2]]
 }
 
 fn to_i32(v: usize) -> Option<i32> {
@@ -214,45 +188,34 @@ fn prefill_with(c: &Checked, scale: f32, stream: &Stream, tiles: Tiles) -> Resul
     }
 
     let ordinal = stream.ordinal();
-    let device = on_device(&c.q, ordinal, "q")?.device().clone();
-    on_device(&c.k, ordinal, "k")?;
-    on_device(&c.v, ordinal, "v")?;
+    let device = buffer(&c.q, "q", ordinal)?.device().clone();
+    buffer(&c.k, "k", ordinal)?;
+    buffer(&c.v, "v", ordinal)?;
+    let mask = mask_arg(c, ordinal)?;
+    let sinks = sinks_arg(c, ordinal)?;
     let n_out = batch * n_q * t_q * dv;
     if n_out == 0 {
         let out = CudaBuffer::alloc(&device, stream, dtype, 0)?;
         return Ok(Some(Array::from_cuda_buffer(out, &c.out_shape)?));
     }
 
-    let (q, ql) = readable(&c.q, stream)?;
-    let (k, kl) = readable(&c.k, stream)?;
-    let (v, vl) = readable(&c.v, stream)?;
-    let (mask_kind, mask_layout) = match &c.mask {
-        None => (MaskKind::None, [0i64; 5]),
-        Some(m) => {
-            on_device(m, ordinal, "the mask")?;
-            let s = m.strides();
-            let kind = if m.dtype() == DType::Bool {
-                MaskKind::Bool
-            } else {
-                MaskKind::Additive
-            };
-            let l = [
-                m.offset() as i64,
-                s[0] as i64,
-                s[1] as i64,
-                s[2] as i64,
-                s[3] as i64,
-            ];
-            (kind, l)
-        }
+    let q = vector_operand(&c.q, stream)?;
+    let k = vector_operand(&c.k, stream)?;
+    let v = vector_operand(&c.v, stream)?;
+    let (ql, kl, vl) = (layout(&q), layout(&k), layout(&v));
+    let mask_kind = match mask.kind {
+        MASK_NONE => MaskKind::None,
+        MASK_BOOL => MaskKind::Bool,
+        _ => MaskKind::Additive,
     };
-    let sinks_layout = match &c.sinks {
-        None => [0i64; 2],
-        Some(s) => {
-            on_device(s, ordinal, "the sinks")?;
-            [s.offset() as i64, s.strides()[0] as i64]
-        }
-    };
+    let mask_layout = [
+        mask.offset,
+        mask.strides[0],
+        mask.strides[1],
+        mask.strides[2],
+        mask.strides[3],
+    ];
+    let sinks_layout = sinks.map_or([0i64; 2], |s| [s.1, s.2]);
 
     let name = variant(dtype, d, dv, tiles, mask_kind);
     let func = jit::function(&device, &ATTN_PREFILL_CU, &name, &[])?;
@@ -276,9 +239,9 @@ fn prefill_with(c: &Checked, scale: f32, stream: &Stream, tiles: Tiles) -> Resul
     let scale_log2 = scale * std::f32::consts::LOG2_E;
     let null: u64 = 0;
     let (qb, kb, vb) = (
-        on_device(&q, ordinal, "q")?,
-        on_device(&k, ordinal, "k")?,
-        on_device(&v, ordinal, "v")?,
+        buffer(&q, "q", ordinal)?,
+        buffer(&k, "k", ordinal)?,
+        buffer(&v, "v", ordinal)?,
     );
     let cu = stream.cuda();
     let mut builder = cu.launch_builder(&func);
@@ -295,15 +258,15 @@ fn prefill_with(c: &Checked, scale: f32, stream: &Stream, tiles: Tiles) -> Resul
         builder.arg(x);
     }
     builder.arg(out.slice_mut());
-    match &c.mask {
-        Some(m) => builder.arg(on_device(m, ordinal, "the mask")?.slice()),
+    match mask.buffer {
+        Some(m) => builder.arg(m.slice()),
         None => builder.arg(&null),
     };
     for x in &mask_layout {
         builder.arg(x);
     }
-    match &c.sinks {
-        Some(s) => builder.arg(on_device(s, ordinal, "the sinks")?.slice()),
+    match sinks {
+        Some(s) => builder.arg(s.0.slice()),
         None => builder.arg(&null),
     };
     for x in &sinks_layout {

@@ -54,9 +54,9 @@ const GENERAL_BQ: usize = 32;
 const GENERAL_DVC: usize = 128;
 
 /// `FF_MASK_*` in the kernels.
-const MASK_NONE: i32 = 0;
-const MASK_BOOL: i32 = 1;
-const MASK_ADD: i32 = 2;
+pub(super) const MASK_NONE: i32 = 0;
+pub(super) const MASK_BOOL: i32 = 1;
+pub(super) const MASK_ADD: i32 = 2;
 
 /// `ff_decode_params` in `attn_decode.cu`.
 #[repr(C)]
@@ -254,7 +254,7 @@ fn to_i32(v: usize, what: &str) -> Result<i32> {
 }
 
 /// The device buffer of `a`, which must be on CUDA device `ordinal`.
-fn buffer<'a>(a: &'a Array, name: &str, ordinal: usize) -> Result<&'a CudaBuffer> {
+pub(super) fn buffer<'a>(a: &'a Array, name: &str, ordinal: usize) -> Result<&'a CudaBuffer> {
     let buf = a.cuda_buffer().ok_or_else(|| {
         Error::Device(format!(
             "{OP} the stream is on cuda:{ordinal} but {name} is on {}; move every input to \
@@ -274,7 +274,7 @@ fn buffer<'a>(a: &'a Array, name: &str, ordinal: usize) -> Result<&'a CudaBuffer
 
 /// Strides of a 4-D view as `i64`, with the stride of every size-1 axis set to 0 (such
 /// strides are arbitrary and never used).
-fn strides4(a: &Array) -> [i64; 4] {
+pub(super) fn strides4(a: &Array) -> [i64; 4] {
     let mut s = [0i64; 4];
     for (i, (&d, &st)) in a.shape().iter().zip(a.strides()).enumerate().take(4) {
         s[i] = if d == 1 { 0 } else { st as i64 };
@@ -283,14 +283,15 @@ fn strides4(a: &Array) -> [i64; 4] {
 }
 
 /// The mask operand: its kind, buffer and layout.
-struct MaskArg<'a> {
-    kind: i32,
-    buffer: Option<&'a CudaBuffer>,
-    offset: i64,
-    strides: [i64; 4],
+pub(super) struct MaskArg<'a> {
+    /// `MASK_NONE`, `MASK_BOOL` or `MASK_ADD` (the kernels' encoding).
+    pub(super) kind: i32,
+    pub(super) buffer: Option<&'a CudaBuffer>,
+    pub(super) offset: i64,
+    pub(super) strides: [i64; 4],
 }
 
-fn mask_arg<'a>(c: &'a Checked, ordinal: usize) -> Result<MaskArg<'a>> {
+pub(super) fn mask_arg<'a>(c: &'a Checked, ordinal: usize) -> Result<MaskArg<'a>> {
     match &c.mask {
         None => Ok(MaskArg {
             kind: MASK_NONE,
@@ -312,7 +313,7 @@ fn mask_arg<'a>(c: &'a Checked, ordinal: usize) -> Result<MaskArg<'a>> {
 }
 
 /// The sinks operand: buffer, offset and stride.
-fn sinks_arg(c: &Checked, ordinal: usize) -> Result<Option<(&CudaBuffer, i64, i64)>> {
+pub(super) fn sinks_arg(c: &Checked, ordinal: usize) -> Result<Option<(&CudaBuffer, i64, i64)>> {
     c.sinks
         .as_ref()
         .map(|s| {
@@ -383,9 +384,9 @@ pub(crate) fn scaled_dot_product_attention(
     general(c, scale, stream)
 }
 
-/// Whether `a` (`[B, H, T, F]`) can be read by the decode kernel in place: unit feature
-/// stride and 16-byte aligned rows.
-fn decode_readable(a: &Array, buf: &CudaBuffer) -> bool {
+/// Whether `a` (`[B, H, T, F]`) can be read in place by a kernel loading 16-byte vectors of
+/// its rows (decode, prefill): unit feature stride and 16-byte aligned rows.
+fn vector_readable(a: &Array, buf: &CudaBuffer) -> bool {
     let size = a.dtype().size() as i64;
     let s = strides4(a);
     (a.shape()[3] <= 1 || a.strides()[3] == 1)
@@ -393,12 +394,13 @@ fn decode_readable(a: &Array, buf: &CudaBuffer) -> bool {
         && s[..3].iter().all(|&x| (x * size).rem_euclid(16) == 0)
 }
 
-/// K or V as the decode kernel reads it: in place, or a row-major copy on `stream`.
-fn decode_operand(a: &Array, stream: &Stream) -> Result<Array> {
+/// An operand as the vector-loading kernels (decode, prefill) read it: in place, or a
+/// row-major copy on `stream` (16-byte aligned rows when `F * size` is a multiple of 16).
+pub(super) fn vector_operand(a: &Array, stream: &Stream) -> Result<Array> {
     let buf = a
         .cuda_buffer()
         .ok_or_else(|| Error::Device(format!("{OP} k and v must be on the GPU")))?;
-    if decode_readable(a, buf) {
+    if vector_readable(a, buf) {
         Ok(a.clone())
     } else {
         super::copy::copy_cast(a, a.dtype(), Some(stream))
@@ -454,8 +456,8 @@ fn decode(c: &Checked, scale: f32, stream: &Stream, lanes: Lanes) -> Result<Arra
     let r = rows_per_block(rows);
     let n_chunks = rows.div_ceil(r);
 
-    let k = decode_operand(&c.k, stream)?;
-    let v = decode_operand(&c.v, stream)?;
+    let k = vector_operand(&c.k, stream)?;
+    let v = vector_operand(&c.v, stream)?;
     let (qb, kb, vb) = (
         buffer(&c.q, "q", ordinal)?,
         buffer(&k, "k", ordinal)?,
@@ -557,7 +559,7 @@ fn decode(c: &Checked, scale: f32, stream: &Stream, lanes: Lanes) -> Result<Arra
         // SAFETY: the arguments match attn_decode's parameters in order and type. Block
         // (chunk, split, b, kv head) reads q rows (b, h, t) for the h and t of its rows, at
         // the strides of q's view; key and value rows j < T_kv of (b, kv head), D and D_v
-        // elements each, at unit stride from 16-byte aligned starts (decode_operand made
+        // elements each, at unit stride from 16-byte aligned starts (vector_operand made
         // sure); mask entries (b, h, t, j) and sinks[h] inside their views. It writes output
         // rows below B * N_q * T_q (D_v elements each) or, with splits, workspace slots below
         // B * N_q * T_q * n_splits, the sizes allocated above.
