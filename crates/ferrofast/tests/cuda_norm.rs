@@ -229,6 +229,54 @@ fn layer_norm_over_dtypes_sizes_weights_and_biases() {
     });
 }
 
+/// Rows that steer the one-reduction moments (sums about the row's first element) to both of
+/// its outcomes: a large mean with a small spread (trusted), the first element an outlier of
+/// its row (the exact two-pass fallback), constant rows, and a constant row but its first
+/// element.
+#[test]
+fn layer_norm_rows_with_offsets_outliers_and_constants() {
+    let Some(gpu) = gpu() else { return };
+    per_dtype(|dtype| {
+        let mut seed = 7000 + 100 * dtype.size() as u64 + (dtype == DType::BF16) as u64 * 50;
+        // Offsets the 16-bit types still resolve into distinct values around the mean.
+        let (offset, outlier) = match dtype {
+            DType::F32 => (1000.0f32, 5000.0f32),
+            DType::F16 => (100.0, 2000.0),
+            _ => (30.0, 2000.0),
+        };
+        for d in [8usize, 100, 1024, 2048, 3000, 4096, 4099, 16385, 40000] {
+            seed += 1;
+            let rows = 8;
+            let noise = common::randn(&[rows, d], DType::F32, seed)
+                .to_vec::<f32>()
+                .unwrap();
+            let mut data = Vec::with_capacity(rows * d);
+            for r in 0..rows {
+                let z = &noise[r * d..(r + 1) * d];
+                for (i, &n) in z.iter().enumerate() {
+                    data.push(match r % 4 {
+                        0 => offset + n,
+                        1 if i == 0 => outlier,
+                        1 => n,
+                        2 => offset,
+                        _ if i == 0 => -outlier,
+                        _ => 1.5,
+                    });
+                }
+            }
+            let x = Array::from_vec(data, &[rows, d])
+                .unwrap()
+                .astype(dtype)
+                .unwrap();
+            let w = common::randn(&[d], dtype, seed + 50_000);
+            let b = common::randn(&[d], dtype, seed + 60_000);
+            let what = format!("layer_norm {dtype} D={d} offsets/outliers seed={seed}");
+            check(Kind::Layer, &gpu, &x, Some(&w), Some(&b), 1e-5, &what, None);
+            check(Kind::Layer, &gpu, &x, None, None, 1e-5, &what, None);
+        }
+    });
+}
+
 #[test]
 fn three_dimensional_inputs_and_other_eps() {
     let Some(gpu) = gpu() else { return };

@@ -87,6 +87,111 @@ __device__ __forceinline__ void ff_store(typename T::storage* __restrict__ p,
     }
 }
 
+// Loads elements [base, base + N) of a weight / bias in its storage type; zeros past D.
+template <typename T, bool ALIGNED>
+__device__ __forceinline__ void ff_load_raw(const typename T::storage* __restrict__ p,
+                                            ff_i64_t stride,
+                                            int base,
+                                            int D,
+                                            ff_pack<typename T::storage, ff_norm<T>::N>& pk) {
+    const int N = ff_norm<T>::N;
+    if constexpr (ALIGNED) {
+        if (base < D) {
+            pk.vec = *reinterpret_cast<const ff_vec16*>(p + base);
+        } else {
+            pk.vec = ff_vec16{{0u, 0u, 0u, 0u}};
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            pk.elem[k] = base + k < D ? p[(ff_i64_t)(base + k) * stride] : T::from_f32(0.0f);
+        }
+    }
+}
+
+// Packed 16-bit steps of the output (sm_80+): two f32 values rounded to bf16 / f16 into one
+// register, and a * b + c on pairs with one rounding. A product or a sum of two 16-bit values
+// rounded once equals the f32 result rounded to T (the product is exact in f32; where the
+// f32 sum rounds, the 16-bit operand that lost bits is too small to move the rounding to T),
+// so these reproduce MLX's per-step rounding exactly, two elements per instruction.
+template <typename T>
+struct ff_pair_ops {
+    static const bool available = false;
+};
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+template <>
+struct ff_pair_ops<ff_bf16> {
+    static const bool available = true;
+    static const ff_u32_t one = 0x3f803f80u;
+    static const ff_u32_t neg_zero = 0x80008000u;
+    __device__ static ff_u32_t round2(float lo, float hi) {
+        ff_u32_t r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    __device__ static ff_u32_t fma2(ff_u32_t a, ff_u32_t b, ff_u32_t c) {
+        ff_u32_t r;
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+        return r;
+    }
+};
+template <>
+struct ff_pair_ops<ff_f16> {
+    static const bool available = true;
+    static const ff_u32_t one = 0x3c003c00u;
+    static const ff_u32_t neg_zero = 0x80008000u;
+    __device__ static ff_u32_t round2(float lo, float hi) {
+        ff_u32_t r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    __device__ static ff_u32_t fma2(ff_u32_t a, ff_u32_t b, ff_u32_t c) {
+        ff_u32_t r;
+        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+        return r;
+    }
+};
+#endif
+
+// The output elements of one chunk: the normalised values n rounded to T, times the weight
+// (if has_w), plus the bias (if has_b), each step rounded to T as MLX does.
+template <typename T>
+__device__ __forceinline__ void ff_affine(const float (&n)[ff_norm<T>::N],
+                                          const ff_pack<typename T::storage, ff_norm<T>::N>& wv,
+                                          const ff_pack<typename T::storage, ff_norm<T>::N>& bv,
+                                          bool has_w,
+                                          bool has_b,
+                                          ff_pack<typename T::storage, ff_norm<T>::N>& o) {
+    typedef typename T::storage S;
+    const int N = ff_norm<T>::N;
+    if constexpr (ff_pair_ops<T>::available) {
+        typedef ff_pair_ops<T> P;
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i) {
+            ff_u32_t y = P::round2(n[2 * i], n[2 * i + 1]);
+            if (has_w) {
+                y = P::fma2(y, wv.vec.w[i], P::neg_zero);
+            }
+            if (has_b) {
+                y = P::fma2(y, P::one, bv.vec.w[i]);
+            }
+            o.vec.w[i] = y;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            S y = T::from_f32(n[k]);
+            if (has_w) {
+                y = T::from_f32(T::to_f32(y) * T::to_f32(wv.elem[k]));
+            }
+            if (has_b) {
+                y = T::from_f32(T::to_f32(y) + T::to_f32(bv.elem[k]));
+            }
+            o.elem[k] = y;
+        }
+    }
+}
+
 // The output elements for one chunk: round the normalised values to T, then apply the
 // weight and bias in T.
 template <typename T, bool ALIGNED>
@@ -98,25 +203,21 @@ __device__ __forceinline__ void ff_finish_chunk(const float (&normalized)[ff_nor
                                                 int base,
                                                 int D,
                                                 typename T::storage (&o)[ff_norm<T>::N]) {
+    typedef typename T::storage S;
     const int N = ff_norm<T>::N;
-    float wv[N];
-    float bv[N];
+    ff_pack<S, N> wv;
+    ff_pack<S, N> bv;
     if (w != nullptr) {
-        ff_load<T, ALIGNED>(w, w_stride, base, D, wv);
+        ff_load_raw<T, ALIGNED>(w, w_stride, base, D, wv);
     }
     if (b != nullptr) {
-        ff_load<T, ALIGNED>(b, b_stride, base, D, bv);
+        ff_load_raw<T, ALIGNED>(b, b_stride, base, D, bv);
     }
+    ff_pack<S, N> y;
+    ff_affine<T>(normalized, wv, bv, w != nullptr, b != nullptr, y);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-        typename T::storage y = T::from_f32(normalized[k]);
-        if (w != nullptr) {
-            y = T::from_f32(T::to_f32(y) * wv[k]);
-        }
-        if (b != nullptr) {
-            y = T::from_f32(T::to_f32(y) + bv[k]);
-        }
-        o[k] = y;
+        o[k] = y.elem[k];
     }
 }
 
@@ -215,6 +316,70 @@ __global__ void __launch_bounds__(1024) rms_norm_looped(const typename T::storag
 }
 
 // ----- layer norm ---------------------------------------------------------------------------
+//
+// One reduction for both moments: every kernel sums d = x - shift and d * d over the row, with
+// shift = x[row, 0] (a sample of the row, so |mean - shift| is typically of the order of the
+// standard deviation). Then m1 = E[d] = mean - shift and var = E[d^2] - m1^2. The
+// rounding error of that difference is about eps * (var + m1^2), so it is trusted while
+// m1^2 <= 16 var (error within 17 ulps of var, below what the output dtypes resolve).
+// Otherwise (the first element is an outlier of its row) the kernel makes a second pass
+// about the estimated mean over the values it holds (the two-pass variance MLX computes),
+// which also corrects the mean. Both sums share one block reduction, which halves the synchronisation of
+// the two-pass form; the fallback is block-uniform (every thread sees the same totals).
+
+// Moments from the shifted sums a1 = sum(x - shift), a2 = sum((x - shift)^2) of a row of D
+// elements: m1 = mean - shift and the variance; false when the variance must be recomputed
+// about the mean. Callers centre a value as (x - shift) - m1, which keeps the precision of
+// the spread when the mean is large.
+__device__ __forceinline__ bool ff_shifted_moments(float a1,
+                                                   float a2,
+                                                   int D,
+                                                   float& m1,
+                                                   float& var) {
+    m1 = a1 / (float)D;
+    var = fmaxf(a2 / (float)D - m1 * m1, 0.0f);
+    return m1 * m1 <= 16.0f * var;
+}
+
+// The fallback's second pass, re-centred on the estimated mean (shift += m1, m1 = 0): from
+// the sums of r = x - shift and r^2 over the row, the residual mean m1 (the estimate's
+// rounding) and the variance about the exact mean; r's mean is small against the spread, so
+// this difference does not cancel.
+__device__ __forceinline__ void ff_refine_moments(float r1,
+                                                  float r2,
+                                                  int D,
+                                                  float& m1,
+                                                  float& var) {
+    const float c = r1 / (float)D;
+    m1 = c;
+    var = fmaxf(r2 / (float)D - c * c, 0.0f);
+}
+
+// Sums of a and b over the block, returned to every thread; `scratch` holds 64 floats of
+// shared memory. Synchronises twice, like ff_block_sum.
+__device__ __forceinline__ void ff_block_sum2(float& a, float& b, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int n_warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, offset);
+        b += __shfl_xor_sync(0xffffffffu, b, offset);
+    }
+    if (lane == 0) {
+        scratch[warp] = a;
+        scratch[32 + warp] = b;
+    }
+    __syncthreads();
+    a = lane < n_warps ? scratch[lane] : 0.0f;
+    b = lane < n_warps ? scratch[32 + lane] : 0.0f;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, offset);
+        b += __shfl_xor_sync(0xffffffffu, b, offset);
+    }
+    __syncthreads();
+}
 
 template <typename T, int N_CHUNKS, bool ALIGNED>
 __global__ void __launch_bounds__(1024) layer_norm_rows(const typename T::storage* __restrict__ x,
@@ -232,36 +397,50 @@ __global__ void __launch_bounds__(1024) layer_norm_rows(const typename T::storag
                                 float eps) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
-    __shared__ float scratch[32];
+    __shared__ float scratch[64];
     const S* wp = w != nullptr ? w + w_offset : nullptr;
     const S* bp = b != nullptr ? b + b_offset : nullptr;
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const S* xr = x + x_offset + row * x_row_stride;
+        float shift = T::to_f32(xr[0]);
         float v[N_CHUNKS][N];
-        float s = 0.0f;
+        float a1 = 0.0f;
+        float a2 = 0.0f;
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
             const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
             ff_load<T, ALIGNED>(xr, 1, base, D, v[c]);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                s += v[c][k];
+                const bool in = ALIGNED ? base < D : base + k < D;
+                const float d = in ? v[c][k] - shift : 0.0f;
+                a1 += d;
+                a2 += d * d;
             }
         }
-        const float mean = ff_block_sum(s, scratch) / (float)D;
-        // Second pass over the registers: the centred sum of squares (MLX's two-pass
-        // variance), skipping the zero padding past D.
-        float s2 = 0.0f;
+        ff_block_sum2(a1, a2, scratch);
+        float m1;
+        float var;
+        if (!ff_shifted_moments(a1, a2, D, m1, var)) {
+            // Second pass over the registers about the estimated mean, skipping the padding
+            // past D; its residual sum corrects the mean too.
+            shift += m1;
+            m1 = 0.0f;
+            float r1 = 0.0f;
+            float r2 = 0.0f;
 #pragma unroll
-        for (int c = 0; c < N_CHUNKS; ++c) {
-            const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+            for (int c = 0; c < N_CHUNKS; ++c) {
+                const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
 #pragma unroll
-            for (int k = 0; k < N; ++k) {
-                const float d = v[c][k] - mean;
-                s2 += base + k < D ? d * d : 0.0f;
+                for (int k = 0; k < N; ++k) {
+                    const float d = base + k < D ? (v[c][k] - shift) - m1 : 0.0f;
+                    r1 += d;
+                    r2 += d * d;
+                }
             }
+            ff_block_sum2(r1, r2, scratch);
+            ff_refine_moments(r1, r2, D, m1, var);
         }
-        const float var = ff_block_sum(s2, scratch) / (float)D;
         const float inv = 1.0f / sqrtf(var + eps);
         S* orow = out + row * (ff_i64_t)D;
 #pragma unroll
@@ -271,7 +450,7 @@ __global__ void __launch_bounds__(1024) layer_norm_rows(const typename T::storag
                 float n[N];
 #pragma unroll
                 for (int k = 0; k < N; ++k) {
-                    n[k] = (v[c][k] - mean) * inv;
+                    n[k] = ((v[c][k] - shift) - m1) * inv;
                 }
                 S o[N];
                 ff_finish_chunk<T, ALIGNED>(n, wp, w_stride, bp, b_stride, base, D, o);
@@ -297,33 +476,46 @@ __global__ void __launch_bounds__(1024) layer_norm_looped(const typename T::stor
                                   float eps) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
-    __shared__ float scratch[32];
+    __shared__ float scratch[64];
     const S* wp = w != nullptr ? w + w_offset : nullptr;
     const S* bp = b != nullptr ? b + b_offset : nullptr;
     const int step = (int)blockDim.x * N;
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const S* xr = x + x_offset + row * x_row_stride;
-        float s = 0.0f;
+        float shift = T::to_f32(xr[0]);
+        float a1 = 0.0f;
+        float a2 = 0.0f;
         for (int base = (int)threadIdx.x * N; base < D; base += step) {
             float v[N];
             ff_load<T, ALIGNED>(xr, 1, base, D, v);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                s += v[k];
+                const float d = base + k < D ? v[k] - shift : 0.0f;
+                a1 += d;
+                a2 += d * d;
             }
         }
-        const float mean = ff_block_sum(s, scratch) / (float)D;
-        float s2 = 0.0f;
-        for (int base = (int)threadIdx.x * N; base < D; base += step) {
-            float v[N];
-            ff_load<T, ALIGNED>(xr, 1, base, D, v);
+        ff_block_sum2(a1, a2, scratch);
+        float m1;
+        float var;
+        if (!ff_shifted_moments(a1, a2, D, m1, var)) {
+            shift += m1;
+            m1 = 0.0f;
+            float r1 = 0.0f;
+            float r2 = 0.0f;
+            for (int base = (int)threadIdx.x * N; base < D; base += step) {
+                float v[N];
+                ff_load<T, ALIGNED>(xr, 1, base, D, v);
 #pragma unroll
-            for (int k = 0; k < N; ++k) {
-                const float d = v[k] - mean;
-                s2 += base + k < D ? d * d : 0.0f;
+                for (int k = 0; k < N; ++k) {
+                    const float d = base + k < D ? (v[k] - shift) - m1 : 0.0f;
+                    r1 += d;
+                    r2 += d * d;
+                }
             }
+            ff_block_sum2(r1, r2, scratch);
+            ff_refine_moments(r1, r2, D, m1, var);
         }
-        const float var = ff_block_sum(s2, scratch) / (float)D;
         const float inv = 1.0f / sqrtf(var + eps);
         S* orow = out + row * (ff_i64_t)D;
         for (int base = (int)threadIdx.x * N; base < D; base += step) {
@@ -331,7 +523,7 @@ __global__ void __launch_bounds__(1024) layer_norm_looped(const typename T::stor
             ff_load<T, ALIGNED>(xr, 1, base, D, v);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                v[k] = (v[k] - mean) * inv;
+                v[k] = ((v[k] - shift) - m1) * inv;
             }
             S o[N];
             ff_finish_chunk<T, ALIGNED>(v, wp, w_stride, bp, b_stride, base, D, o);
@@ -432,17 +624,7 @@ __device__ __forceinline__ void ff_group_store(typename T::storage* __restrict__
         }
     }
     ff_pack<S, N> o;
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-        S y = T::from_f32(n[k]);
-        if (w != nullptr) {
-            y = T::from_f32(T::to_f32(y) * T::to_f32(wp.elem[k]));
-        }
-        if (b != nullptr) {
-            y = T::from_f32(T::to_f32(y) + T::to_f32(bp.elem[k]));
-        }
-        o.elem[k] = y;
-    }
+    ff_affine<T>(n, wp, bp, w != nullptr, b != nullptr, o);
     if constexpr (ALIGNED) {
         *reinterpret_cast<ff_vec16*>(orow + base) = o.vec;
     } else {
@@ -534,27 +716,52 @@ __global__ void __launch_bounds__(FF_GROUP_BLOCK) layer_norm_group(
     for (int c = 0; c < CH; ++c) {
         ff_group_load<T, ALIGNED>(xr, (c * G + lane) * N, D, valid, raw[c]);
     }
-    float s = 0.0f;
-#pragma unroll
-    for (int c = 0; c < CH; ++c) {
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-            s += T::to_f32(raw[c].elem[k]);
-        }
-    }
-    const float mean = ff_group_sum<G>(s) / (float)D;
-    // MLX's two-pass variance, from the registers; the zero padding past D is skipped.
-    float s2 = 0.0f;
+    float shift = valid ? T::to_f32(xr[0]) : 0.0f;
+    float a1 = 0.0f;
+    float a2 = 0.0f;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
         const int base = (c * G + lane) * N;
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-            const float d = T::to_f32(raw[c].elem[k]) - mean;
-            s2 += base + k < D ? d * d : 0.0f;
+            const bool in = ALIGNED ? base < D : base + k < D;
+            const float d = in ? T::to_f32(raw[c].elem[k]) - shift : 0.0f;
+            a1 += d;
+            a2 += d * d;
         }
     }
-    const float var = ff_group_sum<G>(s2) / (float)D;
+#pragma unroll
+    for (int offset = G / 2; offset > 0; offset >>= 1) {
+        a1 += __shfl_xor_sync(0xffffffffu, a1, offset);
+        a2 += __shfl_xor_sync(0xffffffffu, a2, offset);
+    }
+    float m1;
+    float var;
+    const bool trusted = ff_shifted_moments(a1, a2, D, m1, var);
+    // The exact pass shuffles across the whole warp, so every lane takes it when any row of
+    // the warp needs it.
+    if (__any_sync(0xffffffffu, !trusted)) {
+        shift += m1;
+        m1 = 0.0f;
+        float r1 = 0.0f;
+        float r2 = 0.0f;
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+            const int base = (c * G + lane) * N;
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                const float d = base + k < D ? (T::to_f32(raw[c].elem[k]) - shift) - m1 : 0.0f;
+                r1 += d;
+                r2 += d * d;
+            }
+        }
+#pragma unroll
+        for (int offset = G / 2; offset > 0; offset >>= 1) {
+            r1 += __shfl_xor_sync(0xffffffffu, r1, offset);
+            r2 += __shfl_xor_sync(0xffffffffu, r2, offset);
+        }
+        ff_refine_moments(r1, r2, D, m1, var);
+    }
     if (!valid) {
         return;
     }
@@ -569,7 +776,7 @@ __global__ void __launch_bounds__(FF_GROUP_BLOCK) layer_norm_group(
             float n[N];
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                n[k] = (T::to_f32(raw[c].elem[k]) - mean) * inv;
+                n[k] = ((T::to_f32(raw[c].elem[k]) - shift) - m1) * inv;
             }
             ff_group_store<T, ALIGNED>(orow, wp, w_stride, bp, b_stride, base, D, n);
         }
