@@ -46,7 +46,7 @@
 // FLAGS bits of the kernel template: lazy rescaling, pipelined loop (see below).
 #define FF_ATTN_FLAG_LAZY 1
 #define FF_ATTN_FLAG_PIPE 2
-#define FF_ATTN_FLAG_TWO_BLOCKS 4
+#define FF_ATTN_FLAG_PIPE_PV 8
 
 // ----- PTX wrappers -------------------------------------------------------------------------
 
@@ -212,35 +212,54 @@ __device__ __forceinline__ void ff_attn_scores(float (&s)[MS][BN / 8][4], ff_u32
     }
 }
 
-// o[ms][db][e] += P V for one tile of BN keys; P is s (already exponentiated) rounded to T.
+// P (s already exponentiated) rounded to T as mma A fragments: p[ms][kb] covers keys
+// 16 * kb .. 16 * kb + 15 of slab ms.
+template <typename T, int MS, int BN>
+__device__ __forceinline__ void ff_attn_pack(ff_u32_t (&p)[MS][BN / 16][4],
+                                             const float (&s)[MS][BN / 8][4]) {
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int kb = 0; kb < BN / 16; ++kb) {
+            p[ms][kb][0] = ff_attn_mma<T>::pack(s[ms][2 * kb][0], s[ms][2 * kb][1]);
+            p[ms][kb][1] = ff_attn_mma<T>::pack(s[ms][2 * kb][2], s[ms][2 * kb][3]);
+            p[ms][kb][2] = ff_attn_mma<T>::pack(s[ms][2 * kb + 1][0], s[ms][2 * kb + 1][1]);
+            p[ms][kb][3] = ff_attn_mma<T>::pack(s[ms][2 * kb + 1][2], s[ms][2 * kb + 1][3]);
+        }
+    }
+}
+
+// o[ms][db][e] += P V for one tile of BN keys, P packed by ff_attn_pack.
 template <typename T, int DV, int MS, int BN, int VS>
-__device__ __forceinline__ void ff_attn_pv(float (&o)[MS][DV / 8][4],
-                                           const float (&s)[MS][BN / 8][4], ff_u32_t v_tile,
-                                           int lane) {
+__device__ __forceinline__ void ff_attn_pv_packed(float (&o)[MS][DV / 8][4],
+                                                  const ff_u32_t (&p)[MS][BN / 16][4],
+                                                  ff_u32_t v_tile, int lane) {
     // ldmatrix.trans lane addresses: key row (lane%8) + 8 * ((lane/8)%2), column half lane/16.
     const ff_u32_t b_addr =
         v_tile + (ff_u32_t)((((lane & 7) + (((lane >> 3) & 1) << 3)) * VS + (lane >> 4) * 8) * 2);
 #pragma unroll
     for (int kb = 0; kb < BN / 16; ++kb) {
-        ff_u32_t p[MS][4];
-#pragma unroll
-        for (int ms = 0; ms < MS; ++ms) {
-            p[ms][0] = ff_attn_mma<T>::pack(s[ms][2 * kb][0], s[ms][2 * kb][1]);
-            p[ms][1] = ff_attn_mma<T>::pack(s[ms][2 * kb][2], s[ms][2 * kb][3]);
-            p[ms][2] = ff_attn_mma<T>::pack(s[ms][2 * kb + 1][0], s[ms][2 * kb + 1][1]);
-            p[ms][3] = ff_attn_mma<T>::pack(s[ms][2 * kb + 1][2], s[ms][2 * kb + 1][3]);
-        }
 #pragma unroll
         for (int dd = 0; dd < DV / 16; ++dd) {
             ff_u32_t b[4];
             ff_ldmatrix_x4_trans(b, b_addr + (ff_u32_t)((kb * 16 * VS + dd * 16) * 2));
 #pragma unroll
             for (int ms = 0; ms < MS; ++ms) {
-                ff_attn_mma<T>::mma(o[ms][2 * dd], p[ms], b[0], b[1]);
-                ff_attn_mma<T>::mma(o[ms][2 * dd + 1], p[ms], b[2], b[3]);
+                ff_attn_mma<T>::mma(o[ms][2 * dd], p[ms][kb], b[0], b[1]);
+                ff_attn_mma<T>::mma(o[ms][2 * dd + 1], p[ms][kb], b[2], b[3]);
             }
         }
     }
+}
+
+// o[ms][db][e] += P V for one tile of BN keys; P is s (already exponentiated) rounded to T.
+template <typename T, int DV, int MS, int BN, int VS>
+__device__ __forceinline__ void ff_attn_pv(float (&o)[MS][DV / 8][4],
+                                           const float (&s)[MS][BN / 8][4], ff_u32_t v_tile,
+                                           int lane) {
+    ff_u32_t p[MS][BN / 16][4];
+    ff_attn_pack<T, MS, BN>(p, s);
+    ff_attn_pv_packed<T, DV, MS, BN, VS>(o, p, v_tile, lane);
 }
 
 // Scores to base-2 units, with every mask applied: bounds (key < T_kv), causality, and the
@@ -383,6 +402,38 @@ __device__ __forceinline__ void ff_attn_pipe_step(float (&s)[MS][BN / 8][4],
     ff_attn_pv<T, DV, MS, BN, VS>(o, s, v_tile, lane);
 }
 
+// One key tile j of the PIPE_PV loop: issue the loads of K for tile j + 1 and V for tile j,
+// S = Q K_j^T, softmax of S, then (PREV) o += P_{j-1} V_{j-1} in the same stretch of code as
+// the softmax, the rescale of o, and P_j packed into p.
+template <typename T, int D, int DV, int MS, int BN, int QS, int KS, int VS, int NT, bool LAZY,
+          bool PREV, typename S>
+__device__ __forceinline__ void ff_attn_pipe_pv_step(
+    int j, int n_plain, ff_u32_t (&p)[MS][BN / 16][4], float (&o)[MS][DV / 8][4],
+    float (&m)[2 * MS], float (&l)[2 * MS], S* sk, S* sv, const S* kb, const S* vb,
+    ff_i64_t k_st, ff_i64_t v_st, ff_u32_t q_rows, ff_u32_t k_smem, ff_u32_t v_smem, int tid,
+    int lane, float scale_log2) {
+    const int buf = j & 1;
+    ff_cp_async_wait<0>();
+    __syncthreads();
+    if (j + 1 < n_plain) {
+        ff_load_tile<S, BN, D, KS, NT>(sk + (buf ^ 1) * BN * KS, kb + (ff_i64_t)(j + 1) * BN * k_st,
+                                       k_st, BN, tid);
+    }
+    ff_load_tile<S, BN, DV, VS, NT>(sv + buf * BN * VS, vb + (ff_i64_t)j * BN * v_st, v_st, BN,
+                                    tid);
+    ff_cp_async_commit();
+    float s[MS][BN / 8][4];
+    ff_attn_scores<T, D, MS, BN, QS, KS>(s, q_rows, k_smem + (ff_u32_t)(buf * BN * KS * 2), lane);
+    float alpha[2 * MS];
+    const bool moved = ff_attn_exp<MS, BN, LAZY>(s, m, l, alpha, scale_log2);
+    if (PREV) {
+        ff_attn_pv_packed<T, DV, MS, BN, VS>(o, p, v_smem + (ff_u32_t)((buf ^ 1) * BN * VS * 2),
+                                             lane);
+    }
+    ff_attn_rescale<DV, MS, LAZY>(o, alpha, moved);
+    ff_attn_pack<T, MS, BN>(p, s);
+}
+
 // ----- the kernel ---------------------------------------------------------------------------
 
 // Strides and offsets are in elements. q, k, v: last axis contiguous, every row start
@@ -391,7 +442,7 @@ __device__ __forceinline__ void ff_attn_pipe_step(float (&s)[MS][BN / 8][4],
 // + j*m_sk] (u8 for MASK 1, T for MASK 2; unused for MASK 0). sinks: null, or element h at
 // sinks[s_off + h * s_st] (T).
 template <typename T, int D, int DV, int MS, int NW, int BN, int MASK, int FLAGS>
-__global__ void __launch_bounds__(NW * 32, (FLAGS & FF_ATTN_FLAG_TWO_BLOCKS) ? 2 : 1) attn_prefill(
+__global__ void __launch_bounds__(NW * 32) attn_prefill(
     const typename T::storage* __restrict__ q, ff_i64_t q_off, ff_i64_t q_sb, ff_i64_t q_sh,
     ff_i64_t q_st, const typename T::storage* __restrict__ k, ff_i64_t k_off, ff_i64_t k_sb,
     ff_i64_t k_sh, ff_i64_t k_st, const typename T::storage* __restrict__ v, ff_i64_t v_off,
@@ -407,6 +458,7 @@ __global__ void __launch_bounds__(NW * 32, (FLAGS & FF_ATTN_FLAG_TWO_BLOCKS) ? 2
     constexpr int VS = DV + 8;
     constexpr bool LAZY = (FLAGS & FF_ATTN_FLAG_LAZY) != 0;
     constexpr bool PIPE = (FLAGS & FF_ATTN_FLAG_PIPE) != 0 && MASK == 0;
+    constexpr bool PIPE_PV = (FLAGS & FF_ATTN_FLAG_PIPE_PV) != 0 && MASK == 0 && !PIPE;
     static_assert(D % 16 == 0 && DV % 16 == 0 && BN % 16 == 0, "tile shapes");
 
     extern __shared__ __align__(16) unsigned char ff_attn_smem[];
@@ -530,6 +582,32 @@ __global__ void __launch_bounds__(NW * 32, (FLAGS & FF_ATTN_FLAG_TWO_BLOCKS) ? 2
                 s, s, o, m_run, l_run, q_rows, k_smem, v_smem + (ff_u32_t)(buf * BN * VS * 2),
                 lane, scale_log2);
         }
+        j0 = n_plain;
+    }
+
+    // Pipelined loop over the plain tiles (PIPE_PV): one barrier per tile; at the start of
+    // tile j the loads of K for tile j + 1 and V for tile j are issued; tile j's scores are
+    // computed, then its softmax runs in the same stretch of code as the previous tile's
+    // o += P V (P kept packed), and the accumulators are rescaled after that product. K of
+    // tile t lives in buffer t % 2, V likewise.
+    if (PIPE_PV && n_plain > 0) {
+        ff_load_tile<S, BM, D, QS, NT>(sq, qb, q_st, rows_here, tid);
+        ff_load_tile<S, BN, D, KS, NT>(sk, kb, k_st, BN, tid);
+        ff_cp_async_commit();
+        ff_u32_t p[MS][BN / 16][4];
+        // Tile 0 (no previous product), then tiles 1 .. n_plain - 1.
+        ff_attn_pipe_pv_step<T, D, DV, MS, BN, QS, KS, VS, NT, LAZY, false>(
+            0, n_plain, p, o, m_run, l_run, sk, sv, kb, vb, k_st, v_st, q_rows, k_smem, v_smem,
+            tid, lane, scale_log2);
+        for (int j = 1; j < n_plain; ++j) {
+            ff_attn_pipe_pv_step<T, D, DV, MS, BN, QS, KS, VS, NT, LAZY, true>(
+                j, n_plain, p, o, m_run, l_run, sk, sv, kb, vb, k_st, v_st, q_rows, k_smem,
+                v_smem, tid, lane, scale_log2);
+        }
+        ff_cp_async_wait<0>();
+        __syncthreads();
+        ff_attn_pv_packed<T, DV, MS, BN, VS>(o, p, v_smem + (ff_u32_t)(((n_plain - 1) & 1) * BN * VS * 2),
+                                             lane);
         j0 = n_plain;
     }
 
