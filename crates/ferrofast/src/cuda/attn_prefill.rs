@@ -26,7 +26,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// Tile shape of one instantiation: `slabs` groups of 16 query rows per warp, `warps` warps
 /// per block (so `16 * slabs * warps` query rows per block) and `keys` keys per tile;
-/// `flags` are the kernel's `FLAGS` bits ([`LAZY`], [`PIPE`], [`PIPE_PV`]).
+/// `flags` are the kernel's `FLAGS` bits ([`LAZY`], [`PIPE`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Tiles {
     slabs: usize,
@@ -37,12 +37,9 @@ struct Tiles {
 
 /// Kernel flag: rescale the accumulators only when a row's max grew by more than 2^8.
 const LAZY: u32 = 1;
-/// Kernel flag: pipelined loop over unmasked key tiles (next tile's `Q K^T` interleaved with
-/// this tile's softmax).
-const PIPE: u32 = 2;
 /// Kernel flag: pipelined loop over unmasked key tiles (this tile's softmax interleaved with
 /// the previous tile's `P V`).
-const PIPE_PV: u32 = 8;
+const PIPE: u32 = 2;
 
 const fn tiles(slabs: usize, warps: usize, keys: usize, flags: u32) -> Tiles {
     Tiles {
@@ -54,16 +51,19 @@ const fn tiles(slabs: usize, warps: usize, keys: usize, flags: u32) -> Tiles {
 }
 
 /// `(D, D_v)` pairs with a kernel, and their tiles. Chosen so the accumulators of a warp
-/// (16 * slabs rows of `D_v` outputs plus the scores of one key tile, two with [`PIPE`]) fit
-/// in 255 registers without spilling and two blocks share a multiprocessor (about 100 KB of
-/// shared memory each).
+/// (16 * slabs rows of `D_v` outputs plus the scores of one key tile, and with [`PIPE`] the
+/// previous tile's packed P) fit in 255 registers without spilling and two blocks share a
+/// multiprocessor (about 100 KB of shared memory each). Measured on an H100 (`tile_shapes`
+/// below): [`LAZY`] gains 2-4% with a causal mask at D = 128 (none without); [`PIPE`] gains
+/// 7% at D = 64, ties at D = 96 and loses 8-15% at D = 128 and 256 (its registers spill, or
+/// its key tiles must shrink). D = 80 follows D = 64 and (192, 128) follows D = 128 unmeasured.
 const HEAD_DIMS: [((usize, usize), Tiles); 6] = [
-    ((64, 64), tiles(2, 4, 64, LAZY | PIPE_PV)),
-    ((80, 80), tiles(2, 4, 64, LAZY | PIPE_PV)),
-    ((96, 96), tiles(2, 4, 64, LAZY | PIPE_PV)),
-    ((128, 128), tiles(2, 4, 64, LAZY | PIPE_PV)),
-    ((192, 128), tiles(2, 4, 32, LAZY | PIPE_PV)),
-    ((256, 256), tiles(1, 4, 32, LAZY | PIPE_PV)),
+    ((64, 64), tiles(2, 4, 64, LAZY | PIPE)),
+    ((80, 80), tiles(2, 4, 64, LAZY | PIPE)),
+    ((96, 96), tiles(2, 4, 64, LAZY)),
+    ((128, 128), tiles(2, 4, 64, LAZY)),
+    ((192, 128), tiles(2, 4, 32, LAZY)),
+    ((256, 256), tiles(1, 4, 32, LAZY)),
 ];
 
 /// Mask handling compiled into an instantiation (`MASK` in the kernel).
@@ -109,34 +109,6 @@ pub(crate) fn all_variants() -> Vec<String> {
     out
 }
 
-/// Tuning knob: `FERROFAST_PREFILL_D128="slabs,warps,keys,flags"` replaces the tiles of
-/// `(D, D_v) = (128, 128)` (ignored when malformed or when the shape cannot work).
-fn knob_tiles(d: usize, dv: usize) -> Option<Tiles> {
-    if (d, dv) != (128, 128) {
-        return None;
-    }
-    let v = std::env::var("FERROFAST_PREFILL_D128").ok()?;
-    let n: Vec<usize> = v
-        .split(',')
-        .map(|x| x.trim().parse().ok())
-        .collect::<Option<_>>()?;
-    let &[slabs, warps, keys, flags] = n.as_slice() else {
-        return None;
-    };
-    let t = Tiles {
-        slabs,
-        warps,
-        keys,
-        flags: u32::try_from(flags).ok()?,
-    };
-    let ok = (1..=2).contains(&slabs)
-        && (1..=8).contains(&warps)
-        && matches!(keys, 32 | 64 | 128)
-        && t.flags < 16
-        && shared_bytes(d, dv, t, 2) <= 227 * 1024;
-    ok.then_some(t)
-}
-
 /// Bytes of shared memory a block of `t` uses: the Q tile and two K and two V tiles, rows
 /// padded by 8 elements.
 fn shared_bytes(d: usize, dv: usize, t: Tiles, elem: usize) -> usize {
@@ -171,7 +143,7 @@ fn to_i32(v: usize) -> Option<i32> {
 /// errors.
 pub(crate) fn prefill(c: &Checked, scale: f32, stream: &Stream) -> Result<Option<Array>> {
     let (d, dv) = (c.k.shape()[3], c.out_shape[3]);
-    match tiles_for(d, dv).map(|t| knob_tiles(d, dv).unwrap_or(t)) {
+    match tiles_for(d, dv) {
         Some(tiles) => prefill_with(c, scale, stream, tiles),
         None => Ok(None),
     }
@@ -313,7 +285,7 @@ mod tests {
     fn every_head_dim_pair_has_variants_and_fits_two_blocks_per_sm() {
         let all = all_variants();
         assert_eq!(all.len(), 2 * HEAD_DIMS.len() * 3);
-        assert!(all.contains(&"attn_prefill<ff_bf16, 128, 128, 2, 4, 32, 0, 3>".to_string()));
+        assert!(all.contains(&"attn_prefill<ff_bf16, 128, 128, 2, 4, 64, 0, 1>".to_string()));
         for &((d, dv), t) in &HEAD_DIMS {
             assert!(shared_bytes(d, dv, t, 2) <= 113 * 1024, "({d}, {dv})");
             assert_eq!(tiles_for(d, dv), Some(t));
@@ -343,40 +315,35 @@ mod tests {
                 vec![
                     tiles(2, 4, 64, 0),
                     tiles(2, 4, 64, LAZY),
-                    tiles(2, 4, 64, LAZY | PIPE_PV),
-                    tiles(2, 4, 64, PIPE_PV),
-                    tiles(2, 4, 32, LAZY | PIPE_PV),
-                    tiles(2, 4, 48, LAZY | PIPE_PV),
-                    tiles(2, 4, 48, LAZY),
-                ],
-            ),
-            (
-                128,
-                128,
-                DType::F16,
-                vec![tiles(2, 4, 64, LAZY), tiles(2, 4, 64, LAZY | PIPE_PV)],
-            ),
-            (
-                64,
-                64,
-                DType::BF16,
-                vec![
-                    tiles(2, 4, 64, LAZY),
                     tiles(2, 4, 64, LAZY | PIPE),
-                    tiles(2, 4, 64, LAZY | PIPE_PV),
+                    tiles(2, 4, 32, LAZY | PIPE),
+                    tiles(2, 4, 48, LAZY),
+                    tiles(1, 8, 64, LAZY),
                 ],
             ),
             (
+                64,
+                64,
+                DType::BF16,
+                vec![tiles(2, 4, 64, LAZY), tiles(2, 4, 64, LAZY | PIPE)],
+            ),
+            (
+                80,
+                80,
+                DType::BF16,
+                vec![tiles(2, 4, 64, LAZY), tiles(2, 4, 64, LAZY | PIPE)],
+            ),
+            (
                 96,
                 96,
                 DType::BF16,
-                vec![tiles(2, 4, 64, LAZY), tiles(2, 4, 64, LAZY | PIPE_PV)],
+                vec![tiles(2, 4, 64, LAZY), tiles(2, 4, 64, LAZY | PIPE)],
             ),
             (
                 256,
                 256,
                 DType::BF16,
-                vec![tiles(1, 4, 32, LAZY), tiles(1, 4, 32, LAZY | PIPE_PV)],
+                vec![tiles(1, 4, 32, LAZY), tiles(1, 4, 32, LAZY | PIPE)],
             ),
         ];
         let (b, h, t) = (4, 32, 4096);

@@ -14,8 +14,13 @@
 // in registers and accumulates O += P V (V fragments through ldmatrix.trans).
 //
 // Memory: the Q tile and two buffers each of K and V live in shared memory; K and V tiles
-// arrive by cp.async (16 bytes per thread and instruction), the next tile's K load issued
-// while this tile's S is computed and the next V while P V runs. Rows are padded by 8
+// arrive by cp.async (16 bytes per thread and instruction). In the general loop the next
+// tile's K load is issued while this tile's S is computed and the next V while P V runs; the
+// pipelined loop (FLAGS bit PIPE, tiles needing no element-wise mask) issues both a tile
+// ahead with one barrier per tile and runs a tile's softmax in the same stretch of code as
+// the previous tile's P V, so one warp keeps the tensor cores and the FP32 / special-function
+// units busy at once (it needs 32 more registers per thread for the previous tile's P, which
+// spill at D >= 96 with 64-key tiles; measured faster at D = 64, slower at D = 128). Rows are padded by 8
 // elements (16 bytes), which makes the 8 rows of every ldmatrix land in distinct banks for
 // every head dim used here (D + 8 = 72, 88, 104, 136, 200, 264 elements: an odd number of
 // 16-byte chunks). Rows past T_q / T_kv are zero-filled by cp.async (source size 0), so no
@@ -23,6 +28,8 @@
 //
 // Scores are kept in base-2 units: x = s * scale * log2(e) (+ mask * log2(e)), p = 2^(x - m)
 // (one FFMA and one ex2 per score where no mask applies).
+// With FLAGS bit LAZY a row keeps its reference until a score exceeds it by more than 8 (a
+// factor 2^8), so most tiles skip the rescale of O (a warp-uniform branch).
 // A row whose every score so far is -inf uses 0 as its reference, so no inf - inf appears;
 // a row that saw no key ends with sum 0 and outputs 0. A sink enters as the initial running
 // max (sink * log2(e)) with initial sum 1 (counted on one of the row's four lanes).
@@ -43,10 +50,10 @@
 
 #define FF_ATTN_LOG2E 1.4426950408889634f
 #define FF_ATTN_NEG_INF __int_as_float(0xff800000)
-// FLAGS bits of the kernel template: lazy rescaling, pipelined loop (see below).
+// FLAGS bits of the kernel template: lazy rescaling (ff_attn_exp), pipelined loop over the
+// unmasked key tiles (ff_attn_pipe_step).
 #define FF_ATTN_FLAG_LAZY 1
 #define FF_ATTN_FLAG_PIPE 2
-#define FF_ATTN_FLAG_PIPE_PV 8
 
 // ----- PTX wrappers -------------------------------------------------------------------------
 
@@ -382,32 +389,12 @@ __device__ __forceinline__ void ff_attn_rescale(float (&o)[MS][DV / 8][4],
     }
 }
 
-// One key tile of the pipelined loop (tiles needing no element-wise mask): with NEXT, the
-// next tile's scores s_next = Q K_next^T are computed in the same stretch of code as this
-// tile's exponentials, so the tensor cores work while the special-function and FP32 units
-// do the softmax; then o += P V for this tile.
-template <typename T, int D, int DV, int MS, int BN, int QS, int KS, int VS, bool LAZY, bool NEXT>
-__device__ __forceinline__ void ff_attn_pipe_step(float (&s)[MS][BN / 8][4],
-                                                  float (&s_next)[MS][BN / 8][4],
-                                                  float (&o)[MS][DV / 8][4], float (&m)[2 * MS],
-                                                  float (&l)[2 * MS], ff_u32_t q_rows,
-                                                  ff_u32_t k_next, ff_u32_t v_tile, int lane,
-                                                  float scale_log2) {
-    if (NEXT) {
-        ff_attn_scores<T, D, MS, BN, QS, KS>(s_next, q_rows, k_next, lane);
-    }
-    float alpha[2 * MS];
-    const bool moved = ff_attn_exp<MS, BN, LAZY>(s, m, l, alpha, scale_log2);
-    ff_attn_rescale<DV, MS, LAZY>(o, alpha, moved);
-    ff_attn_pv<T, DV, MS, BN, VS>(o, s, v_tile, lane);
-}
-
-// One key tile j of the PIPE_PV loop: issue the loads of K for tile j + 1 and V for tile j,
+// One key tile j of the PIPE loop: issue the loads of K for tile j + 1 and V for tile j,
 // S = Q K_j^T, softmax of S, then (PREV) o += P_{j-1} V_{j-1} in the same stretch of code as
 // the softmax, the rescale of o, and P_j packed into p.
 template <typename T, int D, int DV, int MS, int BN, int QS, int KS, int VS, int NT, bool LAZY,
           bool PREV, typename S>
-__device__ __forceinline__ void ff_attn_pipe_pv_step(
+__device__ __forceinline__ void ff_attn_pipe_step(
     int j, int n_plain, ff_u32_t (&p)[MS][BN / 16][4], float (&o)[MS][DV / 8][4],
     float (&m)[2 * MS], float (&l)[2 * MS], S* sk, S* sv, const S* kb, const S* vb,
     ff_i64_t k_st, ff_i64_t v_st, ff_u32_t q_rows, ff_u32_t k_smem, ff_u32_t v_smem, int tid,
@@ -458,7 +445,6 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
     constexpr int VS = DV + 8;
     constexpr bool LAZY = (FLAGS & FF_ATTN_FLAG_LAZY) != 0;
     constexpr bool PIPE = (FLAGS & FF_ATTN_FLAG_PIPE) != 0 && MASK == 0;
-    constexpr bool PIPE_PV = (FLAGS & FF_ATTN_FLAG_PIPE_PV) != 0 && MASK == 0 && !PIPE;
     static_assert(D % 16 == 0 && DV % 16 == 0 && BN % 16 == 0, "tile shapes");
 
     extern __shared__ __align__(16) unsigned char ff_attn_smem[];
@@ -531,76 +517,23 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
         n_plain = lim > 0 ? lim / BN : 0;
     }
 
-    // Pipelined loop over the plain tiles (PIPE): one barrier per tile; the loads of K for
-    // tile j + 2 and V for tile j + 1 are issued at the start of tile j, and tile j's softmax
-    // runs in the same stretch of code as tile j + 1's scores. K and V of tile t live in
-    // buffer t % 2.
     int j0 = 0;
-    if (PIPE && n_plain > 0) {
-        ff_load_tile<S, BM, D, QS, NT>(sq, qb, q_st, rows_here, tid);
-        ff_load_tile<S, BN, D, KS, NT>(sk, kb, k_st, BN, tid);
-        if (n_plain > 1) {
-            ff_load_tile<S, BN, D, KS, NT>(sk + BN * KS, kb + (ff_i64_t)BN * k_st, k_st, BN, tid);
-        }
-        ff_load_tile<S, BN, DV, VS, NT>(sv, vb, v_st, BN, tid);
-        ff_cp_async_commit();
-        ff_cp_async_wait<0>();
-        __syncthreads();
-        float s[MS][BN / 8][4];
-        ff_attn_scores<T, D, MS, BN, QS, KS>(s, q_rows, k_smem, lane);
-        for (int j = 0; j + 1 < n_plain; ++j) {
-            const int buf = j & 1;
-            ff_cp_async_wait<0>();
-            __syncthreads();
-            if (j + 2 < n_plain) {
-                ff_load_tile<S, BN, D, KS, NT>(sk + buf * BN * KS, kb + (ff_i64_t)(j + 2) * BN * k_st,
-                                               k_st, BN, tid);
-            }
-            ff_load_tile<S, BN, DV, VS, NT>(sv + (buf ^ 1) * BN * VS,
-                                            vb + (ff_i64_t)(j + 1) * BN * v_st, v_st, BN, tid);
-            ff_cp_async_commit();
-            float s_next[MS][BN / 8][4];
-            ff_attn_pipe_step<T, D, DV, MS, BN, QS, KS, VS, LAZY, true>(
-                s, s_next, o, m_run, l_run, q_rows, k_smem + (ff_u32_t)((buf ^ 1) * BN * KS * 2),
-                v_smem + (ff_u32_t)(buf * BN * VS * 2), lane, scale_log2);
-#pragma unroll
-            for (int ms = 0; ms < MS; ++ms) {
-#pragma unroll
-                for (int nb = 0; nb < BN / 8; ++nb) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        s[ms][nb][e] = s_next[ms][nb][e];
-                    }
-                }
-            }
-        }
-        {
-            const int buf = (n_plain - 1) & 1;
-            ff_cp_async_wait<0>();
-            __syncthreads();
-            ff_attn_pipe_step<T, D, DV, MS, BN, QS, KS, VS, LAZY, false>(
-                s, s, o, m_run, l_run, q_rows, k_smem, v_smem + (ff_u32_t)(buf * BN * VS * 2),
-                lane, scale_log2);
-        }
-        j0 = n_plain;
-    }
-
-    // Pipelined loop over the plain tiles (PIPE_PV): one barrier per tile; at the start of
+    // Pipelined loop over the plain tiles (PIPE): one barrier per tile; at the start of
     // tile j the loads of K for tile j + 1 and V for tile j are issued; tile j's scores are
     // computed, then its softmax runs in the same stretch of code as the previous tile's
     // o += P V (P kept packed), and the accumulators are rescaled after that product. K of
     // tile t lives in buffer t % 2, V likewise.
-    if (PIPE_PV && n_plain > 0) {
+    if (PIPE && n_plain > 0) {
         ff_load_tile<S, BM, D, QS, NT>(sq, qb, q_st, rows_here, tid);
         ff_load_tile<S, BN, D, KS, NT>(sk, kb, k_st, BN, tid);
         ff_cp_async_commit();
         ff_u32_t p[MS][BN / 16][4];
         // Tile 0 (no previous product), then tiles 1 .. n_plain - 1.
-        ff_attn_pipe_pv_step<T, D, DV, MS, BN, QS, KS, VS, NT, LAZY, false>(
+        ff_attn_pipe_step<T, D, DV, MS, BN, QS, KS, VS, NT, LAZY, false>(
             0, n_plain, p, o, m_run, l_run, sk, sv, kb, vb, k_st, v_st, q_rows, k_smem, v_smem,
             tid, lane, scale_log2);
         for (int j = 1; j < n_plain; ++j) {
-            ff_attn_pipe_pv_step<T, D, DV, MS, BN, QS, KS, VS, NT, LAZY, true>(
+            ff_attn_pipe_step<T, D, DV, MS, BN, QS, KS, VS, NT, LAZY, true>(
                 j, n_plain, p, o, m_run, l_run, sk, sv, kb, vb, k_st, v_st, q_rows, k_smem,
                 v_smem, tid, lane, scale_log2);
         }
