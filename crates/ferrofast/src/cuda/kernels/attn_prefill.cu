@@ -14,8 +14,13 @@
 // in registers and accumulates O += P V (V fragments through ldmatrix.trans).
 //
 // Memory: the Q tile and two buffers each of K and V live in shared memory; K and V tiles
-// arrive by cp.async (16 bytes per thread and instruction), the next tile's K load issued
-// while this tile's S is computed and the next V while P V runs. Rows are padded by 8
+// arrive by cp.async (16 bytes per thread and instruction). In the general loop the next
+// tile's K load is issued while this tile's S is computed and the next V while P V runs; the
+// pipelined loop (FLAGS bit PIPE, tiles needing no element-wise mask) issues both a tile
+// ahead with one barrier per tile and runs a tile's softmax in the same stretch of code as
+// the previous tile's P V, so one warp keeps the tensor cores and the FP32 / special-function
+// units busy at once (it needs 32 more registers per thread for the previous tile's P, which
+// spill at D >= 96 with 64-key tiles; measured faster at D = 64, slower at D = 128). Rows are padded by 8
 // elements (16 bytes), which makes the 8 rows of every ldmatrix land in distinct banks for
 // every head dim used here (D + 8 = 72, 88, 104, 136, 200, 264 elements: an odd number of
 // 16-byte chunks). Rows past T_q / T_kv are zero-filled by cp.async (source size 0), so no
@@ -23,6 +28,8 @@
 //
 // Scores are kept in base-2 units: x = s * scale * log2(e) (+ mask * log2(e)), p = 2^(x - m)
 // (one FFMA and one ex2 per score where no mask applies).
+// With FLAGS bit LAZY a row keeps its reference until a score exceeds it by more than 8 (a
+// factor 2^8), so most tiles skip the rescale of O (a warp-uniform branch).
 // A row whose every score so far is -inf uses 0 as its reference, so no inf - inf appears;
 // a row that saw no key ends with sum 0 and outputs 0. A sink enters as the initial running
 // max (sink * log2(e)) with initial sum 1 (counted on one of the row's four lanes).
@@ -43,6 +50,10 @@
 
 #define FF_ATTN_LOG2E 1.4426950408889634f
 #define FF_ATTN_NEG_INF __int_as_float(0xff800000)
+// FLAGS bits of the kernel template: lazy rescaling (ff_attn_exp), pipelined loop over the
+// unmasked key tiles (ff_attn_pipe_step).
+#define FF_ATTN_FLAG_LAZY 1
+#define FF_ATTN_FLAG_PIPE 2
 
 // ----- PTX wrappers -------------------------------------------------------------------------
 
@@ -208,35 +219,54 @@ __device__ __forceinline__ void ff_attn_scores(float (&s)[MS][BN / 8][4], ff_u32
     }
 }
 
-// o[ms][db][e] += P V for one tile of BN keys; P is s (already exponentiated) rounded to T.
+// P (s already exponentiated) rounded to T as mma A fragments: p[ms][kb] covers keys
+// 16 * kb .. 16 * kb + 15 of slab ms.
+template <typename T, int MS, int BN>
+__device__ __forceinline__ void ff_attn_pack(ff_u32_t (&p)[MS][BN / 16][4],
+                                             const float (&s)[MS][BN / 8][4]) {
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int kb = 0; kb < BN / 16; ++kb) {
+            p[ms][kb][0] = ff_attn_mma<T>::pack(s[ms][2 * kb][0], s[ms][2 * kb][1]);
+            p[ms][kb][1] = ff_attn_mma<T>::pack(s[ms][2 * kb][2], s[ms][2 * kb][3]);
+            p[ms][kb][2] = ff_attn_mma<T>::pack(s[ms][2 * kb + 1][0], s[ms][2 * kb + 1][1]);
+            p[ms][kb][3] = ff_attn_mma<T>::pack(s[ms][2 * kb + 1][2], s[ms][2 * kb + 1][3]);
+        }
+    }
+}
+
+// o[ms][db][e] += P V for one tile of BN keys, P packed by ff_attn_pack.
 template <typename T, int DV, int MS, int BN, int VS>
-__device__ __forceinline__ void ff_attn_pv(float (&o)[MS][DV / 8][4],
-                                           const float (&s)[MS][BN / 8][4], ff_u32_t v_tile,
-                                           int lane) {
+__device__ __forceinline__ void ff_attn_pv_packed(float (&o)[MS][DV / 8][4],
+                                                  const ff_u32_t (&p)[MS][BN / 16][4],
+                                                  ff_u32_t v_tile, int lane) {
     // ldmatrix.trans lane addresses: key row (lane%8) + 8 * ((lane/8)%2), column half lane/16.
     const ff_u32_t b_addr =
         v_tile + (ff_u32_t)((((lane & 7) + (((lane >> 3) & 1) << 3)) * VS + (lane >> 4) * 8) * 2);
 #pragma unroll
     for (int kb = 0; kb < BN / 16; ++kb) {
-        ff_u32_t p[MS][4];
-#pragma unroll
-        for (int ms = 0; ms < MS; ++ms) {
-            p[ms][0] = ff_attn_mma<T>::pack(s[ms][2 * kb][0], s[ms][2 * kb][1]);
-            p[ms][1] = ff_attn_mma<T>::pack(s[ms][2 * kb][2], s[ms][2 * kb][3]);
-            p[ms][2] = ff_attn_mma<T>::pack(s[ms][2 * kb + 1][0], s[ms][2 * kb + 1][1]);
-            p[ms][3] = ff_attn_mma<T>::pack(s[ms][2 * kb + 1][2], s[ms][2 * kb + 1][3]);
-        }
 #pragma unroll
         for (int dd = 0; dd < DV / 16; ++dd) {
             ff_u32_t b[4];
             ff_ldmatrix_x4_trans(b, b_addr + (ff_u32_t)((kb * 16 * VS + dd * 16) * 2));
 #pragma unroll
             for (int ms = 0; ms < MS; ++ms) {
-                ff_attn_mma<T>::mma(o[ms][2 * dd], p[ms], b[0], b[1]);
-                ff_attn_mma<T>::mma(o[ms][2 * dd + 1], p[ms], b[2], b[3]);
+                ff_attn_mma<T>::mma(o[ms][2 * dd], p[ms][kb], b[0], b[1]);
+                ff_attn_mma<T>::mma(o[ms][2 * dd + 1], p[ms][kb], b[2], b[3]);
             }
         }
     }
+}
+
+// o[ms][db][e] += P V for one tile of BN keys; P is s (already exponentiated) rounded to T.
+template <typename T, int DV, int MS, int BN, int VS>
+__device__ __forceinline__ void ff_attn_pv(float (&o)[MS][DV / 8][4],
+                                           const float (&s)[MS][BN / 8][4], ff_u32_t v_tile,
+                                           int lane) {
+    ff_u32_t p[MS][BN / 16][4];
+    ff_attn_pack<T, MS, BN>(p, s);
+    ff_attn_pv_packed<T, DV, MS, BN, VS>(o, p, v_tile, lane);
 }
 
 // Scores to base-2 units, with every mask applied: bounds (key < T_kv), causality, and the
@@ -281,15 +311,26 @@ __device__ __forceinline__ void ff_attn_mask(float (&s)[MS][BN / 8][4], float sc
     }
 }
 
-// Online softmax step: new running max per row, rescale of o and the partial sums, and
-// s <- 2^(s * mul - max). `m` and `l` hold per row (index 2 * ms + hf) the running max in
-// base-2 units (same on the row's four lanes) and this lane's partial sum. `mul` is 1 when
-// s is already in base-2 units (the masking path) or scale * log2(e) > 0 for raw scores:
-// then the max is taken on the raw scores and the scaling folds into the exponent's FFMA.
-template <int DV, int MS, int BN>
-__device__ __forceinline__ void ff_attn_softmax(float (&s)[MS][BN / 8][4],
-                                                float (&o)[MS][DV / 8][4], float (&m)[2 * MS],
-                                                float (&l)[2 * MS], float mul) {
+// Online softmax, first half: new running max per row and s <- 2^(s * mul - ref), with the
+// partial sums updated. `m` and `l` hold per row (index 2 * ms + hf) the running max in
+// base-2 units (same on the row's four lanes) and this lane's partial sum; `alpha` receives
+// the factor the row's accumulators must be multiplied by (2^(old ref - new ref)). `mul` is
+// 1 when s is already in base-2 units (the masking path) or scale * log2(e) > 0 for raw
+// scores: then the max is taken on the raw scores and the scaling folds into the
+// exponent's FFMA.
+//
+// LAZY keeps a row's reference (its max so far) until the tile's max exceeds it by more than
+// FF_ATTN_SLACK (base-2 units): the exponentials stay below 2^SLACK, which f32 sums and
+// f16 / bf16 P carry with no loss of relative precision, and most tiles then need no
+// rescaling of the accumulators at all. Returns whether this lane's rows moved their
+// reference (the accumulators need the rescale).
+#define FF_ATTN_SLACK 8.0f
+
+template <int MS, int BN, bool LAZY>
+__device__ __forceinline__ bool ff_attn_exp(float (&s)[MS][BN / 8][4], float (&m)[2 * MS],
+                                            float (&l)[2 * MS], float (&alpha)[2 * MS],
+                                            float mul) {
+    bool moved = false;
 #pragma unroll
     for (int ms = 0; ms < MS; ++ms) {
 #pragma unroll
@@ -302,10 +343,16 @@ __device__ __forceinline__ void ff_attn_softmax(float (&s)[MS][BN / 8][4],
             }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            mx = fmaxf(m[r], mx * mul);
-            const float ref = mx == FF_ATTN_NEG_INF ? 0.0f : mx;
-            const float alpha = ff_exp2(m[r] - ref);
-            m[r] = mx;
+            float m_new = fmaxf(m[r], mx * mul);
+            if (LAZY) {
+                // -inf + SLACK is -inf: a row's first finite score always moves it.
+                m_new = m_new > m[r] + FF_ATTN_SLACK ? m_new : m[r];
+            }
+            // A row whose every score so far is -inf uses 0 as its reference (no inf - inf).
+            const float ref = m_new == FF_ATTN_NEG_INF ? 0.0f : m_new;
+            alpha[r] = ff_exp2(m[r] - ref);
+            moved = moved || m_new != m[r];
+            m[r] = m_new;
             float sum = 0.0f;
 #pragma unroll
             for (int nb = 0; nb < BN / 8; ++nb) {
@@ -315,14 +362,63 @@ __device__ __forceinline__ void ff_attn_softmax(float (&s)[MS][BN / 8][4],
                 s[ms][nb][2 * hf + 1] = p1;
                 sum += p0 + p1;
             }
-            l[r] = l[r] * alpha + sum;
+            l[r] = l[r] * alpha[r] + sum;
+        }
+    }
+    return moved;
+}
+
+// Online softmax, second half: o *= alpha per row. LAZY skips it when no row of the warp
+// moved its reference (alpha is then 1 everywhere; the vote keeps the branch uniform).
+template <int DV, int MS, bool LAZY>
+__device__ __forceinline__ void ff_attn_rescale(float (&o)[MS][DV / 8][4],
+                                                const float (&alpha)[2 * MS], bool moved) {
+    if (LAZY && !__any_sync(0xffffffffu, moved)) {
+        return;
+    }
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
 #pragma unroll
             for (int db = 0; db < DV / 8; ++db) {
-                o[ms][db][2 * hf] *= alpha;
-                o[ms][db][2 * hf + 1] *= alpha;
+                o[ms][db][2 * hf] *= alpha[2 * ms + hf];
+                o[ms][db][2 * hf + 1] *= alpha[2 * ms + hf];
             }
         }
     }
+}
+
+// One key tile j of the PIPE loop: issue the loads of K for tile j + 1 and V for tile j,
+// S = Q K_j^T, softmax of S, then (PREV) o += P_{j-1} V_{j-1} in the same stretch of code as
+// the softmax, the rescale of o, and P_j packed into p.
+template <typename T, int D, int DV, int MS, int BN, int QS, int KS, int VS, int NT, bool LAZY,
+          bool PREV, typename S>
+__device__ __forceinline__ void ff_attn_pipe_step(
+    int j, int n_plain, ff_u32_t (&p)[MS][BN / 16][4], float (&o)[MS][DV / 8][4],
+    float (&m)[2 * MS], float (&l)[2 * MS], S* sk, S* sv, const S* kb, const S* vb,
+    ff_i64_t k_st, ff_i64_t v_st, ff_u32_t q_rows, ff_u32_t k_smem, ff_u32_t v_smem, int tid,
+    int lane, float scale_log2) {
+    const int buf = j & 1;
+    ff_cp_async_wait<0>();
+    __syncthreads();
+    if (j + 1 < n_plain) {
+        ff_load_tile<S, BN, D, KS, NT>(sk + (buf ^ 1) * BN * KS, kb + (ff_i64_t)(j + 1) * BN * k_st,
+                                       k_st, BN, tid);
+    }
+    ff_load_tile<S, BN, DV, VS, NT>(sv + buf * BN * VS, vb + (ff_i64_t)j * BN * v_st, v_st, BN,
+                                    tid);
+    ff_cp_async_commit();
+    float s[MS][BN / 8][4];
+    ff_attn_scores<T, D, MS, BN, QS, KS>(s, q_rows, k_smem + (ff_u32_t)(buf * BN * KS * 2), lane);
+    float alpha[2 * MS];
+    const bool moved = ff_attn_exp<MS, BN, LAZY>(s, m, l, alpha, scale_log2);
+    if (PREV) {
+        ff_attn_pv_packed<T, DV, MS, BN, VS>(o, p, v_smem + (ff_u32_t)((buf ^ 1) * BN * VS * 2),
+                                             lane);
+    }
+    ff_attn_rescale<DV, MS, LAZY>(o, alpha, moved);
+    ff_attn_pack<T, MS, BN>(p, s);
 }
 
 // ----- the kernel ---------------------------------------------------------------------------
@@ -332,7 +428,7 @@ __device__ __forceinline__ void ff_attn_softmax(float (&s)[MS][BN / 8][4],
 // [B, N_q, T_q, DV]. mask: element (b, h, i, j) at mask_ptr[m_off + b*m_sb + h*m_sh + i*m_sq
 // + j*m_sk] (u8 for MASK 1, T for MASK 2; unused for MASK 0). sinks: null, or element h at
 // sinks[s_off + h * s_st] (T).
-template <typename T, int D, int DV, int MS, int NW, int BN, int MASK>
+template <typename T, int D, int DV, int MS, int NW, int BN, int MASK, int FLAGS>
 __global__ void __launch_bounds__(NW * 32) attn_prefill(
     const typename T::storage* __restrict__ q, ff_i64_t q_off, ff_i64_t q_sb, ff_i64_t q_sh,
     ff_i64_t q_st, const typename T::storage* __restrict__ k, ff_i64_t k_off, ff_i64_t k_sb,
@@ -347,6 +443,8 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
     constexpr int QS = D + 8;
     constexpr int KS = D + 8;
     constexpr int VS = DV + 8;
+    constexpr bool LAZY = (FLAGS & FF_ATTN_FLAG_LAZY) != 0;
+    constexpr bool PIPE = (FLAGS & FF_ATTN_FLAG_PIPE) != 0 && MASK == 0;
     static_assert(D % 16 == 0 && DV % 16 == 0 && BN % 16 == 0, "tile shapes");
 
     extern __shared__ __align__(16) unsigned char ff_attn_smem[];
@@ -411,17 +509,61 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
         mask_bh = (const char*)mask + base * (MASK == 1 ? 1 : (ff_i64_t)sizeof(S));
     }
 
-    if (n_tiles > 0) {
+    // Tiles [0, n_plain) need no element-wise masking: inside the keys and (causal) wholly
+    // left of the diagonal of the tile's first row, with no array mask and a positive scale.
+    int n_plain = 0;
+    if (MASK == 0 && scale_log2 > 0.0f) {
+        const int lim = causal ? min(Tkv, m0 + diag + 1) : Tkv;
+        n_plain = lim > 0 ? lim / BN : 0;
+    }
+
+    int j0 = 0;
+    // Pipelined loop over the plain tiles (PIPE): one barrier per tile; at the start of
+    // tile j the loads of K for tile j + 1 and V for tile j are issued; tile j's scores are
+    // computed, then its softmax runs in the same stretch of code as the previous tile's
+    // o += P V (P kept packed), and the accumulators are rescaled after that product. K of
+    // tile t lives in buffer t % 2, V likewise.
+    if (PIPE && n_plain > 0) {
         ff_load_tile<S, BM, D, QS, NT>(sq, qb, q_st, rows_here, tid);
-        ff_load_tile<S, BN, D, KS, NT>(sk, kb, k_st, min(BN, Tkv), tid);
+        ff_load_tile<S, BN, D, KS, NT>(sk, kb, k_st, BN, tid);
         ff_cp_async_commit();
-        ff_load_tile<S, BN, DV, VS, NT>(sv, vb, v_st, min(BN, Tkv), tid);
+        ff_u32_t p[MS][BN / 16][4];
+        // Tile 0 (no previous product), then tiles 1 .. n_plain - 1.
+        ff_attn_pipe_step<T, D, DV, MS, BN, QS, KS, VS, NT, LAZY, false>(
+            0, n_plain, p, o, m_run, l_run, sk, sv, kb, vb, k_st, v_st, q_rows, k_smem, v_smem,
+            tid, lane, scale_log2);
+        for (int j = 1; j < n_plain; ++j) {
+            ff_attn_pipe_step<T, D, DV, MS, BN, QS, KS, VS, NT, LAZY, true>(
+                j, n_plain, p, o, m_run, l_run, sk, sv, kb, vb, k_st, v_st, q_rows, k_smem,
+                v_smem, tid, lane, scale_log2);
+        }
+        ff_cp_async_wait<0>();
+        __syncthreads();
+        ff_attn_pv_packed<T, DV, MS, BN, VS>(o, p, v_smem + (ff_u32_t)(((n_plain - 1) & 1) * BN * VS * 2),
+                                             lane);
+        j0 = n_plain;
+    }
+
+    // General loop (the remaining tiles): K and V of tile j in buffer (j - j0) % 2, the next
+    // tile's K load issued while this tile's S is computed and the next V while P V runs.
+    if (j0 < n_tiles) {
+        if (j0 == 0) {
+            ff_load_tile<S, BM, D, QS, NT>(sq, qb, q_st, rows_here, tid);
+        } else {
+            __syncthreads();  // every warp is done with the pipelined loop's buffers
+        }
+        const int n_first = j0 * BN;
+        ff_load_tile<S, BN, D, KS, NT>(sk, kb + (ff_i64_t)n_first * k_st, k_st,
+                                       min(BN, Tkv - n_first), tid);
+        ff_cp_async_commit();
+        ff_load_tile<S, BN, DV, VS, NT>(sv, vb + (ff_i64_t)n_first * v_st, v_st,
+                                        min(BN, Tkv - n_first), tid);
         ff_cp_async_commit();
     }
 
-    for (int j = 0; j < n_tiles; ++j) {
+    for (int j = j0; j < n_tiles; ++j) {
         const int n0 = j * BN;
-        const int buf = j & 1;
+        const int buf = (j - j0) & 1;
         const bool more = j + 1 < n_tiles;
         ff_cp_async_wait<1>();
         __syncthreads();
@@ -438,14 +580,16 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
         // Tiles crossing the end of the keys or the causal diagonal, array masks, and a
         // scale <= 0 take the element-wise path (scores scaled there); the others leave the
         // raw scores to the softmax, which folds the scale into its exponent.
-        const bool edge = n0 + BN > Tkv || (causal && n0 + BN - 1 > m0 + diag);
-        const bool masked = MASK != 0 || edge || !(scale_log2 > 0.0f);
+        const bool masked = j >= n_plain;
         if (masked) {
             const void* mrow = MASK != 0 ? (const void*)mask_bh : nullptr;
             ff_attn_mask<T, MS, BN, MASK>(s, scale_log2, row0, n0 + 2 * (lane & 3), Tq, Tkv,
                                           causal != 0, diag, mrow, m_sq, m_sk);
         }
-        ff_attn_softmax<DV, MS, BN>(s, o, m_run, l_run, masked ? 1.0f : scale_log2);
+        float alpha[2 * MS];
+        const bool moved =
+            ff_attn_exp<MS, BN, LAZY>(s, m_run, l_run, alpha, masked ? 1.0f : scale_log2);
+        ff_attn_rescale<DV, MS, LAZY>(o, alpha, moved);
 
         ff_cp_async_wait<1>();
         __syncthreads();
