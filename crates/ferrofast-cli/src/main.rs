@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 const USAGE: &str = "usage:
   ferrofast demo  [--device cpu|cuda[:N]]
-  ferrofast bench [--device cpu|cuda[:N]] [--json FILE] [--quick] [--big]
+  ferrofast bench [--device cpu|cuda[:N]] [--json FILE] [--quick] [--big] [--only OP]
   ferrofast first-call [--device cpu|cuda[:N]]
 
 demo   runs rms_norm, layer_norm, rope and scaled_dot_product_attention once on random data
@@ -20,7 +20,8 @@ demo   runs rms_norm, layer_norm, rope and scaled_dot_product_attention once on 
 bench  measures this machine's copy bandwidth and f32 GEMM rate, then times each op over a
        sweep of shapes (median of repeated runs) and prints the fraction of the ceiling.
        --quick runs fewer shapes; --big adds the T=16384 attention memory check;
-       --json FILE writes every result.
+       --only OP runs only the cases whose op name (rms_norm, layer_norm, rope, sdpa,
+       sdpa_causal, sdpa_decode) is OP; --json FILE writes every result.
 first-call  times the first call of each op a Llama layer needs (bf16 rms_norm, rope,
        causal GQA prefill attention, decode attention), kernel compilation or cache loading
        included; run it twice with one FERROFAST_CACHE_DIR to see a cold and a warm cache.";
@@ -31,6 +32,7 @@ struct Options {
     json: Option<String>,
     quick: bool,
     big: bool,
+    only: Option<String>,
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -57,6 +59,7 @@ fn parse_args() -> Result<Options, String> {
         json: None,
         quick: false,
         big: false,
+        only: None,
     };
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -67,6 +70,7 @@ fn parse_args() -> Result<Options, String> {
             "--json" => opts.json = Some(args.next().ok_or("--json needs a file name")?),
             "--quick" => opts.quick = true,
             "--big" => opts.big = true,
+            "--only" => opts.only = Some(args.next().ok_or("--only needs an op name")?),
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument '{other}'\n{USAGE}")),
         }
@@ -365,6 +369,12 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         cases.extend(cases::gpu_prefill_cases());
         if !opts.quick {
             cases.extend(gpu_target_cases());
+        }
+    }
+    if let Some(op) = &opts.only {
+        cases.retain(|c| c.op() == op);
+        if cases.is_empty() {
+            return Err(format!("--only {op}: no bench case has that op name").into());
         }
     }
     for case in cases {
