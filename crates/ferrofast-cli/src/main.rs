@@ -354,16 +354,6 @@ fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
 fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
     let threads = rayon::current_num_threads();
     println!("ferrofast bench on {} ({threads} threads)", opts.device);
-    let ceilings = Ceilings::measure(&opts.device, threads)?;
-    println!(
-        "ceilings measured now: copy {:.1} GB/s (read+write, {} threads); f32 GEMM {:.1} GFLOP/s ({} threads), {:.1} GFLOP/s (1 thread)\n",
-        ceilings.copy_gbs, threads, ceilings.gemm_gflops, threads, ceilings.gemm_gflops_1t
-    );
-    println!(
-        "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9}",
-        "op", "shape", "dtype", "thr", "median", "throughput", "ceiling"
-    );
-    let mut records = Vec::new();
     let mut cases = bench_cases(opts.quick, !opts.device.is_cpu());
     if !opts.device.is_cpu() {
         cases.extend(cases::gpu_prefill_cases());
@@ -377,6 +367,16 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             return Err(format!("--only {op}: no bench case has that op name").into());
         }
     }
+    let ceilings = Ceilings::measure(&opts.device, threads)?;
+    println!(
+        "ceilings measured now: copy {:.1} GB/s (read+write, {} threads); f32 GEMM {:.1} GFLOP/s ({} threads), {:.1} GFLOP/s (1 thread)\n",
+        ceilings.copy_gbs, threads, ceilings.gemm_gflops, threads, ceilings.gemm_gflops_1t
+    );
+    println!(
+        "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9}",
+        "op", "shape", "dtype", "thr", "median", "throughput", "ceiling"
+    );
+    let mut records = Vec::new();
     for case in cases {
         let inputs = case.inputs(&opts.device, 7)?;
         // Compute-bound CPU cases also run on one thread: the second core of this kind of

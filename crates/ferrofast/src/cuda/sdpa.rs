@@ -28,8 +28,10 @@
 //! production): `FERROFAST_DECODE_KERNEL=simt` sends f16 / bf16 decode to the SIMT kernel
 //! (`mma`, the default, takes the tensor-core kernel where it applies);
 //! `FERROFAST_DECODE_SPLITS=N` fixes the number of key ranges of the tensor-core decode
-//! (1 to 256; the planner's choice otherwise); `FERROFAST_DECODE_STAGES=N` (2 to 8) sets its
-//! pipeline depth per warp instead of the table's.
+//! (1 to 256; the planner's choice otherwise); `FERROFAST_DECODE_STAGES=N` (2 to 8),
+//! `FERROFAST_DECODE_WARPS=N` (1, 2, 4 or 8), `FERROFAST_DECODE_TILE=N` (keys per warp tile:
+//! 16, 32 or 64) and `FERROFAST_DECODE_LOAD=N` (L2 hint of its K / V copies: 0 none,
+//! 1 256-byte prefetch, 2 evict-first, 3 both) replace the table's values.
 
 use super::copy::type_tag;
 use super::jit::{self, ATTN_DECODE_CU, ATTN_GENERAL_CU};
@@ -64,58 +66,37 @@ const TARGET_WAVES: u64 = 2;
 /// (about 110 KB of shared memory each) except for D = 256 (one block of about 210 KB):
 /// about 100 KB of K and V in flight per multiprocessor either way.
 const MMA_HEAD_DIMS: [((usize, usize), MmaTiles); 6] = [
-    (
-        (64, 64),
-        MmaTiles {
-            warps: 4,
-            stages: 5,
-        },
-    ),
-    (
-        (80, 80),
-        MmaTiles {
-            warps: 4,
-            stages: 4,
-        },
-    ),
-    (
-        (96, 96),
-        MmaTiles {
-            warps: 4,
-            stages: 4,
-        },
-    ),
-    (
-        (128, 128),
-        MmaTiles {
-            warps: 4,
-            stages: 3,
-        },
-    ),
-    (
-        (192, 128),
-        MmaTiles {
-            warps: 4,
-            stages: 2,
-        },
-    ),
-    (
-        (256, 256),
-        MmaTiles {
-            warps: 4,
-            stages: 3,
-        },
-    ),
+    ((64, 64), MmaTiles::new(4, 5)),
+    ((80, 80), MmaTiles::new(4, 4)),
+    ((96, 96), MmaTiles::new(4, 4)),
+    ((128, 128), MmaTiles::new(4, 3)),
+    ((192, 128), MmaTiles::new(4, 2)),
+    ((256, 256), MmaTiles::new(4, 3)),
 ];
 
-/// Warps per block and pipeline stages per warp of one tensor-core decode instantiation.
+/// Warps per block, pipeline stages per warp, keys per warp tile and the L2 hint of the K / V
+/// copies (`LD` in the kernel) of one tensor-core decode instantiation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct MmaTiles {
     warps: usize,
     stages: usize,
+    keys: usize,
+    load: usize,
 }
 
-/// Query rows per tensor-core decode block (the M of the mma) and keys per warp tile.
+impl MmaTiles {
+    const fn new(warps: usize, stages: usize) -> Self {
+        MmaTiles {
+            warps,
+            stages,
+            keys: MMA_KEYS,
+            load: 0,
+        }
+    }
+}
+
+/// Query rows per tensor-core decode block (the M of the mma) and keys per warp tile (the
+/// table's; the kernel takes multiples of 16).
 const MMA_ROWS: usize = 16;
 const MMA_KEYS: usize = 16;
 /// Fewest keys a split of the tensor-core kernel is given.
@@ -270,17 +251,19 @@ fn decode_variant(dtype: DType, lanes: Lanes, rows: usize) -> String {
 
 fn mma_variant(dtype: DType, d: usize, dv: usize, t: MmaTiles) -> String {
     format!(
-        "attn_decode_mma<{}, {d}, {dv}, {}, {}>",
+        "attn_decode_mma<{}, {d}, {dv}, {}, {}, {}, {}>",
         type_tag(dtype),
         t.warps,
-        t.stages
+        t.stages,
+        t.keys,
+        t.load
     )
 }
 
 /// Bytes of dynamic shared memory of a tensor-core decode block: the Q tile and
-/// `warps * stages` tiles of 16 K and V rows, rows padded by 8 elements.
+/// `warps * stages` tiles of `keys` K and V rows, rows padded by 8 elements.
 fn mma_shared_bytes(d: usize, dv: usize, t: MmaTiles, elem: usize) -> usize {
-    (MMA_ROWS * (d + 8) + t.warps * t.stages * MMA_KEYS * (d + 8 + dv + 8)) * elem
+    (MMA_ROWS * (d + 8) + t.warps * t.stages * t.keys * (d + 8 + dv + 8)) * elem
 }
 
 fn combine_variant(dtype: DType) -> String {
@@ -382,6 +365,9 @@ struct DecodeKnobs {
     simt_only: bool,
     splits: Option<usize>,
     stages: Option<usize>,
+    warps: Option<usize>,
+    keys: Option<usize>,
+    load: Option<usize>,
 }
 
 fn decode_knobs() -> &'static DecodeKnobs {
@@ -398,6 +384,9 @@ fn decode_knobs() -> &'static DecodeKnobs {
                 .is_ok_and(|v| v.trim().eq_ignore_ascii_case("simt")),
             splits: num("FERROFAST_DECODE_SPLITS", 1, MAX_SPLITS),
             stages: num("FERROFAST_DECODE_STAGES", 2, 8),
+            warps: num("FERROFAST_DECODE_WARPS", 1, 8).filter(|w| w.is_power_of_two()),
+            keys: num("FERROFAST_DECODE_TILE", 16, 64).filter(|k| [16, 32, 64].contains(k)),
+            load: num("FERROFAST_DECODE_LOAD", 0, 3),
         }
     })
 }
@@ -542,8 +531,10 @@ pub(crate) fn scaled_dot_product_attention(
             .filter(|_| matches!(dtype, DType::F16 | DType::BF16) && !knobs.simt_only)
         {
             let tiles = MmaTiles {
+                warps: knobs.warps.unwrap_or(tiles.warps),
                 stages: knobs.stages.unwrap_or(tiles.stages),
-                ..tiles
+                keys: knobs.keys.unwrap_or(tiles.keys),
+                load: knobs.load.unwrap_or(tiles.load),
             };
             return decode(c, scale, stream, DecodeKernel::Mma(tiles));
         }
@@ -993,7 +984,7 @@ mod tests {
             assert!(bytes <= 227 * 1024, "({d}, {dv}): {bytes}");
             assert!(d >= 256 || bytes <= 112 * 1024, "({d}, {dv}): {bytes}");
             // The end-of-block merge reuses the stages as 16 x D_v f32 per warp.
-            assert!(t.stages * MMA_KEYS * (d + 8 + dv + 8) * 2 >= MMA_ROWS * dv * 4);
+            assert!(t.stages * t.keys * (d + 8 + dv + 8) * 2 >= MMA_ROWS * dv * 4);
             assert_eq!(mma_tiles(d, dv), Some(t));
         }
         assert_eq!(mma_tiles(72, 72), None);

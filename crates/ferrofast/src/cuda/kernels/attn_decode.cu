@@ -479,7 +479,7 @@ __global__ void __launch_bounds__(FF_DECODE_THREADS)
 // chunk's rows, zero-padded to 16, are the M dimension of mma.sync m16n8k16, keys are N for
 // S = Q K^T and K for O += P V (the fragment steps of `ferrofast_mma.cuh`, as in prefill).
 //
-// Memory: the block's key range is cut into tiles of 16 keys; warp w takes tiles w, w + NW,
+// Memory: the block's key range is cut into tiles of BN keys; warp w takes tiles w, w + NW,
 // w + 2 NW, ... and streams them through its own ring of ST shared-memory stages (K and V
 // rows of the tile, padded by 8 elements so ldmatrix rows hit distinct banks) filled by
 // cp.async, ST - 1 tiles ahead of the one it computes. Warps never wait for each other in
@@ -497,8 +497,8 @@ __global__ void __launch_bounds__(FF_DECODE_THREADS)
 // prefill (a row of finfo.min stays a uniform average); -inf drops the key.
 //
 // Shared memory (dynamic): 16 * (D + 8) elements of Q, then NW * ST stages of
-// 16 * (D + 8 + DV + 8) elements.
-template <typename T, int D, int DV, int NW, int ST>
+// BN * (D + 8 + DV + 8) elements. LD: the L2 hint of the K / V copies (ff_cp_async16_hint).
+template <typename T, int D, int DV, int NW, int ST, int BN, int LD>
 __global__ void __launch_bounds__(NW * 32)
     attn_decode_mma(const typename T::storage* __restrict__ q,
                     const typename T::storage* __restrict__ k,
@@ -510,13 +510,12 @@ __global__ void __launch_bounds__(NW * 32)
                     float* __restrict__ part_ml,
                     ff_decode_params p) {
     typedef typename T::storage S;
-    constexpr int BN = 16;
     constexpr int NT = NW * 32;
     constexpr int QS = D + 8;
     constexpr int KS = D + 8;
     constexpr int VS = DV + 8;
     constexpr int STAGE = BN * (KS + VS);  // elements of one stage
-    static_assert(D % 16 == 0 && DV % 16 == 0, "head dims must be multiples of 16");
+    static_assert(D % 16 == 0 && DV % 16 == 0 && BN % 16 == 0, "multiples of 16");
     static_assert(ST >= 2, "at least two stages");
     static_assert(ST * STAGE * 2 >= 16 * DV * 4, "the merge buffer must fit in the stages");
 
@@ -542,21 +541,6 @@ __global__ void __launch_bounds__(NW * 32)
     const int row0 = chunk * 16;
     const int n_rows = min(16, rows_total - row0);
     const int n_q = p.n_kv * p.group;
-
-    // The Q tile: rows past n_rows are zero (their scores are masked anyway).
-    for (int i = tid; i < 16 * D; i += NT) {
-        const int r = i / D;
-        const int c = i % D;
-        S x = 0;
-        if (r < n_rows) {
-            const int row = row0 + r;
-            const int h = kvh * p.group + row / p.t_q;
-            const int t = row % p.t_q;
-            x = q[p.q_off + b * p.q_sb + (ff_i64_t)h * p.q_sh + (ff_i64_t)t * p.q_st +
-                  (ff_i64_t)c * p.q_sd];
-        }
-        sq[r * QS + c] = x;
-    }
 
     // The block's keys: its split's range, cut at the causal limit of its last query position.
     const int start = split * p.split_len;
@@ -594,15 +578,17 @@ __global__ void __launch_bounds__(NW * 32)
     S* wpipe = pipe + warp * ST * STAGE;
     const ff_u32_t wpipe_u = ff_smem_u32(wpipe);
     const ff_u32_t q_u = ff_smem_u32(sq);
+    const ff_u64_t policy = LD >= 2 ? ff_evict_first_policy() : 0;
 
     // Warp-local tile j covers keys start + (warp + j * NW) * BN ...
     auto load = [&](int j, int stage) {
         const int key0 = start + (warp + j * NW) * BN;
         const int valid = min(BN, end - key0);
         S* dst = wpipe + stage * STAGE;
-        ff_load_tile<S, BN, D, KS, 32>(dst, kb + (ff_i64_t)key0 * p.k_st, p.k_st, valid, lane);
-        ff_load_tile<S, BN, DV, VS, 32>(dst + BN * KS, vb + (ff_i64_t)key0 * p.v_st, p.v_st,
-                                        valid, lane);
+        ff_load_tile<S, BN, D, KS, 32, LD>(dst, kb + (ff_i64_t)key0 * p.k_st, p.k_st, valid,
+                                           lane, policy);
+        ff_load_tile<S, BN, DV, VS, 32, LD>(dst + BN * KS, vb + (ff_i64_t)key0 * p.v_st, p.v_st,
+                                            valid, lane, policy);
     };
 #pragma unroll
     for (int s = 0; s < ST - 1; ++s) {
@@ -610,6 +596,22 @@ __global__ void __launch_bounds__(NW * 32)
             load(s, s);
         }
         ff_cp_async_commit();
+    }
+
+    // The Q tile (while the first K / V tiles are on their way): rows past n_rows are zero
+    // (their scores are masked anyway).
+    for (int i = tid; i < 16 * D; i += NT) {
+        const int r = i / D;
+        const int c = i % D;
+        S x = 0;
+        if (r < n_rows) {
+            const int row = row0 + r;
+            const int h = kvh * p.group + row / p.t_q;
+            const int t = row % p.t_q;
+            x = q[p.q_off + b * p.q_sb + (ff_i64_t)h * p.q_sh + (ff_i64_t)t * p.q_st +
+                  (ff_i64_t)c * p.q_sd];
+        }
+        sq[r * QS + c] = x;
     }
     __syncthreads();  // the Q tile
 

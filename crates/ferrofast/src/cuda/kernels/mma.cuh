@@ -29,6 +29,38 @@ __device__ __forceinline__ void ff_cp_async16(ff_u32_t dst, const void* src, int
                  : "memory");
 }
 
+// ff_cp_async16 with an L2 hint (LD): 0 none; 1 prefetch the surrounding 256 bytes into L2;
+// 2 the cache policy `policy` (ff_evict_first_policy: streamed data read once); 3 both.
+template <int LD>
+__device__ __forceinline__ void ff_cp_async16_hint(ff_u32_t dst, const void* src, int src_bytes,
+                                                   ff_u64_t policy) {
+    if (LD == 1) {
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst),
+                     "l"(src), "r"(src_bytes)
+                     : "memory");
+    } else if (LD == 2) {
+        asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(
+                         dst),
+                     "l"(src), "r"(src_bytes), "l"(policy)
+                     : "memory");
+    } else if (LD == 3) {
+        asm volatile(
+            "cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(
+                dst),
+            "l"(src), "r"(src_bytes), "l"(policy)
+            : "memory");
+    } else {
+        ff_cp_async16(dst, src, src_bytes);
+    }
+}
+
+// An L2 cache policy that evicts the lines it is attached to first.
+__device__ __forceinline__ ff_u64_t ff_evict_first_policy() {
+    ff_u64_t policy;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    return policy;
+}
+
 __device__ __forceinline__ void ff_cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -101,9 +133,11 @@ struct ff_attn_mma<ff_f16> {
 // When the block's threads cover whole rows (NT a multiple of COLS / 8), each thread keeps
 // one column and steps a single pointer down the rows: the compiler then has no per-chunk
 // 64-bit addresses to hoist out of the key loop (they cost registers the MMAs need).
-template <typename S, int ROWS, int COLS, int STRIDE, int NT>
+//
+// LD and `policy`: the L2 hint of every copy (ff_cp_async16_hint).
+template <typename S, int ROWS, int COLS, int STRIDE, int NT, int LD = 0>
 __device__ __forceinline__ void ff_load_tile(S* smem, const S* g, ff_i64_t g_stride,
-                                             int rows_valid, int tid) {
+                                             int rows_valid, int tid, ff_u64_t policy = 0) {
     constexpr int CH = COLS / 8;
     constexpr int TOTAL = ROWS * CH;
     const ff_u32_t base = ff_smem_u32(smem);
@@ -117,7 +151,8 @@ __device__ __forceinline__ void ff_load_tile(S* smem, const S* g, ff_i64_t g_str
 #pragma unroll
         for (int i = 0; i < TOTAL / NT; ++i) {
             const bool ok = r0 + i * STEP < rows_valid;
-            ff_cp_async16(dst + (ff_u32_t)(i * STEP * STRIDE * 2), ok ? src : g, ok ? 16 : 0);
+            ff_cp_async16_hint<LD>(dst + (ff_u32_t)(i * STEP * STRIDE * 2), ok ? src : g,
+                                   ok ? 16 : 0, policy);
             src += step;
         }
     } else {
@@ -129,7 +164,8 @@ __device__ __forceinline__ void ff_load_tile(S* smem, const S* g, ff_i64_t g_str
                 const int col = (c % CH) * 8;
                 const bool ok = r < rows_valid;
                 const S* src = g + (ok ? (ff_i64_t)r * g_stride : (ff_i64_t)0) + col;
-                ff_cp_async16(base + (ff_u32_t)((r * STRIDE + col) * 2), src, ok ? 16 : 0);
+                ff_cp_async16_hint<LD>(base + (ff_u32_t)((r * STRIDE + col) * 2), src,
+                                       ok ? 16 : 0, policy);
             }
         }
     }
