@@ -109,6 +109,9 @@ const MMA_KEYS: usize = 16;
 /// The L2 hint of the tensor-core decode's K / V copies (`LD` of the kernel): 3, evict-first
 /// lines with 256-byte prefetch (K and V are streamed once), measured 1.5% faster than none.
 const MMA_LOAD: usize = 3;
+/// Most dynamic shared memory a tensor-core decode block may use (sm_80 and sm_90 allow
+/// 227 KB per block; the kernel's static arrays take 512 bytes more).
+const MMA_MAX_SHARED: usize = 226 * 1024;
 /// Fewest keys a split of the tensor-core kernel is given.
 const MMA_MIN_SPLIT_KEYS: usize = 512;
 
@@ -540,11 +543,17 @@ pub(crate) fn scaled_dot_product_attention(
         if let Some(tiles) = mma_tiles(d, dv)
             .filter(|_| matches!(dtype, DType::F16 | DType::BF16) && !knobs.simt_only)
         {
-            let tiles = MmaTiles {
+            let tuned = MmaTiles {
                 warps: knobs.warps.unwrap_or(tiles.warps),
                 stages: knobs.stages.unwrap_or(tiles.stages),
                 keys: knobs.keys.unwrap_or(tiles.keys),
                 load: knobs.load.unwrap_or(tiles.load),
+            };
+            // Knobs asking for more shared memory than a block can have are ignored.
+            let tiles = if mma_shared_bytes(d, dv, tuned, dtype.size()) <= MMA_MAX_SHARED {
+                tuned
+            } else {
+                tiles
             };
             return decode(c, scale, stream, DecodeKernel::Mma(tiles));
         }
@@ -991,7 +1000,7 @@ mod tests {
         for &((d, dv), t) in &MMA_HEAD_DIMS {
             let bytes = mma_shared_bytes(d, dv, t, 2);
             // 227 KB per block at most; two blocks per SM below 113 KB each.
-            assert!(bytes <= 227 * 1024, "({d}, {dv}): {bytes}");
+            assert!(bytes <= MMA_MAX_SHARED, "({d}, {dv}): {bytes}");
             assert!(d >= 256 || bytes <= 112 * 1024, "({d}, {dv}): {bytes}");
             // The end-of-block merge reuses the stages as 16 x D_v f32 per warp.
             assert!(t.stages * t.keys * (d + 8 + dv + 8) * 2 >= MMA_ROWS * dv * 4);
