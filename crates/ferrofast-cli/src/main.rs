@@ -20,8 +20,9 @@ demo   runs rms_norm, layer_norm, rope and scaled_dot_product_attention once on 
 bench  measures this machine's copy bandwidth and f32 GEMM rate, then times each op over a
        sweep of shapes (median of repeated runs) and prints the fraction of the ceiling.
        --quick runs fewer shapes; --big adds the T=16384 attention memory check;
-       --json FILE writes every result; --only TEXT keeps the cases whose op, shape or
-       dtype contains TEXT (repeatable: a case is kept if any matches).
+       --only TEXT keeps the cases whose op, shape or dtype contains TEXT (repeatable: a
+       case is kept if any matches; op names: rms_norm, layer_norm, rope, sdpa, sdpa_causal,
+       sdpa_decode); --json FILE writes every result.
 first-call  times the first call of each op a Llama layer needs (bf16 rms_norm, rope,
        causal GQA prefill attention, decode attention), kernel compilation or cache loading
        included; run it twice with one FERROFAST_CACHE_DIR to see a cold and a warm cache.";
@@ -354,16 +355,6 @@ fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
 fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
     let threads = rayon::current_num_threads();
     println!("ferrofast bench on {} ({threads} threads)", opts.device);
-    let ceilings = Ceilings::measure(&opts.device, threads)?;
-    println!(
-        "ceilings measured now: copy {:.1} GB/s (read+write, {} threads); f32 GEMM {:.1} GFLOP/s ({} threads), {:.1} GFLOP/s (1 thread)\n",
-        ceilings.copy_gbs, threads, ceilings.gemm_gflops, threads, ceilings.gemm_gflops_1t
-    );
-    println!(
-        "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9}",
-        "op", "shape", "dtype", "thr", "median", "throughput", "ceiling"
-    );
-    let mut records = Vec::new();
     let mut cases = bench_cases(opts.quick, !opts.device.is_cpu());
     if !opts.device.is_cpu() {
         cases.extend(cases::gpu_prefill_cases());
@@ -376,7 +367,20 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             let label = format!("{} {} {}", c.op(), c.shape(), c.dtype().name());
             opts.only.iter().any(|t| label.contains(t.as_str()))
         });
+        if cases.is_empty() {
+            return Err(format!("--only {:?}: no bench case matches", opts.only).into());
+        }
     }
+    let ceilings = Ceilings::measure(&opts.device, threads)?;
+    println!(
+        "ceilings measured now: copy {:.1} GB/s (read+write, {} threads); f32 GEMM {:.1} GFLOP/s ({} threads), {:.1} GFLOP/s (1 thread)\n",
+        ceilings.copy_gbs, threads, ceilings.gemm_gflops, threads, ceilings.gemm_gflops_1t
+    );
+    println!(
+        "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9}",
+        "op", "shape", "dtype", "thr", "median", "throughput", "ceiling"
+    );
+    let mut records = Vec::new();
     for case in cases {
         let inputs = case.inputs(&opts.device, 7)?;
         // Compute-bound CPU cases also run on one thread: the second core of this kind of

@@ -916,6 +916,156 @@ fn split_kv_boundaries() {
     }
 }
 
+/// The tensor-core decode kernel (f16 / bf16, `(D, D_v)` in its table): GQA groups times
+/// query lengths from 1 to 24 rows (one 16-row block and two), causal with `T_q` up to 8,
+/// every mask kind, sinks, every head-dim pair it takes, key lengths that are not multiples
+/// of its 16-key tiles, and one (batch, kv head) so the keys are split into many ranges.
+#[test]
+fn tensor_core_decode_rows_masks_and_dims() {
+    let Some(dev) = gpu() else { return };
+    let rows: [(usize, usize); 9] = [
+        (4, 1),
+        (4, 4),
+        (8, 2),
+        (16, 1),
+        (5, 3),
+        (2, 8),
+        (3, 8),
+        (1, 7),
+        (6, 3),
+    ];
+    let dims: [(usize, usize); 6] = [
+        (64, 64),
+        (128, 128),
+        (80, 80),
+        (96, 96),
+        (256, 256),
+        (192, 128),
+    ];
+    let mut n = 0u64;
+    for (ri, &(group, tq)) in rows.iter().enumerate() {
+        for kind in KINDS {
+            n += 1;
+            let dtype = [DType::BF16, DType::F16][(n % 2) as usize];
+            // D 64 and 128 everywhere, the other pairs in turn.
+            let (d, dv) = match n % 4 {
+                0 => dims[2 + (ri % 4)],
+                1 | 3 => dims[0],
+                _ => dims[1],
+            };
+            let tkv = [1usize, 15, 17, 333, 1001, 2049, 4999][(n % 7) as usize];
+            let nkv = 1 + (n % 2) as usize;
+            let seed = 13_000 + n * 13;
+            let q = randn(&[1, nkv * group, tq, d], dtype, seed);
+            let k = randn(&[1, nkv, tkv, d], dtype, seed + 1);
+            let v = randn(&[1, nkv, tkv, dv], dtype, seed + 2);
+            let sinks = randn(&[nkv * group], dtype, seed + 3);
+            let sinks = (n % 3 == 0).then_some(&sinks);
+            let (m, causal) = mask_for(kind, &q, tkv, seed + 4);
+            let what = format!(
+                "mma group {group} T_q {tq} ({d}, {dv}) T_kv {tkv} kv heads {nkv} {kind:?} \
+                 {dtype} sinks {} seed {seed}",
+                sinks.is_some()
+            );
+            let out = check(
+                &dev,
+                &q,
+                &k,
+                &v,
+                1.0 / (d as f32).sqrt(),
+                m.as_ref(),
+                causal,
+                sinks,
+                tol,
+                &what,
+            );
+            assert_eq!(out.shape(), &[1, nkv * group, tq, dv], "{what}");
+        }
+    }
+}
+
+/// The tensor-core decode with broadcast masks (a `(T_kv,)` bool row, an `(N_q, 1, T_kv)`
+/// additive mask, a stride-0 key axis), rows whose keys are all masked (0, or all weight on
+/// the sink), a causal mask hiding every key of the first query positions, a batch of 3, and
+/// key lengths around its split sizes.
+#[test]
+fn tensor_core_decode_broadcast_masks_and_empty_rows() {
+    let Some(dev) = gpu() else { return };
+    let (b, nq, nkv, tq, d) = (3usize, 8usize, 2usize, 2usize, 128usize);
+    for (i, &tkv) in [511usize, 512, 513, 1023, 1025, 3000].iter().enumerate() {
+        let dtype = [DType::BF16, DType::F16][i % 2];
+        let seed = 14_000 + i as u64 * 17;
+        let q = randn(&[b, nq, tq, d], dtype, seed);
+        let k = randn(&[b, nkv, tkv, d], dtype, seed + 1);
+        let v = randn(&[b, nkv, tkv, d], dtype, seed + 2);
+        let scale = 1.0 / (d as f32).sqrt();
+        let row = bool_mask(&[tkv], 0.3, seed + 3);
+        let heads = uniform(&[nq, 1, tkv], -2.0, 1.0, dtype, seed + 4);
+        let one_key = Array::from_vec(
+            (0..tkv).map(|j| j == tkv / 2).collect::<Vec<bool>>(),
+            &[1, 1, 1, tkv],
+        )
+        .unwrap();
+        let key_bcast = uniform(&[b, nq, tq, 1], -1.0, 1.0, dtype, seed + 5)
+            .broadcast_to(&[b, nq, tq, tkv])
+            .unwrap();
+        for (name, m) in [
+            ("(T_kv,) bool", &row),
+            ("(N_q, 1, T_kv) additive", &heads),
+            ("one key", &one_key),
+            ("stride-0 keys", &key_bcast),
+        ] {
+            let what = format!("mma T_kv {tkv} {dtype} mask {name}");
+            check(&dev, &q, &k, &v, scale, Some(m), false, None, tol, &what);
+        }
+        // Query head 1 sees no key: 0 without sinks; with sinks too (the sink takes all).
+        let mut keep = vec![true; b * nq * tq * tkv];
+        for bi in 0..b {
+            for t in 0..tq {
+                let at = ((bi * nq + 1) * tq + t) * tkv;
+                keep[at..at + tkv].iter_mut().for_each(|x| *x = false);
+            }
+        }
+        let m = Array::from_vec(keep, &[b, nq, tq, tkv]).unwrap();
+        let sinks = randn(&[nq], dtype, seed + 6);
+        for sk in [None, Some(&sinks)] {
+            let what = format!(
+                "mma T_kv {tkv} {dtype} head 1 masked sinks {}",
+                sk.is_some()
+            );
+            let out = check(&dev, &q, &k, &v, scale, Some(&m), false, sk, tol, &what);
+            let o = out.to_f64_vec().unwrap();
+            for bi in 0..b {
+                let at = (bi * nq + 1) * tq * d;
+                assert!(o[at..at + tq * d].iter().all(|&x| x == 0.0), "{what}");
+            }
+        }
+    }
+    // Causal with T_q 8 over 5 keys: positions 0..3 see no key and are 0.
+    let q = randn(&[1, 8, 8, 64], DType::BF16, 14_500);
+    let k = randn(&[1, 2, 5, 64], DType::BF16, 14_501);
+    let v = randn(&[1, 2, 5, 64], DType::BF16, 14_502);
+    let out = check(
+        &dev,
+        &q,
+        &k,
+        &v,
+        0.125,
+        None,
+        true,
+        None,
+        tol,
+        "mma causal 8 x 5",
+    );
+    let o = out.to_f64_vec().unwrap();
+    for h in 0..8 {
+        for t in 0..3 {
+            let row = &o[(h * 8 + t) * 64..][..64];
+            assert!(row.iter().all(|&x| x == 0.0), "row {t} of head {h}");
+        }
+    }
+}
+
 /// Grids of more than 132 blocks in both kernels, and GQA groups larger than a decode block
 /// (MQA with 32 query heads and T_q 8: 256 rows per kv head).
 #[test]

@@ -68,6 +68,14 @@ pub(crate) const ATTN_GENERAL_CU: KernelFile = KernelFile {
 const PRELUDE_NAME: &str = "ferrofast_prelude.cuh";
 const PRELUDE: &str = include_str!("kernels/prelude.cuh");
 
+/// The in-memory header of the tensor-core attention kernels (`attn_prefill.cu`,
+/// `attn_decode.cu`): PTX wrappers and per-tile flash-attention steps.
+const MMA_NAME: &str = "ferrofast_mma.cuh";
+const MMA: &str = include_str!("kernels/mma.cuh");
+
+/// Every in-memory header a built-in kernel file may include, as `(include name, text)`.
+const HEADERS: [(&str, &str); 2] = [(PRELUDE_NAME, PRELUDE), (MMA_NAME, MMA)];
+
 /// Bumped when the cache file layout or the compile options change meaning.
 const CACHE_FORMAT: &[u8; 8] = b"FFCUBIN1";
 
@@ -156,15 +164,7 @@ fn compile_loaded(
     options: &[String],
     arch: &str,
 ) -> Result<Cubin> {
-    compile_program(
-        file.name,
-        file.source,
-        &[(PRELUDE_NAME, PRELUDE)],
-        names,
-        options,
-        arch,
-    )
-    .map_err(|e| match e {
+    compile_program(file.name, file.source, &HEADERS, names, options, arch).map_err(|e| match e {
         CompileFailure::Log(log) => Error::Compile(format!(
             "NVRTC could not compile {} for {arch} with options [{}]:\n{}",
             file.name,
@@ -336,7 +336,9 @@ fn fnv1a128(parts: &[&[u8]]) -> u128 {
 
 /// Everything the compiled image depends on.
 fn cache_key(file: &KernelFile, names: &[String], options: &[String], nvrtc: (i32, i32)) -> String {
-    let source_hash = fnv1a128(&[PRELUDE.as_bytes(), file.source.as_bytes()]);
+    let mut parts: Vec<&[u8]> = HEADERS.iter().map(|(_, text)| text.as_bytes()).collect();
+    parts.push(file.source.as_bytes());
+    let source_hash = fnv1a128(&parts);
     format!(
         "nvrtc {}.{} | {} | {} | {} | {source_hash:032x}",
         nvrtc.0,

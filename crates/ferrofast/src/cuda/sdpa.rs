@@ -4,12 +4,15 @@
 //! The front end (`fast::scaled_dot_product_attention`) validates the call and casts q, k, v,
 //! an additive mask and the sinks to the output dtype ([`Checked`]); the dispatcher picks a
 //! kernel:
-//! - **decode** (`T_q <= 8`, `D` and `D_v` multiples of 8 and at most 256): 16-byte loads of
-//!   K and V, the query heads of a GQA group and all query positions sharing one read of each
-//!   key/value row, split-KV with a combine kernel when the (batch, kv head) pairs alone would
-//!   not fill the GPU. K and V must have unit stride along the features and 16-byte aligned
-//!   rows; other layouts are first copied to row-major on the GPU. q, the mask and the sinks
-//!   are read through their strides.
+//! - **decode** (`T_q <= 8`, `D` and `D_v` multiples of 8 and at most 256): the query heads
+//!   of a GQA group and all query positions sharing one read of each key/value row, split-KV
+//!   with a combine kernel when the (batch, kv head) pairs alone would not fill the GPU. For
+//!   f16 / bf16 with `(D, D_v)` in [`MMA_HEAD_DIMS`] a tensor-core kernel (`mma.sync`, up to
+//!   16 query rows per block, K/V tiles streamed through per-warp cp.async pipelines in
+//!   shared memory); otherwise (f32, other head dims) a SIMT kernel with 16-byte loads of K
+//!   and V into registers. K and V must have unit stride along the features and 16-byte
+//!   aligned rows; other layouts are first copied to row-major on the GPU. q, the mask and the
+//!   sinks are read through their strides.
 //! - **prefill** (`kernels/attn_prefill.cu`, `super::attn_prefill`): flash attention on the
 //!   tensor cores (`mma.sync`) for f16 / bf16 with `(D, D_v)` in (64, 64), (80, 80), (96, 96),
 //!   (128, 128), (256, 256) and (192, 128), every mask kind and sinks;
@@ -18,8 +21,17 @@
 //!   softmax; nothing of size `T_q x T_kv` is stored and nothing is copied.
 //!
 //! Every mask kind (none, lower-right causal, bool, additive with any strides, stride 0
-//! included) and sinks run on both. A row with no visible key and no sink is 0 (the CPU's
-//! rule); `T_kv == 0` gives zeros.
+//! included) and sinks run on every kernel. A row with no visible key and no sink is 0 (the
+//! CPU's rule); `T_kv == 0` gives zeros.
+//!
+//! Tuning knobs (environment variables, read once per process; for measurements, not for
+//! production): `FERROFAST_DECODE_KERNEL=simt` sends f16 / bf16 decode to the SIMT kernel
+//! (`mma`, the default, takes the tensor-core kernel where it applies);
+//! `FERROFAST_DECODE_SPLITS=N` fixes the number of key ranges of the tensor-core decode
+//! (1 to 256; the planner's choice otherwise); `FERROFAST_DECODE_STAGES=N` (2 to 8),
+//! `FERROFAST_DECODE_WARPS=N` (1, 2, 4 or 8), `FERROFAST_DECODE_TILE=N` (keys per warp tile:
+//! 16, 32 or 64) and `FERROFAST_DECODE_LOAD=N` (L2 hint of its K / V copies: 0 none,
+//! 1 256-byte prefetch, 2 evict-first, 3 both) replace the table's values.
 
 use super::copy::type_tag;
 use super::jit::{self, ATTN_DECODE_CU, ATTN_GENERAL_CU};
@@ -29,6 +41,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::fast::{Checked, Mask};
 use crate::Array;
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 
 const OP: &str = "[scaled_dot_product_attention]";
@@ -47,6 +60,60 @@ const MIN_SPLIT_KEYS: usize = 256;
 const SPLIT_ALIGN: usize = 64;
 /// Waves of decode blocks aimed for when splitting the keys.
 const TARGET_WAVES: u64 = 2;
+
+/// `(D, D_v)` pairs the tensor-core decode kernel takes, with its warps per block and
+/// cp.async stages per warp (16-key tiles, L2 hint [`MMA_LOAD`]). Stages are chosen so that
+/// two blocks share a multiprocessor (about 110 KB of shared memory each) except for D = 256
+/// (one block of about 210 KB): about 100 KB of K and V in flight per multiprocessor either
+/// way.
+///
+/// Measured on an H200 for bf16 B8 H32/8 T_kv 32768 D128 (median of the bench, us): 277 for
+/// this table without the L2 hint, 273 with it; 2 stages 276, 4 stages 281; 8 warps of 2
+/// stages (one block per multiprocessor) 271; 2 warps 284; 32-key tiles 277 (4 warps, 2
+/// stages) and 283 (2 warps); 64-key tiles (2 warps) 362. PyTorch 2.11 (cuDNN) 257 in the
+/// same run.
+const MMA_HEAD_DIMS: [((usize, usize), MmaTiles); 6] = [
+    ((64, 64), MmaTiles::new(4, 5)),
+    ((80, 80), MmaTiles::new(4, 4)),
+    ((96, 96), MmaTiles::new(4, 4)),
+    ((128, 128), MmaTiles::new(4, 3)),
+    ((192, 128), MmaTiles::new(4, 2)),
+    ((256, 256), MmaTiles::new(4, 3)),
+];
+
+/// Warps per block, pipeline stages per warp, keys per warp tile and the L2 hint of the K / V
+/// copies (`LD` in the kernel) of one tensor-core decode instantiation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MmaTiles {
+    warps: usize,
+    stages: usize,
+    keys: usize,
+    load: usize,
+}
+
+impl MmaTiles {
+    const fn new(warps: usize, stages: usize) -> Self {
+        MmaTiles {
+            warps,
+            stages,
+            keys: MMA_KEYS,
+            load: MMA_LOAD,
+        }
+    }
+}
+
+/// Query rows per tensor-core decode block (the M of the mma) and keys per warp tile (the
+/// table's; the kernel takes multiples of 16).
+const MMA_ROWS: usize = 16;
+const MMA_KEYS: usize = 16;
+/// The L2 hint of the tensor-core decode's K / V copies (`LD` of the kernel): 3, evict-first
+/// lines with 256-byte prefetch (K and V are streamed once), measured 1.5% faster than none.
+const MMA_LOAD: usize = 3;
+/// Most dynamic shared memory a tensor-core decode block may use (sm_80 and sm_90 allow
+/// 227 KB per block; the kernel's static arrays take 512 bytes more).
+const MMA_MAX_SHARED: usize = 226 * 1024;
+/// Fewest keys a split of the tensor-core kernel is given.
+const MMA_MIN_SPLIT_KEYS: usize = 512;
 
 /// Threads, query rows and output features per block of the general kernel.
 const GENERAL_THREADS: u32 = 128;
@@ -195,6 +262,23 @@ fn decode_variant(dtype: DType, lanes: Lanes, rows: usize) -> String {
     )
 }
 
+fn mma_variant(dtype: DType, d: usize, dv: usize, t: MmaTiles) -> String {
+    format!(
+        "attn_decode_mma<{}, {d}, {dv}, {}, {}, {}, {}>",
+        type_tag(dtype),
+        t.warps,
+        t.stages,
+        t.keys,
+        t.load
+    )
+}
+
+/// Bytes of dynamic shared memory of a tensor-core decode block: the Q tile and
+/// `warps * stages` tiles of `keys` K and V rows, rows padded by 8 elements.
+fn mma_shared_bytes(d: usize, dv: usize, t: MmaTiles, elem: usize) -> usize {
+    (MMA_ROWS * (d + 8) + t.warps * t.stages * t.keys * (d + 8 + dv + 8)) * elem
+}
+
 fn combine_variant(dtype: DType) -> String {
     format!("attn_decode_combine<{}>", type_tag(dtype))
 }
@@ -215,6 +299,11 @@ pub(crate) fn decode_variants() -> Vec<String> {
             }
         }
         out.push(combine_variant(dtype));
+        if matches!(dtype, DType::F16 | DType::BF16) {
+            for &((d, dv), t) in &MMA_HEAD_DIMS {
+                out.push(mma_variant(dtype, d, dv, t));
+            }
+        }
     }
     out
 }
@@ -242,6 +331,86 @@ fn split_plan(t_kv: usize, base_blocks: u64, resident: u64) -> (usize, usize) {
         .max(1)
         .saturating_mul(SPLIT_ALIGN);
     (t_kv.div_ceil(len).max(1), len)
+}
+
+/// The number of key ranges and their length for the tensor-core decode: `base_blocks` blocks
+/// per range, `resident` blocks on the GPU at once. Picks the fewest splits whose grid fills
+/// its last wave of blocks to at least 85% of the best fill any split count reaches (so the
+/// blocks of the last wave do not leave most of the GPU idle), with ranges of at least
+/// [`MMA_MIN_SPLIT_KEYS`] keys; `forced` (the `FERROFAST_DECODE_SPLITS` knob) overrides.
+fn split_plan_mma(
+    t_kv: usize,
+    base_blocks: u64,
+    resident: u64,
+    forced: Option<usize>,
+) -> (usize, usize) {
+    let most = (t_kv / MMA_MIN_SPLIT_KEYS).clamp(1, MAX_SPLITS);
+    let fill = |s: usize| {
+        let waves = (base_blocks.max(1) * s as u64) as f64 / resident.max(1) as f64;
+        waves / waves.ceil()
+    };
+    let wanted = match forced {
+        Some(n) => n.clamp(1, MAX_SPLITS),
+        None if base_blocks >= resident => 1,
+        None => {
+            let best = (1..=most).map(fill).fold(0.0, f64::max);
+            (1..=most).find(|&s| fill(s) >= 0.85 * best).unwrap_or(1)
+        }
+    };
+    let len = t_kv
+        .div_ceil(wanted.max(1))
+        .div_ceil(SPLIT_ALIGN)
+        .max(1)
+        .saturating_mul(SPLIT_ALIGN);
+    (t_kv.div_ceil(len).max(1), len)
+}
+
+/// The tensor-core decode's tiles for `(d, dv)`, if it takes them.
+fn mma_tiles(d: usize, dv: usize) -> Option<MmaTiles> {
+    MMA_HEAD_DIMS
+        .iter()
+        .find(|(dims, _)| *dims == (d, dv))
+        .map(|&(_, t)| t)
+}
+
+/// The `FERROFAST_DECODE_*` knobs (module docs), read once.
+struct DecodeKnobs {
+    simt_only: bool,
+    splits: Option<usize>,
+    stages: Option<usize>,
+    warps: Option<usize>,
+    keys: Option<usize>,
+    load: Option<usize>,
+}
+
+fn decode_knobs() -> &'static DecodeKnobs {
+    static KNOBS: std::sync::OnceLock<DecodeKnobs> = std::sync::OnceLock::new();
+    KNOBS.get_or_init(|| {
+        let num = |name: &str, lo: usize, hi: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|v| (lo..=hi).contains(v))
+        };
+        DecodeKnobs {
+            simt_only: std::env::var("FERROFAST_DECODE_KERNEL")
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("simt")),
+            splits: num("FERROFAST_DECODE_SPLITS", 1, MAX_SPLITS),
+            stages: num("FERROFAST_DECODE_STAGES", 2, 8),
+            warps: num("FERROFAST_DECODE_WARPS", 1, 8).filter(|w| w.is_power_of_two()),
+            keys: num("FERROFAST_DECODE_TILE", 16, 64).filter(|k| [16, 32, 64].contains(k)),
+            load: num("FERROFAST_DECODE_LOAD", 0, 3),
+        }
+    })
+}
+
+/// Which decode kernel a launch uses.
+#[derive(Clone, Copy, Debug)]
+enum DecodeKernel {
+    /// `attn_decode` with this lane layout.
+    Simt(Lanes),
+    /// `attn_decode_mma` with these tiles.
+    Mma(MmaTiles),
 }
 
 /// `v` as an `i32` kernel argument.
@@ -370,10 +539,28 @@ pub(crate) fn scaled_dot_product_attention(
         to_i32(v, what)?;
     }
     if tq <= DECODE_MAX_TQ {
+        let knobs = decode_knobs();
+        if let Some(tiles) = mma_tiles(d, dv)
+            .filter(|_| matches!(dtype, DType::F16 | DType::BF16) && !knobs.simt_only)
+        {
+            let tuned = MmaTiles {
+                warps: knobs.warps.unwrap_or(tiles.warps),
+                stages: knobs.stages.unwrap_or(tiles.stages),
+                keys: knobs.keys.unwrap_or(tiles.keys),
+                load: knobs.load.unwrap_or(tiles.load),
+            };
+            // Knobs asking for more shared memory than a block can have are ignored.
+            let tiles = if mma_shared_bytes(d, dv, tuned, dtype.size()) <= MMA_MAX_SHARED {
+                tuned
+            } else {
+                tiles
+            };
+            return decode(c, scale, stream, DecodeKernel::Mma(tiles));
+        }
         if let Some(lanes) = decode_lanes(dtype, d.max(dv))
             .filter(|_| d % 8 == 0 && dv % 8 == 0 && d.max(dv) <= DECODE_MAX_WIDTH)
         {
-            return decode(c, scale, stream, lanes);
+            return decode(c, scale, stream, DecodeKernel::Simt(lanes));
         }
     }
     // The tensor-core prefill kernel (f16 / bf16, its head dims), then the general kernel for
@@ -421,11 +608,12 @@ fn resident_blocks(
     name: &str,
     func: &CudaFunction,
     threads: u32,
+    smem: usize,
 ) -> Result<u64> {
     type Memo = std::sync::Mutex<std::collections::HashMap<(usize, String), u64>>;
     static MEMO: std::sync::OnceLock<Memo> = std::sync::OnceLock::new();
     let memo = MEMO.get_or_init(Default::default);
-    let key = (device.ordinal(), name.to_string());
+    let key = (device.ordinal(), format!("{name} {smem}"));
     if let Some(&n) = memo.lock().ok().and_then(|m| m.get(&key).copied()).as_ref() {
         return Ok(n);
     }
@@ -435,7 +623,7 @@ fn resident_blocks(
             .context()
             .bind_to_thread()
             .map_err(|e| driver_error("binding the CUDA context", e))?;
-        func.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+        func.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
             .map_err(|e| driver_error("reading a kernel's occupancy", e))
     })?;
     let n = u64::from(per_sm.max(1)) * u64::from(device.sm_count());
@@ -445,7 +633,7 @@ fn resident_blocks(
     Ok(n)
 }
 
-fn decode(c: &Checked, scale: f32, stream: &Stream, lanes: Lanes) -> Result<Array> {
+fn decode(c: &Checked, scale: f32, stream: &Stream, kernel: DecodeKernel) -> Result<Array> {
     let dtype = c.dtype;
     let ordinal = stream.ordinal();
     let device = runtime::device(ordinal)?;
@@ -453,7 +641,10 @@ fn decode(c: &Checked, scale: f32, stream: &Stream, lanes: Lanes) -> Result<Arra
     let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
     let group = nq / nkv;
     let rows = group * tq;
-    let r = rows_per_block(rows);
+    let r = match kernel {
+        DecodeKernel::Simt(_) => rows_per_block(rows),
+        DecodeKernel::Mma(_) => MMA_ROWS,
+    };
     let n_chunks = rows.div_ceil(r);
 
     let k = vector_operand(&c.k, stream)?;
@@ -466,11 +657,30 @@ fn decode(c: &Checked, scale: f32, stream: &Stream, lanes: Lanes) -> Result<Arra
     let mask = mask_arg(c, ordinal)?;
     let sinks = sinks_arg(c, ordinal)?;
 
-    let name = decode_variant(dtype, lanes, r);
+    let (name, threads, smem) = match kernel {
+        DecodeKernel::Simt(lanes) => (decode_variant(dtype, lanes, r), DECODE_THREADS, 0),
+        DecodeKernel::Mma(t) => (
+            mma_variant(dtype, d, dv, t),
+            (32 * t.warps) as u32,
+            mma_shared_bytes(d, dv, t, dtype.size()),
+        ),
+    };
     let func = jit::function(&device, &ATTN_DECODE_CU, &name, &[])?;
+    if smem > 0 {
+        guarded("setting the decode kernel's shared memory size", || {
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| driver_error(&format!("allowing {smem} bytes of shared memory"), e))
+        })?;
+    }
     let base_blocks = (b * nkv * n_chunks) as u64;
-    let resident = resident_blocks(&device, &name, &func, DECODE_THREADS)?;
-    let (n_splits, split_len) = split_plan(tkv, base_blocks, resident);
+    let resident = resident_blocks(&device, &name, &func, threads, smem)?;
+    let (n_splits, split_len) = match kernel {
+        DecodeKernel::Simt(_) => split_plan(tkv, base_blocks, resident),
+        DecodeKernel::Mma(_) => split_plan_mma(tkv, base_blocks, resident, decode_knobs().splits),
+    };
     let blocks = base_blocks * n_splits as u64;
     let blocks = u32::try_from(blocks)
         .ok()
@@ -535,8 +745,8 @@ fn decode(c: &Checked, scale: f32, stream: &Stream, lanes: Lanes) -> Result<Arra
     let cu = stream.cuda();
     let cfg = LaunchConfig {
         grid_dim: (blocks, 1, 1),
-        block_dim: (DECODE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem as u32,
     };
     {
         let mut builder = cu.launch_builder(&func);
@@ -555,8 +765,10 @@ fn decode(c: &Checked, scale: f32, stream: &Stream, lanes: Lanes) -> Result<Arra
             None => builder.arg(&null).arg(&null),
         };
         builder.arg(&params);
-        let what = format!("launching {}", decode_variant(dtype, lanes, r));
-        // SAFETY: the arguments match attn_decode's parameters in order and type. Block
+        let what = format!("launching {name}");
+        // SAFETY: the arguments match the parameters of attn_decode and attn_decode_mma
+        // (the same list) in order and type; the mma kernel uses exactly `smem` bytes of
+        // dynamic shared memory, allowed above. Block
         // (chunk, split, b, kv head) reads q rows (b, h, t) for the h and t of its rows, at
         // the strides of q's view; key and value rows j < T_kv of (b, kv head), D and D_v
         // elements each, at unit stride from 16-byte aligned starts (vector_operand made
@@ -747,6 +959,58 @@ mod tests {
     }
 
     #[test]
+    fn mma_splits_fill_the_last_wave_and_cover_the_keys() {
+        // The decode shape: 64 (batch, kv head) pairs, two blocks per SM on 132 SMs:
+        // 4 ranges of 8192 keys, 256 blocks in one wave of 264.
+        assert_eq!(split_plan_mma(32768, 64, 264, None), (4, 8192));
+        // Enough blocks already: one range.
+        assert_eq!(split_plan_mma(32768, 264, 264, None).0, 1);
+        // Short caches keep ranges of at least MMA_MIN_SPLIT_KEYS keys.
+        assert_eq!(split_plan_mma(300, 1, 264, None).0, 1);
+        assert_eq!(split_plan_mma(1025, 1, 264, None).0, 2);
+        // The knob is obeyed (within 1..=MAX_SPLITS) and never leaves an empty range.
+        assert_eq!(split_plan_mma(32768, 64, 264, Some(16)), (16, 2048));
+        for tkv in [
+            0usize,
+            1,
+            15,
+            16,
+            17,
+            511,
+            512,
+            513,
+            4999,
+            32768,
+            100_000,
+            1 << 22,
+        ] {
+            for base in [1u64, 3, 64, 500, 5000] {
+                for forced in [None, Some(1), Some(7), Some(256)] {
+                    let (n, len) = split_plan_mma(tkv, base, 264, forced);
+                    assert!((1..=MAX_SPLITS).contains(&n), "{tkv} {base} {forced:?}");
+                    assert!(n * len >= tkv && len % SPLIT_ALIGN == 0, "{tkv} {base}");
+                    assert!(n == 1 || (n - 1) * len < tkv, "{tkv} {base}: empty split");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mma_tiles_fit_the_shared_memory() {
+        for &((d, dv), t) in &MMA_HEAD_DIMS {
+            let bytes = mma_shared_bytes(d, dv, t, 2);
+            // 227 KB per block at most; two blocks per SM below 113 KB each.
+            assert!(bytes <= MMA_MAX_SHARED, "({d}, {dv}): {bytes}");
+            assert!(d >= 256 || bytes <= 112 * 1024, "({d}, {dv}): {bytes}");
+            // The end-of-block merge reuses the stages as 16 x D_v f32 per warp.
+            assert!(t.stages * t.keys * (d + 8 + dv + 8) * 2 >= MMA_ROWS * dv * 4);
+            assert_eq!(mma_tiles(d, dv), Some(t));
+        }
+        assert_eq!(mma_tiles(72, 72), None);
+        assert_eq!(mma_tiles(128, 64), None);
+    }
+
+    #[test]
     fn every_plan_has_a_compiled_variant() {
         let all = decode_variants();
         for dtype in DTYPES {
@@ -759,6 +1023,10 @@ mod tests {
             }
             assert!(all.contains(&combine_variant(dtype)));
             assert!(general_variants().contains(&general_variant(dtype)));
+            for &((d, dv), t) in &MMA_HEAD_DIMS {
+                let v = mma_variant(dtype, d, dv, t);
+                assert_eq!(all.contains(&v), dtype != DType::F32, "{v}");
+            }
         }
     }
 }

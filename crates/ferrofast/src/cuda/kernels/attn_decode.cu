@@ -22,7 +22,10 @@
 // Requirements (checked by the launcher): K and V rows have unit stride along the feature
 // axis and every row starts 16-byte aligned; D and D_v are multiples of 8 and at most
 // LPK * VPL * (16 / sizeof(T)). q, the mask and the sinks are read through any strides.
-#include "ferrofast_prelude.cuh"
+//
+// `attn_decode_mma` (end of the file) is the tensor-core version for f16 / bf16 and the
+// head dims of its launcher; `attn_decode` above serves f32 and every other shape.
+#include "ferrofast_mma.cuh"
 
 #define FF_DECODE_WARPS 4
 #define FF_DECODE_THREADS (FF_DECODE_WARPS * 32)
@@ -97,6 +100,44 @@ struct ff_decode_params {
     int split_len;  // keys per range
     float scale_log2;  // scale * log2(e)
 };
+
+// The end of a decode block for one output element: column `c` of output row `orow` (query
+// head `h`) from the block's merged running max `mm` (base 2), sum `lt` and accumulator `a`.
+// With one split: sinks applied, normalised, rounded and stored; with several: the partial
+// accumulator and (max, sum) go to the workspaces for `attn_decode_combine`.
+template <typename T>
+__device__ __forceinline__ void ff_decode_store(float mm,
+                                                float lt,
+                                                float a,
+                                                int c,
+                                                ff_i64_t orow,
+                                                int h,
+                                                int split,
+                                                const typename T::storage* __restrict__ sinks,
+                                                typename T::storage* __restrict__ out,
+                                                float* __restrict__ part_acc,
+                                                float* __restrict__ part_ml,
+                                                const ff_decode_params& p) {
+    if (p.n_splits == 1) {
+        if (p.has_sinks) {
+            const float sk = T::to_f32(sinks[p.s_off + (ff_i64_t)h * p.s_stride]) * FF_LOG2E;
+            const float m2 = fmaxf(mm, sk);
+            const float c1 = mm == FF_NEG_INF ? 0.0f : exp2f(mm - m2);
+            a *= c1;
+            lt = lt * c1 + (sk == FF_NEG_INF ? 0.0f : exp2f(sk - m2));
+            mm = m2;
+        }
+        const float o = (mm == FF_NEG_INF || lt == 0.0f) ? 0.0f : a / lt;
+        out[orow * p.d_v + c] = T::from_f32(o);
+    } else {
+        const ff_i64_t slot = orow * p.n_splits + split;
+        part_acc[slot * p.d_v + c] = a;
+        if (c == 0) {
+            part_ml[2 * slot] = mm;
+            part_ml[2 * slot + 1] = lt;
+        }
+    }
+}
 
 template <typename T, int LPK, int VPL, int R>
 __global__ void __launch_bounds__(FF_DECODE_THREADS)
@@ -363,25 +404,7 @@ __global__ void __launch_bounds__(FF_DECODE_THREADS)
         const int h = kvh * p.group + row / p.t_q;
         const int t = row % p.t_q;
         const ff_i64_t orow = (b * n_q + h) * (ff_i64_t)p.t_q + t;
-        if (p.n_splits == 1) {
-            if (p.has_sinks) {
-                const float sk = T::to_f32(sinks[p.s_off + (ff_i64_t)h * p.s_stride]) * FF_LOG2E;
-                const float m2 = fmaxf(mm, sk);
-                const float c1 = mm == FF_NEG_INF ? 0.0f : exp2f(mm - m2);
-                a *= c1;
-                lt = lt * c1 + (sk == FF_NEG_INF ? 0.0f : exp2f(sk - m2));
-                mm = m2;
-            }
-            const float o = (mm == FF_NEG_INF || lt == 0.0f) ? 0.0f : a / lt;
-            out[orow * p.d_v + c] = T::from_f32(o);
-        } else {
-            const ff_i64_t slot = orow * p.n_splits + split;
-            part_acc[slot * p.d_v + c] = a;
-            if (c == 0) {
-                part_ml[2 * slot] = mm;
-                part_ml[2 * slot + 1] = lt;
-            }
-        }
+        ff_decode_store<T>(mm, lt, a, c, orow, h, split, sinks, out, part_acc, part_ml, p);
     }
 }
 
@@ -445,5 +468,254 @@ __global__ void __launch_bounds__(FF_DECODE_THREADS)
             }
         }
         out[orow * p.d_v + c] = T::from_f32(a * inv);
+    }
+}
+
+// ----- tensor-core decode (f16 / bf16) ------------------------------------------------------
+//
+// The same work split as `attn_decode` (a block per (row chunk, split, kv head, batch); rows
+// are the (query head in group, query position) pairs of a GQA group, so every query row of
+// a kv head shares one read of each key / value row), computed on the tensor cores: the
+// chunk's rows, zero-padded to 16, are the M dimension of mma.sync m16n8k16, keys are N for
+// S = Q K^T and K for O += P V (the fragment steps of `ferrofast_mma.cuh`, as in prefill).
+//
+// Memory: the block's key range is cut into tiles of BN keys; warp w takes tiles w, w + NW,
+// w + 2 NW, ... and streams them through its own ring of ST shared-memory stages (K and V
+// rows of the tile, padded by 8 elements so ldmatrix rows hit distinct banks) filled by
+// cp.async, ST - 1 tiles ahead of the one it computes. Warps never wait for each other in
+// the key loop (each waits on its own cp.async groups and synchronises with __syncwarp), so
+// a block keeps about NW * (ST - 1) tiles of K and V in flight. Keys past the range are
+// zero-filled by cp.async and masked.
+//
+// Each warp keeps its own online-softmax state (running max, sum, f32 accumulator in mma
+// fragments); at the end the warps merge through shared memory (reusing the stages) and
+// the block writes the output or its split's partials exactly as `attn_decode` does.
+//
+// Scores are scaled to base-2 units in f32 (q is not pre-scaled: rounding it to 16 bits
+// would cost accuracy), masked element-wise (range end, lower-right causality per row, the
+// array mask), then exponentiated with ex2. Additive mask entries are clamped to -2e38 like
+// prefill (a row of finfo.min stays a uniform average); -inf drops the key.
+//
+// Shared memory (dynamic): 16 * (D + 8) elements of Q, then NW * ST stages of
+// BN * (D + 8 + DV + 8) elements. LD: the L2 hint of the K / V copies (ff_cp_async16_hint).
+template <typename T, int D, int DV, int NW, int ST, int BN, int LD>
+__global__ void __launch_bounds__(NW * 32)
+    attn_decode_mma(const typename T::storage* __restrict__ q,
+                    const typename T::storage* __restrict__ k,
+                    const typename T::storage* __restrict__ v,
+                    const void* __restrict__ mask,
+                    const typename T::storage* __restrict__ sinks,
+                    typename T::storage* __restrict__ out,
+                    float* __restrict__ part_acc,
+                    float* __restrict__ part_ml,
+                    ff_decode_params p) {
+    typedef typename T::storage S;
+    constexpr int NT = NW * 32;
+    constexpr int QS = D + 8;
+    constexpr int KS = D + 8;
+    constexpr int VS = DV + 8;
+    constexpr int STAGE = BN * (KS + VS);  // elements of one stage
+    static_assert(D % 16 == 0 && DV % 16 == 0 && BN % 16 == 0, "multiples of 16");
+    static_assert(ST >= 2, "at least two stages");
+    static_assert(ST * STAGE * 2 >= 16 * DV * 4, "the merge buffer must fit in the stages");
+
+    extern __shared__ __align__(16) unsigned char ff_dmma_smem[];
+    __shared__ float sm_m[NW][16];
+    __shared__ float sm_l[NW][16];
+    S* sq = (S*)ff_dmma_smem;
+    S* pipe = sq + 16 * QS;
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+
+    ff_i64_t bx = blockIdx.x;
+    const int chunk = (int)(bx % p.n_chunks);
+    bx /= p.n_chunks;
+    const int split = (int)(bx % p.n_splits);
+    bx /= p.n_splits;
+    const int kvh = (int)(bx % p.n_kv);
+    const ff_i64_t b = bx / p.n_kv;
+
+    const int rows_total = p.group * p.t_q;
+    const int row0 = chunk * 16;
+    const int n_rows = min(16, rows_total - row0);
+    const int n_q = p.n_kv * p.group;
+
+    // The block's keys: its split's range, cut at the causal limit of its last query position.
+    const int start = split * p.split_len;
+    int end = min(p.t_kv, start + p.split_len);
+    if (p.causal) {
+        int t_max = 0;
+        for (int r = 0; r < n_rows; ++r) {
+            t_max = max(t_max, (row0 + r) % p.t_q);
+        }
+        end = min(end, p.t_kv - p.t_q + t_max + 1);
+    }
+    const int n_tiles = end > start ? (end - start + BN - 1) / BN : 0;
+    const int my_tiles = warp < n_tiles ? (n_tiles - warp + NW - 1) / NW : 0;
+
+    // This lane's two rows (lane / 4 and lane / 4 + 8): the last key each sees, and the
+    // mask row.
+    int lim[2];
+    ff_i64_t mrow[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const int r = (lane >> 2) + 8 * hf;
+        lim[hf] = -1;
+        mrow[hf] = 0;
+        if (r < n_rows) {
+            const int row = row0 + r;
+            const int h = kvh * p.group + row / p.t_q;
+            const int t = row % p.t_q;
+            lim[hf] = min(end - 1, p.causal ? t + p.t_kv - p.t_q : p.t_kv - 1);
+            mrow[hf] = p.m_off + b * p.m_sb + (ff_i64_t)h * p.m_sh + (ff_i64_t)t * p.m_st;
+        }
+    }
+
+    const S* kb = k + p.k_off + b * p.k_sb + (ff_i64_t)kvh * p.k_sh;
+    const S* vb = v + p.v_off + b * p.v_sb + (ff_i64_t)kvh * p.v_sh;
+    S* wpipe = pipe + warp * ST * STAGE;
+    const ff_u32_t wpipe_u = ff_smem_u32(wpipe);
+    const ff_u32_t q_u = ff_smem_u32(sq);
+    const ff_u64_t policy = LD >= 2 ? ff_evict_first_policy() : 0;
+
+    // Warp-local tile j covers keys start + (warp + j * NW) * BN ...
+    auto load = [&](int j, int stage) {
+        const int key0 = start + (warp + j * NW) * BN;
+        const int valid = min(BN, end - key0);
+        S* dst = wpipe + stage * STAGE;
+        ff_load_tile<S, BN, D, KS, 32, LD>(dst, kb + (ff_i64_t)key0 * p.k_st, p.k_st, valid,
+                                           lane, policy);
+        ff_load_tile<S, BN, DV, VS, 32, LD>(dst + BN * KS, vb + (ff_i64_t)key0 * p.v_st, p.v_st,
+                                            valid, lane, policy);
+    };
+#pragma unroll
+    for (int s = 0; s < ST - 1; ++s) {
+        if (s < my_tiles) {
+            load(s, s);
+        }
+        ff_cp_async_commit();
+    }
+
+    // The Q tile (while the first K / V tiles are on their way): rows past n_rows are zero
+    // (their scores are masked anyway).
+    for (int i = tid; i < 16 * D; i += NT) {
+        const int r = i / D;
+        const int c = i % D;
+        S x = 0;
+        if (r < n_rows) {
+            const int row = row0 + r;
+            const int h = kvh * p.group + row / p.t_q;
+            const int t = row % p.t_q;
+            x = q[p.q_off + b * p.q_sb + (ff_i64_t)h * p.q_sh + (ff_i64_t)t * p.q_st +
+                  (ff_i64_t)c * p.q_sd];
+        }
+        sq[r * QS + c] = x;
+    }
+    __syncthreads();  // the Q tile
+
+    float o[1][DV / 8][4];
+#pragma unroll
+    for (int db = 0; db < DV / 8; ++db) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            o[0][db][e] = 0.0f;
+        }
+    }
+    float m_run[2] = {FF_ATTN_NEG_INF, FF_ATTN_NEG_INF};
+    float l_run[2] = {0.0f, 0.0f};
+    const ff_u8_t* mask_u8 = (const ff_u8_t*)mask;
+    const S* mask_t = (const S*)mask;
+
+    int stage = 0;
+    int fill = ST - 1;  // the stage the next load goes to
+    for (int j = 0; j < my_tiles; ++j) {
+        ff_cp_async_wait<ST - 2>();
+        __syncwarp();
+        // The stage refilled now was read in the previous iteration, before __syncwarp.
+        if (j + ST - 1 < my_tiles) {
+            load(j + ST - 1, fill);
+        }
+        ff_cp_async_commit();
+        fill = fill + 1 == ST ? 0 : fill + 1;
+
+        const ff_u32_t k_u = wpipe_u + (ff_u32_t)(stage * STAGE * 2);
+        float s[1][BN / 8][4];
+        ff_attn_scores<T, D, 1, BN, QS, KS>(s, q_u, k_u, lane);
+
+        const int key0 = start + (warp + j * NW) * BN + 2 * (lane & 3);
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int key = key0 + nb * 8 + e;
+                    float x = s[0][nb][2 * hf + e] * p.scale_log2;
+                    bool keep = key <= lim[hf];
+                    if (p.mask_kind != FF_MASK_NONE && keep) {
+                        const ff_i64_t at = mrow[hf] + (ff_i64_t)key * p.m_sk;
+                        if (p.mask_kind == FF_MASK_BOOL) {
+                            keep = mask_u8[at] != 0;
+                        } else {
+                            const float mv = T::to_f32(mask_t[at]);
+                            x += mv == FF_ATTN_NEG_INF ? mv : fmaxf(mv, -2.0e38f) * FF_ATTN_LOG2E;
+                        }
+                    }
+                    s[0][nb][2 * hf + e] = keep ? x : FF_ATTN_NEG_INF;
+                }
+            }
+        }
+        ff_attn_softmax<DV, 1, BN>(s, o, m_run, l_run, 1.0f);
+        ff_attn_pv<T, DV, 1, BN, VS>(o, s, k_u + (ff_u32_t)(BN * KS * 2), lane);
+        stage = stage + 1 == ST ? 0 : stage + 1;
+    }
+    ff_cp_async_wait<0>();
+    __syncthreads();  // every warp is done with its stages: they become the merge buffer
+
+    // Per warp: the full row sums, then max, sum and accumulator rows to shared memory.
+    float* sm_acc = (float*)pipe;  // [NW][16][DV]
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        float l = l_run[hf];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int r = (lane >> 2) + 8 * hf;
+        if ((lane & 3) == 0) {
+            sm_m[warp][r] = m_run[hf];
+            sm_l[warp][r] = l;
+        }
+        float* arow = sm_acc + (warp * 16 + r) * DV + 2 * (lane & 3);
+#pragma unroll
+        for (int db = 0; db < DV / 8; ++db) {
+            arow[db * 8] = o[0][db][2 * hf];
+            arow[db * 8 + 1] = o[0][db][2 * hf + 1];
+        }
+    }
+    __syncthreads();
+
+    // Merge the warps; one thread per (row, feature).
+    for (int idx = tid; idx < n_rows * DV; idx += NT) {
+        const int r = idx / DV;
+        const int c = idx % DV;
+        float mm = FF_NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            mm = fmaxf(mm, sm_m[w][r]);
+        }
+        float lt = 0.0f;
+        float a = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float cw = sm_m[w][r] == FF_NEG_INF ? 0.0f : exp2f(sm_m[w][r] - mm);
+            lt += sm_l[w][r] * cw;
+            a += sm_acc[(w * 16 + r) * DV + c] * cw;
+        }
+        const int row = row0 + r;
+        const int h = kvh * p.group + row / p.t_q;
+        const int t = row % p.t_q;
+        const ff_i64_t orow = (b * n_q + h) * (ff_i64_t)p.t_q + t;
+        ff_decode_store<T>(mm, lt, a, c, orow, h, split, sinks, out, part_acc, part_ml, p);
     }
 }

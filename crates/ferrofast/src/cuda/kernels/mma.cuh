@@ -1,0 +1,309 @@
+// Tensor-core building blocks shared by the attention kernels (`attn_prefill.cu`,
+// `attn_decode.cu`), handed to NVRTC as the in-memory header "ferrofast_mma.cuh": PTX
+// wrappers (cp.async, ldmatrix, mma.sync m16n8k16 for f16 / bf16, ex2), the cp.async tile
+// loader, and the per-tile steps of a flash-attention loop (S = Q K^T, online softmax,
+// O += P V) on fragments of 16 query rows. Like the prelude it includes no CUDA headers.
+//
+// Fragment layout of the m16n8k16 accumulator (C / D), per lane: elements 0, 1 are row
+// lane / 4, columns 2 * (lane % 4) + {0, 1} of an 8-column block; elements 2, 3 the same
+// columns of row lane / 4 + 8.
+#pragma once
+
+#include "ferrofast_prelude.cuh"
+
+#define FF_ATTN_LOG2E 1.4426950408889634f
+#define FF_ATTN_NEG_INF __int_as_float(0xff800000)
+
+// ----- PTX wrappers -------------------------------------------------------------------------
+
+__device__ __forceinline__ ff_u32_t ff_smem_u32(const void* p) {
+    ff_u32_t a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global -> shared; `src_bytes` 0 zero-fills the destination without reading.
+__device__ __forceinline__ void ff_cp_async16(ff_u32_t dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+}
+
+// ff_cp_async16 with an L2 hint (LD): 0 none; 1 prefetch the surrounding 256 bytes into L2;
+// 2 the cache policy `policy` (ff_evict_first_policy: streamed data read once); 3 both.
+template <int LD>
+__device__ __forceinline__ void ff_cp_async16_hint(ff_u32_t dst, const void* src, int src_bytes,
+                                                   ff_u64_t policy) {
+    if (LD == 1) {
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst),
+                     "l"(src), "r"(src_bytes)
+                     : "memory");
+    } else if (LD == 2) {
+        asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(
+                         dst),
+                     "l"(src), "r"(src_bytes), "l"(policy)
+                     : "memory");
+    } else if (LD == 3) {
+        asm volatile(
+            "cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(
+                dst),
+            "l"(src), "r"(src_bytes), "l"(policy)
+            : "memory");
+    } else {
+        ff_cp_async16(dst, src, src_bytes);
+    }
+}
+
+// An L2 cache policy that evicts the lines it is attached to first.
+__device__ __forceinline__ ff_u64_t ff_evict_first_policy() {
+    ff_u64_t policy;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    return policy;
+}
+
+__device__ __forceinline__ void ff_cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void ff_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ff_ldmatrix_x4(ff_u32_t (&r)[4], ff_u32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ff_ldmatrix_x4_trans(ff_u32_t (&r)[4], ff_u32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ float ff_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The tensor-core instruction and the f32 -> 16-bit pair conversion per input type.
+template <typename T>
+struct ff_attn_mma;
+
+template <>
+struct ff_attn_mma<ff_bf16> {
+    __device__ static __forceinline__ void mma(float (&d)[4], const ff_u32_t (&a)[4], ff_u32_t b0,
+                                               ff_u32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    // lo in the low half, hi in the high half, each rounded to nearest even.
+    __device__ static __forceinline__ ff_u32_t pack(float lo, float hi) {
+        ff_u32_t r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+
+template <>
+struct ff_attn_mma<ff_f16> {
+    __device__ static __forceinline__ void mma(float (&d)[4], const ff_u32_t (&a)[4], ff_u32_t b0,
+                                               ff_u32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ static __forceinline__ ff_u32_t pack(float lo, float hi) {
+        ff_u32_t r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+
+// ----- tile loads ---------------------------------------------------------------------------
+
+// Issues cp.async for a ROWS x COLS tile (COLS a multiple of 8) whose row r starts at
+// g + r * g_stride, into shared memory rows of STRIDE elements. Rows >= rows_valid are
+// zero-filled (their source address is clamped to row 0, which exists, and never read).
+// When the block's threads cover whole rows (NT a multiple of COLS / 8), each thread keeps
+// one column and steps a single pointer down the rows: the compiler then has no per-chunk
+// 64-bit addresses to hoist out of the key loop (they cost registers the MMAs need).
+//
+// LD and `policy`: the L2 hint of every copy (ff_cp_async16_hint).
+template <typename S, int ROWS, int COLS, int STRIDE, int NT, int LD = 0>
+__device__ __forceinline__ void ff_load_tile(S* smem, const S* g, ff_i64_t g_stride,
+                                             int rows_valid, int tid, ff_u64_t policy = 0) {
+    constexpr int CH = COLS / 8;
+    constexpr int TOTAL = ROWS * CH;
+    const ff_u32_t base = ff_smem_u32(smem);
+    if (NT % CH == 0 && TOTAL % NT == 0) {
+        constexpr int STEP = NT / CH;
+        const int r0 = tid / CH;
+        const int col = (tid % CH) * 8;
+        const S* src = g + (ff_i64_t)r0 * g_stride + col;
+        const ff_i64_t step = (ff_i64_t)STEP * g_stride;
+        const ff_u32_t dst = base + (ff_u32_t)((r0 * STRIDE + col) * 2);
+#pragma unroll
+        for (int i = 0; i < TOTAL / NT; ++i) {
+            const bool ok = r0 + i * STEP < rows_valid;
+            ff_cp_async16_hint<LD>(dst + (ff_u32_t)(i * STEP * STRIDE * 2), ok ? src : g,
+                                   ok ? 16 : 0, policy);
+            src += step;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < (TOTAL + NT - 1) / NT; ++i) {
+            const int c = tid + i * NT;
+            if (TOTAL % NT == 0 || c < TOTAL) {
+                const int r = c / CH;
+                const int col = (c % CH) * 8;
+                const bool ok = r < rows_valid;
+                const S* src = g + (ok ? (ff_i64_t)r * g_stride : (ff_i64_t)0) + col;
+                ff_cp_async16_hint<LD>(base + (ff_u32_t)((r * STRIDE + col) * 2), src,
+                                       ok ? 16 : 0, policy);
+            }
+        }
+    }
+}
+
+// ----- per-tile math ------------------------------------------------------------------------
+
+// s[ms][nb][e] += Q (this warp's MS slabs of 16 rows) times K^T for one tile of BN keys.
+// Accumulator layout (mma C fragment): e = 0, 1 -> row lane/4, key nb*8 + 2*(lane%4) + e;
+// e = 2, 3 -> row lane/4 + 8, same keys.
+template <typename T, int D, int MS, int BN, int QS, int KS>
+__device__ __forceinline__ void ff_attn_scores(float (&s)[MS][BN / 8][4], ff_u32_t q_rows,
+                                               ff_u32_t k_tile, int lane) {
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[ms][nb][e] = 0.0f;
+            }
+        }
+    }
+    // ldmatrix lane addresses: A (Q) row lane%16, column half lane/16; B (K) key row
+    // (lane%8) + 8 * (lane/16), column half (lane/8)%2.
+    const ff_u32_t a_addr = q_rows + (ff_u32_t)(((lane & 15) * QS + (lane >> 4) * 8) * 2);
+    const ff_u32_t b_addr =
+        k_tile + (ff_u32_t)((((lane & 7) + ((lane >> 4) << 3)) * KS + ((lane >> 3) & 1) * 8) * 2);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        ff_u32_t a[MS][4];
+#pragma unroll
+        for (int ms = 0; ms < MS; ++ms) {
+            ff_ldmatrix_x4(a[ms], a_addr + (ff_u32_t)((ms * 16 * QS + kk * 16) * 2));
+        }
+#pragma unroll
+        for (int nn = 0; nn < BN / 16; ++nn) {
+            ff_u32_t b[4];
+            ff_ldmatrix_x4(b, b_addr + (ff_u32_t)((nn * 16 * KS + kk * 16) * 2));
+#pragma unroll
+            for (int ms = 0; ms < MS; ++ms) {
+                ff_attn_mma<T>::mma(s[ms][2 * nn], a[ms], b[0], b[1]);
+                ff_attn_mma<T>::mma(s[ms][2 * nn + 1], a[ms], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// P (s already exponentiated) rounded to T as mma A fragments: p[ms][kb] covers keys
+// 16 * kb .. 16 * kb + 15 of slab ms.
+template <typename T, int MS, int BN>
+__device__ __forceinline__ void ff_attn_pack(ff_u32_t (&p)[MS][BN / 16][4],
+                                             const float (&s)[MS][BN / 8][4]) {
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int kb = 0; kb < BN / 16; ++kb) {
+            p[ms][kb][0] = ff_attn_mma<T>::pack(s[ms][2 * kb][0], s[ms][2 * kb][1]);
+            p[ms][kb][1] = ff_attn_mma<T>::pack(s[ms][2 * kb][2], s[ms][2 * kb][3]);
+            p[ms][kb][2] = ff_attn_mma<T>::pack(s[ms][2 * kb + 1][0], s[ms][2 * kb + 1][1]);
+            p[ms][kb][3] = ff_attn_mma<T>::pack(s[ms][2 * kb + 1][2], s[ms][2 * kb + 1][3]);
+        }
+    }
+}
+
+// o[ms][db][e] += P V for one tile of BN keys, P packed by ff_attn_pack.
+template <typename T, int DV, int MS, int BN, int VS>
+__device__ __forceinline__ void ff_attn_pv_packed(float (&o)[MS][DV / 8][4],
+                                                  const ff_u32_t (&p)[MS][BN / 16][4],
+                                                  ff_u32_t v_tile, int lane) {
+    // ldmatrix.trans lane addresses: key row (lane%8) + 8 * ((lane/8)%2), column half lane/16.
+    const ff_u32_t b_addr =
+        v_tile + (ff_u32_t)((((lane & 7) + (((lane >> 3) & 1) << 3)) * VS + (lane >> 4) * 8) * 2);
+#pragma unroll
+    for (int kb = 0; kb < BN / 16; ++kb) {
+#pragma unroll
+        for (int dd = 0; dd < DV / 16; ++dd) {
+            ff_u32_t b[4];
+            ff_ldmatrix_x4_trans(b, b_addr + (ff_u32_t)((kb * 16 * VS + dd * 16) * 2));
+#pragma unroll
+            for (int ms = 0; ms < MS; ++ms) {
+                ff_attn_mma<T>::mma(o[ms][2 * dd], p[ms][kb], b[0], b[1]);
+                ff_attn_mma<T>::mma(o[ms][2 * dd + 1], p[ms][kb], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// o[ms][db][e] += P V for one tile of BN keys; P is s (already exponentiated) rounded to T.
+template <typename T, int DV, int MS, int BN, int VS>
+__device__ __forceinline__ void ff_attn_pv(float (&o)[MS][DV / 8][4],
+                                           const float (&s)[MS][BN / 8][4], ff_u32_t v_tile,
+                                           int lane) {
+    ff_u32_t p[MS][BN / 16][4];
+    ff_attn_pack<T, MS, BN>(p, s);
+    ff_attn_pv_packed<T, DV, MS, BN, VS>(o, p, v_tile, lane);
+}
+
+// Online softmax step: new running max per row, rescale of o and the partial sums, and
+// s <- 2^(s * mul - max). `m` and `l` hold per row (index 2 * ms + hf) the running max in
+// base-2 units (same on the row's four lanes) and this lane's partial sum. `mul` is 1 when
+// s is already in base-2 units (the masking path) or scale * log2(e) > 0 for raw scores:
+// then the max is taken on the raw scores and the scaling folds into the exponent's FFMA.
+template <int DV, int MS, int BN>
+__device__ __forceinline__ void ff_attn_softmax(float (&s)[MS][BN / 8][4],
+                                                float (&o)[MS][DV / 8][4], float (&m)[2 * MS],
+                                                float (&l)[2 * MS], float mul) {
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int r = 2 * ms + hf;
+            float mx = FF_ATTN_NEG_INF;
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb) {
+                mx = fmaxf(mx, fmaxf(s[ms][nb][2 * hf], s[ms][nb][2 * hf + 1]));
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(m[r], mx * mul);
+            const float ref = mx == FF_ATTN_NEG_INF ? 0.0f : mx;
+            const float alpha = ff_exp2(m[r] - ref);
+            m[r] = mx;
+            float sum = 0.0f;
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb) {
+                const float p0 = ff_exp2(fmaf(s[ms][nb][2 * hf], mul, -ref));
+                const float p1 = ff_exp2(fmaf(s[ms][nb][2 * hf + 1], mul, -ref));
+                s[ms][nb][2 * hf] = p0;
+                s[ms][nb][2 * hf + 1] = p1;
+                sum += p0 + p1;
+            }
+            l[r] = l[r] * alpha + sum;
+#pragma unroll
+            for (int db = 0; db < DV / 8; ++db) {
+                o[ms][db][2 * hf] *= alpha;
+                o[ms][db][2 * hf + 1] *= alpha;
+            }
+        }
+    }
+}
