@@ -63,20 +63,21 @@ const TARGET_WAVES: u64 = 2;
 
 /// `(D, D_v)` pairs the tensor-core decode kernel takes, with its warps per block and
 /// cp.async stages per warp (16-key tiles, L2 hint [`MMA_LOAD`]). Stages are chosen so that
-/// two blocks share a multiprocessor (about 110 KB of shared memory each) except for D = 256
-/// (one block of about 210 KB): about 100 KB of K and V in flight per multiprocessor either
-/// way.
+/// two blocks share a multiprocessor (about 110 KB of shared memory each) except for D = 128
+/// (8 warps of 2 stages, one block of about 135 KB) and D = 256 (one block of about 210 KB):
+/// about 100 KB of K and V in flight per multiprocessor either way.
 ///
 /// Measured on an H200 for bf16 B8 H32/8 T_kv 32768 D128 (median of the bench, us): 277 for
 /// this table without the L2 hint, 273 with it; 2 stages 276, 4 stages 281; 8 warps of 2
 /// stages (one block per multiprocessor) 271; 2 warps 284; 32-key tiles 277 (4 warps, 2
 /// stages) and 283 (2 warps); 64-key tiles (2 warps) 362. PyTorch 2.11 (cuDNN) 257 in the
-/// same run.
+/// same run. On an H100 (run 16), 8 warps of 2 stages 371 / 372 against 383 / 383 for 4 warps
+/// of 3 stages, PyTorch 366: hence the D = 128 row.
 const MMA_HEAD_DIMS: [((usize, usize), MmaTiles); 6] = [
     ((64, 64), MmaTiles::new(4, 5)),
     ((80, 80), MmaTiles::new(4, 4)),
     ((96, 96), MmaTiles::new(4, 4)),
-    ((128, 128), MmaTiles::new(4, 3)),
+    ((128, 128), MmaTiles::new(8, 2)),
     ((192, 128), MmaTiles::new(4, 2)),
     ((256, 256), MmaTiles::new(4, 3)),
 ];
@@ -999,9 +1000,11 @@ mod tests {
     fn mma_tiles_fit_the_shared_memory() {
         for &((d, dv), t) in &MMA_HEAD_DIMS {
             let bytes = mma_shared_bytes(d, dv, t, 2);
-            // 227 KB per block at most; two blocks per SM below 113 KB each.
+            // 227 KB per block at most; two blocks per SM below 113 KB each, except the rows
+            // planned as one block per SM (D = 256, and D = 128 with 8 warps).
             assert!(bytes <= MMA_MAX_SHARED, "({d}, {dv}): {bytes}");
-            assert!(d >= 256 || bytes <= 112 * 1024, "({d}, {dv}): {bytes}");
+            let one_block = d >= 256 || (d == 128 && t.warps == 8);
+            assert!(one_block || bytes <= 112 * 1024, "({d}, {dv}): {bytes}");
             // The end-of-block merge reuses the stages as 16 x D_v f32 per warp.
             assert!(t.stages * t.keys * (d + 8 + dv + 8) * 2 >= MMA_ROWS * dv * 4);
             assert_eq!(mma_tiles(d, dv), Some(t));
