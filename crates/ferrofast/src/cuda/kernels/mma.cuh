@@ -1,8 +1,8 @@
 // Tensor-core building blocks shared by the attention kernels (`attn_prefill.cu`,
 // `attn_decode.cu`), handed to NVRTC as the in-memory header "ferrofast_mma.cuh": PTX
 // wrappers (cp.async, ldmatrix, mma.sync m16n8k16 for f16 / bf16, ex2), the cp.async tile
-// loader, and the per-tile steps of a flash-attention loop (S = Q K^T, online softmax,
-// O += P V) on fragments of 16 query rows. Like the prelude it includes no CUDA headers.
+// loader, and the per-tile steps of a flash-attention loop (S = Q K^T, masking, online
+// softmax, O += P V) on fragments of 16 query rows. Like the prelude it includes no CUDA headers.
 //
 // Fragment layout of the m16n8k16 accumulator (C / D), per lane: elements 0, 1 are row
 // lane / 4, columns 2 * (lane % 4) + {0, 1} of an 8-column block; elements 2, 3 the same
@@ -303,6 +303,130 @@ __device__ __forceinline__ void ff_attn_softmax(float (&s)[MS][BN / 8][4],
             for (int db = 0; db < DV / 8; ++db) {
                 o[ms][db][2 * hf] *= alpha;
                 o[ms][db][2 * hf + 1] *= alpha;
+            }
+        }
+    }
+}
+
+// ----- masking and the online softmax of the prefill kernels ------------------------------
+// (attn_prefill.cu, attn_prefill_sm90.cu: the accumulator layout of one m16n8k16 tile is
+// also that of each warp's 16 rows of a wgmma m64nNk16 accumulator.)
+
+// Scores to base-2 units, with every mask applied: bounds (key < T_kv), causality, and the
+// array mask. `row0` is the query index of this lane's first row (row lane/4 of slab 0),
+// `col0` the key index of its first column.
+template <typename T, int MS, int BN, int MASK>
+__device__ __forceinline__ void ff_attn_mask(float (&s)[MS][BN / 8][4], float scale_log2,
+                                             int row0, int col0, int Tq, int Tkv, bool causal,
+                                             int diag, const void* mask_ptr, ff_i64_t m_sq,
+                                             ff_i64_t m_sk) {
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int row = row0 + ms * 16 + hf * 8;
+            const bool row_ok = row < Tq;
+            // Columns col0 + c with c <= limit are inside the keys and the causal band.
+            const int limit = (causal ? min(Tkv - 1, row + diag) : Tkv - 1) - col0;
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = col0 + nb * 8 + e;
+                    float x = s[ms][nb][2 * hf + e] * scale_log2;
+                    bool keep = nb * 8 + e <= limit;
+                    if (MASK != 0 && keep && row_ok) {
+                        const ff_i64_t at = (ff_i64_t)row * m_sq + (ff_i64_t)col * m_sk;
+                        if (MASK == 1) {
+                            keep = ((const ff_u8_t*)mask_ptr)[at] != 0;
+                        } else {
+                            const float m = T::to_f32(((const typename T::storage*)mask_ptr)[at]);
+                            // Finite values are clamped so that 2^x stays finite in f32 (a
+                            // row of finfo.min entries stays a uniform average); -inf drops
+                            // the key.
+                            x += m == FF_ATTN_NEG_INF ? m : fmaxf(m, -2.0e38f) * FF_ATTN_LOG2E;
+                        }
+                    }
+                    s[ms][nb][2 * hf + e] = keep ? x : FF_ATTN_NEG_INF;
+                }
+            }
+        }
+    }
+}
+
+// Online softmax, first half: new running max per row and s <- 2^(s * mul - ref), with the
+// partial sums updated. `m` and `l` hold per row (index 2 * ms + hf) the running max in
+// base-2 units (same on the row's four lanes) and this lane's partial sum; `alpha` receives
+// the factor the row's accumulators must be multiplied by (2^(old ref - new ref)). `mul` is
+// 1 when s is already in base-2 units (the masking path) or scale * log2(e) > 0 for raw
+// scores: then the max is taken on the raw scores and the scaling folds into the
+// exponent's FFMA.
+//
+// LAZY keeps a row's reference (its max so far) until the tile's max exceeds it by more than
+// FF_ATTN_SLACK (base-2 units): the exponentials stay below 2^SLACK, which f32 sums and
+// f16 / bf16 P carry with no loss of relative precision, and most tiles then need no
+// rescaling of the accumulators at all. Returns whether this lane's rows moved their
+// reference (the accumulators need the rescale).
+#define FF_ATTN_SLACK 8.0f
+
+template <int MS, int BN, bool LAZY>
+__device__ __forceinline__ bool ff_attn_exp(float (&s)[MS][BN / 8][4], float (&m)[2 * MS],
+                                            float (&l)[2 * MS], float (&alpha)[2 * MS],
+                                            float mul) {
+    bool moved = false;
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int r = 2 * ms + hf;
+            float mx = FF_ATTN_NEG_INF;
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb) {
+                mx = fmaxf(mx, fmaxf(s[ms][nb][2 * hf], s[ms][nb][2 * hf + 1]));
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float m_new = fmaxf(m[r], mx * mul);
+            if (LAZY) {
+                // -inf + SLACK is -inf: a row's first finite score always moves it.
+                m_new = m_new > m[r] + FF_ATTN_SLACK ? m_new : m[r];
+            }
+            // A row whose every score so far is -inf uses 0 as its reference (no inf - inf).
+            const float ref = m_new == FF_ATTN_NEG_INF ? 0.0f : m_new;
+            alpha[r] = ff_exp2(m[r] - ref);
+            moved = moved || m_new != m[r];
+            m[r] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb) {
+                const float p0 = ff_exp2(fmaf(s[ms][nb][2 * hf], mul, -ref));
+                const float p1 = ff_exp2(fmaf(s[ms][nb][2 * hf + 1], mul, -ref));
+                s[ms][nb][2 * hf] = p0;
+                s[ms][nb][2 * hf + 1] = p1;
+                sum += p0 + p1;
+            }
+            l[r] = l[r] * alpha[r] + sum;
+        }
+    }
+    return moved;
+}
+
+// Online softmax, second half: o *= alpha per row. LAZY skips it when no row of the warp
+// moved its reference (alpha is then 1 everywhere; the vote keeps the branch uniform).
+template <int DV, int MS, bool LAZY>
+__device__ __forceinline__ void ff_attn_rescale(float (&o)[MS][DV / 8][4],
+                                                const float (&alpha)[2 * MS], bool moved) {
+    if (LAZY && !__any_sync(0xffffffffu, moved)) {
+        return;
+    }
+#pragma unroll
+    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+#pragma unroll
+            for (int db = 0; db < DV / 8; ++db) {
+                o[ms][db][2 * hf] *= alpha[2 * ms + hf];
+                o[ms][db][2 * hf + 1] *= alpha[2 * ms + hf];
             }
         }
     }
