@@ -26,42 +26,60 @@ pub(crate) struct KernelFile {
     pub(crate) name: &'static str,
     /// CUDA C++ source.
     pub(crate) source: &'static str,
+    /// The exact architecture the file is compiled for when it is not the device's own:
+    /// `sm_90a` for kernels using instructions only the architecture-specific target has
+    /// (wgmma, setmaxnreg). Its launcher runs it only on devices of that architecture.
+    pub(crate) arch: Option<&'static str>,
 }
 
 /// `kernels/attn_prefill.cu`: flash-attention forward on the tensor cores (`mma.sync`).
 pub(crate) const ATTN_PREFILL_CU: KernelFile = KernelFile {
     name: "attn_prefill.cu",
     source: include_str!("kernels/attn_prefill.cu"),
+    arch: None,
+};
+
+/// `kernels/attn_prefill_sm90.cu`: flash-attention forward for Hopper (TMA, wgmma), built
+/// for `sm_90a` only.
+pub(crate) const ATTN_PREFILL_SM90_CU: KernelFile = KernelFile {
+    name: "attn_prefill_sm90.cu",
+    source: include_str!("kernels/attn_prefill_sm90.cu"),
+    arch: Some("sm_90a"),
 };
 
 /// `kernels/copy.cu`: strided copy with dtype conversion.
 pub(crate) const COPY_CU: KernelFile = KernelFile {
     name: "copy.cu",
     source: include_str!("kernels/copy.cu"),
+    arch: None,
 };
 
 /// `kernels/norm.cu`: RMS norm and layer norm forward.
 pub(crate) const NORM_CU: KernelFile = KernelFile {
     name: "norm.cu",
     source: include_str!("kernels/norm.cu"),
+    arch: None,
 };
 
 /// `kernels/rope.cu`: rotary positional embedding forward.
 pub(crate) const ROPE_CU: KernelFile = KernelFile {
     name: "rope.cu",
     source: include_str!("kernels/rope.cu"),
+    arch: None,
 };
 
 /// `kernels/attn_decode.cu`: attention decode (split-KV) and its combine kernel.
 pub(crate) const ATTN_DECODE_CU: KernelFile = KernelFile {
     name: "attn_decode.cu",
     source: include_str!("kernels/attn_decode.cu"),
+    arch: None,
 };
 
 /// `kernels/attn_general.cu`: attention for any shape, head dims and strides.
 pub(crate) const ATTN_GENERAL_CU: KernelFile = KernelFile {
     name: "attn_general.cu",
     source: include_str!("kernels/attn_general.cu"),
+    arch: None,
 };
 
 /// The in-memory header every kernel file includes.
@@ -498,7 +516,7 @@ pub(crate) fn function(
     {
         return Ok(f.clone());
     }
-    let arch = device.arch();
+    let arch = file.arch.map_or_else(|| device.arch(), str::to_string);
     let options = options_for(&arch, extra_options);
     let names = [name_expr.to_string()];
     let key = cache_key(file, &names, &options, nvrtc_version()?);
@@ -763,7 +781,8 @@ pub(crate) fn binary_function(
 pub struct KernelCheck {
     /// The `.cu` file.
     pub file: &'static str,
-    /// The architecture it was compiled for.
+    /// The architecture it was compiled for: the one asked for, or the file's own
+    /// architecture-specific target (`sm_90a`).
     pub arch: String,
     /// Number of template instantiations compiled.
     pub variants: usize,
@@ -775,7 +794,9 @@ pub struct KernelCheck {
 
 /// Compiles every built-in CUDA kernel, every variant the launchers can ask for, to CUBIN
 /// for `arch` (`"sm_80"`, `"sm_90"`, ...). Needs libnvrtc but no GPU: CI runs it to prove the
-/// kernels compile. Bypasses the caches.
+/// kernels compile. Bypasses the caches. Files built for one architecture-specific target
+/// (the Hopper attention kernel, `sm_90a`) are compiled for it when `arch` is `sm_90` or
+/// `sm_90a` and left out otherwise; their [`KernelCheck::arch`] names that target.
 ///
 /// # Errors
 /// `Error::CudaUnavailable` without libnvrtc; `Error::Compile` with NVRTC's log for the
@@ -783,6 +804,10 @@ pub struct KernelCheck {
 pub fn check_builtin_kernels(arch: &str) -> Result<Vec<KernelCheck>> {
     let files = [
         (ATTN_PREFILL_CU, super::attn_prefill::all_variants()),
+        (
+            ATTN_PREFILL_SM90_CU,
+            super::attn_prefill_sm90::all_variants(),
+        ),
         (COPY_CU, super::copy::all_variants()),
         (NORM_CU, super::norm::all_variants()),
         (ROPE_CU, super::rope::all_variants()),
@@ -794,7 +819,11 @@ pub fn check_builtin_kernels(arch: &str) -> Result<Vec<KernelCheck>> {
     let results: Vec<Result<KernelCheck>> = std::thread::scope(|scope| {
         let handles: Vec<_> = files
             .iter()
-            .map(|(file, variants)| scope.spawn(move || check_file(file, variants, arch)))
+            .filter(|(file, _)| file.arch.is_none() || matches!(arch, "sm_90" | "sm_90a"))
+            .map(|(file, variants)| {
+                let arch = file.arch.unwrap_or(arch);
+                scope.spawn(move || check_file(file, variants, arch))
+            })
             .collect();
         handles
             .into_iter()

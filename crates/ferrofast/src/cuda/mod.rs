@@ -11,11 +11,13 @@
 //! [`layer_norm_on`]) for callers that have already cast their inputs, the rope kernel
 //! ([`rope()`], [`rope_on`]) for callers that have already validated their arguments,
 //! attention ([`scaled_dot_product_attention()`], [`scaled_dot_product_attention_on`]), the
-//! kernel compile check CI runs ([`check_builtin_kernels`]) and a debugging switch
-//! ([`poison_gpu_buffers`]). Most users only need [`Device::cuda`](crate::Device::cuda) and
+//! kernel compile check CI runs ([`check_builtin_kernels`]), a debugging switch
+//! ([`poison_gpu_buffers`]) and a report of the experimental prefill knob
+//! ([`hopper_prefill_selected`]). Most users only need [`Device::cuda`](crate::Device::cuda) and
 //! the ops in [`fast`](crate::fast), which dispatch here for GPU arrays.
 
 pub(crate) mod attn_prefill;
+pub(crate) mod attn_prefill_sm90;
 pub(crate) mod copy;
 pub(crate) mod jit;
 pub(crate) mod memory;
@@ -33,6 +35,16 @@ pub use runtime::Stream;
 use crate::error::Result;
 use crate::fast::Mask;
 use crate::Array;
+
+/// Whether attention prefill on CUDA device `ordinal` takes the experimental Hopper kernel
+/// (`kernels/attn_prefill_sm90.cu`) for the cases it covers: true when the environment
+/// variable `FERROFAST_PREFILL_KERNEL` is `sm90` and the device has compute capability 9.0.
+/// False when the device cannot be reached. Tests and benchmarks use it to report which
+/// kernel ran.
+pub fn hopper_prefill_selected(ordinal: usize) -> bool {
+    attn_prefill_sm90::requested()
+        && runtime::device(ordinal).is_ok_and(|d| attn_prefill_sm90::supported_arch(&d.arch()))
+}
 
 /// Scaled dot-product attention on the CUDA device of `q`, on the stream that produced `q`:
 /// the kernels behind [`fast::scaled_dot_product_attention`](crate::fast::scaled_dot_product_attention)

@@ -1,0 +1,332 @@
+//! Launcher for `kernels/attn_prefill_sm90.cu`: an experimental Hopper (compute capability
+//! 9.0, compiled for `sm_90a`) flash-attention forward with TMA loads, an mbarrier pipeline,
+//! warp specialisation and warpgroup MMA (`wgmma`).
+//!
+//! **Experimental, off by default.** Prefill takes this kernel only when the environment
+//! variable `FERROFAST_PREFILL_KERNEL=sm90` is set, the device is compute capability 9.0 and
+//! the case is covered; everything else (and any case where building its TMA descriptors
+//! fails) uses the `mma.sync` kernel of [`super::attn_prefill`]. A second knob,
+//! `FERROFAST_SM90_PV_N=128`, makes each `P V` product one `m64n128k16` wgmma spanning both
+//! 64-column panels of V (through the descriptor's leading byte offset) instead of two
+//! `m64n64k16` ones; it exists to measure that variant.
+//!
+//! Covered: f16 and bf16; `D = D_v` in {64, 128}; no mask or causal (lower-right aligned);
+//! no sinks; grouped-query and multi-query heads; any `T_q`, `T_kv` (ragged ends are
+//! zero-filled by TMA and masked). Inputs are read in place when `vector_operand` accepts
+//! them (last axis contiguous, 16-byte aligned rows and strides), else copied first.
+//!
+//! # Design
+//!
+//! - **Tiles.** One block per (128 query rows, query head, batch); 128 keys per key tile.
+//!   Shared memory holds the Q tile and a ring of two stages each of K and V (160 KB at
+//!   D = 128, 80 KB at D = 64), all in the 128-byte swizzled layout TMA writes and wgmma
+//!   reads: 64-column panels, 1024-byte aligned.
+//! - **Warpgroups.** Three per block (384 threads). Warpgroup 0 is the producer: it drops to
+//!   24 registers per thread (`setmaxnreg.dec`) and one thread issues every TMA copy
+//!   (`cp.async.bulk.tensor.4d` through tensor maps over `[B, H, T, D]` built on the host
+//!   with `cuTensorMapEncodeTiled`, passed as `__grid_constant__` parameters), waiting on a
+//!   stage's "empty" mbarrier before refilling it. Warpgroups 1 and 2 are consumers with 240
+//!   registers per thread (`setmaxnreg.inc`), 64 query rows each.
+//! - **Per key tile (consumer).** Wait on the K stage's "full" mbarrier (transaction bytes);
+//!   `S = Q K^T` as eight (D = 128) `wgmma.m64n128k16` with both operands read from shared
+//!   memory through K-major descriptors; release K; mask only the tiles that cross the
+//!   causal diagonal or the end of the keys; online softmax in f32 in base-2 units with lazy
+//!   rescaling (the steps of the `mma.sync` kernel, shared through `mma.cuh`: the wgmma
+//!   accumulator of each warp has the m16n8k16 fragment layout); P rounded to f16 / bf16 in
+//!   registers; wait for V; `O += P V` with wgmma taking P from registers and V from shared
+//!   memory through an MN-major (transposed) descriptor; release V.
+//! - **Registers.** A consumer thread holds S (64 f32), O (`D_v / 2` f32), P (32 words) and
+//!   the softmax state; NVRTC / ptxas report 168 registers at launch (the 384-thread bound)
+//!   and no spills for every variant.
+//!
+//! Not yet done (next steps towards cuDNN-class speed): overlapping a warpgroup's softmax
+//! with its next `Q K^T` (two S buffers), ping-pong scheduling of the two consumer
+//! warpgroups with named barriers, a TMA store epilogue, clusters with TMA multicast of K/V.
+//!
+//! # Verified and not
+//!
+//! Verified without a GPU: every variant compiles with NVRTC for `sm_90a` with no register
+//! spills (`tests/cuda_kernels_compile.rs`). Not yet verified: that it runs and matches the
+//! float64 oracle on an H100 (`tests/cuda_sdpa_prefill_sm90.rs` does that through the knob),
+//! its speed, and in particular the wgmma descriptor encodings (128-byte swizzle, the
+//! MN-major V descriptor) and the TMA tensor maps for strided views.
+
+use super::copy::type_tag;
+use super::jit::{self, ATTN_PREFILL_SM90_CU};
+use super::memory::CudaBuffer;
+use super::runtime::{driver_error, guarded, Stream};
+use super::sdpa::{buffer, strides4, vector_operand};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::fast::sdpa::Checked;
+use crate::Array;
+use cudarc::driver::sys::{
+    self, CUfunction_attribute, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill,
+    CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+};
+use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// The environment variable that selects a prefill kernel; `sm90` selects this one.
+pub(crate) const KERNEL_KNOB: &str = "FERROFAST_PREFILL_KERNEL";
+
+/// The environment variable that selects the N of the `P V` wgmma (64 or 128).
+const PV_N_KNOB: &str = "FERROFAST_SM90_PV_N";
+
+/// Query rows per block and keys per tile (fixed in the kernel).
+const BM: usize = 128;
+/// Threads per block: one producer and two consumer warpgroups.
+const THREADS: u32 = 384;
+/// Kernel flag: lazy rescaling.
+const LAZY: u32 = 1;
+
+/// Whether the knob asks for this kernel.
+pub(crate) fn requested() -> bool {
+    std::env::var(KERNEL_KNOB).is_ok_and(|v| v == "sm90")
+}
+
+/// Whether this kernel runs on a device of architecture `arch` (NVRTC's name, `sm_90`).
+pub(crate) fn supported_arch(arch: &str) -> bool {
+    arch == "sm_90"
+}
+
+fn pv_n(d: usize) -> usize {
+    if d == 128 && std::env::var(PV_N_KNOB).is_ok_and(|v| v == "128") {
+        128
+    } else {
+        64
+    }
+}
+
+fn variant(dtype: DType, d: usize, pvn: usize) -> String {
+    format!("attn_prefill_sm90<{}, {d}, {pvn}, {LAZY}>", type_tag(dtype))
+}
+
+/// Every instantiation of `attn_prefill_sm90.cu` a launch can ask for.
+pub(crate) fn all_variants() -> Vec<String> {
+    let mut out = Vec::new();
+    for dtype in [DType::F16, DType::BF16] {
+        for (d, pvns) in [(64, &[64][..]), (128, &[64, 128][..])] {
+            for &pvn in pvns {
+                out.push(variant(dtype, d, pvn));
+            }
+        }
+    }
+    out
+}
+
+/// Bytes of dynamic shared memory of a block (the kernel's `FF_SM90_SMEM_BYTES`): alignment
+/// slack, the Q tile, two K and two V stages, nine mbarriers.
+fn shared_bytes(d: usize) -> usize {
+    1024 + 128 * d * 2 * 5 + 9 * 8
+}
+
+/// A `CUtensorMap` as a kernel argument (the kernel's `ff_tensor_map`, 128 bytes).
+#[repr(transparent)]
+struct TensorMapArg(CUtensorMap);
+
+// SAFETY: `CUtensorMap` is a plain `repr(C)` block of 16 u64 the kernel takes by value.
+unsafe impl DeviceRepr for TensorMapArg {}
+
+/// A tiled tensor map over the `[B, H, T, D]` operand `a` (16-bit elements, last axis
+/// contiguous, strides multiples of 16 bytes) at device address `address` (its first
+/// element): boxes of 64 x 128 x 1 x 1 elements, 128-byte swizzle, zero fill out of bounds.
+/// `None` when the driver rejects the description.
+fn tensor_map(a: &Array, address: u64, dtype: DType) -> Result<Option<TensorMapArg>> {
+    let shape = a.shape();
+    let s = strides4(a);
+    let elem = dtype.size() as u64;
+    // Dimensions innermost first: D, T, H, B.
+    let dims: [u64; 4] = [shape[3], shape[2], shape[1], shape[0]].map(|x| x as u64);
+    // Byte strides of T, H, B; a size-1 axis (stride 0 in `strides4`) gets the stride it
+    // would have in a packed tensor, as the driver wants strides that are multiples of 16.
+    let mut strides = [0u64; 3];
+    let mut packed = dims[0] * elem;
+    for i in 0..3 {
+        let st = s[2 - i];
+        if st < 0 {
+            return Ok(None);
+        }
+        strides[i] = if dims[i + 1] <= 1 || st == 0 {
+            packed.next_multiple_of(16)
+        } else {
+            st as u64 * elem
+        };
+        packed = strides[i] * dims[i + 1];
+    }
+    if strides.iter().any(|&x| x % 16 != 0 || x >= 1 << 40) || address % 16 != 0 {
+        return Ok(None);
+    }
+    let data_type = match dtype {
+        DType::BF16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let boxes: [u32; 4] = [64, BM as u32, 1, 1];
+    let element_strides: [u32; 4] = [1; 4];
+    // SAFETY: an all-zero CUtensorMap is a valid value to be overwritten by the driver.
+    let mut map: CUtensorMap = unsafe { std::mem::zeroed() };
+    let status = guarded("encoding a TMA tensor map", || {
+        // SAFETY: every pointer is to a live local array of the rank (4) or rank - 1 (3)
+        // entries the call reads; the driver writes only `map`. It does not access the
+        // global memory at `address`.
+        Ok(unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map,
+                data_type,
+                4,
+                address as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                element_strides.as_ptr(),
+                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        })
+    })?;
+    Ok((status == sys::CUresult::CUDA_SUCCESS).then_some(TensorMapArg(map)))
+}
+
+fn to_i32(v: usize) -> Option<i32> {
+    i32::try_from(v).ok()
+}
+
+/// Flash-attention forward of checked arguments `c` on `stream` with the Hopper kernel,
+/// when the knob [`KERNEL_KNOB`] asks for it (see the module docs): same contract and
+/// results (to rounding) as [`super::attn_prefill::prefill`].
+///
+/// Returns `Ok(None)` when the knob is not set, the device is not compute capability 9.0,
+/// the case is not covered (see the module docs), sizes pass the kernel's 32-bit indices or
+/// the grid's limits, or the driver rejects a tensor map; the caller then uses the
+/// `mma.sync` kernel. Otherwise `Ok(Some(out))`, a new row-major array of shape
+/// `c.out_shape` and dtype `c.dtype`, produced on `stream`.
+///
+/// # Errors
+/// `Error::Device` when an input lives on another device than `stream`; compile and driver
+/// errors.
+pub(crate) fn prefill(c: &Checked, scale: f32, stream: &Stream) -> Result<Option<Array>> {
+    if !requested() {
+        return Ok(None);
+    }
+    let dtype = c.dtype;
+    let [batch, n_q, t_q, dv] = c.out_shape;
+    let (n_kv, t_kv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
+    if !matches!(dtype, DType::F16 | DType::BF16)
+        || d != dv
+        || !matches!(d, 64 | 128)
+        || c.mask.is_some()
+        || c.sinks.is_some()
+        || batch == 0
+        || n_q == 0
+        || t_q == 0
+        || n_kv == 0
+    {
+        return Ok(None);
+    }
+    let ordinal = stream.ordinal();
+    let device = buffer(&c.q, "q", ordinal)?.device().clone();
+    if !supported_arch(&device.arch()) {
+        return Ok(None);
+    }
+    buffer(&c.k, "k", ordinal)?;
+    buffer(&c.v, "v", ordinal)?;
+    let m_tiles = t_q.div_ceil(BM);
+    let (Some(tq), Some(tkv), Some(nq)) = (to_i32(t_q), to_i32(t_kv), to_i32(n_q)) else {
+        return Ok(None);
+    };
+    if n_q > 65535 || batch > 65535 || m_tiles > i32::MAX as usize || t_kv == 0 {
+        return Ok(None);
+    }
+
+    let q = vector_operand(&c.q, stream)?;
+    let k = vector_operand(&c.k, stream)?;
+    let v = vector_operand(&c.v, stream)?;
+    let (qb, kb, vb) = (
+        buffer(&q, "q", ordinal)?,
+        buffer(&k, "k", ordinal)?,
+        buffer(&v, "v", ordinal)?,
+    );
+    let cu = stream.cuda();
+    let elem = dtype.size() as u64;
+    // The device addresses; the records make `stream` wait for pending writes now and
+    // record the kernel's reads when dropped after the launch.
+    let (q_ptr, _q_rec) = qb.slice().device_ptr(cu);
+    let (k_ptr, _k_rec) = kb.slice().device_ptr(cu);
+    let (v_ptr, _v_rec) = vb.slice().device_ptr(cu);
+    let maps = (
+        tensor_map(&q, q_ptr + q.offset() as u64 * elem, dtype)?,
+        tensor_map(&k, k_ptr + k.offset() as u64 * elem, dtype)?,
+        tensor_map(&v, v_ptr + v.offset() as u64 * elem, dtype)?,
+    );
+    let (Some(tm_q), Some(tm_k), Some(tm_v)) = maps else {
+        return Ok(None);
+    };
+
+    let name = variant(dtype, d, pv_n(d));
+    let func = jit::function(&device, &ATTN_PREFILL_SM90_CU, &name, &[])?;
+    let smem = shared_bytes(d);
+    guarded("setting the attention kernel's shared memory size", || {
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| driver_error(&format!("allowing {smem} bytes of shared memory"), e))
+    })?;
+
+    let n_out = batch * n_q * t_q * dv;
+    let mut out = CudaBuffer::alloc(&device, stream, dtype, n_out)?;
+    let cfg = LaunchConfig {
+        grid_dim: (m_tiles as u32, n_q as u32, batch as u32),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let group = to_i32(n_q / n_kv)
+        .ok_or_else(|| Error::invalid(format!("{n_q} query heads over {n_kv} key heads")))?;
+    let causal = i32::from(c.causal);
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let mut builder = cu.launch_builder(&func);
+    builder
+        .arg(&tm_q)
+        .arg(&tm_k)
+        .arg(&tm_v)
+        .arg(out.slice_mut())
+        .arg(&nq)
+        .arg(&group)
+        .arg(&tq)
+        .arg(&tkv)
+        .arg(&causal)
+        .arg(&scale_log2);
+    let what = format!("launching {name}");
+    // SAFETY: the arguments match the kernel's parameters in order and type (three 128-byte
+    // tensor maps by value, the output pointer, six scalars). The tensor maps describe
+    // exactly the q, k and v views (shape and byte strides, from their live buffers at their
+    // offsets), so every TMA copy reads inside them; boxes past T are zero-filled by the
+    // hardware without reading. Block (x, h, b) reads q head h and k / v head h / group
+    // (< N_kv, as N_q = group * N_kv) of batch b. The output holds B * N_q * T_q * D
+    // elements and block (x, h, b) writes rows below T_q of (b, h) only. Shared memory: the
+    // kernel uses exactly `smem` bytes, allowed above.
+    guarded(&what, || {
+        unsafe { builder.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| driver_error(&what, e))
+    })?;
+    Ok(Some(Array::from_cuda_buffer(out, &c.out_shape)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_and_shared_memory_fit_the_kernel() {
+        let all = all_variants();
+        assert_eq!(all.len(), 6);
+        assert!(all.contains(&"attn_prefill_sm90<ff_bf16, 128, 64, 1>".to_string()));
+        assert!(all.contains(&"attn_prefill_sm90<ff_f16, 128, 128, 1>".to_string()));
+        // One block per multiprocessor: at most 227 KB of shared memory.
+        assert_eq!(shared_bytes(128), 164_936);
+        assert!(shared_bytes(128) <= 227 * 1024);
+        assert!(supported_arch("sm_90") && !supported_arch("sm_80") && !supported_arch("sm_100"));
+    }
+}
