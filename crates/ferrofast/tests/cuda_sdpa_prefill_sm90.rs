@@ -1,5 +1,5 @@
-//! The experimental Hopper prefill kernel (`kernels/attn_prefill_sm90.cu`, selected by
-//! `FERROFAST_PREFILL_KERNEL=sm90` on compute capability 9.0) against the float64 oracle on
+//! The Hopper prefill kernel (`kernels/attn_prefill_sm90.cu`, the default on compute
+//! capability 9.0; `FERROFAST_PREFILL_KERNEL=mma` turns it off) against the float64 oracle on
 //! every shape it covers: f16 and bf16, D = D_v in {64, 128}, causal and not, grouped and
 //! multi-query heads, sequence lengths that are not multiples of the 128-row tiles,
 //! T_q != T_kv both ways, strided (`[B, T, H, D]`) views and a negative scale. Output buffers
@@ -102,16 +102,16 @@ fn hopper_kernel_through_the_knob_matches_the_oracle() {
     poison_gpu_buffers(true);
 
     // 1. The knob switches kernels: same inputs, bitwise different outputs on sm_90.
-    std::env::remove_var(KNOB);
+    std::env::set_var(KNOB, "mma");
     assert!(!hopper_prefill_selected(0));
     let probe = case(&dev, DType::BF16, 1, (2, 2), 256, 256, 128, false, 7);
-    let before = run_gpu(&probe, 0.088, false, "probe, knob off")
+    let before = run_gpu(&probe, 0.088, false, "probe, mma.sync kernel")
         .to_f64_vec()
         .unwrap();
-    std::env::set_var(KNOB, "sm90");
+    std::env::remove_var(KNOB);
     let active = hopper_prefill_selected(0);
     println!("Hopper prefill kernel selected: {active}");
-    let after = run_gpu(&probe, 0.088, false, "probe, knob on")
+    let after = run_gpu(&probe, 0.088, false, "probe, default kernel")
         .to_f64_vec()
         .unwrap();
     if active {

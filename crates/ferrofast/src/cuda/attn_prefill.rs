@@ -12,12 +12,11 @@
 //! tf32 or split-bf16 tiles to keep its accuracy; it goes to the general kernel), other head
 //! dims, and sizes past the kernel's 32-bit indices or the grid's limits.
 //!
-//! Experimental knob: with `FERROFAST_PREFILL_KERNEL=sm90` in the environment, on a device
-//! of compute capability 9.0 (H100 / H200), the cases the Hopper kernel covers (f16 / bf16,
-//! `D = D_v` in {64, 128}, no array mask, no sinks) take `kernels/attn_prefill_sm90.cu`
-//! (TMA, warp specialisation, wgmma; see [`super::attn_prefill_sm90`]) instead. It is not
-//! yet validated on a GPU and is off by default; any other value, or no value, keeps this
-//! kernel.
+//! On a device of compute capability 9.0 (H100 / H200), the cases the Hopper kernel covers
+//! (f16 / bf16, `D = D_v` in {64, 128}, no array mask, no sinks) take
+//! `kernels/attn_prefill_sm90.cu` instead (TMA, warp specialisation, wgmma; see
+//! [`super::attn_prefill_sm90`]). `FERROFAST_PREFILL_KERNEL=mma` in the environment keeps
+//! every case on this kernel.
 
 use super::copy::type_tag;
 use super::jit::{self, ATTN_PREFILL_CU};
@@ -149,7 +148,8 @@ fn to_i32(v: usize) -> Option<i32> {
 /// `Error::Device` when an input lives on another device than `stream`; compile and driver
 /// errors.
 pub(crate) fn prefill(c: &Checked, scale: f32, stream: &Stream) -> Result<Option<Array>> {
-    // The experimental Hopper kernel, when the knob asks for it and it covers the case.
+    // The Hopper kernel on compute capability 9.0, unless the knob says `mma`, where it
+    // covers the case.
     if let Some(out) = super::attn_prefill_sm90::prefill(c, scale, stream)? {
         return Ok(Some(out));
     }

@@ -12,7 +12,7 @@
 //! ([`rope()`], [`rope_on`]) for callers that have already validated their arguments,
 //! attention ([`scaled_dot_product_attention()`], [`scaled_dot_product_attention_on`]), the
 //! kernel compile check CI runs ([`check_builtin_kernels`]), a debugging switch
-//! ([`poison_gpu_buffers`]) and a report of the experimental prefill knob
+//! ([`poison_gpu_buffers`]) and a report of which prefill kernel Hopper devices take
 //! ([`hopper_prefill_selected`]). Most users only need [`Device::cuda`](crate::Device::cuda) and
 //! the ops in [`fast`](crate::fast), which dispatch here for GPU arrays.
 
@@ -36,9 +36,10 @@ use crate::error::Result;
 use crate::fast::Mask;
 use crate::Array;
 
-/// Whether attention prefill on CUDA device `ordinal` takes the experimental Hopper kernel
-/// (`kernels/attn_prefill_sm90.cu`) for the cases it covers: true when the environment
-/// variable `FERROFAST_PREFILL_KERNEL` is `sm90` and the device has compute capability 9.0.
+/// Whether attention prefill on CUDA device `ordinal` takes the Hopper kernel
+/// (`kernels/attn_prefill_sm90.cu`) for the cases it covers: true when the device has
+/// compute capability 9.0, unless the environment variable `FERROFAST_PREFILL_KERNEL` is
+/// `mma`.
 /// False when the device cannot be reached. Tests and benchmarks use it to report which
 /// kernel ran.
 pub fn hopper_prefill_selected(ordinal: usize) -> bool {
