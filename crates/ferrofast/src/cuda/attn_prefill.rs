@@ -22,12 +22,14 @@ use super::copy::type_tag;
 use super::jit::{self, ATTN_PREFILL_CU};
 use super::memory::CudaBuffer;
 use super::runtime::{driver_error, guarded, Stream};
-use super::sdpa::{buffer, mask_arg, sinks_arg, strides4, vector_operand, MASK_BOOL, MASK_NONE};
+use super::sdpa::{
+    allow_shared_memory, buffer, mask_arg, sinks_arg, strides4, vector_operand, MASK_BOOL,
+    MASK_NONE,
+};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::fast::sdpa::Checked;
 use crate::Array;
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// Tile shape of one instantiation: `slabs` groups of 16 query rows per warp, `warps` warps
@@ -129,7 +131,8 @@ fn layout(a: &Array) -> [i64; 4] {
     [a.offset() as i64, s[0], s[1], s[2]]
 }
 
-fn to_i32(v: usize) -> Option<i32> {
+/// `v` as the kernels' 32-bit index type, if it fits.
+pub(super) fn to_i32(v: usize) -> Option<i32> {
     i32::try_from(v).ok()
 }
 
@@ -211,13 +214,7 @@ fn prefill_with(c: &Checked, scale: f32, stream: &Stream, tiles: Tiles) -> Resul
     let name = variant(dtype, d, dv, tiles, mask_kind);
     let func = jit::function(&device, &ATTN_PREFILL_CU, &name, &[])?;
     let smem = shared_bytes(d, dv, tiles, dtype.size());
-    guarded("setting the attention kernel's shared memory size", || {
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(|e| driver_error(&format!("allowing {smem} bytes of shared memory"), e))
-    })?;
+    allow_shared_memory(&func, smem, "the attention kernel")?;
 
     let mut out = CudaBuffer::alloc(&device, stream, dtype, n_out)?;
     let cfg = LaunchConfig {

@@ -53,18 +53,19 @@
 //! runs 18-19). bf16 B4 H32 T4096 D128 measured 528 TFLOP/s (causal 471) against 346 (314)
 //! for the `mma.sync` kernel in the same call.
 
+use super::attn_prefill::to_i32;
 use super::copy::type_tag;
 use super::jit::{self, ATTN_PREFILL_SM90_CU};
 use super::memory::CudaBuffer;
 use super::runtime::{driver_error, guarded, Stream};
-use super::sdpa::{buffer, strides4, vector_operand};
+use super::sdpa::{allow_shared_memory, buffer, strides4, vector_operand};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::fast::sdpa::Checked;
 use crate::Array;
 use cudarc::driver::sys::{
-    self, CUfunction_attribute, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill,
-    CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+    self, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
+    CUtensorMapL2promotion, CUtensorMapSwizzle,
 };
 use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -191,15 +192,11 @@ fn tensor_map(a: &Array, address: u64, dtype: DType) -> Result<Option<TensorMapA
     Ok((status == sys::CUresult::CUDA_SUCCESS).then_some(TensorMapArg(map)))
 }
 
-fn to_i32(v: usize) -> Option<i32> {
-    i32::try_from(v).ok()
-}
-
-/// Flash-attention forward of checked arguments `c` on `stream` with the Hopper kernel,
-/// when the knob [`KERNEL_KNOB`] asks for it (see the module docs): same contract and
-/// results (to rounding) as [`super::attn_prefill::prefill`].
+/// Flash-attention forward of checked arguments `c` on `stream` with the Hopper kernel (see
+/// the module docs): same contract and results (to rounding) as
+/// [`super::attn_prefill::prefill`].
 ///
-/// Returns `Ok(None)` when the knob is not set, the device is not compute capability 9.0,
+/// Returns `Ok(None)` when the knob [`KERNEL_KNOB`] is `mma`, the device is not compute capability 9.0,
 /// the case is not covered (see the module docs), sizes pass the kernel's 32-bit indices or
 /// the grid's limits, or the driver rejects a tensor map; the caller then uses the
 /// `mma.sync` kernel. Otherwise `Ok(Some(out))`, a new row-major array of shape
@@ -269,13 +266,7 @@ pub(crate) fn prefill(c: &Checked, scale: f32, stream: &Stream) -> Result<Option
     let name = variant(dtype, d, pv_n(d));
     let func = jit::function(&device, &ATTN_PREFILL_SM90_CU, &name, &[])?;
     let smem = shared_bytes(d);
-    guarded("setting the attention kernel's shared memory size", || {
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(|e| driver_error(&format!("allowing {smem} bytes of shared memory"), e))
-    })?;
+    allow_shared_memory(&func, smem, "the Hopper attention kernel")?;
 
     let n_out = batch * n_q * t_q * dv;
     let mut out = CudaBuffer::alloc(&device, stream, dtype, n_out)?;

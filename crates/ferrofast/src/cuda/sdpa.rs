@@ -424,6 +424,18 @@ fn to_i32(v: usize, what: &str) -> Result<i32> {
 }
 
 /// The device buffer of `a`, which must be on CUDA device `ordinal`.
+/// Lets `func` use `bytes` of dynamic shared memory (above the 48 KB default), checked by the
+/// driver against the device; `what` names the kernel in the error.
+pub(super) fn allow_shared_memory(func: &CudaFunction, bytes: usize, what: &str) -> Result<()> {
+    guarded(&format!("setting {what}'s shared memory size"), || {
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(|e| driver_error(&format!("allowing {bytes} bytes of shared memory"), e))
+    })
+}
+
 pub(super) fn buffer<'a>(a: &'a Array, name: &str, ordinal: usize) -> Result<&'a CudaBuffer> {
     let buf = a.cuda_buffer().ok_or_else(|| {
         Error::Device(format!(
@@ -668,13 +680,7 @@ fn decode(c: &Checked, scale: f32, stream: &Stream, kernel: DecodeKernel) -> Res
     };
     let func = jit::function(&device, &ATTN_DECODE_CU, &name, &[])?;
     if smem > 0 {
-        guarded("setting the decode kernel's shared memory size", || {
-            func.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(|e| driver_error(&format!("allowing {smem} bytes of shared memory"), e))
-        })?;
+        allow_shared_memory(&func, smem, "the decode kernel")?;
     }
     let base_blocks = (b * nkv * n_chunks) as u64;
     let resident = resident_blocks(&device, &name, &func, threads, smem)?;
