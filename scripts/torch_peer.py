@@ -108,6 +108,14 @@ def main():
     print(f"peer: torch {torch.__version__} on {torch.cuda.get_device_name()}")
     print(f"{'op':<12} {'shape':<28} {'dtype':<9} {'ours':>10} {'torch':>10} {'variant':>9} {'ours/torch':>10}")
     rows = []
+    # The copy ceiling seen by PyTorch: y.copy_(x) on the bench's 256 MiB f32 buffer.
+    n = 64 << 20
+    x = torch.randn(n, device="cuda")
+    y = torch.empty_like(x)
+    t = median_ms(lambda: y.copy_(x)) * 1e-3
+    torch_copy = 2.0 * n * 4 / t / 1e9
+    print(f"copy (256 MiB f32, read + write): torch {torch_copy:.0f} GB/s, ours {ours.get('copy_gbs', 0.0):.0f} GB/s")
+    del x, y
     for r in ours["results"]:
         for name, fn in peer_fns(r["op"], r["shape"], r["dtype"]):
             try:
@@ -122,7 +130,7 @@ def main():
                 extra = f"  ours {r['value']:.1f} TFLOP/s, torch {r['value'] * ratio:.1f} TFLOP/s"
             print(f"{r['op']:<12} {r['shape']:<28} {r['dtype']:<9} {r['median_s']*1e3:>8.3f}ms {t*1e3:>8.3f}ms {name:>9} {ratio:>10.2f}{extra}")
     if out_path:
-        json.dump({"ours": ours, "rows": rows}, open(out_path, "w"), indent=1)
+        json.dump({"ours": ours, "torch_copy_gbs": torch_copy, "rows": rows}, open(out_path, "w"), indent=1)
     return 0
 
 
