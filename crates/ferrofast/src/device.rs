@@ -83,6 +83,25 @@ impl Device {
         }
     }
 
+    /// Waits for all work on the device, then hands the GPU memory that ferrofast's pool
+    /// holds for reuse (freed arrays' memory) back to the driver, so other processes and
+    /// libraries can have it. Freed memory is otherwise kept: allocating it again is far
+    /// cheaper than mapping fresh pages. An allocation that runs out of memory does this by
+    /// itself before it retries once. A no-op for the CPU.
+    ///
+    /// # Errors
+    /// The error of failed asynchronous GPU work; as [`Device::cuda`] for a CUDA device that
+    /// cannot be reached.
+    pub fn release_cached_memory(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => crate::cuda::runtime::device(*i)?.release_cached_memory(),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(i) => Device::cuda(*i).map(|_| ()),
+        }
+    }
+
     /// The device's default stream, where uploads and ops go unless another
     /// [`Stream`](crate::Stream) is named.
     ///

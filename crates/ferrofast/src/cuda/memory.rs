@@ -5,7 +5,7 @@ use crate::array::{dispatch_dtype, CpuData};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::Array;
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::driver::{sys, CudaSlice, DevicePtr};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -67,15 +67,23 @@ impl CudaBuffer {
         // A zero-byte stream-ordered allocation is an error in the driver; keep one byte.
         let bytes = bytes.max(1);
         let cu = stream.cuda();
-        let mut data = guarded("allocating GPU memory", || {
+        let attempt = || {
             // SAFETY: the memory is uninitialised bytes; every reader of a buffer reads only
             // elements a kernel or copy has written (or the 0xFF poison).
-            unsafe { cu.alloc::<u8>(bytes) }.map_err(|e| {
-                driver_error(
-                    &format!("allocating {bytes} bytes on cuda:{}", device.ordinal()),
-                    e,
-                )
-            })
+            unsafe { cu.alloc::<u8>(bytes) }
+        };
+        let mut data = guarded("allocating GPU memory", || {
+            let what = format!("allocating {bytes} bytes on cuda:{}", device.ordinal());
+            match attempt() {
+                Ok(d) => Ok(d),
+                // The pool keeps freed memory for reuse; when that memory is what stands in
+                // the way, hand it back and try once more.
+                Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                    device.release_cached_memory()?;
+                    attempt().map_err(|e| driver_error(&what, e))
+                }
+                Err(e) => Err(driver_error(&what, e)),
+            }
         })?;
         if poison_flag().load(Ordering::Relaxed) {
             let (ptr, _record) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut data, cu);

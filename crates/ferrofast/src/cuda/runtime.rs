@@ -306,6 +306,10 @@ pub(crate) struct CudaDevice {
     default_stream: Stream,
     compute_capability: (i32, i32),
     sm_count: u32,
+    /// The device's default memory pool, which stream-ordered allocations draw from (`None`
+    /// where the device has no memory pools). Stored as an address: the handle is only
+    /// passed back to the driver.
+    pool: Option<usize>,
     /// Kernels loaded into this context, by cache key (see `jit`).
     pub(crate) functions: Mutex<HashMap<String, CudaFunction>>,
 }
@@ -349,6 +353,28 @@ impl CudaDevice {
         self.sm_count
     }
 
+    /// Returns the memory the default pool holds beyond what live allocations use to the
+    /// driver, after waiting for all work on the device (frees are stream-ordered).
+    ///
+    /// # Errors
+    /// Driver errors from the synchronisation or the trim.
+    pub(crate) fn release_cached_memory(&self) -> Result<()> {
+        self.ctx
+            .synchronize()
+            .map_err(|e| driver_error(&format!("synchronising cuda:{}", self.ordinal), e))?;
+        if let Some(pool) = self.pool {
+            self.ctx
+                .bind_to_thread()
+                .map_err(|e| driver_error("binding the CUDA context", e))?;
+            // SAFETY: `pool` is the default pool of this device, which lives as long as the
+            // process.
+            unsafe { sys::cuMemPoolTrimTo(pool as sys::CUmemoryPool, 0) }
+                .result()
+                .map_err(|e| driver_error("trimming the GPU memory pool", e))?;
+        }
+        self.check_recorded_error()
+    }
+
     /// Reports an error the driver recorded asynchronously (in a destructor, say).
     pub(crate) fn check_recorded_error(&self) -> Result<()> {
         self.ctx
@@ -386,6 +412,7 @@ pub(crate) fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| driver_error("reading the multiprocessor count", e))?;
+        let pool = keep_freed_memory(&ctx)?;
         let default_stream = Stream {
             ordinal,
             inner: ctx.default_stream(),
@@ -396,11 +423,43 @@ pub(crate) fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
             default_stream,
             compute_capability,
             sm_count: sm_count.max(1) as u32,
+            pool,
             functions: Mutex::new(HashMap::new()),
         }))
     })?;
     devices.insert(ordinal, Arc::clone(&dev));
     Ok(dev)
+}
+
+/// Makes the device's default memory pool keep freed memory for reuse instead of returning
+/// it to the driver at every synchronisation (the driver's default release threshold is 0,
+/// which makes the next allocation after a sync map fresh pages). Returns the pool, or `None`
+/// where the device has no memory pools. [`CudaDevice::release_cached_memory`] gives the
+/// memory back on request, and an allocation that runs out of memory does so before retrying.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<Option<usize>> {
+    let supported = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+        .map_err(|e| driver_error("reading memory-pool support", e))?;
+    if supported == 0 {
+        return Ok(None);
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer and the device handle comes from a live context.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(|e| driver_error("getting the default memory pool", e))?;
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the release threshold attribute takes a pointer to a cuuint64_t.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .map_err(|e| driver_error("setting the memory pool's release threshold", e))?;
+    Ok(Some(pool as usize))
 }
 
 /// The CUDA device behind `device`, or an error for the CPU.
