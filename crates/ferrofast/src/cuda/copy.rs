@@ -39,76 +39,9 @@ fn variant(src: DType, dst: DType, wide: bool) -> String {
     )
 }
 
-/// Loads in flight per thread of `copy_vec16`, by instantiation.
-const VEC16_UNROLLS: [u32; 4] = [1, 2, 4, 8];
-
-/// How a contiguous same-dtype copy of `bytes` bytes starting `start` bytes into its
-/// allocation runs: `Some(unroll)` through `copy_vec16<unroll>` (both ends 16-byte
-/// aligned), `None` through the driver's device-to-device memcpy.
-/// `FERROFAST_COPY=memcpy` forces the driver copy; `FERROFAST_COPY_UNROLL` picks the unroll.
-fn copy_plan(start: usize, bytes: usize) -> Option<u32> {
-    if start % 16 != 0 || bytes % 16 != 0 {
-        return None;
-    }
-    if std::env::var("FERROFAST_COPY").is_ok_and(|v| v == "memcpy") {
-        return None;
-    }
-    let unroll = std::env::var("FERROFAST_COPY_UNROLL")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .filter(|u| VEC16_UNROLLS.contains(u))
-        .unwrap_or(4);
-    Some(unroll)
-}
-
-/// Blocks per SM of `copy_vec16` (`FERROFAST_COPY_BLOCKS_PER_SM` overrides).
-fn vec16_blocks_per_sm() -> u32 {
-    std::env::var("FERROFAST_COPY_BLOCKS_PER_SM")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .filter(|&b| (1..=32).contains(&b))
-        .unwrap_or(8)
-}
-
-fn launch_vec16(
-    device: &super::runtime::CudaDevice,
-    stream: &Stream,
-    src: &cudarc::driver::CudaView<'_, u8>,
-    out: &mut CudaBuffer,
-    bytes: usize,
-    unroll: u32,
-) -> Result<()> {
-    let chunks = (bytes / 16) as i64;
-    let per_block = (BLOCK * unroll) as u64;
-    let blocks = (chunks as u64)
-        .div_ceil(per_block)
-        .min(device.sm_count() as u64 * vec16_blocks_per_sm() as u64)
-        .max(1) as u32;
-    let func = jit::function(device, &COPY_CU, &format!("copy_vec16<{unroll}>"), &[])?;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let cu = stream.cuda();
-    let mut builder = cu.launch_builder(&func);
-    builder.arg(src).arg(out.slice_mut()).arg(&chunks);
-    // SAFETY: both buffers hold `bytes` bytes from 16-byte aligned starts (checked by
-    // copy_plan; allocations are at least 256-byte aligned) and the kernel touches exactly
-    // `chunks` 16-byte units of each.
-    guarded("launching copy_vec16", || {
-        unsafe { builder.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| driver_error("launching copy_vec16", e))
-    })
-}
-
 /// Every instantiation of `copy.cu` a launch can ask for.
 pub(crate) fn all_variants() -> Vec<String> {
-    let mut out: Vec<String> = VEC16_UNROLLS
-        .iter()
-        .map(|u| format!("copy_vec16<{u}>"))
-        .collect();
+    let mut out = Vec::new();
     for src in DType::ALL {
         for dst in DType::ALL {
             for wide in [false, true] {
@@ -187,14 +120,10 @@ pub(crate) fn copy_cast(a: &Array, dtype: DType, stream: Option<&Stream>) -> Res
                 .slice()
                 .try_slice(start..start + n * size)
                 .ok_or_else(|| Error::Cuda("copy source outside its allocation".into()))?;
-            let bytes = n * size;
-            match copy_plan(start, bytes) {
-                Some(unroll) => launch_vec16(device, stream, &view, &mut out, bytes, unroll)?,
-                None => guarded("copying on the GPU", || {
-                    cu.memcpy_dtod(&view, out.slice_mut())
-                        .map_err(|e| driver_error("copying on the GPU", e))
-                })?,
-            }
+            guarded("copying on the GPU", || {
+                cu.memcpy_dtod(&view, out.slice_mut())
+                    .map_err(|e| driver_error("copying on the GPU", e))
+            })?;
         } else if shape.len() > MAX_DIMS {
             return copy_cast_via_host(a, src, dtype, stream);
         } else {

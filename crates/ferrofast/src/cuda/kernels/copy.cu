@@ -62,32 +62,3 @@ __global__ void copy_cast(const typename S::storage* __restrict__ src,
         dst[i] = ff_convert<S, D>(src[off]);
     }
 }
-
-// Contiguous same-dtype copy in 16-byte chunks: both pointers 16-byte aligned, `chunks`
-// 16-byte units. Each thread issues U loads before its U stores, in a grid-stride loop over
-// groups of U * (grid threads) chunks; the last partial group goes one chunk a thread.
-template <int U>
-__global__ void copy_vec16(const ff_vec16* __restrict__ src, ff_vec16* __restrict__ dst,
-                           ff_i64_t chunks) {
-    const ff_i64_t threads = (ff_i64_t)gridDim.x * blockDim.x;
-    const ff_i64_t tid = (ff_i64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const ff_i64_t span = threads * U;
-    const ff_i64_t full = chunks / span * span;
-    for (ff_i64_t base = tid; base < full; base += span) {
-        ff_vec16 v[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const ff_vec16* p = src + base + (ff_i64_t)u * threads;
-            asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
-                         : "=r"(v[u].w[0]), "=r"(v[u].w[1]), "=r"(v[u].w[2]), "=r"(v[u].w[3])
-                         : "l"(p));
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            dst[base + (ff_i64_t)u * threads] = v[u];
-        }
-    }
-    for (ff_i64_t i = full + tid; i < chunks; i += threads) {
-        dst[i] = src[i];
-    }
-}
