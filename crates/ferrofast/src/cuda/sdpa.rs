@@ -31,9 +31,7 @@
 //! (1 to 256; the planner's choice otherwise); `FERROFAST_DECODE_STAGES=N` (2 to 8),
 //! `FERROFAST_DECODE_WARPS=N` (1, 2, 4 or 8), `FERROFAST_DECODE_TILE=N` (keys per warp tile:
 //! 16, 32 or 64) and `FERROFAST_DECODE_LOAD=N` (L2 hint of its K / V copies: 0 none,
-//! 1 256-byte prefetch, 2 evict-first, 3 both) replace the table's values;
-//! `FERROFAST_DECODE_PREFETCH=N` (0 to 16) sets how many warp tiles of K and V it prefetches
-//! into L2 ahead of its copies.
+//! 1 256-byte prefetch, 2 evict-first, 3 both) replace the table's values.
 
 use super::copy::type_tag;
 use super::jit::{self, ATTN_DECODE_CU, ATTN_GENERAL_CU};
@@ -115,9 +113,6 @@ const MMA_LOAD: usize = 3;
 /// Most dynamic shared memory a tensor-core decode block may use (sm_80 and sm_90 allow
 /// 227 KB per block; the kernel's static arrays take 512 bytes more).
 const MMA_MAX_SHARED: usize = 226 * 1024;
-/// Warp tiles of K and V the tensor-core decode prefetches into L2 ahead of its cp.async
-/// ring (`prefetch` of the kernel's parameters; 0: none).
-const MMA_PREFETCH: usize = 0;
 /// Fewest keys a split of the tensor-core kernel is given.
 const MMA_MIN_SPLIT_KEYS: usize = 512;
 
@@ -168,7 +163,6 @@ struct DecodeParams {
     n_splits: i32,
     split_len: i32,
     scale_log2: f32,
-    prefetch: i32,
 }
 
 // SAFETY: plain old data with the C layout of `ff_decode_params`.
@@ -388,7 +382,6 @@ struct DecodeKnobs {
     warps: Option<usize>,
     keys: Option<usize>,
     load: Option<usize>,
-    prefetch: Option<usize>,
 }
 
 fn decode_knobs() -> &'static DecodeKnobs {
@@ -408,7 +401,6 @@ fn decode_knobs() -> &'static DecodeKnobs {
             warps: num("FERROFAST_DECODE_WARPS", 1, 8).filter(|w| w.is_power_of_two()),
             keys: num("FERROFAST_DECODE_TILE", 16, 64).filter(|k| [16, 32, 64].contains(k)),
             load: num("FERROFAST_DECODE_LOAD", 0, 3),
-            prefetch: num("FERROFAST_DECODE_PREFETCH", 0, 16),
         }
     })
 }
@@ -742,10 +734,6 @@ fn decode(c: &Checked, scale: f32, stream: &Stream, kernel: DecodeKernel) -> Res
         n_splits: n_splits as i32,
         split_len: to_i32(split_len, "a split length")?,
         scale_log2: scale * std::f32::consts::LOG2_E,
-        prefetch: match kernel {
-            DecodeKernel::Mma(_) => decode_knobs().prefetch.unwrap_or(MMA_PREFETCH) as i32,
-            DecodeKernel::Simt(_) => 0,
-        },
     };
 
     let n_out = b * nq * tq * dv;

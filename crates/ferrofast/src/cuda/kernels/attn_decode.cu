@@ -99,8 +99,6 @@ struct ff_decode_params {
     int n_splits;   // key ranges
     int split_len;  // keys per range
     float scale_log2;  // scale * log2(e)
-    int prefetch;      // tensor-core kernel: warp tiles of K / V prefetched into L2 ahead of
-                       // the cp.async ring (0: none)
 };
 
 // The end of a decode block for one output element: column `c` of output row `orow` (query
@@ -592,42 +590,12 @@ __global__ void __launch_bounds__(NW * 32)
         ff_load_tile<S, BN, DV, VS, 32, LD>(dst + BN * KS, vb + (ff_i64_t)key0 * p.v_st, p.v_st,
                                             valid, lane, policy);
     };
-    // Warp-local tile j into L2 with bulk requests (whole tiles when rows are contiguous),
-    // `p.prefetch` tiles ahead of the cp.async ring.
-    auto prefetch = [&](int j) {
-        if (j >= my_tiles) {
-            return;
-        }
-        const int key0 = start + (warp + j * NW) * BN;
-        const int valid = min(BN, end - key0);
-        const S* kt = kb + (ff_i64_t)key0 * p.k_st;
-        const S* vt = vb + (ff_i64_t)key0 * p.v_st;
-        if (p.k_st == D && p.v_st == DV) {
-            if (lane == 0) {
-                ff_prefetch_l2(kt, (ff_u32_t)(valid * D * sizeof(S)));
-            } else if (lane == 1) {
-                ff_prefetch_l2(vt, (ff_u32_t)(valid * DV * sizeof(S)));
-            }
-        } else {
-            for (int r = lane; r < 2 * valid; r += 32) {
-                if (r < valid) {
-                    ff_prefetch_l2(kt + (ff_i64_t)r * p.k_st, (ff_u32_t)(D * sizeof(S)));
-                } else {
-                    ff_prefetch_l2(vt + (ff_i64_t)(r - valid) * p.v_st,
-                                   (ff_u32_t)(DV * sizeof(S)));
-                }
-            }
-        }
-    };
 #pragma unroll
     for (int s = 0; s < ST - 1; ++s) {
         if (s < my_tiles) {
             load(s, s);
         }
         ff_cp_async_commit();
-    }
-    for (int j = ST - 1; j < ST - 1 + p.prefetch; ++j) {
-        prefetch(j);
     }
 
     // The Q tile (while the first K / V tiles are on their way): rows past n_rows are zero
@@ -670,9 +638,6 @@ __global__ void __launch_bounds__(NW * 32)
             load(j + ST - 1, fill);
         }
         ff_cp_async_commit();
-        if (p.prefetch > 0) {
-            prefetch(j + ST - 1 + p.prefetch);
-        }
         fill = fill + 1 == ST ? 0 : fill + 1;
 
         const ff_u32_t k_u = wpipe_u + (ff_u32_t)(stage * STAGE * 2);

@@ -54,20 +54,6 @@ __device__ __forceinline__ void ff_cp_async16_hint(ff_u32_t dst, const void* src
     }
 }
 
-// Brings `bytes` (a multiple of 16) of global memory starting at `src` (16-byte aligned) into
-// L2 without waiting: one bulk request on sm_90+ (cp.async.bulk.prefetch), one prefetch per
-// 128-byte line before that.
-__device__ __forceinline__ void ff_prefetch_l2(const void* src, ff_u32_t bytes) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes)
-                 : "memory");
-#else
-    for (ff_u32_t o = 0; o < bytes; o += 128) {
-        asm volatile("prefetch.global.L2 [%0];\n" ::"l"((const char*)src + o));
-    }
-#endif
-}
-
 // An L2 cache policy that evicts the lines it is attached to first.
 __device__ __forceinline__ ff_u64_t ff_evict_first_policy() {
     ff_u64_t policy;
