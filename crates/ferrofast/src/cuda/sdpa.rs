@@ -274,10 +274,12 @@ fn mma_variant(dtype: DType, d: usize, dv: usize, t: MmaTiles) -> String {
     )
 }
 
-/// Bytes of dynamic shared memory of a tensor-core decode block: the Q tile and
-/// `warps * stages` tiles of `keys` K and V rows, rows padded by 8 elements.
+/// Bytes of dynamic shared memory of a tensor-core decode block: the Q tile (rows padded by 8
+/// elements) and `warps * stages` tiles of `keys` K and V rows, swizzled and unpadded when
+/// `d` and `dv` are multiples of 64, padded by 8 elements otherwise (`SW` in the kernel).
 fn mma_shared_bytes(d: usize, dv: usize, t: MmaTiles, elem: usize) -> usize {
-    (MMA_ROWS * (d + 8) + t.warps * t.stages * t.keys * (d + 8 + dv + 8)) * elem
+    let pad = if d % 64 == 0 && dv % 64 == 0 { 0 } else { 8 };
+    (MMA_ROWS * (d + 8) + t.warps * t.stages * t.keys * (d + pad + dv + pad)) * elem
 }
 
 fn combine_variant(dtype: DType) -> String {
@@ -1012,7 +1014,8 @@ mod tests {
             let one_block = d >= 256 || (d == 128 && t.warps == 8);
             assert!(one_block || bytes <= 112 * 1024, "({d}, {dv}): {bytes}");
             // The end-of-block merge reuses the stages as 16 x D_v f32 per warp.
-            assert!(t.stages * t.keys * (d + 8 + dv + 8) * 2 >= MMA_ROWS * dv * 4);
+            let q_bytes = MMA_ROWS * (d + 8) * 2;
+            assert!((bytes - q_bytes) / t.warps >= MMA_ROWS * dv * 4);
             assert_eq!(mma_tiles(d, dv), Some(t));
         }
         assert_eq!(mma_tiles(72, 72), None);

@@ -497,7 +497,9 @@ __global__ void __launch_bounds__(FF_DECODE_THREADS)
 // prefill (a row of finfo.min stays a uniform average); -inf drops the key.
 //
 // Shared memory (dynamic): 16 * (D + 8) elements of Q, then NW * ST stages of
-// BN * (D + 8 + DV + 8) elements. LD: the L2 hint of the K / V copies (ff_cp_async16_hint).
+// BN * (KS + VS) elements: rows of D and DV elements, swizzled, when both are multiples of 64
+// (every 128-byte piece of a K / V row then reaches shared memory as one L2 request), rows
+// padded by 8 elements otherwise. LD: the L2 hint of the K / V copies (ff_cp_async16_hint).
 template <typename T, int D, int DV, int NW, int ST, int BN, int LD>
 __global__ void __launch_bounds__(NW * 32)
     attn_decode_mma(const typename T::storage* __restrict__ q,
@@ -511,9 +513,12 @@ __global__ void __launch_bounds__(NW * 32)
                     ff_decode_params p) {
     typedef typename T::storage S;
     constexpr int NT = NW * 32;
+    // K / V rows: swizzled (ff_load_tile's SW) where both widths are multiples of 64,
+    // padded by 8 elements otherwise.
+    constexpr bool SW = D % 64 == 0 && DV % 64 == 0;
     constexpr int QS = D + 8;
-    constexpr int KS = D + 8;
-    constexpr int VS = DV + 8;
+    constexpr int KS = SW ? D : D + 8;
+    constexpr int VS = SW ? DV : DV + 8;
     constexpr int STAGE = BN * (KS + VS);  // elements of one stage
     static_assert(D % 16 == 0 && DV % 16 == 0 && BN % 16 == 0, "multiples of 16");
     static_assert(ST >= 2, "at least two stages");
@@ -585,10 +590,10 @@ __global__ void __launch_bounds__(NW * 32)
         const int key0 = start + (warp + j * NW) * BN;
         const int valid = min(BN, end - key0);
         S* dst = wpipe + stage * STAGE;
-        ff_load_tile<S, BN, D, KS, 32, LD>(dst, kb + (ff_i64_t)key0 * p.k_st, p.k_st, valid,
-                                           lane, policy);
-        ff_load_tile<S, BN, DV, VS, 32, LD>(dst + BN * KS, vb + (ff_i64_t)key0 * p.v_st, p.v_st,
-                                            valid, lane, policy);
+        ff_load_tile<S, BN, D, KS, 32, LD, SW>(dst, kb + (ff_i64_t)key0 * p.k_st, p.k_st,
+                                               valid, lane, policy);
+        ff_load_tile<S, BN, DV, VS, 32, LD, SW>(dst + BN * KS, vb + (ff_i64_t)key0 * p.v_st,
+                                                p.v_st, valid, lane, policy);
     };
 #pragma unroll
     for (int s = 0; s < ST - 1; ++s) {
@@ -642,7 +647,7 @@ __global__ void __launch_bounds__(NW * 32)
 
         const ff_u32_t k_u = wpipe_u + (ff_u32_t)(stage * STAGE * 2);
         float s[1][BN / 8][4];
-        ff_attn_scores<T, D, 1, BN, QS, KS>(s, q_u, k_u, lane);
+        ff_attn_scores<T, D, 1, BN, QS, KS, SW>(s, q_u, k_u, lane);
 
         const int key0 = start + (warp + j * NW) * BN + 2 * (lane & 3);
 #pragma unroll
@@ -668,7 +673,7 @@ __global__ void __launch_bounds__(NW * 32)
             }
         }
         ff_attn_softmax<DV, 1, BN>(s, o, m_run, l_run, 1.0f);
-        ff_attn_pv<T, DV, 1, BN, VS>(o, s, k_u + (ff_u32_t)(BN * KS * 2), lane);
+        ff_attn_pv<T, DV, 1, BN, VS, SW>(o, s, k_u + (ff_u32_t)(BN * KS * 2), lane);
         stage = stage + 1 == ST ? 0 : stage + 1;
     }
     ff_cp_async_wait<0>();

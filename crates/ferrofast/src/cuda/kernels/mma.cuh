@@ -135,24 +135,34 @@ struct ff_attn_mma<ff_f16> {
 // 64-bit addresses to hoist out of the key loop (they cost registers the MMAs need).
 //
 // LD and `policy`: the L2 hint of every copy (ff_cp_async16_hint).
-template <typename S, int ROWS, int COLS, int STRIDE, int NT, int LD = 0>
+//
+// SW: the swizzled layout (ff_swz): rows of exactly COLS elements (STRIDE == COLS, COLS a
+// multiple of 64), 16-byte chunk c of row r stored at chunk c ^ (r % 8). Every 128-byte
+// piece of a global row then lands in one 128-byte piece of shared memory (one L2 request
+// per piece, where padded rows split the pieces across shared-memory lines), and ldmatrix
+// reads of eight rows at one logical chunk still hit eight different bank groups.
+template <typename S, int ROWS, int COLS, int STRIDE, int NT, int LD = 0, bool SW = false>
 __device__ __forceinline__ void ff_load_tile(S* smem, const S* g, ff_i64_t g_stride,
                                              int rows_valid, int tid, ff_u64_t policy = 0) {
     constexpr int CH = COLS / 8;
     constexpr int TOTAL = ROWS * CH;
+    static_assert(!SW || (STRIDE == COLS && COLS % 64 == 0), "swizzled rows are unpadded");
     const ff_u32_t base = ff_smem_u32(smem);
     if (NT % CH == 0 && TOTAL % NT == 0) {
         constexpr int STEP = NT / CH;
         const int r0 = tid / CH;
-        const int col = (tid % CH) * 8;
+        const int chunk = tid % CH;
+        const int col = chunk * 8;
         const S* src = g + (ff_i64_t)r0 * g_stride + col;
         const ff_i64_t step = (ff_i64_t)STEP * g_stride;
-        const ff_u32_t dst = base + (ff_u32_t)((r0 * STRIDE + col) * 2);
+        const ff_u32_t dst = base + (ff_u32_t)(r0 * STRIDE * 2);
 #pragma unroll
         for (int i = 0; i < TOTAL / NT; ++i) {
-            const bool ok = r0 + i * STEP < rows_valid;
-            ff_cp_async16_hint<LD>(dst + (ff_u32_t)(i * STEP * STRIDE * 2), ok ? src : g,
-                                   ok ? 16 : 0, policy);
+            const int r = r0 + i * STEP;
+            const bool ok = r < rows_valid;
+            const int pc = SW ? (chunk ^ (r & 7)) : chunk;
+            ff_cp_async16_hint<LD>(dst + (ff_u32_t)((i * STEP * STRIDE + pc * 8) * 2),
+                                   ok ? src : g, ok ? 16 : 0, policy);
             src += step;
         }
     } else {
@@ -161,14 +171,22 @@ __device__ __forceinline__ void ff_load_tile(S* smem, const S* g, ff_i64_t g_str
             const int c = tid + i * NT;
             if (TOTAL % NT == 0 || c < TOTAL) {
                 const int r = c / CH;
-                const int col = (c % CH) * 8;
+                const int chunk = c % CH;
+                const int pc = SW ? (chunk ^ (r & 7)) : chunk;
                 const bool ok = r < rows_valid;
-                const S* src = g + (ok ? (ff_i64_t)r * g_stride : (ff_i64_t)0) + col;
-                ff_cp_async16_hint<LD>(base + (ff_u32_t)((r * STRIDE + col) * 2), src,
+                const S* src = g + (ok ? (ff_i64_t)r * g_stride : (ff_i64_t)0) + chunk * 8;
+                ff_cp_async16_hint<LD>(base + (ff_u32_t)((r * STRIDE + pc * 8) * 2), src,
                                        ok ? 16 : 0, policy);
             }
         }
     }
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of rows of STRIDE elements,
+// swizzled (SW, see ff_load_tile) or not.
+template <int STRIDE, bool SW>
+__device__ __forceinline__ ff_u32_t ff_swz(int row, int chunk) {
+    return (ff_u32_t)((row * STRIDE + (SW ? (chunk ^ (row & 7)) : chunk) * 8) * 2);
 }
 
 // ----- per-tile math ------------------------------------------------------------------------
@@ -176,7 +194,7 @@ __device__ __forceinline__ void ff_load_tile(S* smem, const S* g, ff_i64_t g_str
 // s[ms][nb][e] += Q (this warp's MS slabs of 16 rows) times K^T for one tile of BN keys.
 // Accumulator layout (mma C fragment): e = 0, 1 -> row lane/4, key nb*8 + 2*(lane%4) + e;
 // e = 2, 3 -> row lane/4 + 8, same keys.
-template <typename T, int D, int MS, int BN, int QS, int KS>
+template <typename T, int D, int MS, int BN, int QS, int KS, bool SW = false>
 __device__ __forceinline__ void ff_attn_scores(float (&s)[MS][BN / 8][4], ff_u32_t q_rows,
                                                ff_u32_t k_tile, int lane) {
 #pragma unroll
@@ -192,8 +210,10 @@ __device__ __forceinline__ void ff_attn_scores(float (&s)[MS][BN / 8][4], ff_u32
     // ldmatrix lane addresses: A (Q) row lane%16, column half lane/16; B (K) key row
     // (lane%8) + 8 * (lane/16), column half (lane/8)%2.
     const ff_u32_t a_addr = q_rows + (ff_u32_t)(((lane & 15) * QS + (lane >> 4) * 8) * 2);
+    const int b_row = (lane & 7) + ((lane >> 4) << 3);
+    const int b_half = (lane >> 3) & 1;
     const ff_u32_t b_addr =
-        k_tile + (ff_u32_t)((((lane & 7) + ((lane >> 4) << 3)) * KS + ((lane >> 3) & 1) * 8) * 2);
+        k_tile + (SW ? (ff_u32_t)(b_row * KS * 2) : ff_swz<KS, false>(b_row, b_half));
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         ff_u32_t a[MS][4];
@@ -204,7 +224,10 @@ __device__ __forceinline__ void ff_attn_scores(float (&s)[MS][BN / 8][4], ff_u32
 #pragma unroll
         for (int nn = 0; nn < BN / 16; ++nn) {
             ff_u32_t b[4];
-            ff_ldmatrix_x4(b, b_addr + (ff_u32_t)((nn * 16 * KS + kk * 16) * 2));
+            // Swizzled: rows nn * 16 + b_row keep b_row's chunk permutation (16 % 8 == 0).
+            const ff_u32_t b_col =
+                SW ? (ff_u32_t)((((2 * kk + b_half) ^ (lane & 7)) * 8) * 2) : (ff_u32_t)(kk * 32);
+            ff_ldmatrix_x4(b, b_addr + (ff_u32_t)(nn * 16 * KS * 2) + b_col);
 #pragma unroll
             for (int ms = 0; ms < MS; ++ms) {
                 ff_attn_mma<T>::mma(s[ms][2 * nn], a[ms], b[0], b[1]);
@@ -232,19 +255,23 @@ __device__ __forceinline__ void ff_attn_pack(ff_u32_t (&p)[MS][BN / 16][4],
 }
 
 // o[ms][db][e] += P V for one tile of BN keys, P packed by ff_attn_pack.
-template <typename T, int DV, int MS, int BN, int VS>
+template <typename T, int DV, int MS, int BN, int VS, bool SW = false>
 __device__ __forceinline__ void ff_attn_pv_packed(float (&o)[MS][DV / 8][4],
                                                   const ff_u32_t (&p)[MS][BN / 16][4],
                                                   ff_u32_t v_tile, int lane) {
     // ldmatrix.trans lane addresses: key row (lane%8) + 8 * ((lane/8)%2), column half lane/16.
+    const int b_row = (lane & 7) + (((lane >> 3) & 1) << 3);
+    const int b_half = lane >> 4;
     const ff_u32_t b_addr =
-        v_tile + (ff_u32_t)((((lane & 7) + (((lane >> 3) & 1) << 3)) * VS + (lane >> 4) * 8) * 2);
+        v_tile + (SW ? (ff_u32_t)(b_row * VS * 2) : ff_swz<VS, false>(b_row, b_half));
 #pragma unroll
     for (int kb = 0; kb < BN / 16; ++kb) {
 #pragma unroll
         for (int dd = 0; dd < DV / 16; ++dd) {
             ff_u32_t b[4];
-            ff_ldmatrix_x4_trans(b, b_addr + (ff_u32_t)((kb * 16 * VS + dd * 16) * 2));
+            const ff_u32_t b_col =
+                SW ? (ff_u32_t)((((2 * dd + b_half) ^ (lane & 7)) * 8) * 2) : (ff_u32_t)(dd * 32);
+            ff_ldmatrix_x4_trans(b, b_addr + (ff_u32_t)(kb * 16 * VS * 2) + b_col);
 #pragma unroll
             for (int ms = 0; ms < MS; ++ms) {
                 ff_attn_mma<T>::mma(o[ms][2 * dd], p[ms][kb], b[0], b[1]);
@@ -255,13 +282,13 @@ __device__ __forceinline__ void ff_attn_pv_packed(float (&o)[MS][DV / 8][4],
 }
 
 // o[ms][db][e] += P V for one tile of BN keys; P is s (already exponentiated) rounded to T.
-template <typename T, int DV, int MS, int BN, int VS>
+template <typename T, int DV, int MS, int BN, int VS, bool SW = false>
 __device__ __forceinline__ void ff_attn_pv(float (&o)[MS][DV / 8][4],
                                            const float (&s)[MS][BN / 8][4], ff_u32_t v_tile,
                                            int lane) {
     ff_u32_t p[MS][BN / 16][4];
     ff_attn_pack<T, MS, BN>(p, s);
-    ff_attn_pv_packed<T, DV, MS, BN, VS>(o, p, v_tile, lane);
+    ff_attn_pv_packed<T, DV, MS, BN, VS, SW>(o, p, v_tile, lane);
 }
 
 // Online softmax step: new running max per row, rescale of o and the partial sums, and
