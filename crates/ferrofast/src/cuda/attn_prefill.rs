@@ -117,11 +117,13 @@ pub(crate) fn all_variants() -> Vec<String> {
     out
 }
 
-/// Bytes of shared memory a block of `t` uses: the Q tile and two K and two V tiles, rows
-/// padded by 8 elements.
+/// Bytes of shared memory a block of `t` uses: the Q tile (rows padded by 8 elements) and two
+/// K and two V tiles, swizzled and unpadded when `d` and `dv` are multiples of 64, padded by
+/// 8 elements otherwise (`SW` in the kernel).
 fn shared_bytes(d: usize, dv: usize, t: Tiles, elem: usize) -> usize {
     let rows_q = 16 * t.slabs * t.warps;
-    (rows_q * (d + 8) + 2 * t.keys * (d + 8) + 2 * t.keys * (dv + 8)) * elem
+    let pad = if d % 64 == 0 && dv % 64 == 0 { 0 } else { 8 };
+    (rows_q * (d + 8) + 2 * t.keys * (d + pad) + 2 * t.keys * (dv + pad)) * elem
 }
 
 /// `(offset, stride_b, stride_h, stride_t)` of a `[B, H, T, D]` operand made readable by

@@ -72,7 +72,9 @@ const TARGET_WAVES: u64 = 2;
 /// stages (one block per multiprocessor) 271; 2 warps 284; 32-key tiles 277 (4 warps, 2
 /// stages) and 283 (2 warps); 64-key tiles (2 warps) 362. PyTorch 2.11 (cuDNN) 257 in the
 /// same run. On an H100 (run 16), 8 warps of 2 stages 371 / 372 against 383 / 383 for 4 warps
-/// of 3 stages, PyTorch 366: hence the D = 128 row.
+/// of 3 stages, PyTorch 366: hence the D = 128 row. Those figures are from padded K / V rows;
+/// with the swizzled rows (H100, run 23) the D = 128 row measures 358 us, 3 stages 359, 4 warps
+/// of 3 stages 365, 4 warps of 32-key tiles 360-362, PyTorch 366 in the same call.
 const MMA_HEAD_DIMS: [((usize, usize), MmaTiles); 6] = [
     ((64, 64), MmaTiles::new(4, 5)),
     ((80, 80), MmaTiles::new(4, 4)),
@@ -107,9 +109,12 @@ impl MmaTiles {
 /// table's; the kernel takes multiples of 16).
 const MMA_ROWS: usize = 16;
 const MMA_KEYS: usize = 16;
-/// The L2 hint of the tensor-core decode's K / V copies (`LD` of the kernel): 3, evict-first
-/// lines with 256-byte prefetch (K and V are streamed once), measured 1.5% faster than none.
-const MMA_LOAD: usize = 3;
+/// The L2 hint of the tensor-core decode's K / V copies (`LD` of the kernel): none. With
+/// padded shared-memory rows, evict-first lines with 256-byte prefetch (3) were 1.5-5% faster
+/// than none; with the swizzled rows every hint measured the same on an H100 (358-359 us for
+/// B8 T_kv 32768), and hints that evict early cost a cache that fits in L2 (B1 T_kv 8192:
+/// 19.0 us without, 24.3 us with).
+const MMA_LOAD: usize = 0;
 /// Most dynamic shared memory a tensor-core decode block may use (sm_80 and sm_90 allow
 /// 227 KB per block; the kernel's static arrays take 512 bytes more).
 const MMA_MAX_SHARED: usize = 226 * 1024;

@@ -63,23 +63,25 @@ __device__ __forceinline__ void ff_attn_pipe_step(
     float (&m)[2 * MS], float (&l)[2 * MS], S* sk, S* sv, const S* kb, const S* vb,
     ff_i64_t k_st, ff_i64_t v_st, ff_u32_t q_rows, ff_u32_t k_smem, ff_u32_t v_smem, int tid,
     int lane, float scale_log2) {
+    constexpr bool SW = KS == D;  // unpadded K / V rows are swizzled (see the kernel)
     const int buf = j & 1;
     ff_cp_async_wait<0>();
     __syncthreads();
     if (j + 1 < n_plain) {
-        ff_load_tile<S, BN, D, KS, NT>(sk + (buf ^ 1) * BN * KS, kb + (ff_i64_t)(j + 1) * BN * k_st,
-                                       k_st, BN, tid);
+        ff_load_tile<S, BN, D, KS, NT, 0, SW>(sk + (buf ^ 1) * BN * KS,
+                                              kb + (ff_i64_t)(j + 1) * BN * k_st, k_st, BN, tid);
     }
-    ff_load_tile<S, BN, DV, VS, NT>(sv + buf * BN * VS, vb + (ff_i64_t)j * BN * v_st, v_st, BN,
-                                    tid);
+    ff_load_tile<S, BN, DV, VS, NT, 0, SW>(sv + buf * BN * VS, vb + (ff_i64_t)j * BN * v_st, v_st,
+                                           BN, tid);
     ff_cp_async_commit();
     float s[MS][BN / 8][4];
-    ff_attn_scores<T, D, MS, BN, QS, KS>(s, q_rows, k_smem + (ff_u32_t)(buf * BN * KS * 2), lane);
+    ff_attn_scores<T, D, MS, BN, QS, KS, SW>(s, q_rows, k_smem + (ff_u32_t)(buf * BN * KS * 2),
+                                             lane);
     float alpha[2 * MS];
     const bool moved = ff_attn_exp<MS, BN, LAZY>(s, m, l, alpha, scale_log2);
     if (PREV) {
-        ff_attn_pv_packed<T, DV, MS, BN, VS>(o, p, v_smem + (ff_u32_t)((buf ^ 1) * BN * VS * 2),
-                                             lane);
+        ff_attn_pv_packed<T, DV, MS, BN, VS, SW>(
+            o, p, v_smem + (ff_u32_t)((buf ^ 1) * BN * VS * 2), lane);
     }
     ff_attn_rescale<DV, MS, LAZY>(o, alpha, moved);
     ff_attn_pack<T, MS, BN>(p, s);
@@ -104,9 +106,12 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
     typedef typename T::storage S;
     constexpr int BM = 16 * MS * NW;
     constexpr int NT = NW * 32;
+    // K / V rows: swizzled (ff_load_tile's SW) where both widths are multiples of 64, so
+    // each 128-byte piece of a row is one L2 request; padded by 8 elements otherwise.
+    constexpr bool SW = D % 64 == 0 && DV % 64 == 0;
     constexpr int QS = D + 8;
-    constexpr int KS = D + 8;
-    constexpr int VS = DV + 8;
+    constexpr int KS = SW ? D : D + 8;
+    constexpr int VS = SW ? DV : DV + 8;
     constexpr bool LAZY = (FLAGS & FF_ATTN_FLAG_LAZY) != 0;
     constexpr bool PIPE = (FLAGS & FF_ATTN_FLAG_PIPE) != 0 && MASK == 0;
     static_assert(D % 16 == 0 && DV % 16 == 0 && BN % 16 == 0, "tile shapes");
@@ -189,7 +194,7 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
     // tile t lives in buffer t % 2, V likewise.
     if (PIPE && n_plain > 0) {
         ff_load_tile<S, BM, D, QS, NT>(sq, qb, q_st, rows_here, tid);
-        ff_load_tile<S, BN, D, KS, NT>(sk, kb, k_st, BN, tid);
+        ff_load_tile<S, BN, D, KS, NT, 0, SW>(sk, kb, k_st, BN, tid);
         ff_cp_async_commit();
         ff_u32_t p[MS][BN / 16][4];
         // Tile 0 (no previous product), then tiles 1 .. n_plain - 1.
@@ -203,7 +208,7 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
         }
         ff_cp_async_wait<0>();
         __syncthreads();
-        ff_attn_pv_packed<T, DV, MS, BN, VS>(o, p, v_smem + (ff_u32_t)(((n_plain - 1) & 1) * BN * VS * 2),
+        ff_attn_pv_packed<T, DV, MS, BN, VS, SW>(o, p, v_smem + (ff_u32_t)(((n_plain - 1) & 1) * BN * VS * 2),
                                              lane);
         j0 = n_plain;
     }
@@ -217,10 +222,10 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
             __syncthreads();  // every warp is done with the pipelined loop's buffers
         }
         const int n_first = j0 * BN;
-        ff_load_tile<S, BN, D, KS, NT>(sk, kb + (ff_i64_t)n_first * k_st, k_st,
+        ff_load_tile<S, BN, D, KS, NT, 0, SW>(sk, kb + (ff_i64_t)n_first * k_st, k_st,
                                        min(BN, Tkv - n_first), tid);
         ff_cp_async_commit();
-        ff_load_tile<S, BN, DV, VS, NT>(sv, vb + (ff_i64_t)n_first * v_st, v_st,
+        ff_load_tile<S, BN, DV, VS, NT, 0, SW>(sv, vb + (ff_i64_t)n_first * v_st, v_st,
                                         min(BN, Tkv - n_first), tid);
         ff_cp_async_commit();
     }
@@ -232,13 +237,13 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
         ff_cp_async_wait<1>();
         __syncthreads();
         if (more) {
-            ff_load_tile<S, BN, D, KS, NT>(sk + (buf ^ 1) * BN * KS, kb + (ff_i64_t)(n0 + BN) * k_st,
+            ff_load_tile<S, BN, D, KS, NT, 0, SW>(sk + (buf ^ 1) * BN * KS, kb + (ff_i64_t)(n0 + BN) * k_st,
                                            k_st, min(BN, Tkv - n0 - BN), tid);
         }
         ff_cp_async_commit();
 
         float s[MS][BN / 8][4];
-        ff_attn_scores<T, D, MS, BN, QS, KS>(s, q_rows, k_smem + (ff_u32_t)(buf * BN * KS * 2),
+        ff_attn_scores<T, D, MS, BN, QS, KS, SW>(s, q_rows, k_smem + (ff_u32_t)(buf * BN * KS * 2),
                                              lane);
 
         // Tiles crossing the end of the keys or the causal diagonal, array masks, and a
@@ -258,12 +263,12 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
         ff_cp_async_wait<1>();
         __syncthreads();
         if (more) {
-            ff_load_tile<S, BN, DV, VS, NT>(sv + (buf ^ 1) * BN * VS, vb + (ff_i64_t)(n0 + BN) * v_st,
+            ff_load_tile<S, BN, DV, VS, NT, 0, SW>(sv + (buf ^ 1) * BN * VS, vb + (ff_i64_t)(n0 + BN) * v_st,
                                             v_st, min(BN, Tkv - n0 - BN), tid);
         }
         ff_cp_async_commit();
 
-        ff_attn_pv<T, DV, MS, BN, VS>(o, s, v_smem + (ff_u32_t)(buf * BN * VS * 2), lane);
+        ff_attn_pv<T, DV, MS, BN, VS, SW>(o, s, v_smem + (ff_u32_t)(buf * BN * VS * 2), lane);
     }
     ff_cp_async_wait<0>();
 
