@@ -81,26 +81,21 @@ fn group_max_chunks() -> usize {
     })
 }
 
-/// Fewest register chunks per thread a one-block-per-row plan uses: 4 for `layer_norm`, 1 for
-/// `rms_norm`, or the value of the environment variable `FERROFAST_NORM_ROWS_CHUNKS` (1, 2 or
-/// 4) read once, a tuning knob (more chunks: fewer threads per row, more rows resident per
-/// SM). On an H100 (bf16 `[16384, 4096]`, two passes each) `layer_norm` took 95.8 / 95.9 us
-/// with 4 chunks against 100.1 / 101.3 us with 2; `rms_norm` 95.3 / 96.4 against 93.8 / 95.7.
-fn rows_min_chunks(kind: Kind) -> usize {
-    static MIN: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let knob = *MIN.get_or_init(|| {
+/// Fewest register chunks per thread a one-block-per-row plan uses: 1, or the value of the
+/// environment variable `FERROFAST_NORM_ROWS_CHUNKS` (1, 2 or 4) read once, a tuning knob
+/// (more chunks: fewer threads per row, more rows resident per SM).
+fn rows_min_chunks() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
         std::env::var("FERROFAST_NORM_ROWS_CHUNKS")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
             .filter(|v| [1, 2, 4].contains(v))
-    });
-    knob.unwrap_or(match kind {
-        Kind::Layer => 4,
-        Kind::Rms => 1,
+            .unwrap_or(1)
     })
 }
 
-fn plan(d: usize, dtype: DType, kind: Kind) -> Plan {
+fn plan(d: usize, dtype: DType) -> Plan {
     let threads_needed = d.div_ceil(n_reads(dtype)).max(1);
     // Rows of up to 256 vectors (2048 bf16 / f16, 1024 f32): a group of lanes per row, with
     // at most 8 chunks (32 registers of data) per lane.
@@ -126,7 +121,7 @@ fn plan(d: usize, dtype: DType, kind: Kind) -> Plan {
     } else {
         return Plan::Looped;
     };
-    let chunks = chunks.max(rows_min_chunks(kind));
+    let chunks = chunks.max(rows_min_chunks());
     let threads = threads_needed.div_ceil(chunks).div_ceil(32) * 32;
     Plan::Rows {
         chunks,
@@ -399,7 +394,7 @@ fn norm(
         && (rs * size as i64).rem_euclid(16) == 0
         && param_aligned(&wp)
         && param_aligned(&bp);
-    let mut plan = plan(d, out_dtype, kind);
+    let mut plan = plan(d, out_dtype);
     let mut func = jit::function(
         device,
         &NORM_CU,
@@ -487,124 +482,85 @@ mod tests {
 
     #[test]
     fn plans_cover_rows_and_switch_to_looped() {
+        assert_eq!(plan(1, DType::F32), Plan::Group { g: 4, chunks: 1 });
+        assert_eq!(plan(128, DType::BF16), Plan::Group { g: 16, chunks: 1 });
+        assert_eq!(plan(128, DType::F32), Plan::Group { g: 32, chunks: 1 });
+        assert_eq!(plan(1024, DType::BF16), Plan::Group { g: 32, chunks: 4 });
+        assert_eq!(plan(1024, DType::F32), Plan::Group { g: 32, chunks: 8 });
+        assert_eq!(plan(2048, DType::BF16), Plan::Group { g: 32, chunks: 8 });
         assert_eq!(
-            plan(1, DType::F32, Kind::Rms),
-            Plan::Group { g: 4, chunks: 1 }
-        );
-        assert_eq!(
-            plan(128, DType::BF16, Kind::Rms),
-            Plan::Group { g: 16, chunks: 1 }
-        );
-        assert_eq!(
-            plan(128, DType::F32, Kind::Rms),
-            Plan::Group { g: 32, chunks: 1 }
-        );
-        assert_eq!(
-            plan(1024, DType::BF16, Kind::Rms),
-            Plan::Group { g: 32, chunks: 4 }
-        );
-        assert_eq!(
-            plan(1024, DType::F32, Kind::Rms),
-            Plan::Group { g: 32, chunks: 8 }
-        );
-        assert_eq!(
-            plan(2048, DType::BF16, Kind::Rms),
-            Plan::Group { g: 32, chunks: 8 }
-        );
-        assert_eq!(
-            plan(2048, DType::F32, Kind::Rms),
+            plan(2048, DType::F32),
             Plan::Rows {
                 chunks: 2,
                 threads: 256
             }
         );
         assert_eq!(
-            plan(4096, DType::BF16, Kind::Rms),
+            plan(4096, DType::BF16),
             Plan::Rows {
                 chunks: 2,
                 threads: 256
             }
         );
         assert_eq!(
-            plan(2049, DType::F32, Kind::Rms),
+            plan(2049, DType::F32),
             Plan::Rows {
                 chunks: 4,
                 threads: 160
             }
         );
         assert_eq!(
-            plan(4096, DType::F32, Kind::Rms),
+            plan(4096, DType::F32),
             Plan::Rows {
                 chunks: 4,
                 threads: 256
             }
         );
         assert_eq!(
-            plan(4099, DType::F32, Kind::Rms),
+            plan(4099, DType::F32),
             Plan::Rows {
                 chunks: 4,
                 threads: 288
             }
         );
         assert_eq!(
-            plan(8192, DType::BF16, Kind::Rms),
+            plan(8192, DType::BF16),
             Plan::Rows {
                 chunks: 4,
                 threads: 256
             }
         );
         assert_eq!(
-            plan(16384, DType::F32, Kind::Rms),
+            plan(16384, DType::F32),
             Plan::Rows {
                 chunks: 4,
                 threads: 1024
             }
         );
-        assert_eq!(plan(16385, DType::F32, Kind::Rms), Plan::Looped);
+        assert_eq!(plan(16385, DType::F32), Plan::Looped);
         assert_eq!(
-            plan(32768, DType::F16, Kind::Rms),
+            plan(32768, DType::F16),
             Plan::Rows {
                 chunks: 4,
                 threads: 1024
             }
         );
-        assert_eq!(plan(32769, DType::F16, Kind::Rms), Plan::Looped);
+        assert_eq!(plan(32769, DType::F16), Plan::Looped);
         for d in [1usize, 7, 31, 33, 100, 1000, 2049, 4099, 9999, 16384] {
             for dt in [DType::F32, DType::F16, DType::BF16] {
-                for kind in [Kind::Rms, Kind::Layer] {
-                    match plan(d, dt, kind) {
-                        Plan::Rows { chunks, threads } => {
-                            assert!(chunks * threads as usize * n_reads(dt) >= d, "d {d} {dt}");
-                            assert!(threads as usize <= ROWS_MAX_THREADS && threads % 32 == 0);
-                        }
-                        Plan::Group { g, chunks } => {
-                            assert!(g * chunks * n_reads(dt) >= d, "d {d} {dt}");
-                            assert!(GROUP_BLOCK % g == 0 && g <= 32);
-                        }
-                        Plan::Looped => {}
+                match plan(d, dt) {
+                    Plan::Rows { chunks, threads } => {
+                        assert!(chunks * threads as usize * n_reads(dt) >= d, "d {d} {dt}");
+                        assert!(threads as usize <= ROWS_MAX_THREADS && threads % 32 == 0);
                     }
+                    Plan::Group { g, chunks } => {
+                        assert!(g * chunks * n_reads(dt) >= d, "d {d} {dt}");
+                        assert!(GROUP_BLOCK % g == 0 && g <= 32);
+                    }
+                    Plan::Looped => {}
                 }
             }
         }
-        // layer_norm's one-block-per-row plans take at least 4 chunks a thread.
-        assert_eq!(
-            plan(4096, DType::BF16, Kind::Layer),
-            Plan::Rows {
-                chunks: 4,
-                threads: 128
-            }
-        );
-        assert_eq!(
-            plan(2049, DType::F32, Kind::Layer),
-            Plan::Rows {
-                chunks: 4,
-                threads: 160
-            }
-        );
-        assert_eq!(
-            plan(1024, DType::BF16, Kind::Layer),
-            Plan::Group { g: 32, chunks: 4 }
-        );
     }
 
     #[test]
@@ -616,7 +572,7 @@ mod tests {
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 for kind in [Kind::Rms, Kind::Layer] {
                     for aligned in [true, false] {
-                        let v = variant(kind, dt, plan(d, dt, kind), aligned);
+                        let v = variant(kind, dt, plan(d, dt), aligned);
                         assert!(all.contains(&v), "{v} missing");
                     }
                 }
