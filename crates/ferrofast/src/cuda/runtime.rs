@@ -412,7 +412,7 @@ pub(crate) fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| driver_error("reading the multiprocessor count", e))?;
-        let pool = keep_freed_memory(&ctx)?;
+        let pool = keep_freed_memory(&ctx);
         let default_stream = Stream {
             ordinal,
             inner: ctx.default_stream(),
@@ -434,20 +434,22 @@ pub(crate) fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
 /// Makes the device's default memory pool keep freed memory for reuse instead of returning
 /// it to the driver at every synchronisation (the driver's default release threshold is 0,
 /// which makes the next allocation after a sync map fresh pages). Returns the pool, or `None`
-/// where the device has no memory pools. [`CudaDevice::release_cached_memory`] gives the
-/// memory back on request, and an allocation that runs out of memory does so before retrying.
-fn keep_freed_memory(ctx: &CudaContext) -> Result<Option<usize>> {
+/// where the device has no memory pools or the driver refuses either step: the pool is an
+/// optimisation, and a device without it still works (allocations then behave as the
+/// driver's defaults make them). [`CudaDevice::release_cached_memory`] gives the memory back
+/// on request, and an allocation that runs out of memory does so before retrying.
+fn keep_freed_memory(ctx: &CudaContext) -> Option<usize> {
     let supported = ctx
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
-        .map_err(|e| driver_error("reading memory-pool support", e))?;
+        .ok()?;
     if supported == 0 {
-        return Ok(None);
+        return None;
     }
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
     // SAFETY: `pool` is a valid out-pointer and the device handle comes from a live context.
     unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
         .result()
-        .map_err(|e| driver_error("getting the default memory pool", e))?;
+        .ok()?;
     let mut threshold: u64 = u64::MAX;
     // SAFETY: the release threshold attribute takes a pointer to a cuuint64_t.
     unsafe {
@@ -458,8 +460,8 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<Option<usize>> {
         )
     }
     .result()
-    .map_err(|e| driver_error("setting the memory pool's release threshold", e))?;
-    Ok(Some(pool as usize))
+    .ok()?;
+    Some(pool as usize)
 }
 
 /// The CUDA device behind `device`, or an error for the CPU.
