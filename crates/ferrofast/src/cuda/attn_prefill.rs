@@ -122,7 +122,7 @@ pub(crate) fn all_variants() -> Vec<String> {
 /// 8 elements otherwise (`SW` in the kernel).
 fn shared_bytes(d: usize, dv: usize, t: Tiles, elem: usize) -> usize {
     let rows_q = 16 * t.slabs * t.warps;
-    let pad = if d % 64 == 0 && dv % 64 == 0 { 0 } else { 8 };
+    let pad = super::sdpa::kv_row_pad(d, dv);
     (rows_q * (d + 8) + 2 * t.keys * (d + pad) + 2 * t.keys * (dv + pad)) * elem
 }
 

@@ -72,18 +72,21 @@ impl CudaBuffer {
             // elements a kernel or copy has written (or the 0xFF poison).
             unsafe { cu.alloc::<u8>(bytes) }
         };
-        let mut data = guarded("allocating GPU memory", || {
-            let what = format!("allocating {bytes} bytes on cuda:{}", device.ordinal());
-            match attempt() {
-                Ok(d) => Ok(d),
-                // The pool keeps freed memory for reuse; when that memory is what stands in
-                // the way, hand it back and try once more.
-                Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
-                    device.release_cached_memory()?;
-                    attempt().map_err(|e| driver_error(&what, e))
-                }
-                Err(e) => Err(driver_error(&what, e)),
+        let failed = |e| {
+            driver_error(
+                &format!("allocating {bytes} bytes on cuda:{}", device.ordinal()),
+                e,
+            )
+        };
+        let mut data = guarded("allocating GPU memory", || match attempt() {
+            Ok(d) => Ok(d),
+            // The pool keeps freed memory for reuse; when that memory is what stands in the
+            // way, hand it back and try once more.
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                device.release_cached_memory()?;
+                attempt().map_err(failed)
             }
+            Err(e) => Err(failed(e)),
         })?;
         if poison_flag().load(Ordering::Relaxed) {
             let (ptr, _record) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut data, cu);

@@ -283,8 +283,19 @@ fn mma_variant(dtype: DType, d: usize, dv: usize, t: MmaTiles) -> String {
 /// elements) and `warps * stages` tiles of `keys` K and V rows, swizzled and unpadded when
 /// `d` and `dv` are multiples of 64, padded by 8 elements otherwise (`SW` in the kernel).
 fn mma_shared_bytes(d: usize, dv: usize, t: MmaTiles, elem: usize) -> usize {
-    let pad = if d % 64 == 0 && dv % 64 == 0 { 0 } else { 8 };
+    let pad = kv_row_pad(d, dv);
     (MMA_ROWS * (d + 8) + t.warps * t.stages * t.keys * (d + pad + dv + pad)) * elem
+}
+
+/// Padding (elements) of each K / V row in the shared-memory tiles of the tensor-core
+/// attention kernels: none where `d` and `dv` are multiples of 64 (the rows are swizzled,
+/// `SW` in `ferrofast_mma.cuh`), 8 otherwise.
+pub(super) fn kv_row_pad(d: usize, dv: usize) -> usize {
+    if d % 64 == 0 && dv % 64 == 0 {
+        0
+    } else {
+        8
+    }
 }
 
 fn combine_variant(dtype: DType) -> String {

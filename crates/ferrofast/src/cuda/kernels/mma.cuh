@@ -136,7 +136,7 @@ struct ff_attn_mma<ff_f16> {
 //
 // LD and `policy`: the L2 hint of every copy (ff_cp_async16_hint).
 //
-// SW: the swizzled layout (ff_swz): rows of exactly COLS elements (STRIDE == COLS, COLS a
+// SW: the swizzled layout: rows of exactly COLS elements (STRIDE == COLS, COLS a
 // multiple of 64), 16-byte chunk c of row r stored at chunk c ^ (r % 8). Every 128-byte
 // piece of a global row then lands in one 128-byte piece of shared memory (one L2 request
 // per piece, where padded rows split the pieces across shared-memory lines), and ldmatrix
@@ -182,13 +182,6 @@ __device__ __forceinline__ void ff_load_tile(S* smem, const S* g, ff_i64_t g_str
     }
 }
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of rows of STRIDE elements,
-// swizzled (SW, see ff_load_tile) or not.
-template <int STRIDE, bool SW>
-__device__ __forceinline__ ff_u32_t ff_swz(int row, int chunk) {
-    return (ff_u32_t)((row * STRIDE + (SW ? (chunk ^ (row & 7)) : chunk) * 8) * 2);
-}
-
 // ----- per-tile math ------------------------------------------------------------------------
 
 // s[ms][nb][e] += Q (this warp's MS slabs of 16 rows) times K^T for one tile of BN keys.
@@ -213,7 +206,7 @@ __device__ __forceinline__ void ff_attn_scores(float (&s)[MS][BN / 8][4], ff_u32
     const int b_row = (lane & 7) + ((lane >> 4) << 3);
     const int b_half = (lane >> 3) & 1;
     const ff_u32_t b_addr =
-        k_tile + (SW ? (ff_u32_t)(b_row * KS * 2) : ff_swz<KS, false>(b_row, b_half));
+        k_tile + (ff_u32_t)((b_row * KS + (SW ? 0 : b_half * 8)) * 2);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         ff_u32_t a[MS][4];
@@ -263,7 +256,7 @@ __device__ __forceinline__ void ff_attn_pv_packed(float (&o)[MS][DV / 8][4],
     const int b_row = (lane & 7) + (((lane >> 3) & 1) << 3);
     const int b_half = lane >> 4;
     const ff_u32_t b_addr =
-        v_tile + (SW ? (ff_u32_t)(b_row * VS * 2) : ff_swz<VS, false>(b_row, b_half));
+        v_tile + (ff_u32_t)((b_row * VS + (SW ? 0 : b_half * 8)) * 2);
 #pragma unroll
     for (int kb = 0; kb < BN / 16; ++kb) {
 #pragma unroll
