@@ -513,12 +513,11 @@ __global__ void __launch_bounds__(NW * 32)
                     ff_decode_params p) {
     typedef typename T::storage S;
     constexpr int NT = NW * 32;
-    // K / V rows: swizzled (ff_load_tile's SW) where both widths are multiples of 64,
-    // padded by 8 elements otherwise.
-    constexpr bool SW = D % 64 == 0 && DV % 64 == 0;
+    // K / V rows: swizzled or padded (ff_kv_layout).
+    constexpr bool SW = ff_kv_layout<D, DV>::SW;
     constexpr int QS = D + 8;
-    constexpr int KS = SW ? D : D + 8;
-    constexpr int VS = SW ? DV : DV + 8;
+    constexpr int KS = ff_kv_layout<D, DV>::KS;
+    constexpr int VS = ff_kv_layout<D, DV>::VS;
     constexpr int STAGE = BN * (KS + VS);  // elements of one stage
     static_assert(D % 16 == 0 && DV % 16 == 0 && BN % 16 == 0, "multiples of 16");
     static_assert(ST >= 2, "at least two stages");

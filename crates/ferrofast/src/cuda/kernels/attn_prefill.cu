@@ -63,7 +63,7 @@ __device__ __forceinline__ void ff_attn_pipe_step(
     float (&m)[2 * MS], float (&l)[2 * MS], S* sk, S* sv, const S* kb, const S* vb,
     ff_i64_t k_st, ff_i64_t v_st, ff_u32_t q_rows, ff_u32_t k_smem, ff_u32_t v_smem, int tid,
     int lane, float scale_log2) {
-    constexpr bool SW = KS == D;  // unpadded K / V rows are swizzled (see the kernel)
+    constexpr bool SW = ff_kv_layout<D, DV>::SW;
     const int buf = j & 1;
     ff_cp_async_wait<0>();
     __syncthreads();
@@ -106,12 +106,12 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
     typedef typename T::storage S;
     constexpr int BM = 16 * MS * NW;
     constexpr int NT = NW * 32;
-    // K / V rows: swizzled (ff_load_tile's SW) where both widths are multiples of 64, so
-    // each 128-byte piece of a row is one L2 request; padded by 8 elements otherwise.
-    constexpr bool SW = D % 64 == 0 && DV % 64 == 0;
+    // K / V rows: swizzled or padded (ff_kv_layout), so each 128-byte piece of a row is one
+    // L2 request where the widths allow.
+    constexpr bool SW = ff_kv_layout<D, DV>::SW;
     constexpr int QS = D + 8;
-    constexpr int KS = SW ? D : D + 8;
-    constexpr int VS = SW ? DV : DV + 8;
+    constexpr int KS = ff_kv_layout<D, DV>::KS;
+    constexpr int VS = ff_kv_layout<D, DV>::VS;
     constexpr bool LAZY = (FLAGS & FF_ATTN_FLAG_LAZY) != 0;
     constexpr bool PIPE = (FLAGS & FF_ATTN_FLAG_PIPE) != 0 && MASK == 0;
     static_assert(D % 16 == 0 && DV % 16 == 0 && BN % 16 == 0, "tile shapes");

@@ -182,6 +182,17 @@ __device__ __forceinline__ void ff_load_tile(S* smem, const S* g, ff_i64_t g_str
     }
 }
 
+// Whether the K / V tiles of a kernel with head widths D and DV use the swizzled layout of
+// ff_load_tile (both multiples of 64; `kv_row_pad` in sdpa.rs is the launchers' copy of this
+// rule), and the matching shared-memory row strides (unpadded when swizzled, padded by 8
+// elements otherwise).
+template <int D, int DV>
+struct ff_kv_layout {
+    static constexpr bool SW = D % 64 == 0 && DV % 64 == 0;
+    static constexpr int KS = SW ? D : D + 8;
+    static constexpr int VS = SW ? DV : DV + 8;
+};
+
 // ----- per-tile math ------------------------------------------------------------------------
 
 // s[ms][nb][e] += Q (this warp's MS slabs of 16 rows) times K^T for one tile of BN keys.
