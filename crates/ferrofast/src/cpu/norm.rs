@@ -23,6 +23,9 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::{Add, Div, Mul, Sub};
 
+#[cfg(target_arch = "x86_64")]
+mod bf16_avx2;
+
 /// Below this many elements the whole op runs on the calling thread: splitting would cost
 /// more than it saves.
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
@@ -121,6 +124,9 @@ fn norm_into<T: NormFloat>(
         },
     };
     let stride = x.strides().last().copied().unwrap_or(1);
+    if x.dtype() == T::DTYPE && stride == 1 && T::simd_rows(&job, x.cpu_buffer::<T>()?, y) {
+        return Ok(());
+    }
     if x.dtype() == T::DTYPE {
         let loader = SameDtype {
             buf: x.cpu_buffer::<T>()?,
@@ -164,10 +170,18 @@ struct Job<'a, C> {
 impl<C: Acc> Job<'_, C> {
     /// Normalises every row into `y` (row-major, `rows * d` elements).
     fn run<T: NormFloat<C = C>, L: LoadRow<T>>(&self, loader: &L, y: &mut [T]) {
+        self.split(y, |first, chunk, scratch| {
+            self.rows_into(loader, first, chunk, scratch)
+        });
+    }
+
+    /// Calls `rows(first, chunk, scratch)` over `y` cut into chunks of whole rows (`first` is
+    /// the chunk's first row), on the rayon pool when `y` is large enough.
+    fn split<T: Send>(&self, y: &mut [T], rows: impl Fn(usize, &mut [T], &mut Scratch<C>) + Sync) {
         let d = self.d;
         if y.len() < PARALLEL_MIN_ELEMENTS || rayon::current_num_threads() == 1 {
             let mut scratch = Scratch::new(d);
-            self.rows_into(loader, 0, y, &mut scratch);
+            rows(0, y, &mut scratch);
             return;
         }
         let rows_per_task = (TASK_ELEMENTS / d).max(1);
@@ -175,9 +189,7 @@ impl<C: Acc> Job<'_, C> {
             .enumerate()
             .for_each_init(
                 || Scratch::new(d),
-                |scratch, (task, chunk)| {
-                    self.rows_into(loader, task * rows_per_task, chunk, scratch)
-                },
+                |scratch, (task, chunk)| rows(task * rows_per_task, chunk, scratch),
             );
     }
 
@@ -329,6 +341,16 @@ impl RowIndex {
             base: x.offset() as isize,
             shape,
             strides,
+        }
+    }
+
+    /// The distance from each row's offset to the next one's, when all rows are evenly
+    /// spaced (at most one leading axis remains after merging).
+    fn uniform_step(&self) -> Option<isize> {
+        match self.strides.as_slice() {
+            [] => Some(0),
+            [s] => Some(*s),
+            _ => None,
         }
     }
 
@@ -560,6 +582,13 @@ trait NormFloat: Float {
         staging: &mut [Self::C],
         out: &mut [Self],
     );
+    /// Runs `job` over `buf` (rows of this dtype, each contiguous) into `y` with a
+    /// hand-vectorised kernel for this dtype and CPU, and returns `true`; or returns `false`
+    /// without touching `y` where there is none.
+    fn simd_rows(job: &Job<'_, Self::C>, buf: &[Self], y: &mut [Self]) -> bool {
+        let _ = (job, buf, y);
+        false
+    }
 }
 
 impl NormFloat for f32 {
@@ -687,6 +716,15 @@ impl NormFloat for bf16 {
         write_affine(row, widen, stats, affine, out, bf16_round_unchecked, |v| {
             bf16::from_bits(bf16_bits_rne_unchecked(v))
         });
+    }
+    fn simd_rows(job: &Job<'_, f32>, buf: &[bf16], y: &mut [bf16]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(kernel) = bf16_avx2::Kernel::new(job) {
+            job.split(y, |first, chunk, _| kernel.rows(buf, first, chunk));
+            return true;
+        }
+        let _ = (job, buf, y);
+        false
     }
 }
 
