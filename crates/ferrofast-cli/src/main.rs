@@ -6,7 +6,7 @@ mod cases;
 mod measure;
 
 use cases::{Bound, Case};
-use ferrofast::{DType, Device, Error};
+use ferrofast::{fast, Array, DType, Device, Error};
 use measure::{Ceilings, Timing};
 use std::process::ExitCode;
 
@@ -352,6 +352,52 @@ fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
     v
 }
 
+/// Prints how long bf16 attention takes next to f32 on the same shapes, measured pair by
+/// pair (one f32 call, one bf16 call, alternately), which a drifting machine load affects
+/// far less than two separate medians.
+fn sdpa_bf16_vs_f32(threads: usize) -> Result<(), Box<dyn std::error::Error>> {
+    println!("\nsdpa bf16 vs f32, alternating calls, B1 H16 T1024 D128 (median of 7 pairs):");
+    let dev = Device::Cpu;
+    let shape = [1, 16, 1024, 128];
+    let make = |dt: DType| -> ferrofast::Result<[Array; 3]> {
+        Ok([
+            Array::randn(&shape, dt, 21, &dev)?,
+            Array::randn(&shape, dt, 22, &dev)?,
+            Array::randn(&shape, dt, 23, &dev)?,
+        ])
+    };
+    let (f, b) = (make(DType::F32)?, make(DType::BF16)?);
+    let scale = 1.0 / (128f32).sqrt();
+    for causal in [false, true] {
+        let mut counts = vec![1];
+        if threads > 1 {
+            counts.push(threads);
+        }
+        for n in counts {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build()?;
+            let time = |x: &[Array; 3]| -> ferrofast::Result<f64> {
+                let mask = if causal {
+                    fast::Mask::Causal
+                } else {
+                    fast::Mask::None
+                };
+                let t0 = std::time::Instant::now();
+                drop(fast::scaled_dot_product_attention(
+                    &x[0], &x[1], &x[2], scale, mask, None,
+                )?);
+                Ok(t0.elapsed().as_secs_f64())
+            };
+            let ratio = pool.install(|| measure::paired_time_ratio(7, || time(&f), || time(&b)))?;
+            println!(
+                "  {:<8} {n} thread{}: bf16 time / f32 time = {ratio:.3}",
+                if causal { "causal" } else { "no mask" },
+                if n == 1 { " " } else { "s" }
+            );
+        }
+    }
+    Ok(())
+}
+
 fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
     let threads = rayon::current_num_threads();
     println!("ferrofast bench on {} ({threads} threads)", opts.device);
@@ -377,8 +423,8 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         ceilings.copy_gbs, threads, ceilings.gemm_gflops, threads, ceilings.gemm_gflops_1t
     );
     println!(
-        "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9}",
-        "op", "shape", "dtype", "thr", "median", "throughput", "ceiling"
+        "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9} {:>7}",
+        "op", "shape", "dtype", "thr", "median", "throughput", "ceiling", "paired"
     );
     let mut records = Vec::new();
     for case in cases {
@@ -393,8 +439,17 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             };
         for &n in &thread_counts {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build()?;
-            let t = match pool.install(|| measure::time_case(&case, &inputs, &opts.device, 5, 1.0))
-            {
+            // CPU memory-bound cases alternate with a copy of the same bytes (the "paired"
+            // column): the machine's load drifts, and a ratio taken pair by pair does not.
+            let paired = case.bound() == Bound::Memory && opts.device.is_cpu();
+            let timed = pool.install(|| {
+                if paired {
+                    measure::time_case_paired(&case, &inputs, 5, 1.0)
+                } else {
+                    measure::time_case(&case, &inputs, &opts.device, 5, 1.0).map(|t| (t, f64::NAN))
+                }
+            });
+            let (t, paired_fraction) = match timed {
                 Err(Error::Unsupported(why)) => {
                     println!(
                         "{:<12} {:<28} {:<9} not run: {why}",
@@ -425,15 +480,21 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
                     (gf, "GFLOP/s", gf / peak)
                 }
             };
+            let paired_col = if paired_fraction.is_finite() {
+                format!("{:.0}%", 100.0 * paired_fraction)
+            } else {
+                "-".to_string()
+            };
             println!(
-                "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>8.0}%",
+                "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>8.0}% {:>7}",
                 case.op(),
                 case.shape(),
                 case.dtype().name(),
                 n,
                 measure::fmt_time(t.median),
                 format!("{value:.1} {unit}"),
-                100.0 * fraction
+                100.0 * fraction,
+                paired_col
             );
             records.push(measure::Record {
                 op: case.op().to_string(),
@@ -446,8 +507,13 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
                 value,
                 unit: unit.to_string(),
                 fraction_of_ceiling: fraction,
+                fraction_of_paired_copy: paired_fraction,
             });
         }
+    }
+    let wants_sdpa = opts.only.is_empty() || opts.only.iter().any(|t| "sdpa".contains(t.as_str()));
+    if opts.device.is_cpu() && !opts.quick && wants_sdpa {
+        sdpa_bf16_vs_f32(threads)?;
     }
     if opts.big {
         let mem = measure::sdpa_memory_check(&opts.device)?;

@@ -48,6 +48,103 @@ pub fn time_case(
 /// Calls per timed sample on a GPU.
 const GPU_BATCH: usize = 20;
 
+/// A host-to-host copy of a given number of bytes (read plus written), split over the
+/// current rayon pool like [`Ceilings`]' copy; both buffers are faulted in up front.
+///
+/// Both buffers start on a 4 KiB boundary. Left to the allocator, two buffers can start a
+/// few bytes apart modulo 4 KiB (allocations made on a pool thread come from a per-thread
+/// arena), and then every load's address matches a just-issued store's in its low 12 bits:
+/// x86 cores treat that as a possible dependency ("4K aliasing") and the copy runs at a
+/// third of its speed.
+pub struct HostCopy {
+    src: Vec<f32>,
+    dst: Vec<f32>,
+    n: usize,
+}
+
+/// Elements to skip from the start of `v` to reach a 4 KiB boundary.
+fn page_skip(v: &[f32]) -> usize {
+    let misalign = v.as_ptr() as usize % 4096;
+    ((4096 - misalign) % 4096) / std::mem::size_of::<f32>()
+}
+
+impl HostCopy {
+    /// A copy that reads `bytes / 2` bytes and writes as many.
+    pub fn new(bytes: f64) -> HostCopy {
+        let n = ((bytes / 8.0) as usize).max(1);
+        let pad = 4096 / std::mem::size_of::<f32>();
+        HostCopy {
+            src: (0..n + pad)
+                .map(|i| (i % 1013) as f32 * 0.5 + 1.0)
+                .collect(),
+            dst: vec![0.5; n + pad],
+            n,
+        }
+    }
+
+    /// Runs the copy once; returns its time in seconds.
+    pub fn run(&mut self) -> f64 {
+        let (s0, d0) = (page_skip(&self.src), page_skip(&self.dst));
+        let src = &self.src[s0..s0 + self.n];
+        let dst = &mut self.dst[d0..d0 + self.n];
+        let t0 = Instant::now();
+        dst.par_chunks_mut(1 << 16)
+            .zip(src.par_chunks(1 << 16))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        let t = t0.elapsed().as_secs_f64();
+        std::hint::black_box(&self.dst);
+        t
+    }
+}
+
+/// Times a CPU `case` as [`time_case`] does, with a copy of the same bytes run before each
+/// sample, so that both see the same machine at the same moment. Returns the case's timing
+/// and the median over the pairs of `copy time / case time`: the fraction of the copy
+/// bandwidth the case reaches, robust to load that drifts during the run.
+pub fn time_case_paired(
+    case: &Case,
+    inputs: &Inputs,
+    min_reps: usize,
+    min_seconds: f64,
+) -> Result<(Timing, f64)> {
+    let mut copy = HostCopy::new(case.bytes());
+    copy.run();
+    case.run(inputs)?;
+    let (mut times, mut ratios) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    while times.len() < min_reps
+        || (start.elapsed().as_secs_f64() < min_seconds && times.len() < 200)
+    {
+        let c = copy.run();
+        let t0 = Instant::now();
+        drop(case.run(inputs)?);
+        let t = t0.elapsed().as_secs_f64();
+        times.push(t);
+        ratios.push(c / t);
+    }
+    ratios.sort_by(f64::total_cmp);
+    Ok((summarize(times), ratios[ratios.len() / 2]))
+}
+
+/// Alternates `a` and `b` (each returns the seconds one run took) `pairs` times after one
+/// warm-up run each; returns the median over the pairs of `time(b) / time(a)`.
+pub fn paired_time_ratio(
+    pairs: usize,
+    mut a: impl FnMut() -> Result<f64>,
+    mut b: impl FnMut() -> Result<f64>,
+) -> Result<f64> {
+    a()?;
+    b()?;
+    let mut ratios = Vec::with_capacity(pairs.max(1));
+    for _ in 0..pairs.max(1) {
+        let ta = a()?;
+        let tb = b()?;
+        ratios.push(tb / ta);
+    }
+    ratios.sort_by(f64::total_cmp);
+    Ok(ratios[ratios.len() / 2])
+}
+
 fn summarize(mut times: Vec<f64>) -> Timing {
     times.sort_by(f64::total_cmp);
     Timing {
@@ -240,6 +337,18 @@ pub struct Record {
     pub value: f64,
     pub unit: String,
     pub fraction_of_ceiling: f64,
+    /// For CPU memory-bound cases: median over interleaved pairs of copy time / case time,
+    /// the copy moving the same bytes ([`time_case_paired`]); NaN otherwise.
+    pub fraction_of_paired_copy: f64,
+}
+
+/// A finite number with 4 decimals, or `null`.
+fn json_num(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.4}")
+    } else {
+        "null".to_string()
+    }
 }
 
 fn json_str(s: &str) -> String {
@@ -252,7 +361,7 @@ pub fn to_json(device: &Device, threads: usize, c: &Ceilings, records: &[Record]
         .iter()
         .map(|r| {
             format!(
-                "    {{\"op\": {}, \"shape\": {}, \"dtype\": {}, \"threads\": {}, \"median_s\": {:e}, \"min_s\": {:e}, \"reps\": {}, \"value\": {:.3}, \"unit\": {}, \"fraction_of_ceiling\": {:.4}}}",
+                "    {{\"op\": {}, \"shape\": {}, \"dtype\": {}, \"threads\": {}, \"median_s\": {:e}, \"min_s\": {:e}, \"reps\": {}, \"value\": {:.3}, \"unit\": {}, \"fraction_of_ceiling\": {:.4}, \"fraction_of_paired_copy\": {}}}",
                 json_str(&r.op),
                 json_str(&r.shape),
                 json_str(&r.dtype),
@@ -262,7 +371,8 @@ pub fn to_json(device: &Device, threads: usize, c: &Ceilings, records: &[Record]
                 r.reps,
                 r.value,
                 json_str(&r.unit),
-                r.fraction_of_ceiling
+                r.fraction_of_ceiling,
+                json_num(r.fraction_of_paired_copy)
             )
         })
         .collect();

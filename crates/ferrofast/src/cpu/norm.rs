@@ -151,6 +151,11 @@ fn norm_into<T: NormFloat>(
 /// A weight or bias vector (any dtype and layout) as MLX's `astype(out)` would make it,
 /// held in the compute type.
 fn param_values<T: NormFloat>(a: &Array) -> Result<Vec<T::C>> {
+    if a.dtype() == T::DTYPE {
+        // Already of the output dtype: widening is exact, no rounding to do (and a
+        // conversion through f64 costs more than the whole op on a single row).
+        return Ok(a.to_vec::<T>()?.into_iter().map(T::widen).collect());
+    }
     Ok(a.to_f64_vec()?
         .into_iter()
         .map(T::from_f64_rounded)
@@ -170,27 +175,33 @@ struct Job<'a, C> {
 impl<C: Acc> Job<'_, C> {
     /// Normalises every row into `y` (row-major, `rows * d` elements).
     fn run<T: NormFloat<C = C>, L: LoadRow<T>>(&self, loader: &L, y: &mut [T]) {
-        self.split(y, |first, chunk, scratch| {
-            self.rows_into(loader, first, chunk, scratch)
-        });
+        self.split(
+            y,
+            || Scratch::new(self.d),
+            |first, chunk, scratch| self.rows_into(loader, first, chunk, scratch),
+        );
     }
 
     /// Calls `rows(first, chunk, scratch)` over `y` cut into chunks of whole rows (`first` is
-    /// the chunk's first row), on the rayon pool when `y` is large enough.
-    fn split<T: Send>(&self, y: &mut [T], rows: impl Fn(usize, &mut [T], &mut Scratch<C>) + Sync) {
+    /// the chunk's first row), on the rayon pool when `y` is large enough; each thread makes
+    /// its scratch once with `scratch`.
+    fn split<T: Send, S>(
+        &self,
+        y: &mut [T],
+        scratch: impl Fn() -> S + Sync + Send,
+        rows: impl Fn(usize, &mut [T], &mut S) + Sync,
+    ) {
         let d = self.d;
         if y.len() < PARALLEL_MIN_ELEMENTS || rayon::current_num_threads() == 1 {
-            let mut scratch = Scratch::new(d);
-            rows(0, y, &mut scratch);
+            rows(0, y, &mut scratch());
             return;
         }
         let rows_per_task = (TASK_ELEMENTS / d).max(1);
         y.par_chunks_mut(rows_per_task * d)
             .enumerate()
-            .for_each_init(
-                || Scratch::new(d),
-                |scratch, (task, chunk)| rows(task * rows_per_task, chunk, scratch),
-            );
+            .for_each_init(&scratch, |s, (task, chunk)| {
+                rows(task * rows_per_task, chunk, s)
+            });
     }
 
     /// Normalises rows `first..` into `y`, one row per `d` elements, with the widest vector
@@ -720,7 +731,7 @@ impl NormFloat for bf16 {
     fn simd_rows(job: &Job<'_, f32>, buf: &[bf16], y: &mut [bf16]) -> bool {
         #[cfg(target_arch = "x86_64")]
         if let Some(kernel) = bf16_avx2::Kernel::new(job) {
-            job.split(y, |first, chunk, _| kernel.rows(buf, first, chunk));
+            job.split(y, || (), |first, chunk, _| kernel.rows(buf, first, chunk));
             return true;
         }
         let _ = (job, buf, y);
