@@ -738,8 +738,54 @@ impl Array {
         if self.cuda_buffer().is_some() {
             return crate::cuda::copy::copy_cast(self, self.dtype, None);
         }
-        let data = dispatch_dtype!(self.dtype, T => T::wrap(self.to_vec::<T>()?));
+        let data = dispatch_dtype!(self.dtype, T => T::wrap(self.host_copy::<T>()?));
         Array::from_cpu_data(data, &self.shape)
+    }
+
+    /// The elements of this host array in row-major order, in a recycled buffer when the
+    /// host pool has one (a fresh one page-faults on first touch, which costs more than the
+    /// copy); a contiguous source is copied on the rayon pool.
+    fn host_copy<T: Element>(&self) -> Result<Vec<T>> {
+        /// Elements per parallel piece, and the size below which one thread copies.
+        const CHUNK: usize = 1 << 16;
+        fn write<T: Copy>(dst: &mut [std::mem::MaybeUninit<T>], src: &[T]) {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                d.write(s);
+            }
+        }
+        let n = self.size();
+        let mut out: Vec<T> = host_pool::take::<T>(n).unwrap_or_default();
+        out.clear();
+        out.reserve_exact(n);
+        let dst = &mut out.spare_capacity_mut()[..n];
+        let written = if let Some(src) = self.contiguous_slice::<T>()? {
+            if n > CHUNK {
+                dst.par_chunks_mut(CHUNK)
+                    .zip(src.par_chunks(CHUNK))
+                    .for_each(|(d, s)| write(d, s));
+            } else {
+                write(dst, src);
+            }
+            n
+        } else {
+            let buf = self.cpu_buffer::<T>()?;
+            let mut i = 0;
+            self.for_each_offset(|o| {
+                if let Some(d) = dst.get_mut(i) {
+                    d.write(buf[o]);
+                }
+                i += 1;
+            });
+            i
+        };
+        if written != n {
+            return Err(Error::invalid(format!(
+                "internal: copied {written} elements of an array of {n}"
+            )));
+        }
+        // SAFETY: all `n` elements were written above (checked just before).
+        unsafe { out.set_len(n) };
+        Ok(out)
     }
 
     /// A new row-major buffer with the same elements, on the same device, always copied
@@ -752,7 +798,7 @@ impl Array {
         if self.cuda_buffer().is_some() {
             return crate::cuda::copy::copy_cast(self, self.dtype, None);
         }
-        let data = dispatch_dtype!(self.dtype, T => T::wrap(self.to_vec::<T>()?));
+        let data = dispatch_dtype!(self.dtype, T => T::wrap(self.host_copy::<T>()?));
         Array::from_cpu_data(data, &self.shape)
     }
 

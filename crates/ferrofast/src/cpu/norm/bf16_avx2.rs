@@ -2,20 +2,25 @@
 //! bf16 rows, the common case for transformer activations.
 //!
 //! It computes exactly what the portable row loop computes (same formulas, same per-op
-//! rounding to bf16), with three changes that matter on a CPU whose vector units, not its
-//! memory, limit the portable loop:
+//! rounding to bf16), with changes that matter on a CPU whose vector units, not its memory,
+//! limit the portable loop (every instruction saved in the output pass shows):
 //!
-//! - **Widening by interleave.** `unpacklo/hi_epi16(0, v)` turns 16 bf16 values into two
-//!   vectors of f32 in one instruction each (the portable loop needs a zero-extend and a
-//!   shift per 8). Within each 128-bit lane this takes elements 0-3 and 8-11 into the first
-//!   vector and 4-7 and 12-15 into the second; `packus_epi32` undoes exactly that order when
-//!   the results are narrowed, and the weight and bias rows are stored permuted the same way
-//!   once per call.
+//! - **Widening without zero-extension.** A 32-bit lane holding two bf16 values is the odd
+//!   one as f32 once its low half is masked off, and the even one once shifted left by 16:
+//!   one instruction per 8 values (the portable loop zero-extends and shifts). The output
+//!   pass works on even and odd elements as two vectors, and the weight and bias are stored
+//!   split the same way once per call. The statistics use `unpacklo/hi_epi16` instead
+//!   (order does not matter to a sum).
+//! - **Narrowing in 16-bit lanes.** The two rounded vectors are recombined with one blend
+//!   of their high halves and one of their low halves, and the round-to-nearest-even carry
+//!   is computed for all 16 values at once in 16-bit lanes (the high half already sits
+//!   where the output element goes).
 //! - **Masks as `and`.** Clearing the low half of a rounded f32 is an `and` with an opaque
 //!   mask. Given a constant, LLVM emits `vpblendw` with zero, which competes with the
 //!   shifts and shuffles for two of the four vector ports.
-//! - **Prefetch.** While a row is written, the next row is prefetched one cache line per
-//!   32 elements, so the next row's three passes start from L1 instead of waiting on DRAM.
+//! - **Prefetch.** While a row is written, the row after the next is prefetched one cache
+//!   line per 32 elements, and the next row's statistics are computed before this row is
+//!   written, so the reductions' latency and DRAM overlap the output pass.
 
 use super::{bf16_bits_rne_unchecked, bf16_round_unchecked, Acc, Job, Kind, RowStats};
 use half::bf16;
@@ -24,9 +29,9 @@ use std::arch::x86_64::*;
 /// Elements per vector step: one 256-bit load of bf16.
 const STEP: usize = 16;
 
-/// The prepared kernel: the job, and its weight and bias with every full step of 16
-/// permuted into the interleaved order (see the module doc). Elements past the last full
-/// step stay in place and are handled by the scalar tail.
+/// The prepared kernel: the job, and its weight and bias with every full step of 16 split
+/// into its even and odd elements (see the module doc). Elements past the last full step
+/// stay in place and are handled by the scalar tail.
 pub(super) struct Kernel<'a> {
     job: &'a Job<'a, f32>,
     w: Option<Vec<f32>>,
@@ -124,17 +129,50 @@ impl<'a> Kernel<'a> {
     }
 }
 
-/// `v` with each full step of 16 reordered to `[0..4, 8..12, 4..8, 12..16]`, the order in
-/// which [`widen`] delivers the elements of a step.
+/// `v` with each full step of 16 reordered to its 8 even elements, then its 8 odd ones: the
+/// order in which [`split`] delivers them.
 fn interleaved(v: &[f32]) -> Vec<f32> {
     let mut out = v.to_vec();
     for (o, s) in out.chunks_exact_mut(STEP).zip(v.chunks_exact(STEP)) {
-        o[..4].copy_from_slice(&s[..4]);
-        o[4..8].copy_from_slice(&s[8..12]);
-        o[8..12].copy_from_slice(&s[4..8]);
-        o[12..].copy_from_slice(&s[12..]);
+        for j in 0..STEP / 2 {
+            o[j] = s[2 * j];
+            o[STEP / 2 + j] = s[2 * j + 1];
+        }
     }
     out
+}
+
+/// 16 bf16 values from `p` as f32: the even elements, then the odd ones. `high` is the
+/// opaque `0xFFFF0000` mask.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn split(p: *const bf16, high: __m256i) -> (__m256, __m256) {
+    let v = _mm256_loadu_si256(p.cast());
+    (
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+        _mm256_castsi256_ps(_mm256_and_si256(v, high)),
+    )
+}
+
+/// The even and odd results of [`split`]'s order, rounded to bf16 (nearest even) and
+/// stored as 16 consecutive bf16 values. The high half of each even result moves down into
+/// its lane's low half and the odd result's high half stays: one blend gives the 16
+/// truncated values, another their 16 discarded halves, and the carry
+/// `low + (value & 1) > 0x8000` is then a comparison per 16-bit lane. Exact under the NaN
+/// precondition of [`bf16_bits_rne_unchecked`].
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn narrow_store(even: __m256, odd: __m256, o: *mut bf16) {
+    let (e, d) = (_mm256_castps_si256(even), _mm256_castps_si256(odd));
+    let hi = _mm256_blend_epi16::<0xAA>(_mm256_srli_epi32::<16>(e), d);
+    let lo = _mm256_blend_epi16::<0xAA>(e, _mm256_slli_epi32::<16>(d));
+    // Saturating: 0xFFFF + 1 must stay above 0x8000.
+    let t = _mm256_adds_epu16(lo, _mm256_and_si256(hi, _mm256_set1_epi16(1)));
+    // Unsigned `t > 0x8000` as a signed comparison: flip the sign bit first.
+    let flipped = _mm256_xor_si256(t, _mm256_set1_epi16(i16::MIN));
+    let carry = _mm256_cmpgt_epi16(flipped, _mm256_setzero_si256());
+    // `carry` is -1 where the value rounds up.
+    _mm256_storeu_si256(o.cast(), _mm256_sub_epi16(hi, carry));
 }
 
 /// 16 bf16 values from `p` as two f32 vectors, in the interleaved order.
@@ -270,7 +308,7 @@ unsafe fn write_row<const LAYER: bool, const W: bool, const B: bool>(
         if B {
             v = _mm256_add_ps(round(v, high), _mm256_loadu_ps(b.as_ptr().add(i)));
         }
-        _mm256_srli_epi32::<16>(round_bits(v))
+        v
     };
     let steps = row.len() / STEP;
     let (p, o) = (row.as_ptr(), out.as_mut_ptr());
@@ -278,10 +316,10 @@ unsafe fn write_row<const LAYER: bool, const W: bool, const B: bool>(
         if i % 2 == 0 {
             _mm_prefetch::<_MM_HINT_T0>(prefetch.add(i * STEP).cast());
         }
-        let (lo, hi) = widen(p.add(i * STEP));
-        let r0 = affine(xhat(lo), i * STEP);
-        let r1 = affine(xhat(hi), i * STEP + 8);
-        _mm256_storeu_si256(o.add(i * STEP).cast(), _mm256_packus_epi32(r0, r1));
+        let (even, odd) = split(p.add(i * STEP), high);
+        let even = affine(xhat(even), i * STEP);
+        let odd = affine(xhat(odd), i * STEP + STEP / 2);
+        narrow_store(even, odd, o.add(i * STEP));
     }
     // The last `d % 16` elements, as the portable loop computes them.
     for j in steps * STEP..row.len() {
