@@ -143,7 +143,7 @@ mod sealed {
 
 /// A Rust type that can be an element of an [`Array`](crate::Array).
 ///
-/// Implemented for `bool`, `u8`, `u32`, `i32`, `i64`, [`f16`], [`bf16`], `f32`, `f64`; sealed.
+/// Implemented for `bool`, `u8`, `u32`, `i32`, `i64`, [`f16`](struct@f16), [`bf16`], `f32`, `f64`; sealed.
 pub trait Element: Copy + Send + Sync + PartialEq + fmt::Debug + 'static + sealed::Sealed {
     /// The matching [`DType`].
     const DTYPE: DType;

@@ -11,8 +11,12 @@
 //! a register op, done as each element is used); anything else (strided rows, another input
 //! dtype, f16) is first converted into a per-thread scratch row, which stays in L1/L2 for
 //! the remaining passes. Rows are spread over rayon in chunks; small inputs stay on the
-//! calling thread. The row loop is compiled twice, for baseline x86-64 and for AVX2, and
-//! picked at run time.
+//! calling thread.
+//!
+//! Contiguous rows of bf16, f16 or f32 in the output dtype go to the hand-vectorised AVX2
+//! kernel of [`avx2`] where the CPU has AVX2, FMA and F16C (bit for bit the same results).
+//! Everything else takes the portable row loop, compiled twice, for baseline x86-64 and for
+//! AVX2, and picked at run time.
 
 use crate::array::{dispatch_dtype, Array};
 use crate::dtype::{DType, Element, Float};
@@ -24,7 +28,7 @@ use rayon::prelude::*;
 use std::ops::{Add, Div, Mul, Sub};
 
 #[cfg(target_arch = "x86_64")]
-mod bf16_avx2;
+mod avx2;
 
 /// Below this many elements the whole op runs on the calling thread: splitting would cost
 /// more than it saves.
@@ -630,6 +634,9 @@ impl NormFloat for f32 {
     ) {
         write_affine(row, widen, stats, affine, out, |v| v, |v| v);
     }
+    fn simd_rows(job: &Job<'_, f32>, buf: &[f32], y: &mut [f32]) -> bool {
+        avx2_rows(job, buf, y)
+    }
 }
 
 impl NormFloat for f64 {
@@ -729,13 +736,7 @@ impl NormFloat for bf16 {
         });
     }
     fn simd_rows(job: &Job<'_, f32>, buf: &[bf16], y: &mut [bf16]) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(kernel) = bf16_avx2::Kernel::new(job) {
-            job.split(y, || (), |first, chunk, _| kernel.rows(buf, first, chunk));
-            return true;
-        }
-        let _ = (job, buf, y);
-        false
+        avx2_rows(job, buf, y)
     }
 }
 
@@ -788,6 +789,28 @@ impl NormFloat for f16 {
             out.convert_from_f32_slice(staging);
         }
     }
+    fn simd_rows(job: &Job<'_, f32>, buf: &[f16], y: &mut [f16]) -> bool {
+        avx2_rows(job, buf, y)
+    }
+}
+
+/// [`NormFloat::simd_rows`] for the 16-bit floats: the AVX2 kernel of [`avx2`] where the
+/// CPU can run it.
+#[cfg(target_arch = "x86_64")]
+fn avx2_rows<H: avx2::Format>(job: &Job<'_, f32>, buf: &[H], y: &mut [H]) -> bool {
+    match avx2::Kernel::<H>::new(job) {
+        Some(kernel) => {
+            job.split(y, || (), |first, chunk, _| kernel.rows(buf, first, chunk));
+            true
+        }
+        None => false,
+    }
+}
+
+/// Without x86-64 there is no hand-vectorised kernel: the portable loop runs.
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_rows<H>(_job: &Job<'_, f32>, _buf: &[H], _y: &mut [H]) -> bool {
+    false
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The CUDA back end (feature `cuda`): driver and NVRTC loading, contexts and streams
 //! (`runtime`), run-time compilation of the `.cu` kernels to CUBIN with in-memory and on-disk
-//! caches (`jit`), device buffers behind [`Array`](crate::Array) (`memory`), and one launcher
+//! caches (`jit`), device buffers behind [`Array`] (`memory`), and one launcher
 //! per op.
 //!
 //! Nothing here links against CUDA: cudarc loads `libcuda` and `libnvrtc` at run time, after

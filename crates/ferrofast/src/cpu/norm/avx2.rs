@@ -1,0 +1,713 @@
+//! Hand-vectorised AVX2 + FMA (+ F16C) row kernel for `rms_norm` and `layer_norm` on
+//! contiguous rows of bf16, f16 or f32, the common case for transformer activations.
+//!
+//! It computes exactly what the portable row loop computes (same formulas, same per-op
+//! rounding to the output dtype), in the form that matters on a CPU whose vector units, not
+//! its memory, limit the portable loop (every instruction saved in the output pass shows):
+//!
+//! - **bf16 widening without zero-extension.** A 32-bit lane holding two bf16 values is the
+//!   odd one as f32 once its low half is masked off, and the even one once shifted left by
+//!   16: one instruction per 8 values. The output pass works on even and odd elements as two
+//!   vectors, and the weight and bias are stored split the same way once per call. The
+//!   statistics use `unpacklo/hi_epi16` instead (order does not matter to a sum).
+//! - **bf16 narrowing in 16-bit lanes.** The two rounded vectors are recombined with one
+//!   blend of their high halves and one of their low halves, and the round-to-nearest-even
+//!   carry is computed for all 16 values at once in 16-bit lanes.
+//! - **Masks as `and`.** Clearing the low half of a rounded f32 is an `and` with an opaque
+//!   mask. Given a constant, LLVM emits `vpblendw` with zero, which competes with the
+//!   shifts and shuffles for two of the four vector ports.
+//! - **f16 through F16C.** `vcvtph2ps` / `vcvtps2ph` (round to nearest even) convert 8
+//!   values per instruction, so each rounding step is two instructions; the portable f16
+//!   path stages every step through a scratch row instead.
+//! - **Prefetch.** While a row is written, the row after the next is prefetched one cache
+//!   line at a time, and the next row's statistics are computed before this row is
+//!   written, so the reductions' latency and DRAM overlap the output pass. This is all f32
+//!   rows get from the kernel (there is no rounding to do); it is worth 10-20% on rows
+//!   that stream from DRAM.
+
+use super::{bf16_bits_rne_unchecked, bf16_round_unchecked, Acc, Job, Kind, RowStats};
+use half::{bf16, f16};
+use std::arch::x86_64::*;
+
+/// Elements per vector step: 16 values (one 256-bit load of a 16-bit format, two of f32).
+const STEP: usize = 16;
+
+/// An element format the kernel reads and writes (the 16-bit floats, and f32). Every `unsafe fn` needs AVX2, FMA and
+/// F16C (which every AVX2 CPU has).
+pub(super) trait Format: Copy + Send + Sync + 'static {
+    /// Steps per 64-byte cache line of the row (one line is prefetched per this many).
+    const STEPS_PER_LINE: usize;
+    /// The weight or bias row in the order [`split`](Format::split) delivers a step's
+    /// elements (elements past the last full step stay in place).
+    fn step_layout(v: &[f32]) -> Vec<f32>;
+    /// One step of `p` as f32, in the output pass's order (the first and second vector
+    /// take the elements of [`step_layout`](Format::step_layout)'s first and second 8).
+    unsafe fn split(p: *const Self, high: __m256i) -> (__m256, __m256);
+    /// One step of `p` as f32 in any order (for sums).
+    unsafe fn widen_any(p: *const Self, high: __m256i) -> (__m256, __m256) {
+        Self::split(p, high)
+    }
+    /// `v` rounded to this format, kept as f32.
+    unsafe fn round(v: __m256, high: __m256i) -> __m256;
+    /// A step's results (in [`split`](Format::split)'s order) rounded and stored at `o`.
+    unsafe fn narrow_store(a: __m256, b: __m256, o: *mut Self);
+    /// One element as f32.
+    fn to_f32(self) -> f32;
+    /// The element with these bits.
+    #[cfg(test)]
+    fn from_bits(bits: u16) -> Self;
+    /// [`round`](Format::round) for one value.
+    fn round_scalar(v: f32) -> f32;
+    /// [`narrow_store`](Format::narrow_store) for one value.
+    fn narrow_scalar(v: f32) -> Self;
+}
+
+impl Format for bf16 {
+    const STEPS_PER_LINE: usize = 2;
+    /// Each full step's 8 even elements, then its 8 odd ones.
+    fn step_layout(v: &[f32]) -> Vec<f32> {
+        let mut out = v.to_vec();
+        for (o, s) in out.chunks_exact_mut(STEP).zip(v.chunks_exact(STEP)) {
+            for j in 0..STEP / 2 {
+                o[j] = s[2 * j];
+                o[STEP / 2 + j] = s[2 * j + 1];
+            }
+        }
+        out
+    }
+
+    /// The even elements, then the odd ones; `high` is the opaque `0xFFFF0000` mask.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn split(p: *const bf16, high: __m256i) -> (__m256, __m256) {
+        let v = _mm256_loadu_si256(p.cast());
+        (
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+            _mm256_castsi256_ps(_mm256_and_si256(v, high)),
+        )
+    }
+
+    /// Elements 0-3 and 8-11, then 4-7 and 12-15 (one unpack each).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn widen_any(p: *const bf16, _high: __m256i) -> (__m256, __m256) {
+        let v = _mm256_loadu_si256(p.cast());
+        let z = _mm256_setzero_si256();
+        (
+            _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v)),
+        )
+    }
+
+    /// Round to nearest even by integer arithmetic, under the NaN precondition of
+    /// [`bf16_bits_rne_unchecked`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn round(v: __m256, high: __m256i) -> __m256 {
+        let b = _mm256_castps_si256(v);
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+        let b = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb);
+        _mm256_castsi256_ps(_mm256_and_si256(b, high))
+    }
+
+    /// The high half of each even result moves down into its lane's low half and the odd
+    /// result's high half stays: one blend gives the 16 truncated values, another their 16
+    /// discarded halves, and the carry `low + (value & 1) > 0x8000` is then a comparison
+    /// per 16-bit lane. Exact under the NaN precondition of [`bf16_bits_rne_unchecked`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn narrow_store(even: __m256, odd: __m256, o: *mut bf16) {
+        let (e, d) = (_mm256_castps_si256(even), _mm256_castps_si256(odd));
+        let hi = _mm256_blend_epi16::<0xAA>(_mm256_srli_epi32::<16>(e), d);
+        let lo = _mm256_blend_epi16::<0xAA>(e, _mm256_slli_epi32::<16>(d));
+        // Saturating: 0xFFFF + 1 must stay above 0x8000.
+        let t = _mm256_adds_epu16(lo, _mm256_and_si256(hi, _mm256_set1_epi16(1)));
+        // Unsigned `t > 0x8000` as a signed comparison: flip the sign bit first.
+        let flipped = _mm256_xor_si256(t, _mm256_set1_epi16(i16::MIN));
+        let carry = _mm256_cmpgt_epi16(flipped, _mm256_setzero_si256());
+        // `carry` is -1 where the value rounds up.
+        _mm256_storeu_si256(o.cast(), _mm256_sub_epi16(hi, carry));
+    }
+
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[cfg(test)]
+    fn from_bits(bits: u16) -> bf16 {
+        bf16::from_bits(bits)
+    }
+    fn round_scalar(v: f32) -> f32 {
+        bf16_round_unchecked(v)
+    }
+    fn narrow_scalar(v: f32) -> bf16 {
+        bf16::from_bits(bf16_bits_rne_unchecked(v))
+    }
+}
+
+impl Format for f16 {
+    const STEPS_PER_LINE: usize = 2;
+    /// Natural order: the conversions keep it.
+    fn step_layout(v: &[f32]) -> Vec<f32> {
+        v.to_vec()
+    }
+
+    /// Elements 0-7, then 8-15.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn split(p: *const f16, _high: __m256i) -> (__m256, __m256) {
+        (
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+            _mm256_cvtph_ps(_mm_loadu_si128(p.add(8).cast())),
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn round(v: __m256, _high: __m256i) -> __m256 {
+        _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn narrow_store(a: __m256, b: __m256, o: *mut f16) {
+        _mm_storeu_si128(o.cast(), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(a));
+        _mm_storeu_si128(
+            o.add(8).cast(),
+            _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(b),
+        );
+    }
+
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(test)]
+    fn from_bits(bits: u16) -> f16 {
+        f16::from_bits(bits)
+    }
+    fn round_scalar(v: f32) -> f32 {
+        f16::from_f32(v).to_f32()
+    }
+    fn narrow_scalar(v: f32) -> f16 {
+        f16::from_f32(v)
+    }
+}
+
+/// f32 rows take the same row loop (statistics one row ahead, prefetch), with no rounding.
+impl Format for f32 {
+    const STEPS_PER_LINE: usize = 1;
+
+    fn step_layout(v: &[f32]) -> Vec<f32> {
+        v.to_vec()
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn split(p: *const f32, _high: __m256i) -> (__m256, __m256) {
+        (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn round(v: __m256, _high: __m256i) -> __m256 {
+        v
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn narrow_store(a: __m256, b: __m256, o: *mut f32) {
+        _mm256_storeu_ps(o, a);
+        _mm256_storeu_ps(o.add(8), b);
+    }
+
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn round_scalar(v: f32) -> f32 {
+        v
+    }
+    fn narrow_scalar(v: f32) -> f32 {
+        v
+    }
+    /// The bf16 value with these bits, widened (the tests' special values).
+    #[cfg(test)]
+    fn from_bits(bits: u16) -> f32 {
+        f32::from_bits(u32::from(bits) << 16)
+    }
+}
+
+/// The prepared kernel: the job, and its weight and bias in the format's
+/// [`step_layout`](Format::step_layout).
+pub(super) struct Kernel<'a, H> {
+    job: &'a Job<'a, f32>,
+    w: Option<Vec<f32>>,
+    b: Option<Vec<f32>>,
+    /// `0xFFFF0000` in every lane, hidden from the optimiser (see the module doc).
+    high: [u32; 8],
+    format: std::marker::PhantomData<H>,
+}
+
+impl<'a, H: Format> Kernel<'a, H> {
+    /// Whether this CPU has what the kernel needs: AVX2, FMA and F16C.
+    fn supported() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+
+    /// The kernel for `job`, if this CPU can run it.
+    pub(super) fn new(job: &'a Job<'a, f32>) -> Option<Self> {
+        if !Self::supported() {
+            return None;
+        }
+        Some(Kernel {
+            job,
+            w: job.affine.w.map(H::step_layout),
+            b: job.affine.b.map(H::step_layout),
+            high: std::hint::black_box([0xFFFF_0000; 8]),
+            format: std::marker::PhantomData,
+        })
+    }
+
+    /// Normalises rows `first..` of `buf` (laid out as `job.rows` says, each row contiguous)
+    /// into `y`, one row per `job.d` elements.
+    pub(super) fn rows(&self, buf: &[H], first: usize, y: &mut [H]) {
+        // SAFETY: `new` checked that the CPU has AVX2, FMA and F16C.
+        unsafe { self.rows_avx2(buf, first, y) }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_avx2(&self, buf: &[H], first: usize, y: &mut [H]) {
+        let layer = self.job.kind == Kind::Layer;
+        match (layer, self.w.is_some(), self.b.is_some()) {
+            (false, false, false) => self.rows_typed::<false, false, false>(buf, first, y),
+            (false, true, false) => self.rows_typed::<false, true, false>(buf, first, y),
+            (false, false, true) => self.rows_typed::<false, false, true>(buf, first, y),
+            (false, true, true) => self.rows_typed::<false, true, true>(buf, first, y),
+            (true, false, false) => self.rows_typed::<true, false, false>(buf, first, y),
+            (true, true, false) => self.rows_typed::<true, true, false>(buf, first, y),
+            (true, false, true) => self.rows_typed::<true, false, true>(buf, first, y),
+            (true, true, true) => self.rows_typed::<true, true, true>(buf, first, y),
+        }
+    }
+
+    /// The row loop for one kind and affine combination. The statistics of row `r + 1` are
+    /// computed before row `r` is written: they are independent, so the out-of-order core
+    /// overlaps the reductions' latency (long for short rows) with the output pass. The
+    /// output pass prefetches row `r + 2`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_typed<const LAYER: bool, const W: bool, const B: bool>(
+        &self,
+        buf: &[H],
+        first: usize,
+        y: &mut [H],
+    ) {
+        let job = self.job;
+        let d = job.d;
+        let n_rows = y.len() / d;
+        // Rows that step through memory evenly (most layouts) need no division per row.
+        let step = job.rows.uniform_step();
+        let offset_of = |r: usize, previous: usize| match step {
+            Some(step) => previous.wrapping_add_signed(step),
+            None => job.rows.offset(first + r) as usize,
+        };
+        let mut offset = job.rows.offset(first) as usize;
+        let mut stats = self.row_stats::<LAYER>(&buf[offset..offset + d]);
+        let mut next = offset;
+        if n_rows > 1 {
+            next = offset_of(1, offset);
+        }
+        for (r, out) in y.chunks_exact_mut(d).enumerate() {
+            let (next_stats, after) = if r + 1 < n_rows {
+                let after = if r + 2 < n_rows {
+                    offset_of(r + 2, next)
+                } else {
+                    next
+                };
+                (self.row_stats::<LAYER>(&buf[next..next + d]), after)
+            } else {
+                (stats, next)
+            };
+            // In bounds: `after` starts a row of `buf`.
+            let prefetch = buf[after..after + d].as_ptr();
+            self.write_row::<LAYER, W, B>(&buf[offset..offset + d], stats, prefetch, out);
+            (offset, next, stats) = (next, after, next_stats);
+        }
+    }
+
+    /// `0xFFFF0000` in every lane, loaded from memory the optimiser cannot see through.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn high(&self) -> __m256i {
+        _mm256_loadu_si256(self.high.as_ptr().cast())
+    }
+
+    /// Sum over the row of `f(x)` for every element, vector part with four accumulators.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_sum(
+        &self,
+        row: &[H],
+        f: impl Fn(__m256, __m256) -> __m256,
+        tail: impl Fn(f32) -> f32,
+    ) -> f32 {
+        let high = self.high();
+        let steps = row.len() / STEP;
+        let p = row.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 2 <= steps {
+            let (a, b) = H::widen_any(p.add(i * STEP), high);
+            let (c, e) = H::widen_any(p.add((i + 1) * STEP), high);
+            acc[0] = f(a, acc[0]);
+            acc[1] = f(b, acc[1]);
+            acc[2] = f(c, acc[2]);
+            acc[3] = f(e, acc[3]);
+            i += 2;
+        }
+        if i < steps {
+            let (a, b) = H::widen_any(p.add(i * STEP), high);
+            acc[0] = f(a, acc[0]);
+            acc[1] = f(b, acc[1]);
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        let mut total = _mm_cvtss_f32(s);
+        for &v in &row[steps * STEP..] {
+            total += tail(v.to_f32());
+        }
+        total
+    }
+
+    /// The row's mean (0 for RMS) and `1 / sqrt(var + eps)`, computed in f32 as the
+    /// portable loop computes them (two passes for `LAYER`, one for RMS), NaNs canonical.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_stats<const LAYER: bool>(&self, row: &[H]) -> RowStats<f32> {
+        let job = self.job;
+        let (mean, inv) = if LAYER {
+            let mean = self.row_sum(row, |x, acc| _mm256_add_ps(x, acc), |x| x) * job.inv_d;
+            let m = _mm256_set1_ps(mean);
+            let var = self.row_sum(
+                row,
+                |x, acc| {
+                    let c = _mm256_sub_ps(x, m);
+                    _mm256_fmadd_ps(c, c, acc)
+                },
+                |x| (x - mean) * (x - mean),
+            ) * job.inv_d;
+            (mean, 1.0 / (var + job.eps).sqrt())
+        } else {
+            let ms = self.row_sum(row, |x, acc| _mm256_fmadd_ps(x, x, acc), |x| x * x) * job.inv_d;
+            (0.0, 1.0 / (ms + job.eps).sqrt())
+        };
+        RowStats {
+            mean: mean.canonical_nan(),
+            inv: inv.canonical_nan(),
+        }
+    }
+
+    /// The output pass: `narrow(affine(round((x - mean) * inv)))` for every element, each
+    /// op of MLX's fallback rounded to the output dtype in order, bit for bit what the
+    /// portable loop writes. Prefetches the row at `prefetch` (same length) meanwhile.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn write_row<const LAYER: bool, const W: bool, const B: bool>(
+        &self,
+        row: &[H],
+        stats: RowStats<f32>,
+        prefetch: *const H,
+        out: &mut [H],
+    ) {
+        let RowStats { mean, inv } = stats;
+        let (m, s) = (_mm256_set1_ps(mean), _mm256_set1_ps(inv));
+        let high = self.high();
+        let xhat = |x: __m256| {
+            if LAYER {
+                _mm256_mul_ps(_mm256_sub_ps(x, m), s)
+            } else {
+                _mm256_mul_ps(x, s)
+            }
+        };
+        let (w, b) = (
+            self.w.as_deref().unwrap_or(&[]),
+            self.b.as_deref().unwrap_or(&[]),
+        );
+        let affine = |v: __m256, i: usize| {
+            let mut v = v;
+            if W {
+                v = _mm256_mul_ps(H::round(v, high), _mm256_loadu_ps(w.as_ptr().add(i)));
+            }
+            if B {
+                v = _mm256_add_ps(H::round(v, high), _mm256_loadu_ps(b.as_ptr().add(i)));
+            }
+            v
+        };
+        let steps = row.len() / STEP;
+        let (p, o) = (row.as_ptr(), out.as_mut_ptr());
+        for i in 0..steps {
+            if i % H::STEPS_PER_LINE == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(prefetch.add(i * STEP).cast());
+            }
+            let (first, second) = H::split(p.add(i * STEP), high);
+            let first = affine(xhat(first), i * STEP);
+            let second = affine(xhat(second), i * STEP + STEP / 2);
+            H::narrow_store(first, second, o.add(i * STEP));
+        }
+        // The last `d % 16` elements, as the portable loop computes them.
+        for j in steps * STEP..row.len() {
+            let x = row[j].to_f32();
+            let mut v = if LAYER {
+                (x - mean) * inv
+            } else {
+                (x - 0.0) * inv
+            };
+            if W {
+                v = H::round_scalar(v) * w[j];
+            }
+            if B {
+                v = H::round_scalar(v) + b[j];
+            }
+            out[j] = H::narrow_scalar(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Affine, NormFloat, RowIndex};
+    use super::*;
+    use crate::{Array, DType, Device};
+
+    /// A deterministic stream of test values.
+    struct Values(u64);
+
+    impl Values {
+        fn next_u32(&mut self) -> u32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 32) as u32
+        }
+        /// Mostly ordinary values in [-4, 4), one in two drawn from `special` (zeros,
+        /// subnormals, values near the top of the range, infinities, NaNs), with a random
+        /// sign.
+        fn element<T: NormFloat + Format>(&mut self, special: &[u16]) -> T {
+            let r = self.next_u32();
+            let i = r as usize % (2 * special.len());
+            if i >= special.len() {
+                return T::from_f32((r >> 4) as f32 / (1u32 << 27) as f32 * 8.0 - 4.0);
+            }
+            <T as Format>::from_bits(special[i] ^ ((r >> 20) as u16 & 0x8000))
+        }
+        /// A statistic: NaN, 0, infinity, 1.5, or ordinary; products with 16-bit values
+        /// often tie at 16-bit precision.
+        fn stat(&mut self) -> f32 {
+            let r = self.next_u32();
+            match r % 8 {
+                0 => f32::NAN,
+                1 => 0.0,
+                2 => f32::INFINITY,
+                3 => 1.5,
+                _ => (r >> 8) as f32 / (1u32 << 24) as f32 * 3.0 - 1.0,
+            }
+        }
+    }
+
+    /// Special bit patterns of each format: zero, smallest and largest subnormals, largest
+    /// finite values, infinity, quiet and signalling NaNs.
+    const BF16_SPECIAL: [u16; 10] = [
+        0x0000, 0x0001, 0x0055, 0x007F, 0x7F7F, 0x7F7E, 0x7F80, 0x7FC0, 0x7F81, 0x0080,
+    ];
+    const F16_SPECIAL: [u16; 10] = [
+        0x0000, 0x0001, 0x0155, 0x03FF, 0x7BFF, 0x7BFE, 0x7C00, 0x7E00, 0x7C01, 0x0400,
+    ];
+
+    fn output_pass_matches<T: NormFloat<C = f32> + Format>(dtype: DType, special: &[u16]) {
+        if !Kernel::<T>::supported() {
+            eprintln!("this CPU cannot run the {dtype} kernel: it is never used");
+            return;
+        }
+        let mut values = Values(0x9E37_79B9_7F4A_7C15);
+        for d in [1, 7, 15, 16, 17, 31, 32, 33, 48, 128, 131, 1000] {
+            let x = Array::zeros(&[2, d], dtype, &Device::Cpu).unwrap();
+            let row: Vec<T> = (0..d).map(|_| values.element(special)).collect();
+            let next: Vec<T> = (0..d).map(|_| values.element(special)).collect();
+            let w: Vec<f32> = (0..d)
+                .map(|_| values.element::<T>(special).widen())
+                .collect();
+            let b: Vec<f32> = (0..d)
+                .map(|_| values.element::<T>(special).widen())
+                .collect();
+            for kind in [Kind::Rms, Kind::Layer] {
+                for (use_w, use_b) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let affine = Affine {
+                        w: Some(&w[..]).filter(|_| use_w),
+                        b: Some(&b[..]).filter(|_| use_b),
+                    };
+                    let job = Job {
+                        kind,
+                        rows: RowIndex::new(&x),
+                        d,
+                        eps: 1e-5,
+                        inv_d: 1.0 / d as f32,
+                        affine,
+                    };
+                    let k = Kernel::<T>::new(&job).unwrap();
+                    for _ in 0..8 {
+                        let mean = if kind == Kind::Layer {
+                            values.stat()
+                        } else {
+                            0.0
+                        };
+                        let stats = RowStats {
+                            mean,
+                            inv: values.stat(),
+                        };
+                        let mut want = T::alloc_output(d);
+                        let mut staging = vec![0.0f32; d];
+                        T::write_row(&row, T::widen, stats, affine, &mut staging, &mut want);
+                        let mut got = T::alloc_output(d);
+                        let p = next.as_ptr();
+                        // SAFETY: `Kernel::new` succeeded, so the CPU can run the kernel.
+                        unsafe {
+                            match (kind, use_w, use_b) {
+                                (Kind::Rms, false, false) => {
+                                    k.write_row::<false, false, false>(&row, stats, p, &mut got)
+                                }
+                                (Kind::Rms, true, false) => {
+                                    k.write_row::<false, true, false>(&row, stats, p, &mut got)
+                                }
+                                (Kind::Rms, false, true) => {
+                                    k.write_row::<false, false, true>(&row, stats, p, &mut got)
+                                }
+                                (Kind::Rms, true, true) => {
+                                    k.write_row::<false, true, true>(&row, stats, p, &mut got)
+                                }
+                                (Kind::Layer, false, false) => {
+                                    k.write_row::<true, false, false>(&row, stats, p, &mut got)
+                                }
+                                (Kind::Layer, true, false) => {
+                                    k.write_row::<true, true, false>(&row, stats, p, &mut got)
+                                }
+                                (Kind::Layer, false, true) => {
+                                    k.write_row::<true, false, true>(&row, stats, p, &mut got)
+                                }
+                                (Kind::Layer, true, true) => {
+                                    k.write_row::<true, true, true>(&row, stats, p, &mut got)
+                                }
+                            }
+                        }
+                        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                            let (g, e) = (g.widen(), e.widen());
+                            // Which NaN operand x86 propagates depends on operand order,
+                            // which the compiler may swap: any NaN is right.
+                            if e.is_nan() {
+                                assert!(g.is_nan(), "{dtype} {kind:?} d {d} element {i}: {g}");
+                                continue;
+                            }
+                            assert_eq!(
+                                g.to_bits(),
+                                e.to_bits(),
+                                "{dtype} {kind:?} w {use_w} b {use_b} d {d} element {i}: \
+                                 x {} mean {} inv {}",
+                                row[i].widen(),
+                                stats.mean,
+                                stats.inv
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_output_pass_matches_the_portable_loop_bit_for_bit() {
+        output_pass_matches::<bf16>(DType::BF16, &BF16_SPECIAL);
+    }
+
+    #[test]
+    fn f16_output_pass_matches_the_portable_loop_bit_for_bit() {
+        output_pass_matches::<f16>(DType::F16, &F16_SPECIAL);
+    }
+
+    fn statistics_match_f64<T: NormFloat<C = f32> + Format>(dtype: DType) {
+        if !Kernel::<T>::supported() {
+            eprintln!("this CPU cannot run the {dtype} kernel: it is never used");
+            return;
+        }
+        let mut values = Values(7);
+        for d in [1, 15, 16, 17, 33, 64, 100, 4099] {
+            // Finite values around 10, so that the mean matters for the variance.
+            let row: Vec<T> = (0..d)
+                .map(|_| T::from_f32((values.next_u32() >> 8) as f32 / 1e6 + 10.0))
+                .collect();
+            let x = Array::from_slice(&row, &[1, d]).unwrap();
+            for kind in [Kind::Rms, Kind::Layer] {
+                let job = Job {
+                    kind,
+                    rows: RowIndex::new(&x),
+                    d,
+                    eps: 1e-5,
+                    inv_d: 1.0 / d as f32,
+                    affine: Affine { w: None, b: None },
+                };
+                let k = Kernel::<T>::new(&job).unwrap();
+                // SAFETY: `Kernel::new` succeeded, so the CPU can run the kernel.
+                let got = unsafe {
+                    match kind {
+                        Kind::Rms => k.row_stats::<false>(&row),
+                        Kind::Layer => k.row_stats::<true>(&row),
+                    }
+                };
+                let xs: Vec<f64> = row.iter().map(|v| f64::from(v.widen())).collect();
+                let mean = xs.iter().sum::<f64>() / d as f64;
+                let (mean, var) = match kind {
+                    Kind::Rms => (0.0, xs.iter().map(|x| x * x).sum::<f64>() / d as f64),
+                    Kind::Layer => (
+                        mean,
+                        xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / d as f64,
+                    ),
+                };
+                let inv = 1.0 / (var + 1e-5).sqrt();
+                assert!(
+                    (f64::from(got.mean) - mean).abs() <= 1e-5 * mean.abs().max(1.0),
+                    "{dtype} {kind:?} d {d}: mean {} vs {mean}",
+                    got.mean
+                );
+                assert!(
+                    (f64::from(got.inv) - inv).abs() <= 1e-4 * inv,
+                    "{dtype} {kind:?} d {d}: inv {} vs {inv}",
+                    got.inv
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f32_output_pass_matches_the_portable_loop_bit_for_bit() {
+        output_pass_matches::<f32>(DType::F32, &BF16_SPECIAL);
+    }
+
+    #[test]
+    fn f32_statistics_match_f64() {
+        statistics_match_f64::<f32>(DType::F32);
+    }
+
+    #[test]
+    fn bf16_statistics_match_f64() {
+        statistics_match_f64::<bf16>(DType::BF16);
+    }
+
+    #[test]
+    fn f16_statistics_match_f64() {
+        statistics_match_f64::<f16>(DType::F16);
+    }
+}
