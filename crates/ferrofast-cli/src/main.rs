@@ -297,6 +297,12 @@ fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
             });
         }
     }
+    if !quick {
+        let dtype = DType::F16;
+        let (rows, dim) = (4096, 4096);
+        v.push(Case::RmsNorm { rows, dim, dtype });
+        v.push(Case::LayerNorm { rows, dim, dtype });
+    }
     for &dtype in &[DType::F32, DType::BF16] {
         for causal in [false, true] {
             v.push(Case::Sdpa {
