@@ -325,11 +325,11 @@ impl Acc for f32 {
         acc: &mut [f32],
         prefetch: impl Fn(usize),
     ) {
-        // With more than one group of 8 rows the value tile is read again from cache, where
-        // register blocking wins; a single group streams it once from memory, where the
-        // row-by-row axpys below measured faster.
+        // With more than one group of 8 rows, or a value tile just widened into scratch, the
+        // values are read from cache, where register blocking wins; a single group streaming
+        // its tile once from memory measured faster with the row-by-row axpys below.
         #[cfg(target_arch = "x86_64")]
-        if FMA && nr > 8 {
+        if FMA && (nr > 8 || vals.widened) {
             // Groups of up to 8 rows, 8 output columns at a time held in registers across
             // blocks of keys.
             for g0 in (0..nr).step_by(8) {
@@ -860,6 +860,8 @@ struct Rows<'s, A> {
     data: &'s [A],
     start: usize,
     stride: usize,
+    /// Widened into a scratch tile just now (so in cache), rather than read in place.
+    widened: bool,
 }
 
 impl<A> Rows<'_, A> {
@@ -893,6 +895,7 @@ fn tile_rows<'s, T: Elem>(
                 data: buf,
                 start: start as usize,
                 stride: stride as usize,
+                widened: false,
             };
         }
     }
@@ -907,6 +910,7 @@ fn tile_rows<'s, T: Elem>(
         data: scratch,
         start: 0,
         stride: len,
+        widened: true,
     }
 }
 
