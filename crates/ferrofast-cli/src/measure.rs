@@ -209,20 +209,11 @@ impl Ceilings {
 }
 
 fn copy_bandwidth() -> f64 {
-    let n = 64 << 20;
-    let src: Vec<f32> = (0..n).map(|i| (i % 1013) as f32 * 0.5 + 1.0).collect();
-    let mut dst = vec![0.0f32; n];
-    let chunk = 1 << 16;
-    let mut best = f64::INFINITY;
-    for _ in 0..10 {
-        let t0 = Instant::now();
-        dst.par_chunks_mut(chunk)
-            .zip(src.par_chunks(chunk))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-        best = best.min(t0.elapsed().as_secs_f64());
-    }
-    std::hint::black_box(&dst);
-    2.0 * (n * 4) as f64 / best / 1e9
+    // 256 MiB read, 256 MiB written.
+    let bytes = 2.0 * (256u64 << 20) as f64;
+    let mut copy = HostCopy::new(bytes);
+    let best = (0..10).map(|_| copy.run()).fold(f64::INFINITY, f64::min);
+    bytes / best / 1e9
 }
 
 fn device_copy_bandwidth(device: &Device) -> Result<f64> {
