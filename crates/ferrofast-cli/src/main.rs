@@ -432,6 +432,9 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9} {:>7}",
         "op", "shape", "dtype", "thr", "median", "throughput", "ceiling", "paired"
     );
+    // The bf16-vs-f32 attention comparison runs when the sweep kept both dtypes' attention.
+    let kept = |dt: DType| cases.iter().any(|c| c.op() == "sdpa" && c.dtype() == dt);
+    let compare_sdpa_dtypes = kept(DType::F32) && kept(DType::BF16);
     let mut records = Vec::new();
     for case in cases {
         let inputs = case.inputs(&opts.device, 7)?;
@@ -517,8 +520,7 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             });
         }
     }
-    let wants_sdpa = opts.only.is_empty() || opts.only.iter().any(|t| "sdpa".contains(t.as_str()));
-    if opts.device.is_cpu() && !opts.quick && wants_sdpa {
+    if opts.device.is_cpu() && !opts.quick && compare_sdpa_dtypes {
         sdpa_bf16_vs_f32(threads)?;
     }
     if opts.big {

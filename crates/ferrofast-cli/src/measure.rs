@@ -32,9 +32,7 @@ pub fn time_case(
     device.synchronize()?;
     let mut times = Vec::new();
     let start = Instant::now();
-    while times.len() < min_reps
-        || (start.elapsed().as_secs_f64() < min_seconds && times.len() < 200)
-    {
+    while more_samples(times.len(), start, min_reps, min_seconds) {
         let t0 = Instant::now();
         for _ in 0..batch {
             drop(case.run(inputs)?);
@@ -43,6 +41,12 @@ pub fn time_case(
         times.push(t0.elapsed().as_secs_f64() / batch as f64);
     }
     Ok(summarize(times))
+}
+
+/// Whether to take another sample: fewer than `min_reps` so far, or fewer than 200 while
+/// under `min_seconds` since `start`.
+fn more_samples(taken: usize, start: Instant, min_reps: usize, min_seconds: f64) -> bool {
+    taken < min_reps || (start.elapsed().as_secs_f64() < min_seconds && taken < 200)
 }
 
 /// Calls per timed sample on a GPU.
@@ -112,9 +116,7 @@ pub fn time_case_paired(
     case.run(inputs)?;
     let (mut times, mut ratios) = (Vec::new(), Vec::new());
     let start = Instant::now();
-    while times.len() < min_reps
-        || (start.elapsed().as_secs_f64() < min_seconds && times.len() < 200)
-    {
+    while more_samples(times.len(), start, min_reps, min_seconds) {
         let c = copy.run();
         let t0 = Instant::now();
         drop(case.run(inputs)?);

@@ -199,6 +199,17 @@ pub(crate) mod host_pool {
         let mut data = data;
         T::take_vec(&mut data)
     }
+
+    /// An empty vector with room for exactly `n` elements: a pooled buffer when one of that
+    /// size is kept, else fresh memory, never zeroed (a zeroed allocation is a memset, an
+    /// extra pass on one thread). The caller fills `spare_capacity_mut()[..n]`, then sets
+    /// the length.
+    pub(crate) fn take_uninit<T: Element>(n: usize) -> Vec<T> {
+        let mut out = take::<T>(n).unwrap_or_default();
+        out.clear();
+        out.reserve_exact(n);
+        out
+    }
 }
 
 /// An n-dimensional array: shape, strides (in elements, may be negative or zero), offset
@@ -743,8 +754,8 @@ impl Array {
     }
 
     /// The elements of this host array in row-major order, in a recycled buffer when the
-    /// host pool has one (a fresh one page-faults on first touch, which costs more than the
-    /// copy); a contiguous source is copied on the rayon pool.
+    /// host pool has one (see [`host_pool::take_uninit`]); a contiguous source is copied on
+    /// the rayon pool.
     fn host_copy<T: Element>(&self) -> Result<Vec<T>> {
         /// Elements per parallel piece, and the size below which one thread copies.
         const CHUNK: usize = 1 << 16;
@@ -754,9 +765,7 @@ impl Array {
             }
         }
         let n = self.size();
-        let mut out: Vec<T> = host_pool::take::<T>(n).unwrap_or_default();
-        out.clear();
-        out.reserve_exact(n);
+        let mut out = host_pool::take_uninit::<T>(n);
         let dst = &mut out.spare_capacity_mut()[..n];
         let written = if let Some(src) = self.contiguous_slice::<T>()? {
             if n > CHUNK {

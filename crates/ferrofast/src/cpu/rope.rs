@@ -422,11 +422,7 @@ struct Group<'o, T> {
 
 fn rope_typed<T: RopeElem>(a: &Array, plan: &RopePlan) -> Result<Array> {
     let n = a.size();
-    // A recycled buffer (see `host_pool`) or fresh uninitialised memory, never zeroed: a
-    // zeroed allocation is a memset, an extra pass over the output on one thread.
-    let mut out: Vec<T> = crate::array::host_pool::take::<T>(n).unwrap_or_default();
-    out.clear();
-    out.reserve_exact(n);
+    let mut out = crate::array::host_pool::take_uninit::<T>(n);
     rope_into(a, plan, &mut out.spare_capacity_mut()[..n], Isa::detect())?;
     // SAFETY: `rope_into` succeeded, and on success it has written all `n` elements: every
     // output row lies in exactly one group piece, and every row of a piece is written in
