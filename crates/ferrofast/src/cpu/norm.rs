@@ -21,6 +21,7 @@
 use crate::array::{dispatch_dtype, Array};
 use crate::dtype::{DType, Element, Float};
 use crate::error::{Error, Result};
+use crate::Device;
 use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
@@ -158,6 +159,11 @@ fn param_values<T: NormFloat>(a: &Array) -> Result<Vec<T::C>> {
     if a.dtype() == T::DTYPE {
         // Already of the output dtype: widening is exact, no rounding to do (and a
         // conversion through f64 costs more than the whole op on a single row).
+        if a.device() == Device::Cpu {
+            if let Some(s) = a.contiguous_slice::<T>()? {
+                return Ok(T::widen_params(s));
+            }
+        }
         return Ok(a.to_vec::<T>()?.into_iter().map(T::widen).collect());
     }
     Ok(a.to_f64_vec()?
@@ -597,6 +603,11 @@ trait NormFloat: Float {
         staging: &mut [Self::C],
         out: &mut [Self],
     );
+    /// `src` widened to the compute type, exactly (signalling NaNs may stay signalling:
+    /// every use of a weight or bias is arithmetic, which quiets them).
+    fn widen_params(src: &[Self]) -> Vec<Self::C> {
+        src.iter().map(|&v| v.widen()).collect()
+    }
     /// Runs `job` over `buf` (rows of this dtype, each contiguous) into `y` with a
     /// hand-vectorised kernel for this dtype and CPU, and returns `true`; or returns `false`
     /// without touching `y` where there is none.
@@ -735,6 +746,13 @@ impl NormFloat for bf16 {
             bf16::from_bits(bf16_bits_rne_unchecked(v))
         });
     }
+    /// A shift per element, which vectorises (`half`'s conversion quiets NaNs one element
+    /// at a time).
+    fn widen_params(src: &[bf16]) -> Vec<f32> {
+        src.iter()
+            .map(|v| f32::from_bits(u32::from(v.to_bits()) << 16))
+            .collect()
+    }
     fn simd_rows(job: &Job<'_, f32>, buf: &[bf16], y: &mut [bf16]) -> bool {
         avx2_rows(job, buf, y)
     }
@@ -757,6 +775,12 @@ impl NormFloat for f16 {
     #[inline(always)]
     fn from_f64_rounded(v: f64) -> f32 {
         f16::from_f32(v as f32).to_f32()
+    }
+    /// `half`'s slice conversion (F16C where the CPU has it).
+    fn widen_params(src: &[f16]) -> Vec<f32> {
+        let mut out = vec![0.0; src.len()];
+        src.convert_to_f32_slice(&mut out);
+        out
     }
     /// Staged through `staging` with `half`'s slice conversions (F16C where the CPU has it):
     /// each rounding to f16 is a narrow into `out`, widened back when another op follows.
