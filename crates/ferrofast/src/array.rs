@@ -116,14 +116,13 @@ impl CpuData {
 #[derive(Debug)]
 pub(crate) enum Storage {
     Cpu(CpuData),
-    /// A device buffer, its device and the stream that produced it.
-    #[cfg(feature = "cuda")]
-    Cuda(crate::cuda::memory::CudaBuffer),
+    /// A device buffer, its device and the stream that produced it (only the CUDA back end
+    /// makes one).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Cuda(crate::cuda::storage::Buffer),
 }
 
 impl Drop for Storage {
-    // Without the `cuda` feature the pattern below is irrefutable.
-    #[allow(irrefutable_let_patterns)]
     fn drop(&mut self) {
         if let Storage::Cpu(data) = self {
             host_pool::give(std::mem::replace(data, CpuData::U8(Vec::new())));
@@ -345,7 +344,6 @@ impl Array {
     fn from_storage(storage: Storage, shape: &[usize]) -> Array {
         let dtype = match &storage {
             Storage::Cpu(d) => d.dtype(),
-            #[cfg(feature = "cuda")]
             Storage::Cuda(b) => b.dtype(),
         };
         Array {
@@ -499,8 +497,7 @@ impl Array {
     pub fn device(&self) -> Device {
         match &*self.storage {
             Storage::Cpu(_) => Device::Cpu,
-            #[cfg(feature = "cuda")]
-            Storage::Cuda(b) => Device::Cuda(b.device().ordinal()),
+            Storage::Cuda(b) => Device::Cuda(b.ordinal()),
         }
     }
 
@@ -543,18 +540,16 @@ impl Array {
                 expected: self.dtype,
                 got: T::DTYPE,
             }),
-            #[cfg(feature = "cuda")]
             Storage::Cuda(b) => Err(Error::Device(format!(
                 "the array is on cuda:{}; a CPU kernel needs it on the CPU \
                  (to_device(&Device::Cpu))",
-                b.device().ordinal()
+                b.ordinal()
             ))),
         }
     }
 
     /// The device buffer of a GPU array (`None` on the CPU).
-    #[cfg(feature = "cuda")]
-    pub(crate) fn cuda_buffer(&self) -> Option<&crate::cuda::memory::CudaBuffer> {
+    pub(crate) fn cuda_buffer(&self) -> Option<&crate::cuda::storage::Buffer> {
         match &*self.storage {
             Storage::Cuda(b) => Some(b),
             Storage::Cpu(_) => None,
@@ -564,7 +559,7 @@ impl Array {
     /// Wraps a device buffer produced by a kernel as a row-major array of `shape`.
     #[cfg(feature = "cuda")]
     pub(crate) fn from_cuda_buffer(
-        buffer: crate::cuda::memory::CudaBuffer,
+        buffer: crate::cuda::storage::Buffer,
         shape: &[usize],
     ) -> Result<Array> {
         let size = checked_size(shape)?;
@@ -579,8 +574,7 @@ impl Array {
     }
 
     /// The stream that produced this GPU array (ops on it run there); `None` on the CPU.
-    #[cfg(feature = "cuda")]
-    pub fn stream(&self) -> Option<crate::cuda::Stream> {
+    pub fn stream(&self) -> Option<crate::Stream> {
         self.cuda_buffer().map(|b| b.stream().clone())
     }
 
@@ -590,15 +584,14 @@ impl Array {
     ///
     /// # Errors
     /// Device and driver errors.
-    #[cfg(feature = "cuda")]
-    pub fn to_stream(&self, stream: &crate::cuda::Stream) -> Result<Array> {
+    pub fn to_stream(&self, stream: &crate::Stream) -> Result<Array> {
         match self.cuda_buffer() {
-            Some(b) if b.device().ordinal() == stream.ordinal() => {
-                crate::cuda::copy::copy_cast(self, self.dtype, Some(stream))
+            Some(b) if Device::Cuda(b.ordinal()) == stream.device() => {
+                crate::cuda::storage::copy_cast(self, self.dtype, Some(stream))
             }
             _ => {
                 let host = self.to_device(&Device::Cpu)?.contiguous()?;
-                crate::cuda::memory::upload(&host, stream)
+                crate::cuda::storage::upload(&host, stream)
             }
         }
     }
@@ -688,9 +681,8 @@ impl Array {
         if dtype == self.dtype {
             return Ok(self.clone());
         }
-        #[cfg(feature = "cuda")]
         if self.cuda_buffer().is_some() {
-            return crate::cuda::copy::copy_cast(self, dtype, None);
+            return crate::cuda::storage::copy_cast(self, dtype, None);
         }
         fn convert<S: Element, D: Element>(a: &Array) -> Result<CpuData> {
             let src = a.to_vec::<S>()?;
@@ -718,21 +710,13 @@ impl Array {
     pub fn to_device(&self, device: &Device) -> Result<Array> {
         match (device, &*self.storage) {
             (Device::Cpu, Storage::Cpu(_)) => Ok(self.clone()),
-            #[cfg(feature = "cuda")]
-            (Device::Cpu, Storage::Cuda(_)) => crate::cuda::memory::download(self),
-            #[cfg(feature = "cuda")]
-            (Device::Cuda(i), Storage::Cuda(b)) if b.device().ordinal() == *i => Ok(self.clone()),
-            #[cfg(feature = "cuda")]
-            (Device::Cuda(_), _) => {
+            (Device::Cpu, Storage::Cuda(_)) => crate::cuda::storage::download(self),
+            (Device::Cuda(i), Storage::Cuda(b)) if b.ordinal() == *i => Ok(self.clone()),
+            (Device::Cuda(i), _) => {
+                let stream = crate::cuda::storage::default_stream(*i)?;
                 let host = self.to_device(&Device::Cpu)?.contiguous()?;
-                let stream = crate::cuda::Stream::default_for(device)?;
-                crate::cuda::memory::upload(&host, &stream)
+                crate::cuda::storage::upload(&host, &stream)
             }
-            #[cfg(not(feature = "cuda"))]
-            (Device::Cuda(i), _) => Err(Error::CudaUnavailable(format!(
-                "cuda:{i} requested but this build of ferrofast has no CUDA back end \
-                 (build with the `cuda` feature)"
-            ))),
         }
     }
 
@@ -745,9 +729,8 @@ impl Array {
         if self.is_contiguous() {
             return Ok(self.clone());
         }
-        #[cfg(feature = "cuda")]
         if self.cuda_buffer().is_some() {
-            return crate::cuda::copy::copy_cast(self, self.dtype, None);
+            return crate::cuda::storage::copy_cast(self, self.dtype, None);
         }
         let data = dispatch_dtype!(self.dtype, T => T::wrap(self.host_copy::<T>()?));
         Array::from_cpu_data(data, &self.shape)
@@ -803,9 +786,8 @@ impl Array {
     /// # Errors
     /// Device errors only.
     pub fn copy(&self) -> Result<Array> {
-        #[cfg(feature = "cuda")]
         if self.cuda_buffer().is_some() {
-            return crate::cuda::copy::copy_cast(self, self.dtype, None);
+            return crate::cuda::storage::copy_cast(self, self.dtype, None);
         }
         let data = dispatch_dtype!(self.dtype, T => T::wrap(self.host_copy::<T>()?));
         Array::from_cpu_data(data, &self.shape)

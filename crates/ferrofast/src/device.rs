@@ -1,7 +1,6 @@
 //! Devices: where an array's data lives and where ops on it run.
 
-#[cfg(not(feature = "cuda"))]
-use crate::error::Error;
+use crate::cuda::storage;
 use crate::error::Result;
 use std::fmt;
 
@@ -41,30 +40,13 @@ impl Device {
     /// is no GPU; `Error::Device` when `ordinal` is not below the device count; driver errors
     /// while creating the context.
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        #[cfg(feature = "cuda")]
-        {
-            crate::cuda::runtime::device(ordinal)?;
-            Ok(Device::Cuda(ordinal))
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            Err(Error::CudaUnavailable(format!(
-                "cuda:{ordinal} requested but this build of ferrofast has no CUDA back end \
-                 (build with the `cuda` feature)"
-            )))
-        }
+        storage::open(ordinal)?;
+        Ok(Device::Cuda(ordinal))
     }
 
     /// Number of usable CUDA devices: 0 without the `cuda` feature, a driver or a GPU.
     pub fn cuda_device_count() -> usize {
-        #[cfg(feature = "cuda")]
-        {
-            crate::cuda::runtime::device_count().unwrap_or(0)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            0
-        }
+        storage::device_count()
     }
 
     /// Blocks until all work queued on the device (every stream) has finished. A no-op for
@@ -76,10 +58,7 @@ impl Device {
     pub fn synchronize(&self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(i) => crate::cuda::runtime::synchronize_device(*i),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(i) => Device::cuda(*i).map(|_| ()),
+            Device::Cuda(i) => storage::synchronize(*i),
         }
     }
 
@@ -95,10 +74,7 @@ impl Device {
     pub fn release_cached_memory(&self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(i) => crate::cuda::runtime::device(*i)?.release_cached_memory(),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(i) => Device::cuda(*i).map(|_| ()),
+            Device::Cuda(i) => storage::release_cached_memory(*i),
         }
     }
 
@@ -107,7 +83,6 @@ impl Device {
     ///
     /// # Errors
     /// `Error::Device` for the CPU; as [`Device::cuda`] otherwise.
-    #[cfg(feature = "cuda")]
     pub fn default_stream(&self) -> Result<crate::Stream> {
         crate::Stream::default_for(self)
     }

@@ -2,7 +2,7 @@
 //! attention kernels — in Rust, for CPUs (and NVIDIA GPUs with the `cuda` feature).
 //!
 //! Every op lives in [`fast`] with MLX's argument order, semantics, output dtypes and error
-//! messages; [`reference`] holds plain float64 implementations used as the test oracle.
+//! messages; [`reference`](mod@reference) holds plain float64 implementations used as the test oracle.
 //!
 //! ```
 //! use ferrofast::{fast, Array, DType, Device};
@@ -18,17 +18,20 @@
 
 pub mod array;
 mod cpu;
-#[cfg(feature = "cuda")]
-pub mod cuda;
+// The CUDA back end, or with the feature off its stub (same interface, every entry
+// `Error::CudaUnavailable`): the one place the `cuda` feature is decided for the ops.
+#[cfg_attr(not(feature = "cuda"), path = "cuda/stub.rs")]
+mod cuda;
 mod custom;
 mod device;
 pub mod dtype;
 mod error;
 pub mod fast;
+mod ops;
 pub mod reference;
+pub mod testing;
 
 pub use array::Array;
-#[cfg(feature = "cuda")]
 pub use cuda::Stream;
 pub use device::Device;
 pub use dtype::{promote_types, result_type, DType, Element, Float};

@@ -3,7 +3,7 @@
 //! without libnvrtc it prints a line and passes.
 #![cfg(feature = "cuda")]
 
-use ferrofast::cuda::{check_builtin_kernels, nvrtc_version};
+use ferrofast::testing::{check_builtin_kernels, nvrtc_version};
 use ferrofast::Error;
 
 #[test]

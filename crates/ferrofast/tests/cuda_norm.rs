@@ -8,7 +8,7 @@ mod common;
 
 use common::gpu;
 
-use ferrofast::cuda::{layer_norm, layer_norm_on, rms_norm, rms_norm_on};
+use ferrofast::fast::{layer_norm, layer_norm_on, rms_norm, rms_norm_on};
 use ferrofast::{bf16, f16, Array, DType, Device, Error, Stream};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -136,10 +136,10 @@ fn check_on_gpu(
 ) {
     let dtype = x.dtype();
     let out = match (kind, stream) {
-        (Kind::Rms, None) => rms_norm(dx, dw, eps, dtype),
-        (Kind::Rms, Some(s)) => rms_norm_on(s, dx, dw, eps, dtype),
-        (Kind::Layer, None) => layer_norm(dx, dw, db, eps, dtype),
-        (Kind::Layer, Some(s)) => layer_norm_on(s, dx, dw, db, eps, dtype),
+        (Kind::Rms, None) => rms_norm(dx, dw, eps),
+        (Kind::Rms, Some(s)) => rms_norm_on(s, dx, dw, eps),
+        (Kind::Layer, None) => layer_norm(dx, dw, db, eps),
+        (Kind::Layer, Some(s)) => layer_norm_on(s, dx, dw, db, eps),
     }
     .unwrap_or_else(|e| panic!("{what}: {e}"));
     assert_eq!(out.device(), dx.device(), "{what}");
@@ -182,6 +182,10 @@ fn per_dtype(body: impl Fn(DType) + Sync) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn rms_norm_over_dtypes_sizes_and_weights() {
     let Some(gpu) = gpu() else { return };
     per_dtype(|dtype| {
@@ -204,6 +208,10 @@ fn rms_norm_over_dtypes_sizes_and_weights() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn layer_norm_over_dtypes_sizes_weights_and_biases() {
     let Some(gpu) = gpu() else { return };
     per_dtype(|dtype| {
@@ -234,6 +242,10 @@ fn layer_norm_over_dtypes_sizes_weights_and_biases() {
 /// its row (the exact two-pass fallback), constant rows, and a constant row but its first
 /// element.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn layer_norm_rows_with_offsets_outliers_and_constants() {
     let Some(gpu) = gpu() else { return };
     per_dtype(|dtype| {
@@ -278,6 +290,10 @@ fn layer_norm_rows_with_offsets_outliers_and_constants() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn three_dimensional_inputs_and_other_eps() {
     let Some(gpu) = gpu() else { return };
     for dtype in DTYPES {
@@ -338,6 +354,10 @@ fn check_view(
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn strided_and_offset_inputs() {
     let Some(gpu) = gpu() else { return };
     for dtype in DTYPES {
@@ -401,6 +421,10 @@ fn strided_and_offset_inputs() {
 type ParamView = fn(&Array, usize) -> Array;
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn strided_weights_and_biases() {
     let Some(gpu) = gpu() else { return };
     for dtype in DTYPES {
@@ -454,6 +478,10 @@ fn strided_weights_and_biases() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn explicit_streams() {
     let Some(gpu) = gpu() else { return };
     let s = Stream::new(&gpu).unwrap();
@@ -501,20 +529,28 @@ fn explicit_streams() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn empty_inputs() {
     let Some(gpu) = gpu() else { return };
     for shape in [[0usize, 16], [4, 0]] {
         let x = Array::zeros(&shape, DType::F32, &gpu).unwrap();
         let w = Array::ones(&[shape[1]], DType::F32, &gpu).unwrap();
-        let y = rms_norm(&x, Some(&w), 1e-5, DType::F32).unwrap();
+        let y = rms_norm(&x, Some(&w), 1e-5).unwrap();
         assert_eq!(y.shape(), &shape);
         assert_eq!(y.device(), gpu);
-        let y = layer_norm(&x, None, None, 1e-5, DType::F32).unwrap();
+        let y = layer_norm(&x, None, None, 1e-5).unwrap();
         assert_eq!(y.shape(), &shape);
     }
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn bad_arguments_are_errors() {
     let Some(gpu) = gpu() else { return };
     let x = common::randn(&[4, 8], DType::F32, 7001)
@@ -526,50 +562,45 @@ fn bad_arguments_are_errors() {
     // f64 stays on the CPU.
     let x64 = x.astype(DType::F64).unwrap();
     assert!(matches!(
-        rms_norm(&x64, None, 1e-5, DType::F64),
+        rms_norm(&x64, None, 1e-5),
         Err(Error::Unsupported(_))
     ));
-    // Inputs must already be in the output dtype.
-    assert!(matches!(
-        rms_norm(&x, None, 1e-5, DType::F16),
-        Err(Error::InvalidArgument(_))
-    ));
+    // Inputs of another dtype than the output are cast on the GPU first.
     let w16 = w.astype(DType::F16).unwrap();
-    assert!(matches!(
-        layer_norm(&x, Some(&w16), None, 1e-5, DType::F32),
-        Err(Error::InvalidArgument(_))
-    ));
+    let y = layer_norm(&x, Some(&w16), None, 1e-5).unwrap();
+    assert_eq!((y.dtype(), y.device()), (DType::F32, gpu));
     // Weight of the wrong size or rank.
     let w9 = common::randn(&[9], DType::F32, 7003)
         .to_device(&gpu)
         .unwrap();
     assert!(matches!(
-        rms_norm(&x, Some(&w9), 1e-5, DType::F32),
+        rms_norm(&x, Some(&w9), 1e-5),
         Err(Error::InvalidArgument(_))
     ));
     let w2d = w.reshape(&[2, 4]).unwrap();
     assert!(matches!(
-        layer_norm(&x, None, Some(&w2d), 1e-5, DType::F32),
+        layer_norm(&x, None, Some(&w2d), 1e-5),
         Err(Error::InvalidArgument(_))
     ));
     // 0-d input.
     let s = Array::scalar(1.0f32).to_device(&gpu).unwrap();
-    match rms_norm(&s, None, 1e-5, DType::F32) {
+    match rms_norm(&s, None, 1e-5) {
         Err(Error::InvalidArgument(m)) => assert_eq!(
             m,
             "[rms_norm] Input must have at least 1 dimension but got input with 0 dimensions."
         ),
         other => panic!("expected the rank error, got {other:?}"),
     }
-    // Arrays on the CPU.
+    // A weight on the CPU, and CPU input with a GPU stream.
     let host_w = common::randn(&[8], DType::F32, 7004);
     assert!(matches!(
-        rms_norm(&x, Some(&host_w), 1e-5, DType::F32),
+        rms_norm(&x, Some(&host_w), 1e-5),
         Err(Error::Device(_))
     ));
     let host_x = common::randn(&[4, 8], DType::F32, 7005);
+    let stream = gpu.default_stream().unwrap();
     assert!(matches!(
-        rms_norm(&host_x, None, 1e-5, DType::F32),
+        rms_norm_on(&stream, &host_x, None, 1e-5),
         Err(Error::Device(_))
     ));
 }

@@ -9,8 +9,7 @@ mod common;
 
 use common::gpu;
 
-use ferrofast::cuda::{rope, rope_on, RopeFreqs, RopeOffsets};
-use ferrofast::fast::RopeOffset;
+use ferrofast::fast::{rope, rope_on, RopeOffset};
 use ferrofast::{reference, Array, DType, Device, Error, Stream};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -83,35 +82,6 @@ fn tol(dtype: DType, max_theta: f64, max_abs_x: f64) -> (f64, f64) {
 /// Runs the kernel on `dx` (a GPU view built like the host view `x`) and compares with the
 /// oracle on `x`; pass-through features must match bit for bit.
 fn check_views(x: &Array, dx: &Array, case: &Case, stream: Option<&Stream>, what: &str) {
-    let freqs = match &case.freqs {
-        Freqs::Base(b) => RopeFreqs::Base(*b),
-        Freqs::Periods(p) => RopeFreqs::Periods(p),
-    };
-    let offsets = match &case.offsets {
-        Offsets::Scalar(v) => RopeOffsets::Scalar(*v),
-        Offsets::PerBatch(v) => RopeOffsets::PerBatch(v),
-    };
-    let out = match stream {
-        None => rope(dx, case.dims, case.traditional, freqs, case.scale, offsets),
-        Some(s) => rope_on(
-            s,
-            dx,
-            case.dims,
-            case.traditional,
-            freqs,
-            case.scale,
-            offsets,
-        ),
-    }
-    .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(out.device(), dx.device(), "{what}");
-    assert_eq!(out.shape(), x.shape(), "{what}");
-    assert_eq!(out.dtype(), x.dtype(), "{what}");
-    assert!(out.is_contiguous(), "{what}");
-    if let Some(s) = stream {
-        assert_eq!(out.stream().as_ref(), Some(s), "{what}");
-    }
-
     let offset_values;
     let offset = match &case.offsets {
         Offsets::Scalar(v) => RopeOffset::Int(*v),
@@ -130,6 +100,28 @@ fn check_views(x: &Array, dx: &Array, case: &Case, stream: Option<&Stream>, what
         }
     };
     let dims = case.dims as i32;
+    let out = match stream {
+        None => rope(dx, dims, case.traditional, base, case.scale, offset, freqs),
+        Some(s) => rope_on(
+            s,
+            dx,
+            dims,
+            case.traditional,
+            base,
+            case.scale,
+            offset,
+            freqs,
+        ),
+    }
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(out.device(), dx.device(), "{what}");
+    assert_eq!(out.shape(), x.shape(), "{what}");
+    assert_eq!(out.dtype(), x.dtype(), "{what}");
+    assert!(out.is_contiguous(), "{what}");
+    if let Some(s) = stream {
+        assert_eq!(out.stream().as_ref(), Some(s), "{what}");
+    }
+
     let expect =
         reference::rope(x, dims, case.traditional, base, case.scale, offset, freqs).unwrap();
 
@@ -164,6 +156,10 @@ fn check(gpu: &Device, x: &Array, case: &Case, what: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn sweep_over_dtypes_modes_bases_scales_and_offsets() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 100;
@@ -197,6 +193,10 @@ fn sweep_over_dtypes_modes_bases_scales_and_offsets() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn freqs_give_the_periods() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 200;
@@ -227,6 +227,10 @@ fn freqs_give_the_periods() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn per_batch_offsets() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 300;
@@ -256,6 +260,10 @@ fn per_batch_offsets() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn large_positions() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 400;
@@ -283,6 +291,10 @@ fn large_positions() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn ranks_three_to_five_and_odd_sizes() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 500;
@@ -318,6 +330,10 @@ fn ranks_three_to_five_and_odd_sizes() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn decode_rows_with_several_batches() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 600;
@@ -348,6 +364,10 @@ fn decode_rows_with_several_batches() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn strided_views_in_place_and_copied() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 700;
@@ -434,6 +454,10 @@ fn strided_views_in_place_and_copied() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn explicit_streams() {
     let Some(gpu) = gpu() else { return };
     let s = Stream::new(&gpu).unwrap();
@@ -453,69 +477,71 @@ fn explicit_streams() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn empty_inputs() {
     let Some(gpu) = gpu() else { return };
     for shape in [[0usize, 2, 4, 8], [2, 0, 4, 8], [2, 3, 0, 8]] {
         let x = Array::zeros(&shape, DType::F32, &gpu).unwrap();
-        let y = rope(
-            &x,
-            8,
-            false,
-            RopeFreqs::Base(10000.0),
-            1.0,
-            RopeOffsets::Scalar(0),
-        )
-        .unwrap();
+        let y = rope(&x, 8, false, Some(10000.0), 1.0, RopeOffset::Int(0), None).unwrap();
         assert_eq!(y.shape(), &shape);
         assert_eq!(y.device(), gpu);
     }
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn bad_arguments_are_errors() {
     let Some(gpu) = gpu() else { return };
     let x = common::randn(&[2, 3, 4, 8], DType::F32, 901)
         .to_device(&gpu)
         .unwrap();
-    let base = RopeFreqs::Base(10000.0);
-    let zero = RopeOffsets::Scalar(0);
+    let base = Some(10000.0);
+    let zero = RopeOffset::Int(0);
     let x64 = x.astype(DType::F64).unwrap();
     assert!(matches!(
-        rope(&x64, 8, false, base, 1.0, zero),
+        rope(&x64, 8, false, base, 1.0, zero, None),
         Err(Error::Unsupported(_))
     ));
     let xi = x.astype(DType::I32).unwrap();
     assert!(matches!(
-        rope(&xi, 8, false, base, 1.0, zero),
+        rope(&xi, 8, false, base, 1.0, zero, None),
         Err(Error::InvalidArgument(_))
     ));
     let x2 = x.reshape(&[24, 8]).unwrap();
     assert!(matches!(
-        rope(&x2, 8, false, base, 1.0, zero),
+        rope(&x2, 8, false, base, 1.0, zero, None),
         Err(Error::InvalidArgument(_))
     ));
-    for dims in [0usize, 3, 10] {
+    for dims in [0, 3, 10] {
         assert!(
             matches!(
-                rope(&x, dims, false, base, 1.0, zero),
+                rope(&x, dims, false, base, 1.0, zero, None),
                 Err(Error::InvalidArgument(_))
             ),
             "dims {dims}"
         );
     }
-    let periods = [1.0f32, 2.0, 3.0];
+    let periods = Array::from_slice(&[1.0f32, 2.0, 3.0], &[3]).unwrap();
     assert!(matches!(
-        rope(&x, 8, false, RopeFreqs::Periods(&periods), 1.0, zero),
+        rope(&x, 8, false, None, 1.0, zero, Some(&periods)),
         Err(Error::InvalidArgument(_))
     ));
-    let offs = [1i64, 2, 3];
+    let offs = Array::from_slice(&[1i32, 2, 3], &[3]).unwrap();
     assert!(matches!(
-        rope(&x, 8, false, base, 1.0, RopeOffsets::PerBatch(&offs)),
+        rope(&x, 8, false, base, 1.0, RopeOffset::Array(&offs), None),
         Err(Error::InvalidArgument(_))
     ));
+    // A CPU input with a GPU stream.
     let host = common::randn(&[2, 3, 4, 8], DType::F32, 902);
+    let stream = gpu.default_stream().unwrap();
     assert!(matches!(
-        rope(&host, 8, false, base, 1.0, zero),
+        rope_on(&stream, &host, 8, false, base, 1.0, zero, None),
         Err(Error::Device(_))
     ));
 }

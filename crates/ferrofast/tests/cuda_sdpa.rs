@@ -217,6 +217,10 @@ fn layout(
 /// MLX's shapes_64 / shapes_128 (head counts divided down, as in `tests/sdpa.rs`), each with
 /// every mask kind, a rotating dtype and both layouts.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn mlx_shapes_64_and_128() {
     let Some(dev) = gpu() else { return };
     let shapes: [(usize, usize, usize, usize, usize, usize); 14] = [
@@ -257,6 +261,10 @@ fn mlx_shapes_64_and_128() {
 /// MLX's single-query shapes: T_q 1 over many key lengths, GQA 1 and 4, every mask kind and
 /// dtype.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn mlx_single_query_many_key_lengths() {
     let Some(dev) = gpu() else { return };
     let mut n = 0u64;
@@ -278,6 +286,10 @@ fn mlx_single_query_many_key_lengths() {
 /// Decode and prefill query lengths around the decode kernel's limit of 8, every mask kind
 /// and dtype, GQA 4 and MQA.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn query_lengths_around_the_decode_limit() {
     let Some(dev) = gpu() else { return };
     let mut n = 0u64;
@@ -302,6 +314,10 @@ fn query_lengths_around_the_decode_limit() {
 /// MLX's vector tests: scalar, `(L,)`, `(N_q, 1, L)`, transposed, additive, log(bool),
 /// causal.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn mlx_vector_masks() {
     let Some(dev) = gpu() else { return };
     let (nq, d) = (4usize, 64usize);
@@ -373,6 +389,10 @@ fn mlx_vector_masks() {
 
 /// MLX's `test_sdpa_vector_gqa_long`, shortened: GQA with K/V sliced out of a longer cache.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn gqa_cache_slices() {
     let Some(dev) = gpu() else { return };
     for (i, &(nq, nkv, d, l)) in [(32usize, 4usize, 128usize, 1000usize), (64, 8, 64, 1001)]
@@ -406,6 +426,10 @@ fn gqa_cache_slices() {
 
 /// Every key masked gives 0 (MLX's `test_sdpa_fully_masked`), for decode and prefill.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn fully_masked_rows_are_zero() {
     let Some(dev) = gpu() else { return };
     for &lq in &[1usize, 8, 32] {
@@ -430,6 +454,10 @@ fn fully_masked_rows_are_zero() {
 
 /// T_q > T_kv with a causal mask: the first rows see no key and are 0.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn causal_longer_queries_than_keys() {
     let Some(dev) = gpu() else { return };
     for (i, &(ql, kl, d, qh, kh)) in [
@@ -470,6 +498,10 @@ fn causal_longer_queries_than_keys() {
 
 /// A key row of -inf gives -inf scores for that key (MLX's `test_sdpa_inf_score`).
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn minus_inf_key_score() {
     let Some(dev) = gpu() else { return };
     for &d in &[4usize, 128] {
@@ -492,6 +524,10 @@ fn minus_inf_key_score() {
 /// MLX's `test_sdpa_few_query` and `test_sdpa_vector_batched`: q in `[B, T, H, D]` memory,
 /// MQA, bool masks of several shapes, a broadcast additive mask.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn mlx_few_query_and_batched() {
     let Some(dev) = gpu() else { return };
     for &l in &[43usize, 4096] {
@@ -555,6 +591,10 @@ fn mlx_few_query_and_batched() {
 /// MLX's `test_sdpa_attention_sinks`, plus sinks with every mask kind on both kernels and a
 /// fully masked row whose sink takes all the weight (output 0).
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn attention_sinks() {
     let Some(dev) = gpu() else { return };
     let mut n = 0u64;
@@ -643,6 +683,10 @@ fn attention_sinks() {
 /// Head dims the decode kernel takes (multiples of 8 up to 256, (192, 128)) and those only
 /// the general kernel takes (33, 512, (5, 3)), for decode and prefill query lengths.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn head_dims_and_value_dims() {
     let Some(dev) = gpu() else { return };
     let dims = [
@@ -678,6 +722,10 @@ fn head_dims_and_value_dims() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn odd_sequence_lengths() {
     let Some(dev) = gpu() else { return };
     let lens = [1usize, 2, 8, 9, 31, 33, 65, 129];
@@ -699,6 +747,10 @@ fn odd_sequence_lengths() {
 
 /// Mixed input dtypes promote as on the CPU; a float64 result is not run on the GPU.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn dtypes_mixed_and_f64() {
     let Some(dev) = gpu() else { return };
     let q = randn(&[1, 2, 5, 16], DType::BF16, 1);
@@ -741,6 +793,10 @@ fn dtypes_mixed_and_f64() {
 /// Strided views on the GPU, read in place or copied: transposed, stepped, reversed, a
 /// strided feature axis, broadcast keys (stride 0), unaligned rows; for decode and prefill.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn strided_layouts() {
     let Some(dev) = gpu() else { return };
     let mut n = 0u64;
@@ -802,6 +858,10 @@ fn strided_layouts() {
 
 /// T_kv == 0 gives zeros (sinks or not); empty queries and heads give empty outputs.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn zero_length_keys_and_empty_shapes() {
     let Some(dev) = gpu() else { return };
     for &tq in &[1usize, 3, 20] {
@@ -835,6 +895,10 @@ fn zero_length_keys_and_empty_shapes() {
 
 /// A long cache: 32768 keys, GQA 4, D 128, in every dtype, with each mask kind and sinks.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn long_cache_decode() {
     let Some(dev) = gpu() else { return };
     let tkv = 32768usize;
@@ -883,6 +947,10 @@ fn long_cache_decode() {
 /// Key lengths just below, at and above the split lengths the planner picks (multiples of
 /// 64 and 256) for one (batch, kv head), where the keys are cut into many ranges.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn split_kv_boundaries() {
     let Some(dev) = gpu() else { return };
     let mut n = 0u64;
@@ -921,6 +989,10 @@ fn split_kv_boundaries() {
 /// every mask kind, sinks, every head-dim pair it takes, key lengths that are not multiples
 /// of its 16-key tiles, and one (batch, kv head) so the keys are split into many ranges.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn tensor_core_decode_rows_masks_and_dims() {
     let Some(dev) = gpu() else { return };
     let rows: [(usize, usize); 9] = [
@@ -989,6 +1061,10 @@ fn tensor_core_decode_rows_masks_and_dims() {
 /// the sink), a causal mask hiding every key of the first query positions, a batch of 3, and
 /// key lengths around its split sizes.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn tensor_core_decode_broadcast_masks_and_empty_rows() {
     let Some(dev) = gpu() else { return };
     let (b, nq, nkv, tq, d) = (3usize, 8usize, 2usize, 2usize, 128usize);
@@ -1069,6 +1145,10 @@ fn tensor_core_decode_broadcast_masks_and_empty_rows() {
 /// Grids of more than 132 blocks in both kernels, and GQA groups larger than a decode block
 /// (MQA with 32 query heads and T_q 8: 256 rows per kv head).
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn large_grids_and_groups() {
     let Some(dev) = gpu() else { return };
     let q = randn(&[3, 100, 1, 64], DType::BF16, 1);
@@ -1122,6 +1202,10 @@ fn large_grids_and_groups() {
 /// Inputs produced on other streams of the device are waited for; the explicit-stream entry
 /// runs on the stream it is given; inputs on the CPU or another device are clear errors.
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn streams_and_devices() {
     let Some(dev) = gpu() else { return };
     let q = randn(&[1, 8, 1, 64], DType::F32, 1);
@@ -1139,7 +1223,7 @@ fn streams_and_devices() {
     assert_eq!(out.stream().as_ref(), Some(&s1));
     check_close(&out, &r, 2e-5, 2e-5, "inputs from two streams");
     let s3 = Stream::new(&dev).unwrap();
-    let out = ferrofast::cuda::scaled_dot_product_attention_on(
+    let out = ferrofast::fast::scaled_dot_product_attention_on(
         &s3,
         &gq,
         &gk,
@@ -1152,7 +1236,7 @@ fn streams_and_devices() {
     assert_eq!(out.stream().as_ref(), Some(&s3));
     check_close(&out, &r, 2e-5, 2e-5, "explicit stream");
     let out =
-        ferrofast::cuda::scaled_dot_product_attention(&gq, &gk, &gv, 0.125, Mask::Causal, None)
+        ferrofast::fast::scaled_dot_product_attention(&gq, &gk, &gv, 0.125, Mask::Causal, None)
             .unwrap();
     let rc = sdpa_ref(&q, &k, &v, 0.125, Mask::Causal, None).unwrap();
     check_close(&out, &rc, 2e-5, 2e-5, "cuda entry");
@@ -1167,7 +1251,7 @@ fn streams_and_devices() {
     assert!(matches!(e, Error::Device(_)), "{e}");
     let e = sdpa(&gq, &k, &gv, 0.125, Mask::None, None).unwrap_err();
     assert!(matches!(e, Error::Device(_)), "{e}");
-    let e = ferrofast::cuda::scaled_dot_product_attention(&gq, &k, &gv, 0.1, Mask::None, None)
+    let e = ferrofast::fast::scaled_dot_product_attention(&gq, &k, &gv, 0.1, Mask::None, None)
         .unwrap_err();
     assert!(matches!(e, Error::Device(_)), "{e}");
     // Validation comes first, with MLX's messages.
@@ -1179,7 +1263,7 @@ fn streams_and_devices() {
         let e = sdpa(&gq, &up(&k, &dev1), &gv, 0.1, Mask::None, None).unwrap_err();
         assert!(matches!(e, Error::Device(_)), "{e}");
         let s = Stream::new(&dev1).unwrap();
-        let e = ferrofast::cuda::scaled_dot_product_attention_on(
+        let e = ferrofast::fast::scaled_dot_product_attention_on(
             &s,
             &gq,
             &gk,
@@ -1252,6 +1336,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
+    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
     fn matches_oracle(c in case()) {
         let Some(dev) = gpu() else { return Ok(()) };
         let dtype = [DType::F32, DType::F16, DType::BF16][c.dtype as usize];

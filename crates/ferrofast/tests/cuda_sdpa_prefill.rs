@@ -99,6 +99,10 @@ fn bool_mask(shape: &[usize], p_true: f64, seed: u64) -> Array {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn every_head_dim_and_dtype() {
     let Some(dev) = gpu() else { return };
     let c = causal(&dev);
@@ -124,6 +128,10 @@ fn causal(dev: &Device) -> Pair {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn ragged_lengths_causal_and_not() {
     let Some(dev) = gpu() else { return };
     let c = causal(&dev);
@@ -161,6 +169,10 @@ fn ragged_lengths_causal_and_not() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn grouped_and_multi_query_heads() {
     let Some(dev) = gpu() else { return };
     let c = causal(&dev);
@@ -188,6 +200,10 @@ fn grouped_and_multi_query_heads() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn bool_and_additive_masks_broadcast_and_full() {
     let Some(dev) = gpu() else { return };
     let (b, nq, nkv, tq, tkv) = (2, 4, 2, 77, 203);
@@ -223,6 +239,10 @@ fn bool_and_additive_masks_broadcast_and_full() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn sinks_with_every_mask_kind() {
     let Some(dev) = gpu() else { return };
     let c = causal(&dev);
@@ -253,6 +273,10 @@ fn sinks_with_every_mask_kind() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn fully_masked_rows_are_zero() {
     let Some(dev) = gpu() else { return };
     let (b, nq, tq, tkv, d) = (1, 2, 40, 100, 64);
@@ -322,6 +346,10 @@ fn fully_masked_rows_are_zero() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn strided_and_unaligned_views() {
     let Some(dev) = gpu() else { return };
     let c = causal(&dev);
@@ -380,6 +408,10 @@ fn strided_and_unaligned_views() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn more_blocks_than_multiprocessors() {
     let Some(dev) = gpu() else { return };
     let c = causal(&dev);
@@ -402,6 +434,10 @@ fn more_blocks_than_multiprocessors() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn uncovered_cases_fall_back_and_stay_right() {
     let Some(dev) = gpu() else { return };
     // float32 and an unlisted head dim are not this kernel's: the dispatcher sends them to the
@@ -431,6 +467,10 @@ fn uncovered_cases_fall_back_and_stay_right() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn empty_shapes_and_zero_keys() {
     let Some(dev) = gpu() else { return };
     let q = input(&dev, 1, 2, 5, 64, false, DType::BF16, 1);
@@ -450,7 +490,7 @@ fn empty_shapes_and_zero_keys() {
 #[ignore]
 fn bench_prefill_b4_h32_t4096_d128() {
     let Some(dev) = gpu() else { return };
-    ferrofast::cuda::poison_gpu_buffers(false);
+    ferrofast::testing::poison_gpu_buffers(false);
     let (b, h, t, d) = (4, 32, 4096, 128);
     for dtype in HALF {
         let q = Array::randn(&[b, h, t, d], dtype, 1, &dev).unwrap();

@@ -15,9 +15,9 @@
 mod common;
 
 use common::{check_close, gpu, randn};
-use ferrofast::cuda::{hopper_prefill_selected, poison_gpu_buffers};
 use ferrofast::fast::{scaled_dot_product_attention as sdpa, Mask};
 use ferrofast::reference::scaled_dot_product_attention as sdpa_ref;
+use ferrofast::testing::{attention_kernel, poison_gpu_buffers};
 use ferrofast::{Array, DType, Device};
 
 const KNOB: &str = "FERROFAST_PREFILL_KERNEL";
@@ -97,19 +97,24 @@ fn check(c: &Case, scale: f32, causal: bool, what: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn hopper_kernel_through_the_knob_matches_the_oracle() {
     let Some(dev) = gpu() else { return };
     poison_gpu_buffers(true);
 
     // 1. The knob switches kernels: same inputs, bitwise different outputs on sm_90.
     std::env::set_var(KNOB, "mma");
-    assert!(!hopper_prefill_selected(0));
     let probe = case(&dev, DType::BF16, 1, (2, 2), 256, 256, 128, false, 7);
+    let kernel = || attention_kernel(&probe.q.1, &probe.k.1, &probe.v.1, Mask::None, None);
+    assert_eq!(kernel().unwrap(), "prefill_mma");
     let before = run_gpu(&probe, 0.088, false, "probe, mma.sync kernel")
         .to_f64_vec()
         .unwrap();
     std::env::remove_var(KNOB);
-    let active = hopper_prefill_selected(0);
+    let active = kernel().unwrap() == "prefill_sm90";
     println!("Hopper prefill kernel selected: {active}");
     let after = run_gpu(&probe, 0.088, false, "probe, default kernel")
         .to_f64_vec()

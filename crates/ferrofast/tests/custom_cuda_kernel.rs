@@ -603,6 +603,10 @@ fn f32s(a: &Array) -> Vec<f32> {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn basic_copy_from_cpu_and_gpu_inputs() {
     let Some(dev) = gpu() else { return };
     for d in [Device::Cpu, dev] {
@@ -618,6 +622,10 @@ fn basic_copy_from_cpu_and_gpu_inputs() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn args_template_and_scalars() {
     let Some(dev) = gpu() else { return };
     let case = args(&dev);
@@ -636,6 +644,10 @@ fn args_template_and_scalars() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn strides_with_and_without_row_contiguous_copies() {
     let Some(dev) = gpu() else { return };
     for contiguous in [true, false] {
@@ -649,6 +661,10 @@ fn strides_with_and_without_row_contiguous_copies() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn helper_header() {
     let Some(dev) = gpu() else { return };
     let case = helper(&dev);
@@ -659,6 +675,10 @@ fn helper_header() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn attributes_block_dim() {
     let Some(_dev) = gpu() else { return };
     let out = attributes().run();
@@ -666,6 +686,10 @@ fn attributes_block_dim() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn same_name_different_source_in_one_batch_and_across_calls() {
     let Some(dev) = gpu() else { return };
     let add = same_name(&dev, true);
@@ -685,6 +709,10 @@ fn same_name_different_source_in_one_batch_and_across_calls() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn mixed_dtypes_share_a_name() {
     let Some(dev) = gpu() else { return };
     let cases = [
@@ -711,6 +739,10 @@ fn mixed_dtypes_share_a_name() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn init_value_fills_outputs_cast_to_their_dtype() {
     let Some(dev) = gpu() else { return };
     let case = init(&dev);
@@ -726,6 +758,10 @@ fn init_value_fills_outputs_cast_to_their_dtype() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn shared_memory_above_48_kib() {
     let Some(dev) = gpu() else { return };
     let case = shared(&dev);
@@ -736,6 +772,10 @@ fn shared_memory_above_48_kib() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn cooperative_groups_and_half_types() {
     let Some(dev) = gpu() else { return };
     let case = coop(&dev);
@@ -750,6 +790,10 @@ fn cooperative_groups_and_half_types() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn runs_on_the_given_stream() {
     let Some(dev) = gpu() else { return };
     let stream = Stream::new(&dev).unwrap();
@@ -765,6 +809,10 @@ fn runs_on_the_given_stream() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn gpu_errors_are_checked_before_launch() {
     let Some(dev) = gpu() else { return };
     let case = basic(&dev);

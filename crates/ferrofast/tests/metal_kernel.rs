@@ -298,11 +298,7 @@ fn mixed_dtypes_kernel() -> MetalKernel {
 
 // The custom Metal kernel guide (docs/src/dev/custom_metal_kernels.rst).
 
-const DOC_EXP_SOURCE: &str = "
-      uint elem = thread_position_in_grid.x;
-      T tmp = inp[elem];
-      out[elem] = metal::exp(tmp);
-  ";
+const DOC_EXP_SOURCE: &str = include_str!("../examples/metal/exp.metal");
 
 const DOC_EXP_STRIDED_SOURCE: &str = "
       uint elem = thread_position_in_grid.x;
@@ -344,148 +340,9 @@ fn case_doc_exp(a: &Array, strided: bool) -> Case {
     .output(a.shape(), a.dtype())
 }
 
-const GRID_SAMPLE_SOURCE: &str = "
-      uint elem = thread_position_in_grid.x;
-      int H = x_shape[1];
-      int W = x_shape[2];
-      int C = x_shape[3];
-      int gH = grid_shape[1];
-      int gW = grid_shape[2];
+const GRID_SAMPLE_SOURCE: &str = include_str!("../examples/metal/grid_sample.metal");
 
-      int w_stride = C;
-      int h_stride = W * w_stride;
-      int b_stride = H * h_stride;
-
-      uint grid_idx = elem / C * 2;
-      float ix = ((grid[grid_idx] + 1) * W - 1) / 2;
-      float iy = ((grid[grid_idx + 1] + 1) * H - 1) / 2;
-
-      int ix_nw = floor(ix);
-      int iy_nw = floor(iy);
-
-      int ix_ne = ix_nw + 1;
-      int iy_ne = iy_nw;
-
-      int ix_sw = ix_nw;
-      int iy_sw = iy_nw + 1;
-
-      int ix_se = ix_nw + 1;
-      int iy_se = iy_nw + 1;
-
-      T nw = (ix_se - ix)    * (iy_se - iy);
-      T ne = (ix    - ix_sw) * (iy_sw - iy);
-      T sw = (ix_ne - ix)    * (iy    - iy_ne);
-      T se = (ix    - ix_nw) * (iy    - iy_nw);
-
-      int batch_idx = elem / C / gH / gW * b_stride;
-      int channel_idx = elem % C;
-      int base_idx = batch_idx + channel_idx;
-
-      T I_nw = x[base_idx + iy_nw * h_stride + ix_nw * w_stride];
-      T I_ne = x[base_idx + iy_ne * h_stride + ix_ne * w_stride];
-      T I_sw = x[base_idx + iy_sw * h_stride + ix_sw * w_stride];
-      T I_se = x[base_idx + iy_se * h_stride + ix_se * w_stride];
-
-      I_nw = iy_nw >= 0 && iy_nw <= H - 1 && ix_nw >= 0 && ix_nw <= W - 1 ? I_nw : 0;
-      I_ne = iy_ne >= 0 && iy_ne <= H - 1 && ix_ne >= 0 && ix_ne <= W - 1 ? I_ne : 0;
-      I_sw = iy_sw >= 0 && iy_sw <= H - 1 && ix_sw >= 0 && ix_sw <= W - 1 ? I_sw : 0;
-      I_se = iy_se >= 0 && iy_se <= H - 1 && ix_se >= 0 && ix_se <= W - 1 ? I_se : 0;
-
-      out[elem] = nw * I_nw + ne * I_ne + sw * I_sw + se * I_se;
-  ";
-
-const GRID_SAMPLE_GRAD_SOURCE: &str = "
-      uint elem = thread_position_in_grid.x;
-      int H = x_shape[1];
-      int W = x_shape[2];
-      int C = x_shape[3];
-      // Pad C to the nearest larger simdgroup size multiple
-      int C_padded = ceildiv(C, threads_per_simdgroup) * threads_per_simdgroup;
-
-      int gH = grid_shape[1];
-      int gW = grid_shape[2];
-
-      int w_stride = C;
-      int h_stride = W * w_stride;
-      int b_stride = H * h_stride;
-
-      uint grid_idx = elem / C_padded * 2;
-      float ix = ((grid[grid_idx] + 1) * W - 1) / 2;
-      float iy = ((grid[grid_idx + 1] + 1) * H - 1) / 2;
-
-      int ix_nw = floor(ix);
-      int iy_nw = floor(iy);
-
-      int ix_ne = ix_nw + 1;
-      int iy_ne = iy_nw;
-
-      int ix_sw = ix_nw;
-      int iy_sw = iy_nw + 1;
-
-      int ix_se = ix_nw + 1;
-      int iy_se = iy_nw + 1;
-
-      T nw = (ix_se - ix)    * (iy_se - iy);
-      T ne = (ix    - ix_sw) * (iy_sw - iy);
-      T sw = (ix_ne - ix)    * (iy    - iy_ne);
-      T se = (ix    - ix_nw) * (iy    - iy_nw);
-
-      int batch_idx = elem / C_padded / gH / gW * b_stride;
-      int channel_idx = elem % C_padded;
-      int base_idx = batch_idx + channel_idx;
-
-      T gix = T(0);
-      T giy = T(0);
-      if (channel_idx < C) {
-          int cot_index = elem / C_padded * C + channel_idx;
-          T cot = cotangent[cot_index];
-          if (iy_nw >= 0 && iy_nw <= H - 1 && ix_nw >= 0 && ix_nw <= W - 1) {
-              int offset = base_idx + iy_nw * h_stride + ix_nw * w_stride;
-              atomic_fetch_add_explicit(&x_grad[offset], nw * cot, memory_order_relaxed);
-
-              T I_nw = x[offset];
-              gix -= I_nw * (iy_se - iy) * cot;
-              giy -= I_nw * (ix_se - ix) * cot;
-          }
-          if (iy_ne >= 0 && iy_ne <= H - 1 && ix_ne >= 0 && ix_ne <= W - 1) {
-              int offset = base_idx + iy_ne * h_stride + ix_ne * w_stride;
-              atomic_fetch_add_explicit(&x_grad[offset], ne * cot, memory_order_relaxed);
-
-              T I_ne = x[offset];
-              gix += I_ne * (iy_sw - iy) * cot;
-              giy -= I_ne * (ix - ix_sw) * cot;
-          }
-          if (iy_sw >= 0 && iy_sw <= H - 1 && ix_sw >= 0 && ix_sw <= W - 1) {
-              int offset = base_idx + iy_sw * h_stride + ix_sw * w_stride;
-              atomic_fetch_add_explicit(&x_grad[offset], sw * cot, memory_order_relaxed);
-
-              T I_sw = x[offset];
-              gix -= I_sw * (iy - iy_ne) * cot;
-              giy += I_sw * (ix_ne - ix) * cot;
-          }
-          if (iy_se >= 0 && iy_se <= H - 1 && ix_se >= 0 && ix_se <= W - 1) {
-              int offset = base_idx + iy_se * h_stride + ix_se * w_stride;
-              atomic_fetch_add_explicit(&x_grad[offset], se * cot, memory_order_relaxed);
-
-              T I_se = x[offset];
-              gix += I_se * (iy - iy_nw) * cot;
-              giy += I_se * (ix - ix_nw) * cot;
-          }
-      }
-
-      T gix_mult = W / 2;
-      T giy_mult = H / 2;
-
-      // Reduce across each simdgroup first.
-      // This is much faster than relying purely on atomics.
-      gix = simd_sum(gix);
-      giy = simd_sum(giy);
-
-      if (thread_index_in_simdgroup == 0) {
-          atomic_fetch_add_explicit(&grid_grad[grid_idx], gix * gix_mult, memory_order_relaxed);
-          atomic_fetch_add_explicit(&grid_grad[grid_idx + 1], giy * giy_mult, memory_order_relaxed);
-      }
-  ";
+const GRID_SAMPLE_GRAD_SOURCE: &str = include_str!("../examples/metal/grid_sample_vjp.metal");
 
 fn case_grid_sample(x: &Array, g: &Array) -> Case {
     let k = kernel("grid_sample", &["x", "grid"], &["out"], GRID_SAMPLE_SOURCE);
@@ -831,7 +688,7 @@ fn all_cases() -> Vec<Case> {
 
 #[test]
 fn every_test_kernel_translates_and_compiles_for_sm_90() {
-    match ferrofast::cuda::nvrtc_version() {
+    match ferrofast::testing::nvrtc_version() {
         Ok(v) => println!("NVRTC {}.{}", v.0, v.1),
         Err(Error::CudaUnavailable(m)) => {
             println!("skipping the MetalKernel compile check: {m}");
@@ -854,7 +711,7 @@ fn every_test_kernel_translates_and_compiles_for_sm_90() {
 
 #[test]
 fn compile_errors_point_into_the_metal_source() {
-    if ferrofast::cuda::nvrtc_version().is_err() {
+    if ferrofast::testing::nvrtc_version().is_err() {
         println!("skipping: no libnvrtc");
         return;
     }
@@ -957,6 +814,10 @@ fn verbose_prints_the_metal_source_under_the_user_name() {
 // ----- GPU tests ----------------------------------------------------------------------------
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn mlx_custom_kernel_tests() {
     let Some(dev) = gpu() else { return };
     let a22 = randn(&[2, 2], DType::F32, 7);
@@ -1000,6 +861,10 @@ fn mlx_custom_kernel_tests() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn same_name_different_sources_do_not_collide() {
     let Some(dev) = gpu() else { return };
     let a = randn(&[32], DType::F32, 11);
@@ -1042,6 +907,10 @@ fn same_name_different_sources_do_not_collide() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn math_modes_reach_the_compiler() {
     let Some(dev) = gpu() else { return };
     let a = randn(&[4], DType::F32, 12);
@@ -1056,6 +925,10 @@ fn math_modes_reach_the_compiler() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn one_kernel_with_f16_and_f32_inputs() {
     let Some(dev) = gpu() else { return };
     let k = mixed_dtypes_kernel();
@@ -1083,6 +956,10 @@ fn one_kernel_with_f16_and_f32_inputs() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn guide_examples_exp_and_grid_sample() {
     let Some(dev) = gpu() else { return };
     let a = randn(&[4, 16], DType::F16, 3);
@@ -1109,6 +986,10 @@ fn guide_examples_exp_and_grid_sample() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn grids_that_are_not_multiples_of_the_threadgroup() {
     let Some(dev) = gpu() else { return };
     for (grid, tg) in [
@@ -1155,6 +1036,10 @@ fn grids_that_are_not_multiples_of_the_threadgroup() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn reduction_with_threadgroup_memory_barriers_and_simd_sum() {
     let Some(dev) = gpu() else { return };
     for (n, tg) in [(1000usize, 256usize), (4096, 1024), (77, 64), (5, 32)] {
@@ -1174,6 +1059,10 @@ fn reduction_with_threadgroup_memory_barriers_and_simd_sum() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn simd_group_functions() {
     let Some(dev) = gpu() else { return };
     // 70 threads in threadgroups of 64: the second group has one partial SIMD group of 6.
@@ -1212,6 +1101,10 @@ fn simd_group_functions() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
 fn vectors_swizzles_half_and_math() {
     let Some(dev) = gpu() else { return };
     let n = 64;

@@ -21,6 +21,7 @@
 use crate::array::{dispatch_dtype, Array};
 use crate::dtype::{DType, Element, Float};
 use crate::error::{Error, Result};
+use crate::ops::norm::{NormArgs, NormKind};
 use crate::Device;
 use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
@@ -42,34 +43,21 @@ const TASK_ELEMENTS: usize = 1 << 15;
 /// falls back to 2-wide code at 32).
 const LANES: usize = 16;
 
-/// Which normalisation a row gets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    /// `x * rsqrt(mean(x^2) + eps)`.
-    Rms,
-    /// `(x - mean) * rsqrt(mean((x - mean)^2) + eps)`, two-pass.
-    Layer,
-}
-
-/// `rms_norm` on the CPU. `out` is the output dtype the front end computed (floating); `x`
-/// and `weight` may have any dtype and layout and are converted to `out` on the fly.
-pub(crate) fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32, out: DType) -> Result<Array> {
-    norm(Kind::Rms, x, weight, None, eps, out)
-}
-
-/// `layer_norm` on the CPU; as [`rms_norm`], with an optional bias.
-pub(crate) fn layer_norm(
-    x: &Array,
-    weight: Option<&Array>,
-    bias: Option<&Array>,
-    eps: f32,
-    out: DType,
-) -> Result<Array> {
-    norm(Kind::Layer, x, weight, bias, eps, out)
+/// Runs a validated `rms_norm` / `layer_norm` call on the CPU. `x`, the weight and the bias
+/// may have any dtype and layout and are converted to the output dtype on the fly.
+pub(crate) fn run(args: &NormArgs) -> Result<Array> {
+    norm(
+        args.kind,
+        &args.x,
+        args.weight.as_ref(),
+        args.bias.as_ref(),
+        args.eps,
+        args.dtype,
+    )
 }
 
 fn norm(
-    kind: Kind,
+    kind: NormKind,
     x: &Array,
     weight: Option<&Array>,
     bias: Option<&Array>,
@@ -88,7 +76,7 @@ fn norm(
 }
 
 fn norm_typed<T: NormFloat>(
-    kind: Kind,
+    kind: NormKind,
     x: &Array,
     weight: Option<&Array>,
     bias: Option<&Array>,
@@ -103,7 +91,7 @@ fn norm_typed<T: NormFloat>(
 
 /// Normalises `x` into `y` (row-major, `x.size()` elements).
 fn norm_into<T: NormFloat>(
-    kind: Kind,
+    kind: NormKind,
     x: &Array,
     weight: Option<&Array>,
     bias: Option<&Array>,
@@ -174,7 +162,7 @@ fn param_values<T: NormFloat>(a: &Array) -> Result<Vec<T::C>> {
 
 /// Everything a row needs besides its data.
 struct Job<'a, C> {
-    kind: Kind,
+    kind: NormKind,
     rows: RowIndex,
     d: usize,
     eps: C,
@@ -280,14 +268,14 @@ impl<C: Acc> Job<'_, C> {
         out: &mut [T],
     ) {
         let (mean, inv) = match self.kind {
-            Kind::Rms => {
+            NormKind::Rms => {
                 let ms = lane_sum(row, |v| {
                     let x = widen(v);
                     x * x
                 }) * self.inv_d;
                 (C::ZERO, C::ONE / (ms + self.eps).sqrt())
             }
-            Kind::Layer => {
+            NormKind::Layer => {
                 let mean = lane_sum(row, widen) * self.inv_d;
                 let var = lane_sum(row, |v| {
                     let c = widen(v) - mean;
@@ -947,9 +935,9 @@ mod tests {
                 .num_threads(1)
                 .build()
                 .unwrap();
-            for kind in [Kind::Rms, Kind::Layer] {
-                let bias = Some(&b).filter(|_| kind == Kind::Layer);
-                let name = if kind == Kind::Rms {
+            for kind in [NormKind::Rms, NormKind::Layer] {
+                let bias = Some(&b).filter(|_| kind == NormKind::Layer);
+                let name = if kind == NormKind::Rms {
                     "rms_norm  "
                 } else {
                     "layer_norm"
@@ -966,10 +954,11 @@ mod tests {
                     100.0 * r
                 );
                 let (c, e, r) = paired(7, &mut copy, || {
-                    let out = match kind {
-                        Kind::Rms => crate::fast::rms_norm(&x, Some(&w), 1e-5),
-                        Kind::Layer => crate::fast::layer_norm(&x, Some(&w), bias, 1e-5),
+                    let args = match kind {
+                        NormKind::Rms => NormArgs::rms(&x, Some(&w), 1e-5),
+                        NormKind::Layer => NormArgs::layer(&x, Some(&w), bias, 1e-5),
                     };
+                    let out = args.and_then(|a| run(&a));
                     std::hint::black_box(out.unwrap());
                 });
                 println!(

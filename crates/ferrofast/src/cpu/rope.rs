@@ -13,7 +13,7 @@
 //! is rounded once to the input dtype. Inputs in f64 are computed in f64 throughout.
 
 use crate::array::Array;
-use crate::fast::{RopeFreqs, RopeOffsets, RopePlan};
+use crate::ops::rope::{RopeArgs, RopeFreqs, RopeOffsets};
 use crate::{DType, Element, Error, Float, Result};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -27,8 +27,9 @@ const GROUP_ELEMS: usize = 1 << 17;
 /// Inputs smaller than this many elements stay on the calling thread.
 const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 
-/// Applies `plan` to `a` (on the CPU) and returns a new row-major array.
-pub(crate) fn rope(a: &Array, plan: &RopePlan) -> Result<Array> {
+/// Runs a validated `rope` call on the CPU and returns a new row-major array.
+pub(crate) fn run(plan: &RopeArgs) -> Result<Array> {
+    let a = &plan.x;
     match a.dtype() {
         DType::F32 => rope_typed::<f32>(a, plan),
         DType::F64 => rope_typed::<f64>(a, plan),
@@ -52,7 +53,7 @@ trait Compute:
     + 'static
 {
     /// The inverse frequency of every pair, in this precision.
-    fn inv_freqs(plan: &RopePlan) -> Vec<Self>;
+    fn inv_freqs(plan: &RopeArgs) -> Vec<Self>;
 
     /// `cos` and `sin` of `theta_i = (scale * pos) * inv[i]` for every pair `i`.
     /// `max_abs_inv` is the largest `|inv[i]|` (it bounds the angles of the row).
@@ -73,7 +74,7 @@ trait Compute:
 }
 
 impl Compute for f32 {
-    fn inv_freqs(plan: &RopePlan) -> Vec<f32> {
+    fn inv_freqs(plan: &RopeArgs) -> Vec<f32> {
         let half = plan.dims / 2;
         match &plan.freqs {
             // As the GPU kernels: d = i / (dims/2) and exp2(-d * log2(base)), all in f32.
@@ -120,7 +121,7 @@ impl Compute for f32 {
 }
 
 impl Compute for f64 {
-    fn inv_freqs(plan: &RopePlan) -> Vec<f64> {
+    fn inv_freqs(plan: &RopeArgs) -> Vec<f64> {
         let half = plan.dims / 2;
         match &plan.freqs {
             RopeFreqs::Base(base) => {
@@ -420,7 +421,7 @@ struct Group<'o, T> {
     rows: Vec<(usize, &'o mut [MaybeUninit<T>])>,
 }
 
-fn rope_typed<T: RopeElem>(a: &Array, plan: &RopePlan) -> Result<Array> {
+fn rope_typed<T: RopeElem>(a: &Array, plan: &RopeArgs) -> Result<Array> {
     let n = a.size();
     let mut out = crate::array::host_pool::take_uninit::<T>(n);
     rope_into(a, plan, &mut out.spare_capacity_mut()[..n], Isa::detect())?;
@@ -435,7 +436,7 @@ fn rope_typed<T: RopeElem>(a: &Array, plan: &RopePlan) -> Result<Array> {
 /// `isa`; on success every element of `out` has been written.
 fn rope_into<T: RopeElem>(
     a: &Array,
-    plan: &RopePlan,
+    plan: &RopeArgs,
     out: &mut [MaybeUninit<T>],
     isa: Isa,
 ) -> Result<()> {
@@ -528,7 +529,7 @@ fn rope_into<T: RopeElem>(
 struct Kernel<'a, T: RopeElem> {
     src: &'a [T],
     lay: &'a Layout,
-    plan: &'a RopePlan,
+    plan: &'a RopeArgs,
     /// Positions per block.
     block: usize,
     inv: &'a [T::C],
@@ -715,7 +716,7 @@ unsafe fn rotate_piece_avx2<T: RopeElem>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fast::{rope_plan, RopeOffset};
+    use crate::ops::rope::RopeOffset;
     use crate::Device;
     use std::time::Instant;
 
@@ -861,7 +862,7 @@ mod tests {
     /// same operations in the same order).
     #[test]
     fn isa_variants_agree_bit_for_bit() {
-        fn outputs<T: RopeElem>(x: &Array, plan: &RopePlan) -> Vec<Vec<u64>> {
+        fn outputs<T: RopeElem>(x: &Array, plan: &RopeArgs) -> Vec<Vec<u64>> {
             let mut isas = vec![Isa::Baseline];
             if !matches!(Isa::detect(), Isa::Baseline) {
                 isas.push(Isa::detect());
@@ -884,7 +885,7 @@ mod tests {
             for traditional in [false, true] {
                 for offset in [RopeOffset::Int(11), RopeOffset::Array(&offsets)] {
                     let plan =
-                        rope_plan(&x, 36, traditional, Some(500.0), 0.7, offset, None).unwrap();
+                        RopeArgs::new(&x, 36, traditional, Some(500.0), 0.7, offset, None).unwrap();
                     let outs = match dtype {
                         DType::F32 => outputs::<f32>(&x, &plan),
                         DType::BF16 => outputs::<bf16>(&x, &plan),
@@ -917,7 +918,7 @@ mod tests {
                 })
                 .fold(f64::MAX, f64::min)
         }
-        fn run<T: RopeElem>(x: &Array, plan: &RopePlan, iters: usize) -> f64 {
+        fn run<T: RopeElem>(x: &Array, plan: &RopeArgs, iters: usize) -> f64 {
             let mut out = vec![MaybeUninit::new(T::from_f64(0.0)); x.size()];
             best(iters, || {
                 rope_into(x, plan, &mut out, Isa::detect()).unwrap()
@@ -971,7 +972,8 @@ mod tests {
             } else {
                 RopeOffset::Int(7)
             };
-            let plan = rope_plan(x, 128, *traditional, Some(10000.0), 1.0, offset, None).unwrap();
+            let plan =
+                RopeArgs::new(x, 128, *traditional, Some(10000.0), 1.0, offset, None).unwrap();
             let time = |iters| match dtype {
                 DType::F32 => run::<f32>(x, &plan, iters),
                 DType::BF16 => run::<bf16>(x, &plan, iters),

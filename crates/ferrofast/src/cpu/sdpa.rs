@@ -26,7 +26,7 @@
 use crate::array::Array;
 use crate::dtype::{DType, Element, Float};
 use crate::error::{Error, Result};
-use crate::fast::Checked;
+use crate::ops::sdpa::SdpaArgs;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -1347,21 +1347,22 @@ fn has_fma() -> bool {
     }
 }
 
-/// Runs attention on validated CPU inputs (see `fast::scaled_dot_product_attention` for the
-/// contract). Returns a new row-major `[B, N_q, T_q, D_v]` array of the output dtype.
-pub(crate) fn scaled_dot_product_attention(c: &Checked, scale: f32) -> Result<Array> {
+/// Runs a validated attention call on the CPU (see `fast::scaled_dot_product_attention` for
+/// the contract). Returns a new row-major `[B, N_q, T_q, D_v]` array of the output dtype.
+pub(crate) fn run(c: &SdpaArgs) -> Result<Array> {
+    let scale = c.scale;
     match c.dtype {
-        DType::F16 => run::<f16>(c, scale),
-        DType::BF16 => run::<bf16>(c, scale),
-        DType::F32 => run::<f32>(c, scale),
-        DType::F64 => run::<f64>(c, scale),
+        DType::F16 => run_typed::<f16>(c, scale),
+        DType::BF16 => run_typed::<bf16>(c, scale),
+        DType::F32 => run_typed::<f32>(c, scale),
+        DType::F64 => run_typed::<f64>(c, scale),
         other => Err(Error::invalid(format!(
             "[scaled_dot_product_attention] Received unsupported type {other}."
         ))),
     }
 }
 
-fn run<T: Elem>(c: &Checked, scale: f32) -> Result<Array> {
+fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32) -> Result<Array> {
     let [bn, nq, tq, dv] = c.out_shape;
     let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
     let mut out = vec![T::default(); bn * nq * tq * dv];

@@ -1,13 +1,26 @@
 //! Strided copy and dtype conversion of GPU arrays (`kernels/copy.cu`): what
 //! `contiguous()`, `astype()` and `reshape()` of a GPU array run, with no host round trip.
 
-use super::jit::{self, COPY_CU};
+use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
 use super::runtime::{driver_error, guarded, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::Array;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// `kernels/copy.cu`: strided copy with dtype conversion.
+const COPY_CU: KernelFile = KernelFile {
+    name: "copy.cu",
+    source: include_str!("kernels/copy.cu"),
+    arch: None,
+};
+
+/// The file and every instantiation a launch can ask for.
+pub(crate) const REGISTERED: Registered = Registered {
+    file: COPY_CU,
+    variants: all_variants,
+};
 
 /// Most dimensions the copy kernel takes after merging contiguous ones.
 const MAX_DIMS: usize = 8;
@@ -40,7 +53,7 @@ fn variant(src: DType, dst: DType, wide: bool) -> String {
 }
 
 /// Every instantiation of `copy.cu` a launch can ask for.
-pub(crate) fn all_variants() -> Vec<String> {
+fn all_variants() -> Vec<String> {
     let mut out = Vec::new();
     for src in DType::ALL {
         for dst in DType::ALL {

@@ -12,6 +12,7 @@
 
 use super::runtime::{driver_error, guarded, nvrtc_loaded, CudaDevice};
 use crate::error::{Error, Result};
+use crate::testing::KernelCheck;
 use cudarc::driver::CudaFunction;
 use cudarc::nvrtc::sys as nvrtc;
 use cudarc::nvrtc::Ptx;
@@ -32,55 +33,15 @@ pub(crate) struct KernelFile {
     pub(crate) arch: Option<&'static str>,
 }
 
-/// `kernels/attn_prefill.cu`: flash-attention forward on the tensor cores (`mma.sync`).
-pub(crate) const ATTN_PREFILL_CU: KernelFile = KernelFile {
-    name: "attn_prefill.cu",
-    source: include_str!("kernels/attn_prefill.cu"),
-    arch: None,
-};
-
-/// `kernels/attn_prefill_sm90.cu`: flash-attention forward for Hopper (TMA, wgmma), built
-/// for `sm_90a` only.
-pub(crate) const ATTN_PREFILL_SM90_CU: KernelFile = KernelFile {
-    name: "attn_prefill_sm90.cu",
-    source: include_str!("kernels/attn_prefill_sm90.cu"),
-    arch: Some("sm_90a"),
-};
-
-/// `kernels/copy.cu`: strided copy with dtype conversion.
-pub(crate) const COPY_CU: KernelFile = KernelFile {
-    name: "copy.cu",
-    source: include_str!("kernels/copy.cu"),
-    arch: None,
-};
-
-/// `kernels/norm.cu`: RMS norm and layer norm forward.
-pub(crate) const NORM_CU: KernelFile = KernelFile {
-    name: "norm.cu",
-    source: include_str!("kernels/norm.cu"),
-    arch: None,
-};
-
-/// `kernels/rope.cu`: rotary positional embedding forward.
-pub(crate) const ROPE_CU: KernelFile = KernelFile {
-    name: "rope.cu",
-    source: include_str!("kernels/rope.cu"),
-    arch: None,
-};
-
-/// `kernels/attn_decode.cu`: attention decode (split-KV) and its combine kernel.
-pub(crate) const ATTN_DECODE_CU: KernelFile = KernelFile {
-    name: "attn_decode.cu",
-    source: include_str!("kernels/attn_decode.cu"),
-    arch: None,
-};
-
-/// `kernels/attn_general.cu`: attention for any shape, head dims and strides.
-pub(crate) const ATTN_GENERAL_CU: KernelFile = KernelFile {
-    name: "attn_general.cu",
-    source: include_str!("kernels/attn_general.cu"),
-    arch: None,
-};
+/// A kernel file and every template instantiation its launcher can ask for: one entry of
+/// the registry (`cuda::registry`) that the compile check loops over.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Registered {
+    /// The `.cu` file.
+    pub(crate) file: KernelFile,
+    /// NVRTC name expressions of every instantiation a launch may use.
+    pub(crate) variants: fn() -> Vec<String>,
+}
 
 /// The in-memory header every kernel file includes.
 const PRELUDE_NAME: &str = "ferrofast_prelude.cuh";
@@ -91,8 +52,23 @@ const PRELUDE: &str = include_str!("kernels/prelude.cuh");
 const MMA_NAME: &str = "ferrofast_mma.cuh";
 const MMA: &str = include_str!("kernels/mma.cuh");
 
+/// The in-memory header of the attention kernels that take one parameter block
+/// (`attn_decode.cu`, `attn_general.cu`): the mask encoding and `ff_attn_params`.
+const ATTN_NAME: &str = "ferrofast_attn.cuh";
+const ATTN: &str = include_str!("kernels/attn.cuh");
+
+/// The in-memory header of the Hopper kernels (`attn_prefill_sm90.cu`): mbarrier, TMA and
+/// wgmma wrappers.
+const HOPPER_NAME: &str = "ferrofast_hopper.cuh";
+const HOPPER: &str = include_str!("kernels/hopper.cuh");
+
 /// Every in-memory header a built-in kernel file may include, as `(include name, text)`.
-const HEADERS: [(&str, &str); 2] = [(PRELUDE_NAME, PRELUDE), (MMA_NAME, MMA)];
+const HEADERS: [(&str, &str); 4] = [
+    (PRELUDE_NAME, PRELUDE),
+    (MMA_NAME, MMA),
+    (ATTN_NAME, ATTN),
+    (HOPPER_NAME, HOPPER),
+];
 
 /// Bumped when the cache file layout or the compile options change meaning.
 const CACHE_FORMAT: &[u8; 8] = b"FFCUBIN1";
@@ -776,22 +752,6 @@ pub(crate) fn binary_function(
 
 // ----- compile checks -----------------------------------------------------------------------
 
-/// The outcome of compiling one built-in kernel file with all its variants.
-#[derive(Clone, Debug, PartialEq)]
-pub struct KernelCheck {
-    /// The `.cu` file.
-    pub file: &'static str,
-    /// The architecture it was compiled for: the one asked for, or the file's own
-    /// architecture-specific target (`sm_90a`).
-    pub arch: String,
-    /// Number of template instantiations compiled.
-    pub variants: usize,
-    /// Size of the resulting CUBIN.
-    pub cubin_bytes: usize,
-    /// Wall-clock time NVRTC took.
-    pub compile_seconds: f64,
-}
-
 /// Compiles every built-in CUDA kernel, every variant the launchers can ask for, to CUBIN
 /// for `arch` (`"sm_80"`, `"sm_90"`, ...). Needs libnvrtc but no GPU: CI runs it to prove the
 /// kernels compile. Bypasses the caches. Files built for one architecture-specific target
@@ -802,18 +762,10 @@ pub struct KernelCheck {
 /// `Error::CudaUnavailable` without libnvrtc; `Error::Compile` with NVRTC's log for the
 /// first file that fails.
 pub fn check_builtin_kernels(arch: &str) -> Result<Vec<KernelCheck>> {
-    let files = [
-        (ATTN_PREFILL_CU, super::attn_prefill::all_variants()),
-        (
-            ATTN_PREFILL_SM90_CU,
-            super::attn_prefill_sm90::all_variants(),
-        ),
-        (COPY_CU, super::copy::all_variants()),
-        (NORM_CU, super::norm::all_variants()),
-        (ROPE_CU, super::rope::all_variants()),
-        (ATTN_DECODE_CU, super::sdpa::decode_variants()),
-        (ATTN_GENERAL_CU, super::sdpa::general_variants()),
-    ];
+    let files: Vec<(KernelFile, Vec<String>)> = super::registry()
+        .iter()
+        .map(|r| (r.file, (r.variants)()))
+        .collect();
     // One NVRTC program per file, compiled side by side (NVRTC is thread-safe across
     // programs).
     let results: Vec<Result<KernelCheck>> = std::thread::scope(|scope| {
@@ -876,6 +828,17 @@ mod tests {
         assert_eq!(decode(&data[..data.len() - 3], "key"), None);
         assert_eq!(decode(&[], "key"), None);
     }
+
+    const NORM_CU: KernelFile = KernelFile {
+        name: "norm.cu",
+        source: "a",
+        arch: None,
+    };
+    const COPY_CU: KernelFile = KernelFile {
+        name: "copy.cu",
+        source: "b",
+        arch: None,
+    };
 
     #[test]
     fn cache_keys_depend_on_every_input() {

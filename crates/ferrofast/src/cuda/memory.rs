@@ -125,6 +125,11 @@ impl CudaBuffer {
     }
 
     /// The device the data lives on.
+    pub(crate) fn ordinal(&self) -> usize {
+        self.device.ordinal()
+    }
+
+    /// The device the buffer lives on.
     pub(crate) fn device(&self) -> &Arc<CudaDevice> {
         &self.device
     }

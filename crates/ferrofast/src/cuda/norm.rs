@@ -13,35 +13,34 @@
 //! - 16-byte vector accesses when every row, the weight and the bias are 16-byte aligned
 //!   with unit stride and D % N_READS == 0; scalar accesses otherwise (odd D, offsets).
 
-use super::copy::{collapse, type_tag};
-use super::jit::{self, NORM_CU};
+use super::copy::{collapse, copy_cast, type_tag};
+use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
 use super::runtime::{driver_error, guarded, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::ops::norm::{NormArgs, NormKind};
 use crate::Array;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// `kernels/norm.cu`: RMS norm and layer norm forward.
+const NORM_CU: KernelFile = KernelFile {
+    name: "norm.cu",
+    source: include_str!("kernels/norm.cu"),
+    arch: None,
+};
+
+/// The file and every instantiation a launch can ask for.
+pub(crate) const REGISTERED: Registered = Registered {
+    file: NORM_CU,
+    variants: all_variants,
+};
 
 /// Threads per block of the looped variants.
 const LOOPED_BLOCK: u32 = 1024;
 
 /// Most threads a one-row-per-block launch uses; rows needing more are looped.
 const ROWS_MAX_THREADS: usize = 1024;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Rms,
-    Layer,
-}
-
-impl Kind {
-    fn op(self) -> &'static str {
-        match self {
-            Kind::Rms => "rms_norm",
-            Kind::Layer => "layer_norm",
-        }
-    }
-}
 
 /// Which kernel instantiation serves a row length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,7 +128,7 @@ fn plan(d: usize, dtype: DType) -> Plan {
     }
 }
 
-fn variant(kind: Kind, dtype: DType, plan: Plan, aligned: bool) -> String {
+fn variant(kind: NormKind, dtype: DType, plan: Plan, aligned: bool) -> String {
     match plan {
         Plan::Group { g, chunks } => format!(
             "{}_group<{}, {g}, {chunks}, {aligned}>",
@@ -146,9 +145,9 @@ fn variant(kind: Kind, dtype: DType, plan: Plan, aligned: bool) -> String {
 }
 
 /// Every instantiation of `norm.cu` a launch can ask for.
-pub(crate) fn all_variants() -> Vec<String> {
+fn all_variants() -> Vec<String> {
     let mut out = Vec::new();
-    for kind in [Kind::Rms, Kind::Layer] {
+    for kind in [NormKind::Rms, NormKind::Layer] {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             for aligned in [true, false] {
                 for chunks in [1, 2, 4] {
@@ -172,67 +171,35 @@ pub(crate) fn all_variants() -> Vec<String> {
     out
 }
 
-/// RMS norm over the last axis of `x` on its CUDA device, on the stream that produced `x`:
-/// the CUDA kernel behind `fast::rms_norm`, without the front end's validation and casts.
-///
-/// `x` and `w` must already have dtype `out_dtype` (f32, f16 or bf16) and live on the same
-/// CUDA device; `w` is 1-D with `x.shape[-1]` elements (any stride). The output is a new
-/// row-major array of `x`'s shape: `y = round(x * rsqrt(mean(x^2) + eps)) * w`, with f32
-/// accumulation and the weight multiply in `out_dtype`, as MLX.
+/// Runs a validated `rms_norm` / `layer_norm` call on `stream` (whose device holds the
+/// inputs): x, the weight and the bias are cast to the output dtype there first (as MLX's
+/// front end does), then one kernel writes a new row-major array of `x`'s shape:
+/// `y = round(norm(x)) * w (+ b)`, with f32 statistics (two-pass variance) and the weight
+/// multiply and bias add each rounded to the output dtype, as MLX.
 ///
 /// # Errors
-/// `Error::Unsupported` for other dtypes (f64 stays on the CPU); `Error::Device` for
-/// arrays on the CPU or on different devices; `Error::InvalidArgument` for mismatched
-/// dtypes or shapes; compile and driver errors.
-pub fn rms_norm(x: &Array, w: Option<&Array>, eps: f32, out_dtype: DType) -> Result<Array> {
-    norm(Kind::Rms, x, w, None, eps, out_dtype, None)
-}
-
-/// [`rms_norm`] on a given stream (MLX's `stream=` argument).
-///
-/// # Errors
-/// As [`rms_norm`]; `Error::Device` if the stream is on another device.
-pub fn rms_norm_on(
-    stream: &Stream,
-    x: &Array,
-    w: Option<&Array>,
-    eps: f32,
-    out_dtype: DType,
-) -> Result<Array> {
-    norm(Kind::Rms, x, w, None, eps, out_dtype, Some(stream))
-}
-
-/// Layer norm over the last axis of `x` on its CUDA device, on the stream that produced
-/// `x` (the CUDA kernel behind `fast::layer_norm`, without the front end's validation and
-/// casts): `y = round((x - mean) * rsqrt(var + eps)) * w + b` with f32 statistics (two-pass
-/// variance) and the weight multiply and bias add each rounded to `out_dtype`, as MLX.
-/// Requirements on `x`, `w` and `b` as in [`rms_norm`].
-///
-/// # Errors
-/// As [`rms_norm`].
-pub fn layer_norm(
-    x: &Array,
-    w: Option<&Array>,
-    b: Option<&Array>,
-    eps: f32,
-    out_dtype: DType,
-) -> Result<Array> {
-    norm(Kind::Layer, x, w, b, eps, out_dtype, None)
-}
-
-/// [`layer_norm`] on a given stream (MLX's `stream=` argument).
-///
-/// # Errors
-/// As [`rms_norm_on`].
-pub fn layer_norm_on(
-    stream: &Stream,
-    x: &Array,
-    w: Option<&Array>,
-    b: Option<&Array>,
-    eps: f32,
-    out_dtype: DType,
-) -> Result<Array> {
-    norm(Kind::Layer, x, w, b, eps, out_dtype, Some(stream))
+/// `Error::Unsupported` for output dtypes other than f32, f16 and bf16 (f64 stays on the
+/// CPU) and rows past the kernels' 32-bit indices; compile and driver errors.
+pub(crate) fn run(args: &NormArgs, stream: &Stream) -> Result<Array> {
+    let (kind, dtype) = (args.kind, args.dtype);
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(Error::Unsupported(format!(
+            "[{}] the CUDA kernels take float32, float16 and bfloat16, not {dtype}; compute \
+             {dtype} on the CPU",
+            kind.op()
+        )));
+    }
+    let cast = |a: &Array| -> Result<Array> {
+        if a.dtype() == dtype {
+            Ok(a.clone())
+        } else {
+            copy_cast(a, dtype, Some(stream))
+        }
+    };
+    let x = cast(&args.x)?;
+    let w = args.weight.as_ref().map(cast).transpose()?;
+    let b = args.bias.as_ref().map(cast).transpose()?;
+    norm(kind, &x, w.as_ref(), b.as_ref(), args.eps, dtype, stream)
 }
 
 /// A 1-D parameter (weight or bias) as the kernel sees it.
@@ -242,51 +209,26 @@ struct Param<'a> {
     stride: i64,
 }
 
-fn param<'a>(
-    kind: Kind,
-    name: &str,
-    p: Option<&'a Array>,
-    d: usize,
-    out_dtype: DType,
-    ordinal: usize,
-) -> Result<Option<Param<'a>>> {
+fn param<'a>(kind: NormKind, name: &str, p: Option<&'a Array>) -> Result<Option<Param<'a>>> {
     let Some(p) = p else {
         return Ok(None);
     };
-    if p.dtype() != out_dtype {
-        return Err(Error::invalid(format!(
-            "[{}] {name} must be cast to the output dtype {out_dtype} before the CUDA kernel \
-             (got {})",
-            kind.op(),
-            p.dtype()
-        )));
-    }
-    if p.ndim() != 1 || p.size() != d {
-        return Err(Error::invalid(format!(
-            "[{}] {name} must be 1-D with {d} elements but has shape {}",
-            kind.op(),
-            crate::array::fmt_shape(p.shape())
-        )));
-    }
-    let buffer = p.cuda_buffer().ok_or_else(|| {
-        Error::Device(format!(
-            "[{}] x is on cuda:{ordinal} but {name} is on {}",
-            kind.op(),
-            p.device()
-        ))
-    })?;
-    if buffer.device().ordinal() != ordinal {
-        return Err(Error::Device(format!(
-            "[{}] x is on cuda:{ordinal} but {name} is on cuda:{}",
-            kind.op(),
-            buffer.device().ordinal()
-        )));
-    }
     Ok(Some(Param {
-        buffer,
+        buffer: gpu_buffer(kind, name, p)?,
         offset: p.offset() as i64,
         stride: p.strides()[0] as i64,
     }))
+}
+
+/// The device buffer of an input the front end placed on the stream's device.
+fn gpu_buffer<'a>(kind: NormKind, name: &str, a: &'a Array) -> Result<&'a CudaBuffer> {
+    a.cuda_buffer().ok_or_else(|| {
+        Error::Device(format!(
+            "[{}] the CUDA kernel got {name} on {}",
+            kind.op(),
+            a.device()
+        ))
+    })
 }
 
 /// The row stride of `x` if its rows can be addressed as `offset + r * stride` with unit
@@ -306,53 +248,18 @@ fn row_stride(x: &Array) -> Option<i64> {
 }
 
 fn norm(
-    kind: Kind,
+    kind: NormKind,
     x: &Array,
     w: Option<&Array>,
     b: Option<&Array>,
     eps: f32,
     out_dtype: DType,
-    stream: Option<&Stream>,
+    stream: &Stream,
 ) -> Result<Array> {
-    if !matches!(out_dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(Error::Unsupported(format!(
-            "[{}] the CUDA kernels take float32, float16 and bfloat16, not {out_dtype}",
-            kind.op()
-        )));
-    }
-    if x.dtype() != out_dtype {
-        return Err(Error::invalid(format!(
-            "[{}] x must be cast to the output dtype {out_dtype} before the CUDA kernel (got {})",
-            kind.op(),
-            x.dtype()
-        )));
-    }
-    if x.ndim() == 0 {
-        return Err(Error::invalid(format!(
-            "[{}] Input must have at least 1 dimension but got input with 0 dimensions.",
-            kind.op()
-        )));
-    }
-    let src = x.cuda_buffer().ok_or_else(|| {
-        Error::Device(format!(
-            "[{}] the CUDA launcher got an array on {}",
-            kind.op(),
-            x.device()
-        ))
-    })?;
-    let device = src.device();
-    let ordinal = device.ordinal();
-    let stream = stream.unwrap_or(src.stream());
-    if stream.ordinal() != ordinal {
-        return Err(Error::Device(format!(
-            "[{}] x is on cuda:{ordinal} but the stream is on cuda:{}",
-            kind.op(),
-            stream.ordinal()
-        )));
-    }
+    let device = gpu_buffer(kind, "x", x)?.device();
     let d = x.shape()[x.ndim() - 1];
-    let wp = param(kind, "weight", w, d, out_dtype, ordinal)?;
-    let bp = param(kind, "bias", b, d, out_dtype, ordinal)?;
+    let wp = param(kind, "weight", w)?;
+    let bp = param(kind, "bias", b)?;
     let n = x.size();
     if n == 0 {
         let out = CudaBuffer::alloc(device, stream, out_dtype, 0)?;
@@ -374,7 +281,7 @@ fn norm(
     let (x, rs) = match row_stride(x) {
         Some(rs) => (x, rs),
         None => {
-            contiguous_copy = super::copy::copy_cast(x, out_dtype, Some(stream))?;
+            contiguous_copy = copy_cast(x, out_dtype, Some(stream))?;
             (&contiguous_copy, d as i64)
         }
     };
@@ -451,7 +358,7 @@ fn norm(
     builder.arg(src.slice()).arg(&x_offset).arg(&rs);
     for p in [&wp, &bp]
         .into_iter()
-        .take(if kind == Kind::Rms { 1 } else { 2 })
+        .take(if kind == NormKind::Rms { 1 } else { 2 })
     {
         match p {
             Some(p) => builder.arg(p.buffer.slice()).arg(&p.offset).arg(&p.stride),
@@ -570,7 +477,7 @@ mod tests {
             1usize, 5, 17, 33, 100, 128, 600, 1024, 3000, 4096, 20000, 70000,
         ] {
             for dt in [DType::F32, DType::F16, DType::BF16] {
-                for kind in [Kind::Rms, Kind::Layer] {
+                for kind in [NormKind::Rms, NormKind::Layer] {
                     for aligned in [true, false] {
                         let v = variant(kind, dt, plan(d, dt), aligned);
                         assert!(all.contains(&v), "{v} missing");

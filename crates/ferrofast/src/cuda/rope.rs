@@ -1,46 +1,40 @@
 //! Launcher for `kernels/rope.cu`: rotary positional embedding forward.
 //!
 //! The front end (`fast::rope`) validates the call and reads the offsets and `freqs` on the
-//! host; [`rope`] takes those values and a GPU input. Inputs whose heads axes (all axes
+//! host into a `RopeArgs`; [`run`] launches the kernel on a GPU input. Inputs whose heads axes (all axes
 //! between the batch axis and the last two) merge into one stride and whose last axis has
 //! unit stride are read in place (row-contiguous inputs, `[B, T, H, D]` memory viewed as
 //! `[B, H, T, D]`, sliced positions, broadcast batches); other views are first copied to
 //! row-major on the GPU. Per-batch offsets and `freqs` travel as small device buffers.
 
-use super::copy::{collapse, type_tag};
-use super::jit::{self, ROPE_CU};
+use super::copy::{collapse, copy_cast, type_tag};
+use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
 use super::runtime::{driver_error, guarded, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::ops::rope::{RopeArgs, RopeFreqs, RopeOffsets};
 use crate::Array;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// `kernels/rope.cu`: rotary positional embedding forward.
+const ROPE_CU: KernelFile = KernelFile {
+    name: "rope.cu",
+    source: include_str!("kernels/rope.cu"),
+    arch: None,
+};
+
+/// The file and every instantiation a launch can ask for.
+pub(crate) const REGISTERED: Registered = Registered {
+    file: ROPE_CU,
+    variants: all_variants,
+};
 
 /// Threads per block.
 const BLOCK: u32 = 256;
 
 /// Heads one work item serves (`FF_ROPE_HEADS` in `rope.cu`).
 const HEADS_PER_ITEM: usize = 4;
-
-/// Where the rotation frequencies of [`rope`] come from.
-#[derive(Clone, Copy, Debug)]
-pub enum RopeFreqs<'a> {
-    /// `inv_freq_i = exp2(-(i / (dims/2)) * log2(base))`, computed in f32.
-    Base(f32),
-    /// Periods, one per rotated pair (`dims / 2` values): `inv_freq_i = 1 / periods[i]` in
-    /// f32 (MLX rounds `freqs` to f32 before inverting them).
-    Periods(&'a [f32]),
-}
-
-/// The position offsets of [`rope`], as the front end read them (MLX's int32 casts already
-/// applied).
-#[derive(Clone, Copy, Debug)]
-pub enum RopeOffsets<'a> {
-    /// One offset for every batch example.
-    Scalar(i64),
-    /// One offset per batch example (`x.shape[0]` values).
-    PerBatch(&'a [i64]),
-}
 
 fn variant(dtype: DType, traditional: bool, wide: bool, v: usize) -> String {
     format!(
@@ -68,7 +62,7 @@ fn widths(dtype: DType, traditional: bool) -> impl Iterator<Item = usize> {
 }
 
 /// Every instantiation of `rope.cu` a launch can ask for.
-pub(crate) fn all_variants() -> Vec<String> {
+fn all_variants() -> Vec<String> {
     let mut out = Vec::new();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for traditional in [false, true] {
@@ -80,49 +74,6 @@ pub(crate) fn all_variants() -> Vec<String> {
         }
     }
     out
-}
-
-/// Rotary positional embedding of `x` on its CUDA device, on the stream that produced `x`:
-/// the CUDA kernel behind `fast::rope`, without the front end's validation.
-///
-/// `x` (f32, f16 or bf16, at least 3-D) is read as `(B, heads..., T, D)`. For pair
-/// `i < dims / 2` at position `t` of batch example `b`, `theta = (scale * (t + offset_b)) *
-/// inv_freq_i` (see [`RopeFreqs`]); the pair `(x[2i], x[2i+1])` when `traditional`, else
-/// `(x[i], x[i + dims/2])`, becomes `(x1 cos - x2 sin, x1 sin + x2 cos)`, all in f32 with
-/// one rounding to the dtype. Features `dims..D` are copied bit for bit. The output is a new
-/// row-major array of `x`'s shape and dtype.
-///
-/// # Errors
-/// `Error::Unsupported` for f64 (it stays on the CPU) and for sizes past the kernel's 32-bit
-/// limits (`T`, `D` or the head count above 2^31 - 1); `Error::InvalidArgument` for other
-/// dtypes, fewer than 3 dimensions, `dims` odd, zero or larger than `D`, `freqs` without
-/// `dims / 2` values or per-batch offsets without `B` values; `Error::Device` for an input
-/// on the CPU; compile and driver errors.
-pub fn rope(
-    x: &Array,
-    dims: usize,
-    traditional: bool,
-    freqs: RopeFreqs<'_>,
-    scale: f32,
-    offsets: RopeOffsets<'_>,
-) -> Result<Array> {
-    launch(x, dims, traditional, freqs, scale, offsets, None)
-}
-
-/// [`rope`] on a given stream (MLX's `stream=` argument).
-///
-/// # Errors
-/// As [`rope`]; `Error::Device` if the stream is on another device.
-pub fn rope_on(
-    stream: &Stream,
-    x: &Array,
-    dims: usize,
-    traditional: bool,
-    freqs: RopeFreqs<'_>,
-    scale: f32,
-    offsets: RopeOffsets<'_>,
-) -> Result<Array> {
-    launch(x, dims, traditional, freqs, scale, offsets, Some(stream))
 }
 
 /// `(stride_b, stride_h, stride_t)` if `x` can be read in place: unit stride along the last
@@ -150,78 +101,39 @@ fn to_i32(v: usize, what: &str) -> Result<i32> {
     })
 }
 
-fn launch(
-    x: &Array,
-    dims: usize,
-    traditional: bool,
-    freqs: RopeFreqs<'_>,
-    scale: f32,
-    offsets: RopeOffsets<'_>,
-    stream: Option<&Stream>,
-) -> Result<Array> {
+/// Runs a validated `rope` call on `stream` (whose device holds `x`): for pair
+/// `i < dims / 2` at position `t` of batch example `b`, `theta = (scale * (t + offset_b)) *
+/// inv_freq_i` with `inv_freq_i = exp2(-(i / (dims/2)) * log2(base))` or `1 / freqs[i]`
+/// (the periods rounded to f32 first, as MLX); the pair `(x[2i], x[2i+1])` when
+/// `traditional`, else `(x[i], x[i + dims/2])`, becomes `(x1 cos - x2 sin, x1 sin + x2 cos)`,
+/// all in f32 with one rounding to the dtype. Features `dims..D` are copied bit for bit. The
+/// output is a new row-major array of `x`'s shape and dtype.
+///
+/// # Errors
+/// `Error::Unsupported` for f64 (it stays on the CPU) and for sizes past the kernel's 32-bit
+/// limits (`T`, `D` or the head count above 2^31 - 1); compile and driver errors.
+pub(crate) fn run(args: &RopeArgs, stream: &Stream) -> Result<Array> {
+    let x = &args.x;
     let dtype = x.dtype();
-    match dtype {
-        DType::F32 | DType::F16 | DType::BF16 => {}
-        DType::F64 => {
-            return Err(Error::Unsupported(
-                "[rope] the CUDA kernel takes float32, float16 and bfloat16, not float64; \
-                 compute float64 on the CPU"
-                    .into(),
-            ))
-        }
-        other => {
-            return Err(Error::invalid(format!(
-                "[rope] Input must be a floating type but got {other}."
-            )))
-        }
-    }
-    let nd = x.ndim();
-    if nd < 3 {
-        return Err(Error::invalid(format!(
-            "[rope] Input must have at least 3 dimensions but got input with {nd} dimensions."
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(Error::Unsupported(format!(
+            "[rope] the CUDA kernel takes float32, float16 and bfloat16, not {dtype}; compute \
+             {dtype} on the CPU"
         )));
     }
+    let nd = x.ndim();
     let shape = x.shape();
     let (batch, seq, d) = (shape[0], shape[nd - 2], shape[nd - 1]);
     let n_heads: usize = shape[1..nd - 2].iter().product();
-    if dims == 0 || dims % 2 != 0 || dims > d {
-        return Err(Error::invalid(format!(
-            "[rope] dims must be positive, even and at most the input's last dimension ({d}) \
-             but got {dims}."
-        )));
-    }
+    let (dims, traditional) = (args.dims, args.traditional);
     let half = dims / 2;
-    if let RopeFreqs::Periods(p) = freqs {
-        if p.len() != half {
-            return Err(Error::invalid(format!(
-                "[rope] freqs must be one dimensional with size {half} but has {} values.",
-                p.len()
-            )));
-        }
-    }
-    if let RopeOffsets::PerBatch(o) = offsets {
-        if o.len() != batch {
-            return Err(Error::invalid(format!(
-                "[rope] per-batch offsets must have {batch} values but have {}.",
-                o.len()
-            )));
-        }
-    }
     let src = x.cuda_buffer().ok_or_else(|| {
         Error::Device(format!(
-            "[rope] the CUDA launcher got an array on {}",
+            "[rope] the CUDA kernel got an array on {}",
             x.device()
         ))
     })?;
     let device = src.device();
-    let ordinal = device.ordinal();
-    let stream = stream.unwrap_or(src.stream());
-    if stream.ordinal() != ordinal {
-        return Err(Error::Device(format!(
-            "[rope] x is on cuda:{ordinal} but the stream is on cuda:{}",
-            stream.ordinal()
-        )));
-    }
     let n = x.size();
     if n == 0 {
         let out = CudaBuffer::alloc(device, stream, dtype, 0)?;
@@ -239,7 +151,7 @@ fn launch(
     let (x, (stride_b, stride_h, stride_s)) = match layout(x) {
         Some(l) => (x, l),
         None => {
-            contiguous_copy = super::copy::copy_cast(x, dtype, Some(stream))?;
+            contiguous_copy = copy_cast(x, dtype, Some(stream))?;
             let l = ((n_heads * seq * d) as i64, (seq * d) as i64, d as i64);
             (&contiguous_copy, l)
         }
@@ -248,16 +160,15 @@ fn launch(
         .cuda_buffer()
         .ok_or_else(|| Error::Device("contiguous copy left the GPU".into()))?;
 
-    let period_buf = match freqs {
-        RopeFreqs::Periods(p) => Some(CudaBuffer::upload(device, stream, p)?),
-        RopeFreqs::Base(_) => None,
+    let (period_buf, log2_base) = match &args.freqs {
+        RopeFreqs::Periods(p) => {
+            let periods: Vec<f32> = p.iter().map(|&v| v as f32).collect();
+            (Some(CudaBuffer::upload(device, stream, &periods)?), 0.0)
+        }
+        RopeFreqs::Base(b) => (None, b.log2()),
     };
-    let log2_base = match freqs {
-        RopeFreqs::Base(b) => b.log2(),
-        RopeFreqs::Periods(_) => 0.0,
-    };
-    let (offset_buf, offset) = match offsets {
-        RopeOffsets::Scalar(v) => (None, v),
+    let (offset_buf, offset) = match &args.offsets {
+        RopeOffsets::Scalar(v) => (None, *v),
         RopeOffsets::PerBatch(o) => (Some(CudaBuffer::upload(device, stream, o)?), 0),
     };
 
@@ -328,7 +239,7 @@ fn launch(
         Some(p) => builder.arg(p.slice()),
         None => builder.arg(&null),
     };
-    builder.arg(&log2_base).arg(&scale);
+    builder.arg(&log2_base).arg(&args.scale);
     match &offset_buf {
         Some(o) => builder.arg(o.slice()),
         None => builder.arg(&null),

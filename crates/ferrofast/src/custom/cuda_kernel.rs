@@ -202,7 +202,7 @@ impl CudaKernel {
     /// argument counts and the template names.
     ///
     /// # Errors
-    /// MLX's size messages (`[custom_kernel] Expected \`inputs\` to have size ...`), template
+    /// MLX's size messages (``[custom_kernel] Expected `inputs` to have size ...``), template
     /// names that are not identifiers or clash with an input or output.
     pub fn generate(&self, call: &KernelCall) -> Result<GeneratedKernel> {
         check_counts(OP, call, self.input_names.len(), self.output_names.len())?;

@@ -64,7 +64,7 @@ impl From<f32> for ScalarArg {
 /// this can corrupt GPU memory or fault the device's context.
 ///
 /// # Errors
-/// `[precompiled_cuda_kernel] Expected \`output_dtypes\` to have size ...` when the output
+/// ``[precompiled_cuda_kernel] Expected `output_dtypes` to have size ...`` when the output
 /// lists differ in length; template arguments; `[precompiled_cuda_kernel] Only supports the
 /// GPU.` for the CPU device; `Error::CudaUnavailable` without a GPU (or in a build without
 /// the `cuda` feature: `[cuda_kernel] No CUDA back-end.`); driver errors when the image

@@ -1,10 +1,12 @@
-//! The fused ops of `mlx.core.fast`: argument validation, output dtype and shape, then
-//! dispatch to the device the inputs live on.
+//! The fused ops of `mlx.core.fast`: each call is validated into its argument type
+//! (`crate::ops`), then run where its inputs live: on the CPU, or on a CUDA stream (the
+//! stream that produced the first input, or the one given to the op's `_on` form, MLX's
+//! `stream=` argument).
 
 mod layer_norm;
 mod rms_norm;
 mod rope;
-pub(crate) mod sdpa;
+mod sdpa;
 
 pub use layer_norm::*;
 pub use rms_norm::*;
@@ -12,3 +14,35 @@ pub use rope::*;
 pub use sdpa::*;
 
 pub use crate::custom::*;
+
+use crate::error::{Error, Result};
+use crate::{Array, Device, Stream};
+
+/// Where a validated call runs.
+enum Place {
+    Cpu,
+    Cuda(Stream),
+}
+
+/// Picks where a call on inputs living on `device` runs: the CPU; `stream` when one is
+/// given (it must be on `device`); else the stream that produced `first`.
+fn place(op: &str, device: Device, first: &Array, stream: Option<&Stream>) -> Result<Place> {
+    match (device, stream) {
+        (Device::Cpu, None) => Ok(Place::Cpu),
+        (Device::Cpu, Some(s)) => Err(Error::Device(format!(
+            "{op} a stream of {} was given but the inputs are on the CPU; move them with \
+             to_device or call the op without a stream.",
+            s.device()
+        ))),
+        (Device::Cuda(_), Some(s)) if s.device() == device => Ok(Place::Cuda(s.clone())),
+        (Device::Cuda(_), Some(s)) => Err(Error::Device(format!(
+            "{op} the stream is on {} but the inputs are on {device}; move them with \
+             to_device or to_stream.",
+            s.device()
+        ))),
+        (Device::Cuda(_), None) => first
+            .stream()
+            .map(Place::Cuda)
+            .ok_or_else(|| Error::Device(format!("{op} the inputs on {device} have no stream"))),
+    }
+}

@@ -1,10 +1,10 @@
 //! `rms_norm`: root-mean-square normalisation over the last axis (MLX `mx.fast.rms_norm`).
 
+use super::{place, Place};
 use crate::array::Array;
-use crate::cpu;
-use crate::dtype::promote_types;
-use crate::error::{Error, Result};
-use crate::Device;
+use crate::error::Result;
+use crate::ops::norm::NormArgs;
+use crate::Stream;
 
 /// Root-mean-square normalisation over the last axis, MLX's `mx.fast.rms_norm`:
 /// `y = x * rsqrt(mean(x^2, axis=-1) + eps)`, then `* weight` if given.
@@ -24,60 +24,25 @@ use crate::Device;
 /// `Error::InvalidArgument` with MLX's message, checked in MLX's order:
 /// `x` has no dimensions; `weight` is not 1-D; `weight.size()` differs from `x`'s last
 /// dimension; the output dtype is not floating. `Error::Device` if `weight` is on another
-/// device than `x`; `Error::Unsupported` for inputs on a CUDA device (not wired yet).
+/// device than `x`. On a CUDA device: `Error::Unsupported` for float64 (compute it on the
+/// CPU); compile and driver errors.
 pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
-    if x.ndim() == 0 {
-        return Err(Error::InvalidArgument(
-            "[rms_norm] Input must have at least 1 dimension but got input with 0 dimensions."
-                .into(),
-        ));
-    }
-    let d = x.shape()[x.ndim() - 1];
-    if let Some(w) = weight {
-        if w.ndim() != 1 {
-            return Err(Error::InvalidArgument(format!(
-                "[rms_norm] (*weight) must have 1 dimension but has {} dimensions.",
-                w.ndim()
-            )));
-        }
-        if w.size() != d {
-            return Err(Error::InvalidArgument(format!(
-                "[rms_norm] (*weight) must have the same size as the last dimension of x but \
-                 has {} elements.",
-                w.size()
-            )));
-        }
-    }
-    let out = match weight {
-        Some(w) => promote_types(x.dtype(), w.dtype()),
-        None => x.dtype(),
-    };
-    if !out.is_floating() {
-        return Err(Error::InvalidArgument(format!(
-            "[rms_norm] Received unsupported type {out}."
-        )));
-    }
-    let device = x.device();
-    if let Some(w) = weight {
-        if w.device() != device {
-            return Err(Error::Device(format!(
-                "[rms_norm] weight is on {} but x is on {device}; move both to one device.",
-                w.device()
-            )));
-        }
-    }
-    match device {
-        Device::Cpu => cpu::norm::rms_norm(x, weight, eps, out),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => {
-            // The kernels read inputs already in the output dtype (MLX's front end casts too).
-            let x = x.astype(out)?;
-            let w = weight.map(|w| w.astype(out)).transpose()?;
-            crate::cuda::rms_norm(&x, w.as_ref(), eps, out)
-        }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(i) => Err(Error::CudaUnavailable(format!(
-            "[rms_norm] inputs are on cuda:{i} but this build has no CUDA back end"
-        ))),
+    run(NormArgs::rms(x, weight, eps)?, None)
+}
+
+/// [`rms_norm`] on an explicit CUDA stream (MLX's `stream=` argument): the work is queued on
+/// `stream` instead of the stream that produced `x`.
+///
+/// # Errors
+/// As [`rms_norm`]; `Error::Device` when the inputs are not on `stream`'s device.
+pub fn rms_norm_on(stream: &Stream, x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
+    run(NormArgs::rms(x, weight, eps)?, Some(stream))
+}
+
+/// Runs a validated `rms_norm` or `layer_norm` call where its inputs live.
+pub(super) fn run(args: NormArgs, stream: Option<&Stream>) -> Result<Array> {
+    match place(args.kind.op(), args.device, &args.x, stream)? {
+        Place::Cpu => crate::cpu::norm::run(&args),
+        Place::Cuda(stream) => crate::cuda::norm::run(&args, &stream),
     }
 }

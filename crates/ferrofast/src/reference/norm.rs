@@ -1,17 +1,17 @@
 //! Float64 oracles for `rms_norm` and `layer_norm`.
 
-use crate::array::{fmt_shape, Array};
-use crate::error::{Error, Result};
+use crate::array::Array;
+use crate::error::Result;
+use crate::ops::norm::NormArgs;
 
 /// `x * rsqrt(mean(x^2, -1) + eps) * weight` in plain f64 over the values as given (no
 /// intermediate rounding), for `x` of any dtype and layout. Returns an `F64` array of
 /// `x`'s shape.
 ///
 /// # Errors
-/// `Error::InvalidArgument` if `x` has no dimensions or `weight` is not a vector of `x`'s
-/// last dimension.
+/// The validation errors of [`fast::rms_norm`](crate::fast::rms_norm).
 pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
-    norm_rows(x, weight, None, |row| {
+    norm_rows(NormArgs::rms(x, weight, eps)?, |row| {
         let n = row.len() as f64;
         let ms = row.iter().map(|v| v * v).sum::<f64>() / n;
         (0.0, 1.0 / (ms + f64::from(eps)).sqrt())
@@ -23,15 +23,14 @@ pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
 /// Returns an `F64` array of `x`'s shape.
 ///
 /// # Errors
-/// `Error::InvalidArgument` if `x` has no dimensions or `weight`/`bias` is not a vector of
-/// `x`'s last dimension.
+/// The validation errors of [`fast::layer_norm`](crate::fast::layer_norm).
 pub fn layer_norm(
     x: &Array,
     weight: Option<&Array>,
     bias: Option<&Array>,
     eps: f32,
 ) -> Result<Array> {
-    norm_rows(x, weight, bias, |row| {
+    norm_rows(NormArgs::layer(x, weight, bias, eps)?, |row| {
         let n = row.len() as f64;
         let mean = row.iter().sum::<f64>() / n;
         let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
@@ -39,31 +38,13 @@ pub fn layer_norm(
     })
 }
 
-/// Applies `(x - mean) * inv * w + b` per row, with `(mean, inv) = stats(row)`.
-fn norm_rows(
-    x: &Array,
-    weight: Option<&Array>,
-    bias: Option<&Array>,
-    stats: impl Fn(&[f64]) -> (f64, f64),
-) -> Result<Array> {
-    let Some(&d) = x.shape().last() else {
-        return Err(Error::invalid(
-            "reference norm: x must have at least 1 dimension",
-        ));
-    };
-    let param = |p: Option<&Array>| -> Result<Option<Vec<f64>>> {
-        match p {
-            Some(p) if p.shape() != [d] => Err(Error::invalid(format!(
-                "reference norm: parameter of shape {} does not match last dimension {d}",
-                fmt_shape(p.shape())
-            ))),
-            Some(p) => Ok(Some(p.to_f64_vec()?)),
-            None => Ok(None),
-        }
-    };
-    let w = param(weight)?;
-    let b = param(bias)?;
-    let xs = x.to_f64_vec()?;
+/// Applies `(x - mean) * inv * w + b` per row of a validated call, with
+/// `(mean, inv) = stats(row)`.
+fn norm_rows(args: NormArgs, stats: impl Fn(&[f64]) -> (f64, f64)) -> Result<Array> {
+    let d = args.x.shape()[args.x.ndim() - 1];
+    let w = args.weight.as_ref().map(Array::to_f64_vec).transpose()?;
+    let b = args.bias.as_ref().map(Array::to_f64_vec).transpose()?;
+    let xs = args.x.to_f64_vec()?;
     let mut out = Vec::with_capacity(xs.len());
     if d > 0 {
         for row in xs.chunks_exact(d) {
@@ -80,5 +61,5 @@ fn norm_rows(
             }
         }
     }
-    Array::from_vec(out, x.shape())
+    Array::from_vec(out, args.x.shape())
 }

@@ -3,7 +3,7 @@
 
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::fast::Mask;
+use crate::ops::sdpa::{Mask, SdpaArgs};
 use crate::Array;
 
 /// Scaled dot-product attention computed in float64, the test oracle for
@@ -29,7 +29,7 @@ pub fn scaled_dot_product_attention(
     mask: Mask<'_>,
     sinks: Option<&Array>,
 ) -> Result<Array> {
-    let c = crate::fast::check(q, k, v, mask, sinks)?;
+    let c = SdpaArgs::new(q, k, v, scale, mask, sinks)?;
     let [b_n, nq, tq, dv] = c.out_shape;
     let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
     let qv = c.q.to_f64_vec()?;

@@ -31,7 +31,8 @@
 //!   (borrowed as they are where the order is natural): a decode step normalises a single
 //!   row, and the set-up had cost twice the row itself.
 
-use super::{bf16_bits_rne_unchecked, bf16_round_unchecked, Acc, Job, Kind, RowStats};
+use super::{bf16_bits_rne_unchecked, bf16_round_unchecked, Acc, Job, RowStats};
+use crate::ops::norm::NormKind;
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 use std::borrow::Cow;
@@ -317,7 +318,7 @@ impl<'a, H: Format> Kernel<'a, H> {
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn rows_avx2(&self, buf: &[H], first: usize, y: &mut [H]) {
-        let layer = self.job.kind == Kind::Layer;
+        let layer = self.job.kind == NormKind::Layer;
         match (layer, self.w.is_some(), self.b.is_some()) {
             (false, false, false) => self.rows_typed::<false, false, false>(buf, first, y),
             (false, true, false) => self.rows_typed::<false, true, false>(buf, first, y),
@@ -701,7 +702,7 @@ mod tests {
             let b: Vec<f32> = (0..d)
                 .map(|_| values.element::<T>(special).widen())
                 .collect();
-            for kind in [Kind::Rms, Kind::Layer] {
+            for kind in [NormKind::Rms, NormKind::Layer] {
                 for (use_w, use_b) in [(false, false), (true, false), (false, true), (true, true)] {
                     let affine = Affine {
                         w: Some(&w[..]).filter(|_| use_w),
@@ -717,7 +718,7 @@ mod tests {
                     };
                     let k = Kernel::<T>::new(&job).unwrap();
                     for _ in 0..8 {
-                        let mean = if kind == Kind::Layer {
+                        let mean = if kind == NormKind::Layer {
                             values.stat()
                         } else {
                             0.0
@@ -734,28 +735,28 @@ mod tests {
                         // SAFETY: `Kernel::new` succeeded, so the CPU can run the kernel.
                         unsafe {
                             match (kind, use_w, use_b) {
-                                (Kind::Rms, false, false) => {
+                                (NormKind::Rms, false, false) => {
                                     k.write_row::<false, false, false>(&row, stats, p, p, &mut got)
                                 }
-                                (Kind::Rms, true, false) => {
+                                (NormKind::Rms, true, false) => {
                                     k.write_row::<false, true, false>(&row, stats, p, p, &mut got)
                                 }
-                                (Kind::Rms, false, true) => {
+                                (NormKind::Rms, false, true) => {
                                     k.write_row::<false, false, true>(&row, stats, p, p, &mut got)
                                 }
-                                (Kind::Rms, true, true) => {
+                                (NormKind::Rms, true, true) => {
                                     k.write_row::<false, true, true>(&row, stats, p, p, &mut got)
                                 }
-                                (Kind::Layer, false, false) => {
+                                (NormKind::Layer, false, false) => {
                                     k.write_row::<true, false, false>(&row, stats, p, p, &mut got)
                                 }
-                                (Kind::Layer, true, false) => {
+                                (NormKind::Layer, true, false) => {
                                     k.write_row::<true, true, false>(&row, stats, p, p, &mut got)
                                 }
-                                (Kind::Layer, false, true) => {
+                                (NormKind::Layer, false, true) => {
                                     k.write_row::<true, false, true>(&row, stats, p, p, &mut got)
                                 }
-                                (Kind::Layer, true, true) => {
+                                (NormKind::Layer, true, true) => {
                                     k.write_row::<true, true, true>(&row, stats, p, p, &mut got)
                                 }
                             }
@@ -806,7 +807,7 @@ mod tests {
                 .map(|_| T::from_f32((values.next_u32() >> 8) as f32 / 1e6 + 10.0))
                 .collect();
             let x = Array::from_slice(&row, &[1, d]).unwrap();
-            for kind in [Kind::Rms, Kind::Layer] {
+            for kind in [NormKind::Rms, NormKind::Layer] {
                 let job = Job {
                     kind,
                     rows: RowIndex::new(&x),
@@ -819,15 +820,15 @@ mod tests {
                 // SAFETY: `Kernel::new` succeeded, so the CPU can run the kernel.
                 let got = unsafe {
                     match kind {
-                        Kind::Rms => k.row_stats::<false>(&row),
-                        Kind::Layer => k.row_stats::<true>(&row),
+                        NormKind::Rms => k.row_stats::<false>(&row),
+                        NormKind::Layer => k.row_stats::<true>(&row),
                     }
                 };
                 let xs: Vec<f64> = row.iter().map(|v| f64::from(v.widen())).collect();
                 let mean = xs.iter().sum::<f64>() / d as f64;
                 let (mean, var) = match kind {
-                    Kind::Rms => (0.0, xs.iter().map(|x| x * x).sum::<f64>() / d as f64),
-                    Kind::Layer => (
+                    NormKind::Rms => (0.0, xs.iter().map(|x| x * x).sum::<f64>() / d as f64),
+                    NormKind::Layer => (
                         mean,
                         xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / d as f64,
                     ),
@@ -869,7 +870,7 @@ mod tests {
             for x in [&contiguous, &strided] {
                 let n_rows = x.size() / d;
                 let buf = x.cpu_buffer::<T>().unwrap();
-                for kind in [Kind::Rms, Kind::Layer] {
+                for kind in [NormKind::Rms, NormKind::Layer] {
                     let job = Job {
                         kind,
                         rows: RowIndex::new(x),
@@ -878,7 +879,7 @@ mod tests {
                         inv_d: 1.0 / d as f32,
                         affine: Affine {
                             w: Some(&w[..]),
-                            b: Some(&b[..]).filter(|_| kind == Kind::Layer),
+                            b: Some(&b[..]).filter(|_| kind == NormKind::Layer),
                         },
                     };
                     let k = Kernel::<T>::new(&job).unwrap();
@@ -888,7 +889,7 @@ mod tests {
                             let mut grouped = T::alloc_output(rows * d);
                             // SAFETY: `Kernel::new` succeeded, so the CPU can run the kernel.
                             unsafe {
-                                if kind == Kind::Layer {
+                                if kind == NormKind::Layer {
                                     k.rows_ahead::<true, true, true>(buf, first, &mut ahead);
                                     k.rows_grouped::<true, true, true>(buf, first, &mut grouped);
                                 } else {

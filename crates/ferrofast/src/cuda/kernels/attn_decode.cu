@@ -26,16 +26,12 @@
 // `attn_decode_mma` (end of the file) is the tensor-core version for f16 / bf16 and the
 // head dims of its launcher; `attn_decode` above serves f32 and every other shape.
 #include "ferrofast_mma.cuh"
+#include "ferrofast_attn.cuh"
 
 #define FF_DECODE_WARPS 4
 #define FF_DECODE_THREADS (FF_DECODE_WARPS * 32)
 #define FF_LOG2E 1.4426950408889634f
 #define FF_NEG_INF (-__int_as_float(0x7f800000))
-
-// Mask kinds (the `mask_kind` argument).
-#define FF_MASK_NONE 0
-#define FF_MASK_BOOL 1
-#define FF_MASK_ADD 2
 
 // exp2 of a difference of base-2 logits where either may be -inf: a -inf score has weight 0,
 // and equal maxima (including -inf == -inf) give 1.
@@ -77,30 +73,6 @@ __device__ __forceinline__ float ff_mask_term(const void* mask,
     return 0.0f;
 }
 
-// Scalar parameters of both kernels, passed by value.
-struct ff_decode_params {
-    // Element offsets and strides (batch, head, position[, feature]) of q, k, v.
-    ff_i64_t q_off, q_sb, q_sh, q_st, q_sd;
-    ff_i64_t k_off, k_sb, k_sh, k_st;
-    ff_i64_t v_off, v_sb, v_sh, v_st;
-    // The mask broadcast to [B, N_q, T_q, T_kv]: offset and four strides.
-    ff_i64_t m_off, m_sb, m_sh, m_st, m_sk;
-    ff_i64_t s_off, s_stride;
-    int mask_kind;
-    int causal;
-    int has_sinks;
-    int n_kv;   // kv heads
-    int group;  // query heads per kv head
-    int t_q;
-    int t_kv;
-    int d;
-    int d_v;
-    int n_chunks;   // blocks per (batch, kv head) along the rows
-    int n_splits;   // key ranges
-    int split_len;  // keys per range
-    float scale_log2;  // scale * log2(e)
-};
-
 // The end of a decode block for one output element: column `c` of output row `orow` (query
 // head `h`) from the block's merged running max `mm` (base 2), sum `lt` and accumulator `a`.
 // With one split: sinks applied, normalised, rounded and stored; with several: the partial
@@ -117,7 +89,7 @@ __device__ __forceinline__ void ff_decode_store(float mm,
                                                 typename T::storage* __restrict__ out,
                                                 float* __restrict__ part_acc,
                                                 float* __restrict__ part_ml,
-                                                const ff_decode_params& p) {
+                                                const ff_attn_params& p) {
     if (p.n_splits == 1) {
         if (p.has_sinks) {
             const float sk = T::to_f32(sinks[p.s_off + (ff_i64_t)h * p.s_stride]) * FF_LOG2E;
@@ -149,7 +121,7 @@ __global__ void __launch_bounds__(FF_DECODE_THREADS)
                 typename T::storage* __restrict__ out,
                 float* __restrict__ part_acc,
                 float* __restrict__ part_ml,
-                ff_decode_params p) {
+                ff_attn_params p) {
     typedef typename T::storage S;
     const int E = ff_decode_traits<T>::E;
     const int W = VPL * E;                  // features per lane
@@ -167,8 +139,8 @@ __global__ void __launch_bounds__(FF_DECODE_THREADS)
     const int lg = lane % LPK;              // lane within the group
 
     ff_i64_t bx = blockIdx.x;
-    const int chunk = (int)(bx % p.n_chunks);
-    bx /= p.n_chunks;
+    const int chunk = (int)(bx % p.n_row_chunks);
+    bx /= p.n_row_chunks;
     const int split = (int)(bx % p.n_splits);
     bx /= p.n_splits;
     const int kvh = (int)(bx % p.n_kv);
@@ -418,7 +390,7 @@ __global__ void __launch_bounds__(FF_DECODE_THREADS)
                         const float* __restrict__ part_ml,
                         const typename T::storage* __restrict__ sinks,
                         typename T::storage* __restrict__ out,
-                        ff_decode_params p) {
+                        ff_attn_params p) {
     __shared__ float weight[FF_DECODE_MAX_SPLITS];
     __shared__ float total[2];
     const ff_i64_t orow = blockIdx.x;
@@ -510,7 +482,7 @@ __global__ void __launch_bounds__(NW * 32)
                     typename T::storage* __restrict__ out,
                     float* __restrict__ part_acc,
                     float* __restrict__ part_ml,
-                    ff_decode_params p) {
+                    ff_attn_params p) {
     typedef typename T::storage S;
     constexpr int NT = NW * 32;
     // K / V rows: swizzled or padded (ff_kv_layout).
@@ -534,8 +506,8 @@ __global__ void __launch_bounds__(NW * 32)
     const int warp = tid >> 5;
 
     ff_i64_t bx = blockIdx.x;
-    const int chunk = (int)(bx % p.n_chunks);
-    bx /= p.n_chunks;
+    const int chunk = (int)(bx % p.n_row_chunks);
+    bx /= p.n_row_chunks;
     const int split = (int)(bx % p.n_splits);
     bx /= p.n_splits;
     const int kvh = (int)(bx % p.n_kv);

@@ -13,7 +13,7 @@
 //
 // Scores are in base-2 units (scale * log2(e); an additive mask and sinks times log2(e));
 // a -inf score has weight 0; a row with no visible key and no sink is 0.
-#include "ferrofast_prelude.cuh"
+#include "ferrofast_attn.cuh"
 
 #define FF_GEN_THREADS 128
 #define FF_GEN_BQ 32
@@ -23,33 +23,6 @@
 #define FF_LOG2E 1.4426950408889634f
 #define FF_NEG_INF (-__int_as_float(0x7f800000))
 
-#define FF_MASK_NONE 0
-#define FF_MASK_BOOL 1
-#define FF_MASK_ADD 2
-
-// Scalar parameters, passed by value.
-struct ff_general_params {
-    // Element offsets and strides (batch, head, position, feature) of q, k, v.
-    ff_i64_t q_off, q_sb, q_sh, q_st, q_sd;
-    ff_i64_t k_off, k_sb, k_sh, k_st, k_sd;
-    ff_i64_t v_off, v_sb, v_sh, v_st, v_sd;
-    // The mask broadcast to [B, N_q, T_q, T_kv]: offset and four strides.
-    ff_i64_t m_off, m_sb, m_sh, m_st, m_sk;
-    ff_i64_t s_off, s_stride;
-    int mask_kind;
-    int causal;
-    int has_sinks;
-    int n_kv;
-    int group;
-    int t_q;
-    int t_kv;
-    int d;
-    int d_v;
-    int n_row_chunks;  // blocks per (batch, kv head) along the rows
-    int n_dv_chunks;   // blocks per row chunk along D_v
-    float scale_log2;
-};
-
 template <typename T>
 __global__ void __launch_bounds__(FF_GEN_THREADS)
     attn_general(const typename T::storage* __restrict__ q,
@@ -58,7 +31,7 @@ __global__ void __launch_bounds__(FF_GEN_THREADS)
                  const void* __restrict__ mask,
                  const typename T::storage* __restrict__ sinks,
                  typename T::storage* __restrict__ out,
-                 ff_general_params p) {
+                 ff_attn_params p) {
     typedef typename T::storage S;
     __shared__ float sq[FF_GEN_BQ][FF_GEN_DC + 1];
     __shared__ float sk[FF_GEN_BK][FF_GEN_DC + 1];

@@ -1,55 +1,53 @@
-//! CUDA `scaled_dot_product_attention`: the dispatcher and the launchers of
-//! `kernels/attn_decode.cu` and `kernels/attn_general.cu`.
+//! Launchers of `kernels/attn_decode.cu`: attention decode (`T_q <= 8`) with split-KV and
+//! its combine kernel, on the tensor cores (`attn_decode_mma`) or SIMT (`attn_decode`).
 //!
-//! The front end (`fast::scaled_dot_product_attention`) validates the call and casts q, k, v,
-//! an additive mask and the sinks to the output dtype ([`Checked`]); the dispatcher picks a
-//! kernel:
-//! - **decode** (`T_q <= 8`, `D` and `D_v` multiples of 8 and at most 256): the query heads
-//!   of a GQA group and all query positions sharing one read of each key/value row, split-KV
-//!   with a combine kernel when the (batch, kv head) pairs alone would not fill the GPU. For
-//!   f16 / bf16 with `(D, D_v)` in [`MMA_HEAD_DIMS`] a tensor-core kernel (`mma.sync`, up to
-//!   16 query rows per block, K/V tiles streamed through per-warp cp.async pipelines in
-//!   shared memory); otherwise (f32, other head dims) a SIMT kernel with 16-byte loads of K
-//!   and V into registers. K and V must have unit stride along the features and 16-byte
-//!   aligned rows; other layouts are first copied to row-major on the GPU. q, the mask and the
-//!   sinks are read through their strides.
-//! - **prefill** (`kernels/attn_prefill.cu`, `super::attn_prefill`): flash attention on the
-//!   tensor cores (`mma.sync`) for f16 / bf16 with `(D, D_v)` in (64, 64), (80, 80), (96, 96),
-//!   (128, 128), (256, 256) and (192, 128), every mask kind and sinks;
-//! - **general** (everything else: any `T_q`, any `D` and `D_v`, any strides, the feature axis
-//!   included): a flash-style SIMT kernel with key/value tiles in shared memory and an online
-//!   softmax; nothing of size `T_q x T_kv` is stored and nothing is copied.
-//!
-//! Every mask kind (none, lower-right causal, bool, additive with any strides, stride 0
-//! included) and sinks run on every kernel. A row with no visible key and no sink is 0 (the
-//! CPU's rule); `T_kv == 0` gives zeros.
+//! The query heads of a GQA group and all query positions share one read of each key/value
+//! row; the keys are split into ranges (merged by the combine kernel) when the (batch, kv
+//! head) pairs alone would not fill the GPU. The tensor-core kernel takes up to 16 query
+//! rows per block and streams K/V tiles through per-warp cp.async pipelines in shared
+//! memory; the SIMT kernel loads K and V into registers with 16-byte loads. K and V must have
+//! unit stride along the features and 16-byte aligned rows; other layouts are first copied
+//! to row-major on the GPU. q, the mask and the sinks are read through their strides.
 //!
 //! Tuning knobs (environment variables, read once per process; for measurements, not for
-//! production): `FERROFAST_DECODE_KERNEL=simt` sends f16 / bf16 decode to the SIMT kernel
-//! (`mma`, the default, takes the tensor-core kernel where it applies);
-//! `FERROFAST_DECODE_SPLITS=N` fixes the number of key ranges of the tensor-core decode
-//! (1 to 256; the planner's choice otherwise); `FERROFAST_DECODE_STAGES=N` (2 to 8),
+//! production): `FERROFAST_DECODE_SPLITS=N` fixes the number of key ranges of the tensor-core
+//! decode (1 to 256; the planner's choice otherwise); `FERROFAST_DECODE_STAGES=N` (2 to 8),
 //! `FERROFAST_DECODE_WARPS=N` (1, 2, 4 or 8), `FERROFAST_DECODE_TILE=N` (keys per warp tile:
 //! 16, 32 or 64) and `FERROFAST_DECODE_LOAD=N` (L2 hint of its K / V copies: 0 none,
-//! 1 256-byte prefetch, 2 evict-first, 3 both) replace the table's values.
+//! 1 256-byte prefetch, 2 evict-first, 3 both) replace the table's values; together they may
+//! ask for at most 226 KiB of shared memory per block, else the table's values run.
 
-use super::copy::type_tag;
-use super::jit::{self, ATTN_DECODE_CU, ATTN_GENERAL_CU};
-use super::memory::CudaBuffer;
-use super::runtime::{self, driver_error, guarded, Stream};
+use super::{
+    allow_shared_memory, buffer, kv_row_pad, launch, mask_arg, resident_blocks, sinks_arg, to_i32,
+    vector_operand, AttnParams, DTYPES, OP,
+};
+use crate::cuda::copy::type_tag;
+use crate::cuda::jit::{self, KernelFile, Registered};
+use crate::cuda::memory::CudaBuffer;
+use crate::cuda::runtime::{self, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::fast::{Checked, Mask};
+use crate::ops::sdpa::SdpaArgs;
 use crate::Array;
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-const OP: &str = "[scaled_dot_product_attention]";
+/// `kernels/attn_decode.cu`: attention decode (split-KV) and its combine kernel.
+const ATTN_DECODE_CU: KernelFile = KernelFile {
+    name: "attn_decode.cu",
+    source: include_str!("../kernels/attn_decode.cu"),
+    arch: None,
+};
+
+/// The file and every instantiation a launch can ask for.
+pub(super) const REGISTERED: Registered = Registered {
+    file: ATTN_DECODE_CU,
+    variants,
+};
 
 /// Longest query sequence the decode kernel takes.
-const DECODE_MAX_TQ: usize = 8;
+pub(super) const DECODE_MAX_TQ: usize = 8;
 /// Widest head (max of `D`, `D_v`) the decode kernel takes.
-const DECODE_MAX_WIDTH: usize = 256;
+pub(super) const DECODE_MAX_WIDTH: usize = 256;
 /// Threads per block of both decode kernels (`FF_DECODE_THREADS`).
 const DECODE_THREADS: u32 = 128;
 /// Most splits the combine kernel merges (`FF_DECODE_MAX_SPLITS`).
@@ -87,7 +85,7 @@ const MMA_HEAD_DIMS: [((usize, usize), MmaTiles); 6] = [
 /// Warps per block, pipeline stages per warp, keys per warp tile and the L2 hint of the K / V
 /// copies (`LD` in the kernel) of one tensor-core decode instantiation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct MmaTiles {
+pub(super) struct MmaTiles {
     warps: usize,
     stages: usize,
     keys: usize,
@@ -121,111 +119,16 @@ const MMA_MAX_SHARED: usize = 226 * 1024;
 /// Fewest keys a split of the tensor-core kernel is given.
 const MMA_MIN_SPLIT_KEYS: usize = 512;
 
-/// Threads, query rows and output features per block of the general kernel.
-const GENERAL_THREADS: u32 = 128;
-const GENERAL_BQ: usize = 32;
-const GENERAL_DVC: usize = 128;
-
-/// `FF_MASK_*` in the kernels.
-pub(super) const MASK_NONE: i32 = 0;
-pub(super) const MASK_BOOL: i32 = 1;
-pub(super) const MASK_ADD: i32 = 2;
-
-/// `ff_decode_params` in `attn_decode.cu`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct DecodeParams {
-    q_off: i64,
-    q_sb: i64,
-    q_sh: i64,
-    q_st: i64,
-    q_sd: i64,
-    k_off: i64,
-    k_sb: i64,
-    k_sh: i64,
-    k_st: i64,
-    v_off: i64,
-    v_sb: i64,
-    v_sh: i64,
-    v_st: i64,
-    m_off: i64,
-    m_sb: i64,
-    m_sh: i64,
-    m_st: i64,
-    m_sk: i64,
-    s_off: i64,
-    s_stride: i64,
-    mask_kind: i32,
-    causal: i32,
-    has_sinks: i32,
-    n_kv: i32,
-    group: i32,
-    t_q: i32,
-    t_kv: i32,
-    d: i32,
-    d_v: i32,
-    n_chunks: i32,
-    n_splits: i32,
-    split_len: i32,
-    scale_log2: f32,
-}
-
-// SAFETY: plain old data with the C layout of `ff_decode_params`.
-unsafe impl DeviceRepr for DecodeParams {}
-
-/// `ff_general_params` in `attn_general.cu`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct GeneralParams {
-    q_off: i64,
-    q_sb: i64,
-    q_sh: i64,
-    q_st: i64,
-    q_sd: i64,
-    k_off: i64,
-    k_sb: i64,
-    k_sh: i64,
-    k_st: i64,
-    k_sd: i64,
-    v_off: i64,
-    v_sb: i64,
-    v_sh: i64,
-    v_st: i64,
-    v_sd: i64,
-    m_off: i64,
-    m_sb: i64,
-    m_sh: i64,
-    m_st: i64,
-    m_sk: i64,
-    s_off: i64,
-    s_stride: i64,
-    mask_kind: i32,
-    causal: i32,
-    has_sinks: i32,
-    n_kv: i32,
-    group: i32,
-    t_q: i32,
-    t_kv: i32,
-    d: i32,
-    d_v: i32,
-    n_row_chunks: i32,
-    n_dv_chunks: i32,
-    scale_log2: f32,
-}
-
-// SAFETY: plain old data with the C layout of `ff_general_params`.
-unsafe impl DeviceRepr for GeneralParams {}
-
 /// How the decode kernel covers a head: `LPK` lanes per key row, `VPL` 16-byte vectors per
 /// lane, so rows of up to `LPK * VPL * 16 / size` features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Lanes {
+pub(super) struct Lanes {
     lpk: usize,
     vpl: usize,
 }
 
 /// The lane layout for heads of `width = max(D, D_v)` features of `dtype`.
-fn decode_lanes(dtype: DType, width: usize) -> Option<Lanes> {
+pub(super) fn decode_lanes(dtype: DType, width: usize) -> Option<Lanes> {
     let per_vec = 16 / dtype.size();
     let vectors = width.div_ceil(per_vec);
     match vectors {
@@ -287,29 +190,12 @@ fn mma_shared_bytes(d: usize, dv: usize, t: MmaTiles, elem: usize) -> usize {
     (MMA_ROWS * (d + 8) + t.warps * t.stages * t.keys * (d + pad + dv + pad)) * elem
 }
 
-/// Padding (elements) of each K / V row in the shared-memory tiles of the tensor-core
-/// attention kernels: none where `d` and `dv` are multiples of 64 (the rows are swizzled,
-/// `SW` in `ferrofast_mma.cuh`), 8 otherwise.
-pub(super) fn kv_row_pad(d: usize, dv: usize) -> usize {
-    if d % 64 == 0 && dv % 64 == 0 {
-        0
-    } else {
-        8
-    }
-}
-
 fn combine_variant(dtype: DType) -> String {
     format!("attn_decode_combine<{}>", type_tag(dtype))
 }
 
-fn general_variant(dtype: DType) -> String {
-    format!("attn_general<{}>", type_tag(dtype))
-}
-
-const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
-
 /// Every instantiation of `attn_decode.cu` a launch can ask for.
-pub(crate) fn decode_variants() -> Vec<String> {
+fn variants() -> Vec<String> {
     let mut out = Vec::new();
     for dtype in DTYPES {
         for lanes in lane_layouts(dtype) {
@@ -325,11 +211,6 @@ pub(crate) fn decode_variants() -> Vec<String> {
         }
     }
     out
-}
-
-/// Every instantiation of `attn_general.cu` a launch can ask for.
-pub(crate) fn general_variants() -> Vec<String> {
-    DTYPES.iter().map(|&d| general_variant(d)).collect()
 }
 
 /// The number of key ranges and their length for `t_kv` keys when `base_blocks` blocks
@@ -385,16 +266,15 @@ fn split_plan_mma(
 }
 
 /// The tensor-core decode's tiles for `(d, dv)`, if it takes them.
-fn mma_tiles(d: usize, dv: usize) -> Option<MmaTiles> {
+pub(super) fn mma_tiles(d: usize, dv: usize) -> Option<MmaTiles> {
     MMA_HEAD_DIMS
         .iter()
         .find(|(dims, _)| *dims == (d, dv))
         .map(|&(_, t)| t)
 }
 
-/// The `FERROFAST_DECODE_*` knobs (module docs), read once.
+/// The `FERROFAST_DECODE_*` tuning knobs (module docs), read once.
 struct DecodeKnobs {
-    simt_only: bool,
     splits: Option<usize>,
     stages: Option<usize>,
     warps: Option<usize>,
@@ -412,8 +292,6 @@ fn decode_knobs() -> &'static DecodeKnobs {
                 .filter(|v| (lo..=hi).contains(v))
         };
         DecodeKnobs {
-            simt_only: std::env::var("FERROFAST_DECODE_KERNEL")
-                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("simt")),
             splits: num("FERROFAST_DECODE_SPLITS", 1, MAX_SPLITS),
             stages: num("FERROFAST_DECODE_STAGES", 2, 8),
             warps: num("FERROFAST_DECODE_WARPS", 1, 8).filter(|w| w.is_power_of_two()),
@@ -423,7 +301,16 @@ fn decode_knobs() -> &'static DecodeKnobs {
     })
 }
 
-/// Which decode kernel a launch uses.
+/// Which decode kernel [`super::select()`] chose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Variant {
+    /// `attn_decode`.
+    Simt,
+    /// `attn_decode_mma`.
+    Mma,
+}
+
+/// A decode kernel with its launch shape.
 #[derive(Clone, Copy, Debug)]
 enum DecodeKernel {
     /// `attn_decode` with this lane layout.
@@ -432,239 +319,45 @@ enum DecodeKernel {
     Mma(MmaTiles),
 }
 
-/// `v` as an `i32` kernel argument.
-fn to_i32(v: usize, what: &str) -> Result<i32> {
-    i32::try_from(v).map_err(|_| {
+/// The launch shape of `variant` for `(d, dv)` of `dtype`: the tables' choices, with the
+/// tuning knobs applied (knobs asking for more shared memory than a block can have are
+/// ignored).
+fn kernel_for(variant: Variant, dtype: DType, d: usize, dv: usize) -> Result<DecodeKernel> {
+    let missing = || {
         Error::Unsupported(format!(
-            "{OP} {what} of {v} exceeds the CUDA kernels' limit of 2^31 - 1"
+            "{OP} no {variant:?} decode kernel for D {d}, D_v {dv} and {dtype}"
         ))
-    })
-}
-
-/// The device buffer of `a`, which must be on CUDA device `ordinal`.
-/// Lets `func` use `bytes` of dynamic shared memory (above the 48 KB default), checked by the
-/// driver against the device; `what` names the kernel in the error.
-pub(super) fn allow_shared_memory(func: &CudaFunction, bytes: usize, what: &str) -> Result<()> {
-    guarded(&format!("setting {what}'s shared memory size"), || {
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .map_err(|e| driver_error(&format!("allowing {bytes} bytes of shared memory"), e))
-    })
-}
-
-pub(super) fn buffer<'a>(a: &'a Array, name: &str, ordinal: usize) -> Result<&'a CudaBuffer> {
-    let buf = a.cuda_buffer().ok_or_else(|| {
-        Error::Device(format!(
-            "{OP} the stream is on cuda:{ordinal} but {name} is on {}; move every input to \
-             one CUDA device",
-            a.device()
-        ))
-    })?;
-    if buf.device().ordinal() != ordinal {
-        return Err(Error::Device(format!(
-            "{OP} the stream is on cuda:{ordinal} but {name} is on cuda:{}; move every input \
-             to one CUDA device",
-            buf.device().ordinal()
-        )));
-    }
-    Ok(buf)
-}
-
-/// Strides of a 4-D view as `i64`, with the stride of every size-1 axis set to 0 (such
-/// strides are arbitrary and never used).
-pub(super) fn strides4(a: &Array) -> [i64; 4] {
-    let mut s = [0i64; 4];
-    for (i, (&d, &st)) in a.shape().iter().zip(a.strides()).enumerate().take(4) {
-        s[i] = if d == 1 { 0 } else { st as i64 };
-    }
-    s
-}
-
-/// The mask operand: its kind, buffer and layout.
-pub(super) struct MaskArg<'a> {
-    /// `MASK_NONE`, `MASK_BOOL` or `MASK_ADD` (the kernels' encoding).
-    pub(super) kind: i32,
-    pub(super) buffer: Option<&'a CudaBuffer>,
-    pub(super) offset: i64,
-    pub(super) strides: [i64; 4],
-}
-
-pub(super) fn mask_arg<'a>(c: &'a Checked, ordinal: usize) -> Result<MaskArg<'a>> {
-    match &c.mask {
-        None => Ok(MaskArg {
-            kind: MASK_NONE,
-            buffer: None,
-            offset: 0,
-            strides: [0; 4],
-        }),
-        Some(m) => Ok(MaskArg {
-            kind: if m.dtype() == DType::Bool {
-                MASK_BOOL
-            } else {
-                MASK_ADD
-            },
-            buffer: Some(buffer(m, "the mask", ordinal)?),
-            offset: m.offset() as i64,
-            strides: strides4(m),
-        }),
-    }
-}
-
-/// The sinks operand: buffer, offset and stride.
-pub(super) fn sinks_arg(c: &Checked, ordinal: usize) -> Result<Option<(&CudaBuffer, i64, i64)>> {
-    c.sinks
-        .as_ref()
-        .map(|s| {
-            Ok((
-                buffer(s, "sinks", ordinal)?,
-                s.offset() as i64,
-                s.strides()[0] as i64,
-            ))
-        })
-        .transpose()
-}
-
-/// Runs `scaled_dot_product_attention` on CUDA for arguments the front end has checked:
-/// the kernel behind `fast::scaled_dot_product_attention` for GPU inputs. Work is queued on
-/// `stream`; the output is a new row-major `[B, N_q, T_q, D_v]` array produced there.
-///
-/// # Errors
-/// `Error::Unsupported` for dtypes other than f32, f16 and bf16 and for sizes past the
-/// kernels' 32-bit limits; `Error::Device` for an input not on the stream's device; compile
-/// and driver errors.
-pub(crate) fn scaled_dot_product_attention(
-    c: &Checked,
-    scale: f32,
-    stream: &Stream,
-) -> Result<Array> {
-    let dtype = c.dtype;
-    if !DTYPES.contains(&dtype) {
-        return Err(Error::Unsupported(format!(
-            "{OP} the CUDA kernels take float32, float16 and bfloat16, not {dtype}; compute \
-             {dtype} on the CPU"
-        )));
-    }
-    let ordinal = stream.ordinal();
-    for (a, name) in [(&c.q, "q"), (&c.k, "k"), (&c.v, "v")] {
-        buffer(a, name, ordinal)?;
-    }
-    mask_arg(c, ordinal)?;
-    sinks_arg(c, ordinal)?;
-    let device = runtime::device(ordinal)?;
-    let [b, nq, tq, dv] = c.out_shape;
-    let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
-    let n = b * nq * tq * dv;
-    if n == 0 {
-        let out = CudaBuffer::alloc(&device, stream, dtype, 0)?;
-        return Array::from_cuda_buffer(out, &c.out_shape);
-    }
-    for (v, what) in [
-        (tkv, "a key sequence length"),
-        (d, "a head dimension"),
-        (dv, "a value head dimension"),
-        (nkv, "a kv head count"),
-        ((nq / nkv) * tq, "a GQA group times the query length"),
-    ] {
-        to_i32(v, what)?;
-    }
-    if tq <= DECODE_MAX_TQ {
-        let knobs = decode_knobs();
-        if let Some(tiles) = mma_tiles(d, dv)
-            .filter(|_| matches!(dtype, DType::F16 | DType::BF16) && !knobs.simt_only)
-        {
+    };
+    match variant {
+        Variant::Simt => decode_lanes(dtype, d.max(dv))
+            .map(DecodeKernel::Simt)
+            .ok_or_else(missing),
+        Variant::Mma => {
+            let tiles = mma_tiles(d, dv).ok_or_else(missing)?;
+            let knobs = decode_knobs();
             let tuned = MmaTiles {
                 warps: knobs.warps.unwrap_or(tiles.warps),
                 stages: knobs.stages.unwrap_or(tiles.stages),
                 keys: knobs.keys.unwrap_or(tiles.keys),
                 load: knobs.load.unwrap_or(tiles.load),
             };
-            // Knobs asking for more shared memory than a block can have are ignored.
-            let tiles = if mma_shared_bytes(d, dv, tuned, dtype.size()) <= MMA_MAX_SHARED {
-                tuned
-            } else {
-                tiles
-            };
-            return decode(c, scale, stream, DecodeKernel::Mma(tiles));
-        }
-        if let Some(lanes) = decode_lanes(dtype, d.max(dv))
-            .filter(|_| d % 8 == 0 && dv % 8 == 0 && d.max(dv) <= DECODE_MAX_WIDTH)
-        {
-            return decode(c, scale, stream, DecodeKernel::Simt(lanes));
+            Ok(DecodeKernel::Mma(
+                if mma_shared_bytes(d, dv, tuned, dtype.size()) <= MMA_MAX_SHARED {
+                    tuned
+                } else {
+                    tiles
+                },
+            ))
         }
     }
-    // The tensor-core prefill kernel (f16 / bf16, its head dims), then the general kernel for
-    // the shapes it does not take.
-    if let Some(out) = super::attn_prefill::prefill(c, scale, stream)? {
-        return Ok(out);
-    }
-    general(c, scale, stream)
 }
 
-/// Whether `a` (`[B, H, T, F]`) can be read in place by a kernel loading 16-byte vectors of
-/// its rows (decode, prefill): unit feature stride and 16-byte aligned rows.
-fn vector_readable(a: &Array, buf: &CudaBuffer) -> bool {
-    let size = a.dtype().size() as i64;
-    let s = strides4(a);
-    (a.shape()[3] <= 1 || a.strides()[3] == 1)
-        && buf.is_aligned(a.offset(), 16)
-        && s[..3].iter().all(|&x| (x * size).rem_euclid(16) == 0)
-}
-
-/// An operand as the vector-loading kernels (decode, prefill) read it: in place, or a
-/// row-major copy on `stream` (16-byte aligned rows when `F * size` is a multiple of 16).
-pub(super) fn vector_operand(a: &Array, stream: &Stream) -> Result<Array> {
-    let buf = a
-        .cuda_buffer()
-        .ok_or_else(|| Error::Device(format!("{OP} k and v must be on the GPU")))?;
-    if vector_readable(a, buf) {
-        Ok(a.clone())
-    } else {
-        super::copy::copy_cast(a, a.dtype(), Some(stream))
-    }
-}
-
-fn launch(
-    what: &str,
-    f: impl FnOnce() -> std::result::Result<(), cudarc::driver::DriverError>,
-) -> Result<()> {
-    guarded(what, || f().map_err(|e| driver_error(what, e)))
-}
-
-/// Blocks of `name` that fit on the whole GPU at once, asked of the driver once per device
-/// and kernel.
-fn resident_blocks(
-    device: &runtime::CudaDevice,
-    name: &str,
-    func: &CudaFunction,
-    threads: u32,
-    smem: usize,
-) -> Result<u64> {
-    type Memo = std::sync::Mutex<std::collections::HashMap<(usize, String), u64>>;
-    static MEMO: std::sync::OnceLock<Memo> = std::sync::OnceLock::new();
-    let memo = MEMO.get_or_init(Default::default);
-    let key = (device.ordinal(), format!("{name} {smem}"));
-    if let Some(&n) = memo.lock().ok().and_then(|m| m.get(&key).copied()).as_ref() {
-        return Ok(n);
-    }
-    let per_sm = guarded("reading a kernel's occupancy", || {
-        // The query needs the device's context current on this thread (a rayon worker, say).
-        device
-            .context()
-            .bind_to_thread()
-            .map_err(|e| driver_error("binding the CUDA context", e))?;
-        func.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
-            .map_err(|e| driver_error("reading a kernel's occupancy", e))
-    })?;
-    let n = u64::from(per_sm.max(1)) * u64::from(device.sm_count());
-    if let Ok(mut m) = memo.lock() {
-        m.insert(key, n);
-    }
-    Ok(n)
-}
-
-fn decode(c: &Checked, scale: f32, stream: &Stream, kernel: DecodeKernel) -> Result<Array> {
+/// Runs the decode kernel `variant` (chosen by [`super::select()`]) on `stream`.
+///
+/// # Errors
+/// `Error::Unsupported` for grids past the CUDA limits; compile and driver errors.
+pub(super) fn run(c: &SdpaArgs, stream: &Stream, variant: Variant) -> Result<Array> {
+    let kernel = kernel_for(variant, c.dtype, c.k.shape()[3], c.out_shape[3])?;
     let dtype = c.dtype;
     let ordinal = stream.ordinal();
     let device = runtime::device(ordinal)?;
@@ -716,42 +409,11 @@ fn decode(c: &Checked, scale: f32, stream: &Stream, kernel: DecodeKernel) -> Res
             ))
         })?;
 
-    let (qs, ks, vs) = (c.q.strides(), strides4(&k), strides4(&v));
-    let qs4 = strides4(&c.q);
-    let params = DecodeParams {
-        q_off: c.q.offset() as i64,
-        q_sb: qs4[0],
-        q_sh: qs4[1],
-        q_st: qs4[2],
-        q_sd: qs[3] as i64,
-        k_off: k.offset() as i64,
-        k_sb: ks[0],
-        k_sh: ks[1],
-        k_st: ks[2],
-        v_off: v.offset() as i64,
-        v_sb: vs[0],
-        v_sh: vs[1],
-        v_st: vs[2],
-        m_off: mask.offset,
-        m_sb: mask.strides[0],
-        m_sh: mask.strides[1],
-        m_st: mask.strides[2],
-        m_sk: mask.strides[3],
-        s_off: sinks.map_or(0, |s| s.1),
-        s_stride: sinks.map_or(0, |s| s.2),
-        mask_kind: mask.kind,
-        causal: i32::from(c.causal),
-        has_sinks: i32::from(sinks.is_some()),
-        n_kv: nkv as i32,
-        group: group as i32,
-        t_q: tq as i32,
-        t_kv: tkv as i32,
-        d: d as i32,
-        d_v: dv as i32,
-        n_chunks: n_chunks as i32,
+    let params = AttnParams {
+        n_row_chunks: to_i32(n_chunks, "a row block count")?,
         n_splits: n_splits as i32,
         split_len: to_i32(split_len, "a split length")?,
-        scale_log2: scale * std::f32::consts::LOG2_E,
+        ..AttnParams::new(c, [&c.q, &k, &v], &mask, sinks)?
     };
 
     let n_out = b * nq * tq * dv;
@@ -827,120 +489,6 @@ fn decode(c: &Checked, scale: f32, stream: &Stream, kernel: DecodeKernel) -> Res
         launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
     }
     Array::from_cuda_buffer(out, &c.out_shape)
-}
-
-fn general(c: &Checked, scale: f32, stream: &Stream) -> Result<Array> {
-    let dtype = c.dtype;
-    let ordinal = stream.ordinal();
-    let device = runtime::device(ordinal)?;
-    let [b, nq, tq, dv] = c.out_shape;
-    let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
-    let group = nq / nkv;
-    let n_row_chunks = (group * tq).div_ceil(GENERAL_BQ);
-    let n_dv_chunks = dv.div_ceil(GENERAL_DVC);
-    let blocks = (b as u64) * (nkv as u64) * (n_row_chunks as u64) * (n_dv_chunks as u64);
-    let blocks = u32::try_from(blocks)
-        .ok()
-        .filter(|&x| x <= i32::MAX as u32)
-        .ok_or_else(|| {
-            Error::Unsupported(format!("{OP} {blocks} blocks exceed the CUDA grid limit"))
-        })?;
-    let (qb, kb, vb) = (
-        buffer(&c.q, "q", ordinal)?,
-        buffer(&c.k, "k", ordinal)?,
-        buffer(&c.v, "v", ordinal)?,
-    );
-    let mask = mask_arg(c, ordinal)?;
-    let sinks = sinks_arg(c, ordinal)?;
-    let (qs, ks, vs) = (strides4(&c.q), strides4(&c.k), strides4(&c.v));
-    let params = GeneralParams {
-        q_off: c.q.offset() as i64,
-        q_sb: qs[0],
-        q_sh: qs[1],
-        q_st: qs[2],
-        q_sd: qs[3],
-        k_off: c.k.offset() as i64,
-        k_sb: ks[0],
-        k_sh: ks[1],
-        k_st: ks[2],
-        k_sd: ks[3],
-        v_off: c.v.offset() as i64,
-        v_sb: vs[0],
-        v_sh: vs[1],
-        v_st: vs[2],
-        v_sd: vs[3],
-        m_off: mask.offset,
-        m_sb: mask.strides[0],
-        m_sh: mask.strides[1],
-        m_st: mask.strides[2],
-        m_sk: mask.strides[3],
-        s_off: sinks.map_or(0, |s| s.1),
-        s_stride: sinks.map_or(0, |s| s.2),
-        mask_kind: mask.kind,
-        causal: i32::from(c.causal),
-        has_sinks: i32::from(sinks.is_some()),
-        n_kv: nkv as i32,
-        group: group as i32,
-        t_q: tq as i32,
-        t_kv: tkv as i32,
-        d: d as i32,
-        d_v: dv as i32,
-        n_row_chunks: to_i32(n_row_chunks, "a row block count")?,
-        n_dv_chunks: n_dv_chunks as i32,
-        scale_log2: scale * std::f32::consts::LOG2_E,
-    };
-    let name = general_variant(dtype);
-    let func = jit::function(&device, &ATTN_GENERAL_CU, &name, &[])?;
-    let mut out = CudaBuffer::alloc(&device, stream, dtype, b * nq * tq * dv)?;
-    let null: u64 = 0;
-    let cu = stream.cuda();
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (GENERAL_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut builder = cu.launch_builder(&func);
-    builder.arg(qb.slice()).arg(kb.slice()).arg(vb.slice());
-    match mask.buffer {
-        Some(m) => builder.arg(m.slice()),
-        None => builder.arg(&null),
-    };
-    match sinks {
-        Some((s, _, _)) => builder.arg(s.slice()),
-        None => builder.arg(&null),
-    };
-    builder.arg(out.slice_mut()).arg(&params);
-    let what = format!("launching {name}");
-    // SAFETY: the arguments match attn_general's parameters in order and type. Every element
-    // read is q[b, h, t, i], k[b, g, j, i], v[b, g, j, c] or mask[b, h, t, j] with indices
-    // below the views' shapes, at the views' own offsets and strides, or sinks[h] with
-    // h < N_q; every element written is below B * N_q * T_q * D_v, the output's size.
-    launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
-    Array::from_cuda_buffer(out, &c.out_shape)
-}
-
-/// The public CUDA entry: validates and casts like the front end, then runs on `stream`
-/// (the stream that produced q when `None`).
-pub(crate) fn run_checked(
-    q: &Array,
-    k: &Array,
-    v: &Array,
-    scale: f32,
-    mask: Mask<'_>,
-    sinks: Option<&Array>,
-    stream: Option<&Stream>,
-) -> Result<Array> {
-    let c = crate::fast::check(q, k, v, mask, sinks)?;
-    let stream = match stream {
-        Some(s) => s.clone(),
-        None => c.q.stream().ok_or_else(|| {
-            Error::Device(format!(
-                "{OP} the CUDA kernels need q on a CUDA device, not on {}",
-                q.device()
-            ))
-        })?,
-    };
-    scaled_dot_product_attention(&c, scale, &stream)
 }
 
 #[cfg(test)]
@@ -1040,7 +588,7 @@ mod tests {
 
     #[test]
     fn every_plan_has_a_compiled_variant() {
-        let all = decode_variants();
+        let all = variants();
         for dtype in DTYPES {
             for w in [8usize, 64, 72, 128, 136, 200, 256] {
                 let lanes = decode_lanes(dtype, w).unwrap();
@@ -1050,7 +598,6 @@ mod tests {
                 }
             }
             assert!(all.contains(&combine_variant(dtype)));
-            assert!(general_variants().contains(&general_variant(dtype)));
             for &((d, dv), t) in &MMA_HEAD_DIMS {
                 let v = mma_variant(dtype, d, dv, t);
                 assert_eq!(all.contains(&v), dtype != DType::F32, "{v}");

@@ -2,19 +2,19 @@
 //! for `sm_90a`) flash-attention forward with TMA loads, an mbarrier pipeline, warp
 //! specialisation and warpgroup MMA (`wgmma`).
 //!
-//! **The default prefill on compute capability 9.0** (H100, H200) for the cases it covers;
-//! everything else (other devices, uncovered cases, and any case where building its TMA
-//! descriptors fails) uses the `mma.sync` kernel of [`super::attn_prefill`]. The environment
-//! variable `FERROFAST_PREFILL_KERNEL=mma` sends every case to the `mma.sync` kernel (for
-//! comparisons and tests). A second knob,
+//! **The default prefill on compute capability 9.0** (H100, H200) for the cases it covers
+//! (`super::select` decides); everything else uses the `mma.sync` kernel of `prefill.rs`. The
+//! environment variable `FERROFAST_PREFILL_KERNEL=mma` sends every case to the `mma.sync`
+//! kernel (for comparisons and tests). A second knob,
 //! `FERROFAST_SM90_PV_N=128`, makes each `P V` product one `m64n128k16` wgmma spanning both
 //! 64-column panels of V (through the descriptor's leading byte offset) instead of two
 //! `m64n64k16` ones; it exists to measure that variant.
 //!
 //! Covered: f16 and bf16; `D = D_v` in {64, 128}; no mask or causal (lower-right aligned);
 //! no sinks; grouped-query and multi-query heads; any `T_q`, `T_kv` (ragged ends are
-//! zero-filled by TMA and masked). Inputs are read in place when `vector_operand` accepts
-//! them (last axis contiguous, 16-byte aligned rows and strides), else copied first.
+//! zero-filled by TMA and masked). Inputs are read in place when a tensor map can describe
+//! them (last axis contiguous, 16-byte aligned rows, non-negative strides), else copied to
+//! row-major first.
 //!
 //! # Design
 //!
@@ -39,29 +39,16 @@
 //! - **Registers.** A consumer thread holds S (64 f32), O (`D_v / 2` f32), P (32 words) and
 //!   the softmax state; NVRTC / ptxas report 168 registers at launch (the 384-thread bound)
 //!   and no spills for every variant.
-//!
-//! Not yet done (next steps towards cuDNN-class speed): overlapping a warpgroup's softmax
-//! with its next `Q K^T` (two S buffers), ping-pong scheduling of the two consumer
-//! warpgroups with named barriers, a TMA store epilogue, clusters with TMA multicast of K/V.
-//!
-//! # Verification
-//!
-//! Every variant compiles with NVRTC for `sm_90a` with no register spills
-//! (`tests/cuda_kernels_compile.rs`, in CI). On an H100, `tests/cuda_sdpa_prefill_sm90.rs`
-//! (every covered shape, strided views included, against the float64 oracle) and the whole
-//! `tests/cuda_sdpa_prefill.rs` suite through this kernel passed (`docs/gpu-validation.md`,
-//! runs 18-28). bf16 B4 H32 T4096 D128 on an H100 (run 24): 529 TFLOP/s (causal 477); the
-//! `mma.sync` kernel with swizzled tiles ran 383-386 (347-349) in that call.
 
-use super::attn_prefill::to_i32;
-use super::copy::type_tag;
-use super::jit::{self, ATTN_PREFILL_SM90_CU};
-use super::memory::CudaBuffer;
-use super::runtime::{driver_error, guarded, Stream};
-use super::sdpa::{allow_shared_memory, buffer, strides4, vector_operand};
+use super::select::SM90_ROWS as BM;
+use super::{allow_shared_memory, buffer, strides4, to_i32, vector_operand, OP};
+use crate::cuda::copy::{copy_cast, type_tag};
+use crate::cuda::jit::{self, KernelFile, Registered};
+use crate::cuda::memory::CudaBuffer;
+use crate::cuda::runtime::{driver_error, guarded, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::fast::sdpa::Checked;
+use crate::ops::sdpa::SdpaArgs;
 use crate::Array;
 use cudarc::driver::sys::{
     self, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
@@ -69,29 +56,27 @@ use cudarc::driver::sys::{
 };
 use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
-/// The environment variable that selects a prefill kernel; `mma` keeps every case off this
-/// one.
-pub(crate) const KERNEL_KNOB: &str = "FERROFAST_PREFILL_KERNEL";
+/// `kernels/attn_prefill_sm90.cu`: flash-attention forward for Hopper (TMA, wgmma), built
+/// for `sm_90a` only.
+const ATTN_PREFILL_SM90_CU: KernelFile = KernelFile {
+    name: "attn_prefill_sm90.cu",
+    source: include_str!("../kernels/attn_prefill_sm90.cu"),
+    arch: Some("sm_90a"),
+};
+
+/// The file and every instantiation a launch can ask for.
+pub(super) const REGISTERED: Registered = Registered {
+    file: ATTN_PREFILL_SM90_CU,
+    variants,
+};
 
 /// The environment variable that selects the N of the `P V` wgmma (64 or 128).
 const PV_N_KNOB: &str = "FERROFAST_SM90_PV_N";
 
-/// Query rows per block and keys per tile (fixed in the kernel).
-const BM: usize = 128;
 /// Threads per block: one producer and two consumer warpgroups.
 const THREADS: u32 = 384;
 /// Kernel flag: lazy rescaling.
 const LAZY: u32 = 1;
-
-/// Whether this kernel may be used: unless the knob is `mma`.
-pub(crate) fn requested() -> bool {
-    std::env::var(KERNEL_KNOB).ok().as_deref() != Some("mma")
-}
-
-/// Whether this kernel runs on a device of architecture `arch` (NVRTC's name, `sm_90`).
-pub(crate) fn supported_arch(arch: &str) -> bool {
-    arch == "sm_90"
-}
 
 fn pv_n(d: usize) -> usize {
     if d == 128 && std::env::var(PV_N_KNOB).is_ok_and(|v| v == "128") {
@@ -106,7 +91,7 @@ fn variant(dtype: DType, d: usize, pvn: usize) -> String {
 }
 
 /// Every instantiation of `attn_prefill_sm90.cu` a launch can ask for.
-pub(crate) fn all_variants() -> Vec<String> {
+fn variants() -> Vec<String> {
     let mut out = Vec::new();
     for dtype in [DType::F16, DType::BF16] {
         for (d, pvns) in [(64, &[64][..]), (128, &[64, 128][..])] {
@@ -134,8 +119,18 @@ unsafe impl DeviceRepr for TensorMapArg {}
 /// A tiled tensor map over the `[B, H, T, D]` operand `a` (16-bit elements, last axis
 /// contiguous, strides multiples of 16 bytes) at device address `address` (its first
 /// element): boxes of 64 x 128 x 1 x 1 elements, 128-byte swizzle, zero fill out of bounds.
-/// `None` when the driver rejects the description.
-fn tensor_map(a: &Array, address: u64, dtype: DType) -> Result<Option<TensorMapArg>> {
+///
+/// # Errors
+/// `Error::Unsupported` for a layout a tensor map cannot describe ([`tma_operand`] copies
+/// those first, so this is not expected) and when the driver rejects the description.
+fn tensor_map(a: &Array, address: u64, dtype: DType) -> Result<TensorMapArg> {
+    let rejected = |why: &str| {
+        Error::Unsupported(format!(
+            "{OP} the Hopper kernel cannot describe an operand of shape {:?}, strides {:?}: {why}",
+            a.shape(),
+            a.strides()
+        ))
+    };
     let shape = a.shape();
     let s = strides4(a);
     let elem = dtype.size() as u64;
@@ -148,7 +143,7 @@ fn tensor_map(a: &Array, address: u64, dtype: DType) -> Result<Option<TensorMapA
     for i in 0..3 {
         let st = s[2 - i];
         if st < 0 {
-            return Ok(None);
+            return Err(rejected("negative stride"));
         }
         strides[i] = if dims[i + 1] <= 1 || st == 0 {
             packed.next_multiple_of(16)
@@ -158,7 +153,7 @@ fn tensor_map(a: &Array, address: u64, dtype: DType) -> Result<Option<TensorMapA
         packed = strides[i] * dims[i + 1];
     }
     if strides.iter().any(|&x| x % 16 != 0 || x >= 1 << 40) || address % 16 != 0 {
-        return Ok(None);
+        return Err(rejected("strides must be multiples of 16 bytes below 2^40"));
     }
     let data_type = match dtype {
         DType::BF16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
@@ -189,26 +184,31 @@ fn tensor_map(a: &Array, address: u64, dtype: DType) -> Result<Option<TensorMapA
             )
         })
     })?;
-    Ok((status == sys::CUresult::CUDA_SUCCESS).then_some(TensorMapArg(map)))
+    if status != sys::CUresult::CUDA_SUCCESS {
+        return Err(rejected(&format!("the driver answered {status:?}")));
+    }
+    Ok(TensorMapArg(map))
 }
 
-/// Flash-attention forward of checked arguments `c` on `stream` with the Hopper kernel (see
-/// the module docs): same contract and results (to rounding) as
-/// [`super::attn_prefill::prefill`].
-///
-/// Returns `Ok(None)` when the knob [`KERNEL_KNOB`] is `mma`, the device is not compute capability 9.0,
-/// the case is not covered (see the module docs), sizes pass the kernel's 32-bit indices or
-/// the grid's limits, or the driver rejects a tensor map; the caller then uses the
-/// `mma.sync` kernel. Otherwise `Ok(Some(out))`, a new row-major array of shape
-/// `c.out_shape` and dtype `c.dtype`, produced on `stream`.
+/// An operand as a tensor map can describe it: `a` itself when it is vector-readable (unit
+/// feature stride, 16-byte aligned rows) with no negative stride, else a row-major copy on
+/// `stream`.
+fn tma_operand(a: &Array, stream: &Stream) -> Result<Array> {
+    if a.strides()[..3].iter().any(|&s| s < 0) {
+        return copy_cast(a, a.dtype(), Some(stream));
+    }
+    vector_operand(a, stream)
+}
+
+/// Flash-attention forward of a validated call on `stream` with the Hopper kernel (chosen by
+/// [`super::select()`]; see the module docs): same contract and results (to rounding) as the
+/// `mma.sync` kernel. Returns a new row-major array of shape `c.out_shape` and dtype
+/// `c.dtype`, produced on `stream`.
 ///
 /// # Errors
-/// `Error::Device` when an input lives on another device than `stream`; compile and driver
-/// errors.
-pub(crate) fn prefill(c: &Checked, scale: f32, stream: &Stream) -> Result<Option<Array>> {
-    if !requested() {
-        return Ok(None);
-    }
+/// `Error::Unsupported` for a case the kernel does not cover (the selection never sends
+/// one) or a tensor map the driver rejects; compile and driver errors.
+pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
     let dtype = c.dtype;
     let [batch, n_q, t_q, dv] = c.out_shape;
     let (n_kv, t_kv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
@@ -217,31 +217,34 @@ pub(crate) fn prefill(c: &Checked, scale: f32, stream: &Stream) -> Result<Option
         || !matches!(d, 64 | 128)
         || c.mask.is_some()
         || c.sinks.is_some()
-        || batch == 0
-        || n_q == 0
-        || t_q == 0
-        || n_kv == 0
     {
-        return Ok(None);
+        return Err(Error::Unsupported(format!(
+            "{OP} the Hopper prefill kernel does not take this call ({dtype}, D {d}, D_v {dv}, \
+             mask {}, sinks {})",
+            c.mask.is_some(),
+            c.sinks.is_some()
+        )));
     }
     let ordinal = stream.ordinal();
     let device = buffer(&c.q, "q", ordinal)?.device().clone();
-    if !supported_arch(&device.arch()) {
-        return Ok(None);
-    }
-    buffer(&c.k, "k", ordinal)?;
-    buffer(&c.v, "v", ordinal)?;
     let m_tiles = t_q.div_ceil(BM);
-    let (Some(tq), Some(tkv), Some(nq)) = (to_i32(t_q), to_i32(t_kv), to_i32(n_q)) else {
-        return Ok(None);
+    let tq = to_i32(t_q, "a query length")?;
+    let tkv = to_i32(t_kv, "a key sequence length")?;
+    let nq = to_i32(n_q, "a query head count")?;
+    let grid = (
+        u32::try_from(m_tiles).ok(),
+        u16::try_from(n_q).ok(),
+        u16::try_from(batch).ok(),
+    );
+    let (Some(gx), Some(gy), Some(gz)) = grid else {
+        return Err(Error::Unsupported(format!(
+            "{OP} {m_tiles} x {n_q} x {batch} blocks exceed the CUDA grid's limits"
+        )));
     };
-    if n_q > 65535 || batch > 65535 || m_tiles > i32::MAX as usize || t_kv == 0 {
-        return Ok(None);
-    }
 
-    let q = vector_operand(&c.q, stream)?;
-    let k = vector_operand(&c.k, stream)?;
-    let v = vector_operand(&c.v, stream)?;
+    let q = tma_operand(&c.q, stream)?;
+    let k = tma_operand(&c.k, stream)?;
+    let v = tma_operand(&c.v, stream)?;
     let (qb, kb, vb) = (
         buffer(&q, "q", ordinal)?,
         buffer(&k, "k", ordinal)?,
@@ -255,13 +258,11 @@ pub(crate) fn prefill(c: &Checked, scale: f32, stream: &Stream) -> Result<Option
     let (k_ptr, _k_rec) = kb.slice().device_ptr(cu);
     let (v_ptr, _v_rec) = vb.slice().device_ptr(cu);
     let maps = (
-        tensor_map(&q, q_ptr + q.offset() as u64 * elem, dtype)?,
-        tensor_map(&k, k_ptr + k.offset() as u64 * elem, dtype)?,
-        tensor_map(&v, v_ptr + v.offset() as u64 * elem, dtype)?,
+        tensor_map(&q, q_ptr + q.offset() as u64 * elem, dtype),
+        tensor_map(&k, k_ptr + k.offset() as u64 * elem, dtype),
+        tensor_map(&v, v_ptr + v.offset() as u64 * elem, dtype),
     );
-    let (Some(tm_q), Some(tm_k), Some(tm_v)) = maps else {
-        return Ok(None);
-    };
+    let (tm_q, tm_k, tm_v) = (maps.0?, maps.1?, maps.2?);
 
     let name = variant(dtype, d, pv_n(d));
     let func = jit::function(&device, &ATTN_PREFILL_SM90_CU, &name, &[])?;
@@ -271,14 +272,13 @@ pub(crate) fn prefill(c: &Checked, scale: f32, stream: &Stream) -> Result<Option
     let n_out = batch * n_q * t_q * dv;
     let mut out = CudaBuffer::alloc(&device, stream, dtype, n_out)?;
     let cfg = LaunchConfig {
-        grid_dim: (m_tiles as u32, n_q as u32, batch as u32),
+        grid_dim: (gx, u32::from(gy), u32::from(gz)),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let group = to_i32(n_q / n_kv)
-        .ok_or_else(|| Error::invalid(format!("{n_q} query heads over {n_kv} key heads")))?;
+    let group = to_i32(n_q / n_kv, "a GQA group")?;
     let causal = i32::from(c.causal);
-    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let scale_log2 = c.scale * std::f32::consts::LOG2_E;
     let mut builder = cu.launch_builder(&func);
     builder
         .arg(&tm_q)
@@ -305,7 +305,7 @@ pub(crate) fn prefill(c: &Checked, scale: f32, stream: &Stream) -> Result<Option
             .map(|_| ())
             .map_err(|e| driver_error(&what, e))
     })?;
-    Ok(Some(Array::from_cuda_buffer(out, &c.out_shape)?))
+    Array::from_cuda_buffer(out, &c.out_shape)
 }
 
 #[cfg(test)]
@@ -314,13 +314,12 @@ mod tests {
 
     #[test]
     fn variants_and_shared_memory_fit_the_kernel() {
-        let all = all_variants();
+        let all = variants();
         assert_eq!(all.len(), 6);
         assert!(all.contains(&"attn_prefill_sm90<ff_bf16, 128, 64, 1>".to_string()));
         assert!(all.contains(&"attn_prefill_sm90<ff_f16, 128, 128, 1>".to_string()));
         // One block per multiprocessor: at most 227 KB of shared memory.
         assert_eq!(shared_bytes(128), 164_936);
         assert!(shared_bytes(128) <= 227 * 1024);
-        assert!(supported_arch("sm_90") && !supported_arch("sm_80") && !supported_arch("sm_100"));
     }
 }

@@ -13,34 +13,52 @@
 //! dims, and sizes past the kernel's 32-bit indices or the grid's limits.
 //!
 //! On a device of compute capability 9.0 (H100 / H200), the cases the Hopper kernel covers
-//! (f16 / bf16, `D = D_v` in {64, 128}, no array mask, no sinks) take
-//! `kernels/attn_prefill_sm90.cu` instead (TMA, warp specialisation, wgmma; see
-//! [`super::attn_prefill_sm90`]). `FERROFAST_PREFILL_KERNEL=mma` in the environment keeps
-//! every case on this kernel.
+//! take `kernels/attn_prefill_sm90.cu` instead (see `super::select`);
+//! `FERROFAST_PREFILL_KERNEL=mma` in the environment keeps every case on this kernel.
 
-use super::copy::type_tag;
-use super::jit::{self, ATTN_PREFILL_CU};
-use super::memory::CudaBuffer;
-use super::runtime::{driver_error, guarded, Stream};
-use super::sdpa::{
-    allow_shared_memory, buffer, mask_arg, sinks_arg, strides4, vector_operand, MASK_BOOL,
-    MASK_NONE,
+use super::{
+    allow_shared_memory, buffer, kv_row_pad, mask_arg, sinks_arg, strides4, to_i32, vector_operand,
+    MaskKind, OP,
 };
+use crate::cuda::copy::type_tag;
+use crate::cuda::jit::{self, KernelFile, Registered};
+use crate::cuda::memory::CudaBuffer;
+use crate::cuda::runtime::{driver_error, guarded, Stream};
 use crate::dtype::DType;
-use crate::error::Result;
-use crate::fast::sdpa::Checked;
+use crate::error::{Error, Result};
+use crate::ops::sdpa::SdpaArgs;
 use crate::Array;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// `kernels/attn_prefill.cu`: flash-attention forward on the tensor cores (`mma.sync`).
+const ATTN_PREFILL_CU: KernelFile = KernelFile {
+    name: "attn_prefill.cu",
+    source: include_str!("../kernels/attn_prefill.cu"),
+    arch: None,
+};
+
+/// The file and every instantiation a launch can ask for.
+pub(super) const REGISTERED: Registered = Registered {
+    file: ATTN_PREFILL_CU,
+    variants,
+};
 
 /// Tile shape of one instantiation: `slabs` groups of 16 query rows per warp, `warps` warps
 /// per block (so `16 * slabs * warps` query rows per block) and `keys` keys per tile;
 /// `flags` are the kernel's `FLAGS` bits ([`LAZY`], [`PIPE`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Tiles {
+pub(super) struct Tiles {
     slabs: usize,
     warps: usize,
     keys: usize,
     flags: u32,
+}
+
+impl Tiles {
+    /// Query rows per block.
+    pub(super) fn rows(self) -> usize {
+        16 * self.slabs * self.warps
+    }
 }
 
 /// Kernel flag: rescale the accumulators only when a row's max grew by more than 2^8.
@@ -74,18 +92,8 @@ const HEAD_DIMS: [((usize, usize), Tiles); 6] = [
     ((256, 256), tiles(1, 4, 32, LAZY)),
 ];
 
-/// Mask handling compiled into an instantiation (`MASK` in the kernel).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum MaskKind {
-    /// No array mask (causal or not).
-    None = 0,
-    /// A bool array: keep where true.
-    Bool = 1,
-    /// An additive array of the input dtype.
-    Additive = 2,
-}
-
-fn tiles_for(d: usize, dv: usize) -> Option<Tiles> {
+/// The tiles of the `(d, dv)` pair, if the kernel takes it.
+pub(super) fn tiles_for(d: usize, dv: usize) -> Option<Tiles> {
     HEAD_DIMS
         .iter()
         .find(|(dims, _)| *dims == (d, dv))
@@ -105,7 +113,7 @@ fn variant(dtype: DType, d: usize, dv: usize, t: Tiles, mask: MaskKind) -> Strin
 }
 
 /// Every instantiation of `attn_prefill.cu` a launch can ask for.
-pub(crate) fn all_variants() -> Vec<String> {
+fn variants() -> Vec<String> {
     let mut out = Vec::new();
     for dtype in [DType::F16, DType::BF16] {
         for &((d, dv), t) in &HEAD_DIMS {
@@ -122,7 +130,7 @@ pub(crate) fn all_variants() -> Vec<String> {
 /// 8 elements otherwise (`SW` in the kernel).
 fn shared_bytes(d: usize, dv: usize, t: Tiles, elem: usize) -> usize {
     let rows_q = 16 * t.slabs * t.warps;
-    let pad = super::sdpa::kv_row_pad(d, dv);
+    let pad = kv_row_pad(d, dv);
     (rows_q * (d + 8) + 2 * t.keys * (d + pad) + 2 * t.keys * (dv + pad)) * elem
 }
 
@@ -133,54 +141,47 @@ fn layout(a: &Array) -> [i64; 4] {
     [a.offset() as i64, s[0], s[1], s[2]]
 }
 
-/// `v` as the kernels' 32-bit index type, if it fits.
-pub(super) fn to_i32(v: usize) -> Option<i32> {
-    i32::try_from(v).ok()
-}
-
-/// Flash-attention forward of checked arguments `c` on `stream`: `softmax(scale * q k^T +
-/// mask) v` per batch and query head, f32 softmax and accumulation, one rounding to the
-/// output dtype. Fully masked rows (no visible key) are 0; a sink adds its weight to the
-/// softmax's denominator only.
-///
-/// Returns `Ok(None)` when this kernel does not cover the case (dtype other than f16/bf16,
-/// `(D, D_v)` not listed in the module docs, `T_q`, `T_kv` or `N_q` past `i32`, `N_q` or
-/// `B` above 65535 or a query-tile count past the grid's limit); the caller then uses a
-/// general kernel. Otherwise `Ok(Some(out))`, a new row-major array of shape `c.out_shape`
-/// and dtype `c.dtype` on the stream's device, produced on `stream`.
+/// Flash-attention forward of a validated call on `stream` (chosen by [`super::select()`]):
+/// `softmax(scale * q k^T + mask) v` per batch and query head, f32 softmax and
+/// accumulation, one rounding to the output dtype. Fully masked rows (no visible key) are 0;
+/// a sink adds its weight to the softmax's denominator only. Returns a new row-major array of
+/// shape `c.out_shape` and dtype `c.dtype`, produced on `stream`.
 ///
 /// # Errors
-/// `Error::Device` when an input lives on another device than `stream`; compile and driver
-/// errors.
-pub(crate) fn prefill(c: &Checked, scale: f32, stream: &Stream) -> Result<Option<Array>> {
-    // The Hopper kernel on compute capability 9.0, unless the knob says `mma`, where it
-    // covers the case.
-    if let Some(out) = super::attn_prefill_sm90::prefill(c, scale, stream)? {
-        return Ok(Some(out));
-    }
+/// `Error::Unsupported` for a case the kernel does not cover (see the module docs; the
+/// selection never sends one); compile and driver errors.
+pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
     let (d, dv) = (c.k.shape()[3], c.out_shape[3]);
-    match tiles_for(d, dv) {
-        Some(tiles) => prefill_with(c, scale, stream, tiles),
-        None => Ok(None),
-    }
+    let tiles = tiles_for(d, dv).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "{OP} no mma.sync prefill kernel for D {d}, D_v {dv}"
+        ))
+    })?;
+    run_with(c, stream, tiles)
 }
 
-/// [`prefill`] with the given tile shape (any shape whose accumulators and shared memory
-/// fit; the table holds the measured choices).
-fn prefill_with(c: &Checked, scale: f32, stream: &Stream, tiles: Tiles) -> Result<Option<Array>> {
+/// [`run`] with the given tile shape (any shape whose accumulators and shared memory fit;
+/// the table holds the measured choices).
+fn run_with(c: &SdpaArgs, stream: &Stream, tiles: Tiles) -> Result<Array> {
     let dtype = c.dtype;
+    let unsupported = || {
+        Error::Unsupported(format!(
+            "{OP} the mma.sync prefill kernel does not take this call ({dtype}, shape {:?})",
+            c.out_shape
+        ))
+    };
     if !matches!(dtype, DType::F16 | DType::BF16) {
-        return Ok(None);
+        return Err(unsupported());
     }
     let [batch, n_q, t_q, dv] = c.out_shape;
     let (n_kv, t_kv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
-    let rows = 16 * tiles.slabs * tiles.warps;
-    let m_tiles = t_q.div_ceil(rows);
-    let (Some(tq), Some(tkv), Some(nq)) = (to_i32(t_q), to_i32(t_kv), to_i32(n_q)) else {
-        return Ok(None);
+    let m_tiles = t_q.div_ceil(tiles.rows());
+    let (Ok(tq), Ok(tkv), Ok(nq)) = (i32::try_from(t_q), i32::try_from(t_kv), i32::try_from(n_q))
+    else {
+        return Err(unsupported());
     };
     if n_q > 65535 || batch > 65535 || m_tiles > i32::MAX as usize {
-        return Ok(None);
+        return Err(unsupported());
     }
 
     let ordinal = stream.ordinal();
@@ -192,18 +193,14 @@ fn prefill_with(c: &Checked, scale: f32, stream: &Stream, tiles: Tiles) -> Resul
     let n_out = batch * n_q * t_q * dv;
     if n_out == 0 {
         let out = CudaBuffer::alloc(&device, stream, dtype, 0)?;
-        return Ok(Some(Array::from_cuda_buffer(out, &c.out_shape)?));
+        return Array::from_cuda_buffer(out, &c.out_shape);
     }
 
     let q = vector_operand(&c.q, stream)?;
     let k = vector_operand(&c.k, stream)?;
     let v = vector_operand(&c.v, stream)?;
     let (ql, kl, vl) = (layout(&q), layout(&k), layout(&v));
-    let mask_kind = match mask.kind {
-        MASK_NONE => MaskKind::None,
-        MASK_BOOL => MaskKind::Bool,
-        _ => MaskKind::Additive,
-    };
+    let mask_kind = mask.kind;
     let mask_layout = [
         mask.offset,
         mask.strides[0],
@@ -224,9 +221,9 @@ fn prefill_with(c: &Checked, scale: f32, stream: &Stream, tiles: Tiles) -> Resul
         block_dim: ((32 * tiles.warps) as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let group = to_i32(n_q / n_kv).unwrap_or(i32::MAX);
+    let group = to_i32(n_q / n_kv, "a GQA group")?;
     let causal = i32::from(c.causal);
-    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let scale_log2 = c.scale * std::f32::consts::LOG2_E;
     let null: u64 = 0;
     let (qb, kb, vb) = (
         buffer(&q, "q", ordinal)?,
@@ -284,7 +281,7 @@ fn prefill_with(c: &Checked, scale: f32, stream: &Stream, tiles: Tiles) -> Resul
             .map(|_| ())
             .map_err(|e| driver_error(&what, e))
     })?;
-    Ok(Some(Array::from_cuda_buffer(out, &c.out_shape)?))
+    Array::from_cuda_buffer(out, &c.out_shape)
 }
 
 #[cfg(test)]
@@ -293,7 +290,7 @@ mod tests {
 
     #[test]
     fn every_head_dim_pair_has_variants_and_fits_two_blocks_per_sm() {
-        let all = all_variants();
+        let all = variants();
         assert_eq!(all.len(), 2 * HEAD_DIMS.len() * 3);
         assert!(all.contains(&"attn_prefill<ff_bf16, 128, 128, 2, 4, 64, 0, 1>".to_string()));
         for &((d, dv), t) in &HEAD_DIMS {
@@ -310,7 +307,7 @@ mod tests {
     #[test]
     #[ignore]
     fn tile_shapes() {
-        use crate::fast::{check, Mask};
+        use crate::ops::sdpa::{Mask, SdpaArgs};
         use crate::Device;
         let Ok(dev) = Device::cuda(0) else {
             println!("skipping: no CUDA device");
@@ -364,9 +361,9 @@ mod tests {
             let v = Array::randn(&[b, h, t, dv], dtype, 3, &dev).unwrap();
             for causal in [false, true] {
                 let mask = if causal { Mask::Causal } else { Mask::None };
-                let c = check(&q, &k, &v, mask, None).unwrap();
                 let scale = 1.0 / (d as f32).sqrt();
-                let base = prefill_with(&c, scale, &stream, table).unwrap().unwrap();
+                let c = SdpaArgs::new(&q, &k, &v, scale, mask, None).unwrap();
+                let base = run_with(&c, &stream, table).unwrap();
                 let base = base.to_f64_vec().unwrap();
                 let flops = 4.0 * (b * h * t * t) as f64 * (d + dv) as f64
                     / 2.0
@@ -374,7 +371,7 @@ mod tests {
                 let mut meds = vec![Vec::new(); candidates.len()];
                 for round in 0..2 {
                     for (i, &tl) in candidates.iter().enumerate() {
-                        let run = || prefill_with(&c, scale, &stream, tl).unwrap().unwrap();
+                        let run = || run_with(&c, &stream, tl).unwrap();
                         if round == 0 {
                             let out = run().to_f64_vec().unwrap();
                             let diff = out

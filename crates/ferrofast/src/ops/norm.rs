@@ -1,0 +1,135 @@
+//! [`NormArgs`]: a validated `rms_norm` or `layer_norm` call.
+
+use crate::dtype::{promote_types, DType};
+use crate::error::{Error, Result};
+use crate::{Array, Device};
+
+/// Which normalisation a call computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NormKind {
+    /// `x * rsqrt(mean(x^2) + eps)`.
+    Rms,
+    /// `(x - mean) * rsqrt(mean((x - mean)^2) + eps)`, two-pass.
+    Layer,
+}
+
+impl NormKind {
+    /// MLX's name of the op, as its messages print it.
+    pub(crate) fn op(self) -> &'static str {
+        match self {
+            NormKind::Rms => "rms_norm",
+            NormKind::Layer => "layer_norm",
+        }
+    }
+}
+
+/// A validated normalisation over the last axis of `x`.
+///
+/// `x`, `weight` and `bias` are the caller's arrays, uncast (a back end converts them to
+/// `dtype` as it reads them, or casts first); the weight and the bias are 1-D with
+/// `x.shape[-1]` elements. The output has `x`'s shape and dtype `dtype`.
+#[derive(Clone, Debug)]
+pub(crate) struct NormArgs {
+    /// Rms or layer.
+    pub(crate) kind: NormKind,
+    /// The input, at least 1-D, any dtype and strides.
+    pub(crate) x: Array,
+    /// Optional scale.
+    pub(crate) weight: Option<Array>,
+    /// Optional shift (layer norm only).
+    pub(crate) bias: Option<Array>,
+    /// Added to the variance (not validated: MLX accepts any value).
+    pub(crate) eps: f32,
+    /// The output dtype (floating): MLX's `result_type` rule of the op.
+    pub(crate) dtype: DType,
+    /// Where every input lives.
+    pub(crate) device: Device,
+}
+
+impl NormArgs {
+    /// Validates an `rms_norm` call in MLX's order with MLX's messages.
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument`: `x` has no dimensions; `weight` is not 1-D or not of `x`'s
+    /// last dimension; the output dtype is not floating. `Error::Device`: `weight` is on
+    /// another device than `x`.
+    pub(crate) fn rms(x: &Array, weight: Option<&Array>, eps: f32) -> Result<NormArgs> {
+        NormArgs::new(NormKind::Rms, x, weight, None, eps)
+    }
+
+    /// Validates a `layer_norm` call in MLX's order with MLX's messages.
+    ///
+    /// # Errors
+    /// As [`NormArgs::rms`], with the same checks for `bias`; the output dtype is not
+    /// floating (e.g. integer `x` with only a bias).
+    pub(crate) fn layer(
+        x: &Array,
+        weight: Option<&Array>,
+        bias: Option<&Array>,
+        eps: f32,
+    ) -> Result<NormArgs> {
+        NormArgs::new(NormKind::Layer, x, weight, bias, eps)
+    }
+
+    fn new(
+        kind: NormKind,
+        x: &Array,
+        weight: Option<&Array>,
+        bias: Option<&Array>,
+        eps: f32,
+    ) -> Result<NormArgs> {
+        let op = kind.op();
+        if x.ndim() == 0 {
+            return Err(Error::invalid(format!(
+                "[{op}] Input must have at least 1 dimension but got input with 0 dimensions."
+            )));
+        }
+        let d = x.shape()[x.ndim() - 1];
+        // MLX's rms_norm names its weight `(*weight)` in these messages.
+        let weight_name = match kind {
+            NormKind::Rms => "(*weight)",
+            NormKind::Layer => "weight",
+        };
+        for (name, param) in [(weight_name, weight), ("bias", bias)] {
+            let Some(p) = param else { continue };
+            if p.ndim() != 1 {
+                return Err(Error::invalid(format!(
+                    "[{op}] {name} must have 1 dimension but has {} dimensions.",
+                    p.ndim()
+                )));
+            }
+            if p.size() != d {
+                return Err(Error::invalid(format!(
+                    "[{op}] {name} must have the same size as the last dimension of x but \
+                     has {} elements.",
+                    p.size()
+                )));
+            }
+        }
+        // MLX's `result_type(x, weight[, bias])`, a left fold of `promote_types`; without a
+        // weight the output keeps x's dtype (a wider bias is cast down).
+        let dtype = match (weight, bias) {
+            (Some(w), Some(b)) => promote_types(promote_types(x.dtype(), w.dtype()), b.dtype()),
+            (Some(w), None) => promote_types(x.dtype(), w.dtype()),
+            (None, _) => x.dtype(),
+        };
+        if !dtype.is_floating() {
+            return Err(Error::invalid(format!(
+                "[{op}] Received unsupported type {dtype}."
+            )));
+        }
+        let mut inputs = vec![("x", x)];
+        inputs.extend(weight.map(|w| ("weight", w)));
+        inputs.extend(bias.map(|b| ("bias", b)));
+        let device = super::same_device(&format!("[{op}]"), &inputs)?;
+        Ok(NormArgs {
+            kind,
+            x: x.clone(),
+            weight: weight.cloned(),
+            bias: bias.cloned(),
+            eps,
+            dtype,
+            device,
+        })
+    }
+}

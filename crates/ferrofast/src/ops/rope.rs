@@ -1,0 +1,203 @@
+//! [`RopeArgs`]: a validated `rope` call, and the public [`RopeOffset`] argument.
+
+use crate::array::fmt_shape;
+use crate::{Array, DType, Device, Error, Result};
+
+/// The position offset of [`rope`](crate::fast::rope): a plain integer, or an integer array holding either one
+/// value (0-d or one element) or one value per batch example (1-D of length `B`).
+///
+/// `Int` plays the part of a Python `int`: its value is used exactly. Array offsets follow
+/// MLX: `int32` and `uint32` values are used as they are, every other integer dtype is first
+/// cast to `int32` (as a C cast, so `int64` values outside the `int32` range wrap).
+#[derive(Clone, Copy, Debug)]
+pub enum RopeOffset<'a> {
+    /// One offset shared by every batch example.
+    Int(i64),
+    /// An integer array of size 1 (shared) or of size `B` (one per batch example).
+    Array(&'a Array),
+}
+
+impl From<i64> for RopeOffset<'_> {
+    fn from(v: i64) -> Self {
+        RopeOffset::Int(v)
+    }
+}
+
+impl From<i32> for RopeOffset<'_> {
+    fn from(v: i32) -> Self {
+        RopeOffset::Int(i64::from(v))
+    }
+}
+
+impl<'a> From<&'a Array> for RopeOffset<'a> {
+    fn from(a: &'a Array) -> Self {
+        RopeOffset::Array(a)
+    }
+}
+
+/// Where the rotation frequencies come from, as validated.
+#[derive(Clone, Debug)]
+pub(crate) enum RopeFreqs {
+    /// `inv_freq_i = base^(-i / (dims/2))`.
+    Base(f32),
+    /// `inv_freq_i = 1 / periods[i]`; the values as given (the kernels round them to their
+    /// compute precision).
+    Periods(Vec<f64>),
+}
+
+/// Position offsets, as validated and converted (MLX's int32 casts applied).
+#[derive(Clone, Debug)]
+pub(crate) enum RopeOffsets {
+    /// One offset for every batch example.
+    Scalar(i64),
+    /// One offset per batch example (length `B`, `B != 1`).
+    PerBatch(Vec<i64>),
+}
+
+impl RopeOffsets {
+    /// The offset of batch example `b`.
+    pub(crate) fn get(&self, b: usize) -> i64 {
+        match self {
+            RopeOffsets::Scalar(v) => *v,
+            RopeOffsets::PerBatch(v) => v.get(b).copied().unwrap_or(0),
+        }
+    }
+}
+
+/// A validated `rope` call: what every back end (and the reference) computes from. The
+/// output has `x`'s shape and dtype.
+#[derive(Clone, Debug)]
+pub(crate) struct RopeArgs {
+    /// The input, at least 3-D, floating, any strides.
+    pub(crate) x: Array,
+    /// Where `x` lives (the offset and `freqs` values are read to the host).
+    pub(crate) device: Device,
+    /// Number of rotated features (even, `2 <= dims <= D`).
+    pub(crate) dims: usize,
+    /// Adjacent pairs instead of half-split pairs.
+    pub(crate) traditional: bool,
+    /// Position multiplier.
+    pub(crate) scale: f32,
+    /// Frequency source.
+    pub(crate) freqs: RopeFreqs,
+    /// Offsets.
+    pub(crate) offsets: RopeOffsets,
+}
+
+impl RopeArgs {
+    /// Validates a `rope` call in MLX's order with MLX's messages and reads the offset and
+    /// `freqs` values.
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` with MLX's texts (see [`crate::fast::rope`]).
+    pub(crate) fn new(
+        a: &Array,
+        dims: i32,
+        traditional: bool,
+        base: Option<f32>,
+        scale: f32,
+        offset: RopeOffset<'_>,
+        freqs: Option<&Array>,
+    ) -> Result<RopeArgs> {
+        if a.ndim() < 3 {
+            return Err(Error::invalid(format!(
+                "[rope] Input must have at least 3 dimensions but got input with {} dimensions.",
+                a.ndim()
+            )));
+        }
+        if !a.dtype().is_floating() {
+            return Err(Error::invalid(format!(
+                "[rope] Input must be a floating type but got {}.",
+                a.dtype()
+            )));
+        }
+        let batch = a.shape()[0];
+        let offsets = match offset {
+            RopeOffset::Int(v) => RopeOffsets::Scalar(v),
+            RopeOffset::Array(o) => read_offsets(o, batch)?,
+        };
+        let last = a.shape()[a.ndim() - 1];
+        if dims <= 0 {
+            return Err(Error::invalid(format!(
+                "[rope] dims must be positive but got {dims}."
+            )));
+        }
+        if dims % 2 != 0 {
+            return Err(Error::invalid(format!(
+                "[rope] dims must be even but got {dims}."
+            )));
+        }
+        let dims = dims as usize;
+        if dims > last {
+            return Err(Error::invalid(format!(
+                "[rope] dims must not exceed the input's last dimension ({last}) but got {dims}."
+            )));
+        }
+        if let Some(f) = freqs {
+            if f.ndim() != 1 || f.shape()[0] != dims / 2 {
+                return Err(Error::invalid(format!(
+                    "[rope] freqs must be one dimensional with size {} but got shape {}.",
+                    dims / 2,
+                    fmt_shape(f.shape())
+                )));
+            }
+        }
+        let freqs = match (base, freqs) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    "[rope] Only one of base or freqs can have a value.",
+                ))
+            }
+            (None, None) => {
+                return Err(Error::invalid("[rope] Neither base nor freqs has a value."))
+            }
+            (Some(b), None) => RopeFreqs::Base(b),
+            (None, Some(f)) => RopeFreqs::Periods(f.to_f64_vec()?),
+        };
+        Ok(RopeArgs {
+            x: a.clone(),
+            device: a.device(),
+            dims,
+            traditional,
+            scale,
+            freqs,
+            offsets,
+        })
+    }
+}
+
+/// Checks an offset array (rank, size, dtype, in MLX's order) and reads its values.
+fn read_offsets(o: &Array, batch: usize) -> Result<RopeOffsets> {
+    if o.ndim() > 1 {
+        return Err(Error::invalid(format!(
+            "[rope] offset must have at most one dimension but has shape {}.",
+            fmt_shape(o.shape())
+        )));
+    }
+    if o.size() != 1 && o.size() != batch {
+        return Err(Error::invalid(format!(
+            "[rope] offset must be a scalar or vector with {batch} elements but has shape {}.",
+            fmt_shape(o.shape())
+        )));
+    }
+    // MLX keeps 4-byte integers and casts every other integer dtype to int32.
+    let values: Vec<i64> = match o.dtype() {
+        DType::I32 => o.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
+        DType::U32 => o.to_vec::<u32>()?.into_iter().map(i64::from).collect(),
+        DType::U8 => o.to_vec::<u8>()?.into_iter().map(i64::from).collect(),
+        DType::I64 => o
+            .to_vec::<i64>()?
+            .into_iter()
+            .map(|v| i64::from(v as i32))
+            .collect(),
+        other => {
+            return Err(Error::invalid(format!(
+                "[rope] offset must be an integer but got type {other}."
+            )))
+        }
+    };
+    Ok(match values.as_slice() {
+        [v] => RopeOffsets::Scalar(*v),
+        _ => RopeOffsets::PerBatch(values),
+    })
+}

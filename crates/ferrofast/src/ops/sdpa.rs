@@ -1,0 +1,239 @@
+//! [`SdpaArgs`]: a validated `scaled_dot_product_attention` call, and the public [`Mask`]
+//! argument.
+
+use crate::array::{broadcast_shapes, fmt_shape};
+use crate::dtype::{promote_types, DType};
+use crate::error::{Error, Result};
+use crate::{Array, Device};
+
+const OP: &str = "[scaled_dot_product_attention]";
+
+/// The mask argument of [`scaled_dot_product_attention`](crate::fast::scaled_dot_product_attention) (MLX's `mask=`).
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Mask<'a> {
+    /// No mask: every query sees every key.
+    #[default]
+    None,
+    /// Causal, aligned to the lower right: query `i` sees key `j` iff
+    /// `j <= i + T_kv - T_q`. With `T_q > T_kv` the first `T_q - T_kv` queries see no key.
+    Causal,
+    /// An explicit mask of rank at most 4 that broadcasts to `[B, N_q, T_q, T_kv]`.
+    /// A `bool` mask keeps the keys where it is `true`; any other dtype is added to the
+    /// scores (it must promote to the output dtype, and is cast to it first).
+    Array(&'a Array),
+}
+
+impl Mask<'_> {
+    /// Parses MLX's string form of the mask: `"causal"` is the only accepted string.
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` with MLX's text
+    /// `[scaled_dot_product_attention] invalid mask option '{s}'. Must be 'causal', or an array.`
+    /// for any other string.
+    pub fn parse(s: &str) -> Result<Mask<'static>> {
+        if s == "causal" {
+            Ok(Mask::Causal)
+        } else {
+            Err(Error::invalid(format!(
+                "{OP} invalid mask option '{s}'. Must be 'causal', or an array."
+            )))
+        }
+    }
+}
+
+impl<'a> From<&'a Array> for Mask<'a> {
+    fn from(mask: &'a Array) -> Mask<'a> {
+        Mask::Array(mask)
+    }
+}
+
+/// A validated `scaled_dot_product_attention` call, in the form the kernels and the oracle
+/// consume.
+#[derive(Clone, Debug)]
+pub(crate) struct SdpaArgs {
+    /// Output dtype: `result_type(q, k, v)`; q, k and v below already have it.
+    pub dtype: DType,
+    pub q: Array,
+    pub k: Array,
+    pub v: Array,
+    pub causal: bool,
+    /// The array mask broadcast (as a stride-0 view, never a copy) to
+    /// `[B, N_q, T_q, T_kv]`: `bool`, or `dtype` for an additive mask.
+    pub mask: Option<Array>,
+    /// Sinks as `(N_q,)` values of `dtype`.
+    pub sinks: Option<Array>,
+    /// `[B, N_q, T_q, D_v]`.
+    pub out_shape: [usize; 4],
+    /// Multiplies `q·k` (the sinks are not scaled).
+    pub scale: f32,
+    /// Where every input lives.
+    pub device: Device,
+}
+
+fn cast(a: &Array, dtype: DType) -> Result<Array> {
+    if a.dtype() == dtype {
+        Ok(a.clone())
+    } else {
+        a.astype(dtype)
+    }
+}
+
+/// MLX's `broadcast_to` check for the mask, with both of its messages.
+fn check_mask_broadcast(mask: &[usize], target: &[usize]) -> Result<()> {
+    let shape = broadcast_shapes(mask, target)?;
+    if shape != target {
+        return Err(Error::Shape(format!(
+            "Cannot broadcast array of shape {} into shape {}.",
+            fmt_shape(mask),
+            fmt_shape(target)
+        )));
+    }
+    Ok(())
+}
+
+/// Validates the arguments in the order MLX does (`mlx/fast.cpp`), with MLX's messages,
+/// looking only at shapes and dtypes. Returns the output dtype.
+fn validate(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    mask: Mask<'_>,
+    sinks: Option<&Array>,
+) -> Result<DType> {
+    for t in [q, k, v] {
+        if t.ndim() != 4 {
+            return Err(Error::invalid(format!(
+                "{OP} input with shape {} expected to be rank 4",
+                fmt_shape(t.shape())
+            )));
+        }
+    }
+    if let Mask::Array(m) = mask {
+        if m.ndim() > 4 {
+            return Err(Error::invalid(format!(
+                "{OP} the mask with shape {} expected to have at most rank 4.",
+                fmt_shape(m.shape())
+            )));
+        }
+    }
+    let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
+    for t in [ks, vs] {
+        if t[0] != qs[0] {
+            return Err(Error::invalid(format!(
+                "{OP} mismatching batch dimension for input with shape {}.",
+                fmt_shape(t)
+            )));
+        }
+    }
+    if qs[3] != ks[3] {
+        return Err(Error::invalid(format!(
+            "{OP} query, keys expected to have matching last dimension; found query shape {} \
+             for keys shape {}.",
+            fmt_shape(qs),
+            fmt_shape(ks)
+        )));
+    }
+    if ks[1] != vs[1] {
+        return Err(Error::invalid(format!(
+            "{OP} keys, values expected to have matching n_kv_heads; found keys with n_heads {} \
+             for values with n_heads {}.",
+            ks[1], vs[1]
+        )));
+    }
+    // MLX divides by zero here when there are no kv heads; we report it as not a multiple.
+    if (ks[1] == 0 && qs[1] != 0) || (ks[1] != 0 && qs[1] % ks[1] != 0) {
+        return Err(Error::invalid(format!(
+            "{OP} n_heads must be a multiple of n_kv_heads, found n_heads {} for n_kv_heads {}.",
+            qs[1], ks[1]
+        )));
+    }
+    let dtype = promote_types(promote_types(q.dtype(), k.dtype()), v.dtype());
+    if !dtype.is_floating() {
+        return Err(Error::invalid(format!(
+            "{OP} Received unsupported type {dtype}."
+        )));
+    }
+    if let Mask::Array(m) = mask {
+        if promote_types(m.dtype(), dtype) != dtype {
+            return Err(Error::invalid(format!(
+                "{OP} Mask type must promote to output type {dtype}."
+            )));
+        }
+        check_mask_broadcast(m.shape(), &[qs[0], qs[1], qs[2], ks[2]])?;
+    }
+    if let Some(s) = sinks {
+        if promote_types(s.dtype(), dtype) != dtype {
+            return Err(Error::invalid(format!(
+                "{OP} Type of sinks must promote to output type {dtype}."
+            )));
+        }
+        if s.ndim() != 1 || s.shape()[0] != qs[1] {
+            return Err(Error::invalid(format!(
+                "{OP} Received invalid shape for sinks {}.",
+                fmt_shape(s.shape())
+            )));
+        }
+    }
+    // MLX reports this one from inside its matmul; we say plainly what is wrong.
+    if ks[2] != vs[2] {
+        return Err(Error::invalid(format!(
+            "{OP} keys and values expected to have the same sequence length; found keys shape {} \
+             for values shape {}.",
+            fmt_shape(ks),
+            fmt_shape(vs)
+        )));
+    }
+    Ok(dtype)
+}
+
+impl SdpaArgs {
+    /// [`validate`]s the arguments, checks that every input lives on one device, then casts
+    /// q, k, v (and an additive mask and the sinks) to the output dtype, as MLX does, and
+    /// broadcasts the mask (a view).
+    ///
+    /// # Errors
+    /// MLX's validation errors (see [`crate::fast::scaled_dot_product_attention`]);
+    /// `Error::Device` for inputs on different devices.
+    pub(crate) fn new(
+        q: &Array,
+        k: &Array,
+        v: &Array,
+        scale: f32,
+        mask: Mask<'_>,
+        sinks: Option<&Array>,
+    ) -> Result<SdpaArgs> {
+        let dtype = validate(q, k, v, mask, sinks)?;
+        let mut inputs = vec![("q", q), ("k", k), ("v", v)];
+        if let Mask::Array(m) = mask {
+            inputs.push(("the mask", m));
+        }
+        if let Some(s) = sinks {
+            inputs.push(("sinks", s));
+        }
+        let device = super::same_device(OP, &inputs)?;
+        let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
+        let (causal, mask) = match mask {
+            Mask::None => (false, None),
+            Mask::Causal => (true, None),
+            Mask::Array(m) if m.dtype() == DType::Bool => {
+                (false, Some(m.broadcast_to(&[qs[0], qs[1], qs[2], ks[2]])?))
+            }
+            Mask::Array(m) => (
+                false,
+                Some(cast(m, dtype)?.broadcast_to(&[qs[0], qs[1], qs[2], ks[2]])?),
+            ),
+        };
+        Ok(SdpaArgs {
+            dtype,
+            q: cast(q, dtype)?,
+            k: cast(k, dtype)?,
+            v: cast(v, dtype)?,
+            causal,
+            mask,
+            sinks: sinks.map(|s| cast(s, dtype)).transpose()?,
+            out_shape: [qs[0], qs[1], qs[2], vs[3]],
+            scale,
+            device,
+        })
+    }
+}
