@@ -22,6 +22,9 @@ use ferrofast::{Array, DType, Device};
 
 const KNOB: &str = "FERROFAST_PREFILL_KERNEL";
 
+/// Held by every test here: one of them switches the kernel through the environment.
+static KNOB_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// `(atol, rtol)` against the f64 oracle: those of `tests/cuda_sdpa_prefill.rs`.
 fn tol(dtype: DType) -> (f64, f64) {
     match dtype {
@@ -103,6 +106,7 @@ fn check(c: &Case, scale: f32, causal: bool, what: &str) {
 )]
 fn hopper_kernel_through_the_knob_matches_the_oracle() {
     let Some(dev) = gpu() else { return };
+    let _knob = KNOB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     poison_gpu_buffers(true);
 
     // 1. The knob switches kernels: same inputs, bitwise different outputs on sm_90.
@@ -191,4 +195,35 @@ fn hopper_kernel_through_the_knob_matches_the_oracle() {
         );
     }
     poison_gpu_buffers(false);
+}
+
+/// A thread whose first CUDA work is the attention call itself (a fresh thread, with no
+/// context bound yet) gets the same kernel and result as one that has done other CUDA work.
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
+fn a_fresh_thread_runs_the_same_kernel() {
+    let Some(dev) = gpu() else { return };
+    let _knob = KNOB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let c = case(&dev, DType::BF16, 1, (4, 2), 384, 384, 128, false, 41);
+    let kernel = attention_kernel(&c.q.1, &c.k.1, &c.v.1, Mask::Causal, None).unwrap();
+    let here = run_gpu(&c, 0.088, true, "calling thread")
+        .to_f64_vec()
+        .unwrap();
+    let there = std::thread::scope(|s| {
+        s.spawn(|| {
+            run_gpu(&c, 0.088, true, "fresh thread")
+                .to_f64_vec()
+                .unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    assert_eq!(
+        here, there,
+        "{kernel}: a fresh thread computed something else"
+    );
+    check(&c, 0.088, true, "fresh thread, against the oracle");
 }

@@ -1,15 +1,16 @@
 //! Launchers for `kernels/norm.cu`: RMS norm and layer norm forward over the last axis.
 //!
-//! The front end (`fast::rms_norm` / `fast::layer_norm`) validates arguments, computes the
-//! output dtype and casts x, weight and bias to it; these launchers take the cast arrays on
-//! one CUDA device and pick a kernel variant:
+//! The front end (`fast::rms_norm` / `fast::layer_norm`) validates the call into a
+//! `NormArgs`; [`run`] casts x, weight and bias to the output dtype on the stream and picks a
+//! kernel variant (every kernel is one template for both norms, `K` = `ff_rms` or
+//! `ff_layer`):
 //! - rows of up to 256 * N_READS elements (2048 f16/bf16, 1024 f32): a group of 4-32 lanes
 //!   of a warp per row, several rows per 256-thread block, the row held in registers in its
-//!   storage type and reduced with shuffles alone (`*_group`);
+//!   storage type and reduced with shuffles alone (`norm_group`);
 //! - longer rows of up to 4096 * N_READS elements (N_READS = 16 / element size: 16384 f32, 32768
-//!   f16/bf16): one block per row with the row held in registers (`*_rows`), 1, 2 or 4
+//!   f16/bf16): one block per row with the row held in registers (`norm_rows`), 1, 2 or 4
 //!   chunks of N_READS elements per thread;
-//! - longer rows: `*_looped`, 1024 threads looping over the row;
+//! - longer rows: `norm_looped`, 1024 threads looping over the row;
 //! - 16-byte vector accesses when every row, the weight and the bias are 16-byte aligned
 //!   with unit stride and D % N_READS == 0; scalar accesses otherwise (odd D, offsets).
 
@@ -46,7 +47,7 @@ const ROWS_MAX_THREADS: usize = 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Plan {
     /// `g` lanes per row, `GROUP_BLOCK / g` rows per block, `chunks` register chunks per
-    /// lane (`*_group`).
+    /// lane (`norm_group`).
     Group { g: usize, chunks: usize },
     /// One block of `threads` per row, `chunks` register chunks per thread.
     Rows { chunks: usize, threads: u32 },
@@ -54,10 +55,10 @@ enum Plan {
     Looped,
 }
 
-/// Threads per block of the `*_group` kernels (`FF_GROUP_BLOCK` in norm.cu).
+/// Threads per block of the `norm_group` kernels (`FF_GROUP_BLOCK` in norm.cu).
 const GROUP_BLOCK: usize = 256;
 
-/// Register chunks per lane the `*_group` kernels are instantiated with (lanes per row 32).
+/// Register chunks per lane the `norm_group` kernels are instantiated with (lanes per row 32).
 const GROUP_CHUNKS: [usize; 5] = [1, 2, 4, 8, 16];
 
 /// Elements one thread loads with a 16-byte vector.
@@ -65,7 +66,7 @@ fn n_reads(dtype: DType) -> usize {
     16 / dtype.size()
 }
 
-/// Most register chunks per lane a `*_group` plan may use: 8, or the value of the
+/// Most register chunks per lane a `norm_group` plan may use: 8, or the value of the
 /// environment variable `FERROFAST_NORM_GROUP_CHUNKS` (1, 2, 4, 8 or 16) read once, a tuning
 /// knob; rows needing more go to the one-block-per-row kernels. On an H200, bf16 rows of 4096
 /// ran at 66% of copy with 16 chunks a lane (low occupancy) and 93% one block per row.
@@ -129,18 +130,16 @@ fn plan(d: usize, dtype: DType) -> Plan {
 }
 
 fn variant(kind: NormKind, dtype: DType, plan: Plan, aligned: bool) -> String {
+    // The kernels' K template argument.
+    let k = match kind {
+        NormKind::Rms => "ff_rms",
+        NormKind::Layer => "ff_layer",
+    };
+    let t = type_tag(dtype);
     match plan {
-        Plan::Group { g, chunks } => format!(
-            "{}_group<{}, {g}, {chunks}, {aligned}>",
-            kind.op(),
-            type_tag(dtype)
-        ),
-        Plan::Rows { chunks, .. } => format!(
-            "{}_rows<{}, {chunks}, {aligned}>",
-            kind.op(),
-            type_tag(dtype)
-        ),
-        Plan::Looped => format!("{}_looped<{}, {aligned}>", kind.op(), type_tag(dtype)),
+        Plan::Group { g, chunks } => format!("norm_group<{k}, {t}, {g}, {chunks}, {aligned}>"),
+        Plan::Rows { chunks, .. } => format!("norm_rows<{k}, {t}, {chunks}, {aligned}>"),
+        Plan::Looped => format!("norm_looped<{k}, {t}, {aligned}>"),
     }
 }
 
@@ -356,10 +355,7 @@ fn norm(
     let cu = stream.cuda();
     let mut builder = cu.launch_builder(&func);
     builder.arg(src.slice()).arg(&x_offset).arg(&rs);
-    for p in [&wp, &bp]
-        .into_iter()
-        .take(if kind == NormKind::Rms { 1 } else { 2 })
-    {
+    for p in [&wp, &bp] {
         match p {
             Some(p) => builder.arg(p.buffer.slice()).arg(&p.offset).arg(&p.stride),
             None => builder.arg(&null).arg(&zero).arg(&zero),

@@ -9,11 +9,12 @@
 // the weight and add the bias in T (each product / sum rounded to T, which f32 arithmetic
 // followed by one rounding reproduces exactly for the 16-bit types).
 //
-// Variants:
-//   *_rows<T, N_CHUNKS, ALIGNED>: one block per row, each thread keeps N_CHUNKS chunks of
-//     N_READS = 16 / sizeof(T) consecutive elements in registers: one pass over x.
-//   *_looped<T, ALIGNED>: rows too long for registers; the block loops over the row (a second
-//     and third read mostly hit L2).
+// Variants (K is ff_rms or ff_layer):
+//   norm_rows<K, T, N_CHUNKS, ALIGNED>: one block per row, each thread keeps N_CHUNKS chunks
+//     of N_READS = 16 / sizeof(T) consecutive elements in registers: one pass over x.
+//   norm_looped<K, T, ALIGNED>: rows too long for registers; the block loops over the row (a
+//     second and third read mostly hit L2).
+//   norm_group<K, T, G, CH, ALIGNED>: several rows per block (below).
 // Every kernel is declared launchable with 1024 threads, so the compiler keeps registers
 // within what a full block may use (spilling rather than failing the launch).
 //
@@ -221,102 +222,21 @@ __device__ __forceinline__ void ff_finish_chunk(const float (&normalized)[ff_nor
     }
 }
 
-// ----- RMS norm -----------------------------------------------------------------------------
+// The two normalisations, as the template argument K of every kernel: RMS norm scales by
+// rsqrt(mean(x^2) + eps); layer norm centres on the mean and scales by rsqrt(var + eps).
+// Every kernel takes the bias arguments; RMS norm's launcher passes a null bias.
+struct ff_rms {
+    static const bool layer = false;
+};
+struct ff_layer {
+    static const bool layer = true;
+};
 
-template <typename T, int N_CHUNKS, bool ALIGNED>
-__global__ void __launch_bounds__(1024) rms_norm_rows(const typename T::storage* __restrict__ x,
-                              ff_i64_t x_offset,
-                              ff_i64_t x_row_stride,
-                              const typename T::storage* __restrict__ w,
-                              ff_i64_t w_offset,
-                              ff_i64_t w_stride,
-                              typename T::storage* __restrict__ out,
-                              ff_i64_t n_rows,
-                              int D,
-                              float eps) {
-    typedef typename T::storage S;
-    const int N = ff_norm<T>::N;
-    __shared__ float scratch[32];
-    const S* wp = w != nullptr ? w + w_offset : nullptr;
-    for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        const S* xr = x + x_offset + row * x_row_stride;
-        float v[N_CHUNKS][N];
-        float ss = 0.0f;
-#pragma unroll
-        for (int c = 0; c < N_CHUNKS; ++c) {
-            const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
-            ff_load<T, ALIGNED>(xr, 1, base, D, v[c]);
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                ss += v[c][k] * v[c][k];
-            }
-        }
-        ss = ff_block_sum(ss, scratch);
-        const float inv = 1.0f / sqrtf(ss / (float)D + eps);
-        S* orow = out + row * (ff_i64_t)D;
-#pragma unroll
-        for (int c = 0; c < N_CHUNKS; ++c) {
-            const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
-            if (base < D) {
-                float n[N];
-#pragma unroll
-                for (int k = 0; k < N; ++k) {
-                    n[k] = v[c][k] * inv;
-                }
-                S o[N];
-                ff_finish_chunk<T, ALIGNED>(n, wp, w_stride, nullptr, 0, base, D, o);
-                ff_store<T, ALIGNED>(orow, base, D, o);
-            }
-        }
-    }
-}
-
-template <typename T, bool ALIGNED>
-__global__ void __launch_bounds__(1024) rms_norm_looped(const typename T::storage* __restrict__ x,
-                                ff_i64_t x_offset,
-                                ff_i64_t x_row_stride,
-                                const typename T::storage* __restrict__ w,
-                                ff_i64_t w_offset,
-                                ff_i64_t w_stride,
-                                typename T::storage* __restrict__ out,
-                                ff_i64_t n_rows,
-                                int D,
-                                float eps) {
-    typedef typename T::storage S;
-    const int N = ff_norm<T>::N;
-    __shared__ float scratch[32];
-    const S* wp = w != nullptr ? w + w_offset : nullptr;
-    const int step = (int)blockDim.x * N;
-    for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        const S* xr = x + x_offset + row * x_row_stride;
-        float ss = 0.0f;
-        for (int base = (int)threadIdx.x * N; base < D; base += step) {
-            float v[N];
-            ff_load<T, ALIGNED>(xr, 1, base, D, v);
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                ss += v[k] * v[k];
-            }
-        }
-        ss = ff_block_sum(ss, scratch);
-        const float inv = 1.0f / sqrtf(ss / (float)D + eps);
-        S* orow = out + row * (ff_i64_t)D;
-        for (int base = (int)threadIdx.x * N; base < D; base += step) {
-            float v[N];
-            ff_load<T, ALIGNED>(xr, 1, base, D, v);
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                v[k] *= inv;
-            }
-            S o[N];
-            ff_finish_chunk<T, ALIGNED>(v, wp, w_stride, nullptr, 0, base, D, o);
-            ff_store<T, ALIGNED>(orow, base, D, o);
-        }
-    }
-}
-
-// ----- layer norm ---------------------------------------------------------------------------
+// ----- statistics ---------------------------------------------------------------------------
 //
+// RMS norm sums x * x over the row (one block or group reduction).
+//
+// Layer norm://
 // One reduction for both moments: every kernel sums d = x - shift and d * d over the row, with
 // shift = x[row, 0] (a sample of the row, so |mean - shift| is typically of the order of the
 // standard deviation). Then m1 = E[d] = mean - shift and var = E[d^2] - m1^2. The
@@ -381,28 +301,31 @@ __device__ __forceinline__ void ff_block_sum2(float& a, float& b, float* scratch
     __syncthreads();
 }
 
-template <typename T, int N_CHUNKS, bool ALIGNED>
-__global__ void __launch_bounds__(1024) layer_norm_rows(const typename T::storage* __restrict__ x,
-                                ff_i64_t x_offset,
-                                ff_i64_t x_row_stride,
-                                const typename T::storage* __restrict__ w,
-                                ff_i64_t w_offset,
-                                ff_i64_t w_stride,
-                                const typename T::storage* __restrict__ b,
-                                ff_i64_t b_offset,
-                                ff_i64_t b_stride,
-                                typename T::storage* __restrict__ out,
-                                ff_i64_t n_rows,
-                                int D,
-                                float eps) {
+// ----- one block per row ---------------------------------------------------------------------
+
+template <typename K, typename T, int N_CHUNKS, bool ALIGNED>
+__global__ void __launch_bounds__(1024) norm_rows(
+    const typename T::storage* __restrict__ x,
+    ff_i64_t x_offset,
+    ff_i64_t x_row_stride,
+    const typename T::storage* __restrict__ w,
+    ff_i64_t w_offset,
+    ff_i64_t w_stride,
+    const typename T::storage* __restrict__ b,
+    ff_i64_t b_offset,
+    ff_i64_t b_stride,
+    typename T::storage* __restrict__ out,
+    ff_i64_t n_rows,
+    int D,
+    float eps) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
-    __shared__ float scratch[64];
+    __shared__ float scratch[K::layer ? 64 : 32];
     const S* wp = w != nullptr ? w + w_offset : nullptr;
     const S* bp = b != nullptr ? b + b_offset : nullptr;
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const S* xr = x + x_offset + row * x_row_stride;
-        float shift = T::to_f32(xr[0]);
+        float shift = K::layer ? T::to_f32(xr[0]) : 0.0f;
         float v[N_CHUNKS][N];
         float a1 = 0.0f;
         float a2 = 0.0f;
@@ -412,36 +335,47 @@ __global__ void __launch_bounds__(1024) layer_norm_rows(const typename T::storag
             ff_load<T, ALIGNED>(xr, 1, base, D, v[c]);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                const bool in = ALIGNED ? base < D : base + k < D;
-                const float d = in ? v[c][k] - shift : 0.0f;
-                a1 += d;
-                a2 += d * d;
-            }
-        }
-        ff_block_sum2(a1, a2, scratch);
-        float m1;
-        float var;
-        if (!ff_shifted_moments(a1, a2, D, m1, var)) {
-            // Second pass over the registers about the estimated mean, skipping the padding
-            // past D; its residual sum corrects the mean too.
-            shift += m1;
-            m1 = 0.0f;
-            float r1 = 0.0f;
-            float r2 = 0.0f;
-#pragma unroll
-            for (int c = 0; c < N_CHUNKS; ++c) {
-                const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
-#pragma unroll
-                for (int k = 0; k < N; ++k) {
-                    const float d = base + k < D ? (v[c][k] - shift) - m1 : 0.0f;
-                    r1 += d;
-                    r2 += d * d;
+                if constexpr (K::layer) {
+                    const bool in = ALIGNED ? base < D : base + k < D;
+                    const float d = in ? v[c][k] - shift : 0.0f;
+                    a1 += d;
+                    a2 += d * d;
+                } else {
+                    // Loads past D are zeros.
+                    a2 += v[c][k] * v[c][k];
                 }
             }
-            ff_block_sum2(r1, r2, scratch);
-            ff_refine_moments(r1, r2, D, m1, var);
         }
-        const float inv = 1.0f / sqrtf(var + eps);
+        float m1 = 0.0f;
+        float inv;
+        if constexpr (K::layer) {
+            ff_block_sum2(a1, a2, scratch);
+            float var;
+            if (!ff_shifted_moments(a1, a2, D, m1, var)) {
+                // Second pass over the registers about the estimated mean, skipping the
+                // padding past D; its residual sum corrects the mean too.
+                shift += m1;
+                m1 = 0.0f;
+                float r1 = 0.0f;
+                float r2 = 0.0f;
+#pragma unroll
+                for (int c = 0; c < N_CHUNKS; ++c) {
+                    const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+#pragma unroll
+                    for (int k = 0; k < N; ++k) {
+                        const float d = base + k < D ? (v[c][k] - shift) - m1 : 0.0f;
+                        r1 += d;
+                        r2 += d * d;
+                    }
+                }
+                ff_block_sum2(r1, r2, scratch);
+                ff_refine_moments(r1, r2, D, m1, var);
+            }
+            inv = 1.0f / sqrtf(var + eps);
+        } else {
+            a2 = ff_block_sum(a2, scratch);
+            inv = 1.0f / sqrtf(a2 / (float)D + eps);
+        }
         S* orow = out + row * (ff_i64_t)D;
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
@@ -450,7 +384,7 @@ __global__ void __launch_bounds__(1024) layer_norm_rows(const typename T::storag
                 float n[N];
 #pragma unroll
                 for (int k = 0; k < N; ++k) {
-                    n[k] = ((v[c][k] - shift) - m1) * inv;
+                    n[k] = K::layer ? ((v[c][k] - shift) - m1) * inv : v[c][k] * inv;
                 }
                 S o[N];
                 ff_finish_chunk<T, ALIGNED>(n, wp, w_stride, bp, b_stride, base, D, o);
@@ -460,29 +394,30 @@ __global__ void __launch_bounds__(1024) layer_norm_rows(const typename T::storag
     }
 }
 
-template <typename T, bool ALIGNED>
-__global__ void __launch_bounds__(1024) layer_norm_looped(const typename T::storage* __restrict__ x,
-                                  ff_i64_t x_offset,
-                                  ff_i64_t x_row_stride,
-                                  const typename T::storage* __restrict__ w,
-                                  ff_i64_t w_offset,
-                                  ff_i64_t w_stride,
-                                  const typename T::storage* __restrict__ b,
-                                  ff_i64_t b_offset,
-                                  ff_i64_t b_stride,
-                                  typename T::storage* __restrict__ out,
-                                  ff_i64_t n_rows,
-                                  int D,
-                                  float eps) {
+template <typename K, typename T, bool ALIGNED>
+__global__ void __launch_bounds__(1024) norm_looped(
+    const typename T::storage* __restrict__ x,
+    ff_i64_t x_offset,
+    ff_i64_t x_row_stride,
+    const typename T::storage* __restrict__ w,
+    ff_i64_t w_offset,
+    ff_i64_t w_stride,
+    const typename T::storage* __restrict__ b,
+    ff_i64_t b_offset,
+    ff_i64_t b_stride,
+    typename T::storage* __restrict__ out,
+    ff_i64_t n_rows,
+    int D,
+    float eps) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
-    __shared__ float scratch[64];
+    __shared__ float scratch[K::layer ? 64 : 32];
     const S* wp = w != nullptr ? w + w_offset : nullptr;
     const S* bp = b != nullptr ? b + b_offset : nullptr;
     const int step = (int)blockDim.x * N;
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const S* xr = x + x_offset + row * x_row_stride;
-        float shift = T::to_f32(xr[0]);
+        float shift = K::layer ? T::to_f32(xr[0]) : 0.0f;
         float a1 = 0.0f;
         float a2 = 0.0f;
         for (int base = (int)threadIdx.x * N; base < D; base += step) {
@@ -490,40 +425,50 @@ __global__ void __launch_bounds__(1024) layer_norm_looped(const typename T::stor
             ff_load<T, ALIGNED>(xr, 1, base, D, v);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                const float d = base + k < D ? v[k] - shift : 0.0f;
-                a1 += d;
-                a2 += d * d;
-            }
-        }
-        ff_block_sum2(a1, a2, scratch);
-        float m1;
-        float var;
-        if (!ff_shifted_moments(a1, a2, D, m1, var)) {
-            shift += m1;
-            m1 = 0.0f;
-            float r1 = 0.0f;
-            float r2 = 0.0f;
-            for (int base = (int)threadIdx.x * N; base < D; base += step) {
-                float v[N];
-                ff_load<T, ALIGNED>(xr, 1, base, D, v);
-#pragma unroll
-                for (int k = 0; k < N; ++k) {
-                    const float d = base + k < D ? (v[k] - shift) - m1 : 0.0f;
-                    r1 += d;
-                    r2 += d * d;
+                if constexpr (K::layer) {
+                    const float d = base + k < D ? v[k] - shift : 0.0f;
+                    a1 += d;
+                    a2 += d * d;
+                } else {
+                    a2 += v[k] * v[k];
                 }
             }
-            ff_block_sum2(r1, r2, scratch);
-            ff_refine_moments(r1, r2, D, m1, var);
         }
-        const float inv = 1.0f / sqrtf(var + eps);
+        float m1 = 0.0f;
+        float inv;
+        if constexpr (K::layer) {
+            ff_block_sum2(a1, a2, scratch);
+            float var;
+            if (!ff_shifted_moments(a1, a2, D, m1, var)) {
+                shift += m1;
+                m1 = 0.0f;
+                float r1 = 0.0f;
+                float r2 = 0.0f;
+                for (int base = (int)threadIdx.x * N; base < D; base += step) {
+                    float v[N];
+                    ff_load<T, ALIGNED>(xr, 1, base, D, v);
+#pragma unroll
+                    for (int k = 0; k < N; ++k) {
+                        const float d = base + k < D ? (v[k] - shift) - m1 : 0.0f;
+                        r1 += d;
+                        r2 += d * d;
+                    }
+                }
+                ff_block_sum2(r1, r2, scratch);
+                ff_refine_moments(r1, r2, D, m1, var);
+            }
+            inv = 1.0f / sqrtf(var + eps);
+        } else {
+            a2 = ff_block_sum(a2, scratch);
+            inv = 1.0f / sqrtf(a2 / (float)D + eps);
+        }
         S* orow = out + row * (ff_i64_t)D;
         for (int base = (int)threadIdx.x * N; base < D; base += step) {
             float v[N];
             ff_load<T, ALIGNED>(xr, 1, base, D, v);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                v[k] = ((v[k] - shift) - m1) * inv;
+                v[k] = K::layer ? ((v[k] - shift) - m1) * inv : v[k] * inv;
             }
             S o[N];
             ff_finish_chunk<T, ALIGNED>(v, wp, w_stride, bp, b_stride, base, D, o);
@@ -534,7 +479,7 @@ __global__ void __launch_bounds__(1024) layer_norm_looped(const typename T::stor
 
 // ----- several rows per block ---------------------------------------------------------------
 //
-// *_group<T, G, CH, ALIGNED>: G consecutive lanes of a warp (G in {4, 8, 16, 32}) own one row
+// norm_group<K, T, G, CH, ALIGNED>: G consecutive lanes of a warp (G in {4, 8, 16, 32}) own one row
 // and reduce with shuffles only; a block of FF_GROUP_BLOCK threads handles
 // FF_GROUP_BLOCK / G rows. Each lane keeps CH chunks of N_READS elements in registers in
 // their storage type (16 bytes a chunk, whatever T), so a row of up to G * CH * N_READS
@@ -637,61 +582,8 @@ __device__ __forceinline__ void ff_group_store(typename T::storage* __restrict__
     }
 }
 
-template <typename T, int G, int CH, bool ALIGNED>
-__global__ void __launch_bounds__(FF_GROUP_BLOCK) rms_norm_group(
-    const typename T::storage* __restrict__ x,
-    ff_i64_t x_offset,
-    ff_i64_t x_row_stride,
-    const typename T::storage* __restrict__ w,
-    ff_i64_t w_offset,
-    ff_i64_t w_stride,
-    typename T::storage* __restrict__ out,
-    ff_i64_t n_rows,
-    int D,
-    float eps) {
-    typedef typename T::storage S;
-    const int N = ff_norm<T>::N;
-    const int lane = (int)threadIdx.x % G;
-    const ff_i64_t row = (ff_i64_t)blockIdx.x * (FF_GROUP_BLOCK / G) + threadIdx.x / G;
-    const bool valid = row < n_rows;
-    const S* xr = x + x_offset + (valid ? row : 0) * x_row_stride;
-    ff_pack<S, N> raw[CH];
-#pragma unroll
-    for (int c = 0; c < CH; ++c) {
-        ff_group_load<T, ALIGNED>(xr, (c * G + lane) * N, D, valid, raw[c]);
-    }
-    float ss = 0.0f;
-#pragma unroll
-    for (int c = 0; c < CH; ++c) {
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-            const float v = T::to_f32(raw[c].elem[k]);
-            ss += v * v;
-        }
-    }
-    ss = ff_group_sum<G>(ss);
-    if (!valid) {
-        return;
-    }
-    const float inv = 1.0f / sqrtf(ss / (float)D + eps);
-    const S* wp = w != nullptr ? w + w_offset : nullptr;
-    S* orow = out + row * (ff_i64_t)D;
-#pragma unroll
-    for (int c = 0; c < CH; ++c) {
-        const int base = (c * G + lane) * N;
-        if (base < D) {
-            float n[N];
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                n[k] = T::to_f32(raw[c].elem[k]) * inv;
-            }
-            ff_group_store<T, ALIGNED>(orow, wp, w_stride, nullptr, 0, base, D, n);
-        }
-    }
-}
-
-template <typename T, int G, int CH, bool ALIGNED>
-__global__ void __launch_bounds__(FF_GROUP_BLOCK) layer_norm_group(
+template <typename K, typename T, int G, int CH, bool ALIGNED>
+__global__ void __launch_bounds__(FF_GROUP_BLOCK) norm_group(
     const typename T::storage* __restrict__ x,
     ff_i64_t x_offset,
     ff_i64_t x_row_stride,
@@ -716,7 +608,7 @@ __global__ void __launch_bounds__(FF_GROUP_BLOCK) layer_norm_group(
     for (int c = 0; c < CH; ++c) {
         ff_group_load<T, ALIGNED>(xr, (c * G + lane) * N, D, valid, raw[c]);
     }
-    float shift = valid ? T::to_f32(xr[0]) : 0.0f;
+    float shift = (K::layer && valid) ? T::to_f32(xr[0]) : 0.0f;
     float a1 = 0.0f;
     float a2 = 0.0f;
 #pragma unroll
@@ -724,48 +616,61 @@ __global__ void __launch_bounds__(FF_GROUP_BLOCK) layer_norm_group(
         const int base = (c * G + lane) * N;
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-            const bool in = ALIGNED ? base < D : base + k < D;
-            const float d = in ? T::to_f32(raw[c].elem[k]) - shift : 0.0f;
-            a1 += d;
-            a2 += d * d;
-        }
-    }
-#pragma unroll
-    for (int offset = G / 2; offset > 0; offset >>= 1) {
-        a1 += __shfl_xor_sync(0xffffffffu, a1, offset);
-        a2 += __shfl_xor_sync(0xffffffffu, a2, offset);
-    }
-    float m1;
-    float var;
-    const bool trusted = ff_shifted_moments(a1, a2, D, m1, var);
-    // The exact pass shuffles across the whole warp, so every lane takes it when any row of
-    // the warp needs it.
-    if (__any_sync(0xffffffffu, !trusted)) {
-        shift += m1;
-        m1 = 0.0f;
-        float r1 = 0.0f;
-        float r2 = 0.0f;
-#pragma unroll
-        for (int c = 0; c < CH; ++c) {
-            const int base = (c * G + lane) * N;
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                const float d = base + k < D ? (T::to_f32(raw[c].elem[k]) - shift) - m1 : 0.0f;
-                r1 += d;
-                r2 += d * d;
+            if constexpr (K::layer) {
+                const bool in = ALIGNED ? base < D : base + k < D;
+                const float d = in ? T::to_f32(raw[c].elem[k]) - shift : 0.0f;
+                a1 += d;
+                a2 += d * d;
+            } else {
+                // Loads past D are zeros.
+                const float v = T::to_f32(raw[c].elem[k]);
+                a2 += v * v;
             }
         }
+    }
+    float m1 = 0.0f;
+    float inv;
+    if constexpr (K::layer) {
 #pragma unroll
         for (int offset = G / 2; offset > 0; offset >>= 1) {
-            r1 += __shfl_xor_sync(0xffffffffu, r1, offset);
-            r2 += __shfl_xor_sync(0xffffffffu, r2, offset);
+            a1 += __shfl_xor_sync(0xffffffffu, a1, offset);
+            a2 += __shfl_xor_sync(0xffffffffu, a2, offset);
         }
-        ff_refine_moments(r1, r2, D, m1, var);
+        float var;
+        const bool trusted = ff_shifted_moments(a1, a2, D, m1, var);
+        // The exact pass shuffles across the whole warp, so every lane takes it when any
+        // row of the warp needs it.
+        if (__any_sync(0xffffffffu, !trusted)) {
+            shift += m1;
+            m1 = 0.0f;
+            float r1 = 0.0f;
+            float r2 = 0.0f;
+#pragma unroll
+            for (int c = 0; c < CH; ++c) {
+                const int base = (c * G + lane) * N;
+#pragma unroll
+                for (int k = 0; k < N; ++k) {
+                    const float d =
+                        base + k < D ? (T::to_f32(raw[c].elem[k]) - shift) - m1 : 0.0f;
+                    r1 += d;
+                    r2 += d * d;
+                }
+            }
+#pragma unroll
+            for (int offset = G / 2; offset > 0; offset >>= 1) {
+                r1 += __shfl_xor_sync(0xffffffffu, r1, offset);
+                r2 += __shfl_xor_sync(0xffffffffu, r2, offset);
+            }
+            ff_refine_moments(r1, r2, D, m1, var);
+        }
+        inv = 1.0f / sqrtf(var + eps);
+    } else {
+        a2 = ff_group_sum<G>(a2);
+        inv = 1.0f / sqrtf(a2 / (float)D + eps);
     }
     if (!valid) {
         return;
     }
-    const float inv = 1.0f / sqrtf(var + eps);
     const S* wp = w != nullptr ? w + w_offset : nullptr;
     const S* bp = b != nullptr ? b + b_offset : nullptr;
     S* orow = out + row * (ff_i64_t)D;
@@ -776,7 +681,8 @@ __global__ void __launch_bounds__(FF_GROUP_BLOCK) layer_norm_group(
             float n[N];
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                n[k] = ((T::to_f32(raw[c].elem[k]) - shift) - m1) * inv;
+                const float v = T::to_f32(raw[c].elem[k]);
+                n[k] = K::layer ? ((v - shift) - m1) * inv : v * inv;
             }
             ff_group_store<T, ALIGNED>(orow, wp, w_stride, bp, b_stride, base, D, n);
         }

@@ -252,6 +252,14 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
     );
     let cu = stream.cuda();
     let elem = dtype.size() as u64;
+    // Encoding a tensor map needs the device's context current on this thread, which no
+    // earlier call on it may have made so (a thread whose first CUDA work is this call).
+    guarded("binding the CUDA context", || {
+        device
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_error("binding the CUDA context", e))
+    })?;
     // The device addresses; the records make `stream` wait for pending writes now and
     // record the kernel's reads when dropped after the launch.
     let (q_ptr, _q_rec) = qb.slice().device_ptr(cu);
