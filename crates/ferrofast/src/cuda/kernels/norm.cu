@@ -224,7 +224,8 @@ __device__ __forceinline__ void ff_finish_chunk(const float (&normalized)[ff_nor
 
 // The two normalisations, as the template argument K of every kernel: RMS norm scales by
 // rsqrt(mean(x^2) + eps); layer norm centres on the mean and scales by rsqrt(var + eps).
-// Every kernel takes the bias arguments; RMS norm's launcher passes a null bias.
+// Every kernel takes the bias arguments; RMS norm's launcher passes a null bias, which the
+// RMS instantiations never read.
 struct ff_rms {
     static const bool layer = false;
 };
@@ -322,7 +323,8 @@ __global__ void __launch_bounds__(1024) norm_rows(
     const int N = ff_norm<T>::N;
     __shared__ float scratch[K::layer ? 64 : 32];
     const S* wp = w != nullptr ? w + w_offset : nullptr;
-    const S* bp = b != nullptr ? b + b_offset : nullptr;
+    // RMS norm has no bias: a null known at compile time, so the bias code is compiled out.
+    const S* bp = (K::layer && b != nullptr) ? b + b_offset : nullptr;
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const S* xr = x + x_offset + row * x_row_stride;
         float shift = K::layer ? T::to_f32(xr[0]) : 0.0f;
@@ -413,7 +415,8 @@ __global__ void __launch_bounds__(1024) norm_looped(
     const int N = ff_norm<T>::N;
     __shared__ float scratch[K::layer ? 64 : 32];
     const S* wp = w != nullptr ? w + w_offset : nullptr;
-    const S* bp = b != nullptr ? b + b_offset : nullptr;
+    // RMS norm has no bias: a null known at compile time, so the bias code is compiled out.
+    const S* bp = (K::layer && b != nullptr) ? b + b_offset : nullptr;
     const int step = (int)blockDim.x * N;
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const S* xr = x + x_offset + row * x_row_stride;
@@ -672,7 +675,8 @@ __global__ void __launch_bounds__(FF_GROUP_BLOCK) norm_group(
         return;
     }
     const S* wp = w != nullptr ? w + w_offset : nullptr;
-    const S* bp = b != nullptr ? b + b_offset : nullptr;
+    // RMS norm has no bias: a null known at compile time, so the bias code is compiled out.
+    const S* bp = (K::layer && b != nullptr) ? b + b_offset : nullptr;
     S* orow = out + row * (ff_i64_t)D;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
