@@ -18,6 +18,7 @@
 //! Everything else takes the portable row loop, compiled twice, for baseline x86-64 and for
 //! AVX2, and picked at run time.
 
+use super::simd::{bf16_bits_rne_unchecked, bf16_round, bf16_round_unchecked, has_avx2};
 use crate::array::{dispatch_dtype, Array};
 use crate::dtype::{DType, Element, Float};
 use crate::error::{Error, Result};
@@ -215,7 +216,7 @@ impl<C: Acc> Job<'_, C> {
     ) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if has_avx2() {
                 // SAFETY: the CPU has every feature `rows_into_avx2` is compiled for.
                 unsafe { self.rows_into_avx2(loader, first, y, scratch) };
                 return;
@@ -668,42 +669,6 @@ impl NormFloat for f64 {
     }
 }
 
-/// f32 -> bf16 bits, round to nearest even (as MLX's `bfloat16_t` and `half::bf16::from_f32`
-/// do); NaN stays a quiet NaN. Written out so the row loops can inline and vectorise it.
-#[inline(always)]
-fn bf16_bits_rne(v: f32) -> u16 {
-    if v.is_nan() {
-        ((v.to_bits() >> 16) | 0x0040) as u16
-    } else {
-        bf16_bits_rne_unchecked(v)
-    }
-}
-
-/// [`bf16_bits_rne`] without the NaN test, for the row loops (three fewer vector ops per
-/// rounding). Exact for every value except a NaN with some of its low 16 bits set, which
-/// never reaches it: row elements are bf16 values (low bits zero) or results of arithmetic
-/// on them, the weight and bias are bf16 values, the row statistics are canonicalised, and
-/// arithmetic yields either a (quieted) input NaN or the default NaN. Adding the rounding
-/// increment to such a NaN carries nothing into the upper half, so it stays that NaN.
-#[inline(always)]
-fn bf16_bits_rne_unchecked(v: f32) -> u16 {
-    let bits = v.to_bits();
-    (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
-}
-
-/// `v` rounded to bf16 precision (nearest even), kept as f32.
-#[inline(always)]
-fn bf16_round(v: f32) -> f32 {
-    f32::from_bits(u32::from(bf16_bits_rne(v)) << 16)
-}
-
-/// [`bf16_round`] under the NaN precondition of [`bf16_bits_rne_unchecked`].
-#[inline(always)]
-fn bf16_round_unchecked(v: f32) -> f32 {
-    let bits = v.to_bits();
-    f32::from_bits(bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) & 0xFFFF_0000)
-}
-
 impl NormFloat for bf16 {
     type C = f32;
     fn alloc_output(n: usize) -> Vec<Self> {
@@ -828,48 +793,6 @@ fn avx2_rows<H>(_job: &Job<'_, f32>, _buf: &[H], _y: &mut [H]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bf16_rounding_is_nearest_even() {
-        // Ties at 1.0: 1 + 2^-8 is halfway between 1 and 1 + 2^-7.
-        assert_eq!(bf16_round(1.0 + 2f32.powi(-8)), 1.0);
-        assert_eq!(bf16_round(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
-        assert_eq!(bf16_round(-(1.0 + 2f32.powi(-8))), -1.0);
-        assert_eq!(bf16_round(f32::MAX), f32::INFINITY);
-        assert_eq!(bf16_round(f32::NEG_INFINITY), f32::NEG_INFINITY);
-        assert!(bf16_round(f32::NAN).is_nan());
-        let mut state = 0x1234_5678_9abc_def0u64;
-        for _ in 0..100_000 {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let v = f32::from_bits((state >> 32) as u32);
-            if v.is_nan() {
-                continue;
-            }
-            assert_eq!(bf16_bits_rne(v), bf16::from_f32(v).to_bits(), "{v:e}");
-            assert_eq!(bf16_round_unchecked(v).to_bits(), bf16_round(v).to_bits());
-            assert_eq!(bf16_bits_rne_unchecked(v), bf16_bits_rne(v));
-        }
-    }
-
-    #[test]
-    fn unchecked_bf16_rounding_keeps_bf16_nans() {
-        // Every NaN a bf16 row can produce has its low 16 bits clear.
-        for bits in [
-            0x7FC0_0000u32,
-            0xFFC0_0000,
-            0x7FFF_0000,
-            0xFFFF_0000,
-            0x7F81_0000,
-        ] {
-            let v = f32::from_bits(bits);
-            assert_eq!(bf16_round_unchecked(v).to_bits(), bits);
-            assert_eq!(u32::from(bf16_bits_rne_unchecked(v)) << 16, bits);
-        }
-        assert!(bf16_round(f32::from_bits(0x7F80_0001)).is_nan());
-        assert!(bf16_round(f32::from_bits(0xFFFF_FFFF)).is_nan());
-    }
 
     #[test]
     fn row_index_merges_even_axes() {

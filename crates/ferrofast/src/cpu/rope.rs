@@ -12,6 +12,7 @@
 //! the angle `(scale * pos) * inv_freq`, its cos/sin and the rotation are f32, and each output
 //! is rounded once to the input dtype. Inputs in f64 are computed in f64 throughout.
 
+use super::simd::{bf16_bits_rne, f16_to_f32, f32_to_f16, has_avx2};
 use crate::array::Array;
 use crate::ops::rope::{RopeArgs, RopeFreqs, RopeOffsets};
 use crate::{DType, Element, Error, Float, Result};
@@ -293,11 +294,7 @@ impl RopeElem for bf16 {
     /// `bf16::from_f32` but branch-free, so the rotation loop vectorises.
     #[inline(always)]
     fn store(v: f32) -> bf16 {
-        let bits = v.to_bits();
-        // Wrapping: NaNs with a set sign overflow here, and take the other branch.
-        let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
-        let quiet_nan = (bits >> 16) | 0x40;
-        bf16::from_bits(if v.is_nan() { quiet_nan } else { rounded } as u16)
+        bf16::from_bits(bf16_bits_rne(v))
     }
 }
 
@@ -311,50 +308,6 @@ impl RopeElem for f16 {
     fn store(v: f32) -> f16 {
         f16::from_bits(f32_to_f16(v))
     }
-}
-
-/// IEEE half bits to f32, exact, without branches (`half` converts one element per call,
-/// which keeps the rotation loop scalar). NaN stays NaN (its payload is not canonicalised).
-#[inline(always)]
-fn f16_to_f32(h: u16) -> f32 {
-    let h = u32::from(h);
-    let sign = (h & 0x8000) << 16;
-    let magnitude = h & 0x7FFF;
-    // Shifting puts the exponent and mantissa in f32 position; multiplying by 2^112 rebiases
-    // the exponent (15 -> 127) and normalises subnormals exactly.
-    let scaled = (f32::from_bits(magnitude << 13) * f32::from_bits(0x7780_0000)).to_bits();
-    let bits = if magnitude >= 0x7C00 {
-        scaled | 0x7F80_0000
-    } else {
-        scaled
-    };
-    f32::from_bits(bits | sign)
-}
-
-/// f32 to IEEE half bits, rounding to nearest even, without branches: the same results as
-/// `f16::from_f32` (overflow to infinity, gradual underflow; NaN becomes a quiet NaN).
-#[inline(always)]
-fn f32_to_f16(v: f32) -> u16 {
-    let bits = v.to_bits();
-    let sign = (bits >> 16) & 0x8000;
-    let a = bits & 0x7FFF_FFFF;
-    // |v| >= 65536 (or inf/NaN); 65520..65536 round up to infinity in the normal path.
-    let huge = if a > 0x7F80_0000 { 0x7E00 } else { 0x7C00 };
-    // Results below 2^-14 are subnormal: adding 0.5 makes the FPU round at 2^-24, the
-    // subnormal step, and the low mantissa bits are then the half's bits.
-    let half_bits = 0x3F00_0000u32;
-    let subnormal = (f32::from_bits(a) + f32::from_bits(half_bits)).to_bits() - half_bits;
-    // Normal results: rebias the exponent (127 -> 15), round to nearest even at bit 13.
-    let odd = (a >> 13) & 1;
-    let normal = a.wrapping_sub(112 << 23).wrapping_add(0xFFF + odd) >> 13;
-    let h = if a >= 0x4780_0000 {
-        huge
-    } else if a < 0x3880_0000 {
-        subnormal
-    } else {
-        normal
-    };
-    (h | sign) as u16
 }
 
 /// The input seen as `(B, heads, T, D)` over its buffer.
@@ -596,7 +549,7 @@ enum Isa {
 impl Isa {
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if has_avx2() {
             return Isa::Avx2;
         }
         Isa::Baseline
@@ -813,53 +766,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn f16_conversions_match_half() {
-        for h in 0..=u16::MAX {
-            let want = f16::from_bits(h).to_f32();
-            let got = f16_to_f32(h);
-            if want.is_nan() {
-                assert!(got.is_nan(), "{h:#06x}");
-            } else {
-                assert_eq!(got.to_bits(), want.to_bits(), "{h:#06x}");
-            }
-        }
-        let mut values: Vec<f32> = vec![
-            0.0,
-            -0.0,
-            65504.0,
-            65519.99,
-            65520.0,
-            65536.0,
-            1e-8,
-            2.98e-8,
-            2.99e-8,
-            6.1e-5,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            f32::MAX,
-            f32::MIN_POSITIVE,
-        ];
-        // Every f16 value and the midpoints between neighbours (the ties).
-        for h in 0..0x7C00u16 {
-            let (a, b) = (f16_to_f32(h), f16_to_f32(h + 1));
-            values.extend([a, -a, (a + b) / 2.0, -(a + b) / 2.0]);
-        }
-        values.extend((0..u32::MAX / 7919).map(|i| f32::from_bits(i * 7919)));
-        for v in values {
-            let want = f16::from_f32(v);
-            let got = f32_to_f16(v);
-            if v.is_nan() {
-                assert!(f16::from_bits(got).is_nan());
-            } else {
-                assert_eq!(got, want.to_bits(), "{v:e}");
-            }
-        }
-    }
-
-    /// Every instruction-set variant gives bit-identical results (no contraction into FMAs,
-    /// same operations in the same order).
     #[test]
     fn isa_variants_agree_bit_for_bit() {
         fn outputs<T: RopeElem>(x: &Array, plan: &RopeArgs) -> Vec<Vec<u64>> {

@@ -23,6 +23,7 @@
 //! relative error below 2e-7); f64 inputs compute in f64 through the same code, with the
 //! standard `exp`.
 
+use super::simd::{bf16_widen, has_avx2_fma};
 use crate::array::Array;
 use crate::dtype::{DType, Element, Float};
 use crate::error::{Error, Result};
@@ -781,7 +782,7 @@ impl Elem for bf16 {
     #[inline(always)]
     fn widen_slice(src: &[bf16], dst: &mut [f32]) {
         for (d, s) in dst.iter_mut().zip(src) {
-            *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+            *d = bf16_widen(s.to_bits());
         }
     }
     #[inline(always)]
@@ -1336,17 +1337,6 @@ impl<T: Elem> Ctx<'_, T> {
     }
 }
 
-fn has_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// Runs a validated attention call on the CPU (see `fast::scaled_dot_product_attention` for
 /// the contract). Returns a new row-major `[B, N_q, T_q, D_v]` array of the output dtype.
 pub(crate) fn run(c: &SdpaArgs) -> Result<Array> {
@@ -1421,7 +1411,7 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32) -> Result<Array> {
         dv,
         qc,
         nqc,
-        fma: has_fma(),
+        fma: has_avx2_fma(),
     };
 
     // The output pieces each chunk writes: for each of its R query heads, its queries.
@@ -1484,7 +1474,7 @@ mod tests {
         }
         assert!(exp_nonpositive::<false>(f32::NAN).is_nan());
         #[cfg(target_arch = "x86_64")]
-        if has_fma() {
+        if has_avx2_fma() {
             let mut ys = xs.clone();
             ys.push(f32::NAN);
             // SAFETY: AVX2 and FMA were just detected.

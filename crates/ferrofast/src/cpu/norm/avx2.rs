@@ -31,7 +31,8 @@
 //!   (borrowed as they are where the order is natural): a decode step normalises a single
 //!   row, and the set-up had cost twice the row itself.
 
-use super::{bf16_bits_rne_unchecked, bf16_round_unchecked, Acc, Job, RowStats};
+use super::{Acc, Job, RowStats};
+use crate::cpu::simd::{bf16_bits_rne_unchecked, bf16_round_unchecked};
 use crate::ops::norm::NormKind;
 use half::{bf16, f16};
 use std::arch::x86_64::*;

@@ -1,0 +1,223 @@
+//! CPU helpers shared by the norm, rope and attention kernels: instruction-set detection,
+//! and f16 / bf16 conversions written so that loops over them vectorise (`half` converts one
+//! element per call, and quiets NaNs with a branch).
+
+/// Whether the CPU has AVX2 (the kernels' wide paths are compiled for it).
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the CPU has AVX2 and FMA.
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// bf16 bits widened to f32, exact (a shift, which vectorises; signalling NaNs are not
+/// quieted, arithmetic on them quiets them anyway).
+#[inline(always)]
+pub(crate) fn bf16_widen(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// f32 -> bf16 bits, round to nearest even (as MLX's `bfloat16_t` and `half::bf16::from_f32`
+/// do); NaN stays a quiet NaN. Written out so the row loops can inline and vectorise it.
+#[inline(always)]
+pub(crate) fn bf16_bits_rne(v: f32) -> u16 {
+    if v.is_nan() {
+        ((v.to_bits() >> 16) | 0x0040) as u16
+    } else {
+        bf16_bits_rne_unchecked(v)
+    }
+}
+
+/// [`bf16_bits_rne`] without the NaN test, for the row loops (three fewer vector ops per
+/// rounding). Exact for every value except a NaN with some of its low 16 bits set, which
+/// never reaches it: row elements are bf16 values (low bits zero) or results of arithmetic
+/// on them, the weight and bias are bf16 values, the row statistics are canonicalised, and
+/// arithmetic yields either a (quieted) input NaN or the default NaN. Adding the rounding
+/// increment to such a NaN carries nothing into the upper half, so it stays that NaN.
+#[inline(always)]
+pub(crate) fn bf16_bits_rne_unchecked(v: f32) -> u16 {
+    let bits = v.to_bits();
+    (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// `v` rounded to bf16 precision (nearest even), kept as f32.
+#[inline(always)]
+pub(crate) fn bf16_round(v: f32) -> f32 {
+    f32::from_bits(u32::from(bf16_bits_rne(v)) << 16)
+}
+
+/// [`bf16_round`] under the NaN precondition of [`bf16_bits_rne_unchecked`].
+#[inline(always)]
+pub(crate) fn bf16_round_unchecked(v: f32) -> f32 {
+    let bits = v.to_bits();
+    f32::from_bits(bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) & 0xFFFF_0000)
+}
+
+/// IEEE half bits to f32, exact, without branches (`half` converts one element per call,
+/// which keeps the rotation loop scalar). NaN stays NaN (its payload is not canonicalised).
+#[inline(always)]
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    let h = u32::from(h);
+    let sign = (h & 0x8000) << 16;
+    let magnitude = h & 0x7FFF;
+    // Shifting puts the exponent and mantissa in f32 position; multiplying by 2^112 rebiases
+    // the exponent (15 -> 127) and normalises subnormals exactly.
+    let scaled = (f32::from_bits(magnitude << 13) * f32::from_bits(0x7780_0000)).to_bits();
+    let bits = if magnitude >= 0x7C00 {
+        scaled | 0x7F80_0000
+    } else {
+        scaled
+    };
+    f32::from_bits(bits | sign)
+}
+
+/// f32 to IEEE half bits, rounding to nearest even, without branches: the same results as
+/// `f16::from_f32` (overflow to infinity, gradual underflow; NaN becomes a quiet NaN).
+#[inline(always)]
+pub(crate) fn f32_to_f16(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let sign = (bits >> 16) & 0x8000;
+    let a = bits & 0x7FFF_FFFF;
+    // |v| >= 65536 (or inf/NaN); 65520..65536 round up to infinity in the normal path.
+    let huge = if a > 0x7F80_0000 { 0x7E00 } else { 0x7C00 };
+    // Results below 2^-14 are subnormal: adding 0.5 makes the FPU round at 2^-24, the
+    // subnormal step, and the low mantissa bits are then the half's bits.
+    let half_bits = 0x3F00_0000u32;
+    let subnormal = (f32::from_bits(a) + f32::from_bits(half_bits)).to_bits() - half_bits;
+    // Normal results: rebias the exponent (127 -> 15), round to nearest even at bit 13.
+    let odd = (a >> 13) & 1;
+    let normal = a.wrapping_sub(112 << 23).wrapping_add(0xFFF + odd) >> 13;
+    let h = if a >= 0x4780_0000 {
+        huge
+    } else if a < 0x3880_0000 {
+        subnormal
+    } else {
+        normal
+    };
+    (h | sign) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        // Ties at 1.0: 1 + 2^-8 is halfway between 1 and 1 + 2^-7.
+        assert_eq!(bf16_round(1.0 + 2f32.powi(-8)), 1.0);
+        assert_eq!(bf16_round(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
+        assert_eq!(bf16_round(-(1.0 + 2f32.powi(-8))), -1.0);
+        assert_eq!(bf16_round(f32::MAX), f32::INFINITY);
+        assert_eq!(bf16_round(f32::NEG_INFINITY), f32::NEG_INFINITY);
+        assert!(bf16_round(f32::NAN).is_nan());
+        let mut state = 0x1234_5678_9abc_def0u64;
+        for _ in 0..100_000 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let v = f32::from_bits((state >> 32) as u32);
+            if v.is_nan() {
+                continue;
+            }
+            assert_eq!(bf16_bits_rne(v), bf16::from_f32(v).to_bits(), "{v:e}");
+            assert_eq!(bf16_round_unchecked(v).to_bits(), bf16_round(v).to_bits());
+            assert_eq!(bf16_bits_rne_unchecked(v), bf16_bits_rne(v));
+        }
+    }
+
+    #[test]
+    fn unchecked_bf16_rounding_keeps_bf16_nans() {
+        // Every NaN a bf16 row can produce has its low 16 bits clear.
+        for bits in [
+            0x7FC0_0000u32,
+            0xFFC0_0000,
+            0x7FFF_0000,
+            0xFFFF_0000,
+            0x7F81_0000,
+        ] {
+            let v = f32::from_bits(bits);
+            assert_eq!(bf16_round_unchecked(v).to_bits(), bits);
+            assert_eq!(u32::from(bf16_bits_rne_unchecked(v)) << 16, bits);
+        }
+        assert!(bf16_round(f32::from_bits(0x7F80_0001)).is_nan());
+        assert!(bf16_round(f32::from_bits(0xFFFF_FFFF)).is_nan());
+    }
+
+    #[test]
+    fn f16_conversions_match_half() {
+        for h in 0..=u16::MAX {
+            let want = f16::from_bits(h).to_f32();
+            let got = f16_to_f32(h);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{h:#06x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{h:#06x}");
+            }
+        }
+        let mut values: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            65504.0,
+            65519.99,
+            65520.0,
+            65536.0,
+            1e-8,
+            2.98e-8,
+            2.99e-8,
+            6.1e-5,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+        ];
+        // Every f16 value and the midpoints between neighbours (the ties).
+        for h in 0..0x7C00u16 {
+            let (a, b) = (f16_to_f32(h), f16_to_f32(h + 1));
+            values.extend([a, -a, (a + b) / 2.0, -(a + b) / 2.0]);
+        }
+        values.extend((0..u32::MAX / 7919).map(|i| f32::from_bits(i * 7919)));
+        for v in values {
+            let want = f16::from_f32(v);
+            let got = f32_to_f16(v);
+            if v.is_nan() {
+                assert!(f16::from_bits(got).is_nan());
+            } else {
+                assert_eq!(got, want.to_bits(), "{v:e}");
+            }
+        }
+    }
+
+    /// Every instruction-set variant gives bit-identical results (no contraction into FMAs,
+    /// same operations in the same order).
+
+    #[test]
+    fn bf16_widening_is_exact() {
+        for h in 0..=u16::MAX {
+            let want = bf16::from_bits(h).to_f32();
+            let got = bf16_widen(h);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{h:#06x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{h:#06x}");
+            }
+        }
+    }
+}
