@@ -61,10 +61,7 @@ fn sample(shape: &[usize], dtype: DType, seed: u64) -> Array {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn device_queries() {
     let Some(gpu) = gpu() else { return };
     assert!(Device::cuda_device_count() >= 1);
@@ -81,10 +78,7 @@ fn device_queries() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn round_trips_every_dtype_exactly() {
     let Some(gpu) = gpu() else { return };
     for (k, dtype) in DType::ALL.into_iter().enumerate() {
@@ -110,10 +104,7 @@ fn round_trips_every_dtype_exactly() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn constructors_on_the_gpu_match_the_cpu() {
     let Some(gpu) = gpu() else { return };
     let shape = [5, 17];
@@ -181,10 +172,7 @@ fn views(a: &Array) -> Vec<(&'static str, Array)> {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn strided_views_copy_like_the_cpu() {
     let Some(gpu) = gpu() else { return };
     for dtype in [
@@ -220,10 +208,7 @@ fn strided_views_copy_like_the_cpu() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn views_with_more_than_eight_dimensions() {
     let Some(gpu) = gpu() else { return };
     let shape = [2usize; 10];
@@ -302,10 +287,7 @@ fn special_values() -> Vec<f64> {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn casts_match_the_cpu_for_every_dtype_pair() {
     let Some(gpu) = gpu() else { return };
     let specials = Array::from_vec(special_values(), &[special_values().len()]).unwrap();
@@ -340,10 +322,7 @@ fn casts_match_the_cpu_for_every_dtype_pair() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn streams_order_work_and_carry_arrays() {
     let Some(gpu) = gpu() else { return };
     let s1 = Stream::new(&gpu).unwrap();
@@ -375,10 +354,7 @@ fn streams_order_work_and_carry_arrays() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn cpu_kernels_refuse_gpu_arrays_politely() {
     let Some(gpu) = gpu() else { return };
     let a = sample(&[4], DType::F32, 17).to_device(&gpu).unwrap();

@@ -19,10 +19,7 @@ fn tol(dtype: DType) -> (f64, f64) {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn norms_dispatch_to_the_gpu_with_mlx_promotion() {
     let Some(dev) = gpu() else { return };
     let cases = [
@@ -67,10 +64,7 @@ fn norms_dispatch_to_the_gpu_with_mlx_promotion() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn norms_on_strided_gpu_views_match_the_cpu() {
     let Some(dev) = gpu() else { return };
     for (seed, dtype) in [DType::F32, DType::BF16].into_iter().enumerate() {
@@ -94,10 +88,7 @@ fn norms_on_strided_gpu_views_match_the_cpu() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn norm_errors_are_the_same_on_the_gpu() {
     let Some(dev) = gpu() else { return };
     let x = Array::randn(&[4, 128], DType::F32, 1, &dev).unwrap();
@@ -115,10 +106,7 @@ fn norm_errors_are_the_same_on_the_gpu() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn rope_dispatches_to_the_gpu() {
     use ferrofast::fast::RopeOffset;
     let Some(dev) = gpu() else { return };

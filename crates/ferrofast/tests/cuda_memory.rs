@@ -13,10 +13,7 @@ use ferrofast::{Array, DType, Error};
 const GIB: usize = 1 << 30;
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn the_pool_gives_freed_memory_back_when_an_allocation_needs_it() {
     let Some(dev) = gpu() else { return };
     let one = Array::full(&[GIB], 7.0, DType::U8, &dev).expect("upload 1 GiB");

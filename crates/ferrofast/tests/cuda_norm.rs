@@ -182,10 +182,7 @@ fn per_dtype(body: impl Fn(DType) + Sync) {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn rms_norm_over_dtypes_sizes_and_weights() {
     let Some(gpu) = gpu() else { return };
     per_dtype(|dtype| {
@@ -208,10 +205,7 @@ fn rms_norm_over_dtypes_sizes_and_weights() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn layer_norm_over_dtypes_sizes_weights_and_biases() {
     let Some(gpu) = gpu() else { return };
     per_dtype(|dtype| {
@@ -242,10 +236,7 @@ fn layer_norm_over_dtypes_sizes_weights_and_biases() {
 /// its row (the exact two-pass fallback), constant rows, and a constant row but its first
 /// element.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn layer_norm_rows_with_offsets_outliers_and_constants() {
     let Some(gpu) = gpu() else { return };
     per_dtype(|dtype| {
@@ -290,10 +281,7 @@ fn layer_norm_rows_with_offsets_outliers_and_constants() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn three_dimensional_inputs_and_other_eps() {
     let Some(gpu) = gpu() else { return };
     for dtype in DTYPES {
@@ -354,10 +342,7 @@ fn check_view(
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn strided_and_offset_inputs() {
     let Some(gpu) = gpu() else { return };
     for dtype in DTYPES {
@@ -421,10 +406,7 @@ fn strided_and_offset_inputs() {
 type ParamView = fn(&Array, usize) -> Array;
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn strided_weights_and_biases() {
     let Some(gpu) = gpu() else { return };
     for dtype in DTYPES {
@@ -478,10 +460,7 @@ fn strided_weights_and_biases() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn explicit_streams() {
     let Some(gpu) = gpu() else { return };
     let s = Stream::new(&gpu).unwrap();
@@ -529,10 +508,7 @@ fn explicit_streams() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn empty_inputs() {
     let Some(gpu) = gpu() else { return };
     for shape in [[0usize, 16], [4, 0]] {
@@ -547,10 +523,7 @@ fn empty_inputs() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn bad_arguments_are_errors() {
     let Some(gpu) = gpu() else { return };
     let x = common::randn(&[4, 8], DType::F32, 7001)

@@ -156,10 +156,7 @@ fn check(gpu: &Device, x: &Array, case: &Case, what: &str) {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn sweep_over_dtypes_modes_bases_scales_and_offsets() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 100;
@@ -193,10 +190,7 @@ fn sweep_over_dtypes_modes_bases_scales_and_offsets() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn freqs_give_the_periods() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 200;
@@ -227,10 +221,7 @@ fn freqs_give_the_periods() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn per_batch_offsets() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 300;
@@ -260,10 +251,7 @@ fn per_batch_offsets() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn large_positions() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 400;
@@ -291,10 +279,7 @@ fn large_positions() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn ranks_three_to_five_and_odd_sizes() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 500;
@@ -330,10 +315,7 @@ fn ranks_three_to_five_and_odd_sizes() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn decode_rows_with_several_batches() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 600;
@@ -364,10 +346,7 @@ fn decode_rows_with_several_batches() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn strided_views_in_place_and_copied() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 700;
@@ -454,10 +433,7 @@ fn strided_views_in_place_and_copied() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn explicit_streams() {
     let Some(gpu) = gpu() else { return };
     let s = Stream::new(&gpu).unwrap();
@@ -477,10 +453,7 @@ fn explicit_streams() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn empty_inputs() {
     let Some(gpu) = gpu() else { return };
     for shape in [[0usize, 2, 4, 8], [2, 0, 4, 8], [2, 3, 0, 8]] {
@@ -492,10 +465,7 @@ fn empty_inputs() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn bad_arguments_are_errors() {
     let Some(gpu) = gpu() else { return };
     let x = common::randn(&[2, 3, 4, 8], DType::F32, 901)

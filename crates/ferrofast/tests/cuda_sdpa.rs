@@ -217,10 +217,7 @@ fn layout(
 /// MLX's shapes_64 / shapes_128 (head counts divided down, as in `tests/sdpa.rs`), each with
 /// every mask kind, a rotating dtype and both layouts.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn mlx_shapes_64_and_128() {
     let Some(dev) = gpu() else { return };
     let shapes: [(usize, usize, usize, usize, usize, usize); 14] = [
@@ -261,10 +258,7 @@ fn mlx_shapes_64_and_128() {
 /// MLX's single-query shapes: T_q 1 over many key lengths, GQA 1 and 4, every mask kind and
 /// dtype.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn mlx_single_query_many_key_lengths() {
     let Some(dev) = gpu() else { return };
     let mut n = 0u64;
@@ -286,10 +280,7 @@ fn mlx_single_query_many_key_lengths() {
 /// Decode and prefill query lengths around the decode kernel's limit of 8, every mask kind
 /// and dtype, GQA 4 and MQA.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn query_lengths_around_the_decode_limit() {
     let Some(dev) = gpu() else { return };
     let mut n = 0u64;
@@ -314,10 +305,7 @@ fn query_lengths_around_the_decode_limit() {
 /// MLX's vector tests: scalar, `(L,)`, `(N_q, 1, L)`, transposed, additive, log(bool),
 /// causal.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn mlx_vector_masks() {
     let Some(dev) = gpu() else { return };
     let (nq, d) = (4usize, 64usize);
@@ -389,10 +377,7 @@ fn mlx_vector_masks() {
 
 /// MLX's `test_sdpa_vector_gqa_long`, shortened: GQA with K/V sliced out of a longer cache.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn gqa_cache_slices() {
     let Some(dev) = gpu() else { return };
     for (i, &(nq, nkv, d, l)) in [(32usize, 4usize, 128usize, 1000usize), (64, 8, 64, 1001)]
@@ -426,10 +411,7 @@ fn gqa_cache_slices() {
 
 /// Every key masked gives 0 (MLX's `test_sdpa_fully_masked`), for decode and prefill.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn fully_masked_rows_are_zero() {
     let Some(dev) = gpu() else { return };
     for &lq in &[1usize, 8, 32] {
@@ -454,10 +436,7 @@ fn fully_masked_rows_are_zero() {
 
 /// T_q > T_kv with a causal mask: the first rows see no key and are 0.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn causal_longer_queries_than_keys() {
     let Some(dev) = gpu() else { return };
     for (i, &(ql, kl, d, qh, kh)) in [
@@ -498,10 +477,7 @@ fn causal_longer_queries_than_keys() {
 
 /// A key row of -inf gives -inf scores for that key (MLX's `test_sdpa_inf_score`).
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn minus_inf_key_score() {
     let Some(dev) = gpu() else { return };
     for &d in &[4usize, 128] {
@@ -524,10 +500,7 @@ fn minus_inf_key_score() {
 /// MLX's `test_sdpa_few_query` and `test_sdpa_vector_batched`: q in `[B, T, H, D]` memory,
 /// MQA, bool masks of several shapes, a broadcast additive mask.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn mlx_few_query_and_batched() {
     let Some(dev) = gpu() else { return };
     for &l in &[43usize, 4096] {
@@ -591,10 +564,7 @@ fn mlx_few_query_and_batched() {
 /// MLX's `test_sdpa_attention_sinks`, plus sinks with every mask kind on both kernels and a
 /// fully masked row whose sink takes all the weight (output 0).
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn attention_sinks() {
     let Some(dev) = gpu() else { return };
     let mut n = 0u64;
@@ -683,10 +653,7 @@ fn attention_sinks() {
 /// Head dims the decode kernel takes (multiples of 8 up to 256, (192, 128)) and those only
 /// the general kernel takes (33, 512, (5, 3)), for decode and prefill query lengths.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn head_dims_and_value_dims() {
     let Some(dev) = gpu() else { return };
     let dims = [
@@ -722,10 +689,7 @@ fn head_dims_and_value_dims() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn odd_sequence_lengths() {
     let Some(dev) = gpu() else { return };
     let lens = [1usize, 2, 8, 9, 31, 33, 65, 129];
@@ -747,10 +711,7 @@ fn odd_sequence_lengths() {
 
 /// Mixed input dtypes promote as on the CPU; a float64 result is not run on the GPU.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn dtypes_mixed_and_f64() {
     let Some(dev) = gpu() else { return };
     let q = randn(&[1, 2, 5, 16], DType::BF16, 1);
@@ -793,10 +754,7 @@ fn dtypes_mixed_and_f64() {
 /// Strided views on the GPU, read in place or copied: transposed, stepped, reversed, a
 /// strided feature axis, broadcast keys (stride 0), unaligned rows; for decode and prefill.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn strided_layouts() {
     let Some(dev) = gpu() else { return };
     let mut n = 0u64;
@@ -858,10 +816,7 @@ fn strided_layouts() {
 
 /// T_kv == 0 gives zeros (sinks or not); empty queries and heads give empty outputs.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn zero_length_keys_and_empty_shapes() {
     let Some(dev) = gpu() else { return };
     for &tq in &[1usize, 3, 20] {
@@ -895,10 +850,7 @@ fn zero_length_keys_and_empty_shapes() {
 
 /// A long cache: 32768 keys, GQA 4, D 128, in every dtype, with each mask kind and sinks.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn long_cache_decode() {
     let Some(dev) = gpu() else { return };
     let tkv = 32768usize;
@@ -947,10 +899,7 @@ fn long_cache_decode() {
 /// Key lengths just below, at and above the split lengths the planner picks (multiples of
 /// 64 and 256) for one (batch, kv head), where the keys are cut into many ranges.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn split_kv_boundaries() {
     let Some(dev) = gpu() else { return };
     let mut n = 0u64;
@@ -989,10 +938,7 @@ fn split_kv_boundaries() {
 /// every mask kind, sinks, every head-dim pair it takes, key lengths that are not multiples
 /// of its 16-key tiles, and one (batch, kv head) so the keys are split into many ranges.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn tensor_core_decode_rows_masks_and_dims() {
     let Some(dev) = gpu() else { return };
     let rows: [(usize, usize); 9] = [
@@ -1061,10 +1007,7 @@ fn tensor_core_decode_rows_masks_and_dims() {
 /// the sink), a causal mask hiding every key of the first query positions, a batch of 3, and
 /// key lengths around its split sizes.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn tensor_core_decode_broadcast_masks_and_empty_rows() {
     let Some(dev) = gpu() else { return };
     let (b, nq, nkv, tq, d) = (3usize, 8usize, 2usize, 2usize, 128usize);
@@ -1145,10 +1088,7 @@ fn tensor_core_decode_broadcast_masks_and_empty_rows() {
 /// Grids of more than 132 blocks in both kernels, and GQA groups larger than a decode block
 /// (MQA with 32 query heads and T_q 8: 256 rows per kv head).
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn large_grids_and_groups() {
     let Some(dev) = gpu() else { return };
     let q = randn(&[3, 100, 1, 64], DType::BF16, 1);
@@ -1202,10 +1142,7 @@ fn large_grids_and_groups() {
 /// Inputs produced on other streams of the device are waited for; the explicit-stream entry
 /// runs on the stream it is given; inputs on the CPU or another device are clear errors.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn streams_and_devices() {
     let Some(dev) = gpu() else { return };
     let q = randn(&[1, 8, 1, 64], DType::F32, 1);
@@ -1336,7 +1273,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
-    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
+    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
     fn matches_oracle(c in case()) {
         let Some(dev) = gpu() else { return Ok(()) };
         let dtype = [DType::F32, DType::F16, DType::BF16][c.dtype as usize];

@@ -99,10 +99,7 @@ fn bool_mask(shape: &[usize], p_true: f64, seed: u64) -> Array {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn every_head_dim_and_dtype() {
     let Some(dev) = gpu() else { return };
     let c = causal(&dev);
@@ -128,10 +125,7 @@ fn causal(dev: &Device) -> Pair {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn ragged_lengths_causal_and_not() {
     let Some(dev) = gpu() else { return };
     let c = causal(&dev);
@@ -169,10 +163,7 @@ fn ragged_lengths_causal_and_not() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn grouped_and_multi_query_heads() {
     let Some(dev) = gpu() else { return };
     let c = causal(&dev);
@@ -200,10 +191,7 @@ fn grouped_and_multi_query_heads() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn bool_and_additive_masks_broadcast_and_full() {
     let Some(dev) = gpu() else { return };
     let (b, nq, nkv, tq, tkv) = (2, 4, 2, 77, 203);
@@ -239,10 +227,7 @@ fn bool_and_additive_masks_broadcast_and_full() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn sinks_with_every_mask_kind() {
     let Some(dev) = gpu() else { return };
     let c = causal(&dev);
@@ -273,10 +258,7 @@ fn sinks_with_every_mask_kind() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn fully_masked_rows_are_zero() {
     let Some(dev) = gpu() else { return };
     let (b, nq, tq, tkv, d) = (1, 2, 40, 100, 64);
@@ -346,10 +328,7 @@ fn fully_masked_rows_are_zero() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn strided_and_unaligned_views() {
     let Some(dev) = gpu() else { return };
     let c = causal(&dev);
@@ -408,10 +387,7 @@ fn strided_and_unaligned_views() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn more_blocks_than_multiprocessors() {
     let Some(dev) = gpu() else { return };
     let c = causal(&dev);
@@ -434,10 +410,7 @@ fn more_blocks_than_multiprocessors() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn uncovered_cases_fall_back_and_stay_right() {
     let Some(dev) = gpu() else { return };
     // float32 and an unlisted head dim are not this kernel's: the dispatcher sends them to the
@@ -467,10 +440,7 @@ fn uncovered_cases_fall_back_and_stay_right() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn empty_shapes_and_zero_keys() {
     let Some(dev) = gpu() else { return };
     let q = input(&dev, 1, 2, 5, 64, false, DType::BF16, 1);

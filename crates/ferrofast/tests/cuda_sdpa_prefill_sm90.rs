@@ -100,10 +100,7 @@ fn check(c: &Case, scale: f32, causal: bool, what: &str) {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn hopper_kernel_through_the_knob_matches_the_oracle() {
     let Some(dev) = gpu() else { return };
     let _knob = KNOB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -200,10 +197,7 @@ fn hopper_kernel_through_the_knob_matches_the_oracle() {
 /// A thread whose first CUDA work is the attention call itself (a fresh thread, with no
 /// context bound yet) gets the same kernel and result as one that has done other CUDA work.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn a_fresh_thread_runs_the_same_kernel() {
     let Some(dev) = gpu() else { return };
     let _knob = KNOB_LOCK.lock().unwrap_or_else(|e| e.into_inner());

@@ -603,10 +603,7 @@ fn f32s(a: &Array) -> Vec<f32> {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn basic_copy_from_cpu_and_gpu_inputs() {
     let Some(dev) = gpu() else { return };
     for d in [Device::Cpu, dev] {
@@ -622,10 +619,7 @@ fn basic_copy_from_cpu_and_gpu_inputs() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn args_template_and_scalars() {
     let Some(dev) = gpu() else { return };
     let case = args(&dev);
@@ -644,10 +638,7 @@ fn args_template_and_scalars() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn strides_with_and_without_row_contiguous_copies() {
     let Some(dev) = gpu() else { return };
     for contiguous in [true, false] {
@@ -661,10 +652,7 @@ fn strides_with_and_without_row_contiguous_copies() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn helper_header() {
     let Some(dev) = gpu() else { return };
     let case = helper(&dev);
@@ -675,10 +663,7 @@ fn helper_header() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn attributes_block_dim() {
     let Some(_dev) = gpu() else { return };
     let out = attributes().run();
@@ -686,10 +671,7 @@ fn attributes_block_dim() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn same_name_different_source_in_one_batch_and_across_calls() {
     let Some(dev) = gpu() else { return };
     let add = same_name(&dev, true);
@@ -709,10 +691,7 @@ fn same_name_different_source_in_one_batch_and_across_calls() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn mixed_dtypes_share_a_name() {
     let Some(dev) = gpu() else { return };
     let cases = [
@@ -739,10 +718,7 @@ fn mixed_dtypes_share_a_name() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn init_value_fills_outputs_cast_to_their_dtype() {
     let Some(dev) = gpu() else { return };
     let case = init(&dev);
@@ -758,10 +734,7 @@ fn init_value_fills_outputs_cast_to_their_dtype() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn shared_memory_above_48_kib() {
     let Some(dev) = gpu() else { return };
     let case = shared(&dev);
@@ -772,10 +745,7 @@ fn shared_memory_above_48_kib() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn cooperative_groups_and_half_types() {
     let Some(dev) = gpu() else { return };
     let case = coop(&dev);
@@ -790,10 +760,7 @@ fn cooperative_groups_and_half_types() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn runs_on_the_given_stream() {
     let Some(dev) = gpu() else { return };
     let stream = Stream::new(&dev).unwrap();
@@ -809,10 +776,7 @@ fn runs_on_the_given_stream() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn gpu_errors_are_checked_before_launch() {
     let Some(dev) = gpu() else { return };
     let case = basic(&dev);

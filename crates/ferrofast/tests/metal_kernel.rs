@@ -814,10 +814,7 @@ fn verbose_prints_the_metal_source_under_the_user_name() {
 // ----- GPU tests ----------------------------------------------------------------------------
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn mlx_custom_kernel_tests() {
     let Some(dev) = gpu() else { return };
     let a22 = randn(&[2, 2], DType::F32, 7);
@@ -861,10 +858,7 @@ fn mlx_custom_kernel_tests() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn same_name_different_sources_do_not_collide() {
     let Some(dev) = gpu() else { return };
     let a = randn(&[32], DType::F32, 11);
@@ -907,10 +901,7 @@ fn same_name_different_sources_do_not_collide() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn math_modes_reach_the_compiler() {
     let Some(dev) = gpu() else { return };
     let a = randn(&[4], DType::F32, 12);
@@ -925,10 +916,7 @@ fn math_modes_reach_the_compiler() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn one_kernel_with_f16_and_f32_inputs() {
     let Some(dev) = gpu() else { return };
     let k = mixed_dtypes_kernel();
@@ -956,10 +944,7 @@ fn one_kernel_with_f16_and_f32_inputs() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn guide_examples_exp_and_grid_sample() {
     let Some(dev) = gpu() else { return };
     let a = randn(&[4, 16], DType::F16, 3);
@@ -986,10 +971,7 @@ fn guide_examples_exp_and_grid_sample() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn grids_that_are_not_multiples_of_the_threadgroup() {
     let Some(dev) = gpu() else { return };
     for (grid, tg) in [
@@ -1036,10 +1018,7 @@ fn grids_that_are_not_multiples_of_the_threadgroup() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn reduction_with_threadgroup_memory_barriers_and_simd_sum() {
     let Some(dev) = gpu() else { return };
     for (n, tg) in [(1000usize, 256usize), (4096, 1024), (77, 64), (5, 32)] {
@@ -1059,10 +1038,7 @@ fn reduction_with_threadgroup_memory_barriers_and_simd_sum() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn simd_group_functions() {
     let Some(dev) = gpu() else { return };
     // 70 threads in threadgroups of 64: the second group has one partial SIMD group of 6.
@@ -1101,10 +1077,7 @@ fn simd_group_functions() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn vectors_swizzles_half_and_math() {
     let Some(dev) = gpu() else { return };
     let n = 64;

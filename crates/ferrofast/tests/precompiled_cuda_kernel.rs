@@ -84,10 +84,7 @@ fn cubin_compiles_without_a_gpu() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn cubin_with_scalars() {
     let Some(dev) = gpu() else { return };
     let arch = cuda_architecture(&dev).unwrap();
@@ -107,10 +104,7 @@ fn cubin_with_scalars() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn ptx_image_and_mangled_symbol() {
     let Some(dev) = gpu() else { return };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(
@@ -160,10 +154,7 @@ fn ptx_image_and_mangled_symbol() {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn init_value_and_shared_memory() {
     let Some(dev) = gpu() else { return };
     let arch = cuda_architecture(&dev).unwrap();
@@ -207,10 +198,7 @@ extern "C" __global__ void block_sums(const float* x, float* sums, int n) {
 }
 
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn errors() {
     let x = uniform(&[4], 0.0, 1.0, DType::F32, 24);
     let call = KernelCall::new([4, 1, 1], [4, 1, 1])

@@ -34,14 +34,15 @@ pub(crate) fn bf16_widen(bits: u16) -> f32 {
 }
 
 /// f32 -> bf16 bits, round to nearest even (as MLX's `bfloat16_t` and `half::bf16::from_f32`
-/// do); NaN stays a quiet NaN. Written out so the row loops can inline and vectorise it.
+/// do); NaN stays a quiet NaN. Both results are computed and one selected, with no
+/// branch, so loops over it vectorise.
 #[inline(always)]
 pub(crate) fn bf16_bits_rne(v: f32) -> u16 {
-    if v.is_nan() {
-        ((v.to_bits() >> 16) | 0x0040) as u16
-    } else {
-        bf16_bits_rne_unchecked(v)
-    }
+    let bits = v.to_bits();
+    // Wrapping: NaNs with a set sign overflow here, and take the other result.
+    let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
+    let quiet_nan = (bits >> 16) | 0x40;
+    (if v.is_nan() { quiet_nan } else { rounded }) as u16
 }
 
 /// [`bf16_bits_rne`] without the NaN test, for the row loops (three fewer vector ops per
