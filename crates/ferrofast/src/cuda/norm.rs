@@ -17,7 +17,7 @@
 use super::copy::{collapse, copy_cast, type_tag};
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{driver_error, guarded, Stream};
+use super::runtime::{driver_error, launch, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::norm::{NormArgs, NormKind};
@@ -371,11 +371,7 @@ fn norm(
     // at x_offset + r * rs + [0, d) for r < n_rows, which is inside x's view; weight and bias
     // at offset + i * stride for i < d, inside their views; the output holds n_rows * d
     // elements. Vector accesses are used only when the alignment checks above hold.
-    guarded(&what, || {
-        unsafe { builder.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| driver_error(&what, e))
-    })?;
+    launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
     Array::from_cuda_buffer(out, x.shape())
 }
 

@@ -10,7 +10,7 @@
 use super::copy::{collapse, copy_cast, type_tag};
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{driver_error, guarded, Stream};
+use super::runtime::{launch, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::rope::{RopeArgs, RopeFreqs, RopeOffsets};
@@ -252,11 +252,7 @@ pub(crate) fn run(args: &RopeArgs, stream: &Stream) -> Result<Array> {
     // row-major copy); periods[c] for c < dims / 2 and offsets[b] for b < B are inside their
     // uploads (lengths checked above); the output holds B * H * T * D elements, and every
     // index written is below that.
-    guarded(&what, || {
-        unsafe { builder.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| driver_error(&what, e))
-    })?;
+    launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
     Array::from_cuda_buffer(out, shape)
 }
 

@@ -571,6 +571,15 @@ impl fmt::Debug for Stream {
     }
 }
 
+/// Runs a kernel launch `f` under [`guarded`], turning a driver error into an `Error` that
+/// names `what` (the kernel).
+pub(crate) fn launch(
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<(), DriverError>,
+) -> Result<()> {
+    guarded(what, || f().map_err(|e| driver_error(what, e)))
+}
+
 /// Waits for all work on a CUDA device.
 pub(crate) fn synchronize_device(ordinal: usize) -> Result<()> {
     let dev = device(ordinal)?;

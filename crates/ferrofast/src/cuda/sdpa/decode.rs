@@ -18,8 +18,8 @@
 //! ask for at most 226 KiB of shared memory per block, else the table's values run.
 
 use super::{
-    allow_shared_memory, buffer, kv_row_pad, launch, mask_arg, resident_blocks, sinks_arg, to_i32,
-    vector_operand, AttnParams, DTYPES, OP,
+    allow_shared_memory, buffer, kv_row_pad, launch, mask_arg, push_inputs, resident_blocks,
+    sinks_arg, to_i32, vector_operand, AttnParams, DTYPES, OP,
 };
 use crate::cuda::copy::type_tag;
 use crate::cuda::jit::{self, KernelFile, Registered};
@@ -437,15 +437,7 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream, variant: Variant) -> Result<Arr
     };
     {
         let mut builder = cu.launch_builder(&func);
-        builder.arg(qb.slice()).arg(kb.slice()).arg(vb.slice());
-        match mask.buffer {
-            Some(m) => builder.arg(m.slice()),
-            None => builder.arg(&null),
-        };
-        match sinks {
-            Some((s, _, _)) => builder.arg(s.slice()),
-            None => builder.arg(&null),
-        };
+        push_inputs(&mut builder, [qb, kb, vb], &mask, sinks, &null);
         builder.arg(out.slice_mut());
         match &mut workspace {
             Some((acc, ml)) => builder.arg(acc.slice_mut()).arg(ml.slice_mut()),

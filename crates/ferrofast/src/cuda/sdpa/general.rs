@@ -3,7 +3,7 @@
 //! tiles in shared memory and an online softmax. It takes every call no faster kernel takes
 //! (f32 prefill, head dims without a tensor-core table).
 
-use super::{buffer, launch, mask_arg, sinks_arg, to_i32, AttnParams, DTYPES, OP};
+use super::{buffer, launch, mask_arg, push_inputs, sinks_arg, to_i32, AttnParams, DTYPES, OP};
 use crate::cuda::copy::type_tag;
 use crate::cuda::jit::{self, KernelFile, Registered};
 use crate::cuda::memory::CudaBuffer;
@@ -84,15 +84,7 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
         shared_mem_bytes: 0,
     };
     let mut builder = cu.launch_builder(&func);
-    builder.arg(qb.slice()).arg(kb.slice()).arg(vb.slice());
-    match mask.buffer {
-        Some(m) => builder.arg(m.slice()),
-        None => builder.arg(&null),
-    };
-    match sinks {
-        Some((s, _, _)) => builder.arg(s.slice()),
-        None => builder.arg(&null),
-    };
+    push_inputs(&mut builder, [qb, kb, vb], &mask, sinks, &null);
     builder.arg(out.slice_mut()).arg(&params);
     let what = format!("launching {name}");
     // SAFETY: the arguments match attn_general's parameters in order and type. Every element

@@ -29,13 +29,14 @@ pub(crate) mod select;
 
 use super::copy::copy_cast;
 use super::memory::CudaBuffer;
+pub(super) use super::runtime::launch;
 use super::runtime::{self, driver_error, guarded, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaArgs;
 use crate::Array;
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, DeviceRepr};
+use cudarc::driver::{CudaFunction, DeviceRepr, LaunchArgs, PushKernelArg};
 pub(crate) use select::{select, Kernel, Knobs, Problem};
 
 const OP: &str = "[scaled_dot_product_attention]";
@@ -338,11 +339,24 @@ pub(super) fn vector_operand(a: &Array, stream: &Stream) -> Result<Array> {
     }
 }
 
-pub(super) fn launch(
-    what: &str,
-    f: impl FnOnce() -> std::result::Result<(), cudarc::driver::DriverError>,
-) -> Result<()> {
-    guarded(what, || f().map_err(|e| driver_error(what, e)))
+/// Pushes the input pointers the decode and general kernels take first: q, k, v, the mask
+/// (null when there is none) and the sinks (likewise).
+pub(super) fn push_inputs<'a>(
+    builder: &mut LaunchArgs<'a>,
+    [q, k, v]: [&'a CudaBuffer; 3],
+    mask: &MaskArg<'a>,
+    sinks: Option<(&'a CudaBuffer, i64, i64)>,
+    null: &'a u64,
+) {
+    builder.arg(q.slice()).arg(k.slice()).arg(v.slice());
+    match mask.buffer {
+        Some(m) => builder.arg(m.slice()),
+        None => builder.arg(null),
+    };
+    match sinks {
+        Some((s, _, _)) => builder.arg(s.slice()),
+        None => builder.arg(null),
+    };
 }
 
 /// Blocks of `name` that fit on the whole GPU at once, asked of the driver once per device

@@ -23,7 +23,7 @@ use super::{
 use crate::cuda::copy::type_tag;
 use crate::cuda::jit::{self, KernelFile, Registered};
 use crate::cuda::memory::CudaBuffer;
-use crate::cuda::runtime::{driver_error, guarded, Stream};
+use crate::cuda::runtime::{launch, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaArgs;
@@ -276,11 +276,7 @@ fn run_with(c: &SdpaArgs, stream: &Stream, tiles: Tiles) -> Result<Array> {
     // strides, the sinks at h < N_q. The output holds B * N_q * T_q * D_v elements and
     // block (x, h, b) writes rows below T_q of (b, h) only. Shared memory: the kernel uses
     // exactly `smem` bytes, allowed above.
-    guarded(&what, || {
-        unsafe { builder.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| driver_error(&what, e))
-    })?;
+    launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
     Array::from_cuda_buffer(out, &c.out_shape)
 }
 

@@ -45,7 +45,7 @@ use super::{allow_shared_memory, buffer, strides4, to_i32, vector_operand, OP};
 use crate::cuda::copy::{copy_cast, type_tag};
 use crate::cuda::jit::{self, KernelFile, Registered};
 use crate::cuda::memory::CudaBuffer;
-use crate::cuda::runtime::{driver_error, guarded, Stream};
+use crate::cuda::runtime::{driver_error, guarded, launch, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaArgs;
@@ -308,11 +308,7 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
     // (< N_kv, as N_q = group * N_kv) of batch b. The output holds B * N_q * T_q * D
     // elements and block (x, h, b) writes rows below T_q of (b, h) only. Shared memory: the
     // kernel uses exactly `smem` bytes, allowed above.
-    guarded(&what, || {
-        unsafe { builder.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| driver_error(&what, e))
-    })?;
+    launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
     Array::from_cuda_buffer(out, &c.out_shape)
 }
 
