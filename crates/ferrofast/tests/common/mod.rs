@@ -107,17 +107,60 @@ pub fn random_view(base: &Array, perm_seed: u64, steps: &[isize]) -> Array {
 /// a failure (the GPU machine's runs set it).
 #[cfg(feature = "cuda")]
 pub fn gpu() -> Option<Device> {
-    match Device::cuda(0) {
-        Ok(d) => {
-            ferrofast::testing::poison_gpu_buffers(true);
-            Some(d)
+    gpus().into_iter().next()
+}
+
+/// Every usable CUDA device, with new GPU buffers poisoned (NaN bytes) so that elements a
+/// kernel skips fail the checks. Empty without a GPU, which prints why, unless
+/// `FERROFAST_REQUIRE_GPU=1`, which makes that a failure (the GPU machine's runs set it).
+#[cfg(feature = "cuda")]
+pub fn gpus() -> Vec<Device> {
+    let count = Device::cuda_device_count();
+    let found: Vec<Device> = (0..count).filter_map(|i| Device::cuda(i).ok()).collect();
+    if found.is_empty() {
+        let why = Device::cuda(0).err().map_or_else(|| "none found".to_string(), |e| e.to_string());
+        if std::env::var("FERROFAST_REQUIRE_GPU").is_ok_and(|v| v.trim() == "1") {
+            panic!("FERROFAST_REQUIRE_GPU=1 but there is no usable CUDA device: {why}");
         }
-        Err(e) if std::env::var("FERROFAST_REQUIRE_GPU").is_ok_and(|v| v.trim() == "1") => {
-            panic!("FERROFAST_REQUIRE_GPU=1 but there is no usable CUDA device: {e}")
-        }
-        Err(e) => {
-            println!("skipping: no CUDA device ({e})");
-            None
-        }
+        println!("skipping: no CUDA device ({why})");
+    } else {
+        ferrofast::testing::poison_gpu_buffers(true);
     }
+    found
+}
+
+/// Declares each case `fn name(dev: &Device) { ... }` once and runs it on every device:
+/// `name::cpu` on the CPU, and `name::cuda` on every CUDA device found. The CUDA test is
+/// ignored (reported as such, never as passed) unless the crate is built with the
+/// `gpu-tests` feature. Inputs are made on the CPU and moved with [`on`].
+/// Test files use it with `#[macro_use] mod common;`.
+macro_rules! on_every_device {
+    ($($(#[$meta:meta])* fn $name:ident($dev:ident: &Device) $body:block)*) => {$(
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn case($dev: &ferrofast::Device) $body
+
+            #[test]
+            fn cpu() {
+                case(&ferrofast::Device::Cpu)
+            }
+
+            #[cfg(feature = "cuda")]
+            #[test]
+            #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
+            fn cuda() {
+                for dev in crate::common::gpus() {
+                    case(&dev)
+                }
+            }
+        }
+    )*};
+}
+
+/// `a` on `dev`: `a` itself when it is there already (keeping its strides), else a copy.
+pub fn on(a: &Array, dev: &Device) -> Array {
+    a.to_device(dev).expect("move to device")
 }
