@@ -32,6 +32,7 @@ use std::ops::{Add, Div, Mul, Sub};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+pub(crate) mod vjp;
 
 /// Below this many elements the whole op runs on the calling thread: splitting would cost
 /// more than it saves.
@@ -606,68 +607,49 @@ trait NormFloat: Float {
     }
 }
 
-impl NormFloat for f32 {
-    type C = f32;
-    fn alloc_output(n: usize) -> Vec<Self> {
-        vec![0.0; n]
-    }
-    #[inline(always)]
-    fn contiguous_row<'a>(src: &'a [f32], _scratch: &'a mut [f32]) -> Row<'a, f32, f32> {
-        Row::InPlace(src)
-    }
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn from_f64_rounded(v: f64) -> f32 {
-        v as f32
-    }
-    #[inline(always)]
-    fn write_row<E: Copy>(
-        row: &[E],
-        widen: impl Fn(E) -> f32,
-        stats: RowStats<f32>,
-        affine: Affine<'_, f32>,
-        _staging: &mut [f32],
-        out: &mut [f32],
-    ) {
-        write_affine(row, widen, stats, affine, out, |v| v, |v| v);
-    }
-    fn simd_rows(job: &Job<'_, f32>, buf: &[f32], y: &mut [f32]) -> bool {
-        avx2_rows(job, buf, y)
-    }
+/// `NormFloat` for a type that is its own compute type (no widening, no rounding);
+/// `simd` names its hand-vectorised row kernel where it has one.
+macro_rules! native_norm_float {
+    ($t:ty $(, simd: $simd:path)?) => {
+        impl NormFloat for $t {
+            type C = $t;
+            fn alloc_output(n: usize) -> Vec<Self> {
+                vec![0.0; n]
+            }
+            #[inline(always)]
+            fn contiguous_row<'a>(src: &'a [$t], _scratch: &'a mut [$t]) -> Row<'a, $t, $t> {
+                Row::InPlace(src)
+            }
+            #[inline(always)]
+            fn widen(self) -> $t {
+                self
+            }
+            #[inline(always)]
+            fn from_f64_rounded(v: f64) -> $t {
+                v as $t
+            }
+            #[inline(always)]
+            fn write_row<E: Copy>(
+                row: &[E],
+                widen: impl Fn(E) -> $t,
+                stats: RowStats<$t>,
+                affine: Affine<'_, $t>,
+                _staging: &mut [$t],
+                out: &mut [$t],
+            ) {
+                write_affine(row, widen, stats, affine, out, |v| v, |v| v);
+            }
+            $(
+                fn simd_rows(job: &Job<'_, $t>, buf: &[$t], y: &mut [$t]) -> bool {
+                    $simd(job, buf, y)
+                }
+            )?
+        }
+    };
 }
 
-impl NormFloat for f64 {
-    type C = f64;
-    fn alloc_output(n: usize) -> Vec<Self> {
-        vec![0.0; n]
-    }
-    #[inline(always)]
-    fn contiguous_row<'a>(src: &'a [f64], _scratch: &'a mut [f64]) -> Row<'a, f64, f64> {
-        Row::InPlace(src)
-    }
-    #[inline(always)]
-    fn widen(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn from_f64_rounded(v: f64) -> f64 {
-        v
-    }
-    #[inline(always)]
-    fn write_row<E: Copy>(
-        row: &[E],
-        widen: impl Fn(E) -> f64,
-        stats: RowStats<f64>,
-        affine: Affine<'_, f64>,
-        _staging: &mut [f64],
-        out: &mut [f64],
-    ) {
-        write_affine(row, widen, stats, affine, out, |v| v, |v| v);
-    }
-}
+native_norm_float!(f32, simd: avx2_rows);
+native_norm_float!(f64);
 
 impl NormFloat for bf16 {
     type C = f32;

@@ -33,6 +33,24 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::{Add, Mul, Sub};
 
+/// `f::<N>(args)` for `N = n` in 1..=7, else `N = 8`: a row count known only at run time
+/// picks the const-generic instantiation that keeps that many rows in registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows {
+    ($n:expr, $($f:ident)::+($($arg:expr),*)) => {
+        match $n {
+            1 => $($f)::+::<1>($($arg),*),
+            2 => $($f)::+::<2>($($arg),*),
+            3 => $($f)::+::<3>($($arg),*),
+            4 => $($f)::+::<4>($($arg),*),
+            5 => $($f)::+::<5>($($arg),*),
+            6 => $($f)::+::<6>($($arg),*),
+            7 => $($f)::+::<7>($($arg),*),
+            _ => $($f)::+::<8>($($arg),*),
+        }
+    };
+}
+
 /// Query block: tasks cover whole blocks of one head's queries.
 const BQ: usize = 64;
 /// Most rows per `gemm` call (one call serves the rows of several query heads and blocks).
@@ -292,18 +310,7 @@ impl Acc for f32 {
                     }
                 };
                 // SAFETY (all arms): see the trait: FMA on x86_64 means AVX2 and FMA.
-                unsafe {
-                    match nr - g0 {
-                        1 => avx2::scores_n::<1>(q, d, keys, nk, s, &first),
-                        2 => avx2::scores_n::<2>(q, d, keys, nk, s, &first),
-                        3 => avx2::scores_n::<3>(q, d, keys, nk, s, &first),
-                        4 => avx2::scores_n::<4>(q, d, keys, nk, s, &first),
-                        5 => avx2::scores_n::<5>(q, d, keys, nk, s, &first),
-                        6 => avx2::scores_n::<6>(q, d, keys, nk, s, &first),
-                        7 => avx2::scores_n::<7>(q, d, keys, nk, s, &first),
-                        _ => avx2::scores_n::<8>(q, d, keys, nk, s, &first),
-                    }
-                }
+                unsafe { by_rows!(nr - g0, avx2::scores_n(q, d, keys, nk, s, &first)) }
             }
             return;
         }
@@ -341,18 +348,7 @@ impl Acc for f32 {
                     }
                 };
                 // SAFETY (all arms): see the trait.
-                unsafe {
-                    match nr - g0 {
-                        1 => avx2::accumulate_n::<1>(p, nk, vals, dv, acc, &first),
-                        2 => avx2::accumulate_n::<2>(p, nk, vals, dv, acc, &first),
-                        3 => avx2::accumulate_n::<3>(p, nk, vals, dv, acc, &first),
-                        4 => avx2::accumulate_n::<4>(p, nk, vals, dv, acc, &first),
-                        5 => avx2::accumulate_n::<5>(p, nk, vals, dv, acc, &first),
-                        6 => avx2::accumulate_n::<6>(p, nk, vals, dv, acc, &first),
-                        7 => avx2::accumulate_n::<7>(p, nk, vals, dv, acc, &first),
-                        _ => avx2::accumulate_n::<8>(p, nk, vals, dv, acc, &first),
-                    }
-                }
+                unsafe { by_rows!(nr - g0, avx2::accumulate_n(p, nk, vals, dv, acc, &first)) }
             }
             return;
         }

@@ -10,15 +10,9 @@ use crate::Array;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// `kernels/copy.cu`: strided copy with dtype conversion.
-const COPY_CU: KernelFile = KernelFile {
-    name: "copy.cu",
-    source: include_str!("kernels/copy.cu"),
-    arch: None,
-};
-
-/// The file and every instantiation a launch can ask for.
+/// Every instantiation a launch can ask for is in `variants`.
 pub(crate) const REGISTERED: Registered = Registered {
-    file: COPY_CU,
+    file: KernelFile::new("copy.cu", include_str!("kernels/copy.cu")),
     variants: all_variants,
 };
 
@@ -186,7 +180,7 @@ fn launch_copy(
     let wide = last_index > i32::MAX as u128 || reach > i32::MAX as u128;
     let func = jit::function(
         device,
-        &COPY_CU,
+        &REGISTERED.file,
         &variant(a.dtype(), out.dtype(), wide),
         &[],
     )?;

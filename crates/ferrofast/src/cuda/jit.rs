@@ -33,6 +33,30 @@ pub(crate) struct KernelFile {
     pub(crate) arch: Option<&'static str>,
 }
 
+impl KernelFile {
+    /// A file compiled for the device's own architecture.
+    pub(crate) const fn new(name: &'static str, source: &'static str) -> KernelFile {
+        KernelFile {
+            name,
+            source,
+            arch: None,
+        }
+    }
+
+    /// A file compiled for exactly `arch` (e.g. `sm_90a`), run only on devices of it.
+    pub(crate) const fn for_arch(
+        name: &'static str,
+        source: &'static str,
+        arch: &'static str,
+    ) -> KernelFile {
+        KernelFile {
+            name,
+            source,
+            arch: Some(arch),
+        }
+    }
+}
+
 /// A kernel file and every template instantiation its launcher can ask for: one entry of
 /// the registry (`cuda::registry`) that the compile check loops over.
 #[derive(Clone, Copy, Debug)]
@@ -52,8 +76,7 @@ const PRELUDE: &str = include_str!("kernels/prelude.cuh");
 const MMA_NAME: &str = "ferrofast_mma.cuh";
 const MMA: &str = include_str!("kernels/mma.cuh");
 
-/// The in-memory header of the attention kernels that take one parameter block
-/// (`attn_decode.cu`, `attn_general.cu`): the mask encoding and `ff_attn_params`.
+/// The in-memory header of every attention kernel: the mask encoding and `ff_attn_params`.
 const ATTN_NAME: &str = "ferrofast_attn.cuh";
 const ATTN: &str = include_str!("kernels/attn.cuh");
 
@@ -829,16 +852,8 @@ mod tests {
         assert_eq!(decode(&[], "key"), None);
     }
 
-    const NORM_CU: KernelFile = KernelFile {
-        name: "norm.cu",
-        source: "a",
-        arch: None,
-    };
-    const COPY_CU: KernelFile = KernelFile {
-        name: "copy.cu",
-        source: "b",
-        arch: None,
-    };
+    const NORM_CU: KernelFile = KernelFile::new("norm.cu", "a");
+    const COPY_CU: KernelFile = KernelFile::new("copy.cu", "b");
 
     #[test]
     fn cache_keys_depend_on_every_input() {

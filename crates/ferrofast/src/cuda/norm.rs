@@ -17,23 +17,17 @@
 use super::copy::{collapse, copy_cast, type_tag};
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{driver_error, launch, Stream};
+use super::runtime::{driver_error, launch, resident_blocks, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ops::norm::{NormArgs, NormKind};
+use crate::ops::norm::{NormArgs, NormKind, NormVjpArgs};
 use crate::Array;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// `kernels/norm.cu`: RMS norm and layer norm forward.
-const NORM_CU: KernelFile = KernelFile {
-    name: "norm.cu",
-    source: include_str!("kernels/norm.cu"),
-    arch: None,
-};
-
-/// The file and every instantiation a launch can ask for.
+/// Every instantiation a launch can ask for is in `variants`.
 pub(crate) const REGISTERED: Registered = Registered {
-    file: NORM_CU,
+    file: KernelFile::new("norm.cu", include_str!("kernels/norm.cu")),
     variants: all_variants,
 };
 
@@ -164,9 +158,14 @@ fn all_variants() -> Vec<String> {
                 for chunks in GROUP_CHUNKS {
                     out.push(variant(kind, dtype, Plan::Group { g: 32, chunks }, aligned));
                 }
+                for chunks in VJP_CHUNKS {
+                    out.push(vjp_variant(kind, dtype, Some(chunks), aligned));
+                }
             }
+            out.push(vjp_variant(kind, dtype, None, false));
         }
     }
+    out.push(VJP_REDUCE.to_string());
     out
 }
 
@@ -200,6 +199,25 @@ pub(crate) fn run(args: &NormArgs, stream: &Stream) -> Result<Array> {
     let b = args.bias.as_ref().map(cast).transpose()?;
     norm(kind, &x, w.as_ref(), b.as_ref(), args.eps, dtype, stream)
 }
+
+/// The scalar parameters of every norm kernel (`ff_norm_params` in `kernels/norm.cu`, same
+/// C layout), passed by value: offsets and strides in elements.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct NormParams {
+    x_offset: i64,
+    x_row_stride: i64,
+    w_offset: i64,
+    w_stride: i64,
+    b_offset: i64,
+    b_stride: i64,
+    n_rows: i64,
+    d: i32,
+    eps: f32,
+}
+
+// SAFETY: `NormParams` is `repr(C)` plain data whose layout matches `ff_norm_params`.
+unsafe impl DeviceRepr for NormParams {}
 
 /// A 1-D parameter (weight or bias) as the kernel sees it.
 struct Param<'a> {
@@ -303,7 +321,7 @@ fn norm(
     let mut plan = plan(d, out_dtype);
     let mut func = jit::function(
         device,
-        &NORM_CU,
+        &REGISTERED.file,
         &variant(kind, out_dtype, plan, aligned),
         &[],
     )?;
@@ -318,7 +336,7 @@ fn norm(
             plan = Plan::Looped;
             func = jit::function(
                 device,
-                &NORM_CU,
+                &REGISTERED.file,
                 &variant(kind, out_dtype, plan, aligned),
                 &[],
             )?;
@@ -349,30 +367,272 @@ fn norm(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
+    let layout = |p: &Option<Param>| p.as_ref().map_or((0, 0), |p| (p.offset, p.stride));
+    let params = NormParams {
+        x_offset: x.offset() as i64,
+        x_row_stride: rs,
+        w_offset: layout(&wp).0,
+        w_stride: layout(&wp).1,
+        b_offset: layout(&bp).0,
+        b_stride: layout(&bp).1,
+        n_rows,
+        d: d_i32,
+        eps,
+    };
     let null: u64 = 0;
-    let zero: i64 = 0;
-    let x_offset = x.offset() as i64;
     let cu = stream.cuda();
     let mut builder = cu.launch_builder(&func);
-    builder.arg(src.slice()).arg(&x_offset).arg(&rs);
+    builder.arg(src.slice());
     for p in [&wp, &bp] {
         match p {
-            Some(p) => builder.arg(p.buffer.slice()).arg(&p.offset).arg(&p.stride),
-            None => builder.arg(&null).arg(&zero).arg(&zero),
+            Some(p) => builder.arg(p.buffer.slice()),
+            None => builder.arg(&null),
         };
     }
-    builder
-        .arg(out.slice_mut())
-        .arg(&n_rows)
-        .arg(&d_i32)
-        .arg(&eps);
+    builder.arg(out.slice_mut()).arg(&params);
     let what = format!("launching {}", variant(kind, out_dtype, plan, aligned));
-    // SAFETY: the arguments match the kernel's parameters in order and type. Rows are read
-    // at x_offset + r * rs + [0, d) for r < n_rows, which is inside x's view; weight and bias
+    // SAFETY: the arguments match the kernel's parameters in order and type (`NormParams`
+    // is `ff_norm_params`). Rows are read at x_offset + r * rs + [0, d) for r < n_rows, which is inside x's view; weight and bias
     // at offset + i * stride for i < d, inside their views; the output holds n_rows * d
     // elements. Vector accesses are used only when the alignment checks above hold.
     launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
     Array::from_cuda_buffer(out, x.shape())
+}
+
+/// Register chunks per thread of the backward's one-block-per-row kernel; rows needing more
+/// than [`VJP_MAX_THREADS`] threads with the largest go to the looped kernel.
+const VJP_CHUNKS: [usize; 2] = [1, 2];
+
+/// Threads per block of the backward kernels (their `__launch_bounds__`).
+const VJP_MAX_THREADS: usize = 512;
+
+/// The column-sum kernel of the backward and its block shape (`FF_REDUCE_ROWS` in norm.cu).
+const VJP_REDUCE: &str = "norm_vjp_reduce";
+const VJP_REDUCE_ROWS: u32 = 32;
+
+/// The backward kernel serving rows of `d` elements: `Some(chunks)` for `norm_vjp_rows`,
+/// `None` for `norm_vjp_looped`; and its threads per block.
+fn vjp_plan(d: usize, dtype: DType) -> (Option<usize>, u32) {
+    let needed = d.div_ceil(n_reads(dtype)).max(1);
+    for chunks in VJP_CHUNKS {
+        let threads = needed.div_ceil(chunks).div_ceil(32) * 32;
+        if threads <= VJP_MAX_THREADS {
+            return (Some(chunks), threads as u32);
+        }
+    }
+    (None, VJP_MAX_THREADS as u32)
+}
+
+fn vjp_variant(kind: NormKind, dtype: DType, chunks: Option<usize>, aligned: bool) -> String {
+    let k = match kind {
+        NormKind::Rms => "ff_rms",
+        NormKind::Layer => "ff_layer",
+    };
+    let t = type_tag(dtype);
+    match chunks {
+        Some(c) => format!("norm_vjp_rows<{k}, {t}, {c}, {aligned}>"),
+        None => format!("norm_vjp_looped<{k}, {t}>"),
+    }
+}
+
+/// The scalar parameters of the backward kernels (`ff_norm_vjp_params` in
+/// `kernels/norm.cu`, same C layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct NormVjpParams {
+    f: NormParams,
+    g_offset: i64,
+    g_row_stride: i64,
+}
+
+// SAFETY: `NormVjpParams` is `repr(C)` plain data whose layout matches `ff_norm_vjp_params`.
+unsafe impl DeviceRepr for NormVjpParams {}
+
+/// Runs a validated `rms_norm_vjp` / `layer_norm_vjp` call on `stream`: `x`, the weight and
+/// the cotangent are cast to the forward's output dtype there (as MLX's graph does), one
+/// kernel writes `dx` and per-block f32 partial sums of `dweight` / `dbias`, and a second adds
+/// the partials in block order (deterministic on a given device, no atomics). `dx` comes back
+/// in `x`'s dtype, `dweight` / `dbias` in the weight's / bias's (one rounding from f32 each).
+///
+/// # Errors
+/// `Error::Unsupported` for output dtypes other than f32, f16 and bf16 and rows past the
+/// kernels' 32-bit indices; compile and driver errors.
+pub(crate) fn vjp(
+    args: &NormVjpArgs,
+    stream: &Stream,
+) -> Result<(Array, Option<Array>, Option<Array>)> {
+    let fwd = &args.fwd;
+    let (kind, dtype) = (fwd.kind, fwd.dtype);
+    let op = format!("[{}_vjp]", kind.op());
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(Error::Unsupported(format!(
+            "{op} the CUDA kernels take float32, float16 and bfloat16, not {dtype}; compute \
+             {dtype} on the CPU"
+        )));
+    }
+    // Inputs in the compute dtype, with rows addressable by one stride (copies otherwise).
+    let rows = |a: &Array| -> Result<(Array, i64)> {
+        if a.dtype() == dtype {
+            if let Some(rs) = row_stride(a) {
+                return Ok((a.clone(), rs));
+            }
+        }
+        let c = copy_cast(a, dtype, Some(stream))?;
+        Ok((c, *a.shape().last().unwrap_or(&1) as i64))
+    };
+    let shape = fwd.x.shape().to_vec();
+    let d = *shape.last().unwrap_or(&1);
+    let n = fwd.x.size();
+    let (x, xrs) = rows(&fwd.x)?;
+    let (g, grs) = rows(&args.cotangent)?;
+    let w = match &fwd.weight {
+        Some(w) if w.dtype() != dtype => Some(copy_cast(w, dtype, Some(stream))?),
+        other => other.clone(),
+    };
+    let want_dw = fwd.weight.is_some();
+    let want_db = kind == NormKind::Layer && fwd.bias.is_some();
+    let device = gpu_buffer(kind, "x", &x)?.device().clone();
+    let mut dx = CudaBuffer::alloc(&device, stream, dtype, n)?;
+    let mut dw_sum = CudaBuffer::alloc(&device, stream, DType::F32, if want_dw { d } else { 0 })?;
+    let mut db_sum = CudaBuffer::alloc(&device, stream, DType::F32, if want_db { d } else { 0 })?;
+
+    let d_i32 = i32::try_from(d)
+        .ok()
+        .filter(|&v| v <= i32::MAX - (1 << 16))
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{op} rows of {d} elements exceed the CUDA kernels' limit of 2^31 - 2^16"
+            ))
+        })?;
+    if n > 0 && d > 0 {
+        let n_rows = n / d;
+        let (xb, gb) = (
+            gpu_buffer(kind, "x", &x)?,
+            gpu_buffer(kind, "cotangent", &g)?,
+        );
+        let wp = param(kind, "weight", w.as_ref())?;
+        let size = dtype.size() as i64;
+        let aligned = d % n_reads(dtype) == 0
+            && xb.is_aligned(x.offset(), 16)
+            && gb.is_aligned(g.offset(), 16)
+            && (xrs * size).rem_euclid(16) == 0
+            && (grs * size).rem_euclid(16) == 0
+            && wp
+                .as_ref()
+                .is_none_or(|p| p.stride == 1 && p.buffer.is_aligned(p.offset as usize, 16));
+        let (chunks, threads) = vjp_plan(d, dtype);
+        let name = vjp_variant(kind, dtype, chunks, aligned && chunks.is_some());
+        let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
+        let resident = resident_blocks(&device, &name, &func, threads, 0)?;
+        let blocks = (n_rows as u64).min(resident).max(1);
+        let parts = blocks as usize;
+        let part_len = |want: bool| if want { parts * d } else { 0 };
+        let mut dw_part = CudaBuffer::alloc(&device, stream, DType::F32, part_len(want_dw))?;
+        let mut db_part = CudaBuffer::alloc(&device, stream, DType::F32, part_len(want_db))?;
+        let params = NormVjpParams {
+            f: NormParams {
+                x_offset: x.offset() as i64,
+                x_row_stride: xrs,
+                w_offset: wp.as_ref().map_or(0, |p| p.offset),
+                w_stride: wp.as_ref().map_or(0, |p| p.stride),
+                b_offset: 0,
+                b_stride: 0,
+                n_rows: n_rows as i64,
+                d: d_i32,
+                eps: fwd.eps,
+            },
+            g_offset: g.offset() as i64,
+            g_row_stride: grs,
+        };
+        let null: u64 = 0;
+        let cu = stream.cuda();
+        let mut builder = cu.launch_builder(&func);
+        builder.arg(xb.slice());
+        match &wp {
+            Some(p) => builder.arg(p.buffer.slice()),
+            None => builder.arg(&null),
+        };
+        builder.arg(gb.slice()).arg(dx.slice_mut());
+        for (want, part) in [(want_dw, &mut dw_part), (want_db, &mut db_part)] {
+            if want {
+                builder.arg(part.slice_mut());
+            } else {
+                builder.arg(&null);
+            }
+        }
+        builder.arg(&params);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's parameters in order and type
+        // (`NormVjpParams` is `ff_norm_vjp_params`). Rows r < n_rows of x and g are read at
+        // offset + r * row stride + [0, d), inside their views (unit last stride); the weight
+        // at offset + i * stride for i < d; dx holds n_rows * d elements and each partial
+        // buffer blocks * d, of which block b writes [b * d, (b + 1) * d). Vector accesses
+        // only when the alignment checks above hold.
+        launch(&format!("launching {name}"), || {
+            unsafe { builder.launch(cfg) }.map(|_| ())
+        })?;
+        let reduce = jit::function(&device, &REGISTERED.file, VJP_REDUCE, &[])?;
+        let parts_i32 = i32::try_from(parts).map_err(|_| {
+            Error::Unsupported(format!(
+                "{op} {parts} partial sums exceed the reduction's limit"
+            ))
+        })?;
+        for (want, part, sum) in [
+            (want_dw, &dw_part, &mut dw_sum),
+            (want_db, &db_part, &mut db_sum),
+        ] {
+            if !want {
+                continue;
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (d.div_ceil(32) as u32, 1, 1),
+                block_dim: (32, VJP_REDUCE_ROWS, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = cu.launch_builder(&reduce);
+            builder
+                .arg(part.slice())
+                .arg(&parts_i32)
+                .arg(&d_i32)
+                .arg(sum.slice_mut());
+            // SAFETY: norm_vjp_reduce(part, n_parts, D, out): reads part[p * D + i] for
+            // p < parts, i < d (the buffer holds parts * d values written above on this
+            // stream) and writes out[i] for i < d.
+            launch("launching norm_vjp_reduce", || {
+                unsafe { builder.launch(cfg) }.map(|_| ())
+            })?;
+        }
+    }
+    let dx = Array::from_cuda_buffer(dx, &shape)?;
+    let dx = if dx.dtype() == args.dx_dtype() {
+        dx
+    } else {
+        copy_cast(&dx, args.dx_dtype(), Some(stream))?
+    };
+    let finish = |sum: CudaBuffer, like: &Option<Array>| -> Result<Option<Array>> {
+        let Some(like) = like else { return Ok(None) };
+        if n == 0 {
+            // No rows: the sums are zero.
+            return Array::zeros(&[d], like.dtype(), &fwd.device).map(Some);
+        }
+        let a = Array::from_cuda_buffer(sum, &[d])?;
+        Ok(Some(if like.dtype() == DType::F32 {
+            a
+        } else {
+            copy_cast(&a, like.dtype(), Some(stream))?
+        }))
+    };
+    let dw = finish(dw_sum, &fwd.weight)?;
+    let db = if want_db {
+        finish(db_sum, &fwd.bias)?
+    } else {
+        None
+    };
+    Ok((dx, dw, db))
 }
 
 #[cfg(test)]

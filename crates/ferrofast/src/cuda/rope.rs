@@ -18,15 +18,9 @@ use crate::Array;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// `kernels/rope.cu`: rotary positional embedding forward.
-const ROPE_CU: KernelFile = KernelFile {
-    name: "rope.cu",
-    source: include_str!("kernels/rope.cu"),
-    arch: None,
-};
-
-/// The file and every instantiation a launch can ask for.
+/// Every instantiation a launch can ask for is in `variants`.
 pub(crate) const REGISTERED: Registered = Registered {
-    file: ROPE_CU,
+    file: KernelFile::new("rope.cu", include_str!("kernels/rope.cu")),
     variants: all_variants,
 };
 
@@ -207,7 +201,7 @@ pub(crate) fn run(args: &RopeArgs, stream: &Stream) -> Result<Array> {
         ))
     })?;
     let name = variant(dtype, traditional, wide, v);
-    let func = jit::function(device, &ROPE_CU, &name, &[])?;
+    let func = jit::function(device, &REGISTERED.file, &name, &[])?;
 
     let mut out = CudaBuffer::alloc(device, stream, dtype, n)?;
     let cfg = LaunchConfig {

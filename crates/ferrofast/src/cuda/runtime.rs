@@ -588,3 +588,35 @@ pub(crate) fn synchronize_device(ordinal: usize) -> Result<()> {
         .map_err(|e| driver_error(&format!("synchronising cuda:{ordinal}"), e))?;
     dev.check_recorded_error()
 }
+
+/// Blocks of `name` that fit on the whole GPU at once, asked of the driver once per device
+/// and kernel.
+pub(crate) fn resident_blocks(
+    device: &CudaDevice,
+    name: &str,
+    func: &CudaFunction,
+    threads: u32,
+    smem: usize,
+) -> Result<u64> {
+    type Memo = std::sync::Mutex<std::collections::HashMap<(usize, String), u64>>;
+    static MEMO: std::sync::OnceLock<Memo> = std::sync::OnceLock::new();
+    let memo = MEMO.get_or_init(Default::default);
+    let key = (device.ordinal(), format!("{name} {smem}"));
+    if let Some(&n) = memo.lock().ok().and_then(|m| m.get(&key).copied()).as_ref() {
+        return Ok(n);
+    }
+    let per_sm = guarded("reading a kernel's occupancy", || {
+        // The query needs the device's context current on this thread (a rayon worker, say).
+        device
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_error("binding the CUDA context", e))?;
+        func.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
+            .map_err(|e| driver_error("reading a kernel's occupancy", e))
+    })?;
+    let n = u64::from(per_sm.max(1)) * u64::from(device.sm_count());
+    if let Ok(mut m) = memo.lock() {
+        m.insert(key, n);
+    }
+    Ok(n)
+}

@@ -120,7 +120,7 @@ pub(crate) mod storage {
 
 /// The op launchers: unreachable without a stream.
 macro_rules! launcher {
-    ($module:ident, $args:ty) => {
+    ($module:ident, $args:ty $(; $f:ident($fargs:ty) -> $ret:ty)*) => {
         pub(crate) mod $module {
             use crate::error::Result;
             use crate::Array;
@@ -128,10 +128,16 @@ macro_rules! launcher {
             pub(crate) fn run(_: &$args, stream: &super::Stream) -> Result<Array> {
                 match stream.never {}
             }
+            $(
+                pub(crate) fn $f(_: &$fargs, stream: &super::Stream) -> Result<$ret> {
+                    match stream.never {}
+                }
+            )*
         }
     };
 }
-launcher!(norm, crate::ops::norm::NormArgs);
+launcher!(norm, crate::ops::norm::NormArgs;
+    vjp(crate::ops::norm::NormVjpArgs) -> (Array, Option<Array>, Option<Array>));
 launcher!(rope, crate::ops::rope::RopeArgs);
 launcher!(sdpa, crate::ops::sdpa::SdpaArgs);
 

@@ -2,7 +2,7 @@
 
 use crate::array::Array;
 use crate::error::Result;
-use crate::ops::norm::NormArgs;
+use crate::ops::norm::{NormArgs, NormVjpArgs};
 use crate::Stream;
 
 /// Layer normalisation over the last axis, MLX's `mx.fast.layer_norm`:
@@ -49,4 +49,52 @@ pub fn layer_norm_on(
     eps: f32,
 ) -> Result<Array> {
     super::rms_norm::run(NormArgs::layer(x, weight, bias, eps)?, Some(stream))
+}
+
+/// The backward pass of [`layer_norm`]: given the cotangent `cotangent` of its output,
+/// returns `(dx, dweight, dbias)`, `dweight` / `dbias` only when a weight / bias was given
+/// (MLX's `LayerNorm::vjp`).
+///
+/// With `xc = x - mean(x, -1)`, `n = rsqrt(mean(xc^2, -1) + eps)` (the forward's two-pass
+/// statistics) and `gw = g * w`: `dx = (gw - mean(gw, -1)) * n - xc * mean(gw * xc, -1) * n^3`,
+/// `dweight = sum over every leading axis of g * xc * n`, `dbias = sum over every leading axis
+/// of g`.
+///
+/// - `x`, `weight` and `cotangent` are taken in the forward's output dtype; sums and
+///   products are computed in f32 (f64 for f64 output); `dx` is rounded once to `x`'s dtype
+///   (the output dtype for a non-floating `x`), `dweight` / `dbias` once to the weight's /
+///   bias's dtype.
+/// - Deterministic: bit-identical gradients on every run and any thread count.
+/// - `cotangent` may have any floating dtype and strides; every input may be strided.
+///
+/// # Errors
+/// The forward's validation errors (see [`layer_norm`]), then `Error::InvalidArgument` when
+/// `cotangent`'s shape is not `x`'s or its dtype is not floating; `Error::Device` when it
+/// lives on another device. On a CUDA device: `Error::Unsupported` for float64; compile and
+/// driver errors.
+pub fn layer_norm_vjp(
+    x: &Array,
+    weight: Option<&Array>,
+    bias: Option<&Array>,
+    eps: f32,
+    cotangent: &Array,
+) -> Result<(Array, Option<Array>, Option<Array>)> {
+    let args = NormVjpArgs::new(NormArgs::layer(x, weight, bias, eps)?, cotangent)?;
+    super::rms_norm::run_vjp(&args, None)
+}
+
+/// [`layer_norm_vjp`] on an explicit CUDA stream.
+///
+/// # Errors
+/// As [`layer_norm_vjp`]; `Error::Device` when the inputs are not on `stream`'s device.
+pub fn layer_norm_vjp_on(
+    stream: &Stream,
+    x: &Array,
+    weight: Option<&Array>,
+    bias: Option<&Array>,
+    eps: f32,
+    cotangent: &Array,
+) -> Result<(Array, Option<Array>, Option<Array>)> {
+    let args = NormVjpArgs::new(NormArgs::layer(x, weight, bias, eps)?, cotangent)?;
+    super::rms_norm::run_vjp(&args, Some(stream))
 }

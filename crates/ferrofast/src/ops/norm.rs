@@ -133,3 +133,64 @@ impl NormArgs {
         })
     }
 }
+
+/// A validated `rms_norm_vjp` / `layer_norm_vjp` call: the forward's arguments and the
+/// cotangent of its output.
+///
+/// The gradients are computed from the inputs cast to the forward's output dtype
+/// (`fwd.dtype`), as MLX's graph does, and returned in each input's own dtype: `dx` in `x`'s
+/// dtype (the output dtype when `x` is not floating), `dweight` in the weight's, `dbias` in
+/// the bias's.
+#[derive(Clone, Debug)]
+pub(crate) struct NormVjpArgs {
+    /// The forward call.
+    pub(crate) fwd: NormArgs,
+    /// The cotangent of the forward's output: `x`'s shape, any floating dtype and strides,
+    /// on `fwd.device`.
+    pub(crate) cotangent: Array,
+}
+
+impl NormVjpArgs {
+    /// Validates the cotangent of a validated forward call.
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` when the cotangent's shape is not `x`'s (MLX's `vjp` text) or
+    /// its dtype is not floating; `Error::Device` when it is on another device than `x`.
+    pub(crate) fn new(fwd: NormArgs, cotangent: &Array) -> Result<NormVjpArgs> {
+        let op = format!("[{}_vjp]", fwd.kind.op());
+        check_cotangent(&op, fwd.x.shape(), cotangent)?;
+        super::same_device(&op, &[("x", &fwd.x), ("cotangent", cotangent)])?;
+        Ok(NormVjpArgs {
+            fwd,
+            cotangent: cotangent.clone(),
+        })
+    }
+
+    /// The dtype `dx` is returned in.
+    pub(crate) fn dx_dtype(&self) -> DType {
+        if self.fwd.x.dtype().is_floating() {
+            self.fwd.x.dtype()
+        } else {
+            self.fwd.dtype
+        }
+    }
+}
+
+/// Checks a cotangent against its output's shape: MLX's `vjp` message when they differ, and a
+/// floating dtype.
+pub(crate) fn check_cotangent(op: &str, shape: &[usize], cotangent: &Array) -> Result<()> {
+    if cotangent.shape() != shape {
+        return Err(Error::invalid(format!(
+            "{op} Output shape {} does not match cotangent shape {}.",
+            crate::array::fmt_shape(shape),
+            crate::array::fmt_shape(cotangent.shape())
+        )));
+    }
+    if !cotangent.dtype().is_floating() {
+        return Err(Error::invalid(format!(
+            "{op} The cotangent must be floating but has type {}.",
+            cotangent.dtype()
+        )));
+    }
+    Ok(())
+}

@@ -5,7 +5,9 @@
 mod norm;
 mod rope;
 mod sdpa;
+mod vjp;
 
 pub use norm::*;
 pub use rope::*;
 pub use sdpa::*;
+pub use vjp::*;

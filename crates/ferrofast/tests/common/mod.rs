@@ -118,7 +118,9 @@ pub fn gpus() -> Vec<Device> {
     let count = Device::cuda_device_count();
     let found: Vec<Device> = (0..count).filter_map(|i| Device::cuda(i).ok()).collect();
     if found.is_empty() {
-        let why = Device::cuda(0).err().map_or_else(|| "none found".to_string(), |e| e.to_string());
+        let why = Device::cuda(0)
+            .err()
+            .map_or_else(|| "none found".to_string(), |e| e.to_string());
         if std::env::var("FERROFAST_REQUIRE_GPU").is_ok_and(|v| v.trim() == "1") {
             panic!("FERROFAST_REQUIRE_GPU=1 but there is no usable CUDA device: {why}");
         }
@@ -134,6 +136,7 @@ pub fn gpus() -> Vec<Device> {
 /// ignored (reported as such, never as passed) unless the crate is built with the
 /// `gpu-tests` feature. Inputs are made on the CPU and moved with [`on`].
 /// Test files use it with `#[macro_use] mod common;`.
+#[allow(unused_macros)]
 macro_rules! on_every_device {
     ($($(#[$meta:meta])* fn $name:ident($dev:ident: &Device) $body:block)*) => {$(
         $(#[$meta])*

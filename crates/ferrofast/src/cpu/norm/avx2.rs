@@ -31,6 +31,23 @@
 //!   (borrowed as they are where the order is natural): a decode step normalises a single
 //!   row, and the set-up had cost twice the row itself.
 
+/// `recv.m::<L, W, B>(args)` with the const generics set from three run-time flags (layer
+/// norm, has weight, has bias).
+macro_rules! by_flags {
+    (($l:expr, $w:expr, $b:expr), $recv:ident.$m:ident($($arg:expr),*)) => {
+        match ($l, $w, $b) {
+            (false, false, false) => $recv.$m::<false, false, false>($($arg),*),
+            (false, true, false) => $recv.$m::<false, true, false>($($arg),*),
+            (false, false, true) => $recv.$m::<false, false, true>($($arg),*),
+            (false, true, true) => $recv.$m::<false, true, true>($($arg),*),
+            (true, false, false) => $recv.$m::<true, false, false>($($arg),*),
+            (true, true, false) => $recv.$m::<true, true, false>($($arg),*),
+            (true, false, true) => $recv.$m::<true, false, true>($($arg),*),
+            (true, true, true) => $recv.$m::<true, true, true>($($arg),*),
+        }
+    };
+}
+
 use super::{Acc, Job, RowStats};
 use crate::cpu::simd::{bf16_bits_rne_unchecked, bf16_round_unchecked};
 use crate::ops::norm::NormKind;
@@ -320,16 +337,10 @@ impl<'a, H: Format> Kernel<'a, H> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn rows_avx2(&self, buf: &[H], first: usize, y: &mut [H]) {
         let layer = self.job.kind == NormKind::Layer;
-        match (layer, self.w.is_some(), self.b.is_some()) {
-            (false, false, false) => self.rows_typed::<false, false, false>(buf, first, y),
-            (false, true, false) => self.rows_typed::<false, true, false>(buf, first, y),
-            (false, false, true) => self.rows_typed::<false, false, true>(buf, first, y),
-            (false, true, true) => self.rows_typed::<false, true, true>(buf, first, y),
-            (true, false, false) => self.rows_typed::<true, false, false>(buf, first, y),
-            (true, true, false) => self.rows_typed::<true, true, false>(buf, first, y),
-            (true, false, true) => self.rows_typed::<true, false, true>(buf, first, y),
-            (true, true, true) => self.rows_typed::<true, true, true>(buf, first, y),
-        }
+        by_flags!(
+            (layer, self.w.is_some(), self.b.is_some()),
+            self.rows_typed(buf, first, y)
+        )
     }
 
     /// The row loop for one kind and affine combination: [`rows_grouped`](Self::rows_grouped)
@@ -735,32 +746,10 @@ mod tests {
                         let p = next.as_ptr();
                         // SAFETY: `Kernel::new` succeeded, so the CPU can run the kernel.
                         unsafe {
-                            match (kind, use_w, use_b) {
-                                (NormKind::Rms, false, false) => {
-                                    k.write_row::<false, false, false>(&row, stats, p, p, &mut got)
-                                }
-                                (NormKind::Rms, true, false) => {
-                                    k.write_row::<false, true, false>(&row, stats, p, p, &mut got)
-                                }
-                                (NormKind::Rms, false, true) => {
-                                    k.write_row::<false, false, true>(&row, stats, p, p, &mut got)
-                                }
-                                (NormKind::Rms, true, true) => {
-                                    k.write_row::<false, true, true>(&row, stats, p, p, &mut got)
-                                }
-                                (NormKind::Layer, false, false) => {
-                                    k.write_row::<true, false, false>(&row, stats, p, p, &mut got)
-                                }
-                                (NormKind::Layer, true, false) => {
-                                    k.write_row::<true, true, false>(&row, stats, p, p, &mut got)
-                                }
-                                (NormKind::Layer, false, true) => {
-                                    k.write_row::<true, false, true>(&row, stats, p, p, &mut got)
-                                }
-                                (NormKind::Layer, true, true) => {
-                                    k.write_row::<true, true, true>(&row, stats, p, p, &mut got)
-                                }
-                            }
+                            by_flags!(
+                                (kind == NormKind::Layer, use_w, use_b),
+                                k.write_row(&row, stats, p, p, &mut got)
+                            )
                         }
                         for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                             let (g, e) = (g.widen(), e.widen());

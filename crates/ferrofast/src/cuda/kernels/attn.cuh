@@ -1,6 +1,7 @@
-// Shared by the attention kernels that take their layout as one parameter block
-// (`attn_decode.cu`, `attn_general.cu`): the mask encoding and `ff_attn_params`, whose
-// C layout matches `AttnParams` in `cuda/sdpa/mod.rs`.
+// Shared by every attention kernel (`attn_decode.cu`, `attn_general.cu`, `attn_prefill.cu`,
+// `attn_prefill_sm90.cu`), which all take their sizes and layouts as one parameter block:
+// the mask encoding and `ff_attn_params`, whose C layout matches `AttnParams` in
+// `cuda/sdpa/mod.rs`.
 #pragma once
 #include "ferrofast_prelude.cuh"
 

@@ -47,6 +47,7 @@
 // Hopper version (wgmma from shared memory, TMA loads, producer / consumer warps) can
 // replace the inner loop while keeping the masking, softmax and epilogue.
 #include "ferrofast_mma.cuh"
+#include "ferrofast_attn.cuh"
 
 // FLAGS bits of the kernel template: lazy rescaling (ff_attn_exp), pipelined loop over the
 // unmasked key tiles (ff_attn_pipe_step).
@@ -89,20 +90,26 @@ __device__ __forceinline__ void ff_attn_pipe_step(
 
 // ----- the kernel ---------------------------------------------------------------------------
 
-// Strides and offsets are in elements. q, k, v: last axis contiguous, every row start
-// 16-byte aligned (the launcher copies inputs that are not). out: row-major
-// [B, N_q, T_q, DV]. mask: element (b, h, i, j) at mask_ptr[m_off + b*m_sb + h*m_sh + i*m_sq
-// + j*m_sk] (u8 for MASK 1, T for MASK 2; unused for MASK 0). sinks: null, or element h at
-// sinks[s_off + h * s_st] (T).
+// q, k, v: last axis contiguous, every row start 16-byte aligned (the launcher copies inputs
+// that are not); their offsets and strides (elements) are p's. out: row-major
+// [B, N_q, T_q, DV]. mask: element (b, h, i, j) at mask[p.m_off + b*p.m_sb + h*p.m_sh +
+// i*p.m_st + j*p.m_sk] (u8 for MASK 1, T for MASK 2; unused for MASK 0). sinks: null, or
+// element h at sinks[p.s_off + h * p.s_stride] (T). The mask kind is the MASK template
+// argument; p's mask_kind, has_sinks, d, d_v and chunk fields are not read.
 template <typename T, int D, int DV, int MS, int NW, int BN, int MASK, int FLAGS>
 __global__ void __launch_bounds__(NW * 32) attn_prefill(
-    const typename T::storage* __restrict__ q, ff_i64_t q_off, ff_i64_t q_sb, ff_i64_t q_sh,
-    ff_i64_t q_st, const typename T::storage* __restrict__ k, ff_i64_t k_off, ff_i64_t k_sb,
-    ff_i64_t k_sh, ff_i64_t k_st, const typename T::storage* __restrict__ v, ff_i64_t v_off,
-    ff_i64_t v_sb, ff_i64_t v_sh, ff_i64_t v_st, typename T::storage* __restrict__ out,
-    const void* __restrict__ mask, ff_i64_t m_off, ff_i64_t m_sb, ff_i64_t m_sh, ff_i64_t m_sq,
-    ff_i64_t m_sk, const typename T::storage* __restrict__ sinks, ff_i64_t s_off, ff_i64_t s_st,
-    int n_heads, int group, int Tq, int Tkv, int causal, float scale_log2) {
+    const typename T::storage* __restrict__ q, const typename T::storage* __restrict__ k,
+    const typename T::storage* __restrict__ v, const void* __restrict__ mask,
+    const typename T::storage* __restrict__ sinks, typename T::storage* __restrict__ out,
+    const ff_attn_params p) {
+    const ff_i64_t q_off = p.q_off, q_sb = p.q_sb, q_sh = p.q_sh, q_st = p.q_st;
+    const ff_i64_t k_off = p.k_off, k_sb = p.k_sb, k_sh = p.k_sh, k_st = p.k_st;
+    const ff_i64_t v_off = p.v_off, v_sb = p.v_sb, v_sh = p.v_sh, v_st = p.v_st;
+    const ff_i64_t m_off = p.m_off, m_sb = p.m_sb, m_sh = p.m_sh, m_sq = p.m_st, m_sk = p.m_sk;
+    const ff_i64_t s_off = p.s_off, s_st = p.s_stride;
+    const int group = p.group, Tq = p.t_q, Tkv = p.t_kv, causal = p.causal;
+    const float scale_log2 = p.scale_log2;
+    const int n_heads = p.n_kv * p.group;
     typedef typename T::storage S;
     constexpr int BM = 16 * MS * NW;
     constexpr int NT = NW * 32;

@@ -43,6 +43,7 @@
 // Query tiles are visited last-first (blockIdx.x counts down), as in attn_prefill.cu.
 #include "ferrofast_mma.cuh"
 #include "ferrofast_hopper.cuh"
+#include "ferrofast_attn.cuh"
 
 // ----- the kernel ---------------------------------------------------------------------------
 
@@ -57,15 +58,18 @@
 // tm_q, tm_k, tm_v: tensor maps of q [B, N_q, T_q, D], k [B, N_kv, T_kv, D] and v
 // [B, N_kv, T_kv, D] (dimensions innermost first: D, T, heads, batch), 16-bit elements,
 // boxes of 64 x 128 x 1 x 1, 128-byte swizzle, zero fill out of bounds. out: row-major
-// [B, N_q, T_q, D]. PVN: the N of each P V wgmma (64: one per 64-column panel of V; 128: one
+// [B, N_q, T_q, D]. p: the sizes, causal flag and scale (its layouts, mask and sinks fields
+// are not read: the tensor maps hold the layouts, and the kernel takes no mask or sinks). PVN: the N of each P V wgmma (64: one per 64-column panel of V; 128: one
 // spanning both panels of D = 128 through the descriptor's leading byte offset).
 template <typename T, int D, int PVN, int FLAGS>
 __global__ void __launch_bounds__(384, 1)
     attn_prefill_sm90(const __grid_constant__ ff_tensor_map tm_q,
                       const __grid_constant__ ff_tensor_map tm_k,
                       const __grid_constant__ ff_tensor_map tm_v,
-                      typename T::storage* __restrict__ out, int n_heads, int group, int Tq,
-                      int Tkv, int causal, float scale_log2) {
+                      typename T::storage* __restrict__ out, const ff_attn_params p) {
+    const int group = p.group, Tq = p.t_q, Tkv = p.t_kv, causal = p.causal;
+    const int n_heads = p.n_kv * p.group;
+    const float scale_log2 = p.scale_log2;
     typedef typename T::storage S;
     constexpr int DV = D;
     constexpr int BM = 128;

@@ -302,23 +302,40 @@ __device__ __forceinline__ void ff_block_sum2(float& a, float& b, float* scratch
     __syncthreads();
 }
 
+// ----- parameters ---------------------------------------------------------------------------
+
+// Scalar parameters of every norm kernel, passed by value; the C layout matches `NormParams`
+// in `cuda/norm.rs`. Offsets and strides are in elements: row r of x starts at
+// x_offset + r * x_row_stride (its D elements contiguous); weight / bias element i is at
+// offset + i * stride.
+struct ff_norm_params {
+    ff_i64_t x_offset, x_row_stride;
+    ff_i64_t w_offset, w_stride;
+    ff_i64_t b_offset, b_stride;
+    ff_i64_t n_rows;
+    int D;
+    float eps;
+};
+
+// The parameters under the names the kernel bodies use.
+#define FF_NORM_PARAMS(p)                                                              \
+    const ff_i64_t x_offset = (p).x_offset, x_row_stride = (p).x_row_stride;           \
+    const ff_i64_t w_offset = (p).w_offset, w_stride = (p).w_stride;                   \
+    const ff_i64_t b_offset = (p).b_offset, b_stride = (p).b_stride;                   \
+    const ff_i64_t n_rows = (p).n_rows;                                                \
+    const int D = (p).D;                                                               \
+    const float eps = (p).eps
+
 // ----- one block per row ---------------------------------------------------------------------
 
 template <typename K, typename T, int N_CHUNKS, bool ALIGNED>
 __global__ void __launch_bounds__(1024) norm_rows(
     const typename T::storage* __restrict__ x,
-    ff_i64_t x_offset,
-    ff_i64_t x_row_stride,
     const typename T::storage* __restrict__ w,
-    ff_i64_t w_offset,
-    ff_i64_t w_stride,
     const typename T::storage* __restrict__ b,
-    ff_i64_t b_offset,
-    ff_i64_t b_stride,
     typename T::storage* __restrict__ out,
-    ff_i64_t n_rows,
-    int D,
-    float eps) {
+    const ff_norm_params params) {
+    FF_NORM_PARAMS(params);
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
     __shared__ float scratch[K::layer ? 64 : 32];
@@ -399,18 +416,11 @@ __global__ void __launch_bounds__(1024) norm_rows(
 template <typename K, typename T, bool ALIGNED>
 __global__ void __launch_bounds__(1024) norm_looped(
     const typename T::storage* __restrict__ x,
-    ff_i64_t x_offset,
-    ff_i64_t x_row_stride,
     const typename T::storage* __restrict__ w,
-    ff_i64_t w_offset,
-    ff_i64_t w_stride,
     const typename T::storage* __restrict__ b,
-    ff_i64_t b_offset,
-    ff_i64_t b_stride,
     typename T::storage* __restrict__ out,
-    ff_i64_t n_rows,
-    int D,
-    float eps) {
+    const ff_norm_params params) {
+    FF_NORM_PARAMS(params);
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
     __shared__ float scratch[K::layer ? 64 : 32];
@@ -588,18 +598,11 @@ __device__ __forceinline__ void ff_group_store(typename T::storage* __restrict__
 template <typename K, typename T, int G, int CH, bool ALIGNED>
 __global__ void __launch_bounds__(FF_GROUP_BLOCK) norm_group(
     const typename T::storage* __restrict__ x,
-    ff_i64_t x_offset,
-    ff_i64_t x_row_stride,
     const typename T::storage* __restrict__ w,
-    ff_i64_t w_offset,
-    ff_i64_t w_stride,
     const typename T::storage* __restrict__ b,
-    ff_i64_t b_offset,
-    ff_i64_t b_stride,
     typename T::storage* __restrict__ out,
-    ff_i64_t n_rows,
-    int D,
-    float eps) {
+    const ff_norm_params params) {
+    FF_NORM_PARAMS(params);
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
     const int lane = (int)threadIdx.x % G;
@@ -690,5 +693,241 @@ __global__ void __launch_bounds__(FF_GROUP_BLOCK) norm_group(
             }
             ff_group_store<T, ALIGNED>(orow, wp, w_stride, bp, b_stride, base, D, n);
         }
+    }
+}
+
+// ----- backward ------------------------------------------------------------------------------
+//
+// dx of every row, and per-block partial sums over the rows a block visits of
+// dw = g * xhat and db = g (f32, [gridDim.x, D] each; null when not wanted), which
+// norm_vjp_reduce adds in block order: no atomics, the same bits on every run. With
+// n = rsqrt(var + eps), gw = g * w and xc = x - mean (x for RMS norm):
+//   dx = (gw - mean(gw)) * n - xc * mean(gw * xc) * n^3      (mean(gw) is 0 for RMS norm)
+// Everything in f32; the statistics as the forward computes them (layer norm: mean first,
+// then the variance about it, both from registers). x and g rows: last axis contiguous, at
+// x + x_offset + r * x_row_stride and g + g_offset + r * g_row_stride; the weight strided as
+// in the forward (the bias is not read); dx row-major [n_rows, D].
+
+// Scalar parameters of the backward kernels; the C layout matches `NormVjpParams` in
+// `cuda/norm.rs`.
+struct ff_norm_vjp_params {
+    ff_norm_params f;
+    ff_i64_t g_offset, g_row_stride;
+};
+
+template <typename K, typename T, int N_CHUNKS, bool ALIGNED>
+__global__ void __launch_bounds__(1024) norm_vjp_rows(
+    const typename T::storage* __restrict__ x,
+    const typename T::storage* __restrict__ w,
+    const typename T::storage* __restrict__ g,
+    typename T::storage* __restrict__ dx,
+    float* __restrict__ dw_part,
+    float* __restrict__ db_part,
+    const ff_norm_vjp_params params) {
+    FF_NORM_PARAMS(params.f);
+    (void)b_offset;
+    (void)b_stride;
+    typedef typename T::storage S;
+    const int N = ff_norm<T>::N;
+    __shared__ float scratch[64];
+    float wv[N_CHUNKS][N];
+    float dwp[N_CHUNKS][N];
+    float dbp[N_CHUNKS][N];
+#pragma unroll
+    for (int c = 0; c < N_CHUNKS; ++c) {
+        const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+        if (w != nullptr) {
+            ff_load<T, ALIGNED>(w + w_offset, w_stride, base, D, wv[c]);
+        }
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            if (w == nullptr) {
+                wv[c][k] = 1.0f;
+            }
+            dwp[c][k] = 0.0f;
+            dbp[c][k] = 0.0f;
+        }
+    }
+    const float inv_d = 1.0f / (float)D;
+    for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        const S* xr = x + x_offset + row * x_row_stride;
+        const S* gr = g + params.g_offset + row * params.g_row_stride;
+        float xv[N_CHUNKS][N];
+        float gv[N_CHUNKS][N];
+#pragma unroll
+        for (int c = 0; c < N_CHUNKS; ++c) {
+            const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+            ff_load<T, ALIGNED>(xr, 1, base, D, xv[c]);
+            ff_load<T, ALIGNED>(gr, 1, base, D, gv[c]);
+        }
+        float mean_gw = 0.0f;
+        if constexpr (K::layer) {
+            // Mean of x and of g * w, then centre x (elements past D stay 0).
+            float s1 = 0.0f;
+            float s2 = 0.0f;
+#pragma unroll
+            for (int c = 0; c < N_CHUNKS; ++c) {
+#pragma unroll
+                for (int k = 0; k < N; ++k) {
+                    s1 += xv[c][k];
+                    s2 += gv[c][k] * wv[c][k];
+                }
+            }
+            ff_block_sum2(s1, s2, scratch);
+            const float mean = s1 * inv_d;
+            mean_gw = s2 * inv_d;
+#pragma unroll
+            for (int c = 0; c < N_CHUNKS; ++c) {
+                const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+#pragma unroll
+                for (int k = 0; k < N; ++k) {
+                    xv[c][k] = base + k < D ? xv[c][k] - mean : 0.0f;
+                }
+            }
+        }
+        float q1 = 0.0f;
+        float q2 = 0.0f;
+#pragma unroll
+        for (int c = 0; c < N_CHUNKS; ++c) {
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                q1 += xv[c][k] * xv[c][k];
+                q2 += gv[c][k] * wv[c][k] * xv[c][k];
+            }
+        }
+        ff_block_sum2(q1, q2, scratch);
+        const float n = 1.0f / sqrtf(q1 * inv_d + eps);
+        const float c3 = q2 * inv_d * n * n * n;
+        S* dxr = dx + row * (ff_i64_t)D;
+#pragma unroll
+        for (int c = 0; c < N_CHUNKS; ++c) {
+            const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+            if (base < D) {
+                S o[N];
+#pragma unroll
+                for (int k = 0; k < N; ++k) {
+                    o[k] = T::from_f32((gv[c][k] * wv[c][k] - mean_gw) * n - xv[c][k] * c3);
+                    dwp[c][k] += gv[c][k] * xv[c][k] * n;
+                    dbp[c][k] += gv[c][k];
+                }
+                ff_store<T, ALIGNED>(dxr, base, D, o);
+            }
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < N_CHUNKS; ++c) {
+        const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            if (base + k < D) {
+                const ff_i64_t at = (ff_i64_t)blockIdx.x * D + base + k;
+                if (dw_part != nullptr) {
+                    dw_part[at] = dwp[c][k];
+                }
+                if (db_part != nullptr) {
+                    db_part[at] = dbp[c][k];
+                }
+            }
+        }
+    }
+}
+
+// Rows too long for registers: three passes over each row (sums, centred sums, output; the
+// later ones mostly hit L2), the partial sums kept in the block's slice of dw_part / db_part
+// (each element owned by one thread, so no synchronisation). dw_part and db_part must not be
+// null when a weight / bias gradient is wanted; the kernel zeroes them first.
+template <typename K, typename T>
+__global__ void __launch_bounds__(1024) norm_vjp_looped(
+    const typename T::storage* __restrict__ x,
+    const typename T::storage* __restrict__ w,
+    const typename T::storage* __restrict__ g,
+    typename T::storage* __restrict__ dx,
+    float* __restrict__ dw_part,
+    float* __restrict__ db_part,
+    const ff_norm_vjp_params params) {
+    FF_NORM_PARAMS(params.f);
+    (void)b_offset;
+    (void)b_stride;
+    typedef typename T::storage S;
+    __shared__ float scratch[64];
+    const int step = (int)blockDim.x;
+    const float inv_d = 1.0f / (float)D;
+    float* dwb = dw_part != nullptr ? dw_part + (ff_i64_t)blockIdx.x * D : nullptr;
+    float* dbb = db_part != nullptr ? db_part + (ff_i64_t)blockIdx.x * D : nullptr;
+    for (int i = threadIdx.x; i < D; i += step) {
+        if (dwb != nullptr) {
+            dwb[i] = 0.0f;
+        }
+        if (dbb != nullptr) {
+            dbb[i] = 0.0f;
+        }
+    }
+    auto wat = [&](int i) {
+        return w != nullptr ? T::to_f32(w[w_offset + (ff_i64_t)i * w_stride]) : 1.0f;
+    };
+    for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        const S* xr = x + x_offset + row * x_row_stride;
+        const S* gr = g + params.g_offset + row * params.g_row_stride;
+        float mean = 0.0f;
+        float mean_gw = 0.0f;
+        if constexpr (K::layer) {
+            float s1 = 0.0f;
+            float s2 = 0.0f;
+            for (int i = threadIdx.x; i < D; i += step) {
+                s1 += T::to_f32(xr[i]);
+                s2 += T::to_f32(gr[i]) * wat(i);
+            }
+            ff_block_sum2(s1, s2, scratch);
+            mean = s1 * inv_d;
+            mean_gw = s2 * inv_d;
+        }
+        float q1 = 0.0f;
+        float q2 = 0.0f;
+        for (int i = threadIdx.x; i < D; i += step) {
+            const float xc = T::to_f32(xr[i]) - mean;
+            q1 += xc * xc;
+            q2 += T::to_f32(gr[i]) * wat(i) * xc;
+        }
+        ff_block_sum2(q1, q2, scratch);
+        const float n = 1.0f / sqrtf(q1 * inv_d + eps);
+        const float c3 = q2 * inv_d * n * n * n;
+        S* dxr = dx + row * (ff_i64_t)D;
+        for (int i = threadIdx.x; i < D; i += step) {
+            const float xc = T::to_f32(xr[i]) - mean;
+            const float gi = T::to_f32(gr[i]);
+            dxr[i] = T::from_f32((gi * wat(i) - mean_gw) * n - xc * c3);
+            if (dwb != nullptr) {
+                dwb[i] += gi * xc * n;
+            }
+            if (dbb != nullptr) {
+                dbb[i] += gi;
+            }
+        }
+    }
+}
+
+// out[i] = sum over p < n_parts of part[p * D + i], in a fixed order: block (32 columns x
+// FF_REDUCE_ROWS row groups); group r sums parts r, r + FF_REDUCE_ROWS, ... in order, then
+// the groups are added in order through shared memory.
+#define FF_REDUCE_ROWS 32
+__global__ void __launch_bounds__(32 * FF_REDUCE_ROWS) norm_vjp_reduce(
+    const float* __restrict__ part, int n_parts, int D, float* __restrict__ out) {
+    __shared__ float sums[FF_REDUCE_ROWS][33];
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    float s = 0.0f;
+    if (col < D) {
+        for (int p = threadIdx.y; p < n_parts; p += FF_REDUCE_ROWS) {
+            s += part[(ff_i64_t)p * D + col];
+        }
+    }
+    sums[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < D) {
+        float t = 0.0f;
+#pragma unroll
+        for (int r = 0; r < FF_REDUCE_ROWS; ++r) {
+            t += sums[r][threadIdx.x];
+        }
+        out[col] = t;
     }
 }

@@ -32,15 +32,9 @@ use crate::Array;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// `kernels/attn_decode.cu`: attention decode (split-KV) and its combine kernel.
-const ATTN_DECODE_CU: KernelFile = KernelFile {
-    name: "attn_decode.cu",
-    source: include_str!("../kernels/attn_decode.cu"),
-    arch: None,
-};
-
-/// The file and every instantiation a launch can ask for.
+/// Every instantiation a launch can ask for is in `variants`.
 pub(super) const REGISTERED: Registered = Registered {
-    file: ATTN_DECODE_CU,
+    file: KernelFile::new("attn_decode.cu", include_str!("../kernels/attn_decode.cu")),
     variants,
 };
 
@@ -389,7 +383,7 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream, variant: Variant) -> Result<Arr
             mma_shared_bytes(d, dv, t, dtype.size()),
         ),
     };
-    let func = jit::function(&device, &ATTN_DECODE_CU, &name, &[])?;
+    let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
     if smem > 0 {
         allow_shared_memory(&func, smem, "the decode kernel")?;
     }
@@ -458,7 +452,7 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream, variant: Variant) -> Result<Arr
     }
     if let Some((acc, ml)) = &workspace {
         let name = combine_variant(dtype);
-        let combine = jit::function(&device, &ATTN_DECODE_CU, &name, &[])?;
+        let combine = jit::function(&device, &REGISTERED.file, &name, &[])?;
         let rows_out = u32::try_from(b * nq * tq).map_err(|_| {
             Error::Unsupported(format!("{OP} too many output rows for the combine kernel"))
         })?;

@@ -15,15 +15,12 @@ use crate::Array;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// `kernels/attn_general.cu`: attention for any shape, head dims and strides.
-const ATTN_GENERAL_CU: KernelFile = KernelFile {
-    name: "attn_general.cu",
-    source: include_str!("../kernels/attn_general.cu"),
-    arch: None,
-};
-
-/// The file and every instantiation a launch can ask for.
+/// Every instantiation a launch can ask for is in `variants`.
 pub(super) const REGISTERED: Registered = Registered {
-    file: ATTN_GENERAL_CU,
+    file: KernelFile::new(
+        "attn_general.cu",
+        include_str!("../kernels/attn_general.cu"),
+    ),
     variants,
 };
 
@@ -74,7 +71,7 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
         ..AttnParams::new(c, [&c.q, &c.k, &c.v], &mask, sinks)?
     };
     let name = general_variant(dtype);
-    let func = jit::function(&device, &ATTN_GENERAL_CU, &name, &[])?;
+    let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
     let mut out = CudaBuffer::alloc(&device, stream, dtype, b * nq * tq * dv)?;
     let null: u64 = 0;
     let cu = stream.cuda();

@@ -1,6 +1,6 @@
 //! CUDA `scaled_dot_product_attention`: [`run`] takes a validated call, asks [`select()`]
 //! which kernel serves it and launches that kernel; the launchers share the operand helpers
-//! below, one mask encoding ([`MaskKind`]) and, for the SIMT and decode kernels, one
+//! below, one mask encoding ([`MaskKind`]) and one
 //! parameter block ([`AttnParams`], `ff_attn_params` in `kernels/attn.cuh`).
 //!
 //! The kernels (`select.rs` has the table and its test):
@@ -29,8 +29,8 @@ pub(crate) mod select;
 
 use super::copy::copy_cast;
 use super::memory::CudaBuffer;
-pub(super) use super::runtime::launch;
 use super::runtime::{self, driver_error, guarded, Stream};
+pub(super) use super::runtime::{launch, resident_blocks};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaArgs;
@@ -357,38 +357,6 @@ pub(super) fn push_inputs<'a>(
         Some((s, _, _)) => builder.arg(s.slice()),
         None => builder.arg(null),
     };
-}
-
-/// Blocks of `name` that fit on the whole GPU at once, asked of the driver once per device
-/// and kernel.
-pub(super) fn resident_blocks(
-    device: &runtime::CudaDevice,
-    name: &str,
-    func: &CudaFunction,
-    threads: u32,
-    smem: usize,
-) -> Result<u64> {
-    type Memo = std::sync::Mutex<std::collections::HashMap<(usize, String), u64>>;
-    static MEMO: std::sync::OnceLock<Memo> = std::sync::OnceLock::new();
-    let memo = MEMO.get_or_init(Default::default);
-    let key = (device.ordinal(), format!("{name} {smem}"));
-    if let Some(&n) = memo.lock().ok().and_then(|m| m.get(&key).copied()).as_ref() {
-        return Ok(n);
-    }
-    let per_sm = guarded("reading a kernel's occupancy", || {
-        // The query needs the device's context current on this thread (a rayon worker, say).
-        device
-            .context()
-            .bind_to_thread()
-            .map_err(|e| driver_error("binding the CUDA context", e))?;
-        func.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
-            .map_err(|e| driver_error("reading a kernel's occupancy", e))
-    })?;
-    let n = u64::from(per_sm.max(1)) * u64::from(device.sm_count());
-    if let Ok(mut m) = memo.lock() {
-        m.insert(key, n);
-    }
-    Ok(n)
 }
 
 /// Padding (elements) of each K / V row in the shared-memory tiles of the tensor-core

@@ -17,8 +17,8 @@
 //! `FERROFAST_PREFILL_KERNEL=mma` in the environment keeps every case on this kernel.
 
 use super::{
-    allow_shared_memory, buffer, kv_row_pad, mask_arg, sinks_arg, strides4, to_i32, vector_operand,
-    MaskKind, OP,
+    allow_shared_memory, buffer, kv_row_pad, mask_arg, push_inputs, sinks_arg, vector_operand,
+    AttnParams, MaskKind, OP,
 };
 use crate::cuda::copy::type_tag;
 use crate::cuda::jit::{self, KernelFile, Registered};
@@ -31,15 +31,12 @@ use crate::Array;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// `kernels/attn_prefill.cu`: flash-attention forward on the tensor cores (`mma.sync`).
-const ATTN_PREFILL_CU: KernelFile = KernelFile {
-    name: "attn_prefill.cu",
-    source: include_str!("../kernels/attn_prefill.cu"),
-    arch: None,
-};
-
-/// The file and every instantiation a launch can ask for.
+/// Every instantiation a launch can ask for is in `variants`.
 pub(super) const REGISTERED: Registered = Registered {
-    file: ATTN_PREFILL_CU,
+    file: KernelFile::new(
+        "attn_prefill.cu",
+        include_str!("../kernels/attn_prefill.cu"),
+    ),
     variants,
 };
 
@@ -134,13 +131,6 @@ fn shared_bytes(d: usize, dv: usize, t: Tiles, elem: usize) -> usize {
     (rows_q * (d + 8) + 2 * t.keys * (d + pad) + 2 * t.keys * (dv + pad)) * elem
 }
 
-/// `(offset, stride_b, stride_h, stride_t)` of a `[B, H, T, D]` operand made readable by
-/// `vector_operand` (size-1 axes get stride 0).
-fn layout(a: &Array) -> [i64; 4] {
-    let s = strides4(a);
-    [a.offset() as i64, s[0], s[1], s[2]]
-}
-
 /// Flash-attention forward of a validated call on `stream` (chosen by [`super::select()`]):
 /// `softmax(scale * q k^T + mask) v` per batch and query head, f32 softmax and
 /// accumulation, one rounding to the output dtype. Fully masked rows (no visible key) are 0;
@@ -174,12 +164,8 @@ fn run_with(c: &SdpaArgs, stream: &Stream, tiles: Tiles) -> Result<Array> {
         return Err(unsupported());
     }
     let [batch, n_q, t_q, dv] = c.out_shape;
-    let (n_kv, t_kv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
+    let d = c.k.shape()[3];
     let m_tiles = t_q.div_ceil(tiles.rows());
-    let (Ok(tq), Ok(tkv), Ok(nq)) = (i32::try_from(t_q), i32::try_from(t_kv), i32::try_from(n_q))
-    else {
-        return Err(unsupported());
-    };
     if n_q > 65535 || batch > 65535 || m_tiles > i32::MAX as usize {
         return Err(unsupported());
     }
@@ -199,19 +185,10 @@ fn run_with(c: &SdpaArgs, stream: &Stream, tiles: Tiles) -> Result<Array> {
     let q = vector_operand(&c.q, stream)?;
     let k = vector_operand(&c.k, stream)?;
     let v = vector_operand(&c.v, stream)?;
-    let (ql, kl, vl) = (layout(&q), layout(&k), layout(&v));
-    let mask_kind = mask.kind;
-    let mask_layout = [
-        mask.offset,
-        mask.strides[0],
-        mask.strides[1],
-        mask.strides[2],
-        mask.strides[3],
-    ];
-    let sinks_layout = sinks.map_or([0i64; 2], |s| [s.1, s.2]);
+    let params = AttnParams::new(c, [&q, &k, &v], &mask, sinks)?;
 
-    let name = variant(dtype, d, dv, tiles, mask_kind);
-    let func = jit::function(&device, &ATTN_PREFILL_CU, &name, &[])?;
+    let name = variant(dtype, d, dv, tiles, mask.kind);
+    let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
     let smem = shared_bytes(d, dv, tiles, dtype.size());
     allow_shared_memory(&func, smem, "the attention kernel")?;
 
@@ -221,51 +198,16 @@ fn run_with(c: &SdpaArgs, stream: &Stream, tiles: Tiles) -> Result<Array> {
         block_dim: ((32 * tiles.warps) as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let group = to_i32(n_q / n_kv, "a GQA group")?;
-    let causal = i32::from(c.causal);
-    let scale_log2 = c.scale * std::f32::consts::LOG2_E;
     let null: u64 = 0;
-    let (qb, kb, vb) = (
+    let inputs = [
         buffer(&q, "q", ordinal)?,
         buffer(&k, "k", ordinal)?,
         buffer(&v, "v", ordinal)?,
-    );
+    ];
     let cu = stream.cuda();
     let mut builder = cu.launch_builder(&func);
-    builder.arg(qb.slice());
-    for x in &ql {
-        builder.arg(x);
-    }
-    builder.arg(kb.slice());
-    for x in &kl {
-        builder.arg(x);
-    }
-    builder.arg(vb.slice());
-    for x in &vl {
-        builder.arg(x);
-    }
-    builder.arg(out.slice_mut());
-    match mask.buffer {
-        Some(m) => builder.arg(m.slice()),
-        None => builder.arg(&null),
-    };
-    for x in &mask_layout {
-        builder.arg(x);
-    }
-    match sinks {
-        Some(s) => builder.arg(s.0.slice()),
-        None => builder.arg(&null),
-    };
-    for x in &sinks_layout {
-        builder.arg(x);
-    }
-    builder
-        .arg(&nq)
-        .arg(&group)
-        .arg(&tq)
-        .arg(&tkv)
-        .arg(&causal)
-        .arg(&scale_log2);
+    push_inputs(&mut builder, inputs, &mask, sinks, &null);
+    builder.arg(out.slice_mut()).arg(&params);
     let what = format!("launching {name}");
     // SAFETY: the arguments match the kernel's parameters in order and type. Block (x, h, b)
     // reads q rows m0..m0+BM (below T_q) of head h, and k / v rows below T_kv of head

@@ -41,7 +41,7 @@
 //!   and no spills for every variant.
 
 use super::select::SM90_ROWS as BM;
-use super::{allow_shared_memory, buffer, strides4, to_i32, vector_operand, OP};
+use super::{allow_shared_memory, buffer, mask_arg, strides4, vector_operand, AttnParams, OP};
 use crate::cuda::copy::{copy_cast, type_tag};
 use crate::cuda::jit::{self, KernelFile, Registered};
 use crate::cuda::memory::CudaBuffer;
@@ -58,15 +58,13 @@ use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// `kernels/attn_prefill_sm90.cu`: flash-attention forward for Hopper (TMA, wgmma), built
 /// for `sm_90a` only.
-const ATTN_PREFILL_SM90_CU: KernelFile = KernelFile {
-    name: "attn_prefill_sm90.cu",
-    source: include_str!("../kernels/attn_prefill_sm90.cu"),
-    arch: Some("sm_90a"),
-};
-
-/// The file and every instantiation a launch can ask for.
+/// Every instantiation a launch can ask for is in `variants`.
 pub(super) const REGISTERED: Registered = Registered {
-    file: ATTN_PREFILL_SM90_CU,
+    file: KernelFile::for_arch(
+        "attn_prefill_sm90.cu",
+        include_str!("../kernels/attn_prefill_sm90.cu"),
+        "sm_90a",
+    ),
     variants,
 };
 
@@ -211,7 +209,7 @@ fn tma_operand(a: &Array, stream: &Stream) -> Result<Array> {
 pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
     let dtype = c.dtype;
     let [batch, n_q, t_q, dv] = c.out_shape;
-    let (n_kv, t_kv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
+    let d = c.k.shape()[3];
     if !matches!(dtype, DType::F16 | DType::BF16)
         || d != dv
         || !matches!(d, 64 | 128)
@@ -228,9 +226,6 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
     let ordinal = stream.ordinal();
     let device = buffer(&c.q, "q", ordinal)?.device().clone();
     let m_tiles = t_q.div_ceil(BM);
-    let tq = to_i32(t_q, "a query length")?;
-    let tkv = to_i32(t_kv, "a key sequence length")?;
-    let nq = to_i32(n_q, "a query head count")?;
     let grid = (
         u32::try_from(m_tiles).ok(),
         u16::try_from(n_q).ok(),
@@ -245,6 +240,7 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
     let q = tma_operand(&c.q, stream)?;
     let k = tma_operand(&c.k, stream)?;
     let v = tma_operand(&c.v, stream)?;
+    let params = AttnParams::new(c, [&q, &k, &v], &mask_arg(c, ordinal)?, None)?;
     let (qb, kb, vb) = (
         buffer(&q, "q", ordinal)?,
         buffer(&k, "k", ordinal)?,
@@ -273,7 +269,7 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
     let (tm_q, tm_k, tm_v) = (maps.0?, maps.1?, maps.2?);
 
     let name = variant(dtype, d, pv_n(d));
-    let func = jit::function(&device, &ATTN_PREFILL_SM90_CU, &name, &[])?;
+    let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
     let smem = shared_bytes(d);
     allow_shared_memory(&func, smem, "the Hopper attention kernel")?;
 
@@ -284,21 +280,13 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let group = to_i32(n_q / n_kv, "a GQA group")?;
-    let causal = i32::from(c.causal);
-    let scale_log2 = c.scale * std::f32::consts::LOG2_E;
     let mut builder = cu.launch_builder(&func);
     builder
         .arg(&tm_q)
         .arg(&tm_k)
         .arg(&tm_v)
         .arg(out.slice_mut())
-        .arg(&nq)
-        .arg(&group)
-        .arg(&tq)
-        .arg(&tkv)
-        .arg(&causal)
-        .arg(&scale_log2);
+        .arg(&params);
     let what = format!("launching {name}");
     // SAFETY: the arguments match the kernel's parameters in order and type (three 128-byte
     // tensor maps by value, the output pointer, six scalars). The tensor maps describe
