@@ -11,6 +11,10 @@ torch.nn.attention.sdpa_kernel, one row each), and a rotary reference (half-spli
 does, plus its torch.compile'd form). Times are CUDA-event medians from
 triton.testing.do_bench on fresh random inputs (never zeros). A ratio below 1 means
 ferrofast is faster.
+
+Backward rows (`*_vjp`) time PyTorch autograd's backward alone: the forward runs once with
+requires_grad inputs, then torch.autograd.grad(out, inputs, cotangent, retain_graph=True) is
+timed, for the eager op and for its torch.compile'd form (whose backward is compiled too).
 """
 import json
 import re
@@ -55,6 +59,12 @@ def rope_half_split(x, offset, base=10000.0):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def backward_fn(fwd, inputs, cot):
+    """Times only the backward: one forward with a kept graph, then grads of `inputs`."""
+    out = fwd()
+    return lambda: torch.autograd.grad(out, inputs, cot, retain_graph=True)
+
+
 def peer_fns(op, shape, dtype):
     """Returns [(name, fn)] of PyTorch versions of one bench row."""
     dt = DTYPES[dtype]
@@ -70,6 +80,23 @@ def peer_fns(op, shape, dtype):
         else:
             f = lambda: F.layer_norm(x, (dim,), w, b, 1e-5)
         return [("eager", f), ("compiled", torch.compile(f))]
+    if op in ("rms_norm_vjp", "layer_norm_vjp"):
+        rows, dim = (int(v) for v in re.findall(r"\d+", shape))
+        x = torch.randn(rows, dim, device=dev, dtype=dt, generator=g).requires_grad_()
+        w = (torch.rand(dim, device=dev, dtype=dt, generator=g) + 0.5).requires_grad_()
+        b = torch.randn(dim, device=dev, dtype=dt, generator=g).requires_grad_()
+        cot = torch.randn(rows, dim, device=dev, dtype=dt, generator=g)
+        if op == "rms_norm_vjp":
+            f, inputs = (lambda: F.rms_norm(x, (dim,), w, 1e-5)), (x, w)
+        else:
+            f, inputs = (lambda: F.layer_norm(x, (dim,), w, b, 1e-5)), (x, w, b)
+        return [("eager", backward_fn(f, inputs, cot)), ("compiled", backward_fn(torch.compile(f), inputs, cot))]
+    if op == "rope_vjp":
+        dims = [int(v) for v in re.findall(r"\d+", shape)]
+        x = torch.randn(*dims, device=dev, dtype=dt, generator=g).requires_grad_()
+        cot = torch.randn(*dims, device=dev, dtype=dt, generator=g)
+        f = lambda: rope_half_split(x, 7)
+        return [("eager", backward_fn(f, (x,), cot)), ("compiled", backward_fn(torch.compile(f), (x,), cot))]
     if op == "rope":
         dims = [int(v) for v in re.findall(r"\d+", shape)]
         x = torch.randn(*dims, device=dev, dtype=dt, generator=g)
@@ -116,6 +143,14 @@ def main():
     torch_copy = 2.0 * n * 4 / t / 1e9
     print(f"copy (256 MiB f32, read + write): torch {torch_copy:.0f} GB/s, ours {ours.get('copy_gbs', 0.0):.0f} GB/s")
     del x, y
+    # The tensor-core ceiling seen by PyTorch: a bf16 8192^3 matmul (cuBLAS), for the
+    # fraction of it the attention rows reach.
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    bm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = median_ms(lambda: a @ bm) * 1e-3
+    gemm_tflops = 2.0 * 8192**3 / t / 1e12
+    print(f"bf16 GEMM 8192^3 (cuBLAS via torch): {gemm_tflops:.0f} TFLOP/s")
+    del a, bm
     for r in ours["results"]:
         for name, fn in peer_fns(r["op"], r["shape"], r["dtype"]):
             try:
@@ -127,10 +162,11 @@ def main():
             rows.append({**r, "peer": f"torch {name}", "peer_median_s": t, "ours_over_peer": ratio})
             extra = ""
             if r.get("unit") == "TFLOP/s":
-                extra = f"  ours {r['value']:.1f} TFLOP/s, torch {r['value'] * ratio:.1f} TFLOP/s"
+                extra = (f"  ours {r['value']:.1f} TFLOP/s ({100 * r['value'] / gemm_tflops:.0f}% of GEMM), "
+                         f"torch {r['value'] * ratio:.1f} TFLOP/s")
             print(f"{r['op']:<12} {r['shape']:<28} {r['dtype']:<9} {r['median_s']*1e3:>8.3f}ms {t*1e3:>8.3f}ms {name:>9} {ratio:>10.2f}{extra}")
     if out_path:
-        json.dump({"ours": ours, "torch_copy_gbs": torch_copy, "rows": rows}, open(out_path, "w"), indent=1)
+        json.dump({"ours": ours, "torch_copy_gbs": torch_copy, "gemm_tflops": gemm_tflops, "rows": rows}, open(out_path, "w"), indent=1)
     return 0
 
 

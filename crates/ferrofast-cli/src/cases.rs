@@ -21,6 +21,23 @@ pub enum Case {
         shape: [usize; 4],
         dtype: DType,
     },
+    /// `rms_norm_vjp` with a weight: `dx` and `dweight`.
+    RmsNormVjp {
+        rows: usize,
+        dim: usize,
+        dtype: DType,
+    },
+    /// `layer_norm_vjp` with a weight and a bias: `dx`, `dweight` and `dbias`.
+    LayerNormVjp {
+        rows: usize,
+        dim: usize,
+        dtype: DType,
+    },
+    /// `rope_vjp` with the forward case's arguments.
+    RopeVjp {
+        shape: [usize; 4],
+        dtype: DType,
+    },
     Sdpa {
         batch: usize,
         q_heads: usize,
@@ -56,6 +73,14 @@ type LayerNormFn = fn(&Array, Option<&Array>, Option<&Array>, f32) -> Result<Arr
 type RopeFn =
     fn(&Array, i32, bool, Option<f32>, f32, RopeOffset<'_>, Option<&Array>) -> Result<Array>;
 type SdpaFn = fn(&Array, &Array, &Array, f32, Mask<'_>, Option<&Array>) -> Result<Array>;
+type RmsNormVjpFn = fn(&Array, Option<&Array>, f32, &Array) -> Result<(Array, Option<Array>)>;
+type LayerNormVjpFn = fn(
+    &Array,
+    Option<&Array>,
+    Option<&Array>,
+    f32,
+    &Array,
+) -> Result<(Array, Option<Array>, Option<Array>)>;
 
 /// One implementation of the ops: the library's `fast` functions or the float64 oracle.
 struct Ops {
@@ -63,6 +88,9 @@ struct Ops {
     layer_norm: LayerNormFn,
     rope: RopeFn,
     sdpa: SdpaFn,
+    rms_norm_vjp: RmsNormVjpFn,
+    layer_norm_vjp: LayerNormVjpFn,
+    rope_vjp: RopeFn,
 }
 
 const FAST: Ops = Ops {
@@ -70,6 +98,9 @@ const FAST: Ops = Ops {
     layer_norm: fast::layer_norm,
     rope: fast::rope,
     sdpa: fast::scaled_dot_product_attention,
+    rms_norm_vjp: fast::rms_norm_vjp,
+    layer_norm_vjp: fast::layer_norm_vjp,
+    rope_vjp: fast::rope_vjp,
 };
 
 const REFERENCE: Ops = Ops {
@@ -77,6 +108,9 @@ const REFERENCE: Ops = Ops {
     layer_norm: reference::layer_norm,
     rope: reference::rope,
     sdpa: reference::scaled_dot_product_attention,
+    rms_norm_vjp: reference::rms_norm_vjp,
+    layer_norm_vjp: reference::layer_norm_vjp,
+    rope_vjp: reference::rope_vjp,
 };
 
 /// Inputs made once per case, reused across timed repetitions.
@@ -98,6 +132,9 @@ impl Case {
             Case::RmsNorm { .. } => "rms_norm",
             Case::LayerNorm { .. } => "layer_norm",
             Case::Rope { .. } => "rope",
+            Case::RmsNormVjp { .. } => "rms_norm_vjp",
+            Case::LayerNormVjp { .. } => "layer_norm_vjp",
+            Case::RopeVjp { .. } => "rope_vjp",
             Case::Sdpa {
                 q_len, causal: c, ..
             } => match (*q_len <= 8, *c) {
@@ -111,10 +148,13 @@ impl Case {
     /// Human-readable shape.
     pub fn shape(&self) -> String {
         match self {
-            Case::RmsNorm { rows, dim, .. } | Case::LayerNorm { rows, dim, .. } => {
-                format!("[{rows},{dim}]")
+            Case::RmsNorm { rows, dim, .. }
+            | Case::LayerNorm { rows, dim, .. }
+            | Case::RmsNormVjp { rows, dim, .. }
+            | Case::LayerNormVjp { rows, dim, .. } => format!("[{rows},{dim}]"),
+            Case::Rope { shape, .. } | Case::RopeVjp { shape, .. } => {
+                format!("{shape:?}").replace(' ', "")
             }
-            Case::Rope { shape, .. } => format!("{shape:?}").replace(' ', ""),
             Case::Sdpa {
                 batch,
                 q_heads,
@@ -133,6 +173,9 @@ impl Case {
             Case::RmsNorm { dtype, .. }
             | Case::LayerNorm { dtype, .. }
             | Case::Rope { dtype, .. }
+            | Case::RmsNormVjp { dtype, .. }
+            | Case::LayerNormVjp { dtype, .. }
+            | Case::RopeVjp { dtype, .. }
             | Case::Sdpa { dtype, .. } => *dtype,
         }
     }
@@ -145,15 +188,21 @@ impl Case {
         }
     }
 
-    /// Bytes that must move: every input read once and the output written once. For decode
-    /// attention, the K and V bytes (what the target counts).
+    /// Bytes that must move: every input read once and the output written once (a norm's
+    /// backward: `x` and the cotangent read, `dx` written; the weight-sized vectors are
+    /// negligible). For decode attention, the K and V bytes (what the target counts).
     pub fn bytes(&self) -> f64 {
         let es = self.dtype().size() as f64;
         match self {
             Case::RmsNorm { rows, dim, .. } | Case::LayerNorm { rows, dim, .. } => {
                 2.0 * (*rows * *dim) as f64 * es
             }
-            Case::Rope { shape, .. } => 2.0 * shape.iter().product::<usize>() as f64 * es,
+            Case::RmsNormVjp { rows, dim, .. } | Case::LayerNormVjp { rows, dim, .. } => {
+                3.0 * (*rows * *dim) as f64 * es
+            }
+            Case::Rope { shape, .. } | Case::RopeVjp { shape, .. } => {
+                2.0 * shape.iter().product::<usize>() as f64 * es
+            }
             Case::Sdpa {
                 batch,
                 kv_heads,
@@ -191,16 +240,24 @@ impl Case {
     pub fn inputs(&self, device: &Device, seed: u64) -> Result<Inputs> {
         let dt = self.dtype();
         let arrays = match self {
-            Case::RmsNorm { rows, dim, .. } => vec![
-                Array::randn(&[*rows, *dim], dt, seed, device)?,
-                Array::uniform(&[*dim], 0.5, 1.5, dt, seed + 1, device)?,
-            ],
-            Case::LayerNorm { rows, dim, .. } => vec![
-                Array::randn(&[*rows, *dim], dt, seed, device)?,
-                Array::uniform(&[*dim], 0.5, 1.5, dt, seed + 1, device)?,
-                Array::randn(&[*dim], dt, seed + 2, device)?,
-            ],
-            Case::Rope { shape, .. } => vec![Array::randn(shape, dt, seed, device)?],
+            // Norms: x, weight, bias, and (backward) the cotangent.
+            Case::RmsNorm { rows, dim, .. }
+            | Case::LayerNorm { rows, dim, .. }
+            | Case::RmsNormVjp { rows, dim, .. }
+            | Case::LayerNormVjp { rows, dim, .. } => {
+                let mut v = vec![
+                    Array::randn(&[*rows, *dim], dt, seed, device)?,
+                    Array::uniform(&[*dim], 0.5, 1.5, dt, seed + 1, device)?,
+                    Array::randn(&[*dim], dt, seed + 2, device)?,
+                ];
+                if matches!(self, Case::RmsNormVjp { .. } | Case::LayerNormVjp { .. }) {
+                    v.push(Array::randn(&[*rows, *dim], dt, seed + 3, device)?);
+                }
+                v
+            }
+            Case::Rope { shape, .. } | Case::RopeVjp { shape, .. } => {
+                vec![Array::randn(shape, dt, seed, device)?]
+            }
             Case::Sdpa {
                 batch,
                 q_heads,
@@ -228,13 +285,13 @@ impl Case {
         Ok(Inputs { arrays })
     }
 
-    /// Runs the op once.
-    pub fn run(&self, inputs: &Inputs) -> Result<Array> {
+    /// Runs the op once; its outputs (one, or a backward pass's gradients).
+    pub fn run(&self, inputs: &Inputs) -> Result<Vec<Array>> {
         self.call(&FAST, &inputs.arrays)
     }
 
     /// The float64 oracle on the same inputs (brought to the CPU).
-    pub fn reference(&self, inputs: &Inputs) -> Result<Array> {
+    pub fn reference(&self, inputs: &Inputs) -> Result<Vec<Array>> {
         let a: Vec<Array> = inputs
             .arrays
             .iter()
@@ -244,10 +301,28 @@ impl Case {
     }
 
     /// The case's call, made through one implementation of the ops.
-    fn call(&self, ops: &Ops, a: &[Array]) -> Result<Array> {
-        match self {
+    fn call(&self, ops: &Ops, a: &[Array]) -> Result<Vec<Array>> {
+        let one = match self {
             Case::RmsNorm { .. } => (ops.rms_norm)(&a[0], Some(&a[1]), 1e-5),
             Case::LayerNorm { .. } => (ops.layer_norm)(&a[0], Some(&a[1]), Some(&a[2]), 1e-5),
+            Case::RmsNormVjp { .. } => {
+                let (dx, dw) = (ops.rms_norm_vjp)(&a[0], Some(&a[1]), 1e-5, &a[3])?;
+                return Ok([Some(dx), dw].into_iter().flatten().collect());
+            }
+            Case::LayerNormVjp { .. } => {
+                let (dx, dw, db) =
+                    (ops.layer_norm_vjp)(&a[0], Some(&a[1]), Some(&a[2]), 1e-5, &a[3])?;
+                return Ok([Some(dx), dw, db].into_iter().flatten().collect());
+            }
+            Case::RopeVjp { shape, .. } => (ops.rope_vjp)(
+                &a[0],
+                shape[3] as i32,
+                false,
+                Some(10000.0),
+                1.0,
+                RopeOffset::Int(7),
+                None,
+            ),
             Case::Rope { shape, .. } => (ops.rope)(
                 &a[0],
                 shape[3] as i32,
@@ -267,6 +342,7 @@ impl Case {
                 if *causal { Mask::Causal } else { Mask::None },
                 None,
             ),
-        }
+        };
+        one.map(|out| vec![out])
     }
 }

@@ -152,8 +152,8 @@ fn first_call(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
     let mut total = 0.0;
     for (case, inputs) in &prepared {
         let start = std::time::Instant::now();
-        let out = case.run(inputs)?;
-        out.device().synchronize()?;
+        case.run(inputs)?;
+        opts.device.synchronize()?;
         let secs = start.elapsed().as_secs_f64();
         total += secs;
         println!(
@@ -235,7 +235,10 @@ fn demo(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         };
         let out = case.run(&inputs)?;
         let reference = case.reference(&inputs)?;
-        let err = measure::max_abs_error(&out, &reference)?;
+        let mut err = 0.0f64;
+        for (o, r) in out.iter().zip(&reference) {
+            err = err.max(measure::max_abs_error(o, r)?);
+        }
         println!(
             "{:<12} {:<28} {:<9} {:>10} {:>14} {:>11.3e}",
             case.op(),
@@ -264,11 +267,12 @@ fn gpu_target_cases() -> Vec<Case> {
     for (rows, dim) in [(16384, 4096), (65536, 1024)] {
         v.push(Case::RmsNorm { rows, dim, dtype });
         v.push(Case::LayerNorm { rows, dim, dtype });
+        v.push(Case::RmsNormVjp { rows, dim, dtype });
+        v.push(Case::LayerNormVjp { rows, dim, dtype });
     }
-    v.push(Case::Rope {
-        shape: [4, 32, 4096, 128],
-        dtype,
-    });
+    let shape = [4, 32, 4096, 128];
+    v.push(Case::Rope { shape, dtype });
+    v.push(Case::RopeVjp { shape, dtype });
     v
 }
 
@@ -286,7 +290,15 @@ fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
         for &(rows, dim) in norm_shapes {
             v.push(Case::LayerNorm { rows, dim, dtype });
         }
+        // Backward passes on the first norm shape.
+        let (rows, dim) = norm_shapes[0];
+        v.push(Case::RmsNormVjp { rows, dim, dtype });
+        v.push(Case::LayerNormVjp { rows, dim, dtype });
         v.push(Case::Rope {
+            shape: [1, 32, 2048, 128],
+            dtype,
+        });
+        v.push(Case::RopeVjp {
             shape: [1, 32, 2048, 128],
             dtype,
         });

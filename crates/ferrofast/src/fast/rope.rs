@@ -103,6 +103,83 @@ fn run(args: &RopeArgs, stream: Option<&Stream>) -> Result<Array> {
     }
 }
 
+/// The backward pass of [`rope`] (MLX's `RoPE::vjp`): the gradient with respect to `a`
+/// given the `cotangent` of `rope`'s output, called with the same `dims`, `traditional`,
+/// `base`, `scale`, `offset` and `freqs` as the forward.
+///
+/// The rotation is orthogonal, so the gradient is the inverse rotation of the cotangent:
+/// each pair `(g1, g2)` becomes `(g1 cos + g2 sin, g2 cos - g1 sin)` with the forward's
+/// angles, and features `dims..D` pass through. This is exactly [`rope`] with `-scale`, with
+/// the same kernels, precision and layouts. The result has the cotangent's shape and dtype
+/// (which are `a`'s for the cotangent of `rope(a, ...)`). There is no gradient for the
+/// offset or `freqs`: see [`rope_vjp_check_targets`].
+///
+/// # Errors
+/// As [`rope`], with `cotangent` in the place of `a`.
+pub fn rope_vjp(
+    cotangent: &Array,
+    dims: i32,
+    traditional: bool,
+    base: Option<f32>,
+    scale: f32,
+    offset: RopeOffset<'_>,
+    freqs: Option<&Array>,
+) -> Result<Array> {
+    let args = RopeArgs::new(cotangent, dims, traditional, base, -scale, offset, freqs)?;
+    run(&args, None)
+}
+
+/// [`rope_vjp`] on an explicit CUDA stream.
+///
+/// # Errors
+/// As [`rope_vjp`]; `Error::Device` when `cotangent` is not on `stream`'s device.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_vjp_on(
+    stream: &Stream,
+    cotangent: &Array,
+    dims: i32,
+    traditional: bool,
+    base: Option<f32>,
+    scale: f32,
+    offset: RopeOffset<'_>,
+    freqs: Option<&Array>,
+) -> Result<Array> {
+    let args = RopeArgs::new(cotangent, dims, traditional, base, -scale, offset, freqs)?;
+    run(&args, Some(stream))
+}
+
+/// [`rope_vjp`] with the forward's optional arguments gathered in a [`RopeOptions`].
+///
+/// # Errors
+/// As [`rope_vjp`].
+pub fn rope_vjp_with(cotangent: &Array, dims: i32, options: &RopeOptions<'_>) -> Result<Array> {
+    rope_vjp(
+        cotangent,
+        dims,
+        options.traditional,
+        options.base,
+        options.scale,
+        options.offset,
+        options.freqs,
+    )
+}
+
+/// For autodiff front ends: succeeds when only `a`'s gradient is asked of `rope`, and fails
+/// with MLX's error when the offset's or `freqs`'s gradient is asked (the fused rope has
+/// none, as in MLX).
+///
+/// # Errors
+/// `Error::InvalidArgument("[RoPE::vjp] vjp for offset or frequencies not supported")` when
+/// `wrt_offset` or `wrt_freqs`.
+pub fn rope_vjp_check_targets(wrt_offset: bool, wrt_freqs: bool) -> Result<()> {
+    if wrt_offset || wrt_freqs {
+        return Err(crate::Error::invalid(
+            "[RoPE::vjp] vjp for offset or frequencies not supported",
+        ));
+    }
+    Ok(())
+}
+
 /// [`rope`] with its optional arguments gathered in a [`RopeOptions`].
 ///
 /// ```

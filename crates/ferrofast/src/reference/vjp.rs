@@ -87,3 +87,22 @@ fn norm_vjp(args: &NormVjpArgs) -> Result<(Array, Option<Array>, Option<Array>)>
     };
     Ok((dx, dw, db))
 }
+
+/// The backward pass of `rope` in plain f64: the inverse rotation of `cotangent` with the
+/// forward's angles (the float64 [`rope`](super::rope) with `-scale`), following
+/// [`fast::rope_vjp`](crate::fast::rope_vjp). Returns an `F64` array of the cotangent's
+/// shape.
+///
+/// # Errors
+/// As [`fast::rope_vjp`](crate::fast::rope_vjp).
+pub fn rope_vjp(
+    cotangent: &Array,
+    dims: i32,
+    traditional: bool,
+    base: Option<f32>,
+    scale: f32,
+    offset: crate::fast::RopeOffset<'_>,
+    freqs: Option<&Array>,
+) -> Result<Array> {
+    super::rope(cotangent, dims, traditional, base, -scale, offset, freqs)
+}
