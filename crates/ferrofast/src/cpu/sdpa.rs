@@ -33,6 +33,8 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::{Add, Mul, Sub};
 
+pub(crate) mod vjp;
+
 /// `f::<N>(args)` for `N = n` in 1..=7, else `N = 8`: a row count known only at run time
 /// picks the const-generic instantiation that keeps that many rows in registers.
 #[cfg(target_arch = "x86_64")]
@@ -73,7 +75,8 @@ const SEQUENTIAL_WORK: usize = 1 << 22;
 /// `Ctx::attend_avx2` (x86_64, entered after AVX2 and FMA were detected) and on aarch64
 /// (which always has FMA); on x86_64 the f32 helpers then use AVX2 intrinsics.
 trait Acc:
-    Copy
+    Element
+    + Copy
     + Send
     + Sync
     + PartialOrd
@@ -87,7 +90,9 @@ trait Acc:
     const ZERO: Self;
     const ONE: Self;
     const NEG_INF: Self;
+    const NAN: Self;
     fn from_f32(x: f32) -> Self;
+    fn is_nan(self) -> bool;
     fn exp(self) -> Self;
     /// `a * b + c`, fused when `FMA`.
     fn fma<const FMA: bool>(a: Self, b: Self, c: Self) -> Self;
@@ -201,10 +206,16 @@ impl Acc for f32 {
     const ZERO: f32 = 0.0;
     const ONE: f32 = 1.0;
     const NEG_INF: f32 = f32::NEG_INFINITY;
+    const NAN: f32 = f32::NAN;
     #[inline(always)]
     fn from_f32(x: f32) -> f32 {
         x
     }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
+    }
+
     #[inline(always)]
     fn exp(self) -> f32 {
         f32::exp(self)
@@ -390,10 +401,16 @@ impl Acc for f64 {
     const ZERO: f64 = 0.0;
     const ONE: f64 = 1.0;
     const NEG_INF: f64 = f64::NEG_INFINITY;
+    const NAN: f64 = f64::NAN;
     #[inline(always)]
     fn from_f32(x: f32) -> f64 {
         f64::from(x)
     }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
+    }
+
     #[inline(always)]
     fn exp(self) -> f64 {
         f64::exp(self)
@@ -1037,7 +1054,12 @@ fn softmax_step<A: Acc, const FMA: bool>(s: &mut [A], m: &mut A, l: &mut A, acc:
     let block_max = A::max_of::<FMA>(s);
     let new_max = if block_max > *m { block_max } else { *m };
     if new_max == A::NEG_INF {
-        // Nothing visible in this row yet: no weight, no change.
+        // Nothing visible in this row yet: no weight, no change. Unless the scores are NaN
+        // (the max skips NaN): then the row is NaN from here on.
+        if s.iter().any(|x| x.is_nan()) {
+            (*m, *l) = (A::NAN, A::NAN);
+            acc.fill(A::NAN);
+        }
         s.fill(A::ZERO);
         return;
     }
@@ -1278,11 +1300,23 @@ impl<T: Elem> Ctx<'_, T> {
         State { m, l, acc }
     }
 
-    /// Writes `acc / l` of each row into the output pieces (one per query head of the group).
-    fn finish(&self, st: &State<T::A>, pieces: &mut [&mut [T]]) {
+    /// Writes `acc / l` of each row into the output pieces (one per query head of the
+    /// group), and the rows' log-sum-exp `m + ln(l)` into the lse pieces when there are any.
+    fn finish(&self, st: &State<T::A>, pieces: &mut Pieces<'_, T>) {
         let dv = self.dv;
         let nqr = st.m.len() / self.r;
-        for (r, piece) in pieces.iter_mut().enumerate() {
+        for (r, lse) in pieces.lse.iter_mut().enumerate() {
+            for (i, x) in lse.iter_mut().enumerate().take(nqr) {
+                let row = r * nqr + i;
+                let l = st.l[row];
+                *x = if l == T::A::ZERO {
+                    T::A::NEG_INF
+                } else {
+                    st.m[row] + T::A::from_f64(l.to_f64().ln())
+                };
+            }
+        }
+        for (r, piece) in pieces.out.iter_mut().enumerate() {
             for i in 0..nqr {
                 let row = r * nqr + i;
                 let l = st.l[row];
@@ -1300,7 +1334,7 @@ impl<T: Elem> Ctx<'_, T> {
     }
 
     /// Merges the partial states of one group chunk's key ranges and writes the output.
-    fn merge(&self, parts: &[State<T::A>], pieces: &mut [&mut [T]]) {
+    fn merge(&self, parts: &[State<T::A>], pieces: &mut Pieces<'_, T>) {
         let dv = self.dv;
         let rows = parts[0].m.len();
         let mut merged = State {
@@ -1311,9 +1345,16 @@ impl<T: Elem> Ctx<'_, T> {
         for row in 0..rows {
             let mut mx = T::A::NEG_INF;
             for p in parts {
-                if p.m[row] > mx {
+                if p.m[row] > mx || p.m[row].is_nan() {
                     mx = p.m[row];
                 }
+            }
+            if mx.is_nan() {
+                // A NaN part makes the row NaN.
+                merged.m[row] = mx;
+                merged.l[row] = mx;
+                merged.acc[row * dv..][..dv].fill(mx);
+                continue;
             }
             if mx == T::A::NEG_INF {
                 continue;
@@ -1333,28 +1374,96 @@ impl<T: Elem> Ctx<'_, T> {
     }
 }
 
+/// What one group chunk writes: for each of its `R` query heads, its queries' output rows
+/// and (when asked) their log-sum-exp values.
+struct Pieces<'a, T: Elem> {
+    out: Vec<&'a mut [T]>,
+    lse: Vec<&'a mut [T::A]>,
+}
+
+/// Splits `buf` (`heads` heads of `tq` rows of `width` values, row-major) into pieces of
+/// `qc` rows and hands each to its group chunk: head `h` of batch `b`, chunk `ci` goes to
+/// chunk `(b * nkv + h / r) * nqc + ci`. Zero widths give empty pieces.
+#[allow(clippy::too_many_arguments)]
+fn split_pieces<'a, X>(
+    mut buf: &'a mut [X],
+    (nq, nkv, r): (usize, usize, usize),
+    heads: usize,
+    tq: usize,
+    qc: usize,
+    width: usize,
+    mut give: impl FnMut(usize, &'a mut [X]),
+) {
+    let nqc = tq.div_ceil(qc);
+    for bh in 0..heads {
+        let (b, h) = (bh / nq, bh % nq);
+        for ci in 0..nqc {
+            let rows = qc.min(tq - ci * qc);
+            let (piece, rest) = std::mem::take(&mut buf).split_at_mut(rows * width);
+            buf = rest;
+            give((b * nkv + h / r) * nqc + ci, piece);
+        }
+    }
+}
+
 /// Runs a validated attention call on the CPU (see `fast::scaled_dot_product_attention` for
 /// the contract). Returns a new row-major `[B, N_q, T_q, D_v]` array of the output dtype.
 pub(crate) fn run(c: &SdpaArgs) -> Result<Array> {
+    dispatch(c, false).map(|(out, _)| out)
+}
+
+/// [`run`] that also returns the rows' log-sum-exp, `[B, N_q, T_q]` of the compute type
+/// (f32, or f64 for f64 calls); see `fast::scaled_dot_product_attention_with_lse`.
+pub(crate) fn run_with_lse(c: &SdpaArgs) -> Result<(Array, Array)> {
+    let (out, lse) = dispatch(c, true)?;
+    let lse = lse.ok_or_else(|| Error::Device("the CPU attention gave no log-sum-exp".into()))?;
+    Ok((out, lse))
+}
+
+fn dispatch(c: &SdpaArgs, with_lse: bool) -> Result<(Array, Option<Array>)> {
     let scale = c.scale;
     match c.dtype {
-        DType::F16 => run_typed::<f16>(c, scale),
-        DType::BF16 => run_typed::<bf16>(c, scale),
-        DType::F32 => run_typed::<f32>(c, scale),
-        DType::F64 => run_typed::<f64>(c, scale),
+        DType::F16 => run_typed::<f16>(c, scale, with_lse),
+        DType::BF16 => run_typed::<bf16>(c, scale, with_lse),
+        DType::F32 => run_typed::<f32>(c, scale, with_lse),
+        DType::F64 => run_typed::<f64>(c, scale, with_lse),
         other => Err(Error::invalid(format!(
             "[scaled_dot_product_attention] Received unsupported type {other}."
         ))),
     }
 }
 
-fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32) -> Result<Array> {
+fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array, Option<Array>)> {
     let [bn, nq, tq, dv] = c.out_shape;
     let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
-    let mut out = vec![T::default(); bn * nq * tq * dv];
-    if out.is_empty() || tkv == 0 {
-        // No key at all: every row is empty, and empty rows are 0.
-        return Array::from_vec(out, &c.out_shape);
+    let rows = bn * nq * tq;
+    let mut out = vec![T::default(); rows * dv];
+    let mut lse = if with_lse {
+        vec![T::A::NEG_INF; rows]
+    } else {
+        Vec::new()
+    };
+    let lse_shape = [bn, nq, tq];
+    let finish = |out: Vec<T>, lse: Vec<T::A>| -> Result<(Array, Option<Array>)> {
+        let lse = if with_lse {
+            Some(Array::from_vec(lse, &lse_shape)?)
+        } else {
+            None
+        };
+        Ok((Array::from_vec(out, &c.out_shape)?, lse))
+    };
+    if rows == 0 || (dv == 0 && !with_lse) {
+        return finish(out, lse);
+    }
+    if tkv == 0 {
+        // No key at all: every row is 0; its log-sum-exp is its sink's, or -inf.
+        if let (true, Some(s)) = (with_lse, &c.sinks) {
+            let sinks: Vec<T::A> = s.to_vec::<T>()?.into_iter().map(T::widen).collect();
+            for (row, x) in lse.iter_mut().enumerate() {
+                *x = sinks[(row / tq) % nq];
+            }
+        }
+        return finish(out, lse);
     }
     let mask = match &c.mask {
         None => None,
@@ -1410,13 +1519,21 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32) -> Result<Array> {
         fma: has_avx2_fma(),
     };
 
-    // The output pieces each chunk writes: for each of its R query heads, its queries.
-    let mut pieces: Vec<Vec<&mut [T]>> = (0..chunks).map(|_| Vec::with_capacity(r)).collect();
-    for (bh, head) in out.chunks_mut(tq * dv).enumerate() {
-        let (b, h) = (bh / nq, bh % nq);
-        for (ci, piece) in head.chunks_mut(qc * dv).enumerate() {
-            pieces[(b * nkv + h / r) * nqc + ci].push(piece);
-        }
+    // The pieces each chunk writes: for each of its R query heads, its queries.
+    let mut pieces: Vec<Pieces<'_, T>> = (0..chunks)
+        .map(|_| Pieces {
+            out: Vec::with_capacity(r),
+            lse: Vec::with_capacity(r),
+        })
+        .collect();
+    let heads = bn * nq;
+    split_pieces(&mut out, (nq, nkv, r), heads, tq, qc, dv, |i, p| {
+        pieces[i].out.push(p)
+    });
+    if with_lse {
+        split_pieces(&mut lse, (nq, nkv, r), heads, tq, qc, 1, |i, p| {
+            pieces[i].lse.push(p)
+        });
     }
     // Multiply-adds of the whole call: small calls stay on the calling thread.
     let work = (bn * nq * tq * tkv).saturating_mul(d + dv);
@@ -1443,7 +1560,7 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32) -> Result<Array> {
             .enumerate()
             .for_each(|(gc, mut p)| ctx.merge(&parts[gc * nsplit..][..nsplit], &mut p));
     }
-    Array::from_vec(out, &c.out_shape)
+    finish(out, lse)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 use super::{place, Place};
 use crate::error::Result;
 pub use crate::ops::sdpa::Mask;
-use crate::ops::sdpa::SdpaArgs;
+use crate::ops::sdpa::{SdpaArgs, SdpaVjpArgs};
 use crate::{Array, Stream};
 
 const OP: &str = "[scaled_dot_product_attention]";
@@ -106,4 +106,138 @@ fn run(args: &SdpaArgs, stream: Option<&Stream>) -> Result<Array> {
         Place::Cpu => crate::cpu::sdpa::run(args),
         Place::Cuda(stream) => crate::cuda::sdpa::run(args, &stream),
     }
+}
+
+/// [`scaled_dot_product_attention`] that also returns the softmax's log-sum-exp, the
+/// forward of training: `(out, lse)` with `lse[b, h, i] = ln(sum_j exp(s_j) + exp(sink_h))`
+/// over the row's visible scores `s_j = scale * q_i·k_j + mask` (natural log), of shape
+/// `[B, N_q, T_q]` and dtype float32 (float64 for a float64 call). A row that sees no key
+/// and has no sink has `lse = -inf` (and output 0). `out` is what
+/// [`scaled_dot_product_attention`] gives for the same call, computed by the same kernels
+/// where they can write the log-sum-exp (on a GPU, the SIMT and `mma.sync` kernels; see
+/// `docs/architecture.md`).
+///
+/// # Errors
+/// As [`scaled_dot_product_attention`].
+pub fn scaled_dot_product_attention_with_lse(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    scale: f32,
+    mask: Mask<'_>,
+    sinks: Option<&Array>,
+) -> Result<(Array, Array)> {
+    run_with_lse(&SdpaArgs::new(q, k, v, scale, mask, sinks)?, None)
+}
+
+/// [`scaled_dot_product_attention_with_lse`] on an explicit CUDA stream.
+///
+/// # Errors
+/// As [`scaled_dot_product_attention_with_lse`]; `Error::Device` when the inputs are not on
+/// `stream`'s device.
+pub fn scaled_dot_product_attention_with_lse_on(
+    stream: &Stream,
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    scale: f32,
+    mask: Mask<'_>,
+    sinks: Option<&Array>,
+) -> Result<(Array, Array)> {
+    run_with_lse(&SdpaArgs::new(q, k, v, scale, mask, sinks)?, Some(stream))
+}
+
+fn run_with_lse(args: &SdpaArgs, stream: Option<&Stream>) -> Result<(Array, Array)> {
+    match place(OP, args.device, &args.q, stream)? {
+        Place::Cpu => crate::cpu::sdpa::run_with_lse(args),
+        Place::Cuda(stream) => crate::cuda::sdpa::run_with_lse(args, &stream),
+    }
+}
+
+/// The backward pass of [`scaled_dot_product_attention`]: `(dq, dk, dv, dsinks)` given the
+/// forward's inputs, its output `out` and log-sum-exp `lse` (from
+/// [`scaled_dot_product_attention_with_lse`]) and the output's cotangent `d_out`.
+///
+/// With `P = exp(scale * q k^T + mask - lse)` and `delta = rowsum(d_out * out)`:
+/// `dv = P^T d_out`, `dS = P * (d_out v^T - delta)`, `dq = scale * dS k`,
+/// `dk = scale * dS^T q`, and for each head's sink `dsink = -sum P_sink * delta` over the
+/// head's rows (`P_sink = exp(sink - lse)`). Grouped-query heads sum their `dk` and `dv`
+/// into their kv head (k and v are never repeated). Causal and array masks hide what they
+/// hid in the forward; there is no gradient for the mask (see
+/// [`scaled_dot_product_attention_vjp_check_targets`]). Rows that saw nothing get no
+/// gradient.
+///
+/// Each gradient has its primal's shape and dtype (`dsinks` only with sinks); the
+/// arithmetic runs as in the forward: float32 (float64 for float64 calls), products of
+/// the inputs in the call's dtype. Results are deterministic: the same call gives the same
+/// bits, whatever the number of threads.
+///
+/// # Errors
+/// The forward's errors for the forward's arguments; `Error::InvalidArgument` when `out` or
+/// `d_out` does not have the output's shape `[B, N_q, T_q, D_v]` or is not floating, or
+/// `lse` is not `[B, N_q, T_q]` float32 (float64 for a float64 call); `Error::Device` for
+/// inputs on different devices.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn scaled_dot_product_attention_vjp(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    scale: f32,
+    mask: Mask<'_>,
+    sinks: Option<&Array>,
+    out: &Array,
+    lse: &Array,
+    d_out: &Array,
+) -> Result<(Array, Array, Array, Option<Array>)> {
+    let args = SdpaVjpArgs::new(q, k, v, scale, mask, sinks, out, lse, d_out)?;
+    run_vjp(&args, None)
+}
+
+/// [`scaled_dot_product_attention_vjp`] on an explicit CUDA stream.
+///
+/// # Errors
+/// As [`scaled_dot_product_attention_vjp`]; `Error::Device` when the inputs are not on
+/// `stream`'s device.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn scaled_dot_product_attention_vjp_on(
+    stream: &Stream,
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    scale: f32,
+    mask: Mask<'_>,
+    sinks: Option<&Array>,
+    out: &Array,
+    lse: &Array,
+    d_out: &Array,
+) -> Result<(Array, Array, Array, Option<Array>)> {
+    let args = SdpaVjpArgs::new(q, k, v, scale, mask, sinks, out, lse, d_out)?;
+    run_vjp(&args, Some(stream))
+}
+
+#[allow(clippy::type_complexity)]
+fn run_vjp(
+    args: &SdpaVjpArgs,
+    stream: Option<&Stream>,
+) -> Result<(Array, Array, Array, Option<Array>)> {
+    match place(OP, args.fwd.device, &args.fwd.q, stream)? {
+        Place::Cpu => crate::cpu::sdpa::vjp::run(args),
+        Place::Cuda(stream) => crate::cuda::sdpa::run_vjp(args, &stream),
+    }
+}
+
+/// For autodiff front ends: succeeds unless the mask's gradient is asked, which fails with
+/// MLX's error (the sinks have a gradient here, unlike in MLX).
+///
+/// # Errors
+/// `Error::InvalidArgument("[scale_dot_product_attention] Does not support VJP with respect
+/// to mask or attention sinks.")` (MLX's text) when `wrt_mask`.
+pub fn scaled_dot_product_attention_vjp_check_targets(wrt_mask: bool) -> Result<()> {
+    if wrt_mask {
+        return Err(crate::Error::invalid(
+            "[scale_dot_product_attention] Does not support VJP with respect  to mask or \
+             attention sinks.",
+        ));
+    }
+    Ok(())
 }

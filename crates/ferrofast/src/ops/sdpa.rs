@@ -237,3 +237,102 @@ impl SdpaArgs {
         })
     }
 }
+
+const VJP_OP: &str = "[scaled_dot_product_attention_vjp]";
+
+/// A validated `scaled_dot_product_attention_vjp` call: the forward's arguments, the saved
+/// output and log-sum-exp, the output's cotangent, and the dtypes the gradients take.
+#[derive(Clone, Debug)]
+pub(crate) struct SdpaVjpArgs {
+    /// The forward call (inputs cast to its dtype).
+    pub fwd: SdpaArgs,
+    /// The forward's output, `[B, N_q, T_q, D_v]` of the forward's dtype.
+    pub out: Array,
+    /// The forward's log-sum-exp, `[B, N_q, T_q]`: float32, or float64 for float64 calls.
+    pub lse: Array,
+    /// The cotangent of the output, `[B, N_q, T_q, D_v]` of the forward's dtype.
+    pub d_out: Array,
+    /// The primals' own dtypes: each gradient is returned in its primal's dtype.
+    pub q_dtype: DType,
+    pub k_dtype: DType,
+    pub v_dtype: DType,
+    pub sinks_dtype: Option<DType>,
+}
+
+/// The dtype of the log-sum-exp that the forward saves for a call of output dtype `dtype`.
+pub(crate) fn lse_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+impl SdpaVjpArgs {
+    /// Validates the forward's arguments as [`SdpaArgs::new`] does, then `out`, `lse` and
+    /// `d_out` against the forward's output shape and dtype.
+    ///
+    /// # Errors
+    /// The forward's errors; `Error::InvalidArgument` when `out` or `d_out` does not have
+    /// the output's shape or is not floating, or `lse` is not `[B, N_q, T_q]` of
+    /// [`lse_dtype`]; `Error::Device` for inputs on different devices.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        q: &Array,
+        k: &Array,
+        v: &Array,
+        scale: f32,
+        mask: Mask<'_>,
+        sinks: Option<&Array>,
+        out: &Array,
+        lse: &Array,
+        d_out: &Array,
+    ) -> Result<SdpaVjpArgs> {
+        let fwd = SdpaArgs::new(q, k, v, scale, mask, sinks)?;
+        let shape = fwd.out_shape;
+        for (name, a) in [("out", out), ("d_out", d_out)] {
+            if a.shape() != shape {
+                return Err(Error::invalid(format!(
+                    "{VJP_OP} {name} has shape {} but the attention output has shape {}.",
+                    fmt_shape(a.shape()),
+                    fmt_shape(&shape)
+                )));
+            }
+            if !a.dtype().is_floating() {
+                return Err(Error::invalid(format!(
+                    "{VJP_OP} {name} must be floating but has type {}.",
+                    a.dtype()
+                )));
+            }
+        }
+        let want = lse_dtype(fwd.dtype);
+        if lse.shape() != &shape[..3] || lse.dtype() != want {
+            return Err(Error::invalid(format!(
+                "{VJP_OP} lse must be {want} of shape {} (the forward's log-sum-exp) but has \
+                 type {} and shape {}.",
+                fmt_shape(&shape[..3]),
+                lse.dtype(),
+                fmt_shape(lse.shape())
+            )));
+        }
+        super::same_device(
+            VJP_OP,
+            &[("q", q), ("out", out), ("lse", lse), ("d_out", d_out)],
+        )?;
+        Ok(SdpaVjpArgs {
+            out: cast(out, fwd.dtype)?,
+            lse: lse.clone(),
+            d_out: cast(d_out, fwd.dtype)?,
+            q_dtype: q.dtype(),
+            k_dtype: k.dtype(),
+            v_dtype: v.dtype(),
+            sinks_dtype: sinks.map(Array::dtype),
+            fwd,
+        })
+    }
+
+    /// `g` in `dtype` (a gradient computed in the forward's dtype, given its primal's).
+    pub(crate) fn to_primal(&self, g: Array, dtype: DType) -> Result<Array> {
+        cast(&g, dtype)
+    }
+}

@@ -1,10 +1,110 @@
-//! Float64 oracle for `scaled_dot_product_attention`, following the definition of spec §5.1
-//! (MLX's fallback) with plain loops.
+//! Float64 oracle for `scaled_dot_product_attention`, its log-sum-exp and its backward pass,
+//! following the definition of spec §5.1 (MLX's fallback) with plain loops.
 
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::ops::sdpa::{Mask, SdpaArgs};
 use crate::Array;
+
+/// A validated call's inputs in f64, with the definition of its softmax.
+struct Oracle {
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    sinks: Option<Vec<f64>>,
+    /// Bool mask values (`true` keeps a key), broadcast to `[B, N_q, T_q, T_kv]`.
+    keep: Option<Vec<bool>>,
+    /// Additive mask values, broadcast likewise.
+    add: Option<Vec<f64>>,
+    causal: bool,
+    scale: f64,
+    nq: usize,
+    nkv: usize,
+    tq: usize,
+    tkv: usize,
+    d: usize,
+    dv: usize,
+}
+
+impl Oracle {
+    fn new(c: &SdpaArgs) -> Result<Oracle> {
+        let (keep, add) = match &c.mask {
+            None => (None, None),
+            Some(m) if m.dtype() == DType::Bool => (Some(m.to_vec::<bool>()?), None),
+            Some(m) => (None, Some(m.to_f64_vec()?)),
+        };
+        Ok(Oracle {
+            q: c.q.to_f64_vec()?,
+            k: c.k.to_f64_vec()?,
+            v: c.v.to_f64_vec()?,
+            sinks: c.sinks.as_ref().map(Array::to_f64_vec).transpose()?,
+            keep,
+            add,
+            causal: c.causal,
+            scale: f64::from(c.scale),
+            nq: c.out_shape[1],
+            nkv: c.k.shape()[1],
+            tq: c.out_shape[2],
+            tkv: c.k.shape()[2],
+            d: c.k.shape()[3],
+            dv: c.out_shape[3],
+        })
+    }
+
+    /// The kv head of query head `h`.
+    fn kv_head(&self, h: usize) -> usize {
+        h / (self.nq / self.nkv.max(1)).max(1)
+    }
+
+    fn q_row(&self, b: usize, h: usize, i: usize) -> &[f64] {
+        &self.q[((b * self.nq + h) * self.tq + i) * self.d..][..self.d]
+    }
+
+    /// Key `j` of the kv head that query head `h` reads.
+    fn k_row(&self, b: usize, h: usize, j: usize) -> &[f64] {
+        &self.k[((b * self.nkv + self.kv_head(h)) * self.tkv + j) * self.d..][..self.d]
+    }
+
+    /// Value `j` of the kv head that query head `h` reads.
+    fn v_row(&self, b: usize, h: usize, j: usize) -> &[f64] {
+        &self.v[((b * self.nkv + self.kv_head(h)) * self.tkv + j) * self.dv..][..self.dv]
+    }
+
+    /// The softmax of row `(b, h, i)`: `(key, probability)` of each visible key (a key is
+    /// hidden where a bool mask is `false` or causality hides it: query `i` sees key `j` iff
+    /// `j <= i + T_kv - T_q`), and the log-sum-exp over the visible scores and the sink.
+    /// A row with no logit above `-inf` has no probabilities and a log-sum-exp of `-inf`.
+    fn probabilities(&self, b: usize, h: usize, i: usize) -> (Vec<(usize, f64)>, f64) {
+        let mrow = ((b * self.nq + h) * self.tq + i) * self.tkv;
+        let qrow = self.q_row(b, h, i);
+        let mut logits = Vec::with_capacity(self.tkv);
+        for j in 0..self.tkv {
+            let visible = (!self.causal || j as i64 <= i as i64 + self.tkv as i64 - self.tq as i64)
+                && self.keep.as_ref().is_none_or(|kp| kp[mrow + j]);
+            if visible {
+                let s = self.scale * dot(qrow, self.k_row(b, h, j))
+                    + self.add.as_ref().map_or(0.0, |a| a[mrow + j]);
+                logits.push((j, s));
+            }
+        }
+        let sink = self.sinks.as_ref().map(|s| s[h]);
+        let max = logits
+            .iter()
+            .map(|&(_, s)| s)
+            .chain(sink)
+            .fold(f64::NEG_INFINITY, f64::max);
+        if max == f64::NEG_INFINITY {
+            return (Vec::new(), f64::NEG_INFINITY);
+        }
+        let denom = sink.map_or(0.0, |s| (s - max).exp())
+            + logits.iter().map(|&(_, s)| (s - max).exp()).sum::<f64>();
+        let probs = logits
+            .into_iter()
+            .map(|(j, s)| (j, (s - max).exp() / denom))
+            .collect();
+        (probs, max + denom.ln())
+    }
+}
 
 /// Scaled dot-product attention computed in float64, the test oracle for
 /// [`fast::scaled_dot_product_attention`](crate::fast::scaled_dot_product_attention).
@@ -29,67 +129,134 @@ pub fn scaled_dot_product_attention(
     mask: Mask<'_>,
     sinks: Option<&Array>,
 ) -> Result<Array> {
+    scaled_dot_product_attention_with_lse(q, k, v, scale, mask, sinks).map(|(out, _)| out)
+}
+
+/// Attention in plain f64 with its log-sum-exp, following
+/// [`fast::scaled_dot_product_attention_with_lse`](crate::fast::scaled_dot_product_attention_with_lse):
+/// the output as [`scaled_dot_product_attention`](super::scaled_dot_product_attention) gives
+/// it, and `lse = ln(sum_j exp(s_j) + exp(sink))` per row over the visible scores `s_j =
+/// scale * q·k_j + mask` (`-inf` for a row with nothing visible). Returns `F64` arrays of
+/// shapes `[B, N_q, T_q, D_v]` and `[B, N_q, T_q]`.
+///
+/// # Errors
+/// As the fast function.
+pub fn scaled_dot_product_attention_with_lse(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    scale: f32,
+    mask: Mask<'_>,
+    sinks: Option<&Array>,
+) -> Result<(Array, Array)> {
     let c = SdpaArgs::new(q, k, v, scale, mask, sinks)?;
+    let o = Oracle::new(&c)?;
     let [b_n, nq, tq, dv] = c.out_shape;
-    let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
-    let qv = c.q.to_f64_vec()?;
-    let kv = c.k.to_f64_vec()?;
-    let vv = c.v.to_f64_vec()?;
-    let sinks = c.sinks.as_ref().map(Array::to_f64_vec).transpose()?;
-    // `Some(true)` keeps, `Some(false)` drops a key; additive values are kept apart.
-    let (keep, add): (Option<Vec<bool>>, Option<Vec<f64>>) = match &c.mask {
-        None => (None, None),
-        Some(m) if m.dtype() == DType::Bool => (Some(m.to_vec::<bool>()?), None),
-        Some(m) => (None, Some(m.to_f64_vec()?)),
-    };
-    let repeats = nq / nkv.max(1);
-    let scale = f64::from(scale);
     let mut out = vec![0.0f64; b_n * nq * tq * dv];
-    let mut logits = Vec::with_capacity(tkv);
+    let mut lse = vec![f64::NEG_INFINITY; b_n * nq * tq];
     for b in 0..b_n {
         for h in 0..nq {
-            let g = h / repeats.max(1);
-            let kbase = (b * nkv + g) * tkv;
             for i in 0..tq {
-                let qrow = &qv[((b * nq + h) * tq + i) * d..][..d];
-                let mrow = ((b * nq + h) * tq + i) * tkv;
-                logits.clear();
-                for j in 0..tkv {
-                    let visible = (!c.causal || j as i64 <= i as i64 + tkv as i64 - tq as i64)
-                        && keep.as_ref().is_none_or(|kp| kp[mrow + j]);
-                    if !visible {
-                        continue;
+                let row = (b * nq + h) * tq + i;
+                let (probs, l) = o.probabilities(b, h, i);
+                lse[row] = l;
+                let orow = &mut out[row * dv..][..dv];
+                for &(j, p) in &probs {
+                    for (x, y) in orow.iter_mut().zip(o.v_row(b, h, j)) {
+                        *x += p * y;
                     }
-                    let krow = &kv[(kbase + j) * d..][..d];
-                    let s = scale * dot(qrow, krow) + add.as_ref().map_or(0.0, |a| a[mrow + j]);
-                    logits.push((j, s));
-                }
-                let sink = sinks.as_ref().map(|s| s[h]);
-                let max = logits
-                    .iter()
-                    .map(|&(_, s)| s)
-                    .chain(sink)
-                    .fold(f64::NEG_INFINITY, f64::max);
-                if max == f64::NEG_INFINITY {
-                    continue;
-                }
-                let mut denom = sink.map_or(0.0, |s| (s - max).exp());
-                let orow = &mut out[((b * nq + h) * tq + i) * dv..][..dv];
-                for &(j, s) in &logits {
-                    let p = (s - max).exp();
-                    denom += p;
-                    let vrow = &vv[(kbase + j) * dv..][..dv];
-                    for (o, x) in orow.iter_mut().zip(vrow) {
-                        *o += p * x;
-                    }
-                }
-                for o in orow.iter_mut() {
-                    *o /= denom;
                 }
             }
         }
     }
-    Array::from_vec(out, &[b_n, nq, tq, dv])
+    Ok((
+        Array::from_vec(out, &c.out_shape)?,
+        Array::from_vec(lse, &[b_n, nq, tq])?,
+    ))
+}
+
+/// The backward pass of attention in plain f64, following
+/// [`fast::scaled_dot_product_attention_vjp`](crate::fast::scaled_dot_product_attention_vjp),
+/// from the inputs and the output's cotangent alone (the output and the probabilities are
+/// recomputed exactly): `(dq, dk, dv, dsinks)` as `F64` arrays of the primals' shapes,
+/// `dsinks` only with sinks. Grouped-query heads sum their `dk` and `dv` into their kv head.
+///
+/// # Errors
+/// As the forward; `Error::InvalidArgument` when `d_out` is not of the output's shape.
+#[allow(clippy::type_complexity)]
+pub fn scaled_dot_product_attention_vjp(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    scale: f32,
+    mask: Mask<'_>,
+    sinks: Option<&Array>,
+    d_out: &Array,
+) -> Result<(Array, Array, Array, Option<Array>)> {
+    let c = SdpaArgs::new(q, k, v, scale, mask, sinks)?;
+    if d_out.shape() != c.out_shape {
+        return Err(crate::Error::invalid(format!(
+            "[scaled_dot_product_attention_vjp] d_out has shape {} but the attention output \
+             has shape {}.",
+            crate::array::fmt_shape(d_out.shape()),
+            crate::array::fmt_shape(&c.out_shape)
+        )));
+    }
+    let o = Oracle::new(&c)?;
+    let g = d_out.astype(c.dtype)?.to_f64_vec()?;
+    let [b_n, nq, tq, dv] = c.out_shape;
+    let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
+    let repeats = (nq / nkv.max(1)).max(1);
+    let scale = f64::from(scale);
+    let mut dq = vec![0.0f64; b_n * nq * tq * d];
+    let mut dk = vec![0.0f64; b_n * nkv * tkv * d];
+    let mut dvv = vec![0.0f64; b_n * nkv * tkv * dv];
+    let mut ds = vec![0.0f64; nq];
+    for b in 0..b_n {
+        for h in 0..nq {
+            let kvh = h / repeats;
+            for i in 0..tq {
+                let row = (b * nq + h) * tq + i;
+                let (probs, lse) = o.probabilities(b, h, i);
+                let grow = &g[row * dv..][..dv];
+                let mut out = vec![0.0f64; dv];
+                for &(j, p) in &probs {
+                    for (x, y) in out.iter_mut().zip(o.v_row(b, h, j)) {
+                        *x += p * y;
+                    }
+                }
+                let delta: f64 = grow.iter().zip(&out).map(|(a, b)| a * b).sum();
+                if let (Some(s), true) = (&o.sinks, lse > f64::NEG_INFINITY) {
+                    ds[h] -= (s[h] - lse).exp() * delta;
+                }
+                let qrow = o.q_row(b, h, i);
+                for &(j, p) in &probs {
+                    let vrow = o.v_row(b, h, j);
+                    let dp: f64 = grow.iter().zip(vrow).map(|(a, b)| a * b).sum();
+                    let dsc = p * (dp - delta);
+                    let kr = (b * nkv + kvh) * tkv + j;
+                    for (x, y) in dvv[kr * dv..][..dv].iter_mut().zip(grow) {
+                        *x += p * y;
+                    }
+                    for (x, y) in dk[kr * d..][..d].iter_mut().zip(qrow) {
+                        *x += scale * dsc * y;
+                    }
+                    for (x, y) in dq[row * d..][..d].iter_mut().zip(o.k_row(b, h, j)) {
+                        *x += scale * dsc * y;
+                    }
+                }
+            }
+        }
+    }
+    Ok((
+        Array::from_vec(dq, c.q.shape())?,
+        Array::from_vec(dk, c.k.shape())?,
+        Array::from_vec(dvv, c.v.shape())?,
+        o.sinks
+            .as_ref()
+            .map(|_| Array::from_vec(ds, &[nq]))
+            .transpose()?,
+    ))
 }
 
 /// `sum(a[i] * b[i])` in f64 with four partial sums (a plain loop the compiler can pipeline).

@@ -33,7 +33,7 @@ use super::runtime::{self, driver_error, guarded, Stream};
 pub(super) use super::runtime::{launch, resident_blocks};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ops::sdpa::SdpaArgs;
+use crate::ops::sdpa::{SdpaArgs, SdpaVjpArgs};
 use crate::Array;
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchArgs, PushKernelArg};
@@ -213,6 +213,30 @@ pub(crate) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
         Kernel::PrefillMma => prefill::run(c, stream),
         Kernel::General => general::run(c, stream),
     }
+}
+
+/// Attention with its log-sum-exp on `stream` (see
+/// `fast::scaled_dot_product_attention_with_lse`).
+///
+/// # Errors
+/// `Error::Unsupported`: not on CUDA yet.
+pub(crate) fn run_with_lse(_c: &SdpaArgs, _stream: &Stream) -> Result<(Array, Array)> {
+    Err(Error::Unsupported(format!(
+        "{OP} the log-sum-exp output is not on CUDA yet"
+    )))
+}
+
+/// The attention backward pass on `stream`.
+///
+/// # Errors
+/// `Error::Unsupported`: not on CUDA yet.
+pub(crate) fn run_vjp(
+    _c: &SdpaVjpArgs,
+    _stream: &Stream,
+) -> Result<(Array, Array, Array, Option<Array>)> {
+    Err(Error::Unsupported(format!(
+        "{OP} the backward pass is not on CUDA yet"
+    )))
 }
 
 /// The kernel a validated call on CUDA device `ordinal` gets (for tests and benchmarks).

@@ -1,0 +1,437 @@
+//! CPU backward pass of `scaled_dot_product_attention` (FlashAttention-2's recomputation):
+//! the probabilities are rebuilt tile by tile from the saved log-sum-exp, never stored whole.
+//!
+//! With `P = exp(scale * Q K^T + mask - lse)`, `delta = rowsum(dO * O)` and
+//! `dS = P * (dO V^T - delta)`: `dV = P^T dO`, `dK = scale * dS^T Q`, `dQ = scale * dS K`,
+//! and a sink's gradient is `-sum P_sink * delta` over its head's rows.
+//!
+//! Two passes, each with tasks that own what they write, so the result does not depend on
+//! the number of threads or their timing: tasks of (batch, kv head, block of keys) sum `dK`
+//! and `dV` over every query row of the group's query heads (grouped-query heads are
+//! reduced here, without copying K or V), then tasks of (batch, query head, block of
+//! queries) sum `dQ` over the keys. Each recomputes its `P` tiles; that costs two products
+//! more than a single pass with a shared `dQ` would, and needs no atomics or partial
+//! buffers. Products go through `gemm` in the compute type (f32, or f64 for f64 inputs).
+
+use super::{matmul, tile_rows, Acc, Elem, MaskView, View};
+use crate::array::Array;
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::ops::sdpa::SdpaVjpArgs;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Keys per task of the dK/dV pass and per tile of the dQ pass.
+const BKV: usize = 64;
+/// Queries per task of the dQ pass and per tile of the dK/dV pass.
+const BQV: usize = 64;
+
+/// Runs a validated attention backward call on the CPU. Returns `(dq, dk, dv, dsinks)` in
+/// the primals' dtypes (see `fast::scaled_dot_product_attention_vjp`).
+pub(crate) fn run(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Array>)> {
+    let (dq, dk, dv, ds) = match c.fwd.dtype {
+        DType::F16 => run_typed::<f16>(c)?,
+        DType::BF16 => run_typed::<bf16>(c)?,
+        DType::F32 => run_typed::<f32>(c)?,
+        DType::F64 => run_typed::<f64>(c)?,
+        other => {
+            return Err(Error::invalid(format!(
+                "[scaled_dot_product_attention_vjp] Received unsupported type {other}."
+            )))
+        }
+    };
+    Ok((
+        c.to_primal(dq, c.q_dtype)?,
+        c.to_primal(dk, c.k_dtype)?,
+        c.to_primal(dv, c.v_dtype)?,
+        ds.map(|s| c.to_primal(s, c.sinks_dtype.unwrap_or(c.fwd.dtype)))
+            .transpose()?,
+    ))
+}
+
+/// Everything a task reads, shared by all tasks.
+struct Ctx<'a, T: Elem> {
+    q: View<'a, T>,
+    k: View<'a, T>,
+    v: View<'a, T>,
+    d_out: View<'a, T>,
+    mask: Option<MaskView<'a, T>>,
+    /// `lse` per row `(b * nq + h) * tq + i`, in the compute type.
+    lse: Vec<T::A>,
+    /// `rowsum(dO * O)` per row, in the compute type.
+    delta: Vec<T::A>,
+    causal: bool,
+    scale: T::A,
+    nq: usize,
+    r: usize,
+    tq: usize,
+    tkv: usize,
+    d: usize,
+    dv: usize,
+}
+
+/// Scratch tiles of one task.
+struct Tiles<A> {
+    /// Query rows times `scale`, `[nr, d]`.
+    q: Vec<A>,
+    /// `dO` rows, `[nr, dv]`.
+    d_out: Vec<A>,
+    /// Probabilities, `[nr, nk]`.
+    p: Vec<A>,
+    /// `dO V^T`, then `dS`, `[nr, nk]`.
+    ds: Vec<A>,
+}
+
+impl<A: Acc> Tiles<A> {
+    fn new() -> Self {
+        Tiles {
+            q: Vec::new(),
+            d_out: Vec::new(),
+            p: Vec::new(),
+            ds: Vec::new(),
+        }
+    }
+}
+
+/// Grows `v` to at least `n` values (every value read is written first).
+fn grow<A: Acc>(v: &mut Vec<A>, n: usize) {
+    if v.len() < n {
+        v.resize(n, A::ZERO);
+    }
+}
+
+impl<T: Elem> Ctx<'_, T> {
+    /// Query `t` sees key `j` iff `j <= t + off` (causal).
+    fn off(&self) -> isize {
+        self.tkv as isize - self.tq as isize
+    }
+
+    /// Loads `nr` query rows from `q0` of head `(b, h)` (times `scale`) and their `dO`
+    /// rows into the tiles.
+    fn load_queries(&self, b: usize, h: usize, q0: usize, nr: usize, t: &mut Tiles<T::A>) {
+        let (d, dv) = (self.d, self.dv);
+        grow(&mut t.q, nr * d);
+        grow(&mut t.d_out, nr * dv);
+        for i in 0..nr {
+            let row = &mut t.q[i * d..][..d];
+            self.q.load_row(b, h, q0 + i, row);
+            for x in row.iter_mut() {
+                *x = *x * self.scale;
+            }
+            self.d_out
+                .load_row(b, h, q0 + i, &mut t.d_out[i * dv..][..dv]);
+        }
+    }
+
+    /// For the loaded query tile (`nr` rows from `q0` of head `(b, h)`) against keys
+    /// `k0..k0 + nk` of kv head `g`: the probabilities into `t.p` and `dS` into `t.ds`,
+    /// both `[nr, nk]` row-major. Key and value rows are `(data, start, stride)`.
+    #[allow(clippy::too_many_arguments)]
+    fn p_and_ds(
+        &self,
+        b: usize,
+        h: usize,
+        q0: usize,
+        nr: usize,
+        k0: usize,
+        nk: usize,
+        kr: (&[T::A], usize, usize),
+        vr: (&[T::A], usize, usize),
+        t: &mut Tiles<T::A>,
+    ) {
+        let (d, dv) = (self.d, self.dv);
+        grow(&mut t.p, nr * nk);
+        grow(&mut t.ds, nr * nk);
+        let (p, ds) = (&mut t.p[..nr * nk], &mut t.ds[..nr * nk]);
+        // S = (scale Q) K^T and dP = dO V^T.
+        matmul(
+            nr,
+            nk,
+            d,
+            p,
+            nk,
+            false,
+            (&t.q, 0, d, 1),
+            (kr.0, kr.1, 1, kr.2),
+        );
+        matmul(
+            nr,
+            nk,
+            dv,
+            ds,
+            nk,
+            false,
+            (&t.d_out, 0, dv, 1),
+            (vr.0, vr.1, 1, vr.2),
+        );
+        let off = self.off();
+        for i in 0..nr {
+            let tq = q0 + i;
+            let row = (b * self.nq + h) * self.tq + tq;
+            let srow = &mut p[i * nk..][..nk];
+            if let Some(mask) = &self.mask {
+                mask.apply(b, h, tq, k0, srow);
+            }
+            if self.causal {
+                let first_hidden = (tq as isize + off + 1 - k0 as isize).max(0) as usize;
+                if first_hidden < nk {
+                    srow[first_hidden..].fill(T::A::NEG_INF);
+                }
+            }
+            let lse = self.lse[row];
+            let delta = self.delta[row];
+            let dsrow = &mut ds[i * nk..][..nk];
+            if lse == T::A::NEG_INF {
+                // A row that saw nothing has no probabilities and no gradient.
+                srow.fill(T::A::ZERO);
+                dsrow.fill(T::A::ZERO);
+                continue;
+            }
+            for (s, g) in srow.iter_mut().zip(dsrow.iter_mut()) {
+                let pv = if *s == T::A::NEG_INF {
+                    T::A::ZERO
+                } else {
+                    (*s - lse).exp()
+                };
+                *s = pv;
+                *g = pv * (*g - delta);
+            }
+        }
+    }
+
+    /// `dK` and `dV` of keys `k0..k0 + nk` of kv head `(b, g)`, written (rounded to `T`)
+    /// into `dk_out` (`[nk, d]`) and `dv_out` (`[nk, dv]`).
+    fn dkdv(&self, b: usize, g: usize, k0: usize, dk_out: &mut [T], dv_out: &mut [T]) {
+        let (d, dv) = (self.d, self.dv);
+        let nk = BKV.min(self.tkv - k0);
+        let mut t = Tiles::new();
+        let mut dk = vec![T::A::ZERO; nk * d];
+        let mut dvv = vec![T::A::ZERO; nk * dv];
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        let kr = tile_rows(self.k, b, g, k0, nk, d, &mut ks);
+        let vr = tile_rows(self.v, b, g, k0, nk, dv, &mut vs);
+        // Causal: only queries t with t + off >= k0 see any of these keys.
+        let first_q = if self.causal {
+            (k0 as isize - self.off()).clamp(0, self.tq as isize) as usize
+        } else {
+            0
+        };
+        for h in g * self.r..(g + 1) * self.r {
+            let mut q0 = first_q;
+            while q0 < self.tq {
+                let nr = BQV.min(self.tq - q0);
+                self.load_queries(b, h, q0, nr, &mut t);
+                self.p_and_ds(
+                    b,
+                    h,
+                    q0,
+                    nr,
+                    k0,
+                    nk,
+                    (kr.data, kr.start, kr.stride),
+                    (vr.data, vr.start, vr.stride),
+                    &mut t,
+                );
+                // dV += P^T dO; dK += dS^T (scale Q).
+                matmul(
+                    nk,
+                    dv,
+                    nr,
+                    &mut dvv,
+                    dv,
+                    true,
+                    (&t.p, 0, 1, nk),
+                    (&t.d_out, 0, dv, 1),
+                );
+                matmul(
+                    nk,
+                    d,
+                    nr,
+                    &mut dk,
+                    d,
+                    true,
+                    (&t.ds, 0, 1, nk),
+                    (&t.q, 0, d, 1),
+                );
+                q0 += nr;
+            }
+        }
+        for (o, &a) in dk_out.iter_mut().zip(&dk) {
+            *o = T::narrow(a);
+        }
+        for (o, &a) in dv_out.iter_mut().zip(&dvv) {
+            *o = T::narrow(a);
+        }
+    }
+
+    /// `dQ` of queries `q0..q0 + nr` of head `(b, h)`, written (rounded to `T`) into `out`
+    /// (`[nr, d]`).
+    fn dq(&self, b: usize, h: usize, q0: usize, out: &mut [T]) {
+        let d = self.d;
+        let nr = BQV.min(self.tq - q0);
+        let g = h / self.r;
+        let mut t = Tiles::new();
+        let mut acc = vec![T::A::ZERO; nr * d];
+        self.load_queries(b, h, q0, nr, &mut t);
+        // Causal: the last query of the tile sees keys up to q0 + nr - 1 + off.
+        let k_end = if self.causal {
+            (q0 as isize + nr as isize + self.off()).clamp(0, self.tkv as isize) as usize
+        } else {
+            self.tkv
+        };
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        let mut k0 = 0;
+        while k0 < k_end {
+            let nk = BKV.min(k_end - k0);
+            let kr = tile_rows(self.k, b, g, k0, nk, d, &mut ks);
+            let vr = tile_rows(self.v, b, g, k0, nk, self.dv, &mut vs);
+            self.p_and_ds(
+                b,
+                h,
+                q0,
+                nr,
+                k0,
+                nk,
+                (kr.data, kr.start, kr.stride),
+                (vr.data, vr.start, vr.stride),
+                &mut t,
+            );
+            // dQ += dS K (times scale below).
+            matmul(
+                nr,
+                d,
+                nk,
+                &mut acc,
+                d,
+                true,
+                (&t.ds, 0, nk, 1),
+                (kr.data, kr.start, kr.stride, 1),
+            );
+            k0 += nk;
+        }
+        for (o, &a) in out.iter_mut().zip(&acc) {
+            *o = T::narrow(a * self.scale);
+        }
+    }
+}
+
+fn run_typed<T: Elem>(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Array>)> {
+    let a = &c.fwd;
+    let [bn, nq, tq, dv] = a.out_shape;
+    let (nkv, tkv, d) = (a.k.shape()[1], a.k.shape()[2], a.k.shape()[3]);
+    let r = nq.checked_div(nkv).unwrap_or(1);
+    let rows = bn * nq * tq;
+    // delta = rowsum(dO * O) and lse, per row, in the compute type.
+    let o = View::<T>::new(&c.out)?;
+    let d_out = View::<T>::new(&c.d_out)?;
+    let mut delta = vec![T::A::ZERO; rows];
+    {
+        let (mut orow, mut grow_) = (vec![T::A::ZERO; dv], vec![T::A::ZERO; dv]);
+        for (row, dl) in delta.iter_mut().enumerate() {
+            let (bh, i) = (row / tq.max(1), row % tq.max(1));
+            let (b, h) = (bh / nq, bh % nq);
+            o.load_row(b, h, i, &mut orow);
+            d_out.load_row(b, h, i, &mut grow_);
+            let mut s = T::A::ZERO;
+            for (x, y) in orow.iter().zip(&grow_) {
+                s = s + *x * *y;
+            }
+            *dl = s;
+        }
+    }
+    let lse: Vec<T::A> = c
+        .lse
+        .to_f64_vec()?
+        .into_iter()
+        .map(T::A::from_f64)
+        .collect();
+    let mask = match &a.mask {
+        None => None,
+        Some(m) if m.dtype() == DType::Bool => Some(MaskView::Bool(View::new(m)?)),
+        Some(m) => Some(MaskView::Additive(View::new(m)?)),
+    };
+    let ctx = Ctx {
+        q: View::new(&a.q)?,
+        k: View::new(&a.k)?,
+        v: View::new(&a.v)?,
+        d_out,
+        mask,
+        lse,
+        delta,
+        causal: a.causal,
+        scale: T::A::from_f32(a.scale),
+        nq,
+        r,
+        tq,
+        tkv,
+        d,
+        dv,
+    };
+
+    // Each task returns its block; blocks are copied into place in task order.
+    let mut dq = vec![T::default(); rows * d];
+    let mut dk = vec![T::default(); bn * nkv * tkv * d];
+    let mut dvv = vec![T::default(); bn * nkv * tkv * dv];
+    if tkv > 0 && rows > 0 {
+        let kv_tasks: Vec<(usize, usize, usize)> = (0..bn * nkv)
+            .flat_map(|bg| {
+                (0..tkv)
+                    .step_by(BKV)
+                    .map(move |k0| (bg / nkv, bg % nkv, k0))
+            })
+            .collect();
+        let blocks: Vec<(Vec<T>, Vec<T>)> = kv_tasks
+            .par_iter()
+            .map(|&(b, g, k0)| {
+                let nk = BKV.min(tkv - k0);
+                let (mut bk, mut bv) = (vec![T::default(); nk * d], vec![T::default(); nk * dv]);
+                ctx.dkdv(b, g, k0, &mut bk, &mut bv);
+                (bk, bv)
+            })
+            .collect();
+        for (&(b, g, k0), (bk, bv)) in kv_tasks.iter().zip(&blocks) {
+            let row0 = (b * nkv + g) * tkv + k0;
+            dk[row0 * d..][..bk.len()].copy_from_slice(bk);
+            dvv[row0 * dv..][..bv.len()].copy_from_slice(bv);
+        }
+        if d > 0 {
+            let q_tasks: Vec<(usize, usize, usize)> = (0..bn * nq)
+                .flat_map(|bh| (0..tq).step_by(BQV).map(move |q0| (bh / nq, bh % nq, q0)))
+                .collect();
+            let blocks: Vec<Vec<T>> = q_tasks
+                .par_iter()
+                .map(|&(b, h, q0)| {
+                    let mut bq = vec![T::default(); BQV.min(tq - q0) * d];
+                    ctx.dq(b, h, q0, &mut bq);
+                    bq
+                })
+                .collect();
+            for (&(b, h, q0), bq) in q_tasks.iter().zip(&blocks) {
+                let row0 = (b * nq + h) * tq + q0;
+                dq[row0 * d..][..bq.len()].copy_from_slice(bq);
+            }
+        }
+    }
+    // Sinks: dsink_h = -sum over the head's rows of P_sink * delta, summed in row order.
+    let dsinks = match &a.sinks {
+        None => None,
+        Some(s) => {
+            let sinks = s.to_f64_vec()?;
+            let mut g = vec![0.0f64; nq];
+            for (row, (&l, &dl)) in ctx.lse.iter().zip(&ctx.delta).enumerate() {
+                let h = (row / tq.max(1)) % nq;
+                let l = l.to_f64();
+                if l != f64::NEG_INFINITY {
+                    g[h] -= (sinks[h] - l).exp() * dl.to_f64();
+                }
+            }
+            Some(Array::from_vec(g, &[nq])?.astype(c.fwd.dtype)?)
+        }
+    };
+    Ok((
+        Array::from_vec(dq, a.q.shape())?,
+        Array::from_vec(dk, a.k.shape())?,
+        Array::from_vec(dvv, a.v.shape())?,
+        dsinks,
+    ))
+}

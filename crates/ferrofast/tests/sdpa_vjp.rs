@@ -1,0 +1,416 @@
+//! The attention backward pass `fast::scaled_dot_product_attention_vjp` and the forward that
+//! saves the log-sum-exp: the float64 oracle against central finite differences, then every
+//! case on every device (CPU, then each CUDA device; the CUDA tests are ignored without the
+//! `gpu-tests` feature) against the oracle: dtypes, grouped-query heads, causal masks of
+//! every alignment, bool and additive masks with broadcasting and empty rows, sinks and
+//! their gradient, strided inputs, mixed dtypes, empty shapes, NaN, determinism and errors.
+
+#[macro_use]
+mod common;
+
+use common::{check_close, on, randn, uniform};
+use ferrofast::fast::{self, Mask};
+use ferrofast::{reference, Array, DType, Device};
+
+type Grads = (Array, Array, Array, Option<Array>);
+
+/// One attention problem, made on the CPU.
+struct Problem {
+    q: Array,
+    k: Array,
+    v: Array,
+    d_out: Array,
+    sinks: Option<Array>,
+    scale: f32,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn problem(
+    dims: (usize, usize, usize, usize, usize, usize, usize),
+    dtype: DType,
+    sinks: bool,
+    seed: u64,
+) -> Problem {
+    let (b, nq, nkv, tq, tkv, d, dv) = dims;
+    Problem {
+        q: randn(&[b, nq, tq, d], dtype, seed),
+        k: randn(&[b, nkv, tkv, d], dtype, seed + 1),
+        v: randn(&[b, nkv, tkv, dv], dtype, seed + 2),
+        d_out: randn(&[b, nq, tq, dv], dtype, seed + 3),
+        sinks: sinks.then(|| uniform(&[nq], -1.0, 2.0, dtype, seed + 4)),
+        scale: 1.0 / (d as f32).sqrt(),
+    }
+}
+
+fn max_abs(a: &Array) -> f64 {
+    a.to_f64_vec()
+        .unwrap()
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0, |m, v| m.max(v.abs()))
+}
+
+/// `(fraction of the largest reference magnitude, rtol)` for gradients of `dtype`.
+fn tol(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F64 => (1e-11, 1e-11),
+        DType::F32 => (1e-4, 1e-4),
+        DType::F16 => (5e-3, 5e-3),
+        _ => (3e-2, 3e-2),
+    }
+}
+
+/// Runs the forward with its log-sum-exp and the backward on `dev`.
+fn fast_grads(p: &Problem, mask: Mask<'_>, dev: &Device) -> (Array, Array, Grads) {
+    let (q, k, v, g) = (
+        on(&p.q, dev),
+        on(&p.k, dev),
+        on(&p.v, dev),
+        on(&p.d_out, dev),
+    );
+    let sinks = p.sinks.as_ref().map(|s| on(s, dev));
+    let mask_dev = match mask {
+        Mask::Array(m) => Some(on(m, dev)),
+        _ => None,
+    };
+    let mask = match (&mask_dev, mask) {
+        (Some(m), _) => Mask::Array(m),
+        (None, m) => m,
+    };
+    let (out, lse) =
+        fast::scaled_dot_product_attention_with_lse(&q, &k, &v, p.scale, mask, sinks.as_ref())
+            .expect("forward with lse");
+    let grads = fast::scaled_dot_product_attention_vjp(
+        &q,
+        &k,
+        &v,
+        p.scale,
+        mask,
+        sinks.as_ref(),
+        &out,
+        &lse,
+        &g,
+    )
+    .expect("backward");
+    (out, lse, grads)
+}
+
+/// Checks the fast gradients on `dev` against the oracle's.
+fn check(p: &Problem, mask: Mask<'_>, dev: &Device, what: &str) -> Grads {
+    let (_, _, (dq, dk, dv, ds)) = fast_grads(p, mask, dev);
+    let (rq, rk, rv, rs) = reference::scaled_dot_product_attention_vjp(
+        &p.q,
+        &p.k,
+        &p.v,
+        p.scale,
+        mask,
+        p.sinks.as_ref(),
+        &p.d_out,
+    )
+    .unwrap();
+    let (frac, rtol) = tol(p.q.dtype());
+    let back = |a: &Array| on(a, &Device::Cpu);
+    let grads = (back(&dq), back(&dk), back(&dv), ds.as_ref().map(back));
+    for (name, got, want, primal) in [
+        ("dq", &grads.0, &rq, &p.q),
+        ("dk", &grads.1, &rk, &p.k),
+        ("dv", &grads.2, &rv, &p.v),
+    ] {
+        assert_eq!(got.dtype(), primal.dtype(), "{what}: {name} dtype");
+        assert_eq!(got.device(), Device::Cpu);
+        check_close(
+            got,
+            want,
+            frac * max_abs(want),
+            rtol,
+            &format!("{what}: {name}"),
+        );
+    }
+    match (&grads.3, &rs, &p.sinks) {
+        (Some(got), Some(want), Some(s)) => {
+            assert_eq!(got.dtype(), s.dtype(), "{what}: dsinks dtype");
+            // A sum over every row of the head: compare with the sum's scale.
+            check_close(
+                got,
+                want,
+                2.0 * frac * max_abs(want),
+                rtol,
+                &format!("{what}: dsinks"),
+            );
+        }
+        (None, None, None) => {}
+        _ => panic!("{what}: dsinks present where it should not be, or missing"),
+    }
+    grads
+}
+
+#[test]
+fn oracle_matches_finite_differences() {
+    let p = problem((1, 4, 2, 5, 7, 6, 3), DType::F64, true, 1);
+    let add = uniform(&[1, 1, 5, 7], -1.0, 1.0, DType::F64, 9);
+    for mask in [Mask::None, Mask::Causal, Mask::Array(&add)] {
+        let loss = |q: &Array, k: &Array, v: &Array, s: &Array| -> f64 {
+            let out = reference::scaled_dot_product_attention(q, k, v, p.scale, mask, Some(s))
+                .unwrap()
+                .to_f64_vec()
+                .unwrap();
+            let g = p.d_out.to_f64_vec().unwrap();
+            out.iter().zip(&g).map(|(a, b)| a * b).sum()
+        };
+        let sinks = p.sinks.as_ref().unwrap();
+        let grads = reference::scaled_dot_product_attention_vjp(
+            &p.q,
+            &p.k,
+            &p.v,
+            p.scale,
+            mask,
+            Some(sinks),
+            &p.d_out,
+        )
+        .unwrap();
+        let dsinks = grads.3.clone().unwrap();
+        let inputs = [&p.q, &p.k, &p.v, sinks];
+        let analytic = [&grads.0, &grads.1, &grads.2, &dsinks];
+        for which in 0..4 {
+            let base = inputs[which].to_f64_vec().unwrap();
+            let g = analytic[which].to_f64_vec().unwrap();
+            for idx in (0..base.len()).step_by(base.len().div_ceil(9).max(1)) {
+                let h = 1e-6;
+                let bump = |delta: f64| {
+                    let mut x = base.clone();
+                    x[idx] += delta;
+                    let a = Array::from_vec(x, inputs[which].shape()).unwrap();
+                    let mut args = inputs.map(|t| t.clone());
+                    args[which] = a;
+                    loss(&args[0], &args[1], &args[2], &args[3])
+                };
+                let fd = (bump(h) - bump(-h)) / (2.0 * h);
+                assert!(
+                    (fd - g[idx]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                    "mask {mask:?} input {which} element {idx}: analytic {} vs finite difference {fd}",
+                    g[idx]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn f64_calls_compute_in_f64() {
+    let p = problem((2, 4, 2, 19, 23, 16, 8), DType::F64, true, 5);
+    check(&p, Mask::Causal, &Device::Cpu, "f64 causal with sinks");
+    let (_, lse, _) = fast_grads(&p, Mask::None, &Device::Cpu);
+    assert_eq!(lse.dtype(), DType::F64);
+}
+
+#[test]
+fn asking_for_the_mask_gradient_is_mlx_s_error() {
+    assert!(fast::scaled_dot_product_attention_vjp_check_targets(false).is_ok());
+    let e = fast::scaled_dot_product_attention_vjp_check_targets(true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "[scale_dot_product_attention] Does not support VJP with respect  to mask or \
+             attention sinks."
+        ),
+        "{e}"
+    );
+}
+
+on_every_device! {
+    /// The forward's log-sum-exp against the oracle's, and its output equal to the plain
+    /// forward's.
+    fn lse_matches_the_oracle(dev: &Device) {
+        for (dtype, causal, sinks) in [
+            (DType::F32, false, false),
+            (DType::F32, true, true),
+            (DType::BF16, true, false),
+            (DType::F16, false, true),
+        ] {
+            let p = problem((2, 4, 2, 33, 47, 64, 64), dtype, sinks, 10);
+            let mask = if causal { Mask::Causal } else { Mask::None };
+            let (out, lse, _) = fast_grads(&p, mask, dev);
+            assert_eq!(lse.dtype(), DType::F32);
+            assert_eq!(lse.shape(), &[2, 4, 33]);
+            let (_, want) = reference::scaled_dot_product_attention_with_lse(
+                &p.q, &p.k, &p.v, p.scale, mask, p.sinks.as_ref(),
+            )
+            .unwrap();
+            let what = format!("{dtype} causal {causal} sinks {sinks}");
+            check_close(&on(&lse, &Device::Cpu), &want, 2e-5, 2e-6, &format!("{what}: lse"));
+            let plain = fast::scaled_dot_product_attention(
+                &on(&p.q, dev), &on(&p.k, dev), &on(&p.v, dev), p.scale, mask,
+                p.sinks.as_ref().map(|s| on(s, dev)).as_ref(),
+            )
+            .unwrap();
+            assert_eq!(
+                on(&out, &Device::Cpu).to_f64_vec().unwrap(),
+                on(&plain, &Device::Cpu).to_f64_vec().unwrap(),
+                "{what}: output differs from the plain forward's"
+            );
+        }
+    }
+
+    /// Dtypes, grouped-query and multi-query heads, head dims, and causal masks with
+    /// `T_q = T_kv`, `T_q < T_kv` and `T_q > T_kv` (whose first rows see nothing).
+    fn dtypes_heads_and_causal_alignments(dev: &Device) {
+        let shapes = [
+            ((2, 4, 2, 37, 53, 64, 64), false),
+            ((1, 8, 1, 64, 64, 128, 128), true),
+            ((1, 2, 2, 20, 70, 80, 48), true),
+            ((1, 2, 1, 70, 20, 32, 32), true),
+            ((1, 3, 3, 1, 40, 96, 96), false),
+        ];
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (i, &(dims, causal)) in shapes.iter().enumerate() {
+                let p = problem(dims, dtype, false, 20 + i as u64);
+                let mask = if causal { Mask::Causal } else { Mask::None };
+                check(&p, mask, dev, &format!("{dtype} {dims:?} causal {causal}"));
+            }
+        }
+    }
+
+    /// Bool and additive masks with broadcasting, rows that see nothing, sinks (with their
+    /// gradient) alone and with masks.
+    fn masks_and_sinks(dev: &Device) {
+        let dims = (2, 4, 2, 24, 40, 32, 32);
+        for dtype in [DType::F32, DType::BF16] {
+            let p = problem(dims, dtype, true, 30);
+            check(&p, Mask::None, dev, &format!("{dtype} sinks"));
+            check(&p, Mask::Causal, dev, &format!("{dtype} causal sinks"));
+            // Bool mask [1, 1, T_q, T_kv], row 3 hidden entirely.
+            let keep: Vec<bool> = (0..24 * 40).map(|i| i / 40 != 3 && (i * 7) % 5 != 0).collect();
+            let keep = Array::from_vec(keep, &[1, 1, 24, 40]).unwrap();
+            let no_sinks = Problem { sinks: None, ..problem(dims, dtype, false, 31) };
+            check(&no_sinks, Mask::Array(&keep), dev, &format!("{dtype} bool mask"));
+            check(&p, Mask::Array(&keep), dev, &format!("{dtype} bool mask with sinks"));
+            // Additive mask [B, 1, T_q, T_kv] with -inf entries and a fully hidden row.
+            let mut add = uniform(&[2, 1, 24, 40], -2.0, 1.0, dtype, 32).to_f64_vec().unwrap();
+            for (i, x) in add.iter_mut().enumerate() {
+                if i % 11 == 0 || (i / 40) % 24 == 5 {
+                    *x = f64::NEG_INFINITY;
+                }
+            }
+            let add = Array::from_vec(add, &[2, 1, 24, 40]).unwrap().astype(dtype).unwrap();
+            check(&no_sinks, Mask::Array(&add), dev, &format!("{dtype} additive mask"));
+            check(&p, Mask::Array(&add), dev, &format!("{dtype} additive mask with sinks"));
+        }
+    }
+
+    /// `[B, T, H, D]` memory viewed as `[B, H, T, D]` for every input and the cotangent.
+    fn strided_inputs(dev: &Device) {
+        let t = |a: Array| a.transpose(&[0, 2, 1, 3]).unwrap();
+        let p = Problem {
+            q: t(randn(&[2, 30, 4, 64], DType::F32, 40)),
+            k: t(randn(&[2, 45, 2, 64], DType::F32, 41)),
+            v: t(randn(&[2, 45, 2, 64], DType::F32, 42)),
+            d_out: t(randn(&[2, 30, 4, 64], DType::F32, 43)),
+            sinks: None,
+            scale: 0.125,
+        };
+        check(&p, Mask::Causal, dev, "strided causal");
+        check(&p, Mask::None, dev, "strided");
+    }
+
+    /// Each gradient comes back in its primal's dtype.
+    fn mixed_dtypes(dev: &Device) {
+        let mut p = problem((1, 2, 2, 16, 16, 32, 32), DType::F32, true, 50);
+        p.q = p.q.astype(DType::F16).unwrap();
+        p.sinks = Some(p.sinks.unwrap().astype(DType::BF16).unwrap());
+        let (dq, dk, dv, ds) = check(&p, Mask::Causal, dev, "mixed dtypes");
+        assert_eq!(dq.dtype(), DType::F16);
+        assert_eq!((dk.dtype(), dv.dtype()), (DType::F32, DType::F32));
+        assert_eq!(ds.map(|s| s.dtype()), Some(DType::BF16));
+    }
+
+    /// No keys: zero gradients (the sink takes all the weight, and its gradient is 0). No
+    /// queries: empty gradients and zero key gradients.
+    fn empty_shapes(dev: &Device) {
+        let p = problem((1, 2, 1, 5, 0, 16, 16), DType::F32, true, 60);
+        let (_, lse, (dq, dk, dv, ds)) = fast_grads(&p, Mask::None, dev);
+        let sinks = p.sinks.as_ref().unwrap().to_f64_vec().unwrap();
+        let lse = on(&lse, &Device::Cpu).to_f64_vec().unwrap();
+        for (i, l) in lse.iter().enumerate() {
+            assert!((l - sinks[(i / 5) % 2]).abs() < 1e-6, "lse {i} = {l}");
+        }
+        assert!(on(&dq, &Device::Cpu).to_f64_vec().unwrap().iter().all(|&x| x == 0.0));
+        assert_eq!((dk.shape(), dv.shape()), (&[1, 1, 0, 16][..], &[1, 1, 0, 16][..]));
+        assert!(on(&ds.unwrap(), &Device::Cpu).to_f64_vec().unwrap().iter().all(|&x| x == 0.0));
+        let p = problem((1, 2, 1, 0, 9, 16, 16), DType::F32, false, 61);
+        let (_, _, (dq, dk, _, _)) = fast_grads(&p, Mask::Causal, dev);
+        assert_eq!(dq.shape(), &[1, 2, 0, 16]);
+        assert!(on(&dk, &Device::Cpu).to_f64_vec().unwrap().iter().all(|&x| x == 0.0));
+    }
+
+    /// A NaN in one query row makes that row's output and log-sum-exp NaN, and reaches that
+    /// row's dq and its kv head's dk and dv, and nothing of the other kv head.
+    fn nan_reaches_its_head(dev: &Device) {
+        let mut p = problem((1, 2, 2, 8, 8, 16, 16), DType::F32, false, 70);
+        let mut q = p.q.to_vec::<f32>().unwrap();
+        q[3 * 16 + 2] = f32::NAN;
+        p.q = Array::from_vec(q, &[1, 2, 8, 16]).unwrap();
+        let (out, lse, (dq, dk, dv, _)) = fast_grads(&p, Mask::None, dev);
+        // The forward: the row's output and log-sum-exp are NaN, the others are not.
+        let (out, lse) = (
+            on(&out, &Device::Cpu).to_f64_vec().unwrap(),
+            on(&lse, &Device::Cpu).to_f64_vec().unwrap(),
+        );
+        assert!(out[3 * 16..4 * 16].iter().all(|x| x.is_nan()), "output of the NaN row");
+        assert!(lse[3].is_nan() && lse.iter().filter(|x| x.is_nan()).count() == 1, "{lse:?}");
+        let (dq, dk, dv) = (
+            on(&dq, &Device::Cpu).to_f64_vec().unwrap(),
+            on(&dk, &Device::Cpu).to_f64_vec().unwrap(),
+            on(&dv, &Device::Cpu).to_f64_vec().unwrap(),
+        );
+        assert!(dq[3 * 16..4 * 16].iter().all(|x| x.is_nan()), "dq of the NaN row: {:?}", &dq[3 * 16..4 * 16]);
+        assert!(dq[8 * 16..].iter().all(|x| x.is_finite()), "dq of head 1");
+        assert!(dk[..8 * 16].iter().any(|x| x.is_nan()), "dk of kv head 0");
+        assert!(dv[..8 * 16].iter().any(|x| x.is_nan()), "dv of kv head 0");
+        assert!(dk[8 * 16..].iter().chain(&dv[8 * 16..]).all(|x| x.is_finite()), "kv head 1");
+    }
+
+    /// The same call gives the same bits.
+    fn deterministic(dev: &Device) {
+        let p = problem((2, 8, 2, 150, 170, 64, 64), DType::BF16, true, 80);
+        let (_, _, a) = fast_grads(&p, Mask::Causal, dev);
+        let (_, _, b) = fast_grads(&p, Mask::Causal, dev);
+        for (x, y) in [(&a.0, &b.0), (&a.1, &b.1), (&a.2, &b.2)] {
+            assert_eq!(
+                on(x, &Device::Cpu).to_f64_vec().unwrap(),
+                on(y, &Device::Cpu).to_f64_vec().unwrap()
+            );
+        }
+    }
+
+    /// Wrong saved tensors give clear errors.
+    fn errors(dev: &Device) {
+        let p = problem((1, 2, 1, 4, 6, 8, 8), DType::F32, false, 90);
+        let (q, k, v, g) = (on(&p.q, dev), on(&p.k, dev), on(&p.v, dev), on(&p.d_out, dev));
+        let (out, lse) =
+            fast::scaled_dot_product_attention_with_lse(&q, &k, &v, 0.5, Mask::None, None).unwrap();
+        let bad_out = on(&randn(&[1, 2, 4, 7], DType::F32, 91), dev);
+        let e = fast::scaled_dot_product_attention_vjp(
+            &q, &k, &v, 0.5, Mask::None, None, &bad_out, &lse, &g,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("[scaled_dot_product_attention_vjp] out has shape (1,2,4,7) but the attention output has shape (1,2,4,8)."),
+            "{e}"
+        );
+        let bad_lse = lse.astype(DType::F16).unwrap();
+        let e = fast::scaled_dot_product_attention_vjp(
+            &q, &k, &v, 0.5, Mask::None, None, &out, &bad_lse, &g,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("lse must be float32 of shape (1,2,4)"), "{e}");
+        let e = fast::scaled_dot_product_attention_vjp(
+            &q, &k, &v, 0.5, Mask::None, None, &out, &lse, &out.reshape(&[1, 2, 8, 4]).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("d_out has shape (1,2,8,4)"), "{e}");
+    }
+}
