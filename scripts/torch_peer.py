@@ -102,6 +102,27 @@ def peer_fns(op, shape, dtype):
         x = torch.randn(*dims, device=dev, dtype=dt, generator=g)
         f = lambda: rope_half_split(x, 7)
         return [("eager", f), ("compiled", torch.compile(f))]
+    if op in ("sdpa_vjp", "sdpa_causal_vjp"):
+        m = re.match(r"B(\d+) H(\d+)/(\d+) T(\d+)x(\d+) D(\d+)", shape)
+        b, hq, hkv, tq, tkv, d = (int(v) for v in m.groups())
+        q = torch.randn(b, hq, tq, d, device=dev, dtype=dt, generator=g).requires_grad_()
+        k = torch.randn(b, hkv, tkv, d, device=dev, dtype=dt, generator=g).requires_grad_()
+        v = torch.randn(b, hkv, tkv, d, device=dev, dtype=dt, generator=g).requires_grad_()
+        cot = torch.randn(b, hq, tq, d, device=dev, dtype=dt, generator=g)
+        causal = op == "sdpa_causal_vjp"
+        fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        fns = [("sdpa", backward_fn(fwd, (q, k, v), cot))]
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:
+            return fns
+        for name, backend in (("flash2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                with sdpa_kernel(backend):
+                    fns.append((name, backward_fn(fwd, (q, k, v), cot)))
+            except RuntimeError as e:
+                print(f"{op} {shape} {dtype}: torch {name} not run ({str(e).splitlines()[0][:60]})")
+        return fns
     if op.startswith("sdpa"):
         m = re.match(r"B(\d+) H(\d+)/(\d+) T(\d+)x(\d+) D(\d+)", shape)
         b, hq, hkv, tq, tkv, d = (int(v) for v in m.groups())

@@ -48,6 +48,16 @@ pub enum Case {
         dtype: DType,
         causal: bool,
     },
+    /// `scaled_dot_product_attention_vjp` (dq, dk, dv) over the saved output and
+    /// log-sum-exp of the forward, made with the inputs.
+    SdpaVjp {
+        batch: usize,
+        heads: usize,
+        len: usize,
+        head_dim: usize,
+        dtype: DType,
+        causal: bool,
+    },
 }
 
 /// Attention prefill on the tensor cores, timed only on a GPU (far too slow for the CPU):
@@ -74,6 +84,8 @@ type RopeFn =
     fn(&Array, i32, bool, Option<f32>, f32, RopeOffset<'_>, Option<&Array>) -> Result<Array>;
 type SdpaFn = fn(&Array, &Array, &Array, f32, Mask<'_>, Option<&Array>) -> Result<Array>;
 type RmsNormVjpFn = fn(&Array, Option<&Array>, f32, &Array) -> Result<(Array, Option<Array>)>;
+/// The attention backward over a case's inputs `[q, k, v, d_out, out, lse]`.
+type SdpaVjpFn = fn(&[Array], f32, Mask<'_>) -> Result<(Array, Array, Array, Option<Array>)>;
 type LayerNormVjpFn = fn(
     &Array,
     Option<&Array>,
@@ -91,7 +103,22 @@ struct Ops {
     rms_norm_vjp: RmsNormVjpFn,
     layer_norm_vjp: LayerNormVjpFn,
     rope_vjp: RopeFn,
+    sdpa_vjp: SdpaVjpFn,
 }
+
+/// `fast::scaled_dot_product_attention_vjp` over the saved output and log-sum-exp.
+fn fast_sdpa_vjp(a: &[Array], scale: f32, mask: Mask<'_>) -> SdpaVjpResult {
+    fast::scaled_dot_product_attention_vjp(
+        &a[0], &a[1], &a[2], scale, mask, None, &a[4], &a[5], &a[3],
+    )
+}
+
+/// The float64 oracle's backward (it recomputes the output and the probabilities).
+fn reference_sdpa_vjp(a: &[Array], scale: f32, mask: Mask<'_>) -> SdpaVjpResult {
+    reference::scaled_dot_product_attention_vjp(&a[0], &a[1], &a[2], scale, mask, None, &a[3])
+}
+
+type SdpaVjpResult = Result<(Array, Array, Array, Option<Array>)>;
 
 const FAST: Ops = Ops {
     rms_norm: fast::rms_norm,
@@ -101,6 +128,7 @@ const FAST: Ops = Ops {
     rms_norm_vjp: fast::rms_norm_vjp,
     layer_norm_vjp: fast::layer_norm_vjp,
     rope_vjp: fast::rope_vjp,
+    sdpa_vjp: fast_sdpa_vjp,
 };
 
 const REFERENCE: Ops = Ops {
@@ -111,6 +139,7 @@ const REFERENCE: Ops = Ops {
     rms_norm_vjp: reference::rms_norm_vjp,
     layer_norm_vjp: reference::layer_norm_vjp,
     rope_vjp: reference::rope_vjp,
+    sdpa_vjp: reference_sdpa_vjp,
 };
 
 /// Inputs made once per case, reused across timed repetitions.
@@ -135,6 +164,8 @@ impl Case {
             Case::RmsNormVjp { .. } => "rms_norm_vjp",
             Case::LayerNormVjp { .. } => "layer_norm_vjp",
             Case::RopeVjp { .. } => "rope_vjp",
+            Case::SdpaVjp { causal: false, .. } => "sdpa_vjp",
+            Case::SdpaVjp { causal: true, .. } => "sdpa_causal_vjp",
             Case::Sdpa {
                 q_len, causal: c, ..
             } => match (*q_len <= 8, *c) {
@@ -164,6 +195,13 @@ impl Case {
                 head_dim,
                 ..
             } => format!("B{batch} H{q_heads}/{kv_heads} T{q_len}x{kv_len} D{head_dim}"),
+            Case::SdpaVjp {
+                batch,
+                heads,
+                len,
+                head_dim,
+                ..
+            } => format!("B{batch} H{heads}/{heads} T{len}x{len} D{head_dim}"),
         }
     }
 
@@ -176,7 +214,8 @@ impl Case {
             | Case::RmsNormVjp { dtype, .. }
             | Case::LayerNormVjp { dtype, .. }
             | Case::RopeVjp { dtype, .. }
-            | Case::Sdpa { dtype, .. } => *dtype,
+            | Case::Sdpa { dtype, .. }
+            | Case::SdpaVjp { dtype, .. } => *dtype,
         }
     }
 
@@ -184,6 +223,7 @@ impl Case {
     pub fn bound(&self) -> Bound {
         match self {
             Case::Sdpa { q_len, .. } if *q_len > 8 => Bound::Compute,
+            Case::SdpaVjp { .. } => Bound::Compute,
             _ => Bound::Memory,
         }
     }
@@ -210,12 +250,41 @@ impl Case {
                 head_dim,
                 ..
             } => 2.0 * (*batch * *kv_heads * *kv_len * *head_dim) as f64 * es,
+            // Compute-bound: q, k, v, out and d_out read, dq, dk, dv written.
+            Case::SdpaVjp {
+                batch,
+                heads,
+                len,
+                head_dim,
+                ..
+            } => 8.0 * (*batch * *heads * *len * *head_dim) as f64 * es,
         }
     }
 
-    /// Floating-point operations (attention: 4·B·H·T_q·T_kv·D, halved for causal square).
+    /// Floating-point operations (attention: 4·B·H·T_q·T_kv·D, halved for causal square; its
+    /// backward 2.5 times its forward's, the usual count).
     pub fn flops(&self) -> f64 {
         match self {
+            Case::SdpaVjp {
+                batch,
+                heads,
+                len,
+                head_dim,
+                dtype,
+                causal,
+            } => {
+                let fwd = Case::Sdpa {
+                    batch: *batch,
+                    q_heads: *heads,
+                    kv_heads: *heads,
+                    q_len: *len,
+                    kv_len: *len,
+                    head_dim: *head_dim,
+                    dtype: *dtype,
+                    causal: *causal,
+                };
+                2.5 * fwd.flops()
+            }
             Case::Sdpa {
                 batch,
                 q_heads,
@@ -281,6 +350,32 @@ impl Case {
                     device,
                 )?,
             ],
+            // q, k, v, d_out, then the forward's output and log-sum-exp.
+            Case::SdpaVjp {
+                batch,
+                heads,
+                len,
+                head_dim,
+                causal,
+                ..
+            } => {
+                let shape = [*batch, *heads, *len, *head_dim];
+                let mut v = Vec::new();
+                for i in 0..4 {
+                    v.push(Array::randn(&shape, dt, seed + i, device)?);
+                }
+                let (out, lse) = fast::scaled_dot_product_attention_with_lse(
+                    &v[0],
+                    &v[1],
+                    &v[2],
+                    1.0 / (*head_dim as f32).sqrt(),
+                    if *causal { Mask::Causal } else { Mask::None },
+                    None,
+                )?;
+                v.push(out);
+                v.push(lse);
+                v
+            }
         };
         Ok(Inputs { arrays })
     }
@@ -313,6 +408,13 @@ impl Case {
                 let (dx, dw, db) =
                     (ops.layer_norm_vjp)(&a[0], Some(&a[1]), Some(&a[2]), 1e-5, &a[3])?;
                 return Ok([Some(dx), dw, db].into_iter().flatten().collect());
+            }
+            Case::SdpaVjp {
+                head_dim, causal, ..
+            } => {
+                let mask = if *causal { Mask::Causal } else { Mask::None };
+                let (dq, dk, dv, _) = (ops.sdpa_vjp)(a, 1.0 / (*head_dim as f32).sqrt(), mask)?;
+                return Ok(vec![dq, dk, dv]);
             }
             Case::RopeVjp { shape, .. } => (ops.rope_vjp)(
                 &a[0],

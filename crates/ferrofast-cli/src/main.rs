@@ -341,6 +341,19 @@ fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
             causal: false,
         });
     }
+    // Attention backward on the first attention shape.
+    for &dtype in &[DType::F32, DType::BF16] {
+        for causal in [false, true] {
+            v.push(Case::SdpaVjp {
+                batch: 1,
+                heads: 16,
+                len: 1024,
+                head_dim: 128,
+                dtype,
+                causal,
+            });
+        }
+    }
     for &dtype in &[DType::F32, DType::BF16] {
         v.push(Case::Sdpa {
             batch: 1,

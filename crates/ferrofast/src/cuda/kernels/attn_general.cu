@@ -12,7 +12,9 @@
 // staged and P V accumulated in registers.
 //
 // Scores are in base-2 units (scale * log2(e); an additive mask and sinks times log2(e));
-// a -inf score has weight 0; a row with no visible key and no sink is 0.
+// a -inf score has weight 0; a row with no visible key and no sink is 0. When `lse` is not
+// null, each row's natural-log log-sum-exp is written there (`[B, N_q, T_q]`, -inf for a
+// row that sees nothing).
 #include "ferrofast_attn.cuh"
 
 #define FF_GEN_THREADS 128
@@ -31,6 +33,7 @@ __global__ void __launch_bounds__(FF_GEN_THREADS)
                  const void* __restrict__ mask,
                  const typename T::storage* __restrict__ sinks,
                  typename T::storage* __restrict__ out,
+                 float* __restrict__ lse,
                  ff_attn_params p) {
     typedef typename T::storage S;
     __shared__ float sq[FF_GEN_BQ][FF_GEN_DC + 1];
@@ -255,8 +258,13 @@ __global__ void __launch_bounds__(FF_GEN_THREADS)
         }
         const float mm = sfin_m[r];
         const float ll = sfin_l[r];
-        const bool empty = mm == FF_NEG_INF || ll == 0.0f;
+        // Nothing visible: no weight at all (a NaN score makes the sum NaN, never 0).
+        const bool empty = ll == 0.0f;
         const ff_i64_t orow = (b * n_q + sq_head[r]) * (ff_i64_t)p.t_q + sq_pos[r];
+        if (lse != nullptr && dvc == 0 && lane == 0) {
+            // Natural-log log-sum-exp of the row (scores are in base-2 units).
+            lse[orow] = empty ? FF_NEG_INF : (mm + log2f(ll)) * 0.6931471805599453f;
+        }
         S* op = out + orow * p.d_v;
 #pragma unroll
         for (int ic = 0; ic < 4; ++ic) {

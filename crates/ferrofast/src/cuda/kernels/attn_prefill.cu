@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
     const typename T::storage* __restrict__ q, const typename T::storage* __restrict__ k,
     const typename T::storage* __restrict__ v, const void* __restrict__ mask,
     const typename T::storage* __restrict__ sinks, typename T::storage* __restrict__ out,
-    const ff_attn_params p) {
+    float* __restrict__ lse, const ff_attn_params p) {
     const ff_i64_t q_off = p.q_off, q_sb = p.q_sb, q_sh = p.q_sh, q_st = p.q_st;
     const ff_i64_t k_off = p.k_off, k_sb = p.k_sb, k_sh = p.k_sh, k_st = p.k_st;
     const ff_i64_t v_off = p.v_off, v_sb = p.v_sb, v_sh = p.v_sh, v_st = p.v_st;
@@ -288,8 +288,16 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
             float sum = l_run[2 * ms + hf];
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+            // A row that sees nothing is 0; a NaN sum (a NaN score) makes the row NaN.
+            const float inv = sum == 0.0f ? 0.0f : 1.0f / sum;
             const int row = row0 + ms * 16 + hf * 8;
+            if (lse != nullptr && row < Tq && (lane & 3) == 0) {
+                // The row's reference max (base 2; 0 while every score is -inf) plus log2 of
+                // its sum, in natural-log units.
+                const float ref = m_run[2 * ms + hf] == FF_ATTN_NEG_INF ? 0.0f : m_run[2 * ms + hf];
+                lse[((ff_i64_t)b * n_heads + h) * Tq + row] =
+                    sum == 0.0f ? FF_ATTN_NEG_INF : (ref + log2f(sum)) * 0.6931471805599453f;
+            }
             if (row < Tq) {
                 ff_u32_t* orow = (ff_u32_t*)(ob + (ff_i64_t)row * DV) + (lane & 3);
 #pragma unroll

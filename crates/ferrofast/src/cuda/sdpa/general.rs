@@ -3,7 +3,10 @@
 //! tiles in shared memory and an online softmax. It takes every call no faster kernel takes
 //! (f32 prefill, head dims without a tensor-core table).
 
-use super::{buffer, launch, mask_arg, push_inputs, sinks_arg, to_i32, AttnParams, DTYPES, OP};
+use super::{
+    buffer, launch, mask_arg, push_inputs, sinks_arg, to_i32, AttnParams, Forward, LseBuffer,
+    DTYPES, OP,
+};
 use crate::cuda::copy::type_tag;
 use crate::cuda::jit::{self, KernelFile, Registered};
 use crate::cuda::memory::CudaBuffer;
@@ -11,7 +14,6 @@ use crate::cuda::runtime::{self, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaArgs;
-use crate::Array;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// `kernels/attn_general.cu`: attention for any shape, head dims and strides.
@@ -42,7 +44,7 @@ fn variants() -> Vec<String> {
 ///
 /// # Errors
 /// `Error::Unsupported` for grids past the CUDA limits; compile and driver errors.
-pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
+pub(super) fn run(c: &SdpaArgs, stream: &Stream, with_lse: bool) -> Result<Forward> {
     let dtype = c.dtype;
     let ordinal = stream.ordinal();
     let device = runtime::device(ordinal)?;
@@ -73,6 +75,7 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
     let name = general_variant(dtype);
     let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
     let mut out = CudaBuffer::alloc(&device, stream, dtype, b * nq * tq * dv)?;
+    let mut lse = LseBuffer::new(c, &device, stream, with_lse)?;
     let null: u64 = 0;
     let cu = stream.cuda();
     let cfg = LaunchConfig {
@@ -82,14 +85,17 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
     };
     let mut builder = cu.launch_builder(&func);
     push_inputs(&mut builder, [qb, kb, vb], &mask, sinks, &null);
-    builder.arg(out.slice_mut()).arg(&params);
+    builder.arg(out.slice_mut());
+    lse.push(&mut builder, &null);
+    builder.arg(&params);
     let what = format!("launching {name}");
     // SAFETY: the arguments match attn_general's parameters in order and type. Every element
     // read is q[b, h, t, i], k[b, g, j, i], v[b, g, j, c] or mask[b, h, t, j] with indices
     // below the views' shapes, at the views' own offsets and strides, or sinks[h] with
-    // h < N_q; every element written is below B * N_q * T_q * D_v, the output's size.
+    // h < N_q; every element written is below B * N_q * T_q * D_v, the output's size, or
+    // (when not null) below B * N_q * T_q, the log-sum-exp's.
     launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
-    Array::from_cuda_buffer(out, &c.out_shape)
+    Forward::new(out, lse, c)
 }
 
 #[cfg(test)]

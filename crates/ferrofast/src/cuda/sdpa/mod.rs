@@ -21,6 +21,7 @@
 //! no sink is 0 (the CPU's rule); `T_kv == 0` gives zeros. No kernel stores anything of size
 //! `T_q x T_kv`.
 
+mod backward;
 mod decode;
 mod general;
 mod prefill;
@@ -29,15 +30,16 @@ pub(crate) mod select;
 
 use super::copy::copy_cast;
 use super::memory::CudaBuffer;
-use super::runtime::{self, driver_error, guarded, Stream};
+use super::runtime::{self, driver_error, guarded, CudaDevice, Stream};
 pub(super) use super::runtime::{launch, resident_blocks};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::{SdpaArgs, SdpaVjpArgs};
-use crate::Array;
+use crate::{Array, Device};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchArgs, PushKernelArg};
 pub(crate) use select::{select, Kernel, Knobs, Problem};
+use std::sync::Arc;
 
 const OP: &str = "[scaled_dot_product_attention]";
 
@@ -45,8 +47,9 @@ const OP: &str = "[scaled_dot_product_attention]";
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Every built-in attention kernel file with the instantiations its launcher can ask for.
-pub(crate) fn kernel_files() -> [super::jit::Registered; 4] {
+pub(crate) fn kernel_files() -> [super::jit::Registered; 5] {
     [
+        backward::REGISTERED,
         decode::REGISTERED,
         general::REGISTERED,
         prefill::REGISTERED,
@@ -183,6 +186,23 @@ impl AttnParams {
 /// `Error::Unsupported` for dtypes other than f32, f16 and bf16 and for sizes past the
 /// kernels' 32-bit limits; compile and driver errors.
 pub(crate) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
+    let device = runtime::device(stream.ordinal())?;
+    if !launchable(c)? {
+        let out = CudaBuffer::alloc(&device, stream, c.dtype, 0)?;
+        return Array::from_cuda_buffer(out, &c.out_shape);
+    }
+    match select(&Problem::of(c), &device.arch(), Knobs::from_env()) {
+        Kernel::DecodeMma => decode::run(c, stream, decode::Variant::Mma),
+        Kernel::DecodeSimt => decode::run(c, stream, decode::Variant::Simt),
+        Kernel::PrefillSm90 => prefill_sm90::run(c, stream),
+        Kernel::PrefillMma => prefill::run(c, stream, false).map(|f| f.out),
+        Kernel::General => general::run(c, stream, false).map(|f| f.out),
+    }
+}
+
+/// Checks a call against the kernels' dtypes and 32-bit limits; `Ok(false)` when its output
+/// is empty (nothing to launch).
+fn launchable(c: &SdpaArgs) -> Result<bool> {
     let dtype = c.dtype;
     if !DTYPES.contains(&dtype) {
         return Err(Error::Unsupported(format!(
@@ -190,53 +210,157 @@ pub(crate) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
              {dtype} on the CPU"
         )));
     }
-    let device = runtime::device(stream.ordinal())?;
-    let [b, nq, tq, dv] = c.out_shape;
+    let [_, nq, tq, _] = c.out_shape;
     let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
-    if b * nq * tq * dv == 0 {
-        let out = CudaBuffer::alloc(&device, stream, dtype, 0)?;
-        return Array::from_cuda_buffer(out, &c.out_shape);
-    }
     for (v, what) in [
         (tkv, "a key sequence length"),
         (d, "a head dimension"),
-        (dv, "a value head dimension"),
+        (c.out_shape[3], "a value head dimension"),
         (nkv, "a kv head count"),
-        ((nq / nkv) * tq, "a GQA group times the query length"),
+        ((nq / nkv.max(1)) * tq, "a GQA group times the query length"),
     ] {
         to_i32(v, what)?;
     }
-    match select(&Problem::of(c), &device.arch(), Knobs::from_env()) {
-        Kernel::DecodeMma => decode::run(c, stream, decode::Variant::Mma),
-        Kernel::DecodeSimt => decode::run(c, stream, decode::Variant::Simt),
-        Kernel::PrefillSm90 => prefill_sm90::run(c, stream),
-        Kernel::PrefillMma => prefill::run(c, stream),
-        Kernel::General => general::run(c, stream),
+    Ok(c.out_shape.iter().product::<usize>() > 0)
+}
+
+/// The output of a forward launch, and its log-sum-exp when one was asked for.
+pub(super) struct Forward {
+    pub(super) out: Array,
+    pub(super) lse: Option<Array>,
+}
+
+impl Forward {
+    /// Wraps a launch's buffers as arrays of the call's shapes.
+    pub(super) fn new(out: CudaBuffer, lse: LseBuffer, c: &SdpaArgs) -> Result<Forward> {
+        let [b, nq, tq, _] = c.out_shape;
+        Ok(Forward {
+            out: Array::from_cuda_buffer(out, &c.out_shape)?,
+            lse: lse
+                .0
+                .map(|l| Array::from_cuda_buffer(l, &[b, nq, tq]))
+                .transpose()?,
+        })
+    }
+
+    /// The result of a call with an empty output: no output values, and (when asked) the
+    /// log-sum-exp of rows that see no key: their sink, or -inf.
+    pub(super) fn empty(
+        c: &SdpaArgs,
+        device: &Arc<CudaDevice>,
+        stream: &Stream,
+        with_lse: bool,
+    ) -> Result<Forward> {
+        let out = CudaBuffer::alloc(device, stream, c.dtype, 0)?;
+        let out = Array::from_cuda_buffer(out, &c.out_shape)?;
+        let lse = if with_lse {
+            Some(empty_rows_lse(c)?.to_stream(stream)?)
+        } else {
+            None
+        };
+        Ok(Forward { out, lse })
+    }
+}
+
+/// The log-sum-exp of every row of a call whose rows see no key (`T_kv = 0`): each head's
+/// sink, or -inf. Made on the host (a `[B, N_q, T_q]` f32 array).
+fn empty_rows_lse(c: &SdpaArgs) -> Result<Array> {
+    let [b, nq, tq, _] = c.out_shape;
+    let sinks = match &c.sinks {
+        Some(s) => Some(s.to_f64_vec()?),
+        None => None,
+    };
+    let values: Vec<f32> = (0..b * nq * tq)
+        .map(|row| {
+            sinks
+                .as_ref()
+                .map_or(f32::NEG_INFINITY, |s| s[(row / tq) % nq] as f32)
+        })
+        .collect();
+    Array::from_vec(values, &[b, nq, tq])
+}
+
+/// The `lse` operand of a forward launch: a `[B, N_q, T_q]` f32 buffer, or none (a null
+/// pointer: the kernel writes no log-sum-exp).
+pub(super) struct LseBuffer(Option<CudaBuffer>);
+
+impl LseBuffer {
+    pub(super) fn new(
+        c: &SdpaArgs,
+        device: &Arc<CudaDevice>,
+        stream: &Stream,
+        with_lse: bool,
+    ) -> Result<LseBuffer> {
+        let [b, nq, tq, _] = c.out_shape;
+        Ok(LseBuffer(if with_lse {
+            Some(CudaBuffer::alloc(device, stream, DType::F32, b * nq * tq)?)
+        } else {
+            None
+        }))
+    }
+
+    /// Pushes the buffer, or `null`, as the kernel's `lse` argument.
+    pub(super) fn push<'a>(&'a mut self, builder: &mut LaunchArgs<'a>, null: &'a u64) {
+        match &mut self.0 {
+            Some(l) => builder.arg(l.slice_mut()),
+            None => builder.arg(null),
+        };
     }
 }
 
 /// Attention with its log-sum-exp on `stream` (see
-/// `fast::scaled_dot_product_attention_with_lse`).
+/// `fast::scaled_dot_product_attention_with_lse`): the kernel [`select()`] names when it
+/// writes the log-sum-exp (the `mma.sync` prefill and the general kernel), else the one of
+/// those that takes the call (the Hopper prefill gives way to the `mma.sync` prefill, the
+/// decode kernels to the general kernel).
 ///
 /// # Errors
-/// `Error::Unsupported`: not on CUDA yet.
-pub(crate) fn run_with_lse(_c: &SdpaArgs, _stream: &Stream) -> Result<(Array, Array)> {
-    Err(Error::Unsupported(format!(
-        "{OP} the log-sum-exp output is not on CUDA yet"
-    )))
+/// As [`run`].
+pub(crate) fn run_with_lse(c: &SdpaArgs, stream: &Stream) -> Result<(Array, Array)> {
+    let device = runtime::device(stream.ordinal())?;
+    let fwd = if !launchable(c)? || c.k.shape()[2] == 0 {
+        if c.k.shape()[2] == 0 && c.out_shape.iter().product::<usize>() > 0 {
+            // Rows that see no key: zeros, and their sinks' (or -inf) log-sum-exp.
+            let out = Array::zeros(&c.out_shape, c.dtype, &Device::Cpu)?.to_stream(stream)?;
+            Forward {
+                out,
+                lse: Some(empty_rows_lse(c)?.to_stream(stream)?),
+            }
+        } else {
+            Forward::empty(c, &device, stream, true)?
+        }
+    } else {
+        match select(&Problem::of(c), &device.arch(), Knobs::from_env()) {
+            Kernel::PrefillSm90 | Kernel::PrefillMma => prefill::run(c, stream, true)?,
+            Kernel::DecodeMma | Kernel::DecodeSimt | Kernel::General => {
+                general::run(c, stream, true)?
+            }
+        }
+    };
+    let lse = fwd
+        .lse
+        .ok_or_else(|| Error::Device(format!("{OP} the kernel gave no log-sum-exp")))?;
+    Ok((fwd.out, lse))
 }
 
-/// The attention backward pass on `stream`.
+/// The attention backward pass on `stream` (see `fast::scaled_dot_product_attention_vjp`):
+/// `(dq, dk, dv, dsinks)` in the primals' dtypes.
 ///
 /// # Errors
-/// `Error::Unsupported`: not on CUDA yet.
+/// As [`run`]; `Error::Unsupported` for head dims whose tiles do not fit in shared memory.
 pub(crate) fn run_vjp(
-    _c: &SdpaVjpArgs,
-    _stream: &Stream,
+    c: &SdpaVjpArgs,
+    stream: &Stream,
 ) -> Result<(Array, Array, Array, Option<Array>)> {
-    Err(Error::Unsupported(format!(
-        "{OP} the backward pass is not on CUDA yet"
-    )))
+    launchable(&c.fwd)?;
+    let (dq, dk, dv, ds) = backward::run(c, stream)?;
+    Ok((
+        c.to_primal(dq, c.q_dtype)?,
+        c.to_primal(dk, c.k_dtype)?,
+        c.to_primal(dv, c.v_dtype)?,
+        ds.map(|s| c.to_primal(s, c.sinks_dtype.unwrap_or(c.fwd.dtype)))
+            .transpose()?,
+    ))
 }
 
 /// The kernel a validated call on CUDA device `ordinal` gets (for tests and benchmarks).

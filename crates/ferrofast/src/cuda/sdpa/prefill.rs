@@ -18,7 +18,7 @@
 
 use super::{
     allow_shared_memory, buffer, kv_row_pad, mask_arg, push_inputs, sinks_arg, vector_operand,
-    AttnParams, MaskKind, OP,
+    AttnParams, Forward, LseBuffer, MaskKind, OP,
 };
 use crate::cuda::copy::type_tag;
 use crate::cuda::jit::{self, KernelFile, Registered};
@@ -27,7 +27,6 @@ use crate::cuda::runtime::{launch, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaArgs;
-use crate::Array;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// `kernels/attn_prefill.cu`: flash-attention forward on the tensor cores (`mma.sync`).
@@ -140,19 +139,19 @@ fn shared_bytes(d: usize, dv: usize, t: Tiles, elem: usize) -> usize {
 /// # Errors
 /// `Error::Unsupported` for a case the kernel does not cover (see the module docs; the
 /// selection never sends one); compile and driver errors.
-pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
+pub(super) fn run(c: &SdpaArgs, stream: &Stream, with_lse: bool) -> Result<Forward> {
     let (d, dv) = (c.k.shape()[3], c.out_shape[3]);
     let tiles = tiles_for(d, dv).ok_or_else(|| {
         Error::Unsupported(format!(
             "{OP} no mma.sync prefill kernel for D {d}, D_v {dv}"
         ))
     })?;
-    run_with(c, stream, tiles)
+    run_with(c, stream, tiles, with_lse)
 }
 
 /// [`run`] with the given tile shape (any shape whose accumulators and shared memory fit;
 /// the table holds the measured choices).
-fn run_with(c: &SdpaArgs, stream: &Stream, tiles: Tiles) -> Result<Array> {
+fn run_with(c: &SdpaArgs, stream: &Stream, tiles: Tiles, with_lse: bool) -> Result<Forward> {
     let dtype = c.dtype;
     let unsupported = || {
         Error::Unsupported(format!(
@@ -178,8 +177,7 @@ fn run_with(c: &SdpaArgs, stream: &Stream, tiles: Tiles) -> Result<Array> {
     let sinks = sinks_arg(c, ordinal)?;
     let n_out = batch * n_q * t_q * dv;
     if n_out == 0 {
-        let out = CudaBuffer::alloc(&device, stream, dtype, 0)?;
-        return Array::from_cuda_buffer(out, &c.out_shape);
+        return Forward::empty(c, &device, stream, with_lse);
     }
 
     let q = vector_operand(&c.q, stream)?;
@@ -193,6 +191,7 @@ fn run_with(c: &SdpaArgs, stream: &Stream, tiles: Tiles) -> Result<Array> {
     allow_shared_memory(&func, smem, "the attention kernel")?;
 
     let mut out = CudaBuffer::alloc(&device, stream, dtype, n_out)?;
+    let mut lse = LseBuffer::new(c, &device, stream, with_lse)?;
     let cfg = LaunchConfig {
         grid_dim: (m_tiles as u32, n_q as u32, batch as u32),
         block_dim: ((32 * tiles.warps) as u32, 1, 1),
@@ -207,7 +206,9 @@ fn run_with(c: &SdpaArgs, stream: &Stream, tiles: Tiles) -> Result<Array> {
     let cu = stream.cuda();
     let mut builder = cu.launch_builder(&func);
     push_inputs(&mut builder, inputs, &mask, sinks, &null);
-    builder.arg(out.slice_mut()).arg(&params);
+    builder.arg(out.slice_mut());
+    lse.push(&mut builder, &null);
+    builder.arg(&params);
     let what = format!("launching {name}");
     // SAFETY: the arguments match the kernel's parameters in order and type. Block (x, h, b)
     // reads q rows m0..m0+BM (below T_q) of head h, and k / v rows below T_kv of head
@@ -216,15 +217,17 @@ fn run_with(c: &SdpaArgs, stream: &Stream, tiles: Tiles) -> Result<Array> {
     // cp.async stays inside the row); rows past the end are zero-filled without a read. The
     // mask is read at (b, h, i, j) with i < T_q, j < T_kv through its broadcast view's
     // strides, the sinks at h < N_q. The output holds B * N_q * T_q * D_v elements and
-    // block (x, h, b) writes rows below T_q of (b, h) only. Shared memory: the kernel uses
+    // block (x, h, b) writes rows below T_q of (b, h) only, and the same rows of the
+    // `[B, N_q, T_q]` log-sum-exp when it is not null. Shared memory: the kernel uses
     // exactly `smem` bytes, allowed above.
     launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
-    Array::from_cuda_buffer(out, &c.out_shape)
+    Forward::new(out, lse, c)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Array;
 
     #[test]
     fn every_head_dim_pair_has_variants_and_fits_two_blocks_per_sm() {
@@ -301,7 +304,7 @@ mod tests {
                 let mask = if causal { Mask::Causal } else { Mask::None };
                 let scale = 1.0 / (d as f32).sqrt();
                 let c = SdpaArgs::new(&q, &k, &v, scale, mask, None).unwrap();
-                let base = run_with(&c, &stream, table).unwrap();
+                let base = run_with(&c, &stream, table, false).unwrap().out;
                 let base = base.to_f64_vec().unwrap();
                 let flops = 4.0 * (b * h * t * t) as f64 * (d + dv) as f64
                     / 2.0
@@ -309,7 +312,7 @@ mod tests {
                 let mut meds = vec![Vec::new(); candidates.len()];
                 for round in 0..2 {
                     for (i, &tl) in candidates.iter().enumerate() {
-                        let run = || run_with(&c, &stream, tl).unwrap();
+                        let run = || run_with(&c, &stream, tl, false).unwrap().out;
                         if round == 0 {
                             let out = run().to_f64_vec().unwrap();
                             let diff = out
