@@ -167,3 +167,40 @@ macro_rules! on_every_device {
 pub fn on(a: &Array, dev: &Device) -> Array {
     a.to_device(dev).expect("move to device")
 }
+
+/// One input of a case: `host` on the CPU, which the float64 oracle reads, and `dev`, the
+/// same elements on the device under test with the same shape and strides, which the op
+/// gets.
+pub struct Input {
+    /// On the CPU.
+    pub host: Array,
+    /// On the device under test.
+    pub dev: Array,
+}
+
+impl Input {
+    /// The contiguous CPU array `x` and its copy on `dev`.
+    pub fn new(x: &Array, dev: &Device) -> Input {
+        assert!(
+            x.is_contiguous(),
+            "a strided input is built with Input::view"
+        );
+        Input {
+            host: x.clone(),
+            dev: on(x, dev),
+        }
+    }
+
+    /// `base` (contiguous, on the CPU) seen through `view`, next to `base`'s copy on `dev`
+    /// seen through the same view: strided layouts are made on the device, not copied there.
+    pub fn view(base: &Array, dev: &Device, view: impl Fn(&Array) -> Array) -> Input {
+        let host = view(base);
+        let on_dev = view(&on(base, dev));
+        assert_eq!(
+            on_dev.strides(),
+            host.strides(),
+            "the view's layout on {dev}"
+        );
+        Input { host, dev: on_dev }
+    }
+}
