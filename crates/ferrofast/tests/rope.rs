@@ -10,23 +10,13 @@
 #[macro_use]
 mod common;
 
-use common::{check_close, max_abs_diff, on, randn, uniform, Input};
+use common::{check_close, float_dtypes, max_abs_diff, on, randn, uniform, Input};
 use ferrofast::fast::{self, RopeOffset, RopeOptions};
 use ferrofast::{reference, Array, DType, Device, Error, Stream};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 
 const LOW_PRECISION: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
-
-/// The float dtypes `fast::rope` takes on `dev`: f64 too on the CPU, not on CUDA (where it is
-/// `Error::Unsupported`, see `cuda_only::f64_is_unsupported`).
-fn float_dtypes(dev: &Device) -> Vec<DType> {
-    let mut dtypes = LOW_PRECISION.to_vec();
-    if dev.is_cpu() {
-        dtypes.push(DType::F64);
-    }
-    dtypes
-}
 
 /// `(atol, rtol)` against the exact oracle on `dev`.
 ///

@@ -15,6 +15,16 @@ pub fn default_tol(dtype: DType) -> (f64, f64) {
     }
 }
 
+/// The float dtypes the ops take on `dev`: f32, f16 and bf16, and f64 on the CPU only (the
+/// CUDA kernels have no f64 and return `Error::Unsupported` for it).
+pub fn float_dtypes(dev: &Device) -> Vec<DType> {
+    let mut dtypes = vec![DType::F32, DType::F16, DType::BF16];
+    if dev.is_cpu() {
+        dtypes.push(DType::F64);
+    }
+    dtypes
+}
+
 /// Seeded normal input; the seed is part of every failure message through `check_close`.
 pub fn randn(shape: &[usize], dtype: DType, seed: u64) -> Array {
     Array::randn(shape, dtype, seed, &Device::Cpu).expect("randn")
