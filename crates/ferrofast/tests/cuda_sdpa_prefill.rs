@@ -52,7 +52,9 @@ fn tol(dtype: DType) -> (f64, f64) {
     }
 }
 
+/// The dtypes of the tensor-core kernels.
 const HALF: [DType; 2] = [DType::F16, DType::BF16];
+/// The `(D, D_v)` pairs of the tensor-core prefill kernel.
 const HEAD_DIMS: [(usize, usize); 6] = [
     (64, 64),
     (80, 80),

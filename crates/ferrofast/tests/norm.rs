@@ -26,6 +26,7 @@ use ferrofast::{Array, DType, Device, Error, Stream};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 
+/// The dtypes every device takes.
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// `Error::InvalidArgument(msg)`.

@@ -16,6 +16,7 @@ use ferrofast::{reference, Array, DType, Device, Error, Stream};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 
+/// The dtypes every device takes.
 const LOW_PRECISION: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// `(atol, rtol)` against the exact oracle on `dev`.

@@ -23,6 +23,7 @@ use ferrofast::{Array, DType, Device, Error};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 
+/// The dtypes every device takes.
 const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// The message of an error; panics on a result.
