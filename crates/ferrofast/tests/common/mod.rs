@@ -15,6 +15,16 @@ pub fn default_tol(dtype: DType) -> (f64, f64) {
     }
 }
 
+/// The float dtypes the ops take on `dev`: f32, f16 and bf16, and f64 on the CPU only (the
+/// CUDA kernels have no f64 and return `Error::Unsupported` for it).
+pub fn float_dtypes(dev: &Device) -> Vec<DType> {
+    let mut dtypes = vec![DType::F32, DType::F16, DType::BF16];
+    if dev.is_cpu() {
+        dtypes.push(DType::F64);
+    }
+    dtypes
+}
+
 /// Seeded normal input; the seed is part of every failure message through `check_close`.
 pub fn randn(shape: &[usize], dtype: DType, seed: u64) -> Array {
     Array::randn(shape, dtype, seed, &Device::Cpu).expect("randn")
@@ -166,4 +176,41 @@ macro_rules! on_every_device {
 /// `a` on `dev`: `a` itself when it is there already (keeping its strides), else a copy.
 pub fn on(a: &Array, dev: &Device) -> Array {
     a.to_device(dev).expect("move to device")
+}
+
+/// One input of a case: `host` on the CPU, which the float64 oracle reads, and `dev`, the
+/// same elements on the device under test with the same shape and strides, which the op
+/// gets.
+pub struct Input {
+    /// On the CPU.
+    pub host: Array,
+    /// On the device under test.
+    pub dev: Array,
+}
+
+impl Input {
+    /// The contiguous CPU array `x` and its copy on `dev`.
+    pub fn new(x: &Array, dev: &Device) -> Input {
+        assert!(
+            x.is_contiguous(),
+            "a strided input is built with Input::view"
+        );
+        Input {
+            host: x.clone(),
+            dev: on(x, dev),
+        }
+    }
+
+    /// `base` (contiguous, on the CPU) seen through `view`, next to `base`'s copy on `dev`
+    /// seen through the same view: strided layouts are made on the device, not copied there.
+    pub fn view(base: &Array, dev: &Device, view: impl Fn(&Array) -> Array) -> Input {
+        let host = view(base);
+        let on_dev = view(&on(base, dev));
+        assert_eq!(
+            on_dev.strides(),
+            host.strides(),
+            "the view's layout on {dev}"
+        );
+        Input { host, dev: on_dev }
+    }
 }
