@@ -200,8 +200,8 @@ pub(crate) fn run(args: &NormArgs, stream: &Stream) -> Result<Array> {
     norm(kind, &x, w.as_ref(), b.as_ref(), args.eps, dtype, stream)
 }
 
-/// The scalar parameters of every norm kernel (`ff_norm_params` in `kernels/norm.cu`, same
-/// C layout), passed by value: offsets and strides in elements.
+/// The scalar parameters of the backward kernels (`ff_norm_params` in `kernels/norm.cu`,
+/// same C layout), passed by value: offsets and strides in elements.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct NormParams {
@@ -367,32 +367,26 @@ fn norm(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
-    let layout = |p: &Option<Param>| p.as_ref().map_or((0, 0), |p| (p.offset, p.stride));
-    let params = NormParams {
-        x_offset: x.offset() as i64,
-        x_row_stride: rs,
-        w_offset: layout(&wp).0,
-        w_stride: layout(&wp).1,
-        b_offset: layout(&bp).0,
-        b_stride: layout(&bp).1,
-        n_rows,
-        d: d_i32,
-        eps,
-    };
     let null: u64 = 0;
+    let zero: i64 = 0;
+    let x_offset = x.offset() as i64;
     let cu = stream.cuda();
     let mut builder = cu.launch_builder(&func);
-    builder.arg(src.slice());
+    builder.arg(src.slice()).arg(&x_offset).arg(&rs);
     for p in [&wp, &bp] {
         match p {
-            Some(p) => builder.arg(p.buffer.slice()),
-            None => builder.arg(&null),
+            Some(p) => builder.arg(p.buffer.slice()).arg(&p.offset).arg(&p.stride),
+            None => builder.arg(&null).arg(&zero).arg(&zero),
         };
     }
-    builder.arg(out.slice_mut()).arg(&params);
+    builder
+        .arg(out.slice_mut())
+        .arg(&n_rows)
+        .arg(&d_i32)
+        .arg(&eps);
     let what = format!("launching {}", variant(kind, out_dtype, plan, aligned));
-    // SAFETY: the arguments match the kernel's parameters in order and type (`NormParams`
-    // is `ff_norm_params`). Rows are read at x_offset + r * rs + [0, d) for r < n_rows, which is inside x's view; weight and bias
+    // SAFETY: the arguments match the kernel's parameters in order and type. Rows are read
+    // at x_offset + r * rs + [0, d) for r < n_rows, which is inside x's view; weight and bias
     // at offset + i * stride for i < d, inside their views; the output holds n_rows * d
     // elements. Vector accesses are used only when the alignment checks above hold.
     launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
@@ -403,7 +397,8 @@ fn norm(
 /// than [`VJP_MAX_THREADS`] threads with the largest go to the looped kernel.
 const VJP_CHUNKS: [usize; 2] = [1, 2];
 
-/// Threads per block of the backward kernels (their `__launch_bounds__`).
+/// Threads per block of the backward kernels (`FF_NORM_VJP_THREADS`, their
+/// `__launch_bounds__`).
 const VJP_MAX_THREADS: usize = 512;
 
 /// The column-sum kernel of the backward and its block shape (`FF_REDUCE_ROWS` in norm.cu).

@@ -304,10 +304,11 @@ __device__ __forceinline__ void ff_block_sum2(float& a, float& b, float* scratch
 
 // ----- parameters ---------------------------------------------------------------------------
 
-// Scalar parameters of every norm kernel, passed by value; the C layout matches `NormParams`
-// in `cuda/norm.rs`. Offsets and strides are in elements: row r of x starts at
-// x_offset + r * x_row_stride (its D elements contiguous); weight / bias element i is at
-// offset + i * stride.
+// The forward kernels take their scalars as separate arguments: x at x_offset + r *
+// x_row_stride (row r, its D elements contiguous), weight / bias element i at offset + i *
+// stride (in elements). The backward kernels take them as one block, `ff_norm_params` (the
+// C layout of `NormParams` in `cuda/norm.rs`). (The forward kept separate arguments: on
+// H200, rows of 4096 16-bit values ran up to 10% slower with the block.)
 struct ff_norm_params {
     ff_i64_t x_offset, x_row_stride;
     ff_i64_t w_offset, w_stride;
@@ -331,11 +332,18 @@ struct ff_norm_params {
 template <typename K, typename T, int N_CHUNKS, bool ALIGNED>
 __global__ void __launch_bounds__(1024) norm_rows(
     const typename T::storage* __restrict__ x,
+    ff_i64_t x_offset,
+    ff_i64_t x_row_stride,
     const typename T::storage* __restrict__ w,
+    ff_i64_t w_offset,
+    ff_i64_t w_stride,
     const typename T::storage* __restrict__ b,
+    ff_i64_t b_offset,
+    ff_i64_t b_stride,
     typename T::storage* __restrict__ out,
-    const ff_norm_params params) {
-    FF_NORM_PARAMS(params);
+    ff_i64_t n_rows,
+    int D,
+    float eps) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
     __shared__ float scratch[K::layer ? 64 : 32];
@@ -416,11 +424,18 @@ __global__ void __launch_bounds__(1024) norm_rows(
 template <typename K, typename T, bool ALIGNED>
 __global__ void __launch_bounds__(1024) norm_looped(
     const typename T::storage* __restrict__ x,
+    ff_i64_t x_offset,
+    ff_i64_t x_row_stride,
     const typename T::storage* __restrict__ w,
+    ff_i64_t w_offset,
+    ff_i64_t w_stride,
     const typename T::storage* __restrict__ b,
+    ff_i64_t b_offset,
+    ff_i64_t b_stride,
     typename T::storage* __restrict__ out,
-    const ff_norm_params params) {
-    FF_NORM_PARAMS(params);
+    ff_i64_t n_rows,
+    int D,
+    float eps) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
     __shared__ float scratch[K::layer ? 64 : 32];
@@ -598,11 +613,18 @@ __device__ __forceinline__ void ff_group_store(typename T::storage* __restrict__
 template <typename K, typename T, int G, int CH, bool ALIGNED>
 __global__ void __launch_bounds__(FF_GROUP_BLOCK) norm_group(
     const typename T::storage* __restrict__ x,
+    ff_i64_t x_offset,
+    ff_i64_t x_row_stride,
     const typename T::storage* __restrict__ w,
+    ff_i64_t w_offset,
+    ff_i64_t w_stride,
     const typename T::storage* __restrict__ b,
+    ff_i64_t b_offset,
+    ff_i64_t b_stride,
     typename T::storage* __restrict__ out,
-    const ff_norm_params params) {
-    FF_NORM_PARAMS(params);
+    ff_i64_t n_rows,
+    int D,
+    float eps) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
     const int lane = (int)threadIdx.x % G;
@@ -715,8 +737,12 @@ struct ff_norm_vjp_params {
     ff_i64_t g_offset, g_row_stride;
 };
 
+// Threads per block of the backward kernels (`VJP_MAX_THREADS` in `cuda/norm.rs`): 128
+// registers per thread, room for a row in flight while the previous one is reduced.
+#define FF_NORM_VJP_THREADS 512
+
 template <typename K, typename T, int N_CHUNKS, bool ALIGNED>
-__global__ void __launch_bounds__(1024) norm_vjp_rows(
+__global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_rows(
     const typename T::storage* __restrict__ x,
     const typename T::storage* __restrict__ w,
     const typename T::storage* __restrict__ g,
@@ -749,16 +775,36 @@ __global__ void __launch_bounds__(1024) norm_vjp_rows(
         }
     }
     const float inv_d = 1.0f / (float)D;
+    // Each row's x and g are loaded (packed, unconverted) one iteration ahead, so the loads
+    // of the next row are in flight while this one is reduced and written.
+    ff_pack<S, N> xp[N_CHUNKS];
+    ff_pack<S, N> gp[N_CHUNKS];
+    auto load_row = [&](ff_i64_t r) {
+        const S* xr = x + x_offset + r * x_row_stride;
+        const S* gr = g + params.g_offset + r * params.g_row_stride;
+#pragma unroll
+        for (int c = 0; c < N_CHUNKS; ++c) {
+            const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+            ff_load_raw<T, ALIGNED>(xr, 1, base, D, xp[c]);
+            ff_load_raw<T, ALIGNED>(gr, 1, base, D, gp[c]);
+        }
+    };
+    if ((ff_i64_t)blockIdx.x < n_rows) {
+        load_row(blockIdx.x);
+    }
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        const S* xr = x + x_offset + row * x_row_stride;
-        const S* gr = g + params.g_offset + row * params.g_row_stride;
         float xv[N_CHUNKS][N];
         float gv[N_CHUNKS][N];
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
-            const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
-            ff_load<T, ALIGNED>(xr, 1, base, D, xv[c]);
-            ff_load<T, ALIGNED>(gr, 1, base, D, gv[c]);
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                xv[c][k] = T::to_f32(xp[c].elem[k]);
+                gv[c][k] = T::to_f32(gp[c].elem[k]);
+            }
+        }
+        if (row + gridDim.x < n_rows) {
+            load_row(row + gridDim.x);
         }
         float mean_gw = 0.0f;
         if constexpr (K::layer) {
@@ -837,7 +883,7 @@ __global__ void __launch_bounds__(1024) norm_vjp_rows(
 // (each element owned by one thread, so no synchronisation). dw_part and db_part must not be
 // null when a weight / bias gradient is wanted; the kernel zeroes them first.
 template <typename K, typename T>
-__global__ void __launch_bounds__(1024) norm_vjp_looped(
+__global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_looped(
     const typename T::storage* __restrict__ x,
     const typename T::storage* __restrict__ w,
     const typename T::storage* __restrict__ g,
