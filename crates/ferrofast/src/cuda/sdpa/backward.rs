@@ -168,47 +168,24 @@ pub(super) fn run(
         })?;
     }
 
-    // dK and dV.
+    // dK and dV per key tile, then dQ per query tile: the same arguments up to the outputs.
     let mut dk = CudaBuffer::alloc(&device, stream, dtype, b * nkv * tkv * d)?;
     let mut dvb = CudaBuffer::alloc(&device, stream, dtype, b * nkv * tkv * dv)?;
-    {
-        let name = format!("attn_bwd_dkdv<{t}, {tile}>");
-        let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
-        allow_shared_memory(&func, smem, "the attention backward kernel")?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(b * nkv * tkv.div_ceil(tile))?, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        let mut builder = cu.launch_builder(&func);
-        push_inputs(&mut builder, [q, k, v], &mask, sinks, &null);
-        builder
-            .arg(g_b.slice())
-            .arg(lse_b.slice())
-            .arg(delta.slice())
-            .arg(dk.slice_mut())
-            .arg(dvb.slice_mut())
-            .arg(&params)
-            .arg(&scale);
-        // SAFETY: the arguments match attn_bwd_dkdv's parameters. q, k, v and the mask are
-        // read at indices below their views' shapes through their own offsets and strides
-        // (as the forward reads them); d_out, lse and delta are row-major with no offset and
-        // read at rows below B * N_q * T_q; block (b, g, key tile) writes keys below T_kv of
-        // kv head (b, g) in dk and dv, which hold B * N_kv * T_kv * D and * D_v elements.
-        // Shared memory: exactly `smem` bytes, allowed above.
-        launch(&format!("launching {name}"), || {
-            unsafe { builder.launch(cfg) }.map(|_| ())
-        })?;
-    }
-
-    // dQ.
     let mut dq = CudaBuffer::alloc(&device, stream, dtype, rows * d)?;
-    {
-        let name = format!("attn_bwd_dq<{t}, {tile}>");
+    let passes: [(&str, usize, Vec<&mut CudaBuffer>); 2] = [
+        (
+            "attn_bwd_dkdv",
+            b * nkv * tkv.div_ceil(tile),
+            vec![&mut dk, &mut dvb],
+        ),
+        ("attn_bwd_dq", b * nq * tq.div_ceil(tile), vec![&mut dq]),
+    ];
+    for (kernel, blocks, outs) in passes {
+        let name = format!("{kernel}<{t}, {tile}>");
         let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
         allow_shared_memory(&func, smem, "the attention backward kernel")?;
         let cfg = LaunchConfig {
-            grid_dim: (grid(b * nq * tq.div_ceil(tile))?, 1, 1),
+            grid_dim: (grid(blocks)?, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -217,13 +194,19 @@ pub(super) fn run(
         builder
             .arg(g_b.slice())
             .arg(lse_b.slice())
-            .arg(delta.slice())
-            .arg(dq.slice_mut())
-            .arg(&params)
-            .arg(&scale);
-        // SAFETY: as for the dK/dV kernel; block (b, h, query tile) writes rows below T_q of
-        // head (b, h) in dq, which holds B * N_q * T_q * D elements. It uses at most `smem`
-        // bytes of shared memory, allowed above.
+            .arg(delta.slice());
+        for out in outs {
+            builder.arg(out.slice_mut());
+        }
+        builder.arg(&params).arg(&scale);
+        // SAFETY: the arguments match attn_bwd_dkdv's (outputs dk, dv) and attn_bwd_dq's
+        // (output dq) parameters. q, k, v and the mask are read at indices below their
+        // views' shapes through their own offsets and strides (as the forward reads them);
+        // d_out, lse and delta are row-major with no offset and read at rows below
+        // B * N_q * T_q. Block (b, g, key tile) writes keys below T_kv of kv head (b, g) in
+        // dk and dv (B * N_kv * T_kv * D and * D_v elements); block (b, h, query tile) writes
+        // rows below T_q of head (b, h) in dq (B * N_q * T_q * D elements). Shared memory:
+        // at most `smem` bytes, allowed above.
         launch(&format!("launching {name}"), || {
             unsafe { builder.launch(cfg) }.map(|_| ())
         })?;
