@@ -354,6 +354,20 @@ fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
             });
         }
     }
+    if gpu {
+        // The backward's target shape (bf16 B4 H32 T4096 D128), and the smallest and largest
+        // head dims of the tensor-core backward.
+        for (head_dim, causal) in [(128, false), (128, true), (64, false), (256, false)] {
+            v.push(Case::SdpaVjp {
+                batch: 4,
+                heads: 32,
+                len: 4096,
+                head_dim,
+                dtype: DType::BF16,
+                causal,
+            });
+        }
+    }
     for &dtype in &[DType::F32, DType::BF16] {
         v.push(Case::Sdpa {
             batch: 1,

@@ -298,19 +298,58 @@ on_every_device! {
         }
     }
 
-    /// `[B, T, H, D]` memory viewed as `[B, H, T, D]` for every input and the cotangent.
+    /// `[B, T, H, D]` memory viewed as `[B, H, T, D]` for every input and the cotangent
+    /// (f32 on the SIMT kernels; bf16 with D = 64 read in place by the tensor-core kernels).
     fn strided_inputs(dev: &Device) {
         let t = |a: Array| a.transpose(&[0, 2, 1, 3]).unwrap();
-        let p = Problem {
-            q: t(randn(&[2, 30, 4, 64], DType::F32, 40)),
-            k: t(randn(&[2, 45, 2, 64], DType::F32, 41)),
-            v: t(randn(&[2, 45, 2, 64], DType::F32, 42)),
-            d_out: t(randn(&[2, 30, 4, 64], DType::F32, 43)),
-            sinks: None,
-            scale: 0.125,
-        };
-        check(&p, Mask::Causal, dev, "strided causal");
-        check(&p, Mask::None, dev, "strided");
+        for dtype in [DType::F32, DType::BF16] {
+            let p = Problem {
+                q: t(randn(&[2, 30, 4, 64], dtype, 40)),
+                k: t(randn(&[2, 45, 2, 64], dtype, 41)),
+                v: t(randn(&[2, 45, 2, 64], dtype, 42)),
+                d_out: t(randn(&[2, 30, 4, 64], dtype, 43)),
+                sinks: None,
+                scale: 0.125,
+            };
+            check(&p, Mask::Causal, dev, &format!("{dtype} strided causal"));
+            check(&p, Mask::None, dev, &format!("{dtype} strided"));
+        }
+    }
+
+    /// The head dims of the tensor-core backward (f16 / bf16 on CUDA), each with no mask,
+    /// causal masks with T_q < T_kv and T_q > T_kv (rows that see nothing), bool and additive
+    /// masks with broadcasting, sinks, grouped-query and multi-query heads, and lengths that
+    /// are not multiples of the kernels' tiles.
+    fn tensor_core_head_dims(dev: &Device) {
+        let dims = [(64, 64), (80, 80), (96, 96), (128, 128), (192, 128), (256, 256)];
+        for (i, &(d, dv)) in dims.iter().enumerate() {
+            for dtype in [DType::BF16, DType::F16] {
+                let seed = 100 + 10 * i as u64;
+                let what = |m: &str| format!("{dtype} D {d} D_v {dv} {m}");
+                let p = problem((1, 4, 2, 77, 131, d, dv), dtype, false, seed);
+                check(&p, Mask::None, dev, &what("no mask"));
+                check(&p, Mask::Causal, dev, &what("causal, T_q < T_kv"));
+                let tall = problem((2, 2, 1, 150, 40, d, dv), dtype, true, seed + 1);
+                check(&tall, Mask::Causal, dev, &what("causal, T_q > T_kv, sinks, MQA"));
+                // Bool mask [1, 1, T_q, T_kv] with row 9 hidden entirely.
+                let keep: Vec<bool> =
+                    (0..77 * 131).map(|e| e / 131 != 9 && (e * 13) % 7 != 0).collect();
+                let keep = Array::from_vec(keep, &[1, 1, 77, 131]).unwrap();
+                check(&p, Mask::Array(&keep), dev, &what("bool mask"));
+                // Additive mask [1, 4, 1, T_kv] (broadcast over queries) with -inf keys.
+                let mut add = uniform(&[1, 4, 1, 131], -3.0, 1.0, dtype, seed + 2)
+                    .to_f64_vec()
+                    .unwrap();
+                for (e, x) in add.iter_mut().enumerate() {
+                    if e % 9 == 4 {
+                        *x = f64::NEG_INFINITY;
+                    }
+                }
+                let add = Array::from_vec(add, &[1, 4, 1, 131]).unwrap().astype(dtype).unwrap();
+                let with_sinks = problem((1, 4, 2, 77, 131, d, dv), dtype, true, seed + 3);
+                check(&with_sinks, Mask::Array(&add), dev, &what("additive mask, sinks"));
+            }
+        }
     }
 
     /// Each gradient comes back in its primal's dtype.

@@ -1,21 +1,25 @@
-//! Launcher of `kernels/attn_backward.cu`: the attention backward pass on the SIMT cores,
-//! for every case the forward takes (see the kernel file for the method). Four launches on
-//! one stream: `delta = rowsum(dO * O)`, `dK`/`dV` per key tile, `dQ` per query tile, and
-//! the sinks' gradient. Each block owns what it writes: results are deterministic.
+//! Launchers of the attention backward pass: `kernels/attn_backward_mma.cu` on the tensor
+//! cores (f16 / bf16, the head dims of [`mma_tiles`]) and `kernels/attn_backward.cu` on the
+//! SIMT cores (every other case), chosen by [`super::select::select_backward`]. Both start
+//! with `delta = rowsum(dO * O)` and end with the sinks' gradient (SIMT kernels of
+//! `attn_backward.cu`); between them dK / dV per key tile and dQ per query tile. Each block
+//! owns what it writes: results are deterministic.
 
+use super::select::{select_backward, BackwardKernel, Knobs, Problem};
 use super::{
-    allow_shared_memory, buffer, launch, mask_arg, push_inputs, sinks_arg, to_i32, AttnParams,
-    DTYPES, OP,
+    allow_shared_memory, buffer, launch, mask_arg, push_inputs, sinks_arg, to_i32, vector_operand,
+    AttnParams, MaskArg, DTYPES, OP,
 };
 use crate::cuda::copy::type_tag;
 use crate::cuda::jit::{self, KernelFile, Registered};
 use crate::cuda::memory::CudaBuffer;
-use crate::cuda::runtime::{self, Stream};
+use crate::cuda::runtime::{self, CudaDevice, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaVjpArgs;
 use crate::Array;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
 /// `kernels/attn_backward.cu`. Every instantiation a launch can ask for is in `variants`.
 pub(super) const REGISTERED: Registered = Registered {
@@ -25,6 +29,122 @@ pub(super) const REGISTERED: Registered = Registered {
     ),
     variants,
 };
+
+/// `kernels/attn_backward_mma.cu`. Every instantiation a launch can ask for is in
+/// `mma_variants`.
+pub(super) const REGISTERED_MMA: Registered = Registered {
+    file: KernelFile::new(
+        "attn_backward_mma.cu",
+        include_str!("../kernels/attn_backward_mma.cu"),
+    ),
+    variants: mma_variants,
+};
+
+/// Tiles of the tensor-core backward for one `(D, D_v)` pair: the dK / dV kernel's warps
+/// (16 keys each) and query rows per step, whether dK and dV run as two launches (wide
+/// heads, whose two accumulators do not fit in registers together), and the dQ kernel's
+/// warps (16 queries each) and keys per step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MmaTiles {
+    kv_warps: usize,
+    kv_rows: usize,
+    split: bool,
+    q_warps: usize,
+    q_keys: usize,
+}
+
+const fn mma(
+    kv_warps: usize,
+    kv_rows: usize,
+    split: bool,
+    q_warps: usize,
+    q_keys: usize,
+) -> MmaTiles {
+    MmaTiles {
+        kv_warps,
+        kv_rows,
+        split,
+        q_warps,
+        q_keys,
+    }
+}
+
+/// `(D, D_v)` pairs with a tensor-core backward, and their tiles: the largest steps whose
+/// accumulators fit in 255 registers without spilling (ptxas, sm_90: `scripts/kernel-regs`).
+const MMA_HEAD_DIMS: [((usize, usize), MmaTiles); 6] = [
+    ((64, 64), mma(4, 64, false, 4, 64)),
+    ((80, 80), mma(4, 64, false, 4, 64)),
+    ((96, 96), mma(4, 32, false, 4, 64)),
+    ((128, 128), mma(4, 32, false, 4, 64)),
+    ((192, 128), mma(4, 32, false, 4, 32)),
+    ((256, 256), mma(4, 32, true, 4, 32)),
+];
+
+/// The tensor-core tiles of the `(d, dv)` pair, if the kernels take it.
+pub(crate) fn mma_tiles(d: usize, dv: usize) -> Option<MmaTiles> {
+    MMA_HEAD_DIMS
+        .iter()
+        .find(|(dims, _)| *dims == (d, dv))
+        .map(|&(_, t)| t)
+}
+
+/// The dK / dV launches of `t` by their kernel's WANT: 3 (both), or 1 (dK) and 2 (dV) when
+/// split.
+fn kv_wants(t: MmaTiles) -> &'static [u32] {
+    if t.split {
+        &[1, 2]
+    } else {
+        &[3]
+    }
+}
+
+fn dkdv_variant(dtype: DType, d: usize, dv: usize, t: MmaTiles, want: u32) -> String {
+    format!(
+        "attn_bwd_mma_dkdv<{}, {d}, {dv}, {}, {}, {want}>",
+        type_tag(dtype),
+        t.kv_rows,
+        t.kv_warps
+    )
+}
+
+fn dq_variant(dtype: DType, d: usize, dv: usize, t: MmaTiles) -> String {
+    format!(
+        "attn_bwd_mma_dq<{}, {d}, {dv}, {}, {}>",
+        type_tag(dtype),
+        t.q_keys,
+        t.q_warps
+    )
+}
+
+/// Every instantiation of `attn_backward_mma.cu` a launch can ask for.
+fn mma_variants() -> Vec<String> {
+    let mut v = Vec::new();
+    for dtype in [DType::F16, DType::BF16] {
+        for &((d, dv), t) in &MMA_HEAD_DIMS {
+            for &want in kv_wants(t) {
+                v.push(dkdv_variant(dtype, d, dv, t, want));
+            }
+            v.push(dq_variant(dtype, d, dv, t));
+        }
+    }
+    v
+}
+
+/// Shared memory (bytes, 16-bit elements) of the dK / dV kernel: the key tile's K (and V
+/// when dK is computed) and two buffers of the query tile's q and dO (rows padded by 8
+/// elements), and two buffers of the rows' lse and delta.
+fn dkdv_shared_bytes(t: MmaTiles, d: usize, dv: usize, want: u32) -> usize {
+    let keys = 16 * t.kv_warps;
+    let v_rows = if want & 1 != 0 { keys } else { 0 };
+    2 * (keys * (d + 8) + v_rows * (dv + 8) + 2 * t.kv_rows * (d + 8 + dv + 8)) + 4 * 4 * t.kv_rows
+}
+
+/// Shared memory (bytes) of the dQ kernel: the query tile's q and dO and two buffers of the
+/// key tile's K and V (rows padded by 8 elements).
+fn dq_shared_bytes(t: MmaTiles, d: usize, dv: usize) -> usize {
+    let rows = 16 * t.q_warps;
+    2 * (rows * (d + 8 + dv + 8) + 2 * t.q_keys * (d + 8 + dv + 8))
+}
 
 /// Threads per block of every backward kernel (`FF_BWD_THREADS`).
 const THREADS: u32 = 128;
@@ -78,6 +198,43 @@ fn grid(n: usize) -> Result<u32> {
         .ok_or_else(|| Error::Unsupported(format!("{OP} {n} blocks exceed the CUDA grid limit")))
 }
 
+/// The inputs every backward launch shares, on one device.
+struct Inputs<'a> {
+    device: Arc<CudaDevice>,
+    stream: &'a Stream,
+    dtype: DType,
+    d: usize,
+    dv: usize,
+    b: usize,
+    nq: usize,
+    nkv: usize,
+    tq: usize,
+    tkv: usize,
+    d_out: &'a CudaBuffer,
+    lse: &'a CudaBuffer,
+    delta: &'a CudaBuffer,
+    mask: MaskArg<'a>,
+    scale: f32,
+}
+
+/// The gradients of q, k and v as new row-major buffers.
+struct Grads {
+    dq: CudaBuffer,
+    dk: CudaBuffer,
+    dv: CudaBuffer,
+}
+
+impl Grads {
+    fn alloc(x: &Inputs<'_>) -> Result<Grads> {
+        let alloc = |n: usize| CudaBuffer::alloc(&x.device, x.stream, x.dtype, n);
+        Ok(Grads {
+            dq: alloc(x.b * x.nq * x.tq * x.d)?,
+            dk: alloc(x.b * x.nkv * x.tkv * x.d)?,
+            dv: alloc(x.b * x.nkv * x.tkv * x.dv)?,
+        })
+    }
+}
+
 /// Runs the backward pass of a validated call on `stream`: `(dq, dk, dv, dsinks)` in the
 /// call's dtype (the caller casts them to the primals' dtypes).
 ///
@@ -89,6 +246,16 @@ pub(super) fn run(
     c: &SdpaVjpArgs,
     stream: &Stream,
 ) -> Result<(Array, Array, Array, Option<Array>)> {
+    run_tiles(c, stream, None)
+}
+
+/// [`run`], with the tensor-core tiles `tiles` instead of the table's when the call takes
+/// the tensor-core kernels.
+fn run_tiles(
+    c: &SdpaVjpArgs,
+    stream: &Stream,
+    tiles: Option<MmaTiles>,
+) -> Result<(Array, Array, Array, Option<Array>)> {
     let f = &c.fwd;
     let dtype = f.dtype;
     let ordinal = stream.ordinal();
@@ -99,8 +266,7 @@ pub(super) fn run(
     let zeros = |shape: &[usize], dt: DType| -> Result<Array> {
         Array::zeros(shape, dt, &crate::Device::Cpu)?.to_stream(stream)
     };
-    let empty = rows == 0 || tkv == 0;
-    if empty {
+    if rows == 0 || tkv == 0 {
         // No query or no key: no probability anywhere, every gradient is 0.
         return Ok((
             zeros(f.q.shape(), dtype)?,
@@ -109,22 +275,8 @@ pub(super) fn run(
             f.sinks.as_ref().map(|_| zeros(&[nq], dtype)).transpose()?,
         ));
     }
-    let tile = TILES
-        .into_iter()
-        .find(|&t| shared_bytes(t, d, dv) <= MAX_SHARED)
-        .ok_or_else(|| {
-            Error::Unsupported(format!(
-                "{OP} the CUDA backward pass takes head dims whose tiles fit in shared memory; \
-                 D {d} and D_v {dv} do not"
-            ))
-        })?;
-    let smem = shared_bytes(tile, d, dv);
+    let kernel = select_backward(&Problem::of(f), Knobs::from_env());
 
-    let (q, k, v) = (
-        buffer(&f.q, "q", ordinal)?,
-        buffer(&f.k, "k", ordinal)?,
-        buffer(&f.v, "v", ordinal)?,
-    );
     let out = dense(&c.out, stream)?;
     let d_out = dense(&c.d_out, stream)?;
     let lse = dense(&c.lse, stream)?;
@@ -133,12 +285,8 @@ pub(super) fn run(
         buffer(&d_out, "d_out", ordinal)?,
         buffer(&lse, "lse", ordinal)?,
     );
-    let mask = mask_arg(f, ordinal)?;
     let sinks = sinks_arg(f, ordinal)?;
-    let params = AttnParams::new(f, [&f.q, &f.k, &f.v], &mask, sinks)?;
-    let scale = f.scale;
     let t = type_tag(dtype);
-    let null: u64 = 0;
     let cu = stream.cuda();
 
     // delta.
@@ -168,49 +316,27 @@ pub(super) fn run(
         })?;
     }
 
-    // dK and dV per key tile, then dQ per query tile: the same arguments up to the outputs.
-    let mut dk = CudaBuffer::alloc(&device, stream, dtype, b * nkv * tkv * d)?;
-    let mut dvb = CudaBuffer::alloc(&device, stream, dtype, b * nkv * tkv * dv)?;
-    let mut dq = CudaBuffer::alloc(&device, stream, dtype, rows * d)?;
-    let passes: [(&str, usize, Vec<&mut CudaBuffer>); 2] = [
-        (
-            "attn_bwd_dkdv",
-            b * nkv * tkv.div_ceil(tile),
-            vec![&mut dk, &mut dvb],
-        ),
-        ("attn_bwd_dq", b * nq * tq.div_ceil(tile), vec![&mut dq]),
-    ];
-    for (kernel, blocks, outs) in passes {
-        let name = format!("{kernel}<{t}, {tile}>");
-        let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
-        allow_shared_memory(&func, smem, "the attention backward kernel")?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(blocks)?, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        let mut builder = cu.launch_builder(&func);
-        push_inputs(&mut builder, [q, k, v], &mask, sinks, &null);
-        builder
-            .arg(g_b.slice())
-            .arg(lse_b.slice())
-            .arg(delta.slice());
-        for out in outs {
-            builder.arg(out.slice_mut());
-        }
-        builder.arg(&params).arg(&scale);
-        // SAFETY: the arguments match attn_bwd_dkdv's (outputs dk, dv) and attn_bwd_dq's
-        // (output dq) parameters. q, k, v and the mask are read at indices below their
-        // views' shapes through their own offsets and strides (as the forward reads them);
-        // d_out, lse and delta are row-major with no offset and read at rows below
-        // B * N_q * T_q. Block (b, g, key tile) writes keys below T_kv of kv head (b, g) in
-        // dk and dv (B * N_kv * T_kv * D and * D_v elements); block (b, h, query tile) writes
-        // rows below T_q of head (b, h) in dq (B * N_q * T_q * D elements). Shared memory:
-        // at most `smem` bytes, allowed above.
-        launch(&format!("launching {name}"), || {
-            unsafe { builder.launch(cfg) }.map(|_| ())
-        })?;
-    }
+    let x = Inputs {
+        device: device.clone(),
+        stream,
+        dtype,
+        d,
+        dv,
+        b,
+        nq,
+        nkv,
+        tq,
+        tkv,
+        d_out: g_b,
+        lse: lse_b,
+        delta: &delta,
+        mask: mask_arg(f, ordinal)?,
+        scale: f.scale,
+    };
+    let grads = match (kernel, mma_tiles(d, dv)) {
+        (BackwardKernel::Mma, Some(table)) => mma_passes(c, &x, tiles.unwrap_or(table))?,
+        _ => simt_passes(c, &x)?,
+    };
 
     // The sinks' gradient.
     let dsinks = match sinks {
@@ -219,6 +345,7 @@ pub(super) fn run(
             let mut ds = CudaBuffer::alloc(&device, stream, DType::F32, nq)?;
             let name = format!("attn_bwd_dsinks<{t}>");
             let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
+            let params = AttnParams::new(f, [&f.q, &f.k, &f.v], &x.mask, sinks)?;
             let batch = to_i32(b, "a batch size")?;
             let cfg = LaunchConfig {
                 grid_dim: (grid(nq)?, 1, 1),
@@ -243,11 +370,184 @@ pub(super) fn run(
         }
     };
     Ok((
-        Array::from_cuda_buffer(dq, f.q.shape())?,
-        Array::from_cuda_buffer(dk, f.k.shape())?,
-        Array::from_cuda_buffer(dvb, f.v.shape())?,
+        Array::from_cuda_buffer(grads.dq, f.q.shape())?,
+        Array::from_cuda_buffer(grads.dk, f.k.shape())?,
+        Array::from_cuda_buffer(grads.dv, f.v.shape())?,
         dsinks,
     ))
+}
+
+/// dK / dV and dQ on the SIMT kernels (any shape and strides).
+fn simt_passes(c: &SdpaVjpArgs, x: &Inputs<'_>) -> Result<Grads> {
+    let f = &c.fwd;
+    let ordinal = x.stream.ordinal();
+    let tile = TILES
+        .into_iter()
+        .find(|&t| shared_bytes(t, x.d, x.dv) <= MAX_SHARED)
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{OP} the CUDA backward pass takes head dims whose tiles fit in shared memory; \
+                 D {} and D_v {} do not",
+                x.d, x.dv
+            ))
+        })?;
+    let smem = shared_bytes(tile, x.d, x.dv);
+    let (q, k, v) = (
+        buffer(&f.q, "q", ordinal)?,
+        buffer(&f.k, "k", ordinal)?,
+        buffer(&f.v, "v", ordinal)?,
+    );
+    let sinks = sinks_arg(f, ordinal)?;
+    let params = AttnParams::new(f, [&f.q, &f.k, &f.v], &x.mask, sinks)?;
+    let t = type_tag(x.dtype);
+    let null: u64 = 0;
+    let mut g = Grads::alloc(x)?;
+    let passes: [(&str, usize, Vec<&mut CudaBuffer>); 2] = [
+        (
+            "attn_bwd_dkdv",
+            x.b * x.nkv * x.tkv.div_ceil(tile),
+            vec![&mut g.dk, &mut g.dv],
+        ),
+        (
+            "attn_bwd_dq",
+            x.b * x.nq * x.tq.div_ceil(tile),
+            vec![&mut g.dq],
+        ),
+    ];
+    for (kernel, blocks, outs) in passes {
+        let name = format!("{kernel}<{t}, {tile}>");
+        let func = jit::function(&x.device, &REGISTERED.file, &name, &[])?;
+        allow_shared_memory(&func, smem, "the attention backward kernel")?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid(blocks)?, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut builder = x.stream.cuda().launch_builder(&func);
+        push_inputs(&mut builder, [q, k, v], &x.mask, sinks, &null);
+        builder
+            .arg(x.d_out.slice())
+            .arg(x.lse.slice())
+            .arg(x.delta.slice());
+        for out in outs {
+            builder.arg(out.slice_mut());
+        }
+        builder.arg(&params).arg(&x.scale);
+        // SAFETY: the arguments match attn_bwd_dkdv's (outputs dk, dv) and attn_bwd_dq's
+        // (output dq) parameters. q, k, v and the mask are read at indices below their
+        // views' shapes through their own offsets and strides (as the forward reads them);
+        // d_out, lse and delta are row-major with no offset and read at rows below
+        // B * N_q * T_q. Block (b, g, key tile) writes keys below T_kv of kv head (b, g) in
+        // dk and dv (B * N_kv * T_kv * D and * D_v elements); block (b, h, query tile) writes
+        // rows below T_q of head (b, h) in dq (B * N_q * T_q * D elements). Shared memory:
+        // at most `smem` bytes, allowed above.
+        launch(&format!("launching {name}"), || {
+            unsafe { builder.launch(cfg) }.map(|_| ())
+        })?;
+    }
+    Ok(g)
+}
+
+/// dK / dV and dQ on the tensor cores (`attn_backward_mma.cu`).
+fn mma_passes(c: &SdpaVjpArgs, x: &Inputs<'_>, tiles: MmaTiles) -> Result<Grads> {
+    let f = &c.fwd;
+    let ordinal = x.stream.ordinal();
+    // The kernels load 16-byte vectors of q, k and v rows: read in place or copied.
+    let (q, k, v) = (
+        vector_operand(&f.q, x.stream)?,
+        vector_operand(&f.k, x.stream)?,
+        vector_operand(&f.v, x.stream)?,
+    );
+    let params = AttnParams::new(f, [&q, &k, &v], &x.mask, None)?;
+    let (qb, kb, vb) = (
+        buffer(&q, "q", ordinal)?,
+        buffer(&k, "k", ordinal)?,
+        buffer(&v, "v", ordinal)?,
+    );
+    let null: u64 = 0;
+    let mut g = Grads::alloc(x)?;
+    let (d, dv) = (x.d, x.dv);
+    let dims = |n: usize| -> Result<u32> {
+        u32::try_from(n)
+            .ok()
+            .filter(|&v| v <= 65535)
+            .ok_or_else(|| Error::Unsupported(format!("{OP} {n} heads or batches exceed the grid")))
+    };
+
+    for &want in kv_wants(tiles) {
+        let name = dkdv_variant(x.dtype, d, dv, tiles, want);
+        let func = jit::function(&x.device, &REGISTERED_MMA.file, &name, &[])?;
+        let smem = dkdv_shared_bytes(tiles, d, dv, want);
+        allow_shared_memory(&func, smem, "the attention backward kernel")?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                grid(x.tkv.div_ceil(16 * tiles.kv_warps))?,
+                dims(x.nkv)?,
+                dims(x.b)?,
+            ),
+            block_dim: ((32 * tiles.kv_warps) as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut builder = x.stream.cuda().launch_builder(&func);
+        builder.arg(qb.slice()).arg(kb.slice()).arg(vb.slice());
+        match x.mask.buffer {
+            Some(m) => builder.arg(m.slice()),
+            None => builder.arg(&null),
+        };
+        builder
+            .arg(x.d_out.slice())
+            .arg(x.lse.slice())
+            .arg(x.delta.slice())
+            .arg(g.dk.slice_mut())
+            .arg(g.dv.slice_mut())
+            .arg(&params)
+            .arg(&x.scale);
+        // SAFETY: the arguments match attn_bwd_mma_dkdv's parameters. q, k and v are read
+        // through their views' offsets and strides (last axis contiguous, rows 16-byte
+        // aligned: `vector_operand`), at rows below T_q / T_kv (rows past the end are
+        // zero-filled without a read); the mask at (b, h, i, j) with i < T_q, j < T_kv through
+        // its broadcast strides. d_out ([B, N_q, T_q, D_v], 16-byte rows as D_v is a multiple
+        // of 16), lse and delta are row-major with no offset. Block (key tile, g, b) writes
+        // keys below T_kv of kv head (b, g) in dk and dv only (B * N_kv * T_kv * D and * D_v
+        // elements). Shared memory: exactly `smem` bytes, allowed above.
+        launch(&format!("launching {name}"), || {
+            unsafe { builder.launch(cfg) }.map(|_| ())
+        })?;
+    }
+
+    let name = dq_variant(x.dtype, d, dv, tiles);
+    let func = jit::function(&x.device, &REGISTERED_MMA.file, &name, &[])?;
+    let smem = dq_shared_bytes(tiles, d, dv);
+    allow_shared_memory(&func, smem, "the attention backward kernel")?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            grid(x.tq.div_ceil(16 * tiles.q_warps))?,
+            dims(x.nq)?,
+            dims(x.b)?,
+        ),
+        block_dim: ((32 * tiles.q_warps) as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut builder = x.stream.cuda().launch_builder(&func);
+    builder.arg(qb.slice()).arg(kb.slice()).arg(vb.slice());
+    match x.mask.buffer {
+        Some(m) => builder.arg(m.slice()),
+        None => builder.arg(&null),
+    };
+    builder
+        .arg(x.d_out.slice())
+        .arg(x.lse.slice())
+        .arg(x.delta.slice())
+        .arg(g.dq.slice_mut())
+        .arg(&params)
+        .arg(&x.scale);
+    // SAFETY: the arguments match attn_bwd_mma_dq's parameters; inputs as for the dK / dV
+    // kernel above. Block (query tile, h, b) writes rows below T_q of head (b, h) in dq only
+    // (B * N_q * T_q * D elements). Shared memory: exactly `smem` bytes, allowed above.
+    launch(&format!("launching {name}"), || {
+        unsafe { builder.launch(cfg) }.map(|_| ())
+    })?;
+    Ok(g)
 }
 
 #[cfg(test)]
@@ -261,5 +561,127 @@ mod tests {
         }
         assert!(shared_bytes(8, 1024, 1024) <= MAX_SHARED);
         assert_eq!(variants().len(), 3 * (2 + 2 * TILES.len()));
+    }
+
+    #[test]
+    fn tensor_core_tiles_fit_in_shared_memory() {
+        for &((d, dv), t) in &MMA_HEAD_DIMS {
+            for &want in kv_wants(t) {
+                assert!(
+                    dkdv_shared_bytes(t, d, dv, want) <= MAX_SHARED,
+                    "({d}, {dv})"
+                );
+            }
+            assert!(dq_shared_bytes(t, d, dv) <= MAX_SHARED, "({d}, {dv})");
+            assert_eq!(mma_tiles(d, dv), Some(t));
+        }
+        assert_eq!(mma_tiles(32, 32), None);
+        let all = mma_variants();
+        assert_eq!(all.len(), 2 * (2 * 6 + 1));
+        assert!(all.contains(&"attn_bwd_mma_dkdv<ff_bf16, 128, 128, 32, 4, 3>".to_string()));
+        assert!(all.contains(&"attn_bwd_mma_dkdv<ff_f16, 256, 256, 32, 4, 2>".to_string()));
+        assert!(all.contains(&"attn_bwd_mma_dq<ff_bf16, 64, 64, 64, 4>".to_string()));
+    }
+
+    /// Times tensor-core tile shapes against each other on a GPU, two interleaved rounds
+    /// (prints TFLOP/s counted as 2.5 forwards and the largest difference from the table's
+    /// choice): `cargo test --release --lib -- --ignored backward_tile_shapes`.
+    #[test]
+    #[ignore]
+    fn backward_tile_shapes() {
+        use crate::ops::sdpa::{Mask, SdpaArgs};
+        use crate::Device;
+        let Ok(dev) = Device::cuda(0) else {
+            println!("skipping: no CUDA device");
+            return;
+        };
+        let stream = Stream::default_for(&dev).unwrap();
+        let cases: Vec<(usize, usize, Vec<MmaTiles>)> = vec![
+            (
+                128,
+                128,
+                vec![
+                    mma(4, 32, false, 4, 64),
+                    mma(8, 32, false, 4, 64),
+                    mma(8, 32, false, 8, 64),
+                    mma(4, 32, false, 8, 32),
+                    mma(8, 16, false, 8, 64),
+                    mma(4, 32, true, 4, 64),
+                ],
+            ),
+            (
+                64,
+                64,
+                vec![
+                    mma(4, 64, false, 4, 64),
+                    mma(8, 64, false, 8, 64),
+                    mma(8, 32, false, 8, 128),
+                ],
+            ),
+            (
+                256,
+                256,
+                vec![mma(4, 32, true, 4, 32), mma(8, 16, true, 8, 32)],
+            ),
+        ];
+        let (b, h, t) = (4, 32, 4096);
+        for (d, dv, candidates) in cases {
+            let table = mma_tiles(d, dv).unwrap();
+            let dtype = DType::BF16;
+            let q = Array::randn(&[b, h, t, d], dtype, 1, &dev).unwrap();
+            let k = Array::randn(&[b, h, t, d], dtype, 2, &dev).unwrap();
+            let v = Array::randn(&[b, h, t, dv], dtype, 3, &dev).unwrap();
+            let g = Array::randn(&[b, h, t, dv], dtype, 4, &dev).unwrap();
+            for causal in [false, true] {
+                let mask = if causal { Mask::Causal } else { Mask::None };
+                let scale = 1.0 / (d as f32).sqrt();
+                let fwd = SdpaArgs::new(&q, &k, &v, scale, mask, None).unwrap();
+                let (out, lse) = super::super::run_with_lse(&fwd, &stream).unwrap();
+                let c = SdpaVjpArgs::new(&q, &k, &v, scale, mask, None, &out, &lse, &g).unwrap();
+                let flat = |r: (Array, Array, Array, Option<Array>)| -> Vec<f64> {
+                    let mut all = r.0.to_f64_vec().unwrap();
+                    all.extend(r.1.to_f64_vec().unwrap());
+                    all.extend(r.2.to_f64_vec().unwrap());
+                    all
+                };
+                let base = flat(run_tiles(&c, &stream, Some(table)).unwrap());
+                let flops = 2.5 * 4.0 * (b * h * t * t) as f64 * (d + dv) as f64
+                    / 2.0
+                    / if causal { 2.0 } else { 1.0 };
+                let mut meds = vec![Vec::new(); candidates.len()];
+                for round in 0..2 {
+                    for (i, &tl) in candidates.iter().enumerate() {
+                        let run = || run_tiles(&c, &stream, Some(tl)).unwrap();
+                        if round == 0 {
+                            let got = flat(run());
+                            let diff = got
+                                .iter()
+                                .zip(&base)
+                                .map(|(x, y)| (x - y).abs())
+                                .fold(0.0, f64::max);
+                            println!("D{d}/{dv} causal {causal} {tl:?}: max diff {diff:.2e}");
+                        }
+                        let mut times = Vec::new();
+                        for _ in 0..5 {
+                            let t0 = std::time::Instant::now();
+                            for _ in 0..3 {
+                                drop(run());
+                            }
+                            stream.synchronize().unwrap();
+                            times.push(t0.elapsed().as_secs_f64() / 3.0);
+                        }
+                        times.sort_by(f64::total_cmp);
+                        meds[i].push(flops / times[times.len() / 2] / 1e12);
+                    }
+                }
+                for (tl, m) in candidates.iter().zip(&meds) {
+                    let r: Vec<String> = m.iter().map(|x| format!("{x:.1}")).collect();
+                    println!(
+                        "RESULT bwd D{d}/{dv} causal {causal} {tl:?}: TFLOP/s rounds [{}]",
+                        r.join(", ")
+                    );
+                }
+            }
+        }
     }
 }

@@ -47,9 +47,10 @@ const OP: &str = "[scaled_dot_product_attention]";
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Every built-in attention kernel file with the instantiations its launcher can ask for.
-pub(crate) fn kernel_files() -> [super::jit::Registered; 5] {
+pub(crate) fn kernel_files() -> [super::jit::Registered; 6] {
     [
         backward::REGISTERED,
+        backward::REGISTERED_MMA,
         decode::REGISTERED,
         general::REGISTERED,
         prefill::REGISTERED,

@@ -82,12 +82,16 @@ pub(crate) struct Knobs {
     pub(crate) prefill_mma_only: bool,
     /// `FERROFAST_DECODE_KERNEL=simt`: f16 / bf16 decode on the SIMT kernel.
     pub(crate) decode_simt_only: bool,
+    /// `FERROFAST_BACKWARD_KERNEL=simt`: the attention backward on the SIMT kernels.
+    pub(crate) backward_simt_only: bool,
 }
 
 /// The environment variable that keeps prefill off the Hopper kernel (`mma`).
 pub(crate) const PREFILL_KERNEL_KNOB: &str = "FERROFAST_PREFILL_KERNEL";
 /// The environment variable that keeps decode off the tensor cores (`simt`).
 pub(crate) const DECODE_KERNEL_KNOB: &str = "FERROFAST_DECODE_KERNEL";
+/// The environment variable that keeps the attention backward off the tensor cores (`simt`).
+pub(crate) const BACKWARD_KERNEL_KNOB: &str = "FERROFAST_BACKWARD_KERNEL";
 
 impl Knobs {
     /// The knobs as the environment sets them now (values trimmed, any case; read at
@@ -99,6 +103,7 @@ impl Knobs {
         Knobs {
             prefill_mma_only: is(PREFILL_KERNEL_KNOB, "mma"),
             decode_simt_only: is(DECODE_KERNEL_KNOB, "simt"),
+            backward_simt_only: is(BACKWARD_KERNEL_KNOB, "simt"),
         }
     }
 }
@@ -148,6 +153,33 @@ pub(crate) fn select(p: &Problem, arch: &str, knobs: Knobs) -> Kernel {
     Kernel::General
 }
 
+/// The kernels of the attention backward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BackwardKernel {
+    /// `attn_backward_mma.cu` (`mma.sync`): f16 / bf16, `(D, D_v)` in its table.
+    Mma,
+    /// `attn_backward.cu` (SIMT, any shape and strides): everything else.
+    Simt,
+}
+
+/// The backward kernels a call with facts `p` gets (any architecture: both run on sm_80
+/// and later), for a non-empty problem and a dtype the CUDA kernels take.
+pub(crate) fn select_backward(p: &Problem, knobs: Knobs) -> BackwardKernel {
+    if p.half_precision()
+        && !knobs.backward_simt_only
+        && super::backward::mma_tiles(p.d, p.d_v).is_some()
+        && p.t_q <= i32::MAX as usize
+        && p.t_kv <= i32::MAX as usize
+        && p.n_q <= 65535
+        && p.n_kv <= 65535
+        && p.batch <= 65535
+    {
+        BackwardKernel::Mma
+    } else {
+        BackwardKernel::Simt
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +207,7 @@ mod tests {
     const NO: Knobs = Knobs {
         prefill_mma_only: false,
         decode_simt_only: false,
+        backward_simt_only: false,
     };
     use Kernel::*;
 
@@ -276,5 +309,52 @@ mod tests {
             assert_eq!(select(&big, "sm_90", NO), General, "{big:?}");
             assert_eq!(select(&big, "sm_80", NO), General, "{big:?}");
         }
+    }
+
+    #[test]
+    fn backward_rows() {
+        // Tensor cores: f16 / bf16 with (D, D_v) in the backward table, any T_q, masks and
+        // sinks included.
+        for (d, dv) in [
+            (64, 64),
+            (80, 80),
+            (96, 96),
+            (128, 128),
+            (192, 128),
+            (256, 256),
+        ] {
+            for dt in [F16, BF16] {
+                for tq in [1, 4096] {
+                    let mut prob = p(dt, tq, d, dv);
+                    assert_eq!(select_backward(&prob, NO), BackwardKernel::Mma);
+                    prob.array_mask = true;
+                    prob.sinks = true;
+                    assert_eq!(select_backward(&prob, NO), BackwardKernel::Mma);
+                }
+            }
+            // f32 and the knob: SIMT.
+            assert_eq!(
+                select_backward(&p(F32, 4096, d, dv), NO),
+                BackwardKernel::Simt
+            );
+            let simt = Knobs {
+                backward_simt_only: true,
+                ..NO
+            };
+            assert_eq!(
+                select_backward(&p(BF16, 4096, d, dv), simt),
+                BackwardKernel::Simt
+            );
+        }
+        // Other head dims and grids past the kernels' limits: SIMT.
+        for (d, dv) in [(32, 32), (80, 48), (128, 64), (512, 512)] {
+            assert_eq!(
+                select_backward(&p(BF16, 64, d, dv), NO),
+                BackwardKernel::Simt
+            );
+        }
+        let mut wide = p(BF16, 64, 128, 128);
+        wide.n_q = 65536;
+        assert_eq!(select_backward(&wide, NO), BackwardKernel::Simt);
     }
 }
