@@ -21,8 +21,9 @@
 //                      dS^T as A fragments straight from the accumulators. WANT selects dK
 //                      (1), dV (2) or both (3): for wide heads the two run as separate
 //                      launches so each one's accumulators fit in registers.
-//   attn_bwd_mma_dq    one block per (query tile of 16 * NW queries, query head, batch); warp
-//                      w owns 16 queries and their dQ; key tiles of BN keys (K and V)
+//   attn_bwd_mma_dq    one block per (query tile of 16 * MS * NW queries, query head,
+//                      batch); warp w owns 16 * MS queries and their dQ; key tiles of BN
+//                      keys (K and V)
 //                      stream through shared memory, double-buffered. Per key tile: S = Q K^T,
 //                      P, dP = dO V^T, dS, dQ += dS K.
 //
@@ -53,95 +54,113 @@ __device__ __forceinline__ float ff_bwd_lse2(const float* lse, ff_i64_t row, boo
     return l == FF_ATTN_NEG_INF ? FF_BWD_POS_INF : l * FF_ATTN_LOG2E;
 }
 
-// The scores of one warp's 16 rows x NC columns (mma accumulator layout) to probabilities in
-// place. TRANS false: rows are queries, columns keys; TRANS true: rows keys, columns queries.
-// `row0`: this lane's first row index (the second is row0 + 8); `col0`: its first column
-// index (the others: col0 + 8 nb + e). `lse2_of(query)` gives a query's lse2. FULL: no
-// element-wise mask applies (every key in range and visible, no array mask).
-template <typename T, int NC, bool TRANS, typename LSE>
-__device__ __forceinline__ void ff_bwd_probs(float (&s)[1][NC / 8][4], int row0, int col0,
+// The scores of one warp's MS slabs of 16 rows x NC columns (mma accumulator layout) to
+// probabilities in place. TRANS false: rows are queries, columns keys; TRANS true: rows
+// keys, columns queries. `row0`: this lane's first row index (its rows are row0 + 16 ms +
+// 8 hf); `col0`: its first column index (the others: col0 + 8 nb + e). `lse2_of(query)`
+// gives a query's lse2. FULL: no element-wise mask applies (every key in range and
+// visible, no array mask).
+template <typename T, int MS, int NC, bool TRANS, typename LSE>
+__device__ __forceinline__ void ff_bwd_probs(float (&s)[MS][NC / 8][4], int row0, int col0,
                                              bool full, const ff_attn_params& p,
                                              const void* mask_bh, float scale_log2,
                                              LSE lse2_of) {
     typedef typename T::storage S;
     const int diag = p.t_kv - p.t_q;
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        const int row = row0 + 8 * hf;
+    for (int ms = 0; ms < MS; ++ms) {
 #pragma unroll
-        for (int nb = 0; nb < NC / 8; ++nb) {
+        for (int hf = 0; hf < 2; ++hf) {
+            const int row = row0 + 16 * ms + 8 * hf;
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int col = col0 + 8 * nb + e;
-                const int qi = TRANS ? col : row;
-                const int kj = TRANS ? row : col;
-                const float l = lse2_of(qi);
-                float x = s[0][nb][2 * hf + e] * scale_log2;
-                if (!full) {
-                    bool keep = kj < p.t_kv && qi < p.t_q && (!p.causal || kj <= qi + diag);
-                    if (keep && p.mask_kind != FF_MASK_NONE) {
-                        const ff_i64_t at = (ff_i64_t)qi * p.m_st + (ff_i64_t)kj * p.m_sk;
-                        if (p.mask_kind == FF_MASK_BOOL) {
-                            keep = ((const ff_u8_t*)mask_bh)[at] != 0;
-                        } else {
-                            // The forward's clamp of finite additive values (attn_prefill).
-                            const float m = T::to_f32(((const S*)mask_bh)[at]);
-                            x += m == FF_ATTN_NEG_INF ? m : fmaxf(m, -2.0e38f) * FF_ATTN_LOG2E;
+            for (int nb = 0; nb < NC / 8; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = col0 + 8 * nb + e;
+                    const int qi = TRANS ? col : row;
+                    const int kj = TRANS ? row : col;
+                    const float l = lse2_of(qi);
+                    float x = s[ms][nb][2 * hf + e] * scale_log2;
+                    if (!full) {
+                        bool keep = kj < p.t_kv && qi < p.t_q && (!p.causal || kj <= qi + diag);
+                        if (keep && p.mask_kind != FF_MASK_NONE) {
+                            const ff_i64_t at = (ff_i64_t)qi * p.m_st + (ff_i64_t)kj * p.m_sk;
+                            if (p.mask_kind == FF_MASK_BOOL) {
+                                keep = ((const ff_u8_t*)mask_bh)[at] != 0;
+                            } else {
+                                // The forward's clamp of finite additive values (attn_prefill).
+                                const float m = T::to_f32(((const S*)mask_bh)[at]);
+                                x += m == FF_ATTN_NEG_INF ? m
+                                                          : fmaxf(m, -2.0e38f) * FF_ATTN_LOG2E;
+                            }
                         }
+                        x = keep ? x : FF_ATTN_NEG_INF;
                     }
-                    x = keep ? x : FF_ATTN_NEG_INF;
+                    s[ms][nb][2 * hf + e] = ff_exp2(x - l);
                 }
-                s[0][nb][2 * hf + e] = ff_exp2(x - l);
             }
         }
     }
 }
 
-// dS = P * (dP - delta) in place of dP (0 where P is 0, whatever dP holds).
-template <int NC, bool TRANS, typename DELTA>
-__device__ __forceinline__ void ff_bwd_ds(float (&dp)[1][NC / 8][4], const float (&pr)[1][NC / 8][4],
-                                          int row0, int col0, DELTA delta_of) {
+// dS = P * (dP - delta) in place of dP (0 where P is 0, whatever dP holds); rows and
+// columns as ff_bwd_probs'.
+template <int MS, int NC, bool TRANS, typename DELTA>
+__device__ __forceinline__ void ff_bwd_ds(float (&dp)[MS][NC / 8][4],
+                                          const float (&pr)[MS][NC / 8][4], int row0, int col0,
+                                          DELTA delta_of) {
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
+    for (int ms = 0; ms < MS; ++ms) {
 #pragma unroll
-        for (int nb = 0; nb < NC / 8; ++nb) {
+        for (int hf = 0; hf < 2; ++hf) {
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int i = 2 * hf + e;
-                const float dl = delta_of(TRANS ? col0 + 8 * nb + e : row0 + 8 * hf);
-                const float x = pr[0][nb][i];
-                dp[0][nb][i] = x == 0.0f ? 0.0f : x * (dp[0][nb][i] - dl);
+            for (int nb = 0; nb < NC / 8; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int i = 2 * hf + e;
+                    const float dl =
+                        delta_of(TRANS ? col0 + 8 * nb + e : row0 + 16 * ms + 8 * hf);
+                    const float x = pr[ms][nb][i];
+                    dp[ms][nb][i] = x == 0.0f ? 0.0f : x * (dp[ms][nb][i] - dl);
+                }
             }
         }
     }
 }
 
-// Stores a warp's 16 rows x W accumulator (times `mul`) as T to rows row0, row0 + 8 of
-// `dst` (row pitch W), rows at or past `rows` skipped.
-template <typename T, int W>
-__device__ __forceinline__ void ff_bwd_store(typename T::storage* dst, const float (&acc)[1][W / 8][4],
-                                             int row0, int rows, float mul, int lane) {
+// Stores a warp's MS slabs of 16 rows x W accumulator (times `mul`) as T to rows
+// row0 + 16 ms + 8 hf of `dst` (row pitch W), rows at or past `rows` skipped.
+template <typename T, int MS, int W>
+__device__ __forceinline__ void ff_bwd_store(typename T::storage* dst,
+                                             const float (&acc)[MS][W / 8][4], int row0,
+                                             int rows, float mul, int lane) {
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        const int row = row0 + 8 * hf;
-        if (row < rows) {
-            ff_u32_t* out = (ff_u32_t*)(dst + (ff_i64_t)row * W) + (lane & 3);
+    for (int ms = 0; ms < MS; ++ms) {
 #pragma unroll
-            for (int db = 0; db < W / 8; ++db) {
-                out[db * 4] = ff_attn_mma<T>::pack(acc[0][db][2 * hf] * mul,
-                                                   acc[0][db][2 * hf + 1] * mul);
+        for (int hf = 0; hf < 2; ++hf) {
+            const int row = row0 + 16 * ms + 8 * hf;
+            if (row < rows) {
+                ff_u32_t* out = (ff_u32_t*)(dst + (ff_i64_t)row * W) + (lane & 3);
+#pragma unroll
+                for (int db = 0; db < W / 8; ++db) {
+                    out[db * 4] = ff_attn_mma<T>::pack(acc[ms][db][2 * hf] * mul,
+                                                       acc[ms][db][2 * hf + 1] * mul);
+                }
             }
         }
     }
 }
 
-template <int W>
-__device__ __forceinline__ void ff_bwd_zero(float (&acc)[1][W / 8][4]) {
+template <int MS, int W>
+__device__ __forceinline__ void ff_bwd_zero(float (&acc)[MS][W / 8][4]) {
 #pragma unroll
-    for (int db = 0; db < W / 8; ++db) {
+    for (int ms = 0; ms < MS; ++ms) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            acc[0][db][e] = 0.0f;
+        for (int db = 0; db < W / 8; ++db) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[ms][db][e] = 0.0f;
+            }
         }
     }
 }
@@ -222,8 +241,8 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_mma_dkdv(
 
     float acc_k[1][D / 8][4];
     float acc_v[1][DV / 8][4];
-    ff_bwd_zero<D>(acc_k);
-    ff_bwd_zero<DV>(acc_v);
+    ff_bwd_zero<1, D>(acc_k);
+    ff_bwd_zero<1, DV>(acc_v);
 
     const int wk = warp * 16;  // this warp's first key in the tile
     const ff_u32_t k_rows = ff_smem_u32(sk + wk * QS);
@@ -269,7 +288,7 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_mma_dkdv(
         float st[1][BM / 8][4];
         ff_attn_scores<T, D, 1, BM, QS, QS>(st, k_rows, q_tile, lane);
         const int col0 = q0 + 2 * (lane & 3);
-        ff_bwd_probs<T, BM, true>(st, krow0, col0, full, p, mask_bh, scale_log2,
+        ff_bwd_probs<T, 1, BM, true>(st, krow0, col0, full, p, mask_bh, scale_log2,
                                   [&](int qi) { return lse_t[qi - q0]; });
         if (WANT_DV) {
             ff_u32_t pp[1][BM / 16][4];
@@ -280,7 +299,7 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_mma_dkdv(
             // dP^T = V dO^T, dS^T, dK += dS^T Q.
             float dpt[1][BM / 8][4];
             ff_attn_scores<T, DV, 1, BM, GS, GS>(dpt, v_rows, g_tile, lane);
-            ff_bwd_ds<BM, true>(dpt, st, krow0, col0, [&](int qi) { return delta_t[qi - q0]; });
+            ff_bwd_ds<1, BM, true>(dpt, st, krow0, col0, [&](int qi) { return delta_t[qi - q0]; });
             ff_u32_t pds[1][BM / 16][4];
             ff_attn_pack<T, 1, BM>(pds, dpt);
             ff_attn_pv_packed<T, D, 1, BM, QS>(acc_k, pds, q_tile, lane);
@@ -294,15 +313,17 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_mma_dkdv(
 
     const ff_i64_t kv_row0 = (b * p.n_kv + g) * Tkv;
     if (WANT_DK) {
-        ff_bwd_store<T, D>(dk + kv_row0 * D, acc_k, krow0, Tkv, scale, lane);
+        ff_bwd_store<T, 1, D>(dk + kv_row0 * D, acc_k, krow0, Tkv, scale, lane);
     }
     if (WANT_DV) {
-        ff_bwd_store<T, DV>(dv + kv_row0 * DV, acc_v, krow0, Tkv, 1.0f, lane);
+        ff_bwd_store<T, 1, DV>(dv + kv_row0 * DV, acc_v, krow0, Tkv, 1.0f, lane);
     }
 }
 
-// Inputs as attn_bwd_mma_dkdv's; dq: row-major [B, N_q, T_q, D].
-template <typename T, int D, int DV, int BN, int NW>
+// Inputs as attn_bwd_mma_dkdv's; dq: row-major [B, N_q, T_q, D]. Each warp owns MS slabs
+// of 16 queries (16 * MS * NW per block), so every K / V fragment read from shared memory
+// feeds MS products.
+template <typename T, int D, int DV, int BN, int NW, int MS>
 __global__ void __launch_bounds__(NW * 32) attn_bwd_mma_dq(
     const typename T::storage* __restrict__ q, const typename T::storage* __restrict__ k,
     const typename T::storage* __restrict__ v, const void* __restrict__ mask,
@@ -310,7 +331,7 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_mma_dq(
     const float* __restrict__ delta, typename T::storage* __restrict__ dq,
     const ff_attn_params p, float scale) {
     typedef typename T::storage S;
-    constexpr int BM = 16 * NW;  // queries per block
+    constexpr int BM = 16 * MS * NW;  // queries per block
     constexpr int NT = NW * 32;
     constexpr int QS = D + 8;
     constexpr int GS = DV + 8;
@@ -354,14 +375,14 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_mma_dq(
     }
     ff_cp_async_commit();
 
-    const int wq = warp * 16;
+    const int wq = warp * 16 * MS;  // this warp's first query in the tile
     const int qrow0 = q0 + wq + (lane >> 2);
-    float l2[2], dl[2];
+    float l2[2 * MS], dl[2 * MS];
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        const int r = qrow0 + 8 * hf;
-        l2[hf] = ff_bwd_lse2(lse, row0 - q0 + r, r < Tq);
-        dl[hf] = r < Tq ? delta[row0 - q0 + r] : 0.0f;
+    for (int r = 0; r < 2 * MS; ++r) {
+        const int qi = qrow0 + 8 * r;
+        l2[r] = ff_bwd_lse2(lse, row0 - q0 + qi, qi < Tq);
+        dl[r] = qi < Tq ? delta[row0 - q0 + qi] : 0.0f;
     }
     const void* mask_bh = nullptr;
     if (p.mask_kind != FF_MASK_NONE) {
@@ -369,8 +390,8 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_mma_dq(
         mask_bh = (const char*)mask + base * (p.mask_kind == FF_MASK_BOOL ? 1 : (ff_i64_t)sizeof(S));
     }
 
-    float acc[1][D / 8][4];
-    ff_bwd_zero<D>(acc);
+    float acc[MS][D / 8][4];
+    ff_bwd_zero<MS, D>(acc);
     const ff_u32_t q_rows = ff_smem_u32(sq + wq * QS);
     const ff_u32_t g_rows = ff_smem_u32(sg + wq * GS);
 
@@ -393,17 +414,18 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_mma_dq(
         const bool full = p.mask_kind == FF_MASK_NONE && n0 + BN <= Tkv &&
                           (!p.causal || n0 + BN - 1 <= q0 + wq + diag);
 
-        float s[1][BN / 8][4];
-        ff_attn_scores<T, D, 1, BN, QS, QS>(s, q_rows, k_tile, lane);
-        ff_bwd_probs<T, BN, false>(s, qrow0, n0 + 2 * (lane & 3), full, p, mask_bh, scale_log2,
-                                   [&](int qi) { return l2[(qi - qrow0) >> 3]; });
-        float dp[1][BN / 8][4];
-        ff_attn_scores<T, DV, 1, BN, GS, GS>(dp, g_rows, v_tile, lane);
-        ff_bwd_ds<BN, false>(dp, s, qrow0, 0, [&](int qi) { return dl[(qi - qrow0) >> 3]; });
-        ff_u32_t pds[1][BN / 16][4];
-        ff_attn_pack<T, 1, BN>(pds, dp);
-        ff_attn_pv_packed<T, D, 1, BN, QS>(acc, pds, k_tile, lane);
+        float s[MS][BN / 8][4];
+        ff_attn_scores<T, D, MS, BN, QS, QS>(s, q_rows, k_tile, lane);
+        // Row qrow0 + 8 r of this lane: its lse2 and delta are l2[r], dl[r].
+        ff_bwd_probs<T, MS, BN, false>(s, qrow0, n0 + 2 * (lane & 3), full, p, mask_bh,
+                                       scale_log2, [&](int qi) { return l2[(qi - qrow0) >> 3]; });
+        float dp[MS][BN / 8][4];
+        ff_attn_scores<T, DV, MS, BN, GS, GS>(dp, g_rows, v_tile, lane);
+        ff_bwd_ds<MS, BN, false>(dp, s, qrow0, 0, [&](int qi) { return dl[(qi - qrow0) >> 3]; });
+        ff_u32_t pds[MS][BN / 16][4];
+        ff_attn_pack<T, MS, BN>(pds, dp);
+        ff_attn_pv_packed<T, D, MS, BN, QS>(acc, pds, k_tile, lane);
     }
     ff_cp_async_wait<0>();
-    ff_bwd_store<T, D>(dq + (row0 - q0) * D, acc, qrow0, Tq, scale, lane);
+    ff_bwd_store<T, MS, D>(dq + (row0 - q0) * D, acc, qrow0, Tq, scale, lane);
 }

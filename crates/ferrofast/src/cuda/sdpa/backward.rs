@@ -43,14 +43,22 @@ pub(super) const REGISTERED_MMA: Registered = Registered {
 /// Tiles of the tensor-core backward for one `(D, D_v)` pair: the dK / dV kernel's warps
 /// (16 keys each) and query rows per step, whether dK and dV run as two launches (wide
 /// heads, whose two accumulators do not fit in registers together), and the dQ kernel's
-/// warps (16 queries each) and keys per step.
+/// warps, slabs of 16 queries per warp, and keys per step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct MmaTiles {
     kv_warps: usize,
     kv_rows: usize,
     split: bool,
     q_warps: usize,
+    q_slabs: usize,
     q_keys: usize,
+}
+
+impl MmaTiles {
+    /// Queries per block of the dQ kernel.
+    fn q_rows(self) -> usize {
+        16 * self.q_slabs * self.q_warps
+    }
 }
 
 const fn mma(
@@ -58,6 +66,7 @@ const fn mma(
     kv_rows: usize,
     split: bool,
     q_warps: usize,
+    q_slabs: usize,
     q_keys: usize,
 ) -> MmaTiles {
     MmaTiles {
@@ -65,6 +74,7 @@ const fn mma(
         kv_rows,
         split,
         q_warps,
+        q_slabs,
         q_keys,
     }
 }
@@ -78,12 +88,12 @@ const fn mma(
 /// blocks (115.2 against 107.3). D 80 follows D 64, D 96 and (192, 128) follow D 128,
 /// unmeasured.
 const MMA_HEAD_DIMS: [((usize, usize), MmaTiles); 6] = [
-    ((64, 64), mma(4, 64, false, 4, 64)),
-    ((80, 80), mma(4, 64, false, 4, 64)),
-    ((96, 96), mma(4, 32, false, 8, 32)),
-    ((128, 128), mma(4, 32, false, 8, 32)),
-    ((192, 128), mma(4, 32, false, 4, 32)),
-    ((256, 256), mma(8, 16, true, 8, 32)),
+    ((64, 64), mma(4, 64, false, 4, 1, 64)),
+    ((80, 80), mma(4, 64, false, 4, 1, 64)),
+    ((96, 96), mma(4, 32, false, 8, 1, 32)),
+    ((128, 128), mma(4, 32, false, 8, 1, 32)),
+    ((192, 128), mma(4, 32, false, 4, 1, 32)),
+    ((256, 256), mma(8, 16, true, 8, 1, 32)),
 ];
 
 /// The tensor-core tiles of the `(d, dv)` pair, if the kernels take it.
@@ -115,10 +125,11 @@ fn dkdv_variant(dtype: DType, d: usize, dv: usize, t: MmaTiles, want: u32) -> St
 
 fn dq_variant(dtype: DType, d: usize, dv: usize, t: MmaTiles) -> String {
     format!(
-        "attn_bwd_mma_dq<{}, {d}, {dv}, {}, {}>",
+        "attn_bwd_mma_dq<{}, {d}, {dv}, {}, {}, {}>",
         type_tag(dtype),
         t.q_keys,
-        t.q_warps
+        t.q_warps,
+        t.q_slabs
     )
 }
 
@@ -148,8 +159,7 @@ fn dkdv_shared_bytes(t: MmaTiles, d: usize, dv: usize, want: u32) -> usize {
 /// Shared memory (bytes) of the dQ kernel: the query tile's q and dO and two buffers of the
 /// key tile's K and V (rows padded by 8 elements).
 fn dq_shared_bytes(t: MmaTiles, d: usize, dv: usize) -> usize {
-    let rows = 16 * t.q_warps;
-    2 * (rows * (d + 8 + dv + 8) + 2 * t.q_keys * (d + 8 + dv + 8))
+    2 * (t.q_rows() * (d + 8 + dv + 8) + 2 * t.q_keys * (d + 8 + dv + 8))
 }
 
 /// Threads per block of every backward kernel (`FF_BWD_THREADS`).
@@ -527,7 +537,7 @@ fn mma_passes(c: &SdpaVjpArgs, x: &Inputs<'_>, tiles: MmaTiles) -> Result<Grads>
     allow_shared_memory(&func, smem, "the attention backward kernel")?;
     let cfg = LaunchConfig {
         grid_dim: (
-            grid(x.tq.div_ceil(16 * tiles.q_warps))?,
+            grid(x.tq.div_ceil(tiles.q_rows()))?,
             dims(x.nq)?,
             dims(x.b)?,
         ),
@@ -586,8 +596,8 @@ mod tests {
         assert_eq!(all.len(), 2 * (2 * 6 + 1));
         assert!(all.contains(&"attn_bwd_mma_dkdv<ff_bf16, 128, 128, 32, 4, 3>".to_string()));
         assert!(all.contains(&"attn_bwd_mma_dkdv<ff_f16, 256, 256, 16, 8, 2>".to_string()));
-        assert!(all.contains(&"attn_bwd_mma_dq<ff_bf16, 64, 64, 64, 4>".to_string()));
-        assert!(all.contains(&"attn_bwd_mma_dq<ff_bf16, 128, 128, 32, 8>".to_string()));
+        assert!(all.contains(&"attn_bwd_mma_dq<ff_bf16, 64, 64, 64, 4, 1>".to_string()));
+        assert!(all.contains(&"attn_bwd_mma_dq<ff_bf16, 128, 128, 32, 8, 1>".to_string()));
     }
 
     /// Times tensor-core tile shapes against each other on a GPU, two interleaved rounds
@@ -608,27 +618,25 @@ mod tests {
                 128,
                 128,
                 vec![
-                    mma(4, 32, false, 4, 64),
-                    mma(8, 32, false, 4, 64),
-                    mma(8, 32, false, 8, 64),
-                    mma(4, 32, false, 8, 32),
-                    mma(8, 16, false, 8, 64),
-                    mma(4, 32, true, 4, 64),
+                    mma(4, 32, false, 8, 1, 32),
+                    mma(4, 32, false, 8, 2, 32),
+                    mma(4, 32, false, 4, 2, 32),
+                    mma(4, 32, false, 4, 1, 64),
                 ],
             ),
             (
                 64,
                 64,
                 vec![
-                    mma(4, 64, false, 4, 64),
-                    mma(8, 64, false, 8, 64),
-                    mma(8, 32, false, 8, 128),
+                    mma(4, 64, false, 4, 1, 64),
+                    mma(4, 64, false, 4, 2, 64),
+                    mma(4, 64, false, 8, 2, 32),
                 ],
             ),
             (
                 256,
                 256,
-                vec![mma(4, 32, true, 4, 32), mma(8, 16, true, 8, 32)],
+                vec![mma(4, 32, true, 4, 1, 32), mma(8, 16, true, 8, 1, 32)],
             ),
         ];
         let (b, h, t) = (4, 32, 4096);
