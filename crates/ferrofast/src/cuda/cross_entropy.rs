@@ -1,13 +1,14 @@
 //! Launchers for `kernels/cross_entropy.cu`: the cross-entropy loss, its backward and the
 //! fused training pass.
 //!
-//! One block per row. The loss alone runs `ce_looped<T, ALIGNED, false>`: up to 1024
+//! One block per row. The loss alone runs `ce_looped<T, ALIGNED, false>`: up to 256
 //! threads stride over the row with four 16-byte loads in flight each, so every logit is
-//! read once. The gradient passes (backward and fused) run `ce_regs` when the row fits in
-//! registers (512 threads of up to 8 vectors: 32768 f16 / bf16 or 16384 f32 logits), reading
-//! each logit once, and `ce_looped<T, ALIGNED, true>` otherwise, which reads the row a
-//! second time to write the gradient (from L2 while the row is still there: a 128k-class
-//! bf16 row is 256 KB). The targets are made contiguous int64 first (a copy of
+//! read once and several rows share a multiprocessor. The gradient passes (backward and
+//! fused) run `ce_regs` when the row fits in registers (1024 threads of up to 4 vectors:
+//! 32768 f16 / bf16 or 16384 f32 logits), reading each logit once, and
+//! `ce_looped<T, ALIGNED, true>` with 1024 threads otherwise, which reads the row a second
+//! time to write the gradient (from L2 while the row is still there: a 128k-class bf16 row
+//! is 256 KB, and with one such block per multiprocessor the rows in flight fit in L2). The targets are made contiguous int64 first (a copy of
 //! `rows * 8` bytes when they are not). `Sum` and `Mean` add the per-row losses in a second,
 //! one-block kernel (`ce_reduce`) in a fixed order; the mean's `1 / n_valid` comes from
 //! `ce_count_valid` over the targets, launched before the row kernel so the gradient can be
@@ -29,14 +30,17 @@ pub(crate) const REGISTERED: Registered = Registered {
     variants: all_variants,
 };
 
-/// Threads per block of `ce_looped` at most (`FF_CE_LOOPED_THREADS`).
+/// Threads per block of `ce_looped` at most (`FF_CE_LOOPED_THREADS`), the gradient pass's
+/// block for rows too long for registers.
 const LOOPED_THREADS: usize = 1024;
+/// Threads per block of the loss-only pass at most.
+const FORWARD_THREADS: usize = 256;
 /// Threads per block of `ce_regs` at most (`FF_CE_REGS_THREADS`).
-const REGS_THREADS: usize = 512;
+const REGS_THREADS: usize = 1024;
 /// Vectors in flight per thread of `ce_looped` (`FF_CE_U`).
 const LOOPED_UNROLL: usize = 4;
 /// Register chunks per thread `ce_regs` is instantiated with.
-const REGS_CHUNKS: [usize; 4] = [1, 2, 4, 8];
+const REGS_CHUNKS: [usize; 3] = [1, 2, 4];
 /// Threads of the one-block kernels `ce_count_valid` and `ce_reduce`.
 const REDUCE_THREADS: u32 = 1024;
 const COUNT: &str = "ce_count_valid";
@@ -56,11 +60,14 @@ enum Plan {
     Regs { chunks: usize, threads: u32 },
 }
 
-fn looped_plan(v: usize, dtype: DType) -> Plan {
+/// The loss alone: about four rounds of [`LOOPED_UNROLL`] vectors per thread, at most
+/// [`FORWARD_THREADS`] threads, so several rows share a multiprocessor and one row's
+/// reduction overlaps another's loads.
+fn forward_plan(v: usize, dtype: DType) -> Plan {
     let vectors = v.div_ceil(n_reads(dtype)).max(1);
-    let threads = vectors.div_ceil(LOOPED_UNROLL).div_ceil(32) * 32;
+    let threads = vectors.div_ceil(4 * LOOPED_UNROLL).div_ceil(32) * 32;
     Plan::Looped {
-        threads: threads.clamp(32, LOOPED_THREADS) as u32,
+        threads: threads.clamp(32, FORWARD_THREADS) as u32,
     }
 }
 
@@ -76,7 +83,11 @@ fn grad_plan(v: usize, dtype: DType) -> Plan {
             };
         }
     }
-    looped_plan(v, dtype)
+    // Longer rows: the whole block strides over the row, so few rows are in flight and
+    // their second read finds them in L2 (132 rows of 128k bf16 logits are 33 MB).
+    Plan::Looped {
+        threads: LOOPED_THREADS as u32,
+    }
 }
 
 fn variant(dtype: DType, plan: Plan, aligned: bool, grad: bool) -> String {
@@ -255,7 +266,7 @@ fn launch_rows(
         let plan = if want_grad {
             grad_plan(v, dtype)
         } else {
-            looped_plan(v, dtype)
+            forward_plan(v, dtype)
         };
         let name = variant(dtype, plan, aligned, want_grad);
         let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
@@ -393,7 +404,7 @@ mod tests {
                     let plan = if grad {
                         grad_plan(v, dt)
                     } else {
-                        looped_plan(v, dt)
+                        forward_plan(v, dt)
                     };
                     match plan {
                         Plan::Regs { chunks, threads } => {
@@ -415,8 +426,8 @@ mod tests {
         assert_eq!(
             grad_plan(32768, DType::BF16),
             Plan::Regs {
-                chunks: 8,
-                threads: 512
+                chunks: 4,
+                threads: 1024
             }
         );
         assert_eq!(

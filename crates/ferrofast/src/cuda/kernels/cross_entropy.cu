@@ -34,7 +34,7 @@
 #define FF_CE_INF __int_as_float(0x7f800000)
 #define FF_CE_NAN __int_as_float(0x7fffffff)
 #define FF_CE_LOOPED_THREADS 1024
-#define FF_CE_REGS_THREADS 512
+#define FF_CE_REGS_THREADS 1024
 // Vectors in flight per thread in the looped kernel.
 #define FF_CE_U 4
 
@@ -105,31 +105,35 @@ __device__ __forceinline__ void ff_ce_fold(ff_ce_stats& st, const float (&v)[N],
     }
 }
 
-// Loads logits [base, base + N) of a row as f32 (past V: -inf).
+// Loads logits [base, base + N) of a row in their storage type (past V: -inf), for the
+// kernel that keeps the row in registers: 16 bytes a vector whatever the dtype.
 template <typename T, bool ALIGNED>
-__device__ __forceinline__ void ff_ce_load(const typename T::storage* p, int base, int V,
-                                           float (&v)[ff_ce<T>::N]) {
-    typedef typename T::storage S;
+__device__ __forceinline__ void ff_ce_load_raw(const typename T::storage* p, int base, int V,
+                                               ff_pack<typename T::storage, ff_ce<T>::N>& pk) {
     const int N = ff_ce<T>::N;
     if constexpr (ALIGNED) {
         if (base < V) {
-            ff_pack<S, N> pk;
             pk.vec = *reinterpret_cast<const ff_vec16*>(p + base);
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                v[k] = T::to_f32(pk.elem[k]);
-            }
         } else {
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                v[k] = -FF_CE_INF;
+                pk.elem[k] = T::from_f32(-FF_CE_INF);
             }
         }
     } else {
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-            v[k] = base + k < V ? T::to_f32(p[base + k]) : -FF_CE_INF;
+            pk.elem[k] = base + k < V ? p[base + k] : T::from_f32(-FF_CE_INF);
         }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void ff_ce_unpack(const ff_pack<typename T::storage, ff_ce<T>::N>& pk,
+                                             float (&v)[ff_ce<T>::N]) {
+#pragma unroll
+    for (int k = 0; k < ff_ce<T>::N; ++k) {
+        v[k] = T::to_f32(pk.elem[k]);
     }
 }
 
@@ -302,14 +306,16 @@ __global__ void __launch_bounds__(FF_CE_LOOPED_THREADS)
     st.nan = 0;
     const int step = blockDim.x * N;
     for (int base0 = threadIdx.x * N; base0 < V; base0 += FF_CE_U * step) {
-        float v[FF_CE_U][N];
+        ff_pack<S, N> raw[FF_CE_U];
 #pragma unroll
         for (int u = 0; u < FF_CE_U; ++u) {
-            ff_ce_load<T, ALIGNED>(xr, base0 + u * step, V, v[u]);
+            ff_ce_load_raw<T, ALIGNED>(xr, base0 + u * step, V, raw[u]);
         }
 #pragma unroll
         for (int u = 0; u < FF_CE_U; ++u) {
-            ff_ce_fold<N>(st, v[u], base0 + u * step, V);
+            float v[N];
+            ff_ce_unpack<T>(raw[u], v);
+            ff_ce_fold<N>(st, v, base0 + u * step, V);
         }
     }
     // The target logit is read before the barrier: with dx == x no thread has written yet.
@@ -326,15 +332,16 @@ __global__ void __launch_bounds__(FF_CE_LOOPED_THREADS)
         const float c = gr * p.eps_over_v;
         const float at = gr * p.one_minus_eps;
         for (int base0 = threadIdx.x * N; base0 < V; base0 += FF_CE_U * step) {
-            float v[FF_CE_U][N];
+            ff_pack<S, N> raw[FF_CE_U];
 #pragma unroll
             for (int u = 0; u < FF_CE_U; ++u) {
-                ff_ce_load<T, ALIGNED>(xr, base0 + u * step, V, v[u]);
+                ff_ce_load_raw<T, ALIGNED>(xr, base0 + u * step, V, raw[u]);
             }
 #pragma unroll
             for (int u = 0; u < FF_CE_U; ++u) {
-                float d[N];
-                ff_ce_grad<N>(v[u], d, base0 + u * step, t, a, c, at, lse);
+                float v[N], d[N];
+                ff_ce_unpack<T>(raw[u], v);
+                ff_ce_grad<N>(v, d, base0 + u * step, t, a, c, at, lse);
                 ff_ce_store<T, ALIGNED>(dr, base0 + u * step, V, d);
             }
         }
@@ -342,7 +349,7 @@ __global__ void __launch_bounds__(FF_CE_LOOPED_THREADS)
 }
 
 template <typename T, bool ALIGNED, int CHUNKS>
-__global__ void __launch_bounds__(FF_CE_REGS_THREADS, 2)
+__global__ void __launch_bounds__(FF_CE_REGS_THREADS, 1)
     ce_regs(const typename T::storage* x,
             const ff_i64_t* __restrict__ targets,
             float* __restrict__ loss,
@@ -368,10 +375,11 @@ __global__ void __launch_bounds__(FF_CE_REGS_THREADS, 2)
         return;
     }
     const int step = blockDim.x * N;
-    float v[CHUNKS][N];
+    // The row stays in registers in its storage type (4 registers a chunk).
+    ff_pack<S, N> raw[CHUNKS];
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-        ff_ce_load<T, ALIGNED>(xr, threadIdx.x * N + c * step, V, v[c]);
+        ff_ce_load_raw<T, ALIGNED>(xr, threadIdx.x * N + c * step, V, raw[c]);
     }
     const float xt = T::to_f32(xr[t]);
     ff_ce_stats st;
@@ -379,9 +387,30 @@ __global__ void __launch_bounds__(FF_CE_REGS_THREADS, 2)
     st.s = 0.0f;
     st.sum_x = 0.0f;
     st.nan = 0;
+    // Two passes over the registers: the thread's maximum, then its sum of exponentials
+    // (logits past V are -inf and add nothing).
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-        ff_ce_fold<N>(st, v[c], threadIdx.x * N + c * step, V);
+        float v[N];
+        ff_ce_unpack<T>(raw[c], v);
+        const int base = threadIdx.x * N + c * step;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            st.m = fmaxf(st.m, v[k]);
+            st.sum_x += base + k < V ? v[k] : 0.0f;
+            st.nan |= v[k] != v[k];
+        }
+    }
+    if (st.m != -FF_CE_INF && st.m != FF_CE_INF) {
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+            float v[N];
+            ff_ce_unpack<T>(raw[c], v);
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                st.s += exp2f((v[k] - st.m) * FF_CE_LOG2E);
+            }
+        }
     }
     st = ff_ce_block_merge(st);
     float lse;
@@ -395,9 +424,10 @@ __global__ void __launch_bounds__(FF_CE_REGS_THREADS, 2)
     const float at = gr * p.one_minus_eps;
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-        float d[N];
+        float v[N], d[N];
+        ff_ce_unpack<T>(raw[c], v);
         const int base = threadIdx.x * N + c * step;
-        ff_ce_grad<N>(v[c], d, base, t, a, cc, at, lse);
+        ff_ce_grad<N>(v, d, base, t, a, cc, at, lse);
         ff_ce_store<T, ALIGNED>(dr, base, V, d);
     }
 }
