@@ -307,7 +307,9 @@ impl Case {
             Case::Rope { shape, .. } | Case::RopeVjp { shape, .. } => {
                 2.0 * shape.iter().product::<usize>() as f64 * es
             }
-            Case::CrossEntropy { rows, vocab, .. } => (*rows * *vocab) as f64 * es + 8.0 * *rows as f64,
+            Case::CrossEntropy { rows, vocab, .. } => {
+                (*rows * *vocab) as f64 * es + 8.0 * *rows as f64
+            }
             Case::CrossEntropyVjp { rows, vocab, .. }
             | Case::CrossEntropyFused { rows, vocab, .. } => {
                 2.0 * (*rows * *vocab) as f64 * es + 8.0 * *rows as f64

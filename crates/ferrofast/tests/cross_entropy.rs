@@ -81,7 +81,13 @@ fn check_all(x: &Input, t: &Input, opts: &CrossEntropyOptions, seed: u64, what: 
     let want = reference::cross_entropy_with(&x.host, &t.host, opts).expect("oracle");
     assert_eq!(loss.dtype(), DType::F32, "{what}: loss dtype");
     assert_eq!(loss.device(), dev, "{what}: loss device");
-    check_close(&loss, &want, LOSS_TOL.0, LOSS_TOL.1, &format!("{what}: loss"));
+    check_close(
+        &loss,
+        &want,
+        LOSS_TOL.0,
+        LOSS_TOL.1,
+        &format!("{what}: loss"),
+    );
 
     let (atol, rtol) = grad_tol(x.host.dtype());
     let (fl, fd) = fast::cross_entropy_fused(&x.dev, &t.dev, opts)
@@ -89,7 +95,13 @@ fn check_all(x: &Input, t: &Input, opts: &CrossEntropyOptions, seed: u64, what: 
     let (wl, wd) = reference::cross_entropy_fused(&x.host, &t.host, opts).expect("oracle");
     assert_eq!(fd.dtype(), x.host.dtype(), "{what}: dlogits dtype");
     assert_eq!(fd.shape(), x.host.shape(), "{what}: dlogits shape");
-    check_close(&fl, &wl, LOSS_TOL.0, LOSS_TOL.1, &format!("{what}: fused loss"));
+    check_close(
+        &fl,
+        &wl,
+        LOSS_TOL.0,
+        LOSS_TOL.1,
+        &format!("{what}: fused loss"),
+    );
     check_close(&fd, &wd, atol, rtol, &format!("{what}: fused dlogits"));
 
     let g_shape: Vec<usize> = match opts.reduction {
@@ -445,9 +457,12 @@ mod cpu_only {
                     .iter()
                     .sum()
             };
-            let (_, d) =
-                reference::cross_entropy_fused(&Array::from_vec(x0.clone(), &[r, v]).unwrap(), &t, &opts)
-                    .unwrap();
+            let (_, d) = reference::cross_entropy_fused(
+                &Array::from_vec(x0.clone(), &[r, v]).unwrap(),
+                &t,
+                &opts,
+            )
+            .unwrap();
             let d = d.to_vec::<f64>().unwrap();
             let h = 1e-6;
             for i in 0..r * v {
@@ -455,7 +470,11 @@ mod cpu_only {
                 up[i] += h;
                 down[i] -= h;
                 let fd = (total(&up) - total(&down)) / (2.0 * h);
-                assert!((fd - d[i]).abs() < 1e-6, "{reduction:?} element {i}: {fd} vs {}", d[i]);
+                assert!(
+                    (fd - d[i]).abs() < 1e-6,
+                    "{reduction:?} element {i}: {fd} vs {}",
+                    d[i]
+                );
             }
         }
     }

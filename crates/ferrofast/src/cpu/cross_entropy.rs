@@ -226,9 +226,7 @@ fn rows_typed<T: Logit>(
                 &buf[s..s + v]
             } else {
                 scratch.clear();
-                scratch.extend(
-                    (0..v).map(|j| buf[(start + j as isize * col_stride) as usize]),
-                );
+                scratch.extend((0..v).map(|j| buf[(start + j as isize * col_stride) as usize]));
                 scratch
             };
             let g = scale.map_or(1.0, |s| s[r]) as f32;
@@ -524,7 +522,10 @@ fn rows_f64(
             let g = s[r];
             let a = g * (1.0 + 2.0 * z * lse);
             let base = gr.len();
-            gr.extend(x.iter().map(|&xj| a * (xj - lse).exp() - g * eps / v as f64));
+            gr.extend(
+                x.iter()
+                    .map(|&xj| a * (xj - lse).exp() - g * eps / v as f64),
+            );
             gr[base + t] -= g * (1.0 - eps);
         }
     }

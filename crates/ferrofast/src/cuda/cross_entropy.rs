@@ -107,7 +107,12 @@ fn all_variants() -> Vec<String> {
                 out.push(variant(dtype, Plan::Looped { threads: 0 }, aligned, grad));
             }
             for chunks in REGS_CHUNKS {
-                out.push(variant(dtype, Plan::Regs { chunks, threads: 0 }, aligned, true));
+                out.push(variant(
+                    dtype,
+                    Plan::Regs { chunks, threads: 0 },
+                    aligned,
+                    true,
+                ));
             }
         }
     }
@@ -343,7 +348,9 @@ fn launch_rows(
         };
         // SAFETY: ce_reduce(losses, n, count, out) reads losses[0..rows) written above on
         // this stream (nothing when rows is 0), count[1] when given, and writes out[0].
-        launch("launching ce_reduce", || unsafe { b.launch(cfg) }.map(|_| ()))?;
+        launch("launching ce_reduce", || {
+            unsafe { b.launch(cfg) }.map(|_| ())
+        })?;
         Array::from_cuda_buffer(out, &[])?
     };
     let dlogits = if want_grad {
@@ -398,7 +405,9 @@ mod tests {
     #[test]
     fn plans_cover_the_row_and_have_variants() {
         let all = all_variants();
-        for v in [1usize, 7, 31, 128, 1000, 4096, 16384, 32768, 32769, 50257, 128256] {
+        for v in [
+            1usize, 7, 31, 128, 1000, 4096, 16384, 32768, 32769, 50257, 128256,
+        ] {
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 for grad in [false, true] {
                     let plan = if grad {

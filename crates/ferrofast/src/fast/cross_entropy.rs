@@ -8,8 +8,8 @@
 
 use super::{place, Place};
 use crate::error::{Error, Result};
-pub use crate::ops::cross_entropy::{CrossEntropyOptions, Reduction};
 use crate::ops::cross_entropy::{CrossEntropyArgs, CrossEntropyVjpArgs};
+pub use crate::ops::cross_entropy::{CrossEntropyOptions, Reduction};
 use crate::{Array, Stream};
 
 const OP: &str = "[cross_entropy]";
@@ -190,7 +190,12 @@ fn run(args: &CrossEntropyArgs, stream: Option<&Stream>) -> Result<Array> {
 }
 
 fn run_vjp(args: &CrossEntropyVjpArgs, stream: Option<&Stream>) -> Result<Array> {
-    match place("[cross_entropy_vjp]", args.fwd.device, &args.fwd.logits, stream)? {
+    match place(
+        "[cross_entropy_vjp]",
+        args.fwd.device,
+        &args.fwd.logits,
+        stream,
+    )? {
         Place::Cpu => crate::cpu::cross_entropy::vjp(args),
         Place::Cuda(stream) => crate::cuda::cross_entropy::vjp(args, &stream),
     }

@@ -43,10 +43,7 @@ pub fn cross_entropy_vjp(
     opts: &CrossEntropyOptions,
     cotangent: &Array,
 ) -> Result<Array> {
-    let args = CrossEntropyVjpArgs::new(
-        CrossEntropyArgs::new(logits, targets, opts)?,
-        cotangent,
-    )?;
+    let args = CrossEntropyVjpArgs::new(CrossEntropyArgs::new(logits, targets, opts)?, cotangent)?;
     let rows = rows_f64(&args.fwd)?;
     let g = args.cotangent.to_f64_vec()?;
     let n_valid = valid_rows(&rows);
