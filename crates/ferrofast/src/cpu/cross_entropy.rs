@@ -332,7 +332,7 @@ fn row_f32_generic<T: Logit>(
             return f32::NAN;
         }
     };
-    let stats = scan(x);
+    let stats = scan(x, p.eps != 0.0);
     if stats.nan {
         if let Some(out) = grad {
             fill(out, T::narrow(f32::NAN));
@@ -368,8 +368,8 @@ fn fill<T: Copy>(out: &mut [MaybeUninit<T>], v: T) {
     }
 }
 
-/// A row's maximum (NaNs ignored), sum of `exp(x - max)`, sum of `x` (f64) and whether it
-/// holds a NaN.
+/// A row's maximum (NaNs ignored), sum of `exp(x - max)`, sum of `x` (f64; only when asked
+/// for) and whether it holds a NaN.
 struct Scan {
     max: f32,
     sum: f32,
@@ -377,36 +377,41 @@ struct Scan {
     nan: bool,
 }
 
+/// One read of the row from memory: per block of [`BLOCK`] logits, the block's maximum,
+/// then (the block still in L1) the rescaled running sum of exponentials. A NaN logit makes
+/// the sum NaN whenever the maximum is finite; a row with an infinite maximum (no sum) is
+/// searched for NaNs separately.
 #[inline(always)]
-fn scan<T: Logit>(x: &[T]) -> Scan {
+fn scan<T: Logit>(x: &[T], want_sum_x: bool) -> Scan {
     let mut m = f32::NEG_INFINITY;
     let mut s = 0.0f32;
     let mut sum_x = 0.0f64;
-    let mut nan = false;
     for block in x.chunks(BLOCK) {
         let mut bm = [f32::NEG_INFINITY; LANES];
-        let mut bx = [0.0f32; LANES];
-        let mut bn = [false; LANES];
         let mut chunks = block.chunks_exact(LANES);
         for c in &mut chunks {
             for k in 0..LANES {
                 let v = c[k].widen();
                 bm[k] = if v > bm[k] { v } else { bm[k] };
-                bx[k] += v;
-                bn[k] |= v.is_nan();
             }
         }
         for &e in chunks.remainder() {
             let v = e.widen();
             bm[0] = if v > bm[0] { v } else { bm[0] };
-            bx[0] += v;
-            bn[0] |= v.is_nan();
         }
         let block_max = bm.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        sum_x += bx.iter().map(|&v| f64::from(v)).sum::<f64>();
-        nan |= bn.iter().any(|&b| b);
-        if block_max == f32::NEG_INFINITY {
-            continue;
+        if want_sum_x {
+            let mut bx = [0.0f32; LANES];
+            let mut chunks = block.chunks_exact(LANES);
+            for c in &mut chunks {
+                for k in 0..LANES {
+                    bx[k] += c[k].widen();
+                }
+            }
+            for &e in chunks.remainder() {
+                bx[0] += e.widen();
+            }
+            sum_x += bx.iter().map(|&v| f64::from(v)).sum::<f64>();
         }
         if block_max > m {
             s = if m == f32::NEG_INFINITY {
@@ -416,21 +421,26 @@ fn scan<T: Logit>(x: &[T]) -> Scan {
             };
             m = block_max;
         }
-        if m == f32::INFINITY {
+        if m == f32::NEG_INFINITY || m == f32::INFINITY {
             continue;
         }
         let mut acc = [0.0f32; LANES];
         let mut chunks = block.chunks_exact(LANES);
         for c in &mut chunks {
             for k in 0..LANES {
-                acc[k] += exp_f32(c[k].widen() - m);
+                acc[k] += exp_nonpositive(c[k].widen() - m);
             }
         }
         for &e in chunks.remainder() {
-            acc[0] += exp_f32(e.widen() - m);
+            acc[0] += exp_nonpositive(e.widen() - m);
         }
         s += acc.iter().sum::<f32>();
     }
+    let nan = if m.is_infinite() {
+        x.iter().any(|v| v.widen().is_nan())
+    } else {
+        s.is_nan()
+    };
     Scan {
         max: m,
         sum: s,
@@ -439,18 +449,21 @@ fn scan<T: Logit>(x: &[T]) -> Scan {
     }
 }
 
-/// `exp(x)` in f32 without branches, so loops over it vectorise: `2^n * 2^f` with
-/// `n = round(x log2 e)` and a degree-6 polynomial for `2^f`, `|f| <= 1/2` (relative error
-/// about 2e-7 near 0, growing with `|x|` to about 1e-5 near the underflow limit). Underflows
-/// to exactly 0 below -87.3, overflows to infinity above 88.7, NaN stays NaN.
+/// The parts of `exp` shared by [`exp_f32`] and [`exp_nonpositive`]: `2^n * 2^f` with
+/// `n = round(x log2 e)` and a degree-6 polynomial for `2^f`, `|f| <= 1/2`, for `x log2 e` in
+/// `[-126, 127]` (clamped); NaN stays NaN. Written without branches or float-to-int
+/// conversions so that loops over it vectorise.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+fn exp_core(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer in the FPU's mode.
+    // Adding 1.5 * 2^23 rounds to the nearest integer (in the FPU's mode) and leaves it in
+    // the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
-    let t = (x * LOG2E).clamp(-126.0, 127.0);
-    let n = (t + ROUND) - ROUND;
-    let f = t - n;
+    let t = x * LOG2E;
+    let t = if t < -126.0 { -126.0 } else { t };
+    let t = if t > 127.0 { 127.0 } else { t };
+    let r = t + ROUND;
+    let f = t - (r - ROUND);
     let mut p = 1.535_336_2e-4f32;
     p = p * f + 1.339_887_4e-3;
     p = p * f + 9.618_437_4e-3;
@@ -458,12 +471,30 @@ fn exp_f32(x: f32) -> f32 {
     p = p * f + 2.402_264_8e-1;
     p = p * f + 6.931_472e-1;
     p = p * f + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    let r = p * scale;
+    let n_biased = r
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127);
+    p * f32::from_bits(n_biased << 23)
+}
+
+/// `exp(x)` for `x <= 0` or NaN (the terms of a sum of exponentials below its maximum):
+/// relative error about 2e-7 near 0 (growing with `|x|` to about 1e-5 near -87); below about
+/// -87.3 the result is `2^-126` instead of a smaller number or 0, which no sum with its
+/// maximum's term 1 can notice.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    exp_core(x)
+}
+
+/// `exp(x)` in f32 without branches, so loops over it vectorise (see [`exp_core`]):
+/// underflows to exactly 0 below -87.3, overflows to infinity above 88.7, NaN stays NaN.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    let r = exp_core(x);
     let r = if x < -87.3 { 0.0 } else { r };
-    let r = if x > 88.7 { f32::INFINITY } else { r };
-    if x.is_nan() {
-        x
+    if x > 88.7 {
+        f32::INFINITY
     } else {
         r
     }
