@@ -421,7 +421,7 @@ fn scan<T: Logit>(x: &[T], want_sum_x: bool) -> Scan {
             };
             m = block_max;
         }
-        if m == f32::NEG_INFINITY || m == f32::INFINITY {
+        if m.is_infinite() {
             continue;
         }
         let mut acc = [0.0f32; LANES];
@@ -466,7 +466,7 @@ fn exp_core(x: f32) -> f32 {
     let f = t - (r - ROUND);
     let mut p = 1.535_336_2e-4f32;
     p = p * f + 1.339_887_4e-3;
-    p = p * f + 9.618_437_4e-3;
+    p = p * f + 9.618_438e-3;
     p = p * f + 5.550_332_5e-2;
     p = p * f + 2.402_264_8e-1;
     p = p * f + 6.931_472e-1;
