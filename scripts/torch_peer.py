@@ -15,8 +15,16 @@ ferrofast is faster.
 Backward rows (`*_vjp`) time PyTorch autograd's backward alone: the forward runs once with
 requires_grad inputs, then torch.autograd.grad(out, inputs, cotangent, retain_graph=True) is
 timed, for the eager op and for its torch.compile'd form (whose backward is compiled too).
+
+Cross-entropy rows: torch.nn.functional.cross_entropy eager and compiled (`cross_entropy`:
+reduction='none'; `cross_entropy_vjp`: its backward alone; `cross_entropy_fused`: the mean
+loss and the logits' gradient, forward + backward), and Liger-Kernel's Triton
+LigerCrossEntropyLoss when it can be imported (its forward writes the gradient into the
+logits' buffer; the GPU bundle installs a packed wheel under $GPU_WORK/pylib, which is put
+on the path here).
 """
 import json
+import os
 import re
 import sys
 
@@ -27,6 +35,22 @@ try:
     from triton.testing import do_bench
 except ImportError:  # fall back to CUDA events by hand
     do_bench = None
+
+# Wheels the GPU bundle installed (scripts/gpu packs .whl/*.whl; no network there).
+_pylib = os.path.join(os.environ.get("GPU_WORK", "/tmp/ferrofast-gpu"), "pylib")
+if os.path.isdir(_pylib):
+    sys.path.insert(0, _pylib)
+
+
+def liger_cross_entropy(**kwargs):
+    """Liger-Kernel's LigerCrossEntropyLoss(**kwargs), or None when it cannot be imported."""
+    try:
+        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+    except Exception as e:  # not installed, or an incompatible torch / triton
+        print(f"liger-kernel not available ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})")
+        return None
+    return LigerCrossEntropyLoss(**kwargs)
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -91,6 +115,29 @@ def peer_fns(op, shape, dtype):
         else:
             f, inputs = (lambda: F.layer_norm(x, (dim,), w, b, 1e-5)), (x, w, b)
         return [("eager", backward_fn(f, inputs, cot)), ("compiled", backward_fn(torch.compile(f), inputs, cot))]
+    if op.startswith("cross_entropy"):
+        rows, vocab = (int(v) for v in re.findall(r"\d+", shape))
+        x = torch.randn(rows, vocab, device=dev, dtype=dt, generator=g)
+        t = torch.randint(0, vocab, (rows,), device=dev, generator=g)
+        if op == "cross_entropy":
+            f = lambda: F.cross_entropy(x, t, reduction="none")
+            fns = [("eager", f), ("compiled", torch.compile(f))]
+            liger = liger_cross_entropy(reduction="none")
+            if liger is not None:
+                fns.append(("liger", lambda: liger(x, t)))
+            return fns
+        xg = x.requires_grad_()
+        if op == "cross_entropy_vjp":
+            cot = torch.rand(rows, device=dev, dtype=torch.float32, generator=g) + 0.5
+            f = lambda: F.cross_entropy(xg, t, reduction="none")
+            return [("eager", backward_fn(f, (xg,), cot)), ("compiled", backward_fn(torch.compile(f), (xg,), cot))]
+        # cross_entropy_fused: the mean loss and the logits' gradient.
+        step = lambda loss_fn: (lambda: torch.autograd.grad(loss_fn(xg, t), (xg,)))
+        fns = [("eager", step(F.cross_entropy)), ("compiled", step(torch.compile(F.cross_entropy)))]
+        liger = liger_cross_entropy()
+        if liger is not None:
+            fns.append(("liger", step(liger)))
+        return fns
     if op == "rope_vjp":
         dims = [int(v) for v in re.findall(r"\d+", shape)]
         x = torch.randn(*dims, device=dev, dtype=dt, generator=g).requires_grad_()

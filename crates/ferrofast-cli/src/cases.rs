@@ -1,7 +1,7 @@
 //! The op cases the demo and the benchmark run: inputs, the call, its cost model and its
 //! oracle.
 
-use ferrofast::fast::{self, Mask, RopeOffset};
+use ferrofast::fast::{self, CrossEntropyOptions, Mask, Reduction, RopeOffset};
 use ferrofast::{reference, Array, DType, Device, Result};
 
 /// One op on one shape and dtype.
@@ -36,6 +36,24 @@ pub enum Case {
     /// `rope_vjp` with the forward case's arguments.
     RopeVjp {
         shape: [usize; 4],
+        dtype: DType,
+    },
+    /// `cross_entropy` over `[rows, vocab]` logits with int32 targets: the per-row losses.
+    CrossEntropy {
+        rows: usize,
+        vocab: usize,
+        dtype: DType,
+    },
+    /// `cross_entropy_vjp` with a per-row cotangent: `dlogits`.
+    CrossEntropyVjp {
+        rows: usize,
+        vocab: usize,
+        dtype: DType,
+    },
+    /// `cross_entropy_fused` with the mean reduction: the loss and `dlogits` in one pass.
+    CrossEntropyFused {
+        rows: usize,
+        vocab: usize,
         dtype: DType,
     },
     Sdpa {
@@ -86,6 +104,9 @@ type SdpaFn = fn(&Array, &Array, &Array, f32, Mask<'_>, Option<&Array>) -> Resul
 type RmsNormVjpFn = fn(&Array, Option<&Array>, f32, &Array) -> Result<(Array, Option<Array>)>;
 /// The attention backward over a case's inputs `[q, k, v, d_out, out, lse]`.
 type SdpaVjpFn = fn(&[Array], f32, Mask<'_>) -> Result<(Array, Array, Array, Option<Array>)>;
+type CrossEntropyFn = fn(&Array, &Array) -> Result<Array>;
+type CrossEntropyVjpFn = fn(&Array, &Array, &CrossEntropyOptions, &Array) -> Result<Array>;
+type CrossEntropyFusedFn = fn(&Array, &Array, &CrossEntropyOptions) -> Result<(Array, Array)>;
 type LayerNormVjpFn = fn(
     &Array,
     Option<&Array>,
@@ -104,6 +125,9 @@ struct Ops {
     layer_norm_vjp: LayerNormVjpFn,
     rope_vjp: RopeFn,
     sdpa_vjp: SdpaVjpFn,
+    cross_entropy: CrossEntropyFn,
+    cross_entropy_vjp: CrossEntropyVjpFn,
+    cross_entropy_fused: CrossEntropyFusedFn,
 }
 
 /// `fast::scaled_dot_product_attention_vjp` over the saved output and log-sum-exp.
@@ -129,6 +153,9 @@ const FAST: Ops = Ops {
     layer_norm_vjp: fast::layer_norm_vjp,
     rope_vjp: fast::rope_vjp,
     sdpa_vjp: fast_sdpa_vjp,
+    cross_entropy: fast::cross_entropy,
+    cross_entropy_vjp: fast::cross_entropy_vjp,
+    cross_entropy_fused: fast::cross_entropy_fused,
 };
 
 const REFERENCE: Ops = Ops {
@@ -140,7 +167,33 @@ const REFERENCE: Ops = Ops {
     layer_norm_vjp: reference::layer_norm_vjp,
     rope_vjp: reference::rope_vjp,
     sdpa_vjp: reference_sdpa_vjp,
+    cross_entropy: reference::cross_entropy,
+    cross_entropy_vjp: reference::cross_entropy_vjp,
+    cross_entropy_fused: reference::cross_entropy_fused,
 };
+
+/// The options of the training bench cases: PyTorch's defaults (`ignore_index = -100`,
+/// mean over the rows not ignored).
+const TRAINING: CrossEntropyOptions = CrossEntropyOptions {
+    ignore_index: Some(-100),
+    label_smoothing: 0.0,
+    z_loss: 0.0,
+    reduction: Reduction::Mean,
+};
+
+/// Seeded class indices in `[0, vocab)` (int32) on `device`.
+fn class_targets(rows: usize, vocab: usize, seed: u64, device: &Device) -> Result<Array> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let t: Vec<i32> = (0..rows)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab.max(1) as u64) as i32
+        })
+        .collect();
+    Array::from_vec(t, &[rows])?.to_device(device)
+}
 
 /// Inputs made once per case, reused across timed repetitions.
 pub struct Inputs {
@@ -164,6 +217,9 @@ impl Case {
             Case::RmsNormVjp { .. } => "rms_norm_vjp",
             Case::LayerNormVjp { .. } => "layer_norm_vjp",
             Case::RopeVjp { .. } => "rope_vjp",
+            Case::CrossEntropy { .. } => "cross_entropy",
+            Case::CrossEntropyVjp { .. } => "cross_entropy_vjp",
+            Case::CrossEntropyFused { .. } => "cross_entropy_fused",
             Case::SdpaVjp { causal: false, .. } => "sdpa_vjp",
             Case::SdpaVjp { causal: true, .. } => "sdpa_causal_vjp",
             Case::Sdpa {
@@ -183,6 +239,9 @@ impl Case {
             | Case::LayerNorm { rows, dim, .. }
             | Case::RmsNormVjp { rows, dim, .. }
             | Case::LayerNormVjp { rows, dim, .. } => format!("[{rows},{dim}]"),
+            Case::CrossEntropy { rows, vocab, .. }
+            | Case::CrossEntropyVjp { rows, vocab, .. }
+            | Case::CrossEntropyFused { rows, vocab, .. } => format!("[{rows},{vocab}]"),
             Case::Rope { shape, .. } | Case::RopeVjp { shape, .. } => {
                 format!("{shape:?}").replace(' ', "")
             }
@@ -214,6 +273,9 @@ impl Case {
             | Case::RmsNormVjp { dtype, .. }
             | Case::LayerNormVjp { dtype, .. }
             | Case::RopeVjp { dtype, .. }
+            | Case::CrossEntropy { dtype, .. }
+            | Case::CrossEntropyVjp { dtype, .. }
+            | Case::CrossEntropyFused { dtype, .. }
             | Case::Sdpa { dtype, .. }
             | Case::SdpaVjp { dtype, .. } => *dtype,
         }
@@ -230,7 +292,9 @@ impl Case {
 
     /// Bytes that must move: every input read once and the output written once (a norm's
     /// backward: `x` and the cotangent read, `dx` written; the weight-sized vectors are
-    /// negligible). For decode attention, the K and V bytes (what the target counts).
+    /// negligible). Cross-entropy: the logits read (and `dlogits` written by the backward and
+    /// fused passes) plus the int32 targets and f32 losses. For decode attention, the K and
+    /// V bytes (what the target counts).
     pub fn bytes(&self) -> f64 {
         let es = self.dtype().size() as f64;
         match self {
@@ -242,6 +306,13 @@ impl Case {
             }
             Case::Rope { shape, .. } | Case::RopeVjp { shape, .. } => {
                 2.0 * shape.iter().product::<usize>() as f64 * es
+            }
+            Case::CrossEntropy { rows, vocab, .. } => {
+                (*rows * *vocab) as f64 * es + 8.0 * *rows as f64
+            }
+            Case::CrossEntropyVjp { rows, vocab, .. }
+            | Case::CrossEntropyFused { rows, vocab, .. } => {
+                2.0 * (*rows * *vocab) as f64 * es + 8.0 * *rows as f64
             }
             Case::Sdpa {
                 batch,
@@ -327,6 +398,14 @@ impl Case {
             Case::Rope { shape, .. } | Case::RopeVjp { shape, .. } => {
                 vec![Array::randn(shape, dt, seed, device)?]
             }
+            // Logits, targets and (backward) a per-row cotangent.
+            Case::CrossEntropy { rows, vocab, .. }
+            | Case::CrossEntropyVjp { rows, vocab, .. }
+            | Case::CrossEntropyFused { rows, vocab, .. } => vec![
+                Array::randn(&[*rows, *vocab], dt, seed, device)?,
+                class_targets(*rows, *vocab, seed + 1, device)?,
+                Array::uniform(&[*rows], 0.5, 1.5, DType::F32, seed + 2, device)?,
+            ],
             Case::Sdpa {
                 batch,
                 q_heads,
@@ -415,6 +494,14 @@ impl Case {
                 let mask = if *causal { Mask::Causal } else { Mask::None };
                 let (dq, dk, dv, _) = (ops.sdpa_vjp)(a, 1.0 / (*head_dim as f32).sqrt(), mask)?;
                 return Ok(vec![dq, dk, dv]);
+            }
+            Case::CrossEntropy { .. } => (ops.cross_entropy)(&a[0], &a[1]),
+            Case::CrossEntropyVjp { .. } => {
+                (ops.cross_entropy_vjp)(&a[0], &a[1], &CrossEntropyOptions::default(), &a[2])
+            }
+            Case::CrossEntropyFused { .. } => {
+                let (loss, dlogits) = (ops.cross_entropy_fused)(&a[0], &a[1], &TRAINING)?;
+                return Ok(vec![loss, dlogits]);
             }
             Case::RopeVjp { shape, .. } => (ops.rope_vjp)(
                 &a[0],

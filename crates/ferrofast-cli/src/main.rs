@@ -22,7 +22,8 @@ bench  measures this machine's copy bandwidth and f32 GEMM rate, then times each
        --quick runs fewer shapes; --big adds the T=16384 attention memory check;
        --only TEXT keeps the cases whose op, shape or dtype contains TEXT (repeatable: a
        case is kept if any matches; op names: rms_norm, layer_norm, rope, sdpa, sdpa_causal,
-       sdpa_decode); --json FILE writes every result.
+       sdpa_decode, cross_entropy, cross_entropy_vjp, cross_entropy_fused); --json FILE
+       writes every result.
 first-call  times the first call of each op a Llama layer needs (bf16 rms_norm, rope,
        causal GQA prefill attention, decode attention), kernel compilation or cache loading
        included; run it twice with one FERROFAST_CACHE_DIR to see a cold and a warm cache.";
@@ -273,6 +274,18 @@ fn gpu_target_cases() -> Vec<Case> {
     let shape = [4, 32, 4096, 128];
     v.push(Case::Rope { shape, dtype });
     v.push(Case::RopeVjp { shape, dtype });
+    v.extend(cross_entropy_cases(8192, &[128256, 32768], dtype));
+    v
+}
+
+/// Cross-entropy forward, backward and fused training pass over `[rows, vocab]` logits.
+fn cross_entropy_cases(rows: usize, vocabs: &[usize], dtype: DType) -> Vec<Case> {
+    let mut v = Vec::new();
+    for &vocab in vocabs {
+        v.push(Case::CrossEntropy { rows, vocab, dtype });
+        v.push(Case::CrossEntropyVjp { rows, vocab, dtype });
+        v.push(Case::CrossEntropyFused { rows, vocab, dtype });
+    }
     v
 }
 
@@ -308,6 +321,7 @@ fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
                 dtype,
             });
         }
+        v.extend(cross_entropy_cases(1024, &[32768], dtype));
     }
     if !quick {
         let dtype = DType::F16;

@@ -1,5 +1,6 @@
-//! ferrofast: MLX's `mlx.core.fast` module — fused normalization, rotary embedding and
-//! attention kernels — in Rust, for CPUs (and NVIDIA GPUs with the `cuda` feature).
+//! ferrofast: MLX's `mlx.core.fast` module — fused normalization, rotary embedding,
+//! attention and cross-entropy kernels — in Rust, for CPUs (and NVIDIA GPUs with the `cuda`
+//! feature).
 //!
 //! Every op lives in [`fast`] with MLX's argument order, semantics, output dtypes and error
 //! messages; [`reference`](mod@reference) holds plain float64 implementations used as the test oracle.

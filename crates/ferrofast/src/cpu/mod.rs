@@ -1,6 +1,7 @@
 //! CPU kernels, one file per op (each `run(&Args)`), and `simd.rs`, the helpers they
 //! share. Work is split across the shared rayon pool.
 
+pub(crate) mod cross_entropy;
 pub(crate) mod norm;
 pub(crate) mod rope;
 pub(crate) mod sdpa;

@@ -10,6 +10,7 @@
 //! `Error::CudaUnavailable`.
 
 pub(crate) mod copy;
+pub(crate) mod cross_entropy;
 pub(crate) mod jit;
 pub(crate) mod memory;
 pub(crate) mod norm;
@@ -23,7 +24,12 @@ pub use runtime::Stream;
 /// compile check ([`jit::check_builtin_kernels`]) compiles. A new launcher adds its entry
 /// here.
 pub(crate) fn registry() -> Vec<jit::Registered> {
-    let mut all = vec![copy::REGISTERED, norm::REGISTERED, rope::REGISTERED];
+    let mut all = vec![
+        copy::REGISTERED,
+        cross_entropy::REGISTERED,
+        norm::REGISTERED,
+        rope::REGISTERED,
+    ];
     all.extend(sdpa::kernel_files());
     all
 }

@@ -139,6 +139,9 @@ macro_rules! launcher {
 launcher!(norm, crate::ops::norm::NormArgs;
     vjp(crate::ops::norm::NormVjpArgs) -> (Array, Option<Array>, Option<Array>));
 launcher!(rope, crate::ops::rope::RopeArgs);
+launcher!(cross_entropy, crate::ops::cross_entropy::CrossEntropyArgs;
+    vjp(crate::ops::cross_entropy::CrossEntropyVjpArgs) -> Array;
+    fused(crate::ops::cross_entropy::CrossEntropyArgs) -> (Array, Array));
 launcher!(sdpa, crate::ops::sdpa::SdpaArgs;
     run_with_lse(crate::ops::sdpa::SdpaArgs) -> (Array, Array);
     run_vjp(crate::ops::sdpa::SdpaVjpArgs) -> (Array, Array, Array, Option<Array>));

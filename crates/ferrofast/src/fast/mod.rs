@@ -3,11 +3,13 @@
 //! stream that produced the first input, or the one given to the op's `_on` form, MLX's
 //! `stream=` argument).
 
+mod cross_entropy;
 mod layer_norm;
 mod rms_norm;
 mod rope;
 mod sdpa;
 
+pub use cross_entropy::*;
 pub use layer_norm::*;
 pub use rms_norm::*;
 pub use rope::*;

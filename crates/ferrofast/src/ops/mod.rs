@@ -7,6 +7,7 @@
 //! device. Back ends take the validated type and never validate again; nothing here imports
 //! the front end.
 
+pub(crate) mod cross_entropy;
 pub(crate) mod norm;
 pub(crate) mod rope;
 pub(crate) mod sdpa;

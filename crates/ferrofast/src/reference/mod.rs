@@ -2,11 +2,13 @@
 //! the tests compare against. Slow on purpose; clarity over speed. Each function takes the
 //! same arguments as its `fast` counterpart and returns an `F64` array of the output shape.
 
+mod cross_entropy;
 mod norm;
 mod rope;
 mod sdpa;
 mod vjp;
 
+pub use cross_entropy::*;
 pub use norm::*;
 pub use rope::*;
 pub use sdpa::*;
