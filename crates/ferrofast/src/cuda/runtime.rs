@@ -580,6 +580,16 @@ pub(crate) fn launch(
     guarded(what, || f().map_err(|e| driver_error(what, e)))
 }
 
+/// A one-dimensional launch: `blocks` blocks of `threads` threads with `smem` bytes of
+/// dynamic shared memory each.
+pub(crate) fn grid_1d(blocks: u32, threads: u32, smem: u32) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
 /// Waits for all work on a CUDA device.
 pub(crate) fn synchronize_device(ordinal: usize) -> Result<()> {
     let dev = device(ordinal)?;
