@@ -16,15 +16,17 @@
 //!
 //! The backward ([`vjp`]) runs `norm_vjp_group` for rows of up to 1024 vectors (8192
 //! f16/bf16, 4096 f32 elements): a group of 8-256 threads per row, up to four 16-byte chunks
-//! of x and of the cotangent per thread, 256-thread blocks with several rows in flight,
-//! group-wide reductions only, dweight / dbias partials in registers and one partial row per
-//! block; longer rows run `norm_vjp_looped`. `norm_vjp_reduce` then adds the block partials
-//! in block order.
+//! of x and of the cotangent per thread (the registers hold little else), blocks of at least
+//! 128 threads with several rows in flight, group-wide reductions only, the weight and the
+//! dweight / dbias partials in shared memory and one partial row per block; longer rows run
+//! `norm_vjp_looped`. `norm_vjp_reduce` then adds the block partials in block order.
 
 use super::copy::{collapse, copy_cast, type_tag};
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{driver_error, grid_1d, launch, resident_blocks, Stream};
+use super::runtime::{
+    allow_dynamic_shared_memory, driver_error, grid_1d, launch, resident_blocks, Stream,
+};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::norm::{NormArgs, NormKind, NormVjpArgs};
@@ -389,14 +391,15 @@ fn row_stride(x: &Array) -> Option<i64> {
 }
 
 
-/// Threads per block of the backward's group kernel (`FF_NORM_VJP_THREADS` in norm.cu).
-const VJP_BLOCK: usize = 256;
+/// Fewest threads per block of the backward's group kernel (`FF_NORM_VJP_MIN_BLOCK` in
+/// norm.cu): a block has `max(VJP_MIN_BLOCK, g)` threads.
+const VJP_MIN_BLOCK: usize = 128;
 
 /// Threads per block of the backward's looped kernel (`FF_NORM_VJP_LOOPED_THREADS`).
 const VJP_LOOPED_THREADS: u32 = 512;
 
 /// Threads per row the backward's group kernel is instantiated with: powers of two up to
-/// [`VJP_BLOCK`].
+/// `FF_NORM_VJP_MAX_GROUP`.
 const VJP_GROUPS: [usize; 6] = [8, 16, 32, 64, 128, 256];
 
 /// Most register chunks (16 bytes of x and of the cotangent each) per thread of the
@@ -410,8 +413,8 @@ const VJP_REDUCE_ROWS: u32 = 32;
 /// Which backward kernel serves a row length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum VjpPlan {
-    /// `norm_vjp_group`: `g` threads per row, `VJP_BLOCK / g` rows per block, `chunks`
-    /// register chunks per thread.
+    /// `norm_vjp_group`: `g` threads per row, `max(VJP_MIN_BLOCK, g) / g` rows per block,
+    /// `chunks` register chunks per thread.
     Group { g: usize, chunks: usize },
     /// `norm_vjp_looped`: one block of `VJP_LOOPED_THREADS` per row, looping.
     Looped,
@@ -420,8 +423,8 @@ enum VjpPlan {
 /// The backward kernel for rows of `d` elements: the fewest threads per row (at least 8)
 /// that hold the row in at most four chunks each, so short rows keep many rows of a block in
 /// flight and long ones keep 16-64 values per thread; groups wider than 8 threads take four
-/// chunks (short rows, 8 threads: 1, 2 or 4). Rows past `VJP_BLOCK` threads of four chunks
-/// (8192 f16/bf16, 4096 f32 elements) loop.
+/// chunks (short rows, 8 threads: 1, 2 or 4). Rows past 256 threads of four chunks (8192
+/// f16/bf16, 4096 f32 elements) loop.
 fn vjp_plan(d: usize, dtype: DType) -> VjpPlan {
     let vectors = d.div_ceil(n_reads(dtype)).max(1);
     let Some(&g) = VJP_GROUPS
@@ -553,17 +556,18 @@ pub(crate) fn vjp(
         let aligned = aligned && plan != VjpPlan::Looped;
         let name = vjp_variant(kind, dtype, plan, aligned);
         let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
-        // The group kernel: rows per block, and D floats of shared memory to add its groups'
-        // partial sums when a block has several.
+        // The group kernel's shared memory: the weight (D elements padded to whole 16-byte
+        // chunks), then one f32 slice of the padded D per row of the block for each wanted
+        // partial (`norm_vjp_group` in norm.cu).
         let (threads, rows_per_block, smem) = match plan {
             VjpPlan::Group { g, .. } => {
-                let rows = VJP_BLOCK / g;
-                let smem = if rows > 1 && (want_dw || want_db) {
-                    d * DType::F32.size()
-                } else {
-                    0
-                };
-                (VJP_BLOCK as u32, rows, smem)
+                let threads = g.max(VJP_MIN_BLOCK);
+                let rows = threads / g;
+                let padded = d.div_ceil(n_reads(dtype)) * n_reads(dtype);
+                let parts = usize::from(want_dw) + usize::from(want_db);
+                let smem = padded * dtype.size() + rows * padded * DType::F32.size() * parts;
+                allow_dynamic_shared_memory(&func, smem, &name)?;
+                (threads as u32, rows, smem)
             }
             VjpPlan::Looped => (VJP_LOOPED_THREADS, 1, 0),
         };
@@ -612,9 +616,9 @@ pub(crate) fn vjp(
         // (`NormVjpParams` is `ff_norm_vjp_params`). Rows r < n_rows of x and g are read at
         // offset + r * row stride + [0, d), inside their views (unit last stride); the weight
         // at offset + i * stride for i < d; dx holds n_rows * d elements and each partial
-        // buffer blocks * d, of which block b writes [b * d, (b + 1) * d); the group kernel
-        // uses d floats of dynamic shared memory (requested above) only when a block has
-        // several rows and a partial is wanted. Vector accesses
+        // buffer blocks * d, of which block b writes [b * d, (b + 1) * d); the group kernel's
+        // dynamic shared memory is the size its layout needs (computed above, allowed on the
+        // function). Vector accesses
         // only when the alignment checks above hold.
         launch(&format!("launching {name}"), || {
             unsafe { builder.launch(cfg) }.map(|_| ())
@@ -742,7 +746,7 @@ mod tests {
                 let p = vjp_plan(d, dt);
                 if let VjpPlan::Group { g, chunks } = p {
                     assert!(g * chunks * n_reads(dt) >= d, "d {d} {dt}");
-                    assert!(VJP_BLOCK % g == 0 && chunks <= VJP_MAX_CHUNKS, "d {d} {dt}");
+                    assert!(VJP_GROUPS.contains(&g) && chunks <= VJP_MAX_CHUNKS, "d {d} {dt}");
                 }
                 for kind in [NormKind::Rms, NormKind::Layer] {
                     for aligned in [true, false] {

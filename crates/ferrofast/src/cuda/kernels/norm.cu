@@ -670,21 +670,28 @@ __device__ __forceinline__ void ff_vjp_row_stats(Sum2 sum2,
     c3 = q2 * inv_d * n * n * n;
 }
 
-// Threads per block of the backward kernels (`VJP_BLOCK` in `cuda/norm.rs`).
-#define FF_NORM_VJP_THREADS 256
+// Threads per block of the backward's group kernel: max(FF_NORM_VJP_MIN_BLOCK, G)
+// (`VJP_MIN_BLOCK` in `cuda/norm.rs`); the widest group has FF_NORM_VJP_MAX_GROUP threads.
+#define FF_NORM_VJP_MIN_BLOCK 128
+#define FF_NORM_VJP_MAX_GROUP 256
+// Blocks per SM the aligned group kernels are compiled to fit (128 registers a thread): x
+// and g kept as loaded fill the registers, up to 64 KB of loads in flight per SM. The
+// unaligned ones (scalar loads) get no such bound.
+#define FF_NORM_VJP_MIN_BLOCKS(G, ALIGNED) \
+    (!ALIGNED ? 1 : G > FF_NORM_VJP_MIN_BLOCK ? 65536 / 128 / G : 65536 / 128 / FF_NORM_VJP_MIN_BLOCK)
 
 // Sums of a and b over the G consecutive threads of a group (G a power of two from 8 to
-// FF_NORM_VJP_THREADS), returned to each of them. Up to a warp: shuffles alone. Wider: each
-// warp shuffles, then the group's warps exchange their sums through `red` (2 x 2 x warps
-// floats of shared memory) behind one named barrier per call (barrier 1 + group index, G
-// threads), every thread adding the warp sums in warp order. The slots alternate with
-// `parity`: a thread writing slot p again has passed the barrier of the call in between, so
-// every reader of the previous use of p is done.
+// FF_NORM_VJP_MAX_GROUP), returned to each of them. Up to a warp: shuffles alone. Wider: each
+// warp shuffles, then the group's warps exchange their sums through `red` (2 x 2 x
+// FF_NORM_VJP_MAX_GROUP / 32 floats of shared memory) behind one named barrier per call
+// (barrier 1 + group index, G threads), every thread adding the warp sums in warp order. The
+// slots alternate with `parity`: a thread writing slot p again has passed the barrier of the
+// call in between, so every reader of the previous use of p is done.
 template <int G>
 __device__ __forceinline__ void ff_group_sum2(float& a, float& b, float* red, int& parity) {
     ff_lane_sum2<(G < 32 ? G : 32)>(a, b);
     if constexpr (G > 32) {
-        const int n_warps = FF_NORM_VJP_THREADS / 32;
+        const int n_warps = FF_NORM_VJP_MAX_GROUP / 32;
         const int warp = (int)threadIdx.x >> 5;
         const int first = warp & ~(G / 32 - 1);
         float* slot = red + parity * 2 * n_warps;
@@ -704,83 +711,72 @@ __device__ __forceinline__ void ff_group_sum2(float& a, float& b, float* red, in
     }
 }
 
-// Adds the per-thread partial sums p (chunk c, element k: column (c * G + lane) * N + k) of
-// the R = FF_NORM_VJP_THREADS / G groups of a block in group order, through `buf` (D floats
-// of shared memory), and writes the block's row of `out` ([gridDim.x, D]). Every thread of
-// the block calls it.
-template <typename T, int G, int CH>
-__device__ __forceinline__ void ff_vjp_block_partial(const float (&p)[CH][ff_norm<T>::N],
-                                                     float* buf,
-                                                     float* __restrict__ out,
-                                                     int D) {
-    const int N = ff_norm<T>::N;
-    const int R = FF_NORM_VJP_THREADS / G;
-    const int group = (int)threadIdx.x / G;
-    const int lane = (int)threadIdx.x % G;
-    for (int r = 0; r < R; ++r) {
-        if (group == r) {
+// Four floats moved as one 16-byte shared-memory access.
+struct alignas(16) ff_f32x4 {
+    float v[4];
+};
+
+// part[i] += add[i] for the N consecutive floats of one chunk (16-byte aligned), in 16-byte
+// shared-memory accesses.
+template <int N>
+__device__ __forceinline__ void ff_add_chunk(float* part, const float (&add)[N]) {
 #pragma unroll
-            for (int c = 0; c < CH; ++c) {
-                const int base = (c * G + lane) * N;
+    for (int q = 0; q < N / 4; ++q) {
+        ff_f32x4 p = reinterpret_cast<ff_f32x4*>(part)[q];
 #pragma unroll
-                for (int k = 0; k < N; ++k) {
-                    const int col = base + k;
-                    if (col < D) {
-                        const float v = r > 0 ? buf[col] + p[c][k] : p[c][k];
-                        if (r + 1 < R) {
-                            buf[col] = v;
-                        } else {
-                            out[(ff_i64_t)blockIdx.x * D + col] = v;
-                        }
-                    }
-                }
-            }
+        for (int j = 0; j < 4; ++j) {
+            p.v[j] += add[4 * q + j];
         }
-        if (r + 1 < R) {
-            __syncthreads();
-        }
+        reinterpret_cast<ff_f32x4*>(part)[q] = p;
     }
 }
 
-// A group of G threads per row (G in {8, ..., FF_NORM_VJP_THREADS}), R = FF_NORM_VJP_THREADS
-// / G rows of a block in flight, each thread keeping CH chunks of N = 16 / sizeof(T)
-// elements of x and g in registers in their storage type (chunk c of a thread: elements
-// (c * G + lane) * N ...). The next rows' loads are issued before this row's reductions;
-// the reductions are group-wide (shuffles; named barriers past a warp), never block-wide.
-// Each thread owns the same columns in every row, so its dw / db partials stay in registers
-// across the rows its group visits; the groups of a block add them in order at the end
-// (`ff_vjp_block_partial`, D floats of dynamic shared memory when R > 1). Rows are visited
-// block-uniformly (row0 + group for row0 = blockIdx.x * R, stepping gridDim.x * R), rows
-// past the end taking part in the reductions with zeros.
+// A group of G threads per row (G in {8, ..., FF_NORM_VJP_MAX_GROUP}); a block of B =
+// max(FF_NORM_VJP_MIN_BLOCK, G) threads has R = B / G rows in flight. Each thread keeps CH
+// chunks of N = 16 / sizeof(T) elements of x and g in registers in their storage type
+// (chunk c of a thread: elements (c * G + lane) * N ...), and the next row's chunks, loaded
+// before this row's reductions; the reductions are group-wide (shuffles; named barriers past
+// a warp), never block-wide. Registers hold only x and g: the weight (in T) and the dw / db
+// partials (f32, one slice of D per group) live in dynamic shared memory,
+//   [weight: D elements, padded to 16 bytes][dw: R x D, if dw_part][db: R x D, if db_part],
+// each thread adding its own columns of its group's slice (no synchronisation); at the end
+// the block adds the R slices in group order into its row of dw_part / db_part. Rows are
+// visited block-uniformly (row0 + group for row0 = blockIdx.x * R, stepping gridDim.x * R),
+// rows past the end taking part in the reductions with zeros. Unaligned (ALIGNED false):
+// scalar global loads, D % N arbitrary; the shared-memory layout is the same.
 template <typename K, typename T, int G, int CH, bool ALIGNED>
-__global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_group(FF_NORM_VJP_ARGS) {
+__global__ void __launch_bounds__(G > FF_NORM_VJP_MIN_BLOCK ? G : FF_NORM_VJP_MIN_BLOCK,
+                                   FF_NORM_VJP_MIN_BLOCKS(G, ALIGNED))
+    norm_vjp_group(FF_NORM_VJP_ARGS) {
     FF_NORM_VJP_PARAMS;
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
-    const int R = FF_NORM_VJP_THREADS / G;
-    __shared__ float red[2 * 2 * (FF_NORM_VJP_THREADS / 32)];
-    extern __shared__ float ff_vjp_buf[];
+    const int B = G > FF_NORM_VJP_MIN_BLOCK ? G : FF_NORM_VJP_MIN_BLOCK;
+    const int R = B / G;
+    __shared__ float red[2 * 2 * (FF_NORM_VJP_MAX_GROUP / 32)];
+    extern __shared__ ff_vec16 ff_vjp_smem[];
     const int group = (int)threadIdx.x / G;
     const int lane = (int)threadIdx.x % G;
-    ff_pack<S, N> wp[CH];
-    float dwp[CH][N];
-    float dbp[CH][N];
-#pragma unroll
-    for (int c = 0; c < CH; ++c) {
-        if (w != nullptr) {
-            ff_load_raw<T, ALIGNED>(w + w_offset, w_stride, (c * G + lane) * N, D, wp[c]);
-        } else {
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                wp[c].elem[k] = T::from_f32(1.0f);
-            }
+    // The padded chunk count of a row: shared-memory rows hold whole chunks.
+    const int DP = (D + N - 1) / N * N;
+    S* ws = reinterpret_cast<S*>(ff_vjp_smem);
+    // DP * sizeof(S) is a multiple of 16, so the partials start 16-byte aligned.
+    float* parts = reinterpret_cast<float*>(ws + DP);
+    float* pdw = dw_part != nullptr ? parts : nullptr;
+    float* pdb = db_part != nullptr ? parts + (pdw != nullptr ? R * DP : 0) : nullptr;
+    for (int i = threadIdx.x; i < DP; i += B) {
+        ws[i] = (w == nullptr || i >= D) ? T::from_f32(w == nullptr ? 1.0f : 0.0f)
+                                         : w[w_offset + (ff_i64_t)i * w_stride];
+    }
+    for (int i = threadIdx.x; i < R * DP; i += B) {
+        if (pdw != nullptr) {
+            pdw[i] = 0.0f;
         }
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-            dwp[c][k] = 0.0f;
-            dbp[c][k] = 0.0f;
+        if (pdb != nullptr) {
+            pdb[i] = 0.0f;
         }
     }
+    __syncthreads();
     const ff_i64_t step = (ff_i64_t)gridDim.x * R;
     ff_pack<S, N> xn[CH];
     ff_pack<S, N> gn[CH];
@@ -794,6 +790,17 @@ __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_group(FF_NORM_VJ
             ff_group_load<T, ALIGNED>(xr, (c * G + lane) * N, D, valid, xn[c]);
             ff_group_load<T, ALIGNED>(gr, (c * G + lane) * N, D, valid, gn[c]);
         }
+    };
+    // The weight of chunk c (zeros past D), from shared memory.
+    auto wchunk = [&](int c) {
+        ff_pack<S, N> pk;
+        const int base = (c * G + lane) * N;
+        if (base < DP) {
+            pk.vec = *reinterpret_cast<const ff_vec16*>(ws + base);
+        } else {
+            pk.vec = ff_vec16{{0u, 0u, 0u, 0u}};
+        }
+        return pk;
     };
     int parity = 0;
     ff_i64_t row0 = (ff_i64_t)blockIdx.x * R;
@@ -810,16 +817,15 @@ __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_group(FF_NORM_VJ
         if (row0 + step < n_rows) {
             load_row(row + step);
         }
-        auto gwf = [&](int c, int k) {
-            return T::to_f32(gc[c].elem[k]) * T::to_f32(wp[c].elem[k]);
-        };
         auto sums = [&](int pass, float m, float& a, float& b) {
 #pragma unroll
             for (int c = 0; c < CH; ++c) {
+                const ff_pack<S, N> wk = wchunk(c);
 #pragma unroll
                 for (int k = 0; k < N; ++k) {
                     const bool in = (c * G + lane) * N + k < D;
-                    ff_vjp_add<K>(pass, T::to_f32(xc[c].elem[k]), gwf(c, k), in, m, a, b);
+                    const float gw = T::to_f32(gc[c].elem[k]) * T::to_f32(wk.elem[k]);
+                    ff_vjp_add<K>(pass, T::to_f32(xc[c].elem[k]), gw, in, m, a, b);
                 }
             }
         };
@@ -832,31 +838,48 @@ __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_group(FF_NORM_VJ
             for (int c = 0; c < CH; ++c) {
                 const int base = (c * G + lane) * N;
                 if (base < D) {
+                    const ff_pack<S, N> wk = wchunk(c);
                     S o[N];
+                    float dwv[N];
+                    float dbv[N];
 #pragma unroll
                     for (int k = 0; k < N; ++k) {
                         const float xv =
                             ff_vjp_centred<K>(T::to_f32(xc[c].elem[k]), base + k < D, mean);
                         const float gv = T::to_f32(gc[c].elem[k]);
-                        o[k] = T::from_f32((gwf(c, k) - mean_gw) * n - xv * c3);
-                        dwp[c][k] += gv * xv * n;
-                        if constexpr (K::layer) {
-                            dbp[c][k] += gv;
-                        }
+                        o[k] = T::from_f32((gv * T::to_f32(wk.elem[k]) - mean_gw) * n - xv * c3);
+                        dwv[k] = gv * xv * n;
+                        dbv[k] = gv;
                     }
                     ff_store<T, ALIGNED>(dxr, base, D, o);
+                    if (pdw != nullptr) {
+                        ff_add_chunk<N>(pdw + group * DP + base, dwv);
+                    }
+                    if (K::layer && pdb != nullptr) {
+                        ff_add_chunk<N>(pdb + group * DP + base, dbv);
+                    }
                 }
             }
         }
     }
-    if (dw_part != nullptr) {
-        ff_vjp_block_partial<T, G, CH>(dwp, ff_vjp_buf, dw_part, D);
-    }
-    if (K::layer && db_part != nullptr) {
-        if (R > 1) {
-            __syncthreads();
+    __syncthreads();
+    for (int i = threadIdx.x; i < D; i += B) {
+        float sw = 0.0f;
+        float sb = 0.0f;
+        for (int r = 0; r < R; ++r) {
+            if (pdw != nullptr) {
+                sw += pdw[r * DP + i];
+            }
+            if (pdb != nullptr) {
+                sb += pdb[r * DP + i];
+            }
         }
-        ff_vjp_block_partial<T, G, CH>(dbp, ff_vjp_buf, db_part, D);
+        if (pdw != nullptr) {
+            dw_part[(ff_i64_t)blockIdx.x * D + i] = sw;
+        }
+        if (pdb != nullptr) {
+            db_part[(ff_i64_t)blockIdx.x * D + i] = sb;
+        }
     }
 }
 
