@@ -390,7 +390,6 @@ fn row_stride(x: &Array) -> Option<i64> {
     }
 }
 
-
 /// Fewest threads per block of the backward's group kernel (`FF_NORM_VJP_MIN_BLOCK` in
 /// norm.cu): a block has `max(VJP_MIN_BLOCK, g)` threads.
 const VJP_MIN_BLOCK: usize = 128;
@@ -427,10 +426,7 @@ enum VjpPlan {
 /// f16/bf16, 4096 f32 elements) loop.
 fn vjp_plan(d: usize, dtype: DType) -> VjpPlan {
     let vectors = d.div_ceil(n_reads(dtype)).max(1);
-    let Some(&g) = VJP_GROUPS
-        .iter()
-        .find(|&&g| g * VJP_MAX_CHUNKS >= vectors)
-    else {
+    let Some(&g) = VJP_GROUPS.iter().find(|&&g| g * VJP_MAX_CHUNKS >= vectors) else {
         return VjpPlan::Looped;
     };
     let chunks = if g == VJP_GROUPS[0] {
@@ -746,7 +742,10 @@ mod tests {
                 let p = vjp_plan(d, dt);
                 if let VjpPlan::Group { g, chunks } = p {
                     assert!(g * chunks * n_reads(dt) >= d, "d {d} {dt}");
-                    assert!(VJP_GROUPS.contains(&g) && chunks <= VJP_MAX_CHUNKS, "d {d} {dt}");
+                    assert!(
+                        VJP_GROUPS.contains(&g) && chunks <= VJP_MAX_CHUNKS,
+                        "d {d} {dt}"
+                    );
                 }
                 for kind in [NormKind::Rms, NormKind::Layer] {
                     for aligned in [true, false] {
