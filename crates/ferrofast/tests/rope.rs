@@ -267,16 +267,9 @@ fn random_view(
         .zip(steps)
         .map(|(&d, &s)| d * s.unsigned_abs())
         .collect();
-    let mut perm: Vec<usize> = (0..n).collect();
     // Permute the allocation, then undo it with a transpose, so memory order differs from
     // logical order.
-    let mut r = perm_seed;
-    for i in (1..n).rev() {
-        r = r
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        perm.swap(i, (r >> 33) as usize % (i + 1));
-    }
+    let perm = common::seeded_permutation(n, perm_seed);
     let permuted: Vec<usize> = perm.iter().map(|&p| alloc[p]).collect();
     let base = randn(&permuted, dtype, seed);
     let mut inverse = vec![0isize; n];

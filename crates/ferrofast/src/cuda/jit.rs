@@ -522,45 +522,34 @@ pub(crate) fn function(
     // Compile without holding the lock, so threads needing different kernels compile in
     // parallel; two threads racing for the same kernel both compile, and the first to finish
     // wins.
-    let cached = read_disk_cache(&key);
-    let from_disk = cached.is_some();
-    let cubin = match cached {
-        Some(c) => c,
-        None => {
-            let c = compile(file, &names, extra_options, &arch)?;
-            write_disk_cache(&key, &c);
-            c
-        }
-    };
-    let f = match load(device, file, &cubin) {
-        Ok(f) => f,
-        // A cached image the driver rejects (written by a broken build, say) is replaced by
-        // a fresh compile.
-        Err(_) if from_disk => {
-            let c = compile(file, &names, extra_options, &arch)?;
-            write_disk_cache(&key, &c);
-            load(device, file, &c)?
-        }
-        Err(e) => return Err(e),
-    };
+    let f = cached_load(device, file.name, &key, || {
+        compile(file, &names, extra_options, &arch)
+    })?;
     let mut functions = device.functions.lock().map_err(|_| lock_error())?;
     Ok(functions.entry(memo_key).or_insert(f).clone())
 }
 
-fn load(device: &CudaDevice, file: &KernelFile, cubin: &Cubin) -> Result<CudaFunction> {
-    let name = cubin
-        .lowered
-        .first()
-        .ok_or_else(|| Error::Compile(format!("no kernel name for {}", file.name)))?;
-    guarded("loading a CUDA module", || {
-        let module = device
-            .context()
-            .load_module(Ptx::from_binary(cubin.image.clone()))
-            .map_err(|e| driver_error(&format!("loading the {} kernels", file.name), e))?;
-        module
-            .load_function(name)
-            .map_err(|e| driver_error(&format!("finding kernel {name} in {}", file.name), e))
-    })
+/// The function of the image under `key` in the disk cache, or of a fresh `compile` (written
+/// to the cache), loaded on `device`. A cached image the driver rejects (written by a broken
+/// build, say) is replaced by a fresh compile. `what` names the program in errors.
+fn cached_load(
+    device: &CudaDevice,
+    what: &str,
+    key: &str,
+    compile: impl Fn() -> Result<Cubin>,
+) -> Result<CudaFunction> {
+    let fresh = || -> Result<Cubin> {
+        let c = compile()?;
+        write_disk_cache(key, &c);
+        Ok(c)
+    };
+    match read_disk_cache(key) {
+        Some(cubin) => match load_image(device, what, &cubin) {
+            Ok(f) => Ok(f),
+            Err(_) => load_image(device, what, &fresh()?),
+        },
+        None => load_image(device, what, &fresh()?),
+    }
 }
 
 // ----- programs given at run time (custom kernels) -------------------------------------------
@@ -683,25 +672,9 @@ pub(crate) fn source_function(
         program.name_expr,
         program.name
     );
-    let cached = read_disk_cache(&key);
-    let from_disk = cached.is_some();
-    let cubin = match cached {
-        Some(c) => c,
-        None => {
-            let c = compile_source_cubin(program, arch)?;
-            write_disk_cache(&key, &c);
-            c
-        }
-    };
-    let f = match load_image(device, program.name, &cubin) {
-        Ok(f) => f,
-        Err(_) if from_disk => {
-            let c = compile_source_cubin(program, arch)?;
-            write_disk_cache(&key, &c);
-            load_image(device, program.name, &c)?
-        }
-        Err(e) => return Err(e),
-    };
+    let f = cached_load(device, program.name, &key, || {
+        compile_source_cubin(program, arch)
+    })?;
     let mut functions = device.functions.lock().map_err(|_| lock_error())?;
     Ok(functions.entry(memo_key).or_insert(f).clone())
 }
