@@ -19,7 +19,7 @@
 #[macro_use]
 mod common;
 
-use common::{check_close, float_dtypes, on, randn, random_view, uniform, Input};
+use common::{by_dtype, check_close, float_dtypes, on, randn, random_view, uniform, Input};
 use ferrofast::fast::{layer_norm, layer_norm_on, rms_norm, rms_norm_on};
 use ferrofast::reference::{self, RoundedNorm};
 use ferrofast::{Array, DType, Device, Error, Stream};
@@ -180,17 +180,6 @@ fn prop_config() -> ProptestConfig {
     ProptestConfig {
         failure_persistence: None,
         ..ProptestConfig::with_cases(64)
-    }
-}
-
-/// The entry of `table` (f32, f16, bf16, f64 in this order) for `dtype`.
-fn by_dtype<T: Copy>(dtype: DType, table: [T; 4]) -> T {
-    match dtype {
-        DType::F32 => table[0],
-        DType::F16 => table[1],
-        DType::BF16 => table[2],
-        DType::F64 => table[3],
-        other => panic!("no tolerance for {other}"),
     }
 }
 

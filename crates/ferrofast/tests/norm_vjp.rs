@@ -7,7 +7,7 @@
 #[macro_use]
 mod common;
 
-use common::{check_close, on, randn, uniform};
+use common::{by_dtype, check_close, on, randn, uniform};
 use ferrofast::{fast, reference, Array, DType, Device, Error};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -53,12 +53,10 @@ const EPS: f32 = 1e-5;
 /// `(atol as a fraction of the largest reference magnitude, rtol)` of a gradient rounded to
 /// `dtype` after f32 arithmetic.
 fn tol(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::F64 => (1e-12, 1e-12),
-        DType::F32 => (2e-5, 2e-5),
-        DType::F16 => (4e-3, 4e-3),
-        _ => (2e-2, 2e-2),
-    }
+    by_dtype(
+        dtype,
+        [(2e-5, 2e-5), (4e-3, 4e-3), (2e-2, 2e-2), (1e-12, 1e-12)],
+    )
 }
 
 /// The magnitudes the gradients' rounding errors scale with: the largest `|g * w| * n` of

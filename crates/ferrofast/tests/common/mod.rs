@@ -15,6 +15,17 @@ pub fn default_tol(dtype: DType) -> (f64, f64) {
     }
 }
 
+/// The entry of `table` (f32, f16, bf16, f64 in this order) for `dtype`.
+pub fn by_dtype<T: Copy>(dtype: DType, table: [T; 4]) -> T {
+    match dtype {
+        DType::F32 => table[0],
+        DType::F16 => table[1],
+        DType::BF16 => table[2],
+        DType::F64 => table[3],
+        other => panic!("no tolerance for {other}"),
+    }
+}
+
 /// The float dtypes the ops take on `dev`: f32, f16 and bf16, and f64 on the CPU only (the
 /// CUDA kernels have no f64 and return `Error::Unsupported` for it).
 pub fn float_dtypes(dev: &Device) -> Vec<DType> {
