@@ -188,7 +188,7 @@ fn the_oracle_matches_finite_differences() {
 }
 
 /// Shapes over the kernels: tiny, odd, one element per row, a row per thread group, long
-/// rows (the GPU's two-chunk and looped kernels), many rows.
+/// rows (the GPU's widest group kernel, then its looped kernel), many rows.
 const SHAPES: [&[usize]; 9] = [
     &[1, 8],
     &[2, 3, 33],
