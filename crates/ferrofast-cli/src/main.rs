@@ -224,12 +224,7 @@ fn demo(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         let inputs = case.inputs(&opts.device, 42)?;
         let t = match measure::time_case(&case, &inputs, &opts.device, 3, 0.2) {
             Err(Error::Unsupported(why)) => {
-                println!(
-                    "{:<12} {:<28} {:<9} not run: {why}",
-                    case.op(),
-                    case.shape(),
-                    case.dtype().name()
-                );
+                print_not_run(&case, &why);
                 continue;
             }
             other => other?,
@@ -513,12 +508,7 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             });
             let (t, paired_fraction) = match timed {
                 Err(Error::Unsupported(why)) => {
-                    println!(
-                        "{:<12} {:<28} {:<9} not run: {why}",
-                        case.op(),
-                        case.shape(),
-                        case.dtype().name()
-                    );
+                    print_not_run(&case, &why);
                     continue;
                 }
                 other => other?,
@@ -591,4 +581,14 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         println!("\nwrote {path}");
     }
     Ok(())
+}
+
+/// The row of a case the device does not run, with the reason.
+fn print_not_run(case: &Case, why: &str) {
+    println!(
+        "{:<12} {:<28} {:<9} not run: {why}",
+        case.op(),
+        case.shape(),
+        case.dtype().name()
+    );
 }

@@ -19,7 +19,7 @@
 #[macro_use]
 mod common;
 
-use common::{check_close, float_dtypes, on, randn, random_view, uniform, Input};
+use common::{by_dtype, check_close, float_dtypes, on, randn, random_view, uniform, Input};
 use ferrofast::fast::{layer_norm, layer_norm_on, rms_norm, rms_norm_on};
 use ferrofast::reference::{self, RoundedNorm};
 use ferrofast::{Array, DType, Device, Error, Stream};
@@ -189,26 +189,17 @@ mod rms {
 
     /// MLX's `test_rms_norm` absolute tolerances (spec §11.1), plus f64.
     fn mlx_tol(dtype: DType) -> f64 {
-        match dtype {
-            DType::F32 => 1e-6,
-            DType::F16 => 1e-3,
-            DType::BF16 => 1e-2,
-            DType::F64 => 1e-12,
-            other => panic!("no tolerance for {other}"),
-        }
+        by_dtype(dtype, [1e-6, 1e-3, 1e-2, 1e-12])
     }
 
     /// `(atol, rtol)` for normal-distributed inputs, where `|x_hat * w|` reaches ~10: two
     /// roundings to the output dtype (normalised value, then the product) plus f32
     /// statistics.
     fn randn_tol(dtype: DType) -> (f64, f64) {
-        match dtype {
-            DType::F32 => (1e-5, 1e-5),
-            DType::F16 => (2e-3, 2e-3),
-            DType::BF16 => (2e-2, 1.6e-2),
-            DType::F64 => (1e-12, 1e-12),
-            other => panic!("no tolerance for {other}"),
-        }
+        by_dtype(
+            dtype,
+            [(1e-5, 1e-5), (2e-3, 2e-3), (2e-2, 1.6e-2), (1e-12, 1e-12)],
+        )
     }
 
     /// Runs `fast::rms_norm` on the device inputs and the oracle on the CPU ones, checks the
@@ -575,26 +566,17 @@ mod layer {
 
     /// MLX's `test_layer_norm` absolute tolerances (spec §11.1), plus f64.
     fn mlx_tol(dtype: DType) -> f64 {
-        match dtype {
-            DType::F32 => 1e-5,
-            DType::F16 => 5e-3,
-            DType::BF16 => 5e-2,
-            DType::F64 => 1e-12,
-            other => panic!("no tolerance for {other}"),
-        }
+        by_dtype(dtype, [1e-5, 5e-3, 5e-2, 1e-12])
     }
 
     /// `(atol, rtol)` for normal-distributed inputs with weights in [0.5, 1.5) and biases in
     /// [-1, 1): up to three roundings to the output dtype of terms as large as ~8, so the
     /// absolute part covers an ulp of 8 (the result itself may cancel to near 0).
     fn randn_tol(dtype: DType) -> (f64, f64) {
-        match dtype {
-            DType::F32 => (2e-5, 1e-5),
-            DType::F16 => (8e-3, 2e-3),
-            DType::BF16 => (6e-2, 1.6e-2),
-            DType::F64 => (1e-12, 1e-12),
-            other => panic!("no tolerance for {other}"),
-        }
+        by_dtype(
+            dtype,
+            [(2e-5, 1e-5), (8e-3, 2e-3), (6e-2, 1.6e-2), (1e-12, 1e-12)],
+        )
     }
 
     /// `tol` widened by the conditioning of the statistics: the compute type's mean is off

@@ -7,7 +7,7 @@
 #[macro_use]
 mod common;
 
-use common::{check_close, on, randn, uniform};
+use common::{by_dtype, check_close, on, randn, uniform};
 use ferrofast::{fast, reference, Array, DType, Device, Error};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -53,12 +53,10 @@ const EPS: f32 = 1e-5;
 /// `(atol as a fraction of the largest reference magnitude, rtol)` of a gradient rounded to
 /// `dtype` after f32 arithmetic.
 fn tol(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::F64 => (1e-12, 1e-12),
-        DType::F32 => (2e-5, 2e-5),
-        DType::F16 => (4e-3, 4e-3),
-        _ => (2e-2, 2e-2),
-    }
+    by_dtype(
+        dtype,
+        [(2e-5, 2e-5), (4e-3, 4e-3), (2e-2, 2e-2), (1e-12, 1e-12)],
+    )
 }
 
 /// The magnitudes the gradients' rounding errors scale with: the largest `|g * w| * n` of
@@ -190,7 +188,7 @@ fn the_oracle_matches_finite_differences() {
 }
 
 /// Shapes over the kernels: tiny, odd, one element per row, a row per thread group, long
-/// rows (the GPU's two-chunk and looped kernels), many rows.
+/// rows (the GPU's widest group kernel, then its looped kernel), many rows.
 const SHAPES: [&[usize]; 9] = [
     &[1, 8],
     &[2, 3, 33],
@@ -201,6 +199,22 @@ const SHAPES: [&[usize]; 9] = [
     &[2, 6000],
     &[2, 20000],
     &[300, 256],
+];
+
+/// Shapes for the GPU backward's group kernel (see `group_kernel_shapes`).
+const GROUP_SHAPES: [&[usize]; 12] = [
+    &[45, 128],
+    &[37, 256],
+    &[21, 512],
+    &[13, 1024],
+    &[7, 2048],
+    &[5, 8192],
+    &[9, 130],
+    &[11, 1001],
+    &[3, 2050],
+    &[6, 8191],
+    &[9001, 128],
+    &[4099, 1024],
 ];
 
 const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -246,6 +260,59 @@ on_every_device! {
             for kind in [Kind::Rms, Kind::Layer] {
                 let b = (kind == Kind::Layer).then_some(wt);
                 check_case(dev, kind, &[6, 96], xt, Some(wt), b, gt, 300 + i as u64);
+            }
+        }
+    }
+
+    /// The GPU's group kernel (a group of 8-256 threads per row, several rows per block):
+    /// rows of 128-8192 elements with row counts that are not multiples of the rows per
+    /// block, widths that are not multiples of the 16-byte vector, and bf16 row counts large
+    /// enough that each group visits several rows (prefetch and register partials).
+    fn group_kernel_shapes(dev: &Device) {
+        let mut seed = 1100;
+        for kind in [Kind::Rms, Kind::Layer] {
+            for &shape in &GROUP_SHAPES {
+                let dtypes: &[DType] = if shape[0] > 1000 { &[DType::BF16] } else { &FLOATS };
+                for &dtype in dtypes {
+                    for (w, b) in [(true, true), (false, false)] {
+                        seed += 1;
+                        let b = (b && kind == Kind::Layer).then_some(dtype);
+                        check_case(dev, kind, shape, dtype, w.then_some(dtype), b, dtype, seed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rows that are column slices of wider arrays (the kernels read them in place with a
+    /// row stride): 16-byte aligned starts and strides, and starts one element in (scalar
+    /// accesses), against the oracle.
+    fn row_strided_inputs(dev: &Device) {
+        let mut seed = 1200;
+        for kind in [Kind::Rms, Kind::Layer] {
+            for dtype in FLOATS {
+                for (rows, d, pad, start) in [(37, 1024, 64, 0), (37, 1024, 64, 1), (9, 4096, 8, 1), (21, 200, 56, 8)] {
+                    seed += 4;
+                    let wide = |s: u64| {
+                        on(&randn(&[rows, d + pad], dtype, s), dev)
+                            .slice(&[0, start as isize], &[rows as isize, (start + d) as isize], &[1, 1])
+                            .unwrap()
+                    };
+                    let (x, g) = (wide(seed), wide(seed + 1));
+                    let w = on(&uniform(&[d], 0.5, 1.5, dtype, seed + 2), dev);
+                    let b = on(&randn(&[d], dtype, seed + 3), dev);
+                    let b = (kind == Kind::Layer).then_some(&b);
+                    let what = format!("{kind:?} {dtype} rows {rows} d {d} stride {} start {start} on {dev}", d + pad);
+                    let (dx, dw, db) = fast_vjp(kind, &x, Some(&w), b, &g).unwrap();
+                    let (rx, rw, rb) = oracle_vjp(kind, &x, Some(&w), b, &g);
+                    let [sx, sw, sb] = scales(kind, &x, Some(&w), &g);
+                    check_grad(&dx, &rx, dtype, sx, &format!("{what}: dx"));
+                    check_grad(&dw.unwrap(), &rw.unwrap(), dtype, sw, &format!("{what}: dweight"));
+                    assert_eq!(db.is_some(), b.is_some(), "{what}: dbias presence");
+                    if let (Some(db), Some(rb)) = (db, rb) {
+                        check_grad(&db, &rb, dtype, sb, &format!("{what}: dbias"));
+                    }
+                }
             }
         }
     }

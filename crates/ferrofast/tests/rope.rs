@@ -47,23 +47,47 @@ fn max_abs(a: &Array) -> f64 {
         .fold(0.0, |m, v| m.max(v.abs()))
 }
 
-/// [`check_on`] on the default stream.
-#[allow(clippy::too_many_arguments)]
-fn check(
-    x: &Input,
+/// One rope call's arguments, with the angle bounds its check uses: `max_inv_freq` is the
+/// largest inverse frequency, `max_pos` the largest `|position|`.
+#[derive(Clone, Copy)]
+struct Call<'a> {
     dims: i32,
     traditional: bool,
     base: Option<f32>,
     scale: f32,
-    offset: RopeOffset<'_>,
-    freqs: Option<&Array>,
+    offset: RopeOffset<'a>,
+    freqs: Option<&'a Array>,
     max_inv_freq: f64,
     max_pos: f64,
-    what: &str,
-) -> Array {
-    check_on(
-        None,
-        x,
+}
+
+impl<'a> Call<'a> {
+    /// Half-split pairs, base 10000, scale 1, no `freqs`.
+    fn new(dims: i32, offset: RopeOffset<'a>, max_pos: f64) -> Call<'a> {
+        Call {
+            dims,
+            traditional: false,
+            base: Some(10000.0),
+            scale: 1.0,
+            offset,
+            freqs: None,
+            max_inv_freq: 1.0,
+            max_pos,
+        }
+    }
+}
+
+/// [`check_on`] on the default stream.
+fn check(x: &Input, call: Call<'_>, what: &str) -> Array {
+    check_on(None, x, call, what)
+}
+
+/// Runs `fast::rope` on `x.dev` (on `stream` when given) and the oracle on `x.host` with the
+/// same arguments and checks the result: dtype, shape, device (and stream), a row-major
+/// output, the features past `dims` bit for bit, the rotated ones within [`tol`].
+/// Returns the output.
+fn check_on(stream: Option<&Stream>, x: &Input, call: Call<'_>, what: &str) -> Array {
+    let Call {
         dims,
         traditional,
         base,
@@ -72,29 +96,7 @@ fn check(
         freqs,
         max_inv_freq,
         max_pos,
-        what,
-    )
-}
-
-/// Runs `fast::rope` on `x.dev` (on `stream` when given) and the oracle on `x.host` with the
-/// same arguments and checks the result: dtype, shape, device (and stream), a row-major
-/// output, the features past `dims` bit for bit, the rotated ones within [`tol`].
-/// `max_inv_freq` is the largest inverse frequency, `max_pos` the largest `|position|`.
-/// Returns the output.
-#[allow(clippy::too_many_arguments)]
-fn check_on(
-    stream: Option<&Stream>,
-    x: &Input,
-    dims: i32,
-    traditional: bool,
-    base: Option<f32>,
-    scale: f32,
-    offset: RopeOffset<'_>,
-    freqs: Option<&Array>,
-    max_inv_freq: f64,
-    max_pos: f64,
-    what: &str,
-) -> Array {
+    } = call;
     let dev = x.dev.device();
     let what = format!("{what} on {dev}");
     let out = match stream {
@@ -223,15 +225,28 @@ fn check_case(x: &Input, case: &Case, stream: Option<&Stream>, what: &str) {
     check_on(
         stream,
         x,
-        case.dims as i32,
-        case.traditional,
-        base,
-        case.scale,
-        offset,
-        freqs,
-        case.largest_inv_freq(),
-        case.largest_position(seq),
+        Call {
+            traditional: case.traditional,
+            base,
+            scale: case.scale,
+            freqs,
+            max_inv_freq: case.largest_inv_freq(),
+            ..Call::new(case.dims as i32, offset, case.largest_position(seq))
+        },
         what,
+    );
+}
+
+/// [`check_case`] on a fresh normal input of `shape` in `dtype` on `dev`, seeded with
+/// `*seed + 1` (stored back); failures name the case, shape, dtype and seed.
+fn check_fresh(dev: &Device, shape: &[usize], dtype: DType, seed: &mut u64, case: &Case) {
+    *seed += 1;
+    let x = Input::new(&randn(shape, dtype, *seed), dev);
+    check_case(
+        &x,
+        case,
+        None,
+        &format!("{case:?} {shape:?} {dtype} seed {seed}"),
     );
 }
 
@@ -252,16 +267,9 @@ fn random_view(
         .zip(steps)
         .map(|(&d, &s)| d * s.unsigned_abs())
         .collect();
-    let mut perm: Vec<usize> = (0..n).collect();
     // Permute the allocation, then undo it with a transpose, so memory order differs from
     // logical order.
-    let mut r = perm_seed;
-    for i in (1..n).rev() {
-        r = r
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        perm.swap(i, (r >> 33) as usize % (i + 1));
-    }
+    let perm = common::seeded_permutation(n, perm_seed);
     let permuted: Vec<usize> = perm.iter().map(|&p| alloc[p]).collect();
     let base = randn(&permuted, dtype, seed);
     let mut inverse = vec![0isize; n];
@@ -316,18 +324,7 @@ on_every_device! {
                                 "base {base} {dtype} offset #{oi} scale {scale} \
                                  traditional {traditional} seed {seed}"
                             );
-                            let out = check(
-                                &x,
-                                8,
-                                traditional,
-                                Some(base),
-                                scale,
-                                offset,
-                                None,
-                                1.0,
-                                max_pos,
-                                &what,
-                            );
+                            let out = check(&x, Call { traditional, base: Some(base), scale, ..Call::new(8, offset, max_pos) }, &what);
                             if dtype != DType::F32 {
                                 let x32 = x.dev.astype(DType::F32).unwrap();
                                 let out32 =
@@ -352,18 +349,7 @@ on_every_device! {
                     let base = uniform(&[1, 1, 4, 8], 0.0, 1.0, dtype, 7);
                     let x = Input::view(&base, dev, |a| a.swapaxes(1, 2).unwrap());
                     assert!(!x.dev.is_contiguous() || x.dev.shape()[2] == 1);
-                    check(
-                        &x,
-                        8,
-                        traditional,
-                        Some(10000.0),
-                        1.0,
-                        offset.into(),
-                        None,
-                        1.0,
-                        offset as f64,
-                        &format!("transposed {dtype} trad {traditional} offset {offset}"),
-                    );
+                    check(&x, Call { traditional, ..Call::new(8, offset.into(), offset as f64) }, &format!("transposed {dtype} trad {traditional} offset {offset}"));
                 }
             }
         }
@@ -391,18 +377,7 @@ on_every_device! {
         );
         for dims in [32, 64] {
             for traditional in [false, true] {
-                check(
-                    &x,
-                    dims,
-                    traditional,
-                    Some(10000.0),
-                    1.0,
-                    0.into(),
-                    None,
-                    1.0,
-                    3.0,
-                    &format!("dims {dims}"),
-                );
+                check(&x, Call { traditional, ..Call::new(dims, 0.into(), 3.0) }, &format!("dims {dims}"));
             }
         }
     }
@@ -442,32 +417,10 @@ on_every_device! {
                 for (offset, scale) in [(0i64, 1.0f32), (2, 1.0), (2, 2.0)] {
                     let x = Input::new(&uniform(&[2, 4, dims], 0.0, 1.0, dtype, 15), dev);
                     let what = format!("freqs {dtype} trad {traditional} offset {offset}");
-                    check(
-                        &x,
-                        dims as i32,
-                        traditional,
-                        None,
-                        scale,
-                        offset.into(),
-                        Some(&freqs),
-                        max_inv,
-                        (3 + offset) as f64,
-                        &what,
-                    );
+                    check(&x, Call { traditional, base: None, scale, freqs: Some(&freqs), max_inv_freq: max_inv, ..Call::new(dims as i32, offset.into(), (3 + offset) as f64) }, &what);
                     // The single vector case (1, 1, dims).
                     let v = Input::new(&uniform(&[1, 1, dims], 0.0, 1.0, dtype, 16), dev);
-                    check(
-                        &v,
-                        dims as i32,
-                        traditional,
-                        None,
-                        scale,
-                        offset.into(),
-                        Some(&freqs),
-                        max_inv,
-                        offset as f64,
-                        &format!("{what} single vector"),
-                    );
+                    check(&v, Call { traditional, base: None, scale, freqs: Some(&freqs), max_inv_freq: max_inv, ..Call::new(dims as i32, offset.into(), offset as f64) }, &format!("{what} single vector"));
                 }
             }
         }
@@ -478,32 +431,10 @@ on_every_device! {
     fn test_rope_freqs_integer_and_f64_dtypes_are_read(dev: &Device) {
         let x = randn(&[1, 3, 5, 16], DType::F32, 17);
         let freqs = Array::from_slice(&[1i32, 2, 4, 8, 16, 32, 64, 128], &[8]).unwrap();
-        check(
-            &Input::new(&x, dev),
-            16,
-            false,
-            None,
-            1.0,
-            1.into(),
-            Some(&freqs),
-            1.0,
-            5.0,
-            "int freqs",
-        );
+        check(&Input::new(&x, dev), Call { base: None, freqs: Some(&freqs), ..Call::new(16, 1.into(), 5.0) }, "int freqs");
         if dev.is_cpu() {
             let freqs = freqs.astype(DType::F64).unwrap();
-            check(
-                &Input::new(&x.astype(DType::F64).unwrap(), dev),
-                16,
-                true,
-                None,
-                1.0,
-                1.into(),
-                Some(&freqs),
-                1.0,
-                5.0,
-                "f64 freqs, f64 input",
-            );
+            check(&Input::new(&x.astype(DType::F64).unwrap(), dev), Call { traditional: true, base: None, freqs: Some(&freqs), ..Call::new(16, 1.into(), 5.0) }, "f64 freqs, f64 input");
         }
     }
 
@@ -532,18 +463,7 @@ on_every_device! {
                 let offsets = i32s(&(0..b as i32).collect::<Vec<_>>());
                 let max_pos = (b + 2) as f64;
                 for traditional in [true, false] {
-                    check(
-                        &x,
-                        32,
-                        traditional,
-                        Some(10000.0),
-                        1.0,
-                        (&offsets).into(),
-                        None,
-                        1.0,
-                        max_pos,
-                        &format!("batch {b} heads {h} trad {traditional} seed {seed}"),
-                    );
+                    check(&x, Call { traditional, ..Call::new(32, (&offsets).into(), max_pos) }, &format!("batch {b} heads {h} trad {traditional} seed {seed}"));
                 }
             }
         }
@@ -553,18 +473,7 @@ on_every_device! {
         });
         let offsets = i32s(&[0, 1]);
         for traditional in [true, false] {
-            check(
-                &x,
-                64,
-                traditional,
-                Some(10000.0),
-                1.0,
-                (&offsets).into(),
-                None,
-                1.0,
-                6.0,
-                &format!("(2,6,8,64).transpose(0,2,1,3) trad {traditional}"),
-            );
+            check(&x, Call { traditional, ..Call::new(64, (&offsets).into(), 6.0) }, &format!("(2,6,8,64).transpose(0,2,1,3) trad {traditional}"));
         }
     }
 
@@ -606,30 +515,8 @@ on_every_device! {
         let x = randn(&[1, 1, 1024, 32], DType::F32, 20);
         let xb = x.astype(DType::BF16).unwrap();
         let max_pos = 4000.0 + 1023.0;
-        let out = check(
-            &Input::new(&x, dev),
-            32,
-            false,
-            Some(10000.0),
-            1.0,
-            4000.into(),
-            None,
-            1.0,
-            max_pos,
-            "offset 4000 f32",
-        );
-        let outb = check(
-            &Input::new(&xb, dev),
-            32,
-            false,
-            Some(10000.0),
-            1.0,
-            4000.into(),
-            None,
-            1.0,
-            max_pos,
-            "offset 4000 bf16",
-        );
+        let out = check(&Input::new(&x, dev), Call::new(32, 4000.into(), max_pos), "offset 4000 f32");
+        let outb = check(&Input::new(&xb, dev), Call::new(32, 4000.into(), max_pos), "offset 4000 bf16");
         let d = max_abs_diff(&out, &outb.astype(DType::F32).unwrap());
         assert!(d <= 1e-1, "bf16 vs f32 differ by {d} on {dev}");
     }
@@ -652,18 +539,7 @@ on_every_device! {
                     seed += 1;
                     let x = Input::new(&randn(&shape, dtype, seed), dev);
                     let max_pos = (shape[shape.len() - 2] + 9) as f64;
-                    check(
-                        &x,
-                        dims,
-                        traditional,
-                        Some(10000.0),
-                        0.5,
-                        10.into(),
-                        None,
-                        1.0,
-                        max_pos,
-                        &format!("{dtype} {shape:?} dims {dims} trad {traditional} seed {seed}"),
-                    );
+                    check(&x, Call { traditional, scale: 0.5, ..Call::new(dims, 10.into(), max_pos) }, &format!("{dtype} {shape:?} dims {dims} trad {traditional} seed {seed}"));
                 }
             }
         }
@@ -678,8 +554,6 @@ on_every_device! {
                     for scale in [1.0f32, 0.5, 2.0] {
                         for offset in [0i64, 3, -5] {
                             for (d, dims) in [(16usize, 16usize), (24, 16), (33, 8)] {
-                                seed += 1;
-                                let x = Input::new(&randn(&[2, 3, 7, d], dtype, seed), dev);
                                 let case = Case {
                                     dims,
                                     traditional,
@@ -687,12 +561,7 @@ on_every_device! {
                                     scale,
                                     offsets: Offsets::Scalar(offset),
                                 };
-                                check_case(
-                                    &x,
-                                    &case,
-                                    None,
-                                    &format!("{case:?} D={d} {dtype} seed {seed}"),
-                                );
+                                check_fresh(dev, &[2, 3, 7, d], dtype, &mut seed, &case);
                             }
                         }
                     }
@@ -707,9 +576,7 @@ on_every_device! {
         for dtype in LOW_PRECISION {
             for traditional in [false, true] {
                 for (d, dims) in [(8usize, 8usize), (12, 8), (130, 128)] {
-                    seed += 1;
-                    let x = Input::new(&randn(&[3, 2, 9, d], dtype, seed), dev);
-                    let periods: Vec<f32> = uniform(&[dims / 2], 0.5, 50.0, DType::F32, seed)
+                    let periods: Vec<f32> = uniform(&[dims / 2], 0.5, 50.0, DType::F32, seed + 1)
                         .to_vec::<f32>()
                         .unwrap();
                     let case = Case {
@@ -719,12 +586,7 @@ on_every_device! {
                         offsets: Offsets::Scalar(4),
                         ..Case::new(dims)
                     };
-                    check_case(
-                        &x,
-                        &case,
-                        None,
-                        &format!("{case:?} D={d} {dtype} seed {seed}"),
-                    );
+                    check_fresh(dev, &[3, 2, 9, d], dtype, &mut seed, &case);
                 }
             }
         }
@@ -737,8 +599,6 @@ on_every_device! {
             for b in [3usize, 8, 11] {
                 for heads in [1usize, 3, 5] {
                     for traditional in [false, true] {
-                        seed += 1;
-                        let x = Input::new(&randn(&[b, heads, 6, 32], dtype, seed), dev);
                         // arange(B) as MLX's test, shifted to include negative offsets.
                         let offs: Vec<i64> = (0..b as i64).map(|i| 37 * i - 20).collect();
                         let case = Case {
@@ -746,12 +606,7 @@ on_every_device! {
                             offsets: Offsets::PerBatch(offs),
                             ..Case::new(32)
                         };
-                        check_case(
-                            &x,
-                            &case,
-                            None,
-                            &format!("{case:?} H={heads} {dtype} seed {seed}"),
-                        );
+                        check_fresh(dev, &[b, heads, 6, 32], dtype, &mut seed, &case);
                     }
                 }
             }
@@ -764,22 +619,18 @@ on_every_device! {
         let mut seed = 400;
         for dtype in LOW_PRECISION {
             for traditional in [false, true] {
-                seed += 1;
-                let x = Input::new(&randn(&[1, 1, 1024, 32], dtype, seed), dev);
                 let case = Case {
                     traditional,
                     offsets: Offsets::Scalar(4000),
                     ..Case::new(32)
                 };
-                check_case(&x, &case, None, &format!("{case:?} {dtype} seed {seed}"));
-                seed += 1;
-                let x = Input::new(&randn(&[2, 4, 300, 128], dtype, seed), dev);
+                check_fresh(dev, &[1, 1, 1024, 32], dtype, &mut seed, &case);
                 let case = Case {
                     traditional,
                     offsets: Offsets::PerBatch(vec![1000, 30000]),
                     ..Case::new(128)
                 };
-                check_case(&x, &case, None, &format!("{case:?} {dtype} seed {seed}"));
+                check_fresh(dev, &[2, 4, 300, 128], dtype, &mut seed, &case);
             }
         }
     }
@@ -800,19 +651,12 @@ on_every_device! {
         for dtype in LOW_PRECISION {
             for (shape, dims) in shapes {
                 for traditional in [false, true] {
-                    seed += 1;
-                    let x = Input::new(&randn(shape, dtype, seed), dev);
                     let case = Case {
                         traditional,
                         offsets: Offsets::Scalar(11),
                         ..Case::new(dims)
                     };
-                    check_case(
-                        &x,
-                        &case,
-                        None,
-                        &format!("{case:?} {shape:?} {dtype} seed {seed}"),
-                    );
+                    check_fresh(dev, shape, dtype, &mut seed, &case);
                 }
             }
         }
@@ -929,18 +773,7 @@ on_every_device! {
                 .astype(dtype)
                 .unwrap();
             for traditional in [false, true] {
-                let out = check(
-                    &Input::new(&x, dev),
-                    16,
-                    traditional,
-                    Some(10000.0),
-                    1.0,
-                    1.into(),
-                    None,
-                    1.0,
-                    3.0,
-                    &format!("NaN {dtype} trad {traditional}"),
-                );
+                let out = check(&Input::new(&x, dev), Call { traditional, ..Call::new(16, 1.into(), 3.0) }, &format!("NaN {dtype} trad {traditional}"));
                 let nans = out
                     .to_f64_vec()
                     .unwrap()
@@ -991,18 +824,7 @@ on_every_device! {
             let offsets = i32s(&vec![5; x.host.shape()[0]][..]);
             for traditional in [false, true] {
                 for offset in [RopeOffset::Int(-2), RopeOffset::Array(&offsets)] {
-                    check(
-                        &x,
-                        dims,
-                        traditional,
-                        Some(10000.0),
-                        1.0,
-                        offset,
-                        None,
-                        1.0,
-                        45.0,
-                        &format!("{what} trad {traditional}"),
-                    );
+                    check(&x, Call { traditional, ..Call::new(dims, offset, 45.0) }, &format!("{what} trad {traditional}"));
                 }
             }
         }
@@ -1099,18 +921,7 @@ on_every_device! {
         let x3 = Input::new(&randn(&[4, 19, 48], DType::F32, 23), dev);
         let offsets = i32s(&[0, 7, 100, -3]);
         for traditional in [false, true] {
-            check(
-                &x3,
-                48,
-                traditional,
-                Some(10000.0),
-                1.0,
-                (&offsets).into(),
-                None,
-                1.0,
-                118.0,
-                "3-D per batch",
-            );
+            check(&x3, Call { traditional, ..Call::new(48, (&offsets).into(), 118.0) }, "3-D per batch");
         }
         // 5-D with head axes whose strides do not merge into one.
         let x5 = Input::view(&randn(&[2, 5, 3, 9, 32], DType::BF16, 24), dev, |a| {
@@ -1119,18 +930,7 @@ on_every_device! {
         let offsets = i32s(&[4, 9]);
         for traditional in [false, true] {
             for offset in [RopeOffset::Int(6), RopeOffset::Array(&offsets)] {
-                check(
-                    &x5,
-                    16,
-                    traditional,
-                    Some(10000.0),
-                    1.5,
-                    offset,
-                    None,
-                    1.0,
-                    20.0,
-                    "5-D transposed heads",
-                );
+                check(&x5, Call { traditional, scale: 1.5, ..Call::new(16, offset, 20.0) }, "5-D transposed heads");
             }
         }
     }
@@ -1142,35 +942,13 @@ on_every_device! {
         let offsets = i32s(&[0, 1000, 17]);
         for traditional in [false, true] {
             for offset in [RopeOffset::Int(12), RopeOffset::Array(&offsets)] {
-                check(
-                    &x,
-                    64,
-                    traditional,
-                    Some(10000.0),
-                    1.0,
-                    offset,
-                    None,
-                    1.0,
-                    1300.0,
-                    "parallel bf16",
-                );
+                check(&x, Call { traditional, ..Call::new(64, offset, 1300.0) }, "parallel bf16");
             }
         }
         let xt = Input::view(&randn(&[2, 512, 4, 128], DType::F32, 26), dev, |a| {
             a.swapaxes(1, 2).unwrap()
         });
-        check(
-            &xt,
-            128,
-            false,
-            Some(500000.0),
-            1.0,
-            7.into(),
-            None,
-            1.0,
-            519.0,
-            "parallel [B,T,H,D] layout",
-        );
+        check(&xt, Call { base: Some(500000.0), ..Call::new(128, 7.into(), 519.0) }, "parallel [B,T,H,D] layout");
     }
 
     /// Exactly representable angles (inverse frequencies 1, 2, 4, 8 and integer positions)
@@ -1211,18 +989,7 @@ on_every_device! {
         let offsets = i32s(&[-3, 7]);
         for traditional in [false, true] {
             for offset in [RopeOffset::Int(-5), RopeOffset::Array(&offsets)] {
-                check(
-                    &x,
-                    16,
-                    traditional,
-                    Some(10000.0),
-                    1.0,
-                    offset,
-                    None,
-                    1.0,
-                    13.0,
-                    "negative offsets",
-                );
+                check(&x, Call { traditional, ..Call::new(16, offset, 13.0) }, "negative offsets");
             }
         }
         // Rotating back with the negated scale (same negative offset) restores the input.
@@ -1531,21 +1298,10 @@ on_every_device! {
                         RopeOffset::Int(offset)
                     };
                     let max_pos = (offset.abs() + 37 * b as i64 + t as i64) as f64;
-                    check(
-                        &x,
-                        dims as i32,
-                        traditional,
-                        Some(10000.0),
-                        scale,
-                        off,
-                        None,
-                        1.0,
-                        max_pos,
-                        &format!(
+                    check(&x, Call { traditional, scale, ..Call::new(dims as i32, off, max_pos) }, &format!(
                             "shape {shape:?} strides {:?} dims {dims} seed {seed}",
                             x.host.strides()
-                        ),
-                    );
+                        ));
                     Ok(())
                 },
             )

@@ -3,11 +3,11 @@
 
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{driver_error, guarded, Stream};
+use super::runtime::{driver_error, grid_1d, guarded, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::Array;
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, PushKernelArg};
 
 /// `kernels/copy.cu`: strided copy with dtype conversion.
 /// Every instantiation a launch can ask for is in `variants`.
@@ -184,11 +184,7 @@ fn launch_copy(
         &variant(a.dtype(), out.dtype(), wide),
         &[],
     )?;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = grid_1d(blocks, BLOCK, 0);
     let src_offset = a.offset() as i64;
     let ndim = shape.len().max(1) as i32;
     let count = n as i64;

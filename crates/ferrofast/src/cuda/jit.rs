@@ -506,61 +506,38 @@ pub(crate) fn function(
         name_expr,
         extra_options.join(" ")
     );
-    let lock_error = || Error::Cuda("the kernel cache was poisoned by a panic".into());
-    if let Some(f) = device
-        .functions
-        .lock()
-        .map_err(|_| lock_error())?
-        .get(&memo_key)
-    {
-        return Ok(f.clone());
-    }
-    let arch = file.arch.map_or_else(|| device.arch(), str::to_string);
-    let options = options_for(&arch, extra_options);
-    let names = [name_expr.to_string()];
-    let key = cache_key(file, &names, &options, nvrtc_version()?);
-    // Compile without holding the lock, so threads needing different kernels compile in
-    // parallel; two threads racing for the same kernel both compile, and the first to finish
-    // wins.
-    let cached = read_disk_cache(&key);
-    let from_disk = cached.is_some();
-    let cubin = match cached {
-        Some(c) => c,
-        None => {
-            let c = compile(file, &names, extra_options, &arch)?;
-            write_disk_cache(&key, &c);
-            c
-        }
-    };
-    let f = match load(device, file, &cubin) {
-        Ok(f) => f,
-        // A cached image the driver rejects (written by a broken build, say) is replaced by
-        // a fresh compile.
-        Err(_) if from_disk => {
-            let c = compile(file, &names, extra_options, &arch)?;
-            write_disk_cache(&key, &c);
-            load(device, file, &c)?
-        }
-        Err(e) => return Err(e),
-    };
-    let mut functions = device.functions.lock().map_err(|_| lock_error())?;
-    Ok(functions.entry(memo_key).or_insert(f).clone())
+    memoized(device, memo_key, || {
+        let arch = file.arch.map_or_else(|| device.arch(), str::to_string);
+        let options = options_for(&arch, extra_options);
+        let names = [name_expr.to_string()];
+        let key = cache_key(file, &names, &options, nvrtc_version()?);
+        cached_load(device, file.name, &key, || {
+            compile(file, &names, extra_options, &arch)
+        })
+    })
 }
 
-fn load(device: &CudaDevice, file: &KernelFile, cubin: &Cubin) -> Result<CudaFunction> {
-    let name = cubin
-        .lowered
-        .first()
-        .ok_or_else(|| Error::Compile(format!("no kernel name for {}", file.name)))?;
-    guarded("loading a CUDA module", || {
-        let module = device
-            .context()
-            .load_module(Ptx::from_binary(cubin.image.clone()))
-            .map_err(|e| driver_error(&format!("loading the {} kernels", file.name), e))?;
-        module
-            .load_function(name)
-            .map_err(|e| driver_error(&format!("finding kernel {name} in {}", file.name), e))
-    })
+/// The function of the image under `key` in the disk cache, or of a fresh `compile` (written
+/// to the cache), loaded on `device`. A cached image the driver rejects (written by a broken
+/// build, say) is replaced by a fresh compile. `what` names the program in errors.
+fn cached_load(
+    device: &CudaDevice,
+    what: &str,
+    key: &str,
+    compile: impl Fn() -> Result<Cubin>,
+) -> Result<CudaFunction> {
+    let fresh = || -> Result<Cubin> {
+        let c = compile()?;
+        write_disk_cache(key, &c);
+        Ok(c)
+    };
+    match read_disk_cache(key) {
+        Some(cubin) => match load_image(device, what, &cubin) {
+            Ok(f) => Ok(f),
+            Err(_) => load_image(device, what, &fresh()?),
+        },
+        None => load_image(device, what, &fresh()?),
+    }
 }
 
 // ----- programs given at run time (custom kernels) -------------------------------------------
@@ -664,46 +641,21 @@ pub(crate) fn source_function(
         program.name_expr,
         program.options.join(" ")
     );
-    let lock_error = || Error::Cuda("the kernel cache was poisoned by a panic".into());
-    if let Some(f) = device
-        .functions
-        .lock()
-        .map_err(|_| lock_error())?
-        .get(&memo_key)
-    {
-        return Ok(f.clone());
-    }
-    let options = options_for(arch, program.options);
-    let version = nvrtc_version()?;
-    let key = format!(
-        "nvrtc {}.{} | {} | {} | {} | {hash:032x}",
-        version.0,
-        version.1,
-        options.join(" "),
-        program.name_expr,
-        program.name
-    );
-    let cached = read_disk_cache(&key);
-    let from_disk = cached.is_some();
-    let cubin = match cached {
-        Some(c) => c,
-        None => {
-            let c = compile_source_cubin(program, arch)?;
-            write_disk_cache(&key, &c);
-            c
-        }
-    };
-    let f = match load_image(device, program.name, &cubin) {
-        Ok(f) => f,
-        Err(_) if from_disk => {
-            let c = compile_source_cubin(program, arch)?;
-            write_disk_cache(&key, &c);
-            load_image(device, program.name, &c)?
-        }
-        Err(e) => return Err(e),
-    };
-    let mut functions = device.functions.lock().map_err(|_| lock_error())?;
-    Ok(functions.entry(memo_key).or_insert(f).clone())
+    memoized(device, memo_key, || {
+        let options = options_for(arch, program.options);
+        let version = nvrtc_version()?;
+        let key = format!(
+            "nvrtc {}.{} | {} | {} | {} | {hash:032x}",
+            version.0,
+            version.1,
+            options.join(" "),
+            program.name_expr,
+            program.name
+        );
+        cached_load(device, program.name, &key, || {
+            compile_source_cubin(program, arch)
+        })
+    })
 }
 
 fn load_image(device: &CudaDevice, what: &str, cubin: &Cubin) -> Result<CudaFunction> {
@@ -740,37 +692,28 @@ pub(crate) fn binary_function(
         )));
     }
     let memo_key = format!("binary | {symbol} | {:032x}", fnv1a128(&[image]));
-    let lock_error = || Error::Cuda("the kernel cache was poisoned by a panic".into());
-    if let Some(f) = device
-        .functions
-        .lock()
-        .map_err(|_| lock_error())?
-        .get(&memo_key)
-    {
-        return Ok(f.clone());
-    }
-    let mut data = image.to_vec();
-    // CUBIN (ELF) and fatbin images carry their size; PTX is text the driver reads up to a
-    // NUL byte, which Python's `bytes` (and a Rust `&[u8]`) need not end with.
-    let is_elf = data.starts_with(b"\x7fELF");
-    let is_fatbin = data.starts_with(&[0x50, 0xed, 0x55, 0xba]);
-    if !is_elf && !is_fatbin && data.last() != Some(&0) {
-        data.push(0);
-    }
-    let f = guarded("loading a CUDA module", || {
-        let module = device
-            .context()
-            .load_module(Ptx::from_binary(data))
-            .map_err(|e| driver_error(&format!("[{what}] loading the compiled module"), e))?;
-        module.load_function(symbol).map_err(|e| {
-            driver_error(
-                &format!("[{what}] finding kernel `{symbol}` in the compiled module"),
-                e,
-            )
+    memoized(device, memo_key, || {
+        let mut data = image.to_vec();
+        // CUBIN (ELF) and fatbin images carry their size; PTX is text the driver reads up to a
+        // NUL byte, which Python's `bytes` (and a Rust `&[u8]`) need not end with.
+        let is_elf = data.starts_with(b"\x7fELF");
+        let is_fatbin = data.starts_with(&[0x50, 0xed, 0x55, 0xba]);
+        if !is_elf && !is_fatbin && data.last() != Some(&0) {
+            data.push(0);
+        }
+        guarded("loading a CUDA module", || {
+            let module = device
+                .context()
+                .load_module(Ptx::from_binary(data))
+                .map_err(|e| driver_error(&format!("[{what}] loading the compiled module"), e))?;
+            module.load_function(symbol).map_err(|e| {
+                driver_error(
+                    &format!("[{what}] finding kernel `{symbol}` in the compiled module"),
+                    e,
+                )
+            })
         })
-    })?;
-    let mut functions = device.functions.lock().map_err(|_| lock_error())?;
-    Ok(functions.entry(memo_key).or_insert(f).clone())
+    })
 }
 
 // ----- compile checks -----------------------------------------------------------------------
@@ -828,6 +771,23 @@ fn check_file(file: &KernelFile, variants: &[String], arch: &str) -> Result<Kern
         cubin_bytes: cubin.image.len(),
         compile_seconds,
     })
+}
+
+/// The function memoised on `device` under `key`, or the one `make` returns, memoised.
+/// `make` runs without the lock, so threads needing different kernels compile in parallel;
+/// two threads racing for the same kernel both compile, and the first to finish wins.
+fn memoized(
+    device: &CudaDevice,
+    key: String,
+    make: impl FnOnce() -> Result<CudaFunction>,
+) -> Result<CudaFunction> {
+    let lock_error = || Error::Cuda("the kernel cache was poisoned by a panic".into());
+    if let Some(f) = device.functions.lock().map_err(|_| lock_error())?.get(&key) {
+        return Ok(f.clone());
+    }
+    let f = make()?;
+    let mut functions = device.functions.lock().map_err(|_| lock_error())?;
+    Ok(functions.entry(key).or_insert(f).clone())
 }
 
 #[cfg(test)]

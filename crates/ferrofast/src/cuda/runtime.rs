@@ -580,6 +580,39 @@ pub(crate) fn launch(
     guarded(what, || f().map_err(|e| driver_error(what, e)))
 }
 
+/// Lets `func` use `bytes` of dynamic shared memory when that is past the 48 KiB every
+/// kernel may use without asking (checked by the driver against the device); `what` names
+/// the kernel in the error.
+///
+/// # Errors
+/// `Error::Cuda` when the device has less shared memory per block.
+pub(crate) fn allow_dynamic_shared_memory(
+    func: &cudarc::driver::CudaFunction,
+    bytes: usize,
+    what: &str,
+) -> Result<()> {
+    if bytes <= 48 * 1024 {
+        return Ok(());
+    }
+    guarded(&format!("setting {what}'s shared memory size"), || {
+        func.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            i32::try_from(bytes).unwrap_or(i32::MAX),
+        )
+        .map_err(|e| driver_error(&format!("allowing {what} {bytes} bytes of shared memory"), e))
+    })
+}
+
+/// A one-dimensional launch: `blocks` blocks of `threads` threads with `smem` bytes of
+/// dynamic shared memory each.
+pub(crate) fn grid_1d(blocks: u32, threads: u32, smem: u32) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
 /// Waits for all work on a CUDA device.
 pub(crate) fn synchronize_device(ordinal: usize) -> Result<()> {
     let dev = device(ordinal)?;

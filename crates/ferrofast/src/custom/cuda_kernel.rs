@@ -1,7 +1,10 @@
 //! `fast::CudaKernel`: MLX's `cuda_kernel`, a kernel body given as CUDA source, wrapped in a
 //! generated signature, compiled by NVRTC at the first call and launched on a GPU.
 
-use super::{check_counts, check_identifier, cuda_type, type_string, KernelCall, TemplateArg};
+use super::{
+    check_counts, check_identifier, check_names, cuda_type, mentions, type_string, KernelCall,
+    TemplateArg,
+};
 use crate::error::{Error, Result};
 use crate::Array;
 
@@ -149,28 +152,8 @@ impl CudaKernel {
         ensure_row_contiguous: bool,
         shared_memory: usize,
     ) -> Result<CudaKernel> {
-        if output_names.is_empty() {
-            return Err(Error::invalid(format!(
-                "[{OP}] Must specify at least one output."
-            )));
-        }
-        check_identifier(OP, "kernel name", name)?;
-        let mut seen = std::collections::HashSet::new();
-        for n in input_names.iter().chain(output_names) {
-            check_identifier(OP, "input or output name", n)?;
-            if !seen.insert(*n) {
-                return Err(Error::invalid(format!(
-                    "[{OP}] The name `{n}` is used for more than one input or output."
-                )));
-            }
-        }
-        let mentions = input_names
-            .iter()
-            .map(|n| {
-                ["_shape", "_strides", "_ndim"]
-                    .map(|suffix| source.contains(&format!("{n}{suffix}")))
-            })
-            .collect();
+        check_names(OP, name, input_names, output_names)?;
+        let mentions = mentions(source, input_names);
         Ok(CudaKernel {
             name: name.to_string(),
             input_names: input_names.iter().map(|s| s.to_string()).collect(),

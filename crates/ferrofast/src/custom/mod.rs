@@ -220,6 +220,43 @@ pub(crate) fn check_counts(
     check("output_dtypes", n_outputs, call.output_dtypes.len())
 }
 
+/// Checks a custom kernel's names as MLX's factories do: at least one output, and the kernel,
+/// input and output names C++ identifiers, no input or output name used twice.
+pub(crate) fn check_names(
+    op: &str,
+    name: &str,
+    input_names: &[&str],
+    output_names: &[&str],
+) -> Result<()> {
+    if output_names.is_empty() {
+        return Err(Error::invalid(format!(
+            "[{op}] Must specify at least one output."
+        )));
+    }
+    check_identifier(op, "kernel name", name)?;
+    let mut seen = std::collections::HashSet::new();
+    for n in input_names.iter().chain(output_names) {
+        check_identifier(op, "input or output name", n)?;
+        if !seen.insert(*n) {
+            return Err(Error::invalid(format!(
+                "[{op}] The name `{n}` is used for more than one input or output."
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// For each input, whether `source` mentions its `{name}_shape`, `{name}_strides` and
+/// `{name}_ndim` (those get kernel parameters).
+pub(crate) fn mentions(source: &str, input_names: &[&str]) -> Vec<[bool; 3]> {
+    input_names
+        .iter()
+        .map(|n| {
+            ["_shape", "_strides", "_ndim"].map(|suffix| source.contains(&format!("{n}{suffix}")))
+        })
+        .collect()
+}
+
 /// Checks that `name` can be used as (part of) a C++ identifier.
 pub(crate) fn check_identifier(op: &str, what: &str, name: &str) -> Result<()> {
     let mut chars = name.chars();
@@ -240,35 +277,31 @@ pub(crate) fn check_identifier(op: &str, what: &str, name: &str) -> Result<()> {
     }
 }
 
+/// A dtype's names in custom kernels: MLX's type string (the Metal type name, used in kernel
+/// names) and the CUDA C++ type of the signature.
+fn type_names(dtype: DType) -> (&'static str, &'static str) {
+    match dtype {
+        DType::Bool => ("bool", "bool"),
+        DType::U8 => ("uint8_t", "uint8_t"),
+        DType::U32 => ("uint32_t", "uint32_t"),
+        DType::I32 => ("int32_t", "int32_t"),
+        DType::I64 => ("int64_t", "int64_t"),
+        DType::F16 => ("float16_t", "__half"),
+        DType::BF16 => ("bfloat16_t", "__nv_bfloat16"),
+        DType::F32 => ("float", "float"),
+        DType::F64 => ("double", "double"),
+    }
+}
+
 /// The CUDA C++ type of a dtype in a custom kernel's signature.
 pub(crate) fn cuda_type(dtype: DType) -> &'static str {
-    match dtype {
-        DType::Bool => "bool",
-        DType::U8 => "uint8_t",
-        DType::U32 => "uint32_t",
-        DType::I32 => "int32_t",
-        DType::I64 => "int64_t",
-        DType::F16 => "__half",
-        DType::BF16 => "__nv_bfloat16",
-        DType::F32 => "float",
-        DType::F64 => "double",
-    }
+    type_names(dtype).1
 }
 
 /// MLX's type string of a dtype (the Metal type names), used in kernel names: `float`,
 /// `float16_t`, `bfloat16_t`, `double`, `bool`, `uint8_t`, `int32_t`, ...
 pub(crate) fn type_string(dtype: DType) -> &'static str {
-    match dtype {
-        DType::Bool => "bool",
-        DType::U8 => "uint8_t",
-        DType::U32 => "uint32_t",
-        DType::I32 => "int32_t",
-        DType::I64 => "int64_t",
-        DType::F16 => "float16_t",
-        DType::BF16 => "bfloat16_t",
-        DType::F32 => "float",
-        DType::F64 => "double",
-    }
+    type_names(dtype).0
 }
 
 /// Blocks and block dimensions of a launch whose grid is given in threads.

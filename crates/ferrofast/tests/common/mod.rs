@@ -15,6 +15,17 @@ pub fn default_tol(dtype: DType) -> (f64, f64) {
     }
 }
 
+/// The entry of `table` (f32, f16, bf16, f64 in this order) for `dtype`.
+pub fn by_dtype<T: Copy>(dtype: DType, table: [T; 4]) -> T {
+    match dtype {
+        DType::F32 => table[0],
+        DType::F16 => table[1],
+        DType::BF16 => table[2],
+        DType::F64 => table[3],
+        other => panic!("no tolerance for {other}"),
+    }
+}
+
 /// The float dtypes the ops take on `dev`: f32, f16 and bf16, and f64 on the CPU only (the
 /// CUDA kernels have no f64 and return `Error::Unsupported` for it).
 pub fn float_dtypes(dev: &Device) -> Vec<DType> {
@@ -78,18 +89,27 @@ pub fn max_abs_diff(a: &Array, b: &Array) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// A random view of a random array: a permutation of the axes and a stepped (possibly
-/// reversed) slice, so rows can have any stride.
-pub fn random_view(base: &Array, perm_seed: u64, steps: &[isize]) -> Array {
-    let n = base.ndim();
-    let mut axes: Vec<isize> = (0..n as isize).collect();
-    let mut s = perm_seed;
+/// A permutation of `0..n` drawn from `seed` (a Fisher-Yates shuffle on a 64-bit LCG).
+pub fn seeded_permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut perm: Vec<usize> = (0..n).collect();
+    let mut s = seed;
     for i in (1..n).rev() {
         s = s
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        axes.swap(i, (s >> 33) as usize % (i + 1));
+        perm.swap(i, (s >> 33) as usize % (i + 1));
     }
+    perm
+}
+
+/// A random view of a random array: a permutation of the axes and a stepped (possibly
+/// reversed) slice, so rows can have any stride.
+pub fn random_view(base: &Array, perm_seed: u64, steps: &[isize]) -> Array {
+    let n = base.ndim();
+    let axes: Vec<isize> = seeded_permutation(n, perm_seed)
+        .into_iter()
+        .map(|a| a as isize)
+        .collect();
     let t = base.transpose(&axes).unwrap();
     let steps = &steps[..n];
     let starts: Vec<isize> = steps

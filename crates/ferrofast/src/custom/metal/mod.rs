@@ -12,7 +12,9 @@
 mod lexer;
 mod translate;
 
-use super::{check_counts, check_identifier, type_string, KernelCall, TemplateArg};
+use super::{
+    check_counts, check_identifier, check_names, mentions, type_string, KernelCall, TemplateArg,
+};
 use crate::error::{Error, Result};
 use crate::{Array, DType};
 use std::collections::HashMap;
@@ -301,27 +303,13 @@ impl MetalKernel {
         atomic_outputs: bool,
         math_mode: MathMode,
     ) -> Result<MetalKernel> {
-        if output_names.is_empty() {
-            return Err(Error::invalid(format!(
-                "[{OP}] Must specify at least one output."
-            )));
-        }
-        check_identifier(OP, "kernel name", name)?;
-        let mut seen = std::collections::HashSet::new();
-        for n in input_names.iter().chain(output_names) {
-            check_identifier(OP, "input or output name", n)?;
-            if !seen.insert(*n) {
-                return Err(Error::invalid(format!(
-                    "[{OP}] The name `{n}` is used for more than one input or output."
-                )));
-            }
-        }
-        let shape_infos = input_names
-            .iter()
-            .map(|n| ShapeInfo {
-                shape: source.contains(&format!("{n}_shape")),
-                strides: source.contains(&format!("{n}_strides")),
-                ndim: source.contains(&format!("{n}_ndim")),
+        check_names(OP, name, input_names, output_names)?;
+        let shape_infos = mentions(source, input_names)
+            .into_iter()
+            .map(|[shape, strides, ndim]| ShapeInfo {
+                shape,
+                strides,
+                ndim,
             })
             .collect();
         let attributes = ATTRIBUTES
@@ -633,19 +621,30 @@ impl MetalKernel {
     #[cfg(feature = "cuda")]
     pub fn compile_check(&self, call: &KernelCall, arch: &str) -> Result<()> {
         let g = self.generate(call)?;
+        self.with_program(&g, |program| {
+            crate::cuda::jit::compile_source(&program, arch).map(|_| ())
+        })
+    }
+
+    /// Calls `f` with the NVRTC program of the translated kernel `g`.
+    #[cfg(feature = "cuda")]
+    fn with_program<R>(
+        &self,
+        g: &GeneratedMetalKernel,
+        f: impl FnOnce(crate::cuda::jit::SourceProgram<'_>) -> R,
+    ) -> R {
         let program_name = format!("{}.cu", g.kernel_name);
         let options = self.nvrtc_options();
         let failure = format!("[{OP}] Failed to compile kernel `{}`", self.name);
         let headers = [(PRELUDE_NAME, PRELUDE)];
-        let program = crate::cuda::jit::SourceProgram {
+        f(crate::cuda::jit::SourceProgram {
             name: &program_name,
             source: &g.cuda_source,
             headers: &headers,
             name_expr: &g.entry_name,
             options: &options,
             failure: &failure,
-        };
-        crate::cuda::jit::compile_source(&program, arch).map(|_| ())
+        })
     }
 
     /// Runs the kernel: MLX's `kernel(inputs=..., output_shapes=..., output_dtypes=...,
@@ -713,34 +712,25 @@ impl MetalKernel {
         args.extend((0..self.output_names.len()).map(LaunchArg::Output));
         let grid = call.grid.map(|g| u32::try_from(g).unwrap_or(u32::MAX));
         args.push(LaunchArg::U32x3(grid));
-        let program_name = format!("{}.cu", g.kernel_name);
-        let options = self.nvrtc_options();
-        let failure = format!("[{OP}] Failed to compile kernel `{}`", self.name);
-        let headers = [(PRELUDE_NAME, PRELUDE)];
-        let launch = Launch {
-            op: OP,
-            kernel: KernelSource::Source(crate::cuda::jit::SourceProgram {
-                name: &program_name,
-                source: &g.cuda_source,
-                headers: &headers,
-                name_expr: &g.entry_name,
-                options: &options,
-                failure: &failure,
-            }),
-            inputs,
-            ensure_row_contiguous: self.ensure_row_contiguous,
-            output_shapes: &call.output_shapes,
-            output_dtypes: &call.output_dtypes,
-            init_value: call.init_value,
-            args,
-            dispatch,
-            shared_memory: 0,
-            stream,
-        };
-        // SAFETY: the entry kernel's parameters are generated from the same inputs, shape
-        // infos and outputs as `args`; the caller of `call` guarantees the body's memory
-        // accesses.
-        unsafe { l::launch(launch) }
+        self.with_program(g, |program| {
+            let launch = Launch {
+                op: OP,
+                kernel: KernelSource::Source(program),
+                inputs,
+                ensure_row_contiguous: self.ensure_row_contiguous,
+                output_shapes: &call.output_shapes,
+                output_dtypes: &call.output_dtypes,
+                init_value: call.init_value,
+                args,
+                dispatch,
+                shared_memory: 0,
+                stream,
+            };
+            // SAFETY: the entry kernel's parameters are generated from the same inputs, shape
+            // infos and outputs as `args`; the caller of `call` guarantees the body's memory
+            // accesses.
+            unsafe { l::launch(launch) }
+        })
     }
 }
 
