@@ -532,20 +532,23 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
                     (gf, "GFLOP/s", gf / peak)
                 }
             };
-            let paired_col = if paired_fraction.is_finite() {
-                format!("{:.0}%", 100.0 * paired_fraction)
-            } else {
-                "-".to_string()
+            let percent = |f: f64| {
+                if f.is_finite() {
+                    format!("{:.0}%", 100.0 * f)
+                } else {
+                    "-".to_string()
+                }
             };
+            let paired_col = percent(paired_fraction);
             println!(
-                "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>8.0}% {:>7}",
+                "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9} {:>7}",
                 case.op(),
                 case.shape(),
                 case.dtype().name(),
                 n,
                 measure::fmt_time(t.median),
                 format!("{value:.1} {unit}"),
-                100.0 * fraction,
+                percent(fraction),
                 paired_col
             );
             records.push(measure::Record {
