@@ -88,16 +88,6 @@ __device__ __forceinline__ void ff_store(typename T::storage* __restrict__ p,
     }
 }
 
-// A 16-byte load through the read-only path (x, weight, bias and cotangent are never written
-// by the kernels).
-__device__ __forceinline__ ff_vec16 ff_ld_nc16(const void* p) {
-    ff_vec16 v;
-    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
-                 : "l"(p));
-    return v;
-}
-
 // Loads elements [base, base + N) of a weight / bias in its storage type; zeros past D.
 template <typename T, bool ALIGNED>
 __device__ __forceinline__ void ff_load_raw(const typename T::storage* __restrict__ p,
@@ -108,7 +98,7 @@ __device__ __forceinline__ void ff_load_raw(const typename T::storage* __restric
     const int N = ff_norm<T>::N;
     if constexpr (ALIGNED) {
         if (base < D) {
-            pk.vec = ff_ld_nc16(p + base);
+            pk.vec = *reinterpret_cast<const ff_vec16*>(p + base);
         } else {
             pk.vec = ff_vec16{{0u, 0u, 0u, 0u}};
         }
@@ -130,27 +120,38 @@ struct ff_pair_ops {
     static const bool available = false;
 };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-// One specialisation per 16-bit type: its tag, the PTX type of a pair and 1.0 in both halves.
-#define FF_PAIR_OPS(TAG, PTX, ONE)                                                         \
-    template <>                                                                           \
-    struct ff_pair_ops<TAG> {                                                             \
-        static const bool available = true;                                               \
-        static const ff_u32_t one = ONE;                                                  \
-        static const ff_u32_t neg_zero = 0x80008000u;                                     \
-        __device__ static ff_u32_t round2(float lo, float hi) {                           \
-            ff_u32_t r;                                                                   \
-            asm("cvt.rn." PTX ".f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));           \
-            return r;                                                                     \
-        }                                                                                 \
-        __device__ static ff_u32_t fma2(ff_u32_t a, ff_u32_t b, ff_u32_t c) {             \
-            ff_u32_t r;                                                                   \
-            asm("fma.rn." PTX " %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));      \
-            return r;                                                                     \
-        }                                                                                 \
-    };
-FF_PAIR_OPS(ff_bf16, "bf16x2", 0x3f803f80u)
-FF_PAIR_OPS(ff_f16, "f16x2", 0x3c003c00u)
-#undef FF_PAIR_OPS
+template <>
+struct ff_pair_ops<ff_bf16> {
+    static const bool available = true;
+    static const ff_u32_t one = 0x3f803f80u;
+    static const ff_u32_t neg_zero = 0x80008000u;
+    __device__ static ff_u32_t round2(float lo, float hi) {
+        ff_u32_t r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    __device__ static ff_u32_t fma2(ff_u32_t a, ff_u32_t b, ff_u32_t c) {
+        ff_u32_t r;
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+        return r;
+    }
+};
+template <>
+struct ff_pair_ops<ff_f16> {
+    static const bool available = true;
+    static const ff_u32_t one = 0x3c003c00u;
+    static const ff_u32_t neg_zero = 0x80008000u;
+    __device__ static ff_u32_t round2(float lo, float hi) {
+        ff_u32_t r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    __device__ static ff_u32_t fma2(ff_u32_t a, ff_u32_t b, ff_u32_t c) {
+        ff_u32_t r;
+        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+        return r;
+    }
+};
 #endif
 
 // The output elements of one chunk: the normalised values n rounded to T, times the weight
@@ -192,18 +193,17 @@ __device__ __forceinline__ void ff_affine(const float (&n)[ff_norm<T>::N],
     }
 }
 
-// Writes elements [base, base + N) of an output row (those below D): the normalised values
-// rounded to T, times the weight and plus the bias (null: absent), each step rounded to T as
-// MLX does; one 16-byte store when ALIGNED.
+// The output elements for one chunk: round the normalised values to T, then apply the
+// weight and bias in T.
 template <typename T, bool ALIGNED>
-__device__ __forceinline__ void ff_write_chunk(typename T::storage* __restrict__ orow,
-                                               const float (&normalized)[ff_norm<T>::N],
-                                               const typename T::storage* __restrict__ w,
-                                               ff_i64_t w_stride,
-                                               const typename T::storage* __restrict__ b,
-                                               ff_i64_t b_stride,
-                                               int base,
-                                               int D) {
+__device__ __forceinline__ void ff_finish_chunk(const float (&normalized)[ff_norm<T>::N],
+                                                const typename T::storage* __restrict__ w,
+                                                ff_i64_t w_stride,
+                                                const typename T::storage* __restrict__ b,
+                                                ff_i64_t b_stride,
+                                                int base,
+                                                int D,
+                                                typename T::storage (&o)[ff_norm<T>::N]) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
     ff_pack<S, N> wv;
@@ -216,7 +216,10 @@ __device__ __forceinline__ void ff_write_chunk(typename T::storage* __restrict__
     }
     ff_pack<S, N> y;
     ff_affine<T>(normalized, wv, bv, w != nullptr, b != nullptr, y);
-    ff_store<T, ALIGNED>(orow, base, D, y.elem);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        o[k] = y.elem[k];
+    }
 }
 
 // The two normalisations, as the template argument K of every kernel: RMS norm scales by
@@ -324,107 +327,23 @@ struct ff_norm_params {
     const int D = (p).D;                                                               \
     const float eps = (p).eps
 
-// ----- row statistics, shared by the forward kernels ----------------------------------------
-
-// Sums over the W consecutive lanes of a warp that share a row (W a power of two up to 32).
-// Every lane of the warp calls these (rows past the end take part with zeros), so the full
-// mask is always valid.
-template <int W>
-__device__ __forceinline__ float ff_lane_sum(float v) {
-#pragma unroll
-    for (int offset = W / 2; offset > 0; offset >>= 1) {
-        v += __shfl_xor_sync(0xffffffffu, v, offset);
-    }
-    return v;
-}
-
-template <int W>
-__device__ __forceinline__ void ff_lane_sum2(float& a, float& b) {
-#pragma unroll
-    for (int offset = W / 2; offset > 0; offset >>= 1) {
-        a += __shfl_xor_sync(0xffffffffu, a, offset);
-        b += __shfl_xor_sync(0xffffffffu, b, offset);
-    }
-}
-
-// How the threads that share a row reduce: the whole block (statistics are block-uniform),
-// or G lanes of a warp (several rows per warp: the layer-norm fallback runs on the whole
-// warp when any of its rows needs it, since its shuffles span the warp).
-struct ff_block_reduce {
-    float* scratch;  // shared memory: 32 floats for sum, 64 for sum2
-    __device__ float sum(float v) const { return ff_block_sum(v, scratch); }
-    __device__ void sum2(float& a, float& b) const { ff_block_sum2(a, b, scratch); }
-    __device__ bool any(bool p) const { return p; }
-};
-
-template <int G>
-struct ff_lane_reduce {
-    __device__ float sum(float v) const { return ff_lane_sum<G>(v); }
-    __device__ void sum2(float& a, float& b) const { ff_lane_sum2<G>(a, b); }
-    __device__ bool any(bool p) const { return __any_sync(0xffffffffu, p); }
-};
-
-// The statistics of one row, as every forward kernel computes them (see "statistics"
-// above). `sums(shift, s1, s2)` adds to s1 and s2 the sums of d = v - shift and d * d over the
-// elements the thread holds (d = 0 for padding past D); RMS norm reads s2 with shift 0. x0 is
-// the row's first element (layer norm's shift; 0 for a row past the end). Returns inv; a
-// value v normalises to ff_normalized<K>(v, shift, m1, inv).
-template <typename K, typename Red, typename Sums>
-__device__ __forceinline__ float ff_row_stats(const Red& red,
-                                              Sums sums,
-                                              float x0,
-                                              int D,
-                                              float eps,
-                                              float& shift,
-                                              float& m1) {
-    m1 = 0.0f;
-    shift = K::layer ? x0 : 0.0f;
-    float a1 = 0.0f;
-    float a2 = 0.0f;
-    sums(shift, a1, a2);
-    if constexpr (K::layer) {
-        red.sum2(a1, a2);
-        float var;
-        if (red.any(!ff_shifted_moments(a1, a2, D, m1, var))) {
-            // Second pass about the estimated mean; its residual sum corrects the mean too.
-            shift += m1;
-            float r1 = 0.0f;
-            float r2 = 0.0f;
-            sums(shift, r1, r2);
-            red.sum2(r1, r2);
-            ff_refine_moments(r1, r2, D, m1, var);
-        }
-        return 1.0f / sqrtf(var + eps);
-    } else {
-        a2 = red.sum(a2);
-        return 1.0f / sqrtf(a2 / (float)D + eps);
-    }
-}
-
-// One element's share of ff_row_stats's sums.
-__device__ __forceinline__ void ff_add_centred(float v, bool in, float shift, float& s1, float& s2) {
-    const float d = in ? v - shift : 0.0f;
-    s1 += d;
-    s2 += d * d;
-}
-
-template <typename K>
-__device__ __forceinline__ float ff_normalized(float v, float shift, float m1, float inv) {
-    return K::layer ? ((v - shift) - m1) * inv : v * inv;
-}
-
-// The forward kernels' arguments, in order: x, its offset and row stride, weight and bias
-// (pointer, offset, stride each; null when absent), the output, rows, D and eps.
-#define FF_NORM_FWD_ARGS                                                                  \
-    const typename T::storage *__restrict__ x, ff_i64_t x_offset, ff_i64_t x_row_stride,   \
-        const typename T::storage *__restrict__ w, ff_i64_t w_offset, ff_i64_t w_stride,   \
-        const typename T::storage *__restrict__ b, ff_i64_t b_offset, ff_i64_t b_stride,   \
-        typename T::storage *__restrict__ out, ff_i64_t n_rows, int D, float eps
-
 // ----- one block per row ---------------------------------------------------------------------
 
 template <typename K, typename T, int N_CHUNKS, bool ALIGNED>
-__global__ void __launch_bounds__(1024) norm_rows(FF_NORM_FWD_ARGS) {
+__global__ void __launch_bounds__(1024) norm_rows(
+    const typename T::storage* __restrict__ x,
+    ff_i64_t x_offset,
+    ff_i64_t x_row_stride,
+    const typename T::storage* __restrict__ w,
+    ff_i64_t w_offset,
+    ff_i64_t w_stride,
+    const typename T::storage* __restrict__ b,
+    ff_i64_t b_offset,
+    ff_i64_t b_stride,
+    typename T::storage* __restrict__ out,
+    ff_i64_t n_rows,
+    int D,
+    float eps) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
     __shared__ float scratch[K::layer ? 64 : 32];
@@ -433,25 +352,57 @@ __global__ void __launch_bounds__(1024) norm_rows(FF_NORM_FWD_ARGS) {
     const S* bp = (K::layer && b != nullptr) ? b + b_offset : nullptr;
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const S* xr = x + x_offset + row * x_row_stride;
+        float shift = K::layer ? T::to_f32(xr[0]) : 0.0f;
         float v[N_CHUNKS][N];
+        float a1 = 0.0f;
+        float a2 = 0.0f;
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
-            ff_load<T, ALIGNED>(xr, 1, (c * (int)blockDim.x + (int)threadIdx.x) * N, D, v[c]);
-        }
-        auto sums = [&](float shift, float& s1, float& s2) {
+            const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+            ff_load<T, ALIGNED>(xr, 1, base, D, v[c]);
 #pragma unroll
-            for (int c = 0; c < N_CHUNKS; ++c) {
-                const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
-#pragma unroll
-                for (int k = 0; k < N; ++k) {
-                    ff_add_centred(v[c][k], ALIGNED ? base < D : base + k < D, shift, s1, s2);
+            for (int k = 0; k < N; ++k) {
+                if constexpr (K::layer) {
+                    const bool in = ALIGNED ? base < D : base + k < D;
+                    const float d = in ? v[c][k] - shift : 0.0f;
+                    a1 += d;
+                    a2 += d * d;
+                } else {
+                    // Loads past D are zeros.
+                    a2 += v[c][k] * v[c][k];
                 }
             }
-        };
-        float shift;
-        float m1;
-        const float inv = ff_row_stats<K>(
-            ff_block_reduce{scratch}, sums, K::layer ? T::to_f32(xr[0]) : 0.0f, D, eps, shift, m1);
+        }
+        float m1 = 0.0f;
+        float inv;
+        if constexpr (K::layer) {
+            ff_block_sum2(a1, a2, scratch);
+            float var;
+            if (!ff_shifted_moments(a1, a2, D, m1, var)) {
+                // Second pass over the registers about the estimated mean, skipping the
+                // padding past D; its residual sum corrects the mean too.
+                shift += m1;
+                m1 = 0.0f;
+                float r1 = 0.0f;
+                float r2 = 0.0f;
+#pragma unroll
+                for (int c = 0; c < N_CHUNKS; ++c) {
+                    const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+#pragma unroll
+                    for (int k = 0; k < N; ++k) {
+                        const float d = base + k < D ? (v[c][k] - shift) - m1 : 0.0f;
+                        r1 += d;
+                        r2 += d * d;
+                    }
+                }
+                ff_block_sum2(r1, r2, scratch);
+                ff_refine_moments(r1, r2, D, m1, var);
+            }
+            inv = 1.0f / sqrtf(var + eps);
+        } else {
+            a2 = ff_block_sum(a2, scratch);
+            inv = 1.0f / sqrtf(a2 / (float)D + eps);
+        }
         S* orow = out + row * (ff_i64_t)D;
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
@@ -460,16 +411,31 @@ __global__ void __launch_bounds__(1024) norm_rows(FF_NORM_FWD_ARGS) {
                 float n[N];
 #pragma unroll
                 for (int k = 0; k < N; ++k) {
-                    n[k] = ff_normalized<K>(v[c][k], shift, m1, inv);
+                    n[k] = K::layer ? ((v[c][k] - shift) - m1) * inv : v[c][k] * inv;
                 }
-                ff_write_chunk<T, ALIGNED>(orow, n, wp, w_stride, bp, b_stride, base, D);
+                S o[N];
+                ff_finish_chunk<T, ALIGNED>(n, wp, w_stride, bp, b_stride, base, D, o);
+                ff_store<T, ALIGNED>(orow, base, D, o);
             }
         }
     }
 }
 
 template <typename K, typename T, bool ALIGNED>
-__global__ void __launch_bounds__(1024) norm_looped(FF_NORM_FWD_ARGS) {
+__global__ void __launch_bounds__(1024) norm_looped(
+    const typename T::storage* __restrict__ x,
+    ff_i64_t x_offset,
+    ff_i64_t x_row_stride,
+    const typename T::storage* __restrict__ w,
+    ff_i64_t w_offset,
+    ff_i64_t w_stride,
+    const typename T::storage* __restrict__ b,
+    ff_i64_t b_offset,
+    ff_i64_t b_stride,
+    typename T::storage* __restrict__ out,
+    ff_i64_t n_rows,
+    int D,
+    float eps) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
     __shared__ float scratch[K::layer ? 64 : 32];
@@ -479,30 +445,62 @@ __global__ void __launch_bounds__(1024) norm_looped(FF_NORM_FWD_ARGS) {
     const int step = (int)blockDim.x * N;
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const S* xr = x + x_offset + row * x_row_stride;
-        // Each pass reads the row again (mostly from L2).
-        auto sums = [&](float shift, float& s1, float& s2) {
-            for (int base = (int)threadIdx.x * N; base < D; base += step) {
-                float v[N];
-                ff_load<T, ALIGNED>(xr, 1, base, D, v);
+        float shift = K::layer ? T::to_f32(xr[0]) : 0.0f;
+        float a1 = 0.0f;
+        float a2 = 0.0f;
+        for (int base = (int)threadIdx.x * N; base < D; base += step) {
+            float v[N];
+            ff_load<T, ALIGNED>(xr, 1, base, D, v);
 #pragma unroll
-                for (int k = 0; k < N; ++k) {
-                    ff_add_centred(v[k], base + k < D, shift, s1, s2);
+            for (int k = 0; k < N; ++k) {
+                if constexpr (K::layer) {
+                    const float d = base + k < D ? v[k] - shift : 0.0f;
+                    a1 += d;
+                    a2 += d * d;
+                } else {
+                    a2 += v[k] * v[k];
                 }
             }
-        };
-        float shift;
-        float m1;
-        const float inv = ff_row_stats<K>(
-            ff_block_reduce{scratch}, sums, K::layer ? T::to_f32(xr[0]) : 0.0f, D, eps, shift, m1);
+        }
+        float m1 = 0.0f;
+        float inv;
+        if constexpr (K::layer) {
+            ff_block_sum2(a1, a2, scratch);
+            float var;
+            if (!ff_shifted_moments(a1, a2, D, m1, var)) {
+                shift += m1;
+                m1 = 0.0f;
+                float r1 = 0.0f;
+                float r2 = 0.0f;
+                for (int base = (int)threadIdx.x * N; base < D; base += step) {
+                    float v[N];
+                    ff_load<T, ALIGNED>(xr, 1, base, D, v);
+#pragma unroll
+                    for (int k = 0; k < N; ++k) {
+                        const float d = base + k < D ? (v[k] - shift) - m1 : 0.0f;
+                        r1 += d;
+                        r2 += d * d;
+                    }
+                }
+                ff_block_sum2(r1, r2, scratch);
+                ff_refine_moments(r1, r2, D, m1, var);
+            }
+            inv = 1.0f / sqrtf(var + eps);
+        } else {
+            a2 = ff_block_sum(a2, scratch);
+            inv = 1.0f / sqrtf(a2 / (float)D + eps);
+        }
         S* orow = out + row * (ff_i64_t)D;
         for (int base = (int)threadIdx.x * N; base < D; base += step) {
             float v[N];
             ff_load<T, ALIGNED>(xr, 1, base, D, v);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                v[k] = ff_normalized<K>(v[k], shift, m1, inv);
+                v[k] = K::layer ? ((v[k] - shift) - m1) * inv : v[k] * inv;
             }
-            ff_write_chunk<T, ALIGNED>(orow, v, wp, w_stride, bp, b_stride, base, D);
+            S o[N];
+            ff_finish_chunk<T, ALIGNED>(v, wp, w_stride, bp, b_stride, base, D, o);
+            ff_store<T, ALIGNED>(orow, base, D, o);
         }
     }
 }
@@ -518,6 +516,27 @@ __global__ void __launch_bounds__(1024) norm_looped(FF_NORM_FWD_ARGS) {
 
 #define FF_GROUP_BLOCK 256
 
+// A 16-byte load through the read-only path (x, weight and bias are never written by the
+// kernel).
+__device__ __forceinline__ ff_vec16 ff_ld_nc16(const void* p) {
+    ff_vec16 v;
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
+                 : "l"(p));
+    return v;
+}
+
+// Sum over the G lanes of a group. Every lane of the warp calls this (rows past the end
+// take part with zeros), so the full mask is always valid.
+template <int G>
+__device__ __forceinline__ float ff_group_sum(float v) {
+#pragma unroll
+    for (int offset = G / 2; offset > 0; offset >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
 // Loads chunk c of a lane: elements [base, base + N) of the row, zeros past D or for a row
 // past the end (valid == false).
 template <typename T, bool ALIGNED>
@@ -526,15 +545,86 @@ __device__ __forceinline__ void ff_group_load(const typename T::storage* __restr
                                               int D,
                                               bool valid,
                                               ff_pack<typename T::storage, ff_norm<T>::N>& pk) {
-    if (valid) {
-        ff_load_raw<T, ALIGNED>(xr, 1, base, D, pk);
+    typedef typename T::storage S;
+    const int N = ff_norm<T>::N;
+    if constexpr (ALIGNED) {
+        if (valid && base < D) {
+            pk.vec = ff_ld_nc16(xr + base);
+        } else {
+            pk.vec.w[0] = 0u;
+            pk.vec.w[1] = 0u;
+            pk.vec.w[2] = 0u;
+            pk.vec.w[3] = 0u;
+        }
     } else {
-        pk.vec = ff_vec16{{0u, 0u, 0u, 0u}};
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            pk.elem[k] = (valid && base + k < D) ? xr[base + k] : T::from_f32(0.0f);
+        }
+    }
+}
+
+// Writes chunk c of a lane: the normalised values n, rounded to T, times the weight and plus
+// the bias (each rounded to T, as MLX), stored with one 16-byte store when ALIGNED.
+template <typename T, bool ALIGNED>
+__device__ __forceinline__ void ff_group_store(typename T::storage* __restrict__ orow,
+                                               const typename T::storage* __restrict__ w,
+                                               ff_i64_t w_stride,
+                                               const typename T::storage* __restrict__ b,
+                                               ff_i64_t b_stride,
+                                               int base,
+                                               int D,
+                                               const float (&n)[ff_norm<T>::N]) {
+    typedef typename T::storage S;
+    const int N = ff_norm<T>::N;
+    ff_pack<S, N> wp;
+    ff_pack<S, N> bp;
+    if constexpr (ALIGNED) {
+        if (w != nullptr) {
+            wp.vec = ff_ld_nc16(w + base);
+        }
+        if (b != nullptr) {
+            bp.vec = ff_ld_nc16(b + base);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const bool in = base + k < D;
+            wp.elem[k] = (w != nullptr && in) ? w[(ff_i64_t)(base + k) * w_stride]
+                                              : T::from_f32(0.0f);
+            bp.elem[k] = (b != nullptr && in) ? b[(ff_i64_t)(base + k) * b_stride]
+                                              : T::from_f32(0.0f);
+        }
+    }
+    ff_pack<S, N> o;
+    ff_affine<T>(n, wp, bp, w != nullptr, b != nullptr, o);
+    if constexpr (ALIGNED) {
+        *reinterpret_cast<ff_vec16*>(orow + base) = o.vec;
+    } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            if (base + k < D) {
+                orow[base + k] = o.elem[k];
+            }
+        }
     }
 }
 
 template <typename K, typename T, int G, int CH, bool ALIGNED>
-__global__ void __launch_bounds__(FF_GROUP_BLOCK) norm_group(FF_NORM_FWD_ARGS) {
+__global__ void __launch_bounds__(FF_GROUP_BLOCK) norm_group(
+    const typename T::storage* __restrict__ x,
+    ff_i64_t x_offset,
+    ff_i64_t x_row_stride,
+    const typename T::storage* __restrict__ w,
+    ff_i64_t w_offset,
+    ff_i64_t w_stride,
+    const typename T::storage* __restrict__ b,
+    ff_i64_t b_offset,
+    ff_i64_t b_stride,
+    typename T::storage* __restrict__ out,
+    ff_i64_t n_rows,
+    int D,
+    float eps) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
     const int lane = (int)threadIdx.x % G;
@@ -546,26 +636,66 @@ __global__ void __launch_bounds__(FF_GROUP_BLOCK) norm_group(FF_NORM_FWD_ARGS) {
     for (int c = 0; c < CH; ++c) {
         ff_group_load<T, ALIGNED>(xr, (c * G + lane) * N, D, valid, raw[c]);
     }
-    auto sums = [&](float shift, float& s1, float& s2) {
+    float shift = (K::layer && valid) ? T::to_f32(xr[0]) : 0.0f;
+    float a1 = 0.0f;
+    float a2 = 0.0f;
 #pragma unroll
-        for (int c = 0; c < CH; ++c) {
-            const int base = (c * G + lane) * N;
+    for (int c = 0; c < CH; ++c) {
+        const int base = (c * G + lane) * N;
 #pragma unroll
-            for (int k = 0; k < N; ++k) {
+        for (int k = 0; k < N; ++k) {
+            if constexpr (K::layer) {
                 const bool in = ALIGNED ? base < D : base + k < D;
-                ff_add_centred(T::to_f32(raw[c].elem[k]), in, shift, s1, s2);
+                const float d = in ? T::to_f32(raw[c].elem[k]) - shift : 0.0f;
+                a1 += d;
+                a2 += d * d;
+            } else {
+                // Loads past D are zeros.
+                const float v = T::to_f32(raw[c].elem[k]);
+                a2 += v * v;
             }
         }
-    };
-    float shift;
-    float m1;
-    const float inv = ff_row_stats<K>(ff_lane_reduce<G>{},
-                                      sums,
-                                      (K::layer && valid) ? T::to_f32(xr[0]) : 0.0f,
-                                      D,
-                                      eps,
-                                      shift,
-                                      m1);
+    }
+    float m1 = 0.0f;
+    float inv;
+    if constexpr (K::layer) {
+#pragma unroll
+        for (int offset = G / 2; offset > 0; offset >>= 1) {
+            a1 += __shfl_xor_sync(0xffffffffu, a1, offset);
+            a2 += __shfl_xor_sync(0xffffffffu, a2, offset);
+        }
+        float var;
+        const bool trusted = ff_shifted_moments(a1, a2, D, m1, var);
+        // The exact pass shuffles across the whole warp, so every lane takes it when any
+        // row of the warp needs it.
+        if (__any_sync(0xffffffffu, !trusted)) {
+            shift += m1;
+            m1 = 0.0f;
+            float r1 = 0.0f;
+            float r2 = 0.0f;
+#pragma unroll
+            for (int c = 0; c < CH; ++c) {
+                const int base = (c * G + lane) * N;
+#pragma unroll
+                for (int k = 0; k < N; ++k) {
+                    const float d =
+                        base + k < D ? (T::to_f32(raw[c].elem[k]) - shift) - m1 : 0.0f;
+                    r1 += d;
+                    r2 += d * d;
+                }
+            }
+#pragma unroll
+            for (int offset = G / 2; offset > 0; offset >>= 1) {
+                r1 += __shfl_xor_sync(0xffffffffu, r1, offset);
+                r2 += __shfl_xor_sync(0xffffffffu, r2, offset);
+            }
+            ff_refine_moments(r1, r2, D, m1, var);
+        }
+        inv = 1.0f / sqrtf(var + eps);
+    } else {
+        a2 = ff_group_sum<G>(a2);
+        inv = 1.0f / sqrtf(a2 / (float)D + eps);
+    }
     if (!valid) {
         return;
     }
@@ -580,9 +710,10 @@ __global__ void __launch_bounds__(FF_GROUP_BLOCK) norm_group(FF_NORM_FWD_ARGS) {
             float n[N];
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                n[k] = ff_normalized<K>(T::to_f32(raw[c].elem[k]), shift, m1, inv);
+                const float v = T::to_f32(raw[c].elem[k]);
+                n[k] = K::layer ? ((v - shift) - m1) * inv : v * inv;
             }
-            ff_write_chunk<T, ALIGNED>(orow, n, wp, w_stride, bp, b_stride, base, D);
+            ff_group_store<T, ALIGNED>(orow, wp, w_stride, bp, b_stride, base, D, n);
         }
     }
 }
@@ -606,296 +737,167 @@ struct ff_norm_vjp_params {
     ff_i64_t g_offset, g_row_stride;
 };
 
-// The backward kernels' arguments (`vjp` in `cuda/norm.rs` passes them in this order), and
-// their scalars under the names the bodies use (the bias is not read).
-#define FF_NORM_VJP_ARGS                                                                  \
-    const typename T::storage *__restrict__ x, const typename T::storage *__restrict__ w,  \
-        const typename T::storage *__restrict__ g, typename T::storage *__restrict__ dx,   \
-        float *__restrict__ dw_part, float *__restrict__ db_part,                          \
-        const ff_norm_vjp_params params
-#define FF_NORM_VJP_PARAMS \
-    FF_NORM_PARAMS(params.f); \
-    (void)b_offset;           \
-    (void)b_stride
+// Threads per block of the backward kernels (`VJP_MAX_THREADS` in `cuda/norm.rs`): 128
+// registers per thread, room for a row in flight while the previous one is reduced.
+#define FF_NORM_VJP_THREADS 512
 
-// The backward statistics of one row. `sums(pass, mean, a, b)` adds to a and b, over the
-// elements the thread holds, what ff_vjp_add adds for each (x and gw = g * w as f32, zero
-// past D); `sum2` adds two values over the threads of the row (every one of them gets the
-// totals). Sets mean and mean_gw (0 for RMS norm), n = rsqrt(var + eps) and
-// c3 = mean(gw * xc) * n^3; an element's centred value is ff_vjp_centred<K>(x, in, mean).
-template <typename K>
-__device__ __forceinline__ float ff_vjp_centred(float x, bool in, float mean) {
-    return (!K::layer || in) ? x - mean : 0.0f;
-}
-
-// Pass 0 (layer norm): sums of x and of gw. Pass 1: sums of xc^2 and of gw * xc.
-template <typename K>
-__device__ __forceinline__ void ff_vjp_add(
-    int pass, float x, float gw, bool in, float mean, float& a, float& b) {
-    if (pass == 0) {
-        a += x;
-        b += gw;
-    } else {
-        const float xc = ff_vjp_centred<K>(x, in, mean);
-        a += xc * xc;
-        b += gw * xc;
-    }
-}
-
-template <typename K, typename Sum2, typename Sums>
-__device__ __forceinline__ void ff_vjp_row_stats(Sum2 sum2,
-                                                 Sums sums,
-                                                 int D,
-                                                 float eps,
-                                                 float& mean,
-                                                 float& mean_gw,
-                                                 float& n,
-                                                 float& c3) {
-    const float inv_d = 1.0f / (float)D;
-    mean = 0.0f;
-    mean_gw = 0.0f;
-    if constexpr (K::layer) {
-        float s1 = 0.0f;
-        float s2 = 0.0f;
-        sums(0, 0.0f, s1, s2);
-        sum2(s1, s2);
-        mean = s1 * inv_d;
-        mean_gw = s2 * inv_d;
-    }
-    float q1 = 0.0f;
-    float q2 = 0.0f;
-    sums(1, mean, q1, q2);
-    sum2(q1, q2);
-    n = 1.0f / sqrtf(q1 * inv_d + eps);
-    c3 = q2 * inv_d * n * n * n;
-}
-
-// Threads per block of the backward's group kernel: max(FF_NORM_VJP_MIN_BLOCK, G)
-// (`VJP_MIN_BLOCK` in `cuda/norm.rs`); the widest group has FF_NORM_VJP_MAX_GROUP threads.
-#define FF_NORM_VJP_MIN_BLOCK 128
-#define FF_NORM_VJP_MAX_GROUP 256
-// Blocks per SM the aligned group kernels are compiled to fit (128 registers a thread): x
-// and g kept as loaded fill the registers, up to 64 KB of loads in flight per SM. The
-// unaligned ones (scalar loads) get no such bound.
-#define FF_NORM_VJP_MIN_BLOCKS(G, ALIGNED) \
-    (!ALIGNED ? 1 : G > FF_NORM_VJP_MIN_BLOCK ? 65536 / 128 / G : 65536 / 128 / FF_NORM_VJP_MIN_BLOCK)
-
-// Sums of a and b over the G consecutive threads of a group (G a power of two from 8 to
-// FF_NORM_VJP_MAX_GROUP), returned to each of them. Up to a warp: shuffles alone. Wider: each
-// warp shuffles, then the group's warps exchange their sums through `red` (2 x 2 x
-// FF_NORM_VJP_MAX_GROUP / 32 floats of shared memory) behind one named barrier per call
-// (barrier 1 + group index, G threads), every thread adding the warp sums in warp order. The
-// slots alternate with `parity`: a thread writing slot p again has passed the barrier of the
-// call in between, so every reader of the previous use of p is done.
-template <int G>
-__device__ __forceinline__ void ff_group_sum2(float& a, float& b, float* red, int& parity) {
-    ff_lane_sum2<(G < 32 ? G : 32)>(a, b);
-    if constexpr (G > 32) {
-        const int n_warps = FF_NORM_VJP_MAX_GROUP / 32;
-        const int warp = (int)threadIdx.x >> 5;
-        const int first = warp & ~(G / 32 - 1);
-        float* slot = red + parity * 2 * n_warps;
-        if ((threadIdx.x & 31) == 0) {
-            slot[warp] = a;
-            slot[n_warps + warp] = b;
-        }
-        asm volatile("bar.sync %0, %1;" ::"r"(1 + (int)threadIdx.x / G), "r"(G) : "memory");
-        a = 0.0f;
-        b = 0.0f;
-#pragma unroll
-        for (int i = 0; i < G / 32; ++i) {
-            a += slot[first + i];
-            b += slot[n_warps + first + i];
-        }
-        parity ^= 1;
-    }
-}
-
-// Four floats moved as one 16-byte shared-memory access.
-struct alignas(16) ff_f32x4 {
-    float v[4];
-};
-
-// part[i] += add[i] for the N consecutive floats of one chunk (16-byte aligned), in 16-byte
-// shared-memory accesses.
-template <int N>
-__device__ __forceinline__ void ff_add_chunk(float* part, const float (&add)[N]) {
-#pragma unroll
-    for (int q = 0; q < N / 4; ++q) {
-        ff_f32x4 p = reinterpret_cast<ff_f32x4*>(part)[q];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            p.v[j] += add[4 * q + j];
-        }
-        reinterpret_cast<ff_f32x4*>(part)[q] = p;
-    }
-}
-
-// A group of G threads per row (G in {8, ..., FF_NORM_VJP_MAX_GROUP}); a block of B =
-// max(FF_NORM_VJP_MIN_BLOCK, G) threads has R = B / G rows in flight. Each thread keeps CH
-// chunks of N = 16 / sizeof(T) elements of x and g in registers in their storage type
-// (chunk c of a thread: elements (c * G + lane) * N ...), and the next row's chunks, loaded
-// before this row's reductions; the reductions are group-wide (shuffles; named barriers past
-// a warp), never block-wide. Registers hold only x and g: the weight (in T) and the dw / db
-// partials (f32, one slice of D per group) live in dynamic shared memory,
-//   [weight: D elements, padded to 16 bytes][dw: R x D, if dw_part][db: R x D, if db_part],
-// each thread adding its own columns of its group's slice (no synchronisation); at the end
-// the block adds the R slices in group order into its row of dw_part / db_part. Rows are
-// visited block-uniformly (row0 + group for row0 = blockIdx.x * R, stepping gridDim.x * R),
-// rows past the end taking part in the reductions with zeros. Unaligned (ALIGNED false):
-// scalar global loads, D % N arbitrary; the shared-memory layout is the same.
-template <typename K, typename T, int G, int CH, bool ALIGNED>
-__global__ void __launch_bounds__(G > FF_NORM_VJP_MIN_BLOCK ? G : FF_NORM_VJP_MIN_BLOCK,
-                                   FF_NORM_VJP_MIN_BLOCKS(G, ALIGNED))
-    norm_vjp_group(FF_NORM_VJP_ARGS) {
-    FF_NORM_VJP_PARAMS;
+template <typename K, typename T, int N_CHUNKS, bool ALIGNED>
+__global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_rows(
+    const typename T::storage* __restrict__ x,
+    const typename T::storage* __restrict__ w,
+    const typename T::storage* __restrict__ g,
+    typename T::storage* __restrict__ dx,
+    float* __restrict__ dw_part,
+    float* __restrict__ db_part,
+    const ff_norm_vjp_params params) {
+    FF_NORM_PARAMS(params.f);
+    (void)b_offset;
+    (void)b_stride;
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
-    const int B = G > FF_NORM_VJP_MIN_BLOCK ? G : FF_NORM_VJP_MIN_BLOCK;
-    const int R = B / G;
-    __shared__ float red[2 * 2 * (FF_NORM_VJP_MAX_GROUP / 32)];
-    extern __shared__ ff_vec16 ff_vjp_smem[];
-    const int group = (int)threadIdx.x / G;
-    const int lane = (int)threadIdx.x % G;
-    // The padded chunk count of a row: shared-memory rows hold whole chunks.
-    const int DP = (D + N - 1) / N * N;
-    S* ws = reinterpret_cast<S*>(ff_vjp_smem);
-    // DP * sizeof(S) is a multiple of 16, so the partials start 16-byte aligned.
-    float* parts = reinterpret_cast<float*>(ws + DP);
-    float* pdw = dw_part != nullptr ? parts : nullptr;
-    float* pdb = db_part != nullptr ? parts + (pdw != nullptr ? R * DP : 0) : nullptr;
-    for (int i = threadIdx.x; i < DP; i += B) {
-        ws[i] = (w == nullptr || i >= D) ? T::from_f32(w == nullptr ? 1.0f : 0.0f)
-                                         : w[w_offset + (ff_i64_t)i * w_stride];
-    }
-    for (int i = threadIdx.x; i < R * DP; i += B) {
-        if (pdw != nullptr) {
-            pdw[i] = 0.0f;
+    __shared__ float scratch[64];
+    float wv[N_CHUNKS][N];
+    float dwp[N_CHUNKS][N];
+    float dbp[N_CHUNKS][N];
+#pragma unroll
+    for (int c = 0; c < N_CHUNKS; ++c) {
+        const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+        if (w != nullptr) {
+            ff_load<T, ALIGNED>(w + w_offset, w_stride, base, D, wv[c]);
         }
-        if (pdb != nullptr) {
-            pdb[i] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            if (w == nullptr) {
+                wv[c][k] = 1.0f;
+            }
+            dwp[c][k] = 0.0f;
+            dbp[c][k] = 0.0f;
         }
     }
-    __syncthreads();
-    const ff_i64_t step = (ff_i64_t)gridDim.x * R;
-    ff_pack<S, N> xn[CH];
-    ff_pack<S, N> gn[CH];
-    auto load_row = [&](ff_i64_t row) {
-        const bool valid = row < n_rows;
-        const ff_i64_t r = valid ? row : 0;
+    const float inv_d = 1.0f / (float)D;
+    // Each row's x and g are loaded (packed, unconverted) one iteration ahead, so the loads
+    // of the next row are in flight while this one is reduced and written.
+    ff_pack<S, N> xp[N_CHUNKS];
+    ff_pack<S, N> gp[N_CHUNKS];
+    auto load_row = [&](ff_i64_t r) {
         const S* xr = x + x_offset + r * x_row_stride;
         const S* gr = g + params.g_offset + r * params.g_row_stride;
 #pragma unroll
-        for (int c = 0; c < CH; ++c) {
-            ff_group_load<T, ALIGNED>(xr, (c * G + lane) * N, D, valid, xn[c]);
-            ff_group_load<T, ALIGNED>(gr, (c * G + lane) * N, D, valid, gn[c]);
+        for (int c = 0; c < N_CHUNKS; ++c) {
+            const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+            ff_load_raw<T, ALIGNED>(xr, 1, base, D, xp[c]);
+            ff_load_raw<T, ALIGNED>(gr, 1, base, D, gp[c]);
         }
     };
-    // The weight of chunk c (zeros past D), from shared memory.
-    auto wchunk = [&](int c) {
-        ff_pack<S, N> pk;
-        const int base = (c * G + lane) * N;
-        if (base < DP) {
-            pk.vec = *reinterpret_cast<const ff_vec16*>(ws + base);
-        } else {
-            pk.vec = ff_vec16{{0u, 0u, 0u, 0u}};
-        }
-        return pk;
-    };
-    int parity = 0;
-    ff_i64_t row0 = (ff_i64_t)blockIdx.x * R;
-    load_row(row0 + group);
-    for (; row0 < n_rows; row0 += step) {
-        const ff_i64_t row = row0 + group;
-        ff_pack<S, N> xc[CH];
-        ff_pack<S, N> gc[CH];
+    if ((ff_i64_t)blockIdx.x < n_rows) {
+        load_row(blockIdx.x);
+    }
+    for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        float xv[N_CHUNKS][N];
+        float gv[N_CHUNKS][N];
 #pragma unroll
-        for (int c = 0; c < CH; ++c) {
-            xc[c] = xn[c];
-            gc[c] = gn[c];
-        }
-        if (row0 + step < n_rows) {
-            load_row(row + step);
-        }
-        auto sums = [&](int pass, float m, float& a, float& b) {
+        for (int c = 0; c < N_CHUNKS; ++c) {
 #pragma unroll
-            for (int c = 0; c < CH; ++c) {
-                const ff_pack<S, N> wk = wchunk(c);
+            for (int k = 0; k < N; ++k) {
+                xv[c][k] = T::to_f32(xp[c].elem[k]);
+                gv[c][k] = T::to_f32(gp[c].elem[k]);
+            }
+        }
+        if (row + gridDim.x < n_rows) {
+            load_row(row + gridDim.x);
+        }
+        float mean_gw = 0.0f;
+        if constexpr (K::layer) {
+            // Mean of x and of g * w, then centre x (elements past D stay 0).
+            float s1 = 0.0f;
+            float s2 = 0.0f;
+#pragma unroll
+            for (int c = 0; c < N_CHUNKS; ++c) {
 #pragma unroll
                 for (int k = 0; k < N; ++k) {
-                    const bool in = (c * G + lane) * N + k < D;
-                    const float gw = T::to_f32(gc[c].elem[k]) * T::to_f32(wk.elem[k]);
-                    ff_vjp_add<K>(pass, T::to_f32(xc[c].elem[k]), gw, in, m, a, b);
+                    s1 += xv[c][k];
+                    s2 += gv[c][k] * wv[c][k];
                 }
             }
-        };
-        float mean, mean_gw, n, c3;
-        ff_vjp_row_stats<K>([&](float& a, float& b) { ff_group_sum2<G>(a, b, red, parity); },
-                            sums, D, eps, mean, mean_gw, n, c3);
-        if (row < n_rows) {
-            S* dxr = dx + row * (ff_i64_t)D;
+            ff_block_sum2(s1, s2, scratch);
+            const float mean = s1 * inv_d;
+            mean_gw = s2 * inv_d;
 #pragma unroll
-            for (int c = 0; c < CH; ++c) {
-                const int base = (c * G + lane) * N;
-                if (base < D) {
-                    const ff_pack<S, N> wk = wchunk(c);
-                    S o[N];
-                    float dwv[N];
-                    float dbv[N];
+            for (int c = 0; c < N_CHUNKS; ++c) {
+                const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
 #pragma unroll
-                    for (int k = 0; k < N; ++k) {
-                        const float xv =
-                            ff_vjp_centred<K>(T::to_f32(xc[c].elem[k]), base + k < D, mean);
-                        const float gv = T::to_f32(gc[c].elem[k]);
-                        o[k] = T::from_f32((gv * T::to_f32(wk.elem[k]) - mean_gw) * n - xv * c3);
-                        dwv[k] = gv * xv * n;
-                        dbv[k] = gv;
-                    }
-                    ff_store<T, ALIGNED>(dxr, base, D, o);
-                    if (pdw != nullptr) {
-                        ff_add_chunk<N>(pdw + group * DP + base, dwv);
-                    }
-                    if (K::layer && pdb != nullptr) {
-                        ff_add_chunk<N>(pdb + group * DP + base, dbv);
-                    }
+                for (int k = 0; k < N; ++k) {
+                    xv[c][k] = base + k < D ? xv[c][k] - mean : 0.0f;
                 }
+            }
+        }
+        float q1 = 0.0f;
+        float q2 = 0.0f;
+#pragma unroll
+        for (int c = 0; c < N_CHUNKS; ++c) {
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                q1 += xv[c][k] * xv[c][k];
+                q2 += gv[c][k] * wv[c][k] * xv[c][k];
+            }
+        }
+        ff_block_sum2(q1, q2, scratch);
+        const float n = 1.0f / sqrtf(q1 * inv_d + eps);
+        const float c3 = q2 * inv_d * n * n * n;
+        S* dxr = dx + row * (ff_i64_t)D;
+#pragma unroll
+        for (int c = 0; c < N_CHUNKS; ++c) {
+            const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+            if (base < D) {
+                S o[N];
+#pragma unroll
+                for (int k = 0; k < N; ++k) {
+                    o[k] = T::from_f32((gv[c][k] * wv[c][k] - mean_gw) * n - xv[c][k] * c3);
+                    dwp[c][k] += gv[c][k] * xv[c][k] * n;
+                    dbp[c][k] += gv[c][k];
+                }
+                ff_store<T, ALIGNED>(dxr, base, D, o);
             }
         }
     }
-    __syncthreads();
-    for (int i = threadIdx.x; i < D; i += B) {
-        float sw = 0.0f;
-        float sb = 0.0f;
-        for (int r = 0; r < R; ++r) {
-            if (pdw != nullptr) {
-                sw += pdw[r * DP + i];
+#pragma unroll
+    for (int c = 0; c < N_CHUNKS; ++c) {
+        const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            if (base + k < D) {
+                const ff_i64_t at = (ff_i64_t)blockIdx.x * D + base + k;
+                if (dw_part != nullptr) {
+                    dw_part[at] = dwp[c][k];
+                }
+                if (db_part != nullptr) {
+                    db_part[at] = dbp[c][k];
+                }
             }
-            if (pdb != nullptr) {
-                sb += pdb[r * DP + i];
-            }
-        }
-        if (pdw != nullptr) {
-            dw_part[(ff_i64_t)blockIdx.x * D + i] = sw;
-        }
-        if (pdb != nullptr) {
-            db_part[(ff_i64_t)blockIdx.x * D + i] = sb;
         }
     }
 }
-
-// Threads per block of the looped backward kernel (`VJP_LOOPED_THREADS` in `cuda/norm.rs`).
-#define FF_NORM_VJP_LOOPED_THREADS 512
 
 // Rows too long for registers: three passes over each row (sums, centred sums, output; the
 // later ones mostly hit L2), the partial sums kept in the block's slice of dw_part / db_part
 // (each element owned by one thread, so no synchronisation). dw_part and db_part must not be
 // null when a weight / bias gradient is wanted; the kernel zeroes them first.
 template <typename K, typename T>
-__global__ void __launch_bounds__(FF_NORM_VJP_LOOPED_THREADS) norm_vjp_looped(FF_NORM_VJP_ARGS) {
-    FF_NORM_VJP_PARAMS;
+__global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_looped(
+    const typename T::storage* __restrict__ x,
+    const typename T::storage* __restrict__ w,
+    const typename T::storage* __restrict__ g,
+    typename T::storage* __restrict__ dx,
+    float* __restrict__ dw_part,
+    float* __restrict__ db_part,
+    const ff_norm_vjp_params params) {
+    FF_NORM_PARAMS(params.f);
+    (void)b_offset;
+    (void)b_stride;
     typedef typename T::storage S;
     __shared__ float scratch[64];
     const int step = (int)blockDim.x;
+    const float inv_d = 1.0f / (float)D;
     float* dwb = dw_part != nullptr ? dw_part + (ff_i64_t)blockIdx.x * D : nullptr;
     float* dbb = db_part != nullptr ? db_part + (ff_i64_t)blockIdx.x * D : nullptr;
     for (int i = threadIdx.x; i < D; i += step) {
@@ -912,14 +914,29 @@ __global__ void __launch_bounds__(FF_NORM_VJP_LOOPED_THREADS) norm_vjp_looped(FF
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const S* xr = x + x_offset + row * x_row_stride;
         const S* gr = g + params.g_offset + row * params.g_row_stride;
-        auto sums = [&](int pass, float m, float& a, float& b) {
+        float mean = 0.0f;
+        float mean_gw = 0.0f;
+        if constexpr (K::layer) {
+            float s1 = 0.0f;
+            float s2 = 0.0f;
             for (int i = threadIdx.x; i < D; i += step) {
-                ff_vjp_add<K>(pass, T::to_f32(xr[i]), T::to_f32(gr[i]) * wat(i), true, m, a, b);
+                s1 += T::to_f32(xr[i]);
+                s2 += T::to_f32(gr[i]) * wat(i);
             }
-        };
-        float mean, mean_gw, n, c3;
-        ff_vjp_row_stats<K>([&](float& a, float& b) { ff_block_sum2(a, b, scratch); },
-                            sums, D, eps, mean, mean_gw, n, c3);
+            ff_block_sum2(s1, s2, scratch);
+            mean = s1 * inv_d;
+            mean_gw = s2 * inv_d;
+        }
+        float q1 = 0.0f;
+        float q2 = 0.0f;
+        for (int i = threadIdx.x; i < D; i += step) {
+            const float xc = T::to_f32(xr[i]) - mean;
+            q1 += xc * xc;
+            q2 += T::to_f32(gr[i]) * wat(i) * xc;
+        }
+        ff_block_sum2(q1, q2, scratch);
+        const float n = 1.0f / sqrtf(q1 * inv_d + eps);
+        const float c3 = q2 * inv_d * n * n * n;
         S* dxr = dx + row * (ff_i64_t)D;
         for (int i = threadIdx.x; i < D; i += step) {
             const float xc = T::to_f32(xr[i]) - mean;

@@ -30,13 +30,12 @@ pub(crate) mod select;
 
 use super::copy::copy_cast;
 use super::memory::CudaBuffer;
-use super::runtime::{self, driver_error, guarded, CudaDevice, Stream};
+use super::runtime::{self, CudaDevice, Stream};
 pub(super) use super::runtime::{launch, resident_blocks};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::{SdpaArgs, SdpaVjpArgs};
 use crate::{Array, Device};
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchArgs, PushKernelArg};
 pub(crate) use select::{select, Kernel, Knobs, Problem};
 use std::sync::Arc;
@@ -385,13 +384,7 @@ pub(super) fn to_i32(v: usize, what: &str) -> Result<i32> {
 /// Lets `func` use `bytes` of dynamic shared memory (above the 48 KB default), checked by the
 /// driver against the device; `what` names the kernel in the error.
 pub(super) fn allow_shared_memory(func: &CudaFunction, bytes: usize, what: &str) -> Result<()> {
-    guarded(&format!("setting {what}'s shared memory size"), || {
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .map_err(|e| driver_error(&format!("allowing {bytes} bytes of shared memory"), e))
-    })
+    runtime::allow_dynamic_shared_memory(func, bytes, what)
 }
 
 pub(super) fn buffer<'a>(a: &'a Array, name: &str, ordinal: usize) -> Result<&'a CudaBuffer> {
