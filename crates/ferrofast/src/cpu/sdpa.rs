@@ -885,6 +885,38 @@ impl<A> Rows<'_, A> {
     }
 }
 
+impl<A: Acc> Rows<'_, A> {
+    /// True if one of the first `n` rows (`len` values each) holds a NaN or an infinity.
+    fn any_non_finite(&self, n: usize, len: usize) -> bool {
+        // `x - x` is 0 for every finite `x` and NaN otherwise.
+        (0..n).any(|j| self.row(j, len).iter().any(|&x| x - x != A::ZERO))
+    }
+}
+
+/// `acc[r] += sum_j p[r * nk + j] * vals[j]` for `nr` rows, skipping every weight of exactly
+/// 0: a masked key (or one whose weight underflowed) contributes nothing even when its value
+/// row holds NaN or an infinity, where a product `0 * NaN` would poison the row. The slow
+/// path for the rare tiles whose values are not all finite.
+fn accumulate_nonzero<A: Acc>(
+    p: &[A],
+    nk: usize,
+    nr: usize,
+    vals: &Rows<'_, A>,
+    dv: usize,
+    acc: &mut [A],
+) {
+    for r in 0..nr {
+        let out = &mut acc[r * dv..][..dv];
+        for (j, &w) in p[r * nk..][..nk].iter().enumerate() {
+            if w != A::ZERO {
+                for (o, &x) in out.iter_mut().zip(vals.row(j, dv)) {
+                    *o = *o + w * x;
+                }
+            }
+        }
+    }
+}
+
 /// Rows `t0..t0 + n` of head `(b, h)`, `len` values each: borrowed from the input when it
 /// is already of the compute type with unit last stride, otherwise widened into `scratch`.
 #[inline(always)]
@@ -1185,7 +1217,13 @@ impl<T: Elem> Ctx<'_, T> {
         let mut l = host_pool::filled(rows, T::A::ZERO)?;
         if let (true, Some(sinks)) = (with_sink, &self.sinks) {
             for row in 0..rows {
-                m[row] = sinks[head_of(row)];
+                let sink = sinks[head_of(row)];
+                // A sink of +inf makes the softmax inf / inf: NaN, as MLX's definition.
+                m[row] = if sink == T::A::ZERO - T::A::NEG_INF {
+                    T::A::NAN
+                } else {
+                    sink
+                };
                 l[row] = T::A::ONE;
             }
         }
@@ -1237,6 +1275,7 @@ impl<T: Elem> Ctx<'_, T> {
             }
             let kr = tile_rows(self.k, b, g, k0, nk, d, &mut kscratch)?;
             let vr = tile_rows(self.v, b, g, k0, nk, dv, &mut vscratch)?;
+            let mut v_non_finite: Option<bool> = None;
             if !small {
                 // `gemm` reads the tiles in an order the hardware prefetcher does not follow
                 // well; fetch the next tile while this one computes.
@@ -1288,7 +1327,15 @@ impl<T: Elem> Ctx<'_, T> {
                             &mut acc[row * dv..][..dv],
                         );
                     }
-                    if small {
+                    // A weight of 0 (masked key) must not meet a NaN or infinite value: the
+                    // fast products below would give 0 * NaN = NaN. Checked only for tiles
+                    // with a zero weight, and the values scanned once per tile.
+                    if sb.contains(&T::A::ZERO)
+                        && *v_non_finite.get_or_insert_with(|| vr.any_non_finite(nk, dv))
+                    {
+                        let arows = &mut acc[row0 * dv..][..nr * dv];
+                        accumulate_nonzero(sb, nk, nr, &vr, dv, arows);
+                    } else if small {
                         let arows = &mut acc[row0 * dv..][..nr * dv];
                         T::A::accumulate_rows::<FMA>(sb, nk, nr, &vr, dv, arows, |j| {
                             self.v.prefetch_row(b, g, k0 + bk + j, dv, self.tkv)
@@ -1322,7 +1369,9 @@ impl<T: Elem> Ctx<'_, T> {
             for (i, x) in lse.iter_mut().enumerate().take(nqr) {
                 let row = r * nqr + i;
                 let l = st.l[row];
-                *x = if l == T::A::ZERO {
+                *x = if st.m[row].is_nan() {
+                    T::A::NAN
+                } else if l == T::A::ZERO {
                     T::A::NEG_INF
                 } else {
                     st.m[row] + T::A::from_f64(l.to_f64().ln())
@@ -1333,7 +1382,11 @@ impl<T: Elem> Ctx<'_, T> {
             for i in 0..nqr {
                 let row = r * nqr + i;
                 let l = st.l[row];
-                let inv = if l == T::A::ZERO {
+                // A NaN logit (score, mask or sink) makes the row NaN even when no tile
+                // reached it; a row with nothing visible (l = 0) is 0.
+                let inv = if st.m[row].is_nan() {
+                    T::A::NAN
+                } else if l == T::A::ZERO {
                     T::A::ZERO
                 } else {
                     T::A::ONE / l
