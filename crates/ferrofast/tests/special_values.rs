@@ -115,20 +115,21 @@ impl Case {
         let (qd, kd, vd) = (on(&q, dev), on(&k, dev), on(&v, dev));
         let mask_dev = mask_arr.as_ref().map(|m| on(m, dev));
         let sinks_dev = sinks.as_ref().map(|s| on(s, dev));
-        let mask = |m: &Option<Array>| -> Mask<'_> {
+        let causal = self.causal;
+        fn mask(m: &Option<Array>, causal: bool) -> Mask<'_> {
             match m {
                 Some(a) => Mask::Array(a),
-                None if self.causal => Mask::Causal,
+                None if causal => Mask::Causal,
                 None => Mask::None,
             }
-        };
+        }
         let f64s = |a: &Array| a.to_f64_vec().unwrap();
         let (want, want_lse) = reference::scaled_dot_product_attention_with_lse(
             &q,
             &k,
             &v,
             self.scale,
-            mask(&mask_arr),
+            mask(&mask_arr, causal),
             sinks.as_ref(),
         )
         .unwrap();
@@ -138,7 +139,7 @@ impl Case {
                 &kd,
                 &vd,
                 self.scale,
-                mask(&mask_dev),
+                mask(&mask_dev, causal),
                 sinks_dev.as_ref(),
             )
             .unwrap();
@@ -154,7 +155,7 @@ impl Case {
                 &kd,
                 &vd,
                 self.scale,
-                mask(&mask_dev),
+                mask(&mask_dev, causal),
                 sinks_dev.as_ref(),
             )
             .unwrap();
