@@ -84,10 +84,13 @@ fn run_typed<T: VjpFloat>(args: &NormVjpArgs) -> Result<(Array, Option<Array>, O
     let x = dense::<T>(&fwd.x)?;
     let g = dense::<T>(&args.cotangent)?;
     let w = fwd.weight.as_ref().map(dense::<T>).transpose()?;
-    let x = x.cpu_buffer::<T>()?;
-    let g = g.cpu_buffer::<T>()?;
+    // The logical elements, not the whole buffer: an empty view of a broadcast buffer still
+    // has one.
+    let logical = |a: &Array| -> Result<Vec<T>> { a.to_vec::<T>() };
+    let (x, g) = (logical(&x)?, logical(&g)?);
+    let (x, g) = (x.as_slice(), g.as_slice());
     let w: Option<Vec<T::C>> = match &w {
-        Some(w) => Some(host_pool::map(w.cpu_buffer::<T>()?, |v| v.widen())?),
+        Some(w) => Some(host_pool::map(&w.to_vec::<T>()?, |v| v.widen())?),
         None => None,
     };
     let layer = fwd.kind == NormKind::Layer;
