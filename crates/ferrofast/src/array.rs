@@ -104,9 +104,9 @@ impl CpuData {
     }
 
     /// A vector of `n` copies of `value` converted to `dtype`.
-    fn filled(dtype: DType, n: usize, value: f64) -> CpuData {
-        fn fill<T: Element>(n: usize, value: f64) -> CpuData {
-            T::wrap(vec![T::from_f64(value); n])
+    fn filled(dtype: DType, n: usize, value: f64) -> Result<CpuData> {
+        fn fill<T: Element>(n: usize, value: f64) -> Result<CpuData> {
+            Ok(T::wrap(host_pool::take_filled(n, T::from_f64(value))?))
         }
         dispatch_dtype!(dtype, T => fill::<T>(n, value))
     }
@@ -138,6 +138,7 @@ impl Drop for Storage {
 pub(crate) mod host_pool {
     use super::CpuData;
     use crate::dtype::Element;
+    use crate::error::{Error, Result};
     use std::sync::Mutex;
 
     /// Smaller buffers are cheap to allocate and not kept. Buffers from here up are not:
@@ -203,11 +204,99 @@ pub(crate) mod host_pool {
     /// size is kept, else fresh memory, never zeroed (a zeroed allocation is a memset, an
     /// extra pass on one thread). The caller fills `spare_capacity_mut()[..n]`, then sets
     /// the length.
-    pub(crate) fn take_uninit<T: Element>(n: usize) -> Vec<T> {
-        let mut out = take::<T>(n).unwrap_or_default();
-        out.clear();
-        out.reserve_exact(n);
-        out
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` naming the size when the memory cannot be had.
+    pub(crate) fn take_uninit<T: Element>(n: usize) -> Result<Vec<T>> {
+        match take::<T>(n) {
+            Some(mut out) => {
+                out.clear();
+                Ok(out)
+            }
+            None => with_capacity::<T>(n),
+        }
+    }
+
+    /// A vector of `n` copies of `value`: a pooled buffer when one of that size is kept,
+    /// else fresh memory.
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` naming the size when the memory cannot be had.
+    pub(crate) fn take_filled<T: Element>(n: usize, value: T) -> Result<Vec<T>> {
+        let mut out = take_uninit::<T>(n)?;
+        out.resize(n, value);
+        Ok(out)
+    }
+
+    /// A buffer of exactly `n` elements whose contents are unspecified (the caller writes
+    /// every element before reading any): a pooled buffer when one of that size is kept,
+    /// else fresh zeroed memory (which the system maps lazily, unlike a filled vector).
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` naming the size when the memory cannot be had.
+    pub(crate) fn take_or_zeroed<T: Element>(n: usize) -> Result<Vec<T>> {
+        if let Some(out) = take::<T>(n) {
+            return Ok(out);
+        }
+        let layout = std::alloc::Layout::array::<T>(n).map_err(|_| out_of_memory::<T>(n))?;
+        if layout.size() == 0 {
+            return Ok(Vec::new());
+        }
+        // SAFETY: the layout's size is not zero (checked above).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+        if ptr.is_null() {
+            return Err(out_of_memory::<T>(n));
+        }
+        // SAFETY: `ptr` comes from the global allocator with `T`'s alignment and the size of
+        // `n` elements, so `n` is both the capacity and (all bytes being zero, a valid value
+        // of every `Element` type: 0, 0.0 or `false`) the initialised length.
+        Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+    }
+
+    /// The error for `n` elements of `T` that cannot be allocated on the host.
+    pub(crate) fn out_of_memory<T>(n: usize) -> Error {
+        let each = std::mem::size_of::<T>();
+        match n.checked_mul(each) {
+            Some(bytes) => Error::OutOfMemory(format!(
+                "cannot allocate {bytes} bytes on the host ({n} elements of {each} bytes)"
+            )),
+            None => Error::OutOfMemory(format!(
+                "cannot allocate {n} elements of {each} bytes on the host: the byte size \
+                 overflows the address space"
+            )),
+        }
+    }
+
+    /// An empty vector with room for `n` elements, allocated fallibly (never from the pool:
+    /// for scratch space and small tables).
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` naming the size when the memory cannot be had.
+    pub(crate) fn with_capacity<T>(n: usize) -> Result<Vec<T>> {
+        let mut out = Vec::new();
+        out.try_reserve_exact(n)
+            .map_err(|_| out_of_memory::<T>(n))?;
+        Ok(out)
+    }
+
+    /// `vec![value; n]`, allocated fallibly.
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` naming the size when the memory cannot be had.
+    pub(crate) fn filled<T: Clone>(n: usize, value: T) -> Result<Vec<T>> {
+        let mut out = with_capacity::<T>(n)?;
+        out.resize(n, value);
+        Ok(out)
+    }
+
+    /// `src.iter().map(f).collect()`, allocated fallibly.
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` naming the size when the memory cannot be had.
+    pub(crate) fn map<S: Copy, D>(src: &[S], f: impl FnMut(S) -> D) -> Result<Vec<D>> {
+        let mut out = with_capacity::<D>(src.len())?;
+        out.extend(src.iter().copied().map(f));
+        Ok(out)
     }
 }
 
@@ -284,11 +373,38 @@ pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     Ok(out)
 }
 
+/// The element count of `shape`, or `Error::Shape` naming the shape when the count does not
+/// fit in `isize` (no buffer or view can have that many elements).
 pub(crate) fn checked_size(shape: &[usize]) -> Result<usize> {
+    if shape.contains(&0) {
+        return Ok(0);
+    }
     shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| Error::Shape(format!("shape {} overflows usize", fmt_shape(shape))))
+        .filter(|&n| isize::try_from(n).is_ok())
+        .ok_or_else(|| {
+            Error::Shape(format!(
+                "shape {} has more elements than memory can address",
+                fmt_shape(shape)
+            ))
+        })
+}
+
+/// The element count of `shape` at `dtype`, or `Error::Shape` naming the shape when the count
+/// or its size in bytes does not fit in `isize`. Every [`Array`] satisfies this, so its
+/// [`size`](Array::size) and [`nbytes`](Array::nbytes) never overflow.
+pub(crate) fn checked_layout(shape: &[usize], dtype: DType) -> Result<usize> {
+    let n = checked_size(shape)?;
+    match n.checked_mul(dtype.size()).map(isize::try_from) {
+        Some(Ok(_)) => Ok(n),
+        _ => Err(Error::Shape(format!(
+            "shape {} of {dtype} has more bytes than memory can address ({n} elements of {} \
+             bytes)",
+            fmt_shape(shape),
+            dtype.size()
+        ))),
+    }
 }
 
 /// Normalises a possibly negative axis against `ndim`.
@@ -325,8 +441,8 @@ fn standard_normal(seed: u64, i: u64) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
-fn generate<T: Element>(n: usize, f: impl Fn(u64) -> f64 + Sync) -> CpuData {
-    let mut v = vec![T::from_f64(0.0); n];
+fn generate<T: Element>(n: usize, f: impl Fn(u64) -> f64 + Sync) -> Result<CpuData> {
+    let mut v = host_pool::take_filled(n, T::from_f64(0.0))?;
     v.par_chunks_mut(1 << 14)
         .enumerate()
         .for_each(|(c, chunk)| {
@@ -335,7 +451,7 @@ fn generate<T: Element>(n: usize, f: impl Fn(u64) -> f64 + Sync) -> CpuData {
                 *x = T::from_f64(f(base + j as u64));
             }
         });
-    T::wrap(v)
+    Ok(T::wrap(v))
 }
 
 impl Array {
@@ -357,7 +473,7 @@ impl Array {
 
     /// Wraps host data produced by a kernel; `data.len()` must equal the shape's size.
     pub(crate) fn from_cpu_data(data: CpuData, shape: &[usize]) -> Result<Array> {
-        let size = checked_size(shape)?;
+        let size = checked_layout(shape, data.dtype())?;
         if data.len() != size {
             return Err(Error::Shape(format!(
                 "cannot make an array of shape {} from {} elements",
@@ -381,7 +497,9 @@ impl Array {
     /// # Errors
     /// `Error::Shape` if `data.len()` is not the product of `shape`.
     pub fn from_slice<T: Element>(data: &[T], shape: &[usize]) -> Result<Array> {
-        Array::from_vec(data.to_vec(), shape)
+        let mut copy = host_pool::with_capacity::<T>(data.len())?;
+        copy.extend_from_slice(data);
+        Array::from_vec(copy, shape)
     }
 
     /// A 0-dimensional array holding `value`, on the CPU.
@@ -392,10 +510,12 @@ impl Array {
     /// An array of `shape` filled with `value` converted to `dtype` (as a C cast would).
     ///
     /// # Errors
-    /// `Error::Shape` on size overflow; device errors if `device` is unavailable.
+    /// `Error::Shape` when the shape's element or byte count overflows the address space,
+    /// `Error::OutOfMemory` when the host cannot hold it; device errors if `device` is
+    /// unavailable.
     pub fn full(shape: &[usize], value: f64, dtype: DType, device: &Device) -> Result<Array> {
-        let n = checked_size(shape)?;
-        Array::from_cpu_data(CpuData::filled(dtype, n, value), shape)?.to_device(device)
+        let n = checked_layout(shape, dtype)?;
+        Array::from_cpu_data(CpuData::filled(dtype, n, value)?, shape)?.to_device(device)
     }
 
     /// An array of zeros.
@@ -425,8 +545,8 @@ impl Array {
                 "[randn] Can only generate floating point values but got {dtype}."
             )));
         }
-        let n = checked_size(shape)?;
-        let data = dispatch_dtype!(dtype, T => generate::<T>(n, |i| standard_normal(seed, i)));
+        let n = checked_layout(shape, dtype)?;
+        let data = dispatch_dtype!(dtype, T => generate::<T>(n, |i| standard_normal(seed, i))?);
         Array::from_cpu_data(data, shape)?.to_device(device)
     }
 
@@ -448,10 +568,10 @@ impl Array {
                 "[uniform] low ({low}) must not exceed high ({high})."
             )));
         }
-        let n = checked_size(shape)?;
+        let n = checked_layout(shape, dtype)?;
         let data = dispatch_dtype!(dtype, T => generate::<T>(n, |i| {
             low + (high - low) * unit_uniform(seed, i)
-        }));
+        })?);
         Array::from_cpu_data(data, shape)?.to_device(device)
     }
 
@@ -478,14 +598,19 @@ impl Array {
         self.shape.len()
     }
 
-    /// Number of elements.
+    /// Number of elements. Never overflows: every constructor and view checks that the
+    /// element count and its byte size fit in `isize` (a view that would not is an
+    /// `Error::Shape`).
     pub fn size(&self) -> usize {
-        self.shape.iter().product()
+        self.shape
+            .iter()
+            .fold(1usize, |acc, &d| acc.saturating_mul(d))
     }
 
-    /// Bytes the logical elements occupy (`size * dtype.size()`).
+    /// Bytes the logical elements occupy (`size * dtype.size()`; for a broadcast view more
+    /// than its buffer holds). Never overflows, as [`size`](Array::size).
     pub fn nbytes(&self) -> usize {
-        self.size() * self.dtype.size()
+        self.size().saturating_mul(self.dtype.size())
     }
 
     /// Element type.
@@ -611,14 +736,17 @@ impl Array {
     /// Copies the elements out in row-major order of the shape.
     ///
     /// # Errors
-    /// `Error::DTypeMismatch` unless `T` is exactly the array's dtype.
+    /// `Error::DTypeMismatch` unless `T` is exactly the array's dtype; `Error::OutOfMemory`
+    /// when the host cannot hold the copy (a broadcast view may have far more elements than
+    /// its buffer).
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         let host = self.to_device(&Device::Cpu)?;
         let buf = host.cpu_buffer::<T>()?;
+        let mut out = host_pool::with_capacity::<T>(host.size())?;
         if let Some(s) = host.contiguous_slice::<T>()? {
-            return Ok(s.to_vec());
+            out.extend_from_slice(s);
+            return Ok(out);
         }
-        let mut out = Vec::with_capacity(host.size());
         host.for_each_offset(|o| out.push(buf[o]));
         Ok(out)
     }
@@ -626,9 +754,9 @@ impl Array {
     /// The elements converted to f64, in row-major order (any dtype).
     ///
     /// # Errors
-    /// Device errors only.
+    /// As [`to_vec`](Array::to_vec).
     pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
-        dispatch_dtype!(self.dtype, T => Ok(self.to_vec::<T>()?.into_iter().map(|x| x.to_f64()).collect()))
+        dispatch_dtype!(self.dtype, T => host_pool::map(&self.to_vec::<T>()?, |x| x.to_f64()))
     }
 
     /// Calls `f` with the buffer offset of every element, in row-major order.
@@ -676,22 +804,26 @@ impl Array {
     /// cheap clone if the dtype already matches.
     ///
     /// # Errors
-    /// Device errors only.
+    /// `Error::Shape` when the result's byte size overflows the address space,
+    /// `Error::OutOfMemory` when the memory cannot be had; device errors.
     pub fn astype(&self, dtype: DType) -> Result<Array> {
         if dtype == self.dtype {
             return Ok(self.clone());
         }
+        checked_layout(&self.shape, dtype)?;
         if self.cuda_buffer().is_some() {
             return crate::cuda::storage::copy_cast(self, dtype, None);
         }
         fn convert<S: Element, D: Element>(a: &Array) -> Result<CpuData> {
             let src = a.to_vec::<S>()?;
             let int_path = !S::DTYPE.is_floating() && !D::DTYPE.is_floating();
-            let out: Vec<D> = if int_path {
-                src.par_iter().map(|&x| D::from_i64(x.to_i64())).collect()
+            // Room for every element first, so the parallel extend never reallocates.
+            let mut out = host_pool::take_uninit::<D>(src.len())?;
+            if int_path {
+                out.par_extend(src.par_iter().map(|&x| D::from_i64(x.to_i64())));
             } else {
-                src.par_iter().map(|&x| D::from_f64(x.to_f64())).collect()
-            };
+                out.par_extend(src.par_iter().map(|&x| D::from_f64(x.to_f64())));
+            }
             Ok(D::wrap(out))
         }
         let data =
@@ -724,7 +856,8 @@ impl Array {
     /// else a copy.
     ///
     /// # Errors
-    /// Device errors only.
+    /// `Error::OutOfMemory` when the copy does not fit (a broadcast view may have far more
+    /// elements than its buffer); device errors.
     pub fn contiguous(&self) -> Result<Array> {
         if self.is_contiguous() {
             return Ok(self.clone());
@@ -748,7 +881,7 @@ impl Array {
             }
         }
         let n = self.size();
-        let mut out = host_pool::take_uninit::<T>(n);
+        let mut out = host_pool::take_uninit::<T>(n)?;
         let dst = &mut out.spare_capacity_mut()[..n];
         let written = if let Some(src) = self.contiguous_slice::<T>()? {
             if n > CHUNK {
@@ -784,7 +917,7 @@ impl Array {
     /// (unlike [`contiguous`](Array::contiguous), which returns `self` when it can).
     ///
     /// # Errors
-    /// Device errors only.
+    /// As [`contiguous`](Array::contiguous).
     pub fn copy(&self) -> Result<Array> {
         if self.cuda_buffer().is_some() {
             return crate::cuda::storage::copy_cast(self, self.dtype, None);
@@ -816,9 +949,9 @@ impl Array {
     /// contiguous, otherwise a contiguous copy reshaped.
     ///
     /// # Errors
-    /// `Error::Shape` if the sizes differ.
+    /// `Error::Shape` if the sizes differ; as [`contiguous`](Array::contiguous) for the copy.
     pub fn reshape(&self, shape: &[usize]) -> Result<Array> {
-        if checked_size(shape)? != self.size() {
+        if checked_layout(shape, self.dtype)? != self.size() {
             return Err(Error::Shape(format!(
                 "[reshape] Cannot reshape array of size {} into shape {}.",
                 self.size(),
@@ -916,7 +1049,9 @@ impl Array {
     /// stride 0). A view.
     ///
     /// # Errors
-    /// `Error::Shape` with MLX's `[broadcast_shapes]` text if the shapes are incompatible.
+    /// `Error::Shape` with MLX's `[broadcast_shapes]` text if the shapes are incompatible, or
+    /// naming the shape when its element count or byte size (`size * dtype.size()`, as if it
+    /// were materialised) does not fit in `isize`.
     pub fn broadcast_to(&self, shape: &[usize]) -> Result<Array> {
         let bshape = broadcast_shapes(&self.shape, shape)?;
         if bshape != shape {
@@ -926,6 +1061,7 @@ impl Array {
                 fmt_shape(shape)
             )));
         }
+        checked_layout(shape, self.dtype)?;
         let pad = shape.len() - self.ndim();
         let mut strides = vec![0isize; shape.len()];
         for i in 0..self.ndim() {

@@ -19,13 +19,12 @@
 //! AVX2, and picked at run time.
 
 use super::simd::{bf16_bits_rne_unchecked, bf16_round, bf16_round_unchecked, has_avx2};
-use crate::array::{dispatch_dtype, Array};
+use crate::array::{dispatch_dtype, host_pool, Array};
 use crate::dtype::{DType, Element, Float};
 use crate::error::{Error, Result};
 use crate::ops::norm::{NormArgs, NormKind};
 use crate::Device;
 use half::slice::HalfFloatSliceExt;
-use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::{Add, Div, Mul, Sub};
@@ -85,8 +84,7 @@ fn norm_typed<T: NormFloat>(
     eps: f32,
 ) -> Result<Array> {
     // Every element is written below, so a recycled buffer's old contents never show.
-    let mut y =
-        crate::array::host_pool::take::<T>(x.size()).unwrap_or_else(|| T::alloc_output(x.size()));
+    let mut y = host_pool::take_or_zeroed::<T>(x.size())?;
     norm_into(kind, x, weight, bias, eps, &mut y)?;
     Array::from_cpu_data(T::wrap(y), x.shape())
 }
@@ -128,7 +126,7 @@ fn norm_into<T: NormFloat>(
             stride,
             d,
         };
-        job.run(&loader, y);
+        job.run(&loader, y)?;
     } else {
         dispatch_dtype!(x.dtype(), S => {
             let loader = Converting::<S, T> {
@@ -137,7 +135,7 @@ fn norm_into<T: NormFloat>(
                 d,
                 out: std::marker::PhantomData,
             };
-            job.run(&loader, y);
+            job.run(&loader, y)?;
         });
     }
     Ok(())
@@ -151,15 +149,12 @@ fn param_values<T: NormFloat>(a: &Array) -> Result<Vec<T::C>> {
         // conversion through f64 costs more than the whole op on a single row).
         if a.device() == Device::Cpu {
             if let Some(s) = a.contiguous_slice::<T>()? {
-                return Ok(T::widen_params(s));
+                return T::widen_params(s);
             }
         }
-        return Ok(a.to_vec::<T>()?.into_iter().map(T::widen).collect());
+        return host_pool::map(&a.to_vec::<T>()?, T::widen);
     }
-    Ok(a.to_f64_vec()?
-        .into_iter()
-        .map(T::from_f64_rounded)
-        .collect())
+    host_pool::map(&a.to_f64_vec()?, T::from_f64_rounded)
 }
 
 /// Everything a row needs besides its data.
@@ -174,34 +169,49 @@ struct Job<'a, C> {
 
 impl<C: Acc> Job<'_, C> {
     /// Normalises every row into `y` (row-major, `rows * d` elements).
-    fn run<T: NormFloat<C = C>, L: LoadRow<T>>(&self, loader: &L, y: &mut [T]) {
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` when a thread's scratch rows cannot be allocated.
+    fn run<T: NormFloat<C = C>, L: LoadRow<T>>(&self, loader: &L, y: &mut [T]) -> Result<()> {
         self.split(
             y,
             || Scratch::new(self.d),
             |first, chunk, scratch| self.rows_into(loader, first, chunk, scratch),
-        );
+        )
     }
 
     /// Calls `rows(first, chunk, scratch)` over `y` cut into chunks of whole rows (`first` is
     /// the chunk's first row), on the rayon pool when `y` is large enough; each thread makes
-    /// its scratch once with `scratch`.
+    /// its scratch once with `scratch`. A thread whose scratch cannot be made writes nothing
+    /// and its error is returned.
     fn split<T: Send, S>(
         &self,
         y: &mut [T],
-        scratch: impl Fn() -> S + Sync + Send,
+        scratch: impl Fn() -> Result<S> + Sync + Send,
         rows: impl Fn(usize, &mut [T], &mut S) + Sync,
-    ) {
+    ) -> Result<()> {
         let d = self.d;
         if y.len() < PARALLEL_MIN_ELEMENTS || rayon::current_num_threads() == 1 {
-            rows(0, y, &mut scratch());
-            return;
+            rows(0, y, &mut scratch()?);
+            return Ok(());
         }
         let rows_per_task = (TASK_ELEMENTS / d).max(1);
+        let failed = std::sync::Mutex::new(None);
         y.par_chunks_mut(rows_per_task * d)
             .enumerate()
-            .for_each_init(&scratch, |s, (task, chunk)| {
-                rows(task * rows_per_task, chunk, s)
+            .for_each_init(&scratch, |s, (task, chunk)| match s {
+                Ok(s) => rows(task * rows_per_task, chunk, s),
+                Err(e) => {
+                    if let Ok(mut first) = failed.lock() {
+                        first.get_or_insert_with(|| e.clone());
+                    }
+                }
             });
+        match failed.into_inner() {
+            Ok(None) => Ok(()),
+            Ok(Some(e)) => Err(e),
+            Err(_) => Err(Error::invalid("internal: a normalization task panicked")),
+        }
     }
 
     /// Normalises rows `first..` into `y`, one row per `d` elements, with the widest vector
@@ -309,11 +319,13 @@ struct Scratch<C> {
 }
 
 impl<C: Acc> Scratch<C> {
-    fn new(d: usize) -> Self {
-        Scratch {
-            row: vec![C::ZERO; d],
-            out: vec![C::ZERO; d],
-        }
+    /// # Errors
+    /// `Error::OutOfMemory` when two rows of `d` elements cannot be allocated.
+    fn new(d: usize) -> Result<Self> {
+        Ok(Scratch {
+            row: host_pool::filled(d, C::ZERO)?,
+            out: host_pool::filled(d, C::ZERO)?,
+        })
     }
 }
 
@@ -572,8 +584,6 @@ trait NormFloat: Float {
     /// The accumulation and arithmetic type.
     type C: Acc;
 
-    /// A zero-initialised output buffer (from zeroed pages where the allocator allows).
-    fn alloc_output(n: usize) -> Vec<Self>;
     /// How a contiguous row is read: in place, widening each element as it is used, where
     /// widening is a register op (f32, f64, bf16); f16 widening per element is a library
     /// call, so an f16 row is converted into `scratch` with one slice conversion instead.
@@ -595,8 +605,11 @@ trait NormFloat: Float {
     );
     /// `src` widened to the compute type, exactly (signalling NaNs may stay signalling:
     /// every use of a weight or bias is arithmetic, which quiets them).
-    fn widen_params(src: &[Self]) -> Vec<Self::C> {
-        src.iter().map(|&v| v.widen()).collect()
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` when the widened copy cannot be allocated.
+    fn widen_params(src: &[Self]) -> Result<Vec<Self::C>> {
+        host_pool::map(src, |v| v.widen())
     }
     /// Runs `job` over `buf` (rows of this dtype, each contiguous) into `y` with a
     /// hand-vectorised kernel for this dtype and CPU, and returns `true`; or returns `false`
@@ -613,9 +626,6 @@ macro_rules! native_norm_float {
     ($t:ty $(, simd: $simd:path)?) => {
         impl NormFloat for $t {
             type C = $t;
-            fn alloc_output(n: usize) -> Vec<Self> {
-                vec![0.0; n]
-            }
             #[inline(always)]
             fn contiguous_row<'a>(src: &'a [$t], _scratch: &'a mut [$t]) -> Row<'a, $t, $t> {
                 Row::InPlace(src)
@@ -653,9 +663,6 @@ native_norm_float!(f64);
 
 impl NormFloat for bf16 {
     type C = f32;
-    fn alloc_output(n: usize) -> Vec<Self> {
-        vec![0u16; n].reinterpret_into()
-    }
     #[inline(always)]
     fn contiguous_row<'a>(src: &'a [bf16], _scratch: &'a mut [f32]) -> Row<'a, bf16, f32> {
         Row::InPlace(src)
@@ -683,10 +690,8 @@ impl NormFloat for bf16 {
     }
     /// A shift per element, which vectorises (`half`'s conversion quiets NaNs one element
     /// at a time).
-    fn widen_params(src: &[bf16]) -> Vec<f32> {
-        src.iter()
-            .map(|v| f32::from_bits(u32::from(v.to_bits()) << 16))
-            .collect()
+    fn widen_params(src: &[bf16]) -> Result<Vec<f32>> {
+        host_pool::map(src, |v| f32::from_bits(u32::from(v.to_bits()) << 16))
     }
     fn simd_rows(job: &Job<'_, f32>, buf: &[bf16], y: &mut [bf16]) -> bool {
         avx2_rows(job, buf, y)
@@ -695,9 +700,6 @@ impl NormFloat for bf16 {
 
 impl NormFloat for f16 {
     type C = f32;
-    fn alloc_output(n: usize) -> Vec<Self> {
-        vec![0u16; n].reinterpret_into()
-    }
     #[inline(always)]
     fn contiguous_row<'a>(src: &'a [f16], scratch: &'a mut [f32]) -> Row<'a, f16, f32> {
         src.convert_to_f32_slice(scratch);
@@ -712,10 +714,10 @@ impl NormFloat for f16 {
         f16::from_f32(v as f32).to_f32()
     }
     /// `half`'s slice conversion (F16C where the CPU has it).
-    fn widen_params(src: &[f16]) -> Vec<f32> {
-        let mut out = vec![0.0; src.len()];
+    fn widen_params(src: &[f16]) -> Result<Vec<f32>> {
+        let mut out = host_pool::filled(src.len(), 0.0)?;
         src.convert_to_f32_slice(&mut out);
-        out
+        Ok(out)
     }
     /// Staged through `staging` with `half`'s slice conversions (F16C where the CPU has it):
     /// each rounding to f16 is a narrow into `out`, widened back when another op follows.
@@ -759,8 +761,13 @@ impl NormFloat for f16 {
 fn avx2_rows<H: avx2::Format>(job: &Job<'_, f32>, buf: &[H], y: &mut [H]) -> bool {
     match avx2::Kernel::<H>::new(job) {
         Some(kernel) => {
-            job.split(y, || (), |first, chunk, _| kernel.rows(buf, first, chunk));
-            true
+            // Scratch-free, so the split cannot fail.
+            job.split(
+                y,
+                || Ok(()),
+                |first, chunk, _| kernel.rows(buf, first, chunk),
+            )
+            .is_ok()
         }
         None => false,
     }
@@ -822,10 +829,10 @@ mod tests {
             let x = Array::randn(&[4096, 4096], dt, 1, &dev).unwrap();
             let w = Array::randn(&[4096], dt, 2, &dev).unwrap();
             let b = Array::randn(&[4096], dt, 3, &dev).unwrap();
-            let mut y = T::alloc_output(x.size());
+            let mut y = host_pool::take_or_zeroed::<T>(x.size()).unwrap();
             y.fill(T::from_f32(1.0));
             let src = x.contiguous_slice::<T>().unwrap().unwrap();
-            let mut dst = T::alloc_output(x.size());
+            let mut dst = host_pool::take_or_zeroed::<T>(x.size()).unwrap();
             dst.fill(T::from_f32(1.0));
             let mut copy = || {
                 dst.par_chunks_mut(1 << 16)
@@ -835,7 +842,7 @@ mod tests {
             let bytes = 2.0 * x.nbytes() as f64;
             let gbs = |t: f64| bytes / t / 1e9;
             let xs = Array::randn(&[64, 4096], dt, 4, &dev).unwrap();
-            let mut ys = T::alloc_output(xs.size());
+            let mut ys = host_pool::take_or_zeroed::<T>(xs.size()).unwrap();
             let one = rayon::ThreadPoolBuilder::new()
                 .num_threads(1)
                 .build()

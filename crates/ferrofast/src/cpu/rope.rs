@@ -13,7 +13,7 @@
 //! is rounded once to the input dtype. Inputs in f64 are computed in f64 throughout.
 
 use super::simd::{bf16_bits_rne, f16_to_f32, f32_to_f16, has_avx2};
-use crate::array::Array;
+use crate::array::{host_pool, Array};
 use crate::ops::rope::{RopeArgs, RopeFreqs, RopeOffsets};
 use crate::{DType, Element, Error, Float, Result};
 use half::{bf16, f16};
@@ -54,7 +54,10 @@ trait Compute:
     + 'static
 {
     /// The inverse frequency of every pair, in this precision.
-    fn inv_freqs(plan: &RopeArgs) -> Vec<Self>;
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` when the `dims / 2` values cannot be allocated.
+    fn inv_freqs(plan: &RopeArgs) -> Result<Vec<Self>>;
 
     /// `cos` and `sin` of `theta_i = (scale * pos) * inv[i]` for every pair `i`.
     /// `max_abs_inv` is the largest `|inv[i]|` (it bounds the angles of the row).
@@ -75,19 +78,19 @@ trait Compute:
 }
 
 impl Compute for f32 {
-    fn inv_freqs(plan: &RopeArgs) -> Vec<f32> {
+    fn inv_freqs(plan: &RopeArgs) -> Result<Vec<f32>> {
         let half = plan.dims / 2;
+        let mut out = host_pool::with_capacity(half)?;
         match &plan.freqs {
             // As the GPU kernels: d = i / (dims/2) and exp2(-d * log2(base)), all in f32.
             RopeFreqs::Base(base) => {
                 let log2_base = base.log2();
-                (0..half)
-                    .map(|i| (-(i as f32 / half as f32) * log2_base).exp2())
-                    .collect()
+                out.extend((0..half).map(|i| (-(i as f32 / half as f32) * log2_base).exp2()));
             }
             // MLX casts freqs to float32 before inverting them.
-            RopeFreqs::Periods(p) => p.iter().map(|&v| 1.0 / v as f32).collect(),
+            RopeFreqs::Periods(p) => out.extend(p.iter().map(|&v| 1.0 / v as f32)),
         }
+        Ok(out)
     }
 
     #[inline(always)]
@@ -122,17 +125,17 @@ impl Compute for f32 {
 }
 
 impl Compute for f64 {
-    fn inv_freqs(plan: &RopeArgs) -> Vec<f64> {
+    fn inv_freqs(plan: &RopeArgs) -> Result<Vec<f64>> {
         let half = plan.dims / 2;
+        let mut out = host_pool::with_capacity(half)?;
         match &plan.freqs {
             RopeFreqs::Base(base) => {
                 let log2_base = f64::from(*base).log2();
-                (0..half)
-                    .map(|i| (-(i as f64 / half as f64) * log2_base).exp2())
-                    .collect()
+                out.extend((0..half).map(|i| (-(i as f64 / half as f64) * log2_base).exp2()));
             }
-            RopeFreqs::Periods(p) => p.iter().map(|&v| 1.0 / v).collect(),
+            RopeFreqs::Periods(p) => out.extend(p.iter().map(|&v| 1.0 / v)),
         }
+        Ok(out)
     }
 
     #[inline(always)]
@@ -376,7 +379,7 @@ struct Group<'o, T> {
 
 fn rope_typed<T: RopeElem>(a: &Array, plan: &RopeArgs) -> Result<Array> {
     let n = a.size();
-    let mut out = crate::array::host_pool::take_uninit::<T>(n);
+    let mut out = host_pool::take_uninit::<T>(n)?;
     rope_into(a, plan, &mut out.spare_capacity_mut()[..n], Isa::detect())?;
     // SAFETY: `rope_into` succeeded, and on success it has written all `n` elements: every
     // output row lies in exactly one group piece, and every row of a piece is written in
@@ -414,7 +417,7 @@ fn rope_into<T: RopeElem>(
     }
     let lay = Layout::new(a);
     let half = plan.dims / 2;
-    let inv = T::C::inv_freqs(plan);
+    let inv = T::C::inv_freqs(plan)?;
     let max_abs_inv = inv
         .iter()
         .fold(T::C::default(), |m, &f| Compute::max(m, f.abs()));
@@ -431,7 +434,7 @@ fn rope_into<T: RopeElem>(
         nblocks
     };
     let mut groups: Vec<Group<'_, T>> = Vec::new();
-    let mut open = vec![usize::MAX; nkeys];
+    let mut open = host_pool::filled(nkeys, usize::MAX)?;
     for (r, head) in out.chunks_mut(lay.seq * lay.dim).enumerate() {
         let b = r / lay.heads;
         for (k, piece) in head.chunks_mut(block * lay.dim).enumerate() {
@@ -439,6 +442,9 @@ fn rope_into<T: RopeElem>(
             let g = match open[key] {
                 g if g != usize::MAX && groups[g].rows.len() < rows_per_group => g,
                 _ => {
+                    groups
+                        .try_reserve(1)
+                        .map_err(|_| host_pool::out_of_memory::<Group<'_, T>>(groups.len() + 1))?;
                     groups.push(Group {
                         batch: b,
                         block: k,
@@ -448,7 +454,10 @@ fn rope_into<T: RopeElem>(
                     groups.len() - 1
                 }
             };
-            groups[g].rows.push((r, piece));
+            let rows = &mut groups[g].rows;
+            rows.try_reserve(1)
+                .map_err(|_| host_pool::out_of_memory::<(usize, &mut [T])>(rows.len() + 1))?;
+            rows.push((r, piece));
         }
     }
 
@@ -471,11 +480,10 @@ fn rope_into<T: RopeElem>(
     };
     let run = |g: Group<'_, T>| kernel.run_group(g);
     if size < PARALLEL_MIN_ELEMS {
-        groups.into_iter().for_each(run);
+        groups.into_iter().try_for_each(run)
     } else {
-        groups.into_par_iter().for_each(run);
+        groups.into_par_iter().try_for_each(run)
     }
-    Ok(())
 }
 
 /// Everything a group needs besides its own rows.
@@ -492,11 +500,18 @@ struct Kernel<'a, T: RopeElem> {
 
 impl<T: RopeElem> Kernel<'_, T> {
     /// Fills the group's cos/sin table, then rotates each of its rows.
-    fn run_group(&self, g: Group<'_, T>) {
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` when the table or the gathered row cannot be allocated (nothing
+    /// of the group is written then).
+    fn run_group(&self, g: Group<'_, T>) -> Result<()> {
         let (lay, plan) = (self.lay, self.plan);
         let t0 = g.block * self.block;
         let count = g.rows.first().map_or(0, |(_, p)| p.len() / lay.dim);
-        let mut table = vec![T::C::default(); count * plan.dims];
+        let table_len = count
+            .checked_mul(plan.dims)
+            .ok_or_else(|| host_pool::out_of_memory::<T::C>(usize::MAX))?;
+        let mut table = host_pool::filled(table_len, T::C::default())?;
         let table_spec = TableSpec {
             t0,
             offset: plan.offsets.get(g.batch),
@@ -512,7 +527,7 @@ impl<T: RopeElem> Kernel<'_, T> {
             traditional: plan.traditional,
         };
         let gathered_len = if lay.dim_stride == 1 { 0 } else { lay.dim };
-        let mut gathered = vec![T::from_f64(0.0); gathered_len];
+        let mut gathered = host_pool::filled(gathered_len, T::from_f64(0.0))?;
         let src = self.src;
         match self.isa {
             Isa::Baseline => {
@@ -533,6 +548,7 @@ impl<T: RopeElem> Kernel<'_, T> {
                 }
             },
         }
+        Ok(())
     }
 }
 

@@ -24,7 +24,7 @@
 //! standard `exp`.
 
 use super::simd::{bf16_widen, has_avx2_fma};
-use crate::array::Array;
+use crate::array::{host_pool, Array};
 use crate::dtype::{DType, Element, Float};
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaArgs;
@@ -885,6 +885,38 @@ impl<A> Rows<'_, A> {
     }
 }
 
+impl<A: Acc> Rows<'_, A> {
+    /// True if one of the first `n` rows (`len` values each) holds a NaN or an infinity.
+    fn any_non_finite(&self, n: usize, len: usize) -> bool {
+        // `x * 0` is 0 for every finite `x` and NaN otherwise.
+        (0..n).any(|j| self.row(j, len).iter().any(|&x| x * A::ZERO != A::ZERO))
+    }
+}
+
+/// `acc[r] += sum_j p[r * nk + j] * vals[j]` for `nr` rows, skipping every weight of exactly
+/// 0: a masked key (or one whose weight underflowed) contributes nothing even when its value
+/// row holds NaN or an infinity, where a product `0 * NaN` would poison the row. The slow
+/// path for the rare tiles whose values are not all finite.
+fn accumulate_nonzero<A: Acc>(
+    p: &[A],
+    nk: usize,
+    nr: usize,
+    vals: &Rows<'_, A>,
+    dv: usize,
+    acc: &mut [A],
+) {
+    for r in 0..nr {
+        let out = &mut acc[r * dv..][..dv];
+        for (j, &w) in p[r * nk..][..nk].iter().enumerate() {
+            if w != A::ZERO {
+                for (o, &x) in out.iter_mut().zip(vals.row(j, dv)) {
+                    *o = *o + w * x;
+                }
+            }
+        }
+    }
+}
+
 /// Rows `t0..t0 + n` of head `(b, h)`, `len` values each: borrowed from the input when it
 /// is already of the compute type with unit last stride, otherwise widened into `scratch`.
 #[inline(always)]
@@ -896,7 +928,7 @@ fn tile_rows<'s, T: Elem>(
     n: usize,
     len: usize,
     scratch: &'s mut Vec<T::A>,
-) -> Rows<'s, T::A> {
+) -> Result<Rows<'s, T::A>> {
     if let Some(buf) = T::as_acc(view.buf) {
         let start = view.pos(b, h, t0);
         let stride = view.strides[2];
@@ -905,27 +937,37 @@ fn tile_rows<'s, T: Elem>(
             && start >= 0
             && start as usize + (n - 1) * stride as usize + len <= buf.len();
         if borrowable {
-            return Rows {
+            return Ok(Rows {
                 data: buf,
                 start: start as usize,
                 stride: stride as usize,
                 widened: false,
-            };
+            });
         }
     }
     // Grow only: every value read back is written below first.
-    if scratch.len() < n * len {
-        scratch.resize(n * len, T::A::ZERO);
+    let need = checked_len(n, len)?;
+    if scratch.len() < need {
+        scratch
+            .try_reserve_exact(need - scratch.len())
+            .map_err(|_| host_pool::out_of_memory::<T::A>(need))?;
+        scratch.resize(need, T::A::ZERO);
     }
     for (j, row) in scratch[..n * len].chunks_exact_mut(len.max(1)).enumerate() {
         view.load_row(b, h, t0 + j, &mut row[..len]);
     }
-    Rows {
+    Ok(Rows {
         data: scratch,
         start: 0,
         stride: len,
         widened: true,
-    }
+    })
+}
+
+/// `a * b` as an element count, or `Error::OutOfMemory` when it overflows.
+fn checked_len(a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| host_pool::out_of_memory::<f32>(usize::MAX))
 }
 
 /// The array mask, already broadcast to `[B, N_q, T_q, T_kv]` (stride-0 views included).
@@ -1118,7 +1160,10 @@ impl<T: Elem> Ctx<'_, T> {
 
     /// Attention of group chunk `gc` over keys `k_lo..k_hi`; `with_sink` seeds each row with
     /// its head's sink logit (exactly one key range of a row does).
-    fn attend(&self, gc: usize, k_lo: usize, k_hi: usize, with_sink: bool) -> State<T::A> {
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` when the task's tiles cannot be allocated.
+    fn attend(&self, gc: usize, k_lo: usize, k_hi: usize, with_sink: bool) -> Result<State<T::A>> {
         #[cfg(target_arch = "x86_64")]
         if self.fma {
             // SAFETY: `fma` is set only when the CPU reports AVX2 and FMA.
@@ -1141,7 +1186,7 @@ impl<T: Elem> Ctx<'_, T> {
         k_lo: usize,
         k_hi: usize,
         with_sink: bool,
-    ) -> State<T::A> {
+    ) -> Result<State<T::A>> {
         self.attend_impl::<true>(gc, k_lo, k_hi, with_sink)
     }
 
@@ -1152,7 +1197,7 @@ impl<T: Elem> Ctx<'_, T> {
         k_lo: usize,
         k_hi: usize,
         with_sink: bool,
-    ) -> State<T::A> {
+    ) -> Result<State<T::A>> {
         let (b, g, q0, q1) = self.chunk(gc);
         let (d, dv, nqr) = (self.d, self.dv, q1 - q0);
         let rows = self.r * nqr;
@@ -1160,7 +1205,7 @@ impl<T: Elem> Ctx<'_, T> {
         let head_of = |row: usize| g * self.r + row / nqr;
         let query_of = |row: usize| q0 + row % nqr;
 
-        let mut qt = vec![T::A::ZERO; rows * d];
+        let mut qt = host_pool::filled(checked_len(rows, d)?, T::A::ZERO)?;
         for (row, dst) in qt.chunks_exact_mut(d.max(1)).enumerate().take(rows) {
             let dst = &mut dst[..d];
             self.q.load_row(b, head_of(row), query_of(row), dst);
@@ -1168,15 +1213,21 @@ impl<T: Elem> Ctx<'_, T> {
                 *x = *x * self.scale;
             }
         }
-        let mut m = vec![T::A::NEG_INF; rows];
-        let mut l = vec![T::A::ZERO; rows];
+        let mut m = host_pool::filled(rows, T::A::NEG_INF)?;
+        let mut l = host_pool::filled(rows, T::A::ZERO)?;
         if let (true, Some(sinks)) = (with_sink, &self.sinks) {
             for row in 0..rows {
-                m[row] = sinks[head_of(row)];
+                let sink = sinks[head_of(row)];
+                // A sink of +inf makes the softmax inf / inf: NaN, as MLX's definition.
+                m[row] = if sink == T::A::ZERO - T::A::NEG_INF {
+                    T::A::NAN
+                } else {
+                    sink
+                };
                 l[row] = T::A::ONE;
             }
         }
-        let mut acc = vec![T::A::ZERO; rows * dv];
+        let mut acc = host_pool::filled(checked_len(rows, dv)?, T::A::ZERO)?;
 
         // Query t sees key j iff j <= t + off.
         let off = self.tkv as isize - self.tq as isize;
@@ -1194,9 +1245,9 @@ impl<T: Elem> Ctx<'_, T> {
         } else {
             (BK * MAX_TILE_ROWS / rows.min(MAX_TILE_ROWS)).min(MAX_BK)
         };
-        let mut s = vec![T::A::ZERO; max_rows.min(rows) * bk];
+        let mut s = host_pool::filled(max_rows.min(rows) * bk, T::A::ZERO)?;
         let (mut kscratch, mut vscratch) = (Vec::new(), Vec::new());
-        let mut segments: Vec<(usize, usize)> = Vec::with_capacity(self.r);
+        let mut segments: Vec<(usize, usize)> = host_pool::with_capacity(self.r)?;
 
         let mut k0 = k_lo;
         while k0 < k_hi {
@@ -1222,8 +1273,9 @@ impl<T: Elem> Ctx<'_, T> {
                 k0 += nk;
                 continue;
             }
-            let kr = tile_rows(self.k, b, g, k0, nk, d, &mut kscratch);
-            let vr = tile_rows(self.v, b, g, k0, nk, dv, &mut vscratch);
+            let kr = tile_rows(self.k, b, g, k0, nk, d, &mut kscratch)?;
+            let vr = tile_rows(self.v, b, g, k0, nk, dv, &mut vscratch)?;
+            let mut v_non_finite: Option<bool> = None;
             if !small {
                 // `gemm` reads the tiles in an order the hardware prefetcher does not follow
                 // well; fetch the next tile while this one computes.
@@ -1275,7 +1327,15 @@ impl<T: Elem> Ctx<'_, T> {
                             &mut acc[row * dv..][..dv],
                         );
                     }
-                    if small {
+                    // A weight of 0 (masked key) must not meet a NaN or infinite value: the
+                    // fast products below would give 0 * NaN = NaN. Checked only for tiles
+                    // with a zero weight, and the values scanned once per tile.
+                    if sb.contains(&T::A::ZERO)
+                        && *v_non_finite.get_or_insert_with(|| vr.any_non_finite(nk, dv))
+                    {
+                        let arows = &mut acc[row0 * dv..][..nr * dv];
+                        accumulate_nonzero(sb, nk, nr, &vr, dv, arows);
+                    } else if small {
                         let arows = &mut acc[row0 * dv..][..nr * dv];
                         T::A::accumulate_rows::<FMA>(sb, nk, nr, &vr, dv, arows, |j| {
                             self.v.prefetch_row(b, g, k0 + bk + j, dv, self.tkv)
@@ -1297,7 +1357,7 @@ impl<T: Elem> Ctx<'_, T> {
             }
             k0 += nk;
         }
-        State { m, l, acc }
+        Ok(State { m, l, acc })
     }
 
     /// Writes `acc / l` of each row into the output pieces (one per query head of the
@@ -1309,7 +1369,9 @@ impl<T: Elem> Ctx<'_, T> {
             for (i, x) in lse.iter_mut().enumerate().take(nqr) {
                 let row = r * nqr + i;
                 let l = st.l[row];
-                *x = if l == T::A::ZERO {
+                *x = if st.m[row].is_nan() {
+                    T::A::NAN
+                } else if l == T::A::ZERO {
                     T::A::NEG_INF
                 } else {
                     st.m[row] + T::A::from_f64(l.to_f64().ln())
@@ -1320,7 +1382,11 @@ impl<T: Elem> Ctx<'_, T> {
             for i in 0..nqr {
                 let row = r * nqr + i;
                 let l = st.l[row];
-                let inv = if l == T::A::ZERO {
+                // A NaN logit (score, mask or sink) makes the row NaN even when no tile
+                // reached it; a row with nothing visible (l = 0) is 0.
+                let inv = if st.m[row].is_nan() {
+                    T::A::NAN
+                } else if l == T::A::ZERO {
                     T::A::ZERO
                 } else {
                     T::A::ONE / l
@@ -1334,13 +1400,16 @@ impl<T: Elem> Ctx<'_, T> {
     }
 
     /// Merges the partial states of one group chunk's key ranges and writes the output.
-    fn merge(&self, parts: &[State<T::A>], pieces: &mut Pieces<'_, T>) {
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` when the merged state cannot be allocated.
+    fn merge(&self, parts: &[State<T::A>], pieces: &mut Pieces<'_, T>) -> Result<()> {
         let dv = self.dv;
-        let rows = parts[0].m.len();
+        let rows = parts.first().map_or(0, |p| p.m.len());
         let mut merged = State {
-            m: vec![T::A::NEG_INF; rows],
-            l: vec![T::A::ZERO; rows],
-            acc: vec![T::A::ZERO; rows * dv],
+            m: host_pool::filled(rows, T::A::NEG_INF)?,
+            l: host_pool::filled(rows, T::A::ZERO)?,
+            acc: host_pool::filled(checked_len(rows, dv)?, T::A::ZERO)?,
         };
         for row in 0..rows {
             let mut mx = T::A::NEG_INF;
@@ -1371,6 +1440,7 @@ impl<T: Elem> Ctx<'_, T> {
             merged.l[row] = l;
         }
         self.finish(&merged, pieces);
+        Ok(())
     }
 }
 
@@ -1436,13 +1506,11 @@ fn dispatch(c: &SdpaArgs, with_lse: bool) -> Result<(Array, Option<Array>)> {
 fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array, Option<Array>)> {
     let [bn, nq, tq, dv] = c.out_shape;
     let (nkv, tkv, d) = (c.k.shape()[1], c.k.shape()[2], c.k.shape()[3]);
-    let rows = bn * nq * tq;
-    let mut out = vec![T::default(); rows * dv];
-    let mut lse = if with_lse {
-        vec![T::A::NEG_INF; rows]
-    } else {
-        Vec::new()
-    };
+    // Checked: with D or D_v of 0 the inputs hold no element whatever the other sizes.
+    let rows = crate::array::checked_size(&[bn, nq, tq])?;
+    let out_len = crate::array::checked_size(&c.out_shape)?;
+    let mut out = host_pool::take_filled(out_len, T::default())?;
+    let mut lse = host_pool::take_filled(if with_lse { rows } else { 0 }, T::A::NEG_INF)?;
     let lse_shape = [bn, nq, tq];
     let finish = |out: Vec<T>, lse: Vec<T::A>| -> Result<(Array, Option<Array>)> {
         let lse = if with_lse {
@@ -1458,7 +1526,7 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array
     if tkv == 0 {
         // No key at all: every row is 0; its log-sum-exp is its sink's, or -inf.
         if let (true, Some(s)) = (with_lse, &c.sinks) {
-            let sinks: Vec<T::A> = s.to_vec::<T>()?.into_iter().map(T::widen).collect();
+            let sinks: Vec<T::A> = host_pool::map(&s.to_vec::<T>()?, T::widen)?;
             for (row, x) in lse.iter_mut().enumerate() {
                 *x = sinks[(row / tq) % nq];
             }
@@ -1472,7 +1540,7 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array
     };
     let sinks = match &c.sinks {
         None => None,
-        Some(s) => Some(s.to_vec::<T>()?.into_iter().map(T::widen).collect()),
+        Some(s) => Some(host_pool::map(&s.to_vec::<T>()?, T::widen)?),
     };
     let r = nq / nkv;
     let threads = rayon::current_num_threads().max(1);
@@ -1520,12 +1588,13 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array
     };
 
     // The pieces each chunk writes: for each of its R query heads, its queries.
-    let mut pieces: Vec<Pieces<'_, T>> = (0..chunks)
-        .map(|_| Pieces {
-            out: Vec::with_capacity(r),
-            lse: Vec::with_capacity(r),
-        })
-        .collect();
+    let mut pieces: Vec<Pieces<'_, T>> = host_pool::with_capacity(chunks)?;
+    for _ in 0..chunks {
+        pieces.push(Pieces {
+            out: host_pool::with_capacity(r)?,
+            lse: host_pool::with_capacity(if with_lse { r } else { 0 })?,
+        });
+    }
     let heads = bn * nq;
     split_pieces(&mut out, (nq, nkv, r), heads, tq, qc, dv, |i, p| {
         pieces[i].out.push(p)
@@ -1539,13 +1608,16 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array
     let work = (bn * nq * tq * tkv).saturating_mul(d + dv);
     if work < SEQUENTIAL_WORK {
         for (gc, mut p) in pieces.into_iter().enumerate() {
-            ctx.finish(&ctx.attend(gc, 0, tkv, true), &mut p);
+            ctx.finish(&ctx.attend(gc, 0, tkv, true)?, &mut p);
         }
     } else if nsplit == 1 {
         pieces
             .into_par_iter()
             .enumerate()
-            .for_each(|(gc, mut p)| ctx.finish(&ctx.attend(gc, 0, tkv, true), &mut p));
+            .try_for_each(|(gc, mut p)| {
+                ctx.finish(&ctx.attend(gc, 0, tkv, true)?, &mut p);
+                Ok::<(), Error>(())
+            })?;
     } else {
         let parts: Vec<State<T::A>> = (0..chunks * nsplit)
             .into_par_iter()
@@ -1554,11 +1626,11 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array
                 let lo = sp * split_len;
                 ctx.attend(gc, lo, (lo + split_len).min(tkv), sp == 0)
             })
-            .collect();
+            .collect::<Result<_>>()?;
         pieces
             .into_par_iter()
             .enumerate()
-            .for_each(|(gc, mut p)| ctx.merge(&parts[gc * nsplit..][..nsplit], &mut p));
+            .try_for_each(|(gc, mut p)| ctx.merge(&parts[gc * nsplit..][..nsplit], &mut p))?;
     }
     finish(out, lse)
 }

@@ -58,10 +58,12 @@ impl Default for RopeOptions<'_> {
 /// kept at full precision; for other inputs `freqs` is rounded to `f32` first, as MLX does.
 ///
 /// # Errors
-/// `Error::InvalidArgument` with MLX's text, checked in MLX's order: `a` has fewer than 3
-/// dimensions or is not floating; an offset array has more than one dimension, a size other
-/// than 1 or `B`, or a non-integer dtype; `dims` is not positive, odd, or larger than `D`;
-/// `freqs` is not 1-D of size `dims / 2`; both or neither of `base` and `freqs` are given.
+/// `Error::InvalidArgument` with MLX's text, checked in MLX's order: both or neither of
+/// `base` and `freqs` are given; `a` has fewer than 3 dimensions or is not floating; an
+/// offset array has more than one dimension, a size other than 1 or `B`, or a non-integer
+/// dtype; `dims` is not positive, odd, or larger than `D`; `freqs` is not 1-D of size
+/// `dims / 2`. `Error::OutOfMemory` when the offset or `freqs` values (read after every
+/// check) or the output do not fit in memory.
 /// `Error::Unsupported` for f64 inputs on a CUDA device; compile and driver errors there.
 pub fn rope(
     a: &Array,

@@ -42,6 +42,12 @@ const OP: &str = "[scaled_dot_product_attention]";
 ///   additive entry, or causality when `T_q > T_kv`) outputs **0** (plus nothing from a sink).
 ///   This matches MLX's GPU vector kernels; MLX's CPU fallback instead gives the mean of `v`
 ///   for bool and causal masks and NaN for an all `-inf` additive row.
+/// - NaN propagates as in MLX's definition: a NaN in a query row, the scale, a visible key,
+///   an additive mask entry or a sink (or a sink of `+inf`) makes the rows it reaches NaN,
+///   never 0. A key hidden by a `false` bool entry or causality, or whose weight is exactly
+///   0 (an additive `-inf`, or underflow), contributes nothing whatever its key and value
+///   rows hold (unlike MLX's fallback, where `0 * NaN` poisons the row). The full table is
+///   in `docs/architecture.md` ("Special values").
 /// - `T_kv == 0` gives zeros of the output shape.
 /// - Inputs on a CUDA device run there (f32, f16, bf16), on the stream that produced `q`;
 ///   k, v, the mask and the sinks may come from other streams of the same device.
@@ -57,7 +63,8 @@ const OP: &str = "[scaled_dot_product_attention]";
 /// non-floating result type; an additive mask or sinks whose dtype does not promote to the
 /// output dtype; sinks not of shape `(N_q,)`; k and v with different sequence lengths.
 /// `Error::Shape` with MLX's `broadcast_to` texts when the mask does not broadcast to
-/// `[B, N_q, T_q, T_kv]`. `Error::Device` for inputs on different devices;
+/// `[B, N_q, T_q, T_kv]`. `Error::OutOfMemory` when the output or the working tiles do not
+/// fit in memory. `Error::Device` for inputs on different devices;
 /// `Error::Unsupported` for a float64 result on a CUDA device.
 ///
 /// ```

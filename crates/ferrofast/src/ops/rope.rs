@@ -1,6 +1,6 @@
 //! [`RopeArgs`]: a validated `rope` call, and the public [`RopeOffset`] argument.
 
-use crate::array::fmt_shape;
+use crate::array::{fmt_shape, host_pool};
 use crate::{Array, DType, Device, Error, Result};
 
 /// The position offset of [`rope`](crate::fast::rope): a plain integer, or an integer array holding either one
@@ -99,6 +99,18 @@ impl RopeArgs {
         offset: RopeOffset<'_>,
         freqs: Option<&Array>,
     ) -> Result<RopeArgs> {
+        // MLX checks base and freqs before anything else (spec §4.2).
+        match (base, freqs) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    "[rope] Only one of base or freqs can have a value.",
+                ))
+            }
+            (None, None) => {
+                return Err(Error::invalid("[rope] Neither base nor freqs has a value."))
+            }
+            _ => {}
+        }
         if a.ndim() < 3 {
             return Err(Error::invalid(format!(
                 "[rope] Input must have at least 3 dimensions but got input with {} dimensions.",
@@ -112,10 +124,9 @@ impl RopeArgs {
             )));
         }
         let batch = a.shape()[0];
-        let offsets = match offset {
-            RopeOffset::Int(v) => RopeOffsets::Scalar(v),
-            RopeOffset::Array(o) => read_offsets(o, batch)?,
-        };
+        if let RopeOffset::Array(o) = offset {
+            check_offsets(o, batch)?;
+        }
         let last = a.shape()[a.ndim() - 1];
         if dims <= 0 {
             return Err(Error::invalid(format!(
@@ -142,17 +153,17 @@ impl RopeArgs {
                 )));
             }
         }
+        // Every check has passed: read the values (which can only fail for memory).
         let freqs = match (base, freqs) {
-            (Some(_), Some(_)) => {
-                return Err(Error::invalid(
-                    "[rope] Only one of base or freqs can have a value.",
-                ))
-            }
+            (_, Some(f)) => RopeFreqs::Periods(f.to_f64_vec()?),
+            (Some(b), None) => RopeFreqs::Base(b),
             (None, None) => {
                 return Err(Error::invalid("[rope] Neither base nor freqs has a value."))
             }
-            (Some(b), None) => RopeFreqs::Base(b),
-            (None, Some(f)) => RopeFreqs::Periods(f.to_f64_vec()?),
+        };
+        let offsets = match offset {
+            RopeOffset::Int(v) => RopeOffsets::Scalar(v),
+            RopeOffset::Array(o) => read_offsets(o)?,
         };
         Ok(RopeArgs {
             x: a.clone(),
@@ -166,8 +177,8 @@ impl RopeArgs {
     }
 }
 
-/// Checks an offset array (rank, size, dtype, in MLX's order) and reads its values.
-fn read_offsets(o: &Array, batch: usize) -> Result<RopeOffsets> {
+/// Checks an offset array: rank, size, dtype, in MLX's order.
+fn check_offsets(o: &Array, batch: usize) -> Result<()> {
     if o.ndim() > 1 {
         return Err(Error::invalid(format!(
             "[rope] offset must have at most one dimension but has shape {}.",
@@ -180,16 +191,22 @@ fn read_offsets(o: &Array, batch: usize) -> Result<RopeOffsets> {
             fmt_shape(o.shape())
         )));
     }
+    match o.dtype() {
+        DType::I32 | DType::U32 | DType::U8 | DType::I64 => Ok(()),
+        other => Err(Error::invalid(format!(
+            "[rope] offset must be an integer but got type {other}."
+        ))),
+    }
+}
+
+/// Reads the values of an offset array that passed [`check_offsets`].
+fn read_offsets(o: &Array) -> Result<RopeOffsets> {
     // MLX keeps 4-byte integers and casts every other integer dtype to int32.
     let values: Vec<i64> = match o.dtype() {
-        DType::I32 => o.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
-        DType::U32 => o.to_vec::<u32>()?.into_iter().map(i64::from).collect(),
-        DType::U8 => o.to_vec::<u8>()?.into_iter().map(i64::from).collect(),
-        DType::I64 => o
-            .to_vec::<i64>()?
-            .into_iter()
-            .map(|v| i64::from(v as i32))
-            .collect(),
+        DType::I32 => host_pool::map(&o.to_vec::<i32>()?, i64::from)?,
+        DType::U32 => host_pool::map(&o.to_vec::<u32>()?, i64::from)?,
+        DType::U8 => host_pool::map(&o.to_vec::<u8>()?, i64::from)?,
+        DType::I64 => host_pool::map(&o.to_vec::<i64>()?, |v| i64::from(v as i32))?,
         other => {
             return Err(Error::invalid(format!(
                 "[rope] offset must be an integer but got type {other}."

@@ -73,8 +73,11 @@ impl Oracle {
     /// The softmax of row `(b, h, i)`: `(key, probability)` of each visible key (a key is
     /// hidden where a bool mask is `false` or causality hides it: query `i` sees key `j` iff
     /// `j <= i + T_kv - T_q`), and the log-sum-exp over the visible scores and the sink.
-    /// A row with no logit above `-inf` has no probabilities and a log-sum-exp of `-inf`.
-    fn probabilities(&self, b: usize, h: usize, i: usize) -> (Vec<(usize, f64)>, f64) {
+    /// A key whose logit is `-inf` gets no probability (its value row is never read). A row
+    /// with no logit above `-inf` has no probabilities and a log-sum-exp of `-inf`; a row
+    /// with a NaN logit (or a sink of `+inf`, which makes the softmax `inf / inf`) has a
+    /// log-sum-exp of NaN and is NaN throughout (`None`).
+    fn probabilities(&self, b: usize, h: usize, i: usize) -> (Option<Vec<(usize, f64)>>, f64) {
         let mrow = ((b * self.nq + h) * self.tq + i) * self.tkv;
         let qrow = self.q_row(b, h, i);
         let mut logits = Vec::with_capacity(self.tkv);
@@ -88,13 +91,19 @@ impl Oracle {
             }
         }
         let sink = self.sinks.as_ref().map(|s| s[h]);
+        if logits.iter().any(|&(_, s)| s.is_nan())
+            || sink.is_some_and(|s| s.is_nan() || s == f64::INFINITY)
+        {
+            return (None, f64::NAN);
+        }
+        logits.retain(|&(_, s)| s != f64::NEG_INFINITY);
         let max = logits
             .iter()
             .map(|&(_, s)| s)
             .chain(sink)
             .fold(f64::NEG_INFINITY, f64::max);
         if max == f64::NEG_INFINITY {
-            return (Vec::new(), f64::NEG_INFINITY);
+            return (Some(Vec::new()), f64::NEG_INFINITY);
         }
         let denom = sink.map_or(0.0, |s| (s - max).exp())
             + logits.iter().map(|&(_, s)| (s - max).exp()).sum::<f64>();
@@ -102,7 +111,7 @@ impl Oracle {
             .into_iter()
             .map(|(j, s)| (j, (s - max).exp() / denom))
             .collect();
-        (probs, max + denom.ln())
+        (Some(probs), max + denom.ln())
     }
 }
 
@@ -115,7 +124,10 @@ impl Oracle {
 /// is excluded where a bool mask is `false` or causality hides it (lower-right aligned:
 /// query `i` sees key `j` iff `j <= i + T_kv - T_q`), an additive mask is added, the sink
 /// joins the softmax as an extra logit, and `P v` is summed. A row left with no logit above
-/// `-inf` (no visible key and no sink) is 0, the fast kernel's documented choice.
+/// `-inf` (no visible key and no sink) is 0, the fast kernel's documented choice; a key
+/// whose logit is `-inf` gets no weight and its value row is never read; a row with a NaN
+/// logit or a sink of `+inf` is NaN (log-sum-exp NaN). See "Special values" in
+/// `docs/architecture.md`.
 ///
 /// Returns an `F64` array of shape `[B, N_q, T_q, D_v]`.
 ///
@@ -161,6 +173,10 @@ pub fn scaled_dot_product_attention_with_lse(
                 let (probs, l) = o.probabilities(b, h, i);
                 lse[row] = l;
                 let orow = &mut out[row * dv..][..dv];
+                let Some(probs) = probs else {
+                    orow.fill(f64::NAN);
+                    continue;
+                };
                 for &(j, p) in &probs {
                     for (x, y) in orow.iter_mut().zip(o.v_row(b, h, j)) {
                         *x += p * y;
@@ -218,6 +234,16 @@ pub fn scaled_dot_product_attention_vjp(
             for i in 0..tq {
                 let row = (b * nq + h) * tq + i;
                 let (probs, lse) = o.probabilities(b, h, i);
+                let Some(probs) = probs else {
+                    // A NaN row: its probabilities are NaN, and so is every gradient they
+                    // reach (its dq row, dk and dv of every key of its kv head, its sink's).
+                    dq[row * d..][..d].fill(f64::NAN);
+                    let keys = (b * nkv + kvh) * tkv;
+                    dk[keys * d..][..tkv * d].fill(f64::NAN);
+                    dvv[keys * dv..][..tkv * dv].fill(f64::NAN);
+                    ds[h] = f64::NAN;
+                    continue;
+                };
                 let grow = &g[row * dv..][..dv];
                 let mut out = vec![0.0f64; dv];
                 for &(j, p) in &probs {

@@ -739,10 +739,10 @@ mod tests {
                             mean,
                             inv: values.stat(),
                         };
-                        let mut want = T::alloc_output(d);
+                        let mut want = crate::array::host_pool::take_or_zeroed::<T>(d).unwrap();
                         let mut staging = vec![0.0f32; d];
                         T::write_row(&row, T::widen, stats, affine, &mut staging, &mut want);
-                        let mut got = T::alloc_output(d);
+                        let mut got = crate::array::host_pool::take_or_zeroed::<T>(d).unwrap();
                         let p = next.as_ptr();
                         // SAFETY: `Kernel::new` succeeded, so the CPU can run the kernel.
                         unsafe {
@@ -875,8 +875,10 @@ mod tests {
                     let k = Kernel::<T>::new(&job).unwrap();
                     for first in [0, 1, 4] {
                         for rows in 1..=n_rows - first {
-                            let mut ahead = T::alloc_output(rows * d);
-                            let mut grouped = T::alloc_output(rows * d);
+                            let mut ahead =
+                                crate::array::host_pool::take_or_zeroed::<T>(rows * d).unwrap();
+                            let mut grouped =
+                                crate::array::host_pool::take_or_zeroed::<T>(rows * d).unwrap();
                             // SAFETY: `Kernel::new` succeeded, so the CPU can run the kernel.
                             unsafe {
                                 if kind == NormKind::Layer {

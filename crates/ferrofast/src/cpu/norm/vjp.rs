@@ -14,7 +14,7 @@
 //! results do not depend on the thread count or scheduling (deterministic).
 
 use super::{lane_sum, Acc, LANES};
-use crate::array::Array;
+use crate::array::{host_pool, Array};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ops::norm::{NormKind, NormVjpArgs};
@@ -84,10 +84,13 @@ fn run_typed<T: VjpFloat>(args: &NormVjpArgs) -> Result<(Array, Option<Array>, O
     let x = dense::<T>(&fwd.x)?;
     let g = dense::<T>(&args.cotangent)?;
     let w = fwd.weight.as_ref().map(dense::<T>).transpose()?;
-    let x = x.cpu_buffer::<T>()?;
-    let g = g.cpu_buffer::<T>()?;
+    // The logical elements, not the whole buffer: an empty view of a broadcast buffer still
+    // has one.
+    let logical = |a: &Array| -> Result<Vec<T>> { a.to_vec::<T>() };
+    let (x, g) = (logical(&x)?, logical(&g)?);
+    let (x, g) = (x.as_slice(), g.as_slice());
     let w: Option<Vec<T::C>> = match &w {
-        Some(w) => Some(w.cpu_buffer::<T>()?.iter().map(|&v| v.widen()).collect()),
+        Some(w) => Some(host_pool::map(&w.to_vec::<T>()?, |v| v.widen())?),
         None => None,
     };
     let layer = fwd.kind == NormKind::Layer;
@@ -95,10 +98,9 @@ fn run_typed<T: VjpFloat>(args: &NormVjpArgs) -> Result<(Array, Option<Array>, O
     let want_db = layer && fwd.bias.is_some();
 
     let n = x.len();
-    let mut dx = crate::array::host_pool::take_uninit::<T>(n);
-    dx.resize(n, T::narrow(T::C::ZERO));
-    let mut dw_sum = vec![T::C::ZERO; if want_dw { d } else { 0 }];
-    let mut db_sum = vec![T::C::ZERO; if want_db { d } else { 0 }];
+    let mut dx = host_pool::take_filled::<T>(n, T::narrow(T::C::ZERO))?;
+    let mut dw_sum = host_pool::filled(if want_dw { d } else { 0 }, T::C::ZERO)?;
+    let mut db_sum = host_pool::filled(if want_db { d } else { 0 }, T::C::ZERO)?;
     if n > 0 && d > 0 {
         let rows = n / d;
         let per_task = rows
@@ -122,7 +124,7 @@ fn run_typed<T: VjpFloat>(args: &NormVjpArgs) -> Result<(Array, Option<Array>, O
                 let len = out.len();
                 job.rows(&x[first..first + len], &g[first..first + len], out)
             })
-            .collect();
+            .collect::<Result<_>>()?;
         for (pw, pb) in &partials {
             for (s, &p) in dw_sum.iter_mut().zip(pw) {
                 *s = *s + p;
@@ -140,7 +142,7 @@ fn run_typed<T: VjpFloat>(args: &NormVjpArgs) -> Result<(Array, Option<Array>, O
     };
     let reduced = |sum: Vec<T::C>, like: &Option<Array>| -> Result<Option<Array>> {
         let Some(like) = like else { return Ok(None) };
-        let vals: Vec<T> = sum.into_iter().map(T::narrow).collect();
+        let vals: Vec<T> = host_pool::map(&sum, T::narrow)?;
         let a = Array::from_vec(vals, &[d])?;
         Ok(Some(if a.dtype() == like.dtype() {
             a
@@ -195,12 +197,15 @@ struct Job<'a, C> {
 impl<C: Acc + PartialOrd> Job<'_, C> {
     /// Writes `dx` for the rows of `x` / `g` (row-major, `d` per row) into `out` and returns
     /// this task's `dw` and `db` sums (empty when not wanted).
-    fn rows<T: VjpFloat<C = C>>(&self, x: &[T], g: &[T], out: &mut [T]) -> Partials<C> {
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` when the task's rows of scratch cannot be allocated.
+    fn rows<T: VjpFloat<C = C>>(&self, x: &[T], g: &[T], out: &mut [T]) -> Result<Partials<C>> {
         let d = self.d;
-        let mut dw = vec![C::ZERO; if self.want_dw { d } else { 0 }];
-        let mut db = vec![C::ZERO; if self.want_db { d } else { 0 }];
-        let mut xs = vec![C::ZERO; d];
-        let mut gw = vec![C::ZERO; d];
+        let mut dw = host_pool::filled(if self.want_dw { d } else { 0 }, C::ZERO)?;
+        let mut db = host_pool::filled(if self.want_db { d } else { 0 }, C::ZERO)?;
+        let mut xs = host_pool::filled(d, C::ZERO)?;
+        let mut gw = host_pool::filled(d, C::ZERO)?;
         for ((xr, gr), o) in x
             .chunks_exact(d)
             .zip(g.chunks_exact(d))
@@ -256,6 +261,6 @@ impl<C: Acc + PartialOrd> Job<'_, C> {
                 }
             }
         }
-        (dw, db)
+        Ok((dw, db))
     }
 }

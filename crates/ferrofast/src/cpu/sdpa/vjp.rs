@@ -14,7 +14,7 @@
 //! buffers. Products go through `gemm` in the compute type (f32, or f64 for f64 inputs).
 
 use super::{matmul, tile_rows, Acc, Elem, MaskView, View};
-use crate::array::Array;
+use crate::array::{host_pool, Array};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaVjpArgs;
@@ -94,10 +94,16 @@ impl<A: Acc> Tiles<A> {
 }
 
 /// Grows `v` to at least `n` values (every value read is written first).
-fn grow<A: Acc>(v: &mut Vec<A>, n: usize) {
+///
+/// # Errors
+/// `Error::OutOfMemory` when the values cannot be allocated.
+fn grow<A: Acc>(v: &mut Vec<A>, n: usize) -> Result<()> {
     if v.len() < n {
+        v.try_reserve_exact(n - v.len())
+            .map_err(|_| host_pool::out_of_memory::<A>(n))?;
         v.resize(n, A::ZERO);
     }
+    Ok(())
 }
 
 impl<T: Elem> Ctx<'_, T> {
@@ -108,10 +114,17 @@ impl<T: Elem> Ctx<'_, T> {
 
     /// Loads `nr` query rows from `q0` of head `(b, h)` (times `scale`) and their `dO`
     /// rows into the tiles.
-    fn load_queries(&self, b: usize, h: usize, q0: usize, nr: usize, t: &mut Tiles<T::A>) {
+    fn load_queries(
+        &self,
+        b: usize,
+        h: usize,
+        q0: usize,
+        nr: usize,
+        t: &mut Tiles<T::A>,
+    ) -> Result<()> {
         let (d, dv) = (self.d, self.dv);
-        grow(&mut t.q, nr * d);
-        grow(&mut t.d_out, nr * dv);
+        grow(&mut t.q, nr * d)?;
+        grow(&mut t.d_out, nr * dv)?;
         for i in 0..nr {
             let row = &mut t.q[i * d..][..d];
             self.q.load_row(b, h, q0 + i, row);
@@ -121,6 +134,7 @@ impl<T: Elem> Ctx<'_, T> {
             self.d_out
                 .load_row(b, h, q0 + i, &mut t.d_out[i * dv..][..dv]);
         }
+        Ok(())
     }
 
     /// For the loaded query tile (`nr` rows from `q0` of head `(b, h)`) against keys
@@ -138,10 +152,10 @@ impl<T: Elem> Ctx<'_, T> {
         kr: (&[T::A], usize, usize),
         vr: (&[T::A], usize, usize),
         t: &mut Tiles<T::A>,
-    ) {
+    ) -> Result<()> {
         let (d, dv) = (self.d, self.dv);
-        grow(&mut t.p, nr * nk);
-        grow(&mut t.ds, nr * nk);
+        grow(&mut t.p, nr * nk)?;
+        grow(&mut t.ds, nr * nk)?;
         let (p, ds) = (&mut t.p[..nr * nk], &mut t.ds[..nr * nk]);
         // S = (scale Q) K^T and dP = dO V^T.
         matmul(
@@ -197,19 +211,30 @@ impl<T: Elem> Ctx<'_, T> {
                 *g = pv * (*g - delta);
             }
         }
+        Ok(())
     }
 
     /// `dK` and `dV` of keys `k0..k0 + nk` of kv head `(b, g)`, written (rounded to `T`)
     /// into `dk_out` (`[nk, d]`) and `dv_out` (`[nk, dv]`).
-    fn dkdv(&self, b: usize, g: usize, k0: usize, dk_out: &mut [T], dv_out: &mut [T]) {
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` when the task's tiles cannot be allocated.
+    fn dkdv(
+        &self,
+        b: usize,
+        g: usize,
+        k0: usize,
+        dk_out: &mut [T],
+        dv_out: &mut [T],
+    ) -> Result<()> {
         let (d, dv) = (self.d, self.dv);
         let nk = BKV.min(self.tkv - k0);
         let mut t = Tiles::new();
-        let mut dk = vec![T::A::ZERO; nk * d];
-        let mut dvv = vec![T::A::ZERO; nk * dv];
+        let mut dk = host_pool::filled(nk * d, T::A::ZERO)?;
+        let mut dvv = host_pool::filled(nk * dv, T::A::ZERO)?;
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
-        let kr = tile_rows(self.k, b, g, k0, nk, d, &mut ks);
-        let vr = tile_rows(self.v, b, g, k0, nk, dv, &mut vs);
+        let kr = tile_rows(self.k, b, g, k0, nk, d, &mut ks)?;
+        let vr = tile_rows(self.v, b, g, k0, nk, dv, &mut vs)?;
         // Causal: only queries t with t + off >= k0 see any of these keys.
         let first_q = if self.causal {
             (k0 as isize - self.off()).clamp(0, self.tq as isize) as usize
@@ -220,7 +245,7 @@ impl<T: Elem> Ctx<'_, T> {
             let mut q0 = first_q;
             while q0 < self.tq {
                 let nr = BQV.min(self.tq - q0);
-                self.load_queries(b, h, q0, nr, &mut t);
+                self.load_queries(b, h, q0, nr, &mut t)?;
                 self.p_and_ds(
                     b,
                     h,
@@ -231,7 +256,7 @@ impl<T: Elem> Ctx<'_, T> {
                     (kr.data, kr.start, kr.stride),
                     (vr.data, vr.start, vr.stride),
                     &mut t,
-                );
+                )?;
                 // dV += P^T dO; dK += dS^T (scale Q).
                 matmul(
                     nk,
@@ -262,17 +287,21 @@ impl<T: Elem> Ctx<'_, T> {
         for (o, &a) in dv_out.iter_mut().zip(&dvv) {
             *o = T::narrow(a);
         }
+        Ok(())
     }
 
     /// `dQ` of queries `q0..q0 + nr` of head `(b, h)`, written (rounded to `T`) into `out`
     /// (`[nr, d]`).
-    fn dq(&self, b: usize, h: usize, q0: usize, out: &mut [T]) {
+    ///
+    /// # Errors
+    /// `Error::OutOfMemory` when the task's tiles cannot be allocated.
+    fn dq(&self, b: usize, h: usize, q0: usize, out: &mut [T]) -> Result<()> {
         let d = self.d;
         let nr = BQV.min(self.tq - q0);
         let g = h / self.r;
         let mut t = Tiles::new();
-        let mut acc = vec![T::A::ZERO; nr * d];
-        self.load_queries(b, h, q0, nr, &mut t);
+        let mut acc = host_pool::filled(nr * d, T::A::ZERO)?;
+        self.load_queries(b, h, q0, nr, &mut t)?;
         // Causal: the last query of the tile sees keys up to q0 + nr - 1 + off.
         let k_end = if self.causal {
             (q0 as isize + nr as isize + self.off()).clamp(0, self.tkv as isize) as usize
@@ -283,8 +312,8 @@ impl<T: Elem> Ctx<'_, T> {
         let mut k0 = 0;
         while k0 < k_end {
             let nk = BKV.min(k_end - k0);
-            let kr = tile_rows(self.k, b, g, k0, nk, d, &mut ks);
-            let vr = tile_rows(self.v, b, g, k0, nk, self.dv, &mut vs);
+            let kr = tile_rows(self.k, b, g, k0, nk, d, &mut ks)?;
+            let vr = tile_rows(self.v, b, g, k0, nk, self.dv, &mut vs)?;
             self.p_and_ds(
                 b,
                 h,
@@ -295,7 +324,7 @@ impl<T: Elem> Ctx<'_, T> {
                 (kr.data, kr.start, kr.stride),
                 (vr.data, vr.start, vr.stride),
                 &mut t,
-            );
+            )?;
             // dQ += dS K (times scale below).
             matmul(
                 nr,
@@ -312,6 +341,7 @@ impl<T: Elem> Ctx<'_, T> {
         for (o, &a) in out.iter_mut().zip(&acc) {
             *o = T::narrow(a * self.scale);
         }
+        Ok(())
     }
 }
 
@@ -320,13 +350,17 @@ fn run_typed<T: Elem>(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Ar
     let [bn, nq, tq, dv] = a.out_shape;
     let (nkv, tkv, d) = (a.k.shape()[1], a.k.shape()[2], a.k.shape()[3]);
     let r = nq.checked_div(nkv).unwrap_or(1);
-    let rows = bn * nq * tq;
+    // Checked: with D and D_v of 0 the arrays hold no element whatever the other sizes.
+    let rows = crate::array::checked_size(&[bn, nq, tq])?;
     // delta = rowsum(dO * O) and lse, per row, in the compute type.
     let o = View::<T>::new(&c.out)?;
     let d_out = View::<T>::new(&c.d_out)?;
-    let mut delta = vec![T::A::ZERO; rows];
+    let mut delta = host_pool::filled(rows, T::A::ZERO)?;
     {
-        let (mut orow, mut grow_) = (vec![T::A::ZERO; dv], vec![T::A::ZERO; dv]);
+        let (mut orow, mut grow_) = (
+            host_pool::filled(dv, T::A::ZERO)?,
+            host_pool::filled(dv, T::A::ZERO)?,
+        );
         for (row, dl) in delta.iter_mut().enumerate() {
             let (bh, i) = (row / tq.max(1), row % tq.max(1));
             let (b, h) = (bh / nq, bh % nq);
@@ -339,12 +373,7 @@ fn run_typed<T: Elem>(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Ar
             *dl = s;
         }
     }
-    let lse: Vec<T::A> = c
-        .lse
-        .to_f64_vec()?
-        .into_iter()
-        .map(T::A::from_f64)
-        .collect();
+    let lse: Vec<T::A> = host_pool::map(&c.lse.to_f64_vec()?, T::A::from_f64)?;
     let mask = match &a.mask {
         None => None,
         Some(m) if m.dtype() == DType::Bool => Some(MaskView::Bool(View::new(m)?)),
@@ -369,9 +398,10 @@ fn run_typed<T: Elem>(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Ar
     };
 
     // Each task returns its block; blocks are copied into place in task order.
-    let mut dq = vec![T::default(); rows * d];
-    let mut dk = vec![T::default(); bn * nkv * tkv * d];
-    let mut dvv = vec![T::default(); bn * nkv * tkv * dv];
+    // The gradients have their primals' shapes, whose sizes every `Array` keeps in range.
+    let mut dq = host_pool::take_filled(a.q.size(), T::default())?;
+    let mut dk = host_pool::take_filled(a.k.size(), T::default())?;
+    let mut dvv = host_pool::take_filled(a.v.size(), T::default())?;
     if tkv > 0 && rows > 0 {
         let kv_tasks: Vec<(usize, usize, usize)> = (0..bn * nkv)
             .flat_map(|bg| {
@@ -384,11 +414,12 @@ fn run_typed<T: Elem>(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Ar
             .par_iter()
             .map(|&(b, g, k0)| {
                 let nk = BKV.min(tkv - k0);
-                let (mut bk, mut bv) = (vec![T::default(); nk * d], vec![T::default(); nk * dv]);
-                ctx.dkdv(b, g, k0, &mut bk, &mut bv);
-                (bk, bv)
+                let mut bk = host_pool::filled(nk * d, T::default())?;
+                let mut bv = host_pool::filled(nk * dv, T::default())?;
+                ctx.dkdv(b, g, k0, &mut bk, &mut bv)?;
+                Ok((bk, bv))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         for (&(b, g, k0), (bk, bv)) in kv_tasks.iter().zip(&blocks) {
             let row0 = (b * nkv + g) * tkv + k0;
             dk[row0 * d..][..bk.len()].copy_from_slice(bk);
@@ -401,11 +432,11 @@ fn run_typed<T: Elem>(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Ar
             let blocks: Vec<Vec<T>> = q_tasks
                 .par_iter()
                 .map(|&(b, h, q0)| {
-                    let mut bq = vec![T::default(); BQV.min(tq - q0) * d];
-                    ctx.dq(b, h, q0, &mut bq);
-                    bq
+                    let mut bq = host_pool::filled(BQV.min(tq - q0) * d, T::default())?;
+                    ctx.dq(b, h, q0, &mut bq)?;
+                    Ok(bq)
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             for (&(b, h, q0), bq) in q_tasks.iter().zip(&blocks) {
                 let row0 = (b * nq + h) * tq + q0;
                 dq[row0 * d..][..bq.len()].copy_from_slice(bq);
@@ -417,7 +448,7 @@ fn run_typed<T: Elem>(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Ar
         None => None,
         Some(s) => {
             let sinks = s.to_f64_vec()?;
-            let mut g = vec![0.0f64; nq];
+            let mut g = host_pool::filled(nq, 0.0f64)?;
             for (row, (&l, &dl)) in ctx.lse.iter().zip(&ctx.delta).enumerate() {
                 let h = (row / tq.max(1)) % nq;
                 let l = l.to_f64();

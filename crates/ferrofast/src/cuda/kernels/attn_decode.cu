@@ -99,7 +99,8 @@ __device__ __forceinline__ void ff_decode_store(float mm,
             lt = lt * c1 + (sk == FF_NEG_INF ? 0.0f : exp2f(sk - m2));
             mm = m2;
         }
-        const float o = (mm == FF_NEG_INF || lt == 0.0f) ? 0.0f : a / lt;
+        // A NaN logit (score, mask or sink) leaves lt NaN: the row is NaN, never 0.
+        const float o = lt != lt ? lt : ((mm == FF_NEG_INF || lt == 0.0f) ? 0.0f : a / lt);
         out[orow * p.d_v + c] = T::from_f32(o);
     } else {
         const ff_i64_t slot = orow * p.n_splits + split;
@@ -310,9 +311,13 @@ __global__ void __launch_bounds__(FF_DECODE_THREADS)
             }
 #pragma unroll
             for (int r = 0; r < R; ++r) {
+                // A key of weight 0 (masked, or underflowed) contributes nothing, even when
+                // its value row holds NaN or an infinity (0 * NaN would poison the row).
+                if (s[u][r] != 0.0f) {
 #pragma unroll
-                for (int i = 0; i < W; ++i) {
-                    acc[r][i] = fmaf(s[u][r], vf[i], acc[r][i]);
+                    for (int i = 0; i < W; ++i) {
+                        acc[r][i] = fmaf(s[u][r], vf[i], acc[r][i]);
+                    }
                 }
             }
         }
@@ -429,7 +434,8 @@ __global__ void __launch_bounds__(FF_DECODE_THREADS)
     __syncthreads();
     const float mm = total[0];
     const float lt = total[1];
-    const bool empty = mm == FF_NEG_INF || lt == 0.0f;
+    // A NaN logit leaves lt NaN: inv is then NaN and so is the row.
+    const bool empty = lt == lt && (mm == FF_NEG_INF || lt == 0.0f);
     const float inv = empty ? 0.0f : 1.0f / lt;
     const float* acc = part_acc + orow * p.n_splits * (ff_i64_t)p.d_v;
     for (int c = threadIdx.x; c < p.d_v; c += blockDim.x) {

@@ -90,6 +90,10 @@ __global__ void __launch_bounds__(FF_GEN_THREADS)
             const float s = T::to_f32(sinks[p.s_off + (ff_i64_t)sq_head[r] * p.s_stride]);
             m_run[i] = s * FF_LOG2E;
             l_run[i] = m_run[i] == FF_NEG_INF ? 0.0f : 1.0f;
+            // A sink of +inf makes the softmax inf / inf: start the row from NaN.
+            if (m_run[i] == -FF_NEG_INF) {
+                m_run[i] = __int_as_float(0x7fc00000);
+            }
         }
     }
     // P V mapping: rows w + 4 * jr, features lane + 32 * ic of this block's chunk.
@@ -234,9 +238,13 @@ __global__ void __launch_bounds__(FF_GEN_THREADS)
 #pragma unroll
             for (int jr = 0; jr < 8; ++jr) {
                 const float pr = sp[warp + 4 * jr][kk];
+                // A key of weight 0 (masked, or underflowed) contributes nothing, even when
+                // its value row holds NaN or an infinity; the branch is uniform per warp.
+                if (pr != 0.0f) {
 #pragma unroll
-                for (int ic = 0; ic < 4; ++ic) {
-                    acc[jr][ic] = fmaf(pr, vx[ic], acc[jr][ic]);
+                    for (int ic = 0; ic < 4; ++ic) {
+                        acc[jr][ic] = fmaf(pr, vx[ic], acc[jr][ic]);
+                    }
                 }
             }
         }

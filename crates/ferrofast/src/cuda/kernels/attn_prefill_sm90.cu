@@ -275,7 +275,8 @@ __global__ void __launch_bounds__(384, 1)
         float sum = l_run[hf];
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        // NaN (a NaN logit) stays NaN; only a row with nothing visible is 0.
+        const float inv = sum == 0.0f ? 0.0f : 1.0f / sum;
         const int row = row0 + hf * 8;
         if (row < Tq) {
             ff_u32_t* orow = (ff_u32_t*)(ob + (ff_i64_t)row * DV) + (lane & 3);
