@@ -1138,13 +1138,16 @@ on_every_device! {
             err(fast::rope(&x, 8, false, None, 1.0, 0.into(), None)),
             "[rope] Neither base nor freqs has a value."
         );
-        // Order: rank before dtype before offset before dims before freqs.
+        // Order (MLX's): base / freqs presence first, then rank, dtype, offset, dims, freqs.
         let xi = on(&Array::full(&[2, 8], 1.0, DType::I32, &Device::Cpu).unwrap(), dev);
-        assert!(err(fast::rope(&xi, 7, false, None, 1.0, 0.into(), None)).contains("at least 3"));
+        assert!(err(fast::rope(&xi, 7, false, None, 1.0, 0.into(), None)).contains("Neither"));
+        assert!(err(fast::rope(&xi, 7, false, Some(1e4), 1.0, 0.into(), Some(&freqs)))
+            .contains("Only one"));
+        assert!(err(fast::rope(&xi, 7, false, Some(1e4), 1.0, 0.into(), None)).contains("at least 3"));
         let xi3 = on(&Array::full(&[2, 2, 8], 1.0, DType::I32, &Device::Cpu).unwrap(), dev);
-        assert!(err(fast::rope(&xi3, 7, false, None, 1.0, 0.into(), None)).contains("floating"));
+        assert!(err(fast::rope(&xi3, 7, false, Some(1e4), 1.0, 0.into(), None)).contains("floating"));
         let fo = Array::scalar(1.0f32);
-        assert!(err(fast::rope(&x, 7, false, None, 1.0, (&fo).into(), None)).contains("offset"));
+        assert!(err(fast::rope(&x, 7, false, Some(1e4), 1.0, (&fo).into(), None)).contains("offset"));
         assert!(err(fast::rope(&x, 7, false, None, 1.0, 0.into(), Some(&x))).contains("even"));
         assert!(
             err(fast::rope(&x, 8, false, None, 1.0, 0.into(), Some(&x))).contains("freqs must")

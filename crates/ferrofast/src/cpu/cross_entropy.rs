@@ -205,7 +205,7 @@ fn rows_typed<T: Logit>(
     let buf = args.logits.cpu_buffer::<T>()?;
     let (starts, col_stride) = row_layout(&args.logits);
     let mut losses = vec![0.0f32; rows];
-    let mut grads: Option<Vec<T>> = scale.map(|_| host_pool::take_uninit::<T>(n));
+    let mut grads: Option<Vec<T>> = scale.map(|_| host_pool::take_uninit::<T>(n)).transpose()?;
     let avx2 = has_avx2_fma();
     {
         let mut grad_rows: Vec<&mut [MaybeUninit<T>]> = match grads.as_mut() {
