@@ -81,17 +81,18 @@ const fn mma(
 
 /// `(D, D_v)` pairs with a tensor-core backward, and their tiles: steps whose accumulators
 /// fit in 255 registers without spilling (ptxas, sm_90: `scripts/kernel-regs`), chosen by
-/// `backward_tile_shapes` below on an H200 (bf16 B4 H32 T4096): D 128 is 4% faster with a
-/// dQ block of 8 warps over 32-key steps than with 4 warps over 64 keys (139.5 against
-/// 133.3 TFLOP/s, 135.4 against 130.4 causal) and 12% faster than with dK and dV split; D 64
-/// is fastest with 4-warp blocks (110.6 against 98.1 and 90.9); D 256 7% faster with 8-warp
-/// blocks (115.2 against 107.3). D 80 follows D 64, D 96 and (192, 128) follow D 128,
-/// unmeasured.
+/// `backward_tile_shapes` below on an H200 (bf16 B4 H32 T4096): at D 128 the dQ kernel is
+/// fastest with 4 warps of two 16-query slabs over 32-key steps (144.9 TFLOP/s, causal
+/// 140.5), against 139.6 / 135.2 with 8 warps of one slab and 133.3 / 130.4 with 4 warps
+/// over 64-key steps; dK and dV split lose 12%. D 64 is fastest with 4-warp blocks of one
+/// slab (110.6 against 96.5 with two slabs and 98.1 with 8 warps); D 256 7% faster with
+/// 8-warp blocks (115.2 against 107.3). D 80 follows D 64, D 96 and (192, 128) follow the
+/// one-slab D 128 tiles, unmeasured.
 const MMA_HEAD_DIMS: [((usize, usize), MmaTiles); 6] = [
     ((64, 64), mma(4, 64, false, 4, 1, 64)),
     ((80, 80), mma(4, 64, false, 4, 1, 64)),
     ((96, 96), mma(4, 32, false, 8, 1, 32)),
-    ((128, 128), mma(4, 32, false, 8, 1, 32)),
+    ((128, 128), mma(4, 32, false, 4, 2, 32)),
     ((192, 128), mma(4, 32, false, 4, 1, 32)),
     ((256, 256), mma(8, 16, true, 8, 1, 32)),
 ];
@@ -597,7 +598,7 @@ mod tests {
         assert!(all.contains(&"attn_bwd_mma_dkdv<ff_bf16, 128, 128, 32, 4, 3>".to_string()));
         assert!(all.contains(&"attn_bwd_mma_dkdv<ff_f16, 256, 256, 16, 8, 2>".to_string()));
         assert!(all.contains(&"attn_bwd_mma_dq<ff_bf16, 64, 64, 64, 4, 1>".to_string()));
-        assert!(all.contains(&"attn_bwd_mma_dq<ff_bf16, 128, 128, 32, 8, 1>".to_string()));
+        assert!(all.contains(&"attn_bwd_mma_dq<ff_bf16, 128, 128, 32, 4, 2>".to_string()));
     }
 
     /// Times tensor-core tile shapes against each other on a GPU, two interleaved rounds
@@ -618,9 +619,8 @@ mod tests {
                 128,
                 128,
                 vec![
-                    mma(4, 32, false, 8, 1, 32),
-                    mma(4, 32, false, 8, 2, 32),
                     mma(4, 32, false, 4, 2, 32),
+                    mma(4, 32, false, 8, 1, 32),
                     mma(4, 32, false, 4, 1, 64),
                 ],
             ),
