@@ -428,7 +428,15 @@ on_every_device! {
             plain.sinks = None;
             let without = plain.run(dev, false);
             let head2 = |o: &Outcome| o.got[2 * cfg.tq * D..3 * cfg.tq * D].to_vec();
-            assert_eq!(head2(&out), head2(&without), "-inf sink {cfg:?}");
+            // The same as no sink up to the kernels' rounding (a GPU kernel may take another
+            // order of operations when a sink is given).
+            let tol = match cfg.dtype {
+                DType::F16 | DType::BF16 => 1e-2,
+                _ => 1e-5,
+            };
+            for (a, b) in head2(&out).iter().zip(head2(&without)) {
+                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "-inf sink {cfg:?}: {a} against {b}");
+            }
         }
     }
 }

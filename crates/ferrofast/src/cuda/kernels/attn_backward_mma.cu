@@ -88,10 +88,8 @@ __device__ __forceinline__ void ff_bwd_probs(float (&s)[MS][NC / 8][4], int row0
                             if (p.mask_kind == FF_MASK_BOOL) {
                                 keep = ((const ff_u8_t*)mask_bh)[at] != 0;
                             } else {
-                                // The forward's clamp of finite additive values (attn_prefill).
-                                const float m = T::to_f32(((const S*)mask_bh)[at]);
-                                x += m == FF_ATTN_NEG_INF ? m
-                                                          : fmaxf(m, -2.0e38f) * FF_ATTN_LOG2E;
+                                // The forward's treatment of additive values.
+                                x += ff_attn_mask_add(T::to_f32(((const S*)mask_bh)[at]));
                             }
                         }
                         x = keep ? x : FF_ATTN_NEG_INF;

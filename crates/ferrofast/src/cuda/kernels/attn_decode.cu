@@ -271,7 +271,9 @@ __global__ void __launch_bounds__(FF_DECODE_THREADS)
                     const int t = row % p.t_q;
                     const ff_i64_t mrow =
                         p.m_off + b * p.m_sb + (ff_i64_t)h * p.m_sh + (ff_i64_t)t * p.m_st;
-                    x += ff_mask_term<T>(mask, p.mask_kind, mrow, p.m_sk, j);
+                    // A hidden key is -inf whatever its score (a NaN key stays out).
+                    const float term = ff_mask_term<T>(mask, p.mask_kind, mrow, p.m_sk, j);
+                    x = term == FF_NEG_INF ? term : x + term;
                 }
                 s[u][r] = x;
             }
@@ -642,7 +644,7 @@ __global__ void __launch_bounds__(NW * 32)
                             keep = mask_u8[at] != 0;
                         } else {
                             const float mv = T::to_f32(mask_t[at]);
-                            x += mv == FF_ATTN_NEG_INF ? mv : fmaxf(mv, -2.0e38f) * FF_ATTN_LOG2E;
+                            x += ff_attn_mask_add(mv);
                         }
                     }
                     s[0][nb][2 * hf + e] = keep ? x : FF_ATTN_NEG_INF;

@@ -339,6 +339,13 @@ __device__ __forceinline__ void ff_attn_softmax(float (&s)[MS][BN / 8][4],
     }
 }
 
+// An additive mask entry in base-2 units: -inf drops the key, NaN makes the row NaN, and
+// finite values are clamped to -2e38 so that 2^x stays finite in f32 (a row of finfo.min
+// entries stays a uniform average).
+__device__ __forceinline__ float ff_attn_mask_add(float m) {
+    return (m == FF_ATTN_NEG_INF || m != m) ? m : fmaxf(m, -2.0e38f) * FF_ATTN_LOG2E;
+}
+
 // ----- masking and the online softmax of the prefill kernels ------------------------------
 // (attn_prefill.cu, attn_prefill_sm90.cu: the accumulator layout of one m16n8k16 tile is
 // also that of each warp's 16 rows of a wgmma m64nNk16 accumulator.)
@@ -371,11 +378,8 @@ __device__ __forceinline__ void ff_attn_mask(float (&s)[MS][BN / 8][4], float sc
                         if (MASK == 1) {
                             keep = ((const ff_u8_t*)mask_ptr)[at] != 0;
                         } else {
-                            const float m = T::to_f32(((const typename T::storage*)mask_ptr)[at]);
-                            // Finite values are clamped so that 2^x stays finite in f32 (a
-                            // row of finfo.min entries stays a uniform average); -inf drops
-                            // the key.
-                            x += m == FF_ATTN_NEG_INF ? m : fmaxf(m, -2.0e38f) * FF_ATTN_LOG2E;
+                            x += ff_attn_mask_add(
+                                T::to_f32(((const typename T::storage*)mask_ptr)[at]));
                         }
                     }
                     s[ms][nb][2 * hf + e] = keep ? x : FF_ATTN_NEG_INF;
