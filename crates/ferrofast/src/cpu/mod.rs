@@ -2,6 +2,7 @@
 //! share. Work is split across the shared rayon pool.
 
 pub(crate) mod cross_entropy;
+pub(crate) mod gated_delta;
 pub(crate) mod norm;
 pub(crate) mod rope;
 pub(crate) mod sdpa;

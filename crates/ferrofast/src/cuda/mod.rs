@@ -11,6 +11,7 @@
 
 pub(crate) mod copy;
 pub(crate) mod cross_entropy;
+pub(crate) mod gated_delta;
 pub(crate) mod jit;
 pub(crate) mod memory;
 pub(crate) mod norm;

@@ -146,6 +146,20 @@ launcher!(sdpa, crate::ops::sdpa::SdpaArgs;
     run_with_lse(crate::ops::sdpa::SdpaArgs) -> (Array, Array);
     run_vjp(crate::ops::sdpa::SdpaVjpArgs) -> (Array, Array, Array, Option<Array>));
 
+/// The `gated_delta_update` launchers: unreachable without a stream.
+pub(crate) mod gated_delta {
+    use crate::error::Result;
+    use crate::ops::gated_delta::{GatedDeltaArgs, GatedDeltaGrads, GatedDeltaVjpArgs};
+    use crate::Array;
+
+    pub(crate) fn run(_: &GatedDeltaArgs, stream: &super::Stream) -> Result<(Array, Array)> {
+        match stream.never {}
+    }
+    pub(crate) fn vjp(_: &GatedDeltaVjpArgs, stream: &super::Stream) -> Result<GatedDeltaGrads> {
+        match stream.never {}
+    }
+}
+
 /// The test and benchmark hooks of [`crate::testing`].
 pub(crate) mod hooks {
     use super::unavailable;

@@ -4,12 +4,14 @@
 //! `stream=` argument).
 
 mod cross_entropy;
+mod gated_delta;
 mod layer_norm;
 mod rms_norm;
 mod rope;
 mod sdpa;
 
 pub use cross_entropy::*;
+pub use gated_delta::*;
 pub use layer_norm::*;
 pub use rms_norm::*;
 pub use rope::*;

@@ -8,6 +8,7 @@
 //! the front end.
 
 pub(crate) mod cross_entropy;
+pub(crate) mod gated_delta;
 pub(crate) mod norm;
 pub(crate) mod rope;
 pub(crate) mod sdpa;

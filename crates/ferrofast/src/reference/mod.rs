@@ -3,12 +3,14 @@
 //! same arguments as its `fast` counterpart and returns an `F64` array of the output shape.
 
 mod cross_entropy;
+mod gated_delta;
 mod norm;
 mod rope;
 mod sdpa;
 mod vjp;
 
 pub use cross_entropy::*;
+pub use gated_delta::*;
 pub use norm::*;
 pub use rope::*;
 pub use sdpa::*;

@@ -1,0 +1,600 @@
+//! CPU kernels for `gated_delta_update` and its backward.
+//!
+//! One task per `(batch, value head)`, spread over rayon; a task keeps its `[Dv, Dk]` float32
+//! state in one buffer (64 KiB at Dk = Dv = 128: in L2) and walks the steps in order. A step
+//! touches each state row once in the forward: the row is decayed and dotted with `k` in one
+//! loop, then updated and dotted with `q` in a second, while it is in L1. Inputs are read as
+//! float32 copies in row-major order (any dtype and strides), so the loops are unit-stride.
+//! The row loops are compiled twice, for baseline x86-64 and for AVX2 + FMA, and picked at
+//! run time.
+//!
+//! The backward recomputes states instead of storing one per step: the forward is run once
+//! more, keeping the state at the start of every chunk of [`ckpt_chunk`] steps; the steps
+//! are then walked backwards a chunk at a time, the chunk's states recomputed from its
+//! checkpoint. Memory per task is `(T / C + C + 1)` states for chunks of `C ≈ sqrt(T)`.
+//! The query and key gradients of the value heads that share a key head are summed in head
+//! order after every task has finished, so results do not depend on scheduling.
+
+use super::simd::has_avx2_fma;
+use crate::array::{checked_size, host_pool};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::ops::gated_delta::{GatedDeltaArgs, GatedDeltaGrads, GatedDeltaVjpArgs};
+use crate::Array;
+use rayon::prelude::*;
+
+/// Lanes of the row loops (two AVX2 registers of f32 per accumulator set).
+const L: usize = 16;
+
+/// Every input as float32 (mask as bool), row-major.
+struct Inputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    state0: Option<Vec<f32>>,
+    mask: Option<Vec<bool>>,
+}
+
+/// `a` in row-major order as f32.
+fn f32s(a: &Array) -> Result<Vec<f32>> {
+    a.astype(DType::F32)?.to_vec::<f32>()
+}
+
+impl Inputs {
+    fn load(a: &GatedDeltaArgs) -> Result<Inputs> {
+        Ok(Inputs {
+            q: f32s(&a.q)?,
+            k: f32s(&a.k)?,
+            v: f32s(&a.v)?,
+            gamma: f32s(&a.gamma)?,
+            beta: f32s(&a.beta)?,
+            state0: a.state0.as_ref().map(f32s).transpose()?,
+            mask: a
+                .mask
+                .as_ref()
+                .map(|m| m.astype(DType::Bool)?.to_vec::<bool>())
+                .transpose()?,
+        })
+    }
+}
+
+/// One task's view of the inputs: head `(b, h)`.
+struct Head<'a> {
+    a: &'a GatedDeltaArgs,
+    x: &'a Inputs,
+    b: usize,
+    h: usize,
+}
+
+impl Head<'_> {
+    fn taken(&self, t: usize) -> bool {
+        self.x
+            .mask
+            .as_ref()
+            .is_none_or(|m| m[self.b * self.a.t + t])
+    }
+    fn qk_at(&self, t: usize) -> usize {
+        let a = self.a;
+        ((self.b * a.t + t) * a.hk + self.h / a.group()) * a.dk
+    }
+    fn q(&self, t: usize) -> &[f32] {
+        &self.x.q[self.qk_at(t)..][..self.a.dk]
+    }
+    fn k(&self, t: usize) -> &[f32] {
+        &self.x.k[self.qk_at(t)..][..self.a.dk]
+    }
+    /// Index of `(b, t, h)` in `[B, T, Hv]`.
+    fn bth(&self, t: usize) -> usize {
+        (self.b * self.a.t + t) * self.a.hv + self.h
+    }
+    fn v(&self, t: usize) -> &[f32] {
+        &self.x.v[self.bth(t) * self.a.dv..][..self.a.dv]
+    }
+    fn beta(&self, t: usize) -> f32 {
+        self.x.beta[self.bth(t)]
+    }
+    /// The decay of step `t` per key dimension, in `buf` (`Dk` values).
+    fn gamma<'b>(&'b self, t: usize, buf: &'b mut [f32]) -> &'b [f32] {
+        let dk = self.a.dk;
+        if self.a.per_key_gamma {
+            &self.x.gamma[self.bth(t) * dk..][..dk]
+        } else {
+            buf.fill(self.x.gamma[self.bth(t)]);
+            buf
+        }
+    }
+    /// The initial state of the head into `s`.
+    fn init(&self, s: &mut [f32]) {
+        let n = self.a.dv * self.a.dk;
+        match &self.x.state0 {
+            Some(s0) => s.copy_from_slice(&s0[(self.b * self.a.hv + self.h) * n..][..n]),
+            None => s.fill(0.0),
+        }
+    }
+}
+
+/// Runs a validated `gated_delta_update` call on the CPU: `(out, state)`.
+pub(crate) fn run(a: &GatedDeltaArgs) -> Result<(Array, Array)> {
+    checked_size(&a.state_shape())?;
+    let x = Inputs::load(a)?;
+    let (ts, hv, dv, dk) = (a.t, a.hv, a.dv, a.dk);
+    let fma = has_avx2_fma();
+    let tasks: Vec<(Vec<f32>, Vec<f32>)> = (0..a.b * hv)
+        .into_par_iter()
+        .map(|task| -> Result<(Vec<f32>, Vec<f32>)> {
+            let head = Head {
+                a,
+                x: &x,
+                b: task / hv,
+                h: task % hv,
+            };
+            let mut s = host_pool::filled(dv * dk, 0.0f32)?;
+            let mut out = host_pool::filled(ts * dv, 0.0f32)?;
+            let mut gbuf = host_pool::filled(dk, 0.0f32)?;
+            head.init(&mut s);
+            forward(&head, 0..ts, &mut s, Some(&mut out), &mut gbuf, None, fma);
+            Ok((out, s))
+        })
+        .collect::<Result<_>>()?;
+    let mut out = host_pool::filled(a.b * ts * hv * dv, 0.0f32)?;
+    let mut state = host_pool::with_capacity::<f32>(a.b * hv * dv * dk)?;
+    for (task, (o, s)) in tasks.iter().enumerate() {
+        let (b, h) = (task / hv, task % hv);
+        for t in 0..ts {
+            out[((b * ts + t) * hv + h) * dv..][..dv].copy_from_slice(&o[t * dv..][..dv]);
+        }
+        state.extend_from_slice(s);
+    }
+    Ok((
+        Array::from_vec(out, &a.out_shape())?.astype(a.out_dtype)?,
+        Array::from_vec(state, &a.state_shape())?,
+    ))
+}
+
+/// Steps `steps` of one head from the state in `s` (updated in place). With `out`
+/// (`[T, Dv]`), writes each step's output (0 for a masked-out step); with `keep`, copies the
+/// state after each step into consecutive `[Dv, Dk]` slots of it.
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    head: &Head<'_>,
+    steps: std::ops::Range<usize>,
+    s: &mut [f32],
+    mut out: Option<&mut [f32]>,
+    gbuf: &mut [f32],
+    mut keep: Option<&mut [f32]>,
+    fma: bool,
+) {
+    let (dv, dk) = (head.a.dv, head.a.dk);
+    for (n, t) in steps.enumerate() {
+        if head.taken(t) {
+            let o = out.as_deref_mut().map(|o| &mut o[t * dv..][..dv]);
+            step(head, t, s, o, gbuf, fma);
+        } else if let Some(o) = out.as_deref_mut() {
+            o[t * dv..][..dv].fill(0.0);
+        }
+        if let Some(k) = keep.as_deref_mut() {
+            k[n * dv * dk..][..dv * dk].copy_from_slice(s);
+        }
+    }
+}
+
+/// One taken step of the recurrence on `s`; writes `S q` into `out` when given.
+#[inline]
+fn step(
+    head: &Head<'_>,
+    t: usize,
+    s: &mut [f32],
+    out: Option<&mut [f32]>,
+    gbuf: &mut [f32],
+    fma: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if fma {
+        // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma`, checked by the caller).
+        unsafe { step_avx2(head, t, s, out, gbuf) };
+        return;
+    }
+    let _ = fma;
+    step_generic::<false>(head, t, s, out, gbuf);
+}
+
+/// [`step_generic`] compiled for AVX2 + FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn step_avx2(
+    head: &Head<'_>,
+    t: usize,
+    s: &mut [f32],
+    out: Option<&mut [f32]>,
+    gbuf: &mut [f32],
+) {
+    step_generic::<true>(head, t, s, out, gbuf);
+}
+
+#[inline(always)]
+fn step_generic<const F: bool>(
+    head: &Head<'_>,
+    t: usize,
+    s: &mut [f32],
+    mut out: Option<&mut [f32]>,
+    gbuf: &mut [f32],
+) {
+    let dk = head.a.dk;
+    let (kt, qt, vt, beta) = (head.k(t), head.q(t), head.v(t), head.beta(t));
+    let g = head.gamma(t, gbuf);
+    for (i, row) in s.chunks_exact_mut(dk.max(1)).enumerate().take(head.a.dv) {
+        let kv = scale_dot::<F>(row, g, kt);
+        let delta = (vt[i] - kv) * beta;
+        match out.as_deref_mut() {
+            Some(o) => o[i] = axpy_dot::<F>(row, delta, kt, qt),
+            None => axpy::<F>(row, delta, kt),
+        }
+    }
+}
+
+#[inline(always)]
+fn fma<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if F {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn hsum(acc: [f32; L]) -> f32 {
+    let mut h = [0.0f32; 4];
+    for (l, x) in acc.iter().enumerate() {
+        h[l % 4] += x;
+    }
+    (h[0] + h[1]) + (h[2] + h[3])
+}
+
+/// `row *= g`, returns `row · k`.
+#[inline(always)]
+fn scale_dot<const F: bool>(row: &mut [f32], g: &[f32], k: &[f32]) -> f32 {
+    let n = row.len() / L * L;
+    let mut acc = [0.0f32; L];
+    for ((r, g), k) in row[..n]
+        .chunks_exact_mut(L)
+        .zip(g[..n].chunks_exact(L))
+        .zip(k[..n].chunks_exact(L))
+    {
+        for l in 0..L {
+            r[l] *= g[l];
+            acc[l] = fma::<F>(r[l], k[l], acc[l]);
+        }
+    }
+    let mut sum = hsum(acc);
+    for j in n..row.len() {
+        row[j] *= g[j];
+        sum = fma::<F>(row[j], k[j], sum);
+    }
+    sum
+}
+
+/// `row += d k`, returns `row · q`.
+#[inline(always)]
+fn axpy_dot<const F: bool>(row: &mut [f32], d: f32, k: &[f32], q: &[f32]) -> f32 {
+    let n = row.len() / L * L;
+    let mut acc = [0.0f32; L];
+    for ((r, k), q) in row[..n]
+        .chunks_exact_mut(L)
+        .zip(k[..n].chunks_exact(L))
+        .zip(q[..n].chunks_exact(L))
+    {
+        for l in 0..L {
+            r[l] = fma::<F>(d, k[l], r[l]);
+            acc[l] = fma::<F>(r[l], q[l], acc[l]);
+        }
+    }
+    let mut sum = hsum(acc);
+    for j in n..row.len() {
+        row[j] = fma::<F>(d, k[j], row[j]);
+        sum = fma::<F>(row[j], q[j], sum);
+    }
+    sum
+}
+
+/// `row += d k`.
+#[inline(always)]
+fn axpy<const F: bool>(row: &mut [f32], d: f32, k: &[f32]) {
+    for (r, &kj) in row.iter_mut().zip(k) {
+        *r = fma::<F>(d, kj, *r);
+    }
+}
+
+/// Steps per checkpoint of the backward for `t` steps: about `sqrt(t)`, at least 8.
+pub(crate) fn ckpt_chunk(t: usize) -> usize {
+    ((t as f64).sqrt().ceil() as usize).clamp(8, 256)
+}
+
+/// One task's gradients: head `(b, h)`.
+struct HeadGrads {
+    /// `[T, Dk]`, this value head's share of the key head's gradients.
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    /// `[T, Dv]`.
+    dv: Vec<f32>,
+    /// `[T, Dk]` per key dimension or `[T]`.
+    dg: Vec<f32>,
+    /// `[T]`.
+    db: Vec<f32>,
+    /// `[Dv, Dk]`.
+    ds0: Vec<f32>,
+}
+
+/// Runs a validated `gated_delta_update_vjp` call on the CPU.
+pub(crate) fn vjp(args: &GatedDeltaVjpArgs) -> Result<GatedDeltaGrads> {
+    let a = &args.fwd;
+    checked_size(&a.state_shape())?;
+    let x = Inputs::load(a)?;
+    let d_out = f32s(&args.d_out)?;
+    let d_state = args.d_state.as_ref().map(f32s).transpose()?;
+    let (bs, ts, hk, hv, dv, dk) = (a.b, a.t, a.hk, a.hv, a.dv, a.dk);
+    let gk = if a.per_key_gamma { dk } else { 1 };
+    let fma = has_avx2_fma();
+    let tasks: Vec<HeadGrads> = (0..bs * hv)
+        .into_par_iter()
+        .map(|task| {
+            let head = Head {
+                a,
+                x: &x,
+                b: task / hv,
+                h: task % hv,
+            };
+            let ds = d_state.as_ref().map(|s| &s[task * dv * dk..][..dv * dk]);
+            head_vjp(&head, &d_out, ds, fma)
+        })
+        .collect::<Result<_>>()?;
+    let mut dq = host_pool::filled(bs * ts * hk * dk, 0.0f32)?;
+    let mut dkk = host_pool::filled(bs * ts * hk * dk, 0.0f32)?;
+    let mut dvv = host_pool::filled(bs * ts * hv * dv, 0.0f32)?;
+    let mut dg = host_pool::filled(bs * ts * hv * gk, 0.0f32)?;
+    let mut db = host_pool::filled(bs * ts * hv, 0.0f32)?;
+    let mut ds0 = host_pool::with_capacity::<f32>(bs * hv * dv * dk)?;
+    // Value heads in order: the group sums are the same on every run.
+    for (task, g) in tasks.iter().enumerate() {
+        let (b, h) = (task / hv, task % hv);
+        let kh = h / a.group();
+        for t in 0..ts {
+            let qk = ((b * ts + t) * hk + kh) * dk;
+            for j in 0..dk {
+                dq[qk + j] += g.dq[t * dk + j];
+                dkk[qk + j] += g.dk[t * dk + j];
+            }
+            let bth = (b * ts + t) * hv + h;
+            dvv[bth * dv..][..dv].copy_from_slice(&g.dv[t * dv..][..dv]);
+            dg[bth * gk..][..gk].copy_from_slice(&g.dg[t * gk..][..gk]);
+            db[bth] = g.db[t];
+        }
+        ds0.extend_from_slice(&g.ds0);
+    }
+    let grad =
+        |data: Vec<f32>, like: &Array| Array::from_vec(data, like.shape())?.astype(like.dtype());
+    Ok(GatedDeltaGrads {
+        dq: grad(dq, &a.q)?,
+        dk: grad(dkk, &a.k)?,
+        dv: grad(dvv, &a.v)?,
+        dgamma: grad(dg, &a.gamma)?,
+        dbeta: grad(db, &a.beta)?,
+        dstate0: match &a.state0 {
+            Some(s) => Some(Array::from_vec(ds0, s.shape())?),
+            None => None,
+        },
+    })
+}
+
+/// The backward of one head: checkpoints, then the steps in reverse a chunk at a time.
+fn head_vjp(
+    head: &Head<'_>,
+    d_out: &[f32],
+    d_state: Option<&[f32]>,
+    fma: bool,
+) -> Result<HeadGrads> {
+    let a = head.a;
+    let (ts, dv, dk) = (a.t, a.dv, a.dk);
+    let n = dv * dk;
+    let gk = if a.per_key_gamma { dk } else { 1 };
+    let c = ckpt_chunk(ts);
+    let chunks = ts.div_ceil(c);
+    let mut gbuf = host_pool::filled(dk, 0.0f32)?;
+    // The state at the start of every chunk.
+    let mut ckpt = host_pool::filled(checked_size(&[chunks, n])?, 0.0f32)?;
+    let mut s = host_pool::filled(n, 0.0f32)?;
+    head.init(&mut s);
+    for ch in 0..chunks {
+        ckpt[ch * n..][..n].copy_from_slice(&s);
+        if ch + 1 < chunks {
+            forward(
+                head,
+                ch * c..(ch + 1) * c,
+                &mut s,
+                None,
+                &mut gbuf,
+                None,
+                fma,
+            );
+        }
+    }
+    let mut g = HeadGrads {
+        dq: host_pool::filled(ts * dk, 0.0f32)?,
+        dk: host_pool::filled(ts * dk, 0.0f32)?,
+        dv: host_pool::filled(ts * dv, 0.0f32)?,
+        dg: host_pool::filled(ts * gk, 0.0f32)?,
+        db: host_pool::filled(ts, 0.0f32)?,
+        ds0: match d_state {
+            Some(d) => {
+                let mut v = host_pool::with_capacity(n)?;
+                v.extend_from_slice(d);
+                v
+            }
+            None => host_pool::filled(n, 0.0f32)?,
+        },
+    };
+    // `states[j]`: the state before step `c0 + j` of the chunk; `states[len]` after it.
+    let mut states = host_pool::filled(checked_size(&[c + 1, n])?, 0.0f32)?;
+    let mut dg_row = host_pool::filled(dk, 0.0f32)?;
+    for ch in (0..chunks).rev() {
+        let (c0, c1) = (ch * c, ((ch + 1) * c).min(ts));
+        states[..n].copy_from_slice(&ckpt[ch * n..][..n]);
+        s.copy_from_slice(&ckpt[ch * n..][..n]);
+        forward(
+            head,
+            c0..c1,
+            &mut s,
+            None,
+            &mut gbuf,
+            Some(&mut states[n..]),
+            fma,
+        );
+        for t in (c0..c1).rev() {
+            if !head.taken(t) {
+                continue;
+            }
+            let j = t - c0;
+            let (sp, sn) = states[j * n..(j + 2) * n].split_at(n);
+            let d_o = &d_out[head.bth(t) * dv..][..dv];
+            let st = StepGrads {
+                dq: &mut g.dq[t * dk..][..dk],
+                dk: &mut g.dk[t * dk..][..dk],
+                dv: &mut g.dv[t * dv..][..dv],
+                dg: &mut dg_row,
+            };
+            let db = step_vjp(head, t, sp, sn, d_o, &mut g.ds0, st, &mut gbuf, fma);
+            g.db[t] = db;
+            if a.per_key_gamma {
+                g.dg[t * dk..][..dk].copy_from_slice(&dg_row);
+            } else {
+                g.dg[t] = dg_row.iter().sum();
+            }
+        }
+    }
+    Ok(g)
+}
+
+/// The gradients one step writes.
+struct StepGrads<'a> {
+    /// `[Dk]`, added to.
+    dq: &'a mut [f32],
+    /// `[Dk]`, added to.
+    dk: &'a mut [f32],
+    /// `[Dv]`, written.
+    dv: &'a mut [f32],
+    /// `[Dk]`, written: the decay's gradient per key dimension.
+    dg: &'a mut [f32],
+}
+
+/// The backward of taken step `t`: `sp` / `sn` are the states before and after it, `ds` the
+/// state's gradient after it (turned into the gradient before it). Returns `dbeta`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn step_vjp(
+    head: &Head<'_>,
+    t: usize,
+    sp: &[f32],
+    sn: &[f32],
+    d_o: &[f32],
+    ds: &mut [f32],
+    g: StepGrads<'_>,
+    gbuf: &mut [f32],
+    fma: bool,
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if fma {
+        // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma`, checked by the caller).
+        return unsafe { step_vjp_avx2(head, t, sp, sn, d_o, ds, g, gbuf) };
+    }
+    let _ = fma;
+    step_vjp_generic::<false>(head, t, sp, sn, d_o, ds, g, gbuf)
+}
+
+/// [`step_vjp_generic`] compiled for AVX2 + FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn step_vjp_avx2(
+    head: &Head<'_>,
+    t: usize,
+    sp: &[f32],
+    sn: &[f32],
+    d_o: &[f32],
+    ds: &mut [f32],
+    g: StepGrads<'_>,
+    gbuf: &mut [f32],
+) -> f32 {
+    step_vjp_generic::<true>(head, t, sp, sn, d_o, ds, g, gbuf)
+}
+
+/// Per state row `i` (`S_new = A + delta k^T`, `A = S_prev * g`, `o = S_new q`):
+/// `dS += do_i q`, `dq += do_i S_new`, `d_delta = dS · k`, `dk += delta dS - dv_i A`,
+/// `dv_i = d_delta beta`, `dbeta += d_delta (v_i - A · k)`, `dA = dS - dv_i k`,
+/// `dg += dA * S_prev`, `dS_prev = dA * g`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn step_vjp_generic<const F: bool>(
+    head: &Head<'_>,
+    t: usize,
+    sp: &[f32],
+    sn: &[f32],
+    d_o: &[f32],
+    ds: &mut [f32],
+    g: StepGrads<'_>,
+    gbuf: &mut [f32],
+) -> f32 {
+    let dk = head.a.dk;
+    let (kt, qt, vt, beta) = (head.k(t), head.q(t), head.v(t), head.beta(t));
+    let gam = head.gamma(t, gbuf);
+    g.dg.fill(0.0);
+    let mut dbeta = 0.0f32;
+    let rows = sp
+        .chunks_exact(dk.max(1))
+        .zip(sn.chunks_exact(dk.max(1)))
+        .zip(ds.chunks_exact_mut(dk.max(1)))
+        .take(head.a.dv);
+    for (i, ((sp, sn), ds)) in rows.enumerate() {
+        let doi = d_o[i];
+        // Pass 1: dS += do_i q; dq += do_i S_new; kv = A · k; d_delta = dS · k.
+        let mut kv = [0.0f32; L];
+        let mut dd = [0.0f32; L];
+        let n = dk / L * L;
+        for j0 in (0..n).step_by(L) {
+            for l in 0..L {
+                let j = j0 + l;
+                ds[j] = fma::<F>(doi, qt[j], ds[j]);
+                g.dq[j] = fma::<F>(doi, sn[j], g.dq[j]);
+                kv[l] = fma::<F>(sp[j] * gam[j], kt[j], kv[l]);
+                dd[l] = fma::<F>(ds[j], kt[j], dd[l]);
+            }
+        }
+        let (mut kv, mut dd) = (hsum(kv), hsum(dd));
+        for j in n..dk {
+            ds[j] = fma::<F>(doi, qt[j], ds[j]);
+            g.dq[j] = fma::<F>(doi, sn[j], g.dq[j]);
+            kv = fma::<F>(sp[j] * gam[j], kt[j], kv);
+            dd = fma::<F>(ds[j], kt[j], dd);
+        }
+        let resid = vt[i] - kv;
+        let delta = resid * beta;
+        let dvi = dd * beta;
+        g.dv[i] = dvi;
+        dbeta = fma::<F>(dd, resid, dbeta);
+        // Pass 2: dk += delta dS - dv_i A; dA = dS - dv_i k; dg += dA S_prev; dS = dA g.
+        for j in 0..dk {
+            let aij = sp[j] * gam[j];
+            g.dk[j] = fma::<F>(delta, ds[j], fma::<F>(-dvi, aij, g.dk[j]));
+            let da = fma::<F>(-dvi, kt[j], ds[j]);
+            g.dg[j] = fma::<F>(da, sp[j], g.dg[j]);
+            ds[j] = da * gam[j];
+        }
+    }
+    dbeta
+}

@@ -1,0 +1,694 @@
+//! `fast::gated_delta_update` and `gated_delta_update_vjp` on the CPU against the float64
+//! oracle, and the oracle's gradients against finite differences of its forward.
+//!
+//! MLX's cases (spec §11.3: q, k normal with k L2-normalised, v normal, gamma uniform in
+//! linear space, beta `sigmoid(normal)`, a normal initial state; head ratios 1, 2, 3;
+//! unaligned T), per-key-dim decay, masks (checked against MLX's identity: a masked step is
+//! the unmasked call with k = q = 0 and gamma = 1 there), every float dtype and MLX's
+//! output-dtype rule, strided inputs, head sizes that are not a multiple of the vector width,
+//! T across the backward's checkpoint chunks and up to 8192, empty sizes, special values and
+//! every error message.
+
+mod common;
+
+use common::check_close;
+use ferrofast::fast::{self, GatedDeltaGrads};
+use ferrofast::{reference, Array, DType, Device, Error};
+
+/// Sizes of one case.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    t: usize,
+    hk: usize,
+    hv: usize,
+    dk: usize,
+    dv: usize,
+}
+
+const fn dims(b: usize, t: usize, hk: usize, hv: usize, dk: usize, dv: usize) -> Dims {
+    Dims {
+        b,
+        t,
+        hk,
+        hv,
+        dk,
+        dv,
+    }
+}
+
+/// One call's inputs (contiguous, on the CPU).
+struct Case {
+    q: Array,
+    k: Array,
+    v: Array,
+    gamma: Array,
+    beta: Array,
+    state0: Option<Array>,
+    mask: Option<Array>,
+}
+
+fn f64s(a: &Array) -> Vec<f64> {
+    a.to_f64_vec().expect("read")
+}
+
+fn arr(data: Vec<f64>, shape: &[usize], dtype: DType) -> Array {
+    Array::from_vec(data, shape)
+        .and_then(|a| a.astype(dtype))
+        .expect("array")
+}
+
+/// MLX's test data in `dtype` (the initial state is float32).
+fn case(d: Dims, dtype: DType, per_key_gamma: bool, with_state: bool, seed: u64) -> Case {
+    let Dims {
+        b,
+        t,
+        hk,
+        hv,
+        dk,
+        dv,
+    } = d;
+    let randn = |shape: &[usize], s: u64| {
+        f64s(&Array::randn(shape, DType::F64, seed * 16 + s, &Device::Cpu).expect("randn"))
+    };
+    let q = randn(&[b, t, hk, dk], 1);
+    // k L2-normalised per head (+1e-6), as MLX's test does.
+    let mut k = randn(&[b, t, hk, dk], 2);
+    for row in k.chunks_mut(dk.max(1)) {
+        let n = row.iter().map(|x| x * x).sum::<f64>().sqrt() + 1e-6;
+        row.iter_mut().for_each(|x| *x /= n);
+    }
+    let v = randn(&[b, t, hv, dv], 3);
+    let gshape: Vec<usize> = if per_key_gamma {
+        vec![b, t, hv, dk]
+    } else {
+        vec![b, t, hv]
+    };
+    let gamma = f64s(
+        &Array::uniform(&gshape, 0.5, 1.0, DType::F64, seed * 16 + 4, &Device::Cpu)
+            .expect("uniform"),
+    );
+    let beta: Vec<f64> = randn(&[b, t, hv], 5)
+        .into_iter()
+        .map(|x| 1.0 / (1.0 + (-x).exp()))
+        .collect();
+    Case {
+        q: arr(q, &[b, t, hk, dk], dtype),
+        k: arr(k, &[b, t, hk, dk], dtype),
+        v: arr(v, &[b, t, hv, dv], dtype),
+        gamma: arr(gamma, &gshape, dtype),
+        beta: arr(beta, &[b, t, hv], dtype),
+        state0: with_state.then(|| arr(randn(&[b, hv, dv, dk], 6), &[b, hv, dv, dk], DType::F32)),
+        mask: None,
+    }
+}
+
+/// A `[B, T]` bool mask from random lengths (MLX's masked test): row `b` takes its first
+/// `len_b` steps.
+fn length_mask(b: usize, t: usize, seed: u64) -> Array {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut m = Vec::with_capacity(b * t);
+    for _ in 0..b {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let len = (s % (t as u64 + 1)) as usize;
+        m.extend((0..t).map(|i| i < len));
+    }
+    Array::from_vec(m, &[b, t]).expect("mask")
+}
+
+/// A `[B, T]` bool mask with scattered holes.
+fn holes_mask(b: usize, t: usize, seed: u64) -> Array {
+    let m: Vec<bool> = (0..b * t).map(|i| (i as u64 * 7 + seed) % 5 != 0).collect();
+    Array::from_vec(m, &[b, t]).expect("mask")
+}
+
+fn forward(c: &Case) -> ferrofast::Result<(Array, Array)> {
+    fast::gated_delta_update(
+        &c.q,
+        &c.k,
+        &c.v,
+        &c.gamma,
+        &c.beta,
+        c.state0.as_ref(),
+        c.mask.as_ref(),
+    )
+}
+
+fn oracle(c: &Case) -> (Array, Array) {
+    reference::gated_delta_update(
+        &c.q,
+        &c.k,
+        &c.v,
+        &c.gamma,
+        &c.beta,
+        c.state0.as_ref(),
+        c.mask.as_ref(),
+    )
+    .expect("oracle")
+}
+
+/// `(atol, rtol)` of `out` rounded to `dtype` after f32 arithmetic over `t` steps.
+fn out_tol(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F32 | DType::F64 => (1e-4, 1e-4),
+        DType::F16 => (2e-3, 2e-3),
+        _ => (1e-2, 1e-2),
+    }
+}
+
+fn check_forward(c: &Case, what: &str) {
+    let (out, state) = forward(c).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let (ro, rs) = oracle(c);
+    let qk = ferrofast::promote_types(c.q.dtype(), c.k.dtype());
+    let want = if qk.is_floating() {
+        qk
+    } else {
+        ferrofast::promote_types(qk, DType::F32)
+    };
+    assert_eq!(out.dtype(), want, "{what}: out dtype");
+    assert_eq!(state.dtype(), DType::F32, "{what}: state dtype");
+    let (atol, rtol) = out_tol(out.dtype());
+    check_close(&out, &ro, atol, rtol, &format!("{what}: out"));
+    check_close(&state, &rs, 1e-4, 1e-4, &format!("{what}: state"));
+}
+
+const MLX_DIMS: [Dims; 6] = [
+    dims(1, 1, 4, 4, 128, 128),
+    dims(1, 33, 4, 4, 32, 32),
+    dims(3, 16, 2, 2, 64, 64),
+    dims(1, 33, 2, 4, 32, 48),
+    dims(1, 33, 2, 6, 16, 16),
+    dims(2, 7, 1, 3, 13, 21),
+];
+
+#[test]
+fn matches_oracle_mlx_cases() {
+    for (n, d) in MLX_DIMS.iter().enumerate() {
+        for with_state in [false, true] {
+            let c = case(*d, DType::F32, false, with_state, n as u64);
+            check_forward(&c, &format!("{d:?} state {with_state}"));
+        }
+    }
+}
+
+#[test]
+fn every_dtype_and_per_key_gamma() {
+    for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+        for per_key in [false, true] {
+            let d = dims(2, 19, 2, 4, 24, 40);
+            let c = case(d, dtype, per_key, true, 7);
+            check_forward(&c, &format!("{dtype} per-key {per_key}"));
+        }
+    }
+}
+
+#[test]
+fn output_dtype_follows_q_and_k_not_v() {
+    let d = dims(1, 3, 1, 1, 8, 8);
+    let mut c = case(d, DType::F16, false, false, 3);
+    c.v = c.v.astype(DType::F32).expect("cast");
+    let (out, state) = forward(&c).expect("call");
+    assert_eq!(out.dtype(), DType::F16);
+    assert_eq!(state.dtype(), DType::F32);
+    // f16 with bf16 promotes to f32.
+    c.k = c.k.astype(DType::BF16).expect("cast");
+    assert_eq!(forward(&c).expect("call").0.dtype(), DType::F32);
+    // Integer q and k: promoted with float32.
+    let ints = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        Array::from_vec(
+            (0..n).map(|i| (i % 3) as i32 - 1).collect::<Vec<_>>(),
+            shape,
+        )
+        .expect("ints")
+    };
+    c.q = ints(&[1, 3, 1, 8]);
+    c.k = ints(&[1, 3, 1, 8]);
+    let (out, _) = forward(&c).expect("call");
+    assert_eq!(out.dtype(), DType::F32);
+    check_forward(&c, "integer q, k");
+}
+
+#[test]
+fn masks_match_oracle_and_mlx_identity() {
+    for (n, d) in [dims(3, 33, 2, 4, 32, 16), dims(2, 40, 1, 2, 16, 16)]
+        .into_iter()
+        .enumerate()
+    {
+        for per_key in [false, true] {
+            let mut c = case(d, DType::F32, per_key, true, 20 + n as u64);
+            c.mask = Some(if n == 0 {
+                length_mask(d.b, d.t, 5)
+            } else {
+                holes_mask(d.b, d.t, 5)
+            });
+            check_forward(&c, &format!("{d:?} masked per-key {per_key}"));
+            // MLX's check: the unmasked call on inputs with q = k = 0 and gamma = 1 at the
+            // masked steps gives the same out and state.
+            let m: Vec<bool> = c.mask.as_ref().expect("mask").to_vec().expect("read");
+            let zero_where = |a: &Array, per_step: usize, fill: f64| {
+                let mut x = f64s(a);
+                for (i, v) in x.iter_mut().enumerate() {
+                    if !m[i / per_step] {
+                        *v = fill;
+                    }
+                }
+                arr(x, a.shape(), a.dtype())
+            };
+            let qk_step = d.hk * d.dk;
+            let g_step = d.hv * if per_key { d.dk } else { 1 };
+            let plain = Case {
+                q: zero_where(&c.q, qk_step, 0.0),
+                k: zero_where(&c.k, qk_step, 0.0),
+                v: c.v.clone(),
+                gamma: zero_where(&c.gamma, g_step, 1.0),
+                beta: c.beta.clone(),
+                state0: c.state0.clone(),
+                mask: None,
+            };
+            let (o1, s1) = forward(&c).expect("masked");
+            let (o2, s2) = forward(&plain).expect("plain");
+            check_close(&o1, &o2, 1e-5, 1e-5, "masked vs identity: out");
+            check_close(&s1, &s2, 1e-5, 1e-5, "masked vs identity: state");
+        }
+    }
+}
+
+#[test]
+fn numeric_mask_counts_nonzero_as_taken() {
+    let d = dims(2, 9, 1, 1, 8, 8);
+    let mut c = case(d, DType::F32, false, true, 4);
+    let holes = holes_mask(d.b, d.t, 1);
+    c.mask = Some(holes.astype(DType::F32).expect("cast"));
+    let (o1, s1) = forward(&c).expect("numeric mask");
+    c.mask = Some(holes);
+    let (o2, s2) = forward(&c).expect("bool mask");
+    assert_eq!(f64s(&o1), f64s(&o2));
+    assert_eq!(f64s(&s1), f64s(&s2));
+}
+
+#[test]
+fn strided_inputs() {
+    let d = dims(2, 11, 2, 4, 16, 24);
+    let c = case(d, DType::F32, true, true, 9);
+    // Every input seen through a transposed copy: same values, other strides.
+    let strided = |a: &Array| -> Array {
+        let nd = a.ndim() as isize;
+        let t = a.swapaxes(0, nd - 1).expect("swap");
+        let t = t.contiguous().expect("copy");
+        t.swapaxes(0, nd - 1).expect("swap back")
+    };
+    let s = Case {
+        q: strided(&c.q),
+        k: strided(&c.k),
+        v: strided(&c.v),
+        gamma: strided(&c.gamma),
+        beta: strided(&c.beta),
+        state0: c.state0.as_ref().map(strided),
+        mask: None,
+    };
+    assert!(!s.q.is_contiguous());
+    check_forward(&s, "strided");
+    // A broadcast gamma (one decay for every step).
+    let g = Array::from_vec(vec![0.9f32; d.hv], &[1, 1, d.hv])
+        .and_then(|g| g.broadcast_to(&[d.b, d.t, d.hv]))
+        .expect("broadcast");
+    let mut s = s;
+    s.gamma = g;
+    check_forward(&s, "broadcast gamma");
+}
+
+#[test]
+fn long_sequence_f32() {
+    let d = dims(1, 8192, 1, 2, 16, 8);
+    let c = case(d, DType::F32, false, true, 11);
+    check_forward(&c, "T 8192");
+}
+
+#[test]
+fn empty_sizes() {
+    for d in [
+        dims(0, 4, 2, 2, 8, 8),
+        dims(2, 0, 2, 2, 8, 8),
+        dims(2, 4, 0, 0, 8, 8),
+        dims(2, 4, 2, 2, 0, 8),
+        dims(2, 4, 2, 2, 8, 0),
+    ] {
+        let c = case(d, DType::F32, false, true, 2);
+        let (out, state) = forward(&c).expect("empty");
+        assert_eq!(out.shape(), [d.b, d.t, d.hv, d.dv]);
+        assert_eq!(state.shape(), [d.b, d.hv, d.dv, d.dk]);
+        let (ro, rs) = oracle(&c);
+        check_close(&out, &ro, 0.0, 0.0, &format!("{d:?} out"));
+        check_close(&state, &rs, 0.0, 0.0, &format!("{d:?} state"));
+    }
+}
+
+#[test]
+fn special_values() {
+    let d = dims(1, 6, 1, 1, 8, 4);
+    let base = case(d, DType::F32, false, true, 13);
+    // NaN in v at step 2: NaN from step 2 on (the state carries it), finite before.
+    let mut v = f64s(&base.v);
+    v[2 * d.dv] = f64::NAN;
+    let c = Case {
+        v: arr(v.clone(), base.v.shape(), DType::F32),
+        ..clone_case(&base)
+    };
+    let (out, state) = forward(&c).expect("nan v");
+    let o = f64s(&out);
+    assert!(o[..2 * d.dv].iter().all(|x| x.is_finite()), "{o:?}");
+    assert!(o[2 * d.dv].is_nan());
+    assert!(f64s(&state).iter().any(|x| x.is_nan()));
+    check_close(&out, &oracle(&c).0, 1e-4, 1e-4, "nan v");
+    // The same NaN at a masked-out step reads nothing: every output finite.
+    let mask: Vec<bool> = (0..d.t).map(|t| t != 2).collect();
+    let c = Case {
+        v: arr(v, base.v.shape(), DType::F32),
+        mask: Some(Array::from_vec(mask, &[1, d.t]).expect("mask")),
+        ..clone_case(&base)
+    };
+    let (out, state) = forward(&c).expect("masked nan");
+    assert!(f64s(&out).iter().all(|x| x.is_finite()));
+    assert!(f64s(&state).iter().all(|x| x.is_finite()));
+    // An infinite decay overflows the state: inf / NaN as the arithmetic gives.
+    let mut g = f64s(&base.gamma);
+    g[3] = f64::INFINITY;
+    let c = Case {
+        gamma: arr(g, base.gamma.shape(), DType::F32),
+        ..clone_case(&base)
+    };
+    let (out, _) = forward(&c).expect("inf gamma");
+    check_close(&out, &oracle(&c).0, 1e-4, 1e-4, "inf gamma");
+}
+
+fn clone_case(c: &Case) -> Case {
+    Case {
+        q: c.q.clone(),
+        k: c.k.clone(),
+        v: c.v.clone(),
+        gamma: c.gamma.clone(),
+        beta: c.beta.clone(),
+        state0: c.state0.clone(),
+        mask: c.mask.clone(),
+    }
+}
+
+// ----- backward ---------------------------------------------------------------------------
+
+fn cotangents(d: Dims, seed: u64) -> (Array, Array) {
+    let dout = Array::randn(&[d.b, d.t, d.hv, d.dv], DType::F32, seed, &Device::Cpu);
+    let dstate = Array::randn(&[d.b, d.hv, d.dv, d.dk], DType::F32, seed + 1, &Device::Cpu);
+    (dout.expect("dout"), dstate.expect("dstate"))
+}
+
+fn vjp(c: &Case, dout: &Array, dstate: Option<&Array>) -> ferrofast::Result<GatedDeltaGrads> {
+    fast::gated_delta_update_vjp(
+        &c.q,
+        &c.k,
+        &c.v,
+        &c.gamma,
+        &c.beta,
+        c.state0.as_ref(),
+        c.mask.as_ref(),
+        dout,
+        dstate,
+    )
+}
+
+fn oracle_vjp(c: &Case, dout: &Array, dstate: Option<&Array>) -> GatedDeltaGrads {
+    reference::gated_delta_update_vjp(
+        &c.q,
+        &c.k,
+        &c.v,
+        &c.gamma,
+        &c.beta,
+        c.state0.as_ref(),
+        c.mask.as_ref(),
+        dout,
+        dstate,
+    )
+    .expect("oracle vjp")
+}
+
+fn check_vjp(c: &Case, d: Dims, seed: u64, with_dstate: bool, what: &str) {
+    let (dout, dstate) = cotangents(d, seed);
+    let dstate = with_dstate.then_some(&dstate);
+    let g = vjp(c, &dout, dstate).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let r = oracle_vjp(c, &dout, dstate);
+    let tol = |a: &Array| match a.dtype() {
+        DType::F32 | DType::F64 => (2e-4, 2e-4),
+        DType::F16 => (3e-3, 3e-3),
+        _ => (2e-2, 2e-2),
+    };
+    for (name, a, b, like) in [
+        ("dq", &g.dq, &r.dq, &c.q),
+        ("dk", &g.dk, &r.dk, &c.k),
+        ("dv", &g.dv, &r.dv, &c.v),
+        ("dgamma", &g.dgamma, &r.dgamma, &c.gamma),
+        ("dbeta", &g.dbeta, &r.dbeta, &c.beta),
+    ] {
+        assert_eq!(a.dtype(), like.dtype(), "{what}: {name} dtype");
+        let (atol, rtol) = tol(a);
+        check_close(a, b, atol, rtol, &format!("{what}: {name}"));
+    }
+    match (&g.dstate0, &r.dstate0) {
+        (Some(a), Some(b)) => {
+            assert_eq!(a.dtype(), DType::F32);
+            check_close(a, b, 2e-4, 2e-4, &format!("{what}: dstate0"));
+        }
+        (None, None) => assert!(c.state0.is_none()),
+        _ => panic!("{what}: dstate0 presence differs"),
+    }
+}
+
+#[test]
+fn vjp_matches_oracle() {
+    for (n, d) in MLX_DIMS.iter().enumerate().skip(1) {
+        for (per_key, with_state) in [(false, true), (true, false)] {
+            let c = case(*d, DType::F32, per_key, with_state, 30 + n as u64);
+            check_vjp(
+                &c,
+                *d,
+                n as u64,
+                with_state,
+                &format!("{d:?} per-key {per_key}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn vjp_dtypes_masks_and_chunk_boundaries() {
+    for dtype in [DType::F16, DType::BF16, DType::F64] {
+        let d = dims(2, 12, 1, 2, 16, 16);
+        let c = case(d, dtype, true, true, 40);
+        check_vjp(&c, d, 1, true, &format!("{dtype}"));
+    }
+    // T around the checkpoint chunk (about sqrt(T), at least 8), masked steps across them.
+    for t in [1, 7, 8, 9, 17, 64, 65, 100] {
+        let d = dims(2, t, 2, 4, 8, 12);
+        let mut c = case(d, DType::F32, false, true, 50 + t as u64);
+        c.mask = Some(holes_mask(d.b, d.t, t as u64));
+        check_vjp(&c, d, t as u64, t % 2 == 0, &format!("T {t} masked"));
+    }
+}
+
+#[test]
+fn vjp_long_sequence() {
+    let d = dims(1, 2048, 1, 1, 16, 8);
+    let c = case(d, DType::F32, true, true, 60);
+    check_vjp(&c, d, 3, true, "T 2048");
+}
+
+#[test]
+fn vjp_empty_sizes() {
+    for d in [
+        dims(0, 4, 2, 2, 8, 8),
+        dims(2, 0, 2, 2, 8, 8),
+        dims(2, 4, 2, 2, 0, 8),
+    ] {
+        let c = case(d, DType::F32, false, true, 2);
+        let (dout, dstate) = cotangents(d, 1);
+        let g = vjp(&c, &dout, Some(&dstate)).expect("empty vjp");
+        assert_eq!(g.dq.shape(), c.q.shape());
+        assert_eq!(g.dgamma.shape(), c.gamma.shape());
+        let ds0 = g.dstate0.expect("dstate0");
+        // With no step, the state's gradient passes through unchanged.
+        if d.t == 0 {
+            assert_eq!(f64s(&ds0), f64s(&dstate));
+        }
+    }
+}
+
+/// The oracle's gradients against central differences of its own forward, in f64.
+#[test]
+fn oracle_vjp_matches_finite_differences() {
+    let d = dims(1, 5, 1, 2, 3, 2);
+    for per_key in [false, true] {
+        let mut c = case(d, DType::F64, per_key, true, 70);
+        c.state0 = c.state0.map(|s| s.astype(DType::F64).expect("cast"));
+        c.mask = Some(Array::from_vec(vec![true, true, false, true, true], &[1, 5]).expect("m"));
+        let (dout, dstate) = cotangents(d, 5);
+        let (dout, dstate) = (
+            dout.astype(DType::F64).expect("cast"),
+            dstate.astype(DType::F64).expect("cast"),
+        );
+        let r = oracle_vjp(&c, &dout, Some(&dstate));
+        let loss = |c: &Case| -> f64 {
+            let (o, s) = oracle(c);
+            let dot = |a: &Array, b: &Array| -> f64 {
+                f64s(a).iter().zip(f64s(b)).map(|(x, y)| x * y).sum()
+            };
+            dot(&o, &dout) + dot(&s, &dstate)
+        };
+        let h = 1e-6;
+        let fields: [(&str, fn(&mut Case) -> &mut Array, &Array); 6] = [
+            ("q", |c| &mut c.q, &r.dq),
+            ("k", |c| &mut c.k, &r.dk),
+            ("v", |c| &mut c.v, &r.dv),
+            ("gamma", |c| &mut c.gamma, &r.dgamma),
+            ("beta", |c| &mut c.beta, &r.dbeta),
+            (
+                "state0",
+                |c| c.state0.as_mut().expect("state"),
+                r.dstate0.as_ref().expect("ds0"),
+            ),
+        ];
+        for (name, field, grad) in fields {
+            let g = f64s(grad);
+            let x0 = f64s(field(&mut clone_case(&c)));
+            for i in 0..x0.len() {
+                let at = |delta: f64| {
+                    let mut cc = clone_case(&c);
+                    let a = field(&mut cc);
+                    let mut x = x0.clone();
+                    x[i] += delta;
+                    *a = arr(x, a.shape(), DType::F64);
+                    loss(&cc)
+                };
+                let fd = (at(h) - at(-h)) / (2.0 * h);
+                assert!(
+                    (fd - g[i]).abs() <= 1e-6 + 1e-6 * fd.abs(),
+                    "per-key {per_key}: d{name}[{i}] = {} but finite differences give {fd}",
+                    g[i]
+                );
+            }
+        }
+    }
+}
+
+// ----- errors -----------------------------------------------------------------------------
+
+fn invalid(msg: &str) -> Error {
+    Error::InvalidArgument(msg.to_string())
+}
+
+#[test]
+fn error_messages() {
+    let d = dims(2, 3, 2, 4, 8, 6);
+    let c = case(d, DType::F32, false, true, 1);
+    let z = |shape: &[usize]| Array::zeros(shape, DType::F32, &Device::Cpu).expect("zeros");
+    let call = |q: &Array,
+                k: &Array,
+                v: &Array,
+                g: &Array,
+                b: &Array,
+                s: Option<&Array>,
+                m: Option<&Array>| {
+        fast::gated_delta_update(q, k, v, g, b, s, m).expect_err("must fail")
+    };
+    let p = "[gated_delta_update]";
+    assert_eq!(
+        call(&z(&[2, 3, 8]), &c.k, &c.v, &c.gamma, &c.beta, None, None),
+        invalid(&format!(
+            "{p} q must be 4-D [B, T, Hk, Dk] but got shape (2,3,8)."
+        ))
+    );
+    assert_eq!(
+        call(&c.q, &z(&[2, 3, 2, 7]), &c.v, &c.gamma, &c.beta, None, None),
+        invalid(&format!(
+            "{p} k must have q's shape (2,3,2,8) [B, T, Hk, Dk] but got (2,3,2,7)."
+        ))
+    );
+    assert_eq!(
+        call(&c.q, &c.k, &z(&[2, 4, 4, 6]), &c.gamma, &c.beta, None, None),
+        invalid(&format!(
+            "{p} v must be 4-D [B, T, Hv, Dv] with B = 2 and T = 3 as in q but got shape \
+             (2,4,4,6)."
+        ))
+    );
+    assert_eq!(
+        call(
+            &c.q,
+            &c.k,
+            &z(&[2, 3, 3, 6]),
+            &z(&[2, 3, 3]),
+            &z(&[2, 3, 3]),
+            None,
+            None
+        ),
+        invalid(&format!(
+            "{p} The number of value heads (Hv = 3) must be a multiple of the number of key \
+             heads (Hk = 2)."
+        ))
+    );
+    assert_eq!(
+        call(&c.q, &c.k, &c.v, &z(&[2, 3, 4, 6]), &c.beta, None, None),
+        invalid(&format!(
+            "{p} gamma must have shape (2,3,4) [B, T, Hv] or (2,3,4,8) [B, T, Hv, Dk] but got \
+             (2,3,4,6)."
+        ))
+    );
+    assert_eq!(
+        call(&c.q, &c.k, &c.v, &c.gamma, &z(&[2, 3, 4, 1]), None, None),
+        invalid(&format!(
+            "{p} beta must have shape (2,3,4) [B, T, Hv] but got (2,3,4,1)."
+        ))
+    );
+    assert_eq!(
+        call(
+            &c.q,
+            &c.k,
+            &c.v,
+            &c.gamma,
+            &c.beta,
+            Some(&z(&[2, 4, 8, 6])),
+            None
+        ),
+        invalid(&format!(
+            "{p} initial_state must have shape (2,4,6,8) [B, Hv, Dv, Dk] but got (2,4,8,6)."
+        ))
+    );
+    assert_eq!(
+        call(&c.q, &c.k, &c.v, &c.gamma, &c.beta, None, Some(&z(&[3, 2]))),
+        invalid(&format!(
+            "{p} mask must have shape (2,3) [B, T] but got (3,2)."
+        ))
+    );
+    let (dout, dstate) = cotangents(d, 1);
+    let e = vjp(&c, &z(&[2, 3, 4, 5]), None).expect_err("bad d_out");
+    assert_eq!(
+        e,
+        invalid(
+            "[gated_delta_update_vjp] d_out shape (2,3,4,5) does not match the output shape \
+             (2,3,4,6)."
+        )
+    );
+    let e = vjp(&c, &dout, Some(&z(&[2, 4, 8, 6]))).expect_err("bad d_state");
+    assert_eq!(
+        e,
+        invalid(
+            "[gated_delta_update_vjp] d_state shape (2,4,8,6) does not match the output shape \
+             (2,4,6,8)."
+        )
+    );
+    let ints = dout.astype(DType::I32).expect("cast");
+    let e = vjp(&c, &ints, Some(&dstate)).expect_err("int d_out");
+    assert_eq!(
+        e,
+        invalid("[gated_delta_update_vjp] d_out must be floating but got int32.")
+    );
+}
