@@ -1,7 +1,7 @@
 //! The op cases the demo and the benchmark run: inputs, the call, its cost model and its
 //! oracle.
 
-use ferrofast::fast::{self, CrossEntropyOptions, Mask, Reduction, RopeOffset};
+use ferrofast::fast::{self, CrossEntropyOptions, GatedDeltaGrads, Mask, Reduction, RopeOffset};
 use ferrofast::{reference, Array, DType, Device, Result};
 
 /// One op on one shape and dtype.
@@ -56,6 +56,11 @@ pub enum Case {
         vocab: usize,
         dtype: DType,
     },
+    /// `gated_delta_update` over `[B, T, Hk, Dk]` keys, `[B, T, Hv, Dv]` values, a scalar
+    /// decay per step and head, and an initial state: `out` and the final state.
+    GatedDelta(Gdn),
+    /// `gated_delta_update_vjp` with cotangents for `out` and the state: every gradient.
+    GatedDeltaVjp(Gdn),
     Sdpa {
         batch: usize,
         q_heads: usize,
@@ -76,6 +81,25 @@ pub enum Case {
         dtype: DType,
         causal: bool,
     },
+}
+
+/// The sizes of a `gated_delta_update` case.
+#[derive(Clone, Copy, Debug)]
+pub struct Gdn {
+    pub batch: usize,
+    pub len: usize,
+    pub k_heads: usize,
+    pub v_heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+    pub dtype: DType,
+}
+
+impl Gdn {
+    /// State elements of one sequence: `B * Hv * Dv * Dk`.
+    fn state(&self) -> usize {
+        self.batch * self.v_heads * self.v_dim * self.k_dim
+    }
 }
 
 /// Attention prefill on the tensor cores, timed only on a GPU (far too slow for the CPU):
@@ -107,6 +131,26 @@ type SdpaVjpFn = fn(&[Array], f32, Mask<'_>) -> Result<(Array, Array, Array, Opt
 type CrossEntropyFn = fn(&Array, &Array) -> Result<Array>;
 type CrossEntropyVjpFn = fn(&Array, &Array, &CrossEntropyOptions, &Array) -> Result<Array>;
 type CrossEntropyFusedFn = fn(&Array, &Array, &CrossEntropyOptions) -> Result<(Array, Array)>;
+type GatedDeltaFn = fn(
+    &Array,
+    &Array,
+    &Array,
+    &Array,
+    &Array,
+    Option<&Array>,
+    Option<&Array>,
+) -> Result<(Array, Array)>;
+type GatedDeltaVjpFn = fn(
+    &Array,
+    &Array,
+    &Array,
+    &Array,
+    &Array,
+    Option<&Array>,
+    Option<&Array>,
+    &Array,
+    Option<&Array>,
+) -> Result<GatedDeltaGrads>;
 type LayerNormVjpFn = fn(
     &Array,
     Option<&Array>,
@@ -128,6 +172,8 @@ struct Ops {
     cross_entropy: CrossEntropyFn,
     cross_entropy_vjp: CrossEntropyVjpFn,
     cross_entropy_fused: CrossEntropyFusedFn,
+    gated_delta: GatedDeltaFn,
+    gated_delta_vjp: GatedDeltaVjpFn,
 }
 
 /// `fast::scaled_dot_product_attention_vjp` over the saved output and log-sum-exp.
@@ -156,6 +202,8 @@ const FAST: Ops = Ops {
     cross_entropy: fast::cross_entropy,
     cross_entropy_vjp: fast::cross_entropy_vjp,
     cross_entropy_fused: fast::cross_entropy_fused,
+    gated_delta: fast::gated_delta_update,
+    gated_delta_vjp: fast::gated_delta_update_vjp,
 };
 
 const REFERENCE: Ops = Ops {
@@ -170,6 +218,8 @@ const REFERENCE: Ops = Ops {
     cross_entropy: reference::cross_entropy,
     cross_entropy_vjp: reference::cross_entropy_vjp,
     cross_entropy_fused: reference::cross_entropy_fused,
+    gated_delta: reference::gated_delta_update,
+    gated_delta_vjp: reference::gated_delta_update_vjp,
 };
 
 /// The options of the training bench cases: PyTorch's defaults (`ignore_index = -100`,
@@ -220,6 +270,8 @@ impl Case {
             Case::CrossEntropy { .. } => "cross_entropy",
             Case::CrossEntropyVjp { .. } => "cross_entropy_vjp",
             Case::CrossEntropyFused { .. } => "cross_entropy_fused",
+            Case::GatedDelta(_) => "gated_delta",
+            Case::GatedDeltaVjp(_) => "gated_delta_vjp",
             Case::SdpaVjp { causal: false, .. } => "sdpa_vjp",
             Case::SdpaVjp { causal: true, .. } => "sdpa_causal_vjp",
             Case::Sdpa {
@@ -261,6 +313,10 @@ impl Case {
                 head_dim,
                 ..
             } => format!("B{batch} H{heads}/{heads} T{len}x{len} D{head_dim}"),
+            Case::GatedDelta(g) | Case::GatedDeltaVjp(g) => format!(
+                "B{} T{} H{}/{} D{}x{}",
+                g.batch, g.len, g.k_heads, g.v_heads, g.k_dim, g.v_dim
+            ),
         }
     }
 
@@ -278,6 +334,7 @@ impl Case {
             | Case::CrossEntropyFused { dtype, .. }
             | Case::Sdpa { dtype, .. }
             | Case::SdpaVjp { dtype, .. } => *dtype,
+            Case::GatedDelta(g) | Case::GatedDeltaVjp(g) => g.dtype,
         }
     }
 
@@ -286,6 +343,7 @@ impl Case {
         match self {
             Case::Sdpa { q_len, .. } if *q_len > 8 => Bound::Compute,
             Case::SdpaVjp { .. } => Bound::Compute,
+            Case::GatedDelta(g) | Case::GatedDeltaVjp(g) if g.len > 1 => Bound::Compute,
             _ => Bound::Memory,
         }
     }
@@ -329,6 +387,17 @@ impl Case {
                 head_dim,
                 ..
             } => 8.0 * (*batch * *heads * *len * *head_dim) as f64 * es,
+            // The f32 state read and written once; q, k, v, gamma, beta read, out written.
+            Case::GatedDelta(g) => {
+                let per_step = 2 * g.k_heads * g.k_dim + 2 * g.v_heads * g.v_dim + 2 * g.v_heads;
+                8.0 * g.state() as f64 + (g.batch * g.len * per_step) as f64 * es
+            }
+            // The state, its gradient and the initial state's gradient; the inputs and their
+            // gradients.
+            Case::GatedDeltaVjp(g) => {
+                let per_step = 2 * g.k_heads * g.k_dim + 2 * g.v_heads * g.v_dim + 2 * g.v_heads;
+                12.0 * g.state() as f64 + 2.0 * (g.batch * g.len * per_step) as f64 * es
+            }
         }
     }
 
@@ -356,6 +425,11 @@ impl Case {
                 };
                 2.5 * fwd.flops()
             }
+            // The recurrence: 7 flops per state element and step forward (decay, two dot
+            // products, the rank-one update); 17 for the backward's own arithmetic (the
+            // recomputed forward not counted).
+            Case::GatedDelta(g) => 7.0 * (g.state() * g.len) as f64,
+            Case::GatedDeltaVjp(g) => 17.0 * (g.state() * g.len) as f64,
             Case::Sdpa {
                 batch,
                 q_heads,
@@ -429,6 +503,36 @@ impl Case {
                     device,
                 )?,
             ],
+            // q, k (L2-normalised rows), v, gamma in (0.5, 1), beta in (0, 1), the initial
+            // state, and (backward) the cotangents of out and the state.
+            Case::GatedDelta(g) | Case::GatedDeltaVjp(g) => {
+                let qk = [g.batch, g.len, g.k_heads, g.k_dim];
+                let heads = [g.batch, g.len, g.v_heads];
+                let vshape = [g.batch, g.len, g.v_heads, g.v_dim];
+                let sshape = [g.batch, g.v_heads, g.v_dim, g.k_dim];
+                let k = Array::randn(&qk, DType::F32, seed + 1, &Device::Cpu)?;
+                let norm = 1.0 / (g.k_dim as f64).sqrt();
+                let k = Array::from_vec(
+                    k.to_vec::<f32>()?
+                        .into_iter()
+                        .map(|x| (f64::from(x) * norm) as f32)
+                        .collect(),
+                    &qk,
+                )?;
+                let mut v = vec![
+                    Array::randn(&qk, dt, seed, device)?,
+                    k.astype(dt)?.to_device(device)?,
+                    Array::randn(&vshape, dt, seed + 2, device)?,
+                    Array::uniform(&heads, 0.5, 1.0, dt, seed + 3, device)?,
+                    Array::uniform(&heads, 0.05, 0.95, dt, seed + 4, device)?,
+                    Array::randn(&sshape, DType::F32, seed + 5, device)?,
+                ];
+                if matches!(self, Case::GatedDeltaVjp(_)) {
+                    v.push(Array::randn(&vshape, dt, seed + 6, device)?);
+                    v.push(Array::randn(&sshape, DType::F32, seed + 7, device)?);
+                }
+                v
+            }
             // q, k, v, d_out, then the forward's output and log-sum-exp.
             Case::SdpaVjp {
                 batch,
@@ -502,6 +606,28 @@ impl Case {
             Case::CrossEntropyFused { .. } => {
                 let (loss, dlogits) = (ops.cross_entropy_fused)(&a[0], &a[1], &TRAINING)?;
                 return Ok(vec![loss, dlogits]);
+            }
+            Case::GatedDelta(_) => {
+                let (out, state) =
+                    (ops.gated_delta)(&a[0], &a[1], &a[2], &a[3], &a[4], Some(&a[5]), None)?;
+                return Ok(vec![out, state]);
+            }
+            Case::GatedDeltaVjp(_) => {
+                let g = (ops.gated_delta_vjp)(
+                    &a[0],
+                    &a[1],
+                    &a[2],
+                    &a[3],
+                    &a[4],
+                    Some(&a[5]),
+                    None,
+                    &a[6],
+                    Some(&a[7]),
+                )?;
+                return Ok([g.dq, g.dk, g.dv, g.dgamma, g.dbeta]
+                    .into_iter()
+                    .chain(g.dstate0)
+                    .collect());
             }
             Case::RopeVjp { shape, .. } => (ops.rope_vjp)(
                 &a[0],

@@ -5,7 +5,7 @@
 mod cases;
 mod measure;
 
-use cases::{Bound, Case};
+use cases::{Bound, Case, Gdn};
 use ferrofast::{fast, Array, DType, Device, Error};
 use measure::{Ceilings, Timing};
 use std::process::ExitCode;
@@ -15,14 +15,15 @@ const USAGE: &str = "usage:
   ferrofast bench [--device cpu|cuda[:N]] [--json FILE] [--quick] [--big] [--only TEXT]
   ferrofast first-call [--device cpu|cuda[:N]]
 
-demo   runs rms_norm, layer_norm, rope and scaled_dot_product_attention once on random data
+demo   runs every op (forward and backward) once on random data
        and prints time, throughput and the max error against the float64 oracle.
 bench  measures this machine's copy bandwidth and f32 GEMM rate, then times each op over a
        sweep of shapes (median of repeated runs) and prints the fraction of the ceiling.
        --quick runs fewer shapes; --big adds the T=16384 attention memory check;
        --only TEXT keeps the cases whose op, shape or dtype contains TEXT (repeatable: a
        case is kept if any matches; op names: rms_norm, layer_norm, rope, sdpa, sdpa_causal,
-       sdpa_decode, cross_entropy, cross_entropy_vjp, cross_entropy_fused); --json FILE
+       sdpa_decode, cross_entropy, cross_entropy_vjp, cross_entropy_fused, gated_delta,
+       gated_delta_vjp); --json FILE
        writes every result.
 first-call  times the first call of each op a Llama layer needs (bf16 rms_norm, rope,
        causal GQA prefill attention, decode attention), kernel compilation or cache loading
@@ -158,7 +159,7 @@ fn first_call(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         let secs = start.elapsed().as_secs_f64();
         total += secs;
         println!(
-            "{:<12} {:<28} {:<9} {:>10}",
+            "{:<19} {:<28} {:<9} {:>10}",
             case.op(),
             case.shape(),
             case.dtype().name(),
@@ -206,6 +207,17 @@ fn demo_cases() -> Vec<Case> {
             dtype,
             causal: false,
         });
+        let g = Gdn {
+            batch: 1,
+            len: 64,
+            k_heads: 4,
+            v_heads: 8,
+            k_dim: 64,
+            v_dim: 64,
+            dtype,
+        };
+        v.push(Case::GatedDelta(g));
+        v.push(Case::GatedDeltaVjp(g));
     }
     v
 }
@@ -217,7 +229,7 @@ fn demo(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         rayon::current_num_threads()
     );
     println!(
-        "{:<12} {:<28} {:<9} {:>10} {:>14} {:>11}",
+        "{:<19} {:<28} {:<9} {:>10} {:>14} {:>11}",
         "op", "shape", "dtype", "time", "throughput", "max error"
     );
     for case in demo_cases() {
@@ -236,7 +248,7 @@ fn demo(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             err = err.max(measure::max_abs_error(o, r)?);
         }
         println!(
-            "{:<12} {:<28} {:<9} {:>10} {:>14} {:>11.3e}",
+            "{:<19} {:<28} {:<9} {:>10} {:>14} {:>11.3e}",
             case.op(),
             case.shape(),
             case.dtype().name(),
@@ -284,6 +296,31 @@ fn cross_entropy_cases(rows: usize, vocabs: &[usize], dtype: DType) -> Vec<Case>
     v
 }
 
+/// `gated_delta_update` in Qwen3-Next's shape (Hk 16, Hv 32, Dk = Dv = 128): a decode step
+/// of 32 sequences (the state read and written once), and a 512-step prefill and its
+/// backward.
+fn gated_delta_cases(quick: bool, dtype: DType) -> Vec<Case> {
+    let decode = Gdn {
+        batch: 32,
+        len: 1,
+        k_heads: 16,
+        v_heads: 32,
+        k_dim: 128,
+        v_dim: 128,
+        dtype,
+    };
+    let prefill = Gdn {
+        batch: 1,
+        len: if quick { 128 } else { 512 },
+        ..decode
+    };
+    vec![
+        Case::GatedDelta(decode),
+        Case::GatedDelta(prefill),
+        Case::GatedDeltaVjp(prefill),
+    ]
+}
+
 fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
     let mut v = Vec::new();
     let norm_shapes: &[(usize, usize)] = if quick {
@@ -317,6 +354,7 @@ fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
             });
         }
         v.extend(cross_entropy_cases(1024, &[32768], dtype));
+        v.extend(gated_delta_cases(quick, dtype));
     }
     if !quick {
         let dtype = DType::F16;
@@ -477,7 +515,7 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         ceilings.copy_gbs, threads, ceilings.gemm_gflops, threads, ceilings.gemm_gflops_1t
     );
     println!(
-        "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9} {:>7}",
+        "{:<19} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9} {:>7}",
         "op", "shape", "dtype", "thr", "median", "throughput", "ceiling", "paired"
     );
     // The bf16-vs-f32 attention comparison runs when the sweep kept both dtypes' attention.
@@ -541,7 +579,7 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             };
             let paired_col = percent(paired_fraction);
             println!(
-                "{:<12} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9} {:>7}",
+                "{:<19} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9} {:>7}",
                 case.op(),
                 case.shape(),
                 case.dtype().name(),
@@ -589,7 +627,7 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
 /// The row of a case the device does not run, with the reason.
 fn print_not_run(case: &Case, why: &str) {
     println!(
-        "{:<12} {:<28} {:<9} not run: {why}",
+        "{:<19} {:<28} {:<9} not run: {why}",
         case.op(),
         case.shape(),
         case.dtype().name()

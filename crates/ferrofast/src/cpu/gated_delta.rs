@@ -22,28 +22,34 @@ use crate::error::Result;
 use crate::ops::gated_delta::{GatedDeltaArgs, GatedDeltaGrads, GatedDeltaVjpArgs};
 use crate::Array;
 use rayon::prelude::*;
+use std::borrow::Cow;
 
-/// Lanes of the row loops (two AVX2 registers of f32 per accumulator set).
-const L: usize = 16;
+mod rows;
 
-/// Every input as float32 (mask as bool), row-major.
-struct Inputs {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-    state0: Option<Vec<f32>>,
+/// Every input as float32 (mask as bool), row-major: borrowed when the array is a
+/// contiguous float32 one, else a copy.
+struct Inputs<'a> {
+    q: Cow<'a, [f32]>,
+    k: Cow<'a, [f32]>,
+    v: Cow<'a, [f32]>,
+    gamma: Cow<'a, [f32]>,
+    beta: Cow<'a, [f32]>,
+    state0: Option<Cow<'a, [f32]>>,
     mask: Option<Vec<bool>>,
 }
 
-/// `a` in row-major order as f32.
-fn f32s(a: &Array) -> Result<Vec<f32>> {
-    a.astype(DType::F32)?.to_vec::<f32>()
+/// `a` in row-major order as f32, borrowed when it already is.
+fn f32s(a: &Array) -> Result<Cow<'_, [f32]>> {
+    if a.dtype() == DType::F32 {
+        if let Some(s) = a.contiguous_slice::<f32>()? {
+            return Ok(Cow::Borrowed(s));
+        }
+    }
+    Ok(Cow::Owned(a.astype(DType::F32)?.to_vec::<f32>()?))
 }
 
-impl Inputs {
-    fn load(a: &GatedDeltaArgs) -> Result<Inputs> {
+impl<'a> Inputs<'a> {
+    fn load(a: &'a GatedDeltaArgs) -> Result<Inputs<'a>> {
         Ok(Inputs {
             q: f32s(&a.q)?,
             k: f32s(&a.k)?,
@@ -63,7 +69,7 @@ impl Inputs {
 /// One task's view of the inputs: head `(b, h)`.
 struct Head<'a> {
     a: &'a GatedDeltaArgs,
-    x: &'a Inputs,
+    x: &'a Inputs<'a>,
     b: usize,
     h: usize,
 }
@@ -116,41 +122,48 @@ impl Head<'_> {
 }
 
 /// Runs a validated `gated_delta_update` call on the CPU: `(out, state)`.
+///
+/// Each task writes its head's final state in place in the `[B, Hv, Dv, Dk]` result and its
+/// outputs into a `[B, Hv, T, Dv]` buffer, which is transposed to `[B, T, Hv, Dv]` once at
+/// the end.
 pub(crate) fn run(a: &GatedDeltaArgs) -> Result<(Array, Array)> {
-    checked_size(&a.state_shape())?;
-    let x = Inputs::load(a)?;
-    let (ts, hv, dv, dk) = (a.t, a.hv, a.dv, a.dk);
-    let fma = has_avx2_fma();
-    let tasks: Vec<(Vec<f32>, Vec<f32>)> = (0..a.b * hv)
-        .into_par_iter()
-        .map(|task| -> Result<(Vec<f32>, Vec<f32>)> {
-            let head = Head {
-                a,
-                x: &x,
-                b: task / hv,
-                h: task % hv,
-            };
-            let mut s = host_pool::filled(dv * dk, 0.0f32)?;
-            let mut out = host_pool::filled(ts * dv, 0.0f32)?;
-            let mut gbuf = host_pool::filled(dk, 0.0f32)?;
-            head.init(&mut s);
-            forward(&head, 0..ts, &mut s, Some(&mut out), &mut gbuf, None, fma);
-            Ok((out, s))
-        })
-        .collect::<Result<_>>()?;
-    let mut out = host_pool::filled(a.b * ts * hv * dv, 0.0f32)?;
-    let mut state = host_pool::with_capacity::<f32>(a.b * hv * dv * dk)?;
-    for (task, (o, s)) in tasks.iter().enumerate() {
-        let (b, h) = (task / hv, task % hv);
-        for t in 0..ts {
-            out[((b * ts + t) * hv + h) * dv..][..dv].copy_from_slice(&o[t * dv..][..dv]);
+    let n = checked_size(&[a.dv, a.dk])?;
+    // Every element of both is written below (each task initialises its state and writes
+    // every step's output), so neither is cleared first.
+    let mut state = host_pool::take_or_zeroed::<f32>(checked_size(&a.state_shape())?)?;
+    let per_head = a.t * a.dv;
+    let mut outs = host_pool::take_or_zeroed::<f32>(checked_size(&a.out_shape())?)?;
+    if n > 0 && per_head > 0 {
+        let x = Inputs::load(a)?;
+        let fma = has_avx2_fma();
+        state
+            .par_chunks_mut(n)
+            .zip(outs.par_chunks_mut(per_head))
+            .enumerate()
+            .try_for_each(|(task, (s, out))| -> Result<()> {
+                let head = Head {
+                    a,
+                    x: &x,
+                    b: task / a.hv,
+                    h: task % a.hv,
+                };
+                let mut gbuf = host_pool::filled(a.dk, 0.0f32)?;
+                head.init(s);
+                forward(&head, 0..a.t, s, Some(out), &mut gbuf, None, fma);
+                Ok(())
+            })?;
+    } else if n > 0 {
+        // No step (T = 0): the state is the initial one; `outs` is empty.
+        match &a.state0 {
+            Some(s0) => state.copy_from_slice(&f32s(s0)?),
+            None => state.fill(0.0),
         }
-        state.extend_from_slice(s);
     }
-    Ok((
-        Array::from_vec(out, &a.out_shape())?.astype(a.out_dtype)?,
-        Array::from_vec(state, &a.state_shape())?,
-    ))
+    let out = Array::from_vec(outs, &[a.b, a.hv, a.t, a.dv])?
+        .transpose(&[0, 2, 1, 3])?
+        .astype(a.out_dtype)?
+        .contiguous()?;
+    Ok((out, Array::from_vec(state, &a.state_shape())?))
 }
 
 /// Steps `steps` of one head from the state in `s` (updated in place). With `out`
@@ -228,84 +241,12 @@ fn step_generic<const F: bool>(
     let (kt, qt, vt, beta) = (head.k(t), head.q(t), head.v(t), head.beta(t));
     let g = head.gamma(t, gbuf);
     for (i, row) in s.chunks_exact_mut(dk.max(1)).enumerate().take(head.a.dv) {
-        let kv = scale_dot::<F>(row, g, kt);
+        let kv = rows::scale_dot::<F>(row, g, kt);
         let delta = (vt[i] - kv) * beta;
         match out.as_deref_mut() {
-            Some(o) => o[i] = axpy_dot::<F>(row, delta, kt, qt),
-            None => axpy::<F>(row, delta, kt),
+            Some(o) => o[i] = rows::axpy_dot::<F>(row, delta, kt, qt),
+            None => rows::axpy::<F>(row, delta, kt),
         }
-    }
-}
-
-#[inline(always)]
-fn fma<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if F {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-#[inline(always)]
-fn hsum(acc: [f32; L]) -> f32 {
-    let mut h = [0.0f32; 4];
-    for (l, x) in acc.iter().enumerate() {
-        h[l % 4] += x;
-    }
-    (h[0] + h[1]) + (h[2] + h[3])
-}
-
-/// `row *= g`, returns `row · k`.
-#[inline(always)]
-fn scale_dot<const F: bool>(row: &mut [f32], g: &[f32], k: &[f32]) -> f32 {
-    let n = row.len() / L * L;
-    let mut acc = [0.0f32; L];
-    for ((r, g), k) in row[..n]
-        .chunks_exact_mut(L)
-        .zip(g[..n].chunks_exact(L))
-        .zip(k[..n].chunks_exact(L))
-    {
-        for l in 0..L {
-            r[l] *= g[l];
-            acc[l] = fma::<F>(r[l], k[l], acc[l]);
-        }
-    }
-    let mut sum = hsum(acc);
-    for j in n..row.len() {
-        row[j] *= g[j];
-        sum = fma::<F>(row[j], k[j], sum);
-    }
-    sum
-}
-
-/// `row += d k`, returns `row · q`.
-#[inline(always)]
-fn axpy_dot<const F: bool>(row: &mut [f32], d: f32, k: &[f32], q: &[f32]) -> f32 {
-    let n = row.len() / L * L;
-    let mut acc = [0.0f32; L];
-    for ((r, k), q) in row[..n]
-        .chunks_exact_mut(L)
-        .zip(k[..n].chunks_exact(L))
-        .zip(q[..n].chunks_exact(L))
-    {
-        for l in 0..L {
-            r[l] = fma::<F>(d, k[l], r[l]);
-            acc[l] = fma::<F>(r[l], q[l], acc[l]);
-        }
-    }
-    let mut sum = hsum(acc);
-    for j in n..row.len() {
-        row[j] = fma::<F>(d, k[j], row[j]);
-        sum = fma::<F>(row[j], q[j], sum);
-    }
-    sum
-}
-
-/// `row += d k`.
-#[inline(always)]
-fn axpy<const F: bool>(row: &mut [f32], d: f32, k: &[f32]) {
-    for (r, &kj) in row.iter_mut().zip(k) {
-        *r = fma::<F>(d, kj, *r);
     }
 }
 
@@ -561,40 +502,19 @@ fn step_vjp_generic<const F: bool>(
         .zip(ds.chunks_exact_mut(dk.max(1)))
         .take(head.a.dv);
     for (i, ((sp, sn), ds)) in rows.enumerate() {
-        let doi = d_o[i];
-        // Pass 1: dS += do_i q; dq += do_i S_new; kv = A · k; d_delta = dS · k.
-        let mut kv = [0.0f32; L];
-        let mut dd = [0.0f32; L];
-        let n = dk / L * L;
-        for j0 in (0..n).step_by(L) {
-            for l in 0..L {
-                let j = j0 + l;
-                ds[j] = fma::<F>(doi, qt[j], ds[j]);
-                g.dq[j] = fma::<F>(doi, sn[j], g.dq[j]);
-                kv[l] = fma::<F>(sp[j] * gam[j], kt[j], kv[l]);
-                dd[l] = fma::<F>(ds[j], kt[j], dd[l]);
-            }
-        }
-        let (mut kv, mut dd) = (hsum(kv), hsum(dd));
-        for j in n..dk {
-            ds[j] = fma::<F>(doi, qt[j], ds[j]);
-            g.dq[j] = fma::<F>(doi, sn[j], g.dq[j]);
-            kv = fma::<F>(sp[j] * gam[j], kt[j], kv);
-            dd = fma::<F>(ds[j], kt[j], dd);
-        }
+        let x = rows::RowIn {
+            sp,
+            sn,
+            g: gam,
+            k: kt,
+            q: qt,
+        };
+        let (kv, dd) = rows::vjp_pass1::<F>(&x, d_o[i], ds, g.dq);
         let resid = vt[i] - kv;
-        let delta = resid * beta;
         let dvi = dd * beta;
         g.dv[i] = dvi;
-        dbeta = fma::<F>(dd, resid, dbeta);
-        // Pass 2: dk += delta dS - dv_i A; dA = dS - dv_i k; dg += dA S_prev; dS = dA g.
-        for j in 0..dk {
-            let aij = sp[j] * gam[j];
-            g.dk[j] = fma::<F>(delta, ds[j], fma::<F>(-dvi, aij, g.dk[j]));
-            let da = fma::<F>(-dvi, kt[j], ds[j]);
-            g.dg[j] = fma::<F>(da, sp[j], g.dg[j]);
-            ds[j] = da * gam[j];
-        }
+        dbeta += dd * resid;
+        rows::vjp_pass2::<F>(&x, resid * beta, dvi, ds, g.dk, g.dg);
     }
     dbeta
 }
