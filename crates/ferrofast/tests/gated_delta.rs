@@ -523,6 +523,9 @@ fn vjp_empty_sizes() {
     }
 }
 
+/// Picks one input of a case.
+type Field = fn(&mut Case) -> &mut Array;
+
 /// The oracle's gradients against central differences of its own forward, in f64.
 #[test]
 fn oracle_vjp_matches_finite_differences() {
@@ -545,7 +548,7 @@ fn oracle_vjp_matches_finite_differences() {
             dot(&o, &dout) + dot(&s, &dstate)
         };
         let h = 1e-6;
-        let fields: [(&str, fn(&mut Case) -> &mut Array, &Array); 6] = [
+        let fields: [(&str, Field, &Array); 6] = [
             ("q", |c| &mut c.q, &r.dq),
             ("k", |c| &mut c.k, &r.dk),
             ("v", |c| &mut c.v, &r.dv),

@@ -196,11 +196,7 @@ impl GatedDeltaArgs {
 
     /// Value heads per key head (`Hv / Hk`; 1 when there are no heads).
     pub(crate) fn group(&self) -> usize {
-        if self.hk == 0 {
-            1
-        } else {
-            self.hv / self.hk
-        }
+        self.hv.checked_div(self.hk).unwrap_or(1)
     }
 }
 
