@@ -26,6 +26,10 @@ use std::borrow::Cow;
 
 mod rows;
 
+/// State rows a task steps together through every step: 16 rows of Dk = 128 are 8 KiB,
+/// which stay in L1 while the step's key, query and decay are reused for each.
+const ROWS: usize = 16;
+
 /// Every input as float32 (mask as bool), row-major: borrowed when the array is a
 /// contiguous float32 one, else a copy.
 struct Inputs<'a> {
@@ -149,7 +153,10 @@ pub(crate) fn run(a: &GatedDeltaArgs) -> Result<(Array, Array)> {
                 };
                 let mut gbuf = host_pool::filled(a.dk, 0.0f32)?;
                 head.init(s);
-                forward(&head, 0..a.t, s, Some(out), &mut gbuf, None, fma);
+                for (blk, rows) in s.chunks_mut(ROWS * a.dk).enumerate() {
+                    let r0 = blk * ROWS;
+                    forward(&head, 0..a.t, rows, r0, Some(out), &mut gbuf, None, fma);
+                }
                 Ok(())
             })?;
     } else if n > 0 {
@@ -166,39 +173,44 @@ pub(crate) fn run(a: &GatedDeltaArgs) -> Result<(Array, Array)> {
     Ok((out, Array::from_vec(state, &a.state_shape())?))
 }
 
-/// Steps `steps` of one head from the state in `s` (updated in place). With `out`
-/// (`[T, Dv]`), writes each step's output (0 for a masked-out step); with `keep`, copies the
-/// state after each step into consecutive `[Dv, Dk]` slots of it.
+/// Steps `steps` of state rows `r0..r0 + s.len() / Dk` of one head, held in `s` (updated in
+/// place). With `out` (`[T, Dv]`), writes those rows' output of each step (0 for a
+/// masked-out step); with `keep`, copies the rows after each step into consecutive slots of
+/// `s.len()` floats.
 #[allow(clippy::too_many_arguments)]
 fn forward(
     head: &Head<'_>,
     steps: std::ops::Range<usize>,
     s: &mut [f32],
+    r0: usize,
     mut out: Option<&mut [f32]>,
     gbuf: &mut [f32],
     mut keep: Option<&mut [f32]>,
     fma: bool,
 ) {
-    let (dv, dk) = (head.a.dv, head.a.dk);
-    for (n, t) in steps.enumerate() {
+    let (dv, n) = (head.a.dv, s.len());
+    let nr = n / head.a.dk.max(1);
+    for (j, t) in steps.enumerate() {
         if head.taken(t) {
-            let o = out.as_deref_mut().map(|o| &mut o[t * dv..][..dv]);
-            step(head, t, s, o, gbuf, fma);
+            let o = out.as_deref_mut().map(|o| &mut o[t * dv + r0..][..nr]);
+            step(head, t, s, r0, o, gbuf, fma);
         } else if let Some(o) = out.as_deref_mut() {
-            o[t * dv..][..dv].fill(0.0);
+            o[t * dv + r0..][..nr].fill(0.0);
         }
         if let Some(k) = keep.as_deref_mut() {
-            k[n * dv * dk..][..dv * dk].copy_from_slice(s);
+            k[j * n..][..n].copy_from_slice(s);
         }
     }
 }
 
-/// One taken step of the recurrence on `s`; writes `S q` into `out` when given.
+/// One taken step of the recurrence on state rows `r0..` held in `s`; writes their `S q`
+/// into `out` when given.
 #[inline]
 fn step(
     head: &Head<'_>,
     t: usize,
     s: &mut [f32],
+    r0: usize,
     out: Option<&mut [f32]>,
     gbuf: &mut [f32],
     fma: bool,
@@ -206,11 +218,11 @@ fn step(
     #[cfg(target_arch = "x86_64")]
     if fma {
         // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma`, checked by the caller).
-        unsafe { step_avx2(head, t, s, out, gbuf) };
+        unsafe { step_avx2(head, t, s, r0, out, gbuf) };
         return;
     }
     let _ = fma;
-    step_generic::<false>(head, t, s, out, gbuf);
+    step_generic::<false>(head, t, s, r0, out, gbuf);
 }
 
 /// [`step_generic`] compiled for AVX2 + FMA.
@@ -223,10 +235,11 @@ unsafe fn step_avx2(
     head: &Head<'_>,
     t: usize,
     s: &mut [f32],
+    r0: usize,
     out: Option<&mut [f32]>,
     gbuf: &mut [f32],
 ) {
-    step_generic::<true>(head, t, s, out, gbuf);
+    step_generic::<true>(head, t, s, r0, out, gbuf);
 }
 
 #[inline(always)]
@@ -234,15 +247,16 @@ fn step_generic<const F: bool>(
     head: &Head<'_>,
     t: usize,
     s: &mut [f32],
+    r0: usize,
     mut out: Option<&mut [f32]>,
     gbuf: &mut [f32],
 ) {
     let dk = head.a.dk;
     let (kt, qt, vt, beta) = (head.k(t), head.q(t), head.v(t), head.beta(t));
     let g = head.gamma(t, gbuf);
-    for (i, row) in s.chunks_exact_mut(dk.max(1)).enumerate().take(head.a.dv) {
+    for (i, row) in s.chunks_exact_mut(dk.max(1)).enumerate() {
         let kv = rows::scale_dot::<F>(row, g, kt);
-        let delta = (vt[i] - kv) * beta;
+        let delta = (vt[r0 + i] - kv) * beta;
         match out.as_deref_mut() {
             Some(o) => o[i] = rows::axpy_dot::<F>(row, delta, kt, qt),
             None => rows::axpy::<F>(row, delta, kt),
@@ -331,7 +345,9 @@ pub(crate) fn vjp(args: &GatedDeltaVjpArgs) -> Result<GatedDeltaGrads> {
     })
 }
 
-/// The backward of one head: checkpoints, then the steps in reverse a chunk at a time.
+/// The backward of one head, a block of [`ROWS`] state rows at a time (rows evolve
+/// independently; only the key-side gradients sum over them): checkpoints of the block, then
+/// the steps in reverse a chunk at a time.
 fn head_vjp(
     head: &Head<'_>,
     d_out: &[f32],
@@ -340,29 +356,11 @@ fn head_vjp(
 ) -> Result<HeadGrads> {
     let a = head.a;
     let (ts, dv, dk) = (a.t, a.dv, a.dk);
-    let n = dv * dk;
     let gk = if a.per_key_gamma { dk } else { 1 };
     let c = ckpt_chunk(ts);
     let chunks = ts.div_ceil(c);
+    let nb = checked_size(&[ROWS.min(dv), dk])?;
     let mut gbuf = host_pool::filled(dk, 0.0f32)?;
-    // The state at the start of every chunk.
-    let mut ckpt = host_pool::filled(checked_size(&[chunks, n])?, 0.0f32)?;
-    let mut s = host_pool::filled(n, 0.0f32)?;
-    head.init(&mut s);
-    for ch in 0..chunks {
-        ckpt[ch * n..][..n].copy_from_slice(&s);
-        if ch + 1 < chunks {
-            forward(
-                head,
-                ch * c..(ch + 1) * c,
-                &mut s,
-                None,
-                &mut gbuf,
-                None,
-                fma,
-            );
-        }
-    }
     let mut g = HeadGrads {
         dq: host_pool::filled(ts * dk, 0.0f32)?,
         dk: host_pool::filled(ts * dk, 0.0f32)?,
@@ -371,48 +369,63 @@ fn head_vjp(
         db: host_pool::filled(ts, 0.0f32)?,
         ds0: match d_state {
             Some(d) => {
-                let mut v = host_pool::with_capacity(n)?;
+                let mut v = host_pool::with_capacity(dv * dk)?;
                 v.extend_from_slice(d);
                 v
             }
-            None => host_pool::filled(n, 0.0f32)?,
+            None => host_pool::filled(dv * dk, 0.0f32)?,
         },
     };
-    // `states[j]`: the state before step `c0 + j` of the chunk; `states[len]` after it.
-    let mut states = host_pool::filled(checked_size(&[c + 1, n])?, 0.0f32)?;
+    if nb == 0 {
+        return Ok(g);
+    }
+    // The block's rows at the start of every chunk, and `states[j]`: the rows before step
+    // `c0 + j` of the chunk being walked (`states[len]` after it).
+    let mut ckpt = host_pool::filled(checked_size(&[chunks, nb])?, 0.0f32)?;
+    let mut states = host_pool::filled(checked_size(&[c + 1, nb])?, 0.0f32)?;
+    let mut s = host_pool::filled(nb, 0.0f32)?;
+    let mut init = host_pool::filled(dv * dk, 0.0f32)?;
+    head.init(&mut init);
     let mut dg_row = host_pool::filled(dk, 0.0f32)?;
-    for ch in (0..chunks).rev() {
-        let (c0, c1) = (ch * c, ((ch + 1) * c).min(ts));
-        states[..n].copy_from_slice(&ckpt[ch * n..][..n]);
-        s.copy_from_slice(&ckpt[ch * n..][..n]);
-        forward(
-            head,
-            c0..c1,
-            &mut s,
-            None,
-            &mut gbuf,
-            Some(&mut states[n..]),
-            fma,
-        );
-        for t in (c0..c1).rev() {
-            if !head.taken(t) {
-                continue;
+    for (blk, ds) in g.ds0.chunks_mut(nb).enumerate() {
+        let r0 = blk * ROWS;
+        let n = ds.len();
+        let nr = n / dk;
+        s[..n].copy_from_slice(&init[r0 * dk..][..n]);
+        for ch in 0..chunks {
+            ckpt[ch * n..][..n].copy_from_slice(&s[..n]);
+            if ch + 1 < chunks {
+                let steps = ch * c..(ch + 1) * c;
+                forward(head, steps, &mut s[..n], r0, None, &mut gbuf, None, fma);
             }
-            let j = t - c0;
-            let (sp, sn) = states[j * n..(j + 2) * n].split_at(n);
-            let d_o = &d_out[head.bth(t) * dv..][..dv];
-            let st = StepGrads {
-                dq: &mut g.dq[t * dk..][..dk],
-                dk: &mut g.dk[t * dk..][..dk],
-                dv: &mut g.dv[t * dv..][..dv],
-                dg: &mut dg_row,
-            };
-            let db = step_vjp(head, t, sp, sn, d_o, &mut g.ds0, st, &mut gbuf, fma);
-            g.db[t] = db;
-            if a.per_key_gamma {
-                g.dg[t * dk..][..dk].copy_from_slice(&dg_row);
-            } else {
-                g.dg[t] = dg_row.iter().sum();
+        }
+        for ch in (0..chunks).rev() {
+            let (c0, c1) = (ch * c, ((ch + 1) * c).min(ts));
+            states[..n].copy_from_slice(&ckpt[ch * n..][..n]);
+            s[..n].copy_from_slice(&ckpt[ch * n..][..n]);
+            let keep = Some(&mut states[n..]);
+            forward(head, c0..c1, &mut s[..n], r0, None, &mut gbuf, keep, fma);
+            for t in (c0..c1).rev() {
+                if !head.taken(t) {
+                    continue;
+                }
+                let j = t - c0;
+                let (sp, sn) = states[j * n..(j + 2) * n].split_at(n);
+                let d_o = &d_out[head.bth(t) * dv + r0..][..nr];
+                let st = StepGrads {
+                    dq: &mut g.dq[t * dk..][..dk],
+                    dk: &mut g.dk[t * dk..][..dk],
+                    dv: &mut g.dv[t * dv + r0..][..nr],
+                    dg: &mut dg_row,
+                };
+                g.db[t] += step_vjp(head, t, sp, sn, r0, d_o, ds, st, &mut gbuf, fma);
+                if a.per_key_gamma {
+                    for (d, x) in g.dg[t * dk..][..dk].iter_mut().zip(&*dg_row) {
+                        *d += x;
+                    }
+                } else {
+                    g.dg[t] += dg_row.iter().sum::<f32>();
+                }
             }
         }
     }
@@ -425,14 +438,15 @@ struct StepGrads<'a> {
     dq: &'a mut [f32],
     /// `[Dk]`, added to.
     dk: &'a mut [f32],
-    /// `[Dv]`, written.
+    /// `[rows]`, written.
     dv: &'a mut [f32],
     /// `[Dk]`, written: the decay's gradient per key dimension.
     dg: &'a mut [f32],
 }
 
-/// The backward of taken step `t`: `sp` / `sn` are the states before and after it, `ds` the
-/// state's gradient after it (turned into the gradient before it). Returns `dbeta`.
+/// The backward of taken step `t` over state rows `r0..`: `sp` / `sn` are the rows before and
+/// after it, `ds` their gradient after it (turned into the gradient before it), `d_o` their
+/// outputs' cotangent. Returns their share of `dbeta`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn step_vjp(
@@ -440,6 +454,7 @@ fn step_vjp(
     t: usize,
     sp: &[f32],
     sn: &[f32],
+    r0: usize,
     d_o: &[f32],
     ds: &mut [f32],
     g: StepGrads<'_>,
@@ -449,10 +464,10 @@ fn step_vjp(
     #[cfg(target_arch = "x86_64")]
     if fma {
         // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma`, checked by the caller).
-        return unsafe { step_vjp_avx2(head, t, sp, sn, d_o, ds, g, gbuf) };
+        return unsafe { step_vjp_avx2(head, t, sp, sn, r0, d_o, ds, g, gbuf) };
     }
     let _ = fma;
-    step_vjp_generic::<false>(head, t, sp, sn, d_o, ds, g, gbuf)
+    step_vjp_generic::<false>(head, t, sp, sn, r0, d_o, ds, g, gbuf)
 }
 
 /// [`step_vjp_generic`] compiled for AVX2 + FMA.
@@ -467,12 +482,13 @@ unsafe fn step_vjp_avx2(
     t: usize,
     sp: &[f32],
     sn: &[f32],
+    r0: usize,
     d_o: &[f32],
     ds: &mut [f32],
     g: StepGrads<'_>,
     gbuf: &mut [f32],
 ) -> f32 {
-    step_vjp_generic::<true>(head, t, sp, sn, d_o, ds, g, gbuf)
+    step_vjp_generic::<true>(head, t, sp, sn, r0, d_o, ds, g, gbuf)
 }
 
 /// Per state row `i` (`S_new = A + delta k^T`, `A = S_prev * g`, `o = S_new q`):
@@ -486,6 +502,7 @@ fn step_vjp_generic<const F: bool>(
     t: usize,
     sp: &[f32],
     sn: &[f32],
+    r0: usize,
     d_o: &[f32],
     ds: &mut [f32],
     g: StepGrads<'_>,
@@ -499,8 +516,7 @@ fn step_vjp_generic<const F: bool>(
     let rows = sp
         .chunks_exact(dk.max(1))
         .zip(sn.chunks_exact(dk.max(1)))
-        .zip(ds.chunks_exact_mut(dk.max(1)))
-        .take(head.a.dv);
+        .zip(ds.chunks_exact_mut(dk.max(1)));
     for (i, ((sp, sn), ds)) in rows.enumerate() {
         let x = rows::RowIn {
             sp,
@@ -510,7 +526,7 @@ fn step_vjp_generic<const F: bool>(
             q: qt,
         };
         let (kv, dd) = rows::vjp_pass1::<F>(&x, d_o[i], ds, g.dq);
-        let resid = vt[i] - kv;
+        let resid = vt[r0 + i] - kv;
         let dvi = dd * beta;
         g.dv[i] = dvi;
         dbeta += dd * resid;
