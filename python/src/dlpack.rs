@@ -7,7 +7,7 @@
 //! are; `bool` and the integer widths ferrofast has no type for (int8, int16, uint16, uint64)
 //! are converted into a new buffer, as is memory not aligned to its element size.
 //!
-//! Out: [`Tensor::__dlpack__`] hands a result's host buffer to the consumer inside a capsule
+//! Out: `Tensor.__dlpack__` hands a result's host buffer to the consumer inside a capsule
 //! that owns the `Array`; the consumer's deleter drops it.
 
 use std::ffi::{c_void, CStr};
