@@ -120,6 +120,39 @@ pub(crate) enum Storage {
     /// makes one).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     Cuda(crate::cuda::storage::Buffer),
+    /// Host memory owned outside ferrofast (see [`Array::from_external`]); never given to
+    /// the host pool.
+    External(ExternalBuffer),
+}
+
+/// Host memory borrowed from another library (a NumPy array, a PyTorch tensor, ...), kept
+/// valid by `owner` for as long as this value lives. Made only by [`Array::from_external`],
+/// whose contract guarantees that `ptr` addresses `len` initialised, aligned, valid elements
+/// of `dtype` that nobody writes while the owner is held.
+pub(crate) struct ExternalBuffer {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    dtype: DType,
+    /// Dropped after the array's last view: releases the memory to its producer.
+    _owner: Box<dyn std::any::Any + Send + Sync>,
+}
+
+// SAFETY: ferrofast only ever reads the memory through shared slices (`cpu_buffer`), and
+// `from_external`'s contract makes it immutable and valid while `_owner` lives; `_owner`
+// itself is `Send + Sync`. So sharing or moving the buffer between threads is as safe as
+// sharing a `&[T]`.
+unsafe impl Send for ExternalBuffer {}
+// SAFETY: as for `Send` above: the memory is read-only for its whole life here.
+unsafe impl Sync for ExternalBuffer {}
+
+impl std::fmt::Debug for ExternalBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalBuffer")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .field("dtype", &self.dtype)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for Storage {
@@ -461,6 +494,7 @@ impl Array {
         let dtype = match &storage {
             Storage::Cpu(d) => d.dtype(),
             Storage::Cuda(b) => b.dtype(),
+            Storage::External(e) => e.dtype,
         };
         Array {
             shape: shape.to_vec(),
@@ -500,6 +534,104 @@ impl Array {
         let mut copy = host_pool::with_capacity::<T>(data.len())?;
         copy.extend_from_slice(data);
         Array::from_vec(copy, shape)
+    }
+
+    /// A CPU array over memory ferrofast does not own (a NumPy array's or a PyTorch
+    /// tensor's buffer, received through DLPack), without copying it. `ptr` is the address
+    /// of the element at index `(0, ..., 0)`; element `idx` lives `sum(idx[k] * strides[k])`
+    /// elements further (strides in elements: negative, zero and non-contiguous strides are
+    /// allowed). `owner` keeps the memory alive: it is dropped, on whichever thread drops the
+    /// last array or view sharing this buffer, once ferrofast no longer reads the memory.
+    /// Ops read such an array like any other and never write to it; the memory never enters
+    /// the host buffer pool.
+    ///
+    /// # Safety
+    /// Until `owner` is dropped:
+    /// - the span from the lowest- to the highest-addressed element the shape and strides
+    ///   reach lies inside one live allocation, and every element in it (the gaps between
+    ///   strided elements included) is initialised and a valid value of `dtype` (for
+    ///   [`DType::Bool`], every byte is 0 or 1);
+    /// - nobody writes to that span (ferrofast reads it from other threads, through shared
+    ///   slices).
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` when `strides` and `shape` differ in length, `ptr` is null or
+    /// not aligned to the element size while the array has elements, or the addressed span
+    /// does not fit in `isize` bytes; `Error::Shape` when the shape's size overflows. On error
+    /// `owner` is dropped at once.
+    pub unsafe fn from_external(
+        ptr: *const u8,
+        shape: &[usize],
+        strides: &[isize],
+        dtype: DType,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Array> {
+        if strides.len() != shape.len() {
+            return Err(Error::invalid(format!(
+                "[from_external] {} strides given for a shape of {} dimensions.",
+                strides.len(),
+                shape.len()
+            )));
+        }
+        let size = checked_layout(shape, dtype)?;
+        let itemsize = dtype.size();
+        let overflow = || {
+            Error::invalid(format!(
+                "[from_external] the strides {strides:?} of shape {} address more memory than \
+                 fits in isize.",
+                fmt_shape(shape)
+            ))
+        };
+        // The lowest (`lo <= 0`) and highest (`hi >= 0`) element offsets addressed.
+        let (mut lo, mut hi) = (0isize, 0isize);
+        if size > 0 {
+            for (&d, &s) in shape.iter().zip(strides) {
+                let reach = isize::try_from(d - 1)
+                    .ok()
+                    .and_then(|d| d.checked_mul(s))
+                    .ok_or_else(overflow)?;
+                if reach < 0 {
+                    lo = lo.checked_add(reach).ok_or_else(overflow)?;
+                } else {
+                    hi = hi.checked_add(reach).ok_or_else(overflow)?;
+                }
+            }
+        }
+        let (base, len) = if size == 0 {
+            // No element is ever read: an aligned dangling pointer (8 bytes covers every
+            // dtype's alignment) makes the empty slice valid.
+            (std::ptr::NonNull::<u64>::dangling().cast::<u8>(), 0)
+        } else {
+            if ptr.is_null() || (ptr as usize) % itemsize != 0 {
+                return Err(Error::invalid(format!(
+                    "[from_external] the data pointer {ptr:p} is null or not aligned to the \
+                     {itemsize}-byte elements of {dtype}."
+                )));
+            }
+            let len = hi
+                .checked_sub(lo)
+                .and_then(|n| n.checked_add(1))
+                .filter(|n| n.checked_mul(itemsize as isize).is_some())
+                .ok_or_else(overflow)?;
+            // `wrapping_offset` is plain address arithmetic; by the contract the result is
+            // the lowest-addressed element, inside the allocation.
+            let base = ptr.wrapping_offset(lo * itemsize as isize).cast_mut();
+            let base = std::ptr::NonNull::new(base).ok_or_else(overflow)?;
+            (base, len as usize)
+        };
+        let storage = Storage::External(ExternalBuffer {
+            ptr: base,
+            len,
+            dtype,
+            _owner: owner,
+        });
+        Ok(Array {
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+            offset: lo.unsigned_abs(),
+            dtype,
+            storage: Arc::new(storage),
+        })
     }
 
     /// A 0-dimensional array holding `value`, on the CPU.
@@ -621,7 +753,7 @@ impl Array {
     /// Where the data lives.
     pub fn device(&self) -> Device {
         match &*self.storage {
-            Storage::Cpu(_) => Device::Cpu,
+            Storage::Cpu(_) | Storage::External(_) => Device::Cpu,
             Storage::Cuda(b) => Device::Cuda(b.ordinal()),
         }
     }
@@ -658,11 +790,62 @@ impl Array {
         Arc::ptr_eq(&self.storage, &other.storage)
     }
 
+    /// The address of this array's first element (the one at [`offset`](Array::offset)) when
+    /// it lives on the CPU, in a buffer of ferrofast's or in memory from
+    /// [`Array::from_external`]; `None` for a GPU array. Element `idx` lives
+    /// `sum(idx[k] * strides[k]) * dtype().size()` bytes after it. Only for reading, and only
+    /// while `self` (or a clone or view of it) lives; to write, see
+    /// [`host_ptr_mut`](Array::host_ptr_mut).
+    pub fn host_ptr(&self) -> Option<*const u8> {
+        let byte_offset = self.offset.checked_mul(self.dtype.size())?;
+        let base: *const u8 = match &*self.storage {
+            Storage::Cpu(data) => with_cpu_data!(data, v => v.as_ptr().cast::<u8>()),
+            Storage::External(e) => e.ptr.as_ptr().cast_const(),
+            Storage::Cuda(_) => return None,
+        };
+        Some(base.wrapping_add(byte_offset))
+    }
+
+    /// The address of this array's first element (the one at [`offset`](Array::offset)) for
+    /// reading and writing, when the array lives on the CPU in a buffer ferrofast allocated
+    /// and no other `Array` shares that buffer; `None` otherwise (a GPU array, memory from
+    /// [`Array::from_external`], or a buffer another array or view also holds:
+    /// [`copy`](Array::copy) gives one that qualifies). This is how the buffer is lent to
+    /// another library without copying (DLPack export).
+    ///
+    /// Element `idx` lives `sum(idx[k] * strides[k]) * dtype().size()` bytes after the
+    /// pointer. The pointer stays valid while `self` lives (moving `self` does not move the
+    /// buffer). Reading and writing through it is sound as long as no clone or view of
+    /// `self` is made meanwhile (those would read the buffer while it may be written) and
+    /// every value written is valid for the dtype (for `Bool`, 0 or 1): once `self` is
+    /// dropped, the buffer may serve as another array's storage.
+    pub fn host_ptr_mut(&mut self) -> Option<*mut u8> {
+        let byte_offset = self.offset.checked_mul(self.dtype.size())?;
+        match Arc::get_mut(&mut self.storage)? {
+            Storage::Cpu(data) => {
+                let base: *mut u8 = with_cpu_data!(data, v => v.as_mut_ptr().cast::<u8>());
+                Some(base.wrapping_add(byte_offset))
+            }
+            Storage::Cuda(_) | Storage::External(_) => None,
+        }
+    }
+
     /// The whole host buffer as `&[T]` (kernels index it with `offset` and `strides`).
     pub(crate) fn cpu_buffer<T: Element>(&self) -> Result<&[T]> {
         match &*self.storage {
             Storage::Cpu(d) => T::slice(d).ok_or(Error::DTypeMismatch {
                 expected: self.dtype,
+                got: T::DTYPE,
+            }),
+            Storage::External(e) if e.dtype == T::DTYPE => {
+                // SAFETY: `from_external`'s contract: `ptr` addresses `len` initialised,
+                // aligned, valid elements of `e.dtype`, which is `T`'s dtype (checked just
+                // above), immutable and alive while the storage (which owns the owner) lives;
+                // the slice borrows `self`, so it cannot outlive the storage.
+                Ok(unsafe { std::slice::from_raw_parts(e.ptr.as_ptr().cast::<T>(), e.len) })
+            }
+            Storage::External(e) => Err(Error::DTypeMismatch {
+                expected: e.dtype,
                 got: T::DTYPE,
             }),
             Storage::Cuda(b) => Err(Error::Device(format!(
@@ -677,7 +860,7 @@ impl Array {
     pub(crate) fn cuda_buffer(&self) -> Option<&crate::cuda::storage::Buffer> {
         match &*self.storage {
             Storage::Cuda(b) => Some(b),
-            Storage::Cpu(_) => None,
+            Storage::Cpu(_) | Storage::External(_) => None,
         }
     }
 
@@ -841,7 +1024,7 @@ impl Array {
     /// `cuda` feature), `Error::Device` for a missing ordinal, driver errors.
     pub fn to_device(&self, device: &Device) -> Result<Array> {
         match (device, &*self.storage) {
-            (Device::Cpu, Storage::Cpu(_)) => Ok(self.clone()),
+            (Device::Cpu, Storage::Cpu(_) | Storage::External(_)) => Ok(self.clone()),
             (Device::Cpu, Storage::Cuda(_)) => crate::cuda::storage::download(self),
             (Device::Cuda(i), Storage::Cuda(b)) if b.ordinal() == *i => Ok(self.clone()),
             (Device::Cuda(i), _) => {

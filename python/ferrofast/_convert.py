@@ -1,0 +1,106 @@
+"""Array exchange between Python array libraries and ``ferrofast._native.Tensor``.
+
+Inputs: NumPy arrays and any DLPack producer with host memory (PyTorch CPU tensors, ...)
+are handed to the Rust side through ``__dlpack__`` (a DLPack 1.x versioned capsule when the
+producer supports ``max_version``, else a legacy one) and read in place. NumPy bfloat16
+(``ml_dtypes``) arrays travel as uint16 views of the same memory. Python scalars and
+sequences go through ``numpy.asarray``.
+
+Outputs: a result ``Tensor`` is handed to ``numpy.from_dlpack`` or ``torch.from_dlpack``,
+which take over its buffer (no copy); bfloat16 results for NumPy come back as
+``ml_dtypes.bfloat16`` views.
+"""
+
+import sys
+
+import numpy as np
+
+from . import _native
+
+Tensor = _native.Tensor
+
+
+def _bfloat16():
+    """ml_dtypes' bfloat16 NumPy dtype, or None when ml_dtypes is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _is_torch(x):
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _capsule(x):
+    """``x.__dlpack__()``, asking for a versioned capsule first."""
+    try:
+        return x.__dlpack__(max_version=(1, 0))
+    except TypeError:
+        # Producers written before DLPack 1.0 take no max_version.
+        return x.__dlpack__()
+
+
+def to_tensor(x):
+    """A ``Tensor`` reading ``x``'s memory (copying only what DLPack cannot share)."""
+    if isinstance(x, Tensor):
+        return x
+    if _is_torch(x):
+        # A tensor that requires grad cannot be exported; its data can.
+        t = x.detach()
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        return _native.from_dlpack(_capsule(t))
+    if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
+        return _native.from_dlpack(_capsule(x))
+    a = np.asarray(x)
+    bf16 = _bfloat16()
+    if bf16 is not None and a.dtype == bf16:
+        return _native.from_dlpack(_numpy_capsule(a.view(np.uint16)), True)
+    return _native.from_dlpack(_numpy_capsule(a))
+
+
+def _numpy_capsule(a):
+    try:
+        return _capsule(a)
+    except BufferError:
+        # Read-only arrays cannot be exported by NumPy versions that cannot flag them
+        # read-only: share a copy instead.
+        return _capsule(np.array(a, copy=True))
+
+
+def to_tensor_opt(x):
+    return None if x is None else to_tensor(x)
+
+
+class _Bits:
+    """Exports a bfloat16 ``Tensor`` labelled uint16, for NumPy (which has no bfloat16)."""
+
+    def __init__(self, t):
+        self._t = t
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        return self._t._dlpack_bits(max_version=max_version)
+
+    def __dlpack_device__(self):
+        return self._t.__dlpack_device__()
+
+
+def from_tensor(t, like):
+    """The result ``t`` as the type of ``like`` (the op's first array argument)."""
+    if t is None:
+        return None
+    if _is_torch(like):
+        import torch
+
+        return torch.from_dlpack(t)
+    if t.dtype == "bfloat16":
+        bf16 = _bfloat16()
+        if bf16 is None:
+            raise ImportError(
+                "a bfloat16 result needs the ml_dtypes package for NumPy (pip install ml_dtypes)"
+            )
+        return np.from_dlpack(_Bits(t)).view(bf16)
+    return np.from_dlpack(t)

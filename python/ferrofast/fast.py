@@ -1,0 +1,312 @@
+"""``mlx.core.fast`` for NumPy arrays and PyTorch CPU tensors.
+
+Every function has MLX's Python signature (positional arguments, keyword-only arguments
+after ``*``, defaults), MLX's output dtypes and MLX's ``ValueError`` messages; the kernels
+are ferrofast's (Rust, run with the GIL released). Array arguments may be NumPy arrays
+(bfloat16 through ``ml_dtypes``), PyTorch CPU tensors, or any DLPack producer of host
+memory; they are read in place (strided views included). The result has the type of the
+first array argument: a NumPy array, or a ``torch.Tensor`` for torch inputs.
+
+``stream``: ``None`` (run where the inputs live, here the CPU) or the CPU (``"cpu"``, or an
+object whose ``str()`` is ``"cpu"``, such as ``torch.device("cpu")``). Any other value is a
+``ValueError``.
+
+Inputs must not be written by another thread while a call reading them runs (the kernels
+read them in place, without the GIL).
+
+Beyond MLX, each op's backward pass is exposed (``*_vjp``), as are the training forward of
+attention (``scaled_dot_product_attention_with_lse``), cross-entropy's options
+(``cross_entropy_with``) and its fused loss-and-gradient (``cross_entropy_fused``).
+"""
+
+import numpy as np
+
+from . import _native
+from ._convert import from_tensor, to_tensor, to_tensor_opt
+
+__all__ = [
+    "rms_norm",
+    "rms_norm_vjp",
+    "layer_norm",
+    "layer_norm_vjp",
+    "rope",
+    "rope_vjp",
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_with_lse",
+    "scaled_dot_product_attention_vjp",
+    "cross_entropy",
+    "cross_entropy_with",
+    "cross_entropy_vjp",
+    "cross_entropy_fused",
+]
+
+
+def _check_stream(op, stream):
+    if stream is None:
+        return
+    if str(stream).lower() in ("cpu", "device(cpu, 0)"):
+        return
+    raise ValueError(
+        f"[{op}] stream must be None or the CPU ('cpu'): ferrofast runs where its inputs "
+        f"live, and this package takes host arrays; got {stream!r}."
+    )
+
+
+# ----- normalization ------------------------------------------------------------------------
+
+
+def rms_norm(x, weight, eps, *, stream=None):
+    """Root-mean-square normalization over the last axis: ``x * rsqrt(mean(x**2) + eps) *
+    weight``. ``weight`` (1-D of ``x.shape[-1]``) may be ``None``. Output dtype
+    ``result_type(x, weight)`` (``x.dtype`` without weight); float32 accumulation."""
+    _check_stream("rms_norm", stream)
+    t = _native.rms_norm(to_tensor(x), to_tensor_opt(weight), float(eps))
+    return from_tensor(t, x)
+
+
+def rms_norm_vjp(x, weight, eps, cotangent, *, stream=None):
+    """The backward pass of :func:`rms_norm`: ``(dx, dweight)`` for the output's
+    ``cotangent``; ``dweight`` is ``None`` without a weight."""
+    _check_stream("rms_norm", stream)
+    dx, dw = _native.rms_norm_vjp(
+        to_tensor(x), to_tensor_opt(weight), float(eps), to_tensor(cotangent)
+    )
+    return from_tensor(dx, x), from_tensor(dw, x)
+
+
+def layer_norm(x, weight, bias, eps, *, stream=None):
+    """Layer normalization over the last axis: ``(x - mean) * rsqrt(var + eps) * weight +
+    bias``; ``weight`` and ``bias`` (1-D) may be ``None``. Output dtype as MLX's: with a
+    weight ``result_type(x, weight, bias)``, without one ``x.dtype``."""
+    _check_stream("layer_norm", stream)
+    t = _native.layer_norm(
+        to_tensor(x), to_tensor_opt(weight), to_tensor_opt(bias), float(eps)
+    )
+    return from_tensor(t, x)
+
+
+def layer_norm_vjp(x, weight, bias, eps, cotangent, *, stream=None):
+    """The backward pass of :func:`layer_norm`: ``(dx, dweight, dbias)``, each of the last
+    two ``None`` when that parameter is."""
+    _check_stream("layer_norm", stream)
+    dx, dw, db = _native.layer_norm_vjp(
+        to_tensor(x),
+        to_tensor_opt(weight),
+        to_tensor_opt(bias),
+        float(eps),
+        to_tensor(cotangent),
+    )
+    return from_tensor(dx, x), from_tensor(dw, x), from_tensor(db, x)
+
+
+# ----- rope ---------------------------------------------------------------------------------
+
+
+def _offset(offset):
+    if isinstance(offset, (int, np.integer)):
+        return int(offset)
+    if isinstance(offset, float):
+        # As MLX: a Python float becomes a float32 array, which rope rejects.
+        return to_tensor(np.asarray(offset, dtype=np.float32))
+    return to_tensor(offset)
+
+
+def _base(base):
+    return None if base is None else float(base)
+
+
+def rope(a, dims, *, traditional, base, scale, offset, freqs=None, stream=None):
+    """Rotary positional embedding of the first ``dims`` features of ``a`` (at least 3-D,
+    positions along axis -2). ``traditional`` rotates adjacent pairs instead of the two
+    halves; exactly one of ``base`` and ``freqs`` (periods, 1-D of ``dims // 2``) is given;
+    ``offset`` is an int or an integer array of size 1 or ``a.shape[0]``."""
+    _check_stream("rope", stream)
+    t = _native.rope(
+        to_tensor(a),
+        int(dims),
+        bool(traditional),
+        _base(base),
+        float(scale),
+        _offset(offset),
+        to_tensor_opt(freqs),
+    )
+    return from_tensor(t, a)
+
+
+def rope_vjp(cotangent, dims, *, traditional, base, scale, offset, freqs=None, stream=None):
+    """The backward pass of :func:`rope`: the gradient for ``a`` given the output's
+    ``cotangent`` (the inverse rotation), with the forward's arguments."""
+    _check_stream("rope", stream)
+    t = _native.rope_vjp(
+        to_tensor(cotangent),
+        int(dims),
+        bool(traditional),
+        _base(base),
+        float(scale),
+        _offset(offset),
+        to_tensor_opt(freqs),
+    )
+    return from_tensor(t, cotangent)
+
+
+# ----- attention ----------------------------------------------------------------------------
+
+
+def _mask(mask):
+    if mask is None or isinstance(mask, str):
+        return mask
+    return to_tensor(mask)
+
+
+def scaled_dot_product_attention(
+    q, k, v, *, scale, mask=None, sinks=None, force_fused=False, stream=None
+):
+    """``softmax(scale * q @ k.T + mask) @ v`` over ``q [B, N_q, T_q, D]``,
+    ``k [B, N_kv, T_kv, D]``, ``v [B, N_kv, T_kv, D_v]`` (``N_q`` a multiple of ``N_kv``).
+    ``mask``: ``None``, ``"causal"`` (lower-right aligned) or a bool / additive array that
+    broadcasts to ``[B, N_q, T_q, T_kv]``; ``sinks``: per-query-head logits ``(N_q,)``.
+    ``force_fused`` is accepted for compatibility: ferrofast always runs a fused kernel."""
+    _check_stream("scaled_dot_product_attention", stream)
+    del force_fused
+    t = _native.scaled_dot_product_attention(
+        to_tensor(q),
+        to_tensor(k),
+        to_tensor(v),
+        float(scale),
+        _mask(mask),
+        to_tensor_opt(sinks),
+    )
+    return from_tensor(t, q)
+
+
+def scaled_dot_product_attention_with_lse(
+    q, k, v, *, scale, mask=None, sinks=None, stream=None
+):
+    """The training forward of :func:`scaled_dot_product_attention`: ``(out, lse)`` with
+    ``lse`` the float32 log-sum-exp of each row's scores, ``[B, N_q, T_q]``."""
+    _check_stream("scaled_dot_product_attention", stream)
+    out, lse = _native.scaled_dot_product_attention_with_lse(
+        to_tensor(q),
+        to_tensor(k),
+        to_tensor(v),
+        float(scale),
+        _mask(mask),
+        to_tensor_opt(sinks),
+    )
+    return from_tensor(out, q), from_tensor(lse, q)
+
+
+def scaled_dot_product_attention_vjp(
+    q, k, v, out, lse, d_out, *, scale, mask=None, sinks=None, stream=None
+):
+    """The backward pass of :func:`scaled_dot_product_attention`: ``(dq, dk, dv, dsinks)``
+    from the forward's inputs, its ``out`` and ``lse`` (from
+    :func:`scaled_dot_product_attention_with_lse`) and the output's cotangent ``d_out``;
+    ``dsinks`` is ``None`` without sinks. There is no gradient for the mask."""
+    _check_stream("scaled_dot_product_attention", stream)
+    dq, dk, dv, ds = _native.scaled_dot_product_attention_vjp(
+        to_tensor(q),
+        to_tensor(k),
+        to_tensor(v),
+        float(scale),
+        _mask(mask),
+        to_tensor_opt(sinks),
+        to_tensor(out),
+        to_tensor(lse),
+        to_tensor(d_out),
+    )
+    return (
+        from_tensor(dq, q),
+        from_tensor(dk, q),
+        from_tensor(dv, q),
+        from_tensor(ds, q),
+    )
+
+
+# ----- cross-entropy ------------------------------------------------------------------------
+
+
+def cross_entropy(logits, targets, *, stream=None):
+    """``logsumexp(logits, -1) - logits[..., targets]``: float32, of ``targets``' shape
+    (``logits.shape[:-1]``); ``targets`` are integer class indices (negative ones wrap)."""
+    _check_stream("cross_entropy", stream)
+    t = _native.cross_entropy_with(
+        to_tensor(logits), to_tensor(targets), None, 0.0, 0.0, "none"
+    )
+    return from_tensor(t, logits)
+
+
+def cross_entropy_with(
+    logits,
+    targets,
+    *,
+    ignore_index=None,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    reduction="none",
+    stream=None,
+):
+    """:func:`cross_entropy` with PyTorch's options: rows whose target is ``ignore_index``
+    get loss 0 and are left out of the mean; ``label_smoothing`` in ``[0, 1]``; ``z_loss``
+    adds ``z_loss * lse**2`` per row; ``reduction`` is ``"none"``, ``"sum"`` or ``"mean"``
+    (0-d results for the last two)."""
+    _check_stream("cross_entropy", stream)
+    t = _native.cross_entropy_with(
+        to_tensor(logits),
+        to_tensor(targets),
+        None if ignore_index is None else int(ignore_index),
+        float(label_smoothing),
+        float(z_loss),
+        str(reduction),
+    )
+    return from_tensor(t, logits)
+
+
+def cross_entropy_vjp(
+    logits,
+    targets,
+    cotangent,
+    *,
+    ignore_index=None,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    reduction="none",
+    stream=None,
+):
+    """The backward pass of :func:`cross_entropy_with`: ``dlogits`` (the logits' dtype)
+    given the loss's ``cotangent`` (targets' shape for ``"none"``, 0-d otherwise)."""
+    _check_stream("cross_entropy", stream)
+    t = _native.cross_entropy_vjp(
+        to_tensor(logits),
+        to_tensor(targets),
+        to_tensor(cotangent),
+        None if ignore_index is None else int(ignore_index),
+        float(label_smoothing),
+        float(z_loss),
+        str(reduction),
+    )
+    return from_tensor(t, logits)
+
+
+def cross_entropy_fused(
+    logits,
+    targets,
+    *,
+    ignore_index=None,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    reduction="none",
+    stream=None,
+):
+    """The training step of :func:`cross_entropy_with` in one pass over the logits:
+    ``(loss, dlogits)``, the gradient of the (reduced) loss with cotangent 1."""
+    _check_stream("cross_entropy", stream)
+    loss, dx = _native.cross_entropy_fused(
+        to_tensor(logits),
+        to_tensor(targets),
+        None if ignore_index is None else int(ignore_index),
+        float(label_smoothing),
+        float(z_loss),
+        str(reduction),
+    )
+    return from_tensor(loss, logits), from_tensor(dx, logits)

@@ -1,0 +1,274 @@
+"""Every op of ferrofast.fast on NumPy float32 / float16 / bfloat16 against float64
+references written from MLX's definitions."""
+
+import numpy as np
+import pytest
+
+import ferrofast as ff
+import reference as ref
+from conftest import BF16, FLOATS, close, rand
+
+F = ff.fast
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("d", [31, 32, 256, 4099])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm(dtype, d, with_weight):
+    x = rand((3, 5, d), dtype, 1)
+    w = rand((d,), dtype, 2) if with_weight else None
+    out = F.rms_norm(x, w, 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    close(out, ref.rms_norm(x, w, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("wb", [(True, True), (True, False), (False, True), (False, False)])
+def test_layer_norm(dtype, wb):
+    d = 33
+    x = rand((4, 7, d), dtype, 3, scale=2.0) + np.asarray(0.5, dtype)
+    w = rand((d,), dtype, 4) if wb[0] else None
+    b = rand((d,), dtype, 5) if wb[1] else None
+    out = F.layer_norm(x, w, b, 1e-5)
+    assert out.dtype == dtype
+    close(out, ref.layer_norm(x, w, b, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("dims", [8, 6])
+@pytest.mark.parametrize("offset", [0, 3, -2])
+def test_rope(dtype, traditional, dims, offset):
+    x = rand((2, 3, 5, 8), dtype, 6)
+    out = F.rope(x, dims, traditional=traditional, base=10000.0, scale=1.5, offset=offset)
+    assert out.dtype == dtype and out.shape == x.shape
+    close(out, ref.rope(x, dims, traditional, 10000.0, 1.5, offset), dtype)
+    # Features past dims pass through bit for bit.
+    np.testing.assert_array_equal(
+        np.asarray(out)[..., dims:].view(np.uint8), np.asarray(x)[..., dims:].view(np.uint8)
+    )
+
+
+@pytest.mark.parametrize("offset", [np.array(4, np.int32), np.array([5], np.int64), np.array([1, 7], np.int32), np.array([2, 9], np.uint32)])
+def test_rope_array_offsets(offset):
+    x = rand((2, 4, 3, 16), np.float32, 7)
+    out = F.rope(x, 16, traditional=False, base=500.0, scale=1.0, offset=offset)
+    close(out, ref.rope(x, 16, False, 500.0, 1.0, offset), np.float32)
+
+
+def test_rope_freqs_and_3d():
+    x = rand((2, 6, 8), np.float32, 8)
+    freqs = np.abs(rand((4,), np.float32, 9)) * 10 + 1
+    out = F.rope(x, 8, traditional=True, base=None, scale=1.0, offset=1, freqs=freqs)
+    close(out, ref.rope(x, 8, True, None, 1.0, 1, freqs=freqs), np.float32)
+
+
+def _sdpa_inputs(dtype, b=2, nq=4, nkv=2, tq=5, tkv=7, d=16, dv=16, seed=10):
+    q = rand((b, nq, tq, d), dtype, seed)
+    k = rand((b, nkv, tkv, d), dtype, seed + 1)
+    v = rand((b, nkv, tkv, dv), dtype, seed + 2)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "additive"])
+def test_sdpa(dtype, mask_kind):
+    q, k, v = _sdpa_inputs(dtype)
+    if mask_kind == "none":
+        mask = None
+    elif mask_kind == "causal":
+        mask = "causal"
+    elif mask_kind == "bool":
+        rng = np.random.default_rng(11)
+        mask = rng.random((2, 1, 5, 7)) < 0.7
+        mask[..., 0] = True  # every row sees a key
+    else:
+        mask = rand((1, 4, 5, 7), dtype, 12)
+    out = F.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    assert out.dtype == dtype and out.shape == (2, 4, 5, 16)
+    expected, _ = ref.sdpa(q, k, v, 0.25, mask)
+    close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=str)
+def test_sdpa_sinks_and_value_dim(dtype):
+    q, k, v = _sdpa_inputs(dtype, nq=6, nkv=3, tq=3, tkv=9, d=8, dv=12)
+    sinks = rand((6,), dtype, 13)
+    out = F.scaled_dot_product_attention(q, k, v, scale=0.3, mask="causal", sinks=sinks)
+    expected, _ = ref.sdpa(q, k, v, 0.3, "causal", sinks)
+    close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("v", [7, 128, 1000])
+def test_cross_entropy(dtype, v):
+    logits = rand((4, 7, v), dtype, 14, scale=3.0)
+    targets = np.random.default_rng(15).integers(0, v, (4, 7))
+    out = F.cross_entropy(logits, targets)
+    assert out.dtype == np.float32 and out.shape == (4, 7)
+    # ferrofast computes in float32 on every device: the only rounding of note is the
+    # logits' own, already in the reference's inputs.
+    close(out, ref.cross_entropy(logits, targets), np.float32, factor=5)
+
+
+@pytest.mark.parametrize("tdtype", [np.int8, np.int16, np.uint8, np.uint16, np.int32, np.uint32, np.int64, np.uint64])
+def test_cross_entropy_target_dtypes(tdtype):
+    logits = rand((6, 9), np.float32, 16)
+    targets = np.array([0, 3, 8, 1, 2, 5], dtype=tdtype)
+    close(F.cross_entropy(logits, targets), ref.cross_entropy(logits, targets), np.float32)
+
+
+def test_cross_entropy_negative_targets_wrap_and_1d():
+    logits = rand((9,), np.float32, 17)
+    out = F.cross_entropy(logits, np.array(-1))
+    assert out.shape == ()
+    close(out, ref.cross_entropy(logits, np.array(8)), np.float32)
+
+
+# ----- dtype rules (MLX's) ------------------------------------------------------------------
+
+
+def test_norm_dtype_rules():
+    x16 = rand((2, 8), np.float16, 20)
+    w32 = rand((8,), np.float32, 21)
+    assert F.rms_norm(x16, w32, 1e-5).dtype == np.float32
+    assert F.rms_norm(rand((2, 8), BF16, 22), rand((8,), np.float16, 23), 1e-5).dtype == np.float32
+    assert F.layer_norm(x16, None, w32, 1e-5).dtype == np.float16
+    assert F.layer_norm(x16, w32, None, 1e-5).dtype == np.float32
+    assert F.layer_norm(x16, x16[0], w32, 1e-5).dtype == np.float32
+    xi = np.arange(16, dtype=np.int32).reshape(2, 8)
+    assert F.rms_norm(xi, rand((8,), np.float16, 24), 1e-5).dtype == np.float16
+
+
+def test_sdpa_dtype_rule():
+    q = rand((1, 2, 3, 8), BF16, 25)
+    k = rand((1, 2, 3, 8), np.float16, 26)
+    assert F.scaled_dot_product_attention(q, k, k, scale=1.0).dtype == np.float32
+
+
+# ----- non-contiguous inputs ----------------------------------------------------------------
+
+
+def test_strided_inputs():
+    base = rand((4, 6, 2 * 32), np.float32, 30)
+    for x in (base[:, :, ::2], base[::-1, :, :32], np.swapaxes(base, 0, 1)[..., 5:37]):
+        assert not x.flags.c_contiguous
+        close(F.rms_norm(x, None, 1e-6), ref.rms_norm(x, None, 1e-6), np.float32)
+        close(F.layer_norm(x, None, None, 1e-6), ref.layer_norm(x, None, None, 1e-6), np.float32)
+    # [B, T, H, D] memory viewed as [B, H, T, D].
+    q = np.swapaxes(rand((2, 5, 4, 16), np.float32, 31), 1, 2)
+    k = np.swapaxes(rand((2, 7, 2, 16), np.float32, 32), 1, 2)
+    v = np.swapaxes(rand((2, 7, 2, 16), np.float32, 33), 1, 2)
+    close(F.scaled_dot_product_attention(q, k, v, scale=0.2, mask="causal"), ref.sdpa(q, k, v, 0.2, "causal")[0], np.float32)
+    close(F.rope(q, 16, traditional=False, base=1e4, scale=1.0, offset=2), ref.rope(q, 16, False, 1e4, 1.0, 2), np.float32)
+    logits = np.swapaxes(rand((50, 3), np.float32, 34), 0, 1)
+    t = np.arange(6)[::2]
+    close(F.cross_entropy(logits, t), ref.cross_entropy(logits, t), np.float32)
+
+
+def test_read_only_and_python_inputs():
+    x = rand((3, 8), np.float32, 35)
+    x.flags.writeable = False
+    close(F.rms_norm(x, None, 1e-5), ref.rms_norm(x, None, 1e-5), np.float32)
+    out = F.rms_norm([[1.0, 2.0, 3.0]], None, 1e-5)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64
+
+
+# ----- backward passes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=str)
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_vjp(dtype, with_weight):
+    x = rand((3, 4, 24), dtype, 40)
+    w = rand((24,), dtype, 41) if with_weight else None
+    g = rand((3, 4, 24), dtype, 42)
+    dx, dw = F.rms_norm_vjp(x, w, 1e-5, g)
+    rdx, rdw = ref.rms_norm_vjp(x, w, 1e-5, g)
+    close(dx, rdx, dtype, factor=5)
+    if with_weight:
+        close(dw, rdw, dtype, factor=5)
+    else:
+        assert dw is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=str)
+def test_layer_norm_vjp(dtype):
+    x = rand((5, 20), dtype, 43)
+    w, b, g = rand((20,), dtype, 44), rand((20,), dtype, 45), rand((5, 20), dtype, 46)
+    got = F.layer_norm_vjp(x, w, b, 1e-5, g)
+    for a, r in zip(got, ref.layer_norm_vjp(x, w, b, 1e-5, g)):
+        close(a, r, dtype, factor=5)
+    _, dw, db = F.layer_norm_vjp(x, None, None, 1e-5, g)
+    assert dw is None and db is None
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+def test_rope_vjp_is_the_adjoint(traditional):
+    x = rand((2, 3, 6, 16), np.float64, 47)
+    g = rand((2, 3, 6, 16), np.float64, 48)
+    kw = dict(traditional=traditional, base=1e4, scale=0.7, offset=np.array([1, 4]))
+    y = F.rope(x, 12, **kw)
+    dx = F.rope_vjp(g, 12, **kw)
+    # <rope(x), g> == <x, rope_vjp(g)> for the linear map rope.
+    np.testing.assert_allclose((y * g).sum(), (x * dx).sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "additive"])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_sdpa_with_lse_and_vjp(dtype, mask_kind, with_sinks):
+    q, k, v = _sdpa_inputs(dtype, nq=4, nkv=2, tq=6, tkv=6, d=8, dv=8, seed=50)
+    mask = {"none": None, "causal": "causal", "additive": rand((1, 1, 6, 6), dtype, 53)}[mask_kind]
+    sinks = rand((4,), dtype, 54) if with_sinks else None
+    out, lse = F.scaled_dot_product_attention_with_lse(q, k, v, scale=0.375, mask=mask, sinks=sinks)
+    rout, rlse = ref.sdpa(q, k, v, 0.375, mask, sinks)
+    close(out, rout, dtype)
+    assert lse.shape == (2, 4, 6)
+    close(lse, rlse, np.float32 if dtype == np.float32 else dtype)
+    d_out = rand(out.shape, dtype, 55)
+    dq, dk, dv, ds = F.scaled_dot_product_attention_vjp(q, k, v, out, lse, d_out, scale=0.375, mask=mask, sinks=sinks)
+    rdq, rdk, rdv, rds = ref.sdpa_vjp(q, k, v, 0.375, mask, sinks, d_out)
+    for a, r in ((dq, rdq), (dk, rdk), (dv, rdv)):
+        assert a.dtype == dtype
+        close(a, r, dtype, factor=10)
+    if with_sinks:
+        close(ds, rds, dtype, factor=10)
+    else:
+        assert ds is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16], ids=str)
+def test_cross_entropy_vjp_and_fused(dtype):
+    logits = rand((5, 3, 40), dtype, 60, scale=2.0)
+    targets = np.random.default_rng(61).integers(0, 40, (5, 3))
+    g = rand((5, 3), np.float32, 62)
+    dx = F.cross_entropy_vjp(logits, targets, g)
+    assert dx.dtype == dtype
+    close(dx, ref.cross_entropy_grad(logits, targets, g), dtype)
+    loss, dx1 = F.cross_entropy_fused(logits, targets, reduction="mean")
+    assert loss.shape == () and loss.dtype == np.float32
+    close(loss, ref.cross_entropy(logits, targets).mean(), np.float32, factor=5)
+    close(dx1, ref.cross_entropy_grad(logits, targets, np.full((5, 3), 1 / 15)), dtype)
+
+
+def test_cross_entropy_with_options():
+    logits = rand((6, 11), np.float32, 63)
+    targets = np.array([1, -100, 3, 10, -100, 0])
+    out = F.cross_entropy_with(logits, targets, ignore_index=-100, reduction="none")
+    r = ref.cross_entropy(logits, np.where(targets == -100, 0, targets))
+    r[targets == -100] = 0.0
+    close(out, r, np.float32)
+    total = F.cross_entropy_with(logits, targets, ignore_index=-100, reduction="sum")
+    close(total, r.sum(), np.float32)
+    mean = F.cross_entropy_with(logits, targets, ignore_index=-100, reduction="mean")
+    close(mean, r.sum() / 4, np.float32)
+    with pytest.raises(ValueError, match="reduction must be"):
+        F.cross_entropy_with(logits, targets, reduction="avg")
+
+
+def test_stream_argument():
+    x = rand((2, 8), np.float32, 70)
+    close(F.rms_norm(x, None, 1e-5, stream="cpu"), ref.rms_norm(x, None, 1e-5), np.float32)
+    with pytest.raises(ValueError, match="stream must be None or the CPU"):
+        F.rms_norm(x, None, 1e-5, stream="gpu")
