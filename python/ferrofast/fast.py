@@ -38,6 +38,8 @@ __all__ = [
     "cross_entropy_with",
     "cross_entropy_vjp",
     "cross_entropy_fused",
+    "gated_delta_update",
+    "gated_delta_update_vjp",
 ]
 
 
@@ -310,3 +312,47 @@ def cross_entropy_fused(
         str(reduction),
     )
     return from_tensor(loss, logits), from_tensor(dx, logits)
+
+
+def gated_delta_update(q, k, v, gamma, beta, initial_state=None, mask=None, stream=None):
+    """The gated delta rule over ``T`` steps: ``[out, state]``.
+
+    ``q``, ``k``: ``[B, T, Hk, Dk]``; ``v``: ``[B, T, Hv, Dv]`` with ``Hv`` a multiple of
+    ``Hk`` (value head ``j`` uses key head ``j // (Hv // Hk)``); ``gamma``: the decay in
+    linear space, ``[B, T, Hv]`` or ``[B, T, Hv, Dk]``; ``beta``: ``[B, T, Hv]``;
+    ``initial_state``: the state ``[B, Hv, Dv, Dk]`` (zeros when ``None``); ``mask``: ``[B, T]``, a
+    masked-out step leaves the state unchanged and outputs 0. ``out`` has
+    ``promote(q, k)``'s dtype, ``state`` is float32. Every shape is checked (MLX checks none).
+    """
+    _check_stream("gated_delta_update", stream)
+    out, s = _native.gated_delta_update(
+        to_tensor(q),
+        to_tensor(k),
+        to_tensor(v),
+        to_tensor(gamma),
+        to_tensor(beta),
+        to_tensor_opt(initial_state),
+        to_tensor_opt(mask),
+    )
+    return [from_tensor(out, q), from_tensor(s, q)]
+
+
+def gated_delta_update_vjp(
+    q, k, v, gamma, beta, initial_state, mask, d_out, d_state=None, *, stream=None
+):
+    """The backward pass of :func:`gated_delta_update` for the cotangents of ``out`` and
+    (optionally) of the final state: ``(dq, dk, dv, dgamma, dbeta, dstate)``, each in its
+    primal's dtype (``dstate`` float32, ``None`` when ``initial_state`` is ``None``)."""
+    _check_stream("gated_delta_update", stream)
+    grads = _native.gated_delta_update_vjp(
+        to_tensor(q),
+        to_tensor(k),
+        to_tensor(v),
+        to_tensor(gamma),
+        to_tensor(beta),
+        to_tensor_opt(initial_state),
+        to_tensor_opt(mask),
+        to_tensor(d_out),
+        to_tensor_opt(d_state),
+    )
+    return tuple(from_tensor(t, q) for t in grads)

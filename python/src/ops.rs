@@ -386,3 +386,72 @@ pub fn cross_entropy_fused(
     let (loss, dx) = run(py, move || fast::cross_entropy_fused(&x, &t, &opts))?;
     Ok((wrap(loss), wrap(dx)))
 }
+
+// ----- gated_delta_update --------------------------------------------------------------------
+
+/// `gated_delta_update(q, k, v, gamma, beta, initial_state, mask) -> (out, state)`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, gamma, beta, initial_state, mask))]
+#[allow(clippy::too_many_arguments)]
+pub fn gated_delta_update(
+    py: Python<'_>,
+    q: &Bound<'_, Tensor>,
+    k: &Bound<'_, Tensor>,
+    v: &Bound<'_, Tensor>,
+    gamma: &Bound<'_, Tensor>,
+    beta: &Bound<'_, Tensor>,
+    initial_state: Option<&Bound<'_, Tensor>>,
+    mask: Option<&Bound<'_, Tensor>>,
+) -> PyResult<(Tensor, Tensor)> {
+    let (q, k, v, g, b) = (arr(q)?, arr(k)?, arr(v)?, arr(gamma)?, arr(beta)?);
+    let (s0, m) = (opt(initial_state)?, opt(mask)?);
+    let (out, state) = run(py, move || {
+        fast::gated_delta_update(&q, &k, &v, &g, &b, s0.as_ref(), m.as_ref())
+    })?;
+    Ok((wrap(out), wrap(state)))
+}
+
+/// The gradients of `gated_delta_update`: `(dq, dk, dv, dgamma, dbeta, dstate0 | None)`.
+type GatedDeltaGradsPy = (Tensor, Tensor, Tensor, Tensor, Tensor, Option<Tensor>);
+
+/// `gated_delta_update_vjp(q, k, v, gamma, beta, initial_state, mask, d_out, d_state)
+/// -> (dq, dk, dv, dgamma, dbeta, dstate0 | None)`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, gamma, beta, initial_state, mask, d_out, d_state))]
+#[allow(clippy::too_many_arguments)]
+pub fn gated_delta_update_vjp(
+    py: Python<'_>,
+    q: &Bound<'_, Tensor>,
+    k: &Bound<'_, Tensor>,
+    v: &Bound<'_, Tensor>,
+    gamma: &Bound<'_, Tensor>,
+    beta: &Bound<'_, Tensor>,
+    initial_state: Option<&Bound<'_, Tensor>>,
+    mask: Option<&Bound<'_, Tensor>>,
+    d_out: &Bound<'_, Tensor>,
+    d_state: Option<&Bound<'_, Tensor>>,
+) -> PyResult<GatedDeltaGradsPy> {
+    let (q, k, v, g, b) = (arr(q)?, arr(k)?, arr(v)?, arr(gamma)?, arr(beta)?);
+    let (s0, m, dout, ds) = (opt(initial_state)?, opt(mask)?, arr(d_out)?, opt(d_state)?);
+    let grads = run(py, move || {
+        fast::gated_delta_update_vjp(
+            &q,
+            &k,
+            &v,
+            &g,
+            &b,
+            s0.as_ref(),
+            m.as_ref(),
+            &dout,
+            ds.as_ref(),
+        )
+    })?;
+    Ok((
+        wrap(grads.dq),
+        wrap(grads.dk),
+        wrap(grads.dv),
+        wrap(grads.dgamma),
+        wrap(grads.dbeta),
+        wrap_opt(grads.dstate0),
+    ))
+}

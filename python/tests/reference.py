@@ -157,3 +157,31 @@ def cross_entropy_grad(logits, targets, g):
     onehot = np.zeros_like(sm)
     np.put_along_axis(onehot, t[..., None], 1.0, axis=-1)
     return f64(g)[..., None] * (sm - onehot)
+
+
+def gated_delta_update(q, k, v, g, beta, state=None, mask=None):
+    """MLX's recurrence (spec 7.1) in float64: ``(out [B,T,Hv,Dv], state [B,Hv,Dv,Dk])``."""
+    q, k, v, g, beta = f64(q), f64(k), f64(v), f64(g), f64(beta)
+    b, t, hk, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    rep = hv // hk
+    q, k = np.repeat(q, rep, axis=2), np.repeat(k, rep, axis=2)
+    s = np.zeros((b, hv, dv, dk)) if state is None else f64(state).copy()
+    out = np.zeros((b, t, hv, dv))
+    for i in range(t):
+        gi = g[:, i]
+        gi = gi[:, :, None, :] if gi.ndim == 3 else gi[:, :, None, None]
+        s_dec = s * gi
+        kv = np.einsum("bhvk,bhk->bhv", s_dec, k[:, i])
+        delta = (v[:, i] - kv) * beta[:, i][:, :, None]
+        s_new = s_dec + delta[..., None] * k[:, i][:, :, None, :]
+        if mask is not None:
+            m = np.asarray(mask)[:, i].astype(bool)[:, None, None, None]
+            s = np.where(m, s_new, s)
+        else:
+            s = s_new
+        o = np.einsum("bhvk,bhk->bhv", s, q[:, i])
+        if mask is not None:
+            o = np.where(np.asarray(mask)[:, i].astype(bool)[:, None, None], o, 0.0)
+        out[:, i] = o
+    return out, s

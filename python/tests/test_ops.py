@@ -272,3 +272,71 @@ def test_stream_argument():
     close(F.rms_norm(x, None, 1e-5, stream="cpu"), ref.rms_norm(x, None, 1e-5), np.float32)
     with pytest.raises(ValueError, match="stream must be None or the CPU"):
         F.rms_norm(x, None, 1e-5, stream="gpu")
+
+
+def _gdn_inputs(b, t, hk, hv, dk, dv, dtype, seed, per_key=False):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, t, hk, dk))
+    k = rng.standard_normal((b, t, hk, dk))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True) + 1e-6
+    v = rng.standard_normal((b, t, hv, dv))
+    g = rng.uniform(0.5, 1.0, (b, t, hv, dk) if per_key else (b, t, hv))
+    beta = 1.0 / (1.0 + np.exp(-rng.standard_normal((b, t, hv))))
+    state = rng.standard_normal((b, hv, dv, dk)).astype(np.float32)
+    return [x.astype(dtype) for x in (q, k, v, g, beta)] + [state]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("heads", [(2, 2), (2, 4), (1, 3)])
+@pytest.mark.parametrize("per_key", [False, True])
+def test_gated_delta_update(dtype, heads, per_key):
+    hk, hv = heads
+    q, k, v, g, beta, state = _gdn_inputs(2, 9, hk, hv, 16, 24, dtype, 30, per_key)
+    mask = np.array([[True] * 9, [True, False, True, True, False, True, True, True, False]])
+    for s0, m in [(None, None), (state, None), (state, mask)]:
+        out, s = F.gated_delta_update(q, k, v, g, beta, s0, m)
+        assert out.dtype == dtype and out.shape == (2, 9, hv, 24)
+        assert s.dtype == np.float32 and s.shape == (2, hv, 24, 16)
+        ro, rs = ref.gated_delta_update(q, k, v, g, beta, s0, m)
+        close(out, ro, dtype, factor=5)
+        np.testing.assert_allclose(s, rs, rtol=1e-4, atol=1e-4)
+    # MLX's keyword names.
+    out, _ = F.gated_delta_update(
+        q=q, k=k, v=v, gamma=g, beta=beta, initial_state=state, mask=mask, stream=None
+    )
+    close(out, ref.gated_delta_update(q, k, v, g, beta, state, mask)[0], dtype, factor=5)
+
+
+def test_gated_delta_update_vjp_is_the_gradient():
+    """The gradients against central differences of the float64 reference along a random
+    direction per input (ferrofast computes in float32)."""
+    q, k, v, g, beta, state = _gdn_inputs(1, 6, 1, 2, 8, 4, np.float64, 31, per_key=True)
+    mask = np.array([[True, True, False, True, True, True]])
+    rng = np.random.default_rng(32)
+    d_out = rng.standard_normal((1, 6, 2, 4))
+    d_state = rng.standard_normal((1, 2, 4, 8))
+    grads = F.gated_delta_update_vjp(
+        q, k, v, g, beta, state.astype(np.float64), mask, d_out, d_state
+    )
+    prims = [q, k, v, g, beta, state.astype(np.float64)]
+
+    def loss(p):
+        o, s = ref.gated_delta_update(*p[:5], p[5], mask)
+        return (o * d_out).sum() + (s * d_state).sum()
+
+    for i, (p, gr) in enumerate(zip(prims, grads)):
+        assert gr.shape == p.shape
+        u = rng.standard_normal(p.shape)
+        h = 1e-5
+        plus = [x if j != i else x + h * u for j, x in enumerate(prims)]
+        minus = [x if j != i else x - h * u for j, x in enumerate(prims)]
+        fd = (loss(plus) - loss(minus)) / (2 * h)
+        np.testing.assert_allclose((np.asarray(gr) * u).sum(), fd, rtol=1e-4, atol=1e-4)
+
+
+def test_gated_delta_update_errors():
+    q, k, v, g, beta, _ = _gdn_inputs(1, 3, 2, 4, 8, 8, np.float32, 33)
+    with pytest.raises(ValueError, match=r"beta must have shape \(1,3,4\) \[B, T, Hv\]"):
+        F.gated_delta_update(q, k, v, g, beta[..., :2])
+    with pytest.raises(ValueError, match=r"multiple of the number of key heads"):
+        F.gated_delta_update(q, k, v[:, :, :3], g[..., :3], beta[..., :3])
