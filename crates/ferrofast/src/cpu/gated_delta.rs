@@ -254,7 +254,28 @@ fn step_generic<const F: bool>(
     let dk = head.a.dk;
     let (kt, qt, vt, beta) = (head.k(t), head.q(t), head.v(t), head.beta(t));
     let g = head.gamma(t, gbuf);
-    for (i, row) in s.chunks_exact_mut(dk.max(1)).enumerate() {
+    // Four rows at a time where there are four (independent reductions overlap), then the
+    // rest one by one.
+    let quads = s.len() / (4 * dk.max(1));
+    let (four, rest) = s.split_at_mut(quads * 4 * dk);
+    for (qi, rows4) in four.chunks_exact_mut(4 * dk.max(1)).enumerate() {
+        let i = qi * 4;
+        let kv = rows::scale_dot4::<F>(rows4, dk, g, kt);
+        let delta: [f32; 4] = std::array::from_fn(|r| (vt[r0 + i + r] - kv[r]) * beta);
+        match out.as_deref_mut() {
+            Some(o) => {
+                let y = rows::axpy_dot4::<F>(rows4, dk, delta, kt, qt);
+                o[i..i + 4].copy_from_slice(&y);
+            }
+            None => {
+                for (row, d) in rows4.chunks_exact_mut(dk).zip(delta) {
+                    rows::axpy::<F>(row, d, kt);
+                }
+            }
+        }
+    }
+    for (i, row) in rest.chunks_exact_mut(dk.max(1)).enumerate() {
+        let i = quads * 4 + i;
         let kv = rows::scale_dot::<F>(row, g, kt);
         let delta = (vt[r0 + i] - kv) * beta;
         match out.as_deref_mut() {

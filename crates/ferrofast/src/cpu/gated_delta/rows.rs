@@ -35,6 +35,48 @@ pub(super) fn axpy_dot<const AVX: bool>(row: &mut [f32], d: f32, k: &[f32], q: &
     sum
 }
 
+/// Four rows of `dk` floats at once (`rows.len() == 4 * dk`): `row_r *= g`, returns
+/// `row_r · k` for each (four independent dot products, so their additions overlap).
+#[inline(always)]
+pub(super) fn scale_dot4<const AVX: bool>(
+    rows: &mut [f32],
+    dk: usize,
+    g: &[f32],
+    k: &[f32],
+) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        // SAFETY: `AVX` is true only on paths taken after `has_avx2_fma()` (module docs).
+        return unsafe { avx2::scale_dot4(rows, dk, g, k) };
+    }
+    let mut out = [0.0f32; 4];
+    for (o, row) in out.iter_mut().zip(rows.chunks_exact_mut(dk.max(1))) {
+        *o = scale_dot::<false>(row, g, k);
+    }
+    out
+}
+
+/// Four rows at once: `row_r += d[r] k`, returns `row_r · q` for each.
+#[inline(always)]
+pub(super) fn axpy_dot4<const AVX: bool>(
+    rows: &mut [f32],
+    dk: usize,
+    d: [f32; 4],
+    k: &[f32],
+    q: &[f32],
+) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        // SAFETY: `AVX` is true only on paths taken after `has_avx2_fma()` (module docs).
+        return unsafe { avx2::axpy_dot4(rows, dk, d, k, q) };
+    }
+    let mut out = [0.0f32; 4];
+    for ((o, row), &d) in out.iter_mut().zip(rows.chunks_exact_mut(dk.max(1))).zip(&d) {
+        *o = axpy_dot::<false>(row, d, k, q);
+    }
+    out
+}
+
 /// `row += d k`.
 #[inline(always)]
 pub(super) fn axpy<const AVX: bool>(row: &mut [f32], d: f32, k: &[f32]) {
@@ -205,6 +247,79 @@ mod avx2 {
         sum
     }
 
+    /// [`super::scale_dot4`] on AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA. `rows` holds four rows of `dk`; `g` and `k` are at
+    /// least `dk` long.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scale_dot4(rows: &mut [f32], dk: usize, g: &[f32], k: &[f32]) -> [f32; 4] {
+        let (g, k) = (&g[..dk], &k[..dk]);
+        let rows = &mut rows[..4 * dk];
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut j = 0;
+        while j + 8 <= dk {
+            let (gj, kj) = (ld(g, j), ld(k, j));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let x = _mm256_mul_ps(ld(rows, r * dk + j), gj);
+                st(rows, r * dk + j, x);
+                *a = _mm256_fmadd_ps(x, kj, *a);
+            }
+            j += 8;
+        }
+        let mut out = [0.0f32; 4];
+        for (r, (o, a)) in out.iter_mut().zip(acc).enumerate() {
+            let row = &mut rows[r * dk..][..dk];
+            let mut sum = hsum(a);
+            for j in n8(dk)..dk {
+                row[j] *= g[j];
+                sum = row[j].mul_add(k[j], sum);
+            }
+            *o = sum;
+        }
+        out
+    }
+
+    /// [`super::axpy_dot4`] on AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA. `rows` holds four rows of `dk`; `k` and `q` are at
+    /// least `dk` long.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy_dot4(
+        rows: &mut [f32],
+        dk: usize,
+        d: [f32; 4],
+        k: &[f32],
+        q: &[f32],
+    ) -> [f32; 4] {
+        let (k, q) = (&k[..dk], &q[..dk]);
+        let rows = &mut rows[..4 * dk];
+        let dv = d.map(|x| _mm256_set1_ps(x));
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut j = 0;
+        while j + 8 <= dk {
+            let (kj, qj) = (ld(k, j), ld(q, j));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let x = _mm256_fmadd_ps(dv[r], kj, ld(rows, r * dk + j));
+                st(rows, r * dk + j, x);
+                *a = _mm256_fmadd_ps(x, qj, *a);
+            }
+            j += 8;
+        }
+        let mut out = [0.0f32; 4];
+        for (r, (o, a)) in out.iter_mut().zip(acc).enumerate() {
+            let row = &mut rows[r * dk..][..dk];
+            let mut sum = hsum(a);
+            for j in n8(dk)..dk {
+                row[j] = d[r].mul_add(k[j], row[j]);
+                sum = row[j].mul_add(q[j], sum);
+            }
+            *o = sum;
+        }
+        out
+    }
+
     /// [`super::axpy`] on AVX2 + FMA.
     ///
     /// # Safety
@@ -373,6 +488,20 @@ mod tests {
                     axpy::<false>(&mut w[1], -0.3, &k);
                 }
                 vec![r]
+            });
+            both(4 * n, |avx, w| {
+                let r = if avx {
+                    scale_dot4::<true>(&mut w[0], n, &g, &k)
+                } else {
+                    scale_dot4::<false>(&mut w[0], n, &g, &k)
+                };
+                let d = [0.5, -0.25, 1.5, 0.1];
+                let s = if avx {
+                    axpy_dot4::<true>(&mut w[1], n, d, &k, &q)
+                } else {
+                    axpy_dot4::<false>(&mut w[1], n, d, &k, &q)
+                };
+                r.into_iter().chain(s).collect()
             });
             both(n, |avx, w| {
                 let (ds, rest) = w.split_at_mut(1);
