@@ -12,7 +12,8 @@
 //! (2^40, free through `broadcast_to`); every dtype (bool and integers included, for the
 //! argument errors); strided views (transposes, reversed slices, broadcasts); bad
 //! arguments (mismatched weights, wrong ranks, bad rope dims, offsets and frequencies,
-//! attention masks and sinks of the wrong shape or dtype); special values (NaN, infinities,
+//! attention masks and sinks of the wrong shape or dtype, gated-delta shapes, head ratios,
+//! decays and masks); special values (NaN, infinities,
 //! huge and zero scales). Every result must be `Ok` or an `Err`; an `Ok` on finite input is
 //! compared with the oracle, NaN where the oracle is NaN. Calls whose work alone (not their
 //! memory) would be huge are not made: attention over 2^40 keys with a small output is
@@ -360,6 +361,16 @@ enum Call {
         with_lse: bool,
         vjp: bool,
     },
+    GatedDelta {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+        state: Option<Tensor>,
+        mask: Option<Tensor>,
+        vjp: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -391,7 +402,73 @@ fn shape_ending(rng: &mut Rng, rank: usize, last: usize) -> Vec<usize> {
 impl Call {
     fn random(rng: &mut Rng) -> Call {
         let vjp_chance = 20;
-        match rng.below(4) {
+        match rng.below(5) {
+            4 => {
+                let (b, t, hk) = (size(rng), size(rng), rng.pick(&[1, 2, 0]));
+                let hv = hk * rng.pick(&[1, 2, 3]);
+                let (dk, dv) = (rng.pick(&[1, 4, 8, 16, 3, 0]), rng.pick(&[1, 4, 8, 3]));
+                let per_key = rng.chance(30);
+                let mut shapes = [
+                    vec![b, t, hk, dk],
+                    vec![b, t, hk, dk],
+                    vec![b, t, hv, dv],
+                    if per_key {
+                        vec![b, t, hv, dk]
+                    } else {
+                        vec![b, t, hv]
+                    },
+                    vec![b, t, hv],
+                    vec![b, hv, dv, dk],
+                    vec![b, t],
+                ];
+                // Sometimes a wrong size or rank, or a huge batch or step count.
+                if rng.chance(10) {
+                    let i = rng.below(shapes.len());
+                    let ax = rng.below(shapes[i].len());
+                    shapes[i][ax] += 1;
+                }
+                if rng.chance(4) {
+                    shapes[rng.below(shapes.len())].pop();
+                }
+                if rng.chance(3) {
+                    let ax = rng.pick(&[0, 1]);
+                    for s in shapes.iter_mut() {
+                        if ax == 0 || s.len() > 1 && s != &vec![b, hv, dv, dk] {
+                            s[ax] = HUGE;
+                        }
+                    }
+                }
+                let [qs, ks, vs, gs, bs, ss, ms] = shapes;
+                let dtype = any_dtype(rng);
+                let mdt = if rng.chance(70) {
+                    DType::Bool
+                } else {
+                    any_dtype(rng)
+                };
+                let (vdt, gdt, bdt, sdt) = (
+                    any_dtype(rng),
+                    float_dtype(rng),
+                    float_dtype(rng),
+                    float_dtype(rng),
+                );
+                let q = Tensor::random(rng, qs, dtype);
+                let k = Tensor::random(rng, ks, dtype);
+                let v = Tensor::random(rng, vs, vdt);
+                let gamma = Tensor::random(rng, gs, gdt);
+                let beta = Tensor::random(rng, bs, bdt);
+                let state = rng.chance(50).then(|| Tensor::random(rng, ss, sdt));
+                let mask = rng.chance(30).then(|| Tensor::random(rng, ms, mdt));
+                Call::GatedDelta {
+                    q,
+                    k,
+                    v,
+                    gamma,
+                    beta,
+                    state,
+                    mask,
+                    vjp: rng.chance(vjp_chance),
+                }
+            }
             0 | 1 => {
                 let rank = rng.pick(&[0, 1, 2, 2, 3, 3, 4, 5]);
                 let d = size(rng);
@@ -573,6 +650,16 @@ impl Call {
     /// `Ok(true)` when compared with the oracle, `Ok(false)` when the input was not finite.
     fn try_run(&self) -> Result<bool, Failure> {
         match self {
+            Call::GatedDelta {
+                q,
+                k,
+                v,
+                gamma,
+                beta,
+                state,
+                mask,
+                vjp,
+            } => gated_delta(q, k, v, gamma, beta, state, mask, *vjp),
             Call::RmsNorm { x, w, eps, vjp } => {
                 let (xa, wa) = (x.build()?, opt(w)?);
                 let got = fast::rms_norm(&xa, wa.as_ref(), *eps)?;
@@ -735,6 +822,79 @@ impl Call {
             }
         }
     }
+}
+
+/// `gated_delta_update` (and its backward): compared with the oracle on finite input of at
+/// most two steps (longer random recurrences, not contractive, amplify rounding beyond any
+/// fixed tolerance).
+#[allow(clippy::too_many_arguments)]
+fn gated_delta(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    state: &Option<Tensor>,
+    mask: &Option<Tensor>,
+    vjp: bool,
+) -> Result<bool, Failure> {
+    let (qa, ka, va, ga, ba) = (
+        q.build()?,
+        k.build()?,
+        v.build()?,
+        gamma.build()?,
+        beta.build()?,
+    );
+    let (sa, ma) = (opt(state)?, opt(mask)?);
+    let (out, st) = fast::gated_delta_update(&qa, &ka, &va, &ga, &ba, sa.as_ref(), ma.as_ref())?;
+    let finite = [q, k, v, gamma, beta].iter().all(|t| t.finite())
+        && all_finite(state)
+        && qa.shape().get(1).is_some_and(|&t| t <= 2);
+    if finite {
+        let (ro, rs) =
+            reference::gated_delta_update(&qa, &ka, &va, &ga, &ba, sa.as_ref(), ma.as_ref())?;
+        // The recurrence runs in f32 for every dtype (MLX's definition), f64 outputs too.
+        let f32_tol = |a: &Array| {
+            let (at, rt) = tol(if a.dtype() == DType::F64 {
+                DType::F32
+            } else {
+                a.dtype()
+            });
+            (at * 20.0, rt * 20.0)
+        };
+        compare_with(&out, &ro, "gated_delta out", f32_tol(&out))?;
+        compare_with(&st, &rs, "gated_delta state", f32_tol(&st))?;
+    }
+    if vjp {
+        let d_out = Array::randn(out.shape(), DType::F32, 7, &Device::Cpu)?;
+        let g = fast::gated_delta_update_vjp(
+            &qa,
+            &ka,
+            &va,
+            &ga,
+            &ba,
+            sa.as_ref(),
+            ma.as_ref(),
+            &d_out,
+            None,
+        )?;
+        for (name, grad, primal) in [
+            ("dq", &g.dq, &qa),
+            ("dk", &g.dk, &ka),
+            ("dv", &g.dv, &va),
+            ("dgamma", &g.dgamma, &ga),
+            ("dbeta", &g.dbeta, &ba),
+        ] {
+            if grad.shape() != primal.shape() {
+                return Err(Failure::Mismatch(format!(
+                    "gated_delta vjp: {name} has shape {:?}, its primal {:?}",
+                    grad.shape(),
+                    primal.shape()
+                )));
+            }
+        }
+    }
+    Ok(finite)
 }
 
 /// Why a call stopped: the API returned an error (fine), or the result was wrong.
