@@ -126,7 +126,7 @@ impl Format for bf16 {
     /// permutes per step: this runs on every call, and a call may be one row).
     ///
     /// # Safety
-    /// As [`Format::step_layout`] (this one needs AVX2 only).
+    /// As [`Format::step_layout`] (this one uses AVX2 and FMA only).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn step_layout(v: &[f32]) -> Cow<'_, [f32]> {
         let mut out = Vec::<f32>::with_capacity(v.len());
@@ -196,7 +196,7 @@ impl Format for bf16 {
     /// [`bf16_bits_rne_unchecked`].
     ///
     /// # Safety
-    /// As [`Format::round`] (this one needs AVX2 only).
+    /// As [`Format::round`] (this one uses AVX2 and FMA only).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn round(v: __m256, high: __m256i) -> __m256 {
