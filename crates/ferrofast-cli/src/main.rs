@@ -2,6 +2,9 @@
 //! oracle; `ferrofast bench` sweeps sizes and reports median times against ceilings it
 //! measures in the same run.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
 mod cases;
 mod measure;
 

@@ -1091,7 +1091,9 @@ impl Array {
                 "internal: copied {written} elements of an array of {n}"
             )));
         }
-        // SAFETY: all `n` elements were written above (checked just before).
+        // SAFETY: `n` <= the capacity (`take_uninit(n)`), and elements 0..n are written: the
+        // contiguous branch copies `src`, exactly `n` elements, into `dst`, `n` long; the
+        // strided branch counts its writes, and any count but `n` returned an error above.
         unsafe { out.set_len(n) };
         Ok(out)
     }

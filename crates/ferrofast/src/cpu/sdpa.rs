@@ -232,7 +232,8 @@ impl Acc for f32 {
     fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if FMA {
-            // SAFETY: see the trait: FMA on x86_64 means AVX2 and FMA were detected.
+            // SAFETY: `FMA = true` runs on x86_64 only inside `Ctx::attend_avx2`, entered
+            // after AVX2 and FMA were detected (see the trait); `dot` checks its own bounds.
             return unsafe { avx2::dot(a, b) };
         }
         let mut acc = [0.0f32; 8];
@@ -252,7 +253,7 @@ impl Acc for f32 {
     fn axpy<const FMA: bool>(y: &mut [f32], a: f32, x: &[f32]) {
         #[cfg(target_arch = "x86_64")]
         if FMA {
-            // SAFETY: see the trait.
+            // SAFETY: AVX2 and FMA were detected, as for `dot`; no other obligation.
             return unsafe { avx2::axpy(y, a, x) };
         }
         for (y, &x) in y.iter_mut().zip(x) {
@@ -263,7 +264,7 @@ impl Acc for f32 {
     fn scale<const FMA: bool>(y: &mut [f32], a: f32) {
         #[cfg(target_arch = "x86_64")]
         if FMA {
-            // SAFETY: see the trait.
+            // SAFETY: AVX2 and FMA were detected, as for `dot`; no other obligation.
             return unsafe { avx2::scale(y, a) };
         }
         for y in y.iter_mut() {
@@ -274,7 +275,7 @@ impl Acc for f32 {
     fn max_of<const FMA: bool>(xs: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if FMA {
-            // SAFETY: see the trait.
+            // SAFETY: AVX2 and FMA were detected, as for `dot`; no other obligation.
             return unsafe { avx2::max(xs) };
         }
         let mut mx = [f32::NEG_INFINITY; 8];
@@ -320,7 +321,9 @@ impl Acc for f32 {
                         prefetch(j)
                     }
                 };
-                // SAFETY (all arms): see the trait: FMA on x86_64 means AVX2 and FMA.
+                // SAFETY: in every arm, `FMA = true` runs on x86_64 only inside
+                // `Ctx::attend_avx2`, after AVX2 and FMA were detected (see the trait);
+                // `scores_n` asserts the bounds of everything it reads and writes.
                 unsafe { by_rows!(nr - g0, avx2::scores_n(q, d, keys, nk, s, &first)) }
             }
             return;
@@ -358,7 +361,8 @@ impl Acc for f32 {
                         prefetch(j)
                     }
                 };
-                // SAFETY (all arms): see the trait.
+                // SAFETY: in every arm, AVX2 and FMA as for `scores_rows`; `accumulate_n`
+                // asserts the bounds of everything it reads and writes.
                 unsafe { by_rows!(nr - g0, avx2::accumulate_n(p, nk, vals, dv, acc, &first)) }
             }
             return;
@@ -378,7 +382,7 @@ impl Acc for f32 {
     fn exp_sub_sum<const FMA: bool>(xs: &mut [f32], m: f32) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if FMA {
-            // SAFETY: see the trait.
+            // SAFETY: AVX2 and FMA were detected, as for `dot`; no other obligation.
             return unsafe { avx2::exp_sub_sum(xs, m) };
         }
         // Two simple loops vectorise where one fused loop does not.
@@ -467,7 +471,8 @@ fn exp_nonpositive<const FMA: bool>(x: f32) -> f32 {
     }
 }
 
-/// AVX2 + FMA versions of the f32 helpers. Callers must have detected both features.
+/// AVX2 + FMA versions of the f32 helpers. Every `unsafe fn` here has one obligation, the
+/// CPU features: each checks the lengths its raw loads and stores depend on itself.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{
@@ -475,14 +480,23 @@ mod avx2 {
     };
     use std::arch::x86_64::*;
 
+    /// The sum of the 8 lanes of `v`.
+    ///
+    /// # Safety
+    /// Safe to call from code compiled with AVX2 and FMA (the rest of this module); from
+    /// anywhere else, the CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
     }
 
+    /// `sum(a[i] * b[i])` over the length of the shorter slice.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -490,20 +504,20 @@ mod avx2 {
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
-        // SAFETY (all loads): i + 8 <= n <= both lengths.
         while i + 32 <= n {
             for (u, a) in acc.iter_mut().enumerate() {
                 let o = i + 8 * u;
-                *a = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *a);
+                // SAFETY: o + 8 <= i + 32 <= n (loop condition), and n is at most the length
+                // of both slices, so 8 floats from `o` lie inside each.
+                let (x, y) = unsafe { (_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o))) };
+                *a = _mm256_fmadd_ps(x, y, *a);
             }
             i += 32;
         }
         while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i)),
-                _mm256_loadu_ps(pb.add(i)),
-                acc[0],
-            );
+            // SAFETY: i + 8 <= n (loop condition) <= both lengths.
+            let (x, y) = unsafe { (_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i))) };
+            acc[0] = _mm256_fmadd_ps(x, y, acc[0]);
             i += 8;
         }
         let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -515,6 +529,10 @@ mod avx2 {
         total
     }
 
+    /// `y += a * x` over the length of the shorter slice.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
@@ -522,10 +540,13 @@ mod avx2 {
         let (py, px) = (y.as_mut_ptr(), x.as_ptr());
         let va = _mm256_set1_ps(a);
         let mut i = 0;
-        // SAFETY: i + 8 <= n <= both lengths.
         while i + 8 <= n {
-            let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
-            _mm256_storeu_ps(py.add(i), r);
+            // SAFETY: i + 8 <= n (loop condition) <= both lengths; `y` is borrowed mutably,
+            // so nothing else reads or writes it meanwhile.
+            unsafe {
+                let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+                _mm256_storeu_ps(py.add(i), r);
+            }
             i += 8;
         }
         while i < n {
@@ -534,6 +555,10 @@ mod avx2 {
         }
     }
 
+    /// `y *= a`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scale(y: &mut [f32], a: f32) {
@@ -541,9 +566,9 @@ mod avx2 {
         let py = y.as_mut_ptr();
         let va = _mm256_set1_ps(a);
         let mut i = 0;
-        // SAFETY: i + 8 <= n.
         while i + 8 <= n {
-            _mm256_storeu_ps(py.add(i), _mm256_mul_ps(va, _mm256_loadu_ps(py.add(i))));
+            // SAFETY: i + 8 <= n = y.len() (loop condition); `y` is borrowed mutably.
+            unsafe { _mm256_storeu_ps(py.add(i), _mm256_mul_ps(va, _mm256_loadu_ps(py.add(i)))) };
             i += 8;
         }
         while i < n {
@@ -552,6 +577,10 @@ mod avx2 {
         }
     }
 
+    /// The largest element, ignoring NaN; -inf for an empty or all-NaN slice.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn max(xs: &[f32]) -> f32 {
@@ -559,13 +588,15 @@ mod avx2 {
         let p = xs.as_ptr();
         let mut acc = _mm256_set1_ps(f32::NEG_INFINITY);
         let mut i = 0;
-        // SAFETY: i + 8 <= n. `max_ps(x, acc)` returns acc when x is NaN: NaN is ignored.
+        // `max_ps(x, acc)` returns acc when x is NaN: NaN is ignored.
         while i + 8 <= n {
-            acc = _mm256_max_ps(_mm256_loadu_ps(p.add(i)), acc);
+            // SAFETY: i + 8 <= n = xs.len() (loop condition).
+            acc = _mm256_max_ps(unsafe { _mm256_loadu_ps(p.add(i)) }, acc);
             i += 8;
         }
         let mut lanes = [0.0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        // SAFETY: `lanes` holds exactly the 8 floats stored.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
         let mut m = f32::NEG_INFINITY;
         for &x in lanes.iter().chain(&xs[i..]) {
             if x > m {
@@ -583,7 +614,11 @@ mod avx2 {
         rows.data[rows.start..].as_ptr()
     }
 
-    /// `s[r * nk + j] = q[r] · keys[j]` for `N` rows of `q` (row stride `d`).
+    /// `s[r * nk + j] = q[r] · keys[j]` for `N` rows of `q` (row stride `d`). Panics unless
+    /// `q`, `s` and `keys` hold the rows it reads and writes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scores_n<const N: usize>(
@@ -599,21 +634,27 @@ mod avx2 {
         let qp = q.as_ptr();
         for j in 0..nk {
             prefetch(j);
-            // SAFETY (all loads): c + 8 <= d, row j < nk and r < N were checked above.
-            let kp = kbase.add(j * keys.stride);
+            // SAFETY: j < nk, and `rows_base` checked that rows 0..nk (stride
+            // `keys.stride`, `d` values each) lie inside `keys.data` from `kbase`.
+            let kp = unsafe { kbase.add(j * keys.stride) };
             let mut acc = [_mm256_setzero_ps(); N];
             let mut c = 0;
             while c + 8 <= d {
-                let kv = _mm256_loadu_ps(kp.add(c));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(r * d + c)), kv, *a);
+                // SAFETY: c + 8 <= d (loop condition): 8 values inside key row j; r < N and
+                // q.len() >= N * d (asserted above): 8 values inside query row r.
+                unsafe {
+                    let kv = _mm256_loadu_ps(kp.add(c));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(r * d + c)), kv, *a);
+                    }
                 }
                 c += 8;
             }
             for (r, a) in acc.iter().enumerate() {
                 let mut t = hsum(*a);
                 for cc in c..d {
-                    t = q[r * d + cc].mul_add(*kp.add(cc), t);
+                    // SAFETY: cc < d: inside key row j (see `kp`).
+                    t = q[r * d + cc].mul_add(unsafe { *kp.add(cc) }, t);
                 }
                 s[r * nk + j] = t;
             }
@@ -621,6 +662,10 @@ mod avx2 {
     }
 
     /// `acc[r] += sum_j p[r * nk + j] * vals[j]` for `N` rows of `acc` (row stride `dv`).
+    /// Panics unless `p`, `acc` and `vals` hold the rows it reads and writes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn accumulate_n<const N: usize>(
@@ -638,35 +683,45 @@ mod avx2 {
         // sweep over them, 8 at a time in registers.
         const JB: usize = 16;
         let full = dv - dv % 8;
-        // SAFETY (all accesses): c + 8 <= dv, j < nk and r < N were checked above.
         for j0 in (0..nk).step_by(JB) {
             let j1 = (j0 + JB).min(nk);
             for j in j0..j1 {
                 prefetch(j);
             }
             for c in (0..full).step_by(8) {
-                let mut a = [_mm256_setzero_ps(); N];
-                for (r, x) in a.iter_mut().enumerate() {
-                    *x = _mm256_loadu_ps(ap.add(r * dv + c));
-                }
-                for j in j0..j1 {
-                    let vv = _mm256_loadu_ps(vbase.add(j * vals.stride + c));
+                // SAFETY: c + 8 <= full <= dv, r < N and j < j1 <= nk, so
+                // - `acc` at r * dv + c: 8 values inside row r, as acc.len() >= N * dv
+                //   (asserted above; `acc` is borrowed mutably, `ap` is its only user here);
+                // - `vals` at j * stride + c: 8 values inside value row j (`rows_base`);
+                // - `p` at r * nk + j < N * nk <= p.len() (asserted above).
+                unsafe {
+                    let mut a = [_mm256_setzero_ps(); N];
                     for (r, x) in a.iter_mut().enumerate() {
-                        *x = _mm256_fmadd_ps(_mm256_set1_ps(*pp.add(r * nk + j)), vv, *x);
+                        *x = _mm256_loadu_ps(ap.add(r * dv + c));
                     }
-                }
-                for (r, x) in a.iter().enumerate() {
-                    _mm256_storeu_ps(ap.add(r * dv + c), *x);
+                    for j in j0..j1 {
+                        let vv = _mm256_loadu_ps(vbase.add(j * vals.stride + c));
+                        for (r, x) in a.iter_mut().enumerate() {
+                            *x = _mm256_fmadd_ps(_mm256_set1_ps(*pp.add(r * nk + j)), vv, *x);
+                        }
+                    }
+                    for (r, x) in a.iter().enumerate() {
+                        _mm256_storeu_ps(ap.add(r * dv + c), *x);
+                    }
                 }
             }
         }
         if full < dv {
             for j in 0..nk {
-                let v = vbase.add(j * vals.stride);
-                for r in 0..N {
-                    let pr = p[r * nk + j];
-                    for cc in full..dv {
-                        acc[r * dv + cc] = pr.mul_add(*v.add(cc), acc[r * dv + cc]);
+                // SAFETY: j < nk and cc < dv: element cc of value row j, which lies inside
+                // `vals.data` (`rows_base`).
+                unsafe {
+                    let v = vbase.add(j * vals.stride);
+                    for r in 0..N {
+                        let pr = p[r * nk + j];
+                        for cc in full..dv {
+                            acc[r * dv + cc] = pr.mul_add(*v.add(cc), acc[r * dv + cc]);
+                        }
                     }
                 }
             }
@@ -674,9 +729,12 @@ mod avx2 {
     }
 
     /// exp of 8 lanes, each `<= 0` or NaN (kept NaN); as `exp_nonpositive`.
+    ///
+    /// # Safety
+    /// As [`hsum`].
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp8(x: __m256) -> __m256 {
+    fn exp8(x: __m256) -> __m256 {
         let low = _mm256_set1_ps(EXP_LOW);
         let too_small = _mm256_cmp_ps::<_CMP_LT_OQ>(x, low);
         let xc = _mm256_blendv_ps(x, low, too_small);
@@ -694,6 +752,10 @@ mod avx2 {
         _mm256_andnot_ps(too_small, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)))
     }
 
+    /// Replaces every `x` by `exp(x - m)` and returns their sum (`m` at least every `x`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn exp_sub_sum(xs: &mut [f32], m: f32) -> f32 {
@@ -702,10 +764,14 @@ mod avx2 {
         let vm = _mm256_set1_ps(m);
         let mut acc = _mm256_setzero_ps();
         let mut i = 0;
-        // SAFETY: i + 8 <= n.
         while i + 8 <= n {
-            let y = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
-            _mm256_storeu_ps(p.add(i), y);
+            // SAFETY: i + 8 <= n = xs.len() (loop condition), for the load and the store;
+            // `xs` is borrowed mutably.
+            let y = unsafe {
+                let y = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
+                _mm256_storeu_ps(p.add(i), y);
+                y
+            };
             acc = _mm256_add_ps(acc, y);
             i += 8;
         }
@@ -1178,6 +1244,11 @@ impl<T: Elem> Ctx<'_, T> {
         self.attend_impl::<false>(gc, k_lo, k_hi, with_sink)
     }
 
+    /// [`attend_impl`](Self::attend_impl) with `FMA` (the f32 helpers' AVX2 paths),
+    /// compiled for AVX2 and FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn attend_avx2(

@@ -197,10 +197,10 @@ fn launch_copy(
         .arg(&layout)
         .arg(&ndim)
         .arg(&count);
-    // SAFETY: the arguments match copy_cast's parameters in order and type; every offset the
-    // kernel forms lies inside the source view, which lies inside its allocation, and it
-    // writes exactly `n` elements of the output, which holds `n`.
     guarded("launching copy_cast", || {
+        // SAFETY: the arguments match copy_cast's parameters in order and type; every offset the
+        // kernel forms lies inside the source view, which lies inside its allocation, and it
+        // writes exactly `n` elements of the output, which holds `n`.
         unsafe { builder.launch(cfg) }
             .map(|_| ())
             .map_err(|e| driver_error("launching copy_cast", e))

@@ -255,9 +255,9 @@ fn launch_rows(
             block_dim: (REDUCE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: ce_count_valid(targets, n_rows, has_ignore, ignore, out) reads
-        // targets[0..n_rows) (contiguous int64, `rows` elements) and writes out[0..2).
         launch("launching ce_count_valid", || {
+            // SAFETY: ce_count_valid(targets, n_rows, has_ignore, ignore, out) reads
+            // targets[0..n_rows) (contiguous int64, `rows` elements) and writes out[0..2).
             unsafe { b.launch(cfg) }.map(|_| ())
         })?;
     }
@@ -316,13 +316,13 @@ fn launch_rows(
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the arguments match the kernel's parameters in order and type (`CeParams`
-        // is `ff_ce_params`). Row r < rows of the logits is read at x_offset + r * rs +
-        // [0, v), inside the view (unit last stride); targets[0..rows) are contiguous int64;
-        // losses hold `rows` floats and dx (when written) rows * v elements; the cotangent
-        // holds `rows` floats (g_stride 1) or one (g_stride 0); the count buffer two floats.
-        // Vector accesses only when the alignment checks above hold.
         launch(&format!("launching {name}"), || {
+            // SAFETY: the arguments match the kernel's parameters in order and type (`CeParams`
+            // is `ff_ce_params`). Row r < rows of the logits is read at x_offset + r * rs +
+            // [0, v), inside the view (unit last stride); targets[0..rows) are contiguous int64;
+            // losses hold `rows` floats and dx (when written) rows * v elements; the cotangent
+            // holds `rows` floats (g_stride 1) or one (g_stride 0); the count buffer two floats.
+            // Vector accesses only when the alignment checks above hold.
             unsafe { b.launch(cfg) }.map(|_| ())
         })?;
     }
@@ -346,9 +346,9 @@ fn launch_rows(
             block_dim: (REDUCE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: ce_reduce(losses, n, count, out) reads losses[0..rows) written above on
-        // this stream (nothing when rows is 0), count[1] when given, and writes out[0].
         launch("launching ce_reduce", || {
+            // SAFETY: ce_reduce(losses, n, count, out) reads losses[0..rows) written above on
+            // this stream (nothing when rows is 0), count[1] when given, and writes out[0].
             unsafe { b.launch(cfg) }.map(|_| ())
         })?;
         Array::from_cuda_buffer(out, &[])?

@@ -561,13 +561,13 @@ pub(crate) fn vjp(
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the arguments match the kernel's parameters in order and type
-        // (`NormVjpParams` is `ff_norm_vjp_params`). Rows r < n_rows of x and g are read at
-        // offset + r * row stride + [0, d), inside their views (unit last stride); the weight
-        // at offset + i * stride for i < d; dx holds n_rows * d elements and each partial
-        // buffer blocks * d, of which block b writes [b * d, (b + 1) * d). Vector accesses
-        // only when the alignment checks above hold.
         launch(&format!("launching {name}"), || {
+            // SAFETY: the arguments match the kernel's parameters in order and type
+            // (`NormVjpParams` is `ff_norm_vjp_params`). Rows r < n_rows of x and g are read at
+            // offset + r * row stride + [0, d), inside their views (unit last stride); the weight
+            // at offset + i * stride for i < d; dx holds n_rows * d elements and each partial
+            // buffer blocks * d, of which block b writes [b * d, (b + 1) * d). Vector accesses
+            // only when the alignment checks above hold.
             unsafe { builder.launch(cfg) }.map(|_| ())
         })?;
         let reduce = jit::function(&device, &REGISTERED.file, VJP_REDUCE, &[])?;
@@ -594,10 +594,10 @@ pub(crate) fn vjp(
                 .arg(&parts_i32)
                 .arg(&d_i32)
                 .arg(sum.slice_mut());
-            // SAFETY: norm_vjp_reduce(part, n_parts, D, out): reads part[p * D + i] for
-            // p < parts, i < d (the buffer holds parts * d values written above on this
-            // stream) and writes out[i] for i < d.
             launch("launching norm_vjp_reduce", || {
+                // SAFETY: norm_vjp_reduce(part, n_parts, D, out): reads part[p * D + i] for
+                // p < parts, i < d (the buffer holds parts * d values written above on this
+                // stream) and writes out[i] for i < d.
                 unsafe { builder.launch(cfg) }.map(|_| ())
             })?;
         }

@@ -623,9 +623,9 @@ pub(crate) unsafe fn launch(l: Launch) -> Result<Vec<Array>> {
             shared_mem_bytes: shared_bytes,
         };
         let what = format!("[{op}] launching the kernel");
-        // SAFETY: the caller's contract (see above): the kernel matches the arguments and
-        // stays inside the buffers it is given.
         guarded(&what, || {
+            // SAFETY: the caller's contract (see above): the kernel matches the arguments and
+            // stays inside the buffers it is given.
             unsafe { builder.launch(cfg) }
                 .map(|_| ())
                 .map_err(|e| driver_error(&what, e))

@@ -66,7 +66,8 @@ const SHORT_ROW: usize = 1024;
 const GROUP: usize = 4;
 
 /// An element format the kernel reads and writes (the 16-bit floats, and f32). Every
-/// `unsafe fn` needs AVX2, FMA and F16C (which every AVX2 CPU has).
+/// `unsafe fn` needs AVX2, FMA and F16C (which every AVX2 CPU has); those that take a
+/// pointer also need it valid for one step ([`STEP`] elements).
 pub(super) trait Format: Copy + Send + Sync + 'static {
     /// Steps per 64-byte cache line of the row (one line is prefetched per this many).
     const STEPS_PER_LINE: usize;
@@ -76,17 +77,36 @@ pub(super) trait Format: Copy + Send + Sync + 'static {
     /// The weight or bias row in the order [`split`](Format::split) delivers a step's
     /// elements (elements past the last full step stay in place), borrowed where that is
     /// the natural order.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
     unsafe fn step_layout(v: &[f32]) -> Cow<'_, [f32]>;
     /// One step of `p` as f32, in the output pass's order (the first and second vector
     /// take the elements of [`step_layout`](Format::step_layout)'s first and second 8).
+    /// `high` is the `0xFFFF0000` mask of [`Kernel::high`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C, and `p` must be valid for reads of [`STEP`]
+    /// elements (no alignment needed).
     unsafe fn split(p: *const Self, high: __m256i) -> (__m256, __m256);
     /// One step of `p` as f32 in any order (for sums).
+    ///
+    /// # Safety
+    /// As [`split`](Format::split).
     unsafe fn widen_any(p: *const Self, high: __m256i) -> (__m256, __m256) {
-        Self::split(p, high)
+        // SAFETY: the caller meets `split`'s contract, which is this function's.
+        unsafe { Self::split(p, high) }
     }
     /// `v` rounded to this format, kept as f32.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
     unsafe fn round(v: __m256, high: __m256i) -> __m256;
     /// A step's results (in [`split`](Format::split)'s order) rounded and stored at `o`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C, and `o` must be valid for writes of [`STEP`]
+    /// elements (no alignment needed).
     unsafe fn narrow_store(a: __m256, b: __m256, o: *mut Self);
     /// One element as f32.
     fn to_f32(self) -> f32;
@@ -104,35 +124,51 @@ impl Format for bf16 {
     const GROUP_SHORT_ROWS: bool = true;
     /// Each full step's 8 even elements, then its 8 odd ones (two shuffles and two lane
     /// permutes per step: this runs on every call, and a call may be one row).
+    ///
+    /// # Safety
+    /// As [`Format::step_layout`] (this one uses AVX2 and FMA only).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn step_layout(v: &[f32]) -> Cow<'_, [f32]> {
         let mut out = Vec::<f32>::with_capacity(v.len());
         let o = out.as_mut_ptr();
         let full = v.len() / STEP * STEP;
         for i in (0..full).step_by(STEP) {
-            let a = _mm256_loadu_ps(v.as_ptr().add(i));
-            let b = _mm256_loadu_ps(v.as_ptr().add(i + 8));
+            // SAFETY: i + 16 <= full <= v.len(): both loads of 8 read inside `v`.
+            let (a, b) = unsafe {
+                (
+                    _mm256_loadu_ps(v.as_ptr().add(i)),
+                    _mm256_loadu_ps(v.as_ptr().add(i + 8)),
+                )
+            };
             // Per 128-bit lane: a0 a2 b0 b2 | a4 a6 b4 b6; the permute orders the quarters.
             let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
             let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
             let even = _mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(even));
             let odd = _mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(odd));
-            // In bounds: `i + 16 <= full <= capacity`.
-            _mm256_storeu_ps(o.add(i), _mm256_castpd_ps(even));
-            _mm256_storeu_ps(o.add(i + 8), _mm256_castpd_ps(odd));
+            // SAFETY: i + 16 <= full <= v.len() = out's capacity: both stores of 8 write
+            // inside `out`'s allocation (not yet its length; `set_len` follows).
+            unsafe {
+                _mm256_storeu_ps(o.add(i), _mm256_castpd_ps(even));
+                _mm256_storeu_ps(o.add(i + 8), _mm256_castpd_ps(odd));
+            }
         }
-        // SAFETY: the first `full` elements were written just above.
-        out.set_len(full);
+        // SAFETY: full <= capacity, and the first `full` elements were written just above.
+        unsafe { out.set_len(full) };
         let tail = &v[full..];
         out.extend_from_slice(tail);
         Cow::Owned(out)
     }
 
     /// The even elements, then the odd ones; `high` is the opaque `0xFFFF0000` mask.
+    ///
+    /// # Safety
+    /// As [`Format::split`].
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn split(p: *const bf16, high: __m256i) -> (__m256, __m256) {
-        let v = _mm256_loadu_si256(p.cast());
+        // SAFETY: `p` is valid for reads of one step (the caller's obligation): 16 bf16,
+        // the 32 bytes loaded.
+        let v = unsafe { _mm256_loadu_si256(p.cast()) };
         (
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
             _mm256_castsi256_ps(_mm256_and_si256(v, high)),
@@ -140,10 +176,15 @@ impl Format for bf16 {
     }
 
     /// Elements 0-3 and 8-11, then 4-7 and 12-15 (one unpack each).
+    ///
+    /// # Safety
+    /// As [`Format::split`].
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn widen_any(p: *const bf16, _high: __m256i) -> (__m256, __m256) {
-        let v = _mm256_loadu_si256(p.cast());
+        // SAFETY: `p` is valid for reads of one step (the caller's obligation): 16 bf16,
+        // the 32 bytes loaded.
+        let v = unsafe { _mm256_loadu_si256(p.cast()) };
         let z = _mm256_setzero_si256();
         (
             _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v)),
@@ -153,6 +194,9 @@ impl Format for bf16 {
 
     /// Round to nearest even by integer arithmetic, under the NaN precondition of
     /// [`bf16_bits_rne_unchecked`].
+    ///
+    /// # Safety
+    /// As [`Format::round`] (this one uses AVX2 and FMA only).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn round(v: __m256, high: __m256i) -> __m256 {
@@ -166,6 +210,9 @@ impl Format for bf16 {
     /// result's high half stays: one blend gives the 16 truncated values, another their 16
     /// discarded halves, and the carry `low + (value & 1) > 0x8000` is then a comparison
     /// per 16-bit lane. Exact under the NaN precondition of [`bf16_bits_rne_unchecked`].
+    ///
+    /// # Safety
+    /// As [`Format::narrow_store`].
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn narrow_store(even: __m256, odd: __m256, o: *mut bf16) {
@@ -178,7 +225,10 @@ impl Format for bf16 {
         let flipped = _mm256_xor_si256(t, _mm256_set1_epi16(i16::MIN));
         let carry = _mm256_cmpgt_epi16(flipped, _mm256_setzero_si256());
         // `carry` is -1 where the value rounds up.
-        _mm256_storeu_si256(o.cast(), _mm256_sub_epi16(hi, carry));
+        let rounded = _mm256_sub_epi16(hi, carry);
+        // SAFETY: `o` is valid for writes of one step (the caller's obligation): 16 bf16,
+        // the 32 bytes stored.
+        unsafe { _mm256_storeu_si256(o.cast(), rounded) };
     }
 
     fn to_f32(self) -> f32 {
@@ -200,34 +250,49 @@ impl Format for f16 {
     const STEPS_PER_LINE: usize = 2;
     const GROUP_SHORT_ROWS: bool = true;
     /// Natural order: the conversions keep it.
+    ///
+    /// # Safety
+    /// None beyond the trait's (this one executes no vector instruction).
     unsafe fn step_layout(v: &[f32]) -> Cow<'_, [f32]> {
         Cow::Borrowed(v)
     }
 
     /// Elements 0-7, then 8-15.
+    ///
+    /// # Safety
+    /// As [`Format::split`].
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn split(p: *const f16, _high: __m256i) -> (__m256, __m256) {
-        (
-            _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
-            _mm256_cvtph_ps(_mm_loadu_si128(p.add(8).cast())),
-        )
+        // SAFETY: `p` is valid for reads of one step (the caller's obligation): 16 f16,
+        // read as elements 0-7 and 8-15 (16 bytes each).
+        let (a, b) = unsafe { (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(8).cast())) };
+        (_mm256_cvtph_ps(a), _mm256_cvtph_ps(b))
     }
 
+    /// # Safety
+    /// As [`Format::round`].
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn round(v: __m256, _high: __m256i) -> __m256 {
         _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
     }
 
+    /// # Safety
+    /// As [`Format::narrow_store`].
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn narrow_store(a: __m256, b: __m256, o: *mut f16) {
-        _mm_storeu_si128(o.cast(), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(a));
-        _mm_storeu_si128(
-            o.add(8).cast(),
+        let (a, b) = (
+            _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(a),
             _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(b),
         );
+        // SAFETY: `o` is valid for writes of one step (the caller's obligation): 16 f16,
+        // written as elements 0-7 and 8-15 (16 bytes each).
+        unsafe {
+            _mm_storeu_si128(o.cast(), a);
+            _mm_storeu_si128(o.add(8).cast(), b);
+        }
     }
 
     fn to_f32(self) -> f32 {
@@ -250,27 +315,41 @@ impl Format for f32 {
     const STEPS_PER_LINE: usize = 1;
     const GROUP_SHORT_ROWS: bool = false;
 
+    /// # Safety
+    /// None beyond the trait's (this one executes no vector instruction).
     unsafe fn step_layout(v: &[f32]) -> Cow<'_, [f32]> {
         Cow::Borrowed(v)
     }
 
+    /// # Safety
+    /// As [`Format::split`].
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn split(p: *const f32, _high: __m256i) -> (__m256, __m256) {
-        (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+        // SAFETY: `p` is valid for reads of one step (the caller's obligation): 16 f32,
+        // read as elements 0-7 and 8-15.
+        unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
     }
 
+    /// # Safety
+    /// As [`Format::round`].
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn round(v: __m256, _high: __m256i) -> __m256 {
         v
     }
 
+    /// # Safety
+    /// As [`Format::narrow_store`].
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn narrow_store(a: __m256, b: __m256, o: *mut f32) {
-        _mm256_storeu_ps(o, a);
-        _mm256_storeu_ps(o.add(8), b);
+        // SAFETY: `o` is valid for writes of one step (the caller's obligation): 16 f32,
+        // written as elements 0-7 and 8-15.
+        unsafe {
+            _mm256_storeu_ps(o, a);
+            _mm256_storeu_ps(o.add(8), b);
+        }
     }
 
     fn to_f32(self) -> f32 {
@@ -290,7 +369,9 @@ impl Format for f32 {
 }
 
 /// The prepared kernel: the job, and its weight and bias in the format's
-/// [`step_layout`](Format::step_layout).
+/// [`step_layout`](Format::step_layout). Invariant (made by [`new`](Kernel::new), relied on
+/// by the raw loads of [`write_row`](Kernel::write_row)): the weight and bias, where given,
+/// hold at least `job.d` values.
 pub(super) struct Kernel<'a, H> {
     job: &'a Job<'a, f32>,
     w: Option<Cow<'a, [f32]>>,
@@ -308,9 +389,15 @@ impl<'a, H: Format> Kernel<'a, H> {
             && is_x86_feature_detected!("f16c")
     }
 
-    /// The kernel for `job`, if this CPU can run it.
+    /// The kernel for `job`, if this CPU can run it (and, always true for a validated call,
+    /// the weight and bias hold a value per element of a row).
     pub(super) fn new(job: &'a Job<'a, f32>) -> Option<Self> {
         if !Self::supported() {
+            return None;
+        }
+        let short = |v: Option<&[f32]>| v.is_some_and(|v| v.len() < job.d);
+        if short(job.affine.w) || short(job.affine.b) {
+            debug_assert!(false, "norm weight or bias shorter than the row");
             return None;
         }
         // SAFETY: the CPU has what `step_layout` needs (checked above).
@@ -337,10 +424,14 @@ impl<'a, H: Format> Kernel<'a, H> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn rows_avx2(&self, buf: &[H], first: usize, y: &mut [H]) {
         let layer = self.job.kind == NormKind::Layer;
-        by_flags!(
-            (layer, self.w.is_some(), self.b.is_some()),
-            self.rows_typed(buf, first, y)
-        )
+        // SAFETY: in every arm, the CPU supports AVX2, FMA and F16C (this function's contract),
+        // all that `rows_typed` requires.
+        unsafe {
+            by_flags!(
+                (layer, self.w.is_some(), self.b.is_some()),
+                self.rows_typed(buf, first, y)
+            )
+        }
     }
 
     /// The row loop for one kind and affine combination: [`rows_grouped`](Self::rows_grouped)
@@ -355,10 +446,14 @@ impl<'a, H: Format> Kernel<'a, H> {
         first: usize,
         y: &mut [H],
     ) {
-        if H::GROUP_SHORT_ROWS && self.job.d < SHORT_ROW {
-            self.rows_grouped::<LAYER, W, B>(buf, first, y)
-        } else {
-            self.rows_ahead::<LAYER, W, B>(buf, first, y)
+        // SAFETY: the CPU supports AVX2, FMA and F16C (this function's contract), all that
+        // either row loop requires.
+        unsafe {
+            if H::GROUP_SHORT_ROWS && self.job.d < SHORT_ROW {
+                self.rows_grouped::<LAYER, W, B>(buf, first, y)
+            } else {
+                self.rows_ahead::<LAYER, W, B>(buf, first, y)
+            }
         }
     }
 
@@ -405,17 +500,23 @@ impl<'a, H: Format> Kernel<'a, H> {
             } else {
                 (stats, next)
             };
-            // In bounds: `after` starts a row of `buf`.
+            // Row `after` of `buf` (the slice checks it).
             let prefetch = buf[after..after + d].as_ptr();
-            // In bounds: row `r + 1` of `y` if there is one, else this row.
-            let out_prefetch = y_start.add((r + 1).min(n_rows - 1) * d);
-            self.write_row::<LAYER, W, B>(
-                &buf[offset..offset + d],
-                stats,
-                prefetch,
-                out_prefetch,
-                out,
-            );
+            // SAFETY: `write_row`'s contract: the CPU supports AVX2, FMA and F16C (this
+            // function's contract); the input row and `out` hold `d` elements each;
+            // `prefetch` starts `d` elements of `buf`, and `out_prefetch` row
+            // (r + 1).min(n_rows - 1) < n_rows = y.len() / d of `y` (row r + 1 if there is
+            // one, else this row); `new` made the weight and bias at least `d` long.
+            unsafe {
+                let out_prefetch = y_start.add((r + 1).min(n_rows - 1) * d);
+                self.write_row::<LAYER, W, B>(
+                    &buf[offset..offset + d],
+                    stats,
+                    prefetch,
+                    out_prefetch,
+                    out,
+                );
+            }
             (offset, next, stats) = (next, after, next_stats);
         }
     }
@@ -459,34 +560,49 @@ impl<'a, H: Format> Kernel<'a, H> {
                 stats[k] = self.row_stats::<LAYER>(&buf[offsets[k]..offsets[k] + d]);
             }
             for (k, out) in rows.chunks_exact_mut(d).enumerate() {
-                // In bounds: row `r0 + GROUP + k` if there is one, else the last row.
+                // Row `r0 + GROUP + k` if there is one, else the last row.
                 let ahead = (r0 + GROUP + k).min(n_rows - 1);
                 let at = offset_of(ahead);
                 let prefetch = buf[at..at + d].as_ptr();
-                let out_prefetch = y_start.add(ahead * d);
                 let o = offsets[k];
-                self.write_row::<LAYER, W, B>(
-                    &buf[o..o + d],
-                    stats[k],
-                    prefetch,
-                    out_prefetch,
-                    out,
-                );
+                // SAFETY: `write_row`'s contract: the CPU supports AVX2, FMA and F16C (this
+                // function's contract); the input row and `out` hold `d` elements each;
+                // `prefetch` starts `d` elements of `buf` (the slice checks it), and
+                // `out_prefetch` row ahead < n_rows = y.len() / d of `y`; `new` made the
+                // weight and bias at least `d` long.
+                unsafe {
+                    let out_prefetch = y_start.add(ahead * d);
+                    self.write_row::<LAYER, W, B>(
+                        &buf[o..o + d],
+                        stats[k],
+                        prefetch,
+                        out_prefetch,
+                        out,
+                    );
+                }
             }
         }
     }
 
     /// `0xFFFF0000` in every lane, loaded from memory the optimiser cannot see through.
+    ///
+    /// # Safety
+    /// Safe to call from code compiled with AVX2, FMA and F16C (the kernel's other
+    /// functions); from anywhere else, the CPU must support them.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn high(&self) -> __m256i {
-        _mm256_loadu_si256(self.high.as_ptr().cast())
+    fn high(&self) -> __m256i {
+        // SAFETY: `self.high` is 8 u32, the 32 bytes loaded.
+        unsafe { _mm256_loadu_si256(self.high.as_ptr().cast()) }
     }
 
     /// Sum over the row of `f(x)` for every element, vector part with four accumulators.
+    ///
+    /// # Safety
+    /// As [`high`](Self::high).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn row_sum(
+    fn row_sum(
         &self,
         row: &[H],
         f: impl Fn(__m256, __m256) -> __m256,
@@ -501,14 +617,17 @@ impl<'a, H: Format> Kernel<'a, H> {
         let mut i = 0;
         while i + 4 <= steps {
             for k in 0..4 {
-                let (a, b) = H::widen_any(p.add((i + k) * STEP), high);
+                // SAFETY: i + k < steps = row.len() / STEP (loop condition), so step i + k
+                // lies inside `row`; the CPU features are enabled in this function.
+                let (a, b) = unsafe { H::widen_any(p.add((i + k) * STEP), high) };
                 acc[2 * k] = f(a, acc[2 * k]);
                 acc[2 * k + 1] = f(b, acc[2 * k + 1]);
             }
             i += 4;
         }
         for k in 0..steps - i {
-            let (a, b) = H::widen_any(p.add((i + k) * STEP), high);
+            // SAFETY: i + k < steps: step i + k lies inside `row`, as above.
+            let (a, b) = unsafe { H::widen_any(p.add((i + k) * STEP), high) };
             acc[2 * k] = f(a, acc[2 * k]);
             acc[2 * k + 1] = f(b, acc[2 * k + 1]);
         }
@@ -528,9 +647,12 @@ impl<'a, H: Format> Kernel<'a, H> {
 
     /// The row's mean (0 for RMS) and `1 / sqrt(var + eps)`, computed in f32 as the
     /// portable loop computes them (two passes for `LAYER`, one for RMS), NaNs canonical.
+    ///
+    /// # Safety
+    /// As [`high`](Self::high).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn row_stats<const LAYER: bool>(&self, row: &[H]) -> RowStats<f32> {
+    fn row_stats<const LAYER: bool>(&self, row: &[H]) -> RowStats<f32> {
         let job = self.job;
         let (mean, inv) = if LAYER {
             let mean = self.row_sum(row, |x, acc| _mm256_add_ps(x, acc), |x| x) * job.inv_d;
@@ -558,6 +680,14 @@ impl<'a, H: Format> Kernel<'a, H> {
     /// op of MLX's fallback rounded to the output dtype in order, bit for bit what the
     /// portable loop writes. Prefetches the rows at `prefetch` and `out_prefetch` (same
     /// length; the next input and output rows) meanwhile.
+    ///
+    /// # Safety
+    /// - The CPU must support AVX2, FMA and F16C.
+    /// - `out` must be at least as long as `row`.
+    /// - `prefetch` and `out_prefetch` must each point at the first of `row.len()` elements
+    ///   of one allocation (they are offset within them, never read or written).
+    /// - With `W` (`B`), the kernel's weight (bias) must hold at least `row.len()` values:
+    ///   [`new`](Kernel::new) makes them `job.d` long, so rows of `job.d` elements qualify.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn write_row<const LAYER: bool, const W: bool, const B: bool>(
@@ -589,23 +719,34 @@ impl<'a, H: Format> Kernel<'a, H> {
             for v in v.iter_mut() {
                 *v = xhat(*v);
             }
-            if W {
-                for (k, v) in v.iter_mut().enumerate() {
-                    let wk = _mm256_loadu_ps(w.as_ptr().add(at + 8 * k));
-                    *v = _mm256_mul_ps(H::round(*v, high), wk);
+            // SAFETY: at both uses below at + 8 * v.len() <= steps * STEP <= row.len(),
+            // which the weight and bias (where used) reach (this function's contract), so the
+            // 8 values from at + 8 * k are inside them; `round` needs only the CPU features,
+            // which this function's contract provides.
+            unsafe {
+                if W {
+                    for (k, v) in v.iter_mut().enumerate() {
+                        let wk = _mm256_loadu_ps(w.as_ptr().add(at + 8 * k));
+                        *v = _mm256_mul_ps(H::round(*v, high), wk);
+                    }
                 }
-            }
-            if B {
-                for (k, v) in v.iter_mut().enumerate() {
-                    let bk = _mm256_loadu_ps(b.as_ptr().add(at + 8 * k));
-                    *v = _mm256_add_ps(H::round(*v, high), bk);
+                if B {
+                    for (k, v) in v.iter_mut().enumerate() {
+                        let bk = _mm256_loadu_ps(b.as_ptr().add(at + 8 * k));
+                        *v = _mm256_add_ps(H::round(*v, high), bk);
+                    }
                 }
             }
         };
         let fetch_ahead = |s: usize| {
             if s % H::STEPS_PER_LINE == 0 {
-                _mm_prefetch::<_MM_HINT_T0>(prefetch.add(s * STEP).cast());
-                _mm_prefetch::<_MM_HINT_T0>(out_prefetch.add(s * STEP).cast());
+                // SAFETY: s < steps (both uses below), so s * STEP < row.len(): both offsets
+                // stay inside the `row.len()` elements the pointers start (this function's
+                // contract). A prefetch itself never faults.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(prefetch.add(s * STEP).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(out_prefetch.add(s * STEP).cast());
+                }
             }
         };
         let steps = row.len() / STEP;
@@ -614,20 +755,29 @@ impl<'a, H: Format> Kernel<'a, H> {
         while i + 2 <= steps {
             fetch_ahead(i);
             fetch_ahead(i + 1);
-            let (a0, b0) = H::split(p.add(i * STEP), high);
-            let (a1, b1) = H::split(p.add((i + 1) * STEP), high);
-            let mut v = [a0, b0, a1, b1];
-            stages(&mut v, i * STEP);
-            H::narrow_store(v[0], v[1], o.add(i * STEP));
-            H::narrow_store(v[2], v[3], o.add((i + 1) * STEP));
+            // SAFETY: (i + 2) * STEP <= steps * STEP <= row.len() <= out.len() (the loop
+            // condition and this function's contract): steps i and i + 1 lie inside `row`
+            // and inside `out`, which is borrowed mutably; the CPU features are this
+            // function's contract.
+            unsafe {
+                let (a0, b0) = H::split(p.add(i * STEP), high);
+                let (a1, b1) = H::split(p.add((i + 1) * STEP), high);
+                let mut v = [a0, b0, a1, b1];
+                stages(&mut v, i * STEP);
+                H::narrow_store(v[0], v[1], o.add(i * STEP));
+                H::narrow_store(v[2], v[3], o.add((i + 1) * STEP));
+            }
             i += 2;
         }
         if i < steps {
             fetch_ahead(i);
-            let (first, second) = H::split(p.add(i * STEP), high);
-            let mut v = [first, second];
-            stages(&mut v, i * STEP);
-            H::narrow_store(v[0], v[1], o.add(i * STEP));
+            // SAFETY: i < steps: step i lies inside `row` and `out`, as above.
+            unsafe {
+                let (first, second) = H::split(p.add(i * STEP), high);
+                let mut v = [first, second];
+                stages(&mut v, i * STEP);
+                H::narrow_store(v[0], v[1], o.add(i * STEP));
+            }
         }
         // The last `d % 16` elements, as the portable loop computes them.
         for j in steps * STEP..row.len() {
@@ -744,7 +894,9 @@ mod tests {
                         T::write_row(&row, T::widen, stats, affine, &mut staging, &mut want);
                         let mut got = crate::array::host_pool::take_or_zeroed::<T>(d).unwrap();
                         let p = next.as_ptr();
-                        // SAFETY: `Kernel::new` succeeded, so the CPU can run the kernel.
+                        // SAFETY: `Kernel::new` succeeded, so the CPU can run the kernel;
+                        // `row`, `got`, `next` (both prefetch pointers), the weight and the
+                        // bias all hold `d` elements.
                         unsafe {
                             by_flags!(
                                 (kind == NormKind::Layer, use_w, use_b),
