@@ -21,6 +21,16 @@ pub fn gated_delta_update(
     mask: Option<&Array>,
 ) -> Result<(Array, Array)> {
     let args = GatedDeltaArgs::new(q, k, v, gamma, beta, initial_state, mask)?;
+    if args.t == 0 || args.hv == 0 || args.dv * args.dk == 0 {
+        // No step, no value head or an empty state: `out` is zeros or empty, the state is
+        // the initial one; no loop over (batch, head) pairs that do nothing.
+        let state = match &args.state0 {
+            Some(s) => s.astype(crate::DType::F64)?.contiguous()?,
+            None => Array::zeros(&args.state_shape(), crate::DType::F64, &crate::Device::Cpu)?,
+        };
+        let out = Array::zeros(&args.out_shape(), crate::DType::F64, &crate::Device::Cpu)?;
+        return Ok((out, state));
+    }
     let x = Inputs::load(&args)?;
     let (bs, ts, hv, dv, dk) = (args.b, args.t, args.hv, args.dv, args.dk);
     let mut out = vec![0.0; bs * ts * hv * dv];
@@ -69,6 +79,24 @@ pub fn gated_delta_update_vjp(
     let fwd = GatedDeltaArgs::new(q, k, v, gamma, beta, initial_state, mask)?;
     let args = GatedDeltaVjpArgs::new(fwd, d_out, d_state)?;
     let a = &args.fwd;
+    if a.t == 0 || a.hv == 0 || a.dv * a.dk == 0 {
+        // Nothing depends on anything: zero gradients, the state's passes through.
+        let zeros =
+            |like: &Array| Array::zeros(like.shape(), crate::DType::F64, &crate::Device::Cpu);
+        let ds0 = match (&a.state0, &args.d_state) {
+            (Some(_), Some(d)) => Some(d.astype(crate::DType::F64)?.contiguous()?),
+            (Some(s), None) => Some(zeros(s)?),
+            (None, _) => None,
+        };
+        return Ok(GatedDeltaGrads {
+            dq: zeros(&a.q)?,
+            dk: zeros(&a.k)?,
+            dv: zeros(&a.v)?,
+            dgamma: zeros(&a.gamma)?,
+            dbeta: zeros(&a.beta)?,
+            dstate0: ds0,
+        });
+    }
     let x = Inputs::load(a)?;
     let d_out = args.d_out.to_f64_vec()?;
     let d_state = match &args.d_state {
