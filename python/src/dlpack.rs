@@ -567,6 +567,11 @@ fn dl_dtype(dtype: DType, bits_as_uint: bool) -> DLDataType {
     }
 }
 
+/// The deleter of a versioned tensor `export` made: frees it and drops the array it kept.
+///
+/// # Safety
+/// `m` is null or a pointer `export` returned in a versioned capsule, not yet deleted; called
+/// at most once per tensor (DLPack's contract for deleters).
 unsafe extern "C" fn delete_versioned(m: *mut DLManagedTensorVersioned) {
     if m.is_null() {
         return;
@@ -579,6 +584,10 @@ unsafe extern "C" fn delete_versioned(m: *mut DLManagedTensorVersioned) {
     }
 }
 
+/// The deleter of a legacy tensor `export` made: frees it and drops the array it kept.
+///
+/// # Safety
+/// As [`delete_versioned`], for a legacy capsule's tensor.
 unsafe extern "C" fn delete_legacy(m: *mut DLManagedTensor) {
     if m.is_null() {
         return;
@@ -591,6 +600,9 @@ unsafe extern "C" fn delete_legacy(m: *mut DLManagedTensor) {
 }
 
 /// Frees an exported tensor nobody consumed (the capsule still has its original name).
+///
+/// # Safety
+/// Called by Python, with the GIL held, on a capsule `export` made (as its destructor).
 unsafe extern "C" fn capsule_destructor(capsule: *mut ffi::PyObject) {
     // SAFETY: called by Python with the GIL held on a capsule `export` made; a consumer that
     // took the tensor renamed the capsule, so `PyCapsule_IsValid` fails and nothing is freed

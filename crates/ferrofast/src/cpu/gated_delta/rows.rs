@@ -162,6 +162,9 @@ mod avx2 {
 
     /// The eight floats at `s[i..i + 8]` (panics if out of range: never, the callers'
     /// loops stop at `i + 8 <= len`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX (callers run after `has_avx2_fma()`, module docs).
     #[inline]
     #[target_feature(enable = "avx")]
     fn ld(s: &[f32], i: usize) -> __m256 {
@@ -172,6 +175,9 @@ mod avx2 {
     }
 
     /// Stores eight floats into `s[i..i + 8]`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX (callers run after `has_avx2_fma()`, module docs).
     #[inline]
     #[target_feature(enable = "avx")]
     fn st(s: &mut [f32], i: usize, v: __m256) {
@@ -182,6 +188,9 @@ mod avx2 {
     }
 
     /// The sum of the eight lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX (callers run after `has_avx2_fma()`, module docs).
     #[inline]
     #[target_feature(enable = "avx")]
     fn hsum(v: __m256) -> f32 {
