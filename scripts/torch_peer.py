@@ -22,6 +22,10 @@ loss and the logits' gradient, forward + backward), and Liger-Kernel's Triton
 LigerCrossEntropyLoss when it can be imported (its forward writes the gradient into the
 logits' buffer; the GPU bundle installs a packed wheel under $GPU_WORK/pylib, which is put
 on the path here).
+
+gated_delta rows: MLX's recurrence in PyTorch tensor ops (a loop over steps, eager and, for
+short sequences, compiled), and flash-linear-attention's chunked (prefill, backward) and
+fused-recurrent (decode) kernels when `fla` can be imported (carry its wheel as Liger's).
 """
 import json
 import os
@@ -89,6 +93,64 @@ def backward_fn(fwd, inputs, cot):
     return lambda: torch.autograd.grad(out, inputs, cot, retain_graph=True)
 
 
+def gated_delta_ref(q, k, v, gamma, beta, state):
+    """MLX's gated delta recurrence in PyTorch tensor ops (a loop over steps, state float32,
+    [B, Hv, Dv, Dk]); q, k already repeated to the value heads. Returns (out, state)."""
+    outs = []
+    for t in range(q.shape[1]):
+        s = state * gamma[:, t, :, None, None]
+        kv = torch.einsum("bhvk,bhk->bhv", s, k[:, t].float())
+        delta = (v[:, t].float() - kv) * beta[:, t, :, None].float()
+        state = s + delta[..., None] * k[:, t, :, None, :].float()
+        outs.append(torch.einsum("bhvk,bhk->bhv", state, q[:, t].float()))
+    return torch.stack(outs, 1).to(q.dtype), state
+
+
+def fla_gated_delta():
+    """flash-linear-attention's chunked and fused-recurrent kernels, when importable."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    except ImportError:
+        return None
+    return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+
+def gated_delta_peers(op, shape, dt, dev, g):
+    """PyTorch's eager and compiled recurrence, and fla's kernels (log-space decay, state
+    [B, H, K, V]: converted here, outside the timed calls)."""
+    m = re.match(r"B(\d+) T(\d+) H(\d+)/(\d+) D(\d+)x(\d+)", shape)
+    b, t, hk, hv, dk, dv = (int(x) for x in m.groups())
+    q = torch.randn(b, t, hk, dk, device=dev, dtype=dt, generator=g)
+    k = F.normalize(torch.randn(b, t, hk, dk, device=dev, dtype=torch.float32, generator=g), dim=-1).to(dt)
+    v = torch.randn(b, t, hv, dv, device=dev, dtype=dt, generator=g)
+    gamma = torch.rand(b, t, hv, device=dev, generator=g) * 0.5 + 0.5
+    beta = torch.rand(b, t, hv, device=dev, generator=g) * 0.9 + 0.05
+    s0 = torch.randn(b, hv, dv, dk, device=dev, dtype=torch.float32, generator=g)
+    qr, kr = q.repeat_interleave(hv // hk, 2), k.repeat_interleave(hv // hk, 2)
+    f = lambda: gated_delta_ref(qr, kr, v, gamma, beta, s0)
+    fns = []
+    if op == "gated_delta":
+        fns += [("eager", f)]
+        if t <= 64:  # compiling the unrolled loop of a long prefill takes minutes
+            fns.append(("compiled", torch.compile(f)))
+    kernels = fla_gated_delta()
+    if kernels is not None:
+        chunk, recurrent = kernels
+        logg = gamma.log()
+        s0_fla = s0.transpose(-1, -2).contiguous()
+        if op == "gated_delta":
+            fla = chunk if t > 64 else recurrent
+            fns.append(("fla", lambda: fla(qr, kr, v, logg, beta.to(dt), scale=1.0,
+                                           initial_state=s0_fla, output_final_state=True)))
+        else:
+            qg, kg, vg = (x.detach().clone().requires_grad_() for x in (qr, kr, v))
+            cot = torch.randn(b, t, hv, dv, device=dev, dtype=dt, generator=g)
+            fwd = lambda: chunk(qg, kg, vg, logg, beta.to(dt), scale=1.0, initial_state=s0_fla,
+                                output_final_state=False)[0]
+            fns.append(("fla", backward_fn(fwd, (qg, kg, vg), cot)))
+    return fns
+
+
 def peer_fns(op, shape, dtype):
     """Returns [(name, fn)] of PyTorch versions of one bench row."""
     dt = DTYPES[dtype]
@@ -138,6 +200,8 @@ def peer_fns(op, shape, dtype):
         if liger is not None:
             fns.append(("liger", step(liger)))
         return fns
+    if op in ("gated_delta", "gated_delta_vjp"):
+        return gated_delta_peers(op, shape, dt, dev, g)
     if op == "rope_vjp":
         dims = [int(v) for v in re.findall(r"\d+", shape)]
         x = torch.randn(*dims, device=dev, dtype=dt, generator=g).requires_grad_()
