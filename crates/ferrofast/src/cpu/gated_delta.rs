@@ -115,11 +115,13 @@ impl Head<'_> {
             buf
         }
     }
-    /// The initial state of the head into `s`.
-    fn init(&self, s: &mut [f32]) {
-        let n = self.a.dv * self.a.dk;
+    /// State rows `r0..r0 + s.len() / Dk` of the head's initial state into `s`.
+    fn init(&self, r0: usize, s: &mut [f32]) {
         match &self.x.state0 {
-            Some(s0) => s.copy_from_slice(&s0[(self.b * self.a.hv + self.h) * n..][..n]),
+            Some(s0) => {
+                let start = (self.b * self.a.hv + self.h) * self.a.dv * self.a.dk;
+                s.copy_from_slice(&s0[start + r0 * self.a.dk..][..s.len()]);
+            }
             None => s.fill(0.0),
         }
     }
@@ -152,7 +154,7 @@ pub(crate) fn run(a: &GatedDeltaArgs) -> Result<(Array, Array)> {
                     h: task % a.hv,
                 };
                 let mut gbuf = host_pool::filled(a.dk, 0.0f32)?;
-                head.init(s);
+                head.init(0, s);
                 for (blk, rows) in s.chunks_mut(ROWS * a.dk).enumerate() {
                     let r0 = blk * ROWS;
                     forward(&head, 0..a.t, rows, r0, Some(out), &mut gbuf, None, fma);
@@ -286,7 +288,7 @@ fn step_generic<const F: bool>(
 }
 
 /// Steps per checkpoint of the backward for `t` steps: about `sqrt(t)`, at least 8.
-pub(crate) fn ckpt_chunk(t: usize) -> usize {
+fn ckpt_chunk(t: usize) -> usize {
     ((t as f64).sqrt().ceil() as usize).clamp(8, 256)
 }
 
@@ -429,14 +431,12 @@ fn head_vjp(
     let mut ckpt = host_pool::filled(checked_size(&[chunks, nb])?, 0.0f32)?;
     let mut states = host_pool::filled(checked_size(&[c + 1, nb])?, 0.0f32)?;
     let mut s = host_pool::filled(nb, 0.0f32)?;
-    let mut init = host_pool::filled(dv * dk, 0.0f32)?;
-    head.init(&mut init);
     let mut dg_row = host_pool::filled(dk, 0.0f32)?;
     for (blk, ds) in g.ds0.chunks_mut(nb).enumerate() {
         let r0 = blk * ROWS;
         let n = ds.len();
         let nr = n / dk;
-        s[..n].copy_from_slice(&init[r0 * dk..][..n]);
+        head.init(r0, &mut s[..n]);
         for ch in 0..chunks {
             ckpt[ch * n..][..n].copy_from_slice(&s[..n]);
             if ch + 1 < chunks {

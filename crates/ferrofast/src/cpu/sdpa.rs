@@ -474,7 +474,7 @@ fn exp_nonpositive<const FMA: bool>(x: f32) -> f32 {
 /// AVX2 + FMA versions of the f32 helpers. Every `unsafe fn` here has one obligation, the
 /// CPU features: each checks the lengths its raw loads and stores depend on itself.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::{
         exp_nonpositive, Rows, EXP_LN2_HI, EXP_LN2_LO, EXP_LOG2E, EXP_LOW, EXP_POLY, EXP_ROUND,
     };
@@ -487,7 +487,7 @@ mod avx2 {
     /// anywhere else, the CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
+    pub(crate) fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))

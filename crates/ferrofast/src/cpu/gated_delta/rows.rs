@@ -158,6 +158,7 @@ mod avx2 {
     //! slice. Tails shorter than eight run the scalar loop.
 
     use super::RowIn;
+    use crate::cpu::sdpa::avx2::hsum;
     use std::arch::x86_64::*;
 
     /// The eight floats at `s[i..i + 8]` (panics if out of range: never, the callers'
@@ -185,20 +186,6 @@ mod avx2 {
         // SAFETY: `c` is exactly eight writable floats (checked above); `storeu` has no
         // alignment requirement. The CPU has AVX (module docs).
         unsafe { _mm256_storeu_ps(c.as_mut_ptr(), v) }
-    }
-
-    /// The sum of the eight lanes.
-    ///
-    /// # Safety
-    /// The CPU must support AVX (callers run after `has_avx2_fma()`, module docs).
-    #[inline]
-    #[target_feature(enable = "avx")]
-    fn hsum(v: __m256) -> f32 {
-        let mut lanes = [0.0f32; 8];
-        st(&mut lanes, 0, v);
-        (lanes[0] + lanes[4])
-            + (lanes[1] + lanes[5])
-            + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
     }
 
     /// The part of a row of `len` floats covered by whole vectors.
