@@ -301,8 +301,8 @@ fn cross_entropy_cases(rows: usize, vocabs: &[usize], dtype: DType) -> Vec<Case>
 
 /// `gated_delta_update` in Qwen3-Next's shape (Hk 16, Hv 32, Dk = Dv = 128): a decode step
 /// of 32 sequences (the state read and written once), and a 512-step prefill and its
-/// backward.
-fn gated_delta_cases(quick: bool, dtype: DType) -> Vec<Case> {
+/// backward; on a GPU also the prefill target, B4 T8192 in bf16, and its backward.
+fn gated_delta_cases(quick: bool, gpu: bool, dtype: DType) -> Vec<Case> {
     let decode = Gdn {
         batch: 32,
         len: 1,
@@ -317,11 +317,21 @@ fn gated_delta_cases(quick: bool, dtype: DType) -> Vec<Case> {
         len: if quick { 128 } else { 512 },
         ..decode
     };
-    vec![
+    let mut v = vec![
         Case::GatedDelta(decode),
         Case::GatedDelta(prefill),
         Case::GatedDeltaVjp(prefill),
-    ]
+    ];
+    if gpu && !quick && dtype == DType::BF16 {
+        let target = Gdn {
+            batch: 4,
+            len: 8192,
+            ..decode
+        };
+        v.push(Case::GatedDelta(target));
+        v.push(Case::GatedDeltaVjp(target));
+    }
+    v
 }
 
 fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
@@ -357,7 +367,7 @@ fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
             });
         }
         v.extend(cross_entropy_cases(1024, &[32768], dtype));
-        v.extend(gated_delta_cases(quick, dtype));
+        v.extend(gated_delta_cases(quick, gpu, dtype));
     }
     if !quick {
         let dtype = DType::F16;

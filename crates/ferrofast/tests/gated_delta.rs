@@ -9,9 +9,10 @@
 //! T across the backward's checkpoint chunks and up to 8192, empty sizes, special values and
 //! every error message.
 
+#[macro_use]
 mod common;
 
-use common::check_close;
+use common::{check_close, on};
 use ferrofast::fast::{self, GatedDeltaGrads};
 use ferrofast::{reference, Array, DType, Device, Error};
 
@@ -59,7 +60,7 @@ fn arr(data: Vec<f64>, shape: &[usize], dtype: DType) -> Array {
 }
 
 /// MLX's test data in `dtype` (the initial state is float32).
-fn case(d: Dims, dtype: DType, per_key_gamma: bool, with_state: bool, seed: u64) -> Case {
+fn make_case(d: Dims, dtype: DType, per_key_gamma: bool, with_state: bool, seed: u64) -> Case {
     let Dims {
         b,
         t,
@@ -124,19 +125,37 @@ fn holes_mask(b: usize, t: usize, seed: u64) -> Array {
     Array::from_vec(m, &[b, t]).expect("mask")
 }
 
-fn forward(c: &Case) -> ferrofast::Result<(Array, Array)> {
-    fast::gated_delta_update(
-        &c.q,
-        &c.k,
-        &c.v,
-        &c.gamma,
-        &c.beta,
-        c.state0.as_ref(),
-        c.mask.as_ref(),
-    )
+/// The case's inputs on `dev` (same shapes and strides).
+fn to_dev(c: &Case, dev: &Device) -> Case {
+    Case {
+        q: on(&c.q, dev),
+        k: on(&c.k, dev),
+        v: on(&c.v, dev),
+        gamma: on(&c.gamma, dev),
+        beta: on(&c.beta, dev),
+        state0: c.state0.as_ref().map(|s| on(s, dev)),
+        mask: c.mask.as_ref().map(|m| on(m, dev)),
+    }
+}
+
+/// The op on `dev`, inputs moved there; results come back to the CPU.
+fn forward(c: &Case, dev: &Device) -> ferrofast::Result<(Array, Array)> {
+    let x = to_dev(c, dev);
+    let (out, state) = fast::gated_delta_update(
+        &x.q,
+        &x.k,
+        &x.v,
+        &x.gamma,
+        &x.beta,
+        x.state0.as_ref(),
+        x.mask.as_ref(),
+    )?;
+    assert_eq!(out.device(), *dev, "out stays on the inputs' device");
+    Ok((on(&out, &Device::Cpu), on(&state, &Device::Cpu)))
 }
 
 fn oracle(c: &Case) -> (Array, Array) {
+    let c = &to_dev(c, &Device::Cpu);
     reference::gated_delta_update(
         &c.q,
         &c.k,
@@ -158,8 +177,8 @@ fn out_tol(dtype: DType) -> (f64, f64) {
     }
 }
 
-fn check_forward(c: &Case, what: &str) {
-    let (out, state) = forward(c).unwrap_or_else(|e| panic!("{what}: {e}"));
+fn check_forward(c: &Case, dev: &Device, what: &str) {
+    let (out, state) = forward(c, dev).unwrap_or_else(|e| panic!("{what}: {e}"));
     let (ro, rs) = oracle(c);
     let qk = ferrofast::promote_types(c.q.dtype(), c.k.dtype());
     let want = if qk.is_floating() {
@@ -183,205 +202,261 @@ const MLX_DIMS: [Dims; 6] = [
     dims(2, 7, 1, 3, 13, 21),
 ];
 
-#[test]
-fn matches_oracle_mlx_cases() {
-    for (n, d) in MLX_DIMS.iter().enumerate() {
-        for with_state in [false, true] {
-            let c = case(*d, DType::F32, false, with_state, n as u64);
-            check_forward(&c, &format!("{d:?} state {with_state}"));
+on_every_device! {
+    fn matches_oracle_mlx_cases(dev: &Device) {
+        for (n, d) in MLX_DIMS.iter().enumerate() {
+            for with_state in [false, true] {
+                let c = make_case(*d, DType::F32, false, with_state, n as u64);
+                check_forward(&c, dev, &format!("{d:?} state {with_state}"));
+            }
         }
     }
 }
 
-#[test]
-fn every_dtype_and_per_key_gamma() {
-    for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
-        for per_key in [false, true] {
-            let d = dims(2, 19, 2, 4, 24, 40);
-            let c = case(d, dtype, per_key, true, 7);
-            check_forward(&c, &format!("{dtype} per-key {per_key}"));
+on_every_device! {
+    fn every_dtype_and_per_key_gamma(dev: &Device) {
+        for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+            for per_key in [false, true] {
+                let d = dims(2, 19, 2, 4, 24, 40);
+                let c = make_case(d, dtype, per_key, true, 7);
+                check_forward(&c, dev, &format!("{dtype} per-key {per_key}"));
+            }
         }
     }
 }
 
-#[test]
-fn output_dtype_follows_q_and_k_not_v() {
-    let d = dims(1, 3, 1, 1, 8, 8);
-    let mut c = case(d, DType::F16, false, false, 3);
-    c.v = c.v.astype(DType::F32).expect("cast");
-    let (out, state) = forward(&c).expect("call");
-    assert_eq!(out.dtype(), DType::F16);
-    assert_eq!(state.dtype(), DType::F32);
-    // f16 with bf16 promotes to f32.
-    c.k = c.k.astype(DType::BF16).expect("cast");
-    assert_eq!(forward(&c).expect("call").0.dtype(), DType::F32);
-    // Integer q and k: promoted with float32.
-    let ints = |shape: &[usize]| {
-        let n: usize = shape.iter().product();
-        Array::from_vec(
-            (0..n).map(|i| (i % 3) as i32 - 1).collect::<Vec<_>>(),
-            shape,
-        )
-        .expect("ints")
-    };
-    c.q = ints(&[1, 3, 1, 8]);
-    c.k = ints(&[1, 3, 1, 8]);
-    let (out, _) = forward(&c).expect("call");
-    assert_eq!(out.dtype(), DType::F32);
-    check_forward(&c, "integer q, k");
+on_every_device! {
+    fn output_dtype_follows_q_and_k_not_v(dev: &Device) {
+        let d = dims(1, 3, 1, 1, 8, 8);
+        let mut c = make_case(d, DType::F16, false, false, 3);
+        c.v = c.v.astype(DType::F32).expect("cast");
+        let (out, state) = forward(&c, dev).expect("call");
+        assert_eq!(out.dtype(), DType::F16);
+        assert_eq!(state.dtype(), DType::F32);
+        // f16 with bf16 promotes to f32.
+        c.k = c.k.astype(DType::BF16).expect("cast");
+        assert_eq!(forward(&c, dev).expect("call").0.dtype(), DType::F32);
+        // Integer q and k: promoted with float32.
+        let ints = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            Array::from_vec(
+                (0..n).map(|i| (i % 3) as i32 - 1).collect::<Vec<_>>(),
+                shape,
+            )
+            .expect("ints")
+        };
+        c.q = ints(&[1, 3, 1, 8]);
+        c.k = ints(&[1, 3, 1, 8]);
+        let (out, _) = forward(&c, dev).expect("call");
+        assert_eq!(out.dtype(), DType::F32);
+        check_forward(&c, dev, "integer q, k");
+    }
 }
 
-#[test]
-fn masks_match_oracle_and_mlx_identity() {
-    for (n, d) in [dims(3, 33, 2, 4, 32, 16), dims(2, 40, 1, 2, 16, 16)]
+on_every_device! {
+    fn masks_match_oracle_and_mlx_identity(dev: &Device) {
+        for (n, d) in [dims(3, 33, 2, 4, 32, 16), dims(2, 40, 1, 2, 16, 16)]
+            .into_iter()
+            .enumerate()
+        {
+            for per_key in [false, true] {
+                let mut c = make_case(d, DType::F32, per_key, true, 20 + n as u64);
+                c.mask = Some(if n == 0 {
+                    length_mask(d.b, d.t, 5)
+                } else {
+                    holes_mask(d.b, d.t, 5)
+                });
+                check_forward(&c, dev, &format!("{d:?} masked per-key {per_key}"));
+                // MLX's check: the unmasked call on inputs with q = k = 0 and gamma = 1 at the
+                // masked steps gives the same out and state.
+                let m: Vec<bool> = c.mask.as_ref().expect("mask").to_vec().expect("read");
+                let zero_where = |a: &Array, per_step: usize, fill: f64| {
+                    let mut x = f64s(a);
+                    for (i, v) in x.iter_mut().enumerate() {
+                        if !m[i / per_step] {
+                            *v = fill;
+                        }
+                    }
+                    arr(x, a.shape(), a.dtype())
+                };
+                let qk_step = d.hk * d.dk;
+                let g_step = d.hv * if per_key { d.dk } else { 1 };
+                let plain = Case {
+                    q: zero_where(&c.q, qk_step, 0.0),
+                    k: zero_where(&c.k, qk_step, 0.0),
+                    v: c.v.clone(),
+                    gamma: zero_where(&c.gamma, g_step, 1.0),
+                    beta: c.beta.clone(),
+                    state0: c.state0.clone(),
+                    mask: None,
+                };
+                let (o1, s1) = forward(&c, dev).expect("masked");
+                let (o2, s2) = forward(&plain, dev).expect("plain");
+                check_close(&o1, &o2, 1e-5, 1e-5, "masked vs identity: out");
+                check_close(&s1, &s2, 1e-5, 1e-5, "masked vs identity: state");
+            }
+        }
+    }
+}
+
+on_every_device! {
+    fn numeric_mask_counts_nonzero_as_taken(dev: &Device) {
+        let d = dims(2, 9, 1, 1, 8, 8);
+        let mut c = make_case(d, DType::F32, false, true, 4);
+        let holes = holes_mask(d.b, d.t, 1);
+        c.mask = Some(holes.astype(DType::F32).expect("cast"));
+        let (o1, s1) = forward(&c, dev).expect("numeric mask");
+        c.mask = Some(holes);
+        let (o2, s2) = forward(&c, dev).expect("bool mask");
+        assert_eq!(f64s(&o1), f64s(&o2));
+        assert_eq!(f64s(&s1), f64s(&s2));
+    }
+}
+
+on_every_device! {
+    fn strided_inputs(dev: &Device) {
+        let d = dims(2, 11, 2, 4, 16, 24);
+        // Made on the device under test, so the kernels get the strides.
+        let c = to_dev(&make_case(d, DType::F32, true, true, 9), dev);
+        // Every input seen through a transposed copy: same values, other strides.
+        let strided = |a: &Array| -> Array {
+            let nd = a.ndim() as isize;
+            let t = a.swapaxes(0, nd - 1).expect("swap");
+            let t = t.contiguous().expect("copy");
+            t.swapaxes(0, nd - 1).expect("swap back")
+        };
+        let s = Case {
+            q: strided(&c.q),
+            k: strided(&c.k),
+            v: strided(&c.v),
+            gamma: strided(&c.gamma),
+            beta: strided(&c.beta),
+            state0: c.state0.as_ref().map(strided),
+            mask: None,
+        };
+        assert!(!s.q.is_contiguous());
+        check_forward(&s, dev, "strided");
+        // A broadcast gamma (one decay for every step).
+        let g = Array::from_vec(vec![0.9f32; d.hv], &[1, 1, d.hv])
+            .and_then(|g| on(&g, dev).broadcast_to(&[d.b, d.t, d.hv]))
+            .expect("broadcast");
+        let mut s = s;
+        s.gamma = g;
+        check_forward(&s, dev, "broadcast gamma");
+    }
+}
+
+on_every_device! {
+    /// Head sizes around the CUDA kernels' register layouts (16 columns per float4 group of
+    /// four lanes, up to 256; 32 rows a forward block, 128 / 56 rows a backward block) and
+    /// a model's shape (Hk 16, Hv 32, Dk = Dv = 128), forward and backward.
+    fn head_sizes_across_kernel_layouts(dev: &Device) {
+        for (n, d) in [
+            dims(2, 5, 2, 2, 1, 1),
+            dims(1, 9, 1, 2, 17, 33),
+            dims(1, 6, 16, 32, 128, 128),
+            dims(1, 4, 1, 1, 200, 129),
+            dims(1, 5, 1, 2, 256, 256),
+            dims(1, 3, 1, 1, 255, 300),
+        ]
         .into_iter()
         .enumerate()
-    {
-        for per_key in [false, true] {
-            let mut c = case(d, DType::F32, per_key, true, 20 + n as u64);
-            c.mask = Some(if n == 0 {
-                length_mask(d.b, d.t, 5)
-            } else {
-                holes_mask(d.b, d.t, 5)
-            });
-            check_forward(&c, &format!("{d:?} masked per-key {per_key}"));
-            // MLX's check: the unmasked call on inputs with q = k = 0 and gamma = 1 at the
-            // masked steps gives the same out and state.
-            let m: Vec<bool> = c.mask.as_ref().expect("mask").to_vec().expect("read");
-            let zero_where = |a: &Array, per_step: usize, fill: f64| {
-                let mut x = f64s(a);
-                for (i, v) in x.iter_mut().enumerate() {
-                    if !m[i / per_step] {
-                        *v = fill;
-                    }
+        {
+            for per_key in [false, true] {
+                let mut c = make_case(d, DType::F32, per_key, true, 80 + n as u64);
+                if n % 2 == 1 {
+                    c.mask = Some(holes_mask(d.b, d.t, n as u64));
                 }
-                arr(x, a.shape(), a.dtype())
-            };
-            let qk_step = d.hk * d.dk;
-            let g_step = d.hv * if per_key { d.dk } else { 1 };
-            let plain = Case {
-                q: zero_where(&c.q, qk_step, 0.0),
-                k: zero_where(&c.k, qk_step, 0.0),
-                v: c.v.clone(),
-                gamma: zero_where(&c.gamma, g_step, 1.0),
-                beta: c.beta.clone(),
-                state0: c.state0.clone(),
-                mask: None,
-            };
-            let (o1, s1) = forward(&c).expect("masked");
-            let (o2, s2) = forward(&plain).expect("plain");
-            check_close(&o1, &o2, 1e-5, 1e-5, "masked vs identity: out");
-            check_close(&s1, &s2, 1e-5, 1e-5, "masked vs identity: state");
+                let what = format!("{d:?} per-key {per_key}");
+                check_forward(&c, dev, &what);
+                check_vjp(&c, dev, d, n as u64, per_key, &what);
+            }
+        }
+        // bf16 inputs with float32 decay and beta (the kernels' mixed instantiation).
+        let d = dims(2, 7, 2, 4, 64, 32);
+        let mut c = make_case(d, DType::BF16, true, true, 90);
+        c.gamma = c.gamma.astype(DType::F32).expect("cast");
+        c.beta = c.beta.astype(DType::F32).expect("cast");
+        check_forward(&c, dev, "bf16 with f32 gamma, beta");
+        check_vjp(&c, dev, d, 9, true, "bf16 with f32 gamma, beta");
+        // Past the CUDA kernels' key head limit: the CPU computes it, CUDA says why not.
+        let d = dims(1, 2, 1, 1, 257, 4);
+        let c = make_case(d, DType::F32, false, true, 91);
+        match dev {
+            Device::Cpu => check_forward(&c, dev, "Dk 257"),
+            Device::Cuda(_) => match forward(&c, dev) {
+                Err(Error::Unsupported(msg)) => assert!(msg.contains("256"), "{msg}"),
+                other => panic!("Dk 257 on {dev}: {other:?}"),
+            },
         }
     }
 }
 
-#[test]
-fn numeric_mask_counts_nonzero_as_taken() {
-    let d = dims(2, 9, 1, 1, 8, 8);
-    let mut c = case(d, DType::F32, false, true, 4);
-    let holes = holes_mask(d.b, d.t, 1);
-    c.mask = Some(holes.astype(DType::F32).expect("cast"));
-    let (o1, s1) = forward(&c).expect("numeric mask");
-    c.mask = Some(holes);
-    let (o2, s2) = forward(&c).expect("bool mask");
-    assert_eq!(f64s(&o1), f64s(&o2));
-    assert_eq!(f64s(&s1), f64s(&s2));
-}
-
-#[test]
-fn strided_inputs() {
-    let d = dims(2, 11, 2, 4, 16, 24);
-    let c = case(d, DType::F32, true, true, 9);
-    // Every input seen through a transposed copy: same values, other strides.
-    let strided = |a: &Array| -> Array {
-        let nd = a.ndim() as isize;
-        let t = a.swapaxes(0, nd - 1).expect("swap");
-        let t = t.contiguous().expect("copy");
-        t.swapaxes(0, nd - 1).expect("swap back")
-    };
-    let s = Case {
-        q: strided(&c.q),
-        k: strided(&c.k),
-        v: strided(&c.v),
-        gamma: strided(&c.gamma),
-        beta: strided(&c.beta),
-        state0: c.state0.as_ref().map(strided),
-        mask: None,
-    };
-    assert!(!s.q.is_contiguous());
-    check_forward(&s, "strided");
-    // A broadcast gamma (one decay for every step).
-    let g = Array::from_vec(vec![0.9f32; d.hv], &[1, 1, d.hv])
-        .and_then(|g| g.broadcast_to(&[d.b, d.t, d.hv]))
-        .expect("broadcast");
-    let mut s = s;
-    s.gamma = g;
-    check_forward(&s, "broadcast gamma");
-}
-
-#[test]
-fn long_sequence_f32() {
-    let d = dims(1, 8192, 1, 2, 16, 8);
-    let c = case(d, DType::F32, false, true, 11);
-    check_forward(&c, "T 8192");
-}
-
-#[test]
-fn empty_sizes() {
-    for d in [
-        dims(0, 4, 2, 2, 8, 8),
-        dims(2, 0, 2, 2, 8, 8),
-        dims(2, 4, 0, 0, 8, 8),
-        dims(2, 4, 2, 2, 0, 8),
-        dims(2, 4, 2, 2, 8, 0),
-    ] {
-        let c = case(d, DType::F32, false, true, 2);
-        let (out, state) = forward(&c).expect("empty");
-        assert_eq!(out.shape(), [d.b, d.t, d.hv, d.dv]);
-        assert_eq!(state.shape(), [d.b, d.hv, d.dv, d.dk]);
-        let (ro, rs) = oracle(&c);
-        check_close(&out, &ro, 0.0, 0.0, &format!("{d:?} out"));
-        check_close(&state, &rs, 0.0, 0.0, &format!("{d:?} state"));
+on_every_device! {
+    fn long_sequence_f32(dev: &Device) {
+        let d = dims(1, 8192, 1, 2, 16, 8);
+        let c = make_case(d, DType::F32, false, true, 11);
+        check_forward(&c, dev, "T 8192");
     }
 }
 
-#[test]
-fn special_values() {
-    let d = dims(1, 6, 1, 1, 8, 4);
-    let base = case(d, DType::F32, false, true, 13);
-    // NaN in v at step 2: NaN from step 2 on (the state carries it), finite before.
-    let mut v = f64s(&base.v);
-    v[2 * d.dv] = f64::NAN;
-    let c = Case {
-        v: arr(v.clone(), base.v.shape(), DType::F32),
-        ..clone_case(&base)
-    };
-    let (out, state) = forward(&c).expect("nan v");
-    let o = f64s(&out);
-    assert!(o[..2 * d.dv].iter().all(|x| x.is_finite()), "{o:?}");
-    assert!(o[2 * d.dv].is_nan());
-    assert!(f64s(&state).iter().any(|x| x.is_nan()));
-    check_close(&out, &oracle(&c).0, 1e-4, 1e-4, "nan v");
-    // The same NaN at a masked-out step reads nothing: every output finite.
-    let mask: Vec<bool> = (0..d.t).map(|t| t != 2).collect();
-    let c = Case {
-        v: arr(v, base.v.shape(), DType::F32),
-        mask: Some(Array::from_vec(mask, &[1, d.t]).expect("mask")),
-        ..clone_case(&base)
-    };
-    let (out, state) = forward(&c).expect("masked nan");
-    assert!(f64s(&out).iter().all(|x| x.is_finite()));
-    assert!(f64s(&state).iter().all(|x| x.is_finite()));
-    // An infinite decay overflows the state: inf / NaN as the arithmetic gives.
-    let mut g = f64s(&base.gamma);
-    g[3] = f64::INFINITY;
-    let c = Case {
-        gamma: arr(g, base.gamma.shape(), DType::F32),
-        ..clone_case(&base)
-    };
-    let (out, _) = forward(&c).expect("inf gamma");
-    check_close(&out, &oracle(&c).0, 1e-4, 1e-4, "inf gamma");
+on_every_device! {
+    fn empty_sizes(dev: &Device) {
+        for d in [
+            dims(0, 4, 2, 2, 8, 8),
+            dims(2, 0, 2, 2, 8, 8),
+            dims(2, 4, 0, 0, 8, 8),
+            dims(2, 4, 2, 2, 0, 8),
+            dims(2, 4, 2, 2, 8, 0),
+        ] {
+            let c = make_case(d, DType::F32, false, true, 2);
+            let (out, state) = forward(&c, dev).expect("empty");
+            assert_eq!(out.shape(), [d.b, d.t, d.hv, d.dv]);
+            assert_eq!(state.shape(), [d.b, d.hv, d.dv, d.dk]);
+            let (ro, rs) = oracle(&c);
+            check_close(&out, &ro, 0.0, 0.0, &format!("{d:?} out"));
+            check_close(&state, &rs, 0.0, 0.0, &format!("{d:?} state"));
+        }
+    }
+}
+
+on_every_device! {
+    fn special_values(dev: &Device) {
+        let d = dims(1, 6, 1, 1, 8, 4);
+        let base = make_case(d, DType::F32, false, true, 13);
+        // NaN in v at step 2: NaN from step 2 on (the state carries it), finite before.
+        let mut v = f64s(&base.v);
+        v[2 * d.dv] = f64::NAN;
+        let c = Case {
+            v: arr(v.clone(), base.v.shape(), DType::F32),
+            ..clone_case(&base)
+        };
+        let (out, state) = forward(&c, dev).expect("nan v");
+        let o = f64s(&out);
+        assert!(o[..2 * d.dv].iter().all(|x| x.is_finite()), "{o:?}");
+        assert!(o[2 * d.dv].is_nan());
+        assert!(f64s(&state).iter().any(|x| x.is_nan()));
+        check_close(&out, &oracle(&c).0, 1e-4, 1e-4, "nan v");
+        // The same NaN at a masked-out step reads nothing: every output finite.
+        let mask: Vec<bool> = (0..d.t).map(|t| t != 2).collect();
+        let c = Case {
+            v: arr(v, base.v.shape(), DType::F32),
+            mask: Some(Array::from_vec(mask, &[1, d.t]).expect("mask")),
+            ..clone_case(&base)
+        };
+        let (out, state) = forward(&c, dev).expect("masked nan");
+        assert!(f64s(&out).iter().all(|x| x.is_finite()));
+        assert!(f64s(&state).iter().all(|x| x.is_finite()));
+        // An infinite decay overflows the state: inf / NaN as the arithmetic gives.
+        let mut g = f64s(&base.gamma);
+        g[3] = f64::INFINITY;
+        let c = Case {
+            gamma: arr(g, base.gamma.shape(), DType::F32),
+            ..clone_case(&base)
+        };
+        let (out, _) = forward(&c, dev).expect("inf gamma");
+        check_close(&out, &oracle(&c).0, 1e-4, 1e-4, "inf gamma");
+    }
 }
 
 fn clone_case(c: &Case) -> Case {
@@ -404,21 +479,39 @@ fn cotangents(d: Dims, seed: u64) -> (Array, Array) {
     (dout.expect("dout"), dstate.expect("dstate"))
 }
 
-fn vjp(c: &Case, dout: &Array, dstate: Option<&Array>) -> ferrofast::Result<GatedDeltaGrads> {
-    fast::gated_delta_update_vjp(
-        &c.q,
-        &c.k,
-        &c.v,
-        &c.gamma,
-        &c.beta,
-        c.state0.as_ref(),
-        c.mask.as_ref(),
-        dout,
-        dstate,
-    )
+/// The backward on `dev`, inputs moved there; gradients come back to the CPU.
+fn vjp(
+    c: &Case,
+    dev: &Device,
+    dout: &Array,
+    dstate: Option<&Array>,
+) -> ferrofast::Result<GatedDeltaGrads> {
+    let x = to_dev(c, dev);
+    let dstate = dstate.map(|s| on(s, dev));
+    let g = fast::gated_delta_update_vjp(
+        &x.q,
+        &x.k,
+        &x.v,
+        &x.gamma,
+        &x.beta,
+        x.state0.as_ref(),
+        x.mask.as_ref(),
+        &on(dout, dev),
+        dstate.as_ref(),
+    )?;
+    let cpu = |a: &Array| on(a, &Device::Cpu);
+    Ok(GatedDeltaGrads {
+        dq: cpu(&g.dq),
+        dk: cpu(&g.dk),
+        dv: cpu(&g.dv),
+        dgamma: cpu(&g.dgamma),
+        dbeta: cpu(&g.dbeta),
+        dstate0: g.dstate0.as_ref().map(cpu),
+    })
 }
 
 fn oracle_vjp(c: &Case, dout: &Array, dstate: Option<&Array>) -> GatedDeltaGrads {
+    let c = &to_dev(c, &Device::Cpu);
     reference::gated_delta_update_vjp(
         &c.q,
         &c.k,
@@ -433,10 +526,10 @@ fn oracle_vjp(c: &Case, dout: &Array, dstate: Option<&Array>) -> GatedDeltaGrads
     .expect("oracle vjp")
 }
 
-fn check_vjp(c: &Case, d: Dims, seed: u64, with_dstate: bool, what: &str) {
+fn check_vjp(c: &Case, dev: &Device, d: Dims, seed: u64, with_dstate: bool, what: &str) {
     let (dout, dstate) = cotangents(d, seed);
     let dstate = with_dstate.then_some(&dstate);
-    let g = vjp(c, &dout, dstate).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let g = vjp(c, dev, &dout, dstate).unwrap_or_else(|e| panic!("{what}: {e}"));
     let r = oracle_vjp(c, &dout, dstate);
     let tol = |a: &Array| match a.dtype() {
         DType::F32 | DType::F64 => (2e-4, 2e-4),
@@ -464,61 +557,64 @@ fn check_vjp(c: &Case, d: Dims, seed: u64, with_dstate: bool, what: &str) {
     }
 }
 
-#[test]
-fn vjp_matches_oracle() {
-    for (n, d) in MLX_DIMS.iter().enumerate().skip(1) {
-        for (per_key, with_state) in [(false, true), (true, false)] {
-            let c = case(*d, DType::F32, per_key, with_state, 30 + n as u64);
-            check_vjp(
-                &c,
-                *d,
-                n as u64,
-                with_state,
-                &format!("{d:?} per-key {per_key}"),
-            );
+on_every_device! {
+    fn vjp_matches_oracle(dev: &Device) {
+        for (n, d) in MLX_DIMS.iter().enumerate().skip(1) {
+            for (per_key, with_state) in [(false, true), (true, false)] {
+                let c = make_case(*d, DType::F32, per_key, with_state, 30 + n as u64);
+                check_vjp(&c, dev,
+                    *d,
+                    n as u64,
+                    with_state,
+                    &format!("{d:?} per-key {per_key}"),
+                );
+            }
         }
     }
 }
 
-#[test]
-fn vjp_dtypes_masks_and_chunk_boundaries() {
-    for dtype in [DType::F16, DType::BF16, DType::F64] {
-        let d = dims(2, 12, 1, 2, 16, 16);
-        let c = case(d, dtype, true, true, 40);
-        check_vjp(&c, d, 1, true, &format!("{dtype}"));
-    }
-    // T around the checkpoint chunk (about sqrt(T), at least 8), masked steps across them.
-    for t in [1, 7, 8, 9, 17, 64, 65, 100] {
-        let d = dims(2, t, 2, 4, 8, 12);
-        let mut c = case(d, DType::F32, false, true, 50 + t as u64);
-        c.mask = Some(holes_mask(d.b, d.t, t as u64));
-        check_vjp(&c, d, t as u64, t % 2 == 0, &format!("T {t} masked"));
+on_every_device! {
+    fn vjp_dtypes_masks_and_chunk_boundaries(dev: &Device) {
+        for dtype in [DType::F16, DType::BF16, DType::F64] {
+            let d = dims(2, 12, 1, 2, 16, 16);
+            let c = make_case(d, dtype, true, true, 40);
+            check_vjp(&c, dev, d, 1, true, &format!("{dtype}"));
+        }
+        // T around the checkpoint chunk (about sqrt(T), at least 8), masked steps across them.
+        for t in [1, 7, 8, 9, 17, 64, 65, 100] {
+            let d = dims(2, t, 2, 4, 8, 12);
+            let mut c = make_case(d, DType::F32, false, true, 50 + t as u64);
+            c.mask = Some(holes_mask(d.b, d.t, t as u64));
+            check_vjp(&c, dev, d, t as u64, t % 2 == 0, &format!("T {t} masked"));
+        }
     }
 }
 
-#[test]
-fn vjp_long_sequence() {
-    let d = dims(1, 2048, 1, 1, 16, 8);
-    let c = case(d, DType::F32, true, true, 60);
-    check_vjp(&c, d, 3, true, "T 2048");
+on_every_device! {
+    fn vjp_long_sequence(dev: &Device) {
+        let d = dims(1, 2048, 1, 1, 16, 8);
+        let c = make_case(d, DType::F32, true, true, 60);
+        check_vjp(&c, dev, d, 3, true, "T 2048");
+    }
 }
 
-#[test]
-fn vjp_empty_sizes() {
-    for d in [
-        dims(0, 4, 2, 2, 8, 8),
-        dims(2, 0, 2, 2, 8, 8),
-        dims(2, 4, 2, 2, 0, 8),
-    ] {
-        let c = case(d, DType::F32, false, true, 2);
-        let (dout, dstate) = cotangents(d, 1);
-        let g = vjp(&c, &dout, Some(&dstate)).expect("empty vjp");
-        assert_eq!(g.dq.shape(), c.q.shape());
-        assert_eq!(g.dgamma.shape(), c.gamma.shape());
-        let ds0 = g.dstate0.expect("dstate0");
-        // With no step, the state's gradient passes through unchanged.
-        if d.t == 0 {
-            assert_eq!(f64s(&ds0), f64s(&dstate));
+on_every_device! {
+    fn vjp_empty_sizes(dev: &Device) {
+        for d in [
+            dims(0, 4, 2, 2, 8, 8),
+            dims(2, 0, 2, 2, 8, 8),
+            dims(2, 4, 2, 2, 0, 8),
+        ] {
+            let c = make_case(d, DType::F32, false, true, 2);
+            let (dout, dstate) = cotangents(d, 1);
+            let g = vjp(&c, dev, &dout, Some(&dstate)).expect("empty vjp");
+            assert_eq!(g.dq.shape(), c.q.shape());
+            assert_eq!(g.dgamma.shape(), c.gamma.shape());
+            let ds0 = g.dstate0.expect("dstate0");
+            // With no step, the state's gradient passes through unchanged.
+            if d.t == 0 {
+                assert_eq!(f64s(&ds0), f64s(&dstate));
+            }
         }
     }
 }
@@ -531,7 +627,7 @@ type Field = fn(&mut Case) -> &mut Array;
 fn oracle_vjp_matches_finite_differences() {
     let d = dims(1, 5, 1, 2, 3, 2);
     for per_key in [false, true] {
-        let mut c = case(d, DType::F64, per_key, true, 70);
+        let mut c = make_case(d, DType::F64, per_key, true, 70);
         c.state0 = c.state0.map(|s| s.astype(DType::F64).expect("cast"));
         c.mask = Some(Array::from_vec(vec![true, true, false, true, true], &[1, 5]).expect("m"));
         let (dout, dstate) = cotangents(d, 5);
@@ -592,7 +688,7 @@ fn invalid(msg: &str) -> Error {
 #[test]
 fn error_messages() {
     let d = dims(2, 3, 2, 4, 8, 6);
-    let c = case(d, DType::F32, false, true, 1);
+    let c = make_case(d, DType::F32, false, true, 1);
     let z = |shape: &[usize]| Array::zeros(shape, DType::F32, &Device::Cpu).expect("zeros");
     let call = |q: &Array,
                 k: &Array,
@@ -672,7 +768,7 @@ fn error_messages() {
         ))
     );
     let (dout, dstate) = cotangents(d, 1);
-    let e = vjp(&c, &z(&[2, 3, 4, 5]), None).expect_err("bad d_out");
+    let e = vjp(&c, &Device::Cpu, &z(&[2, 3, 4, 5]), None).expect_err("bad d_out");
     assert_eq!(
         e,
         invalid(
@@ -680,7 +776,7 @@ fn error_messages() {
              (2,3,4,6)."
         )
     );
-    let e = vjp(&c, &dout, Some(&z(&[2, 4, 8, 6]))).expect_err("bad d_state");
+    let e = vjp(&c, &Device::Cpu, &dout, Some(&z(&[2, 4, 8, 6]))).expect_err("bad d_state");
     assert_eq!(
         e,
         invalid(
@@ -689,7 +785,7 @@ fn error_messages() {
         )
     );
     let ints = dout.astype(DType::I32).expect("cast");
-    let e = vjp(&c, &ints, Some(&dstate)).expect_err("int d_out");
+    let e = vjp(&c, &Device::Cpu, &ints, Some(&dstate)).expect_err("int d_out");
     assert_eq!(
         e,
         invalid("[gated_delta_update_vjp] d_out must be floating but got int32.")

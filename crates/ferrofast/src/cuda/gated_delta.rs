@@ -1,24 +1,550 @@
-//! `gated_delta_update` on a CUDA device: no kernel yet; every call is refused with
-//! `Error::Unsupported` naming the way out (the CPU kernels).
+//! Launchers for `kernels/gated_delta.cu`: `gated_delta_update` and its backward on a CUDA
+//! device, for key head sizes up to [`MAX_DK`] and any value head size.
+//!
+//! The forward (`gd_forward`) steps the state sequentially with four lanes a state row and
+//! 32 rows a block, the state in registers: at one step (decode) it reads and writes the
+//! state once. The backward (`gd_backward`) runs a block per (batch, value head, up to 128
+//! rows): the forward again keeping a checkpoint every `C ≈ sqrt(T)` steps, then the chunks in
+//! reverse, each replayed from its checkpoint into a scratch buffer of its `C` states. Its
+//! key-side gradients are per-row-block partials summed by `gd_sum` in a fixed order, with the
+//! value heads sharing a key head (deterministic, no atomics). Workspace: `(T / C + C)` states
+//! of each head plus the partials, `[row blocks, B, T, Hv, 2 Dk + Dk_gamma + 1]` floats.
+//!
+//! Inputs are read in their own dtype when `q`, `k`, `v` share one of f32 / f16 / bf16 (and
+//! `gamma`, `beta` share it or are f32); anything else is converted to f32 first. The
+//! arithmetic is f32 throughout, as on the CPU.
 
-use super::runtime::Stream;
+use super::copy::{copy_cast, type_tag};
+use super::jit::{self, KernelFile, Registered};
+use super::memory::CudaBuffer;
+use super::runtime::{allow_dynamic_shared_memory, grid_1d, launch, Stream};
+use crate::array::checked_size;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::gated_delta::{GatedDeltaArgs, GatedDeltaGrads, GatedDeltaVjpArgs};
 use crate::Array;
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
-fn unsupported(op: &str) -> Error {
-    Error::Unsupported(format!(
-        "[{op}] has no CUDA kernel yet; move the inputs to the CPU with \
-         to_device(&Device::Cpu)."
-    ))
+/// `kernels/gated_delta.cu`. Every instantiation a launch can ask for is in `variants`.
+pub(crate) const REGISTERED: Registered = Registered {
+    file: KernelFile::new("gated_delta.cu", include_str!("kernels/gated_delta.cu")),
+    variants: all_variants,
+};
+
+/// The largest key head size the kernels take (16 float4 column groups of four lanes).
+pub(crate) const MAX_DK: usize = 256;
+/// Float4 groups a lane holds, the template's `NV`: the smallest with `16 NV >= Dk`.
+const NVS: [usize; 5] = [1, 2, 4, 8, 16];
+/// Threads of a `gd_forward` block (four warps of eight rows).
+const FWD_THREADS: u32 = 128;
+/// State rows a `gd_forward` block steps.
+const FWD_ROWS: usize = 32;
+/// Threads of `gd_sum`.
+const SUM_THREADS: u32 = 256;
+const SUM: &str = "gd_sum";
+
+/// The (q / k / v, gamma / beta) element types the kernels are instantiated for.
+const TYPES: [(DType, DType); 5] = [
+    (DType::F32, DType::F32),
+    (DType::F16, DType::F16),
+    (DType::F16, DType::F32),
+    (DType::BF16, DType::BF16),
+    (DType::BF16, DType::F32),
+];
+
+fn variant(kernel: &str, ti: DType, tg: DType, nv: usize) -> String {
+    format!("{kernel}<{}, {}, {nv}>", type_tag(ti), type_tag(tg))
 }
 
-/// Refuses the call: there is no CUDA kernel for the recurrence yet.
-pub(crate) fn run(_: &GatedDeltaArgs, _: &Stream) -> Result<(Array, Array)> {
-    Err(unsupported("gated_delta_update"))
+/// Every instantiation of `gated_delta.cu` a launch can ask for.
+fn all_variants() -> Vec<String> {
+    let mut out = Vec::new();
+    for (ti, tg) in TYPES {
+        for nv in NVS {
+            out.push(variant("gd_forward", ti, tg, nv));
+            out.push(variant("gd_backward", ti, tg, nv));
+        }
+    }
+    out.push(SUM.to_string());
+    out
 }
 
-/// Refuses the call: there is no CUDA kernel for the recurrence's backward yet.
-pub(crate) fn vjp(_: &GatedDeltaVjpArgs, _: &Stream) -> Result<GatedDeltaGrads> {
-    Err(unsupported("gated_delta_update_vjp"))
+/// `ff_gd_params` in `kernels/gated_delta.cu`, same C layout, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GdParams {
+    t: i64,
+    hk: i32,
+    hv: i32,
+    dk: i32,
+    dv: i32,
+    group: i32,
+    per_key: i32,
+    rb: i32,
+    nrb: i32,
+    chunk: i32,
+    n_chunks: i32,
+}
+
+// SAFETY: `GdParams` is `repr(C)` plain data whose layout matches `ff_gd_params`.
+unsafe impl DeviceRepr for GdParams {}
+
+/// The template's `NV` for key heads of `dk`.
+fn nv_for(op: &str, dk: usize) -> Result<usize> {
+    NVS.into_iter().find(|&nv| 16 * nv >= dk).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "[{op}] the CUDA kernels take key heads of up to {MAX_DK} (Dk = {dk}); run it on \
+             the CPU"
+        ))
+    })
+}
+
+/// The element types the kernels read the inputs in.
+fn types(a: &GatedDeltaArgs) -> (DType, DType) {
+    let native = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::BF16);
+    let (q, k, v) = (a.q.dtype(), a.k.dtype(), a.v.dtype());
+    let ti = if q == k && k == v && native(q) {
+        q
+    } else {
+        DType::F32
+    };
+    let (g, b) = (a.gamma.dtype(), a.beta.dtype());
+    let tg = if g == b && g == ti { ti } else { DType::F32 };
+    (ti, tg)
+}
+
+/// `a` as a row-major array of `dtype` starting at its buffer's first element: `a` itself
+/// when it already is, else a copy made on `stream`.
+fn dense(a: &Array, dtype: DType, stream: &Stream) -> Result<Array> {
+    if a.dtype() == dtype && a.is_contiguous() && a.offset() == 0 {
+        Ok(a.clone())
+    } else {
+        copy_cast(a, dtype, Some(stream))
+    }
+}
+
+fn buffer<'a>(op: &str, name: &str, a: &'a Array) -> Result<&'a CudaBuffer> {
+    a.cuda_buffer().ok_or_else(|| {
+        Error::Device(format!(
+            "[{op}] the CUDA kernel got {name} on {}",
+            a.device()
+        ))
+    })
+}
+
+/// The inputs as the kernels read them.
+struct Dense {
+    q: Array,
+    k: Array,
+    v: Array,
+    gamma: Array,
+    beta: Array,
+    state0: Option<Array>,
+    mask: Option<Array>,
+    ti: DType,
+}
+
+impl Dense {
+    fn new(a: &GatedDeltaArgs, stream: &Stream) -> Result<Dense> {
+        let (ti, tg) = types(a);
+        Ok(Dense {
+            q: dense(&a.q, ti, stream)?,
+            k: dense(&a.k, ti, stream)?,
+            v: dense(&a.v, ti, stream)?,
+            gamma: dense(&a.gamma, tg, stream)?,
+            beta: dense(&a.beta, tg, stream)?,
+            state0: a
+                .state0
+                .as_ref()
+                .map(|s| dense(s, DType::F32, stream))
+                .transpose()?,
+            mask: a
+                .mask
+                .as_ref()
+                .map(|m| dense(m, DType::F32, stream))
+                .transpose()?,
+            ti,
+        })
+    }
+}
+
+fn u32_dim(op: &str, what: &str, n: usize, limit: u32) -> Result<u32> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&x| x <= limit)
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "[{op}] {what} ({n}) exceed the CUDA grid's limit of {limit}"
+            ))
+        })
+}
+
+fn i32_size(op: &str, what: &str, n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| {
+        Error::Unsupported(format!(
+            "[{op}] {what} ({n}) exceeds the CUDA kernels' 32-bit limit"
+        ))
+    })
+}
+
+/// The parameters both kernels share.
+fn params(op: &str, a: &GatedDeltaArgs) -> Result<GdParams> {
+    Ok(GdParams {
+        t: i64::try_from(a.t).map_err(|_| Error::Shape(format!("[{op}] T overflows i64")))?,
+        hk: i32_size(op, "Hk", a.hk)?,
+        hv: i32_size(op, "Hv", a.hv)?,
+        dk: i32_size(op, "Dk", a.dk)?,
+        dv: i32_size(op, "Dv", a.dv)?,
+        group: i32_size(op, "Hv / Hk", a.group())?,
+        per_key: i32::from(a.per_key_gamma),
+        ..GdParams::default()
+    })
+}
+
+/// Runs a validated `gated_delta_update` call on `stream`: `(out, state)`.
+///
+/// # Errors
+/// `Error::Unsupported` for `Dk > 256` or sizes past the kernels' 32-bit limits; compile,
+/// allocation and driver errors.
+pub(crate) fn run(a: &GatedDeltaArgs, stream: &Stream) -> Result<(Array, Array)> {
+    const OP: &str = "gated_delta_update";
+    let nv = nv_for(OP, a.dk)?;
+    let p = params(OP, a)?;
+    let x = Dense::new(a, stream)?;
+    let qb = buffer(OP, "q", &x.q)?;
+    let device = qb.device().clone();
+    let out_shape = a.out_shape();
+    let mut out = CudaBuffer::alloc(&device, stream, x.ti, checked_size(&out_shape)?)?;
+    let mut state =
+        CudaBuffer::alloc(&device, stream, DType::F32, checked_size(&a.state_shape())?)?;
+    let heads = a.b * a.hv;
+    if heads > 0 && a.dv > 0 {
+        let grid = (
+            u32_dim(OP, "B * Hv", heads, i32::MAX as u32)?,
+            u32_dim(OP, "row blocks", a.dv.div_ceil(FWD_ROWS), 65535)?,
+            1,
+        );
+        let name = variant("gd_forward", x.ti, x.gamma.dtype(), nv);
+        let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
+        let null: u64 = 0;
+        let cu = stream.cuda();
+        let mut b = cu.launch_builder(&func);
+        b.arg(qb.slice())
+            .arg(buffer(OP, "k", &x.k)?.slice())
+            .arg(buffer(OP, "v", &x.v)?.slice())
+            .arg(buffer(OP, "gamma", &x.gamma)?.slice())
+            .arg(buffer(OP, "beta", &x.beta)?.slice());
+        match &x.state0 {
+            Some(s) => b.arg(buffer(OP, "initial_state", s)?.slice()),
+            None => b.arg(&null),
+        };
+        match &x.mask {
+            Some(m) => b.arg(buffer(OP, "mask", m)?.slice()),
+            None => b.arg(&null),
+        };
+        b.arg(out.slice_mut()).arg(state.slice_mut()).arg(&p);
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (FWD_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch(&format!("launching {name}"), || {
+            // SAFETY: the arguments match gd_forward's parameters in order and type
+            // (`GdParams` is `ff_gd_params`). Every input is dense and row-major from its
+            // buffer's start (`Dense`) with the shapes the Args validated; the kernel reads
+            // rows < Dv and columns < Dk of them and of the initial state, and writes out
+            // ([B, T, Hv, Dv], `out_shape`) and the state ([B, Hv, Dv, Dk]) within bounds.
+            unsafe { b.launch(cfg) }.map(|_| ())
+        })?;
+    }
+    let out = Array::from_cuda_buffer(out, &out_shape)?;
+    let out = if x.ti == a.out_dtype {
+        out
+    } else {
+        copy_cast(&out, a.out_dtype, Some(stream))?
+    };
+    Ok((out, Array::from_cuda_buffer(state, &a.state_shape())?))
+}
+
+/// Steps per checkpoint of the backward for `t` steps: about `sqrt(t)`, at least 8 (the
+/// CPU's rule).
+fn ckpt_chunk(t: usize) -> usize {
+    ((t as f64).sqrt().ceil() as usize).clamp(8, 256)
+}
+
+/// The backward's row blocks: `(rows per block, blocks per head, warps per block)`. A block
+/// holds up to 128 rows (16 warps, the state and its gradient in registers: 64 floats a lane
+/// at Dk <= 128), 56 at Dk > 128 (seven warps, 128 floats a lane).
+fn row_blocks(dv: usize, nv: usize) -> (usize, usize, usize) {
+    let max_rows = if nv >= 16 { 56 } else { 128 };
+    let rb = dv.div_ceil(8).max(1).saturating_mul(8).min(max_rows);
+    (rb, dv.div_ceil(rb), rb.div_ceil(8))
+}
+
+/// The gradients when no output depends on any input (no step, no value head, an empty
+/// state): zeros, and the final state's gradient passed through.
+fn vjp_trivial(args: &GatedDeltaVjpArgs, stream: &Stream) -> Result<GatedDeltaGrads> {
+    let a = &args.fwd;
+    let zeros = |like: &Array, dtype: DType| Array::zeros(like.shape(), dtype, &a.device);
+    let dstate0 = match (&a.state0, &args.d_state) {
+        (Some(_), Some(d)) => Some(copy_cast(d, DType::F32, Some(stream))?),
+        (Some(s), None) => Some(zeros(s, DType::F32)?),
+        (None, _) => None,
+    };
+    Ok(GatedDeltaGrads {
+        dq: zeros(&a.q, a.q.dtype())?,
+        dk: zeros(&a.k, a.k.dtype())?,
+        dv: zeros(&a.v, a.v.dtype())?,
+        dgamma: zeros(&a.gamma, a.gamma.dtype())?,
+        dbeta: zeros(&a.beta, a.beta.dtype())?,
+        dstate0,
+    })
+}
+
+/// `out[o][c] = sum_r sum_g part[r][o * groups + g][c]` for `o < n_out`, `c < width`, as
+/// f32 of `shape`, then cast to `dtype`.
+#[allow(clippy::too_many_arguments)]
+fn sum_parts(
+    part: &CudaBuffer,
+    n_out: usize,
+    width: usize,
+    groups: usize,
+    parts: usize,
+    shape: &[usize],
+    dtype: DType,
+    stream: &Stream,
+) -> Result<Array> {
+    const OP: &str = "gated_delta_update_vjp";
+    let device = part.device().clone();
+    let n = n_out
+        .checked_mul(width)
+        .ok_or_else(|| Error::Shape(format!("[{OP}] gradient size overflows usize")))?;
+    let mut out = CudaBuffer::alloc(&device, stream, DType::F32, n)?;
+    if n > 0 {
+        let func = jit::function(&device, &REGISTERED.file, SUM, &[])?;
+        let blocks = n.div_ceil(SUM_THREADS as usize).min(1 << 16) as u32;
+        let n_out_i = n_out as i64;
+        let width_i = i32_size(OP, "a gradient row", width)?;
+        let groups_i = i32_size(OP, "Hv / Hk", groups)?;
+        let parts_i = i32_size(OP, "row blocks", parts)?;
+        let plane = (n_out * groups * width) as i64;
+        let cu = stream.cuda();
+        let mut b = cu.launch_builder(&func);
+        b.arg(part.slice())
+            .arg(out.slice_mut())
+            .arg(&n_out_i)
+            .arg(&width_i)
+            .arg(&groups_i)
+            .arg(&parts_i)
+            .arg(&plane);
+        launch("launching gd_sum", || {
+            // SAFETY: gd_sum(in, out, n_out, width, groups, parts, plane) reads
+            // in[r * plane + (o * groups + g) * width + c] for r < parts, o < n_out,
+            // g < groups, c < width: inside the partials buffer of parts * plane floats, every
+            // element written by gd_backward on this stream; it writes out[0..n).
+            unsafe { b.launch(grid_1d(blocks, SUM_THREADS, 0)) }.map(|_| ())
+        })?;
+    }
+    let out = Array::from_cuda_buffer(out, shape)?;
+    if dtype == DType::F32 {
+        Ok(out)
+    } else {
+        copy_cast(&out, dtype, Some(stream))
+    }
+}
+
+/// Runs a validated `gated_delta_update_vjp` call on `stream`.
+///
+/// # Errors
+/// As [`run`].
+pub(crate) fn vjp(args: &GatedDeltaVjpArgs, stream: &Stream) -> Result<GatedDeltaGrads> {
+    const OP: &str = "gated_delta_update_vjp";
+    let a = &args.fwd;
+    let nv = nv_for(OP, a.dk)?;
+    if a.t == 0 || a.b * a.hv == 0 || a.dv == 0 || a.dk == 0 {
+        return vjp_trivial(args, stream);
+    }
+    let mut p = params(OP, a)?;
+    let x = Dense::new(a, stream)?;
+    let d_out = dense(&args.d_out, DType::F32, stream)?;
+    let d_state = args
+        .d_state
+        .as_ref()
+        .map(|s| dense(s, DType::F32, stream))
+        .transpose()?;
+    let qb = buffer(OP, "q", &x.q)?;
+    let device = qb.device().clone();
+
+    let (rb, nrb, warps) = row_blocks(a.dv, nv);
+    let chunk = ckpt_chunk(a.t);
+    let n_chunks = a.t.div_ceil(chunk);
+    p.rb = i32_size(OP, "rows", rb)?;
+    p.nrb = i32_size(OP, "row blocks", nrb)?;
+    p.chunk = i32_size(OP, "chunk", chunk)?;
+    p.n_chunks = i32_size(OP, "chunks", n_chunks)?;
+    let heads = a.b * a.hv;
+    let slot = warps * 8 * 16 * nv;
+    let gk = if a.per_key_gamma { a.dk } else { 1 };
+    let bth = checked_size(&[a.b, a.t, a.hv])?;
+    let f32buf = |shape: &[usize]| -> Result<CudaBuffer> {
+        CudaBuffer::alloc(&device, stream, DType::F32, checked_size(shape)?)
+    };
+    let mut ckpt = f32buf(&[heads, nrb, n_chunks, slot])?;
+    let mut scratch = f32buf(&[heads, nrb, chunk, slot])?;
+    let mut part_q = f32buf(&[nrb, bth, a.dk])?;
+    let mut part_k = f32buf(&[nrb, bth, a.dk])?;
+    let mut part_g = f32buf(&[nrb, bth, gk])?;
+    let mut part_b = f32buf(&[nrb, bth])?;
+    let mut dv = f32buf(&[bth, a.dv])?;
+    let mut dstate0 = match a.state0 {
+        Some(_) => Some(f32buf(&a.state_shape())?),
+        None => None,
+    };
+
+    let name = variant("gd_backward", x.ti, x.gamma.dtype(), nv);
+    let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
+    let smem = 2 * warps * (3 * 16 * nv + 2) * 4;
+    allow_dynamic_shared_memory(&func, smem, &name)?;
+    let grid = (
+        u32_dim(OP, "B * Hv", heads, i32::MAX as u32)?,
+        u32_dim(OP, "row blocks", nrb, 65535)?,
+        1,
+    );
+    let null: u64 = 0;
+    let cu = stream.cuda();
+    let mut b = cu.launch_builder(&func);
+    b.arg(qb.slice())
+        .arg(buffer(OP, "k", &x.k)?.slice())
+        .arg(buffer(OP, "v", &x.v)?.slice())
+        .arg(buffer(OP, "gamma", &x.gamma)?.slice())
+        .arg(buffer(OP, "beta", &x.beta)?.slice());
+    match &x.state0 {
+        Some(s) => b.arg(buffer(OP, "initial_state", s)?.slice()),
+        None => b.arg(&null),
+    };
+    match &x.mask {
+        Some(m) => b.arg(buffer(OP, "mask", m)?.slice()),
+        None => b.arg(&null),
+    };
+    b.arg(buffer(OP, "d_out", &d_out)?.slice());
+    match &d_state {
+        Some(s) => b.arg(buffer(OP, "d_state", s)?.slice()),
+        None => b.arg(&null),
+    };
+    b.arg(ckpt.slice_mut())
+        .arg(scratch.slice_mut())
+        .arg(part_q.slice_mut())
+        .arg(part_k.slice_mut())
+        .arg(part_g.slice_mut())
+        .arg(part_b.slice_mut())
+        .arg(dv.slice_mut());
+    match &mut dstate0 {
+        Some(d) => b.arg(d.slice_mut()),
+        None => b.arg(&null),
+    };
+    b.arg(&p);
+    let cfg = LaunchConfig {
+        grid_dim: grid,
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    launch(&format!("launching {name}"), || {
+        // SAFETY: the arguments match gd_backward's parameters in order and type (`GdParams`
+        // is `ff_gd_params`). Inputs are dense row-major (`Dense`, `dense`) with the validated
+        // shapes; block (bh, y) uses ckpt / scratch slots bh * nrb + y of n_chunks / chunk
+        // states of `slot` floats (allocated above), writes the partials at row block y of
+        // [nrb, B T Hv, width] and dv / dstate0 rows < Dv; shared memory is `smem` bytes as
+        // the kernel lays it out for `warps` warps.
+        unsafe { b.launch(cfg) }.map(|_| ())
+    })?;
+
+    let qk_rows = a.b * a.t * a.hk;
+    let group = a.group();
+    Ok(GatedDeltaGrads {
+        dq: sum_parts(
+            &part_q,
+            qk_rows,
+            a.dk,
+            group,
+            nrb,
+            a.q.shape(),
+            a.q.dtype(),
+            stream,
+        )?,
+        dk: sum_parts(
+            &part_k,
+            qk_rows,
+            a.dk,
+            group,
+            nrb,
+            a.k.shape(),
+            a.k.dtype(),
+            stream,
+        )?,
+        dv: {
+            let d = Array::from_cuda_buffer(dv, a.v.shape())?;
+            if a.v.dtype() == DType::F32 {
+                d
+            } else {
+                copy_cast(&d, a.v.dtype(), Some(stream))?
+            }
+        },
+        dgamma: sum_parts(
+            &part_g,
+            bth,
+            gk,
+            1,
+            nrb,
+            a.gamma.shape(),
+            a.gamma.dtype(),
+            stream,
+        )?,
+        dbeta: sum_parts(
+            &part_b,
+            bth,
+            1,
+            1,
+            nrb,
+            a.beta.shape(),
+            a.beta.dtype(),
+            stream,
+        )?,
+        dstate0: match dstate0 {
+            Some(d) => Some(Array::from_cuda_buffer(d, &a.state_shape())?),
+            None => None,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_launch_has_a_variant() {
+        let all = all_variants();
+        for dk in [1usize, 15, 16, 17, 64, 100, 128, 129, 200, 256] {
+            let nv = nv_for("t", dk).unwrap();
+            assert!(16 * nv >= dk && (nv == 1 || 8 * nv < dk), "{dk} {nv}");
+            for (ti, tg) in TYPES {
+                assert!(all.contains(&variant("gd_forward", ti, tg, nv)));
+                assert!(all.contains(&variant("gd_backward", ti, tg, nv)));
+            }
+        }
+        assert!(nv_for("t", 257).is_err());
+        assert!(all.contains(&SUM.to_string()));
+    }
+
+    #[test]
+    fn row_blocks_cover_the_rows() {
+        for dv in [1usize, 7, 8, 9, 64, 100, 128, 129, 255, 256, 1000] {
+            for nv in NVS {
+                let (rb, nrb, warps) = row_blocks(dv, nv);
+                assert!(rb * nrb >= dv && rb * (nrb - 1) < dv, "{dv} {nv}");
+                assert!(warps * 8 >= rb && warps <= if nv >= 16 { 7 } else { 16 });
+                let smem = 2 * warps * (3 * 16 * nv + 2) * 4;
+                assert!(smem <= 48 * 1024, "{dv} {nv}: {smem}");
+            }
+        }
+    }
 }

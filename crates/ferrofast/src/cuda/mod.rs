@@ -28,6 +28,7 @@ pub(crate) fn registry() -> Vec<jit::Registered> {
     let mut all = vec![
         copy::REGISTERED,
         cross_entropy::REGISTERED,
+        gated_delta::REGISTERED,
         norm::REGISTERED,
         rope::REGISTERED,
     ];

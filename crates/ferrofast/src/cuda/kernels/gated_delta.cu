@@ -1,0 +1,520 @@
+// The gated delta rule (ops/gated_delta.rs has the recurrence), its backward, and the sum of
+// the backward's per-block partial gradients.
+//
+// Element types: TI for q, k, v (read as f32; out is written in TI), TG for gamma and beta
+// (prelude tags). The state, the initial state, the mask (nonzero = taken), d_out and
+// d_state are contiguous f32. Every input is contiguous and row-major:
+//   q, k        [B, T, Hk, Dk]      v, out, d_out   [B, T, Hv, Dv]
+//   gamma       [B, T, Hv] or [B, T, Hv, Dk]        beta [B, T, Hv]      mask [B, T]
+//   state       [B, Hv, Dv, Dk]
+//
+// Thread layout: four lanes own one state row (eight rows a warp); lane j of a row holds the
+// columns 16 v + 4 j + e (v < NV, e < 4), so a row of Dk <= 16 NV floats is 4 NV registers a
+// lane and a row's dot products take two shuffles. Rows evolve independently; only the
+// backward's key-side gradients (dq, dk, dgamma, dbeta) sum over rows.
+//
+// gd_forward: a block of four warps steps 32 rows of one head through every step.
+// gd_backward: a block steps RB <= 8 * warps rows of one head. It runs the forward once,
+//   keeping the rows at the start of every chunk of C steps (ckpt), then walks the chunks
+//   backwards: the chunk is replayed from its checkpoint keeping the rows before each step
+//   (scratch), and its steps are walked in reverse. Per step, the rows' shares of dq, dk and
+//   dgamma are summed over the warp with shuffles and over the block in shared memory, in a
+//   fixed order, and written as this row block's partial ([nrb][B, T, Hv, ...] f32). Each
+//   lane reads back only what it wrote to ckpt and scratch, so they need no barrier.
+// gd_sum: out[o][c] = sum over r < R, g < G of in[r][o G + g][c]: the row blocks' partials
+//   and the value heads sharing a key head, in a fixed order (deterministic).
+#include "ferrofast_prelude.cuh"
+
+struct ff_gd_params {
+    ff_i64_t t;        // steps
+    int hk;            // key heads
+    int hv;            // value heads
+    int dk;            // key head size
+    int dv;            // value head size
+    int group;         // hv / hk
+    int per_key;       // gamma has a value per key dimension
+    int rb;            // rows per block of the backward
+    int nrb;           // row blocks per head of the backward
+    int chunk;         // steps per checkpoint of the backward
+    int n_chunks;      // checkpoints per head of the backward
+};
+
+// Lane j's four columns 16 v + 4 j .. + 3 of a length-n vector at p, zero past n.
+template <typename T>
+__device__ __forceinline__ void ff_gd_load4(const typename T::storage* p, int c, int n,
+                                            float out[4]) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        out[e] = c + e < n ? T::to_f32(p[c + e]) : 0.0f;
+    }
+}
+
+// The row's state columns held by this lane, from an f32 row of n floats (zeros past n).
+__device__ __forceinline__ void ff_gd_load_row(const float* p, int c, int n, float out[4]) {
+    if (c + 3 < n && (n & 3) == 0) {
+        float4 x = *reinterpret_cast<const float4*>(p + c);
+        out[0] = x.x;
+        out[1] = x.y;
+        out[2] = x.z;
+        out[3] = x.w;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            out[e] = c + e < n ? p[c + e] : 0.0f;
+        }
+    }
+}
+
+__device__ __forceinline__ void ff_gd_store_row(float* p, int c, int n, const float x[4]) {
+    if (c + 3 < n && (n & 3) == 0) {
+        *reinterpret_cast<float4*>(p + c) = make_float4(x[0], x[1], x[2], x[3]);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if (c + e < n) {
+                p[c + e] = x[e];
+            }
+        }
+    }
+}
+
+// Sum over the four lanes of a row.
+__device__ __forceinline__ float ff_gd_row_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    x += __shfl_xor_sync(0xffffffffu, x, 2);
+    return x;
+}
+
+// Sum over the eight rows of a warp (lanes with the same j).
+__device__ __forceinline__ float ff_gd_col_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 4);
+    x += __shfl_xor_sync(0xffffffffu, x, 8);
+    x += __shfl_xor_sync(0xffffffffu, x, 16);
+    return x;
+}
+
+// What a step reads that every row of a head shares.
+struct ff_gd_head {
+    ff_i64_t bt0;   // b * T
+    int h;          // value head
+    int kh;         // key head
+};
+
+__device__ __forceinline__ bool ff_gd_taken(const float* mask, const ff_gd_head& hd, ff_i64_t t) {
+    return mask == nullptr || mask[hd.bt0 + t] != 0.0f;
+}
+
+// One taken step of the recurrence on the row held in s (4 NV columns a lane). With Q,
+// returns the row's output S q (the same in the row's four lanes).
+template <typename TI, typename TG, int NV, bool Q>
+__device__ __forceinline__ float ff_gd_step(float s[NV][4], const ff_gd_params& p,
+                                            const ff_gd_head& hd, ff_i64_t t, int j,
+                                            bool active, int row,
+                                            const typename TI::storage* __restrict__ q,
+                                            const typename TI::storage* __restrict__ k,
+                                            const typename TI::storage* __restrict__ v,
+                                            const typename TG::storage* __restrict__ gamma,
+                                            const typename TG::storage* __restrict__ beta) {
+    const ff_i64_t bth = (hd.bt0 + t) * p.hv + hd.h;
+    const ff_i64_t qk = ((hd.bt0 + t) * p.hk + hd.kh) * p.dk;
+    const float bt = TG::to_f32(beta[bth]);
+    const float g0 = p.per_key ? 0.0f : TG::to_f32(gamma[bth]);
+    const float vv = active ? TI::to_f32(v[bth * p.dv + row]) : 0.0f;
+    float kv = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+        const int c = 16 * i + 4 * j;
+        float kk[4], gg[4];
+        ff_gd_load4<TI>(k + qk, c, p.dk, kk);
+        if (p.per_key) {
+            ff_gd_load4<TG>(gamma + bth * p.dk, c, p.dk, gg);
+        } else {
+            gg[0] = gg[1] = gg[2] = gg[3] = g0;
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            s[i][e] *= gg[e];
+            kv += s[i][e] * kk[e];
+        }
+    }
+    kv = ff_gd_row_sum(kv);
+    const float delta = active ? (vv - kv) * bt : 0.0f;
+    float o = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+        const int c = 16 * i + 4 * j;
+        float kk[4], qq[4];
+        ff_gd_load4<TI>(k + qk, c, p.dk, kk);
+        if (Q) {
+            ff_gd_load4<TI>(q + qk, c, p.dk, qq);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            s[i][e] += delta * kk[e];
+            if (Q) {
+                o += s[i][e] * qq[e];
+            }
+        }
+    }
+    return Q ? ff_gd_row_sum(o) : 0.0f;
+}
+
+// grid (B * Hv, ceil(Dv / 32)), 128 threads.
+template <typename TI, typename TG, int NV>
+__global__ void __launch_bounds__(128) gd_forward(
+    const typename TI::storage* __restrict__ q, const typename TI::storage* __restrict__ k,
+    const typename TI::storage* __restrict__ v, const typename TG::storage* __restrict__ gamma,
+    const typename TG::storage* __restrict__ beta, const float* __restrict__ state0,
+    const float* __restrict__ mask, typename TI::storage* __restrict__ out,
+    float* __restrict__ state, ff_gd_params p) {
+    const int lane = threadIdx.x & 31;
+    const int j = lane & 3;
+    const int row = blockIdx.y * 32 + (threadIdx.x >> 5) * 8 + (lane >> 2);
+    const bool active = row < p.dv;
+    const ff_i64_t bh = blockIdx.x;
+    ff_gd_head hd;
+    hd.bt0 = (bh / p.hv) * p.t;
+    hd.h = (int)(bh % p.hv);
+    hd.kh = hd.h / p.group;
+    const ff_i64_t srow = (bh * p.dv + row) * p.dk;
+
+    float s[NV][4];
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+        if (active && state0 != nullptr) {
+            ff_gd_load_row(state0 + srow, 16 * i + 4 * j, p.dk, s[i]);
+        } else {
+            s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+        }
+    }
+    for (ff_i64_t t = 0; t < p.t; ++t) {
+        const ff_i64_t o_at = ((hd.bt0 + t) * p.hv + hd.h) * p.dv + row;
+        if (!ff_gd_taken(mask, hd, t)) {
+            if (active && j == 0) {
+                out[o_at] = TI::from_f32(0.0f);
+            }
+            continue;
+        }
+        const float o = ff_gd_step<TI, TG, NV, true>(s, p, hd, t, j, active, row, q, k, v,
+                                                     gamma, beta);
+        if (active && j == 0) {
+            out[o_at] = TI::from_f32(o);
+        }
+    }
+    if (active) {
+#pragma unroll
+        for (int i = 0; i < NV; ++i) {
+            ff_gd_store_row(state + srow, 16 * i + 4 * j, p.dk, s[i]);
+        }
+    }
+}
+
+// The per-warp sums of one step, double-buffered: [2][warps][3][16 NV] floats for dq, dk,
+// dgamma (per key) then [2][warps][2] for dbeta and the scalar dgamma.
+template <int NV>
+struct ff_gd_red {
+    static const int W = 16 * NV;
+    __device__ static float* vec(float* smem, int buf, int warps, int warp, int which) {
+        return smem + ((buf * warps + warp) * 3 + which) * W;
+    }
+    __device__ static float* scalars(float* smem, int buf, int warps, int warp) {
+        return smem + 2 * warps * 3 * W + (buf * warps + warp) * 2;
+    }
+};
+
+// grid (B * Hv, nrb), 32 * ceil(rb / 8) threads (at most 512, 256 when NV = 16); dynamic
+// shared memory (2 * warps * (3 * 16 NV + 2)) floats.
+template <typename TI, typename TG, int NV>
+__global__ void __launch_bounds__(NV >= 16 ? 256 : 512) gd_backward(
+    const typename TI::storage* __restrict__ q, const typename TI::storage* __restrict__ k,
+    const typename TI::storage* __restrict__ v, const typename TG::storage* __restrict__ gamma,
+    const typename TG::storage* __restrict__ beta, const float* __restrict__ state0,
+    const float* __restrict__ mask, const float* __restrict__ d_out,
+    const float* __restrict__ d_state, float* __restrict__ ckpt, float* __restrict__ scratch,
+    float* __restrict__ part_q, float* __restrict__ part_k, float* __restrict__ part_g,
+    float* __restrict__ part_b, float* __restrict__ dv_out, float* __restrict__ dstate0,
+    ff_gd_params p) {
+    extern __shared__ float smem[];
+    typedef ff_gd_red<NV> R;
+    const int DKP = 16 * NV;
+    const int warps = blockDim.x >> 5;
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int j = lane & 3;
+    const int rl = warp * 8 + (lane >> 2);
+    const int row = blockIdx.y * p.rb + rl;
+    const bool active = rl < p.rb && row < p.dv;
+    const ff_i64_t bh = blockIdx.x;
+    ff_gd_head hd;
+    hd.bt0 = (bh / p.hv) * p.t;
+    hd.h = (int)(bh % p.hv);
+    hd.kh = hd.h / p.group;
+    const ff_i64_t srow = (bh * p.dv + row) * p.dk;
+    // This block's checkpoint and scratch slots: 8 * warps rows of DKP floats each.
+    const ff_i64_t slot = (ff_i64_t)warps * 8 * DKP;
+    const ff_i64_t blk = bh * p.nrb + blockIdx.y;
+    float* my_ckpt = ckpt + blk * p.n_chunks * slot + (ff_i64_t)rl * DKP;
+    float* my_scratch = scratch + blk * p.chunk * slot + (ff_i64_t)rl * DKP;
+    const int gk = p.per_key ? p.dk : 1;
+    const ff_i64_t rows_bth = (ff_i64_t)gridDim.x * p.t;  // B * T * Hv
+    const ff_i64_t rb_off = (ff_i64_t)blockIdx.y * rows_bth;
+
+    float s[NV][4];
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+        if (active && state0 != nullptr) {
+            ff_gd_load_row(state0 + srow, 16 * i + 4 * j, p.dk, s[i]);
+        } else {
+            s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+        }
+    }
+    // The forward, keeping the rows at the start of every chunk.
+    for (int ch = 0; ch < p.n_chunks; ++ch) {
+#pragma unroll
+        for (int i = 0; i < NV; ++i) {
+            *reinterpret_cast<float4*>(my_ckpt + ch * slot + 16 * i + 4 * j) =
+                make_float4(s[i][0], s[i][1], s[i][2], s[i][3]);
+        }
+        if (ch + 1 < p.n_chunks) {
+            for (ff_i64_t t = (ff_i64_t)ch * p.chunk; t < (ff_i64_t)(ch + 1) * p.chunk; ++t) {
+                if (ff_gd_taken(mask, hd, t)) {
+                    ff_gd_step<TI, TG, NV, false>(s, p, hd, t, j, active, row, q, k, v, gamma,
+                                                  beta);
+                }
+            }
+        }
+    }
+
+    // ds: the gradient of the rows after the step being walked.
+    float ds[NV][4];
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+        if (active && d_state != nullptr) {
+            ff_gd_load_row(d_state + srow, 16 * i + 4 * j, p.dk, ds[i]);
+        } else {
+            ds[i][0] = ds[i][1] = ds[i][2] = ds[i][3] = 0.0f;
+        }
+    }
+    int buf = 0;
+    for (int ch = p.n_chunks - 1; ch >= 0; --ch) {
+        const ff_i64_t c0 = (ff_i64_t)ch * p.chunk;
+        const ff_i64_t c1 = c0 + p.chunk < p.t ? c0 + p.chunk : p.t;
+        // Replay the chunk, keeping the rows before each step.
+#pragma unroll
+        for (int i = 0; i < NV; ++i) {
+            float4 x = *reinterpret_cast<const float4*>(my_ckpt + ch * slot + 16 * i + 4 * j);
+            s[i][0] = x.x;
+            s[i][1] = x.y;
+            s[i][2] = x.z;
+            s[i][3] = x.w;
+        }
+        for (ff_i64_t t = c0; t < c1; ++t) {
+#pragma unroll
+            for (int i = 0; i < NV; ++i) {
+                *reinterpret_cast<float4*>(my_scratch + (t - c0) * slot + 16 * i + 4 * j) =
+                    make_float4(s[i][0], s[i][1], s[i][2], s[i][3]);
+            }
+            if (t + 1 < c1 && ff_gd_taken(mask, hd, t)) {
+                ff_gd_step<TI, TG, NV, false>(s, p, hd, t, j, active, row, q, k, v, gamma,
+                                              beta);
+            }
+        }
+        for (ff_i64_t t = c1 - 1; t >= c0; --t) {
+            const ff_i64_t bth = (hd.bt0 + t) * p.hv + hd.h;
+            if (!ff_gd_taken(mask, hd, t)) {
+                // Nothing flows through a masked step but the state's gradient.
+                for (int x = threadIdx.x; x < 2 * p.dk + gk + 1; x += blockDim.x) {
+                    if (x < p.dk) {
+                        part_q[(rb_off + bth) * p.dk + x] = 0.0f;
+                    } else if (x < 2 * p.dk) {
+                        part_k[(rb_off + bth) * p.dk + x - p.dk] = 0.0f;
+                    } else if (x < 2 * p.dk + gk) {
+                        part_g[(rb_off + bth) * gk + x - 2 * p.dk] = 0.0f;
+                    } else {
+                        part_b[rb_off + bth] = 0.0f;
+                    }
+                }
+                if (active && j == 0) {
+                    dv_out[bth * p.dv + row] = 0.0f;
+                }
+                continue;
+            }
+            float sp[NV][4];
+#pragma unroll
+            for (int i = 0; i < NV; ++i) {
+                float4 x =
+                    *reinterpret_cast<const float4*>(my_scratch + (t - c0) * slot + 16 * i + 4 * j);
+                sp[i][0] = x.x;
+                sp[i][1] = x.y;
+                sp[i][2] = x.z;
+                sp[i][3] = x.w;
+            }
+            const ff_i64_t qk = ((hd.bt0 + t) * p.hk + hd.kh) * p.dk;
+            const float bt = TG::to_f32(beta[bth]);
+            const float g0 = p.per_key ? 0.0f : TG::to_f32(gamma[bth]);
+            const float vv = active ? TI::to_f32(v[bth * p.dv + row]) : 0.0f;
+            const float d_o = active ? d_out[bth * p.dv + row] : 0.0f;
+            // kv = (S_prev * g) . k
+            float kv = 0.0f;
+#pragma unroll
+            for (int i = 0; i < NV; ++i) {
+                float kk[4], gg[4];
+                ff_gd_load4<TI>(k + qk, 16 * i + 4 * j, p.dk, kk);
+                if (p.per_key) {
+                    ff_gd_load4<TG>(gamma + bth * p.dk, 16 * i + 4 * j, p.dk, gg);
+                } else {
+                    gg[0] = gg[1] = gg[2] = gg[3] = g0;
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    kv += sp[i][e] * gg[e] * kk[e];
+                }
+            }
+            kv = ff_gd_row_sum(kv);
+            const float resid = vv - kv;
+            const float delta = active ? resid * bt : 0.0f;
+            // dS += d_o q; dq share d_o S_new; d_delta = dS . k
+            float dd = 0.0f;
+#pragma unroll
+            for (int i = 0; i < NV; ++i) {
+                const int c = 16 * i + 4 * j;
+                float kk[4], qq[4], gg[4];
+                ff_gd_load4<TI>(k + qk, c, p.dk, kk);
+                ff_gd_load4<TI>(q + qk, c, p.dk, qq);
+                if (p.per_key) {
+                    ff_gd_load4<TG>(gamma + bth * p.dk, c, p.dk, gg);
+                } else {
+                    gg[0] = gg[1] = gg[2] = gg[3] = g0;
+                }
+                float xq[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float sn = sp[i][e] * gg[e] + delta * kk[e];
+                    ds[i][e] += d_o * qq[e];
+                    xq[e] = active ? d_o * sn : 0.0f;
+                    dd += ds[i][e] * kk[e];
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    xq[e] = ff_gd_col_sum(xq[e]);
+                }
+                if (lane < 4) {
+                    float* dst = R::vec(smem, buf, warps, warp, 0);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        dst[c + e] = xq[e];
+                    }
+                }
+            }
+            dd = ff_gd_row_sum(dd);
+            const float dvi = dd * bt;
+            const float db_row = active ? dd * resid : 0.0f;
+            // dk share delta dS - dv_i A; dA = dS - dv_i k; dg share dA * S_prev; dS = dA * g
+            float gsum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < NV; ++i) {
+                const int c = 16 * i + 4 * j;
+                float kk[4], gg[4];
+                ff_gd_load4<TI>(k + qk, c, p.dk, kk);
+                if (p.per_key) {
+                    ff_gd_load4<TG>(gamma + bth * p.dk, c, p.dk, gg);
+                } else {
+                    gg[0] = gg[1] = gg[2] = gg[3] = g0;
+                }
+                float xk[4], xg[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float a = sp[i][e] * gg[e];
+                    xk[e] = active ? delta * ds[i][e] - dvi * a : 0.0f;
+                    const float da = ds[i][e] - dvi * kk[e];
+                    xg[e] = active ? da * sp[i][e] : 0.0f;
+                    ds[i][e] = da * gg[e];
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    xk[e] = ff_gd_col_sum(xk[e]);
+                }
+                if (p.per_key) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        xg[e] = ff_gd_col_sum(xg[e]);
+                    }
+                } else {
+                    gsum += (xg[0] + xg[1]) + (xg[2] + xg[3]);
+                }
+                if (lane < 4) {
+                    float* dk_dst = R::vec(smem, buf, warps, warp, 1);
+                    float* dg_dst = R::vec(smem, buf, warps, warp, 2);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        dk_dst[c + e] = xk[e];
+                        if (p.per_key) {
+                            dg_dst[c + e] = xg[e];
+                        }
+                    }
+                }
+            }
+            // The warp's dbeta (one value a row, from its lane 0) and scalar dgamma.
+            float wb = ff_warp_sum(j == 0 ? db_row : 0.0f);
+            float wg = ff_warp_sum(gsum);
+            if (lane == 0) {
+                float* sc = R::scalars(smem, buf, warps, warp);
+                sc[0] = wb;
+                sc[1] = wg;
+            }
+            if (active && j == 0) {
+                dv_out[bth * p.dv + row] = dvi;
+            }
+            __syncthreads();
+            // The block's sums, warps in order.
+            for (int x = threadIdx.x; x < 2 * p.dk + gk + 1; x += blockDim.x) {
+                float acc = 0.0f;
+                if (x < 2 * p.dk + (p.per_key ? p.dk : 0)) {
+                    const int which = x / p.dk;
+                    const int c = x - which * p.dk;
+                    for (int w = 0; w < warps; ++w) {
+                        acc += R::vec(smem, buf, warps, w, which)[c];
+                    }
+                    float* dst = which == 0 ? part_q : which == 1 ? part_k : part_g;
+                    dst[(rb_off + bth) * (which == 2 ? gk : p.dk) + c] = acc;
+                } else if (x < 2 * p.dk + gk) {
+                    for (int w = 0; w < warps; ++w) {
+                        acc += R::scalars(smem, buf, warps, w)[1];
+                    }
+                    part_g[rb_off + bth] = acc;
+                } else {
+                    for (int w = 0; w < warps; ++w) {
+                        acc += R::scalars(smem, buf, warps, w)[0];
+                    }
+                    part_b[rb_off + bth] = acc;
+                }
+            }
+            buf ^= 1;
+        }
+    }
+    if (dstate0 != nullptr && active) {
+#pragma unroll
+        for (int i = 0; i < NV; ++i) {
+            ff_gd_store_row(dstate0 + srow, 16 * i + 4 * j, p.dk, ds[i]);
+        }
+    }
+}
+
+// out[o][c] = sum_{r < R} sum_{g < G} in[r * plane + (o * G + g) * width + c], o < n_out,
+// c < width; one thread per output, grid-strided.
+__global__ void gd_sum(const float* __restrict__ in, float* __restrict__ out, ff_i64_t n_out,
+                       int width, int groups, int parts, ff_i64_t plane) {
+    const ff_i64_t n = n_out * width;
+    for (ff_i64_t x = (ff_i64_t)blockIdx.x * blockDim.x + threadIdx.x; x < n;
+         x += (ff_i64_t)gridDim.x * blockDim.x) {
+        const ff_i64_t o = x / width;
+        const int c = (int)(x - o * width);
+        float acc = 0.0f;
+        for (int r = 0; r < parts; ++r) {
+            for (int g = 0; g < groups; ++g) {
+                acc += in[r * plane + (o * groups + g) * width + c];
+            }
+        }
+        out[x] = acc;
+    }
+}
