@@ -275,6 +275,7 @@ pub(crate) mod host_pool {
         if layout.size() == 0 {
             return Ok(Vec::new());
         }
+        check_physical::<T>(n)?;
         // SAFETY: the layout's size is not zero (checked above).
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
         if ptr.is_null() {
@@ -284,6 +285,31 @@ pub(crate) mod host_pool {
         // `n` elements, so `n` is both the capacity and (all bytes being zero, a valid value
         // of every `Element` type: 0, 0.0 or `false`) the initialised length.
         Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+    }
+
+    /// The host's physical memory in bytes (Linux: `MemTotal` of `/proc/meminfo`), read once;
+    /// `None` where it is not known.
+    fn physical_memory() -> Option<u64> {
+        static TOTAL: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+        *TOTAL.get_or_init(|| {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            kib.checked_mul(1024)
+        })
+    }
+
+    /// Refuses one buffer larger than the host's physical memory: a system that overcommits
+    /// would grant it and kill the process when it is written.
+    fn check_physical<T>(n: usize) -> Result<()> {
+        let bytes = (n as u128) * (std::mem::size_of::<T>() as u128);
+        match physical_memory() {
+            Some(total) if bytes > u128::from(total) => Err(Error::OutOfMemory(format!(
+                "cannot allocate {bytes} bytes on the host: more than its {total} bytes of \
+                 memory"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// The error for `n` elements of `T` that cannot be allocated on the host.
@@ -306,6 +332,7 @@ pub(crate) mod host_pool {
     /// # Errors
     /// `Error::OutOfMemory` naming the size when the memory cannot be had.
     pub(crate) fn with_capacity<T>(n: usize) -> Result<Vec<T>> {
+        check_physical::<T>(n)?;
         let mut out = Vec::new();
         out.try_reserve_exact(n)
             .map_err(|_| out_of_memory::<T>(n))?;

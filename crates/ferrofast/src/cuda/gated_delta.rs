@@ -84,10 +84,38 @@ struct GdParams {
     nrb: i32,
     chunk: i32,
     n_chunks: i32,
+    stage: i32,
 }
 
 // SAFETY: `GdParams` is `repr(C)` plain data whose layout matches `ff_gd_params`.
 unsafe impl DeviceRepr for GdParams {}
+
+/// Steps whose inputs a block stages in shared memory at a time (`ff_gd_params::stage`).
+fn stage_steps(nv: usize) -> usize {
+    if nv >= 16 {
+        8
+    } else {
+        16
+    }
+}
+
+/// Floats of one staged step (`ff_gd_make_seg`): k, q and decay (`16 NV` each), `rows`
+/// values of v, beta, the taken flag and, for the backward, `rows` of d_out; rounded up to a
+/// multiple of 4.
+fn seg_len(nv: usize, rows: usize, with_d_out: bool) -> usize {
+    (3 * 16 * nv + rows + 2 + if with_d_out { rows } else { 0 }).div_ceil(4) * 4
+}
+
+/// Dynamic shared memory of `gd_forward`, in bytes.
+fn forward_smem(nv: usize) -> usize {
+    stage_steps(nv) * seg_len(nv, FWD_ROWS, false) * 4
+}
+
+/// Dynamic shared memory of `gd_backward` with `warps` warps, in bytes: the staged steps,
+/// then the double-buffered per-warp sums.
+fn backward_smem(nv: usize, warps: usize) -> usize {
+    (stage_steps(nv) * seg_len(nv, 8 * warps, true) + 2 * warps * (3 * 16 * nv + 2)) * 4
+}
 
 /// The template's `NV` for key heads of `dk`.
 fn nv_for(op: &str, dk: usize) -> Result<usize> {
@@ -219,6 +247,9 @@ pub(crate) fn run(a: &GatedDeltaArgs, stream: &Stream) -> Result<(Array, Array)>
         CudaBuffer::alloc(&device, stream, DType::F32, checked_size(&a.state_shape())?)?;
     let heads = a.b * a.hv;
     if heads > 0 && a.dv > 0 {
+        let mut p = p;
+        p.stage = stage_steps(nv) as i32;
+        let smem = forward_smem(nv);
         let grid = (
             u32_dim(OP, "B * Hv", heads, i32::MAX as u32)?,
             u32_dim(OP, "row blocks", a.dv.div_ceil(FWD_ROWS), 65535)?,
@@ -226,6 +257,7 @@ pub(crate) fn run(a: &GatedDeltaArgs, stream: &Stream) -> Result<(Array, Array)>
         );
         let name = variant("gd_forward", x.ti, x.gamma.dtype(), nv);
         let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
+        allow_dynamic_shared_memory(&func, smem, &name)?;
         let null: u64 = 0;
         let cu = stream.cuda();
         let mut b = cu.launch_builder(&func);
@@ -246,14 +278,15 @@ pub(crate) fn run(a: &GatedDeltaArgs, stream: &Stream) -> Result<(Array, Array)>
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: (FWD_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem as u32,
         };
         launch(&format!("launching {name}"), || {
             // SAFETY: the arguments match gd_forward's parameters in order and type
             // (`GdParams` is `ff_gd_params`). Every input is dense and row-major from its
             // buffer's start (`Dense`) with the shapes the Args validated; the kernel reads
             // rows < Dv and columns < Dk of them and of the initial state, and writes out
-            // ([B, T, Hv, Dv], `out_shape`) and the state ([B, Hv, Dv, Dk]) within bounds.
+            // ([B, T, Hv, Dv], `out_shape`) and the state ([B, Hv, Dv, Dk]) within bounds;
+            // it stages `stage` steps in `smem` bytes of shared memory (`forward_smem`).
             unsafe { b.launch(cfg) }.map(|_| ())
         })?;
     }
@@ -382,6 +415,7 @@ pub(crate) fn vjp(args: &GatedDeltaVjpArgs, stream: &Stream) -> Result<GatedDelt
     p.nrb = i32_size(OP, "row blocks", nrb)?;
     p.chunk = i32_size(OP, "chunk", chunk)?;
     p.n_chunks = i32_size(OP, "chunks", n_chunks)?;
+    p.stage = stage_steps(nv) as i32;
     let heads = a.b * a.hv;
     let slot = warps * 8 * 16 * nv;
     let gk = if a.per_key_gamma { a.dk } else { 1 };
@@ -403,7 +437,7 @@ pub(crate) fn vjp(args: &GatedDeltaVjpArgs, stream: &Stream) -> Result<GatedDelt
 
     let name = variant("gd_backward", x.ti, x.gamma.dtype(), nv);
     let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
-    let smem = 2 * warps * (3 * 16 * nv + 2) * 4;
+    let smem = backward_smem(nv, warps);
     allow_dynamic_shared_memory(&func, smem, &name)?;
     let grid = (
         u32_dim(OP, "B * Hv", heads, i32::MAX as u32)?,
@@ -536,13 +570,21 @@ mod tests {
     }
 
     #[test]
+    fn forward_staging_fits_without_opt_in() {
+        for nv in NVS {
+            assert!(forward_smem(nv) <= 48 * 1024, "{nv}: {}", forward_smem(nv));
+            assert_eq!(seg_len(nv, FWD_ROWS, false) % 4, 0);
+        }
+    }
+
+    #[test]
     fn row_blocks_cover_the_rows() {
         for dv in [1usize, 7, 8, 9, 64, 100, 128, 129, 255, 256, 1000] {
             for nv in NVS {
                 let (rb, nrb, warps) = row_blocks(dv, nv);
                 assert!(rb * nrb >= dv && rb * (nrb - 1) < dv, "{dv} {nv}");
                 assert!(warps * 8 >= rb && warps <= if nv >= 16 { 7 } else { 16 });
-                let smem = 2 * warps * (3 * 16 * nv + 2) * 4;
+                let smem = backward_smem(nv, warps);
                 assert!(smem <= 48 * 1024, "{dv} {nv}: {smem}");
             }
         }
