@@ -584,8 +584,9 @@ mod tests {
                 let (rb, nrb, warps) = row_blocks(dv, nv);
                 assert!(rb * nrb >= dv && rb * (nrb - 1) < dv, "{dv} {nv}");
                 assert!(warps * 8 >= rb && warps <= if nv >= 16 { 7 } else { 16 });
+                // Within the 227 KiB a block may have on sm_80 and sm_90.
                 let smem = backward_smem(nv, warps);
-                assert!(smem <= 48 * 1024, "{dv} {nv}: {smem}");
+                assert!(smem <= 160 * 1024, "{dv} {nv}: {smem}");
             }
         }
     }

@@ -195,7 +195,8 @@ __device__ __forceinline__ float ff_gd_step(float s[NV][4], const float* x, cons
                                             int per_key, int j, bool active, int rl) {
     const float bt = x[sg.beta];
     const float vv = active ? x[sg.v + rl] : 0.0f;
-    float kv = 0.0f;
+    // Four accumulators a dot product (one per column of a group): short dependency chains.
+    float kv4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
         float kk[4], gg[4];
@@ -204,12 +205,12 @@ __device__ __forceinline__ float ff_gd_step(float s[NV][4], const float* x, cons
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             s[i][e] *= gg[e];
-            kv += s[i][e] * kk[e];
+            kv4[e] += s[i][e] * kk[e];
         }
     }
-    kv = ff_gd_row_sum(kv);
+    const float kv = ff_gd_row_sum((kv4[0] + kv4[1]) + (kv4[2] + kv4[3]));
     const float delta = active ? (vv - kv) * bt : 0.0f;
-    float o = 0.0f;
+    float o4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
         float kk[4], qq[4];
@@ -221,11 +222,11 @@ __device__ __forceinline__ float ff_gd_step(float s[NV][4], const float* x, cons
         for (int e = 0; e < 4; ++e) {
             s[i][e] += delta * kk[e];
             if (Q) {
-                o += s[i][e] * qq[e];
+                o4[e] += s[i][e] * qq[e];
             }
         }
     }
-    return Q ? ff_gd_row_sum(o) : 0.0f;
+    return Q ? ff_gd_row_sum((o4[0] + o4[1]) + (o4[2] + o4[3])) : 0.0f;
 }
 
 // grid (B * Hv, ceil(Dv / 32)), 128 threads; dynamic shared memory p.stage segments.
@@ -455,7 +456,7 @@ __global__ void __launch_bounds__(NV >= 16 ? 256 : 512) gd_backward(
                 const float vv = active ? x[sg.v + rl] : 0.0f;
                 const float d_o = active ? x[sg.d_out + rl] : 0.0f;
                 // kv = (S_prev * g) . k
-                float kv = 0.0f;
+                float kv4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
                 for (int i = 0; i < NV; ++i) {
                     float kk[4], gg[4];
@@ -463,14 +464,14 @@ __global__ void __launch_bounds__(NV >= 16 ? 256 : 512) gd_backward(
                     ff_gd_decay<NV>(x, sg, p.per_key, i, j, gg);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        kv += sp[i][e] * gg[e] * kk[e];
+                        kv4[e] += sp[i][e] * gg[e] * kk[e];
                     }
                 }
-                kv = ff_gd_row_sum(kv);
+                const float kv = ff_gd_row_sum((kv4[0] + kv4[1]) + (kv4[2] + kv4[3]));
                 const float resid = vv - kv;
                 const float delta = active ? resid * bt : 0.0f;
                 // dS += d_o q; dq share d_o S_new; d_delta = dS . k
-                float dd = 0.0f;
+                float dd4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
                 for (int i = 0; i < NV; ++i) {
                     const int c = 16 * i + 4 * j;
@@ -484,7 +485,7 @@ __global__ void __launch_bounds__(NV >= 16 ? 256 : 512) gd_backward(
                         const float sn = sp[i][e] * gg[e] + delta * kk[e];
                         ds[i][e] += d_o * qq[e];
                         xq[e] = active ? d_o * sn : 0.0f;
-                        dd += ds[i][e] * kk[e];
+                        dd4[e] += ds[i][e] * kk[e];
                     }
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
@@ -498,7 +499,7 @@ __global__ void __launch_bounds__(NV >= 16 ? 256 : 512) gd_backward(
                         }
                     }
                 }
-                dd = ff_gd_row_sum(dd);
+                const float dd = ff_gd_row_sum((dd4[0] + dd4[1]) + (dd4[2] + dd4[3]));
                 const float dvi = dd * bt;
                 const float db_row = active ? dd * resid : 0.0f;
                 // dk share delta dS - dv_i A; dA = dS - dv_i k; dg share dA * S_prev;
