@@ -2,7 +2,8 @@
 //! (Gated DeltaNet, Qwen3-Next), MLX's `mx.fast.gated_delta_update`, and its backward.
 //!
 //! The call is validated into a `GatedDeltaArgs` (`ops/gated_delta.rs`: shapes, dtypes, the
-//! recurrence) and dispatched to where the inputs live (`cpu/gated_delta.rs`).
+//! recurrence) and dispatched to where the inputs live (`cpu/gated_delta.rs`,
+//! `cuda/gated_delta.rs`).
 
 use super::{place, Place};
 use crate::error::Result;
@@ -41,7 +42,8 @@ const OP: &str = "[gated_delta_update]";
 /// `q`'s `B` and `T`; `Hv` not a multiple of `Hk`; `gamma`, `beta`, `initial_state` or `mask`
 /// of another shape. `Error::Device` when the inputs live on different devices.
 /// `Error::OutOfMemory` when the buffers cannot be had. On a CUDA device:
-/// `Error::Unsupported` (the op runs on the CPU only today).
+/// `Error::Unsupported` for key heads past 256 (`Dk > 256`; the CPU takes any size) or sizes
+/// past the kernels' 32-bit limits.
 pub fn gated_delta_update(
     q: &Array,
     k: &Array,
