@@ -857,6 +857,42 @@ impl Array {
         }
     }
 
+    /// Whether this array is the only handle on its buffer, row-major from the buffer's first
+    /// element and covering all of it: a kernel may then overwrite the buffer and hand it back
+    /// as its result (the in-place training passes). False for memory from
+    /// [`Array::from_external`], which its producer owns.
+    pub(crate) fn owns_whole_buffer(&self) -> bool {
+        if Arc::strong_count(&self.storage) != 1 || Arc::weak_count(&self.storage) != 0 {
+            return false;
+        }
+        if self.offset != 0 || !self.is_contiguous() {
+            return false;
+        }
+        match &*self.storage {
+            Storage::Cpu(d) => d.len() == self.size(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.len() == self.size(),
+            #[cfg(not(feature = "cuda"))]
+            Storage::Cuda(_) => false,
+            Storage::External(_) => false,
+        }
+    }
+
+    /// The host buffer as a vector when [`owns_whole_buffer`](Array::owns_whole_buffer)
+    /// holds and the dtype is `T`'s; `Err(self)` otherwise.
+    pub(crate) fn into_host_vec<T: Element>(mut self) -> std::result::Result<Vec<T>, Array> {
+        if self.dtype != T::DTYPE || !self.owns_whole_buffer() {
+            return Err(self);
+        }
+        match Arc::get_mut(&mut self.storage) {
+            Some(Storage::Cpu(d)) => match T::take_vec(d) {
+                Some(v) => Ok(v),
+                None => Err(self),
+            },
+            _ => Err(self),
+        }
+    }
+
     /// The whole host buffer as `&[T]` (kernels index it with `offset` and `strides`).
     pub(crate) fn cpu_buffer<T: Element>(&self) -> Result<&[T]> {
         match &*self.storage {

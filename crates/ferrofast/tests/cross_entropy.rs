@@ -104,6 +104,15 @@ fn check_all(x: &Input, t: &Input, opts: &CrossEntropyOptions, seed: u64, what: 
     );
     check_close(&fd, &wd, atol, rtol, &format!("{what}: fused dlogits"));
 
+    // The in-place pass on a fresh copy (the only handle on its buffer): the same bits.
+    let owned = x.dev.copy().expect("copy");
+    let (il, id) = fast::cross_entropy_fused_in_place(owned, &t.dev, opts)
+        .unwrap_or_else(|e| panic!("{what}: fused in place: {e}"));
+    assert_eq!(id.device(), dev, "{what}: in-place device");
+    assert_eq!(id.shape(), x.host.shape(), "{what}: in-place shape");
+    check_close(&il, &fl, 0.0, 0.0, &format!("{what}: in-place loss"));
+    check_close(&id, &fd, 0.0, 0.0, &format!("{what}: in-place dlogits"));
+
     let g_shape: Vec<usize> = match opts.reduction {
         Reduction::None => x.host.shape()[..x.host.ndim() - 1].to_vec(),
         _ => Vec::new(),
@@ -121,6 +130,46 @@ fn contiguous(x: &Array, t: &Array, dev: &Device) -> (Input, Input) {
 }
 
 const REDUCTIONS: [Reduction; 3] = [Reduction::None, Reduction::Sum, Reduction::Mean];
+
+on_every_device! {
+    /// The in-place training pass reuses the logits' buffer when they are its only handle,
+    /// and never writes into a buffer another array still reads (a clone, a view).
+    fn fused_in_place_reuses_only_unshared_buffers(dev: &Device) {
+        let opts = CrossEntropyOptions {
+            reduction: Reduction::Mean,
+            ..Default::default()
+        };
+        for dt in float_dtypes(dev) {
+            let host = logits(&[6, 5, 300], dt, 17);
+            let t = on(&targets(&[6, 5], 300, DType::I32, 18), dev);
+            let (wl, wd) = fast::cross_entropy_fused(&on(&host, dev), &t, &opts).expect("fused");
+            // The only handle: on the CPU the gradient is the same buffer.
+            let x = on(&host, dev).copy().expect("copy");
+            let before = x.host_ptr().map(|p| p as usize);
+            let (l, d) = fast::cross_entropy_fused_in_place(x, &t, &opts).expect("in place");
+            if dev.is_cpu() && dt != DType::F64 {
+                assert_eq!(d.host_ptr().map(|p| p as usize), before, "{dt}: buffer reused");
+            }
+            check_close(&l, &wl, 0.0, 0.0, &format!("{dt}: loss"));
+            check_close(&d, &wd, 0.0, 0.0, &format!("{dt}: dlogits"));
+            // A clone alive: its buffer is left alone.
+            let x = on(&host, dev).copy().expect("copy");
+            let keep = x.clone();
+            let (_, d) = fast::cross_entropy_fused_in_place(x, &t, &opts).expect("shared");
+            assert!(!d.shares_buffer_with(&keep), "{dt}: wrote into a shared buffer");
+            check_close(&keep, &host, 0.0, 0.0, &format!("{dt}: the clone is unchanged"));
+            check_close(&d, &wd, 0.0, 0.0, &format!("{dt}: shared dlogits"));
+            // A view (every other row) of a buffer: a new buffer, the base unchanged.
+            let base = on(&logits(&[12, 300], dt, 19), dev);
+            let view = base.slice(&[0, 0], &[12, 300], &[2, 1]).expect("view");
+            let t6 = on(&targets(&[6], 300, DType::I32, 20), dev);
+            let (_, want) = fast::cross_entropy_fused(&view, &t6, &opts).expect("fused view");
+            let (_, d) = fast::cross_entropy_fused_in_place(view, &t6, &opts).expect("view");
+            assert!(!d.shares_buffer_with(&base));
+            check_close(&d, &want, 0.0, 0.0, &format!("{dt}: view dlogits"));
+        }
+    }
+}
 
 on_every_device! {
     /// MLX's `test_cross_entropy`: V over {7, 32, 128, 255, 256, 1000, 4096, 8192}, logits

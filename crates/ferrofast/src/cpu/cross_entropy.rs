@@ -80,6 +80,64 @@ pub(crate) fn fused(args: &CrossEntropyArgs) -> Result<(Array, Array)> {
     Ok((reduce(args, &targets, &losses)?, grads))
 }
 
+/// The fused pass writing `dlogits` over the logits (f32 / f16 / bf16 logits that are the only
+/// handle on their whole row-major buffer: [`Array::owns_whole_buffer`]); any other call
+/// runs [`fused`] into a new buffer.
+pub(crate) fn fused_in_place(args: CrossEntropyArgs) -> Result<(Array, Array)> {
+    match args.logits.dtype() {
+        DType::F32 => fused_in_place_typed::<f32>(args),
+        DType::F16 => fused_in_place_typed::<f16>(args),
+        DType::BF16 => fused_in_place_typed::<bf16>(args),
+        _ => fused(&args),
+    }
+}
+
+fn fused_in_place_typed<T: Logit>(mut args: CrossEntropyArgs) -> Result<(Array, Array)> {
+    let shape = args.logits.shape().to_vec();
+    let logits = std::mem::replace(&mut args.logits, Array::scalar(0.0f32));
+    let mut buf = match logits.into_host_vec::<T>() {
+        Ok(buf) => buf,
+        Err(logits) => {
+            args.logits = logits;
+            return fused(&args);
+        }
+    };
+    let targets = targets_i64(&args.targets)?;
+    let p = args.row_params();
+    let g = match args.opts.reduction {
+        Reduction::Mean => (1.0 / valid_rows(&p, &targets) as f64) as f32,
+        Reduction::None | Reduction::Sum => 1.0,
+    };
+    let (rows, v) = (args.rows, args.vocab);
+    let mut losses = host_pool::filled(rows, 0.0f32)?;
+    let avx2 = has_avx2_fma();
+    if v > 0 {
+        let job = |(r, (loss, row)): (usize, (&mut f32, &mut [T]))| {
+            *loss = row_in_place(&p, row, targets[r], g, avx2);
+        };
+        if rows * v >= PARALLEL_MIN_ELEMENTS && rows > 1 {
+            losses
+                .par_iter_mut()
+                .zip(buf.par_chunks_mut(v))
+                .enumerate()
+                .with_min_len((PARALLEL_MIN_ELEMENTS / v).max(1))
+                .for_each(job);
+        } else {
+            losses
+                .iter_mut()
+                .zip(buf.chunks_mut(v))
+                .enumerate()
+                .for_each(job);
+        }
+    } else {
+        for (r, loss) in losses.iter_mut().enumerate() {
+            *loss = row_in_place::<T>(&p, &mut [], targets[r], g, avx2);
+        }
+    }
+    let loss = reduce(&args, &targets, &losses)?;
+    Ok((loss, Array::from_vec(buf, &shape)?))
+}
+
 /// Rows whose target is not the ignored index.
 fn valid_rows(p: &RowParams, targets: &[i64]) -> usize {
     targets
@@ -317,27 +375,84 @@ fn row_f32_generic<T: Logit>(
     g: f32,
     grad: Option<&mut [MaybeUninit<T>]>,
 ) -> f32 {
+    let (loss, rule) = row_loss(p, x, raw_target, g);
+    if let Some(out) = grad {
+        match rule {
+            GradRule::Fill(v) => fill(out, T::narrow(v)),
+            GradRule::Softmax { a, c, lse, t, dt } => {
+                for (o, &xj) in out.iter_mut().zip(x) {
+                    o.write(T::narrow(a * exp_f32(xj.widen() - lse) - c));
+                }
+                out[t].write(T::narrow(dt));
+            }
+        }
+    }
+    loss
+}
+
+/// One row of the in-place training pass: returns the loss and overwrites the row with
+/// `g * dloss/dx` (each logit read before it is overwritten).
+#[inline]
+fn row_in_place<T: Logit>(p: &RowParams, x: &mut [T], raw_target: i64, g: f32, avx2: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (checked by the caller).
+        return unsafe { row_in_place_avx2(p, x, raw_target, g) };
+    }
+    let _ = avx2;
+    row_in_place_generic(p, x, raw_target, g)
+}
+
+/// [`row_in_place_generic`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_in_place_avx2<T: Logit>(p: &RowParams, x: &mut [T], raw_target: i64, g: f32) -> f32 {
+    row_in_place_generic(p, x, raw_target, g)
+}
+
+#[inline(always)]
+fn row_in_place_generic<T: Logit>(p: &RowParams, x: &mut [T], raw_target: i64, g: f32) -> f32 {
+    let (loss, rule) = row_loss(p, x, raw_target, g);
+    match rule {
+        GradRule::Fill(v) => x.fill(T::narrow(v)),
+        GradRule::Softmax { a, c, lse, t, dt } => {
+            for xj in x.iter_mut() {
+                *xj = T::narrow(a * exp_f32(xj.widen() - lse) - c);
+            }
+            x[t] = T::narrow(dt);
+        }
+    }
+    loss
+}
+
+/// How a row's gradient is written.
+enum GradRule {
+    /// Every element `v` (ignored rows: 0; out-of-range targets and NaN rows: NaN).
+    Fill(f32),
+    /// `a exp(x_j - lse) - c` everywhere, `dt` at the target `t`.
+    Softmax {
+        a: f32,
+        c: f32,
+        lse: f32,
+        t: usize,
+        dt: f32,
+    },
+}
+
+/// A row's loss and the rule for its gradient with cotangent `g`.
+#[inline(always)]
+fn row_loss<T: Logit>(p: &RowParams, x: &[T], raw_target: i64, g: f32) -> (f32, GradRule) {
     let t = match p.target(raw_target) {
         Target::Class(t) => t,
-        Target::Ignored => {
-            if let Some(out) = grad {
-                fill(out, T::narrow(0.0));
-            }
-            return 0.0;
-        }
-        Target::OutOfRange => {
-            if let Some(out) = grad {
-                fill(out, T::narrow(f32::NAN));
-            }
-            return f32::NAN;
-        }
+        Target::Ignored => return (0.0, GradRule::Fill(0.0)),
+        Target::OutOfRange => return (f32::NAN, GradRule::Fill(f32::NAN)),
     };
     let stats = scan(x, p.eps != 0.0);
     if stats.nan {
-        if let Some(out) = grad {
-            fill(out, T::narrow(f32::NAN));
-        }
-        return f32::NAN;
+        return (f32::NAN, GradRule::Fill(f32::NAN));
     }
     let m = stats.max;
     let xt = x[t].widen();
@@ -350,16 +465,10 @@ fn row_f32_generic<T: Logit>(
     if p.z != 0.0 {
         loss += p.z * lse * lse;
     }
-    if let Some(out) = grad {
-        let a = g * (1.0 + 2.0 * p.z * lse);
-        let c = g * p.eps_over_v;
-        for (o, &xj) in out.iter_mut().zip(x) {
-            o.write(T::narrow(a * exp_f32(xj.widen() - lse) - c));
-        }
-        let dt = a * exp_f32(xt - lse) - c - g * p.one_minus_eps;
-        out[t].write(T::narrow(dt));
-    }
-    loss
+    let a = g * (1.0 + 2.0 * p.z * lse);
+    let c = g * p.eps_over_v;
+    let dt = a * exp_f32(xt - lse) - c - g * p.one_minus_eps;
+    (loss, GradRule::Softmax { a, c, lse, t, dt })
 }
 
 fn fill<T: Copy>(out: &mut [MaybeUninit<T>], v: T) {

@@ -175,6 +175,8 @@ enum Grad<'a> {
     Cotangent(&'a CudaBuffer, i64),
     /// `dlogits` of the reduced loss (cotangent 1, times `1 / n_valid` for the mean).
     Implied,
+    /// As `Implied`, written over the logits (which own their whole row-major buffer).
+    ImpliedInPlace,
 }
 
 /// The row kernel and the reductions: returns `(loss, dlogits)`.
@@ -263,7 +265,9 @@ fn launch_rows(
     }
 
     let mut losses = CudaBuffer::alloc(&device, stream, DType::F32, rows)?;
-    let mut dx = CudaBuffer::alloc(&device, stream, dtype, if want_grad { n } else { 0 })?;
+    let in_place = matches!(grad, Grad::ImpliedInPlace);
+    let fresh = want_grad && !in_place;
+    let mut dx = CudaBuffer::alloc(&device, stream, dtype, if fresh { n } else { 0 })?;
     if rows > 0 {
         let aligned = v % n_reads(dtype) == 0
             && xb.is_aligned(x.offset(), 16)
@@ -296,7 +300,11 @@ fn launch_rows(
         };
         let mut b = cu.launch_builder(&func);
         b.arg(xb.slice()).arg(tb.slice()).arg(losses.slice_mut());
-        if want_grad {
+        if in_place {
+            // The gradient goes over the logits: the kernel reads every logit before the
+            // thread that read it writes its gradient (kernels/cross_entropy.cu).
+            b.arg(xb.slice());
+        } else if want_grad {
             b.arg(dx.slice_mut());
         } else {
             b.arg(&null);
@@ -353,7 +361,9 @@ fn launch_rows(
         })?;
         Array::from_cuda_buffer(out, &[])?
     };
-    let dlogits = if want_grad {
+    let dlogits = if in_place {
+        Some(x.clone())
+    } else if want_grad {
         Some(Array::from_cuda_buffer(dx, args.logits.shape())?)
     } else {
         None
@@ -392,6 +402,28 @@ pub(crate) fn vjp(args: &CrossEntropyVjpArgs, stream: &Stream) -> Result<Array> 
 pub(crate) fn fused(args: &CrossEntropyArgs, stream: &Stream) -> Result<(Array, Array)> {
     match launch_rows(args, stream, Grad::Implied)? {
         (loss, Some(dx)) => Ok((loss, dx)),
+        (_, None) => Err(Error::Cuda(
+            "[cross_entropy] the fused pass wrote no gradient".into(),
+        )),
+    }
+}
+
+/// The fused pass writing `dlogits` over the logits when they are the only handle on their
+/// whole row-major buffer ([`Array::owns_whole_buffer`]; `args` holds that handle); any other
+/// call runs [`fused`] into a new buffer.
+///
+/// # Errors
+/// As [`run`].
+pub(crate) fn fused_in_place(args: CrossEntropyArgs, stream: &Stream) -> Result<(Array, Array)> {
+    let native = matches!(args.logits.dtype(), DType::F32 | DType::F16 | DType::BF16);
+    if !native || !args.logits.owns_whole_buffer() {
+        return fused(&args, stream);
+    }
+    match launch_rows(&args, stream, Grad::ImpliedInPlace)? {
+        (loss, Some(dx)) => {
+            drop(args);
+            Ok((loss, dx))
+        }
         (_, None) => Err(Error::Cuda(
             "[cross_entropy] the fused pass wrote no gradient".into(),
         )),

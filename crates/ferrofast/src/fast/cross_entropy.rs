@@ -167,6 +167,44 @@ pub fn cross_entropy_fused_on(
     run_fused(&CrossEntropyArgs::new(logits, targets, opts)?, Some(stream))
 }
 
+/// [`cross_entropy_fused`] writing `dlogits` over the logits: the training step without a
+/// second buffer the size of the logits (at a 128k vocabulary the logits are the largest
+/// tensor of a step). Takes `logits` by value; when it is the only handle on its buffer
+/// (no clone or view of it is alive), row-major from the buffer's start, of f32 / f16 /
+/// bf16, and in ferrofast's own memory (CPU or CUDA), the returned `dlogits` is that same
+/// buffer, overwritten with the gradient. Any other logits (a view, a shared buffer, f64,
+/// memory from [`Array::from_external`]) get a new buffer, exactly as
+/// [`cross_entropy_fused`] (the results are the same either way; `dlogits.host_ptr()`
+/// tells a CPU caller which happened).
+///
+/// # Errors
+/// As [`cross_entropy_with`]. On an error the logits are dropped.
+pub fn cross_entropy_fused_in_place(
+    logits: Array,
+    targets: &Array,
+    opts: &CrossEntropyOptions,
+) -> Result<(Array, Array)> {
+    let args = CrossEntropyArgs::new(&logits, targets, opts)?;
+    drop(logits);
+    run_fused_in_place(args, None)
+}
+
+/// [`cross_entropy_fused_in_place`] on an explicit CUDA stream.
+///
+/// # Errors
+/// As [`cross_entropy_fused_in_place`]; `Error::Device` when the inputs are not on
+/// `stream`'s device.
+pub fn cross_entropy_fused_in_place_on(
+    stream: &Stream,
+    logits: Array,
+    targets: &Array,
+    opts: &CrossEntropyOptions,
+) -> Result<(Array, Array)> {
+    let args = CrossEntropyArgs::new(&logits, targets, opts)?;
+    drop(logits);
+    run_fused_in_place(args, Some(stream))
+}
+
 /// For autodiff front ends: succeeds when only the logits' gradient is asked of
 /// [`cross_entropy`], and fails with MLX's GPU error when the targets' gradient is asked.
 ///
@@ -198,6 +236,13 @@ fn run_vjp(args: &CrossEntropyVjpArgs, stream: Option<&Stream>) -> Result<Array>
     )? {
         Place::Cpu => crate::cpu::cross_entropy::vjp(args),
         Place::Cuda(stream) => crate::cuda::cross_entropy::vjp(args, &stream),
+    }
+}
+
+fn run_fused_in_place(args: CrossEntropyArgs, stream: Option<&Stream>) -> Result<(Array, Array)> {
+    match place(OP, args.device, &args.logits, stream)? {
+        Place::Cpu => crate::cpu::cross_entropy::fused_in_place(args),
+        Place::Cuda(stream) => crate::cuda::cross_entropy::fused_in_place(args, &stream),
     }
 }
 
