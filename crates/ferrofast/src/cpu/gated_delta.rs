@@ -20,7 +20,7 @@ use crate::array::{checked_size, host_pool};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::ops::gated_delta::{GatedDeltaArgs, GatedDeltaGrads, GatedDeltaVjpArgs};
-use crate::{Array, Device};
+use crate::Array;
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -311,8 +311,8 @@ struct HeadGrads {
 pub(crate) fn vjp(args: &GatedDeltaVjpArgs) -> Result<GatedDeltaGrads> {
     let a = &args.fwd;
     checked_size(&a.state_shape())?;
-    if a.t == 0 || a.hv == 0 || a.dv * a.dk == 0 {
-        return vjp_trivial(args);
+    if args.is_trivial() {
+        return args.trivial_grads(|d| d.astype(DType::F32)?.contiguous());
     }
     let x = Inputs::load(a)?;
     let d_out = f32s(&args.d_out)?;
@@ -368,27 +368,6 @@ pub(crate) fn vjp(args: &GatedDeltaVjpArgs) -> Result<GatedDeltaGrads> {
             Some(s) => Some(Array::from_vec(ds0, s.shape())?),
             None => None,
         },
-    })
-}
-
-/// The backward when there is no step, no value head or the state is empty: every output is
-/// independent of every input, so the gradients are zeros and the final state's gradient
-/// passes through.
-fn vjp_trivial(args: &GatedDeltaVjpArgs) -> Result<GatedDeltaGrads> {
-    let a = &args.fwd;
-    let zeros = |like: &Array, dtype: DType| Array::zeros(like.shape(), dtype, &Device::Cpu);
-    let dstate0 = match (&a.state0, &args.d_state) {
-        (Some(_), Some(d)) => Some(d.astype(DType::F32)?.contiguous()?),
-        (Some(s), None) => Some(zeros(s, DType::F32)?),
-        (None, _) => None,
-    };
-    Ok(GatedDeltaGrads {
-        dq: zeros(&a.q, a.q.dtype())?,
-        dk: zeros(&a.k, a.k.dtype())?,
-        dv: zeros(&a.v, a.v.dtype())?,
-        dgamma: zeros(&a.gamma, a.gamma.dtype())?,
-        dbeta: zeros(&a.beta, a.beta.dtype())?,
-        dstate0,
     })
 }
 

@@ -23,7 +23,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::gated_delta::{GatedDeltaArgs, GatedDeltaGrads, GatedDeltaVjpArgs};
 use crate::Array;
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 
 /// `kernels/gated_delta.cu`. Every instantiation a launch can ask for is in `variants`.
 pub(crate) const REGISTERED: Registered = Registered {
@@ -196,6 +196,29 @@ impl Dense {
     }
 }
 
+impl Dense {
+    /// Pushes the kernels' first seven parameters: q, k, v, gamma, beta, the initial state
+    /// and the mask (a null pointer, `null`, for an absent one).
+    fn push<'a>(&'a self, op: &str, b: &mut LaunchArgs<'a>, null: &'a u64) -> Result<()> {
+        for (name, a) in [
+            ("q", &self.q),
+            ("k", &self.k),
+            ("v", &self.v),
+            ("gamma", &self.gamma),
+            ("beta", &self.beta),
+        ] {
+            b.arg(buffer(op, name, a)?.slice());
+        }
+        for (name, a) in [("initial_state", &self.state0), ("mask", &self.mask)] {
+            match a {
+                Some(a) => b.arg(buffer(op, name, a)?.slice()),
+                None => b.arg(null),
+            };
+        }
+        Ok(())
+    }
+}
+
 fn u32_dim(op: &str, what: &str, n: usize, limit: u32) -> Result<u32> {
     u32::try_from(n)
         .ok()
@@ -261,19 +284,7 @@ pub(crate) fn run(a: &GatedDeltaArgs, stream: &Stream) -> Result<(Array, Array)>
         let null: u64 = 0;
         let cu = stream.cuda();
         let mut b = cu.launch_builder(&func);
-        b.arg(qb.slice())
-            .arg(buffer(OP, "k", &x.k)?.slice())
-            .arg(buffer(OP, "v", &x.v)?.slice())
-            .arg(buffer(OP, "gamma", &x.gamma)?.slice())
-            .arg(buffer(OP, "beta", &x.beta)?.slice());
-        match &x.state0 {
-            Some(s) => b.arg(buffer(OP, "initial_state", s)?.slice()),
-            None => b.arg(&null),
-        };
-        match &x.mask {
-            Some(m) => b.arg(buffer(OP, "mask", m)?.slice()),
-            None => b.arg(&null),
-        };
+        x.push(OP, &mut b, &null)?;
         b.arg(out.slice_mut()).arg(state.slice_mut()).arg(&p);
         let cfg = LaunchConfig {
             grid_dim: grid,
@@ -312,26 +323,6 @@ fn row_blocks(dv: usize, nv: usize) -> (usize, usize, usize) {
     let max_rows = if nv >= 16 { 56 } else { 128 };
     let rb = dv.div_ceil(8).max(1).saturating_mul(8).min(max_rows);
     (rb, dv.div_ceil(rb), rb.div_ceil(8))
-}
-
-/// The gradients when no output depends on any input (no step, no value head, an empty
-/// state): zeros, and the final state's gradient passed through.
-fn vjp_trivial(args: &GatedDeltaVjpArgs, stream: &Stream) -> Result<GatedDeltaGrads> {
-    let a = &args.fwd;
-    let zeros = |like: &Array, dtype: DType| Array::zeros(like.shape(), dtype, &a.device);
-    let dstate0 = match (&a.state0, &args.d_state) {
-        (Some(_), Some(d)) => Some(copy_cast(d, DType::F32, Some(stream))?),
-        (Some(s), None) => Some(zeros(s, DType::F32)?),
-        (None, _) => None,
-    };
-    Ok(GatedDeltaGrads {
-        dq: zeros(&a.q, a.q.dtype())?,
-        dk: zeros(&a.k, a.k.dtype())?,
-        dv: zeros(&a.v, a.v.dtype())?,
-        dgamma: zeros(&a.gamma, a.gamma.dtype())?,
-        dbeta: zeros(&a.beta, a.beta.dtype())?,
-        dstate0,
-    })
 }
 
 /// `out[o][c] = sum_r sum_g part[r][o * groups + g][c]` for `o < n_out`, `c < width`, as
@@ -394,8 +385,8 @@ pub(crate) fn vjp(args: &GatedDeltaVjpArgs, stream: &Stream) -> Result<GatedDelt
     const OP: &str = "gated_delta_update_vjp";
     let a = &args.fwd;
     let nv = nv_for(OP, a.dk)?;
-    if a.t == 0 || a.b * a.hv == 0 || a.dv == 0 || a.dk == 0 {
-        return vjp_trivial(args, stream);
+    if args.is_trivial() {
+        return args.trivial_grads(|d| copy_cast(d, DType::F32, Some(stream)));
     }
     let mut p = params(OP, a)?;
     let x = Dense::new(a, stream)?;
@@ -447,19 +438,7 @@ pub(crate) fn vjp(args: &GatedDeltaVjpArgs, stream: &Stream) -> Result<GatedDelt
     let null: u64 = 0;
     let cu = stream.cuda();
     let mut b = cu.launch_builder(&func);
-    b.arg(qb.slice())
-        .arg(buffer(OP, "k", &x.k)?.slice())
-        .arg(buffer(OP, "v", &x.v)?.slice())
-        .arg(buffer(OP, "gamma", &x.gamma)?.slice())
-        .arg(buffer(OP, "beta", &x.beta)?.slice());
-    match &x.state0 {
-        Some(s) => b.arg(buffer(OP, "initial_state", s)?.slice()),
-        None => b.arg(&null),
-    };
-    match &x.mask {
-        Some(m) => b.arg(buffer(OP, "mask", m)?.slice()),
-        None => b.arg(&null),
-    };
+    x.push(OP, &mut b, &null)?;
     b.arg(buffer(OP, "d_out", &d_out)?.slice());
     match &d_state {
         Some(s) => b.arg(buffer(OP, "d_state", s)?.slice()),

@@ -184,9 +184,7 @@ pub fn cross_entropy_fused_in_place(
     targets: &Array,
     opts: &CrossEntropyOptions,
 ) -> Result<(Array, Array)> {
-    let args = CrossEntropyArgs::new(&logits, targets, opts)?;
-    drop(logits);
-    run_fused_in_place(args, None)
+    run_fused_in_place(logits, targets, opts, None)
 }
 
 /// [`cross_entropy_fused_in_place`] on an explicit CUDA stream.
@@ -200,9 +198,7 @@ pub fn cross_entropy_fused_in_place_on(
     targets: &Array,
     opts: &CrossEntropyOptions,
 ) -> Result<(Array, Array)> {
-    let args = CrossEntropyArgs::new(&logits, targets, opts)?;
-    drop(logits);
-    run_fused_in_place(args, Some(stream))
+    run_fused_in_place(logits, targets, opts, Some(stream))
 }
 
 /// For autodiff front ends: succeeds when only the logits' gradient is asked of
@@ -239,7 +235,16 @@ fn run_vjp(args: &CrossEntropyVjpArgs, stream: Option<&Stream>) -> Result<Array>
     }
 }
 
-fn run_fused_in_place(args: CrossEntropyArgs, stream: Option<&Stream>) -> Result<(Array, Array)> {
+/// Validates, then drops the caller's handle on the logits so that the Args hold the only
+/// one (the back ends reuse the buffer only then).
+fn run_fused_in_place(
+    logits: Array,
+    targets: &Array,
+    opts: &CrossEntropyOptions,
+    stream: Option<&Stream>,
+) -> Result<(Array, Array)> {
+    let args = CrossEntropyArgs::new(&logits, targets, opts)?;
+    drop(logits);
     match place(OP, args.device, &args.logits, stream)? {
         Place::Cpu => crate::cpu::cross_entropy::fused_in_place(args),
         Place::Cuda(stream) => crate::cuda::cross_entropy::fused_in_place(args, &stream),

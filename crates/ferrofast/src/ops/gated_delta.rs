@@ -258,6 +258,39 @@ impl GatedDeltaVjpArgs {
     }
 }
 
+impl GatedDeltaVjpArgs {
+    /// True when no output depends on any input (no step, no value head, an empty state):
+    /// the back ends then return [`trivial_grads`](Self::trivial_grads) without a kernel.
+    pub(crate) fn is_trivial(&self) -> bool {
+        let a = &self.fwd;
+        a.t == 0 || a.b * a.hv == 0 || a.dv == 0 || a.dk == 0
+    }
+
+    /// The gradients of a trivial call: zeros of each primal's shape and dtype on the inputs'
+    /// device, and the final state's gradient passed through as `dstate0` (float32, made by
+    /// `to_f32`, which runs on the back end's stream); zeros when it was not given.
+    pub(crate) fn trivial_grads(
+        &self,
+        to_f32: impl Fn(&Array) -> Result<Array>,
+    ) -> Result<GatedDeltaGrads> {
+        let a = &self.fwd;
+        let zeros = |like: &Array, dtype: DType| Array::zeros(like.shape(), dtype, &a.device);
+        let dstate0 = match (&a.state0, &self.d_state) {
+            (Some(_), Some(d)) => Some(to_f32(d)?),
+            (Some(s), None) => Some(zeros(s, DType::F32)?),
+            (None, _) => None,
+        };
+        Ok(GatedDeltaGrads {
+            dq: zeros(&a.q, a.q.dtype())?,
+            dk: zeros(&a.k, a.k.dtype())?,
+            dv: zeros(&a.v, a.v.dtype())?,
+            dgamma: zeros(&a.gamma, a.gamma.dtype())?,
+            dbeta: zeros(&a.beta, a.beta.dtype())?,
+            dstate0,
+        })
+    }
+}
+
 /// The gradients of [`gated_delta_update_vjp`](crate::fast::gated_delta_update_vjp), each of
 /// its primal's shape.
 #[derive(Clone, Debug)]

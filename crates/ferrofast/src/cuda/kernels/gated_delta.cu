@@ -71,6 +71,21 @@ __device__ __forceinline__ void ff_gd_store_row(float* p, int c, int n, const fl
     }
 }
 
+// This lane's columns of state row `srow` (in floats) of src into s; zeros when src is null
+// or the row is not active.
+template <int NV>
+__device__ __forceinline__ void ff_gd_load_rows(float s[NV][4], const float* src, ff_i64_t srow,
+                                                int j, int dk, bool active) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+        if (active && src != nullptr) {
+            ff_gd_load_row(src + srow, 16 * i + 4 * j, dk, s[i]);
+        } else {
+            s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+        }
+    }
+}
+
 // Sum over the four lanes of a row.
 __device__ __forceinline__ float ff_gd_row_sum(float x) {
     x += __shfl_xor_sync(0xffffffffu, x, 1);
@@ -258,14 +273,7 @@ __global__ void __launch_bounds__(128) gd_forward(
         ff_gd_stage<TI, TG>(sm, sg, p, hd, 0, n, row0, q, k, v, gamma, beta, mask, nullptr);
     }
     float s[NV][4];
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-        if (active && state0 != nullptr) {
-            ff_gd_load_row(state0 + srow, 16 * i + 4 * j, p.dk, s[i]);
-        } else {
-            s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-        }
-    }
+    ff_gd_load_rows<NV>(s, state0, srow, j, p.dk, active);
     for (ff_i64_t t0 = 0; t0 < p.t; t0 += p.stage) {
         const int n = p.t - t0 < p.stage ? (int)(p.t - t0) : p.stage;
         if (t0 > 0) {
@@ -347,14 +355,7 @@ __global__ void __launch_bounds__(NV >= 16 ? 256 : 512) gd_backward(
     const ff_i64_t rb_off = (ff_i64_t)blockIdx.y * ((ff_i64_t)gridDim.x * p.t);  // B T Hv
 
     float s[NV][4];
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-        if (active && state0 != nullptr) {
-            ff_gd_load_row(state0 + srow, 16 * i + 4 * j, p.dk, s[i]);
-        } else {
-            s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-        }
-    }
+    ff_gd_load_rows<NV>(s, state0, srow, j, p.dk, active);
     // The forward, keeping the rows at the start of every chunk.
     for (int ch = 0; ch < p.n_chunks; ++ch) {
 #pragma unroll
@@ -382,14 +383,7 @@ __global__ void __launch_bounds__(NV >= 16 ? 256 : 512) gd_backward(
 
     // ds: the gradient of the rows after the step being walked.
     float ds[NV][4];
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-        if (active && d_state != nullptr) {
-            ff_gd_load_row(d_state + srow, 16 * i + 4 * j, p.dk, ds[i]);
-        } else {
-            ds[i][0] = ds[i][1] = ds[i][2] = ds[i][3] = 0.0f;
-        }
-    }
+    ff_gd_load_rows<NV>(ds, d_state, srow, j, p.dk, active);
     int buf = 0;
     for (int ch = p.n_chunks - 1; ch >= 0; --ch) {
         const ff_i64_t c0 = (ff_i64_t)ch * p.chunk;
