@@ -51,10 +51,14 @@ pub enum Case {
         dtype: DType,
     },
     /// `cross_entropy_fused` with the mean reduction: the loss and `dlogits` in one pass.
+    /// With `in_place`, `cross_entropy_fused_in_place`: each call takes the previous call's
+    /// `dlogits` as its logits (the first the case's random logits), so every call writes
+    /// over a buffer it owns and nothing is copied between calls.
     CrossEntropyFused {
         rows: usize,
         vocab: usize,
         dtype: DType,
+        in_place: bool,
     },
     /// `gated_delta_update` over `[B, T, Hk, Dk]` keys, `[B, T, Hv, Dv]` values, a scalar
     /// decay per step and head, and an initial state: `out` and the final state.
@@ -248,6 +252,8 @@ fn class_targets(rows: usize, vocab: usize, seed: u64, device: &Device) -> Resul
 /// Inputs made once per case, reused across timed repetitions.
 pub struct Inputs {
     arrays: Vec<Array>,
+    /// The in-place cross-entropy case's logits for its next call (its last `dlogits`).
+    carry: std::sync::Mutex<Option<Array>>,
 }
 
 /// Whether a case is limited by memory traffic or by arithmetic.
@@ -269,7 +275,10 @@ impl Case {
             Case::RopeVjp { .. } => "rope_vjp",
             Case::CrossEntropy { .. } => "cross_entropy",
             Case::CrossEntropyVjp { .. } => "cross_entropy_vjp",
-            Case::CrossEntropyFused { .. } => "cross_entropy_fused",
+            Case::CrossEntropyFused {
+                in_place: false, ..
+            } => "cross_entropy_fused",
+            Case::CrossEntropyFused { in_place: true, .. } => "cross_entropy_fused_in_place",
             Case::GatedDelta(_) => "gated_delta",
             Case::GatedDeltaVjp(_) => "gated_delta_vjp",
             Case::SdpaVjp { causal: false, .. } => "sdpa_vjp",
@@ -560,11 +569,29 @@ impl Case {
                 v
             }
         };
-        Ok(Inputs { arrays })
+        Ok(Inputs {
+            arrays,
+            carry: std::sync::Mutex::new(None),
+        })
     }
 
     /// Runs the op once; its outputs (one, or a backward pass's gradients).
     pub fn run(&self, inputs: &Inputs) -> Result<Vec<Array>> {
+        if let Case::CrossEntropyFused { in_place: true, .. } = self {
+            let a = &inputs.arrays;
+            let mut carry = inputs.carry.lock().map_err(|_| {
+                ferrofast::Error::InvalidArgument("the in-place case's state is poisoned".into())
+            })?;
+            let logits = match carry.take() {
+                Some(x) => x,
+                None => a[0].copy()?,
+            };
+            let (loss, dlogits) = fast::cross_entropy_fused_in_place(logits, &a[1], &TRAINING)?;
+            // The caller drops the returned handle before the next call, so the carried one
+            // is then the buffer's only handle again.
+            *carry = Some(dlogits.clone());
+            return Ok(vec![loss, dlogits]);
+        }
         self.call(&FAST, &inputs.arrays)
     }
 

@@ -25,7 +25,8 @@ bench  measures this machine's copy bandwidth and f32 GEMM rate, then times each
        --quick runs fewer shapes; --big adds the T=16384 attention memory check;
        --only TEXT keeps the cases whose op, shape or dtype contains TEXT (repeatable: a
        case is kept if any matches; op names: rms_norm, layer_norm, rope, sdpa, sdpa_causal,
-       sdpa_decode, cross_entropy, cross_entropy_vjp, cross_entropy_fused, gated_delta,
+       sdpa_decode, cross_entropy, cross_entropy_vjp, cross_entropy_fused,
+       cross_entropy_fused_in_place, gated_delta,
        gated_delta_vjp); --json FILE
        writes every result.
 first-call  times the first call of each op a Llama layer needs (bf16 rms_norm, rope,
@@ -162,7 +163,7 @@ fn first_call(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         let secs = start.elapsed().as_secs_f64();
         total += secs;
         println!(
-            "{:<19} {:<28} {:<9} {:>10}",
+            "{:<28} {:<28} {:<9} {:>10}",
             case.op(),
             case.shape(),
             case.dtype().name(),
@@ -232,7 +233,7 @@ fn demo(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         rayon::current_num_threads()
     );
     println!(
-        "{:<19} {:<28} {:<9} {:>10} {:>14} {:>11}",
+        "{:<28} {:<28} {:<9} {:>10} {:>14} {:>11}",
         "op", "shape", "dtype", "time", "throughput", "max error"
     );
     for case in demo_cases() {
@@ -251,7 +252,7 @@ fn demo(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             err = err.max(measure::max_abs_error(o, r)?);
         }
         println!(
-            "{:<19} {:<28} {:<9} {:>10} {:>14} {:>11.3e}",
+            "{:<28} {:<28} {:<9} {:>10} {:>14} {:>11.3e}",
             case.op(),
             case.shape(),
             case.dtype().name(),
@@ -294,7 +295,18 @@ fn cross_entropy_cases(rows: usize, vocabs: &[usize], dtype: DType) -> Vec<Case>
     for &vocab in vocabs {
         v.push(Case::CrossEntropy { rows, vocab, dtype });
         v.push(Case::CrossEntropyVjp { rows, vocab, dtype });
-        v.push(Case::CrossEntropyFused { rows, vocab, dtype });
+        v.push(Case::CrossEntropyFused {
+            rows,
+            vocab,
+            dtype,
+            in_place: false,
+        });
+        v.push(Case::CrossEntropyFused {
+            rows,
+            vocab,
+            dtype,
+            in_place: true,
+        });
     }
     v
 }
@@ -528,7 +540,7 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         ceilings.copy_gbs, threads, ceilings.gemm_gflops, threads, ceilings.gemm_gflops_1t
     );
     println!(
-        "{:<19} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9} {:>7}",
+        "{:<28} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9} {:>7}",
         "op", "shape", "dtype", "thr", "median", "throughput", "ceiling", "paired"
     );
     // The bf16-vs-f32 attention comparison runs when the sweep kept both dtypes' attention.
@@ -592,7 +604,7 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             };
             let paired_col = percent(paired_fraction);
             println!(
-                "{:<19} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9} {:>7}",
+                "{:<28} {:<28} {:<9} {:>3} {:>10} {:>14} {:>9} {:>7}",
                 case.op(),
                 case.shape(),
                 case.dtype().name(),
@@ -640,7 +652,7 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
 /// The row of a case the device does not run, with the reason.
 fn print_not_run(case: &Case, why: &str) {
     println!(
-        "{:<19} {:<28} {:<9} not run: {why}",
+        "{:<28} {:<28} {:<9} not run: {why}",
         case.op(),
         case.shape(),
         case.dtype().name()
