@@ -155,13 +155,7 @@ trait Acc:
         s: &mut [Self],
         prefetch: impl Fn(usize),
     ) {
-        for j in 0..nk {
-            prefetch(j);
-            let kj = keys.row(j, d);
-            for r in 0..nr {
-                s[r * nk + j] = Self::dot::<FMA>(&q[r * d..][..d], kj);
-            }
-        }
+        scores_rows_plain::<Self, FMA>(q, d, nr, keys, nk, s, prefetch);
     }
 
     /// `acc[r] += sum_j p[r * nk + j] * vals[j]` for the `nr` rows of `acc` (row stride
@@ -177,16 +171,7 @@ trait Acc:
         acc: &mut [Self],
         prefetch: impl Fn(usize),
     ) {
-        for j in 0..nk {
-            prefetch(j);
-            let vj = vals.row(j, dv);
-            for r in 0..nr {
-                let pr = p[r * nk + j];
-                if pr != Self::ZERO {
-                    Self::axpy::<FMA>(&mut acc[r * dv..][..dv], pr, vj);
-                }
-            }
-        }
+        accumulate_rows_plain::<Self, FMA>(p, nk, nr, vals, dv, acc, prefetch);
     }
 
     /// Replaces every `x` by `exp(x - m)` and returns their sum. `m` is at least every `x`
@@ -199,6 +184,52 @@ trait Acc:
             sum = sum + *x;
         }
         sum
+    }
+}
+
+/// [`Acc::scores_rows`] one key and one row at a time (every type's path, and f32's when
+/// it has no AVX2 tile for the call).
+#[inline(always)]
+fn scores_rows_plain<T: Acc, const FMA: bool>(
+    q: &[T],
+    d: usize,
+    nr: usize,
+    keys: &Rows<'_, T>,
+    nk: usize,
+    s: &mut [T],
+    prefetch: impl Fn(usize),
+) {
+    for j in 0..nk {
+        prefetch(j);
+        let kj = keys.row(j, d);
+        for r in 0..nr {
+            s[r * nk + j] = T::dot::<FMA>(&q[r * d..][..d], kj);
+        }
+    }
+}
+
+/// [`Acc::accumulate_rows`] one value row and one output row at a time (zero weights
+/// skipped), as [`scores_rows_plain`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn accumulate_rows_plain<T: Acc, const FMA: bool>(
+    p: &[T],
+    nk: usize,
+    nr: usize,
+    vals: &Rows<'_, T>,
+    dv: usize,
+    acc: &mut [T],
+    prefetch: impl Fn(usize),
+) {
+    for j in 0..nk {
+        prefetch(j);
+        let vj = vals.row(j, dv);
+        for r in 0..nr {
+            let pr = p[r * nk + j];
+            if pr != T::ZERO {
+                T::axpy::<FMA>(&mut acc[r * dv..][..dv], pr, vj);
+            }
+        }
     }
 }
 
@@ -328,13 +359,7 @@ impl Acc for f32 {
             }
             return;
         }
-        for j in 0..nk {
-            prefetch(j);
-            let kj = keys.row(j, d);
-            for r in 0..nr {
-                s[r * nk + j] = f32::dot::<FMA>(&q[r * d..][..d], kj);
-            }
-        }
+        scores_rows_plain::<f32, FMA>(q, d, nr, keys, nk, s, prefetch);
     }
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
@@ -367,16 +392,7 @@ impl Acc for f32 {
             }
             return;
         }
-        for j in 0..nk {
-            prefetch(j);
-            let vj = vals.row(j, dv);
-            for r in 0..nr {
-                let pr = p[r * nk + j];
-                if pr != 0.0 {
-                    f32::axpy::<FMA>(&mut acc[r * dv..][..dv], pr, vj);
-                }
-            }
-        }
+        accumulate_rows_plain::<f32, FMA>(p, nk, nr, vals, dv, acc, prefetch);
     }
     #[inline(always)]
     fn exp_sub_sum<const FMA: bool>(xs: &mut [f32], m: f32) -> f32 {
