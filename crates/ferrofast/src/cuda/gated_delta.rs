@@ -2,7 +2,8 @@
 //! device, for key head sizes up to [`MAX_DK`] and any value head size.
 //!
 //! The forward (`gd_forward`) steps the state sequentially with four lanes a state row and
-//! 32 rows a block, the state in registers: at one step (decode) it reads and writes the
+//! 32 rows a block, the state in registers, the block staging the inputs of 16 steps (8 at
+//! `Dk > 128`) in shared memory at a time: at one step (decode) it reads and writes the
 //! state once. The backward (`gd_backward`) runs a block per (batch, value head, up to 128
 //! rows): the forward again keeping a checkpoint every `C ≈ sqrt(T)` steps, then the chunks in
 //! reverse, each replayed from its checkpoint into a scratch buffer of its `C` states. Its
