@@ -442,7 +442,7 @@ pub fn import(capsule: &Bound<'_, PyAny>, bf16_from_u16: bool) -> PyResult<Array
     let owner = Imported { managed, versioned };
 
     let size = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-    let aligned = |dtype: DType| (data as usize) % dtype.size() == 0;
+    let aligned = |dtype: DType| (data as usize).is_multiple_of(dtype.size());
     match source {
         Source::Direct(dtype) if aligned(dtype) || size == Some(0) => {
             // SAFETY: DLPack's contract: `data` plus the strides (in elements) address

@@ -629,7 +629,7 @@ impl Array {
             // dtype's alignment) makes the empty slice valid.
             (std::ptr::NonNull::<u64>::dangling().cast::<u8>(), 0)
         } else {
-            if ptr.is_null() || (ptr as usize) % itemsize != 0 {
+            if ptr.is_null() || !(ptr as usize).is_multiple_of(itemsize) {
                 return Err(Error::invalid(format!(
                     "[from_external] the data pointer {ptr:p} is null or not aligned to the \
                      {itemsize}-byte elements of {dtype}."

@@ -121,7 +121,9 @@ fn length_mask(b: usize, t: usize, seed: u64) -> Array {
 
 /// A `[B, T]` bool mask with scattered holes.
 fn holes_mask(b: usize, t: usize, seed: u64) -> Array {
-    let m: Vec<bool> = (0..b * t).map(|i| (i as u64 * 7 + seed) % 5 != 0).collect();
+    let m: Vec<bool> = (0..b * t)
+        .map(|i| !(i as u64 * 7 + seed).is_multiple_of(5))
+        .collect();
     Array::from_vec(m, &[b, t]).expect("mask")
 }
 

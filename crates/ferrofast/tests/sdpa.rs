@@ -736,7 +736,7 @@ on_every_device! {
             let kind = KINDS[(n % 4) as usize];
             let m = mask_array(kind, &q, tkv, seed + 4);
             let what = format!("split T_kv {tkv} {dtype} {kind:?}");
-            let sinks = (n % 2 == 0).then_some(&sinks);
+            let sinks = n.is_multiple_of(2).then_some(&sinks);
             check(&q, &k, &v, 0.125, masking(kind, m.as_ref()), sinks, &what);
         }
     }
@@ -784,7 +784,7 @@ on_every_device! {
                 let k = Input::new(&randn(&[1, nkv, tkv, d], dtype, seed + 1), dev);
                 let v = Input::new(&randn(&[1, nkv, tkv, dv], dtype, seed + 2), dev);
                 let sinks = Input::new(&randn(&[nkv * group], dtype, seed + 3), dev);
-                let sinks = (n % 3 == 0).then_some(&sinks);
+                let sinks = n.is_multiple_of(3).then_some(&sinks);
                 let m = mask_array(kind, &q, tkv, seed + 4);
                 let what = format!(
                     "mma group {group} T_q {tq} ({d}, {dv}) T_kv {tkv} kv heads {nkv} {kind:?} \

@@ -631,7 +631,7 @@ fn rotate_piece_impl<T: RopeElem>(
     gathered: &mut [T],
 ) {
     let (dim, dims) = (spec.dim, spec.dims);
-    debug_assert!(out.len() % dim == 0 && table.len() / dims == out.len() / dim);
+    debug_assert!(out.len().is_multiple_of(dim) && table.len() / dims == out.len() / dim);
     for ((j, o), tab) in out
         .chunks_exact_mut(dim)
         .enumerate()

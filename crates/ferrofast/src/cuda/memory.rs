@@ -147,7 +147,7 @@ impl CudaBuffer {
     /// True if the address of element `offset` is a multiple of `align` bytes.
     pub(crate) fn is_aligned(&self, offset: usize, align: usize) -> bool {
         let byte = self.address + (offset * self.dtype.size()) as u64;
-        byte % align as u64 == 0
+        byte.is_multiple_of(align as u64)
     }
 
     /// Uploads host elements into a new buffer on `stream`.

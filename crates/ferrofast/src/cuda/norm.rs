@@ -313,7 +313,7 @@ fn norm(
         p.as_ref()
             .is_none_or(|p| p.stride == 1 && p.buffer.is_aligned(p.offset as usize, 16))
     };
-    let aligned = d % reads == 0
+    let aligned = d.is_multiple_of(reads)
         && src.is_aligned(x.offset(), 16)
         && (rs * size as i64).rem_euclid(16) == 0
         && param_aligned(&wp)
@@ -507,7 +507,7 @@ pub(crate) fn vjp(
         );
         let wp = param(kind, "weight", w.as_ref())?;
         let size = dtype.size() as i64;
-        let aligned = d % n_reads(dtype) == 0
+        let aligned = d.is_multiple_of(n_reads(dtype))
             && xb.is_aligned(x.offset(), 16)
             && gb.is_aligned(g.offset(), 16)
             && (xrs * size).rem_euclid(16) == 0
@@ -709,7 +709,7 @@ mod tests {
                     }
                     Plan::Group { g, chunks } => {
                         assert!(g * chunks * n_reads(dt) >= d, "d {d} {dt}");
-                        assert!(GROUP_BLOCK % g == 0 && g <= 32);
+                        assert!(GROUP_BLOCK.is_multiple_of(g) && g <= 32);
                     }
                     Plan::Looped => {}
                 }

@@ -739,7 +739,7 @@ impl<'a, H: Format> Kernel<'a, H> {
             }
         };
         let fetch_ahead = |s: usize| {
-            if s % H::STEPS_PER_LINE == 0 {
+            if s.is_multiple_of(H::STEPS_PER_LINE) {
                 // SAFETY: s < steps (both uses below), so s * STEP < row.len(): both offsets
                 // stay inside the `row.len()` elements the pointers start (this function's
                 // contract). A prefetch itself never faults.

@@ -505,7 +505,7 @@ pub(super) fn push_inputs<'a>(
 /// attention kernels: none where `d` and `dv` are multiples of 64 (the rows are swizzled,
 /// `SW` in `ferrofast_mma.cuh`), 8 otherwise.
 pub(super) fn kv_row_pad(d: usize, dv: usize) -> usize {
-    if d % 64 == 0 && dv % 64 == 0 {
+    if d.is_multiple_of(64) && dv.is_multiple_of(64) {
         0
     } else {
         8

@@ -150,7 +150,7 @@ fn tensor_map(a: &Array, address: u64, dtype: DType) -> Result<TensorMapArg> {
         };
         packed = strides[i] * dims[i + 1];
     }
-    if strides.iter().any(|&x| x % 16 != 0 || x >= 1 << 40) || address % 16 != 0 {
+    if strides.iter().any(|&x| x % 16 != 0 || x >= 1 << 40) || !address.is_multiple_of(16) {
         return Err(rejected("strides must be multiples of 16 bytes below 2^40"));
     }
     let data_type = match dtype {

@@ -119,8 +119,8 @@ pub(crate) fn select(p: &Problem, arch: &str, knobs: Knobs) -> Kernel {
             return Kernel::DecodeMma;
         }
         let width = p.d.max(p.d_v);
-        if p.d % 8 == 0
-            && p.d_v % 8 == 0
+        if p.d.is_multiple_of(8)
+            && p.d_v.is_multiple_of(8)
             && width <= DECODE_MAX_WIDTH
             && decode_lanes(p.dtype, width).is_some()
         {
