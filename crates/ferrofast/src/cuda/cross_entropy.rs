@@ -420,10 +420,7 @@ pub(crate) fn fused_in_place(args: CrossEntropyArgs, stream: &Stream) -> Result<
         return fused(&args, stream);
     }
     match launch_rows(&args, stream, Grad::ImpliedInPlace)? {
-        (loss, Some(dx)) => {
-            drop(args);
-            Ok((loss, dx))
-        }
+        (loss, Some(dx)) => Ok((loss, dx)),
         (_, None) => Err(Error::Cuda(
             "[cross_entropy] the fused pass wrote no gradient".into(),
         )),

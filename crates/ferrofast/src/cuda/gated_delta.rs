@@ -326,17 +326,22 @@ fn row_blocks(dv: usize, nv: usize) -> (usize, usize, usize) {
     (rb, dv.div_ceil(rb), rb.div_ceil(8))
 }
 
-/// `out[o][c] = sum_r sum_g part[r][o * groups + g][c]` for `o < n_out`, `c < width`, as
-/// f32 of `shape`, then cast to `dtype`.
-#[allow(clippy::too_many_arguments)]
+/// `a` (f32) converted to `dtype` on `stream`; `a` itself when it already is.
+fn cast(a: Array, dtype: DType, stream: &Stream) -> Result<Array> {
+    if dtype == DType::F32 {
+        Ok(a)
+    } else {
+        copy_cast(&a, dtype, Some(stream))
+    }
+}
+
+/// `out[o][c] = sum_r sum_g part[r][o * groups + g][c]` for `o < n_out`, `c < width`: the
+/// gradient of `like`, in its shape and dtype.
 fn sum_parts(
     part: &CudaBuffer,
-    n_out: usize,
-    width: usize,
-    groups: usize,
-    parts: usize,
-    shape: &[usize],
-    dtype: DType,
+    (n_out, width): (usize, usize),
+    (groups, parts): (usize, usize),
+    like: &Array,
     stream: &Stream,
 ) -> Result<Array> {
     const OP: &str = "gated_delta_update_vjp";
@@ -370,12 +375,11 @@ fn sum_parts(
             unsafe { b.launch(grid_1d(blocks, SUM_THREADS, 0)) }.map(|_| ())
         })?;
     }
-    let out = Array::from_cuda_buffer(out, shape)?;
-    if dtype == DType::F32 {
-        Ok(out)
-    } else {
-        copy_cast(&out, dtype, Some(stream))
-    }
+    cast(
+        Array::from_cuda_buffer(out, like.shape())?,
+        like.dtype(),
+        stream,
+    )
 }
 
 /// Runs a validated `gated_delta_update_vjp` call on `stream`.
@@ -475,54 +479,15 @@ pub(crate) fn vjp(args: &GatedDeltaVjpArgs, stream: &Stream) -> Result<GatedDelt
     let qk_rows = a.b * a.t * a.hk;
     let group = a.group();
     Ok(GatedDeltaGrads {
-        dq: sum_parts(
-            &part_q,
-            qk_rows,
-            a.dk,
-            group,
-            nrb,
-            a.q.shape(),
-            a.q.dtype(),
+        dq: sum_parts(&part_q, (qk_rows, a.dk), (group, nrb), &a.q, stream)?,
+        dk: sum_parts(&part_k, (qk_rows, a.dk), (group, nrb), &a.k, stream)?,
+        dv: cast(
+            Array::from_cuda_buffer(dv, a.v.shape())?,
+            a.v.dtype(),
             stream,
         )?,
-        dk: sum_parts(
-            &part_k,
-            qk_rows,
-            a.dk,
-            group,
-            nrb,
-            a.k.shape(),
-            a.k.dtype(),
-            stream,
-        )?,
-        dv: {
-            let d = Array::from_cuda_buffer(dv, a.v.shape())?;
-            if a.v.dtype() == DType::F32 {
-                d
-            } else {
-                copy_cast(&d, a.v.dtype(), Some(stream))?
-            }
-        },
-        dgamma: sum_parts(
-            &part_g,
-            bth,
-            gk,
-            1,
-            nrb,
-            a.gamma.shape(),
-            a.gamma.dtype(),
-            stream,
-        )?,
-        dbeta: sum_parts(
-            &part_b,
-            bth,
-            1,
-            1,
-            nrb,
-            a.beta.shape(),
-            a.beta.dtype(),
-            stream,
-        )?,
+        dgamma: sum_parts(&part_g, (bth, gk), (1, nrb), &a.gamma, stream)?,
+        dbeta: sum_parts(&part_b, (bth, 1), (1, nrb), &a.beta, stream)?,
         dstate0: match dstate0 {
             Some(d) => Some(Array::from_cuda_buffer(d, &a.state_shape())?),
             None => None,
