@@ -15,6 +15,13 @@ mod common;
 use common::{check_close, on};
 use ferrofast::fast::{self, GatedDeltaGrads};
 use ferrofast::{reference, Array, DType, Device, Error};
+use std::sync::RwLock;
+
+/// The environment variable that picks the forward's form (`sequential` / `chunked`).
+const FORM_VAR: &str = "FERROFAST_GATED_DELTA_KERNEL";
+
+/// Held for writing by the test that sets [`FORM_VAR`], for reading by every other call.
+static FORM: RwLock<()> = RwLock::new(());
 
 /// Sizes of one case.
 #[derive(Clone, Copy, Debug)]
@@ -142,6 +149,12 @@ fn to_dev(c: &Case, dev: &Device) -> Case {
 
 /// The op on `dev`, inputs moved there; results come back to the CPU.
 fn forward(c: &Case, dev: &Device) -> ferrofast::Result<(Array, Array)> {
+    let _form = FORM.read().unwrap_or_else(|e| e.into_inner());
+    forward_in_set_form(c, dev)
+}
+
+/// [`forward`] in whatever form [`FORM_VAR`] picks now (the caller holds [`FORM`]).
+fn forward_in_set_form(c: &Case, dev: &Device) -> ferrofast::Result<(Array, Array)> {
     let x = to_dev(c, dev);
     let (out, state) = fast::gated_delta_update(
         &x.q,
@@ -180,7 +193,19 @@ fn out_tol(dtype: DType) -> (f64, f64) {
 }
 
 fn check_forward(c: &Case, dev: &Device, what: &str) {
-    let (out, state) = forward(c, dev).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let _form = FORM.read().unwrap_or_else(|e| e.into_inner());
+    check_forward_in_set_form(c, dev, what, (1e-4, 1e-4));
+}
+
+/// [`check_forward`] in the form [`FORM_VAR`] picks now, the state within `state_tol`
+/// (`(atol, rtol)`); returns `(out, state)`.
+fn check_forward_in_set_form(
+    c: &Case,
+    dev: &Device,
+    what: &str,
+    state_tol: (f64, f64),
+) -> (Array, Array) {
+    let (out, state) = forward_in_set_form(c, dev).unwrap_or_else(|e| panic!("{what}: {e}"));
     let (ro, rs) = oracle(c);
     let qk = ferrofast::promote_types(c.q.dtype(), c.k.dtype());
     let want = if qk.is_floating() {
@@ -192,7 +217,14 @@ fn check_forward(c: &Case, dev: &Device, what: &str) {
     assert_eq!(state.dtype(), DType::F32, "{what}: state dtype");
     let (atol, rtol) = out_tol(out.dtype());
     check_close(&out, &ro, atol, rtol, &format!("{what}: out"));
-    check_close(&state, &rs, 1e-4, 1e-4, &format!("{what}: state"));
+    check_close(
+        &state,
+        &rs,
+        state_tol.0,
+        state_tol.1,
+        &format!("{what}: state"),
+    );
+    (out, state)
 }
 
 const MLX_DIMS: [Dims; 6] = [
@@ -390,6 +422,66 @@ on_every_device! {
                 Err(Error::Unsupported(msg)) => assert!(msg.contains("256"), "{msg}"),
                 other => panic!("Dk 257 on {dev}: {other:?}"),
             },
+        }
+    }
+}
+
+on_every_device! {
+    /// Both forms of the forward (`FERROFAST_GATED_DELTA_KERNEL`: the step-by-step recurrence
+    /// and the chunked WY form, 64 steps a chunk) against the oracle and each other: T at and
+    /// around chunk boundaries, the head sizes of the tensor-core kernel, f32 and bf16, GQA,
+    /// masks, and decays with exact zeros (a reset inside a chunk) and negative values.
+    fn sequential_and_chunked_forms_agree(dev: &Device) {
+        let _form = FORM.write().unwrap_or_else(|e| e.into_inner());
+        let cases = [
+            (dims(1, 64, 1, 1, 16, 8), DType::F32, 0),
+            (dims(1, 63, 2, 2, 32, 48), DType::F32, 1),
+            (dims(2, 200, 2, 4, 64, 64), DType::F32, 2),
+            (dims(1, 129, 1, 2, 128, 128), DType::BF16, 0),
+            (dims(2, 65, 2, 4, 128, 128), DType::BF16, 1),
+            (dims(1, 300, 1, 2, 128, 64), DType::BF16, 2),
+            (dims(1, 130, 1, 1, 64, 128), DType::F16, 1),
+        ];
+        for (n, (d, dtype, extra)) in cases.into_iter().enumerate() {
+            let mut c = make_case(d, dtype, false, n % 2 == 0, 40 + n as u64);
+            if extra >= 1 {
+                // Exact zeros (every 37th step) and negative decays (every 23rd).
+                let g: Vec<f64> = f64s(&c.gamma)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, g)| {
+                        let t = i / d.hv % d.t;
+                        if t % 37 == 36 {
+                            0.0
+                        } else if t % 23 == 5 {
+                            -g
+                        } else {
+                            g
+                        }
+                    })
+                    .collect();
+                c.gamma = arr(g, c.gamma.shape(), dtype);
+            }
+            if extra == 2 {
+                c.mask = Some(holes_mask(d.b, d.t, 3));
+            }
+            // The tensor-core chunked kernel multiplies in the inputs' precision (bf16 / f16
+            // operands, f32 sums): its state is as precise as its inputs.
+            let state_tol = match dtype {
+                DType::F32 => (1e-4, 1e-4),
+                _ => out_tol(dtype),
+            };
+            let mut outs = Vec::new();
+            for form in ["sequential", "chunked"] {
+                std::env::set_var(FORM_VAR, form);
+                let what = format!("{d:?} {dtype} {form}");
+                outs.push(check_forward_in_set_form(&c, dev, &what, state_tol));
+            }
+            std::env::remove_var(FORM_VAR);
+            let (atol, rtol) = out_tol(outs[0].0.dtype());
+            let what = format!("{d:?} {dtype}: chunked vs sequential");
+            check_close(&outs[1].0, &outs[0].0, atol, rtol, &format!("{what}: out"));
+            check_close(&outs[1].1, &outs[0].1, state_tol.0, state_tol.1, &format!("{what}: state"));
         }
     }
 }

@@ -19,11 +19,12 @@ use super::simd::has_avx2_fma;
 use crate::array::{checked_size, host_pool};
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::ops::gated_delta::{GatedDeltaArgs, GatedDeltaGrads, GatedDeltaVjpArgs};
+use crate::ops::gated_delta::{Form, GatedDeltaArgs, GatedDeltaGrads, GatedDeltaVjpArgs};
 use crate::Array;
 use rayon::prelude::*;
 use std::borrow::Cow;
 
+mod chunked;
 mod rows;
 
 /// State rows a task steps together through every step: 16 rows of Dk = 128 are 8 KiB,
@@ -142,6 +143,7 @@ pub(crate) fn run(a: &GatedDeltaArgs) -> Result<(Array, Array)> {
     if n > 0 && per_head > 0 {
         let x = Inputs::load(a)?;
         let fma = has_avx2_fma();
+        let chunks = uses_chunks(a);
         state
             .par_chunks_mut(n)
             .zip(outs.par_chunks_mut(per_head))
@@ -153,8 +155,11 @@ pub(crate) fn run(a: &GatedDeltaArgs) -> Result<(Array, Array)> {
                     b: task / a.hv,
                     h: task % a.hv,
                 };
-                let mut gbuf = host_pool::filled(a.dk, 0.0f32)?;
                 head.init(0, s);
+                if chunks {
+                    return chunked::head_forward(&head, s, out, fma);
+                }
+                let mut gbuf = host_pool::filled(a.dk, 0.0f32)?;
                 for (blk, rows) in s.chunks_mut(ROWS * a.dk).enumerate() {
                     let r0 = blk * ROWS;
                     forward(&head, 0..a.t, rows, r0, Some(out), &mut gbuf, None, fma);
@@ -173,6 +178,16 @@ pub(crate) fn run(a: &GatedDeltaArgs) -> Result<(Array, Array)> {
         .astype(a.out_dtype)?
         .contiguous()?;
     Ok((out, Array::from_vec(state, &a.state_shape())?))
+}
+
+/// Whether the forward runs in chunks ([`chunked`]) rather than step by step.
+fn uses_chunks(a: &GatedDeltaArgs) -> bool {
+    a.chunkable()
+        && match Form::from_env() {
+            Form::Sequential => false,
+            Form::Chunked => true,
+            Form::Auto => false,
+        }
 }
 
 /// Steps `steps` of state rows `r0..r0 + s.len() / Dk` of one head, held in `s` (updated in

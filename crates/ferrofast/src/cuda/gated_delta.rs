@@ -14,15 +14,26 @@
 //! Inputs are read in their own dtype when `q`, `k`, `v` share one of f32 / f16 / bf16 (and
 //! `gamma`, `beta` share it or are f32); anything else is converted to f32 first. The
 //! arithmetic is f32 throughout, as on the CPU.
+//!
+//! Prefill in bf16 runs the chunked form instead (`kernels/gated_delta_chunked.cu`, the
+//! derivation in `cpu/gated_delta/chunked.rs`): `gdc_prep` turns every 64-step chunk into
+//! `W`, `U` and the decay-weighted `Q K^T` on tensor cores, all chunks in parallel, and
+//! `gdc_state` walks the chunks in order, a block per (batch, value head, 16 NW value rows)
+//! with the state in mma accumulators. It applies to bf16 `q`, `k`, `v`, a scalar decay, `Dk`
+//! and `Dv` of 64 or 128, and is chosen from [`CHUNKED_MIN_T`] steps on
+//! (`FERROFAST_GATED_DELTA_KERNEL` forces either form where both apply). Its products take
+//! bf16 operands with f32 sums, so its state is as precise as its bf16 inputs rather than
+//! f32 to the last bit. Workspace: `(2 · 64 · (Dk + Dv) + 2 · 64 · 64 + 1024)` bytes a chunk
+//! of each head.
 
 use super::copy::{copy_cast, type_tag};
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{allow_dynamic_shared_memory, grid_1d, launch, Stream};
+use super::runtime::{allow_dynamic_shared_memory, grid_1d, launch, CudaDevice, Stream};
 use crate::array::checked_size;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ops::gated_delta::{GatedDeltaArgs, GatedDeltaGrads, GatedDeltaVjpArgs};
+use crate::ops::gated_delta::{Form, GatedDeltaArgs, GatedDeltaGrads, GatedDeltaVjpArgs};
 use crate::Array;
 use cudarc::driver::{DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 
@@ -31,6 +42,236 @@ pub(crate) const REGISTERED: Registered = Registered {
     file: KernelFile::new("gated_delta.cu", include_str!("kernels/gated_delta.cu")),
     variants: all_variants,
 };
+
+/// `kernels/gated_delta_chunked.cu`: the chunked forward.
+pub(crate) const REGISTERED_CHUNKED: Registered = Registered {
+    file: KernelFile::new(
+        "gated_delta_chunked.cu",
+        include_str!("kernels/gated_delta_chunked.cu"),
+    ),
+    variants: chunked_variants,
+};
+
+/// Steps from which bf16 prefill takes the chunked form by default.
+pub(crate) const CHUNKED_MIN_T: usize = 256;
+/// Steps per chunk of the chunked form (`FF_GDC_C`).
+const CHUNK: usize = 64;
+/// f32 factors per chunk (`FF_GDC_F`).
+const CHUNK_FACTORS: usize = 256;
+/// Head sizes (`Dk`, and separately `Dv`) the chunked kernels are instantiated for.
+const CHUNK_DIMS: [usize; 2] = [64, 128];
+/// Warps a `gdc_state` block may have (16 value rows each).
+const CHUNK_WARPS: [usize; 2] = [4, 8];
+/// The gamma / beta types of the chunked kernels (q, k, v are bf16).
+const CHUNK_TG: [DType; 2] = [DType::BF16, DType::F32];
+
+fn prep_variant(tg: DType, dk: usize, dv: usize) -> String {
+    format!("gdc_prep<{}, {dk}, {dv}>", type_tag(tg))
+}
+
+fn state_variant(dk: usize, dv: usize, nw: usize) -> String {
+    format!("gdc_state<{dk}, {dv}, {nw}>")
+}
+
+/// Every instantiation of `gated_delta_chunked.cu` a launch can ask for.
+fn chunked_variants() -> Vec<String> {
+    let mut out = Vec::new();
+    for dk in CHUNK_DIMS {
+        for dv in CHUNK_DIMS {
+            for tg in CHUNK_TG {
+                out.push(prep_variant(tg, dk, dv));
+            }
+            for nw in CHUNK_WARPS {
+                if dv.is_multiple_of(16 * nw) {
+                    out.push(state_variant(dk, dv, nw));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Dynamic shared memory of `gdc_prep`, in bytes: K, Q, V tiles (bf16, rows padded by 8),
+/// L and M (`[64][65]` f32) and seven per-step arrays.
+fn prep_smem(dk: usize, dv: usize) -> usize {
+    (2 * CHUNK * (dk + 8) + CHUNK * (dv + 8)) * 2 + 2 * CHUNK * (CHUNK + 1) * 4 + 7 * CHUNK * 4
+}
+
+/// Dynamic shared memory of `gdc_state` with `nw` warps, in bytes: two stages of W, Q, K
+/// (`[64][Dk + 8]`), Q K^T (`[64][72]`), the U tile (`[64][16 nw + 8]`) and the factors,
+/// then a `[64][24]` bf16 tile per warp (`ff_gdc_stage`).
+fn state_smem(dk: usize, nw: usize) -> usize {
+    let stage =
+        3 * CHUNK * (dk + 8) + CHUNK * (CHUNK + 8) + CHUNK * (16 * nw + 8) + 2 * CHUNK_FACTORS;
+    (2 * stage + nw * CHUNK * 24) * 2
+}
+
+/// Warps of a `gdc_state` block for `heads` (batch x value heads) of `dv` value rows of
+/// `dk` on a device of `sms` multiprocessors with `max_smem` bytes of shared memory a block:
+/// eight (one block a head) when that about fills the GPU and fits, else four (more blocks).
+fn state_warps(heads: usize, dk: usize, dv: usize, sms: usize, max_smem: usize) -> usize {
+    if dv.is_multiple_of(128) && 4 * heads >= 3 * sms && state_smem(dk, 8) <= max_smem {
+        8
+    } else {
+        4
+    }
+}
+
+/// Whether `run` takes the chunked form for `a` read as `x` on `device`.
+fn uses_chunks(a: &GatedDeltaArgs, x: &Dense, device: &CudaDevice) -> bool {
+    let smem = device.max_shared_optin();
+    let fits = a.chunkable()
+        && state_smem(a.dk, 4) <= smem
+        && prep_smem(a.dk, a.dv) <= smem
+        && x.ti == DType::BF16
+        && CHUNK_TG.contains(&x.gamma.dtype())
+        && CHUNK_DIMS.contains(&a.dk)
+        && CHUNK_DIMS.contains(&a.dv)
+        && a.b.saturating_mul(a.hv) <= 65535
+        && a.t > 0;
+    fits && match Form::from_env() {
+        Form::Sequential => false,
+        Form::Chunked => true,
+        Form::Auto => a.t >= CHUNKED_MIN_T,
+    }
+}
+
+/// `ff_gdc_params` in `kernels/gated_delta_chunked.cu`, same C layout, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GdcParams {
+    t: i64,
+    hk: i32,
+    hv: i32,
+    group: i32,
+    n_chunks: i32,
+}
+
+// SAFETY: `GdcParams` is `repr(C)` plain data whose layout matches `ff_gdc_params`.
+unsafe impl DeviceRepr for GdcParams {}
+
+/// The chunked forward into `out` (`[B, T, Hv, Dv]` bf16) and `state` (`[B, Hv, Dv, Dk]`
+/// f32), for a call [`uses_chunks`] accepted.
+fn run_chunked(
+    a: &GatedDeltaArgs,
+    x: &Dense,
+    out: &mut CudaBuffer,
+    state: &mut CudaBuffer,
+    stream: &Stream,
+) -> Result<()> {
+    const OP: &str = "gated_delta_update";
+    let device = buffer(OP, "q", &x.q)?.device().clone();
+    let heads = a.b * a.hv;
+    let n_chunks = a.t.div_ceil(CHUNK);
+    let p = GdcParams {
+        t: i64::try_from(a.t).map_err(|_| Error::Shape(format!("[{OP}] T overflows i64")))?,
+        hk: i32_size(OP, "Hk", a.hk)?,
+        hv: i32_size(OP, "Hv", a.hv)?,
+        group: i32_size(OP, "Hv / Hk", a.group())?,
+        n_chunks: i32_size(OP, "chunks", n_chunks)?,
+    };
+    let ws = |cols: usize, dtype: DType| -> Result<CudaBuffer> {
+        CudaBuffer::alloc(
+            &device,
+            stream,
+            dtype,
+            checked_size(&[heads, n_chunks, cols])?,
+        )
+    };
+    let mut w = ws(CHUNK * a.dk, DType::BF16)?;
+    let mut u = ws(CHUNK * a.dv, DType::BF16)?;
+    let mut qk = ws(CHUNK * CHUNK, DType::BF16)?;
+    let mut f = ws(CHUNK_FACTORS, DType::F32)?;
+    let null: u64 = 0;
+    let cu = stream.cuda();
+
+    let name = prep_variant(x.gamma.dtype(), a.dk, a.dv);
+    let func = jit::function(&device, &REGISTERED_CHUNKED.file, &name, &[])?;
+    let smem = prep_smem(a.dk, a.dv);
+    allow_dynamic_shared_memory(&func, smem, &name)?;
+    let mut b = cu.launch_builder(&func);
+    for (what, arr) in [
+        ("q", &x.q),
+        ("k", &x.k),
+        ("v", &x.v),
+        ("gamma", &x.gamma),
+        ("beta", &x.beta),
+    ] {
+        b.arg(buffer(OP, what, arr)?.slice());
+    }
+    match &x.mask {
+        Some(m) => b.arg(buffer(OP, "mask", m)?.slice()),
+        None => b.arg(&null),
+    };
+    b.arg(w.slice_mut())
+        .arg(u.slice_mut())
+        .arg(qk.slice_mut())
+        .arg(f.slice_mut())
+        .arg(&p);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            u32_dim(OP, "chunks", n_chunks, i32::MAX as u32)?,
+            u32_dim(OP, "B * Hv", heads, 65535)?,
+            1,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    launch(&format!("launching {name}"), || {
+        // SAFETY: the arguments match gdc_prep's parameters in order and type (`GdcParams` is
+        // `ff_gdc_params`); q, k, v are dense bf16 ([B, T, Hk, Dk], [B, T, Hv, Dv]), gamma and
+        // beta dense [B, T, Hv] of the kernel's TG, the mask dense f32 [B, T] or null. Block
+        // (chunk, bh) reads steps < T of its head and writes its chunk's slots of w, u, qk and
+        // f (allocated as [B Hv, n_chunks, ...] above); `smem` is `prep_smem`.
+        unsafe { b.launch(cfg) }.map(|_| ())
+    })?;
+
+    let nw = state_warps(
+        heads,
+        a.dk,
+        a.dv,
+        device.sm_count() as usize,
+        device.max_shared_optin(),
+    );
+    let name = state_variant(a.dk, a.dv, nw);
+    let func = jit::function(&device, &REGISTERED_CHUNKED.file, &name, &[])?;
+    let smem = state_smem(a.dk, nw);
+    allow_dynamic_shared_memory(&func, smem, &name)?;
+    let has_mask = i32::from(x.mask.is_some());
+    let mut b = cu.launch_builder(&func);
+    b.arg(buffer(OP, "q", &x.q)?.slice())
+        .arg(buffer(OP, "k", &x.k)?.slice())
+        .arg(w.slice())
+        .arg(u.slice())
+        .arg(qk.slice())
+        .arg(f.slice());
+    match &x.state0 {
+        Some(s) => b.arg(buffer(OP, "initial_state", s)?.slice()),
+        None => b.arg(&null),
+    };
+    b.arg(&has_mask)
+        .arg(out.slice_mut())
+        .arg(state.slice_mut())
+        .arg(&p);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            u32_dim(OP, "B * Hv", heads, i32::MAX as u32)?,
+            u32_dim(OP, "row blocks", a.dv / (16 * nw), 65535)?,
+            1,
+        ),
+        block_dim: (32 * nw as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    launch(&format!("launching {name}"), || {
+        // SAFETY: the arguments match gdc_state's parameters in order and type; w, u, qk, f
+        // were written by gdc_prep on this stream for every (bh, chunk); block (bh, y) reads
+        // value rows y 16 nw .. + 16 nw < Dv (Dv is a multiple of 16 nw) and steps < T of its
+        // head, writes those rows of out ([B, T, Hv, Dv] bf16) and of the state ([B, Hv, Dv,
+        // Dk] f32); `smem` is `state_smem`.
+        unsafe { b.launch(cfg) }.map(|_| ())
+    })?;
+    Ok(())
+}
 
 /// The largest key head size the kernels take (16 float4 column groups of four lanes).
 pub(crate) const MAX_DK: usize = 256;
@@ -270,7 +511,9 @@ pub(crate) fn run(a: &GatedDeltaArgs, stream: &Stream) -> Result<(Array, Array)>
     let mut state =
         CudaBuffer::alloc(&device, stream, DType::F32, checked_size(&a.state_shape())?)?;
     let heads = a.b * a.hv;
-    if heads > 0 && a.dv > 0 {
+    if heads > 0 && a.dv > 0 && uses_chunks(a, &x, &device) {
+        run_chunked(a, &x, &mut out, &mut state, stream)?;
+    } else if heads > 0 && a.dv > 0 {
         let mut p = p;
         p.stage = stage_steps(nv) as i32;
         let smem = forward_smem(nv);
@@ -512,6 +755,30 @@ mod tests {
         }
         assert!(nv_for("t", 257).is_err());
         assert!(all.contains(&SUM.to_string()));
+    }
+
+    #[test]
+    fn chunked_launches_have_variants_and_fit() {
+        let all = chunked_variants();
+        for dk in CHUNK_DIMS {
+            for dv in CHUNK_DIMS {
+                for tg in CHUNK_TG {
+                    assert!(all.contains(&prep_variant(tg, dk, dv)));
+                }
+                // Within the 227 KiB a block may have on sm_90 (and the 163 KiB of sm_80 for
+                // the prep kernel and four-warp state blocks).
+                assert!(prep_smem(dk, dv) <= 160 * 1024, "{dk} {dv}");
+                for heads in [1usize, 8, 95, 96, 128, 4096] {
+                    let nw = state_warps(heads, dk, dv, 132, 227 * 1024);
+                    assert!(all.contains(&state_variant(dk, dv, nw)), "{dk} {dv} {nw}");
+                    assert_eq!(dv % (16 * nw), 0);
+                    assert!(state_smem(dk, nw) <= 227 * 1024, "{dk} {nw}");
+                    // An sm_80 block (163 KiB) gets four warps.
+                    let nw80 = state_warps(heads, dk, dv, 108, 163 * 1024);
+                    assert!(state_smem(dk, nw80) <= 163 * 1024, "{dk} {nw80}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub(crate) fn registry() -> Vec<jit::Registered> {
         copy::REGISTERED,
         cross_entropy::REGISTERED,
         gated_delta::REGISTERED,
+        gated_delta::REGISTERED_CHUNKED,
         norm::REGISTERED,
         rope::REGISTERED,
     ];

@@ -306,6 +306,8 @@ pub(crate) struct CudaDevice {
     default_stream: Stream,
     compute_capability: (i32, i32),
     sm_count: u32,
+    /// The most dynamic shared memory a block may opt in to, in bytes.
+    max_shared_optin: usize,
     /// The device's default memory pool, which stream-ordered allocations draw from (`None`
     /// where the device has no memory pools). Stored as an address: the handle is only
     /// passed back to the driver.
@@ -351,6 +353,11 @@ impl CudaDevice {
     /// Number of streaming multiprocessors.
     pub(crate) fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+
+    /// The most dynamic shared memory one block may opt in to, in bytes.
+    pub(crate) fn max_shared_optin(&self) -> usize {
+        self.max_shared_optin
     }
 
     /// Returns the memory the default pool holds beyond what live allocations use to the
@@ -412,6 +419,11 @@ pub(crate) fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| driver_error("reading the multiprocessor count", e))?;
+        let max_shared_optin = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| driver_error("reading the shared memory per block", e))?;
         let pool = keep_freed_memory(&ctx);
         let default_stream = Stream {
             ordinal,
@@ -423,6 +435,7 @@ pub(crate) fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
             default_stream,
             compute_capability,
             sm_count: sm_count.max(1) as u32,
+            max_shared_optin: usize::try_from(max_shared_optin).unwrap_or(0),
             pool,
             functions: Mutex::new(HashMap::new()),
         }))

@@ -198,6 +198,39 @@ impl GatedDeltaArgs {
     pub(crate) fn group(&self) -> usize {
         self.hv.checked_div(self.hk).unwrap_or(1)
     }
+
+    /// Whether the chunked form of the forward applies: a scalar decay per step (a decay
+    /// per key dimension stays on the sequential form on every device).
+    pub(crate) fn chunkable(&self) -> bool {
+        !self.per_key_gamma
+    }
+}
+
+/// The environment variable that picks the form of the `gated_delta_update` forward:
+/// `sequential`, or `chunked` (wherever [`GatedDeltaArgs::chunkable`] and the device's
+/// kernels allow it); unset or anything else lets each back end choose.
+pub(crate) const FORM_KNOB: &str = "FERROFAST_GATED_DELTA_KERNEL";
+
+/// The form [`FORM_KNOB`] asks for, read at every call (for measurements and tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// The back end chooses.
+    Auto,
+    /// The step-by-step recurrence.
+    Sequential,
+    /// The chunked (WY) form where it applies.
+    Chunked,
+}
+
+impl Form {
+    /// The form the environment asks for now.
+    pub(crate) fn from_env() -> Form {
+        match std::env::var(FORM_KNOB) {
+            Ok(v) if v.trim().eq_ignore_ascii_case("sequential") => Form::Sequential,
+            Ok(v) if v.trim().eq_ignore_ascii_case("chunked") => Form::Chunked,
+            _ => Form::Auto,
+        }
+    }
 }
 
 /// A validated `gated_delta_update_vjp` call: the forward's arguments and the cotangents.
