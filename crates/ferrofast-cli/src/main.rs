@@ -335,6 +335,10 @@ fn gated_delta_cases(quick: bool, gpu: bool, dtype: DType) -> Vec<Case> {
         Case::GatedDeltaVjp(prefill),
     ];
     if gpu && !quick && dtype == DType::BF16 {
+        // Short prefills, where the sequential and chunked forms trade places.
+        for len in [16, 64] {
+            v.push(Case::GatedDelta(Gdn { len, ..prefill }));
+        }
         let target = Gdn {
             batch: 4,
             len: 8192,

@@ -267,13 +267,14 @@ __global__ void __launch_bounds__(128) gd_forward(
     const ff_i64_t srow = (bh * p.dv + row) * p.dk;
     const ff_gd_seg sg = ff_gd_make_seg(16 * NV, 32, false);
 
+    // The state's loads are issued first: the first steps' inputs are staged while they are
+    // in flight (at one step, decode, these are the kernel's only long waits).
+    float s[NV][4];
+    ff_gd_load_rows<NV>(s, state0, srow, j, p.dk, active);
     if (p.t > 0) {
-        // The first steps' inputs load while the state does.
         const int n = p.t < p.stage ? (int)p.t : p.stage;
         ff_gd_stage<TI, TG>(sm, sg, p, hd, 0, n, row0, q, k, v, gamma, beta, mask, nullptr);
     }
-    float s[NV][4];
-    ff_gd_load_rows<NV>(s, state0, srow, j, p.dk, active);
     for (ff_i64_t t0 = 0; t0 < p.t; t0 += p.stage) {
         const int n = p.t - t0 < p.stage ? (int)(p.t - t0) : p.stage;
         if (t0 > 0) {
