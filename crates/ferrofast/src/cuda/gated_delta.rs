@@ -53,7 +53,7 @@ pub(crate) const REGISTERED_CHUNKED: Registered = Registered {
 };
 
 /// Steps from which bf16 prefill takes the chunked form by default.
-pub(crate) const CHUNKED_MIN_T: usize = 256;
+pub(crate) const CHUNKED_MIN_T: usize = 64;
 /// Steps per chunk of the chunked form (`FF_GDC_C`).
 const CHUNK: usize = 64;
 /// f32 factors per chunk (`FF_GDC_F`).
@@ -92,9 +92,10 @@ fn chunked_variants() -> Vec<String> {
 }
 
 /// Dynamic shared memory of `gdc_prep`, in bytes: K, Q, V tiles (bf16, rows padded by 8),
-/// L and M (`[64][65]` f32) and seven per-step arrays.
+/// L and then M over it (`[64][65]` f32), the solve's `[3][16][16]` f32 scratch and seven
+/// per-step arrays: 74 KiB at Dk = Dv = 128, three blocks a multiprocessor on sm_90.
 fn prep_smem(dk: usize, dv: usize) -> usize {
-    (2 * CHUNK * (dk + 8) + CHUNK * (dv + 8)) * 2 + 2 * CHUNK * (CHUNK + 1) * 4 + 7 * CHUNK * 4
+    (2 * CHUNK * (dk + 8) + CHUNK * (dv + 8)) * 2 + (CHUNK * (CHUNK + 1) + 768 + 7 * CHUNK) * 4
 }
 
 /// Dynamic shared memory of `gdc_state` with `nw` warps, in bytes: two stages of W, Q, K

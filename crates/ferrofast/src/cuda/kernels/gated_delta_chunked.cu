@@ -10,8 +10,7 @@
 // gdc_prep: a block per (chunk, batch · value head), every chunk in parallel. Loads the
 //   chunk's K, Q, V (bf16) into shared memory, forms the decay products exactly (prefix sums
 //   of ln |γ| over the non-zero decays, the last zero and the sign), K K^T and Q K^T on
-//   tensor cores, solves (I + L) M = I by forward substitution (a thread a column, the column
-//   in registers), and writes W and U (bf16, products on tensor cores with f32 sums), the
+//   tensor cores, inverts I + L in place in 16 x 16 blocks, and writes W and U (bf16, products on tensor cores with f32 sums), the
 //   Γ-weighted Q K^T (bf16) and the per-step factors (f32).
 // gdc_state: a block per (batch · value head, 16 NW value rows); warp w owns 16 rows of the
 //   state, all of Dk, as f32 mma accumulators. It walks the chunks in order with the next
@@ -101,9 +100,9 @@ __global__ void __launch_bounds__(128)
     ff_gdc_u16* ks = reinterpret_cast<ff_gdc_u16*>(ff_smem);
     ff_gdc_u16* qs = ks + C * KS;
     ff_gdc_u16* vs = qs + C * KS;
-    float* lm = reinterpret_cast<float*>(vs + C * VS);   // L, [C][LS]
-    float* mm = lm + C * LS;                              // M, [C][LS]
-    float* g = mm + C * LS;                               // decay (1 when not taken)
+    float* lm = reinterpret_cast<float*>(vs + C * VS);   // L, then M in place, [C][LS]
+    float* xt = lm + C * LS;                              // [3][16][16] solve scratch
+    float* g = xt + 3 * 256;                              // decay (1 when not taken)
     float* bt = g + C;                                    // beta (0 when not taken)
     float* tk = bt + C;                                   // taken
     float* lg = tk + C;                                   // prefix of ln |decay|
@@ -210,30 +209,63 @@ __global__ void __launch_bounds__(128)
         }
     }
     __syncthreads();
-    // M = (I + L)^{-1}: thread c owns column c (in registers); row t of M is
-    // e_t - Σ_{j<t} L_tj M_j, and M_jc = 0 for j < c.
-    if (tid < C) {
-        const int c = tid;
-        float col[C];
+    // M = (I + L)^{-1} in place over L, in 16 x 16 blocks (L is strictly lower, so M is unit
+    // lower triangular). First each warp inverts one diagonal block by forward substitution
+    // (lane c < 16 owns column c in registers); then block row i = 1, 2, 3 in turn:
+    // M_ij = -M_ii Σ_{k=j}^{i-1} L_ik M_kj for j < i (the rows above are M by then).
+    if (lane < 16) {
+        const int c = lane;
+        const float* lb = lm + 16 * warp * LS + 16 * warp;
+        float col[16];
 #pragma unroll
-        for (int t = 0; t < C; ++t) {
-            float acc0 = 0.0f, acc1 = 0.0f;
+        for (int t = 0; t < 16; ++t) {
+            float acc = t == c ? 1.0f : 0.0f;
 #pragma unroll
-            for (int j = 0; j < t; j += 2) {
-                acc0 = fmaf(lm[t * LS + j], col[j], acc0);
-                if (j + 1 < t) {
-                    acc1 = fmaf(lm[t * LS + j + 1], col[j + 1], acc1);
+            for (int j = 0; j < t; ++j) {
+                acc = fmaf(-lb[t * LS + j], col[j], acc);
+            }
+            col[t] = t < c ? 0.0f : acc;
+        }
+        __syncwarp(0xffffu);
+        float* mb = lm + 16 * warp * LS + 16 * warp;
+#pragma unroll
+        for (int t = 0; t < 16; ++t) {
+            mb[t * LS + c] = col[t];
+        }
+    }
+    for (int i = 1; i < 4; ++i) {
+        __syncthreads();
+        // X_ij = Σ_{k=j}^{i-1} L_ik M_kj into xt[j].
+        for (int e = tid; e < i * 256; e += 128) {
+            const int j = e >> 8;
+            const int r = (e >> 4) & 15;
+            const int cc = e & 15;
+            const float* lrow = lm + (16 * i + r) * LS;
+            float acc = 0.0f;
+            for (int k = j; k < i; ++k) {
+#pragma unroll
+                for (int m = 0; m < 16; ++m) {
+                    acc = fmaf(lrow[16 * k + m], lm[(16 * k + m) * LS + 16 * j + cc], acc);
                 }
             }
-            const float x = (t == c ? 1.0f : 0.0f) - (acc0 + acc1);
-            col[t] = t < c ? 0.0f : x;
+            xt[e] = acc;
         }
-#pragma unroll
-        for (int t = 0; t < C; ++t) {
-            mm[t * LS + c] = col[t];
+        __syncthreads();
+        // M_ij = -M_ii X_ij (M_ii lower triangular), over L_ij.
+        for (int e = tid; e < i * 256; e += 128) {
+            const int j = e >> 8;
+            const int r = (e >> 4) & 15;
+            const int cc = e & 15;
+            const float* mrow = lm + (16 * i + r) * LS + 16 * i;
+            float acc = 0.0f;
+            for (int m = 0; m <= r; ++m) {
+                acc = fmaf(mrow[m], xt[(j << 8) + (m << 4) + cc], acc);
+            }
+            lm[(16 * i + r) * LS + 16 * j + cc] = -acc;
         }
     }
     __syncthreads();
+    const float* mm = lm;
     // W = M diag(β G) K and U = M diag(β) V for this warp's 16 rows (M is lower triangular:
     // key blocks past the warp's rows are zero).
     {
