@@ -1,14 +1,20 @@
 """Array exchange between Python array libraries and ``ferrofast._native.Tensor``.
 
-Inputs: NumPy arrays and any DLPack producer with host memory (PyTorch CPU tensors, ...)
+Inputs: NumPy arrays and any DLPack producer (PyTorch CPU and CUDA tensors, CuPy, JAX, ...)
 are handed to the Rust side through ``__dlpack__`` (a DLPack 1.x versioned capsule when the
 producer supports ``max_version``, else a legacy one) and read in place. NumPy bfloat16
 (``ml_dtypes``) arrays travel as uint16 views of the same memory. Python scalars and
 sequences go through ``numpy.asarray``.
 
-Outputs: a result ``Tensor`` is handed to ``numpy.from_dlpack`` or ``torch.from_dlpack``,
-which take over its buffer (no copy); bfloat16 results for NumPy come back as
-``ml_dtypes.bfloat16`` views.
+CUDA producers are asked to make their data ready on their current stream (PyTorch's
+``torch.cuda.current_stream()``, CuPy's current stream; the legacy default stream for any
+other producer), and that stream is where ferrofast queues the op and allocates its
+results, so nothing waits on the host.
+
+Outputs: a result ``Tensor`` is handed to ``numpy.from_dlpack``, ``torch.from_dlpack`` or
+the CUDA producer's own ``from_dlpack``, which take over its buffer (no copy; a consumer on
+another stream is made to wait for the op on the GPU); bfloat16 results for NumPy come back
+as ``ml_dtypes.bfloat16`` views.
 """
 
 import sys
@@ -34,13 +40,46 @@ def _is_torch(x):
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _capsule(x):
-    """``x.__dlpack__()``, asking for a versioned capsule first."""
+def _capsule(x, **kw):
+    """``x.__dlpack__(**kw)``, asking for a versioned capsule first."""
     try:
-        return x.__dlpack__(max_version=(1, 0))
+        return x.__dlpack__(max_version=(1, 0), **kw)
     except TypeError:
         # Producers written before DLPack 1.0 take no max_version.
-        return x.__dlpack__()
+        return x.__dlpack__(**kw)
+
+
+def _on_cuda(x):
+    """The CUDA device index of a DLPack producer's data, or None for host memory."""
+    try:
+        kind, index = x.__dlpack_device__()
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return int(index) if int(kind) == 2 else None
+
+
+def _current_stream(x, index):
+    """The producer's current CUDA stream on device ``index`` as a ``CUstream`` int (0 is
+    the legacy default stream)."""
+    if _is_torch(x):
+        import torch
+
+        return int(torch.cuda.current_stream(index).cuda_stream)
+    top = type(x).__module__.split(".")[0]
+    if top == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(index):
+            return int(cupy.cuda.get_current_stream().ptr)
+    return 0
+
+
+def _cuda_tensor(x, index):
+    """A ``Tensor`` over a CUDA producer's memory, ready on its current stream."""
+    stream = _current_stream(x, index)
+    # DLPack names the legacy default stream 1 (0 is reserved as ambiguous).
+    capsule = _capsule(x, stream=stream if stream != 0 else 1)
+    return _native.from_dlpack(capsule, False, stream)
 
 
 def to_tensor(x):
@@ -52,8 +91,13 @@ def to_tensor(x):
         t = x.detach()
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
+        if t.is_cuda:
+            return _cuda_tensor(t, t.device.index)
         return _native.from_dlpack(_capsule(t))
     if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
+        index = _on_cuda(x)
+        if index is not None:
+            return _cuda_tensor(x, index)
         return _native.from_dlpack(_capsule(x))
     a = np.asarray(x)
     bf16 = _bfloat16()
@@ -96,6 +140,8 @@ def from_tensor(t, like):
         import torch
 
         return torch.from_dlpack(t)
+    if t.device != "cpu":
+        return _cuda_result(t, like)
     if t.dtype == "bfloat16":
         bf16 = _bfloat16()
         if bf16 is None:
@@ -104,3 +150,18 @@ def from_tensor(t, like):
             )
         return np.from_dlpack(_Bits(t)).view(bf16)
     return np.from_dlpack(t)
+
+
+def _cuda_result(t, like):
+    """A CUDA result as the type of ``like``: the producer library's ``from_dlpack`` (CuPy,
+    JAX), else the ``Tensor`` itself (a DLPack producer any library can take)."""
+    top = type(like).__module__.split(".")[0]
+    if top == "cupy":
+        import cupy
+
+        return cupy.from_dlpack(t)
+    if top in ("jax", "jaxlib"):
+        import jax.numpy as jnp
+
+        return jnp.from_dlpack(t)
+    return t

@@ -1,15 +1,21 @@
-"""``mlx.core.fast`` for NumPy arrays and PyTorch CPU tensors.
+"""``mlx.core.fast`` for NumPy arrays, PyTorch tensors (CPU and CUDA) and any DLPack
+producer.
 
 Every function has MLX's Python signature (positional arguments, keyword-only arguments
 after ``*``, defaults), MLX's output dtypes and MLX's ``ValueError`` messages; the kernels
 are ferrofast's (Rust, run with the GIL released). Array arguments may be NumPy arrays
-(bfloat16 through ``ml_dtypes``), PyTorch CPU tensors, or any DLPack producer of host
-memory; they are read in place (strided views included). The result has the type of the
-first array argument: a NumPy array, or a ``torch.Tensor`` for torch inputs.
+(bfloat16 through ``ml_dtypes``), PyTorch tensors on the CPU or a CUDA device, or any
+DLPack producer (CuPy, JAX, ...); they are read in place (strided views included), never
+copied. The result has the type of the first array argument (a NumPy array, a
+``torch.Tensor``, or the producer's type through its ``from_dlpack``), on the same device.
 
-``stream``: ``None`` (run where the inputs live, here the CPU) or the CPU (``"cpu"``, or an
-object whose ``str()`` is ``"cpu"``, such as ``torch.device("cpu")``). Any other value is a
-``ValueError``.
+CUDA inputs: the kernels run on the producer's current stream (``torch.cuda.current_stream()``
+for PyTorch, CuPy's current stream, the legacy default stream for other producers), queued
+after the producer's work there without synchronising the host, and the results are
+allocated on that stream; PyTorch's ``with torch.cuda.stream(s):`` moves them to ``s``.
+
+``stream``: ``None`` (run where the inputs live) or the device they live on (``"cpu"``,
+``"gpu"``, ``"cuda:0"``, ``torch.device(...)``); another device is a ``ValueError``.
 
 Inputs must not be written by another thread while a call reading them runs (the kernels
 read them in place, without the GIL).
@@ -43,15 +49,44 @@ __all__ = [
 ]
 
 
-def _check_stream(op, stream):
+def _device_kind(x):
+    """``"cuda"`` for an array on a CUDA device, else ``"cpu"``."""
+    dev = getattr(x, "device", None)
+    if dev is not None and "cuda" in str(dev).lower():
+        return "cuda"
+    if hasattr(x, "__dlpack_device__"):
+        try:
+            if x.__dlpack_device__()[0] == 2:
+                return "cuda"
+        except Exception:  # noqa: BLE001 - a producer that cannot say is on the host
+            pass
+    return "cpu"
+
+
+def _check_stream(op, stream, first):
+    """MLX's ``stream=``: ``None`` runs where the inputs live; a device (``"cpu"``,
+    ``"gpu"``, ``"cuda"``, ``"cuda:N"``, ``torch.device``, ...) must be where they live
+    (ferrofast does not move inputs). On CUDA the work goes to the stream the inputs were
+    exported on: the producer's current stream (``torch.cuda.current_stream()``; pick
+    another with ``with torch.cuda.stream(s):``)."""
     if stream is None:
         return
-    if str(stream).lower() in ("cpu", "device(cpu, 0)"):
-        return
-    raise ValueError(
-        f"[{op}] stream must be None or the CPU ('cpu'): ferrofast runs where its inputs "
-        f"live, and this package takes host arrays; got {stream!r}."
-    )
+    name = str(stream).lower()
+    if name in ("cpu", "device(cpu, 0)"):
+        want = "cpu"
+    elif name.startswith(("gpu", "cuda", "device(gpu")):
+        want = "cuda"
+    else:
+        raise ValueError(
+            f"[{op}] stream must be None or a device ('cpu', 'gpu', 'cuda:N'): ferrofast "
+            f"runs where its inputs live; got {stream!r}."
+        )
+    have = _device_kind(first)
+    if want != have:
+        raise ValueError(
+            f"[{op}] stream {stream!r} names the {want.upper()} but the inputs live on the "
+            f"{have.upper()}: ferrofast does not move inputs between devices."
+        )
 
 
 # ----- normalization ------------------------------------------------------------------------
@@ -61,7 +96,7 @@ def rms_norm(x, weight, eps, *, stream=None):
     """Root-mean-square normalization over the last axis: ``x * rsqrt(mean(x**2) + eps) *
     weight``. ``weight`` (1-D of ``x.shape[-1]``) may be ``None``. Output dtype
     ``result_type(x, weight)`` (``x.dtype`` without weight); float32 accumulation."""
-    _check_stream("rms_norm", stream)
+    _check_stream("rms_norm", stream, x)
     t = _native.rms_norm(to_tensor(x), to_tensor_opt(weight), float(eps))
     return from_tensor(t, x)
 
@@ -69,7 +104,7 @@ def rms_norm(x, weight, eps, *, stream=None):
 def rms_norm_vjp(x, weight, eps, cotangent, *, stream=None):
     """The backward pass of :func:`rms_norm`: ``(dx, dweight)`` for the output's
     ``cotangent``; ``dweight`` is ``None`` without a weight."""
-    _check_stream("rms_norm", stream)
+    _check_stream("rms_norm", stream, x)
     dx, dw = _native.rms_norm_vjp(
         to_tensor(x), to_tensor_opt(weight), float(eps), to_tensor(cotangent)
     )
@@ -80,7 +115,7 @@ def layer_norm(x, weight, bias, eps, *, stream=None):
     """Layer normalization over the last axis: ``(x - mean) * rsqrt(var + eps) * weight +
     bias``; ``weight`` and ``bias`` (1-D) may be ``None``. Output dtype as MLX's: with a
     weight ``result_type(x, weight, bias)``, without one ``x.dtype``."""
-    _check_stream("layer_norm", stream)
+    _check_stream("layer_norm", stream, x)
     t = _native.layer_norm(
         to_tensor(x), to_tensor_opt(weight), to_tensor_opt(bias), float(eps)
     )
@@ -90,7 +125,7 @@ def layer_norm(x, weight, bias, eps, *, stream=None):
 def layer_norm_vjp(x, weight, bias, eps, cotangent, *, stream=None):
     """The backward pass of :func:`layer_norm`: ``(dx, dweight, dbias)``, each of the last
     two ``None`` when that parameter is."""
-    _check_stream("layer_norm", stream)
+    _check_stream("layer_norm", stream, x)
     dx, dw, db = _native.layer_norm_vjp(
         to_tensor(x),
         to_tensor_opt(weight),
@@ -122,7 +157,7 @@ def rope(a, dims, *, traditional, base, scale, offset, freqs=None, stream=None):
     positions along axis -2). ``traditional`` rotates adjacent pairs instead of the two
     halves; exactly one of ``base`` and ``freqs`` (periods, 1-D of ``dims // 2``) is given;
     ``offset`` is an int or an integer array of size 1 or ``a.shape[0]``."""
-    _check_stream("rope", stream)
+    _check_stream("rope", stream, a)
     t = _native.rope(
         to_tensor(a),
         int(dims),
@@ -138,7 +173,7 @@ def rope(a, dims, *, traditional, base, scale, offset, freqs=None, stream=None):
 def rope_vjp(cotangent, dims, *, traditional, base, scale, offset, freqs=None, stream=None):
     """The backward pass of :func:`rope`: the gradient for ``a`` given the output's
     ``cotangent`` (the inverse rotation), with the forward's arguments."""
-    _check_stream("rope", stream)
+    _check_stream("rope", stream, cotangent)
     t = _native.rope_vjp(
         to_tensor(cotangent),
         int(dims),
@@ -168,7 +203,7 @@ def scaled_dot_product_attention(
     ``mask``: ``None``, ``"causal"`` (lower-right aligned) or a bool / additive array that
     broadcasts to ``[B, N_q, T_q, T_kv]``; ``sinks``: per-query-head logits ``(N_q,)``.
     ``force_fused`` is accepted for compatibility: ferrofast always runs a fused kernel."""
-    _check_stream("scaled_dot_product_attention", stream)
+    _check_stream("scaled_dot_product_attention", stream, q)
     del force_fused
     t = _native.scaled_dot_product_attention(
         to_tensor(q),
@@ -186,7 +221,7 @@ def scaled_dot_product_attention_with_lse(
 ):
     """The training forward of :func:`scaled_dot_product_attention`: ``(out, lse)`` with
     ``lse`` the float32 log-sum-exp of each row's scores, ``[B, N_q, T_q]``."""
-    _check_stream("scaled_dot_product_attention", stream)
+    _check_stream("scaled_dot_product_attention", stream, q)
     out, lse = _native.scaled_dot_product_attention_with_lse(
         to_tensor(q),
         to_tensor(k),
@@ -205,7 +240,7 @@ def scaled_dot_product_attention_vjp(
     from the forward's inputs, its ``out`` and ``lse`` (from
     :func:`scaled_dot_product_attention_with_lse`) and the output's cotangent ``d_out``;
     ``dsinks`` is ``None`` without sinks. There is no gradient for the mask."""
-    _check_stream("scaled_dot_product_attention", stream)
+    _check_stream("scaled_dot_product_attention", stream, q)
     dq, dk, dv, ds = _native.scaled_dot_product_attention_vjp(
         to_tensor(q),
         to_tensor(k),
@@ -231,7 +266,7 @@ def scaled_dot_product_attention_vjp(
 def cross_entropy(logits, targets, *, stream=None):
     """``logsumexp(logits, -1) - logits[..., targets]``: float32, of ``targets``' shape
     (``logits.shape[:-1]``); ``targets`` are integer class indices (negative ones wrap)."""
-    _check_stream("cross_entropy", stream)
+    _check_stream("cross_entropy", stream, logits)
     t = _native.cross_entropy_with(
         to_tensor(logits), to_tensor(targets), None, 0.0, 0.0, "none"
     )
@@ -252,7 +287,7 @@ def cross_entropy_with(
     get loss 0 and are left out of the mean; ``label_smoothing`` in ``[0, 1]``; ``z_loss``
     adds ``z_loss * lse**2`` per row; ``reduction`` is ``"none"``, ``"sum"`` or ``"mean"``
     (0-d results for the last two)."""
-    _check_stream("cross_entropy", stream)
+    _check_stream("cross_entropy", stream, logits)
     t = _native.cross_entropy_with(
         to_tensor(logits),
         to_tensor(targets),
@@ -277,7 +312,7 @@ def cross_entropy_vjp(
 ):
     """The backward pass of :func:`cross_entropy_with`: ``dlogits`` (the logits' dtype)
     given the loss's ``cotangent`` (targets' shape for ``"none"``, 0-d otherwise)."""
-    _check_stream("cross_entropy", stream)
+    _check_stream("cross_entropy", stream, logits)
     t = _native.cross_entropy_vjp(
         to_tensor(logits),
         to_tensor(targets),
@@ -302,7 +337,7 @@ def cross_entropy_fused(
 ):
     """The training step of :func:`cross_entropy_with` in one pass over the logits:
     ``(loss, dlogits)``, the gradient of the (reduced) loss with cotangent 1."""
-    _check_stream("cross_entropy", stream)
+    _check_stream("cross_entropy", stream, logits)
     loss, dx = _native.cross_entropy_fused(
         to_tensor(logits),
         to_tensor(targets),
@@ -324,7 +359,7 @@ def gated_delta_update(q, k, v, gamma, beta, initial_state=None, mask=None, stre
     masked-out step leaves the state unchanged and outputs 0. ``out`` has
     ``promote(q, k)``'s dtype, ``state`` is float32. Every shape is checked (MLX checks none).
     """
-    _check_stream("gated_delta_update", stream)
+    _check_stream("gated_delta_update", stream, q)
     out, s = _native.gated_delta_update(
         to_tensor(q),
         to_tensor(k),
@@ -343,7 +378,7 @@ def gated_delta_update_vjp(
     """The backward pass of :func:`gated_delta_update` for the cotangents of ``out`` and
     (optionally) of the final state: ``(dq, dk, dv, dgamma, dbeta, dstate)``, each in its
     primal's dtype (``dstate`` float32, ``None`` when ``initial_state`` is ``None``)."""
-    _check_stream("gated_delta_update", stream)
+    _check_stream("gated_delta_update", stream, q)
     grads = _native.gated_delta_update_vjp(
         to_tensor(q),
         to_tensor(k),

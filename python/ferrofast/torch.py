@@ -1,8 +1,9 @@
-"""ferrofast's kernels as PyTorch autograd functions (CPU tensors).
+"""ferrofast's kernels as PyTorch autograd functions (CPU and CUDA tensors).
 
 The forward passes are ``ferrofast.fast``'s, the backward passes its ``*_vjp`` functions (and
 the fused loss-and-gradient of cross-entropy), so a model built on these trains with
-``loss.backward()``. Tensors cross to the kernels through DLPack without copying.
+``loss.backward()``. Tensors cross to the kernels through DLPack without copying; CUDA work
+runs on the current stream (``torch.cuda.current_stream()``), as PyTorch's own ops do.
 
 Drop-ins with PyTorch's names and signatures:
 
@@ -236,7 +237,7 @@ def scaled_dot_product_attention(
         if t_q == t_kv:
             mask = "causal"  # upper-left and lower-right alignments agree
         else:
-            mask = torch.ones(t_q, t_kv, dtype=torch.bool).tril()
+            mask = torch.ones(t_q, t_kv, dtype=torch.bool, device=query.device).tril()
     out = ScaledDotProductAttentionFunction.apply(query, key, value, float(scale), mask, None)
     return out.squeeze(0) if squeeze else out
 

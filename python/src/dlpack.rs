@@ -158,22 +158,39 @@ impl Tensor {
         self.with(|a| Ok(a.dtype().name()))
     }
 
-    /// Address of the first element in host memory (what a DLPack export hands out when no
-    /// copy is needed); for an input, the producer's own address.
+    /// Address of the first element, in host memory or on the GPU (what a DLPack export
+    /// hands out when no copy is needed); for an input, the producer's own address.
     #[getter]
     fn data_ptr(&self) -> PyResult<usize> {
         self.with(|a| {
-            a.host_ptr()
-                .map(|p| p as usize)
-                .ok_or_else(|| PyValueError::new_err("the array is not in host memory"))
+            let p = match a.cuda_ptr() {
+                Some(p) => usize::try_from(p).ok(),
+                None => a.host_ptr().map(|p| p as usize),
+            };
+            p.ok_or_else(|| PyValueError::new_err("the array's address is not available"))
         })
+    }
+
+    /// Where the data lives: `"cpu"` or `"cuda:N"`.
+    #[getter]
+    fn device(&self) -> PyResult<String> {
+        self.with(|a| Ok(a.device().to_string()))
+    }
+
+    /// The CUDA stream (`CUstream` as an int) whose work produces a GPU array; `None` on the
+    /// CPU.
+    #[getter]
+    fn stream(&self) -> PyResult<Option<usize>> {
+        self.with(|a| Ok(a.stream().map(|s| s.as_raw() as usize)))
     }
 
     /// The DLPack producer protocol. `max_version >= (1, 0)` gives a `dltensor_versioned`
     /// capsule, else a legacy `dltensor` one. The buffer is handed over without a copy when
     /// this result holds it alone (every op result does); `copy=True` always copies,
-    /// `copy=False` refuses to. `stream` is ignored (host memory); `dl_device` must be the
-    /// CPU, `(1, 0)`.
+    /// `copy=False` refuses to. `dl_device` must be where the data lives. For a GPU array,
+    /// `stream` is the consumer's stream (DLPack's convention: `None` or 1 the legacy default
+    /// stream, 2 the per-thread default stream, -1 no ordering, else a `CUstream`): it is made
+    /// to wait, on the GPU, for the work producing the array; host memory ignores it.
     #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
     fn __dlpack__(
         &self,
@@ -183,22 +200,35 @@ impl Tensor {
         dl_device: Option<(i32, i32)>,
         copy: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
-        let _ = stream;
+        let here = self.with(|a| Ok(dl_device_of(a)))?;
         if let Some((kind, id)) = dl_device {
-            if (kind, id) != (KDL_CPU, 0) {
+            if (kind, id) != here {
                 return Err(PyBufferError::new_err(format!(
-                    "ferrofast results live on the CPU, device (1, 0); cannot export to device \
-                     ({kind}, {id})"
+                    "this ferrofast result lives on DLPack device {here:?}; cannot export to \
+                     device ({kind}, {id})"
                 )));
             }
         }
+        let consumer =
+            match stream {
+                None => None,
+                Some(s) => Some(s.extract::<i64>().map_err(|_| {
+                    PyValueError::new_err("__dlpack__: stream must be an int or None")
+                })?),
+            };
         let versioned = max_version.is_some_and(|(major, _)| major >= 1);
-        export(py, self.take()?, versioned, copy, false)
+        let array = self.take()?;
+        let consumer = match array.device() {
+            Device::Cpu => None,
+            device => consumer_stream(&device, consumer)?,
+        };
+        export(py, array, versioned, copy, false, consumer)
     }
 
-    /// `(device_type, device_id)` of the data: `(1, 0)`, the CPU.
-    fn __dlpack_device__(&self) -> (i32, i32) {
-        (KDL_CPU, 0)
+    /// `(device_type, device_id)` of the data: `(1, 0)` for the CPU, `(2, N)` for CUDA
+    /// device N.
+    fn __dlpack_device__(&self) -> PyResult<(i32, i32)> {
+        self.with(|a| Ok(dl_device_of(a)))
     }
 
     /// As `__dlpack__`, but a bfloat16 array is labelled uint16 (same bits), for consumers
@@ -206,7 +236,7 @@ impl Tensor {
     #[pyo3(signature = (*, max_version=None))]
     fn _dlpack_bits(&self, py: Python<'_>, max_version: Option<(u32, u32)>) -> PyResult<Py<PyAny>> {
         let versioned = max_version.is_some_and(|(major, _)| major >= 1);
-        export(py, self.take()?, versioned, None, true)
+        export(py, self.take()?, versioned, None, true, None)
     }
 
     fn __repr__(&self) -> PyResult<String> {
@@ -319,12 +349,23 @@ fn source_of(dt: DLDataType, bf16_from_u16: bool) -> PyResult<Source> {
     })
 }
 
-/// The array behind a DLPack capsule, consuming it. The memory is shared (no copy) for
+/// The array behind a DLPack capsule, consuming it. Host memory is shared (no copy) for
 /// float16/bfloat16/float32/float64, int32/int64/uint32/uint8 data aligned to its element
 /// size; bool and other integer widths are converted into a new buffer. With
 /// `bf16_from_u16`, uint16 data is read as bfloat16 bits (NumPy arrays of `ml_dtypes`'
 /// bfloat16, exported as uint16 views).
-pub fn import(capsule: &Bound<'_, PyAny>, bf16_from_u16: bool) -> PyResult<Array> {
+///
+/// CUDA memory (DLPack device type 2) is always shared: the dtypes above and bool (one byte,
+/// 0 or 1, as every producer writes it) aligned to the element size; other integer widths
+/// and unaligned data are refused with a `ValueError` (the capsule is then not consumed).
+/// The array is produced on `stream`, the `CUstream` (an int; 0 or `None` the legacy
+/// default stream) the producer was asked to make the data ready on, so ferrofast's work
+/// on it is queued there and its results are allocated there.
+pub fn import(
+    capsule: &Bound<'_, PyAny>,
+    bf16_from_u16: bool,
+    stream: Option<usize>,
+) -> PyResult<Array> {
     let obj = capsule.as_ptr();
     // SAFETY: `obj` is a live object (borrowed through `capsule`) and the GIL is held;
     // `PyCapsule_IsValid` accepts any object and sets no error.
@@ -370,21 +411,20 @@ pub fn import(capsule: &Bound<'_, PyAny>, bf16_from_u16: bool) -> PyResult<Array
             )));
         }
     }
-    match tensor.device.device_type {
-        KDL_CPU | KDL_CUDA_HOST => {}
-        KDL_CUDA => {
-            return Err(PyValueError::new_err(
-                "ferrofast's Python package takes host (CPU) arrays; this one is on a CUDA \
-                 device (DLPack device type 2): copy it to the CPU first (tensor.cpu())",
+    let cuda = match tensor.device.device_type {
+        KDL_CPU | KDL_CUDA_HOST => None,
+        KDL_CUDA => Some(usize::try_from(tensor.device.device_id).map_err(|_| {
+            PyValueError::new_err(format!(
+                "DLPack tensor on CUDA device {}",
+                tensor.device.device_id
             ))
-        }
+        })?),
         other => {
             return Err(PyValueError::new_err(format!(
-                "ferrofast's Python package takes host (CPU) arrays; got DLPack device type \
-                 {other}"
+                "ferrofast takes host (CPU) and CUDA arrays; got DLPack device type {other}"
             )))
         }
-    }
+    };
     let source = source_of(tensor.dtype, bf16_from_u16)?;
     let ndim = usize::try_from(tensor.ndim)
         .map_err(|_| PyValueError::new_err("DLPack tensor with a negative ndim"))?;
@@ -429,6 +469,45 @@ pub fn import(capsule: &Bound<'_, PyAny>, bf16_from_u16: bool) -> PyResult<Array
         .wrapping_add(byte_offset);
 
     // Take ownership: from here on the producer's deleter is ours to call (by `Imported`).
+    let size = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    let aligned = |dtype: DType| (data as usize).is_multiple_of(dtype.size());
+    let on_gpu = match cuda {
+        None => None,
+        Some(ordinal) => {
+            let dtype = match source {
+                Source::Direct(d) => d,
+                Source::Bool => DType::Bool,
+                other => {
+                    let name = match other {
+                        Source::I8 => "int8",
+                        Source::I16 => "int16",
+                        Source::U16 => "uint16",
+                        _ => "uint64",
+                    };
+                    return Err(PyValueError::new_err(format!(
+                        "ferrofast reads CUDA arrays in place and has no {name} type: \
+                         convert it first (to int32, or to bool for a mask)"
+                    )));
+                }
+            };
+            if !aligned(dtype) && size != Some(0) {
+                return Err(PyValueError::new_err(format!(
+                    "a CUDA array at {data:p} is not aligned to its {}-byte elements: pass a \
+                     contiguous copy",
+                    dtype.size()
+                )));
+            }
+            let device = Device::cuda(ordinal).map_err(to_py)?;
+            let raw = stream.unwrap_or(0) as *mut c_void;
+            // SAFETY: the producer was asked (its `__dlpack__(stream=...)`) to make the data
+            // ready on this stream of its device, so it is a live stream of the primary
+            // context that the producer's memory is used on; it outlives the arrays made on
+            // it as long as the caller keeps using it (the current stream of PyTorch, CuPy).
+            let stream = unsafe { ferrofast::Stream::from_raw(&device, raw) }.map_err(to_py)?;
+            Some((dtype, stream))
+        }
+    };
+
     let used = if versioned {
         USED_VERSIONED
     } else {
@@ -441,8 +520,23 @@ pub fn import(capsule: &Bound<'_, PyAny>, bf16_from_u16: bool) -> PyResult<Array
     }
     let owner = Imported { managed, versioned };
 
-    let size = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-    let aligned = |dtype: DType| (data as usize).is_multiple_of(dtype.size());
+    if let Some((dtype, stream)) = on_gpu {
+        // SAFETY: DLPack's contract: the producer keeps the memory (a device allocation of
+        // `dtype` elements in the shape and strides given) valid and unwritten until its
+        // deleter runs, which `owner` does once the last array over it is dropped; the
+        // memory was made ready on `stream`, where ferrofast's reads are queued.
+        return unsafe {
+            Array::from_cuda_external(
+                data as u64,
+                &shape,
+                &strides,
+                dtype,
+                &stream,
+                Box::new(owner),
+            )
+        }
+        .map_err(to_py);
+    }
     match source {
         Source::Direct(dtype) if aligned(dtype) || size == Some(0) => {
             // SAFETY: DLPack's contract: `data` plus the strides (in elements) address
@@ -627,25 +721,65 @@ unsafe extern "C" fn capsule_destructor(capsule: *mut ffi::PyObject) {
 /// Moves `array` into a new DLPack capsule pointing at its host buffer. The buffer is
 /// shared when the array holds it alone (then the consumer may write to it), else copied
 /// (`copy = Some(false)` refuses that; `Some(true)` always copies).
+/// The address of `array`'s first element for a consumer that may write it, where `array`
+/// holds its buffer alone (host or GPU).
+fn writable_ptr(array: &mut Array) -> Option<*mut c_void> {
+    match array.device() {
+        Device::Cpu => array.host_ptr_mut().map(|p| p.cast::<c_void>()),
+        Device::Cuda(_) => array
+            .cuda_ptr_mut()
+            .and_then(|p| usize::try_from(p).ok())
+            .map(|p| p as *mut c_void),
+    }
+}
+
+/// DLPack's `(device_type, device_id)` of an array.
+fn dl_device_of(a: &Array) -> (i32, i32) {
+    match a.device() {
+        Device::Cpu => (KDL_CPU, 0),
+        Device::Cuda(i) => (KDL_CUDA, i32::try_from(i).unwrap_or(i32::MAX)),
+    }
+}
+
+/// The stream a DLPack `stream` argument names on `device` (`None` for -1: no ordering):
+/// `None` and 1 are the legacy default stream, 2 the per-thread default stream, anything
+/// else a `CUstream` of the consumer's.
+fn consumer_stream(device: &Device, stream: Option<i64>) -> PyResult<Option<ferrofast::Stream>> {
+    let raw: usize = match stream {
+        Some(-1) => return Ok(None),
+        None | Some(1) => 1,
+        Some(0) => {
+            return Err(PyValueError::new_err(
+                "__dlpack__: stream 0 is ambiguous for CUDA (DLPack): pass 1 for the legacy \
+                 default stream or 2 for the per-thread one",
+            ))
+        }
+        Some(s) => usize::try_from(s)
+            .map_err(|_| PyValueError::new_err(format!("__dlpack__: invalid stream {s}")))?,
+    };
+    // SAFETY: the DLPack protocol: the consumer names a live stream of its device's primary
+    // context (or a special handle), alive for this call, which is as long as the wrapper
+    // lives (it is dropped before returning; only an event wait is queued on it).
+    unsafe { ferrofast::Stream::from_raw(device, raw as *mut c_void) }
+        .map(Some)
+        .map_err(to_py)
+}
+
 fn export(
     py: Python<'_>,
     array: Array,
     versioned: bool,
     copy: Option<bool>,
     bits_as_uint: bool,
+    consumer: Option<ferrofast::Stream>,
 ) -> PyResult<Py<PyAny>> {
-    if array.device() != Device::Cpu {
-        return Err(PyBufferError::new_err(
-            "only host (CPU) arrays are exported by this build of the package",
-        ));
-    }
     let mut array = if copy == Some(true) {
-        array.copy().map_err(to_py)?
+        py.detach(|| array.copy()).map_err(to_py)?
     } else {
         array
     };
     let mut copied = copy == Some(true);
-    let data = match array.host_ptr_mut() {
+    let data = match writable_ptr(&mut array) {
         Some(p) => p,
         None if copy == Some(false) => {
             return Err(PyBufferError::new_err(
@@ -654,23 +788,29 @@ fn export(
             ))
         }
         None => {
-            array = array.copy().map_err(to_py)?;
+            array = py.detach(|| array.copy()).map_err(to_py)?;
             copied = true;
-            array.host_ptr_mut().ok_or_else(|| {
+            writable_ptr(&mut array).ok_or_else(|| {
                 PyRuntimeError::new_err("internal: a fresh copy does not own its buffer")
             })?
         }
     };
+    if let (Some(c), Some(producer)) = (consumer, array.stream()) {
+        // The consumer's stream waits for the work writing the buffer (the op, and the copy
+        // just made, if any).
+        py.detach(|| c.wait_for(&producer)).map_err(to_py)?;
+    }
+    let (device_type, device_id) = dl_device_of(&array);
     let to_i64 = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
     let mut shape: Vec<i64> = array.shape().iter().map(|&d| to_i64(d)).collect();
     let mut strides: Vec<i64> = array.strides().iter().map(|&s| s as i64).collect();
     let ndim = i32::try_from(shape.len())
         .map_err(|_| PyValueError::new_err("too many dimensions to export"))?;
     let tensor = DLTensor {
-        data: data.cast::<c_void>(),
+        data,
         device: DLDevice {
-            device_type: KDL_CPU,
-            device_id: 0,
+            device_type,
+            device_id,
         },
         ndim,
         dtype: dl_dtype(array.dtype(), bits_as_uint),
@@ -723,7 +863,11 @@ fn export(
 
 /// Wraps a producer's capsule as a [`Tensor`] (consuming it); see [`import`].
 #[pyfunction]
-#[pyo3(signature = (capsule, bf16_from_u16=false))]
-pub fn from_dlpack(capsule: &Bound<'_, PyAny>, bf16_from_u16: bool) -> PyResult<Tensor> {
-    import(capsule, bf16_from_u16).map(Tensor::new)
+#[pyo3(signature = (capsule, bf16_from_u16=false, stream=None))]
+pub fn from_dlpack(
+    capsule: &Bound<'_, PyAny>,
+    bf16_from_u16: bool,
+    stream: Option<usize>,
+) -> PyResult<Tensor> {
+    import(capsule, bf16_from_u16, stream).map(Tensor::new)
 }

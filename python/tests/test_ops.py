@@ -270,8 +270,10 @@ def test_cross_entropy_with_options():
 def test_stream_argument():
     x = rand((2, 8), np.float32, 70)
     close(F.rms_norm(x, None, 1e-5, stream="cpu"), ref.rms_norm(x, None, 1e-5), np.float32)
-    with pytest.raises(ValueError, match="stream must be None or the CPU"):
+    with pytest.raises(ValueError, match="names the CUDA but the inputs live on the CPU"):
         F.rms_norm(x, None, 1e-5, stream="gpu")
+    with pytest.raises(ValueError, match="stream must be None or a device"):
+        F.rms_norm(x, None, 1e-5, stream="tpu")
 
 
 def _gdn_inputs(b, t, hk, hv, dk, dv, dtype, seed, per_key=False):

@@ -388,6 +388,86 @@ pub(crate) fn row_major_strides(shape: &[usize]) -> Vec<isize> {
     strides
 }
 
+/// The extent of memory an externally owned array addresses: `len` elements from the
+/// lowest-addressed one, the element at index `(0, ..., 0)` `offset` elements in.
+struct Span {
+    len: usize,
+    offset: usize,
+    what: &'static str,
+    shape: String,
+    strides: String,
+}
+
+impl Span {
+    /// Checks `shape`, `strides` and the address `addr` of element `(0, ..., 0)` of an
+    /// external buffer of `dtype` for the constructor `what`.
+    fn of(
+        what: &'static str,
+        addr: usize,
+        shape: &[usize],
+        strides: &[isize],
+        dtype: DType,
+    ) -> Result<Span> {
+        if strides.len() != shape.len() {
+            return Err(Error::invalid(format!(
+                "[{what}] {} strides given for a shape of {} dimensions.",
+                strides.len(),
+                shape.len()
+            )));
+        }
+        let size = checked_layout(shape, dtype)?;
+        let itemsize = dtype.size();
+        let mut span = Span {
+            len: 0,
+            offset: 0,
+            what,
+            shape: fmt_shape(shape),
+            strides: format!("{strides:?}"),
+        };
+        if size == 0 {
+            return Ok(span);
+        }
+        // The lowest (`lo <= 0`) and highest (`hi >= 0`) element offsets addressed.
+        let (mut lo, mut hi) = (0isize, 0isize);
+        for (&d, &s) in shape.iter().zip(strides) {
+            let reach = isize::try_from(d - 1)
+                .ok()
+                .and_then(|d| d.checked_mul(s))
+                .ok_or_else(|| span.overflow())?;
+            if reach < 0 {
+                lo = lo.checked_add(reach).ok_or_else(|| span.overflow())?;
+            } else {
+                hi = hi.checked_add(reach).ok_or_else(|| span.overflow())?;
+            }
+        }
+        if addr == 0 || !addr.is_multiple_of(itemsize) {
+            return Err(Error::invalid(format!(
+                "[{what}] the data address {addr:#x} is null or not aligned to the \
+                 {itemsize}-byte elements of {dtype}."
+            )));
+        }
+        let len = hi
+            .checked_sub(lo)
+            .and_then(|n| n.checked_add(1))
+            .filter(|n| n.checked_mul(itemsize as isize).is_some())
+            .ok_or_else(|| span.overflow())?;
+        let below = lo.unsigned_abs();
+        if below.checked_mul(itemsize).is_none_or(|b| b > addr) {
+            return Err(span.overflow());
+        }
+        span.len = len as usize;
+        span.offset = below;
+        Ok(span)
+    }
+
+    fn overflow(&self) -> Error {
+        Error::invalid(format!(
+            "[{}] the strides {} of shape {} address more memory than fits in isize.",
+            self.what, self.strides, self.shape
+        ))
+    }
+}
+
 /// Formats a shape the way MLX's messages do: `(2,3,4)`.
 pub fn fmt_shape(shape: &[usize]) -> String {
     let inner: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
@@ -593,71 +673,91 @@ impl Array {
         dtype: DType,
         owner: Box<dyn std::any::Any + Send + Sync>,
     ) -> Result<Array> {
-        if strides.len() != shape.len() {
-            return Err(Error::invalid(format!(
-                "[from_external] {} strides given for a shape of {} dimensions.",
-                strides.len(),
-                shape.len()
-            )));
-        }
-        let size = checked_layout(shape, dtype)?;
-        let itemsize = dtype.size();
-        let overflow = || {
-            Error::invalid(format!(
-                "[from_external] the strides {strides:?} of shape {} address more memory than \
-                 fits in isize.",
-                fmt_shape(shape)
-            ))
-        };
-        // The lowest (`lo <= 0`) and highest (`hi >= 0`) element offsets addressed.
-        let (mut lo, mut hi) = (0isize, 0isize);
-        if size > 0 {
-            for (&d, &s) in shape.iter().zip(strides) {
-                let reach = isize::try_from(d - 1)
-                    .ok()
-                    .and_then(|d| d.checked_mul(s))
-                    .ok_or_else(overflow)?;
-                if reach < 0 {
-                    lo = lo.checked_add(reach).ok_or_else(overflow)?;
-                } else {
-                    hi = hi.checked_add(reach).ok_or_else(overflow)?;
-                }
-            }
-        }
-        let (base, len) = if size == 0 {
+        let span = Span::of("from_external", ptr as usize, shape, strides, dtype)?;
+        let base = if span.len == 0 {
             // No element is ever read: an aligned dangling pointer (8 bytes covers every
             // dtype's alignment) makes the empty slice valid.
-            (std::ptr::NonNull::<u64>::dangling().cast::<u8>(), 0)
+            std::ptr::NonNull::<u64>::dangling().cast::<u8>()
         } else {
-            if ptr.is_null() || !(ptr as usize).is_multiple_of(itemsize) {
-                return Err(Error::invalid(format!(
-                    "[from_external] the data pointer {ptr:p} is null or not aligned to the \
-                     {itemsize}-byte elements of {dtype}."
-                )));
-            }
-            let len = hi
-                .checked_sub(lo)
-                .and_then(|n| n.checked_add(1))
-                .filter(|n| n.checked_mul(itemsize as isize).is_some())
-                .ok_or_else(overflow)?;
             // `wrapping_offset` is plain address arithmetic; by the contract the result is
             // the lowest-addressed element, inside the allocation.
-            let base = ptr.wrapping_offset(lo * itemsize as isize).cast_mut();
-            let base = std::ptr::NonNull::new(base).ok_or_else(overflow)?;
-            (base, len as usize)
+            let base = ptr
+                .wrapping_offset(-((span.offset * dtype.size()) as isize))
+                .cast_mut();
+            std::ptr::NonNull::new(base).ok_or_else(|| span.overflow())?
         };
         let storage = Storage::External(ExternalBuffer {
             ptr: base,
-            len,
+            len: span.len,
             dtype,
             _owner: owner,
         });
         Ok(Array {
             shape: shape.to_vec(),
             strides: strides.to_vec(),
-            offset: lo.unsigned_abs(),
+            offset: span.offset,
             dtype,
             storage: Arc::new(storage),
+        })
+    }
+
+    /// A GPU array over device memory ferrofast does not own (a PyTorch CUDA tensor's, a
+    /// CuPy or JAX array's, received through DLPack, or any `cudaMalloc`ed buffer), without
+    /// copying it. `address` is the device address of the element at index `(0, ..., 0)`;
+    /// element `idx` lives `sum(idx[k] * strides[k])` elements further (strides in elements:
+    /// negative, zero and non-contiguous strides are allowed). The array is produced on
+    /// `stream` (often [`Stream::from_raw`](crate::Stream::from_raw) over the owner's
+    /// stream), so ops that take it run there unless told otherwise. `owner` keeps the memory
+    /// alive: it is dropped, on whichever thread drops the last array or view sharing this
+    /// buffer; ferrofast never frees the memory and never writes to it (in-place ops give
+    /// such an array a new buffer).
+    ///
+    /// # Safety
+    /// Until `owner` is dropped *and* the GPU work queued before then on `stream` (and on
+    /// any stream an op was told to use for this array) has finished:
+    /// - the span from the lowest- to the highest-addressed element the shape and strides
+    ///   reach lies inside one live device allocation of `stream`'s device, made in its
+    ///   primary context (the one PyTorch, CuPy and JAX use), and every element in it is a
+    ///   valid value of `dtype` (for [`DType::Bool`], every byte is 0 or 1);
+    /// - nobody writes to that span.
+    ///
+    /// An owner that returns the memory to an allocator ordered on `stream` (PyTorch's
+    /// caching allocator for a tensor used on its current stream) meets the second part.
+    ///
+    /// # Errors
+    /// As [`Array::from_external`] (`address` 0 or unaligned is `Error::InvalidArgument`);
+    /// `Error::CudaUnavailable` in a build without the `cuda` feature. On error `owner` is
+    /// dropped at once.
+    pub unsafe fn from_cuda_external(
+        address: u64,
+        shape: &[usize],
+        strides: &[isize],
+        dtype: DType,
+        stream: &crate::Stream,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Array> {
+        let addr = usize::try_from(address).map_err(|_| {
+            Error::invalid(format!(
+                "[from_cuda_external] the device address {address:#x} does not fit in usize."
+            ))
+        })?;
+        let span = Span::of("from_cuda_external", addr, shape, strides, dtype)?;
+        let base = if span.len == 0 {
+            address
+        } else {
+            address
+                .checked_sub((span.offset * dtype.size()) as u64)
+                .ok_or_else(|| span.overflow())?
+        };
+        // SAFETY: the caller's contract, for the span computed above.
+        let buffer =
+            unsafe { crate::cuda::storage::borrowed(stream, base, dtype, span.len, owner)? };
+        Ok(Array {
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+            offset: span.offset,
+            dtype,
+            storage: Arc::new(Storage::Cuda(buffer)),
         })
     }
 
@@ -871,7 +971,7 @@ impl Array {
         match &*self.storage {
             Storage::Cpu(d) => d.len() == self.size(),
             #[cfg(feature = "cuda")]
-            Storage::Cuda(b) => b.len() == self.size(),
+            Storage::Cuda(b) => b.len() == self.size() && !b.is_borrowed(),
             #[cfg(not(feature = "cuda"))]
             Storage::Cuda(_) => false,
             Storage::External(_) => false,
@@ -942,6 +1042,39 @@ impl Array {
             )));
         }
         Ok(Array::from_storage(Storage::Cuda(buffer), shape))
+    }
+
+    /// The device address of this GPU array's first element (the one at
+    /// [`offset`](Array::offset)); `None` on the CPU. Element `idx` lives
+    /// `sum(idx[k] * strides[k]) * dtype().size()` bytes further. This is how a result is
+    /// lent to another library without copying (DLPack export): the memory stays valid while
+    /// `self` (or a clone or view) lives, and is written by the work queued on
+    /// [`stream`](Array::stream) that produces it, so a reader on another stream must first
+    /// wait for that stream ([`Stream::wait_for`](crate::Stream::wait_for)).
+    pub fn cuda_ptr(&self) -> Option<u64> {
+        let b = self.cuda_buffer()?;
+        let byte_offset = u64::try_from(self.offset.checked_mul(self.dtype.size())?).ok()?;
+        b.address().checked_add(byte_offset)
+    }
+
+    /// [`cuda_ptr`](Array::cuda_ptr) for reading and writing: the device address of the
+    /// first element when the array is on a GPU in a buffer ferrofast allocated and no other
+    /// `Array` shares that buffer; `None` otherwise (a CPU array, memory from
+    /// [`Array::from_cuda_external`], or a buffer another array or view also holds:
+    /// [`copy`](Array::copy) gives one that qualifies). Writing through it is sound on a
+    /// stream that has waited for [`stream`](Array::stream), while no clone or view of
+    /// `self` is made, with values valid for the dtype (for `Bool`, 0 or 1).
+    pub fn cuda_ptr_mut(&mut self) -> Option<u64> {
+        let owned = match Arc::get_mut(&mut self.storage)? {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => !b.is_borrowed(),
+            _ => false,
+        };
+        if owned {
+            self.cuda_ptr()
+        } else {
+            None
+        }
     }
 
     /// The stream that produced this GPU array (ops on it run there); `None` on the CPU.

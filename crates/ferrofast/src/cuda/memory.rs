@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::Array;
 use cudarc::driver::{sys, CudaSlice, DevicePtr};
 use std::fmt;
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -28,16 +29,35 @@ pub fn poison_gpu_buffers(enabled: bool) {
     poison_flag().store(enabled, Ordering::Relaxed);
 }
 
-/// The elements of one GPU array: a device allocation, its dtype and length, and the stream
-/// that produced it (ops on the array run there).
+/// The elements of one GPU array: a device allocation (ferrofast's own, or memory borrowed
+/// from another library), its dtype and length, and the stream that produced it (ops on the
+/// array run there).
 pub(crate) struct CudaBuffer {
-    data: CudaSlice<u8>,
+    /// Freed on drop when ferrofast allocated it; leaked (handed back untouched) when it is
+    /// borrowed (`owner` is set).
+    data: ManuallyDrop<CudaSlice<u8>>,
     dtype: DType,
     len: usize,
     /// Device address of the first byte, for alignment decisions.
     address: u64,
     stream: Stream,
     device: Arc<CudaDevice>,
+    /// Keeps borrowed memory valid (see [`CudaBuffer::borrowed`]); dropped after the buffer.
+    owner: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        // SAFETY: `data` is taken once, here, and never used again.
+        let data = unsafe { ManuallyDrop::take(&mut self.data) };
+        if self.owner.is_some() {
+            // Borrowed memory is its owner's to free: give the pointer up (cudarc first makes
+            // the stream wait for the buffer's pending reads and writes).
+            let _ = data.leak();
+        } else {
+            drop(data);
+        }
+    }
 }
 
 impl fmt::Debug for CudaBuffer {
@@ -100,13 +120,62 @@ impl CudaBuffer {
             ptr
         };
         Ok(CudaBuffer {
-            data,
+            data: ManuallyDrop::new(data),
             dtype,
             len,
             address,
             stream: stream.clone(),
             device: Arc::clone(device),
+            owner: None,
         })
+    }
+
+    /// Device memory owned by another library, `len` elements of `dtype` from `address`, read
+    /// on `stream`; `owner` is dropped after the last use of the buffer and never freed by
+    /// ferrofast.
+    ///
+    /// # Safety
+    /// As [`crate::Array::from_cuda_external`]: `address` starts a live device allocation of
+    /// `stream`'s device holding `len` valid elements of `dtype`, which stays valid, and
+    /// unwritten by anyone else, until `owner` is dropped and the work queued on `stream`
+    /// before that has finished.
+    pub(crate) unsafe fn borrowed(
+        stream: &Stream,
+        address: u64,
+        dtype: DType,
+        len: usize,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<CudaBuffer> {
+        let device = runtime::device(stream.ordinal())?;
+        let bytes = len
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::Shape(format!("{len} elements of {dtype} overflow usize")))?;
+        let cu = stream.cuda();
+        let data = guarded("borrowing device memory", || {
+            // SAFETY: the caller's contract: `address` starts `bytes` valid bytes on this
+            // device. The slice is never freed by cudarc: `Drop` leaks it because `owner` is set.
+            Ok(unsafe { cu.upgrade_device_ptr::<u8>(address, bytes) })
+        })?;
+        Ok(CudaBuffer {
+            data: ManuallyDrop::new(data),
+            dtype,
+            len,
+            address,
+            stream: stream.clone(),
+            device,
+            owner: Some(owner),
+        })
+    }
+
+    /// Whether the memory is borrowed from another library (never overwritten by an in-place
+    /// op, never freed by ferrofast).
+    pub(crate) fn is_borrowed(&self) -> bool {
+        self.owner.is_some()
+    }
+
+    /// The device address of the first element.
+    pub(crate) fn address(&self) -> u64 {
+        self.address
     }
 
     /// Element type.
@@ -165,7 +234,7 @@ impl CudaBuffer {
             };
             let cu = stream.cuda();
             guarded("copying to the GPU", || {
-                cu.memcpy_htod(bytes, &mut buf.data)
+                cu.memcpy_htod(bytes, &mut *buf.data)
                     .map_err(|e| driver_error("copying to the GPU", e))
             })?;
         }

@@ -64,6 +64,21 @@ pub(crate) mod storage {
         memory::download(a)
     }
 
+    /// Device memory borrowed from another library (see [`memory::CudaBuffer::borrowed`]).
+    ///
+    /// # Safety
+    /// As [`crate::Array::from_cuda_external`].
+    pub(crate) unsafe fn borrowed(
+        stream: &Stream,
+        address: u64,
+        dtype: DType,
+        len: usize,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Buffer> {
+        // SAFETY: forwarded contract.
+        unsafe { memory::CudaBuffer::borrowed(stream, address, dtype, len, owner) }
+    }
+
     /// The device's default stream.
     pub(crate) fn default_stream(ordinal: usize) -> Result<Stream> {
         Ok(runtime::device(ordinal)?.default_stream().clone())

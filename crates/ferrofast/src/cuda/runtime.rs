@@ -535,6 +535,60 @@ impl Stream {
         Ok(cuda_device(device)?.default_stream().clone())
     }
 
+    /// A stream owned by another library (a `CUstream` / `cudaStream_t`: PyTorch's
+    /// `torch.cuda.current_stream().cuda_stream`, CuPy's `Stream.ptr`, a DLPack consumer's
+    /// stream), so ferrofast's work and buffers go where the caller's work goes, without
+    /// synchronising. The null handle is the device's legacy default stream; `1`
+    /// (`CU_STREAM_LEGACY`) and `2` (`CU_STREAM_PER_THREAD`) are the driver's special handles.
+    /// ferrofast never destroys it.
+    ///
+    /// # Safety
+    /// `raw` must be a stream of `device`'s primary context (the context PyTorch, CuPy and
+    /// JAX use), and it must stay alive while this `Stream`, any clone of it or any array
+    /// produced on it exists (buffers allocated on a stream are freed on it).
+    ///
+    /// # Errors
+    /// `Error::Device` for the CPU or a missing device; `Error::CudaUnavailable` without a
+    /// driver.
+    pub unsafe fn from_raw(device: &Device, raw: *mut std::ffi::c_void) -> Result<Stream> {
+        let dev = cuda_device(device)?;
+        // SAFETY: the caller's contract: `raw` is a live stream of this (primary) context.
+        let inner = unsafe { dev.context().wrap_borrowed_stream(raw.cast()) };
+        Ok(Stream {
+            ordinal: dev.ordinal(),
+            inner,
+        })
+    }
+
+    /// The driver's handle of this stream (`CUstream`), for handing to another library. It
+    /// stays valid while this `Stream` (or a clone, or an array produced on it) lives.
+    pub fn as_raw(&self) -> *mut std::ffi::c_void {
+        self.inner.cu_stream().cast()
+    }
+
+    /// Makes work queued on this stream from now on wait for the work queued on `other` so
+    /// far (an event recorded on `other`; the host does not wait). A no-op when both are the
+    /// same stream.
+    ///
+    /// # Errors
+    /// `Error::Device` when the streams are on different devices; driver errors.
+    pub fn wait_for(&self, other: &Stream) -> Result<()> {
+        if self == other {
+            return Ok(());
+        }
+        if self.ordinal != other.ordinal {
+            return Err(Error::Device(format!(
+                "a stream of cuda:{} cannot wait for one of cuda:{}",
+                self.ordinal, other.ordinal
+            )));
+        }
+        guarded("ordering two CUDA streams", || {
+            self.inner
+                .join(&other.inner)
+                .map_err(|e| driver_error("ordering two CUDA streams", e))
+        })
+    }
+
     /// The device this stream belongs to.
     pub fn device(&self) -> Device {
         Device::Cuda(self.ordinal)

@@ -47,6 +47,32 @@ impl Stream {
         Stream::new(device)
     }
 
+    /// A stream owned by another library.
+    ///
+    /// # Safety
+    /// None needed in this build: no stream is made.
+    ///
+    /// # Errors
+    /// Always `Error::CudaUnavailable` in this build.
+    pub unsafe fn from_raw(device: &Device, raw: *mut std::ffi::c_void) -> Result<Stream> {
+        let _ = raw;
+        Stream::new(device)
+    }
+
+    /// The driver's handle of this stream.
+    pub fn as_raw(&self) -> *mut std::ffi::c_void {
+        match self.never {}
+    }
+
+    /// Makes work queued on this stream wait for the work queued on `other` so far.
+    ///
+    /// # Errors
+    /// None in this build (no stream exists).
+    pub fn wait_for(&self, other: &Stream) -> Result<()> {
+        let _ = other;
+        match self.never {}
+    }
+
     /// The device this stream belongs to.
     pub fn device(&self) -> Device {
         match self.never {}
@@ -90,6 +116,21 @@ pub(crate) mod storage {
         pub(crate) fn stream(&self) -> &Stream {
             match self.never {}
         }
+        pub(crate) fn address(&self) -> u64 {
+            match self.never {}
+        }
+    }
+
+    /// # Safety
+    /// None needed in this build: `stream` cannot exist.
+    pub(crate) unsafe fn borrowed(
+        stream: &Stream,
+        _: u64,
+        _: DType,
+        _: usize,
+        _: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Buffer> {
+        match stream.never {}
     }
 
     pub(crate) fn copy_cast(_: &Array, _: DType, _: Option<&Stream>) -> Result<Array> {
