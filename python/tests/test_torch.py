@@ -148,8 +148,8 @@ def torch_rope(x, dims, traditional, base, scale, offset):
     """A plain PyTorch rope (MLX's definition), differentiable by torch."""
     t = x.shape[-2]
     half = dims // 2
-    inv = base ** (-torch.arange(half, dtype=torch.float64) / half)
-    pos = torch.arange(t, dtype=torch.float64) + offset
+    inv = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
+    pos = torch.arange(t, dtype=torch.float64, device=x.device) + offset
     theta = (scale * pos[:, None] * inv).to(x.dtype)
     cos, sin = theta.cos(), theta.sin()
     if traditional:

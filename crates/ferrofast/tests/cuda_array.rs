@@ -366,3 +366,211 @@ fn cpu_kernels_refuse_gpu_arrays_politely() {
         other => panic!("expected a dtype mismatch, got {other:?}"),
     }
 }
+
+/// Keeps a GPU array alive (as a PyTorch tensor keeps its memory alive behind a DLPack
+/// capsule) and counts its drops.
+struct DeviceOwner {
+    _keep: Array,
+    drops: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for DeviceOwner {
+    fn drop(&mut self) {
+        self.drops.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
+fn external_device_memory_is_read_in_place_and_never_written() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let Some(gpu) = gpu() else { return };
+    let s = Stream::new(&gpu).unwrap();
+    let host = sample(&[64, 256], DType::F32, 31);
+    let src = host.to_stream(&s).unwrap();
+    let addr = src.cuda_ptr().expect("a GPU array has a device address");
+    assert_eq!(host.cuda_ptr(), None);
+    // The owner's stream as another library would hand it over: a raw CUstream.
+    // SAFETY: `s` outlives every use of `raw` in this test.
+    let raw = unsafe { Stream::from_raw(&gpu, s.as_raw()) }.unwrap();
+    assert_eq!(raw, s);
+    let drops = Arc::new(AtomicUsize::new(0));
+    let owner = DeviceOwner {
+        _keep: src.clone(),
+        drops: Arc::clone(&drops),
+    };
+    // SAFETY: `owner` keeps `src`'s 64 x 256 f32 alive; nothing writes them.
+    let ext = unsafe {
+        Array::from_cuda_external(
+            addr,
+            &[64, 256],
+            &[256, 1],
+            DType::F32,
+            &raw,
+            Box::new(owner),
+        )
+    }
+    .unwrap();
+    assert_eq!(ext.cuda_ptr(), Some(addr));
+    assert_eq!(ext.stream(), Some(s.clone()));
+    assert_same(&ext, &host, "external memory read back");
+    let mut unique = ext.copy().unwrap();
+    assert!(unique.cuda_ptr_mut().is_some(), "a copy owns its buffer");
+    let mut borrowed = ext.clone();
+    drop(unique);
+    assert_eq!(
+        borrowed.cuda_ptr_mut(),
+        None,
+        "borrowed memory is never handed out for writing"
+    );
+    drop(borrowed);
+
+    // An op over the external array equals the op over the owner's array, bit for bit.
+    let w = sample(&[256], DType::F32, 32).to_stream(&s).unwrap();
+    let got = ferrofast::fast::rms_norm_on(&raw, &ext, Some(&w), 1e-5).unwrap();
+    let want = ferrofast::fast::rms_norm(&src, Some(&w), 1e-5).unwrap();
+    assert_same(&got, &want, "rms_norm over external memory");
+
+    // Strided views straight over the external memory: transposed, rows reversed.
+    // SAFETY: as above; each owner is a clone of `src`.
+    let t = unsafe {
+        Array::from_cuda_external(
+            addr,
+            &[256, 64],
+            &[1, 256],
+            DType::F32,
+            &s,
+            Box::new(src.clone()),
+        )
+    }
+    .unwrap();
+    assert_same(
+        &t.contiguous().unwrap(),
+        &host.transpose(&[1, 0]).unwrap().contiguous().unwrap(),
+        "transposed external view",
+    );
+    let last_row = addr + 63 * 256 * 4;
+    // SAFETY: as above.
+    let r = unsafe {
+        Array::from_cuda_external(
+            last_row,
+            &[64, 256],
+            &[-256, 1],
+            DType::F32,
+            &s,
+            Box::new(src.clone()),
+        )
+    }
+    .unwrap();
+    let rows: Vec<f32> = host
+        .to_vec::<f32>()
+        .unwrap()
+        .chunks(256)
+        .rev()
+        .flatten()
+        .copied()
+        .collect();
+    assert_same(
+        &r,
+        &Array::from_vec(rows, &[64, 256]).unwrap(),
+        "reversed-rows external view",
+    );
+
+    // The in-place fused cross-entropy writes its gradient over logits it owns; over
+    // borrowed logits it must allocate instead and leave the owner's memory untouched.
+    let logits_host = sample(&[8, 256], DType::F32, 33);
+    let logits = logits_host.to_stream(&s).unwrap();
+    let targets = Array::from_vec(vec![3i32, 7, 0, 255, 128, 1, 9, 200], &[8])
+        .unwrap()
+        .to_stream(&s)
+        .unwrap();
+    // SAFETY: the owner keeps `logits` alive; nothing else writes them.
+    let ext_logits = unsafe {
+        Array::from_cuda_external(
+            logits.cuda_ptr().unwrap(),
+            &[8, 256],
+            &[256, 1],
+            DType::F32,
+            &s,
+            Box::new(logits.clone()),
+        )
+    }
+    .unwrap();
+    let (loss, dx) = ferrofast::fast::cross_entropy_fused_in_place(
+        ext_logits,
+        &targets,
+        &ferrofast::fast::CrossEntropyOptions::default(),
+    )
+    .unwrap();
+    assert_ne!(
+        dx.cuda_ptr(),
+        logits.cuda_ptr(),
+        "the gradient got its own buffer"
+    );
+    let (want_loss, want_dx) = ferrofast::fast::cross_entropy_fused(
+        &logits,
+        &targets,
+        &ferrofast::fast::CrossEntropyOptions::default(),
+    )
+    .unwrap();
+    assert_same(&loss, &want_loss, "loss over borrowed logits");
+    assert_same(&dx, &want_dx, "gradient over borrowed logits");
+    assert_same(&logits, &logits_host, "the owner's logits are unchanged");
+
+    // Bad addresses are errors, and the owner is dropped at once.
+    let before = drops.load(Ordering::SeqCst);
+    let bad = DeviceOwner {
+        _keep: src.clone(),
+        drops: Arc::clone(&drops),
+    };
+    // SAFETY: the call fails before touching memory.
+    let e =
+        unsafe { Array::from_cuda_external(addr + 2, &[4], &[1], DType::F32, &s, Box::new(bad)) };
+    assert!(matches!(e, Err(Error::InvalidArgument(_))), "{e:?}");
+    assert_eq!(drops.load(Ordering::SeqCst), before + 1);
+    // SAFETY: as above.
+    let e = unsafe { Array::from_cuda_external(0, &[4], &[1], DType::F32, &s, Box::new(())) };
+    assert!(matches!(e, Err(Error::InvalidArgument(_))), "{e:?}");
+
+    // Dropping the last view drops the owner (after which its memory goes back to the pool).
+    drop(got);
+    drop(ext);
+    s.synchronize().unwrap();
+    assert_eq!(drops.load(Ordering::SeqCst), before + 1 + 1);
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
+fn a_stream_waits_for_another() {
+    let Some(gpu) = gpu() else { return };
+    let s1 = Stream::new(&gpu).unwrap();
+    let s2 = Stream::new(&gpu).unwrap();
+    let host = sample(&[1 << 22], DType::F32, 34);
+    // Produced on s1; its memory is then taken as external memory on s2, which knows
+    // nothing of s1 until told to wait for it (as a library handing over a tensor does).
+    let a = host
+        .to_stream(&s1)
+        .unwrap()
+        .astype(DType::BF16)
+        .unwrap()
+        .astype(DType::F32)
+        .unwrap();
+    s2.wait_for(&s1).unwrap();
+    s2.wait_for(&s2).unwrap();
+    // SAFETY: `a` (the owner) stays alive and unwritten.
+    let ext = unsafe {
+        Array::from_cuda_external(
+            a.cuda_ptr().unwrap(),
+            &[1 << 22],
+            &[1],
+            DType::F32,
+            &s2,
+            Box::new(a.clone()),
+        )
+    }
+    .unwrap();
+    let b = ext.astype(DType::BF16).unwrap();
+    assert_eq!(b.stream(), Some(s2));
+    assert_same(&b, &expected_cast(&host, DType::BF16), "after wait_for");
+}

@@ -1,0 +1,349 @@
+"""ferrofast on CUDA tensors: zero-copy DLPack import of device memory, every op against the
+same op on the CPU (the definition), streams (the producer's current stream is where the
+work goes; consumers on other streams wait), the torch autograd functions on CUDA against
+PyTorch's own ops, and CuPy / JAX arrays in and out. Skipped without a CUDA device."""
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+import ferrofast as ff  # noqa: E402
+import ferrofast.torch as fft  # noqa: E402
+from ferrofast import _native  # noqa: E402
+
+import torch.nn.functional as TF  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Relative tolerance of a GPU result against the CPU's, per dtype (both round to the
+# dtype; the GPU kernels accumulate in a different order).
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
+
+
+def randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(tuple(shape), generator=g, dtype=torch.float32)).to(dtype)
+
+
+def cuda(*xs):
+    return [x.cuda() if isinstance(x, torch.Tensor) else x for x in xs]
+
+
+def close(got, want, dtype, factor=1.0):
+    assert got.device.type == "cuda", got.device
+    tol = TOL[dtype] * factor
+    torch.testing.assert_close(got.cpu().double(), want.double(), rtol=tol, atol=tol)
+
+
+def same_on_both(f, *args, dtype, factor=1.0):
+    """``f`` on CUDA copies of ``args`` against ``f`` on the CPU tensors themselves."""
+    got = f(*cuda(*args))
+    want = f(*args)
+    if isinstance(want, (tuple, list)):
+        for g, w in zip(got, want):
+            if w is None:
+                assert g is None
+            else:
+                close(g, w, dtype, factor)
+    else:
+        close(got, want, dtype, factor)
+
+
+# ----- exchange -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32, torch.bool])
+def test_zero_copy_in_and_out(dtype):
+    x = randn(64, 96, seed=1).cuda()
+    x = (x > 0) if dtype == torch.bool else x.to(dtype)
+    t = ff._convert.to_tensor(x)
+    assert t.device == "cuda:0"
+    assert t.data_ptr == x.data_ptr()
+    assert t.stream == torch.cuda.current_stream().cuda_stream
+    xt = x.t()
+    assert ff._convert.to_tensor(xt).data_ptr == xt.data_ptr()
+    sliced = x[3:, 5::2]
+    assert ff._convert.to_tensor(sliced).data_ptr == sliced.data_ptr()
+    # Back to torch without a copy; the values survive the round trip.
+    back = torch.from_dlpack(t)
+    assert back.data_ptr() == x.data_ptr() and back.device == x.device
+    assert torch.equal(back, x)
+
+
+def test_results_are_torch_cuda_tensors_in_ferrofast_memory():
+    x = randn(8, 256, dtype=torch.bfloat16, seed=2).cuda()
+    t = _native.rms_norm(ff._convert.to_tensor(x), None, 1e-5)
+    assert t.device == "cuda:0" and t.dtype == "bfloat16"
+    p = t.data_ptr
+    y = torch.from_dlpack(t)
+    assert y.data_ptr() == p and y.is_cuda and y.dtype == torch.bfloat16
+    out = ff.fast.rms_norm(x, None, 1e-5)
+    assert isinstance(out, torch.Tensor) and out.is_cuda and out.dtype == torch.bfloat16
+    close(out, TF.rms_norm(x.float(), (256,), eps=1e-5).cpu(), torch.bfloat16)
+
+
+def test_results_free_their_memory():
+    x = randn(1024, 4096, seed=3).cuda()
+    for _ in range(3):
+        ff.fast.rms_norm(x, None, 1e-5)
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    for _ in range(200):
+        y = ff.fast.rms_norm(x, None, 1e-5)
+        del y
+    torch.cuda.synchronize()
+    # 200 results of 16 MiB each: all but a few of them must have been reused.
+    assert free_before - torch.cuda.mem_get_info()[0] < 64 << 20
+
+
+def test_mixed_devices_and_stream_names_are_errors():
+    x = randn(4, 32, seed=4)
+    w = randn(32, seed=5)
+    with pytest.raises(Exception, match="(?i)device|cuda|cpu"):
+        ff.fast.rms_norm(x.cuda(), w, 1e-5)
+    with pytest.raises(ValueError, match="CPU"):
+        ff.fast.rms_norm(x.cuda(), None, 1e-5, stream="cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        ff.fast.rms_norm(x, None, 1e-5, stream="gpu")
+    out = ff.fast.rms_norm(x.cuda(), w.cuda(), 1e-5, stream="gpu")
+    assert out.is_cuda
+
+
+# ----- every op against the CPU -------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms(dtype):
+    x = randn(5, 7, 1000, dtype=dtype, seed=10, scale=3.0)
+    w = randn(1000, dtype=dtype, seed=11)
+    b = randn(1000, dtype=dtype, seed=12)
+    g = randn(5, 7, 1000, dtype=dtype, seed=13)
+    same_on_both(lambda x, w: ff.fast.rms_norm(x, w, 1e-5), x, w, dtype=dtype)
+    same_on_both(lambda x, w, b: ff.fast.layer_norm(x, w, b, 1e-5), x, w, b, dtype=dtype)
+    same_on_both(lambda x, w, g: ff.fast.rms_norm_vjp(x, w, 1e-5, g), x, w, g, dtype=dtype, factor=4)
+    same_on_both(
+        lambda x, w, b, g: ff.fast.layer_norm_vjp(x, w, b, 1e-5, g), x, w, b, g, dtype=dtype, factor=4
+    )
+    # Strided input: a transposed view read in place.
+    xt = randn(1000, 6, dtype=dtype, seed=14).t()
+    same_on_both(lambda x: ff.fast.rms_norm(x, None, 1e-5), xt, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("traditional", [False, True])
+def test_rope(dtype, traditional):
+    x = randn(2, 4, 33, 128, dtype=dtype, seed=20)
+    kw = dict(traditional=traditional, base=10000.0, scale=1.0)
+    same_on_both(lambda a: ff.fast.rope(a, 96, offset=7, **kw), x, dtype=dtype)
+    offsets = torch.tensor([3, 11], dtype=torch.int32)
+    same_on_both(lambda a, o: ff.fast.rope(a, 128, offset=o, **kw), x, offsets, dtype=dtype)
+    same_on_both(lambda g: ff.fast.rope_vjp(g, 128, offset=5, **kw), x, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mask", [None, "causal", "bool", "additive"])
+def test_attention(dtype, mask):
+    q = randn(2, 8, 70, 128, dtype=dtype, seed=30)
+    k = randn(2, 2, 90, 128, dtype=dtype, seed=31)
+    v = randn(2, 2, 90, 128, dtype=dtype, seed=32)
+    m = mask
+    if mask == "bool":
+        m = randn(70, 90, seed=33) > -0.5
+    elif mask == "additive":
+        m = randn(2, 1, 70, 90, dtype=dtype, seed=34)
+    scale = 128**-0.5
+
+    def fwd(q, k, v, m):
+        return ff.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=m)
+
+    same_on_both(fwd, q, k, v, m, dtype=dtype, factor=2)
+
+    d_out = randn(2, 8, 70, 128, dtype=dtype, seed=35)
+
+    def bwd(q, k, v, m, d_out):
+        out, lse = ff.fast.scaled_dot_product_attention_with_lse(q, k, v, scale=scale, mask=m)
+        return ff.fast.scaled_dot_product_attention_vjp(q, k, v, out, lse, d_out, scale=scale, mask=m)
+
+    same_on_both(bwd, q, k, v, m, d_out, dtype=dtype, factor=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy(dtype):
+    logits = randn(37, 5003, dtype=dtype, seed=40, scale=4.0)
+    targets = torch.randint(0, 5003, (37,), generator=torch.Generator().manual_seed(41))
+    targets[5] = -100
+    opts = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-4)
+    same_on_both(lambda x, t: ff.fast.cross_entropy(x, t), logits, targets.clamp(min=0), dtype=torch.float32)
+    for red in ("none", "mean"):
+        same_on_both(
+            lambda x, t: ff.fast.cross_entropy_with(x, t, reduction=red, **opts),
+            logits, targets, dtype=torch.float32,
+        )
+        same_on_both(
+            lambda x, t: ff.fast.cross_entropy_fused(x, t, reduction=red, **opts)[1],
+            logits, targets, dtype=dtype, factor=2,
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("steps", [1, 200])
+def test_gated_delta(dtype, steps):
+    b, hk, hv, dk, dv = 2, 2, 4, 128, 128
+    q = randn(b, steps, hk, dk, dtype=dtype, seed=50, scale=dk**-0.5)
+    k = TF.normalize(randn(b, steps, hk, dk, seed=51), dim=-1).to(dtype)
+    v = randn(b, steps, hv, dv, dtype=dtype, seed=52)
+    gamma = torch.sigmoid(randn(b, steps, hv, seed=53) + 3.0).to(dtype)
+    beta = torch.sigmoid(randn(b, steps, hv, seed=54)).to(dtype)
+    state = randn(b, hv, dv, dk, seed=55, scale=0.1)
+
+    def f(q, k, v, gamma, beta, state):
+        return ff.fast.gated_delta_update(q, k, v, gamma, beta, state)
+
+    same_on_both(f, q, k, v, gamma, beta, state, dtype=dtype, factor=2)
+
+
+# ----- streams ------------------------------------------------------------------------
+
+
+def test_work_goes_to_the_current_stream_and_waits_for_it():
+    s = torch.cuda.Stream()
+    a = randn(2048, 2048, seed=60).cuda()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s):
+        # A long matmul queued on s; ferrofast reads its result on s, after it.
+        y = a @ a
+        t = ff._convert.to_tensor(y)
+        assert t.stream == s.cuda_stream
+        out = ff.fast.rms_norm(y, None, 1e-5)
+        assert ff._convert.to_tensor(out).stream == s.cuda_stream
+    s.synchronize()
+    close(out, TF.rms_norm(y.cpu(), (2048,), eps=1e-5), torch.float32, factor=10)
+
+
+def test_consumers_on_other_streams_wait():
+    s = torch.cuda.Stream()
+    a = randn(4096, 4096, seed=61).cuda()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s):
+        out = ff.fast.rms_norm(a, None, 1e-5)
+        t = ff._convert.to_tensor(out)
+    # Taken on the default stream: __dlpack__(stream=default) makes it wait for s.
+    z = torch.from_dlpack(t) * 2.0
+    close(z, 2.0 * TF.rms_norm(a.cpu(), (4096,), eps=1e-5), torch.float32, factor=10)
+    # The DLPack stream conventions: 1 legacy default, 2 per-thread default, -1 none.
+    for stream in (1, 2, -1, None, torch.cuda.current_stream().cuda_stream):
+        t.__dlpack__(stream=stream)
+    with pytest.raises(Exception):
+        t.__dlpack__(stream=0)
+
+
+# ----- torch autograd on CUDA -----------------------------------------------------------
+
+
+def _grads(f, *xs):
+    for x in xs:
+        x.grad = None
+    out = f()
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(70)).to(out)
+    out.backward(g)
+    return out.detach(), [x.grad.clone() for x in xs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autograd_matches_pytorch_on_cuda(dtype):
+    f = TOL[dtype] * 4
+    x = randn(4, 9, 512, dtype=dtype, seed=71).cuda().requires_grad_()
+    w = randn(512, dtype=dtype, seed=72).cuda().requires_grad_()
+    b = randn(512, dtype=dtype, seed=73).cuda().requires_grad_()
+    ours = _grads(lambda: fft.rms_norm(x, (512,), w, 1e-5), x, w)
+    theirs = _grads(lambda: TF.rms_norm(x.float(), (512,), w.float(), 1e-5), x, w)
+    for o, t in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]]):
+        torch.testing.assert_close(o.float(), t.float(), rtol=f, atol=f * 8)
+    ours = _grads(lambda: fft.layer_norm(x, (512,), w, b), x, w, b)
+    theirs = _grads(lambda: TF.layer_norm(x.float(), (512,), w.float(), b.float()), x, w, b)
+    for o, t in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]]):
+        torch.testing.assert_close(o.float(), t.float(), rtol=f, atol=f * 8)
+
+    q = randn(2, 8, 100, 64, dtype=dtype, seed=74).cuda().requires_grad_()
+    k = randn(2, 4, 100, 64, dtype=dtype, seed=75).cuda().requires_grad_()
+    v = randn(2, 4, 100, 64, dtype=dtype, seed=76).cuda().requires_grad_()
+    ours = _grads(lambda: fft.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), q, k, v)
+    theirs = _grads(
+        lambda: TF.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True
+        ),
+        q, k, v,
+    )
+    for o, t in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]]):
+        torch.testing.assert_close(o.float(), t.float(), rtol=f, atol=f * 4)
+
+    logits = randn(64, 3000, dtype=dtype, seed=77, scale=3.0).cuda().requires_grad_()
+    tgt = torch.randint(0, 3000, (64,), generator=torch.Generator().manual_seed(78)).cuda()
+    ours = _grads(lambda: fft.cross_entropy(logits, tgt, label_smoothing=0.1), logits)
+    theirs = _grads(lambda: TF.cross_entropy(logits.float(), tgt, label_smoothing=0.1), logits)
+    torch.testing.assert_close(ours[0].float(), theirs[0].float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours[1][0].float(), theirs[1][0].float(), rtol=f, atol=f * 1e-3)
+
+
+def test_small_model_trains_like_pytorch_on_cuda():
+    from test_torch import Block
+
+    g = torch.Generator().manual_seed(30)
+    tokens = torch.randint(0, 50, (4, 12), generator=g).cuda()
+    targets = torch.roll(tokens, -1, dims=1)
+    losses = {}
+    for fast in (True, False):
+        model = Block().cuda()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        run = []
+        for _ in range(15):
+            opt.zero_grad()
+            loss = model(tokens, targets, fast)
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses[fast] = np.array(run)
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3, atol=1e-3)
+    assert losses[True][-1] < 0.7 * losses[True][0]
+
+
+# ----- other CUDA libraries -------------------------------------------------------------
+
+
+def test_cupy_in_and_out():
+    cupy = pytest.importorskip("cupy")
+    x = randn(16, 300, seed=80)
+    cx = cupy.asarray(x.numpy())
+    out = ff.fast.rms_norm(cx, None, 1e-5)
+    assert isinstance(out, cupy.ndarray)
+    np.testing.assert_allclose(
+        cupy.asnumpy(out), ff.fast.rms_norm(x.numpy(), None, 1e-5), rtol=2e-5, atol=2e-5
+    )
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        out = ff.fast.layer_norm(cx, None, None, 1e-5)
+        assert ff._convert.to_tensor(cx).stream == s.ptr
+    s.synchronize()
+    np.testing.assert_allclose(
+        cupy.asnumpy(out), ff.fast.layer_norm(x.numpy(), None, None, 1e-5), rtol=2e-5, atol=2e-5
+    )
+
+
+def test_jax_in_and_out():
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    jax = pytest.importorskip("jax")
+    try:
+        gpu = jax.devices("gpu")[0]
+    except RuntimeError:
+        pytest.skip("JAX sees no GPU")
+    x = randn(16, 300, seed=81).numpy()
+    jx = jax.device_put(x, gpu)
+    out = ff.fast.rms_norm(jx, None, 1e-5)
+    assert type(out).__module__.split(".")[0] in ("jax", "jaxlib")
+    np.testing.assert_allclose(
+        np.asarray(out), ff.fast.rms_norm(x, None, 1e-5), rtol=2e-5, atol=2e-5
+    )
