@@ -20,7 +20,6 @@ a check fails. Random weights from a fixed seed; random token ids (never zeros).
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time

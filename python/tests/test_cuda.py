@@ -68,10 +68,13 @@ def test_zero_copy_in_and_out(dtype):
     assert ff._convert.to_tensor(xt).data_ptr == xt.data_ptr()
     sliced = x[3:, 5::2]
     assert ff._convert.to_tensor(sliced).data_ptr == sliced.data_ptr()
-    # Back to torch without a copy; the values survive the round trip.
+    # Exported back, borrowed memory is handed over as a copy (a DLPack consumer may write
+    # to what it receives; ferrofast never writes the producer's memory).
     back = torch.from_dlpack(t)
-    assert back.data_ptr() == x.data_ptr() and back.device == x.device
+    assert back.data_ptr() != x.data_ptr() and back.device == x.device
     assert torch.equal(back, x)
+    with pytest.raises(BufferError):
+        ff._convert.to_tensor(x).__dlpack__(copy=False)
 
 
 def test_results_are_torch_cuda_tensors_in_ferrofast_memory():
@@ -234,11 +237,17 @@ def test_consumers_on_other_streams_wait():
     # Taken on the default stream: __dlpack__(stream=default) makes it wait for s.
     z = torch.from_dlpack(t) * 2.0
     close(z, 2.0 * TF.rms_norm(a.cpu(), (4096,), eps=1e-5), torch.float32, factor=10)
-    # The DLPack stream conventions: 1 legacy default, 2 per-thread default, -1 none.
+    # The DLPack stream conventions: 1 legacy default, 2 per-thread default, -1 none, a
+    # CUstream; 0 is ambiguous and refused. Each result exports once.
+    with pytest.raises(BufferError):
+        t.__dlpack__()
     for stream in (1, 2, -1, None, torch.cuda.current_stream().cuda_stream):
-        t.__dlpack__(stream=stream)
+        with torch.cuda.stream(s):
+            u = ff._convert.to_tensor(ff.fast.rms_norm(a, None, 1e-5))
+        u.__dlpack__(stream=stream)
+    u = ff._convert.to_tensor(ff.fast.rms_norm(a, None, 1e-5))
     with pytest.raises(Exception):
-        t.__dlpack__(stream=0)
+        u.__dlpack__(stream=0)
 
 
 # ----- torch autograd on CUDA -----------------------------------------------------------

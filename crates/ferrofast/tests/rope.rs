@@ -1441,6 +1441,138 @@ mod cuda_only {
         }
     }
 
+    /// Offset arrays that live on the GPU are converted and read there (MLX's int32 rule,
+    /// size 1 broadcast), giving bit for bit the result of the same offsets from the host,
+    /// also when produced on another stream; the backward pass takes them too.
+    #[test]
+    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
+    fn offset_arrays_on_the_gpu() {
+        for gpu in common::gpus() {
+            let other = Stream::new(&gpu).unwrap();
+            let x = on(&randn(&[3, 4, 17, 64], DType::BF16, 903), &gpu);
+            let i64s = |v: &[i64]| Array::from_slice(v, &[v.len()]).unwrap();
+            let offsets = [
+                i64s(&[5, -7, 1000]),
+                i64s(&[(1 << 32) + 9, -(1 << 33) - 3, 12]),
+                i64s(&[41]),
+                i32s(&[3, 99, -4]),
+                i32s(&[-17]),
+                Array::from_slice(&[7u32, 3_000_000_000, 1], &[3]).unwrap(),
+                Array::from_slice(&[250u8, 0, 9], &[3]).unwrap(),
+                Array::from_slice(&[6u8], &[]).unwrap(),
+            ];
+            for host in &offsets {
+                let what = format!("{} offsets {:?}", host.dtype(), host.shape());
+                let dev = host.to_stream(&other).unwrap();
+                let want = fast::rope(
+                    &x,
+                    48,
+                    false,
+                    Some(10000.0),
+                    1.0,
+                    RopeOffset::Array(host),
+                    None,
+                )
+                .unwrap();
+                let got = fast::rope(
+                    &x,
+                    48,
+                    false,
+                    Some(10000.0),
+                    1.0,
+                    RopeOffset::Array(&dev),
+                    None,
+                )
+                .unwrap();
+                assert_eq!(
+                    got.to_vec::<ferrofast::bf16>().unwrap(),
+                    want.to_vec::<ferrofast::bf16>().unwrap(),
+                    "{what}: forward"
+                );
+                let want = fast::rope_vjp(
+                    &x,
+                    64,
+                    true,
+                    Some(500.0),
+                    0.5,
+                    RopeOffset::Array(host),
+                    None,
+                )
+                .unwrap();
+                let got = fast::rope_vjp(
+                    &x,
+                    64,
+                    true,
+                    Some(500.0),
+                    0.5,
+                    RopeOffset::Array(&dev),
+                    None,
+                )
+                .unwrap();
+                assert_eq!(
+                    got.to_vec::<ferrofast::bf16>().unwrap(),
+                    want.to_vec::<ferrofast::bf16>().unwrap(),
+                    "{what}: backward"
+                );
+            }
+            // freqs on the GPU (any float dtype, strided): the same bits as from the host.
+            let periods: Vec<f32> = (0..48).map(|i| 1.0 + 37.0 * i as f32).collect();
+            let wide = Array::from_vec(periods, &[48]).unwrap();
+            let wide_dev = wide.to_stream(&other).unwrap();
+            let strided = |w: &Array| w.slice(&[0], &[48], &[2]).unwrap();
+            let narrow = |w: &Array| {
+                w.slice(&[0], &[24], &[1])
+                    .unwrap()
+                    .astype(DType::BF16)
+                    .unwrap()
+            };
+            for (f, dev) in [
+                (strided(&wide), strided(&wide_dev)),
+                (narrow(&wide), narrow(&wide_dev)),
+            ] {
+                let what = format!("{} freqs", f.dtype());
+                let want =
+                    fast::rope(&x, 48, true, None, 1.0, RopeOffset::Int(3), Some(&f)).unwrap();
+                let got =
+                    fast::rope(&x, 48, true, None, 1.0, RopeOffset::Int(3), Some(&dev)).unwrap();
+                assert_eq!(
+                    got.to_vec::<ferrofast::bf16>().unwrap(),
+                    want.to_vec::<ferrofast::bf16>().unwrap(),
+                    "{what}"
+                );
+            }
+            // Checked as before: rank, size and dtype errors with MLX's texts.
+            let bad = Array::from_slice(&[1i32, 2], &[2])
+                .unwrap()
+                .to_device(&gpu)
+                .unwrap();
+            let r = fast::rope(
+                &x,
+                64,
+                false,
+                Some(10000.0),
+                1.0,
+                RopeOffset::Array(&bad),
+                None,
+            );
+            assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+            let bad = Array::from_slice(&[1.0f32], &[1])
+                .unwrap()
+                .to_device(&gpu)
+                .unwrap();
+            let r = fast::rope(
+                &x,
+                64,
+                false,
+                Some(10000.0),
+                1.0,
+                RopeOffset::Array(&bad),
+                None,
+            );
+            assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        }
+    }
+
     /// f64 has no CUDA kernel: `Error::Unsupported`.
     #[test]
     #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]

@@ -31,6 +31,16 @@ const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 /// Runs a validated `rope` call on the CPU and returns a new row-major array.
 pub(crate) fn run(plan: &RopeArgs) -> Result<Array> {
     let a = &plan.x;
+    let on_gpu = match (&plan.offsets, &plan.freqs) {
+        (RopeOffsets::Device(o), _) => Some(o.device()),
+        (_, RopeFreqs::Device(f)) => Some(f.device()),
+        _ => None,
+    };
+    if let Some(dev) = on_gpu {
+        return Err(Error::Device(format!(
+            "[rope] the CPU kernel got offsets or freqs on {dev}"
+        )));
+    }
     match a.dtype() {
         DType::F32 => rope_typed::<f32>(a, plan),
         DType::F64 => rope_typed::<f64>(a, plan),
@@ -89,6 +99,7 @@ impl Compute for f32 {
             }
             // MLX casts freqs to float32 before inverting them.
             RopeFreqs::Periods(p) => out.extend(p.iter().map(|&v| 1.0 / v as f32)),
+            RopeFreqs::Device(f) => out.extend(f.to_vec::<f32>()?.iter().map(|&v| 1.0 / v)),
         }
         Ok(out)
     }
@@ -134,6 +145,7 @@ impl Compute for f64 {
                 out.extend((0..half).map(|i| (-(i as f64 / half as f64) * log2_base).exp2()));
             }
             RopeFreqs::Periods(p) => out.extend(p.iter().map(|&v| 1.0 / v)),
+            RopeFreqs::Device(f) => out.extend(f.to_f64_vec()?.iter().map(|&v| 1.0 / v)),
         }
         Ok(out)
     }

@@ -154,16 +154,52 @@ pub(crate) fn run(args: &RopeArgs, stream: &Stream) -> Result<Array> {
         .cuda_buffer()
         .ok_or_else(|| Error::Device("contiguous copy left the GPU".into()))?;
 
+    let periods_uploaded;
     let (period_buf, log2_base) = match &args.freqs {
         RopeFreqs::Periods(p) => {
             let periods: Vec<f32> = p.iter().map(|&v| v as f32).collect();
-            (Some(CudaBuffer::upload(device, stream, &periods)?), 0.0)
+            periods_uploaded = CudaBuffer::upload(device, stream, &periods)?;
+            (Some(&periods_uploaded), 0.0)
+        }
+        RopeFreqs::Device(f) => {
+            let buf = f.cuda_buffer().filter(|b| {
+                std::sync::Arc::ptr_eq(b.device(), device)
+                    && f.dtype() == DType::F32
+                    && f.size() == half
+                    && f.offset() == 0
+                    && f.is_contiguous()
+            });
+            let buf = buf.ok_or_else(|| {
+                Error::Device(format!(
+                    "[rope] the freqs are not {half} row-major float32 values on the input's GPU"
+                ))
+            })?;
+            (Some(buf), 0.0)
         }
         RopeFreqs::Base(b) => (None, b.log2()),
     };
+    let uploaded;
     let (offset_buf, offset) = match &args.offsets {
         RopeOffsets::Scalar(v) => (None, *v),
-        RopeOffsets::PerBatch(o) => (Some(CudaBuffer::upload(device, stream, o)?), 0),
+        RopeOffsets::PerBatch(o) => {
+            uploaded = CudaBuffer::upload(device, stream, o)?;
+            (Some(&uploaded), 0)
+        }
+        RopeOffsets::Device(o) => {
+            let buf = o.cuda_buffer().filter(|b| {
+                std::sync::Arc::ptr_eq(b.device(), device)
+                    && o.dtype() == DType::I64
+                    && o.size() == batch
+                    && o.offset() == 0
+                    && o.is_contiguous()
+            });
+            let buf = buf.ok_or_else(|| {
+                Error::Device(format!(
+                    "[rope] the offsets are not {batch} row-major int64 values on the input's GPU"
+                ))
+            })?;
+            (Some(buf), 0)
+        }
     };
 
     // The widest vectors every access can use aligned: the half, the pass-through part, the

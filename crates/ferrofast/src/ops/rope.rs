@@ -43,6 +43,10 @@ pub(crate) enum RopeFreqs {
     /// `inv_freq_i = 1 / periods[i]`; the values as given (the kernels round them to their
     /// compute precision).
     Periods(Vec<f64>),
+    /// The periods as a row-major float32 array of length `dims / 2` (offset 0) on the GPU
+    /// that holds the input: a `freqs` array that lives there, cast there (MLX rounds the
+    /// periods to float32 too) and never read on the host.
+    Device(Array),
 }
 
 /// Position offsets, as validated and converted (MLX's int32 casts applied).
@@ -52,14 +56,32 @@ pub(crate) enum RopeOffsets {
     Scalar(i64),
     /// One offset per batch example (length `B`, `B != 1`).
     PerBatch(Vec<i64>),
+    /// One offset per batch example, as a row-major int64 array of length `B` (offset 0) on
+    /// the GPU that holds the input: an offset array that lives there, converted there with
+    /// MLX's int32 rule and never read on the host (reading it would wait for the GPU).
+    Device(Array),
 }
 
 impl RopeOffsets {
-    /// The offset of batch example `b`.
+    /// The offset of batch example `b` of host offsets; [`RopeOffsets::Device`] offsets are
+    /// first brought over with [`RopeOffsets::to_host`] (this returns 0 for them).
     pub(crate) fn get(&self, b: usize) -> i64 {
         match self {
             RopeOffsets::Scalar(v) => *v,
             RopeOffsets::PerBatch(v) => v.get(b).copied().unwrap_or(0),
+            RopeOffsets::Device(_) => 0,
+        }
+    }
+
+    /// The offsets with their values on the host (a copy from the GPU for
+    /// [`RopeOffsets::Device`], which waits for the work producing them).
+    ///
+    /// # Errors
+    /// GPU read errors.
+    pub(crate) fn to_host(&self) -> Result<RopeOffsets> {
+        match self {
+            RopeOffsets::Device(o) => Ok(RopeOffsets::PerBatch(o.to_vec::<i64>()?)),
+            host => Ok(host.clone()),
         }
     }
 }
@@ -155,6 +177,14 @@ impl RopeArgs {
         }
         // Every check has passed: read the values (which can only fail for memory).
         let freqs = match (base, freqs) {
+            (_, Some(f)) if f.device() == a.device() && !a.device().is_cpu() => {
+                let c = f.astype(DType::F32)?;
+                RopeFreqs::Device(if c.is_contiguous() && c.offset() == 0 {
+                    c
+                } else {
+                    c.copy()?
+                })
+            }
             (_, Some(f)) => RopeFreqs::Periods(f.to_f64_vec()?),
             (Some(b), None) => RopeFreqs::Base(b),
             (None, None) => {
@@ -163,6 +193,9 @@ impl RopeArgs {
         };
         let offsets = match offset {
             RopeOffset::Int(v) => RopeOffsets::Scalar(v),
+            RopeOffset::Array(o) if o.device() == a.device() && !a.device().is_cpu() => {
+                RopeOffsets::Device(device_offsets(o, batch)?)
+            }
             RopeOffset::Array(o) => read_offsets(o)?,
         };
         Ok(RopeArgs {
@@ -196,6 +229,29 @@ fn check_offsets(o: &Array, batch: usize) -> Result<()> {
         other => Err(Error::invalid(format!(
             "[rope] offset must be an integer but got type {other}."
         ))),
+    }
+}
+
+/// An offset array that passed [`check_offsets`] and lives on the GPU, as
+/// [`RopeOffsets::Device`] needs it: converted there with MLX's rule (4-byte integers kept,
+/// every other integer type cast to int32), widened to int64 and broadcast to `batch`
+/// elements, in a new row-major buffer.
+fn device_offsets(o: &Array, batch: usize) -> Result<Array> {
+    let wide = match o.dtype() {
+        DType::I64 => o.astype(DType::I32)?.astype(DType::I64)?,
+        DType::I32 | DType::U32 | DType::U8 => o.astype(DType::I64)?,
+        other => {
+            return Err(Error::invalid(format!(
+                "[rope] offset must be an integer but got type {other}."
+            )))
+        }
+    };
+    // `wide` is a new row-major buffer: a size-`batch` one serves as it is.
+    let flat = wide.reshape(&[wide.size()])?;
+    if flat.size() == batch {
+        Ok(flat)
+    } else {
+        flat.broadcast_to(&[batch])?.copy()
     }
 }
 

@@ -31,8 +31,10 @@ pub fn rope(
             .map(|i| f64::from(*b).powf(-(i as f64) / half as f64))
             .collect(),
         RopeFreqs::Periods(p) => p.iter().map(|&v| 1.0 / v).collect(),
+        RopeFreqs::Device(f) => f.to_f64_vec()?.iter().map(|&v| 1.0 / v).collect(),
     };
     let x = a.to_f64_vec()?;
+    let offsets = plan.offsets.to_host()?;
     let mut out = x.clone();
     if dim == 0 || seq == 0 {
         return Array::from_vec(out, shape);
@@ -40,7 +42,7 @@ pub fn rope(
     for (row_index, (xr, orow)) in x.chunks(dim).zip(out.chunks_mut(dim)).enumerate() {
         let t = row_index % seq;
         let b = row_index / (seq * heads.max(1));
-        let position = t as f64 + plan.offsets.get(b) as f64;
+        let position = t as f64 + offsets.get(b) as f64;
         for (i, &f) in inv_freq.iter().enumerate() {
             let theta = f64::from(plan.scale) * position * f;
             let (j1, j2) = if plan.traditional {
