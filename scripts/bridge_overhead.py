@@ -95,9 +95,36 @@ def main():
                 f"{k.replace('_us', '')} {v:7.1f}" for k, v in row.items() if k.endswith("_us")
             )
             print(f"{phase:7s} {name:20s} {cells}  (us per call)", flush=True)
+    # Where the host time of one decode rms_norm goes, piece by piece.
+    from ferrofast import _convert, _native
+
+    x, w = r(b, 1, hidden), r(hidden)
+    tx, tw = _convert.to_tensor(x), _convert.to_tensor(w)
+    pieces = {
+        "torch.cuda.current_stream().cuda_stream": lambda: torch.cuda.current_stream(0).cuda_stream,
+        "raw current stream": lambda: _convert._torch_stream(0),
+        "x.__dlpack__(stream=1) (torch's handshake)": lambda: x.__dlpack__(stream=1, max_version=(1, 0)),
+        "capsule without handshake": lambda: _convert._torch_capsule(x),
+        "capsule + import (from_dlpack)": lambda: _native.from_dlpack(_convert._torch_capsule(x), False, 0),
+        "to_tensor(x)": lambda: _convert.to_tensor(x),
+        "_native.rms_norm on imported tensors": lambda: _native.rms_norm(tx, tw, 1e-5),
+        "_native.rms_norm + result to torch": lambda: _convert._torch_result(_native.rms_norm(tx, tw, 1e-5)),
+        "ff.fast.rms_norm": lambda: ff.fast.rms_norm(x, w, 1e-5),
+        "torch rms_norm": lambda: TF.rms_norm(x, (hidden,), w, 1e-5),
+        "torch x * 2": lambda: x * 2,
+    }
+    breakdown = {}
+    for name, fn in pieces.items():
+        host, _ = measure(fn)
+        breakdown[name] = host
+        print(f"decode rms_norm piece: {name:45s} host {host:7.1f} us", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+            json.dump(
+                dict(device=torch.cuda.get_device_name(), rows=rows, breakdown=breakdown),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -58,13 +58,35 @@ def _on_cuda(x):
     return int(index) if int(kind) == 2 else None
 
 
+def _torch_stream(index):
+    """PyTorch's current CUDA stream on device ``index`` as a ``CUstream`` int (0 is the
+    legacy default stream), through the raw query when this PyTorch has it."""
+    torch = sys.modules["torch"]
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return int(raw(index))
+    return int(torch.cuda.current_stream(index).cuda_stream)
+
+
+def _torch_capsule(t):
+    """A capsule over PyTorch tensor ``t``'s memory, without the stream handshake: ferrofast
+    reads a CUDA tensor on its current stream, where PyTorch's own next op would, so there
+    is nothing to order. Versioned when this PyTorch writes DLPack 1.x."""
+    C = sys.modules["torch"]._C
+    versioned = getattr(C, "_to_dlpack_versioned", None)
+    if versioned is not None:
+        return versioned(t)
+    to_dlpack = getattr(C, "_to_dlpack", None)
+    if to_dlpack is not None:
+        return to_dlpack(t)
+    return _capsule(t)
+
+
 def _current_stream(x, index):
     """The producer's current CUDA stream on device ``index`` as a ``CUstream`` int (0 is
     the legacy default stream)."""
     if _is_torch(x):
-        import torch
-
-        return int(torch.cuda.current_stream(index).cuda_stream)
+        return _torch_stream(index)
     top = type(x).__module__.split(".")[0]
     if top == "cupy":
         import cupy
@@ -92,8 +114,8 @@ def to_tensor(x):
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
         if t.is_cuda:
-            return _cuda_tensor(t, t.device.index)
-        return _native.from_dlpack(_capsule(t))
+            return _native.from_dlpack(_torch_capsule(t), False, _torch_stream(t.device.index))
+        return _native.from_dlpack(_torch_capsule(t))
     if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
         index = _on_cuda(x)
         if index is not None:
@@ -137,9 +159,7 @@ def from_tensor(t, like):
     if t is None:
         return None
     if _is_torch(like):
-        import torch
-
-        return torch.from_dlpack(t)
+        return _torch_result(t)
     if t.device != "cpu":
         return _cuda_result(t, like)
     if t.dtype == "bfloat16":
@@ -150,6 +170,23 @@ def from_tensor(t, like):
             )
         return np.from_dlpack(_Bits(t)).view(bf16)
     return np.from_dlpack(t)
+
+
+def _torch_result(t):
+    """A result ``Tensor`` as a PyTorch tensor over its buffer: made ready on PyTorch's
+    current stream (a no-op when the op ran there, as it does for PyTorch inputs)."""
+    torch = sys.modules["torch"]
+    C = torch._C
+    if getattr(C, "_to_dlpack_versioned", None) is None:
+        # A PyTorch without DLPack 1.x: its own from_dlpack does the handshake.
+        return torch.from_dlpack(t)
+    kind, index = t.__dlpack_device__()
+    if kind == 2:
+        stream = _torch_stream(index)
+        capsule = t.__dlpack__(stream=stream if stream != 0 else 1, max_version=(1, 0))
+    else:
+        capsule = t.__dlpack__(max_version=(1, 0))
+    return C._from_dlpack(capsule)
 
 
 def _cuda_result(t, like):

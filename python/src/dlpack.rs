@@ -747,7 +747,9 @@ fn dl_device_of(a: &Array) -> (i32, i32) {
 fn consumer_stream(device: &Device, stream: Option<i64>) -> PyResult<Option<ferrofast::Stream>> {
     let raw: usize = match stream {
         Some(-1) => return Ok(None),
-        None | Some(1) => 1,
+        // The legacy default stream, named as producers name it (the null handle), so that
+        // a result taken on the stream it was made on needs no wait.
+        None | Some(1) => 0,
         Some(0) => {
             return Err(PyValueError::new_err(
                 "__dlpack__: stream 0 is ambiguous for CUDA (DLPack): pass 1 for the legacy \

@@ -241,7 +241,7 @@ def test_consumers_on_other_streams_wait():
     # CUstream; 0 is ambiguous and refused. Each result exports once.
     with pytest.raises(BufferError):
         t.__dlpack__()
-    for stream in (1, 2, -1, None, torch.cuda.current_stream().cuda_stream):
+    for stream in (1, 2, -1, None, torch.cuda.Stream().cuda_stream):
         with torch.cuda.stream(s):
             u = ff._convert.to_tensor(ff.fast.rms_norm(a, None, 1e-5))
         u.__dlpack__(stream=stream)
