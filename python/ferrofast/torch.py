@@ -103,6 +103,10 @@ class ScaledDotProductAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, mask, sinks):
+        if not any(ctx.needs_input_grad):
+            # Inference (no_grad, or no input needing a gradient): the plain forward, which
+            # has the decode kernels, and nothing saved.
+            return _fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
         out, lse = _fast.scaled_dot_product_attention_with_lse(
             q, k, v, scale=scale, mask=mask, sinks=sinks
         )

@@ -120,6 +120,11 @@ def test_scaled_dot_product_attention(case):
     close(ours[0], theirs[0])
     for a, c in zip(ours[1], theirs[1]):
         close(a, c, 1e-4)
+    # Without gradients (inference) the plain forward runs: the same output, no graph.
+    with torch.no_grad():
+        plain = fft.scaled_dot_product_attention(q, k, v, **kw)
+    assert plain.grad_fn is None
+    close(plain, ours[0])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
