@@ -210,43 +210,47 @@ def check_training_step(config, device, ids, report):
                                 worst_grad_rel_err=worst, worst_param=worst_name)
 
 
-def _median_time(fn, device, repeats):
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench(config, device, batch, prompt, new_tokens, repeats, report):
+    """Prefill (no cache) and decode (``new_tokens`` steps after a ``prompt``-token prefill)
+    of both models, alternating between them in every repeat so that drift of the machine
+    affects both alike; medians."""
     ref, ours = make_models(config, device, torch.bfloat16)
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(1, config.vocab_size, (batch, prompt), generator=g).to(device)
+    models = (("transformers-sdpa", ref), ("ferrofast", ours))
+
+    def prefill(model):
+        sync(device)
+        t0 = time.perf_counter()
+        model(ids, use_cache=False)
+        sync(device)
+        return time.perf_counter() - t0
+
+    def decode(model):
+        out = model(ids, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync(device)
+        return time.perf_counter() - t0
+
+    times = {name: dict(prefill=[], decode=[]) for name, _ in models}
+    with torch.no_grad():
+        for _, model in models:  # warm-up (kernels compiled and cached)
+            prefill(model)
+            decode(model)
+        for _ in range(repeats):
+            for name, model in models:
+                times[name]["prefill"].append(prefill(model))
+                times[name]["decode"].append(decode(model))
     rows = {}
-    for name, model in (("transformers-sdpa", ref), ("ferrofast", ours)):
-        with torch.no_grad():
-            model(ids, use_cache=False)  # warm-up (kernels compiled and cached)
-            prefill = _median_time(lambda: model(ids, use_cache=False), device, repeats)
-
-            def decode():
-                out = model(ids, use_cache=True)
-                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                sync(device)
-                t0 = time.perf_counter()
-                for _ in range(new_tokens):
-                    out = model(tok, past_key_values=past, use_cache=True)
-                    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                sync(device)
-                return time.perf_counter() - t0
-
-            decode()
-            step = statistics.median(decode() for _ in range(repeats))
-        rows[name] = dict(prefill_tok_s=batch * prompt / prefill,
-                          decode_tok_s=batch * new_tokens / step,
-                          prefill_ms=prefill * 1e3, decode_ms=step * 1e3)
+    for name, t in times.items():
+        p, d = statistics.median(t["prefill"]), statistics.median(t["decode"])
+        rows[name] = dict(prefill_tok_s=batch * prompt / p, decode_tok_s=batch * new_tokens / d,
+                          prefill_ms=p * 1e3, decode_ms=d * 1e3)
     ff, hf = rows["ferrofast"], rows["transformers-sdpa"]
     for name, r in rows.items():
         report.line(f"{name:18s} prefill {r['prefill_tok_s']:10.0f} tok/s ({r['prefill_ms']:.2f} ms)"
@@ -254,8 +258,8 @@ def bench(config, device, batch, prompt, new_tokens, repeats, report):
     report.line(f"ferrofast / transformers: prefill {ff['prefill_tok_s'] / hf['prefill_tok_s']:.2f}x, "
                 f"decode {ff['decode_tok_s'] / hf['decode_tok_s']:.2f}x "
                 f"(bf16, batch {batch}, prompt {prompt}, {new_tokens} decode steps, median of {repeats})")
-    report.data["bench"] = dict(rows, batch=batch, prompt=prompt, new_tokens=new_tokens,
-                                repeats=repeats)
+    report.data.setdefault("bench", []).append(
+        dict(rows, batch=batch, prompt=prompt, new_tokens=new_tokens, repeats=repeats))
 
 
 class Report:
@@ -277,9 +281,9 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="a 2-layer, 256-wide model")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=4, help="benchmark batch")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="benchmark batches")
     ap.add_argument("--prompt", type=int, default=1024, help="benchmark prompt length")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--json", help="also write the summary here")
     args = ap.parse_args()
@@ -301,7 +305,8 @@ def main():
     check_greedy(config, device, prompt, args.new_tokens, tie, report)
     check_training_step(config, device, ids, report)
     if not args.no_bench:
-        bench(config, device, args.batch, args.prompt, args.new_tokens, args.repeats, report)
+        for batch in args.batch:
+            bench(config, device, batch, args.prompt, args.new_tokens, args.repeats, report)
     report.data["failed"] = report.failed
     if args.json:
         with open(args.json, "w") as f:
