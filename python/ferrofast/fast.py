@@ -20,9 +20,18 @@ allocated on that stream; PyTorch's ``with torch.cuda.stream(s):`` moves them to
 Inputs must not be written by another thread while a call reading them runs (the kernels
 read them in place, without the GIL).
 
+Custom kernels: ``cuda_kernel`` and ``metal_kernel`` build kernel objects (no GPU needed)
+called with MLX's keywords (``inputs=``, ``output_shapes=``, ``output_dtypes=``, ``grid=``,
+``threadgroup=``, ``template=``, ``init_value=``, ``verbose=``, ``stream=``);
+``precompiled_cuda_kernel`` launches PTX / CUBIN. They run on a GPU: on the stream of the
+first CUDA input, else on ``cuda:0`` (CPU inputs are uploaded and NumPy callers get NumPy
+outputs back). Dtypes are given as MLX names (``"float32"``), NumPy / ml_dtypes dtypes or
+PyTorch dtypes.
+
 Beyond MLX, each op's backward pass is exposed (``*_vjp``), as are the training forward of
 attention (``scaled_dot_product_attention_with_lse``), cross-entropy's options
-(``cross_entropy_with``) and its fused loss-and-gradient (``cross_entropy_fused``).
+(``cross_entropy_with``), its fused loss-and-gradient (``cross_entropy_fused``) and
+``compile_to_cubin`` (NVRTC, for ``precompiled_cuda_kernel``).
 """
 
 import numpy as np
@@ -46,6 +55,10 @@ __all__ = [
     "cross_entropy_fused",
     "gated_delta_update",
     "gated_delta_update_vjp",
+    "cuda_kernel",
+    "metal_kernel",
+    "precompiled_cuda_kernel",
+    "compile_to_cubin",
 ]
 
 
@@ -391,3 +404,276 @@ def gated_delta_update_vjp(
         to_tensor_opt(d_state),
     )
     return tuple(from_tensor(t, q) for t in grads)
+
+
+# ----- custom kernels -----------------------------------------------------------------------
+
+
+def _dtype_name(d):
+    """MLX's name of a dtype given as a string, a NumPy / ml_dtypes dtype, a PyTorch dtype
+    or an MLX dtype (``"float32"``, ``"bfloat16"``, ...)."""
+    if isinstance(d, str):
+        return d
+    text = str(d)
+    for prefix in ("torch.", "mlx.core."):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    try:
+        return np.dtype(d).name
+    except TypeError:
+        return text
+
+
+def _is_dtype(value):
+    """Whether a template value names a type (rather than being a bad value)."""
+    if isinstance(value, str):
+        return True
+    if str(type(value).__module__).split(".")[0] in ("torch", "mlx"):
+        return "dtype" in type(value).__name__.lower()
+    if isinstance(value, (np.dtype, type)):
+        try:
+            np.dtype(value)
+        except TypeError:
+            return False
+        return True
+    return False
+
+
+def _template(op, template):
+    """``(name, value)`` pairs with dtype values as MLX names; anything that is neither a
+    bool, an int nor a dtype is passed on and refused with MLX's message."""
+    if template is None:
+        return []
+    out = []
+    for name, value in template:
+        if not isinstance(value, (bool, int)) and _is_dtype(value):
+            value = _dtype_name(value)
+        out.append((str(name), value))
+    return out
+
+
+def _kernel_stream(op, stream):
+    """``(device index, raw CUstream)`` for MLX's ``stream=`` of a custom kernel: ``None``
+    runs where the first GPU input lives (else ``cuda:0``); ``"gpu"``, ``"cuda"``,
+    ``"cuda:N"`` or a ``torch.device`` picks that device's default stream; a
+    ``torch.cuda.Stream`` or ``cupy.cuda.Stream`` runs on that stream; the CPU is refused
+    with MLX's message."""
+    if stream is None:
+        return None, None
+    raw = getattr(stream, "cuda_stream", None)
+    if raw is not None:  # torch.cuda.Stream
+        return int(stream.device.index or 0), int(raw)
+    ptr = getattr(stream, "ptr", None)
+    if ptr is not None and hasattr(stream, "device_id"):  # cupy.cuda.Stream
+        return int(stream.device_id), int(ptr)
+    name = str(stream).lower()
+    if name in ("cpu", "device(cpu, 0)"):
+        return -1, None
+    for prefix in ("cuda", "gpu"):
+        if name.startswith(prefix):
+            rest = name[len(prefix):].lstrip(":")
+            return (int(rest) if rest.isdigit() else 0), None
+    raise ValueError(
+        f"[{op}] stream must be None, a device ('gpu', 'cuda:N') or a CUDA stream object; "
+        f"got {stream!r}."
+    )
+
+
+def _kernel_inputs(inputs):
+    """Arrays as ``Tensor``s, Python scalars as they are; the first array (the type the
+    outputs come back as) or None."""
+    out, like = [], None
+    for x in inputs:
+        if isinstance(x, (bool, int, float)):
+            out.append(x)
+        else:
+            out.append(to_tensor(x))
+            if like is None:
+                like = x
+    return out, like
+
+
+def _kernel_outputs(outputs, like):
+    if like is None:
+        return list(outputs)
+    return [from_tensor(t, like) for t in outputs]
+
+
+class _CustomKernel:
+    """A compiled-on-first-call kernel, called as MLX's: ``kernel(*, inputs, output_shapes,
+    output_dtypes, grid, threadgroup, template=None, init_value=None, verbose=False,
+    stream=None) -> list``."""
+
+    def __init__(self, native, op):
+        self._native = native
+        self._op = op
+
+    @property
+    def name(self):
+        return self._native.name
+
+    def __call__(
+        self,
+        *,
+        inputs,
+        output_shapes,
+        output_dtypes,
+        grid,
+        threadgroup,
+        template=None,
+        init_value=None,
+        verbose=False,
+        stream=None,
+    ):
+        tensors, like = _kernel_inputs(inputs)
+        device, raw = _kernel_stream(self._op, stream)
+        outputs = self._native.call(
+            tensors,
+            [[int(d) for d in s] for s in output_shapes],
+            [_dtype_name(d) for d in output_dtypes],
+            tuple(int(g) for g in grid),
+            tuple(int(t) for t in threadgroup),
+            _template(self._op, template),
+            None if init_value is None else float(init_value),
+            bool(verbose),
+            device,
+            raw,
+        )
+        return _kernel_outputs(outputs, like)
+
+    def __repr__(self):
+        return f"<ferrofast {self._op} {self.name!r}>"
+
+
+def cuda_kernel(
+    name,
+    input_names,
+    output_names,
+    source,
+    header="",
+    ensure_row_contiguous=True,
+    shared_memory=0,
+):
+    """MLX's ``cuda_kernel``: a kernel from the body of a CUDA ``__global__`` function.
+    ferrofast generates MLX's signature (a pointer per input and output; ``{input}_shape``,
+    ``_strides``, ``_ndim`` when the source mentions them), compiles it with NVRTC on first
+    call (cached) and launches it with ``grid`` and ``threadgroup`` in threads (blocks are
+    ``ceil(grid / threadgroup)``: threads past the grid run, so bounds-check). Building the
+    kernel needs no GPU; calling it runs on one (CPU inputs are uploaded; NumPy callers get
+    NumPy outputs back). The kernel must read and write only inside its arrays' elements:
+    ferrofast cannot check what user code does with its pointers."""
+    return _CustomKernel(
+        _native.cuda_kernel(
+            str(name),
+            [str(n) for n in input_names],
+            [str(n) for n in output_names],
+            str(source),
+            str(header),
+            bool(ensure_row_contiguous),
+            int(shared_memory),
+        ),
+        "cuda_kernel",
+    )
+
+
+def metal_kernel(
+    name,
+    input_names,
+    output_names,
+    source,
+    header="",
+    ensure_row_contiguous=True,
+    atomic_outputs=False,
+    compile_options=None,
+):
+    """MLX's ``metal_kernel``: the body of a Metal kernel, unchanged, run on an NVIDIA GPU
+    (MLX's generated Metal source translated to CUDA and compiled with NVRTC). Thread
+    attributes, 0-d inputs by value, ``atomic_outputs``, ``init_value`` and
+    ``compile_options={"math_mode": "safe" | "relaxed" | "fast"}`` as in MLX. The kernel
+    must read and write only inside its arrays' elements."""
+    if compile_options is None:
+        mode = "safe"
+    elif not isinstance(compile_options, dict):
+        raise ValueError("[metal_kernel] Expected `compile_options` to be a dict.")
+    else:
+        for key in compile_options:
+            if key != "math_mode":
+                raise ValueError(f"[metal_kernel] Unknown compile option `{key}`.")
+        mode = compile_options.get("math_mode", "safe")
+        if mode not in ("safe", "relaxed", "fast"):
+            raise ValueError(
+                "[metal_kernel] Expected math_mode to be 'safe', 'relaxed', or 'fast'."
+            )
+    return _CustomKernel(
+        _native.metal_kernel(
+            str(name),
+            [str(n) for n in input_names],
+            [str(n) for n in output_names],
+            str(source),
+            str(header),
+            bool(ensure_row_contiguous),
+            bool(atomic_outputs),
+            mode,
+        ),
+        "metal_kernel",
+    )
+
+
+def precompiled_cuda_kernel(
+    *,
+    name,
+    compiled_source,
+    inputs,
+    output_shapes,
+    output_dtypes,
+    scalars,
+    grid,
+    threadgroup,
+    shared_memory=0,
+    init_value=None,
+    ensure_row_contiguous=False,
+    stream=None,
+):
+    """MLX's ``precompiled_cuda_kernel``: launch ``name`` from PTX / CUBIN / fatbin bytes
+    (Triton, nvcc, ``compile_to_cubin``) with a pointer per input, a pointer per output, then
+    ``scalars`` (``bool``, ``int``, ``float`` -> ``bool``, ``int32_t``, ``float``); grid and
+    output rules as :func:`cuda_kernel`. The kernel must match that parameter list and stay
+    inside its arrays' elements."""
+    for s in scalars:
+        if not isinstance(s, (bool, int, float)):
+            raise ValueError(
+                "[precompiled_cuda_kernel] Invalid scalar argument type. Received "
+                f"{type(s).__name__} but must be one of bool, int or float"
+            )
+    tensors, like = _kernel_inputs(inputs)
+    device, raw = _kernel_stream("precompiled_cuda_kernel", stream)
+    outputs = _native.precompiled_cuda_kernel(
+        str(name),
+        bytes(compiled_source),
+        tensors,
+        [[int(d) for d in s] for s in output_shapes],
+        [_dtype_name(d) for d in output_dtypes],
+        list(scalars),
+        tuple(int(g) for g in grid),
+        tuple(int(t) for t in threadgroup),
+        int(shared_memory),
+        None if init_value is None else float(init_value),
+        bool(ensure_row_contiguous),
+        device,
+        raw,
+    )
+    return _kernel_outputs(outputs, like)
+
+
+def compile_to_cubin(source, name_expression, arch=None, options=()):
+    """Compiles CUDA C++ ``source`` to CUBIN with NVRTC for ``arch`` (``"sm_90"``, ...;
+    ``None``: the architecture of ``cuda:0``) and returns ``(image_bytes, symbol)``, the
+    symbol being the mangled name of the kernel ``name_expression`` names (``"scale"``,
+    ``"scale<float>"``), ready for :func:`precompiled_cuda_kernel`. Needs libnvrtc; a GPU
+    only when ``arch`` is ``None``. Not part of MLX."""
+    return _native.compile_to_cubin(
+        str(source),
+        str(name_expression),
+        None if arch is None else str(arch),
+        [str(o) for o in options],
+    )
