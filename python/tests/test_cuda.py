@@ -356,3 +356,143 @@ def test_jax_in_and_out():
     np.testing.assert_allclose(
         np.asarray(out), ff.fast.rms_norm(x, None, 1e-5), rtol=2e-5, atol=2e-5
     )
+
+
+# ----- custom kernels -------------------------------------------------------------------
+
+EXP_BODY = """
+    uint elem = blockIdx.x * blockDim.x + threadIdx.x;
+    if (elem < n) {
+        out[elem] = static_cast<T>(exp(static_cast<float>(inp[elem])));
+    }
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_on_torch_tensors(dtype):
+    k = ff.fast.cuda_kernel("myexp", ["inp"], ["out"], EXP_BODY)
+    x = randn(4, 1000, dtype=dtype, seed=90).cuda()
+    (y,) = k(
+        inputs=[x],
+        output_shapes=[x.shape],
+        output_dtypes=[dtype],
+        grid=(4000, 1, 1),
+        threadgroup=(256, 1, 1),
+        template=[("T", dtype), ("n", 4000)],
+    )
+    assert isinstance(y, torch.Tensor) and y.is_cuda and y.dtype == dtype
+    close(y, torch.exp(x.float()).cpu(), dtype)
+    # NumPy in, NumPy out (uploaded for the call, copied back).
+    xn = randn(4, 1000, seed=91).numpy()
+    (yn,) = k(
+        inputs=[xn],
+        output_shapes=[xn.shape],
+        output_dtypes=["float32"],
+        grid=(4000, 1, 1),
+        threadgroup=(256, 1, 1),
+        template=[("T", np.float32), ("n", 4000)],
+    )
+    assert isinstance(yn, np.ndarray)
+    np.testing.assert_allclose(yn, np.exp(xn), rtol=1e-6)
+
+
+def test_cuda_kernel_strided_scalar_and_init_value():
+    src = """
+    uint elem = blockIdx.x * blockDim.x + threadIdx.x;
+    if (elem < a_shape[0] * a_shape[1]) {
+        auto loc = elem_to_loc(elem, a_shape.data(), a_strides.data(), a_ndim);
+        out[elem] = a[loc] * s[0];
+        if (elem == 0) { count[0] += 1.0f; }
+    }
+    """
+    k = ff.fast.cuda_kernel("strided", ["a", "s"], ["out", "count"], src, ensure_row_contiguous=False)
+    base = randn(300, 7, seed=92).cuda()
+    a = base.t()  # [7, 300], read in place through its strides
+    out, count = k(
+        inputs=[a, 2.5],
+        output_shapes=[a.shape, (1,)],
+        output_dtypes=[torch.float32, torch.float32],
+        grid=(2100, 1, 1),
+        threadgroup=(128, 1, 1),
+        init_value=41.0,
+    )
+    close(out, (2.5 * a).cpu(), torch.float32)
+    assert count.item() == 42.0
+
+
+def test_metal_kernel_guide_examples():
+    source = """
+        uint elem = thread_position_in_grid.x;
+        T tmp = inp[elem];
+        out[elem] = metal::exp(tmp);
+    """
+    k = ff.fast.metal_kernel("myexp", ["inp"], ["out"], source)
+    x = randn(4, 16, dtype=torch.float16, seed=93).cuda()
+    (y,) = k(
+        inputs=[x],
+        template=[("T", torch.float32)],
+        grid=(x.numel(), 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[x.shape],
+        output_dtypes=[x.dtype],
+    )
+    close(y, torch.exp(x.float()).cpu(), torch.float16)
+    # Atomic outputs: a sum by atomic adds into an output filled with init_value.
+    total = ff.fast.metal_kernel(
+        "total",
+        ["inp"],
+        ["out"],
+        """
+        uint i = thread_position_in_grid.x;
+        atomic_fetch_add_explicit(&out[0], inp[i], memory_order_relaxed);
+        """,
+        atomic_outputs=True,
+    )
+    v = randn(1000, seed=94).cuda()
+    (s,) = total(
+        inputs=[v], grid=(1000, 1, 1), threadgroup=(128, 1, 1), output_shapes=[(1,)],
+        output_dtypes=[torch.float32], init_value=1.0,
+    )
+    torch.testing.assert_close(s.cpu().double(), 1.0 + v.cpu().double().sum().reshape(1), rtol=1e-5, atol=1e-4)
+
+
+def test_precompiled_cuda_kernel_and_streams():
+    src = (
+        'extern "C" __global__ void scale(const float* x, float* y, float s, int n) {\n'
+        "  int i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+        "  if (i < n) y[i] = s * x[i];\n}\n"
+    )
+    image, symbol = ff.fast.compile_to_cubin(src, "scale")
+    x = randn(5000, seed=95).cuda()
+    s = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s):
+        big = x.repeat(2000, 1) @ torch.ones(5000, 1, device="cuda")  # a long op on s
+        y0 = big[:5000, 0] * 0 + x  # x, produced on s after the long op
+        (y,) = ff.fast.precompiled_cuda_kernel(
+            name=symbol,
+            compiled_source=image,
+            inputs=[y0],
+            output_shapes=[(5000,)],
+            output_dtypes=[torch.float32],
+            scalars=[2.5, 5000],
+            grid=(5000, 1, 1),
+            threadgroup=(256, 1, 1),
+        )
+    s.synchronize()
+    close(y, (2.5 * x).cpu(), torch.float32)
+    # An explicit stream object.
+    (z,) = ff.fast.precompiled_cuda_kernel(
+        name=symbol, compiled_source=image, inputs=[x], output_shapes=[(5000,)],
+        output_dtypes=["float32"], scalars=[-1.0, 5000], grid=(5000, 1, 1),
+        threadgroup=(256, 1, 1), stream=s,
+    )
+    s.synchronize()
+    close(z, (-x).cpu(), torch.float32)
+
+
+def test_kernel_compile_errors_carry_nvrtc_s_log():
+    k = ff.fast.cuda_kernel("broken", ["a"], ["b"], "b[0] = a[0] +;")
+    with pytest.raises(RuntimeError, match="(?i)compile"):
+        k(inputs=[torch.ones(4, device="cuda")], output_shapes=[(4,)], output_dtypes=["float32"],
+          grid=(4, 1, 1), threadgroup=(4, 1, 1))
