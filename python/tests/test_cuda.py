@@ -467,7 +467,7 @@ def test_precompiled_cuda_kernel_and_streams():
     s = torch.cuda.Stream()
     torch.cuda.synchronize()
     with torch.cuda.stream(s):
-        big = x.repeat(2000, 1) @ torch.ones(5000, 1, device="cuda")  # a long op on s
+        big = x.repeat(6000, 1) @ torch.ones(5000, 1, device="cuda")  # [6000, 1], on s
         y0 = big[:5000, 0] * 0 + x  # x, produced on s after the long op
         (y,) = ff.fast.precompiled_cuda_kernel(
             name=symbol,
