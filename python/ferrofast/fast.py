@@ -34,6 +34,8 @@ attention (``scaled_dot_product_attention_with_lse``), cross-entropy's options
 ``compile_to_cubin`` (NVRTC, for ``precompiled_cuda_kernel``).
 """
 
+import sys
+
 import numpy as np
 
 from . import _native
@@ -479,6 +481,41 @@ def _kernel_stream(op, stream):
     )
 
 
+def _torch_stream_order(stream, inputs):
+    """For a kernel told to run on another stream than PyTorch's current one: ``(target,
+    current)`` torch streams to order around the call (the target waits for the inputs'
+    producer, the current stream then waits for the kernel, as ``record_stream`` would have
+    it), or None when there is nothing to order."""
+    torch = sys.modules.get("torch")
+    if stream is None or torch is None:
+        return None
+    cuda_inputs = [x for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda]
+    if not cuda_inputs:
+        return None
+    index = cuda_inputs[0].device.index
+    if getattr(stream, "cuda_stream", None) is not None:
+        target = stream
+    elif str(stream).lower().startswith(("cuda", "gpu")):
+        target = torch.cuda.default_stream(index)
+    else:
+        return None
+    current = torch.cuda.current_stream(index)
+    if target.cuda_stream == current.cuda_stream:
+        return None
+    return target, current
+
+
+def _launch_ordered(stream, inputs, launch):
+    order = _torch_stream_order(stream, inputs)
+    if order is None:
+        return launch()
+    target, current = order
+    target.wait_stream(current)
+    out = launch()
+    current.wait_stream(target)
+    return out
+
+
 def _kernel_inputs(inputs):
     """Arrays as ``Tensor``s, Python scalars as they are; the first array (the type the
     outputs come back as) or None."""
@@ -527,17 +564,21 @@ class _CustomKernel:
     ):
         tensors, like = _kernel_inputs(inputs)
         device, raw = _kernel_stream(self._op, stream)
-        outputs = self._native.call(
-            tensors,
-            [[int(d) for d in s] for s in output_shapes],
-            [_dtype_name(d) for d in output_dtypes],
-            tuple(int(g) for g in grid),
-            tuple(int(t) for t in threadgroup),
-            _template(self._op, template),
-            None if init_value is None else float(init_value),
-            bool(verbose),
-            device,
-            raw,
+        outputs = _launch_ordered(
+            stream,
+            inputs,
+            lambda: self._native.call(
+                tensors,
+                [[int(d) for d in s] for s in output_shapes],
+                [_dtype_name(d) for d in output_dtypes],
+                tuple(int(g) for g in grid),
+                tuple(int(t) for t in threadgroup),
+                _template(self._op, template),
+                None if init_value is None else float(init_value),
+                bool(verbose),
+                device,
+                raw,
+            ),
         )
         return _kernel_outputs(outputs, like)
 
@@ -647,20 +688,24 @@ def precompiled_cuda_kernel(
             )
     tensors, like = _kernel_inputs(inputs)
     device, raw = _kernel_stream("precompiled_cuda_kernel", stream)
-    outputs = _native.precompiled_cuda_kernel(
-        str(name),
-        bytes(compiled_source),
-        tensors,
-        [[int(d) for d in s] for s in output_shapes],
-        [_dtype_name(d) for d in output_dtypes],
-        list(scalars),
-        tuple(int(g) for g in grid),
-        tuple(int(t) for t in threadgroup),
-        int(shared_memory),
-        None if init_value is None else float(init_value),
-        bool(ensure_row_contiguous),
-        device,
-        raw,
+    outputs = _launch_ordered(
+        stream,
+        inputs,
+        lambda: _native.precompiled_cuda_kernel(
+            str(name),
+            bytes(compiled_source),
+            tensors,
+            [[int(d) for d in s] for s in output_shapes],
+            [_dtype_name(d) for d in output_dtypes],
+            list(scalars),
+            tuple(int(g) for g in grid),
+            tuple(int(t) for t in threadgroup),
+            int(shared_memory),
+            None if init_value is None else float(init_value),
+            bool(ensure_row_contiguous),
+            device,
+            raw,
+        ),
     )
     return _kernel_outputs(outputs, like)
 

@@ -496,3 +496,22 @@ def test_kernel_compile_errors_carry_nvrtc_s_log():
     with pytest.raises(RuntimeError, match="(?i)compile"):
         k(inputs=[torch.ones(4, device="cuda")], output_shapes=[(4,)], output_dtypes=["float32"],
           grid=(4, 1, 1), threadgroup=(4, 1, 1))
+
+
+def test_kernel_on_an_explicit_stream_is_ordered_after_the_inputs():
+    k = ff.fast.cuda_kernel(
+        "copy2", ["a"], ["b"],
+        "uint i = blockIdx.x * blockDim.x + threadIdx.x; if (i < n) b[i] = 2.0f * a[i];",
+    )
+    producer, other = torch.cuda.Stream(), torch.cuda.Stream()
+    a = randn(4096, 4096, seed=96).cuda()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(producer):
+        y = (a @ a)[0].contiguous()  # written on `producer` by a long matmul
+        (b,) = k(
+            inputs=[y], output_shapes=[y.shape], output_dtypes=[torch.float32],
+            grid=(4096, 1, 1), threadgroup=(256, 1, 1), template=[("n", 4096)], stream=other,
+        )
+        z = b + 0  # `producer` waited for the kernel on `other`
+    torch.cuda.synchronize()
+    close(z, 2.0 * (a.cpu() @ a.cpu())[0], torch.float32, factor=50)

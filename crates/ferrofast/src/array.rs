@@ -724,6 +724,11 @@ impl Array {
     /// An owner that returns the memory to an allocator ordered on `stream` (PyTorch's
     /// caching allocator for a tensor used on its current stream) meets the second part.
     ///
+    /// ferrofast orders its own work on `stream` after the owner's, by queueing it there. An
+    /// op told to run on another stream `other` (an `_on(other, ...)` form) is not ordered
+    /// after the owner's pending writes: call `other.wait_for(&stream)` first, and
+    /// `stream.wait_for(&other)` before the owner may reuse the memory.
+    ///
     /// # Errors
     /// As [`Array::from_external`] (`address` 0 or unaligned is `Error::InvalidArgument`);
     /// `Error::CudaUnavailable` in a build without the `cuda` feature. On error `owner` is
