@@ -115,7 +115,10 @@ impl CpuData {
 /// Where an array's elements live.
 #[derive(Debug)]
 pub(crate) enum Storage {
-    Cpu(CpuData),
+    /// Host memory; `Recycle::Pool` when ferrofast allocated it (a kernel's output), which
+    /// goes back to the host pool when dropped; `Recycle::Never` for a vector the user
+    /// handed in ([`Array::from_vec`]), which is freed as any `Vec`.
+    Cpu(CpuData, Recycle),
     /// A device buffer, its device and the stream that produced it (only the CUDA back end
     /// makes one).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -155,9 +158,18 @@ impl std::fmt::Debug for ExternalBuffer {
     }
 }
 
+/// Whether a host buffer goes back to the host pool when its last array is dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Recycle {
+    /// Allocated by ferrofast: kept for reuse.
+    Pool,
+    /// Handed in by the user: freed.
+    Never,
+}
+
 impl Drop for Storage {
     fn drop(&mut self) {
-        if let Storage::Cpu(data) = self {
+        if let Storage::Cpu(data, Recycle::Pool) = self {
             host_pool::give(std::mem::replace(data, CpuData::U8(Vec::new())));
         }
     }
@@ -165,13 +177,17 @@ impl Drop for Storage {
 
 /// Host buffers recycled between arrays, as MLX's and PyTorch's allocators do: a fresh
 /// multi-megabyte buffer costs a page fault per 4 KiB on first touch, more than a
-/// memory-bound kernel spends reading and writing it. A dropped array's buffer of at least
-/// [`host_pool::MIN_BYTES`] is kept (up to [`host_pool::MAX_BYTES`] in all) and handed to the
-/// next kernel output of the same dtype and length.
+/// memory-bound kernel spends reading and writing it. A dropped kernel output of at least
+/// [`host_pool::MIN_BYTES`] is kept and handed to the next output of the same dtype and
+/// size class (sizes within a quarter of a power of two share a class; fresh buffers get
+/// their class's capacity, so a slightly larger request reuses them). At most
+/// [`host_pool::MAX_BUFFERS`] buffers and [`host_pool::MAX_BYTES`] bytes are kept; the
+/// oldest go first. Vectors the user hands in ([`Array::from_vec`]) are never kept.
 pub(crate) mod host_pool {
     use super::CpuData;
     use crate::dtype::Element;
     use crate::error::{Error, Result};
+    use std::collections::VecDeque;
     use std::sync::Mutex;
 
     /// Smaller buffers are cheap to allocate and not kept. Buffers from here up are not:
@@ -179,74 +195,140 @@ pub(crate) mod host_pool {
     /// system on free, so an op called in a loop on a few rows would page-fault its whole
     /// output on every call (a 100 KiB layer_norm output measured 3x slower that way).
     pub(crate) const MIN_BYTES: usize = 16 << 10;
-    /// At most this many bytes are kept in all.
-    pub(crate) const MAX_BYTES: usize = 1 << 30;
+    /// At most this many bytes are kept in all (by capacity).
+    pub(crate) const MAX_BYTES: usize = 256 << 20;
+    /// At most this many buffers are kept.
+    pub(crate) const MAX_BUFFERS: usize = 32;
 
     struct Pool {
-        buffers: Vec<CpuData>,
+        /// Oldest first.
+        buffers: VecDeque<CpuData>,
         bytes: usize,
     }
 
     static POOL: Mutex<Pool> = Mutex::new(Pool {
-        buffers: Vec::new(),
+        buffers: VecDeque::new(),
         bytes: 0,
     });
 
-    fn bytes_of(d: &CpuData) -> usize {
-        d.len() * d.dtype().size()
+    fn capacity_of(d: &CpuData) -> usize {
+        with_cpu_data!(d, v => v.capacity())
     }
 
-    /// Keeps `data` for reuse if it is large and the pool has room; drops it otherwise.
+    fn bytes_of(d: &CpuData) -> usize {
+        capacity_of(d).saturating_mul(d.dtype().size())
+    }
+
+    /// The size class of `n` elements: `n` rounded up to a quarter of the power of two
+    /// below it (at most 25% more), the capacity fresh pooled buffers get.
+    pub(crate) fn class(n: usize) -> usize {
+        if n <= 4 {
+            return n;
+        }
+        let step = (1usize << (usize::BITS - 1 - n.leading_zeros())) / 4;
+        n.div_ceil(step).saturating_mul(step)
+    }
+
+    /// Keeps `data` for reuse if it is large enough, evicting the oldest buffers to stay
+    /// within the bounds; drops it if it alone exceeds them.
     pub(crate) fn give(data: CpuData) {
         let bytes = bytes_of(&data);
-        if bytes < MIN_BYTES {
+        if !(MIN_BYTES..=MAX_BYTES).contains(&bytes) {
             return;
         }
-        if let Ok(mut pool) = POOL.lock() {
-            if pool.bytes + bytes <= MAX_BYTES {
+        let evicted: Vec<CpuData> = match POOL.lock() {
+            Ok(mut pool) => {
+                let mut out = Vec::new();
+                while pool.buffers.len() >= MAX_BUFFERS || pool.bytes + bytes > MAX_BYTES {
+                    match pool.buffers.pop_front() {
+                        Some(old) => {
+                            pool.bytes -= bytes_of(&old);
+                            out.push(old);
+                        }
+                        None => break,
+                    }
+                }
                 pool.bytes += bytes;
-                pool.buffers.push(data);
+                pool.buffers.push_back(data);
+                out
             }
-        }
+            Err(_) => return,
+        };
+        // Freed outside the lock.
+        drop(evicted);
     }
 
     /// Frees every kept buffer.
     pub(crate) fn clear() {
-        if let Ok(mut pool) = POOL.lock() {
-            pool.buffers.clear();
-            pool.bytes = 0;
-        }
+        let buffers = match POOL.lock() {
+            Ok(mut pool) => {
+                pool.bytes = 0;
+                std::mem::take(&mut pool.buffers)
+            }
+            Err(_) => return,
+        };
+        drop(buffers);
     }
 
-    /// A buffer of exactly `n` elements whose contents are unspecified (the caller writes
-    /// every element), or `None` when none is pooled.
-    pub(crate) fn take<T: Element>(n: usize) -> Option<Vec<T>> {
+    /// `(buffers, bytes)` kept now.
+    pub(crate) fn stats() -> (usize, usize) {
+        POOL.lock()
+            .map(|p| (p.buffers.len(), p.bytes))
+            .unwrap_or((0, 0))
+    }
+
+    /// A kept buffer of `T` whose capacity is in `n`'s size class and at least `n` (the
+    /// most recently kept first), or `None`.
+    fn take_vec<T: Element>(n: usize) -> Option<Vec<T>> {
+        if n == 0 {
+            return None;
+        }
+        let want = class(n);
         let mut pool = POOL.lock().ok()?;
-        let i = pool
-            .buffers
-            .iter()
-            .rposition(|d| d.dtype() == T::DTYPE && d.len() == n)?;
-        let data = pool.buffers.swap_remove(i);
+        let i = pool.buffers.iter().rposition(|d| {
+            let cap = capacity_of(d);
+            d.dtype() == T::DTYPE && cap >= n && class(cap) == want
+        })?;
+        let data = pool.buffers.remove(i)?;
         pool.bytes -= bytes_of(&data);
         drop(pool);
         let mut data = data;
         T::take_vec(&mut data)
     }
 
-    /// An empty vector with room for exactly `n` elements: a pooled buffer when one of that
-    /// size is kept, else fresh memory, never zeroed (a zeroed allocation is a memset, an
-    /// extra pass on one thread). The caller fills `spare_capacity_mut()[..n]`, then sets
-    /// the length.
+    /// A buffer of exactly `n` elements whose contents are unspecified (the caller writes
+    /// every element), or `None` when none is pooled.
+    pub(crate) fn take<T: Element>(n: usize) -> Option<Vec<T>> {
+        let mut v = take_vec::<T>(n)?;
+        // The kept elements are initialised; any beyond them are made so.
+        v.resize(n, T::from_f64(0.0));
+        Some(v)
+    }
+
+    /// An empty vector with room for at least `n` elements: a pooled buffer of `n`'s size
+    /// class when one is kept, else fresh memory of the class's capacity, never zeroed (a
+    /// zeroed allocation is a memset, an extra pass on one thread). The caller fills
+    /// `spare_capacity_mut()[..n]`, then sets the length.
     ///
     /// # Errors
     /// `Error::OutOfMemory` naming the size when the memory cannot be had.
     pub(crate) fn take_uninit<T: Element>(n: usize) -> Result<Vec<T>> {
-        match take::<T>(n) {
+        match take_vec::<T>(n) {
             Some(mut out) => {
                 out.clear();
                 Ok(out)
             }
-            None => with_capacity::<T>(n),
+            None => with_capacity::<T>(pooled_capacity::<T>(n)),
+        }
+    }
+
+    /// The capacity a fresh buffer of `n` elements of `T` gets: its size class when it is
+    /// large enough to be kept, else `n`.
+    fn pooled_capacity<T>(n: usize) -> usize {
+        if n.saturating_mul(std::mem::size_of::<T>()) >= MIN_BYTES {
+            class(n)
+        } else {
+            n
         }
     }
 
@@ -271,20 +353,21 @@ pub(crate) mod host_pool {
         if let Some(out) = take::<T>(n) {
             return Ok(out);
         }
-        let layout = std::alloc::Layout::array::<T>(n).map_err(|_| out_of_memory::<T>(n))?;
+        let cap = pooled_capacity::<T>(n);
+        let layout = std::alloc::Layout::array::<T>(cap).map_err(|_| out_of_memory::<T>(cap))?;
         if layout.size() == 0 {
             return Ok(Vec::new());
         }
-        check_physical::<T>(n)?;
+        check_physical::<T>(cap)?;
         // SAFETY: the layout's size is not zero (checked above).
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
         if ptr.is_null() {
-            return Err(out_of_memory::<T>(n));
+            return Err(out_of_memory::<T>(cap));
         }
         // SAFETY: `ptr` comes from the global allocator with `T`'s alignment and the size of
-        // `n` elements, so `n` is both the capacity and (all bytes being zero, a valid value
-        // of every `Element` type: 0, 0.0 or `false`) the initialised length.
-        Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+        // `cap` elements, so `cap` is the capacity; all bytes being zero (a valid value of
+        // every `Element` type: 0, 0.0 or `false`), the first `n <= cap` are initialised.
+        Ok(unsafe { Vec::from_raw_parts(ptr, n, cap) })
     }
 
     /// The host's physical memory in bytes (Linux: `MemTotal` of `/proc/meminfo`), read once;
@@ -357,6 +440,26 @@ pub(crate) mod host_pool {
         let mut out = with_capacity::<D>(src.len())?;
         out.extend(src.iter().copied().map(f));
         Ok(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::class;
+
+        #[test]
+        fn size_classes_round_up_by_at_most_a_quarter() {
+            assert_eq!(class(0), 0);
+            assert_eq!(class(3), 3);
+            assert_eq!(class(1000), 1024);
+            assert_eq!(class(1024), 1024);
+            assert_eq!(class(1025), 1280);
+            assert_eq!(class(4096 + 1), 5120);
+            for n in (5..200_000).step_by(37) {
+                let c = class(n);
+                assert!(c >= n && c - n <= n / 4 + 1, "class({n}) = {c}");
+                assert_eq!(class(c), c, "a class is its own class ({n})");
+            }
+        }
     }
 }
 
@@ -474,10 +577,18 @@ pub fn fmt_shape(shape: &[usize]) -> String {
     format!("({})", inner.join(","))
 }
 
-/// Frees the host buffers ferrofast keeps for reuse after arrays are dropped (at most 1 GiB;
-/// see the module docs of the crate). Later ops allocate afresh.
+/// Frees the host buffers ferrofast keeps for reuse after kernel outputs are dropped (at
+/// most 32 buffers and 256 MiB, the oldest evicted first; see [`host_cache_stats`]). Later
+/// ops allocate afresh.
 pub fn clear_host_cache() {
     host_pool::clear();
+}
+
+/// `(buffers, bytes)` the host cache holds now: at most 32 buffers and 256 MiB of capacity.
+/// Kernel outputs of 16 KiB and more go there when dropped, vectors given to
+/// [`Array::from_vec`] never do.
+pub fn host_cache_stats() -> (usize, usize) {
+    host_pool::stats()
 }
 
 /// MLX's `broadcast_shapes`: numpy rules, aligned from the right.
@@ -599,7 +710,7 @@ impl Array {
 
     fn from_storage(storage: Storage, shape: &[usize]) -> Array {
         let dtype = match &storage {
-            Storage::Cpu(d) => d.dtype(),
+            Storage::Cpu(d, _) => d.dtype(),
             Storage::Cuda(b) => b.dtype(),
             Storage::External(e) => e.dtype,
         };
@@ -612,8 +723,18 @@ impl Array {
         }
     }
 
-    /// Wraps host data produced by a kernel; `data.len()` must equal the shape's size.
+    /// Wraps host data produced by a kernel (its buffer goes back to the host pool when
+    /// dropped); `data.len()` must equal the shape's size.
     pub(crate) fn from_cpu_data(data: CpuData, shape: &[usize]) -> Result<Array> {
+        Array::wrap_cpu_data(data, shape, Recycle::Pool)
+    }
+
+    /// A kernel's output vector as a row-major array of `shape` (recycled when dropped).
+    pub(crate) fn from_kernel_vec<T: Element>(data: Vec<T>, shape: &[usize]) -> Result<Array> {
+        Array::wrap_cpu_data(T::wrap(data), shape, Recycle::Pool)
+    }
+
+    fn wrap_cpu_data(data: CpuData, shape: &[usize], recycle: Recycle) -> Result<Array> {
         let size = checked_layout(shape, data.dtype())?;
         if data.len() != size {
             return Err(Error::Shape(format!(
@@ -622,15 +743,17 @@ impl Array {
                 data.len()
             )));
         }
-        Ok(Array::from_storage(Storage::Cpu(data), shape))
+        Ok(Array::from_storage(Storage::Cpu(data, recycle), shape))
     }
 
-    /// Takes ownership of `data` as a row-major array of `shape` on the CPU (no copy).
+    /// Takes ownership of `data` as a row-major array of `shape` on the CPU (no copy). The
+    /// vector is freed when the last array over it is dropped (it never joins the host
+    /// pool of [`clear_host_cache`]).
     ///
     /// # Errors
     /// `Error::Shape` if `data.len()` is not the product of `shape`.
     pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize]) -> Result<Array> {
-        Array::from_cpu_data(T::wrap(data), shape)
+        Array::wrap_cpu_data(T::wrap(data), shape, Recycle::Never)
     }
 
     /// Copies `data` into a row-major array of `shape` on the CPU.
@@ -640,7 +763,7 @@ impl Array {
     pub fn from_slice<T: Element>(data: &[T], shape: &[usize]) -> Result<Array> {
         let mut copy = host_pool::with_capacity::<T>(data.len())?;
         copy.extend_from_slice(data);
-        Array::from_vec(copy, shape)
+        Array::from_kernel_vec(copy, shape)
     }
 
     /// A CPU array over memory ferrofast does not own (a NumPy array's or a PyTorch
@@ -768,7 +891,7 @@ impl Array {
 
     /// A 0-dimensional array holding `value`, on the CPU.
     pub fn scalar<T: Element>(value: T) -> Array {
-        Array::from_storage(Storage::Cpu(T::wrap(vec![value])), &[])
+        Array::from_storage(Storage::Cpu(T::wrap(vec![value]), Recycle::Never), &[])
     }
 
     /// An array of `shape` filled with `value` converted to `dtype` (as a C cast would).
@@ -885,7 +1008,7 @@ impl Array {
     /// Where the data lives.
     pub fn device(&self) -> Device {
         match &*self.storage {
-            Storage::Cpu(_) | Storage::External(_) => Device::Cpu,
+            Storage::Cpu(..) | Storage::External(_) => Device::Cpu,
             Storage::Cuda(b) => Device::Cuda(b.ordinal()),
         }
     }
@@ -931,7 +1054,7 @@ impl Array {
     pub fn host_ptr(&self) -> Option<*const u8> {
         let byte_offset = self.offset.checked_mul(self.dtype.size())?;
         let base: *const u8 = match &*self.storage {
-            Storage::Cpu(data) => with_cpu_data!(data, v => v.as_ptr().cast::<u8>()),
+            Storage::Cpu(data, _) => with_cpu_data!(data, v => v.as_ptr().cast::<u8>()),
             Storage::External(e) => e.ptr.as_ptr().cast_const(),
             Storage::Cuda(_) => return None,
         };
@@ -954,7 +1077,7 @@ impl Array {
     pub fn host_ptr_mut(&mut self) -> Option<*mut u8> {
         let byte_offset = self.offset.checked_mul(self.dtype.size())?;
         match Arc::get_mut(&mut self.storage)? {
-            Storage::Cpu(data) => {
+            Storage::Cpu(data, _) => {
                 let base: *mut u8 = with_cpu_data!(data, v => v.as_mut_ptr().cast::<u8>());
                 Some(base.wrapping_add(byte_offset))
             }
@@ -974,7 +1097,7 @@ impl Array {
             return false;
         }
         match &*self.storage {
-            Storage::Cpu(d) => d.len() == self.size(),
+            Storage::Cpu(d, _) => d.len() == self.size(),
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => b.len() == self.size() && !b.is_borrowed(),
             #[cfg(not(feature = "cuda"))]
@@ -990,7 +1113,7 @@ impl Array {
             return Err(self);
         }
         match Arc::get_mut(&mut self.storage) {
-            Some(Storage::Cpu(d)) => match T::take_vec(d) {
+            Some(Storage::Cpu(d, _)) => match T::take_vec(d) {
                 Some(v) => Ok(v),
                 None => Err(self),
             },
@@ -1001,7 +1124,7 @@ impl Array {
     /// The whole host buffer as `&[T]` (kernels index it with `offset` and `strides`).
     pub(crate) fn cpu_buffer<T: Element>(&self) -> Result<&[T]> {
         match &*self.storage {
-            Storage::Cpu(d) => T::slice(d).ok_or(Error::DTypeMismatch {
+            Storage::Cpu(d, _) => T::slice(d).ok_or(Error::DTypeMismatch {
                 expected: self.dtype,
                 got: T::DTYPE,
             }),
@@ -1028,7 +1151,7 @@ impl Array {
     pub(crate) fn cuda_buffer(&self) -> Option<&crate::cuda::storage::Buffer> {
         match &*self.storage {
             Storage::Cuda(b) => Some(b),
-            Storage::Cpu(_) | Storage::External(_) => None,
+            Storage::Cpu(..) | Storage::External(_) => None,
         }
     }
 
@@ -1225,7 +1348,7 @@ impl Array {
     /// `cuda` feature), `Error::Device` for a missing ordinal, driver errors.
     pub fn to_device(&self, device: &Device) -> Result<Array> {
         match (device, &*self.storage) {
-            (Device::Cpu, Storage::Cpu(_) | Storage::External(_)) => Ok(self.clone()),
+            (Device::Cpu, Storage::Cpu(..) | Storage::External(_)) => Ok(self.clone()),
             (Device::Cpu, Storage::Cuda(_)) => crate::cuda::storage::download(self),
             (Device::Cuda(i), Storage::Cuda(b)) if b.ordinal() == *i => Ok(self.clone()),
             (Device::Cuda(i), _) => {

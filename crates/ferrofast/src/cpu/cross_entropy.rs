@@ -165,11 +165,11 @@ fn targets_i64(t: &Array) -> Result<Vec<i64>> {
 fn reduce(args: &CrossEntropyArgs, targets: &[i64], losses: &[f32]) -> Result<Array> {
     let sum = || losses.iter().map(|&l| f64::from(l)).sum::<f64>();
     match args.opts.reduction {
-        Reduction::None => Array::from_vec(losses.to_vec(), args.targets.shape()),
-        Reduction::Sum => Array::from_vec(vec![sum() as f32], &[]),
+        Reduction::None => Array::from_kernel_vec(losses.to_vec(), args.targets.shape()),
+        Reduction::Sum => Array::from_kernel_vec(vec![sum() as f32], &[]),
         Reduction::Mean => {
             let n = valid_rows(&args.row_params(), targets) as f64;
-            Array::from_vec(vec![(sum() / n) as f32], &[])
+            Array::from_kernel_vec(vec![(sum() / n) as f32], &[])
         }
     }
 }
@@ -325,7 +325,7 @@ fn rows_typed<T: Logit>(
             // SAFETY: `row_f32` wrote every element of each of the `rows` rows of `v`
             // elements, `rows * v = n` elements in all, within the capacity reserved.
             unsafe { g.set_len(n) };
-            Some(Array::from_vec(g, args.logits.shape())?)
+            Some(Array::from_kernel_vec(g, args.logits.shape())?)
         }
         None => None,
     };
@@ -667,7 +667,7 @@ fn rows_f64(
         }
     }
     let grads = grads
-        .map(|g| Array::from_vec(g, args.logits.shape()))
+        .map(|g| Array::from_kernel_vec(g, args.logits.shape()))
         .transpose()?;
     Ok((losses, grads))
 }

@@ -173,11 +173,11 @@ pub(crate) fn run(a: &GatedDeltaArgs) -> Result<(Array, Array)> {
             None => state.fill(0.0),
         }
     }
-    let out = Array::from_vec(outs, &[a.b, a.hv, a.t, a.dv])?
+    let out = Array::from_kernel_vec(outs, &[a.b, a.hv, a.t, a.dv])?
         .transpose(&[0, 2, 1, 3])?
         .astype(a.out_dtype)?
         .contiguous()?;
-    Ok((out, Array::from_vec(state, &a.state_shape())?))
+    Ok((out, Array::from_kernel_vec(state, &a.state_shape())?))
 }
 
 /// Whether the forward runs in chunks ([`chunked`]) rather than step by step.
@@ -371,8 +371,9 @@ pub(crate) fn vjp(args: &GatedDeltaVjpArgs) -> Result<GatedDeltaGrads> {
         }
         ds0.extend_from_slice(&g.ds0);
     }
-    let grad =
-        |data: Vec<f32>, like: &Array| Array::from_vec(data, like.shape())?.astype(like.dtype());
+    let grad = |data: Vec<f32>, like: &Array| {
+        Array::from_kernel_vec(data, like.shape())?.astype(like.dtype())
+    };
     Ok(GatedDeltaGrads {
         dq: grad(dq, &a.q)?,
         dk: grad(dkk, &a.k)?,
@@ -380,7 +381,7 @@ pub(crate) fn vjp(args: &GatedDeltaVjpArgs) -> Result<GatedDeltaGrads> {
         dgamma: grad(dg, &a.gamma)?,
         dbeta: grad(db, &a.beta)?,
         dstate0: match &a.state0 {
-            Some(s) => Some(Array::from_vec(ds0, s.shape())?),
+            Some(s) => Some(Array::from_kernel_vec(ds0, s.shape())?),
             None => None,
         },
     })

@@ -397,7 +397,7 @@ fn rope_typed<T: RopeElem>(a: &Array, plan: &RopeArgs) -> Result<Array> {
     // output row lies in exactly one group piece, and every row of a piece is written in
     // full (rotated features by `rotate_pairs`, the rest by the tail copy).
     unsafe { out.set_len(n) };
-    Array::from_vec(out, a.shape())
+    Array::from_kernel_vec(out, a.shape())
 }
 
 /// Writes `rope(a)` into `out` (row-major, `a.size()` elements) with the kernels compiled for

@@ -1601,11 +1601,11 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array
     let lse_shape = [bn, nq, tq];
     let finish = |out: Vec<T>, lse: Vec<T::A>| -> Result<(Array, Option<Array>)> {
         let lse = if with_lse {
-            Some(Array::from_vec(lse, &lse_shape)?)
+            Some(Array::from_kernel_vec(lse, &lse_shape)?)
         } else {
             None
         };
-        Ok((Array::from_vec(out, &c.out_shape)?, lse))
+        Ok((Array::from_kernel_vec(out, &c.out_shape)?, lse))
     };
     if rows == 0 || (dv == 0 && !with_lse) {
         return finish(out, lse);

@@ -143,7 +143,7 @@ fn run_typed<T: VjpFloat>(args: &NormVjpArgs) -> Result<(Array, Option<Array>, O
     let reduced = |sum: Vec<T::C>, like: &Option<Array>| -> Result<Option<Array>> {
         let Some(like) = like else { return Ok(None) };
         let vals: Vec<T> = host_pool::map(&sum, T::narrow)?;
-        let a = Array::from_vec(vals, &[d])?;
+        let a = Array::from_kernel_vec(vals, &[d])?;
         Ok(Some(if a.dtype() == like.dtype() {
             a
         } else {

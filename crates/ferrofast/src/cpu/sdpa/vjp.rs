@@ -456,13 +456,13 @@ fn run_typed<T: Elem>(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Ar
                     g[h] -= (sinks[h] - l).exp() * dl.to_f64();
                 }
             }
-            Some(Array::from_vec(g, &[nq])?.astype(c.fwd.dtype)?)
+            Some(Array::from_kernel_vec(g, &[nq])?.astype(c.fwd.dtype)?)
         }
     };
     Ok((
-        Array::from_vec(dq, a.q.shape())?,
-        Array::from_vec(dk, a.k.shape())?,
-        Array::from_vec(dvv, a.v.shape())?,
+        Array::from_kernel_vec(dq, a.q.shape())?,
+        Array::from_kernel_vec(dk, a.k.shape())?,
+        Array::from_kernel_vec(dvv, a.v.shape())?,
         dsinks,
     ))
 }

@@ -277,7 +277,7 @@ fn empty_rows_lse(c: &SdpaArgs) -> Result<Array> {
                 .map_or(f32::NEG_INFINITY, |s| s[(row / tq) % nq] as f32)
         })
         .collect();
-    Array::from_vec(values, &[b, nq, tq])
+    Array::from_kernel_vec(values, &[b, nq, tq])
 }
 
 /// The `lse` operand of a forward launch: a `[B, N_q, T_q]` f32 buffer, or none (a null
