@@ -471,7 +471,12 @@ pub(crate) mod host_pool {
 /// [`broadcast_to`](Array::broadcast_to), [`reshape`](Array::reshape) of contiguous data)
 /// share the buffer: cloning an `Array` or taking a view never copies elements.
 /// [`contiguous`](Array::contiguous) copies only when the layout is not row-major already.
-#[derive(Clone, Debug)]
+///
+/// `Display` prints the elements as NumPy does (all of them up to 1000, else the first and
+/// last three along the last two axes and the first and last one along the others) with the
+/// shape, dtype and device; `Debug` adds the strides and offset. A view prints its own
+/// elements; a GPU array copies only the printed ones.
+#[derive(Clone)]
 pub struct Array {
     shape: Vec<usize>,
     strides: Vec<isize>,
@@ -1614,6 +1619,170 @@ fn slice_indices(start: isize, stop: isize, step: isize, n: usize) -> Result<(is
     Ok((s, len as usize))
 }
 
+/// Arrays with more elements than this print only their edges.
+const PRINT_THRESHOLD: usize = 1000;
+/// Elements printed at each end of a summarised axis (of the last two; one of the others).
+const PRINT_EDGE: usize = 3;
+
+/// One element as text: floats with four decimals (`nan`, `inf`, `-inf` spelled out),
+/// integers as they are, bools as `true` / `false`.
+fn element_text(dtype: DType, v: f64) -> String {
+    if dtype == DType::Bool {
+        return (v != 0.0).to_string();
+    }
+    if !dtype.is_floating() {
+        return format!("{v:.0}");
+    }
+    if v.is_nan() {
+        "nan".to_string()
+    } else if v.is_infinite() {
+        if v > 0.0 { "inf" } else { "-inf" }.to_string()
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+impl Array {
+    /// The indices of axis `axis` to print: all, or the first and last [`PRINT_EDGE`]
+    /// (`None` marks the elided middle).
+    fn printed_indices(&self, axis: usize, summarise: bool) -> Vec<Option<usize>> {
+        let d = self.shape[axis];
+        // Three at each end of the last two axes, one of the others: at most 36 * 2^(n-2)
+        // elements whatever the shape.
+        let edge = if axis + 2 >= self.ndim() {
+            PRINT_EDGE
+        } else {
+            1
+        };
+        if !summarise || d <= 2 * edge {
+            return (0..d).map(Some).collect();
+        }
+        let mut out: Vec<Option<usize>> = (0..edge).map(Some).collect();
+        out.push(None);
+        out.extend((d - edge..d).map(Some));
+        out
+    }
+
+    /// The view of this array with axis `axis` narrowed to `[i, i + 1)`.
+    fn narrowed(&self, axis: usize, i: usize) -> Result<Array> {
+        let n = self.ndim();
+        let mut starts = vec![0isize; n];
+        let mut stops: Vec<isize> = self.shape.iter().map(|&d| d as isize).collect();
+        starts[axis] = i as isize;
+        stops[axis] = i as isize + 1;
+        self.slice(&starts, &stops, &vec![1; n])
+    }
+
+    /// Writes the elements of `view` from axis `axis` on (every axis before it narrowed to
+    /// one index) as nested brackets.
+    fn write_elements(
+        &self,
+        view: &Array,
+        axis: usize,
+        summarise: bool,
+        indent: usize,
+        out: &mut String,
+    ) -> Result<()> {
+        let n = view.ndim();
+        out.push('[');
+        if axis + 1 == n {
+            let idx = view.printed_indices(axis, summarise);
+            let mut first = true;
+            // Runs of consecutive printed indices are read with one copy each.
+            let mut k = 0;
+            while k < idx.len() {
+                match idx[k] {
+                    None => {
+                        out.push_str(", ...");
+                        k += 1;
+                    }
+                    Some(start) => {
+                        let mut end = start + 1;
+                        while k + (end - start) < idx.len() && idx[k + (end - start)] == Some(end) {
+                            end += 1;
+                        }
+                        let mut starts = vec![0isize; n];
+                        let mut stops: Vec<isize> =
+                            view.shape.iter().map(|&d| d as isize).collect();
+                        starts[axis] = start as isize;
+                        stops[axis] = end as isize;
+                        let part = view.slice(&starts, &stops, &vec![1; n])?.to_f64_vec()?;
+                        for v in part {
+                            if !first {
+                                out.push_str(", ");
+                            }
+                            first = false;
+                            out.push_str(&element_text(self.dtype, v));
+                        }
+                        k += end - start;
+                    }
+                }
+            }
+        } else {
+            let idx = view.printed_indices(axis, summarise);
+            let newlines = "\n".repeat(n - axis - 1);
+            for (j, i) in idx.iter().enumerate() {
+                if j > 0 {
+                    out.push(',');
+                    out.push_str(&newlines);
+                    out.push_str(&" ".repeat(indent + axis + 1));
+                }
+                match i {
+                    Some(i) => {
+                        let sub = view.narrowed(axis, *i)?;
+                        self.write_elements(&sub, axis + 1, summarise, indent, out)?;
+                    }
+                    None => out.push_str("..."),
+                }
+            }
+        }
+        out.push(']');
+        Ok(())
+    }
+
+    /// `array([...], shape=[...], dtype=..., device=...)`, or the reason the elements
+    /// could not be read.
+    fn summary(&self) -> String {
+        const PREFIX: &str = "array(";
+        let mut body = String::new();
+        let elements = if self.ndim() == 0 {
+            self.to_f64_vec()
+                .map(|v| element_text(self.dtype, v.first().copied().unwrap_or(f64::NAN)))
+        } else if self.size() == 0 {
+            Ok("[]".to_string())
+        } else {
+            let summarise = self.size() > PRINT_THRESHOLD;
+            self.write_elements(self, 0, summarise, PREFIX.len(), &mut body)
+                .map(|()| body)
+        };
+        let elements = elements.unwrap_or_else(|e| format!("<elements not readable: {e}>"));
+        format!(
+            "{PREFIX}{elements}, shape={}, dtype={}, device={})",
+            fmt_shape(&self.shape),
+            self.dtype,
+            self.device()
+        )
+    }
+}
+
+impl std::fmt::Display for Array {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.summary())
+    }
+}
+
+impl std::fmt::Debug for Array {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.summary();
+        let head = s.strip_suffix(')').unwrap_or(&s);
+        write!(
+            f,
+            "{head}, strides={:?}, offset={})",
+            self.strides, self.offset
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1641,5 +1810,58 @@ mod tests {
         let var: f32 = va.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / 1000.0;
         assert!(mean.abs() < 0.15, "mean {mean}");
         assert!((var - 1.0).abs() < 0.2, "var {var}");
+    }
+}
+
+#[cfg(test)]
+mod print_tests {
+    use super::*;
+
+    #[test]
+    fn small_arrays_print_every_element() {
+        let a = Array::from_vec(
+            vec![1.0f32, -2.5, 3.0, f32::NAN, f32::INFINITY, 0.125],
+            &[2, 3],
+        )
+        .unwrap();
+        let text = a.to_string();
+        println!("{text}");
+        assert!(text.starts_with("array([[1.0000, -2.5000, 3.0000],\n       [nan, inf, 0.1250]]"));
+        assert!(text.ends_with("dtype=float32, device=cpu)"), "{text}");
+        // A view prints its own elements.
+        let t = a.transpose(&[1, 0]).unwrap().to_string();
+        assert!(
+            t.starts_with(
+                "array([[1.0000, nan],\n       [-2.5000, inf],\n       [3.0000, 0.1250]]"
+            ),
+            "{t}"
+        );
+        let b = Array::from_vec(vec![true, false], &[2]).unwrap();
+        assert!(b.to_string().starts_with("array([true, false]"));
+        let i = Array::from_vec(vec![-3i32, 7], &[2]).unwrap();
+        assert!(i.to_string().starts_with("array([-3, 7]"));
+        assert!(Array::scalar(2.5f32)
+            .to_string()
+            .starts_with("array(2.5000, shape="));
+        let e = Array::from_vec(Vec::<f32>::new(), &[0, 3]).unwrap();
+        assert!(e.to_string().starts_with("array([], shape="));
+        let d = format!("{a:?}");
+        assert!(d.contains("strides=[3, 1], offset=0)"), "{d}");
+    }
+
+    #[test]
+    fn large_arrays_print_their_edges_only() {
+        let n = 1000 * 2000;
+        let a = Array::from_vec((0..n).map(|v| v as f32).collect(), &[1000, 2000]).unwrap();
+        let text = a.to_string();
+        println!("{text}");
+        assert!(text.len() < 600, "{} characters", text.len());
+        assert!(text.contains("[0.0000, 1.0000, 2.0000, ..., 1997.0000, 1998.0000, 1999.0000]"));
+        assert!(text.contains("..."));
+        assert!(text.contains("1999999.0000]]"), "{text}");
+        let big = Array::from_vec(vec![0.5f32; 4 * 5 * 6 * 7 * 8], &[4, 5, 6, 7, 8]).unwrap();
+        let text = big.to_string();
+        assert!(text.len() < 5_000, "{} characters", text.len());
+        assert!(text.contains("shape=(4,5,6,7,8)"), "{text}");
     }
 }

@@ -574,3 +574,31 @@ fn a_stream_waits_for_another() {
     assert_eq!(b.stream(), Some(s2));
     assert_same(&b, &expected_cast(&host, DType::BF16), "after wait_for");
 }
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
+fn gpu_arrays_print_like_host_arrays() {
+    let Some(gpu) = gpu() else { return };
+    for shape in [&[2usize, 3][..], &[40, 70], &[3, 4, 50, 60]] {
+        let host = sample(shape, DType::BF16, 35);
+        let dev = host.to_device(&gpu).unwrap();
+        let (h, d) = (host.to_string(), dev.to_string());
+        assert_eq!(
+            d.replace(&format!("device={gpu}"), "device=cpu"),
+            h,
+            "{shape:?}"
+        );
+        // A strided GPU view prints its own elements.
+        let t = dev
+            .transpose(&(0..shape.len() as isize).rev().collect::<Vec<_>>())
+            .unwrap();
+        let th = host
+            .transpose(&(0..shape.len() as isize).rev().collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(
+            t.to_string()
+                .replace(&format!("device={gpu}"), "device=cpu"),
+            th.to_string()
+        );
+    }
+}
