@@ -530,10 +530,32 @@ def _kernel_inputs(inputs):
     return out, like
 
 
+def _launch_args(output_shapes, output_dtypes, grid, threadgroup, init_value):
+    """The launch arguments every kernel call shares, as the extension takes them."""
+    return (
+        [[int(d) for d in s] for s in output_shapes],
+        [_dtype_name(d) for d in output_dtypes],
+        tuple(int(g) for g in grid),
+        tuple(int(t) for t in threadgroup),
+        None if init_value is None else float(init_value),
+    )
+
+
 def _kernel_outputs(outputs, like):
     if like is None:
         return list(outputs)
     return [from_tensor(t, like) for t in outputs]
+
+
+def _kernel_text(name, input_names, output_names, source, header):
+    """The factory arguments both source kernels share, as strings."""
+    return (
+        str(name),
+        [str(n) for n in input_names],
+        [str(n) for n in output_names],
+        str(source),
+        str(header),
+    )
 
 
 class _CustomKernel:
@@ -564,22 +586,12 @@ class _CustomKernel:
     ):
         tensors, like = _kernel_inputs(inputs)
         device, raw = _kernel_stream(self._op, stream)
-        outputs = _launch_ordered(
-            stream,
-            inputs,
-            lambda: self._native.call(
-                tensors,
-                [[int(d) for d in s] for s in output_shapes],
-                [_dtype_name(d) for d in output_dtypes],
-                tuple(int(g) for g in grid),
-                tuple(int(t) for t in threadgroup),
-                _template(self._op, template),
-                None if init_value is None else float(init_value),
-                bool(verbose),
-                device,
-                raw,
-            ),
+        shapes, dtypes, grid, threadgroup, init = _launch_args(
+            output_shapes, output_dtypes, grid, threadgroup, init_value
         )
+        args = (tensors, shapes, dtypes, grid, threadgroup, _template(self._op, template), init,
+                bool(verbose), device, raw)
+        outputs = _launch_ordered(stream, inputs, lambda: self._native.call(args))
         return _kernel_outputs(outputs, like)
 
     def __repr__(self):
@@ -603,18 +615,9 @@ def cuda_kernel(
     kernel needs no GPU; calling it runs on one (CPU inputs are uploaded; NumPy callers get
     NumPy outputs back). The kernel must read and write only inside its arrays' elements:
     ferrofast cannot check what user code does with its pointers."""
-    return _CustomKernel(
-        _native.cuda_kernel(
-            str(name),
-            [str(n) for n in input_names],
-            [str(n) for n in output_names],
-            str(source),
-            str(header),
-            bool(ensure_row_contiguous),
-            int(shared_memory),
-        ),
-        "cuda_kernel",
-    )
+    common = _kernel_text(name, input_names, output_names, source, header)
+    native = _native.cuda_kernel(*common, bool(ensure_row_contiguous), int(shared_memory))
+    return _CustomKernel(native, "cuda_kernel")
 
 
 def metal_kernel(
@@ -645,19 +648,11 @@ def metal_kernel(
             raise ValueError(
                 "[metal_kernel] Expected math_mode to be 'safe', 'relaxed', or 'fast'."
             )
-    return _CustomKernel(
-        _native.metal_kernel(
-            str(name),
-            [str(n) for n in input_names],
-            [str(n) for n in output_names],
-            str(source),
-            str(header),
-            bool(ensure_row_contiguous),
-            bool(atomic_outputs),
-            mode,
-        ),
-        "metal_kernel",
+    common = _kernel_text(name, input_names, output_names, source, header)
+    native = _native.metal_kernel(
+        *common, bool(ensure_row_contiguous), bool(atomic_outputs), mode
     )
+    return _CustomKernel(native, "metal_kernel")
 
 
 def precompiled_cuda_kernel(
@@ -688,23 +683,15 @@ def precompiled_cuda_kernel(
             )
     tensors, like = _kernel_inputs(inputs)
     device, raw = _kernel_stream("precompiled_cuda_kernel", stream)
+    shapes, dtypes, grid, threadgroup, init = _launch_args(
+        output_shapes, output_dtypes, grid, threadgroup, init_value
+    )
     outputs = _launch_ordered(
         stream,
         inputs,
         lambda: _native.precompiled_cuda_kernel(
-            str(name),
-            bytes(compiled_source),
-            tensors,
-            [[int(d) for d in s] for s in output_shapes],
-            [_dtype_name(d) for d in output_dtypes],
-            list(scalars),
-            tuple(int(g) for g in grid),
-            tuple(int(t) for t in threadgroup),
-            int(shared_memory),
-            None if init_value is None else float(init_value),
-            bool(ensure_row_contiguous),
-            device,
-            raw,
+            str(name), bytes(compiled_source), tensors, shapes, dtypes, list(scalars), grid,
+            threadgroup, int(shared_memory), init, bool(ensure_row_contiguous), device, raw,
         ),
     )
     return _kernel_outputs(outputs, like)

@@ -183,16 +183,16 @@ fn wrap_all(v: Vec<Array>) -> Vec<Tensor> {
     v.into_iter().map(Tensor::new).collect()
 }
 
-/// A kernel built by `cuda_kernel(...)`: MLX's CUDA custom kernel.
+/// A kernel built by `cuda_kernel(...)` (MLX's CUDA custom kernel) or `metal_kernel(...)`
+/// (a Metal kernel body run on CUDA).
 #[pyclass(module = "ferrofast._native", frozen)]
-pub struct CudaKernelObject {
-    kernel: CudaKernel,
+pub struct KernelObject {
+    kernel: Kernel,
 }
 
-/// A kernel built by `metal_kernel(...)`: a Metal kernel body run on CUDA.
-#[pyclass(module = "ferrofast._native", frozen)]
-pub struct MetalKernelObject {
-    kernel: MetalKernel,
+enum Kernel {
+    Cuda(CudaKernel),
+    Metal(MetalKernel),
 }
 
 /// `cuda_kernel(name, input_names, output_names, source, header, ensure_row_contiguous,
@@ -207,7 +207,7 @@ pub fn cuda_kernel(
     header: &str,
     ensure_row_contiguous: bool,
     shared_memory: usize,
-) -> PyResult<CudaKernelObject> {
+) -> PyResult<KernelObject> {
     let ins: Vec<&str> = input_names.iter().map(String::as_str).collect();
     let outs: Vec<&str> = output_names.iter().map(String::as_str).collect();
     CudaKernel::new(
@@ -219,7 +219,9 @@ pub fn cuda_kernel(
         ensure_row_contiguous,
         shared_memory,
     )
-    .map(|kernel| CudaKernelObject { kernel })
+    .map(|k| KernelObject {
+        kernel: Kernel::Cuda(k),
+    })
     .map_err(to_py)
 }
 
@@ -237,7 +239,7 @@ pub fn metal_kernel(
     ensure_row_contiguous: bool,
     atomic_outputs: bool,
     math_mode: &str,
-) -> PyResult<MetalKernelObject> {
+) -> PyResult<KernelObject> {
     let mode = MathMode::from_compile_options(&[("math_mode", math_mode)]).map_err(to_py)?;
     let ins: Vec<&str> = input_names.iter().map(String::as_str).collect();
     let outs: Vec<&str> = output_names.iter().map(String::as_str).collect();
@@ -251,109 +253,112 @@ pub fn metal_kernel(
         atomic_outputs,
         mode,
     )
-    .map(|kernel| MetalKernelObject { kernel })
+    .map(|k| KernelObject {
+        kernel: Kernel::Metal(k),
+    })
     .map_err(to_py)
 }
 
-#[pymethods]
-impl CudaKernelObject {
-    /// `call(inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value,
-    /// verbose, device, stream) -> list[Tensor]`.
-    #[pyo3(signature = (inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value, verbose, device, stream))]
-    #[allow(clippy::too_many_arguments)]
-    fn call(
-        &self,
-        py: Python<'_>,
-        inputs: Vec<Bound<'_, PyAny>>,
-        output_shapes: Vec<Vec<usize>>,
-        output_dtypes: Vec<String>,
-        grid: (usize, usize, usize),
-        threadgroup: (usize, usize, usize),
-        template: Vec<(String, Bound<'_, PyAny>)>,
-        init_value: Option<f64>,
-        verbose: bool,
-        device: Option<i64>,
-        stream: Option<usize>,
-    ) -> PyResult<Vec<Tensor>> {
-        const OP: &str = "custom_kernel";
-        let inputs = inputs_of(OP, &inputs)?;
-        let call = build_call(
-            OP,
-            &inputs,
-            output_shapes,
-            output_dtypes,
-            grid,
-            threadgroup,
-            template,
-            init_value,
-            (device, stream),
-        )?;
-        if verbose {
-            let g = self.kernel.generate(&call).map_err(to_py)?;
-            write_stdout(py, &g.verbose_text())?;
-        }
-        // SAFETY: MLX's contract for custom kernels, which `ferrofast.fast.cuda_kernel`
-        // states: the kernel reads and writes only inside its arrays' elements.
-        py.detach(|| unsafe { self.kernel.call(&call) })
-            .map(wrap_all)
-            .map_err(to_py)
-    }
+/// A kernel call's arguments as `fast.py` passes them, one tuple: `(inputs,
+/// output_shapes, output_dtypes, grid, threadgroup, template, init_value, verbose, device,
+/// stream)`.
+type CallArgs<'py> = (
+    Vec<Bound<'py, PyAny>>,
+    Vec<Vec<usize>>,
+    Vec<String>,
+    (usize, usize, usize),
+    (usize, usize, usize),
+    Vec<(String, Bound<'py, PyAny>)>,
+    Option<f64>,
+    bool,
+    Option<i64>,
+    Option<usize>,
+);
 
-    /// The kernel's name as given.
-    #[getter]
-    fn name(&self) -> &str {
-        self.kernel.name()
+/// What the two source-kernel objects share: the text `verbose` prints, and the launch.
+trait SourceKernel: Sync {
+    /// The op name of its messages.
+    const OP: &'static str;
+    /// MLX's `verbose` text for `call`.
+    fn verbose_text(&self, call: &KernelCall) -> ferrofast::Result<String>;
+    /// Compiles (cached) and launches.
+    ///
+    /// # Safety
+    /// MLX's custom-kernel contract: the kernel reads and writes only inside its arrays'
+    /// elements.
+    unsafe fn launch(&self, call: &KernelCall) -> ferrofast::Result<Vec<Array>>;
+}
+
+impl SourceKernel for CudaKernel {
+    const OP: &'static str = "custom_kernel";
+    fn verbose_text(&self, call: &KernelCall) -> ferrofast::Result<String> {
+        Ok(self.generate(call)?.verbose_text())
+    }
+    unsafe fn launch(&self, call: &KernelCall) -> ferrofast::Result<Vec<Array>> {
+        // SAFETY: this function's own contract, passed on.
+        unsafe { self.call(call) }
     }
 }
 
+impl SourceKernel for MetalKernel {
+    const OP: &'static str = "metal_kernel";
+    fn verbose_text(&self, call: &KernelCall) -> ferrofast::Result<String> {
+        Ok(self.generate(call)?.verbose_text(self.name()))
+    }
+    unsafe fn launch(&self, call: &KernelCall) -> ferrofast::Result<Vec<Array>> {
+        // SAFETY: this function's own contract, passed on.
+        unsafe { self.call(call) }
+    }
+}
+
+/// Builds the call, prints the source when asked, launches without the GIL.
+fn call_source_kernel<K: SourceKernel>(
+    py: Python<'_>,
+    kernel: &K,
+    args: CallArgs<'_>,
+) -> PyResult<Vec<Tensor>> {
+    let (inputs, shapes, dtypes, grid, threadgroup, template, init, verbose, device, stream) = args;
+    let inputs = inputs_of(K::OP, &inputs)?;
+    let call = build_call(
+        K::OP,
+        &inputs,
+        shapes,
+        dtypes,
+        grid,
+        threadgroup,
+        template,
+        init,
+        (device, stream),
+    )?;
+    if verbose {
+        let text = kernel.verbose_text(&call).map_err(to_py)?;
+        write_stdout(py, &text)?;
+    }
+    // SAFETY: MLX's contract for custom kernels, which `ferrofast.fast.cuda_kernel` and
+    // `metal_kernel` state: the kernel reads and writes only inside its arrays' elements.
+    py.detach(|| unsafe { kernel.launch(&call) })
+        .map(wrap_all)
+        .map_err(to_py)
+}
+
 #[pymethods]
-impl MetalKernelObject {
-    /// `call(inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value,
-    /// verbose, device, stream) -> list[Tensor]`.
-    #[pyo3(signature = (inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value, verbose, device, stream))]
-    #[allow(clippy::too_many_arguments)]
-    fn call(
-        &self,
-        py: Python<'_>,
-        inputs: Vec<Bound<'_, PyAny>>,
-        output_shapes: Vec<Vec<usize>>,
-        output_dtypes: Vec<String>,
-        grid: (usize, usize, usize),
-        threadgroup: (usize, usize, usize),
-        template: Vec<(String, Bound<'_, PyAny>)>,
-        init_value: Option<f64>,
-        verbose: bool,
-        device: Option<i64>,
-        stream: Option<usize>,
-    ) -> PyResult<Vec<Tensor>> {
-        const OP: &str = "metal_kernel";
-        let inputs = inputs_of(OP, &inputs)?;
-        let call = build_call(
-            OP,
-            &inputs,
-            output_shapes,
-            output_dtypes,
-            grid,
-            threadgroup,
-            template,
-            init_value,
-            (device, stream),
-        )?;
-        if verbose {
-            let g = self.kernel.generate(&call).map_err(to_py)?;
-            write_stdout(py, &g.verbose_text(self.kernel.name()))?;
+impl KernelObject {
+    /// `call((inputs, output_shapes, output_dtypes, grid, threadgroup, template,
+    /// init_value, verbose, device, stream)) -> list[Tensor]`.
+    fn call(&self, py: Python<'_>, args: CallArgs<'_>) -> PyResult<Vec<Tensor>> {
+        match &self.kernel {
+            Kernel::Cuda(k) => call_source_kernel(py, k, args),
+            Kernel::Metal(k) => call_source_kernel(py, k, args),
         }
-        // SAFETY: as for `CudaKernelObject::call`: MLX's custom-kernel contract, stated by
-        // `ferrofast.fast.metal_kernel`.
-        py.detach(|| unsafe { self.kernel.call(&call) })
-            .map(wrap_all)
-            .map_err(to_py)
     }
 
     /// The kernel's name as given.
     #[getter]
     fn name(&self) -> &str {
-        self.kernel.name()
+        match &self.kernel {
+            Kernel::Cuda(k) => k.name(),
+            Kernel::Metal(k) => k.name(),
+        }
     }
 }
 

@@ -22,8 +22,7 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<dlpack::Tensor>()?;
     m.add_function(wrap_pyfunction!(dlpack::from_dlpack, m)?)?;
-    m.add_class::<kernels::CudaKernelObject>()?;
-    m.add_class::<kernels::MetalKernelObject>()?;
+    m.add_class::<kernels::KernelObject>()?;
     m.add_function(wrap_pyfunction!(kernels::cuda_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::metal_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::precompiled_cuda_kernel, m)?)?;

@@ -299,23 +299,9 @@ def test_autograd_matches_pytorch_on_cuda(dtype):
 
 
 def test_small_model_trains_like_pytorch_on_cuda():
-    from test_torch import Block
+    from test_torch import train_both_ways
 
-    g = torch.Generator().manual_seed(30)
-    tokens = torch.randint(0, 50, (4, 12), generator=g).cuda()
-    targets = torch.roll(tokens, -1, dims=1)
-    losses = {}
-    for fast in (True, False):
-        model = Block().cuda()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        run = []
-        for _ in range(15):
-            opt.zero_grad()
-            loss = model(tokens, targets, fast)
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-        losses[fast] = np.array(run)
+    losses = train_both_ways("cuda")
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3, atol=1e-3)
     assert losses[True][-1] < 0.7 * losses[True][0]
 

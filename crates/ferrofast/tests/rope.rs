@@ -1541,35 +1541,16 @@ mod cuda_only {
                     "{what}"
                 );
             }
-            // Checked as before: rank, size and dtype errors with MLX's texts.
-            let bad = Array::from_slice(&[1i32, 2], &[2])
-                .unwrap()
-                .to_device(&gpu)
-                .unwrap();
-            let r = fast::rope(
-                &x,
-                64,
-                false,
-                Some(10000.0),
-                1.0,
-                RopeOffset::Array(&bad),
-                None,
-            );
-            assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
-            let bad = Array::from_slice(&[1.0f32], &[1])
-                .unwrap()
-                .to_device(&gpu)
-                .unwrap();
-            let r = fast::rope(
-                &x,
-                64,
-                false,
-                Some(10000.0),
-                1.0,
-                RopeOffset::Array(&bad),
-                None,
-            );
-            assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+            // Checked as before: size and dtype errors with MLX's texts.
+            for bad in [
+                Array::from_slice(&[1i32, 2], &[2]).unwrap(),
+                Array::from_slice(&[1.0f32], &[1]).unwrap(),
+            ] {
+                let bad = bad.to_device(&gpu).unwrap();
+                let offset = RopeOffset::Array(&bad);
+                let r = fast::rope(&x, 64, false, Some(10000.0), 1.0, offset, None);
+                assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+            }
         }
     }
 
