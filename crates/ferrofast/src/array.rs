@@ -1263,6 +1263,27 @@ impl Array {
         Ok(out)
     }
 
+    /// The elements as a vector in row-major order, consuming the array: the buffer itself,
+    /// without a copy, when this array is the only handle on its whole row-major host buffer
+    /// (an op's output, or the vector given to [`Array::from_vec`]); a copy as
+    /// [`to_vec`](Array::to_vec) makes otherwise (views, shared buffers, external memory,
+    /// GPU arrays).
+    ///
+    /// # Errors
+    /// As [`to_vec`](Array::to_vec).
+    pub fn into_vec<T: Element>(self) -> Result<Vec<T>> {
+        if self.dtype != T::DTYPE {
+            return Err(Error::DTypeMismatch {
+                expected: self.dtype,
+                got: T::DTYPE,
+            });
+        }
+        match self.into_host_vec::<T>() {
+            Ok(v) => Ok(v),
+            Err(a) => a.to_vec(),
+        }
+    }
+
     /// The elements converted to f64, in row-major order (any dtype).
     ///
     /// # Errors

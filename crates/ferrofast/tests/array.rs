@@ -214,3 +214,48 @@ fn cuda_without_a_device_is_an_error_not_a_panic() {
     assert!(a.to_device(&Device::Cuda(0)).is_err());
     assert!(Array::zeros(&[2], DType::F32, &Device::Cuda(0)).is_err());
 }
+
+#[test]
+fn into_vec_takes_the_buffer_when_it_can_and_copies_otherwise() {
+    use ferrofast::fast;
+    let v: Vec<f32> = (0..4096).map(|i| i as f32 * 0.5 - 7.0).collect();
+    let owned = v.clone();
+    let ptr = owned.as_ptr();
+    let a = Array::from_vec(owned, &[64, 64]).unwrap();
+    let back = a.into_vec::<f32>().unwrap();
+    assert_eq!(
+        back.as_ptr(),
+        ptr,
+        "from_vec's vector comes back without a copy"
+    );
+    assert_eq!(back, v);
+
+    // An op's output: its own buffer.
+    let x = Array::from_vec(v.clone(), &[64, 64]).unwrap();
+    let y = fast::rms_norm(&x, None, 1e-5).unwrap();
+    let y_ptr = y.host_ptr();
+    let want = y.to_vec::<f32>().unwrap();
+    let got = y.into_vec::<f32>().unwrap();
+    assert_eq!(Some(got.as_ptr().cast::<u8>()), y_ptr);
+    assert_eq!(got, want);
+
+    // A view, or a buffer another array shares: a copy of the view's own elements.
+    let t = x.transpose(&[1, 0]).unwrap();
+    let tv = t.clone().into_vec::<f32>().unwrap();
+    assert_eq!(tv, t.to_vec::<f32>().unwrap());
+    assert_eq!(tv[1], v[64]);
+    let shared = x.clone();
+    let sv = shared.into_vec::<f32>().unwrap();
+    assert_eq!(sv, v);
+    assert_eq!(
+        x.to_vec::<f32>().unwrap(),
+        v,
+        "the other handle is untouched"
+    );
+
+    // The wrong element type is an error.
+    assert!(matches!(
+        x.into_vec::<f64>(),
+        Err(ferrofast::Error::DTypeMismatch { .. })
+    ));
+}
