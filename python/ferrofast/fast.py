@@ -78,6 +78,20 @@ def _device_kind(x):
     return "cpu"
 
 
+def _named_device(stream):
+    """The device a ``stream=`` value names: -1 for the CPU (``"cpu"``, MLX's
+    ``Device(cpu, 0)``), N for ``"gpu"``, ``"cuda"``, ``"cuda:N"``, ``torch.device``
+    (0 without an index); None when it names no device."""
+    name = str(stream).lower()
+    if name in ("cpu", "device(cpu, 0)"):
+        return -1
+    for prefix in ("cuda", "gpu", "device(gpu"):
+        if name.startswith(prefix):
+            rest = name[len(prefix):].strip(":, )")
+            return int(rest) if rest.isdigit() else 0
+    return None
+
+
 def _check_stream(op, stream, first):
     """MLX's ``stream=``: ``None`` runs where the inputs live; a device (``"cpu"``,
     ``"gpu"``, ``"cuda"``, ``"cuda:N"``, ``torch.device``, ...) must be where they live
@@ -86,16 +100,13 @@ def _check_stream(op, stream, first):
     another with ``with torch.cuda.stream(s):``)."""
     if stream is None:
         return
-    name = str(stream).lower()
-    if name in ("cpu", "device(cpu, 0)"):
-        want = "cpu"
-    elif name.startswith(("gpu", "cuda", "device(gpu")):
-        want = "cuda"
-    else:
+    device = _named_device(stream)
+    if device is None:
         raise ValueError(
             f"[{op}] stream must be None or a device ('cpu', 'gpu', 'cuda:N'): ferrofast "
             f"runs where its inputs live; got {stream!r}."
         )
+    want = "cpu" if device == -1 else "cuda"
     have = _device_kind(first)
     if want != have:
         raise ValueError(
@@ -468,13 +479,9 @@ def _kernel_stream(op, stream):
     ptr = getattr(stream, "ptr", None)
     if ptr is not None and hasattr(stream, "device_id"):  # cupy.cuda.Stream
         return int(stream.device_id), int(ptr)
-    name = str(stream).lower()
-    if name in ("cpu", "device(cpu, 0)"):
-        return -1, None
-    for prefix in ("cuda", "gpu"):
-        if name.startswith(prefix):
-            rest = name[len(prefix):].lstrip(":")
-            return (int(rest) if rest.isdigit() else 0), None
+    device = _named_device(stream)
+    if device is not None:
+        return device, None
     raise ValueError(
         f"[{op}] stream must be None, a device ('gpu', 'cuda:N') or a CUDA stream object; "
         f"got {stream!r}."
@@ -493,10 +500,11 @@ def _torch_stream_order(stream, inputs):
     if not cuda_inputs:
         return None
     index = cuda_inputs[0].device.index
+    device = _named_device(stream)
     if getattr(stream, "cuda_stream", None) is not None:
         target = stream
-    elif str(stream).lower().startswith(("cuda", "gpu")):
-        target = torch.cuda.default_stream(index)
+    elif device is not None and device >= 0:
+        target = torch.cuda.default_stream(device)
     else:
         return None
     current = torch.cuda.current_stream(index)

@@ -20,24 +20,26 @@ use pyo3::types::{PyBool, PyFloat, PyInt, PyString};
 use crate::dlpack::Tensor;
 use crate::errors::to_py;
 
-/// MLX's dtype name (`"float32"`, `"bfloat16"`, ...) as a [`DType`].
+/// MLX's dtype name (`"float32"`, `"bfloat16"`, ...) as a [`DType`] (the names of
+/// [`DType::name`]).
 fn dtype_named(op: &str, name: &str) -> PyResult<DType> {
-    Ok(match name {
-        "bool" => DType::Bool,
-        "uint8" => DType::U8,
-        "uint32" => DType::U32,
-        "int32" => DType::I32,
-        "int64" => DType::I64,
-        "float16" => DType::F16,
-        "bfloat16" => DType::BF16,
-        "float32" => DType::F32,
-        "float64" => DType::F64,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "[{op}] ferrofast has no dtype `{other}` (bool, uint8, uint32, int32, int64, \
-                 float16, bfloat16, float32, float64)."
-            )))
-        }
+    DType::ALL
+        .into_iter()
+        .find(|d| d.name() == name)
+        .ok_or_else(|| {
+            let known: Vec<&str> = DType::ALL.iter().map(|d| d.name()).collect();
+            PyValueError::new_err(format!(
+                "[{op}] ferrofast has no dtype `{name}` ({}).",
+                known.join(", ")
+            ))
+        })
+}
+
+/// A Python `int` as the C++ `int` it becomes (`what` names it in the error).
+fn int32_of(op: &str, item: &Bound<'_, PyAny>, what: &str) -> PyResult<i32> {
+    let v: i64 = item.extract()?;
+    i32::try_from(v).map_err(|_| {
+        PyValueError::new_err(format!("[{op}] the {what} {v} does not fit a 32-bit int."))
     })
 }
 
@@ -58,13 +60,7 @@ impl Input {
             return Ok(Input::Bool(item.extract()?));
         }
         if item.is_instance_of::<PyInt>() {
-            let v: i64 = item.extract()?;
-            let v = i32::try_from(v).map_err(|_| {
-                PyValueError::new_err(format!(
-                    "[{op}] the integer input {v} does not fit the int32 it becomes."
-                ))
-            })?;
-            return Ok(Input::Int(v));
+            return Ok(Input::Int(int32_of(op, item, "integer input")?));
         }
         if item.is_instance_of::<PyFloat>() {
             let v: f64 = item.extract()?;
@@ -92,13 +88,7 @@ fn template_value(op: &str, value: &Bound<'_, PyAny>) -> PyResult<TemplateArg> {
         return Ok(TemplateArg::Bool(value.extract()?));
     }
     if value.is_instance_of::<PyInt>() {
-        let v: i64 = value.extract()?;
-        let v = i32::try_from(v).map_err(|_| {
-            PyValueError::new_err(format!(
-                "[{op}] the template value {v} does not fit a C++ int."
-            ))
-        })?;
-        return Ok(TemplateArg::Int(v));
+        return Ok(TemplateArg::Int(int32_of(op, value, "template value")?));
     }
     if value.is_instance_of::<PyString>() {
         let name: String = value.extract()?;

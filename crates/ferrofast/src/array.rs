@@ -1684,26 +1684,26 @@ impl Array {
         out
     }
 
-    /// The view of this array with axis `axis` narrowed to `[i, i + 1)`.
-    fn narrowed(&self, axis: usize, i: usize) -> Result<Array> {
+    /// The view of this array with axis `axis` narrowed to `[start, end)`.
+    fn narrowed(&self, axis: usize, start: usize, end: usize) -> Result<Array> {
         let n = self.ndim();
         let mut starts = vec![0isize; n];
         let mut stops: Vec<isize> = self.shape.iter().map(|&d| d as isize).collect();
-        starts[axis] = i as isize;
-        stops[axis] = i as isize + 1;
+        starts[axis] = start as isize;
+        stops[axis] = end as isize;
         self.slice(&starts, &stops, &vec![1; n])
     }
 
-    /// Writes the elements of `view` from axis `axis` on (every axis before it narrowed to
-    /// one index) as nested brackets.
+    /// Writes the elements of this view from axis `axis` on (every axis before it narrowed
+    /// to one index) as nested brackets.
     fn write_elements(
         &self,
-        view: &Array,
         axis: usize,
         summarise: bool,
         indent: usize,
         out: &mut String,
     ) -> Result<()> {
+        let view = self;
         let n = view.ndim();
         out.push('[');
         if axis + 1 == n {
@@ -1722,12 +1722,7 @@ impl Array {
                         while k + (end - start) < idx.len() && idx[k + (end - start)] == Some(end) {
                             end += 1;
                         }
-                        let mut starts = vec![0isize; n];
-                        let mut stops: Vec<isize> =
-                            view.shape.iter().map(|&d| d as isize).collect();
-                        starts[axis] = start as isize;
-                        stops[axis] = end as isize;
-                        let part = view.slice(&starts, &stops, &vec![1; n])?.to_f64_vec()?;
+                        let part = view.narrowed(axis, start, end)?.to_f64_vec()?;
                         for v in part {
                             if !first {
                                 out.push_str(", ");
@@ -1750,8 +1745,8 @@ impl Array {
                 }
                 match i {
                     Some(i) => {
-                        let sub = view.narrowed(axis, *i)?;
-                        self.write_elements(&sub, axis + 1, summarise, indent, out)?;
+                        let sub = view.narrowed(axis, *i, *i + 1)?;
+                        sub.write_elements(axis + 1, summarise, indent, out)?;
                     }
                     None => out.push_str("..."),
                 }
@@ -1773,7 +1768,7 @@ impl Array {
             Ok("[]".to_string())
         } else {
             let summarise = self.size() > PRINT_THRESHOLD;
-            self.write_elements(self, 0, summarise, PREFIX.len(), &mut body)
+            self.write_elements(0, summarise, PREFIX.len(), &mut body)
                 .map(|()| body)
         };
         let elements = elements.unwrap_or_else(|e| format!("<elements not readable: {e}>"));

@@ -1461,59 +1461,20 @@ mod cuda_only {
                 Array::from_slice(&[250u8, 0, 9], &[3]).unwrap(),
                 Array::from_slice(&[6u8], &[]).unwrap(),
             ];
+            let bits = |a: Array| a.to_vec::<ferrofast::bf16>().unwrap();
+            let fwd = |o: &Array| {
+                let offset = RopeOffset::Array(o);
+                bits(fast::rope(&x, 48, false, Some(10000.0), 1.0, offset, None).unwrap())
+            };
+            let bwd = |o: &Array| {
+                let offset = RopeOffset::Array(o);
+                bits(fast::rope_vjp(&x, 64, true, Some(500.0), 0.5, offset, None).unwrap())
+            };
             for host in &offsets {
                 let what = format!("{} offsets {:?}", host.dtype(), host.shape());
                 let dev = host.to_stream(&other).unwrap();
-                let want = fast::rope(
-                    &x,
-                    48,
-                    false,
-                    Some(10000.0),
-                    1.0,
-                    RopeOffset::Array(host),
-                    None,
-                )
-                .unwrap();
-                let got = fast::rope(
-                    &x,
-                    48,
-                    false,
-                    Some(10000.0),
-                    1.0,
-                    RopeOffset::Array(&dev),
-                    None,
-                )
-                .unwrap();
-                assert_eq!(
-                    got.to_vec::<ferrofast::bf16>().unwrap(),
-                    want.to_vec::<ferrofast::bf16>().unwrap(),
-                    "{what}: forward"
-                );
-                let want = fast::rope_vjp(
-                    &x,
-                    64,
-                    true,
-                    Some(500.0),
-                    0.5,
-                    RopeOffset::Array(host),
-                    None,
-                )
-                .unwrap();
-                let got = fast::rope_vjp(
-                    &x,
-                    64,
-                    true,
-                    Some(500.0),
-                    0.5,
-                    RopeOffset::Array(&dev),
-                    None,
-                )
-                .unwrap();
-                assert_eq!(
-                    got.to_vec::<ferrofast::bf16>().unwrap(),
-                    want.to_vec::<ferrofast::bf16>().unwrap(),
-                    "{what}: backward"
-                );
+                assert_eq!(fwd(&dev), fwd(host), "{what}: forward");
+                assert_eq!(bwd(&dev), bwd(host), "{what}: backward");
             }
             // freqs on the GPU (any float dtype, strided): the same bits as from the host.
             let periods: Vec<f32> = (0..48).map(|i| 1.0 + 37.0 * i as f32).collect();
@@ -1530,16 +1491,11 @@ mod cuda_only {
                 (strided(&wide), strided(&wide_dev)),
                 (narrow(&wide), narrow(&wide_dev)),
             ] {
-                let what = format!("{} freqs", f.dtype());
-                let want =
-                    fast::rope(&x, 48, true, None, 1.0, RopeOffset::Int(3), Some(&f)).unwrap();
-                let got =
-                    fast::rope(&x, 48, true, None, 1.0, RopeOffset::Int(3), Some(&dev)).unwrap();
-                assert_eq!(
-                    got.to_vec::<ferrofast::bf16>().unwrap(),
-                    want.to_vec::<ferrofast::bf16>().unwrap(),
-                    "{what}"
-                );
+                let with_freqs = |f: &Array| {
+                    let offset = RopeOffset::Int(3);
+                    bits(fast::rope(&x, 48, true, None, 1.0, offset, Some(f)).unwrap())
+                };
+                assert_eq!(with_freqs(&dev), with_freqs(&f), "{} freqs", f.dtype());
             }
             // Checked as before: size and dtype errors with MLX's texts.
             for bad in [

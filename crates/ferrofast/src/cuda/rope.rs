@@ -95,6 +95,32 @@ fn to_i32(v: usize, what: &str) -> Result<i32> {
     })
 }
 
+/// The buffer of a per-call table that lives on the GPU (`RopeFreqs::Device`,
+/// `RopeOffsets::Device`): `len` row-major values of `dtype` from the buffer's start, on
+/// `device`, as the front end made them.
+fn device_table<'a>(
+    table: &'a Array,
+    dtype: DType,
+    len: usize,
+    device: &std::sync::Arc<super::runtime::CudaDevice>,
+    what: &str,
+) -> Result<&'a CudaBuffer> {
+    table
+        .cuda_buffer()
+        .filter(|b| {
+            std::sync::Arc::ptr_eq(b.device(), device)
+                && table.dtype() == dtype
+                && table.size() == len
+                && table.offset() == 0
+                && table.is_contiguous()
+        })
+        .ok_or_else(|| {
+            Error::Device(format!(
+                "[rope] the {what} are not {len} row-major {dtype} values on the input's GPU"
+            ))
+        })
+}
+
 /// Runs a validated `rope` call on `stream` (whose device holds `x`): for pair
 /// `i < dims / 2` at position `t` of batch example `b`, `theta = (scale * (t + offset_b)) *
 /// inv_freq_i` with `inv_freq_i = exp2(-(i / (dims/2)) * log2(base))` or `1 / freqs[i]`
@@ -161,21 +187,10 @@ pub(crate) fn run(args: &RopeArgs, stream: &Stream) -> Result<Array> {
             periods_uploaded = CudaBuffer::upload(device, stream, &periods)?;
             (Some(&periods_uploaded), 0.0)
         }
-        RopeFreqs::Device(f) => {
-            let buf = f.cuda_buffer().filter(|b| {
-                std::sync::Arc::ptr_eq(b.device(), device)
-                    && f.dtype() == DType::F32
-                    && f.size() == half
-                    && f.offset() == 0
-                    && f.is_contiguous()
-            });
-            let buf = buf.ok_or_else(|| {
-                Error::Device(format!(
-                    "[rope] the freqs are not {half} row-major float32 values on the input's GPU"
-                ))
-            })?;
-            (Some(buf), 0.0)
-        }
+        RopeFreqs::Device(f) => (
+            Some(device_table(f, DType::F32, half, device, "freqs")?),
+            0.0,
+        ),
         RopeFreqs::Base(b) => (None, b.log2()),
     };
     let uploaded;
@@ -185,21 +200,10 @@ pub(crate) fn run(args: &RopeArgs, stream: &Stream) -> Result<Array> {
             uploaded = CudaBuffer::upload(device, stream, o)?;
             (Some(&uploaded), 0)
         }
-        RopeOffsets::Device(o) => {
-            let buf = o.cuda_buffer().filter(|b| {
-                std::sync::Arc::ptr_eq(b.device(), device)
-                    && o.dtype() == DType::I64
-                    && o.size() == batch
-                    && o.offset() == 0
-                    && o.is_contiguous()
-            });
-            let buf = buf.ok_or_else(|| {
-                Error::Device(format!(
-                    "[rope] the offsets are not {batch} row-major int64 values on the input's GPU"
-                ))
-            })?;
-            (Some(buf), 0)
-        }
+        RopeOffsets::Device(o) => (
+            Some(device_table(o, DType::I64, batch, device, "offsets")?),
+            0,
+        ),
     };
 
     // The widest vectors every access can use aligned: the half, the pass-through part, the
