@@ -23,6 +23,12 @@ LigerCrossEntropyLoss when it can be imported (its forward writes the gradient i
 logits' buffer; the GPU bundle installs a packed wheel under $GPU_WORK/pylib, which is put
 on the path here).
 
+decode_step / decode_attention / decode_append rows (the bench's KvCache decode loop): a
+preallocated [B, H_kv, 4096, D] cache per keys and values, one token written with a slice
+copy at position T-1 (`cache[:, :, T-1:T].copy_(new)`) and F.scaled_dot_product_attention
+(enable_gqa) with one query over the cache's first T positions (views, as ours); the step is
+both, the other rows one part each.
+
 gated_delta rows: MLX's recurrence in PyTorch tensor ops (a loop over steps, eager and, for
 short sequences, compiled), and flash-linear-attention's chunked (prefill, backward) and
 fused-recurrent (decode) kernels when `fla` can be imported (carry its wheel as Liger's).
@@ -203,6 +209,27 @@ def peer_fns(op, shape, dtype):
         return fns
     if op in ("gated_delta", "gated_delta_vjp"):
         return gated_delta_peers(op, shape, dt, dev, g)
+    if op in ("decode_step", "decode_attention", "decode_append"):
+        m = re.match(r"B(\d+) H(\d+)/(\d+) T1x(\d+) D(\d+)", shape)
+        b, hq, hkv, t, d = (int(v) for v in m.groups())
+        cap = max(t, 4096)
+        kc = torch.randn(b, hkv, cap, d, device=dev, dtype=dt, generator=g)
+        vc = torch.randn(b, hkv, cap, d, device=dev, dtype=dt, generator=g)
+        q = torch.randn(b, hq, 1, d, device=dev, dtype=dt, generator=g)
+        kn = torch.randn(b, hkv, 1, d, device=dev, dtype=dt, generator=g)
+        vn = torch.randn(b, hkv, 1, d, device=dev, dtype=dt, generator=g)
+
+        def append():
+            kc[:, :, t - 1 : t].copy_(kn)
+            vc[:, :, t - 1 : t].copy_(vn)
+
+        attend = lambda: F.scaled_dot_product_attention(q, kc[:, :, :t], vc[:, :, :t], enable_gqa=hq != hkv)
+
+        def step():
+            append()
+            return attend()
+
+        return [("eager", {"decode_step": step, "decode_attention": attend, "decode_append": append}[op])]
     if op == "rope_vjp":
         dims = [int(v) for v in re.findall(r"\d+", shape)]
         x = torch.randn(*dims, device=dev, dtype=dt, generator=g).requires_grad_()

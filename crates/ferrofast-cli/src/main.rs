@@ -6,6 +6,7 @@
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 mod cases;
+mod decode_loop;
 mod measure;
 
 use cases::{Bound, Case, Gdn};
@@ -27,8 +28,12 @@ bench  measures this machine's copy bandwidth and f32 GEMM rate, then times each
        case is kept if any matches; op names: rms_norm, layer_norm, rope, sdpa, sdpa_causal,
        sdpa_decode, cross_entropy, cross_entropy_vjp, cross_entropy_fused,
        cross_entropy_fused_in_place, gated_delta,
-       gated_delta_vjp); --json FILE
+       gated_delta_vjp, decode_loop); --json FILE
        writes every result.
+       decode_loop (not with --quick): a KvCache decode loop, B1 H32/8 D128, f32 on the CPU
+       and bf16 on a GPU, from 256 to 4096 cached tokens, one token appended and attended
+       per step; prints the step, attention-only and append-only times at 256, 1024 and 4096
+       tokens and the process's resident memory against the cache's filled part.
 first-call  times the first call of each op a Llama layer needs (bf16 rms_norm, rope,
        causal GQA prefill attention, decode attention), kernel compilation or cache loading
        included; run it twice with one FERROFAST_CACHE_DIR to see a cold and a warm cache.";
@@ -529,15 +534,27 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             cases.extend(gpu_target_cases());
         }
     }
+    let run_decode_loop = if opts.only.is_empty() {
+        !opts.quick
+    } else {
+        opts.only.iter().any(|t| "decode_loop".contains(t.as_str()))
+    };
     if !opts.only.is_empty() {
         cases.retain(|c| {
             let label = format!("{} {} {}", c.op(), c.shape(), c.dtype().name());
             opts.only.iter().any(|t| label.contains(t.as_str()))
         });
-        if cases.is_empty() {
+        if cases.is_empty() && !run_decode_loop {
             return Err(format!("--only {:?}: no bench case matches", opts.only).into());
         }
     }
+    // The decode loop runs first, on a heap that no earlier case has grown (its memory
+    // column is the process's), and prints after the other cases.
+    let decode = if run_decode_loop {
+        Some(decode_loop::run(&opts.device)?)
+    } else {
+        None
+    };
     let ceilings = Ceilings::measure(&opts.device, threads)?;
     println!(
         "ceilings measured now: copy {:.1} GB/s (read+write, {} threads); f32 GEMM {:.1} GFLOP/s ({} threads), {:.1} GFLOP/s (1 thread)\n",
@@ -633,6 +650,10 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             });
         }
     }
+    if let Some(run) = &decode {
+        print_decode_loop(run, &opts.device);
+        records.extend(run.records(threads));
+    }
     if opts.device.is_cpu() && !opts.quick && compare_sdpa_dtypes {
         sdpa_bf16_vs_f32(threads)?;
     }
@@ -651,6 +672,60 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         println!("\nwrote {path}");
     }
     Ok(())
+}
+
+/// The decode loop's table: per cached length the step, attention and append medians and
+/// the resident memory against the cache's filled part.
+fn print_decode_loop(run: &decode_loop::DecodeLoop, device: &Device) {
+    let mib = |b: f64| b / (1 << 20) as f64;
+    println!(
+        "\ndecode loop on {device}, {}, B1 H32/8 D128: each step appends one token to a \
+         KvCache and attends with T_q=1 (medians of 64)",
+        run.dtype.name()
+    );
+    println!(
+        "  {:>7} {:>10} {:>10} {:>10} {:>10} {:>17}",
+        "cached", "step", "attention", "append", "RSS", "cache filled/all"
+    );
+    for p in &run.points {
+        println!(
+            "  {:>7} {:>10} {:>10} {:>10} {:>6.1} MiB {:>6.1}/{:.1} MiB",
+            p.len,
+            measure::fmt_time(p.step),
+            measure::fmt_time(p.attention),
+            measure::fmt_time(p.append),
+            mib(p.rss),
+            mib(p.filled),
+            mib(p.cache)
+        );
+    }
+    let Some(last) = run.points.last() else {
+        return;
+    };
+    let grown = last.rss - run.rss_start;
+    let filled = last.filled - run.filled_start;
+    let memory = if device.is_cpu() {
+        format!(
+            "the cache's filled part {:+.1} MiB, the rest {:+.1} MiB",
+            mib(filled),
+            mib(grown - filled)
+        )
+    } else {
+        format!(
+            "the cache ({:+.1} MiB filled) is in GPU memory",
+            mib(filled)
+        )
+    };
+    println!(
+        "  RSS {:.1} MiB at the start, {:.1} MiB at the end: {:+.1} MiB; {memory} ({} steps \
+         in {:.2} s, {} growths of the cache)",
+        mib(run.rss_start),
+        mib(last.rss),
+        mib(grown),
+        run.steps,
+        run.seconds,
+        run.growths
+    );
 }
 
 /// The row of a case the device does not run, with the reason.

@@ -7,6 +7,10 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use std::sync::Arc;
 
+mod slice_update;
+#[cfg(feature = "cuda")]
+pub(crate) use slice_update::collapse2;
+
 /// Calls a generic expression with `$t` set to the Rust type of a runtime [`DType`].
 macro_rules! dispatch_dtype {
     ($dtype:expr, $t:ident => $body:expr) => {
@@ -1548,14 +1552,27 @@ impl Array {
     /// # Errors
     /// `Error::InvalidArgument` if the lists differ in length, exceed `ndim`, or a step is 0.
     pub fn slice(&self, starts: &[isize], stops: &[isize], steps: &[isize]) -> Result<Array> {
+        let (shape, strides, offset) = self.slice_layout("slice", starts, stops, steps)?;
+        Ok(self.view(shape, strides, offset))
+    }
+
+    /// The layout (shape, strides, offset) of [`slice`](Array::slice)'s view, without making
+    /// it; `op` names the caller in the messages.
+    fn slice_layout(
+        &self,
+        op: &str,
+        starts: &[isize],
+        stops: &[isize],
+        steps: &[isize],
+    ) -> Result<(Vec<usize>, Vec<isize>, usize)> {
         if starts.len() != stops.len() || starts.len() != steps.len() {
-            return Err(Error::invalid(
-                "[slice] starts, stops and steps must have the same length.",
-            ));
+            return Err(Error::invalid(format!(
+                "[{op}] starts, stops and steps must have the same length."
+            )));
         }
         if starts.len() > self.ndim() {
             return Err(Error::invalid(format!(
-                "[slice] Too many indices ({}) for array with {} dimensions.",
+                "[{op}] Too many indices ({}) for array with {} dimensions.",
                 starts.len(),
                 self.ndim()
             )));
@@ -1564,7 +1581,7 @@ impl Array {
         let mut strides = self.strides.clone();
         let mut offset = self.offset as isize;
         for ax in 0..starts.len() {
-            let (start, len) = slice_indices(starts[ax], stops[ax], steps[ax], self.shape[ax])?;
+            let (start, len) = slice_indices(op, starts[ax], stops[ax], steps[ax], self.shape[ax])?;
             if len > 0 {
                 offset += start * self.strides[ax];
             }
@@ -1577,7 +1594,7 @@ impl Array {
         } else {
             offset as usize
         };
-        Ok(self.view(shape, strides, offset))
+        Ok((shape, strides, offset))
     }
 
     /// Broadcasts to `shape` (numpy rules, new axes on the left, size-1 axes stretched with
@@ -1611,9 +1628,15 @@ impl Array {
 }
 
 /// Python's `slice(start, stop, step).indices(n)`: returns (first index, element count).
-fn slice_indices(start: isize, stop: isize, step: isize, n: usize) -> Result<(isize, usize)> {
+fn slice_indices(
+    op: &str,
+    start: isize,
+    stop: isize,
+    step: isize,
+    n: usize,
+) -> Result<(isize, usize)> {
     if step == 0 {
-        return Err(Error::invalid("[slice] slice step cannot be zero."));
+        return Err(Error::invalid(format!("[{op}] slice step cannot be zero.")));
     }
     let n = n as isize;
     let clamp = |v: isize, lo: isize, hi: isize| v.max(lo).min(hi);
@@ -1806,14 +1829,14 @@ mod tests {
     #[test]
     fn slice_indices_match_python() {
         // list(range(10))[2:8:3] == [2, 5]
-        assert_eq!(slice_indices(2, 8, 3, 10).unwrap(), (2, 2));
+        assert_eq!(slice_indices("slice", 2, 8, 3, 10).unwrap(), (2, 2));
         // [::-1]
-        assert_eq!(slice_indices(-1, -11, -1, 10).unwrap(), (9, 10));
+        assert_eq!(slice_indices("slice", -1, -11, -1, 10).unwrap(), (9, 10));
         // [-3:]
-        assert_eq!(slice_indices(-3, 10, 1, 10).unwrap(), (7, 3));
+        assert_eq!(slice_indices("slice", -3, 10, 1, 10).unwrap(), (7, 3));
         // [5:2] empty
-        assert_eq!(slice_indices(5, 2, 1, 10).unwrap().1, 0);
-        assert!(slice_indices(0, 1, 0, 10).is_err());
+        assert_eq!(slice_indices("slice", 5, 2, 1, 10).unwrap().1, 0);
+        assert!(slice_indices("slice", 0, 1, 0, 10).is_err());
     }
 
     #[test]

@@ -159,6 +159,8 @@ pub trait Element: Copy + Send + Sync + PartialEq + fmt::Debug + 'static + seale
     #[doc(hidden)]
     fn slice(data: &crate::array::CpuData) -> Option<&[Self]>;
     #[doc(hidden)]
+    fn slice_mut(data: &mut crate::array::CpuData) -> Option<&mut [Self]>;
+    #[doc(hidden)]
     fn wrap(v: Vec<Self>) -> crate::array::CpuData;
     #[doc(hidden)]
     fn take_vec(data: &mut crate::array::CpuData) -> Option<Vec<Self>>;
@@ -182,6 +184,12 @@ macro_rules! int_element {
                 v as $t
             }
             fn slice(data: &crate::array::CpuData) -> Option<&[Self]> {
+                match data {
+                    crate::array::CpuData::$dt(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn slice_mut(data: &mut crate::array::CpuData) -> Option<&mut [Self]> {
                 match data {
                     crate::array::CpuData::$dt(v) => Some(v),
                     _ => None,
@@ -222,6 +230,12 @@ macro_rules! float_element {
                 ($from)(v as f64)
             }
             fn slice(data: &crate::array::CpuData) -> Option<&[Self]> {
+                match data {
+                    crate::array::CpuData::$dt(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn slice_mut(data: &mut crate::array::CpuData) -> Option<&mut [Self]> {
                 match data {
                     crate::array::CpuData::$dt(v) => Some(v),
                     _ => None,
@@ -270,6 +284,12 @@ impl Element for bool {
         v != 0
     }
     fn slice(data: &crate::array::CpuData) -> Option<&[Self]> {
+        match data {
+            crate::array::CpuData::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn slice_mut(data: &mut crate::array::CpuData) -> Option<&mut [Self]> {
         match data {
             crate::array::CpuData::Bool(v) => Some(v),
             _ => None,

@@ -30,6 +30,7 @@ mod device;
 pub mod dtype;
 mod error;
 pub mod fast;
+mod kv_cache;
 mod ops;
 pub mod reference;
 pub mod testing;
@@ -40,6 +41,7 @@ pub use device::Device;
 pub use dtype::{promote_types, result_type, DType, Element, Float};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+pub use kv_cache::KvCache;
 
 /// The README's usage example, compiled and run as a doctest.
 #[doc = include_str!("../../../README.md")]

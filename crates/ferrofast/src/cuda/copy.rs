@@ -1,9 +1,12 @@
 //! Strided copy and dtype conversion of GPU arrays (`kernels/copy.cu`): what
-//! `contiguous()`, `astype()` and `reshape()` of a GPU array run, with no host round trip.
+//! `contiguous()`, `astype()` and `reshape()` of a GPU array run, with no host round trip;
+//! and the copy into a strided view of an existing buffer that `slice_update` runs
+//! ([`copy_into`]).
 
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
 use super::runtime::{driver_error, grid_1d, guarded, Stream};
+use crate::array::collapse2;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::Array;
@@ -46,6 +49,23 @@ fn variant(src: DType, dst: DType, wide: bool) -> String {
     )
 }
 
+/// The element storage `copy_strided` moves for a dtype: its width's unsigned integer.
+fn width_tag(dtype: DType) -> &'static str {
+    match dtype.size() {
+        1 => "ff_u8_t",
+        2 => "ff_u16_t",
+        4 => "ff_u32_t",
+        _ => "ff_u64_t",
+    }
+}
+
+fn strided_variant(width: &str, wide: bool) -> String {
+    format!(
+        "copy_strided<{width}, {}>",
+        if wide { "long long" } else { "int" }
+    )
+}
+
 /// Every instantiation of `copy.cu` a launch can ask for.
 fn all_variants() -> Vec<String> {
     let mut out = Vec::new();
@@ -54,6 +74,11 @@ fn all_variants() -> Vec<String> {
             for wide in [false, true] {
                 out.push(variant(src, dst, wide));
             }
+        }
+    }
+    for width in ["ff_u8_t", "ff_u16_t", "ff_u32_t", "ff_u64_t"] {
+        for wide in [false, true] {
+            out.push(strided_variant(width, wide));
         }
     }
     out
@@ -91,6 +116,209 @@ pub(crate) fn collapse(shape: &[usize], strides: &[isize]) -> (Vec<usize>, Vec<i
         }
     }
     (out_shape, out_strides)
+}
+
+/// The lowest and highest element offsets the view (`offset`, `shape`, `strides`) of a
+/// non-empty array addresses, or `None` when they fall outside `0..len`.
+fn view_extent(
+    offset: usize,
+    shape: &[usize],
+    strides: &[isize],
+    len: usize,
+) -> Option<(i128, i128)> {
+    let (mut lo, mut hi) = (offset as i128, offset as i128);
+    for (&d, &s) in shape.iter().zip(strides) {
+        let reach = (d as i128 - 1) * s as i128;
+        if reach < 0 {
+            lo += reach;
+        } else {
+            hi += reach;
+        }
+    }
+    (lo >= 0 && hi < len as i128).then_some((lo, hi))
+}
+
+/// `ff_copy2_layout` in `copy.cu`: passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Copy2Layout {
+    shape: [i64; MAX_DIMS],
+    src_strides: [i64; MAX_DIMS],
+    dst_strides: [i64; MAX_DIMS],
+}
+
+// SAFETY: plain old data with the C layout of `ff_copy2_layout`.
+unsafe impl DeviceRepr for Copy2Layout {}
+
+/// Writes the elements of `src` (a GPU array of `dst`'s dtype, on `dst`'s device, of shape
+/// `shape`; stride-0 broadcast views included) into the view (`offset`, `shape`,
+/// `strides`) of `dst`, on `dst`'s stream, with no host wait (work on other streams that
+/// produces `src` or reads `dst` is ordered on the GPU through the buffers' events). The
+/// view's elements must be distinct (the caller checks; a broadcast destination would be
+/// written by several threads).
+///
+/// # Errors
+/// `Error::InvalidArgument` when `src` does not match `dst`'s dtype or `shape`, or either
+/// view reaches outside its buffer; `Error::Device` when `src` is not on `dst`'s device;
+/// compile and driver errors.
+pub(crate) fn copy_into(
+    dst: &mut CudaBuffer,
+    offset: usize,
+    shape: &[usize],
+    strides: &[isize],
+    src: &Array,
+) -> Result<()> {
+    let src_buf = src
+        .cuda_buffer()
+        .ok_or_else(|| Error::Device("copy_into expects a source on a CUDA device".into()))?;
+    if src_buf.ordinal() != dst.ordinal() {
+        return Err(Error::Device(format!(
+            "the update is on cuda:{} but the array it is written into is on cuda:{}",
+            src_buf.ordinal(),
+            dst.ordinal()
+        )));
+    }
+    if src.dtype() != dst.dtype() || src.shape() != shape || strides.len() != shape.len() {
+        return Err(Error::invalid(format!(
+            "internal: copy_into got a source of {} {} for a view of {} {}",
+            src.dtype(),
+            crate::array::fmt_shape(src.shape()),
+            dst.dtype(),
+            crate::array::fmt_shape(shape)
+        )));
+    }
+    let n = src.size();
+    if n == 0 {
+        return Ok(());
+    }
+    // Both views inside their buffers: what makes the launch below sound.
+    let outside = |what: &str| {
+        Error::invalid(format!(
+            "internal: copy_into's {what} view reaches outside its buffer"
+        ))
+    };
+    view_extent(offset, shape, strides, dst.len()).ok_or_else(|| outside("destination"))?;
+    view_extent(src.offset(), shape, src.strides(), src_buf.len())
+        .ok_or_else(|| outside("source"))?;
+    let stream = dst.stream().clone();
+    let (shape, src_strides, dst_strides) = collapse2(shape, src.strides(), strides);
+    let unit = |s: &[isize]| s.first().is_none_or(|&s| s == 1);
+    if shape.len() <= 1 && unit(&src_strides) && unit(&dst_strides) {
+        let size = dst.dtype().size();
+        let (s0, d0) = (src.offset() * size, offset * size);
+        let bytes = n * size;
+        let from = src_buf
+            .slice()
+            .try_slice(s0..s0 + bytes)
+            .ok_or_else(|| outside("source"))?;
+        let mut to = dst
+            .slice_mut()
+            .try_slice_mut(d0..d0 + bytes)
+            .ok_or_else(|| outside("destination"))?;
+        let cu = stream.cuda();
+        return guarded("copying on the GPU", || {
+            cu.memcpy_dtod(&from, &mut to)
+                .map_err(|e| driver_error("copying on the GPU", e))
+        });
+    }
+    // Past 8 dimensions, one launch per index of the outer ones.
+    let outer = shape.len().saturating_sub(MAX_DIMS);
+    let mut idx = vec![0usize; outer];
+    loop {
+        let mut s_off = src.offset() as isize;
+        let mut d_off = offset as isize;
+        for (k, &i) in idx.iter().enumerate() {
+            s_off += i as isize * src_strides[k];
+            d_off += i as isize * dst_strides[k];
+        }
+        launch_strided(
+            src_buf,
+            s_off as i64,
+            dst,
+            d_off as i64,
+            (
+                &shape[outer..],
+                &src_strides[outer..],
+                &dst_strides[outer..],
+            ),
+            &stream,
+        )?;
+        // Odometer over the outer axes.
+        let mut ax = outer;
+        loop {
+            if ax == 0 {
+                return Ok(());
+            }
+            ax -= 1;
+            idx[ax] += 1;
+            if idx[ax] < shape[ax] {
+                break;
+            }
+            idx[ax] = 0;
+        }
+    }
+}
+
+/// One `copy_strided` launch over at most [`MAX_DIMS`] dimensions: (shape, source strides,
+/// destination strides) from the given element offsets, both views inside their buffers.
+fn launch_strided(
+    src: &CudaBuffer,
+    src_offset: i64,
+    dst: &mut CudaBuffer,
+    dst_offset: i64,
+    (shape, src_strides, dst_strides): (&[usize], &[isize], &[isize]),
+    stream: &Stream,
+) -> Result<()> {
+    let mut layout = Copy2Layout {
+        shape: [1; MAX_DIMS],
+        src_strides: [0; MAX_DIMS],
+        dst_strides: [0; MAX_DIMS],
+    };
+    let mut n = 1u128;
+    let (mut src_reach, mut dst_reach) = (src_offset as u128, dst_offset as u128);
+    for (i, ((&d, &ss), &ds)) in shape.iter().zip(src_strides).zip(dst_strides).enumerate() {
+        layout.shape[i] = d as i64;
+        layout.src_strides[i] = ss as i64;
+        layout.dst_strides[i] = ds as i64;
+        n *= d as u128;
+        src_reach += (d as u128 - 1) * ss.unsigned_abs() as u128;
+        dst_reach += (d as u128 - 1) * ds.unsigned_abs() as u128;
+    }
+    let device = dst.device().clone();
+    let blocks = n
+        .div_ceil(BLOCK as u128)
+        .min(device.sm_count() as u128 * 16)
+        .max(1) as u32;
+    let last_index = n + blocks as u128 * BLOCK as u128;
+    let wide = last_index > i32::MAX as u128 || src_reach.max(dst_reach) > i32::MAX as u128;
+    let func = jit::function(
+        &device,
+        &REGISTERED.file,
+        &strided_variant(width_tag(dst.dtype()), wide),
+        &[],
+    )?;
+    let cfg = grid_1d(blocks, BLOCK, 0);
+    let ndim = shape.len().max(1) as i32;
+    let count = n as i64;
+    let cu = stream.cuda();
+    let mut builder = cu.launch_builder(&func);
+    builder
+        .arg(src.slice())
+        .arg(&src_offset)
+        .arg(dst.slice_mut())
+        .arg(&dst_offset)
+        .arg(&layout)
+        .arg(&ndim)
+        .arg(&count);
+    guarded("launching copy_strided", || {
+        // SAFETY: the arguments match copy_strided's parameters in order and type; every
+        // offset the kernel forms lies inside the source and destination views, which
+        // `copy_into` checked lie inside their allocations; the destination's elements are
+        // distinct (the caller's contract), so no element is written twice.
+        unsafe { builder.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| driver_error("launching copy_strided", e))
+    })
 }
 
 /// A row-major copy of `a` (a GPU array) converted to `dtype`, produced on `stream` (the
@@ -227,5 +455,14 @@ mod tests {
             collapse(&[4, 5, 6], &[60, 6, 1]),
             (vec![4, 30], vec![60, 1])
         );
+    }
+
+    #[test]
+    fn view_extents_stay_inside_the_buffer() {
+        assert_eq!(view_extent(0, &[2, 3], &[3, 1], 6), Some((0, 5)));
+        assert_eq!(view_extent(0, &[2, 3], &[3, 1], 5), None);
+        assert_eq!(view_extent(5, &[2, 3], &[-3, -1], 6), Some((0, 5)));
+        assert_eq!(view_extent(4, &[2, 3], &[-3, -1], 6), None);
+        assert_eq!(view_extent(2, &[4], &[0], 3), Some((2, 2)));
     }
 }

@@ -54,6 +54,28 @@ pub(crate) mod storage {
         copy::copy_cast(a, dtype, stream)
     }
 
+    /// Writes the GPU array `src` (of `dst`'s dtype and the view's shape) into the view
+    /// (`offset`, `shape`, `strides`) of `dst` on `dst`'s stream; the view's elements are
+    /// distinct (see [`copy::copy_into`]).
+    pub(crate) fn copy_into(
+        dst: &mut Buffer,
+        offset: usize,
+        shape: &[usize],
+        strides: &[isize],
+        src: &Array,
+    ) -> Result<()> {
+        copy::copy_into(dst, offset, shape, strides, src)
+    }
+
+    /// A row-major array of `shape` and `dtype` on `stream`'s device, produced on `stream`,
+    /// whose elements are unspecified (0xFF bytes while buffer poisoning is on).
+    pub(crate) fn uninit(stream: &Stream, shape: &[usize], dtype: DType) -> Result<Array> {
+        let device = runtime::device(stream.ordinal())?;
+        let n = crate::array::checked_layout(shape, dtype)?;
+        let buf = memory::CudaBuffer::alloc(&device, stream, dtype, n)?;
+        Array::from_cuda_buffer(buf, shape)
+    }
+
     /// A row-major host array uploaded to `stream`'s device, produced on `stream`.
     pub(crate) fn upload(host: &Array, stream: &Stream) -> Result<Array> {
         memory::upload(host, stream)

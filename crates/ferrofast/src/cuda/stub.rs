@@ -133,6 +133,18 @@ pub(crate) mod storage {
         match stream.never {}
     }
 
+    pub(crate) fn copy_into(
+        dst: &mut Buffer,
+        _: usize,
+        _: &[usize],
+        _: &[isize],
+        _: &Array,
+    ) -> Result<()> {
+        match dst.never {}
+    }
+    pub(crate) fn uninit(stream: &Stream, _: &[usize], _: DType) -> Result<Array> {
+        match stream.never {}
+    }
     pub(crate) fn copy_cast(_: &Array, _: DType, _: Option<&Stream>) -> Result<Array> {
         Err(unavailable("copying a GPU array"))
     }
