@@ -467,6 +467,19 @@ pub(crate) mod host_pool {
     }
 }
 
+/// Device memory handed over by [`Array::into_cuda_allocation`]: the receiver owns it and
+/// frees it once (`cuMemFreeAsync` on a stream ordered after `stream`, or `cuMemFree`).
+/// Dropping this value does not free it.
+#[derive(Debug)]
+pub struct CudaAllocation {
+    /// Device address of the first element; the elements follow row-major.
+    pub address: u64,
+    /// Size of the allocation in bytes: at least the array's bytes, and at least 1.
+    pub bytes: usize,
+    /// The stream on which the work that writes the elements is queued.
+    pub stream: crate::Stream,
+}
+
 /// An n-dimensional array: shape, strides (in elements, may be negative or zero), offset
 /// (in elements) and dtype over a reference-counted buffer on one [`Device`].
 ///
@@ -1211,6 +1224,62 @@ impl Array {
             self.cuda_ptr()
         } else {
             None
+        }
+    }
+
+    /// Hands this GPU array's device memory over to the caller, who owns (and frees) it from
+    /// then on: the way a result becomes another library's tensor without a copy (candle's
+    /// `CudaStorage`, a `cudaMalloc`ed buffer a C API takes over). The elements are row-major
+    /// in [`shape`](Array::shape) from [`CudaAllocation::address`]. An array that is the only
+    /// handle on its whole row-major buffer (an op's output) gives its own buffer; any other
+    /// (a view, a shared buffer, memory borrowed through [`Array::from_cuda_external`]) is
+    /// first copied into a fresh one on its stream.
+    ///
+    /// The memory comes from the driver's stream-ordered allocator (`cuMemAllocAsync` on the
+    /// device's default memory pool; `cuMemAlloc` on devices without it) in the device's
+    /// primary context: free it with `cuMemFreeAsync` on a stream ordered after
+    /// [`CudaAllocation::stream`] (or `cuMemFree`), exactly once. The work that writes it is
+    /// queued on that stream: a reader on another stream waits for it first.
+    ///
+    /// # Errors
+    /// `Error::Device` for a CPU array; as [`copy`](Array::copy) when a copy is needed.
+    pub fn into_cuda_allocation(self) -> Result<CudaAllocation> {
+        if self.cuda_buffer().is_none() {
+            return Err(Error::Device(
+                "[into_cuda_allocation] the array is on the CPU; only a GPU array's memory can \
+                 be handed over (into_vec takes a host array's)"
+                    .into(),
+            ));
+        }
+        let own = if self.owns_whole_buffer() {
+            self
+        } else {
+            self.copy()?
+        };
+        #[cfg(feature = "cuda")]
+        {
+            let mut own = own;
+            // The array is dropped right after: its buffer, released, is then leaked.
+            let raw = match Arc::get_mut(&mut own.storage) {
+                Some(Storage::Cuda(b)) => b.release(),
+                _ => None,
+            };
+            drop(own);
+            let (address, bytes, stream) = raw.ok_or_else(|| {
+                Error::invalid("internal: a fresh GPU buffer was shared or borrowed")
+            })?;
+            Ok(CudaAllocation {
+                address,
+                bytes,
+                stream,
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            drop(own);
+            Err(Error::CudaUnavailable(
+                "this build of ferrofast has no CUDA support".into(),
+            ))
         }
     }
 

@@ -31,11 +31,13 @@ pub mod dtype;
 mod error;
 pub mod fast;
 mod kv_cache;
+#[cfg(feature = "ndarray")]
+mod ndarray_interop;
 mod ops;
 pub mod reference;
 pub mod testing;
 
-pub use array::Array;
+pub use array::{Array, CudaAllocation};
 pub use cuda::Stream;
 pub use device::Device;
 pub use dtype::{promote_types, result_type, DType, Element, Float};

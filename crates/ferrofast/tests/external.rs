@@ -1,6 +1,8 @@
 //! `Array::from_external` (memory owned elsewhere, as DLPack hands it over) and the host
 //! pointer accessors.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -113,4 +115,67 @@ fn host_ptr_mut_needs_a_buffer_held_alone() {
         .host_ptr_mut()
         .expect("unique after the parent is dropped");
     assert_eq!(q, p.wrapping_add(3 * 4));
+}
+
+#[test]
+fn into_cuda_allocation_refuses_host_arrays() {
+    let a = Array::from_vec(data(6), &[2, 3]).unwrap();
+    let e = a.into_cuda_allocation().unwrap_err();
+    assert!(matches!(e, ferrofast::Error::Device(_)), "{e}");
+}
+
+/// An op's output hands over its own allocation; a view is copied first. The test wraps
+/// each allocation again to read it back, and never frees it (a few hundred bytes).
+#[test]
+#[cfg(feature = "cuda")]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
+fn into_cuda_allocation_hands_over_gpu_memory() {
+    let Some(gpu) = common::gpu() else { return };
+    let x = Array::from_vec(data(24), &[4, 6]).unwrap();
+    let want = fast::rms_norm(&x, None, 1e-5)
+        .unwrap()
+        .to_vec::<f32>()
+        .unwrap();
+    let out = fast::rms_norm(&x.to_device(&gpu).unwrap(), None, 1e-5).unwrap();
+    let address = out.cuda_ptr().unwrap();
+    let alloc = out.into_cuda_allocation().unwrap();
+    assert_eq!(alloc.address, address);
+    assert!(alloc.bytes >= 24 * 4);
+    // SAFETY: the allocation is live (never freed here) and holds 24 f32 written on
+    // `alloc.stream`; nothing writes it.
+    let back = unsafe {
+        Array::from_cuda_external(
+            alloc.address,
+            &[4, 6],
+            &[6, 1],
+            DType::F32,
+            &alloc.stream,
+            Box::new(()),
+        )
+    }
+    .unwrap();
+    assert_eq!(back.to_vec::<f32>().unwrap(), want);
+
+    // A transposed view is not a whole row-major buffer: it is copied, row-major.
+    let t = Array::from_vec(data(24), &[4, 6])
+        .unwrap()
+        .to_device(&gpu)
+        .unwrap();
+    let view = t.transpose(&[1, 0]).unwrap();
+    let want_t = view.to_vec::<f32>().unwrap();
+    let alloc = view.into_cuda_allocation().unwrap();
+    assert_ne!(Some(alloc.address), t.cuda_ptr());
+    // SAFETY: as above, 24 f32 row-major [6, 4].
+    let back = unsafe {
+        Array::from_cuda_external(
+            alloc.address,
+            &[6, 4],
+            &[4, 1],
+            DType::F32,
+            &alloc.stream,
+            Box::new(()),
+        )
+    }
+    .unwrap();
+    assert_eq!(back.to_vec::<f32>().unwrap(), want_t);
 }

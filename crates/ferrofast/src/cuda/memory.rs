@@ -173,6 +173,23 @@ impl CudaBuffer {
         self.owner.is_some()
     }
 
+    /// Gives the allocation up without freeing it: its device address, its size in bytes
+    /// (at least one) and the stream that produced it. The caller owns the memory from then
+    /// on. Only for ferrofast's own buffers (`None` for borrowed memory, which its owner
+    /// frees). The buffer must not be used after this: dropping it then leaks the memory.
+    pub(crate) fn release(&mut self) -> Option<(u64, usize, Stream)> {
+        if self.is_borrowed() {
+            return None;
+        }
+        let bytes = self.data.len();
+        let stream = self.stream.clone();
+        let address = self.address;
+        // `Drop` leaks the slice of a buffer that has an owner (cudarc makes the stream wait
+        // for the buffer's pending reads and writes first), so the memory outlives it.
+        self.owner = Some(Box::new(()));
+        Some((address, bytes, stream))
+    }
+
     /// The device address of the first element.
     pub(crate) fn address(&self) -> u64 {
         self.address

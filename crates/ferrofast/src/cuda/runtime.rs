@@ -45,8 +45,7 @@ const DRIVER_LIB: LibrarySpec = LibrarySpec {
     file_names: &["libcuda.so.1", "libcuda.so"],
     companions: &[],
     folders: driver_folders,
-    // SAFETY: only tries to dlopen candidate names and closes them again.
-    cudarc_present: || unsafe { cudarc::driver::sys::is_culib_present() },
+    cudarc_present: driver_present,
 };
 
 const NVRTC_LIB: LibrarySpec = LibrarySpec {
@@ -58,9 +57,43 @@ const NVRTC_LIB: LibrarySpec = LibrarySpec {
     // only if it is already loaded.
     companions: &["libnvrtc-builtins.so."],
     folders: nvrtc_folders,
-    // SAFETY: as above.
-    cudarc_present: || unsafe { cudarc::nvrtc::sys::is_culib_present() },
+    cudarc_present: nvrtc_present,
 };
+
+#[cfg(not(feature = "cuda-linked"))]
+fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen candidate names and closes them again.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+#[cfg(not(feature = "cuda-linked"))]
+fn nvrtc_present() -> bool {
+    // SAFETY: as above.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// The file names cudarc tries for a library.
+#[cfg(not(feature = "cuda-linked"))]
+fn lib_name_candidates(name: &str) -> Vec<String> {
+    cudarc::get_lib_name_candidates(name)
+}
+
+// With `cuda-linked`, cudarc is linked against the libraries (candle's `cuda` feature links
+// it so): the process started, so the loader found them.
+#[cfg(feature = "cuda-linked")]
+fn driver_present() -> bool {
+    true
+}
+
+#[cfg(feature = "cuda-linked")]
+fn nvrtc_present() -> bool {
+    true
+}
+
+#[cfg(feature = "cuda-linked")]
+fn lib_name_candidates(name: &str) -> Vec<String> {
+    vec![format!("lib{name}.so")]
+}
 
 fn driver_folders() -> Vec<PathBuf> {
     [
@@ -192,7 +225,7 @@ fn probe(spec: &LibrarySpec) -> std::result::Result<(), String> {
             }
         }
     }
-    let mut names = cudarc::get_lib_name_candidates(spec.cudarc_name);
+    let mut names = lib_name_candidates(spec.cudarc_name);
     let mut seen = std::collections::HashSet::new();
     names.retain(|n| seen.insert(n.clone()));
     let searched: Vec<String> = folders
