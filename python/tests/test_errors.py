@@ -94,10 +94,13 @@ def test_sdpa_errors():
         sdpa(q, k, k, scale=1.0, mask=np.ones((1, 1, 1, 1, 5), bool))
     with raises(P + "mismatching batch dimension for input with shape (2,2,5,8)."):
         sdpa(q, np.concatenate([k, k]), np.concatenate([k, k]), scale=1.0)
-    with raises(P + "n_heads must be a multiple of n_kv_heads, found n_heads 4 for n_kv_heads 3."):
+    with raises(P + "n_heads must be a multiple of n_kv_heads, found n_heads 4 for n_kv_heads 3."
+                " (inputs are [B, H, T, D] with the heads on axis 1: N_q = 4 from q (1,4,3,8),"
+                " N_kv = 3 from keys (1,3,5,8) and 3 from values (1,3,5,8))"):
         kk = rand((1, 3, 5, 8), np.float32, 4)
         sdpa(q, kk, kk, scale=1.0)
-    with raises(P + "Mask type must promote to output type float16."):
+    with raises(P + "Mask type must promote to output type float16."
+                " (the mask is float32: cast it with astype(float16) first; a bool mask selects keys instead)"):
         q16, k16 = q.astype(np.float16), k.astype(np.float16)
         sdpa(q16, k16, k16, scale=1.0, mask=np.zeros((3, 5), np.float32))
     with raises(P + "Received invalid shape for sinks (5)."):
@@ -106,6 +109,12 @@ def test_sdpa_errors():
         sdpa(q16, k16, k16, scale=1.0, sinks=np.ones(4, np.float32))
     with pytest.raises(ValueError, match=r"\[broadcast_shapes\] Shapes .* cannot be broadcast"):
         sdpa(q, k, k, scale=1.0, mask=np.ones((2, 5), bool))
+    # The hints after MLX's text: the mask's and the scores' shapes; the [B, T, H, D] layout.
+    with pytest.raises(ValueError, match=re.escape("the mask of shape (2,5) does not broadcast to the attention scores' shape [B, N_q, T_q, T_kv] = (1,4,3,5)")):
+        sdpa(q, k, k, scale=1.0, mask=np.ones((2, 5), bool))
+    with pytest.raises(ValueError, match=re.escape("view q, k and v with swapaxes(1, 2)")):
+        bthd = rand((1, 10, 2, 8), np.float32, 5)
+        sdpa(rand((1, 1, 4, 8), np.float32, 6), bthd, bthd, scale=1.0)
     with pytest.raises(TypeError):
         sdpa(q, k, k)  # scale is required
 

@@ -260,7 +260,12 @@ on_every_device! {
             let bad = on(&bool_mask(&[nq, 2, l], 0.5, seed + 6), dev);
             assert_eq!(
                 err_text(sdpa(&q.dev, &k.dev, &v.dev, scale, Mask::Array(&bad), None)),
-                format!("Cannot broadcast array of shape ({nq},2,{l}) into shape (1,{nq},1,{l}).")
+                format!(
+                    "Cannot broadcast array of shape ({nq},2,{l}) into shape (1,{nq},1,{l}). \
+                     (scaled_dot_product_attention: the mask of shape ({nq},2,{l}) does not \
+                     broadcast to the attention scores' shape [B, N_q, T_q, T_kv] = \
+                     (1,{nq},1,{l}))"
+                )
             );
         }
     }
@@ -980,7 +985,9 @@ on_every_device! {
             )),
             format!(
                 "{p} keys, values expected to have matching n_kv_heads; found keys with n_heads 1 \
-                 for values with n_heads 2."
+                 for values with n_heads 2. (inputs are [B, H, T, D] with the heads on axis 1: \
+                 N_q = 4 from q (1,4,3,8), N_kv = 1 from keys (1,1,5,8) and 2 from values \
+                 (1,2,5,8))"
             )
         );
         let k3 = z(&[1, 3, 5, 8], DType::F32);
@@ -993,7 +1000,11 @@ on_every_device! {
                 Mask::None,
                 None
             )),
-            format!("{p} n_heads must be a multiple of n_kv_heads, found n_heads 4 for n_kv_heads 3.")
+            format!(
+                "{p} n_heads must be a multiple of n_kv_heads, found n_heads 4 for n_kv_heads 3. \
+                 (inputs are [B, H, T, D] with the heads on axis 1: N_q = 4 from q (1,4,3,8), \
+                 N_kv = 3 from keys (1,3,5,8) and 3 from values (1,3,5,8))"
+            )
         );
         let k0 = z(&[1, 0, 5, 8], DType::F32);
         assert_eq!(
@@ -1005,7 +1016,11 @@ on_every_device! {
                 Mask::None,
                 None
             )),
-            format!("{p} n_heads must be a multiple of n_kv_heads, found n_heads 4 for n_kv_heads 0.")
+            format!(
+                "{p} n_heads must be a multiple of n_kv_heads, found n_heads 4 for n_kv_heads 0. \
+                 (inputs are [B, H, T, D] with the heads on axis 1: N_q = 4 from q (1,4,3,8), \
+                 N_kv = 0 from keys (1,0,5,8) and 0 from values (1,0,5,8))"
+            )
         );
         let qi = on(&Array::zeros(&[1, 4, 3, 8], DType::I32, &Device::Cpu).unwrap(), dev);
         let ki = on(&Array::zeros(&[1, 1, 5, 8], DType::I32, &Device::Cpu).unwrap(), dev);
@@ -1023,22 +1038,32 @@ on_every_device! {
         let m32 = z(&[5], DType::F32);
         assert_eq!(
             e(sdpa(&qh, &kh, &kh, 1.0, Mask::Array(&m32), None)),
-            format!("{p} Mask type must promote to output type float16.")
+            format!(
+                "{p} Mask type must promote to output type float16. (the mask is float32: cast \
+                 it with astype(float16) first; a bool mask selects keys instead)"
+            )
         );
         let m64 = z(&[4, 2, 5], DType::F64);
         assert_eq!(
             e(sdpa(&q, &k, &v, 1.0, Mask::Array(&m64), None)),
-            format!("{p} Mask type must promote to output type float32.")
+            format!(
+                "{p} Mask type must promote to output type float32. (the mask is float64: cast \
+                 it with astype(float32) first; a bool mask selects keys instead)"
+            )
         );
         let m_bad = on(&bool_mask(&[4, 2, 5], 0.5, 1), dev);
         assert_eq!(
             e(sdpa(&q, &k, &v, 1.0, Mask::Array(&m_bad), None)),
-            "[broadcast_shapes] Shapes (4,2,5) and (1,4,3,5) cannot be broadcast."
+            "[broadcast_shapes] Shapes (4,2,5) and (1,4,3,5) cannot be broadcast. \
+             (scaled_dot_product_attention: the mask of shape (4,2,5) does not broadcast to the \
+             attention scores' shape [B, N_q, T_q, T_kv] = (1,4,3,5))"
         );
         let m_big = z(&[2, 1, 1, 1], DType::F32);
         assert_eq!(
             e(sdpa(&q, &k, &v, 1.0, Mask::Array(&m_big), None)),
-            "Cannot broadcast array of shape (2,1,1,1) into shape (1,4,3,5)."
+            "Cannot broadcast array of shape (2,1,1,1) into shape (1,4,3,5). \
+             (scaled_dot_product_attention: the mask of shape (2,1,1,1) does not broadcast to \
+             the attention scores' shape [B, N_q, T_q, T_kv] = (1,4,3,5))"
         );
         let s32 = z(&[4], DType::F32);
         assert_eq!(
@@ -1097,6 +1122,119 @@ on_every_device! {
             sdpa_ref(&q, &k, &z(&[1, 1, 6, 8], DType::F32), 1.0, Mask::None, None),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    /// The hints after MLX's messages: a `[B, T, H, D]` decode call is told to swap axes, a
+    /// mask made per key/value head is told masks are per query head, a float mask that does
+    /// not promote is told which dtype to cast to. MLX's own text comes first, unchanged.
+    fn error_hints_point_at_the_mistake(dev: &Device) {
+        let z = |shape: &[usize], dtype: DType| on(&randn(shape, dtype, 11), dev);
+        let p = "[scaled_dot_product_attention]";
+
+        // A decode step in [B, T, H, D] memory: q (B 1, T 1, 8 heads), k / v (T 10, 2 heads).
+        let (q, k, v) = (
+            z(&[1, 1, 8, 16], DType::F32),
+            z(&[1, 10, 2, 16], DType::F32),
+            z(&[1, 10, 2, 16], DType::F32),
+        );
+        let m = err_text(sdpa(&q, &k, &v, 0.25, Mask::None, None));
+        assert!(
+            m.starts_with(&format!(
+                "{p} n_heads must be a multiple of n_kv_heads, found n_heads 1 for n_kv_heads 10. \
+                 (inputs are [B, H, T, D] with the heads on axis 1: N_q = 1 from q (1,1,8,16)"
+            )),
+            "{m}"
+        );
+        assert!(
+            m.ends_with(
+                "read as [B, T, H, D] the shapes fit (8 query heads over 2 key/value heads): \
+                 view q, k and v with swapaxes(1, 2), which copies nothing)"
+            ),
+            "{m}"
+        );
+        // ... and the advice works.
+        let sw = |a: &Array| a.swapaxes(1, 2).unwrap();
+        let out = sdpa(&sw(&q), &sw(&k), &sw(&v), 0.25, Mask::None, None).unwrap();
+        assert_eq!(out.shape(), &[1, 8, 1, 16]);
+        // Shapes that no layout makes fit get no such advice.
+        let m = err_text(sdpa(
+            &z(&[1, 4, 3, 8], DType::F32),
+            &z(&[1, 3, 5, 8], DType::F32),
+            &z(&[1, 3, 5, 8], DType::F32),
+            1.0,
+            Mask::None,
+            None,
+        ));
+        assert!(m.contains("heads on axis 1") && !m.contains("swapaxes"), "{m}");
+
+        // A mask with one head per key/value head in a grouped-query call.
+        let (q, k) = (z(&[1, 8, 3, 16], DType::F32), z(&[1, 2, 5, 16], DType::F32));
+        for shape in [vec![2, 3, 5], vec![1, 2, 3, 5]] {
+            let mask = on(&bool_mask(&shape, 0.5, 3), dev);
+            let m = err_text(sdpa(&q, &k, &k, 0.25, Mask::Array(&mask), None));
+            let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+            let ms = format!("({})", dims.join(","));
+            assert!(
+                m.starts_with(&format!(
+                    "[broadcast_shapes] Shapes {ms} and (1,8,3,5) cannot be broadcast. \
+                     (scaled_dot_product_attention: the mask of shape {ms} does not broadcast \
+                     to the attention scores' shape [B, N_q, T_q, T_kv] = (1,8,3,5); its head \
+                     axis has 2 entries, one per key/value head, but masks are per query head: \
+                     repeat each entry over its 4 query heads"
+                )),
+                "{m}"
+            );
+        }
+        // A mask for another number of keys names both shapes too.
+        let stale = on(&bool_mask(&[3, 4], 0.5, 4), dev);
+        let m = err_text(sdpa(&q, &k, &k, 0.25, Mask::Array(&stale), None));
+        assert!(
+            m.contains("the mask of shape (3,4) does not broadcast to the attention scores' shape"),
+            "{m}"
+        );
+        assert!(m.contains("(1,8,3,5)") && !m.contains("per query head"), "{m}");
+
+        // A float mask that does not promote: MLX's text, then the cast to make.
+        let qb = q.astype(DType::BF16).unwrap();
+        let kb = k.astype(DType::BF16).unwrap();
+        let mf = z(&[3, 5], DType::F32);
+        let m = err_text(sdpa(&qb, &kb, &kb, 0.25, Mask::Array(&mf), None));
+        assert_eq!(
+            m,
+            format!(
+                "{p} Mask type must promote to output type bfloat16. (the mask is float32: cast \
+                 it with astype(bfloat16) first; a bool mask selects keys instead)"
+            )
+        );
+        // The advice works.
+        let cast = mf.astype(DType::BF16).unwrap();
+        assert!(sdpa(&qb, &kb, &kb, 0.25, Mask::Array(&cast), None).is_ok());
+    }
+
+    /// Integer masks are additive, as in MLX: a 0 / 1 int32 mask adds 0 or 1 to the scores
+    /// (the same as a float mask of those values) and does not select keys as a bool mask
+    /// does.
+    fn integer_masks_are_additive(dev: &Device) {
+        let q = on(&randn(&[1, 2, 3, 8], DType::F32, 31), dev);
+        let k = on(&randn(&[1, 2, 6, 8], DType::F32, 32), dev);
+        let v = on(&randn(&[1, 2, 6, 8], DType::F32, 33), dev);
+        let bits: Vec<i32> = (0..18).map(|i| i32::from(i % 3 != 1)).collect();
+        let ints = on(&Array::from_vec(bits.clone(), &[3, 6]).unwrap(), dev);
+        let floats = on(&ints.astype(DType::F32).unwrap(), dev);
+        let bools = on(&ints.astype(DType::Bool).unwrap(), dev);
+        let a = sdpa(&q, &k, &v, 0.3, Mask::Array(&ints), None).unwrap();
+        let f = sdpa(&q, &k, &v, 0.3, Mask::Array(&floats), None).unwrap();
+        let b = sdpa(&q, &k, &v, 0.3, Mask::Array(&bools), None).unwrap();
+        assert_eq!(a.to_vec::<f32>().unwrap(), f.to_vec::<f32>().unwrap());
+        check_close(
+            &a,
+            &sdpa_ref(&q, &k, &v, 0.3, Mask::Array(&floats), None).unwrap(),
+            1e-5,
+            1e-5,
+            "int32 mask as additive",
+        );
+        let diff = common::max_abs_diff(&a, &b);
+        assert!(diff > 1e-3, "an int mask must not act as a bool mask (diff {diff})");
     }
 
     // ----- property test ---------------------------------------------------------------------

@@ -24,7 +24,13 @@ const OP: &str = "[scaled_dot_product_attention]";
 ///
 /// - `scale` multiplies `q·k` (in float32; float64 inputs compute in float64).
 /// - `mask`: see [`Mask`]. Causal masks align to the lower right. Array masks broadcast to
-///   `[B, N_q, T_q, T_kv]` without being copied.
+///   `[B, N_q, T_q, T_kv]` without being copied: one entry per *query* head (a mask made
+///   per key/value head must be repeated over each group of query heads).
+///
+///   **Integer masks are additive, as in MLX.** Only a `bool` mask selects keys; a mask
+///   of any other dtype is added to the scores, so an int32 or uint8 mask of 0 / 1 adds 0
+///   or 1 and hides nothing. Make such a mask `astype(DType::Bool)` to keep the keys where
+///   it is 1, or use an additive float mask of `0` and `-inf`.
 /// - `sinks`: optional `(N_q,)` logits, one per query head, that join each row's softmax as
 ///   an extra column and then are dropped: they absorb probability mass but contribute no
 ///   value. They are raw logits, not multiplied by `scale`.
@@ -63,7 +69,12 @@ const OP: &str = "[scaled_dot_product_attention]";
 /// non-floating result type; an additive mask or sinks whose dtype does not promote to the
 /// output dtype; sinks not of shape `(N_q,)`; k and v with different sequence lengths.
 /// `Error::Shape` with MLX's `broadcast_to` texts when the mask does not broadcast to
-/// `[B, N_q, T_q, T_kv]`. `Error::OutOfMemory` when the output or the working tiles do not
+/// `[B, N_q, T_q, T_kv]`. Some messages go on after MLX's text with a hint in parentheses:
+/// the head-count errors give every input's shape, say that heads are axis 1 of
+/// `[B, H, T, D]` and, when the shapes read as `[B, T, H, D]` would fit, to view them with
+/// `swapaxes(1, 2)`; the mask-broadcast errors name the mask's shape and the scores' shape
+/// (and say that masks are per query head when the mask has one head per key/value head);
+/// a mask dtype that does not promote names the mask's dtype and the `astype` to make. `Error::OutOfMemory` when the output or the working tiles do not
 /// fit in memory. `Error::Device` for inputs on different devices;
 /// `Error::Unsupported` for a float64 result on a CUDA device.
 ///

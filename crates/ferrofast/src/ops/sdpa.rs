@@ -17,9 +17,15 @@ pub enum Mask<'a> {
     /// Causal, aligned to the lower right: query `i` sees key `j` iff
     /// `j <= i + T_kv - T_q`. With `T_q > T_kv` the first `T_q - T_kv` queries see no key.
     Causal,
-    /// An explicit mask of rank at most 4 that broadcasts to `[B, N_q, T_q, T_kv]`.
+    /// An explicit mask of rank at most 4 that broadcasts to `[B, N_q, T_q, T_kv]` (one
+    /// entry per query head: a mask made per key/value head must be repeated over each
+    /// head's group of query heads, or have 1 head to be shared).
     /// A `bool` mask keeps the keys where it is `true`; any other dtype is added to the
     /// scores (it must promote to the output dtype, and is cast to it first).
+    ///
+    /// **Integer masks are additive, as in MLX**: an int32 or uint8 mask of 0 / 1 adds 0 or
+    /// 1 to the scores, it does not select keys. Convert it with `astype(DType::Bool)` to
+    /// keep the keys where it is 1 (or build an additive float mask of `0` and `-inf`).
     Array(&'a Array),
 }
 
@@ -78,17 +84,72 @@ fn cast(a: &Array, dtype: DType) -> Result<Array> {
     }
 }
 
-/// MLX's `broadcast_to` check for the mask, with both of its messages.
-fn check_mask_broadcast(mask: &[usize], target: &[usize]) -> Result<()> {
-    let shape = broadcast_shapes(mask, target)?;
+/// MLX's `broadcast_to` check for the mask, with both of its messages, each followed by a
+/// hint ([`mask_broadcast_hint`]).
+fn check_mask_broadcast(mask: &[usize], target: &[usize; 4], n_kv: usize) -> Result<()> {
+    let hint = || mask_broadcast_hint(mask, target, n_kv);
+    let shape = broadcast_shapes(mask, target).map_err(|e| match e {
+        Error::Shape(m) => Error::Shape(m + &hint()),
+        other => other,
+    })?;
     if shape != target {
         return Err(Error::Shape(format!(
-            "Cannot broadcast array of shape {} into shape {}.",
+            "Cannot broadcast array of shape {} into shape {}.{}",
             fmt_shape(mask),
-            fmt_shape(target)
+            fmt_shape(target),
+            hint()
         )));
     }
     Ok(())
+}
+
+/// What follows MLX's text when the mask does not broadcast: the mask's shape and the
+/// scores' shape it must broadcast to, and, for a mask whose head axis has one entry per
+/// key/value head in a grouped-query call, that masks are per query head.
+fn mask_broadcast_hint(mask: &[usize], target: &[usize; 4], n_kv: usize) -> String {
+    let mut hint = format!(
+        " (scaled_dot_product_attention: the mask of shape {} does not broadcast to the \
+         attention scores' shape [B, N_q, T_q, T_kv] = {}",
+        fmt_shape(mask),
+        fmt_shape(target)
+    );
+    let n_q = target[1];
+    if mask.len() >= 3 && mask[mask.len() - 3] == n_kv && n_kv > 1 && n_kv != n_q {
+        hint += &format!(
+            "; its head axis has {n_kv} entries, one per key/value head, but masks are per \
+             query head: repeat each entry over its {} query heads, or give the axis 1 entry \
+             to share it",
+            n_q / n_kv
+        );
+    }
+    hint.push(')');
+    hint
+}
+
+/// What follows MLX's head-count messages: where the heads are in the `[B, H, T, D]`
+/// layout, and, when the shapes read as `[B, T, H, D]` would fit, how to view them so.
+fn layout_hint(qs: &[usize], ks: &[usize], vs: &[usize]) -> String {
+    let mut hint = format!(
+        " (inputs are [B, H, T, D] with the heads on axis 1: N_q = {} from q {}, N_kv = {} \
+         from keys {} and {} from values {}",
+        qs[1],
+        fmt_shape(qs),
+        ks[1],
+        fmt_shape(ks),
+        vs[1],
+        fmt_shape(vs)
+    );
+    let swapped_fits =
+        ks[2] == vs[2] && ks[1] == vs[1] && ks[2] != 0 && qs[2].is_multiple_of(ks[2]);
+    if swapped_fits {
+        hint += &format!(
+            "; read as [B, T, H, D] the shapes fit ({} query heads over {} key/value heads): \
+             view q, k and v with swapaxes(1, 2), which copies nothing",
+            qs[2], ks[2]
+        );
+    }
+    hint.push(')');
+    hint
 }
 
 /// Validates the arguments in the order MLX does (`mlx/fast.cpp`), with MLX's messages,
@@ -136,15 +197,20 @@ fn validate(
     if ks[1] != vs[1] {
         return Err(Error::invalid(format!(
             "{OP} keys, values expected to have matching n_kv_heads; found keys with n_heads {} \
-             for values with n_heads {}.",
-            ks[1], vs[1]
+             for values with n_heads {}.{}",
+            ks[1],
+            vs[1],
+            layout_hint(qs, ks, vs)
         )));
     }
     // MLX divides by zero here when there are no kv heads; we report it as not a multiple.
     if (ks[1] == 0 && qs[1] != 0) || (ks[1] != 0 && qs[1] % ks[1] != 0) {
         return Err(Error::invalid(format!(
-            "{OP} n_heads must be a multiple of n_kv_heads, found n_heads {} for n_kv_heads {}.",
-            qs[1], ks[1]
+            "{OP} n_heads must be a multiple of n_kv_heads, found n_heads {} for n_kv_heads \
+             {}.{}",
+            qs[1],
+            ks[1],
+            layout_hint(qs, ks, vs)
         )));
     }
     let dtype = promote_types(promote_types(q.dtype(), k.dtype()), v.dtype());
@@ -156,10 +222,12 @@ fn validate(
     if let Mask::Array(m) = mask {
         if promote_types(m.dtype(), dtype) != dtype {
             return Err(Error::invalid(format!(
-                "{OP} Mask type must promote to output type {dtype}."
+                "{OP} Mask type must promote to output type {dtype}. (the mask is {}: cast it \
+                 with astype({dtype}) first; a bool mask selects keys instead)",
+                m.dtype()
             )));
         }
-        check_mask_broadcast(m.shape(), &[qs[0], qs[1], qs[2], ks[2]])?;
+        check_mask_broadcast(m.shape(), &[qs[0], qs[1], qs[2], ks[2]], ks[1])?;
     }
     if let Some(s) = sinks {
         if promote_types(s.dtype(), dtype) != dtype {
