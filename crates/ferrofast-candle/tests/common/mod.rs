@@ -544,7 +544,10 @@ pub fn errors(dev: &Device) {
         .to_string();
     assert!(e.contains("[scaled_dot_product_attention]"), "{e}");
     // A dtype ferrofast lacks is refused with a hint.
-    let xi = x.to_dtype(DType::I16).unwrap();
+    // (made on the CPU: candle has no CUDA cast to i16)
+    let xi = rand(&[2, 8], 80, DType::F32, &Device::Cpu)
+        .to_dtype(DType::I16)
+        .unwrap();
     let e = ffc::rms_norm(&xi, None, 1e-5).unwrap_err().to_string();
     assert!(e.contains("to_dtype"), "{e}");
     // A float mask passed as boolean is refused.
