@@ -14,6 +14,7 @@ pub(crate) mod cross_entropy;
 pub(crate) mod gated_delta;
 pub(crate) mod jit;
 pub(crate) mod memory;
+pub(crate) mod merge;
 pub(crate) mod norm;
 pub(crate) mod rope;
 pub(crate) mod runtime;
@@ -30,6 +31,7 @@ pub(crate) fn registry() -> Vec<jit::Registered> {
         cross_entropy::REGISTERED,
         gated_delta::REGISTERED,
         gated_delta::REGISTERED_CHUNKED,
+        merge::REGISTERED,
         norm::REGISTERED,
         rope::REGISTERED,
     ];

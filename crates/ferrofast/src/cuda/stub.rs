@@ -218,6 +218,24 @@ launcher!(sdpa, crate::ops::sdpa::SdpaArgs;
     run_with_lse(crate::ops::sdpa::SdpaArgs) -> (Array, Array);
     run_vjp(crate::ops::sdpa::SdpaVjpArgs) -> (Array, Array, Array, Option<Array>));
 
+/// The `merge_attention_states` launchers: unreachable without a stream.
+pub(crate) mod merge {
+    use crate::error::Result;
+    use crate::ops::merge::MergeArgs;
+    use crate::Array;
+
+    pub(crate) fn run(_: &MergeArgs, stream: &super::Stream) -> Result<(Array, Array)> {
+        match stream.never {}
+    }
+    pub(crate) fn accumulate(
+        _: Option<&Array>,
+        _: &Array,
+        stream: &super::Stream,
+    ) -> Result<Array> {
+        match stream.never {}
+    }
+}
+
 /// The `gated_delta_update` launchers: unreachable without a stream.
 pub(crate) mod gated_delta {
     use crate::error::Result;

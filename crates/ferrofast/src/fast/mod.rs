@@ -6,6 +6,7 @@
 mod cross_entropy;
 mod gated_delta;
 mod layer_norm;
+mod merge;
 mod rms_norm;
 mod rope;
 mod sdpa;
@@ -13,6 +14,7 @@ mod sdpa;
 pub use cross_entropy::*;
 pub use gated_delta::*;
 pub use layer_norm::*;
+pub use merge::*;
 pub use rms_norm::*;
 pub use rope::*;
 pub use sdpa::*;

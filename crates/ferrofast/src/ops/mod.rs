@@ -9,6 +9,7 @@
 
 pub(crate) mod cross_entropy;
 pub(crate) mod gated_delta;
+pub(crate) mod merge;
 pub(crate) mod norm;
 pub(crate) mod rope;
 pub(crate) mod sdpa;

@@ -4,6 +4,7 @@
 
 mod cross_entropy;
 mod gated_delta;
+mod merge;
 mod norm;
 mod rope;
 mod sdpa;
@@ -11,6 +12,7 @@ mod vjp;
 
 pub use cross_entropy::*;
 pub use gated_delta::*;
+pub use merge::*;
 pub use norm::*;
 pub use rope::*;
 pub use sdpa::*;
