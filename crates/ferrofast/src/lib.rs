@@ -34,6 +34,7 @@ mod kv_cache;
 #[cfg(feature = "ndarray")]
 mod ndarray_interop;
 mod ops;
+pub mod parallel;
 pub mod reference;
 pub mod testing;
 
