@@ -236,6 +236,11 @@ impl<'t> Borrowed<'t> {
     pub(crate) fn tensor(&self, a: Array) -> Result<Tensor> {
         to_tensor(a, &self.device)
     }
+
+    /// An optional result (a gradient of an optional input) as a tensor.
+    pub(crate) fn opt_tensor(&self, a: Option<Array>) -> Result<Option<Tensor>> {
+        a.map(|a| self.tensor(a)).transpose()
+    }
 }
 
 /// A ferrofast result as a candle tensor on `device` (no autograd history), without copying

@@ -16,10 +16,18 @@ use crate::convert::{borrow_cpu, into_cpu_storage, to_tensor, Borrowed};
 use crate::ops::{self, Mask, Offset, RopeOptions};
 use crate::{ff_err, CrossEntropyOptions, Result};
 
+/// The forward pass of a custom op over its inputs borrowed as arrays (one per tensor, in
+/// `apply_op*` order) on the candle device they live on.
+trait Forward {
+    /// The op's name in candle's graph.
+    const NAME: &'static str;
+    fn forward(&self, inputs: &[Array], device: &candle_core::Device) -> Result<Array>;
+}
+
 /// Runs `f` over host storages borrowed as arrays and returns its result as host storage.
 fn cpu_run(
     inputs: &[(&CpuStorage, &Layout)],
-    f: impl FnOnce(&[Array]) -> Result<Array>,
+    f: impl FnOnce(&[Array], &candle_core::Device) -> Result<Array>,
 ) -> Result<(CpuStorage, Shape)> {
     let arrays = inputs
         .iter()
@@ -28,7 +36,7 @@ fn cpu_run(
         // (`into_cpu_storage` copies a result that shares an input's memory).
         .map(|(s, l)| unsafe { borrow_cpu(s, l, Box::new(())) })
         .collect::<Result<Vec<_>>>()?;
-    let out = f(&arrays)?;
+    let out = f(&arrays, &candle_core::Device::Cpu)?;
     into_cpu_storage(out)
 }
 
@@ -37,7 +45,7 @@ fn cpu_run(
 #[cfg(feature = "cuda")]
 fn cuda_run(
     inputs: &[(&CudaStorage, &Layout)],
-    f: impl FnOnce(&[Array]) -> Result<Array>,
+    f: impl FnOnce(&[Array], &candle_core::Device) -> Result<Array>,
 ) -> Result<(CudaStorage, Shape)> {
     use crate::convert::cuda;
     let dev = &inputs
@@ -52,42 +60,40 @@ fn cuda_run(
         // stream, the one the work is queued on; nothing writes them meanwhile.
         .map(|(s, l)| unsafe { cuda::borrow(s, l, &stream, Box::new(())) })
         .collect::<Result<Vec<_>>>()?;
-    let out = f(&arrays)?;
+    let out = f(&arrays, &candle_core::Device::Cuda(dev.clone()))?;
     cuda::into_storage(out, dev)
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_run(
     _inputs: &[(&CudaStorage, &Layout)],
-    _f: impl FnOnce(&[Array]) -> Result<Array>,
+    _f: impl FnOnce(&[Array], &candle_core::Device) -> Result<Array>,
 ) -> Result<(CudaStorage, Shape)> {
     Err(candle_core::Error::Msg(
         "[ferrofast-candle] built without the `cuda` feature".into(),
     ))
 }
 
-/// The candle device of a CUDA storage (the CPU without the `cuda` feature, where no CUDA
-/// storage exists).
-#[cfg(feature = "cuda")]
-fn cuda_device(s: &CudaStorage) -> candle_core::Device {
-    candle_core::Device::Cuda(s.device.clone())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_device(_s: &CudaStorage) -> candle_core::Device {
-    candle_core::Device::Cpu
+/// `name`, `cpu_fwd` and `cuda_fwd` of a `CustomOp1/2/3` impl (one storage / layout pair
+/// per input), all running the type's [`Forward`].
+macro_rules! forward_methods {
+    ($($s:ident, $l:ident);+) => {
+        fn name(&self) -> &'static str {
+            <Self as Forward>::NAME
+        }
+        fn cpu_fwd(&self, $($s: &CpuStorage, $l: &Layout),+) -> Result<(CpuStorage, Shape)> {
+            cpu_run(&[$(($s, $l)),+], |a, d| Forward::forward(self, a, d))
+        }
+        fn cuda_fwd(&self, $($s: &CudaStorage, $l: &Layout),+) -> Result<(CudaStorage, Shape)> {
+            cuda_run(&[$(($s, $l)),+], |a, d| Forward::forward(self, a, d))
+        }
+    };
 }
 
 fn arg(arrays: &[Array], i: usize) -> Result<&Array> {
     arrays
         .get(i)
         .ok_or_else(|| candle_core::Error::Msg("[ferrofast-candle] missing input".into()))
-}
-
-/// An array over a tensor captured by an op (a mask, sinks, rope's offsets or freqs). The
-/// array lives only during the op's forward, while the tensor's storage is read-locked.
-fn captured<'t>(b: &Borrowed<'t>, t: &'t Tensor) -> Result<Array> {
-    b.array(t)
 }
 
 // ----- RMS norm ---------------------------------------------------------------------------
@@ -100,51 +106,22 @@ pub struct RmsNorm {
     pub eps: f32,
 }
 
+impl Forward for RmsNorm {
+    const NAME: &'static str = "ferrofast-rms-norm";
+    fn forward(&self, a: &[Array], _device: &candle_core::Device) -> Result<Array> {
+        fast::rms_norm(arg(a, 0)?, a.get(1), self.eps).map_err(ff_err)
+    }
+}
+
 impl CustomOp1 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "ferrofast-rms-norm"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_run(&[(s, l)], |a| {
-            fast::rms_norm(arg(a, 0)?, None, self.eps).map_err(ff_err)
-        })
-    }
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        cuda_run(&[(s, l)], |a| {
-            fast::rms_norm(arg(a, 0)?, None, self.eps).map_err(ff_err)
-        })
-    }
+    forward_methods!(s, l);
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(ops::rms_norm_vjp(x, None, self.eps, grad)?.0))
     }
 }
 
 impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "ferrofast-rms-norm"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_run(&[(s1, l1), (s2, l2)], |a| {
-            fast::rms_norm(arg(a, 0)?, Some(arg(a, 1)?), self.eps).map_err(ff_err)
-        })
-    }
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        cuda_run(&[(s1, l1), (s2, l2)], |a| {
-            fast::rms_norm(arg(a, 0)?, Some(arg(a, 1)?), self.eps).map_err(ff_err)
-        })
-    }
+    forward_methods!(s1, l1; s2, l2);
     fn bwd(
         &self,
         x: &Tensor,
@@ -178,51 +155,22 @@ pub struct LayerNorm {
     pub eps: f32,
 }
 
+impl Forward for LayerNorm {
+    const NAME: &'static str = "ferrofast-layer-norm";
+    fn forward(&self, a: &[Array], _device: &candle_core::Device) -> Result<Array> {
+        fast::layer_norm(arg(a, 0)?, a.get(1), a.get(2), self.eps).map_err(ff_err)
+    }
+}
+
 impl CustomOp1 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "ferrofast-layer-norm"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_run(&[(s, l)], |a| {
-            fast::layer_norm(arg(a, 0)?, None, None, self.eps).map_err(ff_err)
-        })
-    }
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        cuda_run(&[(s, l)], |a| {
-            fast::layer_norm(arg(a, 0)?, None, None, self.eps).map_err(ff_err)
-        })
-    }
+    forward_methods!(s, l);
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(ops::layer_norm_vjp(x, None, None, self.eps, grad)?.0))
     }
 }
 
 impl CustomOp2 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "ferrofast-layer-norm"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_run(&[(s1, l1), (s2, l2)], |a| {
-            fast::layer_norm(arg(a, 0)?, Some(arg(a, 1)?), None, self.eps).map_err(ff_err)
-        })
-    }
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        cuda_run(&[(s1, l1), (s2, l2)], |a| {
-            fast::layer_norm(arg(a, 0)?, Some(arg(a, 1)?), None, self.eps).map_err(ff_err)
-        })
-    }
+    forward_methods!(s1, l1; s2, l2);
     fn bwd(
         &self,
         x: &Tensor,
@@ -236,37 +184,7 @@ impl CustomOp2 for LayerNorm {
 }
 
 impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "ferrofast-layer-norm"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_run(&[(s1, l1), (s2, l2), (s3, l3)], |a| {
-            fast::layer_norm(arg(a, 0)?, Some(arg(a, 1)?), Some(arg(a, 2)?), self.eps)
-                .map_err(ff_err)
-        })
-    }
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        cuda_run(&[(s1, l1), (s2, l2), (s3, l3)], |a| {
-            fast::layer_norm(arg(a, 0)?, Some(arg(a, 1)?), Some(arg(a, 2)?), self.eps)
-                .map_err(ff_err)
-        })
-    }
+    forward_methods!(s1, l1; s2, l2; s3, l3);
     fn bwd(
         &self,
         x: &Tensor,
@@ -331,14 +249,15 @@ pub struct Rope {
     pub freqs: Option<Tensor>,
 }
 
-impl Rope {
-    fn run(&self, x: &Array, device: &candle_core::Device) -> Result<Array> {
+impl Forward for Rope {
+    const NAME: &'static str = "ferrofast-rope";
+    fn forward(&self, a: &[Array], device: &candle_core::Device) -> Result<Array> {
         let b = Borrowed::new(device)?;
         let dims = i32::try_from(self.dims).map_err(|_| {
             candle_core::Error::Msg(format!("[rope] dims {} overflows i32", self.dims))
         })?;
         let offset_array = match &self.offset {
-            OwnedOffset::Tensor(t) => Some(captured(&b, t)?),
+            OwnedOffset::Tensor(t) => Some(b.array(t)?),
             OwnedOffset::Int(_) => None,
         };
         let offset = match (&self.offset, &offset_array) {
@@ -346,7 +265,7 @@ impl Rope {
             (OwnedOffset::Int(v), None) => fast::RopeOffset::Int(*v),
             (OwnedOffset::Tensor(_), None) => fast::RopeOffset::Int(0),
         };
-        let freqs = self.freqs.as_ref().map(|t| captured(&b, t)).transpose()?;
+        let freqs = self.freqs.as_ref().map(|t| b.array(t)).transpose()?;
         let opts = fast::RopeOptions {
             traditional: self.traditional,
             base: self.base,
@@ -354,22 +273,12 @@ impl Rope {
             offset,
             freqs: freqs.as_ref(),
         };
-        fast::rope_with(x, dims, &opts).map_err(ff_err)
+        fast::rope_with(arg(a, 0)?, dims, &opts).map_err(ff_err)
     }
 }
 
 impl CustomOp1 for Rope {
-    fn name(&self) -> &'static str {
-        "ferrofast-rope"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_run(&[(s, l)], |a| {
-            self.run(arg(a, 0)?, &candle_core::Device::Cpu)
-        })
-    }
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        cuda_run(&[(s, l)], |a| self.run(arg(a, 0)?, &cuda_device(s)))
-    }
+    forward_methods!(s, l);
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let offset = match &self.offset {
             OwnedOffset::Int(v) => Offset::Int(*v),
@@ -457,23 +366,14 @@ impl ScaledDotProductAttention {
             lse: Mutex::new(None),
         }
     }
+}
 
-    fn run(&self, a: &[Array], device: &candle_core::Device) -> Result<Array> {
+impl Forward for ScaledDotProductAttention {
+    const NAME: &'static str = "ferrofast-scaled-dot-product-attention";
+    fn forward(&self, a: &[Array], device: &candle_core::Device) -> Result<Array> {
         let b = Borrowed::new(device)?;
-        let mask_array = match &self.mask {
-            OwnedMask::Bool(t) => Some(
-                b.private(t.ne(0u8)?)?
-                    .astype(ferrofast::DType::Bool)
-                    .map_err(ff_err)?,
-            ),
-            OwnedMask::Additive(t) => Some(b.array(t)?),
-            OwnedMask::None | OwnedMask::Causal => None,
-        };
-        let mask = match (&self.mask, &mask_array) {
-            (OwnedMask::Causal, _) => fast::Mask::Causal,
-            (_, Some(m)) => fast::Mask::Array(m),
-            _ => fast::Mask::None,
-        };
+        let mask_array = ops::mask_array(&b, self.mask.as_mask())?;
+        let mask = ops::ff_mask(self.mask.as_mask(), mask_array.as_ref());
         let sinks = self.sinks.as_ref().map(|t| b.array(t)).transpose()?;
         let (out, lse) = fast::scaled_dot_product_attention_with_lse(
             arg(a, 0)?,
@@ -495,34 +395,7 @@ impl ScaledDotProductAttention {
 }
 
 impl CustomOp3 for ScaledDotProductAttention {
-    fn name(&self) -> &'static str {
-        "ferrofast-scaled-dot-product-attention"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_run(&[(s1, l1), (s2, l2), (s3, l3)], |a| {
-            self.run(a, &candle_core::Device::Cpu)
-        })
-    }
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let device = cuda_device(s1);
-        cuda_run(&[(s1, l1), (s2, l2), (s3, l3)], |a| self.run(a, &device))
-    }
+    forward_methods!(s1, l1; s2, l2; s3, l3);
     fn bwd(
         &self,
         q: &Tensor,
@@ -602,32 +475,15 @@ pub struct CrossEntropy {
     pub options: CrossEntropyOptions,
 }
 
+impl Forward for CrossEntropy {
+    const NAME: &'static str = "ferrofast-cross-entropy";
+    fn forward(&self, a: &[Array], _device: &candle_core::Device) -> Result<Array> {
+        fast::cross_entropy_with(arg(a, 0)?, arg(a, 1)?, &self.options).map_err(ff_err)
+    }
+}
+
 impl CustomOp2 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "ferrofast-cross-entropy"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_run(&[(s1, l1), (s2, l2)], |a| {
-            fast::cross_entropy_with(arg(a, 0)?, arg(a, 1)?, &self.options).map_err(ff_err)
-        })
-    }
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        cuda_run(&[(s1, l1), (s2, l2)], |a| {
-            fast::cross_entropy_with(arg(a, 0)?, arg(a, 1)?, &self.options).map_err(ff_err)
-        })
-    }
+    forward_methods!(s1, l1; s2, l2);
     fn bwd(
         &self,
         logits: &Tensor,

@@ -86,7 +86,7 @@ fn on<'t, R>(first: &'t Tensor, f: impl FnOnce(&Borrowed<'t>) -> Result<R>) -> R
 }
 
 /// A `u8` tensor as a ferrofast bool mask (non-zero keeps the key).
-fn bool_mask(b: &Borrowed<'_>, t: &Tensor) -> Result<ferrofast::Array> {
+fn bool_mask<'t>(b: &Borrowed<'t>, t: &'t Tensor) -> Result<ferrofast::Array> {
     if t.dtype() != candle_core::DType::U8 {
         return Err(candle_core::Error::Msg(format!(
             "[ferrofast-candle] a boolean attention mask is a u8 tensor (non-zero keeps the \
@@ -94,13 +94,12 @@ fn bool_mask(b: &Borrowed<'_>, t: &Tensor) -> Result<ferrofast::Array> {
             t.dtype()
         )));
     }
-    b.private(t.ne(0u8)?)?
-        .astype(ferrofast::DType::Bool)
-        .map_err(ff_err)
+    // One cast: non-zero bytes become `true`.
+    b.array(t)?.astype(ferrofast::DType::Bool).map_err(ff_err)
 }
 
 /// A borrowed mask as ferrofast's, with the array it borrows (kept alive by the caller).
-fn mask_array<'t>(b: &Borrowed<'t>, mask: Mask<'t>) -> Result<Option<ferrofast::Array>> {
+pub(crate) fn mask_array<'t>(b: &Borrowed<'t>, mask: Mask<'t>) -> Result<Option<ferrofast::Array>> {
     Ok(match mask {
         Mask::None | Mask::Causal => None,
         Mask::Bool(t) => Some(bool_mask(b, t)?),
@@ -108,7 +107,7 @@ fn mask_array<'t>(b: &Borrowed<'t>, mask: Mask<'t>) -> Result<Option<ferrofast::
     })
 }
 
-fn ff_mask<'a>(mask: Mask<'_>, array: Option<&'a ferrofast::Array>) -> fast::Mask<'a> {
+pub(crate) fn ff_mask<'a>(mask: Mask<'_>, array: Option<&'a ferrofast::Array>) -> fast::Mask<'a> {
     match (mask, array) {
         (Mask::Causal, _) => fast::Mask::Causal,
         (_, Some(a)) => fast::Mask::Array(a),
@@ -156,7 +155,7 @@ pub fn rms_norm_vjp(
             &b.array(cotangent)?,
         )
         .map_err(ff_err)?;
-        Ok((b.tensor(dx)?, dw.map(|d| b.tensor(d)).transpose()?))
+        Ok((b.tensor(dx)?, b.opt_tensor(dw)?))
     })
 }
 
@@ -206,11 +205,7 @@ pub fn layer_norm_vjp(
             &b.array(cotangent)?,
         )
         .map_err(ff_err)?;
-        Ok((
-            b.tensor(dx)?,
-            dw.map(|d| b.tensor(d)).transpose()?,
-            db.map(|d| b.tensor(d)).transpose()?,
-        ))
+        Ok((b.tensor(dx)?, b.opt_tensor(dw)?, b.opt_tensor(db)?))
     })
 }
 
@@ -360,7 +355,7 @@ pub fn scaled_dot_product_attention_vjp(
             b.tensor(dq)?,
             b.tensor(dk)?,
             b.tensor(dv)?,
-            ds.map(|d| b.tensor(d)).transpose()?,
+            b.opt_tensor(ds)?,
         ))
     })
 }
@@ -509,7 +504,7 @@ pub fn gated_delta_update_vjp(
             dv: b.tensor(g.dv)?,
             dgamma: b.tensor(g.dgamma)?,
             dbeta: b.tensor(g.dbeta)?,
-            dstate0: g.dstate0.map(|d| b.tensor(d)).transpose()?,
+            dstate0: b.opt_tensor(g.dstate0)?,
         })
     })
 }

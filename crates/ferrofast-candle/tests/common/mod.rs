@@ -262,10 +262,15 @@ pub fn attention(dev: &Device) {
         let diff = max_diff(&got, &want);
         assert!(diff < t, "causal attention {dtype:?}: {diff}");
 
-        // The same causal mask as a u8 boolean mask (non-zero keeps), and as an additive one.
-        let keep = cm.eq(0f32).unwrap();
+        // The same causal mask as a u8 boolean mask (non-zero keeps, whatever the byte), and
+        // as an additive one.
+        let keep = (cm.eq(0f32).unwrap() * 7.0).unwrap();
         let got =
             ffc::scaled_dot_product_attention(&q, &k, &v, scale, ffc::Mask::Bool(&keep), None)
+                .unwrap();
+        assert!(max_diff(&got, &want) < t);
+        let got =
+            custom::scaled_dot_product_attention(&q, &k, &v, scale, ffc::Mask::Bool(&keep), None)
                 .unwrap();
         assert!(max_diff(&got, &want) < t);
         let add = cm.to_dtype(dtype).unwrap();
@@ -467,6 +472,28 @@ pub fn autograd(dev: &Device) {
     for var in [&x, &w, &bias] {
         let d = max_diff(g.get(var).unwrap(), g_ref.get(var).unwrap());
         assert!(d < 1e-4, "layer_norm gradient: {d}");
+    }
+    // Without a weight (one input) and with a weight only (two inputs).
+    let ones = Tensor::ones(128, DType::F32, dev).unwrap();
+    let zeros = Tensor::zeros(128, DType::F32, dev).unwrap();
+    let (loss, _) = weighted_sum(&custom::rms_norm(&x, None, 1e-5).unwrap(), 65);
+    let g = loss.backward().unwrap();
+    let (loss_ref, _) = weighted_sum(&candle_nn::ops::rms_norm_slow(&x, &ones, 1e-5).unwrap(), 65);
+    let d = max_diff(
+        g.get(&x).unwrap(),
+        loss_ref.backward().unwrap().get(&x).unwrap(),
+    );
+    assert!(d < 1e-4, "rms_norm gradient without a weight: {d}");
+    let (loss, _) = weighted_sum(&custom::layer_norm(&x, Some(&w), None, 1e-5).unwrap(), 66);
+    let g = loss.backward().unwrap();
+    let (loss_ref, _) = weighted_sum(
+        &candle_nn::ops::layer_norm_slow(&x, &w, &zeros, 1e-5).unwrap(),
+        66,
+    );
+    let g_ref = loss_ref.backward().unwrap();
+    for var in [&x, &w] {
+        let d = max_diff(g.get(var).unwrap(), g_ref.get(var).unwrap());
+        assert!(d < 1e-4, "layer_norm gradient without a bias: {d}");
     }
 
     // Rope.

@@ -259,6 +259,18 @@ pub(crate) fn copy_into(
     }
 }
 
+/// The grid of a grid-stride copy over `n` elements (at most 16 blocks a multiprocessor)
+/// and whether it needs 64-bit index arithmetic: 32 bits do when every element offset the
+/// kernel forms (at most `reach`) fits and the loop's index cannot overflow on its last step.
+fn grid_plan(sm_count: impl Into<u128>, n: u128, reach: u128) -> (u32, bool) {
+    let blocks = n.div_ceil(BLOCK as u128).min(sm_count.into() * 16).max(1) as u32;
+    let last_index = n + blocks as u128 * BLOCK as u128;
+    (
+        blocks,
+        last_index > i32::MAX as u128 || reach > i32::MAX as u128,
+    )
+}
+
 /// One `copy_strided` launch over at most [`MAX_DIMS`] dimensions: (shape, source strides,
 /// destination strides) from the given element offsets, both views inside their buffers.
 fn launch_strided(
@@ -285,12 +297,7 @@ fn launch_strided(
         dst_reach += (d as u128 - 1) * ds.unsigned_abs() as u128;
     }
     let device = dst.device().clone();
-    let blocks = n
-        .div_ceil(BLOCK as u128)
-        .min(device.sm_count() as u128 * 16)
-        .max(1) as u32;
-    let last_index = n + blocks as u128 * BLOCK as u128;
-    let wide = last_index > i32::MAX as u128 || src_reach.max(dst_reach) > i32::MAX as u128;
+    let (blocks, wide) = grid_plan(device.sm_count(), n, src_reach.max(dst_reach));
     let func = jit::function(
         &device,
         &REGISTERED.file,
@@ -398,14 +405,7 @@ fn launch_copy(
         reach += (d as u128 - 1) * s.unsigned_abs() as u128;
     }
     let device = src.device();
-    let blocks = (n as u64)
-        .div_ceil(BLOCK as u64)
-        .min(device.sm_count() as u64 * 16)
-        .max(1) as u32;
-    // 32-bit index arithmetic when every partial offset fits and the grid-stride loop's
-    // index cannot overflow on its last step.
-    let last_index = n as u128 + blocks as u128 * BLOCK as u128;
-    let wide = last_index > i32::MAX as u128 || reach > i32::MAX as u128;
+    let (blocks, wide) = grid_plan(device.sm_count(), n as u128, reach);
     let func = jit::function(
         device,
         &REGISTERED.file,
