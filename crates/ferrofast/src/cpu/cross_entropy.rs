@@ -1,19 +1,36 @@
 //! CPU kernels for `cross_entropy`, its backward and the fused training pass.
 //!
-//! One row of `V` logits at a time, rows spread over rayon. A row is read from memory once
-//! for the loss: blocks of [`BLOCK`] elements are scanned for their maximum and NaNs, the
-//! running sum of exponentials is rescaled when the maximum grows, and the block (still in
-//! L1) is exponentiated and summed. The backward pass reads the row a second time to write
-//! the gradient, from L2 for every vocabulary a step uses (a 128k-class f32 row is 512 KB).
-//! Arithmetic is f32 (f64 for f64 logits) with a polynomial `exp` written so that the loops
-//! vectorise; the row loops are compiled twice, for baseline x86-64 and for AVX2, and picked
-//! at run time. Contiguous f32 / f16 / bf16 rows are read in place; strided rows are gathered
-//! into a per-task scratch row first.
+//! One row of `V` logits at a time, rows spread over rayon. A row is read from memory once.
+//! The first pass ([`scan`]) walks it in blocks of [`BLOCK`] elements: each block's maximum
+//! (and NaN test, and sum for label smoothing) is taken first, then, the block in L1, the
+//! running sum of `exp(x - max)` over it, rescaled when the maximum grows; the next block is
+//! prefetched meanwhile. The loss needs nothing more. A gradient pass also keeps each
+//! exponential in a per-thread f32 row ([`Scratch`], in L2 for any vocabulary a step uses)
+//! with the running maximum of its block, and the second pass ([`write`]) scales them into
+//! the output: one exponential per logit. A new output buffer is written with streaming
+//! stores (no read of its cache lines first); the in-place pass rewrites the logits' own
+//! lines, which the first pass brought into cache.
+//!
+//! Arithmetic is f32 (f64 for f64 logits). `exp` is a range-reduced `2^x`: the nearest
+//! integer `n` of `x log2 e`, a degree-6 polynomial for `2^f` on `[-1/2, 1/2]` and `2^n`
+//! built in the exponent bits. Two implementations of the passes: [`avx2`] (AVX2 + FMA +
+//! F16C intrinsics, 16 logits a step, bf16 widened by shifts in registers) where the CPU has
+//! them, and [`portable`] (safe loops) elsewhere; rows whose maximum is infinite take a
+//! slower path with the exponentials recomputed from the logits. Contiguous f32 / f16 / bf16
+//! rows are read in place; strided rows are gathered into a per-task row first.
 //!
 //! Per-row formulas: see `ops/cross_entropy.rs`. Reductions add the per-row losses in f64 in
 //! row order, so every reduced result is deterministic.
 
-use super::simd::{bf16_bits_rne, bf16_widen, f16_to_f32, f32_to_f16, has_avx2_fma};
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod portable;
+#[cfg(test)]
+mod tests;
+
+#[cfg(target_arch = "x86_64")]
+use super::simd::has_avx2_fma_f16c;
+use super::simd::{bf16_bits_rne, bf16_widen, f16_to_f32, f32_to_f16};
 use crate::array::{host_pool, Array};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -22,13 +39,13 @@ use crate::ops::cross_entropy::{
 };
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
-/// Elements per block of the one-pass max / sum-of-exponentials scan (16 KiB of f32: the
-/// block is still in L1 when it is exponentiated).
-const BLOCK: usize = 4096;
-/// Independent accumulators per reduction (two AVX2 registers of f32).
-const LANES: usize = 16;
+/// Elements per block of the first pass (16 KiB of f32: the block is still in L1 when it
+/// is exponentiated, beside its exponentials and the next block being prefetched).
+pub(super) const BLOCK: usize = 4096;
 /// Below this many logits the op runs on the calling thread.
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
 
@@ -92,7 +109,7 @@ pub(crate) fn fused_in_place(args: CrossEntropyArgs) -> Result<(Array, Array)> {
     }
 }
 
-fn fused_in_place_typed<T: Logit>(mut args: CrossEntropyArgs) -> Result<(Array, Array)> {
+fn fused_in_place_typed<T: RowElem>(mut args: CrossEntropyArgs) -> Result<(Array, Array)> {
     let shape = args.logits.shape().to_vec();
     let logits = std::mem::replace(&mut args.logits, Array::scalar(0.0f32));
     let mut buf = match logits.into_host_vec::<T>() {
@@ -110,10 +127,10 @@ fn fused_in_place_typed<T: Logit>(mut args: CrossEntropyArgs) -> Result<(Array, 
     };
     let (rows, v) = (args.rows, args.vocab);
     let mut losses = host_pool::filled(rows, 0.0f32)?;
-    let avx2 = has_avx2_fma();
+    let isa = Isa::detect();
     if v > 0 {
         let job = |(r, (loss, row)): (usize, (&mut f32, &mut [T]))| {
-            *loss = row_in_place(&p, row, targets[r], g, avx2);
+            *loss = with_scratch(|sc| row_grad_in_place(&p, row, targets[r], g, isa, sc));
         };
         if rows * v >= PARALLEL_MIN_ELEMENTS && rows > 1 {
             losses
@@ -130,8 +147,9 @@ fn fused_in_place_typed<T: Logit>(mut args: CrossEntropyArgs) -> Result<(Array, 
                 .for_each(job);
         }
     } else {
+        let mut sc = Scratch::default();
         for (r, loss) in losses.iter_mut().enumerate() {
-            *loss = row_in_place::<T>(&p, &mut [], targets[r], g, avx2);
+            *loss = row_grad_in_place::<T>(&p, &mut [], targets[r], g, isa, &mut sc);
         }
     }
     let loss = reduce(&args, &targets, &losses)?;
@@ -196,7 +214,7 @@ fn row_layout(x: &Array) -> (Vec<isize>, isize) {
 // ----- f32 / f16 / bf16 logits, f32 arithmetic ------------------------------------------
 
 /// A logit element type computed in f32.
-trait Logit: Element {
+pub(super) trait Logit: Element {
     fn widen(self) -> f32;
     fn narrow(v: f32) -> Self;
 }
@@ -234,6 +252,107 @@ impl Logit for f16 {
     }
 }
 
+/// The row kernels' element types: [`Logit`]s with an AVX2 form on x86-64.
+#[cfg(target_arch = "x86_64")]
+pub(super) trait RowElem: avx2::Lanes {}
+#[cfg(target_arch = "x86_64")]
+impl<T: avx2::Lanes> RowElem for T {}
+/// The row kernels' element types.
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) trait RowElem: Logit {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: Logit> RowElem for T {}
+
+/// Which implementation of the row passes runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Isa {
+    /// Safe loops for any CPU (vectorised by the compiler where it can).
+    Portable,
+    /// The AVX2 + FMA + F16C kernels of [`avx2`]; only where the CPU has them.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Isa {
+    /// The best implementation this CPU runs.
+    pub(super) fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma_f16c() {
+            return Isa::Avx2;
+        }
+        Isa::Portable
+    }
+}
+
+/// A row's maximum (NaNs ignored), sum of `exp(x - max)` (meaningful when the maximum is
+/// finite), sum of `x` (f64; only when asked for) and whether it holds a NaN.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Scan {
+    pub(super) max: f32,
+    pub(super) sum: f32,
+    pub(super) sum_x: f64,
+    pub(super) nan: bool,
+}
+
+/// Per-thread working memory of the gradient passes: the row's exponentials and the running
+/// maximum they were taken against, per block.
+#[derive(Default)]
+pub(super) struct Scratch {
+    /// `exp(x_j - block_max[b])` for `j` in block `b` (in the kernel's own order within a
+    /// block: the AVX2 bf16 kernel stores even and odd elements apart).
+    pub(super) e: Vec<f32>,
+    /// The running maximum each block's exponentials are relative to (`-inf`: the block's
+    /// exponentials are 0).
+    pub(super) block_max: Vec<f32>,
+}
+
+impl Scratch {
+    /// Makes room for a row of `v` exponentials and forgets the previous row's blocks.
+    pub(super) fn prepare(&mut self, v: usize) {
+        if self.e.len() < v {
+            self.e.resize(v, 0.0);
+        }
+        self.block_max.clear();
+    }
+}
+
+thread_local! {
+    /// Each rayon worker's [`Scratch`], kept between calls (a fresh 128 KiB row per task
+    /// would come from `mmap` and page-fault every time).
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch (a fresh one if it is in use).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let mut f = Some(f);
+    let out = SCRATCH.try_with(|cell| match cell.try_borrow_mut() {
+        Ok(mut sc) => f.take().map(|f| f(&mut sc)),
+        Err(_) => None,
+    });
+    match (out, f) {
+        (Ok(Some(r)), _) => r,
+        (_, Some(f)) => f(&mut Scratch::default()),
+        // `f` ran but its result was lost: cannot happen (it is returned above).
+        (_, None) => unreachable!("scratch closure consumed without a result"),
+    }
+}
+
+/// The blocks a row of `v` is scanned in: [`BLOCK`] elements at a time from its start (the
+/// same for every output buffer, so that the in-place pass gives the fused pass's bits).
+pub(super) fn blocks(v: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..v).step_by(BLOCK).map(move |s| s..(s + BLOCK).min(v))
+}
+
+/// Panics unless `sc` holds what a first pass over a row of `v` stored: an exponential per
+/// element and a maximum per block (the second pass must write every element of the
+/// output, whose length is then set).
+pub(super) fn check_stored(sc: &Scratch, v: usize) {
+    assert!(
+        sc.e.len() >= v && sc.block_max.len() == v.div_ceil(BLOCK),
+        "cross_entropy: second pass over a row the first pass did not store"
+    );
+}
+
 fn rows_f32(
     args: &CrossEntropyArgs,
     targets: &[i64],
@@ -250,7 +369,7 @@ fn rows_f32(
 }
 
 /// The per-row losses and, with `scale` (the cotangent of each row's loss), the gradient.
-fn rows_typed<T: Logit>(
+fn rows_typed<T: RowElem>(
     args: &CrossEntropyArgs,
     targets: &[i64],
     scale: Option<&[f64]>,
@@ -264,7 +383,7 @@ fn rows_typed<T: Logit>(
     let (starts, col_stride) = row_layout(&args.logits);
     let mut losses = vec![0.0f32; rows];
     let mut grads: Option<Vec<T>> = scale.map(|_| host_pool::take_uninit::<T>(n)).transpose()?;
-    let avx2 = has_avx2_fma();
+    let isa = Isa::detect();
     {
         let mut grad_rows: Vec<&mut [MaybeUninit<T>]> = match grads.as_mut() {
             Some(g) => g.spare_capacity_mut()[..n]
@@ -273,35 +392,39 @@ fn rows_typed<T: Logit>(
                 .collect(),
             None => Vec::new(),
         };
-        let job = |r: usize,
-                   loss: &mut f32,
-                   grad: Option<&mut [MaybeUninit<T>]>,
-                   scratch: &mut Vec<T>| {
-            let start = starts[r];
-            let row: &[T] = if col_stride == 1 || v <= 1 {
-                // SAFETY-free indexing: the view's elements lie inside the buffer.
-                let s = start as usize;
-                &buf[s..s + v]
-            } else {
-                scratch.clear();
-                scratch.extend((0..v).map(|j| buf[(start + j as isize * col_stride) as usize]));
-                scratch
+        let job =
+            |r: usize, loss: &mut f32, grad: Option<&mut [MaybeUninit<T>]>, gather: &mut Vec<T>| {
+                let start = starts[r];
+                let row: &[T] = if col_stride == 1 || v <= 1 {
+                    // The view's elements lie inside the buffer (indexing checks it).
+                    let s = start as usize;
+                    &buf[s..s + v]
+                } else {
+                    gather.clear();
+                    gather.extend((0..v).map(|j| buf[(start + j as isize * col_stride) as usize]));
+                    gather
+                };
+                *loss = match grad {
+                    None => row_forward(&p, row, targets[r], isa),
+                    Some(out) => {
+                        let g = scale.map_or(1.0, |s| s[r]) as f32;
+                        with_scratch(|sc| row_grad(&p, row, targets[r], g, out, isa, sc))
+                    }
+                };
             };
-            let g = scale.map_or(1.0, |s| s[r]) as f32;
-            *loss = row_f32(&p, row, targets[r], g, grad, avx2);
-        };
         let parallel = n >= PARALLEL_MIN_ELEMENTS && rows > 1;
+        let min_len = (PARALLEL_MIN_ELEMENTS / v.max(1)).max(1);
         if grad_rows.is_empty() {
             if parallel {
                 losses
                     .par_iter_mut()
                     .enumerate()
-                    .with_min_len((PARALLEL_MIN_ELEMENTS / v.max(1)).max(1))
-                    .for_each_init(Vec::new, |scratch, (r, l)| job(r, l, None, scratch));
+                    .with_min_len(min_len)
+                    .for_each_init(Vec::new, |gather, (r, l)| job(r, l, None, gather));
             } else {
-                let mut scratch = Vec::new();
+                let mut gather = Vec::new();
                 for (r, l) in losses.iter_mut().enumerate() {
-                    job(r, l, None, &mut scratch);
+                    job(r, l, None, &mut gather);
                 }
             }
         } else if parallel {
@@ -309,131 +432,94 @@ fn rows_typed<T: Logit>(
                 .par_iter_mut()
                 .zip(grad_rows.par_iter_mut())
                 .enumerate()
-                .with_min_len((PARALLEL_MIN_ELEMENTS / v.max(1)).max(1))
-                .for_each_init(Vec::new, |scratch, (r, (l, gr))| {
-                    job(r, l, Some(gr), scratch)
-                });
+                .with_min_len(min_len)
+                .for_each_init(Vec::new, |gather, (r, (l, gr))| job(r, l, Some(gr), gather));
         } else {
-            let mut scratch = Vec::new();
+            let mut gather = Vec::new();
             for (r, (l, gr)) in losses.iter_mut().zip(grad_rows.iter_mut()).enumerate() {
-                job(r, l, Some(gr), &mut scratch);
+                job(r, l, Some(gr), &mut gather);
             }
         }
     }
     let grads = match grads {
         Some(mut g) => {
-            // SAFETY: `row_f32` wrote every element of each of the `rows` rows of `v`
+            // SAFETY: `row_grad` wrote every element of each of the `rows` rows of `v`
             // elements, `rows * v = n` elements in all, within the capacity reserved.
             unsafe { g.set_len(n) };
-            Some(Array::from_kernel_vec(g, args.logits.shape())?)
+            Some(Array::from_kernel_vec(g, args.logits.shape()))
         }
         None => None,
-    };
+    }
+    .transpose()?;
     Ok((losses, grads))
 }
 
-/// One row: returns the loss and, with `grad`, writes `g * dloss/dx` into it.
+/// The first pass over a row, by `isa`: [`Scan`] of `x`, and with `store` the row's
+/// exponentials and block maxima (see [`blocks`]).
 #[inline]
-fn row_f32<T: Logit>(
-    p: &RowParams,
+pub(super) fn scan<T: RowElem>(
     x: &[T],
-    raw_target: i64,
-    g: f32,
-    grad: Option<&mut [MaybeUninit<T>]>,
-    avx2: bool,
-) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: the CPU has AVX2 and FMA (checked by the caller).
-        return unsafe { row_f32_avx2(p, x, raw_target, g, grad) };
+    want_sum_x: bool,
+    store: Option<&mut Scratch>,
+    isa: Isa,
+) -> Scan {
+    match isa {
+        Isa::Portable => portable::scan(x, want_sum_x, store),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only made where the CPU has AVX2, FMA and F16C
+        // (`Isa::detect`).
+        Isa::Avx2 => unsafe { avx2::scan(x, want_sum_x, store) },
     }
-    let _ = avx2;
-    row_f32_generic(p, x, raw_target, g, grad)
 }
 
-/// [`row_f32_generic`] compiled for AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_f32_avx2<T: Logit>(
-    p: &RowParams,
-    x: &[T],
-    raw_target: i64,
-    g: f32,
-    grad: Option<&mut [MaybeUninit<T>]>,
-) -> f32 {
-    row_f32_generic(p, x, raw_target, g, grad)
-}
-
-#[inline(always)]
-fn row_f32_generic<T: Logit>(
-    p: &RowParams,
-    x: &[T],
-    raw_target: i64,
-    g: f32,
-    grad: Option<&mut [MaybeUninit<T>]>,
-) -> f32 {
-    let (loss, rule) = row_loss(p, x, raw_target, g);
-    if let Some(out) = grad {
-        match rule {
-            GradRule::Fill(v) => fill(out, T::narrow(v)),
-            GradRule::Softmax { a, c, lse, t, dt } => {
-                for (o, &xj) in out.iter_mut().zip(x) {
-                    o.write(T::narrow(a * exp_f32(xj.widen() - lse) - c));
-                }
-                out[t].write(T::narrow(dt));
-            }
-        }
-    }
-    loss
-}
-
-/// One row of the in-place training pass: returns the loss and overwrites the row with
-/// `g * dloss/dx` (each logit read before it is overwritten).
+/// The second pass of a gradient, by `isa`: `out_j = k exp(block_max_b - m) e_j - c` over
+/// the blocks `scan` stored; `stream` asks for non-temporal stores (a new buffer).
 #[inline]
-fn row_in_place<T: Logit>(p: &RowParams, x: &mut [T], raw_target: i64, g: f32, avx2: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: the CPU has AVX2 and FMA (checked by the caller).
-        return unsafe { row_in_place_avx2(p, x, raw_target, g) };
-    }
-    let _ = avx2;
-    row_in_place_generic(p, x, raw_target, g)
-}
-
-/// [`row_in_place_generic`] compiled for AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_in_place_avx2<T: Logit>(p: &RowParams, x: &mut [T], raw_target: i64, g: f32) -> f32 {
-    row_in_place_generic(p, x, raw_target, g)
-}
-
-#[inline(always)]
-fn row_in_place_generic<T: Logit>(p: &RowParams, x: &mut [T], raw_target: i64, g: f32) -> f32 {
-    let (loss, rule) = row_loss(p, x, raw_target, g);
-    match rule {
-        GradRule::Fill(v) => x.fill(T::narrow(v)),
-        GradRule::Softmax { a, c, lse, t, dt } => {
-            for xj in x.iter_mut() {
-                *xj = T::narrow(a * exp_f32(xj.widen() - lse) - c);
-            }
-            x[t] = T::narrow(dt);
+pub(super) fn write<T: RowElem>(
+    sc: &Scratch,
+    m: f32,
+    k: f32,
+    c: f32,
+    out: &mut [MaybeUninit<T>],
+    stream: bool,
+    isa: Isa,
+) {
+    match isa {
+        Isa::Portable => {
+            let _ = stream;
+            portable::write(sc, m, k, c, out)
         }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `scan`: the CPU has AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { avx2::write(sc, m, k, c, out, stream) },
     }
-    loss
+}
+
+/// One row's loss.
+fn row_forward<T: RowElem>(p: &RowParams, x: &[T], raw_target: i64, isa: Isa) -> f32 {
+    let t = match p.target(raw_target) {
+        Target::Class(t) => t,
+        Target::Ignored => return 0.0,
+        Target::OutOfRange => return f32::NAN,
+    };
+    let stats = scan(x, p.eps != 0.0, None, isa);
+    row_loss(p, x, t, 1.0, &stats).0
 }
 
 /// How a row's gradient is written.
 enum GradRule {
     /// Every element `v` (ignored rows: 0; out-of-range targets and NaN rows: NaN).
     Fill(f32),
-    /// `a exp(x_j - lse) - c` everywhere, `dt` at the target `t`.
-    Softmax {
+    /// `k exp(block_max_b - m) e_j - c` from the stored exponentials, `dt` at the target `t`.
+    Stored {
+        k: f32,
+        m: f32,
+        c: f32,
+        t: usize,
+        dt: f32,
+    },
+    /// `a exp(x_j - lse) - c` from the logits (rows whose maximum is infinite), `dt` at `t`.
+    Direct {
         a: f32,
         c: f32,
         lse: f32,
@@ -442,15 +528,9 @@ enum GradRule {
     },
 }
 
-/// A row's loss and the rule for its gradient with cotangent `g`.
-#[inline(always)]
-fn row_loss<T: Logit>(p: &RowParams, x: &[T], raw_target: i64, g: f32) -> (f32, GradRule) {
-    let t = match p.target(raw_target) {
-        Target::Class(t) => t,
-        Target::Ignored => return (0.0, GradRule::Fill(0.0)),
-        Target::OutOfRange => return (f32::NAN, GradRule::Fill(f32::NAN)),
-    };
-    let stats = scan(x, p.eps != 0.0);
+/// A row's loss, from its [`Scan`], and the rule for its gradient with cotangent `g`.
+#[inline]
+fn row_loss<T: Logit>(p: &RowParams, x: &[T], t: usize, g: f32, stats: &Scan) -> (f32, GradRule) {
     if stats.nan {
         return (f32::NAN, GradRule::Fill(f32::NAN));
     }
@@ -468,100 +548,117 @@ fn row_loss<T: Logit>(p: &RowParams, x: &[T], raw_target: i64, g: f32) -> (f32, 
     let a = g * (1.0 + 2.0 * p.z * lse);
     let c = g * p.eps_over_v;
     let dt = a * exp_f32(xt - lse) - c - g * p.one_minus_eps;
-    (loss, GradRule::Softmax { a, c, lse, t, dt })
-}
-
-fn fill<T: Copy>(out: &mut [MaybeUninit<T>], v: T) {
-    for o in out {
-        o.write(v);
-    }
-}
-
-/// A row's maximum (NaNs ignored), sum of `exp(x - max)`, sum of `x` (f64; only when asked
-/// for) and whether it holds a NaN.
-struct Scan {
-    max: f32,
-    sum: f32,
-    sum_x: f64,
-    nan: bool,
-}
-
-/// One read of the row from memory: per block of [`BLOCK`] logits, the block's maximum,
-/// then (the block still in L1) the rescaled running sum of exponentials. A NaN logit makes
-/// the sum NaN whenever the maximum is finite; a row with an infinite maximum (no sum) is
-/// searched for NaNs separately.
-#[inline(always)]
-fn scan<T: Logit>(x: &[T], want_sum_x: bool) -> Scan {
-    let mut m = f32::NEG_INFINITY;
-    let mut s = 0.0f32;
-    let mut sum_x = 0.0f64;
-    for block in x.chunks(BLOCK) {
-        let mut bm = [f32::NEG_INFINITY; LANES];
-        let mut chunks = block.chunks_exact(LANES);
-        for c in &mut chunks {
-            for k in 0..LANES {
-                let v = c[k].widen();
-                bm[k] = if v > bm[k] { v } else { bm[k] };
-            }
-        }
-        for &e in chunks.remainder() {
-            let v = e.widen();
-            bm[0] = if v > bm[0] { v } else { bm[0] };
-        }
-        let block_max = bm.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        if want_sum_x {
-            let mut bx = [0.0f32; LANES];
-            let mut chunks = block.chunks_exact(LANES);
-            for c in &mut chunks {
-                for k in 0..LANES {
-                    bx[k] += c[k].widen();
-                }
-            }
-            for &e in chunks.remainder() {
-                bx[0] += e.widen();
-            }
-            sum_x += bx.iter().map(|&v| f64::from(v)).sum::<f64>();
-        }
-        if block_max > m {
-            s = if m == f32::NEG_INFINITY {
-                0.0
-            } else {
-                s * exp_f32(m - block_max)
-            };
-            m = block_max;
-        }
-        if m.is_infinite() {
-            continue;
-        }
-        let mut acc = [0.0f32; LANES];
-        let mut chunks = block.chunks_exact(LANES);
-        for c in &mut chunks {
-            for k in 0..LANES {
-                acc[k] += exp_nonpositive(c[k].widen() - m);
-            }
-        }
-        for &e in chunks.remainder() {
-            acc[0] += exp_nonpositive(e.widen() - m);
-        }
-        s += acc.iter().sum::<f32>();
-    }
-    let nan = if m.is_infinite() {
-        x.iter().any(|v| v.widen().is_nan())
+    let rule = if m.is_infinite() {
+        GradRule::Direct { a, c, lse, t, dt }
     } else {
-        s.is_nan()
+        GradRule::Stored {
+            k: a / stats.sum,
+            m,
+            c,
+            t,
+            dt,
+        }
     };
-    Scan {
-        max: m,
-        sum: s,
-        sum_x,
-        nan,
+    (loss, rule)
+}
+
+/// A gradient row's loss and rule: the first pass over the row (which keeps each
+/// exponential in `sc`) for a class target.
+fn grad_plan<T: RowElem>(
+    p: &RowParams,
+    x: &[T],
+    raw_target: i64,
+    g: f32,
+    isa: Isa,
+    sc: &mut Scratch,
+) -> (f32, GradRule) {
+    match p.target(raw_target) {
+        Target::Class(t) => {
+            let stats = scan(x, p.eps != 0.0, Some(sc), isa);
+            row_loss(p, x, t, g, &stats)
+        }
+        Target::Ignored => (0.0, GradRule::Fill(0.0)),
+        Target::OutOfRange => (f32::NAN, GradRule::Fill(f32::NAN)),
     }
+}
+
+/// One row of a gradient pass: returns the loss and writes `g * dloss/dx` to `out` (a new
+/// buffer, written with streaming stores where the kernel has them, so that its cache lines
+/// are not read from memory first). The row is read from memory once: the first pass keeps
+/// each exponential in `sc` (the row stays in L2), the second scales them into `out`.
+pub(super) fn row_grad<T: RowElem>(
+    p: &RowParams,
+    x: &[T],
+    raw_target: i64,
+    g: f32,
+    out: &mut [MaybeUninit<T>],
+    isa: Isa,
+    sc: &mut Scratch,
+) -> f32 {
+    let (loss, rule) = grad_plan(p, x, raw_target, g, isa, sc);
+    match rule {
+        GradRule::Fill(v) => {
+            let v = T::narrow(v);
+            for o in out.iter_mut() {
+                o.write(v);
+            }
+        }
+        GradRule::Stored { k, m, c, t, dt } => {
+            write(sc, m, k, c, out, true, isa);
+            out[t].write(T::narrow(dt));
+        }
+        GradRule::Direct { a, c, lse, t, dt } => {
+            for (o, &xj) in out.iter_mut().zip(x) {
+                o.write(T::narrow(a * exp_f32(xj.widen() - lse) - c));
+            }
+            out[t].write(T::narrow(dt));
+        }
+    }
+    loss
+}
+
+/// [`row_grad`] writing the gradient over the row itself (each logit is read before it is
+/// overwritten; plain stores, the lines are in cache).
+pub(super) fn row_grad_in_place<T: RowElem>(
+    p: &RowParams,
+    x: &mut [T],
+    raw_target: i64,
+    g: f32,
+    isa: Isa,
+    sc: &mut Scratch,
+) -> f32 {
+    let (loss, rule) = grad_plan(p, x, raw_target, g, isa, sc);
+    match rule {
+        GradRule::Fill(v) => x.fill(T::narrow(v)),
+        GradRule::Stored { k, m, c, t, dt } => {
+            write(sc, m, k, c, as_uninit(x), false, isa);
+            x[t] = T::narrow(dt);
+        }
+        GradRule::Direct { a, c, lse, t, dt } => {
+            for xj in x.iter_mut() {
+                *xj = T::narrow(a * exp_f32(xj.widen() - lse) - c);
+            }
+            x[t] = T::narrow(dt);
+        }
+    }
+    loss
+}
+
+/// `o` as a slice of possibly uninitialised elements, to be overwritten with initialised
+/// ones.
+fn as_uninit<T>(o: &mut [T]) -> &mut [MaybeUninit<T>] {
+    let len = o.len();
+    // SAFETY: `MaybeUninit<T>` has `T`'s size and alignment, so the pointer and length
+    // describe the same memory, borrowed mutably for the same lifetime. The only writer of
+    // the result (`write`) stores initialised values, so the elements stay initialised for
+    // the caller's `&mut [T]` once the borrow ends.
+    unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<MaybeUninit<T>>(), len) }
 }
 
 /// The parts of `exp` shared by [`exp_f32`] and [`exp_nonpositive`]: `2^n * 2^f` with
 /// `n = round(x log2 e)` and a degree-6 polynomial for `2^f`, `|f| <= 1/2`, for `x log2 e` in
-/// `[-126, 127]` (clamped); NaN stays NaN. Written without branches or float-to-int
-/// conversions so that loops over it vectorise.
+/// `[-127, 127]` (clamped; `n = -127` gives 0); NaN stays NaN. Written without branches or
+/// float-to-int conversions so that loops over it vectorise.
 #[inline(always)]
 fn exp_core(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -569,34 +666,44 @@ fn exp_core(x: f32) -> f32 {
     // the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     let t = x * LOG2E;
-    let t = if t < -126.0 { -126.0 } else { t };
+    let t = if t < -127.0 { -127.0 } else { t };
     let t = if t > 127.0 { 127.0 } else { t };
     let r = t + ROUND;
     let f = t - (r - ROUND);
-    let mut p = 1.535_336_2e-4f32;
-    p = p * f + 1.339_887_4e-3;
-    p = p * f + 9.618_438e-3;
-    p = p * f + 5.550_332_5e-2;
-    p = p * f + 2.402_264_8e-1;
-    p = p * f + 6.931_472e-1;
-    p = p * f + 1.0;
+    let mut p = EXP2_POLY[0];
+    for &c in &EXP2_POLY[1..] {
+        p = p * f + c;
+    }
     let n_biased = r.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
     p * f32::from_bits(n_biased << 23)
 }
 
+/// `2^f` for `|f| <= 1/2`, highest degree first: the minimax polynomial of degree 6 for
+/// relative error (2.5e-9 in exact arithmetic; 8e-8, under an ulp, evaluated in f32 with
+/// fused multiply-adds).
+pub(super) const EXP2_POLY: [f32; 7] = [
+    1.546_144_5e-4,
+    1.340_042_8e-3,
+    9.618_057e-3,
+    5.550_327e-2,
+    2.402_265e-1,
+    6.931_472e-1,
+    1.0,
+];
+
 /// `exp(x)` for `x <= 0` or NaN (the terms of a sum of exponentials below its maximum):
-/// relative error about 2e-7 near 0 (growing with `|x|` to about 1e-5 near -87); below about
-/// -87.3 the result is `2^-126` instead of a smaller number or 0, which no sum with its
-/// maximum's term 1 can notice.
+/// relative error about 2e-7 near 0 (growing with `|x|` to about 1e-5 near -87); 0 below
+/// about -87.7, a wrong but tiny number (at most `2^-126`) between -87.7 and -87.3, which
+/// no sum with its maximum's term 1 can notice.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(super) fn exp_nonpositive(x: f32) -> f32 {
     exp_core(x)
 }
 
 /// `exp(x)` in f32 without branches, so loops over it vectorise (see [`exp_core`]):
 /// underflows to exactly 0 below -87.3, overflows to infinity above 88.7, NaN stays NaN.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(super) fn exp_f32(x: f32) -> f32 {
     let r = exp_core(x);
     let r = if x < -87.3 { 0.0 } else { r };
     if x > 88.7 {
@@ -670,29 +777,4 @@ fn rows_f64(
         .map(|g| Array::from_kernel_vec(g, args.logits.shape()))
         .transpose()?;
     Ok((losses, grads))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::exp_f32;
-
-    #[test]
-    fn exp_matches_std_and_handles_the_edges() {
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let (a, b) = (exp_f32(x), x.exp());
-            // The argument x log2(e) is rounded: relative error up to about |x| * 6e-8.
-            let bound = 3e-7 + f64::from(x.abs()) * 1e-7;
-            assert!(
-                f64::from(((a - b) / b).abs()) < bound,
-                "exp({x}) = {a}, std {b}"
-            );
-            x += 0.0137;
-        }
-        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_f32(-1000.0), 0.0);
-        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
-        assert!(exp_f32(f32::NAN).is_nan());
-        assert_eq!(exp_f32(0.0), 1.0);
-    }
 }

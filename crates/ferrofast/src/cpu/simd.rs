@@ -1,6 +1,6 @@
-//! CPU helpers shared by the norm, rope and attention kernels: instruction-set detection,
-//! and f16 / bf16 conversions written so that loops over them vectorise (`half` converts one
-//! element per call, and quiets NaNs with a branch).
+//! CPU helpers shared by the norm, rope, attention and cross-entropy kernels: instruction-set
+//! detection, and f16 / bf16 conversions written so that loops over them vectorise (`half`
+//! converts one element per call, and quiets NaNs with a branch).
 
 /// Whether the CPU has AVX2 (the kernels' wide paths are compiled for it).
 pub(crate) fn has_avx2() -> bool {
@@ -19,6 +19,19 @@ pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the CPU has AVX2, FMA and F16C (every AVX2 CPU has F16C; the kernels that convert
+/// f16 in vector registers ask for it too).
+pub(crate) fn has_avx2_fma_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2_fma() && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
