@@ -34,7 +34,9 @@ use crate::{Array, Stream};
 /// Special values, consistent with attention's (`docs/architecture.md`, "Special values"):
 /// - a part with `lse = -inf` (its rows saw no key) contributes nothing: its output row is
 ///   never multiplied, so whatever it holds (NaN included) does not reach the result; the
-///   same holds for a part whose weight underflows to exactly 0;
+///   same holds for a part whose `lse` is more than 87.3 below the other's (its weight
+///   `e^(lse - m)` is then below float32's normal range and counts as exactly 0, as an
+///   underflowed attention weight does);
 /// - both parts `-inf`: output 0, `lse = -inf` (attention's row that sees no key);
 /// - a NaN `lse` in either part makes the row NaN (output and `lse`); a `+inf` one (with no
 ///   NaN) makes the output row NaN (`inf / inf`, as a sink of `+inf` does in attention) and

@@ -10,9 +10,9 @@
 //!
 //! in float32 (float64 for float64 outputs), the output rounded once to the parts' dtype.
 //! Special values follow attention's rules (`docs/architecture.md`, "Special values"): a
-//! part whose weight is exactly 0 (`lse = -inf`, a row that saw no key, or a weight that
-//! underflows) contributes nothing, its output row never multiplied; both parts `-inf`
-//! give output 0 and `lse = -inf`; a NaN in either `lse` makes the row's output and `lse`
+//! part whose weight is exactly 0 (`lse = -inf`, a row that saw no key, or an `lse` more
+//! than 87.3 below the other's, [`MIN_LOG_WEIGHT`]) contributes nothing, its output row
+//! never multiplied; both parts `-inf` give output 0 and `lse = -inf`; a NaN in either `lse` makes the row's output and `lse`
 //! NaN; a `+inf` one (and no NaN) makes the output NaN (`inf / inf`) and `lse = +inf`; a NaN
 //! or infinity in the output row of a part with non-zero weight reaches that column as the
 //! arithmetic gives.
@@ -135,6 +135,11 @@ impl MergeArgs {
     }
 }
 
+/// A part whose log-sum-exp is further than this below the other's gets weight exactly 0
+/// (`e^-87.3` is about f32's smallest normal number): it contributes nothing, as an
+/// attention weight that underflows. The same bound in every back end and the oracle.
+pub(crate) const MIN_LOG_WEIGHT: f32 = -87.3;
+
 /// The per-row factors of a merge in f64 (the oracle's and the f64 kernel's arithmetic):
 /// `(c_a, c_b, lse)` with `out = c_a out_a + c_b out_b`, where a factor of exactly 0 means
 /// the part is not multiplied at all. Both parts `-inf` give `(0, 0, -inf)`; a NaN gives
@@ -151,7 +156,14 @@ pub(crate) fn row_factors_f64(la: f64, lb: f64) -> (f64, f64, f64) {
     if m == f64::INFINITY {
         return (f64::NAN, f64::NAN, f64::INFINITY);
     }
-    let (wa, wb) = ((la - m).exp(), (lb - m).exp());
+    let w = |l: f64| {
+        if l - m < f64::from(MIN_LOG_WEIGHT) {
+            0.0
+        } else {
+            (l - m).exp()
+        }
+    };
+    let (wa, wb) = (w(la), w(lb));
     let s = wa + wb;
     let lse = m + if la >= lb { wb.ln_1p() } else { wa.ln_1p() };
     (wa / s, wb / s, lse)
@@ -171,7 +183,14 @@ pub(crate) fn row_factors_f32(la: f32, lb: f32) -> (f32, f32, f32) {
     if m == f32::INFINITY {
         return (f32::NAN, f32::NAN, f32::INFINITY);
     }
-    let (wa, wb) = ((la - m).exp(), (lb - m).exp());
+    let w = |l: f32| {
+        if l - m < MIN_LOG_WEIGHT {
+            0.0
+        } else {
+            (l - m).exp()
+        }
+    };
+    let (wa, wb) = (w(la), w(lb));
     let s = wa + wb;
     let lse = m + if la >= lb { wb.ln_1p() } else { wa.ln_1p() };
     (wa / s, wb / s, lse)

@@ -12,7 +12,7 @@
 // Per row (ops/merge.rs, row_factors_f32, is the same sequence): m = max(la, lb) (NaN when
 // either is NaN); m = -inf (both parts saw nothing) gives 0 and -inf; m = +inf gives NaN
 // factors (a NaN row) and +inf; else
-// w = exp(l - m), c_a = w_a / (w_a + w_b), c_b = w_b / (w_a + w_b) and
+// w = exp(l - m) (0 when l - m < -87.3), c_a = w_a / (w_a + w_b), c_b = w_b / (w_a + w_b) and
 // lse = m + log1p(w of the smaller part). A part whose factor is exactly 0 is not read, so
 // whatever its row holds does not reach the result. All arithmetic f32, one rounding to T.
 //
@@ -24,6 +24,8 @@
 #include "ferrofast_prelude.cuh"
 
 #define FF_MERGE_V 4
+// ops::merge::MIN_LOG_WEIGHT: a part further below the other gets weight exactly 0.
+#define FF_MERGE_MIN_LOG_WEIGHT (-87.3f)
 
 __device__ __forceinline__ void ff_merge_factors(float la, float lb, float& ca, float& cb,
                                                  float& lse) {
@@ -43,8 +45,8 @@ __device__ __forceinline__ void ff_merge_factors(float la, float lb, float& ca, 
         lse = -neg_inf;
         return;
     }
-    const float wa = expf(la - m);
-    const float wb = expf(lb - m);
+    const float wa = la - m < FF_MERGE_MIN_LOG_WEIGHT ? 0.0f : expf(la - m);
+    const float wb = lb - m < FF_MERGE_MIN_LOG_WEIGHT ? 0.0f : expf(lb - m);
     const float s = wa + wb;
     lse = m + log1pf(la >= lb ? wb : wa);
     ca = wa / s;
