@@ -29,6 +29,11 @@ copy at position T-1 (`cache[:, :, T-1:T].copy_(new)`) and F.scaled_dot_product_
 (enable_gqa) with one query over the cache's first T positions (views, as ours); the step is
 both, the other rows one part each.
 
+merge_attention_states rows: the merge of two attention parts by their float32
+log-sum-exps written with PyTorch tensor ops (max, exp, weighted sum in float32, one cast
+back, log-sum-exp), eager and torch.compile'd. ring_attention rows are CPU-only (threads as
+ranks) and have no peer here.
+
 gated_delta rows: MLX's recurrence in PyTorch tensor ops (a loop over steps, eager and, for
 short sequences, compiled), and flash-linear-attention's chunked (prefill, backward) and
 fused-recurrent (decode) kernels when `fla` can be imported (carry its wheel as Liger's).
@@ -158,6 +163,16 @@ def gated_delta_peers(op, shape, dt, dev, g):
     return fns
 
 
+def merge_states(out_a, lse_a, out_b, lse_b):
+    """Two attention parts merged by their float32 log-sum-exps: (out, lse)."""
+    m = torch.maximum(lse_a, lse_b)
+    wa = torch.exp(lse_a - m)
+    wb = torch.exp(lse_b - m)
+    s = wa + wb
+    out = out_a.float() * (wa / s).unsqueeze(-1) + out_b.float() * (wb / s).unsqueeze(-1)
+    return out.to(out_a.dtype), m + torch.log(s)
+
+
 def peer_fns(op, shape, dtype):
     """Returns [(name, fn)] of PyTorch versions of one bench row."""
     dt = DTYPES[dtype]
@@ -209,6 +224,14 @@ def peer_fns(op, shape, dtype):
         return fns
     if op in ("gated_delta", "gated_delta_vjp"):
         return gated_delta_peers(op, shape, dt, dev, g)
+    if op == "merge_attention_states":
+        b, h, t, d = (int(v) for v in re.findall(r"\d+", shape))
+        oa = torch.randn(b, h, t, d, device=dev, dtype=dt, generator=g)
+        ob = torch.randn(b, h, t, d, device=dev, dtype=dt, generator=g)
+        la = torch.rand(b, h, t, device=dev, generator=g) * 8 - 4
+        lb = torch.rand(b, h, t, device=dev, generator=g) * 8 - 4
+        f = lambda: merge_states(oa, la, ob, lb)
+        return [("eager", f), ("compiled", torch.compile(lambda: merge_states(oa, la, ob, lb)))]
     if op in ("decode_step", "decode_attention", "decode_append"):
         m = re.match(r"B(\d+) H(\d+)/(\d+) T1x(\d+) D(\d+)", shape)
         b, hq, hkv, t, d = (int(v) for v in m.groups())

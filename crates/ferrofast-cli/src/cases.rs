@@ -2,6 +2,7 @@
 //! oracle.
 
 use ferrofast::fast::{self, CrossEntropyOptions, GatedDeltaGrads, Mask, Reduction, RopeOffset};
+use ferrofast::parallel::{gather_sequence, ring_attention, shard_sequence, ThreadRing};
 use ferrofast::{reference, Array, DType, Device, Result};
 
 /// One op on one shape and dtype.
@@ -85,6 +86,60 @@ pub enum Case {
         dtype: DType,
         causal: bool,
     },
+    /// `merge_attention_states` of two `[B, H, T, D]` parts with their float32
+    /// log-sum-exps: the merged output and log-sum-exp.
+    MergeStates {
+        batch: usize,
+        heads: usize,
+        len: usize,
+        head_dim: usize,
+        dtype: DType,
+    },
+    /// `parallel::ring_attention` with `world` threads as ranks (`ThreadRing`) over the
+    /// shards of one sequence (load-balanced when causal): the gathered output. Timed on
+    /// the CPU only.
+    RingAttention {
+        world: usize,
+        batch: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        len: usize,
+        head_dim: usize,
+        dtype: DType,
+        causal: bool,
+    },
+}
+
+/// Context parallelism's rows: the merge of two attention parts (memory-bound, against the
+/// copy bandwidth), and on the CPU ring attention over four threads as ranks, causal (and,
+/// outside `quick`, without a mask) against the GEMM rate.
+pub fn context_parallel_cases(quick: bool, gpu: bool) -> Vec<Case> {
+    let mut v = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        v.push(Case::MergeStates {
+            batch: 1,
+            heads: 32,
+            len: 4096,
+            head_dim: 128,
+            dtype,
+        });
+    }
+    if !gpu {
+        let causals: &[bool] = if quick { &[true] } else { &[true, false] };
+        for &causal in causals {
+            v.push(Case::RingAttention {
+                world: 4,
+                batch: 1,
+                q_heads: 8,
+                kv_heads: 2,
+                len: 2048,
+                head_dim: 64,
+                dtype: DType::F32,
+                causal,
+            });
+        }
+    }
+    v
 }
 
 /// The sizes of a `gated_delta_update` case.
@@ -178,6 +233,8 @@ struct Ops {
     cross_entropy_fused: CrossEntropyFusedFn,
     gated_delta: GatedDeltaFn,
     gated_delta_vjp: GatedDeltaVjpFn,
+    merge: MergeFn,
+    ring: RingFn,
 }
 
 /// `fast::scaled_dot_product_attention_vjp` over the saved output and log-sum-exp.
@@ -194,6 +251,44 @@ fn reference_sdpa_vjp(a: &[Array], scale: f32, mask: Mask<'_>) -> SdpaVjpResult 
 
 type SdpaVjpResult = Result<(Array, Array, Array, Option<Array>)>;
 
+type MergeFn = fn(&Array, &Array, &Array, &Array) -> Result<(Array, Array)>;
+/// Ring attention over a case's inputs `[q, k, v, then q, k, v of each rank]`: `(world,
+/// scale, causal)`, the gathered output.
+type RingFn = fn(&[Array], usize, f32, bool) -> Result<Array>;
+
+/// `parallel::ring_attention` on `world` threads, one per rank, each with its shards
+/// (`a[3 + 3r..6 + 3r]`), the outputs gathered into sequence order.
+fn fast_ring(a: &[Array], world: usize, scale: f32, causal: bool) -> Result<Array> {
+    let ranks = ThreadRing::new(world)?;
+    let outs = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .enumerate()
+            .map(|(r, comm)| {
+                let x = &a[3 + 3 * r..6 + 3 * r];
+                s.spawn(move || {
+                    ring_attention(&comm, &x[0], &x[1], &x[2], scale, causal, None).map(|o| o.0)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(ferrofast::Error::InvalidArgument("a rank panicked".into()))
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    gather_sequence(&outs, causal)
+}
+
+/// The float64 oracle's attention over the whole sequence.
+fn reference_ring(a: &[Array], _world: usize, scale: f32, causal: bool) -> Result<Array> {
+    let mask = if causal { Mask::Causal } else { Mask::None };
+    reference::scaled_dot_product_attention(&a[0], &a[1], &a[2], scale, mask, None)
+}
+
 const FAST: Ops = Ops {
     rms_norm: fast::rms_norm,
     layer_norm: fast::layer_norm,
@@ -208,6 +303,8 @@ const FAST: Ops = Ops {
     cross_entropy_fused: fast::cross_entropy_fused,
     gated_delta: fast::gated_delta_update,
     gated_delta_vjp: fast::gated_delta_update_vjp,
+    merge: fast::merge_attention_states,
+    ring: fast_ring,
 };
 
 const REFERENCE: Ops = Ops {
@@ -224,6 +321,8 @@ const REFERENCE: Ops = Ops {
     cross_entropy_fused: reference::cross_entropy_fused,
     gated_delta: reference::gated_delta_update,
     gated_delta_vjp: reference::gated_delta_update_vjp,
+    merge: reference::merge_attention_states,
+    ring: reference_ring,
 };
 
 /// The options of the training bench cases: PyTorch's defaults (`ignore_index = -100`,
@@ -281,6 +380,9 @@ impl Case {
             Case::CrossEntropyFused { in_place: true, .. } => "cross_entropy_fused_in_place",
             Case::GatedDelta(_) => "gated_delta",
             Case::GatedDeltaVjp(_) => "gated_delta_vjp",
+            Case::MergeStates { .. } => "merge_attention_states",
+            Case::RingAttention { causal: false, .. } => "ring_attention",
+            Case::RingAttention { causal: true, .. } => "ring_attention_causal",
             Case::SdpaVjp { causal: false, .. } => "sdpa_vjp",
             Case::SdpaVjp { causal: true, .. } => "sdpa_causal_vjp",
             Case::Sdpa {
@@ -326,6 +428,22 @@ impl Case {
                 "B{} T{} H{}/{} D{}x{}",
                 g.batch, g.len, g.k_heads, g.v_heads, g.k_dim, g.v_dim
             ),
+            Case::MergeStates {
+                batch,
+                heads,
+                len,
+                head_dim,
+                ..
+            } => format!("B{batch} H{heads} T{len} D{head_dim}"),
+            Case::RingAttention {
+                world,
+                batch,
+                q_heads,
+                kv_heads,
+                len,
+                head_dim,
+                ..
+            } => format!("R{world} B{batch} H{q_heads}/{kv_heads} T{len} D{head_dim}"),
         }
     }
 
@@ -342,7 +460,9 @@ impl Case {
             | Case::CrossEntropyVjp { dtype, .. }
             | Case::CrossEntropyFused { dtype, .. }
             | Case::Sdpa { dtype, .. }
-            | Case::SdpaVjp { dtype, .. } => *dtype,
+            | Case::SdpaVjp { dtype, .. }
+            | Case::MergeStates { dtype, .. }
+            | Case::RingAttention { dtype, .. } => *dtype,
             Case::GatedDelta(g) | Case::GatedDeltaVjp(g) => g.dtype,
         }
     }
@@ -351,7 +471,7 @@ impl Case {
     pub fn bound(&self) -> Bound {
         match self {
             Case::Sdpa { q_len, .. } if *q_len > 8 => Bound::Compute,
-            Case::SdpaVjp { .. } => Bound::Compute,
+            Case::SdpaVjp { .. } | Case::RingAttention { .. } => Bound::Compute,
             Case::GatedDelta(g) | Case::GatedDeltaVjp(g) if g.len > 1 => Bound::Compute,
             _ => Bound::Memory,
         }
@@ -401,6 +521,26 @@ impl Case {
                 let per_step = 2 * g.k_heads * g.k_dim + 2 * g.v_heads * g.v_dim + 2 * g.v_heads;
                 8.0 * g.state() as f64 + (g.batch * g.len * per_step) as f64 * es
             }
+            // Both parts read and the result written; the three f32 log-sum-exps.
+            Case::MergeStates {
+                batch,
+                heads,
+                len,
+                head_dim,
+                ..
+            } => {
+                let rows = (*batch * *heads * *len) as f64;
+                3.0 * rows * *head_dim as f64 * es + 3.0 * 4.0 * rows
+            }
+            // Compute-bound: q, k, v read and the output written once.
+            Case::RingAttention {
+                batch,
+                q_heads,
+                kv_heads,
+                len,
+                head_dim,
+                ..
+            } => 2.0 * ((*q_heads + *kv_heads) * *batch * *len * *head_dim) as f64 * es,
             // The state, its gradient and the initial state's gradient; the inputs and their
             // gradients.
             Case::GatedDeltaVjp(g) => {
@@ -438,6 +578,27 @@ impl Case {
             // products, the rank-one update); 17 for the backward's own arithmetic (the
             // recomputed forward not counted).
             Case::GatedDelta(g) => 7.0 * (g.state() * g.len) as f64,
+            // The attention of the whole sequence, which the ranks share.
+            Case::RingAttention {
+                batch,
+                q_heads,
+                kv_heads,
+                len,
+                head_dim,
+                dtype,
+                causal,
+                ..
+            } => Case::Sdpa {
+                batch: *batch,
+                q_heads: *q_heads,
+                kv_heads: *kv_heads,
+                q_len: *len,
+                kv_len: *len,
+                head_dim: *head_dim,
+                dtype: *dtype,
+                causal: *causal,
+            }
+            .flops(),
             Case::GatedDeltaVjp(g) => 17.0 * (g.state() * g.len) as f64,
             Case::Sdpa {
                 batch,
@@ -542,6 +703,45 @@ impl Case {
                 }
                 v
             }
+            // Two parts' outputs, each followed by its log-sum-exp (uniform in [-4, 4)).
+            Case::MergeStates {
+                batch,
+                heads,
+                len,
+                head_dim,
+                ..
+            } => {
+                let shape = [*batch, *heads, *len, *head_dim];
+                vec![
+                    Array::randn(&shape, dt, seed, device)?,
+                    Array::uniform(&shape[..3], -4.0, 4.0, DType::F32, seed + 1, device)?,
+                    Array::randn(&shape, dt, seed + 2, device)?,
+                    Array::uniform(&shape[..3], -4.0, 4.0, DType::F32, seed + 3, device)?,
+                ]
+            }
+            // The whole q, k, v, then each rank's shards of them.
+            Case::RingAttention {
+                world,
+                batch,
+                q_heads,
+                kv_heads,
+                len,
+                head_dim,
+                causal,
+                ..
+            } => {
+                let mut v = vec![
+                    Array::randn(&[*batch, *q_heads, *len, *head_dim], dt, seed, device)?,
+                    Array::randn(&[*batch, *kv_heads, *len, *head_dim], dt, seed + 1, device)?,
+                    Array::randn(&[*batch, *kv_heads, *len, *head_dim], dt, seed + 2, device)?,
+                ];
+                for r in 0..*world {
+                    for i in 0..3 {
+                        v.push(shard_sequence(&v[i], *world, r, *causal)?);
+                    }
+                }
+                v
+            }
             // q, k, v, d_out, then the forward's output and log-sum-exp.
             Case::SdpaVjp {
                 batch,
@@ -626,6 +826,16 @@ impl Case {
                 let (dq, dk, dv, _) = (ops.sdpa_vjp)(a, 1.0 / (*head_dim as f32).sqrt(), mask)?;
                 return Ok(vec![dq, dk, dv]);
             }
+            Case::MergeStates { .. } => {
+                let (out, lse) = (ops.merge)(&a[0], &a[1], &a[2], &a[3])?;
+                return Ok(vec![out, lse]);
+            }
+            Case::RingAttention {
+                world,
+                head_dim,
+                causal,
+                ..
+            } => (ops.ring)(a, *world, 1.0 / (*head_dim as f32).sqrt(), *causal),
             Case::CrossEntropy { .. } => (ops.cross_entropy)(&a[0], &a[1]),
             Case::CrossEntropyVjp { .. } => {
                 (ops.cross_entropy_vjp)(&a[0], &a[1], &CrossEntropyOptions::default(), &a[2])

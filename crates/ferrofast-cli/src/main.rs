@@ -28,7 +28,8 @@ bench  measures this machine's copy bandwidth and f32 GEMM rate, then times each
        case is kept if any matches; op names: rms_norm, layer_norm, rope, sdpa, sdpa_causal,
        sdpa_decode, cross_entropy, cross_entropy_vjp, cross_entropy_fused,
        cross_entropy_fused_in_place, gated_delta,
-       gated_delta_vjp, decode_loop); --json FILE
+       gated_delta_vjp, merge_attention_states, ring_attention, ring_attention_causal,
+       decode_loop); --json FILE
        writes every result.
        decode_loop (not with --quick): a KvCache decode loop, B1 H32/8 D128, f32 on the CPU
        and bf16 on a GPU, from 256 to 4096 cached tokens, one token appended and attended
@@ -475,6 +476,7 @@ fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
             causal: false,
         });
     }
+    v.extend(cases::context_parallel_cases(quick, gpu));
     v
 }
 
