@@ -429,3 +429,60 @@ fn a_custom_communicator_plugs_in() {
     }
     let _ = Device::Cpu;
 }
+
+#[cfg(feature = "cuda")]
+mod cuda_only {
+    use super::*;
+
+    /// `p` with every array on `dev`.
+    fn moved(p: &Problem, dev: &Device) -> Problem {
+        Problem {
+            q: common::on(&p.q, dev),
+            k: common::on(&p.k, dev),
+            v: common::on(&p.v, dev),
+            d_out: common::on(&p.d_out, dev),
+            sinks: p.sinks.as_ref().map(|s| common::on(s, dev)),
+            scale: p.scale,
+        }
+    }
+
+    /// Ranks as threads sharing one GPU: the merge, the accumulation kernel, the sharding
+    /// and gathering copies and attention's kernels on the device, against single-device
+    /// attention on the CPU.
+    #[test]
+    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
+    fn ranks_sharing_a_gpu_match_single_device_attention() {
+        let Some(gpu) = common::gpu() else { return };
+        let mut seed = 2000;
+        for (world, causal, dtype, group) in [
+            (2, true, DType::F32, 2),
+            (3, false, DType::F32, 1),
+            (4, true, DType::BF16, 4),
+            (3, true, DType::F16, 1),
+        ] {
+            let t = seq_len(world, causal, 8);
+            let p = problem(2, 2 * group, 2, t, dtype, true, seed);
+            seed += 10;
+            let what = format!("{gpu} {dtype} world {world} causal {causal} group {group}");
+            let (out, lse, (dq, dk, dv, ds), _) = ring(&moved(&p, &gpu), world, causal);
+            assert_eq!(out.device(), gpu, "{what}");
+            let (rout, rlse, (rdq, rdk, rdv, rds)) = single(&p, causal);
+            let (atol, rtol) = match dtype {
+                DType::F32 => (1e-5, 1e-4),
+                _ => (2e-2, 3e-2),
+            };
+            close(&out, &rout, atol, rtol, &format!("{what}: out"));
+            close(&lse, &rlse, 1e-5, 1e-4, &format!("{what}: lse"));
+            close(&dq, &rdq, atol, rtol, &format!("{what}: dq"));
+            close(&dk, &rdk, atol, rtol, &format!("{what}: dk"));
+            close(&dv, &rdv, atol, rtol, &format!("{what}: dv"));
+            close(
+                ds.as_ref().unwrap(),
+                rds.as_ref().unwrap(),
+                atol,
+                rtol,
+                &format!("{what}: dsinks"),
+            );
+        }
+    }
+}
