@@ -434,6 +434,19 @@ mod cpu_only {
     }
 
     #[test]
+    fn huge_broadcast_parts_are_out_of_memory_errors() {
+        // 2^44 rows of 64 features from one-element views: the output cannot be allocated,
+        // which is an error, not an abort.
+        let shape = [1usize << 14, 1 << 14, 1 << 16, 64];
+        let o = randn(&[1, 1, 1, 1], DType::F32, 1).broadcast_to(&shape).unwrap();
+        let l = uniform(&[1, 1, 1], -1.0, 1.0, DType::F32, 2)
+            .broadcast_to(&shape[..3])
+            .unwrap();
+        let e = fast::merge_attention_states(&o, &l, &o, &l).unwrap_err();
+        assert!(matches!(e, ferrofast::Error::OutOfMemory(_)), "{e}");
+    }
+
+    #[test]
     fn large_inputs_run_in_parallel_and_agree() {
         // Past the parallel threshold, with a strided part.
         let (oa, la, _, lb) = parts([2, 8, 64, 128], DType::BF16, 98);
