@@ -588,6 +588,17 @@ fn vjp(
     dout: &Array,
     dstate: Option<&Array>,
 ) -> ferrofast::Result<GatedDeltaGrads> {
+    let _form = FORM.read().unwrap_or_else(|e| e.into_inner());
+    vjp_in_set_form(c, dev, dout, dstate)
+}
+
+/// [`vjp`] in whatever form [`FORM_VAR`] picks now (the caller holds [`FORM`]).
+fn vjp_in_set_form(
+    c: &Case,
+    dev: &Device,
+    dout: &Array,
+    dstate: Option<&Array>,
+) -> ferrofast::Result<GatedDeltaGrads> {
     let x = to_dev(c, dev);
     let dstate = dstate.map(|s| on(s, dev));
     let g = fast::gated_delta_update_vjp(
@@ -716,6 +727,84 @@ on_every_device! {
             // With no step, the state's gradient passes through unchanged.
             if d.t == 0 {
                 assert_eq!(f64s(&ds0), f64s(&dstate));
+            }
+        }
+    }
+}
+
+on_every_device! {
+    /// The backward in both forms (`FERROFAST_GATED_DELTA_KERNEL`; the CPU has a chunked
+    /// backward, CUDA steps in both) against the oracle: T around the 64-step chunks, GQA,
+    /// masks, decays with exact zeros (a reset inside a chunk) and negative values, with and
+    /// without an initial state and the final state's cotangent.
+    fn vjp_sequential_and_chunked_forms(dev: &Device) {
+        let _form = FORM.write().unwrap_or_else(|e| e.into_inner());
+        let cases = [
+            (dims(1, 64, 1, 1, 16, 8), 0, true),
+            (dims(1, 63, 2, 2, 32, 48), 1, false),
+            (dims(2, 130, 2, 4, 24, 16), 1, true),
+            (dims(1, 200, 1, 2, 64, 64), 2, true),
+            (dims(2, 97, 1, 2, 8, 33), 2, false),
+        ];
+        for (n, (d, extra, with_state)) in cases.into_iter().enumerate() {
+            let mut c = make_case(d, DType::F32, false, with_state, 80 + n as u64);
+            if extra >= 1 {
+                // Exact zeros (every 37th step) and negative decays (every 23rd).
+                let g: Vec<f64> = f64s(&c.gamma)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, g)| {
+                        let t = i / d.hv % d.t;
+                        if t % 37 == 36 {
+                            0.0
+                        } else if t % 23 == 5 {
+                            -g
+                        } else {
+                            g
+                        }
+                    })
+                    .collect();
+                c.gamma = arr(g, c.gamma.shape(), DType::F32);
+            }
+            if extra == 2 {
+                c.mask = Some(holes_mask(d.b, d.t, 5));
+            }
+            let (dout, dstate) = cotangents(d, 90 + n as u64);
+            let dstate = (n % 2 == 0).then_some(&dstate);
+            let r = oracle_vjp(&c, &dout, dstate);
+            let mut grads = Vec::new();
+            for form in ["sequential", "chunked"] {
+                std::env::set_var(FORM_VAR, form);
+                let what = format!("{d:?} {form}");
+                let g = vjp_in_set_form(&c, dev, &dout, dstate)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                for (name, a, b) in [
+                    ("dq", &g.dq, &r.dq),
+                    ("dk", &g.dk, &r.dk),
+                    ("dv", &g.dv, &r.dv),
+                    ("dgamma", &g.dgamma, &r.dgamma),
+                    ("dbeta", &g.dbeta, &r.dbeta),
+                ] {
+                    check_close(a, b, 3e-4, 3e-4, &format!("{what}: {name}"));
+                    assert!(max_abs(a) > 0.0, "{what}: {name} is all zeros");
+                }
+                match (&g.dstate0, &r.dstate0) {
+                    (Some(a), Some(b)) => check_close(a, b, 3e-4, 3e-4, &format!("{what}: ds0")),
+                    (None, None) => assert!(!with_state),
+                    _ => panic!("{what}: dstate0 presence differs"),
+                }
+                grads.push(g);
+            }
+            std::env::remove_var(FORM_VAR);
+            // A masked-out step gets no gradient in either form.
+            if let Some(m) = &c.mask {
+                let keep = f64s(m);
+                let (seq, chk) = (f64s(&grads[0].dbeta), f64s(&grads[1].dbeta));
+                for (i, (a, b)) in seq.iter().zip(&chk).enumerate() {
+                    if keep[i / d.hv] == 0.0 {
+                        assert_eq!((*a, *b), (0.0, 0.0), "{d:?}: masked dbeta at {i}");
+                    }
+                }
             }
         }
     }

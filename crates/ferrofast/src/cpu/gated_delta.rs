@@ -421,6 +421,10 @@ fn head_vjp(
     if nb == 0 {
         return Ok(g);
     }
+    if uses_chunks(a) {
+        chunked::head_vjp(head, d_out, &mut g, fma)?;
+        return Ok(g);
+    }
     // The block's rows at the start of every chunk, and `states[j]`: the rows before step
     // `c0 + j` of the chunk being walked (`states[len]` after it).
     let mut ckpt = host_pool::filled(checked_size(&[chunks, nb])?, 0.0f32)?;

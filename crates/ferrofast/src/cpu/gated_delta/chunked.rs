@@ -1,6 +1,7 @@
-//! The chunked form of the forward: the delta rule over [`CHUNK`] steps at a time in its
-//! WY / UT-transform form, which turns a chunk's 64 rank-one updates into products of
-//! `[C, Dk]` and `[C, Dv]` blocks.
+//! The chunked form of the forward and of the backward: the delta rule over [`CHUNK`] steps
+//! at a time in its WY / UT-transform form, which turns a chunk's 64 rank-one updates into
+//! products of `[C, Dk]` and `[C, Dv]` blocks. The backward ([`head_vjp`]) keeps the state
+//! at every chunk's start and walks the chunks in reverse ([`ChunkGrads`] has its algebra).
 //!
 //! Within a chunk of `C` steps (`S` the state at its start, `Γ(t, j)` the product of the
 //! decays of steps `j+1 ..= t`, `G_t = Γ(t, start)`), the deltas `Δ_t = β_t (v_t - G_t S k_t
@@ -95,6 +96,13 @@ struct Blocks {
     m: Vec<f32>,
     /// `Γ(t, j) q_t · k_j` for `j <= t`, `[C, C]`.
     aqk: Vec<f32>,
+    /// `aqk` transposed (`[j, t]`, for the backward's `A^T dO`).
+    aqk_t: Vec<f32>,
+    /// `q_t · k_j` (`j <= t`) and `k_t · k_j` (`j < t`), `[C, C]` (for the backward).
+    qk: Vec<f32>,
+    kk: Vec<f32>,
+    /// The chunk's decay products.
+    dec: Decay,
     /// `G_t`, `Γ(end, t)`, β, the decays, taken flags.
     g_start: [f32; CHUNK],
     g_end: [f32; CHUNK],
@@ -156,6 +164,10 @@ impl Blocks {
             l: z(CHUNK * CHUNK)?,
             m: z(CHUNK * CHUNK)?,
             aqk: z(CHUNK * CHUNK)?,
+            aqk_t: z(CHUNK * CHUNK)?,
+            qk: z(CHUNK * CHUNK)?,
+            kk: z(CHUNK * CHUNK)?,
+            dec: Decay::new(&[]),
             g_start: [0.0; CHUNK],
             g_end: [0.0; CHUNK],
             beta: [0.0; CHUNK],
@@ -170,6 +182,7 @@ impl Blocks {
 
     /// Loads steps `c0 .. c0 + n` of `head` and forms the chunk's `U`, `W`, `Γ q·k` and
     /// decay factors.
+    #[inline(always)]
     fn prepare<const F: bool>(&mut self, head: &Head<'_>, c0: usize, n: usize) {
         let (dk, dv) = (head.a.dk, head.a.dv);
         for j in 0..n {
@@ -195,7 +208,8 @@ impl Blocks {
                 self.beta[j] = 0.0;
             }
         }
-        let dec = Decay::new(&self.gam[..n]);
+        self.dec = Decay::new(&self.gam[..n]);
+        let dec = &self.dec;
         for t in 0..n {
             self.g_start[t] = dec.between(t, -1);
             self.g_end[t] = dec.between(n - 1, t as i32);
@@ -208,9 +222,14 @@ impl Blocks {
             for j in 0..=t {
                 let kj = &self.k[j * dk..][..dk];
                 let gtj = dec.between(t, j as i32);
-                self.aqk[t * CHUNK + j] = gtj * dot::<F>(qt, kj);
+                let qk = dot::<F>(qt, kj);
+                self.qk[t * CHUNK + j] = qk;
+                self.aqk[t * CHUNK + j] = gtj * qk;
+                self.aqk_t[j * CHUNK + t] = gtj * qk;
                 if j < t {
-                    self.l[t * CHUNK + j] = self.beta[t] * gtj * dot::<F>(kt, kj);
+                    let kk = dot::<F>(kt, kj);
+                    self.kk[t * CHUNK + j] = kk;
+                    self.l[t * CHUNK + j] = self.beta[t] * gtj * kk;
                 }
             }
         }
@@ -244,6 +263,7 @@ impl Blocks {
 
     /// The chunk for state row `i` (`s`, updated in place); writes the row's outputs of the
     /// chunk's `n` steps to `out[j * dv]`.
+    #[inline(always)]
     fn row<const F: bool>(
         &mut self,
         n: usize,
@@ -259,10 +279,8 @@ impl Blocks {
             self.delta[t] = self.u[t * dv + i] - self.ws[t];
         }
         for t in 0..n {
-            let mut o = self.g_start[t] * self.qs[t];
-            for j in 0..=t {
-                o = fma::<F>(self.aqk[t * CHUNK + j], self.delta[j], o);
-            }
+            let o = self.g_start[t] * self.qs[t]
+                + dot::<F>(&self.aqk[t * CHUNK..][..=t], &self.delta[..=t]);
             out[t * dv] = if self.taken[t] { o } else { 0.0 };
         }
         for x in s.iter_mut() {
@@ -314,6 +332,367 @@ fn head_forward_generic<const F: bool>(
         x.prepare::<F>(head, c0, n);
         for (i, row) in s.chunks_exact_mut(dk.max(1)).enumerate().take(dv) {
             x.row::<F>(n, dk, dv, i, row, &mut out[c0 * dv + i..]);
+        }
+    }
+    Ok(())
+}
+
+/// A chunk's gradient accumulators and the backward's scratch (reused from chunk to chunk).
+///
+/// Over the chunk's `n` steps, with `S` the state at its start and `dS'` the gradient of the
+/// state at its end (`Δ = U - W S^T`, `O = diag(G) Q S^T + A Δ` with `A_tj = Γ(t, j) q_t · k_j`,
+/// `S' = Γ(end, start) S + Δ^T diag(Γ(end, ·)) K`):
+/// `dΔ = A^T dO + diag(Γ(end, ·)) K dS'^T`, `dU = dΔ`, `dW = -dΔ S`, and the gradient of the
+/// state at the chunk's start `Γ(end, start) dS' + dO^T diag(G) Q - dΔ^T W`. Each of these
+/// needs one state row at a time, as the forward's rows do; what sums over the rows is kept
+/// here and turned into the inputs' gradients once the chunk's rows are done
+/// ([`ChunkGrads::finish`]).
+struct ChunkGrads {
+    /// The chunk's output cotangents, `[C, Dv]` (0 for masked-out steps).
+    dout: Vec<f32>,
+    /// `dA_tj = dO_t · Δ_j` for `j <= t`, `[C, C]`.
+    da: Vec<f32>,
+    /// `dW` `[C, Dk]` and `dU` `[C, Dv]`.
+    dw: Vec<f32>,
+    du: Vec<f32>,
+    /// `S^T dO_t` and `dS'^T Δ_t`, `[C, Dk]`.
+    sdo: Vec<f32>,
+    dsd: Vec<f32>,
+    /// `<dS', S>`.
+    dg_all: f32,
+    /// Per row: `Δ_t` and `dΔ_t` entry `i`, `k_t · dS'_i`, `dO_t` entry `i`.
+    delta: [f32; CHUNK],
+    doc: [f32; CHUNK],
+    ddelta: [f32; CHUNK],
+    kd: [f32; CHUNK],
+    /// `dM`, then `dM M^T`, then `dL`, `[C, C]`.
+    dm: Vec<f32>,
+    tmp: Vec<f32>,
+    /// The decay products `Γ(t, j)` for `-1 <= j <= t` at `t * (C + 1) + j + 1`, and the
+    /// gradient of each (the terms of `dγ`), same layout.
+    gam: Vec<f32>,
+    x: Vec<f32>,
+    /// The step gradients, `[C, Dk]` / `[C, Dv]` / `[C]`.
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    dgamma: [f32; CHUNK],
+    dbeta: [f32; CHUNK],
+}
+
+impl ChunkGrads {
+    fn new(dk: usize, dv: usize) -> Result<ChunkGrads> {
+        let z = |n: usize| host_pool::filled(n, 0.0f32);
+        Ok(ChunkGrads {
+            dout: z(CHUNK * dv)?,
+            da: z(CHUNK * CHUNK)?,
+            dw: z(CHUNK * dk)?,
+            du: z(CHUNK * dv)?,
+            sdo: z(CHUNK * dk)?,
+            dsd: z(CHUNK * dk)?,
+            dg_all: 0.0,
+            delta: [0.0; CHUNK],
+            doc: [0.0; CHUNK],
+            ddelta: [0.0; CHUNK],
+            kd: [0.0; CHUNK],
+            dm: z(CHUNK * CHUNK)?,
+            tmp: z(CHUNK * CHUNK)?,
+            gam: z(CHUNK * (CHUNK + 1))?,
+            x: z(CHUNK * (CHUNK + 1))?,
+            dq: z(CHUNK * dk)?,
+            dk: z(CHUNK * dk)?,
+            dv: z(CHUNK * dv)?,
+            dgamma: [0.0; CHUNK],
+            dbeta: [0.0; CHUNK],
+        })
+    }
+
+    /// Loads the cotangents of steps `c0 .. c0 + n` and clears the accumulators.
+    fn start(&mut self, head: &Head<'_>, d_out: &[f32], c0: usize, n: usize, x: &Blocks) {
+        let dv = head.a.dv;
+        for j in 0..n {
+            let row = &mut self.dout[j * dv..][..dv];
+            if x.taken[j] {
+                row.copy_from_slice(&d_out[head.bth(c0 + j) * dv..][..dv]);
+            } else {
+                row.fill(0.0);
+            }
+        }
+        self.da.fill(0.0);
+        self.dw.fill(0.0);
+        self.du.fill(0.0);
+        self.sdo.fill(0.0);
+        self.dsd.fill(0.0);
+        self.dg_all = 0.0;
+    }
+
+    /// The chunk's backward for state row `i`: `s` is the row at the chunk's start, `ds` the
+    /// row's gradient at its end, turned into the gradient at its start.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn row<const F: bool>(
+        &mut self,
+        x: &Blocks,
+        n: usize,
+        dk: usize,
+        dv: usize,
+        i: usize,
+        s: &[f32],
+        ds: &mut [f32],
+    ) {
+        for t in 0..n {
+            self.delta[t] = x.u[t * dv + i] - dot::<F>(&x.w[t * dk..][..dk], s);
+            self.kd[t] = dot::<F>(&x.k[t * dk..][..dk], ds);
+        }
+        for t in 0..n {
+            self.doc[t] = self.dout[t * dv + i];
+        }
+        for t in 0..n {
+            let a = &x.aqk_t[t * CHUNK..][t..n];
+            self.ddelta[t] = x.g_end[t] * self.kd[t] + dot::<F>(a, &self.doc[t..n]);
+            axpy::<F>(
+                &mut self.da[t * CHUNK..][..=t],
+                self.doc[t],
+                &self.delta[..=t],
+            );
+        }
+        self.dg_all += dot::<F>(ds, s);
+        for t in 0..n {
+            let o = self.doc[t];
+            axpy::<F>(&mut self.dw[t * dk..][..dk], -self.ddelta[t], s);
+            axpy::<F>(&mut self.sdo[t * dk..][..dk], o, s);
+            axpy::<F>(&mut self.dsd[t * dk..][..dk], self.delta[t], ds);
+            self.du[t * dv + i] = self.ddelta[t];
+        }
+        for v in ds.iter_mut() {
+            *v *= x.g_all;
+        }
+        for t in 0..n {
+            let o = self.doc[t];
+            axpy::<F>(ds, x.g_start[t] * o, &x.q[t * dk..][..dk]);
+            axpy::<F>(ds, -self.ddelta[t], &x.w[t * dk..][..dk]);
+        }
+    }
+
+    /// The gradients of the chunk's inputs from the accumulators, once every row is done:
+    /// through `O`'s first term and the end state, `A = Γ ∘ Q K^T`, `W = M diag(β G) K`,
+    /// `U = M diag(β) V`, `M = (I + L)^{-1}` (`dL = -M^T dM M^T`, strictly lower),
+    /// `L = diag(β) (Γ ∘ K K^T)`, and every decay product.
+    #[inline(always)]
+    fn finish<const F: bool>(&mut self, x: &Blocks, n: usize, dk: usize, dv: usize) {
+        const W: usize = CHUNK + 1;
+        self.dq[..n * dk].fill(0.0);
+        self.dk[..n * dk].fill(0.0);
+        self.x[..n * W].fill(0.0);
+        for t in 0..n {
+            for j in -1..=(t as i32) {
+                self.gam[t * W + (j + 1) as usize] = x.dec.between(t, j);
+            }
+        }
+        // O's first term (`G_t S q_t`) and the end state's `Γ(end, j) Δ_j k_j^T`.
+        for t in 0..n {
+            axpy::<F>(
+                &mut self.dq[t * dk..][..dk],
+                x.g_start[t],
+                &self.sdo[t * dk..][..dk],
+            );
+            self.x[t * W] += dot::<F>(&x.q[t * dk..][..dk], &self.sdo[t * dk..][..dk]);
+            axpy::<F>(
+                &mut self.dk[t * dk..][..dk],
+                x.g_end[t],
+                &self.dsd[t * dk..][..dk],
+            );
+            if t + 1 < n {
+                self.x[(n - 1) * W + t + 1] +=
+                    dot::<F>(&x.k[t * dk..][..dk], &self.dsd[t * dk..][..dk]);
+            }
+        }
+        self.x[(n - 1) * W] += self.dg_all;
+        // W and U: dM_tj = β_j (G_j dW_t · k_j + dU_t · v_j) (only j < t matters: M is unit
+        // lower triangular for every L), then dBw = M^T dW and dBu = M^T dU.
+        self.dm[..n * CHUNK].fill(0.0);
+        for t in 0..n {
+            for j in 0..t {
+                let w = x.g_start[j] * dot::<F>(&self.dw[t * dk..][..dk], &x.k[j * dk..][..dk]);
+                let u = dot::<F>(&self.du[t * dv..][..dv], &x.v[j * dv..][..dv]);
+                self.dm[t * CHUNK + j] = x.beta[j] * (w + u);
+            }
+        }
+        self.dv[..n * dv].fill(0.0);
+        for j in 0..n {
+            // dBw_j and dBu_j, accumulated straight into the gradients they feed.
+            let mut kbw = 0.0f32;
+            let mut vbu = 0.0f32;
+            for t in j..n {
+                let m = x.m[t * CHUNK + j];
+                kbw = fma::<F>(
+                    m,
+                    dot::<F>(&self.dw[t * dk..][..dk], &x.k[j * dk..][..dk]),
+                    kbw,
+                );
+                vbu = fma::<F>(
+                    m,
+                    dot::<F>(&self.du[t * dv..][..dv], &x.v[j * dv..][..dv]),
+                    vbu,
+                );
+                axpy::<F>(
+                    &mut self.dk[j * dk..][..dk],
+                    m * x.beta[j] * x.g_start[j],
+                    &self.dw[t * dk..][..dk],
+                );
+                axpy::<F>(
+                    &mut self.dv[j * dv..][..dv],
+                    m * x.beta[j],
+                    &self.du[t * dv..][..dv],
+                );
+            }
+            self.dbeta[j] = x.g_start[j] * kbw + vbu;
+            self.x[j * W] += x.beta[j] * kbw;
+        }
+        // dL = -M^T dM M^T on the strict lower triangle: tmp = dM M^T, dL = -M^T tmp.
+        for a in 0..n {
+            for j in 0..n {
+                let mut acc = 0.0f32;
+                for b in 0..a.min(j + 1) {
+                    acc = fma::<F>(self.dm[a * CHUNK + b], x.m[j * CHUNK + b], acc);
+                }
+                self.tmp[a * CHUNK + j] = acc;
+            }
+        }
+        for t in 0..n {
+            for j in 0..t {
+                let mut acc = 0.0f32;
+                for a in t..n {
+                    acc = fma::<F>(x.m[a * CHUNK + t], self.tmp[a * CHUNK + j], acc);
+                }
+                self.dm[t * CHUNK + j] = -acc;
+            }
+        }
+        // L_tj = β_t Γ(t, j) k_t · k_j and A_tj = Γ(t, j) q_t · k_j: β, the decay products
+        // and the q / k products.
+        for t in 0..n {
+            let mut db = 0.0f32;
+            for j in 0..=t {
+                let g = self.gam[t * W + j + 1];
+                let da = self.da[t * CHUNK + j];
+                // q_t · k_j: dq_t += da Γ k_j, dk_j += da Γ q_t.
+                axpy::<F>(&mut self.dq[t * dk..][..dk], da * g, &x.k[j * dk..][..dk]);
+                axpy::<F>(&mut self.dk[j * dk..][..dk], da * g, &x.q[t * dk..][..dk]);
+                if j < t {
+                    let dl = self.dm[t * CHUNK + j];
+                    let kk = x.kk[t * CHUNK + j];
+                    db = fma::<F>(dl * g, kk, db);
+                    let dkk = dl * x.beta[t] * g;
+                    axpy::<F>(&mut self.dk[t * dk..][..dk], dkk, &x.k[j * dk..][..dk]);
+                    axpy::<F>(&mut self.dk[j * dk..][..dk], dkk, &x.k[t * dk..][..dk]);
+                    self.x[t * W + j + 1] += da * x.qk[t * CHUNK + j] + dl * x.beta[t] * kk;
+                }
+            }
+            self.dbeta[t] += db;
+        }
+        // dγ_s = Σ_{t >= s > j} dΓ(t, j) Γ(t, s) Γ(s - 1, j): the product over (j, t] without
+        // step s, exact for zero decays (no division by γ_s).
+        for s in 0..n {
+            let mut acc = 0.0f32;
+            for t in s..n {
+                let mut inner = 0.0f32;
+                for j in -1..(s as i32) {
+                    let before = if j + 1 == s as i32 {
+                        1.0
+                    } else {
+                        self.gam[(s - 1) * W + (j + 1) as usize]
+                    };
+                    inner = fma::<F>(self.x[t * W + (j + 1) as usize], before, inner);
+                }
+                acc = fma::<F>(self.gam[t * W + s + 1], inner, acc);
+            }
+            self.dgamma[s] = acc;
+        }
+    }
+}
+
+/// The backward of one head in chunks (scalar decay): the forward once more keeping the
+/// state at every chunk's start, then the chunks in reverse, each recomputing its blocks and
+/// walking the state rows. `d_out` is the call's `[B, T, Hv, Dv]` cotangent; `g.ds0` holds
+/// the final state's gradient and receives the initial state's; the step gradients of taken
+/// steps are written to `g` (the others are left as they are).
+pub(super) fn head_vjp(
+    head: &Head<'_>,
+    d_out: &[f32],
+    g: &mut super::HeadGrads,
+    fma: bool,
+) -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    if fma {
+        // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma`, checked by the caller).
+        return unsafe { head_vjp_avx2(head, d_out, g) };
+    }
+    let _ = fma;
+    head_vjp_generic::<false>(head, d_out, g)
+}
+
+/// [`head_vjp_generic`] compiled for AVX2 + FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn head_vjp_avx2(head: &Head<'_>, d_out: &[f32], g: &mut super::HeadGrads) -> Result<()> {
+    head_vjp_generic::<true>(head, d_out, g)
+}
+
+#[inline(always)]
+fn head_vjp_generic<const F: bool>(
+    head: &Head<'_>,
+    d_out: &[f32],
+    g: &mut super::HeadGrads,
+) -> Result<()> {
+    let (ts, dk, dv) = (head.a.t, head.a.dk, head.a.dv);
+    let n_state = dv * dk;
+    if n_state == 0 || ts == 0 {
+        return Ok(());
+    }
+    let chunks = ts.div_ceil(CHUNK);
+    let mut x = Blocks::new(dk, dv)?;
+    let mut cg = ChunkGrads::new(dk, dv)?;
+    let mut ckpt = host_pool::filled(crate::array::checked_size(&[chunks, n_state])?, 0.0f32)?;
+    let mut s = host_pool::filled(n_state, 0.0f32)?;
+    let mut scratch = host_pool::filled(CHUNK * dv, 0.0f32)?;
+    head.init(0, &mut s);
+    for ch in 0..chunks {
+        ckpt[ch * n_state..][..n_state].copy_from_slice(&s);
+        if ch + 1 < chunks {
+            let c0 = ch * CHUNK;
+            x.prepare::<F>(head, c0, CHUNK);
+            for (i, row) in s.chunks_exact_mut(dk).enumerate() {
+                x.row::<F>(CHUNK, dk, dv, i, row, &mut scratch[i..]);
+            }
+        }
+    }
+    for ch in (0..chunks).rev() {
+        let c0 = ch * CHUNK;
+        let n = CHUNK.min(ts - c0);
+        x.prepare::<F>(head, c0, n);
+        cg.start(head, d_out, c0, n, &x);
+        let start = &ckpt[ch * n_state..][..n_state];
+        for (i, (row, drow)) in start
+            .chunks_exact(dk)
+            .zip(g.ds0.chunks_exact_mut(dk))
+            .enumerate()
+        {
+            cg.row::<F>(&x, n, dk, dv, i, row, drow);
+        }
+        cg.finish::<F>(&x, n, dk, dv);
+        for j in 0..n {
+            if !x.taken[j] {
+                continue;
+            }
+            let t = c0 + j;
+            g.dq[t * dk..][..dk].copy_from_slice(&cg.dq[j * dk..][..dk]);
+            g.dk[t * dk..][..dk].copy_from_slice(&cg.dk[j * dk..][..dk]);
+            g.dv[t * dv..][..dv].copy_from_slice(&cg.dv[j * dv..][..dv]);
+            g.dg[t] = cg.dgamma[j];
+            g.db[t] = cg.dbeta[j];
         }
     }
     Ok(())
