@@ -467,6 +467,13 @@ impl Case {
         }
     }
 
+    /// Whether the case starts threads of its own (ring attention's ranks, which use the
+    /// global rayon pool), so that a smaller installed pool would not limit it: such a case
+    /// is timed at the machine's thread count only.
+    pub fn runs_own_threads(&self) -> bool {
+        matches!(self, Case::RingAttention { .. })
+    }
+
     /// What limits the op.
     pub fn bound(&self) -> Bound {
         match self {

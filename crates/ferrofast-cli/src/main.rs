@@ -574,12 +574,15 @@ fn bench(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
         let inputs = case.inputs(&opts.device, 7)?;
         // Compute-bound CPU cases also run on one thread: the second core of this kind of
         // machine adds far less than a second core's worth.
-        let thread_counts: Vec<usize> =
-            if case.bound() == Bound::Compute && threads > 1 && opts.device.is_cpu() {
-                vec![1, threads]
-            } else {
-                vec![threads]
-            };
+        let thread_counts: Vec<usize> = if case.bound() == Bound::Compute
+            && threads > 1
+            && opts.device.is_cpu()
+            && !case.runs_own_threads()
+        {
+            vec![1, threads]
+        } else {
+            vec![threads]
+        };
         for &n in &thread_counts {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build()?;
             // CPU memory-bound cases alternate with a copy of the same bytes (the "paired"

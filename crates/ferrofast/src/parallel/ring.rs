@@ -169,7 +169,7 @@ impl Partial {
 /// `r - t` and sends it on before computing with it, so the exchange overlaps the compute
 /// when the transport queues sends. Per step the visible part is one attention call
 /// with its log-sum-exp, merged with [`fast::merge_attention_states`] into float32
-/// accumulators:
+/// accumulators (float64 for float64 calls):
 /// - `causal = false` (contiguous layout, any shard lengths): every block fully.
 /// - `causal = true` (load-balanced layout, see [`shard_ranges`](super::shard_ranges)):
 ///   the own block with a causal mask over the local positions; a block from an earlier
@@ -183,7 +183,7 @@ impl Partial {
 /// # Errors
 /// `Error::InvalidArgument` when the communicator's rank is not below its world size, an
 /// input is not 4-D, or (causal) q and k do not have one even length; a received block
-/// whose shape does not fit (naming the sending rank); attention's errors for the shards
+/// whose shape does not fit (naming the rank it belongs to); attention's errors for the shards
 /// (see [`fast::scaled_dot_product_attention`]); the communicator's errors. An error on one
 /// rank ends that rank's call: with [`ThreadRing`](super::ThreadRing), its neighbours'
 /// calls then fail too rather than wait.
