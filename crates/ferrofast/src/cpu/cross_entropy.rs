@@ -39,7 +39,7 @@ use crate::ops::cross_entropy::{
 };
 use half::{bf16, f16};
 use rayon::prelude::*;
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
@@ -282,6 +282,17 @@ impl Isa {
         }
         Isa::Portable
     }
+
+    /// Every implementation this CPU runs, the portable one first.
+    #[cfg(test)]
+    pub(super) fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma_f16c() {
+            v.push(Isa::Avx2);
+        }
+        v
+    }
 }
 
 /// A row's maximum (NaNs ignored), sum of `exp(x - max)` (meaningful when the maximum is
@@ -319,22 +330,17 @@ impl Scratch {
 thread_local! {
     /// Each rayon worker's [`Scratch`], kept between calls (a fresh 128 KiB row per task
     /// would come from `mmap` and page-fault every time).
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
 }
 
-/// Runs `f` with this thread's scratch (a fresh one if it is in use).
+/// Runs `f` with this thread's scratch (taken out for the call, so a nested call would get
+/// a fresh one).
 fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
-    let mut f = Some(f);
-    let out = SCRATCH.try_with(|cell| match cell.try_borrow_mut() {
-        Ok(mut sc) => f.take().map(|f| f(&mut sc)),
-        Err(_) => None,
-    });
-    match (out, f) {
-        (Ok(Some(r)), _) => r,
-        (_, Some(f)) => f(&mut Scratch::default()),
-        // `f` ran but its result was lost: cannot happen (it is returned above).
-        (_, None) => unreachable!("scratch closure consumed without a result"),
-    }
+    let mut sc = SCRATCH.try_with(Cell::take).unwrap_or_default();
+    let r = f(&mut sc);
+    // Fails only while the thread is being torn down; the scratch is then dropped.
+    let _ = SCRATCH.try_with(|cell| cell.set(sc));
+    r
 }
 
 /// The blocks a row of `v` is scanned in: [`BLOCK`] elements at a time from its start (the
@@ -467,7 +473,7 @@ pub(super) fn scan<T: RowElem>(
         Isa::Portable => portable::scan(x, want_sum_x, store),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only made where the CPU has AVX2, FMA and F16C
-        // (`Isa::detect`).
+        // (`Isa::detect`, `Isa::available`).
         Isa::Avx2 => unsafe { avx2::scan(x, want_sum_x, store) },
     }
 }

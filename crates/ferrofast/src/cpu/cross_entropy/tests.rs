@@ -99,7 +99,7 @@ fn oracle(p: &RowParams, x: &[f64], t: usize, g: f64) -> (f64, Vec<f64>) {
 /// portable ones (which must agree to a few f32 roundings), over row lengths around the
 /// vector steps and blocks, output offsets, label smoothing and z-loss.
 fn implementations_agree<T: RowElem>(ulp: f64) {
-    let isas = [Isa::Portable, Isa::detect()];
+    let isas = Isa::available();
     for (case, &v) in [
         1usize, 5, 16, 17, 31, 32, 33, 63, 100, 4095, 4096, 4097, 9000, 20011,
     ]
@@ -118,7 +118,7 @@ fn implementations_agree<T: RowElem>(ulp: f64) {
             let p = params(v, eps, z);
             let (want_loss, want) = oracle(&p, &wide, t, 0.75);
             let mut got = Vec::new();
-            for isa in isas {
+            for &isa in &isas {
                 for shift in [0usize, 1, 3] {
                     let (loss, out) = grad(&p, &xs, t as i64, 0.75, isa, shift);
                     let what = format!("v {v} eps {eps} z {z} {isa:?} shift {shift}");
@@ -189,7 +189,7 @@ fn f16_kernels_agree_with_each_other_and_f64() {
 fn special_values_agree() {
     let v = 4096 + 37;
     let p = params(v, 0.0, 0.0);
-    for isa in [Isa::Portable, Isa::detect()] {
+    for isa in Isa::available() {
         for pos in [0usize, 15, 16, 4095, 4096, 4100, v - 1] {
             let mut x = values(v, 5, 6.0, 0.0);
             x[pos] = f32::NAN;
