@@ -251,6 +251,45 @@ fn longer_sequences_and_wider_heads() {
 }
 
 #[test]
+fn ranks_with_devices_on_the_cpu() {
+    // `with_devices` moves what a rank receives to its device: here the CPU for all.
+    let p = problem(1, 4, 2, 24, DType::F32, false, 1200);
+    let ranks = ThreadRing::with_devices(&[Device::Cpu; 3]).unwrap();
+    let outs: Vec<Array> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|comm| {
+                let p = &p;
+                s.spawn(move || {
+                    let r = comm.rank();
+                    let shard = |x: &Array| shard_sequence(x, 3, r, true).unwrap();
+                    ring_attention(
+                        &comm,
+                        &shard(&p.q),
+                        &shard(&p.k),
+                        &shard(&p.v),
+                        p.scale,
+                        true,
+                        None,
+                    )
+                    .unwrap()
+                    .0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (rout, _, _) = single(&p, true);
+    close(
+        &gather_sequence(&outs, true).unwrap(),
+        &rout,
+        2e-6,
+        2e-5,
+        "with_devices",
+    );
+}
+
+#[test]
 fn layouts_shard_and_gather() {
     // Load-balanced: rank r holds chunks r and 2R-1-r.
     assert_eq!(shard_ranges(12, 3, 0, true).unwrap(), vec![0..2, 10..12]);
@@ -317,6 +356,8 @@ fn layout_errors() {
     assert!(msg(gather_sequence(&[odd], true).unwrap_err())
         .contains("holds two chunks of equal length"));
     assert!(msg(ThreadRing::new(0).unwrap_err())
+        .contains("[ThreadRing] a ring needs at least one rank"));
+    assert!(msg(ThreadRing::with_devices(&[]).unwrap_err())
         .contains("[ThreadRing] a ring needs at least one rank"));
 }
 
@@ -443,6 +484,85 @@ mod cuda_only {
             d_out: common::on(&p.d_out, dev),
             sinks: p.sinks.as_ref().map(|s| common::on(s, dev)),
             scale: p.scale,
+        }
+    }
+
+    /// Ranks on different GPUs (round robin over every GPU found; needs two), the blocks
+    /// moved between them by `ThreadRing::with_devices`: each rank's results against
+    /// single-device attention on the CPU.
+    #[test]
+    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
+    fn ranks_on_several_gpus_match_single_device_attention() {
+        let gpus = common::gpus();
+        if gpus.len() < 2 {
+            println!("skipping: {} CUDA device(s), two needed", gpus.len());
+            return;
+        }
+        for (world, causal) in [(2, true), (4, true), (3, false)] {
+            let devices: Vec<Device> = (0..world).map(|r| gpus[r % gpus.len()]).collect();
+            let p = problem(1, 4, 2, seq_len(world, causal, 8), DType::F32, true, 3000);
+            let ranks = ThreadRing::with_devices(&devices).unwrap();
+            let results: Vec<Result<Vec<Array>>> = std::thread::scope(|s| {
+                let handles: Vec<_> = ranks
+                    .into_iter()
+                    .map(|comm| {
+                        let p = &p;
+                        let dev = devices[comm.rank()];
+                        s.spawn(move || -> Result<Vec<Array>> {
+                            let r = comm.rank();
+                            let shard =
+                                |x: &Array| shard_sequence(&common::on(x, &dev), world, r, causal);
+                            let (q, k, v, g) =
+                                (shard(&p.q)?, shard(&p.k)?, shard(&p.v)?, shard(&p.d_out)?);
+                            let sinks = p.sinks.as_ref().map(|x| common::on(x, &dev));
+                            let (out, lse) =
+                                ring_attention(&comm, &q, &k, &v, p.scale, causal, sinks.as_ref())?;
+                            let (dq, dk, dv, ds) = ring_attention_vjp(
+                                &comm,
+                                &q,
+                                &k,
+                                &v,
+                                p.scale,
+                                causal,
+                                sinks.as_ref(),
+                                &out,
+                                &lse,
+                                &g,
+                            )?;
+                            assert_eq!(out.device(), dev);
+                            [out, lse, dq, dk, dv, ds.expect("dsinks")]
+                                .iter()
+                                .map(|a| a.to_device(&Device::Cpu))
+                                .collect()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("rank"))
+                    .collect()
+            });
+            let per_rank: Vec<Vec<Array>> = results.into_iter().map(|r| r.unwrap()).collect();
+            let gathered = |i: usize| {
+                let shards: Vec<Array> = per_rank.iter().map(|r| r[i].clone()).collect();
+                gather_sequence(&shards, causal).unwrap()
+            };
+            let (rout, rlse, (rdq, rdk, rdv, rds)) = single(&p, causal);
+            let what = format!("{world} ranks on {devices:?} causal {causal}");
+            close(&gathered(0), &rout, 1e-5, 1e-4, &format!("{what}: out"));
+            close(&gathered(1), &rlse, 1e-5, 1e-4, &format!("{what}: lse"));
+            close(&gathered(2), &rdq, 1e-5, 1e-4, &format!("{what}: dq"));
+            close(&gathered(3), &rdk, 1e-5, 1e-4, &format!("{what}: dk"));
+            close(&gathered(4), &rdv, 1e-5, 1e-4, &format!("{what}: dv"));
+            for r in &per_rank {
+                close(
+                    &r[5],
+                    rds.as_ref().unwrap(),
+                    1e-5,
+                    1e-4,
+                    &format!("{what}: dsinks"),
+                );
+            }
         }
     }
 

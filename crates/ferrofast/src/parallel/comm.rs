@@ -2,7 +2,7 @@
 //! implementation for ranks that are threads of one process.
 
 use crate::error::{Error, Result};
-use crate::Array;
+use crate::{Array, Device};
 use std::sync::mpsc::{channel, Receiver, Sender};
 
 /// A ring of `world_size()` ranks, as the ring algorithms of [`crate::parallel`] see it:
@@ -47,9 +47,11 @@ pub trait Communicator {
 }
 
 /// One rank of a ring of threads in one process, over standard channels: the transport
-/// for running context parallelism on the CPU and for testing the ring algorithms (the
-/// arrays are handed over as they are, without a copy; ranks on different GPUs need a
-/// transport that moves them, such as a later NCCL one).
+/// for running context parallelism on the CPU and for testing the ring algorithms. From
+/// [`ThreadRing::new`] the arrays are handed over as they are, without a copy (ranks on the
+/// CPU, or sharing one GPU); from [`ThreadRing::with_devices`] each rank's received arrays
+/// are moved to its device, through host memory between GPUs (a fallback for testing
+/// ranks on several GPUs; a device-to-device transport such as NCCL is the fast way).
 ///
 /// ```
 /// use ferrofast::parallel::{Communicator, ThreadRing};
@@ -80,6 +82,8 @@ pub trait Communicator {
 pub struct ThreadRing {
     rank: usize,
     world_size: usize,
+    /// Where received arrays are moved (`None`: kept where they are).
+    device: Option<Device>,
     to_next: Sender<Vec<Array>>,
     from_prev: Receiver<Vec<Array>>,
 }
@@ -90,6 +94,21 @@ impl ThreadRing {
     /// # Errors
     /// `Error::InvalidArgument` for a world size of 0.
     pub fn new(world_size: usize) -> Result<Vec<ThreadRing>> {
+        ThreadRing::ring(world_size, &[])
+    }
+
+    /// The ranks of a new ring, rank `r` working on `devices[r]` (one rank per entry; a
+    /// device may appear more than once): the arrays a rank receives are moved to its
+    /// device ([`Array::to_device`]: a cheap handle when they are there already, a copy
+    /// through host memory between GPUs).
+    ///
+    /// # Errors
+    /// `Error::InvalidArgument` for an empty list.
+    pub fn with_devices(devices: &[Device]) -> Result<Vec<ThreadRing>> {
+        ThreadRing::ring(devices.len(), devices)
+    }
+
+    fn ring(world_size: usize, devices: &[Device]) -> Result<Vec<ThreadRing>> {
         if world_size == 0 {
             return Err(Error::invalid(
                 "[ThreadRing] a ring needs at least one rank but world_size is 0.",
@@ -105,6 +124,7 @@ impl ThreadRing {
             .map(|(rank, (to_next, from_prev))| ThreadRing {
                 rank,
                 world_size,
+                device: devices.get(rank).copied(),
                 to_next,
                 from_prev,
             })
@@ -132,12 +152,16 @@ impl Communicator for ThreadRing {
     }
 
     fn recv_prev(&self) -> Result<Vec<Array>> {
-        self.from_prev.recv().map_err(|_| {
+        let got = self.from_prev.recv().map_err(|_| {
             Error::invalid(format!(
                 "[ThreadRing] rank {} cannot receive: rank {} has stopped without sending.",
                 self.rank,
                 (self.rank + self.world_size - 1) % self.world_size
             ))
-        })
+        })?;
+        match &self.device {
+            None => Ok(got),
+            Some(d) => got.iter().map(|a| a.to_device(d)).collect(),
+        }
     }
 }
