@@ -438,7 +438,9 @@ mod cpu_only {
         // 2^44 rows of 64 features from one-element views: the output cannot be allocated,
         // which is an error, not an abort.
         let shape = [1usize << 14, 1 << 14, 1 << 16, 64];
-        let o = randn(&[1, 1, 1, 1], DType::F32, 1).broadcast_to(&shape).unwrap();
+        let o = randn(&[1, 1, 1, 1], DType::F32, 1)
+            .broadcast_to(&shape)
+            .unwrap();
         let l = uniform(&[1, 1, 1], -1.0, 1.0, DType::F32, 2)
             .broadcast_to(&shape[..3])
             .unwrap();
