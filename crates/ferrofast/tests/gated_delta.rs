@@ -431,22 +431,7 @@ on_every_device! {
         for (n, (d, dtype, extra)) in cases.into_iter().enumerate() {
             let mut c = make_case(d, dtype, false, n % 2 == 0, 40 + n as u64);
             if extra >= 1 {
-                // Exact zeros (every 37th step) and negative decays (every 23rd).
-                let g: Vec<f64> = f64s(&c.gamma)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, g)| {
-                        let t = i / d.hv % d.t;
-                        if t % 37 == 36 {
-                            0.0
-                        } else if t % 23 == 5 {
-                            -g
-                        } else {
-                            g
-                        }
-                    })
-                    .collect();
-                c.gamma = arr(g, c.gamma.shape(), dtype);
+                c.gamma = zeros_and_negatives(&c.gamma, d);
             }
             if extra == 2 {
                 c.mask = Some(holes_mask(d.b, d.t, 3));
@@ -749,22 +734,7 @@ on_every_device! {
         for (n, (d, extra, with_state)) in cases.into_iter().enumerate() {
             let mut c = make_case(d, DType::F32, false, with_state, 80 + n as u64);
             if extra >= 1 {
-                // Exact zeros (every 37th step) and negative decays (every 23rd).
-                let g: Vec<f64> = f64s(&c.gamma)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, g)| {
-                        let t = i / d.hv % d.t;
-                        if t % 37 == 36 {
-                            0.0
-                        } else if t % 23 == 5 {
-                            -g
-                        } else {
-                            g
-                        }
-                    })
-                    .collect();
-                c.gamma = arr(g, c.gamma.shape(), DType::F32);
+                c.gamma = zeros_and_negatives(&c.gamma, d);
             }
             if extra == 2 {
                 c.mask = Some(holes_mask(d.b, d.t, 5));
@@ -808,6 +778,26 @@ on_every_device! {
             }
         }
     }
+}
+
+/// Scalar decays `[B, T, Hv]` with exact zeros (every 37th step: a reset inside a 64-step
+/// chunk) and negated values (every 23rd step), in the decays' dtype.
+fn zeros_and_negatives(gamma: &Array, d: Dims) -> Array {
+    let g: Vec<f64> = f64s(gamma)
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let t = i / d.hv % d.t;
+            if t % 37 == 36 {
+                0.0
+            } else if t % 23 == 5 {
+                -g
+            } else {
+                g
+            }
+        })
+        .collect();
+    arr(g, gamma.shape(), gamma.dtype())
 }
 
 /// Picks one input of a case.
