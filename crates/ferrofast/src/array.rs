@@ -1421,7 +1421,15 @@ impl Array {
             return crate::cuda::storage::copy_cast(self, dtype, None);
         }
         fn convert<S: Element, D: Element>(a: &Array) -> Result<CpuData> {
-            let src = a.to_vec::<S>()?;
+            // A contiguous array is read in place; a view is gathered first.
+            let gathered;
+            let src: &[S] = match a.contiguous_slice::<S>()? {
+                Some(s) => s,
+                None => {
+                    gathered = a.to_vec::<S>()?;
+                    &gathered
+                }
+            };
             let int_path = !S::DTYPE.is_floating() && !D::DTYPE.is_floating();
             // Room for every element first, so the parallel extend never reallocates.
             let mut out = host_pool::take_uninit::<D>(src.len())?;
