@@ -13,9 +13,12 @@
 //! argument errors); strided views (transposes, reversed slices, broadcasts); bad
 //! arguments (mismatched weights, wrong ranks, bad rope dims, offsets and frequencies,
 //! attention masks and sinks of the wrong shape or dtype, gated-delta shapes, head ratios,
-//! decays and masks); special values (NaN, infinities,
-//! huge and zero scales). Every result must be `Ok` or an `Err`; an `Ok` on finite input is
-//! compared with the oracle, NaN where the oracle is NaN. Calls whose work alone (not their
+//! decays and masks, attention-merge parts of different shapes, ranks or dtypes and
+//! log-sum-exps of the wrong shape or dtype); special values (NaN, infinities, huge and
+//! zero scales, `-inf` log-sum-exps of merge parts that saw no key). Every result must be
+//! `Ok` or an `Err`; an `Ok` on finite input is compared with the oracle, NaN where the
+//! oracle is NaN (`merge_attention_states`, whose special values the oracle defines, is
+//! compared on every input). Calls whose work alone (not their
 //! memory) would be huge are not made: attention over 2^40 keys with a small output is
 //! valid and would take days.
 //!
@@ -371,6 +374,12 @@ enum Call {
         mask: Option<Tensor>,
         vjp: bool,
     },
+    Merge {
+        out_a: Tensor,
+        lse_a: Tensor,
+        out_b: Tensor,
+        lse_b: Tensor,
+    },
 }
 
 #[derive(Debug)]
@@ -402,7 +411,67 @@ fn shape_ending(rng: &mut Rng, rank: usize, last: usize) -> Vec<usize> {
 impl Call {
     fn random(rng: &mut Rng) -> Call {
         let vjp_chance = 20;
-        match rng.below(5) {
+        match rng.below(6) {
+            5 => {
+                // [B, H, T, D_v], sometimes one axis huge (free through a broadcast; the
+                // output then cannot be allocated).
+                let mut shape: Vec<usize> = (0..4).map(|_| size(rng)).collect();
+                if rng.chance(4) {
+                    shape[rng.below(4)] = HUGE;
+                }
+                let dtype = any_dtype(rng);
+                let dtype_b = if rng.chance(95) {
+                    dtype
+                } else {
+                    any_dtype(rng)
+                };
+                let lse_dtype = |rng: &mut Rng| {
+                    if rng.chance(95) {
+                        if dtype == DType::F64 {
+                            DType::F64
+                        } else {
+                            DType::F32
+                        }
+                    } else {
+                        any_dtype(rng)
+                    }
+                };
+                let (la_dt, lb_dt) = (lse_dtype(rng), lse_dtype(rng));
+                let mut shapes = [
+                    shape.clone(),
+                    shape[..3].to_vec(),
+                    shape.clone(),
+                    shape[..3].to_vec(),
+                ];
+                // Sometimes a wrong size or rank.
+                if rng.chance(8) {
+                    let i = rng.below(4);
+                    let ax = rng.below(shapes[i].len());
+                    shapes[i][ax] += 1;
+                }
+                if rng.chance(4) {
+                    shapes[rng.below(4)].pop();
+                }
+                let [oas, las, obs, lbs] = shapes;
+                let out_a = Tensor::random(rng, oas, dtype);
+                let out_b = Tensor::random(rng, obs, dtype_b);
+                // Log-sum-exps: sometimes a row that saw no key.
+                let lse = |rng: &mut Rng, shape: Vec<usize>, dt: DType| {
+                    let mut t = Tensor::random(rng, shape, dt);
+                    if rng.chance(15) {
+                        t.special = Some((rng.below(64), f64::NEG_INFINITY));
+                    }
+                    t
+                };
+                let lse_a = lse(rng, las, la_dt);
+                let lse_b = lse(rng, lbs, lb_dt);
+                Call::Merge {
+                    out_a,
+                    lse_a,
+                    out_b,
+                    lse_b,
+                }
+            }
             4 => {
                 let (b, t, hk) = (size(rng), size(rng), rng.pick(&[1, 2, 0]));
                 let hv = hk * rng.pick(&[1, 2, 3]);
@@ -660,6 +729,26 @@ impl Call {
                 mask,
                 vjp,
             } => gated_delta(q, k, v, gamma, beta, state, mask, *vjp),
+            Call::Merge {
+                out_a,
+                lse_a,
+                out_b,
+                lse_b,
+            } => {
+                let (oa, la, ob, lb) = (
+                    out_a.build()?,
+                    lse_a.build()?,
+                    out_b.build()?,
+                    lse_b.build()?,
+                );
+                let (out, lse) = fast::merge_attention_states(&oa, &la, &ob, &lb)?;
+                // The oracle defines the special values (`-inf` parts, NaN, infinities), so
+                // every result is compared.
+                let (ro, rl) = reference::merge_attention_states(&oa, &la, &ob, &lb)?;
+                compare(&out, &ro, "merge_attention_states out")?;
+                compare(&lse, &rl, "merge_attention_states lse")?;
+                Ok(true)
+            }
             Call::RmsNorm { x, w, eps, vjp } => {
                 let (xa, wa) = (x.build()?, opt(w)?);
                 let got = fast::rms_norm(&xa, wa.as_ref(), *eps)?;

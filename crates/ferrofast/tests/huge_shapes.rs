@@ -187,3 +187,58 @@ fn attention_vjp_of_huge_broadcasts_returns_an_error() {
         "attention vjp",
     );
 }
+
+#[test]
+fn merge_of_huge_broadcasts_returns_an_error() {
+    let small = |shape: &[usize]| scalar_f32(0.25).broadcast_to(shape).unwrap();
+    // Huge batch: the merged output (and its log-sum-exp) cannot be allocated.
+    let out = small(&[HUGE, 1, 1, 8]);
+    let lse = small(&[HUGE, 1, 1]);
+    assert_too_large(
+        fast::merge_attention_states(&out, &lse, &out, &lse),
+        "merge, huge batch",
+    );
+    // One row of a huge feature axis.
+    let out = small(&[1, 1, 1, HUGE]);
+    let lse = small(&[1, 1, 1]);
+    assert_too_large(
+        fast::merge_attention_states(&out, &lse, &out, &lse),
+        "merge, huge feature axis",
+    );
+    // A huge log-sum-exp alone (no features): still too large.
+    let out = Array::zeros(&[1, 1, 1, 0], DType::F32, &Device::Cpu)
+        .unwrap()
+        .broadcast_to(&[1, 1, HUGE, 0])
+        .unwrap();
+    let lse = small(&[1, 1, HUGE]);
+    assert_too_large(
+        fast::merge_attention_states(&out, &lse, &out, &lse),
+        "merge, huge log-sum-exp",
+    );
+    // 16-bit and 64-bit parts.
+    for (dtype, lse_dtype) in [
+        (DType::F16, DType::F32),
+        (DType::BF16, DType::F32),
+        (DType::F64, DType::F64),
+    ] {
+        let out = Array::scalar(0.5f64)
+            .astype(dtype)
+            .unwrap()
+            .broadcast_to(&[1, HUGE, 1, 4])
+            .unwrap();
+        let lse = Array::scalar(-0.5f64)
+            .astype(lse_dtype)
+            .unwrap()
+            .broadcast_to(&[1, HUGE, 1])
+            .unwrap();
+        assert_too_large(
+            fast::merge_attention_states(&out, &lse, &out, &lse),
+            &format!("merge, {dtype}"),
+        );
+    }
+    // An argument error still comes first: a log-sum-exp of the wrong dtype.
+    let out = small(&[HUGE, 1, 1, 8]);
+    let lse = Array::scalar(1.0f64).broadcast_to(&[HUGE, 1, 1]).unwrap();
+    let r = fast::merge_attention_states(&out, &lse, &out, &lse);
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+}
