@@ -29,7 +29,9 @@ outputs back). Dtypes are given as MLX names (``"float32"``), NumPy / ml_dtypes 
 PyTorch dtypes.
 
 Beyond MLX, each op's backward pass is exposed (``*_vjp``), as are the training forward of
-attention (``scaled_dot_product_attention_with_lse``), cross-entropy's options
+attention (``scaled_dot_product_attention_with_lse``), the merge of attention results over
+disjoint key sets (``merge_attention_states``, for split-KV and context parallelism),
+cross-entropy's options
 (``cross_entropy_with``), its fused loss-and-gradient (``cross_entropy_fused``) and
 ``compile_to_cubin`` (NVRTC, for ``precompiled_cuda_kernel``).
 """
@@ -51,6 +53,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_with_lse",
     "scaled_dot_product_attention_vjp",
+    "merge_attention_states",
     "cross_entropy",
     "cross_entropy_with",
     "cross_entropy_vjp",
@@ -284,6 +287,25 @@ def scaled_dot_product_attention_vjp(
         from_tensor(dv, q),
         from_tensor(ds, q),
     )
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b, *, stream=None):
+    """Merges two attention results over disjoint sets of the keys into the result over all
+    of them: ``[out, lse]`` as :func:`scaled_dot_product_attention_with_lse` returns it over
+    the union of the keys (up to rounding).
+
+    ``out_a``, ``out_b``: the parts' outputs ``[B, N_q, T_q, D_v]`` (one floating dtype, one
+    shape); ``lse_a``, ``lse_b``: their log-sum-exps ``[B, N_q, T_q]``, float32 (float64 for
+    float64 outputs). Per row, with ``m = max(lse_a, lse_b)`` and ``w = exp(lse - m)``:
+    ``lse = logaddexp(lse_a, lse_b)`` and ``out = (w_a out_a + w_b out_b) / (w_a + w_b)``,
+    computed in float32 (float64 for float64) and rounded once to the parts' dtype. A part
+    with ``lse = -inf`` (its rows saw no key) contributes nothing; both ``-inf`` give 0 and
+    ``-inf``; a NaN ``lse`` makes the row NaN. Wrong shapes or dtypes are ``ValueError``s."""
+    _check_stream("merge_attention_states", stream, out_a)
+    out, lse = _native.merge_attention_states(
+        to_tensor(out_a), to_tensor(lse_a), to_tensor(out_b), to_tensor(lse_b)
+    )
+    return [from_tensor(out, out_a), from_tensor(lse, out_a)]
 
 
 # ----- cross-entropy ------------------------------------------------------------------------

@@ -41,6 +41,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m
     )?)?;
     m.add_function(wrap_pyfunction!(ops::scaled_dot_product_attention_vjp, m)?)?;
+    m.add_function(wrap_pyfunction!(ops::merge_attention_states, m)?)?;
     m.add_function(wrap_pyfunction!(ops::cross_entropy_with, m)?)?;
     m.add_function(wrap_pyfunction!(ops::cross_entropy_vjp, m)?)?;
     m.add_function(wrap_pyfunction!(ops::cross_entropy_fused, m)?)?;

@@ -304,6 +304,25 @@ pub fn scaled_dot_product_attention_vjp(
     Ok((wrap(dq), wrap(dk), wrap(dv), wrap_opt(ds)))
 }
 
+// ----- merge_attention_states ----------------------------------------------------------------
+
+/// `merge_attention_states(out_a, lse_a, out_b, lse_b) -> (out, lse)`: two attention results
+/// over disjoint key sets, with their log-sum-exps, merged into the result over all the keys
+/// (`fast::merge_attention_states`, whose checks and messages it keeps).
+#[pyfunction]
+#[pyo3(signature = (out_a, lse_a, out_b, lse_b))]
+pub fn merge_attention_states(
+    py: Python<'_>,
+    out_a: &Bound<'_, Tensor>,
+    lse_a: &Bound<'_, Tensor>,
+    out_b: &Bound<'_, Tensor>,
+    lse_b: &Bound<'_, Tensor>,
+) -> PyResult<(Tensor, Tensor)> {
+    let (oa, la, ob, lb) = (arr(out_a)?, arr(lse_a)?, arr(out_b)?, arr(lse_b)?);
+    let (out, lse) = run(py, move || fast::merge_attention_states(&oa, &la, &ob, &lb))?;
+    Ok((wrap(out), wrap(lse)))
+}
+
 // ----- cross_entropy -------------------------------------------------------------------------
 
 fn ce_options(

@@ -342,3 +342,148 @@ def test_gated_delta_update_errors():
         F.gated_delta_update(q, k, v, g, beta[..., :2])
     with pytest.raises(ValueError, match=r"multiple of the number of key heads"):
         F.gated_delta_update(q, k, v[:, :, :3], g[..., :3], beta[..., :3])
+
+
+# ----- merge_attention_states ---------------------------------------------------------------
+
+
+def _np_merge(oa, la, ob, lb):
+    """The merge in float64 NumPy: ``out = (w_a out_a + w_b out_b) / (w_a + w_b)`` with
+    ``w = exp(lse - max(lse_a, lse_b))`` (a part whose ``lse`` is ``-inf`` is left out),
+    ``lse = logaddexp(lse_a, lse_b)``; rows where both parts are ``-inf`` give 0 and ``-inf``."""
+    oa, ob = ref.f64(oa), ref.f64(ob)
+    la, lb = ref.f64(la), ref.f64(lb)
+    m = np.maximum(la, lb)
+    empty = np.isneginf(m)
+    safe_m = np.where(empty, 0.0, m)
+    wa = np.where(np.isneginf(la), 0.0, np.exp(la - safe_m))
+    wb = np.where(np.isneginf(lb), 0.0, np.exp(lb - safe_m))
+    total = np.where(empty, 1.0, wa + wb)
+    ca, cb = (wa / total)[..., None], (wb / total)[..., None]
+    with np.errstate(invalid="ignore"):
+        out = np.where(ca == 0, 0.0, ca * oa) + np.where(cb == 0, 0.0, cb * ob)
+        return out, np.logaddexp(la, lb)
+
+
+def _merge_parts(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    lse_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    oa = rand(shape, dtype, seed + 1)
+    ob = rand(shape, dtype, seed + 2)
+    la = rng.uniform(-4.0, 4.0, shape[:3]).astype(lse_dtype)
+    lb = rng.uniform(-4.0, 4.0, shape[:3]).astype(lse_dtype)
+    return oa, la, ob, lb
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [np.dtype(np.float64)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 17), (1, 2, 4, 64), (1, 1, 1, 1)])
+def test_merge_attention_states_matches_numpy(dtype, shape):
+    oa, la, ob, lb = _merge_parts(shape, dtype, 80)
+    res = F.merge_attention_states(oa, la, ob, lb)
+    assert isinstance(res, list) and len(res) == 2
+    out, lse = res
+    assert out.dtype == dtype and out.shape == shape
+    assert lse.dtype == la.dtype and lse.shape == shape[:3]
+    rout, rlse = _np_merge(oa, la, ob, lb)
+    close(out, rout, dtype)
+    close(lse, rlse, la.dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), BF16], ids=str)
+def test_merge_attention_states_special_values(dtype):
+    shape = (1, 2, 3, 8)
+    oa, la, ob, lb = _merge_parts(shape, dtype, 81)
+    # Row 0: part a saw no key (its output NaN, never read); row 1: neither part did;
+    # row 2: part b saw no key; row 3: a NaN log-sum-exp.
+    oa[0, 0, 0] = np.nan
+    la[0, 0, 0] = -np.inf
+    la[0, 0, 1] = lb[0, 0, 1] = -np.inf
+    lb[0, 0, 2] = -np.inf
+    la[0, 1, 0] = np.nan
+    out, lse = F.merge_attention_states(oa, la, ob, lb)
+    out, lse = np.asarray(out).astype(np.float64), np.asarray(lse)
+    np.testing.assert_array_equal(out[0, 0, 0], ref.f64(ob)[0, 0, 0])
+    np.testing.assert_array_equal(out[0, 0, 1], np.zeros(8))
+    np.testing.assert_array_equal(out[0, 0, 2], ref.f64(oa)[0, 0, 2])
+    assert lse[0, 0, 0] == lb[0, 0, 0] and lse[0, 0, 1] == -np.inf and lse[0, 0, 2] == la[0, 0, 2]
+    assert np.isnan(out[0, 1, 0]).all() and np.isnan(lse[0, 1, 0])
+    # Every other row as the NumPy merge.
+    rout, rlse = _np_merge(oa, la, ob, lb)
+    close(out[0, 1, 1:], rout[0, 1, 1:], dtype)
+    close(lse[0, 1, 1:], rlse[0, 1, 1:], np.float32)
+
+
+def _split_keys(mask, split):
+    if mask is None or isinstance(mask, str):
+        return mask, mask
+    return mask[..., :split], mask[..., split:]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("sinks_in", [None, "a", "b"])
+def test_merge_attention_states_of_two_key_halves_is_attention(dtype, mask_kind, sinks_in):
+    q, k, v = _sdpa_inputs(dtype, nq=4, nkv=2, tq=5, tkv=13, d=16, dv=12, seed=90)
+    if mask_kind == "bool":
+        rng = np.random.default_rng(91)
+        mask = rng.random((2, 1, 5, 13)) < 0.5
+        mask[..., 0] = True  # every row sees a key overall (some see none in a half)
+        mask[0, 0, 1, 1:] = False  # a row that sees no key in the second half
+    elif mask_kind == "additive":
+        mask = rand((1, 4, 5, 13), dtype, 92)
+    else:
+        mask = None
+    sinks = rand((4,), dtype, 93) if sinks_in else None
+    split = 6
+    ma, mb = _split_keys(mask, split)
+    out_a, lse_a = F.scaled_dot_product_attention_with_lse(
+        q, k[:, :, :split], v[:, :, :split], scale=0.25, mask=ma,
+        sinks=sinks if sinks_in == "a" else None,
+    )
+    out_b, lse_b = F.scaled_dot_product_attention_with_lse(
+        q, k[:, :, split:], v[:, :, split:], scale=0.25, mask=mb,
+        sinks=sinks if sinks_in == "b" else None,
+    )
+    out, lse = F.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    assert out.dtype == dtype and out.shape == (2, 4, 5, 12)
+    # Against attention over all the keys: the float64 reference and ferrofast's own.
+    rout, rlse = ref.sdpa(q, k, v, 0.25, mask, sinks)
+    close(out, rout, dtype, factor=3)
+    close(lse, rlse, np.float32, factor=3)
+    full, full_lse = F.scaled_dot_product_attention_with_lse(q, k, v, scale=0.25, mask=mask, sinks=sinks)
+    close(out, ref.f64(full), dtype, factor=3)
+    close(lse, ref.f64(full_lse), np.float32, factor=3)
+
+
+def test_merge_attention_states_strided_views_and_empty():
+    # [B, T, H, D] memory seen as [B, H, T, D]; a reversed feature axis; a log-sum-exp
+    # broadcast over heads.
+    oa = np.swapaxes(rand((2, 5, 3, 16), np.float32, 94), 1, 2)
+    ob = rand((2, 3, 5, 32), np.float32, 95)[..., ::-2]
+    la = np.broadcast_to(rand((2, 1, 5), np.float32, 96), (2, 3, 5))
+    lb = rand((2, 3, 10), np.float32, 97)[..., 1::2]
+    assert not oa.flags.c_contiguous and not ob.flags.c_contiguous
+    out, lse = F.merge_attention_states(oa, la, ob, lb)
+    rout, rlse = _np_merge(oa, la, ob, lb)
+    close(out, rout, np.float32)
+    close(lse, rlse, np.float32)
+    for shape in [(0, 2, 3, 4), (2, 3, 0, 4), (2, 3, 4, 0)]:
+        oa, la, ob, lb = _merge_parts(shape, np.float32, 98)
+        out, lse = F.merge_attention_states(oa, la, ob, lb, stream="cpu")
+        assert out.shape == shape and lse.shape == shape[:3]
+
+
+def test_merge_attention_states_errors():
+    oa, la, ob, lb = _merge_parts((1, 2, 3, 4), np.float32, 99)
+    with pytest.raises(ValueError, match=r"\[merge_attention_states\] out_a must be 4-dimensional"):
+        F.merge_attention_states(oa[0], la, ob, lb)
+    with pytest.raises(ValueError, match=r"out_a and out_b must have the same shape"):
+        F.merge_attention_states(oa, la, ob[..., :3], lb)
+    with pytest.raises(ValueError, match=r"out_a and out_b must have the same dtype"):
+        F.merge_attention_states(oa, la, ob.astype(np.float16), lb)
+    with pytest.raises(ValueError, match=r"lse_b must have the outputs' shape"):
+        F.merge_attention_states(oa, la, ob, lb[..., :2])
+    with pytest.raises(ValueError, match=r"lse_a must have type float32 for float32 outputs"):
+        F.merge_attention_states(oa, la.astype(np.float64), ob, lb)
+    with pytest.raises(ValueError, match="names the CUDA but the inputs live on the CPU"):
+        F.merge_attention_states(oa, la, ob, lb, stream="gpu")
