@@ -1,7 +1,8 @@
 //! ferrofast's fused kernels on [candle](https://github.com/huggingface/candle) tensors:
-//! RMS / layer norm, rope, scaled dot-product attention (masks, GQA, sinks), cross-entropy
-//! and the gated delta rule, forward and backward, on the CPU and (with the `cuda` feature)
-//! on NVIDIA GPUs.
+//! RMS / layer norm, rope, scaled dot-product attention (masks, GQA, sinks) and the merge of
+//! its partial results over disjoint keys ([`merge_attention_states`]), cross-entropy and
+//! the gated delta rule, forward and backward, on the CPU and (with the `cuda` feature) on
+//! NVIDIA GPUs.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};

@@ -360,6 +360,42 @@ pub fn scaled_dot_product_attention_vjp(
     })
 }
 
+/// Merges two attention results over disjoint sets of the keys into the result over all
+/// of them (`ferrofast::fast::merge_attention_states`; the merge step of split-KV and
+/// context-parallel attention): `(out, lse)` as [`scaled_dot_product_attention_with_lse`]
+/// returns it over the union of the keys, up to rounding.
+///
+/// `out_a`, `out_b` are the parts' outputs `[B, N_q, T_q, D_v]` (one floating dtype, one
+/// shape); `lse_a`, `lse_b` their log-sum-exps `[B, N_q, T_q]`, `f32` (`f64` for `f64`
+/// outputs), as [`scaled_dot_product_attention_with_lse`] returns them. Per row, with
+/// `m = max(lse_a, lse_b)` and `w = exp(lse - m)`: `lse = logaddexp(lse_a, lse_b)` and
+/// `out = (w_a out_a + w_b out_b) / (w_a + w_b)`, computed in `f32` (`f64` for `f64`) and
+/// rounded once to the parts' dtype. A part with `lse = -inf` (its rows saw no key)
+/// contributes nothing, its output row never read; both parts `-inf` give 0 and `-inf`; a
+/// NaN `lse` makes the row NaN. Strided tensors are read in place.
+///
+/// # Errors
+/// ferrofast's messages (prefix `[merge_attention_states] `) for outputs that are not 4-D
+/// or differ in shape or dtype, a non-floating dtype, and log-sum-exps of the wrong shape
+/// or dtype; tensors on different devices; `f64` on a GPU; dtypes ferrofast lacks.
+pub fn merge_attention_states(
+    out_a: &Tensor,
+    lse_a: &Tensor,
+    out_b: &Tensor,
+    lse_b: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    on(out_a, |b| {
+        let (out, lse) = fast::merge_attention_states(
+            &b.array(out_a)?,
+            &b.array(lse_a)?,
+            &b.array(out_b)?,
+            &b.array(lse_b)?,
+        )
+        .map_err(ff_err)?;
+        Ok((b.tensor(out)?, b.tensor(lse)?))
+    })
+}
+
 /// Cross-entropy of `logits` `[..., V]` against integer `targets` `[...]`, MLX's
 /// `mx.fast.cross_entropy` with ferrofast's options (ignore index, label smoothing,
 /// z-loss, reduction; the defaults are MLX's behaviour): float32 losses of `targets`' shape,

@@ -35,6 +35,11 @@ fn sinks() {
 }
 
 #[test]
+fn merge_attention_states() {
+    common::merge_attention_states(&Device::Cpu);
+}
+
+#[test]
 fn cross_entropy() {
     common::cross_entropy(&Device::Cpu);
 }

@@ -41,6 +41,11 @@ fn sinks() {
 }
 
 #[test]
+fn merge_attention_states() {
+    common::merge_attention_states(&gpu());
+}
+
+#[test]
 fn cross_entropy() {
     common::cross_entropy(&gpu());
 }

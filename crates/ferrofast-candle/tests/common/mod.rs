@@ -338,6 +338,117 @@ pub fn sinks(dev: &Device) {
     assert!(max_diff(&got, &want) < 1e-5);
 }
 
+/// candle's merge of two attention parts: `m = max(lse_a, lse_b)`, `w = exp(lse - m)`,
+/// `out = (w_a out_a + w_b out_b) / (w_a + w_b)` in f32 (rounded to the parts' dtype),
+/// `lse = m + log(w_a + w_b)`. Rows with finite log-sum-exps only.
+fn merge_ref(oa: &Tensor, la: &Tensor, ob: &Tensor, lb: &Tensor) -> (Tensor, Tensor) {
+    let m = la.maximum(lb).unwrap();
+    let wa = la.sub(&m).unwrap().exp().unwrap();
+    let wb = lb.sub(&m).unwrap().exp().unwrap();
+    let total = (&wa + &wb).unwrap();
+    let lse = (&m + total.log().unwrap()).unwrap();
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let num = (f32_of(oa).broadcast_mul(&wa.unsqueeze(3).unwrap()).unwrap()
+        + f32_of(ob).broadcast_mul(&wb.unsqueeze(3).unwrap()).unwrap())
+    .unwrap();
+    let out = num.broadcast_div(&total.unsqueeze(3).unwrap()).unwrap();
+    (out.to_dtype(oa.dtype()).unwrap(), lse)
+}
+
+pub fn merge_attention_states(dev: &Device) {
+    let (b, h, t, dv) = (2, 3, 5, 24);
+    for dtype in [DType::F32, DType::BF16] {
+        // Log-sum-exps in [-3, 3): weights over e^6.
+        let oa = rand(&[b, h, t, dv], 90, dtype, dev);
+        let ob = rand(&[b, h, t, dv], 91, dtype, dev);
+        let la = (rand(&[b, h, t], 92, DType::F32, dev) * 3.0).unwrap();
+        let lb = (rand(&[b, h, t], 93, DType::F32, dev) * 3.0).unwrap();
+        let (out, lse) = ffc::merge_attention_states(&oa, &la, &ob, &lb).unwrap();
+        assert_eq!(out.dtype(), dtype);
+        assert_eq!(out.dims(), &[b, h, t, dv]);
+        assert_eq!(lse.dtype(), DType::F32);
+        assert_eq!(lse.dims(), &[b, h, t]);
+        let (want, want_lse) = merge_ref(&oa, &la, &ob, &lb);
+        let d = max_diff(&out, &want);
+        assert!(d < tol(dtype) * 4.0, "merge {dtype:?}: {d}");
+        let d = max_diff(&lse, &want_lse);
+        assert!(d < 1e-5, "merge lse {dtype:?}: {d}");
+
+        // A strided part ([B, T, H, D] memory seen as [B, H, T, D]) is read in place.
+        let obt = rand(&[b, t, h, dv], 94, dtype, dev)
+            .transpose(1, 2)
+            .unwrap();
+        let (out, _) = ffc::merge_attention_states(&oa, &la, &obt, &lb).unwrap();
+        let (want, _) = merge_ref(&oa, &la, &obt.contiguous().unwrap(), &lb);
+        assert!(
+            max_diff(&out, &want) < tol(dtype) * 4.0,
+            "strided {dtype:?}"
+        );
+
+        // Attention over all the keys = the merge of attention over two halves of them.
+        let (hq, hk, tq, tk, d) = (4, 2, 7, 29, 32);
+        let q = rand(&[1, hq, tq, d], 95, dtype, dev);
+        let k = rand(&[1, hk, tk, d], 96, dtype, dev);
+        let v = rand(&[1, hk, tk, dv], 97, dtype, dev);
+        let split = 12;
+        let scale = 0.2;
+        let part = |lo: usize, n: usize| {
+            ffc::scaled_dot_product_attention_with_lse(
+                &q,
+                &k.narrow(2, lo, n).unwrap(),
+                &v.narrow(2, lo, n).unwrap(),
+                scale,
+                ffc::Mask::None,
+                None,
+            )
+            .unwrap()
+        };
+        let (o1, l1) = part(0, split);
+        let (o2, l2) = part(split, tk - split);
+        let (out, lse) = ffc::merge_attention_states(&o1, &l1, &o2, &l2).unwrap();
+        let want = attention_ref(&q, &k, &v, scale, None);
+        let dd = max_diff(&out, &want);
+        assert!(dd < tol(dtype) * 2.0, "split attention {dtype:?}: {dd}");
+        // Its log-sum-exp is the one over all the keys.
+        let (_, full_lse) =
+            ffc::scaled_dot_product_attention_with_lse(&q, &k, &v, scale, ffc::Mask::None, None)
+                .unwrap();
+        let dd = max_diff(&lse, &full_lse);
+        assert!(dd < 2e-5, "split attention lse {dtype:?}: {dd}");
+    }
+
+    // A part whose row saw no key (lse -inf) contributes nothing, even a NaN output row;
+    // both parts -inf give 0 and -inf.
+    let oa = rand(&[1, 1, 3, 4], 98, DType::F32, &Device::Cpu);
+    let ob = rand(&[1, 1, 3, 4], 99, DType::F32, dev);
+    let mut oa_v = oa.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    oa_v[..4].fill(f32::NAN);
+    let oa = Tensor::from_vec(oa_v, (1, 1, 3, 4), dev).unwrap();
+    let ninf = f32::NEG_INFINITY;
+    let la = Tensor::from_vec(vec![ninf, ninf, 0.5], (1, 1, 3), dev).unwrap();
+    let lb = Tensor::from_vec(vec![0.25, ninf, -1.0], (1, 1, 3), dev).unwrap();
+    let (out, lse) = ffc::merge_attention_states(&oa, &la, &ob, &lb).unwrap();
+    let out = out.to_device(&Device::Cpu).unwrap();
+    let row = |x: &Tensor, r: usize| x.get(0).unwrap().get(0).unwrap().get(r).unwrap();
+    let ob_cpu = ob.to_device(&Device::Cpu).unwrap();
+    assert_eq!(max_diff(&row(&out, 0), &row(&ob_cpu, 0)), 0.0);
+    assert_eq!(row(&out, 1).to_vec1::<f32>().unwrap(), vec![0.0; 4]);
+    let l = lse.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(l[0], 0.25);
+    assert_eq!(l[1], ninf);
+    assert!(l[2].is_finite() && l[2] > 0.5, "{l:?}");
+
+    // ferrofast's checks come through: a log-sum-exp that is not f32.
+    let la16 = la.to_dtype(DType::BF16).unwrap();
+    let e = ffc::merge_attention_states(&oa, &la16, &ob, &lb)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[merge_attention_states] lse_a must have type float32"),
+        "{e}"
+    );
+}
+
 pub fn cross_entropy(dev: &Device) {
     let (rows, vocab) = (37, 1000);
     for dtype in [DType::F32, DType::BF16] {
