@@ -13,17 +13,21 @@
 //!
 //! Arithmetic is f32 (f64 for f64 logits). `exp` is a range-reduced `2^x`: the nearest
 //! integer `n` of `x log2 e`, a degree-6 polynomial for `2^f` on `[-1/2, 1/2]` and `2^n`
-//! built in the exponent bits. Two implementations of the passes: [`avx2`] (AVX2 + FMA +
-//! F16C intrinsics, 16 logits a step, bf16 widened by shifts in registers) where the CPU has
-//! them, and [`portable`] (safe loops) elsewhere; rows whose maximum is infinite take a
-//! slower path with the exponentials recomputed from the logits. Contiguous f32 / f16 / bf16
-//! rows are read in place; strided rows are gathered into a per-task row first.
+//! built in the exponent bits. Three implementations of the passes, the first the CPU runs
+//! chosen at run time ([`Isa::detect`]): [`avx512`] (AVX-512 F + BW + VL intrinsics, 32
+//! logits a step), [`avx2`] (AVX2 + FMA + F16C intrinsics, 16 logits a step; both widen bf16
+//! by shifts in registers and give the same bits for each exponential) and [`portable`]
+//! (safe loops) elsewhere; rows whose maximum is infinite take a slower path with the
+//! exponentials recomputed from the logits. Contiguous f32 / f16 / bf16 rows are read in
+//! place; strided rows are gathered into a per-task row first.
 //!
 //! Per-row formulas: see `ops/cross_entropy.rs`. Reductions add the per-row losses in f64 in
 //! row order, so every reduced result is deterministic.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod portable;
 #[cfg(test)]
 mod tests;
@@ -252,11 +256,11 @@ impl Logit for f16 {
     }
 }
 
-/// The row kernels' element types: [`Logit`]s with an AVX2 form on x86-64.
+/// The row kernels' element types: [`Logit`]s with an AVX2 and an AVX-512 form on x86-64.
 #[cfg(target_arch = "x86_64")]
-pub(super) trait RowElem: avx2::Lanes {}
+pub(super) trait RowElem: avx2::Lanes + avx512::Lanes {}
 #[cfg(target_arch = "x86_64")]
-impl<T: avx2::Lanes> RowElem for T {}
+impl<T: avx2::Lanes + avx512::Lanes> RowElem for T {}
 /// The row kernels' element types.
 #[cfg(not(target_arch = "x86_64"))]
 pub(super) trait RowElem: Logit {}
@@ -271,11 +275,19 @@ pub(super) enum Isa {
     /// The AVX2 + FMA + F16C kernels of [`avx2`]; only where the CPU has them.
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// The AVX-512 F + BW + VL kernels of [`avx512`]; only where the CPU has them (and
+    /// AVX2, FMA and F16C).
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl Isa {
     /// The best implementation this CPU runs.
     pub(super) fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::detected() {
+            return Isa::Avx512;
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma_f16c() {
             return Isa::Avx2;
@@ -290,6 +302,10 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma_f16c() {
             v.push(Isa::Avx2);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx512::detected() {
+            v.push(Isa::Avx512);
         }
         v
     }
@@ -310,7 +326,8 @@ pub(super) struct Scan {
 #[derive(Default)]
 pub(super) struct Scratch {
     /// `exp(x_j - block_max[b])` for `j` in block `b` (in the kernel's own order within a
-    /// block: the AVX2 bf16 kernel stores even and odd elements apart).
+    /// block: the AVX2 and AVX-512 bf16 kernels store even and odd elements apart, in
+    /// groups of 16 and of 32).
     pub(super) e: Vec<f32>,
     /// The running maximum each block's exponentials are relative to (`-inf`: the block's
     /// exponentials are 0).
@@ -475,11 +492,16 @@ pub(super) fn scan<T: RowElem>(
         // SAFETY: `Isa::Avx2` is only made where the CPU has AVX2, FMA and F16C
         // (`Isa::detect`, `Isa::available`).
         Isa::Avx2 => unsafe { avx2::scan(x, want_sum_x, store) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx512` is only made where the CPU has AVX-512 F, BW and VL, AVX2,
+        // FMA and F16C (`avx512::detected`, in `Isa::detect` and `Isa::available`).
+        Isa::Avx512 => unsafe { avx512::scan(x, want_sum_x, store) },
     }
 }
 
 /// The second pass of a gradient, by `isa`: `out_j = k exp(block_max_b - m) e_j - c` over
-/// the blocks `scan` stored; `stream` asks for non-temporal stores (a new buffer).
+/// the blocks `scan` stored (by the same `isa`: the kernels order a block's exponentials
+/// differently); `stream` asks for non-temporal stores (a new buffer).
 #[inline]
 pub(super) fn write<T: RowElem>(
     sc: &Scratch,
@@ -498,6 +520,9 @@ pub(super) fn write<T: RowElem>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `scan`: the CPU has AVX2, FMA and F16C.
         Isa::Avx2 => unsafe { avx2::write(sc, m, k, c, out, stream) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `scan`: the CPU has AVX-512 F, BW and VL, AVX2, FMA and F16C.
+        Isa::Avx512 => unsafe { avx512::write(sc, m, k, c, out, stream) },
     }
 }
 

@@ -95,13 +95,15 @@ fn oracle(p: &RowParams, x: &[f64], t: usize, g: f64) -> (f64, Vec<f64>) {
     (loss, d)
 }
 
-/// Every available implementation against the f64 oracle, and the AVX2 kernels against the
-/// portable ones (which must agree to a few f32 roundings), over row lengths around the
-/// vector steps and blocks, output offsets, label smoothing and z-loss.
+/// Every available implementation against the f64 oracle, and the AVX2 and AVX-512 kernels
+/// against the portable ones (which must agree to a few f32 roundings), over row lengths
+/// around the vector steps (16 and 32 logits; loops of 32 and 64) and blocks, output offsets
+/// (16-byte phases that take the streaming stores or not), label smoothing and z-loss.
 fn implementations_agree<T: RowElem>(ulp: f64) {
     let isas = Isa::available();
     for (case, &v) in [
-        1usize, 5, 16, 17, 31, 32, 33, 63, 100, 4095, 4096, 4097, 9000, 20011,
+        1usize, 5, 16, 17, 31, 32, 33, 47, 63, 64, 65, 95, 96, 100, 127, 128, 129, 4095, 4096,
+        4097, 4159, 9000, 20011,
     ]
     .iter()
     .enumerate()
@@ -119,7 +121,7 @@ fn implementations_agree<T: RowElem>(ulp: f64) {
             let (want_loss, want) = oracle(&p, &wide, t, 0.75);
             let mut got = Vec::new();
             for &isa in &isas {
-                for shift in [0usize, 1, 3] {
+                for shift in [0usize, 1, 3, 8, 24] {
                     let (loss, out) = grad(&p, &xs, t as i64, 0.75, isa, shift);
                     let what = format!("v {v} eps {eps} z {z} {isa:?} shift {shift}");
                     let tol = 2e-6 * want_loss.abs().max(1.0) + 1e-5;
@@ -151,7 +153,7 @@ fn implementations_agree<T: RowElem>(ulp: f64) {
                     got.push((loss, out));
                 }
             }
-            // Portable and AVX2 within an ulp or two of the element type.
+            // Portable, AVX2 and AVX-512 within an ulp or two of the element type.
             let (first_loss, first) = &got[0];
             for (loss, out) in &got[1..] {
                 assert!((loss - first_loss).abs() <= 2e-6 * first_loss.abs().max(1.0));
@@ -189,8 +191,22 @@ fn f16_kernels_agree_with_each_other_and_f64() {
 fn special_values_agree() {
     let v = 4096 + 37;
     let p = params(v, 0.0, 0.0);
+    let positions = [
+        0usize,
+        15,
+        16,
+        31,
+        32,
+        63,
+        64,
+        4095,
+        4096,
+        4100,
+        4127,
+        v - 1,
+    ];
     for isa in Isa::available() {
-        for pos in [0usize, 15, 16, 4095, 4096, 4100, v - 1] {
+        for pos in positions {
             let mut x = values(v, 5, 6.0, 0.0);
             x[pos] = f32::NAN;
             let (loss, out) = grad(&p, &x, 3, 1.0, isa, 1);
@@ -229,5 +245,52 @@ fn special_values_agree() {
                 "{isa:?} +inf at {pos}"
             );
         }
+    }
+}
+
+/// The run-time choice: every implementation the CPU has is tested above, and the best of
+/// them runs (AVX-512 ahead of AVX2 ahead of the portable loops).
+#[test]
+fn detection_picks_the_widest_available_kernels() {
+    let isas = Isa::available();
+    assert_eq!(isas[0], Isa::Portable);
+    assert_eq!(isas.last().copied(), Some(Isa::detect()));
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c");
+        let avx512 = avx2
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        assert_eq!(isas.contains(&Isa::Avx2), avx2, "{isas:?}");
+        assert_eq!(isas.contains(&Isa::Avx512), avx512, "{isas:?}");
+    }
+}
+
+/// The AVX-512 kernels compute each exponential with the AVX2 kernels' operations, so the
+/// stored exponentials (in each kernel's order within a block) hold the same values.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_exponentials_match_avx2_bits() {
+    let isas = Isa::available();
+    if !isas.contains(&Isa::Avx512) {
+        return;
+    }
+    for v in [33usize, 100, 4097, 9000] {
+        let xs: Vec<bf16> = values(v, 11, 6.0, 2.0)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let mut stored = Vec::new();
+        for isa in [Isa::Avx2, Isa::Avx512] {
+            let mut sc = Scratch::default();
+            let stats = scan(&xs, false, Some(&mut sc), isa);
+            let mut e: Vec<u32> = sc.e[..v].iter().map(|y| y.to_bits()).collect();
+            e.sort_unstable();
+            stored.push((stats.max, sc.block_max.clone(), e));
+        }
+        assert_eq!(stored[0], stored[1], "v {v}");
     }
 }
