@@ -316,6 +316,27 @@ on_every_device! {
         }
     }
 
+    /// Lengths spanning several of the backward kernels' tiles (128-key and 128-query
+    /// blocks, 64-row tiles on Hopper) with four query heads per kv head, causal with
+    /// `T_q < T_kv` and `T_q > T_kv`, and a bool mask over several blocks.
+    fn multi_tile_lengths(dev: &Device) {
+        for (i, d) in [64usize, 128].into_iter().enumerate() {
+            for dtype in [DType::BF16, DType::F16] {
+                let seed = 500 + 10 * i as u64;
+                let what = |m: &str| format!("{dtype} D {d} {m}");
+                let p = problem((1, 8, 2, 300, 333, d, d), dtype, false, seed);
+                check(&p, Mask::None, dev, &what("no mask"));
+                check(&p, Mask::Causal, dev, &what("causal, T_q < T_kv"));
+                let tall = problem((1, 4, 1, 333, 200, d, d), dtype, true, seed + 1);
+                check(&tall, Mask::Causal, dev, &what("causal, T_q > T_kv, sinks"));
+                let keep: Vec<bool> =
+                    (0..300 * 333).map(|e| (e / 333) % 97 != 5 && (e * 11) % 13 != 0).collect();
+                let keep = Array::from_vec(keep, &[1, 1, 300, 333]).unwrap();
+                check(&p, Mask::Array(&keep), dev, &what("bool mask"));
+            }
+        }
+    }
+
     /// The head dims of the tensor-core backward (f16 / bf16 on CUDA), each with no mask,
     /// causal masks with T_q < T_kv and T_q > T_kv (rows that see nothing), bool and additive
     /// masks with broadcasting, sinks, grouped-query and multi-query heads, and lengths that

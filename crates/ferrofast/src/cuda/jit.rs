@@ -85,12 +85,18 @@ const ATTN: &str = include_str!("kernels/attn.cuh");
 const HOPPER_NAME: &str = "ferrofast_hopper.cuh";
 const HOPPER: &str = include_str!("kernels/hopper.cuh");
 
+/// The in-memory header of the attention backward kernels (`attn_backward_mma.cu`,
+/// `attn_backward_sm90.cu`): probabilities, dS and accumulator stores.
+const ATTN_BWD_NAME: &str = "ferrofast_attn_bwd.cuh";
+const ATTN_BWD: &str = include_str!("kernels/attn_bwd.cuh");
+
 /// Every in-memory header a built-in kernel file may include, as `(include name, text)`.
-const HEADERS: [(&str, &str); 4] = [
+const HEADERS: [(&str, &str); 5] = [
     (PRELUDE_NAME, PRELUDE),
     (MMA_NAME, MMA),
     (ATTN_NAME, ATTN),
     (HOPPER_NAME, HOPPER),
+    (ATTN_BWD_NAME, ATTN_BWD),
 ];
 
 /// Bumped when the cache file layout or the compile options change meaning.

@@ -126,13 +126,22 @@ struct ff_wgmma;
 #define FF_REGS_N128 FF_REGS_N64 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 
 // ff_wgmma<TAG> for PTX input type PTX ("bf16", "f16"):
-//   ss_n128: D (64 x 128, f32) += A (smem descriptor) * B (smem descriptor), both K-major;
-//            scale_d 0 overwrites D.
+//   ss_n64 / ss_n128: D (64 x 64 / 64 x 128, f32) += A (smem descriptor) * B (smem
+//            descriptor), both K-major; scale_d 0 overwrites D.
 //   rs_n64 / rs_n128: D (64 x 64 / 64 x 128, f32) += A (registers, the m16n8k16 A fragment
 //            of this warp's 16 rows) * B (smem descriptor, MN-major: transposed).
 #define FF_DEFINE_WGMMA(TAG, PTX)                                                           \
     template <>                                                                             \
     struct ff_wgmma<TAG> {                                                                  \
+        __device__ static __forceinline__ void ss_n64(float (&d)[8][4], ff_u64_t desc_a,    \
+                                                      ff_u64_t desc_b, int scale_d) {       \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                      \
+                         "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"     \
+                         FF_REGS_N64 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                     \
+                         : FF_ACC_N64                                                       \
+                         : "l"(desc_a), "l"(desc_b), "r"(scale_d)                           \
+                         : "memory");                                                       \
+        }                                                                                   \
         __device__ static __forceinline__ void ss_n128(float (&d)[16][4], ff_u64_t desc_a,  \
                                                        ff_u64_t desc_b, int scale_d) {      \
             asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                      \

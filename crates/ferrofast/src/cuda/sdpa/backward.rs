@@ -1,6 +1,8 @@
-//! Launchers of the attention backward pass: `kernels/attn_backward_mma.cu` on the tensor
-//! cores (f16 / bf16, the head dims of [`mma_tiles`]) and `kernels/attn_backward.cu` on the
-//! SIMT cores (every other case), chosen by [`super::select::select_backward`]. Both start
+//! Launchers of the attention backward pass: `kernels/attn_backward_sm90.cu` on Hopper's
+//! warpgroup MMAs (compute capability 9.0, f16 / bf16, `D = D_v` in {64, 128}: [`sm90`]),
+//! `kernels/attn_backward_mma.cu` on the tensor cores with `mma.sync` (f16 / bf16, the head
+//! dims of [`mma_tiles`]) and `kernels/attn_backward.cu` on the SIMT cores (every other
+//! case), chosen by [`super::select::select_backward`]. Both start
 //! with `delta = rowsum(dO * O)` and end with the sinks' gradient (SIMT kernels of
 //! `attn_backward.cu`); between them dK / dV per key tile and dQ per query tile. Each block
 //! owns what it writes: results are deterministic.
@@ -20,6 +22,10 @@ use crate::ops::sdpa::SdpaVjpArgs;
 use crate::Array;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use std::sync::Arc;
+
+mod sm90;
+pub(crate) use sm90::takes as sm90_takes;
+pub(super) use sm90::REGISTERED as REGISTERED_SM90;
 
 /// `kernels/attn_backward.cu`. Every instantiation a launch can ask for is in `variants`.
 pub(super) const REGISTERED: Registered = Registered {
@@ -313,7 +319,7 @@ fn run_tiles(
             f.sinks.as_ref().map(|_| zeros(&[nq], dtype)).transpose()?,
         ));
     }
-    let kernel = select_backward(&Problem::of(f), Knobs::from_env());
+    let kernel = select_backward(&Problem::of(f), &device.arch(), Knobs::from_env());
 
     let out = dense(&c.out, stream)?;
     let d_out = dense(&c.d_out, stream)?;
@@ -372,7 +378,8 @@ fn run_tiles(
         scale: f.scale,
     };
     let grads = match (kernel, mma_tiles(d, dv)) {
-        (BackwardKernel::Mma, Some(table)) => {
+        (BackwardKernel::Sm90, _) if tiles.is_none() => sm90::passes(c, &x, &d_out)?,
+        (BackwardKernel::Mma | BackwardKernel::Sm90, Some(table)) => {
             let tiles = match tiles {
                 Some(t) => t,
                 None => {

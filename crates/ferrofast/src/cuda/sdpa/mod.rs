@@ -46,10 +46,11 @@ const OP: &str = "[scaled_dot_product_attention]";
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Every built-in attention kernel file with the instantiations its launcher can ask for.
-pub(crate) fn kernel_files() -> [super::jit::Registered; 6] {
+pub(crate) fn kernel_files() -> [super::jit::Registered; 7] {
     [
         backward::REGISTERED,
         backward::REGISTERED_MMA,
+        backward::REGISTERED_SM90,
         decode::REGISTERED,
         general::REGISTERED,
         prefill::REGISTERED,

@@ -109,19 +109,25 @@ fn shared_bytes(d: usize) -> usize {
 
 /// A `CUtensorMap` as a kernel argument (the kernel's `ff_tensor_map`, 128 bytes).
 #[repr(transparent)]
-struct TensorMapArg(CUtensorMap);
+pub(super) struct TensorMapArg(CUtensorMap);
 
 // SAFETY: `CUtensorMap` is a plain `repr(C)` block of 16 u64 the kernel takes by value.
 unsafe impl DeviceRepr for TensorMapArg {}
 
 /// A tiled tensor map over the `[B, H, T, D]` operand `a` (16-bit elements, last axis
 /// contiguous, strides multiples of 16 bytes) at device address `address` (its first
-/// element): boxes of 64 x 128 x 1 x 1 elements, 128-byte swizzle, zero fill out of bounds.
+/// element): boxes of 64 x `box_rows` x 1 x 1 elements (`box_rows` at most 256), 128-byte
+/// swizzle, zero fill out of bounds.
 ///
 /// # Errors
 /// `Error::Unsupported` for a layout a tensor map cannot describe ([`tma_operand`] copies
 /// those first, so this is not expected) and when the driver rejects the description.
-fn tensor_map(a: &Array, address: u64, dtype: DType) -> Result<TensorMapArg> {
+pub(super) fn tensor_map(
+    a: &Array,
+    address: u64,
+    dtype: DType,
+    box_rows: u32,
+) -> Result<TensorMapArg> {
     let rejected = |why: &str| {
         Error::Unsupported(format!(
             "{OP} the Hopper kernel cannot describe an operand of shape {:?}, strides {:?}: {why}",
@@ -157,7 +163,7 @@ fn tensor_map(a: &Array, address: u64, dtype: DType) -> Result<TensorMapArg> {
         DType::BF16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         _ => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
     };
-    let boxes: [u32; 4] = [64, BM as u32, 1, 1];
+    let boxes: [u32; 4] = [64, box_rows, 1, 1];
     let element_strides: [u32; 4] = [1; 4];
     // SAFETY: an all-zero CUtensorMap is a valid value to be overwritten by the driver.
     let mut map: CUtensorMap = unsafe { std::mem::zeroed() };
@@ -191,7 +197,7 @@ fn tensor_map(a: &Array, address: u64, dtype: DType) -> Result<TensorMapArg> {
 /// An operand as a tensor map can describe it: `a` itself when it is vector-readable (unit
 /// feature stride, 16-byte aligned rows) with no negative stride, else a row-major copy on
 /// `stream`.
-fn tma_operand(a: &Array, stream: &Stream) -> Result<Array> {
+pub(super) fn tma_operand(a: &Array, stream: &Stream) -> Result<Array> {
     if a.strides()[..3].iter().any(|&s| s < 0) {
         return copy_cast(a, a.dtype(), Some(stream));
     }
@@ -262,9 +268,9 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
     let (k_ptr, _k_rec) = kb.slice().device_ptr(cu);
     let (v_ptr, _v_rec) = vb.slice().device_ptr(cu);
     let maps = (
-        tensor_map(&q, q_ptr + q.offset() as u64 * elem, dtype),
-        tensor_map(&k, k_ptr + k.offset() as u64 * elem, dtype),
-        tensor_map(&v, v_ptr + v.offset() as u64 * elem, dtype),
+        tensor_map(&q, q_ptr + q.offset() as u64 * elem, dtype, BM as u32),
+        tensor_map(&k, k_ptr + k.offset() as u64 * elem, dtype, BM as u32),
+        tensor_map(&v, v_ptr + v.offset() as u64 * elem, dtype, BM as u32),
     );
     let (tm_q, tm_k, tm_v) = (maps.0?, maps.1?, maps.2?);
 

@@ -84,13 +84,16 @@ pub(crate) struct Knobs {
     pub(crate) decode_simt_only: bool,
     /// `FERROFAST_BACKWARD_KERNEL=simt`: the attention backward on the SIMT kernels.
     pub(crate) backward_simt_only: bool,
+    /// `FERROFAST_BACKWARD_KERNEL=mma`: the attention backward never on the Hopper kernels.
+    pub(crate) backward_mma_only: bool,
 }
 
 /// The environment variable that keeps prefill off the Hopper kernel (`mma`).
 pub(crate) const PREFILL_KERNEL_KNOB: &str = "FERROFAST_PREFILL_KERNEL";
 /// The environment variable that keeps decode off the tensor cores (`simt`).
 pub(crate) const DECODE_KERNEL_KNOB: &str = "FERROFAST_DECODE_KERNEL";
-/// The environment variable that keeps the attention backward off the tensor cores (`simt`).
+/// The environment variable that keeps the attention backward off the Hopper kernels (`mma`)
+/// or off the tensor cores (`simt`).
 pub(crate) const BACKWARD_KERNEL_KNOB: &str = "FERROFAST_BACKWARD_KERNEL";
 
 impl Knobs {
@@ -104,6 +107,7 @@ impl Knobs {
             prefill_mma_only: is(PREFILL_KERNEL_KNOB, "mma"),
             decode_simt_only: is(DECODE_KERNEL_KNOB, "simt"),
             backward_simt_only: is(BACKWARD_KERNEL_KNOB, "simt"),
+            backward_mma_only: is(BACKWARD_KERNEL_KNOB, "mma"),
         }
     }
 }
@@ -156,23 +160,36 @@ pub(crate) fn select(p: &Problem, arch: &str, knobs: Knobs) -> Kernel {
 /// The kernels of the attention backward pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum BackwardKernel {
+    /// `attn_backward_sm90.cu` (TMA, wgmma; compute capability 9.0 only): f16 / bf16,
+    /// `D = D_v` in {64, 128}, every mask kind and sinks.
+    Sm90,
     /// `attn_backward_mma.cu` (`mma.sync`): f16 / bf16, `(D, D_v)` in its table.
     Mma,
     /// `attn_backward.cu` (SIMT, any shape and strides): everything else.
     Simt,
 }
 
-/// The backward kernels a call with facts `p` gets (any architecture: both run on sm_80
-/// and later), for a non-empty problem and a dtype the CUDA kernels take.
-pub(crate) fn select_backward(p: &Problem, knobs: Knobs) -> BackwardKernel {
-    if p.half_precision()
-        && !knobs.backward_simt_only
-        && super::backward::mma_tiles(p.d, p.d_v).is_some()
-        && p.t_q <= i32::MAX as usize
+/// The backward kernels a call with facts `p` gets on a device of architecture `arch`
+/// (NVRTC's name, `sm_90`), for a non-empty problem and a dtype the CUDA kernels take.
+pub(crate) fn select_backward(p: &Problem, arch: &str, knobs: Knobs) -> BackwardKernel {
+    let grid_fits = p.t_q <= i32::MAX as usize
         && p.t_kv <= i32::MAX as usize
         && p.n_q <= 65535
         && p.n_kv <= 65535
-        && p.batch <= 65535
+        && p.batch <= 65535;
+    if arch == "sm_90"
+        && p.half_precision()
+        && !knobs.backward_simt_only
+        && !knobs.backward_mma_only
+        && super::backward::sm90_takes(p.d, p.d_v)
+        && grid_fits
+    {
+        return BackwardKernel::Sm90;
+    }
+    if p.half_precision()
+        && !knobs.backward_simt_only
+        && super::backward::mma_tiles(p.d, p.d_v).is_some()
+        && grid_fits
     {
         BackwardKernel::Mma
     } else {
@@ -208,6 +225,7 @@ mod tests {
         prefill_mma_only: false,
         decode_simt_only: false,
         backward_simt_only: false,
+        backward_mma_only: false,
     };
     use Kernel::*;
 
@@ -313,8 +331,8 @@ mod tests {
 
     #[test]
     fn backward_rows() {
-        // Tensor cores: f16 / bf16 with (D, D_v) in the backward table, any T_q, masks and
-        // sinks included.
+        // Tensor cores (mma.sync) off Hopper: f16 / bf16 with (D, D_v) in the backward table,
+        // any T_q, masks and sinks included.
         for (d, dv) in [
             (64, 64),
             (80, 80),
@@ -326,35 +344,78 @@ mod tests {
             for dt in [F16, BF16] {
                 for tq in [1, 4096] {
                     let mut prob = p(dt, tq, d, dv);
-                    assert_eq!(select_backward(&prob, NO), BackwardKernel::Mma);
+                    assert_eq!(select_backward(&prob, "sm_80", NO), BackwardKernel::Mma);
                     prob.array_mask = true;
                     prob.sinks = true;
-                    assert_eq!(select_backward(&prob, NO), BackwardKernel::Mma);
+                    assert_eq!(select_backward(&prob, "sm_80", NO), BackwardKernel::Mma);
                 }
             }
             // f32 and the knob: SIMT.
-            assert_eq!(
-                select_backward(&p(F32, 4096, d, dv), NO),
-                BackwardKernel::Simt
-            );
-            let simt = Knobs {
-                backward_simt_only: true,
-                ..NO
-            };
-            assert_eq!(
-                select_backward(&p(BF16, 4096, d, dv), simt),
-                BackwardKernel::Simt
-            );
+            for arch in ["sm_80", "sm_90"] {
+                assert_eq!(
+                    select_backward(&p(F32, 4096, d, dv), arch, NO),
+                    BackwardKernel::Simt
+                );
+                let simt = Knobs {
+                    backward_simt_only: true,
+                    ..NO
+                };
+                assert_eq!(
+                    select_backward(&p(BF16, 4096, d, dv), arch, simt),
+                    BackwardKernel::Simt
+                );
+            }
         }
         // Other head dims and grids past the kernels' limits: SIMT.
         for (d, dv) in [(32, 32), (80, 48), (128, 64), (512, 512)] {
-            assert_eq!(
-                select_backward(&p(BF16, 64, d, dv), NO),
-                BackwardKernel::Simt
-            );
+            for arch in ["sm_80", "sm_90"] {
+                assert_eq!(
+                    select_backward(&p(BF16, 64, d, dv), arch, NO),
+                    BackwardKernel::Simt
+                );
+            }
         }
         let mut wide = p(BF16, 64, 128, 128);
         wide.n_q = 65536;
-        assert_eq!(select_backward(&wide, NO), BackwardKernel::Simt);
+        assert_eq!(select_backward(&wide, "sm_90", NO), BackwardKernel::Simt);
+    }
+
+    #[test]
+    fn hopper_backward_rows() {
+        // Hopper: f16 / bf16, D = D_v in {64, 128}, every mask kind and sinks.
+        for d in [64, 128] {
+            for dt in [F16, BF16] {
+                for tq in [1, 4096] {
+                    let mut prob = p(dt, tq, d, d);
+                    assert_eq!(select_backward(&prob, "sm_90", NO), BackwardKernel::Sm90);
+                    prob.array_mask = true;
+                    prob.sinks = true;
+                    assert_eq!(select_backward(&prob, "sm_90", NO), BackwardKernel::Sm90);
+                    // sm_90a (not a device's name) and other architectures: mma.sync.
+                    assert_eq!(select_backward(&prob, "sm_90a", NO), BackwardKernel::Mma);
+                    assert_eq!(select_backward(&prob, "sm_89", NO), BackwardKernel::Mma);
+                }
+                let mma = Knobs {
+                    backward_mma_only: true,
+                    ..NO
+                };
+                assert_eq!(
+                    select_backward(&p(dt, 4096, d, d), "sm_90", mma),
+                    BackwardKernel::Mma
+                );
+            }
+        }
+        // Other head dims in the mma.sync table stay there on Hopper.
+        for (d, dv) in [(80, 80), (96, 96), (192, 128), (256, 256)] {
+            assert_eq!(
+                select_backward(&p(BF16, 4096, d, dv), "sm_90", NO),
+                BackwardKernel::Mma
+            );
+        }
+        // f32: SIMT on Hopper too.
+        assert_eq!(
+            select_backward(&p(F32, 4096, 128, 128), "sm_90", NO),
+            BackwardKernel::Simt
+        );
     }
 }
