@@ -8,9 +8,9 @@
 //
 // Two kernels, each block owning what it writes (no atomics, deterministic), two
 // warpgroups (256 threads) per block with no producer warpgroup: thread 0 issues every TMA
-// copy (4-d tensor maps over [B, H, T, D], 128-byte swizzle, rows past T zero-filled) one
-// tile ahead into a ring of two stages, each stage with a "full" mbarrier (transaction
-// bytes) and an "empty" one (one arrival per warp).
+// copy (4-d tensor maps over [B, H, T, D], 128-byte swizzle, rows past T zero-filled)
+// STAGES - 1 tiles ahead into a ring of STAGES stages, each stage with a "full" mbarrier
+// (transaction bytes) and an "empty" one (one arrival per warp).
 //
 //   attn_bwd_sm90_dkdv  one block per (128 keys, kv head, batch); warpgroup w owns keys
 //                       64w .. 64w + 63 and their dK, dV in registers (64 x D f32 each).
@@ -40,8 +40,10 @@
 // Shared-memory bytes of the two kernels (the launcher computes the same numbers): 1024 bytes
 // of alignment slack, the tiles, (dK / dV) two warpgroups' double buffers of 64 lse2 and 64
 // delta, and the mbarriers.
-#define FF_SM90_BWD_KV_SMEM(D) (1024 + 2 * 128 * (D) * 2 + 2 * 2 * 64 * (D) * 2 + 2 * 2 * 2 * 64 * 4 + 5 * 8)
-#define FF_SM90_BWD_Q_SMEM(D) (1024 + 2 * 128 * (D) * 2 + 2 * 2 * 64 * (D) * 2 + 5 * 8)
+#define FF_SM90_BWD_KV_SMEM(D, STAGES) \
+    (1024 + 2 * 128 * (D) * 2 + (STAGES) * 2 * 64 * (D) * 2 + 2 * 2 * 2 * 64 * 4 + (1 + 2 * (STAGES)) * 8)
+#define FF_SM90_BWD_Q_SMEM(D, STAGES) \
+    (1024 + 2 * 128 * (D) * 2 + (STAGES) * 2 * 64 * (D) * 2 + (1 + 2 * (STAGES)) * 8)
 
 // A barrier over the 128 threads of warpgroup `wg` (0 or 1): named barriers 1 and 2 (0 is
 // __syncthreads), as immediates so ptxas reserves only those.
@@ -98,7 +100,7 @@ __device__ __forceinline__ void ff_sm90_bwd_rs(float (&acc)[D / 8][4], const ff_
 // tm_q, tm_g (d_out): boxes of 64 columns x 64 rows; tm_k, tm_v: 64 x 128. mask: as the
 // params describe (or null). lse, delta: [B, N_q, T_q] f32. dk, dv: row-major
 // [B, N_kv, T_kv, D].
-template <typename T, int D>
+template <typename T, int D, int STAGES>
 __global__ void __launch_bounds__(256, 1)
     attn_bwd_sm90_dkdv(const __grid_constant__ ff_tensor_map tm_q,
                        const __grid_constant__ ff_tensor_map tm_k,
@@ -115,8 +117,10 @@ __global__ void __launch_bounds__(256, 1)
     constexpr ff_u32_t Q_PANEL = BM * 128;
     constexpr ff_u32_t KV_BYTES = PANELS * KV_PANEL;
     constexpr ff_u32_t Q_BYTES = PANELS * Q_PANEL;
-    static_assert(FF_SM90_BWD_KV_SMEM(D) ==
-                      1024 + 2 * KV_BYTES + 4 * Q_BYTES + 2 * 2 * 2 * BM * 4 + 5 * 8,
+    static_assert(STAGES >= 2 && STAGES <= 4, "stages");
+    static_assert(FF_SM90_BWD_KV_SMEM(D, STAGES) ==
+                      1024 + 2 * KV_BYTES + 2 * STAGES * Q_BYTES + 2 * 2 * 2 * BM * 4 +
+                          (1 + 2 * STAGES) * 8,
                   "shared memory size");
 
     extern __shared__ __align__(1024) unsigned char ff_sm90_bwd_smem[];
@@ -124,13 +128,14 @@ __global__ void __launch_bounds__(256, 1)
     const ff_u32_t pad = ((raw + 1023u) & ~1023u) - raw;
     const ff_u32_t sk = raw + pad;
     const ff_u32_t sv = sk + KV_BYTES;
-    const ff_u32_t sq = sv + KV_BYTES;        // stage s at sq + s * Q_BYTES
-    const ff_u32_t sg = sq + 2 * Q_BYTES;     // stage s at sg + s * Q_BYTES
-    float* const rows_f = (float*)(ff_sm90_bwd_smem + pad + 2 * KV_BYTES + 4 * Q_BYTES);
-    const ff_u32_t bars = sg + 2 * Q_BYTES + 2 * 2 * 2 * BM * 4;
+    const ff_u32_t sq = sv + KV_BYTES;             // stage s at sq + s * Q_BYTES
+    const ff_u32_t sg = sq + STAGES * Q_BYTES;     // stage s at sg + s * Q_BYTES
+    float* const rows_f =
+        (float*)(ff_sm90_bwd_smem + pad + 2 * KV_BYTES + 2 * STAGES * Q_BYTES);
+    const ff_u32_t bars = sg + STAGES * Q_BYTES + 2 * 2 * 2 * BM * 4;
     const ff_u32_t kv_full = bars;
 #define FF_FULL(s) (bars + 8u + 8u * (ff_u32_t)(s))
-#define FF_EMPTY(s) (bars + 24u + 8u * (ff_u32_t)(s))
+#define FF_EMPTY(s) (bars + 8u + 8u * STAGES + 8u * (ff_u32_t)(s))
 
     const int tid = threadIdx.x;
     const int wg = tid >> 7;
@@ -155,7 +160,7 @@ __global__ void __launch_bounds__(256, 1)
     if (tid == 0) {
         ff_mbar_init(kv_full, 1);
 #pragma unroll
-        for (int s = 0; s < 2; ++s) {
+        for (int s = 0; s < STAGES; ++s) {
             ff_mbar_init(FF_FULL(s), 1);
             ff_mbar_init(FF_EMPTY(s), 8);
         }
@@ -163,10 +168,11 @@ __global__ void __launch_bounds__(256, 1)
     }
     __syncthreads();
 
-    // Thread 0: loads of iteration `it` into stage it % 2, after its last use is released.
+    // Thread 0: loads of iteration `it` into stage it % STAGES, after its last use is
+    // released.
     auto issue = [&](int it) {
-        const int st = it & 1;
-        const int u = it >> 1;
+        const int st = it % STAGES;
+        const int u = it / STAGES;
         if (u > 0) {
             ff_mbar_wait(FF_EMPTY(st), (ff_u32_t)(u - 1) & 1u);
         }
@@ -193,7 +199,9 @@ __global__ void __launch_bounds__(256, 1)
             ff_tma_load_4d(sk + pn * KV_PANEL, &tm_k, kv_full, pn * 64, k0, g, (int)b);
             ff_tma_load_4d(sv + pn * KV_PANEL, &tm_v, kv_full, pn * 64, k0, g, (int)b);
         }
-        issue(0);
+        for (int it = 0; it < STAGES - 1 && it < n_it; ++it) {
+            issue(it);
+        }
     }
 
     float acc_k[D / 8][4];
@@ -217,15 +225,15 @@ __global__ void __launch_bounds__(256, 1)
     }
 
     for (int it = 0; it < n_it; ++it) {
-        const int st = it & 1;
+        const int st = it % STAGES;
         const int h = g * p.group + it / n_qt;
         const int q0 = q_first + (it % n_qt) * BM;
-        if (tid == 0 && it + 1 < n_it) {
-            issue(it + 1);
+        if (tid == 0 && it + STAGES - 1 < n_it) {
+            issue(it + STAGES - 1);
         }
         // This tile's lse2 and delta into this warpgroup's buffer it % 2 (its readers of
         // two tiles ago passed the barrier of the last tile).
-        float* const l2s = rows_f + (wg * 2 + st) * 2 * BM;
+        float* const l2s = rows_f + (wg * 2 + (it & 1)) * 2 * BM;
         float* const dls = l2s + BM;
         if (t < BM) {
             const ff_i64_t row = ((ff_i64_t)b * n_q + h) * Tq + q0 + t;
@@ -237,7 +245,7 @@ __global__ void __launch_bounds__(256, 1)
 
         const ff_u32_t q_tile = sq + st * Q_BYTES;
         const ff_u32_t g_tile = sg + st * Q_BYTES;
-        ff_mbar_wait(FF_FULL(st), (ff_u32_t)(it >> 1) & 1u);
+        ff_mbar_wait(FF_FULL(st), (ff_u32_t)(it / STAGES) & 1u);
 
         // S^T = K Q^T and dP^T = V dO^T.
         float s[1][BM / 8][4];
@@ -292,7 +300,7 @@ __global__ void __launch_bounds__(256, 1)
 
 // tm_q, tm_g (d_out): boxes of 64 columns x 128 rows; tm_k, tm_v: 64 x 64. Other inputs as
 // attn_bwd_sm90_dkdv's; dq: row-major [B, N_q, T_q, D].
-template <typename T, int D>
+template <typename T, int D, int STAGES>
 __global__ void __launch_bounds__(256, 1)
     attn_bwd_sm90_dq(const __grid_constant__ ff_tensor_map tm_q,
                      const __grid_constant__ ff_tensor_map tm_k,
@@ -308,19 +316,21 @@ __global__ void __launch_bounds__(256, 1)
     constexpr ff_u32_t KV_PANEL = BN * 128;
     constexpr ff_u32_t Q_BYTES = PANELS * Q_PANEL;
     constexpr ff_u32_t KV_BYTES = PANELS * KV_PANEL;
-    static_assert(FF_SM90_BWD_Q_SMEM(D) == 1024 + 2 * Q_BYTES + 4 * KV_BYTES + 5 * 8,
+    static_assert(STAGES >= 2 && STAGES <= 4, "stages");
+    static_assert(FF_SM90_BWD_Q_SMEM(D, STAGES) ==
+                      1024 + 2 * Q_BYTES + 2 * STAGES * KV_BYTES + (1 + 2 * STAGES) * 8,
                   "shared memory size");
 
     extern __shared__ __align__(1024) unsigned char ff_sm90_bwd_smem[];
     const ff_u32_t raw = ff_smem_u32(ff_sm90_bwd_smem);
     const ff_u32_t sq = (raw + 1023u) & ~1023u;
     const ff_u32_t sg = sq + Q_BYTES;
-    const ff_u32_t sk = sg + Q_BYTES;       // stage s at sk + s * KV_BYTES
-    const ff_u32_t sv = sk + 2 * KV_BYTES;  // stage s at sv + s * KV_BYTES
-    const ff_u32_t bars = sv + 2 * KV_BYTES;
+    const ff_u32_t sk = sg + Q_BYTES;            // stage s at sk + s * KV_BYTES
+    const ff_u32_t sv = sk + STAGES * KV_BYTES;  // stage s at sv + s * KV_BYTES
+    const ff_u32_t bars = sv + STAGES * KV_BYTES;
     const ff_u32_t qg_full = bars;
 #define FF_FULL(s) (bars + 8u + 8u * (ff_u32_t)(s))
-#define FF_EMPTY(s) (bars + 24u + 8u * (ff_u32_t)(s))
+#define FF_EMPTY(s) (bars + 8u + 8u * STAGES + 8u * (ff_u32_t)(s))
 
     const int tid = threadIdx.x;
     const int wg = tid >> 7;
@@ -345,7 +355,7 @@ __global__ void __launch_bounds__(256, 1)
     if (tid == 0) {
         ff_mbar_init(qg_full, 1);
 #pragma unroll
-        for (int s = 0; s < 2; ++s) {
+        for (int s = 0; s < STAGES; ++s) {
             ff_mbar_init(FF_FULL(s), 1);
             ff_mbar_init(FF_EMPTY(s), 8);
         }
@@ -354,8 +364,8 @@ __global__ void __launch_bounds__(256, 1)
     __syncthreads();
 
     auto issue = [&](int j) {
-        const int st = j & 1;
-        const int u = j >> 1;
+        const int st = j % STAGES;
+        const int u = j / STAGES;
         if (u > 0) {
             ff_mbar_wait(FF_EMPTY(st), (ff_u32_t)(u - 1) & 1u);
         }
@@ -380,7 +390,9 @@ __global__ void __launch_bounds__(256, 1)
             ff_tma_load_4d(sq + pn * Q_PANEL, &tm_q, qg_full, pn * 64, m0, h, (int)b);
             ff_tma_load_4d(sg + pn * Q_PANEL, &tm_g, qg_full, pn * 64, m0, h, (int)b);
         }
-        issue(0);
+        for (int j = 0; j < STAGES - 1 && j < n_kt; ++j) {
+            issue(j);
+        }
     }
 
     const int wq = m0 + wg * 64 + warp * 16;  // this warp's first query
@@ -410,14 +422,14 @@ __global__ void __launch_bounds__(256, 1)
     }
 
     for (int j = 0; j < n_kt; ++j) {
-        const int st = j & 1;
+        const int st = j % STAGES;
         const int n0 = j * BN;
-        if (tid == 0 && j + 1 < n_kt) {
-            issue(j + 1);
+        if (tid == 0 && j + STAGES - 1 < n_kt) {
+            issue(j + STAGES - 1);
         }
         const ff_u32_t k_tile = sk + st * KV_BYTES;
         const ff_u32_t v_tile = sv + st * KV_BYTES;
-        ff_mbar_wait(FF_FULL(st), (ff_u32_t)(j >> 1) & 1u);
+        ff_mbar_wait(FF_FULL(st), (ff_u32_t)(j / STAGES) & 1u);
 
         // S = Q K^T and dP = dO V^T.
         float s[1][BN / 8][4];

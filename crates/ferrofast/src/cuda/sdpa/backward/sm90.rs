@@ -38,17 +38,29 @@ const BLOCK_ROWS: usize = 128;
 /// Query rows per tile of the dK / dV kernel and keys per tile of the dQ kernel.
 const TILE_ROWS: usize = 64;
 
+/// The environment variable that sets the kernels' pipeline depth (`2` or `3` stages).
+const STAGES_KNOB: &str = "FERROFAST_SM90_BWD_STAGES";
+
+/// Pipeline stages of both kernels: 2, or 3 when [`STAGES_KNOB`] says `3`.
+fn stages() -> usize {
+    if std::env::var(STAGES_KNOB).is_ok_and(|v| v.trim() == "3") {
+        3
+    } else {
+        2
+    }
+}
+
 /// Whether the kernels take `(d, dv)`.
 pub(crate) fn takes(d: usize, dv: usize) -> bool {
     d == dv && matches!(d, 64 | 128)
 }
 
-fn dkdv_variant(dtype: DType, d: usize) -> String {
-    format!("attn_bwd_sm90_dkdv<{}, {d}>", type_tag(dtype))
+fn dkdv_variant(dtype: DType, d: usize, stages: usize) -> String {
+    format!("attn_bwd_sm90_dkdv<{}, {d}, {stages}>", type_tag(dtype))
 }
 
-fn dq_variant(dtype: DType, d: usize) -> String {
-    format!("attn_bwd_sm90_dq<{}, {d}>", type_tag(dtype))
+fn dq_variant(dtype: DType, d: usize, stages: usize) -> String {
+    format!("attn_bwd_sm90_dq<{}, {d}, {stages}>", type_tag(dtype))
 }
 
 /// Every instantiation of `attn_backward_sm90.cu` a launch can ask for.
@@ -56,24 +68,26 @@ fn variants() -> Vec<String> {
     let mut v = Vec::new();
     for dtype in [DType::F16, DType::BF16] {
         for d in [64, 128] {
-            v.push(dkdv_variant(dtype, d));
-            v.push(dq_variant(dtype, d));
+            for stages in [2, 3] {
+                v.push(dkdv_variant(dtype, d, stages));
+                v.push(dq_variant(dtype, d, stages));
+            }
         }
     }
     v
 }
 
 /// Shared memory of the dK / dV kernel (its `FF_SM90_BWD_KV_SMEM`): alignment slack, the K
-/// and V tiles of 128 keys, two stages of 64-row Q and dO tiles, two warpgroups' double
-/// buffers of 64 lse2 and 64 delta, five mbarriers.
-fn dkdv_shared_bytes(d: usize) -> usize {
-    1024 + 2 * 128 * d * 2 + 2 * 2 * 64 * d * 2 + 2 * 2 * 2 * 64 * 4 + 5 * 8
+/// and V tiles of 128 keys, `stages` stages of 64-row Q and dO tiles, two warpgroups'
+/// double buffers of 64 lse2 and 64 delta, the mbarriers.
+fn dkdv_shared_bytes(d: usize, stages: usize) -> usize {
+    1024 + 2 * 128 * d * 2 + stages * 2 * 64 * d * 2 + 2 * 2 * 2 * 64 * 4 + (1 + 2 * stages) * 8
 }
 
 /// Shared memory of the dQ kernel (its `FF_SM90_BWD_Q_SMEM`): alignment slack, the Q and dO
-/// tiles of 128 rows, two stages of 64-key K and V tiles, five mbarriers.
-fn dq_shared_bytes(d: usize) -> usize {
-    1024 + 2 * 128 * d * 2 + 2 * 2 * 64 * d * 2 + 5 * 8
+/// tiles of 128 rows, `stages` stages of 64-key K and V tiles, the mbarriers.
+fn dq_shared_bytes(d: usize, stages: usize) -> usize {
+    1024 + 2 * 128 * d * 2 + stages * 2 * 64 * d * 2 + (1 + 2 * stages) * 8
 }
 
 /// dK / dV and dQ of a validated call (`c`, the call's shared inputs `x`, `d_out` the dense
@@ -136,13 +150,14 @@ pub(super) fn passes(c: &SdpaVjpArgs, x: &Inputs<'_>, d_out: &Array) -> Result<G
     };
     let null: u64 = 0;
     let mut g = Grads::alloc(x)?;
+    let stages = stages();
 
     // dK and dV: one block per 128 keys, query tiles of 64 rows.
     {
         let [tm_q, tm_k, tm_v, tm_g] = maps(TILE_ROWS as u32, BLOCK_ROWS as u32)?;
-        let name = dkdv_variant(x.dtype, x.d);
+        let name = dkdv_variant(x.dtype, x.d, stages);
         let func = jit::function(&x.device, &REGISTERED.file, &name, &[])?;
-        let smem = dkdv_shared_bytes(x.d);
+        let smem = dkdv_shared_bytes(x.d, stages);
         allow_shared_memory(&func, smem, "the Hopper attention backward kernel")?;
         let cfg = LaunchConfig {
             grid_dim: (grid(x.tkv.div_ceil(BLOCK_ROWS))?, gy_kv, gz),
@@ -180,9 +195,9 @@ pub(super) fn passes(c: &SdpaVjpArgs, x: &Inputs<'_>, d_out: &Array) -> Result<G
     // dQ: one block per 128 queries, key tiles of 64.
     {
         let [tm_q, tm_k, tm_v, tm_g] = maps(BLOCK_ROWS as u32, TILE_ROWS as u32)?;
-        let name = dq_variant(x.dtype, x.d);
+        let name = dq_variant(x.dtype, x.d, stages);
         let func = jit::function(&x.device, &REGISTERED.file, &name, &[])?;
-        let smem = dq_shared_bytes(x.d);
+        let smem = dq_shared_bytes(x.d, stages);
         allow_shared_memory(&func, smem, "the Hopper attention backward kernel")?;
         let cfg = LaunchConfig {
             grid_dim: (grid(x.tq.div_ceil(BLOCK_ROWS))?, gy_q, gz),
@@ -219,14 +234,16 @@ mod tests {
     #[test]
     fn variants_and_shared_memory_fit() {
         let all = variants();
-        assert_eq!(all.len(), 8);
-        assert!(all.contains(&"attn_bwd_sm90_dkdv<ff_bf16, 128>".to_string()));
-        assert!(all.contains(&"attn_bwd_sm90_dq<ff_f16, 64>".to_string()));
+        assert_eq!(all.len(), 16);
+        assert!(all.contains(&"attn_bwd_sm90_dkdv<ff_bf16, 128, 2>".to_string()));
+        assert!(all.contains(&"attn_bwd_sm90_dq<ff_f16, 64, 3>".to_string()));
         for d in [64, 128] {
-            assert!(dkdv_shared_bytes(d) <= 227 * 1024);
-            assert!(dq_shared_bytes(d) <= 227 * 1024);
+            for stages in [2, 3] {
+                assert!(dkdv_shared_bytes(d, stages) <= 227 * 1024);
+                assert!(dq_shared_bytes(d, stages) <= 227 * 1024);
+            }
         }
-        assert_eq!(dkdv_shared_bytes(128), 1024 + 131_072 + 2048 + 40);
+        assert_eq!(dkdv_shared_bytes(128, 2), 1024 + 131_072 + 2048 + 40);
         assert!(takes(64, 64) && takes(128, 128));
         assert!(!takes(128, 64) && !takes(96, 96) && !takes(256, 256));
     }
