@@ -22,7 +22,7 @@
 //!   allocations are 16-byte, not 64-byte, aligned), so the output's lines are never read.
 //!
 //! Every function here is compiled with AVX-512 F, BW and VL (and AVX2, FMA and F16C, which
-//! every such CPU has); the entry points ([`scan`], [`write`]) are safe `#[target_feature]`
+//! every such CPU has); the entry points ([`scan`], [`write()`]) are safe `#[target_feature]`
 //! functions, which callers without those features call in `unsafe` after detecting them
 //! ([`detected`]).
 
