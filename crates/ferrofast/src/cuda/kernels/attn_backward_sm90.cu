@@ -220,6 +220,20 @@ __global__ void __launch_bounds__(256, 1)
     const ff_u32_t k_rows = sk + (ff_u32_t)(wg * 64 * 128);
     const ff_u32_t v_rows = sv + (ff_u32_t)(wg * 64 * 128);
     const int t = tid & 127;
+    // Threads t < 64 of each warpgroup carry the lse2 and delta of query t of the next tile
+    // in registers: loaded one tile ahead, so the loads' latency hides under a tile's work.
+    auto rows_of = [&](int it, float& l2, float& dl) {
+        const int h = g * p.group + it / n_qt;
+        const int q0 = q_first + (it % n_qt) * BM;
+        const ff_i64_t row = ((ff_i64_t)b * n_q + h) * Tq + q0 + t;
+        const bool in = q0 + t < Tq;
+        l2 = ff_bwd_lse2(lse, row, in);
+        dl = in ? delta[row] : 0.0f;
+    };
+    float next_l2 = 0.0f, next_dl = 0.0f;
+    if (t < BM && n_it > 0) {
+        rows_of(0, next_l2, next_dl);
+    }
     if (n_it > 0) {
         ff_mbar_wait(kv_full, 0);
     }
@@ -232,14 +246,15 @@ __global__ void __launch_bounds__(256, 1)
             issue(it + STAGES - 1);
         }
         // This tile's lse2 and delta into this warpgroup's buffer it % 2 (its readers of
-        // two tiles ago passed the barrier of the last tile).
+        // two tiles ago passed the barrier of the last tile), then the next tile's loads.
         float* const l2s = rows_f + (wg * 2 + (it & 1)) * 2 * BM;
         float* const dls = l2s + BM;
         if (t < BM) {
-            const ff_i64_t row = ((ff_i64_t)b * n_q + h) * Tq + q0 + t;
-            const bool in = q0 + t < Tq;
-            l2s[t] = ff_bwd_lse2(lse, row, in);
-            dls[t] = in ? delta[row] : 0.0f;
+            l2s[t] = next_l2;
+            dls[t] = next_dl;
+            if (it + 1 < n_it) {
+                rows_of(it + 1, next_l2, next_dl);
+            }
         }
         ff_wg_barrier(wg);
 
