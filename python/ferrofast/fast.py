@@ -32,7 +32,8 @@ Beyond MLX, each op's backward pass is exposed (``*_vjp``), as are the training 
 attention (``scaled_dot_product_attention_with_lse``), the merge of attention results over
 disjoint key sets (``merge_attention_states``, for split-KV and context parallelism),
 cross-entropy's options
-(``cross_entropy_with``), its fused loss-and-gradient (``cross_entropy_fused``) and
+(``cross_entropy_with``), its fused loss-and-gradient (``cross_entropy_fused``, and
+``cross_entropy_fused_in_place``, which writes the gradient over the caller's logits) and
 ``compile_to_cubin`` (NVRTC, for ``precompiled_cuda_kernel``).
 """
 
@@ -41,7 +42,7 @@ import sys
 import numpy as np
 
 from . import _native
-from ._convert import from_tensor, to_tensor, to_tensor_opt
+from ._convert import _is_torch, from_tensor, to_tensor, to_tensor_opt
 
 __all__ = [
     "rms_norm",
@@ -58,6 +59,7 @@ __all__ = [
     "cross_entropy_with",
     "cross_entropy_vjp",
     "cross_entropy_fused",
+    "cross_entropy_fused_in_place",
     "gated_delta_update",
     "gated_delta_update_vjp",
     "cuda_kernel",
@@ -395,6 +397,109 @@ def cross_entropy_fused(
         str(reduction),
     )
     return from_tensor(loss, logits), from_tensor(dx, logits)
+
+
+def _address(x):
+    """The address of the first element of a NumPy array, a PyTorch tensor or a CuPy array."""
+    if isinstance(x, np.ndarray):
+        return int(x.__array_interface__["data"][0])
+    if _is_torch(x):
+        return int(x.data_ptr())
+    return int(x.data.ptr)  # CuPy
+
+
+def _lendable(logits):
+    """Checks that ``logits`` is an array whose memory the in-place pass may write (a
+    writable NumPy array, a PyTorch tensor that needs no gradient, a CuPy array); raises the
+    ``ValueError`` that says why not."""
+    what = "[cross_entropy_fused_in_place]"
+    if isinstance(logits, np.ndarray):
+        if not logits.flags.writeable:
+            raise ValueError(
+                f"{what} The logits are a read-only NumPy array; the in-place pass writes "
+                "the gradient over them (pass a writable array, e.g. a copy)."
+            )
+        return
+    if _is_torch(logits):
+        torch = sys.modules["torch"]
+        if logits.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{what} The logits require grad: overwriting them would corrupt the autograd "
+                "graph. Use ferrofast.torch.cross_entropy(..., inplace=True), or pass "
+                "logits.detach() to overwrite them anyway."
+            )
+        if logits.is_conj() or logits.is_neg():
+            raise ValueError(f"{what} The logits are a conjugate or negative view.")
+        return
+    if type(logits).__module__.split(".")[0] == "cupy":
+        return
+    raise ValueError(
+        f"{what} The in-place pass writes the gradient over the logits, so they must be a "
+        f"NumPy array, a PyTorch tensor or a CuPy array, not {type(logits).__name__} "
+        "(JAX arrays are immutable): use cross_entropy_fused."
+    )
+
+
+def _bump_version(t):
+    """Tells PyTorch's autograd that tensor ``t`` was written in place (its version counter),
+    so a backward pass that saved it raises instead of reading the overwritten values."""
+    torch = sys.modules["torch"]
+    bump = getattr(getattr(torch.autograd, "graph", None), "increment_version", None)
+    if bump is None:
+        bump = getattr(torch._C, "_increment_version", None)
+    if bump is not None and not t.is_inference():
+        # Inference tensors have no version counter.
+        bump(t)
+
+
+def cross_entropy_fused_in_place(
+    logits,
+    targets,
+    *,
+    ignore_index=None,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    reduction="none",
+    stream=None,
+):
+    """:func:`cross_entropy_fused` writing ``dlogits`` over the caller's ``logits``:
+    ``(loss, logits)``, where ``logits`` (the object passed in) now holds the gradient, the
+    same bits :func:`cross_entropy_fused` returns. The options are
+    :func:`cross_entropy_with`'s.
+
+    ``logits``: a writable NumPy array (bfloat16 through ``ml_dtypes``), a PyTorch tensor
+    (CPU or CUDA) or a CuPy array, of float32, float16 or bfloat16, row-major contiguous.
+    Anything else is a ``ValueError``, nothing is written: read-only arrays, non-contiguous
+    views (pass a contiguous copy and read the gradient there), float64, a PyTorch tensor
+    that requires grad while grad mode is on (see ``ferrofast.torch.cross_entropy``'s
+    ``inplace``), other producers (JAX arrays are immutable). Wrong shapes and dtypes give
+    MLX's messages, as in :func:`cross_entropy_fused`. PyTorch's version counter of the
+    tensor is bumped, as for PyTorch's own in-place ops.
+
+    The logits are lent to the call: nothing else may read or write them until it returns
+    (on a GPU: the write is queued on the producer's current stream, so work queued there
+    afterwards sees the gradient). Currently the gradient goes through a temporary buffer and
+    is copied over the logits (on the GPU too), so the peak memory is that of
+    :func:`cross_entropy_fused`; the result is the same."""
+    _check_stream("cross_entropy", stream, logits)
+    _lendable(logits)
+    x = to_tensor(logits)
+    if x.data_ptr != _address(logits) and np.prod(x.shape, dtype=np.int64) > 0:
+        raise ValueError(
+            "[cross_entropy_fused_in_place] The logits could not be shared without a copy "
+            "(misaligned memory), so the gradient cannot be written over them."
+        )
+    loss = _native.cross_entropy_fused_in_place(
+        x,
+        to_tensor(targets),
+        None if ignore_index is None else int(ignore_index),
+        float(label_smoothing),
+        float(z_loss),
+        str(reduction),
+    )
+    if _is_torch(logits):
+        _bump_version(logits)
+    return from_tensor(loss, logits), logits
 
 
 def gated_delta_update(q, k, v, gamma, beta, initial_state=None, mask=None, stream=None):

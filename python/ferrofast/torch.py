@@ -12,7 +12,8 @@ Drop-ins with PyTorch's names and signatures:
   0 where PyTorch gives NaN.
 - :func:`rms_norm`, :func:`layer_norm` (``normalized_shape`` may span several trailing axes).
 - :func:`cross_entropy` (class indices as targets; ``ignore_index``, ``reduction``,
-  ``label_smoothing``; no per-class ``weight``).
+  ``label_smoothing``; no per-class ``weight``; ``inplace=True`` writes the gradient over
+  logits nobody needs afterwards).
 
 And :func:`rope`, MLX's signature (PyTorch has no rotary embedding op).
 """
@@ -125,13 +126,24 @@ class ScaledDotProductAttentionFunction(torch.autograd.Function):
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """``apply(logits, targets, ignore_index, label_smoothing, z_loss, reduction)``:
+    """``apply(logits, targets, ignore_index, label_smoothing, z_loss, reduction[, inplace])``:
     ``ferrofast.fast.cross_entropy_with`` over the last axis. When a gradient is needed the
     forward computes the loss and its gradient in one pass (``cross_entropy_fused``) and
-    the backward scales the saved gradient by the incoming one."""
+    the backward scales the saved gradient by the incoming one.
+
+    ``inplace=True`` says the logits are needed by nobody after this call: the gradient is
+    written over them (``cross_entropy_fused_in_place``) and the backward scales it in place,
+    so no second tensor of the logits' size is kept for the backward. The logits then hold
+    the gradient, not the logits. Where that is not possible or not safe the ordinary fused
+    pass runs instead: logits that are a leaf (a parameter or user data, which PyTorch's
+    in-place ops refuse too), not row-major contiguous, or not float32 / float16 /
+    bfloat16. The write bumps the logits' version counter as PyTorch's in-place ops do, so a
+    backward that saved the logits themselves (an op whose gradient needs its output, such
+    as ``exp``) raises PyTorch's "modified by an inplace operation" error instead of reading
+    the gradient; a second backward through the same graph raises it too."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, label_smoothing, z_loss, reduction):
+    def forward(ctx, logits, targets, ignore_index, label_smoothing, z_loss, reduction, *inplace):
         opts = dict(
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
@@ -139,22 +151,40 @@ class CrossEntropyFunction(torch.autograd.Function):
             reduction=reduction,
         )
         ctx.set_materialize_grads(False)
+        ctx.n_extra = len(inplace)
         if not _needs(ctx, 0):
             return _fast.cross_entropy_with(logits, targets, **opts)
-        loss, dlogits = _fast.cross_entropy_fused(logits, targets, **opts)
+        ctx.inplace = bool(inplace and inplace[0]) and _overwritable(logits)
+        if ctx.inplace:
+            loss, dlogits = _fast.cross_entropy_fused_in_place(logits.detach(), targets, **opts)
+        else:
+            loss, dlogits = _fast.cross_entropy_fused(logits, targets, **opts)
         ctx.reduction = reduction
         ctx.save_for_backward(dlogits)
         return loss
 
     @staticmethod
     def backward(ctx, g):
+        rest = (None,) * (5 + ctx.n_extra)
         if g is None:
-            return None, None, None, None, None, None
+            return (None,) + rest
         (dlogits,) = ctx.saved_tensors
         g = g.to(dlogits.dtype)
         if ctx.reduction == "none":
             g = g.unsqueeze(-1)
-        return dlogits * g, None, None, None, None, None
+        if ctx.inplace:
+            return (dlogits.mul_(g),) + rest
+        return (dlogits * g,) + rest
+
+
+def _overwritable(logits):
+    """Whether the in-place pass may write the gradient over ``logits`` (inside a forward):
+    not a leaf, row-major contiguous, of a dtype the pass writes."""
+    return (
+        not logits.is_leaf
+        and logits.is_contiguous()
+        and logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    )
 
 
 # ----- drop-ins -------------------------------------------------------------------------
@@ -255,16 +285,27 @@ def cross_entropy(
     reduce=None,
     reduction="mean",
     label_smoothing=0.0,
+    *,
+    inplace=False,
 ):
     """``torch.nn.functional.cross_entropy`` with class-index targets: ``input`` is
     ``[C]``, ``[N, C]`` or ``[N, C, d1, ...]`` (classes on axis 1, read in place).
     Per-class ``weight`` and the deprecated ``size_average`` / ``reduce`` are not
-    available."""
+    available. ``inplace=True`` (not PyTorch's): the gradient is written over ``input``,
+    which must not be needed afterwards (see :class:`CrossEntropyFunction`; ``[C]`` and
+    ``[N, C]`` inputs qualify, ``[N, C, d1, ...]`` ones are a strided view and take the
+    ordinary pass)."""
     if weight is not None:
         raise ValueError("ferrofast.torch.cross_entropy has no per-class weight")
     if size_average is not None or reduce is not None:
         raise ValueError("size_average and reduce are deprecated: use reduction")
     logits = input.movedim(1, -1) if input.dim() > 2 else input
     return CrossEntropyFunction.apply(
-        logits, target, int(ignore_index), float(label_smoothing), 0.0, str(reduction)
+        logits,
+        target,
+        int(ignore_index),
+        float(label_smoothing),
+        0.0,
+        str(reduction),
+        bool(inplace),
     )

@@ -81,6 +81,8 @@ const KDL_FLOAT: u8 = 2;
 const KDL_BFLOAT: u8 = 4;
 const KDL_BOOL: u8 = 6;
 
+/// `DLPACK_FLAG_BITMASK_READ_ONLY`: the consumer must not write the memory.
+const FLAG_READ_ONLY: u64 = 1 << 0;
 /// `DLPACK_FLAG_BITMASK_IS_COPIED`: the exported memory is a copy made for this export.
 const FLAG_IS_COPIED: u64 = 1 << 1;
 
@@ -97,14 +99,33 @@ const USED_VERSIONED: &CStr = c"used_dltensor_versioned";
 #[pyclass(frozen, module = "ferrofast._native", name = "Tensor")]
 pub struct Tensor {
     array: Mutex<Option<Array>>,
+    /// Whether writing the array's elements reaches memory its holder may write: a result
+    /// (ferrofast's own buffer), or a producer's memory shared without a copy and not
+    /// exported read-only. Only the in-place passes (`ops::cross_entropy_fused_in_place`)
+    /// look at it; every other op only reads its inputs.
+    writable: bool,
 }
 
 impl Tensor {
-    /// Wraps an array.
+    /// Wraps an array ferrofast made (a result).
     pub fn new(array: Array) -> Tensor {
         Tensor {
             array: Mutex::new(Some(array)),
+            writable: true,
         }
+    }
+
+    /// Wraps an imported array; `writable` as [`Imported::writable`] tells.
+    fn imported(array: Array, writable: bool) -> Tensor {
+        Tensor {
+            array: Mutex::new(Some(array)),
+            writable,
+        }
+    }
+
+    /// Whether an in-place pass may write the array's elements: see the field's doc.
+    pub fn writable(&self) -> bool {
+        self.writable
     }
 
     /// Runs `f` on the array, or fails once it was exported.
@@ -127,7 +148,9 @@ impl Tensor {
         self.with(|a| Ok(a.clone()))
     }
 
-    fn take(&self) -> PyResult<Array> {
+    /// Moves the array out (the `Tensor` is empty afterwards), for a call that must hold the
+    /// only handle on it.
+    pub fn take(&self) -> PyResult<Array> {
         let mut guard = self
             .array
             .lock()
@@ -366,6 +389,18 @@ pub fn import(
     bf16_from_u16: bool,
     stream: Option<usize>,
 ) -> PyResult<Array> {
+    import_access(capsule, bf16_from_u16, stream).map(|(a, _)| a)
+}
+
+/// [`import`], and whether the array views the producer's memory itself (no copy was made)
+/// and the producer did not export it read-only (DLPack 1.x's `READ_ONLY` flag; a legacy
+/// capsule cannot say, and producers of legacy capsules that cannot flag read-only memory,
+/// such as older NumPy, refuse to export it).
+fn import_access(
+    capsule: &Bound<'_, PyAny>,
+    bf16_from_u16: bool,
+    stream: Option<usize>,
+) -> PyResult<(Array, bool)> {
     let obj = capsule.as_ptr();
     // SAFETY: `obj` is a live object (borrowed through `capsule`) and the GIL is held;
     // `PyCapsule_IsValid` accepts any object and sets no error.
@@ -394,13 +429,13 @@ pub fn import(
     }
     // SAFETY: DLPack's contract for a capsule of this name: it points at a live
     // DLManagedTensorVersioned / DLManagedTensor owned by the capsule until consumed.
-    let (tensor, version) = unsafe {
+    let (tensor, version, read_only) = unsafe {
         if versioned {
             let m = &*managed.cast::<DLManagedTensorVersioned>();
-            (&m.dl_tensor, Some(m.version))
+            (&m.dl_tensor, Some(m.version), m.flags & FLAG_READ_ONLY != 0)
         } else {
             let m = &*managed.cast::<DLManagedTensor>();
-            (&m.dl_tensor, None)
+            (&m.dl_tensor, None, false)
         }
     };
     if let Some(v) = version {
@@ -524,7 +559,8 @@ pub fn import(
         // SAFETY: DLPack's contract: the producer keeps the memory (a device allocation of
         // `dtype` elements in the shape and strides given) valid and unwritten until its
         // deleter runs, which `owner` does once the last array over it is dropped; the
-        // memory was made ready on `stream`, where ferrofast's reads are queued.
+        // memory was made ready on `stream`, where ferrofast's reads are queued. (Written
+        // only where the caller lends it: `ops::cross_entropy_fused_in_place`.)
         return unsafe {
             Array::from_cuda_external(
                 data as u64,
@@ -535,19 +571,23 @@ pub fn import(
                 Box::new(owner),
             )
         }
+        .map(|a| (a, !read_only))
         .map_err(to_py);
     }
-    match source {
+    let copied = match source {
         Source::Direct(dtype) if aligned(dtype) || size == Some(0) => {
             // SAFETY: DLPack's contract: `data` plus the strides (in elements) address
             // `shape`'s elements of this dtype inside the producer's allocation, valid and
             // initialised until the deleter runs, which `owner` calls only when the last
             // array over this memory is dropped. Every bit pattern is a valid value of the
             // direct dtypes (bool is never shared, see `Source::Bool`). ferrofast never
-            // writes to it; the Python API asks callers not to write to an input while a
+            // writes to it, except where the caller lends it for writing
+            // (`ops::cross_entropy_fused_in_place`, with its own contract); the Python API
+            // asks callers not to write to an input while a
             // call reading it runs (as any DLPack consumer must).
-            unsafe { Array::from_external(data, &shape, &strides, dtype, Box::new(owner)) }
-                .map_err(to_py)
+            return unsafe { Array::from_external(data, &shape, &strides, dtype, Box::new(owner)) }
+                .map(|a| (a, !read_only))
+                .map_err(to_py);
         }
         Source::Direct(dtype) => gather_direct(data, &shape, &strides, dtype),
         Source::Bool => gather(data, &shape, &strides, |b: u8| b != 0),
@@ -557,8 +597,10 @@ pub fn import(
         Source::U64 => gather(data, &shape, &strides, |v: u64| {
             i64::try_from(v).unwrap_or(i64::MAX)
         }),
-    }
-    // `owner` (if not moved into the array) is dropped here: the copy no longer needs it.
+    };
+    // `owner` (not moved into the array) is dropped here: the copy no longer needs it.
+    // Writing the copy would not reach the producer's memory.
+    copied.map(|a| (a, false))
 }
 
 /// A row-major copy of possibly unaligned memory of a dtype ferrofast holds.
@@ -871,5 +913,5 @@ pub fn from_dlpack(
     bf16_from_u16: bool,
     stream: Option<usize>,
 ) -> PyResult<Tensor> {
-    import(capsule, bf16_from_u16, stream).map(Tensor::new)
+    import_access(capsule, bf16_from_u16, stream).map(|(a, writable)| Tensor::imported(a, writable))
 }

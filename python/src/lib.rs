@@ -45,6 +45,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ops::cross_entropy_with, m)?)?;
     m.add_function(wrap_pyfunction!(ops::cross_entropy_vjp, m)?)?;
     m.add_function(wrap_pyfunction!(ops::cross_entropy_fused, m)?)?;
+    m.add_function(wrap_pyfunction!(ops::cross_entropy_fused_in_place, m)?)?;
     m.add_function(wrap_pyfunction!(ops::gated_delta_update, m)?)?;
     m.add_function(wrap_pyfunction!(ops::gated_delta_update_vjp, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

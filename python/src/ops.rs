@@ -406,6 +406,45 @@ pub fn cross_entropy_fused(
     Ok((wrap(loss), wrap(dx)))
 }
 
+/// `cross_entropy_fused_in_place(logits, targets, ignore_index, label_smoothing, z_loss,
+/// reduction) -> loss`: writes `dlogits` over the logits' memory (see
+/// `fast::cross_entropy_fused_in_place_external`). `logits` must be a `Tensor` whose memory
+/// may be written ([`Tensor::writable`]: a result, or a producer's memory shared without a
+/// copy and not exported read-only); the `Tensor` gives its array up to the call and is
+/// empty afterwards. `ferrofast/fast.py` makes one for the call from a NumPy array, a
+/// PyTorch tensor or a CuPy array whose writability and address it checked.
+#[pyfunction]
+#[pyo3(signature = (logits, targets, ignore_index, label_smoothing, z_loss, reduction))]
+pub fn cross_entropy_fused_in_place(
+    py: Python<'_>,
+    logits: &Bound<'_, Tensor>,
+    targets: &Bound<'_, Tensor>,
+    ignore_index: Option<i64>,
+    label_smoothing: f32,
+    z_loss: f32,
+    reduction: &str,
+) -> PyResult<Tensor> {
+    let opts = ce_options(ignore_index, label_smoothing, z_loss, reduction)?;
+    if !logits.get().writable() {
+        return Err(PyValueError::new_err(
+            "[cross_entropy] The in-place pass writes the logits, but they are read-only or \
+             were copied on the way in (a read-only or misaligned array).",
+        ));
+    }
+    let t = arr(targets)?;
+    let x = logits.get().take()?;
+    let (loss, _dx) = run(py, move || {
+        // SAFETY: the logits' memory may be written (`Tensor::writable`: ferrofast's own
+        // buffer, or a producer's memory shared without a copy and not exported read-only),
+        // and the caller lends it for this call: the Python API (`fast.py`) documents that
+        // nobody else reads or writes the logits during the call, as for every input, and
+        // refuses producers whose arrays are immutable (JAX). On a GPU the write is queued
+        // on the producer's current stream, where its later work is ordered after it.
+        unsafe { fast::cross_entropy_fused_in_place_external(x, &t, &opts) }
+    })?;
+    Ok(wrap(loss))
+}
+
 // ----- gated_delta_update --------------------------------------------------------------------
 
 /// `gated_delta_update(q, k, v, gamma, beta, initial_state, mask) -> (out, state)`.

@@ -501,3 +501,60 @@ def test_kernel_on_an_explicit_stream_is_ordered_after_the_inputs():
         z = b + 0  # `producer` waited for the kernel on `other`
     torch.cuda.synchronize()
     close(z, 2.0 * (a.cpu() @ a.cpu())[0], torch.float32, factor=50)
+
+
+# ----- cross-entropy written over CUDA logits --------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_cross_entropy_fused_in_place(dtype, reduction):
+    logits = randn(37, 5003, dtype=dtype, seed=90, scale=4.0).cuda()
+    targets = torch.randint(0, 5003, (37,), generator=torch.Generator().manual_seed(91)).cuda()
+    targets[5] = -100
+    opts = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-4, reduction=reduction)
+    want_loss, want_dx = ff.fast.cross_entropy_fused(logits, targets, **opts)
+    ptr = logits.data_ptr()
+    loss, dx = ff.fast.cross_entropy_fused_in_place(logits, targets, **opts)
+    assert dx is logits and logits.data_ptr() == ptr and loss.is_cuda
+    assert torch.equal(logits.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want_dx.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    assert torch.equal(loss, want_loss)
+
+
+def test_cross_entropy_fused_in_place_on_a_side_stream():
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        logits = randn(64, 4096, seed=92, scale=3.0).cuda()
+        targets = torch.randint(0, 4096, (64,), generator=torch.Generator().manual_seed(93)).cuda()
+        want_loss, want_dx = ff.fast.cross_entropy_fused(logits, targets, reduction="sum")
+        loss, _ = ff.fast.cross_entropy_fused_in_place(logits, targets, reduction="sum")
+        # Queued on s after the write: sees the gradient with no host wait.
+        same = torch.equal(logits, want_dx) and torch.equal(loss, want_loss)
+    torch.cuda.synchronize()
+    assert same
+
+
+def test_cross_entropy_fused_in_place_cuda_refusals():
+    t = torch.zeros(16, dtype=torch.int64, device="cuda")
+    wide = randn(4, 16, seed=94).cuda()
+    with pytest.raises(ValueError, match="row-major contiguous"):
+        ff.fast.cross_entropy_fused_in_place(wide.t(), t)
+    keep = wide.clone()
+    with pytest.raises(ValueError, match=r"targets shape \(16\)"):
+        ff.fast.cross_entropy_fused_in_place(wide, t)
+    assert torch.equal(wide, keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_cross_entropy_inplace_cuda(dtype):
+    def run(inplace):
+        h = randn(48, 64, dtype=dtype, seed=95).cuda().requires_grad_()
+        w = randn(3000, 64, dtype=dtype, seed=96).cuda().requires_grad_()
+        t = torch.randint(0, 3000, (48,), generator=torch.Generator().manual_seed(97)).cuda()
+        loss = fft.cross_entropy(h @ w.t(), t, label_smoothing=0.1, inplace=inplace)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)

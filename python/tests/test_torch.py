@@ -269,3 +269,122 @@ def test_small_model_trains_like_pytorch():
     losses = train_both_ways("cpu")
     np.testing.assert_allclose(losses[True], losses[False], rtol=2e-4, atol=2e-4)
     assert losses[True][-1] < 0.7 * losses[True][0]
+
+
+# ----- cross-entropy written over the logits ----------------------------------------------
+
+
+def _same_bits(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                       b.view(torch.int16 if b.element_size() == 2 else torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_cross_entropy_fused_in_place_tensor(dtype, reduction):
+    logits = randn(6, 301, seed=60).mul(4).to(dtype)
+    t = torch.randint(0, 301, (6,), generator=torch.Generator().manual_seed(61))
+    t[1] = -100
+    opts = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-4, reduction=reduction)
+    want_loss, want_dx = ff.fast.cross_entropy_fused(logits, t, **opts)
+    ptr, version = logits.data_ptr(), logits._version
+    loss, dx = ff.fast.cross_entropy_fused_in_place(logits, t, **opts)
+    assert dx is logits and logits.data_ptr() == ptr
+    assert logits._version > version  # autograd sees the write
+    _same_bits(logits, want_dx)
+    assert isinstance(loss, torch.Tensor)
+    _same_bits(loss, want_loss)
+
+
+def test_cross_entropy_fused_in_place_tensor_refusals():
+    t = torch.zeros(4, dtype=torch.int64)
+    x = randn(4, 16, seed=62, requires_grad=True)
+    with pytest.raises(ValueError, match="require grad"):
+        ff.fast.cross_entropy_fused_in_place(x, t)
+    keep = x.detach().clone()
+    with torch.no_grad():
+        # Without grad mode, or detached, the caller takes the overwrite on themselves.
+        ff.fast.cross_entropy_fused_in_place(x.detach(), t)
+    assert not torch.equal(x.detach(), keep)
+    wide = randn(16, 4, seed=63)
+    with pytest.raises(ValueError, match="row-major contiguous"):
+        ff.fast.cross_entropy_fused_in_place(wide.t(), t)
+    with pytest.raises(ValueError, match="not float64"):
+        ff.fast.cross_entropy_fused_in_place(randn(4, 16, seed=64).double(), t)
+    with pytest.raises(ValueError, match=r"targets shape \(5\)"):
+        ff.fast.cross_entropy_fused_in_place(randn(4, 16, seed=65), torch.zeros(5, dtype=torch.int64))
+
+
+def _ce_model_grads(inplace, reduction, dtype=torch.float32):
+    h = randn(12, 20, seed=66, dtype=dtype, requires_grad=True)
+    w = randn(50, 20, seed=67, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, 50, (12,), generator=torch.Generator().manual_seed(68))
+    t[3] = -100
+    logits = h @ w.t()  # a non-leaf nobody else needs (mm saves h and w)
+    loss = fft.cross_entropy(logits, t, reduction=reduction, label_smoothing=0.1, inplace=inplace)
+    g = randn(*loss.shape, seed=69, dtype=dtype) if reduction == "none" else torch.tensor(0.7, dtype=dtype)
+    (loss * g).sum().backward()
+    return loss.detach(), h.grad, w.grad, logits
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_inplace_autograd_matches(reduction, dtype):
+    l0, h0, w0, logits0 = _ce_model_grads(False, reduction, dtype)
+    l1, h1, w1, logits1 = _ce_model_grads(True, reduction, dtype)
+    _same_bits(l1, l0)
+    _same_bits(h1, h0)
+    _same_bits(w1, w0)
+    # The in-place run wrote the (scaled) gradient over its logits; the other kept them.
+    assert not torch.equal(logits1.detach(), logits0.detach())
+
+
+def test_cross_entropy_inplace_leaf_and_strided_fall_back():
+    t = torch.randint(0, 30, (8,), generator=torch.Generator().manual_seed(70))
+    leaf = randn(8, 30, seed=71, requires_grad=True)
+    keep = leaf.detach().clone()
+    ours = _grads(lambda: fft.cross_entropy(leaf, t, inplace=True), leaf)
+    theirs = _grads(lambda: TF.cross_entropy(leaf, t), leaf)
+    assert torch.equal(leaf.detach(), keep)  # a leaf is never overwritten
+    close(ours[0], theirs[0])
+    close(ours[1][0], theirs[1][0])
+    # Classes on axis 1 of a 3-D input: a strided view, the ordinary pass.
+    x = randn(2, 5, 3, seed=72, requires_grad=True)
+    y = x * 1.0
+    keep = y.detach().clone()
+    t3 = torch.randint(0, 5, (2, 3), generator=torch.Generator().manual_seed(73))
+    fft.cross_entropy(y, t3, inplace=True).backward()
+    assert torch.equal(y.detach(), keep)
+    x2 = x.detach().clone().requires_grad_()
+    TF.cross_entropy(x2, t3).backward()
+    close(x.grad, x2.grad)
+
+
+def test_cross_entropy_inplace_saved_logits_raise():
+    # exp's backward needs its output: overwriting it must fail loudly, not corrupt grads.
+    z = randn(4, 10, seed=74, requires_grad=True)
+    logits = z.exp()
+    t = torch.zeros(4, dtype=torch.int64)
+    loss = fft.cross_entropy(logits, t, inplace=True)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        loss.backward()
+
+
+def test_cross_entropy_inplace_second_backward_raises():
+    h = randn(4, 8, seed=75, requires_grad=True)
+    logits = h * 2.0
+    loss = fft.cross_entropy(logits, torch.zeros(4, dtype=torch.int64), inplace=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        loss.backward()
+
+
+def test_cross_entropy_function_six_args_still_work():
+    x = randn(3, 7, seed=76, requires_grad=True)
+    t = torch.tensor([1, 2, 3])
+    y = x * 1.0
+    fft.CrossEntropyFunction.apply(y, t, -100, 0.0, 0.0, "mean").backward()
+    x2 = x.detach().clone().requires_grad_()
+    TF.cross_entropy(x2, t).backward()
+    close(x.grad, x2.grad)

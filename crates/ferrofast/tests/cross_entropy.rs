@@ -528,3 +528,265 @@ mod cpu_only {
         }
     }
 }
+
+/// `fast::cross_entropy_fused_in_place_external` over host memory the test owns (as a NumPy
+/// array's would be), wrapped with `Array::from_external`.
+mod external_in_place {
+    use super::*;
+
+    /// Host memory outside ferrofast: 8-byte words, so every dtype is aligned.
+    struct Lent {
+        words: Vec<u64>,
+    }
+
+    impl Lent {
+        /// `x`'s row-major bytes, `pad` elements of zeros before and after.
+        fn new(x: &Array, pad: usize) -> Lent {
+            let item = x.dtype().size();
+            let bytes = (x.size() + 2 * pad) * item;
+            let mut words = vec![0u64; bytes.div_ceil(8) + 1];
+            let src = x.contiguous().expect("row-major");
+            let from = src.host_ptr().expect("host");
+            // SAFETY: `from` addresses `src.nbytes()` bytes of `src`, alive here; the words
+            // hold `bytes >= pad * item + src.nbytes()` bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    from,
+                    words.as_mut_ptr().cast::<u8>().add(pad * item),
+                    src.nbytes(),
+                );
+            }
+            Lent { words }
+        }
+
+        fn ptr(&self, dtype: DType, elem: usize) -> *const u8 {
+            self.words
+                .as_ptr()
+                .cast::<u8>()
+                .wrapping_add(elem * dtype.size())
+        }
+
+        /// A ferrofast array over the memory (row-major from element `elem` unless `strides`).
+        fn array(
+            &self,
+            dtype: DType,
+            elem: usize,
+            shape: &[usize],
+            strides: Option<&[isize]>,
+        ) -> Array {
+            let rm: Vec<isize> = {
+                let mut s = vec![1isize; shape.len()];
+                for i in (0..shape.len().saturating_sub(1)).rev() {
+                    s[i] = s[i + 1] * shape[i + 1] as isize;
+                }
+                s
+            };
+            // SAFETY: the words outlive every array made here (each test drops its arrays
+            // before reading or dropping `self`), and the shapes used stay inside them;
+            // nothing writes them but the in-place call under test, which the test lends
+            // them to.
+            unsafe {
+                Array::from_external(
+                    self.ptr(dtype, elem),
+                    shape,
+                    strides.unwrap_or(&rm),
+                    dtype,
+                    Box::new(()),
+                )
+            }
+            .expect("from_external")
+        }
+
+        /// A ferrofast-owned copy of the elements (row-major from `elem`).
+        fn read(&self, dtype: DType, elem: usize, shape: &[usize]) -> Array {
+            self.array(dtype, elem, shape, None).copy().expect("copy")
+        }
+    }
+
+    fn all_options() -> Vec<CrossEntropyOptions> {
+        let mut v = Vec::new();
+        for reduction in REDUCTIONS {
+            v.push(CrossEntropyOptions {
+                reduction,
+                ..Default::default()
+            });
+            v.push(CrossEntropyOptions {
+                ignore_index: Some(3),
+                label_smoothing: 0.1,
+                z_loss: 1e-3,
+                reduction,
+            });
+        }
+        v
+    }
+
+    /// The gradient lands in the lender's memory, the same bits as `cross_entropy_fused`,
+    /// for every float dtype the pass writes and every option; the returned `dlogits` views
+    /// that memory.
+    #[test]
+    fn writes_the_fused_gradient_into_borrowed_memory() {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            for (i, opts) in all_options().iter().enumerate() {
+                let shape = [5usize, 3, 257];
+                let host = logits(&shape, dt, 200 + i as u64);
+                let mut t = targets(&[5, 3], 257, DType::I64, 201)
+                    .to_vec::<i64>()
+                    .unwrap();
+                t[4] = 3; // an ignored row when ignore_index is 3
+                let t = Array::from_vec(t, &[5, 3]).unwrap();
+                let (wl, wd) = fast::cross_entropy_fused(&host, &t, opts).expect("fused");
+                let lent = Lent::new(&host, 0);
+                let x = lent.array(dt, 0, &shape, None);
+                let at = x.host_ptr().map(|p| p as usize);
+                // SAFETY: the test lends `lent`'s memory for the call; nothing else reads it.
+                let (l, d) = unsafe { fast::cross_entropy_fused_in_place_external(x, &t, opts) }
+                    .expect("in place");
+                assert_eq!(
+                    d.host_ptr().map(|p| p as usize),
+                    at,
+                    "{dt} {opts:?}: same memory"
+                );
+                check_close(&l, &wl, 0.0, 0.0, &format!("{dt} {opts:?}: loss"));
+                check_close(&d, &wd, 0.0, 0.0, &format!("{dt} {opts:?}: dlogits"));
+                drop(d);
+                let written = lent.read(dt, 0, &shape);
+                check_close(&written, &wd, 0.0, 0.0, &format!("{dt} {opts:?}: memory"));
+            }
+        }
+    }
+
+    /// A row-major view at an offset inside a bigger borrowed block: only its elements are
+    /// written; enough rows to take the parallel kernel path.
+    #[test]
+    fn offset_view_writes_only_its_elements() {
+        let (rows, v, pad) = (40usize, 1000usize, 7usize);
+        let host = logits(&[rows, v], DType::F32, 210);
+        let t = targets(&[rows], v, DType::I32, 211);
+        let opts = CrossEntropyOptions {
+            reduction: Reduction::Mean,
+            ..Default::default()
+        };
+        let (_, wd) = fast::cross_entropy_fused(&host, &t, &opts).expect("fused");
+        let lent = Lent::new(&host, pad);
+        let x = lent.array(DType::F32, pad, &[rows, v], None);
+        // SAFETY: as above.
+        let (_, d) = unsafe { fast::cross_entropy_fused_in_place_external(x, &t, &opts) }.unwrap();
+        drop(d);
+        check_close(
+            &lent.read(DType::F32, pad, &[rows, v]),
+            &wd,
+            0.0,
+            0.0,
+            "view",
+        );
+        let zeros = Array::zeros(&[pad], DType::F32, &Device::Cpu).unwrap();
+        check_close(
+            &lent.read(DType::F32, 0, &[pad]),
+            &zeros,
+            0.0,
+            0.0,
+            "before untouched",
+        );
+        check_close(
+            &lent.read(DType::F32, pad + rows * v, &[pad]),
+            &zeros,
+            0.0,
+            0.0,
+            "after untouched",
+        );
+    }
+
+    /// Logits ferrofast owns alone take the in-place pass over their own buffer.
+    #[test]
+    fn owned_logits_are_written_in_their_buffer() {
+        let host = logits(&[4, 300], DType::BF16, 220);
+        let t = targets(&[4], 300, DType::I32, 221);
+        let opts = CrossEntropyOptions::default();
+        let (_, wd) = fast::cross_entropy_fused(&host, &t, &opts).unwrap();
+        let x = host.copy().unwrap();
+        let at = x.host_ptr().map(|p| p as usize);
+        // SAFETY: ferrofast's own buffer, this the only handle: nothing is borrowed.
+        let (_, d) = unsafe { fast::cross_entropy_fused_in_place_external(x, &t, &opts) }.unwrap();
+        assert_eq!(d.host_ptr().map(|p| p as usize), at);
+        check_close(&d, &wd, 0.0, 0.0, "owned");
+    }
+
+    /// Refused: MLX's checks first, then f64, layouts that are not row-major contiguous and
+    /// a buffer another handle shares; the memory is left unchanged.
+    #[test]
+    fn refusals_leave_the_memory_unchanged() {
+        let opts = CrossEntropyOptions::default();
+        let host = logits(&[4, 16], DType::F32, 230);
+        let t = targets(&[4], 16, DType::I32, 231);
+        let lent = Lent::new(&host, 0);
+        let unchanged =
+            |what: &str| check_close(&lent.read(DType::F32, 0, &[4, 16]), &host, 0.0, 0.0, what);
+
+        let t5 = targets(&[5], 16, DType::I32, 232);
+        // SAFETY (each call below): the test lends `lent`'s memory; nothing else reads it.
+        let e = unsafe {
+            fast::cross_entropy_fused_in_place_external(
+                lent.array(DType::F32, 0, &[4, 16], None),
+                &t5,
+                &opts,
+            )
+        };
+        assert_eq!(
+            e.unwrap_err(),
+            invalid("[cross_entropy] targets shape (5) does not match logits shape (4,16) with the last axis removed.")
+        );
+        unchanged("shape error");
+
+        let tt = lent.array(DType::F32, 0, &[16, 4], Some(&[1, 16]));
+        let t16 = targets(&[16], 4, DType::I32, 233);
+        let e = unsafe { fast::cross_entropy_fused_in_place_external(tt, &t16, &opts) };
+        assert_eq!(
+            e.unwrap_err(),
+            invalid("[cross_entropy] The in-place pass needs row-major contiguous logits, got shape (16,4) with strides [1, 16].")
+        );
+        unchanged("transposed");
+
+        let x = lent.array(DType::F32, 0, &[4, 16], None);
+        let keep = x.clone();
+        let e = unsafe { fast::cross_entropy_fused_in_place_external(x, &t, &opts) };
+        assert_eq!(
+            e.unwrap_err(),
+            invalid("[cross_entropy] The in-place pass needs the only handle on the logits' buffer; another array shares it.")
+        );
+        drop(keep);
+        unchanged("shared");
+
+        let h64 = logits(&[4, 16], DType::F64, 234);
+        let lent64 = Lent::new(&h64, 0);
+        let e = unsafe {
+            fast::cross_entropy_fused_in_place_external(
+                lent64.array(DType::F64, 0, &[4, 16], None),
+                &t,
+                &opts,
+            )
+        };
+        assert_eq!(
+            e.unwrap_err(),
+            invalid("[cross_entropy] The in-place pass writes float32, float16 or bfloat16 logits, not float64.")
+        );
+        check_close(&lent64.read(DType::F64, 0, &[4, 16]), &h64, 0.0, 0.0, "f64");
+    }
+
+    /// Empty logits: nothing to write.
+    #[test]
+    fn empty_logits() {
+        let x = Array::zeros(&[0, 8], DType::F16, &Device::Cpu).unwrap();
+        let lent = Lent::new(&x, 0);
+        let t = Array::zeros(&[0], DType::I32, &Device::Cpu).unwrap();
+        // SAFETY: as above.
+        let (l, d) = unsafe {
+            fast::cross_entropy_fused_in_place_external(
+                lent.array(DType::F16, 0, &[0, 8], None),
+                &t,
+                &CrossEntropyOptions::default(),
+            )
+        }
+        .unwrap();
+        assert_eq!((l.shape(), d.shape()), (&[0usize][..], &[0usize, 8][..]));
+    }
+}

@@ -7,10 +7,11 @@
 //! `cpu/cross_entropy.rs` or `cuda/cross_entropy.rs`.
 
 use super::{place, Place};
+use crate::array::fmt_shape;
 use crate::error::{Error, Result};
 use crate::ops::cross_entropy::{CrossEntropyArgs, CrossEntropyVjpArgs};
 pub use crate::ops::cross_entropy::{CrossEntropyOptions, Reduction};
-use crate::{Array, Stream};
+use crate::{Array, DType, Stream};
 
 const OP: &str = "[cross_entropy]";
 
@@ -175,7 +176,8 @@ pub fn cross_entropy_fused_on(
 /// buffer, overwritten with the gradient. Any other logits (a view, a shared buffer, f64,
 /// memory from [`Array::from_external`]) get a new buffer, exactly as
 /// [`cross_entropy_fused`] (the results are the same either way; `dlogits.host_ptr()`
-/// tells a CPU caller which happened).
+/// tells a CPU caller which happened). Memory another library lends for writing:
+/// [`cross_entropy_fused_in_place_external`].
 ///
 /// # Errors
 /// As [`cross_entropy_with`]. On an error the logits are dropped.
@@ -199,6 +201,70 @@ pub fn cross_entropy_fused_in_place_on(
     opts: &CrossEntropyOptions,
 ) -> Result<(Array, Array)> {
     run_fused_in_place(logits, targets, opts, Some(stream))
+}
+
+/// [`cross_entropy_fused_in_place`] for logits in memory another library lends for writing
+/// (a NumPy array or PyTorch tensor wrapped with [`Array::from_external`] or
+/// [`Array::from_cuda_external`]): `dlogits` is written over the logits' elements, in the
+/// lender's memory, and returned as `logits` itself, beside the loss. The gradient is the
+/// bits [`cross_entropy_fused`] gives.
+///
+/// Logits in a buffer ferrofast owns alone take [`cross_entropy_fused_in_place`] (no second
+/// buffer). Borrowed memory currently takes [`cross_entropy_fused`] into a temporary buffer
+/// (from the host pool, or on the logits' stream) and a copy of it over the logits (on the
+/// CPU on the calling thread, on a GPU queued on the logits' stream): the caller's memory
+/// holds the gradient afterwards, but the peak memory is that of the out-of-place pass; the
+/// back ends' in-place row passes take only ferrofast's own buffers for now.
+///
+/// # Safety
+/// When `logits` views borrowed memory, its producer lends it for writing for this call:
+/// the memory is writable, and nobody else reads or writes the logits' elements from the
+/// call's start until it returns (on a GPU: until the work this call queues on the logits'
+/// stream has finished; work queued on that stream afterwards is ordered after it). This
+/// lifts, for these elements and this call, the "nobody writes" clause of the constructors'
+/// contracts from the other side: ferrofast writes them here and nowhere else.
+///
+/// # Errors
+/// As [`cross_entropy_with`] (MLX's checks first); then `Error::InvalidArgument` when the
+/// logits are not float32, float16 or bfloat16, not row-major contiguous (strided,
+/// transposed or broadcast views: pass a contiguous copy and read its gradient there), or
+/// share their buffer with another array (a clone or view would see the write). On an
+/// error the logits are dropped unchanged.
+pub unsafe fn cross_entropy_fused_in_place_external(
+    mut logits: Array,
+    targets: &Array,
+    opts: &CrossEntropyOptions,
+) -> Result<(Array, Array)> {
+    drop(CrossEntropyArgs::new(&logits, targets, opts)?);
+    let dtype = logits.dtype();
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(Error::invalid(format!(
+            "{OP} The in-place pass writes float32, float16 or bfloat16 logits, not {dtype}."
+        )));
+    }
+    if !logits.is_contiguous() {
+        return Err(Error::invalid(format!(
+            "{OP} The in-place pass needs row-major contiguous logits, got shape {} with \
+             strides {:?}.",
+            fmt_shape(logits.shape()),
+            logits.strides()
+        )));
+    }
+    if !logits.is_sole_handle() {
+        return Err(Error::invalid(format!(
+            "{OP} The in-place pass needs the only handle on the logits' buffer; another \
+             array shares it."
+        )));
+    }
+    if logits.owns_whole_buffer() {
+        return cross_entropy_fused_in_place(logits, targets, opts);
+    }
+    let (loss, dlogits) = cross_entropy_fused(&logits, targets, opts)?;
+    // SAFETY: the caller lends the logits' memory for writing for this call (this
+    // function's contract); `logits` is the only handle on it (checked above) and
+    // row-major contiguous, and `dlogits` has its shape and dtype.
+    unsafe { logits.write_lent(&dlogits)? };
+    Ok((loss, logits))
 }
 
 /// For autodiff front ends: succeeds when only the logits' gradient is asked of
