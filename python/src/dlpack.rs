@@ -115,7 +115,7 @@ impl Tensor {
         }
     }
 
-    /// Wraps an imported array; `writable` as [`Imported::writable`] tells.
+    /// Wraps an imported array; `writable` as [`import_access`] tells.
     fn imported(array: Array, writable: bool) -> Tensor {
         Tensor {
             array: Mutex::new(Some(array)),
@@ -583,8 +583,8 @@ fn import_access(
             // direct dtypes (bool is never shared, see `Source::Bool`). ferrofast never
             // writes to it, except where the caller lends it for writing
             // (`ops::cross_entropy_fused_in_place`, with its own contract); the Python API
-            // asks callers not to write to an input while a
-            // call reading it runs (as any DLPack consumer must).
+            // asks callers not to write to an input while a call reading it runs (as any
+            // DLPack consumer must).
             return unsafe { Array::from_external(data, &shape, &strides, dtype, Box::new(owner)) }
                 .map(|a| (a, !read_only))
                 .map_err(to_py);
