@@ -4,6 +4,10 @@
 //! grouped-query heads). The delta and dsinks kernels around them are the ones every
 //! backward shares (`super::run_tiles`).
 //!
+//! Opt-in (`FERROFAST_BACKWARD_KERNEL=sm90`, `super::super::select::select_backward`): the
+//! kernels are compile-checked with NVRTC and their selection is unit-tested, but they have
+//! not yet run on a GPU, so the default backward on Hopper stays on `mma.sync`.
+//!
 //! Inputs are read through tensor maps (`super::super::prefill_sm90::tensor_map`): in place
 //! when a map can describe them (last axis contiguous, 16-byte aligned rows, non-negative
 //! strides), else from a row-major copy.
