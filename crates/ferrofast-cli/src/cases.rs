@@ -159,6 +159,13 @@ impl Gdn {
     fn state(&self) -> usize {
         self.batch * self.v_heads * self.v_dim * self.k_dim
     }
+
+    /// Elements of q, k, v, gamma and beta read and of the output written, over every step.
+    fn step_elements(&self) -> usize {
+        let per_step =
+            2 * self.k_heads * self.k_dim + 2 * self.v_heads * self.v_dim + 2 * self.v_heads;
+        self.batch * self.len * per_step
+    }
 }
 
 /// Attention prefill on the tensor cores, timed only on a GPU (far too slow for the CPU):
@@ -524,10 +531,7 @@ impl Case {
                 ..
             } => 8.0 * (*batch * *heads * *len * *head_dim) as f64 * es,
             // The f32 state read and written once; q, k, v, gamma, beta read, out written.
-            Case::GatedDelta(g) => {
-                let per_step = 2 * g.k_heads * g.k_dim + 2 * g.v_heads * g.v_dim + 2 * g.v_heads;
-                8.0 * g.state() as f64 + (g.batch * g.len * per_step) as f64 * es
-            }
+            Case::GatedDelta(g) => 8.0 * g.state() as f64 + g.step_elements() as f64 * es,
             // Both parts read and the result written; the three f32 log-sum-exps.
             Case::MergeStates {
                 batch,
@@ -550,10 +554,7 @@ impl Case {
             } => 2.0 * ((*q_heads + *kv_heads) * *batch * *len * *head_dim) as f64 * es,
             // The state, its gradient and the initial state's gradient; the inputs and their
             // gradients.
-            Case::GatedDeltaVjp(g) => {
-                let per_step = 2 * g.k_heads * g.k_dim + 2 * g.v_heads * g.v_dim + 2 * g.v_heads;
-                12.0 * g.state() as f64 + 2.0 * (g.batch * g.len * per_step) as f64 * es
-            }
+            Case::GatedDeltaVjp(g) => 12.0 * g.state() as f64 + 2.0 * g.step_elements() as f64 * es,
         }
     }
 
@@ -873,24 +874,22 @@ impl Case {
                     .chain(g.dstate0)
                     .collect());
             }
-            Case::RopeVjp { shape, .. } => (ops.rope_vjp)(
-                &a[0],
-                shape[3] as i32,
-                false,
-                Some(10000.0),
-                1.0,
-                RopeOffset::Int(7),
-                None,
-            ),
-            Case::Rope { shape, .. } => (ops.rope)(
-                &a[0],
-                shape[3] as i32,
-                false,
-                Some(10000.0),
-                1.0,
-                RopeOffset::Int(7),
-                None,
-            ),
+            Case::Rope { shape, .. } | Case::RopeVjp { shape, .. } => {
+                let rope = if matches!(self, Case::Rope { .. }) {
+                    ops.rope
+                } else {
+                    ops.rope_vjp
+                };
+                rope(
+                    &a[0],
+                    shape[3] as i32,
+                    false,
+                    Some(10000.0),
+                    1.0,
+                    RopeOffset::Int(7),
+                    None,
+                )
+            }
             Case::Sdpa {
                 head_dim, causal, ..
             } => (ops.sdpa)(

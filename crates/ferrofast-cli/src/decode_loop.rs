@@ -146,17 +146,21 @@ pub fn run(device: &Device) -> Result<DecodeLoop> {
     let mut cache = KvCache::new(1, KV_HEADS, HEAD_DIM, POINTS[0], dtype, device)?;
     drop(cache.append(&prefill(4)?, &prefill(5)?)?);
     let per_token = (2 * KV_HEADS * HEAD_DIM * dtype.size()) as f64;
-    let step = |cache: &mut KvCache| -> Result<()> {
-        let (keys, values) = cache.append(&k_new, &v_new)?;
+    // One decode step's attention over the cache's keys and values.
+    let attend = |keys: &Array, values: &Array| -> Result<()> {
         drop(fast::scaled_dot_product_attention(
             &q,
-            &keys,
-            &values,
+            keys,
+            values,
             scale,
             Mask::None,
             None,
         )?);
         Ok(())
+    };
+    let step = |cache: &mut KvCache| -> Result<()> {
+        let (keys, values) = cache.append(&k_new, &v_new)?;
+        attend(&keys, &values)
     };
     // Warm-up (kernel compilation on a GPU): one step, undone.
     step(&mut cache)?;
@@ -187,17 +191,7 @@ pub fn run(device: &Device) -> Result<DecodeLoop> {
         growths += usize::from(cache.capacity() != capacity);
         steps += WINDOW;
         let (keys, values) = (cache.keys(), cache.values());
-        let attention = timed(device, || {
-            drop(fast::scaled_dot_product_attention(
-                &q,
-                &keys,
-                &values,
-                scale,
-                Mask::None,
-                None,
-            )?);
-            Ok(())
-        })?;
+        let attention = timed(device, || attend(&keys, &values))?;
         drop((keys, values));
         points.push(Point {
             len: cache.len(),

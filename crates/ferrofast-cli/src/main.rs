@@ -113,6 +113,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// Attention over one batch: `(q_heads, kv_heads)` heads, `(q_len, kv_len)` lengths.
+fn sdpa_case(
+    (q_heads, kv_heads): (usize, usize),
+    (q_len, kv_len): (usize, usize),
+    head_dim: usize,
+    dtype: DType,
+    causal: bool,
+) -> Case {
+    Case::Sdpa {
+        batch: 1,
+        q_heads,
+        kv_heads,
+        q_len,
+        kv_len,
+        head_dim,
+        dtype,
+        causal,
+    }
+}
+
 /// The ops of one Llama layer (bf16, 32 query heads over 8 kv heads, head dim 128), each
 /// timed from the call to its completion on the device, first call only: on a GPU this is
 /// the kernels' compilation (or disk-cache load) plus one run.
@@ -132,26 +152,8 @@ fn first_call(opts: &Options) -> Result<(), Box<dyn std::error::Error>> {
             shape: [1, 8, 128, 128],
             dtype,
         },
-        Case::Sdpa {
-            batch: 1,
-            q_heads: 32,
-            kv_heads: 8,
-            q_len: 128,
-            kv_len: 128,
-            head_dim: 128,
-            dtype,
-            causal: true,
-        },
-        Case::Sdpa {
-            batch: 1,
-            q_heads: 32,
-            kv_heads: 8,
-            q_len: 1,
-            kv_len: 4096,
-            head_dim: 128,
-            dtype,
-            causal: false,
-        },
+        sdpa_case((32, 8), (128, 128), 128, dtype, true),
+        sdpa_case((32, 8), (1, 4096), 128, dtype, false),
     ];
     // Inputs first (this also starts the device), so only the ops are timed.
     let mut prepared = Vec::new();
@@ -197,26 +199,8 @@ fn demo_cases() -> Vec<Case> {
             shape: [1, 32, 512, 128],
             dtype,
         });
-        v.push(Case::Sdpa {
-            batch: 1,
-            q_heads: 8,
-            kv_heads: 2,
-            q_len: 256,
-            kv_len: 256,
-            head_dim: 64,
-            dtype,
-            causal: true,
-        });
-        v.push(Case::Sdpa {
-            batch: 1,
-            q_heads: 8,
-            kv_heads: 2,
-            q_len: 1,
-            kv_len: 2048,
-            head_dim: 128,
-            dtype,
-            causal: false,
-        });
+        v.push(sdpa_case((8, 2), (256, 256), 64, dtype, true));
+        v.push(sdpa_case((8, 2), (1, 2048), 128, dtype, false));
         let g = Gdn {
             batch: 1,
             len: 64,
@@ -399,29 +383,11 @@ fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
     }
     for &dtype in &[DType::F32, DType::BF16] {
         for causal in [false, true] {
-            v.push(Case::Sdpa {
-                batch: 1,
-                q_heads: 16,
-                kv_heads: 16,
-                q_len: 1024,
-                kv_len: 1024,
-                head_dim: 128,
-                dtype,
-                causal,
-            });
+            v.push(sdpa_case((16, 16), (1024, 1024), 128, dtype, causal));
         }
     }
     if !quick {
-        v.push(Case::Sdpa {
-            batch: 1,
-            q_heads: 16,
-            kv_heads: 16,
-            q_len: 1024,
-            kv_len: 1024,
-            head_dim: 64,
-            dtype: DType::F32,
-            causal: false,
-        });
+        v.push(sdpa_case((16, 16), (1024, 1024), 64, DType::F32, false));
     }
     // Attention backward on the first attention shape.
     for &dtype in &[DType::F32, DType::BF16] {
@@ -451,16 +417,7 @@ fn bench_cases(quick: bool, gpu: bool) -> Vec<Case> {
         }
     }
     for &dtype in &[DType::F32, DType::BF16] {
-        v.push(Case::Sdpa {
-            batch: 1,
-            q_heads: 32,
-            kv_heads: 8,
-            q_len: 1,
-            kv_len: 8192,
-            head_dim: 128,
-            dtype,
-            causal: false,
-        });
+        v.push(sdpa_case((32, 8), (1, 8192), 128, dtype, false));
     }
     if gpu {
         // The decode target: a 1 GiB bf16 KV cache, counted as K + V bytes against

@@ -6,14 +6,15 @@
 //! `cargo run --release --example metal_kernel` (needs a CUDA GPU; says so and exits
 //! without one).
 
+#[path = "metal/guide.rs"]
+mod guide;
+
 use ferrofast::fast::{KernelCall, MathMode, MetalKernel};
 use ferrofast::{Array, DType, Device, Error};
 
 const EXP_SOURCE: &str = include_str!("metal/exp.metal");
 
 const GRID_SAMPLE_SOURCE: &str = include_str!("metal/grid_sample.metal");
-
-const GRID_SAMPLE_GRAD_SOURCE: &str = include_str!("metal/grid_sample_vjp.metal");
 
 fn max_diff(a: &[f64], b: &[f64]) -> f64 {
     a.iter()
@@ -124,16 +125,7 @@ fn run(gpu: Device) -> Result<(), Error> {
     // SAFETY: every index the kernel forms is checked against the shapes it reads.
     let out = unsafe { forward.call(&call) }?.remove(0);
 
-    let backward = MetalKernel::new(
-        "grid_sample_grad",
-        &["x", "grid", "cotangent"],
-        &["x_grad", "grid_grad"],
-        GRID_SAMPLE_GRAD_SOURCE,
-        "",
-        true,
-        true,
-        MathMode::Safe,
-    )?;
+    let backward = guide::grid_sample_grad()?;
     let c_padded = x_shape[3].div_ceil(32) * 32;
     let call = KernelCall::new([2 * 20 * 24 * c_padded, 1, 1], [256, 1, 1])
         .input(&x)

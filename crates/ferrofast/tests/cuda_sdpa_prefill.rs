@@ -82,6 +82,23 @@ fn input(
     layout(dev, (b, h, t, d), kind, dtype, seed)
 }
 
+/// q `[B, N_q, T_q, D]`, k `[B, N_kv, T_kv, D]` and v `[B, N_kv, T_kv, D_v]` (`dims` in this
+/// order: B, N_q, N_kv, T_q, T_kv, D, D_v) from seeds `seed` to `seed + 2`, each an [`input`]:
+/// q transposed when `q_t`, k and v when `kv_t`.
+fn qkv(
+    dev: &Device,
+    (b, nq, nkv, tq, tkv, d, dv): (usize, usize, usize, usize, usize, usize, usize),
+    (q_t, kv_t): (bool, bool),
+    dtype: DType,
+    seed: u64,
+) -> (Input, Input, Input) {
+    (
+        input(dev, b, nq, tq, d, q_t, dtype, seed),
+        input(dev, b, nkv, tkv, d, kv_t, dtype, seed + 1),
+        input(dev, b, nkv, tkv, dv, kv_t, dtype, seed + 2),
+    )
+}
+
 /// Runs the op on the device inputs and the oracle on the CPU ones and compares them at
 /// [`tol`].
 fn check(
@@ -117,9 +134,8 @@ fn every_head_dim_and_dtype() {
             for (d, dv) in HEAD_DIMS {
                 for is_causal in [false, true] {
                     seed += 10;
-                    let q = input(dev, 1, 2, 150, d, false, dtype, seed);
-                    let k = input(dev, 1, 2, 141, d, false, dtype, seed + 1);
-                    let v = input(dev, 1, 2, 141, dv, false, dtype, seed + 2);
+                    let (q, k, v) =
+                        qkv(dev, (1, 2, 2, 150, 141, d, dv), (false, false), dtype, seed);
                     let what = format!("{dtype} D {d}/{dv} causal {is_causal} seed {seed}");
                     let scale = 1.0 / (d as f32).sqrt();
                     check(&q, &k, &v, scale, causal_if(is_causal), None, &what);
@@ -154,9 +170,8 @@ fn ragged_lengths_causal_and_not() {
                 for (d, dv) in [(64, 64), (128, 128), (256, 256)] {
                     for is_causal in [false, true] {
                         seed += 10;
-                        let q = input(dev, 1, 2, tq, d, false, dtype, seed);
-                        let k = input(dev, 1, 2, tkv, d, false, dtype, seed + 1);
-                        let v = input(dev, 1, 2, tkv, dv, false, dtype, seed + 2);
+                        let (q, k, v) =
+                            qkv(dev, (1, 2, 2, tq, tkv, d, dv), (false, false), dtype, seed);
                         let what = format!(
                             "{dtype} Tq {tq} Tkv {tkv} D {d} causal {is_causal} seed {seed}"
                         );
@@ -178,9 +193,13 @@ fn grouped_and_multi_query_heads() {
             for (nq, nkv) in [(8, 2), (6, 1), (4, 4), (12, 3)] {
                 for is_causal in [false, true] {
                     seed += 10;
-                    let q = input(dev, 2, nq, 97, 128, false, dtype, seed);
-                    let k = input(dev, 2, nkv, 131, 128, false, dtype, seed + 1);
-                    let v = input(dev, 2, nkv, 131, 128, false, dtype, seed + 2);
+                    let (q, k, v) = qkv(
+                        dev,
+                        (2, nq, nkv, 97, 131, 128, 128),
+                        (false, false),
+                        dtype,
+                        seed,
+                    );
                     let what = format!("{dtype} heads {nq}/{nkv} causal {is_causal} seed {seed}");
                     check(&q, &k, &v, 0.09, causal_if(is_causal), None, &what);
                 }
@@ -208,9 +227,13 @@ fn bool_and_additive_masks_broadcast_and_full() {
                 for shape in mask_shapes {
                     for additive in [false, true] {
                         seed += 10;
-                        let q = input(dev, b, nq, tq, d, false, dtype, seed);
-                        let k = input(dev, b, nkv, tkv, d, true, dtype, seed + 1);
-                        let v = input(dev, b, nkv, tkv, dv, true, dtype, seed + 2);
+                        let (q, k, v) = qkv(
+                            dev,
+                            (b, nq, nkv, tq, tkv, d, dv),
+                            (false, true),
+                            dtype,
+                            seed,
+                        );
                         let m = if additive {
                             uniform(shape, -4.0, 2.0, dtype, seed + 3)
                         } else {
@@ -239,9 +262,13 @@ fn sinks_with_every_mask_kind() {
             for (d, dv) in [(64, 64), (128, 128), (256, 256)] {
                 for kind in 0..4 {
                     seed += 10;
-                    let q = input(dev, b, nq, tq, d, false, dtype, seed);
-                    let k = input(dev, b, nkv, tkv, d, false, dtype, seed + 1);
-                    let v = input(dev, b, nkv, tkv, dv, false, dtype, seed + 2);
+                    let (q, k, v) = qkv(
+                        dev,
+                        (b, nq, nkv, tq, tkv, d, dv),
+                        (false, false),
+                        dtype,
+                        seed,
+                    );
                     let sinks = Input::new(&uniform(&[nq], -1.0, 3.0, dtype, seed + 3), dev);
                     let m = match kind {
                         2 => bool_mask(&[tq, tkv], 0.5, seed + 4),
@@ -269,9 +296,7 @@ fn fully_masked_rows_are_zero() {
     on_every_gpu(|dev| {
         let (b, nq, tq, tkv, d) = (1, 2, 40, 100, 64);
         for dtype in HALF {
-            let q = input(dev, b, nq, tq, d, false, dtype, 1);
-            let k = input(dev, b, nq, tkv, d, false, dtype, 2);
-            let v = input(dev, b, nq, tkv, d, false, dtype, 3);
+            let (q, k, v) = qkv(dev, (b, nq, nq, tq, tkv, d, d), (false, false), dtype, 1);
             // Bool: rows 0, 7 and 39 see nothing; additive: the same rows are all -inf.
             let mut keep = bool_mask(&[tq, tkv], 0.6, 4).to_vec::<bool>().unwrap();
             let mut add = uniform(&[tq, tkv], -1.0, 1.0, DType::F32, 5)
@@ -328,9 +353,7 @@ fn strided_and_unaligned_views() {
             for is_causal in [false, true] {
                 seed += 10;
                 // [B, T, H, D] memory seen as [B, H, T, D]: read in place.
-                let q = input(dev, 2, 4, 70, 128, true, dtype, seed);
-                let k = input(dev, 2, 2, 90, 128, true, dtype, seed + 1);
-                let v = input(dev, 2, 2, 90, 128, true, dtype, seed + 2);
+                let (q, k, v) = qkv(dev, (2, 4, 2, 70, 90, 128, 128), (true, true), dtype, seed);
                 let what = format!("{dtype} transposed causal {is_causal} seed {seed}");
                 check(&q, &k, &v, 0.1, causal_if(is_causal), None, &what);
 
@@ -358,9 +381,13 @@ fn strided_and_unaligned_views() {
 fn more_blocks_than_multiprocessors() {
     on_every_gpu(|dev| {
         for (dtype, is_causal, seed) in [(DType::BF16, false, 7000), (DType::F16, true, 7010)] {
-            let q = input(dev, 2, 16, 600, 128, true, dtype, seed);
-            let k = input(dev, 2, 4, 600, 128, true, dtype, seed + 1);
-            let v = input(dev, 2, 4, 600, 128, true, dtype, seed + 2);
+            let (q, k, v) = qkv(
+                dev,
+                (2, 16, 4, 600, 600, 128, 128),
+                (true, true),
+                dtype,
+                seed,
+            );
             let what = format!("{dtype} 160 blocks causal {is_causal} seed {seed}");
             check(&q, &k, &v, 0.0884, causal_if(is_causal), None, &what);
         }
@@ -375,15 +402,17 @@ fn more_blocks_than_multiprocessors() {
 fn uncovered_cases_fall_back_and_stay_right() {
     on_every_gpu(|dev| {
         for (dtype, d) in [(DType::F32, 64), (DType::BF16, 72)] {
-            let q = input(dev, 1, 2, 20, d, false, dtype, 1);
-            let k = input(dev, 1, 2, 20, d, false, dtype, 2);
-            let v = input(dev, 1, 2, 20, d, false, dtype, 3);
+            let (q, k, v) = qkv(dev, (1, 2, 2, 20, 20, d, d), (false, false), dtype, 1);
             let what = format!("fallback {dtype} D {d}");
             check(&q, &k, &v, 0.1, Masking::None, None, &what);
         }
-        let q = input(dev, 1, 2, 20, 64, false, DType::BF16, 1);
-        let k = input(dev, 1, 2, 20, 64, false, DType::BF16, 2);
-        let v = input(dev, 1, 2, 20, 64, false, DType::BF16, 3);
+        let (q, k, v) = qkv(
+            dev,
+            (1, 2, 2, 20, 20, 64, 64),
+            (false, false),
+            DType::BF16,
+            1,
+        );
         match sdpa(&q.dev, &k.host, &v.dev, 0.1, Mask::None, None) {
             Err(Error::Device(msg)) => assert!(msg.contains("device"), "{msg}"),
             other => panic!("expected a device error, got {other:?}"),
@@ -396,9 +425,7 @@ fn uncovered_cases_fall_back_and_stay_right() {
 #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
 fn empty_shapes_and_zero_keys() {
     on_every_gpu(|dev| {
-        let q = input(dev, 1, 2, 5, 64, false, DType::BF16, 1);
-        let k = input(dev, 1, 2, 0, 64, false, DType::BF16, 2);
-        let v = input(dev, 1, 2, 0, 64, false, DType::BF16, 3);
+        let (q, k, v) = qkv(dev, (1, 2, 2, 5, 0, 64, 64), (false, false), DType::BF16, 1);
         let out = sdpa(&q.dev, &k.dev, &v.dev, 0.1, Mask::None, None).unwrap();
         assert_eq!(out.shape(), &[1, 2, 5, 64]);
         assert!(out.to_f64_vec().unwrap().iter().all(|&x| x == 0.0));

@@ -56,6 +56,41 @@ struct Case {
     mask: Option<Array>,
 }
 
+/// `$op` (the forward or backward, the library's or the oracle's) over the inputs of the
+/// case `$c` where they are, then any further arguments (the backward's cotangents).
+macro_rules! call_on {
+    ($op:path, $c:expr $(, $extra:expr)*) => {{
+        let c: &Case = $c;
+        $op(&c.q, &c.k, &c.v, &c.gamma, &c.beta, c.state0.as_ref(), c.mask.as_ref() $(, $extra)*)
+    }};
+}
+
+impl Case {
+    /// The case with `f` applied to every input.
+    fn map(&self, f: impl Fn(&Array) -> Array) -> Case {
+        Case {
+            q: f(&self.q),
+            k: f(&self.k),
+            v: f(&self.v),
+            gamma: f(&self.gamma),
+            beta: f(&self.beta),
+            state0: self.state0.as_ref().map(&f),
+            mask: self.mask.as_ref().map(&f),
+        }
+    }
+}
+
+/// The gradients of q, k, v, gamma and beta, named.
+fn named_grads(g: &GatedDeltaGrads) -> [(&'static str, &Array); 5] {
+    [
+        ("dq", &g.dq),
+        ("dk", &g.dk),
+        ("dv", &g.dv),
+        ("dgamma", &g.dgamma),
+        ("dbeta", &g.dbeta),
+    ]
+}
+
 fn f64s(a: &Array) -> Vec<f64> {
     a.to_f64_vec().expect("read")
 }
@@ -136,15 +171,7 @@ fn holes_mask(b: usize, t: usize, seed: u64) -> Array {
 
 /// The case's inputs on `dev` (same shapes and strides).
 fn to_dev(c: &Case, dev: &Device) -> Case {
-    Case {
-        q: on(&c.q, dev),
-        k: on(&c.k, dev),
-        v: on(&c.v, dev),
-        gamma: on(&c.gamma, dev),
-        beta: on(&c.beta, dev),
-        state0: c.state0.as_ref().map(|s| on(s, dev)),
-        mask: c.mask.as_ref().map(|m| on(m, dev)),
-    }
+    c.map(|a| on(a, dev))
 }
 
 /// The op on `dev`, inputs moved there; results come back to the CPU.
@@ -155,32 +182,13 @@ fn forward(c: &Case, dev: &Device) -> ferrofast::Result<(Array, Array)> {
 
 /// [`forward`] in whatever form [`FORM_VAR`] picks now (the caller holds [`FORM`]).
 fn forward_in_set_form(c: &Case, dev: &Device) -> ferrofast::Result<(Array, Array)> {
-    let x = to_dev(c, dev);
-    let (out, state) = fast::gated_delta_update(
-        &x.q,
-        &x.k,
-        &x.v,
-        &x.gamma,
-        &x.beta,
-        x.state0.as_ref(),
-        x.mask.as_ref(),
-    )?;
+    let (out, state) = call_on!(fast::gated_delta_update, &to_dev(c, dev))?;
     assert_eq!(out.device(), *dev, "out stays on the inputs' device");
     Ok((on(&out, &Device::Cpu), on(&state, &Device::Cpu)))
 }
 
 fn oracle(c: &Case) -> (Array, Array) {
-    let c = &to_dev(c, &Device::Cpu);
-    reference::gated_delta_update(
-        &c.q,
-        &c.k,
-        &c.v,
-        &c.gamma,
-        &c.beta,
-        c.state0.as_ref(),
-        c.mask.as_ref(),
-    )
-    .expect("oracle")
+    call_on!(reference::gated_delta_update, &to_dev(c, &Device::Cpu)).expect("oracle")
 }
 
 /// `(atol, rtol)` of `out` rounded to `dtype` after f32 arithmetic over `t` steps.
@@ -304,11 +312,9 @@ on_every_device! {
                 let plain = Case {
                     q: zero_where(&c.q, qk_step, 0.0),
                     k: zero_where(&c.k, qk_step, 0.0),
-                    v: c.v.clone(),
                     gamma: zero_where(&c.gamma, g_step, 1.0),
-                    beta: c.beta.clone(),
-                    state0: c.state0.clone(),
                     mask: None,
+                    ..clone_case(&c)
                 };
                 let (o1, s1) = forward(&c, dev).expect("masked");
                 let (o2, s2) = forward(&plain, dev).expect("plain");
@@ -346,13 +352,8 @@ on_every_device! {
             t.swapaxes(0, nd - 1).expect("swap back")
         };
         let s = Case {
-            q: strided(&c.q),
-            k: strided(&c.k),
-            v: strided(&c.v),
-            gamma: strided(&c.gamma),
-            beta: strided(&c.beta),
-            state0: c.state0.as_ref().map(strided),
             mask: None,
+            ..c.map(strided)
         };
         assert!(!s.q.is_contiguous());
         check_forward(&s, dev, "strided");
@@ -547,15 +548,7 @@ on_every_device! {
 }
 
 fn clone_case(c: &Case) -> Case {
-    Case {
-        q: c.q.clone(),
-        k: c.k.clone(),
-        v: c.v.clone(),
-        gamma: c.gamma.clone(),
-        beta: c.beta.clone(),
-        state0: c.state0.clone(),
-        mask: c.mask.clone(),
-    }
+    c.map(Array::clone)
 }
 
 // ----- backward ---------------------------------------------------------------------------
@@ -584,18 +577,12 @@ fn vjp_in_set_form(
     dout: &Array,
     dstate: Option<&Array>,
 ) -> ferrofast::Result<GatedDeltaGrads> {
-    let x = to_dev(c, dev);
     let dstate = dstate.map(|s| on(s, dev));
-    let g = fast::gated_delta_update_vjp(
-        &x.q,
-        &x.k,
-        &x.v,
-        &x.gamma,
-        &x.beta,
-        x.state0.as_ref(),
-        x.mask.as_ref(),
+    let g = call_on!(
+        fast::gated_delta_update_vjp,
+        &to_dev(c, dev),
         &on(dout, dev),
-        dstate.as_ref(),
+        dstate.as_ref()
     )?;
     let cpu = |a: &Array| on(a, &Device::Cpu);
     Ok(GatedDeltaGrads {
@@ -610,18 +597,7 @@ fn vjp_in_set_form(
 
 fn oracle_vjp(c: &Case, dout: &Array, dstate: Option<&Array>) -> GatedDeltaGrads {
     let c = &to_dev(c, &Device::Cpu);
-    reference::gated_delta_update_vjp(
-        &c.q,
-        &c.k,
-        &c.v,
-        &c.gamma,
-        &c.beta,
-        c.state0.as_ref(),
-        c.mask.as_ref(),
-        dout,
-        dstate,
-    )
-    .expect("oracle vjp")
+    call_on!(reference::gated_delta_update_vjp, c, dout, dstate).expect("oracle vjp")
 }
 
 fn check_vjp(c: &Case, dev: &Device, d: Dims, seed: u64, with_dstate: bool, what: &str) {
@@ -634,13 +610,12 @@ fn check_vjp(c: &Case, dev: &Device, d: Dims, seed: u64, with_dstate: bool, what
         DType::F16 => (3e-3, 3e-3),
         _ => (2e-2, 2e-2),
     };
-    for (name, a, b, like) in [
-        ("dq", &g.dq, &r.dq, &c.q),
-        ("dk", &g.dk, &r.dk, &c.k),
-        ("dv", &g.dv, &r.dv, &c.v),
-        ("dgamma", &g.dgamma, &r.dgamma, &c.gamma),
-        ("dbeta", &g.dbeta, &r.dbeta, &c.beta),
-    ] {
+    let primals = [&c.q, &c.k, &c.v, &c.gamma, &c.beta];
+    for (((name, a), (_, b)), like) in named_grads(&g)
+        .into_iter()
+        .zip(named_grads(&r))
+        .zip(primals)
+    {
         assert_eq!(a.dtype(), like.dtype(), "{what}: {name} dtype");
         let (atol, rtol) = tol(a);
         check_close(a, b, atol, rtol, &format!("{what}: {name}"));
@@ -748,13 +723,7 @@ on_every_device! {
                 let what = format!("{d:?} {form}");
                 let g = vjp_in_set_form(&c, dev, &dout, dstate)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
-                for (name, a, b) in [
-                    ("dq", &g.dq, &r.dq),
-                    ("dk", &g.dk, &r.dk),
-                    ("dv", &g.dv, &r.dv),
-                    ("dgamma", &g.dgamma, &r.dgamma),
-                    ("dbeta", &g.dbeta, &r.dbeta),
-                ] {
+                for ((name, a), (_, b)) in named_grads(&g).into_iter().zip(named_grads(&r)) {
                     check_close(a, b, 3e-4, 3e-4, &format!("{what}: {name}"));
                     assert!(max_abs(a) > 0.0, "{what}: {name} is all zeros");
                 }

@@ -8,6 +8,8 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+#[path = "../examples/metal/guide.rs"]
+mod guide;
 
 use common::{check_close, gpu, randn, uniform};
 use ferrofast::fast::{KernelCall, MathMode, MetalKernel, TemplateArg};
@@ -99,12 +101,23 @@ impl Case {
 }
 
 fn kernel(name: &str, inputs: &[&str], outputs: &[&str], source: &str) -> MetalKernel {
+    kernel_with_header(name, inputs, outputs, source, "")
+}
+
+/// [`kernel`] with `header` before the kernel.
+fn kernel_with_header(
+    name: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    source: &str,
+    header: &str,
+) -> MetalKernel {
     MetalKernel::new(
         name,
         inputs,
         outputs,
         source,
-        "",
+        header,
         true,
         false,
         MathMode::Safe,
@@ -181,35 +194,45 @@ const CONTIG_SOURCE: &str = "
                 out[elem] = metal::precise::exp(tmp) * threads_per_simdgroup;
             ";
 
-fn case_strides(a: &Array, contig: bool) -> Case {
+/// An element-wise `exp` case over `a` (kernel `inp` -> `out`, `T` = float32, threadgroups
+/// of 256): the kernel `kernel_name` with `source`, which reads `inp` row-contiguous when
+/// `contiguous` (else with its strides).
+fn exp_case(
+    name: &'static str,
+    kernel_name: &str,
+    source: &str,
+    contiguous: bool,
+    a: &Array,
+) -> Case {
     let k = MetalKernel::new(
-        if contig { "myexpTrue" } else { "myexpFalse" },
+        kernel_name,
         &["inp"],
         &["out"],
-        if contig {
-            CONTIG_SOURCE
-        } else {
-            STRIDED_SOURCE
-        },
+        source,
         "",
-        contig,
+        contiguous,
         false,
         MathMode::Safe,
     )
     .unwrap();
-    Case::new(
-        if contig {
-            "strides contiguous"
-        } else {
-            "strides elem_to_loc"
-        },
-        k,
-        [a.size(), 1, 1],
-        [256, 1, 1],
-    )
-    .input(a)
-    .template("T", DType::F32)
-    .output(a.shape(), a.dtype())
+    Case::new(name, k, [a.size(), 1, 1], [256, 1, 1])
+        .input(a)
+        .template("T", DType::F32)
+        .output(a.shape(), a.dtype())
+}
+
+fn case_strides(a: &Array, contig: bool) -> Case {
+    if contig {
+        exp_case("strides contiguous", "myexpTrue", CONTIG_SOURCE, true, a)
+    } else {
+        exp_case(
+            "strides elem_to_loc",
+            "myexpFalse",
+            STRIDED_SOURCE,
+            false,
+            a,
+        )
+    }
 }
 
 fn case_helper(a: &Array) -> Case {
@@ -223,17 +246,7 @@ fn case_helper(a: &Array) -> Case {
                 uint elem = thread_position_in_grid.x;
                 out1[elem] = do_exp(a[elem]);
             ";
-    let k = MetalKernel::new(
-        "helper",
-        &["a"],
-        &["out1"],
-        source,
-        header,
-        true,
-        false,
-        MathMode::Safe,
-    )
-    .unwrap();
+    let k = kernel_with_header("helper", &["a"], &["out1"], source, header);
     Case::new("helper", k, [4, 1, 1], [2, 1, 1])
         .input(a)
         .output(&[2, 2], DType::F32)
@@ -310,39 +323,20 @@ const DOC_EXP_STRIDED_SOURCE: &str = "
   ";
 
 fn case_doc_exp(a: &Array, strided: bool) -> Case {
-    let k = MetalKernel::new(
-        if strided { "myexp_strided" } else { "myexp" },
-        &["inp"],
-        &["out"],
-        if strided {
-            DOC_EXP_STRIDED_SOURCE
-        } else {
-            DOC_EXP_SOURCE
-        },
-        "",
-        !strided,
-        false,
-        MathMode::Safe,
-    )
-    .unwrap();
-    Case::new(
-        if strided {
-            "doc exp strided"
-        } else {
-            "doc exp"
-        },
-        k,
-        [a.size(), 1, 1],
-        [256, 1, 1],
-    )
-    .input(a)
-    .template("T", DType::F32)
-    .output(a.shape(), a.dtype())
+    if strided {
+        exp_case(
+            "doc exp strided",
+            "myexp_strided",
+            DOC_EXP_STRIDED_SOURCE,
+            false,
+            a,
+        )
+    } else {
+        exp_case("doc exp", "myexp", DOC_EXP_SOURCE, true, a)
+    }
 }
 
 const GRID_SAMPLE_SOURCE: &str = include_str!("../examples/metal/grid_sample.metal");
-
-const GRID_SAMPLE_GRAD_SOURCE: &str = include_str!("../examples/metal/grid_sample_vjp.metal");
 
 fn case_grid_sample(x: &Array, g: &Array) -> Case {
     let k = kernel("grid_sample", &["x", "grid"], &["out"], GRID_SAMPLE_SOURCE);
@@ -361,17 +355,7 @@ fn case_grid_sample(x: &Array, g: &Array) -> Case {
 }
 
 fn case_grid_sample_grad(x: &Array, g: &Array, cot: &Array) -> Case {
-    let k = MetalKernel::new(
-        "grid_sample_grad",
-        &["x", "grid", "cotangent"],
-        &["x_grad", "grid_grad"],
-        GRID_SAMPLE_GRAD_SOURCE,
-        "",
-        true,
-        true,
-        MathMode::Safe,
-    )
-    .unwrap();
+    let k = guide::grid_sample_grad().unwrap();
     let (b, c) = (x.shape()[0], x.shape()[3]);
     let (gn, gm) = (g.shape()[1], g.shape()[2]);
     let c_padded = c.div_ceil(32) * 32;

@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::{AttnGrads as Grads, AttnProblem as Problem};
 use ferrofast::fast::{self, Mask};
 use ferrofast::parallel::{
     gather_sequence, ring_attention, ring_attention_vjp, shard_ranges, shard_sequence,
@@ -46,16 +47,8 @@ fn close(a: &Array, b: &Array, atol: f64, rtol: f64, what: &str) {
     }
 }
 
-/// One problem: the full sequence's inputs.
-struct Problem {
-    q: Array,
-    k: Array,
-    v: Array,
-    d_out: Array,
-    sinks: Option<Array>,
-    scale: f32,
-}
-
+/// One problem over the full sequence: D 16, D_v 24, sinks (when `sinks`) in [-1, 1.5),
+/// scale 0.3.
 fn problem(
     b: usize,
     nq: usize,
@@ -65,18 +58,9 @@ fn problem(
     sinks: bool,
     seed: u64,
 ) -> Problem {
-    let (d, dv) = (16, 24);
-    Problem {
-        q: common::randn(&[b, nq, t, d], dtype, seed),
-        k: common::randn(&[b, nkv, t, d], dtype, seed + 1),
-        v: common::randn(&[b, nkv, t, dv], dtype, seed + 2),
-        d_out: common::randn(&[b, nq, t, dv], dtype, seed + 3),
-        sinks: sinks.then(|| common::uniform(&[nq], -1.0, 1.5, dtype, seed + 4)),
-        scale: 0.3,
-    }
+    let dims = (b, nq, nkv, t, t, 16, 24);
+    Problem::new(dims, dtype, sinks.then_some((-1.0, 1.5)), 0.3, seed)
 }
-
-type Grads = (Array, Array, Array, Option<Array>);
 
 /// The ring forward and backward on `world` threads: gathered `(out, lse)` and gradients,
 /// and every rank's dsinks (which must agree).

@@ -75,6 +75,18 @@ impl<'a> Call<'a> {
             max_pos,
         }
     }
+
+    /// `fast::rope` on `x` with these arguments.
+    fn run(&self, x: &Array) -> ferrofast::Result<Array> {
+        let c = self;
+        fast::rope(x, c.dims, c.traditional, c.base, c.scale, c.offset, c.freqs)
+    }
+
+    /// The oracle on `x` with these arguments.
+    fn oracle(&self, x: &Array) -> ferrofast::Result<Array> {
+        let c = self;
+        reference::rope(x, c.dims, c.traditional, c.base, c.scale, c.offset, c.freqs)
+    }
 }
 
 /// [`check_on`] on the default stream.
@@ -87,25 +99,26 @@ fn check(x: &Input, call: Call<'_>, what: &str) -> Array {
 /// output, the features past `dims` bit for bit, the rotated ones within [`tol`].
 /// Returns the output.
 fn check_on(stream: Option<&Stream>, x: &Input, call: Call<'_>, what: &str) -> Array {
-    let Call {
-        dims,
-        traditional,
-        base,
-        scale,
-        offset,
-        freqs,
-        max_inv_freq,
-        max_pos,
-    } = call;
     let dev = x.dev.device();
     let what = format!("{what} on {dev}");
     let out = match stream {
-        None => fast::rope(&x.dev, dims, traditional, base, scale, offset, freqs),
-        Some(s) => fast::rope_on(s, &x.dev, dims, traditional, base, scale, offset, freqs),
+        None => call.run(&x.dev),
+        Some(s) => {
+            let c = call;
+            fast::rope_on(
+                s,
+                &x.dev,
+                c.dims,
+                c.traditional,
+                c.base,
+                c.scale,
+                c.offset,
+                c.freqs,
+            )
+        }
     }
     .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let expect =
-        reference::rope(&x.host, dims, traditional, base, scale, offset, freqs).expect("oracle");
+    let expect = call.oracle(&x.host).expect("oracle");
     assert_eq!(out.device(), dev, "{what}: device");
     if let Some(s) = stream {
         assert_eq!(out.stream().as_ref(), Some(s), "{what}: stream");
@@ -114,14 +127,14 @@ fn check_on(stream: Option<&Stream>, x: &Input, call: Call<'_>, what: &str) -> A
     assert_eq!(out.shape(), x.host.shape(), "{what}: shape");
     assert!(out.is_contiguous(), "{what}: output is row-major");
     let host = on(&out, &Device::Cpu);
-    let max_theta = f64::from(scale).abs() * max_pos * max_inv_freq;
+    let max_theta = f64::from(call.scale).abs() * call.max_pos * call.max_inv_freq;
     let (atol, rtol) = tol(x.host.dtype(), &dev, max_theta, max_abs(&x.host));
     check_close(&host, &expect, atol, rtol, &what);
     let d = x.host.shape()[x.host.ndim() - 1].max(1);
     let bits = |v: &[f64]| v.iter().map(|e| e.to_bits()).collect::<Vec<u64>>();
     let (got, want) = (host.to_f64_vec().unwrap(), x.host.to_f64_vec().unwrap());
     for (row, (g, w)) in got.chunks(d).zip(want.chunks(d)).enumerate() {
-        let tail = (dims as usize).min(g.len());
+        let tail = (call.dims as usize).min(g.len());
         assert_eq!(
             bits(&g[tail..]),
             bits(&w[tail..]),
@@ -687,16 +700,12 @@ on_every_device! {
                 .astype(dtype)
                 .unwrap();
             for traditional in [false, true] {
-                let out = fast::rope(
-                    &on(&x, dev),
-                    dims as i32,
+                let call = Call {
                     traditional,
-                    Some(500.0),
-                    1.0,
-                    3.into(),
-                    None,
-                )
-                .unwrap();
+                    base: Some(500.0),
+                    ..Call::new(dims as i32, 3.into(), 3.0)
+                };
+                let out = call.run(&on(&x, dev)).unwrap();
                 assert_eq!(out.device(), *dev);
                 let out = on(&out, &Device::Cpu);
                 let bits = |a: &Array| -> Vec<u64> {
@@ -740,16 +749,7 @@ on_every_device! {
                     a.slice(&[0, 0, 0, 0], &[2, 3, 5, dims as isize], &[1, 1, 1, 1])
                         .unwrap()
                 };
-                let expect = reference::rope(
-                    &x,
-                    dims as i32,
-                    traditional,
-                    Some(500.0),
-                    1.0,
-                    3.into(),
-                    None,
-                )
-                .unwrap();
+                let expect = call.oracle(&x).unwrap();
                 let (atol, rtol) = tol(dtype, dev, 8.0, max_abs(&rot(&x)));
                 check_close(
                     &rot(&out),
@@ -847,71 +847,32 @@ on_every_device! {
                     let x = Input::view(&randn(shape, dtype, seed), dev, view);
                     check_case(&x, &case, None, &format!("{name} {case:?} {dtype} seed {seed}"));
                 };
+                let transpose = |axes: &'static [isize]| move |a: &Array| a.transpose(axes).unwrap();
+                let slice = |start: [isize; 4], stop: [isize; 4], step: [isize; 4]| {
+                    move |a: &Array| a.slice(&start, &stop, &step).unwrap()
+                };
                 // [B, T, H, D] memory viewed as [B, H, T, D] (in place), odd head count.
-                run(
-                    &[2, 9, 5, 64],
-                    &|a| a.transpose(&[0, 2, 1, 3]).unwrap(),
-                    "bthd",
-                );
+                run(&[2, 9, 5, 64], &transpose(&[0, 2, 1, 3]), "bthd");
                 // Same with T = 1 and B > 1.
-                run(
-                    &[4, 1, 3, 64],
-                    &|a| a.transpose(&[0, 2, 1, 3]).unwrap(),
-                    "bthd decode",
-                );
+                run(&[4, 1, 3, 64], &transpose(&[0, 2, 1, 3]), "bthd decode");
                 // MLX's (2, 6, 8, 64).transpose(0, 2, 1, 3).
-                run(
-                    &[2, 6, 8, 64],
-                    &|a| a.transpose(&[0, 2, 1, 3]).unwrap(),
-                    "mlx transpose",
-                );
+                run(&[2, 6, 8, 64], &transpose(&[0, 2, 1, 3]), "mlx transpose");
                 // Every other position and a window of features (last stride 1, offset view).
-                run(
-                    &[2, 3, 20, 80],
-                    &|a| {
-                        a.slice(&[0, 0, 1, 8], &[2, 3, 20, 72], &[1, 1, 2, 1])
-                            .unwrap()
-                    },
-                    "sliced",
-                );
+                run(&[2, 3, 20, 80], &slice([0, 0, 1, 8], [2, 3, 20, 72], [1, 1, 2, 1]), "sliced");
                 // Windows starting one and two features in: narrower vectors, then scalars.
                 for start in [1isize, 2] {
-                    run(
-                        &[2, 3, 5, 67],
-                        &|a| {
-                            a.slice(&[0, 0, 0, start], &[2, 3, 5, start + 64], &[1, 1, 1, 1])
-                                .unwrap()
-                        },
-                        "window at an odd offset",
-                    );
+                    let window = slice([0, 0, 0, start], [2, 3, 5, start + 64], [1, 1, 1, 1]);
+                    run(&[2, 3, 5, 67], &window, "window at an odd offset");
                 }
                 // Broadcast batch (batch stride 0).
-                run(
-                    &[1, 3, 10, 64],
-                    &|a| a.broadcast_to(&[4, 3, 10, 64]).unwrap(),
-                    "broadcast batch",
-                );
+                run(&[1, 3, 10, 64], &|a| a.broadcast_to(&[4, 3, 10, 64]).unwrap(), "broadcast batch");
                 // Reversed positions.
-                run(
-                    &[2, 3, 10, 64],
-                    &|a| {
-                        a.slice(&[0, 0, -1, 0], &[2, 3, -11, 64], &[1, 1, -1, 1])
-                            .unwrap()
-                    },
-                    "reversed positions",
-                );
+                let reversed = slice([0, 0, -1, 0], [2, 3, -11, 64], [1, 1, -1, 1]);
+                run(&[2, 3, 10, 64], &reversed, "reversed positions");
                 // Heads that cannot merge (5-D with swapped head axes): copied first on CUDA.
-                run(
-                    &[2, 3, 4, 6, 64],
-                    &|a| a.transpose(&[0, 2, 1, 3, 4]).unwrap(),
-                    "unmergeable heads",
-                );
+                run(&[2, 3, 4, 6, 64], &transpose(&[0, 2, 1, 3, 4]), "unmergeable heads");
                 // Strided last axis: copied first on CUDA.
-                run(
-                    &[2, 3, 64, 6],
-                    &|a| a.transpose(&[0, 1, 3, 2]).unwrap(),
-                    "strided features",
-                );
+                run(&[2, 3, 64, 6], &transpose(&[0, 1, 3, 2]), "strided features");
             }
         }
     }
@@ -958,26 +919,14 @@ on_every_device! {
         let x = uniform(&[6, 1, 1, 8], -1.0, 1.0, DType::F32, 27);
         let offsets = i32s(&[0, 1, 123_457, 1 << 20, 3 << 22, 16_000_000]);
         for traditional in [false, true] {
-            let out = fast::rope(
-                &on(&x, dev),
-                8,
+            let call = Call {
                 traditional,
-                None,
-                1.0,
-                (&offsets).into(),
-                Some(&periods),
-            )
-            .unwrap();
-            let expect = reference::rope(
-                &x,
-                8,
-                traditional,
-                None,
-                1.0,
-                (&offsets).into(),
-                Some(&periods),
-            )
-            .unwrap();
+                base: None,
+                freqs: Some(&periods),
+                ..Call::new(8, (&offsets).into(), 16e6)
+            };
+            let out = call.run(&on(&x, dev)).unwrap();
+            let expect = call.oracle(&x).unwrap();
             check_close(&out, &expect, 1e-6, 0.0, &format!("exact large angles on {dev}"));
         }
     }
@@ -1208,27 +1157,13 @@ on_every_device! {
             let offs = Array::from_slice(&[0i32, 5, -3], &[3]).unwrap();
             for g in [on(&x, dev), view(&on(&base, dev))] {
                 for traditional in [false, true] {
-                    let y = fast::rope(
-                        &g,
-                        48,
+                    let call = Call {
                         traditional,
-                        Some(10000.0),
-                        1.0,
-                        RopeOffset::Array(&offs),
-                        None,
-                    )
-                    .unwrap();
+                        ..Call::new(48, RopeOffset::Array(&offs), 5.0)
+                    };
+                    let y = call.run(&g).unwrap();
                     assert_eq!(y.device(), *dev);
-                    let r = reference::rope(
-                        &x,
-                        48,
-                        traditional,
-                        Some(10000.0),
-                        1.0,
-                        RopeOffset::Array(&offs),
-                        None,
-                    )
-                    .unwrap();
+                    let r = call.oracle(&x).unwrap();
                     let (atol, rtol) = match dtype {
                         DType::F32 => (1e-5, 1e-5),
                         DType::F16 => (5e-3, 5e-3),

@@ -905,6 +905,8 @@ on_every_device! {
         let v = z(&[1, 1, 5, 8], DType::F32);
         let p = "[scaled_dot_product_attention]";
         let e = |r| err_text(r);
+        let plain = |q: &Array, k: &Array, v: &Array| e(sdpa(q, k, v, 1.0, Mask::None, None));
+        let with_sinks = |s: &Array| e(sdpa(&q, &k, &v, 1.0, Mask::None, Some(s)));
 
         assert_eq!(
             err_text(Mask::parse("foo").map(|_| q.clone())),
@@ -912,25 +914,11 @@ on_every_device! {
         );
         assert!(matches!(Mask::parse("causal"), Ok(Mask::Causal)));
         assert_eq!(
-            e(sdpa(
-                &z(&[4, 3, 8], DType::F32),
-                &k,
-                &v,
-                1.0,
-                Mask::None,
-                None
-            )),
+            plain(&z(&[4, 3, 8], DType::F32), &k, &v),
             format!("{p} input with shape (4,3,8) expected to be rank 4")
         );
         assert_eq!(
-            e(sdpa(
-                &q,
-                &k,
-                &z(&[1, 1, 5, 8, 1], DType::F32),
-                1.0,
-                Mask::None,
-                None
-            )),
+            plain(&q, &k, &z(&[1, 1, 5, 8, 1], DType::F32)),
             format!("{p} input with shape (1,1,5,8,1) expected to be rank 4")
         );
         let m5 = z(&[1, 1, 1, 1, 1], DType::F32);
@@ -939,50 +927,22 @@ on_every_device! {
             format!("{p} the mask with shape (1,1,1,1,1) expected to have at most rank 4.")
         );
         assert_eq!(
-            e(sdpa(
-                &q,
-                &z(&[2, 1, 5, 8], DType::F32),
-                &v,
-                1.0,
-                Mask::None,
-                None
-            )),
+            plain(&q, &z(&[2, 1, 5, 8], DType::F32), &v),
             format!("{p} mismatching batch dimension for input with shape (2,1,5,8).")
         );
         assert_eq!(
-            e(sdpa(
-                &q,
-                &k,
-                &z(&[2, 1, 5, 8], DType::F32),
-                1.0,
-                Mask::None,
-                None
-            )),
+            plain(&q, &k, &z(&[2, 1, 5, 8], DType::F32)),
             format!("{p} mismatching batch dimension for input with shape (2,1,5,8).")
         );
         assert_eq!(
-            e(sdpa(
-                &q,
-                &z(&[1, 1, 5, 7], DType::F32),
-                &v,
-                1.0,
-                Mask::None,
-                None
-            )),
+            plain(&q, &z(&[1, 1, 5, 7], DType::F32), &v),
             format!(
                 "{p} query, keys expected to have matching last dimension; found query shape \
                  (1,4,3,8) for keys shape (1,1,5,7)."
             )
         );
         assert_eq!(
-            e(sdpa(
-                &q,
-                &k,
-                &z(&[1, 2, 5, 8], DType::F32),
-                1.0,
-                Mask::None,
-                None
-            )),
+            plain(&q, &k, &z(&[1, 2, 5, 8], DType::F32)),
             format!(
                 "{p} keys, values expected to have matching n_kv_heads; found keys with n_heads 1 \
                  for values with n_heads 2. (inputs are [B, H, T, D] with the heads on axis 1: \
@@ -990,42 +950,22 @@ on_every_device! {
                  (1,2,5,8))"
             )
         );
-        let k3 = z(&[1, 3, 5, 8], DType::F32);
-        assert_eq!(
-            e(sdpa(
-                &q,
-                &k3,
-                &z(&[1, 3, 5, 8], DType::F32),
-                1.0,
-                Mask::None,
-                None
-            )),
-            format!(
-                "{p} n_heads must be a multiple of n_kv_heads, found n_heads 4 for n_kv_heads 3. \
-                 (inputs are [B, H, T, D] with the heads on axis 1: N_q = 4 from q (1,4,3,8), \
-                 N_kv = 3 from keys (1,3,5,8) and 3 from values (1,3,5,8))"
-            )
-        );
-        let k0 = z(&[1, 0, 5, 8], DType::F32);
-        assert_eq!(
-            e(sdpa(
-                &q,
-                &k0,
-                &z(&[1, 0, 5, 8], DType::F32),
-                1.0,
-                Mask::None,
-                None
-            )),
-            format!(
-                "{p} n_heads must be a multiple of n_kv_heads, found n_heads 4 for n_kv_heads 0. \
-                 (inputs are [B, H, T, D] with the heads on axis 1: N_q = 4 from q (1,4,3,8), \
-                 N_kv = 0 from keys (1,0,5,8) and 0 from values (1,0,5,8))"
-            )
-        );
+        for nkv in [3, 0] {
+            let kn = z(&[1, nkv, 5, 8], DType::F32);
+            assert_eq!(
+                plain(&q, &kn, &z(&[1, nkv, 5, 8], DType::F32)),
+                format!(
+                    "{p} n_heads must be a multiple of n_kv_heads, found n_heads 4 for n_kv_heads \
+                     {nkv}. (inputs are [B, H, T, D] with the heads on axis 1: N_q = 4 from q \
+                     (1,4,3,8), N_kv = {nkv} from keys (1,{nkv},5,8) and {nkv} from values \
+                     (1,{nkv},5,8))"
+                )
+            );
+        }
         let qi = on(&Array::zeros(&[1, 4, 3, 8], DType::I32, &Device::Cpu).unwrap(), dev);
         let ki = on(&Array::zeros(&[1, 1, 5, 8], DType::I32, &Device::Cpu).unwrap(), dev);
         assert_eq!(
-            e(sdpa(&qi, &ki, &ki, 1.0, Mask::None, None)),
+            plain(&qi, &ki, &ki),
             format!("{p} Received unsupported type int32.")
         );
         // The mask's rank is checked before the dtype, as in MLX.
@@ -1071,47 +1011,19 @@ on_every_device! {
             format!("{p} Type of sinks must promote to output type float16.")
         );
         assert_eq!(
-            e(sdpa(
-                &q,
-                &k,
-                &v,
-                1.0,
-                Mask::None,
-                Some(&z(&[5], DType::F32))
-            )),
+            with_sinks(&z(&[5], DType::F32)),
             format!("{p} Received invalid shape for sinks (5).")
         );
         assert_eq!(
-            e(sdpa(
-                &q,
-                &k,
-                &v,
-                1.0,
-                Mask::None,
-                Some(&on(&Array::scalar(1.0f32), dev))
-            )),
+            with_sinks(&on(&Array::scalar(1.0f32), dev)),
             format!("{p} Received invalid shape for sinks ().")
         );
         assert_eq!(
-            e(sdpa(
-                &q,
-                &k,
-                &v,
-                1.0,
-                Mask::None,
-                Some(&z(&[4, 1], DType::F32))
-            )),
+            with_sinks(&z(&[4, 1], DType::F32)),
             format!("{p} Received invalid shape for sinks (4,1).")
         );
         assert_eq!(
-            e(sdpa(
-                &q,
-                &k,
-                &z(&[1, 1, 6, 8], DType::F32),
-                1.0,
-                Mask::None,
-                None
-            )),
+            plain(&q, &k, &z(&[1, 1, 6, 8], DType::F32)),
             format!(
                 "{p} keys and values expected to have the same sequence length; found keys shape \
                  (1,1,5,8) for values shape (1,1,6,8)."

@@ -8,38 +8,20 @@
 #[macro_use]
 mod common;
 
-use common::{check_close, on, randn, uniform};
+use common::{check_close, on, randn, uniform, AttnGrads as Grads, AttnProblem as Problem};
 use ferrofast::fast::{self, Mask};
 use ferrofast::{reference, Array, DType, Device};
 
-type Grads = (Array, Array, Array, Option<Array>);
-
-/// One attention problem, made on the CPU.
-struct Problem {
-    q: Array,
-    k: Array,
-    v: Array,
-    d_out: Array,
-    sinks: Option<Array>,
-    scale: f32,
-}
-
-#[allow(clippy::too_many_arguments)]
+/// One attention problem, made on the CPU: sinks (when `sinks`) in [-1, 2), scale
+/// `1 / sqrt(D)`.
 fn problem(
     dims: (usize, usize, usize, usize, usize, usize, usize),
     dtype: DType,
     sinks: bool,
     seed: u64,
 ) -> Problem {
-    let (b, nq, nkv, tq, tkv, d, dv) = dims;
-    Problem {
-        q: randn(&[b, nq, tq, d], dtype, seed),
-        k: randn(&[b, nkv, tkv, d], dtype, seed + 1),
-        v: randn(&[b, nkv, tkv, dv], dtype, seed + 2),
-        d_out: randn(&[b, nq, tq, dv], dtype, seed + 3),
-        sinks: sinks.then(|| uniform(&[nq], -1.0, 2.0, dtype, seed + 4)),
-        scale: 1.0 / (d as f32).sqrt(),
-    }
+    let scale = 1.0 / (dims.5 as f32).sqrt();
+    Problem::new(dims, dtype, sinks.then_some((-1.0, 2.0)), scale, seed)
 }
 
 fn max_abs(a: &Array) -> f64 {

@@ -110,6 +110,19 @@ impl Case {
         Case::at(self.cfg.tkv, h, j, c)
     }
 
+    /// Puts NaN at column `col` of key `j` in every kv head: in the key row when `in_key`,
+    /// else in the value row.
+    fn nan_in_key(&mut self, j: usize, col: usize, in_key: bool) {
+        for h in 0..NKV {
+            let i = self.kv_at(h, j, col);
+            if in_key {
+                self.k[i] = f32::NAN;
+            } else {
+                self.v[i] = f32::NAN;
+            }
+        }
+    }
+
     /// Runs the case on `dev` and with the oracle; returns `(got, want)` in f64, row-major
     /// `[B, N_q, T_q, D]`, and the log-sum-exp of both when `with_lse`.
     fn run(&self, dev: &Device, with_lse: bool) -> Outcome {
@@ -144,38 +157,21 @@ impl Case {
             sinks.as_ref(),
         )
         .unwrap();
-        if with_lse {
-            let (got, got_lse) = fast::scaled_dot_product_attention_with_lse(
-                &qd,
-                &kd,
-                &vd,
-                self.scale,
-                mask(&mask_dev, causal),
-                sinks_dev.as_ref(),
-            )
-            .unwrap();
-            Outcome {
-                cfg: self.cfg,
-                got: f64s(&got),
-                want: f64s(&want),
-                lse: Some((f64s(&got_lse), f64s(&want_lse))),
-            }
+        let (m, s) = (mask(&mask_dev, causal), sinks_dev.as_ref());
+        let (got, lse) = if with_lse {
+            let (got, got_lse) =
+                fast::scaled_dot_product_attention_with_lse(&qd, &kd, &vd, self.scale, m, s)
+                    .unwrap();
+            (got, Some((f64s(&got_lse), f64s(&want_lse))))
         } else {
-            let got = fast::scaled_dot_product_attention(
-                &qd,
-                &kd,
-                &vd,
-                self.scale,
-                mask(&mask_dev, causal),
-                sinks_dev.as_ref(),
-            )
-            .unwrap();
-            Outcome {
-                cfg: self.cfg,
-                got: f64s(&got),
-                want: f64s(&want),
-                lse: None,
-            }
+            let got = fast::scaled_dot_product_attention(&qd, &kd, &vd, self.scale, m, s).unwrap();
+            (got, None)
+        };
+        Outcome {
+            cfg: self.cfg,
+            got: f64s(&got),
+            want: f64s(&want),
+            lse,
         }
     }
 }
@@ -296,10 +292,7 @@ on_every_device! {
             // Query t sees keys j <= t + (T_kv - T_q).
             let off = cfg.tkv - cfg.tq;
             let j = off + cfg.tq / 2;
-            for h in 0..NKV {
-                let i = c.kv_at(h, j, 5);
-                c.k[i] = f32::NAN;
-            }
+            c.nan_in_key(j, 5, true);
             let out = c.run(dev, true);
             out.check("nan key, causal");
             if cfg.tq >= 2 {
@@ -349,10 +342,7 @@ on_every_device! {
         for cfg in hidden_nan_configs(dev) {
             let mut c = Case::new(cfg, 60);
             let j = 11;
-            for h in 0..NKV {
-                let i = c.kv_at(h, j, 2);
-                c.v[i] = f32::NAN;
-            }
+            c.nan_in_key(j, 2, false);
             let mask = values(&[cfg.tq, cfg.tkv], 61)
                 .into_iter()
                 .enumerate()
@@ -389,10 +379,7 @@ on_every_device! {
         for cfg in hidden_nan_configs(dev) {
             let mut c = Case::new(cfg, 80);
             let j = 3;
-            for h in 0..NKV {
-                let i = c.kv_at(h, j, 1);
-                c.v[i] = f32::NAN;
-            }
+            c.nan_in_key(j, 1, false);
             // Query 0 sees nothing; the others see every key but j.
             let mask = (0..cfg.tq * cfg.tkv)
                 .map(|i| i >= cfg.tkv && i % cfg.tkv != j)

@@ -79,6 +79,41 @@ pub fn check_close(out: &Array, reference: &Array, atol: f64, rtol: f64, what: &
     }
 }
 
+/// The attention backward's gradients: `(dq, dk, dv, dsinks)`.
+pub type AttnGrads = (Array, Array, Array, Option<Array>);
+
+/// One problem for the attention backward, made on the CPU: the inputs, the output's
+/// cotangent, the sinks and the scale.
+pub struct AttnProblem {
+    pub q: Array,
+    pub k: Array,
+    pub v: Array,
+    pub d_out: Array,
+    pub sinks: Option<Array>,
+    pub scale: f32,
+}
+
+impl AttnProblem {
+    /// Normal q, k, v and cotangent of `(B, N_q, N_kv, T_q, T_kv, D, D_v)` from seeds `seed`
+    /// to `seed + 3`, and sinks uniform in `sinks`' range (when given) from `seed + 4`.
+    pub fn new(
+        (b, nq, nkv, tq, tkv, d, dv): (usize, usize, usize, usize, usize, usize, usize),
+        dtype: DType,
+        sinks: Option<(f64, f64)>,
+        scale: f32,
+        seed: u64,
+    ) -> AttnProblem {
+        AttnProblem {
+            q: randn(&[b, nq, tq, d], dtype, seed),
+            k: randn(&[b, nkv, tkv, d], dtype, seed + 1),
+            v: randn(&[b, nkv, tkv, dv], dtype, seed + 2),
+            d_out: randn(&[b, nq, tq, dv], dtype, seed + 3),
+            sinks: sinks.map(|(lo, hi)| uniform(&[nq], lo, hi, dtype, seed + 4)),
+            scale,
+        }
+    }
+}
+
 /// Maximum absolute difference between two arrays of the same shape.
 pub fn max_abs_diff(a: &Array, b: &Array) -> f64 {
     let x = a.to_f64_vec().expect("read");
