@@ -4,9 +4,10 @@
 //! tests print a line and pass without a CUDA device.
 #![cfg(feature = "cuda")]
 
+#[macro_use]
 mod common;
 
-use common::{check_close, gpu, uniform};
+use common::{check_close, uniform};
 use ferrofast::fast::{CudaKernel, KernelCall, KernelInput, TemplateArg};
 use ferrofast::{bf16, f16, Array, DType, Device, Error, Stream};
 
@@ -602,226 +603,192 @@ fn f32s(a: &Array) -> Vec<f32> {
     a.astype(DType::F32).unwrap().to_vec::<f32>().unwrap()
 }
 
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn basic_copy_from_cpu_and_gpu_inputs() {
-    let Some(dev) = gpu() else { return };
-    for d in [Device::Cpu, dev] {
-        let case = basic(&d);
+gpu_test! {
+    fn basic_copy_from_cpu_and_gpu_inputs(dev: Device) {
+        for d in [Device::Cpu, dev] {
+            let case = basic(&d);
+            let out = case.run();
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].device(), dev);
+            assert_eq!(
+                out[0].to_vec::<f32>().unwrap(),
+                case.array(0).to_vec::<f32>().unwrap()
+            );
+        }
+    }
+
+    fn args_template_and_scalars(dev: Device) {
+        let case = args(&dev);
         let out = case.run();
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].device(), dev);
+        let a = f32s(case.array(0));
+        let c = f32s(case.array(2));
+        let d = 7.3f32;
+        let one = a[1] + 5.0 + c[3] + d + 3.0;
+        let two = (a[1] + 5.0 + c[1] - d) as i32;
+        assert_eq!(out[0].shape(), &[3, 2]);
+        assert_eq!(out[0].dtype(), DType::F32);
+        for v in out[0].to_vec::<f32>().unwrap() {
+            assert!((v - one).abs() <= 1e-5 * one.abs(), "{v} vs {one}");
+        }
+        assert_eq!(out[1].to_vec::<i32>().unwrap(), vec![two; 6]);
+    }
+
+    fn strides_with_and_without_row_contiguous_copies(dev: Device) {
+        for contiguous in [true, false] {
+            let case = strides(&dev, contiguous);
+            let out = case.run();
+            let x = case.array(0).to_f64_vec().unwrap();
+            let expected: Vec<f32> = x.iter().map(|&v| (v as f32).exp() * 32.0).collect();
+            let expected = Array::from_vec(expected, case.array(0).shape()).unwrap();
+            check_close(&out[0], &expected, 1e-5, 1e-5, case.name);
+        }
+    }
+
+    fn helper_header(dev: Device) {
+        let case = helper(&dev);
+        let out = case.run();
+        let x = f32s(case.array(0));
+        let expected = Array::from_vec(x.iter().map(|v| v.exp()).collect(), &[5, 7]).unwrap();
+        check_close(&out[0], &expected, 1e-6, 1e-6, "helper");
+    }
+
+    fn attributes_block_dim(_dev: Device) {
+        let out = attributes().run();
+        assert_eq!(out[0].to_vec::<u32>().unwrap(), vec![2]);
+    }
+
+    fn same_name_different_source_in_one_batch_and_across_calls(dev: Device) {
+        let add = same_name(&dev, true);
+        let mul = same_name(&dev, false);
+        let x = f32s(add.array(0));
+        let plus: Vec<f32> = x.iter().map(|v| v + 1.0).collect();
+        let times: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+        // Both queued before either is read (MLX's "one eval").
+        let (a, m) = (add.run(), mul.run());
+        assert_eq!(a[0].to_vec::<f32>().unwrap(), plus);
+        assert_eq!(m[0].to_vec::<f32>().unwrap(), times);
+        // Across calls, alternating.
+        for _ in 0..2 {
+            assert_eq!(mul.run()[0].to_vec::<f32>().unwrap(), times);
+            assert_eq!(add.run()[0].to_vec::<f32>().unwrap(), plus);
+        }
+    }
+
+    fn mixed_dtypes_share_a_name(dev: Device) {
+        let cases = [
+            mixed(&dev, DType::F16),
+            mixed(&dev, DType::F32),
+            mixed(&dev, DType::BF16),
+        ];
+        let outs: Vec<Vec<Array>> = cases.iter().map(|c| c.run()).collect();
+        for (case, out) in cases.iter().zip(&outs) {
+            let x = case.array(0).to_f64_vec().unwrap();
+            let dtype = case.array(0).dtype();
+            assert_eq!(out[0].dtype(), dtype);
+            let got = out[0].to_f64_vec().unwrap();
+            let expected: Vec<f64> = x
+                .iter()
+                .map(|&v| match dtype {
+                    DType::F16 => f16::from_f64(2.0 * v).to_f64(),
+                    DType::BF16 => bf16::from_f64(2.0 * v).to_f64(),
+                    _ => (2.0 * v as f32) as f64,
+                })
+                .collect();
+            assert_eq!(got, expected, "{dtype}");
+        }
+    }
+
+    fn init_value_fills_outputs_cast_to_their_dtype(dev: Device) {
+        let case = init(&dev);
+        let out = case.run();
+        let a = f32s(case.array(0));
+        let total: f32 = 1.5 + a.iter().sum::<f32>();
+        let got = out[0].to_vec::<f32>().unwrap()[0];
+        assert!((got - total).abs() < 1e-3, "{got} vs {total}");
+        let evens = out[1].to_vec::<i32>().unwrap();
+        for (i, v) in evens.iter().enumerate() {
+            assert_eq!(*v, if i % 2 == 0 { 7 } else { 1 }, "element {i}");
+        }
+    }
+
+    fn shared_memory_above_48_kib(dev: Device) {
+        let case = shared(&dev);
+        let out = case.run();
+        let mut x = case.array(0).to_vec::<f32>().unwrap();
+        x.reverse();
+        assert_eq!(out[0].to_vec::<f32>().unwrap(), x);
+    }
+
+    fn cooperative_groups_and_half_types(dev: Device) {
+        let case = coop(&dev);
+        let out = case.run();
+        let x = f32s(case.array(0));
+        let expected: Vec<f64> = x
+            .chunks(32)
+            .map(|c| bf16::from_f32(c.iter().sum::<f32>()).to_f64())
+            .collect();
+        let expected = Array::from_vec(expected, &[4]).unwrap();
+        check_close(&out[0], &expected, 1e-2, 1e-2, "warp sums");
+    }
+
+    fn runs_on_the_given_stream(dev: Device) {
+        let stream = Stream::new(&dev).unwrap();
+        let case = basic(&dev);
+        let call = case.call().on_stream(&stream);
+        // SAFETY: the basic kernel stays inside its buffers.
+        let out = unsafe { case.kernel.call(&call) }.unwrap();
+        assert_eq!(out[0].stream(), Some(stream));
         assert_eq!(
             out[0].to_vec::<f32>().unwrap(),
             case.array(0).to_vec::<f32>().unwrap()
         );
     }
-}
 
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn args_template_and_scalars() {
-    let Some(dev) = gpu() else { return };
-    let case = args(&dev);
-    let out = case.run();
-    let a = f32s(case.array(0));
-    let c = f32s(case.array(2));
-    let d = 7.3f32;
-    let one = a[1] + 5.0 + c[3] + d + 3.0;
-    let two = (a[1] + 5.0 + c[1] - d) as i32;
-    assert_eq!(out[0].shape(), &[3, 2]);
-    assert_eq!(out[0].dtype(), DType::F32);
-    for v in out[0].to_vec::<f32>().unwrap() {
-        assert!((v - one).abs() <= 1e-5 * one.abs(), "{v} vs {one}");
-    }
-    assert_eq!(out[1].to_vec::<i32>().unwrap(), vec![two; 6]);
-}
+    fn gpu_errors_are_checked_before_launch(dev: Device) {
+        let case = basic(&dev);
 
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn strides_with_and_without_row_contiguous_copies() {
-    let Some(dev) = gpu() else { return };
-    for contiguous in [true, false] {
-        let case = strides(&dev, contiguous);
-        let out = case.run();
-        let x = case.array(0).to_f64_vec().unwrap();
-        let expected: Vec<f32> = x.iter().map(|&v| (v as f32).exp() * 32.0).collect();
-        let expected = Array::from_vec(expected, case.array(0).shape()).unwrap();
-        check_close(&out[0], &expected, 1e-5, 1e-5, case.name);
-    }
-}
+        let mut call = case.call();
+        call.threadgroup = [1024, 2, 1];
+        call.grid = [1024, 2, 1];
+        // SAFETY: rejected before the launch.
+        let e = unsafe { case.kernel.call(&call) }.unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("Thread group size (2048) is greater than"),
+            "{e}"
+        );
 
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn helper_header() {
-    let Some(dev) = gpu() else { return };
-    let case = helper(&dev);
-    let out = case.run();
-    let x = f32s(case.array(0));
-    let expected = Array::from_vec(x.iter().map(|v| v.exp()).collect(), &[5, 7]).unwrap();
-    check_close(&out[0], &expected, 1e-6, 1e-6, "helper");
-}
+        let big = CudaKernel::new(
+            "big_shared",
+            &["a"],
+            &["out1"],
+            "out1[0] = a[0];",
+            "",
+            true,
+            1 << 30,
+        )
+        .unwrap();
+        // SAFETY: rejected before the launch.
+        let e = unsafe { big.call(&case.call()) }.unwrap_err();
+        assert!(e.to_string().contains("dynamic shared memory"), "{e}");
 
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn attributes_block_dim() {
-    let Some(_dev) = gpu() else { return };
-    let out = attributes().run();
-    assert_eq!(out[0].to_vec::<u32>().unwrap(), vec![2]);
-}
+        let deep = Array::ones(&[1; 11], DType::F32, &dev).unwrap();
+        let k = kernel("deep", &["x"], &["out"], "out[0] = x[0] + x_ndim;");
+        let call = KernelCall::new([1, 1, 1], [1, 1, 1])
+            .input(&deep)
+            .output(&[1], DType::F32);
+        // SAFETY: rejected before the launch.
+        let e = unsafe { k.call(&call) }.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "[custom_kernel] ndim can not be larger than 10."
+        );
 
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn same_name_different_source_in_one_batch_and_across_calls() {
-    let Some(dev) = gpu() else { return };
-    let add = same_name(&dev, true);
-    let mul = same_name(&dev, false);
-    let x = f32s(add.array(0));
-    let plus: Vec<f32> = x.iter().map(|v| v + 1.0).collect();
-    let times: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
-    // Both queued before either is read (MLX's "one eval").
-    let (a, m) = (add.run(), mul.run());
-    assert_eq!(a[0].to_vec::<f32>().unwrap(), plus);
-    assert_eq!(m[0].to_vec::<f32>().unwrap(), times);
-    // Across calls, alternating.
-    for _ in 0..2 {
-        assert_eq!(mul.run()[0].to_vec::<f32>().unwrap(), times);
-        assert_eq!(add.run()[0].to_vec::<f32>().unwrap(), plus);
-    }
-}
-
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn mixed_dtypes_share_a_name() {
-    let Some(dev) = gpu() else { return };
-    let cases = [
-        mixed(&dev, DType::F16),
-        mixed(&dev, DType::F32),
-        mixed(&dev, DType::BF16),
-    ];
-    let outs: Vec<Vec<Array>> = cases.iter().map(|c| c.run()).collect();
-    for (case, out) in cases.iter().zip(&outs) {
-        let x = case.array(0).to_f64_vec().unwrap();
-        let dtype = case.array(0).dtype();
-        assert_eq!(out[0].dtype(), dtype);
-        let got = out[0].to_f64_vec().unwrap();
-        let expected: Vec<f64> = x
-            .iter()
-            .map(|&v| match dtype {
-                DType::F16 => f16::from_f64(2.0 * v).to_f64(),
-                DType::BF16 => bf16::from_f64(2.0 * v).to_f64(),
-                _ => (2.0 * v as f32) as f64,
-            })
-            .collect();
-        assert_eq!(got, expected, "{dtype}");
-    }
-}
-
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn init_value_fills_outputs_cast_to_their_dtype() {
-    let Some(dev) = gpu() else { return };
-    let case = init(&dev);
-    let out = case.run();
-    let a = f32s(case.array(0));
-    let total: f32 = 1.5 + a.iter().sum::<f32>();
-    let got = out[0].to_vec::<f32>().unwrap()[0];
-    assert!((got - total).abs() < 1e-3, "{got} vs {total}");
-    let evens = out[1].to_vec::<i32>().unwrap();
-    for (i, v) in evens.iter().enumerate() {
-        assert_eq!(*v, if i % 2 == 0 { 7 } else { 1 }, "element {i}");
-    }
-}
-
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn shared_memory_above_48_kib() {
-    let Some(dev) = gpu() else { return };
-    let case = shared(&dev);
-    let out = case.run();
-    let mut x = case.array(0).to_vec::<f32>().unwrap();
-    x.reverse();
-    assert_eq!(out[0].to_vec::<f32>().unwrap(), x);
-}
-
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn cooperative_groups_and_half_types() {
-    let Some(dev) = gpu() else { return };
-    let case = coop(&dev);
-    let out = case.run();
-    let x = f32s(case.array(0));
-    let expected: Vec<f64> = x
-        .chunks(32)
-        .map(|c| bf16::from_f32(c.iter().sum::<f32>()).to_f64())
-        .collect();
-    let expected = Array::from_vec(expected, &[4]).unwrap();
-    check_close(&out[0], &expected, 1e-2, 1e-2, "warp sums");
-}
-
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn runs_on_the_given_stream() {
-    let Some(dev) = gpu() else { return };
-    let stream = Stream::new(&dev).unwrap();
-    let case = basic(&dev);
-    let call = case.call().on_stream(&stream);
-    // SAFETY: the basic kernel stays inside its buffers.
-    let out = unsafe { case.kernel.call(&call) }.unwrap();
-    assert_eq!(out[0].stream(), Some(stream));
-    assert_eq!(
-        out[0].to_vec::<f32>().unwrap(),
-        case.array(0).to_vec::<f32>().unwrap()
-    );
-}
-
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn gpu_errors_are_checked_before_launch() {
-    let Some(dev) = gpu() else { return };
-    let case = basic(&dev);
-
-    let mut call = case.call();
-    call.threadgroup = [1024, 2, 1];
-    call.grid = [1024, 2, 1];
-    // SAFETY: rejected before the launch.
-    let e = unsafe { case.kernel.call(&call) }.unwrap_err();
-    assert!(
-        e.to_string()
-            .starts_with("Thread group size (2048) is greater than"),
-        "{e}"
-    );
-
-    let big = CudaKernel::new(
-        "big_shared",
-        &["a"],
-        &["out1"],
-        "out1[0] = a[0];",
-        "",
-        true,
-        1 << 30,
-    )
-    .unwrap();
-    // SAFETY: rejected before the launch.
-    let e = unsafe { big.call(&case.call()) }.unwrap_err();
-    assert!(e.to_string().contains("dynamic shared memory"), "{e}");
-
-    let deep = Array::ones(&[1; 11], DType::F32, &dev).unwrap();
-    let k = kernel("deep", &["x"], &["out"], "out[0] = x[0] + x_ndim;");
-    let call = KernelCall::new([1, 1, 1], [1, 1, 1])
-        .input(&deep)
-        .output(&[1], DType::F32);
-    // SAFETY: rejected before the launch.
-    let e = unsafe { k.call(&call) }.unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "[custom_kernel] ndim can not be larger than 10."
-    );
-
-    let broken = kernel("broken_gpu", &["a"], &["out1"], "\n\n  out1[0] = a[0] +;\n");
-    // SAFETY: fails to compile.
-    match unsafe { broken.call(&case.call()) } {
-        Err(Error::Compile(m)) => assert!(m.contains("source(3)"), "{m}"),
-        other => panic!("expected a compile error, got {other:?}"),
+        let broken = kernel("broken_gpu", &["a"], &["out1"], "\n\n  out1[0] = a[0] +;\n");
+        // SAFETY: fails to compile.
+        match unsafe { broken.call(&case.call()) } {
+            Err(Error::Compile(m)) => assert!(m.contains("source(3)"), "{m}"),
+            other => panic!("expected a compile error, got {other:?}"),
+        }
     }
 }

@@ -7,11 +7,12 @@
 //! libnvrtc (CI: `. scripts/nvrtc-env`).
 #![cfg(feature = "cuda")]
 
+#[macro_use]
 mod common;
 #[path = "../examples/metal/guide.rs"]
 mod guide;
 
-use common::{check_close, gpu, randn, uniform};
+use common::{check_close, randn, uniform};
 use ferrofast::fast::{KernelCall, MathMode, MetalKernel, TemplateArg};
 use ferrofast::{Array, DType, Device, Error};
 
@@ -797,302 +798,277 @@ fn verbose_prints_the_metal_source_under_the_user_name() {
 
 // ----- GPU tests ----------------------------------------------------------------------------
 
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn mlx_custom_kernel_tests() {
-    let Some(dev) = gpu() else { return };
-    let a22 = randn(&[2, 2], DType::F32, 7);
+gpu_test! {
+    fn mlx_custom_kernel_tests(dev: Device) {
+        let a22 = randn(&[2, 2], DType::F32, 7);
 
-    let out = case_basic(&a22).run(&dev);
-    check_close(&out[0], &a22, 0.0, 0.0, "basic");
+        let out = case_basic(&a22).run(&dev);
+        check_close(&out[0], &a22, 0.0, 0.0, "basic");
 
-    let (a, b, c) = args_inputs();
-    let out = case_args(&a, &b, &c).run(&dev);
-    let (av, cv) = (f32s(&a), f32s(&c));
-    let out1 = av[1] + 5.0 + cv[3] + 7.3f32 + 3.0;
-    let out2 = (av[1] + 5.0 + cv[1] - 7.3f32) as i32;
-    for v in f32s(&out[0]) {
-        assert_eq!(v, out1);
-        assert!((v - 14.0484).abs() <= 1e-5 * 14.0484 + 1e-8, "{v}");
-    }
-    assert_eq!(out[1].to_vec::<i32>().unwrap(), vec![out2; 6]);
-    assert_eq!(out2, -2);
+        let (a, b, c) = args_inputs();
+        let out = case_args(&a, &b, &c).run(&dev);
+        let (av, cv) = (f32s(&a), f32s(&c));
+        let out1 = av[1] + 5.0 + cv[3] + 7.3f32 + 3.0;
+        let out2 = (av[1] + 5.0 + cv[1] - 7.3f32) as i32;
+        for v in f32s(&out[0]) {
+            assert_eq!(v, out1);
+            assert!((v - 14.0484).abs() <= 1e-5 * 14.0484 + 1e-8, "{v}");
+        }
+        assert_eq!(out[1].to_vec::<i32>().unwrap(), vec![out2; 6]);
+        assert_eq!(out2, -2);
 
-    let strided = strided_input();
-    for contig in [true, false] {
-        let out = case_strides(&strided, contig).run(&dev);
-        check_close(&out[0], &exp_ref(&strided, 32.0), 1e-5, 1e-5, "strides");
-    }
-    // A transposed view through elem_to_loc.
-    let t = randn(&[6, 5], DType::F32, 9).transpose(&[1, 0]).unwrap();
-    let out = case_strides(&t, false).run(&dev);
-    check_close(
-        &out[0],
-        &exp_ref(&t, 32.0),
-        1e-5,
-        1e-5,
-        "strides, transposed",
-    );
-
-    let out = case_helper(&a22).run(&dev);
-    check_close(&out[0], &exp_ref(&a22, 1.0), 1e-6, 1e-6, "helper");
-
-    let out = case_attributes(&randn(&[1, 1], DType::F32, 2)).run(&dev);
-    assert_eq!(out[0].to_vec::<u32>().unwrap(), vec![2]);
-}
-
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn same_name_different_sources_do_not_collide() {
-    let Some(dev) = gpu() else { return };
-    let a = randn(&[32], DType::F32, 11);
-    let zeros = case_named_source(
-        "caching 0",
-        "my_kernel",
-        &a,
-        "\n            uint elem = thread_position_in_grid.x;\n            out[elem] = 0.0;\n        ",
-    )
-    .run(&dev);
-    let ones = case_named_source(
-        "caching 1",
-        "my_kernel",
-        &a,
-        "\n            uint elem = thread_position_in_grid.x;\n            out[elem] = 1.0;\n        ",
-    )
-    .run(&dev);
-    assert_eq!(zeros[0].to_vec::<f32>().unwrap(), vec![0.0; 32]);
-    assert_eq!(ones[0].to_vec::<f32>().unwrap(), vec![1.0; 32]);
-
-    // Both launched before either is read.
-    let ar = Array::from_vec((0..32).map(|i| i as f32).collect::<Vec<_>>(), &[32]).unwrap();
-    let k1 = case_named_source(
-        "dup 1",
-        "dup_name",
-        &ar,
-        "uint e = thread_position_in_grid.x; out[e] = inp[e] * 2.0f;",
-    );
-    let k2 = case_named_source(
-        "dup 2",
-        "dup_name",
-        &ar,
-        "uint e = thread_position_in_grid.x; out[e] = inp[e] + 100.0f;",
-    );
-    let (o1, o2) = (k1.run(&dev), k2.run(&dev));
-    let expect1: Vec<f32> = (0..32).map(|i| i as f32 * 2.0).collect();
-    let expect2: Vec<f32> = (0..32).map(|i| i as f32 + 100.0).collect();
-    assert_eq!(o1[0].to_vec::<f32>().unwrap(), expect1);
-    assert_eq!(o2[0].to_vec::<f32>().unwrap(), expect2);
-}
-
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn math_modes_reach_the_compiler() {
-    let Some(dev) = gpu() else { return };
-    let a = randn(&[4], DType::F32, 12);
-    for (mode, expected) in [
-        (MathMode::Safe, 0.0f32),
-        (MathMode::Fast, 1.0),
-        (MathMode::Relaxed, 0.0),
-    ] {
-        let out = case_math_mode(&a, mode).run(&dev);
-        assert_eq!(out[0].to_vec::<f32>().unwrap(), vec![expected; 4], "{mode}");
-    }
-}
-
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn one_kernel_with_f16_and_f32_inputs() {
-    let Some(dev) = gpu() else { return };
-    let k = mixed_dtypes_kernel();
-    let run = |a: &Array| {
-        let call = KernelCall::new([a.size(), 1, 1], [a.size(), 1, 1])
-            .input(a)
-            .output(a.shape(), a.dtype())
-            .on_device(dev);
-        // SAFETY: the kernel writes out[0..32] of a 32-element output.
-        unsafe { k.call(&call) }.unwrap().remove(0)
-    };
-    let a = Array::full(&[32], 1.5, DType::F16, &Device::Cpu).unwrap();
-    let b = Array::full(&[32], 2.5, DType::F32, &Device::Cpu).unwrap();
-    let (oa, ob) = (run(&a), run(&b));
-    let sum: Vec<f32> = f32s(&oa)
-        .iter()
-        .zip(f32s(&ob))
-        .map(|(x, y)| x + y)
-        .collect();
-    assert_eq!(sum, vec![8.0; 32]);
-    let r = randn(&[32], DType::F16, 13);
-    let out = run(&r);
-    let twice: Vec<f64> = f64s(&r).iter().map(|v| 2.0 * v).collect();
-    assert_eq!(f64s(&out), twice);
-}
-
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn guide_examples_exp_and_grid_sample() {
-    let Some(dev) = gpu() else { return };
-    let a = randn(&[4, 16], DType::F16, 3);
-    let out = case_doc_exp(&a, false).run(&dev);
-    assert_eq!(out[0].dtype(), DType::F16);
-    check_close(&out[0], &exp_ref(&a, 1.0), 1e-3, 1e-3, "doc exp");
-    let view = a.slice(&[0, 0], &[4, 16], &[2, 1]).unwrap();
-    let out = case_doc_exp(&view, true).run(&dev);
-    check_close(&out[0], &exp_ref(&view, 1.0), 1e-3, 1e-3, "doc exp strided");
-
-    let (x, g, g_wide, cot) = grid_sample_inputs();
-    let out = case_grid_sample(&x, &g).run(&dev);
-    let expect = Array::from_vec(grid_sample_ref(&x, &g), out[0].shape()).unwrap();
-    check_close(&out[0], &expect, 1e-4, 1e-4, "grid_sample");
-
-    for grid in [&g, &g_wide] {
-        let out = case_grid_sample_grad(&x, grid, &cot).run(&dev);
-        let (xg, gg) = grid_sample_grad_ref(&x, grid, &cot);
-        let xg = Array::from_vec(xg, x.shape()).unwrap();
-        let gg = Array::from_vec(gg, grid.shape()).unwrap();
-        check_close(&out[0], &xg, 1e-4, 1e-4, "grid_sample x_grad");
-        check_close(&out[1], &gg, 1e-3, 1e-4, "grid_sample grid_grad");
-    }
-}
-
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn grids_that_are_not_multiples_of_the_threadgroup() {
-    let Some(dev) = gpu() else { return };
-    for (grid, tg) in [
-        ([37usize, 1, 1], [8usize, 1, 1]),
-        ([37, 5, 1], [8, 4, 1]),
-        ([5, 3, 3], [2, 2, 2]),
-        ([100, 1, 1], [1024, 1, 1]),
-    ] {
-        let n: usize = grid.iter().product();
-        let input =
-            Array::from_vec((0..n as u32).map(|v| v * 7 + 3).collect::<Vec<_>>(), &[n]).unwrap();
-        let out = case_dispatch(&input, grid, tg).run(&dev);
-        let info = out[0].to_vec::<u32>().unwrap();
-        let count = out[1].to_vec::<u32>().unwrap();
-        let tgc: Vec<usize> = (0..3).map(|a| tg[a].min(grid[a])).collect();
-        assert_eq!(
-            count[0] as usize, n,
-            "{grid:?} {tg:?}: threads that ran the body"
+        let strided = strided_input();
+        for contig in [true, false] {
+            let out = case_strides(&strided, contig).run(&dev);
+            check_close(&out[0], &exp_ref(&strided, 32.0), 1e-5, 1e-5, "strides");
+        }
+        // A transposed view through elem_to_loc.
+        let t = randn(&[6, 5], DType::F32, 9).transpose(&[1, 0]).unwrap();
+        let out = case_strides(&t, false).run(&dev);
+        check_close(
+            &out[0],
+            &exp_ref(&t, 32.0),
+            1e-5,
+            1e-5,
+            "strides, transposed",
         );
-        assert_eq!(count[1] as usize, tgc[0], "{grid:?} {tg:?}: dispatch size");
-        for z in 0..grid[2] {
-            for y in 0..grid[1] {
-                for x in 0..grid[0] {
-                    let i = (z * grid[1] + y) * grid[0] + x;
-                    let p = [x, y, z];
-                    let group: Vec<usize> = (0..3).map(|a| p[a] / tgc[a]).collect();
-                    let size: Vec<usize> = (0..3)
-                        .map(|a| tgc[a].min(grid[a] - group[a] * tgc[a]))
-                        .collect();
-                    let local: Vec<usize> = (0..3).map(|a| p[a] - group[a] * tgc[a]).collect();
-                    let expect = [
-                        size[0] * 10000 + size[1] * 100 + size[2],
-                        local[0] + size[0] * (local[1] + size[1] * local[2]),
-                        group[0] * 10000 + group[1] * 100 + group[2],
-                        (i * 7 + 3) * 2 + 1,
-                    ];
-                    let got: Vec<usize> =
-                        info[4 * i..4 * i + 4].iter().map(|&v| v as usize).collect();
-                    assert_eq!(got, expect, "{grid:?} {tg:?} thread {p:?}");
+
+        let out = case_helper(&a22).run(&dev);
+        check_close(&out[0], &exp_ref(&a22, 1.0), 1e-6, 1e-6, "helper");
+
+        let out = case_attributes(&randn(&[1, 1], DType::F32, 2)).run(&dev);
+        assert_eq!(out[0].to_vec::<u32>().unwrap(), vec![2]);
+    }
+
+    fn same_name_different_sources_do_not_collide(dev: Device) {
+        let a = randn(&[32], DType::F32, 11);
+        let zeros = case_named_source(
+            "caching 0",
+            "my_kernel",
+            &a,
+            "\n            uint elem = thread_position_in_grid.x;\n            out[elem] = 0.0;\n        ",
+        )
+        .run(&dev);
+        let ones = case_named_source(
+            "caching 1",
+            "my_kernel",
+            &a,
+            "\n            uint elem = thread_position_in_grid.x;\n            out[elem] = 1.0;\n        ",
+        )
+        .run(&dev);
+        assert_eq!(zeros[0].to_vec::<f32>().unwrap(), vec![0.0; 32]);
+        assert_eq!(ones[0].to_vec::<f32>().unwrap(), vec![1.0; 32]);
+
+        // Both launched before either is read.
+        let ar = Array::from_vec((0..32).map(|i| i as f32).collect::<Vec<_>>(), &[32]).unwrap();
+        let k1 = case_named_source(
+            "dup 1",
+            "dup_name",
+            &ar,
+            "uint e = thread_position_in_grid.x; out[e] = inp[e] * 2.0f;",
+        );
+        let k2 = case_named_source(
+            "dup 2",
+            "dup_name",
+            &ar,
+            "uint e = thread_position_in_grid.x; out[e] = inp[e] + 100.0f;",
+        );
+        let (o1, o2) = (k1.run(&dev), k2.run(&dev));
+        let expect1: Vec<f32> = (0..32).map(|i| i as f32 * 2.0).collect();
+        let expect2: Vec<f32> = (0..32).map(|i| i as f32 + 100.0).collect();
+        assert_eq!(o1[0].to_vec::<f32>().unwrap(), expect1);
+        assert_eq!(o2[0].to_vec::<f32>().unwrap(), expect2);
+    }
+
+    fn math_modes_reach_the_compiler(dev: Device) {
+        let a = randn(&[4], DType::F32, 12);
+        for (mode, expected) in [
+            (MathMode::Safe, 0.0f32),
+            (MathMode::Fast, 1.0),
+            (MathMode::Relaxed, 0.0),
+        ] {
+            let out = case_math_mode(&a, mode).run(&dev);
+            assert_eq!(out[0].to_vec::<f32>().unwrap(), vec![expected; 4], "{mode}");
+        }
+    }
+
+    fn one_kernel_with_f16_and_f32_inputs(dev: Device) {
+        let k = mixed_dtypes_kernel();
+        let run = |a: &Array| {
+            let call = KernelCall::new([a.size(), 1, 1], [a.size(), 1, 1])
+                .input(a)
+                .output(a.shape(), a.dtype())
+                .on_device(dev);
+            // SAFETY: the kernel writes out[0..32] of a 32-element output.
+            unsafe { k.call(&call) }.unwrap().remove(0)
+        };
+        let a = Array::full(&[32], 1.5, DType::F16, &Device::Cpu).unwrap();
+        let b = Array::full(&[32], 2.5, DType::F32, &Device::Cpu).unwrap();
+        let (oa, ob) = (run(&a), run(&b));
+        let sum: Vec<f32> = f32s(&oa)
+            .iter()
+            .zip(f32s(&ob))
+            .map(|(x, y)| x + y)
+            .collect();
+        assert_eq!(sum, vec![8.0; 32]);
+        let r = randn(&[32], DType::F16, 13);
+        let out = run(&r);
+        let twice: Vec<f64> = f64s(&r).iter().map(|v| 2.0 * v).collect();
+        assert_eq!(f64s(&out), twice);
+    }
+
+    fn guide_examples_exp_and_grid_sample(dev: Device) {
+        let a = randn(&[4, 16], DType::F16, 3);
+        let out = case_doc_exp(&a, false).run(&dev);
+        assert_eq!(out[0].dtype(), DType::F16);
+        check_close(&out[0], &exp_ref(&a, 1.0), 1e-3, 1e-3, "doc exp");
+        let view = a.slice(&[0, 0], &[4, 16], &[2, 1]).unwrap();
+        let out = case_doc_exp(&view, true).run(&dev);
+        check_close(&out[0], &exp_ref(&view, 1.0), 1e-3, 1e-3, "doc exp strided");
+
+        let (x, g, g_wide, cot) = grid_sample_inputs();
+        let out = case_grid_sample(&x, &g).run(&dev);
+        let expect = Array::from_vec(grid_sample_ref(&x, &g), out[0].shape()).unwrap();
+        check_close(&out[0], &expect, 1e-4, 1e-4, "grid_sample");
+
+        for grid in [&g, &g_wide] {
+            let out = case_grid_sample_grad(&x, grid, &cot).run(&dev);
+            let (xg, gg) = grid_sample_grad_ref(&x, grid, &cot);
+            let xg = Array::from_vec(xg, x.shape()).unwrap();
+            let gg = Array::from_vec(gg, grid.shape()).unwrap();
+            check_close(&out[0], &xg, 1e-4, 1e-4, "grid_sample x_grad");
+            check_close(&out[1], &gg, 1e-3, 1e-4, "grid_sample grid_grad");
+        }
+    }
+
+    fn grids_that_are_not_multiples_of_the_threadgroup(dev: Device) {
+        for (grid, tg) in [
+            ([37usize, 1, 1], [8usize, 1, 1]),
+            ([37, 5, 1], [8, 4, 1]),
+            ([5, 3, 3], [2, 2, 2]),
+            ([100, 1, 1], [1024, 1, 1]),
+        ] {
+            let n: usize = grid.iter().product();
+            let input =
+                Array::from_vec((0..n as u32).map(|v| v * 7 + 3).collect::<Vec<_>>(), &[n]).unwrap();
+            let out = case_dispatch(&input, grid, tg).run(&dev);
+            let info = out[0].to_vec::<u32>().unwrap();
+            let count = out[1].to_vec::<u32>().unwrap();
+            let tgc: Vec<usize> = (0..3).map(|a| tg[a].min(grid[a])).collect();
+            assert_eq!(
+                count[0] as usize, n,
+                "{grid:?} {tg:?}: threads that ran the body"
+            );
+            assert_eq!(count[1] as usize, tgc[0], "{grid:?} {tg:?}: dispatch size");
+            for z in 0..grid[2] {
+                for y in 0..grid[1] {
+                    for x in 0..grid[0] {
+                        let i = (z * grid[1] + y) * grid[0] + x;
+                        let p = [x, y, z];
+                        let group: Vec<usize> = (0..3).map(|a| p[a] / tgc[a]).collect();
+                        let size: Vec<usize> = (0..3)
+                            .map(|a| tgc[a].min(grid[a] - group[a] * tgc[a]))
+                            .collect();
+                        let local: Vec<usize> = (0..3).map(|a| p[a] - group[a] * tgc[a]).collect();
+                        let expect = [
+                            size[0] * 10000 + size[1] * 100 + size[2],
+                            local[0] + size[0] * (local[1] + size[1] * local[2]),
+                            group[0] * 10000 + group[1] * 100 + group[2],
+                            (i * 7 + 3) * 2 + 1,
+                        ];
+                        let got: Vec<usize> =
+                            info[4 * i..4 * i + 4].iter().map(|&v| v as usize).collect();
+                        assert_eq!(got, expect, "{grid:?} {tg:?} thread {p:?}");
+                    }
                 }
             }
         }
     }
-}
 
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn reduction_with_threadgroup_memory_barriers_and_simd_sum() {
-    let Some(dev) = gpu() else { return };
-    for (n, tg) in [(1000usize, 256usize), (4096, 1024), (77, 64), (5, 32)] {
-        let a = randn(&[n], DType::F32, n as u64);
-        let out = case_reduce(&a, tg).run(&dev);
-        let v = f64s(&a);
-        let expect: Vec<f64> = v.chunks(tg).map(|c| c.iter().sum()).collect();
-        let expect = Array::from_vec(expect, &[n.div_ceil(tg)]).unwrap();
-        check_close(
-            &out[0],
-            &expect,
-            1e-4,
-            1e-5,
-            &format!("reduce n={n} tg={tg}"),
-        );
-    }
-}
-
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn simd_group_functions() {
-    let Some(dev) = gpu() else { return };
-    // 70 threads in threadgroups of 64: the second group has one partial SIMD group of 6.
-    let n = 70;
-    let a = randn(&[n], DType::F32, 31);
-    let out = f32s(&case_simd(&a, 64).run(&dev)[0]);
-    let v = f32s(&a);
-    for i in 0..n {
-        let group_start = i / 64 * 64;
-        let warp_start = group_start + (i - group_start) / 32 * 32;
-        let warp_end = (warp_start + 32).min(group_start + 64).min(n);
-        let lane = i - warp_start;
-        let lanes = &v[warp_start..warp_end];
-        let inc: f32 = lanes[..=lane].iter().sum();
-        let exc: f32 = lanes[..lane].iter().sum();
-        let max = lanes.iter().cloned().fold(f32::MIN, f32::max);
-        let got = &out[6 * i..6 * i + 6];
-        assert!(
-            (got[0] - inc).abs() <= 1e-4,
-            "thread {i}: inclusive {} vs {inc}",
-            got[0]
-        );
-        assert!(
-            (got[1] - exc).abs() <= 1e-4,
-            "thread {i}: exclusive {} vs {exc}",
-            got[1]
-        );
-        assert_eq!(got[2], max, "thread {i}: max");
-        assert_eq!(got[3], lanes[0], "thread {i}: broadcast");
-        if (lane ^ 1) < lanes.len() {
-            assert_eq!(got[4], lanes[lane ^ 1], "thread {i}: shuffle_xor");
-        }
-        let lane_sum: usize = (0..lanes.len()).sum();
-        assert_eq!(got[5], lane_sum as f32, "thread {i}: integer sum");
-    }
-}
-
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn vectors_swizzles_half_and_math() {
-    let Some(dev) = gpu() else { return };
-    let n = 64;
-    let a = randn(&[4 * n], DType::F32, 41);
-    let out = f32s(&case_vectors(&a).run(&dev)[0]);
-    let v = f32s(&a);
-    let f16 = |x: f32| half::f16::from_f32(x).to_f32();
-    for i in 0..n {
-        let (x, y, z, w) = (v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
-        let (a0, a1) = (x * 2.0 + z, y * 2.0 + w);
-        let (vz, vw) = (a0, a1);
-        let len = (a0 * a0 + a1 * a1).sqrt();
-        let e0 = x + y + vz + len;
-        let fract = x - x.floor();
-        let e1 = vw.clamp(-0.5, 0.5) + (x + (y - x) * 0.25) + fract;
-        let all = [x, y, vz, vw].iter().all(|&q| q > -10.0);
-        let e2 = if x > 0.0 { 2.0 } else { 1.0 } + if all { 1.0 } else { 0.0 };
-        let h = f16(x);
-        let e3 = f16(f16(h * h) + 1.0) + f16(vw);
-        let e4 = (y * 0.5).exp() + x + 1.0 / (x.abs() + 1.0).sqrt();
-        let got = &out[5 * i..5 * i + 5];
-        let close = |g: f32, e: f32, tol: f32, what: &str| {
-            assert!(
-                (g - e).abs() <= tol * (1.0 + e.abs()),
-                "thread {i} {what}: {g} vs {e}"
+    fn reduction_with_threadgroup_memory_barriers_and_simd_sum(dev: Device) {
+        for (n, tg) in [(1000usize, 256usize), (4096, 1024), (77, 64), (5, 32)] {
+            let a = randn(&[n], DType::F32, n as u64);
+            let out = case_reduce(&a, tg).run(&dev);
+            let v = f64s(&a);
+            let expect: Vec<f64> = v.chunks(tg).map(|c| c.iter().sum()).collect();
+            let expect = Array::from_vec(expect, &[n.div_ceil(tg)]).unwrap();
+            check_close(
+                &out[0],
+                &expect,
+                1e-4,
+                1e-5,
+                &format!("reduce n={n} tg={tg}"),
             );
-        };
-        close(got[0], e0, 1e-5, "dot/length");
-        close(got[1], e1, 1e-5, "clamp/mix/fract");
-        close(got[2], e2, 0.0, "select/all");
-        close(got[3], e3, 1e-3, "half");
-        close(got[4], e4, 1e-4, "fast exp/as_type/rsqrt");
+        }
+    }
+
+    fn simd_group_functions(dev: Device) {
+        // 70 threads in threadgroups of 64: the second group has one partial SIMD group of 6.
+        let n = 70;
+        let a = randn(&[n], DType::F32, 31);
+        let out = f32s(&case_simd(&a, 64).run(&dev)[0]);
+        let v = f32s(&a);
+        for i in 0..n {
+            let group_start = i / 64 * 64;
+            let warp_start = group_start + (i - group_start) / 32 * 32;
+            let warp_end = (warp_start + 32).min(group_start + 64).min(n);
+            let lane = i - warp_start;
+            let lanes = &v[warp_start..warp_end];
+            let inc: f32 = lanes[..=lane].iter().sum();
+            let exc: f32 = lanes[..lane].iter().sum();
+            let max = lanes.iter().cloned().fold(f32::MIN, f32::max);
+            let got = &out[6 * i..6 * i + 6];
+            assert!(
+                (got[0] - inc).abs() <= 1e-4,
+                "thread {i}: inclusive {} vs {inc}",
+                got[0]
+            );
+            assert!(
+                (got[1] - exc).abs() <= 1e-4,
+                "thread {i}: exclusive {} vs {exc}",
+                got[1]
+            );
+            assert_eq!(got[2], max, "thread {i}: max");
+            assert_eq!(got[3], lanes[0], "thread {i}: broadcast");
+            if (lane ^ 1) < lanes.len() {
+                assert_eq!(got[4], lanes[lane ^ 1], "thread {i}: shuffle_xor");
+            }
+            let lane_sum: usize = (0..lanes.len()).sum();
+            assert_eq!(got[5], lane_sum as f32, "thread {i}: integer sum");
+        }
+    }
+
+    fn vectors_swizzles_half_and_math(dev: Device) {
+        let n = 64;
+        let a = randn(&[4 * n], DType::F32, 41);
+        let out = f32s(&case_vectors(&a).run(&dev)[0]);
+        let v = f32s(&a);
+        let f16 = |x: f32| half::f16::from_f32(x).to_f32();
+        for i in 0..n {
+            let (x, y, z, w) = (v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+            let (a0, a1) = (x * 2.0 + z, y * 2.0 + w);
+            let (vz, vw) = (a0, a1);
+            let len = (a0 * a0 + a1 * a1).sqrt();
+            let e0 = x + y + vz + len;
+            let fract = x - x.floor();
+            let e1 = vw.clamp(-0.5, 0.5) + (x + (y - x) * 0.25) + fract;
+            let all = [x, y, vz, vw].iter().all(|&q| q > -10.0);
+            let e2 = if x > 0.0 { 2.0 } else { 1.0 } + if all { 1.0 } else { 0.0 };
+            let h = f16(x);
+            let e3 = f16(f16(h * h) + 1.0) + f16(vw);
+            let e4 = (y * 0.5).exp() + x + 1.0 / (x.abs() + 1.0).sqrt();
+            let got = &out[5 * i..5 * i + 5];
+            let close = |g: f32, e: f32, tol: f32, what: &str| {
+                assert!(
+                    (g - e).abs() <= tol * (1.0 + e.abs()),
+                    "thread {i} {what}: {g} vs {e}"
+                );
+            };
+            close(got[0], e0, 1e-5, "dot/length");
+            close(got[1], e1, 1e-5, "clamp/mix/fract");
+            close(got[2], e2, 0.0, "select/all");
+            close(got[3], e3, 1e-3, "half");
+            close(got[4], e4, 1e-4, "fast exp/as_type/rsqrt");
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! GPU tests print a line and pass without a CUDA device.
 #![cfg(feature = "cuda")]
 
+#[macro_use]
 mod common;
 
 use common::{gpu, uniform};
@@ -83,118 +84,111 @@ fn cubin_compiles_without_a_gpu() {
     }
 }
 
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn cubin_with_scalars() {
-    let Some(dev) = gpu() else { return };
-    let arch = cuda_architecture(&dev).unwrap();
-    let cubin = compile_to_cubin(AXPB, "axpb", &arch, &[]).unwrap();
-    assert_eq!(cubin.symbol, "axpb");
-    let x = uniform(&[1000], -2.0, 2.0, DType::F32, 21)
-        .to_device(&dev)
-        .unwrap();
-    let xs = x.to_vec::<f32>().unwrap();
-    for (a, b, negate) in [(1.5f32, 2, false), (-0.25, -7, true)] {
-        let out = call_axpb(&cubin.image, &x, a, b, negate);
-        assert_eq!(
-            out[0].to_vec::<f32>().unwrap(),
-            axpb_expected(&xs, a, b, negate)
-        );
+gpu_test! {
+    fn cubin_with_scalars(dev: Device) {
+        let arch = cuda_architecture(&dev).unwrap();
+        let cubin = compile_to_cubin(AXPB, "axpb", &arch, &[]).unwrap();
+        assert_eq!(cubin.symbol, "axpb");
+        let x = uniform(&[1000], -2.0, 2.0, DType::F32, 21)
+            .to_device(&dev)
+            .unwrap();
+        let xs = x.to_vec::<f32>().unwrap();
+        for (a, b, negate) in [(1.5f32, 2, false), (-0.25, -7, true)] {
+            let out = call_axpb(&cubin.image, &x, a, b, negate);
+            assert_eq!(
+                out[0].to_vec::<f32>().unwrap(),
+                axpb_expected(&xs, a, b, negate)
+            );
+        }
     }
-}
 
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn ptx_image_and_mangled_symbol() {
-    let Some(dev) = gpu() else { return };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(
-        SCALE.to_string() + "template __global__ void scale<float>(const float*, float*, int);\n",
-        cudarc::nvrtc::CompileOptions {
-            arch: Some("compute_80"),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let text = ptx.to_src();
-    let symbol = text
-        .lines()
-        .find_map(|l| l.split_once(".entry ").map(|(_, rest)| rest))
-        .map(|rest| rest.trim_end_matches('(').trim().to_string())
-        .unwrap_or_else(|| panic!("no .entry in the PTX:\n{text}"));
-    // Template instantiations are weak symbols, and mangled.
-    assert_eq!(symbol, "_Z5scaleIfEvPKT_PS0_i");
-    let x = uniform(&[33, 5], -1.0, 1.0, DType::F32, 22)
-        .to_device(&dev)
-        .unwrap();
-    let n = x.size();
-    // A transposed view, made row-contiguous first.
-    let xt = x.transpose(&[1, 0]).unwrap();
-    let call = KernelCall::new([n, 1, 1], [64, 1, 1])
-        .input(&xt)
-        .output(xt.shape(), DType::F32);
-    // SAFETY: scale<float>(const float*, float*, int) bounds-checks with n.
-    let out = unsafe {
-        precompiled_cuda_kernel(
-            &symbol,
-            text.as_bytes(),
-            &call,
-            &[ScalarArg::Int(n as i32)],
-            0,
-            true,
+    fn ptx_image_and_mangled_symbol(dev: Device) {
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+            SCALE.to_string() + "template __global__ void scale<float>(const float*, float*, int);\n",
+            cudarc::nvrtc::CompileOptions {
+                arch: Some("compute_80"),
+                ..Default::default()
+            },
         )
+        .unwrap();
+        let text = ptx.to_src();
+        let symbol = text
+            .lines()
+            .find_map(|l| l.split_once(".entry ").map(|(_, rest)| rest))
+            .map(|rest| rest.trim_end_matches('(').trim().to_string())
+            .unwrap_or_else(|| panic!("no .entry in the PTX:\n{text}"));
+        // Template instantiations are weak symbols, and mangled.
+        assert_eq!(symbol, "_Z5scaleIfEvPKT_PS0_i");
+        let x = uniform(&[33, 5], -1.0, 1.0, DType::F32, 22)
+            .to_device(&dev)
+            .unwrap();
+        let n = x.size();
+        // A transposed view, made row-contiguous first.
+        let xt = x.transpose(&[1, 0]).unwrap();
+        let call = KernelCall::new([n, 1, 1], [64, 1, 1])
+            .input(&xt)
+            .output(xt.shape(), DType::F32);
+        // SAFETY: scale<float>(const float*, float*, int) bounds-checks with n.
+        let out = unsafe {
+            precompiled_cuda_kernel(
+                &symbol,
+                text.as_bytes(),
+                &call,
+                &[ScalarArg::Int(n as i32)],
+                0,
+                true,
+            )
+        }
+        .unwrap();
+        let expected: Vec<f32> = xt
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v * 3.0)
+            .collect();
+        assert_eq!(out[0].to_vec::<f32>().unwrap(), expected);
     }
-    .unwrap();
-    let expected: Vec<f32> = xt
-        .to_vec::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v * 3.0)
-        .collect();
-    assert_eq!(out[0].to_vec::<f32>().unwrap(), expected);
-}
 
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn init_value_and_shared_memory() {
-    let Some(dev) = gpu() else { return };
-    let arch = cuda_architecture(&dev).unwrap();
-    let src = r#"
-extern "C" __global__ void block_sums(const float* x, float* sums, int n) {
-    extern __shared__ float buf[];
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    buf[threadIdx.x] = i < n ? x[i] : 0.0f;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float s = 0.0f;
-        for (int j = 0; j < blockDim.x; ++j) s += buf[j];
-        atomicAdd(&sums[0], s);
+    fn init_value_and_shared_memory(dev: Device) {
+        let arch = cuda_architecture(&dev).unwrap();
+        let src = r#"
+    extern "C" __global__ void block_sums(const float* x, float* sums, int n) {
+        extern __shared__ float buf[];
+        int i = blockIdx.x * blockDim.x + threadIdx.x;
+        buf[threadIdx.x] = i < n ? x[i] : 0.0f;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float s = 0.0f;
+            for (int j = 0; j < blockDim.x; ++j) s += buf[j];
+            atomicAdd(&sums[0], s);
+        }
     }
-}
-"#;
-    let cubin = compile_to_cubin(src, "block_sums", &arch, &[]).unwrap();
-    let x = uniform(&[5000], 0.0, 1.0, DType::F32, 23)
-        .to_device(&dev)
+    "#;
+        let cubin = compile_to_cubin(src, "block_sums", &arch, &[]).unwrap();
+        let x = uniform(&[5000], 0.0, 1.0, DType::F32, 23)
+            .to_device(&dev)
+            .unwrap();
+        let call = KernelCall::new([5000, 1, 1], [256, 1, 1])
+            .input(&x)
+            .output(&[1], DType::F32)
+            .init_value(10.0);
+        // SAFETY: one input, one output, one int; 256 floats of shared memory per block (more
+        // is requested, to exercise the limit above 48 KiB).
+        let out = unsafe {
+            precompiled_cuda_kernel(
+                "block_sums",
+                &cubin.image,
+                &call,
+                &[ScalarArg::Int(5000)],
+                64 * 1024,
+                false,
+            )
+        }
         .unwrap();
-    let call = KernelCall::new([5000, 1, 1], [256, 1, 1])
-        .input(&x)
-        .output(&[1], DType::F32)
-        .init_value(10.0);
-    // SAFETY: one input, one output, one int; 256 floats of shared memory per block (more
-    // is requested, to exercise the limit above 48 KiB).
-    let out = unsafe {
-        precompiled_cuda_kernel(
-            "block_sums",
-            &cubin.image,
-            &call,
-            &[ScalarArg::Int(5000)],
-            64 * 1024,
-            false,
-        )
+        let total: f32 = 10.0 + x.to_vec::<f32>().unwrap().iter().sum::<f32>();
+        let got = out[0].to_vec::<f32>().unwrap()[0];
+        assert!((got - total).abs() < 1e-2, "{got} vs {total}");
     }
-    .unwrap();
-    let total: f32 = 10.0 + x.to_vec::<f32>().unwrap().iter().sum::<f32>();
-    let got = out[0].to_vec::<f32>().unwrap()[0];
-    assert!((got - total).abs() < 1e-2, "{got} vs {total}");
 }
 
 #[test]

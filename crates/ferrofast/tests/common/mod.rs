@@ -228,6 +228,23 @@ macro_rules! on_every_device {
     )*};
 }
 
+/// Declares tests `fn name(dev: Device) { ... }` that need a GPU: each runs once on the
+/// first CUDA device ([`gpu`]; without one it prints why and returns, unless
+/// `FERROFAST_REQUIRE_GPU=1`) and is ignored unless the crate is built with the `gpu-tests`
+/// feature. Test files use it with `#[macro_use] mod common;`.
+#[allow(unused_macros)]
+macro_rules! gpu_test {
+    ($($(#[$meta:meta])* fn $name:ident($dev:ident: Device) $body:block)*) => {$(
+        $(#[$meta])*
+        #[test]
+        #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
+        fn $name() {
+            let Some($dev) = crate::common::gpu() else { return };
+            $body
+        }
+    )*};
+}
+
 /// `a` on `dev`: `a` itself when it is there already (keeping its strides), else a copy.
 pub fn on(a: &Array, dev: &Device) -> Array {
     a.to_device(dev).expect("move to device")
