@@ -43,6 +43,19 @@ fn on_every_gpu(case: impl Fn(&Device)) {
     }
 }
 
+/// Declares tests `fn name(dev: &Device) { ... }` run by [`on_every_gpu`], ignored unless
+/// the crate is built with the `gpu-tests` feature.
+macro_rules! on_every_gpu_test {
+    ($($(#[$meta:meta])* fn $name:ident($dev:ident: &Device) $body:block)*) => {$(
+        $(#[$meta])*
+        #[test]
+        #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
+        fn $name() {
+            on_every_gpu(|$dev: &Device| $body)
+        }
+    )*};
+}
+
 /// `(atol, rtol)` against the f64 oracle: those of `tests/sdpa.rs` for f16 and bf16; f32
 /// (the fallback case only) gets bf16's.
 fn tol(dtype: DType) -> (f64, f64) {
@@ -124,11 +137,9 @@ fn causal_if(causal: bool) -> Masking<'static> {
 
 // ----- the tensor-core kernel ---------------------------------------------------------------
 
-/// Every head dim and dtype, causal and not.
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn every_head_dim_and_dtype() {
-    on_every_gpu(|dev| {
+on_every_gpu_test! {
+    /// Every head dim and dtype, causal and not.
+    fn every_head_dim_and_dtype(dev: &Device) {
         let mut seed = 100;
         for dtype in HALF {
             for (d, dv) in HEAD_DIMS {
@@ -142,14 +153,10 @@ fn every_head_dim_and_dtype() {
                 }
             }
         }
-    });
-}
+    }
 
-/// Query and key lengths that are not multiples of the tiles, T_q != T_kv both ways.
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn ragged_lengths_causal_and_not() {
-    on_every_gpu(|dev| {
+    /// Query and key lengths that are not multiples of the tiles, T_q != T_kv both ways.
+    fn ragged_lengths_causal_and_not(dev: &Device) {
         let lengths = [
             (1, 1),
             (1, 299),
@@ -180,14 +187,10 @@ fn ragged_lengths_causal_and_not() {
                 }
             }
         }
-    });
-}
+    }
 
-/// GQA groups of 4 and 6 (MQA), one query head per kv head, and 12 over 3.
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn grouped_and_multi_query_heads() {
-    on_every_gpu(|dev| {
+    /// GQA groups of 4 and 6 (MQA), one query head per kv head, and 12 over 3.
+    fn grouped_and_multi_query_heads(dev: &Device) {
         let mut seed = 3000;
         for dtype in HALF {
             for (nq, nkv) in [(8, 2), (6, 1), (4, 4), (12, 3)] {
@@ -205,15 +208,11 @@ fn grouped_and_multi_query_heads() {
                 }
             }
         }
-    });
-}
+    }
 
-/// Bool and additive masks, full and broadcast over batch, heads or queries, with strided
-/// keys and values.
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn bool_and_additive_masks_broadcast_and_full() {
-    on_every_gpu(|dev| {
+    /// Bool and additive masks, full and broadcast over batch, heads or queries, with strided
+    /// keys and values.
+    fn bool_and_additive_masks_broadcast_and_full(dev: &Device) {
         let (b, nq, nkv, tq, tkv) = (2, 4, 2, 77, 203);
         let mut seed = 4000;
         for dtype in HALF {
@@ -248,14 +247,10 @@ fn bool_and_additive_masks_broadcast_and_full() {
                 }
             }
         }
-    });
-}
+    }
 
-/// Sinks with no mask, causal, an additive and a bool mask.
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn sinks_with_every_mask_kind() {
-    on_every_gpu(|dev| {
+    /// Sinks with no mask, causal, an additive and a bool mask.
+    fn sinks_with_every_mask_kind(dev: &Device) {
         let (b, nq, nkv, tq, tkv) = (1, 4, 2, 90, 70);
         let mut seed = 5000;
         for dtype in HALF {
@@ -285,15 +280,11 @@ fn sinks_with_every_mask_kind() {
                 }
             }
         }
-    });
-}
+    }
 
-/// Rows whose keys are all masked (bool `false` or additive `-inf`) are 0, as are the first
-/// rows of a causal call with more queries than keys.
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn fully_masked_rows_are_zero() {
-    on_every_gpu(|dev| {
+    /// Rows whose keys are all masked (bool `false` or additive `-inf`) are 0, as are the first
+    /// rows of a causal call with more queries than keys.
+    fn fully_masked_rows_are_zero(dev: &Device) {
         let (b, nq, tq, tkv, d) = (1, 2, 40, 100, 64);
         for dtype in HALF {
             let (q, k, v) = qkv(dev, (b, nq, nq, tq, tkv, d, d), (false, false), dtype, 1);
@@ -339,15 +330,11 @@ fn fully_masked_rows_are_zero() {
                 "{dtype} causal zeros on {dev}"
             );
         }
-    });
-}
+    }
 
-/// `[B, T, H, D]` views read in place; rows not 16-byte aligned (copied first), a sliced
-/// sequence and a reversed head axis.
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn strided_and_unaligned_views() {
-    on_every_gpu(|dev| {
+    /// `[B, T, H, D]` views read in place; rows not 16-byte aligned (copied first), a sliced
+    /// sequence and a reversed head axis.
+    fn strided_and_unaligned_views(dev: &Device) {
         let mut seed = 6000;
         for dtype in HALF {
             for is_causal in [false, true] {
@@ -372,14 +359,10 @@ fn strided_and_unaligned_views() {
                 check(&q2, &k2, &v2, 0.125, causal_if(is_causal), None, &what);
             }
         }
-    });
-}
+    }
 
-/// 5 query tiles x 16 heads x 2 batches = 160 blocks of 128 rows (more than 132 SMs).
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn more_blocks_than_multiprocessors() {
-    on_every_gpu(|dev| {
+    /// 5 query tiles x 16 heads x 2 batches = 160 blocks of 128 rows (more than 132 SMs).
+    fn more_blocks_than_multiprocessors(dev: &Device) {
         for (dtype, is_causal, seed) in [(DType::BF16, false, 7000), (DType::F16, true, 7010)] {
             let (q, k, v) = qkv(
                 dev,
@@ -391,16 +374,12 @@ fn more_blocks_than_multiprocessors() {
             let what = format!("{dtype} 160 blocks causal {is_causal} seed {seed}");
             check(&q, &k, &v, 0.0884, causal_if(is_causal), None, &what);
         }
-    });
-}
+    }
 
-/// float32 and an unlisted head dim are not this kernel's: the dispatcher sends them to the
-/// general kernel, which must give the oracle's answer. Inputs on two devices are a clear
-/// error.
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn uncovered_cases_fall_back_and_stay_right() {
-    on_every_gpu(|dev| {
+    /// float32 and an unlisted head dim are not this kernel's: the dispatcher sends them to the
+    /// general kernel, which must give the oracle's answer. Inputs on two devices are a clear
+    /// error.
+    fn uncovered_cases_fall_back_and_stay_right(dev: &Device) {
         for (dtype, d) in [(DType::F32, 64), (DType::BF16, 72)] {
             let (q, k, v) = qkv(dev, (1, 2, 2, 20, 20, d, d), (false, false), dtype, 1);
             let what = format!("fallback {dtype} D {d}");
@@ -417,14 +396,10 @@ fn uncovered_cases_fall_back_and_stay_right() {
             Err(Error::Device(msg)) => assert!(msg.contains("device"), "{msg}"),
             other => panic!("expected a device error, got {other:?}"),
         }
-    });
-}
+    }
 
-/// No keys gives zeros; no queries gives an empty output.
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn empty_shapes_and_zero_keys() {
-    on_every_gpu(|dev| {
+    /// No keys gives zeros; no queries gives an empty output.
+    fn empty_shapes_and_zero_keys(dev: &Device) {
         let (q, k, v) = qkv(dev, (1, 2, 2, 5, 0, 64, 64), (false, false), DType::BF16, 1);
         let out = sdpa(&q.dev, &k.dev, &v.dev, 0.1, Mask::None, None).unwrap();
         assert_eq!(out.shape(), &[1, 2, 5, 64]);
@@ -433,7 +408,7 @@ fn empty_shapes_and_zero_keys() {
         let k1 = input(dev, 1, 2, 9, 64, false, DType::BF16, 5);
         let out = sdpa(&q0.dev, &k1.dev, &k1.dev, 0.1, Mask::Causal, None).unwrap();
         assert_eq!(out.shape(), &[1, 2, 0, 64]);
-    });
+    }
 }
 
 // ----- the Hopper kernel --------------------------------------------------------------------
@@ -569,12 +544,10 @@ fn hopper_kernel_through_the_knob_matches_the_oracle() {
     }
 }
 
-/// A thread whose first CUDA work is the attention call itself (a fresh thread, with no
-/// context bound yet) gets the same kernel and result as one that has done other CUDA work.
-#[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-fn a_fresh_thread_runs_the_same_kernel() {
-    on_every_gpu(|dev| {
+on_every_gpu_test! {
+    /// A thread whose first CUDA work is the attention call itself (a fresh thread, with no
+    /// context bound yet) gets the same kernel and result as one that has done other CUDA work.
+    fn a_fresh_thread_runs_the_same_kernel(dev: &Device) {
         let p = problem(dev, DType::BF16, 1, (4, 2), 384, 384, 128, false, 41);
         let kernel = attention_kernel(&p.q.dev, &p.k.dev, &p.v.dev, Mask::Causal, None).unwrap();
         let here = run_gpu(&p, 0.088, true, "calling thread")
@@ -594,7 +567,7 @@ fn a_fresh_thread_runs_the_same_kernel() {
             "{kernel}: a fresh thread computed something else"
         );
         check_problem(&p, 0.088, true, "fresh thread, against the oracle");
-    });
+    }
 }
 
 // ----- benchmark (not a test) ---------------------------------------------------------------
