@@ -1446,11 +1446,9 @@ mod cpu_only {
 mod cuda_only {
     use super::*;
 
-    /// Both norms on a stream of their own, and an input produced on another stream.
-    #[test]
-    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-    fn explicit_streams() {
-        for gpu in common::gpus() {
+    on_every_gpu! {
+        /// Both norms on a stream of their own, and an input produced on another stream.
+        fn explicit_streams(gpu: Device) {
             let s = Stream::new(&gpu).unwrap();
             for dtype in DTYPES {
                 let x = Input::new(&randn(&[300, 1000], dtype, 6001), &gpu);
@@ -1470,25 +1468,17 @@ mod cuda_only {
                 check_rounded(Kind::Rms, &x2, Some(&w), None, 1e-5, what, Some(&s));
             }
         }
-    }
 
-    /// f64 has no CUDA kernel: `Error::Unsupported`.
-    #[test]
-    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-    fn f64_is_unsupported() {
-        for gpu in common::gpus() {
+        /// f64 has no CUDA kernel: `Error::Unsupported`.
+        fn f64_is_unsupported(gpu: Device) {
             let x64 = on(&randn(&[4, 8], DType::F64, 7001), &gpu);
             let r = rms_norm(&x64, None, 1e-5);
             assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
         }
-    }
 
-    /// A weight on the CPU with a GPU x, and a CPU x with a GPU stream, are `Error::Device`;
-    /// validation comes first, with MLX's messages.
-    #[test]
-    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-    fn inputs_on_other_devices_are_errors() {
-        for gpu in common::gpus() {
+        /// A weight on the CPU with a GPU x, and a CPU x with a GPU stream, are `Error::Device`;
+        /// validation comes first, with MLX's messages.
+        fn inputs_on_other_devices_are_errors(gpu: Device) {
             let x = Array::randn(&[4, 128], DType::F32, 1, &gpu).unwrap();
             let w = Array::randn(&[129], DType::F32, 2, &gpu).unwrap();
             let e = rms_norm(&x, Some(&w), 1e-5).unwrap_err().to_string();
@@ -1509,14 +1499,10 @@ mod cuda_only {
             let r = rms_norm_on(&stream, &host_x, None, 1e-5);
             assert!(matches!(r, Err(Error::Device(_))), "{r:?}");
         }
-    }
 
-    /// Strided GPU views give the CPU path's result on the same views: MLX's
-    /// `test_slice_into_layer_norm` (`x[:, 99:]`) and a transposed view.
-    #[test]
-    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-    fn strided_gpu_views_match_the_cpu() {
-        for gpu in common::gpus() {
+        /// Strided GPU views give the CPU path's result on the same views: MLX's
+        /// `test_slice_into_layer_norm` (`x[:, 99:]`) and a transposed view.
+        fn strided_gpu_views_match_the_cpu(gpu: Device) {
             for (seed, dtype) in [DType::F32, DType::BF16].into_iter().enumerate() {
                 let base = randn(&[8, 100, 128], dtype, 70 + seed as u64);
                 let views: [fn(&Array) -> Array; 2] = [

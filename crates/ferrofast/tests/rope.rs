@@ -1351,11 +1351,9 @@ mod cpu_only {
 mod cuda_only {
     use super::*;
 
-    /// `rope_on` with a stream of its own, also for an input produced on another stream.
-    #[test]
-    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-    fn explicit_streams() {
-        for gpu in common::gpus() {
+    on_every_gpu! {
+        /// `rope_on` with a stream of its own, also for an input produced on another stream.
+        fn explicit_streams(gpu: Device) {
             let s = Stream::new(&gpu).unwrap();
             for dtype in LOW_PRECISION {
                 let x = randn(&[2, 4, 33, 64], dtype, 801);
@@ -1374,15 +1372,11 @@ mod cuda_only {
                 check_case(&input, &case, Some(&s), &format!("cross-stream {dtype}"));
             }
         }
-    }
 
-    /// Offset arrays that live on the GPU are converted and read there (MLX's int32 rule,
-    /// size 1 broadcast), giving bit for bit the result of the same offsets from the host,
-    /// also when produced on another stream; the backward pass takes them too.
-    #[test]
-    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-    fn offset_arrays_on_the_gpu() {
-        for gpu in common::gpus() {
+        /// Offset arrays that live on the GPU are converted and read there (MLX's int32 rule,
+        /// size 1 broadcast), giving bit for bit the result of the same offsets from the host,
+        /// also when produced on another stream; the backward pass takes them too.
+        fn offset_arrays_on_the_gpu(gpu: Device) {
             let other = Stream::new(&gpu).unwrap();
             let x = on(&randn(&[3, 4, 17, 64], DType::BF16, 903), &gpu);
             let i64s = |v: &[i64]| Array::from_slice(v, &[v.len()]).unwrap();
@@ -1443,24 +1437,16 @@ mod cuda_only {
                 assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
             }
         }
-    }
 
-    /// f64 has no CUDA kernel: `Error::Unsupported`.
-    #[test]
-    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-    fn f64_is_unsupported() {
-        for gpu in common::gpus() {
+        /// f64 has no CUDA kernel: `Error::Unsupported`.
+        fn f64_is_unsupported(gpu: Device) {
             let x = on(&randn(&[2, 3, 4, 8], DType::F64, 901), &gpu);
             let r = fast::rope(&x, 8, false, Some(10000.0), 1.0, 0.into(), None);
             assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
         }
-    }
 
-    /// A CPU input with a GPU stream is an `Error::Device`.
-    #[test]
-    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-    fn cpu_input_with_a_gpu_stream_is_an_error() {
-        for gpu in common::gpus() {
+        /// A CPU input with a GPU stream is an `Error::Device`.
+        fn cpu_input_with_a_gpu_stream_is_an_error(gpu: Device) {
             let host = randn(&[2, 3, 4, 8], DType::F32, 902);
             let stream = gpu.default_stream().unwrap();
             let r = fast::rope_on(&stream, &host, 8, false, Some(10000.0), 1.0, 0.into(), None);

@@ -1525,11 +1525,9 @@ mod cuda_only {
         }
     }
 
-    /// A float64 result is not run on the GPU: `Error::Unsupported`.
-    #[test]
-    #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-    fn f64_is_unsupported() {
-        for dev in common::gpus() {
+    on_every_gpu! {
+        /// A float64 result is not run on the GPU: `Error::Unsupported`.
+        fn f64_is_unsupported(dev: Device) {
             let q64 = on(&randn(&[1, 2, 1, 16], DType::F64, 5), &dev);
             let k64 = on(&randn(&[1, 2, 7, 16], DType::F64, 6), &dev);
             let r = sdpa(&q64, &k64, &k64, 1.0, Mask::None, None);

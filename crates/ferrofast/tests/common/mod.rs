@@ -245,6 +245,21 @@ macro_rules! gpu_test {
     )*};
 }
 
+/// Declares tests `fn name(gpu: Device) { ... }` for CUDA alone: each runs its body on every
+/// CUDA device ([`gpus`]) and is ignored unless the crate is built with the `gpu-tests`
+/// feature. Test files use it with `#[macro_use] mod common;`.
+#[allow(unused_macros)]
+macro_rules! on_every_gpu {
+    ($($(#[$meta:meta])* fn $name:ident($dev:ident: Device) $body:block)*) => {$(
+        $(#[$meta])*
+        #[test]
+        #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
+        fn $name() {
+            for $dev in crate::common::gpus() $body
+        }
+    )*};
+}
+
 /// `a` on `dev`: `a` itself when it is there already (keeping its strides), else a copy.
 pub fn on(a: &Array, dev: &Device) -> Array {
     a.to_device(dev).expect("move to device")
