@@ -20,6 +20,7 @@
 
 #[path = "common/sdpa.rs"]
 mod attn;
+#[macro_use]
 mod common;
 
 use attn::{bool_mask, check_with, layout, Masking, BTHD, ROW_MAJOR};
@@ -43,16 +44,11 @@ fn on_every_gpu(case: impl Fn(&Device)) {
     }
 }
 
-/// Declares tests `fn name(dev: &Device) { ... }` run by [`on_every_gpu`], ignored unless
-/// the crate is built with the `gpu-tests` feature.
+/// Declares tests `fn name(dev: &Device) { ... }` run by [`on_every_gpu`] (`gpu_only!`:
+/// ignored without the `gpu-tests` feature).
 macro_rules! on_every_gpu_test {
     ($($(#[$meta:meta])* fn $name:ident($dev:ident: &Device) $body:block)*) => {$(
-        $(#[$meta])*
-        #[test]
-        #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-        fn $name() {
-            on_every_gpu(|$dev: &Device| $body)
-        }
+        gpu_only! { $(#[$meta])* fn $name() { on_every_gpu(|$dev: &Device| $body) } }
     )*};
 }
 

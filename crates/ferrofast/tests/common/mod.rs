@@ -196,6 +196,18 @@ pub fn gpus() -> Vec<Device> {
     found
 }
 
+/// A test that needs a GPU: ignored (reported as such, never as passed) unless the crate is
+/// built with the `gpu-tests` feature.
+#[allow(unused_macros)]
+macro_rules! gpu_only {
+    ($(#[$meta:meta])* fn $name:ident() $body:block) => {
+        $(#[$meta])*
+        #[test]
+        #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
+        fn $name() $body
+    };
+}
+
 /// Declares each case `fn name(dev: &Device) { ... }` once and runs it on every device:
 /// `name::cpu` on the CPU, and `name::cuda` on every CUDA device found. The CUDA test is
 /// ignored (reported as such, never as passed) unless the crate is built with the
@@ -217,46 +229,39 @@ macro_rules! on_every_device {
             }
 
             #[cfg(feature = "cuda")]
-            #[test]
-            #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-            fn cuda() {
-                for dev in crate::common::gpus() {
-                    case(&dev)
+            gpu_only! {
+                fn cuda() {
+                    for dev in crate::common::gpus() {
+                        case(&dev)
+                    }
                 }
             }
         }
     )*};
 }
 
-/// Declares tests `fn name(dev: Device) { ... }` that need a GPU: each runs once on the
-/// first CUDA device ([`gpu`]; without one it prints why and returns, unless
-/// `FERROFAST_REQUIRE_GPU=1`) and is ignored unless the crate is built with the `gpu-tests`
-/// feature. Test files use it with `#[macro_use] mod common;`.
+/// Declares tests `fn name(dev: Device) { ... }` that need a GPU ([`gpu_only!`]): each runs
+/// once on the first CUDA device ([`gpu`]; without one it prints why and returns, unless
+/// `FERROFAST_REQUIRE_GPU=1`). Test files use it with `#[macro_use] mod common;`.
 #[allow(unused_macros)]
 macro_rules! gpu_test {
     ($($(#[$meta:meta])* fn $name:ident($dev:ident: Device) $body:block)*) => {$(
-        $(#[$meta])*
-        #[test]
-        #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-        fn $name() {
-            let Some($dev) = crate::common::gpu() else { return };
-            $body
+        gpu_only! {
+            $(#[$meta])*
+            fn $name() {
+                let Some($dev) = crate::common::gpu() else { return };
+                $body
+            }
         }
     )*};
 }
 
-/// Declares tests `fn name(gpu: Device) { ... }` for CUDA alone: each runs its body on every
-/// CUDA device ([`gpus`]) and is ignored unless the crate is built with the `gpu-tests`
-/// feature. Test files use it with `#[macro_use] mod common;`.
+/// Declares tests `fn name(gpu: Device) { ... }` for CUDA alone ([`gpu_only!`]): each runs
+/// its body on every CUDA device ([`gpus`]).
 #[allow(unused_macros)]
 macro_rules! on_every_gpu {
     ($($(#[$meta:meta])* fn $name:ident($dev:ident: Device) $body:block)*) => {$(
-        $(#[$meta])*
-        #[test]
-        #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a GPU (feature gpu-tests)")]
-        fn $name() {
-            for $dev in crate::common::gpus() $body
-        }
+        gpu_only! { $(#[$meta])* fn $name() { for $dev in crate::common::gpus() $body } }
     )*};
 }
 
