@@ -524,64 +524,7 @@ fn grid_sample_ref(x: &Array, g: &Array) -> Vec<f64> {
 /// factors for the grid gradient.
 fn grid_sample_grad_ref(x: &Array, g: &Array, cot: &Array) -> (Vec<f64>, Vec<f64>) {
     let (xs, gs, cs) = (f64s(x), f64s(g), f64s(cot));
-    let (b, h, w, c) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
-    let (gn, gm) = (g.shape()[1], g.shape()[2]);
-    let mut xg = vec![0.0; xs.len()];
-    let mut gg = vec![0.0; gs.len()];
-    for bi in 0..b {
-        for p in 0..gn * gm {
-            let q = bi * gn * gm + p;
-            let ix = ((gs[2 * q] + 1.0) * w as f64 - 1.0) / 2.0;
-            let iy = ((gs[2 * q + 1] + 1.0) * h as f64 - 1.0) / 2.0;
-            let (x0, y0) = (ix.floor() as i64, iy.floor() as i64);
-            let (x1, y1) = (x0 + 1, y0 + 1);
-            let corners = [
-                (
-                    y0,
-                    x0,
-                    (x1 as f64 - ix) * (y1 as f64 - iy),
-                    -(y1 as f64 - iy),
-                    -(x1 as f64 - ix),
-                ),
-                (
-                    y0,
-                    x1,
-                    (ix - x0 as f64) * (y1 as f64 - iy),
-                    y1 as f64 - iy,
-                    -(ix - x0 as f64),
-                ),
-                (
-                    y1,
-                    x0,
-                    (x1 as f64 - ix) * (iy - y0 as f64),
-                    -(iy - y0 as f64),
-                    x1 as f64 - ix,
-                ),
-                (
-                    y1,
-                    x1,
-                    (ix - x0 as f64) * (iy - y0 as f64),
-                    iy - y0 as f64,
-                    ix - x0 as f64,
-                ),
-            ];
-            let (mut gix, mut giy) = (0.0, 0.0);
-            for ch in 0..c {
-                let ct = cs[q * c + ch];
-                for &(yy, xx, wgt, dx, dy) in &corners {
-                    if yy < 0 || yy >= h as i64 || xx < 0 || xx >= w as i64 {
-                        continue;
-                    }
-                    let off = ((bi * h + yy as usize) * w + xx as usize) * c + ch;
-                    xg[off] += wgt * ct;
-                    gix += xs[off] * dx * ct;
-                    giy += xs[off] * dy * ct;
-                }
-            }
-            gg[2 * q] = gix * (w / 2) as f64;
-            gg[2 * q + 1] = giy * (h / 2) as f64;
-        }
-    }
+    let (_, xg, gg) = guide::grid_sample_cpu(&xs, x.shape(), &gs, g.shape(), &cs);
     (xg, gg)
 }
 
