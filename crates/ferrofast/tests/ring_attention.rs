@@ -47,6 +47,25 @@ fn close(a: &Array, b: &Array, atol: f64, rtol: f64, what: &str) {
     }
 }
 
+/// [`close`] of the ring's output, log-sum-exp, dq, dk and dv (in this order) against the
+/// single-device ones: the log-sum-exp at `lse_tol`, the others at `tol`.
+fn close_all(
+    got: [&Array; 5],
+    want: [&Array; 5],
+    tol: (f64, f64),
+    lse_tol: (f64, f64),
+    what: &str,
+) {
+    for ((name, a), b) in ["out", "lse", "dq", "dk", "dv"]
+        .into_iter()
+        .zip(got)
+        .zip(want)
+    {
+        let (atol, rtol) = if name == "lse" { lse_tol } else { tol };
+        close(a, b, atol, rtol, &format!("{what}: {name}"));
+    }
+}
+
 /// One problem over the full sequence: D 16, D_v 24, sinks (when `sinks`) in [-1, 1.5),
 /// scale 0.3.
 fn problem(
@@ -133,11 +152,11 @@ fn check_case(world: usize, causal: bool, group: usize, dtype: DType, sinks: boo
         DType::F32 => (2e-6, 2e-5),
         _ => (1.5e-2, 2e-2),
     };
-    close(&out, &rout, atol, rtol, &format!("{what}: out"));
-    close(&lse, &rlse, 1e-6, 1e-5, &format!("{what}: lse"));
-    close(&dq, &rdq, atol, rtol, &format!("{what}: dq"));
-    close(&dk, &rdk, atol, rtol, &format!("{what}: dk"));
-    close(&dv, &rdv, atol, rtol, &format!("{what}: dv"));
+    let (got, want) = (
+        [&out, &lse, &dq, &dk, &dv],
+        [&rout, &rlse, &rdq, &rdk, &rdv],
+    );
+    close_all(got, want, (atol, rtol), (1e-6, 1e-5), &what);
     match (&ds, &rds) {
         (Some(a), Some(b)) => {
             close(a, b, atol, rtol, &format!("{what}: dsinks"));
@@ -575,11 +594,11 @@ mod cuda_only {
                 DType::F32 => (1e-5, 1e-4),
                 _ => (2e-2, 3e-2),
             };
-            close(&out, &rout, atol, rtol, &format!("{what}: out"));
-            close(&lse, &rlse, 1e-5, 1e-4, &format!("{what}: lse"));
-            close(&dq, &rdq, atol, rtol, &format!("{what}: dq"));
-            close(&dk, &rdk, atol, rtol, &format!("{what}: dk"));
-            close(&dv, &rdv, atol, rtol, &format!("{what}: dv"));
+            let (got, want) = (
+                [&out, &lse, &dq, &dk, &dv],
+                [&rout, &rlse, &rdq, &rdk, &rdv],
+            );
+            close_all(got, want, (atol, rtol), (1e-5, 1e-4), &what);
             close(
                 ds.as_ref().unwrap(),
                 rds.as_ref().unwrap(),

@@ -708,32 +708,18 @@ on_every_device! {
                 let out = call.run(&on(&x, dev)).unwrap();
                 assert_eq!(out.device(), *dev);
                 let out = on(&out, &Device::Cpu);
+                // Each element's bits in the array's own dtype.
+                macro_rules! bits_as {
+                    ($a:expr, $t:ty) => {
+                        $a.to_vec::<$t>().unwrap().iter().map(|v| u64::from(v.to_bits())).collect()
+                    };
+                }
                 let bits = |a: &Array| -> Vec<u64> {
                     match dtype {
-                        DType::F32 => a
-                            .to_vec::<f32>()
-                            .unwrap()
-                            .iter()
-                            .map(|v| v.to_bits() as u64)
-                            .collect(),
-                        DType::F16 => a
-                            .to_vec::<ferrofast::f16>()
-                            .unwrap()
-                            .iter()
-                            .map(|v| v.to_bits() as u64)
-                            .collect(),
-                        DType::BF16 => a
-                            .to_vec::<ferrofast::bf16>()
-                            .unwrap()
-                            .iter()
-                            .map(|v| v.to_bits() as u64)
-                            .collect(),
-                        _ => a
-                            .to_vec::<f64>()
-                            .unwrap()
-                            .iter()
-                            .map(|v| v.to_bits())
-                            .collect(),
+                        DType::F32 => bits_as!(a, f32),
+                        DType::F16 => bits_as!(a, ferrofast::f16),
+                        DType::BF16 => bits_as!(a, ferrofast::bf16),
+                        _ => bits_as!(a, f64),
                     }
                 };
                 let (xb, ob) = (bits(&x), bits(&out));
