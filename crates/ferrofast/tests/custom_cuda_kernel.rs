@@ -29,6 +29,26 @@ enum Input {
 }
 
 impl Case {
+    /// `kernel` over `grid` in blocks of `threadgroup`, with no inputs, outputs, template
+    /// arguments or initial value.
+    fn new(
+        name: &'static str,
+        kernel: CudaKernel,
+        grid: [usize; 3],
+        threadgroup: [usize; 3],
+    ) -> Case {
+        Case {
+            name,
+            kernel,
+            inputs: vec![],
+            outputs: vec![],
+            grid,
+            threadgroup,
+            template: vec![],
+            init_value: None,
+        }
+    }
+
     fn call(&self) -> KernelCall<'_> {
         let mut call = KernelCall::new(self.grid, self.threadgroup);
         for i in &self.inputs {
@@ -70,22 +90,22 @@ fn on(a: Array, device: &Device) -> Array {
 
 fn basic(dev: &Device) -> Case {
     Case {
-        name: "basic",
-        kernel: kernel(
-            "basic",
-            &["a"],
-            &["out1"],
-            "  uint elem = blockIdx.x * blockDim.x + threadIdx.x;\n  out1[elem] = a[elem];\n",
-        ),
         inputs: vec![Input::Array(on(
             uniform(&[2, 2], -1.0, 1.0, DType::F32, 1),
             dev,
         ))],
         outputs: vec![(vec![2, 2], DType::F32)],
-        grid: [4, 1, 1],
-        threadgroup: [2, 1, 1],
-        template: vec![],
-        init_value: None,
+        ..Case::new(
+            "basic",
+            kernel(
+                "basic",
+                &["a"],
+                &["out1"],
+                "  uint elem = blockIdx.x * blockDim.x + threadIdx.x;\n  out1[elem] = a[elem];\n",
+            ),
+            [4, 1, 1],
+            [2, 1, 1],
+        )
     }
 }
 
@@ -103,13 +123,6 @@ const ARGS_SOURCE: &str = r#"
 
 fn args(dev: &Device) -> Case {
     Case {
-        name: "args",
-        kernel: kernel(
-            "arg_test",
-            &["a", "b", "c", "d"],
-            &["out1", "out2"],
-            ARGS_SOURCE,
-        ),
         inputs: vec![
             Input::Array(on(uniform(&[3, 6], -1.0, 1.0, DType::F32, 2), dev)),
             Input::Array(on(Array::from_vec(vec![3i32, 4, 5], &[3]).unwrap(), dev)),
@@ -117,14 +130,22 @@ fn args(dev: &Device) -> Case {
             Input::Float(7.3),
         ],
         outputs: vec![(vec![3, 2], DType::F32), (vec![3, 2], DType::I32)],
-        grid: [6, 1, 1],
-        threadgroup: [2, 1, 1],
         template: vec![
             ("e".into(), TemplateArg::Bool(true)),
             ("f".into(), TemplateArg::Int(3)),
             ("T".into(), TemplateArg::DType(DType::F16)),
         ],
-        init_value: None,
+        ..Case::new(
+            "args",
+            kernel(
+                "arg_test",
+                &["a", "b", "c", "d"],
+                &["out1", "out2"],
+                ARGS_SOURCE,
+            ),
+            [6, 1, 1],
+            [2, 1, 1],
+        )
     }
 }
 
@@ -158,31 +179,32 @@ fn strides(dev: &Device, contiguous: bool) -> Case {
     let inp = strided_input(dev);
     let n = inp.size();
     Case {
-        name: if contiguous {
-            "strides (copied)"
-        } else {
-            "strides (elem_to_loc)"
-        },
-        kernel: CudaKernel::new(
-            if contiguous { "exp_rc" } else { "exp_strided" },
-            &["inp"],
-            &["out"],
-            if contiguous {
-                EXP_CONTIGUOUS
-            } else {
-                EXP_STRIDED
-            },
-            "",
-            contiguous,
-            0,
-        )
-        .unwrap(),
         outputs: vec![(inp.shape().to_vec(), DType::F32)],
         inputs: vec![Input::Array(inp)],
-        grid: [n, 1, 1],
-        threadgroup: [16, 1, 1],
         template: vec![("N".into(), TemplateArg::Int(n as i32))],
-        init_value: None,
+        ..Case::new(
+            if contiguous {
+                "strides (copied)"
+            } else {
+                "strides (elem_to_loc)"
+            },
+            CudaKernel::new(
+                if contiguous { "exp_rc" } else { "exp_strided" },
+                &["inp"],
+                &["out"],
+                if contiguous {
+                    EXP_CONTIGUOUS
+                } else {
+                    EXP_STRIDED
+                },
+                "",
+                contiguous,
+                0,
+            )
+            .unwrap(),
+            [n, 1, 1],
+            [16, 1, 1],
+        )
     }
 }
 
@@ -190,8 +212,10 @@ fn helper(dev: &Device) -> Case {
     let inp = on(uniform(&[5, 7], -2.0, 2.0, DType::F32, 5), dev);
     let n = inp.size();
     Case {
-        name: "helper",
-        kernel: CudaKernel::new(
+        inputs: vec![Input::Array(inp)],
+        outputs: vec![(vec![5, 7], DType::F32)],
+        template: vec![("N".into(), TemplateArg::Int(n as i32))],
+        ..Case::new("helper", CudaKernel::new(
             "helper",
             &["inp"],
             &["out"],
@@ -200,26 +224,20 @@ fn helper(dev: &Device) -> Case {
             true,
             0,
         )
-        .unwrap(),
-        inputs: vec![Input::Array(inp)],
-        outputs: vec![(vec![5, 7], DType::F32)],
-        grid: [n, 1, 1],
-        threadgroup: [32, 1, 1],
-        template: vec![("N".into(), TemplateArg::Int(n as i32))],
-        init_value: None,
+        .unwrap(), [n, 1, 1], [32, 1, 1])
     }
 }
 
 fn attributes() -> Case {
     Case {
-        name: "attributes",
-        kernel: kernel("test_fun", &[], &["out"], "  out[0] = blockDim.x;\n"),
         inputs: vec![],
         outputs: vec![(vec![1], DType::U32)],
-        grid: [2, 1, 1],
-        threadgroup: [2, 1, 1],
-        template: vec![],
-        init_value: None,
+        ..Case::new(
+            "attributes",
+            kernel("test_fun", &[], &["out"], "  out[0] = blockDim.x;\n"),
+            [2, 1, 1],
+            [2, 1, 1],
+        )
     }
 }
 
@@ -230,39 +248,34 @@ fn same_name(dev: &Device, add: bool) -> Case {
         "  uint i = blockIdx.x * blockDim.x + threadIdx.x;\n  if (i < 8) out[i] = a[i] * 2.0f;\n"
     };
     Case {
-        name: if add {
-            "same name (add)"
-        } else {
-            "same name (mul)"
-        },
-        kernel: kernel("same_name", &["a"], &["out"], src),
         inputs: vec![Input::Array(on(
             uniform(&[8], -1.0, 1.0, DType::F32, 6),
             dev,
         ))],
         outputs: vec![(vec![8], DType::F32)],
-        grid: [8, 1, 1],
-        threadgroup: [8, 1, 1],
-        template: vec![],
-        init_value: None,
+        ..Case::new(
+            if add {
+                "same name (add)"
+            } else {
+                "same name (mul)"
+            },
+            kernel("same_name", &["a"], &["out"], src),
+            [8, 1, 1],
+            [8, 1, 1],
+        )
     }
 }
 
 fn mixed(dev: &Device, dtype: DType) -> Case {
     Case {
-        name: "mixed dtypes",
-        kernel: kernel(
+        inputs: vec![Input::Array(on(uniform(&[33], -4.0, 4.0, dtype, 7), dev))],
+        outputs: vec![(vec![33], dtype)],
+        ..Case::new("mixed dtypes", kernel(
             "mixed",
             &["a"],
             &["out"],
             "  uint i = blockIdx.x * blockDim.x + threadIdx.x;\n  if (i < 33) out[i] = a[i] + a[i];\n",
-        ),
-        inputs: vec![Input::Array(on(uniform(&[33], -4.0, 4.0, dtype, 7), dev))],
-        outputs: vec![(vec![33], dtype)],
-        grid: [33, 1, 1],
-        threadgroup: [32, 1, 1],
-        template: vec![],
-        init_value: None,
+        ), [33, 1, 1], [32, 1, 1])
     }
 }
 
@@ -276,17 +289,18 @@ const INIT_SOURCE: &str = r#"
 
 fn init(dev: &Device) -> Case {
     Case {
-        name: "init_value",
-        kernel: kernel("init", &["a"], &["total", "evens"], INIT_SOURCE),
         inputs: vec![Input::Array(on(
             uniform(&[100], 0.0, 1.0, DType::F32, 8),
             dev,
         ))],
         outputs: vec![(vec![1], DType::F32), (vec![100], DType::I32)],
-        grid: [100, 1, 1],
-        threadgroup: [64, 1, 1],
-        template: vec![],
         init_value: Some(1.5),
+        ..Case::new(
+            "init_value",
+            kernel("init", &["a"], &["total", "evens"], INIT_SOURCE),
+            [100, 1, 1],
+            [64, 1, 1],
+        )
     }
 }
 
@@ -303,26 +317,27 @@ const SHARED_SOURCE: &str = r#"
 
 fn shared(dev: &Device) -> Case {
     Case {
-        name: "shared memory",
-        kernel: CudaKernel::new(
-            "reverse_shared",
-            &["a"],
-            &["out"],
-            SHARED_SOURCE,
-            "",
-            true,
-            SHARED_ELEMS * 4,
-        )
-        .unwrap(),
         inputs: vec![Input::Array(on(
             uniform(&[SHARED_ELEMS], -1.0, 1.0, DType::F32, 9),
             dev,
         ))],
         outputs: vec![(vec![SHARED_ELEMS], DType::F32)],
-        grid: [1024, 1, 1],
-        threadgroup: [1024, 1, 1],
         template: vec![("M".into(), TemplateArg::Int(SHARED_ELEMS as i32))],
-        init_value: None,
+        ..Case::new(
+            "shared memory",
+            CudaKernel::new(
+                "reverse_shared",
+                &["a"],
+                &["out"],
+                SHARED_SOURCE,
+                "",
+                true,
+                SHARED_ELEMS * 4,
+            )
+            .unwrap(),
+            [1024, 1, 1],
+            [1024, 1, 1],
+        )
     }
 }
 
@@ -337,17 +352,18 @@ const COOP_SOURCE: &str = r#"
 
 fn coop(dev: &Device) -> Case {
     Case {
-        name: "cooperative groups",
-        kernel: kernel("warp_sums", &["x"], &["sums"], COOP_SOURCE),
         inputs: vec![Input::Array(on(
             uniform(&[128], -1.0, 1.0, DType::F16, 10),
             dev,
         ))],
         outputs: vec![(vec![4], DType::BF16)],
-        grid: [128, 1, 1],
-        threadgroup: [64, 1, 1],
         template: vec![("N".into(), TemplateArg::Int(128))],
-        init_value: None,
+        ..Case::new(
+            "cooperative groups",
+            kernel("warp_sums", &["x"], &["sums"], COOP_SOURCE),
+            [128, 1, 1],
+            [64, 1, 1],
+        )
     }
 }
 
