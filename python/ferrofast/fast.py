@@ -183,38 +183,35 @@ def _base(base):
     return None if base is None else float(base)
 
 
+def _rope(native, x, dims, traditional, base, scale, offset, freqs):
+    """Runs ``native`` (``_native.rope`` or ``_native.rope_vjp``) on ``x`` with rope's
+    arguments converted; the result has ``x``'s type."""
+    t = native(
+        to_tensor(x),
+        int(dims),
+        bool(traditional),
+        _base(base),
+        float(scale),
+        _offset(offset),
+        to_tensor_opt(freqs),
+    )
+    return from_tensor(t, x)
+
+
 def rope(a, dims, *, traditional, base, scale, offset, freqs=None, stream=None):
     """Rotary positional embedding of the first ``dims`` features of ``a`` (at least 3-D,
     positions along axis -2). ``traditional`` rotates adjacent pairs instead of the two
     halves; exactly one of ``base`` and ``freqs`` (periods, 1-D of ``dims // 2``) is given;
     ``offset`` is an int or an integer array of size 1 or ``a.shape[0]``."""
     _check_stream("rope", stream, a)
-    t = _native.rope(
-        to_tensor(a),
-        int(dims),
-        bool(traditional),
-        _base(base),
-        float(scale),
-        _offset(offset),
-        to_tensor_opt(freqs),
-    )
-    return from_tensor(t, a)
+    return _rope(_native.rope, a, dims, traditional, base, scale, offset, freqs)
 
 
 def rope_vjp(cotangent, dims, *, traditional, base, scale, offset, freqs=None, stream=None):
     """The backward pass of :func:`rope`: the gradient for ``a`` given the output's
     ``cotangent`` (the inverse rotation), with the forward's arguments."""
     _check_stream("rope", stream, cotangent)
-    t = _native.rope_vjp(
-        to_tensor(cotangent),
-        int(dims),
-        bool(traditional),
-        _base(base),
-        float(scale),
-        _offset(offset),
-        to_tensor_opt(freqs),
-    )
-    return from_tensor(t, cotangent)
+    return _rope(_native.rope_vjp, cotangent, dims, traditional, base, scale, offset, freqs)
 
 
 # ----- attention ----------------------------------------------------------------------------
@@ -224,6 +221,18 @@ def _mask(mask):
     if mask is None or isinstance(mask, str):
         return mask
     return to_tensor(mask)
+
+
+def _attention_args(q, k, v, scale, mask, sinks):
+    """The forward's arguments of attention as the extension takes them."""
+    return (
+        to_tensor(q),
+        to_tensor(k),
+        to_tensor(v),
+        float(scale),
+        _mask(mask),
+        to_tensor_opt(sinks),
+    )
 
 
 def scaled_dot_product_attention(
@@ -237,12 +246,7 @@ def scaled_dot_product_attention(
     _check_stream("scaled_dot_product_attention", stream, q)
     del force_fused
     t = _native.scaled_dot_product_attention(
-        to_tensor(q),
-        to_tensor(k),
-        to_tensor(v),
-        float(scale),
-        _mask(mask),
-        to_tensor_opt(sinks),
+        *_attention_args(q, k, v, scale, mask, sinks)
     )
     return from_tensor(t, q)
 
@@ -254,12 +258,7 @@ def scaled_dot_product_attention_with_lse(
     ``lse`` the float32 log-sum-exp of each row's scores, ``[B, N_q, T_q]``."""
     _check_stream("scaled_dot_product_attention", stream, q)
     out, lse = _native.scaled_dot_product_attention_with_lse(
-        to_tensor(q),
-        to_tensor(k),
-        to_tensor(v),
-        float(scale),
-        _mask(mask),
-        to_tensor_opt(sinks),
+        *_attention_args(q, k, v, scale, mask, sinks)
     )
     return from_tensor(out, q), from_tensor(lse, q)
 
@@ -273,12 +272,7 @@ def scaled_dot_product_attention_vjp(
     ``dsinks`` is ``None`` without sinks. There is no gradient for the mask."""
     _check_stream("scaled_dot_product_attention", stream, q)
     dq, dk, dv, ds = _native.scaled_dot_product_attention_vjp(
-        to_tensor(q),
-        to_tensor(k),
-        to_tensor(v),
-        float(scale),
-        _mask(mask),
-        to_tensor_opt(sinks),
+        *_attention_args(q, k, v, scale, mask, sinks),
         to_tensor(out),
         to_tensor(lse),
         to_tensor(d_out),
@@ -313,6 +307,16 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, stream=None):
 # ----- cross-entropy ------------------------------------------------------------------------
 
 
+def _ce_options(ignore_index, label_smoothing, z_loss, reduction):
+    """Cross-entropy's options as the extension takes them (after the arrays)."""
+    return (
+        None if ignore_index is None else int(ignore_index),
+        float(label_smoothing),
+        float(z_loss),
+        str(reduction),
+    )
+
+
 def cross_entropy(logits, targets, *, stream=None):
     """``logsumexp(logits, -1) - logits[..., targets]``: float32, of ``targets``' shape
     (``logits.shape[:-1]``); ``targets`` are integer class indices (negative ones wrap)."""
@@ -341,10 +345,7 @@ def cross_entropy_with(
     t = _native.cross_entropy_with(
         to_tensor(logits),
         to_tensor(targets),
-        None if ignore_index is None else int(ignore_index),
-        float(label_smoothing),
-        float(z_loss),
-        str(reduction),
+        *_ce_options(ignore_index, label_smoothing, z_loss, reduction),
     )
     return from_tensor(t, logits)
 
@@ -367,10 +368,7 @@ def cross_entropy_vjp(
         to_tensor(logits),
         to_tensor(targets),
         to_tensor(cotangent),
-        None if ignore_index is None else int(ignore_index),
-        float(label_smoothing),
-        float(z_loss),
-        str(reduction),
+        *_ce_options(ignore_index, label_smoothing, z_loss, reduction),
     )
     return from_tensor(t, logits)
 
@@ -391,10 +389,7 @@ def cross_entropy_fused(
     loss, dx = _native.cross_entropy_fused(
         to_tensor(logits),
         to_tensor(targets),
-        None if ignore_index is None else int(ignore_index),
-        float(label_smoothing),
-        float(z_loss),
-        str(reduction),
+        *_ce_options(ignore_index, label_smoothing, z_loss, reduction),
     )
     return from_tensor(loss, logits), from_tensor(dx, logits)
 
@@ -492,14 +487,24 @@ def cross_entropy_fused_in_place(
     loss = _native.cross_entropy_fused_in_place(
         x,
         to_tensor(targets),
-        None if ignore_index is None else int(ignore_index),
-        float(label_smoothing),
-        float(z_loss),
-        str(reduction),
+        *_ce_options(ignore_index, label_smoothing, z_loss, reduction),
     )
     if _is_torch(logits):
         _bump_version(logits)
     return from_tensor(loss, logits), logits
+
+
+def _gated_delta_args(q, k, v, gamma, beta, initial_state, mask):
+    """The forward's arguments of the gated delta rule as the extension takes them."""
+    return (
+        to_tensor(q),
+        to_tensor(k),
+        to_tensor(v),
+        to_tensor(gamma),
+        to_tensor(beta),
+        to_tensor_opt(initial_state),
+        to_tensor_opt(mask),
+    )
 
 
 def gated_delta_update(q, k, v, gamma, beta, initial_state=None, mask=None, stream=None):
@@ -514,13 +519,7 @@ def gated_delta_update(q, k, v, gamma, beta, initial_state=None, mask=None, stre
     """
     _check_stream("gated_delta_update", stream, q)
     out, s = _native.gated_delta_update(
-        to_tensor(q),
-        to_tensor(k),
-        to_tensor(v),
-        to_tensor(gamma),
-        to_tensor(beta),
-        to_tensor_opt(initial_state),
-        to_tensor_opt(mask),
+        *_gated_delta_args(q, k, v, gamma, beta, initial_state, mask)
     )
     return [from_tensor(out, q), from_tensor(s, q)]
 
@@ -533,13 +532,7 @@ def gated_delta_update_vjp(
     primal's dtype (``dstate`` float32, ``None`` when ``initial_state`` is ``None``)."""
     _check_stream("gated_delta_update", stream, q)
     grads = _native.gated_delta_update_vjp(
-        to_tensor(q),
-        to_tensor(k),
-        to_tensor(v),
-        to_tensor(gamma),
-        to_tensor(beta),
-        to_tensor_opt(initial_state),
-        to_tensor_opt(mask),
+        *_gated_delta_args(q, k, v, gamma, beta, initial_state, mask),
         to_tensor(d_out),
         to_tensor_opt(d_state),
     )
@@ -751,7 +744,7 @@ def cuda_kernel(
     NumPy outputs back). The kernel must read and write only inside its arrays' elements:
     ferrofast cannot check what user code does with its pointers."""
     common = _kernel_text(name, input_names, output_names, source, header)
-    native = _native.cuda_kernel(*common, bool(ensure_row_contiguous), int(shared_memory))
+    native = _native.cuda_kernel(common, bool(ensure_row_contiguous), int(shared_memory))
     return _CustomKernel(native, "cuda_kernel")
 
 
@@ -785,7 +778,7 @@ def metal_kernel(
             )
     common = _kernel_text(name, input_names, output_names, source, header)
     native = _native.metal_kernel(
-        *common, bool(ensure_row_contiguous), bool(atomic_outputs), mode
+        common, bool(ensure_row_contiguous), bool(atomic_outputs), mode
     )
     return _CustomKernel(native, "metal_kernel")
 

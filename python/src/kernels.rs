@@ -127,19 +127,26 @@ fn place<'a>(mut call: KernelCall<'a>, placement: Placement) -> PyResult<KernelC
     Ok(call)
 }
 
-/// The call's arguments, positional, as `fast.py` passes them.
-#[allow(clippy::too_many_arguments)]
-fn build_call<'a>(
+/// Converts a call's inputs, builds the call from the rest of its arguments and runs `f` on
+/// it with `verbose`.
+fn with_call<R>(
     op: &str,
-    inputs: &'a [Input],
-    output_shapes: Vec<Vec<usize>>,
-    output_dtypes: Vec<String>,
-    grid: (usize, usize, usize),
-    threadgroup: (usize, usize, usize),
-    template: Vec<(String, Bound<'_, PyAny>)>,
-    init_value: Option<f64>,
-    placement: Placement,
-) -> PyResult<KernelCall<'a>> {
+    args: CallArgs<'_>,
+    f: impl FnOnce(&KernelCall<'_>, bool) -> PyResult<R>,
+) -> PyResult<R> {
+    let (
+        inputs,
+        output_shapes,
+        output_dtypes,
+        grid,
+        threadgroup,
+        template,
+        init_value,
+        verbose,
+        device,
+        stream,
+    ) = args;
+    let inputs = inputs_of(op, &inputs)?;
     let mut call = KernelCall::new(
         [grid.0, grid.1, grid.2],
         [threadgroup.0, threadgroup.1, threadgroup.2],
@@ -155,7 +162,7 @@ fn build_call<'a>(
         .map(|(n, v)| Ok((n.clone(), template_value(op, v)?)))
         .collect::<PyResult<_>>()?;
     call.init_value = init_value;
-    place(call, placement)
+    f(&place(call, (device, stream))?, verbose)
 }
 
 fn inputs_of(op: &str, inputs: &[Bound<'_, PyAny>]) -> PyResult<Vec<Input>> {
@@ -185,68 +192,76 @@ enum Kernel {
     Metal(MetalKernel),
 }
 
-/// `cuda_kernel(name, input_names, output_names, source, header, ensure_row_contiguous,
-/// shared_memory)`.
-#[pyfunction]
-#[pyo3(signature = (name, input_names, output_names, source, header, ensure_row_contiguous, shared_memory))]
-pub fn cuda_kernel(
-    name: &str,
-    input_names: Vec<String>,
-    output_names: Vec<String>,
-    source: &str,
-    header: &str,
-    ensure_row_contiguous: bool,
-    shared_memory: usize,
+/// What both source kernels are built from, as `fast.py` passes it (one tuple): `(name,
+/// input_names, output_names, source, header)`.
+type KernelText = (String, Vec<String>, Vec<String>, String, String);
+
+/// Builds a kernel object with `new(name, input_names, output_names, source, header)`.
+fn build_kernel<K>(
+    (name, input_names, output_names, source, header): KernelText,
+    new: impl FnOnce(&str, &[&str], &[&str], &str, &str) -> ferrofast::Result<K>,
+    kernel: impl FnOnce(K) -> Kernel,
 ) -> PyResult<KernelObject> {
     let ins: Vec<&str> = input_names.iter().map(String::as_str).collect();
     let outs: Vec<&str> = output_names.iter().map(String::as_str).collect();
-    CudaKernel::new(
-        name,
-        &ins,
-        &outs,
-        source,
-        header,
-        ensure_row_contiguous,
-        shared_memory,
-    )
-    .map(|k| KernelObject {
-        kernel: Kernel::Cuda(k),
-    })
-    .map_err(to_py)
+    new(&name, &ins, &outs, &source, &header)
+        .map(|k| KernelObject { kernel: kernel(k) })
+        .map_err(to_py)
 }
 
-/// `metal_kernel(name, input_names, output_names, source, header, ensure_row_contiguous,
+/// `cuda_kernel((name, input_names, output_names, source, header), ensure_row_contiguous,
+/// shared_memory)`.
+#[pyfunction]
+#[pyo3(signature = (text, ensure_row_contiguous, shared_memory))]
+pub fn cuda_kernel(
+    text: KernelText,
+    ensure_row_contiguous: bool,
+    shared_memory: usize,
+) -> PyResult<KernelObject> {
+    build_kernel(
+        text,
+        |name, ins, outs, source, header| {
+            CudaKernel::new(
+                name,
+                ins,
+                outs,
+                source,
+                header,
+                ensure_row_contiguous,
+                shared_memory,
+            )
+        },
+        Kernel::Cuda,
+    )
+}
+
+/// `metal_kernel((name, input_names, output_names, source, header), ensure_row_contiguous,
 /// atomic_outputs, math_mode)`; `math_mode` is `"safe"`, `"relaxed"` or `"fast"`.
 #[pyfunction]
-#[pyo3(signature = (name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs, math_mode))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (text, ensure_row_contiguous, atomic_outputs, math_mode))]
 pub fn metal_kernel(
-    name: &str,
-    input_names: Vec<String>,
-    output_names: Vec<String>,
-    source: &str,
-    header: &str,
+    text: KernelText,
     ensure_row_contiguous: bool,
     atomic_outputs: bool,
     math_mode: &str,
 ) -> PyResult<KernelObject> {
     let mode = MathMode::from_compile_options(&[("math_mode", math_mode)]).map_err(to_py)?;
-    let ins: Vec<&str> = input_names.iter().map(String::as_str).collect();
-    let outs: Vec<&str> = output_names.iter().map(String::as_str).collect();
-    MetalKernel::new(
-        name,
-        &ins,
-        &outs,
-        source,
-        header,
-        ensure_row_contiguous,
-        atomic_outputs,
-        mode,
+    build_kernel(
+        text,
+        |name, ins, outs, source, header| {
+            MetalKernel::new(
+                name,
+                ins,
+                outs,
+                source,
+                header,
+                ensure_row_contiguous,
+                atomic_outputs,
+                mode,
+            )
+        },
+        Kernel::Metal,
     )
-    .map(|k| KernelObject {
-        kernel: Kernel::Metal(k),
-    })
-    .map_err(to_py)
 }
 
 /// A kernel call's arguments as `fast.py` passes them, one tuple: `(inputs,
@@ -307,28 +322,17 @@ fn call_source_kernel<K: SourceKernel>(
     kernel: &K,
     args: CallArgs<'_>,
 ) -> PyResult<Vec<Tensor>> {
-    let (inputs, shapes, dtypes, grid, threadgroup, template, init, verbose, device, stream) = args;
-    let inputs = inputs_of(K::OP, &inputs)?;
-    let call = build_call(
-        K::OP,
-        &inputs,
-        shapes,
-        dtypes,
-        grid,
-        threadgroup,
-        template,
-        init,
-        (device, stream),
-    )?;
-    if verbose {
-        let text = kernel.verbose_text(&call).map_err(to_py)?;
-        write_stdout(py, &text)?;
-    }
-    // SAFETY: MLX's contract for custom kernels, which `ferrofast.fast.cuda_kernel` and
-    // `metal_kernel` state: the kernel reads and writes only inside its arrays' elements.
-    py.detach(|| unsafe { kernel.launch(&call) })
-        .map(wrap_all)
-        .map_err(to_py)
+    with_call(K::OP, args, |call, verbose| {
+        if verbose {
+            let text = kernel.verbose_text(call).map_err(to_py)?;
+            write_stdout(py, &text)?;
+        }
+        // SAFETY: MLX's contract for custom kernels, which `ferrofast.fast.cuda_kernel` and
+        // `metal_kernel` state: the kernel reads and writes only inside its arrays' elements.
+        py.detach(|| unsafe { kernel.launch(call) })
+            .map(wrap_all)
+            .map_err(to_py)
+    })
 }
 
 #[pymethods]
@@ -387,33 +391,35 @@ pub fn precompiled_cuda_kernel(
             ))),
         })
         .collect::<PyResult<Vec<_>>>()?;
-    let inputs = inputs_of(OP, &inputs)?;
-    let call = build_call(
-        OP,
-        &inputs,
+    let args = (
+        inputs,
         output_shapes,
         output_dtypes,
         grid,
         threadgroup,
         Vec::new(),
         init_value,
-        (device, stream),
-    )?;
-    // SAFETY: MLX's contract for precompiled kernels, stated by
-    // `ferrofast.fast.precompiled_cuda_kernel`: the image's `name` takes a pointer per input,
-    // a pointer per output, then the scalars, and stays inside its arrays' elements.
-    py.detach(|| unsafe {
-        fast::precompiled_cuda_kernel(
-            name,
-            &compiled_source,
-            &call,
-            &scalars,
-            shared_memory,
-            ensure_row_contiguous,
-        )
+        false,
+        device,
+        stream,
+    );
+    with_call(OP, args, |call, _verbose| {
+        // SAFETY: MLX's contract for precompiled kernels, stated by
+        // `ferrofast.fast.precompiled_cuda_kernel`: the image's `name` takes a pointer per
+        // input, a pointer per output, then the scalars, and stays inside its arrays' elements.
+        py.detach(|| unsafe {
+            fast::precompiled_cuda_kernel(
+                name,
+                &compiled_source,
+                call,
+                &scalars,
+                shared_memory,
+                ensure_row_contiguous,
+            )
+        })
+        .map(wrap_all)
+        .map_err(to_py)
     })
-    .map(wrap_all)
-    .map_err(to_py)
 }
 
 /// A host copy of `t` (the same `Tensor` when it already lives on the CPU).

@@ -17,89 +17,137 @@ fn arr(t: &Bound<'_, Tensor>) -> PyResult<Array> {
     t.get().array()
 }
 
-fn opt(t: Option<&Bound<'_, Tensor>>) -> PyResult<Option<Array>> {
-    t.map(arr).transpose()
-}
-
 /// Runs `f` without the GIL and wraps the error.
 fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Res<T> + Send) -> PyResult<T> {
     py.detach(f).map_err(to_py)
 }
 
-fn wrap(a: Array) -> Tensor {
-    Tensor::new(a)
+/// [`run`], with the result's arrays as [`Tensor`]s.
+fn call<T: Wrap + Send>(py: Python<'_>, f: impl FnOnce() -> Res<T> + Send) -> PyResult<T::Py> {
+    run(py, f).map(Wrap::wrap)
 }
 
-fn wrap_opt(a: Option<Array>) -> Option<Tensor> {
-    a.map(Tensor::new)
+/// A positional argument of an op as Python passes it, turned (with the GIL held) into the
+/// value the op borrows from while it runs without the GIL.
+trait Arg {
+    /// The argument, owned.
+    type Owned: Lend + Send;
+    /// Converts the argument (a `Tensor`'s array, rope's offset, attention's mask).
+    fn owned(self) -> PyResult<Self::Owned>;
 }
 
-// ----- rms_norm / layer_norm -----------------------------------------------------------------
-
-/// `rms_norm(x, weight, eps)`.
-#[pyfunction]
-#[pyo3(signature = (x, weight, eps))]
-pub fn rms_norm(
-    py: Python<'_>,
-    x: &Bound<'_, Tensor>,
-    weight: Option<&Bound<'_, Tensor>>,
-    eps: f32,
-) -> PyResult<Tensor> {
-    let (x, w) = (arr(x)?, opt(weight)?);
-    run(py, move || fast::rms_norm(&x, w.as_ref(), eps)).map(wrap)
+/// What an op takes from an owned argument: a reference to an array, or the value itself.
+trait Lend {
+    /// The argument as `ferrofast::fast` takes it.
+    type Lent<'a>
+    where
+        Self: 'a;
+    /// Borrows the argument for the call.
+    fn lend(&self) -> Self::Lent<'_>;
 }
 
-/// `rms_norm_vjp(x, weight, eps, cotangent) -> (dx, dweight | None)`.
-#[pyfunction]
-#[pyo3(signature = (x, weight, eps, cotangent))]
-pub fn rms_norm_vjp(
-    py: Python<'_>,
-    x: &Bound<'_, Tensor>,
-    weight: Option<&Bound<'_, Tensor>>,
-    eps: f32,
-    cotangent: &Bound<'_, Tensor>,
-) -> PyResult<(Tensor, Option<Tensor>)> {
-    let (x, w, g) = (arr(x)?, opt(weight)?, arr(cotangent)?);
-    let (dx, dw) = run(py, move || fast::rms_norm_vjp(&x, w.as_ref(), eps, &g))?;
-    Ok((wrap(dx), wrap_opt(dw)))
+/// A result of `ferrofast::fast` as Python gets it: each array as a [`Tensor`].
+trait Wrap {
+    /// The result for Python.
+    type Py;
+    /// Wraps each array.
+    fn wrap(self) -> Self::Py;
 }
 
-/// `layer_norm(x, weight, bias, eps)`.
-#[pyfunction]
-#[pyo3(signature = (x, weight, bias, eps))]
-pub fn layer_norm(
-    py: Python<'_>,
-    x: &Bound<'_, Tensor>,
-    weight: Option<&Bound<'_, Tensor>>,
-    bias: Option<&Bound<'_, Tensor>>,
-    eps: f32,
-) -> PyResult<Tensor> {
-    let (x, w, b) = (arr(x)?, opt(weight)?, opt(bias)?);
-    run(py, move || {
-        fast::layer_norm(&x, w.as_ref(), b.as_ref(), eps)
-    })
-    .map(wrap)
+impl Arg for &Bound<'_, Tensor> {
+    type Owned = Array;
+    fn owned(self) -> PyResult<Array> {
+        arr(self)
+    }
 }
 
-/// `layer_norm_vjp(x, weight, bias, eps, cotangent) -> (dx, dweight | None, dbias | None)`.
-#[pyfunction]
-#[pyo3(signature = (x, weight, bias, eps, cotangent))]
-pub fn layer_norm_vjp(
-    py: Python<'_>,
-    x: &Bound<'_, Tensor>,
-    weight: Option<&Bound<'_, Tensor>>,
-    bias: Option<&Bound<'_, Tensor>>,
-    eps: f32,
-    cotangent: &Bound<'_, Tensor>,
-) -> PyResult<(Tensor, Option<Tensor>, Option<Tensor>)> {
-    let (x, w, b, g) = (arr(x)?, opt(weight)?, opt(bias)?, arr(cotangent)?);
-    let (dx, dw, db) = run(py, move || {
-        fast::layer_norm_vjp(&x, w.as_ref(), b.as_ref(), eps, &g)
-    })?;
-    Ok((wrap(dx), wrap_opt(dw), wrap_opt(db)))
+impl Arg for Option<&Bound<'_, Tensor>> {
+    type Owned = Option<Array>;
+    fn owned(self) -> PyResult<Option<Array>> {
+        self.map(arr).transpose()
+    }
 }
 
-// ----- rope ------------------------------------------------------------------------------
+impl Lend for Array {
+    type Lent<'a> = &'a Array;
+    fn lend(&self) -> &Array {
+        self
+    }
+}
+
+impl Lend for Option<Array> {
+    type Lent<'a> = Option<&'a Array>;
+    fn lend(&self) -> Option<&Array> {
+        self.as_ref()
+    }
+}
+
+impl Wrap for Array {
+    type Py = Tensor;
+    fn wrap(self) -> Tensor {
+        Tensor::new(self)
+    }
+}
+
+impl Wrap for Option<Array> {
+    type Py = Option<Tensor>;
+    fn wrap(self) -> Option<Tensor> {
+        self.map(Tensor::new)
+    }
+}
+
+/// [`Arg`] and [`Lend`] for arguments passed on as they are (numbers, flags).
+macro_rules! plain_args {
+    ($($t:ty),+) => {$(
+        impl Arg for $t {
+            type Owned = $t;
+            fn owned(self) -> PyResult<$t> {
+                Ok(self)
+            }
+        }
+        impl Lend for $t {
+            type Lent<'a> = $t;
+            fn lend(&self) -> $t {
+                *self
+            }
+        }
+    )+};
+}
+
+plain_args!(f32, i32, bool, Option<f32>);
+
+/// [`Wrap`] for tuples of results, element by element.
+macro_rules! wrap_tuples {
+    ($(($($t:ident),+)),+) => {$(
+        impl<$($t: Wrap),+> Wrap for ($($t,)+) {
+            type Py = ($($t::Py,)+);
+            #[allow(non_snake_case)]
+            fn wrap(self) -> Self::Py {
+                let ($($t,)+) = self;
+                ($($t.wrap(),)+)
+            }
+        }
+    )+};
+}
+
+wrap_tuples!((A, B), (A, B, C), (A, B, C, D));
+
+/// The gradients of `gated_delta_update`: `(dq, dk, dv, dgamma, dbeta, dstate0 | None)`.
+type GatedDeltaGradsPy = (Tensor, Tensor, Tensor, Tensor, Tensor, Option<Tensor>);
+
+impl Wrap for fast::GatedDeltaGrads {
+    type Py = GatedDeltaGradsPy;
+    fn wrap(self) -> GatedDeltaGradsPy {
+        (
+            self.dq.wrap(),
+            self.dk.wrap(),
+            self.dv.wrap(),
+            self.dgamma.wrap(),
+            self.dbeta.wrap(),
+            self.dstate0.wrap(),
+        )
+    }
+}
 
 /// The offset argument of rope: an int, or an integer array.
 enum Offset {
@@ -107,84 +155,28 @@ enum Offset {
     Array(Array),
 }
 
-impl Offset {
-    fn from_py(offset: &Bound<'_, PyAny>) -> PyResult<Offset> {
-        if let Ok(t) = offset.cast::<Tensor>() {
+/// Rope's offset, the one op argument that Python passes as any object.
+impl Arg for &Bound<'_, PyAny> {
+    type Owned = Offset;
+    fn owned(self) -> PyResult<Offset> {
+        if let Ok(t) = self.cast::<Tensor>() {
             return Ok(Offset::Array(arr(t)?));
         }
-        offset
-            .extract::<i64>()
+        self.extract::<i64>()
             .map(Offset::Int)
             .map_err(|_| PyValueError::new_err("[rope] offset must be an int or an integer array."))
     }
+}
 
-    fn as_rope(&self) -> RopeOffset<'_> {
+impl Lend for Offset {
+    type Lent<'a> = RopeOffset<'a>;
+    fn lend(&self) -> RopeOffset<'_> {
         match self {
             Offset::Int(v) => RopeOffset::Int(*v),
             Offset::Array(a) => RopeOffset::Array(a),
         }
     }
 }
-
-/// `rope(a, dims, traditional, base, scale, offset, freqs)`.
-#[pyfunction]
-#[pyo3(signature = (a, dims, traditional, base, scale, offset, freqs))]
-#[allow(clippy::too_many_arguments)]
-pub fn rope(
-    py: Python<'_>,
-    a: &Bound<'_, Tensor>,
-    dims: i32,
-    traditional: bool,
-    base: Option<f32>,
-    scale: f32,
-    offset: &Bound<'_, PyAny>,
-    freqs: Option<&Bound<'_, Tensor>>,
-) -> PyResult<Tensor> {
-    let (a, offset, freqs) = (arr(a)?, Offset::from_py(offset)?, opt(freqs)?);
-    run(py, move || {
-        fast::rope(
-            &a,
-            dims,
-            traditional,
-            base,
-            scale,
-            offset.as_rope(),
-            freqs.as_ref(),
-        )
-    })
-    .map(wrap)
-}
-
-/// `rope_vjp(cotangent, dims, traditional, base, scale, offset, freqs)`.
-#[pyfunction]
-#[pyo3(signature = (cotangent, dims, traditional, base, scale, offset, freqs))]
-#[allow(clippy::too_many_arguments)]
-pub fn rope_vjp(
-    py: Python<'_>,
-    cotangent: &Bound<'_, Tensor>,
-    dims: i32,
-    traditional: bool,
-    base: Option<f32>,
-    scale: f32,
-    offset: &Bound<'_, PyAny>,
-    freqs: Option<&Bound<'_, Tensor>>,
-) -> PyResult<Tensor> {
-    let (g, offset, freqs) = (arr(cotangent)?, Offset::from_py(offset)?, opt(freqs)?);
-    run(py, move || {
-        fast::rope_vjp(
-            &g,
-            dims,
-            traditional,
-            base,
-            scale,
-            offset.as_rope(),
-            freqs.as_ref(),
-        )
-    })
-    .map(wrap)
-}
-
-// ----- attention ---------------------------------------------------------------------------
 
 /// The mask argument: None, `"causal"` (any other string is MLX's error), or an array.
 enum MaskIn {
@@ -193,9 +185,11 @@ enum MaskIn {
     Array(Array),
 }
 
-impl MaskIn {
-    fn from_py(mask: Option<&Bound<'_, PyAny>>) -> PyResult<MaskIn> {
-        let Some(mask) = mask else {
+/// Attention's mask, the one op argument that Python passes as any object or None.
+impl Arg for Option<&Bound<'_, PyAny>> {
+    type Owned = MaskIn;
+    fn owned(self) -> PyResult<MaskIn> {
+        let Some(mask) = self else {
             return Ok(MaskIn::None);
         };
         if let Ok(t) = mask.cast::<Tensor>() {
@@ -211,8 +205,11 @@ impl MaskIn {
             _ => Ok(MaskIn::None),
         }
     }
+}
 
-    fn as_mask(&self) -> Mask<'_> {
+impl Lend for MaskIn {
+    type Lent<'a> = Mask<'a>;
+    fn lend(&self) -> Mask<'_> {
         match self {
             MaskIn::None => Mask::None,
             MaskIn::Causal => Mask::Causal,
@@ -221,106 +218,82 @@ impl MaskIn {
     }
 }
 
-/// `scaled_dot_product_attention(q, k, v, scale, mask, sinks)`.
-#[pyfunction]
-#[pyo3(signature = (q, k, v, scale, mask, sinks))]
-pub fn scaled_dot_product_attention(
-    py: Python<'_>,
-    q: &Bound<'_, Tensor>,
-    k: &Bound<'_, Tensor>,
-    v: &Bound<'_, Tensor>,
-    scale: f32,
-    mask: Option<&Bound<'_, PyAny>>,
-    sinks: Option<&Bound<'_, Tensor>>,
-) -> PyResult<Tensor> {
-    let (q, k, v) = (arr(q)?, arr(k)?, arr(v)?);
-    let (mask, sinks) = (MaskIn::from_py(mask)?, opt(sinks)?);
-    run(py, move || {
-        fast::scaled_dot_product_attention(&q, &k, &v, scale, mask.as_mask(), sinks.as_ref())
-    })
-    .map(wrap)
+/// One `#[pyfunction]` per `fn name(args) -> Out;`, taking the positional arguments of
+/// `ferrofast::fast::name` in its order: each converted with the GIL held, in that order
+/// ([`Arg`]), the op run without the GIL, its arrays wrapped ([`Wrap`]).
+macro_rules! ops {
+    ($($(#[$attr:meta])* fn $name:ident($($arg:ident: $ty:ty),+ $(,)?) -> $out:ty;)+) => {$(
+        $(#[$attr])*
+        #[pyfunction]
+        #[pyo3(signature = ($($arg),+))]
+        #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+        pub fn $name(py: Python<'_>, $($arg: $ty),+) -> PyResult<$out> {
+            $(let $arg = Arg::owned($arg)?;)+
+            call(py, move || fast::$name($(Lend::lend(&$arg)),+))
+        }
+    )+};
 }
 
-/// `scaled_dot_product_attention_with_lse(q, k, v, scale, mask, sinks) -> (out, lse)`.
-#[pyfunction]
-#[pyo3(signature = (q, k, v, scale, mask, sinks))]
-pub fn scaled_dot_product_attention_with_lse(
-    py: Python<'_>,
-    q: &Bound<'_, Tensor>,
-    k: &Bound<'_, Tensor>,
-    v: &Bound<'_, Tensor>,
-    scale: f32,
-    mask: Option<&Bound<'_, PyAny>>,
-    sinks: Option<&Bound<'_, Tensor>>,
-) -> PyResult<(Tensor, Tensor)> {
-    let (q, k, v) = (arr(q)?, arr(k)?, arr(v)?);
-    let (mask, sinks) = (MaskIn::from_py(mask)?, opt(sinks)?);
-    let (out, lse) = run(py, move || {
-        fast::scaled_dot_product_attention_with_lse(
-            &q,
-            &k,
-            &v,
-            scale,
-            mask.as_mask(),
-            sinks.as_ref(),
-        )
-    })?;
-    Ok((wrap(out), wrap(lse)))
-}
+ops! {
+    /// `rms_norm(x, weight, eps)`.
+    fn rms_norm(x: &Bound<'_, Tensor>, weight: Option<&Bound<'_, Tensor>>, eps: f32) -> Tensor;
 
-/// `scaled_dot_product_attention_vjp(q, k, v, scale, mask, sinks, out, lse, d_out)
-/// -> (dq, dk, dv, dsinks | None)`.
-#[pyfunction]
-#[pyo3(signature = (q, k, v, scale, mask, sinks, out, lse, d_out))]
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
-pub fn scaled_dot_product_attention_vjp(
-    py: Python<'_>,
-    q: &Bound<'_, Tensor>,
-    k: &Bound<'_, Tensor>,
-    v: &Bound<'_, Tensor>,
-    scale: f32,
-    mask: Option<&Bound<'_, PyAny>>,
-    sinks: Option<&Bound<'_, Tensor>>,
-    out: &Bound<'_, Tensor>,
-    lse: &Bound<'_, Tensor>,
-    d_out: &Bound<'_, Tensor>,
-) -> PyResult<(Tensor, Tensor, Tensor, Option<Tensor>)> {
-    let (q, k, v) = (arr(q)?, arr(k)?, arr(v)?);
-    let (mask, sinks) = (MaskIn::from_py(mask)?, opt(sinks)?);
-    let (out, lse, d_out) = (arr(out)?, arr(lse)?, arr(d_out)?);
-    let (dq, dk, dv, ds) = run(py, move || {
-        fast::scaled_dot_product_attention_vjp(
-            &q,
-            &k,
-            &v,
-            scale,
-            mask.as_mask(),
-            sinks.as_ref(),
-            &out,
-            &lse,
-            &d_out,
-        )
-    })?;
-    Ok((wrap(dq), wrap(dk), wrap(dv), wrap_opt(ds)))
-}
+    /// `rms_norm_vjp(x, weight, eps, cotangent) -> (dx, dweight | None)`.
+    fn rms_norm_vjp(x: &Bound<'_, Tensor>, weight: Option<&Bound<'_, Tensor>>, eps: f32,
+        cotangent: &Bound<'_, Tensor>) -> (Tensor, Option<Tensor>);
 
-// ----- merge_attention_states ----------------------------------------------------------------
+    /// `layer_norm(x, weight, bias, eps)`.
+    fn layer_norm(x: &Bound<'_, Tensor>, weight: Option<&Bound<'_, Tensor>>,
+        bias: Option<&Bound<'_, Tensor>>, eps: f32) -> Tensor;
 
-/// `merge_attention_states(out_a, lse_a, out_b, lse_b) -> (out, lse)`: two attention results
-/// over disjoint key sets, with their log-sum-exps, merged into the result over all the keys
-/// (`fast::merge_attention_states`, whose checks and messages it keeps).
-#[pyfunction]
-#[pyo3(signature = (out_a, lse_a, out_b, lse_b))]
-pub fn merge_attention_states(
-    py: Python<'_>,
-    out_a: &Bound<'_, Tensor>,
-    lse_a: &Bound<'_, Tensor>,
-    out_b: &Bound<'_, Tensor>,
-    lse_b: &Bound<'_, Tensor>,
-) -> PyResult<(Tensor, Tensor)> {
-    let (oa, la, ob, lb) = (arr(out_a)?, arr(lse_a)?, arr(out_b)?, arr(lse_b)?);
-    let (out, lse) = run(py, move || fast::merge_attention_states(&oa, &la, &ob, &lb))?;
-    Ok((wrap(out), wrap(lse)))
+    /// `layer_norm_vjp(x, weight, bias, eps, cotangent) -> (dx, dweight | None, dbias | None)`.
+    fn layer_norm_vjp(x: &Bound<'_, Tensor>, weight: Option<&Bound<'_, Tensor>>,
+        bias: Option<&Bound<'_, Tensor>>, eps: f32, cotangent: &Bound<'_, Tensor>)
+        -> (Tensor, Option<Tensor>, Option<Tensor>);
+
+    /// `rope(a, dims, traditional, base, scale, offset, freqs)`.
+    fn rope(a: &Bound<'_, Tensor>, dims: i32, traditional: bool, base: Option<f32>, scale: f32,
+        offset: &Bound<'_, PyAny>, freqs: Option<&Bound<'_, Tensor>>) -> Tensor;
+
+    /// `rope_vjp(cotangent, dims, traditional, base, scale, offset, freqs)`.
+    fn rope_vjp(cotangent: &Bound<'_, Tensor>, dims: i32, traditional: bool, base: Option<f32>,
+        scale: f32, offset: &Bound<'_, PyAny>, freqs: Option<&Bound<'_, Tensor>>) -> Tensor;
+
+    /// `scaled_dot_product_attention(q, k, v, scale, mask, sinks)`.
+    fn scaled_dot_product_attention(q: &Bound<'_, Tensor>, k: &Bound<'_, Tensor>,
+        v: &Bound<'_, Tensor>, scale: f32, mask: Option<&Bound<'_, PyAny>>,
+        sinks: Option<&Bound<'_, Tensor>>) -> Tensor;
+
+    /// `scaled_dot_product_attention_with_lse(q, k, v, scale, mask, sinks) -> (out, lse)`.
+    fn scaled_dot_product_attention_with_lse(q: &Bound<'_, Tensor>, k: &Bound<'_, Tensor>,
+        v: &Bound<'_, Tensor>, scale: f32, mask: Option<&Bound<'_, PyAny>>,
+        sinks: Option<&Bound<'_, Tensor>>) -> (Tensor, Tensor);
+
+    /// `scaled_dot_product_attention_vjp(q, k, v, scale, mask, sinks, out, lse, d_out)
+    /// -> (dq, dk, dv, dsinks | None)`.
+    fn scaled_dot_product_attention_vjp(q: &Bound<'_, Tensor>, k: &Bound<'_, Tensor>,
+        v: &Bound<'_, Tensor>, scale: f32, mask: Option<&Bound<'_, PyAny>>,
+        sinks: Option<&Bound<'_, Tensor>>, out: &Bound<'_, Tensor>, lse: &Bound<'_, Tensor>,
+        d_out: &Bound<'_, Tensor>) -> (Tensor, Tensor, Tensor, Option<Tensor>);
+
+    /// `merge_attention_states(out_a, lse_a, out_b, lse_b) -> (out, lse)`: two attention
+    /// results over disjoint key sets, with their log-sum-exps, merged into the result over
+    /// all the keys (`fast::merge_attention_states`, whose checks and messages it keeps).
+    fn merge_attention_states(out_a: &Bound<'_, Tensor>, lse_a: &Bound<'_, Tensor>,
+        out_b: &Bound<'_, Tensor>, lse_b: &Bound<'_, Tensor>) -> (Tensor, Tensor);
+
+    /// `gated_delta_update(q, k, v, gamma, beta, initial_state, mask) -> (out, state)`.
+    fn gated_delta_update(q: &Bound<'_, Tensor>, k: &Bound<'_, Tensor>, v: &Bound<'_, Tensor>,
+        gamma: &Bound<'_, Tensor>, beta: &Bound<'_, Tensor>,
+        initial_state: Option<&Bound<'_, Tensor>>, mask: Option<&Bound<'_, Tensor>>)
+        -> (Tensor, Tensor);
+
+    /// `gated_delta_update_vjp(q, k, v, gamma, beta, initial_state, mask, d_out, d_state)
+    /// -> (dq, dk, dv, dgamma, dbeta, dstate0 | None)`.
+    fn gated_delta_update_vjp(q: &Bound<'_, Tensor>, k: &Bound<'_, Tensor>,
+        v: &Bound<'_, Tensor>, gamma: &Bound<'_, Tensor>, beta: &Bound<'_, Tensor>,
+        initial_state: Option<&Bound<'_, Tensor>>, mask: Option<&Bound<'_, Tensor>>,
+        d_out: &Bound<'_, Tensor>, d_state: Option<&Bound<'_, Tensor>>) -> GatedDeltaGradsPy;
 }
 
 // ----- cross_entropy -------------------------------------------------------------------------
@@ -349,167 +322,77 @@ fn ce_options(
     })
 }
 
-/// `cross_entropy_with(logits, targets, ignore_index, label_smoothing, z_loss, reduction)`
-/// (MLX's `cross_entropy` is the defaults: `None, 0.0, 0.0, "none"`).
-#[pyfunction]
-#[pyo3(signature = (logits, targets, ignore_index, label_smoothing, z_loss, reduction))]
-pub fn cross_entropy_with(
-    py: Python<'_>,
-    logits: &Bound<'_, Tensor>,
-    targets: &Bound<'_, Tensor>,
-    ignore_index: Option<i64>,
-    label_smoothing: f32,
-    z_loss: f32,
-    reduction: &str,
-) -> PyResult<Tensor> {
-    let opts = ce_options(ignore_index, label_smoothing, z_loss, reduction)?;
-    let (x, t) = (arr(logits)?, arr(targets)?);
-    run(py, move || fast::cross_entropy_with(&x, &t, &opts)).map(wrap)
+/// One `#[pyfunction]` per cross-entropy op: its arrays, then the options as four positional
+/// arguments (`ignore_index, label_smoothing, z_loss, reduction`), checked ([`ce_options`])
+/// before `body` runs with them as `opts`.
+macro_rules! cross_entropy_ops {
+    ($($(#[$attr:meta])* fn $name:ident($py:ident, $($arg:ident),+; $opts:ident) -> $out:ty
+        $body:block)+) => {$(
+        $(#[$attr])*
+        #[pyfunction]
+        #[pyo3(signature = ($($arg,)+ ignore_index, label_smoothing, z_loss, reduction))]
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name(
+            $py: Python<'_>,
+            $($arg: &Bound<'_, Tensor>,)+
+            ignore_index: Option<i64>,
+            label_smoothing: f32,
+            z_loss: f32,
+            reduction: &str,
+        ) -> PyResult<$out> {
+            let $opts = ce_options(ignore_index, label_smoothing, z_loss, reduction)?;
+            $body
+        }
+    )+};
 }
 
-/// `cross_entropy_vjp(logits, targets, cotangent, ignore_index, label_smoothing, z_loss,
-/// reduction) -> dlogits`.
-#[pyfunction]
-#[pyo3(signature = (logits, targets, cotangent, ignore_index, label_smoothing, z_loss, reduction))]
-#[allow(clippy::too_many_arguments)]
-pub fn cross_entropy_vjp(
-    py: Python<'_>,
-    logits: &Bound<'_, Tensor>,
-    targets: &Bound<'_, Tensor>,
-    cotangent: &Bound<'_, Tensor>,
-    ignore_index: Option<i64>,
-    label_smoothing: f32,
-    z_loss: f32,
-    reduction: &str,
-) -> PyResult<Tensor> {
-    let opts = ce_options(ignore_index, label_smoothing, z_loss, reduction)?;
-    let (x, t, g) = (arr(logits)?, arr(targets)?, arr(cotangent)?);
-    run(py, move || fast::cross_entropy_vjp(&x, &t, &opts, &g)).map(wrap)
-}
-
-/// `cross_entropy_fused(logits, targets, ignore_index, label_smoothing, z_loss, reduction)
-/// -> (loss, dlogits)`.
-#[pyfunction]
-#[pyo3(signature = (logits, targets, ignore_index, label_smoothing, z_loss, reduction))]
-pub fn cross_entropy_fused(
-    py: Python<'_>,
-    logits: &Bound<'_, Tensor>,
-    targets: &Bound<'_, Tensor>,
-    ignore_index: Option<i64>,
-    label_smoothing: f32,
-    z_loss: f32,
-    reduction: &str,
-) -> PyResult<(Tensor, Tensor)> {
-    let opts = ce_options(ignore_index, label_smoothing, z_loss, reduction)?;
-    let (x, t) = (arr(logits)?, arr(targets)?);
-    let (loss, dx) = run(py, move || fast::cross_entropy_fused(&x, &t, &opts))?;
-    Ok((wrap(loss), wrap(dx)))
-}
-
-/// `cross_entropy_fused_in_place(logits, targets, ignore_index, label_smoothing, z_loss,
-/// reduction) -> loss`: writes `dlogits` over the logits' memory (see
-/// `fast::cross_entropy_fused_in_place_external`). `logits` must be a `Tensor` whose memory
-/// may be written ([`Tensor::writable`]: a result, or a producer's memory shared without a
-/// copy and not exported read-only); the `Tensor` gives its array up to the call and is
-/// empty afterwards. `ferrofast/fast.py` makes one for the call from a NumPy array, a
-/// PyTorch tensor or a CuPy array whose writability and address it checked.
-#[pyfunction]
-#[pyo3(signature = (logits, targets, ignore_index, label_smoothing, z_loss, reduction))]
-pub fn cross_entropy_fused_in_place(
-    py: Python<'_>,
-    logits: &Bound<'_, Tensor>,
-    targets: &Bound<'_, Tensor>,
-    ignore_index: Option<i64>,
-    label_smoothing: f32,
-    z_loss: f32,
-    reduction: &str,
-) -> PyResult<Tensor> {
-    let opts = ce_options(ignore_index, label_smoothing, z_loss, reduction)?;
-    if !logits.get().writable() {
-        return Err(PyValueError::new_err(
-            "[cross_entropy] The in-place pass writes the logits, but they are read-only or \
-             were copied on the way in (a read-only or misaligned array).",
-        ));
+cross_entropy_ops! {
+    /// `cross_entropy_with(logits, targets, ignore_index, label_smoothing, z_loss, reduction)`
+    /// (MLX's `cross_entropy` is the defaults: `None, 0.0, 0.0, "none"`).
+    fn cross_entropy_with(py, logits, targets; opts) -> Tensor {
+        let (x, t) = (arr(logits)?, arr(targets)?);
+        call(py, move || fast::cross_entropy_with(&x, &t, &opts))
     }
-    let t = arr(targets)?;
-    let x = logits.get().take()?;
-    let (loss, _dx) = run(py, move || {
-        // SAFETY: the logits' memory may be written (`Tensor::writable`: ferrofast's own
-        // buffer, or a producer's memory shared without a copy and not exported read-only),
-        // and the caller lends it for this call: the Python API (`fast.py`) documents that
-        // nobody else reads or writes the logits during the call, as for every input, and
-        // refuses producers whose arrays are immutable (JAX). On a GPU the write is queued
-        // on the producer's current stream, where its later work is ordered after it.
-        unsafe { fast::cross_entropy_fused_in_place_external(x, &t, &opts) }
-    })?;
-    Ok(wrap(loss))
-}
 
-// ----- gated_delta_update --------------------------------------------------------------------
+    /// `cross_entropy_vjp(logits, targets, cotangent, ignore_index, label_smoothing, z_loss,
+    /// reduction) -> dlogits`.
+    fn cross_entropy_vjp(py, logits, targets, cotangent; opts) -> Tensor {
+        let (x, t, g) = (arr(logits)?, arr(targets)?, arr(cotangent)?);
+        call(py, move || fast::cross_entropy_vjp(&x, &t, &opts, &g))
+    }
 
-/// `gated_delta_update(q, k, v, gamma, beta, initial_state, mask) -> (out, state)`.
-#[pyfunction]
-#[pyo3(signature = (q, k, v, gamma, beta, initial_state, mask))]
-#[allow(clippy::too_many_arguments)]
-pub fn gated_delta_update(
-    py: Python<'_>,
-    q: &Bound<'_, Tensor>,
-    k: &Bound<'_, Tensor>,
-    v: &Bound<'_, Tensor>,
-    gamma: &Bound<'_, Tensor>,
-    beta: &Bound<'_, Tensor>,
-    initial_state: Option<&Bound<'_, Tensor>>,
-    mask: Option<&Bound<'_, Tensor>>,
-) -> PyResult<(Tensor, Tensor)> {
-    let (q, k, v, g, b) = (arr(q)?, arr(k)?, arr(v)?, arr(gamma)?, arr(beta)?);
-    let (s0, m) = (opt(initial_state)?, opt(mask)?);
-    let (out, state) = run(py, move || {
-        fast::gated_delta_update(&q, &k, &v, &g, &b, s0.as_ref(), m.as_ref())
-    })?;
-    Ok((wrap(out), wrap(state)))
-}
+    /// `cross_entropy_fused(logits, targets, ignore_index, label_smoothing, z_loss, reduction)
+    /// -> (loss, dlogits)`.
+    fn cross_entropy_fused(py, logits, targets; opts) -> (Tensor, Tensor) {
+        let (x, t) = (arr(logits)?, arr(targets)?);
+        call(py, move || fast::cross_entropy_fused(&x, &t, &opts))
+    }
 
-/// The gradients of `gated_delta_update`: `(dq, dk, dv, dgamma, dbeta, dstate0 | None)`.
-type GatedDeltaGradsPy = (Tensor, Tensor, Tensor, Tensor, Tensor, Option<Tensor>);
-
-/// `gated_delta_update_vjp(q, k, v, gamma, beta, initial_state, mask, d_out, d_state)
-/// -> (dq, dk, dv, dgamma, dbeta, dstate0 | None)`.
-#[pyfunction]
-#[pyo3(signature = (q, k, v, gamma, beta, initial_state, mask, d_out, d_state))]
-#[allow(clippy::too_many_arguments)]
-pub fn gated_delta_update_vjp(
-    py: Python<'_>,
-    q: &Bound<'_, Tensor>,
-    k: &Bound<'_, Tensor>,
-    v: &Bound<'_, Tensor>,
-    gamma: &Bound<'_, Tensor>,
-    beta: &Bound<'_, Tensor>,
-    initial_state: Option<&Bound<'_, Tensor>>,
-    mask: Option<&Bound<'_, Tensor>>,
-    d_out: &Bound<'_, Tensor>,
-    d_state: Option<&Bound<'_, Tensor>>,
-) -> PyResult<GatedDeltaGradsPy> {
-    let (q, k, v, g, b) = (arr(q)?, arr(k)?, arr(v)?, arr(gamma)?, arr(beta)?);
-    let (s0, m, dout, ds) = (opt(initial_state)?, opt(mask)?, arr(d_out)?, opt(d_state)?);
-    let grads = run(py, move || {
-        fast::gated_delta_update_vjp(
-            &q,
-            &k,
-            &v,
-            &g,
-            &b,
-            s0.as_ref(),
-            m.as_ref(),
-            &dout,
-            ds.as_ref(),
-        )
-    })?;
-    Ok((
-        wrap(grads.dq),
-        wrap(grads.dk),
-        wrap(grads.dv),
-        wrap(grads.dgamma),
-        wrap(grads.dbeta),
-        wrap_opt(grads.dstate0),
-    ))
+    /// `cross_entropy_fused_in_place(logits, targets, ignore_index, label_smoothing, z_loss,
+    /// reduction) -> loss`: writes `dlogits` over the logits' memory (see
+    /// `fast::cross_entropy_fused_in_place_external`). `logits` must be a `Tensor` whose memory
+    /// may be written ([`Tensor::writable`]: a result, or a producer's memory shared without a
+    /// copy and not exported read-only); the `Tensor` gives its array up to the call and is
+    /// empty afterwards. `ferrofast/fast.py` makes one for the call from a NumPy array, a
+    /// PyTorch tensor or a CuPy array whose writability and address it checked.
+    fn cross_entropy_fused_in_place(py, logits, targets; opts) -> Tensor {
+        if !logits.get().writable() {
+            return Err(PyValueError::new_err(
+                "[cross_entropy] The in-place pass writes the logits, but they are read-only or \
+                 were copied on the way in (a read-only or misaligned array).",
+            ));
+        }
+        let t = arr(targets)?;
+        let x = logits.get().take()?;
+        let (loss, _dx) = run(py, move || {
+            // SAFETY: the logits' memory may be written (`Tensor::writable`: ferrofast's own
+            // buffer, or a producer's memory shared without a copy and not exported read-only),
+            // and the caller lends it for this call: the Python API (`fast.py`) documents that
+            // nobody else reads or writes the logits during the call, as for every input, and
+            // refuses producers whose arrays are immutable (JAX). On a GPU the write is queued
+            // on the producer's current stream, where its later work is ordered after it.
+            unsafe { fast::cross_entropy_fused_in_place_external(x, &t, &opts) }
+        })?;
+        Ok(loss.wrap())
+    }
 }
