@@ -253,45 +253,34 @@ impl Forward for Rope {
     const NAME: &'static str = "ferrofast-rope";
     fn forward(&self, a: &[Array], device: &candle_core::Device) -> Result<Array> {
         let b = Borrowed::new(device)?;
-        let dims = i32::try_from(self.dims).map_err(|_| {
-            candle_core::Error::Msg(format!("[rope] dims {} overflows i32", self.dims))
-        })?;
-        let offset_array = match &self.offset {
-            OwnedOffset::Tensor(t) => Some(b.array(t)?),
-            OwnedOffset::Int(_) => None,
+        let dims = ops::rope_dims(self.dims)?;
+        ops::with_rope_options(&b, &self.options(), |opts| {
+            fast::rope_with(arg(a, 0)?, dims, opts).map_err(ff_err)
+        })
+    }
+}
+
+impl Rope {
+    /// The op's options, borrowing its offset and freqs.
+    fn options(&self) -> RopeOptions<'_> {
+        let offset = match &self.offset {
+            OwnedOffset::Int(v) => Offset::Int(*v),
+            OwnedOffset::Tensor(t) => Offset::Tensor(t),
         };
-        let offset = match (&self.offset, &offset_array) {
-            (_, Some(a)) => fast::RopeOffset::Array(a),
-            (OwnedOffset::Int(v), None) => fast::RopeOffset::Int(*v),
-            (OwnedOffset::Tensor(_), None) => fast::RopeOffset::Int(0),
-        };
-        let freqs = self.freqs.as_ref().map(|t| b.array(t)).transpose()?;
-        let opts = fast::RopeOptions {
+        RopeOptions {
             traditional: self.traditional,
             base: self.base,
             scale: self.scale,
             offset,
-            freqs: freqs.as_ref(),
-        };
-        fast::rope_with(arg(a, 0)?, dims, &opts).map_err(ff_err)
+            freqs: self.freqs.as_ref(),
+        }
     }
 }
 
 impl CustomOp1 for Rope {
     forward_methods!(s, l);
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let offset = match &self.offset {
-            OwnedOffset::Int(v) => Offset::Int(*v),
-            OwnedOffset::Tensor(t) => Offset::Tensor(t),
-        };
-        let opts = RopeOptions {
-            traditional: self.traditional,
-            base: self.base,
-            scale: self.scale,
-            offset,
-            freqs: self.freqs.as_ref(),
-        };
-        Ok(Some(ops::rope_vjp(grad, self.dims, &opts)?))
+        Ok(Some(ops::rope_vjp(grad, self.dims, &self.options())?))
     }
 }
 

@@ -78,12 +78,53 @@ impl Default for RopeOptions<'_> {
     }
 }
 
-/// Runs `f` with a borrowing context on the first tensor's device; the tensors it borrows
-/// stay read-locked until `f` returns.
-fn on<'t, R>(first: &'t Tensor, f: impl FnOnce(&Borrowed<'t>) -> Result<R>) -> Result<R> {
+/// Runs `f` with a borrowing context on the first tensor's device and returns the arrays of
+/// its ferrofast result as tensors; the tensors it borrows stay read-locked until then.
+fn on<'t, R: IntoCandle>(
+    first: &'t Tensor,
+    f: impl FnOnce(&Borrowed<'t>) -> Result<R>,
+) -> Result<R::Candle> {
     let b = Borrowed::new(first.device())?;
-    f(&b)
+    f(&b)?.into_candle(&b)
 }
+
+/// A ferrofast result as candle tensors on the device of the call.
+trait IntoCandle {
+    /// The result with each array a tensor.
+    type Candle;
+    /// Converts each array.
+    fn into_candle(self, b: &Borrowed<'_>) -> Result<Self::Candle>;
+}
+
+impl IntoCandle for ferrofast::Array {
+    type Candle = Tensor;
+    fn into_candle(self, b: &Borrowed<'_>) -> Result<Tensor> {
+        b.tensor(self)
+    }
+}
+
+impl IntoCandle for Option<ferrofast::Array> {
+    type Candle = Option<Tensor>;
+    fn into_candle(self, b: &Borrowed<'_>) -> Result<Option<Tensor>> {
+        b.opt_tensor(self)
+    }
+}
+
+/// [`IntoCandle`] for tuples of results, element by element.
+macro_rules! into_candle_tuples {
+    ($(($($t:ident),+)),+) => {$(
+        impl<$($t: IntoCandle),+> IntoCandle for ($($t,)+) {
+            type Candle = ($($t::Candle,)+);
+            #[allow(non_snake_case)]
+            fn into_candle(self, b: &Borrowed<'_>) -> Result<Self::Candle> {
+                let ($($t,)+) = self;
+                Ok(($($t.into_candle(b)?,)+))
+            }
+        }
+    )+};
+}
+
+into_candle_tuples!((A, B), (A, B, C), (A, B, C, D));
 
 /// A `u8` tensor as a ferrofast bool mask (non-zero keeps the key).
 fn bool_mask<'t>(b: &Borrowed<'t>, t: &'t Tensor) -> Result<ferrofast::Array> {
@@ -115,6 +156,125 @@ pub(crate) fn ff_mask<'a>(mask: Mask<'_>, array: Option<&'a ferrofast::Array>) -
     }
 }
 
+/// Attention's forward arguments borrowed as arrays (the mask first, then `q`, `k`, `v` and
+/// the sinks), for one of ferrofast's attention functions.
+struct Attention<'t> {
+    q: ferrofast::Array,
+    k: ferrofast::Array,
+    v: ferrofast::Array,
+    mask: Mask<'t>,
+    mask_array: Option<ferrofast::Array>,
+    sinks: Option<ferrofast::Array>,
+}
+
+impl<'t> Attention<'t> {
+    fn borrow(
+        b: &Borrowed<'t>,
+        (q, k, v): (&'t Tensor, &'t Tensor, &'t Tensor),
+        mask: Mask<'t>,
+        sinks: Option<&'t Tensor>,
+    ) -> Result<Attention<'t>> {
+        let mask_array = mask_array(b, mask)?;
+        Ok(Attention {
+            q: b.array(q)?,
+            k: b.array(k)?,
+            v: b.array(v)?,
+            mask,
+            mask_array,
+            sinks: b.opt(sinks)?,
+        })
+    }
+
+    /// Runs `f` (ferrofast's attention function, any further arguments bound) on the
+    /// arguments.
+    fn run<R>(
+        &self,
+        scale: f32,
+        f: impl FnOnce(
+            &ferrofast::Array,
+            &ferrofast::Array,
+            &ferrofast::Array,
+            f32,
+            fast::Mask<'_>,
+            Option<&ferrofast::Array>,
+        ) -> ferrofast::Result<R>,
+    ) -> Result<R> {
+        let mask = ff_mask(self.mask, self.mask_array.as_ref());
+        f(&self.q, &self.k, &self.v, scale, mask, self.sinks.as_ref()).map_err(ff_err)
+    }
+}
+
+/// The gated delta rule's forward arguments borrowed as arrays, in their order.
+struct GatedDelta {
+    q: ferrofast::Array,
+    k: ferrofast::Array,
+    v: ferrofast::Array,
+    gamma: ferrofast::Array,
+    beta: ferrofast::Array,
+    initial_state: Option<ferrofast::Array>,
+    mask: Option<ferrofast::Array>,
+}
+
+/// The tensors of the gated delta rule's forward (`q`, `k`, `v`, `gamma`, `beta`,
+/// `initial_state`, `mask`).
+type GatedDeltaTensors<'t> = (
+    &'t Tensor,
+    &'t Tensor,
+    &'t Tensor,
+    &'t Tensor,
+    &'t Tensor,
+    Option<&'t Tensor>,
+    Option<&'t Tensor>,
+);
+
+impl GatedDelta {
+    fn borrow<'t>(b: &Borrowed<'t>, tensors: GatedDeltaTensors<'t>) -> Result<GatedDelta> {
+        let (q, k, v, gamma, beta, initial_state, mask) = tensors;
+        Ok(GatedDelta {
+            q: b.array(q)?,
+            k: b.array(k)?,
+            v: b.array(v)?,
+            gamma: b.array(gamma)?,
+            beta: b.array(beta)?,
+            initial_state: b.opt(initial_state)?,
+            mask: b.opt(mask)?,
+        })
+    }
+
+    /// Runs `f` (ferrofast's gated delta function, any further arguments bound) on the
+    /// arguments.
+    #[allow(clippy::type_complexity)]
+    fn run<R>(
+        &self,
+        f: impl FnOnce(
+            &ferrofast::Array,
+            &ferrofast::Array,
+            &ferrofast::Array,
+            &ferrofast::Array,
+            &ferrofast::Array,
+            Option<&ferrofast::Array>,
+            Option<&ferrofast::Array>,
+        ) -> ferrofast::Result<R>,
+    ) -> Result<R> {
+        let (s0, mask) = (self.initial_state.as_ref(), self.mask.as_ref());
+        f(&self.q, &self.k, &self.v, &self.gamma, &self.beta, s0, mask).map_err(ff_err)
+    }
+}
+
+impl IntoCandle for fast::GatedDeltaGrads {
+    type Candle = GatedDeltaGrads;
+    fn into_candle(self, b: &Borrowed<'_>) -> Result<GatedDeltaGrads> {
+        Ok(GatedDeltaGrads {
+            dq: b.tensor(self.dq)?,
+            dk: b.tensor(self.dk)?,
+            dv: b.tensor(self.dv)?,
+            dgamma: b.tensor(self.dgamma)?,
+            dbeta: b.tensor(self.dbeta)?,
+            dstate0: b.opt_tensor(self.dstate0)?,
+        })
+    }
+}
+
 fn ff_offset<'t>(b: &Borrowed<'t>, offset: Offset<'t>) -> Result<(i64, Option<ferrofast::Array>)> {
     Ok(match offset {
         Offset::Int(v) => (v, None),
@@ -131,8 +291,7 @@ fn ff_offset<'t>(b: &Borrowed<'t>, offset: Offset<'t>) -> Result<(i64, Option<fe
 /// different devices; dtypes ferrofast lacks.
 pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor> {
     on(x, |b| {
-        let out = fast::rms_norm(&b.array(x)?, b.opt(weight)?.as_ref(), eps).map_err(ff_err)?;
-        b.tensor(out)
+        fast::rms_norm(&b.array(x)?, b.opt(weight)?.as_ref(), eps).map_err(ff_err)
     })
 }
 
@@ -148,14 +307,8 @@ pub fn rms_norm_vjp(
     cotangent: &Tensor,
 ) -> Result<(Tensor, Option<Tensor>)> {
     on(x, |b| {
-        let (dx, dw) = fast::rms_norm_vjp(
-            &b.array(x)?,
-            b.opt(weight)?.as_ref(),
-            eps,
-            &b.array(cotangent)?,
-        )
-        .map_err(ff_err)?;
-        Ok((b.tensor(dx)?, b.opt_tensor(dw)?))
+        let (x, w) = (b.array(x)?, b.opt(weight)?);
+        fast::rms_norm_vjp(&x, w.as_ref(), eps, &b.array(cotangent)?).map_err(ff_err)
     })
 }
 
@@ -170,14 +323,8 @@ pub fn layer_norm(
     eps: f32,
 ) -> Result<Tensor> {
     on(x, |b| {
-        let out = fast::layer_norm(
-            &b.array(x)?,
-            b.opt(weight)?.as_ref(),
-            b.opt(bias)?.as_ref(),
-            eps,
-        )
-        .map_err(ff_err)?;
-        b.tensor(out)
+        let (x, w, bias) = (b.array(x)?, b.opt(weight)?, b.opt(bias)?);
+        fast::layer_norm(&x, w.as_ref(), bias.as_ref(), eps).map_err(ff_err)
     })
 }
 
@@ -197,43 +344,56 @@ pub fn layer_norm_vjp(
     cotangent: &Tensor,
 ) -> Result<LayerNormGrads> {
     on(x, |b| {
-        let (dx, dw, db) = fast::layer_norm_vjp(
-            &b.array(x)?,
-            b.opt(weight)?.as_ref(),
-            b.opt(bias)?.as_ref(),
-            eps,
-            &b.array(cotangent)?,
-        )
-        .map_err(ff_err)?;
-        Ok((b.tensor(dx)?, b.opt_tensor(dw)?, b.opt_tensor(db)?))
+        let (x, w, bias, g) = (
+            b.array(x)?,
+            b.opt(weight)?,
+            b.opt(bias)?,
+            b.array(cotangent)?,
+        );
+        fast::layer_norm_vjp(&x, w.as_ref(), bias.as_ref(), eps, &g).map_err(ff_err)
+    })
+}
+
+/// Rope's `dims` as ferrofast takes it.
+pub(crate) fn rope_dims(dims: usize) -> Result<i32> {
+    i32::try_from(dims)
+        .map_err(|_| candle_core::Error::Msg(format!("[rope] dims {dims} overflows i32")))
+}
+
+/// Runs `f` with `options` as ferrofast's rope options (the offset and freqs tensors
+/// borrowed, in that order).
+pub(crate) fn with_rope_options<'t, R>(
+    b: &Borrowed<'t>,
+    options: &RopeOptions<'t>,
+    f: impl FnOnce(&fast::RopeOptions<'_>) -> Result<R>,
+) -> Result<R> {
+    let (int_offset, offset_array) = ff_offset(b, options.offset)?;
+    let offset = match &offset_array {
+        Some(a) => fast::RopeOffset::Array(a),
+        None => fast::RopeOffset::Int(int_offset),
+    };
+    let freqs = b.opt(options.freqs)?;
+    f(&fast::RopeOptions {
+        traditional: options.traditional,
+        base: options.base,
+        scale: options.scale,
+        offset,
+        freqs: freqs.as_ref(),
     })
 }
 
 fn rope_impl(x: &Tensor, dims: usize, options: &RopeOptions<'_>, vjp: bool) -> Result<Tensor> {
-    let dims = i32::try_from(dims)
-        .map_err(|_| candle_core::Error::Msg(format!("[rope] dims {dims} overflows i32")))?;
+    let dims = rope_dims(dims)?;
     on(x, |b| {
-        let (int_offset, offset_array) = ff_offset(b, options.offset)?;
-        let offset = match &offset_array {
-            Some(a) => fast::RopeOffset::Array(a),
-            None => fast::RopeOffset::Int(int_offset),
-        };
-        let freqs = b.opt(options.freqs)?;
-        let opts = fast::RopeOptions {
-            traditional: options.traditional,
-            base: options.base,
-            scale: options.scale,
-            offset,
-            freqs: freqs.as_ref(),
-        };
-        let a = b.array(x)?;
-        let out = if vjp {
-            fast::rope_vjp_with(&a, dims, &opts)
-        } else {
-            fast::rope_with(&a, dims, &opts)
-        }
-        .map_err(ff_err)?;
-        b.tensor(out)
+        with_rope_options(b, options, |opts| {
+            let a = b.array(x)?;
+            if vjp {
+                fast::rope_vjp_with(&a, dims, opts)
+            } else {
+                fast::rope_with(&a, dims, opts)
+            }
+            .map_err(ff_err)
+        })
     })
 }
 
@@ -273,17 +433,7 @@ pub fn scaled_dot_product_attention(
     sinks: Option<&Tensor>,
 ) -> Result<Tensor> {
     on(q, |b| {
-        let m = mask_array(b, mask)?;
-        let out = fast::scaled_dot_product_attention(
-            &b.array(q)?,
-            &b.array(k)?,
-            &b.array(v)?,
-            scale,
-            ff_mask(mask, m.as_ref()),
-            b.opt(sinks)?.as_ref(),
-        )
-        .map_err(ff_err)?;
-        b.tensor(out)
+        Attention::borrow(b, (q, k, v), mask, sinks)?.run(scale, fast::scaled_dot_product_attention)
     })
 }
 
@@ -301,17 +451,8 @@ pub fn scaled_dot_product_attention_with_lse(
     sinks: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     on(q, |b| {
-        let m = mask_array(b, mask)?;
-        let (out, lse) = fast::scaled_dot_product_attention_with_lse(
-            &b.array(q)?,
-            &b.array(k)?,
-            &b.array(v)?,
-            scale,
-            ff_mask(mask, m.as_ref()),
-            b.opt(sinks)?.as_ref(),
-        )
-        .map_err(ff_err)?;
-        Ok((b.tensor(out)?, b.tensor(lse)?))
+        Attention::borrow(b, (q, k, v), mask, sinks)?
+            .run(scale, fast::scaled_dot_product_attention_with_lse)
     })
 }
 
@@ -338,25 +479,11 @@ pub fn scaled_dot_product_attention_vjp(
     d_out: &Tensor,
 ) -> Result<AttentionGrads> {
     on(q, |b| {
-        let m = mask_array(b, mask)?;
-        let (dq, dk, dv, ds) = fast::scaled_dot_product_attention_vjp(
-            &b.array(q)?,
-            &b.array(k)?,
-            &b.array(v)?,
-            scale,
-            ff_mask(mask, m.as_ref()),
-            b.opt(sinks)?.as_ref(),
-            &b.array(out)?,
-            &b.array(lse)?,
-            &b.array(d_out)?,
-        )
-        .map_err(ff_err)?;
-        Ok((
-            b.tensor(dq)?,
-            b.tensor(dk)?,
-            b.tensor(dv)?,
-            b.opt_tensor(ds)?,
-        ))
+        let fwd = Attention::borrow(b, (q, k, v), mask, sinks)?;
+        let (out, lse, d_out) = (b.array(out)?, b.array(lse)?, b.array(d_out)?);
+        fwd.run(scale, |q, k, v, scale, mask, sinks| {
+            fast::scaled_dot_product_attention_vjp(q, k, v, scale, mask, sinks, &out, &lse, &d_out)
+        })
     })
 }
 
@@ -385,14 +512,13 @@ pub fn merge_attention_states(
     lse_b: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     on(out_a, |b| {
-        let (out, lse) = fast::merge_attention_states(
-            &b.array(out_a)?,
-            &b.array(lse_a)?,
-            &b.array(out_b)?,
-            &b.array(lse_b)?,
-        )
-        .map_err(ff_err)?;
-        Ok((b.tensor(out)?, b.tensor(lse)?))
+        let (oa, la, ob, lb) = (
+            b.array(out_a)?,
+            b.array(lse_a)?,
+            b.array(out_b)?,
+            b.array(lse_b)?,
+        );
+        fast::merge_attention_states(&oa, &la, &ob, &lb).map_err(ff_err)
     })
 }
 
@@ -409,9 +535,7 @@ pub fn cross_entropy(
     options: &CrossEntropyOptions,
 ) -> Result<Tensor> {
     on(logits, |b| {
-        let out = fast::cross_entropy_with(&b.array(logits)?, &b.array(targets)?, options)
-            .map_err(ff_err)?;
-        b.tensor(out)
+        fast::cross_entropy_with(&b.array(logits)?, &b.array(targets)?, options).map_err(ff_err)
     })
 }
 
@@ -427,14 +551,8 @@ pub fn cross_entropy_vjp(
     cotangent: &Tensor,
 ) -> Result<Tensor> {
     on(logits, |b| {
-        let out = fast::cross_entropy_vjp(
-            &b.array(logits)?,
-            &b.array(targets)?,
-            options,
-            &b.array(cotangent)?,
-        )
-        .map_err(ff_err)?;
-        b.tensor(out)
+        let (x, t, g) = (b.array(logits)?, b.array(targets)?, b.array(cotangent)?);
+        fast::cross_entropy_vjp(&x, &t, options, &g).map_err(ff_err)
     })
 }
 
@@ -449,9 +567,7 @@ pub fn cross_entropy_fused(
     options: &CrossEntropyOptions,
 ) -> Result<(Tensor, Tensor)> {
     on(logits, |b| {
-        let (loss, d) = fast::cross_entropy_fused(&b.array(logits)?, &b.array(targets)?, options)
-            .map_err(ff_err)?;
-        Ok((b.tensor(loss)?, b.tensor(d)?))
+        fast::cross_entropy_fused(&b.array(logits)?, &b.array(targets)?, options).map_err(ff_err)
     })
 }
 
@@ -472,18 +588,9 @@ pub fn gated_delta_update(
     initial_state: Option<&Tensor>,
     mask: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
+    let tensors = (q, k, v, gamma, beta, initial_state, mask);
     on(q, |b| {
-        let (out, state) = fast::gated_delta_update(
-            &b.array(q)?,
-            &b.array(k)?,
-            &b.array(v)?,
-            &b.array(gamma)?,
-            &b.array(beta)?,
-            b.opt(initial_state)?.as_ref(),
-            b.opt(mask)?.as_ref(),
-        )
-        .map_err(ff_err)?;
-        Ok((b.tensor(out)?, b.tensor(state)?))
+        GatedDelta::borrow(b, tensors)?.run(fast::gated_delta_update)
     })
 }
 
@@ -521,26 +628,12 @@ pub fn gated_delta_update_vjp(
     d_out: &Tensor,
     d_state: Option<&Tensor>,
 ) -> Result<GatedDeltaGrads> {
+    let tensors = (q, k, v, gamma, beta, initial_state, mask);
     on(q, |b| {
-        let g = fast::gated_delta_update_vjp(
-            &b.array(q)?,
-            &b.array(k)?,
-            &b.array(v)?,
-            &b.array(gamma)?,
-            &b.array(beta)?,
-            b.opt(initial_state)?.as_ref(),
-            b.opt(mask)?.as_ref(),
-            &b.array(d_out)?,
-            b.opt(d_state)?.as_ref(),
-        )
-        .map_err(ff_err)?;
-        Ok(GatedDeltaGrads {
-            dq: b.tensor(g.dq)?,
-            dk: b.tensor(g.dk)?,
-            dv: b.tensor(g.dv)?,
-            dgamma: b.tensor(g.dgamma)?,
-            dbeta: b.tensor(g.dbeta)?,
-            dstate0: b.opt_tensor(g.dstate0)?,
+        let fwd = GatedDelta::borrow(b, tensors)?;
+        let (d_out, d_state) = (b.array(d_out)?, b.opt(d_state)?);
+        fwd.run(|q, k, v, gamma, beta, s0, mask| {
+            fast::gated_delta_update_vjp(q, k, v, gamma, beta, s0, mask, &d_out, d_state.as_ref())
         })
     })
 }
