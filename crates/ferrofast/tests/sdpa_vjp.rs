@@ -185,6 +185,65 @@ fn f64_calls_compute_in_f64() {
     assert_eq!(lse.dtype(), DType::F64);
 }
 
+/// The CPU forward splits the keys into ranges merged afterwards when it has more threads
+/// than tasks (few kv heads, few queries): its log-sum-exp, and the backward that reads it,
+/// must not depend on the thread count. Each case runs in pools of 1, 2, 4 and 16 threads
+/// (shapes over 2^22 multiply-adds, so the forward is not kept on the calling thread).
+#[test]
+fn cpu_results_do_not_depend_on_the_thread_count() {
+    let cases = [
+        ((1, 8, 2, 300, 333, 64, 64), DType::BF16, false, Mask::None),
+        ((1, 4, 1, 3, 4000, 128, 128), DType::F32, true, Mask::None),
+        ((1, 4, 1, 70, 2100, 64, 64), DType::F32, false, Mask::Causal),
+    ];
+    for (i, (dims, dtype, sinks, mask)) in cases.into_iter().enumerate() {
+        let p = problem(dims, dtype, sinks, 700 + i as u64);
+        let (_, want_lse) = reference::scaled_dot_product_attention_with_lse(
+            &p.q,
+            &p.k,
+            &p.v,
+            p.scale,
+            mask,
+            p.sinks.as_ref(),
+        )
+        .unwrap();
+        // The backward over the one-thread forward's results, per pool: its tasks own what
+        // they write, so its gradients are bit-equal for every pool.
+        let mut first: Option<((Array, Array), Vec<Vec<f64>>)> = None;
+        for threads in [1, 2, 4, 16] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let what = format!("{dtype} {dims:?} {mask:?} on {threads} threads");
+            pool.install(|| {
+                let (out, lse, _) = fast_grads(&p, mask, &Device::Cpu);
+                check_close(&lse, &want_lse, 2e-5, 2e-6, &format!("{what}: lse"));
+                check(&p, mask, &Device::Cpu, &what);
+                let (o1, l1) = first.as_ref().map_or((&out, &lse), |f| (&f.0 .0, &f.0 .1));
+                let g = fast::scaled_dot_product_attention_vjp(
+                    &p.q,
+                    &p.k,
+                    &p.v,
+                    p.scale,
+                    mask,
+                    p.sinks.as_ref(),
+                    o1,
+                    l1,
+                    &p.d_out,
+                )
+                .unwrap();
+                let got: Vec<Vec<f64>> =
+                    [&g.0, &g.1, &g.2].map(|a| a.to_f64_vec().unwrap()).to_vec();
+                match &first {
+                    None => first = Some(((out.clone(), lse.clone()), got)),
+                    Some(f) => assert_eq!(f.1, got, "{what}: gradients differ"),
+                }
+            });
+        }
+    }
+}
+
 #[test]
 fn asking_for_the_mask_gradient_is_mlx_s_error() {
     assert!(fast::scaled_dot_product_attention_vjp_check_targets(false).is_ok());

@@ -1524,6 +1524,7 @@ impl<T: Elem> Ctx<'_, T> {
                     *o = *o + a * w;
                 }
             }
+            merged.m[row] = mx;
             merged.l[row] = l;
         }
         self.finish(&merged, pieces);
