@@ -1,6 +1,6 @@
 //! Launchers of the attention backward pass: `kernels/attn_backward_sm90.cu` on Hopper's
-//! warpgroup MMAs (compute capability 9.0, f16 / bf16, `D = D_v` in {64, 128}, opt-in:
-//! [`sm90`]),
+//! warpgroup MMAs (compute capability 9.0, f16 / bf16, `D = D_v = 128` by default and 64
+//! on request: [`sm90`]),
 //! `kernels/attn_backward_mma.cu` on the tensor cores with `mma.sync` (f16 / bf16, the head
 //! dims of [`mma_tiles`]) and `kernels/attn_backward.cu` on the SIMT cores (every other
 //! case), chosen by [`super::select::select_backward`]. Both start

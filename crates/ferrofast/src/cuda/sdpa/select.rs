@@ -84,8 +84,11 @@ pub(crate) struct Knobs {
     pub(crate) decode_simt_only: bool,
     /// `FERROFAST_BACKWARD_KERNEL=simt`: the attention backward on the SIMT kernels.
     pub(crate) backward_simt_only: bool,
-    /// `FERROFAST_BACKWARD_KERNEL=sm90`: the attention backward on the Hopper kernels where
-    /// they apply (opt-in until they have run on a GPU).
+    /// `FERROFAST_BACKWARD_KERNEL=mma`: the attention backward never on the Hopper kernels.
+    pub(crate) backward_mma_only: bool,
+    /// `FERROFAST_BACKWARD_KERNEL=sm90`: the attention backward on the Hopper kernels for
+    /// every head dim they take (by default only `D = D_v = 128`, where they are faster
+    /// than `mma.sync`).
     pub(crate) backward_sm90: bool,
 }
 
@@ -93,8 +96,8 @@ pub(crate) struct Knobs {
 pub(crate) const PREFILL_KERNEL_KNOB: &str = "FERROFAST_PREFILL_KERNEL";
 /// The environment variable that keeps decode off the tensor cores (`simt`).
 pub(crate) const DECODE_KERNEL_KNOB: &str = "FERROFAST_DECODE_KERNEL";
-/// The environment variable that sends the attention backward to the Hopper kernels (`sm90`)
-/// or keeps it off the tensor cores (`simt`).
+/// The environment variable that sends the attention backward to the Hopper kernels for every
+/// head dim they take (`sm90`), keeps it off them (`mma`) or off the tensor cores (`simt`).
 pub(crate) const BACKWARD_KERNEL_KNOB: &str = "FERROFAST_BACKWARD_KERNEL";
 
 impl Knobs {
@@ -108,6 +111,7 @@ impl Knobs {
             prefill_mma_only: is(PREFILL_KERNEL_KNOB, "mma"),
             decode_simt_only: is(DECODE_KERNEL_KNOB, "simt"),
             backward_simt_only: is(BACKWARD_KERNEL_KNOB, "simt"),
+            backward_mma_only: is(BACKWARD_KERNEL_KNOB, "mma"),
             backward_sm90: is(BACKWARD_KERNEL_KNOB, "sm90"),
         }
     }
@@ -162,7 +166,8 @@ pub(crate) fn select(p: &Problem, arch: &str, knobs: Knobs) -> Kernel {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum BackwardKernel {
     /// `attn_backward_sm90.cu` (TMA, wgmma; compute capability 9.0 only): f16 / bf16,
-    /// `D = D_v` in {64, 128}, every mask kind and sinks; only with the `sm90` knob.
+    /// `D = D_v` in {64, 128}, every mask kind and sinks; by default for `D = 128` only
+    /// (at `D = 64` the `mma.sync` kernels are as fast), for both with the `sm90` knob.
     Sm90,
     /// `attn_backward_mma.cu` (`mma.sync`): f16 / bf16, `(D, D_v)` in its table.
     Mma,
@@ -180,7 +185,9 @@ pub(crate) fn select_backward(p: &Problem, arch: &str, knobs: Knobs) -> Backward
         && p.batch <= 65535;
     if arch == "sm_90"
         && p.half_precision()
-        && knobs.backward_sm90
+        && !knobs.backward_simt_only
+        && !knobs.backward_mma_only
+        && (knobs.backward_sm90 || p.d == 128)
         && super::backward::sm90_takes(p.d, p.d_v)
         && grid_fits
     {
@@ -225,6 +232,7 @@ mod tests {
         prefill_mma_only: false,
         decode_simt_only: false,
         backward_simt_only: false,
+        backward_mma_only: false,
         backward_sm90: false,
     };
     use Kernel::*;
@@ -382,40 +390,55 @@ mod tests {
 
     #[test]
     fn hopper_backward_rows() {
-        // Hopper with the opt-in knob: f16 / bf16, D = D_v in {64, 128}, every mask kind
-        // and sinks; without the knob, mma.sync.
+        // Hopper: f16 / bf16, D = D_v = 128 by default, D = D_v in {64, 128} with the sm90
+        // knob; every mask kind and sinks. The mma knob keeps both on mma.sync.
         let sm90 = Knobs {
             backward_sm90: true,
             ..NO
         };
+        let mma = Knobs {
+            backward_mma_only: true,
+            ..NO
+        };
         for d in [64, 128] {
+            let default = if d == 128 {
+                BackwardKernel::Sm90
+            } else {
+                BackwardKernel::Mma
+            };
             for dt in [F16, BF16] {
                 for tq in [1, 4096] {
                     let mut prob = p(dt, tq, d, d);
                     assert_eq!(select_backward(&prob, "sm_90", sm90), BackwardKernel::Sm90);
+                    assert_eq!(select_backward(&prob, "sm_90", NO), default);
                     prob.array_mask = true;
                     prob.sinks = true;
                     assert_eq!(select_backward(&prob, "sm_90", sm90), BackwardKernel::Sm90);
+                    assert_eq!(select_backward(&prob, "sm_90", NO), default);
                     // sm_90a (not a device's name) and other architectures: mma.sync.
-                    assert_eq!(select_backward(&prob, "sm_90a", sm90), BackwardKernel::Mma);
-                    assert_eq!(select_backward(&prob, "sm_89", sm90), BackwardKernel::Mma);
+                    for knobs in [NO, sm90] {
+                        assert_eq!(select_backward(&prob, "sm_90a", knobs), BackwardKernel::Mma);
+                        assert_eq!(select_backward(&prob, "sm_89", knobs), BackwardKernel::Mma);
+                    }
                 }
                 assert_eq!(
-                    select_backward(&p(dt, 4096, d, d), "sm_90", NO),
+                    select_backward(&p(dt, 4096, d, d), "sm_90", mma),
                     BackwardKernel::Mma
                 );
             }
         }
         // Other head dims in the mma.sync table stay there on Hopper.
         for (d, dv) in [(80, 80), (96, 96), (192, 128), (256, 256)] {
-            assert_eq!(
-                select_backward(&p(BF16, 4096, d, dv), "sm_90", sm90),
-                BackwardKernel::Mma
-            );
+            for knobs in [NO, sm90] {
+                assert_eq!(
+                    select_backward(&p(BF16, 4096, d, dv), "sm_90", knobs),
+                    BackwardKernel::Mma
+                );
+            }
         }
         // f32: SIMT on Hopper too.
         assert_eq!(
-            select_backward(&p(F32, 4096, 128, 128), "sm_90", sm90),
+            select_backward(&p(F32, 4096, 128, 128), "sm_90", NO),
             BackwardKernel::Simt
         );
     }

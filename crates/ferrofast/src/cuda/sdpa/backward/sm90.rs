@@ -4,9 +4,9 @@
 //! grouped-query heads). The delta and dsinks kernels around them are the ones every
 //! backward shares (`super::run_tiles`).
 //!
-//! Opt-in (`FERROFAST_BACKWARD_KERNEL=sm90`, `super::super::select::select_backward`): the
-//! kernels are compile-checked with NVRTC and their selection is unit-tested, but they have
-//! not yet run on a GPU, so the default backward on Hopper stays on `mma.sync`.
+//! `super::super::select::select_backward` gives them `D = D_v = 128` by default (faster
+//! than `mma.sync` there: `docs/perf-notes.md`) and `D = 64` too with
+//! `FERROFAST_BACKWARD_KERNEL=sm90` (at 64 the two are about as fast).
 //!
 //! Inputs are read through tensor maps (`super::super::prefill_sm90::tensor_map`): in place
 //! when a map can describe them (last axis contiguous, 16-byte aligned rows, non-negative
