@@ -209,7 +209,9 @@ fn cpu_results_do_not_depend_on_the_thread_count() {
         .unwrap();
         // The backward over the one-thread forward's results, per pool: its tasks own what
         // they write, so its gradients are bit-equal for every pool.
-        let mut first: Option<((Array, Array), Vec<Vec<f64>>)> = None;
+        /// The first pool's forward `(out, lse)` and its gradients as f64.
+        type FirstRun = ((Array, Array), Vec<Vec<f64>>);
+        let mut first: Option<FirstRun> = None;
         for threads in [1, 2, 4, 16] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)

@@ -33,10 +33,9 @@ mod portable;
 mod tests;
 
 #[cfg(target_arch = "x86_64")]
-use super::simd::has_avx2_fma_f16c;
-use super::simd::{bf16_bits_rne, bf16_widen, f16_to_f32, f32_to_f16};
+use super::simd::{has_avx2_fma_f16c, Widen};
 use crate::array::{host_pool, Array};
-use crate::dtype::{DType, Element};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::cross_entropy::{
     CrossEntropyArgs, CrossEntropyVjpArgs, Reduction, RowParams, Target,
@@ -217,44 +216,11 @@ fn row_layout(x: &Array) -> (Vec<isize>, isize) {
 
 // ----- f32 / f16 / bf16 logits, f32 arithmetic ------------------------------------------
 
-/// A logit element type computed in f32.
-pub(super) trait Logit: Element {
-    fn widen(self) -> f32;
-    fn narrow(v: f32) -> Self;
-}
+/// A logit element type computed in f32: a [`Widen`] dtype whose compute type is f32 (f32,
+/// f16, bf16). Implemented for every such type; adds nothing to [`Widen`].
+pub(super) trait Logit: Widen<C = f32> {}
 
-impl Logit for f32 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn narrow(v: f32) -> f32 {
-        v
-    }
-}
-
-impl Logit for bf16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        bf16_widen(self.to_bits())
-    }
-    #[inline(always)]
-    fn narrow(v: f32) -> bf16 {
-        bf16::from_bits(bf16_bits_rne(v))
-    }
-}
-
-impl Logit for f16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f16_to_f32(self.to_bits())
-    }
-    #[inline(always)]
-    fn narrow(v: f32) -> f16 {
-        f16::from_bits(f32_to_f16(v))
-    }
-}
+impl<T: Widen<C = f32>> Logit for T {}
 
 /// The row kernels' element types: [`Logit`]s with an AVX2 and an AVX-512 form on x86-64.
 #[cfg(target_arch = "x86_64")]

@@ -12,7 +12,7 @@
 //! run time). The parts are read in place through their strides; rows whose feature axis
 //! has unit stride are read as slices.
 
-use super::simd::{bf16_bits_rne, bf16_widen, f16_to_f32, f32_to_f16, has_avx2_fma};
+use super::simd::{has_avx2_fma, Widen};
 use crate::array::{host_pool, Array};
 use crate::ops::merge::{row_factors_f32, row_factors_f64, MergeArgs, MIN_LOG_WEIGHT};
 use crate::{DType, Element, Error, Result};
@@ -117,56 +117,6 @@ fn ln_1p_unit(w: f32) -> f32 {
 /// Rows whose factors one pass computes together.
 const FACTOR_ROWS: usize = 64;
 
-/// An output element type and its conversions to and from the arithmetic type `C`.
-trait Elem<C>: Element {
-    fn widen(self) -> C;
-    fn narrow(v: C) -> Self;
-}
-
-impl Elem<f32> for f32 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn narrow(v: f32) -> f32 {
-        v
-    }
-}
-
-impl Elem<f32> for bf16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        bf16_widen(self.to_bits())
-    }
-    #[inline(always)]
-    fn narrow(v: f32) -> bf16 {
-        bf16::from_bits(bf16_bits_rne(v))
-    }
-}
-
-impl Elem<f32> for f16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f16_to_f32(self.to_bits())
-    }
-    #[inline(always)]
-    fn narrow(v: f32) -> f16 {
-        f16::from_bits(f32_to_f16(v))
-    }
-}
-
-impl Elem<f64> for f64 {
-    #[inline(always)]
-    fn widen(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn narrow(v: f64) -> f64 {
-        v
-    }
-}
-
 /// Runs a validated `merge_attention_states` call on the CPU: `(out, lse)`, both new
 /// row-major arrays.
 pub(crate) fn run(args: &MergeArgs) -> Result<(Array, Array)> {
@@ -224,7 +174,7 @@ impl<'a, T: Element> View<'a, T> {
     }
 }
 
-fn merge_typed<T: Elem<C>, C: Compute>(args: &MergeArgs) -> Result<(Array, Array)> {
+fn merge_typed<T: Widen<C = C>, C: Compute>(args: &MergeArgs) -> Result<(Array, Array)> {
     let [bn, hn, tn, dv] = args.shape;
     let rows = bn * hn * tn;
     let mut out = host_pool::take_or_zeroed::<T>(rows * dv)?;
@@ -300,7 +250,14 @@ fn merge_typed<T: Elem<C>, C: Compute>(args: &MergeArgs) -> Result<(Array, Array
 
 /// One row from unit-stride parts: `o = c_a a + c_b b`, a part with factor 0 not read.
 #[inline]
-fn row_slices<T: Elem<C>, C: Compute>(o: &mut [T], ca: C, a: &[T], cb: C, b: &[T], avx2: bool) {
+fn row_slices<T: Widen<C = C>, C: Compute>(
+    o: &mut [T],
+    ca: C,
+    a: &[T],
+    cb: C,
+    b: &[T],
+    avx2: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma`, checked by the caller).
@@ -316,12 +273,18 @@ fn row_slices<T: Elem<C>, C: Compute>(o: &mut [T], ca: C, a: &[T], cb: C, b: &[T
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_slices_avx2<T: Elem<C>, C: Compute>(o: &mut [T], ca: C, a: &[T], cb: C, b: &[T]) {
+unsafe fn row_slices_avx2<T: Widen<C = C>, C: Compute>(
+    o: &mut [T],
+    ca: C,
+    a: &[T],
+    cb: C,
+    b: &[T],
+) {
     row_slices_generic(o, ca, a, cb, b)
 }
 
 #[inline(always)]
-fn row_slices_generic<T: Elem<C>, C: Compute>(o: &mut [T], ca: C, a: &[T], cb: C, b: &[T]) {
+fn row_slices_generic<T: Widen<C = C>, C: Compute>(o: &mut [T], ca: C, a: &[T], cb: C, b: &[T]) {
     match (ca == C::ZERO, cb == C::ZERO) {
         (true, true) => o.fill(T::narrow(C::ZERO)),
         (false, true) => {

@@ -18,7 +18,7 @@
 //! Everything else takes the portable row loop, compiled twice, for baseline x86-64 and for
 //! AVX2, and picked at run time.
 
-use super::simd::{bf16_bits_rne_unchecked, bf16_round, bf16_round_unchecked, has_avx2};
+use super::simd::{bf16_bits_rne_unchecked, bf16_round_unchecked, has_avx2, Widen};
 use crate::array::{dispatch_dtype, host_pool, Array};
 use crate::dtype::{DType, Element, Float};
 use crate::error::{Error, Result};
@@ -149,7 +149,7 @@ fn param_values<T: NormFloat>(a: &Array) -> Result<Vec<T::C>> {
         // conversion through f64 costs more than the whole op on a single row).
         if a.device() == Device::Cpu {
             if let Some(s) = a.contiguous_slice::<T>()? {
-                return T::widen_params(s);
+                return host_pool::map(s, T::widen);
             }
         }
         return host_pool::map(&a.to_vec::<T>()?, T::widen);
@@ -579,20 +579,19 @@ fn write_affine<E: Copy, C: Acc, T>(
     }
 }
 
-/// An output dtype of the norm kernels, with its compute type and conversions.
-trait NormFloat: Float {
-    /// The accumulation and arithmetic type.
-    type C: Acc;
-
+/// An output dtype of the norm kernels: a [`Widen`] float whose compute type is an [`Acc`]
+/// (f32, or f64 for f64), with the row reading and writing that differ per dtype.
+trait NormFloat: Float + Widen<C: Acc> {
     /// How a contiguous row is read: in place, widening each element as it is used, where
-    /// widening is a register op (f32, f64, bf16); f16 widening per element is a library
-    /// call, so an f16 row is converted into `scratch` with one slice conversion instead.
+    /// that vectorises well (f32, f64, bf16); an f16 row is converted into `scratch` with
+    /// one slice conversion ([`Widen::widen_slice`], F16C where the CPU has it) instead.
     fn contiguous_row<'a>(src: &'a [Self], scratch: &'a mut [Self::C]) -> Row<'a, Self, Self::C>;
-    /// Widens one element.
-    fn widen(self) -> Self::C;
-    /// `v` cast to this dtype the way MLX's `astype` does (through f32 for f16/bf16),
-    /// returned in the compute type.
-    fn from_f64_rounded(v: f64) -> Self::C;
+    /// `v` cast to this dtype the way MLX's `astype` does (through f32 for f16/bf16, one
+    /// rounding to nearest even), returned in the compute type.
+    #[inline(always)]
+    fn from_f64_rounded(v: f64) -> Self::C {
+        Self::narrow(Self::C::from_f64(v)).widen()
+    }
     /// Writes one normalised row; `widen` reads an element of `row`, `staging` has the row's
     /// length.
     fn write_row<E: Copy>(
@@ -603,14 +602,6 @@ trait NormFloat: Float {
         staging: &mut [Self::C],
         out: &mut [Self],
     );
-    /// `src` widened to the compute type, exactly (signalling NaNs may stay signalling:
-    /// every use of a weight or bias is arithmetic, which quiets them).
-    ///
-    /// # Errors
-    /// `Error::OutOfMemory` when the widened copy cannot be allocated.
-    fn widen_params(src: &[Self]) -> Result<Vec<Self::C>> {
-        host_pool::map(src, |v| v.widen())
-    }
     /// Runs `job` over `buf` (rows of this dtype, each contiguous) into `y` with a
     /// hand-vectorised kernel for this dtype and CPU, and returns `true`; or returns `false`
     /// without touching `y` where there is none.
@@ -625,18 +616,9 @@ trait NormFloat: Float {
 macro_rules! native_norm_float {
     ($t:ty $(, simd: $simd:path)?) => {
         impl NormFloat for $t {
-            type C = $t;
             #[inline(always)]
             fn contiguous_row<'a>(src: &'a [$t], _scratch: &'a mut [$t]) -> Row<'a, $t, $t> {
                 Row::InPlace(src)
-            }
-            #[inline(always)]
-            fn widen(self) -> $t {
-                self
-            }
-            #[inline(always)]
-            fn from_f64_rounded(v: f64) -> $t {
-                v as $t
             }
             #[inline(always)]
             fn write_row<E: Copy>(
@@ -661,19 +643,12 @@ macro_rules! native_norm_float {
 native_norm_float!(f32, simd: avx2_rows);
 native_norm_float!(f64);
 
+/// bf16 rows are read in place (widening is a shift) and written with the unchecked
+/// rounding, whose NaN precondition the row pipeline meets (see [`bf16_bits_rne_unchecked`]).
 impl NormFloat for bf16 {
-    type C = f32;
     #[inline(always)]
     fn contiguous_row<'a>(src: &'a [bf16], _scratch: &'a mut [f32]) -> Row<'a, bf16, f32> {
         Row::InPlace(src)
-    }
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        Float::to_f32(self)
-    }
-    #[inline(always)]
-    fn from_f64_rounded(v: f64) -> f32 {
-        bf16_round(v as f32)
     }
     #[inline(always)]
     fn write_row<E: Copy>(
@@ -688,36 +663,18 @@ impl NormFloat for bf16 {
             bf16::from_bits(bf16_bits_rne_unchecked(v))
         });
     }
-    /// A shift per element, which vectorises (`half`'s conversion quiets NaNs one element
-    /// at a time).
-    fn widen_params(src: &[bf16]) -> Result<Vec<f32>> {
-        host_pool::map(src, |v| f32::from_bits(u32::from(v.to_bits()) << 16))
-    }
     fn simd_rows(job: &Job<'_, f32>, buf: &[bf16], y: &mut [bf16]) -> bool {
         avx2_rows(job, buf, y)
     }
 }
 
+/// f16 rows are widened into scratch and written through staging, both with `half`'s slice
+/// conversions (F16C where the CPU has it).
 impl NormFloat for f16 {
-    type C = f32;
     #[inline(always)]
     fn contiguous_row<'a>(src: &'a [f16], scratch: &'a mut [f32]) -> Row<'a, f16, f32> {
-        src.convert_to_f32_slice(scratch);
+        <f16 as Widen>::widen_slice(src, scratch);
         Row::Widened(scratch)
-    }
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f16::to_f32(self)
-    }
-    #[inline(always)]
-    fn from_f64_rounded(v: f64) -> f32 {
-        f16::from_f32(v as f32).to_f32()
-    }
-    /// `half`'s slice conversion (F16C where the CPU has it).
-    fn widen_params(src: &[f16]) -> Result<Vec<f32>> {
-        let mut out = host_pool::filled(src.len(), 0.0)?;
-        src.convert_to_f32_slice(&mut out);
-        Ok(out)
     }
     /// Staged through `staging` with `half`'s slice conversions (F16C where the CPU has it):
     /// each rounding to f16 is a narrow into `out`, widened back when another op follows.

@@ -12,10 +12,10 @@
 //! the angle `(scale * pos) * inv_freq`, its cos/sin and the rotation are f32, and each output
 //! is rounded once to the input dtype. Inputs in f64 are computed in f64 throughout.
 
-use super::simd::{bf16_bits_rne, f16_to_f32, f32_to_f16, has_avx2};
+use super::simd::{has_avx2, Widen};
 use crate::array::{host_pool, Array};
 use crate::ops::rope::{RopeArgs, RopeFreqs, RopeOffsets};
-use crate::{DType, Element, Error, Float, Result};
+use crate::{DType, Error, Result};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -223,17 +223,12 @@ fn sin_cos_f32(theta: f32) -> (f32, f32) {
     )
 }
 
-/// A floating element the kernel reads and writes.
-trait RopeElem: Element {
-    /// Arithmetic type.
-    type C: Compute;
+/// A floating element the kernel reads and writes: a [`Widen`] dtype whose compute type is
+/// a [`Compute`] (f32, or f64 for f64). Implemented for every such type; adds nothing to
+/// [`Widen`], whose conversions are branch-free so that the rotation loop vectorises.
+trait RopeElem: Widen<C: Compute> {}
 
-    /// Widens to the arithmetic type.
-    fn load(self) -> Self::C;
-
-    /// Rounds from the arithmetic type (to nearest even).
-    fn store(v: Self::C) -> Self;
-}
+impl<T: Widen<C: Compute>> RopeElem for T {}
 
 /// Rotates the first `cos.len()` pairs of `x` into `o` (`x.len() == o.len() == 2 *
 /// cos.len()`), with the element conversions inlined so that the loop vectorises.
@@ -253,9 +248,9 @@ fn rotate_pairs<T: RopeElem>(
             .zip(cos)
             .zip(sin)
         {
-            let (a, b) = (xp[0].load(), xp[1].load());
-            op[0] = MaybeUninit::new(T::store(a * c - b * s));
-            op[1] = MaybeUninit::new(T::store(a * s + b * c));
+            let (a, b) = (xp[0].widen(), xp[1].widen());
+            op[0] = MaybeUninit::new(T::narrow(a * c - b * s));
+            op[1] = MaybeUninit::new(T::narrow(a * s + b * c));
         }
     } else {
         let half = cos.len();
@@ -268,60 +263,10 @@ fn rotate_pairs<T: RopeElem>(
             .zip(cos)
             .zip(sin)
         {
-            let (a, b) = (p.load(), q.load());
-            *u = MaybeUninit::new(T::store(a * c - b * s));
-            *v = MaybeUninit::new(T::store(a * s + b * c));
+            let (a, b) = (p.widen(), q.widen());
+            *u = MaybeUninit::new(T::narrow(a * c - b * s));
+            *v = MaybeUninit::new(T::narrow(a * s + b * c));
         }
-    }
-}
-
-impl RopeElem for f32 {
-    type C = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn store(v: f32) -> f32 {
-        v
-    }
-}
-
-impl RopeElem for f64 {
-    type C = f64;
-    #[inline(always)]
-    fn load(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn store(v: f64) -> f64 {
-        v
-    }
-}
-
-impl RopeElem for bf16 {
-    type C = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        Float::to_f32(self)
-    }
-    /// Round to nearest even on the bits (NaN stays a quiet NaN), the same result as
-    /// `bf16::from_f32` but branch-free, so the rotation loop vectorises.
-    #[inline(always)]
-    fn store(v: f32) -> bf16 {
-        bf16::from_bits(bf16_bits_rne(v))
-    }
-}
-
-impl RopeElem for f16 {
-    type C = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        f16_to_f32(self.to_bits())
-    }
-    #[inline(always)]
-    fn store(v: f32) -> f16 {
-        f16::from_bits(f32_to_f16(v))
     }
 }
 
@@ -785,7 +730,7 @@ mod tests {
         }
         for v in values {
             let want = bf16::from_f32(v);
-            let got = <bf16 as RopeElem>::store(v);
+            let got = <bf16 as Widen>::narrow(v);
             if v.is_nan() {
                 assert!(got.is_nan());
             } else {

@@ -23,12 +23,11 @@
 //! relative error below 2e-7); f64 inputs compute in f64 through the same code, with the
 //! standard `exp`.
 
-use super::simd::{bf16_widen, has_avx2_fma};
+use super::simd::{has_avx2_fma, Widen};
 use crate::array::{host_pool, Array};
 use crate::dtype::{DType, Element, Float};
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaArgs;
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::{Add, Mul, Sub};
@@ -801,90 +800,12 @@ pub(crate) mod avx2 {
     }
 }
 
-/// An input element type and how it widens to its compute type.
-trait Elem: Float {
-    type A: Acc;
-    fn widen(self) -> Self::A;
-    fn narrow(a: Self::A) -> Self;
-    /// Widens `src` into `dst` (same length).
-    #[inline(always)]
-    fn widen_slice(src: &[Self], dst: &mut [Self::A]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.widen();
-        }
-    }
-    /// The buffer itself when the element type is already the compute type.
-    fn as_acc(_buf: &[Self]) -> Option<&[Self::A]> {
-        None
-    }
-}
+/// An input element type of the attention kernels: a float whose [`Widen`] compute type
+/// (f32, or f64 for f64) is an [`Acc`], the type every score, softmax statistic and
+/// accumulator is held in. Implemented for every such type; adds nothing to [`Widen`].
+trait Elem: Float + Widen<C: Acc> {}
 
-impl Elem for f32 {
-    type A = f32;
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn narrow(a: f32) -> f32 {
-        a
-    }
-    fn as_acc(buf: &[f32]) -> Option<&[f32]> {
-        Some(buf)
-    }
-}
-
-impl Elem for f64 {
-    type A = f64;
-    #[inline(always)]
-    fn widen(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn narrow(a: f64) -> f64 {
-        a
-    }
-    fn as_acc(buf: &[f64]) -> Option<&[f64]> {
-        Some(buf)
-    }
-}
-
-impl Elem for f16 {
-    type A = f32;
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        Float::to_f32(self)
-    }
-    #[inline(always)]
-    fn narrow(a: f32) -> f16 {
-        f16::from_f32(a)
-    }
-    #[inline(always)]
-    fn widen_slice(src: &[f16], dst: &mut [f32]) {
-        // `half` converts slices with F16C when the CPU has it.
-        src.convert_to_f32_slice(dst);
-    }
-}
-
-impl Elem for bf16 {
-    type A = f32;
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        Float::to_f32(self)
-    }
-    /// A shift per element, which vectorises (`half`'s conversion quiets signalling NaNs
-    /// element by element first; arithmetic on them quiets them anyway).
-    #[inline(always)]
-    fn widen_slice(src: &[bf16], dst: &mut [f32]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = bf16_widen(s.to_bits());
-        }
-    }
-    #[inline(always)]
-    fn narrow(a: f32) -> bf16 {
-        bf16::from_f32(a)
-    }
-}
+impl<T: Float + Widen<C: Acc>> Elem for T {}
 
 /// A rank-4 strided view of a host buffer.
 #[derive(Clone, Copy)]
@@ -908,7 +829,7 @@ impl<'a, T: Element> View<'a, T> {
 impl<T: Elem> View<'_, T> {
     /// Widens row `[b, h, t, ..dst.len()]` into `dst`.
     #[inline(always)]
-    fn load_row(&self, b: usize, h: usize, t: usize, dst: &mut [T::A]) {
+    fn load_row(&self, b: usize, h: usize, t: usize, dst: &mut [T::C]) {
         let start = self.pos(b, h, t);
         let step = self.strides[3];
         if step == 1 || dst.len() <= 1 {
@@ -1009,9 +930,9 @@ fn tile_rows<'s, T: Elem>(
     t0: usize,
     n: usize,
     len: usize,
-    scratch: &'s mut Vec<T::A>,
-) -> Result<Rows<'s, T::A>> {
-    if let Some(buf) = T::as_acc(view.buf) {
+    scratch: &'s mut Vec<T::C>,
+) -> Result<Rows<'s, T::C>> {
+    if let Some(buf) = T::as_compute(view.buf) {
         let start = view.pos(b, h, t0);
         let stride = view.strides[2];
         let borrowable = (view.strides[3] == 1 || len <= 1)
@@ -1032,8 +953,8 @@ fn tile_rows<'s, T: Elem>(
     if scratch.len() < need {
         scratch
             .try_reserve_exact(need - scratch.len())
-            .map_err(|_| host_pool::out_of_memory::<T::A>(need))?;
-        scratch.resize(need, T::A::ZERO);
+            .map_err(|_| host_pool::out_of_memory::<T::C>(need))?;
+        scratch.resize(need, T::C::ZERO);
     }
     for (j, row) in scratch[..n * len].chunks_exact_mut(len.max(1)).enumerate() {
         view.load_row(b, h, t0 + j, &mut row[..len]);
@@ -1062,26 +983,26 @@ impl<T: Elem> MaskView<'_, T> {
     /// Applies the mask of row `[b, h, t, k0..k0 + s.len()]` to the scores `s`: a `false`
     /// bool entry sets the score to -inf, an additive entry is added.
     #[inline(always)]
-    fn apply(&self, b: usize, h: usize, t: usize, k0: usize, s: &mut [T::A]) {
+    fn apply(&self, b: usize, h: usize, t: usize, k0: usize, s: &mut [T::C]) {
         match self {
             MaskView::Bool(v) => {
                 let step = v.strides[3];
                 let base = v.pos(b, h, t) + k0 as isize * step;
                 if step == 0 {
                     if !v.buf[base as usize] {
-                        s.fill(T::A::NEG_INF);
+                        s.fill(T::C::NEG_INF);
                     }
                 } else if step == 1 {
                     let m = &v.buf[base as usize..][..s.len()];
                     for (x, &keep) in s.iter_mut().zip(m) {
                         if !keep {
-                            *x = T::A::NEG_INF;
+                            *x = T::C::NEG_INF;
                         }
                     }
                 } else {
                     for (j, x) in s.iter_mut().enumerate() {
                         if !v.buf[(base + j as isize * step) as usize] {
-                            *x = T::A::NEG_INF;
+                            *x = T::C::NEG_INF;
                         }
                     }
                 }
@@ -1210,9 +1131,9 @@ struct Ctx<'a, T: Elem> {
     k: View<'a, T>,
     v: View<'a, T>,
     mask: Option<MaskView<'a, T>>,
-    sinks: Option<Vec<T::A>>,
+    sinks: Option<Vec<T::C>>,
     causal: bool,
-    scale: T::A,
+    scale: T::C,
     nkv: usize,
     /// Query heads per kv head.
     r: usize,
@@ -1245,7 +1166,7 @@ impl<T: Elem> Ctx<'_, T> {
     ///
     /// # Errors
     /// `Error::OutOfMemory` when the task's tiles cannot be allocated.
-    fn attend(&self, gc: usize, k_lo: usize, k_hi: usize, with_sink: bool) -> Result<State<T::A>> {
+    fn attend(&self, gc: usize, k_lo: usize, k_hi: usize, with_sink: bool) -> Result<State<T::C>> {
         #[cfg(target_arch = "x86_64")]
         if self.fma {
             // SAFETY: `fma` is set only when the CPU reports AVX2 and FMA.
@@ -1273,7 +1194,7 @@ impl<T: Elem> Ctx<'_, T> {
         k_lo: usize,
         k_hi: usize,
         with_sink: bool,
-    ) -> Result<State<T::A>> {
+    ) -> Result<State<T::C>> {
         self.attend_impl::<true>(gc, k_lo, k_hi, with_sink)
     }
 
@@ -1284,7 +1205,7 @@ impl<T: Elem> Ctx<'_, T> {
         k_lo: usize,
         k_hi: usize,
         with_sink: bool,
-    ) -> Result<State<T::A>> {
+    ) -> Result<State<T::C>> {
         let (b, g, q0, q1) = self.chunk(gc);
         let (d, dv, nqr) = (self.d, self.dv, q1 - q0);
         let rows = self.r * nqr;
@@ -1292,7 +1213,7 @@ impl<T: Elem> Ctx<'_, T> {
         let head_of = |row: usize| g * self.r + row / nqr;
         let query_of = |row: usize| q0 + row % nqr;
 
-        let mut qt = host_pool::filled(checked_len(rows, d)?, T::A::ZERO)?;
+        let mut qt = host_pool::filled(checked_len(rows, d)?, T::C::ZERO)?;
         for (row, dst) in qt.chunks_exact_mut(d.max(1)).enumerate().take(rows) {
             let dst = &mut dst[..d];
             self.q.load_row(b, head_of(row), query_of(row), dst);
@@ -1300,21 +1221,21 @@ impl<T: Elem> Ctx<'_, T> {
                 *x = *x * self.scale;
             }
         }
-        let mut m = host_pool::filled(rows, T::A::NEG_INF)?;
-        let mut l = host_pool::filled(rows, T::A::ZERO)?;
+        let mut m = host_pool::filled(rows, T::C::NEG_INF)?;
+        let mut l = host_pool::filled(rows, T::C::ZERO)?;
         if let (true, Some(sinks)) = (with_sink, &self.sinks) {
             for row in 0..rows {
                 let sink = sinks[head_of(row)];
                 // A sink of +inf makes the softmax inf / inf: NaN, as MLX's definition.
-                m[row] = if sink == T::A::ZERO - T::A::NEG_INF {
-                    T::A::NAN
+                m[row] = if sink == T::C::ZERO - T::C::NEG_INF {
+                    T::C::NAN
                 } else {
                     sink
                 };
-                l[row] = T::A::ONE;
+                l[row] = T::C::ONE;
             }
         }
-        let mut acc = host_pool::filled(checked_len(rows, dv)?, T::A::ZERO)?;
+        let mut acc = host_pool::filled(checked_len(rows, dv)?, T::C::ZERO)?;
 
         // Query t sees key j iff j <= t + off.
         let off = self.tkv as isize - self.tq as isize;
@@ -1332,7 +1253,7 @@ impl<T: Elem> Ctx<'_, T> {
         } else {
             (BK * MAX_TILE_ROWS / rows.min(MAX_TILE_ROWS)).min(MAX_BK)
         };
-        let mut s = host_pool::filled(max_rows.min(rows) * bk, T::A::ZERO)?;
+        let mut s = host_pool::filled(max_rows.min(rows) * bk, T::C::ZERO)?;
         let (mut kscratch, mut vscratch) = (Vec::new(), Vec::new());
         let mut segments: Vec<(usize, usize)> = host_pool::with_capacity(self.r)?;
 
@@ -1379,7 +1300,7 @@ impl<T: Elem> Ctx<'_, T> {
                     if small {
                         // Streaming decode: ask for the next tile's rows while this one
                         // computes, so memory and arithmetic overlap.
-                        T::A::scores_rows::<FMA>(&qt[row0 * d..], d, nr, &kr, nk, sb, |j| {
+                        T::C::scores_rows::<FMA>(&qt[row0 * d..], d, nr, &kr, nk, sb, |j| {
                             self.k.prefetch_row(b, g, k0 + bk + j, d, self.tkv)
                         });
                     } else {
@@ -1404,10 +1325,10 @@ impl<T: Elem> Ctx<'_, T> {
                         if self.causal {
                             let first_hidden = (t as isize + off + 1 - k0 as isize).max(0) as usize;
                             if first_hidden < nk {
-                                srow[first_hidden..].fill(T::A::NEG_INF);
+                                srow[first_hidden..].fill(T::C::NEG_INF);
                             }
                         }
-                        softmax_step::<T::A, FMA>(
+                        softmax_step::<T::C, FMA>(
                             srow,
                             &mut m[row],
                             &mut l[row],
@@ -1417,14 +1338,14 @@ impl<T: Elem> Ctx<'_, T> {
                     // A weight of 0 (masked key) must not meet a NaN or infinite value: the
                     // fast products below would give 0 * NaN = NaN. Checked only for tiles
                     // with a zero weight, and the values scanned once per tile.
-                    if sb.contains(&T::A::ZERO)
+                    if sb.contains(&T::C::ZERO)
                         && *v_non_finite.get_or_insert_with(|| vr.any_non_finite(nk, dv))
                     {
                         let arows = &mut acc[row0 * dv..][..nr * dv];
                         accumulate_nonzero(sb, nk, nr, &vr, dv, arows);
                     } else if small {
                         let arows = &mut acc[row0 * dv..][..nr * dv];
-                        T::A::accumulate_rows::<FMA>(sb, nk, nr, &vr, dv, arows, |j| {
+                        T::C::accumulate_rows::<FMA>(sb, nk, nr, &vr, dv, arows, |j| {
                             self.v.prefetch_row(b, g, k0 + bk + j, dv, self.tkv)
                         });
                     } else {
@@ -1449,7 +1370,7 @@ impl<T: Elem> Ctx<'_, T> {
 
     /// Writes `acc / l` of each row into the output pieces (one per query head of the
     /// group), and the rows' log-sum-exp `m + ln(l)` into the lse pieces when there are any.
-    fn finish(&self, st: &State<T::A>, pieces: &mut Pieces<'_, T>) {
+    fn finish(&self, st: &State<T::C>, pieces: &mut Pieces<'_, T>) {
         let dv = self.dv;
         let nqr = st.m.len() / self.r;
         for (r, lse) in pieces.lse.iter_mut().enumerate() {
@@ -1457,11 +1378,11 @@ impl<T: Elem> Ctx<'_, T> {
                 let row = r * nqr + i;
                 let l = st.l[row];
                 *x = if st.m[row].is_nan() {
-                    T::A::NAN
-                } else if l == T::A::ZERO {
-                    T::A::NEG_INF
+                    T::C::NAN
+                } else if l == T::C::ZERO {
+                    T::C::NEG_INF
                 } else {
-                    st.m[row] + T::A::from_f64(l.to_f64().ln())
+                    st.m[row] + T::C::from_f64(l.to_f64().ln())
                 };
             }
         }
@@ -1472,11 +1393,11 @@ impl<T: Elem> Ctx<'_, T> {
                 // A NaN logit (score, mask or sink) makes the row NaN even when no tile
                 // reached it; a row with nothing visible (l = 0) is 0.
                 let inv = if st.m[row].is_nan() {
-                    T::A::NAN
-                } else if l == T::A::ZERO {
-                    T::A::ZERO
+                    T::C::NAN
+                } else if l == T::C::ZERO {
+                    T::C::ZERO
                 } else {
-                    T::A::ONE / l
+                    T::C::ONE / l
                 };
                 let src = &st.acc[row * dv..][..dv];
                 for (o, &a) in piece[i * dv..][..dv].iter_mut().zip(src) {
@@ -1490,16 +1411,16 @@ impl<T: Elem> Ctx<'_, T> {
     ///
     /// # Errors
     /// `Error::OutOfMemory` when the merged state cannot be allocated.
-    fn merge(&self, parts: &[State<T::A>], pieces: &mut Pieces<'_, T>) -> Result<()> {
+    fn merge(&self, parts: &[State<T::C>], pieces: &mut Pieces<'_, T>) -> Result<()> {
         let dv = self.dv;
         let rows = parts.first().map_or(0, |p| p.m.len());
         let mut merged = State {
-            m: host_pool::filled(rows, T::A::NEG_INF)?,
-            l: host_pool::filled(rows, T::A::ZERO)?,
-            acc: host_pool::filled(checked_len(rows, dv)?, T::A::ZERO)?,
+            m: host_pool::filled(rows, T::C::NEG_INF)?,
+            l: host_pool::filled(rows, T::C::ZERO)?,
+            acc: host_pool::filled(checked_len(rows, dv)?, T::C::ZERO)?,
         };
         for row in 0..rows {
-            let mut mx = T::A::NEG_INF;
+            let mut mx = T::C::NEG_INF;
             for p in parts {
                 if p.m[row] > mx || p.m[row].is_nan() {
                     mx = p.m[row];
@@ -1512,12 +1433,12 @@ impl<T: Elem> Ctx<'_, T> {
                 merged.acc[row * dv..][..dv].fill(mx);
                 continue;
             }
-            if mx == T::A::NEG_INF {
+            if mx == T::C::NEG_INF {
                 continue;
             }
             let out = &mut merged.acc[row * dv..][..dv];
-            let mut l = T::A::ZERO;
-            for p in parts.iter().filter(|p| p.m[row] != T::A::NEG_INF) {
+            let mut l = T::C::ZERO;
+            for p in parts.iter().filter(|p| p.m[row] != T::C::NEG_INF) {
                 let w = (p.m[row] - mx).exp();
                 l = l + p.l[row] * w;
                 for (o, &a) in out.iter_mut().zip(&p.acc[row * dv..][..dv]) {
@@ -1536,7 +1457,7 @@ impl<T: Elem> Ctx<'_, T> {
 /// and (when asked) their log-sum-exp values.
 struct Pieces<'a, T: Elem> {
     out: Vec<&'a mut [T]>,
-    lse: Vec<&'a mut [T::A]>,
+    lse: Vec<&'a mut [T::C]>,
 }
 
 /// Splits `buf` (`heads` heads of `tq` rows of `width` values, row-major) into pieces of
@@ -1598,9 +1519,9 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array
     let rows = crate::array::checked_size(&[bn, nq, tq])?;
     let out_len = crate::array::checked_size(&c.out_shape)?;
     let mut out = host_pool::take_filled(out_len, T::default())?;
-    let mut lse = host_pool::take_filled(if with_lse { rows } else { 0 }, T::A::NEG_INF)?;
+    let mut lse = host_pool::take_filled(if with_lse { rows } else { 0 }, T::C::NEG_INF)?;
     let lse_shape = [bn, nq, tq];
-    let finish = |out: Vec<T>, lse: Vec<T::A>| -> Result<(Array, Option<Array>)> {
+    let finish = |out: Vec<T>, lse: Vec<T::C>| -> Result<(Array, Option<Array>)> {
         let lse = if with_lse {
             Some(Array::from_kernel_vec(lse, &lse_shape)?)
         } else {
@@ -1614,7 +1535,7 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array
     if tkv == 0 {
         // No key at all: every row is 0; its log-sum-exp is its sink's, or -inf.
         if let (true, Some(s)) = (with_lse, &c.sinks) {
-            let sinks: Vec<T::A> = host_pool::map(&s.to_vec::<T>()?, T::widen)?;
+            let sinks: Vec<T::C> = host_pool::map(&s.to_vec::<T>()?, T::widen)?;
             for (row, x) in lse.iter_mut().enumerate() {
                 *x = sinks[(row / tq) % nq];
             }
@@ -1663,7 +1584,7 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array
         mask,
         sinks,
         causal: c.causal,
-        scale: T::A::from_f32(scale),
+        scale: T::C::from_f32(scale),
         nkv,
         r,
         tq,
@@ -1707,7 +1628,7 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array
                 Ok::<(), Error>(())
             })?;
     } else {
-        let parts: Vec<State<T::A>> = (0..chunks * nsplit)
+        let parts: Vec<State<T::C>> = (0..chunks * nsplit)
             .into_par_iter()
             .map(|t| {
                 let (gc, sp) = (t / nsplit, t % nsplit);

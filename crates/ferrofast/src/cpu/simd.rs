@@ -1,6 +1,119 @@
-//! CPU helpers shared by the norm, rope, attention and cross-entropy kernels: instruction-set
-//! detection, and f16 / bf16 conversions written so that loops over them vectorise (`half`
-//! converts one element per call, and quiets NaNs with a branch).
+//! CPU helpers shared by the norm, rope, attention, merge and cross-entropy kernels:
+//! instruction-set detection, f16 / bf16 conversions written so that loops over them
+//! vectorise (`half` converts one element per call, and quiets NaNs with a branch), and
+//! [`Widen`], the one map from a storage dtype to the type its arithmetic runs in.
+
+use crate::dtype::Element;
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+/// A floating storage dtype and its compute type `C` (f32 for f32, f16 and bf16; f64 for
+/// f64), with the conversions every CPU kernel uses between them.
+///
+/// Contract: [`widen`](Widen::widen) is exact (every value of `Self` is a value of `C`; a NaN
+/// stays a NaN, though a signalling one may stay signalling and its payload is not
+/// preserved bit for bit, which no kernel observes since arithmetic quiets it);
+/// [`narrow`](Widen::narrow) rounds to nearest even, overflowing to infinity, with a NaN
+/// becoming a quiet NaN of the same sign: bit-identical to `half`'s `from_f32` for every
+/// non-NaN value (and for bf16 for NaNs too). Both are branch-free for f16 and bf16, so
+/// loops over them vectorise. For f32 and f64 both are the identity.
+pub(crate) trait Widen: Element {
+    /// The type the kernels compute in.
+    type C: Copy + Send + Sync + PartialEq + 'static;
+
+    /// `self` in the compute type, exactly.
+    fn widen(self) -> Self::C;
+
+    /// `c` rounded to this dtype (nearest even; see the trait's contract for NaN).
+    fn narrow(c: Self::C) -> Self;
+
+    /// Widens `src` into `dst` element by element, as [`widen`](Widen::widen) would (the
+    /// same values; f16 may use the CPU's F16C conversion, which quiets signalling NaNs).
+    ///
+    /// # Panics
+    /// When `src` and `dst` differ in length (f16's conversion checks it; callers pass equal
+    /// lengths).
+    #[inline(always)]
+    fn widen_slice(src: &[Self], dst: &mut [Self::C]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s.widen();
+        }
+    }
+
+    /// `buf` itself, seen as the compute type, when this dtype is its own compute type
+    /// (f32, f64); `None` otherwise, when the caller must widen a copy.
+    #[inline(always)]
+    fn as_compute(buf: &[Self]) -> Option<&[Self::C]> {
+        let _ = buf;
+        None
+    }
+}
+
+impl Widen for f32 {
+    type C = f32;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(c: f32) -> f32 {
+        c
+    }
+    #[inline(always)]
+    fn as_compute(buf: &[f32]) -> Option<&[f32]> {
+        Some(buf)
+    }
+}
+
+impl Widen for f64 {
+    type C = f64;
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(c: f64) -> f64 {
+        c
+    }
+    #[inline(always)]
+    fn as_compute(buf: &[f64]) -> Option<&[f64]> {
+        Some(buf)
+    }
+}
+
+impl Widen for bf16 {
+    type C = f32;
+    /// A shift ([`bf16_widen`]).
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        bf16_widen(self.to_bits())
+    }
+    /// [`bf16_bits_rne`]: the same bits as `bf16::from_f32` for every input, NaNs included.
+    #[inline(always)]
+    fn narrow(c: f32) -> bf16 {
+        bf16::from_bits(bf16_bits_rne(c))
+    }
+}
+
+impl Widen for f16 {
+    type C = f32;
+    /// [`f16_to_f32`] (branch-free; a NaN keeps its payload and is not quieted).
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f16_to_f32(self.to_bits())
+    }
+    /// [`f32_to_f16`] (branch-free; every NaN becomes the quiet NaN `0x7E00` with its sign).
+    #[inline(always)]
+    fn narrow(c: f32) -> f16 {
+        f16::from_bits(f32_to_f16(c))
+    }
+    /// `half`'s slice conversion, with F16C where the CPU has it (it quiets signalling NaNs,
+    /// the only difference from [`widen`](Widen::widen)).
+    #[inline(always)]
+    fn widen_slice(src: &[f16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+}
 
 /// Whether the CPU has AVX2 (the kernels' wide paths are compiled for it).
 pub(crate) fn has_avx2() -> bool {
@@ -70,7 +183,10 @@ pub(crate) fn bf16_bits_rne_unchecked(v: f32) -> u16 {
     (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
 }
 
-/// `v` rounded to bf16 precision (nearest even), kept as f32.
+/// `v` rounded to bf16 precision (nearest even), kept as f32: the reference the tests hold
+/// [`bf16_round_unchecked`] to (the kernels round through [`Widen::narrow`] or the unchecked
+/// form).
+#[cfg(test)]
 #[inline(always)]
 pub(crate) fn bf16_round(v: f32) -> f32 {
     f32::from_bits(u32::from(bf16_bits_rne(v)) << 16)
@@ -219,8 +335,30 @@ mod tests {
         }
     }
 
-    /// Every instruction-set variant gives bit-identical results (no contraction into FMAs,
-    /// same operations in the same order).
+    /// [`Widen`] for f16 and bf16: the slice widening agrees with the element one, and every
+    /// non-NaN value survives widening and narrowing unchanged (NaNs stay NaNs).
+    #[test]
+    fn widen_round_trips_and_slices_agree() {
+        fn check<T: Widen<C = f32> + Copy>(all: &[T], bits: impl Fn(T) -> u16) {
+            let mut wide = vec![0.0f32; all.len()];
+            T::widen_slice(all, &mut wide);
+            for (&h, &w) in all.iter().zip(&wide) {
+                let one = h.widen();
+                if one.is_nan() {
+                    assert!(w.is_nan() && T::narrow(one).widen().is_nan());
+                } else {
+                    assert_eq!(w.to_bits(), one.to_bits(), "{:#06x}", bits(h));
+                    assert_eq!(bits(T::narrow(one)), bits(h));
+                }
+            }
+        }
+        let halves: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        check(&halves, f16::to_bits);
+        let brains: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        check(&brains, bf16::to_bits);
+        assert_eq!(f32::as_compute(&[1.0f32]), Some(&[1.0f32][..]));
+        assert_eq!(bf16::as_compute(&[bf16::ONE]), None);
+    }
 
     #[test]
     fn bf16_widening_is_exact() {

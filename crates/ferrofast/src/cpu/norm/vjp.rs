@@ -15,7 +15,8 @@
 
 use super::{lane_sum, Acc, LANES};
 use crate::array::{host_pool, Array};
-use crate::dtype::{DType, Element};
+use crate::cpu::simd::Widen;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::norm::{NormKind, NormVjpArgs};
 use half::{bf16, f16};
@@ -28,35 +29,12 @@ const MAX_TASKS: usize = 64;
 /// Fewest elements a task gets, so that small calls stay on few threads.
 const MIN_TASK_ELEMENTS: usize = 1 << 15;
 
-/// An element type the backward reads and writes, with the type it computes in.
-trait VjpFloat: Element {
-    /// The compute type: f32, or f64 for f64.
-    type C: Acc + PartialOrd;
-    fn widen(self) -> Self::C;
-    fn narrow(v: Self::C) -> Self;
-}
+/// An element type the backward reads and writes: a [`Widen`] dtype whose compute type (f32,
+/// or f64 for f64) is an ordered [`Acc`]. Implemented for every such type; adds nothing to
+/// [`Widen`].
+trait VjpFloat: Widen<C: Acc + PartialOrd> {}
 
-macro_rules! vjp_float {
-    ($t:ty, $c:ty, |$w:ident| $widen:expr, |$n:ident| $narrow:expr) => {
-        impl VjpFloat for $t {
-            type C = $c;
-            #[inline(always)]
-            fn widen(self) -> $c {
-                let $w = self;
-                $widen
-            }
-            #[inline(always)]
-            fn narrow($n: $c) -> $t {
-                $narrow
-            }
-        }
-    };
-}
-
-vjp_float!(f16, f32, |v| v.to_f32(), |v| f16::from_f32(v));
-vjp_float!(bf16, f32, |v| v.to_f32(), |v| bf16::from_f32(v));
-vjp_float!(f32, f32, |v| v, |v| v);
-vjp_float!(f64, f64, |v| v, |v| v);
+impl<T: Widen<C: Acc + PartialOrd>> VjpFloat for T {}
 
 /// The gradients of a validated call: `dx` (in `x`'s dtype, see [`NormVjpArgs`]), and
 /// `dweight` / `dbias` in their inputs' dtypes when those were given.

@@ -57,11 +57,11 @@ struct Ctx<'a, T: Elem> {
     d_out: View<'a, T>,
     mask: Option<MaskView<'a, T>>,
     /// `lse` per row `(b * nq + h) * tq + i`, in the compute type.
-    lse: Vec<T::A>,
+    lse: Vec<T::C>,
     /// `rowsum(dO * O)` per row, in the compute type.
-    delta: Vec<T::A>,
+    delta: Vec<T::C>,
     causal: bool,
-    scale: T::A,
+    scale: T::C,
     nq: usize,
     r: usize,
     tq: usize,
@@ -120,7 +120,7 @@ impl<T: Elem> Ctx<'_, T> {
         h: usize,
         q0: usize,
         nr: usize,
-        t: &mut Tiles<T::A>,
+        t: &mut Tiles<T::C>,
     ) -> Result<()> {
         let (d, dv) = (self.d, self.dv);
         grow(&mut t.q, nr * d)?;
@@ -149,9 +149,9 @@ impl<T: Elem> Ctx<'_, T> {
         nr: usize,
         k0: usize,
         nk: usize,
-        kr: (&[T::A], usize, usize),
-        vr: (&[T::A], usize, usize),
-        t: &mut Tiles<T::A>,
+        kr: (&[T::C], usize, usize),
+        vr: (&[T::C], usize, usize),
+        t: &mut Tiles<T::C>,
     ) -> Result<()> {
         let (d, dv) = (self.d, self.dv);
         grow(&mut t.p, nr * nk)?;
@@ -189,21 +189,21 @@ impl<T: Elem> Ctx<'_, T> {
             if self.causal {
                 let first_hidden = (tq as isize + off + 1 - k0 as isize).max(0) as usize;
                 if first_hidden < nk {
-                    srow[first_hidden..].fill(T::A::NEG_INF);
+                    srow[first_hidden..].fill(T::C::NEG_INF);
                 }
             }
             let lse = self.lse[row];
             let delta = self.delta[row];
             let dsrow = &mut ds[i * nk..][..nk];
-            if lse == T::A::NEG_INF {
+            if lse == T::C::NEG_INF {
                 // A row that saw nothing has no probabilities and no gradient.
-                srow.fill(T::A::ZERO);
-                dsrow.fill(T::A::ZERO);
+                srow.fill(T::C::ZERO);
+                dsrow.fill(T::C::ZERO);
                 continue;
             }
             for (s, g) in srow.iter_mut().zip(dsrow.iter_mut()) {
-                let pv = if *s == T::A::NEG_INF {
-                    T::A::ZERO
+                let pv = if *s == T::C::NEG_INF {
+                    T::C::ZERO
                 } else {
                     (*s - lse).exp()
                 };
@@ -230,8 +230,8 @@ impl<T: Elem> Ctx<'_, T> {
         let (d, dv) = (self.d, self.dv);
         let nk = BKV.min(self.tkv - k0);
         let mut t = Tiles::new();
-        let mut dk = host_pool::filled(nk * d, T::A::ZERO)?;
-        let mut dvv = host_pool::filled(nk * dv, T::A::ZERO)?;
+        let mut dk = host_pool::filled(nk * d, T::C::ZERO)?;
+        let mut dvv = host_pool::filled(nk * dv, T::C::ZERO)?;
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
         let kr = tile_rows(self.k, b, g, k0, nk, d, &mut ks)?;
         let vr = tile_rows(self.v, b, g, k0, nk, dv, &mut vs)?;
@@ -300,7 +300,7 @@ impl<T: Elem> Ctx<'_, T> {
         let nr = BQV.min(self.tq - q0);
         let g = h / self.r;
         let mut t = Tiles::new();
-        let mut acc = host_pool::filled(nr * d, T::A::ZERO)?;
+        let mut acc = host_pool::filled(nr * d, T::C::ZERO)?;
         self.load_queries(b, h, q0, nr, &mut t)?;
         // Causal: the last query of the tile sees keys up to q0 + nr - 1 + off.
         let k_end = if self.causal {
@@ -355,25 +355,25 @@ fn run_typed<T: Elem>(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Ar
     // delta = rowsum(dO * O) and lse, per row, in the compute type.
     let o = View::<T>::new(&c.out)?;
     let d_out = View::<T>::new(&c.d_out)?;
-    let mut delta = host_pool::filled(rows, T::A::ZERO)?;
+    let mut delta = host_pool::filled(rows, T::C::ZERO)?;
     {
         let (mut orow, mut grow_) = (
-            host_pool::filled(dv, T::A::ZERO)?,
-            host_pool::filled(dv, T::A::ZERO)?,
+            host_pool::filled(dv, T::C::ZERO)?,
+            host_pool::filled(dv, T::C::ZERO)?,
         );
         for (row, dl) in delta.iter_mut().enumerate() {
             let (bh, i) = (row / tq.max(1), row % tq.max(1));
             let (b, h) = (bh / nq, bh % nq);
             o.load_row(b, h, i, &mut orow);
             d_out.load_row(b, h, i, &mut grow_);
-            let mut s = T::A::ZERO;
+            let mut s = T::C::ZERO;
             for (x, y) in orow.iter().zip(&grow_) {
                 s = s + *x * *y;
             }
             *dl = s;
         }
     }
-    let lse: Vec<T::A> = host_pool::map(&c.lse.to_f64_vec()?, T::A::from_f64)?;
+    let lse: Vec<T::C> = host_pool::map(&c.lse.to_f64_vec()?, T::C::from_f64)?;
     let mask = match &a.mask {
         None => None,
         Some(m) if m.dtype() == DType::Bool => Some(MaskView::Bool(View::new(m)?)),
@@ -388,7 +388,7 @@ fn run_typed<T: Elem>(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Ar
         lse,
         delta,
         causal: a.causal,
-        scale: T::A::from_f32(a.scale),
+        scale: T::C::from_f32(a.scale),
         nq,
         r,
         tq,
