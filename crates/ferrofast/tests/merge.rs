@@ -165,9 +165,13 @@ fn check_split_attention(
         Some(&s).filter(|_| sinks.is_some()),
     )
     .unwrap();
-    let masks = full_mask
-        .as_ref()
-        .map(|m| (mask_cols(m, 0, split), mask_cols(m, split, tkv)));
+    // Each part's mask columns, on the device under test.
+    let masks = full_mask.as_ref().map(|m| {
+        (
+            on(&mask_cols(m, 0, split), dev),
+            on(&mask_cols(m, split, tkv), dev),
+        )
+    });
     let (ma, mb) = match (&masks, masking) {
         (Some((a, b)), _) => (Mask::Array(a), Mask::Array(b)),
         (None, Masking::CausalOffset) => (Mask::None, Mask::Causal),

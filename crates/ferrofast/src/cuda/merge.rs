@@ -109,13 +109,14 @@ pub(crate) fn run(args: &MergeArgs, stream: &Stream) -> Result<(Array, Array)> {
     let device = src.device();
     let mut out = CudaBuffer::alloc(device, stream, dtype, rows * dv)?;
     let mut lse = CudaBuffer::alloc(device, stream, DType::F32, rows)?;
-    if rows * dv > 0 {
+    // Rows with D_v = 0 still have a log-sum-exp: one item per row writes it.
+    if rows > 0 {
         let dv_i32 = i32::try_from(dv).map_err(|_| {
             Error::Unsupported(format!(
                 "[merge_attention_states] D_v = {dv} exceeds the CUDA kernel's limit of 2^31 - 1"
             ))
         })?;
-        let chunks = dv.div_ceil(V);
+        let chunks = dv.div_ceil(V).max(1);
         let n_items = rows * chunks;
         let (blocks, wide) = plan(n_items, device.sm_count());
         let name = merge_variant(dtype, wide);
