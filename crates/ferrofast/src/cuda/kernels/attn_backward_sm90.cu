@@ -27,12 +27,6 @@
 //                       dP = dO V^T (ss), P and dS, dQ += dS K (A from registers, B = K
 //                       MN-major).
 //
-// DEFER = 1 leaves each tile's last products (dV / dK, or dQ) in flight when the next tile
-// starts: the next tile's S and dP products queue behind them, and the wait before its
-// probabilities also retires them, after which the warp releases the previous stage. Thread
-// 0 then issues its loads after that release (with DEFER = 0, at the top of the tile), so
-// DEFER runs with STAGES >= 3 to keep loads two tiles ahead.
-//
 // Shared-memory tiles are stored as TMA writes them: D / 64 panels of 64 columns, a row of
 // a panel 128 bytes with its 16-byte chunks permuted by chunk ^= row % 8; descriptors as in
 // attn_prefill_sm90.cu (K-major: stride byte offset 1024, k-th 16-column step at 32 * (k %
@@ -106,7 +100,7 @@ __device__ __forceinline__ void ff_sm90_bwd_rs(float (&acc)[D / 8][4], const ff_
 // tm_q, tm_g (d_out): boxes of 64 columns x 64 rows; tm_k, tm_v: 64 x 128. mask: as the
 // params describe (or null). lse, delta: [B, N_q, T_q] f32. dk, dv: row-major
 // [B, N_kv, T_kv, D].
-template <typename T, int D, int STAGES, int DEFER>
+template <typename T, int D, int STAGES>
 __global__ void __launch_bounds__(256, 1)
     attn_bwd_sm90_dkdv(const __grid_constant__ ff_tensor_map tm_q,
                        const __grid_constant__ ff_tensor_map tm_k,
@@ -124,7 +118,6 @@ __global__ void __launch_bounds__(256, 1)
     constexpr ff_u32_t KV_BYTES = PANELS * KV_PANEL;
     constexpr ff_u32_t Q_BYTES = PANELS * Q_PANEL;
     static_assert(STAGES >= 2 && STAGES <= 4, "stages");
-    static_assert(DEFER == 0 || STAGES >= 3, "deferred waits need three stages");
     static_assert(FF_SM90_BWD_KV_SMEM(D, STAGES) ==
                       1024 + 2 * KV_BYTES + 2 * STAGES * Q_BYTES + 2 * 2 * 2 * BM * 4 +
                           (1 + 2 * STAGES) * 8,
@@ -244,16 +237,12 @@ __global__ void __launch_bounds__(256, 1)
     if (n_it > 0) {
         ff_mbar_wait(kv_full, 0);
     }
-    // P^T and dS^T packed as the A operands of the dV / dK products: with DEFER those
-    // products may still read them while the next tile starts.
-    ff_u32_t pp[1][BM / 16][4];
-    ff_u32_t pds[1][BM / 16][4];
 
     for (int it = 0; it < n_it; ++it) {
         const int st = it % STAGES;
         const int h = g * p.group + it / n_qt;
         const int q0 = q_first + (it % n_qt) * BM;
-        if (!DEFER && tid == 0 && it + STAGES - 1 < n_it) {
+        if (tid == 0 && it + STAGES - 1 < n_it) {
             issue(it + STAGES - 1);
         }
         // This tile's lse2 and delta into this warpgroup's buffer it % 2 (its readers of
@@ -287,28 +276,16 @@ __global__ void __launch_bounds__(256, 1)
                           (!p.causal || wk + 15 <= q0 + diag);
         const void* mask_bh = ff_sm90_bwd_mask<T>(mask, p, b, h);
         const int col0 = q0 + 2 * (lane & 3);
-        // Retires S (and, with DEFER, the last tile's dV / dK products before it).
         ff_wgmma_wait<1>();
         ff_fence_regs(s[0]);
-        if (DEFER && it > 0) {
-            ff_fence_regs(acc_v);
-            ff_fence_regs(acc_k);
-            ff_fence_regs(pp[0]);
-            ff_fence_regs(pds[0]);
-            __syncwarp();
-            if (lane == 0) {
-                ff_mbar_arrive(FF_EMPTY((it - 1) % STAGES));
-            }
-        }
-        if (DEFER && tid == 0 && it + STAGES - 1 < n_it) {
-            issue(it + STAGES - 1);
-        }
         ff_bwd_probs<T, 1, BM, true>(s, krow0, col0, full, p, mask_bh, p.scale_log2,
                                      [&](int qi) { return l2s[qi - q0]; });
+        ff_u32_t pp[1][BM / 16][4];
         ff_attn_pack<T, 1, BM>(pp, s);
         ff_wgmma_wait<0>();
         ff_fence_regs(dp[0]);
         ff_bwd_ds<1, BM, true>(dp, s, krow0, col0, [&](int qi) { return dls[qi - q0]; });
+        ff_u32_t pds[1][BM / 16][4];
         ff_attn_pack<T, 1, BM>(pds, dp);
 
         // dV += P^T dO, dK += dS^T Q.
@@ -316,24 +293,15 @@ __global__ void __launch_bounds__(256, 1)
         ff_sm90_bwd_rs<T, D>(acc_v, pp[0], g_tile, Q_PANEL);
         ff_sm90_bwd_rs<T, D>(acc_k, pds[0], q_tile, Q_PANEL);
         ff_wgmma_commit();
-        if (!DEFER) {
-            ff_wgmma_wait<0>();
-            ff_fence_regs(acc_v);
-            ff_fence_regs(acc_k);
-            ff_fence_regs(pp[0]);
-            ff_fence_regs(pds[0]);
-            __syncwarp();
-            if (lane == 0) {
-                ff_mbar_arrive(FF_EMPTY(st));
-            }
-        }
-    }
-    if (DEFER && n_it > 0) {
         ff_wgmma_wait<0>();
         ff_fence_regs(acc_v);
         ff_fence_regs(acc_k);
         ff_fence_regs(pp[0]);
         ff_fence_regs(pds[0]);
+        __syncwarp();
+        if (lane == 0) {
+            ff_mbar_arrive(FF_EMPTY(st));
+        }
     }
 #undef FF_FULL
 #undef FF_EMPTY
@@ -347,7 +315,7 @@ __global__ void __launch_bounds__(256, 1)
 
 // tm_q, tm_g (d_out): boxes of 64 columns x 128 rows; tm_k, tm_v: 64 x 64. Other inputs as
 // attn_bwd_sm90_dkdv's; dq: row-major [B, N_q, T_q, D].
-template <typename T, int D, int STAGES, int DEFER>
+template <typename T, int D, int STAGES>
 __global__ void __launch_bounds__(256, 1)
     attn_bwd_sm90_dq(const __grid_constant__ ff_tensor_map tm_q,
                      const __grid_constant__ ff_tensor_map tm_k,
@@ -364,7 +332,6 @@ __global__ void __launch_bounds__(256, 1)
     constexpr ff_u32_t Q_BYTES = PANELS * Q_PANEL;
     constexpr ff_u32_t KV_BYTES = PANELS * KV_PANEL;
     static_assert(STAGES >= 2 && STAGES <= 4, "stages");
-    static_assert(DEFER == 0 || STAGES >= 3, "deferred waits need three stages");
     static_assert(FF_SM90_BWD_Q_SMEM(D, STAGES) ==
                       1024 + 2 * Q_BYTES + 2 * STAGES * KV_BYTES + (1 + 2 * STAGES) * 8,
                   "shared memory size");
@@ -468,14 +435,11 @@ __global__ void __launch_bounds__(256, 1)
     if (n_kt > 0) {
         ff_mbar_wait(qg_full, 0);
     }
-    // dS packed as the A operand of the dQ product: with DEFER that product may still read
-    // it while the next tile starts.
-    ff_u32_t pds[1][BN / 16][4];
 
     for (int j = 0; j < n_kt; ++j) {
         const int st = j % STAGES;
         const int n0 = j * BN;
-        if (!DEFER && tid == 0 && j + STAGES - 1 < n_kt) {
+        if (tid == 0 && j + STAGES - 1 < n_kt) {
             issue(j + STAGES - 1);
         }
         const ff_u32_t k_tile = sk + st * KV_BYTES;
@@ -494,46 +458,28 @@ __global__ void __launch_bounds__(256, 1)
         // Whether this warp's queries need element-wise masking against the key tile.
         const bool full = p.mask_kind == FF_MASK_NONE && n0 + BN <= Tkv &&
                           (!p.causal || n0 + BN - 1 <= wq + diag);
-        // Retires S (and, with DEFER, the last tile's dQ product before it).
         ff_wgmma_wait<1>();
         ff_fence_regs(s[0]);
-        if (DEFER && j > 0) {
-            ff_fence_regs(acc);
-            ff_fence_regs(pds[0]);
-            __syncwarp();
-            if (lane == 0) {
-                ff_mbar_arrive(FF_EMPTY((j - 1) % STAGES));
-            }
-        }
-        if (DEFER && tid == 0 && j + STAGES - 1 < n_kt) {
-            issue(j + STAGES - 1);
-        }
         ff_bwd_probs<T, 1, BN, false>(s, qrow0, n0 + 2 * (lane & 3), full, p, mask_bh,
                                       p.scale_log2,
                                       [&](int qi) { return l2[(qi - qrow0) >> 3]; });
         ff_wgmma_wait<0>();
         ff_fence_regs(dp[0]);
         ff_bwd_ds<1, BN, false>(dp, s, qrow0, 0, [&](int qi) { return dl[(qi - qrow0) >> 3]; });
+        ff_u32_t pds[1][BN / 16][4];
         ff_attn_pack<T, 1, BN>(pds, dp);
 
         // dQ += dS K.
         ff_wgmma_fence();
         ff_sm90_bwd_rs<T, D>(acc, pds[0], k_tile, KV_PANEL);
         ff_wgmma_commit();
-        if (!DEFER) {
-            ff_wgmma_wait<0>();
-            ff_fence_regs(acc);
-            ff_fence_regs(pds[0]);
-            __syncwarp();
-            if (lane == 0) {
-                ff_mbar_arrive(FF_EMPTY(st));
-            }
-        }
-    }
-    if (DEFER && n_kt > 0) {
         ff_wgmma_wait<0>();
         ff_fence_regs(acc);
         ff_fence_regs(pds[0]);
+        __syncwarp();
+        if (lane == 0) {
+            ff_mbar_arrive(FF_EMPTY(st));
+        }
     }
 #undef FF_FULL
 #undef FF_EMPTY

@@ -44,43 +44,27 @@ const TILE_ROWS: usize = 64;
 
 /// The environment variable that sets the kernels' pipeline depth (`2` or `3` stages).
 const STAGES_KNOB: &str = "FERROFAST_SM90_BWD_STAGES";
-/// The environment variable that leaves each tile's last products in flight into the next
-/// tile (`1`; the kernels' `DEFER`, which runs with three stages).
-const DEFER_KNOB: &str = "FERROFAST_SM90_BWD_DEFER";
 
-/// The kernels' pipeline, `(stages, defer)`: `(2, 0)` by default, `(3, 0)` when
-/// [`STAGES_KNOB`] says `3`, `(3, 1)` when [`DEFER_KNOB`] says `1`.
-fn pipeline() -> (usize, usize) {
-    let is = |name: &str, value: &str| std::env::var(name).is_ok_and(|v| v.trim() == value);
-    if is(DEFER_KNOB, "1") {
-        (3, 1)
-    } else if is(STAGES_KNOB, "3") {
-        (3, 0)
+/// Pipeline stages of both kernels: 2, or 3 when [`STAGES_KNOB`] says `3`.
+fn stages() -> usize {
+    if std::env::var(STAGES_KNOB).is_ok_and(|v| v.trim() == "3") {
+        3
     } else {
-        (2, 0)
+        2
     }
 }
-
-/// The `(stages, defer)` pipelines [`pipeline`] can ask for.
-const PIPELINES: [(usize, usize); 3] = [(2, 0), (3, 0), (3, 1)];
 
 /// Whether the kernels take `(d, dv)`.
 pub(crate) fn takes(d: usize, dv: usize) -> bool {
     d == dv && matches!(d, 64 | 128)
 }
 
-fn dkdv_variant(dtype: DType, d: usize, (stages, defer): (usize, usize)) -> String {
-    format!(
-        "attn_bwd_sm90_dkdv<{}, {d}, {stages}, {defer}>",
-        type_tag(dtype)
-    )
+fn dkdv_variant(dtype: DType, d: usize, stages: usize) -> String {
+    format!("attn_bwd_sm90_dkdv<{}, {d}, {stages}>", type_tag(dtype))
 }
 
-fn dq_variant(dtype: DType, d: usize, (stages, defer): (usize, usize)) -> String {
-    format!(
-        "attn_bwd_sm90_dq<{}, {d}, {stages}, {defer}>",
-        type_tag(dtype)
-    )
+fn dq_variant(dtype: DType, d: usize, stages: usize) -> String {
+    format!("attn_bwd_sm90_dq<{}, {d}, {stages}>", type_tag(dtype))
 }
 
 /// Every instantiation of `attn_backward_sm90.cu` a launch can ask for.
@@ -88,9 +72,9 @@ fn variants() -> Vec<String> {
     let mut v = Vec::new();
     for dtype in [DType::F16, DType::BF16] {
         for d in [64, 128] {
-            for pipe in PIPELINES {
-                v.push(dkdv_variant(dtype, d, pipe));
-                v.push(dq_variant(dtype, d, pipe));
+            for stages in [2, 3] {
+                v.push(dkdv_variant(dtype, d, stages));
+                v.push(dq_variant(dtype, d, stages));
             }
         }
     }
@@ -170,13 +154,12 @@ pub(super) fn passes(c: &SdpaVjpArgs, x: &Inputs<'_>, d_out: &Array) -> Result<G
     };
     let null: u64 = 0;
     let mut g = Grads::alloc(x)?;
-    let pipe = pipeline();
-    let stages = pipe.0;
+    let stages = stages();
 
     // dK and dV: one block per 128 keys, query tiles of 64 rows.
     {
         let [tm_q, tm_k, tm_v, tm_g] = maps(TILE_ROWS as u32, BLOCK_ROWS as u32)?;
-        let name = dkdv_variant(x.dtype, x.d, pipe);
+        let name = dkdv_variant(x.dtype, x.d, stages);
         let func = jit::function(&x.device, &REGISTERED.file, &name, &[])?;
         let smem = dkdv_shared_bytes(x.d, stages);
         allow_shared_memory(&func, smem, "the Hopper attention backward kernel")?;
@@ -216,7 +199,7 @@ pub(super) fn passes(c: &SdpaVjpArgs, x: &Inputs<'_>, d_out: &Array) -> Result<G
     // dQ: one block per 128 queries, key tiles of 64.
     {
         let [tm_q, tm_k, tm_v, tm_g] = maps(BLOCK_ROWS as u32, TILE_ROWS as u32)?;
-        let name = dq_variant(x.dtype, x.d, pipe);
+        let name = dq_variant(x.dtype, x.d, stages);
         let func = jit::function(&x.device, &REGISTERED.file, &name, &[])?;
         let smem = dq_shared_bytes(x.d, stages);
         allow_shared_memory(&func, smem, "the Hopper attention backward kernel")?;
@@ -255,10 +238,9 @@ mod tests {
     #[test]
     fn variants_and_shared_memory_fit() {
         let all = variants();
-        assert_eq!(all.len(), 24);
-        assert!(all.contains(&"attn_bwd_sm90_dkdv<ff_bf16, 128, 2, 0>".to_string()));
-        assert!(all.contains(&"attn_bwd_sm90_dq<ff_f16, 64, 3, 0>".to_string()));
-        assert!(all.contains(&"attn_bwd_sm90_dq<ff_bf16, 128, 3, 1>".to_string()));
+        assert_eq!(all.len(), 16);
+        assert!(all.contains(&"attn_bwd_sm90_dkdv<ff_bf16, 128, 2>".to_string()));
+        assert!(all.contains(&"attn_bwd_sm90_dq<ff_f16, 64, 3>".to_string()));
         for d in [64, 128] {
             for stages in [2, 3] {
                 assert!(dkdv_shared_bytes(d, stages) <= 227 * 1024);
