@@ -473,9 +473,9 @@ def cross_entropy_fused_in_place(
 
     The logits are lent to the call: nothing else may read or write them until it returns
     (on a GPU: the write is queued on the producer's current stream, so work queued there
-    afterwards sees the gradient). Currently the gradient goes through a temporary buffer and
-    is copied over the logits (on the GPU too), so the peak memory is that of
-    :func:`cross_entropy_fused`; the result is the same."""
+    afterwards sees the gradient). Each row's gradient is written over its logits in that
+    memory: no buffer the size of the logits is allocated (on the GPU too), and the bits are
+    :func:`cross_entropy_fused`'s."""
     _check_stream("cross_entropy", stream, logits)
     _lendable(logits)
     x = to_tensor(logits)

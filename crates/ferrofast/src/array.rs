@@ -128,15 +128,15 @@ pub(crate) enum Storage {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     Cuda(crate::cuda::storage::Buffer),
     /// Host memory owned outside ferrofast (see [`Array::from_external`]); never given to
-    /// the host pool, and never written except by [`Array::write_lent`] under its caller's
-    /// lending contract.
+    /// the host pool, and never written except through [`Array::lent_host_slice_mut`] under
+    /// its caller's lending contract.
     External(ExternalBuffer),
 }
 
 /// Host memory borrowed from another library (a NumPy array, a PyTorch tensor, ...), kept
 /// valid by `owner` for as long as this value lives. Made only by [`Array::from_external`],
 /// whose contract guarantees that `ptr` addresses `len` initialised, aligned, valid elements
-/// of `dtype` that nobody writes while the owner is held (but [`Array::write_lent`], where
+/// of `dtype` that nobody writes while the owner is held (but [`Array::lent_host_slice_mut`], where
 /// its caller lends them for writing).
 pub(crate) struct ExternalBuffer {
     ptr: std::ptr::NonNull<u8>,
@@ -149,7 +149,7 @@ pub(crate) struct ExternalBuffer {
 // SAFETY: ferrofast reads the memory through shared slices (`cpu_buffer`), and
 // `from_external`'s contract makes it immutable and valid while `_owner` lives; `_owner`
 // itself is `Send + Sync`. So sharing or moving the buffer between threads is as safe as
-// sharing a `&[T]`. The one write, `Array::write_lent`, goes through `&mut` to the only
+// sharing a `&[T]`. The one write, `Array::lent_host_slice_mut`, goes through `&mut` to the only
 // handle on the storage (`Arc::get_mut`), so no shared slice of it exists meanwhile, and
 // its caller's contract lends the memory for writing.
 unsafe impl Send for ExternalBuffer {}
@@ -1138,90 +1138,39 @@ impl Array {
         Arc::strong_count(&self.storage) == 1 && Arc::weak_count(&self.storage) == 0
     }
 
-    /// Overwrites this array's elements with `src`'s (same shape and dtype, same device) in
-    /// the memory this array views, memory borrowed through [`Array::from_external`] or
-    /// [`Array::from_cuda_external`] included: the write-back of
-    /// [`fast::cross_entropy_fused_in_place_external`](crate::fast::cross_entropy_fused_in_place_external).
-    /// `self` must be the only handle on its buffer and row-major contiguous. On the CPU the
-    /// bytes are copied on the calling thread; on a GPU the copy is queued on the buffer's
-    /// stream (after the work there and, through the buffers' events, the work producing
-    /// `src`), with no host wait.
+    /// The elements of a row-major contiguous array over memory borrowed through
+    /// [`Array::from_external`], as a mutable slice, when this is the only handle on the
+    /// buffer and the dtype is `T`'s; `None` otherwise (ferrofast's own memory, a GPU
+    /// buffer, a strided view, another handle alive, another dtype). The in-place passes
+    /// write their results there.
     ///
     /// # Safety
-    /// When the memory is borrowed, its producer lends it for writing: it is writable, and
-    /// nobody else reads or writes these elements until the copy is done (on a GPU, until the
-    /// work queued on the buffer's stream by then has finished). Values of `self`'s dtype
-    /// are written (`src` has it), so they are valid for it.
-    ///
-    /// # Errors
-    /// `Error::InvalidArgument` when another handle shares the buffer, the layout is not
-    /// row-major contiguous or `src` has another shape or dtype; `Error::Device` when `src`
-    /// lives on another device; device errors.
-    pub(crate) unsafe fn write_lent(&mut self, src: &Array) -> Result<()> {
-        const OP: &str = "[write_lent]";
-        if self.shape != src.shape || self.dtype != src.dtype {
-            return Err(Error::invalid(format!(
-                "{OP} the source ({} {}) does not match the destination ({} {}).",
-                fmt_shape(&src.shape),
-                src.dtype,
-                fmt_shape(&self.shape),
-                self.dtype
-            )));
+    /// The memory's producer lends it for writing for as long as the slice lives: it is
+    /// writable, and nobody else reads or writes these elements meanwhile. Values of `T`
+    /// written through the slice are valid values of the dtype.
+    pub(crate) unsafe fn lent_host_slice_mut<T: Element>(&mut self) -> Option<&mut [T]> {
+        if self.dtype != T::DTYPE || !self.is_contiguous() {
+            return None;
         }
-        if self.device() != src.device() {
-            return Err(Error::Device(format!(
-                "{OP} the source is on {} and the destination on {}.",
-                src.device(),
-                self.device()
-            )));
-        }
-        if !self.is_contiguous() {
-            return Err(Error::invalid(format!(
-                "{OP} the destination of shape {} and strides {:?} is not row-major \
-                 contiguous.",
-                fmt_shape(&self.shape),
-                self.strides
-            )));
-        }
-        let bytes = self.nbytes();
-        if bytes == 0 {
-            return Ok(());
-        }
-        let (offset, dtype) = (self.offset, self.dtype);
-        let shape = self.shape.clone();
-        let strides = self.strides.clone();
-        // A row-major source on the host (a no-op for an op's result); on a GPU `copy_into`
-        // takes any layout.
-        let src = match src.device() {
-            Device::Cpu => src.contiguous()?,
-            Device::Cuda(_) => src.clone(),
-        };
-        let storage = Arc::get_mut(&mut self.storage).ok_or_else(|| {
-            Error::invalid(format!(
-                "{OP} the destination shares its buffer with another array."
-            ))
-        })?;
-        let dst: *mut u8 = match storage {
-            Storage::Cpu(data, _) => with_cpu_data!(data, v => v.as_mut_ptr().cast::<u8>()),
-            Storage::External(e) => e.ptr.as_ptr(),
-            Storage::Cuda(buffer) => {
-                return crate::cuda::storage::copy_into(buffer, offset, &shape, &strides, &src)
+        let (offset, n) = (self.offset, self.size());
+        match Arc::get_mut(&mut self.storage)? {
+            Storage::External(e) => {
+                if n == 0 {
+                    return Some(&mut []);
+                }
+                // SAFETY: the array is row-major contiguous, so its `n` elements from
+                // `offset` lie inside the span `from_external` was given (its contract: one
+                // live allocation, initialised, valid values of the dtype, aligned to the
+                // element size as `from_external` checked); `Arc::get_mut` succeeded, so no
+                // other handle reads them through a shared slice while `&mut self` is
+                // borrowed by the returned slice; the caller's contract lends them for
+                // writing.
+                Some(unsafe {
+                    std::slice::from_raw_parts_mut(e.ptr.as_ptr().cast::<T>().add(offset), n)
+                })
             }
-        };
-        let from = src
-            .host_ptr()
-            .ok_or_else(|| Error::invalid(format!("{OP} the source has no host address.")))?;
-        // SAFETY: `self` is row-major contiguous over its own buffer (checked above), so its
-        // `bytes` bytes from element `offset` lie inside the buffer: a vector ferrofast holds
-        // alone (`Arc::get_mut` succeeded) or memory whose span covers every element
-        // (`from_external`'s contract), lent for writing by the caller's contract. `src` is
-        // row-major of the same shape and dtype, so `bytes` bytes from its first element are
-        // its elements, in another buffer (this one has no other handle), and both pointers
-        // are aligned to the dtype. Every value copied is a valid value of the dtype.
-        unsafe {
-            std::ptr::copy_nonoverlapping(from, dst.add(offset * dtype.size()), bytes);
+            Storage::Cpu(..) | Storage::Cuda(_) => None,
         }
-        Ok(())
     }
 
     /// The host buffer as a vector when [`owns_whole_buffer`](Array::owns_whole_buffer)

@@ -1,5 +1,6 @@
 //! The host buffer pool: bounded in buffers and bytes whatever sizes go through it, reusing
-//! buffers of a size class, never keeping a vector the user handed in. One test (the pool
+//! buffers of a size class, never keeping a vector the user handed in, and the in-place
+//! cross-entropy pass over lent memory allocating no logits-sized buffer. One test (the pool
 //! is global to the process; parallel tests would see each other's buffers).
 
 use ferrofast::array::{clear_host_cache, host_cache_stats};
@@ -63,6 +64,53 @@ fn the_host_pool_is_bounded_reuses_size_classes_and_keeps_no_user_vector() {
         drop((k, kn, o));
         within_bounds(&format!("decode step {t}"));
     }
+    // The in-place cross-entropy pass over lent memory (a NumPy array's, say) writes the
+    // gradient there: no buffer the size of the logits passes through the pool.
+    let (rows, vocab) = (64usize, 4096usize);
+    let logits = Array::randn(&[rows, vocab], DType::F32, 11, &cpu).unwrap();
+    let targets = Array::from_vec(
+        (0..rows as i32).map(|r| (r * 61) % vocab as i32).collect(),
+        &[rows],
+    )
+    .unwrap();
+    let opts = fast::CrossEntropyOptions::default();
+    let (want_loss, want_grad) = fast::cross_entropy_fused(&logits, &targets, &opts).unwrap();
+    let (want_loss, want_grad) = (
+        want_loss.to_vec::<f32>().unwrap(),
+        want_grad.to_vec::<f32>().unwrap(),
+    );
+    let lent: Box<Vec<f32>> = Box::new(logits.to_vec::<f32>().unwrap());
+    let ptr = lent.as_ptr().cast::<u8>();
+    // SAFETY: `lent` holds rows * vocab initialised f32, aligned, kept alive by the array
+    // that owns it, and lent for writing to the call below; nothing else touches it.
+    let x = unsafe {
+        Array::from_external(ptr, &[rows, vocab], &[vocab as isize, 1], DType::F32, lent)
+    }
+    .unwrap();
+    drop(logits);
+    clear_host_cache();
+    // SAFETY: as above.
+    let (loss, grad) =
+        unsafe { fast::cross_entropy_fused_in_place_external(x, &targets, &opts) }.unwrap();
+    assert_eq!(
+        grad.host_ptr(),
+        Some(ptr),
+        "the gradient is in the lent memory"
+    );
+    let (_, bytes) = host_cache_stats();
+    assert!(
+        bytes < rows * vocab * 4,
+        "a logits-sized buffer went through the pool: {bytes} bytes kept"
+    );
+    assert_eq!(loss.to_vec::<f32>().unwrap(), want_loss);
+    assert_eq!(grad.to_vec::<f32>().unwrap(), want_grad);
+    drop((loss, grad));
+    let (_, bytes) = host_cache_stats();
+    assert!(
+        bytes < rows * vocab * 4,
+        "a logits-sized buffer went through the pool: {bytes} bytes kept"
+    );
+
     let (n, bytes) = within_bounds("after the loops");
     println!("host pool after the loops: {n} buffers, {bytes} bytes");
     clear_host_cache();

@@ -104,24 +104,66 @@ pub(crate) fn fused(args: &CrossEntropyArgs) -> Result<(Array, Array)> {
 /// handle on their whole row-major buffer: [`Array::owns_whole_buffer`]); any other call
 /// runs [`fused`] into a new buffer.
 pub(crate) fn fused_in_place(args: CrossEntropyArgs) -> Result<(Array, Array)> {
-    match args.logits.dtype() {
-        DType::F32 => fused_in_place_typed::<f32>(args),
-        DType::F16 => fused_in_place_typed::<f16>(args),
-        DType::BF16 => fused_in_place_typed::<bf16>(args),
-        _ => fused(&args),
+    // SAFETY: `lent` is false: only ferrofast's own buffers are written.
+    unsafe { in_place(args, false) }
+}
+
+/// [`fused_in_place`], and for row-major f32 / f16 / bf16 logits over borrowed memory
+/// ([`Array::from_external`]) that are the only handle on it, the same pass over that
+/// memory: `dlogits` is the logits array itself.
+///
+/// # Safety
+/// When the logits view borrowed memory, its producer lends it for writing for this call
+/// (writable, nobody else reads or writes these elements until the call returns).
+pub(crate) unsafe fn fused_in_place_lent(args: CrossEntropyArgs) -> Result<(Array, Array)> {
+    // SAFETY: the caller's contract.
+    unsafe { in_place(args, true) }
+}
+
+/// # Safety
+/// With `lent`, [`fused_in_place_lent`]'s contract.
+unsafe fn in_place(args: CrossEntropyArgs, lent: bool) -> Result<(Array, Array)> {
+    // SAFETY: passed on.
+    unsafe {
+        match args.logits.dtype() {
+            DType::F32 => in_place_typed::<f32>(args, lent),
+            DType::F16 => in_place_typed::<f16>(args, lent),
+            DType::BF16 => in_place_typed::<bf16>(args, lent),
+            _ => fused(&args),
+        }
     }
 }
 
-fn fused_in_place_typed<T: RowElem>(mut args: CrossEntropyArgs) -> Result<(Array, Array)> {
+/// # Safety
+/// With `lent`, [`fused_in_place_lent`]'s contract.
+unsafe fn in_place_typed<T: RowElem>(
+    mut args: CrossEntropyArgs,
+    lent: bool,
+) -> Result<(Array, Array)> {
     let shape = args.logits.shape().to_vec();
     let logits = std::mem::replace(&mut args.logits, Array::scalar(0.0f32));
-    let mut buf = match logits.into_host_vec::<T>() {
-        Ok(buf) => buf,
-        Err(logits) => {
-            args.logits = logits;
-            return fused(&args);
+    let mut logits = match logits.into_host_vec::<T>() {
+        Ok(mut buf) => {
+            let loss = grad_rows_in_place(&args, &mut buf)?;
+            return Ok((loss, Array::from_vec(buf, &shape)?));
         }
+        Err(logits) => logits,
     };
+    if lent {
+        // SAFETY: the caller's contract lends the borrowed memory for writing for this call;
+        // the slice lives until the rows are written, inside it.
+        if let Some(rows) = unsafe { logits.lent_host_slice_mut::<T>() } {
+            let loss = grad_rows_in_place(&args, rows)?;
+            return Ok((loss, logits));
+        }
+    }
+    args.logits = logits;
+    fused(&args)
+}
+
+/// The fused pass over the row-major logits `buf` (`args`' rows, vocabulary and options),
+/// each row's gradient written over its logits: returns the loss array.
+fn grad_rows_in_place<T: RowElem>(args: &CrossEntropyArgs, buf: &mut [T]) -> Result<Array> {
     let targets = targets_i64(&args.targets)?;
     let p = args.row_params();
     let g = match args.opts.reduction {
@@ -155,8 +197,7 @@ fn fused_in_place_typed<T: RowElem>(mut args: CrossEntropyArgs) -> Result<(Array
             *loss = row_grad_in_place::<T>(&p, &mut [], targets[r], g, isa, &mut sc);
         }
     }
-    let loss = reduce(&args, &targets, &losses)?;
-    Ok((loss, Array::from_vec(buf, &shape)?))
+    reduce(args, &targets, &losses)
 }
 
 /// Rows whose target is not the ignored index.

@@ -175,7 +175,8 @@ enum Grad<'a> {
     Cotangent(&'a CudaBuffer, i64),
     /// `dlogits` of the reduced loss (cotangent 1, times `1 / n_valid` for the mean).
     Implied,
-    /// As `Implied`, written over the logits (which own their whole row-major buffer).
+    /// As `Implied`, written over the logits (which own their whole row-major buffer, or
+    /// view memory lent for writing).
     ImpliedInPlace,
 }
 
@@ -415,8 +416,43 @@ pub(crate) fn fused(args: &CrossEntropyArgs, stream: &Stream) -> Result<(Array, 
 /// # Errors
 /// As [`run`].
 pub(crate) fn fused_in_place(args: CrossEntropyArgs, stream: &Stream) -> Result<(Array, Array)> {
+    let own = args.logits.owns_whole_buffer();
+    // SAFETY: only ferrofast's own buffers are written (`own`).
+    unsafe { in_place(args, stream, own) }
+}
+
+/// [`fused_in_place`], and for row-major f32 / f16 / bf16 logits over borrowed device memory
+/// ([`Array::from_cuda_external`]) that are the only handle on it, the same pass over that
+/// memory: `dlogits` is the logits array itself.
+///
+/// # Safety
+/// When the logits view borrowed memory, its producer lends it for writing for this call:
+/// writable, and nobody else reads or writes these elements until the work this call queues
+/// on `stream` has finished.
+///
+/// # Errors
+/// As [`run`].
+pub(crate) unsafe fn fused_in_place_lent(
+    args: CrossEntropyArgs,
+    stream: &Stream,
+) -> Result<(Array, Array)> {
+    let writable = args.logits.owns_whole_buffer()
+        || (args.logits.is_sole_handle() && args.logits.is_contiguous());
+    // SAFETY: the caller's contract lends borrowed memory for writing; ferrofast's own
+    // buffers are written only when `args` holds the only handle on them.
+    unsafe { in_place(args, stream, writable) }
+}
+
+/// # Safety
+/// With `writable`, the logits' elements may be overwritten: ferrofast's own buffer with no
+/// other handle, or memory lent for writing ([`fused_in_place_lent`]'s contract).
+unsafe fn in_place(
+    args: CrossEntropyArgs,
+    stream: &Stream,
+    writable: bool,
+) -> Result<(Array, Array)> {
     let native = matches!(args.logits.dtype(), DType::F32 | DType::F16 | DType::BF16);
-    if !native || !args.logits.owns_whole_buffer() {
+    if !native || !writable {
         return fused(&args, stream);
     }
     match launch_rows(&args, stream, Grad::ImpliedInPlace)? {

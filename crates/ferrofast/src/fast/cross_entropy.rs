@@ -209,12 +209,10 @@ pub fn cross_entropy_fused_in_place_on(
 /// lender's memory, and returned as `logits` itself, beside the loss. The gradient is the
 /// bits [`cross_entropy_fused`] gives.
 ///
-/// Logits in a buffer ferrofast owns alone take [`cross_entropy_fused_in_place`] (no second
-/// buffer). Borrowed memory currently takes [`cross_entropy_fused`] into a temporary buffer
-/// (from the host pool, or on the logits' stream) and a copy of it over the logits (on the
-/// CPU on the calling thread, on a GPU queued on the logits' stream): the caller's memory
-/// holds the gradient afterwards, but the peak memory is that of the out-of-place pass; the
-/// back ends' in-place row passes take only ferrofast's own buffers for now.
+/// The row passes write each row's gradient over its logits in the lender's memory (on the
+/// CPU on the calling thread's pool, on a GPU queued on the logits' stream), as
+/// [`cross_entropy_fused_in_place`] does for ferrofast's own buffers: no buffer the size of
+/// the logits is allocated. f64 logits are refused (below).
 ///
 /// # Safety
 /// When `logits` views borrowed memory, its producer lends it for writing for this call:
@@ -231,7 +229,7 @@ pub fn cross_entropy_fused_in_place_on(
 /// share their buffer with another array (a clone or view would see the write). On an
 /// error the logits are dropped unchanged.
 pub unsafe fn cross_entropy_fused_in_place_external(
-    mut logits: Array,
+    logits: Array,
     targets: &Array,
     opts: &CrossEntropyOptions,
 ) -> Result<(Array, Array)> {
@@ -256,15 +254,17 @@ pub unsafe fn cross_entropy_fused_in_place_external(
              array shares it."
         )));
     }
-    if logits.owns_whole_buffer() {
-        return cross_entropy_fused_in_place(logits, targets, opts);
-    }
-    let (loss, dlogits) = cross_entropy_fused(&logits, targets, opts)?;
+    let args = CrossEntropyArgs::new(&logits, targets, opts)?;
+    drop(logits);
     // SAFETY: the caller lends the logits' memory for writing for this call (this
-    // function's contract); `logits` is the only handle on it (checked above) and
-    // row-major contiguous, and `dlogits` has its shape and dtype.
-    unsafe { logits.write_lent(&dlogits)? };
-    Ok((loss, logits))
+    // function's contract); `args` holds the only handle on it (checked above), row-major
+    // contiguous.
+    unsafe {
+        match place(OP, args.device, &args.logits, None)? {
+            Place::Cpu => crate::cpu::cross_entropy::fused_in_place_lent(args),
+            Place::Cuda(stream) => crate::cuda::cross_entropy::fused_in_place_lent(args, &stream),
+        }
+    }
 }
 
 /// For autodiff front ends: succeeds when only the logits' gradient is asked of
