@@ -372,6 +372,7 @@ impl CudaKernel {
             init_value: call.init_value,
             args,
             dispatch,
+            split_partial: false,
             shared_memory: self.shared_memory,
             stream,
         };

@@ -64,6 +64,9 @@ pub(crate) enum LaunchArg {
     F32(f32),
     /// Three `uint32_t` by value (a `uint3`).
     U32x3([u32; 3]),
+    /// The index of this launch's first block per axis (a `uint3`): 0 unless
+    /// [`Launch::split_partial`] splits the grid into several launches.
+    BlockOrigin,
 }
 
 /// Everything one launch needs.
@@ -86,6 +89,11 @@ pub(crate) struct Launch<'a> {
     pub(crate) args: Vec<LaunchArg>,
     /// Blocks and threads per block.
     pub(crate) dispatch: Dispatch,
+    /// Launch the last, partial blocks along each axis as blocks of their real size, in
+    /// launches of their own (up to eight: full and partial runs per axis), instead of full
+    /// blocks whose threads past the grid idle: no thread of a block is then outside the grid
+    /// (Metal's non-uniform threadgroups, whose barriers every thread of the block meets).
+    pub(crate) split_partial: bool,
     /// Dynamic shared memory in bytes.
     pub(crate) shared_memory: usize,
     /// Where to run.
@@ -494,6 +502,7 @@ pub(crate) unsafe fn launch(l: Launch) -> Result<Vec<Array>> {
             LaunchArg::U32(v) => Some(ArgValue::U32(v)),
             LaunchArg::F32(v) => Some(ArgValue::F32(v)),
             LaunchArg::U32x3(v) => Some(ArgValue::U32x3(v)),
+            LaunchArg::BlockOrigin => None,
         });
     }
 
@@ -575,61 +584,65 @@ pub(crate) unsafe fn launch(l: Launch) -> Result<Vec<Array>> {
                     .unwrap_or_else(|| buf.slice().as_view()))
             })
             .collect::<Result<_>>()?;
-        let mut output_refs: Vec<Option<&mut CudaBuffer>> = outputs.iter_mut().map(Some).collect();
         let cu = stream.cuda();
-        let mut builder = cu.launch_builder(&func);
-        for (arg, value) in l.args.iter().zip(&values) {
-            match (arg, value) {
-                (LaunchArg::Input(i), _) => {
-                    builder.arg(&views[*i]);
-                }
-                (LaunchArg::Output(i), _) => {
-                    let buf = output_refs[*i].take().ok_or_else(|| {
-                        Error::invalid(format!("[{op}] output {i} is passed twice"))
-                    })?;
-                    builder.arg(buf.slice_mut());
-                }
-                (_, Some(ArgValue::Bool(v))) => {
-                    builder.arg(v);
-                }
-                (_, Some(ArgValue::I32(v))) => {
-                    builder.arg(v);
-                }
-                (_, Some(ArgValue::U32(v))) => {
-                    builder.arg(v);
-                }
-                (_, Some(ArgValue::F32(v))) => {
-                    builder.arg(v);
-                }
-                (_, Some(ArgValue::U32x3(v))) => {
-                    builder.arg(v);
-                }
-                (_, Some(ArgValue::Shape(v))) => {
-                    builder.arg(v);
-                }
-                (_, Some(ArgValue::Strides(v))) => {
-                    builder.arg(v);
-                }
-                (_, None) => {
-                    return Err(Error::invalid(format!("[{op}] unexpected kernel argument")))
+        for (origin, blocks, block) in l.dispatch.segments(l.split_partial) {
+            let mut output_refs: Vec<Option<&mut CudaBuffer>> =
+                outputs.iter_mut().map(Some).collect();
+            let mut builder = cu.launch_builder(&func);
+            for (arg, value) in l.args.iter().zip(&values) {
+                match (arg, value) {
+                    (LaunchArg::Input(i), _) => {
+                        builder.arg(&views[*i]);
+                    }
+                    (LaunchArg::Output(i), _) => {
+                        let buf = output_refs[*i].take().ok_or_else(|| {
+                            Error::invalid(format!("[{op}] output {i} is passed twice"))
+                        })?;
+                        builder.arg(buf.slice_mut());
+                    }
+                    (LaunchArg::BlockOrigin, _) => {
+                        builder.arg(&origin);
+                    }
+                    (_, Some(ArgValue::Bool(v))) => {
+                        builder.arg(v);
+                    }
+                    (_, Some(ArgValue::I32(v))) => {
+                        builder.arg(v);
+                    }
+                    (_, Some(ArgValue::U32(v))) => {
+                        builder.arg(v);
+                    }
+                    (_, Some(ArgValue::F32(v))) => {
+                        builder.arg(v);
+                    }
+                    (_, Some(ArgValue::U32x3(v))) => {
+                        builder.arg(v);
+                    }
+                    (_, Some(ArgValue::Shape(v))) => {
+                        builder.arg(v);
+                    }
+                    (_, Some(ArgValue::Strides(v))) => {
+                        builder.arg(v);
+                    }
+                    (_, None) => {
+                        return Err(Error::invalid(format!("[{op}] unexpected kernel argument")))
+                    }
                 }
             }
+            let cfg = LaunchConfig {
+                grid_dim: (blocks[0], blocks[1], blocks[2]),
+                block_dim: (block[0], block[1], block[2]),
+                shared_mem_bytes: shared_bytes,
+            };
+            let what = format!("[{op}] launching the kernel");
+            guarded(&what, || {
+                // SAFETY: the caller's contract (see above): the kernel matches the arguments
+                // and stays inside the buffers it is given.
+                unsafe { builder.launch(cfg) }
+                    .map(|_| ())
+                    .map_err(|e| driver_error(&what, e))
+            })?;
         }
-        let b = l.dispatch.blocks;
-        let t = l.dispatch.block;
-        let cfg = LaunchConfig {
-            grid_dim: (b[0], b[1], b[2]),
-            block_dim: (t[0], t[1], t[2]),
-            shared_mem_bytes: shared_bytes,
-        };
-        let what = format!("[{op}] launching the kernel");
-        guarded(&what, || {
-            // SAFETY: the caller's contract (see above): the kernel matches the arguments and
-            // stays inside the buffers it is given.
-            unsafe { builder.launch(cfg) }
-                .map(|_| ())
-                .map_err(|e| driver_error(&what, e))
-        })?;
     }
     outputs
         .into_iter()

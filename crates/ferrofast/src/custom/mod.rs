@@ -307,10 +307,57 @@ pub(crate) fn type_string(dtype: DType) -> &'static str {
 /// Blocks and block dimensions of a launch whose grid is given in threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Dispatch {
+    /// Threads per axis.
+    pub(crate) grid: [usize; 3],
     /// Blocks per axis: `ceil(grid / block)`.
     pub(crate) blocks: [u32; 3],
     /// Threads per block per axis: `min(threadgroup, grid)`.
     pub(crate) block: [u32; 3],
+}
+
+/// One launch of a dispatch: the index of its first block per axis, its blocks per axis and
+/// its threads per block per axis.
+pub(crate) type Segment = ([u32; 3], [u32; 3], [u32; 3]);
+
+impl Dispatch {
+    /// The launches that run this dispatch. Without `split`, one: every block full-sized
+    /// (threads past the grid in the last blocks run too). With `split`, the full blocks and,
+    /// along each axis whose grid is not a multiple of the block, the last partial block at
+    /// its real size, in launches of their own: every combination of full and partial runs
+    /// over the three axes (at most eight launches), so no launched thread is past the grid.
+    /// None for an empty grid.
+    pub(crate) fn segments(&self, split: bool) -> Vec<Segment> {
+        if self.blocks.contains(&0) {
+            return Vec::new();
+        }
+        if !split {
+            return vec![([0; 3], self.blocks, self.block)];
+        }
+        // Per axis: (first block, blocks, threads per block) of each run.
+        let runs: Vec<Vec<(u32, u32, u32)>> = (0..3)
+            .map(|a| {
+                let b = self.block[a] as usize;
+                let (full, rem) = (self.grid[a] / b, self.grid[a] % b);
+                let mut r = Vec::with_capacity(2);
+                if full > 0 {
+                    r.push((0, full as u32, b as u32));
+                }
+                if rem > 0 {
+                    r.push((full as u32, 1, rem as u32));
+                }
+                r
+            })
+            .collect();
+        let mut out = Vec::with_capacity(8);
+        for &(ox, nx, tx) in &runs[0] {
+            for &(oy, ny, ty) in &runs[1] {
+                for &(oz, nz, tz) in &runs[2] {
+                    out.push(([ox, oy, oz], [nx, ny, nz], [tx, ty, tz]));
+                }
+            }
+        }
+        out
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -357,7 +404,11 @@ pub(crate) fn dispatch(op: &str, grid: [usize; 3], threadgroup: [usize; 3]) -> R
         block[axis] = b as u32;
         blocks[axis] = n as u32;
     }
-    Ok(Dispatch { blocks, block })
+    Ok(Dispatch {
+        grid,
+        blocks,
+        block,
+    })
 }
 
 #[cfg(test)]
@@ -379,6 +430,54 @@ mod tests {
         assert!(dispatch("t", [4096, 1, 1], [2048, 1, 1]).is_err());
         assert!(dispatch("t", [1, 1, 128], [1, 1, 128]).is_err());
         assert!(dispatch("t", [1, 65536, 1], [1, 1, 1]).is_err());
+    }
+
+    #[test]
+    fn split_segments_cover_the_grid_once_with_blocks_inside_it() {
+        for (grid, tg) in [
+            ([1000usize, 1, 1], [256usize, 1, 1]),
+            ([1024, 1, 1], [256, 1, 1]),
+            ([5, 3, 1], [256, 2, 1]),
+            ([70, 9, 5], [32, 4, 2]),
+            ([7, 7, 7], [8, 8, 8]),
+            ([0, 4, 1], [32, 1, 1]),
+        ] {
+            let d = dispatch("t", grid, tg).unwrap();
+            let whole = d.segments(false);
+            let split = d.segments(true);
+            if grid.contains(&0) {
+                assert!(whole.is_empty() && split.is_empty());
+                continue;
+            }
+            assert_eq!(whole, vec![([0; 3], d.blocks, d.block)]);
+            assert!(split.len() <= 8);
+            // Each thread of the grid is launched exactly once, and nothing past it.
+            let mut seen = vec![0u8; grid.iter().product()];
+            for (origin, blocks, block) in split {
+                assert!(block.iter().zip(&d.block).all(|(b, full)| b <= full));
+                for bz in 0..blocks[2] {
+                    for by in 0..blocks[1] {
+                        for bx in 0..blocks[0] {
+                            let bi = [origin[0] + bx, origin[1] + by, origin[2] + bz];
+                            for tz in 0..block[2] {
+                                for ty in 0..block[1] {
+                                    for tx in 0..block[0] {
+                                        let p = [
+                                            (bi[0] * d.block[0] + tx) as usize,
+                                            (bi[1] * d.block[1] + ty) as usize,
+                                            (bi[2] * d.block[2] + tz) as usize,
+                                        ];
+                                        assert!(p[0] < grid[0] && p[1] < grid[1] && p[2] < grid[2]);
+                                        seen[p[0] + grid[0] * (p[1] + grid[1] * p[2])] += 1;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{grid:?} {tg:?}");
+        }
     }
 
     #[test]

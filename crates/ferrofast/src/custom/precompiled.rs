@@ -135,6 +135,7 @@ fn launch(
         init_value: call.init_value,
         args,
         dispatch,
+        split_partial: false,
         shared_memory,
         stream,
     };

@@ -217,8 +217,9 @@ struct ShapeInfo {
 /// As Metal's `dispatchThreads`: `grid` and `threadgroup` are in threads, the threadgroup is
 /// clamped to the grid per axis, exactly `prod(grid)` threads run the body, and the last
 /// threadgroups along an axis are smaller when the grid is not a multiple of the threadgroup
-/// (`threads_per_threadgroup` says so). Barriers work in those partial threadgroups: the
-/// threads past the grid wait at the barrier until the others have finished.
+/// (`threads_per_threadgroup` says so). Those partial threadgroups run as CUDA blocks of
+/// their real size, in launches of their own, so every thread of a block runs the body and
+/// meets its barriers.
 #[derive(Debug)]
 pub struct MetalKernel {
     name: String,
@@ -579,6 +580,8 @@ impl MetalKernel {
             });
         }
         params.push("const __grid_constant__ ff_grid3 ff_grid".to_string());
+        params.push("const __grid_constant__ ff_grid3 ff_tg".to_string());
+        params.push("const __grid_constant__ ff_grid3 ff_origin".to_string());
         for (attr, _) in &self.attributes {
             args.push(format!("ff_t.{attr}"));
         }
@@ -591,14 +594,14 @@ impl MetalKernel {
             "extern \"C\" __global__ void {entry_name}(\n    {}) {{\n",
             params.join(",\n    ")
         ));
-        s.push_str("    ff_thread_info ff_t = ff_thread_info::make(ff_grid);\n");
+        s.push_str("    ff_thread_info ff_t = ff_thread_info::make(ff_grid, ff_tg, ff_origin);\n");
         s.push_str(&format!(
             "    if (ff_t.in_grid) {{\n        {callee}({});\n    }}\n",
             args.join(", ")
         ));
         if self.uses_barriers {
-            // Threads past the grid, and threads done with the body, keep meeting the
-            // barriers of the others until the whole block is here.
+            // Threads whose body returned early keep meeting the barriers of the others
+            // until the whole block is here.
             s.push_str("    while (ff_barrier_or(false)) {\n    }\n");
         }
         s.push_str("}\n");
@@ -712,6 +715,8 @@ impl MetalKernel {
         args.extend((0..self.output_names.len()).map(LaunchArg::Output));
         let grid = call.grid.map(|g| u32::try_from(g).unwrap_or(u32::MAX));
         args.push(LaunchArg::U32x3(grid));
+        args.push(LaunchArg::U32x3(dispatch.block));
+        args.push(LaunchArg::BlockOrigin);
         self.with_program(g, |program| {
             let launch = Launch {
                 op: OP,
@@ -723,6 +728,7 @@ impl MetalKernel {
                 init_value: call.init_value,
                 args,
                 dispatch,
+                split_partial: true,
                 shared_memory: 0,
                 stream,
             };

@@ -1366,13 +1366,14 @@ template <int N> struct ff_strides {
     int64_t v[N];
 };
 
-// Metal's thread-position attributes of this thread, from CUDA's indices and the grid in
-// threads. A block is one threadgroup of the requested size (clamped to the grid); in the
-// last blocks along an axis the threadgroup is smaller (Metal's non-uniform threadgroups):
-// `threads_per_threadgroup` and `thread_index_in_threadgroup` use the real size, and threads
-// past the grid (`in_grid` false) do not run the body. SIMD lanes are the hardware's (the
-// thread's index in the full block, modulo 32), which matches Metal's whenever a partial
-// threadgroup is partial only along its last non-unit axis (always for 1-D threadgroups).
+// Metal's thread-position attributes of this thread, from CUDA's indices, the grid in
+// threads, the dispatch's threadgroup size `tg` (clamped to the grid) and the index of the
+// launch's first block `origin`. A block is one threadgroup; the last threadgroups along an
+// axis are smaller (Metal's non-uniform threadgroups) and are launched as blocks of their
+// real size (the host splits the grid into launches of full and of partial blocks), so
+// `threads_per_threadgroup` is the block's size and every thread is in the grid (`in_grid`
+// guards a block launched full-sized past the grid all the same). SIMD lanes are the
+// hardware's: the thread's index in its block, `thread_index_in_threadgroup`, modulo 32.
 struct ff_thread_info {
     bool in_grid;
     metal::uint3 thread_position_in_grid;
@@ -1398,11 +1399,12 @@ struct ff_thread_info {
 
     // Fills the attributes and publishes which lanes of each warp run the body. Every thread
     // of the block calls it, before any thread runs the body.
-    __forceinline__ static ff_thread_info make(ff_grid3 grid) {
+    __forceinline__ static ff_thread_info make(ff_grid3 grid, ff_grid3 tg, ff_grid3 origin) {
         ff_thread_info t;
         uint g[3] = {grid.v[0], grid.v[1], grid.v[2]};
-        uint b[3] = {blockDim.x, blockDim.y, blockDim.z};
-        uint bi[3] = {blockIdx.x, blockIdx.y, blockIdx.z};
+        uint b[3] = {tg.v[0], tg.v[1], tg.v[2]};
+        uint bi[3] = {blockIdx.x + origin.v[0], blockIdx.y + origin.v[1],
+                      blockIdx.z + origin.v[2]};
         uint ti[3] = {threadIdx.x, threadIdx.y, threadIdx.z};
         uint pos[3];
         uint real[3];
@@ -1419,7 +1421,8 @@ struct ff_thread_info {
         t.grid_size = t.threads_per_grid;
         t.grid_origin = metal::uint3(0u);
         t.threadgroup_position_in_grid = metal::uint3(bi[0], bi[1], bi[2]);
-        t.threadgroups_per_grid = metal::uint3(gridDim.x, gridDim.y, gridDim.z);
+        t.threadgroups_per_grid = metal::uint3((g[0] + b[0] - 1u) / b[0], (g[1] + b[1] - 1u) / b[1],
+                                               (g[2] + b[2] - 1u) / b[2]);
         t.thread_position_in_threadgroup = metal::uint3(ti[0], ti[1], ti[2]);
         t.threads_per_threadgroup = metal::uint3(real[0], real[1], real[2]);
         t.dispatch_threads_per_threadgroup = metal::uint3(b[0], b[1], b[2]);
@@ -1438,8 +1441,9 @@ struct ff_thread_info {
         t.quadgroups_per_threadgroup = (real_total + 3u) / 4u;
         t.dispatch_quadgroups_per_threadgroup = (block_total + 3u) / 4u;
 
+        uint launched = blockDim.x * blockDim.y * blockDim.z;
         uint warp_first = linear & ~31u;
-        uint lanes = block_total - warp_first < 32u ? block_total - warp_first : 32u;
+        uint lanes = launched - warp_first < 32u ? launched - warp_first : 32u;
         uint existing = lanes == 32u ? 0xffffffffu : ((1u << lanes) - 1u);
         uint running = __ballot_sync(existing, t.in_grid);
         if ((linear & 31u) == 0u) {
