@@ -14,7 +14,7 @@
 //! - 16-byte vector accesses when every row, the weight and the bias are 16-byte aligned
 //!   with unit stride and D % N_READS == 0; scalar accesses otherwise (odd D, offsets).
 
-use super::copy::{collapse, copy_cast, type_tag};
+use super::copy::{copy_cast, row_len_i32, row_stride, type_tag};
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
 use super::runtime::{driver_error, launch, resident_blocks, Stream};
@@ -248,22 +248,6 @@ fn gpu_buffer<'a>(kind: NormKind, name: &str, a: &'a Array) -> Result<&'a CudaBu
     })
 }
 
-/// The row stride of `x` if its rows can be addressed as `offset + r * stride` with unit
-/// stride along the last axis.
-fn row_stride(x: &Array) -> Option<i64> {
-    let nd = x.ndim();
-    let d = x.shape()[nd - 1];
-    if d > 1 && x.strides()[nd - 1] != 1 {
-        return None;
-    }
-    let (shape, strides) = collapse(&x.shape()[..nd - 1], &x.strides()[..nd - 1]);
-    match shape.len() {
-        0 => Some(d as i64),
-        1 => Some(strides[0] as i64),
-        _ => None,
-    }
-}
-
 fn norm(
     kind: NormKind,
     x: &Array,
@@ -283,15 +267,12 @@ fn norm(
         return Array::from_cuda_buffer(out, x.shape());
     }
     // Element indices are 32-bit in the kernels, with room for one more block of loads.
-    let d_i32 = i32::try_from(d)
-        .ok()
-        .filter(|&v| v <= i32::MAX - (1 << 16))
-        .ok_or_else(|| {
-            Error::Unsupported(format!(
-                "[{}] rows of {d} elements exceed the CUDA kernels' limit of 2^31 - 2^16",
-                kind.op()
-            ))
-        })?;
+    let d_i32 = row_len_i32(d, || {
+        format!(
+            "[{}] rows of {d} elements exceed the CUDA kernels' limit of 2^31 - 2^16",
+            kind.op()
+        )
+    })?;
 
     // Rows must be addressable by one stride with a unit last stride; copy otherwise.
     let contiguous_copy;
@@ -491,14 +472,9 @@ pub(crate) fn vjp(
     let mut dw_sum = CudaBuffer::alloc(&device, stream, DType::F32, if want_dw { d } else { 0 })?;
     let mut db_sum = CudaBuffer::alloc(&device, stream, DType::F32, if want_db { d } else { 0 })?;
 
-    let d_i32 = i32::try_from(d)
-        .ok()
-        .filter(|&v| v <= i32::MAX - (1 << 16))
-        .ok_or_else(|| {
-            Error::Unsupported(format!(
-                "{op} rows of {d} elements exceed the CUDA kernels' limit of 2^31 - 2^16"
-            ))
-        })?;
+    let d_i32 = row_len_i32(d, || {
+        format!("{op} rows of {d} elements exceed the CUDA kernels' limit of 2^31 - 2^16")
+    })?;
     if n > 0 && d > 0 {
         let n_rows = n / d;
         let (xb, gb) = (
