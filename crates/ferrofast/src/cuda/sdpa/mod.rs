@@ -492,12 +492,17 @@ pub(super) fn push_inputs<'a>(
     null: &'a u64,
 ) {
     builder.arg(q.slice()).arg(k.slice()).arg(v.slice());
-    match mask.buffer {
-        Some(m) => builder.arg(m.slice()),
-        None => builder.arg(null),
-    };
+    push_mask(builder, mask, null);
     match sinks {
         Some((s, _, _)) => builder.arg(s.slice()),
+        None => builder.arg(null),
+    };
+}
+
+/// Pushes the mask's buffer, or `null` without one, as a kernel's mask argument.
+pub(super) fn push_mask<'a>(builder: &mut LaunchArgs<'a>, mask: &MaskArg<'a>, null: &'a u64) {
+    match mask.buffer {
+        Some(m) => builder.arg(m.slice()),
         None => builder.arg(null),
     };
 }
