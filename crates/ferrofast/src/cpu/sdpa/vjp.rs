@@ -29,7 +29,7 @@ const BQV: usize = 64;
 /// Runs a validated attention backward call on the CPU. Returns `(dq, dk, dv, dsinks)` in
 /// the primals' dtypes (see `fast::scaled_dot_product_attention_vjp`).
 pub(crate) fn run(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Array>)> {
-    let (dq, dk, dv, ds) = match c.fwd.dtype {
+    let grads = match c.fwd.dtype {
         DType::F16 => run_typed::<f16>(c)?,
         DType::BF16 => run_typed::<bf16>(c)?,
         DType::F32 => run_typed::<f32>(c)?,
@@ -40,13 +40,7 @@ pub(crate) fn run(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Array>
             )))
         }
     };
-    Ok((
-        c.to_primal(dq, c.q_dtype)?,
-        c.to_primal(dk, c.k_dtype)?,
-        c.to_primal(dv, c.v_dtype)?,
-        ds.map(|s| c.to_primal(s, c.sinks_dtype.unwrap_or(c.fwd.dtype)))
-            .transpose()?,
-    ))
+    c.to_primals(grads)
 }
 
 /// Everything a task reads, shared by all tasks.

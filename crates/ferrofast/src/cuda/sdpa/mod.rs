@@ -354,14 +354,7 @@ pub(crate) fn run_vjp(
     stream: &Stream,
 ) -> Result<(Array, Array, Array, Option<Array>)> {
     launchable(&c.fwd)?;
-    let (dq, dk, dv, ds) = backward::run(c, stream)?;
-    Ok((
-        c.to_primal(dq, c.q_dtype)?,
-        c.to_primal(dk, c.k_dtype)?,
-        c.to_primal(dv, c.v_dtype)?,
-        ds.map(|s| c.to_primal(s, c.sinks_dtype.unwrap_or(c.fwd.dtype)))
-            .transpose()?,
-    ))
+    c.to_primals(backward::run(c, stream)?)
 }
 
 /// The kernel a validated call on CUDA device `ordinal` gets (for tests and benchmarks).
