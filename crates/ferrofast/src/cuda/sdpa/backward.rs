@@ -397,11 +397,7 @@ fn run_tiles(
         let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
         let rows64 = rows as i64;
         let dv32 = to_i32(dv, "a value head dimension")?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(rows.div_ceil(THREADS as usize / 32))?, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = runtime::grid_1d(grid(rows.div_ceil(THREADS as usize / 32))?, THREADS, 0);
         let mut builder = cu.launch_builder(&func);
         builder
             .arg(out_b.slice())
@@ -458,11 +454,7 @@ fn run_tiles(
             let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
             let params = AttnParams::new(f, [&f.q, &f.k, &f.v], &x.mask, sinks)?;
             let batch = to_i32(b, "a batch size")?;
-            let cfg = LaunchConfig {
-                grid_dim: (grid(nq)?, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = runtime::grid_1d(grid(nq)?, THREADS, 0);
             let mut builder = cu.launch_builder(&func);
             builder
                 .arg(s.slice())
