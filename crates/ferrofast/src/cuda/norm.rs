@@ -612,70 +612,28 @@ mod tests {
 
     #[test]
     fn plans_cover_rows_and_switch_to_looped() {
-        assert_eq!(plan(1, DType::F32), Plan::Group { g: 4, chunks: 1 });
-        assert_eq!(plan(128, DType::BF16), Plan::Group { g: 16, chunks: 1 });
-        assert_eq!(plan(128, DType::F32), Plan::Group { g: 32, chunks: 1 });
-        assert_eq!(plan(1024, DType::BF16), Plan::Group { g: 32, chunks: 4 });
-        assert_eq!(plan(1024, DType::F32), Plan::Group { g: 32, chunks: 8 });
-        assert_eq!(plan(2048, DType::BF16), Plan::Group { g: 32, chunks: 8 });
-        assert_eq!(
-            plan(2048, DType::F32),
-            Plan::Rows {
-                chunks: 2,
-                threads: 256
-            }
-        );
-        assert_eq!(
-            plan(4096, DType::BF16),
-            Plan::Rows {
-                chunks: 2,
-                threads: 256
-            }
-        );
-        assert_eq!(
-            plan(2049, DType::F32),
-            Plan::Rows {
-                chunks: 4,
-                threads: 160
-            }
-        );
-        assert_eq!(
-            plan(4096, DType::F32),
-            Plan::Rows {
-                chunks: 4,
-                threads: 256
-            }
-        );
-        assert_eq!(
-            plan(4099, DType::F32),
-            Plan::Rows {
-                chunks: 4,
-                threads: 288
-            }
-        );
-        assert_eq!(
-            plan(8192, DType::BF16),
-            Plan::Rows {
-                chunks: 4,
-                threads: 256
-            }
-        );
-        assert_eq!(
-            plan(16384, DType::F32),
-            Plan::Rows {
-                chunks: 4,
-                threads: 1024
-            }
-        );
-        assert_eq!(plan(16385, DType::F32), Plan::Looped);
-        assert_eq!(
-            plan(32768, DType::F16),
-            Plan::Rows {
-                chunks: 4,
-                threads: 1024
-            }
-        );
-        assert_eq!(plan(32769, DType::F16), Plan::Looped);
+        let group = |g, chunks| Plan::Group { g, chunks };
+        let rows = |chunks, threads| Plan::Rows { chunks, threads };
+        for (d, dt, want) in [
+            (1, DType::F32, group(4, 1)),
+            (128, DType::BF16, group(16, 1)),
+            (128, DType::F32, group(32, 1)),
+            (1024, DType::BF16, group(32, 4)),
+            (1024, DType::F32, group(32, 8)),
+            (2048, DType::BF16, group(32, 8)),
+            (2048, DType::F32, rows(2, 256)),
+            (4096, DType::BF16, rows(2, 256)),
+            (2049, DType::F32, rows(4, 160)),
+            (4096, DType::F32, rows(4, 256)),
+            (4099, DType::F32, rows(4, 288)),
+            (8192, DType::BF16, rows(4, 256)),
+            (16384, DType::F32, rows(4, 1024)),
+            (16385, DType::F32, Plan::Looped),
+            (32768, DType::F16, rows(4, 1024)),
+            (32769, DType::F16, Plan::Looped),
+        ] {
+            assert_eq!(plan(d, dt), want, "d {d} {dt}");
+        }
         for d in [1usize, 7, 31, 33, 100, 1000, 2049, 4099, 9999, 16384] {
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 match plan(d, dt) {
