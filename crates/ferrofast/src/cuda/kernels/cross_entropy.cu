@@ -172,14 +172,8 @@ __device__ __forceinline__ void ff_ce_store(typename T::storage* p, int base, in
     }
 }
 
-// The row's statistics from every thread's share, returned to every thread. Synchronises
-// the block (every thread must call it).
-__device__ __forceinline__ ff_ce_stats ff_ce_block_merge(ff_ce_stats st) {
-    __shared__ ff_ce_stats part[32];
-    __shared__ ff_ce_stats total;
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int n_warps = (blockDim.x + 31) >> 5;
+// Merges `st` over the warp's 32 lanes, in place in every lane.
+__device__ __forceinline__ void ff_ce_warp_merge(ff_ce_stats& st) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
         ff_ce_stats o;
@@ -189,6 +183,17 @@ __device__ __forceinline__ ff_ce_stats ff_ce_block_merge(ff_ce_stats st) {
         o.nan = __shfl_xor_sync(0xffffffffu, st.nan, off);
         st = ff_ce_merge(st, o);
     }
+}
+
+// The row's statistics from every thread's share, returned to every thread. Synchronises
+// the block (every thread must call it).
+__device__ __forceinline__ ff_ce_stats ff_ce_block_merge(ff_ce_stats st) {
+    __shared__ ff_ce_stats part[32];
+    __shared__ ff_ce_stats total;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int n_warps = (blockDim.x + 31) >> 5;
+    ff_ce_warp_merge(st);
     if (lane == 0) {
         part[warp] = st;
     }
@@ -200,15 +205,7 @@ __device__ __forceinline__ ff_ce_stats ff_ce_block_merge(ff_ce_stats st) {
         } else {
             w = ff_ce_empty();
         }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-            ff_ce_stats o;
-            o.m = __shfl_xor_sync(0xffffffffu, w.m, off);
-            o.s = __shfl_xor_sync(0xffffffffu, w.s, off);
-            o.sum_x = __shfl_xor_sync(0xffffffffu, w.sum_x, off);
-            o.nan = __shfl_xor_sync(0xffffffffu, w.nan, off);
-            w = ff_ce_merge(w, o);
-        }
+        ff_ce_warp_merge(w);
         if (lane == 0) {
             total = w;
         }
