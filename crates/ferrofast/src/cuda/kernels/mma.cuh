@@ -92,38 +92,27 @@ __device__ __forceinline__ float ff_exp2(float x) {
 template <typename T>
 struct ff_attn_mma;
 
-template <>
-struct ff_attn_mma<ff_bf16> {
-    __device__ static __forceinline__ void mma(float (&d)[4], const ff_u32_t (&a)[4], ff_u32_t b0,
-                                               ff_u32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    // lo in the low half, hi in the high half, each rounded to nearest even.
-    __device__ static __forceinline__ ff_u32_t pack(float lo, float hi) {
-        ff_u32_t r;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
-};
-
-template <>
-struct ff_attn_mma<ff_f16> {
-    __device__ static __forceinline__ void mma(float (&d)[4], const ff_u32_t (&a)[4], ff_u32_t b0,
-                                               ff_u32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    __device__ static __forceinline__ ff_u32_t pack(float lo, float hi) {
-        ff_u32_t r;
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
-};
+// The specialisation for T, whose PTX type is PTX.
+#define FF_ATTN_MMA(T, PTX)                                                                     \
+    template <>                                                                                 \
+    struct ff_attn_mma<T> {                                                                     \
+        __device__ static __forceinline__ void mma(float (&d)[4], const ff_u32_t (&a)[4],       \
+                                                   ff_u32_t b0, ff_u32_t b1) {                  \
+            asm("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX ".f32 {%0, %1, %2, %3}, "  \
+                "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                               \
+                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                \
+                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                \
+        }                                                                                       \
+        /* lo in the low half, hi in the high half, each rounded to nearest even. */            \
+        __device__ static __forceinline__ ff_u32_t pack(float lo, float hi) {                   \
+            ff_u32_t r;                                                                         \
+            asm("cvt.rn." PTX "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));               \
+            return r;                                                                           \
+        }                                                                                       \
+    };
+FF_ATTN_MMA(ff_bf16, "bf16")
+FF_ATTN_MMA(ff_f16, "f16")
+#undef FF_ATTN_MMA
 
 // ----- tile loads ---------------------------------------------------------------------------
 
