@@ -60,10 +60,7 @@ __device__ __forceinline__ void ff_decode_unpack(const ff_pack<typename T::stora
                                                  float (&f)[VPL * E]) {
 #pragma unroll
     for (int vi = 0; vi < VPL; ++vi) {
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-            f[vi * E + e] = T::to_f32(pk[vi].elem[e]);
-        }
+        ff_unpack<T>(pk[vi], f + vi * E);
     }
 }
 

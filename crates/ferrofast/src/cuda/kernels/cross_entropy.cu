@@ -138,15 +138,6 @@ __device__ __forceinline__ void ff_ce_load_raw(const typename T::storage* p, int
     }
 }
 
-template <typename T>
-__device__ __forceinline__ void ff_ce_unpack(const ff_pack<typename T::storage, ff_ce<T>::N>& pk,
-                                             float (&v)[ff_ce<T>::N]) {
-#pragma unroll
-    for (int k = 0; k < ff_ce<T>::N; ++k) {
-        v[k] = T::to_f32(pk.elem[k]);
-    }
-}
-
 // Stores gradients [base, base + N) of a row (skipping those past V).
 template <typename T, bool ALIGNED>
 __device__ __forceinline__ void ff_ce_store(typename T::storage* p, int base, int V,
@@ -356,7 +347,7 @@ __global__ void __launch_bounds__(FF_CE_LOOPED_THREADS)
 #pragma unroll
         for (int u = 0; u < FF_CE_U; ++u) {
             float v[N];
-            ff_ce_unpack<T>(raw[u], v);
+            ff_unpack<T>(raw[u], v);
             ff_ce_fold<N>(st, v, base0 + u * step, V);
         }
     }
@@ -374,7 +365,7 @@ __global__ void __launch_bounds__(FF_CE_LOOPED_THREADS)
 #pragma unroll
             for (int u = 0; u < FF_CE_U; ++u) {
                 float v[N], d[N];
-                ff_ce_unpack<T>(raw[u], v);
+                ff_unpack<T>(raw[u], v);
                 ff_ce_grad<N>(v, d, base0 + u * step, t, k.a, k.c, k.at, lse);
                 ff_ce_store<T, ALIGNED>(dr, base0 + u * step, V, d);
             }
@@ -412,7 +403,7 @@ __global__ void __launch_bounds__(FF_CE_REGS_THREADS, 1)
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
         float v[N];
-        ff_ce_unpack<T>(raw[c], v);
+        ff_unpack<T>(raw[c], v);
         const int base = threadIdx.x * N + c * step;
 #pragma unroll
         for (int k = 0; k < N; ++k) {
@@ -425,7 +416,7 @@ __global__ void __launch_bounds__(FF_CE_REGS_THREADS, 1)
 #pragma unroll
         for (int c = 0; c < CHUNKS; ++c) {
             float v[N];
-            ff_ce_unpack<T>(raw[c], v);
+            ff_unpack<T>(raw[c], v);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
                 st.s += exp2f((v[k] - st.m) * FF_CE_LOG2E);
@@ -437,7 +428,7 @@ __global__ void __launch_bounds__(FF_CE_REGS_THREADS, 1)
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
         float v[N], d[N];
-        ff_ce_unpack<T>(raw[c], v);
+        ff_unpack<T>(raw[c], v);
         const int base = threadIdx.x * N + c * step;
         ff_ce_grad<N>(v, d, base, t, k.a, k.c, k.at, lse);
         ff_ce_store<T, ALIGNED>(dr, base, V, d);

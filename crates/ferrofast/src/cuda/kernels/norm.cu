@@ -42,10 +42,7 @@ __device__ __forceinline__ void ff_load(const typename T::storage* __restrict__ 
         if (base < D) {
             ff_pack<S, N> pk;
             pk.vec = *reinterpret_cast<const ff_vec16*>(p + base);
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                v[k] = T::to_f32(pk.elem[k]);
-            }
+            ff_unpack<T>(pk, v);
         } else {
 #pragma unroll
             for (int k = 0; k < N; ++k) {
