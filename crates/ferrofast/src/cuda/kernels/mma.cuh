@@ -114,6 +114,21 @@ FF_ATTN_MMA(ff_bf16, "bf16")
 FF_ATTN_MMA(ff_f16, "f16")
 #undef FF_ATTN_MMA
 
+// Zeroes M x N accumulator fragments of the mma (four floats each).
+template <int M, int N>
+__device__ __forceinline__ void ff_zero_frags(float (&acc)[M][N][4]) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[m][n][e] = 0.0f;
+            }
+        }
+    }
+}
+
 // ----- tile loads ---------------------------------------------------------------------------
 
 // Issues cp.async for a ROWS x COLS tile (COLS a multiple of 8) whose row r starts at
@@ -190,16 +205,7 @@ struct ff_kv_layout {
 template <typename T, int D, int MS, int BN, int QS, int KS, bool SW = false>
 __device__ __forceinline__ void ff_attn_scores(float (&s)[MS][BN / 8][4], ff_u32_t q_rows,
                                                ff_u32_t k_tile, int lane) {
-#pragma unroll
-    for (int ms = 0; ms < MS; ++ms) {
-#pragma unroll
-        for (int nb = 0; nb < BN / 8; ++nb) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[ms][nb][e] = 0.0f;
-            }
-        }
-    }
+    ff_zero_frags(s);
     // ldmatrix lane addresses: A (Q) row lane%16, column half lane/16; B (K) key row
     // (lane%8) + 8 * (lane/16), column half (lane/8)%2.
     const ff_u32_t a_addr = q_rows + (ff_u32_t)(((lane & 15) * QS + (lane >> 4) * 8) * 2);
