@@ -129,6 +129,18 @@ __device__ __forceinline__ void ff_zero_frags(float (&acc)[M][N][4]) {
     }
 }
 
+// Zeroes N accumulator fragments of the mma (four floats each).
+template <int N>
+__device__ __forceinline__ void ff_zero_frags(float (&acc)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            acc[n][e] = 0.0f;
+        }
+    }
+}
+
 // ----- tile loads ---------------------------------------------------------------------------
 
 // Issues cp.async for a ROWS x COLS tile (COLS a multiple of 8) whose row r starts at
