@@ -166,6 +166,33 @@ pub trait Element: Copy + Send + Sync + PartialEq + fmt::Debug + 'static + seale
     fn take_vec(data: &mut crate::array::CpuData) -> Option<Vec<Self>>;
 }
 
+/// The `CpuData` accessors of an `Element` impl, for the variant `CpuData::$dt`.
+macro_rules! cpu_data_access {
+    ($dt:ident) => {
+        fn slice(data: &crate::array::CpuData) -> Option<&[Self]> {
+            match data {
+                crate::array::CpuData::$dt(v) => Some(v),
+                _ => None,
+            }
+        }
+        fn slice_mut(data: &mut crate::array::CpuData) -> Option<&mut [Self]> {
+            match data {
+                crate::array::CpuData::$dt(v) => Some(v),
+                _ => None,
+            }
+        }
+        fn wrap(v: Vec<Self>) -> crate::array::CpuData {
+            crate::array::CpuData::$dt(v)
+        }
+        fn take_vec(data: &mut crate::array::CpuData) -> Option<Vec<Self>> {
+            match data {
+                crate::array::CpuData::$dt(v) => Some(std::mem::take(v)),
+                _ => None,
+            }
+        }
+    };
+}
+
 macro_rules! int_element {
     ($t:ty, $dt:ident) => {
         impl sealed::Sealed for $t {}
@@ -183,27 +210,7 @@ macro_rules! int_element {
             fn from_i64(v: i64) -> Self {
                 v as $t
             }
-            fn slice(data: &crate::array::CpuData) -> Option<&[Self]> {
-                match data {
-                    crate::array::CpuData::$dt(v) => Some(v),
-                    _ => None,
-                }
-            }
-            fn slice_mut(data: &mut crate::array::CpuData) -> Option<&mut [Self]> {
-                match data {
-                    crate::array::CpuData::$dt(v) => Some(v),
-                    _ => None,
-                }
-            }
-            fn wrap(v: Vec<Self>) -> crate::array::CpuData {
-                crate::array::CpuData::$dt(v)
-            }
-            fn take_vec(data: &mut crate::array::CpuData) -> Option<Vec<Self>> {
-                match data {
-                    crate::array::CpuData::$dt(v) => Some(std::mem::take(v)),
-                    _ => None,
-                }
-            }
+            cpu_data_access!($dt);
         }
     };
 }
@@ -229,27 +236,7 @@ macro_rules! float_element {
             fn from_i64(v: i64) -> Self {
                 ($from)(v as f64)
             }
-            fn slice(data: &crate::array::CpuData) -> Option<&[Self]> {
-                match data {
-                    crate::array::CpuData::$dt(v) => Some(v),
-                    _ => None,
-                }
-            }
-            fn slice_mut(data: &mut crate::array::CpuData) -> Option<&mut [Self]> {
-                match data {
-                    crate::array::CpuData::$dt(v) => Some(v),
-                    _ => None,
-                }
-            }
-            fn wrap(v: Vec<Self>) -> crate::array::CpuData {
-                crate::array::CpuData::$dt(v)
-            }
-            fn take_vec(data: &mut crate::array::CpuData) -> Option<Vec<Self>> {
-                match data {
-                    crate::array::CpuData::$dt(v) => Some(std::mem::take(v)),
-                    _ => None,
-                }
-            }
+            cpu_data_access!($dt);
         }
     };
 }
@@ -283,27 +270,7 @@ impl Element for bool {
     fn from_i64(v: i64) -> Self {
         v != 0
     }
-    fn slice(data: &crate::array::CpuData) -> Option<&[Self]> {
-        match data {
-            crate::array::CpuData::Bool(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn slice_mut(data: &mut crate::array::CpuData) -> Option<&mut [Self]> {
-        match data {
-            crate::array::CpuData::Bool(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn wrap(v: Vec<Self>) -> crate::array::CpuData {
-        crate::array::CpuData::Bool(v)
-    }
-    fn take_vec(data: &mut crate::array::CpuData) -> Option<Vec<Self>> {
-        match data {
-            crate::array::CpuData::Bool(v) => Some(std::mem::take(v)),
-            _ => None,
-        }
-    }
+    cpu_data_access!(Bool);
 }
 
 /// A floating element type the CPU kernels compute on: converts to and from `f32` (the

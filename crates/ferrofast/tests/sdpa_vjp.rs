@@ -24,6 +24,30 @@ fn problem(
     Problem::new(dims, dtype, sinks.then_some((-1.0, 2.0)), scale, seed)
 }
 
+/// The `wide` problem (`T_q < T_kv`, seed `seed`) with no mask, causal, and the bool mask
+/// `[1, 1, T_q, T_kv]` keeping the entries `e` (row-major) where `keep(e)`; the `tall` one
+/// (`T_q > T_kv`, with sinks, seed `seed + 1`) causal, named `tall_what`. Each check is
+/// named `what(case)`.
+fn check_masks(
+    dev: &Device,
+    [wide, tall]: [(usize, usize, usize, usize, usize, usize, usize); 2],
+    dtype: DType,
+    seed: u64,
+    keep: impl Fn(usize) -> bool,
+    what: &dyn Fn(&str) -> String,
+    tall_what: &str,
+) {
+    let p = problem(wide, dtype, false, seed);
+    check(&p, Mask::None, dev, &what("no mask"));
+    check(&p, Mask::Causal, dev, &what("causal, T_q < T_kv"));
+    let t = problem(tall, dtype, true, seed + 1);
+    check(&t, Mask::Causal, dev, &what(tall_what));
+    let (tq, tkv) = (wide.3, wide.4);
+    let keep: Vec<bool> = (0..tq * tkv).map(keep).collect();
+    let keep = Array::from_vec(keep, &[1, 1, tq, tkv]).unwrap();
+    check(&p, Mask::Array(&keep), dev, &what("bool mask"));
+}
+
 fn max_abs(a: &Array) -> f64 {
     a.to_f64_vec()
         .unwrap()
@@ -367,15 +391,15 @@ on_every_device! {
             for dtype in [DType::BF16, DType::F16] {
                 let seed = 500 + 10 * i as u64;
                 let what = |m: &str| format!("{dtype} D {d} {m}");
-                let p = problem((1, 8, 2, 300, 333, d, d), dtype, false, seed);
-                check(&p, Mask::None, dev, &what("no mask"));
-                check(&p, Mask::Causal, dev, &what("causal, T_q < T_kv"));
-                let tall = problem((1, 4, 1, 333, 200, d, d), dtype, true, seed + 1);
-                check(&tall, Mask::Causal, dev, &what("causal, T_q > T_kv, sinks"));
-                let keep: Vec<bool> =
-                    (0..300 * 333).map(|e| (e / 333) % 97 != 5 && (e * 11) % 13 != 0).collect();
-                let keep = Array::from_vec(keep, &[1, 1, 300, 333]).unwrap();
-                check(&p, Mask::Array(&keep), dev, &what("bool mask"));
+                check_masks(
+                    dev,
+                    [(1, 8, 2, 300, 333, d, d), (1, 4, 1, 333, 200, d, d)],
+                    dtype,
+                    seed,
+                    |e| (e / 333) % 97 != 5 && (e * 11) % 13 != 0,
+                    &what,
+                    "causal, T_q > T_kv, sinks",
+                );
             }
         }
     }
@@ -390,16 +414,16 @@ on_every_device! {
             for dtype in [DType::BF16, DType::F16] {
                 let seed = 100 + 10 * i as u64;
                 let what = |m: &str| format!("{dtype} D {d} D_v {dv} {m}");
-                let p = problem((1, 4, 2, 77, 131, d, dv), dtype, false, seed);
-                check(&p, Mask::None, dev, &what("no mask"));
-                check(&p, Mask::Causal, dev, &what("causal, T_q < T_kv"));
-                let tall = problem((2, 2, 1, 150, 40, d, dv), dtype, true, seed + 1);
-                check(&tall, Mask::Causal, dev, &what("causal, T_q > T_kv, sinks, MQA"));
-                // Bool mask [1, 1, T_q, T_kv] with row 9 hidden entirely.
-                let keep: Vec<bool> =
-                    (0..77 * 131).map(|e| e / 131 != 9 && (e * 13) % 7 != 0).collect();
-                let keep = Array::from_vec(keep, &[1, 1, 77, 131]).unwrap();
-                check(&p, Mask::Array(&keep), dev, &what("bool mask"));
+                // The bool mask hides row 9 entirely.
+                check_masks(
+                    dev,
+                    [(1, 4, 2, 77, 131, d, dv), (2, 2, 1, 150, 40, d, dv)],
+                    dtype,
+                    seed,
+                    |e| e / 131 != 9 && (e * 13) % 7 != 0,
+                    &what,
+                    "causal, T_q > T_kv, sinks, MQA",
+                );
                 // Additive mask [1, 4, 1, T_kv] (broadcast over queries) with -inf keys.
                 let mut add = uniform(&[1, 4, 1, 131], -3.0, 1.0, dtype, seed + 2)
                     .to_f64_vec()

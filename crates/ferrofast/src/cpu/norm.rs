@@ -479,47 +479,33 @@ trait Acc:
     fn canonical_nan(self) -> Self;
 }
 
-impl Acc for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    #[inline(always)]
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    #[inline(always)]
-    fn canonical_nan(self) -> Self {
-        if self.is_nan() {
-            f32::NAN
-        } else {
-            self
+/// Implements [`Acc`] for the float type `$t`.
+macro_rules! acc_impl {
+    ($t:ident) => {
+        impl Acc for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline(always)]
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn sqrt(self) -> Self {
+                $t::sqrt(self)
+            }
+            #[inline(always)]
+            fn canonical_nan(self) -> Self {
+                if self.is_nan() {
+                    $t::NAN
+                } else {
+                    self
+                }
+            }
         }
-    }
+    };
 }
-
-impl Acc for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    #[inline(always)]
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    #[inline(always)]
-    fn canonical_nan(self) -> Self {
-        if self.is_nan() {
-            f64::NAN
-        } else {
-            self
-        }
-    }
-}
+acc_impl!(f32);
+acc_impl!(f64);
 
 /// Sums `f(v)` over a row with [`LANES`] independent accumulators.
 #[inline(always)]

@@ -5,12 +5,12 @@
 
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{driver_error, grid_1d, guarded, Stream};
+use super::runtime::{driver_error, grid_1d, guarded, CudaDevice, Stream};
 use crate::array::collapse2;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::Array;
-use cudarc::driver::{DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// `kernels/copy.cu`: strided copy with dtype conversion.
 /// Every instantiation a launch can ask for is in `variants`.
@@ -94,6 +94,34 @@ struct CopyLayout {
 
 // SAFETY: plain old data with the C layout of `ff_copy_layout`.
 unsafe impl DeviceRepr for CopyLayout {}
+
+/// The row stride of `x` if its rows can be addressed as `offset + r * stride` with unit
+/// stride along the last axis.
+pub(crate) fn row_stride(x: &Array) -> Option<i64> {
+    let nd = x.ndim();
+    let d = x.shape()[nd - 1];
+    if d > 1 && x.strides()[nd - 1] != 1 {
+        return None;
+    }
+    let (shape, strides) = collapse(&x.shape()[..nd - 1], &x.strides()[..nd - 1]);
+    match shape.len() {
+        0 => Some(d as i64),
+        1 => Some(strides[0] as i64),
+        _ => None,
+    }
+}
+
+/// A row length `d` as the row kernels' 32-bit element index, which needs room for one
+/// more block of loads past the row.
+///
+/// # Errors
+/// `Error::Unsupported` with `message()` when `d` exceeds 2^31 - 2^16.
+pub(crate) fn row_len_i32(d: usize, message: impl FnOnce() -> String) -> Result<i32> {
+    i32::try_from(d)
+        .ok()
+        .filter(|&v| v <= i32::MAX - (1 << 16))
+        .ok_or_else(|| Error::Unsupported(message()))
+}
 
 /// Drops size-1 axes and merges neighbours that are contiguous with each other, so most
 /// views become one or two dimensions. Returns (shape, strides), outermost first.
@@ -271,6 +299,20 @@ fn grid_plan(sm_count: impl Into<u128>, n: u128, reach: u128) -> (u32, bool) {
     )
 }
 
+/// The copy kernel that `name(wide)` names (`wide`: 64-bit index arithmetic), compiled for
+/// `device`, and its grid-stride launch over `n` elements whose furthest element offset is
+/// `reach` (see [`grid_plan`]).
+fn copy_kernel(
+    device: &CudaDevice,
+    n: u128,
+    reach: u128,
+    name: impl FnOnce(bool) -> String,
+) -> Result<(CudaFunction, LaunchConfig)> {
+    let (blocks, wide) = grid_plan(device.sm_count(), n, reach);
+    let func = jit::function(device, &REGISTERED.file, &name(wide), &[])?;
+    Ok((func, grid_1d(blocks, BLOCK, 0)))
+}
+
 /// One `copy_strided` launch over at most [`MAX_DIMS`] dimensions: (shape, source strides,
 /// destination strides) from the given element offsets, both views inside their buffers.
 fn launch_strided(
@@ -296,15 +338,9 @@ fn launch_strided(
         src_reach += (d as u128 - 1) * ss.unsigned_abs() as u128;
         dst_reach += (d as u128 - 1) * ds.unsigned_abs() as u128;
     }
-    let device = dst.device().clone();
-    let (blocks, wide) = grid_plan(device.sm_count(), n, src_reach.max(dst_reach));
-    let func = jit::function(
-        &device,
-        &REGISTERED.file,
-        &strided_variant(width_tag(dst.dtype()), wide),
-        &[],
-    )?;
-    let cfg = grid_1d(blocks, BLOCK, 0);
+    let (func, cfg) = copy_kernel(dst.device(), n, src_reach.max(dst_reach), |wide| {
+        strided_variant(width_tag(dst.dtype()), wide)
+    })?;
     let ndim = shape.len().max(1) as i32;
     let count = n as i64;
     let cu = stream.cuda();
@@ -404,15 +440,9 @@ fn launch_copy(
         layout.strides[i] = s as i64;
         reach += (d as u128 - 1) * s.unsigned_abs() as u128;
     }
-    let device = src.device();
-    let (blocks, wide) = grid_plan(device.sm_count(), n as u128, reach);
-    let func = jit::function(
-        device,
-        &REGISTERED.file,
-        &variant(a.dtype(), out.dtype(), wide),
-        &[],
-    )?;
-    let cfg = grid_1d(blocks, BLOCK, 0);
+    let (func, cfg) = copy_kernel(src.device(), n as u128, reach, |wide| {
+        variant(a.dtype(), out.dtype(), wide)
+    })?;
     let src_offset = a.offset() as i64;
     let ndim = shape.len().max(1) as i32;
     let count = n as i64;

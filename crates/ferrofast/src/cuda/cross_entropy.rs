@@ -14,7 +14,7 @@
 //! `ce_count_valid` over the targets, launched before the row kernel so the gradient can be
 //! scaled in the same pass. Nothing reads the logits more than the kernels above say.
 
-use super::copy::{collapse, copy_cast, type_tag};
+use super::copy::{copy_cast, row_len_i32, row_stride, type_tag};
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
 use super::runtime::{launch, Stream};
@@ -141,22 +141,6 @@ struct CeParams {
 // SAFETY: `CeParams` is `repr(C)` plain data whose layout matches `ff_ce_params`.
 unsafe impl DeviceRepr for CeParams {}
 
-/// The row stride of `x` if its rows can be addressed as `offset + r * stride` with unit
-/// stride along the last axis.
-fn row_stride(x: &Array) -> Option<i64> {
-    let nd = x.ndim();
-    let d = x.shape()[nd - 1];
-    if d > 1 && x.strides()[nd - 1] != 1 {
-        return None;
-    }
-    let (shape, strides) = collapse(&x.shape()[..nd - 1], &x.strides()[..nd - 1]);
-    match shape.len() {
-        0 => Some(d as i64),
-        1 => Some(strides[0] as i64),
-        _ => None,
-    }
-}
-
 fn buffer<'a>(name: &str, a: &'a Array) -> Result<&'a CudaBuffer> {
     a.cuda_buffer().ok_or_else(|| {
         Error::Device(format!(
@@ -194,14 +178,9 @@ fn launch_rows(
         )));
     }
     let (rows, v) = (args.rows, args.vocab);
-    let v_i32 = i32::try_from(v)
-        .ok()
-        .filter(|&x| x <= i32::MAX - (1 << 16))
-        .ok_or_else(|| {
-            Error::Unsupported(format!(
-                "[cross_entropy] rows of {v} logits exceed the CUDA kernels' limit of 2^31 - 2^16"
-            ))
-        })?;
+    let v_i32 = row_len_i32(v, || {
+        format!("[cross_entropy] rows of {v} logits exceed the CUDA kernels' limit of 2^31 - 2^16")
+    })?;
     let blocks = u32::try_from(rows)
         .ok()
         .filter(|&b| b <= i32::MAX as u32)

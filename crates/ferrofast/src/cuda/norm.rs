@@ -14,7 +14,7 @@
 //! - 16-byte vector accesses when every row, the weight and the bias are 16-byte aligned
 //!   with unit stride and D % N_READS == 0; scalar accesses otherwise (odd D, offsets).
 
-use super::copy::{collapse, copy_cast, type_tag};
+use super::copy::{copy_cast, row_len_i32, row_stride, type_tag};
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
 use super::runtime::{driver_error, launch, resident_blocks, Stream};
@@ -248,22 +248,6 @@ fn gpu_buffer<'a>(kind: NormKind, name: &str, a: &'a Array) -> Result<&'a CudaBu
     })
 }
 
-/// The row stride of `x` if its rows can be addressed as `offset + r * stride` with unit
-/// stride along the last axis.
-fn row_stride(x: &Array) -> Option<i64> {
-    let nd = x.ndim();
-    let d = x.shape()[nd - 1];
-    if d > 1 && x.strides()[nd - 1] != 1 {
-        return None;
-    }
-    let (shape, strides) = collapse(&x.shape()[..nd - 1], &x.strides()[..nd - 1]);
-    match shape.len() {
-        0 => Some(d as i64),
-        1 => Some(strides[0] as i64),
-        _ => None,
-    }
-}
-
 fn norm(
     kind: NormKind,
     x: &Array,
@@ -283,15 +267,12 @@ fn norm(
         return Array::from_cuda_buffer(out, x.shape());
     }
     // Element indices are 32-bit in the kernels, with room for one more block of loads.
-    let d_i32 = i32::try_from(d)
-        .ok()
-        .filter(|&v| v <= i32::MAX - (1 << 16))
-        .ok_or_else(|| {
-            Error::Unsupported(format!(
-                "[{}] rows of {d} elements exceed the CUDA kernels' limit of 2^31 - 2^16",
-                kind.op()
-            ))
-        })?;
+    let d_i32 = row_len_i32(d, || {
+        format!(
+            "[{}] rows of {d} elements exceed the CUDA kernels' limit of 2^31 - 2^16",
+            kind.op()
+        )
+    })?;
 
     // Rows must be addressable by one stride with a unit last stride; copy otherwise.
     let contiguous_copy;
@@ -491,14 +472,9 @@ pub(crate) fn vjp(
     let mut dw_sum = CudaBuffer::alloc(&device, stream, DType::F32, if want_dw { d } else { 0 })?;
     let mut db_sum = CudaBuffer::alloc(&device, stream, DType::F32, if want_db { d } else { 0 })?;
 
-    let d_i32 = i32::try_from(d)
-        .ok()
-        .filter(|&v| v <= i32::MAX - (1 << 16))
-        .ok_or_else(|| {
-            Error::Unsupported(format!(
-                "{op} rows of {d} elements exceed the CUDA kernels' limit of 2^31 - 2^16"
-            ))
-        })?;
+    let d_i32 = row_len_i32(d, || {
+        format!("{op} rows of {d} elements exceed the CUDA kernels' limit of 2^31 - 2^16")
+    })?;
     if n > 0 && d > 0 {
         let n_rows = n / d;
         let (xb, gb) = (
@@ -636,70 +612,28 @@ mod tests {
 
     #[test]
     fn plans_cover_rows_and_switch_to_looped() {
-        assert_eq!(plan(1, DType::F32), Plan::Group { g: 4, chunks: 1 });
-        assert_eq!(plan(128, DType::BF16), Plan::Group { g: 16, chunks: 1 });
-        assert_eq!(plan(128, DType::F32), Plan::Group { g: 32, chunks: 1 });
-        assert_eq!(plan(1024, DType::BF16), Plan::Group { g: 32, chunks: 4 });
-        assert_eq!(plan(1024, DType::F32), Plan::Group { g: 32, chunks: 8 });
-        assert_eq!(plan(2048, DType::BF16), Plan::Group { g: 32, chunks: 8 });
-        assert_eq!(
-            plan(2048, DType::F32),
-            Plan::Rows {
-                chunks: 2,
-                threads: 256
-            }
-        );
-        assert_eq!(
-            plan(4096, DType::BF16),
-            Plan::Rows {
-                chunks: 2,
-                threads: 256
-            }
-        );
-        assert_eq!(
-            plan(2049, DType::F32),
-            Plan::Rows {
-                chunks: 4,
-                threads: 160
-            }
-        );
-        assert_eq!(
-            plan(4096, DType::F32),
-            Plan::Rows {
-                chunks: 4,
-                threads: 256
-            }
-        );
-        assert_eq!(
-            plan(4099, DType::F32),
-            Plan::Rows {
-                chunks: 4,
-                threads: 288
-            }
-        );
-        assert_eq!(
-            plan(8192, DType::BF16),
-            Plan::Rows {
-                chunks: 4,
-                threads: 256
-            }
-        );
-        assert_eq!(
-            plan(16384, DType::F32),
-            Plan::Rows {
-                chunks: 4,
-                threads: 1024
-            }
-        );
-        assert_eq!(plan(16385, DType::F32), Plan::Looped);
-        assert_eq!(
-            plan(32768, DType::F16),
-            Plan::Rows {
-                chunks: 4,
-                threads: 1024
-            }
-        );
-        assert_eq!(plan(32769, DType::F16), Plan::Looped);
+        let group = |g, chunks| Plan::Group { g, chunks };
+        let rows = |chunks, threads| Plan::Rows { chunks, threads };
+        for (d, dt, want) in [
+            (1, DType::F32, group(4, 1)),
+            (128, DType::BF16, group(16, 1)),
+            (128, DType::F32, group(32, 1)),
+            (1024, DType::BF16, group(32, 4)),
+            (1024, DType::F32, group(32, 8)),
+            (2048, DType::BF16, group(32, 8)),
+            (2048, DType::F32, rows(2, 256)),
+            (4096, DType::BF16, rows(2, 256)),
+            (2049, DType::F32, rows(4, 160)),
+            (4096, DType::F32, rows(4, 256)),
+            (4099, DType::F32, rows(4, 288)),
+            (8192, DType::BF16, rows(4, 256)),
+            (16384, DType::F32, rows(4, 1024)),
+            (16385, DType::F32, Plan::Looped),
+            (32768, DType::F16, rows(4, 1024)),
+            (32769, DType::F16, Plan::Looped),
+        ] {
+            assert_eq!(plan(d, dt), want, "d {d} {dt}");
+        }
         for d in [1usize, 7, 31, 33, 100, 1000, 2049, 4099, 9999, 16384] {
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 match plan(d, dt) {

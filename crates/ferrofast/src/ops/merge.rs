@@ -140,61 +140,52 @@ impl MergeArgs {
 /// attention weight that underflows. The same bound in every back end and the oracle.
 pub(crate) const MIN_LOG_WEIGHT: f32 = -87.3;
 
-/// The per-row factors of a merge in f64 (the oracle's and the f64 kernel's arithmetic):
-/// `(c_a, c_b, lse)` with `out = c_a out_a + c_b out_b`, where a factor of exactly 0 means
-/// the part is not multiplied at all. Both parts `-inf` give `(0, 0, -inf)`; a NaN gives
-/// NaN everywhere; otherwise a `+inf` gives `(NaN, NaN, +inf)`.
-pub(crate) fn row_factors_f64(la: f64, lb: f64) -> (f64, f64, f64) {
-    let m = if la.is_nan() || lb.is_nan() {
-        f64::NAN
-    } else {
-        la.max(lb)
-    };
-    if m == f64::NEG_INFINITY {
-        return (0.0, 0.0, f64::NEG_INFINITY);
-    }
-    if m == f64::INFINITY {
-        return (f64::NAN, f64::NAN, f64::INFINITY);
-    }
-    let w = |l: f64| {
-        if l - m < f64::from(MIN_LOG_WEIGHT) {
-            0.0
-        } else {
-            (l - m).exp()
+/// Defines a per-row merge-factor function on the float type `$t` (see
+/// [`row_factors_f64`]), with the same sequence of operations for every type.
+macro_rules! row_factors {
+    ($(#[$doc:meta])* $name:ident, $t:ident) => {
+        $(#[$doc])*
+        pub(crate) fn $name(la: $t, lb: $t) -> ($t, $t, $t) {
+            let m = if la.is_nan() || lb.is_nan() {
+                $t::NAN
+            } else {
+                la.max(lb)
+            };
+            if m == $t::NEG_INFINITY {
+                return (0.0, 0.0, $t::NEG_INFINITY);
+            }
+            if m == $t::INFINITY {
+                return ($t::NAN, $t::NAN, $t::INFINITY);
+            }
+            let w = |l: $t| {
+                if l - m < $t::from(MIN_LOG_WEIGHT) {
+                    0.0
+                } else {
+                    (l - m).exp()
+                }
+            };
+            let (wa, wb) = (w(la), w(lb));
+            let s = wa + wb;
+            let lse = m + if la >= lb { wb.ln_1p() } else { wa.ln_1p() };
+            (wa / s, wb / s, lse)
         }
     };
-    let (wa, wb) = (w(la), w(lb));
-    let s = wa + wb;
-    let lse = m + if la >= lb { wb.ln_1p() } else { wa.ln_1p() };
-    (wa / s, wb / s, lse)
 }
 
-/// [`row_factors_f64`] in f32, the arithmetic of the f32 / f16 / bf16 kernels (the CUDA
-/// kernel's `ff_merge_factors` is the same sequence of operations).
-pub(crate) fn row_factors_f32(la: f32, lb: f32) -> (f32, f32, f32) {
-    let m = if la.is_nan() || lb.is_nan() {
-        f32::NAN
-    } else {
-        la.max(lb)
-    };
-    if m == f32::NEG_INFINITY {
-        return (0.0, 0.0, f32::NEG_INFINITY);
-    }
-    if m == f32::INFINITY {
-        return (f32::NAN, f32::NAN, f32::INFINITY);
-    }
-    let w = |l: f32| {
-        if l - m < MIN_LOG_WEIGHT {
-            0.0
-        } else {
-            (l - m).exp()
-        }
-    };
-    let (wa, wb) = (w(la), w(lb));
-    let s = wa + wb;
-    let lse = m + if la >= lb { wb.ln_1p() } else { wa.ln_1p() };
-    (wa / s, wb / s, lse)
-}
+row_factors!(
+    /// The per-row factors of a merge in f64 (the oracle's and the f64 kernel's arithmetic):
+    /// `(c_a, c_b, lse)` with `out = c_a out_a + c_b out_b`, where a factor of exactly 0 means
+    /// the part is not multiplied at all. Both parts `-inf` give `(0, 0, -inf)`; a NaN gives
+    /// NaN everywhere; otherwise a `+inf` gives `(NaN, NaN, +inf)`.
+    row_factors_f64,
+    f64
+);
+row_factors!(
+    /// [`row_factors_f64`] in f32, the arithmetic of the f32 / f16 / bf16 kernels (the CUDA
+    /// kernel's `ff_merge_factors` is the same sequence of operations).
+    row_factors_f32,
+    f32
+);
 
 #[cfg(test)]
 mod tests {

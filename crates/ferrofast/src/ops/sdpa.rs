@@ -399,8 +399,19 @@ impl SdpaVjpArgs {
         })
     }
 
-    /// `g` in `dtype` (a gradient computed in the forward's dtype, given its primal's).
-    pub(crate) fn to_primal(&self, g: Array, dtype: DType) -> Result<Array> {
-        cast(&g, dtype)
+    /// The gradients `(dq, dk, dv, dsinks)`, computed in the forward's dtype, each cast to
+    /// its primal's dtype.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn to_primals(
+        &self,
+        (dq, dk, dv, ds): (Array, Array, Array, Option<Array>),
+    ) -> Result<(Array, Array, Array, Option<Array>)> {
+        Ok((
+            cast(&dq, self.q_dtype)?,
+            cast(&dk, self.k_dtype)?,
+            cast(&dv, self.v_dtype)?,
+            ds.map(|s| cast(&s, self.sinks_dtype.unwrap_or(self.fwd.dtype)))
+                .transpose()?,
+        ))
     }
 }

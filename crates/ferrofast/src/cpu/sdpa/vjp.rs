@@ -13,7 +13,7 @@
 //! more than a single pass with a shared `dQ` would, and needs no atomics or partial
 //! buffers. Products go through `gemm` in the compute type (f32, or f64 for f64 inputs).
 
-use super::{matmul, tile_rows, Acc, Elem, MaskView, View};
+use super::{matmul, tile_rows, Acc, Elem, MaskView, Rows, View};
 use crate::array::{host_pool, Array};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -29,7 +29,7 @@ const BQV: usize = 64;
 /// Runs a validated attention backward call on the CPU. Returns `(dq, dk, dv, dsinks)` in
 /// the primals' dtypes (see `fast::scaled_dot_product_attention_vjp`).
 pub(crate) fn run(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Array>)> {
-    let (dq, dk, dv, ds) = match c.fwd.dtype {
+    let grads = match c.fwd.dtype {
         DType::F16 => run_typed::<f16>(c)?,
         DType::BF16 => run_typed::<bf16>(c)?,
         DType::F32 => run_typed::<f32>(c)?,
@@ -40,13 +40,7 @@ pub(crate) fn run(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Array>
             )))
         }
     };
-    Ok((
-        c.to_primal(dq, c.q_dtype)?,
-        c.to_primal(dk, c.k_dtype)?,
-        c.to_primal(dv, c.v_dtype)?,
-        ds.map(|s| c.to_primal(s, c.sinks_dtype.unwrap_or(c.fwd.dtype)))
-            .transpose()?,
-    ))
+    c.to_primals(grads)
 }
 
 /// Everything a task reads, shared by all tasks.
@@ -139,7 +133,7 @@ impl<T: Elem> Ctx<'_, T> {
 
     /// For the loaded query tile (`nr` rows from `q0` of head `(b, h)`) against keys
     /// `k0..k0 + nk` of kv head `g`: the probabilities into `t.p` and `dS` into `t.ds`,
-    /// both `[nr, nk]` row-major. Key and value rows are `(data, start, stride)`.
+    /// both `[nr, nk]` row-major. `kr` and `vr` are the tile's key and value rows.
     #[allow(clippy::too_many_arguments)]
     fn p_and_ds(
         &self,
@@ -149,8 +143,8 @@ impl<T: Elem> Ctx<'_, T> {
         nr: usize,
         k0: usize,
         nk: usize,
-        kr: (&[T::C], usize, usize),
-        vr: (&[T::C], usize, usize),
+        kr: &Rows<'_, T::C>,
+        vr: &Rows<'_, T::C>,
         t: &mut Tiles<T::C>,
     ) -> Result<()> {
         let (d, dv) = (self.d, self.dv);
@@ -166,7 +160,7 @@ impl<T: Elem> Ctx<'_, T> {
             nk,
             false,
             (&t.q, 0, d, 1),
-            (kr.0, kr.1, 1, kr.2),
+            (kr.data, kr.start, 1, kr.stride),
         );
         matmul(
             nr,
@@ -176,7 +170,7 @@ impl<T: Elem> Ctx<'_, T> {
             nk,
             false,
             (&t.d_out, 0, dv, 1),
-            (vr.0, vr.1, 1, vr.2),
+            (vr.data, vr.start, 1, vr.stride),
         );
         let off = self.off();
         for i in 0..nr {
@@ -246,17 +240,7 @@ impl<T: Elem> Ctx<'_, T> {
             while q0 < self.tq {
                 let nr = BQV.min(self.tq - q0);
                 self.load_queries(b, h, q0, nr, &mut t)?;
-                self.p_and_ds(
-                    b,
-                    h,
-                    q0,
-                    nr,
-                    k0,
-                    nk,
-                    (kr.data, kr.start, kr.stride),
-                    (vr.data, vr.start, vr.stride),
-                    &mut t,
-                )?;
+                self.p_and_ds(b, h, q0, nr, k0, nk, &kr, &vr, &mut t)?;
                 // dV += P^T dO; dK += dS^T (scale Q).
                 matmul(
                     nk,
@@ -314,17 +298,7 @@ impl<T: Elem> Ctx<'_, T> {
             let nk = BKV.min(k_end - k0);
             let kr = tile_rows(self.k, b, g, k0, nk, d, &mut ks)?;
             let vr = tile_rows(self.v, b, g, k0, nk, self.dv, &mut vs)?;
-            self.p_and_ds(
-                b,
-                h,
-                q0,
-                nr,
-                k0,
-                nk,
-                (kr.data, kr.start, kr.stride),
-                (vr.data, vr.start, vr.stride),
-                &mut t,
-            )?;
+            self.p_and_ds(b, h, q0, nr, k0, nk, &kr, &vr, &mut t)?;
             // dQ += dS K (times scale below).
             matmul(
                 nr,

@@ -117,8 +117,8 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_mma_dkdv(
 
     float acc_k[1][D / 8][4];
     float acc_v[1][DV / 8][4];
-    ff_bwd_zero<1, D>(acc_k);
-    ff_bwd_zero<1, DV>(acc_v);
+    ff_zero_frags(acc_k);
+    ff_zero_frags(acc_v);
 
     const int wk = warp * 16;  // this warp's first key in the tile
     const ff_u32_t k_rows = ff_smem_u32(sk + wk * QS);
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_mma_dq(
     }
 
     float acc[MS][D / 8][4];
-    ff_bwd_zero<MS, D>(acc);
+    ff_zero_frags(acc);
     const ff_u32_t q_rows = ff_smem_u32(sq + wq * QS);
     const ff_u32_t g_rows = ff_smem_u32(sg + wq * GS);
 

@@ -45,6 +45,27 @@
 #define FF_SM90_BWD_Q_SMEM(D, STAGES) \
     (1024 + 2 * 128 * (D) * 2 + (STAGES) * 2 * 64 * (D) * 2 + (1 + 2 * (STAGES)) * 8)
 
+// The mbarriers at shared address `bars` (a `bars` in scope, and STAGES): the resident
+// tile's at bars, then stage s's "full" and "empty" ones.
+#define FF_FULL(s) (bars + 8u + 8u * (ff_u32_t)(s))
+#define FF_EMPTY(s) (bars + 8u + 8u * STAGES + 8u * (ff_u32_t)(s))
+
+// Thread `tid` 0 initialises a block's mbarriers (the resident tile's and every stage's
+// "full" one with one arrival, the "empty" ones with one per warp), then the block syncs.
+template <int STAGES>
+__device__ __forceinline__ void ff_sm90_bwd_init_bars(ff_u32_t bars, int tid) {
+    if (tid == 0) {
+        ff_mbar_init(bars, 1);
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            ff_mbar_init(FF_FULL(s), 1);
+            ff_mbar_init(FF_EMPTY(s), 8);
+        }
+        ff_mbar_init_fence();
+    }
+    __syncthreads();
+}
+
 // A barrier over the 128 threads of warpgroup `wg` (0 or 1): named barriers 1 and 2 (0 is
 // __syncthreads), as immediates so ptxas reserves only those.
 __device__ __forceinline__ void ff_wg_barrier(int wg) {
@@ -134,8 +155,6 @@ __global__ void __launch_bounds__(256, 1)
         (float*)(ff_sm90_bwd_smem + pad + 2 * KV_BYTES + 2 * STAGES * Q_BYTES);
     const ff_u32_t bars = sg + STAGES * Q_BYTES + 2 * 2 * 2 * BM * 4;
     const ff_u32_t kv_full = bars;
-#define FF_FULL(s) (bars + 8u + 8u * (ff_u32_t)(s))
-#define FF_EMPTY(s) (bars + 8u + 8u * STAGES + 8u * (ff_u32_t)(s))
 
     const int tid = threadIdx.x;
     const int wg = tid >> 7;
@@ -157,16 +176,7 @@ __global__ void __launch_bounds__(256, 1)
     const int n_qt = (Tq - q_first + BM - 1) / BM;
     const int n_it = n_qt * p.group;
 
-    if (tid == 0) {
-        ff_mbar_init(kv_full, 1);
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            ff_mbar_init(FF_FULL(s), 1);
-            ff_mbar_init(FF_EMPTY(s), 8);
-        }
-        ff_mbar_init_fence();
-    }
-    __syncthreads();
+    ff_sm90_bwd_init_bars<STAGES>(bars, tid);
 
     // Thread 0: loads of iteration `it` into stage it % STAGES, after its last use is
     // released.
@@ -206,14 +216,8 @@ __global__ void __launch_bounds__(256, 1)
 
     float acc_k[D / 8][4];
     float acc_v[D / 8][4];
-#pragma unroll
-    for (int db = 0; db < D / 8; ++db) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            acc_k[db][e] = 0.0f;
-            acc_v[db][e] = 0.0f;
-        }
-    }
+    ff_zero_frags(acc_k);
+    ff_zero_frags(acc_v);
 
     const int wk = k0 + wg * 64 + warp * 16;  // this warp's first key
     const int krow0 = wk + (lane >> 2);
@@ -303,8 +307,6 @@ __global__ void __launch_bounds__(256, 1)
             ff_mbar_arrive(FF_EMPTY(st));
         }
     }
-#undef FF_FULL
-#undef FF_EMPTY
 
     const ff_i64_t kv_row0 = ((ff_i64_t)b * p.n_kv + g) * Tkv;
     float(&ak)[1][D / 8][4] = reinterpret_cast<float(&)[1][D / 8][4]>(acc_k);
@@ -344,8 +346,6 @@ __global__ void __launch_bounds__(256, 1)
     const ff_u32_t sv = sk + STAGES * KV_BYTES;  // stage s at sv + s * KV_BYTES
     const ff_u32_t bars = sv + STAGES * KV_BYTES;
     const ff_u32_t qg_full = bars;
-#define FF_FULL(s) (bars + 8u + 8u * (ff_u32_t)(s))
-#define FF_EMPTY(s) (bars + 8u + 8u * STAGES + 8u * (ff_u32_t)(s))
 
     const int tid = threadIdx.x;
     const int wg = tid >> 7;
@@ -367,16 +367,7 @@ __global__ void __launch_bounds__(256, 1)
     }
     const int n_kt = (n_end + BN - 1) / BN;
 
-    if (tid == 0) {
-        ff_mbar_init(qg_full, 1);
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            ff_mbar_init(FF_FULL(s), 1);
-            ff_mbar_init(FF_EMPTY(s), 8);
-        }
-        ff_mbar_init_fence();
-    }
-    __syncthreads();
+    ff_sm90_bwd_init_bars<STAGES>(bars, tid);
 
     auto issue = [&](int j) {
         const int st = j % STAGES;
@@ -423,13 +414,7 @@ __global__ void __launch_bounds__(256, 1)
     const void* mask_bh = ff_sm90_bwd_mask<T>(mask, p, b, h);
 
     float acc[D / 8][4];
-#pragma unroll
-    for (int db = 0; db < D / 8; ++db) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            acc[db][e] = 0.0f;
-        }
-    }
+    ff_zero_frags(acc);
     const ff_u32_t q_rows = sq + (ff_u32_t)(wg * 64 * 128);
     const ff_u32_t g_rows = sg + (ff_u32_t)(wg * 64 * 128);
     if (n_kt > 0) {
@@ -481,8 +466,6 @@ __global__ void __launch_bounds__(256, 1)
             ff_mbar_arrive(FF_EMPTY(st));
         }
     }
-#undef FF_FULL
-#undef FF_EMPTY
 
     float(&aq)[1][D / 8][4] = reinterpret_cast<float(&)[1][D / 8][4]>(acc);
     ff_bwd_store<T, 1, D>(dq + row_base * D, aq, qrow0, Tq, scale, lane);

@@ -116,16 +116,3 @@ __device__ __forceinline__ void ff_bwd_store(typename T::storage* dst,
     }
 }
 
-template <int MS, int W>
-__device__ __forceinline__ void ff_bwd_zero(float (&acc)[MS][W / 8][4]) {
-#pragma unroll
-    for (int ms = 0; ms < MS; ++ms) {
-#pragma unroll
-        for (int db = 0; db < W / 8; ++db) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                acc[ms][db][e] = 0.0f;
-            }
-        }
-    }
-}

@@ -54,6 +54,16 @@ struct ff_decode_traits {
     static const int E = 16 / sizeof(S);
 };
 
+// A lane's VPL vectors of a key or value row as VPL * E floats, vector by vector.
+template <typename T, int VPL, int E>
+__device__ __forceinline__ void ff_decode_unpack(const ff_pack<typename T::storage, E> (&pk)[VPL],
+                                                 float (&f)[VPL * E]) {
+#pragma unroll
+    for (int vi = 0; vi < VPL; ++vi) {
+        ff_unpack<T>(pk[vi], f + vi * E);
+    }
+}
+
 // Whether key `j` is visible to query position `t`, and the additive term (base 2) if any.
 template <typename T>
 __device__ __forceinline__ float ff_mask_term(const void* mask,
@@ -235,13 +245,7 @@ __global__ void __launch_bounds__(FF_DECODE_THREADS)
 #pragma unroll
         for (int u = 0; u < KU; ++u) {
             float kf[W];
-#pragma unroll
-            for (int vi = 0; vi < VPL; ++vi) {
-#pragma unroll
-                for (int e = 0; e < E; ++e) {
-                    kf[vi * E + e] = T::to_f32(kv[u][vi].elem[e]);
-                }
-            }
+            ff_decode_unpack<T>(kv[u], kf);
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 float dot = 0.0f;
@@ -304,13 +308,7 @@ __global__ void __launch_bounds__(FF_DECODE_THREADS)
 #pragma unroll
         for (int u = 0; u < KU; ++u) {
             float vf[W];
-#pragma unroll
-            for (int vi = 0; vi < VPL; ++vi) {
-#pragma unroll
-                for (int e = 0; e < E; ++e) {
-                    vf[vi * E + e] = T::to_f32(vv[u][vi].elem[e]);
-                }
-            }
+            ff_decode_unpack<T>(vv[u], vf);
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 // A key of weight 0 (masked, or underflowed) contributes nothing, even when
@@ -600,13 +598,7 @@ __global__ void __launch_bounds__(NW * 32)
     __syncthreads();  // the Q tile
 
     float o[1][DV / 8][4];
-#pragma unroll
-    for (int db = 0; db < DV / 8; ++db) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            o[0][db][e] = 0.0f;
-        }
-    }
+    ff_zero_frags(o);
     float m_run[2] = {FF_ATTN_NEG_INF, FF_ATTN_NEG_INF};
     float l_run[2] = {0.0f, 0.0f};
     const ff_u8_t* mask_u8 = (const ff_u8_t*)mask;

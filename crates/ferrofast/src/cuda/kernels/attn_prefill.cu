@@ -151,16 +151,7 @@ __global__ void __launch_bounds__(NW * 32) attn_prefill(
     const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
 
     float o[MS][DV / 8][4];
-#pragma unroll
-    for (int ms = 0; ms < MS; ++ms) {
-#pragma unroll
-        for (int db = 0; db < DV / 8; ++db) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                o[ms][db][e] = 0.0f;
-            }
-        }
-    }
+    ff_zero_frags(o);
     float m_run[2 * MS];
     float l_run[2 * MS];
     {

@@ -176,13 +176,7 @@ __global__ void __launch_bounds__(384, 1)
     const int row0 = m0 + cw * 64 + warp * 16 + (lane >> 2);
 
     float o[1][DV / 8][4];
-#pragma unroll
-    for (int db = 0; db < DV / 8; ++db) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            o[0][db][e] = 0.0f;
-        }
-    }
+    ff_zero_frags(o);
     float m_run[2] = {FF_ATTN_NEG_INF, FF_ATTN_NEG_INF};
     float l_run[2] = {0.0f, 0.0f};
 

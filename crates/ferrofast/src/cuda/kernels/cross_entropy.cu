@@ -67,6 +67,16 @@ struct ff_ce_stats {
     int nan;      // a NaN was seen
 };
 
+// The statistics of nothing seen yet.
+__device__ __forceinline__ ff_ce_stats ff_ce_empty() {
+    ff_ce_stats st;
+    st.m = -FF_CE_INF;
+    st.s = 0.0f;
+    st.sum_x = 0.0f;
+    st.nan = 0;
+    return st;
+}
+
 __device__ __forceinline__ float ff_ce_scaled(float s, float from, float to) {
     // s * exp(from - to), where a running sum at -inf is empty.
     return from == -FF_CE_INF ? 0.0f : s * exp2f((from - to) * FF_CE_LOG2E);
@@ -128,15 +138,6 @@ __device__ __forceinline__ void ff_ce_load_raw(const typename T::storage* p, int
     }
 }
 
-template <typename T>
-__device__ __forceinline__ void ff_ce_unpack(const ff_pack<typename T::storage, ff_ce<T>::N>& pk,
-                                             float (&v)[ff_ce<T>::N]) {
-#pragma unroll
-    for (int k = 0; k < ff_ce<T>::N; ++k) {
-        v[k] = T::to_f32(pk.elem[k]);
-    }
-}
-
 // Stores gradients [base, base + N) of a row (skipping those past V).
 template <typename T, bool ALIGNED>
 __device__ __forceinline__ void ff_ce_store(typename T::storage* p, int base, int V,
@@ -162,14 +163,8 @@ __device__ __forceinline__ void ff_ce_store(typename T::storage* p, int base, in
     }
 }
 
-// The row's statistics from every thread's share, returned to every thread. Synchronises
-// the block (every thread must call it).
-__device__ __forceinline__ ff_ce_stats ff_ce_block_merge(ff_ce_stats st) {
-    __shared__ ff_ce_stats part[32];
-    __shared__ ff_ce_stats total;
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int n_warps = (blockDim.x + 31) >> 5;
+// Merges `st` over the warp's 32 lanes, in place in every lane.
+__device__ __forceinline__ void ff_ce_warp_merge(ff_ce_stats& st) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
         ff_ce_stats o;
@@ -179,6 +174,17 @@ __device__ __forceinline__ ff_ce_stats ff_ce_block_merge(ff_ce_stats st) {
         o.nan = __shfl_xor_sync(0xffffffffu, st.nan, off);
         st = ff_ce_merge(st, o);
     }
+}
+
+// The row's statistics from every thread's share, returned to every thread. Synchronises
+// the block (every thread must call it).
+__device__ __forceinline__ ff_ce_stats ff_ce_block_merge(ff_ce_stats st) {
+    __shared__ ff_ce_stats part[32];
+    __shared__ ff_ce_stats total;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int n_warps = (blockDim.x + 31) >> 5;
+    ff_ce_warp_merge(st);
     if (lane == 0) {
         part[warp] = st;
     }
@@ -188,20 +194,9 @@ __device__ __forceinline__ ff_ce_stats ff_ce_block_merge(ff_ce_stats st) {
         if (lane < n_warps) {
             w = part[lane];
         } else {
-            w.m = -FF_CE_INF;
-            w.s = 0.0f;
-            w.sum_x = 0.0f;
-            w.nan = 0;
+            w = ff_ce_empty();
         }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-            ff_ce_stats o;
-            o.m = __shfl_xor_sync(0xffffffffu, w.m, off);
-            o.s = __shfl_xor_sync(0xffffffffu, w.s, off);
-            o.sum_x = __shfl_xor_sync(0xffffffffu, w.sum_x, off);
-            o.nan = __shfl_xor_sync(0xffffffffu, w.nan, off);
-            w = ff_ce_merge(w, o);
-        }
+        ff_ce_warp_merge(w);
         if (lane == 0) {
             total = w;
         }
@@ -271,15 +266,63 @@ __device__ __forceinline__ void ff_ce_fill(typename T::storage* p, int V, float 
     }
 }
 
+// A row whose target is ignored (t == -1: loss and gradient 0) or out of range (t == -2:
+// NaN) is written whole here, and true returned; false for a row with a class.
+template <typename T, bool ALIGNED, bool GRAD>
+__device__ __forceinline__ bool ff_ce_skip_row(ff_i64_t t, float* loss, ff_i64_t row,
+                                               typename T::storage* dr, int V) {
+    if (t < 0) {
+        if (loss && threadIdx.x == 0) {
+            loss[row] = t == -1 ? 0.0f : FF_CE_NAN;
+        }
+        if (GRAD) {
+            ff_ce_fill<T, ALIGNED>(dr, V, t == -1 ? 0.0f : FF_CE_NAN);
+        }
+        return true;
+    }
+    return false;
+}
+
+// Merges the threads' statistics of a row (synchronising the block), writes the row's loss
+// (when `loss` is not null) and returns its log-sum-exp.
+__device__ __forceinline__ float ff_ce_finish_row(const ff_ce_params& p, ff_ce_stats st,
+                                                  float xt, float* loss, ff_i64_t row) {
+    st = ff_ce_block_merge(st);
+    float lse;
+    const float l = ff_ce_loss(p, st, xt, lse);
+    if (loss && threadIdx.x == 0) {
+        loss[row] = l;
+    }
+    return lse;
+}
+
+// The factors of a row's gradient (see ff_ce_grad): a on the softmax, c subtracted from
+// every logit, at more from the target's.
+struct ff_ce_coefs {
+    float a, c, at;
+};
+
+__device__ __forceinline__ ff_ce_coefs ff_ce_grad_coefs(const ff_ce_params& p, const float* g,
+                                                        const float* scale, ff_i64_t row,
+                                                        float lse) {
+    const float gr = ff_ce_cotangent(p, g, scale, row);
+    ff_ce_coefs k;
+    k.a = gr * (1.0f + 2.0f * p.z * lse);
+    k.c = gr * p.eps_over_v;
+    k.at = gr * p.one_minus_eps;
+    return k;
+}
+
+// The row kernels' parameters: the logits x, int64 targets, per-row losses (or null), the
+// logits' gradient dx (null without one), the cotangent g and its scale (or null), scalars.
+#define FF_CE_ROW_PARAMS(T)                                                               \
+    const typename T::storage* x, const ff_i64_t* __restrict__ targets,                   \
+        float* __restrict__ loss, typename T::storage* dx, const float* __restrict__ g,   \
+        const float* __restrict__ scale, ff_ce_params p
+
 template <typename T, bool ALIGNED, bool GRAD>
 __global__ void __launch_bounds__(FF_CE_LOOPED_THREADS)
-    ce_looped(const typename T::storage* x,
-              const ff_i64_t* __restrict__ targets,
-              float* __restrict__ loss,
-              typename T::storage* dx,
-              const float* __restrict__ g,
-              const float* __restrict__ scale,
-              ff_ce_params p) {
+    ce_looped(FF_CE_ROW_PARAMS(T)) {
     typedef typename T::storage S;
     const int N = ff_ce<T>::N;
     const ff_i64_t row = blockIdx.x;
@@ -290,20 +333,10 @@ __global__ void __launch_bounds__(FF_CE_LOOPED_THREADS)
     const S* xr = x + p.x_offset + row * p.x_row_stride;
     S* dr = GRAD ? dx + row * (ff_i64_t)V : nullptr;
     const ff_i64_t t = ff_ce_target(p, targets[row]);
-    if (t < 0) {
-        if (loss && threadIdx.x == 0) {
-            loss[row] = t == -1 ? 0.0f : FF_CE_NAN;
-        }
-        if (GRAD) {
-            ff_ce_fill<T, ALIGNED>(dr, V, t == -1 ? 0.0f : FF_CE_NAN);
-        }
+    if (ff_ce_skip_row<T, ALIGNED, GRAD>(t, loss, row, dr, V)) {
         return;
     }
-    ff_ce_stats st;
-    st.m = -FF_CE_INF;
-    st.s = 0.0f;
-    st.sum_x = 0.0f;
-    st.nan = 0;
+    ff_ce_stats st = ff_ce_empty();
     const int step = blockDim.x * N;
     for (int base0 = threadIdx.x * N; base0 < V; base0 += FF_CE_U * step) {
         ff_pack<S, N> raw[FF_CE_U];
@@ -314,23 +347,15 @@ __global__ void __launch_bounds__(FF_CE_LOOPED_THREADS)
 #pragma unroll
         for (int u = 0; u < FF_CE_U; ++u) {
             float v[N];
-            ff_ce_unpack<T>(raw[u], v);
+            ff_unpack<T>(raw[u], v);
             ff_ce_fold<N>(st, v, base0 + u * step, V);
         }
     }
     // The target logit is read before the barrier: with dx == x no thread has written yet.
     const float xt = T::to_f32(xr[t]);
-    st = ff_ce_block_merge(st);
-    float lse;
-    const float l = ff_ce_loss(p, st, xt, lse);
-    if (loss && threadIdx.x == 0) {
-        loss[row] = l;
-    }
+    const float lse = ff_ce_finish_row(p, st, xt, loss, row);
     if (GRAD) {
-        const float gr = ff_ce_cotangent(p, g, scale, row);
-        const float a = gr * (1.0f + 2.0f * p.z * lse);
-        const float c = gr * p.eps_over_v;
-        const float at = gr * p.one_minus_eps;
+        const ff_ce_coefs k = ff_ce_grad_coefs(p, g, scale, row, lse);
         for (int base0 = threadIdx.x * N; base0 < V; base0 += FF_CE_U * step) {
             ff_pack<S, N> raw[FF_CE_U];
 #pragma unroll
@@ -340,8 +365,8 @@ __global__ void __launch_bounds__(FF_CE_LOOPED_THREADS)
 #pragma unroll
             for (int u = 0; u < FF_CE_U; ++u) {
                 float v[N], d[N];
-                ff_ce_unpack<T>(raw[u], v);
-                ff_ce_grad<N>(v, d, base0 + u * step, t, a, c, at, lse);
+                ff_unpack<T>(raw[u], v);
+                ff_ce_grad<N>(v, d, base0 + u * step, t, k.a, k.c, k.at, lse);
                 ff_ce_store<T, ALIGNED>(dr, base0 + u * step, V, d);
             }
         }
@@ -350,13 +375,7 @@ __global__ void __launch_bounds__(FF_CE_LOOPED_THREADS)
 
 template <typename T, bool ALIGNED, int CHUNKS>
 __global__ void __launch_bounds__(FF_CE_REGS_THREADS, 1)
-    ce_regs(const typename T::storage* x,
-            const ff_i64_t* __restrict__ targets,
-            float* __restrict__ loss,
-            typename T::storage* dx,
-            const float* __restrict__ g,
-            const float* __restrict__ scale,
-            ff_ce_params p) {
+    ce_regs(FF_CE_ROW_PARAMS(T)) {
     typedef typename T::storage S;
     const int N = ff_ce<T>::N;
     const ff_i64_t row = blockIdx.x;
@@ -367,11 +386,7 @@ __global__ void __launch_bounds__(FF_CE_REGS_THREADS, 1)
     const S* xr = x + p.x_offset + row * p.x_row_stride;
     S* dr = dx + row * (ff_i64_t)V;
     const ff_i64_t t = ff_ce_target(p, targets[row]);
-    if (t < 0) {
-        if (loss && threadIdx.x == 0) {
-            loss[row] = t == -1 ? 0.0f : FF_CE_NAN;
-        }
-        ff_ce_fill<T, ALIGNED>(dr, V, t == -1 ? 0.0f : FF_CE_NAN);
+    if (ff_ce_skip_row<T, ALIGNED, true>(t, loss, row, dr, V)) {
         return;
     }
     const int step = blockDim.x * N;
@@ -382,17 +397,13 @@ __global__ void __launch_bounds__(FF_CE_REGS_THREADS, 1)
         ff_ce_load_raw<T, ALIGNED>(xr, threadIdx.x * N + c * step, V, raw[c]);
     }
     const float xt = T::to_f32(xr[t]);
-    ff_ce_stats st;
-    st.m = -FF_CE_INF;
-    st.s = 0.0f;
-    st.sum_x = 0.0f;
-    st.nan = 0;
+    ff_ce_stats st = ff_ce_empty();
     // Two passes over the registers: the thread's maximum, then its sum of exponentials
     // (logits past V are -inf and add nothing).
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
         float v[N];
-        ff_ce_unpack<T>(raw[c], v);
+        ff_unpack<T>(raw[c], v);
         const int base = threadIdx.x * N + c * step;
 #pragma unroll
         for (int k = 0; k < N; ++k) {
@@ -405,29 +416,21 @@ __global__ void __launch_bounds__(FF_CE_REGS_THREADS, 1)
 #pragma unroll
         for (int c = 0; c < CHUNKS; ++c) {
             float v[N];
-            ff_ce_unpack<T>(raw[c], v);
+            ff_unpack<T>(raw[c], v);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
                 st.s += exp2f((v[k] - st.m) * FF_CE_LOG2E);
             }
         }
     }
-    st = ff_ce_block_merge(st);
-    float lse;
-    const float l = ff_ce_loss(p, st, xt, lse);
-    if (loss && threadIdx.x == 0) {
-        loss[row] = l;
-    }
-    const float gr = ff_ce_cotangent(p, g, scale, row);
-    const float a = gr * (1.0f + 2.0f * p.z * lse);
-    const float cc = gr * p.eps_over_v;
-    const float at = gr * p.one_minus_eps;
+    const float lse = ff_ce_finish_row(p, st, xt, loss, row);
+    const ff_ce_coefs k = ff_ce_grad_coefs(p, g, scale, row, lse);
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
         float v[N], d[N];
-        ff_ce_unpack<T>(raw[c], v);
+        ff_unpack<T>(raw[c], v);
         const int base = threadIdx.x * N + c * step;
-        ff_ce_grad<N>(v, d, base, t, a, cc, at, lse);
+        ff_ce_grad<N>(v, d, base, t, k.a, k.c, k.at, lse);
         ff_ce_store<T, ALIGNED>(dr, base, V, d);
     }
 }

@@ -92,38 +92,54 @@ __device__ __forceinline__ float ff_exp2(float x) {
 template <typename T>
 struct ff_attn_mma;
 
-template <>
-struct ff_attn_mma<ff_bf16> {
-    __device__ static __forceinline__ void mma(float (&d)[4], const ff_u32_t (&a)[4], ff_u32_t b0,
-                                               ff_u32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    // lo in the low half, hi in the high half, each rounded to nearest even.
-    __device__ static __forceinline__ ff_u32_t pack(float lo, float hi) {
-        ff_u32_t r;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
-};
+// The specialisation for T, whose PTX type is PTX.
+#define FF_ATTN_MMA(T, PTX)                                                                     \
+    template <>                                                                                 \
+    struct ff_attn_mma<T> {                                                                     \
+        __device__ static __forceinline__ void mma(float (&d)[4], const ff_u32_t (&a)[4],       \
+                                                   ff_u32_t b0, ff_u32_t b1) {                  \
+            asm("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX ".f32 {%0, %1, %2, %3}, "  \
+                "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                               \
+                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                \
+                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                \
+        }                                                                                       \
+        /* lo in the low half, hi in the high half, each rounded to nearest even. */            \
+        __device__ static __forceinline__ ff_u32_t pack(float lo, float hi) {                   \
+            ff_u32_t r;                                                                         \
+            asm("cvt.rn." PTX "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));               \
+            return r;                                                                           \
+        }                                                                                       \
+    };
+FF_ATTN_MMA(ff_bf16, "bf16")
+FF_ATTN_MMA(ff_f16, "f16")
+#undef FF_ATTN_MMA
 
-template <>
-struct ff_attn_mma<ff_f16> {
-    __device__ static __forceinline__ void mma(float (&d)[4], const ff_u32_t (&a)[4], ff_u32_t b0,
-                                               ff_u32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+// Zeroes M x N accumulator fragments of the mma (four floats each).
+template <int M, int N>
+__device__ __forceinline__ void ff_zero_frags(float (&acc)[M][N][4]) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[m][n][e] = 0.0f;
+            }
+        }
     }
-    __device__ static __forceinline__ ff_u32_t pack(float lo, float hi) {
-        ff_u32_t r;
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
+}
+
+// Zeroes N accumulator fragments of the mma (four floats each).
+template <int N>
+__device__ __forceinline__ void ff_zero_frags(float (&acc)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            acc[n][e] = 0.0f;
+        }
     }
-};
+}
 
 // ----- tile loads ---------------------------------------------------------------------------
 
@@ -201,16 +217,7 @@ struct ff_kv_layout {
 template <typename T, int D, int MS, int BN, int QS, int KS, bool SW = false>
 __device__ __forceinline__ void ff_attn_scores(float (&s)[MS][BN / 8][4], ff_u32_t q_rows,
                                                ff_u32_t k_tile, int lane) {
-#pragma unroll
-    for (int ms = 0; ms < MS; ++ms) {
-#pragma unroll
-        for (int nb = 0; nb < BN / 8; ++nb) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[ms][nb][e] = 0.0f;
-            }
-        }
-    }
+    ff_zero_frags(s);
     // ldmatrix lane addresses: A (Q) row lane%16, column half lane/16; B (K) key row
     // (lane%8) + 8 * (lane/16), column half (lane/8)%2.
     const ff_u32_t a_addr = q_rows + (ff_u32_t)(((lane & 15) * QS + (lane >> 4) * 8) * 2);

@@ -42,10 +42,7 @@ __device__ __forceinline__ void ff_load(const typename T::storage* __restrict__ 
         if (base < D) {
             ff_pack<S, N> pk;
             pk.vec = *reinterpret_cast<const ff_vec16*>(p + base);
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                v[k] = T::to_f32(pk.elem[k]);
-            }
+            ff_unpack<T>(pk, v);
         } else {
 #pragma unroll
             for (int k = 0; k < N; ++k) {
@@ -120,38 +117,27 @@ struct ff_pair_ops {
     static const bool available = false;
 };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-template <>
-struct ff_pair_ops<ff_bf16> {
-    static const bool available = true;
-    static const ff_u32_t one = 0x3f803f80u;
-    static const ff_u32_t neg_zero = 0x80008000u;
-    __device__ static ff_u32_t round2(float lo, float hi) {
-        ff_u32_t r;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
-    __device__ static ff_u32_t fma2(ff_u32_t a, ff_u32_t b, ff_u32_t c) {
-        ff_u32_t r;
-        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-        return r;
-    }
-};
-template <>
-struct ff_pair_ops<ff_f16> {
-    static const bool available = true;
-    static const ff_u32_t one = 0x3c003c00u;
-    static const ff_u32_t neg_zero = 0x80008000u;
-    __device__ static ff_u32_t round2(float lo, float hi) {
-        ff_u32_t r;
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
-    __device__ static ff_u32_t fma2(ff_u32_t a, ff_u32_t b, ff_u32_t c) {
-        ff_u32_t r;
-        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-        return r;
-    }
-};
+// The specialisation for T, whose packed PTX type is PTX and whose pair of ones is ONE.
+#define FF_PAIR_OPS(T, PTX, ONE)                                                           \
+    template <>                                                                            \
+    struct ff_pair_ops<T> {                                                                \
+        static const bool available = true;                                                \
+        static const ff_u32_t one = ONE;                                                   \
+        static const ff_u32_t neg_zero = 0x80008000u;                                      \
+        __device__ static ff_u32_t round2(float lo, float hi) {                            \
+            ff_u32_t r;                                                                    \
+            asm("cvt.rn." PTX "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));          \
+            return r;                                                                      \
+        }                                                                                  \
+        __device__ static ff_u32_t fma2(ff_u32_t a, ff_u32_t b, ff_u32_t c) {              \
+            ff_u32_t r;                                                                    \
+            asm("fma.rn." PTX "x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));    \
+            return r;                                                                      \
+        }                                                                                  \
+    };
+FF_PAIR_OPS(ff_bf16, "bf16", 0x3f803f80u)
+FF_PAIR_OPS(ff_f16, "f16", 0x3c003c00u)
+#undef FF_PAIR_OPS
 #endif
 
 // The output elements of one chunk: the normalised values n rounded to T, times the weight
@@ -327,23 +313,93 @@ struct ff_norm_params {
     const int D = (p).D;                                                               \
     const float eps = (p).eps
 
+// The forward kernels' parameters (the layout in the header comment).
+#define FF_NORM_FWD_PARAMS(T)                                                             \
+    const typename T::storage* __restrict__ x, ff_i64_t x_offset, ff_i64_t x_row_stride,  \
+        const typename T::storage* __restrict__ w, ff_i64_t w_offset, ff_i64_t w_stride,  \
+        const typename T::storage* __restrict__ b, ff_i64_t b_offset, ff_i64_t b_stride,  \
+        typename T::storage* __restrict__ out, ff_i64_t n_rows, int D, float eps
+
+// Adds a value v of a row to the first pass's sums: for layer norm a1 += d and a2 += d * d
+// with d = v - shift, or d = 0 for an element outside the row (`in` false); for RMS norm
+// a2 += v * v (elements past D are loaded as zeros).
+template <typename K>
+__device__ __forceinline__ void ff_moments_add(bool in,
+                                               float v,
+                                               float shift,
+                                               float& a1,
+                                               float& a2) {
+    if constexpr (K::layer) {
+        const float d = in ? v - shift : 0.0f;
+        a1 += d;
+        a2 += d * d;
+    } else {
+        a2 += v * v;
+    }
+}
+
+// Adds a value v of a row to the layer norm fallback's sums about the estimated mean:
+// r1 += d and r2 += d * d with d = (v - shift) - m1, or d = 0 for an element outside the row.
+__device__ __forceinline__ void ff_residual_add(bool in,
+                                                float v,
+                                                float shift,
+                                                float m1,
+                                                float& r1,
+                                                float& r2) {
+    const float d = in ? (v - shift) - m1 : 0.0f;
+    r1 += d;
+    r2 += d * d;
+}
+
+// A value v of a row, normalised: ((v - shift) - m1) * inv for layer norm, v * inv for RMS
+// norm.
+template <typename K>
+__device__ __forceinline__ float ff_normalize(float v, float shift, float m1, float inv) {
+    return K::layer ? ((v - shift) - m1) * inv : v * inv;
+}
+
+// The statistics of a row one block shares, from the first pass's per-thread sums a1 and a2
+// (ff_moments_add; both become block totals). Returns the scale inv: 1 / sqrt(var + eps) for
+// layer norm, 1 / sqrt(mean(x^2) + eps) for RMS norm. Layer norm sets m1 = mean - shift from
+// the shifted moments, or, when those are not trusted, re-centres shift on the estimated mean
+// and takes m1 and the variance from the second pass `residuals(shift, m1, r1, r2)`, which
+// adds the thread's values to r1 and r2 with ff_residual_add. `scratch`: 64 floats of shared
+// memory (32 for RMS norm).
+template <typename K, typename F>
+__device__ __forceinline__ float ff_block_stats(float& a1,
+                                                float& a2,
+                                                int D,
+                                                float eps,
+                                                float* scratch,
+                                                float& shift,
+                                                float& m1,
+                                                F residuals) {
+    m1 = 0.0f;
+    if constexpr (K::layer) {
+        ff_block_sum2(a1, a2, scratch);
+        float var;
+        if (!ff_shifted_moments(a1, a2, D, m1, var)) {
+            // Second pass over the values about the estimated mean, skipping the padding past
+            // D; its residual sum corrects the mean too.
+            shift += m1;
+            m1 = 0.0f;
+            float r1 = 0.0f;
+            float r2 = 0.0f;
+            residuals(shift, m1, r1, r2);
+            ff_block_sum2(r1, r2, scratch);
+            ff_refine_moments(r1, r2, D, m1, var);
+        }
+        return 1.0f / sqrtf(var + eps);
+    } else {
+        a2 = ff_block_sum(a2, scratch);
+        return 1.0f / sqrtf(a2 / (float)D + eps);
+    }
+}
+
 // ----- one block per row ---------------------------------------------------------------------
 
 template <typename K, typename T, int N_CHUNKS, bool ALIGNED>
-__global__ void __launch_bounds__(1024) norm_rows(
-    const typename T::storage* __restrict__ x,
-    ff_i64_t x_offset,
-    ff_i64_t x_row_stride,
-    const typename T::storage* __restrict__ w,
-    ff_i64_t w_offset,
-    ff_i64_t w_stride,
-    const typename T::storage* __restrict__ b,
-    ff_i64_t b_offset,
-    ff_i64_t b_stride,
-    typename T::storage* __restrict__ out,
-    ff_i64_t n_rows,
-    int D,
-    float eps) {
+__global__ void __launch_bounds__(1024) norm_rows(FF_NORM_FWD_PARAMS(T)) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
     __shared__ float scratch[K::layer ? 64 : 32];
@@ -362,47 +418,21 @@ __global__ void __launch_bounds__(1024) norm_rows(
             ff_load<T, ALIGNED>(xr, 1, base, D, v[c]);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                if constexpr (K::layer) {
-                    const bool in = ALIGNED ? base < D : base + k < D;
-                    const float d = in ? v[c][k] - shift : 0.0f;
-                    a1 += d;
-                    a2 += d * d;
-                } else {
-                    // Loads past D are zeros.
-                    a2 += v[c][k] * v[c][k];
-                }
+                ff_moments_add<K>(ALIGNED ? base < D : base + k < D, v[c][k], shift, a1, a2);
             }
         }
-        float m1 = 0.0f;
-        float inv;
-        if constexpr (K::layer) {
-            ff_block_sum2(a1, a2, scratch);
-            float var;
-            if (!ff_shifted_moments(a1, a2, D, m1, var)) {
-                // Second pass over the registers about the estimated mean, skipping the
-                // padding past D; its residual sum corrects the mean too.
-                shift += m1;
-                m1 = 0.0f;
-                float r1 = 0.0f;
-                float r2 = 0.0f;
+        float m1;
+        const float inv =
+            ff_block_stats<K>(a1, a2, D, eps, scratch, shift, m1, [&](float shift, float m1, float& r1, float& r2) {
 #pragma unroll
                 for (int c = 0; c < N_CHUNKS; ++c) {
                     const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
 #pragma unroll
                     for (int k = 0; k < N; ++k) {
-                        const float d = base + k < D ? (v[c][k] - shift) - m1 : 0.0f;
-                        r1 += d;
-                        r2 += d * d;
+                        ff_residual_add(base + k < D, v[c][k], shift, m1, r1, r2);
                     }
                 }
-                ff_block_sum2(r1, r2, scratch);
-                ff_refine_moments(r1, r2, D, m1, var);
-            }
-            inv = 1.0f / sqrtf(var + eps);
-        } else {
-            a2 = ff_block_sum(a2, scratch);
-            inv = 1.0f / sqrtf(a2 / (float)D + eps);
-        }
+            });
         S* orow = out + row * (ff_i64_t)D;
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
@@ -411,7 +441,7 @@ __global__ void __launch_bounds__(1024) norm_rows(
                 float n[N];
 #pragma unroll
                 for (int k = 0; k < N; ++k) {
-                    n[k] = K::layer ? ((v[c][k] - shift) - m1) * inv : v[c][k] * inv;
+                    n[k] = ff_normalize<K>(v[c][k], shift, m1, inv);
                 }
                 S o[N];
                 ff_finish_chunk<T, ALIGNED>(n, wp, w_stride, bp, b_stride, base, D, o);
@@ -422,20 +452,7 @@ __global__ void __launch_bounds__(1024) norm_rows(
 }
 
 template <typename K, typename T, bool ALIGNED>
-__global__ void __launch_bounds__(1024) norm_looped(
-    const typename T::storage* __restrict__ x,
-    ff_i64_t x_offset,
-    ff_i64_t x_row_stride,
-    const typename T::storage* __restrict__ w,
-    ff_i64_t w_offset,
-    ff_i64_t w_stride,
-    const typename T::storage* __restrict__ b,
-    ff_i64_t b_offset,
-    ff_i64_t b_stride,
-    typename T::storage* __restrict__ out,
-    ff_i64_t n_rows,
-    int D,
-    float eps) {
+__global__ void __launch_bounds__(1024) norm_looped(FF_NORM_FWD_PARAMS(T)) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
     __shared__ float scratch[K::layer ? 64 : 32];
@@ -453,50 +470,28 @@ __global__ void __launch_bounds__(1024) norm_looped(
             ff_load<T, ALIGNED>(xr, 1, base, D, v);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                if constexpr (K::layer) {
-                    const float d = base + k < D ? v[k] - shift : 0.0f;
-                    a1 += d;
-                    a2 += d * d;
-                } else {
-                    a2 += v[k] * v[k];
-                }
+                ff_moments_add<K>(base + k < D, v[k], shift, a1, a2);
             }
         }
-        float m1 = 0.0f;
-        float inv;
-        if constexpr (K::layer) {
-            ff_block_sum2(a1, a2, scratch);
-            float var;
-            if (!ff_shifted_moments(a1, a2, D, m1, var)) {
-                shift += m1;
-                m1 = 0.0f;
-                float r1 = 0.0f;
-                float r2 = 0.0f;
+        float m1;
+        const float inv =
+            ff_block_stats<K>(a1, a2, D, eps, scratch, shift, m1, [&](float shift, float m1, float& r1, float& r2) {
                 for (int base = (int)threadIdx.x * N; base < D; base += step) {
                     float v[N];
                     ff_load<T, ALIGNED>(xr, 1, base, D, v);
 #pragma unroll
                     for (int k = 0; k < N; ++k) {
-                        const float d = base + k < D ? (v[k] - shift) - m1 : 0.0f;
-                        r1 += d;
-                        r2 += d * d;
+                        ff_residual_add(base + k < D, v[k], shift, m1, r1, r2);
                     }
                 }
-                ff_block_sum2(r1, r2, scratch);
-                ff_refine_moments(r1, r2, D, m1, var);
-            }
-            inv = 1.0f / sqrtf(var + eps);
-        } else {
-            a2 = ff_block_sum(a2, scratch);
-            inv = 1.0f / sqrtf(a2 / (float)D + eps);
-        }
+            });
         S* orow = out + row * (ff_i64_t)D;
         for (int base = (int)threadIdx.x * N; base < D; base += step) {
             float v[N];
             ff_load<T, ALIGNED>(xr, 1, base, D, v);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                v[k] = K::layer ? ((v[k] - shift) - m1) * inv : v[k] * inv;
+                v[k] = ff_normalize<K>(v[k], shift, m1, inv);
             }
             S o[N];
             ff_finish_chunk<T, ALIGNED>(v, wp, w_stride, bp, b_stride, base, D, o);
@@ -611,20 +606,7 @@ __device__ __forceinline__ void ff_group_store(typename T::storage* __restrict__
 }
 
 template <typename K, typename T, int G, int CH, bool ALIGNED>
-__global__ void __launch_bounds__(FF_GROUP_BLOCK) norm_group(
-    const typename T::storage* __restrict__ x,
-    ff_i64_t x_offset,
-    ff_i64_t x_row_stride,
-    const typename T::storage* __restrict__ w,
-    ff_i64_t w_offset,
-    ff_i64_t w_stride,
-    const typename T::storage* __restrict__ b,
-    ff_i64_t b_offset,
-    ff_i64_t b_stride,
-    typename T::storage* __restrict__ out,
-    ff_i64_t n_rows,
-    int D,
-    float eps) {
+__global__ void __launch_bounds__(FF_GROUP_BLOCK) norm_group(FF_NORM_FWD_PARAMS(T)) {
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
     const int lane = (int)threadIdx.x % G;
@@ -710,8 +692,7 @@ __global__ void __launch_bounds__(FF_GROUP_BLOCK) norm_group(
             float n[N];
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                const float v = T::to_f32(raw[c].elem[k]);
-                n[k] = K::layer ? ((v - shift) - m1) * inv : v * inv;
+                n[k] = ff_normalize<K>(T::to_f32(raw[c].elem[k]), shift, m1, inv);
             }
             ff_group_store<T, ALIGNED>(orow, wp, w_stride, bp, b_stride, base, D, n);
         }
@@ -737,19 +718,18 @@ struct ff_norm_vjp_params {
     ff_i64_t g_offset, g_row_stride;
 };
 
+// The backward kernels' parameters.
+#define FF_NORM_VJP_PARAMS(T)                                                              \
+    const typename T::storage* __restrict__ x, const typename T::storage* __restrict__ w,  \
+        const typename T::storage* __restrict__ g, typename T::storage* __restrict__ dx,   \
+        float* __restrict__ dw_part, float* __restrict__ db_part, const ff_norm_vjp_params params
+
 // Threads per block of the backward kernels (`VJP_MAX_THREADS` in `cuda/norm.rs`): 128
 // registers per thread, room for a row in flight while the previous one is reduced.
 #define FF_NORM_VJP_THREADS 512
 
 template <typename K, typename T, int N_CHUNKS, bool ALIGNED>
-__global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_rows(
-    const typename T::storage* __restrict__ x,
-    const typename T::storage* __restrict__ w,
-    const typename T::storage* __restrict__ g,
-    typename T::storage* __restrict__ dx,
-    float* __restrict__ dw_part,
-    float* __restrict__ db_part,
-    const ff_norm_vjp_params params) {
+__global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_rows(FF_NORM_VJP_PARAMS(T)) {
     FF_NORM_PARAMS(params.f);
     (void)b_offset;
     (void)b_stride;
@@ -883,14 +863,7 @@ __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_rows(
 // (each element owned by one thread, so no synchronisation). dw_part and db_part must not be
 // null when a weight / bias gradient is wanted; the kernel zeroes them first.
 template <typename K, typename T>
-__global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_looped(
-    const typename T::storage* __restrict__ x,
-    const typename T::storage* __restrict__ w,
-    const typename T::storage* __restrict__ g,
-    typename T::storage* __restrict__ dx,
-    float* __restrict__ dw_part,
-    float* __restrict__ db_part,
-    const ff_norm_vjp_params params) {
+__global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_looped(FF_NORM_VJP_PARAMS(T)) {
     FF_NORM_PARAMS(params.f);
     (void)b_offset;
     (void)b_stride;

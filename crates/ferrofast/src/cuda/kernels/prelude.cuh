@@ -176,6 +176,15 @@ union ff_pack {
     S elem[N];
 };
 
+// The N elements of `pk` (T's storage) as floats, at v[0..N).
+template <typename T, int N>
+__device__ __forceinline__ void ff_unpack(const ff_pack<typename T::storage, N>& pk, float* v) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        v[k] = T::to_f32(pk.elem[k]);
+    }
+}
+
 // ----- reductions ---------------------------------------------------------------------------
 
 __device__ __forceinline__ float ff_warp_sum(float v) {

@@ -10,8 +10,8 @@
 
 use super::select::{select_backward, BackwardKernel, Knobs, Problem};
 use super::{
-    allow_shared_memory, buffer, launch, mask_arg, push_inputs, sinks_arg, to_i32, vector_operand,
-    AttnParams, MaskArg, DTYPES, OP,
+    allow_shared_memory, buffer, launch, mask_arg, push_inputs, push_mask, sinks_arg, to_i32,
+    vector_operand, AttnParams, MaskArg, DTYPES, OP,
 };
 use crate::cuda::copy::type_tag;
 use crate::cuda::jit::{self, KernelFile, Registered};
@@ -21,7 +21,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaVjpArgs;
 use crate::Array;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchArgs, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 mod sm90;
@@ -262,6 +262,62 @@ struct Inputs<'a> {
     scale: f32,
 }
 
+impl<'a> Inputs<'a> {
+    /// Backward kernel `name` of `file`, allowed `smem` bytes of dynamic shared memory (`what`
+    /// names it in the error), with its launch configuration: `grid_dim` blocks of `threads`
+    /// threads.
+    fn kernel(
+        &self,
+        file: &KernelFile,
+        name: &str,
+        smem: usize,
+        what: &str,
+        grid_dim: (u32, u32, u32),
+        threads: u32,
+    ) -> Result<(CudaFunction, LaunchConfig)> {
+        let func = jit::function(&self.device, file, name, &[])?;
+        allow_shared_memory(&func, smem, what)?;
+        let cfg = LaunchConfig {
+            grid_dim,
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        Ok((func, cfg))
+    }
+
+    /// Pushes the arguments a dK / dV or dQ kernel takes after its operands and mask: `d_out`
+    /// (when `with_d_out`), lse, delta, the gradients `outs`, `params` and the scale.
+    fn push_rows<'b>(
+        &'b self,
+        builder: &mut LaunchArgs<'b>,
+        with_d_out: bool,
+        outs: impl IntoIterator<Item = &'b mut CudaBuffer>,
+        params: &'b AttnParams,
+    ) where
+        'a: 'b,
+    {
+        if with_d_out {
+            builder.arg(self.d_out.slice());
+        }
+        builder.arg(self.lse.slice()).arg(self.delta.slice());
+        for out in outs {
+            builder.arg(out.slice_mut());
+        }
+        builder.arg(params).arg(&self.scale);
+    }
+}
+
+/// A grid's y or z dimension for `n` heads or batches.
+///
+/// # Errors
+/// `Error::Unsupported` past CUDA's 65535.
+fn grid_yz(n: usize) -> Result<u32> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&v| v <= 65535)
+        .ok_or_else(|| Error::Unsupported(format!("{OP} {n} heads or batches exceed the grid")))
+}
+
 /// The gradients of q, k and v as new row-major buffers.
 struct Grads {
     dq: CudaBuffer,
@@ -341,11 +397,7 @@ fn run_tiles(
         let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
         let rows64 = rows as i64;
         let dv32 = to_i32(dv, "a value head dimension")?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(rows.div_ceil(THREADS as usize / 32))?, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = runtime::grid_1d(grid(rows.div_ceil(THREADS as usize / 32))?, THREADS, 0);
         let mut builder = cu.launch_builder(&func);
         builder
             .arg(out_b.slice())
@@ -402,11 +454,7 @@ fn run_tiles(
             let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
             let params = AttnParams::new(f, [&f.q, &f.k, &f.v], &x.mask, sinks)?;
             let batch = to_i32(b, "a batch size")?;
-            let cfg = LaunchConfig {
-                grid_dim: (grid(nq)?, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = runtime::grid_1d(grid(nq)?, THREADS, 0);
             let mut builder = cu.launch_builder(&func);
             builder
                 .arg(s.slice())
@@ -471,23 +519,17 @@ fn simt_passes(c: &SdpaVjpArgs, x: &Inputs<'_>) -> Result<Grads> {
     ];
     for (kernel, blocks, outs) in passes {
         let name = format!("{kernel}<{t}, {tile}>");
-        let func = jit::function(&x.device, &REGISTERED.file, &name, &[])?;
-        allow_shared_memory(&func, smem, "the attention backward kernel")?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(blocks)?, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
+        let (func, cfg) = x.kernel(
+            &REGISTERED.file,
+            &name,
+            smem,
+            "the attention backward kernel",
+            (grid(blocks)?, 1, 1),
+            THREADS,
+        )?;
         let mut builder = x.stream.cuda().launch_builder(&func);
         push_inputs(&mut builder, [q, k, v], &x.mask, sinks, &null);
-        builder
-            .arg(x.d_out.slice())
-            .arg(x.lse.slice())
-            .arg(x.delta.slice());
-        for out in outs {
-            builder.arg(out.slice_mut());
-        }
-        builder.arg(&params).arg(&x.scale);
+        x.push_rows(&mut builder, true, outs, &params);
         launch(&format!("launching {name}"), || {
             // SAFETY: the arguments match attn_bwd_dkdv's (outputs dk, dv) and attn_bwd_dq's
             // (output dq) parameters. q, k, v and the mask are read at indices below their
@@ -496,7 +538,7 @@ fn simt_passes(c: &SdpaVjpArgs, x: &Inputs<'_>) -> Result<Grads> {
             // B * N_q * T_q. Block (b, g, key tile) writes keys below T_kv of kv head (b, g) in
             // dk and dv (B * N_kv * T_kv * D and * D_v elements); block (b, h, query tile) writes
             // rows below T_q of head (b, h) in dq (B * N_q * T_q * D elements). Shared memory:
-            // at most `smem` bytes, allowed above.
+            // at most `cfg`'s bytes, allowed by `Inputs::kernel`.
             unsafe { builder.launch(cfg) }.map(|_| ())
         })?;
     }
@@ -522,41 +564,25 @@ fn mma_passes(c: &SdpaVjpArgs, x: &Inputs<'_>, tiles: MmaTiles) -> Result<Grads>
     let null: u64 = 0;
     let mut g = Grads::alloc(x)?;
     let (d, dv) = (x.d, x.dv);
-    let dims = |n: usize| -> Result<u32> {
-        u32::try_from(n)
-            .ok()
-            .filter(|&v| v <= 65535)
-            .ok_or_else(|| Error::Unsupported(format!("{OP} {n} heads or batches exceed the grid")))
-    };
 
     for &want in kv_wants(tiles) {
         let name = dkdv_variant(x.dtype, d, dv, tiles, want);
-        let func = jit::function(&x.device, &REGISTERED_MMA.file, &name, &[])?;
-        let smem = dkdv_shared_bytes(tiles, d, dv, want);
-        allow_shared_memory(&func, smem, "the attention backward kernel")?;
-        let cfg = LaunchConfig {
-            grid_dim: (
+        let (func, cfg) = x.kernel(
+            &REGISTERED_MMA.file,
+            &name,
+            dkdv_shared_bytes(tiles, d, dv, want),
+            "the attention backward kernel",
+            (
                 grid(x.tkv.div_ceil(16 * tiles.kv_warps))?,
-                dims(x.nkv)?,
-                dims(x.b)?,
+                grid_yz(x.nkv)?,
+                grid_yz(x.b)?,
             ),
-            block_dim: ((32 * tiles.kv_warps) as u32, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
+            (32 * tiles.kv_warps) as u32,
+        )?;
         let mut builder = x.stream.cuda().launch_builder(&func);
         builder.arg(qb.slice()).arg(kb.slice()).arg(vb.slice());
-        match x.mask.buffer {
-            Some(m) => builder.arg(m.slice()),
-            None => builder.arg(&null),
-        };
-        builder
-            .arg(x.d_out.slice())
-            .arg(x.lse.slice())
-            .arg(x.delta.slice())
-            .arg(g.dk.slice_mut())
-            .arg(g.dv.slice_mut())
-            .arg(&params)
-            .arg(&x.scale);
+        push_mask(&mut builder, &x.mask, &null);
+        x.push_rows(&mut builder, true, [&mut g.dk, &mut g.dv], &params);
         launch(&format!("launching {name}"), || {
             // SAFETY: the arguments match attn_bwd_mma_dkdv's parameters. q, k and v are read
             // through their views' offsets and strides (last axis contiguous, rows 16-byte
@@ -565,41 +591,33 @@ fn mma_passes(c: &SdpaVjpArgs, x: &Inputs<'_>, tiles: MmaTiles) -> Result<Grads>
             // its broadcast strides. d_out ([B, N_q, T_q, D_v], 16-byte rows as D_v is a multiple
             // of 16), lse and delta are row-major with no offset. Block (key tile, g, b) writes
             // keys below T_kv of kv head (b, g) in dk and dv only (B * N_kv * T_kv * D and * D_v
-            // elements). Shared memory: exactly `smem` bytes, allowed above.
+            // elements). Shared memory: exactly `cfg`'s bytes, allowed by `Inputs::kernel`.
             unsafe { builder.launch(cfg) }.map(|_| ())
         })?;
     }
 
     let name = dq_variant(x.dtype, d, dv, tiles);
-    let func = jit::function(&x.device, &REGISTERED_MMA.file, &name, &[])?;
-    let smem = dq_shared_bytes(tiles, d, dv);
-    allow_shared_memory(&func, smem, "the attention backward kernel")?;
-    let cfg = LaunchConfig {
-        grid_dim: (
+    let (func, cfg) = x.kernel(
+        &REGISTERED_MMA.file,
+        &name,
+        dq_shared_bytes(tiles, d, dv),
+        "the attention backward kernel",
+        (
             grid(x.tq.div_ceil(tiles.q_rows()))?,
-            dims(x.nq)?,
-            dims(x.b)?,
+            grid_yz(x.nq)?,
+            grid_yz(x.b)?,
         ),
-        block_dim: ((32 * tiles.q_warps) as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+        (32 * tiles.q_warps) as u32,
+    )?;
     let mut builder = x.stream.cuda().launch_builder(&func);
     builder.arg(qb.slice()).arg(kb.slice()).arg(vb.slice());
-    match x.mask.buffer {
-        Some(m) => builder.arg(m.slice()),
-        None => builder.arg(&null),
-    };
-    builder
-        .arg(x.d_out.slice())
-        .arg(x.lse.slice())
-        .arg(x.delta.slice())
-        .arg(g.dq.slice_mut())
-        .arg(&params)
-        .arg(&x.scale);
+    push_mask(&mut builder, &x.mask, &null);
+    x.push_rows(&mut builder, true, [&mut g.dq], &params);
     launch(&format!("launching {name}"), || {
         // SAFETY: the arguments match attn_bwd_mma_dq's parameters; inputs as for the dK / dV
         // kernel above. Block (query tile, h, b) writes rows below T_q of head (b, h) in dq only
-        // (B * N_q * T_q * D elements). Shared memory: exactly `smem` bytes, allowed above.
+        // (B * N_q * T_q * D elements). Shared memory: exactly `cfg`'s bytes, allowed by
+        // `Inputs::kernel`.
         unsafe { builder.launch(cfg) }.map(|_| ())
     })?;
     Ok(g)

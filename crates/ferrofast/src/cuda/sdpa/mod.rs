@@ -354,14 +354,7 @@ pub(crate) fn run_vjp(
     stream: &Stream,
 ) -> Result<(Array, Array, Array, Option<Array>)> {
     launchable(&c.fwd)?;
-    let (dq, dk, dv, ds) = backward::run(c, stream)?;
-    Ok((
-        c.to_primal(dq, c.q_dtype)?,
-        c.to_primal(dk, c.k_dtype)?,
-        c.to_primal(dv, c.v_dtype)?,
-        ds.map(|s| c.to_primal(s, c.sinks_dtype.unwrap_or(c.fwd.dtype)))
-            .transpose()?,
-    ))
+    c.to_primals(backward::run(c, stream)?)
 }
 
 /// The kernel a validated call on CUDA device `ordinal` gets (for tests and benchmarks).
@@ -492,12 +485,17 @@ pub(super) fn push_inputs<'a>(
     null: &'a u64,
 ) {
     builder.arg(q.slice()).arg(k.slice()).arg(v.slice());
-    match mask.buffer {
-        Some(m) => builder.arg(m.slice()),
-        None => builder.arg(null),
-    };
+    push_mask(builder, mask, null);
     match sinks {
         Some((s, _, _)) => builder.arg(s.slice()),
+        None => builder.arg(null),
+    };
+}
+
+/// Pushes the mask's buffer, or `null` without one, as a kernel's mask argument.
+pub(super) fn push_mask<'a>(builder: &mut LaunchArgs<'a>, mask: &MaskArg<'a>, null: &'a u64) {
+    match mask.buffer {
+        Some(m) => builder.arg(m.slice()),
         None => builder.arg(null),
     };
 }

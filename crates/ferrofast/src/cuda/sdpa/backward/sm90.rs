@@ -13,16 +13,16 @@
 //! strides), else from a row-major copy.
 
 use super::super::prefill_sm90::{tensor_map, tma_operand, TensorMapArg};
-use super::super::{allow_shared_memory, buffer, AttnParams, OP};
-use super::{grid, Grads, Inputs};
+use super::super::{buffer, push_mask, AttnParams, OP};
+use super::{grid, grid_yz, Grads, Inputs};
 use crate::cuda::copy::type_tag;
-use crate::cuda::jit::{self, KernelFile, Registered};
+use crate::cuda::jit::{KernelFile, Registered};
 use crate::cuda::runtime::{driver_error, guarded, launch};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaVjpArgs;
 use crate::Array;
-use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, PushKernelArg};
 
 /// `kernels/attn_backward_sm90.cu`, built for `sm_90a` only. Every instantiation a launch can
 /// ask for is in `variants`.
@@ -120,13 +120,7 @@ pub(super) fn passes(c: &SdpaVjpArgs, x: &Inputs<'_>, d_out: &Array) -> Result<G
         buffer(&k, "k", ordinal)?,
         buffer(&v, "v", ordinal)?,
     );
-    let heads = |n: usize| -> Result<u32> {
-        u32::try_from(n)
-            .ok()
-            .filter(|&v| v <= 65535)
-            .ok_or_else(|| Error::Unsupported(format!("{OP} {n} heads or batches exceed the grid")))
-    };
-    let (gy_kv, gy_q, gz) = (heads(x.nkv)?, heads(x.nq)?, heads(x.b)?);
+    let (gy_kv, gy_q, gz) = (grid_yz(x.nkv)?, grid_yz(x.nq)?, grid_yz(x.b)?);
     let cu = x.stream.cuda();
     let elem = x.dtype.size() as u64;
     // Encoding a tensor map needs the device's context current on this thread.
@@ -160,27 +154,18 @@ pub(super) fn passes(c: &SdpaVjpArgs, x: &Inputs<'_>, d_out: &Array) -> Result<G
     {
         let [tm_q, tm_k, tm_v, tm_g] = maps(TILE_ROWS as u32, BLOCK_ROWS as u32)?;
         let name = dkdv_variant(x.dtype, x.d, stages);
-        let func = jit::function(&x.device, &REGISTERED.file, &name, &[])?;
-        let smem = dkdv_shared_bytes(x.d, stages);
-        allow_shared_memory(&func, smem, "the Hopper attention backward kernel")?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(x.tkv.div_ceil(BLOCK_ROWS))?, gy_kv, gz),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
+        let (func, cfg) = x.kernel(
+            &REGISTERED.file,
+            &name,
+            dkdv_shared_bytes(x.d, stages),
+            "the Hopper attention backward kernel",
+            (grid(x.tkv.div_ceil(BLOCK_ROWS))?, gy_kv, gz),
+            THREADS,
+        )?;
         let mut builder = cu.launch_builder(&func);
         builder.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(&tm_g);
-        match x.mask.buffer {
-            Some(m) => builder.arg(m.slice()),
-            None => builder.arg(&null),
-        };
-        builder
-            .arg(x.lse.slice())
-            .arg(x.delta.slice())
-            .arg(g.dk.slice_mut())
-            .arg(g.dv.slice_mut())
-            .arg(&params)
-            .arg(&x.scale);
+        push_mask(&mut builder, &x.mask, &null);
+        x.push_rows(&mut builder, false, [&mut g.dk, &mut g.dv], &params);
         launch(&format!("launching {name}"), || {
             // SAFETY: the arguments match attn_bwd_sm90_dkdv's parameters in order and type
             // (four 128-byte tensor maps by value, the mask pointer or null, lse, delta, dk,
@@ -190,8 +175,8 @@ pub(super) fn passes(c: &SdpaVjpArgs, x: &Inputs<'_>, d_out: &Array) -> Result<G
             // without a read. The mask is read at (b, h, i, j) with i < T_q, j < T_kv through
             // its broadcast strides; lse and delta ([B, N_q, T_q] f32) at rows below T_q.
             // Block (key tile, g, b) writes keys below T_kv of kv head (b, g) of dk and dv
-            // (B * N_kv * T_kv * D elements each). Shared memory: exactly `smem` bytes,
-            // allowed above.
+            // (B * N_kv * T_kv * D elements each). Shared memory: exactly `cfg`'s bytes,
+            // allowed by `Inputs::kernel`.
             unsafe { builder.launch(cfg) }.map(|_| ())
         })?;
     }
@@ -200,31 +185,24 @@ pub(super) fn passes(c: &SdpaVjpArgs, x: &Inputs<'_>, d_out: &Array) -> Result<G
     {
         let [tm_q, tm_k, tm_v, tm_g] = maps(BLOCK_ROWS as u32, TILE_ROWS as u32)?;
         let name = dq_variant(x.dtype, x.d, stages);
-        let func = jit::function(&x.device, &REGISTERED.file, &name, &[])?;
-        let smem = dq_shared_bytes(x.d, stages);
-        allow_shared_memory(&func, smem, "the Hopper attention backward kernel")?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(x.tq.div_ceil(BLOCK_ROWS))?, gy_q, gz),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
+        let (func, cfg) = x.kernel(
+            &REGISTERED.file,
+            &name,
+            dq_shared_bytes(x.d, stages),
+            "the Hopper attention backward kernel",
+            (grid(x.tq.div_ceil(BLOCK_ROWS))?, gy_q, gz),
+            THREADS,
+        )?;
         let mut builder = cu.launch_builder(&func);
         builder.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(&tm_g);
-        match x.mask.buffer {
-            Some(m) => builder.arg(m.slice()),
-            None => builder.arg(&null),
-        };
-        builder
-            .arg(x.lse.slice())
-            .arg(x.delta.slice())
-            .arg(g.dq.slice_mut())
-            .arg(&params)
-            .arg(&x.scale);
+        push_mask(&mut builder, &x.mask, &null);
+        x.push_rows(&mut builder, false, [&mut g.dq], &params);
         launch(&format!("launching {name}"), || {
             // SAFETY: the arguments match attn_bwd_sm90_dq's parameters; inputs as for the
             // dK / dV kernel above. Block (query tile, h, b) reads k / v head h / group of
             // batch b and writes rows below T_q of head (b, h) of dq only (B * N_q * T_q * D
-            // elements). Shared memory: exactly `smem` bytes, allowed above.
+            // elements). Shared memory: exactly `cfg`'s bytes, allowed by
+            // `Inputs::kernel`.
             unsafe { builder.launch(cfg) }.map(|_| ())
         })?;
     }
