@@ -246,7 +246,7 @@ __device__ __forceinline__ float ff_gd_step(float s[NV][4], const float* x, cons
 
 // grid (B * Hv, ceil(Dv / 32)), 128 threads; dynamic shared memory p.stage segments.
 template <typename TI, typename TG, int NV>
-__global__ void __launch_bounds__(128, NV >= 16 ? 1 : 6) gd_forward(
+__global__ void __launch_bounds__(128) gd_forward(
     const typename TI::storage* __restrict__ q, const typename TI::storage* __restrict__ k,
     const typename TI::storage* __restrict__ v, const typename TG::storage* __restrict__ gamma,
     const typename TG::storage* __restrict__ beta, const float* __restrict__ state0,
