@@ -1138,16 +1138,16 @@ impl Array {
         Arc::strong_count(&self.storage) == 1 && Arc::weak_count(&self.storage) == 0
     }
 
-    /// The elements of a row-major contiguous array over memory borrowed through
-    /// [`Array::from_external`], as a mutable slice, when this is the only handle on the
-    /// buffer and the dtype is `T`'s; `None` otherwise (ferrofast's own memory, a GPU
-    /// buffer, a strided view, another handle alive, another dtype). The in-place passes
-    /// write their results there.
+    /// The elements of a row-major contiguous host array, in ferrofast's own buffer or in
+    /// memory borrowed through [`Array::from_external`], as a mutable slice, when this is the
+    /// only handle on the buffer and the dtype is `T`'s; `None` otherwise (a GPU buffer, a
+    /// strided view, another handle alive, another dtype). The in-place passes write their
+    /// results there.
     ///
     /// # Safety
-    /// The memory's producer lends it for writing for as long as the slice lives: it is
-    /// writable, and nobody else reads or writes these elements meanwhile. Values of `T`
-    /// written through the slice are valid values of the dtype.
+    /// For borrowed memory, its producer lends it for writing for as long as the slice
+    /// lives: it is writable, and nobody else reads or writes these elements meanwhile.
+    /// Values of `T` written through the slice are valid values of the dtype.
     pub(crate) unsafe fn lent_host_slice_mut<T: Element>(&mut self) -> Option<&mut [T]> {
         if self.dtype != T::DTYPE || !self.is_contiguous() {
             return None;
@@ -1169,7 +1169,8 @@ impl Array {
                     std::slice::from_raw_parts_mut(e.ptr.as_ptr().cast::<T>().add(offset), n)
                 })
             }
-            Storage::Cpu(..) | Storage::Cuda(_) => None,
+            Storage::Cpu(data, _) => T::slice_mut(data)?.get_mut(offset..offset.checked_add(n)?),
+            Storage::Cuda(_) => None,
         }
     }
 

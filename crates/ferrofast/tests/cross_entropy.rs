@@ -711,6 +711,25 @@ mod external_in_place {
         check_close(&d, &wd, 0.0, 0.0, "owned");
     }
 
+    /// A row-major view into ferrofast's own buffer, the only handle left on it, is written
+    /// where it lies too (the in-place pass over its rows, not a new buffer).
+    #[test]
+    fn owned_view_is_written_where_it_lies() {
+        let host = logits(&[6, 300], DType::F16, 225);
+        let t = targets(&[4], 300, DType::I32, 226);
+        let opts = CrossEntropyOptions::default();
+        let whole = host.copy().unwrap();
+        let x = whole.slice(&[1, 0], &[5, 300], &[1, 1]).unwrap();
+        drop(whole);
+        assert!(x.is_contiguous() && x.offset() == 300);
+        let (_, wd) = fast::cross_entropy_fused(&x, &t, &opts).unwrap();
+        let at = x.host_ptr().map(|p| p as usize);
+        // SAFETY: ferrofast's own buffer, this the only handle: nothing is borrowed.
+        let (_, d) = unsafe { fast::cross_entropy_fused_in_place_external(x, &t, &opts) }.unwrap();
+        assert_eq!(d.host_ptr().map(|p| p as usize), at);
+        check_close(&d, &wd, 0.0, 0.0, "owned view");
+    }
+
     /// Refused: MLX's checks first, then f64, layouts that are not row-major contiguous and
     /// a buffer another handle shares; the memory is left unchanged.
     #[test]

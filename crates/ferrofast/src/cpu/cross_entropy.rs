@@ -108,9 +108,10 @@ pub(crate) fn fused_in_place(args: CrossEntropyArgs) -> Result<(Array, Array)> {
     unsafe { in_place(args, false) }
 }
 
-/// [`fused_in_place`], and for row-major f32 / f16 / bf16 logits over borrowed memory
-/// ([`Array::from_external`]) that are the only handle on it, the same pass over that
-/// memory: `dlogits` is the logits array itself.
+/// [`fused_in_place`], and for row-major f32 / f16 / bf16 logits that are the only handle on
+/// their buffer but do not cover all of it (a view of ferrofast's own buffer, or borrowed
+/// memory from [`Array::from_external`]), the same pass over their elements: `dlogits` is the
+/// logits array itself.
 ///
 /// # Safety
 /// When the logits view borrowed memory, its producer lends it for writing for this call
@@ -150,8 +151,9 @@ unsafe fn in_place_typed<T: RowElem>(
         Err(logits) => logits,
     };
     if lent {
-        // SAFETY: the caller's contract lends the borrowed memory for writing for this call;
-        // the slice lives until the rows are written, inside it.
+        // SAFETY: the caller's contract lends borrowed memory for writing for this call
+        // (ferrofast's own buffer is written through the only handle on it); the slice lives
+        // until the rows are written, inside it.
         if let Some(rows) = unsafe { logits.lent_host_slice_mut::<T>() } {
             let loss = grad_rows_in_place(&args, rows)?;
             return Ok((loss, logits));

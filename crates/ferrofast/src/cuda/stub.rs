@@ -213,6 +213,14 @@ pub(crate) mod cross_entropy {
     ) -> Result<(Array, Array)> {
         match stream.never {}
     }
+    /// # Safety
+    /// Never runs (no stream exists).
+    pub(crate) unsafe fn fused_in_place_lent(
+        _: CrossEntropyArgs,
+        stream: &super::Stream,
+    ) -> Result<(Array, Array)> {
+        match stream.never {}
+    }
 }
 launcher!(sdpa, crate::ops::sdpa::SdpaArgs;
     run_with_lse(crate::ops::sdpa::SdpaArgs) -> (Array, Array);
