@@ -1138,17 +1138,32 @@ impl Array {
         Arc::strong_count(&self.storage) == 1 && Arc::weak_count(&self.storage) == 0
     }
 
-    /// The elements of a row-major contiguous host array, in ferrofast's own buffer or in
-    /// memory borrowed through [`Array::from_external`], as a mutable slice, when this is the
-    /// only handle on the buffer and the dtype is `T`'s; `None` otherwise (a GPU buffer, a
-    /// strided view, another handle alive, another dtype). The in-place passes write their
-    /// results there.
+    /// The elements of a row-major contiguous array in ferrofast's own host buffer, as a
+    /// mutable slice, when this is the only handle on the buffer and the dtype is `T`'s;
+    /// `None` otherwise (borrowed or GPU memory, a strided view, another handle alive,
+    /// another dtype). The in-place passes write their results there.
+    pub(crate) fn host_slice_mut<T: Element>(&mut self) -> Option<&mut [T]> {
+        if self.dtype != T::DTYPE || !self.is_contiguous() {
+            return None;
+        }
+        let (offset, n) = (self.offset, self.size());
+        match Arc::get_mut(&mut self.storage)? {
+            Storage::Cpu(data, _) => T::slice_mut(data)?.get_mut(offset..offset.checked_add(n)?),
+            Storage::External(_) | Storage::Cuda(_) => None,
+        }
+    }
+
+    /// [`host_slice_mut`](Array::host_slice_mut), and for memory borrowed through
+    /// [`Array::from_external`] the same slice over the lender's memory.
     ///
     /// # Safety
     /// For borrowed memory, its producer lends it for writing for as long as the slice
     /// lives: it is writable, and nobody else reads or writes these elements meanwhile.
     /// Values of `T` written through the slice are valid values of the dtype.
     pub(crate) unsafe fn lent_host_slice_mut<T: Element>(&mut self) -> Option<&mut [T]> {
+        if !matches!(&*self.storage, Storage::External(_)) {
+            return self.host_slice_mut();
+        }
         if self.dtype != T::DTYPE || !self.is_contiguous() {
             return None;
         }
@@ -1169,8 +1184,7 @@ impl Array {
                     std::slice::from_raw_parts_mut(e.ptr.as_ptr().cast::<T>().add(offset), n)
                 })
             }
-            Storage::Cpu(data, _) => T::slice_mut(data)?.get_mut(offset..offset.checked_add(n)?),
-            Storage::Cuda(_) => None,
+            Storage::Cpu(..) | Storage::Cuda(_) => None,
         }
     }
 

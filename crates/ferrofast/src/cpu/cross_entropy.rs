@@ -141,23 +141,20 @@ unsafe fn in_place_typed<T: RowElem>(
     mut args: CrossEntropyArgs,
     lent: bool,
 ) -> Result<(Array, Array)> {
-    let shape = args.logits.shape().to_vec();
-    let logits = std::mem::replace(&mut args.logits, Array::scalar(0.0f32));
-    let mut logits = match logits.into_host_vec::<T>() {
-        Ok(mut buf) => {
-            let loss = grad_rows_in_place(&args, &mut buf)?;
-            return Ok((loss, Array::from_vec(buf, &shape)?));
-        }
-        Err(logits) => logits,
-    };
-    if lent {
+    let mut logits = std::mem::replace(&mut args.logits, Array::scalar(0.0f32));
+    let rows = if lent {
         // SAFETY: the caller's contract lends borrowed memory for writing for this call
         // (ferrofast's own buffer is written through the only handle on it); the slice lives
         // until the rows are written, inside it.
-        if let Some(rows) = unsafe { logits.lent_host_slice_mut::<T>() } {
-            let loss = grad_rows_in_place(&args, rows)?;
-            return Ok((loss, logits));
-        }
+        unsafe { logits.lent_host_slice_mut::<T>() }
+    } else if logits.owns_whole_buffer() {
+        logits.host_slice_mut::<T>()
+    } else {
+        None
+    };
+    if let Some(rows) = rows {
+        let loss = grad_rows_in_place(&args, rows)?;
+        return Ok((loss, logits));
     }
     args.logits = logits;
     fused(&args)

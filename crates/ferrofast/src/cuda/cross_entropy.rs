@@ -415,8 +415,7 @@ pub(crate) unsafe fn fused_in_place_lent(
     args: CrossEntropyArgs,
     stream: &Stream,
 ) -> Result<(Array, Array)> {
-    let writable = args.logits.owns_whole_buffer()
-        || (args.logits.is_sole_handle() && args.logits.is_contiguous());
+    let writable = args.logits.is_sole_handle() && args.logits.is_contiguous();
     // SAFETY: the caller's contract lends borrowed memory for writing; ferrofast's own
     // buffers are written only when `args` holds the only handle on them.
     unsafe { in_place(args, stream, writable) }

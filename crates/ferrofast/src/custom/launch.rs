@@ -585,6 +585,7 @@ pub(crate) unsafe fn launch(l: Launch) -> Result<Vec<Array>> {
             })
             .collect::<Result<_>>()?;
         let cu = stream.cuda();
+        let what = format!("[{op}] launching the kernel");
         for (origin, blocks, block) in l.dispatch.segments(l.split_partial) {
             let mut output_refs: Vec<Option<&mut CudaBuffer>> =
                 outputs.iter_mut().map(Some).collect();
@@ -634,7 +635,6 @@ pub(crate) unsafe fn launch(l: Launch) -> Result<Vec<Array>> {
                 block_dim: (block[0], block[1], block[2]),
                 shared_mem_bytes: shared_bytes,
             };
-            let what = format!("[{op}] launching the kernel");
             guarded(&what, || {
                 // SAFETY: the caller's contract (see above): the kernel matches the arguments
                 // and stays inside the buffers it is given.

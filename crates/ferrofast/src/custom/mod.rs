@@ -323,6 +323,11 @@ pub(crate) type Segment = ([u32; 3], [u32; 3], [u32; 3]);
 // Without the `cuda` feature nothing launches; the unit test still checks the plan.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 impl Dispatch {
+    /// True when the grid is empty (no thread runs).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.blocks.contains(&0)
+    }
+
     /// The launches that run this dispatch. Without `split`, one: every block full-sized
     /// (threads past the grid in the last blocks run too). With `split`, the full blocks and,
     /// along each axis whose grid is not a multiple of the block, the last partial block at
@@ -330,7 +335,7 @@ impl Dispatch {
     /// over the three axes (at most eight launches), so no launched thread is past the grid.
     /// None for an empty grid.
     pub(crate) fn segments(&self, split: bool) -> Vec<Segment> {
-        if self.blocks.contains(&0) {
+        if self.is_empty() {
             return Vec::new();
         }
         if !split {
@@ -360,14 +365,6 @@ impl Dispatch {
             }
         }
         out
-    }
-}
-
-#[cfg(feature = "cuda")]
-impl Dispatch {
-    /// True when the grid is empty (no thread runs).
-    pub(crate) fn is_empty(&self) -> bool {
-        self.blocks.contains(&0)
     }
 }
 

@@ -233,29 +233,30 @@ pub unsafe fn cross_entropy_fused_in_place_external(
     targets: &Array,
     opts: &CrossEntropyOptions,
 ) -> Result<(Array, Array)> {
-    drop(CrossEntropyArgs::new(&logits, targets, opts)?);
-    let dtype = logits.dtype();
+    // MLX's checks first; then `args` holds the only handle this function had.
+    let args = CrossEntropyArgs::new(&logits, targets, opts)?;
+    drop(logits);
+    let x = &args.logits;
+    let dtype = x.dtype();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
         return Err(Error::invalid(format!(
             "{OP} The in-place pass writes float32, float16 or bfloat16 logits, not {dtype}."
         )));
     }
-    if !logits.is_contiguous() {
+    if !x.is_contiguous() {
         return Err(Error::invalid(format!(
             "{OP} The in-place pass needs row-major contiguous logits, got shape {} with \
              strides {:?}.",
-            fmt_shape(logits.shape()),
-            logits.strides()
+            fmt_shape(x.shape()),
+            x.strides()
         )));
     }
-    if !logits.is_sole_handle() {
+    if !x.is_sole_handle() {
         return Err(Error::invalid(format!(
             "{OP} The in-place pass needs the only handle on the logits' buffer; another \
              array shares it."
         )));
     }
-    let args = CrossEntropyArgs::new(&logits, targets, opts)?;
-    drop(logits);
     // SAFETY: the caller lends the logits' memory for writing for this call (this
     // function's contract); `args` holds the only handle on it (checked above), row-major
     // contiguous.
