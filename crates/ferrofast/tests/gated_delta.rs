@@ -749,6 +749,80 @@ on_every_device! {
     }
 }
 
+on_every_device! {
+    /// The backward of bf16 prefill in the chunked form (on CUDA the tensor-core kernels:
+    /// the forward's prep and walk keeping M and every chunk's state, the reverse walk of the
+    /// state's gradient, the per-chunk gradients) against the oracle on the same bf16 inputs,
+    /// and the automatic choice (chunked from 64 steps on CUDA) against the forced one: one
+    /// chunk, a partial last chunk, GQA, the head sizes 64 and 128 in each role, masks,
+    /// decays with exact zeros and negative values, with and without an initial state and the
+    /// final state's cotangent. The products take bf16 operands with f32 sums, so the
+    /// gradients agree to bf16 precision relative to their scale.
+    fn vjp_chunked_bf16_matches_oracle(dev: &Device) {
+        let _form = FORM.write().unwrap_or_else(|e| e.into_inner());
+        let cases = [
+            (dims(1, 64, 1, 1, 64, 64), 0, true),
+            (dims(1, 200, 1, 2, 128, 128), 1, false),
+            (dims(2, 130, 2, 4, 64, 128), 2, true),
+            (dims(1, 97, 1, 1, 128, 64), 0, true),
+            (dims(1, 640, 1, 1, 64, 64), 1, true),
+        ];
+        for (n, (d, extra, with_state)) in cases.into_iter().enumerate() {
+            let mut c = make_case(d, DType::BF16, false, with_state, 120 + n as u64);
+            if extra >= 1 {
+                c.gamma = zeros_and_negatives(&c.gamma, d);
+            }
+            if extra == 2 {
+                c.mask = Some(holes_mask(d.b, d.t, 7));
+            }
+            let (dout, dstate) = cotangents(d, 130 + n as u64);
+            let dstate = (n % 2 == 0).then_some(&dstate);
+            let r = oracle_vjp(&c, &dout, dstate);
+            std::env::set_var(FORM_VAR, "chunked");
+            let what = format!("{d:?} chunked");
+            let g = vjp_in_set_form(&c, dev, &dout, dstate).unwrap_or_else(|e| panic!("{what}: {e}"));
+            std::env::remove_var(FORM_VAR);
+            let auto = vjp_in_set_form(&c, dev, &dout, dstate).expect("auto");
+            let mut pairs: Vec<(&str, &Array, &Array, &Array)> = named_grads(&g)
+                .into_iter()
+                .zip(named_grads(&r))
+                .zip(named_grads(&auto))
+                .map(|(((name, a), (_, b)), (_, x))| (name, a, b, x))
+                .collect();
+            if let (Some(a), Some(b), Some(x)) = (&g.dstate0, &r.dstate0, &auto.dstate0) {
+                pairs.push(("dstate0", a, b, x));
+            }
+            assert_eq!(g.dstate0.is_some(), with_state, "{what}: dstate0 presence");
+            for (name, a, b, x) in pairs {
+                let scale = max_abs(b);
+                let (fa, fb) = (f64s(a), f64s(b));
+                let err = fa.iter().zip(&fb).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+                let norm = fb.iter().map(|y| y * y).sum::<f64>().sqrt();
+                let rel = err / norm.max(f64::MIN_POSITIVE);
+                eprintln!("{what}: {name} relative error {rel:.2e} (max |ref| {scale:.3e})");
+                assert!(rel < 2e-2, "{what}: {name} relative error {rel}");
+                check_close(a, b, 3e-2 * scale, 3e-2, &format!("{what}: {name}"));
+                assert!(max_abs(a) > 0.0, "{what}: {name} is all zeros");
+                // The automatic choice is the chunked form on CUDA (d.t >= 64); the CPU steps.
+                if matches!(dev, Device::Cuda(_)) {
+                    check_close(x, a, 0.0, 0.0, &format!("{d:?} auto: {name}"));
+                } else {
+                    check_close(x, b, 3e-2 * scale, 3e-2, &format!("{d:?} auto: {name}"));
+                }
+            }
+            // A masked-out step gets no gradient.
+            if let Some(m) = &c.mask {
+                let keep = f64s(m);
+                for (i, x) in f64s(&g.dbeta).iter().enumerate() {
+                    if keep[i / d.hv] == 0.0 {
+                        assert_eq!(*x, 0.0, "{d:?}: masked dbeta at {i}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Scalar decays `[B, T, Hv]` with exact zeros (every 37th step: a reset inside a 64-step
 /// chunk) and negated values (every 23rd step), in the decays' dtype.
 fn zeros_and_negatives(gamma: &Array, d: Dims) -> Array {

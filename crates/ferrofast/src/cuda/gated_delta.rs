@@ -25,6 +25,14 @@
 //! bf16 operands with f32 sums, so its state is as precise as its bf16 inputs rather than
 //! f32 to the last bit. Workspace: `(2 · 64 · (Dk + Dv) + 2 · 64 · 64 + 1024)` bytes a chunk
 //! of each head.
+//!
+//! The backward takes the chunked form under the same rule ([`vjp_chunked`]): `gdc_prep`
+//! keeping `M` and `gdc_state` keeping every chunk's starting state, `gdc_bstate` walking the
+//! chunks in reverse (the state's gradient in mma accumulators; `dΔ` and the gradient at every
+//! chunk's end kept), then `gdc_bgrad`, every chunk's input gradients in parallel. Its
+//! products take bf16 operands with f32 sums as the forward's do. Workspace, a chunk of each
+//! head: the forward's plus `M` (16 KiB), two `[Dv, Dk]` f32 states and `dΔ` (`64 · Dv`
+//! bf16): about 150 KiB at Dk = Dv = 128.
 
 use super::copy::{copy_cast, type_tag};
 use super::jit::{self, KernelFile, Registered};
@@ -73,6 +81,14 @@ fn state_variant(dk: usize, dv: usize, nw: usize) -> String {
     format!("gdc_state<{dk}, {dv}, {nw}>")
 }
 
+fn bstate_variant(dk: usize, dv: usize, nw: usize) -> String {
+    format!("gdc_bstate<{dk}, {dv}, {nw}>")
+}
+
+fn bgrad_variant(tg: DType, dk: usize, dv: usize) -> String {
+    format!("gdc_bgrad<{}, {dk}, {dv}>", type_tag(tg))
+}
+
 /// Every instantiation of `gated_delta_chunked.cu` a launch can ask for.
 fn chunked_variants() -> Vec<String> {
     let mut out = Vec::new();
@@ -80,10 +96,12 @@ fn chunked_variants() -> Vec<String> {
         for dv in CHUNK_DIMS {
             for tg in CHUNK_TG {
                 out.push(prep_variant(tg, dk, dv));
+                out.push(bgrad_variant(tg, dk, dv));
             }
             for nw in CHUNK_WARPS {
                 if dv.is_multiple_of(16 * nw) {
                     out.push(state_variant(dk, dv, nw));
+                    out.push(bstate_variant(dk, dv, nw));
                 }
             }
         }
@@ -107,21 +125,47 @@ fn state_smem(dk: usize, nw: usize) -> usize {
     (2 * stage + nw * CHUNK * 24) * 2
 }
 
-/// Warps of a `gdc_state` block for `heads` (batch x value heads) of `dv` value rows of
-/// `dk` on a device of `sms` multiprocessors with `max_smem` bytes of shared memory a block:
-/// eight (one block a head) when that about fills the GPU and fits, else four (more blocks).
-fn state_warps(heads: usize, dk: usize, dv: usize, sms: usize, max_smem: usize) -> usize {
-    if dv.is_multiple_of(128) && 4 * heads >= 3 * sms && state_smem(dk, 8) <= max_smem {
+/// Dynamic shared memory of `gdc_bstate` with `nw` warps, in bytes: two stages of W, Q, K
+/// (`[64][Dk + 8]`), `Γ Q K^T` (`[64][72]`), the dO tile (`[64][16 nw + 8]`) and the
+/// factors, then a `[64][24]` bf16 tile per warp (`ff_gdc_bstage`).
+fn bstate_smem(dk: usize, nw: usize) -> usize {
+    let stage =
+        3 * CHUNK * (dk + 8) + CHUNK * (CHUNK + 8) + CHUNK * (16 * nw + 8) + 2 * CHUNK_FACTORS;
+    (2 * stage + nw * CHUNK * 24) * 2
+}
+
+/// Dynamic shared memory of `gdc_bgrad`, in bytes (`ff_gdc_bgrad_smem`): seven bf16 tiles
+/// (`[64][Dk + 8]` three, `[64][Dv + 8]` four), S and dS' (`[Dv][Dk + 8]` bf16 each) sharing
+/// their space with four f32 `[64][65]` arrays, one more such array and 21 per-step arrays.
+fn bgrad_smem(dk: usize, dv: usize) -> usize {
+    let tiles = (3 * CHUNK * (dk + 8) + 4 * CHUNK * (dv + 8)) * 2;
+    let shared = (2 * dv * (dk + 8) * 2).max(4 * CHUNK * (CHUNK + 1) * 4);
+    tiles + shared + CHUNK * (CHUNK + 1) * 4 + (21 * CHUNK + 8) * 4
+}
+
+/// Warps of a `gdc_state` / `gdc_bstate` block for `heads` (batch x value heads) of `dv`
+/// value rows on a device of `sms` multiprocessors with `max_smem` bytes of shared memory a
+/// block, `smem(nw)` the kernel's shared memory with `nw` warps: eight (one block a head) when
+/// that about fills the GPU and fits, else four (more blocks).
+fn walk_warps(
+    heads: usize,
+    dv: usize,
+    sms: usize,
+    max_smem: usize,
+    smem: impl Fn(usize) -> usize,
+) -> usize {
+    if dv.is_multiple_of(128) && 4 * heads >= 3 * sms && smem(8) <= max_smem {
         8
     } else {
         4
     }
 }
 
-/// Whether `run` takes the chunked form for `a` read as `x` on `device`.
-fn uses_chunks(a: &GatedDeltaArgs, x: &Dense, device: &CudaDevice) -> bool {
+/// Whether `run` (`backward`: `vjp`) takes the chunked form for `a` read as `x` on `device`.
+fn uses_chunks(a: &GatedDeltaArgs, x: &Dense, device: &CudaDevice, backward: bool) -> bool {
     let smem = device.max_shared_optin();
     let fits = a.chunkable()
+        && (!backward || (bstate_smem(a.dk, 4) <= smem && bgrad_smem(a.dk, a.dv) <= smem))
         && state_smem(a.dk, 4) <= smem
         && prep_smem(a.dk, a.dv) <= smem
         && x.ti == DType::BF16
@@ -151,6 +195,179 @@ struct GdcParams {
 // SAFETY: `GdcParams` is `repr(C)` plain data whose layout matches `ff_gdc_params`.
 unsafe impl DeviceRepr for GdcParams {}
 
+/// The chunked form's per-chunk workspace, written by `gdc_prep` for every chunk of every
+/// head: `W`, `U`, the decay-weighted `Q K^T` (bf16), the per-step factors (f32) and, for the
+/// backward, `M = (I + L)^{-1}` (f32).
+struct ChunkWork {
+    w: CudaBuffer,
+    u: CudaBuffer,
+    qk: CudaBuffer,
+    f: CudaBuffer,
+    m: Option<CudaBuffer>,
+    p: GdcParams,
+    heads: usize,
+    n_chunks: usize,
+}
+
+/// The launch of a per-chunk kernel (`gdc_prep`, `gdc_bgrad`): a block of 128 threads per
+/// (chunk, batch · value head) with `smem` bytes of shared memory.
+fn chunk_grid(op: &str, n_chunks: usize, heads: usize, smem: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (
+            u32_dim(op, "chunks", n_chunks, i32::MAX as u32)?,
+            u32_dim(op, "B * Hv", heads, 65535)?,
+            1,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    })
+}
+
+/// The launch of a walk over the chunks (`gdc_state`, `gdc_bstate`): a block of `nw` warps
+/// per (batch · value head, 16 nw value rows) with `smem` bytes of shared memory.
+fn walk_grid(op: &str, heads: usize, dv: usize, nw: usize, smem: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (
+            u32_dim(op, "B * Hv", heads, i32::MAX as u32)?,
+            u32_dim(op, "row blocks", dv / (16 * nw), 65535)?,
+            1,
+        ),
+        block_dim: (32 * nw as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    })
+}
+
+/// Runs `gdc_prep` over every chunk of `x` (`keep_m`: also keep `M` for the backward).
+fn chunk_prep(
+    op: &str,
+    a: &GatedDeltaArgs,
+    x: &Dense,
+    keep_m: bool,
+    stream: &Stream,
+) -> Result<ChunkWork> {
+    let device = buffer(op, "q", &x.q)?.device().clone();
+    let heads = a.b * a.hv;
+    let n_chunks = a.t.div_ceil(CHUNK);
+    let p = GdcParams {
+        t: i64::try_from(a.t).map_err(|_| Error::Shape(format!("[{op}] T overflows i64")))?,
+        hk: i32_size(op, "Hk", a.hk)?,
+        hv: i32_size(op, "Hv", a.hv)?,
+        group: i32_size(op, "Hv / Hk", a.group())?,
+        n_chunks: i32_size(op, "chunks", n_chunks)?,
+    };
+    let ws = |cols: usize, dtype: DType| -> Result<CudaBuffer> {
+        CudaBuffer::alloc(
+            &device,
+            stream,
+            dtype,
+            checked_size(&[heads, n_chunks, cols])?,
+        )
+    };
+    let mut work = ChunkWork {
+        w: ws(CHUNK * a.dk, DType::BF16)?,
+        u: ws(CHUNK * a.dv, DType::BF16)?,
+        qk: ws(CHUNK * CHUNK, DType::BF16)?,
+        f: ws(CHUNK_FACTORS, DType::F32)?,
+        m: if keep_m {
+            Some(ws(CHUNK * CHUNK, DType::F32)?)
+        } else {
+            None
+        },
+        p,
+        heads,
+        n_chunks,
+    };
+    let null: u64 = 0;
+    let name = prep_variant(x.gamma.dtype(), a.dk, a.dv);
+    let func = jit::function(&device, &REGISTERED_CHUNKED.file, &name, &[])?;
+    let smem = prep_smem(a.dk, a.dv);
+    allow_dynamic_shared_memory(&func, smem, &name)?;
+    let cu = stream.cuda();
+    let mut b = cu.launch_builder(&func);
+    x.push_chunked(op, &mut b, &null)?;
+    b.arg(work.w.slice_mut())
+        .arg(work.u.slice_mut())
+        .arg(work.qk.slice_mut())
+        .arg(work.f.slice_mut());
+    match &mut work.m {
+        Some(m) => b.arg(m.slice_mut()),
+        None => b.arg(&null),
+    };
+    b.arg(&work.p);
+    let cfg = chunk_grid(op, n_chunks, heads, smem)?;
+    launch(&format!("launching {name}"), || {
+        // SAFETY: the arguments match gdc_prep's parameters in order and type (`GdcParams` is
+        // `ff_gdc_params`); q, k, v are dense bf16 ([B, T, Hk, Dk], [B, T, Hv, Dv]), gamma and
+        // beta dense [B, T, Hv] of the kernel's TG, the mask dense f32 [B, T] or null. Block
+        // (chunk, bh) reads steps < T of its head and writes its chunk's slots of w, u, qk, f
+        // and m (allocated as [B Hv, n_chunks, ...] above; m may be null); `smem` is
+        // `prep_smem`.
+        unsafe { b.launch(cfg) }.map(|_| ())
+    })?;
+    Ok(work)
+}
+
+/// Runs `gdc_state` over the chunks `work` prepared: the outputs into `out` (`[B, T, Hv,
+/// Dv]` bf16), the final state into `state` (`[B, Hv, Dv, Dk]` f32) and the state at every
+/// chunk's start into `ckpt` (`[B Hv, chunks, Dv, Dk]` f32), each where given.
+#[allow(clippy::too_many_arguments)]
+fn chunk_walk(
+    op: &str,
+    a: &GatedDeltaArgs,
+    x: &Dense,
+    work: &ChunkWork,
+    out: Option<&mut CudaBuffer>,
+    state: Option<&mut CudaBuffer>,
+    ckpt: Option<&mut CudaBuffer>,
+    stream: &Stream,
+) -> Result<()> {
+    let device = buffer(op, "q", &x.q)?.device().clone();
+    let nw = walk_warps(
+        work.heads,
+        a.dv,
+        device.sm_count() as usize,
+        device.max_shared_optin(),
+        |nw| state_smem(a.dk, nw),
+    );
+    let name = state_variant(a.dk, a.dv, nw);
+    let func = jit::function(&device, &REGISTERED_CHUNKED.file, &name, &[])?;
+    let smem = state_smem(a.dk, nw);
+    allow_dynamic_shared_memory(&func, smem, &name)?;
+    let has_mask = i32::from(x.mask.is_some());
+    let null: u64 = 0;
+    let cu = stream.cuda();
+    let mut b = cu.launch_builder(&func);
+    b.arg(buffer(op, "q", &x.q)?.slice())
+        .arg(buffer(op, "k", &x.k)?.slice())
+        .arg(work.w.slice())
+        .arg(work.u.slice())
+        .arg(work.qk.slice())
+        .arg(work.f.slice());
+    match &x.state0 {
+        Some(s) => b.arg(buffer(op, "initial_state", s)?.slice()),
+        None => b.arg(&null),
+    };
+    b.arg(&has_mask);
+    for buf in [out, state, ckpt] {
+        match buf {
+            Some(o) => b.arg(o.slice_mut()),
+            None => b.arg(&null),
+        };
+    }
+    b.arg(&work.p);
+    let cfg = walk_grid(op, work.heads, a.dv, nw, smem)?;
+    launch(&format!("launching {name}"), || {
+        // SAFETY: the arguments match gdc_state's parameters in order and type; w, u, qk, f
+        // were written by gdc_prep on this stream for every (bh, chunk); block (bh, y) reads
+        // value rows y 16 nw .. + 16 nw < Dv (Dv is a multiple of 16 nw) and steps < T of its
+        // head, writes those rows of out ([B, T, Hv, Dv] bf16), of the state ([B, Hv, Dv, Dk]
+        // f32) and of every chunk's checkpoint ([B Hv, chunks, Dv, Dk] f32), each buffer
+        // allocated by the caller at that size or null (not written); `smem` is `state_smem`.
+        unsafe { b.launch(cfg) }.map(|_| ())
+    })?;
+    Ok(())
+}
+
 /// The chunked forward into `out` (`[B, T, Hv, Dv]` bf16) and `state` (`[B, Hv, Dv, Dk]`
 /// f32), for a call [`uses_chunks`] accepted.
 fn run_chunked(
@@ -161,117 +378,149 @@ fn run_chunked(
     stream: &Stream,
 ) -> Result<()> {
     const OP: &str = "gated_delta_update";
+    let work = chunk_prep(OP, a, x, false, stream)?;
+    chunk_walk(OP, a, x, &work, Some(out), Some(state), None, stream)
+}
+
+/// The chunked backward for a call [`uses_chunks`] accepted: the forward's prep (keeping `M`)
+/// and walk (keeping every chunk's starting state), `gdc_bstate` (the chunks in reverse:
+/// `dΔ` and the state's gradient at every chunk's end) and `gdc_bgrad` (every chunk's input
+/// gradients in parallel).
+fn vjp_chunked(args: &GatedDeltaVjpArgs, x: &Dense, stream: &Stream) -> Result<GatedDeltaGrads> {
+    const OP: &str = "gated_delta_update_vjp";
+    let a = &args.fwd;
     let device = buffer(OP, "q", &x.q)?.device().clone();
-    let heads = a.b * a.hv;
-    let n_chunks = a.t.div_ceil(CHUNK);
-    let p = GdcParams {
-        t: i64::try_from(a.t).map_err(|_| Error::Shape(format!("[{OP}] T overflows i64")))?,
-        hk: i32_size(OP, "Hk", a.hk)?,
-        hv: i32_size(OP, "Hv", a.hv)?,
-        group: i32_size(OP, "Hv / Hk", a.group())?,
-        n_chunks: i32_size(OP, "chunks", n_chunks)?,
+    let d_out = dense(&args.d_out, DType::BF16, stream)?;
+    let d_state = args
+        .d_state
+        .as_ref()
+        .map(|s| dense(s, DType::F32, stream))
+        .transpose()?;
+    let work = chunk_prep(OP, a, x, true, stream)?;
+    let heads = work.heads;
+    let n_chunks = work.n_chunks;
+    let f32buf = |shape: &[usize]| -> Result<CudaBuffer> {
+        CudaBuffer::alloc(&device, stream, DType::F32, checked_size(shape)?)
     };
-    let ws = |cols: usize, dtype: DType| -> Result<CudaBuffer> {
-        CudaBuffer::alloc(
-            &device,
+    let mut ckpt = f32buf(&[heads, n_chunks, a.dv, a.dk])?;
+    chunk_walk(OP, a, x, &work, None, None, Some(&mut ckpt), stream)?;
+
+    let mut dckpt = f32buf(&[heads, n_chunks, a.dv, a.dk])?;
+    let mut dd = CudaBuffer::alloc(
+        &device,
+        stream,
+        DType::BF16,
+        checked_size(&[heads, n_chunks, CHUNK, a.dv])?,
+    )?;
+    let mut dstate0 = match a.state0 {
+        Some(_) => Some(f32buf(&a.state_shape())?),
+        None => None,
+    };
+    let null: u64 = 0;
+    let has_mask = i32::from(x.mask.is_some());
+    let cu = stream.cuda();
+    {
+        let nw = walk_warps(
+            heads,
+            a.dv,
+            device.sm_count() as usize,
+            device.max_shared_optin(),
+            |nw| bstate_smem(a.dk, nw),
+        );
+        let name = bstate_variant(a.dk, a.dv, nw);
+        let func = jit::function(&device, &REGISTERED_CHUNKED.file, &name, &[])?;
+        let smem = bstate_smem(a.dk, nw);
+        allow_dynamic_shared_memory(&func, smem, &name)?;
+        let mut b = cu.launch_builder(&func);
+        b.arg(buffer(OP, "q", &x.q)?.slice())
+            .arg(buffer(OP, "k", &x.k)?.slice())
+            .arg(work.w.slice())
+            .arg(work.qk.slice())
+            .arg(work.f.slice())
+            .arg(buffer(OP, "d_out", &d_out)?.slice());
+        match &d_state {
+            Some(s) => b.arg(buffer(OP, "d_state", s)?.slice()),
+            None => b.arg(&null),
+        };
+        b.arg(&has_mask).arg(dd.slice_mut()).arg(dckpt.slice_mut());
+        match &mut dstate0 {
+            Some(d) => b.arg(d.slice_mut()),
+            None => b.arg(&null),
+        };
+        b.arg(&work.p);
+        let cfg = walk_grid(OP, heads, a.dv, nw, smem)?;
+        launch(&format!("launching {name}"), || {
+            // SAFETY: the arguments match gdc_bstate's parameters in order and type; w, qk, f
+            // were written by gdc_prep on this stream; d_out is dense bf16 [B, T, Hv, Dv],
+            // d_state dense f32 [B, Hv, Dv, Dk] or null. Block (bh, y) reads value rows y 16 nw
+            // .. + 16 nw < Dv and steps < T of its head and writes those rows of dd ([B Hv,
+            // chunks, 64, Dv] bf16), dckpt ([B Hv, chunks, Dv, Dk] f32) and dstate0 (the state's
+            // shape, or null), all allocated above; `smem` is `bstate_smem`.
+            unsafe { b.launch(cfg) }.map(|_| ())
+        })?;
+    }
+    let bth = checked_size(&[a.b, a.t, a.hv])?;
+    let mut part_q = f32buf(&[bth, a.dk])?;
+    let mut part_k = f32buf(&[bth, a.dk])?;
+    let mut dv = f32buf(&[bth, a.dv])?;
+    let mut dgamma = f32buf(&[bth])?;
+    let mut dbeta = f32buf(&[bth])?;
+    {
+        let name = bgrad_variant(x.gamma.dtype(), a.dk, a.dv);
+        let func = jit::function(&device, &REGISTERED_CHUNKED.file, &name, &[])?;
+        let smem = bgrad_smem(a.dk, a.dv);
+        allow_dynamic_shared_memory(&func, smem, &name)?;
+        let m = work.m.as_ref().ok_or_else(|| {
+            Error::Device(format!(
+                "[{OP}] the chunked prep kept no M for the backward"
+            ))
+        })?;
+        let mut b = cu.launch_builder(&func);
+        x.push_chunked(OP, &mut b, &null)?;
+        b.arg(work.w.slice())
+            .arg(work.u.slice())
+            .arg(m.slice())
+            .arg(ckpt.slice())
+            .arg(dckpt.slice())
+            .arg(dd.slice())
+            .arg(buffer(OP, "d_out", &d_out)?.slice())
+            .arg(part_q.slice_mut())
+            .arg(part_k.slice_mut())
+            .arg(dv.slice_mut())
+            .arg(dgamma.slice_mut())
+            .arg(dbeta.slice_mut())
+            .arg(&work.p);
+        let cfg = chunk_grid(OP, n_chunks, heads, smem)?;
+        launch(&format!("launching {name}"), || {
+            // SAFETY: the arguments match gdc_bgrad's parameters in order and type; the
+            // inputs are dense as for gdc_prep, w / u / m written by gdc_prep, ckpt by
+            // gdc_state, dckpt / dd by gdc_bstate, all on this stream for every (bh, chunk).
+            // Block (chunk, bh) writes steps < T of its chunk and head in dq / dk ([B, T, Hv,
+            // Dk] f32), dv ([B, T, Hv, Dv]), dgamma and dbeta ([B, T, Hv]), allocated above;
+            // `smem` is `bgrad_smem`.
+            unsafe { b.launch(cfg) }.map(|_| ())
+        })?;
+    }
+    let qk_rows = a.b * a.t * a.hk;
+    let group = a.group();
+    let f32_array = |buf: CudaBuffer, like: &Array| -> Result<Array> {
+        cast(
+            Array::from_cuda_buffer(buf, like.shape())?,
+            like.dtype(),
             stream,
-            dtype,
-            checked_size(&[heads, n_chunks, cols])?,
         )
     };
-    let mut w = ws(CHUNK * a.dk, DType::BF16)?;
-    let mut u = ws(CHUNK * a.dv, DType::BF16)?;
-    let mut qk = ws(CHUNK * CHUNK, DType::BF16)?;
-    let mut f = ws(CHUNK_FACTORS, DType::F32)?;
-    let null: u64 = 0;
-    let cu = stream.cuda();
-
-    let name = prep_variant(x.gamma.dtype(), a.dk, a.dv);
-    let func = jit::function(&device, &REGISTERED_CHUNKED.file, &name, &[])?;
-    let smem = prep_smem(a.dk, a.dv);
-    allow_dynamic_shared_memory(&func, smem, &name)?;
-    let mut b = cu.launch_builder(&func);
-    for (what, arr) in [
-        ("q", &x.q),
-        ("k", &x.k),
-        ("v", &x.v),
-        ("gamma", &x.gamma),
-        ("beta", &x.beta),
-    ] {
-        b.arg(buffer(OP, what, arr)?.slice());
-    }
-    match &x.mask {
-        Some(m) => b.arg(buffer(OP, "mask", m)?.slice()),
-        None => b.arg(&null),
-    };
-    b.arg(w.slice_mut())
-        .arg(u.slice_mut())
-        .arg(qk.slice_mut())
-        .arg(f.slice_mut())
-        .arg(&p);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            u32_dim(OP, "chunks", n_chunks, i32::MAX as u32)?,
-            u32_dim(OP, "B * Hv", heads, 65535)?,
-            1,
-        ),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    launch(&format!("launching {name}"), || {
-        // SAFETY: the arguments match gdc_prep's parameters in order and type (`GdcParams` is
-        // `ff_gdc_params`); q, k, v are dense bf16 ([B, T, Hk, Dk], [B, T, Hv, Dv]), gamma and
-        // beta dense [B, T, Hv] of the kernel's TG, the mask dense f32 [B, T] or null. Block
-        // (chunk, bh) reads steps < T of its head and writes its chunk's slots of w, u, qk and
-        // f (allocated as [B Hv, n_chunks, ...] above); `smem` is `prep_smem`.
-        unsafe { b.launch(cfg) }.map(|_| ())
-    })?;
-
-    let nw = state_warps(
-        heads,
-        a.dk,
-        a.dv,
-        device.sm_count() as usize,
-        device.max_shared_optin(),
-    );
-    let name = state_variant(a.dk, a.dv, nw);
-    let func = jit::function(&device, &REGISTERED_CHUNKED.file, &name, &[])?;
-    let smem = state_smem(a.dk, nw);
-    allow_dynamic_shared_memory(&func, smem, &name)?;
-    let has_mask = i32::from(x.mask.is_some());
-    let mut b = cu.launch_builder(&func);
-    b.arg(buffer(OP, "q", &x.q)?.slice())
-        .arg(buffer(OP, "k", &x.k)?.slice())
-        .arg(w.slice())
-        .arg(u.slice())
-        .arg(qk.slice())
-        .arg(f.slice());
-    match &x.state0 {
-        Some(s) => b.arg(buffer(OP, "initial_state", s)?.slice()),
-        None => b.arg(&null),
-    };
-    b.arg(&has_mask)
-        .arg(out.slice_mut())
-        .arg(state.slice_mut())
-        .arg(&p);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            u32_dim(OP, "B * Hv", heads, i32::MAX as u32)?,
-            u32_dim(OP, "row blocks", a.dv / (16 * nw), 65535)?,
-            1,
-        ),
-        block_dim: (32 * nw as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    launch(&format!("launching {name}"), || {
-        // SAFETY: the arguments match gdc_state's parameters in order and type; w, u, qk, f
-        // were written by gdc_prep on this stream for every (bh, chunk); block (bh, y) reads
-        // value rows y 16 nw .. + 16 nw < Dv (Dv is a multiple of 16 nw) and steps < T of its
-        // head, writes those rows of out ([B, T, Hv, Dv] bf16) and of the state ([B, Hv, Dv,
-        // Dk] f32); `smem` is `state_smem`.
-        unsafe { b.launch(cfg) }.map(|_| ())
-    })?;
-    Ok(())
+    Ok(GatedDeltaGrads {
+        dq: sum_parts(&part_q, (qk_rows, a.dk), (group, 1), &a.q, stream)?,
+        dk: sum_parts(&part_k, (qk_rows, a.dk), (group, 1), &a.k, stream)?,
+        dv: f32_array(dv, &a.v)?,
+        dgamma: f32_array(dgamma, &a.gamma)?,
+        dbeta: f32_array(dbeta, &a.beta)?,
+        dstate0: match dstate0 {
+            Some(d) => Some(Array::from_cuda_buffer(d, &a.state_shape())?),
+            None => None,
+        },
+    })
 }
 
 /// The largest key head size the kernels take (16 float4 column groups of four lanes).
@@ -443,6 +692,18 @@ impl Dense {
     /// Pushes the kernels' first seven parameters: q, k, v, gamma, beta, the initial state
     /// and the mask (a null pointer, `null`, for an absent one).
     fn push<'a>(&'a self, op: &str, b: &mut LaunchArgs<'a>, null: &'a u64) -> Result<()> {
+        self.push_steps(op, b)?;
+        for (name, a) in [("initial_state", &self.state0), ("mask", &self.mask)] {
+            match a {
+                Some(a) => b.arg(buffer(op, name, a)?.slice()),
+                None => b.arg(null),
+            };
+        }
+        Ok(())
+    }
+
+    /// Pushes q, k, v, gamma and beta.
+    fn push_steps<'a>(&'a self, op: &str, b: &mut LaunchArgs<'a>) -> Result<()> {
         for (name, a) in [
             ("q", &self.q),
             ("k", &self.k),
@@ -452,12 +713,17 @@ impl Dense {
         ] {
             b.arg(buffer(op, name, a)?.slice());
         }
-        for (name, a) in [("initial_state", &self.state0), ("mask", &self.mask)] {
-            match a {
-                Some(a) => b.arg(buffer(op, name, a)?.slice()),
-                None => b.arg(null),
-            };
-        }
+        Ok(())
+    }
+
+    /// Pushes the chunked kernels' first six parameters: q, k, v, gamma, beta and the mask
+    /// (`null` when absent).
+    fn push_chunked<'a>(&'a self, op: &str, b: &mut LaunchArgs<'a>, null: &'a u64) -> Result<()> {
+        self.push_steps(op, b)?;
+        match &self.mask {
+            Some(m) => b.arg(buffer(op, "mask", m)?.slice()),
+            None => b.arg(null),
+        };
         Ok(())
     }
 }
@@ -512,7 +778,7 @@ pub(crate) fn run(a: &GatedDeltaArgs, stream: &Stream) -> Result<(Array, Array)>
     let mut state =
         CudaBuffer::alloc(&device, stream, DType::F32, checked_size(&a.state_shape())?)?;
     let heads = a.b * a.hv;
-    if heads > 0 && a.dv > 0 && uses_chunks(a, &x, &device) {
+    if heads > 0 && a.dv > 0 && uses_chunks(a, &x, &device, false) {
         run_chunked(a, &x, &mut out, &mut state, stream)?;
     } else if heads > 0 && a.dv > 0 {
         let mut p = p;
@@ -642,14 +908,16 @@ pub(crate) fn vjp(args: &GatedDeltaVjpArgs, stream: &Stream) -> Result<GatedDelt
     }
     let mut p = params(OP, a)?;
     let x = Dense::new(a, stream)?;
+    let device = buffer(OP, "q", &x.q)?.device().clone();
+    if a.b * a.hv > 0 && a.dv > 0 && uses_chunks(a, &x, &device, true) {
+        return vjp_chunked(args, &x, stream);
+    }
     let d_out = dense(&args.d_out, DType::F32, stream)?;
     let d_state = args
         .d_state
         .as_ref()
         .map(|s| dense(s, DType::F32, stream))
         .transpose()?;
-    let qb = buffer(OP, "q", &x.q)?;
-    let device = qb.device().clone();
 
     let (rb, nrb, warps) = row_blocks(a.dv, nv);
     let chunk = ckpt_chunk(a.t);
@@ -773,13 +1041,25 @@ mod tests {
                 // the prep kernel and four-warp state blocks).
                 assert!(prep_smem(dk, dv) <= 160 * 1024, "{dk} {dv}");
                 for heads in [1usize, 8, 95, 96, 128, 4096] {
-                    let nw = state_warps(heads, dk, dv, 132, 227 * 1024);
+                    let nw = walk_warps(heads, dv, 132, 227 * 1024, |nw| state_smem(dk, nw));
                     assert!(all.contains(&state_variant(dk, dv, nw)), "{dk} {dv} {nw}");
                     assert_eq!(dv % (16 * nw), 0);
                     assert!(state_smem(dk, nw) <= 227 * 1024, "{dk} {nw}");
                     // An sm_80 block (163 KiB) gets four warps.
-                    let nw80 = state_warps(heads, dk, dv, 108, 163 * 1024);
+                    let nw80 = walk_warps(heads, dv, 108, 163 * 1024, |nw| state_smem(dk, nw));
                     assert!(state_smem(dk, nw80) <= 163 * 1024, "{dk} {nw80}");
+                    // The backward's reverse walk likewise.
+                    let nw = walk_warps(heads, dv, 132, 227 * 1024, |nw| bstate_smem(dk, nw));
+                    assert!(all.contains(&bstate_variant(dk, dv, nw)), "{dk} {dv} {nw}");
+                    assert!(bstate_smem(dk, nw) <= 227 * 1024, "{dk} {nw}");
+                }
+                for tg in CHUNK_TG {
+                    assert!(all.contains(&bgrad_variant(tg, dk, dv)));
+                }
+                // The per-chunk gradients need sm_90's 227 KiB at Dk = Dv = 128.
+                assert!(bgrad_smem(dk, dv) <= 227 * 1024, "{dk} {dv}");
+                if dk == 64 && dv == 64 {
+                    assert!(bgrad_smem(dk, dv) <= 163 * 1024);
                 }
             }
         }

@@ -91,7 +91,8 @@ __global__ void __launch_bounds__(128)
              const ff_gdc_u16* __restrict__ v, const typename TG::storage* __restrict__ gamma,
              const typename TG::storage* __restrict__ beta, const float* __restrict__ mask,
              ff_gdc_u16* __restrict__ w_out, ff_gdc_u16* __restrict__ u_out,
-             ff_gdc_u16* __restrict__ qk_out, float* __restrict__ f_out, ff_gdc_params p) {
+             ff_gdc_u16* __restrict__ qk_out, float* __restrict__ f_out,
+             float* __restrict__ m_out, ff_gdc_params p) {
     constexpr int C = FF_GDC_C;
     constexpr int KS = DK + 8;
     constexpr int VS = DV + 8;
@@ -266,6 +267,13 @@ __global__ void __launch_bounds__(128)
     }
     __syncthreads();
     const float* mm = lm;
+    if (m_out != nullptr) {
+        // The backward's copy of M (f32, [64, 64]).
+        float* mo = m_out + wk * C * C;
+        for (int e = tid; e < C * C; e += 128) {
+            mo[e] = mm[(e >> 6) * LS + (e & 63)];
+        }
+    }
     // W = M diag(β G) K and U = M diag(β) V for this warp's 16 rows (M is lower triangular:
     // key blocks past the warp's rows are zero).
     {
@@ -305,6 +313,67 @@ __global__ void __launch_bounds__(128)
     }
 }
 
+// A warp's 16 rows of a row-major [.., DK] f32 state (row r at src + r * DK) as f32 mma
+// accumulators (zeros when src is null).
+template <int DK>
+__device__ __forceinline__ void ff_gdc_load_rows(float (&s)[DK / 8][4], const float* src,
+                                                 int lane) {
+    const int gr = lane >> 2;
+    const int gc = 2 * (lane & 3);
+#pragma unroll
+    for (int nt = 0; nt < DK / 8; ++nt) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            if (src != nullptr) {
+                const float2 x =
+                    *reinterpret_cast<const float2*>(src + (gr + 8 * hf) * DK + nt * 8 + gc);
+                s[nt][2 * hf] = x.x;
+                s[nt][2 * hf + 1] = x.y;
+            } else {
+                s[nt][2 * hf] = s[nt][2 * hf + 1] = 0.0f;
+            }
+        }
+    }
+}
+
+// The accumulators of ff_gdc_load_rows back to rows at dst.
+template <int DK>
+__device__ __forceinline__ void ff_gdc_store_rows(float* dst, const float (&s)[DK / 8][4],
+                                                  int lane) {
+    const int gr = lane >> 2;
+    const int gc = 2 * (lane & 3);
+#pragma unroll
+    for (int nt = 0; nt < DK / 8; ++nt) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            *reinterpret_cast<float2*>(dst + (gr + 8 * hf) * DK + nt * 8 + gc) =
+                make_float2(s[nt][2 * hf], s[nt][2 * hf + 1]);
+        }
+    }
+}
+
+// Issues (cp.async, uncommitted) the tiles both walks stage for `chunk` of head bh = (b, h)
+// reading key head kh: W, Q, K ([64][KS]), Γ Q K^T ([64][AS]) and the 256 factors.
+template <int DK, int KS, int AS, int NT>
+__device__ __forceinline__ void ff_gdc_issue_walk(
+    ff_gdc_u16* w_s, ff_gdc_u16* q_s, ff_gdc_u16* k_s, ff_gdc_u16* a_s, ff_gdc_u16* f_s,
+    const ff_gdc_u16* q, const ff_gdc_u16* k, const ff_gdc_u16* w_in, const ff_gdc_u16* qk_in,
+    const float* f_in, const ff_gdc_params& p, int b, int bh, int kh, int chunk, int tid) {
+    constexpr int C = FF_GDC_C;
+    const ff_i64_t t0 = (ff_i64_t)chunk * C;
+    const int n = (int)min((ff_i64_t)C, p.t - t0);
+    const ff_i64_t bt0 = (ff_i64_t)b * p.t + t0;
+    const ff_i64_t wk = (ff_i64_t)bh * p.n_chunks + chunk;
+    ff_load_tile<ff_gdc_u16, C, DK, KS, NT>(w_s, w_in + wk * C * DK, DK, C, tid);
+    ff_load_tile<ff_gdc_u16, C, DK, KS, NT>(q_s, q + (bt0 * p.hk + kh) * DK, (ff_i64_t)p.hk * DK,
+                                            n, tid);
+    ff_load_tile<ff_gdc_u16, C, DK, KS, NT>(k_s, k + (bt0 * p.hk + kh) * DK, (ff_i64_t)p.hk * DK,
+                                            n, tid);
+    ff_load_tile<ff_gdc_u16, C, C, AS, NT>(a_s, qk_in + wk * C * C, C, C, tid);
+    ff_load_tile<ff_gdc_u16, 1, 2 * FF_GDC_F, 2 * FF_GDC_F, NT>(
+        f_s, reinterpret_cast<const ff_gdc_u16*>(f_in + wk * FF_GDC_F), 0, 1, tid);
+}
+
 // Shared memory of one gdc_state stage, in bf16 elements: W, Q, K [64][DK + 8], QK
 // [64][72], the U tile [64][16 NW + 8]; then 256 f32 factors.
 template <int DK, int NW>
@@ -330,7 +399,7 @@ __global__ void __launch_bounds__(32 * NW)
               const ff_gdc_u16* __restrict__ w_in, const ff_gdc_u16* __restrict__ u_in,
               const ff_gdc_u16* __restrict__ qk_in, const float* __restrict__ f_in,
               const float* __restrict__ state0, int has_mask, ff_gdc_u16* __restrict__ out,
-              float* __restrict__ state, ff_gdc_params p) {
+              float* __restrict__ state, float* __restrict__ ckpt, ff_gdc_params p) {
     constexpr int C = FF_GDC_C;
     constexpr int NT = 32 * NW;
     typedef ff_gdc_stage<DK, NW> L;
@@ -352,40 +421,17 @@ __global__ void __launch_bounds__(32 * NW)
 
     // The state rows rw .. rw + 15, all DK columns, as mma accumulators.
     float s[DK / 8][4];
-    {
-        const float* src = state0 == nullptr ? nullptr : state0 + ((ff_i64_t)bh * DV + rw) * DK;
-#pragma unroll
-        for (int nt = 0; nt < DK / 8; ++nt) {
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                if (src != nullptr) {
-                    const float2 x = *reinterpret_cast<const float2*>(
-                        src + (gr + 8 * hf) * DK + nt * 8 + gc);
-                    s[nt][2 * hf] = x.x;
-                    s[nt][2 * hf + 1] = x.y;
-                } else {
-                    s[nt][2 * hf] = s[nt][2 * hf + 1] = 0.0f;
-                }
-            }
-        }
-    }
+    ff_gdc_load_rows<DK>(s, state0 == nullptr ? nullptr : state0 + ((ff_i64_t)bh * DV + rw) * DK,
+                         lane);
 
     auto issue = [&](int chunk) {
         ff_gdc_u16* st = stage0 + (chunk & 1) * L::ELEMS;
-        const ff_i64_t t0 = (ff_i64_t)chunk * C;
-        const int n = (int)min((ff_i64_t)C, p.t - t0);
-        const ff_i64_t bt0 = (ff_i64_t)b * p.t + t0;
+        ff_gdc_issue_walk<DK, L::KS, L::AS, NT>(st + L::W, st + L::Q, st + L::K, st + L::A,
+                                                st + L::F, q, k, w_in, qk_in, f_in, p, b, bh, kh,
+                                                chunk, tid);
         const ff_i64_t wk = (ff_i64_t)bh * p.n_chunks + chunk;
-        ff_load_tile<ff_gdc_u16, C, DK, L::KS, NT>(st + L::W, w_in + wk * C * DK, DK, C, tid);
-        ff_load_tile<ff_gdc_u16, C, DK, L::KS, NT>(st + L::Q, q + (bt0 * p.hk + kh) * DK,
-                                                   (ff_i64_t)p.hk * DK, n, tid);
-        ff_load_tile<ff_gdc_u16, C, DK, L::KS, NT>(st + L::K, k + (bt0 * p.hk + kh) * DK,
-                                                   (ff_i64_t)p.hk * DK, n, tid);
-        ff_load_tile<ff_gdc_u16, C, C, L::AS, NT>(st + L::A, qk_in + wk * C * C, C, C, tid);
         ff_load_tile<ff_gdc_u16, C, 16 * NW, L::US, NT>(st + L::U, u_in + wk * C * DV + dv0, DV,
                                                         C, tid);
-        ff_load_tile<ff_gdc_u16, 1, 2 * FF_GDC_F, 2 * FF_GDC_F, NT>(
-            st + L::F, reinterpret_cast<const ff_gdc_u16*>(f_in + wk * FF_GDC_F), 0, 1, tid);
         ff_cp_async_commit();
     };
 
@@ -400,6 +446,11 @@ __global__ void __launch_bounds__(32 * NW)
             ff_cp_async_wait<0>();
         }
         __syncthreads();
+        if (ckpt != nullptr) {
+            // The backward's checkpoint: this warp's rows of the state at the chunk's start.
+            ff_gdc_store_rows<DK>(ckpt + (((ff_i64_t)bh * p.n_chunks + chunk) * DV + rw) * DK, s,
+                                  lane);
+        }
         ff_gdc_u16* st = stage0 + (chunk & 1) * L::ELEMS;
         const float* f = reinterpret_cast<const float*>(st + L::F);
         const float* gs = f;
@@ -496,7 +547,7 @@ __global__ void __launch_bounds__(32 * NW)
             }
         }
         // The outputs of the chunk's valid steps (0 where not taken).
-        {
+        if (out != nullptr) {
             const ff_i64_t t0 = (ff_i64_t)chunk * C;
             const int n = (int)min((ff_i64_t)C, p.t - t0);
             ff_gdc_u16* og = out + (((ff_i64_t)b * p.t + t0) * p.hv + h) * DV + rw;
@@ -571,13 +622,847 @@ __global__ void __launch_bounds__(32 * NW)
         __syncthreads();
     }
 
-    float* dst = state + ((ff_i64_t)bh * DV + rw) * DK;
+    if (state == nullptr) {
+        return;
+    }
+    ff_gdc_store_rows<DK>(state + ((ff_i64_t)bh * DV + rw) * DK, s, lane);
+}
+
+// ----- the backward -------------------------------------------------------------------------
+//
+// The chunked backward (cpu/gated_delta/chunked.rs `ChunkGrads` has the algebra), after
+// gdc_prep (with M kept) and gdc_state (with the state at every chunk's start kept, `ckpt`):
+// gdc_bstate walks the chunks in reverse with the state's gradient dS in mma accumulators:
+//   Δ = U - W S^T,  dΔ = Γ(end, ·) ⊙ K dS'^T + A^T dO,  dS = Γ(end, start) dS' + (G ⊙ dO)^T Q
+//   - dΔ^T W
+// keeping dΔ (bf16) and dS' (the gradient at the chunk's end, f32) for gdc_bgrad, which then
+// turns every chunk into its inputs' gradients in parallel.
+
+// acc[N / 8][4] += A B for a warp's 16 rows: A the rows at `a` of a row-major bf16 tile with
+// `as` elements a row, K columns; B a row-major [K][N] bf16 tile at `b`, `bs` a row.
+template <int K, int N>
+__device__ __forceinline__ void ff_gdc_mm(float (&acc)[N / 8][4], ff_u32_t a, int as,
+                                          ff_u32_t b, int bs, int lane) {
+    const ff_u32_t a_addr = a + (ff_u32_t)(((lane & 15) * as + (lane >> 4) * 8) * 2);
+    const int b_row = (lane & 7) + (((lane >> 3) & 1) << 3);
+    const ff_u32_t b_addr = b + (ff_u32_t)((b_row * bs + (lane >> 4) * 8) * 2);
 #pragma unroll
-    for (int nt = 0; nt < DK / 8; ++nt) {
+    for (int kk = 0; kk < K / 16; ++kk) {
+        ff_u32_t af[4];
+        ff_ldmatrix_x4(af, a_addr + (ff_u32_t)(kk * 32));
+#pragma unroll
+        for (int dd = 0; dd < N / 16; ++dd) {
+            ff_u32_t bb[4];
+            ff_ldmatrix_x4_trans(bb, b_addr + (ff_u32_t)((kk * 16 * bs + dd * 16) * 2));
+            ff_attn_mma<ff_bf16>::mma(acc[2 * dd], af, bb[0], bb[1]);
+            ff_attn_mma<ff_bf16>::mma(acc[2 * dd + 1], af, bb[2], bb[3]);
+        }
+    }
+}
+
+// acc[N / 8][4] += A B with A's 16 x 64 fragments already packed (af[kb], K = 64) and B a
+// row-major [64][N] bf16 tile at `b`, `bs` a row.
+template <int N>
+__device__ __forceinline__ void ff_gdc_mm_packed(float (&acc)[N / 8][4],
+                                                 const ff_u32_t (&af)[FF_GDC_C / 16][4],
+                                                 ff_u32_t b, int bs, int lane) {
+    const int b_row = (lane & 7) + (((lane >> 3) & 1) << 3);
+    const ff_u32_t b_addr = b + (ff_u32_t)((b_row * bs + (lane >> 4) * 8) * 2);
+#pragma unroll
+    for (int kk = 0; kk < FF_GDC_C / 16; ++kk) {
+#pragma unroll
+        for (int dd = 0; dd < N / 16; ++dd) {
+            ff_u32_t bb[4];
+            ff_ldmatrix_x4_trans(bb, b_addr + (ff_u32_t)((kk * 16 * bs + dd * 16) * 2));
+            ff_attn_mma<ff_bf16>::mma(acc[2 * dd], af[kk], bb[0], bb[1]);
+            ff_attn_mma<ff_bf16>::mma(acc[2 * dd + 1], af[kk], bb[2], bb[3]);
+        }
+    }
+}
+
+// Packs a warp's 16 x 64 A operand (rows r0 .. r0 + 15) from an f32 function of (row, col).
+template <typename F>
+__device__ __forceinline__ void ff_gdc_pack_a(ff_u32_t (&af)[FF_GDC_C / 16][4], int r0,
+                                              int lane, F at) {
+#pragma unroll
+    for (int kb = 0; kb < FF_GDC_C / 16; ++kb) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = r0 + (lane >> 2) + 8 * (i & 1);
+            const int c = kb * 16 + 2 * (lane & 3) + 8 * (i >> 1);
+            af[kb][i] = ff_attn_mma<ff_bf16>::pack(at(r, c), at(r, c + 1));
+        }
+    }
+}
+
+// Shared memory of one gdc_bstate stage, in bf16 elements: W, Q, K [64][DK + 8], A = Γ Q K^T
+// [64][72], the dO tile [64][16 NW + 8]; then 256 f32 factors.
+template <int DK, int NW>
+struct ff_gdc_bstage {
+    static constexpr int KS = DK + 8;
+    static constexpr int AS = FF_GDC_C + 8;
+    static constexpr int US = 16 * NW + 8;
+    static constexpr int W = 0;
+    static constexpr int Q = W + FF_GDC_C * KS;
+    static constexpr int K = Q + FF_GDC_C * KS;
+    static constexpr int A = K + FF_GDC_C * KS;
+    static constexpr int O = A + FF_GDC_C * AS;
+    static constexpr int F = O + FF_GDC_C * US;
+    static constexpr int ELEMS = F + 2 * FF_GDC_F;
+};
+
+// A block per (batch · value head, 16 NW value rows), warp w owning 16 rows of dS (all of DK)
+// as f32 mma accumulators; the chunks in reverse, the previous chunk's tiles double-buffered.
+// d_out [B, T, Hv, DV] bf16; d_state (the final state's cotangent) [B, Hv, DV, DK] f32 or
+// null (zeros); dckpt [B · Hv, chunks, DV, DK] f32; dd [B · Hv, chunks, 64, DV] bf16;
+// dstate0 [B, Hv, DV, DK] f32 or null. (dΔ and dS need no state: S enters the backward
+// only through gdc_bgrad's products.)
+template <int DK, int DV, int NW>
+__global__ void __launch_bounds__(32 * NW)
+    gdc_bstate(const ff_gdc_u16* __restrict__ q, const ff_gdc_u16* __restrict__ k,
+               const ff_gdc_u16* __restrict__ w_in, const ff_gdc_u16* __restrict__ qk_in,
+               const float* __restrict__ f_in, const ff_gdc_u16* __restrict__ d_out,
+               const float* __restrict__ d_state, int has_mask, ff_gdc_u16* __restrict__ dd,
+               float* __restrict__ dckpt, float* __restrict__ dstate0, ff_gdc_params p) {
+    constexpr int C = FF_GDC_C;
+    constexpr int NT = 32 * NW;
+    typedef ff_gdc_bstage<DK, NW> L;
+    extern __shared__ __align__(16) unsigned char ff_smem[];
+    ff_gdc_u16* stage0 = reinterpret_cast<ff_gdc_u16*>(ff_smem);
+    ff_gdc_u16* tsm = stage0 + 2 * L::ELEMS;
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int bh = blockIdx.x;
+    const int b = bh / p.hv;
+    const int h = bh % p.hv;
+    const int kh = h / p.group;
+    const int dv0 = blockIdx.y * 16 * NW;
+    const int rw = dv0 + 16 * warp;
+    const int gr = lane >> 2;
+    const int gc = 2 * (lane & 3);
+
+    // dS rows rw .. rw + 15 (the state's gradient), all DK columns.
+    float ds[DK / 8][4];
+    ff_gdc_load_rows<DK>(
+        ds, d_state == nullptr ? nullptr : d_state + ((ff_i64_t)bh * DV + rw) * DK, lane);
+
+    auto issue = [&](int chunk) {
+        ff_gdc_u16* st = stage0 + (chunk & 1) * L::ELEMS;
+        ff_gdc_issue_walk<DK, L::KS, L::AS, NT>(st + L::W, st + L::Q, st + L::K, st + L::A,
+                                                st + L::F, q, k, w_in, qk_in, f_in, p, b, bh, kh,
+                                                chunk, tid);
+        const ff_i64_t t0 = (ff_i64_t)chunk * C;
+        const int n = (int)min((ff_i64_t)C, p.t - t0);
+        const ff_i64_t bt0 = (ff_i64_t)b * p.t + t0;
+        ff_load_tile<ff_gdc_u16, C, 16 * NW, L::US, NT>(
+            st + L::O, d_out + (bt0 * p.hv + h) * DV + dv0, (ff_i64_t)p.hv * DV, n, tid);
+        ff_cp_async_commit();
+    };
+
+    ff_gdc_u16* ts = tsm + warp * C * FF_GDC_DS;
+    const ff_u32_t ts_a = ff_smem_u32(ts);
+    // ldmatrix lane addresses: A from a row-major tile (rows lane % 16, column half lane / 16);
+    // A^T from a [k][m] tile (ldmatrix.trans); B from a row-major [k][n] tile (.trans).
+    const ff_u32_t a_off = (ff_u32_t)(((lane & 15) * L::KS + (lane >> 4) * 8) * 2);
+    const int b_row = (lane & 7) + (((lane >> 3) & 1) << 3);
+    const int b_half = lane >> 4;
+    const ff_u32_t at_ts =
+        (ff_u32_t)((((lane & 7) + ((lane >> 4) & 1) * 8) * FF_GDC_DS + ((lane >> 3) & 1) * 8) * 2);
+    const ff_u32_t kb_off = (ff_u32_t)((b_row * L::KS + b_half * 8) * 2);
+
+    issue(p.n_chunks - 1);
+    for (int chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
+        if (chunk > 0) {
+            issue(chunk - 1);
+            ff_cp_async_wait<1>();
+        } else {
+            ff_cp_async_wait<0>();
+        }
+        __syncthreads();
+        ff_gdc_u16* st = stage0 + (chunk & 1) * L::ELEMS;
+        const float* f = reinterpret_cast<const float*>(st + L::F);
+        const float* gs = f;
+        const float* ge = f + C;
+        const float* tk = f + 2 * C;
+        const float g_all = f[3 * C];
+        if (has_mask) {
+            // Not-taken steps: zero K, Q and dO rows (their terms are exactly 0; 0 · NaN is not).
+            ff_gdc_zero_rows<DK, L::KS, NT>(st + L::K, tk, tid);
+            ff_gdc_zero_rows<DK, L::KS, NT>(st + L::Q, tk, tid);
+            ff_gdc_zero_rows<16 * NW, L::US, NT>(st + L::O, tk, tid);
+            __syncthreads();
+        }
+        const ff_i64_t wk = (ff_i64_t)bh * p.n_chunks + chunk;
+        const ff_u32_t w_a = ff_smem_u32(st + L::W);
+        const ff_u32_t q_a = ff_smem_u32(st + L::Q);
+        const ff_u32_t k_a = ff_smem_u32(st + L::K);
+        const ff_u32_t a_a = ff_smem_u32(st + L::A);
+        const ff_u32_t o_a = ff_smem_u32(st + L::O);
+        const ff_gdc_u16* os = st + L::O + 16 * warp;
+
+        // This warp's rows of dS as mma B fragments (bf16).
+        ff_u32_t db[DK / 16][2][2];
+#pragma unroll
+        for (int kt = 0; kt < DK / 16; ++kt) {
+#pragma unroll
+            for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+                for (int hk = 0; hk < 2; ++hk) {
+                    db[kt][nb][hk] = ff_attn_mma<ff_bf16>::pack(ds[2 * kt + hk][2 * nb],
+                                                                ds[2 * kt + hk][2 * nb + 1]);
+                }
+            }
+        }
+        // dS' (the gradient at the chunk's end) for gdc_bgrad.
+        ff_gdc_store_rows<DK>(dckpt + (wk * DV + rw) * DK, ds, lane);
+        // K dS^T (rows: the chunk's steps; columns: this warp's value rows).
+        float e[4][2][4];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+            for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+                for (int x = 0; x < 4; ++x) {
+                    e[mt][nb][x] = 0.0f;
+                }
+            }
+        }
+#pragma unroll
+        for (int kt = 0; kt < DK / 16; ++kt) {
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt) {
+                const ff_u32_t off = a_off + (ff_u32_t)((mt * 16 * L::KS + kt * 16) * 2);
+                ff_u32_t a[4];
+                ff_ldmatrix_x4(a, k_a + off);
+                ff_attn_mma<ff_bf16>::mma(e[mt][0], a, db[kt][0][0], db[kt][0][1]);
+                ff_attn_mma<ff_bf16>::mma(e[mt][1], a, db[kt][1][0], db[kt][1][1]);
+            }
+        }
+        // dΔ = Γ(end, t) (K dS^T)_t + (A^T dO)_t; A is lower triangular, so A^T's step block
+        // mt takes dO's blocks kk >= mt.
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const float x = ge[mt * 16 + gr + 8 * hf];
+#pragma unroll
+                for (int nb = 0; nb < 2; ++nb) {
+                    e[mt][nb][2 * hf] *= x;
+                    e[mt][nb][2 * hf + 1] *= x;
+                }
+            }
+#pragma unroll
+            for (int kk = mt; kk < 4; ++kk) {
+                ff_u32_t a[4];
+                ff_ldmatrix_x4_trans(
+                    a, a_a + (ff_u32_t)(((kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * L::AS +
+                                         mt * 16 + ((lane >> 3) & 1) * 8) *
+                                        2));
+                ff_u32_t bb[4];
+                ff_ldmatrix_x4_trans(
+                    bb, o_a + (ff_u32_t)(((kk * 16 + b_row) * L::US + 16 * warp + b_half * 8) * 2));
+                ff_attn_mma<ff_bf16>::mma(e[mt][0], a, bb[0], bb[1]);
+                ff_attn_mma<ff_bf16>::mma(e[mt][1], a, bb[2], bb[3]);
+            }
+        }
+        // dΔ out (bf16, [64][DV] of this chunk) and -dΔ into the warp's tile.
+        {
+            ff_gdc_u16* dg = dd + wk * C * DV + rw;
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int r = mt * 16 + gr + 8 * hf;
+#pragma unroll
+                    for (int nb = 0; nb < 2; ++nb) {
+                        *reinterpret_cast<ff_u32_t*>(dg + r * DV + nb * 8 + gc) =
+                            ff_attn_mma<ff_bf16>::pack(e[mt][nb][2 * hf], e[mt][nb][2 * hf + 1]);
+                        *reinterpret_cast<ff_u32_t*>(ts + r * FF_GDC_DS + nb * 8 + gc) =
+                            ff_attn_mma<ff_bf16>::pack(-e[mt][nb][2 * hf],
+                                                       -e[mt][nb][2 * hf + 1]);
+                    }
+                }
+            }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int nt = 0; nt < DK / 8; ++nt) {
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+                ds[nt][x] *= g_all;
+            }
+        }
+        // dS += (-dΔ)^T W, then dS += (G ⊙ dO)^T Q through the same tile.
+#pragma unroll
+        for (int pass = 0; pass < 2; ++pass) {
+            const ff_u32_t bsrc = pass == 0 ? w_a : q_a;
+#pragma unroll
+            for (int kk = 0; kk < C / 16; ++kk) {
+                ff_u32_t a[4];
+                ff_ldmatrix_x4_trans(a, ts_a + at_ts + (ff_u32_t)(kk * 16 * FF_GDC_DS * 2));
+#pragma unroll
+                for (int dd2 = 0; dd2 < DK / 16; ++dd2) {
+                    ff_u32_t bb[4];
+                    ff_ldmatrix_x4_trans(
+                        bb, bsrc + kb_off + (ff_u32_t)((kk * 16 * L::KS + dd2 * 16) * 2));
+                    ff_attn_mma<ff_bf16>::mma(ds[2 * dd2], a, bb[0], bb[1]);
+                    ff_attn_mma<ff_bf16>::mma(ds[2 * dd2 + 1], a, bb[2], bb[3]);
+                }
+            }
+            if (pass == 0) {
+                __syncwarp();
+#pragma unroll
+                for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf) {
+                        const int r = mt * 16 + gr + 8 * hf;
+                        const float g = gs[r];
+#pragma unroll
+                        for (int nb = 0; nb < 2; ++nb) {
+                            const ff_u32_t oo =
+                                *reinterpret_cast<const ff_u32_t*>(os + r * L::US + nb * 8 + gc);
+                            const float o0 = ff_bf16::to_f32((ff_u16_t)(oo & 0xffffu));
+                            const float o1 = ff_bf16::to_f32((ff_u16_t)(oo >> 16));
+                            *reinterpret_cast<ff_u32_t*>(ts + r * FF_GDC_DS + nb * 8 + gc) =
+                                ff_attn_mma<ff_bf16>::pack(g * o0, g * o1);
+                        }
+                    }
+                }
+                __syncwarp();
+            }
+        }
+        __syncthreads();
+    }
+
+    if (dstate0 == nullptr) {
+        return;
+    }
+    ff_gdc_store_rows<DK>(dstate0 + ((ff_i64_t)bh * DV + rw) * DK, ds, lane);
+}
+
+// gdc_bgrad's shared memory: bf16 tiles K, Q, W (then dW) [64][DK + 8] and V, U (then Δ),
+// dΔ, dO [64][DV + 8]; then a region holding first S and dS' (bf16 [DV][DK + 8] each), then
+// four f32 [64][65] arrays (M, dA then Γ ⊙ dA, dM then dL then the E terms, dM M^T then the
+// decay products); the decay products' gradients X [64][65] f32; and the per-step arrays.
+template <int DK, int DV>
+struct ff_gdc_bgrad_smem {
+    static constexpr int C = FF_GDC_C;
+    static constexpr int KS = DK + 8;
+    static constexpr int VS = DV + 8;
+    static constexpr int XS = C + 1;
+    static constexpr int K = 0;
+    static constexpr int Q = K + C * KS;
+    static constexpr int W = Q + C * KS;
+    static constexpr int V = W + C * KS;
+    static constexpr int U = V + C * VS;
+    static constexpr int D = U + C * VS;
+    static constexpr int O = D + C * VS;
+    static constexpr int TILE_BYTES = (O + C * VS) * 2;
+    static constexpr int ST_BYTES = 2 * DV * KS * 2;
+    static constexpr int F32_BYTES = 4 * C * XS * 4;
+    static constexpr int UNION_BYTES = ST_BYTES > F32_BYTES ? ST_BYTES : F32_BYTES;
+    static constexpr int X_OFF = TILE_BYTES + UNION_BYTES;
+    static constexpr int SMALL_OFF = X_OFF + C * XS * 4;
+    static constexpr int BYTES = SMALL_OFF + (21 * C + 8) * 4;
+};
+
+// Sum over the four lanes of a quad (lanes sharing lane / 4).
+__device__ __forceinline__ float ff_gdc_quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    x += __shfl_xor_sync(0xffffffffu, x, 2);
+    return x;
+}
+
+// Row dot products of a warp's 16 x N accumulator with the same rows of a row-major bf16
+// tile (`rows` at the warp's first row, `stride` a row): out[gr] and out[gr + 8] on lanes
+// with lane % 4 == 0 (written to `dst` at those rows).
+template <int N>
+__device__ __forceinline__ void ff_gdc_row_dots(const float (&acc)[N / 8][4],
+                                                const ff_gdc_u16* rows, int stride, float* dst,
+                                                int lane) {
+    const int gr = lane >> 2;
+    const int gc = 2 * (lane & 3);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        float x = 0.0f;
+        const ff_gdc_u16* r = rows + (gr + 8 * hf) * stride;
+#pragma unroll
+        for (int nb = 0; nb < N / 8; ++nb) {
+            const ff_u32_t v = *reinterpret_cast<const ff_u32_t*>(r + nb * 8 + gc);
+            x = fmaf(acc[nb][2 * hf], ff_bf16::to_f32((ff_u16_t)(v & 0xffffu)), x);
+            x = fmaf(acc[nb][2 * hf + 1], ff_bf16::to_f32((ff_u16_t)(v >> 16)), x);
+        }
+        x = ff_gdc_quad_sum(x);
+        if ((lane & 3) == 0) {
+            dst[gr + 8 * hf] = x;
+        }
+    }
+}
+
+// Writes a warp's 16 x N accumulator rows (f32) to `g` (row r at g + r * stride) for rows
+// r0 + r < n whose step was taken (0 for the others).
+template <int N>
+__device__ __forceinline__ void ff_gdc_store_grad(float* g, ff_i64_t stride,
+                                                  const float (&acc)[N / 8][4], int r0, int n,
+                                                  const float* tk, int lane) {
+    const int gr = lane >> 2;
+    const int gc = 2 * (lane & 3);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const int r = r0 + gr + 8 * hf;
+        if (r < n) {
+            const bool taken = tk[r] != 0.0f;
+#pragma unroll
+            for (int nb = 0; nb < N / 8; ++nb) {
+                *reinterpret_cast<float2*>(g + r * stride + nb * 8 + gc) =
+                    taken ? make_float2(acc[nb][2 * hf], acc[nb][2 * hf + 1])
+                          : make_float2(0.0f, 0.0f);
+            }
+        }
+    }
+}
+
+// A block per (chunk, batch · value head), four warps of 16 steps: the chunk's input
+// gradients from its state S (ckpt), the gradient dS' at its end (dckpt), dΔ (dd) and the
+// cotangent dO, every chunk in parallel. Writes dq, dk ([B, T, Hv, DK] f32, per value head:
+// the launcher sums the heads sharing a key head), dv [B, T, Hv, DV], dgamma and dbeta
+// [B, T, Hv] f32 for the chunk's steps (0 where not taken).
+template <typename TG, int DK, int DV>
+__global__ void __launch_bounds__(128)
+    gdc_bgrad(const ff_gdc_u16* __restrict__ q, const ff_gdc_u16* __restrict__ k,
+              const ff_gdc_u16* __restrict__ v, const typename TG::storage* __restrict__ gamma,
+              const typename TG::storage* __restrict__ beta, const float* __restrict__ mask,
+              const ff_gdc_u16* __restrict__ w_in, const ff_gdc_u16* __restrict__ u_in,
+              const float* __restrict__ m_in, const float* __restrict__ ckpt,
+              const float* __restrict__ dckpt, const ff_gdc_u16* __restrict__ dd,
+              const ff_gdc_u16* __restrict__ d_out, float* __restrict__ dq,
+              float* __restrict__ dk, float* __restrict__ dv, float* __restrict__ dgamma,
+              float* __restrict__ dbeta, ff_gdc_params p) {
+    constexpr int C = FF_GDC_C;
+    typedef ff_gdc_bgrad_smem<DK, DV> L;
+    constexpr int KS = L::KS;
+    constexpr int VS = L::VS;
+    constexpr int XS = L::XS;
+    extern __shared__ __align__(16) unsigned char ff_smem[];
+    ff_gdc_u16* tiles = reinterpret_cast<ff_gdc_u16*>(ff_smem);
+    ff_gdc_u16* s_t = reinterpret_cast<ff_gdc_u16*>(ff_smem + L::TILE_BYTES);
+    ff_gdc_u16* ds_t = s_t + DV * KS;
+    float* mt = reinterpret_cast<float*>(ff_smem + L::TILE_BYTES);   // M
+    float* dat = mt + C * XS;                                          // dA, then Γ ⊙ dA
+    float* dmt = dat + C * XS;                                         // dM, dL, then E
+    float* tmt = dmt + C * XS;                                         // dM M^T, then Γ
+    float* xt = reinterpret_cast<float*>(ff_smem + L::X_OFF);          // X
+    float* g = reinterpret_cast<float*>(ff_smem + L::SMALL_OFF);
+    float* bt = g + C;
+    float* tk = bt + C;
+    float* lg = tk + C;
+    int* zr = reinterpret_cast<int*>(lg + C);
+    int* ng = zr + C;
+    float* gs = reinterpret_cast<float*>(ng + C);
+    float* ge = gs + C;
+    float* kbw = ge + C;
+    float* vbu = kbw + C;
+    float* xq = vbu + C;
+    float* xk = xq + C;
+    float* dbp = xk + C;
+    float* red = dbp + C;        // 8
+    float* colk = red + 8;       // [4][64]: per-warp column sums (a fixed order, no atomics)
+    float* colv = colk + 4 * C;  // [4][64]
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int gr = lane >> 2;
+    const int gc = 2 * (lane & 3);
+    const int m0 = 16 * warp;
+    const int chunk = blockIdx.x;
+    const int bh = blockIdx.y;
+    const int b = bh / p.hv;
+    const int h = bh % p.hv;
+    const int kh = h / p.group;
+    const ff_i64_t t0 = (ff_i64_t)chunk * C;
+    const int n = (int)min((ff_i64_t)C, p.t - t0);
+    const ff_i64_t bt0 = (ff_i64_t)b * p.t + t0;
+    const ff_i64_t wk = (ff_i64_t)bh * p.n_chunks + chunk;
+
+    ff_load_tile<ff_gdc_u16, C, DK, KS, 128>(tiles + L::K, k + (bt0 * p.hk + kh) * DK,
+                                              (ff_i64_t)p.hk * DK, n, tid);
+    ff_load_tile<ff_gdc_u16, C, DK, KS, 128>(tiles + L::Q, q + (bt0 * p.hk + kh) * DK,
+                                              (ff_i64_t)p.hk * DK, n, tid);
+    ff_load_tile<ff_gdc_u16, C, DK, KS, 128>(tiles + L::W, w_in + wk * C * DK, DK, C, tid);
+    ff_load_tile<ff_gdc_u16, C, DV, VS, 128>(tiles + L::V, v + (bt0 * p.hv + h) * DV,
+                                              (ff_i64_t)p.hv * DV, n, tid);
+    ff_load_tile<ff_gdc_u16, C, DV, VS, 128>(tiles + L::U, u_in + wk * C * DV, DV, C, tid);
+    ff_load_tile<ff_gdc_u16, C, DV, VS, 128>(tiles + L::D, dd + wk * C * DV, DV, C, tid);
+    ff_load_tile<ff_gdc_u16, C, DV, VS, 128>(tiles + L::O, d_out + (bt0 * p.hv + h) * DV,
+                                              (ff_i64_t)p.hv * DV, n, tid);
+    ff_cp_async_commit();
+    // S and dS' to bf16 tiles, <dS', S> on the way (from the f32 values).
+    {
+        const float4* s4 = reinterpret_cast<const float4*>(ckpt + wk * DV * DK);
+        const float4* d4 = reinterpret_cast<const float4*>(dckpt + wk * DV * DK);
+        float dot = 0.0f;
+        for (int e = tid; e < DV * DK / 4; e += 128) {
+            const int r = e / (DK / 4);
+            const int c = (e % (DK / 4)) * 4;
+            const float4 x = s4[e];
+            const float4 y = d4[e];
+            dot = fmaf(x.x, y.x, fmaf(x.y, y.y, fmaf(x.z, y.z, fmaf(x.w, y.w, dot))));
+            *reinterpret_cast<ff_u32_t*>(s_t + r * KS + c) = ff_attn_mma<ff_bf16>::pack(x.x, x.y);
+            *reinterpret_cast<ff_u32_t*>(s_t + r * KS + c + 2) =
+                ff_attn_mma<ff_bf16>::pack(x.z, x.w);
+            *reinterpret_cast<ff_u32_t*>(ds_t + r * KS + c) =
+                ff_attn_mma<ff_bf16>::pack(y.x, y.y);
+            *reinterpret_cast<ff_u32_t*>(ds_t + r * KS + c + 2) =
+                ff_attn_mma<ff_bf16>::pack(y.z, y.w);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        }
+        if (lane == 0) {
+            red[warp] = dot;
+        }
+    }
+    if (tid < C) {
+        const bool valid = tid < n;
+        const bool taken = valid && (mask == nullptr || mask[bt0 + tid] != 0.0f);
+        const ff_i64_t at = (bt0 + tid) * p.hv + h;
+        g[tid] = taken ? TG::to_f32(gamma[at]) : 1.0f;
+        bt[tid] = taken ? TG::to_f32(beta[at]) : 0.0f;
+        tk[tid] = taken ? 1.0f : 0.0f;
+        const float x = g[tid];
+        lg[tid] = x == 0.0f ? 0.0f : logf(fabsf(x));
+    }
+    ff_cp_async_wait<0>();
+    __syncthreads();
+    if (mask != nullptr) {
+        ff_gdc_zero_rows<DK, KS, 128>(tiles + L::K, tk, tid);
+        ff_gdc_zero_rows<DK, KS, 128>(tiles + L::Q, tk, tid);
+        ff_gdc_zero_rows<DV, VS, 128>(tiles + L::V, tk, tid);
+        ff_gdc_zero_rows<DV, VS, 128>(tiles + L::O, tk, tid);
+    }
+    // Prefixes in step order (as gdc_prep forms them).
+    float my_log = 0.0f;
+    int my_zero = -1;
+    int my_neg = 0;
+    if (tid < C) {
+        for (int m = 0; m <= tid; ++m) {
+            const float x = g[m];
+            if (x == 0.0f) {
+                my_zero = m;
+            } else {
+                my_log += lg[m];
+                my_neg ^= x < 0.0f ? 1 : 0;
+            }
+        }
+    }
+    __syncthreads();
+    if (tid < C) {
+        lg[tid] = my_log;
+        zr[tid] = my_zero;
+        ng[tid] = my_neg;
+    }
+    __syncthreads();
+    if (tid < C) {
+        gs[tid] = ff_gdc_between(lg, zr, ng, tid, -1);
+        ge[tid] = tid < n ? ff_gdc_between(lg, zr, ng, n - 1, tid) : 0.0f;
+    }
+    const float dg_all = red[0] + red[1] + red[2] + red[3];
+
+    const ff_u32_t k_a = ff_smem_u32(tiles + L::K);
+    const ff_u32_t q_a = ff_smem_u32(tiles + L::Q);
+    const ff_u32_t w_a = ff_smem_u32(tiles + L::W);
+    const ff_u32_t v_a = ff_smem_u32(tiles + L::V);
+    const ff_u32_t u_a = ff_smem_u32(tiles + L::U);
+    const ff_u32_t d_a = ff_smem_u32(tiles + L::D);
+    const ff_u32_t o_a = ff_smem_u32(tiles + L::O);
+    const ff_u32_t s_a = ff_smem_u32(s_t);
+    const ff_u32_t dss_a = ff_smem_u32(ds_t);
+
+    // Δ = U - W S^T for this warp's steps, over U.
+    {
+        float acc[1][DV / 8][4];
+        ff_attn_scores<ff_bf16, DK, 1, DV, KS, KS>(acc, w_a + (ff_u32_t)(m0 * KS * 2), s_a, lane);
+        ff_gdc_u16* us = tiles + L::U;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-            *reinterpret_cast<float2*>(dst + (gr + 8 * hf) * DK + nt * 8 + gc) =
-                make_float2(s[nt][2 * hf], s[nt][2 * hf + 1]);
+            const int r = m0 + gr + 8 * hf;
+#pragma unroll
+            for (int nb = 0; nb < DV / 8; ++nb) {
+                ff_u32_t* at = reinterpret_cast<ff_u32_t*>(us + r * VS + nb * 8 + gc);
+                const ff_u32_t uu = *at;
+                *at = ff_attn_mma<ff_bf16>::pack(
+                    ff_bf16::to_f32((ff_u16_t)(uu & 0xffffu)) - acc[0][nb][2 * hf],
+                    ff_bf16::to_f32((ff_u16_t)(uu >> 16)) - acc[0][nb][2 * hf + 1]);
+            }
+        }
+    }
+    __syncthreads();
+    float da[1][C / 8][4];
+    {
+        float acc[1][DK / 8][4];
+        // dW = -dΔ S over W (this warp's rows).
+        ff_zero_frags(acc);
+        ff_gdc_mm<DV, DK>(acc[0], d_a + (ff_u32_t)(m0 * VS * 2), VS, s_a, KS, lane);
+        {
+            ff_gdc_u16* ws = tiles + L::W;
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int r = m0 + gr + 8 * hf;
+#pragma unroll
+                for (int nb = 0; nb < DK / 8; ++nb) {
+                    *reinterpret_cast<ff_u32_t*>(ws + r * KS + nb * 8 + gc) =
+                        ff_attn_mma<ff_bf16>::pack(-acc[0][nb][2 * hf], -acc[0][nb][2 * hf + 1]);
+                }
+            }
+        }
+        // dq = G ⊙ (dO S) + (Γ ⊙ dA) K with dA = dO Δ^T (lower triangular with the diagonal);
+        // q_t · (S^T dO_t) for the decays.
+        ff_zero_frags(acc);
+        ff_gdc_mm<DV, DK>(acc[0], o_a + (ff_u32_t)(m0 * VS * 2), VS, s_a, KS, lane);
+        ff_gdc_row_dots<DK>(acc[0], tiles + L::Q + m0 * KS, KS, xq + m0, lane);
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const float x = gs[m0 + gr + 8 * hf];
+#pragma unroll
+            for (int nb = 0; nb < DK / 8; ++nb) {
+                acc[0][nb][2 * hf] *= x;
+                acc[0][nb][2 * hf + 1] *= x;
+            }
+        }
+        ff_attn_scores<ff_bf16, DV, 1, C, VS, VS>(da, o_a + (ff_u32_t)(m0 * VS * 2), u_a, lane);
+        {
+            float ta[1][C / 8][4];
+#pragma unroll
+            for (int nb = 0; nb < C / 8; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int t = m0 + gr + 8 * (e >> 1);
+                    const int j = nb * 8 + gc + (e & 1);
+                    if (j > t) {
+                        da[0][nb][e] = 0.0f;
+                    }
+                    ta[0][nb][e] = j <= t ? da[0][nb][e] * ff_gdc_between(lg, zr, ng, t, j) : 0.0f;
+                }
+            }
+            ff_u32_t pf[1][C / 16][4];
+            ff_attn_pack<ff_bf16, 1, C>(pf, ta);
+            ff_attn_pv_packed<ff_bf16, DK, 1, C, KS>(acc, pf, k_a, lane);
+        }
+        ff_gdc_store_grad<DK>(dq + (bt0 * p.hv + h) * DK, (ff_i64_t)p.hv * DK, acc[0], m0, n, tk,
+                              lane);
+        // Γ(end, t) (Δ dS')_t: dk's first term (stored now, the rest added below); k_t · (dS'^T
+        // Δ_t) for the decays.
+        ff_zero_frags(acc);
+        ff_gdc_mm<DV, DK>(acc[0], u_a + (ff_u32_t)(m0 * VS * 2), VS, dss_a, KS, lane);
+        ff_gdc_row_dots<DK>(acc[0], tiles + L::K + m0 * KS, KS, xk + m0, lane);
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const float x = ge[m0 + gr + 8 * hf];
+#pragma unroll
+            for (int nb = 0; nb < DK / 8; ++nb) {
+                acc[0][nb][2 * hf] *= x;
+                acc[0][nb][2 * hf + 1] *= x;
+            }
+        }
+        ff_gdc_store_grad<DK>(dk + (bt0 * p.hv + h) * DK, (ff_i64_t)p.hv * DK, acc[0], m0, n,
+                              tk, lane);
+    }
+    __syncthreads();
+    // S and dS' are done with: the f32 arrays take their place.
+#pragma unroll
+    for (int nb = 0; nb < C / 8; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            dat[(m0 + gr + 8 * (e >> 1)) * XS + nb * 8 + gc + (e & 1)] = da[0][nb][e];
+        }
+    }
+    for (int e = tid; e < C * C; e += 128) {
+        mt[(e >> 6) * XS + (e & 63)] = m_in[wk * C * C + e];
+    }
+    for (int e = tid; e < C * XS; e += 128) {
+        xt[e] = 0.0f;
+    }
+    __syncthreads();
+    // dM_tj = β_j (G_j dW_t · k_j + dU_t · v_j) for j < t; the column sums Σ_t M_tj (dW_t · k_j)
+    // and Σ_t M_tj (dU_t · v_j).
+    {
+        float p1[1][C / 8][4];
+        float p2[1][C / 8][4];
+        ff_attn_scores<ff_bf16, DK, 1, C, KS, KS>(p1, w_a + (ff_u32_t)(m0 * KS * 2), k_a, lane);
+        ff_attn_scores<ff_bf16, DV, 1, C, VS, VS>(p2, d_a + (ff_u32_t)(m0 * VS * 2), v_a, lane);
+#pragma unroll
+        for (int nb = 0; nb < C / 8; ++nb) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int j = nb * 8 + gc + c;
+                float ck = 0.0f;
+                float cv = 0.0f;
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int t = m0 + gr + 8 * hf;
+                    const float x1 = p1[0][nb][2 * hf + c];
+                    const float x2 = p2[0][nb][2 * hf + c];
+                    const float m = mt[t * XS + j];
+                    ck = fmaf(m, x1, ck);
+                    cv = fmaf(m, x2, cv);
+                    dmt[t * XS + j] = j < t ? bt[j] * fmaf(gs[j], x1, x2) : 0.0f;
+                }
+#pragma unroll
+                for (int o = 4; o < 32; o <<= 1) {
+                    ck += __shfl_xor_sync(0xffffffffu, ck, o);
+                    cv += __shfl_xor_sync(0xffffffffu, cv, o);
+                }
+                if (gr == 0) {
+                    colk[warp * C + j] = ck;
+                    colv[warp * C + j] = cv;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    // dM M^T (b < min(a, j + 1): dM is strictly lower, M lower); β's and the decays' terms
+    // through W and U.
+    for (int e = tid; e < C * C; e += 128) {
+        const int a = e >> 6;
+        const int j = e & 63;
+        const int hi = min(a - 1, j);
+        float acc = 0.0f;
+        for (int bb = 0; bb <= hi; ++bb) {
+            acc = fmaf(dmt[a * XS + bb], mt[j * XS + bb], acc);
+        }
+        tmt[a * XS + j] = acc;
+    }
+    if (tid < C) {
+        kbw[tid] = (colk[tid] + colk[C + tid]) + (colk[2 * C + tid] + colk[3 * C + tid]);
+        vbu[tid] = (colv[tid] + colv[C + tid]) + (colv[2 * C + tid] + colv[3 * C + tid]);
+        dbp[tid] = fmaf(gs[tid], kbw[tid], vbu[tid]);
+        xt[tid * XS] += bt[tid] * kbw[tid];
+    }
+    __syncthreads();
+    // dL = -M^T (dM M^T) on the strict lower triangle, over dM.
+    for (int e = tid; e < C * C; e += 128) {
+        const int t = e >> 6;
+        const int j = e & 63;
+        float acc = 0.0f;
+        if (j < t) {
+            for (int a = t; a < C; ++a) {
+                acc = fmaf(mt[a * XS + t], tmt[a * XS + j], acc);
+            }
+        }
+        dmt[t * XS + j] = -acc;
+    }
+    __syncthreads();
+    // A_tj = Γ(t, j) q_t · k_j and L_tj = β_t Γ(t, j) k_t · k_j: the decay products'
+    // gradients (X), β's (through L), and the weights of the q / k products for below.
+    {
+        float qk[1][C / 8][4];
+        float kk[1][C / 8][4];
+        ff_attn_scores<ff_bf16, DK, 1, C, KS, KS>(qk, q_a + (ff_u32_t)(m0 * KS * 2), k_a, lane);
+        ff_attn_scores<ff_bf16, DK, 1, C, KS, KS>(kk, k_a + (ff_u32_t)(m0 * KS * 2), k_a, lane);
+        float db[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int nb = 0; nb < C / 8; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int hf = e >> 1;
+                const int t = m0 + gr + 8 * hf;
+                const int j = nb * 8 + gc + (e & 1);
+                const float gg = j <= t ? ff_gdc_between(lg, zr, ng, t, j) : 0.0f;
+                const float a = dat[t * XS + j];
+                const float l = j < t ? dmt[t * XS + j] : 0.0f;
+                float x = j <= t ? a * qk[0][nb][e] : 0.0f;
+                x = fmaf(l * bt[t], kk[0][nb][e], x);
+                db[hf] = fmaf(l * gg, kk[0][nb][e], db[hf]);
+                xt[t * XS + j + 1] += x;
+                dat[t * XS + j] = a * gg;
+                dmt[t * XS + j] = l * bt[t] * gg;
+                tmt[t * XS + j + 1] = gg;
+            }
+        }
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const float x = ff_gdc_quad_sum(db[hf]);
+            if ((lane & 3) == 0) {
+                const int t = m0 + gr + 8 * hf;
+                dbp[t] += x;
+                tmt[t * XS] = gs[t];
+            }
+        }
+    }
+    __syncthreads();
+    if (tid < C) {
+        xt[tid * XS] += xq[tid] + (tid == n - 1 ? dg_all : 0.0f);
+        if (tid + 1 < n) {
+            xt[(n - 1) * XS + tid + 1] += xk[tid];
+        }
+    }
+    // dk_j += Σ_t (Γ ⊙ dA)_tj q_t + Σ_t (E_tj + E_jt) k_t + β_j G_j Σ_t M_tj dW_t (E_tj =
+    // dL_tj β_t Γ(t, j)), dv_j = β_j Σ_t M_tj dU_t, for this warp's steps j.
+    {
+        float acc[1][DK / 8][4];
+        ff_zero_frags(acc);
+        ff_u32_t af[C / 16][4];
+        ff_gdc_pack_a(af, m0, lane, [&](int r, int c) { return dat[c * XS + r]; });
+        ff_gdc_mm_packed<DK>(acc[0], af, q_a, KS, lane);
+        ff_gdc_pack_a(af, m0, lane,
+                      [&](int r, int c) { return dmt[c * XS + r] + dmt[r * XS + c]; });
+        ff_gdc_mm_packed<DK>(acc[0], af, k_a, KS, lane);
+        ff_gdc_pack_a(af, m0, lane,
+                      [&](int r, int c) { return bt[r] * gs[r] * mt[c * XS + r]; });
+        ff_gdc_mm_packed<DK>(acc[0], af, w_a, KS, lane);
+        float* dkg = dk + (bt0 * p.hv + h) * DK;
+        const ff_i64_t ks = (ff_i64_t)p.hv * DK;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int r = m0 + gr + 8 * hf;
+            if (r < n) {
+#pragma unroll
+                for (int nb = 0; nb < DK / 8; ++nb) {
+                    const float2 x = *reinterpret_cast<const float2*>(dkg + r * ks + nb * 8 + gc);
+                    acc[0][nb][2 * hf] += x.x;
+                    acc[0][nb][2 * hf + 1] += x.y;
+                }
+            }
+        }
+        ff_gdc_store_grad<DK>(dkg, ks, acc[0], m0, n, tk, lane);
+    }
+    {
+        float acc[1][DV / 8][4];
+        ff_zero_frags(acc);
+        ff_u32_t af[C / 16][4];
+        ff_gdc_pack_a(af, m0, lane, [&](int r, int c) { return bt[r] * mt[c * XS + r]; });
+        ff_gdc_mm_packed<DV>(acc[0], af, d_a, VS, lane);
+        ff_gdc_store_grad<DV>(dv + (bt0 * p.hv + h) * DV, (ff_i64_t)p.hv * DV, acc[0], m0, n, tk,
+                              lane);
+    }
+    __syncthreads();
+    // dγ_s = Σ_{t >= s} Γ(t, s) Σ_{j < s} X_t(j) Γ(s - 1, j) (j = -1: from the chunk's start;
+    // Γ(s - 1, s - 1) = 1): the product over (j, t] without step s, two threads a step.
+    {
+        const int s = tid & 63;
+        const int half = tid >> 6;
+        float acc = 0.0f;
+        for (int t = s + half; t < n; t += 2) {
+            float inner = 0.0f;
+            for (int j = -1; j < s; ++j) {
+                const float before = j + 1 == s ? 1.0f : tmt[(s - 1) * XS + j + 1];
+                inner = fmaf(xt[t * XS + j + 1], before, inner);
+            }
+            acc = fmaf(tmt[t * XS + s + 1], inner, acc);
+        }
+        if (half == 1) {
+            kbw[s] = acc;
+        }
+        __syncthreads();
+        if (half == 0 && s < n) {
+            const ff_i64_t at = (bt0 + s) * p.hv + h;
+            const bool taken = tk[s] != 0.0f;
+            dgamma[at] = taken ? acc + kbw[s] : 0.0f;
+            dbeta[at] = taken ? dbp[s] : 0.0f;
         }
     }
 }
