@@ -1024,6 +1024,29 @@ __device__ __forceinline__ void ff_gdc_store_grad(float* g, ff_i64_t stride,
     }
 }
 
+// A warp's 16 rows of a [64, 64] f32 product from shared memory: acc[r][c] = Σ_{k < K}
+// a(16 warp + r, k) · b(k, lane + 32 c). Each b load serves 16 FMAs and each a load (the same
+// address on every lane) 32, where one output a thread would load twice per FMA.
+template <int K, typename FA, typename FB>
+__device__ __forceinline__ void ff_gdc_rows_product(float (&acc)[16][2], int warp, int lane,
+                                                    FA a, FB b) {
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+        acc[r][0] = acc[r][1] = 0.0f;
+    }
+#pragma unroll 2
+    for (int k = 0; k < K; ++k) {
+        const float b0 = b(k, lane);
+        const float b1 = b(k, lane + 32);
+#pragma unroll
+        for (int r = 0; r < 16; ++r) {
+            const float x = a(16 * warp + r, k);
+            acc[r][0] = fmaf(x, b0, acc[r][0]);
+            acc[r][1] = fmaf(x, b1, acc[r][1]);
+        }
+    }
+}
+
 // A block per (chunk, batch · value head), four warps of 16 steps: the chunk's input
 // gradients from its state S (ckpt), the gradient dS' at its end (dckpt), dΔ (dd) and the
 // cotangent dO, every chunk in parallel. Writes dq, dk ([B, T, Hv, DK] f32, per value head:
@@ -1104,6 +1127,7 @@ __global__ void __launch_bounds__(128)
         const float4* s4 = reinterpret_cast<const float4*>(ckpt + wk * DV * DK);
         const float4* d4 = reinterpret_cast<const float4*>(dckpt + wk * DV * DK);
         float dot = 0.0f;
+#pragma unroll 4
         for (int e = tid; e < DV * DK / 4; e += 128) {
             const int r = e / (DK / 4);
             const int c = (e % (DK / 4)) * 4;
@@ -1324,17 +1348,18 @@ __global__ void __launch_bounds__(128)
         }
     }
     __syncthreads();
-    // dM M^T (b < min(a, j + 1): dM is strictly lower, M lower); β's and the decays' terms
-    // through W and U.
-    for (int e = tid; e < C * C; e += 128) {
-        const int a = e >> 6;
-        const int j = e & 63;
-        const int hi = min(a - 1, j);
-        float acc = 0.0f;
-        for (int bb = 0; bb <= hi; ++bb) {
-            acc = fmaf(dmt[a * XS + bb], mt[j * XS + bb], acc);
+    // dM M^T (dM is strictly lower and M lower, with exact zeros elsewhere: the sums run over
+    // every column); β's and the decays' terms through W and U.
+    {
+        float acc[16][2];
+        ff_gdc_rows_product<C>(
+            acc, warp, lane, [&](int a, int bb) { return dmt[a * XS + bb]; },
+            [&](int bb, int j) { return mt[j * XS + bb]; });
+#pragma unroll
+        for (int r = 0; r < 16; ++r) {
+            tmt[(m0 + r) * XS + lane] = acc[r][0];
+            tmt[(m0 + r) * XS + lane + 32] = acc[r][1];
         }
-        tmt[a * XS + j] = acc;
     }
     if (tid < C) {
         kbw[tid] = (colk[tid] + colk[C + tid]) + (colk[2 * C + tid] + colk[3 * C + tid]);
@@ -1343,17 +1368,19 @@ __global__ void __launch_bounds__(128)
         xt[tid * XS] += bt[tid] * kbw[tid];
     }
     __syncthreads();
-    // dL = -M^T (dM M^T) on the strict lower triangle, over dM.
-    for (int e = tid; e < C * C; e += 128) {
-        const int t = e >> 6;
-        const int j = e & 63;
-        float acc = 0.0f;
-        if (j < t) {
-            for (int a = t; a < C; ++a) {
-                acc = fmaf(mt[a * XS + t], tmt[a * XS + j], acc);
-            }
+    // dL = -M^T (dM M^T) on the strict lower triangle, over dM (M^T is upper triangular:
+    // the sum over every row a is the sum over a >= t).
+    {
+        float acc[16][2];
+        ff_gdc_rows_product<C>(
+            acc, warp, lane, [&](int t, int a) { return mt[a * XS + t]; },
+            [&](int a, int j) { return tmt[a * XS + j]; });
+#pragma unroll
+        for (int r = 0; r < 16; ++r) {
+            const int t = m0 + r;
+            dmt[t * XS + lane] = lane < t ? -acc[r][0] : 0.0f;
+            dmt[t * XS + lane + 32] = lane + 32 < t ? -acc[r][1] : 0.0f;
         }
-        dmt[t * XS + j] = -acc;
     }
     __syncthreads();
     // A_tj = Γ(t, j) q_t · k_j and L_tj = β_t Γ(t, j) k_t · k_j: the decay products'
@@ -1440,29 +1467,34 @@ __global__ void __launch_bounds__(128)
                               lane);
     }
     __syncthreads();
-    // dγ_s = Σ_{t >= s} Γ(t, s) Σ_{j < s} X_t(j) Γ(s - 1, j) (j = -1: from the chunk's start;
-    // Γ(s - 1, s - 1) = 1): the product over (j, t] without step s, two threads a step.
+    // dγ_s = Σ_{t >= s} Γ(t, s) Z_ts with Z_ts = Σ_{j < s} X_t(j) Γ(s - 1, j) (j = -1: from the
+    // chunk's start; Γ(s - 1, s - 1) = 1): the product over (j, t] without step s. Z = X G^T
+    // with G_s(k) = Γ(s - 1, k - 1) for k < s, 1 at k = s, 0 past it; Γ(t, s) = 0 for s > t.
     {
-        const int s = tid & 63;
-        const int half = tid >> 6;
-        float acc = 0.0f;
-        for (int t = s + half; t < n; t += 2) {
-            float inner = 0.0f;
-            for (int j = -1; j < s; ++j) {
-                const float before = j + 1 == s ? 1.0f : tmt[(s - 1) * XS + j + 1];
-                inner = fmaf(xt[t * XS + j + 1], before, inner);
-            }
-            acc = fmaf(tmt[t * XS + s + 1], inner, acc);
+        float acc[16][2];
+        ff_gdc_rows_product<C + 1>(
+            acc, warp, lane, [&](int t, int kk) { return xt[t * XS + kk]; },
+            [&](int kk, int sc) {
+                return kk == sc ? 1.0f : (kk < sc ? tmt[(sc - 1) * XS + kk] : 0.0f);
+            });
+        float part0 = 0.0f;
+        float part1 = 0.0f;
+#pragma unroll
+        for (int r = 0; r < 16; ++r) {
+            const int t = m0 + r;
+            part0 = fmaf(tmt[t * XS + lane + 1], acc[r][0], part0);
+            part1 = fmaf(tmt[t * XS + lane + 33], acc[r][1], part1);
         }
-        if (half == 1) {
-            kbw[s] = acc;
-        }
-        __syncthreads();
-        if (half == 0 && s < n) {
-            const ff_i64_t at = (bt0 + s) * p.hv + h;
-            const bool taken = tk[s] != 0.0f;
-            dgamma[at] = taken ? acc + kbw[s] : 0.0f;
-            dbeta[at] = taken ? dbp[s] : 0.0f;
-        }
+        colk[warp * C + lane] = part0;
+        colk[warp * C + lane + 32] = part1;
+    }
+    __syncthreads();
+    if (tid < n) {
+        const int st = tid;
+        const ff_i64_t at = (bt0 + st) * p.hv + h;
+        const bool taken = tk[st] != 0.0f;
+        const float dg = (colk[st] + colk[C + st]) + (colk[2 * C + st] + colk[3 * C + st]);
+        dgamma[at] = taken ? dg : 0.0f;
+        dbeta[at] = taken ? dbp[st] : 0.0f;
     }
 }
