@@ -693,8 +693,9 @@ on_every_device! {
 }
 
 on_every_device! {
-    /// The backward in both forms (`FERROFAST_GATED_DELTA_KERNEL`; the CPU has a chunked
-    /// backward, CUDA steps in both) against the oracle: T around the 64-step chunks, GQA,
+    /// The backward in both forms (`FERROFAST_GATED_DELTA_KERNEL`; f32 inputs: the CPU has a
+    /// chunked f32 backward, CUDA's chunked form takes bf16 only and steps here in both; the
+    /// bf16 chunked backward has its own test below) against the oracle: T around the 64-step chunks, GQA,
     /// masks, decays with exact zeros (a reset inside a chunk) and negative values, with and
     /// without an initial state and the final state's cotangent.
     fn vjp_sequential_and_chunked_forms(dev: &Device) {
