@@ -53,6 +53,56 @@ __device__ __forceinline__ float ff_gdc_between(const float* lg, const int* zr, 
     return (ng[t] ^ n) ? -m : m;
 }
 
+// The chunk's per-step factors, thread tid < 64 for step tid: the decay (1 for a step not
+// taken or past the end), β (0 then), whether the step is taken (1 / 0) and ln |decay|
+// (0 for a zero decay). Steps start at row bt0 of the [B T] rows of head h of hv.
+template <typename TG>
+__device__ __forceinline__ void ff_gdc_load_steps(const typename TG::storage* gamma,
+                                                  const typename TG::storage* beta,
+                                                  const float* mask, ff_i64_t bt0, int hv, int h,
+                                                  int n, int tid, float* g, float* bt, float* tk,
+                                                  float* lg) {
+    if (tid < FF_GDC_C) {
+        const bool valid = tid < n;
+        const bool taken = valid && (mask == nullptr || mask[bt0 + tid] != 0.0f);
+        const ff_i64_t at = (bt0 + tid) * hv + h;
+        g[tid] = taken ? TG::to_f32(gamma[at]) : 1.0f;
+        bt[tid] = taken ? TG::to_f32(beta[at]) : 0.0f;
+        tk[tid] = taken ? 1.0f : 0.0f;
+        const float x = g[tid];
+        lg[tid] = x == 0.0f ? 0.0f : logf(fabsf(x));
+    }
+}
+
+// The decays' prefix arrays over the chunk, in step order (the CPU's order), once g and lg of
+// ff_gdc_load_steps are visible to the block: lg[t] becomes the sum of ln |decay| over the
+// non-zero decays of steps 0 ..= t, zr[t] the last step <= t with a zero decay (-1: none),
+// ng[t] the parity of the negative decays. Ends with the block synchronised.
+__device__ __forceinline__ void ff_gdc_prefixes(const float* g, float* lg, int* zr, int* ng,
+                                                int tid) {
+    float my_log = 0.0f;
+    int my_zero = -1;
+    int my_neg = 0;
+    if (tid < FF_GDC_C) {
+        for (int m = 0; m <= tid; ++m) {
+            const float x = g[m];
+            if (x == 0.0f) {
+                my_zero = m;
+            } else {
+                my_log += lg[m];
+                my_neg ^= x < 0.0f ? 1 : 0;
+            }
+        }
+    }
+    __syncthreads();
+    if (tid < FF_GDC_C) {
+        lg[tid] = my_log;
+        zr[tid] = my_zero;
+        ng[tid] = my_neg;
+    }
+    __syncthreads();
+}
+
 // Zeroes the rows r < 64 of a [64, COLS] bf16 tile (row stride STRIDE) whose step is not
 // taken (taken[r] == 0).
 template <int COLS, int STRIDE, int NT>
@@ -130,16 +180,7 @@ __global__ void __launch_bounds__(128)
     ff_load_tile<ff_gdc_u16, C, DV, VS, 128>(vs, v + (bt0 * p.hv + h) * DV,
                                               (ff_i64_t)p.hv * DV, n, tid);
     ff_cp_async_commit();
-    if (tid < C) {
-        const bool valid = tid < n;
-        const bool taken = valid && (mask == nullptr || mask[bt0 + tid] != 0.0f);
-        const ff_i64_t at = (bt0 + tid) * p.hv + h;
-        g[tid] = taken ? TG::to_f32(gamma[at]) : 1.0f;
-        bt[tid] = taken ? TG::to_f32(beta[at]) : 0.0f;
-        tk[tid] = taken ? 1.0f : 0.0f;
-        const float x = g[tid];
-        lg[tid] = x == 0.0f ? 0.0f : logf(fabsf(x));
-    }
+    ff_gdc_load_steps<TG>(gamma, beta, mask, bt0, p.hv, h, n, tid, g, bt, tk, lg);
     ff_cp_async_wait<0>();
     __syncthreads();
     if (mask != nullptr) {
@@ -147,28 +188,7 @@ __global__ void __launch_bounds__(128)
         ff_gdc_zero_rows<DK, KS, 128>(qs, tk, tid);
         ff_gdc_zero_rows<DV, VS, 128>(vs, tk, tid);
     }
-    // Prefixes, in step order (the CPU's order).
-    float my_log = 0.0f;
-    int my_zero = -1;
-    int my_neg = 0;
-    if (tid < C) {
-        for (int m = 0; m <= tid; ++m) {
-            const float x = g[m];
-            if (x == 0.0f) {
-                my_zero = m;
-            } else {
-                my_log += lg[m];
-                my_neg ^= x < 0.0f ? 1 : 0;
-            }
-        }
-    }
-    __syncthreads();
-    if (tid < C) {
-        lg[tid] = my_log;
-        zr[tid] = my_zero;
-        ng[tid] = my_neg;
-    }
-    __syncthreads();
+    ff_gdc_prefixes(g, lg, zr, ng, tid);
     const ff_i64_t wk = (ff_i64_t)bh * p.n_chunks + chunk;
     if (tid < C) {
         const float gst = ff_gdc_between(lg, zr, ng, tid, -1);
@@ -1150,16 +1170,7 @@ __global__ void __launch_bounds__(128)
             red[warp] = dot;
         }
     }
-    if (tid < C) {
-        const bool valid = tid < n;
-        const bool taken = valid && (mask == nullptr || mask[bt0 + tid] != 0.0f);
-        const ff_i64_t at = (bt0 + tid) * p.hv + h;
-        g[tid] = taken ? TG::to_f32(gamma[at]) : 1.0f;
-        bt[tid] = taken ? TG::to_f32(beta[at]) : 0.0f;
-        tk[tid] = taken ? 1.0f : 0.0f;
-        const float x = g[tid];
-        lg[tid] = x == 0.0f ? 0.0f : logf(fabsf(x));
-    }
+    ff_gdc_load_steps<TG>(gamma, beta, mask, bt0, p.hv, h, n, tid, g, bt, tk, lg);
     ff_cp_async_wait<0>();
     __syncthreads();
     if (mask != nullptr) {
@@ -1168,28 +1179,7 @@ __global__ void __launch_bounds__(128)
         ff_gdc_zero_rows<DV, VS, 128>(tiles + L::V, tk, tid);
         ff_gdc_zero_rows<DV, VS, 128>(tiles + L::O, tk, tid);
     }
-    // Prefixes in step order (as gdc_prep forms them).
-    float my_log = 0.0f;
-    int my_zero = -1;
-    int my_neg = 0;
-    if (tid < C) {
-        for (int m = 0; m <= tid; ++m) {
-            const float x = g[m];
-            if (x == 0.0f) {
-                my_zero = m;
-            } else {
-                my_log += lg[m];
-                my_neg ^= x < 0.0f ? 1 : 0;
-            }
-        }
-    }
-    __syncthreads();
-    if (tid < C) {
-        lg[tid] = my_log;
-        zr[tid] = my_zero;
-        ng[tid] = my_neg;
-    }
-    __syncthreads();
+    ff_gdc_prefixes(g, lg, zr, ng, tid);
     if (tid < C) {
         gs[tid] = ff_gdc_between(lg, zr, ng, tid, -1);
         ge[tid] = tid < n ? ff_gdc_between(lg, zr, ng, n - 1, tid) : 0.0f;
