@@ -413,6 +413,32 @@ struct ff_gdc_stage {
 // The per-warp tile Δ passes through: [64][24] bf16.
 #define FF_GDC_DS 24
 
+// s += T^T B for a warp's 16 state rows (all DK columns, mma accumulators): T the warp's
+// [64][FF_GDC_DS] bf16 tile of [step][row] (read transposed with ldmatrix.trans: matrices
+// (rows 0-7, steps 0-7), (rows 8-15, steps 0-7), (rows 0-7, steps 8-15), (rows 8-15, steps
+// 8-15)), B a row-major [64][KS] bf16 tile of [step][column].
+template <int DK, int KS>
+__device__ __forceinline__ void ff_gdc_rows_update(float (&s)[DK / 8][4], ff_u32_t t_tile,
+                                                   ff_u32_t b_tile, int lane) {
+    const ff_u32_t at_off = (ff_u32_t)((((lane & 7) + ((lane >> 4) & 1) * 8) * FF_GDC_DS +
+                                        ((lane >> 3) & 1) * 8) *
+                                       2);
+    const int b_row = (lane & 7) + (((lane >> 3) & 1) << 3);
+    const ff_u32_t kb_off = (ff_u32_t)((b_row * KS + (lane >> 4) * 8) * 2);
+#pragma unroll
+    for (int kk = 0; kk < FF_GDC_C / 16; ++kk) {
+        ff_u32_t a[4];
+        ff_ldmatrix_x4_trans(a, t_tile + at_off + (ff_u32_t)(kk * 16 * FF_GDC_DS * 2));
+#pragma unroll
+        for (int dd = 0; dd < DK / 16; ++dd) {
+            ff_u32_t bb[4];
+            ff_ldmatrix_x4_trans(bb, b_tile + kb_off + (ff_u32_t)((kk * 16 * KS + dd * 16) * 2));
+            ff_attn_mma<ff_bf16>::mma(s[2 * dd], a, bb[0], bb[1]);
+            ff_attn_mma<ff_bf16>::mma(s[2 * dd + 1], a, bb[2], bb[3]);
+        }
+    }
+}
+
 template <int DK, int DV, int NW>
 __global__ void __launch_bounds__(32 * NW)
     gdc_state(const ff_gdc_u16* __restrict__ q, const ff_gdc_u16* __restrict__ k,
@@ -614,31 +640,7 @@ __global__ void __launch_bounds__(32 * NW)
                 s[nt][e] *= g_all;
             }
         }
-        {
-            // A = (Γ Δ)^T [value row][step] from the [step][value row] tile (ldmatrix.trans):
-            // matrices (rows 0-7, steps 0-7), (rows 8-15, steps 0-7), (rows 0-7, steps 8-15),
-            // (rows 8-15, steps 8-15).
-            const ff_u32_t at_off =
-                (ff_u32_t)((((lane & 7) + ((lane >> 4) & 1) * 8) * FF_GDC_DS +
-                            ((lane >> 3) & 1) * 8) *
-                           2);
-            const int b_row = (lane & 7) + (((lane >> 3) & 1) << 3);
-            const int b_half = lane >> 4;
-            const ff_u32_t kb_off = (ff_u32_t)((b_row * L::KS + b_half * 8) * 2);
-#pragma unroll
-            for (int kk = 0; kk < C / 16; ++kk) {
-                ff_u32_t a[4];
-                ff_ldmatrix_x4_trans(a, ds_a + at_off + (ff_u32_t)(kk * 16 * FF_GDC_DS * 2));
-#pragma unroll
-                for (int dd = 0; dd < DK / 16; ++dd) {
-                    ff_u32_t bb[4];
-                    ff_ldmatrix_x4_trans(
-                        bb, k_a + kb_off + (ff_u32_t)((kk * 16 * L::KS + dd * 16) * 2));
-                    ff_attn_mma<ff_bf16>::mma(s[2 * dd], a, bb[0], bb[1]);
-                    ff_attn_mma<ff_bf16>::mma(s[2 * dd + 1], a, bb[2], bb[3]);
-                }
-            }
-        }
+        ff_gdc_rows_update<DK, L::KS>(s, ds_a, k_a, lane);
         __syncthreads();
     }
 
@@ -784,13 +786,10 @@ __global__ void __launch_bounds__(32 * NW)
     ff_gdc_u16* ts = tsm + warp * C * FF_GDC_DS;
     const ff_u32_t ts_a = ff_smem_u32(ts);
     // ldmatrix lane addresses: A from a row-major tile (rows lane % 16, column half lane / 16);
-    // A^T from a [k][m] tile (ldmatrix.trans); B from a row-major [k][n] tile (.trans).
+    // B from a row-major [k][n] tile (.trans).
     const ff_u32_t a_off = (ff_u32_t)(((lane & 15) * L::KS + (lane >> 4) * 8) * 2);
     const int b_row = (lane & 7) + (((lane >> 3) & 1) << 3);
     const int b_half = lane >> 4;
-    const ff_u32_t at_ts =
-        (ff_u32_t)((((lane & 7) + ((lane >> 4) & 1) * 8) * FF_GDC_DS + ((lane >> 3) & 1) * 8) * 2);
-    const ff_u32_t kb_off = (ff_u32_t)((b_row * L::KS + b_half * 8) * 2);
 
     issue(p.n_chunks - 1);
     for (int chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
@@ -918,19 +917,7 @@ __global__ void __launch_bounds__(32 * NW)
 #pragma unroll
         for (int pass = 0; pass < 2; ++pass) {
             const ff_u32_t bsrc = pass == 0 ? w_a : q_a;
-#pragma unroll
-            for (int kk = 0; kk < C / 16; ++kk) {
-                ff_u32_t a[4];
-                ff_ldmatrix_x4_trans(a, ts_a + at_ts + (ff_u32_t)(kk * 16 * FF_GDC_DS * 2));
-#pragma unroll
-                for (int dd2 = 0; dd2 < DK / 16; ++dd2) {
-                    ff_u32_t bb[4];
-                    ff_ldmatrix_x4_trans(
-                        bb, bsrc + kb_off + (ff_u32_t)((kk * 16 * L::KS + dd2 * 16) * 2));
-                    ff_attn_mma<ff_bf16>::mma(ds[2 * dd2], a, bb[0], bb[1]);
-                    ff_attn_mma<ff_bf16>::mma(ds[2 * dd2 + 1], a, bb[2], bb[3]);
-                }
-            }
+            ff_gdc_rows_update<DK, L::KS>(ds, ts_a, bsrc, lane);
             if (pass == 0) {
                 __syncwarp();
 #pragma unroll
