@@ -165,6 +165,7 @@ fn walk_warps(
 fn uses_chunks(a: &GatedDeltaArgs, x: &Dense, device: &CudaDevice, backward: bool) -> bool {
     let smem = device.max_shared_optin();
     let fits = a.chunkable()
+        && a.b * a.hv > 0
         && (!backward || (bstate_smem(a.dk, 4) <= smem && bgrad_smem(a.dk, a.dv) <= smem))
         && state_smem(a.dk, 4) <= smem
         && prep_smem(a.dk, a.dv) <= smem
@@ -196,17 +197,13 @@ struct GdcParams {
 unsafe impl DeviceRepr for GdcParams {}
 
 /// The chunked form's per-chunk workspace, written by `gdc_prep` for every chunk of every
-/// head: `W`, `U`, the decay-weighted `Q K^T` (bf16), the per-step factors (f32) and, for the
-/// backward, `M = (I + L)^{-1}` (f32).
+/// head: `W`, `U`, the decay-weighted `Q K^T` (bf16) and the per-step factors (f32).
 struct ChunkWork {
     w: CudaBuffer,
     u: CudaBuffer,
     qk: CudaBuffer,
     f: CudaBuffer,
-    m: Option<CudaBuffer>,
     p: GdcParams,
-    heads: usize,
-    n_chunks: usize,
 }
 
 /// The launch of a per-chunk kernel (`gdc_prep`, `gdc_bgrad`): a block of 128 threads per
@@ -237,12 +234,13 @@ fn walk_grid(op: &str, heads: usize, dv: usize, nw: usize, smem: usize) -> Resul
     })
 }
 
-/// Runs `gdc_prep` over every chunk of `x` (`keep_m`: also keep `M` for the backward).
+/// Runs `gdc_prep` over every chunk of `x`; `m`, when given (`[B Hv, chunks, 64, 64]` f32),
+/// also receives every chunk's `M = (I + L)^{-1}` for the backward.
 fn chunk_prep(
     op: &str,
     a: &GatedDeltaArgs,
     x: &Dense,
-    keep_m: bool,
+    m: Option<&mut CudaBuffer>,
     stream: &Stream,
 ) -> Result<ChunkWork> {
     let device = buffer(op, "q", &x.q)?.device().clone();
@@ -268,14 +266,7 @@ fn chunk_prep(
         u: ws(CHUNK * a.dv, DType::BF16)?,
         qk: ws(CHUNK * CHUNK, DType::BF16)?,
         f: ws(CHUNK_FACTORS, DType::F32)?,
-        m: if keep_m {
-            Some(ws(CHUNK * CHUNK, DType::F32)?)
-        } else {
-            None
-        },
         p,
-        heads,
-        n_chunks,
     };
     let null: u64 = 0;
     let name = prep_variant(x.gamma.dtype(), a.dk, a.dv);
@@ -289,7 +280,7 @@ fn chunk_prep(
         .arg(work.u.slice_mut())
         .arg(work.qk.slice_mut())
         .arg(work.f.slice_mut());
-    match &mut work.m {
+    match m {
         Some(m) => b.arg(m.slice_mut()),
         None => b.arg(&null),
     };
@@ -322,8 +313,9 @@ fn chunk_walk(
     stream: &Stream,
 ) -> Result<()> {
     let device = buffer(op, "q", &x.q)?.device().clone();
+    let heads = a.b * a.hv;
     let nw = walk_warps(
-        work.heads,
+        heads,
         a.dv,
         device.sm_count() as usize,
         device.max_shared_optin(),
@@ -355,7 +347,7 @@ fn chunk_walk(
         };
     }
     b.arg(&work.p);
-    let cfg = walk_grid(op, work.heads, a.dv, nw, smem)?;
+    let cfg = walk_grid(op, heads, a.dv, nw, smem)?;
     launch(&format!("launching {name}"), || {
         // SAFETY: the arguments match gdc_state's parameters in order and type; w, u, qk, f
         // were written by gdc_prep on this stream for every (bh, chunk); block (bh, y) reads
@@ -378,7 +370,7 @@ fn run_chunked(
     stream: &Stream,
 ) -> Result<()> {
     const OP: &str = "gated_delta_update";
-    let work = chunk_prep(OP, a, x, false, stream)?;
+    let work = chunk_prep(OP, a, x, None, stream)?;
     chunk_walk(OP, a, x, &work, Some(out), Some(state), None, stream)
 }
 
@@ -396,12 +388,13 @@ fn vjp_chunked(args: &GatedDeltaVjpArgs, x: &Dense, stream: &Stream) -> Result<G
         .as_ref()
         .map(|s| dense(s, DType::F32, stream))
         .transpose()?;
-    let work = chunk_prep(OP, a, x, true, stream)?;
-    let heads = work.heads;
-    let n_chunks = work.n_chunks;
+    let heads = a.b * a.hv;
+    let n_chunks = a.t.div_ceil(CHUNK);
     let f32buf = |shape: &[usize]| -> Result<CudaBuffer> {
         CudaBuffer::alloc(&device, stream, DType::F32, checked_size(shape)?)
     };
+    let mut m = f32buf(&[heads, n_chunks, CHUNK, CHUNK])?;
+    let work = chunk_prep(OP, a, x, Some(&mut m), stream)?;
     let mut ckpt = f32buf(&[heads, n_chunks, a.dv, a.dk])?;
     chunk_walk(OP, a, x, &work, None, None, Some(&mut ckpt), stream)?;
 
@@ -470,11 +463,6 @@ fn vjp_chunked(args: &GatedDeltaVjpArgs, x: &Dense, stream: &Stream) -> Result<G
         let func = jit::function(&device, &REGISTERED_CHUNKED.file, &name, &[])?;
         let smem = bgrad_smem(a.dk, a.dv);
         allow_dynamic_shared_memory(&func, smem, &name)?;
-        let m = work.m.as_ref().ok_or_else(|| {
-            Error::Device(format!(
-                "[{OP}] the chunked prep kept no M for the backward"
-            ))
-        })?;
         let mut b = cu.launch_builder(&func);
         x.push_chunked(OP, &mut b, &null)?;
         b.arg(work.w.slice())
@@ -778,7 +766,7 @@ pub(crate) fn run(a: &GatedDeltaArgs, stream: &Stream) -> Result<(Array, Array)>
     let mut state =
         CudaBuffer::alloc(&device, stream, DType::F32, checked_size(&a.state_shape())?)?;
     let heads = a.b * a.hv;
-    if heads > 0 && a.dv > 0 && uses_chunks(a, &x, &device, false) {
+    if uses_chunks(a, &x, &device, false) {
         run_chunked(a, &x, &mut out, &mut state, stream)?;
     } else if heads > 0 && a.dv > 0 {
         let mut p = p;
@@ -909,7 +897,7 @@ pub(crate) fn vjp(args: &GatedDeltaVjpArgs, stream: &Stream) -> Result<GatedDelt
     let mut p = params(OP, a)?;
     let x = Dense::new(a, stream)?;
     let device = buffer(OP, "q", &x.q)?.device().clone();
-    if a.b * a.hv > 0 && a.dv > 0 && uses_chunks(a, &x, &device, true) {
+    if uses_chunks(a, &x, &device, true) {
         return vjp_chunked(args, &x, stream);
     }
     let d_out = dense(&args.d_out, DType::F32, stream)?;
