@@ -11,6 +11,16 @@ mod common;
 use common::{check_close, on, randn, uniform, AttnGrads as Grads, AttnProblem as Problem};
 use ferrofast::fast::{self, Mask};
 use ferrofast::{reference, Array, DType, Device};
+use std::sync::Mutex;
+
+/// Held by the tests that set the kernel-choice variables below (each test binary is one
+/// process: two such tests must not interleave). Other tests may run meanwhile; the
+/// variables change which kernel runs, never the result beyond rounding.
+static ENV: Mutex<()> = Mutex::new(());
+/// Picks the attention backward's kernels (`sm90`: the Hopper kernels at D 64 too).
+const KERNEL_VAR: &str = "FERROFAST_BACKWARD_KERNEL";
+/// `1`: bit-reproducible kernels only (the Hopper backward's two passes).
+const DETERMINISTIC_VAR: &str = "FERROFAST_DETERMINISTIC";
 
 /// One attention problem, made on the CPU: sinks (when `sinks`) in [-1, 2), scale
 /// `1 / sqrt(D)`.
@@ -497,17 +507,72 @@ on_every_device! {
         assert!(dk[8 * 16..].iter().chain(&dv[8 * 16..]).all(|x| x.is_finite()), "kv head 1");
     }
 
-    /// The same call gives the same bits.
+    /// With `FERROFAST_DETERMINISTIC=1` the same call gives the same bits (at D 128 the
+    /// Hopper backward then takes its two passes instead of the fused one).
     fn deterministic(dev: &Device) {
-        let p = problem((2, 8, 2, 150, 170, 64, 64), DType::BF16, true, 80);
-        let (_, _, a) = fast_grads(&p, Mask::Causal, dev);
-        let (_, _, b) = fast_grads(&p, Mask::Causal, dev);
-        for (x, y) in [(&a.0, &b.0), (&a.1, &b.1), (&a.2, &b.2)] {
-            assert_eq!(
-                on(x, &Device::Cpu).to_f64_vec().unwrap(),
-                on(y, &Device::Cpu).to_f64_vec().unwrap()
-            );
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        std::env::set_var(DETERMINISTIC_VAR, "1");
+        for d in [64, 128] {
+            let p = problem((2, 8, 2, 150, 170, d, d), DType::BF16, true, 80);
+            let (_, _, a) = fast_grads(&p, Mask::Causal, dev);
+            let (_, _, b) = fast_grads(&p, Mask::Causal, dev);
+            for (x, y) in [(&a.0, &b.0), (&a.1, &b.1), (&a.2, &b.2)] {
+                assert_eq!(
+                    on(x, &Device::Cpu).to_f64_vec().unwrap(),
+                    on(y, &Device::Cpu).to_f64_vec().unwrap(),
+                    "D {d}"
+                );
+            }
         }
+        std::env::remove_var(DETERMINISTIC_VAR);
+    }
+
+    /// Every form of the Hopper backward on the cases it takes (D 64 and 128, f16 / bf16, no
+    /// mask, causal both ways, bool masks, sinks, grouped-query and multi-query heads, lengths
+    /// over several tiles and not multiples of them): the fused pass (the default at D 128,
+    /// and at D 64 with `FERROFAST_BACKWARD_KERNEL=sm90`) and the two passes
+    /// (`FERROFAST_DETERMINISTIC=1`), each against the oracle. On other devices the
+    /// variables choose nothing: the cases run once.
+    fn hopper_backward_forms(dev: &Device) {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let forms: &[(Option<&str>, bool)] = if matches!(dev, Device::Cuda(_)) {
+            &[(None, false), (Some("sm90"), false), (None, true), (Some("sm90"), true)]
+        } else {
+            &[(None, false)]
+        };
+        for &(kernel, exact) in forms {
+            match kernel {
+                Some(k) => std::env::set_var(KERNEL_VAR, k),
+                None => std::env::remove_var(KERNEL_VAR),
+            }
+            if exact {
+                std::env::set_var(DETERMINISTIC_VAR, "1");
+            } else {
+                std::env::remove_var(DETERMINISTIC_VAR);
+            }
+            for d in [64, 128] {
+                for (i, dtype) in [DType::BF16, DType::F16].into_iter().enumerate() {
+                    let seed = 300 + 10 * i as u64 + d as u64;
+                    let what = |m: &str| {
+                        format!("{dtype} D {d} kernel {kernel:?} deterministic {exact}: {m}")
+                    };
+                    check_masks(
+                        dev,
+                        [(1, 4, 2, 77, 131, d, d), (2, 2, 1, 150, 40, d, d)],
+                        dtype,
+                        seed,
+                        |e| e / 131 != 9 && (e * 13) % 7 != 0,
+                        &what,
+                        "causal, T_q > T_kv, sinks, MQA",
+                    );
+                    let long = problem((1, 4, 2, 300, 257, d, d), dtype, true, seed + 5);
+                    check(&long, Mask::Causal, dev, &what("causal over several tiles, GQA"));
+                    check(&long, Mask::None, dev, &what("several tiles, GQA"));
+                }
+            }
+        }
+        std::env::remove_var(KERNEL_VAR);
+        std::env::remove_var(DETERMINISTIC_VAR);
     }
 
     /// Wrong saved tensors give clear errors.

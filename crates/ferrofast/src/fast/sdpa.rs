@@ -187,8 +187,12 @@ fn run_with_lse(args: &SdpaArgs, stream: Option<&Stream>) -> Result<(Array, Arra
 ///
 /// Each gradient has its primal's shape and dtype (`dsinks` only with sinks); the
 /// arithmetic runs as in the forward: float32 (float64 for float64 calls), products of
-/// the inputs in the call's dtype. Results are deterministic: the same call gives the same
-/// bits, whatever the number of threads.
+/// the inputs in the call's dtype. Results are deterministic (the same call gives the same
+/// bits, whatever the number of threads) except on Hopper GPUs at f16 / bf16 with
+/// `D = D_v = 128`: there the fused kernel sums `dq`'s f32 partials with atomic bulk
+/// reductions whose order varies, so `dq` can differ in its last bits between runs;
+/// `FERROFAST_DETERMINISTIC=1` in the environment selects the bit-reproducible two-pass
+/// kernels instead (slower).
 ///
 /// # Errors
 /// The forward's errors for the forward's arguments; `Error::InvalidArgument` when `out` or

@@ -6,7 +6,8 @@
 // attn_backward_mma.cu (ferrofast_attn_bwd.cuh: P, dS and the stores are shared); this file
 // replaces its mma.sync products with warpgroup MMAs fed by TMA.
 //
-// Two kernels, each block owning what it writes (no atomics, deterministic), two
+// Two passes (each block owning what it writes: no atomics, deterministic) or one fused pass
+// (dQ added in f32 by bulk reductions: not bit-reproducible), two
 // warpgroups (256 threads) per block with no producer warpgroup: thread 0 issues every TMA
 // copy (4-d tensor maps over [B, H, T, D], 128-byte swizzle, rows past T zero-filled)
 // STAGES - 1 tiles ahead into a ring of STAGES stages, each stage with a "full" mbarrier
@@ -21,6 +22,15 @@
 //                       dK += dS^T Q (A from registers, B = dO / Q from shared memory,
 //                       MN-major). The rows' lse2 and delta go through a per-warpgroup
 //                       double buffer in shared memory (one named barrier per tile).
+//                       FUSED: dS^T also goes to shared memory (bf16 / f16, rows = keys,
+//                       128-byte swizzle) and dQ (64 queries x D) += dS K with both
+//                       operands from shared memory MN-major: at D 128 warpgroup w
+//                       computes columns 64w .. 64w + 63 over all 128 keys (the two
+//                       warpgroups meet at two block barriers a tile), at D 64 each
+//                       warpgroup its own 64 keys' part. The f32 result goes to shared
+//                       memory in the order of the accumulator fragments (see
+//                       ff_sm90_dq_index) and is added to the f32 scratch `dq_acc` by one
+//                       bulk reduction; attn_bwd_sm90_dq_convert then writes dQ.
 //   attn_bwd_sm90_dq    one block per (128 queries, query head, batch), last tile first;
 //                       warpgroup w owns queries 64w .. 64w + 63 and their dQ. Key tiles of
 //                       64 keys (K and V) stream through the ring. Per tile: S = Q K^T and
@@ -40,8 +50,12 @@
 // Shared-memory bytes of the two kernels (the launcher computes the same numbers): 1024 bytes
 // of alignment slack, the tiles, (dK / dV) two warpgroups' double buffers of 64 lse2 and 64
 // delta, and the mbarriers.
-#define FF_SM90_BWD_KV_SMEM(D, STAGES) \
-    (1024 + 2 * 128 * (D) * 2 + (STAGES) * 2 * 64 * (D) * 2 + 2 * 2 * 2 * 64 * 4 + (1 + 2 * (STAGES)) * 8)
+#define FF_SM90_BWD_KV_SMEM(D, STAGES, FUSED)                                            \
+    (1024 + 2 * 128 * (D) * 2 + (STAGES) * 2 * 64 * (D) * 2 + (FUSED) * FF_SM90_BWD_DQ_SMEM + \
+     2 * 2 * 2 * 64 * 4 + (1 + 2 * (STAGES)) * 8)
+// The fused kernel's dS^T tile (128 keys x 64 queries, 16-bit) and dQ tile (64 x D f32; at
+// D 64 one per warpgroup): 48 KiB at D 64 and 128.
+#define FF_SM90_BWD_DQ_SMEM (128 * 64 * 2 + 32768)
 #define FF_SM90_BWD_Q_SMEM(D, STAGES) \
     (1024 + 2 * 128 * (D) * 2 + (STAGES) * 2 * 64 * (D) * 2 + (1 + 2 * (STAGES)) * 8)
 
@@ -88,6 +102,26 @@ __device__ __forceinline__ const void* ff_sm90_bwd_mask(const void* mask, const 
            base * (p.mask_kind == FF_MASK_BOOL ? 1 : (ff_i64_t)sizeof(typename T::storage));
 }
 
+// The fused kernel's dQ scratch: per (batch, query head, 64-row query tile) 64 x D floats in
+// the order warpgroup MMAs leave them, so a warp's stores of its accumulator are 512
+// contiguous bytes a group: float (cp, wp, nb, lane, i) at (((cp * 4 + wp) * 8 + nb) * 32 +
+// lane) * 4 + i holds dQ row 16 wp + lane / 4 + 8 (i / 2), column 64 cp + 8 nb + 2 (lane % 4) +
+// i % 2 of the tile (cp: 64-column panel, wp: warp of the warpgroup, nb: 8-column group).
+__device__ __forceinline__ int ff_sm90_dq_index(int cp, int wp, int nb, int lane) {
+    return (((cp * 4 + wp) * 8 + nb) * 32 + lane) * 4;
+}
+
+// The fused dK / dV kernel's meeting point around the shared dS and dQ tiles: at D 128 both
+// warpgroups (each reads the other's dS rows), at D 64 warpgroup `wg` alone.
+template <int D>
+__device__ __forceinline__ void ff_sm90_dq_sync(int wg) {
+    if (D == 128) {
+        __syncthreads();
+    } else {
+        ff_wg_barrier(wg);
+    }
+}
+
 // acc (64 x N per warpgroup, N = 8 * NB) = A B^T over K = D: A rows at `a` (panel size
 // A_PANEL), B rows at `b` (panel size B_PANEL), both K-major in 64-column panels.
 template <typename T, int D>
@@ -120,8 +154,9 @@ __device__ __forceinline__ void ff_sm90_bwd_rs(float (&acc)[D / 8][4], const ff_
 
 // tm_q, tm_g (d_out): boxes of 64 columns x 64 rows; tm_k, tm_v: 64 x 128. mask: as the
 // params describe (or null). lse, delta: [B, N_q, T_q] f32. dk, dv: row-major
-// [B, N_kv, T_kv, D].
-template <typename T, int D, int STAGES>
+// [B, N_kv, T_kv, D]. dq_acc (FUSED; else unused): [B, N_q, ceil(T_q / 64)] tiles of 64 x D
+// f32 in ff_sm90_dq_index's order, zeroed before the launch.
+template <typename T, int D, int STAGES, bool FUSED>
 __global__ void __launch_bounds__(256, 1)
     attn_bwd_sm90_dkdv(const __grid_constant__ ff_tensor_map tm_q,
                        const __grid_constant__ ff_tensor_map tm_k,
@@ -129,7 +164,7 @@ __global__ void __launch_bounds__(256, 1)
                        const __grid_constant__ ff_tensor_map tm_g, const void* __restrict__ mask,
                        const float* __restrict__ lse, const float* __restrict__ delta,
                        typename T::storage* __restrict__ dk, typename T::storage* __restrict__ dv,
-                       const ff_attn_params p, float scale) {
+                       float* __restrict__ dq_acc, const ff_attn_params p, float scale) {
     static_assert(D == 64 || D == 128, "head dims");
     constexpr int BN = 128;  // keys per block
     constexpr int BM = 64;   // queries per tile
@@ -139,10 +174,13 @@ __global__ void __launch_bounds__(256, 1)
     constexpr ff_u32_t KV_BYTES = PANELS * KV_PANEL;
     constexpr ff_u32_t Q_BYTES = PANELS * Q_PANEL;
     static_assert(STAGES >= 2 && STAGES <= 4, "stages");
-    static_assert(FF_SM90_BWD_KV_SMEM(D, STAGES) ==
-                      1024 + 2 * KV_BYTES + 2 * STAGES * Q_BYTES + 2 * 2 * 2 * BM * 4 +
-                          (1 + 2 * STAGES) * 8,
+    constexpr ff_u32_t DS_BYTES = FUSED ? BN * BM * 2 : 0;
+    constexpr ff_u32_t DQ_BYTES = FUSED ? 32768 : 0;
+    static_assert(FF_SM90_BWD_KV_SMEM(D, STAGES, FUSED) ==
+                      1024 + 2 * KV_BYTES + 2 * STAGES * Q_BYTES + DS_BYTES + DQ_BYTES +
+                          2 * 2 * 2 * BM * 4 + (1 + 2 * STAGES) * 8,
                   "shared memory size");
+    static_assert(!FUSED || FF_SM90_BWD_DQ_SMEM == DS_BYTES + DQ_BYTES, "dQ tiles");
 
     extern __shared__ __align__(1024) unsigned char ff_sm90_bwd_smem[];
     const ff_u32_t raw = ff_smem_u32(ff_sm90_bwd_smem);
@@ -151,9 +189,11 @@ __global__ void __launch_bounds__(256, 1)
     const ff_u32_t sv = sk + KV_BYTES;
     const ff_u32_t sq = sv + KV_BYTES;             // stage s at sq + s * Q_BYTES
     const ff_u32_t sg = sq + STAGES * Q_BYTES;     // stage s at sg + s * Q_BYTES
-    float* const rows_f =
-        (float*)(ff_sm90_bwd_smem + pad + 2 * KV_BYTES + 2 * STAGES * Q_BYTES);
-    const ff_u32_t bars = sg + STAGES * Q_BYTES + 2 * 2 * 2 * BM * 4;
+    const ff_u32_t sds = sg + STAGES * Q_BYTES;    // FUSED: dS^T, 1024-byte aligned
+    const ff_u32_t sdq = sds + DS_BYTES;           // FUSED: the dQ tile(s)
+    float* const rows_f = (float*)(ff_sm90_bwd_smem + pad + 2 * KV_BYTES + 2 * STAGES * Q_BYTES +
+                                   DS_BYTES + DQ_BYTES);
+    const ff_u32_t bars = sdq + DQ_BYTES + 2 * 2 * 2 * BM * 4;
     const ff_u32_t kv_full = bars;
 
     const int tid = threadIdx.x;
@@ -291,12 +331,49 @@ __global__ void __launch_bounds__(256, 1)
         ff_bwd_ds<1, BM, true>(dp, s, krow0, col0, [&](int qi) { return dls[qi - q0]; });
         ff_u32_t pds[1][BM / 16][4];
         ff_attn_pack<T, 1, BM>(pds, dp);
+        if (FUSED) {
+            // This warp's dS^T rows into the shared tile: 16-byte chunk nb of key row r
+            // (queries 8 nb .. 8 nb + 7) at chunk nb ^ (r % 8), as a 128-byte swizzle reads it.
+#pragma unroll
+            for (int nb = 0; nb < BM / 8; ++nb) {
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int r = wg * 64 + warp * 16 + (lane >> 2) + 8 * hf;
+                    const ff_u32_t at = sds + (ff_u32_t)(r * 128) +
+                                        (ff_u32_t)(((nb ^ (r & 7)) << 4) | ((lane & 3) << 2));
+                    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(at),
+                                 "r"(pds[0][nb >> 1][(nb & 1) * 2 + hf])
+                                 : "memory");
+                }
+            }
+            ff_fence_proxy_async();
+        }
 
         // dV += P^T dO, dK += dS^T Q.
         ff_wgmma_fence();
         ff_sm90_bwd_rs<T, D>(acc_v, pp[0], g_tile, Q_PANEL);
         ff_sm90_bwd_rs<T, D>(acc_k, pds[0], q_tile, Q_PANEL);
         ff_wgmma_commit();
+        float acc_q[BM / 8][4];
+        if (FUSED) {
+            // dQ += dS K over this warpgroup's keys and column panel, once the dS^T rows it
+            // reads are written and the last tile's reduction has read the dQ tile.
+            if (t == 0 && it > 0) {
+                ff_bulk_wait_read<0>();
+            }
+            ff_sm90_dq_sync<D>(wg);
+            constexpr int KEYS = D == 128 ? BN : 64;
+            const int kbase = D == 128 ? 0 : wg * 64;
+            const int cp = D == 128 ? wg : 0;
+#pragma unroll
+            for (int kk = 0; kk < KEYS / 16; ++kk) {
+                const ff_u32_t row = (ff_u32_t)((kbase + 16 * kk) * 128);
+                const ff_u64_t da = ff_wgmma_desc(sds + row, BN * 128, 1024);
+                const ff_u64_t db = ff_wgmma_desc(sk + (ff_u32_t)cp * KV_PANEL + row, KV_PANEL, 1024);
+                ff_wgmma<T>::ss_n64_mn(acc_q, da, db, kk > 0 ? 1 : 0);
+            }
+            ff_wgmma_commit();
+        }
         ff_wgmma_wait<0>();
         ff_fence_regs(acc_v);
         ff_fence_regs(acc_k);
@@ -306,6 +383,30 @@ __global__ void __launch_bounds__(256, 1)
         if (lane == 0) {
             ff_mbar_arrive(FF_EMPTY(st));
         }
+        if (FUSED) {
+            ff_fence_regs(acc_q);
+            const int cp = D == 128 ? wg : 0;
+            const ff_u32_t tile = sdq + (D == 128 ? 0u : (ff_u32_t)wg * 16384u);
+#pragma unroll
+            for (int nb = 0; nb < BM / 8; ++nb) {
+                const ff_u32_t at = tile + (ff_u32_t)ff_sm90_dq_index(cp, warp, nb, lane) * 4u;
+                asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(at),
+                             "f"(acc_q[nb][0]), "f"(acc_q[nb][1]), "f"(acc_q[nb][2]),
+                             "f"(acc_q[nb][3])
+                             : "memory");
+            }
+            ff_fence_proxy_async();
+            ff_sm90_dq_sync<D>(wg);
+            if (t == 0 && (D == 64 || wg == 0)) {
+                const ff_i64_t n_tiles = (Tq + BM - 1) / BM;
+                float* const dst =
+                    dq_acc + ((((ff_i64_t)b * n_q + h) * n_tiles + q0 / BM) * BM * D);
+                ff_bulk_reduce_add_f32(dst, tile, D == 128 ? 32768u : 16384u);
+            }
+        }
+    }
+    if (FUSED && t == 0) {
+        ff_bulk_wait<0>();
     }
 
     const ff_i64_t kv_row0 = ((ff_i64_t)b * p.n_kv + g) * Tkv;
@@ -469,4 +570,40 @@ __global__ void __launch_bounds__(256, 1)
 
     float(&aq)[1][D / 8][4] = reinterpret_cast<float(&)[1][D / 8][4]>(acc);
     ff_bwd_store<T, 1, D>(dq + row_base * D, aq, qrow0, Tq, scale, lane);
+}
+
+// dq (row-major [B, N_q, T_q, D], T) = scale * the fused dK / dV kernel's f32 scratch
+// (`heads` = B * N_q tile rows of ceil(T_q / 64) tiles in ff_sm90_dq_index's order). One
+// thread a float4 of the scratch (two elements of two rows), grid-stride.
+template <typename T, int D>
+__global__ void __launch_bounds__(256)
+    attn_bwd_sm90_dq_convert(const float* __restrict__ dq_acc,
+                             typename T::storage* __restrict__ dq, ff_i64_t heads, int tq,
+                             float scale) {
+    constexpr int PER_TILE = 16 * D;  // float4s a tile
+    const ff_i64_t n_tiles = (tq + 63) / 64;
+    const ff_i64_t total = heads * n_tiles * PER_TILE;
+    const float4* const src = (const float4*)dq_acc;
+    for (ff_i64_t g = (ff_i64_t)blockIdx.x * blockDim.x + threadIdx.x; g < total;
+         g += (ff_i64_t)gridDim.x * blockDim.x) {
+        const int within = (int)(g % PER_TILE);
+        const ff_i64_t tile = g / PER_TILE;
+        const ff_i64_t bh = tile / n_tiles;
+        const int qt = (int)(tile % n_tiles);
+        const int lane = within & 31;
+        const int nb = (within >> 5) & 7;
+        const int wp = (within >> 8) & 3;
+        const int cp = within >> 10;
+        const float4 v = src[g];
+        const int row = qt * 64 + 16 * wp + (lane >> 2);
+        const int col = 64 * cp + 8 * nb + 2 * (lane & 3);
+        typename T::storage* const base = dq + bh * tq * D + col;
+        if (row < tq) {
+            *(ff_u32_t*)(base + (ff_i64_t)row * D) = ff_attn_mma<T>::pack(v.x * scale, v.y * scale);
+        }
+        if (row + 8 < tq) {
+            *(ff_u32_t*)(base + (ff_i64_t)(row + 8) * D) =
+                ff_attn_mma<T>::pack(v.z * scale, v.w * scale);
+        }
+    }
 }

@@ -60,6 +60,35 @@ __device__ __forceinline__ void ff_tma_load_4d(ff_u32_t dst, const ff_tensor_map
         : "memory");
 }
 
+// Makes this thread's generic-proxy writes to shared memory visible to the async proxy
+// (wgmma operands, bulk copies) of the threads that synchronise with it afterwards.
+__device__ __forceinline__ void ff_fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// global[dst .. dst + bytes) += shared[src .. src + bytes) as f32, element-wise atomic adds
+// done by the bulk-copy unit (16-byte aligned addresses, `bytes` a multiple of 16), in a new
+// bulk group of this thread.
+__device__ __forceinline__ void ff_bulk_reduce_add_f32(float* dst, ff_u32_t src, ff_u32_t bytes) {
+    asm volatile(
+        "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+        "cp.async.bulk.commit_group;\n" ::"l"((ff_u64_t)dst),
+        "r"(src), "r"(bytes)
+        : "memory");
+}
+
+// Waits until at most N of this thread's bulk groups are still reading shared memory.
+template <int N>
+__device__ __forceinline__ void ff_bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+
+// Waits until at most N of this thread's bulk groups are incomplete.
+template <int N>
+__device__ __forceinline__ void ff_bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 template <int N>
 __device__ __forceinline__ void ff_setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
@@ -128,6 +157,8 @@ struct ff_wgmma;
 // ff_wgmma<TAG> for PTX input type PTX ("bf16", "f16"):
 //   ss_n64 / ss_n128: D (64 x 64 / 64 x 128, f32) += A (smem descriptor) * B (smem
 //            descriptor), both K-major; scale_d 0 overwrites D.
+//   ss_n64_mn: D (64 x 64, f32) += A * B, both from shared memory MN-major (transposed:
+//            A stored K rows of M, B stored K rows of N); scale_d 0 overwrites D.
 //   rs_n64 / rs_n128: D (64 x 64 / 64 x 128, f32) += A (registers, the m16n8k16 A fragment
 //            of this warp's 16 rows) * B (smem descriptor, MN-major: transposed).
 #define FF_DEFINE_WGMMA(TAG, PTX)                                                           \
@@ -148,6 +179,15 @@ struct ff_wgmma;
                          "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " {"    \
                          FF_REGS_N128 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                    \
                          : FF_ACC_N128                                                      \
+                         : "l"(desc_a), "l"(desc_b), "r"(scale_d)                           \
+                         : "memory");                                                       \
+        }                                                                                   \
+        __device__ static __forceinline__ void ss_n64_mn(float (&d)[8][4], ff_u64_t desc_a, \
+                                                         ff_u64_t desc_b, int scale_d) {    \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                      \
+                         "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"     \
+                         FF_REGS_N64 "}, %32, %33, p, 1, 1, 1, 1;\n}\n"                     \
+                         : FF_ACC_N64                                                       \
                          : "l"(desc_a), "l"(desc_b), "r"(scale_d)                           \
                          : "memory");                                                       \
         }                                                                                   \

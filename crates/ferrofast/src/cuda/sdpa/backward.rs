@@ -431,8 +431,9 @@ fn run_tiles(
         scale: f.scale,
     };
     let grads = match (kernel, mma_tiles(d, dv)) {
-        (BackwardKernel::Sm90, _) if tiles.is_none() => sm90::passes(c, &x, &d_out)?,
-        (BackwardKernel::Mma | BackwardKernel::Sm90, Some(table)) => {
+        (BackwardKernel::Sm90, _) if tiles.is_none() => sm90::passes(c, &x, &d_out, false)?,
+        (BackwardKernel::Sm90Fused, _) if tiles.is_none() => sm90::passes(c, &x, &d_out, true)?,
+        (BackwardKernel::Mma | BackwardKernel::Sm90 | BackwardKernel::Sm90Fused, Some(table)) => {
             let tiles = match tiles {
                 Some(t) => t,
                 None => {

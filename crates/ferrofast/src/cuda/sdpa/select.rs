@@ -90,6 +90,10 @@ pub(crate) struct Knobs {
     /// every head dim they take (by default only `D = D_v = 128`, where they are faster
     /// than `mma.sync`).
     pub(crate) backward_sm90: bool,
+    /// `FERROFAST_DETERMINISTIC=1`: only kernels whose results do not depend on the order
+    /// of concurrent additions (the attention backward's two-pass Hopper kernels instead of
+    /// the fused one).
+    pub(crate) deterministic: bool,
 }
 
 /// The environment variable that keeps prefill off the Hopper kernel (`mma`).
@@ -99,6 +103,8 @@ pub(crate) const DECODE_KERNEL_KNOB: &str = "FERROFAST_DECODE_KERNEL";
 /// The environment variable that sends the attention backward to the Hopper kernels for every
 /// head dim they take (`sm90`), keeps it off them (`mma`) or off the tensor cores (`simt`).
 pub(crate) const BACKWARD_KERNEL_KNOB: &str = "FERROFAST_BACKWARD_KERNEL";
+/// The environment variable that asks for bit-reproducible results (`1` or `true`).
+pub(crate) const DETERMINISTIC_KNOB: &str = "FERROFAST_DETERMINISTIC";
 
 impl Knobs {
     /// The knobs as the environment sets them now (values trimmed, any case; read at
@@ -113,6 +119,7 @@ impl Knobs {
             backward_simt_only: is(BACKWARD_KERNEL_KNOB, "simt"),
             backward_mma_only: is(BACKWARD_KERNEL_KNOB, "mma"),
             backward_sm90: is(BACKWARD_KERNEL_KNOB, "sm90"),
+            deterministic: is(DETERMINISTIC_KNOB, "1") || is(DETERMINISTIC_KNOB, "true"),
         }
     }
 }
@@ -165,9 +172,13 @@ pub(crate) fn select(p: &Problem, arch: &str, knobs: Knobs) -> Kernel {
 /// The kernels of the attention backward pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum BackwardKernel {
-    /// `attn_backward_sm90.cu` (TMA, wgmma; compute capability 9.0 only): f16 / bf16,
-    /// `D = D_v` in {64, 128}, every mask kind and sinks; by default for `D = 128` only
-    /// (at `D = 64` the `mma.sync` kernels are as fast), for both with the `sm90` knob.
+    /// `attn_backward_sm90.cu`'s fused pass (TMA, wgmma; compute capability 9.0 only):
+    /// f16 / bf16, `D = D_v` in {64, 128}, every mask kind and sinks; dK, dV and dQ in one
+    /// pass, dQ added in f32 by bulk reductions (results can differ in the last bits
+    /// between runs). By default for `D = 128` only, for both with the `sm90` knob.
+    Sm90Fused,
+    /// `attn_backward_sm90.cu`'s two passes (dK / dV, then dQ; each block owns what it
+    /// writes): [`BackwardKernel::Sm90Fused`]'s calls under the `deterministic` knob.
     Sm90,
     /// `attn_backward_mma.cu` (`mma.sync`): f16 / bf16, `(D, D_v)` in its table.
     Mma,
@@ -191,7 +202,11 @@ pub(crate) fn select_backward(p: &Problem, arch: &str, knobs: Knobs) -> Backward
         && super::backward::sm90_takes(p.d, p.d_v)
         && grid_fits
     {
-        return BackwardKernel::Sm90;
+        return if knobs.deterministic {
+            BackwardKernel::Sm90
+        } else {
+            BackwardKernel::Sm90Fused
+        };
     }
     if p.half_precision()
         && !knobs.backward_simt_only
@@ -234,6 +249,7 @@ mod tests {
         backward_simt_only: false,
         backward_mma_only: false,
         backward_sm90: false,
+        deterministic: false,
     };
     use Kernel::*;
 
@@ -391,32 +407,57 @@ mod tests {
     #[test]
     fn hopper_backward_rows() {
         // Hopper: f16 / bf16, D = D_v = 128 by default, D = D_v in {64, 128} with the sm90
-        // knob; every mask kind and sinks. The mma knob keeps both on mma.sync.
+        // knob; every mask kind and sinks; the fused pass unless the deterministic knob
+        // asks for the two passes. The mma knob keeps both on mma.sync.
         let sm90 = Knobs {
             backward_sm90: true,
             ..NO
+        };
+        let exact = Knobs {
+            deterministic: true,
+            ..NO
+        };
+        let sm90_exact = Knobs {
+            deterministic: true,
+            ..sm90
         };
         let mma = Knobs {
             backward_mma_only: true,
             ..NO
         };
         for d in [64, 128] {
-            let default = if d == 128 {
-                BackwardKernel::Sm90
+            let (default, default_exact) = if d == 128 {
+                (BackwardKernel::Sm90Fused, BackwardKernel::Sm90)
             } else {
-                BackwardKernel::Mma
+                (BackwardKernel::Mma, BackwardKernel::Mma)
             };
             for dt in [F16, BF16] {
                 for tq in [1, 4096] {
                     let mut prob = p(dt, tq, d, d);
-                    assert_eq!(select_backward(&prob, "sm_90", sm90), BackwardKernel::Sm90);
+                    assert_eq!(
+                        select_backward(&prob, "sm_90", sm90),
+                        BackwardKernel::Sm90Fused
+                    );
+                    assert_eq!(
+                        select_backward(&prob, "sm_90", sm90_exact),
+                        BackwardKernel::Sm90
+                    );
                     assert_eq!(select_backward(&prob, "sm_90", NO), default);
+                    assert_eq!(select_backward(&prob, "sm_90", exact), default_exact);
                     prob.array_mask = true;
                     prob.sinks = true;
-                    assert_eq!(select_backward(&prob, "sm_90", sm90), BackwardKernel::Sm90);
+                    assert_eq!(
+                        select_backward(&prob, "sm_90", sm90),
+                        BackwardKernel::Sm90Fused
+                    );
+                    assert_eq!(
+                        select_backward(&prob, "sm_90", sm90_exact),
+                        BackwardKernel::Sm90
+                    );
                     assert_eq!(select_backward(&prob, "sm_90", NO), default);
+                    assert_eq!(select_backward(&prob, "sm_90", exact), default_exact);
                     // sm_90a (not a device's name) and other architectures: mma.sync.
-                    for knobs in [NO, sm90] {
+                    for knobs in [NO, sm90, exact] {
                         assert_eq!(select_backward(&prob, "sm_90a", knobs), BackwardKernel::Mma);
                         assert_eq!(select_backward(&prob, "sm_89", knobs), BackwardKernel::Mma);
                     }
