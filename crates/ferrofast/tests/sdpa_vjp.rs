@@ -111,6 +111,28 @@ fn fast_grads(p: &Problem, mask: Mask<'_>, dev: &Device) -> (Array, Array, Grads
     (out, lse, grads)
 }
 
+/// [`check_masks`] on the tensor-core kernels' cases at head dims `(d, dv)`: GQA
+/// `[1, 4 / 2, 77 x 131]` with no mask, causal (T_q < T_kv) and a bool mask hiding row 9
+/// entirely; MQA `[2, 2 / 1, 150 x 40]` causal (T_q > T_kv) with sinks.
+fn check_tile_masks(
+    dev: &Device,
+    d: usize,
+    dv: usize,
+    dtype: DType,
+    seed: u64,
+    what: &dyn Fn(&str) -> String,
+) {
+    check_masks(
+        dev,
+        [(1, 4, 2, 77, 131, d, dv), (2, 2, 1, 150, 40, d, dv)],
+        dtype,
+        seed,
+        |e| e / 131 != 9 && (e * 13) % 7 != 0,
+        what,
+        "causal, T_q > T_kv, sinks, MQA",
+    );
+}
+
 /// Checks the fast gradients on `dev` against the oracle's.
 fn check(p: &Problem, mask: Mask<'_>, dev: &Device, what: &str) -> Grads {
     let (_, _, (dq, dk, dv, ds)) = fast_grads(p, mask, dev);
@@ -424,16 +446,7 @@ on_every_device! {
             for dtype in [DType::BF16, DType::F16] {
                 let seed = 100 + 10 * i as u64;
                 let what = |m: &str| format!("{dtype} D {d} D_v {dv} {m}");
-                // The bool mask hides row 9 entirely.
-                check_masks(
-                    dev,
-                    [(1, 4, 2, 77, 131, d, dv), (2, 2, 1, 150, 40, d, dv)],
-                    dtype,
-                    seed,
-                    |e| e / 131 != 9 && (e * 13) % 7 != 0,
-                    &what,
-                    "causal, T_q > T_kv, sinks, MQA",
-                );
+                check_tile_masks(dev, d, dv, dtype, seed, &what);
                 // Additive mask [1, 4, 1, T_kv] (broadcast over queries) with -inf keys.
                 let mut add = uniform(&[1, 4, 1, 131], -3.0, 1.0, dtype, seed + 2)
                     .to_f64_vec()
@@ -556,15 +569,7 @@ on_every_device! {
                     let what = |m: &str| {
                         format!("{dtype} D {d} kernel {kernel:?} deterministic {exact}: {m}")
                     };
-                    check_masks(
-                        dev,
-                        [(1, 4, 2, 77, 131, d, d), (2, 2, 1, 150, 40, d, d)],
-                        dtype,
-                        seed,
-                        |e| e / 131 != 9 && (e * 13) % 7 != 0,
-                        &what,
-                        "causal, T_q > T_kv, sinks, MQA",
-                    );
+                    check_tile_masks(dev, d, d, dtype, seed, &what);
                     let long = problem((1, 4, 2, 300, 257, d, d), dtype, true, seed + 5);
                     check(&long, Mask::Causal, dev, &what("causal over several tiles, GQA"));
                     check(&long, Mask::None, dev, &what("several tiles, GQA"));

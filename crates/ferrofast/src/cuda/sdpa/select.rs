@@ -433,29 +433,20 @@ mod tests {
             };
             for dt in [F16, BF16] {
                 for tq in [1, 4096] {
-                    let mut prob = p(dt, tq, d, d);
-                    assert_eq!(
-                        select_backward(&prob, "sm_90", sm90),
-                        BackwardKernel::Sm90Fused
-                    );
-                    assert_eq!(
-                        select_backward(&prob, "sm_90", sm90_exact),
-                        BackwardKernel::Sm90
-                    );
-                    assert_eq!(select_backward(&prob, "sm_90", NO), default);
-                    assert_eq!(select_backward(&prob, "sm_90", exact), default_exact);
-                    prob.array_mask = true;
-                    prob.sinks = true;
-                    assert_eq!(
-                        select_backward(&prob, "sm_90", sm90),
-                        BackwardKernel::Sm90Fused
-                    );
-                    assert_eq!(
-                        select_backward(&prob, "sm_90", sm90_exact),
-                        BackwardKernel::Sm90
-                    );
-                    assert_eq!(select_backward(&prob, "sm_90", NO), default);
-                    assert_eq!(select_backward(&prob, "sm_90", exact), default_exact);
+                    let plain = p(dt, tq, d, d);
+                    let masked = Problem {
+                        array_mask: true,
+                        sinks: true,
+                        ..plain
+                    };
+                    for prob in [plain, masked] {
+                        let on_sm90 = |knobs| select_backward(&prob, "sm_90", knobs);
+                        assert_eq!(on_sm90(sm90), BackwardKernel::Sm90Fused);
+                        assert_eq!(on_sm90(sm90_exact), BackwardKernel::Sm90);
+                        assert_eq!(on_sm90(NO), default);
+                        assert_eq!(on_sm90(exact), default_exact);
+                    }
+                    let prob = masked;
                     // sm_90a (not a device's name) and other architectures: mma.sync.
                     for knobs in [NO, sm90, exact] {
                         assert_eq!(select_backward(&prob, "sm_90a", knobs), BackwardKernel::Mma);
