@@ -130,6 +130,27 @@ impl CudaBuffer {
         })
     }
 
+    /// [`CudaBuffer::alloc`] with every byte set to 0 (queued on `stream`): a scratch that
+    /// kernels add into.
+    pub(crate) fn alloc_zeroed(
+        device: &Arc<CudaDevice>,
+        stream: &Stream,
+        dtype: DType,
+        len: usize,
+    ) -> Result<CudaBuffer> {
+        let mut buf = CudaBuffer::alloc(device, stream, dtype, len)?;
+        let cu = stream.cuda();
+        let bytes = len * dtype.size();
+        {
+            let (ptr, _record) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut *buf.data, cu);
+            // SAFETY: `ptr` starts this live allocation of at least `bytes` bytes (`alloc`
+            // checked the product), made on this stream.
+            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, bytes, cu.cu_stream()) }
+                .map_err(|e| driver_error("zeroing a new GPU buffer", e))?;
+        }
+        Ok(buf)
+    }
+
     /// Device memory owned by another library, `len` elements of `dtype` from `address`, read
     /// on `stream`; `owner` is dropped after the last use of the buffer and never freed by
     /// ferrofast.

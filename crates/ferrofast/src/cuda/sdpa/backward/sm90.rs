@@ -24,7 +24,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaVjpArgs;
 use crate::Array;
-use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
+use cudarc::driver::{DevicePtr, PushKernelArg};
 
 /// `kernels/attn_backward_sm90.cu`, built for `sm_90a` only. Every instantiation a launch can
 /// ask for is in `variants`.
@@ -175,14 +175,7 @@ pub(super) fn passes(c: &SdpaVjpArgs, x: &Inputs<'_>, d_out: &Array, fused: bool
             .iter()
             .try_fold(x.b, |n, &m| n.checked_mul(m))
             .ok_or_else(|| Error::Shape(format!("{OP} the dQ scratch's size overflows usize")))?;
-        let mut acc = CudaBuffer::alloc(&x.device, x.stream, DType::F32, len)?;
-        {
-            let (ptr, _rec) = acc.slice_mut().device_ptr_mut(cu);
-            // SAFETY: `ptr` is the start of this live allocation of `len` floats, made on
-            // this stream.
-            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, len * 4, cu.cu_stream()) }
-                .map_err(|e| driver_error("zeroing the attention backward's dQ scratch", e))?;
-        }
+        let acc = CudaBuffer::alloc_zeroed(&x.device, x.stream, DType::F32, len)?;
         Some(acc)
     } else {
         None
