@@ -4,10 +4,11 @@
 //! The first pass ([`scan`]) walks it in blocks of [`BLOCK`] elements: each block's maximum
 //! (and NaN test, and sum for label smoothing) is taken first, then, the block in L1, the
 //! running sum of `exp(x - max)` over it, rescaled when the maximum grows; the next block is
-//! prefetched meanwhile. The loss needs nothing more. A gradient pass also keeps each
-//! exponential in a per-thread f32 row ([`Scratch`], in L2 for any vocabulary a step uses)
-//! with the running maximum of its block, and the second pass ([`write`]) scales them into
-//! the output: one exponential per logit. A new output buffer is written with streaming
+//! prefetched meanwhile (the AVX-512 forward takes a block in one pass against the running
+//! maximum instead, see [`avx512`]). The loss needs nothing more. A gradient pass also keeps
+//! each exponential in a per-thread f32 row ([`Scratch`], in L2 for any vocabulary a step
+//! uses) with the running maximum of its block, and the second pass ([`write`]) scales them
+//! into the output: one exponential per logit. A new output buffer is written with streaming
 //! stores (no read of its cache lines first); the in-place pass rewrites the logits' own
 //! lines, which the first pass brought into cache.
 //!

@@ -2,11 +2,21 @@
 //! f32): the same arithmetic as [`super::avx2`] in vectors twice as wide, with twice the
 //! registers (four exponentials in flight without spills).
 //!
-//! - **exp.** As in [`super::avx2`]: `d = max(x - m, -127 ln 2)`; adding [`MAGIC`] to
-//!   `d log2 e` rounds it to the nearest integer `n` and leaves `n + 127` in the sum's low
-//!   mantissa bits, so `2^n` is the sum's bits shifted left by 23 (0 for `n = -127`);
-//!   `f = d log2 e - n` and [`EXP2_POLY`] in six FMAs give `2^f`. The same operations in the
-//!   same order as the AVX2 kernel, so both give the same bits for each exponential.
+//! - **exp of the gradient passes.** As in [`super::avx2`]: `d = max(x - m, -127 ln 2)`;
+//!   adding [`MAGIC`] to `d log2 e` rounds it to the nearest integer `n` and leaves `n + 127`
+//!   in the sum's low mantissa bits, so `2^n` is the sum's bits shifted left by 23 (0 for
+//!   `n = -127`); `f = d log2 e - n` and [`EXP2_POLY`] in six FMAs give `2^f`. The same
+//!   operations in the same order as the AVX2 kernel, so both store the same bits for each
+//!   exponential.
+//! - **exp of the forward's sum** ([`pow2_16`]; no exponential is stored, so the bits are
+//!   free): fewer operations per logit, since the forward does little else. `t = x log2 e -
+//!   m log2 e` in one FMA (the rounding of `m log2 e` is a common factor of every term,
+//!   taken out of the block's sum once); `vrndscaleps` rounds `t` to the nearest integer
+//!   `n`, `f = t - n`, [`SUM_POLY`] (degree 5) gives `2^f` in five FMAs and `vscalefps`
+//!   multiplies by `2^n`, underflowing gradually to 0 without a clamp (and `t = -inf` gives
+//!   exactly 0 by `vscalefps`'s special cases; NaN stays NaN). Six FMAs and four other
+//!   operations per 16 logits with the running sum, against eight and seven. The forward
+//!   also takes each block in one pass, its maximum beside the sum (see [`scan`]).
 //! - **bf16 in registers.** A 32-bit lane holding two bf16 values is the odd one as f32 once
 //!   its low half is masked off and the even one once shifted left by 16: the passes work on
 //!   the even and odd elements of each 32 as two vectors (the stored exponentials keep that
@@ -15,9 +25,10 @@
 //!   extension's conversions are not used: `vcvtne2ps2bf16` flushes subnormals to zero and
 //!   packs the two vectors one after the other, not interleaved.
 //! - **f16** through AVX-512 F's `vcvtph2ps` / `vcvtps2ph` (round to nearest even).
-//! - **Memory.** Each block's maximum is taken before its exponentials (the block in L1),
-//!   with four independent maxima; the exponential loop prefetches the next block (the next
-//!   row after the last) and keeps four independent sums. The second pass writes a new
+//! - **Memory.** In the gradient passes each block's maximum is taken before its
+//!   exponentials (the block in L1), with four independent maxima; the forward takes the
+//!   block once, its maximum beside the sum. The exponential loops prefetch the next block
+//!   (the next row after the last) and keep four independent sums. The second pass writes a new
 //!   buffer with 16-byte streaming stores (where the row starts on a 16-byte boundary: large
 //!   allocations are 16-byte, not 64-byte, aligned), so the output's lines are never read.
 //!
@@ -29,6 +40,7 @@
 use super::{blocks, check_stored, exp_f32, exp_nonpositive, Logit, Scan, Scratch, EXP2_POLY};
 use half::{bf16, f16};
 use std::arch::x86_64::*;
+use std::f32::consts::{LN_2, LOG2_E};
 use std::mem::MaybeUninit;
 
 /// `1.5 * 2^23 + 127`: adding it to a value in `[-2^22, 2^22]` rounds the value to an
@@ -36,6 +48,24 @@ use std::mem::MaybeUninit;
 const MAGIC: f32 = 12_583_039.0;
 /// `-127 ln 2`, rounded up: exponents below it are clamped to `n = -127` (result 0).
 const LOW: f32 = -88.029_69;
+/// `vrndscaleps` immediate: round to the nearest integer (ties to even), no precision
+/// exception.
+const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+/// `2^f` for `|f| <= 1/2`, highest degree first: the minimax polynomial of degree 5 for
+/// relative error with the constant term 1 (9.2e-8 in exact arithmetic, 1.7e-7 evaluated
+/// in f32 with fused multiply-adds: under 1.5 ulp). Used only for the forward's sum, where
+/// a term's relative error is at most the loss's absolute error.
+// The degree-1 coefficient is the minimax one (0.693147004, 3 ulps below ln 2), not ln 2.
+#[allow(clippy::approx_constant)]
+pub(super) const SUM_POLY: [f32; 6] = [
+    1.326_470_9e-3,
+    9.671_511e-3,
+    5.550_734e-2,
+    2.402_224_2e-1,
+    6.931_47e-1,
+    1.0,
+];
 
 /// Whether this CPU runs the kernels of this module: AVX-512 F, BW and VL, plus AVX2, FMA
 /// and F16C. (Valgrind reports no AVX-512 through CPUID, so under it this is false and the
@@ -254,7 +284,7 @@ impl Lanes for f16 {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 fn exp16(x: __m512, vm: __m512) -> __m512 {
-    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+    let log2e = _mm512_set1_ps(LOG2_E);
     let magic = _mm512_set1_ps(MAGIC);
     // `max(LOW, d)` keeps a NaN `d` (the second operand is returned when one is NaN).
     let d = _mm512_max_ps(_mm512_set1_ps(LOW), _mm512_sub_ps(x, vm));
@@ -268,6 +298,31 @@ fn exp16(x: __m512, vm: __m512) -> __m512 {
     }
     let two_n = _mm512_slli_epi32::<23>(_mm512_castps_si512(z));
     _mm512_mul_ps(p, _mm512_castsi512_ps(two_n))
+}
+
+/// `2^t` of 16 lanes for the forward's sum (see the module docs): relative error under
+/// 1.7e-7 where the result is normal; gradual underflow to 0 below `t = -126` (exactly 0 by
+/// `t = -150`); `2^-inf = 0`, `2^+inf = +inf`, NaN stays NaN. `t` at most about 127 (the
+/// callers' `t` are at most a few units above 0).
+///
+/// # Safety
+/// Safe to call from this module's functions (compiled with AVX-512 F, BW and VL); from
+/// anywhere else, the CPU must support them.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) fn pow2_16(t: __m512) -> __m512 {
+    // `n + f = t` exactly for finite `t` (`n` rounded to nearest even; `vsubps` rather than
+    // AVX-512 DQ's `vreduceps`, which takes two issue slots on Zen).
+    let n = _mm512_roundscale_ps::<NEAREST>(t);
+    let f = _mm512_sub_ps(t, n);
+    let mut p = _mm512_set1_ps(SUM_POLY[0]);
+    for &c in &SUM_POLY[1..] {
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+    }
+    // `p 2^floor(n)`, `n` an integer. For an infinite `t`, `n = t` and `f` and `p` are the
+    // default quiet NaN: `vscalefps` returns +0 for (QNaN, -inf) and +inf for (QNaN, +inf)
+    // (its special cases in the Intel SDM and AMD's APM), so `-inf` logits add exactly 0.
+    _mm512_scalef_ps(p, n)
 }
 
 /// A block's maximum (NaNs ignored), whether it holds a NaN, and with `SUM_X` its sum.
@@ -356,21 +411,18 @@ fn prefetch(p: *const u8, bytes: usize) {
     }
 }
 
-/// `sum_j exp(x_j - m)` over a block (`m` at least every element), with `STORE` each term
-/// also stored to `e` (in [`Lanes::load32`]'s order within each 32 counted from the block's
-/// start; the last `len % 32` in order; `e` as long as `x`). Prefetches the elements `ahead`
-/// further on.
+/// `sum_j exp(x_j - m)` over a block (`m` at least every element), each term also stored
+/// to `e` (in [`Lanes::load32`]'s order within each 32 counted from the block's start; the
+/// last `len % 32` in order; `e` as long as `x`) with [`exp16`], the AVX2 kernel's bits.
+/// Prefetches the elements `ahead` further on.
 ///
 /// # Safety
 /// Safe to call from this module's functions (compiled with AVX-512 F, BW and VL); from
 /// anywhere else, the CPU must support them.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-fn block_exp<T: Lanes, const STORE: bool>(x: &[T], m: f32, e: &mut [f32], ahead: usize) -> f32 {
+fn block_exp<T: Lanes>(x: &[T], m: f32, e: &mut [f32], ahead: usize) -> f32 {
     let n = x.len();
-    assert!(
-        !STORE || e.len() == n,
-        "cross_entropy: exponentials row too short"
-    );
+    assert!(e.len() == n, "cross_entropy: exponentials row too short");
     let (p, q) = (x.as_ptr(), e.as_mut_ptr());
     let vm = _mm512_set1_ps(m);
     let mut acc = [_mm512_setzero_ps(); 4];
@@ -384,13 +436,10 @@ fn block_exp<T: Lanes, const STORE: bool>(x: &[T], m: f32, e: &mut [f32], ahead:
         // i + 32 lie inside `x`.
         let ((a, b), (c, d)) = unsafe { (T::load32(p.add(i)), T::load32(p.add(i + 32))) };
         let y = [exp16(a, vm), exp16(b, vm), exp16(c, vm), exp16(d, vm)];
-        if STORE {
-            // SAFETY: with STORE, e.len() = n (asserted above) and i + 64 <= n: 64 f32 from
-            // i lie inside `e`.
-            unsafe {
-                for (u, &y) in y.iter().enumerate() {
-                    _mm512_storeu_ps(q.add(i + 16 * u), y);
-                }
+        // SAFETY: e.len() = n (asserted above) and i + 64 <= n: 64 f32 from i lie inside `e`.
+        unsafe {
+            for (u, &y) in y.iter().enumerate() {
+                _mm512_storeu_ps(q.add(i + 16 * u), y);
             }
         }
         for (acc, y) in acc.iter_mut().zip(y) {
@@ -402,12 +451,10 @@ fn block_exp<T: Lanes, const STORE: bool>(x: &[T], m: f32, e: &mut [f32], ahead:
         // SAFETY: i + 32 <= n = x.len(): 32 elements from i lie inside `x`.
         let (a, b) = unsafe { T::load32(p.add(i)) };
         let y = [exp16(a, vm), exp16(b, vm)];
-        if STORE {
-            // SAFETY: with STORE, e.len() = n and i + 32 <= n: 32 f32 from i lie inside `e`.
-            unsafe {
-                _mm512_storeu_ps(q.add(i), y[0]);
-                _mm512_storeu_ps(q.add(i + 16), y[1]);
-            }
+        // SAFETY: e.len() = n and i + 32 <= n: 32 f32 from i lie inside `e`.
+        unsafe {
+            _mm512_storeu_ps(q.add(i), y[0]);
+            _mm512_storeu_ps(q.add(i + 16), y[1]);
         }
         acc[0] = _mm512_add_ps(acc[0], y[0]);
         acc[1] = _mm512_add_ps(acc[1], y[1]);
@@ -419,15 +466,148 @@ fn block_exp<T: Lanes, const STORE: bool>(x: &[T], m: f32, e: &mut [f32], ahead:
     ));
     for j in i..n {
         let y = exp_nonpositive(x[j].widen() - m);
-        if STORE {
-            e[j] = y;
-        }
+        e[j] = y;
         sum += y;
     }
     sum
 }
 
-/// The first pass over a row (see [`super::scan`]).
+/// Below this `|m|` the forward's sum takes `t = x log2 e - h` in one FMA (`h` the f32
+/// rounding of `m log2 e`, off by at most 2^-7 there, so the terms near the maximum keep
+/// their accuracy); above it, `t = (x - m) log2 e` in two operations.
+const FMA_MAX_BELOW: f32 = 65_536.0;
+
+/// How far a block's maximum may rise above the maximum `b` its terms were taken against in
+/// the forward's one pass ([`block_fused`]) before the block is taken again against its own
+/// maximum. A term's `t` is rounded to f32, so its relative error grows with `|x - b|` (by
+/// `|x - b| 2^-24` at most): the largest terms, those that count, keep 2.4e-7 at most.
+const RISE: f32 = 4.0;
+
+/// One pass over a block for the forward, which stores no term: the sum of
+/// `exp(x_j - b)` (`b` finite; `x_j` may exceed it), the block's maximum (NaNs ignored)
+/// and, with `SUM_X`, its sum. The terms are [`pow2_16`] of `t = x log2 e - h` (`h` the f32
+/// rounding of `b log2 e`: every term is off by the common factor `2^(b log2 e - h)`, taken
+/// out of the sum once) where `|b|` is below [`FMA_MAX_BELOW`], of `t = (x - b) log2 e`
+/// elsewhere. A NaN gives a NaN sum, `+inf` an infinite or NaN sum, `-inf` a term 0.
+/// Prefetches the elements `ahead` further on.
+///
+/// # Safety
+/// Safe to call from this module's functions (compiled with AVX-512 F, BW and VL); from
+/// anywhere else, the CPU must support them.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn block_fused<T: Lanes, const SUM_X: bool>(x: &[T], b: f32, ahead: usize) -> (f32, f32, f64) {
+    let log2e = _mm512_set1_ps(LOG2_E);
+    if b.abs() < FMA_MAX_BELOW {
+        let h = b * LOG2_E;
+        // b log2 e - h exactly (the error of a product is representable).
+        let h_lo = b.mul_add(LOG2_E, -h);
+        let neg_h = _mm512_set1_ps(-h);
+        let r = block_terms::<T, SUM_X>(x, b, ahead, |v| pow2_16(_mm512_fmadd_ps(v, log2e, neg_h)));
+        (r.vector * exp_f32(-h_lo * LN_2) + r.tail, r.max, r.sum_x)
+    } else {
+        let vb = _mm512_set1_ps(b);
+        let r = block_terms::<T, SUM_X>(x, b, ahead, |v| {
+            pow2_16(_mm512_mul_ps(_mm512_sub_ps(v, vb), log2e))
+        });
+        (r.vector + r.tail, r.max, r.sum_x)
+    }
+}
+
+/// What [`block_terms`] gathers over a block.
+struct Terms {
+    /// The sum of `term` over the 32-element steps.
+    vector: f32,
+    /// The sum of `exp(x_j - base)` over the last `len % 32` elements.
+    tail: f32,
+    /// The block's maximum, NaNs ignored.
+    max: f32,
+    /// With `SUM_X`, the block's sum.
+    sum_x: f64,
+}
+
+/// [`Terms`] of a block: `term` of each 16 widened elements of the 32-element steps (four
+/// independent sums; the elements `ahead` further on prefetched), `exp(x_j - base)` of the
+/// rest.
+///
+/// # Safety
+/// Safe to call from this module's functions (compiled with AVX-512 F, BW and VL); from
+/// anywhere else, the CPU must support them.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn block_terms<T: Lanes, const SUM_X: bool>(
+    x: &[T],
+    base: f32,
+    ahead: usize,
+    term: impl Fn(__m512) -> __m512,
+) -> Terms {
+    let n = x.len();
+    let p = x.as_ptr();
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+    let mut sx = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        prefetch(
+            p.wrapping_add(i + ahead).cast(),
+            64 * std::mem::size_of::<T>(),
+        );
+        // SAFETY: i + 64 <= n = x.len() (loop condition): 32 elements from i and from
+        // i + 32 lie inside `x`.
+        let ((a, b), (c, d)) = unsafe { (T::load32(p.add(i)), T::load32(p.add(i + 32))) };
+        for (k, v) in [a, b, c, d].into_iter().enumerate() {
+            // `max(v, m)` is `m` where `v` is NaN (NaNs show in the sum instead).
+            mx[k] = _mm512_max_ps(v, mx[k]);
+            acc[k] = _mm512_add_ps(acc[k], term(v));
+            if SUM_X {
+                sx[k] = _mm512_add_ps(sx[k], v);
+            }
+        }
+        i += 64;
+    }
+    if i + 32 <= n {
+        // SAFETY: i + 32 <= n = x.len(): 32 elements from i lie inside `x`.
+        let (a, b) = unsafe { T::load32(p.add(i)) };
+        for (k, v) in [a, b].into_iter().enumerate() {
+            mx[k] = _mm512_max_ps(v, mx[k]);
+            acc[k] = _mm512_add_ps(acc[k], term(v));
+            if SUM_X {
+                sx[k] = _mm512_add_ps(sx[k], v);
+            }
+        }
+        i += 32;
+    }
+    let sum4 = |v: [__m512; 4]| {
+        _mm512_reduce_add_ps(_mm512_add_ps(
+            _mm512_add_ps(v[0], v[1]),
+            _mm512_add_ps(v[2], v[3]),
+        ))
+    };
+    let mut r = Terms {
+        vector: sum4(acc),
+        tail: 0.0,
+        // No lane holds a NaN (they were skipped), so the reduction's order is immaterial.
+        max: _mm512_reduce_max_ps(_mm512_max_ps(
+            _mm512_max_ps(mx[0], mx[1]),
+            _mm512_max_ps(mx[2], mx[3]),
+        )),
+        sum_x: if SUM_X { f64::from(sum4(sx)) } else { 0.0 },
+    };
+    for &e in &x[i..] {
+        let v = e.widen();
+        r.max = if v > r.max { v } else { r.max };
+        r.tail += exp_f32(v - base);
+        if SUM_X {
+            r.sum_x += f64::from(v);
+        }
+    }
+    r
+}
+
+/// The first pass over a row (see [`super::scan`]). Without `store` (the forward), each
+/// block is first taken in one pass ([`block_fused`]) against the running maximum (the
+/// maximum of the block's first 32 elements for the first block), which is kept unless the
+/// block holds a NaN or `+inf`, or its maximum rises more than [`RISE`] above it; otherwise,
+/// and with `store`, the block's maximum is taken before its terms.
 ///
 /// # Safety
 /// Safe to call from this module's functions (compiled with AVX-512 F, BW and VL); from
@@ -444,12 +624,43 @@ pub(super) fn scan<T: Lanes>(x: &[T], want_sum_x: bool, mut store: Option<&mut S
             block_max::<T, false>(block)
         }
     };
+    let block_fused = |block: &[T], b: f32, ahead: usize| {
+        if want_sum_x {
+            block_fused::<T, true>(block, b, ahead)
+        } else {
+            block_fused::<T, false>(block, b, ahead)
+        }
+    };
     let mut m = f32::NEG_INFINITY;
     let mut s = 0.0f32;
     let mut sum_x = 0.0f64;
     let mut nan = false;
     for r in blocks(x.len()) {
         let block = &x[r.clone()];
+        let ahead = r.len();
+        if store.is_none() {
+            let b = if m == f32::NEG_INFINITY {
+                let head = &block[..block.len().min(32)];
+                head.iter().fold(f32::NEG_INFINITY, |a, e| a.max(e.widen()))
+            } else {
+                m
+            };
+            if b.is_finite() {
+                let (bs, bm, bsx) = block_fused(block, b, ahead);
+                // A finite sum: no NaN or +inf in the block (nor an overflow).
+                if bs.is_finite() && bm - b <= RISE {
+                    // `s` was taken against `m`, which is `b` or -inf (then `s` is 0).
+                    s = if bm > b {
+                        (s + bs) * exp_f32(b - bm)
+                    } else {
+                        s + bs
+                    };
+                    m = b.max(bm);
+                    sum_x += bsx;
+                    continue;
+                }
+            }
+        }
         let (bm, bn, bsx) = block_max(block);
         nan |= bn;
         sum_x += bsx;
@@ -461,15 +672,14 @@ pub(super) fn scan<T: Lanes>(x: &[T], want_sum_x: bool, mut store: Option<&mut S
             };
             m = bm;
         }
-        let ahead = r.len();
         match store.as_deref_mut() {
-            None if m.is_finite() => s += block_exp::<T, false>(block, m, &mut [], ahead),
+            None if m.is_finite() => s += block_fused(block, m, ahead).0,
             None => {}
             Some(sc) => {
                 sc.block_max.push(m);
                 let e = &mut sc.e[r];
                 if m.is_finite() {
-                    s += block_exp::<T, true>(block, m, e, ahead);
+                    s += block_exp(block, m, e, ahead);
                 } else {
                     // All of the block is -inf (or NaN), or the row's maximum is +inf (the
                     // gradient is then taken from the logits): the stored terms are 0.
@@ -558,4 +768,19 @@ pub(super) fn write<T: Lanes>(
         // completion, which other threads synchronise with).
         _mm_sfence();
     }
+}
+
+/// [`pow2_16`] over `t` (its length a multiple of 16), for the tests.
+///
+/// # Safety
+/// The CPU supports AVX-512 F, BW and VL, AVX2, FMA and F16C (see [`detected`]).
+#[cfg(test)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) fn pow2_all(t: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; t.len()];
+    for (o, c) in out.chunks_exact_mut(16).zip(t.chunks_exact(16)) {
+        // SAFETY: `c` and `o` are 16 f32 each (`chunks_exact`).
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), pow2_16(_mm512_loadu_ps(c.as_ptr()))) };
+    }
+    out
 }

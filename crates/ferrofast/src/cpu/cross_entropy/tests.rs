@@ -294,3 +294,247 @@ fn avx512_exponentials_match_avx2_bits() {
         assert_eq!(stored[0], stored[1], "v {v}");
     }
 }
+
+/// The AVX-512 forward's `2^t` against f64: relative error under 1.7e-7 where the result is
+/// normal, gradual underflow (within two ulps of the subnormal result, then exactly 0), and
+/// the edges: `-inf` and huge negatives give 0, 0 gives 1, NaN stays NaN.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_forward_pow2_is_accurate() {
+    if !Isa::available().contains(&Isa::Avx512) {
+        return;
+    }
+    let mut t: Vec<f32> = (0..=1_600_000).map(|k| -160.0 + k as f32 * 1e-4).collect();
+    // Every f32 in [-1/2, 1/2] at a stride, and the points where the rounding of `t` ties.
+    t.extend((0..200_000).map(|k| -0.5 + k as f32 * 5e-6));
+    t.extend((-200..=1).map(|k| k as f32 + 0.5));
+    let special = [
+        f32::NEG_INFINITY,
+        -1e30,
+        -3.0e38,
+        -1000.0,
+        -151.0,
+        -150.0,
+        -149.0,
+        -126.0,
+        -0.0,
+        0.0,
+        1e-30,
+        f32::NAN,
+    ];
+    t.extend(special);
+    while !t.len().is_multiple_of(16) {
+        t.push(0.0);
+    }
+    // SAFETY: the CPU has the AVX-512 kernels' features (`Isa::available`).
+    let got = unsafe { super::avx512::pow2_all(&t) };
+    let mut worst = 0.0f64;
+    for (&t, &y) in t.iter().zip(&got) {
+        if t.is_nan() {
+            assert!(y.is_nan(), "2^NaN = {y}");
+            continue;
+        }
+        let want = 2f64.powf(f64::from(t));
+        if want >= f64::from(f32::MIN_POSITIVE) {
+            let rel = (f64::from(y) / want - 1.0).abs();
+            worst = worst.max(rel);
+            assert!(rel < 1.7e-7, "2^{t} = {y}, want {want}: {rel:e}");
+        } else {
+            // Subnormal or 0: the polynomial's error and one rounding, within two ulps of
+            // the subnormals (2^-149).
+            assert!(
+                (f64::from(y) - want).abs() <= 2f64.powi(-148),
+                "2^{t} = {y:e}, want {want:e}"
+            );
+        }
+    }
+    eprintln!("avx512 forward 2^t: worst relative error {worst:e}");
+    let at = |v: f32| {
+        let k = t.iter().position(|&u| u.to_bits() == v.to_bits());
+        got[k.expect("a special value")]
+    };
+    for v in [f32::NEG_INFINITY, -1e30, -3.0e38, -1000.0, -151.0] {
+        assert_eq!(at(v).to_bits(), 0, "2^{v}");
+    }
+    assert_eq!(at(0.0), 1.0);
+    assert_eq!(at(-0.0), 1.0);
+}
+
+/// The forward (no stored exponential: the AVX-512 kernel's own exponential) of every
+/// implementation against the f64 oracle, on every row length up to 70 and around the
+/// 32 / 64 steps and the 4096 blocks, with the maximum near 0, large, negative and above
+/// 65536 (the AVX-512 kernel's two forms of `t`), label smoothing and z-loss; and rows
+/// with `-inf` logits among finite ones.
+fn forward_matches_oracle<T: RowElem>(offsets: &[f32]) {
+    let lengths = (1usize..=70).chain([
+        95, 96, 97, 127, 128, 129, 4063, 4095, 4096, 4097, 4127, 4159, 8193, 9000,
+    ]);
+    for (case, v) in lengths.enumerate() {
+        for &offset in offsets {
+            for (eps, z) in [(0.0f32, 0.0f32), (0.1, 1e-4)] {
+                let seed = case as u64 * 13 + 5;
+                let mut xs: Vec<T> = values(v, seed, 6.0, offset)
+                    .into_iter()
+                    .map(T::narrow)
+                    .collect();
+                if case % 4 == 1 && v > 2 {
+                    // A few -inf logits (never the target's): exp gives exactly 0.
+                    for j in (1..v).step_by(7) {
+                        xs[j] = T::narrow(f32::NEG_INFINITY);
+                    }
+                }
+                let t = if case % 4 == 1 {
+                    0
+                } else {
+                    (seed as usize * 31) % v
+                };
+                let wide: Vec<f64> = xs.iter().map(|&a| f64::from(a.widen())).collect();
+                let p = params(v, eps, z);
+                if eps != 0.0 && wide.iter().any(|a| a.is_infinite()) {
+                    // Label smoothing over a -inf logit: an infinite loss.
+                    continue;
+                }
+                let m = wide.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = m + wide.iter().map(|&a| (a - m).exp()).sum::<f64>().ln();
+                let (eps64, z64) = (f64::from(eps), f64::from(z));
+                let mut want = (1.0 - eps64) * (lse - wide[t]) + z64 * lse * lse;
+                if eps != 0.0 {
+                    want += eps64 * (lse - wide.iter().sum::<f64>() / v as f64);
+                }
+                for isa in Isa::available() {
+                    let got = f64::from(super::row_forward(&p, &xs, t as i64, isa));
+                    // Half an ulp of the loss and of the maximum (the loss is `m - x_t +
+                    // log s` in f32), and 4e-7 of log s (the terms' and the sum's errors).
+                    let tol = (want.abs() + (1.0 + 2.0 * f64::from(z) * m.abs()) * m.abs())
+                        * 2f64.powi(-23)
+                        + 4e-7;
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "v {v} offset {offset} eps {eps} z {z} {isa:?}: loss {got} want {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn forward_f32_matches_oracle() {
+    forward_matches_oracle::<f32>(&[0.0, 300.0, -50.0, 70_000.0, -1.0e6]);
+}
+
+#[test]
+fn forward_bf16_matches_oracle() {
+    forward_matches_oracle::<bf16>(&[0.0, 300.0, -50.0, 70_000.0, -1.0e6]);
+}
+
+#[test]
+fn forward_f16_matches_oracle() {
+    forward_matches_oracle::<f16>(&[0.0, 300.0, -50.0, 20_000.0]);
+}
+
+/// The forward on rows of `-inf` (all, or all but one logit), NaN at every position class,
+/// out-of-range and ignored targets: MLX's answers from every implementation.
+#[test]
+fn forward_special_rows() {
+    let v = 4096 + 37;
+    let p = params(v, 0.0, 0.0);
+    for isa in Isa::available() {
+        let all = vec![f32::NEG_INFINITY; v];
+        assert!(
+            super::row_forward(&p, &all, 3, isa).is_nan(),
+            "{isa:?} all -inf"
+        );
+        for pos in [0usize, 15, 16, 31, 32, 63, 64, 4095, 4096, 4100, v - 1] {
+            let mut x = vec![f32::NEG_INFINITY; v];
+            x[pos] = 2.0;
+            let at_max = super::row_forward(&p, &x, pos as i64, isa);
+            assert!(at_max.abs() < 3e-7, "{isa:?} {pos}: {at_max}");
+            let other = ((pos + 1) % v) as i64;
+            assert_eq!(
+                super::row_forward(&p, &x, other, isa),
+                f32::INFINITY,
+                "{isa:?} {pos}"
+            );
+            let mut x = values(v, 9, 6.0, 0.0);
+            x[pos] = f32::NAN;
+            assert!(
+                super::row_forward(&p, &x, 3, isa).is_nan(),
+                "{isa:?} NaN at {pos}"
+            );
+        }
+        let x = values(v, 9, 6.0, 0.0);
+        assert!(
+            super::row_forward(&p, &x, v as i64, isa).is_nan(),
+            "{isa:?}"
+        );
+        assert!(
+            super::row_forward(&p, &x, -(v as i64) - 1, isa).is_nan(),
+            "{isa:?}"
+        );
+        assert!(super::row_forward(&p, &x, -1, isa).is_finite(), "{isa:?}");
+        assert_eq!(super::row_forward(&p, &x, -100, isa), 0.0, "{isa:?}");
+    }
+}
+
+/// The forward on rows whose maximum rises across blocks or within the first block by more
+/// than the AVX-512 one-pass block keeps (a block taken again against its own maximum), by
+/// less (kept, the sum rescaled), with `-inf` or NaN in the first elements or a `+inf` in
+/// a later block: every implementation against the f64 oracle.
+#[test]
+fn forward_rising_maxima() {
+    let v = 3 * 4096 + 100;
+    let p = params(v, 0.0, 0.0);
+    let cases: Vec<(&str, Vec<(usize, f32)>)> = vec![
+        ("no rise", vec![]),
+        ("first block, +2.5 late", vec![(4000, 2.5 + 8.0)]),
+        ("first block, +30 late", vec![(3000, 40.0)]),
+        ("second block, +3", vec![(5000, 11.0)]),
+        ("third block, +60", vec![(9000, 70.0)]),
+        ("third block tail, +50", vec![(v - 3, 60.0)]),
+        ("row tail, +200", vec![(v - 1, 210.0)]),
+        ("two rises", vec![(4500, 15.0), (8500, 30.0)]),
+        (
+            "head of -inf",
+            (0..32).map(|j| (j, f32::NEG_INFINITY)).collect(),
+        ),
+        ("first element -inf", vec![(0, f32::NEG_INFINITY)]),
+    ];
+    for (what, edits) in cases {
+        for offset in [0.0f32, -400.0, 1000.0] {
+            // Values in about [-8, 8] + offset: each block's maximum is near offset + 8.
+            let mut x = values(v, 21, 2.0, offset);
+            for &(j, y) in &edits {
+                x[j] = if y.is_finite() { y + offset } else { y };
+            }
+            let wide: Vec<f64> = x.iter().map(|&a| f64::from(a)).collect();
+            for t in [40usize, 5000] {
+                let m = wide.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = m + wide.iter().map(|&a| (a - m).exp()).sum::<f64>().ln();
+                let want = lse - wide[t];
+                for isa in Isa::available() {
+                    let got = f64::from(super::row_forward(&p, &x, t as i64, isa));
+                    let tol = (want.abs() + m.abs()) * 2f64.powi(-23) + 4e-7;
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{what}, offset {offset}, target {t}, {isa:?}: {got} want {want}"
+                    );
+                }
+            }
+        }
+    }
+    // NaN in the first elements, +inf in a later block: NaN, and the +inf maximum's loss.
+    for isa in Isa::available() {
+        let mut x = values(v, 22, 2.0, 0.0);
+        x[1] = f32::NAN;
+        assert!(super::row_forward(&p, &x, 40, isa).is_nan(), "{isa:?}");
+        let mut x = values(v, 22, 2.0, 0.0);
+        x[9000] = f32::INFINITY;
+        assert_eq!(
+            super::row_forward(&p, &x, 40, isa),
+            f32::INFINITY,
+            "{isa:?}"
+        );
+        assert!(super::row_forward(&p, &x, 9000, isa).is_nan(), "{isa:?}");
+    }
+}
