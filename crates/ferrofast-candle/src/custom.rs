@@ -5,7 +5,7 @@
 //! Each op value is meant for one application: [`ScaledDotProductAttention`] keeps the
 //! log-sum-exp of its forward for its backward.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor,
@@ -355,6 +355,13 @@ impl ScaledDotProductAttention {
             lse: Mutex::new(None),
         }
     }
+
+    /// The log-sum-exp the forward keeps for the backward.
+    fn kept_lse(&self) -> Result<MutexGuard<'_, Option<Tensor>>> {
+        self.lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("[ferrofast-candle] poisoned lock".into()))
+    }
 }
 
 impl Forward for ScaledDotProductAttention {
@@ -374,11 +381,7 @@ impl Forward for ScaledDotProductAttention {
         )
         .map_err(ff_err)?;
         let lse = to_tensor(lse, device)?;
-        *self
-            .lse
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("[ferrofast-candle] poisoned lock".into()))? =
-            Some(lse);
+        *self.kept_lse()? = Some(lse);
         Ok(out)
     }
 }
@@ -393,11 +396,7 @@ impl CustomOp3 for ScaledDotProductAttention {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let kept = self
-            .lse
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("[ferrofast-candle] poisoned lock".into()))?
-            .clone();
+        let kept = self.kept_lse()?.clone();
         let lse = match kept {
             Some(lse) => lse,
             // Not run through the forward here (an op built by hand): recompute it.

@@ -39,14 +39,9 @@ fn logits(shape: &[usize], dtype: DType, seed: u64) -> Array {
 /// Seeded targets in `[0, v)` of `shape` in `dtype`, on the CPU.
 fn targets(shape: &[usize], v: usize, dtype: DType, seed: u64) -> Array {
     let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let t: Vec<i64> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % v.max(1) as u64) as i64
-        })
+    let t: Vec<i64> = common::seeded_below(n, v.max(1) as u64, seed)
+        .into_iter()
+        .map(|i| i as i64)
         .collect();
     Array::from_vec(t, shape)
         .and_then(|a| a.astype(dtype))
@@ -701,14 +696,7 @@ mod external_in_place {
     fn owned_logits_are_written_in_their_buffer() {
         let host = logits(&[4, 300], DType::BF16, 220);
         let t = targets(&[4], 300, DType::I32, 221);
-        let opts = CrossEntropyOptions::default();
-        let (_, wd) = fast::cross_entropy_fused(&host, &t, &opts).unwrap();
-        let x = host.copy().unwrap();
-        let at = x.host_ptr().map(|p| p as usize);
-        // SAFETY: ferrofast's own buffer, this the only handle: nothing is borrowed.
-        let (_, d) = unsafe { fast::cross_entropy_fused_in_place_external(x, &t, &opts) }.unwrap();
-        assert_eq!(d.host_ptr().map(|p| p as usize), at);
-        check_close(&d, &wd, 0.0, 0.0, "owned");
+        written_where_it_lies(host.copy().unwrap(), &t, "owned");
     }
 
     /// A row-major view into ferrofast's own buffer, the only handle left on it, is written
@@ -717,17 +705,24 @@ mod external_in_place {
     fn owned_view_is_written_where_it_lies() {
         let host = logits(&[6, 300], DType::F16, 225);
         let t = targets(&[4], 300, DType::I32, 226);
-        let opts = CrossEntropyOptions::default();
         let whole = host.copy().unwrap();
         let x = whole.slice(&[1, 0], &[5, 300], &[1, 1]).unwrap();
         drop(whole);
         assert!(x.is_contiguous() && x.offset() == 300);
-        let (_, wd) = fast::cross_entropy_fused(&x, &t, &opts).unwrap();
+        written_where_it_lies(x, &t, "owned view");
+    }
+
+    /// Runs the in-place pass (default options) on `x`, ferrofast's own row-major buffer and
+    /// its only handle, and checks that it writes `x`'s memory with the dlogits of
+    /// `fast::cross_entropy_fused`, bit for bit.
+    fn written_where_it_lies(x: Array, t: &Array, what: &str) {
+        let opts = CrossEntropyOptions::default();
+        let (_, wd) = fast::cross_entropy_fused(&x, t, &opts).unwrap();
         let at = x.host_ptr().map(|p| p as usize);
         // SAFETY: ferrofast's own buffer, this the only handle: nothing is borrowed.
-        let (_, d) = unsafe { fast::cross_entropy_fused_in_place_external(x, &t, &opts) }.unwrap();
-        assert_eq!(d.host_ptr().map(|p| p as usize), at);
-        check_close(&d, &wd, 0.0, 0.0, "owned view");
+        let (_, d) = unsafe { fast::cross_entropy_fused_in_place_external(x, t, &opts) }.unwrap();
+        assert_eq!(d.host_ptr().map(|p| p as usize), at, "{what}: same memory");
+        check_close(&d, &wd, 0.0, 0.0, what);
     }
 
     /// Refused: MLX's checks first, then f64, layouts that are not row-major contiguous and

@@ -141,18 +141,7 @@ fn into_cuda_allocation_hands_over_gpu_memory() {
     assert!(alloc.bytes >= 24 * 4);
     // SAFETY: the allocation is live (never freed here) and holds 24 f32 written on
     // `alloc.stream`; nothing writes it.
-    let back = unsafe {
-        Array::from_cuda_external(
-            alloc.address,
-            &[4, 6],
-            &[6, 1],
-            DType::F32,
-            &alloc.stream,
-            Box::new(()),
-        )
-    }
-    .unwrap();
-    assert_eq!(back.to_vec::<f32>().unwrap(), want);
+    assert_eq!(unsafe { read_back(&alloc, [4, 6]) }, want);
 
     // A transposed view is not a whole row-major buffer: it is copied, row-major.
     let t = Array::from_vec(data(24), &[4, 6])
@@ -164,16 +153,27 @@ fn into_cuda_allocation_hands_over_gpu_memory() {
     let alloc = view.into_cuda_allocation().unwrap();
     assert_ne!(Some(alloc.address), t.cuda_ptr());
     // SAFETY: as above, 24 f32 row-major [6, 4].
-    let back = unsafe {
+    assert_eq!(unsafe { read_back(&alloc, [6, 4]) }, want_t);
+}
+
+/// The f32 values of a row-major `[rows, cols]` allocation, wrapped again as an array.
+///
+/// # Safety
+/// `alloc` is live and holds `rows * cols` f32 written on `alloc.stream`; nothing writes it.
+#[cfg(feature = "cuda")]
+unsafe fn read_back(alloc: &ferrofast::CudaAllocation, [rows, cols]: [usize; 2]) -> Vec<f32> {
+    // SAFETY: as the caller promises.
+    unsafe {
         Array::from_cuda_external(
             alloc.address,
-            &[6, 4],
-            &[4, 1],
+            &[rows, cols],
+            &[cols as isize, 1],
             DType::F32,
             &alloc.stream,
             Box::new(()),
         )
     }
-    .unwrap();
-    assert_eq!(back.to_vec::<f32>().unwrap(), want_t);
+    .unwrap()
+    .to_vec::<f32>()
+    .unwrap()
 }

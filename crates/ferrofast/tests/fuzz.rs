@@ -899,13 +899,7 @@ impl Call {
                         l,
                         &d_out,
                     )?;
-                    if dq.shape() != qa.shape() {
-                        return Err(Failure::Mismatch(format!(
-                            "attention vjp: dq has shape {:?}, q {:?}",
-                            dq.shape(),
-                            qa.shape()
-                        )));
-                    }
+                    same_shape(&dq, &qa, "attention vjp: dq", "q")?;
                 }
                 Ok(finite)
             }
@@ -974,13 +968,12 @@ fn gated_delta(
             ("dgamma", &g.dgamma, &ga),
             ("dbeta", &g.dbeta, &ba),
         ] {
-            if grad.shape() != primal.shape() {
-                return Err(Failure::Mismatch(format!(
-                    "gated_delta vjp: {name} has shape {:?}, its primal {:?}",
-                    grad.shape(),
-                    primal.shape()
-                )));
-            }
+            same_shape(
+                grad,
+                primal,
+                &format!("gated_delta vjp: {name}"),
+                "its primal",
+            )?;
         }
     }
     Ok(finite)
@@ -996,6 +989,19 @@ impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
         Failure::Api(e)
     }
+}
+
+/// A mismatch unless the gradient `grad` (named `what`) has the shape of its primal
+/// (`primal`, named `of`).
+fn same_shape(grad: &Array, primal: &Array, what: &str, of: &str) -> Result<(), Failure> {
+    if grad.shape() != primal.shape() {
+        return Err(Failure::Mismatch(format!(
+            "{what} has shape {:?}, {of} {:?}",
+            grad.shape(),
+            primal.shape()
+        )));
+    }
+    Ok(())
 }
 
 fn opt(t: &Option<Tensor>) -> ferrofast::Result<Option<Array>> {

@@ -149,15 +149,10 @@ fn make_case(d: Dims, dtype: DType, per_key_gamma: bool, with_state: bool, seed:
 /// A `[B, T]` bool mask from random lengths (MLX's masked test): row `b` takes its first
 /// `len_b` steps.
 fn length_mask(b: usize, t: usize, seed: u64) -> Array {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut m = Vec::with_capacity(b * t);
-    for _ in 0..b {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        let len = (s % (t as u64 + 1)) as usize;
-        m.extend((0..t).map(|i| i < len));
-    }
+    let m: Vec<bool> = common::seeded_below(b, t as u64 + 1, seed)
+        .into_iter()
+        .flat_map(|len| (0..t).map(move |i| (i as u64) < len))
+        .collect();
     Array::from_vec(m, &[b, t]).expect("mask")
 }
 
@@ -430,13 +425,7 @@ on_every_device! {
             (dims(1, 130, 1, 1, 64, 128), DType::F16, 1),
         ];
         for (n, (d, dtype, extra)) in cases.into_iter().enumerate() {
-            let mut c = make_case(d, dtype, false, n % 2 == 0, 40 + n as u64);
-            if extra >= 1 {
-                c.gamma = zeros_and_negatives(&c.gamma, d);
-            }
-            if extra == 2 {
-                c.mask = Some(holes_mask(d.b, d.t, 3));
-            }
+            let c = chunk_case(d, dtype, n % 2 == 0, 40 + n as u64, extra, 3);
             let (ro, rs) = oracle(&c);
             // The tensor-core chunked kernel (bf16 inputs) multiplies bf16 operands (the state
             // and the chunk's W, U rounded to bf16) with f32 sums: its out and state agree to
@@ -708,13 +697,7 @@ on_every_device! {
             (dims(2, 97, 1, 2, 8, 33), 2, false),
         ];
         for (n, (d, extra, with_state)) in cases.into_iter().enumerate() {
-            let mut c = make_case(d, DType::F32, false, with_state, 80 + n as u64);
-            if extra >= 1 {
-                c.gamma = zeros_and_negatives(&c.gamma, d);
-            }
-            if extra == 2 {
-                c.mask = Some(holes_mask(d.b, d.t, 5));
-            }
+            let c = chunk_case(d, DType::F32, with_state, 80 + n as u64, extra, 5);
             let (dout, dstate) = cotangents(d, 90 + n as u64);
             let dstate = (n % 2 == 0).then_some(&dstate);
             let r = oracle_vjp(&c, &dout, dstate);
@@ -769,13 +752,7 @@ on_every_device! {
             (dims(1, 640, 1, 1, 64, 64), 1, true),
         ];
         for (n, (d, extra, with_state)) in cases.into_iter().enumerate() {
-            let mut c = make_case(d, DType::BF16, false, with_state, 120 + n as u64);
-            if extra >= 1 {
-                c.gamma = zeros_and_negatives(&c.gamma, d);
-            }
-            if extra == 2 {
-                c.mask = Some(holes_mask(d.b, d.t, 7));
-            }
+            let c = chunk_case(d, DType::BF16, with_state, 120 + n as u64, extra, 7);
             let (dout, dstate) = cotangents(d, 130 + n as u64);
             let dstate = (n % 2 == 0).then_some(&dstate);
             let r = oracle_vjp(&c, &dout, dstate);
@@ -822,6 +799,27 @@ on_every_device! {
             }
         }
     }
+}
+
+/// A [`make_case`] with scalar decays for the tests of the chunked forms: `extra >= 1` puts
+/// exact zeros and negative values in the decays ([`zeros_and_negatives`]), `extra == 2`
+/// also masks steps out ([`holes_mask`] with `holes_seed`).
+fn chunk_case(
+    d: Dims,
+    dtype: DType,
+    with_state: bool,
+    seed: u64,
+    extra: u8,
+    holes_seed: u64,
+) -> Case {
+    let mut c = make_case(d, dtype, false, with_state, seed);
+    if extra >= 1 {
+        c.gamma = zeros_and_negatives(&c.gamma, d);
+    }
+    if extra == 2 {
+        c.mask = Some(holes_mask(d.b, d.t, holes_seed));
+    }
+    c
 }
 
 /// Scalar decays `[B, T, Hv]` with exact zeros (every 37th step: a reset inside a 64-step

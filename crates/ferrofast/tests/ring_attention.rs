@@ -47,22 +47,28 @@ fn close(a: &Array, b: &Array, atol: f64, rtol: f64, what: &str) {
     }
 }
 
-/// [`close`] of the ring's output, log-sum-exp, dq, dk and dv (in this order) against the
-/// single-device ones: the log-sum-exp at `lse_tol`, the others at `tol`.
-fn close_all(
-    got: [&Array; 5],
-    want: [&Array; 5],
-    tol: (f64, f64),
-    lse_tol: (f64, f64),
-    what: &str,
-) {
-    for ((name, a), b) in ["out", "lse", "dq", "dk", "dv"]
-        .into_iter()
-        .zip(got)
-        .zip(want)
-    {
+/// An attention's output, log-sum-exp and gradients `(dq, dk, dv, dsinks)`.
+type Run = (Array, Array, Grads);
+
+/// [`close`] of the ring's output, log-sum-exp, dq, dk, dv and dsinks against the
+/// single-device ones: the log-sum-exp at `lse_tol`, the others at `tol`; dsinks on both
+/// sides or on neither.
+fn close_all(got: &Run, want: &Run, tol: (f64, f64), lse_tol: (f64, f64), what: &str) {
+    let ((out, lse, (dq, dk, dv, ds)), (rout, rlse, (rdq, rdk, rdv, rds))) = (got, want);
+    for (name, a, b) in [
+        ("out", out, rout),
+        ("lse", lse, rlse),
+        ("dq", dq, rdq),
+        ("dk", dk, rdk),
+        ("dv", dv, rdv),
+    ] {
         let (atol, rtol) = if name == "lse" { lse_tol } else { tol };
         close(a, b, atol, rtol, &format!("{what}: {name}"));
+    }
+    match (ds, rds) {
+        (Some(a), Some(b)) => close(a, b, tol.0, tol.1, &format!("{what}: dsinks")),
+        (None, None) => {}
+        _ => panic!("{what}: dsinks present on one side only"),
     }
 }
 
@@ -83,7 +89,7 @@ fn problem(
 
 /// The ring forward and backward on `world` threads: gathered `(out, lse)` and gradients,
 /// and every rank's dsinks (which must agree).
-fn ring(p: &Problem, world: usize, causal: bool) -> (Array, Array, Grads, Vec<Option<Array>>) {
+fn ring(p: &Problem, world: usize, causal: bool) -> (Run, Vec<Option<Array>>) {
     let results = on_ranks(world, |comm| {
         let r = comm.rank();
         let shard = |x: &Array| shard_sequence(x, world, r, causal);
@@ -107,11 +113,11 @@ fn ring(p: &Problem, world: usize, causal: bool) -> (Array, Array, Grads, Vec<Op
     }
     let g = |x: &[Array]| gather_sequence(x, causal).expect("gather");
     let grads = (g(&dqs), g(&dks), g(&dvs), dss[0].clone());
-    (g(&outs), g(&lses), grads, dss)
+    ((g(&outs), g(&lses), grads), dss)
 }
 
 /// Single-device attention, its log-sum-exp and its gradients over the whole sequence.
-fn single(p: &Problem, causal: bool) -> (Array, Array, Grads) {
+fn single(p: &Problem, causal: bool) -> Run {
     let mask = if causal { Mask::Causal } else { Mask::None };
     let s = p.sinks.as_ref();
     let (out, lse) =
@@ -146,28 +152,21 @@ fn check_case(world: usize, causal: bool, group: usize, dtype: DType, sinks: boo
     let what = format!(
         "{dtype} world {world} causal {causal} group {group} T {t} sinks {sinks} seed {seed}"
     );
-    let (out, lse, (dq, dk, dv, ds), all_ds) = ring(&p, world, causal);
-    let (rout, rlse, (rdq, rdk, rdv, rds)) = single(&p, causal);
-    let (atol, rtol) = match dtype {
+    let (got, all_ds) = ring(&p, world, causal);
+    let tol = match dtype {
         DType::F32 => (2e-6, 2e-5),
         _ => (1.5e-2, 2e-2),
     };
-    let (got, want) = (
-        [&out, &lse, &dq, &dk, &dv],
-        [&rout, &rlse, &rdq, &rdk, &rdv],
-    );
-    close_all(got, want, (atol, rtol), (1e-6, 1e-5), &what);
-    match (&ds, &rds) {
-        (Some(a), Some(b)) => {
-            close(a, b, atol, rtol, &format!("{what}: dsinks"));
+    close_all(&got, &single(&p, causal), tol, (1e-6, 1e-5), &what);
+    match &got.2 .3 {
+        Some(a) => {
             let bits = a.to_f64_vec().unwrap();
             for (r, other) in all_ds.iter().enumerate() {
                 let o = other.as_ref().expect("every rank returns dsinks");
                 assert_eq!(o.to_f64_vec().unwrap(), bits, "{what}: rank {r}'s dsinks");
             }
         }
-        (None, None) => assert!(all_ds.iter().all(Option::is_none), "{what}"),
-        _ => panic!("{what}: dsinks present on one side only"),
+        None => assert!(all_ds.iter().all(Option::is_none), "{what}"),
     }
 }
 
@@ -203,23 +202,14 @@ fn float16_and_float64_run_too() {
     check_case(3, true, 2, DType::F16, true, 900);
     // float64 accumulates in float64: tight agreement.
     let p = problem(1, 4, 2, 24, DType::F64, true, 910);
-    let (out, lse, (dq, dk, dv, ds), _) = ring(&p, 4, true);
-    let (rout, rlse, (rdq, rdk, rdv, rds)) = single(&p, true);
-    for (a, b, n) in [
-        (&out, &rout, "out"),
-        (&lse, &rlse, "lse"),
-        (&dq, &rdq, "dq"),
-        (&dk, &rdk, "dk"),
-        (&dv, &rdv, "dv"),
-    ] {
-        close(a, b, 1e-12, 1e-12, &format!("f64 {n}"));
-    }
-    close(
-        ds.as_ref().unwrap(),
-        rds.as_ref().unwrap(),
-        1e-12,
-        1e-12,
-        "f64 dsinks",
+    let (got, _) = ring(&p, 4, true);
+    assert!(got.2 .3.is_some(), "f64: dsinks");
+    close_all(
+        &got,
+        &single(&p, true),
+        (1e-12, 1e-12),
+        (1e-12, 1e-12),
+        "f64",
     );
 }
 
@@ -235,21 +225,10 @@ fn longer_sequences_and_wider_heads() {
         scale: 0.125,
     };
     for (world, causal) in [(4, true), (3, false), (8, true)] {
-        let (out, lse, (dq, dk, dv, ds), _) = ring(&p, world, causal);
-        let (rout, rlse, (rdq, rdk, rdv, rds)) = single(&p, causal);
+        let (got, _) = ring(&p, world, causal);
         let what = format!("T 256 world {world} causal {causal}");
-        close(&out, &rout, 2e-6, 2e-5, &format!("{what}: out"));
-        close(&lse, &rlse, 1e-6, 1e-5, &format!("{what}: lse"));
-        close(&dq, &rdq, 2e-6, 2e-5, &format!("{what}: dq"));
-        close(&dk, &rdk, 2e-6, 2e-5, &format!("{what}: dk"));
-        close(&dv, &rdv, 2e-6, 2e-5, &format!("{what}: dv"));
-        close(
-            ds.as_ref().unwrap(),
-            rds.as_ref().unwrap(),
-            2e-6,
-            2e-5,
-            &format!("{what}: ds"),
-        );
+        assert!(got.2 .3.is_some(), "{what}: dsinks");
+        close_all(&got, &single(&p, causal), (2e-6, 2e-5), (1e-6, 1e-5), &what);
     }
 }
 
@@ -589,25 +568,14 @@ mod cuda_only {
             let p = problem(2, 2 * group, 2, t, dtype, true, seed);
             seed += 10;
             let what = format!("{gpu} {dtype} world {world} causal {causal} group {group}");
-            let (out, lse, (dq, dk, dv, ds), _) = ring(&moved(&p, &gpu), world, causal);
-            assert_eq!(out.device(), gpu, "{what}");
-            let (rout, rlse, (rdq, rdk, rdv, rds)) = single(&p, causal);
-            let (atol, rtol) = match dtype {
+            let (got, _) = ring(&moved(&p, &gpu), world, causal);
+            assert_eq!(got.0.device(), gpu, "{what}");
+            assert!(got.2 .3.is_some(), "{what}: dsinks");
+            let tol = match dtype {
                 DType::F32 => (1e-5, 1e-4),
                 _ => (2e-2, 3e-2),
             };
-            let (got, want) = (
-                [&out, &lse, &dq, &dk, &dv],
-                [&rout, &rlse, &rdq, &rdk, &rdv],
-            );
-            close_all(got, want, (atol, rtol), (1e-5, 1e-4), &what);
-            close(
-                ds.as_ref().unwrap(),
-                rds.as_ref().unwrap(),
-                atol,
-                rtol,
-                &format!("{what}: dsinks"),
-            );
+            close_all(&got, &single(&p, causal), tol, (1e-5, 1e-4), &what);
         }
     }
 }

@@ -136,16 +136,7 @@ fn check_tile_masks(
 /// Checks the fast gradients on `dev` against the oracle's.
 fn check(p: &Problem, mask: Mask<'_>, dev: &Device, what: &str) -> Grads {
     let (_, _, (dq, dk, dv, ds)) = fast_grads(p, mask, dev);
-    let (rq, rk, rv, rs) = reference::scaled_dot_product_attention_vjp(
-        &p.q,
-        &p.k,
-        &p.v,
-        p.scale,
-        mask,
-        p.sinks.as_ref(),
-        &p.d_out,
-    )
-    .unwrap();
+    let (rq, rk, rv, rs) = p.oracle_grads(mask);
     let (frac, rtol) = tol(p.q.dtype());
     let back = |a: &Array| on(a, &Device::Cpu);
     let grads = (back(&dq), back(&dk), back(&dv), ds.as_ref().map(back));
@@ -196,16 +187,7 @@ fn oracle_matches_finite_differences() {
             out.iter().zip(&g).map(|(a, b)| a * b).sum()
         };
         let sinks = p.sinks.as_ref().unwrap();
-        let grads = reference::scaled_dot_product_attention_vjp(
-            &p.q,
-            &p.k,
-            &p.v,
-            p.scale,
-            mask,
-            Some(sinks),
-            &p.d_out,
-        )
-        .unwrap();
+        let grads = p.oracle_grads(mask);
         let dsinks = grads.3.clone().unwrap();
         let inputs = [&p.q, &p.k, &p.v, sinks];
         let analytic = [&grads.0, &grads.1, &grads.2, &dsinks];
@@ -254,15 +236,7 @@ fn cpu_results_do_not_depend_on_the_thread_count() {
     ];
     for (i, (dims, dtype, sinks, mask)) in cases.into_iter().enumerate() {
         let p = problem(dims, dtype, sinks, 700 + i as u64);
-        let (_, want_lse) = reference::scaled_dot_product_attention_with_lse(
-            &p.q,
-            &p.k,
-            &p.v,
-            p.scale,
-            mask,
-            p.sinks.as_ref(),
-        )
-        .unwrap();
+        let (_, want_lse) = p.oracle_with_lse(mask);
         // The backward over the one-thread forward's results, per pool: its tasks own what
         // they write, so its gradients are bit-equal for every pool.
         /// The first pool's forward `(out, lse)` and its gradients as f64.
@@ -332,10 +306,7 @@ on_every_device! {
             let (out, lse, _) = fast_grads(&p, mask, dev);
             assert_eq!(lse.dtype(), DType::F32);
             assert_eq!(lse.shape(), &[2, 4, 33]);
-            let (_, want) = reference::scaled_dot_product_attention_with_lse(
-                &p.q, &p.k, &p.v, p.scale, mask, p.sinks.as_ref(),
-            )
-            .unwrap();
+            let (_, want) = p.oracle_with_lse(mask);
             let what = format!("{dtype} causal {causal} sinks {sinks}");
             check_close(&on(&lse, &Device::Cpu), &want, 2e-5, 2e-6, &format!("{what}: lse"));
             let plain = fast::scaled_dot_product_attention(

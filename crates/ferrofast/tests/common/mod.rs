@@ -2,7 +2,8 @@
 //! closeness checks against the float64 oracle.
 #![allow(dead_code)]
 
-use ferrofast::{Array, DType, Device};
+use ferrofast::fast::Mask;
+use ferrofast::{reference, Array, DType, Device};
 
 /// Per-dtype `(atol, rtol)` used when an op's test has no sharper requirement.
 pub fn default_tol(dtype: DType) -> (f64, f64) {
@@ -112,6 +113,20 @@ impl AttnProblem {
             scale,
         }
     }
+
+    /// The float64 oracle's forward with its log-sum-exp: `(out, lse)`.
+    pub fn oracle_with_lse(&self, mask: Mask<'_>) -> (Array, Array) {
+        let (q, k, v, s) = (&self.q, &self.k, &self.v, self.sinks.as_ref());
+        reference::scaled_dot_product_attention_with_lse(q, k, v, self.scale, mask, s)
+            .expect("oracle forward")
+    }
+
+    /// The float64 oracle's gradients for the problem's cotangent.
+    pub fn oracle_grads(&self, mask: Mask<'_>) -> AttnGrads {
+        let (q, k, v, s) = (&self.q, &self.k, &self.v, self.sinks.as_ref());
+        reference::scaled_dot_product_attention_vjp(q, k, v, self.scale, mask, s, &self.d_out)
+            .expect("oracle backward")
+    }
 }
 
 /// Maximum absolute difference between two arrays of the same shape.
@@ -135,6 +150,19 @@ pub fn seeded_permutation(n: usize, seed: u64) -> Vec<usize> {
         perm.swap(i, (s >> 33) as usize % (i + 1));
     }
     perm
+}
+
+/// `n` integers in `[0, below)` drawn from `seed` (a xorshift generator).
+pub fn seeded_below(n: usize, below: u64, seed: u64) -> Vec<u64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s % below
+        })
+        .collect()
 }
 
 /// A random view of a random array: a permutation of the axes and a stepped (possibly
