@@ -81,6 +81,30 @@ impl CudaBuffer {
         dtype: DType,
         len: usize,
     ) -> Result<CudaBuffer> {
+        let fill = poison_flag().load(Ordering::Relaxed).then_some(0xFF);
+        CudaBuffer::alloc_filled(device, stream, dtype, len, fill)
+    }
+
+    /// [`CudaBuffer::alloc`] with every byte set to 0 (queued on `stream`): a scratch that
+    /// kernels add into.
+    pub(crate) fn alloc_zeroed(
+        device: &Arc<CudaDevice>,
+        stream: &Stream,
+        dtype: DType,
+        len: usize,
+    ) -> Result<CudaBuffer> {
+        CudaBuffer::alloc_filled(device, stream, dtype, len, Some(0))
+    }
+
+    /// The allocation of [`CudaBuffer::alloc`], every byte then set to `fill` (one memset
+    /// queued on `stream`) when given.
+    fn alloc_filled(
+        device: &Arc<CudaDevice>,
+        stream: &Stream,
+        dtype: DType,
+        len: usize,
+        fill: Option<u8>,
+    ) -> Result<CudaBuffer> {
         let bytes = len
             .checked_mul(dtype.size())
             .ok_or_else(|| Error::Shape(format!("{len} elements of {dtype} overflow usize")))?;
@@ -108,12 +132,12 @@ impl CudaBuffer {
             }
             Err(e) => Err(failed(e)),
         })?;
-        if poison_flag().load(Ordering::Relaxed) {
+        if let Some(byte) = fill {
             let (ptr, _record) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut data, cu);
             // SAFETY: `ptr` is the start of this live allocation of `bytes` bytes, made on
             // this stream.
-            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, cu.cu_stream()) }
-                .map_err(|e| driver_error("poisoning a new GPU buffer", e))?;
+            unsafe { cudarc::driver::result::memset_d8_async(ptr, byte, bytes, cu.cu_stream()) }
+                .map_err(|e| driver_error("filling a new GPU buffer", e))?;
         }
         let address = {
             let (ptr, _record) = data.device_ptr(cu);
@@ -128,27 +152,6 @@ impl CudaBuffer {
             device: Arc::clone(device),
             owner: None,
         })
-    }
-
-    /// [`CudaBuffer::alloc`] with every byte set to 0 (queued on `stream`): a scratch that
-    /// kernels add into.
-    pub(crate) fn alloc_zeroed(
-        device: &Arc<CudaDevice>,
-        stream: &Stream,
-        dtype: DType,
-        len: usize,
-    ) -> Result<CudaBuffer> {
-        let mut buf = CudaBuffer::alloc(device, stream, dtype, len)?;
-        let cu = stream.cuda();
-        let bytes = len * dtype.size();
-        {
-            let (ptr, _record) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut *buf.data, cu);
-            // SAFETY: `ptr` starts this live allocation of at least `bytes` bytes (`alloc`
-            // checked the product), made on this stream.
-            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, bytes, cu.cu_stream()) }
-                .map_err(|e| driver_error("zeroing a new GPU buffer", e))?;
-        }
-        Ok(buf)
     }
 
     /// Device memory owned by another library, `len` elements of `dtype` from `address`, read
