@@ -3,6 +3,37 @@
 //! stream that produced the first input, or the one given to the op's `_on` form, MLX's
 //! `stream=` argument).
 
+/// Defines an op and its `_on` form from one parameter list and one body. The op is
+/// `pub fn $name(params) -> ret` running `body` with `$stream` bound to `None` (run where the
+/// inputs live); the `_on` form is `pub fn $name_on(stream: &Stream, params) -> ret` running
+/// the same `body` with `$stream` bound to `Some(stream)`. Each keeps its own doc comment and
+/// attributes.
+macro_rules! with_on_form {
+    (
+        $(#[$attr:meta])*
+        pub fn $name:ident($($param:ident: $ty:ty),* $(,)?) -> $ret:ty;
+
+        $(#[$attr_on:meta])*
+        pub fn $name_on:ident(stream: &Stream, ..);
+
+        |$stream:ident| $body:expr
+    ) => {
+        $(#[$attr])*
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name($($param: $ty),*) -> $ret {
+            let $stream: Option<&Stream> = None;
+            $body
+        }
+
+        $(#[$attr_on])*
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name_on(stream: &Stream, $($param: $ty),*) -> $ret {
+            let $stream = Some(stream);
+            $body
+        }
+    };
+}
+
 mod cross_entropy;
 mod gated_delta;
 mod layer_norm;
