@@ -227,12 +227,9 @@ impl CrossEntropyVjpArgs {
     /// text) or its dtype is not floating; `Error::Device` when it is on another device.
     pub(crate) fn new(fwd: CrossEntropyArgs, cotangent: &Array) -> Result<CrossEntropyVjpArgs> {
         let op = "[cross_entropy_vjp]";
-        super::norm::check_cotangent(op, &fwd.loss_shape(), cotangent)?;
-        super::same_device(op, &[("logits", &fwd.logits), ("cotangent", cotangent)])?;
-        Ok(CrossEntropyVjpArgs {
-            fwd,
-            cotangent: cotangent.clone(),
-        })
+        let first = ("logits", &fwd.logits);
+        let cotangent = super::norm::check_cotangent(op, &fwd.loss_shape(), first, cotangent)?;
+        Ok(CrossEntropyVjpArgs { fwd, cotangent })
     }
 }
 

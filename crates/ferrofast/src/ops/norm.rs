@@ -158,12 +158,8 @@ impl NormVjpArgs {
     /// its dtype is not floating; `Error::Device` when it is on another device than `x`.
     pub(crate) fn new(fwd: NormArgs, cotangent: &Array) -> Result<NormVjpArgs> {
         let op = format!("[{}_vjp]", fwd.kind.op());
-        check_cotangent(&op, fwd.x.shape(), cotangent)?;
-        super::same_device(&op, &[("x", &fwd.x), ("cotangent", cotangent)])?;
-        Ok(NormVjpArgs {
-            fwd,
-            cotangent: cotangent.clone(),
-        })
+        let cotangent = check_cotangent(&op, fwd.x.shape(), ("x", &fwd.x), cotangent)?;
+        Ok(NormVjpArgs { fwd, cotangent })
     }
 
     /// The dtype `dx` is returned in.
@@ -176,9 +172,15 @@ impl NormVjpArgs {
     }
 }
 
-/// Checks a cotangent against its output's shape: MLX's `vjp` message when they differ, and a
-/// floating dtype.
-pub(crate) fn check_cotangent(op: &str, shape: &[usize], cotangent: &Array) -> Result<()> {
+/// Checks a cotangent against its output's shape (MLX's `vjp` message when they differ), then
+/// that it is floating, then that it lives on the device of the named forward input `first`;
+/// returns the cotangent.
+pub(crate) fn check_cotangent(
+    op: &str,
+    shape: &[usize],
+    first: (&str, &Array),
+    cotangent: &Array,
+) -> Result<Array> {
     if cotangent.shape() != shape {
         return Err(Error::invalid(format!(
             "{op} Output shape {} does not match cotangent shape {}.",
@@ -192,5 +194,6 @@ pub(crate) fn check_cotangent(op: &str, shape: &[usize], cotangent: &Array) -> R
             cotangent.dtype()
         )));
     }
-    Ok(())
+    super::same_device(op, &[first, ("cotangent", cotangent)])?;
+    Ok(cotangent.clone())
 }
