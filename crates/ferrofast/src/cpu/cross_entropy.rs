@@ -508,7 +508,8 @@ pub(super) fn scan<T: RowElem>(
 
 /// The second pass of a gradient, by `isa`: `out_j = k exp(block_max_b - m) e_j - c` over
 /// the blocks `scan` stored (by the same `isa`: the kernels order a block's exponentials
-/// differently); `stream` asks for non-temporal stores (a new buffer).
+/// differently); `stream` asks for non-temporal stores (a new buffer), which the AVX2 and
+/// AVX-512 kernels use for every block that starts on a 16-byte boundary.
 #[inline]
 pub(super) fn write<T: RowElem>(
     sc: &Scratch,
@@ -519,17 +520,75 @@ pub(super) fn write<T: RowElem>(
     stream: bool,
     isa: Isa,
 ) {
-    match isa {
-        Isa::Portable => {
-            let _ = stream;
-            portable::write(sc, m, k, c, out)
+    check_stored(sc, out.len());
+    let stream = stream && isa != Isa::Portable;
+    let mut streamed = false;
+    for (r, &bm) in blocks(out.len()).zip(&sc.block_max) {
+        let kb = if bm == f32::NEG_INFINITY {
+            0.0
+        } else {
+            k * exp_f32(bm - m)
+        };
+        let (e, o) = (&sc.e[r.clone()], &mut out[r]);
+        let nt = stream && (o.as_ptr() as usize).is_multiple_of(16);
+        streamed |= nt;
+        match isa {
+            Isa::Portable => portable::block_write(e, kb, c, o),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `scan`: the CPU runs `isa`'s kernels.
+            _ if nt => unsafe { simd_block_write::<T, true>(isa, e, kb, c, o) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `scan`: the CPU runs `isa`'s kernels.
+            _ => unsafe { simd_block_write::<T, false>(isa, e, kb, c, o) },
         }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `scan`: the CPU has AVX2, FMA and F16C.
-        Isa::Avx2 => unsafe { avx2::write(sc, m, k, c, out, stream) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `scan`: the CPU has AVX-512 F, BW and VL, AVX2, FMA and F16C.
-        Isa::Avx512 => unsafe { avx512::write(sc, m, k, c, out, stream) },
+    }
+    #[cfg(target_arch = "x86_64")]
+    if streamed {
+        // Orders the non-temporal stores before whatever this thread does next (the task's
+        // completion, which other threads synchronise with).
+        // SAFETY: `sfence` is SSE, which every x86-64 CPU has.
+        unsafe { std::arch::x86_64::_mm_sfence() };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = streamed;
+}
+
+/// One block of [`write`] by [`avx512::block_write`] or [`avx2::block_write`], as `isa`
+/// says (not [`Isa::Portable`]); `STREAM` as theirs.
+///
+/// # Safety
+/// The CPU runs `isa`'s kernels (true of every `Isa` that [`Isa::detect`] or
+/// [`Isa::available`] gives).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn simd_block_write<T: RowElem, const STREAM: bool>(
+    isa: Isa,
+    e: &[f32],
+    k: f32,
+    c: f32,
+    o: &mut [MaybeUninit<T>],
+) {
+    if isa == Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512 F, BW and VL, AVX2, FMA and F16C (the caller's
+        // obligation for `Isa::Avx512`).
+        unsafe { avx512::block_write::<T, STREAM>(e, k, c, o) }
+    } else {
+        // SAFETY: the CPU has AVX2, FMA and F16C (the caller's obligation for `Isa::Avx2`).
+        unsafe { avx2::block_write::<T, STREAM>(e, k, c, o) }
+    }
+}
+
+/// Raises the running maximum `m` of a row to a block's maximum `bm` where that is larger,
+/// rescaling the running sum `s` of `exp(x - m)` to it (a sum against -inf is 0).
+#[inline(always)]
+pub(super) fn raise_max(m: &mut f32, s: &mut f32, bm: f32) {
+    if bm > *m {
+        *s = if *m == f32::NEG_INFINITY {
+            0.0
+        } else {
+            *s * exp_f32(*m - bm)
+        };
+        *m = bm;
     }
 }
 

@@ -33,11 +33,11 @@
 //!   allocations are 16-byte, not 64-byte, aligned), so the output's lines are never read.
 //!
 //! Every function here is compiled with AVX-512 F, BW and VL (and AVX2, FMA and F16C, which
-//! every such CPU has); the entry points ([`scan`], [`write()`]) are safe `#[target_feature]`
-//! functions, which callers without those features call in `unsafe` after detecting them
-//! ([`detected`]).
+//! every such CPU has); the entry points ([`scan`], [`block_write`]) are safe
+//! `#[target_feature]` functions, which callers without those features call in `unsafe`
+//! after detecting them ([`detected`]).
 
-use super::{blocks, check_stored, exp_f32, exp_nonpositive, Logit, Scan, Scratch, EXP2_POLY};
+use super::{blocks, exp_f32, exp_nonpositive, raise_max, Logit, Scan, Scratch, EXP2_POLY};
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 use std::f32::consts::{LN_2, LOG2_E};
@@ -664,14 +664,7 @@ pub(super) fn scan<T: Lanes>(x: &[T], want_sum_x: bool, mut store: Option<&mut S
         let (bm, bn, bsx) = block_max(block);
         nan |= bn;
         sum_x += bsx;
-        if bm > m {
-            s = if m == f32::NEG_INFINITY {
-                0.0
-            } else {
-                s * exp_f32(m - bm)
-            };
-            m = bm;
-        }
+        raise_max(&mut m, &mut s, bm);
         match store.as_deref_mut() {
             None if m.is_finite() => s += block_fused(block, m, ahead).0,
             None => {}
@@ -696,14 +689,20 @@ pub(super) fn scan<T: Lanes>(x: &[T], want_sum_x: bool, mut store: Option<&mut S
     }
 }
 
-/// `o_j = k e_j - c` over a block (`e` as long as `o`, in [`block_exp`]'s order), with
-/// `STREAM` by non-temporal stores (`o` must then start on a 16-byte boundary).
+/// `o_j = k e_j - c` over a block (`e` as long as `o`, in [`block_exp`]'s order): one
+/// block of the second pass of a gradient (see [`super::write`]), with `STREAM` by
+/// non-temporal stores (`o` must then start on a 16-byte boundary; the caller fences them).
 ///
 /// # Safety
 /// Safe to call from this module's functions (compiled with AVX-512 F, BW and VL); from
 /// anywhere else, the CPU must support them.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-fn block_write<T: Lanes, const STREAM: bool>(e: &[f32], k: f32, c: f32, o: &mut [MaybeUninit<T>]) {
+pub(super) fn block_write<T: Lanes, const STREAM: bool>(
+    e: &[f32],
+    k: f32,
+    c: f32,
+    o: &mut [MaybeUninit<T>],
+) {
     let n = o.len();
     assert!(
         e.len() == n && (!STREAM || (o.as_ptr() as usize).is_multiple_of(16)),
@@ -729,44 +728,6 @@ fn block_write<T: Lanes, const STREAM: bool>(e: &[f32], k: f32, c: f32, o: &mut 
     }
     for j in i..n {
         o[j].write(T::narrow(e[j] * k - c));
-    }
-}
-
-/// The second pass of a gradient (see [`super::write`]) over what this module's [`scan`]
-/// stored; `stream` asks for non-temporal stores (for a new buffer).
-///
-/// # Safety
-/// Safe to call from this module's functions (compiled with AVX-512 F, BW and VL); from
-/// anywhere else, the CPU must support them (see [`detected`]).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(super) fn write<T: Lanes>(
-    sc: &Scratch,
-    m: f32,
-    k: f32,
-    c: f32,
-    out: &mut [MaybeUninit<T>],
-    stream: bool,
-) {
-    check_stored(sc, out.len());
-    let mut streamed = false;
-    for (r, &bm) in blocks(out.len()).zip(&sc.block_max) {
-        let kb = if bm == f32::NEG_INFINITY {
-            0.0
-        } else {
-            k * exp_f32(bm - m)
-        };
-        let (e, o) = (&sc.e[r.clone()], &mut out[r]);
-        if stream && (o.as_ptr() as usize).is_multiple_of(16) {
-            block_write::<T, true>(e, kb, c, o);
-            streamed = true;
-        } else {
-            block_write::<T, false>(e, kb, c, o);
-        }
-    }
-    if streamed {
-        // Orders the non-temporal stores before whatever this thread does next (the task's
-        // completion, which other threads synchronise with).
-        _mm_sfence();
     }
 }
 

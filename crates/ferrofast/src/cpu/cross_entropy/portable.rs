@@ -2,7 +2,7 @@
 //! CPUs without AVX2. The loops keep [`LANES`] independent accumulators so that the compiler
 //! can vectorise them.
 
-use super::{blocks, check_stored, exp_f32, exp_nonpositive, Logit, Scan, Scratch};
+use super::{blocks, exp_nonpositive, raise_max, Logit, Scan, Scratch};
 use std::mem::MaybeUninit;
 
 /// Independent accumulators per reduction (two AVX2 registers of f32).
@@ -95,14 +95,7 @@ pub(super) fn scan<T: Logit>(x: &[T], want_sum_x: bool, mut store: Option<&mut S
         let (bm, bn, bsx) = block_max(block, want_sum_x);
         nan |= bn;
         sum_x += bsx;
-        if bm > m {
-            s = if m == f32::NEG_INFINITY {
-                0.0
-            } else {
-                s * exp_f32(m - bm)
-            };
-            m = bm;
-        }
+        raise_max(&mut m, &mut s, bm);
         let e = store.as_deref_mut().map(|sc| {
             sc.block_max.push(m);
             &mut sc.e[r]
@@ -123,17 +116,10 @@ pub(super) fn scan<T: Logit>(x: &[T], want_sum_x: bool, mut store: Option<&mut S
     }
 }
 
-/// The second pass of a gradient (see [`super::write`]).
-pub(super) fn write<T: Logit>(sc: &Scratch, m: f32, k: f32, c: f32, out: &mut [MaybeUninit<T>]) {
-    check_stored(sc, out.len());
-    for (r, &bm) in blocks(out.len()).zip(&sc.block_max) {
-        let kb = if bm == f32::NEG_INFINITY {
-            0.0
-        } else {
-            k * exp_f32(bm - m)
-        };
-        for (o, &e) in out[r.clone()].iter_mut().zip(&sc.e[r]) {
-            o.write(T::narrow(e * kb - c));
-        }
+/// `o_j = k e_j - c` over a block (`e` as long as `o`): one block of the second pass of a
+/// gradient (see [`super::write`]).
+pub(super) fn block_write<T: Logit>(e: &[f32], k: f32, c: f32, o: &mut [MaybeUninit<T>]) {
+    for (o, &e) in o.iter_mut().zip(e) {
+        o.write(T::narrow(e * k - c));
     }
 }
