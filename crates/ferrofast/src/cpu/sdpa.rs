@@ -23,7 +23,7 @@
 //! relative error below 2e-7); f64 inputs compute in f64 through the same code, with the
 //! standard `exp`.
 
-use super::simd::{has_avx2_fma, Widen};
+use super::simd::{has_avx2_fma, View, Widen};
 use crate::array::{host_pool, Array};
 use crate::dtype::{DType, Element, Float};
 use crate::error::{Error, Result};
@@ -807,26 +807,7 @@ trait Elem: Float + Widen<C: Acc> {}
 
 impl<T: Float + Widen<C: Acc>> Elem for T {}
 
-/// A rank-4 strided view of a host buffer.
-#[derive(Clone, Copy)]
-struct View<'a, T> {
-    buf: &'a [T],
-    offset: isize,
-    strides: [isize; 4],
-}
-
-impl<'a, T: Element> View<'a, T> {
-    fn new(a: &'a Array) -> Result<Self> {
-        let s = a.strides();
-        Ok(View {
-            buf: a.cpu_buffer::<T>()?,
-            offset: a.offset() as isize,
-            strides: [s[0], s[1], s[2], s[3]],
-        })
-    }
-}
-
-impl<T: Elem> View<'_, T> {
+impl<T: Widen> View<'_, T> {
     /// Widens row `[b, h, t, ..dst.len()]` into `dst`.
     #[inline(always)]
     fn load_row(&self, b: usize, h: usize, t: usize, dst: &mut [T::C]) {
@@ -843,16 +824,7 @@ impl<T: Elem> View<'_, T> {
     }
 }
 
-impl<T> View<'_, T> {
-    /// Buffer position of element `[b, h, t, 0]`.
-    #[inline(always)]
-    fn pos(&self, b: usize, h: usize, t: usize) -> isize {
-        self.offset
-            + b as isize * self.strides[0]
-            + h as isize * self.strides[1]
-            + t as isize * self.strides[2]
-    }
-
+impl<T: Copy> View<'_, T> {
     /// Hints the CPU to fetch row `[b, h, t, ..len]` into cache (nothing if `t >= end` or
     /// the row is not contiguous).
     #[inline(always)]
@@ -985,47 +957,43 @@ impl<T: Elem> MaskView<'_, T> {
     #[inline(always)]
     fn apply(&self, b: usize, h: usize, t: usize, k0: usize, s: &mut [T::C]) {
         match self {
-            MaskView::Bool(v) => {
-                let step = v.strides[3];
-                let base = v.pos(b, h, t) + k0 as isize * step;
-                if step == 0 {
-                    if !v.buf[base as usize] {
-                        s.fill(T::C::NEG_INF);
-                    }
-                } else if step == 1 {
-                    let m = &v.buf[base as usize..][..s.len()];
-                    for (x, &keep) in s.iter_mut().zip(m) {
-                        if !keep {
-                            *x = T::C::NEG_INF;
-                        }
-                    }
-                } else {
-                    for (j, x) in s.iter_mut().enumerate() {
-                        if !v.buf[(base + j as isize * step) as usize] {
-                            *x = T::C::NEG_INF;
-                        }
-                    }
+            MaskView::Bool(v) => zip_row(v, b, h, t, k0, s, |x, keep| {
+                if !keep {
+                    *x = T::C::NEG_INF;
                 }
-            }
-            MaskView::Additive(v) => {
-                let step = v.strides[3];
-                let base = v.pos(b, h, t) + k0 as isize * step;
-                if step == 0 {
-                    let add = v.buf[base as usize].widen();
-                    for x in s.iter_mut() {
-                        *x = *x + add;
-                    }
-                } else if step == 1 {
-                    let m = &v.buf[base as usize..][..s.len()];
-                    for (x, &a) in s.iter_mut().zip(m) {
-                        *x = *x + a.widen();
-                    }
-                } else {
-                    for (j, x) in s.iter_mut().enumerate() {
-                        *x = *x + v.buf[(base + j as isize * step) as usize].widen();
-                    }
-                }
-            }
+            }),
+            MaskView::Additive(v) => zip_row(v, b, h, t, k0, s, |x, a| *x = *x + a.widen()),
+        }
+    }
+}
+
+/// Calls `f(x, e)` for every score `x` of `s` and the entry `e` of row `[b, h, t, k0..]` of
+/// `v` at the same key (read in place through its last stride, 0 included).
+#[inline(always)]
+fn zip_row<M: Copy, A>(
+    v: &View<'_, M>,
+    b: usize,
+    h: usize,
+    t: usize,
+    k0: usize,
+    s: &mut [A],
+    f: impl Fn(&mut A, M),
+) {
+    let step = v.strides[3];
+    let base = v.pos(b, h, t) + k0 as isize * step;
+    if step == 0 {
+        let e = v.buf[base as usize];
+        for x in s.iter_mut() {
+            f(x, e);
+        }
+    } else if step == 1 {
+        let n = s.len();
+        for (x, &e) in s.iter_mut().zip(&v.buf[base as usize..][..n]) {
+            f(x, e);
+        }
+    } else {
+        for (j, x) in s.iter_mut().enumerate() {
+            f(x, v.buf[(base + j as isize * step) as usize]);
         }
     }
 }
@@ -1089,6 +1057,33 @@ fn matmul<A: Acc>(
             gemm::Parallelism::None,
         );
     }
+}
+
+/// `dst[m x nk] = lhs[m x len] rows^T` through [`matmul`]: each of `m` rows of `lhs` (row
+/// stride `len`, the first at `base`) against each of the first `nk` of `rows` (`len`
+/// values each); `dst` is row-major with row stride `nk`.
+#[inline(always)]
+fn matmul_rows_t<A: Acc>(
+    (m, nk, len): (usize, usize, usize),
+    dst: &mut [A],
+    (lhs, base): (&[A], usize),
+    rows: &Rows<'_, A>,
+) {
+    let rhs = (rows.data, rows.start, 1, rows.stride);
+    matmul(m, nk, len, dst, nk, false, (lhs, base, len, 1), rhs);
+}
+
+/// `dst[m x len] += p[m x nk] rows` through [`matmul`]: `p` row-major with row stride `nk`,
+/// `rows` its first `nk` rows of `len` values, `dst` row-major with row stride `len`.
+#[inline(always)]
+fn matmul_add_rows<A: Acc>(
+    (m, nk, len): (usize, usize, usize),
+    dst: &mut [A],
+    p: &[A],
+    rows: &Rows<'_, A>,
+) {
+    let rhs = (rows.data, rows.start, rows.stride, 1);
+    matmul(m, len, nk, dst, len, true, (p, 0, nk, 1), rhs);
 }
 
 /// Online softmax step for one row of scores `s` (masked entries are -inf): updates the
@@ -1304,16 +1299,7 @@ impl<T: Elem> Ctx<'_, T> {
                             self.k.prefetch_row(b, g, k0 + bk + j, d, self.tkv)
                         });
                     } else {
-                        matmul(
-                            nr,
-                            nk,
-                            d,
-                            sb,
-                            nk,
-                            false,
-                            (&qt, row0 * d, d, 1),
-                            (kr.data, kr.start, 1, kr.stride),
-                        );
+                        matmul_rows_t((nr, nk, d), sb, (&qt, row0 * d), &kr);
                     }
                     for rr in 0..nr {
                         let row = row0 + rr;
@@ -1349,16 +1335,7 @@ impl<T: Elem> Ctx<'_, T> {
                             self.v.prefetch_row(b, g, k0 + bk + j, dv, self.tkv)
                         });
                     } else {
-                        matmul(
-                            nr,
-                            dv,
-                            nk,
-                            &mut acc[row0 * dv..],
-                            dv,
-                            true,
-                            (sb, 0, nk, 1),
-                            (vr.data, vr.start, vr.stride, 1),
-                        );
+                        matmul_add_rows((nr, nk, dv), &mut acc[row0 * dv..], sb, &vr);
                     }
                     row0 += nr;
                 }
