@@ -328,6 +328,70 @@ pub(super) struct Scan {
     pub(super) nan: bool,
 }
 
+impl Scan {
+    /// The state before a row's first block (maximum -inf, sums 0, no NaN); prepares
+    /// `store`, when given, for a row of `v` elements.
+    #[inline(always)]
+    pub(super) fn start(v: usize, store: Option<&mut Scratch>) -> Scan {
+        if let Some(sc) = store {
+            sc.prepare(v);
+        }
+        Scan {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+            sum_x: 0.0,
+            nan: false,
+        }
+    }
+
+    /// Takes in a block's maximum (NaNs ignored), NaN flag and sum of `x`: where the block's
+    /// maximum is larger, it becomes the running maximum and the running sum of
+    /// `exp(x - max)` is rescaled to it (a sum against -inf is 0).
+    #[inline(always)]
+    pub(super) fn add_block(&mut self, (bm, bn, bsx): (f32, bool, f64)) {
+        self.nan |= bn;
+        self.sum_x += bsx;
+        if bm > self.max {
+            self.sum = if self.max == f32::NEG_INFINITY {
+                0.0
+            } else {
+                self.sum * exp_f32(self.max - bm)
+            };
+            self.max = bm;
+        }
+    }
+
+    /// Adds the terms `exp(x - max)` of block `r` against the running maximum: without
+    /// `store`, `sum(max)`; with it, the maximum is kept as the block's and `stored(max, e)`
+    /// writes the terms into `e` (the block's part of the scratch row) and returns their sum.
+    /// Nothing is added where the maximum is not finite.
+    #[inline(always)]
+    pub(super) fn add_terms(
+        &mut self,
+        store: Option<&mut Scratch>,
+        r: Range<usize>,
+        sum: impl FnOnce(f32) -> f32,
+        stored: impl FnOnce(f32, &mut [f32]) -> f32,
+    ) {
+        let m = self.max;
+        match store {
+            None if m.is_finite() => self.sum += sum(m),
+            None => {}
+            Some(sc) => {
+                sc.block_max.push(m);
+                let e = &mut sc.e[r];
+                if m.is_finite() {
+                    self.sum += stored(m, e);
+                } else {
+                    // All of the block is -inf (or NaN), or the row's maximum is +inf (the
+                    // gradient is then taken from the logits): the stored terms are 0.
+                    e.fill(0.0);
+                }
+            }
+        }
+    }
+}
+
 /// Per-thread working memory of the gradient passes: the row's exponentials and the running
 /// maximum they were taken against, per block.
 #[derive(Default)]
@@ -553,6 +617,20 @@ pub(super) fn write<T: RowElem>(
     let _ = streamed;
 }
 
+/// Prefetches the cache lines of `bytes` bytes from `p` into L1 (`p` may point anywhere:
+/// a prefetch does not fault).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn prefetch(p: *const u8, bytes: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let mut off = 0;
+    while off < bytes {
+        // SAFETY: `prefetch` is SSE, which every x86-64 CPU has; it never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast()) };
+        off += 64;
+    }
+}
+
 /// One block of [`write`] by [`avx512::block_write`] or [`avx2::block_write`], as `isa`
 /// says (not [`Isa::Portable`]); `STREAM` as theirs.
 ///
@@ -575,20 +653,6 @@ unsafe fn simd_block_write<T: RowElem, const STREAM: bool>(
     } else {
         // SAFETY: the CPU has AVX2, FMA and F16C (the caller's obligation for `Isa::Avx2`).
         unsafe { avx2::block_write::<T, STREAM>(e, k, c, o) }
-    }
-}
-
-/// Raises the running maximum `m` of a row to a block's maximum `bm` where that is larger,
-/// rescaling the running sum `s` of `exp(x - m)` to it (a sum against -inf is 0).
-#[inline(always)]
-pub(super) fn raise_max(m: &mut f32, s: &mut f32, bm: f32) {
-    if bm > *m {
-        *s = if *m == f32::NEG_INFINITY {
-            0.0
-        } else {
-            *s * exp_f32(*m - bm)
-        };
-        *m = bm;
     }
 }
 

@@ -21,7 +21,7 @@
 //! [`block_write`]) are safe `#[target_feature]` functions, which callers without those
 //! features call in `unsafe` after detecting them.
 
-use super::{blocks, exp_nonpositive, raise_max, Logit, Scan, Scratch, EXP2_POLY};
+use super::{blocks, exp_nonpositive, prefetch, Logit, Scan, Scratch, EXP2_POLY};
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -322,22 +322,6 @@ fn block_max<T: Lanes, const SUM_X: bool>(x: &[T]) -> (f32, bool, f64) {
     (max, nan, sum_x)
 }
 
-/// Prefetches the cache lines of `bytes` bytes from `p` into L1 (`p` may point anywhere:
-/// a prefetch does not fault).
-///
-/// # Safety
-/// Safe to call from this module's functions (compiled with AVX2, FMA and F16C); from
-/// anywhere else, the CPU must support AVX2, FMA and F16C.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch(p: *const u8, bytes: usize) {
-    let mut off = 0;
-    while off < bytes {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
-        off += 64;
-    }
-}
-
 /// `sum_j exp(x_j - m)` over a block (`m` at least every element), with `STORE` each term
 /// also stored to `e` (in [`Lanes::load16`]'s order within each 16; `e` as long as `x`).
 /// Prefetches the elements `ahead` further on.
@@ -415,9 +399,6 @@ fn block_exp<T: Lanes, const STORE: bool>(x: &[T], m: f32, e: &mut [f32], ahead:
 /// anywhere else, the CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn scan<T: Lanes>(x: &[T], want_sum_x: bool, mut store: Option<&mut Scratch>) -> Scan {
-    if let Some(sc) = store.as_deref_mut() {
-        sc.prepare(x.len());
-    }
     let block_max = |block: &[T]| {
         if want_sum_x {
             block_max::<T, true>(block)
@@ -425,39 +406,19 @@ pub(super) fn scan<T: Lanes>(x: &[T], want_sum_x: bool, mut store: Option<&mut S
             block_max::<T, false>(block)
         }
     };
-    let mut m = f32::NEG_INFINITY;
-    let mut s = 0.0f32;
-    let mut sum_x = 0.0f64;
-    let mut nan = false;
+    let mut acc = Scan::start(x.len(), store.as_deref_mut());
     for r in blocks(x.len()) {
         let block = &x[r.clone()];
-        let (bm, bn, bsx) = block_max(block);
-        nan |= bn;
-        sum_x += bsx;
-        raise_max(&mut m, &mut s, bm);
         let ahead = r.len();
-        match store.as_deref_mut() {
-            None if m.is_finite() => s += block_exp::<T, false>(block, m, &mut [], ahead),
-            None => {}
-            Some(sc) => {
-                sc.block_max.push(m);
-                let e = &mut sc.e[r];
-                if m.is_finite() {
-                    s += block_exp::<T, true>(block, m, e, ahead);
-                } else {
-                    // All of the block is -inf (or NaN), or the row's maximum is +inf (the
-                    // gradient is then taken from the logits): the stored terms are 0.
-                    e.fill(0.0);
-                }
-            }
-        }
+        acc.add_block(block_max(block));
+        acc.add_terms(
+            store.as_deref_mut(),
+            r,
+            |m| block_exp::<T, false>(block, m, &mut [], ahead),
+            |m, e| block_exp::<T, true>(block, m, e, ahead),
+        );
     }
-    Scan {
-        max: m,
-        sum: s,
-        sum_x,
-        nan,
-    }
+    acc
 }
 
 /// `o_j = k e_j - c` over a block (`e` as long as `o`): one block of the second pass of a

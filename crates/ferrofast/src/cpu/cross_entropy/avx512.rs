@@ -37,7 +37,7 @@
 //! `#[target_feature]` functions, which callers without those features call in `unsafe`
 //! after detecting them ([`detected`]).
 
-use super::{blocks, exp_f32, exp_nonpositive, raise_max, Logit, Scan, Scratch, EXP2_POLY};
+use super::{blocks, exp_f32, exp_nonpositive, prefetch, Logit, Scan, Scratch, EXP2_POLY};
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 use std::f32::consts::{LN_2, LOG2_E};
@@ -395,22 +395,6 @@ fn block_max<T: Lanes, const SUM_X: bool>(x: &[T]) -> (f32, bool, f64) {
     (max, nan, sum_x)
 }
 
-/// Prefetches the cache lines of `bytes` bytes from `p` into L1 (`p` may point anywhere:
-/// a prefetch does not fault).
-///
-/// # Safety
-/// Safe to call from this module's functions (compiled with AVX-512 F, BW and VL); from
-/// anywhere else, the CPU must support them.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-fn prefetch(p: *const u8, bytes: usize) {
-    let mut off = 0;
-    while off < bytes {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
-        off += 64;
-    }
-}
-
 /// `sum_j exp(x_j - m)` over a block (`m` at least every element), each term also stored
 /// to `e` (in [`Lanes::load32`]'s order within each 32 counted from the block's start; the
 /// last `len % 32` in order; `e` as long as `x`) with [`exp16`], the AVX2 kernel's bits.
@@ -614,9 +598,6 @@ fn block_terms<T: Lanes, const SUM_X: bool>(
 /// anywhere else, the CPU must support them (see [`detected`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(super) fn scan<T: Lanes>(x: &[T], want_sum_x: bool, mut store: Option<&mut Scratch>) -> Scan {
-    if let Some(sc) = store.as_deref_mut() {
-        sc.prepare(x.len());
-    }
     let block_max = |block: &[T]| {
         if want_sum_x {
             block_max::<T, true>(block)
@@ -631,62 +612,42 @@ pub(super) fn scan<T: Lanes>(x: &[T], want_sum_x: bool, mut store: Option<&mut S
             block_fused::<T, false>(block, b, ahead)
         }
     };
-    let mut m = f32::NEG_INFINITY;
-    let mut s = 0.0f32;
-    let mut sum_x = 0.0f64;
-    let mut nan = false;
+    let mut acc = Scan::start(x.len(), store.as_deref_mut());
     for r in blocks(x.len()) {
         let block = &x[r.clone()];
         let ahead = r.len();
         if store.is_none() {
-            let b = if m == f32::NEG_INFINITY {
+            let b = if acc.max == f32::NEG_INFINITY {
                 let head = &block[..block.len().min(32)];
                 head.iter().fold(f32::NEG_INFINITY, |a, e| a.max(e.widen()))
             } else {
-                m
+                acc.max
             };
             if b.is_finite() {
                 let (bs, bm, bsx) = block_fused(block, b, ahead);
                 // A finite sum: no NaN or +inf in the block (nor an overflow).
                 if bs.is_finite() && bm - b <= RISE {
-                    // `s` was taken against `m`, which is `b` or -inf (then `s` is 0).
-                    s = if bm > b {
-                        (s + bs) * exp_f32(b - bm)
+                    // `sum` was taken against `max`, which is `b` or -inf (then `sum` is 0).
+                    acc.sum = if bm > b {
+                        (acc.sum + bs) * exp_f32(b - bm)
                     } else {
-                        s + bs
+                        acc.sum + bs
                     };
-                    m = b.max(bm);
-                    sum_x += bsx;
+                    acc.max = b.max(bm);
+                    acc.sum_x += bsx;
                     continue;
                 }
             }
         }
-        let (bm, bn, bsx) = block_max(block);
-        nan |= bn;
-        sum_x += bsx;
-        raise_max(&mut m, &mut s, bm);
-        match store.as_deref_mut() {
-            None if m.is_finite() => s += block_fused(block, m, ahead).0,
-            None => {}
-            Some(sc) => {
-                sc.block_max.push(m);
-                let e = &mut sc.e[r];
-                if m.is_finite() {
-                    s += block_exp(block, m, e, ahead);
-                } else {
-                    // All of the block is -inf (or NaN), or the row's maximum is +inf (the
-                    // gradient is then taken from the logits): the stored terms are 0.
-                    e.fill(0.0);
-                }
-            }
-        }
+        acc.add_block(block_max(block));
+        acc.add_terms(
+            store.as_deref_mut(),
+            r,
+            |m| block_fused(block, m, ahead).0,
+            |m, e| block_exp(block, m, e, ahead),
+        );
     }
-    Scan {
-        max: m,
-        sum: s,
-        sum_x,
-        nan,
-    }
+    acc
 }
 
 /// `o_j = k e_j - c` over a block (`e` as long as `o`, in [`block_exp`]'s order): one
