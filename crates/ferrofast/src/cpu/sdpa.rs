@@ -951,7 +951,20 @@ enum MaskView<'a, T> {
     Additive(View<'a, T>),
 }
 
-impl<T: Elem> MaskView<'_, T> {
+impl<'a, T: Elem> MaskView<'a, T> {
+    /// The view of an array mask (bool: keep or hide; any other dtype: additive), or `None`
+    /// without one.
+    ///
+    /// # Errors
+    /// When the mask is not a host array of its dtype.
+    fn new(mask: Option<&'a Array>) -> Result<Option<Self>> {
+        Ok(match mask {
+            None => None,
+            Some(m) if m.dtype() == DType::Bool => Some(MaskView::Bool(View::new(m)?)),
+            Some(m) => Some(MaskView::Additive(View::new(m)?)),
+        })
+    }
+
     /// Applies the mask of row `[b, h, t, k0..k0 + s.len()]` to the scores `s`: a `false`
     /// bool entry sets the score to -inf, an additive entry is added.
     #[inline(always)]
@@ -1118,6 +1131,23 @@ struct State<A> {
     m: Vec<A>,
     l: Vec<A>,
     acc: Vec<A>,
+}
+
+impl<A: Acc> State<A> {
+    /// `f(m, l)` of row `row`, or NaN when its maximum is NaN (a NaN logit, from a score, the
+    /// mask or a sink, makes the row NaN even when no tile reached it), or `empty` when its
+    /// sum is 0 (nothing visible).
+    #[inline(always)]
+    fn by_row(&self, row: usize, empty: A, f: impl FnOnce(A, A) -> A) -> A {
+        let (m, l) = (self.m[row], self.l[row]);
+        if m.is_nan() {
+            A::NAN
+        } else if l == A::ZERO {
+            empty
+        } else {
+            f(m, l)
+        }
+    }
 }
 
 /// Everything a task needs, shared by all tasks.
@@ -1352,30 +1382,15 @@ impl<T: Elem> Ctx<'_, T> {
         let nqr = st.m.len() / self.r;
         for (r, lse) in pieces.lse.iter_mut().enumerate() {
             for (i, x) in lse.iter_mut().enumerate().take(nqr) {
-                let row = r * nqr + i;
-                let l = st.l[row];
-                *x = if st.m[row].is_nan() {
-                    T::C::NAN
-                } else if l == T::C::ZERO {
-                    T::C::NEG_INF
-                } else {
-                    st.m[row] + T::C::from_f64(l.to_f64().ln())
-                };
+                *x = st.by_row(r * nqr + i, T::C::NEG_INF, |m, l| {
+                    m + T::C::from_f64(l.to_f64().ln())
+                });
             }
         }
         for (r, piece) in pieces.out.iter_mut().enumerate() {
             for i in 0..nqr {
                 let row = r * nqr + i;
-                let l = st.l[row];
-                // A NaN logit (score, mask or sink) makes the row NaN even when no tile
-                // reached it; a row with nothing visible (l = 0) is 0.
-                let inv = if st.m[row].is_nan() {
-                    T::C::NAN
-                } else if l == T::C::ZERO {
-                    T::C::ZERO
-                } else {
-                    T::C::ONE / l
-                };
+                let inv = st.by_row(row, T::C::ZERO, |_, l| T::C::ONE / l);
                 let src = &st.acc[row * dv..][..dv];
                 for (o, &a) in piece[i * dv..][..dv].iter_mut().zip(src) {
                     *o = T::narrow(a * inv);
@@ -1519,11 +1534,7 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array
         }
         return finish(out, lse);
     }
-    let mask = match &c.mask {
-        None => None,
-        Some(m) if m.dtype() == DType::Bool => Some(MaskView::Bool(View::new(m)?)),
-        Some(m) => Some(MaskView::Additive(View::new(m)?)),
-    };
+    let mask = MaskView::new(c.mask.as_ref())?;
     let sinks = match &c.sinks {
         None => None,
         Some(s) => Some(host_pool::map(&s.to_vec::<T>()?, T::widen)?),

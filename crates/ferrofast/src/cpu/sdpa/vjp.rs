@@ -310,11 +310,7 @@ fn run_typed<T: Elem>(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Ar
         }
     }
     let lse: Vec<T::C> = host_pool::map(&c.lse.to_f64_vec()?, T::C::from_f64)?;
-    let mask = match &a.mask {
-        None => None,
-        Some(m) if m.dtype() == DType::Bool => Some(MaskView::Bool(View::new(m)?)),
-        Some(m) => Some(MaskView::Additive(View::new(m)?)),
-    };
+    let mask = MaskView::new(a.mask.as_ref())?;
     let ctx = Ctx {
         q: View::new(&a.q)?,
         k: View::new(&a.k)?,
