@@ -328,6 +328,70 @@ pub(super) struct Scan {
     pub(super) nan: bool,
 }
 
+impl Scan {
+    /// The state before a row's first block (maximum -inf, sums 0, no NaN); prepares
+    /// `store`, when given, for a row of `v` elements.
+    #[inline(always)]
+    pub(super) fn start(v: usize, store: Option<&mut Scratch>) -> Scan {
+        if let Some(sc) = store {
+            sc.prepare(v);
+        }
+        Scan {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+            sum_x: 0.0,
+            nan: false,
+        }
+    }
+
+    /// Takes in a block's maximum (NaNs ignored), NaN flag and sum of `x`: where the block's
+    /// maximum is larger, it becomes the running maximum and the running sum of
+    /// `exp(x - max)` is rescaled to it (a sum against -inf is 0).
+    #[inline(always)]
+    pub(super) fn add_block(&mut self, (bm, bn, bsx): (f32, bool, f64)) {
+        self.nan |= bn;
+        self.sum_x += bsx;
+        if bm > self.max {
+            self.sum = if self.max == f32::NEG_INFINITY {
+                0.0
+            } else {
+                self.sum * exp_f32(self.max - bm)
+            };
+            self.max = bm;
+        }
+    }
+
+    /// Adds the terms `exp(x - max)` of block `r` against the running maximum: without
+    /// `store`, `sum(max)`; with it, the maximum is kept as the block's and `stored(max, e)`
+    /// writes the terms into `e` (the block's part of the scratch row) and returns their sum.
+    /// Nothing is added where the maximum is not finite.
+    #[inline(always)]
+    pub(super) fn add_terms(
+        &mut self,
+        store: Option<&mut Scratch>,
+        r: Range<usize>,
+        sum: impl FnOnce(f32) -> f32,
+        stored: impl FnOnce(f32, &mut [f32]) -> f32,
+    ) {
+        let m = self.max;
+        match store {
+            None if m.is_finite() => self.sum += sum(m),
+            None => {}
+            Some(sc) => {
+                sc.block_max.push(m);
+                let e = &mut sc.e[r];
+                if m.is_finite() {
+                    self.sum += stored(m, e);
+                } else {
+                    // All of the block is -inf (or NaN), or the row's maximum is +inf (the
+                    // gradient is then taken from the logits): the stored terms are 0.
+                    e.fill(0.0);
+                }
+            }
+        }
+    }
+}
+
 /// Per-thread working memory of the gradient passes: the row's exponentials and the running
 /// maximum they were taken against, per block.
 #[derive(Default)]
@@ -508,7 +572,8 @@ pub(super) fn scan<T: RowElem>(
 
 /// The second pass of a gradient, by `isa`: `out_j = k exp(block_max_b - m) e_j - c` over
 /// the blocks `scan` stored (by the same `isa`: the kernels order a block's exponentials
-/// differently); `stream` asks for non-temporal stores (a new buffer).
+/// differently); `stream` asks for non-temporal stores (a new buffer), which the AVX2 and
+/// AVX-512 kernels use for every block that starts on a 16-byte boundary.
 #[inline]
 pub(super) fn write<T: RowElem>(
     sc: &Scratch,
@@ -519,17 +584,75 @@ pub(super) fn write<T: RowElem>(
     stream: bool,
     isa: Isa,
 ) {
-    match isa {
-        Isa::Portable => {
-            let _ = stream;
-            portable::write(sc, m, k, c, out)
+    check_stored(sc, out.len());
+    let stream = stream && isa != Isa::Portable;
+    let mut streamed = false;
+    for (r, &bm) in blocks(out.len()).zip(&sc.block_max) {
+        let kb = if bm == f32::NEG_INFINITY {
+            0.0
+        } else {
+            k * exp_f32(bm - m)
+        };
+        let (e, o) = (&sc.e[r.clone()], &mut out[r]);
+        let nt = stream && (o.as_ptr() as usize).is_multiple_of(16);
+        streamed |= nt;
+        match isa {
+            Isa::Portable => portable::block_write(e, kb, c, o),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `scan`: the CPU runs `isa`'s kernels.
+            _ if nt => unsafe { simd_block_write::<T, true>(isa, e, kb, c, o) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `scan`: the CPU runs `isa`'s kernels.
+            _ => unsafe { simd_block_write::<T, false>(isa, e, kb, c, o) },
         }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `scan`: the CPU has AVX2, FMA and F16C.
-        Isa::Avx2 => unsafe { avx2::write(sc, m, k, c, out, stream) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `scan`: the CPU has AVX-512 F, BW and VL, AVX2, FMA and F16C.
-        Isa::Avx512 => unsafe { avx512::write(sc, m, k, c, out, stream) },
+    }
+    #[cfg(target_arch = "x86_64")]
+    if streamed {
+        // Orders the non-temporal stores before whatever this thread does next (the task's
+        // completion, which other threads synchronise with).
+        // SAFETY: `sfence` is SSE, which every x86-64 CPU has.
+        unsafe { std::arch::x86_64::_mm_sfence() };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = streamed;
+}
+
+/// Prefetches the cache lines of `bytes` bytes from `p` into L1 (`p` may point anywhere:
+/// a prefetch does not fault).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn prefetch(p: *const u8, bytes: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let mut off = 0;
+    while off < bytes {
+        // SAFETY: `prefetch` is SSE, which every x86-64 CPU has; it never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast()) };
+        off += 64;
+    }
+}
+
+/// One block of [`write`] by [`avx512::block_write`] or [`avx2::block_write`], as `isa`
+/// says (not [`Isa::Portable`]); `STREAM` as theirs.
+///
+/// # Safety
+/// The CPU runs `isa`'s kernels (true of every `Isa` that [`Isa::detect`] or
+/// [`Isa::available`] gives).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn simd_block_write<T: RowElem, const STREAM: bool>(
+    isa: Isa,
+    e: &[f32],
+    k: f32,
+    c: f32,
+    o: &mut [MaybeUninit<T>],
+) {
+    if isa == Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512 F, BW and VL, AVX2, FMA and F16C (the caller's
+        // obligation for `Isa::Avx512`).
+        unsafe { avx512::block_write::<T, STREAM>(e, k, c, o) }
+    } else {
+        // SAFETY: the CPU has AVX2, FMA and F16C (the caller's obligation for `Isa::Avx2`).
+        unsafe { avx2::block_write::<T, STREAM>(e, k, c, o) }
     }
 }
 

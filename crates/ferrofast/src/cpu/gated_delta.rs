@@ -24,6 +24,41 @@ use crate::Array;
 use rayon::prelude::*;
 use std::borrow::Cow;
 
+/// Defines `$name(args.., fma)`, which runs `$generic::<true>` compiled for AVX2 + FMA (through
+/// `$avx2`, an `unsafe fn` also defined here) when `fma` is true, and `$generic::<false>`
+/// otherwise; callers pass `fma = has_avx2_fma()`. A `#[target_feature]` function cannot be
+/// generic over its features, hence a macro rather than a function.
+macro_rules! fma_dispatch {
+    (
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident / $avx2:ident => $generic:ident(
+            $($arg:ident: $ty:ty),* $(,)?
+        ) $(-> $ret:ty)?
+    ) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty,)* fma: bool) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            if fma {
+                // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma`, checked by the caller).
+                return unsafe { $avx2($($arg),*) };
+            }
+            let _ = fma;
+            $generic::<false>($($arg),*)
+        }
+
+        #[doc = concat!("[`", stringify!($generic), "`] compiled for AVX2 + FMA.")]
+        ///
+        /// # Safety
+        /// The CPU must support AVX2 and FMA.
+        #[allow(clippy::too_many_arguments)]
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx2($($arg: $ty),*) $(-> $ret)? {
+            $generic::<true>($($arg),*)
+        }
+    };
+}
+
 mod chunked;
 mod rows;
 
@@ -220,43 +255,18 @@ fn forward(
     }
 }
 
-/// One taken step of the recurrence on state rows `r0..` held in `s`; writes their `S q`
-/// into `out` when given.
-#[inline]
-fn step(
-    head: &Head<'_>,
-    t: usize,
-    s: &mut [f32],
-    r0: usize,
-    out: Option<&mut [f32]>,
-    gbuf: &mut [f32],
-    fma: bool,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if fma {
-        // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma`, checked by the caller).
-        unsafe { step_avx2(head, t, s, r0, out, gbuf) };
-        return;
-    }
-    let _ = fma;
-    step_generic::<false>(head, t, s, r0, out, gbuf);
-}
-
-/// [`step_generic`] compiled for AVX2 + FMA.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn step_avx2(
-    head: &Head<'_>,
-    t: usize,
-    s: &mut [f32],
-    r0: usize,
-    out: Option<&mut [f32]>,
-    gbuf: &mut [f32],
-) {
-    step_generic::<true>(head, t, s, r0, out, gbuf);
+fma_dispatch! {
+    /// One taken step of the recurrence on state rows `r0..` held in `s`; writes their `S q`
+    /// into `out` when given.
+    #[inline]
+    fn step / step_avx2 => step_generic(
+        head: &Head<'_>,
+        t: usize,
+        s: &mut [f32],
+        r0: usize,
+        out: Option<&mut [f32]>,
+        gbuf: &mut [f32],
+    )
 }
 
 #[inline(always)]
@@ -488,51 +498,23 @@ struct StepGrads<'a> {
     dg: &'a mut [f32],
 }
 
-/// The backward of taken step `t` over state rows `r0..`: `sp` / `sn` are the rows before and
-/// after it, `ds` their gradient after it (turned into the gradient before it), `d_o` their
-/// outputs' cotangent. Returns their share of `dbeta`.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn step_vjp(
-    head: &Head<'_>,
-    t: usize,
-    sp: &[f32],
-    sn: &[f32],
-    r0: usize,
-    d_o: &[f32],
-    ds: &mut [f32],
-    g: StepGrads<'_>,
-    gbuf: &mut [f32],
-    fma: bool,
-) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if fma {
-        // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma`, checked by the caller).
-        return unsafe { step_vjp_avx2(head, t, sp, sn, r0, d_o, ds, g, gbuf) };
-    }
-    let _ = fma;
-    step_vjp_generic::<false>(head, t, sp, sn, r0, d_o, ds, g, gbuf)
-}
-
-/// [`step_vjp_generic`] compiled for AVX2 + FMA.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[allow(clippy::too_many_arguments)]
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn step_vjp_avx2(
-    head: &Head<'_>,
-    t: usize,
-    sp: &[f32],
-    sn: &[f32],
-    r0: usize,
-    d_o: &[f32],
-    ds: &mut [f32],
-    g: StepGrads<'_>,
-    gbuf: &mut [f32],
-) -> f32 {
-    step_vjp_generic::<true>(head, t, sp, sn, r0, d_o, ds, g, gbuf)
+fma_dispatch! {
+    /// The backward of taken step `t` over state rows `r0..`: `sp` / `sn` are the rows before
+    /// and after it, `ds` their gradient after it (turned into the gradient before it), `d_o`
+    /// their outputs' cotangent. Returns their share of `dbeta`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn step_vjp / step_vjp_avx2 => step_vjp_generic(
+        head: &Head<'_>,
+        t: usize,
+        sp: &[f32],
+        sn: &[f32],
+        r0: usize,
+        d_o: &[f32],
+        ds: &mut [f32],
+        g: StepGrads<'_>,
+        gbuf: &mut [f32],
+    ) -> f32
 }
 
 /// Per state row `i` (`S_new = A + delta k^T`, `A = S_prev * g`, `o = S_new q`):

@@ -12,7 +12,7 @@
 //! run time). The parts are read in place through their strides; rows whose feature axis
 //! has unit stride are read as slices.
 
-use super::simd::{has_avx2_fma, Widen};
+use super::simd::{has_avx2_fma, View, Widen};
 use crate::array::{host_pool, Array};
 use crate::ops::merge::{row_factors_f32, row_factors_f64, MergeArgs, MIN_LOG_WEIGHT};
 use crate::{DType, Element, Error, Result};
@@ -131,49 +131,6 @@ pub(crate) fn run(args: &MergeArgs) -> Result<(Array, Array)> {
     }
 }
 
-/// One strided view `(B, H, T[, D_v])`: its buffer, offset and strides.
-struct View<'a, T> {
-    data: &'a [T],
-    offset: isize,
-    strides: [isize; 4],
-}
-
-impl<'a, T: Element> View<'a, T> {
-    fn new(a: &'a Array) -> Result<View<'a, T>> {
-        let s = a.strides();
-        // (b, h, t[, j]): a 3-D log-sum-exp leaves the feature stride 0.
-        let mut strides = [0isize; 4];
-        strides[..s.len()].copy_from_slice(s);
-        Ok(View {
-            data: a.cpu_buffer::<T>()?,
-            offset: a.offset() as isize,
-            strides,
-        })
-    }
-
-    /// Element offset of row `(b, h, t)`.
-    #[inline(always)]
-    fn row(&self, b: usize, h: usize, t: usize) -> isize {
-        self.offset
-            + b as isize * self.strides[0]
-            + h as isize * self.strides[1]
-            + t as isize * self.strides[2]
-    }
-
-    /// The `n` elements from row offset `row` as a slice, when they are unit-stride
-    /// (`None` otherwise, and for `n = 0`).
-    #[inline(always)]
-    fn unit_row(&self, row: isize, n: usize) -> Option<&'a [T]> {
-        (n > 0 && (self.strides[3] == 1 || n == 1)).then(|| &self.data[row as usize..][..n])
-    }
-
-    /// The element at row offset `row`, feature `j` (`strides[3]` apart).
-    #[inline(always)]
-    fn at(&self, row: isize, j: usize) -> T {
-        self.data[(row + j as isize * self.strides[3]) as usize]
-    }
-}
-
 fn merge_typed<T: Widen<C = C>, C: Compute>(args: &MergeArgs) -> Result<(Array, Array)> {
     let [bn, hn, tn, dv] = args.shape;
     let rows = bn * hn * tn;
@@ -196,10 +153,10 @@ fn merge_typed<T: Widen<C = C>, C: Compute>(args: &MergeArgs) -> Result<(Array, 
                 let n = FACTOR_ROWS.min(lse.len() - i);
                 for k in 0..n {
                     let (b, h, t) = coords(first + i + k);
-                    lav[k] = la.at(la.row(b, h, t), 0);
-                    lbv[k] = lb.at(lb.row(b, h, t), 0);
-                    rav[k] = oa.row(b, h, t);
-                    rbv[k] = ob.row(b, h, t);
+                    lav[k] = la.at(la.pos(b, h, t), 0);
+                    lbv[k] = lb.at(lb.pos(b, h, t), 0);
+                    rav[k] = oa.pos(b, h, t);
+                    rbv[k] = ob.pos(b, h, t);
                 }
                 C::factors(
                     &lav[..n],

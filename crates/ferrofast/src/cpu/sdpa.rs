@@ -23,7 +23,7 @@
 //! relative error below 2e-7); f64 inputs compute in f64 through the same code, with the
 //! standard `exp`.
 
-use super::simd::{has_avx2_fma, Widen};
+use super::simd::{has_avx2_fma, View, Widen};
 use crate::array::{host_pool, Array};
 use crate::dtype::{DType, Element, Float};
 use crate::error::{Error, Result};
@@ -807,26 +807,7 @@ trait Elem: Float + Widen<C: Acc> {}
 
 impl<T: Float + Widen<C: Acc>> Elem for T {}
 
-/// A rank-4 strided view of a host buffer.
-#[derive(Clone, Copy)]
-struct View<'a, T> {
-    buf: &'a [T],
-    offset: isize,
-    strides: [isize; 4],
-}
-
-impl<'a, T: Element> View<'a, T> {
-    fn new(a: &'a Array) -> Result<Self> {
-        let s = a.strides();
-        Ok(View {
-            buf: a.cpu_buffer::<T>()?,
-            offset: a.offset() as isize,
-            strides: [s[0], s[1], s[2], s[3]],
-        })
-    }
-}
-
-impl<T: Elem> View<'_, T> {
+impl<T: Widen> View<'_, T> {
     /// Widens row `[b, h, t, ..dst.len()]` into `dst`.
     #[inline(always)]
     fn load_row(&self, b: usize, h: usize, t: usize, dst: &mut [T::C]) {
@@ -843,16 +824,7 @@ impl<T: Elem> View<'_, T> {
     }
 }
 
-impl<T> View<'_, T> {
-    /// Buffer position of element `[b, h, t, 0]`.
-    #[inline(always)]
-    fn pos(&self, b: usize, h: usize, t: usize) -> isize {
-        self.offset
-            + b as isize * self.strides[0]
-            + h as isize * self.strides[1]
-            + t as isize * self.strides[2]
-    }
-
+impl<T: Copy> View<'_, T> {
     /// Hints the CPU to fetch row `[b, h, t, ..len]` into cache (nothing if `t >= end` or
     /// the row is not contiguous).
     #[inline(always)]
@@ -979,53 +951,62 @@ enum MaskView<'a, T> {
     Additive(View<'a, T>),
 }
 
-impl<T: Elem> MaskView<'_, T> {
+impl<'a, T: Elem> MaskView<'a, T> {
+    /// The view of an array mask (bool: keep or hide; any other dtype: additive), or `None`
+    /// without one.
+    ///
+    /// # Errors
+    /// When the mask is not a host array of its dtype.
+    fn new(mask: Option<&'a Array>) -> Result<Option<Self>> {
+        Ok(match mask {
+            None => None,
+            Some(m) if m.dtype() == DType::Bool => Some(MaskView::Bool(View::new(m)?)),
+            Some(m) => Some(MaskView::Additive(View::new(m)?)),
+        })
+    }
+
     /// Applies the mask of row `[b, h, t, k0..k0 + s.len()]` to the scores `s`: a `false`
     /// bool entry sets the score to -inf, an additive entry is added.
     #[inline(always)]
     fn apply(&self, b: usize, h: usize, t: usize, k0: usize, s: &mut [T::C]) {
         match self {
-            MaskView::Bool(v) => {
-                let step = v.strides[3];
-                let base = v.pos(b, h, t) + k0 as isize * step;
-                if step == 0 {
-                    if !v.buf[base as usize] {
-                        s.fill(T::C::NEG_INF);
-                    }
-                } else if step == 1 {
-                    let m = &v.buf[base as usize..][..s.len()];
-                    for (x, &keep) in s.iter_mut().zip(m) {
-                        if !keep {
-                            *x = T::C::NEG_INF;
-                        }
-                    }
-                } else {
-                    for (j, x) in s.iter_mut().enumerate() {
-                        if !v.buf[(base + j as isize * step) as usize] {
-                            *x = T::C::NEG_INF;
-                        }
-                    }
+            MaskView::Bool(v) => zip_row(v, b, h, t, k0, s, |x, keep| {
+                if !keep {
+                    *x = T::C::NEG_INF;
                 }
-            }
-            MaskView::Additive(v) => {
-                let step = v.strides[3];
-                let base = v.pos(b, h, t) + k0 as isize * step;
-                if step == 0 {
-                    let add = v.buf[base as usize].widen();
-                    for x in s.iter_mut() {
-                        *x = *x + add;
-                    }
-                } else if step == 1 {
-                    let m = &v.buf[base as usize..][..s.len()];
-                    for (x, &a) in s.iter_mut().zip(m) {
-                        *x = *x + a.widen();
-                    }
-                } else {
-                    for (j, x) in s.iter_mut().enumerate() {
-                        *x = *x + v.buf[(base + j as isize * step) as usize].widen();
-                    }
-                }
-            }
+            }),
+            MaskView::Additive(v) => zip_row(v, b, h, t, k0, s, |x, a| *x = *x + a.widen()),
+        }
+    }
+}
+
+/// Calls `f(x, e)` for every score `x` of `s` and the entry `e` of row `[b, h, t, k0..]` of
+/// `v` at the same key (read in place through its last stride, 0 included).
+#[inline(always)]
+fn zip_row<M: Copy, A>(
+    v: &View<'_, M>,
+    b: usize,
+    h: usize,
+    t: usize,
+    k0: usize,
+    s: &mut [A],
+    f: impl Fn(&mut A, M),
+) {
+    let step = v.strides[3];
+    let base = v.pos(b, h, t) + k0 as isize * step;
+    if step == 0 {
+        let e = v.buf[base as usize];
+        for x in s.iter_mut() {
+            f(x, e);
+        }
+    } else if step == 1 {
+        let n = s.len();
+        for (x, &e) in s.iter_mut().zip(&v.buf[base as usize..][..n]) {
+            f(x, e);
+        }
+    } else {
+        for (j, x) in s.iter_mut().enumerate() {
+            f(x, v.buf[(base + j as isize * step) as usize]);
         }
     }
 }
@@ -1091,6 +1072,33 @@ fn matmul<A: Acc>(
     }
 }
 
+/// `dst[m x nk] = lhs[m x len] rows^T` through [`matmul`]: each of `m` rows of `lhs` (row
+/// stride `len`, the first at `base`) against each of the first `nk` of `rows` (`len`
+/// values each); `dst` is row-major with row stride `nk`.
+#[inline(always)]
+fn matmul_rows_t<A: Acc>(
+    (m, nk, len): (usize, usize, usize),
+    dst: &mut [A],
+    (lhs, base): (&[A], usize),
+    rows: &Rows<'_, A>,
+) {
+    let rhs = (rows.data, rows.start, 1, rows.stride);
+    matmul(m, nk, len, dst, nk, false, (lhs, base, len, 1), rhs);
+}
+
+/// `dst[m x len] += p[m x nk] rows` through [`matmul`]: `p` row-major with row stride `nk`,
+/// `rows` its first `nk` rows of `len` values, `dst` row-major with row stride `len`.
+#[inline(always)]
+fn matmul_add_rows<A: Acc>(
+    (m, nk, len): (usize, usize, usize),
+    dst: &mut [A],
+    p: &[A],
+    rows: &Rows<'_, A>,
+) {
+    let rhs = (rows.data, rows.start, rows.stride, 1);
+    matmul(m, len, nk, dst, len, true, (p, 0, nk, 1), rhs);
+}
+
 /// Online softmax step for one row of scores `s` (masked entries are -inf): updates the
 /// running max `m` and sum `l`, rescales the accumulator row, and leaves the unnormalised
 /// probabilities in `s`.
@@ -1123,6 +1131,23 @@ struct State<A> {
     m: Vec<A>,
     l: Vec<A>,
     acc: Vec<A>,
+}
+
+impl<A: Acc> State<A> {
+    /// `f(m, l)` of row `row`, or NaN when its maximum is NaN (a NaN logit, from a score, the
+    /// mask or a sink, makes the row NaN even when no tile reached it), or `empty` when its
+    /// sum is 0 (nothing visible).
+    #[inline(always)]
+    fn by_row(&self, row: usize, empty: A, f: impl FnOnce(A, A) -> A) -> A {
+        let (m, l) = (self.m[row], self.l[row]);
+        if m.is_nan() {
+            A::NAN
+        } else if l == A::ZERO {
+            empty
+        } else {
+            f(m, l)
+        }
+    }
 }
 
 /// Everything a task needs, shared by all tasks.
@@ -1304,16 +1329,7 @@ impl<T: Elem> Ctx<'_, T> {
                             self.k.prefetch_row(b, g, k0 + bk + j, d, self.tkv)
                         });
                     } else {
-                        matmul(
-                            nr,
-                            nk,
-                            d,
-                            sb,
-                            nk,
-                            false,
-                            (&qt, row0 * d, d, 1),
-                            (kr.data, kr.start, 1, kr.stride),
-                        );
+                        matmul_rows_t((nr, nk, d), sb, (&qt, row0 * d), &kr);
                     }
                     for rr in 0..nr {
                         let row = row0 + rr;
@@ -1349,16 +1365,7 @@ impl<T: Elem> Ctx<'_, T> {
                             self.v.prefetch_row(b, g, k0 + bk + j, dv, self.tkv)
                         });
                     } else {
-                        matmul(
-                            nr,
-                            dv,
-                            nk,
-                            &mut acc[row0 * dv..],
-                            dv,
-                            true,
-                            (sb, 0, nk, 1),
-                            (vr.data, vr.start, vr.stride, 1),
-                        );
+                        matmul_add_rows((nr, nk, dv), &mut acc[row0 * dv..], sb, &vr);
                     }
                     row0 += nr;
                 }
@@ -1375,30 +1382,15 @@ impl<T: Elem> Ctx<'_, T> {
         let nqr = st.m.len() / self.r;
         for (r, lse) in pieces.lse.iter_mut().enumerate() {
             for (i, x) in lse.iter_mut().enumerate().take(nqr) {
-                let row = r * nqr + i;
-                let l = st.l[row];
-                *x = if st.m[row].is_nan() {
-                    T::C::NAN
-                } else if l == T::C::ZERO {
-                    T::C::NEG_INF
-                } else {
-                    st.m[row] + T::C::from_f64(l.to_f64().ln())
-                };
+                *x = st.by_row(r * nqr + i, T::C::NEG_INF, |m, l| {
+                    m + T::C::from_f64(l.to_f64().ln())
+                });
             }
         }
         for (r, piece) in pieces.out.iter_mut().enumerate() {
             for i in 0..nqr {
                 let row = r * nqr + i;
-                let l = st.l[row];
-                // A NaN logit (score, mask or sink) makes the row NaN even when no tile
-                // reached it; a row with nothing visible (l = 0) is 0.
-                let inv = if st.m[row].is_nan() {
-                    T::C::NAN
-                } else if l == T::C::ZERO {
-                    T::C::ZERO
-                } else {
-                    T::C::ONE / l
-                };
+                let inv = st.by_row(row, T::C::ZERO, |_, l| T::C::ONE / l);
                 let src = &st.acc[row * dv..][..dv];
                 for (o, &a) in piece[i * dv..][..dv].iter_mut().zip(src) {
                     *o = T::narrow(a * inv);
@@ -1542,11 +1534,7 @@ fn run_typed<T: Elem>(c: &SdpaArgs, scale: f32, with_lse: bool) -> Result<(Array
         }
         return finish(out, lse);
     }
-    let mask = match &c.mask {
-        None => None,
-        Some(m) if m.dtype() == DType::Bool => Some(MaskView::Bool(View::new(m)?)),
-        Some(m) => Some(MaskView::Additive(View::new(m)?)),
-    };
+    let mask = MaskView::new(c.mask.as_ref())?;
     let sinks = match &c.sinks {
         None => None,
         Some(s) => Some(host_pool::map(&s.to_vec::<T>()?, T::widen)?),

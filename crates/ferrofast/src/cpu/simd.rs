@@ -1,9 +1,12 @@
 //! CPU helpers shared by the norm, rope, attention, merge and cross-entropy kernels:
 //! instruction-set detection, f16 / bf16 conversions written so that loops over them
-//! vectorise (`half` converts one element per call, and quiets NaNs with a branch), and
-//! [`Widen`], the one map from a storage dtype to the type its arithmetic runs in.
+//! vectorise (`half` converts one element per call, and quiets NaNs with a branch),
+//! [`Widen`], the one map from a storage dtype to the type its arithmetic runs in, and
+//! [`View`], the strided `(B, H, T, D)` view the attention and merge kernels read through.
 
+use crate::array::Array;
 use crate::dtype::Element;
+use crate::error::Result;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
@@ -112,6 +115,63 @@ impl Widen for f16 {
     #[inline(always)]
     fn widen_slice(src: &[f16], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
+    }
+}
+
+/// A strided view `(B, H, T, D)` of a host buffer, read in place: element `[b, h, t, j]` is
+/// `buf[offset + b * strides[0] + h * strides[1] + t * strides[2] + j * strides[3]]`. An
+/// array of rank 3 is seen with `D` of stride 0.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a, T> {
+    /// The whole host buffer.
+    pub(crate) buf: &'a [T],
+    /// Buffer position of element `[0, 0, 0, 0]`.
+    pub(crate) offset: isize,
+    /// Element strides of the four axes.
+    pub(crate) strides: [isize; 4],
+}
+
+impl<'a, T: Element> View<'a, T> {
+    /// The view of `a`, a host array of rank 3 or 4.
+    ///
+    /// # Errors
+    /// When `a` is not a host array of `T`.
+    ///
+    /// # Panics
+    /// When `a` has a rank above 4.
+    pub(crate) fn new(a: &'a Array) -> Result<Self> {
+        let s = a.strides();
+        let mut strides = [0isize; 4];
+        strides[..s.len()].copy_from_slice(s);
+        Ok(View {
+            buf: a.cpu_buffer::<T>()?,
+            offset: a.offset() as isize,
+            strides,
+        })
+    }
+}
+
+impl<'a, T: Copy> View<'a, T> {
+    /// Buffer position of element `[b, h, t, 0]`.
+    #[inline(always)]
+    pub(crate) fn pos(&self, b: usize, h: usize, t: usize) -> isize {
+        self.offset
+            + b as isize * self.strides[0]
+            + h as isize * self.strides[1]
+            + t as isize * self.strides[2]
+    }
+
+    /// The `n` elements from buffer position `pos` as a slice, when they are unit-stride
+    /// (`None` otherwise, and for `n = 0`).
+    #[inline(always)]
+    pub(crate) fn unit_row(&self, pos: isize, n: usize) -> Option<&'a [T]> {
+        (n > 0 && (self.strides[3] == 1 || n == 1)).then(|| &self.buf[pos as usize..][..n])
+    }
+
+    /// The element at buffer position `pos`, feature `j` (`strides[3]` apart).
+    #[inline(always)]
+    pub(crate) fn at(&self, pos: isize, j: usize) -> T {
+        self.buf[(pos + j as isize * self.strides[3]) as usize]
     }
 }
 

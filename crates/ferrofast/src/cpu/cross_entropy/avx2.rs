@@ -18,10 +18,10 @@
 //!   the output's lines are never read.
 //!
 //! Every function here is compiled with AVX2, FMA and F16C; the entry points ([`scan`],
-//! [`write`]) are safe `#[target_feature]` functions, which callers without those features
-//! call in `unsafe` after detecting them.
+//! [`block_write`]) are safe `#[target_feature]` functions, which callers without those
+//! features call in `unsafe` after detecting them.
 
-use super::{blocks, check_stored, exp_f32, exp_nonpositive, Logit, Scan, Scratch, EXP2_POLY};
+use super::{blocks, exp_nonpositive, prefetch, Logit, Scan, Scratch, EXP2_POLY};
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -322,22 +322,6 @@ fn block_max<T: Lanes, const SUM_X: bool>(x: &[T]) -> (f32, bool, f64) {
     (max, nan, sum_x)
 }
 
-/// Prefetches the cache lines of `bytes` bytes from `p` into L1 (`p` may point anywhere:
-/// a prefetch does not fault).
-///
-/// # Safety
-/// Safe to call from this module's functions (compiled with AVX2, FMA and F16C); from
-/// anywhere else, the CPU must support AVX2, FMA and F16C.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch(p: *const u8, bytes: usize) {
-    let mut off = 0;
-    while off < bytes {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
-        off += 64;
-    }
-}
-
 /// `sum_j exp(x_j - m)` over a block (`m` at least every element), with `STORE` each term
 /// also stored to `e` (in [`Lanes::load16`]'s order within each 16; `e` as long as `x`).
 /// Prefetches the elements `ahead` further on.
@@ -415,9 +399,6 @@ fn block_exp<T: Lanes, const STORE: bool>(x: &[T], m: f32, e: &mut [f32], ahead:
 /// anywhere else, the CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn scan<T: Lanes>(x: &[T], want_sum_x: bool, mut store: Option<&mut Scratch>) -> Scan {
-    if let Some(sc) = store.as_deref_mut() {
-        sc.prepare(x.len());
-    }
     let block_max = |block: &[T]| {
         if want_sum_x {
             block_max::<T, true>(block)
@@ -425,56 +406,35 @@ pub(super) fn scan<T: Lanes>(x: &[T], want_sum_x: bool, mut store: Option<&mut S
             block_max::<T, false>(block)
         }
     };
-    let mut m = f32::NEG_INFINITY;
-    let mut s = 0.0f32;
-    let mut sum_x = 0.0f64;
-    let mut nan = false;
+    let mut acc = Scan::start(x.len(), store.as_deref_mut());
     for r in blocks(x.len()) {
         let block = &x[r.clone()];
-        let (bm, bn, bsx) = block_max(block);
-        nan |= bn;
-        sum_x += bsx;
-        if bm > m {
-            s = if m == f32::NEG_INFINITY {
-                0.0
-            } else {
-                s * exp_f32(m - bm)
-            };
-            m = bm;
-        }
         let ahead = r.len();
-        match store.as_deref_mut() {
-            None if m.is_finite() => s += block_exp::<T, false>(block, m, &mut [], ahead),
-            None => {}
-            Some(sc) => {
-                sc.block_max.push(m);
-                let e = &mut sc.e[r];
-                if m.is_finite() {
-                    s += block_exp::<T, true>(block, m, e, ahead);
-                } else {
-                    // All of the block is -inf (or NaN), or the row's maximum is +inf (the
-                    // gradient is then taken from the logits): the stored terms are 0.
-                    e.fill(0.0);
-                }
-            }
-        }
+        acc.add_block(block_max(block));
+        acc.add_terms(
+            store.as_deref_mut(),
+            r,
+            |m| block_exp::<T, false>(block, m, &mut [], ahead),
+            |m, e| block_exp::<T, true>(block, m, e, ahead),
+        );
     }
-    Scan {
-        max: m,
-        sum: s,
-        sum_x,
-        nan,
-    }
+    acc
 }
 
-/// `o_j = k e_j - c` over a block (`e` as long as `o`), with `STREAM` by non-temporal
-/// stores (`o` must then start on a 16-byte boundary).
+/// `o_j = k e_j - c` over a block (`e` as long as `o`): one block of the second pass of a
+/// gradient (see [`super::write`]), with `STREAM` by non-temporal stores (`o` must then
+/// start on a 16-byte boundary; the caller fences them).
 ///
 /// # Safety
 /// Safe to call from this module's functions (compiled with AVX2, FMA and F16C); from
 /// anywhere else, the CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn block_write<T: Lanes, const STREAM: bool>(e: &[f32], k: f32, c: f32, o: &mut [MaybeUninit<T>]) {
+pub(super) fn block_write<T: Lanes, const STREAM: bool>(
+    e: &[f32],
+    k: f32,
+    c: f32,
+    o: &mut [MaybeUninit<T>],
+) {
     let n = o.len();
     assert!(
         e.len() == n && (!STREAM || (o.as_ptr() as usize).is_multiple_of(16)),
@@ -500,43 +460,5 @@ fn block_write<T: Lanes, const STREAM: bool>(e: &[f32], k: f32, c: f32, o: &mut 
     }
     for j in i..n {
         o[j].write(T::narrow(e[j] * k - c));
-    }
-}
-
-/// The second pass of a gradient (see [`super::write`]); `stream` asks for non-temporal
-/// stores (for a new buffer).
-///
-/// # Safety
-/// Safe to call from this module's functions (compiled with AVX2, FMA and F16C); from
-/// anywhere else, the CPU must support AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn write<T: Lanes>(
-    sc: &Scratch,
-    m: f32,
-    k: f32,
-    c: f32,
-    out: &mut [MaybeUninit<T>],
-    stream: bool,
-) {
-    check_stored(sc, out.len());
-    let mut streamed = false;
-    for (r, &bm) in blocks(out.len()).zip(&sc.block_max) {
-        let kb = if bm == f32::NEG_INFINITY {
-            0.0
-        } else {
-            k * exp_f32(bm - m)
-        };
-        let (e, o) = (&sc.e[r.clone()], &mut out[r]);
-        if stream && (o.as_ptr() as usize).is_multiple_of(16) {
-            block_write::<T, true>(e, kb, c, o);
-            streamed = true;
-        } else {
-            block_write::<T, false>(e, kb, c, o);
-        }
-    }
-    if streamed {
-        // Orders the non-temporal stores before whatever this thread does next (the task's
-        // completion, which other threads synchronise with).
-        _mm_sfence();
     }
 }

@@ -33,11 +33,11 @@
 //!   allocations are 16-byte, not 64-byte, aligned), so the output's lines are never read.
 //!
 //! Every function here is compiled with AVX-512 F, BW and VL (and AVX2, FMA and F16C, which
-//! every such CPU has); the entry points ([`scan`], [`write()`]) are safe `#[target_feature]`
-//! functions, which callers without those features call in `unsafe` after detecting them
-//! ([`detected`]).
+//! every such CPU has); the entry points ([`scan`], [`block_write`]) are safe
+//! `#[target_feature]` functions, which callers without those features call in `unsafe`
+//! after detecting them ([`detected`]).
 
-use super::{blocks, check_stored, exp_f32, exp_nonpositive, Logit, Scan, Scratch, EXP2_POLY};
+use super::{blocks, exp_f32, exp_nonpositive, prefetch, Logit, Scan, Scratch, EXP2_POLY};
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 use std::f32::consts::{LN_2, LOG2_E};
@@ -395,22 +395,6 @@ fn block_max<T: Lanes, const SUM_X: bool>(x: &[T]) -> (f32, bool, f64) {
     (max, nan, sum_x)
 }
 
-/// Prefetches the cache lines of `bytes` bytes from `p` into L1 (`p` may point anywhere:
-/// a prefetch does not fault).
-///
-/// # Safety
-/// Safe to call from this module's functions (compiled with AVX-512 F, BW and VL); from
-/// anywhere else, the CPU must support them.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-fn prefetch(p: *const u8, bytes: usize) {
-    let mut off = 0;
-    while off < bytes {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
-        off += 64;
-    }
-}
-
 /// `sum_j exp(x_j - m)` over a block (`m` at least every element), each term also stored
 /// to `e` (in [`Lanes::load32`]'s order within each 32 counted from the block's start; the
 /// last `len % 32` in order; `e` as long as `x`) with [`exp16`], the AVX2 kernel's bits.
@@ -614,9 +598,6 @@ fn block_terms<T: Lanes, const SUM_X: bool>(
 /// anywhere else, the CPU must support them (see [`detected`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(super) fn scan<T: Lanes>(x: &[T], want_sum_x: bool, mut store: Option<&mut Scratch>) -> Scan {
-    if let Some(sc) = store.as_deref_mut() {
-        sc.prepare(x.len());
-    }
     let block_max = |block: &[T]| {
         if want_sum_x {
             block_max::<T, true>(block)
@@ -631,79 +612,58 @@ pub(super) fn scan<T: Lanes>(x: &[T], want_sum_x: bool, mut store: Option<&mut S
             block_fused::<T, false>(block, b, ahead)
         }
     };
-    let mut m = f32::NEG_INFINITY;
-    let mut s = 0.0f32;
-    let mut sum_x = 0.0f64;
-    let mut nan = false;
+    let mut acc = Scan::start(x.len(), store.as_deref_mut());
     for r in blocks(x.len()) {
         let block = &x[r.clone()];
         let ahead = r.len();
         if store.is_none() {
-            let b = if m == f32::NEG_INFINITY {
+            let b = if acc.max == f32::NEG_INFINITY {
                 let head = &block[..block.len().min(32)];
                 head.iter().fold(f32::NEG_INFINITY, |a, e| a.max(e.widen()))
             } else {
-                m
+                acc.max
             };
             if b.is_finite() {
                 let (bs, bm, bsx) = block_fused(block, b, ahead);
                 // A finite sum: no NaN or +inf in the block (nor an overflow).
                 if bs.is_finite() && bm - b <= RISE {
-                    // `s` was taken against `m`, which is `b` or -inf (then `s` is 0).
-                    s = if bm > b {
-                        (s + bs) * exp_f32(b - bm)
+                    // `sum` was taken against `max`, which is `b` or -inf (then `sum` is 0).
+                    acc.sum = if bm > b {
+                        (acc.sum + bs) * exp_f32(b - bm)
                     } else {
-                        s + bs
+                        acc.sum + bs
                     };
-                    m = b.max(bm);
-                    sum_x += bsx;
+                    acc.max = b.max(bm);
+                    acc.sum_x += bsx;
                     continue;
                 }
             }
         }
-        let (bm, bn, bsx) = block_max(block);
-        nan |= bn;
-        sum_x += bsx;
-        if bm > m {
-            s = if m == f32::NEG_INFINITY {
-                0.0
-            } else {
-                s * exp_f32(m - bm)
-            };
-            m = bm;
-        }
-        match store.as_deref_mut() {
-            None if m.is_finite() => s += block_fused(block, m, ahead).0,
-            None => {}
-            Some(sc) => {
-                sc.block_max.push(m);
-                let e = &mut sc.e[r];
-                if m.is_finite() {
-                    s += block_exp(block, m, e, ahead);
-                } else {
-                    // All of the block is -inf (or NaN), or the row's maximum is +inf (the
-                    // gradient is then taken from the logits): the stored terms are 0.
-                    e.fill(0.0);
-                }
-            }
-        }
+        acc.add_block(block_max(block));
+        acc.add_terms(
+            store.as_deref_mut(),
+            r,
+            |m| block_fused(block, m, ahead).0,
+            |m, e| block_exp(block, m, e, ahead),
+        );
     }
-    Scan {
-        max: m,
-        sum: s,
-        sum_x,
-        nan,
-    }
+    acc
 }
 
-/// `o_j = k e_j - c` over a block (`e` as long as `o`, in [`block_exp`]'s order), with
-/// `STREAM` by non-temporal stores (`o` must then start on a 16-byte boundary).
+/// `o_j = k e_j - c` over a block (`e` as long as `o`, in [`block_exp`]'s order): one
+/// block of the second pass of a gradient (see [`super::write`]), with `STREAM` by
+/// non-temporal stores (`o` must then start on a 16-byte boundary; the caller fences them).
 ///
 /// # Safety
 /// Safe to call from this module's functions (compiled with AVX-512 F, BW and VL); from
 /// anywhere else, the CPU must support them.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-fn block_write<T: Lanes, const STREAM: bool>(e: &[f32], k: f32, c: f32, o: &mut [MaybeUninit<T>]) {
+pub(super) fn block_write<T: Lanes, const STREAM: bool>(
+    e: &[f32],
+    k: f32,
+    c: f32,
+    o: &mut [MaybeUninit<T>],
+) {
     let n = o.len();
     assert!(
         e.len() == n && (!STREAM || (o.as_ptr() as usize).is_multiple_of(16)),
@@ -729,44 +689,6 @@ fn block_write<T: Lanes, const STREAM: bool>(e: &[f32], k: f32, c: f32, o: &mut 
     }
     for j in i..n {
         o[j].write(T::narrow(e[j] * k - c));
-    }
-}
-
-/// The second pass of a gradient (see [`super::write`]) over what this module's [`scan`]
-/// stored; `stream` asks for non-temporal stores (for a new buffer).
-///
-/// # Safety
-/// Safe to call from this module's functions (compiled with AVX-512 F, BW and VL); from
-/// anywhere else, the CPU must support them (see [`detected`]).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(super) fn write<T: Lanes>(
-    sc: &Scratch,
-    m: f32,
-    k: f32,
-    c: f32,
-    out: &mut [MaybeUninit<T>],
-    stream: bool,
-) {
-    check_stored(sc, out.len());
-    let mut streamed = false;
-    for (r, &bm) in blocks(out.len()).zip(&sc.block_max) {
-        let kb = if bm == f32::NEG_INFINITY {
-            0.0
-        } else {
-            k * exp_f32(bm - m)
-        };
-        let (e, o) = (&sc.e[r.clone()], &mut out[r]);
-        if stream && (o.as_ptr() as usize).is_multiple_of(16) {
-            block_write::<T, true>(e, kb, c, o);
-            streamed = true;
-        } else {
-            block_write::<T, false>(e, kb, c, o);
-        }
-    }
-    if streamed {
-        // Orders the non-temporal stores before whatever this thread does next (the task's
-        // completion, which other threads synchronise with).
-        _mm_sfence();
     }
 }
 

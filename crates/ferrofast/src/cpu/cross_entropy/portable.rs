@@ -2,7 +2,7 @@
 //! CPUs without AVX2. The loops keep [`LANES`] independent accumulators so that the compiler
 //! can vectorise them.
 
-use super::{blocks, check_stored, exp_f32, exp_nonpositive, Logit, Scan, Scratch};
+use super::{blocks, exp_nonpositive, Logit, Scan, Scratch};
 use std::mem::MaybeUninit;
 
 /// Independent accumulators per reduction (two AVX2 registers of f32).
@@ -83,57 +83,24 @@ fn block_exp<T: Logit>(x: &[T], m: f32, e: Option<&mut [f32]>) -> f32 {
 
 /// The first pass over a row (see [`super::scan`]).
 pub(super) fn scan<T: Logit>(x: &[T], want_sum_x: bool, mut store: Option<&mut Scratch>) -> Scan {
-    if let Some(sc) = store.as_deref_mut() {
-        sc.prepare(x.len());
-    }
-    let mut m = f32::NEG_INFINITY;
-    let mut s = 0.0f32;
-    let mut sum_x = 0.0f64;
-    let mut nan = false;
+    let mut acc = Scan::start(x.len(), store.as_deref_mut());
     for r in blocks(x.len()) {
         let block = &x[r.clone()];
-        let (bm, bn, bsx) = block_max(block, want_sum_x);
-        nan |= bn;
-        sum_x += bsx;
-        if bm > m {
-            s = if m == f32::NEG_INFINITY {
-                0.0
-            } else {
-                s * exp_f32(m - bm)
-            };
-            m = bm;
-        }
-        let e = store.as_deref_mut().map(|sc| {
-            sc.block_max.push(m);
-            &mut sc.e[r]
-        });
-        if m.is_finite() {
-            s += block_exp(block, m, e);
-        } else if let Some(e) = e {
-            // All of the block is -inf (or NaN), or the row's maximum is +inf (the gradient
-            // is then taken from the logits): the stored terms are 0.
-            e.fill(0.0);
-        }
+        acc.add_block(block_max(block, want_sum_x));
+        acc.add_terms(
+            store.as_deref_mut(),
+            r,
+            |m| block_exp(block, m, None),
+            |m, e| block_exp(block, m, Some(e)),
+        );
     }
-    Scan {
-        max: m,
-        sum: s,
-        sum_x,
-        nan,
-    }
+    acc
 }
 
-/// The second pass of a gradient (see [`super::write`]).
-pub(super) fn write<T: Logit>(sc: &Scratch, m: f32, k: f32, c: f32, out: &mut [MaybeUninit<T>]) {
-    check_stored(sc, out.len());
-    for (r, &bm) in blocks(out.len()).zip(&sc.block_max) {
-        let kb = if bm == f32::NEG_INFINITY {
-            0.0
-        } else {
-            k * exp_f32(bm - m)
-        };
-        for (o, &e) in out[r.clone()].iter_mut().zip(&sc.e[r]) {
-            o.write(T::narrow(e * kb - c));
-        }
+/// `o_j = k e_j - c` over a block (`e` as long as `o`): one block of the second pass of a
+/// gradient (see [`super::write`]).
+pub(super) fn block_write<T: Logit>(e: &[f32], k: f32, c: f32, o: &mut [MaybeUninit<T>]) {
+    for (o, &e) in o.iter_mut().zip(e) {
+        o.write(T::narrow(e * k - c));
     }
 }

@@ -292,31 +292,14 @@ impl Blocks {
     }
 }
 
-/// The forward of one head in chunks: `s` (`[Dv, Dk]`) holds the initial state and receives
-/// the final one, `out` (`[T, Dv]`) the outputs.
-pub(super) fn head_forward(
-    head: &Head<'_>,
-    s: &mut [f32],
-    out: &mut [f32],
-    fma: bool,
-) -> Result<()> {
-    #[cfg(target_arch = "x86_64")]
-    if fma {
-        // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma`, checked by the caller).
-        return unsafe { head_forward_avx2(head, s, out) };
-    }
-    let _ = fma;
-    head_forward_generic::<false>(head, s, out)
-}
-
-/// [`head_forward_generic`] compiled for AVX2 + FMA.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn head_forward_avx2(head: &Head<'_>, s: &mut [f32], out: &mut [f32]) -> Result<()> {
-    head_forward_generic::<true>(head, s, out)
+fma_dispatch! {
+    /// The forward of one head in chunks: `s` (`[Dv, Dk]`) holds the initial state and
+    /// receives the final one, `out` (`[T, Dv]`) the outputs.
+    pub(super) fn head_forward / head_forward_avx2 => head_forward_generic(
+        head: &Head<'_>,
+        s: &mut [f32],
+        out: &mut [f32],
+    ) -> Result<()>
 }
 
 #[inline(always)]
@@ -611,34 +594,17 @@ impl ChunkGrads {
     }
 }
 
-/// The backward of one head in chunks (scalar decay): the forward once more keeping the
-/// state at every chunk's start, then the chunks in reverse, each recomputing its blocks and
-/// walking the state rows. `d_out` is the call's `[B, T, Hv, Dv]` cotangent; `g.ds0` holds
-/// the final state's gradient and receives the initial state's; the step gradients of taken
-/// steps are written to `g` (the others are left as they are).
-pub(super) fn head_vjp(
-    head: &Head<'_>,
-    d_out: &[f32],
-    g: &mut super::HeadGrads,
-    fma: bool,
-) -> Result<()> {
-    #[cfg(target_arch = "x86_64")]
-    if fma {
-        // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma`, checked by the caller).
-        return unsafe { head_vjp_avx2(head, d_out, g) };
-    }
-    let _ = fma;
-    head_vjp_generic::<false>(head, d_out, g)
-}
-
-/// [`head_vjp_generic`] compiled for AVX2 + FMA.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn head_vjp_avx2(head: &Head<'_>, d_out: &[f32], g: &mut super::HeadGrads) -> Result<()> {
-    head_vjp_generic::<true>(head, d_out, g)
+fma_dispatch! {
+    /// The backward of one head in chunks (scalar decay): the forward once more keeping the
+    /// state at every chunk's start, then the chunks in reverse, each recomputing its blocks
+    /// and walking the state rows. `d_out` is the call's `[B, T, Hv, Dv]` cotangent; `g.ds0`
+    /// holds the final state's gradient and receives the initial state's; the step gradients
+    /// of taken steps are written to `g` (the others are left as they are).
+    pub(super) fn head_vjp / head_vjp_avx2 => head_vjp_generic(
+        head: &Head<'_>,
+        d_out: &[f32],
+        g: &mut super::HeadGrads,
+    ) -> Result<()>
 }
 
 #[inline(always)]

@@ -194,28 +194,87 @@ mod avx2 {
         len / 8 * 8
     }
 
+    /// Updates `row` element by element, `x_j = fv(x_j, a_j)` eight lanes at a time and
+    /// `fs(x_j, a_j)` on the tail (the same arithmetic), and returns `row · b` after the
+    /// update. `a` and `b` are at least as long as `row`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn update_dot(
+        row: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        fv: impl Fn(__m256, __m256) -> __m256,
+        fs: impl Fn(f32, f32) -> f32,
+    ) -> f32 {
+        let n = row.len();
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut j = 0;
+        while j + 8 <= n {
+            let r = fv(ld(row, j), ld(a, j));
+            st(row, j, r);
+            acc[(j / 8) & 1] = _mm256_fmadd_ps(r, ld(b, j), acc[(j / 8) & 1]);
+            j += 8;
+        }
+        let mut sum = hsum(_mm256_add_ps(acc[0], acc[1]));
+        for j in n8(n)..n {
+            row[j] = fs(row[j], a[j]);
+            sum = row[j].mul_add(b[j], sum);
+        }
+        sum
+    }
+
+    /// [`update_dot`] on four rows of `dk` at once (`rows` holds at least `4 * dk`), with
+    /// the row index `r` passed to `fv` and `fs`: returns each row's dot product with `b`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn update_dot4(
+        rows: &mut [f32],
+        dk: usize,
+        a: &[f32],
+        b: &[f32],
+        fv: impl Fn(usize, __m256, __m256) -> __m256,
+        fs: impl Fn(usize, f32, f32) -> f32,
+    ) -> [f32; 4] {
+        let (a, b) = (&a[..dk], &b[..dk]);
+        let rows = &mut rows[..4 * dk];
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut j = 0;
+        while j + 8 <= dk {
+            let (aj, bj) = (ld(a, j), ld(b, j));
+            for (r, s) in acc.iter_mut().enumerate() {
+                let x = fv(r, ld(rows, r * dk + j), aj);
+                st(rows, r * dk + j, x);
+                *s = _mm256_fmadd_ps(x, bj, *s);
+            }
+            j += 8;
+        }
+        let mut out = [0.0f32; 4];
+        for (r, (o, s)) in out.iter_mut().zip(acc).enumerate() {
+            let row = &mut rows[r * dk..][..dk];
+            let mut sum = hsum(s);
+            for j in n8(dk)..dk {
+                row[j] = fs(r, row[j], a[j]);
+                sum = row[j].mul_add(b[j], sum);
+            }
+            *o = sum;
+        }
+        out
+    }
+
     /// [`super::scale_dot`] on AVX2 + FMA.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA. `g` and `k` are at least as long as `row`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scale_dot(row: &mut [f32], g: &[f32], k: &[f32]) -> f32 {
-        let n = row.len();
-        let (g, k) = (&g[..n], &k[..n]);
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let mut j = 0;
-        while j + 8 <= n {
-            let r = _mm256_mul_ps(ld(row, j), ld(g, j));
-            st(row, j, r);
-            acc[(j / 8) & 1] = _mm256_fmadd_ps(r, ld(k, j), acc[(j / 8) & 1]);
-            j += 8;
-        }
-        let mut sum = hsum(_mm256_add_ps(acc[0], acc[1]));
-        for j in n8(n)..n {
-            row[j] *= g[j];
-            sum = row[j].mul_add(k[j], sum);
-        }
-        sum
+        update_dot(row, g, k, |x, g| _mm256_mul_ps(x, g), |x, g| x * g)
     }
 
     /// [`super::axpy_dot`] on AVX2 + FMA.
@@ -224,23 +283,9 @@ mod avx2 {
     /// The CPU must support AVX2 and FMA. `k` and `q` are at least as long as `row`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn axpy_dot(row: &mut [f32], d: f32, k: &[f32], q: &[f32]) -> f32 {
-        let n = row.len();
-        let (k, q) = (&k[..n], &q[..n]);
         let dv = _mm256_set1_ps(d);
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let mut j = 0;
-        while j + 8 <= n {
-            let r = _mm256_fmadd_ps(dv, ld(k, j), ld(row, j));
-            st(row, j, r);
-            acc[(j / 8) & 1] = _mm256_fmadd_ps(r, ld(q, j), acc[(j / 8) & 1]);
-            j += 8;
-        }
-        let mut sum = hsum(_mm256_add_ps(acc[0], acc[1]));
-        for j in n8(n)..n {
-            row[j] = d.mul_add(k[j], row[j]);
-            sum = row[j].mul_add(q[j], sum);
-        }
-        sum
+        let fv = |x, k| _mm256_fmadd_ps(dv, k, x);
+        update_dot(row, k, q, fv, |x, k| d.mul_add(k, x))
     }
 
     /// [`super::scale_dot4`] on AVX2 + FMA.
@@ -250,30 +295,8 @@ mod avx2 {
     /// least `dk` long.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scale_dot4(rows: &mut [f32], dk: usize, g: &[f32], k: &[f32]) -> [f32; 4] {
-        let (g, k) = (&g[..dk], &k[..dk]);
-        let rows = &mut rows[..4 * dk];
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut j = 0;
-        while j + 8 <= dk {
-            let (gj, kj) = (ld(g, j), ld(k, j));
-            for (r, a) in acc.iter_mut().enumerate() {
-                let x = _mm256_mul_ps(ld(rows, r * dk + j), gj);
-                st(rows, r * dk + j, x);
-                *a = _mm256_fmadd_ps(x, kj, *a);
-            }
-            j += 8;
-        }
-        let mut out = [0.0f32; 4];
-        for (r, (o, a)) in out.iter_mut().zip(acc).enumerate() {
-            let row = &mut rows[r * dk..][..dk];
-            let mut sum = hsum(a);
-            for j in n8(dk)..dk {
-                row[j] *= g[j];
-                sum = row[j].mul_add(k[j], sum);
-            }
-            *o = sum;
-        }
-        out
+        let fv = |_: usize, x, g| _mm256_mul_ps(x, g);
+        update_dot4(rows, dk, g, k, fv, |_, x, g| x * g)
     }
 
     /// [`super::axpy_dot4`] on AVX2 + FMA.
@@ -289,31 +312,9 @@ mod avx2 {
         k: &[f32],
         q: &[f32],
     ) -> [f32; 4] {
-        let (k, q) = (&k[..dk], &q[..dk]);
-        let rows = &mut rows[..4 * dk];
         let dv = d.map(|x| _mm256_set1_ps(x));
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut j = 0;
-        while j + 8 <= dk {
-            let (kj, qj) = (ld(k, j), ld(q, j));
-            for (r, a) in acc.iter_mut().enumerate() {
-                let x = _mm256_fmadd_ps(dv[r], kj, ld(rows, r * dk + j));
-                st(rows, r * dk + j, x);
-                *a = _mm256_fmadd_ps(x, qj, *a);
-            }
-            j += 8;
-        }
-        let mut out = [0.0f32; 4];
-        for (r, (o, a)) in out.iter_mut().zip(acc).enumerate() {
-            let row = &mut rows[r * dk..][..dk];
-            let mut sum = hsum(a);
-            for j in n8(dk)..dk {
-                row[j] = d[r].mul_add(k[j], row[j]);
-                sum = row[j].mul_add(q[j], sum);
-            }
-            *o = sum;
-        }
-        out
+        let fv = |r: usize, x, k| _mm256_fmadd_ps(dv[r], k, x);
+        update_dot4(rows, dk, k, q, fv, |r, x, k| d[r].mul_add(k, x))
     }
 
     /// [`super::axpy`] on AVX2 + FMA.

@@ -13,7 +13,7 @@
 //! more than a single pass with a shared `dQ` would, and needs no atomics or partial
 //! buffers. Products go through `gemm` in the compute type (f32, or f64 for f64 inputs).
 
-use super::{matmul, tile_rows, Acc, Elem, MaskView, Rows, View};
+use super::{matmul, matmul_add_rows, matmul_rows_t, tile_rows, Acc, Elem, MaskView, Rows, View};
 use crate::array::{host_pool, Array};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -152,26 +152,8 @@ impl<T: Elem> Ctx<'_, T> {
         grow(&mut t.ds, nr * nk)?;
         let (p, ds) = (&mut t.p[..nr * nk], &mut t.ds[..nr * nk]);
         // S = (scale Q) K^T and dP = dO V^T.
-        matmul(
-            nr,
-            nk,
-            d,
-            p,
-            nk,
-            false,
-            (&t.q, 0, d, 1),
-            (kr.data, kr.start, 1, kr.stride),
-        );
-        matmul(
-            nr,
-            nk,
-            dv,
-            ds,
-            nk,
-            false,
-            (&t.d_out, 0, dv, 1),
-            (vr.data, vr.start, 1, vr.stride),
-        );
+        matmul_rows_t((nr, nk, d), p, (&t.q, 0), kr);
+        matmul_rows_t((nr, nk, dv), ds, (&t.d_out, 0), vr);
         let off = self.off();
         for i in 0..nr {
             let tq = q0 + i;
@@ -242,26 +224,8 @@ impl<T: Elem> Ctx<'_, T> {
                 self.load_queries(b, h, q0, nr, &mut t)?;
                 self.p_and_ds(b, h, q0, nr, k0, nk, &kr, &vr, &mut t)?;
                 // dV += P^T dO; dK += dS^T (scale Q).
-                matmul(
-                    nk,
-                    dv,
-                    nr,
-                    &mut dvv,
-                    dv,
-                    true,
-                    (&t.p, 0, 1, nk),
-                    (&t.d_out, 0, dv, 1),
-                );
-                matmul(
-                    nk,
-                    d,
-                    nr,
-                    &mut dk,
-                    d,
-                    true,
-                    (&t.ds, 0, 1, nk),
-                    (&t.q, 0, d, 1),
-                );
+                matmul_add_t((nr, nk, dv), &mut dvv, &t.p, &t.d_out);
+                matmul_add_t((nr, nk, d), &mut dk, &t.ds, &t.q);
                 q0 += nr;
             }
         }
@@ -300,16 +264,7 @@ impl<T: Elem> Ctx<'_, T> {
             let vr = tile_rows(self.v, b, g, k0, nk, self.dv, &mut vs)?;
             self.p_and_ds(b, h, q0, nr, k0, nk, &kr, &vr, &mut t)?;
             // dQ += dS K (times scale below).
-            matmul(
-                nr,
-                d,
-                nk,
-                &mut acc,
-                d,
-                true,
-                (&t.ds, 0, nk, 1),
-                (kr.data, kr.start, kr.stride, 1),
-            );
+            matmul_add_rows((nr, nk, d), &mut acc, &t.ds, &kr);
             k0 += nk;
         }
         for (o, &a) in out.iter_mut().zip(&acc) {
@@ -317,6 +272,13 @@ impl<T: Elem> Ctx<'_, T> {
         }
         Ok(())
     }
+}
+
+/// `dst[nk x n] += a^T b` through [`matmul`]: `a` is `[m, nk]` and `b` is `[m, n]`, both
+/// row-major from their start; `dst` is row-major with row stride `n`.
+#[inline(always)]
+fn matmul_add_t<A: Acc>((m, nk, n): (usize, usize, usize), dst: &mut [A], a: &[A], b: &[A]) {
+    matmul(nk, n, m, dst, n, true, (a, 0, 1, nk), (b, 0, n, 1));
 }
 
 fn run_typed<T: Elem>(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Array>)> {
@@ -348,11 +310,7 @@ fn run_typed<T: Elem>(c: &SdpaVjpArgs) -> Result<(Array, Array, Array, Option<Ar
         }
     }
     let lse: Vec<T::C> = host_pool::map(&c.lse.to_f64_vec()?, T::C::from_f64)?;
-    let mask = match &a.mask {
-        None => None,
-        Some(m) if m.dtype() == DType::Bool => Some(MaskView::Bool(View::new(m)?)),
-        Some(m) => Some(MaskView::Additive(View::new(m)?)),
-    };
+    let mask = MaskView::new(a.mask.as_ref())?;
     let ctx = Ctx {
         q: View::new(&a.q)?,
         k: View::new(&a.k)?,
