@@ -102,6 +102,12 @@ __device__ __forceinline__ const void* ff_sm90_bwd_mask(const void* mask, const 
            base * (p.mask_kind == FF_MASK_BOOL ? 1 : (ff_i64_t)sizeof(typename T::storage));
 }
 
+// A volatile read of shared memory, so the compiler reads it next to its use instead of
+// hoisting every row's value into registers ahead of the products that need them.
+__device__ __forceinline__ float ff_ld_shared_f32(const float* at) {
+    return *(const volatile float*)at;
+}
+
 // The fused kernel's dQ scratch: per (batch, query head, 64-row query tile) 64 x D floats in
 // the order warpgroup MMAs leave them, so a warp's stores of its accumulator are 512
 // contiguous bytes a group: float (cp, wp, nb, lane, i) at (((cp * 4 + wp) * 8 + nb) * 32 +
@@ -148,6 +154,23 @@ __device__ __forceinline__ void ff_sm90_bwd_rs(float (&acc)[D / 8][4], const ff_
             const ff_u64_t db = ff_wgmma_desc(b + (ff_u32_t)pn * b_panel + (ff_u32_t)(kb * 16 * 128),
                                               b_panel, 1024);
             ff_wgmma<T>::rs_n64(reinterpret_cast<float(&)[8][4]>(acc[8 * pn]), a[kb], db, 1);
+        }
+    }
+}
+
+// acc (64 x D per warpgroup) += A B over K = 64: A 64 rows x 64 at `a` (one 128-byte-
+// swizzled panel, K-major), B 64 rows x D at `b` (panel size B_PANEL), MN-major.
+template <typename T, int D>
+__device__ __forceinline__ void ff_sm90_bwd_ss_bmn(float (&acc)[D / 8][4], ff_u32_t a,
+                                                   ff_u32_t b, ff_u32_t b_panel) {
+#pragma unroll
+    for (int kb = 0; kb < 4; ++kb) {
+        const ff_u64_t da = ff_wgmma_desc(a + (ff_u32_t)(kb * 32), 16, 1024);
+#pragma unroll
+        for (int pn = 0; pn < D / 64; ++pn) {
+            const ff_u64_t db = ff_wgmma_desc(b + (ff_u32_t)pn * b_panel + (ff_u32_t)(kb * 16 * 128),
+                                              b_panel, 1024);
+            ff_wgmma<T>::ss_n64_bmn(reinterpret_cast<float(&)[8][4]>(acc[8 * pn]), da, db, 1);
         }
     }
 }
@@ -323,45 +346,56 @@ __global__ void __launch_bounds__(256, 1)
         ff_wgmma_wait<1>();
         ff_fence_regs(s[0]);
         ff_bwd_probs<T, 1, BM, true>(s, krow0, col0, full, p, mask_bh, p.scale_log2,
-                                     [&](int qi) { return l2s[qi - q0]; });
+                                     [&](int qi) { return ff_ld_shared_f32(l2s + qi - q0); });
         ff_u32_t pp[1][BM / 16][4];
         ff_attn_pack<T, 1, BM>(pp, s);
         ff_wgmma_wait<0>();
         ff_fence_regs(dp[0]);
-        ff_bwd_ds<1, BM, true>(dp, s, krow0, col0, [&](int qi) { return dls[qi - q0]; });
+        ff_bwd_ds<1, BM, true>(dp, s, krow0, col0,
+                               [&](int qi) { return ff_ld_shared_f32(dls + qi - q0); });
         ff_u32_t pds[1][BM / 16][4];
         ff_attn_pack<T, 1, BM>(pds, dp);
         if (FUSED) {
             // This warp's dS^T rows into the shared tile: 16-byte chunk nb of key row r
-            // (queries 8 nb .. 8 nb + 7) at chunk nb ^ (r % 8), as a 128-byte swizzle reads it.
+            // (queries 8 nb .. 8 nb + 7) at chunk nb ^ (r % 8), as a 128-byte swizzle reads it
+            // (r % 8 = lane / 4). The XOR is done in the store's asm, from the row's address
+            // and the lane's swizzle, so the compiler keeps two addresses live instead of
+            // sixteen.
+            const ff_u32_t swz = (ff_u32_t)((lane >> 2) << 4);
+            const ff_u32_t row_at =
+                sds + (ff_u32_t)((wg * 64 + warp * 16 + (lane >> 2)) * 128 + ((lane & 3) << 2));
 #pragma unroll
             for (int nb = 0; nb < BM / 8; ++nb) {
 #pragma unroll
                 for (int hf = 0; hf < 2; ++hf) {
-                    const int r = wg * 64 + warp * 16 + (lane >> 2) + 8 * hf;
-                    const ff_u32_t at = sds + (ff_u32_t)(r * 128) +
-                                        (ff_u32_t)(((nb ^ (r & 7)) << 4) | ((lane & 3) << 2));
-                    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(at),
-                                 "r"(pds[0][nb >> 1][(nb & 1) * 2 + hf])
-                                 : "memory");
+                    asm volatile(
+                        "{\n.reg .u32 a;\nxor.b32 a, %1, %2;\nadd.u32 a, a, %3;\n"
+                        "st.shared.u32 [a], %0;\n}\n" ::"r"(pds[0][nb >> 1][(nb & 1) * 2 + hf]),
+                        "r"(swz), "r"(nb << 4), "r"(row_at + (ff_u32_t)(hf * 8 * 128))
+                        : "memory");
                 }
             }
             ff_fence_proxy_async();
         }
 
-        // dV += P^T dO, dK += dS^T Q.
+        // dV += P^T dO, dK += dS^T Q (FUSED: dS^T from the shared tile, so no fragments of
+        // it stay live across the products).
         ff_wgmma_fence();
         ff_sm90_bwd_rs<T, D>(acc_v, pp[0], g_tile, Q_PANEL);
-        ff_sm90_bwd_rs<T, D>(acc_k, pds[0], q_tile, Q_PANEL);
+        if (!FUSED) {
+            ff_sm90_bwd_rs<T, D>(acc_k, pds[0], q_tile, Q_PANEL);
+        }
         ff_wgmma_commit();
         float acc_q[BM / 8][4];
         if (FUSED) {
-            // dQ += dS K over this warpgroup's keys and column panel, once the dS^T rows it
-            // reads are written and the last tile's reduction has read the dQ tile.
+            // dK, and dQ += dS K over this warpgroup's keys and column panel, once the dS^T
+            // rows they read are written and the last tile's reduction has read the dQ tile.
             if (t == 0 && it > 0) {
                 ff_bulk_wait_read<0>();
             }
             ff_sm90_dq_sync<D>(wg);
+            ff_wgmma_fence();
+            ff_sm90_bwd_ss_bmn<T, D>(acc_k, sds + (ff_u32_t)(wg * 64 * 128), q_tile, Q_PANEL);
             constexpr int KEYS = D == 128 ? BN : 64;
             const int kbase = D == 128 ? 0 : wg * 64;
             const int cp = D == 128 ? wg : 0;
@@ -378,7 +412,9 @@ __global__ void __launch_bounds__(256, 1)
         ff_fence_regs(acc_v);
         ff_fence_regs(acc_k);
         ff_fence_regs(pp[0]);
-        ff_fence_regs(pds[0]);
+        if (!FUSED) {
+            ff_fence_regs(pds[0]);
+        }
         __syncwarp();
         if (lane == 0) {
             ff_mbar_arrive(FF_EMPTY(st));

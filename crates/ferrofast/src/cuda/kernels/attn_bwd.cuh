@@ -33,6 +33,44 @@ __device__ __forceinline__ void ff_bwd_probs(float (&s)[MS][NC / 8][4], int row0
                                              const void* mask_bh, float scale_log2,
                                              LSE lse2_of) {
     typedef typename T::storage S;
+    if (full) {
+        // Most tiles: one FMA and one exp2 an element, no branch, and each query's lse2
+        // taken once, next to its elements.
+        if (TRANS) {
+#pragma unroll
+            for (int nb = 0; nb < NC / 8; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float l = lse2_of(col0 + 8 * nb + e);
+#pragma unroll
+                    for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+                        for (int hf = 0; hf < 2; ++hf) {
+                            float& x = s[ms][nb][2 * hf + e];
+                            x = ff_exp2(x * scale_log2 - l);
+                        }
+                    }
+                }
+            }
+        } else {
+#pragma unroll
+            for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const float l = lse2_of(row0 + 16 * ms + 8 * hf);
+#pragma unroll
+                    for (int nb = 0; nb < NC / 8; ++nb) {
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            float& x = s[ms][nb][2 * hf + e];
+                            x = ff_exp2(x * scale_log2 - l);
+                        }
+                    }
+                }
+            }
+        }
+        return;
+    }
     const int diag = p.t_kv - p.t_q;
 #pragma unroll
     for (int ms = 0; ms < MS; ++ms) {
@@ -48,19 +86,17 @@ __device__ __forceinline__ void ff_bwd_probs(float (&s)[MS][NC / 8][4], int row0
                     const int kj = TRANS ? row : col;
                     const float l = lse2_of(qi);
                     float x = s[ms][nb][2 * hf + e] * scale_log2;
-                    if (!full) {
-                        bool keep = kj < p.t_kv && qi < p.t_q && (!p.causal || kj <= qi + diag);
-                        if (keep && p.mask_kind != FF_MASK_NONE) {
-                            const ff_i64_t at = (ff_i64_t)qi * p.m_st + (ff_i64_t)kj * p.m_sk;
-                            if (p.mask_kind == FF_MASK_BOOL) {
-                                keep = ((const ff_u8_t*)mask_bh)[at] != 0;
-                            } else {
-                                // The forward's treatment of additive values.
-                                x += ff_attn_mask_add(T::to_f32(((const S*)mask_bh)[at]));
-                            }
+                    bool keep = kj < p.t_kv && qi < p.t_q && (!p.causal || kj <= qi + diag);
+                    if (keep && p.mask_kind != FF_MASK_NONE) {
+                        const ff_i64_t at = (ff_i64_t)qi * p.m_st + (ff_i64_t)kj * p.m_sk;
+                        if (p.mask_kind == FF_MASK_BOOL) {
+                            keep = ((const ff_u8_t*)mask_bh)[at] != 0;
+                        } else {
+                            // The forward's treatment of additive values.
+                            x += ff_attn_mask_add(T::to_f32(((const S*)mask_bh)[at]));
                         }
-                        x = keep ? x : FF_ATTN_NEG_INF;
                     }
+                    x = keep ? x : FF_ATTN_NEG_INF;
                     s[ms][nb][2 * hf + e] = ff_exp2(x - l);
                 }
             }
@@ -74,19 +110,38 @@ template <int MS, int NC, bool TRANS, typename DELTA>
 __device__ __forceinline__ void ff_bwd_ds(float (&dp)[MS][NC / 8][4],
                                           const float (&pr)[MS][NC / 8][4], int row0, int col0,
                                           DELTA delta_of) {
+    // Each query's delta is taken once, next to its elements.
+    if (TRANS) {
 #pragma unroll
-    for (int ms = 0; ms < MS; ++ms) {
+        for (int nb = 0; nb < NC / 8; ++nb) {
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
+            for (int e = 0; e < 2; ++e) {
+                const float dl = delta_of(col0 + 8 * nb + e);
 #pragma unroll
-            for (int nb = 0; nb < NC / 8; ++nb) {
+                for (int ms = 0; ms < MS; ++ms) {
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int i = 2 * hf + e;
-                    const float dl =
-                        delta_of(TRANS ? col0 + 8 * nb + e : row0 + 16 * ms + 8 * hf);
-                    const float x = pr[ms][nb][i];
-                    dp[ms][nb][i] = x == 0.0f ? 0.0f : x * (dp[ms][nb][i] - dl);
+                    for (int hf = 0; hf < 2; ++hf) {
+                        const float x = pr[ms][nb][2 * hf + e];
+                        float& d = dp[ms][nb][2 * hf + e];
+                        d = x == 0.0f ? 0.0f : x * (d - dl);
+                    }
+                }
+            }
+        }
+    } else {
+#pragma unroll
+        for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const float dl = delta_of(row0 + 16 * ms + 8 * hf);
+#pragma unroll
+                for (int nb = 0; nb < NC / 8; ++nb) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float x = pr[ms][nb][2 * hf + e];
+                        float& d = dp[ms][nb][2 * hf + e];
+                        d = x == 0.0f ? 0.0f : x * (d - dl);
+                    }
                 }
             }
         }

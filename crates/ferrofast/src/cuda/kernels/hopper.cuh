@@ -154,65 +154,59 @@ struct ff_wgmma;
 #define FF_REGS_N64 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 #define FF_REGS_N128 FF_REGS_N64 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 
+// The operand names after the accumulators of an m64nNk16 wgmma: ss (two descriptors),
+// rs (four A registers and B's descriptor), then the scale-d predicate's source.
+#define FF_SS_OPS_N64 "}, %32, %33, p, 1, 1, "
+#define FF_SS_PRED_N64 "%34"
+#define FF_SS_OPS_N128 "}, %64, %65, p, 1, 1, "
+#define FF_SS_PRED_N128 "%66"
+#define FF_RS_OPS_N64 "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+#define FF_RS_PRED_N64 "%37"
+#define FF_RS_OPS_N128 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+#define FF_RS_PRED_N128 "%69"
+
+// D (64 x N, f32) += A (smem descriptor) * B (smem descriptor); TA / TB 0: K-major, 1:
+// MN-major (transposed); scale_d 0 overwrites D.
+#define FF_WGMMA_SS(NAME, N, TA, TB, PTX)                                                   \
+    __device__ static __forceinline__ void NAME(float (&d)[N / 8][4], ff_u64_t desc_a,     \
+                                                ff_u64_t desc_b, int scale_d) {             \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " FF_SS_PRED_N##N ", 0;\n"           \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX "." PTX " {"    \
+                     FF_REGS_N##N FF_SS_OPS_N##N #TA ", " #TB ";\n}\n"                      \
+                     : FF_ACC_N##N                                                          \
+                     : "l"(desc_a), "l"(desc_b), "r"(scale_d)                               \
+                     : "memory");                                                           \
+    }
+
+// D (64 x N, f32) += A (registers, the m16n8k16 A fragment of this warp's 16 rows) * B
+// (smem descriptor, MN-major: transposed); scale_d 0 overwrites D.
+#define FF_WGMMA_RS(NAME, N, PTX)                                                           \
+    __device__ static __forceinline__ void NAME(float (&d)[N / 8][4], const ff_u32_t (&a)[4], \
+                                                ff_u64_t desc_b, int scale_d) {             \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " FF_RS_PRED_N##N ", 0;\n"           \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX "." PTX " {"    \
+                     FF_REGS_N##N FF_RS_OPS_N##N                                            \
+                     : FF_ACC_N##N                                                          \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),             \
+                       "r"(scale_d)                                                         \
+                     : "memory");                                                           \
+    }
+
 // ff_wgmma<TAG> for PTX input type PTX ("bf16", "f16"):
-//   ss_n64 / ss_n128: D (64 x 64 / 64 x 128, f32) += A (smem descriptor) * B (smem
-//            descriptor), both K-major; scale_d 0 overwrites D.
-//   ss_n64_mn: D (64 x 64, f32) += A * B, both from shared memory MN-major (transposed:
-//            A stored K rows of M, B stored K rows of N); scale_d 0 overwrites D.
-//   rs_n64 / rs_n128: D (64 x 64 / 64 x 128, f32) += A (registers, the m16n8k16 A fragment
-//            of this warp's 16 rows) * B (smem descriptor, MN-major: transposed).
-#define FF_DEFINE_WGMMA(TAG, PTX)                                                           \
-    template <>                                                                             \
-    struct ff_wgmma<TAG> {                                                                  \
-        __device__ static __forceinline__ void ss_n64(float (&d)[8][4], ff_u64_t desc_a,    \
-                                                      ff_u64_t desc_b, int scale_d) {       \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                      \
-                         "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"     \
-                         FF_REGS_N64 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                     \
-                         : FF_ACC_N64                                                       \
-                         : "l"(desc_a), "l"(desc_b), "r"(scale_d)                           \
-                         : "memory");                                                       \
-        }                                                                                   \
-        __device__ static __forceinline__ void ss_n128(float (&d)[16][4], ff_u64_t desc_a,  \
-                                                       ff_u64_t desc_b, int scale_d) {      \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                      \
-                         "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " {"    \
-                         FF_REGS_N128 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                    \
-                         : FF_ACC_N128                                                      \
-                         : "l"(desc_a), "l"(desc_b), "r"(scale_d)                           \
-                         : "memory");                                                       \
-        }                                                                                   \
-        __device__ static __forceinline__ void ss_n64_mn(float (&d)[8][4], ff_u64_t desc_a, \
-                                                         ff_u64_t desc_b, int scale_d) {    \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                      \
-                         "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"     \
-                         FF_REGS_N64 "}, %32, %33, p, 1, 1, 1, 1;\n}\n"                     \
-                         : FF_ACC_N64                                                       \
-                         : "l"(desc_a), "l"(desc_b), "r"(scale_d)                           \
-                         : "memory");                                                       \
-        }                                                                                   \
-        __device__ static __forceinline__ void rs_n64(float (&d)[8][4],                     \
-                                                      const ff_u32_t (&a)[4],               \
-                                                      ff_u64_t desc_b, int scale_d) {       \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                      \
-                         "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"     \
-                         FF_REGS_N64 "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"       \
-                         : FF_ACC_N64                                                       \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),         \
-                           "r"(scale_d)                                                     \
-                         : "memory");                                                       \
-        }                                                                                   \
-        __device__ static __forceinline__ void rs_n128(float (&d)[16][4],                   \
-                                                       const ff_u32_t (&a)[4],              \
-                                                       ff_u64_t desc_b, int scale_d) {      \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                      \
-                         "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " {"    \
-                         FF_REGS_N128 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"      \
-                         : FF_ACC_N128                                                      \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),         \
-                           "r"(scale_d)                                                     \
-                         : "memory");                                                       \
-        }                                                                                   \
+//   ss_n64 / ss_n128: 64 x 64 / 64 x 128, A and B from shared memory K-major.
+//   ss_n64_mn: 64 x 64, A and B from shared memory MN-major (A stored as K rows of M, B as
+//            K rows of N).
+//   ss_n64_bmn: 64 x 64, A from shared memory K-major, B MN-major.
+//   rs_n64 / rs_n128: 64 x 64 / 64 x 128, A from registers, B MN-major.
+#define FF_DEFINE_WGMMA(TAG, PTX)            \
+    template <>                              \
+    struct ff_wgmma<TAG> {                   \
+        FF_WGMMA_SS(ss_n64, 64, 0, 0, PTX)     \
+        FF_WGMMA_SS(ss_n128, 128, 0, 0, PTX)   \
+        FF_WGMMA_SS(ss_n64_mn, 64, 1, 1, PTX)  \
+        FF_WGMMA_SS(ss_n64_bmn, 64, 0, 1, PTX) \
+        FF_WGMMA_RS(rs_n64, 64, PTX)           \
+        FF_WGMMA_RS(rs_n128, 128, PTX)         \
     };
 
 FF_DEFINE_WGMMA(ff_bf16, "bf16")
