@@ -617,20 +617,6 @@ pub(super) fn write<T: RowElem>(
     let _ = streamed;
 }
 
-/// Prefetches the cache lines of `bytes` bytes from `p` into L1 (`p` may point anywhere:
-/// a prefetch does not fault).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-pub(super) fn prefetch(p: *const u8, bytes: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let mut off = 0;
-    while off < bytes {
-        // SAFETY: `prefetch` is SSE, which every x86-64 CPU has; it never faults.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast()) };
-        off += 64;
-    }
-}
-
 /// One block of [`write`] by [`avx512::block_write`] or [`avx2::block_write`], as `isa`
 /// says (not [`Isa::Portable`]); `STREAM` as theirs.
 ///

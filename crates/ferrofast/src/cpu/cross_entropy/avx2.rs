@@ -21,7 +21,8 @@
 //! [`block_write`]) are safe `#[target_feature]` functions, which callers without those
 //! features call in `unsafe` after detecting them.
 
-use super::{blocks, exp_nonpositive, prefetch, Logit, Scan, Scratch, EXP2_POLY};
+use super::{blocks, exp_nonpositive, Logit, Scan, Scratch, EXP2_POLY};
+use crate::cpu::simd::prefetch;
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;

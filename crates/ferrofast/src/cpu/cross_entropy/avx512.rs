@@ -37,7 +37,8 @@
 //! `#[target_feature]` functions, which callers without those features call in `unsafe`
 //! after detecting them ([`detected`]).
 
-use super::{blocks, exp_f32, exp_nonpositive, prefetch, Logit, Scan, Scratch, EXP2_POLY};
+use super::{blocks, exp_f32, exp_nonpositive, Logit, Scan, Scratch, EXP2_POLY};
+use crate::cpu::simd::prefetch;
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 use std::f32::consts::{LN_2, LOG2_E};

@@ -13,9 +13,11 @@
 //! contributions in order and the tasks' partial sums are added in task order, so the
 //! results do not depend on the thread count or scheduling (deterministic).
 
-use super::{lane_sum, Acc, LANES};
+use super::{Acc, LANES};
 use crate::array::{host_pool, Array};
 use crate::cpu::simd::Widen;
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::simd::{has_avx2, prefetch};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::norm::{NormKind, NormVjpArgs};
@@ -55,20 +57,25 @@ fn dense<T: VjpFloat>(a: &Array) -> Result<Array> {
     a.astype(T::DTYPE)?.contiguous()
 }
 
+/// The logical elements of a row-major array from [`dense`], borrowed (not its whole buffer:
+/// an empty view of a broadcast buffer still has one element).
+fn rows_of<T: VjpFloat>(a: &Array) -> Result<&[T]> {
+    a.contiguous_slice::<T>()?
+        .ok_or_else(|| Error::invalid("norm backward: a row-major copy was expected".to_string()))
+}
+
 fn run_typed<T: VjpFloat>(args: &NormVjpArgs) -> Result<(Array, Option<Array>, Option<Array>)> {
     let fwd = &args.fwd;
     let shape = fwd.x.shape();
     let d = shape.last().copied().unwrap_or(1);
-    let x = dense::<T>(&fwd.x)?;
-    let g = dense::<T>(&args.cotangent)?;
-    let w = fwd.weight.as_ref().map(dense::<T>).transpose()?;
-    // The logical elements, not the whole buffer: an empty view of a broadcast buffer still
-    // has one.
-    let logical = |a: &Array| -> Result<Vec<T>> { a.to_vec::<T>() };
-    let (x, g) = (logical(&x)?, logical(&g)?);
-    let (x, g) = (x.as_slice(), g.as_slice());
-    let w: Option<Vec<T::C>> = match &w {
-        Some(w) => Some(host_pool::map(&w.to_vec::<T>()?, |v| v.widen())?),
+    // Row-major views of the logical elements in T (the arrays themselves when they already
+    // are: no copy), read in place.
+    let (xa, ga) = (dense::<T>(&fwd.x)?, dense::<T>(&args.cotangent)?);
+    let (x, g) = (rows_of::<T>(&xa)?, rows_of::<T>(&ga)?);
+    let w: Option<Vec<T::C>> = match &fwd.weight {
+        Some(w) => Some(host_pool::map(rows_of::<T>(&dense::<T>(w)?)?, |v| {
+            v.widen()
+        })?),
         None => None,
     };
     let layer = fwd.kind == NormKind::Layer;
@@ -76,7 +83,8 @@ fn run_typed<T: VjpFloat>(args: &NormVjpArgs) -> Result<(Array, Option<Array>, O
     let want_db = layer && fwd.bias.is_some();
 
     let n = x.len();
-    let mut dx = host_pool::take_filled::<T>(n, T::narrow(T::C::ZERO))?;
+    // Every element is written below (n > 0 means d > 0 and whole rows).
+    let mut dx = host_pool::take_or_zeroed::<T>(n)?;
     let mut dw_sum = host_pool::filled(if want_dw { d } else { 0 }, T::C::ZERO)?;
     let mut db_sum = host_pool::filled(if want_db { d } else { 0 }, T::C::ZERO)?;
     if n > 0 && d > 0 {
@@ -139,23 +147,30 @@ fn run_typed<T: VjpFloat>(args: &NormVjpArgs) -> Result<(Array, Option<Array>, O
     Ok((dx, dw, db))
 }
 
-/// `sum(a[i] * b[i])` with [`LANES`] independent accumulators.
+/// `sum(f(x[i], g[i], w[i]))` over a row with [`LANES`] independent accumulators, added up
+/// as `lane_sum` does. (One sum a pass: two accumulator arrays in one loop make LLVM pair
+/// them into scalar-sized vectors.)
 #[inline(always)]
-fn lane_dot<C: Acc>(a: &[C], b: &[C]) -> C {
-    let mut acc = [C::ZERO; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    let mut cb = b.chunks_exact(LANES);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for ((s, &p), &q) in acc.iter_mut().zip(x).zip(y) {
-            *s = *s + p * q;
+fn sum3<C: Acc>(x: &[C], g: &[C], w: &[C], f: impl Fn(C, C, C) -> C) -> C {
+    let mut s = [C::ZERO; LANES];
+    let mut cx = x.chunks_exact(LANES);
+    let mut cg = g.chunks_exact(LANES);
+    let mut cw = w.chunks_exact(LANES);
+    for ((x, g), w) in (&mut cx).zip(&mut cg).zip(&mut cw) {
+        for i in 0..LANES {
+            s[i] = s[i] + f(x[i], g[i], w[i]);
         }
     }
-    let rest = ca
+    let mut rest = C::ZERO;
+    for ((&x, &g), &w) in cx
         .remainder()
         .iter()
-        .zip(cb.remainder())
-        .fold(C::ZERO, |s, (&p, &q)| s + p * q);
-    acc.iter().fold(rest, |s, &v| s + v)
+        .zip(cg.remainder())
+        .zip(cw.remainder())
+    {
+        rest = rest + f(x, g, w);
+    }
+    s.iter().fold(rest, |u, &v| u + v)
 }
 
 /// One task's `dw` and `db` sums (each empty when not wanted).
@@ -174,68 +189,127 @@ struct Job<'a, C> {
 
 impl<C: Acc + PartialOrd> Job<'_, C> {
     /// Writes `dx` for the rows of `x` / `g` (row-major, `d` per row) into `out` and returns
-    /// this task's `dw` and `db` sums (empty when not wanted).
+    /// this task's `dw` and `db` sums (empty when not wanted). Each row is widened once (f32
+    /// and f64 rows are read in place) and then taken in two passes (RMS norm: both sums,
+    /// then the outputs) or three (layer norm: the means, the centred sums, the outputs).
+    ///
+    /// Compiled for AVX2 where the CPU has it (the same operations in the same order: no
+    /// FMA contraction, so both builds give the same bits).
     ///
     /// # Errors
     /// `Error::OutOfMemory` when the task's rows of scratch cannot be allocated.
     fn rows<T: VjpFloat<C = C>>(&self, x: &[T], g: &[T], out: &mut [T]) -> Result<Partials<C>> {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { self.rows_avx2(x, g, out) };
+        }
+        self.rows_impl(x, g, out)
+    }
+
+    /// [`Job::rows`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows_avx2<T: VjpFloat<C = C>>(
+        &self,
+        x: &[T],
+        g: &[T],
+        out: &mut [T],
+    ) -> Result<Partials<C>> {
+        self.rows_impl(x, g, out)
+    }
+
+    /// The body of [`Job::rows`].
+    #[inline(always)]
+    fn rows_impl<T: VjpFloat<C = C>>(
+        &self,
+        x: &[T],
+        g: &[T],
+        out: &mut [T],
+    ) -> Result<Partials<C>> {
         let d = self.d;
         let mut dw = host_pool::filled(if self.want_dw { d } else { 0 }, C::ZERO)?;
         let mut db = host_pool::filled(if self.want_db { d } else { 0 }, C::ZERO)?;
-        let mut xs = host_pool::filled(d, C::ZERO)?;
-        let mut gw = host_pool::filled(d, C::ZERO)?;
-        for ((xr, gr), o) in x
+        let widened = T::as_compute(x).is_none();
+        let scratch = if widened { d } else { 0 };
+        let mut xs = host_pool::filled(scratch, C::ZERO)?;
+        let mut gs = host_pool::filled(scratch, C::ZERO)?;
+        let ones = match self.w {
+            Some(_) => Vec::new(),
+            None => host_pool::filled(d, C::ONE)?,
+        };
+        let w = self.w.unwrap_or(&ones);
+        let row_bytes = d * std::mem::size_of::<T>();
+        for (r, ((xr, gr), o)) in x
             .chunks_exact(d)
             .zip(g.chunks_exact(d))
             .zip(out.chunks_exact_mut(d))
+            .enumerate()
         {
-            for (s, &v) in xs.iter_mut().zip(xr) {
-                *s = v.widen();
+            // The next row's inputs are fetched while this one is computed (its passes run
+            // from L1 / L2); without it the memory idles between rows' first reads.
+            #[cfg(target_arch = "x86_64")]
+            {
+                prefetch(x.as_ptr().wrapping_add((r + 1) * d).cast(), row_bytes);
+                prefetch(g.as_ptr().wrapping_add((r + 1) * d).cast(), row_bytes);
             }
-            // Row statistics as the forward computes them.
-            let mean = if self.layer {
-                lane_sum(&xs, |v| v) * self.inv_d
-            } else {
-                C::ZERO
-            };
-            if self.layer {
-                for v in xs.iter_mut() {
-                    *v = *v - mean;
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (r, row_bytes);
+            let (xr, gr): (&[C], &[C]) = match (T::as_compute(xr), T::as_compute(gr)) {
+                (Some(a), Some(b)) => (a, b),
+                _ => {
+                    T::widen_slice(xr, &mut xs);
+                    T::widen_slice(gr, &mut gs);
+                    (&xs, &gs)
                 }
-            }
-            let var = lane_sum(&xs, |v| v * v) * self.inv_d;
+            };
+            // Row statistics as the forward computes them (layer norm: the mean, then the
+            // variance about it), with the sums of g * w and g * w * (x - mean).
+            let (mean, mean_gw) = if self.layer {
+                let sx = sum3(xr, gr, w, |x, _, _| x);
+                let sgw = sum3(xr, gr, w, |_, g, w| g * w);
+                (sx * self.inv_d, sgw * self.inv_d)
+            } else {
+                (C::ZERO, C::ZERO)
+            };
+            let var = sum3(xr, gr, w, |x, _, _| (x - mean) * (x - mean));
+            let sum_gwx = sum3(xr, gr, w, |x, g, w| g * w * (x - mean));
+            let var = var * self.inv_d;
             let n = C::ONE / (var + self.eps).sqrt();
-            // gw = g * w; the row sums of the formula.
-            match self.w {
-                Some(w) => {
-                    for ((s, &v), &wi) in gw.iter_mut().zip(gr).zip(w) {
-                        *s = v.widen() * wi;
-                    }
-                }
-                None => {
-                    for (s, &v) in gw.iter_mut().zip(gr) {
-                        *s = v.widen();
-                    }
-                }
-            }
-            let sum_gwx = lane_dot(&gw, &xs);
-            let mean_gw = if self.layer {
-                lane_sum(&gw, |v| v) * self.inv_d
-            } else {
-                C::ZERO
-            };
             let c = sum_gwx * self.inv_d * n * n * n;
-            for ((o, &a), &b) in o.iter_mut().zip(&gw).zip(&xs) {
-                *o = T::narrow((a - mean_gw) * n - b * c);
-            }
-            if self.want_dw {
-                for ((s, &v), &b) in dw.iter_mut().zip(gr).zip(&xs) {
-                    *s = *s + v.widen() * b * n;
+            // dx, and this row's share of dw and db, in one pass.
+            let (o, xr, gr, w) = (&mut o[..d], &xr[..d], &gr[..d], &w[..d]);
+            let dx_at = |i: usize| T::narrow((gr[i] * w[i] - mean_gw) * n - (xr[i] - mean) * c);
+            match (self.want_dw, self.want_db) {
+                (true, true) => {
+                    let (dw, db) = (&mut dw[..d], &mut db[..d]);
+                    for i in 0..d {
+                        o[i] = dx_at(i);
+                        dw[i] = dw[i] + gr[i] * (xr[i] - mean) * n;
+                        db[i] = db[i] + gr[i];
+                    }
                 }
-            }
-            if self.want_db {
-                for (s, &v) in db.iter_mut().zip(gr) {
-                    *s = *s + v.widen();
+                (true, false) => {
+                    let dw = &mut dw[..d];
+                    for i in 0..d {
+                        o[i] = dx_at(i);
+                        dw[i] = dw[i] + gr[i] * (xr[i] - mean) * n;
+                    }
+                }
+                (false, true) => {
+                    let db = &mut db[..d];
+                    for i in 0..d {
+                        o[i] = dx_at(i);
+                        db[i] = db[i] + gr[i];
+                    }
+                }
+                (false, false) => {
+                    for (i, o) in o.iter_mut().enumerate() {
+                        *o = dx_at(i);
+                    }
                 }
             }
         }
