@@ -17,7 +17,7 @@ use std::sync::Mutex;
 /// process: two such tests must not interleave). Other tests may run meanwhile; the
 /// variables change which kernel runs, never the result beyond rounding.
 static ENV: Mutex<()> = Mutex::new(());
-/// Picks the attention backward's kernels (`sm90`: the Hopper kernels at D 64 too).
+/// Picks the attention backward's kernels (`mma`: never the Hopper kernels).
 const KERNEL_VAR: &str = "FERROFAST_BACKWARD_KERNEL";
 /// `1`: bit-reproducible kernels only (the Hopper backward's two passes).
 const DETERMINISTIC_VAR: &str = "FERROFAST_DETERMINISTIC";
@@ -513,14 +513,14 @@ on_every_device! {
 
     /// Every form of the Hopper backward on the cases it takes (D 64 and 128, f16 / bf16, no
     /// mask, causal both ways, bool masks, sinks, grouped-query and multi-query heads, lengths
-    /// over several tiles and not multiples of them): the fused pass (the default at D 128,
-    /// and at D 64 with `FERROFAST_BACKWARD_KERNEL=sm90`) and the two passes
-    /// (`FERROFAST_DETERMINISTIC=1`), each against the oracle. On other devices the
-    /// variables choose nothing: the cases run once.
+    /// over several tiles and not multiples of them): the fused pass (the default), the two
+    /// passes (`FERROFAST_DETERMINISTIC=1`), and the `mma.sync` kernels these head dims take
+    /// on other GPUs (`FERROFAST_BACKWARD_KERNEL=mma`), each against the oracle. On other
+    /// devices the variables choose nothing: the cases run once.
     fn hopper_backward_forms(dev: &Device) {
         let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
         let forms: &[(Option<&str>, bool)] = if matches!(dev, Device::Cuda(_)) {
-            &[(None, false), (Some("sm90"), false), (None, true), (Some("sm90"), true)]
+            &[(None, false), (None, true), (Some("mma"), false)]
         } else {
             &[(None, false)]
         };

@@ -86,10 +86,6 @@ pub(crate) struct Knobs {
     pub(crate) backward_simt_only: bool,
     /// `FERROFAST_BACKWARD_KERNEL=mma`: the attention backward never on the Hopper kernels.
     pub(crate) backward_mma_only: bool,
-    /// `FERROFAST_BACKWARD_KERNEL=sm90`: the attention backward on the Hopper kernels for
-    /// every head dim they take (by default only `D = D_v = 128`, where they are faster
-    /// than `mma.sync`).
-    pub(crate) backward_sm90: bool,
     /// `FERROFAST_DETERMINISTIC=1`: only kernels whose results do not depend on the order
     /// of concurrent additions (the attention backward's two-pass Hopper kernels instead of
     /// the fused one).
@@ -100,8 +96,8 @@ pub(crate) struct Knobs {
 pub(crate) const PREFILL_KERNEL_KNOB: &str = "FERROFAST_PREFILL_KERNEL";
 /// The environment variable that keeps decode off the tensor cores (`simt`).
 pub(crate) const DECODE_KERNEL_KNOB: &str = "FERROFAST_DECODE_KERNEL";
-/// The environment variable that sends the attention backward to the Hopper kernels for every
-/// head dim they take (`sm90`), keeps it off them (`mma`) or off the tensor cores (`simt`).
+/// The environment variable that keeps the attention backward off the Hopper kernels (`mma`)
+/// or off the tensor cores (`simt`).
 pub(crate) const BACKWARD_KERNEL_KNOB: &str = "FERROFAST_BACKWARD_KERNEL";
 /// The environment variable that asks for bit-reproducible results (`1` or `true`).
 pub(crate) const DETERMINISTIC_KNOB: &str = "FERROFAST_DETERMINISTIC";
@@ -118,7 +114,6 @@ impl Knobs {
             decode_simt_only: is(DECODE_KERNEL_KNOB, "simt"),
             backward_simt_only: is(BACKWARD_KERNEL_KNOB, "simt"),
             backward_mma_only: is(BACKWARD_KERNEL_KNOB, "mma"),
-            backward_sm90: is(BACKWARD_KERNEL_KNOB, "sm90"),
             deterministic: is(DETERMINISTIC_KNOB, "1") || is(DETERMINISTIC_KNOB, "true"),
         }
     }
@@ -175,7 +170,7 @@ pub(crate) enum BackwardKernel {
     /// `attn_backward_sm90.cu`'s fused pass (TMA, wgmma; compute capability 9.0 only):
     /// f16 / bf16, `D = D_v` in {64, 128}, every mask kind and sinks; dK, dV and dQ in one
     /// pass, dQ added in f32 by bulk reductions (results can differ in the last bits
-    /// between runs). By default for `D = 128` only, for both with the `sm90` knob.
+    /// between runs).
     Sm90Fused,
     /// `attn_backward_sm90.cu`'s two passes (dK / dV, then dQ; each block owns what it
     /// writes): [`BackwardKernel::Sm90Fused`]'s calls under the `deterministic` knob.
@@ -198,7 +193,6 @@ pub(crate) fn select_backward(p: &Problem, arch: &str, knobs: Knobs) -> Backward
         && p.half_precision()
         && !knobs.backward_simt_only
         && !knobs.backward_mma_only
-        && (knobs.backward_sm90 || p.d == 128)
         && super::backward::sm90_takes(p.d, p.d_v)
         && grid_fits
     {
@@ -248,7 +242,6 @@ mod tests {
         decode_simt_only: false,
         backward_simt_only: false,
         backward_mma_only: false,
-        backward_sm90: false,
         deterministic: false,
     };
     use Kernel::*;
@@ -406,31 +399,18 @@ mod tests {
 
     #[test]
     fn hopper_backward_rows() {
-        // Hopper: f16 / bf16, D = D_v = 128 by default, D = D_v in {64, 128} with the sm90
-        // knob; every mask kind and sinks; the fused pass unless the deterministic knob
-        // asks for the two passes. The mma knob keeps both on mma.sync.
-        let sm90 = Knobs {
-            backward_sm90: true,
-            ..NO
-        };
+        // Hopper: f16 / bf16, D = D_v in {64, 128}; every mask kind and sinks; the fused
+        // pass unless the deterministic knob asks for the two passes. The mma knob keeps
+        // both on mma.sync.
         let exact = Knobs {
             deterministic: true,
             ..NO
-        };
-        let sm90_exact = Knobs {
-            deterministic: true,
-            ..sm90
         };
         let mma = Knobs {
             backward_mma_only: true,
             ..NO
         };
         for d in [64, 128] {
-            let (default, default_exact) = if d == 128 {
-                (BackwardKernel::Sm90Fused, BackwardKernel::Sm90)
-            } else {
-                (BackwardKernel::Mma, BackwardKernel::Mma)
-            };
             for dt in [F16, BF16] {
                 for tq in [1, 4096] {
                     let plain = p(dt, tq, d, d);
@@ -441,14 +421,13 @@ mod tests {
                     };
                     for prob in [plain, masked] {
                         let on_sm90 = |knobs| select_backward(&prob, "sm_90", knobs);
-                        assert_eq!(on_sm90(sm90), BackwardKernel::Sm90Fused);
-                        assert_eq!(on_sm90(sm90_exact), BackwardKernel::Sm90);
-                        assert_eq!(on_sm90(NO), default);
-                        assert_eq!(on_sm90(exact), default_exact);
+                        assert_eq!(on_sm90(NO), BackwardKernel::Sm90Fused);
+                        assert_eq!(on_sm90(exact), BackwardKernel::Sm90);
+                        assert_eq!(on_sm90(mma), BackwardKernel::Mma);
                     }
                     let prob = masked;
                     // sm_90a (not a device's name) and other architectures: mma.sync.
-                    for knobs in [NO, sm90, exact] {
+                    for knobs in [NO, exact] {
                         assert_eq!(select_backward(&prob, "sm_90a", knobs), BackwardKernel::Mma);
                         assert_eq!(select_backward(&prob, "sm_89", knobs), BackwardKernel::Mma);
                     }
@@ -461,7 +440,7 @@ mod tests {
         }
         // Other head dims in the mma.sync table stay there on Hopper.
         for (d, dv) in [(80, 80), (96, 96), (192, 128), (256, 256)] {
-            for knobs in [NO, sm90] {
+            for knobs in [NO, exact] {
                 assert_eq!(
                     select_backward(&p(BF16, 4096, d, dv), "sm_90", knobs),
                     BackwardKernel::Mma

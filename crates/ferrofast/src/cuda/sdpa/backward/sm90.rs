@@ -5,9 +5,8 @@
 //! grouped-query heads). The delta and dsinks kernels around them are the ones every
 //! backward shares (`super::run_tiles`).
 //!
-//! `super::super::select::select_backward` gives them `D = D_v = 128` by default (faster
-//! than `mma.sync` there: `docs/perf-notes.md`) and `D = 64` too with
-//! `FERROFAST_BACKWARD_KERNEL=sm90` (at 64 the two are about as fast).
+//! `super::super::select::select_backward` gives them both head dims on Hopper (faster than
+//! `mma.sync` at each: `docs/perf-notes.md`); `FERROFAST_BACKWARD_KERNEL=mma` keeps them off.
 //!
 //! Inputs are read through tensor maps (`super::super::prefill_sm90::tensor_map`): in place
 //! when a map can describe them (last axis contiguous, 16-byte aligned rows, non-negative
