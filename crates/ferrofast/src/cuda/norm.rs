@@ -159,10 +159,14 @@ fn all_variants() -> Vec<String> {
                     out.push(variant(kind, dtype, Plan::Group { g: 32, chunks }, aligned));
                 }
                 for chunks in VJP_CHUNKS {
-                    out.push(vjp_variant(kind, dtype, Some(chunks), aligned));
+                    let plan = VjpPlan::Rows { chunks, threads: 0 };
+                    out.push(vjp_variant(kind, dtype, plan, aligned));
                 }
             }
-            out.push(vjp_variant(kind, dtype, None, false));
+            for chunks in VJP_WARP_CHUNKS {
+                out.push(vjp_variant(kind, dtype, VjpPlan::Warp { chunks }, true));
+            }
+            out.push(vjp_variant(kind, dtype, VjpPlan::Looped, false));
         }
     }
     out.push(VJP_REDUCE.to_string());
@@ -386,28 +390,74 @@ const VJP_MAX_THREADS: usize = 512;
 const VJP_REDUCE: &str = "norm_vjp_reduce";
 const VJP_REDUCE_ROWS: u32 = 32;
 
-/// The backward kernel serving rows of `d` elements: `Some(chunks)` for `norm_vjp_rows`,
-/// `None` for `norm_vjp_looped`; and its threads per block.
-fn vjp_plan(d: usize, dtype: DType) -> (Option<usize>, u32) {
+/// Register chunks per lane of the backward's warp-per-row kernel (`norm_vjp_warp`).
+const VJP_WARP_CHUNKS: [usize; 3] = [1, 2, 4];
+
+/// Warps (rows at a time) per block of `norm_vjp_warp` (`FF_NORM_VJP_WARPS` in norm.cu).
+const VJP_WARPS: u32 = 4;
+
+/// Which backward kernel serves rows of `d` elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VjpPlan {
+    /// A warp per row, `chunks` register chunks per lane (`norm_vjp_warp`; aligned rows of
+    /// at most `32 * 4` vectors only).
+    Warp { chunks: usize },
+    /// A block of `threads` per row, `chunks` register chunks per thread (`norm_vjp_rows`).
+    Rows { chunks: usize, threads: u32 },
+    /// A block of [`VJP_MAX_THREADS`] per row, looping over it (`norm_vjp_looped`).
+    Looped,
+}
+
+impl VjpPlan {
+    /// Threads per block.
+    fn threads(self) -> u32 {
+        match self {
+            VjpPlan::Warp { .. } => 32 * VJP_WARPS,
+            VjpPlan::Rows { threads, .. } => threads,
+            VjpPlan::Looped => VJP_MAX_THREADS as u32,
+        }
+    }
+
+    /// Rows a block takes at a time.
+    fn rows_per_block(self) -> usize {
+        match self {
+            VjpPlan::Warp { .. } => VJP_WARPS as usize,
+            VjpPlan::Rows { .. } | VjpPlan::Looped => 1,
+        }
+    }
+}
+
+/// The backward kernel for rows of `d` elements of `dtype`, `aligned` as the launcher's
+/// checks say (16-byte vectors everywhere).
+fn vjp_plan(d: usize, dtype: DType, aligned: bool) -> VjpPlan {
     let needed = d.div_ceil(n_reads(dtype)).max(1);
+    if aligned {
+        if let Some(&chunks) = VJP_WARP_CHUNKS.iter().find(|&&c| needed <= 32 * c) {
+            return VjpPlan::Warp { chunks };
+        }
+    }
     for chunks in VJP_CHUNKS {
         let threads = needed.div_ceil(chunks).div_ceil(32) * 32;
         if threads <= VJP_MAX_THREADS {
-            return (Some(chunks), threads as u32);
+            return VjpPlan::Rows {
+                chunks,
+                threads: threads as u32,
+            };
         }
     }
-    (None, VJP_MAX_THREADS as u32)
+    VjpPlan::Looped
 }
 
-fn vjp_variant(kind: NormKind, dtype: DType, chunks: Option<usize>, aligned: bool) -> String {
+fn vjp_variant(kind: NormKind, dtype: DType, plan: VjpPlan, aligned: bool) -> String {
     let k = match kind {
         NormKind::Rms => "ff_rms",
         NormKind::Layer => "ff_layer",
     };
     let t = type_tag(dtype);
-    match chunks {
-        Some(c) => format!("norm_vjp_rows<{k}, {t}, {c}, {aligned}>"),
-        None => format!("norm_vjp_looped<{k}, {t}>"),
+    match plan {
+        VjpPlan::Warp { chunks } => format!("norm_vjp_warp<{k}, {t}, {chunks}>"),
+        VjpPlan::Rows { chunks, .. } => format!("norm_vjp_rows<{k}, {t}, {chunks}, {aligned}>"),
+        VjpPlan::Looped => format!("norm_vjp_looped<{k}, {t}>"),
     }
 }
 
@@ -461,8 +511,12 @@ pub(crate) fn vjp(
     let n = fwd.x.size();
     let (x, xrs) = rows(&fwd.x)?;
     let (g, grs) = rows(&args.cotangent)?;
+    // A strided weight is copied too (D values): the kernel plan then depends on x and g
+    // alone, so strided and contiguous weights give the same bits.
     let w = match &fwd.weight {
-        Some(w) if w.dtype() != dtype => Some(copy_cast(w, dtype, Some(stream))?),
+        Some(w) if w.dtype() != dtype || !w.is_contiguous() => {
+            Some(copy_cast(w, dtype, Some(stream))?)
+        }
         other => other.clone(),
     };
     let want_dw = fwd.weight.is_some();
@@ -491,11 +545,14 @@ pub(crate) fn vjp(
             && wp
                 .as_ref()
                 .is_none_or(|p| p.stride == 1 && p.buffer.is_aligned(p.offset as usize, 16));
-        let (chunks, threads) = vjp_plan(d, dtype);
-        let name = vjp_variant(kind, dtype, chunks, aligned && chunks.is_some());
+        let plan = vjp_plan(d, dtype, aligned);
+        let threads = plan.threads();
+        let name = vjp_variant(kind, dtype, plan, aligned);
         let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
         let resident = resident_blocks(&device, &name, &func, threads, 0)?;
-        let blocks = (n_rows as u64).min(resident).max(1);
+        let blocks = (n_rows.div_ceil(plan.rows_per_block()) as u64)
+            .min(resident)
+            .max(1);
         let parts = blocks as usize;
         let part_len = |want: bool| if want { parts * d } else { 0 };
         let mut dw_part = CudaBuffer::alloc(&device, stream, DType::F32, part_len(want_dw))?;
@@ -609,6 +666,35 @@ pub(crate) fn vjp(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backward_plans() {
+        let warp = |chunks| VjpPlan::Warp { chunks };
+        let rows = |chunks, threads| VjpPlan::Rows { chunks, threads };
+        for (d, dt, aligned, want) in [
+            (8, DType::BF16, true, warp(1)),
+            (256, DType::BF16, true, warp(1)),
+            (264, DType::BF16, true, warp(2)),
+            (1024, DType::BF16, true, warp(4)),
+            (1024, DType::BF16, false, rows(1, 128)),
+            (512, DType::F32, true, warp(4)),
+            (1024, DType::F32, true, rows(1, 256)),
+            (1032, DType::BF16, true, rows(1, 160)),
+            (4096, DType::BF16, true, rows(1, 512)),
+            (8192, DType::BF16, true, rows(2, 512)),
+            (8200, DType::BF16, true, VjpPlan::Looped),
+        ] {
+            assert_eq!(
+                vjp_plan(d, dt, aligned),
+                want,
+                "D {d} {dt} aligned {aligned}"
+            );
+        }
+        assert_eq!(warp(4).threads(), 128);
+        assert_eq!(warp(4).rows_per_block(), 4);
+        assert_eq!(rows(1, 160).rows_per_block(), 1);
+        assert!(all_variants().contains(&"norm_vjp_warp<ff_layer, ff_bf16, 4>".to_string()));
+    }
 
     #[test]
     fn plans_cover_rows_and_switch_to_looped() {

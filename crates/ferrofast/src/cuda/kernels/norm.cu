@@ -728,6 +728,55 @@ struct ff_norm_vjp_params {
 // registers per thread, room for a row in flight while the previous one is reduced.
 #define FF_NORM_VJP_THREADS 512
 
+// A row's statistics for the backward, from its values in registers (CH chunks of N per
+// thread; chunk c starts at element base_of(c), values past D are 0): layer norm centres xv
+// on the mean (0 past D) and gives mean(g * w); then n = rsqrt(var + eps) and
+// c3 = mean(g * w * xc) * n^3. sum2(a, b) adds a and b over the threads sharing the row.
+template <typename K, int CH, int N, typename BASE, typename SUM2>
+__device__ __forceinline__ void ff_norm_vjp_stats(float (&xv)[CH][N], const float (&gv)[CH][N],
+                                                  const float (&wv)[CH][N], int D, float eps,
+                                                  BASE base_of, SUM2 sum2, float& mean_gw,
+                                                  float& n, float& c3) {
+    const float inv_d = 1.0f / (float)D;
+    mean_gw = 0.0f;
+    if constexpr (K::layer) {
+        float s1 = 0.0f;
+        float s2 = 0.0f;
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                s1 += xv[c][k];
+                s2 += gv[c][k] * wv[c][k];
+            }
+        }
+        sum2(s1, s2);
+        const float mean = s1 * inv_d;
+        mean_gw = s2 * inv_d;
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+            const int base = base_of(c);
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                xv[c][k] = base + k < D ? xv[c][k] - mean : 0.0f;
+            }
+        }
+    }
+    float q1 = 0.0f;
+    float q2 = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            q1 += xv[c][k] * xv[c][k];
+            q2 += gv[c][k] * wv[c][k] * xv[c][k];
+        }
+    }
+    sum2(q1, q2);
+    n = 1.0f / sqrtf(q1 * inv_d + eps);
+    c3 = q2 * inv_d * n * n * n;
+}
+
 template <typename K, typename T, int N_CHUNKS, bool ALIGNED>
 __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_rows(FF_NORM_VJP_PARAMS(T)) {
     FF_NORM_PARAMS(params.f);
@@ -754,7 +803,6 @@ __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_rows(FF_NORM_VJP
             dbp[c][k] = 0.0f;
         }
     }
-    const float inv_d = 1.0f / (float)D;
     // Each row's x and g are loaded (packed, unconverted) one iteration ahead, so the loads
     // of the next row are in flight while this one is reduced and written.
     ff_pack<S, N> xp[N_CHUNKS];
@@ -786,44 +834,11 @@ __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_rows(FF_NORM_VJP
         if (row + gridDim.x < n_rows) {
             load_row(row + gridDim.x);
         }
-        float mean_gw = 0.0f;
-        if constexpr (K::layer) {
-            // Mean of x and of g * w, then centre x (elements past D stay 0).
-            float s1 = 0.0f;
-            float s2 = 0.0f;
-#pragma unroll
-            for (int c = 0; c < N_CHUNKS; ++c) {
-#pragma unroll
-                for (int k = 0; k < N; ++k) {
-                    s1 += xv[c][k];
-                    s2 += gv[c][k] * wv[c][k];
-                }
-            }
-            ff_block_sum2(s1, s2, scratch);
-            const float mean = s1 * inv_d;
-            mean_gw = s2 * inv_d;
-#pragma unroll
-            for (int c = 0; c < N_CHUNKS; ++c) {
-                const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
-#pragma unroll
-                for (int k = 0; k < N; ++k) {
-                    xv[c][k] = base + k < D ? xv[c][k] - mean : 0.0f;
-                }
-            }
-        }
-        float q1 = 0.0f;
-        float q2 = 0.0f;
-#pragma unroll
-        for (int c = 0; c < N_CHUNKS; ++c) {
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                q1 += xv[c][k] * xv[c][k];
-                q2 += gv[c][k] * wv[c][k] * xv[c][k];
-            }
-        }
-        ff_block_sum2(q1, q2, scratch);
-        const float n = 1.0f / sqrtf(q1 * inv_d + eps);
-        const float c3 = q2 * inv_d * n * n * n;
+        float mean_gw, n, c3;
+        ff_norm_vjp_stats<K, N_CHUNKS, N>(
+            xv, gv, wv, D, eps,
+            [&](int c) { return (c * (int)blockDim.x + (int)threadIdx.x) * N; },
+            [&](float& a, float& b) { ff_block_sum2(a, b, scratch); }, mean_gw, n, c3);
         S* dxr = dx + row * (ff_i64_t)D;
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
@@ -853,6 +868,135 @@ __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_rows(FF_NORM_VJP
                 if (db_part != nullptr) {
                     db_part[at] = dbp[c][k];
                 }
+            }
+        }
+    }
+}
+
+// Rows of at most 32 * N * CH elements (ALIGNED layouts only): a warp per row, so every sum
+// is a warp shuffle (the one-block-per-row kernel's block reductions dominate short rows).
+// A warp keeps its next row's x and g in flight while it reduces the current one. Each warp
+// adds its rows' dw / db contributions into its own slice of shared memory (element j of
+// lane l's chunk c at (c * N + j) * 32 + l: conflict-free); at the end the block adds its
+// warps' slices in warp order into its partial row. Rows go to warps round-robin over the
+// grid, in a loop every warp runs the same number of times (shuffles need every lane).
+#define FF_NORM_VJP_WARPS 4
+
+template <typename K, typename T, int CH>
+__global__ void __launch_bounds__(32 * FF_NORM_VJP_WARPS) norm_vjp_warp(FF_NORM_VJP_PARAMS(T)) {
+    FF_NORM_PARAMS(params.f);
+    (void)b_offset;
+    (void)b_stride;
+    typedef typename T::storage S;
+    const int N = ff_norm<T>::N;
+    constexpr int SLICE = 32 * N * CH;  // floats of one warp's partial sums
+    __shared__ float s_dw[FF_NORM_VJP_WARPS * SLICE];
+    __shared__ float s_db[FF_NORM_VJP_WARPS * SLICE];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const bool want_dw = dw_part != nullptr;
+    const bool want_db = db_part != nullptr;
+    for (int i = threadIdx.x; i < FF_NORM_VJP_WARPS * SLICE; i += blockDim.x) {
+        s_dw[i] = 0.0f;
+        s_db[i] = 0.0f;
+    }
+    __syncthreads();
+    float* const my_dw = s_dw + warp * SLICE + lane;
+    float* const my_db = s_db + warp * SLICE + lane;
+    float wv[CH][N];
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        const int base = (c * 32 + lane) * N;
+        if (w != nullptr) {
+            ff_load<T, true>(w + w_offset, 1, base, D, wv[c]);
+        } else {
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                wv[c][k] = 1.0f;
+            }
+        }
+    }
+    const ff_i64_t stride = (ff_i64_t)gridDim.x * FF_NORM_VJP_WARPS;
+    const ff_i64_t first = (ff_i64_t)blockIdx.x * FF_NORM_VJP_WARPS + warp;
+    ff_pack<S, N> xp[CH];
+    ff_pack<S, N> gp[CH];
+    auto load_row = [&](ff_i64_t r) {
+        const bool valid = r < n_rows;
+        const S* xr = x + x_offset + (valid ? r : 0) * x_row_stride;
+        const S* gr = g + params.g_offset + (valid ? r : 0) * params.g_row_stride;
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+            ff_group_load<T, true>(xr, (c * 32 + lane) * N, D, valid, xp[c]);
+            ff_group_load<T, true>(gr, (c * 32 + lane) * N, D, valid, gp[c]);
+        }
+    };
+    load_row(first);
+    for (ff_i64_t r0 = 0; r0 < n_rows; r0 += stride) {
+        const ff_i64_t row = r0 + first;
+        float xv[CH][N];
+        float gv[CH][N];
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                xv[c][k] = T::to_f32(xp[c].elem[k]);
+                gv[c][k] = T::to_f32(gp[c].elem[k]);
+            }
+        }
+        if (r0 + stride < n_rows) {
+            load_row(row + stride);
+        }
+        float mean_gw, n, c3;
+        ff_norm_vjp_stats<K, CH, N>(
+            xv, gv, wv, D, eps, [&](int c) { return (c * 32 + lane) * N; },
+            [](float& a, float& b) {
+                a = ff_group_sum<32>(a);
+                b = ff_group_sum<32>(b);
+            },
+            mean_gw, n, c3);
+        if (row < n_rows) {
+            S* dxr = dx + row * (ff_i64_t)D;
+#pragma unroll
+            for (int c = 0; c < CH; ++c) {
+                const int base = (c * 32 + lane) * N;
+                if (base < D) {
+                    S o[N];
+#pragma unroll
+                    for (int k = 0; k < N; ++k) {
+                        o[k] = T::from_f32((gv[c][k] * wv[c][k] - mean_gw) * n - xv[c][k] * c3);
+                        const int at = (c * N + k) * 32;
+                        if (want_dw) {
+                            my_dw[at] += gv[c][k] * xv[c][k] * n;
+                        }
+                        if (want_db) {
+                            my_db[at] += gv[c][k];
+                        }
+                    }
+                    ff_store<T, true>(dxr, base, D, o);
+                }
+            }
+        }
+    }
+    __syncthreads();
+    // The block's partial row: the warps' slices added in warp order.
+    for (int e = threadIdx.x; e < SLICE; e += blockDim.x) {
+        const int l = e & 31;
+        const int ck = e >> 5;
+        const int col = ((ck / N) * 32 + l) * N + ck % N;
+        if (col < D) {
+            float sw = 0.0f;
+            float sb = 0.0f;
+#pragma unroll
+            for (int v = 0; v < FF_NORM_VJP_WARPS; ++v) {
+                sw += s_dw[v * SLICE + e];
+                sb += s_db[v * SLICE + e];
+            }
+            const ff_i64_t at = (ff_i64_t)blockIdx.x * D + col;
+            if (want_dw) {
+                dw_part[at] = sw;
+            }
+            if (want_db) {
+                db_part[at] = sb;
             }
         }
     }
