@@ -72,11 +72,10 @@ fn run_typed<T: VjpFloat>(args: &NormVjpArgs) -> Result<(Array, Option<Array>, O
     // are: no copy), read in place.
     let (xa, ga) = (dense::<T>(&fwd.x)?, dense::<T>(&args.cotangent)?);
     let (x, g) = (rows_of::<T>(&xa)?, rows_of::<T>(&ga)?);
-    let w: Option<Vec<T::C>> = match &fwd.weight {
-        Some(w) => Some(host_pool::map(rows_of::<T>(&dense::<T>(w)?)?, |v| {
-            v.widen()
-        })?),
-        None => None,
+    // The weight widened, or ones (one row for the whole call).
+    let w: Vec<T::C> = match &fwd.weight {
+        Some(w) => host_pool::map(rows_of::<T>(&dense::<T>(w)?)?, |v| v.widen())?,
+        None => host_pool::filled(d, T::C::ONE)?,
     };
     let layer = fwd.kind == NormKind::Layer;
     let want_dw = fwd.weight.is_some();
@@ -98,7 +97,7 @@ fn run_typed<T: VjpFloat>(args: &NormVjpArgs) -> Result<(Array, Option<Array>, O
             d,
             eps: T::C::from_f64(f64::from(fwd.eps)),
             inv_d: T::C::from_f64(1.0 / d as f64),
-            w: w.as_deref(),
+            w: &w,
             want_dw,
             want_db,
         };
@@ -182,7 +181,8 @@ struct Job<'a, C> {
     d: usize,
     eps: C,
     inv_d: C,
-    w: Option<&'a [C]>,
+    /// The weight in the compute type, or ones.
+    w: &'a [C],
     want_dw: bool,
     want_db: bool,
 }
@@ -237,11 +237,7 @@ impl<C: Acc + PartialOrd> Job<'_, C> {
         let scratch = if widened { d } else { 0 };
         let mut xs = host_pool::filled(scratch, C::ZERO)?;
         let mut gs = host_pool::filled(scratch, C::ZERO)?;
-        let ones = match self.w {
-            Some(_) => Vec::new(),
-            None => host_pool::filled(d, C::ONE)?,
-        };
-        let w = self.w.unwrap_or(&ones);
+        let w = self.w;
         let row_bytes = d * std::mem::size_of::<T>();
         for (r, ((xr, gr), o)) in x
             .chunks_exact(d)

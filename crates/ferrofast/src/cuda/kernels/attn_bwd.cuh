@@ -21,6 +21,44 @@ __device__ __forceinline__ float ff_bwd_lse2(const float* lse, ff_i64_t row, boo
     return l == FF_ATTN_NEG_INF ? FF_BWD_POS_INF : l * FF_ATTN_LOG2E;
 }
 
+// Calls f(ms, nb, i, value_of(query)) for every element [ms][nb][i] of one warp's MS slabs
+// of 16 rows x NC columns, taking each query's value once, next to its elements (TRANS
+// false: rows are queries, TRANS true: columns are; rows and columns as ff_bwd_probs').
+template <int MS, int NC, bool TRANS, typename OF, typename F>
+__device__ __forceinline__ void ff_bwd_each_query(int row0, int col0, OF value_of, F f) {
+    if (TRANS) {
+#pragma unroll
+        for (int nb = 0; nb < NC / 8; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float v = value_of(col0 + 8 * nb + e);
+#pragma unroll
+                for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf) {
+                        f(ms, nb, 2 * hf + e, v);
+                    }
+                }
+            }
+        }
+    } else {
+#pragma unroll
+        for (int ms = 0; ms < MS; ++ms) {
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const float v = value_of(row0 + 16 * ms + 8 * hf);
+#pragma unroll
+                for (int nb = 0; nb < NC / 8; ++nb) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        f(ms, nb, 2 * hf + e, v);
+                    }
+                }
+            }
+        }
+    }
+}
+
 // The scores of one warp's MS slabs of 16 rows x NC columns (mma accumulator layout) to
 // probabilities in place. TRANS false: rows are queries, columns keys; TRANS true: rows
 // keys, columns queries. `row0`: this lane's first row index (its rows are row0 + 16 ms +
@@ -34,41 +72,10 @@ __device__ __forceinline__ void ff_bwd_probs(float (&s)[MS][NC / 8][4], int row0
                                              LSE lse2_of) {
     typedef typename T::storage S;
     if (full) {
-        // Most tiles: one FMA and one exp2 an element, no branch, and each query's lse2
-        // taken once, next to its elements.
-        if (TRANS) {
-#pragma unroll
-            for (int nb = 0; nb < NC / 8; ++nb) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const float l = lse2_of(col0 + 8 * nb + e);
-#pragma unroll
-                    for (int ms = 0; ms < MS; ++ms) {
-#pragma unroll
-                        for (int hf = 0; hf < 2; ++hf) {
-                            float& x = s[ms][nb][2 * hf + e];
-                            x = ff_exp2(x * scale_log2 - l);
-                        }
-                    }
-                }
-            }
-        } else {
-#pragma unroll
-            for (int ms = 0; ms < MS; ++ms) {
-#pragma unroll
-                for (int hf = 0; hf < 2; ++hf) {
-                    const float l = lse2_of(row0 + 16 * ms + 8 * hf);
-#pragma unroll
-                    for (int nb = 0; nb < NC / 8; ++nb) {
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            float& x = s[ms][nb][2 * hf + e];
-                            x = ff_exp2(x * scale_log2 - l);
-                        }
-                    }
-                }
-            }
-        }
+        // Most tiles: one FMA and one exp2 an element, no branch.
+        ff_bwd_each_query<MS, NC, TRANS>(row0, col0, lse2_of, [&](int ms, int nb, int i, float l) {
+            s[ms][nb][i] = ff_exp2(s[ms][nb][i] * scale_log2 - l);
+        });
         return;
     }
     const int diag = p.t_kv - p.t_q;
@@ -110,42 +117,10 @@ template <int MS, int NC, bool TRANS, typename DELTA>
 __device__ __forceinline__ void ff_bwd_ds(float (&dp)[MS][NC / 8][4],
                                           const float (&pr)[MS][NC / 8][4], int row0, int col0,
                                           DELTA delta_of) {
-    // Each query's delta is taken once, next to its elements.
-    if (TRANS) {
-#pragma unroll
-        for (int nb = 0; nb < NC / 8; ++nb) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const float dl = delta_of(col0 + 8 * nb + e);
-#pragma unroll
-                for (int ms = 0; ms < MS; ++ms) {
-#pragma unroll
-                    for (int hf = 0; hf < 2; ++hf) {
-                        const float x = pr[ms][nb][2 * hf + e];
-                        float& d = dp[ms][nb][2 * hf + e];
-                        d = x == 0.0f ? 0.0f : x * (d - dl);
-                    }
-                }
-            }
-        }
-    } else {
-#pragma unroll
-        for (int ms = 0; ms < MS; ++ms) {
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                const float dl = delta_of(row0 + 16 * ms + 8 * hf);
-#pragma unroll
-                for (int nb = 0; nb < NC / 8; ++nb) {
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float x = pr[ms][nb][2 * hf + e];
-                        float& d = dp[ms][nb][2 * hf + e];
-                        d = x == 0.0f ? 0.0f : x * (d - dl);
-                    }
-                }
-            }
-        }
-    }
+    ff_bwd_each_query<MS, NC, TRANS>(row0, col0, delta_of, [&](int ms, int nb, int i, float dl) {
+        const float x = pr[ms][nb][i];
+        dp[ms][nb][i] = x == 0.0f ? 0.0f : x * (dp[ms][nb][i] - dl);
+    });
 }
 
 // Stores a warp's MS slabs of 16 rows x W accumulator (times `mul`) as T to rows
