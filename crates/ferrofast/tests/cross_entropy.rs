@@ -187,11 +187,25 @@ on_every_device! {
         }
     }
 
-    /// Row lengths over every GPU plan: short rows, rows held in registers (up to 32768
-    /// 16-bit / 16384 f32 logits), the looped kernel beyond, and lengths that are not a
-    /// multiple of the vector width (scalar accesses).
+    /// Row lengths over every GPU plan: short rows, rows held in the registers of one block
+    /// or of a cluster of 2, 4 or 8 (up to 262144 16-bit / 131072 f32 logits), the looped
+    /// kernel beyond, and lengths that are not a multiple of the vector width (scalar
+    /// accesses); every other length with label smoothing and the z-loss (the sum of the
+    /// logits over a cluster).
     fn row_lengths(dev: &Device) {
-        for (i, v) in [1usize, 2, 9, 33, 4099, 16384, 16385, 32768, 40000].into_iter().enumerate() {
+        let lengths = [
+            1usize, 2, 9, 33, 4099, 16384, 16385, 32768, 40000, 128256, 130001, 140000, 300000,
+        ];
+        for (i, v) in lengths.into_iter().enumerate() {
+            let opts = if i % 2 == 1 {
+                CrossEntropyOptions {
+                    label_smoothing: 0.1,
+                    z_loss: 1e-4,
+                    ..Default::default()
+                }
+            } else {
+                CrossEntropyOptions::default()
+            };
             for dt in [DType::F32, DType::BF16] {
                 let seed = 40 + i as u64;
                 let (x, t) = contiguous(
@@ -199,7 +213,7 @@ on_every_device! {
                     &targets(&[3], v, DType::I64, seed + 1),
                     dev,
                 );
-                check_all(&x, &t, &CrossEntropyOptions::default(), seed, &format!("V {v} {dt}"));
+                check_all(&x, &t, &opts, seed, &format!("V {v} {dt}"));
             }
         }
     }
@@ -280,6 +294,37 @@ on_every_device! {
         assert!(m[0].is_nan());
         let (_, d) = fast::cross_entropy_fused(&xs, &all, &mean).unwrap();
         assert!(d.to_vec::<f32>().unwrap().iter().all(|&g| g == 0.0));
+    }
+
+    /// More rows than the streamed loss has blocks (two a multiprocessor), each of at least
+    /// 128 KiB (several ring slots a row, several rows a block), mixed with ignored rows,
+    /// out-of-range targets, a NaN row and an infinite row; with and without label
+    /// smoothing.
+    fn many_long_rows_with_skipped_rows(dev: &Device) {
+        let r = 280;
+        for (dt, v) in [(DType::BF16, 66000usize), (DType::F32, 33000)] {
+            let mut raw: Vec<i64> = targets(&[r], v, DType::I64, 90).to_vec().unwrap();
+            for i in (0..r).step_by(7) {
+                raw[i] = -100;
+            }
+            for i in (3..r).step_by(29) {
+                raw[i] = v as i64 + 5;
+            }
+            let mut xv: Vec<f32> = logits(&[r, v], DType::F32, 91).to_vec().unwrap();
+            xv[10 * v + v / 2] = f32::NAN;
+            xv[11 * v + v - 1] = f32::INFINITY;
+            let x = Array::from_vec(xv, &[r, v]).unwrap().astype(dt).unwrap();
+            let t = Array::from_vec(raw, &[r]).unwrap();
+            let (x, t) = contiguous(&x, &t, dev);
+            for eps in [0.0f32, 0.2] {
+                let opts = CrossEntropyOptions {
+                    ignore_index: Some(-100),
+                    label_smoothing: eps,
+                    ..Default::default()
+                };
+                check_all(&x, &t, &opts, 90, &format!("{r} rows of {v} {dt}"));
+            }
+        }
     }
 
     /// Label smoothing and z-loss, alone and together, with every reduction and dtype.

@@ -1,23 +1,31 @@
 //! Launchers for `kernels/cross_entropy.cu`: the cross-entropy loss, its backward and the
 //! fused training pass.
 //!
-//! One block per row. The loss alone runs `ce_looped<T, ALIGNED, false>`: up to 256
-//! threads stride over the row with four 16-byte loads in flight each, so every logit is
-//! read once and several rows share a multiprocessor. The gradient passes (backward and
-//! fused) run `ce_regs` when the row fits in registers (1024 threads of up to 4 vectors:
-//! 32768 f16 / bf16 or 16384 f32 logits), reading each logit once, and
-//! `ce_looped<T, ALIGNED, true>` with 1024 threads otherwise, which reads the row a second
-//! time to write the gradient (from L2 while the row is still there: a 128k-class bf16 row
-//! is 256 KB, and with one such block per multiprocessor the rows in flight fit in L2). The targets are made contiguous int64 first (a copy of
-//! `rows * 8` bytes when they are not). `Sum` and `Mean` add the per-row losses in a second,
-//! one-block kernel (`ce_reduce`) in a fixed order; the mean's `1 / n_valid` comes from
+//! The loss alone over rows of at least 32 KiB whose starts are 16-byte aligned runs
+//! `ce_stream`: one persistent block of 512 threads a multiprocessor streams its rows through
+//! a ring of 32 KiB slots of shared memory (six on Hopper, four where a block gets 128 KiB),
+//! each thread keeping five (three) slots of its own loads in flight across the rows'
+//! merges, with online statistics. Every other pass runs `ce_rows` when a row fits in the
+//! registers of one block or of a cluster of up to eight (sm_90 and later): each block of at
+//! most 256 threads holds its slice of the row, 2, 8 or 16 vectors of 16 bytes per thread,
+//! so every logit is read from memory once, for the gradient passes (backward and fused)
+//! too, and several rows share a multiprocessor. Rows of up to 262144 f16 / bf16 or 131072
+//! f32 logits fit (32768 / 16384 without clusters). Longer rows run `ce_looped`: one block
+//! strides over the row (up to 256 threads for the loss, with four 16-byte loads in flight
+//! each; 1024 for the gradient, which reads the row a second time, from L2 while it is
+//! still there). The targets are made contiguous int64 first (a copy of `rows * 8` bytes
+//! when they are not). `Sum` and `Mean` add the per-row losses in a second, one-block
+//! kernel (`ce_reduce`) in a fixed order; the mean's `1 / n_valid` comes from
 //! `ce_count_valid` over the targets, launched before the row kernel so the gradient can be
 //! scaled in the same pass. Nothing reads the logits more than the kernels above say.
+//!
+//! Knobs: `FERROFAST_CE_CLUSTER` (1, 2, 4 or 8; default 8) caps the cluster size;
+//! `FERROFAST_CE_STREAM=0` turns `ce_stream` off.
 
 use super::copy::{copy_cast, row_len_i32, row_stride, type_tag};
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{launch, Stream};
+use super::runtime::{allow_dynamic_shared_memory, launch, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::cross_entropy::{CrossEntropyArgs, CrossEntropyVjpArgs, Reduction};
@@ -33,14 +41,40 @@ pub(crate) const REGISTERED: Registered = Registered {
 /// Threads per block of `ce_looped` at most (`FF_CE_LOOPED_THREADS`), the gradient pass's
 /// block for rows too long for registers.
 const LOOPED_THREADS: usize = 1024;
-/// Threads per block of the loss-only pass at most.
+/// Threads per block of the loss-only `ce_looped` at most.
 const FORWARD_THREADS: usize = 256;
-/// Threads per block of `ce_regs` at most (`FF_CE_REGS_THREADS`).
-const REGS_THREADS: usize = 1024;
 /// Vectors in flight per thread of `ce_looped` (`FF_CE_U`).
 const LOOPED_UNROLL: usize = 4;
-/// Register chunks per thread `ce_regs` is instantiated with.
-const REGS_CHUNKS: [usize; 3] = [1, 2, 4];
+/// Threads per block of `ce_rows` at most (`FF_CE_ROWS_THREADS`).
+const ROWS_THREADS: usize = 256;
+/// The cluster sizes of `ce_rows` (more than 1 only with clusters).
+const ROWS_CLUSTERS: [usize; 4] = [1, 2, 4, 8];
+/// The (cluster sizes, register chunks per thread) of `ce_rows` in the order tried: one
+/// block with 2, 8 or 16 chunks first (a cluster's barriers cost more than the occupancy
+/// that 16 chunks lose: H100, run 72), then clusters with 8 chunks, then with 16.
+const ROWS_ROUNDS: [(&[usize], &[usize]); 3] =
+    [(&[1], &[2, 8, 16]), (&[2, 4, 8], &[8]), (&[2, 4, 8], &[16])];
+/// Caps the cluster size of `ce_rows` (1, 2, 4 or 8).
+const CLUSTER_KNOB: &str = "FERROFAST_CE_CLUSTER";
+/// `ce_stream` for the loss alone: `0` off (`ce_rows` or `ce_looped` then), `1` on every
+/// aligned row of at least one ring slot; otherwise on rows of at least [`STREAM_MIN_ROW`].
+const STREAM_KNOB: &str = "FERROFAST_CE_STREAM";
+/// Threads per block of `ce_stream` (`FF_CE_STREAM_THREADS`).
+const STREAM_THREADS: u32 = 256;
+/// Bytes of one `ce_stream` ring slot: 256 threads x 4 vectors x 16 bytes
+/// (`FF_CE_STREAM_U`).
+const STREAM_SLOT: usize = 256 * 4 * 16;
+/// Rows shorter than this many bytes run `ce_rows` by default: a row's merge stalls its
+/// block, which costs more than `ce_rows`'s occupancy on short rows.
+const STREAM_MIN_ROW: usize = 128 * 1024;
+/// Ring slots `ce_stream` is instantiated with, the most first: six on Hopper (96 KiB a
+/// block), four where two blocks of 64 KiB fit a multiprocessor (A100).
+const STREAM_STAGES: [usize; 2] = [6, 4];
+/// `ce_stream` blocks a multiprocessor holds.
+const STREAM_BLOCKS_PER_SM: usize = 2;
+/// Shared memory a block takes besides its ring (the block merge and the driver's
+/// reservation), rounded up.
+const STREAM_BLOCK_OVERHEAD: usize = 2048;
 /// Threads of the one-block kernels `ce_count_valid` and `ce_reduce`.
 const REDUCE_THREADS: u32 = 1024;
 const COUNT: &str = "ce_count_valid";
@@ -56,14 +90,119 @@ fn n_reads(dtype: DType) -> usize {
 enum Plan {
     /// `ce_looped` with `threads` per block.
     Looped { threads: u32 },
-    /// `ce_regs` with `chunks` vectors per thread and `threads` per block.
-    Regs { chunks: usize, threads: u32 },
+    /// `ce_rows` with clusters of `cluster` blocks of `threads`, `chunks` vectors per thread,
+    /// `slice` logits per block.
+    Rows {
+        chunks: usize,
+        cluster: usize,
+        threads: u32,
+        slice: usize,
+    },
+    /// `ce_stream` with a ring of `stages` slots (the loss alone).
+    Stream { stages: usize },
 }
 
-/// The loss alone: about four rounds of [`LOOPED_UNROLL`] vectors per thread, at most
-/// [`FORWARD_THREADS`] threads, so several rows share a multiprocessor and one row's
-/// reduction overlaps another's loads.
-fn forward_plan(v: usize, dtype: DType) -> Plan {
+/// What the device and the logits allow, for [`plan`].
+#[derive(Clone, Copy, Debug)]
+struct Caps {
+    /// The largest `ce_rows` cluster ([`max_cluster`]).
+    max_cluster: usize,
+    /// The most ring slots of `ce_stream` two blocks' shared memory holds (0: none).
+    stream_stages: usize,
+    /// The shortest row, in bytes, `ce_stream` takes.
+    stream_min_row: usize,
+    /// Rows 16-byte aligned, `V` a multiple of the vector width.
+    aligned: bool,
+}
+
+impl Caps {
+    /// The capabilities of `device` for logits with rows `aligned` or not.
+    fn of(device: &super::runtime::CudaDevice, aligned: bool) -> Caps {
+        let knob = std::env::var(STREAM_KNOB).unwrap_or_default();
+        let optin = device.max_shared_optin();
+        let stream_stages = STREAM_STAGES
+            .into_iter()
+            .find(|&s| {
+                knob.trim() != "0"
+                    && STREAM_BLOCKS_PER_SM * (s * STREAM_SLOT + STREAM_BLOCK_OVERHEAD) <= optin
+            })
+            .unwrap_or(0);
+        Caps {
+            max_cluster: max_cluster(device.has_clusters()),
+            stream_stages,
+            stream_min_row: if knob.trim() == "1" {
+                STREAM_SLOT
+            } else {
+                STREAM_MIN_ROW
+            },
+            aligned,
+        }
+    }
+}
+
+/// The largest cluster `ce_rows` may use on a device: 1 without clusters, else 8 or what
+/// [`CLUSTER_KNOB`] says.
+fn max_cluster(has_clusters: bool) -> usize {
+    if !has_clusters {
+        return 1;
+    }
+    std::env::var(CLUSTER_KNOB)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|c| ROWS_CLUSTERS.contains(c))
+        .unwrap_or(8)
+}
+
+/// The `ce_rows` plan for rows of `v` logits, or `None` when a row does not fit in the
+/// registers of `max_cluster` blocks: the first of [`ROWS_ROUNDS`] that holds the row, with
+/// the fewest threads (a multiple of 32) that hold a block's slice.
+fn rows_plan(v: usize, dtype: DType, max_cluster: usize) -> Option<Plan> {
+    let n = n_reads(dtype);
+    let vectors = v.div_ceil(n).max(1);
+    for (clusters, chunk_counts) in ROWS_ROUNDS {
+        for &cluster in clusters.iter().filter(|&&c| c <= max_cluster) {
+            let per = vectors.div_ceil(cluster);
+            for &chunks in chunk_counts {
+                let threads = per.div_ceil(chunks).div_ceil(32) * 32;
+                if threads <= ROWS_THREADS {
+                    return Some(Plan::Rows {
+                        chunks,
+                        cluster,
+                        threads: threads as u32,
+                        slice: per * n,
+                    });
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The plan of a pass over rows of `v` logits: for the loss alone over aligned rows of at
+/// least `caps.stream_min_row` bytes, `ce_stream` where the device has the shared memory;
+/// else `ce_rows`
+/// when the row fits; else `ce_looped` (for the loss alone about four rounds of
+/// [`LOOPED_UNROLL`] vectors per thread, at most [`FORWARD_THREADS`] threads; for the
+/// gradient [`LOOPED_THREADS`], so few rows are in flight and their second read finds them
+/// in L2).
+fn plan(v: usize, dtype: DType, grad: bool, caps: Caps) -> Plan {
+    if !grad
+        && caps.aligned
+        && caps.stream_stages > 0
+        && v * dtype.size() >= caps.stream_min_row.max(STREAM_SLOT)
+    {
+        return Plan::Stream {
+            stages: caps.stream_stages,
+        };
+    }
+    if let Some(p) = rows_plan(v, dtype, caps.max_cluster) {
+        return p;
+    }
+    if grad {
+        return Plan::Looped {
+            threads: LOOPED_THREADS as u32,
+        };
+    }
     let vectors = v.div_ceil(n_reads(dtype)).max(1);
     let threads = vectors.div_ceil(4 * LOOPED_UNROLL).div_ceil(32) * 32;
     Plan::Looped {
@@ -71,48 +210,46 @@ fn forward_plan(v: usize, dtype: DType) -> Plan {
     }
 }
 
-/// The plan of a gradient pass over rows of `v` logits.
-fn grad_plan(v: usize, dtype: DType) -> Plan {
-    let vectors = v.div_ceil(n_reads(dtype)).max(1);
-    for chunks in REGS_CHUNKS {
-        let threads = vectors.div_ceil(chunks).div_ceil(32) * 32;
-        if threads <= REGS_THREADS {
-            return Plan::Regs {
-                chunks,
-                threads: threads as u32,
-            };
-        }
-    }
-    // Longer rows: the whole block strides over the row, so few rows are in flight and
-    // their second read finds them in L2 (132 rows of 128k bf16 logits are 33 MB).
-    Plan::Looped {
-        threads: LOOPED_THREADS as u32,
-    }
-}
-
 fn variant(dtype: DType, plan: Plan, aligned: bool, grad: bool) -> String {
     let t = type_tag(dtype);
     match plan {
         Plan::Looped { .. } => format!("ce_looped<{t}, {aligned}, {grad}>"),
-        Plan::Regs { chunks, .. } => format!("ce_regs<{t}, {aligned}, {chunks}>"),
+        Plan::Rows {
+            chunks, cluster, ..
+        } => {
+            format!("ce_rows<{t}, {aligned}, {grad}, {chunks}, {cluster}>")
+        }
+        Plan::Stream { stages } => format!("ce_stream<{t}, {stages}>"),
     }
 }
 
-/// Every instantiation of `cross_entropy.cu` a launch can ask for.
+/// Every instantiation of `cross_entropy.cu` a launch can ask for (2 chunks only ever come
+/// with a cluster of 1: a row that needs two blocks of 2 fits one block of 8).
 fn all_variants() -> Vec<String> {
     let mut out = Vec::new();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for aligned in [true, false] {
             for grad in [false, true] {
                 out.push(variant(dtype, Plan::Looped { threads: 0 }, aligned, grad));
-            }
-            for chunks in REGS_CHUNKS {
-                out.push(variant(
-                    dtype,
-                    Plan::Regs { chunks, threads: 0 },
-                    aligned,
-                    true,
-                ));
+                if aligned && !grad {
+                    for stages in STREAM_STAGES {
+                        out.push(variant(dtype, Plan::Stream { stages }, aligned, grad));
+                    }
+                }
+                for chunks in [2, 8, 16] {
+                    for cluster in ROWS_CLUSTERS {
+                        if chunks == 2 && cluster > 1 {
+                            continue;
+                        }
+                        let p = Plan::Rows {
+                            chunks,
+                            cluster,
+                            threads: 0,
+                            slice: 0,
+                        };
+                        out.push(variant(dtype, p, aligned, grad));
+                    }
+                }
             }
         }
     }
@@ -136,6 +273,7 @@ struct CeParams {
     eps: f32,
     eps_over_v: f32,
     z: f32,
+    slice: i32,
 }
 
 // SAFETY: `CeParams` is `repr(C)` plain data whose layout matches `ff_ce_params`.
@@ -181,14 +319,6 @@ fn launch_rows(
     let v_i32 = row_len_i32(v, || {
         format!("[cross_entropy] rows of {v} logits exceed the CUDA kernels' limit of 2^31 - 2^16")
     })?;
-    let blocks = u32::try_from(rows)
-        .ok()
-        .filter(|&b| b <= i32::MAX as u32)
-        .ok_or_else(|| {
-            Error::Unsupported(format!(
-                "[cross_entropy] {rows} rows exceed the CUDA grid's limit of 2^31 - 1"
-            ))
-        })?;
     let n = rows
         .checked_mul(v)
         .ok_or_else(|| Error::Shape("[cross_entropy] logits size overflows usize".into()))?;
@@ -252,16 +382,35 @@ fn launch_rows(
         let aligned = v % n_reads(dtype) == 0
             && xb.is_aligned(x.offset(), 16)
             && (rs * dtype.size() as i64).rem_euclid(16) == 0;
-        let plan = if want_grad {
-            grad_plan(v, dtype)
-        } else {
-            forward_plan(v, dtype)
+        let plan = plan(v, dtype, want_grad, Caps::of(&device, aligned));
+        let (threads, cluster, slice, smem) = match plan {
+            Plan::Looped { threads } => (threads, 1, 0, 0),
+            Plan::Rows {
+                threads,
+                cluster,
+                slice,
+                ..
+            } => (threads, cluster, slice, 0),
+            Plan::Stream { stages } => (STREAM_THREADS, 1, 0, stages * STREAM_SLOT),
         };
+        // ce_stream's blocks are persistent, two a multiprocessor.
+        let grid_rows = match plan {
+            Plan::Stream { .. } => rows.min(device.sm_count() as usize * STREAM_BLOCKS_PER_SM),
+            _ => rows,
+        };
+        let blocks = grid_rows
+            .checked_mul(cluster)
+            .and_then(|b| u32::try_from(b).ok())
+            .filter(|&b| b <= i32::MAX as u32)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "[cross_entropy] {rows} rows of {cluster} blocks exceed the CUDA grid's \
+                     limit of 2^31 - 1 blocks"
+                ))
+            })?;
         let name = variant(dtype, plan, aligned, want_grad);
         let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
-        let threads = match plan {
-            Plan::Looped { threads } | Plan::Regs { threads, .. } => threads,
-        };
+        allow_dynamic_shared_memory(&func, smem, &name)?;
         let params = CeParams {
             x_offset: x.offset() as i64,
             x_row_stride: rs,
@@ -277,6 +426,8 @@ fn launch_rows(
             eps: p.eps,
             eps_over_v: p.eps_over_v,
             z: p.z,
+            // At most the row length rounded up to a vector: below 2^31.
+            slice: slice as i32,
         };
         let mut b = cu.launch_builder(&func);
         b.arg(xb.slice()).arg(tb.slice()).arg(losses.slice_mut());
@@ -302,7 +453,8 @@ fn launch_rows(
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
+            // At most six 16 KiB slots.
+            shared_mem_bytes: smem as u32,
         };
         launch(&format!("launching {name}"), || {
             // SAFETY: the arguments match the kernel's parameters in order and type (`CeParams`
@@ -449,42 +601,89 @@ mod tests {
     fn plans_cover_the_row_and_have_variants() {
         let all = all_variants();
         for v in [
-            1usize, 7, 31, 128, 1000, 4096, 16384, 32768, 32769, 50257, 128256,
+            1usize, 7, 31, 128, 1000, 4096, 16384, 32768, 32769, 50257, 128256, 256000, 300000,
         ] {
             for dt in [DType::F32, DType::F16, DType::BF16] {
-                for grad in [false, true] {
-                    let plan = if grad {
-                        grad_plan(v, dt)
-                    } else {
-                        forward_plan(v, dt)
-                    };
-                    match plan {
-                        Plan::Regs { chunks, threads } => {
-                            assert!(chunks * threads as usize * n_reads(dt) >= v, "{v} {dt}");
-                            assert!(threads as usize <= REGS_THREADS && threads % 32 == 0);
+                for max_cluster in ROWS_CLUSTERS {
+                    for stream_stages in [0, 4, 6] {
+                        for aligned in [true, false] {
+                            for grad in [false, true] {
+                                let caps = Caps {
+                                    max_cluster,
+                                    stream_stages,
+                                    stream_min_row: STREAM_MIN_ROW,
+                                    aligned,
+                                };
+                                let plan = plan(v, dt, grad, caps);
+                                check_plan(v, dt, grad, caps, plan);
+                                let name = variant(dt, plan, aligned, grad);
+                                assert!(all.contains(&name), "{name} missing");
+                            }
                         }
-                        Plan::Looped { threads } => {
-                            assert!((32..=LOOPED_THREADS as u32).contains(&threads));
-                            assert!(threads % 32 == 0);
-                        }
-                    }
-                    for aligned in [true, false] {
-                        let name = variant(dt, plan, aligned, grad);
-                        assert!(all.contains(&name), "{name} missing");
                     }
                 }
             }
         }
+        let caps = |max_cluster| Caps {
+            max_cluster,
+            stream_stages: 6,
+            stream_min_row: STREAM_MIN_ROW,
+            aligned: true,
+        };
+        let rows = |v, dt, c, grad| match plan(v, dt, grad, caps(c)) {
+            Plan::Rows {
+                chunks, cluster, ..
+            } => Some((chunks, cluster)),
+            Plan::Looped { .. } | Plan::Stream { .. } => None,
+        };
+        assert_eq!(rows(32768, DType::BF16, 8, true), Some((16, 1)));
+        assert_eq!(rows(32768, DType::BF16, 1, true), Some((16, 1)));
+        assert_eq!(rows(32768, DType::F32, 8, true), Some((8, 4)));
+        assert_eq!(rows(128256, DType::BF16, 8, true), Some((8, 8)));
+        assert_eq!(rows(128256, DType::BF16, 1, true), None);
+        assert_eq!(rows(256000, DType::BF16, 8, true), Some((16, 8)));
+        assert_eq!(rows(1000, DType::BF16, 8, true), Some((2, 1)));
+        assert_eq!(rows(1000, DType::BF16, 8, false), Some((2, 1)));
+        assert_eq!(rows(16383, DType::BF16, 8, false), Some((8, 1)));
+        assert_eq!(rows(40000, DType::BF16, 8, true), Some((8, 4)));
         assert_eq!(
-            grad_plan(32768, DType::BF16),
-            Plan::Regs {
-                chunks: 4,
-                threads: 1024
+            plan(65536, DType::BF16, false, caps(8)),
+            Plan::Stream { stages: 6 }
+        );
+        assert_eq!(rows(32768, DType::BF16, 8, false), Some((16, 1)));
+        let every_row = Caps {
+            stream_min_row: STREAM_SLOT,
+            ..caps(8)
+        };
+        assert_eq!(
+            plan(8192, DType::BF16, false, every_row),
+            Plan::Stream { stages: 6 }
+        );
+    }
+
+    /// A plan covers the row within its kernel's limits.
+    fn check_plan(v: usize, dt: DType, grad: bool, caps: Caps, plan: Plan) {
+        match plan {
+            Plan::Rows {
+                chunks,
+                cluster,
+                threads,
+                slice,
+            } => {
+                assert!(cluster <= caps.max_cluster, "{v} {dt}");
+                assert!(slice % n_reads(dt) == 0 && slice * cluster >= v);
+                assert!(chunks * threads as usize * n_reads(dt) >= slice);
+                assert!(threads as usize <= ROWS_THREADS && threads % 32 == 0);
             }
-        );
-        assert_eq!(
-            grad_plan(128256, DType::BF16),
-            Plan::Looped { threads: 1024 }
-        );
+            Plan::Looped { threads } => {
+                assert!(rows_plan(v, dt, caps.max_cluster).is_none());
+                assert!((32..=LOOPED_THREADS as u32).contains(&threads));
+                assert!(threads % 32 == 0);
+            }
+            Plan::Stream { stages } => {
+                assert!(!grad && caps.aligned && stages == caps.stream_stages);
+                assert!(v * dt.size() >= STREAM_SLOT.max(caps.stream_min_row));
+            }
+        }
     }
 }

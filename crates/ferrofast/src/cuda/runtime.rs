@@ -383,6 +383,11 @@ impl CudaDevice {
         )
     }
 
+    /// Whether kernels may run in thread-block clusters (compute capability 9.0 and later).
+    pub(crate) fn has_clusters(&self) -> bool {
+        self.compute_capability.0 >= 9
+    }
+
     /// Number of streaming multiprocessors.
     pub(crate) fn sm_count(&self) -> u32 {
         self.sm_count

@@ -1,6 +1,6 @@
 // Tensor-core building blocks shared by the attention kernels (`attn_prefill.cu`,
 // `attn_decode.cu`), handed to NVRTC as the in-memory header "ferrofast_mma.cuh": PTX
-// wrappers (cp.async, ldmatrix, mma.sync m16n8k16 for f16 / bf16, ex2), the cp.async tile
+// wrappers (cp.async, ldmatrix, mma.sync m16n8k16 for f16 / bf16), the cp.async tile
 // loader, and the per-tile steps of a flash-attention loop (S = Q K^T, masking, online
 // softmax, O += P V) on fragments of 16 query rows. Like the prelude it includes no CUDA headers.
 //
@@ -80,12 +80,6 @@ __device__ __forceinline__ void ff_ldmatrix_x4_trans(ff_u32_t (&r)[4], ff_u32_t 
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
-}
-
-__device__ __forceinline__ float ff_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
 }
 
 // The tensor-core instruction and the f32 -> 16-bit pair conversion per input type.

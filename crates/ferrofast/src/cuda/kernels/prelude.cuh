@@ -185,6 +185,26 @@ __device__ __forceinline__ void ff_unpack(const ff_pack<typename T::storage, N>&
     }
 }
 
+// ----- fast math ----------------------------------------------------------------------------
+
+// 2^x in one MUFU.EX2 (about 2 ulp; results below 2^-126 flush to zero, -inf gives 0).
+__device__ __forceinline__ float ff_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// max(a, b), NaN when either is NaN (fmaxf drops a NaN operand).
+__device__ __forceinline__ float ff_max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#else
+    return (a != a || b != b) ? a + b : fmaxf(a, b);
+#endif
+}
+
 // ----- reductions ---------------------------------------------------------------------------
 
 __device__ __forceinline__ float ff_warp_sum(float v) {
