@@ -437,6 +437,25 @@ __device__ __forceinline__ ff_ce_stats ff_ce_peer_stats(const ff_ce_stats* local
     return st;
 }
 
+// acc[k] += exp(v[k] - m) for the N lanes of a vector, with mb = m log2(e).
+template <int N>
+__device__ __forceinline__ void ff_ce_add_exps(float (&acc)[N], const float (&v)[N], float mb) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        acc[k] += ff_exp2(fmaf(v[k], FF_CE_LOG2E, -mb));
+    }
+}
+
+// acc[0] + ... + acc[N - 1], in lane order.
+template <int N>
+__device__ __forceinline__ float ff_ce_lanes_sum(float (&acc)[N]) {
+#pragma unroll
+    for (int k = 1; k < N; ++k) {
+        acc[0] += acc[k];
+    }
+    return acc[0];
+}
+
 // Makes the compiler treat the packed row as rewritten (no instruction): each pass unpacks
 // the registers again instead of keeping the previous pass's floats alive, which would take
 // two to four times the registers.
@@ -525,25 +544,14 @@ __global__ void __launch_bounds__(FF_CE_ROWS_THREADS, CHUNKS <= 8 ? 4 : 2) FF_CE
     if (m - m == 0.0f) {
         // Finite maximum: the exponentials, one accumulator per vector lane.
         const float mb = m * FF_CE_LOG2E;
-        float s[N];
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-            s[k] = 0.0f;
-        }
+        float s[N] = {};
 #pragma unroll
         for (int c = 0; c < CHUNKS; ++c) {
             float v[N];
             ff_unpack<T>(raw[c], v);
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                s[k] += ff_exp2(fmaf(v[k], FF_CE_LOG2E, -mb));
-            }
+            ff_ce_add_exps(s, v, mb);
         }
-#pragma unroll
-        for (int k = 1; k < N; ++k) {
-            s[0] += s[k];
-        }
-        st.s = s[0];
+        st.s = ff_ce_lanes_sum(s);
     }
     ff_ce_fence(raw);
     st = ff_ce_block_merge(st);
@@ -699,23 +707,12 @@ __global__ void __launch_bounds__(FF_CE_STREAM_THREADS, 2) ce_stream(FF_CE_ROW_P
             }
             if (st.m - st.m == 0.0f) {
                 const float mb = st.m * FF_CE_LOG2E;
-                float e[N];
-#pragma unroll
-                for (int k = 0; k < N; ++k) {
-                    e[k] = 0.0f;
-                }
+                float e[N] = {};
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
-#pragma unroll
-                    for (int k = 0; k < N; ++k) {
-                        e[k] += ff_exp2(fmaf(v[u][k], FF_CE_LOG2E, -mb));
-                    }
+                    ff_ce_add_exps(e, v[u], mb);
                 }
-#pragma unroll
-                for (int k = 1; k < N; ++k) {
-                    e[0] += e[k];
-                }
-                st.s += e[0];
+                st.s += ff_ce_lanes_sum(e);
             }
             if (p.eps != 0.0f) {
 #pragma unroll
