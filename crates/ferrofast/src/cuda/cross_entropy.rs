@@ -1,11 +1,11 @@
 //! Launchers for `kernels/cross_entropy.cu`: the cross-entropy loss, its backward and the
 //! fused training pass.
 //!
-//! The loss alone over rows of at least 32 KiB whose starts are 16-byte aligned runs
+//! The loss alone over rows of at least 128 KiB whose starts are 16-byte aligned runs
 //! `ce_stream`: one persistent block of 512 threads a multiprocessor streams its rows through
-//! a ring of 32 KiB slots of shared memory (six on Hopper, four where a block gets 128 KiB),
-//! each thread keeping five (three) slots of its own loads in flight across the rows'
-//! merges, with online statistics. Every other pass runs `ce_rows` when a row fits in the
+//! a ring of 32 KiB slots of shared memory (six on Hopper, four on the A100), each thread
+//! keeping five (three) slots of its own loads in flight across the rows' merges, with
+//! online statistics. Every other pass runs `ce_rows` when a row fits in the
 //! registers of one block or of a cluster of up to eight (sm_90 and later): each block of at
 //! most 256 threads holds its slice of the row, 2, 8 or 16 vectors of 16 bytes per thread,
 //! so every logit is read from memory once, for the gradient passes (backward and fused)
@@ -20,7 +20,9 @@
 //! scaled in the same pass. Nothing reads the logits more than the kernels above say.
 //!
 //! Knobs: `FERROFAST_CE_CLUSTER` (1, 2, 4 or 8; default 8) caps the cluster size;
-//! `FERROFAST_CE_STREAM=0` turns `ce_stream` off.
+//! `FERROFAST_CE_STREAM=0` turns `ce_stream` off, `=1` lets it take every aligned row of at
+//! least one slot; `FERROFAST_CE_STREAM_THREADS=256` runs it as two blocks of 256 threads a
+//! multiprocessor (16 KiB slots).
 
 use super::copy::{copy_cast, row_len_i32, row_stride, type_tag};
 use super::jit::{self, KernelFile, Registered};
@@ -59,19 +61,19 @@ const CLUSTER_KNOB: &str = "FERROFAST_CE_CLUSTER";
 /// `ce_stream` for the loss alone: `0` off (`ce_rows` or `ce_looped` then), `1` on every
 /// aligned row of at least one ring slot; otherwise on rows of at least [`STREAM_MIN_ROW`].
 const STREAM_KNOB: &str = "FERROFAST_CE_STREAM";
-/// Threads per block of `ce_stream` (`FF_CE_STREAM_THREADS`).
-const STREAM_THREADS: u32 = 256;
-/// Bytes of one `ce_stream` ring slot: 256 threads x 4 vectors x 16 bytes
-/// (`FF_CE_STREAM_U`).
-const STREAM_SLOT: usize = 256 * 4 * 16;
+/// Threads per block of `ce_stream`: 512 (one block a multiprocessor) unless
+/// `FERROFAST_CE_STREAM_THREADS=256` (two: one merges a row while the other computes).
+const STREAM_THREADS_KNOB: &str = "FERROFAST_CE_STREAM_THREADS";
+/// The block sizes `ce_stream` is instantiated with; a multiprocessor holds 512 / threads.
+const STREAM_THREAD_COUNTS: [u32; 2] = [512, 256];
+/// Bytes a thread loads into one ring slot: 4 vectors of 16 bytes (`FF_CE_STREAM_U`).
+const STREAM_THREAD_SLOT: usize = 4 * 16;
 /// Rows shorter than this many bytes run `ce_rows` by default: a row's merge stalls its
-/// block, which costs more than `ce_rows`'s occupancy on short rows.
+/// block, which costs more than `ce_rows`'s occupancy on rows of 64 KiB (H100, run 73).
 const STREAM_MIN_ROW: usize = 128 * 1024;
-/// Ring slots `ce_stream` is instantiated with, the most first: six on Hopper (96 KiB a
-/// block), four where two blocks of 64 KiB fit a multiprocessor (A100).
+/// Ring slots `ce_stream` is instantiated with, the most first: six on Hopper (192 KiB a
+/// multiprocessor), four on the A100 (128 KiB).
 const STREAM_STAGES: [usize; 2] = [6, 4];
-/// `ce_stream` blocks a multiprocessor holds.
-const STREAM_BLOCKS_PER_SM: usize = 2;
 /// Shared memory a block takes besides its ring (the block merge and the driver's
 /// reservation), rounded up.
 const STREAM_BLOCK_OVERHEAD: usize = 2048;
@@ -98,8 +100,8 @@ enum Plan {
         threads: u32,
         slice: usize,
     },
-    /// `ce_stream` with a ring of `stages` slots (the loss alone).
-    Stream { stages: usize },
+    /// `ce_stream` with blocks of `threads` and a ring of `stages` slots (the loss alone).
+    Stream { stages: usize, threads: u32 },
 }
 
 /// What the device and the logits allow, for [`plan`].
@@ -107,7 +109,9 @@ enum Plan {
 struct Caps {
     /// The largest `ce_rows` cluster ([`max_cluster`]).
     max_cluster: usize,
-    /// The most ring slots of `ce_stream` two blocks' shared memory holds (0: none).
+    /// The threads of a `ce_stream` block and the most ring slots the blocks of a
+    /// multiprocessor hold (0: no `ce_stream`).
+    stream_threads: u32,
     stream_stages: usize,
     /// The shortest row, in bytes, `ce_stream` takes.
     stream_min_row: usize,
@@ -119,19 +123,23 @@ impl Caps {
     /// The capabilities of `device` for logits with rows `aligned` or not.
     fn of(device: &super::runtime::CudaDevice, aligned: bool) -> Caps {
         let knob = std::env::var(STREAM_KNOB).unwrap_or_default();
+        let stream_threads = match std::env::var(STREAM_THREADS_KNOB) {
+            Ok(v) if v.trim() == "256" => 256,
+            _ => 512,
+        };
+        let per_sm = (512 / stream_threads) as usize;
+        let slot = stream_threads as usize * STREAM_THREAD_SLOT;
         let optin = device.max_shared_optin();
         let stream_stages = STREAM_STAGES
             .into_iter()
-            .find(|&s| {
-                knob.trim() != "0"
-                    && STREAM_BLOCKS_PER_SM * (s * STREAM_SLOT + STREAM_BLOCK_OVERHEAD) <= optin
-            })
+            .find(|&s| knob.trim() != "0" && per_sm * (s * slot + STREAM_BLOCK_OVERHEAD) <= optin)
             .unwrap_or(0);
         Caps {
             max_cluster: max_cluster(device.has_clusters()),
+            stream_threads,
             stream_stages,
             stream_min_row: if knob.trim() == "1" {
-                STREAM_SLOT
+                slot
             } else {
                 STREAM_MIN_ROW
             },
@@ -189,10 +197,14 @@ fn plan(v: usize, dtype: DType, grad: bool, caps: Caps) -> Plan {
     if !grad
         && caps.aligned
         && caps.stream_stages > 0
-        && v * dtype.size() >= caps.stream_min_row.max(STREAM_SLOT)
+        && v * dtype.size()
+            >= caps
+                .stream_min_row
+                .max(caps.stream_threads as usize * STREAM_THREAD_SLOT)
     {
         return Plan::Stream {
             stages: caps.stream_stages,
+            threads: caps.stream_threads,
         };
     }
     if let Some(p) = rows_plan(v, dtype, caps.max_cluster) {
@@ -219,7 +231,7 @@ fn variant(dtype: DType, plan: Plan, aligned: bool, grad: bool) -> String {
         } => {
             format!("ce_rows<{t}, {aligned}, {grad}, {chunks}, {cluster}>")
         }
-        Plan::Stream { stages } => format!("ce_stream<{t}, {stages}>"),
+        Plan::Stream { stages, threads } => format!("ce_stream<{t}, {stages}, {threads}>"),
     }
 }
 
@@ -233,7 +245,10 @@ fn all_variants() -> Vec<String> {
                 out.push(variant(dtype, Plan::Looped { threads: 0 }, aligned, grad));
                 if aligned && !grad {
                     for stages in STREAM_STAGES {
-                        out.push(variant(dtype, Plan::Stream { stages }, aligned, grad));
+                        for threads in STREAM_THREAD_COUNTS {
+                            let p = Plan::Stream { stages, threads };
+                            out.push(variant(dtype, p, aligned, grad));
+                        }
                     }
                 }
                 for chunks in [2, 8, 16] {
@@ -391,11 +406,18 @@ fn launch_rows(
                 slice,
                 ..
             } => (threads, cluster, slice, 0),
-            Plan::Stream { stages } => (STREAM_THREADS, 1, 0, stages * STREAM_SLOT),
+            Plan::Stream { stages, threads } => (
+                threads,
+                1,
+                0,
+                stages * threads as usize * STREAM_THREAD_SLOT,
+            ),
         };
-        // ce_stream's blocks are persistent, two a multiprocessor.
+        // ce_stream's blocks are persistent, all resident at once.
         let grid_rows = match plan {
-            Plan::Stream { .. } => rows.min(device.sm_count() as usize * STREAM_BLOCKS_PER_SM),
+            Plan::Stream { threads, .. } => {
+                rows.min(device.sm_count() as usize * (512 / threads) as usize)
+            }
             _ => rows,
         };
         let blocks = grid_rows
@@ -453,7 +475,7 @@ fn launch_rows(
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (threads, 1, 1),
-            // At most six 16 KiB slots.
+            // At most six slots of 32 KiB.
             shared_mem_bytes: smem as u32,
         };
         launch(&format!("launching {name}"), || {
@@ -605,13 +627,19 @@ mod tests {
         ] {
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 for max_cluster in ROWS_CLUSTERS {
-                    for stream_stages in [0, 4, 6] {
+                    for (stream_stages, stream_threads, stream_min_row) in [
+                        (0, 512, STREAM_MIN_ROW),
+                        (4, 512, STREAM_MIN_ROW),
+                        (6, 512, STREAM_MIN_ROW),
+                        (6, 256, 256 * STREAM_THREAD_SLOT),
+                    ] {
                         for aligned in [true, false] {
                             for grad in [false, true] {
                                 let caps = Caps {
                                     max_cluster,
+                                    stream_threads,
                                     stream_stages,
-                                    stream_min_row: STREAM_MIN_ROW,
+                                    stream_min_row,
                                     aligned,
                                 };
                                 let plan = plan(v, dt, grad, caps);
@@ -626,6 +654,7 @@ mod tests {
         }
         let caps = |max_cluster| Caps {
             max_cluster,
+            stream_threads: 512,
             stream_stages: 6,
             stream_min_row: STREAM_MIN_ROW,
             aligned: true,
@@ -648,16 +677,23 @@ mod tests {
         assert_eq!(rows(40000, DType::BF16, 8, true), Some((8, 4)));
         assert_eq!(
             plan(65536, DType::BF16, false, caps(8)),
-            Plan::Stream { stages: 6 }
+            Plan::Stream {
+                stages: 6,
+                threads: 512
+            }
         );
         assert_eq!(rows(32768, DType::BF16, 8, false), Some((16, 1)));
         let every_row = Caps {
-            stream_min_row: STREAM_SLOT,
+            stream_threads: 256,
+            stream_min_row: 256 * STREAM_THREAD_SLOT,
             ..caps(8)
         };
         assert_eq!(
             plan(8192, DType::BF16, false, every_row),
-            Plan::Stream { stages: 6 }
+            Plan::Stream {
+                stages: 6,
+                threads: 256
+            }
         );
     }
 
@@ -680,9 +716,11 @@ mod tests {
                 assert!((32..=LOOPED_THREADS as u32).contains(&threads));
                 assert!(threads % 32 == 0);
             }
-            Plan::Stream { stages } => {
+            Plan::Stream { stages, threads } => {
                 assert!(!grad && caps.aligned && stages == caps.stream_stages);
-                assert!(v * dt.size() >= STREAM_SLOT.max(caps.stream_min_row));
+                assert_eq!(threads, caps.stream_threads);
+                let slot = threads as usize * STREAM_THREAD_SLOT;
+                assert!(v * dt.size() >= slot.max(caps.stream_min_row));
             }
         }
     }

@@ -17,7 +17,7 @@
 //     held in registers (CHUNKS vectors of 16 bytes per thread, at most FF_CE_ROWS_THREADS
 //     threads a block), so each logit is read from memory once, for the loss alone or with
 //     the gradient. Rows up to C * FF_CE_ROWS_THREADS * CHUNKS vectors.
-//   ce_stream<T, S>: the loss alone over long aligned rows: persistent blocks stream the rows
+//   ce_stream<T, S, TH>: the loss alone over long aligned rows: persistent blocks stream the rows
 //     through a ring of S slots of shared memory (cp.async), online statistics.
 //   ce_looped<T, ALIGNED, GRAD>: one block per row, longer rows: the block strides over the
 //     row, U vectors per thread in flight; with GRAD the row is read a second time to write
@@ -41,8 +41,7 @@
 #define FF_CE_ROWS_THREADS 256
 // Vectors in flight per thread in the looped kernel.
 #define FF_CE_U 4
-#define FF_CE_STREAM_THREADS 256
-// Vectors per thread of one ce_stream item (a ring slot holds 256 * 4 * 16 = 16 KiB).
+// Vectors per thread of one ce_stream item (a ring slot holds TH * 4 * 16 bytes).
 #define FF_CE_STREAM_U 4
 
 struct ff_ce_params {
@@ -609,8 +608,8 @@ __global__ void __launch_bounds__(FF_CE_ROWS_THREADS, CHUNKS <= 8 ? 4 : 2) FF_CE
 
 // ----- ce_stream: the loss alone over long aligned rows, through a cp.async ring ------------
 //
-// Persistent blocks (two a multiprocessor, so one merges a row while the other computes) of
-// FF_CE_STREAM_THREADS threads; block b takes
+// Persistent blocks of TH threads (512: one a multiprocessor; 256: two, so one merges a row
+// while the other computes); block b takes
 // rows b, b + gridDim.x, ... Each row is cut into items of FF_CE_STREAM_U vectors per thread
 // (the last one partial); the block's items form one stream, and every thread keeps S - 1
 // items of its own vectors in flight through a ring of S slots of shared memory (cp.async,
@@ -619,12 +618,11 @@ __global__ void __launch_bounds__(FF_CE_ROWS_THREADS, CHUNKS <= 8 ? 4 : 2) FF_CE
 // item the statistics are updated online: its maximum (NaN-propagating), one rescale of the
 // running sum when the maximum grows, then its exponentials. Rows are 16-byte aligned with
 // V % N == 0; ignored and out-of-range rows are not read.
-template <typename T, int S>
-__global__ void __launch_bounds__(FF_CE_STREAM_THREADS, 2) ce_stream(FF_CE_ROW_PARAMS(T)) {
+template <typename T, int S, int TH>
+__global__ void __launch_bounds__(TH, 512 / TH) ce_stream(FF_CE_ROW_PARAMS(T)) {
     typedef typename T::storage ST;
     const int N = ff_ce<T>::N;
     const int U = FF_CE_STREAM_U;
-    const int TH = FF_CE_STREAM_THREADS;
     extern __shared__ ff_vec16 ff_ce_ring[];
     const int tid = threadIdx.x;
     const int nvec = p.V / N;
