@@ -296,13 +296,13 @@ on_every_device! {
         assert!(d.to_vec::<f32>().unwrap().iter().all(|&g| g == 0.0));
     }
 
-    /// More rows than the streamed loss has blocks (two a multiprocessor), each of at least
-    /// 128 KiB (several ring slots a row, several rows a block), mixed with ignored rows,
-    /// out-of-range targets, a NaN row and an infinite row; with and without label
+    /// More rows than the streamed loss has blocks (up to two a multiprocessor), each of at
+    /// least 256 KiB (several ring slots a row, several rows a block), mixed with ignored
+    /// rows, out-of-range targets, a NaN row and an infinite row; with and without label
     /// smoothing.
     fn many_long_rows_with_skipped_rows(dev: &Device) {
-        let r = 280;
-        for (dt, v) in [(DType::BF16, 66000usize), (DType::F32, 33000)] {
+        let r = 270;
+        for (dt, v) in [(DType::BF16, 131100usize), (DType::F32, 65600)] {
             let mut raw: Vec<i64> = targets(&[r], v, DType::I64, 90).to_vec().unwrap();
             for i in (0..r).step_by(7) {
                 raw[i] = -100;
