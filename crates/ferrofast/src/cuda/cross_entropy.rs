@@ -1,11 +1,12 @@
 //! Launchers for `kernels/cross_entropy.cu`: the cross-entropy loss, its backward and the
 //! fused training pass.
 //!
-//! The loss alone over rows of at least 256 KiB whose starts are 16-byte aligned runs
-//! `ce_stream`: one persistent block of 512 threads a multiprocessor streams its rows through
-//! a ring of 32 KiB slots of shared memory (six on Hopper, four on the A100), each thread
-//! keeping five (three) slots of its own loads in flight across the rows' merges, with
-//! online statistics. Every other pass runs `ce_rows` when a row fits in the
+//! The loss alone over rows whose starts are 16-byte aligned, of at least 128 KiB (64 KiB
+//! when the call has at least eight rows a block), runs `ce_stream`: two persistent blocks
+//! of 256 threads a multiprocessor stream their rows through rings of 16 KiB slots of shared
+//! memory (six on Hopper, four on the A100), each thread keeping five (three) slots of its
+//! own loads in flight across the rows' merges, with online statistics; while one block
+//! merges a row the other computes. Every other pass runs `ce_rows` when a row fits in the
 //! registers of one block or of a cluster of up to eight (sm_90 and later): each block of at
 //! most 256 threads holds its slice of the row, 2, 8 or 16 vectors of 16 bytes per thread,
 //! so every logit is read from memory once, for the gradient passes (backward and fused)
@@ -21,8 +22,8 @@
 //!
 //! Knobs: `FERROFAST_CE_CLUSTER` (1, 2, 4 or 8; default 8) caps the cluster size;
 //! `FERROFAST_CE_STREAM=0` turns `ce_stream` off, `=1` lets it take every aligned row of at
-//! least one slot; `FERROFAST_CE_STREAM_THREADS=256` runs it as two blocks of 256 threads a
-//! multiprocessor (16 KiB slots).
+//! least one slot; `FERROFAST_CE_STREAM_THREADS=512` runs it as one block of 512 threads a
+//! multiprocessor (32 KiB slots).
 
 use super::copy::{copy_cast, row_len_i32, row_stride, type_tag};
 use super::jit::{self, KernelFile, Registered};
@@ -59,19 +60,24 @@ const ROWS_ROUNDS: [(&[usize], &[usize]); 3] =
 /// Caps the cluster size of `ce_rows` (1, 2, 4 or 8).
 const CLUSTER_KNOB: &str = "FERROFAST_CE_CLUSTER";
 /// `ce_stream` for the loss alone: `0` off (`ce_rows` or `ce_looped` then), `1` on every
-/// aligned row of at least one ring slot; otherwise on rows of at least [`STREAM_MIN_ROW`].
+/// aligned row of at least one ring slot; otherwise as [`stream_min_row`] says.
 const STREAM_KNOB: &str = "FERROFAST_CE_STREAM";
-/// Threads per block of `ce_stream`: 512 (one block a multiprocessor) unless
-/// `FERROFAST_CE_STREAM_THREADS=256` (two: one merges a row while the other computes).
+/// Threads per block of `ce_stream`: 256 (two blocks a multiprocessor, so one merges a row
+/// while the other computes) unless `FERROFAST_CE_STREAM_THREADS=512` (one block).
 const STREAM_THREADS_KNOB: &str = "FERROFAST_CE_STREAM_THREADS";
 /// The block sizes `ce_stream` is instantiated with; a multiprocessor holds 512 / threads.
 const STREAM_THREAD_COUNTS: [u32; 2] = [512, 256];
 /// Bytes a thread loads into one ring slot: 4 vectors of 16 bytes (`FF_CE_STREAM_U`).
 const STREAM_THREAD_SLOT: usize = 4 * 16;
-/// Rows shorter than this many bytes run `ce_rows` by default: a row's merge stalls its
-/// block, which cost more than `ce_rows` gives up on rows of 64 and 128 KiB, where rows of
-/// 256 KiB ran 1.36x faster streamed (H100, run 73).
-const STREAM_MIN_ROW: usize = 256 * 1024;
+/// Rows of at least this many bytes take `ce_stream` by default (H100, run 74: 128256 bf16
+/// logits a row 0.75x `ce_rows`'s time; f32 rows of 128 KiB level with it).
+const STREAM_MIN_ROW: usize = 128 * 1024;
+/// Rows of at least this many bytes take `ce_stream` when the call has at least
+/// [`STREAM_MANY_ROWS`] rows a block (run 74: `[8192, 32768]` bf16 0.98x `ce_rows`'s time,
+/// `[1024, 32768]` 1.06x: with a few rows a block the ring's fill and drain are not hidden).
+const STREAM_MIN_ROW_MANY: usize = 64 * 1024;
+/// See [`STREAM_MIN_ROW_MANY`].
+const STREAM_MANY_ROWS: usize = 8;
 /// Ring slots `ce_stream` is instantiated with, the most first: six on Hopper (192 KiB a
 /// multiprocessor), four on the A100 (128 KiB).
 const STREAM_STAGES: [usize; 2] = [6, 4];
@@ -121,12 +127,12 @@ struct Caps {
 }
 
 impl Caps {
-    /// The capabilities of `device` for logits with rows `aligned` or not.
-    fn of(device: &super::runtime::CudaDevice, aligned: bool) -> Caps {
+    /// The capabilities of `device` for `rows` rows of logits, `aligned` or not.
+    fn of(device: &super::runtime::CudaDevice, rows: usize, aligned: bool) -> Caps {
         let knob = std::env::var(STREAM_KNOB).unwrap_or_default();
         let stream_threads = match std::env::var(STREAM_THREADS_KNOB) {
-            Ok(v) if v.trim() == "256" => 256,
-            _ => 512,
+            Ok(v) if v.trim() == "512" => 512,
+            _ => 256,
         };
         let per_sm = (512 / stream_threads) as usize;
         let slot = stream_threads as usize * STREAM_THREAD_SLOT;
@@ -142,10 +148,20 @@ impl Caps {
             stream_min_row: if knob.trim() == "1" {
                 slot
             } else {
-                STREAM_MIN_ROW
+                stream_min_row(rows, device.sm_count() as usize * per_sm)
             },
             aligned,
         }
+    }
+}
+
+/// The shortest row, in bytes, that `ce_stream` takes by default in a call of `rows` rows
+/// with `blocks` resident blocks.
+fn stream_min_row(rows: usize, blocks: usize) -> usize {
+    if rows >= STREAM_MANY_ROWS * blocks {
+        STREAM_MIN_ROW_MANY
+    } else {
+        STREAM_MIN_ROW
     }
 }
 
@@ -398,7 +414,7 @@ fn launch_rows(
         let aligned = v % n_reads(dtype) == 0
             && xb.is_aligned(x.offset(), 16)
             && (rs * dtype.size() as i64).rem_euclid(16) == 0;
-        let plan = plan(v, dtype, want_grad, Caps::of(&device, aligned));
+        let plan = plan(v, dtype, want_grad, Caps::of(&device, rows, aligned));
         let (threads, cluster, slice, smem) = match plan {
             Plan::Looped { threads } => (threads, 1, 0, 0),
             Plan::Rows {
@@ -629,10 +645,10 @@ mod tests {
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 for max_cluster in ROWS_CLUSTERS {
                     for (stream_stages, stream_threads, stream_min_row) in [
-                        (0, 512, STREAM_MIN_ROW),
-                        (4, 512, STREAM_MIN_ROW),
-                        (6, 512, STREAM_MIN_ROW),
-                        (6, 256, 256 * STREAM_THREAD_SLOT),
+                        (0, 256, STREAM_MIN_ROW),
+                        (4, 256, STREAM_MIN_ROW_MANY),
+                        (6, 256, STREAM_MIN_ROW),
+                        (6, 512, 512 * STREAM_THREAD_SLOT),
                     ] {
                         for aligned in [true, false] {
                             for grad in [false, true] {
@@ -655,7 +671,7 @@ mod tests {
         }
         let caps = |max_cluster| Caps {
             max_cluster,
-            stream_threads: 512,
+            stream_threads: 256,
             stream_stages: 6,
             stream_min_row: STREAM_MIN_ROW,
             aligned: true,
@@ -676,15 +692,29 @@ mod tests {
         assert_eq!(rows(1000, DType::BF16, 8, false), Some((2, 1)));
         assert_eq!(rows(16383, DType::BF16, 8, false), Some((8, 1)));
         assert_eq!(rows(40000, DType::BF16, 8, true), Some((8, 4)));
-        assert_eq!(rows(65536, DType::BF16, 8, false), Some((8, 4)));
+        // The loss: rows of 128 KiB streamed; of 64 KiB with many rows a block.
         assert_eq!(
-            plan(131072, DType::BF16, false, caps(8)),
+            plan(65536, DType::BF16, false, caps(8)),
             Plan::Stream {
                 stages: 6,
-                threads: 512
+                threads: 256
             }
         );
         assert_eq!(rows(32768, DType::BF16, 8, false), Some((16, 1)));
+        assert_eq!(stream_min_row(1024, 264), STREAM_MIN_ROW);
+        assert_eq!(stream_min_row(8192, 264), STREAM_MIN_ROW_MANY);
+        let many = Caps {
+            stream_min_row: stream_min_row(8192, 264),
+            ..caps(8)
+        };
+        assert!(matches!(
+            plan(32768, DType::BF16, false, many),
+            Plan::Stream { threads: 256, .. }
+        ));
+        assert!(matches!(
+            plan(32767, DType::BF16, false, many),
+            Plan::Rows { .. }
+        ));
         let every_row = Caps {
             stream_threads: 256,
             stream_min_row: 256 * STREAM_THREAD_SLOT,
