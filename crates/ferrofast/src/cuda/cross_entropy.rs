@@ -753,6 +753,9 @@ mod tests {
                 assert_eq!(threads, caps.stream_threads);
                 let slot = threads as usize * STREAM_THREAD_SLOT;
                 assert!(v * dt.size() >= slot.max(caps.stream_min_row));
+                // The ring passes 48 KiB, so the launch opts in to it (the opt-in helper does
+                // not count the kernel's static shared memory).
+                assert!(stages * slot > 48 * 1024);
             }
         }
     }
