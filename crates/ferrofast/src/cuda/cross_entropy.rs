@@ -20,10 +20,10 @@
 //! `ce_count_valid` over the targets, launched before the row kernel so the gradient can be
 //! scaled in the same pass. Nothing reads the logits more than the kernels above say.
 //!
-//! Knobs: `FERROFAST_CE_CLUSTER` (1, 2, 4 or 8; default 8) caps the cluster size;
-//! `FERROFAST_CE_STREAM=0` turns `ce_stream` off, `=1` lets it take every aligned row of at
-//! least one slot; `FERROFAST_CE_STREAM_THREADS=512` runs it as one block of 512 threads a
-//! multiprocessor (32 KiB slots).
+//! Knobs, read once per process: `FERROFAST_CE_CLUSTER` (1, 2, 4 or 8; default 8) caps the
+//! cluster size; `FERROFAST_CE_STREAM=0` turns `ce_stream` off, `=1` lets it take every
+//! aligned row of at least one slot; `FERROFAST_CE_STREAM_THREADS=512` runs it as one block
+//! of 512 threads a multiprocessor (32 KiB slots).
 
 use super::copy::{copy_cast, row_len_i32, row_stride, type_tag};
 use super::jit::{self, KernelFile, Registered};
@@ -111,10 +111,27 @@ enum Plan {
     Stream { stages: usize, threads: u32 },
 }
 
+impl Plan {
+    /// `(threads per block, blocks per cluster, logits per block of a row, dynamic shared
+    /// memory)` of the launch.
+    fn launch_shape(self) -> (u32, usize, usize, usize) {
+        match self {
+            Plan::Looped { threads } => (threads, 1, 0, 0),
+            Plan::Rows {
+                threads,
+                cluster,
+                slice,
+                ..
+            } => (threads, cluster, slice, 0),
+            Plan::Stream { stages, threads } => (threads, 1, 0, stages * stream_slot(threads)),
+        }
+    }
+}
+
 /// What the device and the logits allow, for [`plan`].
 #[derive(Clone, Copy, Debug)]
 struct Caps {
-    /// The largest `ce_rows` cluster ([`max_cluster`]).
+    /// The largest `ce_rows` cluster: 1 without clusters, else [`Knobs::cluster`].
     max_cluster: usize,
     /// The threads of a `ce_stream` block and the most ring slots the blocks of a
     /// multiprocessor hold (0: no `ce_stream`).
@@ -126,26 +143,76 @@ struct Caps {
     aligned: bool,
 }
 
+/// `ce_stream`'s setting ([`STREAM_KNOB`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StreamKnob {
+    Off,
+    EveryRow,
+    Default,
+}
+
+/// The knobs, read from the environment once per process (launches stay free of it).
+#[derive(Clone, Copy, Debug)]
+struct Knobs {
+    /// The largest `ce_rows` cluster allowed ([`CLUSTER_KNOB`]; 8 by default).
+    cluster: usize,
+    stream: StreamKnob,
+    /// [`STREAM_THREADS_KNOB`]: 256 or 512.
+    stream_threads: u32,
+}
+
+fn knobs() -> Knobs {
+    static KNOBS: std::sync::OnceLock<Knobs> = std::sync::OnceLock::new();
+    *KNOBS.get_or_init(|| {
+        let var = |name| std::env::var(name).unwrap_or_default().trim().to_string();
+        Knobs {
+            cluster: var(CLUSTER_KNOB)
+                .parse::<usize>()
+                .ok()
+                .filter(|c| ROWS_CLUSTERS.contains(c))
+                .unwrap_or(8),
+            stream: match var(STREAM_KNOB).as_str() {
+                "0" => StreamKnob::Off,
+                "1" => StreamKnob::EveryRow,
+                _ => StreamKnob::Default,
+            },
+            stream_threads: if var(STREAM_THREADS_KNOB) == "512" {
+                512
+            } else {
+                256
+            },
+        }
+    })
+}
+
+/// Bytes of one `ce_stream` ring slot for blocks of `threads`.
+fn stream_slot(threads: u32) -> usize {
+    threads as usize * STREAM_THREAD_SLOT
+}
+
+/// `ce_stream` blocks of `threads` a multiprocessor holds (all resident at once).
+fn stream_blocks_per_sm(threads: u32) -> usize {
+    (512 / threads) as usize
+}
+
 impl Caps {
     /// The capabilities of `device` for `rows` rows of logits, `aligned` or not.
     fn of(device: &super::runtime::CudaDevice, rows: usize, aligned: bool) -> Caps {
-        let knob = std::env::var(STREAM_KNOB).unwrap_or_default();
-        let stream_threads = match std::env::var(STREAM_THREADS_KNOB) {
-            Ok(v) if v.trim() == "512" => 512,
-            _ => 256,
-        };
-        let per_sm = (512 / stream_threads) as usize;
-        let slot = stream_threads as usize * STREAM_THREAD_SLOT;
+        let k = knobs();
+        let per_sm = stream_blocks_per_sm(k.stream_threads);
+        let slot = stream_slot(k.stream_threads);
         let optin = device.max_shared_optin();
         let stream_stages = STREAM_STAGES
             .into_iter()
-            .find(|&s| knob.trim() != "0" && per_sm * (s * slot + STREAM_BLOCK_OVERHEAD) <= optin)
+            .find(|&s| {
+                k.stream != StreamKnob::Off && per_sm * (s * slot + STREAM_BLOCK_OVERHEAD) <= optin
+            })
             .unwrap_or(0);
         Caps {
-            max_cluster: max_cluster(device.has_clusters()),
-            stream_threads,
+            max_cluster: if device.has_clusters() { k.cluster } else { 1 },
+            stream_threads: k.stream_threads,
             stream_stages,
-            stream_min_row: if knob.trim() == "1" {
+            stream_min_row: if k.stream == StreamKnob::EveryRow {
                 slot
             } else {
                 stream_min_row(rows, device.sm_count() as usize * per_sm)
@@ -163,19 +230,6 @@ fn stream_min_row(rows: usize, blocks: usize) -> usize {
     } else {
         STREAM_MIN_ROW
     }
-}
-
-/// The largest cluster `ce_rows` may use on a device: 1 without clusters, else 8 or what
-/// [`CLUSTER_KNOB`] says.
-fn max_cluster(has_clusters: bool) -> usize {
-    if !has_clusters {
-        return 1;
-    }
-    std::env::var(CLUSTER_KNOB)
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|c| ROWS_CLUSTERS.contains(c))
-        .unwrap_or(8)
 }
 
 /// The `ce_rows` plan for rows of `v` logits, or `None` when a row does not fit in the
@@ -214,10 +268,7 @@ fn plan(v: usize, dtype: DType, grad: bool, caps: Caps) -> Plan {
     if !grad
         && caps.aligned
         && caps.stream_stages > 0
-        && v * dtype.size()
-            >= caps
-                .stream_min_row
-                .max(caps.stream_threads as usize * STREAM_THREAD_SLOT)
+        && v * dtype.size() >= caps.stream_min_row.max(stream_slot(caps.stream_threads))
     {
         return Plan::Stream {
             stages: caps.stream_stages,
@@ -415,25 +466,11 @@ fn launch_rows(
             && xb.is_aligned(x.offset(), 16)
             && (rs * dtype.size() as i64).rem_euclid(16) == 0;
         let plan = plan(v, dtype, want_grad, Caps::of(&device, rows, aligned));
-        let (threads, cluster, slice, smem) = match plan {
-            Plan::Looped { threads } => (threads, 1, 0, 0),
-            Plan::Rows {
-                threads,
-                cluster,
-                slice,
-                ..
-            } => (threads, cluster, slice, 0),
-            Plan::Stream { stages, threads } => (
-                threads,
-                1,
-                0,
-                stages * threads as usize * STREAM_THREAD_SLOT,
-            ),
-        };
+        let (threads, cluster, slice, smem) = plan.launch_shape();
         // ce_stream's blocks are persistent, all resident at once.
         let grid_rows = match plan {
             Plan::Stream { threads, .. } => {
-                rows.min(device.sm_count() as usize * (512 / threads) as usize)
+                rows.min(device.sm_count() as usize * stream_blocks_per_sm(threads))
             }
             _ => rows,
         };
@@ -648,7 +685,7 @@ mod tests {
                         (0, 256, STREAM_MIN_ROW),
                         (4, 256, STREAM_MIN_ROW_MANY),
                         (6, 256, STREAM_MIN_ROW),
-                        (6, 512, 512 * STREAM_THREAD_SLOT),
+                        (6, 512, stream_slot(512)),
                     ] {
                         for aligned in [true, false] {
                             for grad in [false, true] {
@@ -717,7 +754,7 @@ mod tests {
         ));
         let every_row = Caps {
             stream_threads: 256,
-            stream_min_row: 256 * STREAM_THREAD_SLOT,
+            stream_min_row: stream_slot(256),
             ..caps(8)
         };
         assert_eq!(
@@ -751,11 +788,12 @@ mod tests {
             Plan::Stream { stages, threads } => {
                 assert!(!grad && caps.aligned && stages == caps.stream_stages);
                 assert_eq!(threads, caps.stream_threads);
-                let slot = threads as usize * STREAM_THREAD_SLOT;
+                let slot = stream_slot(threads);
                 assert!(v * dt.size() >= slot.max(caps.stream_min_row));
                 // The ring passes 48 KiB, so the launch opts in to it (the opt-in helper does
                 // not count the kernel's static shared memory).
                 assert!(stages * slot > 48 * 1024);
+                assert_eq!(plan.launch_shape().3, stages * slot);
             }
         }
     }

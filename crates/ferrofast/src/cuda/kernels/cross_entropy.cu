@@ -422,10 +422,10 @@ __device__ __forceinline__ void ff_cluster_wait() {
 __device__ __forceinline__ ff_ce_stats ff_ce_peer_stats(const ff_ce_stats* local, int rank) {
     ff_ce_stats st;
 #if FF_CE_CLUSTERS
-    ff_u32_t a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(local));
     ff_u32_t ra;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(a), "r"(rank));
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+                 : "=r"(ra)
+                 : "r"(ff_smem_u32(local)), "r"(rank));
     asm volatile("ld.shared::cluster.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                  : "=f"(st.m), "=f"(st.s), "=f"(st.sum_x), "=r"(st.nan)
                  : "r"(ra)
