@@ -104,13 +104,28 @@ fn check_case(
     g_dtype: DType,
     seed: u64,
 ) {
-    let d = *shape.last().unwrap();
     let x = on(&randn(shape, x_dtype, seed), dev);
+    check_inputs(dev, kind, &x, w_dtype, b_dtype, g_dtype, seed);
+}
+
+/// [`check_case`] for the given `x` (already on `dev`).
+fn check_inputs(
+    dev: &Device,
+    kind: Kind,
+    x: &Array,
+    w_dtype: Option<DType>,
+    b_dtype: Option<DType>,
+    g_dtype: DType,
+    seed: u64,
+) {
+    let (shape, x_dtype) = (x.shape(), x.dtype());
+    let d = *shape.last().unwrap();
     let w = w_dtype.map(|t| on(&uniform(&[d], 0.5, 1.5, t, seed + 1), dev));
     let b = b_dtype.map(|t| on(&randn(&[d], t, seed + 2), dev));
     let g = on(&randn(shape, g_dtype, seed + 3), dev);
     let what =
         format!("{kind:?} {shape:?} x {x_dtype} w {w_dtype:?} b {b_dtype:?} seed {seed} on {dev}");
+    let x = x.clone();
     let (dx, dw, db) =
         fast_vjp(kind, &x, w.as_ref(), b.as_ref(), &g).unwrap_or_else(|e| panic!("{what}: {e}"));
     let (rx, rw, rb) = oracle_vjp(kind, &x, w.as_ref(), b.as_ref(), &g);
@@ -201,8 +216,10 @@ const SHAPES: [&[usize]; 9] = [
     &[300, 256],
 ];
 
-/// Shapes for the GPU backward's group kernel (see `group_kernel_shapes`).
-const GROUP_SHAPES: [&[usize]; 12] = [
+/// Shapes for the GPU backward's group kernel (see `group_kernel_shapes`), and row counts
+/// past the resident blocks of the one-block-per-row kernel (two blocks of 512 threads a
+/// multiprocessor: each block visits several rows of 3000-4096 elements).
+const GROUP_SHAPES: [&[usize]; 14] = [
     &[45, 128],
     &[37, 256],
     &[21, 512],
@@ -215,6 +232,8 @@ const GROUP_SHAPES: [&[usize]; 12] = [
     &[6, 8191],
     &[9001, 128],
     &[4099, 1024],
+    &[1100, 4096],
+    &[1030, 3001],
 ];
 
 const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -267,18 +286,48 @@ on_every_device! {
     /// The GPU's group kernel (a group of 8-256 threads per row, several rows per block):
     /// rows of 128-8192 elements with row counts that are not multiples of the rows per
     /// block, widths that are not multiples of the 16-byte vector, and bf16 row counts large
-    /// enough that each group visits several rows (prefetch and register partials).
+    /// enough that each group or block visits several rows (prefetch and register
+    /// partials).
     fn group_kernel_shapes(dev: &Device) {
         let mut seed = 1100;
         for kind in [Kind::Rms, Kind::Layer] {
             for &shape in &GROUP_SHAPES {
-                let dtypes: &[DType] = if shape[0] > 1000 { &[DType::BF16] } else { &FLOATS };
+                let dtypes: &[DType] = if shape[0] > 2000 { &[DType::BF16] } else { &FLOATS };
                 for &dtype in dtypes {
                     for (w, b) in [(true, true), (false, false)] {
                         seed += 1;
                         let b = (b && kind == Kind::Layer).then_some(dtype);
                         check_case(dev, kind, shape, dtype, w.then_some(dtype), b, dtype, seed);
                     }
+                }
+            }
+        }
+    }
+
+    /// Rows far from zero (mean 1000 or -500, spread 1), rows whose first element is an
+    /// outlier (the shifted statistics' fallback), constant rows and rows with a single
+    /// huge element, at lengths over the vector steps and their scalar tails.
+    fn offset_outlier_and_constant_rows(dev: &Device) {
+        let mut seed = 1500;
+        for kind in [Kind::Rms, Kind::Layer] {
+            for d in [64usize, 100, 4096] {
+                for dtype in FLOATS {
+                    seed += 4;
+                    let rows = 6;
+                    let mut xs = randn(&[rows, d], DType::F32, seed).to_vec::<f32>().unwrap();
+                    for (r, row) in xs.chunks_mut(d).enumerate() {
+                        match r {
+                            0 => row.iter_mut().for_each(|v| *v += 1000.0),
+                            1 => row.iter_mut().for_each(|v| *v -= 500.0),
+                            2 => row[0] = 300.0,
+                            3 => row.iter_mut().for_each(|v| *v = 2.5),
+                            4 => row[d / 2] = 1e4,
+                            _ => row.iter_mut().for_each(|v| *v = *v * 1e-3 + 40.0),
+                        }
+                    }
+                    let x = Array::from_vec(xs, &[rows, d]).unwrap().astype(dtype).unwrap();
+                    let b = (kind == Kind::Layer).then_some(dtype);
+                    check_inputs(dev, kind, &on(&x, dev), Some(dtype), b, dtype, seed);
                 }
             }
         }

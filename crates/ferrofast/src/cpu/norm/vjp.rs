@@ -7,8 +7,8 @@
 //!   `dw += g * xc * n`, `db += g`.
 //!
 //! The inputs are taken in the forward's output dtype (as MLX's graph casts them), every sum
-//! and product is computed in f32 (f64 for f64), and the row statistics are the forward's
-//! (two-pass variance for layer norm). Rows are split into at most [`MAX_TASKS`] tasks of
+//! and product is computed in f32 (f64 for f64); layer norm's variance is the two-pass one
+//! (portable loop) or shifted moments with a two-pass fallback (AVX2 kernel). Rows are split into at most [`MAX_TASKS`] tasks of
 //! consecutive rows, chosen from the shape alone; each task sums its rows' `dw` / `db`
 //! contributions in order and the tasks' partial sums are added in task order, so the
 //! results do not depend on the thread count or scheduling (deterministic).
@@ -31,12 +31,45 @@ const MAX_TASKS: usize = 64;
 /// Fewest elements a task gets, so that small calls stay on few threads.
 const MIN_TASK_ELEMENTS: usize = 1 << 15;
 
-/// An element type the backward reads and writes: a [`Widen`] dtype whose compute type (f32,
-/// or f64 for f64) is an ordered [`Acc`]. Implemented for every such type; adds nothing to
-/// [`Widen`].
-trait VjpFloat: Widen<C: Acc + PartialOrd> {}
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
-impl<T: Widen<C: Acc + PartialOrd>> VjpFloat for T {}
+/// An element type the backward reads and writes: a [`Widen`] dtype whose compute type (f32,
+/// or f64 for f64) is an ordered [`Acc`], with its hand-vectorised row kernel where it has
+/// one.
+trait VjpFloat: Widen<C: Acc + PartialOrd> {
+    /// [`Job::rows`] through the AVX2 kernel of [`avx2`], or `None` where this type has no
+    /// such kernel or the CPU cannot run it (the portable loop runs then).
+    fn simd_rows(
+        _job: &Job<'_, Self::C>,
+        _x: &[Self],
+        _g: &[Self],
+        _out: &mut [Self],
+    ) -> Option<Result<Partials<Self::C>>> {
+        None
+    }
+}
+
+impl VjpFloat for f64 {}
+
+/// The types of the AVX2 kernel (bf16, f16, f32).
+macro_rules! simd_vjp_float {
+    ($($t:ty),*) => {$(
+        impl VjpFloat for $t {
+            #[cfg(target_arch = "x86_64")]
+            fn simd_rows(
+                job: &Job<'_, f32>,
+                x: &[$t],
+                g: &[$t],
+                out: &mut [$t],
+            ) -> Option<Result<Partials<f32>>> {
+                avx2::rows(job, x, g, out)
+            }
+        }
+    )*};
+}
+
+simd_vjp_float!(f32, bf16, f16);
 
 /// The gradients of a validated call: `dx` (in `x`'s dtype, see [`NormVjpArgs`]), and
 /// `dweight` / `dbias` in their inputs' dtypes when those were given.
@@ -189,16 +222,21 @@ struct Job<'a, C> {
 
 impl<C: Acc + PartialOrd> Job<'_, C> {
     /// Writes `dx` for the rows of `x` / `g` (row-major, `d` per row) into `out` and returns
-    /// this task's `dw` and `db` sums (empty when not wanted). Each row is widened once (f32
-    /// and f64 rows are read in place) and then taken in two passes (RMS norm: both sums,
-    /// then the outputs) or three (layer norm: the means, the centred sums, the outputs).
-    ///
-    /// Compiled for AVX2 where the CPU has it (the same operations in the same order: no
-    /// FMA contraction, so both builds give the same bits).
+    /// this task's `dw` and `db` sums (empty when not wanted). bf16, f16 and f32 rows take
+    /// the AVX2 kernel of [`avx2`] where the CPU runs it (widened in registers, one pass of
+    /// statistics and one of outputs; shifted moments for layer norm). Otherwise (f64, or a
+    /// CPU without AVX2 / FMA / F16C) each row is widened once (f32 and f64 rows are read in
+    /// place) and then taken in two passes (RMS norm: both sums, then the outputs) or three
+    /// (layer norm: the means, the centred sums, the outputs); that portable loop is
+    /// compiled for AVX2 where the CPU has it (the same operations in the same order: no FMA
+    /// contraction, so both builds give the same bits).
     ///
     /// # Errors
     /// `Error::OutOfMemory` when the task's rows of scratch cannot be allocated.
     fn rows<T: VjpFloat<C = C>>(&self, x: &[T], g: &[T], out: &mut [T]) -> Result<Partials<C>> {
+        if let Some(done) = T::simd_rows(self, x, g, out) {
+            return done;
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the CPU has AVX2 (checked just above).
