@@ -102,12 +102,15 @@ pub(super) trait Format: Copy + Send + Sync + 'static {
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
     unsafe fn round(v: __m256, high: __m256i) -> __m256;
-    /// A step's results (in [`split`](Format::split)'s order) rounded and stored at `o`.
+    /// A step's results (in [`split`](Format::split)'s order) rounded and stored at `o`;
+    /// with `NT`, by non-temporal stores (past the caches: for outputs larger than them,
+    /// which then skip the read of each line before it is written; the caller issues an
+    /// `sfence` before another thread may read them).
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C, and `o` must be valid for writes of [`STEP`]
-    /// elements (no alignment needed).
-    unsafe fn narrow_store(a: __m256, b: __m256, o: *mut Self);
+    /// elements (no alignment needed without `NT`; 32-byte aligned with it).
+    unsafe fn narrow_store<const NT: bool>(a: __m256, b: __m256, o: *mut Self);
     /// One element as f32.
     fn to_f32(self) -> f32;
     /// The element with these bits.
@@ -215,7 +218,7 @@ impl Format for bf16 {
     /// As [`Format::narrow_store`].
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn narrow_store(even: __m256, odd: __m256, o: *mut bf16) {
+    unsafe fn narrow_store<const NT: bool>(even: __m256, odd: __m256, o: *mut bf16) {
         let (e, d) = (_mm256_castps_si256(even), _mm256_castps_si256(odd));
         let hi = _mm256_blend_epi16::<0xAA>(_mm256_srli_epi32::<16>(e), d);
         let lo = _mm256_blend_epi16::<0xAA>(e, _mm256_slli_epi32::<16>(d));
@@ -227,8 +230,14 @@ impl Format for bf16 {
         // `carry` is -1 where the value rounds up.
         let rounded = _mm256_sub_epi16(hi, carry);
         // SAFETY: `o` is valid for writes of one step (the caller's obligation): 16 bf16,
-        // the 32 bytes stored.
-        unsafe { _mm256_storeu_si256(o.cast(), rounded) };
+        // the 32 bytes stored; with NT it is 32-byte aligned (also the caller's).
+        unsafe {
+            if NT {
+                _mm256_stream_si256(o.cast(), rounded);
+            } else {
+                _mm256_storeu_si256(o.cast(), rounded);
+            }
+        }
     }
 
     fn to_f32(self) -> f32 {
@@ -282,16 +291,21 @@ impl Format for f16 {
     /// As [`Format::narrow_store`].
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn narrow_store(a: __m256, b: __m256, o: *mut f16) {
+    unsafe fn narrow_store<const NT: bool>(a: __m256, b: __m256, o: *mut f16) {
         let (a, b) = (
             _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(a),
             _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(b),
         );
         // SAFETY: `o` is valid for writes of one step (the caller's obligation): 16 f16,
-        // written as elements 0-7 and 8-15 (16 bytes each).
+        // written as elements 0-7 and 8-15 (16 bytes each, both 16-byte aligned with NT).
         unsafe {
-            _mm_storeu_si128(o.cast(), a);
-            _mm_storeu_si128(o.add(8).cast(), b);
+            if NT {
+                _mm_stream_si128(o.cast(), a);
+                _mm_stream_si128(o.add(8).cast(), b);
+            } else {
+                _mm_storeu_si128(o.cast(), a);
+                _mm_storeu_si128(o.add(8).cast(), b);
+            }
         }
     }
 
@@ -343,12 +357,17 @@ impl Format for f32 {
     /// As [`Format::narrow_store`].
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn narrow_store(a: __m256, b: __m256, o: *mut f32) {
+    unsafe fn narrow_store<const NT: bool>(a: __m256, b: __m256, o: *mut f32) {
         // SAFETY: `o` is valid for writes of one step (the caller's obligation): 16 f32,
-        // written as elements 0-7 and 8-15.
+        // written as elements 0-7 and 8-15 (both 32-byte aligned with NT).
         unsafe {
-            _mm256_storeu_ps(o, a);
-            _mm256_storeu_ps(o.add(8), b);
+            if NT {
+                _mm256_stream_ps(o, a);
+                _mm256_stream_ps(o.add(8), b);
+            } else {
+                _mm256_storeu_ps(o, a);
+                _mm256_storeu_ps(o.add(8), b);
+            }
         }
     }
 
@@ -764,8 +783,8 @@ impl<'a, H: Format> Kernel<'a, H> {
                 let (a1, b1) = H::split(p.add((i + 1) * STEP), high);
                 let mut v = [a0, b0, a1, b1];
                 stages(&mut v, i * STEP);
-                H::narrow_store(v[0], v[1], o.add(i * STEP));
-                H::narrow_store(v[2], v[3], o.add((i + 1) * STEP));
+                H::narrow_store::<false>(v[0], v[1], o.add(i * STEP));
+                H::narrow_store::<false>(v[2], v[3], o.add((i + 1) * STEP));
             }
             i += 2;
         }
@@ -776,7 +795,7 @@ impl<'a, H: Format> Kernel<'a, H> {
                 let (first, second) = H::split(p.add(i * STEP), high);
                 let mut v = [first, second];
                 stages(&mut v, i * STEP);
-                H::narrow_store(v[0], v[1], o.add(i * STEP));
+                H::narrow_store::<false>(v[0], v[1], o.add(i * STEP));
             }
         }
         // The last `d % 16` elements, as the portable loop computes them.

@@ -70,16 +70,36 @@ unsafe fn rows_avx2<H: Format>(
         w: &w,
         high: std::hint::black_box([0xFFFF_0000u32; 8]),
     };
+    // Non-temporal stores of dx where the call's output outgrows the caches and every
+    // row's vector steps start 32-byte aligned.
+    let row_bytes = d * std::mem::size_of::<H>();
+    let nt = job.stream_out
+        && (out.as_ptr() as usize).is_multiple_of(32)
+        && row_bytes.is_multiple_of(32);
+    macro_rules! run {
+        ($l:literal, $w:literal, $b:literal) => {
+            if nt {
+                rows.run::<H, $l, $w, $b, true>(x, g, out, &mut dw, &mut db)
+            } else {
+                rows.run::<H, $l, $w, $b, false>(x, g, out, &mut dw, &mut db)
+            }
+        };
+    }
     // SAFETY: in every arm the CPU supports AVX2, FMA and F16C (this function's contract);
-    // `w` holds d values, `dw` / `db` d values where wanted.
+    // `w` holds d values, `dw` / `db` d values where wanted; with NT, `out` and its row
+    // length are 32-byte aligned (checked above).
     unsafe {
         match (job.layer, job.want_dw, job.want_db) {
-            (false, false, _) => rows.run::<H, false, false, false>(x, g, out, &mut dw, &mut db),
-            (false, true, _) => rows.run::<H, false, true, false>(x, g, out, &mut dw, &mut db),
-            (true, false, false) => rows.run::<H, true, false, false>(x, g, out, &mut dw, &mut db),
-            (true, true, false) => rows.run::<H, true, true, false>(x, g, out, &mut dw, &mut db),
-            (true, false, true) => rows.run::<H, true, false, true>(x, g, out, &mut dw, &mut db),
-            (true, true, true) => rows.run::<H, true, true, true>(x, g, out, &mut dw, &mut db),
+            (false, false, _) => run!(false, false, false),
+            (false, true, _) => run!(false, true, false),
+            (true, false, false) => run!(true, false, false),
+            (true, true, false) => run!(true, true, false),
+            (true, false, true) => run!(true, false, true),
+            (true, true, true) => run!(true, true, true),
+        }
+        if nt {
+            // The streamed stores complete before the task returns to the pool.
+            _mm_sfence();
         }
     }
     Ok((natural_order::<H>(dw)?, natural_order::<H>(db)?))
@@ -91,18 +111,21 @@ fn natural_order<H: Format>(v: Vec<f32>) -> Result<Vec<f32>> {
     let index: [f32; STEP] = std::array::from_fn(|i| i as f32);
     // SAFETY: `step_layout` needs AVX2, FMA and F16C, which every caller of this function
     // has checked (it runs after `rows_avx2`).
-    let perm = unsafe { H::step_layout(&index) };
-    if perm.iter().enumerate().all(|(p, &i)| p as f32 == i) {
+    let laid = unsafe { H::step_layout(&index) };
+    // perm[p] = the element of a step that step order puts at position p.
+    let perm: [usize; STEP] = std::array::from_fn(|p| laid[p] as usize);
+    if perm.iter().enumerate().all(|(p, &i)| p == i) {
         return Ok(v);
     }
     let mut out = host_pool::filled(v.len(), 0.0f32)?;
-    let full = v.len() / STEP * STEP;
-    for base in (0..full).step_by(STEP) {
+    let mut src = v.chunks_exact(STEP);
+    let mut dst = out.chunks_exact_mut(STEP);
+    for (s, o) in (&mut src).zip(&mut dst) {
         for (p, &i) in perm.iter().enumerate() {
-            out[base + i as usize] = v[base + p];
+            o[i] = s[p];
         }
     }
-    out[full..].copy_from_slice(&v[full..]);
+    dst.into_remainder().copy_from_slice(src.remainder());
     Ok(out)
 }
 
@@ -244,13 +267,15 @@ impl Rows<'_> {
     }
 
     /// Every row: the statistics, then dx and the row's share of dw (`DW`) and db (`DB`,
-    /// layer norm only), added into `dw` / `db` (step order).
+    /// layer norm only), added into `dw` / `db` (step order); dx by non-temporal stores
+    /// with `NT` (the caller fences).
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C; `x`, `g` and `out` hold whole rows of
-    /// `self.d`, `self.w` holds `self.d` values and so do `dw` (if `DW`) and `db` (if `DB`).
+    /// `self.d`, `self.w` holds `self.d` values and so do `dw` (if `DW`) and `db` (if `DB`);
+    /// with `NT`, `out` and `self.d` elements are multiples of 32 bytes.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<H: Format, const LAYER: bool, const DW: bool, const DB: bool>(
+    unsafe fn run<H: Format, const LAYER: bool, const DW: bool, const DB: bool, const NT: bool>(
         &self,
         x: &[H],
         g: &[H],
@@ -293,7 +318,9 @@ impl Rows<'_> {
                 if (i / STEP).is_multiple_of(H::STEPS_PER_LINE) {
                     _mm_prefetch::<_MM_HINT_T0>(xn.wrapping_add(i).cast());
                     _mm_prefetch::<_MM_HINT_T0>(gn.wrapping_add(i).cast());
-                    _mm_prefetch::<_MM_HINT_T0>(on.wrapping_add(i).cast());
+                    if !NT {
+                        _mm_prefetch::<_MM_HINT_T0>(on.wrapping_add(i).cast());
+                    }
                 }
                 // SAFETY: i + 16 <= full <= d: one step of x, g, w, out, dw and db lies
                 // inside their rows.
@@ -311,7 +338,7 @@ impl Rows<'_> {
                     };
                     let ta = _mm256_mul_ps(_mm256_fmsub_ps(ga, wa, mgw), nv);
                     let tb = _mm256_mul_ps(_mm256_fmsub_ps(gb, wb, mgw), nv);
-                    H::narrow_store(
+                    H::narrow_store::<NT>(
                         _mm256_fnmadd_ps(ca, cv, ta),
                         _mm256_fnmadd_ps(cb, cv, tb),
                         op.add(i),
