@@ -1,8 +1,9 @@
 //! Hand-vectorised AVX2 + FMA (+ F16C) rows of the norm backward for bf16, f16 and f32, the
 //! forward kernel's element formats ([`Format`]): each row is read from memory once, widened
-//! in registers (no scratch row), and taken in two passes from L1 / L2 for RMS norm (the
-//! sums, then dx with this row's share of dw) and three for layer norm (the means, the
-//! centred sums, the outputs).
+//! in registers (no scratch row), and taken in two passes from L1 / L2: the statistics (RMS
+//! norm's two sums; layer norm's four shifted moments, plus a pass about the mean when they
+//! cannot be trusted), then dx with this row's share of dw / db. The next rows' inputs (and
+//! output, unless it is streamed past the caches) are prefetched during the output pass.
 //!
 //! The formulas are [`Job::rows`]'s; the sums are taken in another order (vector lanes)
 //! and products with a sum are fused (FMA), so results differ from the portable loop's in
