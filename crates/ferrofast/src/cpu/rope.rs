@@ -12,6 +12,8 @@
 //! the angle `(scale * pos) * inv_freq`, its cos/sin and the rotation are f32, and each output
 //! is rounded once to the input dtype. Inputs in f64 are computed in f64 throughout.
 
+#[cfg(target_arch = "x86_64")]
+use super::simd::prefetch;
 use super::simd::{has_avx2, Widen};
 use crate::array::{host_pool, Array};
 use crate::ops::rope::{RopeArgs, RopeFreqs, RopeOffsets};
@@ -491,7 +493,7 @@ impl<T: RopeElem> Kernel<'_, T> {
                 fill_table(&mut table, &table_spec);
                 for (r, out) in g.rows {
                     let first = lay.row_base(r) + t0 as isize * lay.seq_stride;
-                    rotate_piece(src, first, out, &table, &spec, &mut gathered);
+                    rotate_piece(src, first, out, &table, &spec, &mut gathered, None);
                 }
             }
             #[cfg(target_arch = "x86_64")]
@@ -499,9 +501,25 @@ impl<T: RopeElem> Kernel<'_, T> {
             // CPU supports AVX2, the one requirement of these functions.
             Isa::Avx2 => unsafe {
                 fill_table_avx2(&mut table, &table_spec);
-                for (r, out) in g.rows {
-                    let first = lay.row_base(r) + t0 as isize * lay.seq_stride;
-                    rotate_piece_avx2(src, first, out, &table, &spec, &mut gathered);
+                // Each piece's rows are prefetched while the piece before it is rotated
+                // (a piece is a few KiB of one head: the hardware prefetcher would start
+                // over at each one).
+                let firsts: Vec<isize> = g
+                    .rows
+                    .iter()
+                    .map(|(r, _)| lay.row_base(*r) + t0 as isize * lay.seq_stride)
+                    .collect();
+                let outs: Vec<*const MaybeUninit<T>> =
+                    g.rows.iter().map(|(_, o)| o.as_ptr()).collect();
+                for (i, (_, out)) in g.rows.into_iter().enumerate() {
+                    let ahead = match (firsts.get(i + 1), outs.get(i + 1)) {
+                        (Some(&f), Some(&o)) => Some(Ahead {
+                            src: src.as_ptr().wrapping_offset(f),
+                            out: o,
+                        }),
+                        _ => None,
+                    };
+                    rotate_piece_avx2(src, firsts[i], out, &table, &spec, &mut gathered, ahead);
                 }
             },
         }
@@ -572,9 +590,18 @@ struct PieceSpec {
     traditional: bool,
 }
 
+/// The next piece's first input element and its output, prefetched row by row while a piece
+/// is rotated (only offset and prefetched, never read or written through).
+#[derive(Clone, Copy)]
+struct Ahead<T> {
+    src: *const T,
+    out: *const MaybeUninit<T>,
+}
+
 /// Rotates the rows of one output piece (consecutive positions of one head); the input row
 /// of output row `j` starts at buffer offset `first + j * seq_stride`. Every offset was
-/// checked against the buffer by `view_fits`.
+/// checked against the buffer by `view_fits`. With `ahead` (x86-64), row `j` of the next
+/// piece (input and output) is prefetched as row `j` is rotated.
 ///
 /// A function of its own so that the compiler knows input, output and table do not alias
 /// (otherwise it guards the vector loop with overlap checks).
@@ -586,6 +613,7 @@ fn rotate_piece_impl<T: RopeElem>(
     table: &[T::C],
     spec: &PieceSpec,
     gathered: &mut [T],
+    ahead: Option<Ahead<T>>,
 ) {
     let (dim, dims) = (spec.dim, spec.dims);
     debug_assert!(out.len().is_multiple_of(dim) && table.len() / dims == out.len() / dim);
@@ -595,6 +623,19 @@ fn rotate_piece_impl<T: RopeElem>(
         .zip(table.chunks_exact(dims))
     {
         let start = first + j as isize * spec.seq_stride;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(a) = ahead {
+            let bytes = dim * std::mem::size_of::<T>();
+            if spec.dim_stride == 1 {
+                prefetch(
+                    a.src.wrapping_offset(j as isize * spec.seq_stride).cast(),
+                    bytes,
+                );
+            }
+            prefetch(a.out.wrapping_add(j * dim).cast(), bytes);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = ahead;
         let x: &[T] = if spec.dim_stride == 1 {
             &src[start as usize..start as usize + dim]
         } else {
@@ -620,8 +661,9 @@ fn rotate_piece<T: RopeElem>(
     table: &[T::C],
     spec: &PieceSpec,
     gathered: &mut [T],
+    ahead: Option<Ahead<T>>,
 ) {
-    rotate_piece_impl(src, first, out, table, spec, gathered);
+    rotate_piece_impl(src, first, out, table, spec, gathered, ahead);
 }
 
 /// # Safety
@@ -635,8 +677,9 @@ unsafe fn rotate_piece_avx2<T: RopeElem>(
     table: &[T::C],
     spec: &PieceSpec,
     gathered: &mut [T],
+    ahead: Option<Ahead<T>>,
 ) {
-    rotate_piece_impl(src, first, out, table, spec, gathered);
+    rotate_piece_impl(src, first, out, table, spec, gathered, ahead);
 }
 
 #[cfg(test)]
