@@ -308,11 +308,12 @@ on_every_device! {
 
     /// Rows far from zero (mean 1000 or -500, spread 1), rows whose first element is an
     /// outlier (the shifted statistics' fallback), constant rows and rows with a single
-    /// huge element, at lengths over the vector steps and their scalar tails.
+    /// huge element, at lengths over the vector steps and their scalar tails, and rows past
+    /// the GPU's register kernels (9000: looped).
     fn offset_outlier_and_constant_rows(dev: &Device) {
         let mut seed = 1500;
         for kind in [Kind::Rms, Kind::Layer] {
-            for d in [64usize, 100, 4096] {
+            for d in [64usize, 100, 4096, 9000] {
                 for dtype in FLOATS {
                     seed += 4;
                     let rows = 6;

@@ -427,16 +427,31 @@ impl VjpPlan {
     }
 }
 
+/// Fewest register chunks per thread a one-block-per-row backward plan uses: 1, or the value
+/// of the environment variable `FERROFAST_NORM_VJP_CHUNKS` (1 or 2) read once, a tuning knob
+/// (2: half the threads per row, two blocks resident per multiprocessor).
+fn vjp_min_chunks() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("FERROFAST_NORM_VJP_CHUNKS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|v| VJP_CHUNKS.contains(v))
+            .unwrap_or(1)
+    })
+}
+
 /// The backward kernel for rows of `d` elements of `dtype`, `aligned` as the launcher's
-/// checks say (16-byte vectors everywhere).
-fn vjp_plan(d: usize, dtype: DType, aligned: bool) -> VjpPlan {
+/// checks say (16-byte vectors everywhere); one-block-per-row plans use at least
+/// `min_chunks` register chunks per thread.
+fn vjp_plan(d: usize, dtype: DType, aligned: bool, min_chunks: usize) -> VjpPlan {
     let needed = d.div_ceil(n_reads(dtype)).max(1);
     if aligned {
         if let Some(&chunks) = VJP_WARP_CHUNKS.iter().find(|&&c| needed <= 32 * c) {
             return VjpPlan::Warp { chunks };
         }
     }
-    for chunks in VJP_CHUNKS {
+    for chunks in VJP_CHUNKS.into_iter().filter(|&c| c >= min_chunks) {
         let threads = needed.div_ceil(chunks).div_ceil(32) * 32;
         if threads <= VJP_MAX_THREADS {
             return VjpPlan::Rows {
@@ -545,7 +560,7 @@ pub(crate) fn vjp(
             && wp
                 .as_ref()
                 .is_none_or(|p| p.stride == 1 && p.buffer.is_aligned(p.offset as usize, 16));
-        let plan = vjp_plan(d, dtype, aligned);
+        let plan = vjp_plan(d, dtype, aligned, vjp_min_chunks());
         let threads = plan.threads();
         let name = vjp_variant(kind, dtype, plan, aligned);
         let func = jit::function(&device, &REGISTERED.file, &name, &[])?;
@@ -685,11 +700,13 @@ mod tests {
             (8200, DType::BF16, true, VjpPlan::Looped),
         ] {
             assert_eq!(
-                vjp_plan(d, dt, aligned),
+                vjp_plan(d, dt, aligned, 1),
                 want,
                 "D {d} {dt} aligned {aligned}"
             );
         }
+        assert_eq!(vjp_plan(4096, DType::BF16, true, 2), rows(2, 256));
+        assert_eq!(vjp_plan(1024, DType::BF16, true, 2), warp(4));
         assert_eq!(warp(4).threads(), 128);
         assert_eq!(warp(4).rows_per_block(), 4);
         assert_eq!(rows(1, 160).rows_per_block(), 1);

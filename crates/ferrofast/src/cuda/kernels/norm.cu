@@ -262,30 +262,47 @@ __device__ __forceinline__ void ff_refine_moments(float r1,
     var = fmaxf(r2 / (float)D - c * c, 0.0f);
 }
 
-// Sums of a and b over the block, returned to every thread; `scratch` holds 64 floats of
-// shared memory. Synchronises twice, like ff_block_sum.
-__device__ __forceinline__ void ff_block_sum2(float& a, float& b, float* scratch) {
+// Sums of the M values v over the block, returned to every thread; `scratch` holds 32 * M
+// floats of shared memory. Synchronises twice, like ff_block_sum.
+template <int M>
+__device__ __forceinline__ void ff_block_sums(float (&v)[M], float* scratch) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int n_warps = (blockDim.x + 31) >> 5;
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
-        a += __shfl_xor_sync(0xffffffffu, a, offset);
-        b += __shfl_xor_sync(0xffffffffu, b, offset);
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            v[m] += __shfl_xor_sync(0xffffffffu, v[m], offset);
+        }
     }
     if (lane == 0) {
-        scratch[warp] = a;
-        scratch[32 + warp] = b;
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            scratch[32 * m + warp] = v[m];
+        }
     }
     __syncthreads();
-    a = lane < n_warps ? scratch[lane] : 0.0f;
-    b = lane < n_warps ? scratch[32 + lane] : 0.0f;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        v[m] = lane < n_warps ? scratch[32 * m + lane] : 0.0f;
+    }
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
-        a += __shfl_xor_sync(0xffffffffu, a, offset);
-        b += __shfl_xor_sync(0xffffffffu, b, offset);
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            v[m] += __shfl_xor_sync(0xffffffffu, v[m], offset);
+        }
     }
     __syncthreads();
+}
+
+// Sums of a and b over the block (ff_block_sums of two values; `scratch` holds 64 floats).
+__device__ __forceinline__ void ff_block_sum2(float& a, float& b, float* scratch) {
+    float v[2] = {a, b};
+    ff_block_sums<2>(v, scratch);
+    a = v[0];
+    b = v[1];
 }
 
 // ----- parameters ---------------------------------------------------------------------------
@@ -706,8 +723,8 @@ __global__ void __launch_bounds__(FF_GROUP_BLOCK) norm_group(FF_NORM_FWD_PARAMS(
 // norm_vjp_reduce adds in block order: no atomics, the same bits on every run. With
 // n = rsqrt(var + eps), gw = g * w and xc = x - mean (x for RMS norm):
 //   dx = (gw - mean(gw)) * n - xc * mean(gw * xc) * n^3      (mean(gw) is 0 for RMS norm)
-// Everything in f32; the statistics as the forward computes them (layer norm: mean first,
-// then the variance about it, both from registers). x and g rows: last axis contiguous, at
+// Everything in f32; layer norm's statistics as the forward computes them (moments about
+// the row's first element, with the forward's fallback about the estimated mean). x and g rows: last axis contiguous, at
 // x + x_offset + r * x_row_stride and g + g_offset + r * g_row_stride; the weight strided as
 // in the forward (the bias is not read); dx row-major [n_rows, D].
 
@@ -728,68 +745,106 @@ struct ff_norm_vjp_params {
 // registers per thread, room for a row in flight while the previous one is reduced.
 #define FF_NORM_VJP_THREADS 512
 
+// The sums of ff_norm_vjp_stats over the block (`scratch`: 32 floats per value) ...
+struct ff_block_summer {
+    float* scratch;
+    template <int M>
+    __device__ __forceinline__ void operator()(float (&v)[M]) const {
+        ff_block_sums(v, scratch);
+    }
+};
+
+// ... and over the warp.
+struct ff_warp_summer {
+    template <int M>
+    __device__ __forceinline__ void operator()(float (&v)[M]) const {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            v[m] = ff_group_sum<32>(v[m]);
+        }
+    }
+};
+
 // A row's statistics for the backward, from its values in registers (CH chunks of N per
-// thread; chunk c starts at element base_of(c), values past D are 0): layer norm centres xv
-// on the mean (0 past D) and gives mean(g * w); then n = rsqrt(var + eps) and
-// c3 = mean(g * w * xc) * n^3. sum2(a, b) adds a and b over the threads sharing the row.
-template <typename K, int CH, int N, typename BASE, typename SUM2>
+// thread; chunk c starts at element base_of(c), values past D are 0). Layer norm takes the
+// moments of x about `shift` (the row's first element) together with sum(g * w) and
+// sum(g * w * (x - shift)) in one reduction, and falls back to a second one about the
+// estimated mean when the shifted moments are not trusted (ff_shifted_moments, as the
+// forward); xv leaves centred on the mean (0 past D), with mean(g * w). Then
+// n = rsqrt(var + eps) and c3 = mean(g * w * xc) * n^3. sums(v) adds each value of a
+// float[M] over the threads sharing the row.
+template <typename K, int CH, int N, typename BASE, typename SUMS>
 __device__ __forceinline__ void ff_norm_vjp_stats(float (&xv)[CH][N], const float (&gv)[CH][N],
                                                   const float (&wv)[CH][N], int D, float eps,
-                                                  BASE base_of, SUM2 sum2, float& mean_gw,
-                                                  float& n, float& c3) {
+                                                  float shift, BASE base_of, SUMS sums,
+                                                  float& mean_gw, float& n, float& c3) {
     const float inv_d = 1.0f / (float)D;
     mean_gw = 0.0f;
+    float var;
+    float q;
     if constexpr (K::layer) {
-        float s1 = 0.0f;
-        float s2 = 0.0f;
-#pragma unroll
-        for (int c = 0; c < CH; ++c) {
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                s1 += xv[c][k];
-                s2 += gv[c][k] * wv[c][k];
-            }
-        }
-        sum2(s1, s2);
-        const float mean = s1 * inv_d;
-        mean_gw = s2 * inv_d;
-        // The rounding of sum(x) shifts the mean by some ulps of |x|, which rows far from
-        // zero feel against a small spread: the centred values' own mean corrects it.
-        float r = 0.0f;
-        float unused = 0.0f;
+        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int c = 0; c < CH; ++c) {
             const int base = base_of(c);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                xv[c][k] = base + k < D ? xv[c][k] - mean : 0.0f;
-                r += xv[c][k];
+                const float d = base + k < D ? xv[c][k] - shift : 0.0f;
+                a[0] += d;
+                a[1] += d * d;
+                a[2] = fmaf(gv[c][k], wv[c][k], a[2]);
+                a[3] = fmaf(gv[c][k], wv[c][k] * d, a[3]);
             }
         }
-        sum2(r, unused);
-        r *= inv_d;
+        sums(a);
+        float m1;
+        q = a[3];
+        if (!ff_shifted_moments(a[0], a[1], D, m1, var)) {
+            shift += m1;
+            float r[3] = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int c = 0; c < CH; ++c) {
+                const int base = base_of(c);
+#pragma unroll
+                for (int k = 0; k < N; ++k) {
+                    const float d = base + k < D ? xv[c][k] - shift : 0.0f;
+                    r[0] += d;
+                    r[1] += d * d;
+                    r[2] = fmaf(gv[c][k], wv[c][k] * d, r[2]);
+                }
+            }
+            sums(r);
+            ff_refine_moments(r[0], r[1], D, m1, var);
+            q = r[2];
+        }
+        // sum(g * w * (x - mean)) from the sum about the shift: (x - mean) = d - m1.
+        q -= m1 * a[2];
+        mean_gw = a[2] * inv_d;
 #pragma unroll
         for (int c = 0; c < CH; ++c) {
             const int base = base_of(c);
 #pragma unroll
             for (int k = 0; k < N; ++k) {
-                xv[c][k] = base + k < D ? xv[c][k] - r : 0.0f;
+                xv[c][k] = base + k < D ? (xv[c][k] - shift) - m1 : 0.0f;
             }
         }
-    }
-    float q1 = 0.0f;
-    float q2 = 0.0f;
+    } else {
+        (void)shift;
+        float a[2] = {0.0f, 0.0f};
 #pragma unroll
-    for (int c = 0; c < CH; ++c) {
+        for (int c = 0; c < CH; ++c) {
 #pragma unroll
-        for (int k = 0; k < N; ++k) {
-            q1 += xv[c][k] * xv[c][k];
-            q2 += gv[c][k] * wv[c][k] * xv[c][k];
+            for (int k = 0; k < N; ++k) {
+                a[0] += xv[c][k] * xv[c][k];
+                a[1] += gv[c][k] * wv[c][k] * xv[c][k];
+            }
         }
+        sums(a);
+        var = a[0] * inv_d;
+        q = a[1];
     }
-    sum2(q1, q2);
-    n = 1.0f / sqrtf(q1 * inv_d + eps);
-    c3 = q2 * inv_d * n * n * n;
+    n = 1.0f / sqrtf(var + eps);
+    c3 = q * inv_d * n * n * n;
 }
 
 template <typename K, typename T, int N_CHUNKS, bool ALIGNED>
@@ -799,7 +854,7 @@ __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_rows(FF_NORM_VJP
     (void)b_stride;
     typedef typename T::storage S;
     const int N = ff_norm<T>::N;
-    __shared__ float scratch[64];
+    __shared__ float scratch[K::layer ? 128 : 64];
     float wv[N_CHUNKS][N];
     float dwp[N_CHUNKS][N];
     float dbp[N_CHUNKS][N];
@@ -822,9 +877,13 @@ __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_rows(FF_NORM_VJP
     // of the next row are in flight while this one is reduced and written.
     ff_pack<S, N> xp[N_CHUNKS];
     ff_pack<S, N> gp[N_CHUNKS];
+    S x0p = S();  // the row's first element: layer norm's shift
     auto load_row = [&](ff_i64_t r) {
         const S* xr = x + x_offset + r * x_row_stride;
         const S* gr = g + params.g_offset + r * params.g_row_stride;
+        if constexpr (K::layer) {
+            x0p = xr[0];
+        }
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
             const int base = (c * (int)blockDim.x + (int)threadIdx.x) * N;
@@ -838,6 +897,7 @@ __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_rows(FF_NORM_VJP
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         float xv[N_CHUNKS][N];
         float gv[N_CHUNKS][N];
+        const float shift = K::layer ? T::to_f32(x0p) : 0.0f;
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
 #pragma unroll
@@ -851,9 +911,9 @@ __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_rows(FF_NORM_VJP
         }
         float mean_gw, n, c3;
         ff_norm_vjp_stats<K, N_CHUNKS, N>(
-            xv, gv, wv, D, eps,
+            xv, gv, wv, D, eps, shift,
             [&](int c) { return (c * (int)blockDim.x + (int)threadIdx.x) * N; },
-            [&](float& a, float& b) { ff_block_sum2(a, b, scratch); }, mean_gw, n, c3);
+            ff_block_summer{scratch}, mean_gw, n, c3);
         S* dxr = dx + row * (ff_i64_t)D;
 #pragma unroll
         for (int c = 0; c < N_CHUNKS; ++c) {
@@ -962,12 +1022,11 @@ __global__ void __launch_bounds__(32 * FF_NORM_VJP_WARPS) norm_vjp_warp(FF_NORM_
             load_row(row + stride);
         }
         float mean_gw, n, c3;
+        // Lane 0's first value is the row's first element: layer norm's shift.
+        const float shift = __shfl_sync(0xffffffffu, xv[0][0], 0);
         ff_norm_vjp_stats<K, CH, N>(
-            xv, gv, wv, D, eps, [&](int c) { return (c * 32 + lane) * N; },
-            [](float& a, float& b) {
-                a = ff_group_sum<32>(a);
-                b = ff_group_sum<32>(b);
-            },
+            xv, gv, wv, D, eps, shift, [&](int c) { return (c * 32 + lane) * N; },
+            ff_warp_summer{},
             mean_gw, n, c3);
         if (row < n_rows) {
             S* dxr = dx + row * (ff_i64_t)D;
@@ -1017,17 +1076,19 @@ __global__ void __launch_bounds__(32 * FF_NORM_VJP_WARPS) norm_vjp_warp(FF_NORM_
     }
 }
 
-// Rows too long for registers: three passes over each row (sums, centred sums, output; the
-// later ones mostly hit L2), the partial sums kept in the block's slice of dw_part / db_part
-// (each element owned by one thread, so no synchronisation). dw_part and db_part must not be
-// null when a weight / bias gradient is wanted; the kernel zeroes them first.
+// Rows too long for registers: two passes over each row (the sums of ff_norm_vjp_stats,
+// then the output; layer norm adds the fallback's pass between them when the shifted moments
+// are not trusted; the later passes mostly hit L2), the partial sums kept in the block's slice
+// of dw_part / db_part (each element owned by one thread, so no synchronisation). dw_part and
+// db_part must not be null when a weight / bias gradient is wanted; the kernel zeroes them
+// first.
 template <typename K, typename T>
 __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_looped(FF_NORM_VJP_PARAMS(T)) {
     FF_NORM_PARAMS(params.f);
     (void)b_offset;
     (void)b_stride;
     typedef typename T::storage S;
-    __shared__ float scratch[64];
+    __shared__ float scratch[K::layer ? 128 : 64];
     const int step = (int)blockDim.x;
     const float inv_d = 1.0f / (float)D;
     float* dwb = dw_part != nullptr ? dw_part + (ff_i64_t)blockIdx.x * D : nullptr;
@@ -1046,32 +1107,55 @@ __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_looped(FF_NORM_V
     for (ff_i64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const S* xr = x + x_offset + row * x_row_stride;
         const S* gr = g + params.g_offset + row * params.g_row_stride;
-        float mean = 0.0f;
+        float shift = 0.0f;
+        float m1 = 0.0f;
         float mean_gw = 0.0f;
+        float var;
+        float q;
         if constexpr (K::layer) {
-            float s1 = 0.0f;
-            float s2 = 0.0f;
+            shift = T::to_f32(xr[0]);
+            float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int i = threadIdx.x; i < D; i += step) {
-                s1 += T::to_f32(xr[i]);
-                s2 += T::to_f32(gr[i]) * wat(i);
+                const float d = T::to_f32(xr[i]) - shift;
+                const float gw = T::to_f32(gr[i]) * wat(i);
+                a[0] += d;
+                a[1] += d * d;
+                a[2] += gw;
+                a[3] += gw * d;
             }
-            ff_block_sum2(s1, s2, scratch);
-            mean = s1 * inv_d;
-            mean_gw = s2 * inv_d;
+            ff_block_sums(a, scratch);
+            q = a[3];
+            if (!ff_shifted_moments(a[0], a[1], D, m1, var)) {
+                shift += m1;
+                float r[3] = {0.0f, 0.0f, 0.0f};
+                for (int i = threadIdx.x; i < D; i += step) {
+                    const float d = T::to_f32(xr[i]) - shift;
+                    r[0] += d;
+                    r[1] += d * d;
+                    r[2] += T::to_f32(gr[i]) * wat(i) * d;
+                }
+                ff_block_sums(r, scratch);
+                ff_refine_moments(r[0], r[1], D, m1, var);
+                q = r[2];
+            }
+            q -= m1 * a[2];
+            mean_gw = a[2] * inv_d;
+        } else {
+            float a[2] = {0.0f, 0.0f};
+            for (int i = threadIdx.x; i < D; i += step) {
+                const float xi = T::to_f32(xr[i]);
+                a[0] += xi * xi;
+                a[1] += T::to_f32(gr[i]) * wat(i) * xi;
+            }
+            ff_block_sums(a, scratch);
+            var = a[0] * inv_d;
+            q = a[1];
         }
-        float q1 = 0.0f;
-        float q2 = 0.0f;
-        for (int i = threadIdx.x; i < D; i += step) {
-            const float xc = T::to_f32(xr[i]) - mean;
-            q1 += xc * xc;
-            q2 += T::to_f32(gr[i]) * wat(i) * xc;
-        }
-        ff_block_sum2(q1, q2, scratch);
-        const float n = 1.0f / sqrtf(q1 * inv_d + eps);
-        const float c3 = q2 * inv_d * n * n * n;
+        const float n = 1.0f / sqrtf(var + eps);
+        const float c3 = q * inv_d * n * n * n;
         S* dxr = dx + row * (ff_i64_t)D;
         for (int i = threadIdx.x; i < D; i += step) {
-            const float xc = T::to_f32(xr[i]) - mean;
+            const float xc = (T::to_f32(xr[i]) - shift) - m1;
             const float gi = T::to_f32(gr[i]);
             dxr[i] = T::from_f32((gi * wat(i) - mean_gw) * n - xc * c3);
             if (dwb != nullptr) {
