@@ -504,22 +504,14 @@ impl<T: RopeElem> Kernel<'_, T> {
                 // Each piece's rows are prefetched while the piece before it is rotated
                 // (a piece is a few KiB of one head: the hardware prefetcher would start
                 // over at each one).
-                let firsts: Vec<isize> = g
-                    .rows
-                    .iter()
-                    .map(|(r, _)| lay.row_base(*r) + t0 as isize * lay.seq_stride)
-                    .collect();
-                let outs: Vec<*const MaybeUninit<T>> =
-                    g.rows.iter().map(|(_, o)| o.as_ptr()).collect();
-                for (i, (_, out)) in g.rows.into_iter().enumerate() {
-                    let ahead = match (firsts.get(i + 1), outs.get(i + 1)) {
-                        (Some(&f), Some(&o)) => Some(Ahead {
-                            src: src.as_ptr().wrapping_offset(f),
-                            out: o,
-                        }),
-                        _ => None,
-                    };
-                    rotate_piece_avx2(src, firsts[i], out, &table, &spec, &mut gathered, ahead);
+                let first = |r: usize| lay.row_base(r) + t0 as isize * lay.seq_stride;
+                let mut rows = g.rows.into_iter().peekable();
+                while let Some((r, out)) = rows.next() {
+                    let ahead = rows.peek().map(|(next, next_out)| Ahead {
+                        src: src.as_ptr().wrapping_offset(first(*next)),
+                        out: next_out.as_ptr(),
+                    });
+                    rotate_piece_avx2(src, first(r), out, &table, &spec, &mut gathered, ahead);
                 }
             },
         }

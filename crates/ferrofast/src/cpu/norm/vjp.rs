@@ -8,10 +8,11 @@
 //!
 //! The inputs are taken in the forward's output dtype (as MLX's graph casts them), every sum
 //! and product is computed in f32 (f64 for f64); layer norm's variance is the two-pass one
-//! (portable loop) or shifted moments with a two-pass fallback (AVX2 kernel). Rows are split into at most [`MAX_TASKS`] tasks of
-//! consecutive rows, chosen from the shape alone; each task sums its rows' `dw` / `db`
-//! contributions in order and the tasks' partial sums are added in task order, so the
-//! results do not depend on the thread count or scheduling (deterministic).
+//! (portable loop) or shifted moments with a two-pass fallback (AVX2 kernel). Rows are split
+//! into at most [`MAX_TASKS`] tasks of consecutive rows, chosen from the shape alone; each
+//! task sums its rows' `dw` / `db` contributions in order and the tasks' partial sums are
+//! added in task order, so the results do not depend on the thread count or scheduling
+//! (deterministic).
 
 use super::{Acc, LANES};
 use crate::array::{host_pool, Array};
