@@ -731,7 +731,7 @@ mod tests {
                 let scale = 1.0 / (d as f32).sqrt();
                 let fwd = SdpaArgs::new(&q, &k, &v, scale, mask, None).unwrap();
                 let (out, lse) = super::super::run_with_lse(&fwd, &stream).unwrap();
-                let c = SdpaVjpArgs::new(&q, &k, &v, scale, mask, None, &out, &lse, &g).unwrap();
+                let c = SdpaVjpArgs::new(fwd.clone(), &out, &lse, &g).unwrap();
                 let flat = |r: (Array, Array, Array, Option<Array>)| -> Vec<f64> {
                     let mut all = r.0.to_f64_vec().unwrap();
                     all.extend(r.1.to_f64_vec().unwrap());
