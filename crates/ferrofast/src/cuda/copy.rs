@@ -5,7 +5,7 @@
 
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{driver_error, grid_1d, guarded, CudaDevice, Stream};
+use super::runtime::{driver_error, grid_1d, guarded, launch_kernel, CudaDevice, Stream};
 use crate::array::collapse2;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -353,15 +353,11 @@ fn launch_strided(
         .arg(&layout)
         .arg(&ndim)
         .arg(&count);
-    guarded("launching copy_strided", || {
-        // SAFETY: the arguments match copy_strided's parameters in order and type; every
-        // offset the kernel forms lies inside the source and destination views, which
-        // `copy_into` checked lie inside their allocations; the destination's elements are
-        // distinct (the caller's contract), so no element is written twice.
-        unsafe { builder.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| driver_error("launching copy_strided", e))
-    })
+    // SAFETY: the arguments match copy_strided's parameters in order and type; every
+    // offset the kernel forms lies inside the source and destination views, which
+    // `copy_into` checked lie inside their allocations; the destination's elements are
+    // distinct (the caller's contract), so no element is written twice.
+    unsafe { launch_kernel("copy_strided", &mut builder, cfg) }
 }
 
 /// A row-major copy of `a` (a GPU array) converted to `dtype`, produced on `stream` (the
@@ -455,14 +451,10 @@ fn launch_copy(
         .arg(&layout)
         .arg(&ndim)
         .arg(&count);
-    guarded("launching copy_cast", || {
-        // SAFETY: the arguments match copy_cast's parameters in order and type; every offset the
-        // kernel forms lies inside the source view, which lies inside its allocation, and it
-        // writes exactly `n` elements of the output, which holds `n`.
-        unsafe { builder.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| driver_error("launching copy_cast", e))
-    })
+    // SAFETY: the arguments match copy_cast's parameters in order and type; every offset the
+    // kernel forms lies inside the source view, which lies inside its allocation, and it
+    // writes exactly `n` elements of the output, which holds `n`.
+    unsafe { launch_kernel("copy_cast", &mut builder, cfg) }
 }
 
 #[cfg(test)]
