@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 mod slice_update;
 #[cfg(feature = "cuda")]
-pub(crate) use slice_update::collapse2;
+pub(crate) use slice_update::{collapse2, next_index};
 
 /// Calls a generic expression with `$t` set to the Rust type of a runtime [`DType`].
 macro_rules! dispatch_dtype {
@@ -1438,27 +1438,15 @@ impl Array {
         let inner = self.shape[n - 1];
         let inner_stride = self.strides[n - 1];
         let mut idx = vec![0usize; n - 1];
-        let mut base = self.offset as isize;
+        let mut base = [self.offset as isize];
         loop {
-            let mut o = base;
+            let mut o = base[0];
             for _ in 0..inner {
                 f(o as usize);
                 o += inner_stride;
             }
-            // Odometer over the outer axes.
-            let mut ax = n - 1;
-            loop {
-                if ax == 0 {
-                    return;
-                }
-                ax -= 1;
-                idx[ax] += 1;
-                base += self.strides[ax];
-                if idx[ax] < self.shape[ax] {
-                    break;
-                }
-                base -= self.strides[ax] * self.shape[ax] as isize;
-                idx[ax] = 0;
+            if !next_index(&mut idx, &self.shape, [&self.strides], &mut base) {
+                return;
             }
         }
     }

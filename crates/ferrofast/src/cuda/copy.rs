@@ -6,7 +6,7 @@
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
 use super::runtime::{driver_error, grid_1d, guarded, launch_kernel, CudaDevice, Stream};
-use crate::array::collapse2;
+use crate::array::{collapse2, next_index};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::Array;
@@ -271,18 +271,8 @@ pub(crate) fn copy_into(
             ),
             &stream,
         )?;
-        // Odometer over the outer axes.
-        let mut ax = outer;
-        loop {
-            if ax == 0 {
-                return Ok(());
-            }
-            ax -= 1;
-            idx[ax] += 1;
-            if idx[ax] < shape[ax] {
-                break;
-            }
-            idx[ax] = 0;
+        if !next_index(&mut idx, &shape, [], &mut []) {
+            return Ok(());
         }
     }
 }
