@@ -12,7 +12,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::merge::MergeArgs;
 use crate::Array;
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, PushKernelArg};
 
 /// `kernels/merge.cu`: the merge and the accumulation kernels.
 /// Every instantiation a launch can ask for is in `variants`.
@@ -220,19 +220,9 @@ pub(crate) fn accumulate(acc: Option<&Array>, x: &Array, stream: &Stream) -> Res
             builder.arg(s);
         }
         if wide {
-            builder
-                .arg(&wide_args[0])
-                .arg(&wide_args[1])
-                .arg(&wide_args[2])
-                .arg(out.slice_mut())
-                .arg(&wide_args[3]);
+            push_add_sizes(&mut builder, &wide_args, out.slice_mut());
         } else {
-            builder
-                .arg(&narrow_args[0])
-                .arg(&narrow_args[1])
-                .arg(&narrow_args[2])
-                .arg(out.slice_mut())
-                .arg(&narrow_args[3]);
+            push_add_sizes(&mut builder, &narrow_args, out.slice_mut());
         }
         let cfg = grid_1d(blocks, BLOCK, 0);
         // SAFETY: the arguments match `merge_add`'s parameters in order and type (`I` as
@@ -243,6 +233,21 @@ pub(crate) fn accumulate(acc: Option<&Array>, x: &Array, stream: &Stream) -> Res
         unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     }
     Array::from_cuda_buffer(out, x.shape())
+}
+
+/// Pushes `merge_add`'s parameters after `x`'s strides: `x`'s last three sizes, the output
+/// `out`, then the element count, `sizes` holding the four in the kernel's index type.
+fn push_add_sizes<'a, I: DeviceRepr>(
+    builder: &mut LaunchArgs<'a>,
+    sizes: &'a [I; 4],
+    out: &'a mut CudaSlice<u8>,
+) {
+    builder
+        .arg(&sizes[0])
+        .arg(&sizes[1])
+        .arg(&sizes[2])
+        .arg(out)
+        .arg(&sizes[3]);
 }
 
 #[cfg(test)]
