@@ -9,48 +9,22 @@ use std::sync::Arc;
 
 mod slice_update;
 #[cfg(feature = "cuda")]
-pub(crate) use slice_update::collapse2;
+pub(crate) use slice_update::{collapse2, next_index};
 
 /// Calls a generic expression with `$t` set to the Rust type of a runtime [`DType`].
 macro_rules! dispatch_dtype {
     ($dtype:expr, $t:ident => $body:expr) => {
+        $crate::array::dispatch_dtype!(@arms $dtype, $t => $body;
+            Bool: bool, U8: u8, U32: u32, I32: i32, I64: i64, F16: half::f16,
+            BF16: half::bf16, F32: f32, F64: f64)
+    };
+    // One arm per dtype, `$body` under `type $t = ` its Rust type.
+    (@arms $dtype:expr, $t:ident => $body:expr; $($variant:ident: $ty:ty),+) => {
         match $dtype {
-            DType::Bool => {
-                type $t = bool;
+            $(DType::$variant => {
+                type $t = $ty;
                 $body
-            }
-            DType::U8 => {
-                type $t = u8;
-                $body
-            }
-            DType::U32 => {
-                type $t = u32;
-                $body
-            }
-            DType::I32 => {
-                type $t = i32;
-                $body
-            }
-            DType::I64 => {
-                type $t = i64;
-                $body
-            }
-            DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = half::bf16;
-                $body
-            }
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
+            })+
         }
     };
 }
@@ -1438,27 +1412,15 @@ impl Array {
         let inner = self.shape[n - 1];
         let inner_stride = self.strides[n - 1];
         let mut idx = vec![0usize; n - 1];
-        let mut base = self.offset as isize;
+        let mut base = [self.offset as isize];
         loop {
-            let mut o = base;
+            let mut o = base[0];
             for _ in 0..inner {
                 f(o as usize);
                 o += inner_stride;
             }
-            // Odometer over the outer axes.
-            let mut ax = n - 1;
-            loop {
-                if ax == 0 {
-                    return;
-                }
-                ax -= 1;
-                idx[ax] += 1;
-                base += self.strides[ax];
-                if idx[ax] < self.shape[ax] {
-                    break;
-                }
-                base -= self.strides[ax] * self.shape[ax] as isize;
-                idx[ax] = 0;
+            if !next_index(&mut idx, &self.shape, [&self.strides], &mut base) {
+                return;
             }
         }
     }

@@ -13,7 +13,7 @@
 #[macro_use]
 mod common;
 
-use common::{check_close, float_dtypes, on, Input};
+use common::{by_dtype, check_close, float_dtypes, on, Input};
 use ferrofast::fast::{self, CrossEntropyOptions, Reduction};
 use ferrofast::{reference, Array, DType, Device, Error};
 
@@ -58,12 +58,10 @@ const LOSS_TOL: (f64, f64) = (1e-4, 2e-5);
 
 /// `(atol, rtol)` of a gradient rounded to `dtype` after f32 arithmetic.
 fn grad_tol(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::F64 => (1e-12, 1e-10),
-        DType::F32 => (1e-6, 5e-5),
-        DType::F16 => (1e-6, 1e-3),
-        _ => (1e-6, 8e-3),
-    }
+    by_dtype(
+        dtype,
+        [(1e-6, 5e-5), (1e-6, 1e-3), (1e-6, 8e-3), (1e-12, 1e-10)],
+    )
 }
 
 /// Runs the forward, backward and fused passes on the device inputs and checks each

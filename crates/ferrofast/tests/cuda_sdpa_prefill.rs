@@ -108,20 +108,6 @@ fn qkv(
     )
 }
 
-/// Runs the op on the device inputs and the oracle on the CPU ones and compares them at
-/// [`tol`].
-fn check(
-    q: &Input,
-    k: &Input,
-    v: &Input,
-    scale: f32,
-    mask: Masking<'_>,
-    sinks: Option<&Input>,
-    what: &str,
-) {
-    check_with(q, k, v, scale, mask, sinks, tol, what);
-}
-
 /// [`Masking::Causal`] when `causal`, else [`Masking::None`].
 fn causal_if(causal: bool) -> Masking<'static> {
     if causal {
@@ -145,7 +131,7 @@ on_every_gpu_test! {
                         qkv(dev, (1, 2, 2, 150, 141, d, dv), (false, false), dtype, seed);
                     let what = format!("{dtype} D {d}/{dv} causal {is_causal} seed {seed}");
                     let scale = 1.0 / (d as f32).sqrt();
-                    check(&q, &k, &v, scale, causal_if(is_causal), None, &what);
+                    check_with(&q, &k, &v, scale, causal_if(is_causal), None, tol, &what);
                 }
             }
         }
@@ -178,7 +164,7 @@ on_every_gpu_test! {
                         let what = format!(
                             "{dtype} Tq {tq} Tkv {tkv} D {d} causal {is_causal} seed {seed}"
                         );
-                        check(&q, &k, &v, 0.125, causal_if(is_causal), None, &what);
+                        check_with(&q, &k, &v, 0.125, causal_if(is_causal), None, tol, &what);
                     }
                 }
             }
@@ -200,7 +186,7 @@ on_every_gpu_test! {
                         seed,
                     );
                     let what = format!("{dtype} heads {nq}/{nkv} causal {is_causal} seed {seed}");
-                    check(&q, &k, &v, 0.09, causal_if(is_causal), None, &what);
+                    check_with(&q, &k, &v, 0.09, causal_if(is_causal), None, tol, &what);
                 }
             }
         }
@@ -238,7 +224,7 @@ on_every_gpu_test! {
                         let what = format!(
                             "{dtype} D {d}/{dv} mask {shape:?} additive {additive} seed {seed}"
                         );
-                        check(&q, &k, &v, 0.1, Masking::Array(&m), None, &what);
+                        check_with(&q, &k, &v, 0.1, Masking::Array(&m), None, tol, &what);
                     }
                 }
             }
@@ -272,7 +258,7 @@ on_every_gpu_test! {
                         _ => Masking::Array(&m),
                     };
                     let what = format!("{dtype} D {d} sinks, mask kind {kind}, seed {seed}");
-                    check(&q, &k, &v, 0.125, mask, Some(&sinks), &what);
+                    check_with(&q, &k, &v, 0.125, mask, Some(&sinks), tol, &what);
                 }
             }
         }
@@ -312,13 +298,13 @@ on_every_gpu_test! {
                     }
                 }
                 let what = format!("{dtype} {name}");
-                check(&q, &k, &v, 0.125, Masking::Array(m), None, &what);
+                check_with(&q, &k, &v, 0.125, Masking::Array(m), None, tol, &what);
             }
             // Causal with more queries than keys: the first T_q - T_kv rows see no key.
             let k2 = input(dev, b, nq, 25, d, false, dtype, 6);
             let v2 = input(dev, b, nq, 25, d, false, dtype, 7);
             let what = format!("{dtype} causal Tq>Tkv");
-            check(&q, &k2, &v2, 0.125, Masking::Causal, None, &what);
+            check_with(&q, &k2, &v2, 0.125, Masking::Causal, None, tol, &what);
             let out = sdpa(&q.dev, &k2.dev, &v2.dev, 0.125, Mask::Causal, None).unwrap();
             let vals = out.to_f64_vec().unwrap();
             assert!(
@@ -338,7 +324,7 @@ on_every_gpu_test! {
                 // [B, T, H, D] memory seen as [B, H, T, D]: read in place.
                 let (q, k, v) = qkv(dev, (2, 4, 2, 70, 90, 128, 128), (true, true), dtype, seed);
                 let what = format!("{dtype} transposed causal {is_causal} seed {seed}");
-                check(&q, &k, &v, 0.1, causal_if(is_causal), None, &what);
+                check_with(&q, &k, &v, 0.1, causal_if(is_causal), None, tol, &what);
 
                 // Rows 67 elements apart (not 16-byte aligned): copied first. A sliced
                 // sequence (offset rows) and a reversed head axis.
@@ -352,7 +338,7 @@ on_every_gpu_test! {
                 });
                 let v2 = input(dev, 1, 3, 72, 64, true, dtype, seed + 5);
                 let what = format!("{dtype} sliced/reversed causal {is_causal} seed {seed}");
-                check(&q2, &k2, &v2, 0.125, causal_if(is_causal), None, &what);
+                check_with(&q2, &k2, &v2, 0.125, causal_if(is_causal), None, tol, &what);
             }
         }
     }
@@ -368,7 +354,7 @@ on_every_gpu_test! {
                 seed,
             );
             let what = format!("{dtype} 160 blocks causal {is_causal} seed {seed}");
-            check(&q, &k, &v, 0.0884, causal_if(is_causal), None, &what);
+            check_with(&q, &k, &v, 0.0884, causal_if(is_causal), None, tol, &what);
         }
     }
 
@@ -379,7 +365,7 @@ on_every_gpu_test! {
         for (dtype, d) in [(DType::F32, 64), (DType::BF16, 72)] {
             let (q, k, v) = qkv(dev, (1, 2, 2, 20, 20, d, d), (false, false), dtype, 1);
             let what = format!("fallback {dtype} D {d}");
-            check(&q, &k, &v, 0.1, Masking::None, None, &what);
+            check_with(&q, &k, &v, 0.1, Masking::None, None, tol, &what);
         }
         let (q, k, v) = qkv(
             dev,
@@ -448,7 +434,7 @@ fn run_gpu(p: &Problem, scale: f32, causal: bool, what: &str) -> Array {
 
 /// `p` against the oracle at [`tol`].
 fn check_problem(p: &Problem, scale: f32, causal: bool, what: &str) {
-    check(&p.q, &p.k, &p.v, scale, causal_if(causal), None, what);
+    check_with(&p.q, &p.k, &p.v, scale, causal_if(causal), None, tol, what);
 }
 
 /// The knob switches kernels (bitwise different outputs on sm_90, the same elsewhere), then

@@ -8,7 +8,9 @@
 #[macro_use]
 mod common;
 
-use common::{check_close, on, randn, uniform, AttnGrads as Grads, AttnProblem as Problem};
+use common::{
+    by_dtype, check_close, on, randn, uniform, AttnGrads as Grads, AttnProblem as Problem,
+};
 use ferrofast::fast::{self, Mask};
 use ferrofast::{reference, Array, DType, Device};
 use std::sync::Mutex;
@@ -68,12 +70,10 @@ fn max_abs(a: &Array) -> f64 {
 
 /// `(fraction of the largest reference magnitude, rtol)` for gradients of `dtype`.
 fn tol(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::F64 => (1e-11, 1e-11),
-        DType::F32 => (1e-4, 1e-4),
-        DType::F16 => (5e-3, 5e-3),
-        _ => (3e-2, 3e-2),
-    }
+    by_dtype(
+        dtype,
+        [(1e-4, 1e-4), (5e-3, 5e-3), (3e-2, 3e-2), (1e-11, 1e-11)],
+    )
 }
 
 /// Runs the forward with its log-sum-exp and the backward on `dev`.

@@ -42,6 +42,38 @@ pub(crate) fn collapse2(
     (out_shape, out_a, out_b)
 }
 
+/// Steps the row-major multi-index `idx` over `shape` (the last of its axes fastest; `shape`
+/// may go on past `idx.len()`) to the next index, keeping each `offsets[i]` the element
+/// offset of `idx` under `strides[i]` (stepping along an axis adds its stride, wrapping it
+/// back to 0 takes `stride * size` off). Returns false, with `idx` back at zeros and the
+/// offsets where they started, once every index has been visited.
+#[inline(always)]
+pub(crate) fn next_index<const N: usize>(
+    idx: &mut [usize],
+    shape: &[usize],
+    strides: [&[isize]; N],
+    offsets: &mut [isize; N],
+) -> bool {
+    let mut ax = idx.len();
+    loop {
+        if ax == 0 {
+            return false;
+        }
+        ax -= 1;
+        idx[ax] += 1;
+        for (o, s) in offsets.iter_mut().zip(strides) {
+            *o += s[ax];
+        }
+        if idx[ax] < shape[ax] {
+            return true;
+        }
+        for (o, s) in offsets.iter_mut().zip(strides) {
+            *o -= s[ax] * shape[ax] as isize;
+        }
+        idx[ax] = 0;
+    }
+}
+
 /// Whether the layout addresses every element at its own place in memory (no two indices
 /// share an element, as they do along a broadcast axis). Sufficient, not necessary: the axes
 /// sorted by stride must each step past everything the smaller ones reach, which every
@@ -103,8 +135,9 @@ fn copy_region<S: Copy, D>(
     };
     let outer = n.saturating_sub(1);
     let mut idx = vec![0usize; outer];
-    let (mut d_base, mut s_base) = (d.offset as isize, s.offset as isize);
+    let mut bases = [d.offset as isize, s.offset as isize];
     loop {
+        let [d_base, s_base] = bases;
         let d0 = usize::try_from(d_base).map_err(|_| outside())?;
         let s0 = usize::try_from(s_base).map_err(|_| outside())?;
         if d_step == 1 && s_step == 1 {
@@ -129,22 +162,8 @@ fn copy_region<S: Copy, D>(
                 si += s_step;
             }
         }
-        // Odometer over the outer axes.
-        let mut ax = outer;
-        loop {
-            if ax == 0 {
-                return Ok(());
-            }
-            ax -= 1;
-            idx[ax] += 1;
-            d_base += ds[ax];
-            s_base += ss[ax];
-            if idx[ax] < shape[ax] {
-                break;
-            }
-            d_base -= ds[ax] * shape[ax] as isize;
-            s_base -= ss[ax] * shape[ax] as isize;
-            idx[ax] = 0;
+        if !next_index(&mut idx, &shape, [&ds, &ss], &mut bases) {
+            return Ok(());
         }
     }
 }

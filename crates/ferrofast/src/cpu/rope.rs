@@ -677,7 +677,7 @@ unsafe fn rotate_piece_avx2<T: RopeElem>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::rope::RopeOffset;
+    use crate::ops::rope::{RopeOffset, RopeOptions};
     use crate::Device;
     use std::time::Instant;
 
@@ -798,8 +798,14 @@ mod tests {
             let x = x.swapaxes(1, 2).unwrap();
             for traditional in [false, true] {
                 for offset in [RopeOffset::Int(11), RopeOffset::Array(&offsets)] {
-                    let plan =
-                        RopeArgs::new(&x, 36, traditional, Some(500.0), 0.7, offset, None).unwrap();
+                    let options = RopeOptions {
+                        traditional,
+                        base: Some(500.0),
+                        scale: 0.7,
+                        offset,
+                        freqs: None,
+                    };
+                    let plan = RopeArgs::new(&x, 36, &options).unwrap();
                     let outs = match dtype {
                         DType::F32 => outputs::<f32>(&x, &plan),
                         DType::BF16 => outputs::<bf16>(&x, &plan),
@@ -886,8 +892,12 @@ mod tests {
             } else {
                 RopeOffset::Int(7)
             };
-            let plan =
-                RopeArgs::new(x, 128, *traditional, Some(10000.0), 1.0, offset, None).unwrap();
+            let options = RopeOptions {
+                traditional: *traditional,
+                offset,
+                ..Default::default()
+            };
+            let plan = RopeArgs::new(x, 128, &options).unwrap();
             let time = |iters| match dtype {
                 DType::F32 => run::<f32>(x, &plan, iters),
                 DType::BF16 => run::<bf16>(x, &plan, iters),

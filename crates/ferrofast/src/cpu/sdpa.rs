@@ -232,32 +232,40 @@ fn accumulate_rows_plain<T: Acc, const FMA: bool>(
     }
 }
 
-impl Acc for f32 {
-    const ZERO: f32 = 0.0;
-    const ONE: f32 = 1.0;
-    const NEG_INF: f32 = f32::NEG_INFINITY;
-    const NAN: f32 = f32::NAN;
-    #[inline(always)]
-    fn from_f32(x: f32) -> f32 {
-        x
-    }
-    #[inline(always)]
-    fn is_nan(self) -> bool {
-        f32::is_nan(self)
-    }
-
-    #[inline(always)]
-    fn exp(self) -> f32 {
-        f32::exp(self)
-    }
-    #[inline(always)]
-    fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-        if FMA {
-            a.mul_add(b, c)
-        } else {
-            a * b + c
+/// The [`Acc`] items that read alike for f32 and f64: the constants, `from_f32` (a
+/// lossless `From`), `is_nan`, `exp` and `fma`.
+macro_rules! acc_scalar_items {
+    ($t:ident) => {
+        const ZERO: $t = 0.0;
+        const ONE: $t = 1.0;
+        const NEG_INF: $t = $t::NEG_INFINITY;
+        const NAN: $t = $t::NAN;
+        #[inline(always)]
+        fn from_f32(x: f32) -> $t {
+            $t::from(x)
         }
-    }
+        #[inline(always)]
+        fn is_nan(self) -> bool {
+            $t::is_nan(self)
+        }
+        #[inline(always)]
+        fn exp(self) -> $t {
+            $t::exp(self)
+        }
+        #[inline(always)]
+        fn fma<const FMA: bool>(a: $t, b: $t, c: $t) -> $t {
+            if FMA {
+                a.mul_add(b, c)
+            } else {
+                a * b + c
+            }
+        }
+    };
+}
+
+impl Acc for f32 {
+    acc_scalar_items!(f32);
+
     #[inline(always)]
     fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
@@ -417,31 +425,7 @@ impl Acc for f32 {
 }
 
 impl Acc for f64 {
-    const ZERO: f64 = 0.0;
-    const ONE: f64 = 1.0;
-    const NEG_INF: f64 = f64::NEG_INFINITY;
-    const NAN: f64 = f64::NAN;
-    #[inline(always)]
-    fn from_f32(x: f32) -> f64 {
-        f64::from(x)
-    }
-    #[inline(always)]
-    fn is_nan(self) -> bool {
-        f64::is_nan(self)
-    }
-
-    #[inline(always)]
-    fn exp(self) -> f64 {
-        f64::exp(self)
-    }
-    #[inline(always)]
-    fn fma<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
-        if FMA {
-            a.mul_add(b, c)
-        } else {
-            a * b + c
-        }
-    }
+    acc_scalar_items!(f64);
 }
 
 // exp(x) for x <= 0: Cody-Waite reduction x = n ln2 + r with |r| <= ln(2)/2 (ln 2 split so

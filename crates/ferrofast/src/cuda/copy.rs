@@ -5,8 +5,8 @@
 
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{driver_error, grid_1d, guarded, CudaDevice, Stream};
-use crate::array::collapse2;
+use super::runtime::{driver_error, grid_1d, guarded, launch_kernel, CudaDevice, Stream};
+use crate::array::{collapse2, next_index};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::Array;
@@ -271,18 +271,8 @@ pub(crate) fn copy_into(
             ),
             &stream,
         )?;
-        // Odometer over the outer axes.
-        let mut ax = outer;
-        loop {
-            if ax == 0 {
-                return Ok(());
-            }
-            ax -= 1;
-            idx[ax] += 1;
-            if idx[ax] < shape[ax] {
-                break;
-            }
-            idx[ax] = 0;
+        if !next_index(&mut idx, &shape, [], &mut []) {
+            return Ok(());
         }
     }
 }
@@ -353,15 +343,11 @@ fn launch_strided(
         .arg(&layout)
         .arg(&ndim)
         .arg(&count);
-    guarded("launching copy_strided", || {
-        // SAFETY: the arguments match copy_strided's parameters in order and type; every
-        // offset the kernel forms lies inside the source and destination views, which
-        // `copy_into` checked lie inside their allocations; the destination's elements are
-        // distinct (the caller's contract), so no element is written twice.
-        unsafe { builder.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| driver_error("launching copy_strided", e))
-    })
+    // SAFETY: the arguments match copy_strided's parameters in order and type; every
+    // offset the kernel forms lies inside the source and destination views, which
+    // `copy_into` checked lie inside their allocations; the destination's elements are
+    // distinct (the caller's contract), so no element is written twice.
+    unsafe { launch_kernel("copy_strided", &mut builder, cfg) }
 }
 
 /// A row-major copy of `a` (a GPU array) converted to `dtype`, produced on `stream` (the
@@ -455,14 +441,10 @@ fn launch_copy(
         .arg(&layout)
         .arg(&ndim)
         .arg(&count);
-    guarded("launching copy_cast", || {
-        // SAFETY: the arguments match copy_cast's parameters in order and type; every offset the
-        // kernel forms lies inside the source view, which lies inside its allocation, and it
-        // writes exactly `n` elements of the output, which holds `n`.
-        unsafe { builder.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| driver_error("launching copy_cast", e))
-    })
+    // SAFETY: the arguments match copy_cast's parameters in order and type; every offset the
+    // kernel forms lies inside the source view, which lies inside its allocation, and it
+    // writes exactly `n` elements of the output, which holds `n`.
+    unsafe { launch_kernel("copy_cast", &mut builder, cfg) }
 }
 
 #[cfg(test)]

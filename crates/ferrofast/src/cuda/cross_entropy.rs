@@ -28,7 +28,7 @@
 use super::copy::{copy_cast, row_len_i32, row_stride, type_tag};
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{allow_dynamic_shared_memory, launch, Stream};
+use super::runtime::{allow_dynamic_shared_memory, launch_kernel, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::cross_entropy::{CrossEntropyArgs, CrossEntropyVjpArgs, Reduction};
@@ -450,11 +450,9 @@ fn launch_rows(
             block_dim: (REDUCE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch("launching ce_count_valid", || {
-            // SAFETY: ce_count_valid(targets, n_rows, has_ignore, ignore, out) reads
-            // targets[0..n_rows) (contiguous int64, `rows` elements) and writes out[0..2).
-            unsafe { b.launch(cfg) }.map(|_| ())
-        })?;
+        // SAFETY: ce_count_valid(targets, n_rows, has_ignore, ignore, out) reads
+        // targets[0..n_rows) (contiguous int64, `rows` elements) and writes out[0..2).
+        unsafe { launch_kernel("ce_count_valid", &mut b, cfg) }?;
     }
 
     let mut losses = CudaBuffer::alloc(&device, stream, DType::F32, rows)?;
@@ -532,15 +530,13 @@ fn launch_rows(
             // At most six slots of 32 KiB.
             shared_mem_bytes: smem as u32,
         };
-        launch(&format!("launching {name}"), || {
-            // SAFETY: the arguments match the kernel's parameters in order and type (`CeParams`
-            // is `ff_ce_params`). Row r < rows of the logits is read at x_offset + r * rs +
-            // [0, v), inside the view (unit last stride); targets[0..rows) are contiguous int64;
-            // losses hold `rows` floats and dx (when written) rows * v elements; the cotangent
-            // holds `rows` floats (g_stride 1) or one (g_stride 0); the count buffer two floats.
-            // Vector accesses only when the alignment checks above hold.
-            unsafe { b.launch(cfg) }.map(|_| ())
-        })?;
+        // SAFETY: the arguments match the kernel's parameters in order and type (`CeParams`
+        // is `ff_ce_params`). Row r < rows of the logits is read at x_offset + r * rs +
+        // [0, v), inside the view (unit last stride); targets[0..rows) are contiguous int64;
+        // losses hold `rows` floats and dx (when written) rows * v elements; the cotangent
+        // holds `rows` floats (g_stride 1) or one (g_stride 0); the count buffer two floats.
+        // Vector accesses only when the alignment checks above hold.
+        unsafe { launch_kernel(&name, &mut b, cfg) }?;
     }
 
     let loss = if args.opts.reduction == Reduction::None {
@@ -562,11 +558,9 @@ fn launch_rows(
             block_dim: (REDUCE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch("launching ce_reduce", || {
-            // SAFETY: ce_reduce(losses, n, count, out) reads losses[0..rows) written above on
-            // this stream (nothing when rows is 0), count[1] when given, and writes out[0].
-            unsafe { b.launch(cfg) }.map(|_| ())
-        })?;
+        // SAFETY: ce_reduce(losses, n, count, out) reads losses[0..rows) written above on
+        // this stream (nothing when rows is 0), count[1] when given, and writes out[0].
+        unsafe { launch_kernel("ce_reduce", &mut b, cfg) }?;
         Array::from_cuda_buffer(out, &[])?
     };
     let dlogits = if in_place {

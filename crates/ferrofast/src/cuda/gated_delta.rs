@@ -37,7 +37,7 @@
 use super::copy::{copy_cast, type_tag};
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{allow_dynamic_shared_memory, grid_1d, launch, CudaDevice, Stream};
+use super::runtime::{allow_dynamic_shared_memory, grid_1d, launch_kernel, CudaDevice, Stream};
 use crate::array::checked_size;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -286,15 +286,13 @@ fn chunk_prep(
     };
     b.arg(&work.p);
     let cfg = chunk_grid(op, n_chunks, heads, smem)?;
-    launch(&format!("launching {name}"), || {
-        // SAFETY: the arguments match gdc_prep's parameters in order and type (`GdcParams` is
-        // `ff_gdc_params`); q, k, v are dense bf16 ([B, T, Hk, Dk], [B, T, Hv, Dv]), gamma and
-        // beta dense [B, T, Hv] of the kernel's TG, the mask dense f32 [B, T] or null. Block
-        // (chunk, bh) reads steps < T of its head and writes its chunk's slots of w, u, qk, f
-        // and m (allocated as [B Hv, n_chunks, ...] above; m may be null); `smem` is
-        // `prep_smem`.
-        unsafe { b.launch(cfg) }.map(|_| ())
-    })?;
+    // SAFETY: the arguments match gdc_prep's parameters in order and type (`GdcParams` is
+    // `ff_gdc_params`); q, k, v are dense bf16 ([B, T, Hk, Dk], [B, T, Hv, Dv]), gamma and
+    // beta dense [B, T, Hv] of the kernel's TG, the mask dense f32 [B, T] or null. Block
+    // (chunk, bh) reads steps < T of its head and writes its chunk's slots of w, u, qk, f
+    // and m (allocated as [B Hv, n_chunks, ...] above; m may be null); `smem` is
+    // `prep_smem`.
+    unsafe { launch_kernel(&name, &mut b, cfg) }?;
     Ok(work)
 }
 
@@ -348,15 +346,13 @@ fn chunk_walk(
     }
     b.arg(&work.p);
     let cfg = walk_grid(op, heads, a.dv, nw, smem)?;
-    launch(&format!("launching {name}"), || {
-        // SAFETY: the arguments match gdc_state's parameters in order and type; w, u, qk, f
-        // were written by gdc_prep on this stream for every (bh, chunk); block (bh, y) reads
-        // value rows y 16 nw .. + 16 nw < Dv (Dv is a multiple of 16 nw) and steps < T of its
-        // head, writes those rows of out ([B, T, Hv, Dv] bf16), of the state ([B, Hv, Dv, Dk]
-        // f32) and of every chunk's checkpoint ([B Hv, chunks, Dv, Dk] f32), each buffer
-        // allocated by the caller at that size or null (not written); `smem` is `state_smem`.
-        unsafe { b.launch(cfg) }.map(|_| ())
-    })?;
+    // SAFETY: the arguments match gdc_state's parameters in order and type; w, u, qk, f
+    // were written by gdc_prep on this stream for every (bh, chunk); block (bh, y) reads
+    // value rows y 16 nw .. + 16 nw < Dv (Dv is a multiple of 16 nw) and steps < T of its
+    // head, writes those rows of out ([B, T, Hv, Dv] bf16), of the state ([B, Hv, Dv, Dk]
+    // f32) and of every chunk's checkpoint ([B Hv, chunks, Dv, Dk] f32), each buffer
+    // allocated by the caller at that size or null (not written); `smem` is `state_smem`.
+    unsafe { launch_kernel(&name, &mut b, cfg) }?;
     Ok(())
 }
 
@@ -442,15 +438,13 @@ fn vjp_chunked(args: &GatedDeltaVjpArgs, x: &Dense, stream: &Stream) -> Result<G
         };
         b.arg(&work.p);
         let cfg = walk_grid(OP, heads, a.dv, nw, smem)?;
-        launch(&format!("launching {name}"), || {
-            // SAFETY: the arguments match gdc_bstate's parameters in order and type; w, qk, f
-            // were written by gdc_prep on this stream; d_out is dense bf16 [B, T, Hv, Dv],
-            // d_state dense f32 [B, Hv, Dv, Dk] or null. Block (bh, y) reads value rows y 16 nw
-            // .. + 16 nw < Dv and steps < T of its head and writes those rows of dd ([B Hv,
-            // chunks, 64, Dv] bf16), dckpt ([B Hv, chunks, Dv, Dk] f32) and dstate0 (the state's
-            // shape, or null), all allocated above; `smem` is `bstate_smem`.
-            unsafe { b.launch(cfg) }.map(|_| ())
-        })?;
+        // SAFETY: the arguments match gdc_bstate's parameters in order and type; w, qk, f
+        // were written by gdc_prep on this stream; d_out is dense bf16 [B, T, Hv, Dv],
+        // d_state dense f32 [B, Hv, Dv, Dk] or null. Block (bh, y) reads value rows y 16 nw
+        // .. + 16 nw < Dv and steps < T of its head and writes those rows of dd ([B Hv,
+        // chunks, 64, Dv] bf16), dckpt ([B Hv, chunks, Dv, Dk] f32) and dstate0 (the state's
+        // shape, or null), all allocated above; `smem` is `bstate_smem`.
+        unsafe { launch_kernel(&name, &mut b, cfg) }?;
     }
     let bth = checked_size(&[a.b, a.t, a.hv])?;
     let mut part_q = f32buf(&[bth, a.dk])?;
@@ -479,15 +473,13 @@ fn vjp_chunked(args: &GatedDeltaVjpArgs, x: &Dense, stream: &Stream) -> Result<G
             .arg(dbeta.slice_mut())
             .arg(&work.p);
         let cfg = chunk_grid(OP, n_chunks, heads, smem)?;
-        launch(&format!("launching {name}"), || {
-            // SAFETY: the arguments match gdc_bgrad's parameters in order and type; the
-            // inputs are dense as for gdc_prep, w / u / m written by gdc_prep, ckpt by
-            // gdc_state, dckpt / dd by gdc_bstate, all on this stream for every (bh, chunk).
-            // Block (chunk, bh) writes steps < T of its chunk and head in dq / dk ([B, T, Hv,
-            // Dk] f32), dv ([B, T, Hv, Dv]), dgamma and dbeta ([B, T, Hv]), allocated above;
-            // `smem` is `bgrad_smem`.
-            unsafe { b.launch(cfg) }.map(|_| ())
-        })?;
+        // SAFETY: the arguments match gdc_bgrad's parameters in order and type; the
+        // inputs are dense as for gdc_prep, w / u / m written by gdc_prep, ckpt by
+        // gdc_state, dckpt / dd by gdc_bstate, all on this stream for every (bh, chunk).
+        // Block (chunk, bh) writes steps < T of its chunk and head in dq / dk ([B, T, Hv,
+        // Dk] f32), dv ([B, T, Hv, Dv]), dgamma and dbeta ([B, T, Hv]), allocated above;
+        // `smem` is `bgrad_smem`.
+        unsafe { launch_kernel(&name, &mut b, cfg) }?;
     }
     let qk_rows = a.b * a.t * a.hk;
     let group = a.group();
@@ -793,15 +785,13 @@ pub(crate) fn run(a: &GatedDeltaArgs, stream: &Stream) -> Result<(Array, Array)>
             block_dim: (FWD_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        launch(&format!("launching {name}"), || {
-            // SAFETY: the arguments match gd_forward's parameters in order and type
-            // (`GdParams` is `ff_gd_params`). Every input is dense and row-major from its
-            // buffer's start (`Dense`) with the shapes the Args validated; the kernel reads
-            // rows < Dv and columns < Dk of them and of the initial state, and writes out
-            // ([B, T, Hv, Dv], `out_shape`) and the state ([B, Hv, Dv, Dk]) within bounds;
-            // it stages `stage` steps in `smem` bytes of shared memory (`forward_smem`).
-            unsafe { b.launch(cfg) }.map(|_| ())
-        })?;
+        // SAFETY: the arguments match gd_forward's parameters in order and type
+        // (`GdParams` is `ff_gd_params`). Every input is dense and row-major from its
+        // buffer's start (`Dense`) with the shapes the Args validated; the kernel reads
+        // rows < Dv and columns < Dk of them and of the initial state, and writes out
+        // ([B, T, Hv, Dv], `out_shape`) and the state ([B, Hv, Dv, Dk]) within bounds;
+        // it stages `stage` steps in `smem` bytes of shared memory (`forward_smem`).
+        unsafe { launch_kernel(&name, &mut b, cfg) }?;
     }
     let out = Array::from_cuda_buffer(out, &out_shape)?;
     let out = if x.ti == a.out_dtype {
@@ -868,13 +858,11 @@ fn sum_parts(
             .arg(&groups_i)
             .arg(&parts_i)
             .arg(&plane);
-        launch("launching gd_sum", || {
-            // SAFETY: gd_sum(in, out, n_out, width, groups, parts, plane) reads
-            // in[r * plane + (o * groups + g) * width + c] for r < parts, o < n_out,
-            // g < groups, c < width: inside the partials buffer of parts * plane floats, every
-            // element written by gd_backward on this stream; it writes out[0..n).
-            unsafe { b.launch(grid_1d(blocks, SUM_THREADS, 0)) }.map(|_| ())
-        })?;
+        // SAFETY: gd_sum(in, out, n_out, width, groups, parts, plane) reads
+        // in[r * plane + (o * groups + g) * width + c] for r < parts, o < n_out,
+        // g < groups, c < width: inside the partials buffer of parts * plane floats, every
+        // element written by gd_backward on this stream; it writes out[0..n).
+        unsafe { launch_kernel("gd_sum", &mut b, grid_1d(blocks, SUM_THREADS, 0)) }?;
     }
     cast(
         Array::from_cuda_buffer(out, like.shape())?,
@@ -969,15 +957,13 @@ pub(crate) fn vjp(args: &GatedDeltaVjpArgs, stream: &Stream) -> Result<GatedDelt
         block_dim: (32 * warps as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    launch(&format!("launching {name}"), || {
-        // SAFETY: the arguments match gd_backward's parameters in order and type (`GdParams`
-        // is `ff_gd_params`). Inputs are dense row-major (`Dense`, `dense`) with the validated
-        // shapes; block (bh, y) uses ckpt / scratch slots bh * nrb + y of n_chunks / chunk
-        // states of `slot` floats (allocated above), writes the partials at row block y of
-        // [nrb, B T Hv, width] and dv / dstate0 rows < Dv; shared memory is `smem` bytes as
-        // the kernel lays it out for `warps` warps.
-        unsafe { b.launch(cfg) }.map(|_| ())
-    })?;
+    // SAFETY: the arguments match gd_backward's parameters in order and type (`GdParams`
+    // is `ff_gd_params`). Inputs are dense row-major (`Dense`, `dense`) with the validated
+    // shapes; block (bh, y) uses ckpt / scratch slots bh * nrb + y of n_chunks / chunk
+    // states of `slot` floats (allocated above), writes the partials at row block y of
+    // [nrb, B T Hv, width] and dv / dstate0 rows < Dv; shared memory is `smem` bytes as
+    // the kernel lays it out for `warps` warps.
+    unsafe { launch_kernel(&name, &mut b, cfg) }?;
 
     let qk_rows = a.b * a.t * a.hk;
     let group = a.group();

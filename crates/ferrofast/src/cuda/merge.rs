@@ -7,12 +7,12 @@
 use super::copy::{copy_cast, type_tag};
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{grid_1d, launch, Stream};
+use super::runtime::{grid_1d, launch_kernel, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::merge::MergeArgs;
 use crate::Array;
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, PushKernelArg};
 
 /// `kernels/merge.cu`: the merge and the accumulation kernels.
 /// Every instantiation a launch can ask for is in `variants`.
@@ -156,7 +156,6 @@ pub(crate) fn run(args: &MergeArgs, stream: &Stream) -> Result<(Array, Array)> {
             builder.arg(&n_i32).arg(&h_i32).arg(&s_i32);
         }
         builder.arg(&dv_i32).arg(&chunks_i32);
-        let what = format!("launching {name}");
         let cfg = grid_1d(blocks, BLOCK, 0);
         // SAFETY: the arguments match `merge_states`'s parameters in order and type (the
         // index type `I` is i32 or i64 as `name` says, and every value passed as i32 fits:
@@ -165,7 +164,7 @@ pub(crate) fn run(args: &MergeArgs, stream: &Stream) -> Result<(Array, Array)> {
         // offset plus b, h, s, j times its own strides, inside its view; the log-sum-exps
         // likewise; `out` holds rows * D_v and `lse` rows elements, and each index written
         // is below that.
-        launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
+        unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     }
     Ok((
         Array::from_cuda_buffer(out, &args.shape)?,
@@ -221,30 +220,34 @@ pub(crate) fn accumulate(acc: Option<&Array>, x: &Array, stream: &Stream) -> Res
             builder.arg(s);
         }
         if wide {
-            builder
-                .arg(&wide_args[0])
-                .arg(&wide_args[1])
-                .arg(&wide_args[2])
-                .arg(out.slice_mut())
-                .arg(&wide_args[3]);
+            push_add_sizes(&mut builder, &wide_args, out.slice_mut());
         } else {
-            builder
-                .arg(&narrow_args[0])
-                .arg(&narrow_args[1])
-                .arg(&narrow_args[2])
-                .arg(out.slice_mut())
-                .arg(&narrow_args[3]);
+            push_add_sizes(&mut builder, &narrow_args, out.slice_mut());
         }
-        let what = format!("launching {name}");
         let cfg = grid_1d(blocks, BLOCK, 0);
         // SAFETY: the arguments match `merge_add`'s parameters in order and type (`I` as
         // `name` says; the i32 values fit when `wide` is false, as every dimension is at most
         // the element count). Element i reads x at its offset plus its four indices times
         // x's strides, inside x's view, and `acc[i]` and `out[i]` for i < n, the length of
         // both row-major f32 buffers (acc has x's shape).
-        launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
+        unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     }
     Array::from_cuda_buffer(out, x.shape())
+}
+
+/// Pushes `merge_add`'s parameters after `x`'s strides: `x`'s last three sizes, the output
+/// `out`, then the element count, `sizes` holding the four in the kernel's index type.
+fn push_add_sizes<'a, I: DeviceRepr>(
+    builder: &mut LaunchArgs<'a>,
+    sizes: &'a [I; 4],
+    out: &'a mut CudaSlice<u8>,
+) {
+    builder
+        .arg(&sizes[0])
+        .arg(&sizes[1])
+        .arg(&sizes[2])
+        .arg(out)
+        .arg(&sizes[3]);
 }
 
 #[cfg(test)]

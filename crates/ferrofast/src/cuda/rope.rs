@@ -10,7 +10,7 @@
 use super::copy::{collapse, copy_cast, type_tag};
 use super::jit::{self, KernelFile, Registered};
 use super::memory::CudaBuffer;
-use super::runtime::{launch, Stream};
+use super::runtime::{launch_kernel, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::rope::{RopeArgs, RopeFreqs, RopeOffsets};
@@ -279,14 +279,13 @@ pub(crate) fn run(args: &RopeArgs, stream: &Stream) -> Result<Array> {
         None => builder.arg(&null),
     };
     builder.arg(&offset);
-    let what = format!("launching {name}");
     // SAFETY: the arguments match the kernel's parameters in order and type. Item (b, group,
     // s, c) reads x at x_offset + b * stride_b + h * stride_h + s * stride_s + j for b < B,
     // h < H, s < T, j < D, all inside x's view (the strides are x's own, or those of the
     // row-major copy); periods[c] for c < dims / 2 and offsets[b] for b < B are inside their
     // uploads (lengths checked above); the output holds B * H * T * D elements, and every
     // index written is below that.
-    launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
+    unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     Array::from_cuda_buffer(out, shape)
 }
 

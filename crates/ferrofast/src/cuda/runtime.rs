@@ -685,6 +685,24 @@ pub(crate) fn launch(
     guarded(what, || f().map_err(|e| driver_error(what, e)))
 }
 
+/// Launches the kernel of `builder` (its arguments pushed) with `cfg` under [`launch`]; a
+/// failure names it as `launching {name}`.
+///
+/// # Safety
+/// As cudarc's `LaunchArgs::launch`: the pushed arguments match the kernel's parameters in
+/// order and type, and with `cfg` every access the kernel makes stays inside the memory it
+/// is given (each caller says why).
+pub(crate) unsafe fn launch_kernel(
+    name: &str,
+    builder: &mut cudarc::driver::LaunchArgs<'_>,
+    cfg: cudarc::driver::LaunchConfig,
+) -> Result<()> {
+    launch(&format!("launching {name}"), || {
+        // SAFETY: the caller's contract.
+        unsafe { builder.launch(cfg) }.map(|_| ())
+    })
+}
+
 /// Lets `func` use `bytes` of dynamic shared memory when that is past the 48 KiB every
 /// kernel may use without asking (checked by the driver against the device); `what` names
 /// the kernel in the error.

@@ -5,42 +5,12 @@
 
 use super::{place, Place};
 use crate::ops::rope::RopeArgs;
-pub use crate::ops::rope::RopeOffset;
+pub use crate::ops::rope::{RopeOffset, RopeOptions};
 use crate::{Array, Result, Stream};
-
-/// The optional arguments of [`rope`], for [`rope_with`].
-///
-/// `Default` gives MLX's usual call: half-split pairs, `base = 10000`, `scale = 1`,
-/// `offset = 0`, no `freqs`. To pass `freqs`, also set `base: None` (MLX rejects both).
-#[derive(Clone, Copy, Debug)]
-pub struct RopeOptions<'a> {
-    /// Rotate adjacent pairs `(2i, 2i+1)` instead of the half-split pairs `(i, i + dims/2)`.
-    pub traditional: bool,
-    /// Base of the geometric frequencies; exclusive with `freqs`.
-    pub base: Option<f32>,
-    /// Multiplies every position.
-    pub scale: f32,
-    /// Position of the first token (see [`RopeOffset`]).
-    pub offset: RopeOffset<'a>,
-    /// Periods, one per rotated pair (1-D of length `dims / 2`); exclusive with `base`.
-    pub freqs: Option<&'a Array>,
-}
-
-impl Default for RopeOptions<'_> {
-    fn default() -> Self {
-        RopeOptions {
-            traditional: false,
-            base: Some(10000.0),
-            scale: 1.0,
-            offset: RopeOffset::Int(0),
-            freqs: None,
-        }
-    }
-}
 
 /// Validates a call on `x` with the options `o` and `scale` in place of `o.scale`.
 fn with_options(x: &Array, dims: i32, o: &RopeOptions<'_>, scale: f32) -> Result<RopeArgs> {
-    RopeArgs::new(x, dims, o.traditional, o.base, scale, o.offset, o.freqs)
+    RopeArgs::new(x, dims, &RopeOptions { scale, ..*o })
 }
 
 with_on_form! {
@@ -88,7 +58,10 @@ with_on_form! {
     /// As [`rope`]; `Error::Device` when `a` is not on `stream`'s device.
     pub fn rope_on(stream: &Stream, ..);
 
-    |stream| run(&RopeArgs::new(a, dims, traditional, base, scale, offset, freqs)?, stream)
+    |stream| {
+        let options = RopeOptions { traditional, base, scale, offset, freqs };
+        run(&RopeArgs::new(a, dims, &options)?, stream)
+    }
 }
 
 fn run(args: &RopeArgs, stream: Option<&Stream>) -> Result<Array> {
@@ -129,8 +102,8 @@ with_on_form! {
     pub fn rope_vjp_on(stream: &Stream, ..);
 
     |stream| {
-        let args = RopeArgs::new(cotangent, dims, traditional, base, -scale, offset, freqs)?;
-        run(&args, stream)
+        let options = RopeOptions { traditional, base, scale, offset, freqs };
+        run(&with_options(cotangent, dims, &options, -scale)?, stream)
     }
 }
 

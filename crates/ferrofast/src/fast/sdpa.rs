@@ -207,8 +207,8 @@ with_on_form! {
     pub fn scaled_dot_product_attention_vjp_on(stream: &Stream, ..);
 
     |stream| {
-        let args = SdpaVjpArgs::new(q, k, v, scale, mask, sinks, out, lse, d_out)?;
-        run_vjp(&args, stream)
+        let fwd = SdpaArgs::new(q, k, v, scale, mask, sinks)?;
+        run_vjp(&SdpaVjpArgs::new(fwd, out, lse, d_out)?, stream)
     }
 }
 

@@ -119,30 +119,12 @@ impl GatedDeltaArgs {
                 )))
             }
         };
-        if beta.shape() != [b, t, hv] {
-            return Err(Error::invalid(format!(
-                "{OP} beta must have shape {} [B, T, Hv] but got {}.",
-                fmt_shape(&[b, t, hv]),
-                fmt_shape(beta.shape())
-            )));
-        }
+        check_shape("beta", beta, &[b, t, hv], "[B, T, Hv]")?;
         if let Some(s) = state0 {
-            if s.shape() != [b, hv, dv, dk] {
-                return Err(Error::invalid(format!(
-                    "{OP} initial_state must have shape {} [B, Hv, Dv, Dk] but got {}.",
-                    fmt_shape(&[b, hv, dv, dk]),
-                    fmt_shape(s.shape())
-                )));
-            }
+            check_shape("initial_state", s, &[b, hv, dv, dk], "[B, Hv, Dv, Dk]")?;
         }
         if let Some(m) = mask {
-            if m.shape() != [b, t] {
-                return Err(Error::invalid(format!(
-                    "{OP} mask must have shape {} [B, T] but got {}.",
-                    fmt_shape(&[b, t]),
-                    fmt_shape(m.shape())
-                )));
-            }
+            check_shape("mask", m, &[b, t], "[B, T]")?;
         }
         let mut inputs = vec![
             ("q", q),
@@ -231,6 +213,21 @@ impl Form {
             _ => Form::Auto,
         }
     }
+}
+
+/// Checks that the input `name` has the shape `want` (`axes` names its axes in the message).
+///
+/// # Errors
+/// `Error::InvalidArgument` (`[gated_delta_update] {name} must have shape ...`) when not.
+fn check_shape(name: &str, a: &Array, want: &[usize], axes: &str) -> Result<()> {
+    if a.shape() != want {
+        return Err(Error::invalid(format!(
+            "{OP} {name} must have shape {} {axes} but got {}.",
+            fmt_shape(want),
+            fmt_shape(a.shape())
+        )));
+    }
+    Ok(())
 }
 
 /// A validated `gated_delta_update_vjp` call: the forward's arguments and the cotangents.

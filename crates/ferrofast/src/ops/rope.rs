@@ -1,4 +1,5 @@
-//! [`RopeArgs`]: a validated `rope` call, and the public [`RopeOffset`] argument.
+//! [`RopeArgs`]: a validated `rope` call, and the public [`RopeOffset`] and [`RopeOptions`]
+//! arguments.
 
 use crate::array::{fmt_shape, host_pool};
 use crate::{Array, DType, Device, Error, Result};
@@ -32,6 +33,37 @@ impl From<i32> for RopeOffset<'_> {
 impl<'a> From<&'a Array> for RopeOffset<'a> {
     fn from(a: &'a Array) -> Self {
         RopeOffset::Array(a)
+    }
+}
+
+/// The optional arguments of [`rope`](crate::fast::rope), for
+/// [`rope_with`](crate::fast::rope_with).
+///
+/// `Default` gives MLX's usual call: half-split pairs, `base = 10000`, `scale = 1`,
+/// `offset = 0`, no `freqs`. To pass `freqs`, also set `base: None` (MLX rejects both).
+#[derive(Clone, Copy, Debug)]
+pub struct RopeOptions<'a> {
+    /// Rotate adjacent pairs `(2i, 2i+1)` instead of the half-split pairs `(i, i + dims/2)`.
+    pub traditional: bool,
+    /// Base of the geometric frequencies; exclusive with `freqs`.
+    pub base: Option<f32>,
+    /// Multiplies every position.
+    pub scale: f32,
+    /// Position of the first token (see [`RopeOffset`]).
+    pub offset: RopeOffset<'a>,
+    /// Periods, one per rotated pair (1-D of length `dims / 2`); exclusive with `base`.
+    pub freqs: Option<&'a Array>,
+}
+
+impl Default for RopeOptions<'_> {
+    fn default() -> Self {
+        RopeOptions {
+            traditional: false,
+            base: Some(10000.0),
+            scale: 1.0,
+            offset: RopeOffset::Int(0),
+            freqs: None,
+        }
     }
 }
 
@@ -107,20 +139,13 @@ pub(crate) struct RopeArgs {
 }
 
 impl RopeArgs {
-    /// Validates a `rope` call in MLX's order with MLX's messages and reads the offset and
-    /// `freqs` values.
+    /// Validates a `rope` call on `a` with `dims` and `options` in MLX's order with MLX's
+    /// messages and reads the offset and `freqs` values.
     ///
     /// # Errors
     /// `Error::InvalidArgument` with MLX's texts (see [`crate::fast::rope`]).
-    pub(crate) fn new(
-        a: &Array,
-        dims: i32,
-        traditional: bool,
-        base: Option<f32>,
-        scale: f32,
-        offset: RopeOffset<'_>,
-        freqs: Option<&Array>,
-    ) -> Result<RopeArgs> {
+    pub(crate) fn new(a: &Array, dims: i32, options: &RopeOptions<'_>) -> Result<RopeArgs> {
+        let (base, offset, freqs) = (options.base, options.offset, options.freqs);
         // MLX checks base and freqs before anything else (spec §4.2).
         match (base, freqs) {
             (Some(_), Some(_)) => {
@@ -202,8 +227,8 @@ impl RopeArgs {
             x: a.clone(),
             device: a.device(),
             dims,
-            traditional,
-            scale,
+            traditional: options.traditional,
+            scale: options.scale,
             freqs,
             offsets,
         })

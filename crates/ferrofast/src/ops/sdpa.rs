@@ -74,6 +74,11 @@ pub(crate) struct SdpaArgs {
     pub scale: f32,
     /// Where every input lives.
     pub device: Device,
+    /// The dtypes of q, k and v as given, before the cast to `dtype` (a backward returns
+    /// each gradient in its primal's dtype).
+    pub primal_dtypes: [DType; 3],
+    /// The sinks' dtype as given.
+    pub sinks_dtype: Option<DType>,
 }
 
 fn cast(a: &Array, dtype: DType) -> Result<Array> {
@@ -302,6 +307,8 @@ impl SdpaArgs {
             out_shape: [qs[0], qs[1], qs[2], vs[3]],
             scale,
             device,
+            primal_dtypes: [q.dtype(), k.dtype(), v.dtype()],
+            sinks_dtype: sinks.map(Array::dtype),
         })
     }
 }
@@ -309,7 +316,8 @@ impl SdpaArgs {
 const VJP_OP: &str = "[scaled_dot_product_attention_vjp]";
 
 /// A validated `scaled_dot_product_attention_vjp` call: the forward's arguments, the saved
-/// output and log-sum-exp, the output's cotangent, and the dtypes the gradients take.
+/// output and log-sum-exp and the output's cotangent (each gradient takes its primal's dtype,
+/// [`SdpaArgs::primal_dtypes`]).
 #[derive(Clone, Debug)]
 pub(crate) struct SdpaVjpArgs {
     /// The forward call (inputs cast to its dtype).
@@ -320,11 +328,21 @@ pub(crate) struct SdpaVjpArgs {
     pub lse: Array,
     /// The cotangent of the output, `[B, N_q, T_q, D_v]` of the forward's dtype.
     pub d_out: Array,
-    /// The primals' own dtypes: each gradient is returned in its primal's dtype.
-    pub q_dtype: DType,
-    pub k_dtype: DType,
-    pub v_dtype: DType,
-    pub sinks_dtype: Option<DType>,
+}
+
+/// Checks that `a` (named `name` in the message) has the attention output's shape `shape`.
+///
+/// # Errors
+/// `Error::InvalidArgument` (prefix `[scaled_dot_product_attention_vjp] `) when it has not.
+pub(crate) fn check_output_shape(name: &str, a: &Array, shape: &[usize; 4]) -> Result<()> {
+    if a.shape() != shape {
+        return Err(Error::invalid(format!(
+            "{VJP_OP} {name} has shape {} but the attention output has shape {}.",
+            fmt_shape(a.shape()),
+            fmt_shape(shape)
+        )));
+    }
+    Ok(())
 }
 
 /// The dtype of the log-sum-exp that the forward saves for a call of output dtype `dtype`.
@@ -337,35 +355,22 @@ pub(crate) fn lse_dtype(dtype: DType) -> DType {
 }
 
 impl SdpaVjpArgs {
-    /// Validates the forward's arguments as [`SdpaArgs::new`] does, then `out`, `lse` and
-    /// `d_out` against the forward's output shape and dtype.
+    /// Validates `out`, `lse` and `d_out` against the forward call `fwd` (validated by
+    /// [`SdpaArgs::new`]): its output shape and dtype.
     ///
     /// # Errors
-    /// The forward's errors; `Error::InvalidArgument` when `out` or `d_out` does not have
-    /// the output's shape or is not floating, or `lse` is not `[B, N_q, T_q]` of
-    /// [`lse_dtype`]; `Error::Device` for inputs on different devices.
-    #[allow(clippy::too_many_arguments)]
+    /// `Error::InvalidArgument` when `out` or `d_out` does not have the output's shape or is
+    /// not floating, or `lse` is not `[B, N_q, T_q]` of [`lse_dtype`]; `Error::Device` when
+    /// one lives elsewhere than the forward's inputs.
     pub(crate) fn new(
-        q: &Array,
-        k: &Array,
-        v: &Array,
-        scale: f32,
-        mask: Mask<'_>,
-        sinks: Option<&Array>,
+        fwd: SdpaArgs,
         out: &Array,
         lse: &Array,
         d_out: &Array,
     ) -> Result<SdpaVjpArgs> {
-        let fwd = SdpaArgs::new(q, k, v, scale, mask, sinks)?;
         let shape = fwd.out_shape;
         for (name, a) in [("out", out), ("d_out", d_out)] {
-            if a.shape() != shape {
-                return Err(Error::invalid(format!(
-                    "{VJP_OP} {name} has shape {} but the attention output has shape {}.",
-                    fmt_shape(a.shape()),
-                    fmt_shape(&shape)
-                )));
-            }
+            check_output_shape(name, a, &shape)?;
             if !a.dtype().is_floating() {
                 return Err(Error::invalid(format!(
                     "{VJP_OP} {name} must be floating but has type {}.",
@@ -385,16 +390,12 @@ impl SdpaVjpArgs {
         }
         super::same_device(
             VJP_OP,
-            &[("q", q), ("out", out), ("lse", lse), ("d_out", d_out)],
+            &[("q", &fwd.q), ("out", out), ("lse", lse), ("d_out", d_out)],
         )?;
         Ok(SdpaVjpArgs {
             out: cast(out, fwd.dtype)?,
             lse: lse.clone(),
             d_out: cast(d_out, fwd.dtype)?,
-            q_dtype: q.dtype(),
-            k_dtype: k.dtype(),
-            v_dtype: v.dtype(),
-            sinks_dtype: sinks.map(Array::dtype),
             fwd,
         })
     }
@@ -406,12 +407,13 @@ impl SdpaVjpArgs {
         &self,
         (dq, dk, dv, ds): (Array, Array, Array, Option<Array>),
     ) -> Result<(Array, Array, Array, Option<Array>)> {
+        let [q_dtype, k_dtype, v_dtype] = self.fwd.primal_dtypes;
+        let sinks_dtype = self.fwd.sinks_dtype.unwrap_or(self.fwd.dtype);
         Ok((
-            cast(&dq, self.q_dtype)?,
-            cast(&dk, self.k_dtype)?,
-            cast(&dv, self.v_dtype)?,
-            ds.map(|s| cast(&s, self.sinks_dtype.unwrap_or(self.fwd.dtype)))
-                .transpose()?,
+            cast(&dq, q_dtype)?,
+            cast(&dk, k_dtype)?,
+            cast(&dv, v_dtype)?,
+            ds.map(|s| cast(&s, sinks_dtype)).transpose()?,
         ))
     }
 }

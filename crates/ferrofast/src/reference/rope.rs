@@ -1,6 +1,6 @@
 //! Float64 oracle of `rope`.
 
-use crate::ops::rope::{RopeArgs, RopeFreqs, RopeOffset};
+use crate::ops::rope::{RopeArgs, RopeFreqs, RopeOffset, RopeOptions};
 use crate::{Array, Result};
 
 /// Rotary positional embedding in plain f64, following the definition of
@@ -20,7 +20,14 @@ pub fn rope(
     offset: RopeOffset<'_>,
     freqs: Option<&Array>,
 ) -> Result<Array> {
-    let plan = RopeArgs::new(a, dims, traditional, base, scale, offset, freqs)?;
+    let options = RopeOptions {
+        traditional,
+        base,
+        scale,
+        offset,
+        freqs,
+    };
+    let plan = RopeArgs::new(a, dims, &options)?;
     let shape = a.shape();
     let n = shape.len();
     let (seq, dim) = (shape[n - 2], shape[n - 1]);

@@ -3,7 +3,7 @@
 
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::ops::sdpa::{Mask, SdpaArgs};
+use crate::ops::sdpa::{check_output_shape, Mask, SdpaArgs};
 use crate::Array;
 
 /// A validated call's inputs in f64, with the definition of its softmax.
@@ -210,14 +210,7 @@ pub fn scaled_dot_product_attention_vjp(
     d_out: &Array,
 ) -> Result<(Array, Array, Array, Option<Array>)> {
     let c = SdpaArgs::new(q, k, v, scale, mask, sinks)?;
-    if d_out.shape() != c.out_shape {
-        return Err(crate::Error::invalid(format!(
-            "[scaled_dot_product_attention_vjp] d_out has shape {} but the attention output \
-             has shape {}.",
-            crate::array::fmt_shape(d_out.shape()),
-            crate::array::fmt_shape(&c.out_shape)
-        )));
-    }
+    check_output_shape("d_out", d_out, &c.out_shape)?;
     let o = Oracle::new(&c)?;
     let g = d_out.astype(c.dtype)?.to_f64_vec()?;
     let [b_n, nq, tq, dv] = c.out_shape;

@@ -3,7 +3,7 @@
 //! `#[path = "common/sdpa.rs"] mod attn;` next to `mod common;`.
 #![allow(dead_code)]
 
-use crate::common::{check_close, randn, uniform, Input};
+use crate::common::{by_dtype, check_close, randn, uniform, Input};
 use ferrofast::fast::{scaled_dot_product_attention as sdpa, Mask};
 use ferrofast::reference::scaled_dot_product_attention as sdpa_ref;
 use ferrofast::{Array, DType, Device};
@@ -12,12 +12,10 @@ use ferrofast::{Array, DType, Device};
 /// inputs: the rounding of the output to `dtype` (up to 2^-11 relative for f16, 2^-8 for
 /// bf16) plus f32 arithmetic.
 pub fn tol(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::F64 => (1e-12, 1e-12),
-        DType::F32 => (2e-5, 2e-5),
-        DType::F16 => (1e-3, 1e-3),
-        _ => (8e-3, 8e-3),
-    }
+    by_dtype(
+        dtype,
+        [(2e-5, 2e-5), (1e-3, 1e-3), (8e-3, 8e-3), (1e-12, 1e-12)],
+    )
 }
 
 /// MLX's tolerances for `test_sdpa` (`|out - ref| <= atol + atol * |ref|`: f32 2e-5, f16

@@ -10,8 +10,8 @@
 
 use super::select::{select_backward, BackwardKernel, Knobs, Problem};
 use super::{
-    allow_shared_memory, buffer, launch, mask_arg, push_inputs, push_mask, sinks_arg, to_i32,
-    vector_operand, AttnParams, MaskArg, DTYPES, OP,
+    allow_shared_memory, buffer, launch_kernel, mask_arg, push_inputs, push_mask, sinks_arg,
+    to_i32, vector_operand, AttnParams, MaskArg, DTYPES, OP,
 };
 use crate::cuda::copy::type_tag;
 use crate::cuda::jit::{self, KernelFile, Registered};
@@ -405,12 +405,10 @@ fn run_tiles(
             .arg(delta.slice_mut())
             .arg(&rows64)
             .arg(&dv32);
-        launch(&format!("launching {name}"), || {
-            // SAFETY: the arguments match attn_bwd_delta's parameters. out and d_out are
-            // row-major with no offset and hold rows * D_v elements; delta holds rows floats;
-            // warp w of block x reads and writes row 4x + w < rows only.
-            unsafe { builder.launch(cfg) }.map(|_| ())
-        })?;
+        // SAFETY: the arguments match attn_bwd_delta's parameters. out and d_out are
+        // row-major with no offset and hold rows * D_v elements; delta holds rows floats;
+        // warp w of block x reads and writes row 4x + w < rows only.
+        unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     }
 
     let x = Inputs {
@@ -464,12 +462,10 @@ fn run_tiles(
                 .arg(ds.slice_mut())
                 .arg(&params)
                 .arg(&batch);
-            launch(&format!("launching {name}"), || {
-                // SAFETY: the arguments match attn_bwd_dsinks' parameters. Block h < N_q reads
-                // sinks[h] through the sinks' offset and stride, lse and delta at rows
-                // (b * N_q + h) * T_q + i with b < B, i < T_q, and writes dsinks[h] (N_q floats).
-                unsafe { builder.launch(cfg) }.map(|_| ())
-            })?;
+            // SAFETY: the arguments match attn_bwd_dsinks' parameters. Block h < N_q reads
+            // sinks[h] through the sinks' offset and stride, lse and delta at rows
+            // (b * N_q + h) * T_q + i with b < B, i < T_q, and writes dsinks[h] (N_q floats).
+            unsafe { launch_kernel(&name, &mut builder, cfg) }?;
             Some(Array::from_cuda_buffer(ds, &[nq])?.astype(dtype)?)
         }
     };
@@ -531,17 +527,15 @@ fn simt_passes(c: &SdpaVjpArgs, x: &Inputs<'_>) -> Result<Grads> {
         let mut builder = x.stream.cuda().launch_builder(&func);
         push_inputs(&mut builder, [q, k, v], &x.mask, sinks, &null);
         x.push_rows(&mut builder, true, outs, &params);
-        launch(&format!("launching {name}"), || {
-            // SAFETY: the arguments match attn_bwd_dkdv's (outputs dk, dv) and attn_bwd_dq's
-            // (output dq) parameters. q, k, v and the mask are read at indices below their
-            // views' shapes through their own offsets and strides (as the forward reads them);
-            // d_out, lse and delta are row-major with no offset and read at rows below
-            // B * N_q * T_q. Block (b, g, key tile) writes keys below T_kv of kv head (b, g) in
-            // dk and dv (B * N_kv * T_kv * D and * D_v elements); block (b, h, query tile) writes
-            // rows below T_q of head (b, h) in dq (B * N_q * T_q * D elements). Shared memory:
-            // at most `cfg`'s bytes, allowed by `Inputs::kernel`.
-            unsafe { builder.launch(cfg) }.map(|_| ())
-        })?;
+        // SAFETY: the arguments match attn_bwd_dkdv's (outputs dk, dv) and attn_bwd_dq's
+        // (output dq) parameters. q, k, v and the mask are read at indices below their
+        // views' shapes through their own offsets and strides (as the forward reads them);
+        // d_out, lse and delta are row-major with no offset and read at rows below
+        // B * N_q * T_q. Block (b, g, key tile) writes keys below T_kv of kv head (b, g) in
+        // dk and dv (B * N_kv * T_kv * D and * D_v elements); block (b, h, query tile) writes
+        // rows below T_q of head (b, h) in dq (B * N_q * T_q * D elements). Shared memory:
+        // at most `cfg`'s bytes, allowed by `Inputs::kernel`.
+        unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     }
     Ok(g)
 }
@@ -584,17 +578,15 @@ fn mma_passes(c: &SdpaVjpArgs, x: &Inputs<'_>, tiles: MmaTiles) -> Result<Grads>
         builder.arg(qb.slice()).arg(kb.slice()).arg(vb.slice());
         push_mask(&mut builder, &x.mask, &null);
         x.push_rows(&mut builder, true, [&mut g.dk, &mut g.dv], &params);
-        launch(&format!("launching {name}"), || {
-            // SAFETY: the arguments match attn_bwd_mma_dkdv's parameters. q, k and v are read
-            // through their views' offsets and strides (last axis contiguous, rows 16-byte
-            // aligned: `vector_operand`), at rows below T_q / T_kv (rows past the end are
-            // zero-filled without a read); the mask at (b, h, i, j) with i < T_q, j < T_kv through
-            // its broadcast strides. d_out ([B, N_q, T_q, D_v], 16-byte rows as D_v is a multiple
-            // of 16), lse and delta are row-major with no offset. Block (key tile, g, b) writes
-            // keys below T_kv of kv head (b, g) in dk and dv only (B * N_kv * T_kv * D and * D_v
-            // elements). Shared memory: exactly `cfg`'s bytes, allowed by `Inputs::kernel`.
-            unsafe { builder.launch(cfg) }.map(|_| ())
-        })?;
+        // SAFETY: the arguments match attn_bwd_mma_dkdv's parameters. q, k and v are read
+        // through their views' offsets and strides (last axis contiguous, rows 16-byte
+        // aligned: `vector_operand`), at rows below T_q / T_kv (rows past the end are
+        // zero-filled without a read); the mask at (b, h, i, j) with i < T_q, j < T_kv through
+        // its broadcast strides. d_out ([B, N_q, T_q, D_v], 16-byte rows as D_v is a multiple
+        // of 16), lse and delta are row-major with no offset. Block (key tile, g, b) writes
+        // keys below T_kv of kv head (b, g) in dk and dv only (B * N_kv * T_kv * D and * D_v
+        // elements). Shared memory: exactly `cfg`'s bytes, allowed by `Inputs::kernel`.
+        unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     }
 
     let name = dq_variant(x.dtype, d, dv, tiles);
@@ -614,13 +606,11 @@ fn mma_passes(c: &SdpaVjpArgs, x: &Inputs<'_>, tiles: MmaTiles) -> Result<Grads>
     builder.arg(qb.slice()).arg(kb.slice()).arg(vb.slice());
     push_mask(&mut builder, &x.mask, &null);
     x.push_rows(&mut builder, true, [&mut g.dq], &params);
-    launch(&format!("launching {name}"), || {
-        // SAFETY: the arguments match attn_bwd_mma_dq's parameters; inputs as for the dK / dV
-        // kernel above. Block (query tile, h, b) writes rows below T_q of head (b, h) in dq only
-        // (B * N_q * T_q * D elements). Shared memory: exactly `cfg`'s bytes, allowed by
-        // `Inputs::kernel`.
-        unsafe { builder.launch(cfg) }.map(|_| ())
-    })?;
+    // SAFETY: the arguments match attn_bwd_mma_dq's parameters; inputs as for the dK / dV
+    // kernel above. Block (query tile, h, b) writes rows below T_q of head (b, h) in dq only
+    // (B * N_q * T_q * D elements). Shared memory: exactly `cfg`'s bytes, allowed by
+    // `Inputs::kernel`.
+    unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     Ok(g)
 }
 
@@ -731,7 +721,7 @@ mod tests {
                 let scale = 1.0 / (d as f32).sqrt();
                 let fwd = SdpaArgs::new(&q, &k, &v, scale, mask, None).unwrap();
                 let (out, lse) = super::super::run_with_lse(&fwd, &stream).unwrap();
-                let c = SdpaVjpArgs::new(&q, &k, &v, scale, mask, None, &out, &lse, &g).unwrap();
+                let c = SdpaVjpArgs::new(fwd.clone(), &out, &lse, &g).unwrap();
                 let flat = |r: (Array, Array, Array, Option<Array>)| -> Vec<f64> {
                     let mut all = r.0.to_f64_vec().unwrap();
                     all.extend(r.1.to_f64_vec().unwrap());

@@ -18,7 +18,7 @@
 //! ask for at most 226 KiB of shared memory per block, else the table's values run.
 
 use super::{
-    allow_shared_memory, buffer, kv_row_pad, launch, mask_arg, push_inputs, resident_blocks,
+    allow_shared_memory, buffer, kv_row_pad, launch_kernel, mask_arg, push_inputs, resident_blocks,
     sinks_arg, to_i32, vector_operand, AttnParams, DTYPES, OP,
 };
 use crate::cuda::copy::type_tag;
@@ -438,7 +438,6 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream, variant: Variant) -> Result<Arr
             None => builder.arg(&null).arg(&null),
         };
         builder.arg(&params);
-        let what = format!("launching {name}");
         // SAFETY: the arguments match the parameters of attn_decode and attn_decode_mma
         // (the same list) in order and type; the mma kernel uses exactly `smem` bytes of
         // dynamic shared memory, allowed above. Block
@@ -448,7 +447,7 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream, variant: Variant) -> Result<Arr
         // sure); mask entries (b, h, t, j) and sinks[h] inside their views. It writes output
         // rows below B * N_q * T_q (D_v elements each) or, with splits, workspace slots below
         // B * N_q * T_q * n_splits, the sizes allocated above.
-        launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
+        unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     }
     if let Some((acc, ml)) = &workspace {
         let name = combine_variant(dtype);
@@ -468,11 +467,10 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream, variant: Variant) -> Result<Arr
             None => builder.arg(&null),
         };
         builder.arg(out.slice_mut()).arg(&params);
-        let what = format!("launching {name}");
         // SAFETY: the arguments match attn_decode_combine's parameters. Block `row` reads
         // the n_splits workspace slots of its output row (written by the launch above on the
         // same stream), sinks[h], and writes D_v elements of output row `row` < B * N_q * T_q.
-        launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
+        unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     }
     Array::from_cuda_buffer(out, &c.out_shape)
 }

@@ -4,8 +4,8 @@
 //! (f32 prefill, head dims without a tensor-core table).
 
 use super::{
-    buffer, launch, mask_arg, push_inputs, sinks_arg, to_i32, AttnParams, Forward, LseBuffer,
-    DTYPES, OP,
+    buffer, launch_kernel, mask_arg, push_inputs, sinks_arg, to_i32, AttnParams, Forward,
+    LseBuffer, DTYPES, OP,
 };
 use crate::cuda::copy::type_tag;
 use crate::cuda::jit::{self, KernelFile, Registered};
@@ -88,13 +88,12 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream, with_lse: bool) -> Result<Forwa
     builder.arg(out.slice_mut());
     lse.push(&mut builder, &null);
     builder.arg(&params);
-    let what = format!("launching {name}");
     // SAFETY: the arguments match attn_general's parameters in order and type. Every element
     // read is q[b, h, t, i], k[b, g, j, i], v[b, g, j, c] or mask[b, h, t, j] with indices
     // below the views' shapes, at the views' own offsets and strides, or sinks[h] with
     // h < N_q; every element written is below B * N_q * T_q * D_v, the output's size, or
     // (when not null) below B * N_q * T_q, the log-sum-exp's.
-    launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
+    unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     Forward::new(out, lse, c)
 }
 

@@ -31,7 +31,7 @@ pub(crate) mod select;
 use super::copy::copy_cast;
 use super::memory::CudaBuffer;
 use super::runtime::{self, CudaDevice, Stream};
-pub(super) use super::runtime::{launch, resident_blocks};
+pub(super) use super::runtime::{launch_kernel, resident_blocks};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::{SdpaArgs, SdpaVjpArgs};

@@ -23,7 +23,7 @@ use super::{
 use crate::cuda::copy::type_tag;
 use crate::cuda::jit::{self, KernelFile, Registered};
 use crate::cuda::memory::CudaBuffer;
-use crate::cuda::runtime::{launch, Stream};
+use crate::cuda::runtime::{launch_kernel, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaArgs;
@@ -209,7 +209,6 @@ fn run_with(c: &SdpaArgs, stream: &Stream, tiles: Tiles, with_lse: bool) -> Resu
     builder.arg(out.slice_mut());
     lse.push(&mut builder, &null);
     builder.arg(&params);
-    let what = format!("launching {name}");
     // SAFETY: the arguments match the kernel's parameters in order and type. Block (x, h, b)
     // reads q rows m0..m0+BM (below T_q) of head h, and k / v rows below T_kv of head
     // h / group (< N_kv, as N_q = group * N_kv), each through the view's own offset and
@@ -220,7 +219,7 @@ fn run_with(c: &SdpaArgs, stream: &Stream, tiles: Tiles, with_lse: bool) -> Resu
     // block (x, h, b) writes rows below T_q of (b, h) only, and the same rows of the
     // `[B, N_q, T_q]` log-sum-exp when it is not null. Shared memory: the kernel uses
     // exactly `smem` bytes, allowed above.
-    launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
+    unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     Forward::new(out, lse, c)
 }
 

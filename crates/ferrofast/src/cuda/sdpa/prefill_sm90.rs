@@ -45,7 +45,7 @@ use super::{allow_shared_memory, buffer, mask_arg, strides4, vector_operand, Att
 use crate::cuda::copy::{copy_cast, type_tag};
 use crate::cuda::jit::{self, KernelFile, Registered};
 use crate::cuda::memory::CudaBuffer;
-use crate::cuda::runtime::{driver_error, guarded, launch, Stream};
+use crate::cuda::runtime::{driver_error, guarded, launch_kernel, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaArgs;
@@ -293,7 +293,6 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
         .arg(&tm_v)
         .arg(out.slice_mut())
         .arg(&params);
-    let what = format!("launching {name}");
     // SAFETY: the arguments match the kernel's parameters in order and type (three 128-byte
     // tensor maps by value, the output pointer, six scalars). The tensor maps describe
     // exactly the q, k and v views (shape and byte strides, from their live buffers at their
@@ -302,7 +301,7 @@ pub(super) fn run(c: &SdpaArgs, stream: &Stream) -> Result<Array> {
     // (< N_kv, as N_q = group * N_kv) of batch b. The output holds B * N_q * T_q * D
     // elements and block (x, h, b) writes rows below T_q of (b, h) only. Shared memory: the
     // kernel uses exactly `smem` bytes, allowed above.
-    launch(&what, || unsafe { builder.launch(cfg) }.map(|_| ()))?;
+    unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     Array::from_cuda_buffer(out, &c.out_shape)
 }
 

@@ -246,17 +246,20 @@ mod tests {
     };
     use Kernel::*;
 
+    /// The `(D, D_v)` pairs of the tensor-core decode, prefill and backward tables.
+    const TABLE_HEAD_DIMS: [(usize, usize); 6] = [
+        (64, 64),
+        (80, 80),
+        (96, 96),
+        (128, 128),
+        (192, 128),
+        (256, 256),
+    ];
+
     #[test]
     fn decode_rows() {
         // Tensor-core decode: f16 / bf16, T_q <= 8, (D, D_v) in its table.
-        for (d, dv) in [
-            (64, 64),
-            (80, 80),
-            (96, 96),
-            (128, 128),
-            (192, 128),
-            (256, 256),
-        ] {
+        for (d, dv) in TABLE_HEAD_DIMS {
             for dt in [F16, BF16] {
                 for tq in [1, 8] {
                     assert_eq!(select(&p(dt, tq, d, dv), "sm_90", NO), DecodeMma);
@@ -350,14 +353,7 @@ mod tests {
     fn backward_rows() {
         // Tensor cores (mma.sync) off Hopper: f16 / bf16 with (D, D_v) in the backward table,
         // any T_q, masks and sinks included.
-        for (d, dv) in [
-            (64, 64),
-            (80, 80),
-            (96, 96),
-            (128, 128),
-            (192, 128),
-            (256, 256),
-        ] {
+        for (d, dv) in TABLE_HEAD_DIMS {
             for dt in [F16, BF16] {
                 for tq in [1, 4096] {
                     let mut prob = p(dt, tq, d, dv);

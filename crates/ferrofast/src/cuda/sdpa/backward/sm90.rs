@@ -18,7 +18,7 @@ use super::{grid, grid_yz, Grads, Inputs};
 use crate::cuda::copy::type_tag;
 use crate::cuda::jit::{self, KernelFile, Registered};
 use crate::cuda::memory::CudaBuffer;
-use crate::cuda::runtime::{self, driver_error, guarded, launch};
+use crate::cuda::runtime::{self, driver_error, guarded, launch_kernel};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::sdpa::SdpaVjpArgs;
@@ -205,21 +205,19 @@ pub(super) fn passes(c: &SdpaVjpArgs, x: &Inputs<'_>, d_out: &Array, fused: bool
             None => builder.arg(&null),
         };
         builder.arg(&params).arg(&x.scale);
-        launch(&format!("launching {name}"), || {
-            // SAFETY: the arguments match attn_bwd_sm90_dkdv's parameters in order and type
-            // (four 128-byte tensor maps by value, the mask pointer or null, lse, delta, dk,
-            // dv, the dQ scratch or null, the parameter block, the scale). The tensor maps
-            // describe exactly the q, k, v and d_out views (shapes and byte strides of their
-            // live buffers at their offsets), so every TMA copy reads inside them; boxes past
-            // T are zero-filled without a read. The mask is read at (b, h, i, j) with
-            // i < T_q, j < T_kv through its broadcast strides; lse and delta
-            // ([B, N_q, T_q] f32) at rows below T_q. Block (key tile, g, b) writes keys below
-            // T_kv of kv head (b, g) of dk and dv (B * N_kv * T_kv * D elements each) and,
-            // fused, adds into tiles (b, h, i) with h of group g and i < ceil(T_q / 64) of the
-            // scratch, which holds exactly those tiles. Shared memory: exactly `cfg`'s bytes,
-            // allowed by `Inputs::kernel`.
-            unsafe { builder.launch(cfg) }.map(|_| ())
-        })?;
+        // SAFETY: the arguments match attn_bwd_sm90_dkdv's parameters in order and type
+        // (four 128-byte tensor maps by value, the mask pointer or null, lse, delta, dk,
+        // dv, the dQ scratch or null, the parameter block, the scale). The tensor maps
+        // describe exactly the q, k, v and d_out views (shapes and byte strides of their
+        // live buffers at their offsets), so every TMA copy reads inside them; boxes past
+        // T are zero-filled without a read. The mask is read at (b, h, i, j) with
+        // i < T_q, j < T_kv through its broadcast strides; lse and delta
+        // ([B, N_q, T_q] f32) at rows below T_q. Block (key tile, g, b) writes keys below
+        // T_kv of kv head (b, g) of dk and dv (B * N_kv * T_kv * D elements each) and,
+        // fused, adds into tiles (b, h, i) with h of group g and i < ceil(T_q / 64) of the
+        // scratch, which holds exactly those tiles. Shared memory: exactly `cfg`'s bytes,
+        // allowed by `Inputs::kernel`.
+        unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     }
 
     if let Some(acc) = dq_acc {
@@ -244,12 +242,10 @@ pub(super) fn passes(c: &SdpaVjpArgs, x: &Inputs<'_>, d_out: &Array, fused: bool
             .arg(&heads)
             .arg(&tq)
             .arg(&x.scale);
-        launch(&format!("launching {name}"), || {
-            // SAFETY: the arguments match attn_bwd_sm90_dq_convert's parameters. The scratch
-            // holds B * N_q * ceil(T_q / 64) tiles of 64 x D floats, read once each; dq
-            // (B * N_q * T_q * D elements) is written at rows below T_q of each head.
-            unsafe { builder.launch(cfg) }.map(|_| ())
-        })?;
+        // SAFETY: the arguments match attn_bwd_sm90_dq_convert's parameters. The scratch
+        // holds B * N_q * ceil(T_q / 64) tiles of 64 x D floats, read once each; dq
+        // (B * N_q * T_q * D elements) is written at rows below T_q of each head.
+        unsafe { launch_kernel(&name, &mut builder, cfg) }?;
         return Ok(g);
     }
 
@@ -269,14 +265,12 @@ pub(super) fn passes(c: &SdpaVjpArgs, x: &Inputs<'_>, d_out: &Array, fused: bool
         builder.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(&tm_g);
         push_mask(&mut builder, &x.mask, &null);
         x.push_rows(&mut builder, false, [&mut g.dq], &params);
-        launch(&format!("launching {name}"), || {
-            // SAFETY: the arguments match attn_bwd_sm90_dq's parameters; inputs as for the
-            // dK / dV kernel above. Block (query tile, h, b) reads k / v head h / group of
-            // batch b and writes rows below T_q of head (b, h) of dq only (B * N_q * T_q * D
-            // elements). Shared memory: exactly `cfg`'s bytes, allowed by
-            // `Inputs::kernel`.
-            unsafe { builder.launch(cfg) }.map(|_| ())
-        })?;
+        // SAFETY: the arguments match attn_bwd_sm90_dq's parameters; inputs as for the
+        // dK / dV kernel above. Block (query tile, h, b) reads k / v head h / group of
+        // batch b and writes rows below T_q of head (b, h) of dq only (B * N_q * T_q * D
+        // elements). Shared memory: exactly `cfg`'s bytes, allowed by
+        // `Inputs::kernel`.
+        unsafe { launch_kernel(&name, &mut builder, cfg) }?;
     }
     Ok(g)
 }
