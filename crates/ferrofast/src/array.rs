@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 mod slice_update;
 #[cfg(feature = "cuda")]
-pub(crate) use slice_update::{collapse2, next_index};
+pub(crate) use slice_update::collapse2;
+pub(crate) use slice_update::next_index;
 
 /// Calls a generic expression with `$t` set to the Rust type of a runtime [`DType`].
 macro_rules! dispatch_dtype {
