@@ -60,33 +60,31 @@ fn n_reads(dtype: DType) -> usize {
     16 / dtype.size()
 }
 
+/// The chunk count the environment variable `name` holds when it is one of `allowed`, else
+/// `default` (unset, unparsable or not allowed): the norm kernels' tuning knobs.
+fn chunk_knob(name: &str, allowed: &[usize], default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|v| allowed.contains(v))
+        .unwrap_or(default)
+}
+
 /// Most register chunks per lane a `norm_group` plan may use: 8, or the value of the
 /// environment variable `FERROFAST_NORM_GROUP_CHUNKS` (1, 2, 4, 8 or 16) read once, a tuning
 /// knob; rows needing more go to the one-block-per-row kernels. On an H200, bf16 rows of 4096
 /// ran at 66% of copy with 16 chunks a lane (low occupancy) and 93% one block per row.
 fn group_max_chunks() -> usize {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| {
-        std::env::var("FERROFAST_NORM_GROUP_CHUNKS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|v| GROUP_CHUNKS.contains(v))
-            .unwrap_or(8)
-    })
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| chunk_knob("FERROFAST_NORM_GROUP_CHUNKS", &GROUP_CHUNKS, 8))
 }
 
 /// Fewest register chunks per thread a one-block-per-row plan uses: 1, or the value of the
 /// environment variable `FERROFAST_NORM_ROWS_CHUNKS` (1, 2 or 4) read once, a tuning knob
 /// (more chunks: fewer threads per row, more rows resident per SM).
 fn rows_min_chunks() -> usize {
-    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MIN.get_or_init(|| {
-        std::env::var("FERROFAST_NORM_ROWS_CHUNKS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|v| [1, 2, 4].contains(v))
-            .unwrap_or(1)
-    })
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| chunk_knob("FERROFAST_NORM_ROWS_CHUNKS", &[1, 2, 4], 1))
 }
 
 fn plan(d: usize, dtype: DType) -> Plan {
@@ -431,14 +429,8 @@ impl VjpPlan {
 /// of the environment variable `FERROFAST_NORM_VJP_CHUNKS` (1 or 2) read once, a tuning knob
 /// (2: half the threads per row, two blocks resident per multiprocessor).
 fn vjp_min_chunks() -> usize {
-    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MIN.get_or_init(|| {
-        std::env::var("FERROFAST_NORM_VJP_CHUNKS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|v| VJP_CHUNKS.contains(v))
-            .unwrap_or(1)
-    })
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| chunk_knob("FERROFAST_NORM_VJP_CHUNKS", &VJP_CHUNKS, 1))
 }
 
 /// The backward kernel for rows of `d` elements of `dtype`, `aligned` as the launcher's

@@ -783,43 +783,39 @@ __device__ __forceinline__ void ff_norm_vjp_stats(float (&xv)[CH][N], const floa
     float var;
     float q;
     if constexpr (K::layer) {
-        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int c = 0; c < CH; ++c) {
-            const int base = base_of(c);
-#pragma unroll
-            for (int k = 0; k < N; ++k) {
-                const float d = base + k < D ? xv[c][k] - shift : 0.0f;
-                a[0] += d;
-                a[1] += d * d;
-                a[2] = fmaf(gv[c][k], wv[c][k], a[2]);
-                a[3] = fmaf(gv[c][k], wv[c][k] * d, a[3]);
-            }
-        }
-        sums(a);
-        float m1;
-        q = a[3];
-        if (!ff_shifted_moments(a[0], a[1], D, m1, var)) {
-            shift += m1;
-            float r[3] = {0.0f, 0.0f, 0.0f};
+        // Per thread: sum(d), sum(d^2), sum(g * w * d) and sum(g * w) with d = x - about (0
+        // past D); the products as fmaf, so g * w is not kept in registers between passes.
+        auto row_sums = [&](float about, float(&s)[4]) {
 #pragma unroll
             for (int c = 0; c < CH; ++c) {
                 const int base = base_of(c);
 #pragma unroll
                 for (int k = 0; k < N; ++k) {
-                    const float d = base + k < D ? xv[c][k] - shift : 0.0f;
-                    r[0] += d;
-                    r[1] += d * d;
-                    r[2] = fmaf(gv[c][k], wv[c][k] * d, r[2]);
+                    const float d = base + k < D ? xv[c][k] - about : 0.0f;
+                    s[0] += d;
+                    s[1] += d * d;
+                    s[2] = fmaf(gv[c][k], wv[c][k] * d, s[2]);
+                    s[3] = fmaf(gv[c][k], wv[c][k], s[3]);
                 }
             }
+        };
+        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        row_sums(shift, a);
+        sums(a);
+        float m1;
+        q = a[2];
+        if (!ff_shifted_moments(a[0], a[1], D, m1, var)) {
+            // Not trusted: the same sums about the estimated mean (the rare path).
+            shift += m1;
+            float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            row_sums(shift, r);
             sums(r);
             ff_refine_moments(r[0], r[1], D, m1, var);
             q = r[2];
         }
         // sum(g * w * (x - mean)) from the sum about the shift: (x - mean) = d - m1.
-        q -= m1 * a[2];
-        mean_gw = a[2] * inv_d;
+        q -= m1 * a[3];
+        mean_gw = a[3] * inv_d;
 #pragma unroll
         for (int c = 0; c < CH; ++c) {
             const int base = base_of(c);
@@ -1114,32 +1110,31 @@ __global__ void __launch_bounds__(FF_NORM_VJP_THREADS) norm_vjp_looped(FF_NORM_V
         float q;
         if constexpr (K::layer) {
             shift = T::to_f32(xr[0]);
+            // ff_norm_vjp_stats's four sums about `about`, over this thread's elements.
+            auto row_sums = [&](float about, float(&s)[4]) {
+                for (int i = threadIdx.x; i < D; i += step) {
+                    const float d = T::to_f32(xr[i]) - about;
+                    const float gw = T::to_f32(gr[i]) * wat(i);
+                    s[0] += d;
+                    s[1] += d * d;
+                    s[2] += gw * d;
+                    s[3] += gw;
+                }
+            };
             float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int i = threadIdx.x; i < D; i += step) {
-                const float d = T::to_f32(xr[i]) - shift;
-                const float gw = T::to_f32(gr[i]) * wat(i);
-                a[0] += d;
-                a[1] += d * d;
-                a[2] += gw;
-                a[3] += gw * d;
-            }
+            row_sums(shift, a);
             ff_block_sums(a, scratch);
-            q = a[3];
+            q = a[2];
             if (!ff_shifted_moments(a[0], a[1], D, m1, var)) {
                 shift += m1;
-                float r[3] = {0.0f, 0.0f, 0.0f};
-                for (int i = threadIdx.x; i < D; i += step) {
-                    const float d = T::to_f32(xr[i]) - shift;
-                    r[0] += d;
-                    r[1] += d * d;
-                    r[2] += T::to_f32(gr[i]) * wat(i) * d;
-                }
+                float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                row_sums(shift, r);
                 ff_block_sums(r, scratch);
                 ff_refine_moments(r[0], r[1], D, m1, var);
                 q = r[2];
             }
-            q -= m1 * a[2];
-            mean_gw = a[2] * inv_d;
+            q -= m1 * a[3];
+            mean_gw = a[3] * inv_d;
         } else {
             float a[2] = {0.0f, 0.0f};
             for (int i = threadIdx.x; i < D; i += step) {
